@@ -1,0 +1,122 @@
+"""Fake-quantization speed: torchquant's primitives and quantizer against torch's fused ops.
+
+Prints median wall-clock times (ms) and ratios measured in this one run, with
+``torch.set_num_threads(2)``, eager mode:
+
+* ``affine_quantize`` forward and forward+backward on a 16M-element tensor,
+  against ``torch.fake_quantize_per_tensor_affine`` and ``x.clone()``;
+* per-channel on a 512x512x3x3 weight, against ``torch.fake_quantize_per_channel_affine``;
+* ``AffineQuantizer(8, ExpAvgMinMax())`` in QUANT_AWARE_TRAIN (observe + quantize)
+  against ``torch.ao.quantization.FusedMovingAvgObsFakeQuantize``.
+
+Targets (issue 2): per-tensor fwd <= 0.7x, fwd+bwd <= 0.5x, per-channel fwd <= 0.5x,
+QAT call <= 0.8x.
+
+    python benchmarks/fake_quant.py [--repeats 21]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.ao.quantization import FusedMovingAvgObsFakeQuantize
+
+from torchquant import AffineQuantizer, ExpAvgMinMax, affine_quantize
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--numel", type=int, default=16 * 1024 * 1024)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    r = args.repeats
+    rows: list[tuple[str, float, float, str, float | None]] = []
+
+    # per-tensor, 16M elements
+    x = torch.randn(args.numel)
+    scale, zp = 8.0 / 255, 128
+    d, z = torch.tensor(scale), torch.tensor(float(zp))
+    zi = torch.tensor(zp, dtype=torch.int32)
+    ours = median_ms(lambda: affine_quantize(x, d, z, 256), r)
+    theirs = median_ms(lambda: torch.fake_quantize_per_tensor_affine(x, d, zi, 0, 255), r)
+    clone = median_ms(lambda: x.clone(), r)
+    rows.append(("per-tensor forward, 16M", ours, theirs, "torch.fake_quantize_per_tensor_affine", 0.7))
+    rows.append(("per-tensor forward, 16M", ours, clone, "x.clone()", None))
+
+    xg = x.clone().requires_grad_()
+    g = torch.randn_like(x)
+
+    def ours_fb():
+        affine_quantize(xg, d, z, 256).backward(g)
+        xg.grad = None
+
+    def theirs_fb():
+        torch.fake_quantize_per_tensor_affine(xg, d, zi, 0, 255).backward(g)
+        xg.grad = None
+
+    def clone_fb():
+        xg.clone().backward(g)
+        xg.grad = None
+
+    rows.append(("per-tensor fwd+bwd, 16M", median_ms(ours_fb, r), median_ms(theirs_fb, r), "torch fused op", 0.5))
+    rows.append(("per-tensor fwd+bwd, 16M", median_ms(ours_fb, r), median_ms(clone_fb, r), "x.clone()", None))
+
+    # per-channel weight
+    w = torch.randn(512, 512, 3, 3)
+    sc = torch.rand(512) * 0.01 + 0.005
+    zc = torch.randint(0, 256, (512,), dtype=torch.int32)
+    sc4, zc4 = sc.view(-1, 1, 1, 1), zc.float().view(-1, 1, 1, 1)
+    ours = median_ms(lambda: affine_quantize(w, sc4, zc4, 256), r)
+    theirs = median_ms(lambda: torch.fake_quantize_per_channel_affine(w, sc, zc, 0, 0, 255), r)
+    rows.append(("per-channel forward, 512x512x3x3", ours, theirs, "torch.fake_quantize_per_channel_affine", 0.5))
+    rows.append(("per-channel forward, 512x512x3x3", ours, median_ms(lambda: w.clone(), r), "w.clone()", None))
+
+    # QAT call: observe + quantize
+    q = AffineQuantizer(8, ExpAvgMinMax())
+    fq = FusedMovingAvgObsFakeQuantize()
+
+    def ours_qat():
+        q.pre_observe(x)
+        return q(x)
+
+    rows.append(
+        (
+            "QAT call (observe+quantize), 16M",
+            median_ms(ours_qat, r),
+            median_ms(lambda: fq(x), r),
+            "FusedMovingAvgObsFakeQuantize",
+            0.8,
+        )
+    )
+
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, median of {r} runs (ms)\n")
+    print(f"{'case':<34} {'torchquant':>10} {'baseline':>10} {'ratio':>7} {'target':>7}  baseline")
+    ok = True
+    for case, a, b, name, target in rows:
+        ratio = a / b
+        tgt = "" if target is None else f"<={target}"
+        flag = "" if target is None else ("  ok" if ratio <= target else "  MISSED")
+        ok &= target is None or ratio <= target
+        print(f"{case:<34} {a:>10.2f} {b:>10.2f} {ratio:>7.2f} {tgt:>7}  {name}{flag}")
+    print("\nall targets met" if ok else "\nsome targets missed")
+
+
+if __name__ == "__main__":
+    main()

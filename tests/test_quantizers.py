@@ -1,0 +1,195 @@
+import copy
+import io
+
+import pytest
+import torch
+
+import torchquant as tq
+from torchquant import AffineQuantizer, BatchMinMax, ExpAvgMinMax, QfmtQuantizer, Quantizer
+
+
+def observed(q, x):
+    q.pre_observe(x)
+    return q
+
+
+def test_qfmt_reference_values_from_the_spec():
+    q = observed(QfmtQuantizer(4, True, BatchMinMax()), torch.tensor([3.9, 7.2, -10.0]))
+    assert q(torch.tensor([3.9, 7.2, -10.0])).tolist() == [4.0, 8.0, -10.0]
+    q = observed(QfmtQuantizer(4, False, BatchMinMax()), torch.tensor([3.9, 7.2, 10.3]))
+    assert q(torch.tensor([3.9, 7.2, 10.3])).tolist() == [4.0, 7.0, 10.0]
+
+
+def test_qfmt_fractional_step():
+    # max |x| = 0.9 -> int_bits = floor(log2 0.9) + 1 = 0; signed 8 bits -> frac 7, step 1/128
+    x = torch.tensor([0.9, -0.3, 0.0051])
+    q = observed(QfmtQuantizer(8, True, BatchMinMax()), x)
+    assert torch.equal(q.step(), torch.tensor(2.0**-7))
+    assert torch.equal(q(x), torch.round(x * 128) / 128)
+    g = q.grid()
+    assert (g.qmin, g.qmax) == (-128, 127) and g.zero_point.item() == 0
+
+
+def test_affine_hand_computed():
+    # range [-1, 2] relaxed (already includes 0); 2 bits: delta = 3/3 = 1, zp = 1
+    x = torch.tensor([-1.0, 0.1, 0.5, 1.5, 2.0, 7.0])
+    q = observed(AffineQuantizer(2, BatchMinMax()), torch.tensor([-1.0, 2.0]))
+    d, z = q.qparams()
+    assert d.item() == 1.0 and z.item() == 1.0
+    assert q(x).tolist() == [-1.0, 0.0, 0.0, 2.0, 2.0, 2.0]
+
+
+def test_affine_range_relaxed_to_include_zero():
+    x = torch.tensor([1.0, 3.0])  # min 1 -> relaxed to 0
+    q = observed(AffineQuantizer(8, BatchMinMax()), x)
+    d, z = q.qparams()
+    assert torch.allclose(d, torch.tensor(3.0 / 255)) and z.item() == 0.0
+    assert q(torch.tensor([0.0])).item() == 0.0
+
+
+def test_affine_symmetric():
+    x = torch.tensor([-1.0, 3.0])
+    q = observed(AffineQuantizer(8, BatchMinMax(), symmetric=True), x)
+    d, z = q.qparams()
+    assert torch.allclose(d, torch.tensor(6.0 / 255))
+    assert z.item() == 128.0  # round(127.5) half to even
+    y = q(torch.tensor([-3.0, 3.0]))
+    assert torch.allclose(y, torch.tensor([-128 * 6 / 255, 127 * 6 / 255]))
+
+
+def test_affine_per_channel_equals_separate_per_tensor():
+    w = torch.randn(4, 3, 3, 3)
+    qc = observed(AffineQuantizer(4, BatchMinMax(axis=0)), w)
+    yc = qc(w)
+    for c in range(4):
+        qt = observed(AffineQuantizer(4, BatchMinMax()), w[c])
+        assert torch.equal(yc[c], qt(w[c]))
+
+
+def test_affine_per_group_equals_separate_per_tensor():
+    w = torch.randn(3, 16)
+    qg = observed(AffineQuantizer(4, BatchMinMax(axis=1, group_size=8)), w)
+    yg = qg(w)
+    for r in range(3):
+        for g in range(2):
+            blk = w[r, g * 8 : (g + 1) * 8]
+            qt = observed(AffineQuantizer(4, BatchMinMax()), blk)
+            assert torch.equal(yg[r, g * 8 : (g + 1) * 8], qt(blk))
+
+
+def test_constant_tensors_are_finite():
+    for x in (torch.zeros(10), torch.full((10,), 3.0)):
+        for q in (AffineQuantizer(8, BatchMinMax()), QfmtQuantizer(8, True, BatchMinMax())):
+            q.pre_observe(x)
+            y = q(x)
+            assert torch.isfinite(y).all()
+            assert torch.allclose(y, x, atol=3.0 / 255)
+    q = observed(AffineQuantizer(8, BatchMinMax()), torch.zeros(3))
+    assert torch.isfinite(q(torch.tensor([1.0, -5.0, 1e30]))).all()
+
+
+def test_quantize_before_observe_names_module():
+    q = AffineQuantizer(8, ExpAvgMinMax())
+    with pytest.raises(RuntimeError, match=r"AffineQuantizer.range_observer.*calibrate first"):
+        q(torch.randn(3))
+
+
+@pytest.mark.parametrize(
+    ("make", "bad"),
+    [
+        (lambda n: AffineQuantizer(n, BatchMinMax()), [0, 33, -1, 2.5, True, "8"]),
+        (lambda n: QfmtQuantizer(n, True, BatchMinMax()), [1, 0, 33]),
+        (lambda n: QfmtQuantizer(n, False, BatchMinMax()), [0, 40]),
+    ],
+)
+def test_bad_n_bits(make, bad):
+    for n in bad:
+        with pytest.raises(ValueError, match="n_bits"):
+            make(n)
+
+
+def test_observer_must_be_an_observer():
+    with pytest.raises(TypeError, match="RangeObserver"):
+        AffineQuantizer(8, BatchMinMax)
+
+
+def test_ste_gradient_exact_and_clipped():
+    x = torch.tensor([-3.0, -0.5, 0.2, 0.9, 5.0], requires_grad=True)
+    q = observed(AffineQuantizer(8, BatchMinMax()), torch.tensor([-1.0, 1.0]))
+    g = torch.arange(1.0, 6.0)
+    q(x).backward(g)
+    assert torch.equal(x.grad, g)
+    x.grad = None
+    qc = observed(AffineQuantizer(8, BatchMinMax(), gradient_clip=True), torch.tensor([-1.0, 1.0]))
+    qc(x).backward(g)
+    assert x.grad.tolist() == [0.0, 2.0, 3.0, 4.0, 0.0]
+    x.grad = None
+    qf = observed(QfmtQuantizer(4, True, BatchMinMax(), gradient_clip=True), torch.tensor([-1.0, 1.0]))
+    # max|r| = 1 -> int_bits 1, frac 2, step 0.25, range [-2, 1.75]
+    qf(x).backward(g)
+    assert x.grad.tolist() == [0.0, 2.0, 3.0, 4.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtypes(dtype):
+    x = torch.randn(64).to(dtype)
+    q = observed(AffineQuantizer(8, ExpAvgMinMax()), x)
+    y = q(x)
+    assert y.dtype == dtype
+    assert (y.float() - x.float()).abs().max() < 0.05
+
+
+def test_grid_reproduces_quantizer_output():
+    w = torch.randn(6, 5)
+    for q in (
+        AffineQuantizer(4, BatchMinMax(axis=0)),
+        AffineQuantizer(8, BatchMinMax(), symmetric=True),
+        QfmtQuantizer(6, True, BatchMinMax(axis=0)),
+    ):
+        q.pre_observe(w)
+        g = q.grid()
+        ints = g.to_int(w)
+        assert ints.min() >= g.qmin and ints.max() <= g.qmax
+        assert torch.equal(g.from_int(ints), q(w))
+
+
+def test_state_dict_round_trip_and_weights_only():
+    q = AffineQuantizer(4, ExpAvgMinMax(axis=0))
+    for _ in range(3):
+        q.pre_observe(torch.randn(5, 7))
+    buf = io.BytesIO()
+    torch.save(q.state_dict(), buf)
+    buf.seek(0)
+    fresh = AffineQuantizer(4, ExpAvgMinMax(axis=0))
+    fresh.load_state_dict(torch.load(buf, weights_only=True), strict=True)
+    x = torch.randn(5, 7)
+    assert torch.equal(q(x), fresh(x))
+    assert torch.equal(copy.deepcopy(q)(x), q(x))
+
+
+def test_sign_quantizer_subclass_from_the_docs():
+    class SignQuantizer(Quantizer):
+        def pre_observe(self, x):
+            pass
+
+        def quantize(self, x):
+            return x + (torch.sign(x) - x).detach()
+
+        def post_observe(self, x):
+            pass
+
+    q = SignQuantizer()
+    x = torch.tensor([-0.3, 0.0, 2.0], requires_grad=True)
+    y = q(x)
+    assert y.tolist() == [-1.0, 0.0, 1.0]
+    y.sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 1.0]
+    assert q.grid() is None
+    w = tq.QWrapper(torch.nn.Linear(3, 2), weight_quantizer=q)
+    with tq.qmodule_state(w, tq.QModuleState.QUANT_EVAL):
+        assert torch.equal(w.quantized_weight(), torch.sign(w.layer.weight))
+
+
+def test_quantizer_is_abstract():
+    with pytest.raises(TypeError):
+        Quantizer()

@@ -1,0 +1,149 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from torchquant.quantizers_functional import affine_quantize, compute_dtype, gradient_clip, qfmt_quantize, round_ste
+
+
+def test_affine_reference_values(device):
+    x = torch.tensor([0.26, -1.0, 9.0, -2.0, 0.25, 0.75], device=device)
+    # delta 0.5, zp 2, 8 levels: integer grid 0..7 -> values (-2..5) * 0.5
+    y = affine_quantize(x, torch.tensor(0.5, device=device), torch.tensor(2.0, device=device), 8)
+    # 0.26/0.5=0.52->1; -1->-2 (+2=0); 9->18 clamp to 5 -> 2.5; -2 -> -4 clamp -2 -> -1.0;
+    # 0.25/0.5=0.5 -> 0 (half to even); 0.75/0.5=1.5 -> 2 (half to even)
+    assert y.tolist() == [0.5, -1.0, 2.5, -1.0, 0.0, 1.0]
+
+
+def test_affine_python_scalars():
+    y = affine_quantize(torch.tensor([1.2, -0.3]), 0.1, 3, 16)
+    assert torch.equal(y, torch.tensor([1.2, -0.3]).div(0.1).round().clamp(-3, 12).mul(0.1))
+
+
+def test_qfmt_reference_values(device):
+    x = torch.tensor([3.9, 7.2, -10.0], device=device)
+    assert qfmt_quantize(x, 2.0, -8, 7).tolist() == [4.0, 8.0, -10.0]
+    x = torch.tensor([3.9, 7.2, 10.3], device=device)
+    assert qfmt_quantize(x, 1.0, 0, 15).tolist() == [4.0, 7.0, 10.0]
+    assert qfmt_quantize(torch.tensor([100.0, -100.0]), 0.25, -8, 7).tolist() == [1.75, -2.0]
+
+
+def test_per_channel_broadcast():
+    x = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    delta = torch.tensor([[1.0], [2.0]])
+    zp = torch.tensor([[0.0], [1.0]])
+    y = affine_quantize(x, delta, zp, 4)
+    # row 0: ints 0..3 -> [1,2,3]; row 1: round(x/2)=[0,1,2] (0.5->0, 1.5->2) clamp [-1, 2] -> [0,2,4]
+    assert y.tolist() == [[1.0, 2.0, 3.0], [0.0, 2.0, 4.0]]
+
+
+def test_ste_gradient_is_identity():
+    x = torch.randn(100, requires_grad=True)
+    g = torch.randn(100)
+    affine_quantize(x, 0.1, 0, 4).backward(g)
+    assert torch.equal(x.grad, g)
+    x.grad = None
+    qfmt_quantize(x, 0.25, -2, 1).backward(g)
+    assert torch.equal(x.grad, g)
+
+
+def test_round_ste():
+    x = torch.tensor([0.5, 1.5, 2.4, -0.5], requires_grad=True)
+    y = round_ste(x)
+    assert y.tolist() == [0.0, 2.0, 2.0, -0.0]
+    y.sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_gradient_clip_forward_identity_and_mask():
+    x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 1.5], requires_grad=True)
+    y = gradient_clip(x, -1.0, 1.0)
+    assert torch.equal(y, x)
+    y.backward(torch.full_like(x, 3.0))
+    # bounds included, strictly outside zeroed
+    assert x.grad.tolist() == [0.0, 3.0, 3.0, 3.0, 0.0]
+
+
+def test_gradient_clip_broadcast_bounds():
+    x = torch.tensor([[0.5, 2.0], [0.5, 2.0]], requires_grad=True)
+    gradient_clip(x, torch.zeros(2, 1), torch.tensor([[1.0], [3.0]])).sum().backward()
+    assert x.grad.tolist() == [[1.0, 0.0], [1.0, 1.0]]
+
+
+@pytest.mark.parametrize("fn", ["affine", "qfmt", "clip"])
+def test_integer_tensors_rejected(fn):
+    x = torch.arange(4)
+    with pytest.raises(TypeError, match="floating-point"):
+        if fn == "affine":
+            affine_quantize(x, 1.0, 0, 4)
+        elif fn == "qfmt":
+            qfmt_quantize(x, 1.0, 0, 4)
+        else:
+            gradient_clip(x, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64, torch.float32])
+def test_dtypes_keep_their_own(dtype):
+    x = torch.linspace(-3, 3, 101).to(dtype)
+    y = affine_quantize(x, torch.tensor(6 / 255), torch.tensor(128.0), 256)
+    assert y.dtype == dtype
+    ref = affine_quantize(x.to(compute_dtype(x)), torch.tensor(6 / 255), torch.tensor(128.0), 256).to(dtype)
+    assert torch.equal(y, ref)
+
+
+def test_compute_dtype():
+    assert compute_dtype(torch.zeros(1, dtype=torch.bfloat16)) == torch.float32
+    assert compute_dtype(torch.zeros(1, dtype=torch.float64)) == torch.float64
+
+
+def test_matches_torch_fake_quantize_on_exact_scales():
+    # with a power-of-two scale x/delta == x*(1/delta) exactly, so torch's op must agree bit for bit
+    x = torch.randn(10000) * 3
+    ours = affine_quantize(x, torch.tensor(2.0**-5), torch.tensor(100.0), 256)
+    theirs = torch.fake_quantize_per_tensor_affine(x, 2.0**-5, 100, 0, 255)
+    assert torch.equal(ours, theirs)
+
+
+floats = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    xs=st.lists(floats, min_size=1, max_size=64),
+    delta=st.floats(0.0009765625, 8.0, width=32),
+    zp=st.integers(0, 15),
+    n_bits=st.integers(1, 8),
+)
+def test_affine_properties(xs, delta, zp, n_bits):
+    n_levels = 2**n_bits
+    zp = min(zp, n_levels - 1)
+    x = torch.tensor(xs)
+    d = torch.tensor(delta)
+    z = torch.tensor(float(zp))
+    y = affine_quantize(x, d, z, n_levels)
+    ints = y / d + z
+    # on the grid
+    assert torch.allclose(ints, ints.round(), atol=1e-3)
+    assert ints.min() >= -1e-3 and ints.max() <= n_levels - 1 + 1e-3
+    # idempotent
+    assert torch.equal(affine_quantize(y, d, z, n_levels), y)
+    # error at most delta/2 inside the range
+    lo, hi = -zp * delta, (n_levels - 1 - zp) * delta
+    inside = (x >= lo) & (x <= hi)
+    assert torch.all((y - x).abs()[inside] <= delta / 2 * (1 + 1e-5) + 1e-6)
+    # monotone
+    order = torch.argsort(x)
+    assert torch.all(torch.diff(y[order]) >= 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(xs=st.lists(floats, min_size=1, max_size=64), frac=st.integers(-3, 6), n_bits=st.integers(2, 8))
+def test_qfmt_properties(xs, frac, n_bits):
+    x = torch.tensor(xs)
+    d = 2.0**-frac
+    lo, hi = -(2 ** (n_bits - 1)), 2 ** (n_bits - 1) - 1
+    y = qfmt_quantize(x, d, lo, hi)
+    assert torch.equal(qfmt_quantize(y, d, lo, hi), y)
+    assert torch.equal(y / d, (y / d).round())
+    order = torch.argsort(x)
+    assert torch.all(torch.diff(y[order]) >= 0)

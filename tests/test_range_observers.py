@@ -1,0 +1,167 @@
+import copy
+import io
+
+import pytest
+import torch
+
+from torchquant import BatchMinMax, ExpAvgMinMax, RunningMinMax
+
+OBSERVERS = [BatchMinMax, RunningMinMax, ExpAvgMinMax]
+
+
+def test_batch_minmax_tracks_last_batch():
+    o = BatchMinMax()
+    o.observe_batch(torch.tensor([-1.0, 2.0]))
+    o.observe_batch(torch.tensor([0.5, 1.0]))
+    mn, mx = o.get_ranges()
+    assert mn.item() == 0.5 and mx.item() == 1.0
+
+
+def test_running_minmax():
+    o = RunningMinMax()
+    o.observe_batch(torch.tensor([-1.0, 2.0]))
+    o.observe_batch(torch.tensor([0.5, 3.0]))
+    mn, mx = o.get_ranges()
+    assert mn.item() == -1.0 and mx.item() == 3.0
+    assert o.num_batches.item() == 2
+
+
+def test_exp_avg_bias_correction_hand_computed():
+    m = 0.9
+    o = ExpAvgMinMax(momentum=m)
+    o.observe_batch(torch.tensor([-2.0, 4.0]))
+    mn, mx = o.get_ranges()
+    # first batch is exact thanks to the bias correction
+    assert torch.allclose(mn, torch.tensor(-2.0)) and torch.allclose(mx, torch.tensor(4.0))
+    o.observe_batch(torch.tensor([-1.0, 1.0]))
+    ema_max = (1 - m) * 4.0 * m + (1 - m) * 1.0
+    expected = ema_max / (1 - m**2)
+    assert torch.allclose(o.get_ranges()[1], torch.tensor(expected))
+    ema_min = (1 - m) * -2.0 * m + (1 - m) * -1.0
+    assert torch.allclose(o.get_ranges()[0], torch.tensor(ema_min / (1 - m**2)))
+
+
+@pytest.mark.parametrize("cls", OBSERVERS)
+def test_not_observed_raises(cls):
+    o = cls()
+    with pytest.raises(RuntimeError, match="calibrate first"):
+        o.get_ranges()
+
+
+@pytest.mark.parametrize("cls", OBSERVERS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_rejected_and_state_untouched(cls, bad):
+    o = cls()
+    o.observe_batch(torch.tensor([-1.0, 1.0]))
+    before = {k: v.clone() for k, v in o.state_dict().items()}
+    with pytest.raises(ValueError, match=cls.__name__ + ".*NaN or Inf"):
+        o.observe_batch(torch.tensor([0.0, bad]))
+    for k, v in o.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("cls", OBSERVERS)
+def test_integer_rejected(cls):
+    with pytest.raises(TypeError, match="dtype"):
+        cls().observe_batch(torch.arange(3))
+
+
+@pytest.mark.parametrize("cls", OBSERVERS)
+def test_per_channel_ranges_broadcast(cls):
+    o = cls(axis=0)
+    w = torch.randn(8, 4, 3, 3)
+    o.observe_batch(w)
+    mn, _mx = o.get_ranges()
+    assert mn.shape == (8, 1, 1, 1)
+    assert torch.allclose(mn.flatten(), w.flatten(1).min(1).values, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("cls", OBSERVERS)
+def test_per_group_ranges_broadcast(cls):
+    o = cls(axis=1, group_size=4)
+    w = torch.randn(3, 8)
+    o.observe_batch(w)
+    mn, mx = o.get_ranges()
+    assert mn.shape == w.shape
+    assert torch.allclose(mx[:, :4], w[:, :4].max(1, keepdim=True).values.expand(3, 4), rtol=1e-6, atol=0)
+
+
+def test_changing_shape_rejected():
+    o = BatchMinMax(axis=0)
+    o.observe_batch(torch.randn(4, 2))
+    with pytest.raises(ValueError, match=r"\(5, 2\)"):
+        o.observe_batch(torch.randn(5, 2))
+
+
+def test_bad_axis_names_observer_and_shapes():
+    o = BatchMinMax(axis=2)
+    with pytest.raises(ValueError, match=r"BatchMinMax.*\(4, 2\)"):
+        o.observe_batch(torch.randn(4, 2))
+
+
+@pytest.mark.parametrize("cls", OBSERVERS)
+@pytest.mark.parametrize("axis", [None, 0])
+def test_state_dict_round_trip_into_fresh(cls, axis):
+    o = cls(axis=axis)
+    for _ in range(3):
+        o.observe_batch(torch.randn(4, 6))
+    buf = io.BytesIO()
+    torch.save(o.state_dict(), buf)
+    buf.seek(0)
+    fresh = cls(axis=axis)
+    fresh.load_state_dict(torch.load(buf, weights_only=True), strict=True)
+    for a, b in zip(o.get_ranges(), fresh.get_ranges()):
+        assert torch.equal(a, b)
+    # and it keeps observing identically
+    x = torch.randn(4, 6)
+    o.observe_batch(x)
+    fresh.observe_batch(x)
+    for a, b in zip(o.get_ranges(), fresh.get_ranges()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", OBSERVERS)
+def test_deepcopy(cls):
+    o = cls()
+    o.observe_batch(torch.randn(10))
+    c = copy.deepcopy(o)
+    assert torch.equal(c.get_ranges()[0], o.get_ranges()[0])
+
+
+@pytest.mark.parametrize("cls", OBSERVERS)
+def test_force_ranges(cls):
+    o = cls()
+    o.force_ranges(-1.0, 2.0)
+    mn, mx = o.get_ranges()
+    assert mn.item() == -1.0 and mx.item() == 2.0
+    with pytest.raises(ValueError, match="exceeds"):
+        o.force_ranges(3.0, 2.0)
+    with pytest.raises(ValueError, match="finite"):
+        o.force_ranges(float("nan"), 2.0)
+
+
+def test_exp_avg_continues_from_forced():
+    o = ExpAvgMinMax(0.5)
+    o.force_ranges(-1.0, 1.0)
+    o.observe_batch(torch.tensor([-1.0, 1.0]))
+    assert torch.allclose(o.get_ranges()[1], torch.tensor(1.0))
+
+
+def test_reset():
+    o = ExpAvgMinMax()
+    o.observe_batch(torch.randn(5))
+    o.reset()
+    assert not o.initialized and o.num_batches.item() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_dtypes(dtype):
+    o = ExpAvgMinMax()
+    o.observe_batch(torch.tensor([-1.0, 3.0], dtype=dtype))
+    _mn, mx = o.get_ranges()
+    assert torch.allclose(mx.double(), torch.tensor(3.0, dtype=torch.float64))
+
+
+def test_bad_momentum():
+    with pytest.raises(ValueError, match="momentum"):
+        ExpAvgMinMax(momentum=1.0)

@@ -1,0 +1,47 @@
+"""torchquant: a quantization development kit for researchers on PyTorch.
+
+The public names of the core modules are re-exported here::
+
+    import torchquant as tq
+    q = tq.AffineQuantizer(8, tq.ExpAvgMinMax())
+"""
+
+from . import quantizers_functional
+from .granularity import PER_TENSOR, Granularity, per_channel, per_group
+from .qmodules import SUPPORTED_ACTIVATIONS, QModule, QModuleState, QOp, QWrapper, iter_qmodules
+from .quantizers import AffineGrid, AffineQuantizer, QfmtQuantizer, Quantizer, RangeQuantizer
+from .quantizers_functional import affine_quantize, gradient_clip, qfmt_quantize, round_ste
+from .range_observers import BatchMinMax, ExpAvgMinMax, RangeObserver, RunningMinMax
+from .utils import get_qmodule_states, qmodule_state, set_qmodule_state
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PER_TENSOR",
+    "SUPPORTED_ACTIVATIONS",
+    "AffineGrid",
+    "AffineQuantizer",
+    "BatchMinMax",
+    "ExpAvgMinMax",
+    "Granularity",
+    "QModule",
+    "QModuleState",
+    "QOp",
+    "QWrapper",
+    "QfmtQuantizer",
+    "Quantizer",
+    "RangeObserver",
+    "RangeQuantizer",
+    "RunningMinMax",
+    "affine_quantize",
+    "get_qmodule_states",
+    "gradient_clip",
+    "iter_qmodules",
+    "per_channel",
+    "per_group",
+    "qfmt_quantize",
+    "qmodule_state",
+    "quantizers_functional",
+    "round_ste",
+    "set_qmodule_state",
+]
