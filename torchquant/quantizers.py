@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from .granularity import Granularity
 from .quantizers_functional import affine_quantize, gradient_clip, qfmt_quantize
 from .range_observers import RangeObserver
+from .registry import register_quantizer
 
 __all__ = ["AffineGrid", "AffineQuantizer", "QfmtQuantizer", "Quantizer", "RangeQuantizer", "check_n_bits"]
 
@@ -158,6 +159,7 @@ class RangeQuantizer(Quantizer):
         return self.range_observer.get_ranges()
 
 
+@register_quantizer("affine")
 class AffineQuantizer(RangeQuantizer):
     """Uniform affine quantizer on ``2 ** n_bits`` levels.
 
@@ -225,6 +227,7 @@ class AffineQuantizer(RangeQuantizer):
         return f"n_bits={self.n_bits}, symmetric={self.symmetric}, gradient_clip={self.gradient_clip}"
 
 
+@register_quantizer("qfmt")
 class QfmtQuantizer(RangeQuantizer):
     """Fixed-point (Q-format) quantizer: power-of-two step, integer range set by ``n_bits``.
 

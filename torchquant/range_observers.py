@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .granularity import Granularity
 from .quantizers_functional import compute_dtype
+from .registry import register_observer
 
 __all__ = ["BatchMinMax", "ExpAvgMinMax", "RangeObserver", "RunningMinMax"]
 
@@ -55,6 +56,11 @@ class RangeObserver(nn.Module):
         self.register_buffer("min_val", torch.empty(0))
         self.register_buffer("max_val", torch.empty(0))
         self._tq_name = type(self).__name__
+        # Distributed training: when True, each batch's statistics are all-reduced over
+        # ``process_group`` (None: the default group) before the update, so every rank holds
+        # identical ranges. Set by torchquant.distributed.sync_observers; never implicit.
+        self.distributed_sync = False
+        self.process_group = None
 
     # ----------------------------------------------------------------- public API
     @property
@@ -74,6 +80,8 @@ class RangeObserver(nn.Module):
             raise TypeError(f"{self._tq_name}: cannot observe a tensor of dtype {x.dtype}")
         x = x.detach()
         mn, mx = self.granularity.reduce(x, who=self._tq_name)  # compact shapes
+        if self.distributed_sync:
+            mn, mx = self._all_reduce_batch(mn, mx)
         self._check_finite(mn, mx)
         dt = compute_dtype(x)
         mn, mx = mn.to(dt), mx.to(dt)
@@ -127,6 +135,23 @@ class RangeObserver(nn.Module):
         """Fold a batch's compact ``(min, max)`` into ``self.min_val`` / ``self.max_val``."""
         raise NotImplementedError
 
+    def _all_reduce_batch(self, batch_min: Tensor, batch_max: Tensor) -> tuple[Tensor, Tensor]:
+        """Combine a batch's compact ``(min, max)`` across ranks: min of mins, max of maxes.
+
+        Non-finite values become -inf / +inf first, so that every rank sees them and
+        raises together instead of one rank raising while the others wait. Observers
+        with other batch statistics (histograms, say) override this.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return batch_min, batch_max
+        mn = torch.where(torch.isfinite(batch_min), batch_min, -torch.inf).contiguous()
+        mx = torch.where(torch.isfinite(batch_max), batch_max, torch.inf).contiguous()
+        dist.all_reduce(mn, op=dist.ReduceOp.MIN, group=self.process_group)
+        dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=self.process_group)
+        return mn, mx
+
     def _initialize(self, like: Tensor) -> None:
         """Allocate state buffers shaped like the compact range tensor ``like``."""
         device = self.min_val.device
@@ -151,6 +176,7 @@ class RangeObserver(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
 
+@register_observer("batch_minmax")
 class BatchMinMax(RangeObserver):
     """The range of the most recent batch only.
 
@@ -162,6 +188,7 @@ class BatchMinMax(RangeObserver):
         self.max_val.copy_(batch_max)
 
 
+@register_observer("running_minmax")
 class RunningMinMax(RangeObserver):
     """The smallest minimum and largest maximum over every batch observed.
 
@@ -189,6 +216,7 @@ class RunningMinMax(RangeObserver):
         self.num_batches = torch.zeros((), dtype=torch.long, device=self.num_batches.device)
 
 
+@register_observer("ema_minmax")
 class ExpAvgMinMax(RangeObserver):
     """Exponential moving average of batch minima and maxima, bias-corrected.
 
