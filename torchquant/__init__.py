@@ -7,6 +7,7 @@ The public names of the core modules are re-exported here::
 """
 
 from . import quantizers_functional, registry
+from .convert import quantize_model
 from .factories import call_factory
 from .folding import bn_scale_shift, fold_bn_params
 from .granularity import PER_TENSOR, Granularity, per_channel, per_group
@@ -58,6 +59,7 @@ __all__ = [
     "per_group",
     "qfmt_quantize",
     "qmodule_state",
+    "quantize_model",
     "quantizers_functional",
     "register_observer",
     "register_quantizer",
