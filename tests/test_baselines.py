@@ -433,43 +433,49 @@ def test_contract_qop(name, role, kw):
     assert not torch.equal(y, a + b)  # quantization does something
 
 
+class AllQuantizers(nn.Module):
+    """Every registry case applied to one tensor: one torch.compile for all (compilation is slow on CPU)."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.qs = nn.ModuleList(make(*p.values[::2]) for p in params)
+
+    def forward(self, x):
+        return [q(x) for q in self.qs]
+
+
+# Every case is captured whole by dynamo (fullgraph, no graph break); a few cases also
+# go through inductor's code generation, which costs seconds per kernel on CPU.
+INDUCTOR_CASES = {"lsq-weight0", "fp8_e4m3-act", "mxfp4-weight"}
+
+
 @pytest.mark.slow
-def test_contract_torch_compile_fullgraph_matches_eager():
-    # One model holding every registry case, compiled once (compilation is slow on CPU).
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_contract_torch_compile_fullgraph_matches_eager(backend):
     torch.manual_seed(0)
-    layers = []
-    for p in PARAMS:
-        name, role, kw = p.values
-        q = make(name, kw)
-        layers.append(
-            QWrapper(
-                [nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()],
-                weight_quantizer=q if role == "weight" else None,
-                acts_quantizer=q if role == "act" else None,
-            )
-        )
-    model = nn.Sequential(*layers)
-    x = torch.randn(2, 8, 6, 6)
-    set_qmodule_state(model, QModuleState.CALIBRATION)
-    model.eval()(x)
-    set_qmodule_state(model, QModuleState.QUANT_EVAL)
+    params = [p for p in PARAMS if backend == "eager" or p.id in INDUCTOR_CASES]
+    model = AllQuantizers(params)
+    x = torch.randn(4, 8, 2, 2)
+    for q in model.qs:
+        q.pre_observe(x)
     eager = model(x)
-    compiled = torch.compile(model, fullgraph=True, dynamic=False)
-    assert torch.allclose(compiled(x), eager, rtol=1e-5, atol=1e-6)
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    for p, a, b in zip(params, compiled(x), eager):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), p.id
 
 
 @pytest.mark.slow
 def test_torch_compile_qat_step_of_learned_quantizers():
     torch.manual_seed(0)
-    model = nn.Sequential(
-        QWrapper([nn.Conv2d(3, 8, 3), nn.ReLU()], LSQQuantizer(4, axis=0), PACTQuantizer(4, alpha_init=2.0)),
-        QWrapper([nn.Conv2d(8, 8, 3), nn.ReLU()], DoReFaWeightQuantizer(4), LSQPlusQuantizer(4)),
-    )
-    x = torch.randn(2, 3, 8, 8)
+    model = QWrapper([nn.Linear(8, 8), nn.ReLU()], LSQQuantizer(4, axis=0), PACTQuantizer(4, alpha_init=0.5))
+    model2 = QWrapper(nn.Linear(8, 8), DoReFaWeightQuantizer(4), LSQPlusQuantizer(4, signed=True))
+    model = nn.Sequential(model, model2)
+    x = torch.randn(16, 8)
     set_qmodule_state(model, QModuleState.QUANT_AWARE_TRAIN)
     model(x)  # initialise the lazy parameters eagerly
-    eager_grads = torch.autograd.grad(model(x).square().mean(), list(model.parameters()))
-    compiled = torch.compile(model, fullgraph=True, dynamic=False)
-    grads = torch.autograd.grad(compiled(x).square().mean(), list(model.parameters()))
+    params = list(model.parameters())
+    eager_grads = torch.autograd.grad(model(x).square().mean(), params)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
+    grads = torch.autograd.grad(compiled(x).square().mean(), params)
     for a, b in zip(grads, eager_grads):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
