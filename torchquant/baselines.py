@@ -653,7 +653,7 @@ class MinifloatFormat:
 
     def quantize(self, x: Tensor, scale: Tensor | float = 1.0) -> Tensor:
         """``x`` rounded to this format after division by ``scale`` (see :func:`minifloat_quantize`)."""
-        return minifloat_quantize(x, scale, self.exp_bits, self.man_bits, self.bias, self.max_value)  # type: ignore[arg-type]
+        return minifloat_quantize(x, scale, self.man_bits, self.bias, self.max_value)  # type: ignore[arg-type]
 
 
 FORMATS: dict[str, MinifloatFormat] = {
@@ -783,7 +783,7 @@ class MXQuantizer(_StatelessQuantizer):
         if not -x.dim() <= self.axis < x.dim():
             raise ValueError(f"{self._tq_name}: axis {self.axis} does not exist in a tensor of shape {tuple(x.shape)}")
         f = self.elem
-        return mx_quantize(x, f.exp_bits, f.man_bits, f.bias, f.max_value, f.emax, self.block_size, self.axis)  # type: ignore[arg-type]
+        return mx_quantize(x, f.man_bits, f.bias, f.max_value, f.emax, self.block_size, self.axis)  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:
         return f"elem={self.elem.name}, block_size={self.block_size}, axis={self.axis}"

@@ -301,18 +301,18 @@ def _floor_log2(a: Tensor) -> Tensor:
     return (e - 1).to(a.dtype)
 
 
-def minifloat_round(x: Tensor, exp_bits: int, man_bits: int, bias: int, max_value: float) -> Tensor:
+def minifloat_round(x: Tensor, man_bits: int, bias: int, max_value: float) -> Tensor:
     """Round to the nearest value of a sign-magnitude ExMy minifloat, saturating (no STE).
 
     Normal values are ``2 ** (e - bias) * (1 + m / 2 ** man_bits)``; exponent field
-    0 holds the subnormals ``2 ** (1 - bias) * m / 2 ** man_bits``. Rounding is
+    0 holds the subnormals ``2 ** (1 - bias) * m / 2 ** man_bits``. The exponent
+    width only decides the largest value, which ``max_value`` gives. Rounding is
     to nearest, ties to even (IEEE 754's default), and magnitudes beyond
     ``max_value`` saturate to ``+-max_value``: neither infinities nor NaNs are
     produced (NaN inputs stay NaN).
 
     Args:
         x: input of any shape, floating point.
-        exp_bits: exponent bits ``E``.
         man_bits: mantissa bits ``M``.
         bias: exponent bias (``2 ** (E - 1) - 1`` for the OCP formats).
         max_value: largest finite magnitude of the format.
@@ -320,7 +320,6 @@ def minifloat_round(x: Tensor, exp_bits: int, man_bits: int, bias: int, max_valu
     Returns:
         Tensor of ``x``'s shape and dtype on the format's grid.
     """
-    del exp_bits  # the grid is fixed by bias, man_bits and max_value; kept for a readable call site
     dt = compute_dtype(x)
     xa = x.to(dt).abs()
     e_min = 1 - bias  # exponent of the smallest normal, and of the subnormals' step
@@ -333,36 +332,36 @@ def minifloat_round(x: Tensor, exp_bits: int, man_bits: int, bias: int, max_valu
 
 class _MinifloatSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, exp_bits: int, man_bits: int, bias: int, max_value: float):  # type: ignore[override]
+    def forward(ctx, x: Tensor, scale: Tensor, man_bits: int, bias: int, max_value: float):  # type: ignore[override]
         dt = compute_dtype(x)
         s = scale.to(dt)
-        return (minifloat_round(x.to(dt) / s, exp_bits, man_bits, bias, max_value) * s).to(x.dtype)
+        return (minifloat_round(x.to(dt) / s, man_bits, bias, max_value) * s).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         # Straight-through: d out / d x := 1 everywhere.
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None
 
 
-def minifloat_quantize(
-    x: Tensor, scale: Tensor | float, exp_bits: int, man_bits: int, bias: int, max_value: float
-) -> Tensor:
+def minifloat_quantize(x: Tensor, scale: Tensor | float, man_bits: int, bias: int, max_value: float) -> Tensor:
     """Scaled minifloat fake quantization: ``minifloat_round(x / scale) * scale``, STE gradient.
 
     Args:
         x: input of any shape.
         scale: positive scale, 0-d or broadcasting against ``x`` (per-channel,
             per-block).
-        exp_bits, man_bits, bias, max_value: the format, as in :func:`minifloat_round`.
+        man_bits: mantissa bits of the format (see :func:`minifloat_round`).
+        bias: exponent bias.
+        max_value: largest finite magnitude (saturation level).
 
     Returns:
         Tensor of ``x``'s shape and dtype. Backward: the incoming gradient for ``x``.
 
     Example:
-        >>> minifloat_quantize(torch.tensor([0.3, 5.0, 100.0]), 1.0, 2, 1, 1, 6.0)  # FP4 E2M1
+        >>> minifloat_quantize(torch.tensor([0.3, 5.0, 100.0]), 1.0, 1, 1, 6.0)  # FP4 E2M1
         tensor([0.5000, 4.0000, 6.0000])
     """
-    return _MinifloatSTE.apply(x, _as_tensor(scale, x), int(exp_bits), int(man_bits), int(bias), float(max_value))
+    return _MinifloatSTE.apply(x, _as_tensor(scale, x), int(man_bits), int(bias), float(max_value))
 
 
 def e8m0_block_scale(amax: Tensor, elem_emax: int) -> Tensor:
@@ -381,7 +380,6 @@ def e8m0_block_scale(amax: Tensor, elem_emax: int) -> Tensor:
 
 def mx_quantize(
     x: Tensor,
-    exp_bits: int,
     man_bits: int,
     bias: int,
     max_value: float,
@@ -400,12 +398,14 @@ def mx_quantize(
 
     INT8 elements (MXINT8: two's complement with an implicit scale ``2 ** -6``,
     used here on the symmetric range ``[-127, 127] * 2 ** -6``) are the
-    minifloat ``exp_bits=1, man_bits=6, bias=1, max_value=127/64`` with
+    minifloat ``man_bits=6, bias=1, max_value=127/64`` (E1M6) with
     ``elem_emax=0``: every magnitude below 2 then has the step ``2 ** -6``.
 
     Args:
         x: input of any shape.
-        exp_bits, man_bits, bias, max_value: the element format.
+        man_bits: mantissa bits of the element format.
+        bias: exponent bias of the element format.
+        max_value: largest finite element magnitude (saturation level).
         elem_emax: exponent of the element format's largest normal
             (E4M3 8, E5M2 15, E3M2 4, E2M3 2, E2M1 2, INT8 0).
         block_size: elements per block (32 in the specification).
@@ -423,7 +423,7 @@ def mx_quantize(
     blocks = xt.reshape(*xt.shape[:-1], -1, block_size)  # (..., n / b, b)
     amax = blocks.detach().abs().amax(dim=-1, keepdim=True).to(compute_dtype(x))  # (..., n / b, 1)
     scale = e8m0_block_scale(amax, elem_emax)
-    q = minifloat_quantize(blocks, scale, exp_bits, man_bits, bias, max_value)
+    q = minifloat_quantize(blocks, scale, man_bits, bias, max_value)
     q = q.reshape(*xt.shape[:-1], n + pad)[..., :n]
     return q.movedim(-1, ax)
 
