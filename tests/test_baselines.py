@@ -158,6 +158,20 @@ def test_pact_forward_gradient_and_regularisation():
     assert q.regularization().item() == pytest.approx(0.01 * 9)
 
 
+def test_pact_grid_matches_forward():
+    q = PACTQuantizer(3, alpha_init=2.5)
+    x = torch.linspace(-1, 4, 101)
+    grid = q.grid()
+    assert (grid.qmin, grid.qmax) == (0, 7)
+    assert torch.allclose(grid.from_int(grid.to_int(x)), q(x).detach(), rtol=0, atol=1e-6)
+
+
+def test_lazy_parameters_follow_the_module_dtype():
+    q = LSQQuantizer(4).double()
+    q.pre_observe(torch.randn(10))
+    assert q.step.dtype == torch.float64
+
+
 def test_pact_regularization_over_a_model():
     model = nn.Sequential(
         QWrapper([nn.Linear(2, 2), nn.ReLU()], acts_quantizer=PACTQuantizer(4, alpha_init=2.0, reg_lambda=0.5)),

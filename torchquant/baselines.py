@@ -123,7 +123,9 @@ class _LazyParamQuantizer(Quantizer):
                 values = self._init_params(x.detach())
             for name, v in zip(self._lazy_params, values):
                 p = getattr(self, name)
-                p.data = v.to(device=p.device)  # same Parameter object: optimizers built earlier keep it
+                # Same Parameter object: optimizers built earlier keep it. Device and dtype follow the
+                # module's (.to() / .half() before the first forward), not the observed tensor's.
+                p.data = v.to(device=p.device, dtype=p.dtype)
 
     def post_observe(self, x: Tensor) -> None:
         pass
