@@ -447,6 +447,16 @@ def test_contract_qop(name, role, kw):
     assert not torch.equal(y, a + b)  # quantization does something
 
 
+@pytest.mark.parametrize("name, role, kw", PARAMS)
+def test_contract_fx_symbolic_trace_matches_eager(name, role, kw):
+    w = wrapper(name, role, kw).eval()
+    set_qmodule_state(w, QModuleState.CALIBRATION)
+    w(X)
+    set_qmodule_state(w, QModuleState.QUANT_EVAL)
+    gm = torch.fx.symbolic_trace(w)
+    assert torch.equal(gm(X), w(X))
+
+
 class AllQuantizers(nn.Module):
     """Every registry case applied to one tensor: one torch.compile for all (compilation is slow on CPU)."""
 

@@ -76,8 +76,10 @@ __all__ = [
     "pact_regularization",
 ]
 
-for _fn in (lsq_quantize, pact_quantize, sign_ste, scaled_sign, minifloat_quantize, mx_quantize, straight_through):
-    torch.fx.wrap(_fn.__name__)
+# Primitives and the leaf functions below are leaves for torch.fx: tracing records one call instead
+# of entering them (their shape logic needs real tensors).
+for _name in ("affine_quantize", "gradient_clip", "pact_quantize", "sign_ste", "minifloat_quantize"):
+    torch.fx.wrap(_name)
 
 _EPS = torch.finfo(torch.float32).eps
 
@@ -114,7 +116,8 @@ class _LazyParamQuantizer(Quantizer):
     @property
     def initialized(self) -> bool:
         """Whether the learned parameters have values (observed or loaded)."""
-        return getattr(self, self._lazy_params[0]).numel() > 0
+        # _parameters, not getattr: torch.fx proxies parameters fetched by attribute.
+        return self._parameters[self._lazy_params[0]].numel() > 0
 
     def pre_observe(self, x: Tensor) -> None:
         """Initialise the learned parameters from the first tensor seen; later calls do nothing."""
@@ -154,6 +157,23 @@ class _LazyParamQuantizer(Quantizer):
             if key in state_dict and state_dict[key].shape != p.shape:
                 p.data = torch.empty_like(state_dict[key], dtype=p.dtype, device=p.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+
+@torch.fx.wrap
+def _lsq(
+    x: Tensor,
+    step: Tensor,
+    offset: Tensor | None,
+    qn: int,
+    qp: int,
+    scale_grad: bool,
+    axis: int | None,
+    group_size: int | None,
+) -> Tensor:
+    # LSQ / LSQ+ from compact parameters: gradient scale 1 / sqrt(N * Q_P), N = elements per step.
+    g = Granularity(axis=axis, group_size=group_size)
+    gscale = 1.0 / math.sqrt(x.numel() / step.numel() * qp) if scale_grad else 1.0
+    return lsq_quantize(x, g.expand(step), None if offset is None else g.expand(offset), qn, qp, gscale)
 
 
 def _int_range(n_bits: int, signed: bool) -> tuple[int, int]:
@@ -222,16 +242,10 @@ class LSQQuantizer(_LazyParamQuantizer):
         mean_abs = _reduce(self.granularity, x.abs(), "mean", self._tq_name)
         return ((2.0 * mean_abs / math.sqrt(self.qp)).clamp(min=_EPS),)
 
-    def gradient_scale(self, x: Tensor) -> float:
-        """``1 / sqrt(N * Q_P)`` for input ``x`` (``N``: elements per step), or 1."""
-        if not self.grad_scale:
-            return 1.0
-        return 1.0 / math.sqrt(x.numel() / self.step.numel() * self.qp)
-
     def quantize(self, x: Tensor) -> Tensor:
         self._check_initialized()
-        step = self.granularity.expand(self.step)
-        return lsq_quantize(x, step, None, self.qn, self.qp, self.gradient_scale(x))
+        g = self.granularity
+        return _lsq(x, self.step, None, self.qn, self.qp, self.grad_scale, g.axis, g.group_size)
 
     def grid(self) -> AffineGrid:
         self._check_initialized()
@@ -311,16 +325,10 @@ class LSQPlusQuantizer(_LazyParamQuantizer):
         s = torch.maximum((mu - 3 * sigma).abs(), (mu + 3 * sigma).abs()) / 2 ** (self.n_bits - 1)
         return s.clamp(min=_EPS), torch.zeros_like(s)
 
-    def gradient_scale(self, x: Tensor) -> float:
-        """``1 / sqrt(N * Q_P)`` for input ``x`` (``N``: elements per step), or 1."""
-        if not self.grad_scale:
-            return 1.0
-        return 1.0 / math.sqrt(x.numel() / self.step.numel() * self.qp)
-
     def quantize(self, x: Tensor) -> Tensor:
         self._check_initialized()
         g = self.granularity
-        return lsq_quantize(x, g.expand(self.step), g.expand(self.offset), self.qn, self.qp, self.gradient_scale(x))
+        return _lsq(x, self.step, self.offset, self.qn, self.qp, self.grad_scale, g.axis, g.group_size)
 
     def extra_repr(self) -> str:
         return f"n_bits={self.n_bits}, signed={self.signed}, {self.granularity}, init={self.init!r}"
@@ -409,6 +417,19 @@ class _StatelessQuantizer(Quantizer):
         pass
 
 
+@torch.fx.wrap
+def _dorefa_weight(x: Tensor, n_bits: int, axis: int | None, group_size: int | None, who: str) -> Tensor:
+    g = Granularity(axis=axis, group_size=group_size)
+    if n_bits == 1:
+        e = g.expand(_reduce(g, x.detach().abs(), "mean", who))
+        return straight_through(x, torch.where(x >= 0, e, -e))
+    n = 2**n_bits - 1
+    t = torch.tanh(x)
+    m = g.expand(_reduce(g, t.abs(), "amax", who)).clamp(min=_EPS)
+    w01 = t / (2 * m) + 0.5  # in [0, 1]
+    return 2 * (round_ste(w01 * n) / n) - 1
+
+
 @register_quantizer("dorefa_weight")
 class DoReFaWeightQuantizer(_StatelessQuantizer):
     """DoReFa-Net weight quantizer (Zhou et al. 2016, "DoReFa-Net", eq. 9).
@@ -443,14 +464,7 @@ class DoReFaWeightQuantizer(_StatelessQuantizer):
 
     def quantize(self, x: Tensor) -> Tensor:
         g = self.granularity
-        if self.n_bits == 1:
-            e = g.expand(_reduce(g, x.detach().abs(), "mean", self._tq_name))
-            return straight_through(x, torch.where(x >= 0, e, -e))
-        n = 2**self.n_bits - 1
-        t = torch.tanh(x)
-        m = g.expand(_reduce(g, t.abs(), "amax", self._tq_name)).clamp(min=_EPS)
-        w01 = t / (2 * m) + 0.5
-        return 2 * (round_ste(w01 * n) / n) - 1
+        return _dorefa_weight(x, self.n_bits, g.axis, g.group_size, self._tq_name)
 
     def extra_repr(self) -> str:
         return f"n_bits={self.n_bits}, {self.granularity}"
@@ -519,6 +533,13 @@ class BinaryQuantizer(_StatelessQuantizer):
         return f"clip={self.clip}"
 
 
+@torch.fx.wrap
+def _xnor(x: Tensor, axis: int | None, group_size: int | None, who: str) -> Tensor:
+    g = Granularity(axis=axis, group_size=group_size)
+    alpha = _reduce(g, x.detach().abs(), "mean", who)
+    return scaled_sign(x, g.expand(alpha), x.numel() // alpha.numel())
+
+
 @register_quantizer("xnor")
 class XNORWeightQuantizer(_StatelessQuantizer):
     """XNOR-Net binary weights with a per-channel scale (Rastegari et al. 2016, "XNOR-Net", section 3.1).
@@ -544,13 +565,22 @@ class XNORWeightQuantizer(_StatelessQuantizer):
         self.granularity = Granularity(axis=axis, group_size=group_size)
 
     def quantize(self, x: Tensor) -> Tensor:
-        g = self.granularity
-        alpha = _reduce(g, x.detach().abs(), "mean", self._tq_name)
-        n = x.numel() // alpha.numel()
-        return scaled_sign(x, g.expand(alpha), n)
+        return _xnor(x, self.granularity.axis, self.granularity.group_size, self._tq_name)
 
     def extra_repr(self) -> str:
         return str(self.granularity)
+
+
+@torch.fx.wrap
+def _ternary(x: Tensor, threshold: float, axis: int | None, group_size: int | None, who: str) -> Tensor:
+    g = Granularity(axis=axis, group_size=group_size)
+    a = x.detach().abs()
+    delta = threshold * g.expand(_reduce(g, a, "mean", who))
+    mask = (a > delta).to(a.dtype)
+    count = _reduce(g, mask, "sum", who).clamp(min=1.0)
+    alpha = g.expand(_reduce(g, a * mask, "sum", who) / count)  # mean of |W| above Delta
+    t = torch.where(x.detach() >= 0, alpha, -alpha) * mask
+    return straight_through(x, t.to(x.dtype))
 
 
 @register_quantizer("twn")
@@ -582,13 +612,7 @@ class TernaryQuantizer(_StatelessQuantizer):
 
     def quantize(self, x: Tensor) -> Tensor:
         g = self.granularity
-        a = x.detach().abs()
-        delta = self.threshold * g.expand(_reduce(g, a, "mean", self._tq_name))
-        mask = (a > delta).to(a.dtype)
-        count = _reduce(g, mask, "sum", self._tq_name).clamp(min=1.0)
-        alpha = g.expand(_reduce(g, a * mask, "sum", self._tq_name) / count)
-        t = torch.where(x.detach() >= 0, alpha, -alpha) * mask
-        return straight_through(x, t.to(x.dtype))
+        return _ternary(x, self.threshold, g.axis, g.group_size, self._tq_name)
 
     def extra_repr(self) -> str:
         return f"threshold={self.threshold}, {self.granularity}"
@@ -745,6 +769,15 @@ class MinifloatQuantizer(Quantizer):
         return f"{f.name}, bias={f.bias}, max={f.max_value}, scaled={self.range_observer is not None}"
 
 
+@torch.fx.wrap
+def _mx(
+    x: Tensor, man_bits: int, bias: int, max_value: float, emax: int, block_size: int, axis: int, who: str
+) -> Tensor:
+    if not -x.dim() <= axis < x.dim():
+        raise ValueError(f"{who}: axis {axis} does not exist in a tensor of shape {tuple(x.shape)}")
+    return mx_quantize(x, man_bits, bias, max_value, emax, block_size, axis)
+
+
 @register_quantizer("mx")
 class MXQuantizer(_StatelessQuantizer):
     """OCP Microscaling (MX v1.0, 2023) block quantization.
@@ -782,10 +815,8 @@ class MXQuantizer(_StatelessQuantizer):
         self.axis = axis
 
     def quantize(self, x: Tensor) -> Tensor:
-        if not -x.dim() <= self.axis < x.dim():
-            raise ValueError(f"{self._tq_name}: axis {self.axis} does not exist in a tensor of shape {tuple(x.shape)}")
         f = self.elem
-        return mx_quantize(x, f.man_bits, f.bias, f.max_value, f.emax, self.block_size, self.axis)  # type: ignore[arg-type]
+        return _mx(x, f.man_bits, f.bias, f.max_value, f.emax, self.block_size, self.axis, self._tq_name)  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:
         return f"elem={self.elem.name}, block_size={self.block_size}, axis={self.axis}"
