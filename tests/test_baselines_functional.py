@@ -54,6 +54,8 @@ def fmt_round(x, fmt):
 def test_format_max_values_from_the_specs(name, max_value):
     fmt = FORMATS[name]
     assert fmt.max_value == max_value == max(v for v, _ in all_values(fmt))
+    # emax_elem of the OCP MX spec: exponent of the largest normal
+    assert fmt.emax == {"fp8_e4m3": 8, "fp8_e5m2": 15, "fp6_e3m2": 4, "fp6_e2m3": 2, "fp4_e2m1": 2}[name]
 
 
 def test_fp4_e2m1_value_set():
