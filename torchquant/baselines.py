@@ -7,21 +7,17 @@ trips into a freshly built module) and is registered by name::
 
     q = tq.make_quantizer("lsq", n_bits=4, axis=0)
 
-=====================  =========================================  ==========================
-registry name          class                                      paper
-=====================  =========================================  ==========================
-``lsq``                :class:`LSQQuantizer`                      Esser et al. 2020
-``lsq+``               :class:`LSQPlusQuantizer`                  Bhalgat et al. 2020
-``pact``               :class:`PACTQuantizer`                     Choi et al. 2018
-``dorefa_weight``      :class:`DoReFaWeightQuantizer`             Zhou et al. 2016
-``dorefa_act``         :class:`DoReFaActQuantizer`                Zhou et al. 2016
-``bnn``                :class:`BinaryQuantizer`                   Courbariaux et al. 2016
-``xnor``               :class:`XNORWeightQuantizer`               Rastegari et al. 2016
-``twn``                :class:`TernaryQuantizer`                  Li et al. 2016
-``minifloat``,         :class:`MinifloatQuantizer`                OCP FP8 spec (2023)
-``fp8_e4m3`` ...
-``mx``, ``mxfp4`` ...  :class:`MXQuantizer`                       OCP MX v1.0 (2023)
-=====================  =========================================  ==========================
+| registry name | class | paper |
+|---|---|---|
+| ``lsq`` | :class:`LSQQuantizer` | Esser et al. 2020 |
+| ``lsq+`` | :class:`LSQPlusQuantizer` | Bhalgat et al. 2020 |
+| ``pact`` | :class:`PACTQuantizer` | Choi et al. 2018 |
+| ``dorefa_weight``, ``dorefa_act`` | :class:`DoReFaWeightQuantizer`, :class:`DoReFaActQuantizer` | Zhou et al. 2016 |
+| ``bnn`` | :class:`BinaryQuantizer` | Courbariaux et al. 2016 |
+| ``xnor`` | :class:`XNORWeightQuantizer` | Rastegari et al. 2016 |
+| ``twn`` | :class:`TernaryQuantizer` | Li et al. 2016 |
+| ``minifloat``, ``fp8_e4m3``, ``fp8_e5m2``, ``fp6_*``, ``fp4_e2m1`` | :class:`MinifloatQuantizer` | OCP FP8 (2023) |
+| ``mx``, ``mxfp8_*``, ``mxfp6_*``, ``mxfp4``, ``mxint8`` | :class:`MXQuantizer` | OCP MX v1.0 (2023) |
 
 Power-of-two scales are an option of the core affine quantizer:
 ``AffineQuantizer(..., power_of_two=True)``.
