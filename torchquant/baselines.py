@@ -28,6 +28,7 @@ levels) whose shape depends on the data exist from construction as empty
 them; the first :meth:`~torchquant.quantizers.Quantizer.pre_observe` (a
 calibration or QAT forward) fills them in place with ``param.data = ...``,
 keeping the same ``Parameter`` object. Loading a state dict resizes them.
+Wrap a model in ``DistributedDataParallel`` only after that first forward.
 """
 
 from __future__ import annotations
