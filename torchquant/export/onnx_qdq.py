@@ -31,6 +31,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -187,6 +188,7 @@ def to_onnx(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     dynamic_batch: bool = True,
+    signed_weights: bool = False,
 ):
     """Export a quantized model to ONNX with QuantizeLinear/DequantizeLinear pairs.
 
@@ -206,6 +208,19 @@ def to_onnx(
         input_names: graph input names (default ``input0``, ``input1``...).
         output_names: graph output names (default ``output0``...).
         dynamic_batch: make dimension 0 of every input and output symbolic (``"batch"``).
+        signed_weights: store symmetric weight grids (zero points all ``2^(n-1)``) as
+            ``int8``/``int4`` with zero point 0, the layout onnxruntime's int8 kernels
+            prefer on CPUs with VNNI and on ARM. The default ``False`` keeps them
+            ``uint8``/``uint4`` with zero point ``2^(n-1)``: on x86 CPUs without VNNI
+            (AVX2 only), onnxruntime's fused uint8 x int8 kernels saturate 16-bit
+            intermediate sums (several steps of error at the output), its uint8 x uint8
+            ones do not. Both are exact in the ONNX semantics.
+
+    Note:
+        onnxruntime 1.32 fails to load a model where a ``Clip`` (``ReLU6``,
+        ``Hardtanh``) feeds an ``int4``/``uint4`` ``QuantizeLinear`` (its
+        ``ClipQuantRewrite`` optimizer rejects 4-bit zero points); create the session
+        with ``disabled_optimizers=["ClipQuantRewrite"]``.
 
     Returns:
         The ``onnx.ModelProto`` (checked with ``onnx.checker``).
@@ -226,7 +241,7 @@ def to_onnx(
         >>> with tq.qmodule_state(net, tq.QModuleState.CALIBRATION):
         ...     _ = net(torch.randn(16, 4))
         >>> tq.set_qmodule_state(net, tq.QModuleState.QUANT_EVAL)
-        >>> proto = tq.export.to_onnx(net, torch.randn(1, 4))
+        >>> proto = tq.export.to_onnx(net, torch.randn(1, 4), signed_weights=True)
         >>> sorted({n.op_type for n in proto.graph.node})
         ['DequantizeLinear', 'Gemm', 'QuantizeLinear']
     """
@@ -265,13 +280,11 @@ def to_onnx(
         # Eager dry run: validates the inputs and records the integer codes of constant inputs.
         with torch.no_grad():
             try:
-                work(*inputs)
+                out = work(*inputs)
             except (RuntimeError, ValueError, TypeError, IndexError) as e:
                 shapes = [tuple(t.shape) for t in inputs]
                 raise ValueError(f"{who}: the model does not run on example inputs of shapes {shapes}: {e}") from e
         n_in = len(inputs)
-        with torch.no_grad():
-            out = work(*inputs)
         n_out = len(out) if isinstance(out, (tuple, list)) else 1
         in_names = list(input_names) if input_names is not None else [f"input{i}" for i in range(n_in)]
         out_names = list(output_names) if output_names is not None else [f"output{i}" for i in range(n_out)]
@@ -285,6 +298,7 @@ def to_onnx(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*TorchScript.*")
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             torch.onnx.export(
                 work,
                 tuple(inputs),
@@ -298,7 +312,7 @@ def to_onnx(
                 do_constant_folding=True,
             )
         proto = onnx.load_model_from_string(buf.getvalue())
-        _lower_quant_points(proto, records, opset, who)
+        _lower_quant_points(proto, records, opset, who, signed_weights)
     finally:
         _Active.records = prev
     onnx.checker.check_model(proto, full_check=True)
@@ -323,7 +337,7 @@ def _constant_value(name: str, inits: dict, consts: dict):
     return consts.get(name)
 
 
-def _lower_quant_points(proto, records: list[_Record], opset: int, who: str) -> None:
+def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, signed_weights: bool) -> None:
     """Replace every ``torchquant::QuantPoint`` placeholder by Q/DQ nodes and integer initializers."""
     import onnx
     from onnx import helper, numpy_helper
@@ -344,7 +358,7 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str) -> 
         const = _constant_value(x, inits, consts)
         grid = rec.grid
         assert grid is not None  # grid-less quantizers are traced as float ops, never placeholders
-        ot = onnx_type_for_grid(grid, opset, prefer_signed=const is not None)
+        ot = onnx_type_for_grid(grid, opset, prefer_signed=signed_weights and const is not None)
         if grid.granularity.group_size is not None and opset < 21:
             ot = None
         if ot is None:
@@ -396,7 +410,6 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str) -> 
     proto.opset_import.extend(keep)
     if opset >= 21 and proto.ir_version < 10:
         proto.ir_version = 10  # int4 / uint4 need IR 10
-    onnx.checker.check_model(proto)
 
 
 _NP_TYPES = {"int8": "int8", "uint8": "uint8", "int16": "int16", "uint16": "uint16"}
@@ -408,7 +421,12 @@ def _int_tensor(name: str, ot: OnnxType, values: Tensor):
 
     if ot.name in _NP_TYPES:
         return numpy_helper.from_array(values.numpy().astype(_NP_TYPES[ot.name]), name)
-    return helper.make_tensor(name, ot.elem_type, list(values.shape), values.flatten().tolist())
+    # int4 / uint4: two values per byte, first value in the low nibble (ONNX layout), zero-padded.
+    flat = values.reshape(-1).numpy().astype(np.int64) & 0xF
+    if flat.size % 2:
+        flat = np.append(flat, 0)
+    packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+    return helper.make_tensor(name, ot.elem_type, list(values.shape), packed.tobytes(), raw=True)
 
 
 def _runtime_shape(grid: AffineGrid) -> torch.Size:
