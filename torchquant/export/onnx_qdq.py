@@ -13,9 +13,9 @@ placeholder using the quantizer's :meth:`~torchquant.quantizers.Quantizer.grid`:
   initializer followed by ``DequantizeLinear``; the float weight is dropped.
 
 Grids map to ONNX integer types: a ``[0, 2^n - 1]`` grid to ``uint8``/``uint4``
-with its zero points, or, for weights whose zero points are all ``2^(n-1)``
-(symmetric), shifted to ``int8``/``int4`` with zero point 0 (what onnxruntime's
-integer kernels want); signed grids (Q-format) to ``int8``/``int4``. 4-bit types
+with its zero points, or, for weights with ``signed_weights=True``, shifted by
+``2^(n-1)`` to ``int8``/``int4`` (a symmetric grid's zero point ``2^(n-1)``
+becomes 0, what onnxruntime's integer kernels want); signed grids (Q-format) to ``int8``/``int4``. 4-bit types
 need opset 21; 9 to 16 bits need opset 21 (``int16``/``uint16``). A quantizer
 without an affine grid (``grid()`` is ``None``), or one whose grid fits no ONNX
 type at the chosen opset, is exported as its float-valued simulation with a
@@ -124,8 +124,8 @@ def onnx_type_for_grid(grid: AffineGrid, opset: int, prefer_signed: bool) -> Onn
     Args:
         grid: the quantizer's grid.
         opset: target ONNX opset (4-bit and 16-bit types need 21).
-        prefer_signed: for a ``[0, 2^n - 1]`` grid whose zero points are all
-            ``2^(n-1)`` (symmetric), shift it to the signed type with zero point 0.
+        prefer_signed: shift a ``[0, 2^n - 1]`` grid by ``2^(n-1)`` to the signed
+            type (a symmetric grid's zero point ``2^(n-1)`` becomes 0).
 
     Returns:
         The type, or ``None``.
@@ -134,10 +134,8 @@ def onnx_type_for_grid(grid: AffineGrid, opset: int, prefer_signed: bool) -> Onn
     tp = onnx.TensorProto
     qmin, qmax = grid.qmin, grid.qmax
     shift = 0
-    if prefer_signed and qmin == 0:
-        half = (qmax + 1) // 2
-        if qmax + 1 == 2 * half and bool((grid.zero_point == half).all()):
-            shift = half
+    if prefer_signed and qmin == 0 and (qmax + 1) % 2 == 0:
+        shift = (qmax + 1) // 2  # zero point 2^(n-1) becomes 0
     lo, hi = qmin - shift, qmax - shift
     candidates = [
         (4, "int4", tp.INT4, -8, 7, 21),
@@ -147,6 +145,8 @@ def onnx_type_for_grid(grid: AffineGrid, opset: int, prefer_signed: bool) -> Onn
         (16, "int16", tp.INT16, -(2**15), 2**15 - 1, 21),
         (16, "uint16", tp.UINT16, 0, 2**16 - 1, 21),
     ]
+    if lo >= 0:  # an unsigned grid goes to the unsigned type of each width first
+        candidates.sort(key=lambda c: (c[0], c[3] < 0))
     zp = grid.zero_point - shift
     for _, name, code, tlo, thi, min_opset in candidates:
         if opset < min_opset or lo < tlo or hi > thi:
@@ -208,8 +208,8 @@ def to_onnx(
         input_names: graph input names (default ``input0``, ``input1``...).
         output_names: graph output names (default ``output0``...).
         dynamic_batch: make dimension 0 of every input and output symbolic (``"batch"``).
-        signed_weights: store symmetric weight grids (zero points all ``2^(n-1)``) as
-            ``int8``/``int4`` with zero point 0, the layout onnxruntime's int8 kernels
+        signed_weights: store ``[0, 2^n - 1]`` weight grids shifted by ``2^(n-1)`` as
+            ``int8``/``int4`` (symmetric ones get zero point 0), the layout onnxruntime's int8 kernels
             prefer on CPUs with VNNI and on ARM. The default ``False`` keeps them
             ``uint8``/``uint4`` with zero point ``2^(n-1)``: on x86 CPUs without VNNI
             (AVX2 only), onnxruntime's fused uint8 x int8 kernels saturate 16-bit
@@ -444,8 +444,8 @@ def _float_sim_nodes(grid: AffineGrid, x: str, y: str, base: str, new_inits: lis
     """``clamp(round(x / s) + zp, qmin, qmax) - zp) * s`` in float ONNX ops (Div, Round, Add, Max, Min, Sub, Mul)."""
     from onnx import helper, numpy_helper
 
-    s = grid.granularity.expand(grid.scale.detach()).to(torch.float32)
-    zp = grid.granularity.expand(grid.zero_point.detach()).to(torch.float32)
+    s = grid.scale.detach().to(torch.float32)  # broadcasts against the tensor
+    zp = grid.zero_point.detach().to(torch.float32)
     names = {}
     for key, val in (("s", s), ("zp", zp), ("lo", torch.tensor(float(grid.qmin))), ("hi", torch.tensor(float(grid.qmax)))):
         names[key] = f"{base}/{key}"
