@@ -181,7 +181,7 @@ def _flatten(params: dict[str, dict[str, Any]]) -> tuple[dict[str, np.ndarray], 
         for k, v in entry.items():
             key = f"{point}/{k}"
             if isinstance(v, np.ndarray):
-                arrays[key] = np.ascontiguousarray(v)
+                arrays[key] = v.copy(order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
             elif k in _META:
                 meta[key] = repr(v)
             else:
