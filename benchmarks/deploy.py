@@ -90,7 +90,9 @@ class QResNet18(nn.Module):
         self.quant_in = tq.QOp(nn.Identity(), aq())
         self.stem = tq.QWrapper([fold_bn(net.conv1, net.bn1), nn.ReLU()], wq(), aq())
         self.maxpool = tq.QOp(net.maxpool, aq())
-        self.layers = nn.Sequential(*[QBasicBlock(b) for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer])
+        self.layers = nn.Sequential(
+            *[QBasicBlock(b) for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
+        )
         self.avgpool = tq.QOp(net.avgpool, aq())
         self.fc = tq.QWrapper(net.fc, wq(), aq())
 

@@ -6,7 +6,7 @@ The public names of the core modules are re-exported here::
     q = tq.AffineQuantizer(8, tq.ExpAvgMinMax())
 """
 
-from . import export, quantizers_functional, registry
+from . import debug, export, quantizers_functional, registry
 from .convert import quantize_model
 from .factories import call_factory
 from .folding import bn_scale_shift, fold_bn_params
@@ -47,6 +47,7 @@ __all__ = [
     "affine_quantize",
     "bn_scale_shift",
     "call_factory",
+    "debug",
     "export",
     "fold_bn_params",
     "get_qmodule_states",

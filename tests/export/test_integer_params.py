@@ -35,7 +35,11 @@ def test_integer_arithmetic_reconstructs_the_layer(per_channel, bits):
     net = _mlp(per_channel, bits)
     params = tq.export.integer_params(net, torch.randn(1, 16))
     w = params["2.weight_quantizer"]
-    assert (w["kind"], w["n_bits"], w["granularity"]) == ("weight", bits, "per_channel" if per_channel else "per_tensor")
+    assert (w["kind"], w["n_bits"], w["granularity"]) == (
+        "weight",
+        bits,
+        "per_channel" if per_channel else "per_tensor",
+    )
     assert w["input_point"] == "0.acts_quantizer"
     assert w["int_weight"].min() >= w["qmin"] and w["int_weight"].max() <= w["qmax"]
     inp, out = params["0.acts_quantizer"], params["2.acts_quantizer"]

@@ -19,7 +19,9 @@ S = tq.QModuleState
 
 def _net(wq, aq, out=4):
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, out))
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, out)
+    )
     return tq.quantize_model(net.eval(), wq, aq, method="swap")
 
 
@@ -128,7 +130,8 @@ def test_grid_type_mapping():
 
 def test_qfmt_signed_grid_exports_as_int8():
     net = _calibrated(
-        lambda m, n: tq.QfmtQuantizer(8, True, tq.BatchMinMax()), lambda m, n: tq.QfmtQuantizer(8, True, tq.RunningMinMax())
+        lambda m, n: tq.QfmtQuantizer(8, True, tq.BatchMinMax()),
+        lambda m, n: tq.QfmtQuantizer(8, True, tq.RunningMinMax()),
     )
     x = torch.randn(3, 3, 4, 4)
     proto = tq.export.to_onnx(net, x[:1])

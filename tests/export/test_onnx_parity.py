@@ -13,7 +13,7 @@ import torch
 import torchquant as tq
 
 pytest.importorskip("onnxruntime")
-from parity import end_to_end, per_point  # noqa: E402
+from parity import end_to_end, per_point
 
 
 def _swap(net, w_bits, a_bits, per_channel):

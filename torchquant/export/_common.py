@@ -9,7 +9,9 @@ from torch import nn
 from ..qmodules import QModule, QModuleState
 from ..quantizers import AffineGrid, Quantizer
 
-_EVAL_MODES = frozenset({QModuleState.QUANT_EVAL, QModuleState.QUANT_EVAL_WEIGHT_ONLY, QModuleState.QUANT_EVAL_ACT_ONLY})
+_EVAL_MODES = frozenset(
+    {QModuleState.QUANT_EVAL, QModuleState.QUANT_EVAL_WEIGHT_ONLY, QModuleState.QUANT_EVAL_ACT_ONLY}
+)
 
 
 @dataclass

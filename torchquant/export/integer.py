@@ -210,7 +210,9 @@ def save_integer_params(params: dict[str, dict[str, Any]], path: str | os.PathLi
         try:
             from safetensors.numpy import save_file
         except ImportError as e:  # pragma: no cover
-            raise ImportError("save_integer_params: .safetensors needs safetensors: pip install torchquant[export]") from e
+            raise ImportError(
+                "save_integer_params: .safetensors needs safetensors: pip install torchquant[export]"
+            ) from e
         save_file(arrays, str(path), metadata=meta)
     else:
         raise ValueError(f"save_integer_params: path must end in .npz or .safetensors, got {str(path)!r}")

@@ -30,6 +30,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ class _Record:
 class _Active:
     """The records of the export in progress (the autograd.Function looks them up by index)."""
 
-    records: list[_Record] = []
+    records: ClassVar[list[_Record]] = []
 
 
 class _QuantPointFn(torch.autograd.Function):
@@ -257,7 +258,7 @@ def to_onnx(
     # A copy whose quantizers are stubs (the original model is left untouched).
     work = copy.deepcopy(model)
     work.eval()
-    records: list[_Record] = []
+    records: ClassVar[list[_Record]] = []
     for p in points:
         owner = work.get_submodule(p.owner) if p.owner else work
         q = getattr(owner, p.attr)
@@ -324,8 +325,10 @@ def to_onnx(
 def _as_inputs(example_inputs, who: str) -> list[Tensor]:
     if isinstance(example_inputs, Tensor):
         return [example_inputs]
-    if isinstance(example_inputs, (list, tuple)) and example_inputs and all(
-        isinstance(t, Tensor) for t in example_inputs
+    if (
+        isinstance(example_inputs, (list, tuple))
+        and example_inputs
+        and all(isinstance(t, Tensor) for t in example_inputs)
     ):
         return list(example_inputs)
     raise TypeError(f"{who}: example_inputs must be a tensor or a non-empty tuple of tensors, got {example_inputs!r}")
@@ -339,7 +342,6 @@ def _constant_value(name: str, inits: dict, consts: dict):
 
 def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, signed_weights: bool) -> None:
     """Replace every ``torchquant::QuantPoint`` placeholder by Q/DQ nodes and integer initializers."""
-    import onnx
     from onnx import helper, numpy_helper
 
     graph = proto.graph
@@ -367,7 +369,9 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, sig
                 if grid.granularity.group_size is not None
                 else _describe_fit(grid, opset)
             )
-            warnings.warn(f"{who}: quantizer {rec.name!r}: {reason}; exported as its float-valued simulation")
+            warnings.warn(
+                f"{who}: quantizer {rec.name!r}: {reason}; exported as its float-valued simulation", stacklevel=3
+            )
             new_nodes.extend(_float_sim_nodes(grid, x, y, base, new_inits))
             continue
         if const is not None:
@@ -447,7 +451,12 @@ def _float_sim_nodes(grid: AffineGrid, x: str, y: str, base: str, new_inits: lis
     s = grid.scale.detach().to(torch.float32)  # broadcasts against the tensor
     zp = grid.zero_point.detach().to(torch.float32)
     names = {}
-    for key, val in (("s", s), ("zp", zp), ("lo", torch.tensor(float(grid.qmin))), ("hi", torch.tensor(float(grid.qmax)))):
+    for key, val in (
+        ("s", s),
+        ("zp", zp),
+        ("lo", torch.tensor(float(grid.qmin))),
+        ("hi", torch.tensor(float(grid.qmax))),
+    ):
         names[key] = f"{base}/{key}"
         new_inits.append(numpy_helper.from_array(val.numpy(), names[key]))
     t = [f"{base}/t{i}" for i in range(6)]
