@@ -66,6 +66,7 @@ def test_sensitivity_finds_the_low_bit_layer_and_restores_modes():
     assert [r["only"] for r in rep2.rows] == sorted((r["only"] for r in rep2.rows), reverse=True)
 
 
+@pytest.mark.slow  # importing matplotlib takes seconds
 def test_plot_ranges_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
     q, x = _model()

@@ -70,10 +70,16 @@ def _build(model_name, setting):
     return model, proto, shape, model.get_submodule(out_owner).acts_quantizer
 
 
+# The small model runs every setting; the large ones (seconds of TorchScript export each) one per
+# granularity and bit-width, within the test-time budget.
+LARGE_MODEL_SETTINGS = ("w8a8-per-tensor", "w4a4-per-channel-int4")
+
+
 def _cases():
     for model_name in MODELS:
-        marks = [] if model_name == "digits_cnn" else [pytest.mark.slow]
-        for setting in SETTINGS:
+        small = model_name == "digits_cnn"
+        for setting in SETTINGS if small else LARGE_MODEL_SETTINGS:
+            marks = [] if small else [pytest.mark.slow]
             yield pytest.param(model_name, setting, id=f"{model_name}-{setting}", marks=marks)
 
 
