@@ -6,7 +6,7 @@ The public names of the core modules are re-exported here::
     q = tq.AffineQuantizer(8, tq.ExpAvgMinMax())
 """
 
-from . import quantizers_functional, registry
+from . import debug, export, quantizers_functional, registry
 from .baselines import (
     FORMATS,
     BinaryQuantizer,
@@ -74,6 +74,8 @@ __all__ = [
     "affine_quantize",
     "bn_scale_shift",
     "call_factory",
+    "debug",
+    "export",
     "fold_bn_params",
     "get_qmodule_states",
     "gradient_clip",

@@ -1,0 +1,192 @@
+"""Deployment speed: onnxruntime latency of torchquant's int8 ONNX export against float32.
+
+One run, same machine, same onnxruntime settings (``ORT_ENABLE_ALL``, one intra-op
+thread unless ``--threads``): torchvision ``resnet18`` (random init, BatchNorm
+folded into the convolutions, as any deployment does) exported twice:
+
+* float32: ``torch.onnx.export`` of the float model;
+* int8: quantized with torchquant (weights symmetric per-channel 8-bit, activations
+  8-bit asymmetric, calibrated on random data), exported with
+  :func:`torchquant.export.to_onnx`; onnxruntime fuses ``DequantizeLinear -> Conv ->
+  QuantizeLinear`` into ``QLinearConv`` (integer kernels).
+
+The int8 model is laid out the way onnxruntime's QDQ fusion expects: every
+convolution's input is a dequantized tensor (the model input, max-pool, residual
+add and average-pool outputs get quantizers), ReLU sits inside the quantized layer
+before its output quantizer. The same layout is what the ``Fused*`` converters build.
+
+Prints median latency (ms) at batch 1 and 16 and the speed-ups. Target (issue 7):
+int8 at least 2x faster than float32 at batch 16.
+
+    python benchmarks/deploy.py [--size 224] [--repeats 10] [--threads 1] [--weights int8|uint8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import operator
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import torchquant as tq
+
+
+def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A copy of ``conv`` with ``bn`` (eval statistics) folded into weight and bias."""
+    w, b = tq.fold_bn_params(conv.weight.detach(), conv.bias, bn)
+    out = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        bias=True,
+    )
+    out.weight.data.copy_(w)
+    out.bias.data.copy_(b.detach())
+    return out
+
+
+def wq() -> tq.Quantizer:
+    return tq.AffineQuantizer(8, tq.BatchMinMax(axis=0), symmetric=True)
+
+
+def aq() -> tq.Quantizer:
+    return tq.AffineQuantizer(8, tq.RunningMinMax())
+
+
+def _add_relu(a: Tensor, b: Tensor) -> Tensor:
+    return torch.relu(operator.add(a, b))
+
+
+class QBasicBlock(nn.Module):
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.conv1 = tq.QWrapper([fold_bn(block.conv1, block.bn1), nn.ReLU()], wq(), aq())
+        self.conv2 = tq.QWrapper(fold_bn(block.conv2, block.bn2), wq(), aq())
+        self.downsample = None
+        if block.downsample is not None:
+            self.downsample = tq.QWrapper(fold_bn(block.downsample[0], block.downsample[1]), wq(), aq())
+        self.add_relu = tq.QOp(_add_relu, aq())
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.add_relu(self.conv2(self.conv1(x)), identity)
+
+
+class QResNet18(nn.Module):
+    """resnet18 with BatchNorm folded and a quantizer on every tensor a convolution reads."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.quant_in = tq.QOp(nn.Identity(), aq())
+        self.stem = tq.QWrapper([fold_bn(net.conv1, net.bn1), nn.ReLU()], wq(), aq())
+        self.maxpool = tq.QOp(net.maxpool, aq())
+        self.layers = nn.Sequential(
+            *[QBasicBlock(b) for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
+        )
+        self.avgpool = tq.QOp(net.avgpool, aq())
+        self.fc = tq.QWrapper(net.fc, wq(), aq())
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.stem(self.quant_in(x)))
+        x = self.avgpool(self.layers(x))
+        return self.fc(torch.flatten(x, 1))
+
+
+def interleaved_ms(sessions: dict, feed: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """Median and minimum latency (ms) of each session, runs interleaved so that both see the same load."""
+    for sess in sessions.values():
+        sess.run(None, feed)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(repeats):
+        for name, sess in sessions.items():
+            t = time.perf_counter()
+            sess.run(None, feed)
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return {k: (statistics.median(v), min(v)) for k, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=224, help="input is 3 x size x size")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    parser.add_argument("--weights", choices=("int8", "uint8"), default="int8", help="ONNX type of the weights")
+    args = parser.parse_args()
+
+    import onnxruntime as ort
+    import torchvision
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    net = torchvision.models.resnet18().eval()
+    qnet = QResNet18(net).eval()
+    shape = (3, args.size, args.size)
+    with torch.no_grad(), tq.qmodule_state(qnet, tq.QModuleState.CALIBRATION):
+        for _ in range(4):
+            qnet(torch.randn(8, *shape))
+    x1 = torch.randn(1, *shape)
+
+    tmp = Path(tempfile.mkdtemp())
+    f32_path, i8_path = tmp / "resnet18_fp32.onnx", tmp / "resnet18_int8.onnx"
+    with torch.no_grad():  # BYPASSED: exactly the float model with BatchNorm folded
+        torch.onnx.export(
+            qnet, (x1,), str(f32_path), dynamo=False, opset_version=17, input_names=["input0"],
+            output_names=["output0"], dynamic_axes={"input0": {0: "batch"}, "output0": {0: "batch"}},
+        )  # fmt: skip
+    tq.set_qmodule_state(qnet, tq.QModuleState.QUANT_EVAL)
+    tq.export.to_onnx(qnet, x1, i8_path, opset=17, signed_weights=args.weights == "int8")
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = args.threads
+    so.inter_op_num_threads = 1
+    sessions = {}
+    for name, path in (("float32", f32_path), ("int8", i8_path)):
+        sessions[name] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    fused = tmp / "int8_optimized.onnx"
+    so2 = ort.SessionOptions()
+    so2.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so2.optimized_model_filepath = str(fused)
+    ort.InferenceSession(str(i8_path), so2, providers=["CPUExecutionProvider"])
+    import onnx
+
+    ops = sorted({n.op_type for n in onnx.load(str(fused)).graph.node})
+
+    print(f"onnxruntime {ort.__version__}, torch {torch.__version__}, resnet18 input {'x'.join(map(str, shape))}")
+    print(f"threads={args.threads}, weights={args.weights}, ORT_ENABLE_ALL; int8 graph after fusion: {', '.join(ops)}")
+    print(f"latency in ms, median (min) of {args.repeats} interleaved runs")
+    print(f"{'batch':>5} {'float32':>17} {'int8':>17} {'speed-up median (min)':>22}")
+    results = {}
+    for batch in (1, 16):
+        feed = {"input0": np.random.default_rng(0).standard_normal((batch, *shape), dtype=np.float32)}
+        t = interleaved_ms(sessions, feed, args.repeats)
+        (m32, n32), (m8, n8) = t["float32"], t["int8"]
+        results[batch] = m32 / m8
+        print(f"{batch:>5} {m32:>8.1f} ({n32:>6.1f}) {m8:>8.1f} ({n8:>6.1f}) {m32 / m8:>12.2f}x ({n32 / n8:.2f}x)")
+    # Agreement of the two exports (top-1 on random inputs) and of int8 ONNX vs the simulation.
+    feed = {"input0": np.random.default_rng(1).standard_normal((16, *shape), dtype=np.float32)}
+    y32 = sessions["float32"].run(None, feed)[0]
+    y8 = sessions["int8"].run(None, feed)[0]
+    with torch.no_grad():
+        sim = qnet(torch.from_numpy(feed["input0"])).numpy()
+    step = float(qnet.fc.acts_quantizer.grid().scale)
+    d = np.abs(y8 - sim) / step
+    print(f"int8 ONNX vs simulation at the output: max {d.max():.0f} steps, {100 * (d < 0.5).mean():.1f}% identical")
+    print(f"top-1 agreement int8 vs float32: {100 * (y8.argmax(1) == y32.argmax(1)).mean():.0f}%")
+    target = 2.0
+    verdict = "met" if results[16] >= target else "NOT met"
+    print(f"target: int8 >= {target:.0f}x faster at batch 16: {verdict} ({results[16]:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""integer_params: integer reconstruction of a layer, save/load round trips; safe checkpoints."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import torchquant as tq
+
+S = tq.QModuleState
+
+
+def _mlp(per_channel=True, bits=8):
+    torch.manual_seed(0)
+    wax = {"axis": 0} if per_channel else {}
+    net = tq.quantize_model(
+        nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)),
+        lambda m, n: tq.AffineQuantizer(bits, tq.BatchMinMax(**wax)),
+        lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax()),
+        method="swap",
+    )
+    with torch.no_grad(), tq.qmodule_state(net, S.CALIBRATION):
+        net(torch.randn(128, 16))
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    return net
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per-tensor", "per-channel"])
+@pytest.mark.parametrize("bits", [8, 4], ids=["w8", "w4"])
+def test_integer_arithmetic_reconstructs_the_layer(per_channel, bits):
+    net = _mlp(per_channel, bits)
+    params = tq.export.integer_params(net, torch.randn(1, 16))
+    w = params["2.weight_quantizer"]
+    assert (w["kind"], w["n_bits"], w["granularity"]) == (
+        "weight",
+        bits,
+        "per_channel" if per_channel else "per_tensor",
+    )
+    assert w["input_point"] == "0.acts_quantizer"
+    assert w["int_weight"].min() >= w["qmin"] and w["int_weight"].max() <= w["qmax"]
+    inp, out = params["0.acts_quantizer"], params["2.acts_quantizer"]
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        a = net[0](x)
+        y_sim = net(x).numpy()
+        pre = torch.nn.functional.linear(a, net[2].quantized_weight(), net[2].layer.bias).numpy()
+    x_int = np.clip(np.rint(a.numpy() / inp["scale"]) + inp["zero_point"], inp["qmin"], inp["qmax"]).astype(np.int64)
+    # the codes dequantize exactly to the simulated activation
+    assert np.array_equal(((x_int - inp["zero_point"]) * inp["scale"]).astype(np.float32), a.numpy())
+    acc = (x_int - inp["zero_point"]) @ (w["int_weight"] - w["zero_point"].reshape(-1, 1)).T  # int64, exact
+    assert acc.dtype == np.int64
+    y = acc * w["bias_scale"] + w["bias"]
+    np.testing.assert_allclose(y, pre, rtol=1e-6, atol=1e-6)
+    codes = np.clip(np.rint(y / out["scale"]) + out["zero_point"], out["qmin"], out["qmax"])
+    sim_codes = np.rint(y_sim / out["scale"]) + out["zero_point"]
+    assert np.array_equal(codes, sim_codes)
+    # integer bias: within half an accumulator unit of the float bias
+    assert np.abs(w["int_bias"] * w["bias_scale"] - w["bias"]).max() <= 0.5 * w["bias_scale"].max() + 1e-9
+    codes_int_bias = np.clip(
+        np.rint((acc + w["int_bias"]) * w["bias_scale"] / out["scale"]) + out["zero_point"], out["qmin"], out["qmax"]
+    )
+    assert np.abs(codes_int_bias - sim_codes).max() <= 1
+
+
+def test_without_inputs_biases_stay_float_and_activation_fields():
+    params = tq.export.integer_params(_mlp())
+    w = params["0.weight_quantizer"]
+    assert "int_bias" not in w and w["bias"].dtype == np.float32
+    a = params["0.acts_quantizer"]
+    assert (a["kind"], a["granularity"], a["axis"]) == ("activation", "per_tensor", None)
+    assert "int_weight" not in a and a["scale"].shape == ()
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_save_load_round_trip(tmp_path, suffix):
+    params = tq.export.integer_params(_mlp(), torch.randn(1, 16))
+    path = tmp_path / f"p{suffix}"
+    tq.export.save_integer_params(params, path)
+    back = tq.export.load_integer_params(path)
+    assert back.keys() == params.keys()
+    for point, entry in params.items():
+        assert back[point].keys() == entry.keys()
+        for k, v in entry.items():
+            if isinstance(v, np.ndarray):
+                assert np.array_equal(back[point][k], v) and back[point][k].dtype == v.dtype
+            else:
+                assert back[point][k] == v
+    with pytest.raises(ValueError, match=r"\.npz or \.safetensors"):
+        tq.export.save_integer_params(params, tmp_path / "p.pkl")
+
+
+def test_integer_params_errors():
+    net = _mlp()
+    net[2].qstate = S.QUANT_AWARE_TRAIN
+    with pytest.raises(ValueError, match=r"module '2' \(QWrapper\) is in mode QUANT_AWARE_TRAIN"):
+        tq.export.integer_params(net)
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    with pytest.raises(ValueError, match=r"shapes \[\(1, 15\)\]"):
+        tq.export.integer_params(net, torch.randn(1, 15))
+
+
+def test_checkpoint_round_trip_and_refuses_pickled_code(tmp_path):
+    net = _mlp()
+    path = tmp_path / "net.pt"
+    tq.export.save_checkpoint(net, path)
+    fresh = tq.quantize_model(
+        nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)),
+        lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0)),
+        lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax()),
+        method="swap",
+    )
+    tq.export.load_checkpoint(fresh, path)
+    tq.set_qmodule_state(fresh, S.QUANT_EVAL)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), net(x))
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    bad = tmp_path / "evil.pt"
+    with open(bad, "wb") as f:
+        pickle.dump({"w": Evil()}, f)
+    with pytest.raises(ValueError, match="not a weights-only checkpoint"):
+        tq.export.load_checkpoint(fresh, bad)

@@ -1,0 +1,216 @@
+"""to_onnx: graph structure, integer types, errors and warnings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import torchquant as tq
+from torchquant.export import onnx_type_for_grid
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import numpy_helper  # noqa: E402
+
+S = tq.QModuleState
+
+
+def _net(wq, aq, out=4):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, out)
+    )
+    return tq.quantize_model(net.eval(), wq, aq, method="swap")
+
+
+def _calibrated(wq, aq):
+    net = _net(wq, aq)
+    with torch.no_grad(), tq.qmodule_state(net, S.CALIBRATION):
+        net(torch.randn(16, 3, 4, 4))
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    return net
+
+
+def _run(proto, x):
+    sess = ort.InferenceSession(
+        proto.SerializeToString(), providers=["CPUExecutionProvider"], disabled_optimizers=["ClipQuantRewrite"]
+    )
+    return sess.run(None, {"input0": x.numpy()})[0]
+
+
+def _w8(m, n):
+    return tq.AffineQuantizer(8, tq.BatchMinMax(axis=0), symmetric=True)
+
+
+def _a8(m, n):
+    return tq.AffineQuantizer(8, tq.RunningMinMax())
+
+
+def _inits(proto):
+    return {t.name: t for t in proto.graph.initializer}
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["uint8-weights", "int8-weights"])
+def test_weights_are_integer_initializers_and_outputs_match(signed):
+    net = _calibrated(_w8, _a8)
+    proto = tq.export.to_onnx(net, torch.randn(1, 3, 4, 4), signed_weights=signed)
+    inits = _inits(proto)
+    dq_w = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert len(dq_w) == 2  # conv and linear weights
+    for n in dq_w:
+        t = inits[n.input[0]]
+        assert t.data_type == (onnx.TensorProto.INT8 if signed else onnx.TensorProto.UINT8)
+        assert next(a.i for a in n.attribute if a.name == "axis") == 0
+        zp = numpy_helper.to_array(inits[n.input[2]])
+        # symmetric: zero point 2^(n-1) (127 where the core's round(127.5 - ulp) gives it), shifted when signed
+        assert set(zp.astype(int).tolist()) <= ({0, -1} if signed else {128, 127})
+    # no float copy of a weight left: float initializers are biases, BN parameters and scales only
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2 for t in inits.values())
+    conv_codes = numpy_helper.to_array(inits[dq_w[0].input[0]]).astype(np.int64)
+    expected = net[0].weight_quantizer.grid().to_int(net[0].layer.weight).numpy() - (128 if signed else 0)
+    np.testing.assert_array_equal(conv_codes, expected)
+    x = torch.randn(5, 3, 4, 4)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    step = float(net[4].acts_quantizer.grid().scale)
+    assert np.abs(_run(proto, x) - ref).max() <= step * 1.01
+
+
+def test_model_is_not_modified_and_file_written(tmp_path):
+    net = _calibrated(_w8, _a8)
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        before = net(x)
+    path = tmp_path / "m.onnx"
+    tq.export.to_onnx(net, x[:1], path)
+    assert isinstance(net[0].weight_quantizer, tq.AffineQuantizer)
+    with torch.no_grad():
+        assert torch.equal(net(x), before)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def test_4bit_uses_int4_at_opset21_and_clips_in_uint8_before():
+    net = _calibrated(
+        lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0), symmetric=True),
+        lambda m, n: tq.AffineQuantizer(4, tq.RunningMinMax()),
+    )
+    x = torch.randn(3, 3, 4, 4)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    p21 = tq.export.to_onnx(net, x[:1], opset=21)
+    types21 = {t.data_type for t in p21.graph.initializer}
+    assert onnx.TensorProto.UINT4 in types21
+    assert "Clip" not in {n.op_type for n in p21.graph.node}
+    p17 = tq.export.to_onnx(net, x[:1], opset=17)
+    clips = [n for n in p17.graph.node if n.op_type == "Clip"]
+    assert len(clips) == 2  # one per activation point: [0, 15] inside uint8
+    for p in (p21, p17):
+        np.testing.assert_allclose(_run(p, x), ref, rtol=0, atol=1e-6)
+
+
+def test_grid_type_mapping():
+    g = tq.granularity.PER_TENSOR
+
+    def grid(qmin, qmax, zp):
+        return tq.AffineGrid(torch.tensor(0.1), torch.tensor(float(zp)), qmin, qmax, g)
+
+    tp = onnx.TensorProto
+    assert onnx_type_for_grid(grid(0, 255, 3), 17, prefer_signed=False).elem_type == tp.UINT8
+    t = onnx_type_for_grid(grid(0, 255, 128), 17, prefer_signed=True)
+    assert (t.elem_type, t.shift) == (tp.INT8, 128)
+    assert onnx_type_for_grid(grid(0, 255, 128), 17, prefer_signed=False).elem_type == tp.UINT8
+    assert onnx_type_for_grid(grid(-128, 127, 0), 17, prefer_signed=False).elem_type == tp.INT8
+    assert onnx_type_for_grid(grid(-8, 7, 0), 21, prefer_signed=False).elem_type == tp.INT4
+    assert onnx_type_for_grid(grid(-8, 7, 0), 17, prefer_signed=False).elem_type == tp.INT8
+    assert onnx_type_for_grid(grid(0, 4095, 7), 21, prefer_signed=False).elem_type == tp.UINT16
+    assert onnx_type_for_grid(grid(0, 4095, 7), 17, prefer_signed=False) is None
+
+
+def test_qfmt_signed_grid_exports_as_int8():
+    net = _calibrated(
+        lambda m, n: tq.QfmtQuantizer(8, True, tq.BatchMinMax()),
+        lambda m, n: tq.QfmtQuantizer(8, True, tq.RunningMinMax()),
+    )
+    x = torch.randn(3, 3, 4, 4)
+    proto = tq.export.to_onnx(net, x[:1])
+    q_nodes = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    inits = _inits(proto)
+    assert all(inits[n.input[2]].data_type == onnx.TensorProto.INT8 for n in q_nodes)
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(proto, x), net(x).numpy(), rtol=0, atol=1e-6)
+
+
+def test_too_wide_grid_warns_and_exports_float_simulation():
+    net = _calibrated(_w8, lambda m, n: tq.AffineQuantizer(12, tq.RunningMinMax()))
+    x = torch.randn(3, 3, 4, 4)
+    with pytest.warns(UserWarning, match=r"'0\.acts_quantizer'.*12-bit grid"):
+        proto = tq.export.to_onnx(net, x[:1], opset=17)
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(proto, x), net(x).numpy(), rtol=0, atol=1e-5)
+
+
+class SignQuantizer(tq.Quantizer):
+    """Binary quantizer without an affine grid: sign(x) * mean|x| (fixed at 0.5 here)."""
+
+    def pre_observe(self, x):
+        pass
+
+    def quantize(self, x):
+        return torch.where(x >= 0, 0.5, -0.5).to(x.dtype)
+
+    def post_observe(self, x):
+        pass
+
+
+def test_non_affine_quantizer_warns_with_its_name_and_matches():
+    net = _calibrated(lambda m, n: SignQuantizer() if isinstance(m, nn.Conv2d) else _w8(m, n), _a8)
+    x = torch.randn(3, 3, 4, 4)
+    with pytest.warns(UserWarning, match=r"'0\.weight_quantizer' \(SignQuantizer\) has no affine grid"):
+        proto = tq.export.to_onnx(net, x[:1])
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(proto, x), net(x).numpy(), rtol=0, atol=1e-5)
+
+
+def test_per_group_weights_use_blocked_dequantize_at_opset21():
+    torch.manual_seed(0)
+    net = tq.quantize_model(
+        nn.Sequential(nn.Linear(32, 8)),
+        lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=1, group_size=8)),
+        _a8,
+        method="swap",
+    )
+    with torch.no_grad(), tq.qmodule_state(net, S.CALIBRATION):
+        net(torch.randn(16, 32))
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    x = torch.randn(4, 32)
+    proto = tq.export.to_onnx(net, x[:1], opset=21)
+    dq = next(n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in _inits(proto))
+    assert {a.name: a.i for a in dq.attribute} == {"axis": 1, "block_size": 8}
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(proto, x), net(x).numpy(), rtol=0, atol=1e-6)
+    with pytest.warns(UserWarning, match="per-group quantization needs opset 21"):
+        proto17 = tq.export.to_onnx(net, x[:1], opset=17)
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(proto17, x), net(x).numpy(), rtol=0, atol=1e-6)
+
+
+def test_errors_name_the_module():
+    net = _net(_w8, _a8)
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    with pytest.raises(ValueError, match=r"'0\.weight_quantizer'.*never calibrated"):
+        tq.export.to_onnx(net, torch.randn(1, 3, 4, 4))
+    net = _calibrated(_w8, _a8)
+    net[4].qstate = S.CALIBRATION
+    with pytest.raises(ValueError, match=r"module '4' \(QWrapper\) is in mode CALIBRATION"):
+        tq.export.to_onnx(net, torch.randn(1, 3, 4, 4))
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    with pytest.raises(ValueError, match=r"example inputs of shapes \[\(1, 3, 5, 5\)\]"):
+        tq.export.to_onnx(net, torch.randn(1, 3, 5, 5))
+    with pytest.raises(TypeError, match="example_inputs"):
+        tq.export.to_onnx(net, [1, 2])
+    with pytest.raises(ValueError, match="opset"):
+        tq.export.to_onnx(net, torch.randn(1, 3, 4, 4), opset=9)
+    with pytest.raises(ValueError, match="contains no QModule"):
+        tq.export.to_onnx(nn.Linear(2, 2), torch.randn(1, 2))

@@ -1,0 +1,436 @@
+"""Implementation of :mod:`torchquant.debug`."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..qmodules import QModule, QModuleState, QWrapper
+from ..quantizers import Quantizer
+
+__all__ = ["Report", "mixed_precision", "plot_ranges", "sensitivity", "sqnr_report"]
+
+Data = Tensor | Iterable[Any]
+Metric = Callable[[nn.Module, Any], float]
+
+
+@dataclass
+class Report:
+    """Rows of a diagnostic (a list of dicts, DataFrame-like) and their text table.
+
+    ``str(report)`` is the table; ``report.rows`` the data (``pandas.DataFrame(report.rows)``
+    works where pandas is installed).
+    """
+
+    rows: list[dict[str, Any]]
+    columns: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        """A fixed-width text table of the rows."""
+        cols = self.columns or (list(self.rows[0]) if self.rows else [])
+        cells = [[_fmt(r.get(c)) for c in cols] for r in self.rows]
+        widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+        lines.append("  ".join("-" * w for w in widths))
+        lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return "" if v is None else str(v)
+
+
+def _batches(data: Data, who: str) -> list[Any]:
+    if isinstance(data, Tensor):
+        return [data]
+    try:
+        batches = list(data)
+    except TypeError as e:
+        raise TypeError(f"{who}: data must be a tensor or an iterable of batches, got {type(data).__name__}") from e
+    if not batches:
+        raise ValueError(f"{who}: data is empty")
+    return batches
+
+
+def _inputs(batch: Any) -> tuple:
+    if isinstance(batch, (tuple, list)):
+        return (batch[0],)
+    return (batch,)
+
+
+def _run(model: nn.Module, batches: list[Any]) -> list[Tensor]:
+    with torch.no_grad():
+        return [model(*_inputs(b)) for b in batches]
+
+
+def _qmodules(model: nn.Module, who: str) -> list[tuple[str, QModule]]:
+    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, QModule)]
+    if not mods:
+        raise ValueError(f"{who}: {type(model).__name__} contains no QModule; quantize it first (tq.quantize_model)")
+    return mods
+
+
+class _States:
+    """Saves every QModule's mode and restores it on exit, also on error."""
+
+    def __init__(self, mods: list[tuple[str, QModule]]) -> None:
+        self.mods = mods
+
+    def __enter__(self) -> _States:
+        self.saved = [(m, m.qstate) for _, m in self.mods]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m, s in self.saved:
+            m.qstate = s
+
+    def set(self, quantized: set[str]) -> None:
+        for n, m in self.mods:
+            m.qstate = QModuleState.QUANT_EVAL if n in quantized else QModuleState.BYPASSED
+
+
+def _sqnr_db(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def sqnr_report(model: nn.Module, data: Data) -> Report:
+    """Signal-to-quantization-noise ratio of every quantization point, in dB.
+
+    Runs ``data`` through ``model`` with every QModule in ``QUANT_EVAL`` (modes are
+    restored afterwards) and, at each quantizer, compares what it receives with
+    what it returns: ``SQNR = 10 log10(sum x^2 / sum (x - q(x))^2)`` over all
+    batches. Weights are measured on the weight, activations on the float tensor
+    entering the activation quantizer (the upstream layers being quantized).
+
+    Args:
+        model: a calibrated quantized model.
+        data: a tensor or an iterable of batches.
+
+    Returns:
+        A :class:`Report` with one row per quantizer: ``point``, ``kind``
+        (``"weight"``/``"activation"``), ``quantizer``, ``n_bits``, ``sqnr_db``;
+        rows in model order.
+
+    Raises:
+        ValueError: no QModule in ``model``, or empty ``data``.
+    """
+    who = "sqnr_report"
+    mods = _qmodules(model, who)
+    batches = _batches(data, who)
+    sums: dict[str, list[float]] = {}
+    rows: list[dict[str, Any]] = []
+    hooks = []
+    for owner, m in mods:
+        for attr, q in m.quantizers().items():
+            name = f"{owner}.{attr}" if owner else attr
+            kind = "weight" if isinstance(m, QWrapper) and q is m.weight_quantizer else "activation"
+            rows.append(
+                {"point": name, "kind": kind, "quantizer": type(q).__name__, "n_bits": getattr(q, "n_bits", None)}
+            )
+            sums[name] = [0.0, 0.0]
+
+            def hook(mod, args, out, name=name):
+                x = args[0].detach().double()
+                sums[name][0] += float((x * x).sum())
+                sums[name][1] += float(((x - out.detach().double()) ** 2).sum())
+
+            hooks.append(q.register_forward_hook(hook))
+    try:
+        with _States(mods) as st:
+            st.set({n for n, _ in mods})
+            _run(model, batches)
+    finally:
+        for h in hooks:
+            h.remove()
+    for r in rows:
+        r["sqnr_db"] = _sqnr_db(*sums[r["point"]])
+    return Report(rows, ["point", "kind", "quantizer", "n_bits", "sqnr_db"])
+
+
+def _output_sqnr(reference: list[Tensor]) -> Metric:
+    def metric(model: nn.Module, batches: list[Any]) -> float:
+        outs = _run(model, batches)
+        signal = sum(float((r.double() ** 2).sum()) for r in reference)
+        noise = sum(float(((r.double() - o.double()) ** 2).sum()) for r, o in zip(reference, outs))
+        return _sqnr_db(signal, noise)
+
+    return metric
+
+
+def sensitivity(
+    model: nn.Module,
+    data: Data,
+    metric: Metric | None = None,
+    *,
+    higher_is_better: bool = True,
+) -> Report:
+    """The metric with one layer quantized at a time, and with all layers but one.
+
+    For every QModule (by qualified name): ``only`` is the metric with that module in
+    ``QUANT_EVAL`` and every other one ``BYPASSED``; ``all_but`` with every other one in
+    ``QUANT_EVAL`` and that one ``BYPASSED``. Modes are restored afterwards.
+
+    Args:
+        model: a calibrated quantized model.
+        data: a tensor or an iterable of batches.
+        metric: ``metric(model, batches) -> float`` where ``batches`` is ``data`` as a
+            list (e.g. accuracy on labelled batches). ``None``: SQNR (dB) of the model
+            output against the float model's output (``BYPASSED``).
+        higher_is_better: how to sort: rows come most harmful first (lowest ``only``
+            when higher is better).
+
+    Returns:
+        A :class:`Report` with rows ``layer``, ``only``, ``all_but``, plus ``float`` and
+        ``all`` (the metric with nothing and everything quantized) in ``report.rows``'s
+        every row, sorted most harmful first.
+
+    Raises:
+        ValueError: no QModule in ``model``, or empty ``data``.
+    """
+    who = "sensitivity"
+    mods = _qmodules(model, who)
+    batches = _batches(data, who)
+    names = [n for n, _ in mods]
+    with _States(mods) as st:
+        st.set(set())
+        if metric is None:
+            metric = _output_sqnr(_run(model, batches))
+        base = float(metric(model, batches))
+        st.set(set(names))
+        full = float(metric(model, batches))
+        rows = []
+        for n in names:
+            st.set({n})
+            only = float(metric(model, batches))
+            st.set(set(names) - {n})
+            all_but = float(metric(model, batches))
+            rows.append({"layer": n, "only": only, "all_but": all_but, "float": base, "all": full})
+    rows.sort(key=lambda r: r["only"], reverse=not higher_is_better)
+    return Report(rows, ["layer", "only", "all_but"])
+
+
+def plot_ranges(
+    model: nn.Module,
+    path: str | os.PathLike,
+    data: Data | None = None,
+    *,
+    bins: int = 100,
+    max_points: int = 24,
+) -> list[str]:
+    """Histograms of weights (and, with ``data``, activations) with each quantizer's clipping range.
+
+    One panel per quantization point whose quantizer has an affine grid: a
+    log-scale histogram of the values it quantizes and two vertical lines at the
+    grid's ends ``(qmin - zero_point) * scale`` and ``(qmax - zero_point) * scale``
+    (the outermost ones for per-channel grids). Saved as a PNG (matplotlib, Agg backend).
+
+    Args:
+        model: a calibrated quantized model.
+        path: the PNG file to write.
+        data: batches to collect activations from (run in ``QUANT_EVAL``, modes
+            restored); ``None`` plots weights only.
+        bins: histogram bins.
+        max_points: at most this many panels, in model order.
+
+    Returns:
+        The names of the plotted points.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+        ValueError: no QModule in ``model`` or nothing to plot.
+    """
+    who = "plot_ranges"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("plot_ranges needs matplotlib: pip install torchquant[bench]") from e
+    mods = _qmodules(model, who)
+    values: dict[str, Tensor] = {}
+    quantizers: dict[str, Quantizer] = {}
+    hooks = []
+    for owner, m in mods:
+        for attr, q in m.quantizers().items():
+            name = f"{owner}.{attr}" if owner else attr
+            if q.grid() is None:
+                continue
+            quantizers[name] = q
+            if isinstance(m, QWrapper) and q is m.weight_quantizer:
+                values[name] = m.layer.weight.detach().flatten()
+            elif data is not None:
+
+                def hook(mod, args, out, name=name):
+                    v = args[0].detach().flatten()
+                    values[name] = v if name not in values else torch.cat([values[name], v])
+
+                hooks.append(q.register_forward_hook(hook))
+    if data is not None:
+        batches = _batches(data, who)
+        try:
+            with _States(mods) as st:
+                st.set({n for n, _ in mods})
+                _run(model, batches)
+        finally:
+            for h in hooks:
+                h.remove()
+    names = [n for n in quantizers if n in values][:max_points]
+    if not names:
+        raise ValueError(f"{who}: nothing to plot (no affine quantizer with observed values)")
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat[len(names) :]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
+        g = quantizers[name].grid()
+        lo = float(((g.qmin - g.zero_point) * g.scale).min())
+        hi = float(((g.qmax - g.zero_point) * g.scale).max())
+        v = values[name].float().cpu().numpy()
+        ax.hist(v, bins=bins, color="tab:blue", alpha=0.8, log=True)
+        for x in (lo, hi):
+            ax.axvline(x, color="tab:red", lw=1.2, ls="--")
+        half = 0.5 * float(g.scale.min())  # within half a step of an end a value rounds to it, beyond it is clipped
+        clipped = float(((v < lo - half) | (v > hi + half)).mean()) * 100
+        ax.set_title(f"{name}\n{g.n_bits}-bit, {g.granularity}, clipped {clipped:.2f}%", fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.tight_layout()
+    fig.savefig(os.fspath(path), dpi=110)
+    plt.close(fig)
+    return names
+
+
+def _set_weight_bits(q: Quantizer, bits: int) -> None:
+    from ..quantizers import check_n_bits
+
+    q.n_bits = check_n_bits(bits, type(q).__name__)
+
+
+def mixed_precision(
+    model: nn.Module,
+    data: Data,
+    metric: Metric | None,
+    budget: float,
+    *,
+    bits: Sequence[int] = (8, 6, 4),
+    higher_is_better: bool = True,
+) -> Report:
+    """A greedy per-layer weight bit-width assignment under a size budget.
+
+    Every layer whose weight quantizer has an ``n_bits`` attribute (``AffineQuantizer``,
+    ``QfmtQuantizer``...) starts at ``max(bits)``. Sensitivity: for each layer and each
+    bit-width, the metric with only that layer's weights quantized at that width
+    (``QUANT_EVAL_WEIGHT_ONLY``, all other QModules ``BYPASSED``). Then, while the average weight bit-width exceeds
+    ``budget``, the layer move to its next lower width that costs least metric per
+    saved bit is taken; finally, layers whose widening still fits the budget are
+    widened back, largest metric gain per bit first. The model is left as it was (bit-widths and modes restored);
+    apply the result by setting ``n_bits`` on the weight quantizers.
+
+    Args:
+        model: a calibrated quantized model (weight ranges observed).
+        data: a tensor or an iterable of batches.
+        metric: as in :func:`sensitivity` (``None``: output SQNR in dB against float).
+        budget: maximum average bits per quantized weight, e.g. ``5.0``.
+        bits: the allowed bit-widths.
+        higher_is_better: direction of ``metric``.
+
+    Returns:
+        A :class:`Report`, one row per layer: ``layer``, ``params``, ``bits``; the average
+        bit-width reached is ``sum(params * bits) / sum(params)``.
+
+    Raises:
+        ValueError: no adjustable layer, an empty ``bits``, or a budget below what
+            ``min(bits)`` everywhere gives.
+    """
+    who = "mixed_precision"
+    mods = _qmodules(model, who)
+    batches = _batches(data, who)
+    widths = sorted({int(b) for b in bits}, reverse=True)
+    if not widths:
+        raise ValueError(f"{who}: bits is empty")
+    layers = [
+        (n, m)
+        for n, m in mods
+        if isinstance(m, QWrapper)
+        and m.weight_quantizer is not None
+        and isinstance(getattr(m.weight_quantizer, "n_bits", None), int)
+    ]
+    if not layers:
+        raise ValueError(f"{who}: no QWrapper with a weight quantizer that has an integer n_bits")
+    params = {n: m.layer.weight.numel() for n, m in layers}
+    total = sum(params.values())
+    if budget < widths[-1] - 1e-9:
+        raise ValueError(f"{who}: budget {budget} bits per weight is below the smallest width {widths[-1]}")
+    saved_bits = {n: m.weight_quantizer.n_bits for n, m in layers}
+    sign = 1.0 if higher_is_better else -1.0
+    score: dict[tuple[str, int], float] = {}
+    try:
+        with _States(mods) as st:
+            st.set(set())
+            if metric is None:
+                metric = _output_sqnr(_run(model, batches))
+            for n, m in layers:
+                st.set(set())
+                m.qstate = QModuleState.QUANT_EVAL_WEIGHT_ONLY  # this layer's weights alone
+                for b in widths:
+                    _set_weight_bits(m.weight_quantizer, b)
+                    score[(n, b)] = sign * float(metric(model, batches))
+                _set_weight_bits(m.weight_quantizer, saved_bits[n])
+    finally:
+        for n, m in layers:
+            _set_weight_bits(m.weight_quantizer, saved_bits[n])
+    assign = {n: widths[0] for n in params}
+
+    def avg() -> float:
+        return sum(params[n] * assign[n] for n in params) / total
+
+    while avg() > budget + 1e-9:
+        best = None
+        for n in params:
+            i = widths.index(assign[n])
+            if i + 1 == len(widths):
+                continue
+            nb = widths[i + 1]
+            cost = (score[(n, assign[n])] - score[(n, nb)]) / (params[n] * (assign[n] - nb))
+            if best is None or cost < best[0]:
+                best = (cost, n, nb)
+        if best is None:
+            break
+        assign[best[1]] = best[2]
+    # Clean-up: a late large step can make earlier small ones unnecessary; widen back what fits,
+    # the layers that gain most per added bit first.
+    improved = True
+    while improved:
+        improved = False
+        ups = []
+        for n in params:
+            i = widths.index(assign[n])
+            if i > 0:
+                wb = widths[i - 1]
+                gain = (score[(n, wb)] - score[(n, assign[n])]) / (params[n] * (wb - assign[n]))
+                ups.append((gain, n, wb))
+        for gain, n, wb in sorted(ups, reverse=True):
+            old_bits = assign[n]
+            assign[n] = wb
+            if avg() <= budget + 1e-9 and gain > 0:
+                improved = True
+                break
+            assign[n] = old_bits
+    rows = [{"layer": n, "params": params[n], "bits": assign[n]} for n in params]
+    return Report(rows, ["layer", "params", "bits"])

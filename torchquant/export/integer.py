@@ -1,0 +1,260 @@
+"""Integer parameters for hardware: codes, scales, zero points, integer biases.
+
+:func:`integer_params` returns, for every quantization point of a calibrated
+model, plain NumPy arrays and numbers::
+
+    {
+      "layer1.0.conv1.weight_quantizer": {
+          "kind": "weight", "n_bits": 8, "qmin": 0, "qmax": 255,
+          "granularity": "per_channel", "axis": 0, "group_size": None,
+          "scale": float32 (compact shape, e.g. (C_out, 1, 1, 1)),
+          "zero_point": int64 (same shape),
+          "int_weight": int64 codes in [qmin, qmax], the layer weight's shape,
+          "bias": float32 (C_out,) or absent,
+          "input_point": name of the per-tensor quantization point feeding the layer, or absent,
+          "int_bias": int64 (C_out,): round(bias / (input_scale * weight_scale)), or absent,
+          "bias_scale": float64 (C_out,): input_scale * weight_scale, or absent,
+      },
+      "layer1.0.conv1.acts_quantizer": {"kind": "activation", ...},
+    }
+
+so that ``x_int = clamp(round(x / scale) + zero_point, qmin, qmax)`` and
+``x = (x_int - zero_point) * scale``. A layer's output is then computable in
+integers: ``acc = sum((x_int - zx) * (w_int - zw)) + int_bias`` (exact in int64),
+``y = acc * bias_scale`` (see docs/export.md for a worked example).
+
+The input point of a layer (for the integer bias) is found by running
+``example_inputs`` once: a layer whose input tensor is exactly the output of a
+per-tensor quantizer gets it. Quantizers without an affine grid appear with
+``"kind"``, ``"quantizer"`` and ``"affine": False`` only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..qmodules import QWrapper
+from ._common import quant_points
+
+__all__ = ["integer_params", "load_integer_params", "save_integer_params"]
+
+
+def _np(t: Tensor, dtype) -> np.ndarray:
+    return t.detach().cpu().numpy().astype(dtype)
+
+
+def integer_params(
+    model: nn.Module, example_inputs: Tensor | Sequence[Tensor] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Integer codes, scales, zero points, bit-widths and granularity of every quantization point.
+
+    Args:
+        model: a calibrated model whose QModules are in a ``QUANT_EVAL`` mode.
+        example_inputs: optional input (tensor or tuple) run once to find which
+            per-tensor activation quantizer feeds each layer; with it, layers get
+            ``int_bias`` and ``bias_scale``. Without it, biases stay float.
+
+    Returns:
+        ``{point name: {field: value}}`` (see the module docstring); arrays are NumPy.
+
+    Raises:
+        ValueError: a QModule not in a ``QUANT_EVAL`` mode or a quantizer never
+            calibrated (naming it); an integer bias that does not fit in int32.
+
+    Example:
+        >>> import torch, torchquant as tq
+        >>> from torch import nn
+        >>> net = tq.quantize_model(nn.Sequential(nn.Linear(4, 3)),
+        ...     lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0)),
+        ...     lambda m, n: tq.AffineQuantizer(8, tq.ExpAvgMinMax()), method="swap")
+        >>> with tq.qmodule_state(net, tq.QModuleState.CALIBRATION):
+        ...     _ = net(torch.randn(16, 4))
+        >>> tq.set_qmodule_state(net, tq.QModuleState.QUANT_EVAL)
+        >>> p = tq.export.integer_params(net)["0.weight_quantizer"]
+        >>> p["int_weight"].shape, p["n_bits"], p["granularity"]
+        ((3, 4), 4, 'per_channel')
+    """
+    who = "integer_params"
+    points = quant_points(model, who)
+    feeders = _find_input_points(model, points, example_inputs, who) if example_inputs is not None else {}
+    out: dict[str, dict[str, Any]] = {}
+    weight_of = {}
+    for p in points:
+        if isinstance(p.module, QWrapper) and p.quantizer is p.module.weight_quantizer:
+            weight_of[p.name] = p.module
+    for p in points:
+        grid = p.quantizer.grid()
+        kind = "weight" if p.name in weight_of else "activation"
+        entry: dict[str, Any] = {"kind": kind, "quantizer": type(p.quantizer).__name__, "affine": grid is not None}
+        if grid is None:
+            out[p.name] = entry
+            continue
+        g = grid.granularity
+        entry.update(
+            n_bits=grid.n_bits,
+            qmin=grid.qmin,
+            qmax=grid.qmax,
+            granularity=g.kind,
+            axis=g.axis,
+            group_size=g.group_size,
+            scale=_np(grid.scale, np.float32),
+            zero_point=_np(grid.zero_point.round(), np.int64),
+        )
+        if kind == "weight":
+            wrapper = weight_of[p.name]
+            with torch.no_grad():
+                w = wrapper.layer.weight
+                entry["int_weight"] = _np(grid.to_int(w), np.int64)
+                bias = wrapper.layer.bias
+                if bias is not None and not wrapper.fold_bn:
+                    entry["bias"] = _np(bias, np.float32)
+                    feeder = feeders.get(p.owner)
+                    if feeder is not None:
+                        entry.update(_int_bias(bias, grid.scale, feeder, out, p.name, who))
+        out[p.name] = entry
+    return out
+
+
+def _int_bias(bias: Tensor, w_scale: Tensor, feeder: str, done: dict, name: str, who: str) -> dict[str, Any]:
+    """``int_bias = round(bias / (s_in * s_w))`` per output channel, in float64."""
+    s_in = float(np.asarray(done[feeder]["scale"], dtype=np.float64).reshape(()))
+    s_w = w_scale.detach().double().reshape(-1).cpu().numpy()  # () or (C_out,)
+    bias_scale = np.broadcast_to(s_in * s_w, bias.shape).astype(np.float64)
+    q = np.round(bias.detach().double().cpu().numpy() / bias_scale)
+    if np.abs(q).max(initial=0) > 2**31 - 1:
+        raise ValueError(f"{who}: integer bias of {name!r} does not fit in int32 (max |b_int| = {np.abs(q).max():.3g})")
+    return {"input_point": feeder, "bias_scale": bias_scale, "int_bias": q.astype(np.int64)}
+
+
+def _find_input_points(model, points, example_inputs, who: str) -> dict[str, str]:
+    """QWrapper name -> name of the per-tensor quantizer whose output tensor is that layer's input."""
+    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    produced: dict[int, tuple[str, Tensor]] = {}  # id -> (name, tensor); the tensor is kept so ids stay unique
+    feeders: dict[str, str] = {}
+    hooks = []
+    for p in points:
+        grid = p.quantizer.grid()
+        if grid is None or grid.granularity.axis is not None or p.quantizer is getattr(p.module, "weight_quantizer", 1):
+            continue
+
+        def out_hook(mod, args, out, name=p.name):
+            produced[id(out)] = (name, out)
+
+        hooks.append(p.quantizer.register_forward_hook(out_hook))
+    owners = {p.owner: p.module for p in points if isinstance(p.module, QWrapper)}
+    for owner, m in owners.items():
+
+        def pre_hook(mod, args, owner=owner):
+            if args and id(args[0]) in produced:
+                feeders[owner] = produced[id(args[0])][0]
+
+        hooks.append(m.register_forward_pre_hook(pre_hook))
+    try:
+        with torch.no_grad():
+            try:
+                model(*inputs)
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                shapes = [tuple(t.shape) for t in inputs]
+                raise ValueError(f"{who}: the model does not run on example inputs of shapes {shapes}: {e}") from e
+    finally:
+        for h in hooks:
+            h.remove()
+    return feeders
+
+
+_META = ("kind", "quantizer", "affine", "n_bits", "qmin", "qmax", "granularity", "axis", "group_size", "input_point")
+
+
+def _flatten(params: dict[str, dict[str, Any]]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    arrays: dict[str, np.ndarray] = {}
+    meta: dict[str, str] = {}
+    for point, entry in params.items():
+        if "/" in point:
+            raise ValueError(f"save_integer_params: point name {point!r} contains '/'")
+        for k, v in entry.items():
+            key = f"{point}/{k}"
+            if isinstance(v, np.ndarray):
+                arrays[key] = v.copy(order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
+            elif k in _META:
+                meta[key] = repr(v)
+            else:
+                raise ValueError(f"save_integer_params: cannot store {key!r} of type {type(v).__name__}")
+    return arrays, meta
+
+
+def save_integer_params(params: dict[str, dict[str, Any]], path: str | os.PathLike) -> None:
+    """Save :func:`integer_params` output as ``.npz`` or ``.safetensors`` (chosen by the suffix).
+
+    Nothing is pickled: arrays are stored as arrays; numbers, strings and ``None``
+    as text (safetensors metadata, or 0-d unicode arrays in ``.npz``).
+
+    Args:
+        params: what :func:`integer_params` returned.
+        path: destination, ending in ``.npz`` or ``.safetensors``.
+
+    Raises:
+        ValueError: another suffix.
+    """
+    path = Path(path)
+    arrays, meta = _flatten(params)
+    if path.suffix == ".npz":
+        np.savez(path, **arrays, **{f"__meta__/{k}": np.array(v) for k, v in meta.items()})
+    elif path.suffix == ".safetensors":
+        try:
+            from safetensors.numpy import save_file
+        except ImportError as e:  # pragma: no cover
+            raise ImportError(
+                "save_integer_params: .safetensors needs safetensors: pip install torchquant[export]"
+            ) from e
+        save_file(arrays, str(path), metadata=meta)
+    else:
+        raise ValueError(f"save_integer_params: path must end in .npz or .safetensors, got {str(path)!r}")
+
+
+def _parse(text: str) -> Any:
+    import ast
+
+    return ast.literal_eval(text)  # literals only (numbers, strings, None, bools): never code
+
+
+def load_integer_params(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Load what :func:`save_integer_params` wrote (``allow_pickle=False``; safetensors never pickles).
+
+    Args:
+        path: a ``.npz`` or ``.safetensors`` file.
+
+    Returns:
+        The same nested dict of NumPy arrays and plain values.
+    """
+    path = Path(path)
+    out: dict[str, dict[str, Any]] = {}
+
+    def put(key: str, value: Any) -> None:
+        point, field = key.rsplit("/", 1)
+        out.setdefault(point, {})[field] = value
+
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            for key in z.files:
+                if key.startswith("__meta__/"):
+                    put(key[len("__meta__/") :], _parse(str(z[key])))
+                else:
+                    put(key, z[key])
+    elif path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            for key, text in (f.metadata() or {}).items():
+                put(key, _parse(text))
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                put(key, f.get_tensor(key))
+    else:
+        raise ValueError(f"load_integer_params: path must end in .npz or .safetensors, got {str(path)!r}")
+    return out

@@ -1,0 +1,481 @@
+"""ONNX export with QuantizeLinear/DequantizeLinear at every quantization point.
+
+How it works: on a copy of the model, every quantizer is replaced by a stub that
+computes the same simulated value but is exported (TorchScript exporter,
+``torch.onnx.export(..., dynamo=False)``) as one placeholder node
+``torchquant::QuantPoint``. A pass over the ONNX graph then replaces each
+placeholder using the quantizer's :meth:`~torchquant.quantizers.Quantizer.grid`:
+
+* input computed from the model input (an activation):
+  ``QuantizeLinear -> [Clip] -> DequantizeLinear`` (``Clip`` on the integers only
+  when the grid is narrower than its ONNX type, e.g. 6 bits in ``uint8``);
+* input constant (a weight): the integer codes are stored as an integer
+  initializer followed by ``DequantizeLinear``; the float weight is dropped.
+
+Grids map to ONNX integer types: a ``[0, 2^n - 1]`` grid to ``uint8``/``uint4``
+with its zero points, or, for weights with ``signed_weights=True``, shifted by
+``2^(n-1)`` to ``int8``/``int4`` (a symmetric grid's zero point ``2^(n-1)``
+becomes 0, what onnxruntime's integer kernels want); signed grids (Q-format) to ``int8``/``int4``. 4-bit types
+need opset 21; 9 to 16 bits need opset 21 (``int16``/``uint16``). A quantizer
+without an affine grid (``grid()`` is ``None``), or one whose grid fits no ONNX
+type at the chosen opset, is exported as its float-valued simulation with a
+warning naming it.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..quantizers import AffineGrid, Quantizer
+from ._common import quant_points
+
+__all__ = ["onnx_type_for_grid", "to_onnx"]
+
+_DOMAIN = "torchquant"
+_OP = "QuantPoint"
+
+
+def _require_onnx():
+    try:
+        import onnx
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("torchquant.export.to_onnx needs onnx: pip install torchquant[export]") from e
+    return onnx
+
+
+@dataclass
+class _Record:
+    name: str
+    quantizer: Quantizer
+    grid: AffineGrid | None = None
+    codes: Tensor | None = None  # integer codes of the last input (used when that input is a constant)
+    calls: int = 0
+
+
+class _Active:
+    """The records of the export in progress (the autograd.Function looks them up by index)."""
+
+    records: ClassVar[list[_Record]] = []
+
+
+class _QuantPointFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, idx: int) -> Tensor:  # type: ignore[override]
+        rec = _Active.records[idx]
+        with torch.no_grad():
+            return rec.quantizer.quantize(x)
+
+    @staticmethod
+    def symbolic(g, x, idx: int):  # type: ignore[override]
+        out = g.op(f"{_DOMAIN}::{_OP}", x, idx_i=idx)
+        out.setType(x.type())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        # Export never differentiates; straight-through for completeness.
+        return grad, None
+
+
+class _Stub(nn.Module):
+    """Stands in for a quantizer during export; same forward value."""
+
+    def __init__(self, idx: int, who: str) -> None:
+        super().__init__()
+        self.idx = idx
+        self.who = who
+
+    def forward(self, x: Tensor) -> Tensor:
+        rec = _Active.records[self.idx]
+        rec.calls += 1
+        if rec.grid is None:
+            return rec.quantizer.quantize(x)  # float simulation, traced as ordinary ops
+        if not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
+            # Eager dry run: keep the codes, so a constant input becomes an integer initializer
+            # holding exactly the simulated codes.
+            with torch.no_grad():
+                rec.codes = rec.grid.to_int(x.detach())
+        return _QuantPointFn.apply(x, self.idx)
+
+
+@dataclass(frozen=True)
+class OnnxType:
+    """An ONNX integer type for a grid: ``onnx.TensorProto`` code, its range, and the code shift."""
+
+    elem_type: int
+    lo: int
+    hi: int
+    shift: int  # onnx_code = code - shift; onnx_zero_point = zero_point - shift
+    name: str
+
+
+def onnx_type_for_grid(grid: AffineGrid, opset: int, prefer_signed: bool) -> OnnxType | None:
+    """The ONNX integer type that holds ``grid``'s codes, or ``None`` if none does at ``opset``.
+
+    Args:
+        grid: the quantizer's grid.
+        opset: target ONNX opset (4-bit and 16-bit types need 21).
+        prefer_signed: shift a ``[0, 2^n - 1]`` grid by ``2^(n-1)`` to the signed
+            type (a symmetric grid's zero point ``2^(n-1)`` becomes 0).
+
+    Returns:
+        The type, or ``None``.
+    """
+    onnx = _require_onnx()
+    tp = onnx.TensorProto
+    qmin, qmax = grid.qmin, grid.qmax
+    shift = 0
+    if prefer_signed and qmin == 0 and (qmax + 1) % 2 == 0:
+        shift = (qmax + 1) // 2  # zero point 2^(n-1) becomes 0
+    lo, hi = qmin - shift, qmax - shift
+    candidates = [
+        (4, "int4", tp.INT4, -8, 7, 21),
+        (4, "uint4", tp.UINT4, 0, 15, 21),
+        (8, "int8", tp.INT8, -128, 127, 10),
+        (8, "uint8", tp.UINT8, 0, 255, 10),
+        (16, "int16", tp.INT16, -(2**15), 2**15 - 1, 21),
+        (16, "uint16", tp.UINT16, 0, 2**16 - 1, 21),
+    ]
+    if lo >= 0:  # an unsigned grid goes to the unsigned type of each width first
+        candidates.sort(key=lambda c: (c[0], c[3] < 0))
+    zp = grid.zero_point - shift
+    for _, name, code, tlo, thi, min_opset in candidates:
+        if opset < min_opset or lo < tlo or hi > thi:
+            continue
+        if bool((zp < tlo).any()) or bool((zp > thi).any()):
+            continue
+        return OnnxType(code, tlo, thi, shift, name)
+    return None
+
+
+def _qparams(grid: AffineGrid, ot: OnnxType, shape: torch.Size) -> tuple[Tensor, Tensor, dict]:
+    """ONNX scale / zero point tensors and the Q/DQ attributes for ``grid`` on a tensor of ``shape``."""
+    g = grid.granularity
+    axis = g.check(shape, "to_onnx")
+    scale = grid.scale.detach().to(torch.float32)
+    zp = (grid.zero_point.detach() - ot.shift).round().to(torch.int64)
+    if axis is None:
+        return scale.reshape(()), zp.reshape(()), {}
+    if g.group_size is None:
+        return scale.reshape(-1), zp.reshape(-1), {"axis": axis}
+    # per-group (blocked, opset 21): compact shape (.., n / group, ..); the grid may hold the expanded one
+    compact = g.compact_shape(shape)
+    if tuple(scale.shape) != compact:
+        idx = torch.arange(0, shape[axis], g.group_size)
+        scale, zp = scale.index_select(axis, idx), zp.index_select(axis, idx)
+    return scale.reshape(compact), zp.reshape(compact), {"axis": axis, "block_size": g.group_size}
+
+
+def _describe_fit(grid: AffineGrid, opset: int) -> str:
+    return f"{grid.n_bits}-bit grid [{grid.qmin}, {grid.qmax}] has no ONNX integer type at opset {opset}"
+
+
+def to_onnx(
+    model: nn.Module,
+    example_inputs: Tensor | Sequence[Tensor],
+    path: str | os.PathLike | None = None,
+    *,
+    opset: int = 17,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_batch: bool = True,
+    signed_weights: bool = False,
+):
+    """Export a quantized model to ONNX with QuantizeLinear/DequantizeLinear pairs.
+
+    Every quantizer of every QModule becomes a quantization point: activations
+    get ``QuantizeLinear -> DequantizeLinear`` on the tensor, weights are stored
+    as integer initializers (``int8``/``uint8``/``int4``/``uint4``...) with their
+    scales and zero points, followed by ``DequantizeLinear``; per-tensor and
+    per-channel (``axis``), per-group with ``block_size`` at opset 21. The rest of
+    the graph stays float. See the module docstring for the type mapping.
+
+    Args:
+        model: a model with QModules, every one in a ``QUANT_EVAL`` mode (calibrated).
+            Not modified (a copy is exported).
+        example_inputs: a tensor or a tuple of tensors, as ``model(*example_inputs)`` takes.
+        path: where to write the ``.onnx`` file; ``None`` writes nothing.
+        opset: ONNX opset, 13 to 21 (21 for 4-bit and 16-bit types and per-group).
+        input_names: graph input names (default ``input0``, ``input1``...).
+        output_names: graph output names (default ``output0``...).
+        dynamic_batch: make dimension 0 of every input and output symbolic (``"batch"``).
+        signed_weights: store ``[0, 2^n - 1]`` weight grids shifted by ``2^(n-1)`` as
+            ``int8``/``int4`` (symmetric ones get zero point 0), the layout onnxruntime's int8 kernels
+            prefer on CPUs with VNNI and on ARM. The default ``False`` keeps them
+            ``uint8``/``uint4`` with zero point ``2^(n-1)``: on x86 CPUs without VNNI
+            (AVX2 only), onnxruntime's fused uint8 x int8 kernels saturate 16-bit
+            intermediate sums (several steps of error at the output), its uint8 x uint8
+            ones do not. Both are exact in the ONNX semantics.
+
+    Note:
+        onnxruntime 1.32 fails to load a model where a ``Clip`` (``ReLU6``,
+        ``Hardtanh``) feeds an ``int4``/``uint4`` ``QuantizeLinear`` (its
+        ``ClipQuantRewrite`` optimizer rejects 4-bit zero points); create the session
+        with ``disabled_optimizers=["ClipQuantRewrite"]``.
+
+    Returns:
+        The ``onnx.ModelProto`` (checked with ``onnx.checker``).
+
+    Raises:
+        ValueError: a QModule not in a ``QUANT_EVAL`` mode or never calibrated (naming
+            it), no QModule at all, an unsupported opset, or ``example_inputs`` the
+            model cannot run on (the message shows their shapes).
+        TypeError: ``example_inputs`` is not a tensor or a sequence of tensors.
+        ImportError: onnx is not installed.
+
+    Example:
+        >>> import torch, torchquant as tq
+        >>> from torch import nn
+        >>> net = tq.quantize_model(nn.Sequential(nn.Linear(4, 3)),
+        ...     lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0), symmetric=True),
+        ...     lambda m, n: tq.AffineQuantizer(8, tq.ExpAvgMinMax()), method="swap")
+        >>> with tq.qmodule_state(net, tq.QModuleState.CALIBRATION):
+        ...     _ = net(torch.randn(16, 4))
+        >>> tq.set_qmodule_state(net, tq.QModuleState.QUANT_EVAL)
+        >>> proto = tq.export.to_onnx(net, torch.randn(1, 4), signed_weights=True)
+        >>> sorted({n.op_type for n in proto.graph.node})
+        ['DequantizeLinear', 'Gemm', 'QuantizeLinear']
+    """
+    onnx = _require_onnx()
+    who = "to_onnx"
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 13 <= opset <= 21:
+        raise ValueError(f"{who}: opset must be an int in [13, 21], got {opset!r}")
+    inputs = _as_inputs(example_inputs, who)
+    points = quant_points(model, who)
+    if not points:
+        raise ValueError(f"{who}: {type(model).__name__} has QModules but no quantizer to export")
+
+    # A copy whose quantizers are stubs (the original model is left untouched).
+    work = copy.deepcopy(model)
+    work.eval()
+    records: ClassVar[list[_Record]] = []
+    for p in points:
+        owner = work.get_submodule(p.owner) if p.owner else work
+        q = getattr(owner, p.attr)
+        records.append(_Record(p.name, q))
+        setattr(owner, p.attr, _Stub(len(records) - 1, p.name))
+
+    prev = _Active.records
+    _Active.records = records
+    try:
+        for rec in records:
+            g = rec.quantizer.grid()
+            if g is None:
+                warnings.warn(
+                    f"{who}: quantizer {rec.name!r} ({type(rec.quantizer).__name__}) has no affine grid; "
+                    "exported as its float-valued simulation",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            rec.grid = g
+        # Eager dry run: validates the inputs and records the integer codes of constant inputs.
+        with torch.no_grad():
+            try:
+                out = work(*inputs)
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                shapes = [tuple(t.shape) for t in inputs]
+                raise ValueError(f"{who}: the model does not run on example inputs of shapes {shapes}: {e}") from e
+        n_in = len(inputs)
+        n_out = len(out) if isinstance(out, (tuple, list)) else 1
+        in_names = list(input_names) if input_names is not None else [f"input{i}" for i in range(n_in)]
+        out_names = list(output_names) if output_names is not None else [f"output{i}" for i in range(n_out)]
+        if len(in_names) != n_in or len(out_names) != n_out:
+            raise ValueError(
+                f"{who}: got {len(in_names)} input names for {n_in} inputs and {len(out_names)} output "
+                f"names for {n_out} outputs"
+            )
+        dyn = {n: {0: "batch"} for n in in_names + out_names} if dynamic_batch else None
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*TorchScript.*")
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            torch.onnx.export(
+                work,
+                tuple(inputs),
+                buf,
+                dynamo=False,
+                opset_version=opset,
+                input_names=in_names,
+                output_names=out_names,
+                dynamic_axes=dyn,
+                custom_opsets={_DOMAIN: 1},
+                do_constant_folding=True,
+            )
+        proto = onnx.load_model_from_string(buf.getvalue())
+        _lower_quant_points(proto, records, opset, who, signed_weights)
+    finally:
+        _Active.records = prev
+    onnx.checker.check_model(proto, full_check=True)
+    if path is not None:
+        onnx.save_model(proto, os.fspath(path))
+    return proto
+
+
+def _as_inputs(example_inputs, who: str) -> list[Tensor]:
+    if isinstance(example_inputs, Tensor):
+        return [example_inputs]
+    if (
+        isinstance(example_inputs, (list, tuple))
+        and example_inputs
+        and all(isinstance(t, Tensor) for t in example_inputs)
+    ):
+        return list(example_inputs)
+    raise TypeError(f"{who}: example_inputs must be a tensor or a non-empty tuple of tensors, got {example_inputs!r}")
+
+
+def _constant_value(name: str, inits: dict, consts: dict):
+    if name in inits:
+        return inits[name]
+    return consts.get(name)
+
+
+def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, signed_weights: bool) -> None:
+    """Replace every ``torchquant::QuantPoint`` placeholder by Q/DQ nodes and integer initializers."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+    new_nodes = []
+    new_inits = []
+    for node in graph.node:
+        if not (node.domain == _DOMAIN and node.op_type == _OP):
+            new_nodes.append(node)
+            continue
+        idx = next(a.i for a in node.attribute if a.name == "idx")
+        rec = records[idx]
+        x, y = node.input[0], node.output[0]
+        base = f"{rec.name}/{idx}"
+        const = _constant_value(x, inits, consts)
+        grid = rec.grid
+        assert grid is not None  # grid-less quantizers are traced as float ops, never placeholders
+        ot = onnx_type_for_grid(grid, opset, prefer_signed=signed_weights and const is not None)
+        if grid.granularity.group_size is not None and opset < 21:
+            ot = None
+        if ot is None:
+            reason = (
+                f"per-group quantization needs opset 21 (got {opset})"
+                if grid.granularity.group_size is not None
+                else _describe_fit(grid, opset)
+            )
+            warnings.warn(
+                f"{who}: quantizer {rec.name!r}: {reason}; exported as its float-valued simulation", stacklevel=3
+            )
+            new_nodes.extend(_float_sim_nodes(grid, x, y, base, new_inits))
+            continue
+        if const is not None:
+            if rec.codes is None:
+                raise RuntimeError(f"{who}: internal error: no codes recorded for constant input of {rec.name!r}")
+            codes = rec.codes - ot.shift
+            scale, zp, attrs = _qparams(grid, ot, codes.shape)
+            q_name = f"{base}/int_weight"
+            new_inits.append(_int_tensor(q_name, ot, codes))
+            s_name, z_name = f"{base}/scale", f"{base}/zero_point"
+            new_inits.append(numpy_helper.from_array(scale.numpy(), s_name))
+            new_inits.append(_int_tensor(z_name, ot, zp))
+            new_nodes.append(helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [y], f"{base}/dq", **attrs))
+            continue
+        shape = _runtime_shape(grid)
+        scale, zp, attrs = _qparams(grid, ot, shape)
+        s_name, z_name = f"{base}/scale", f"{base}/zero_point"
+        new_inits.append(numpy_helper.from_array(scale.numpy(), s_name))
+        new_inits.append(_int_tensor(z_name, ot, zp))
+        q_out = f"{base}/q"
+        new_nodes.append(helper.make_node("QuantizeLinear", [x, s_name, z_name], [q_out], f"{base}/quantize", **attrs))
+        lo, hi = grid.qmin - ot.shift, grid.qmax - ot.shift
+        if (lo, hi) != (ot.lo, ot.hi):  # a grid narrower than its type: clamp the integers
+            lo_name, hi_name = f"{base}/qmin", f"{base}/qmax"
+            new_inits.append(helper.make_tensor(lo_name, ot.elem_type, [], [lo]))
+            new_inits.append(helper.make_tensor(hi_name, ot.elem_type, [], [hi]))
+            clipped = f"{base}/q_clipped"
+            new_nodes.append(helper.make_node("Clip", [q_out, lo_name, hi_name], [clipped], f"{base}/clip"))
+            q_out = clipped
+        new_nodes.append(
+            helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [y], f"{base}/dequantize", **attrs)
+        )
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    graph.initializer.extend(new_inits)
+    _remove_unused(graph)
+    # The placeholder domain is gone; keep only the standard opsets.
+    keep = [o for o in proto.opset_import if o.domain != _DOMAIN]
+    del proto.opset_import[:]
+    proto.opset_import.extend(keep)
+    if opset >= 21 and proto.ir_version < 10:
+        proto.ir_version = 10  # int4 / uint4 need IR 10
+
+
+_NP_TYPES = {"int8": "int8", "uint8": "uint8", "int16": "int16", "uint16": "uint16"}
+
+
+def _int_tensor(name: str, ot: OnnxType, values: Tensor):
+    """An ONNX integer initializer of type ``ot`` (4-bit types are packed two per byte by onnx.helper)."""
+    from onnx import helper, numpy_helper
+
+    if ot.name in _NP_TYPES:
+        return numpy_helper.from_array(values.numpy().astype(_NP_TYPES[ot.name]), name)
+    # int4 / uint4: two values per byte, first value in the low nibble (ONNX layout), zero-padded.
+    flat = values.reshape(-1).numpy().astype(np.int64) & 0xF
+    if flat.size % 2:
+        flat = np.append(flat, 0)
+    packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+    return helper.make_tensor(name, ot.elem_type, list(values.shape), packed.tobytes(), raw=True)
+
+
+def _runtime_shape(grid: AffineGrid) -> torch.Size:
+    """A tensor shape the activation grid's granularity accepts (only its rank and axis size matter)."""
+    g = grid.granularity
+    if g.axis is None:
+        return torch.Size([1])
+    s = grid.scale.shape
+    if g.group_size is None:
+        return s
+    return torch.Size([n * g.group_size if i == g.axis % len(s) else n for i, n in enumerate(s)])
+
+
+def _float_sim_nodes(grid: AffineGrid, x: str, y: str, base: str, new_inits: list) -> list:
+    """``clamp(round(x / s) + zp, qmin, qmax) - zp) * s`` in float ONNX ops (Div, Round, Add, Max, Min, Sub, Mul)."""
+    from onnx import helper, numpy_helper
+
+    s = grid.scale.detach().to(torch.float32)  # broadcasts against the tensor
+    zp = grid.zero_point.detach().to(torch.float32)
+    names = {}
+    for key, val in (
+        ("s", s),
+        ("zp", zp),
+        ("lo", torch.tensor(float(grid.qmin))),
+        ("hi", torch.tensor(float(grid.qmax))),
+    ):
+        names[key] = f"{base}/{key}"
+        new_inits.append(numpy_helper.from_array(val.numpy(), names[key]))
+    t = [f"{base}/t{i}" for i in range(6)]
+    return [
+        helper.make_node("Div", [x, names["s"]], [t[0]]),
+        helper.make_node("Round", [t[0]], [t[1]]),
+        helper.make_node("Add", [t[1], names["zp"]], [t[2]]),
+        helper.make_node("Max", [t[2], names["lo"]], [t[3]]),
+        helper.make_node("Min", [t[3], names["hi"]], [t[4]]),
+        helper.make_node("Sub", [t[4], names["zp"]], [t[5]]),
+        helper.make_node("Mul", [t[5], names["s"]], [y]),
+    ]
+
+
+def _remove_unused(graph) -> None:
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    nodes = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] not in used)]
+    del graph.node[:]
+    graph.node.extend(nodes)
