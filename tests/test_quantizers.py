@@ -193,3 +193,12 @@ def test_sign_quantizer_subclass_from_the_docs():
 def test_quantizer_is_abstract():
     with pytest.raises(TypeError):
         Quantizer()
+
+
+def test_symmetric_zero_point_is_exact_for_every_channel():
+    w = torch.randn(64, 9) * torch.logspace(-3, 2, 64).unsqueeze(1)
+    q = observed(AffineQuantizer(8, BatchMinMax(axis=0), symmetric=True), w)
+    _, z = q.qparams()
+    assert torch.all(z == 128.0)
+    q4 = observed(AffineQuantizer(4, BatchMinMax(axis=0), symmetric=True), w)
+    assert torch.all(q4.qparams()[1] == 8.0)

@@ -218,7 +218,12 @@ class AffineQuantizer(RangeQuantizer):
         delta = ((mx - mn) / (self.n_levels - 1)).clamp_(min=_EPS)
         if self.power_of_two:
             delta = _next_power_of_two(delta)
-        zero_point = torch.round(-mn / delta)
+        if self.symmetric and not self.power_of_two:
+            # -min / delta is (2**n - 1) / 2 in exact arithmetic; evaluate it exactly (half to even)
+            # rather than let a rounding error pick 127 or 128 per channel.
+            zero_point = torch.full_like(delta, float(round((self.n_levels - 1) / 2)))
+        else:
+            zero_point = torch.round(-mn / delta)
         return delta, zero_point
 
     def quantize(self, x: Tensor) -> Tensor:
