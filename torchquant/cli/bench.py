@@ -229,10 +229,10 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> BenchResult:
     if not recipes:
         raise ValueError("no recipes to run; see `torchquant list`")
     bits = [Bits.parse(b) for b in cfg.bits]
-    model_name = cfg.model or DEFAULT_MODELS.get(cfg.dataset.lower())
+    data = build_data(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed, image_size=cfg.image_size, workers=cfg.workers)
+    model_name = cfg.model or DEFAULT_MODELS.get(data.name)
     if model_name is None:
         raise ValueError(f"dataset {cfg.dataset!r} has no default model: pass --model (a torchvision or timm name)")
-    data = build_data(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed, image_size=cfg.image_size, workers=cfg.workers)
     settings = Settings(
         granularity=cfg.granularity,
         calib_batches=cfg.calib_batches,
