@@ -29,7 +29,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 docs: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 bench: $(STAMP)
 	$(PY) benchmarks/fake_quant.py

@@ -265,3 +265,9 @@ def test_recipe_file_errors(tmp_path, body, match):
 def test_recipe_file_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_recipe_file(tmp_path / "nope.toml")
+
+
+def test_spec_recipe_rejects_an_already_quantized_model():
+    model = get_recipe("ptq-minmax")(tiny_model(), Bits(8, 8), tiny_task(), Settings(**SETTINGS)).model
+    with pytest.raises(ValueError, match="expects a float model"):
+        get_recipe("ptq-minmax")(model, Bits(8, 8), tiny_task(), Settings(**SETTINGS))

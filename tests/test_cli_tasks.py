@@ -85,6 +85,6 @@ def test_bench_on_imagefolder_with_torchvision_model_and_checkpoint(image_folder
     assert main(args) == 0
     with open(tmp_path / "o" / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["recipe"], r["note"]) for r in rows][0] == ("float32", "checkpoint")
+    assert (rows[0]["recipe"], rows[0]["note"]) == ("float32", "checkpoint")
     assert rows[1]["recipe"] == "ptq-minmax" and rows[1]["status"] == "ok"
     assert 0.0 <= float(rows[1]["accuracy"]) <= 100.0

@@ -33,7 +33,7 @@ from typing import Any
 
 from torch import nn
 
-from ..qmodules import _BN_FOR_LAYER, QModuleState
+from ..qmodules import _BN_FOR_LAYER, QModule, QModuleState
 from ..registry import OBSERVERS, QUANTIZERS, Registry
 from ..utils import set_qmodule_state
 from .engine import Runtime, calibrate, calibration_inputs, train
@@ -314,6 +314,8 @@ class SpecRecipe(Recipe):
             )
         if self.acts is not None and self.acts.fixed_bits is not None and bits.act != self.acts.fixed_bits:
             raise CellSkipped(f"{self.name} quantizes activations to {self.acts.fixed_bits} bit(s)")
+        if any(isinstance(m, QModule) for m in model.modules()):
+            raise ValueError(f"recipe {self.name!r} expects a float model; this one already contains QModules")
         first, last = _first_last_layers(model)
         edge_bits = settings.first_last_bits
         w_axis = 0 if settings.granularity == "channel" else None
