@@ -145,3 +145,13 @@ def test_torchrun_two_processes_match_one(tmp_path):
     for (r1, b1, a1), (r2, b2, a2) in zip(accuracies(tmp_path / "one"), accuracies(tmp_path / "two"), strict=True):
         assert (r1, b1) == (r2, b2)
         assert abs(float(a1) - float(a2)) <= 5.0, (r1, b1, a1, a2)
+
+
+def test_console_script_and_module_entry_points():
+    import tomllib
+
+    import torchquant.__main__  # noqa: F401  (importable without running)
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, attr = scripts["torchquant"].partition(":")
+    assert getattr(__import__(module, fromlist=[attr]), attr) is main

@@ -6,7 +6,7 @@ The public names of the core modules are re-exported here::
     q = tq.AffineQuantizer(8, tq.ExpAvgMinMax())
 """
 
-from . import quantizers_functional, registry
+from . import distributed, quantizers_functional, registry
 from .convert import quantize_model
 from .factories import call_factory
 from .folding import bn_scale_shift, fold_bn_params
@@ -47,6 +47,7 @@ __all__ = [
     "affine_quantize",
     "bn_scale_shift",
     "call_factory",
+    "distributed",
     "fold_bn_params",
     "get_qmodule_states",
     "gradient_clip",
