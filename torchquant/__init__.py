@@ -7,6 +7,21 @@ The public names of the core modules are re-exported here::
 """
 
 from . import distributed, quantizers_functional, registry
+from .baselines import (
+    FORMATS,
+    BinaryQuantizer,
+    DoReFaActQuantizer,
+    DoReFaWeightQuantizer,
+    LSQPlusQuantizer,
+    LSQQuantizer,
+    MinifloatFormat,
+    MinifloatQuantizer,
+    MXQuantizer,
+    PACTQuantizer,
+    TernaryQuantizer,
+    XNORWeightQuantizer,
+    pact_regularization,
+)
 from .convert import quantize_model
 from .factories import call_factory
 from .folding import bn_scale_shift, fold_bn_params
@@ -28,13 +43,23 @@ from .utils import get_qmodule_states, qmodule_state, set_qmodule_state
 __version__ = "0.1.0"
 
 __all__ = [
+    "FORMATS",
     "PER_TENSOR",
     "SUPPORTED_ACTIVATIONS",
     "AffineGrid",
     "AffineQuantizer",
     "BatchMinMax",
+    "BinaryQuantizer",
+    "DoReFaActQuantizer",
+    "DoReFaWeightQuantizer",
     "ExpAvgMinMax",
     "Granularity",
+    "LSQPlusQuantizer",
+    "LSQQuantizer",
+    "MXQuantizer",
+    "MinifloatFormat",
+    "MinifloatQuantizer",
+    "PACTQuantizer",
     "QModule",
     "QModuleState",
     "QOp",
@@ -44,6 +69,8 @@ __all__ = [
     "RangeObserver",
     "RangeQuantizer",
     "RunningMinMax",
+    "TernaryQuantizer",
+    "XNORWeightQuantizer",
     "affine_quantize",
     "bn_scale_shift",
     "call_factory",
@@ -56,6 +83,7 @@ __all__ = [
     "list_quantizers",
     "make_observer",
     "make_quantizer",
+    "pact_regularization",
     "per_channel",
     "per_group",
     "qfmt_quantize",

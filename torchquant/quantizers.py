@@ -175,6 +175,10 @@ class AffineQuantizer(RangeQuantizer):
         symmetric: symmetric range around zero.
         gradient_clip: zero the gradient where the input lies outside the grid's
             range (clipped STE), instead of passing it straight through.
+        power_of_two: round ``delta`` up to the next power of two (exact
+            powers of two stay), so rescaling is a bit shift in hardware; the
+            zero point is then ``round(-min / delta)`` with the rounded ``delta``.
+            The grid covers at least the observed range, up to half a step.
 
     Example:
         >>> from torchquant import BatchMinMax
@@ -191,11 +195,13 @@ class AffineQuantizer(RangeQuantizer):
         range_observer: RangeObserver,
         symmetric: bool = False,
         gradient_clip: bool = False,
+        power_of_two: bool = False,
     ) -> None:
         super().__init__(range_observer)
         self.n_bits = check_n_bits(n_bits, type(self).__name__)
         self.symmetric = bool(symmetric)
         self.gradient_clip = bool(gradient_clip)
+        self.power_of_two = bool(power_of_two)
 
     @property
     def n_levels(self) -> int:
@@ -210,6 +216,8 @@ class AffineQuantizer(RangeQuantizer):
             mx = torch.maximum(-mn, mx)
             mn = -mx
         delta = ((mx - mn) / (self.n_levels - 1)).clamp_(min=_EPS)
+        if self.power_of_two:
+            delta = _next_power_of_two(delta)
         zero_point = torch.round(-mn / delta)
         return delta, zero_point
 
@@ -224,7 +232,14 @@ class AffineQuantizer(RangeQuantizer):
         return AffineGrid(delta, zero_point, 0, self.n_levels - 1, self.granularity)
 
     def extra_repr(self) -> str:
-        return f"n_bits={self.n_bits}, symmetric={self.symmetric}, gradient_clip={self.gradient_clip}"
+        pot = ", power_of_two=True" if self.power_of_two else ""
+        return f"n_bits={self.n_bits}, symmetric={self.symmetric}, gradient_clip={self.gradient_clip}{pot}"
+
+
+def _next_power_of_two(d: Tensor) -> Tensor:
+    # d = m * 2**e with m in [0.5, 1): d is a power of two iff m == 0.5; else the next one is 2**e. Exact.
+    m, e = torch.frexp(d)
+    return torch.where(m == 0.5, d, torch.ldexp(torch.ones_like(d), e))
 
 
 @register_quantizer("qfmt")

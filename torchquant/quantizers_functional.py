@@ -23,9 +23,18 @@ from torch import Tensor
 __all__ = [
     "affine_quantize",
     "compute_dtype",
+    "e8m0_block_scale",
     "gradient_clip",
+    "lsq_quantize",
+    "minifloat_quantize",
+    "minifloat_round",
+    "mx_quantize",
+    "pact_quantize",
     "qfmt_quantize",
     "round_ste",
+    "scaled_sign",
+    "sign_ste",
+    "straight_through",
 ]
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
@@ -170,3 +179,332 @@ def round_ste(x: Tensor) -> Tensor:
     through ``x / scale`` to both ``x`` and ``scale`` by ordinary autograd.
     """
     return _RoundSTE.apply(x)
+
+
+# ---------------------------------------------------------------------------
+# Primitives of the research baselines (torchquant.baselines).
+
+
+class _SignSTE(torch.autograd.Function):
+    """``+1`` where ``x >= 0``, else ``-1``; backward: the clipped STE of BNN."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, clip: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.clip = clip
+        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        # d sign(x) / dx := 1 where |x| <= clip, else 0 (Courbariaux et al. 2016, "Htanh" STE).
+        return grad * (x.abs() <= ctx.clip), None
+
+
+def sign_ste(x: Tensor, clip: float = 1.0) -> Tensor:
+    """Binarization ``sign(x)`` with the clipped straight-through estimator (BNN).
+
+    Forward ``+1`` where ``x >= 0`` and ``-1`` elsewhere (zero maps to ``+1``, as in
+    Courbariaux et al. 2016, so the output is always binary). Backward: the
+    incoming gradient where ``|x| <= clip``, zero elsewhere.
+
+    Example:
+        >>> sign_ste(torch.tensor([-0.3, 0.0, 2.0]))
+        tensor([-1.,  1.,  1.])
+    """
+    compute_dtype(x)
+    return _SignSTE.apply(x, float(clip))
+
+
+class _ScaledSign(torch.autograd.Function):
+    """``scale * sign(x)``; backward: XNOR-Net's ``g * (1 / n + scale * 1{|x| <= 1})``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, n: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, scale)
+        ctx.n = n
+        return torch.where(x >= 0, scale, -scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, scale = ctx.saved_tensors
+        # Rastegari et al. 2016, section 3.1: dC/dW = dC/dW~ * (1/n + alpha * 1{|W| <= 1}).
+        return grad * (1.0 / ctx.n + scale * (x.abs() <= 1)), None, None
+
+
+def scaled_sign(x: Tensor, scale: Tensor, n: int) -> Tensor:
+    """XNOR-Net binarization ``scale * sign(x)`` with the paper's gradient.
+
+    Args:
+        x: weight of any shape.
+        scale: ``alpha = mean |x|`` per range, broadcasting against ``x``
+            (treated as a constant by autograd; its dependence on ``x`` is the
+            ``1 / n`` term of the gradient).
+        n: number of elements that share one ``scale``.
+
+    Returns:
+        ``scale * sign(x)`` (zero maps to ``+scale``). Backward for ``x``:
+        ``grad * (1 / n + scale * 1{|x| <= 1})`` (Rastegari et al. 2016).
+    """
+    compute_dtype(x)
+    return _ScaledSign.apply(x, scale.detach(), int(n))
+
+
+class _PACT(torch.autograd.Function):
+    """``quantize(clip(x, 0, alpha))``; backward: PACT's STE gradients for ``x`` and ``alpha``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, alpha: Tensor, n_levels: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, alpha)
+        dt = compute_dtype(x)
+        a = alpha.to(dt)
+        y = torch.minimum(torch.clamp(x.to(dt), min=0.0), a)
+        delta = a / (n_levels - 1)
+        return (torch.round(y / delta) * delta).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, alpha = ctx.saved_tensors
+        # Choi et al. 2018, eq. 3: d y_q / d x = 1 on [0, alpha), 0 elsewhere;
+        # d y_q / d alpha = 1 where x >= alpha, 0 elsewhere (rounding passed straight through).
+        above = x >= alpha
+        gx = grad * ((x >= 0) & ~above)
+        ga = (grad * above).sum_to_size(alpha.shape) if ctx.needs_input_grad[1] else None
+        return gx, ga, None
+
+
+def pact_quantize(x: Tensor, alpha: Tensor, n_levels: int) -> Tensor:
+    """PACT activation quantization (Choi et al. 2018).
+
+    ``y = clip(x, 0, alpha)``, ``y_q = round(y * (n - 1) / alpha) * alpha / (n - 1)``.
+
+    Args:
+        x: activations, any shape.
+        alpha: clipping level, positive, 0-d or broadcasting against ``x``.
+        n_levels: ``2 ** n_bits``.
+
+    Returns:
+        ``y_q``, ``x``'s shape and dtype. Backward: ``x`` gets the gradient on
+        ``[0, alpha)``; ``alpha`` gets the gradient summed over ``x >= alpha``
+        (the paper's STE gradient, exactly).
+
+    Example:
+        >>> pact_quantize(torch.tensor([-1.0, 0.4, 0.6, 3.0]), torch.tensor(2.0), 3)  # step 1
+        tensor([0., 0., 1., 2.])
+    """
+    return _PACT.apply(x, alpha, int(n_levels))
+
+
+def _floor_log2(a: Tensor) -> Tensor:
+    # Exact floor(log2(a)) for a > 0 through the float's own exponent: a = m * 2**e, m in [0.5, 1).
+    _, e = torch.frexp(a)
+    return (e - 1).to(a.dtype)
+
+
+def minifloat_round(x: Tensor, man_bits: int, bias: int, max_value: float) -> Tensor:
+    """Round to the nearest value of a sign-magnitude ExMy minifloat, saturating (no STE).
+
+    Normal values are ``2 ** (e - bias) * (1 + m / 2 ** man_bits)``; exponent field
+    0 holds the subnormals ``2 ** (1 - bias) * m / 2 ** man_bits``. The exponent
+    width only decides the largest value, which ``max_value`` gives. Rounding is
+    to nearest, ties to even (IEEE 754's default), and magnitudes beyond
+    ``max_value`` saturate to ``+-max_value``: neither infinities nor NaNs are
+    produced (NaN inputs stay NaN).
+
+    Args:
+        x: input of any shape, floating point.
+        man_bits: mantissa bits ``M``.
+        bias: exponent bias (``2 ** (E - 1) - 1`` for the OCP formats).
+        max_value: largest finite magnitude of the format.
+
+    Returns:
+        Tensor of ``x``'s shape and dtype on the format's grid.
+    """
+    dt = compute_dtype(x)
+    xa = x.to(dt).abs()
+    e_min = 1 - bias  # exponent of the smallest normal, and of the subnormals' step
+    e = torch.clamp(_floor_log2(xa), min=float(e_min))  # zero: frexp gives e = 0, clamped up
+    step = torch.exp2(e - man_bits)  # spacing of representable values in this binade
+    q = torch.round(xa / step) * step  # exact: division by a power of two, round half to even
+    q = torch.clamp(q, max=max_value)
+    return torch.copysign(q, x.to(dt)).to(x.dtype)
+
+
+class _MinifloatSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, man_bits: int, bias: int, max_value: float):  # type: ignore[override]
+        dt = compute_dtype(x)
+        s = scale.to(dt)
+        return (minifloat_round(x.to(dt) / s, man_bits, bias, max_value) * s).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        # Straight-through: d out / d x := 1 everywhere.
+        return grad, None, None, None, None
+
+
+def minifloat_quantize(x: Tensor, scale: Tensor | float, man_bits: int, bias: int, max_value: float) -> Tensor:
+    """Scaled minifloat fake quantization: ``minifloat_round(x / scale) * scale``, STE gradient.
+
+    Args:
+        x: input of any shape.
+        scale: positive scale, 0-d or broadcasting against ``x`` (per-channel,
+            per-block).
+        man_bits: mantissa bits of the format (see :func:`minifloat_round`).
+        bias: exponent bias.
+        max_value: largest finite magnitude (saturation level).
+
+    Returns:
+        Tensor of ``x``'s shape and dtype. Backward: the incoming gradient for ``x``.
+
+    Example:
+        >>> minifloat_quantize(torch.tensor([0.3, 5.0, 100.0]), 1.0, 1, 1, 6.0)  # FP4 E2M1
+        tensor([0.5000, 4.0000, 6.0000])
+    """
+    return _MinifloatSTE.apply(x, _as_tensor(scale, x), int(man_bits), int(bias), float(max_value))
+
+
+def e8m0_block_scale(amax: Tensor, elem_emax: int) -> Tensor:
+    """OCP MX shared scale of blocks with absolute maxima ``amax``.
+
+    ``X = 2 ** clamp(floor(log2(amax)) - elem_emax, -127, 127)`` (the E8M0
+    range; its NaN encoding is never produced). An all-zero block gets
+    ``2 ** -127``.
+    """
+    dt = amax.dtype
+    tiny = torch.finfo(dt).tiny
+    shared = _floor_log2(torch.clamp(amax, min=tiny)) - elem_emax
+    shared = torch.where(amax > 0, shared, torch.full_like(shared, -127.0))
+    return torch.exp2(torch.clamp(shared, -127.0, 127.0))
+
+
+def mx_quantize(
+    x: Tensor,
+    man_bits: int,
+    bias: int,
+    max_value: float,
+    elem_emax: int,
+    block_size: int = 32,
+    axis: int = -1,
+) -> Tensor:
+    """OCP Microscaling (MX v1.0) fake quantization with a straight-through gradient.
+
+    ``x`` is cut into blocks of ``block_size`` consecutive elements along
+    ``axis`` (the last block zero-padded when ``block_size`` does not divide the
+    axis; padding never changes a block's maximum). Each block gets the shared
+    power-of-two scale ``X = 2 ** (floor(log2(max|block|)) - elem_emax)``
+    (:func:`e8m0_block_scale`), and each element becomes
+    ``minifloat_round(x / X) * X`` in the element format, saturating.
+
+    INT8 elements (MXINT8: two's complement with an implicit scale ``2 ** -6``,
+    used here on the symmetric range ``[-127, 127] * 2 ** -6``) are the
+    minifloat ``man_bits=6, bias=1, max_value=127/64`` (E1M6) with
+    ``elem_emax=0``: every magnitude below 2 then has the step ``2 ** -6``.
+
+    Args:
+        x: input of any shape.
+        man_bits: mantissa bits of the element format.
+        bias: exponent bias of the element format.
+        max_value: largest finite element magnitude (saturation level).
+        elem_emax: exponent of the element format's largest normal
+            (E4M3 8, E5M2 15, E3M2 4, E2M3 2, E2M1 2, INT8 0).
+        block_size: elements per block (32 in the specification).
+        axis: the axis along which blocks run.
+
+    Returns:
+        Tensor of ``x``'s shape and dtype. Backward: the incoming gradient.
+    """
+    ax = axis % x.dim()
+    xt = x.movedim(ax, -1)  # (..., n)
+    n = xt.shape[-1]
+    pad = (-n) % block_size
+    if pad:
+        xt = torch.nn.functional.pad(xt, (0, pad))
+    blocks = xt.reshape(*xt.shape[:-1], -1, block_size)  # (..., n / b, b)
+    amax = blocks.detach().abs().amax(dim=-1, keepdim=True).to(compute_dtype(x))  # (..., n / b, 1)
+    scale = e8m0_block_scale(amax, elem_emax)
+    q = minifloat_quantize(blocks, scale, man_bits, bias, max_value)
+    q = q.reshape(*xt.shape[:-1], n + pad)[..., :n]
+    return q.movedim(-1, ax)
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, q: Tensor) -> Tensor:  # type: ignore[override]
+        return q.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        # The value is q, the gradient goes to x unchanged: d out / d x := 1.
+        return grad, None
+
+
+def straight_through(x: Tensor, q: Tensor) -> Tensor:
+    """Return ``q`` (bit-exactly) with the incoming gradient passed to ``x`` unchanged.
+
+    The exact form of ``x + (q - x).detach()``, whose value can differ from
+    ``q`` in the last bit.
+    """
+    return _StraightThrough.apply(x, q)
+
+
+class _LSQ(torch.autograd.Function):
+    """``clamp(round((x - offset) / step), -qn, qp) * step + offset`` with LSQ's gradients."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int, grad_scale: float):  # type: ignore[override]
+        dt = compute_dtype(x)
+        s = step.to(dt)
+        b = offset.to(dt) if offset is not None else None
+        v = (x.to(dt) - b) / s if b is not None else x.to(dt) / s
+        q = torch.clamp(torch.round(v), -qn, qp)
+        ctx.save_for_backward(v, q, step)
+        ctx.has_offset = offset is not None
+        ctx.offset_shape = offset.shape if offset is not None else None
+        ctx.qn, ctx.qp, ctx.grad_scale = qn, qp, grad_scale
+        out = q * s + b if b is not None else q * s
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        v, q, step = ctx.saved_tensors
+        inside = (v >= -ctx.qn) & (v <= ctx.qp)
+        g = grad.to(v.dtype)
+        # Esser et al. 2020, eq. 3: d out / d x = 1 inside the range, 0 outside;
+        # d out / d step = round(v) - v inside, -qn below, qp above; times the gradient scale.
+        gx = (g * inside).to(grad.dtype)
+        gs = (g * torch.where(inside, q - v, q)).sum_to_size(step.shape) * ctx.grad_scale
+        gb = None
+        if ctx.has_offset:
+            # Bhalgat et al. 2020: d out / d offset = 0 inside the range, 1 where clipped.
+            gb = (g * ~inside).sum_to_size(ctx.offset_shape) * ctx.grad_scale
+        return gx, gs.to(step.dtype), gb, None, None, None
+
+
+def lsq_quantize(x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int, grad_scale: float = 1.0) -> Tensor:
+    """LSQ / LSQ+ fake quantization with the papers' gradients.
+
+    ``v = (x - offset) / step``, output ``clamp(round(v), -qn, qp) * step + offset``
+    (``offset`` ``None`` means 0: LSQ).
+
+    Args:
+        x: input of any shape.
+        step: positive step size, broadcasting against ``x``.
+        offset: learned offset (LSQ+), broadcasting against ``x``, or ``None``.
+        qn: magnitude of the lowest integer level (``2 ** (b - 1)`` signed, 0 unsigned).
+        qp: highest integer level (``2 ** (b - 1) - 1`` signed, ``2 ** b - 1`` unsigned).
+        grad_scale: factor ``g`` applied to the gradients of ``step`` and ``offset``
+            (LSQ uses ``1 / sqrt(N * qp)``).
+
+    Returns:
+        Tensor of ``x``'s shape and dtype. Backward (Esser et al. 2020, eq. 3;
+        Bhalgat et al. 2020): ``x`` gets the gradient where ``-qn <= v <= qp``;
+        ``step`` gets ``g * sum(grad * (round(v) - v))`` inside, ``-qn`` / ``qp``
+        times the gradient outside; ``offset`` gets ``g * sum(grad)`` over the
+        clipped elements.
+
+    Example:
+        >>> lsq_quantize(torch.tensor([0.26, -1.0, 9.0]), torch.tensor(0.5), None, 2, 1)
+        tensor([ 0.5000, -1.0000,  0.5000])
+    """
+    return _LSQ.apply(x, step, offset, int(qn), int(qp), float(grad_scale))
