@@ -36,6 +36,7 @@ BUILTIN = [
     "qat-minmax",
     "qat-pact",
     "twn",
+    "xnor",
 ]
 
 
@@ -159,6 +160,16 @@ def test_qat_minmax_trains_weights():
     assert isinstance(result.model[3].acts_quantizer.range_observer, tq.ExpAvgMinMax)
 
 
+def test_relu_only_acts_fall_back_off_relu_outputs():
+    spec = QuantizerSpec("affine", "running_minmax", args={"symmetric": True}, relu_only=True)
+    recipe = SpecRecipe("relu-only", "test", weights=QuantizerSpec("affine", "batch_minmax"), acts=spec)
+    model = recipe(tiny_model(), Bits(8, 8), tiny_task(), Settings(**SETTINGS)).model
+    wrappers = dict(tq.iter_qmodules(model))
+    assert wrappers["0"].acts_quantizer.symmetric and wrappers["3"].acts_quantizer.symmetric  # Conv(+BN)+ReLU
+    assert not wrappers["6"].acts_quantizer.symmetric  # logits: the affine min/max fallback
+    assert isinstance(wrappers["6"].acts_quantizer.range_observer, tq.ExpAvgMinMax)
+
+
 def test_fixed_bit_method_skips_other_settings():
     recipe = SpecRecipe("fixed", "test", weights=QuantizerSpec("affine", bits_arg=None, fixed_bits=1), acts=None)
     with pytest.raises(CellSkipped, match="quantizes weights to 1 bit"):
@@ -271,3 +282,10 @@ def test_spec_recipe_rejects_an_already_quantized_model():
     model = get_recipe("ptq-minmax")(tiny_model(), Bits(8, 8), tiny_task(), Settings(**SETTINGS)).model
     with pytest.raises(ValueError, match="expects a float model"):
         get_recipe("ptq-minmax")(model, Bits(8, 8), tiny_task(), Settings(**SETTINGS))
+
+
+def test_unsupported_bit_width_skips_the_cell():
+    weights = QuantizerSpec("qfmt", "batch_minmax", args={"signed": True})  # signed Q-format needs >= 2 bits
+    recipe = SpecRecipe("qfmt-w1", "test", weights=weights, acts=None)
+    with pytest.raises(CellSkipped, match="n_bits"):
+        recipe(tiny_model(), Bits(1, 8), tiny_task(), Settings(**SETTINGS))

@@ -228,6 +228,9 @@ class QuantizerSpec:
             per-channel axis (``None``: the method has one granularity of its own).
         fixed_bits: the bit-width such a method implies; grid cells asking for
             another one are skipped.
+        relu_only: for one-sided activation methods (PACT, DoReFa clip to
+            ``[0, alpha]``): use this quantizer only on outputs of a ReLU/ReLU6;
+            other outputs (residual branches, logits) get the affine min/max one.
     """
 
     quantizer: str
@@ -237,6 +240,7 @@ class QuantizerSpec:
     bits_arg: str | None = "n_bits"
     axis_arg: str | None = None
     fixed_bits: int | None = None
+    relu_only: bool = False
 
     def needs(self) -> list[tuple[str, Registry, str]]:
         out = [("quantizer", QUANTIZERS, self.quantizer)]
@@ -257,6 +261,8 @@ class QuantizerSpec:
             return QUANTIZERS.make(self.quantizer, **kwargs)
         except TypeError as e:
             raise TypeError(f"quantizer {self.quantizer!r} rejected the arguments {sorted(kwargs)}: {e}") from e
+        except ValueError as e:  # e.g. a bit-width the method does not support: that cell is skipped
+            raise CellSkipped(str(e)) from e
 
     def granularity_text(self, axis: int | None) -> str:
         if self.observer is None and self.axis_arg is None:
@@ -265,6 +271,8 @@ class QuantizerSpec:
 
 
 _WEIGHT_MINMAX = QuantizerSpec("affine", "batch_minmax", args={"symmetric": True})
+_ACT_RUNNING = QuantizerSpec("affine", "running_minmax")
+_ACT_EMA = QuantizerSpec("affine", "ema_minmax")
 
 
 @dataclass(frozen=True)
@@ -327,12 +335,15 @@ class SpecRecipe(Recipe):
                 return spec.build(edge_bits, w_axis)
             return w_spec.build(bits.weight, w_axis)
 
+        relu_fed = _layers_before_relu(model)
+
         def acts(module: nn.Module, name: str):
             if self.acts is None or bits.act is None:
                 return None
+            spec = _ACT_EMA if self.acts.relu_only and name not in relu_fed else self.acts
             if edge_bits is not None and name == last:
-                return self.acts.build(max(edge_bits, bits.act), None)
-            return self.acts.build(bits.act, None)
+                return spec.build(max(edge_bits, bits.act), None)
+            return spec.build(bits.act, None)
 
         model = quantize_model(model, weights, acts, method=settings.convert)
         rt: Runtime = settings.runtime
@@ -381,6 +392,24 @@ def _ptq_algorithm(name: str, recipe: str) -> Callable:
     return fn
 
 
+def _layers_before_relu(model: nn.Module) -> set[str]:
+    """Names of layers that ``quantize_model`` fuses with a following ReLU/ReLU6 (inside an nn.Sequential)."""
+    out = set()
+    for prefix, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        items = list(seq.named_children())
+        for i, (key, child) in enumerate(items):
+            if type(child) not in _BN_FOR_LAYER:
+                continue
+            rest = [m for _, m in items[i + 1 : i + 3]]
+            if rest and isinstance(rest[0], nn.modules.batchnorm._BatchNorm):
+                rest = rest[1:]
+            if rest and type(rest[0]) in (nn.ReLU, nn.ReLU6):
+                out.add(f"{prefix}.{key}" if prefix else key)
+    return out
+
+
 def _first_last_layers(model: nn.Module) -> tuple[str | None, str | None]:
     names = [n for n, m in model.named_modules() if type(m) in _BN_FOR_LAYER]
     return (names[0], names[-1]) if names else (None, None)
@@ -395,9 +424,6 @@ def _spec(name: str, description: str, **kw: Any) -> SpecRecipe:
 # ----------------------------------------------------------------- built-in recipes
 # One table: the integrator adjusts quantizer/observer/algorithm names and arguments here
 # when the baselines (issue 4) and PTQ (issue 5) modules land.
-_ACT_RUNNING = QuantizerSpec("affine", "running_minmax")
-_ACT_EMA = QuantizerSpec("affine", "ema_minmax")
-
 _spec(
     "ptq-minmax",
     "PTQ: min/max ranges (per-channel symmetric weights, running min/max activations)",
@@ -446,36 +472,43 @@ _spec(
 )
 _spec(
     "qat-lsq",
-    "QAT: learned step size for weights and activations (Esser et al. 2020)",
+    "QAT: LSQ learned step sizes for weights (Esser et al. 2020), LSQ+ for activations (Bhalgat et al. 2020)",
     weights=QuantizerSpec("lsq", axis_arg="axis"),
-    acts=QuantizerSpec("lsq", axis_arg="axis"),
+    acts=QuantizerSpec("lsq+"),
     qat=True,
 )
 _spec(
     "qat-pact",
-    "QAT: PACT learned activation clipping (Choi et al. 2018), min/max weights",
-    weights=_WEIGHT_MINMAX,
-    acts=QuantizerSpec("pact"),
+    "QAT: PACT learned clipping after ReLUs (Choi et al. 2018), DoReFa weights as in the paper",
+    weights=QuantizerSpec("dorefa_weight", axis_arg="axis"),
+    acts=QuantizerSpec("pact", relu_only=True),
     qat=True,
 )
 _spec(
     "qat-dorefa",
-    "QAT: DoReFa weight and activation quantizers (Zhou et al. 2016)",
-    weights=QuantizerSpec("dorefa_weight"),
-    acts=QuantizerSpec("dorefa_act"),
+    "QAT: DoReFa weight and activation quantizers (Zhou et al. 2016), activations clipped after ReLUs",
+    weights=QuantizerSpec("dorefa_weight", axis_arg="axis"),
+    acts=QuantizerSpec("dorefa_act", relu_only=True),
     qat=True,
 )
 _spec(
     "bnn",
     "QAT: binary weights, sign with clipped STE (Courbariaux et al. 2016), affine activations",
-    weights=QuantizerSpec("binary", bits_arg=None, fixed_bits=1),
+    weights=QuantizerSpec("bnn", bits_arg=None, fixed_bits=1),
+    acts=_ACT_EMA,
+    qat=True,
+)
+_spec(
+    "xnor",
+    "QAT: binary weights scaled by mean |W| per channel (XNOR-Net, Rastegari et al. 2016), affine activations",
+    weights=QuantizerSpec("xnor", bits_arg=None, axis_arg="axis", fixed_bits=1),
     acts=_ACT_EMA,
     qat=True,
 )
 _spec(
     "twn",
     "QAT: ternary weights (TWN, Li et al. 2016), affine activations",
-    weights=QuantizerSpec("ternary", bits_arg=None, fixed_bits=2),
+    weights=QuantizerSpec("twn", bits_arg=None, axis_arg="axis", fixed_bits=2),
     acts=_ACT_EMA,
     qat=True,
 )
