@@ -6,7 +6,7 @@ The public names of the core modules are re-exported here::
     q = tq.AffineQuantizer(8, tq.ExpAvgMinMax())
 """
 
-from . import debug, export, quantizers_functional, registry
+from . import debug, distributed, export, quantizers_functional, registry
 from .baselines import (
     FORMATS,
     BinaryQuantizer,
@@ -75,6 +75,7 @@ __all__ = [
     "bn_scale_shift",
     "call_factory",
     "debug",
+    "distributed",
     "export",
     "fold_bn_params",
     "get_qmodule_states",

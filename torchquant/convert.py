@@ -110,7 +110,7 @@ def quantize_model(
     Returns:
         The quantizable model (``model`` itself for ``"swap"``), every QModule ``BYPASSED``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> import torchquant as tq

@@ -227,7 +227,8 @@ class ExpAvgMinMax(RangeObserver):
 
     Args:
         momentum: weight of the past, in ``[0, 1)``.
-        axis, group_size: granularity, as in :class:`RangeObserver`.
+        axis: granularity axis, as in :class:`RangeObserver`.
+        group_size: granularity group size, as in :class:`RangeObserver`.
     """
 
     num_batches: Tensor

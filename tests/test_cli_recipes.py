@@ -1,0 +1,291 @@
+"""Recipes: bit settings, the registry, spec recipes on a tiny task, recipe files with user quantizers."""
+
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import torchquant as tq
+from torchquant.cli.engine import BenchData
+from torchquant.cli.recipes import (
+    RECIPES,
+    Bits,
+    CellSkipped,
+    QuantizerSpec,
+    RecipeResult,
+    RecipeUnavailable,
+    Settings,
+    SpecRecipe,
+    get_recipe,
+    list_recipes,
+    load_recipe_file,
+    register_recipe,
+)
+
+BUILTIN = [
+    "bnn",
+    "ptq-adaround",
+    "ptq-brecq",
+    "ptq-minmax",
+    "ptq-mse",
+    "ptq-percentile",
+    "ptq-qdrop",
+    "qat-dorefa",
+    "qat-lsq",
+    "qat-minmax",
+    "qat-pact",
+    "twn",
+    "xnor",
+]
+
+
+def tiny_task(n: int = 96) -> BenchData:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 6, 6, generator=g)
+    y = (x.mean((1, 2, 3)) > 0).long()
+    ds = torch.utils.data.TensorDataset
+    return BenchData("tiny", ds(x[: n // 2], y[: n // 2]), ds(x[n // 2 :], y[n // 2 :]), num_classes=2)
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 36, 2),
+    )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is fastest, and immune to a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+SETTINGS = dict(calib_batches=2, calib_batch_size=16, qat_epochs=1, batch_size=16, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("w8a8", Bits(8, 8)), ("W4A8", Bits(4, 8)), ("w2a2", Bits(2, 2)), ("w1a8", Bits(1, 8)), ("w4", Bits(4, None))],
+    ids=["w8a8", "upper-case", "w2a2", "w1a8", "weight-only"],
+)
+def test_bits_parse(text, expected):
+    assert Bits.parse(text) == expected
+    assert str(expected) == text.lower()
+
+
+@pytest.mark.parametrize("text", ["8a8", "w8a", "w0a8", "w8a33", "a8w8", ""], ids=repr)
+def test_bits_parse_rejects(text):
+    with pytest.raises(ValueError, match="bit setting"):
+        Bits.parse(text)
+
+
+def test_builtin_recipes_registered():
+    assert set(BUILTIN) <= set(list_recipes())
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_builtin_recipe_available_or_says_what_is_missing(name):
+    recipe = get_recipe(name)
+    assert recipe.description
+    try:
+        recipe.check_available()
+    except RecipeUnavailable as e:
+        assert name in str(e) and "not available in this build" in str(e)
+
+
+def test_unknown_recipe_lists_valid_names():
+    with pytest.raises(KeyError, match=r"unknown recipe 'ptq-nope'; valid names: .*ptq-minmax.*qat-minmax"):
+        get_recipe("ptq-nope")
+
+
+def test_missing_method_raises_before_running():
+    recipe = SpecRecipe("needs-missing", "test", weights=QuantizerSpec("no-such-quantizer"), acts=None)
+    with pytest.raises(RecipeUnavailable, match=r"'no-such-quantizer'.*not available in this build; available"):
+        recipe.check_available()
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RecipeUnavailable):
+        recipe(model, Bits(4, 8), tiny_task(), Settings(**SETTINGS))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    algo = SpecRecipe("needs-algo", "test", weights=QuantizerSpec("affine", "batch_minmax"), acts=None, algorithm="x")
+    with pytest.raises(RecipeUnavailable, match=r"torchquant.ptq.x, which is not available in this build"):
+        algo.check_available()
+
+
+@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+def test_ptq_minmax_quantizes_with_first_last_at_8_bits(granularity):
+    result = get_recipe("ptq-minmax")(
+        tiny_model(), Bits(4, 4), tiny_task(), Settings(granularity=granularity, **SETTINGS)
+    )
+    model = result.model
+    wrappers = dict(tq.iter_qmodules(model))
+    assert list(wrappers) == ["0", "3", "6"]
+    assert all(m.qstate is tq.QModuleState.QUANT_EVAL for m in wrappers.values())
+    bits = {n: m.weight_quantizer.n_bits for n, m in wrappers.items()}
+    assert bits == {"0": 8, "3": 4, "6": 8}
+    assert wrappers["6"].acts_quantizer.n_bits == 8 and wrappers["3"].acts_quantizer.n_bits == 4
+    axis = 0 if granularity == "channel" else None
+    assert wrappers["3"].weight_quantizer.granularity.axis == axis
+    assert wrappers["3"].acts_quantizer.range_observer.initialized
+    assert result.info["granularity"] == f"per-{granularity}"
+    # weights now lie on a 4-bit grid: at most 16 distinct values per output channel
+    w = wrappers["3"].quantized_weight()
+    assert max(len(torch.unique(c)) for c in w) <= 16
+
+
+def test_first_last_bits_none_and_weight_only():
+    settings = Settings(first_last_bits=None, **SETTINGS)
+    model = get_recipe("ptq-minmax")(tiny_model(), Bits(4, None), tiny_task(), settings).model
+    wrappers = dict(tq.iter_qmodules(model))
+    assert {m.weight_quantizer.n_bits for m in wrappers.values()} == {4}
+    assert all(m.acts_quantizer is None for m in wrappers.values())
+
+
+def test_qat_minmax_trains_weights():
+    model = tiny_model()
+    w0 = model[3].weight.detach().clone()
+    result = get_recipe("qat-minmax")(model, Bits(8, 8), tiny_task(), Settings(**SETTINGS))
+    assert not torch.equal(result.model[3].layer.weight, w0)
+    assert "QAT 1 epochs" in result.info["steps"]
+    assert isinstance(result.model[3].acts_quantizer.range_observer, tq.ExpAvgMinMax)
+
+
+def test_relu_only_acts_fall_back_off_relu_outputs():
+    spec = QuantizerSpec("affine", "running_minmax", args={"symmetric": True}, relu_only=True)
+    recipe = SpecRecipe("relu-only", "test", weights=QuantizerSpec("affine", "batch_minmax"), acts=spec)
+    model = recipe(tiny_model(), Bits(8, 8), tiny_task(), Settings(**SETTINGS)).model
+    wrappers = dict(tq.iter_qmodules(model))
+    assert wrappers["0"].acts_quantizer.symmetric and wrappers["3"].acts_quantizer.symmetric  # Conv(+BN)+ReLU
+    assert not wrappers["6"].acts_quantizer.symmetric  # logits: the affine min/max fallback
+    assert isinstance(wrappers["6"].acts_quantizer.range_observer, tq.ExpAvgMinMax)
+
+
+def test_fixed_bit_method_skips_other_settings():
+    recipe = SpecRecipe("fixed", "test", weights=QuantizerSpec("affine", bits_arg=None, fixed_bits=1), acts=None)
+    with pytest.raises(CellSkipped, match="quantizes weights to 1 bit"):
+        recipe(tiny_model(), Bits(8, 8), tiny_task(), Settings(**SETTINGS))
+
+
+def test_settings_reject_unknown_granularity():
+    with pytest.raises(ValueError, match="granularity"):
+        Settings(granularity="group")
+
+
+def test_register_recipe_function():
+    @register_recipe("test-float-copy", overwrite=True)
+    def float_copy(model, bits, data, settings):
+        """Leaves the model in float (a control)."""
+        return RecipeResult(model, {"steps": "none"})
+
+    recipe = get_recipe("test-float-copy")
+    assert recipe.description == "Leaves the model in float (a control)."
+    assert recipe(nn.Linear(2, 2), Bits(8, 8), None, Settings()).info == {"steps": "none"}
+
+    @register_recipe("test-bad-return", overwrite=True)
+    def bad(model, bits, data, settings):
+        return model
+
+    with pytest.raises(TypeError, match="expected a RecipeResult"):
+        get_recipe("test-bad-return")(nn.Linear(2, 2), Bits(8, 8), None, Settings())
+
+
+USER_MODULE = '''
+import torch
+import torchquant as tq
+
+
+@tq.register_quantizer("test-sign", overwrite=True)
+class TestSign(tq.Quantizer):
+    """Sign with a straight-through gradient, scaled by the mean magnitude."""
+
+    def pre_observe(self, x):
+        pass
+
+    def quantize(self, x):
+        q = torch.sign(x) * x.abs().mean()
+        return x + (q - x).detach()
+
+    def post_observe(self, x):
+        pass
+'''
+
+
+def test_recipe_file_with_user_quantizer(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "user_quantizers_cli.py").write_text(USER_MODULE)
+    (tmp_path / "recipes.toml").write_text(
+        textwrap.dedent(
+            """
+            import = ["user_quantizers_cli"]
+
+            [recipe.test-sign-qat]
+            base = "qat-minmax"
+            description = "binary weights from a user module"
+            epochs = 1
+            weights = { quantizer = "test-sign", bits_arg = false, fixed_bits = 1 }
+
+            [recipe.test-ptq-tensor]
+            weights = { quantizer = "affine", observer = "batch_minmax", args = { symmetric = true } }
+            acts = false
+            """
+        )
+    )
+    assert load_recipe_file(tmp_path / "recipes.toml") == ["test-sign-qat", "test-ptq-tensor"]
+    recipe = get_recipe("test-sign-qat")
+    assert recipe.qat and recipe.epochs == 1 and recipe.acts.observer == "ema_minmax"  # inherited
+    model = recipe(tiny_model(), Bits(1, 8), tiny_task(), Settings(first_last_bits=None, **SETTINGS)).model
+    w = model[3].quantized_weight()
+    assert torch.allclose(w.abs(), w.abs().mean().expand_as(w))  # sign times one scale
+    ptq = get_recipe("test-ptq-tensor")(tiny_model(), Bits(8, 8), tiny_task(), Settings(**SETTINGS)).model
+    assert all(m.acts_quantizer is None for _, m in tq.iter_qmodules(ptq))
+    for name in ("test-sign-qat", "test-ptq-tensor"):
+        RECIPES._entries.pop(name)
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        ('[recipe.x]\nweights = { quantizer = "affine", color = 1 }', r"unknown keys \['color'\]"),
+        ('[recipe.x]\nweigths = { quantizer = "affine" }', r"unknown keys \['weigths'\]"),
+        ("[recipe.x]\nqat = true", "missing 'weights'"),
+        ("[recipe.x]\nweights = { observer = 'batch_minmax' }", "missing 'quantizer'"),
+        ("colour = 1", "unknown top-level keys"),
+        ('import = ["no_such_module_xyz"]', "cannot import 'no_such_module_xyz'"),
+        ('[recipe.x]\nbase = "ptq-nope"', "unknown recipe 'ptq-nope'"),
+    ],
+    ids=["unknown-spec-key", "unknown-recipe-key", "no-weights", "no-quantizer", "top-level", "import", "base"],
+)
+def test_recipe_file_errors(tmp_path, body, match):
+    path = tmp_path / "bad.toml"
+    path.write_text(body)
+    with pytest.raises((ValueError, ImportError, KeyError), match=match):
+        load_recipe_file(path)
+
+
+def test_recipe_file_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_recipe_file(tmp_path / "nope.toml")
+
+
+def test_spec_recipe_rejects_an_already_quantized_model():
+    model = get_recipe("ptq-minmax")(tiny_model(), Bits(8, 8), tiny_task(), Settings(**SETTINGS)).model
+    with pytest.raises(ValueError, match="expects a float model"):
+        get_recipe("ptq-minmax")(model, Bits(8, 8), tiny_task(), Settings(**SETTINGS))
+
+
+def test_unsupported_bit_width_skips_the_cell():
+    weights = QuantizerSpec("qfmt", "batch_minmax", args={"signed": True})  # signed Q-format needs >= 2 bits
+    recipe = SpecRecipe("qfmt-w1", "test", weights=weights, acts=None)
+    with pytest.raises(CellSkipped, match="n_bits"):
+        recipe(tiny_model(), Bits(1, 8), tiny_task(), Settings(**SETTINGS))

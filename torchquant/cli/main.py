@@ -1,0 +1,142 @@
+"""The ``torchquant`` command line (also ``python -m torchquant``).
+
+Subcommands:
+
+* ``torchquant bench``: run a grid of recipes x bit settings (see :mod:`torchquant.cli.bench`);
+* ``torchquant list``: the recipes (with their availability in this build),
+  datasets, built-in models, quantizers and observers.
+
+Examples::
+
+    torchquant bench                                   # the default grid on digits
+    torchquant bench --recipes ptq-minmax,qat-minmax --bits w8a8,w4a4 --granularity tensor
+    torchquant bench --dataset imagefolder --data-dir ~/data/imagenette --model resnet18 --checkpoint fp.pt
+    torchrun --nproc_per_node 2 -m torchquant bench --quiet
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from .defaults import DEFAULT_BITS, DEFAULT_DATASET, DEFAULT_RECIPES
+
+__all__ = ["build_parser", "main"]
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _bits_or_none(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or 'none', got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``torchquant`` command."""
+    p = argparse.ArgumentParser(prog="torchquant", description="torchquant: quantization experiments")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bench", help="run a grid of recipes x bit settings and write the results")
+    g = b.add_argument_group("task")
+    g.add_argument("--dataset", default=DEFAULT_DATASET, help="digits, mnist1d, imagefolder or a torchvision dataset")
+    g.add_argument("--data-dir", help="where imagefolder / torchvision data lives (nothing is downloaded)")
+    g.add_argument("--model", help="built-in (digits_cnn, digits_mobilenet, mnist1d_cnn), torchvision or timm name")
+    g.add_argument("--checkpoint", help="float weights to start from (torch.load weights_only=True)")
+    g.add_argument("--image-size", type=int, default=224, help="crop size for imagefolder (default 224)")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader workers for image datasets")
+    g = b.add_argument_group("grid")
+    g.add_argument(
+        "--recipes",
+        type=_csv,
+        default=["default"],
+        help=f"comma-separated recipe names, 'default' ({','.join(DEFAULT_RECIPES)}) or 'all' available",
+    )
+    g.add_argument("--bits", type=_csv, default=list(DEFAULT_BITS), help=f"default {','.join(DEFAULT_BITS)}")
+    g.add_argument("--granularity", choices=["channel", "tensor"], default="channel", help="weight ranges")
+    g.add_argument("--recipe-file", dest="recipe_files", action="append", default=[], help="TOML recipes")
+    g.add_argument("--import", dest="imports", action="append", default=[], help="module registering quantizers")
+    g.add_argument("--first-last-bits", type=_bits_or_none, default=8, help="first/last layer bits, or 'none'")
+    g.add_argument("--convert", choices=["swap", "fx"], default="swap", help="quantize_model method")
+    g = b.add_argument_group("training")
+    g.add_argument("--epochs", type=int, help="float baseline epochs (default per dataset; 0 with --checkpoint)")
+    g.add_argument("--lr", type=float, help="float baseline peak learning rate")
+    g.add_argument("--batch-size", type=int, default=64, help="global batch size")
+    g.add_argument("--qat-epochs", type=int, default=3)
+    g.add_argument("--qat-lr", type=float, default=0.01)
+    g.add_argument("--calib-batches", type=int, default=8)
+    g.add_argument("--calib-batch-size", type=int, default=64)
+    g = b.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--threads",
+        type=int,
+        help="threads per process (default: 1 for digits/mnist1d, else cores / processes)",
+    )
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    g.add_argument("--cache-dir", help="float baseline cache (default $TORCHQUANT_CACHE or ~/.cache/torchquant)")
+    g.add_argument("--no-cache", action="store_true", help="always train the float baseline, store nothing")
+    g.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
+    g.add_argument("--quiet", action="store_true", help="no logs or progress bars; the table is still printed")
+    g.add_argument("--no-plot", dest="plot", action="store_false", help="skip the PNG plot")
+
+    sub.add_parser("list", help="recipes, datasets, models, quantizers and observers")
+    return p
+
+
+def _list() -> str:
+    from ..bench.models import MODELS
+    from ..registry import list_observers, list_quantizers
+    from .recipes import RECIPES, RecipeUnavailable
+    from .tasks import BUILTIN_DATASETS
+
+    lines = ["recipes:"]
+    for name in RECIPES.names():
+        r = RECIPES.get(name)
+        try:
+            r.check_available()
+            status = ""
+        except RecipeUnavailable:
+            status = "  [not available in this build]"
+        lines.append(f"  {name:<16} {r.description}{status}")
+    lines.append(f"datasets: {', '.join(BUILTIN_DATASETS)}, imagefolder, torchvision datasets on disk (--data-dir)")
+    lines.append(f"models: {', '.join(sorted(MODELS))}, torchvision or timm names")
+    lines.append(f"quantizers: {', '.join(list_quantizers())}")
+    lines.append(f"observers: {', '.join(list_observers())}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (2 for usage errors)."""
+    args = build_parser().parse_args(argv)
+    if args.command == "list":
+        print(_list())
+        return 0
+    from .bench import BenchConfig, run_bench
+    from .recipes import RecipeUnavailable
+
+    names = {f.name for f in fields(BenchConfig)}
+    cfg = BenchConfig(**{k: v for k, v in vars(args).items() if k in names})
+    try:
+        result = run_bench(cfg, ["torchquant", *(sys.argv[1:] if argv is None else argv)])
+    except (KeyError, ValueError, RecipeUnavailable, FileNotFoundError, ImportError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"torchquant bench: error: {msg}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if result.files:
+        print(result.table)
+        print(f"\nresults: {result.files['csv']}, {result.files['json']}")
+        if "plot" in result.files:
+            print(f"plot: {result.files['plot']}")
+    return 0

@@ -1,0 +1,628 @@
+"""Recipes: named ways of turning a float model into a quantized one.
+
+A recipe is a callable ``(float_model, bits, data, settings) -> RecipeResult``
+registered by name. Most are a :class:`SpecRecipe`: a small record saying
+which quantizer (and observer) to put on weights and on activations, by their
+registry names, and which steps to run: calibration, a PTQ algorithm of
+``torchquant.ptq``, quantization-aware training. The same record is what a
+recipe file (TOML) describes, so built-in and user recipes are one thing.
+
+Methods that are not part of this build (they are registered by name when
+their module lands) are looked up at run time; a recipe that needs a missing
+one raises :class:`RecipeUnavailable` naming it, before anything runs.
+
+A recipe written as a function joins with :func:`register_recipe`::
+
+    @register_recipe("ptq-my-method")
+    def my_method(model, bits, data, settings):
+        ...
+        return RecipeResult(model, {"steps": "..."})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import re
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..qmodules import _BN_FOR_LAYER, QModule, QModuleState
+from ..registry import OBSERVERS, QUANTIZERS, Registry
+from ..utils import set_qmodule_state
+from .engine import Runtime, calibrate, calibration_inputs, train
+
+__all__ = [
+    "RECIPES",
+    "Bits",
+    "CellSkipped",
+    "FunctionRecipe",
+    "QuantizerSpec",
+    "Recipe",
+    "RecipeResult",
+    "RecipeUnavailable",
+    "Settings",
+    "SpecRecipe",
+    "get_recipe",
+    "list_recipes",
+    "load_recipe_file",
+    "register_recipe",
+]
+
+
+# --------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class Bits:
+    """A bit setting: weight bits and activation bits (``None``: float activations).
+
+    Written ``w8a8``, ``w4a8``, ``w1a8``, or ``w4`` for weight-only quantization.
+
+    Example:
+        >>> Bits.parse("w4a8")
+        Bits(weight=4, act=8)
+        >>> str(Bits(4, None))
+        'w4'
+    """
+
+    weight: int
+    act: int | None
+
+    @classmethod
+    def parse(cls, text: str) -> Bits:
+        """Parse ``"wNaM"`` or ``"wN"`` (case-insensitive).
+
+        Raises:
+            ValueError: the text is not of that form or a bit-width is outside ``[1, 32]``.
+        """
+        m = re.fullmatch(r"w(\d+)(?:a(\d+))?", text.strip().lower())
+        if m is None:
+            raise ValueError(f"bit setting {text!r}: expected wNaM (e.g. w8a8, w4a8, w2a2) or wN (weight-only)")
+        w, a = int(m.group(1)), None if m.group(2) is None else int(m.group(2))
+        for b in (w, a):
+            if b is not None and not 1 <= b <= 32:
+                raise ValueError(f"bit setting {text!r}: bit-widths must be in [1, 32]")
+        return cls(w, a)
+
+    def __str__(self) -> str:
+        return f"w{self.weight}" if self.act is None else f"w{self.weight}a{self.act}"
+
+
+GRANULARITIES = ("channel", "tensor")
+
+
+@dataclass
+class Settings:
+    """Everything a recipe may use besides the model, the bits and the data.
+
+    Attributes:
+        granularity: ``"channel"`` (per-output-channel weights) or ``"tensor"``.
+        calib_batches: calibration batches (PTQ and QAT initialisation).
+        calib_batch_size: samples per calibration batch (over all ranks).
+        qat_epochs: epochs of quantization-aware training.
+        qat_lr: peak learning rate of quantization-aware training.
+        batch_size: training batch size (over all ranks).
+        weight_decay: SGD weight decay.
+        seed: seeds everything a recipe draws.
+        first_last_bits: bit-width of the first and last layers' weights (and of the
+            logits), the usual practice; ``None`` quantizes them like the rest.
+        convert: ``quantize_model`` method (``"swap"`` or ``"fx"``).
+        progress: show progress bars.
+        runtime: rank, world size and device (see :class:`~torchquant.cli.engine.Runtime`).
+    """
+
+    granularity: str = "channel"
+    calib_batches: int = 8
+    calib_batch_size: int = 64
+    qat_epochs: int = 3
+    qat_lr: float = 0.01
+    batch_size: int = 64
+    weight_decay: float = 1e-4
+    seed: int = 0
+    first_last_bits: int | None = 8
+    convert: str = "swap"
+    progress: bool = True
+    runtime: Runtime = field(default_factory=Runtime)
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"Settings: granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+
+
+@dataclass
+class RecipeResult:
+    """What a recipe returns: the quantized model (in ``QUANT_EVAL``) and how it was obtained."""
+
+    model: nn.Module
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class RecipeUnavailable(RuntimeError):
+    """A recipe needs a method (quantizer, observer, PTQ algorithm) that this build does not have."""
+
+
+class CellSkipped(Exception):
+    """A recipe does not apply to a bit setting (e.g. ``bnn`` at ``w8a8``); the cell is reported as skipped."""
+
+
+class Recipe:
+    """Base class of recipes: a name, a one-line description, a check and a call."""
+
+    name: str
+    description: str
+
+    def check_available(self) -> None:
+        """Raise :class:`RecipeUnavailable` if a method the recipe needs is missing."""
+
+    def __call__(self, model: nn.Module, bits: Bits, data: Any, settings: Settings) -> RecipeResult:
+        raise NotImplementedError
+
+
+RECIPES = Registry("recipe")
+
+
+class FunctionRecipe(Recipe):
+    """A recipe written as a plain function ``(model, bits, data, settings) -> RecipeResult``."""
+
+    def __init__(self, name: str, fn: Callable[..., RecipeResult], description: str = "") -> None:
+        self.name = name
+        self.fn = fn
+        self.description = description or (inspect.getdoc(fn) or "").split("\n")[0]
+
+    def __call__(self, model: nn.Module, bits: Bits, data: Any, settings: Settings) -> RecipeResult:
+        out = self.fn(model, bits, data, settings)
+        if not isinstance(out, RecipeResult):
+            raise TypeError(f"recipe {self.name!r} returned {type(out).__name__}; expected a RecipeResult")
+        return out
+
+
+def register_recipe(name: str, *, overwrite: bool = False) -> Callable:
+    """Decorator: register a recipe function (or a :class:`Recipe` instance/subclass) under ``name``."""
+
+    def deco(obj):
+        if isinstance(obj, SpecRecipe):
+            recipe = dataclasses.replace(obj, name=name)
+        elif isinstance(obj, Recipe):
+            recipe = obj
+            recipe.name = name
+        elif inspect.isclass(obj) and issubclass(obj, Recipe):
+            recipe = obj()
+            recipe.name = name
+        else:
+            recipe = FunctionRecipe(name, obj)
+        RECIPES.register(name, overwrite=overwrite)(recipe)
+        return obj
+
+    return deco
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe registered as ``name``; ``KeyError`` listing the valid names otherwise."""
+    return RECIPES.get(name)
+
+
+def list_recipes() -> list[str]:
+    """Names of all registered recipes."""
+    return RECIPES.names()
+
+
+# ------------------------------------------------------------------- spec recipes
+@dataclass(frozen=True)
+class QuantizerSpec:
+    """How to build the quantizer of one side (weights or activations) from registry names.
+
+    Attributes:
+        quantizer: name in the quantizer registry (``tq.list_quantizers()``).
+        observer: name in the observer registry, or ``None``; when given it is
+            built with the granularity (``axis``) and passed as ``range_observer=``.
+        args: extra keyword arguments of the quantizer.
+        observer_args: extra keyword arguments of the observer.
+        bits_arg: keyword receiving the bit-width (``"n_bits"``), or ``None`` for
+            methods whose bit-width is fixed (binary, ternary): see ``fixed_bits``.
+        axis_arg: for quantizers without an observer, the keyword receiving the
+            per-channel axis (``None``: the method has one granularity of its own).
+        fixed_bits: the bit-width such a method implies; grid cells asking for
+            another one are skipped.
+        relu_only: for one-sided activation methods (PACT, DoReFa clip to
+            ``[0, alpha]``): use this quantizer only on outputs of a ReLU/ReLU6;
+            other outputs (residual branches, logits) get the affine min/max one.
+    """
+
+    quantizer: str
+    observer: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+    observer_args: dict[str, Any] = field(default_factory=dict)
+    bits_arg: str | None = "n_bits"
+    axis_arg: str | None = None
+    fixed_bits: int | None = None
+    relu_only: bool = False
+
+    def needs(self) -> list[tuple[str, Registry, str]]:
+        out = [("quantizer", QUANTIZERS, self.quantizer)]
+        if self.observer is not None:
+            out.append(("observer", OBSERVERS, self.observer))
+        return out
+
+    def build(self, n_bits: int, axis: int | None) -> nn.Module:
+        """Build the quantizer for ``n_bits`` at ``axis`` (``None``: per-tensor)."""
+        kwargs = dict(self.args)
+        if self.bits_arg is not None:
+            kwargs[self.bits_arg] = n_bits
+        if self.observer is not None:
+            kwargs["range_observer"] = OBSERVERS.make(self.observer, axis=axis, **self.observer_args)
+        elif self.axis_arg is not None:
+            kwargs[self.axis_arg] = axis
+        try:
+            return QUANTIZERS.make(self.quantizer, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"quantizer {self.quantizer!r} rejected the arguments {sorted(kwargs)}: {e}") from e
+        except ValueError as e:  # e.g. a bit-width the method does not support: that cell is skipped
+            raise CellSkipped(str(e)) from e
+
+    def granularity_text(self, axis: int | None) -> str:
+        if self.observer is None and self.axis_arg is None:
+            return "method's own"
+        return "per-tensor" if axis is None else "per-channel"
+
+
+_WEIGHT_MINMAX = QuantizerSpec("affine", "batch_minmax", args={"symmetric": True})
+_ACT_RUNNING = QuantizerSpec("affine", "running_minmax")
+_ACT_EMA = QuantizerSpec("affine", "ema_minmax")
+
+
+@dataclass(frozen=True)
+class SpecRecipe(Recipe):
+    """A recipe described by data (the form of recipe files).
+
+    Steps, in order: quantize the model with ``weights`` / ``acts`` quantizers;
+    if ``calibrate``, run calibration batches; if ``algorithm``, call
+    ``torchquant.ptq.<algorithm>(model, calibration_inputs, **algorithm_args)``;
+    if ``qat``, train in ``QUANT_AWARE_TRAIN`` for ``epochs`` (default: the
+    settings'); finally set ``QUANT_EVAL``.
+    """
+
+    name: str
+    description: str
+    weights: QuantizerSpec
+    acts: QuantizerSpec | None
+    calibrate: bool = True
+    algorithm: str | None = None
+    algorithm_args: dict[str, Any] = field(default_factory=dict)
+    qat: bool = False
+    epochs: int | None = None
+    lr: float | None = None
+
+    def check_available(self) -> None:
+        sides = [("weights", self.weights), ("activations", self.acts)]
+        for side, spec in sides:
+            if spec is None:
+                continue
+            for kind, registry, name in spec.needs():
+                if name not in registry:
+                    raise RecipeUnavailable(
+                        f"recipe {self.name!r} needs the {kind} {name!r} (for {side}), which is not available "
+                        f"in this build; available {kind}s: {', '.join(registry.names())}"
+                    )
+        if self.algorithm is not None:
+            _ptq_algorithm(self.algorithm, self.name)
+
+    def __call__(self, model: nn.Module, bits: Bits, data: Any, settings: Settings) -> RecipeResult:
+        from ..convert import quantize_model
+
+        self.check_available()
+        w_spec = self.weights
+        if w_spec.fixed_bits is not None and bits.weight != w_spec.fixed_bits:
+            raise CellSkipped(
+                f"{self.name} quantizes weights to {w_spec.fixed_bits} bit(s); use w{w_spec.fixed_bits}aN"
+            )
+        if self.acts is not None and self.acts.fixed_bits is not None and bits.act != self.acts.fixed_bits:
+            raise CellSkipped(f"{self.name} quantizes activations to {self.acts.fixed_bits} bit(s)")
+        if any(isinstance(m, QModule) for m in model.modules()):
+            raise ValueError(f"recipe {self.name!r} expects a float model; this one already contains QModules")
+        first, last = _first_last_layers(model)
+        edge_bits = settings.first_last_bits
+        w_axis = 0 if settings.granularity == "channel" else None
+        info: dict[str, Any] = {}
+
+        def weights(module: nn.Module, name: str):
+            if edge_bits is not None and name in (first, last):
+                spec = w_spec if w_spec.bits_arg is not None else _WEIGHT_MINMAX
+                return spec.build(edge_bits, w_axis)
+            return w_spec.build(bits.weight, w_axis)
+
+        relu_fed = _layers_before_relu(model)
+
+        def acts(module: nn.Module, name: str):
+            if self.acts is None or bits.act is None:
+                return None
+            spec = _ACT_EMA if self.acts.relu_only and name not in relu_fed else self.acts
+            if edge_bits is not None and name == last:
+                return spec.build(max(edge_bits, bits.act), None)
+            return spec.build(bits.act, None)
+
+        model = quantize_model(model, weights, acts, method=settings.convert)
+        rt: Runtime = settings.runtime
+        info["granularity"] = w_spec.granularity_text(w_axis)
+        info["weights"] = f"{w_spec.quantizer} ({info['granularity']})"
+        info["acts"] = "float" if self.acts is None or bits.act is None else f"{self.acts.quantizer} (per-tensor)"
+        if edge_bits is not None:
+            info["first_last"] = f"{first}, {last} at {edge_bits} bits"
+        steps = []
+        if self.calibrate:
+            calibrate(model, data, settings, desc=f"{self.name} {bits}: calibration")
+            steps.append(f"calibration {settings.calib_batches}x{settings.calib_batch_size}")
+        if self.algorithm is not None:
+            fn = _ptq_algorithm(self.algorithm, self.name)
+            kwargs = dict(self.algorithm_args)
+            params = inspect.signature(fn).parameters
+            if "seed" in params:
+                kwargs.setdefault("seed", settings.seed)
+            if "progress" in params:
+                kwargs.setdefault("progress", settings.progress and rt.is_main)
+            # every rank runs the algorithm on the same data, so all end with the same weights
+            out = fn(model, calibration_inputs(data, settings, shard=False), **kwargs)
+            model = out if isinstance(out, nn.Module) else model
+            steps.append(f"{self.algorithm}({', '.join(f'{k}={v}' for k, v in sorted(self.algorithm_args.items()))})")
+        if self.qat:
+            epochs = settings.qat_epochs if self.epochs is None else self.epochs
+            lr = settings.qat_lr if self.lr is None else self.lr
+            set_qmodule_state(model, QModuleState.QUANT_AWARE_TRAIN)
+            train(model, data, settings, epochs=epochs, lr=lr, desc=f"{self.name} {bits}: QAT")
+            steps.append(f"QAT {epochs} epochs lr {lr}")
+        set_qmodule_state(model, QModuleState.QUANT_EVAL)
+        info["steps"] = "; ".join(steps)
+        return RecipeResult(model, info)
+
+
+def _ptq_algorithm(name: str, recipe: str) -> Callable:
+    try:
+        ptq = importlib.import_module("torchquant.ptq")
+    except ImportError:
+        ptq = None
+    fn = getattr(ptq, name, None) if ptq is not None else None
+    if not callable(fn):
+        raise RecipeUnavailable(
+            f"recipe {recipe!r} needs the PTQ algorithm torchquant.ptq.{name}, which is not available in this build"
+        )
+    return fn
+
+
+def _layers_before_relu(model: nn.Module) -> set[str]:
+    """Names of layers that ``quantize_model`` fuses with a following ReLU/ReLU6 (inside an nn.Sequential)."""
+    out = set()
+    for prefix, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        items = list(seq.named_children())
+        for i, (key, child) in enumerate(items):
+            if type(child) not in _BN_FOR_LAYER:
+                continue
+            rest = [m for _, m in items[i + 1 : i + 3]]
+            if rest and isinstance(rest[0], nn.modules.batchnorm._BatchNorm):
+                rest = rest[1:]
+            if rest and type(rest[0]) in (nn.ReLU, nn.ReLU6):
+                out.add(f"{prefix}.{key}" if prefix else key)
+    return out
+
+
+def _first_last_layers(model: nn.Module) -> tuple[str | None, str | None]:
+    names = [n for n, m in model.named_modules() if type(m) in _BN_FOR_LAYER]
+    return (names[0], names[-1]) if names else (None, None)
+
+
+def _spec(name: str, description: str, **kw: Any) -> SpecRecipe:
+    recipe = SpecRecipe(name=name, description=description, **kw)
+    RECIPES.register(name)(recipe)
+    return recipe
+
+
+# ----------------------------------------------------------------- built-in recipes
+# One table: the integrator adjusts quantizer/observer/algorithm names and arguments here
+# when the baselines (issue 4) and PTQ (issue 5) modules land.
+_spec(
+    "ptq-minmax",
+    "PTQ: min/max ranges (per-channel symmetric weights, running min/max activations)",
+    weights=_WEIGHT_MINMAX,
+    acts=_ACT_RUNNING,
+)
+_spec(
+    "ptq-mse",
+    "PTQ: MSE-optimal clipping ranges for weights and activations",
+    weights=QuantizerSpec("affine", "mse", args={"symmetric": True}),
+    acts=QuantizerSpec("affine", "mse"),
+)
+_spec(
+    "ptq-percentile",
+    "PTQ: min/max weights, 99.99th-percentile activation ranges",
+    weights=_WEIGHT_MINMAX,
+    acts=QuantizerSpec("affine", "percentile"),
+)
+_spec(
+    "ptq-adaround",
+    "PTQ: min/max ranges, then AdaRound learned rounding (Nagel et al. 2020)",
+    weights=_WEIGHT_MINMAX,
+    acts=_ACT_RUNNING,
+    algorithm="adaround",
+)
+_spec(
+    "ptq-brecq",
+    "PTQ: min/max ranges, then BRECQ block reconstruction (Li et al. 2021)",
+    weights=_WEIGHT_MINMAX,
+    acts=_ACT_RUNNING,
+    algorithm="brecq",
+)
+_spec(
+    "ptq-qdrop",
+    "PTQ: min/max ranges, then QDrop reconstruction (Wei et al. 2022)",
+    weights=_WEIGHT_MINMAX,
+    acts=_ACT_RUNNING,
+    algorithm="qdrop",
+)
+_spec(
+    "qat-minmax",
+    "QAT: min/max weights, moving-average activation ranges, straight-through estimator",
+    weights=_WEIGHT_MINMAX,
+    acts=_ACT_EMA,
+    qat=True,
+)
+_spec(
+    "qat-lsq",
+    "QAT: LSQ learned step sizes for weights (Esser et al. 2020), LSQ+ for activations (Bhalgat et al. 2020)",
+    weights=QuantizerSpec("lsq", axis_arg="axis"),
+    acts=QuantizerSpec("lsq+"),
+    qat=True,
+)
+_spec(
+    "qat-pact",
+    "QAT: PACT learned clipping after ReLUs (Choi et al. 2018), DoReFa weights as in the paper",
+    weights=QuantizerSpec("dorefa_weight", axis_arg="axis"),
+    acts=QuantizerSpec("pact", relu_only=True),
+    qat=True,
+)
+_spec(
+    "qat-dorefa",
+    "QAT: DoReFa weight and activation quantizers (Zhou et al. 2016), activations clipped after ReLUs",
+    weights=QuantizerSpec("dorefa_weight", axis_arg="axis"),
+    acts=QuantizerSpec("dorefa_act", relu_only=True),
+    qat=True,
+)
+_spec(
+    "bnn",
+    "QAT: binary weights, sign with clipped STE (Courbariaux et al. 2016), affine activations",
+    weights=QuantizerSpec("bnn", bits_arg=None, fixed_bits=1),
+    acts=_ACT_EMA,
+    qat=True,
+)
+_spec(
+    "xnor",
+    "QAT: binary weights scaled by mean |W| per channel (XNOR-Net, Rastegari et al. 2016), affine activations",
+    weights=QuantizerSpec("xnor", bits_arg=None, axis_arg="axis", fixed_bits=1),
+    acts=_ACT_EMA,
+    qat=True,
+)
+_spec(
+    "twn",
+    "QAT: ternary weights (TWN, Li et al. 2016), affine activations",
+    weights=QuantizerSpec("twn", bits_arg=None, axis_arg="axis", fixed_bits=2),
+    acts=_ACT_EMA,
+    qat=True,
+)
+
+
+# --------------------------------------------------------------------- recipe files
+_RECIPE_KEYS = {f.name for f in dataclasses.fields(SpecRecipe)} - {"name"} | {"base"}
+_SPEC_KEYS = {f.name for f in dataclasses.fields(QuantizerSpec)}
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError as e:
+            raise ImportError("reading recipe files on Python 3.10 needs tomli: pip install torchquant[bench]") from e
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
+def import_modules(names: Iterable[str]) -> None:
+    """Import user modules (which register quantizers, observers or recipes as a side effect).
+
+    The current directory is searched first, so ``--import my_quantizers`` finds
+    ``./my_quantizers.py``.
+
+    Raises:
+        ImportError: a module cannot be imported (the message names it).
+    """
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ImportError(f"cannot import {name!r} (from --import or a recipe file's import key): {e}") from e
+
+
+def _quantizer_spec(raw: Any, where: str) -> QuantizerSpec | None:
+    if raw is False or raw == "none":
+        return None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a table with at least 'quantizer', got {raw!r}")
+    unknown = set(raw) - _SPEC_KEYS
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(_SPEC_KEYS)}")
+    if "quantizer" not in raw:
+        raise ValueError(f"{where}: missing 'quantizer' (a name from tq.list_quantizers())")
+    raw = dict(raw)
+    for key in ("bits_arg", "axis_arg"):
+        if raw.get(key) is False:
+            raw[key] = None
+    return QuantizerSpec(**raw)
+
+
+def load_recipe_file(path: str | Path) -> list[str]:
+    """Register the recipes of a TOML file; return their names.
+
+    The file may import modules (``import = ["my_module"]``) that register
+    quantizers, then describe recipes as ``[recipe.<name>]`` tables with the
+    fields of :class:`SpecRecipe` (``weights`` and ``acts`` are tables with the
+    fields of :class:`QuantizerSpec`; ``acts = false`` keeps activations in
+    float), optionally starting from a registered spec recipe with
+    ``base = "qat-minmax"``::
+
+        import = ["my_quantizers"]
+
+        [recipe.qat-mysign]
+        base = "qat-minmax"
+        description = "my sign quantizer for weights"
+        weights = { quantizer = "my-sign", bits_arg = false, fixed_bits = 1 }
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unknown keys or a malformed recipe (the message names the key).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe file {str(path)!r} does not exist")
+    doc = _load_toml(path)
+    unknown = set(doc) - {"import", "recipe"}
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}; valid: ['import', 'recipe']")
+    imports = doc.get("import", [])
+    if isinstance(imports, str):
+        imports = [imports]
+    import_modules(imports)
+    names = []
+    for name, raw in doc.get("recipe", {}).items():
+        where = f"{path}: recipe {name!r}"
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: expected a table")
+        unknown = set(raw) - _RECIPE_KEYS
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(_RECIPE_KEYS)}")
+        raw = dict(raw)
+        fields: dict[str, Any] = {}
+        if "base" in raw:
+            base = get_recipe(raw.pop("base"))
+            if not isinstance(base, SpecRecipe):
+                raise ValueError(f"{where}: base recipe {base.name!r} is not a spec recipe")
+            fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(SpecRecipe)}
+        for side in ("weights", "acts"):
+            if side in raw:
+                raw[side] = _quantizer_spec(raw[side], f"{where}.{side}")
+        fields.update(raw)
+        fields["name"] = name
+        fields.setdefault("description", f"recipe from {path.name}")
+        if "weights" not in fields:
+            raise ValueError(f"{where}: missing 'weights' (or 'base')")
+        fields.setdefault("acts", None)
+        RECIPES.register(name, overwrite=True)(SpecRecipe(**fields))
+        names.append(name)
+    return names
