@@ -8,12 +8,21 @@ The public names of the core modules are re-exported here::
 
 from . import quantizers_functional, registry
 from .factories import call_factory
-from .folding import bn_scale_shift, fold_bn_params
+from .folding import bn_scale_shift, fold_batchnorm, fold_bn_params, freeze_bn_stats
 from .granularity import PER_TENSOR, Granularity, per_channel, per_group
 from .qmodules import SUPPORTED_ACTIVATIONS, QModule, QModuleState, QOp, QWrapper, iter_qmodules
 from .quantizers import AffineGrid, AffineQuantizer, QfmtQuantizer, Quantizer, RangeQuantizer
 from .quantizers_functional import affine_quantize, gradient_clip, qfmt_quantize, round_ste
-from .range_observers import BatchMinMax, ExpAvgMinMax, RangeObserver, RunningMinMax
+from .range_observers import (
+    BatchMinMax,
+    EntropyObserver,
+    ExpAvgMinMax,
+    HistogramRangeObserver,
+    MSEObserver,
+    PercentileObserver,
+    RangeObserver,
+    RunningMinMax,
+)
 from .registry import (
     list_observers,
     list_quantizers,
@@ -32,8 +41,12 @@ __all__ = [
     "AffineGrid",
     "AffineQuantizer",
     "BatchMinMax",
+    "EntropyObserver",
     "ExpAvgMinMax",
     "Granularity",
+    "HistogramRangeObserver",
+    "MSEObserver",
+    "PercentileObserver",
     "QModule",
     "QModuleState",
     "QOp",
@@ -46,7 +59,9 @@ __all__ = [
     "affine_quantize",
     "bn_scale_shift",
     "call_factory",
+    "fold_batchnorm",
     "fold_bn_params",
+    "freeze_bn_stats",
     "get_qmodule_states",
     "gradient_clip",
     "iter_qmodules",
