@@ -302,6 +302,22 @@ _GOLDEN = 0.6180339887498949
 _MAX_HIST_CELLS = 2**26  # ranges x bins; 512 MiB of float64 counts
 
 
+_SAMPLE_POSITIONS: dict[tuple[int, int, str], Tensor] = {}
+
+
+def _sample_positions(m: int, s: int, device: torch.device) -> Tensor:
+    """``s`` sorted positions in ``range(m)``: one per stratum of ``m / s``, golden-ratio offsets (cached)."""
+    key = (m, s, str(device))
+    idx = _SAMPLE_POSITIONS.get(key)
+    if idx is None:
+        if len(_SAMPLE_POSITIONS) > 256:
+            _SAMPLE_POSITIONS.clear()
+        k = torch.arange(s, dtype=torch.float64)
+        idx = torch.floor((k + torch.remainder(k * _GOLDEN, 1.0)) * (m / s)).long().clamp_(max=m - 1).to(device)
+        _SAMPLE_POSITIONS[key] = idx
+    return idx
+
+
 def _check_int(value: object, name: str, who: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{who}: {name} must be an int >= {low}, got {value!r}")
@@ -322,9 +338,10 @@ class HistogramRangeObserver(RangeObserver):
     a gather of at most ``max_samples`` values per range and a scatter-add into the
     histogram, all on the tensor's device and without host synchronisation beyond the
     base class's finiteness check. Values are sampled at the fixed positions
-    ``floor(frac(k * 0.618...) * M)``, ``k = 0 .. max_samples - 1`` (a golden-ratio
-    Weyl sequence over the ``M`` values of a range: deterministic, spread over the
-    whole tensor, no random state); ranges with at most ``max_samples`` values are
+    ``floor((k + frac(k * 0.618...)) * M / max_samples)``, ``k = 0 .. max_samples - 1``
+    (one value in each of ``max_samples`` equal strata of the ``M`` values of a range,
+    at a golden-ratio offset within the stratum so that no regular stride of the
+    tensor's layout aliases with it: deterministic, no random state); ranges with at most ``max_samples`` values are
     histogrammed in full, and ``max_samples=None`` always does so. The search that
     turns the histogram into ranges runs lazily, once, the first time
     :meth:`get_ranges` is called after new observations (the ranges are cached in
@@ -371,9 +388,9 @@ class HistogramRangeObserver(RangeObserver):
         self.register_buffer("hist", torch.empty(0, dtype=torch.float64))  # (R, bins) counts
         self.register_buffer("data_min", torch.empty(0))  # (R,) running min of x
         self.register_buffer("data_max", torch.empty(0))  # (R,) running max of x
+        self.register_buffer("zero_count", torch.empty(0, dtype=torch.float64))  # (R,) values exactly 0
         self._stale = False  # Python mirror of num_batches != ranges_version (no sync on read)
         self._skip_zeros = False  # subclasses may leave exact zeros out of the histogram
-        self._sample_index: dict[tuple[int, int, str], Tensor] = {}
 
     # ------------------------------------------------------------------ public API
     def get_ranges(self) -> tuple[Tensor, Tensor]:
@@ -397,6 +414,7 @@ class HistogramRangeObserver(RangeObserver):
         self.num_batches = torch.zeros((), dtype=torch.long, device=device)
         self.ranges_version = torch.zeros((), dtype=torch.long, device=device)
         self.hist = torch.empty(0, dtype=torch.float64, device=device)
+        self.zero_count = torch.empty(0, dtype=torch.float64, device=device)
         self._stale = False
 
     def histogram(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -428,6 +446,7 @@ class HistogramRangeObserver(RangeObserver):
         self.hist = torch.zeros(n_ranges, self.bins, dtype=torch.float64, device=device)
         self.data_min = torch.zeros(n_ranges, dtype=like.dtype, device=device)
         self.data_max = torch.zeros(n_ranges, dtype=like.dtype, device=device)
+        self.zero_count = torch.zeros(n_ranges, dtype=torch.float64, device=device)
         self.num_batches = torch.zeros((), dtype=torch.long, device=device)
         self.ranges_version = torch.zeros((), dtype=torch.long, device=device)
 
@@ -443,13 +462,16 @@ class HistogramRangeObserver(RangeObserver):
         old_lo, old_hi = self._edges(self.data_min, self.data_max)
         lo, hi = self._edges(new_min, new_max)
         hist = self._rebin(self.hist, old_lo, old_hi, lo, hi)  # (R, B); all zeros before the first batch
-        batch = self._batch_histogram(x, lo, hi)
+        batch, zeros = self._batch_histogram(x, lo, hi)  # (R, B), (R,)
         if self.distributed_sync:
             import torch.distributed as dist
 
             if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(batch, op=dist.ReduceOp.SUM, group=self.process_group)
+                both = torch.cat([batch, zeros[:, None]], 1)
+                dist.all_reduce(both, op=dist.ReduceOp.SUM, group=self.process_group)
+                batch, zeros = both[:, :-1], both[:, -1]
         self.hist = hist.add_(batch)
+        self.zero_count.add_(zeros)
         self.data_min.copy_(new_min)
         self.data_max.copy_(new_max)
         self.num_batches.add_(1)
@@ -471,15 +493,9 @@ class HistogramRangeObserver(RangeObserver):
         m = rows.shape[1]
         if self.max_samples is None or m <= self.max_samples:
             return rows
-        key = (m, self.max_samples, str(rows.device))
-        idx = self._sample_index.get(key)
-        if idx is None:
-            k = torch.arange(self.max_samples, dtype=torch.float64)
-            idx = torch.floor(torch.remainder(k * _GOLDEN, 1.0) * m).long().sort().values.to(rows.device)
-            self._sample_index[key] = idx
-        return rows.index_select(1, idx)  # (R, M) -> (R, max_samples)
+        return rows.index_select(1, _sample_positions(m, self.max_samples, rows.device))  # (R, M) -> (R, S)
 
-    def _batch_histogram(self, x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    def _batch_histogram(self, x: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
         rows = self._sample(self._rows(x)).to(lo.dtype)  # (R, S)
         if self.abs_values:
             rows = rows.abs()
@@ -492,10 +508,11 @@ class HistogramRangeObserver(RangeObserver):
             0, idx.reshape(-1), torch.ones((), dtype=torch.float64, device=idx.device).expand(idx.numel())
         )
         counts = counts.view(n_ranges, n_bins)
+        zeros = (rows == 0).sum(1).to(counts.dtype)  # (R,)
         if self._skip_zeros:  # zeros landed in the bin holding 0: take them out again
             zero_bin = ((0.0 - lo) * (n_bins / width)).floor_().clamp_(0, n_bins - 1).long()  # (R,)
-            counts.scatter_add_(1, zero_bin[:, None], -(rows == 0).sum(1, keepdim=True).to(counts.dtype))
-        return counts
+            counts.scatter_add_(1, zero_bin[:, None], -zeros[:, None])
+        return counts, zeros
 
     def _rebin(self, hist: Tensor, lo: Tensor, hi: Tensor, new_lo: Tensor, new_hi: Tensor) -> Tensor:
         n_bins = self.bins
@@ -595,15 +612,18 @@ class MSEObserver(HistogramRangeObserver):
 
     Candidates are the observed range shrunk by ``alpha`` in
     ``{1/n, 2/n, ..., 1}`` (``n = n_candidates``): ``[alpha * min, alpha * max]``.
-    Each is scored by the squared error that an :class:`~torchquant.AffineQuantizer`
-    with ``n_bits`` and ``symmetric`` (same grid rule: range relaxed to include 0,
-    ``zero_point`` rounded) makes on the histogram's bin centres, weighted by the
-    counts: rounding error inside the range and clipping error outside it, the
-    trade-off analysed by Banner et al. 2019 (ACIQ) and searched this way by
-    Choukroun et al. 2019 / Nagel et al. 2021 ("A white paper on neural network
-    quantization", section 3.4). The smallest error wins (the largest ``alpha``
-    on ties). The search runs vectorised over candidates and ranges (per channel:
-    all channels at once), lazily when ranges are read.
+    Each candidate's grid is the one an :class:`~torchquant.AffineQuantizer` with
+    ``n_bits`` and ``symmetric`` would build from it (range relaxed to include 0,
+    ``zero_point`` rounded, step ``delta``, edges ``g_lo``/``g_hi``), and its error
+    is the usual additive model (Banner et al. 2019, ACIQ; Nagel et al. 2021, "A
+    white paper on neural network quantization", section 3.4): uniform rounding
+    noise ``delta ** 2 / 12`` for every value inside ``[g_lo, g_hi]`` except exact
+    zeros (which the grid holds exactly, e.g. after a ReLU), plus the squared
+    distance to the nearer edge for every value outside, with values read from the
+    histogram's bin centres. The smallest error wins (the largest ``alpha`` on
+    ties). With prefix sums of the histogram every candidate costs O(1), so the
+    search is vectorised over candidates and ranges (per channel: all channels at
+    once) and runs lazily when ranges are read.
 
     Args:
         n_bits: bit-width of the quantizer the range is for.
@@ -645,31 +665,37 @@ class MSEObserver(HistogramRangeObserver):
         self.n_candidates = _check_int(n_candidates, "n_candidates", "MSEObserver", 1)
 
     def _ranges_from_histogram(self, hist: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-        n_ranges, n_bins = hist.shape
+        n_bins = hist.shape[1]
         n_levels = 2**self.n_bits
-        width = (hi - lo) / n_bins
-        centres = lo[:, None] + (torch.arange(n_bins, dtype=hist.dtype, device=hist.device) + 0.5) * width[:, None]
+        dt, dev = hist.dtype, hist.device
+        width = ((hi - lo) / n_bins).clamp(min=torch.finfo(dt).tiny)  # (R,)
+        centres = lo[:, None] + (torch.arange(n_bins, dtype=dt, device=dev) + 0.5) * width[:, None]  # (R, B)
+        zero = torch.zeros_like(hist[:, :1])
+        c0 = torch.cat([zero, hist.cumsum(1)], 1)  # (R, B+1): count of bins < j
+        c1 = torch.cat([zero, (hist * centres).cumsum(1)], 1)  # sum of values
+        c2 = torch.cat([zero, (hist * centres * centres).cumsum(1)], 1)  # sum of squares
         # largest alpha first, so that argmin keeps the widest range on ties
-        alphas = torch.arange(self.n_candidates, 0, -1, dtype=hist.dtype, device=hist.device) / self.n_candidates
-        best_err = torch.full((n_ranges,), torch.inf, dtype=hist.dtype, device=hist.device)
-        best_alpha = torch.ones(n_ranges, dtype=hist.dtype, device=hist.device)
-        chunk = max(1, 2**22 // (n_ranges * n_bins))
-        eps = torch.finfo(torch.float32).eps
-        for a in alphas.split(chunk):
-            mn = (a[:, None] * lo).clamp(max=0.0)[..., None]  # (K, R, 1)
-            mx = (a[:, None] * hi).clamp(min=0.0)[..., None]
-            if self.symmetric:
-                mx = torch.maximum(-mn, mx)
-                mn = -mx
-            delta = ((mx - mn) / (n_levels - 1)).clamp_(min=eps)
-            zp = torch.round(-mn / delta)
-            q = (torch.round(centres / delta) + zp).clamp_(0, n_levels - 1).sub_(zp).mul_(delta)  # (K, R, B)
-            err = ((q - centres) ** 2 * hist).sum(-1)  # (K, R)
-            k_err, k_idx = err.min(0)  # first minimum: largest alpha in the chunk
-            better = k_err < best_err
-            best_err = torch.where(better, k_err, best_err)
-            best_alpha = torch.where(better, a[k_idx], best_alpha)
-        return best_alpha * lo, best_alpha * hi
+        alphas = torch.arange(self.n_candidates, 0, -1, dtype=dt, device=dev) / self.n_candidates  # (K,)
+        mn = (alphas[:, None] * lo).clamp(max=0.0)  # (K, R)
+        mx = (alphas[:, None] * hi).clamp(min=0.0)
+        if self.symmetric:
+            mx = torch.maximum(-mn, mx)
+            mn = -mx
+        delta = ((mx - mn) / (n_levels - 1)).clamp_(min=torch.finfo(torch.float32).eps)
+        zp = torch.round(-mn / delta)
+        g_lo, g_hi = -zp * delta, (n_levels - 1 - zp) * delta  # grid edges (K, R)
+        # bins 0 .. j_lo-1 have centres below g_lo, bins j_hi .. B-1 above g_hi
+        j_lo = torch.ceil((g_lo - lo) / width - 0.5).clamp_(0, n_bins).long().T  # (R, K)
+        j_hi = (torch.floor((g_hi - lo) / width - 0.5) + 1).clamp_(0, n_bins).long().T
+        g_lo, g_hi, delta = g_lo.T, g_hi.T, delta.T  # (R, K)
+        n_lo, s_lo, q_lo = c0.gather(1, j_lo), c1.gather(1, j_lo), c2.gather(1, j_lo)
+        n_hi, s_hi, q_hi = c0.gather(1, j_hi), c1.gather(1, j_hi), c2.gather(1, j_hi)
+        clip_lo = q_lo - 2 * g_lo * s_lo + g_lo * g_lo * n_lo  # sum of (c - g_lo)^2 below
+        clip_hi = (c2[:, -1:] - q_hi) - 2 * g_hi * (c1[:, -1:] - s_hi) + g_hi * g_hi * (c0[:, -1:] - n_hi)
+        inside = (n_hi - n_lo - self.zero_count[:, None]).clamp_(min=0.0)
+        err = inside * delta * delta / 12 + clip_lo.clamp_(min=0.0) + clip_hi.clamp_(min=0.0)  # (R, K)
+        best = alphas[err.argmin(1)]  # (R,), first minimum: the largest alpha
+        return best * lo, best * hi
 
     def extra_repr(self) -> str:
         return f"n_bits={self.n_bits}, symmetric={self.symmetric}, {super().extra_repr()}"
@@ -760,42 +786,52 @@ class EntropyObserver(HistogramRangeObserver):
         return f"n_bits={self.n_bits}, skip_zeros={self._skip_zeros}, {super().extra_repr()}"
 
 
+_KL_INDEX: dict[tuple[int, int, str], tuple[Tensor, Tensor, Tensor]] = {}
+
+
+def _kl_groups(levels: int, n_bins: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Candidates ``i`` ``(I,)`` and the first/end bins ``(I * L,)`` of their ``L`` groups (cached)."""
+    key = (levels, n_bins, str(device))
+    if key not in _KL_INDEX:
+        i = torch.arange(levels, n_bins + 1, device=device)  # (I,)
+        edges = (torch.arange(levels + 1, device=device)[None, :] * i[:, None]) // levels  # (I, L+1)
+        _KL_INDEX[key] = (i, edges[:, :-1].reshape(-1), edges[:, 1:].reshape(-1))
+    return _KL_INDEX[key]
+
+
 def kl_divergences(hist: Tensor, levels: int) -> Tensor:
     """TensorRT's ``KL(P_i || Q_i)`` for every threshold bin ``i = levels .. B`` of counts ``(R, B)``.
 
     See :class:`EntropyObserver` for ``P_i`` and ``Q_i``. Returns ``(R, B - levels + 1)``,
-    column ``c`` for ``i = levels + c``. Computed from prefix sums: with
-    ``S_k``/``n_k`` a group's count and non-empty bins, ``C_i`` the count below bin
-    ``i`` and ``N`` the total, ``Q_j = S_k / (n_k C_i)`` and the sum over the
-    groups collapses to ``sum_k S_k log(S_k / (n_k C_i))``.
+    column ``c`` for ``i = levels + c``, in ``hist``'s dtype. Computed from prefix sums:
+    with ``S_k``/``n_k`` a group's count and non-empty bins, ``C_i`` the count below
+    bin ``i`` and ``N`` the total, ``Q_j = S_k / (n_k C_i)`` and the sum over the
+    bins of ``h_j log Q_j`` collapses to ``sum_k S_k log(S_k / n_k) - C_i log C_i``.
     """
-    hist = hist.to(torch.float64)
     n_rows, n_bins = hist.shape
-    dev = hist.device
-    zero = torch.zeros(n_rows, 1, dtype=hist.dtype, device=dev)
+    i, first, end = _kl_groups(levels, n_bins, hist.device)
+    n_cand = i.shape[0]
+    zero = torch.zeros_like(hist[:, :1])
     cum = torch.cat([zero, hist.cumsum(1)], 1)  # (R, B+1): cum[:, j] = count in bins < j
     nz = torch.cat([zero, (hist > 0).to(hist.dtype).cumsum(1)], 1)
     hlogh = torch.cat([zero, torch.special.xlogy(hist, hist).cumsum(1)], 1)
-    i = torch.arange(levels, n_bins + 1, device=dev)  # (I,) candidate thresholds
-    edges = (torch.arange(levels + 1, device=dev)[None, :] * i[:, None]) // levels  # (I, L+1)
-    e = edges.reshape(1, -1).expand(n_rows, -1)
-    s = cum.gather(1, e).view(n_rows, len(i), levels + 1).diff(dim=2)  # (R, I, L) group counts
-    n = nz.gather(1, e).view(n_rows, len(i), levels + 1).diff(dim=2)  # (R, I, L) non-empty bins
-    total = cum[:, -1:]  # (R, 1)
+    s = cum.index_select(1, end) - cum.index_select(1, first)  # (R, I*L) group counts S_k
+    n = (nz.index_select(1, end) - nz.index_select(1, first)).clamp_(min=1)  # non-empty bins n_k
+    group = torch.special.xlogy(s, s / n).view(n_rows, n_cand, levels)  # S_k log(S_k / n_k)
+    total = cum[:, -1:]  # (R, 1) N
     below = cum[:, i]  # (R, I) C_i
-    q_unnorm = s / n.clamp(min=1)  # (R, I, L) per-bin Q mass of each group before normalising
-    # sum_j h_j log Q_j over bins 0..i-1 = sum_k S_k log(S_k / (n_k C_i))
-    a = torch.special.xlogy(s, q_unnorm / below[..., None].clamp(min=1e-300)).sum(2)  # (R, I)
+    sum_h_log_q = group.sum(2) - torch.special.xlogy(below, below)  # sum_{j<i} h_j log Q_j
     h_last = hist[:, i - 1]  # (R, I)
-    q_last = torch.where(h_last > 0, q_unnorm[..., -1] / below.clamp(min=1e-300), 0.0)  # Q in bin i-1
+    s_last = s.view(n_rows, n_cand, levels)[..., -1]  # the last group holds bin i-1
+    n_last = n.view(n_rows, n_cand, levels)[..., -1]
+    q_last = torch.where(h_last > 0, s_last / (n_last * below.clamp(min=1e-30)), 0.0)  # Q in bin i-1
     p_last = (h_last + total - below) / total  # P in bin i-1: its count plus the outliers
-    log_n = torch.log(total)
-    # sum over j < i-1 of P_j log P_j and of P_j log Q_j
-    p_log_p = (hlogh[:, i - 1] - log_n * cum[:, i - 1]) / total
-    p_log_q = (a - torch.special.xlogy(h_last, q_last)) / total
+    # sum over j < i-1 of P_j log P_j and of P_j log Q_j (P_j = h_j / N there)
+    p_log_p = (hlogh[:, i - 1] - torch.log(total) * cum[:, i - 1]) / total
+    p_log_q = (sum_h_log_q - torch.special.xlogy(h_last, q_last)) / total
     last = torch.where(
         p_last > 0,
-        torch.where(q_last > 0, p_last * (torch.log(p_last) - torch.log(q_last.clamp(min=1e-300))), torch.inf),
+        torch.where(q_last > 0, p_last * (torch.log(p_last) - torch.log(q_last.clamp(min=1e-30))), torch.inf),
         0.0,
     )
     return p_log_p - p_log_q + last
