@@ -178,18 +178,6 @@ class QWrapper(QModule):
     the activation's output, fake-quantized by ``acts_quantizer`` in the modes
     that quantize activations.
 
-    Args:
-        layers: a module, a list or an ``nn.Sequential``: ``Linear``/``Conv1d``/
-            ``Conv2d``/``Conv3d``, optionally the matching ``BatchNorm``, optionally
-            one of :data:`SUPPORTED_ACTIVATIONS`.
-        weight_quantizer: quantizer for the layer's weight, or ``None`` (float weight).
-        acts_quantizer: quantizer for the output activations, or ``None``.
-        fold_bn: fold the BatchNorm into the layer's weight and bias before weight
-            quantization (Jacob et al. 2018, section 3.2; Krishnamoorthi 2018,
-            section 3.2), so the weight quantizer sees the weight that inference uses.
-            Needs a BatchNorm that tracks running statistics. See "BatchNorm folding"
-            below.
-
     BatchNorm folding. With ``fold_bn=True``, ``sigma = sqrt(running_var + eps)``,
     ``W_fold = W * gamma / sigma`` per output channel and ``Q`` the weight quantizer:
 
@@ -209,6 +197,23 @@ class QWrapper(QModule):
     * when the mode neither observes nor quantizes weights (``BYPASSED``, ``*_ACT_ONLY``)
       or there is no weight quantizer, the layer and BatchNorm run unfolded, as with
       ``fold_bn=False`` (BatchNorm in eval, or frozen, uses its running statistics).
+
+    Args:
+        layers: a module, a list or an ``nn.Sequential``: ``Linear``/``Conv1d``/
+            ``Conv2d``/``Conv3d``, optionally the matching ``BatchNorm``, optionally
+            one of :data:`SUPPORTED_ACTIVATIONS`.
+        weight_quantizer: quantizer for the layer's weight, or ``None`` (float weight).
+        acts_quantizer: quantizer for the output activations, or ``None``.
+        fold_bn: fold the BatchNorm into the layer's weight and bias before weight
+            quantization (Jacob et al. 2018, section 3.2; Krishnamoorthi 2018,
+            section 3.2), so the weight quantizer sees the weight that inference uses.
+            Needs a BatchNorm that tracks running statistics. See "BatchNorm folding"
+            above.
+
+    Raises:
+        TypeError: an unsupported layer sequence or a quantizer of the wrong type.
+        ValueError: ``fold_bn=True`` without a BatchNorm with running statistics, or
+            a BatchNorm whose size does not match the layer's outputs.
 
     Example:
         >>> import torch
