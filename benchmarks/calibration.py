@@ -8,9 +8,11 @@ test) and times a calibration pass: ``--batches`` batches of random
 ``torch.no_grad()``, then one ``get_ranges()`` per observer, which is where
 the histogram observers run their search. ``torch.set_num_threads(2)``, eager.
 
-Each observer is timed ``--rounds`` times, interleaved with the others, and the
-median is compared with the median of the min/max pass (``RunningMinMax``) of
-this same run. Target (issue 4): every observer <= 1.3x min/max.
+The passes of all observers are interleaved batch by batch (so that they share
+the machine's load), repeated ``--rounds`` times with fresh observers, and each
+observer's median is compared with the median of the min/max pass
+(``RunningMinMax``) of this same run, in wall-clock and in process CPU time.
+Target (issue 4): every observer <= 1.3x min/max.
 
     python benchmarks/calibration.py [--batches 20] [--rounds 3]
 """
@@ -48,17 +50,32 @@ def build(float_model: nn.Module, make_observer: Callable[[], tq.RangeObserver])
     return tq.quantize_model(copy.deepcopy(float_model), weights, acts)
 
 
-def calibrate_seconds(model: nn.Module, batches: list[torch.Tensor]) -> tuple[float, float]:
-    """Wall-clock and process CPU seconds of one calibration pass."""
-    observers = [m for m in model.modules() if isinstance(m, tq.RangeObserver)]
-    tq.set_qmodule_state(model, tq.QModuleState.CALIBRATION)
-    t, c = time.perf_counter(), time.process_time()
+def calibrate_interleaved(models: dict[str, nn.Module], batches: list[torch.Tensor]) -> dict[str, tuple[float, float]]:
+    """Wall-clock and process CPU seconds of one calibration pass of each model.
+
+    The passes are interleaved batch by batch (each batch runs through every model,
+    in an order that rotates), so that all observers see the same machine load.
+    """
+    wall = dict.fromkeys(models, 0.0)
+    cpu = dict.fromkeys(models, 0.0)
+    names = list(models)
+    for m in models.values():
+        tq.set_qmodule_state(m, tq.QModuleState.CALIBRATION)
     with torch.no_grad():
-        for x in batches:
-            model(x)
-        for o in observers:  # the lazy range search is part of the calibration cost
-            o.get_ranges()
-    return time.perf_counter() - t, time.process_time() - c
+        for i, x in enumerate(batches):
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                t, c = time.perf_counter(), time.process_time()
+                models[name](x)
+                wall[name] += time.perf_counter() - t
+                cpu[name] += time.process_time() - c
+        for name, m in models.items():  # the lazy range search is part of the calibration cost
+            t, c = time.perf_counter(), time.process_time()
+            for o in m.modules():
+                if isinstance(o, tq.RangeObserver):
+                    o.get_ranges()
+            wall[name] += time.perf_counter() - t
+            cpu[name] += time.process_time() - c
+    return {name: (wall[name], cpu[name]) for name in models}
 
 
 def main() -> None:
@@ -85,11 +102,9 @@ def main() -> None:
         float_model(batches[0])  # warm-up
     wall: dict[str, list[float]] = {name: [] for name in OBSERVERS}
     cpu: dict[str, list[float]] = {name: [] for name in OBSERVERS}
-    names = list(OBSERVERS)
-    for r in range(args.rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order each round
-            model = copy.deepcopy(models[name])  # fresh, unobserved
-            w, c = calibrate_seconds(model, batches)
+    for _ in range(args.rounds):
+        fresh = {name: copy.deepcopy(m) for name, m in models.items()}  # unobserved
+        for name, (w, c) in calibrate_interleaved(fresh, batches).items():
             wall[name].append(w)
             cpu[name].append(c)
     base_w = statistics.median(wall["minmax (RunningMinMax)"])
