@@ -102,9 +102,10 @@ def test_bn_size_mismatch():
         QWrapper([nn.Conv2d(2, 4, 1), nn.BatchNorm2d(3)])
 
 
-def test_fold_bn_is_not_silently_ignored():
-    with pytest.raises(NotImplementedError, match="fold_bn"):
-        QWrapper([nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4)], fold_bn=True)
+def test_fold_bn_without_batchnorm_raises():
+    # fold_bn=True works with a BatchNorm (tests/test_bn_folding.py) and is refused without one
+    with pytest.raises(ValueError, match=r"fold_bn.*Conv2d\+ReLU"):
+        QWrapper([nn.Conv2d(2, 4, 1), nn.ReLU()], fold_bn=True)
 
 
 def test_bad_quantizer_type():

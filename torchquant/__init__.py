@@ -24,12 +24,21 @@ from .baselines import (
 )
 from .convert import quantize_model
 from .factories import call_factory
-from .folding import bn_scale_shift, fold_bn_params
+from .folding import bn_scale_shift, fold_batchnorm, fold_bn_params, freeze_bn_stats
 from .granularity import PER_TENSOR, Granularity, per_channel, per_group
 from .qmodules import SUPPORTED_ACTIVATIONS, QModule, QModuleState, QOp, QWrapper, iter_qmodules
 from .quantizers import AffineGrid, AffineQuantizer, QfmtQuantizer, Quantizer, RangeQuantizer
 from .quantizers_functional import affine_quantize, gradient_clip, qfmt_quantize, round_ste
-from .range_observers import BatchMinMax, ExpAvgMinMax, RangeObserver, RunningMinMax
+from .range_observers import (
+    BatchMinMax,
+    EntropyObserver,
+    ExpAvgMinMax,
+    HistogramRangeObserver,
+    MSEObserver,
+    PercentileObserver,
+    RangeObserver,
+    RunningMinMax,
+)
 from .registry import (
     list_observers,
     list_quantizers,
@@ -52,14 +61,18 @@ __all__ = [
     "BinaryQuantizer",
     "DoReFaActQuantizer",
     "DoReFaWeightQuantizer",
+    "EntropyObserver",
     "ExpAvgMinMax",
     "Granularity",
+    "HistogramRangeObserver",
     "LSQPlusQuantizer",
     "LSQQuantizer",
+    "MSEObserver",
     "MXQuantizer",
     "MinifloatFormat",
     "MinifloatQuantizer",
     "PACTQuantizer",
+    "PercentileObserver",
     "QModule",
     "QModuleState",
     "QOp",
@@ -77,7 +90,9 @@ __all__ = [
     "debug",
     "distributed",
     "export",
+    "fold_batchnorm",
     "fold_bn_params",
+    "freeze_bn_stats",
     "get_qmodule_states",
     "gradient_clip",
     "iter_qmodules",

@@ -18,9 +18,11 @@ import enum
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .folding import fold_bn_params
 from .quantizers import Quantizer
 
 __all__ = ["SUPPORTED_ACTIVATIONS", "QModule", "QModuleState", "QOp", "QWrapper"]
@@ -176,14 +178,42 @@ class QWrapper(QModule):
     the activation's output, fake-quantized by ``acts_quantizer`` in the modes
     that quantize activations.
 
+    BatchNorm folding. With ``fold_bn=True``, ``sigma = sqrt(running_var + eps)``,
+    ``W_fold = W * gamma / sigma`` per output channel and ``Q`` the weight quantizer:
+
+    * training (``self.training``), statistics not frozen: a float pass
+      ``y = layer(x)`` (weight ``W``, bias ``b``) gives the batch statistics
+      ``mu_B``, ``sigma_B = sqrt(var_B + eps)`` (gradients flow through them as
+      through BatchNorm) and updates the running statistics as BatchNorm does
+      (momentum, unbiased variance, ``num_batches_tracked``); then
+      ``out = layer(x; Q(W_fold), no bias) * sigma / sigma_B + beta + gamma * (b - mu_B) / sigma_B``.
+      The factor ``sigma / sigma_B`` undoes the fold's running ``sigma`` so the output
+      is normalised with the batch statistics, exactly as BatchNorm in training,
+      while the quantizer always sees the weight folded with the running ``sigma``
+      (Krishnamoorthi 2018, figure 8).
+    * statistics frozen (:func:`~torchquant.freeze_bn_stats`) or eval:
+      ``out = layer(x; Q(W_fold), beta + gamma * (b - mu) / sigma)`` with the running
+      ``mu`` and ``sigma``, which are no longer updated.
+    * when the mode neither observes nor quantizes weights (``BYPASSED``, ``*_ACT_ONLY``)
+      or there is no weight quantizer, the layer and BatchNorm run unfolded, as with
+      ``fold_bn=False`` (BatchNorm in eval, or frozen, uses its running statistics).
+
     Args:
         layers: a module, a list or an ``nn.Sequential``: ``Linear``/``Conv1d``/
             ``Conv2d``/``Conv3d``, optionally the matching ``BatchNorm``, optionally
             one of :data:`SUPPORTED_ACTIVATIONS`.
         weight_quantizer: quantizer for the layer's weight, or ``None`` (float weight).
         acts_quantizer: quantizer for the output activations, or ``None``.
-        fold_bn: fold BatchNorm into the weights before weight quantization;
-            not implemented yet, and raises rather than being ignored.
+        fold_bn: fold the BatchNorm into the layer's weight and bias before weight
+            quantization (Jacob et al. 2018, section 3.2; Krishnamoorthi 2018,
+            section 3.2), so the weight quantizer sees the weight that inference uses.
+            Needs a BatchNorm that tracks running statistics. See "BatchNorm folding"
+            above.
+
+    Raises:
+        TypeError: an unsupported layer sequence or a quantizer of the wrong type.
+        ValueError: ``fold_bn=True`` without a BatchNorm with running statistics, or
+            a BatchNorm whose size does not match the layer's outputs.
 
     Example:
         >>> import torch
@@ -211,21 +241,31 @@ class QWrapper(QModule):
             if q is not None and not isinstance(q, Quantizer):
                 raise TypeError(f"QWrapper: {role} must be a Quantizer or None, got {type(q).__name__}")
         if fold_bn:
-            raise NotImplementedError("QWrapper: fold_bn=True is not implemented yet; use fold_bn=False")
+            names = "+".join(type(m).__name__ for m in (layer, bn, act) if m is not None)
+            if bn is None:
+                raise ValueError(f"QWrapper: fold_bn=True needs a BatchNorm after the layer, got {names}")
+            if bn.running_mean is None or bn.running_var is None:
+                raise ValueError(f"QWrapper: fold_bn=True needs running statistics, but {bn} tracks none")
         self.layer = layer
         self.bn = bn
         self.act = act
         self.weight_quantizer = weight_quantizer
         self.acts_quantizer = acts_quantizer
-        self.fold_bn = False
+        self.fold_bn = bool(fold_bn)
+        self._bn_frozen = False  # Python mirror of the bn_frozen buffer (no host sync in forward)
+        if self.fold_bn:
+            self.register_buffer("bn_frozen", torch.zeros((), dtype=torch.bool))
         self._name_quantizers(f"QWrapper[{self._describe()}]")
 
     def _describe(self) -> str:
         return "+".join(type(m).__name__ for m in (self.layer, self.bn, self.act) if m is not None)
 
     def quantized_weight(self) -> Tensor:
-        """The weight as the current mode uses it (quantized or float), without observing."""
-        w = self.layer.weight
+        """The weight as the current mode uses it (quantized or float), without observing.
+
+        With ``fold_bn=True`` this is the weight folded with the running statistics.
+        """
+        w = self.layer.weight if not self.fold_bn else self._folded_params()[0]
         if self.weight_quantizer is not None and self.qstate.is_weight_quantized:
             w = self.weight_quantizer(w)
         return w
@@ -237,6 +277,8 @@ class QWrapper(QModule):
         return layer._conv_forward(x, w, layer.bias)  # honours padding_mode, groups, dilation
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fold_bn:
+            return self._forward_folded(x)
         s = self.qstate
         w = self.layer.weight
         if self.weight_quantizer is not None:
@@ -250,7 +292,82 @@ class QWrapper(QModule):
             y = _run_quantizer(self.acts_quantizer, y, s.is_act_observed, s.is_act_quantized)
         return y
 
+    # ------------------------------------------------------------ BatchNorm folding
+    def set_bn_frozen(self, frozen: bool = True) -> None:
+        """Use (``True``) or stop using the running statistics in training; see :func:`~torchquant.freeze_bn_stats`.
+
+        Raises:
+            ValueError: this wrapper was built without ``fold_bn=True``.
+        """
+        if not self.fold_bn:
+            raise ValueError(f"QWrapper[{self._describe()}]: set_bn_frozen needs fold_bn=True")
+        self._bn_frozen = bool(frozen)
+        self.bn_frozen.fill_(self._bn_frozen)
+
+    def _folded_params(self) -> tuple[Tensor, Tensor]:
+        """Weight and bias with the running statistics folded in (:func:`~torchquant.fold_bn_params`)."""
+        return fold_bn_params(self.layer.weight, self.layer.bias, self.bn)
+
+    def _layer_with(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        layer = self.layer
+        if isinstance(layer, nn.Linear):
+            return F.linear(x, w, b)
+        return layer._conv_forward(x, w, b)
+
+    def _update_running_stats(self, mean_b: Tensor, var_b: Tensor, n: int) -> None:
+        # BatchNorm's rule: momentum (or the cumulative average when it is None), unbiased variance.
+        bn = self.bn
+        with torch.no_grad():
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+            f = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.mul_(1.0 - f).add_(mean_b.detach(), alpha=f)
+            bn.running_var.mul_(1.0 - f).add_(var_b.detach() * (n / max(n - 1, 1)), alpha=f)
+
+    def _forward_folded(self, x: Tensor) -> Tensor:
+        s = self.qstate
+        wq = self.weight_quantizer
+        bn = self.bn
+        if wq is None or not (s.is_weight_observed or s.is_weight_quantized):
+            y = self._layer_with(x, self.layer.weight, self.layer.bias)
+            if self._bn_frozen:
+                y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+            else:
+                y = bn(y)
+        elif self.training and not self._bn_frozen:
+            y_float = self._layer_with(x, self.layer.weight, self.layer.bias)  # (N, C, ...)
+            dims = [0, *range(2, y_float.dim())]
+            mean_b = y_float.mean(dims)  # (C,)
+            var_b = y_float.var(dims, unbiased=False)
+            self._update_running_stats(mean_b, var_b, y_float.numel() // y_float.shape[1])
+            w_fold, _ = self._folded_params()  # W * gamma / sigma, running sigma (just updated)
+            w_fold = _run_quantizer(wq, w_fold, s.is_weight_observed, s.is_weight_quantized)
+            gamma = bn.weight if bn.weight is not None else 1.0
+            beta = bn.bias if bn.bias is not None else 0.0
+            sigma = torch.sqrt(bn.running_var + bn.eps)
+            sigma_b = torch.sqrt(var_b + bn.eps)
+            b = self.layer.bias
+            bias = beta + gamma * ((-mean_b if b is None else b - mean_b) / sigma_b)  # (C,)
+            bshape = (1, -1, *([1] * (y_float.dim() - 2)))
+            y = self._layer_with(x, w_fold, None) * (sigma / sigma_b).reshape(bshape) + bias.reshape(bshape)
+        else:
+            w_fold, b_fold = self._folded_params()
+            w_fold = _run_quantizer(wq, w_fold, s.is_weight_observed, s.is_weight_quantized)
+            y = self._layer_with(x, w_fold, b_fold)
+        if self.act is not None:
+            y = self.act(y)
+        if self.acts_quantizer is not None:
+            y = _run_quantizer(self.acts_quantizer, y, s.is_act_observed, s.is_act_quantized)
+        return y
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if self.fold_bn:
+            self._bn_frozen = bool(self.bn_frozen)  # one host sync at load time
+
     def extra_repr(self) -> str:
+        if self.fold_bn:
+            return f"qstate={self.qstate.name}, fold_bn=True, bn_frozen={self._bn_frozen}"
         return f"qstate={self.qstate.name}"
 
 

@@ -1,0 +1,277 @@
+"""BatchNorm folding: QWrapper(fold_bn=True), freeze_bn_stats, fold_batchnorm."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import torchquant as tq
+from torchquant import AffineQuantizer, BatchMinMax, QModuleState, QWrapper, qmodule_state
+
+S = QModuleState
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(6, 5), nn.BatchNorm1d, (8, 6)),
+    "conv1d-nobias": (lambda: nn.Conv1d(3, 5, 3, stride=2, padding=1, bias=False), nn.BatchNorm1d, (4, 3, 9)),
+    "conv2d-grouped": (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.BatchNorm2d, (4, 4, 7, 7)),
+    "conv3d": (lambda: nn.Conv3d(2, 4, 2, padding=1), nn.BatchNorm3d, (2, 2, 4, 5, 5)),
+}
+
+
+def randomise_bn(bn):
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.3, 0.3)
+    return bn
+
+
+def make(kind, act=True, fold=True, n_bits=8):
+    ctor, bn_cls, shape = LAYERS[kind]
+    layer = ctor()
+    n_out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    seq = [layer, randomise_bn(bn_cls(n_out))] + ([nn.ReLU()] if act else [])
+    ref = nn.Sequential(*copy.deepcopy(seq))
+    w = QWrapper(seq, weight_quantizer=AffineQuantizer(n_bits, BatchMinMax(axis=0), symmetric=True), fold_bn=fold)
+    return w, ref, torch.randn(shape)
+
+
+def bshape(y):
+    return (1, -1, *([1] * (y.dim() - 2)))
+
+
+def test_fold_bn_params_hand_computed():
+    lin = nn.Linear(1, 2)
+    bn = nn.BatchNorm1d(2, eps=0.0)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[2.0], [-1.0]]))
+        lin.bias.copy_(torch.tensor([1.0, 0.5]))
+        bn.running_mean.copy_(torch.tensor([3.0, -1.0]))
+        bn.running_var.copy_(torch.tensor([4.0, 0.25]))
+        bn.weight.copy_(torch.tensor([0.5, 2.0]))
+        bn.bias.copy_(torch.tensor([0.1, -0.2]))
+    folded = tq.fold_batchnorm(nn.Sequential(lin, bn).eval())
+    # channel 0: s = 0.5 / 2 = 0.25, w = 0.5, b = (1 - 3) * 0.25 + 0.1 = -0.4
+    # channel 1: s = 2 / 0.5 = 4, w = -4, b = (0.5 + 1) * 4 - 0.2 = 5.8
+    assert torch.allclose(folded[0].weight, torch.tensor([[0.5], [-4.0]]))
+    assert torch.allclose(folded[0].bias, torch.tensor([-0.4, 5.8]))
+    assert isinstance(folded[1], nn.Identity)
+    assert isinstance(bn, nn.BatchNorm1d) and lin.weight[0, 0] == 2.0  # the original is untouched
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_eval_folded_equals_float_conv_bn(kind):
+    w, ref, x = make(kind)
+    w.eval(), ref.eval()
+    y_ref = ref(x)
+    assert torch.equal(w(x), y_ref)  # bypassed: layers run unfolded
+    with qmodule_state(w, S.CALIBRATION_WEIGHT_ONLY):  # folded path, weight observed, not quantized
+        assert torch.allclose(w(x), y_ref, atol=1e-5)
+        # the weight quantizer saw the folded weight
+        w_fold, _ = tq.fold_bn_params(ref[0].weight, ref[0].bias, ref[1])
+        mn, mx = w.weight_quantizer.range_observer.get_ranges()
+        assert torch.allclose(mx.flatten(), w_fold.flatten(1).max(1).values)
+        assert torch.allclose(mn.flatten(), w_fold.flatten(1).min(1).values)
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_eval_quantized_uses_quantized_folded_weight(kind):
+    w, ref, x = make(kind, act=False, n_bits=4)
+    w.eval(), ref.eval()
+    w_fold, b_fold = tq.fold_bn_params(ref[0].weight, ref[0].bias, ref[1])
+    q = AffineQuantizer(4, BatchMinMax(axis=0), symmetric=True)
+    q.pre_observe(w_fold)
+    expected = w._layer_with(x, q(w_fold), b_fold)
+    with qmodule_state(w, S.QUANT_AWARE_TRAIN):
+        y = w(x)
+    assert torch.allclose(y, expected, atol=1e-5)
+    assert torch.allclose(w.quantized_weight(), w_fold, atol=1e-6)  # BYPASSED now: float folded weight
+    with qmodule_state(w, S.QUANT_EVAL):
+        assert torch.allclose(w.quantized_weight(), q(w_fold), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_training_matches_batchnorm_and_updates_running_stats(kind):
+    w, ref, x = make(kind)
+    w.train(), ref.train()
+    with qmodule_state(w, S.CALIBRATION_WEIGHT_ONLY):  # weights folded and observed, not quantized
+        y = w(x)
+    assert torch.allclose(y, ref(x), atol=1e-5)  # batch statistics, as BatchNorm in training
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.allclose(getattr(w.bn, name), getattr(ref[1], name), atol=1e-6), name
+
+
+def test_training_formula_quantized_hand_computed():
+    """Krishnamoorthi 2018 fig. 8: conv(x, Q(W g / sigma)) * sigma / sigma_B + beta + g (b - mu_B) / sigma_B."""
+    w, ref, x = make("conv2d-grouped", act=False, n_bits=3)
+    w.train()
+    bn = ref[1]
+    y_float = ref[0](x)
+    mu_b = y_float.mean((0, 2, 3))
+    var_b = y_float.var((0, 2, 3), unbiased=False)
+    n = y_float.numel() / y_float.shape[1]
+    m = bn.momentum
+    run_var = (1 - m) * bn.running_var + m * var_b * n / (n - 1)
+    sigma, sigma_b = torch.sqrt(run_var + bn.eps), torch.sqrt(var_b + bn.eps)
+    w_fold = ref[0].weight * (torch.rsqrt(run_var + bn.eps) * bn.weight).reshape(-1, 1, 1, 1)
+    q = AffineQuantizer(3, BatchMinMax(axis=0), symmetric=True)
+    q.pre_observe(w_fold)
+    conv = ref[0]._conv_forward(x, q(w_fold), None)
+    expected = conv * (sigma / sigma_b).reshape(bshape(conv)) + (
+        bn.bias + bn.weight * (ref[0].bias - mu_b) / sigma_b
+    ).reshape(bshape(conv))
+    with qmodule_state(w, S.QUANT_AWARE_TRAIN):
+        y = w(x)
+    assert torch.allclose(y, expected, atol=1e-5)
+    assert torch.allclose(w.bn.running_var, run_var)
+    assert torch.allclose(w.weight_quantizer.range_observer.get_ranges()[1].flatten(), w_fold.flatten(1).amax(1))
+
+
+def test_qat_training_step_runs_and_learns():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        QWrapper(
+            [nn.Conv2d(3, 8, 3, padding=1), randomise_bn(nn.BatchNorm2d(8)), nn.ReLU()],
+            AffineQuantizer(4, BatchMinMax(axis=0), symmetric=True),
+            AffineQuantizer(8, tq.ExpAvgMinMax()),
+            fold_bn=True,
+        ),
+        nn.Flatten(),
+        QWrapper([nn.Linear(8 * 4 * 4, 4), nn.BatchNorm1d(4)], AffineQuantizer(4, BatchMinMax(axis=0)), fold_bn=True),
+    ).train()
+    tq.set_qmodule_state(model, S.QUANT_AWARE_TRAIN)
+    x, target = torch.randn(16, 3, 4, 4), torch.randint(0, 4, (16,))
+    before = model[0].bn.running_mean.clone()
+    losses = []
+    for _ in range(5):
+        model.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        with torch.no_grad():  # plain SGD (torch.optim would import torch._dynamo: slow)
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert not torch.equal(model[0].bn.running_mean, before)
+    assert model[0].bn.num_batches_tracked.item() == 5
+    for p in (model[0].layer.weight, model[0].bn.weight, model[0].bn.bias, model[2].layer.bias):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_freeze_bn_stats_uses_and_keeps_running_stats():
+    w, ref, x = make("conv2d-grouped", n_bits=4)
+    model = nn.Sequential(w).train()
+    assert tq.freeze_bn_stats(model) == 1
+    stats = {k: v.clone() for k, v in w.bn.named_buffers()}
+    with qmodule_state(model, S.QUANT_AWARE_TRAIN):
+        y_train = model(x)
+        model.eval()
+        y_eval = model(x)
+    assert torch.equal(y_train, y_eval)  # frozen training = eval formula
+    for k, v in w.bn.named_buffers():
+        assert torch.equal(v, stats[k]), k  # no update
+    with qmodule_state(model, S.BYPASSED):  # unfolded path frozen too
+        model.train()
+        assert torch.allclose(model(x), ref.eval()(x), atol=1e-6)
+    assert torch.equal(w.bn.running_mean, stats["running_mean"])
+    tq.freeze_bn_stats(model, frozen=False)
+    with qmodule_state(model, S.QUANT_AWARE_TRAIN):
+        model(x)
+    assert not torch.equal(w.bn.running_mean, stats["running_mean"])
+
+
+def test_freeze_without_folded_wrappers_raises():
+    with pytest.raises(ValueError, match="fold_bn=True"):
+        tq.freeze_bn_stats(nn.Sequential(QWrapper([nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)])))
+
+
+def test_state_dict_round_trip_keeps_frozen_flag():
+    w, _, x = make("conv1d-nobias")
+    w.train()
+    with qmodule_state(w, S.QUANT_AWARE_TRAIN):
+        w(x)
+    w.set_bn_frozen(True)
+    buf = io.BytesIO()
+    torch.save(w.state_dict(), buf)
+    buf.seek(0)
+    fresh, _, _ = make("conv1d-nobias")
+    fresh.load_state_dict(torch.load(buf, weights_only=True), strict=True)
+    assert fresh._bn_frozen and bool(fresh.bn_frozen)
+    fresh.eval(), w.eval()
+    with qmodule_state(w, S.QUANT_EVAL), qmodule_state(fresh, S.QUANT_EVAL):
+        assert torch.equal(w(x), fresh(x))
+    # fold_bn=False state dicts are unchanged (no bn_frozen key)
+    plain = QWrapper([nn.Conv1d(3, 5, 3), nn.BatchNorm1d(5)])
+    assert "bn_frozen" not in plain.state_dict()
+
+
+def test_bad_fold_bn_configurations():
+    with pytest.raises(ValueError, match="fold_bn=True needs a BatchNorm"):
+        QWrapper(nn.Linear(2, 2), fold_bn=True)
+    with pytest.raises(ValueError, match="running statistics"):
+        QWrapper([nn.Linear(2, 2), nn.BatchNorm1d(2, track_running_stats=False)], fold_bn=True)
+    with pytest.raises(ValueError, match="set_bn_frozen needs fold_bn=True"):
+        QWrapper([nn.Linear(2, 2), nn.BatchNorm1d(2)]).set_bn_frozen()
+
+
+def test_fold_batchnorm_qwrappers_and_sequentials():
+    torch.manual_seed(0)
+    folded_w, _, _ = make("conv2d-grouped")
+    plain_w = QWrapper([nn.Conv2d(6, 6, 1), randomise_bn(nn.BatchNorm2d(6))], AffineQuantizer(8, BatchMinMax(axis=0)))
+    model = nn.Sequential(
+        folded_w,
+        plain_w,
+        nn.Sequential(nn.Conv2d(6, 4, 1, bias=False), randomise_bn(nn.BatchNorm2d(4)), nn.ReLU()),
+        nn.Sequential(nn.ConvTranspose2d(4, 3, 2, stride=2), randomise_bn(nn.BatchNorm2d(3))),
+        nn.BatchNorm2d(3),  # follows no layer inside its Sequential: stays
+    ).eval()
+    randomise_bn(model[4])
+    x = torch.randn(2, 4, 6, 6)
+    f = tq.fold_batchnorm(model)
+    assert torch.allclose(f(x), model(x), atol=1e-5)
+    assert f[0].bn is None and not f[0].fold_bn and "bn_frozen" not in f[0].state_dict()
+    assert f[1].bn is None and f[1].layer.bias is not None
+    assert isinstance(f[2][1], nn.Identity) and f[2][0].bias is not None
+    assert isinstance(f[3][1], nn.Identity)
+    assert isinstance(f[4], nn.BatchNorm2d)
+    assert model[0].bn is not None  # deep copy: the original keeps its BatchNorms
+    with qmodule_state(f, S.CALIBRATION), qmodule_state(model, S.CALIBRATION):
+        assert torch.allclose(f(x), model(x), atol=1e-5)
+
+
+class AttrNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = randomise_bn(nn.BatchNorm2d(4))
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.bn2 = randomise_bn(nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        y = self.conv2(torch.relu(self.bn(self.conv(x))))
+        return self.bn2(y) + y  # conv2's output has two users: bn2 must stay
+
+
+def test_fold_batchnorm_traced():
+    model = AttrNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert isinstance(tq.fold_batchnorm(model).bn, nn.BatchNorm2d)  # not in a Sequential: untouched
+    f = tq.fold_batchnorm(model, trace=True)
+    assert isinstance(f, torch.fx.GraphModule)
+    kept = [n for n, m in f.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert kept == ["bn2"]
+    assert torch.allclose(f(x), model(x), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torch_compile_folded_wrapper():
+    w, _, x = make("conv2d-grouped", n_bits=4)
+    w.train()
+    tq.set_qmodule_state(w, S.QUANT_AWARE_TRAIN)
+    eager = copy.deepcopy(w)
+    compiled = torch.compile(w)
+    assert torch.allclose(compiled(x), eager(x), atol=1e-5)
+    assert torch.allclose(w.bn.running_var, eager.bn.running_var)
