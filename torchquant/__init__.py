@@ -6,7 +6,7 @@ The public names of the core modules are re-exported here::
     q = tq.AffineQuantizer(8, tq.ExpAvgMinMax())
 """
 
-from . import debug, distributed, export, quantizers_functional, registry
+from . import distributed, quantizers_functional, registry
 from .baselines import (
     FORMATS,
     BinaryQuantizer,
@@ -50,6 +50,20 @@ from .registry import (
 from .utils import get_qmodule_states, qmodule_state, set_qmodule_state
 
 __version__ = "0.1.0"
+
+# Submodules that need optional packages (numpy, onnx, matplotlib) load on first use,
+# so `import torchquant` needs torch alone.
+_LAZY_SUBMODULES = ("debug", "export", "ptq")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'torchquant' has no attribute {name!r}")
 
 __all__ = [
     "FORMATS",

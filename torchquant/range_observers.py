@@ -358,7 +358,8 @@ class HistogramRangeObserver(RangeObserver):
         bins: histogram bins per range.
         max_samples: most values per range histogrammed per batch, or ``None`` for all.
         abs_values: histogram ``|x|`` over ``[0, max |x|]`` instead of ``x`` over ``[min, max]``.
-        axis, group_size: granularity, as in :class:`RangeObserver`.
+        axis: granularity axis, as in :class:`RangeObserver`.
+        group_size: granularity group size, as in :class:`RangeObserver`.
 
     Raises:
         ValueError: ``bins`` < 2 or ``max_samples`` < 1.
@@ -576,13 +577,15 @@ class PercentileObserver(HistogramRangeObserver):
 
     Args:
         percentile: ``p`` in ``(50, 100]``; the range is ``[P_{100-p}, P_p]``.
-        bins, max_samples: histogram, as in :class:`HistogramRangeObserver`.
-        axis, group_size: granularity, as in :class:`RangeObserver`.
+        bins: histogram bins, as in :class:`HistogramRangeObserver`.
+        max_samples: values histogrammed per batch, as in :class:`HistogramRangeObserver`.
+        axis: granularity axis, as in :class:`RangeObserver`.
+        group_size: granularity group size, as in :class:`RangeObserver`.
 
     Raises:
         ValueError: ``percentile`` outside ``(50, 100]``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> o = PercentileObserver(99.0)
         >>> o.observe_batch(torch.cat([torch.linspace(-1, 1, 999), torch.tensor([100.0])]))
@@ -635,13 +638,15 @@ class MSEObserver(HistogramRangeObserver):
         n_bits: bit-width of the quantizer the range is for.
         symmetric: whether that quantizer is symmetric.
         n_candidates: number of shrink factors tried.
-        bins, max_samples: histogram, as in :class:`HistogramRangeObserver`.
-        axis, group_size: granularity, as in :class:`RangeObserver`.
+        bins: histogram bins, as in :class:`HistogramRangeObserver`.
+        max_samples: values histogrammed per batch, as in :class:`HistogramRangeObserver`.
+        axis: granularity axis, as in :class:`RangeObserver`.
+        group_size: granularity group size, as in :class:`RangeObserver`.
 
     Raises:
         ValueError: ``n_bits`` outside 1..16 or ``n_candidates`` < 1.
 
-    Example:
+    Examples:
         >>> import torch
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>
@@ -738,13 +743,15 @@ class EntropyObserver(HistogramRangeObserver):
     Args:
         n_bits: bit-width of the quantizer the range is for.
         skip_zeros: leave values equal to 0 out of the histogram.
-        bins, max_samples: histogram, as in :class:`HistogramRangeObserver`.
-        axis, group_size: granularity, as in :class:`RangeObserver`.
+        bins: histogram bins, as in :class:`HistogramRangeObserver`.
+        max_samples: values histogrammed per batch, as in :class:`HistogramRangeObserver`.
+        axis: granularity axis, as in :class:`RangeObserver`.
+        group_size: granularity group size, as in :class:`RangeObserver`.
 
     Raises:
         ValueError: ``n_bits`` < 1 or ``bins`` < ``2 ** n_bits``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>

@@ -30,7 +30,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from torch import Tensor, nn
 
 from ..quantizers import AffineGrid, Quantizer
 from ._common import quant_points
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = ["onnx_type_for_grid", "to_onnx"]
 
@@ -190,7 +193,7 @@ def to_onnx(
     output_names: Sequence[str] | None = None,
     dynamic_batch: bool = True,
     signed_weights: bool = False,
-):
+) -> onnx.ModelProto:
     """Export a quantized model to ONNX with QuantizeLinear/DequantizeLinear pairs.
 
     Every quantizer of every QModule becomes a quantization point: activations
