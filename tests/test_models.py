@@ -140,7 +140,7 @@ def test_quant_aware_train_gives_every_parameter_a_finite_gradient(name):
 
 @pytest.mark.parametrize("name", list(FULL))
 def test_deepcopy_and_strict_state_dict_round_trip(name):
-    net, fused, shape = _convert(name)
+    _, fused, shape = _convert(name)
     x = torch.randn(shape)
     with tq.qmodule_state(fused, S.CALIBRATION), torch.no_grad():
         fused(x)
@@ -226,14 +226,14 @@ def test_fc_overrides_and_head_argument_checks():
     assert calls["pool"] == (nn.AdaptiveAvgPool2d, "avgpool")
     assert fused.avgpool.acts_quantizer.n_bits == 6
     assert fused.fc.weight_quantizer.n_bits == 3 and fused.fc.acts_quantizer.n_bits == 8  # acts falls back
-    with pytest.raises(ValueError, match="avg_pool_quantizer.*quantize_fc=False"):
+    with pytest.raises(ValueError, match=r"avg_pool_quantizer.*quantize_fc=False"):
         FusedResNet(net, weights_8bit, acts_8bit, avg_pool_quantizer=acts_8bit)
     with pytest.raises(ValueError, match="include_top"):
         FusedEfficientNet(EfficientNet.from_name("efficientnet-b0", include_top=False), None, None, quantize_fc=True)
 
 
 def test_bad_inputs_raise_clear_errors():
-    with pytest.raises(TypeError, match="FusedResNet: expected a torchvision.models.ResNet"):
+    with pytest.raises(TypeError, match=r"FusedResNet: expected a torchvision\.models\.ResNet"):
         FusedResNet(torchvision.models.mobilenet_v2(), weights_8bit, acts_8bit)
     with pytest.raises(TypeError, match="FusedMobileNetV2: expected"):
         FusedMobileNetV2(torchvision.models.resnet18(), weights_8bit, acts_8bit)
