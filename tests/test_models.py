@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import torchquant as tq
-from torchquant.models import FusedEfficientNet, FusedMobileNetV2, FusedResNet, SamePad2d
+import torchquant.models as torchquant_models
+from torchquant.models import FusedEfficientNet, FusedMobileNetV2, FusedMobileNetV3, FusedResNet, SamePad2d
 
 torchvision = pytest.importorskip("torchvision")
 efficientnet_pytorch = pytest.importorskip("efficientnet_pytorch")
@@ -48,6 +49,11 @@ def acts_8bit(module):
 FULL = {
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), FusedResNet, (2, 3, 32, 32)),
     "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), FusedMobileNetV2, (2, 3, 32, 32)),
+    "mobilenet_v3_small": (
+        lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
+        FusedMobileNetV3,
+        (2, 3, 32, 32),
+    ),
     "efficientnet-b0": (
         lambda: EfficientNet.from_name("efficientnet-b0", num_classes=10),
         FusedEfficientNet,
@@ -316,6 +322,25 @@ def test_mobilenet_structure():
     assert [type(m).__name__ for m in fused.features[2].conv] == ["QWrapper"] * 3
     assert fused.features[2].add is None and fused.features[3].add is not None
     assert fused.classifier[1] is net.classifier[1]
+
+
+def test_mobilenet_v3_squeeze_excitation_and_classifier():
+    net = torchvision.models.mobilenet_v3_small(num_classes=10)
+    fused = FusedMobileNetV3(net, weights_8bit, acts_8bit, quantize_fc=True)
+    se = fused.features[1].block[1]
+    assert isinstance(se.scale.op, torchquant_models.GatedScale)  # Hardsigmoid cannot be fused: it gates in the QOp
+    assert se.scale.op.activation is net.features[1].block[1].scale_activation
+    assert isinstance(fused.classifier[0].act, nn.Hardswish) and isinstance(fused.classifier[1], nn.Identity)
+    assert fused.classifier[3].layer is net.classifier[3]
+
+
+@pytest.mark.slow
+def test_mobilenet_v3_large_converts_bypassed_equal():
+    net = torchvision.models.mobilenet_v3_large(num_classes=10).eval()
+    fused = FusedMobileNetV3(net, weights_8bit, acts_8bit, quantize_fc=True).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad(), tq.qmodule_state(fused, S.CALIBRATION):
+        assert torch.allclose(fused(x), net(x), atol=1e-5)
 
 
 def test_import_torchquant_imports_no_optional_package():

@@ -8,7 +8,6 @@ Zagoruyko & Komodakis, "Wide Residual Networks", BMVC 2016.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..factories import QuantizerFactory
@@ -18,8 +17,8 @@ __all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedResNet"]
 
 
 def add_relu(x: Tensor, y: Tensor) -> Tensor:
-    """``relu(x + y)``: the end of a residual block."""
-    return F.relu(x + y)
+    """``relu(x + y)``: the end of a residual block (one allocation: the ReLU runs in place on the sum)."""
+    return torch.add(x, y).relu_()
 
 
 class FusedBasicBlock(nn.Module):
