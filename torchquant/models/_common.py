@@ -1,0 +1,146 @@
+"""Shared plumbing of the hand-written model converters.
+
+:class:`_Builder` turns the user's quantizer factories into QWrappers and QOps,
+naming each quantization point by its qualified name in the converted model,
+and :func:`_import_optional` imports torchvision / efficientnet_pytorch lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from types import ModuleType
+
+from torch import Tensor, nn
+
+from ..factories import QuantizerFactory, call_factory
+from ..qmodules import QOp, QWrapper
+
+__all__: list[str] = []
+
+
+def _import_optional(module: str, who: str) -> ModuleType:
+    """Import ``module`` (e.g. ``"torchvision.models.resnet"``) or raise an ImportError naming the extra."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        top = module.split(".")[0]
+        raise ImportError(
+            f"{who} needs the optional package {top!r}, which is not installed: pip install torchquant[vision]"
+        ) from e
+
+
+class _Builder:
+    """Calls the factories for each quantization point of a converted model.
+
+    Args:
+        who: the converter's class name, for error messages.
+        weight_quantizer: factory for layer weights.
+        acts_quantizer: factory for output activations.
+        fold_bn: passed to every QWrapper that holds a BatchNorm.
+    """
+
+    def __init__(
+        self,
+        who: str,
+        weight_quantizer: QuantizerFactory | None,
+        acts_quantizer: QuantizerFactory | None,
+        fold_bn: bool,
+    ) -> None:
+        for role, f in (("weight_quantizer", weight_quantizer), ("acts_quantizer", acts_quantizer)):
+            if f is not None and (isinstance(f, nn.Module) or not callable(f)):
+                raise TypeError(
+                    f"{who}: {role} must be a factory (module) -> Quantizer or (module, name) -> Quantizer, "
+                    f"got {type(f).__name__}; e.g. lambda module: AffineQuantizer(8, BatchMinMax(axis=0))"
+                )
+        if not isinstance(fold_bn, bool):
+            raise TypeError(f"{who}: fold_bn must be a bool, got {fold_bn!r}")
+        self.who = who
+        self.weight_quantizer = weight_quantizer
+        self.acts_quantizer = acts_quantizer
+        self.fold_bn = fold_bn
+
+    def wrap(
+        self,
+        layers: Sequence[nn.Module],
+        name: str,
+        *,
+        factory_module: nn.Module | None = None,
+        weight_quantizer: QuantizerFactory | None = None,
+        acts_quantizer: QuantizerFactory | None = None,
+    ) -> QWrapper:
+        """A QWrapper around ``layers`` (layer, optional BN, optional activation).
+
+        The factories (the builder's, unless overridden) are called with
+        ``factory_module`` (default: the layer) and ``name``.
+        """
+        layers = list(layers)
+        module = layers[0] if factory_module is None else factory_module
+        wf = self.weight_quantizer if weight_quantizer is None else weight_quantizer
+        af = self.acts_quantizer if acts_quantizer is None else acts_quantizer
+        has_bn = len(layers) > 1 and isinstance(layers[1], nn.modules.batchnorm._BatchNorm)
+        return QWrapper(
+            layers,
+            weight_quantizer=call_factory(wf, module, name, "weight_quantizer"),
+            acts_quantizer=call_factory(af, module, name, "acts_quantizer"),
+            fold_bn=self.fold_bn and has_bn,
+        )
+
+    def op(
+        self,
+        op: Callable[..., Tensor],
+        module: nn.Module,
+        name: str,
+        *,
+        acts_quantizer: QuantizerFactory | None = None,
+    ) -> QOp:
+        """A QOp around ``op``; the acts factory is called with ``module`` and ``name``."""
+        af = self.acts_quantizer if acts_quantizer is None else acts_quantizer
+        return QOp(op, acts_quantizer=call_factory(af, module, name, "acts_quantizer"))
+
+
+def _check_head_args(
+    who: str,
+    quantize_fc: bool,
+    avg_pool_quantizer: QuantizerFactory | None,
+    fc_weight_quantizer: QuantizerFactory | None,
+    fc_acts_quantizer: QuantizerFactory | None,
+) -> None:
+    if not quantize_fc:
+        given = [
+            n
+            for n, f in (
+                ("avg_pool_quantizer", avg_pool_quantizer),
+                ("fc_weight_quantizer", fc_weight_quantizer),
+                ("fc_acts_quantizer", fc_acts_quantizer),
+            )
+            if f is not None
+        ]
+        if given:
+            raise ValueError(
+                f"{who}: {', '.join(given)} given with quantize_fc=False, where the pooling and the classifier "
+                "stay in float; pass quantize_fc=True to use them"
+            )
+
+
+def _plain_conv2d(conv: nn.Conv2d, padding: tuple[int, int] | int = 0) -> nn.Conv2d:
+    """An ``nn.Conv2d`` of ``conv``'s geometry with ``padding``, holding ``conv``'s own Parameters.
+
+    Used for convolutions that subclass ``nn.Conv2d`` but pad in their own
+    ``forward`` (efficientnet_pytorch's same-padding convolutions); the padding
+    is then done by a separate module before the QWrapper.
+    """
+    plain = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,  # type: ignore[arg-type]
+        stride=tuple(conv.stride),  # type: ignore[arg-type]
+        padding=padding,
+        dilation=conv.dilation,  # type: ignore[arg-type]
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        device="meta",
+    )
+    plain.weight = conv.weight  # the float model's own tensors, not copies
+    plain.bias = conv.bias
+    return plain
