@@ -58,13 +58,10 @@ def _fake_quant(x: Tensor, delta: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     delta = delta.to(dt)
     out = torch.div(x.to(dt), delta)
     out.round_()
-    if lo.dim() == 0 and hi.dim() == 0:
-        # Per-tensor: clamp_ with 0-d tensor bounds is one vectorised pass (two for maximum + minimum).
-        out.clamp_(lo.to(dt), hi.to(dt))
-    else:
-        # maximum/minimum with out= are vectorised for broadcast bounds; clamp_ with tensor bounds is not.
-        torch.maximum(out, lo.to(dt), out=out)
-        torch.minimum(out, hi.to(dt), out=out)
+    # maximum/minimum with out= are vectorised for tensor bounds; clamp_ with tensor bounds
+    # (even 0-d ones) is not: on a 16M-element tensor, 16 ms for both against 32 ms for clamp_.
+    torch.maximum(out, lo.to(dt), out=out)
+    torch.minimum(out, hi.to(dt), out=out)
     out.mul_(delta)
     return out.to(x.dtype)
 
