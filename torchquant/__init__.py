@@ -7,7 +7,7 @@ The public names of the core modules are re-exported here::
 """
 
 from . import quantizers_functional, registry
-from .convert import quantize_model
+from .convert import FunctionalOp, FxTraceError, quantize_model
 from .factories import call_factory
 from .folding import bn_scale_shift, fold_bn_params
 from .granularity import PER_TENSOR, Granularity, per_channel, per_group
@@ -23,6 +23,7 @@ from .registry import (
     register_observer,
     register_quantizer,
 )
+from .summary import print_summary, summary, summary_rows
 from .utils import get_qmodule_states, qmodule_state, set_qmodule_state
 
 __version__ = "0.1.0"
@@ -34,6 +35,8 @@ __all__ = [
     "AffineQuantizer",
     "BatchMinMax",
     "ExpAvgMinMax",
+    "FunctionalOp",
+    "FxTraceError",
     "Granularity",
     "QModule",
     "QModuleState",
@@ -57,6 +60,7 @@ __all__ = [
     "make_quantizer",
     "per_channel",
     "per_group",
+    "print_summary",
     "qfmt_quantize",
     "qmodule_state",
     "quantize_model",
@@ -66,4 +70,6 @@ __all__ = [
     "registry",
     "round_ste",
     "set_qmodule_state",
+    "summary",
+    "summary_rows",
 ]
