@@ -203,7 +203,7 @@ def test_light_contract(name):
 def test_torch_compile(name):
     build, shape, method = FULL[name]
     x = _input(shape)
-    net, q = _build_and_convert(build, method)
+    _, q = _build_and_convert(build, method)
     with tq.qmodule_state(q, S.CALIBRATION), torch.no_grad():
         q(x)
     tq.set_qmodule_state(q, S.QUANT_EVAL)
