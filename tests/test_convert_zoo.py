@@ -68,6 +68,21 @@ def tv_swin():
     return SwinTransformer([4, 4], 16, [1, 1], [2, 2], [4, 4], block=SwinTransformerBlockV2)
 
 
+def tv_convnext():
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    return ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)])
+
+
+def tv_maxvit():
+    from torchvision.models import MaxVit
+
+    return MaxVit(
+        input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[8, 16], block_layers=[1, 1],
+        head_dim=4, stochastic_depth_prob=0.0,
+    )  # fmt: skip
+
+
 def tm(name, **kw):
     def build():
         import timm
@@ -75,6 +90,12 @@ def tm(name, **kw):
         return timm.create_model(name, pretrained=False, **kw)
 
     return build
+
+
+def timm_mixer():
+    from timm.models.mlp_mixer import MlpMixer
+
+    return MlpMixer(img_size=32, patch_size=8, num_blocks=2, embed_dim=32)
 
 
 def effnet_b0():
@@ -120,10 +141,14 @@ LIGHT = {
     "tv-googlenet": (tv("googlenet", init_weights=False), IMG32),
     "tv-densenet121": (tv("densenet121"), IMG32),
     "tv-swin-v2-tiny": (tv_swin, IMG32),
+    "tv-convnext-tiny": (tv_convnext, IMG32),
+    "tv-maxvit-tiny": (tv_maxvit, IMG32),
+    "tv-inception_v3": (tv("inception_v3", init_weights=False, aux_logits=False), (1, 3, 75, 75)),
+    "tv-efficientnet_v2_s": (tv("efficientnet_v2_s"), IMG32),
     "timm-resnet10t": (tm("resnet10t"), IMG32),
     "timm-efficientnet_b0": (tm("efficientnet_b0"), IMG32),
     "timm-convnext_atto": (tm("convnext_atto"), IMG32),
-    "timm-mixer": (tm("mixer_s16_224", img_size=32, patch_size=8, num_blocks=2), IMG32),
+    "timm-mixer": (timm_mixer, IMG32),
     "timm-regnetx_002": (tm("regnetx_002"), IMG32),
     "timm-mobilenetv3_small_050": (tm("mobilenetv3_small_050"), IMG32),
     "timm-ghostnet_050": (tm("ghostnet_050"), IMG32),
@@ -131,8 +156,21 @@ LIGHT = {
     "timm-efficientvit_b0": (tm("efficientvit_b0"), IMG32),
     "timm-repvgg_a0": (tm("repvgg_a0"), IMG32),
     "timm-levit_128s": (tm("levit_128s", img_size=64), IMG64),
+    "timm-swin-tiny": (
+        tm("swin_tiny_patch4_window7_224", img_size=32, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 1)),
+        IMG32,
+    ),
+    "timm-convnextv2_atto": (tm("convnextv2_atto"), IMG32),
+    "timm-poolformer_s12": (tm("poolformer_s12"), IMG32),
 }
-SLOW = {"tv-densenet121", "tv-regnet_y_400mf", "timm-levit_128s", "timm-ghostnet_050", "tv-efficientnet_b0"}
+SLOW = {
+    "tv-densenet121",
+    "tv-regnet_y_400mf",
+    "tv-efficientnet_b0",
+    "tv-efficientnet_v2_s",
+    "timm-levit_128s",
+    "timm-ghostnet_050",
+}
 NO_GRAD = {"bert-tiny-swap": {"pooler.dense.layer.weight", "pooler.dense.layer.bias"}}
 
 
@@ -160,8 +198,7 @@ def _params(marks, names):
     return [pytest.param(n, marks=[pytest.mark.slow] if n in marks else [], id=n) for n in names]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(FULL))
+@pytest.mark.parametrize("name", _params(set(FULL) - {"digits_cnn", "digits_mobilenet", "mnist1d_cnn"}, FULL))
 def test_full_contract(name):
     build, shape, method = FULL[name]
     x = _input(shape)
