@@ -22,6 +22,12 @@ name, why a layer or operation stayed in float (read by :func:`torchquant.summar
 def check_skip(skip: SkipSpec) -> tuple:
     """Normalise ``skip`` to a tuple of name globs and ``nn.Module`` types.
 
+    Args:
+        skip: one glob or type, or an iterable of them.
+
+    Returns:
+        The entries as a tuple.
+
     Raises:
         TypeError: an entry is neither a string nor an ``nn.Module`` subclass.
     """
@@ -33,7 +39,16 @@ def check_skip(skip: SkipSpec) -> tuple:
 
 
 def skip_reason(name: str, module: object, skip: tuple) -> str | None:
-    """Why ``module`` called ``name`` is skipped (``None``: it is not)."""
+    """Why ``module`` called ``name`` is skipped.
+
+    Args:
+        name: qualified name.
+        module: the module (or a :class:`~torchquant.graph.fx.FunctionalOp`).
+        skip: normalised skip entries.
+
+    Returns:
+        ``"skipped by glob '...'"``/``"skipped by type ..."``, or ``None`` when not skipped.
+    """
     for s in skip:
         if isinstance(s, str) and fnmatch.fnmatchcase(name, s):
             return f"skipped by glob {s!r}"
@@ -50,8 +65,19 @@ def make_qwrapper(
     fold_bn: bool,
     factory_module: nn.Module | None = None,
 ) -> QWrapper:
-    """A :class:`QWrapper` of ``layers``; the factories receive ``factory_module`` (default
-    ``layers[0]``) and ``name``."""
+    """A :class:`QWrapper` of ``layers``.
+
+    Args:
+        layers: the layer, optionally its BatchNorm and activation.
+        name: qualified name given to the factories.
+        wf: weight quantizer factory.
+        af: activation quantizer factory.
+        fold_bn: fold the BatchNorm (only passed on when there is one).
+        factory_module: what the factories receive (default ``layers[0]``).
+
+    Returns:
+        The wrapper.
+    """
     layer = layers[0] if factory_module is None else factory_module
     return QWrapper(
         layers,

@@ -646,7 +646,20 @@ def quantize_fx(
     """Trace ``model`` and rewrite it (see the module docstring). ``model`` keeps its structure;
     the result shares its parameter tensors.
 
+    Args:
+        model: the float model.
+        weight_quantizer: factory for layer weights (see :func:`torchquant.quantize_model`).
+        acts_quantizer: factory for output activations of layers and operations.
+        skip: normalised skip entries (name globs and module types).
+        fold_bn: passed to every ``QWrapper`` that has a BatchNorm.
+        leaf_modules: module types not to trace into.
+        autowrap_functions: functions recorded as single calls.
+
+    Returns:
+        The rewritten ``GraphModule``; ``meta["_tq_float_reasons"]`` says what stayed in float and why.
+
     Raises:
+        TypeError: a ``leaf_modules`` entry is not an ``nn.Module`` type.
         FxTraceError: torch.fx cannot trace the model; names the module and operation.
     """
     timm_modules, timm_functions = _timm_leaves()

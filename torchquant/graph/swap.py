@@ -69,7 +69,18 @@ def quantize_swap(
     skip: tuple,
     fold_bn: bool,
 ) -> dict[str, str]:
-    """Swap ``model``'s layers in place; returns why layers with weights stayed in float, by name."""
+    """Swap ``model``'s layers in place.
+
+    Args:
+        model: the float model, modified in place.
+        weight_quantizer: factory for layer weights (see :func:`torchquant.quantize_model`).
+        acts_quantizer: factory for layer outputs.
+        skip: normalised skip entries (name globs and module types).
+        fold_bn: passed to every ``QWrapper`` that has a BatchNorm.
+
+    Returns:
+        Why layers with weights stayed in float, by qualified name.
+    """
     reasons: dict[str, str] = {}
     _swap(model, "", weight_quantizer, acts_quantizer, skip, fold_bn, reasons)
     return reasons
