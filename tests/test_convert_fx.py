@@ -353,3 +353,28 @@ def test_deepcopy_keeps_summary_information():
     q = tq.quantize_model(DigitsCNN(), wf, af, skip=["fc"])
     assert copy.deepcopy(q).meta == q.meta
     assert tq.summary(copy.deepcopy(q)) == tq.summary(q)
+
+
+class BNAct(nn.BatchNorm2d):
+    """BatchNorm, then ``drop`` and ``act`` in one module, like timm's BatchNormAct2d."""
+
+    def __init__(self, n, act):
+        super().__init__(n)
+        self.drop = nn.Identity()
+        self.act = act
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+@pytest.mark.parametrize("act", [nn.SiLU(), nn.Identity()], ids=["silu", "no-act"])
+def test_batchnorm_act_module_is_split_into_bn_and_activation(act):
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), BNAct(4, act)).train()
+    net(torch.randn(4, 3, 2, 2))  # non-trivial running statistics
+    net.eval()
+    x = torch.randn(2, 3, 2, 2)
+    q = tq.quantize_model(net, wf, af, leaf_modules=[BNAct]).eval()
+    expected = "Conv2d+BatchNorm2d+SiLU" if isinstance(act, nn.SiLU) else "Conv2d+BatchNorm2d"
+    assert qnames(q) == {"0": ("QWrapper", expected)}
+    assert q.get_submodule("0").bn.running_var is net[1].running_var
+    assert torch.equal(q(x), net(x))

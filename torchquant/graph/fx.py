@@ -165,6 +165,31 @@ QOP_MODULES: tuple[type[nn.Module], ...] = (
 """Module types (exact) whose calls get a ``QOp``; a BatchNorm fused into a ``QWrapper`` does not."""
 
 _FUNCTIONAL_LAYERS = frozenset({F.conv1d, F.conv2d, F.conv3d, F.linear})
+# Operations whose float outputs need no quantizer of their own: they move, select or
+# clip values (quantized inputs give outputs on the same grid), or are identities in eval.
+_VALUE_PRESERVING = frozenset(
+    {
+        operator.getitem, getattr, operator.neg, torch.flatten, torch.reshape, torch.transpose, torch.permute,
+        torch.squeeze, torch.unsqueeze, torch.chunk, torch.split, torch.unbind, torch.roll, torch.flip,
+        torch.narrow, torch.clone, torch.relu, torch.clamp, torch.clip, torch.max, torch.amax, torch.maximum,
+        torch.minimum, torch.where, F.pad, F.relu, F.relu6, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d,
+        F.dropout3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+        F.adaptive_max_pool3d, F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle, torch.channel_shuffle,
+        "view", "reshape", "permute", "transpose", "flatten", "unflatten", "contiguous", "squeeze", "unsqueeze",
+        "expand", "expand_as", "repeat", "chunk", "split", "unbind", "narrow", "flip", "roll", "clone", "detach",
+        "to", "type", "float", "double", "half", "bfloat16", "relu", "relu_", "clamp", "clamp_", "clip", "max",
+        "amax", "neg", "masked_fill", "index_select", "gather", "t", "mT", "view_as", "reshape_as", "movedim",
+        "swapaxes", "squeeze_", "unsqueeze_", "tile", "repeat_interleave", "split_with_sizes",
+    }
+)  # fmt: skip
+_VALUE_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Flatten, nn.Unflatten,
+    nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d,
+    nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.PixelShuffle, nn.PixelUnshuffle,
+    nn.ChannelShuffle,
+)  # fmt: skip
 _NON_TENSOR_METHODS = frozenset(
     {"size", "dim", "ndimension", "numel", "nelement", "tolist", "item", "stride", "element_size", "is_contiguous"}
 )
@@ -392,6 +417,26 @@ def _layer_from_call(node: fx.Node, gm: fx.GraphModule, model: nn.Module):
     return layer, owner, owner_module, attr_nodes
 
 
+def _split_bn_act(m: nn.Module, bn_type: type[nn.Module]) -> list[nn.Module] | None:
+    """A BatchNorm subclass that also applies ``m.drop`` then ``m.act`` (timm's ``BatchNormAct2d``) as
+    ``[plain BatchNorm sharing its parameters and buffers, activation]``; ``None`` if it is not one.
+
+    Only when its forward is the plain BatchNorm's followed by an identity ``drop`` and an
+    identity or supported ``act``.
+    """
+    act, drop = getattr(m, "act", None), getattr(m, "drop", None)
+    if not (isinstance(m, bn_type) and isinstance(drop, nn.Identity) and isinstance(act, nn.Module)):
+        return None
+    if not (isinstance(act, nn.Identity) or type(act) in SUPPORTED_ACTIVATIONS) or m._modules.keys() - {"act", "drop"}:
+        return None
+    bn = bn_type(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, device="meta")
+    for name in ("weight", "bias"):
+        setattr(bn, name, getattr(m, name))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        bn._buffers[name] = m._buffers.get(name)
+    return [bn] if isinstance(act, nn.Identity) else [bn, act]
+
+
 def _is_sigmoid_of(node: fx.Node, src: fx.Node) -> bool:
     return (
         node.args == (src,)
@@ -500,10 +545,31 @@ class _Rewriter:
                     self._functional_layer(node)
             elif node.op == "call_method" and node.target in QOP_METHODS and self.kinds.get(node) == "float":
                 self._function_qop(node, getattr(torch.Tensor, node.target))
+        self._report_unquantized_ops()
         self.graph.lint()
         _delete_unused_submodules(self.gm)
         self.gm.recompile()
         return self.float_reasons
+
+    def _report_unquantized_ops(self) -> None:
+        """Record the operations that create new float values and got no quantizer (no rule for them)."""
+        for node in self.graph.nodes:
+            if node.op not in ("call_function", "call_method", "call_module") or self.kinds.get(node) != "float":
+                continue
+            if node.op == "call_module":
+                m = self.gm.get_submodule(node.target)
+                if isinstance(m, (QModule, Quantizer, *_VALUE_PRESERVING_MODULES)) or node.target in self.skipped:
+                    continue
+                if node.target not in self.float_reasons:
+                    self.float_reasons[node.target] = f"no rule for {type(m).__name__} (output not quantized)"
+                continue
+            if node.target in _VALUE_PRESERVING or node.target in _FUNCTIONAL_LAYERS:
+                continue
+            op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+            scope = _owner_path(node)
+            key = f"{scope}.{op}" if scope else op
+            key = key if key not in self.float_reasons else f"{key} ({node.name})"
+            self.float_reasons[key] = f"no rule for {op} (output not quantized)"
 
     def _call_module(self, node: fx.Node) -> None:
         m = self.modules.get(node.target)
@@ -551,27 +617,33 @@ class _Rewriter:
         args: tuple | None = None,
     ) -> None:
         chain, layers, cur = [node], [layer], node
+        fused_act = False
         if len(cur.users) == 1:
             user = next(iter(cur.users))
             bn = self.modules.get(user.target) if user.op == "call_module" else None
-            if (
+            ok = (
                 bn is not None
-                and type(bn) is _BN_FOR_LAYER[type(layer)]
                 and user.args == (cur,)
                 and not user.kwargs
                 and skip_reason(user.target, bn, self.skip) is None
-            ):
+            )
+            if ok and type(bn) is _BN_FOR_LAYER[type(layer)]:
                 chain.append(user)
                 layers.append(bn)
                 cur = user
-        if len(cur.users) == 1:
+            elif ok and (split := _split_bn_act(bn, _BN_FOR_LAYER[type(layer)])) is not None:
+                chain.append(user)
+                layers.extend(split)
+                cur = user
+                fused_act = True
+        if not fused_act and len(cur.users) == 1:
             user = next(iter(cur.users))
             act = _activation(user, cur, self.modules, self.skip)
             if act is not None:
                 chain.append(user)
                 layers.append(act)
                 cur = user
-        elif len(cur.users) == 2:
+        elif not fused_act and len(cur.users) == 2:
             swish = _swish_nodes(cur)
             if swish is not None:
                 chain.extend(swish)
