@@ -378,3 +378,11 @@ def test_batchnorm_act_module_is_split_into_bn_and_activation(act):
     assert qnames(q) == {"0": ("QWrapper", expected)}
     assert q.get_submodule("0").bn.running_var is net[1].running_var
     assert torch.equal(q(x), net(x))
+
+
+def test_standalone_batchnorm_act_module_gets_a_qop():
+    net = nn.Sequential(BNAct(3, nn.ReLU()), nn.Conv2d(3, 4, 1)).eval()  # pre-activation
+    q = tq.quantize_model(net, wf, af, leaf_modules=[BNAct]).eval()
+    assert qnames(q) == {"0": ("QOp", "BNAct"), "1": ("QWrapper", "Conv2d")}
+    x = torch.randn(2, 3, 2, 2)
+    assert torch.equal(q(x), net(x))

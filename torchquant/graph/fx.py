@@ -162,7 +162,9 @@ QOP_MODULES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm3d,
     nn.Softmax,
 )
-"""Module types (exact) whose calls get a ``QOp``; a BatchNorm fused into a ``QWrapper`` does not."""
+"""Module types (exact) whose calls get a ``QOp``; a BatchNorm fused into a ``QWrapper`` does not.
+A BatchNorm subclass that applies an activation (timm's ``BatchNormAct2d``) and follows
+no layer gets one too."""
 
 _FUNCTIONAL_LAYERS = frozenset({F.conv1d, F.conv2d, F.conv3d, F.linear})
 # Operations whose float outputs need no quantizer of their own: they move, select or
@@ -179,7 +181,7 @@ _VALUE_PRESERVING = frozenset(
         "expand", "expand_as", "repeat", "chunk", "split", "unbind", "narrow", "flip", "roll", "clone", "detach",
         "to", "type", "float", "double", "half", "bfloat16", "relu", "relu_", "clamp", "clamp_", "clip", "max",
         "amax", "neg", "masked_fill", "index_select", "gather", "t", "mT", "view_as", "reshape_as", "movedim",
-        "swapaxes", "squeeze_", "unsqueeze_", "tile", "repeat_interleave", "split_with_sizes",
+        "swapaxes", "squeeze_", "unsqueeze_", "tile", "repeat_interleave", "split_with_sizes", "type_as",
     }
 )  # fmt: skip
 _VALUE_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
@@ -437,6 +439,12 @@ def _split_bn_act(m: nn.Module, bn_type: type[nn.Module]) -> list[nn.Module] | N
     return [bn] if isinstance(act, nn.Identity) else [bn, act]
 
 
+def _is_bn_act(m: nn.Module) -> bool:
+    """A BatchNorm+activation module :func:`_split_bn_act` understands (a standalone one gets a QOp)."""
+    bn_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    return any(isinstance(m, t) and _split_bn_act(m, t) is not None for t in bn_types)
+
+
 def _is_sigmoid_of(node: fx.Node, src: fx.Node) -> bool:
     return (
         node.args == (src,)
@@ -577,7 +585,7 @@ class _Rewriter:
             return
         if type(m) in _BN_FOR_LAYER:
             self._fuse(node, m)
-        elif type(m) in QOP_MODULES:
+        elif type(m) in QOP_MODULES or _is_bn_act(m):
             self._module_qop(node, m)
         elif isinstance(m, _LAYER_TYPES):
             self.float_reasons[node.target] = f"{type(m).__name__} is a subclass of a supported layer, not the layer"
