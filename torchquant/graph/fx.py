@@ -126,6 +126,7 @@ QOP_FUNCTIONS: frozenset = frozenset(
         torch.div,
         torch.matmul,
         torch.bmm,
+        torch.einsum,
         torch.cat,
         torch.concat,
         torch.stack,
@@ -174,7 +175,8 @@ _VALUE_PRESERVING = frozenset(
         operator.getitem, getattr, operator.neg, torch.flatten, torch.reshape, torch.transpose, torch.permute,
         torch.squeeze, torch.unsqueeze, torch.chunk, torch.split, torch.unbind, torch.roll, torch.flip,
         torch.narrow, torch.clone, torch.relu, torch.clamp, torch.clip, torch.max, torch.amax, torch.maximum,
-        torch.minimum, torch.where, F.pad, F.relu, F.relu6, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d,
+        torch.minimum, torch.where, torch.swapaxes, torch.swapdims, torch.movedim,
+        F.pad, F.relu, F.relu6, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d,
         F.dropout3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
         F.adaptive_max_pool3d, F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle, torch.channel_shuffle,
         "view", "reshape", "permute", "transpose", "flatten", "unflatten", "contiguous", "squeeze", "unsqueeze",
@@ -184,6 +186,8 @@ _VALUE_PRESERVING = frozenset(
         "swapaxes", "squeeze_", "unsqueeze_", "tile", "repeat_interleave", "split_with_sizes", "type_as",
     }
 )  # fmt: skip
+# Library functions recorded as single calls (torch.fx.wrap) that are identities in eval mode.
+_VALUE_PRESERVING_NAMES = frozenset({"stochastic_depth", "drop_path"})
 _VALUE_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Flatten, nn.Unflatten,
     nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
@@ -572,6 +576,8 @@ class _Rewriter:
                     self.float_reasons[node.target] = f"no rule for {type(m).__name__} (output not quantized)"
                 continue
             if node.target in _VALUE_PRESERVING or node.target in _FUNCTIONAL_LAYERS:
+                continue
+            if getattr(node.target, "__name__", None) in _VALUE_PRESERVING_NAMES:
                 continue
             op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
             scope = _owner_path(node)
