@@ -22,7 +22,7 @@ from .baselines import (
     XNORWeightQuantizer,
     pact_regularization,
 )
-from .convert import quantize_model
+from .convert import FunctionalOp, FxTraceError, quantize_model
 from .factories import call_factory
 from .folding import bn_scale_shift, fold_batchnorm, fold_bn_params, freeze_bn_stats
 from .granularity import PER_TENSOR, Granularity, per_channel, per_group
@@ -47,6 +47,7 @@ from .registry import (
     register_observer,
     register_quantizer,
 )
+from .summary import print_summary, summary, summary_rows
 from .utils import get_qmodule_states, qmodule_state, set_qmodule_state
 
 __version__ = "0.1.0"
@@ -65,6 +66,7 @@ def __getattr__(name: str):
         return module
     raise AttributeError(f"module 'torchquant' has no attribute {name!r}")
 
+
 __all__ = [
     "FORMATS",
     "PER_TENSOR",
@@ -77,6 +79,8 @@ __all__ = [
     "DoReFaWeightQuantizer",
     "EntropyObserver",
     "ExpAvgMinMax",
+    "FunctionalOp",
+    "FxTraceError",
     "Granularity",
     "HistogramRangeObserver",
     "LSQPlusQuantizer",
@@ -117,6 +121,7 @@ __all__ = [
     "pact_regularization",
     "per_channel",
     "per_group",
+    "print_summary",
     "qfmt_quantize",
     "qmodule_state",
     "quantize_model",
@@ -126,4 +131,6 @@ __all__ = [
     "registry",
     "round_ste",
     "set_qmodule_state",
+    "summary",
+    "summary_rows",
 ]

@@ -1,91 +1,23 @@
 """Whole-model quantization: one entry point, :func:`quantize_model`.
 
-``method="swap"`` replaces layers in place: every ``Conv1d/2d/3d`` or ``Linear``
-becomes a :class:`~torchquant.qmodules.QWrapper`, fused with the BatchNorm and
-supported activation that follow it inside an ``nn.Sequential``. It covers
-layers, not functional operations (``x + y``, ``torch.cat``, ``F.relu``): those
-stay in float. Use it for models torch.fx cannot trace.
+``method="fx"`` (the default) traces the model with torch.fx and rewrites its
+graph (layers and functional operations, see :mod:`torchquant.graph.fx`);
+``method="swap"`` replaces layers in place, for models torch.fx cannot trace
+(layers only, see :mod:`torchquant.graph.swap`).
 """
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from torch import nn
 
-from .factories import QuantizerFactory, call_factory
-from .qmodules import _BN_FOR_LAYER, SUPPORTED_ACTIVATIONS, QModule, QWrapper
+from .factories import QuantizerFactory
+from .graph.common import FLOAT_REASONS_ATTR, SkipSpec, check_skip
+from .graph.fx import FunctionalOp, FxTraceError, quantize_fx
+from .graph.swap import quantize_swap
 
-__all__ = ["quantize_model"]
-
-SkipSpec = Iterable["str | type[nn.Module]"]
-
-
-def _skipped(name: str, module: nn.Module, skip: tuple) -> bool:
-    for s in skip:
-        if isinstance(s, str) and fnmatch.fnmatchcase(name, s):
-            return True
-        if isinstance(s, type) and isinstance(module, s):
-            return True
-    return False
-
-
-def _check_skip(skip: SkipSpec) -> tuple:
-    skip = (skip,) if isinstance(skip, (str, type)) else tuple(skip)
-    for s in skip:
-        if not (isinstance(s, str) or (isinstance(s, type) and issubclass(s, nn.Module))):
-            raise TypeError(f"quantize_model: skip entries must be name globs or nn.Module types, got {s!r}")
-    return skip
-
-
-def _wrap(layers: list[nn.Module], name: str, wf, af, fold_bn: bool) -> QWrapper:
-    layer = layers[0]
-    return QWrapper(
-        layers,
-        weight_quantizer=call_factory(wf, layer, name, "weight_quantizer"),
-        acts_quantizer=call_factory(af, layer, name, "acts_quantizer"),
-        fold_bn=fold_bn and len(layers) > 1 and isinstance(layers[1], nn.modules.batchnorm._BatchNorm),
-    )
-
-
-def _swap(module: nn.Module, prefix: str, wf, af, skip: tuple, fold_bn: bool) -> None:
-    if isinstance(module, QModule):
-        return
-    if isinstance(module, nn.Sequential):
-        items = list(module._modules.items())
-        i = 0
-        while i < len(items):
-            key, child = items[i]
-            name = f"{prefix}{key}"
-            if type(child) in _BN_FOR_LAYER and not _skipped(name, child, skip):
-                group = [child]
-                j = i + 1
-                if j < len(items) and type(items[j][1]) is _BN_FOR_LAYER[type(child)]:
-                    group.append(items[j][1])
-                    j += 1
-                if j < len(items) and type(items[j][1]) in SUPPORTED_ACTIVATIONS:
-                    group.append(items[j][1])
-                    j += 1
-                module._modules[key] = _wrap(group, name, wf, af, fold_bn)
-                for k in range(i + 1, j):  # keep indices stable: fused modules become Identity
-                    module._modules[items[k][0]] = nn.Identity()
-                i = j
-                continue
-            if child is not None and not _skipped(name, child, skip):
-                _swap(child, name + ".", wf, af, skip, fold_bn)
-            i += 1
-        return
-    for key, child in list(module._modules.items()):
-        if child is None:
-            continue
-        name = f"{prefix}{key}"
-        if _skipped(name, child, skip):
-            continue
-        if type(child) in _BN_FOR_LAYER:
-            module._modules[key] = _wrap([child], name, wf, af, fold_bn)
-        else:
-            _swap(child, name + ".", wf, af, skip, fold_bn)
+__all__ = ["FunctionalOp", "FxTraceError", "quantize_model"]
 
 
 def quantize_model(
@@ -96,36 +28,92 @@ def quantize_model(
     skip: SkipSpec = (),
     method: str = "fx",
     fold_bn: bool = False,
+    leaf_modules: Iterable[type[nn.Module]] = (),
+    autowrap_functions: Iterable[Callable] = (),
 ) -> nn.Module:
-    """Make every layer of ``model`` quantizable.
+    """Make every layer (and, with ``"fx"``, every activation-creating operation) of ``model`` quantizable.
+
+    ``method="fx"`` traces ``model`` with torch.fx and returns a new
+    ``torch.fx.GraphModule`` that shares ``model``'s parameter tensors (``model``
+    keeps its structure): ``Conv``/``Linear`` + ``BatchNorm`` + activation
+    (module or functional, e.g. ``F.relu``) become one ``QWrapper``; additions,
+    multiplications, concatenations, matrix products, average pooling, means,
+    normalisations and softmax become ``QOp`` s (the full lists are in
+    :mod:`torchquant.graph.fx`). When torch.fx cannot trace the model it raises
+    :class:`FxTraceError` naming the module and the operation; it never falls back.
+
+    ``method="swap"`` replaces ``Conv``/``Linear`` modules in place (fused with a
+    following ``BatchNorm`` and activation inside an ``nn.Sequential``) and
+    returns ``model`` itself. It covers layers, not functional operations, and
+    works for models torch.fx cannot trace (Hugging Face transformers,
+    data-dependent control flow).
+
+    Either way every new ``QModule`` starts ``BYPASSED``, so the output equals the
+    float model's until :func:`~torchquant.utils.set_qmodule_state` changes the mode.
 
     Args:
         model: a float model.
-        weight_quantizer: factory ``(module, name) -> Quantizer | None`` for layer weights.
-        acts_quantizer: factory ``(module, name) -> Quantizer | None`` for output activations.
-        skip: qualified-name globs (``"layer4.*"``) and module types left in float.
-        method: ``"swap"``: replace modules in place (layers only, see the module docstring).
-        fold_bn: fold BatchNorm into the preceding layer's weights (see ``QWrapper``).
+        weight_quantizer: factory ``(module, name) -> Quantizer | None`` for layer
+            weights; it receives the original ``Conv``/``Linear`` module and its
+            qualified name.
+        acts_quantizer: factory ``(module, name) -> Quantizer | None`` for output
+            activations of layers and operations. For a layer it receives the layer
+            and its name; for a module operation (pooling, ...) that module and its
+            name; for a function call a :class:`FunctionalOp` and the ``QOp`` 's name
+            (``"layer1.0.add"``).
+        skip: qualified-name globs (``"layer4.*"``) and module types whose modules
+            stay in float; with ``"fx"`` they are not traced into either.
+        method: ``"fx"`` or ``"swap"``.
+        fold_bn: passed to every ``QWrapper`` that has a BatchNorm (fold it into
+            the weights before weight quantization).
+        leaf_modules: with ``"fx"``, module types not to trace into (kept as they
+            are). When ``timm`` is imported, its registered not-traceable modules
+            and functions are added.
+        autowrap_functions: with ``"fx"``, functions recorded as single calls
+            instead of being traced into.
 
     Returns:
-        The quantizable model (``model`` itself for ``"swap"``), every QModule ``BYPASSED``.
+        The quantizable model, every QModule ``BYPASSED``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, a factory is not callable, or
+            a ``skip`` entry is neither a glob nor a module type.
+        ValueError: unknown ``method``, or ``leaf_modules``/``autowrap_functions``
+            given with ``method="swap"``.
+        FxTraceError: torch.fx cannot trace ``model``.
 
     Examples:
         >>> import torch
         >>> from torch import nn
         >>> import torchquant as tq
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
-        >>> q = tq.quantize_model(net, lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0)),
-        ...                       lambda m, n: tq.AffineQuantizer(8, tq.ExpAvgMinMax()), method="swap")
+        >>> wf = lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0))
+        >>> af = lambda m, n: tq.AffineQuantizer(8, tq.ExpAvgMinMax())
+        >>> q = tq.quantize_model(net, wf, af)
+        >>> [type(m).__name__ for m in q.children()]
+        ['QWrapper', 'Flatten', 'QWrapper']
+        >>> q = tq.quantize_model(net, wf, af, method="swap")
         >>> [type(m).__name__ for m in q]
         ['QWrapper', 'Identity', 'Identity', 'Flatten', 'QWrapper']
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_model: expected an nn.Module, got {type(model).__name__}")
-    skip = _check_skip(skip)
-    if method == "swap":
-        _swap(model, "", weight_quantizer, acts_quantizer, skip, fold_bn)
-        return model
+    skip = check_skip(skip)
     if method == "fx":
-        raise NotImplementedError("quantize_model: method='fx' is not available yet; use method='swap'")
+        return quantize_fx(
+            model,
+            weight_quantizer,
+            acts_quantizer,
+            skip=skip,
+            fold_bn=fold_bn,
+            leaf_modules=leaf_modules,
+            autowrap_functions=autowrap_functions,
+        )
+    if method == "swap":
+        if tuple(leaf_modules) or tuple(autowrap_functions):
+            raise ValueError("quantize_model: leaf_modules and autowrap_functions apply to method='fx' only")
+        reasons = quantize_swap(model, weight_quantizer, acts_quantizer, skip=skip, fold_bn=fold_bn)
+        previous = getattr(model, FLOAT_REASONS_ATTR, {})
+        setattr(model, FLOAT_REASONS_ATTR, {**previous, **reasons})
+        return model
     raise ValueError(f"quantize_model: unknown method {method!r}; valid: 'fx', 'swap'")

@@ -1,0 +1,388 @@
+import copy
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchquant as tq
+import torchquant.graph.common as graph_common
+from torchquant.bench.models import DigitsCNN, ResidualBlock
+
+S = tq.QModuleState
+
+
+def wf(m, name):
+    return tq.AffineQuantizer(8, tq.BatchMinMax(axis=0))
+
+
+def af(m, name):
+    return tq.AffineQuantizer(8, tq.ExpAvgMinMax())
+
+
+def qnames(model):
+    return {n: (type(m).__name__, m._describe() if isinstance(m, tq.QWrapper) else m._op_name())
+            for n, m in tq.iter_qmodules(model)}  # fmt: skip
+
+
+def test_digits_cnn_layers_and_ops_become_qmodules_and_outputs_are_kept():
+    net = DigitsCNN().eval()
+    x = torch.rand(4, 1, 8, 8)
+    ref = net(x)
+    q = tq.quantize_model(net, wf, af).eval()
+    assert isinstance(q, torch.fx.GraphModule)
+    assert qnames(q) == {
+        "stem.0": ("QWrapper", "Conv2d+BatchNorm2d+ReLU"),
+        "block1.conv1.0": ("QWrapper", "Conv2d+BatchNorm2d+ReLU"),
+        "block1.conv2.0": ("QWrapper", "Conv2d+BatchNorm2d"),
+        "block1.add": ("QOp", "add"),
+        "down.0.0": ("QWrapper", "Conv2d+BatchNorm2d+ReLU"),
+        "down.1.0": ("QWrapper", "Conv2d+BatchNorm2d+ReLU"),
+        "block2.conv1.0": ("QWrapper", "Conv2d+BatchNorm2d+ReLU"),
+        "block2.conv2.0": ("QWrapper", "Conv2d+BatchNorm2d"),
+        "block2.add": ("QOp", "add"),
+        "pool": ("QOp", "AdaptiveAvgPool2d"),
+        "fc": ("QWrapper", "Linear"),
+    }
+    assert torch.equal(q(x), ref)
+    with tq.qmodule_state(q, S.CALIBRATION):
+        assert torch.equal(q(x), ref)
+    with tq.qmodule_state(q, S.QUANT_EVAL):
+        y = q(x)
+    assert not torch.equal(y, ref) and torch.allclose(y, ref, atol=0.2)
+    tq.set_qmodule_state(q, S.QUANT_EVAL)
+    assert set(tq.get_qmodule_states(q).values()) == {S.QUANT_EVAL}
+
+
+def test_float_model_keeps_its_structure_and_shares_parameters():
+    net = DigitsCNN()
+    q = tq.quantize_model(net, wf, af)
+    assert not tq.iter_qmodules(net)
+    assert q.stem.get_submodule("0").layer.weight is net.stem[0].weight
+    assert q.stem.get_submodule("0").bn is net.stem[1]
+    keys = list(q.state_dict())
+    assert "stem.0.layer.weight" in keys and not any(k.startswith("stem.1.") for k in keys)  # BN kept once
+
+
+class ConvAct(nn.Module):
+    def __init__(self, act, dim=2, bn=True):
+        super().__init__()
+        conv, norm = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}[
+            dim
+        ]
+        self.conv = conv(3, 4, 3, padding=1)
+        self.bn = norm(4) if bn else nn.Identity()
+        self.act = act
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+ACTS = {
+    "F.relu-inplace": (lambda y: F.relu(y, inplace=True), nn.ReLU, {"inplace": True}),
+    "torch.relu": (torch.relu, nn.ReLU, {"inplace": False}),
+    "method-relu": (lambda y: y.relu(), nn.ReLU, {}),
+    "F.relu6": (F.relu6, nn.ReLU6, {}),
+    "F.silu": (F.silu, nn.SiLU, {}),
+    "F.hardswish": (F.hardswish, nn.Hardswish, {}),
+    "F.gelu-tanh": (lambda y: F.gelu(y, approximate="tanh"), nn.GELU, {"approximate": "tanh"}),
+    "F.leaky_relu-0.2": (lambda y: F.leaky_relu(y, 0.2), nn.LeakyReLU, {"negative_slope": 0.2}),
+    "F.hardtanh--2-3": (lambda y: F.hardtanh(y, -2.0, max_val=3.0), nn.Hardtanh, {"min_val": -2.0, "max_val": 3.0}),
+    "torch.sigmoid": (torch.sigmoid, nn.Sigmoid, {}),
+    "F.sigmoid": (F.sigmoid, nn.Sigmoid, {}),
+    "torch.tanh": (torch.tanh, nn.Tanh, {}),
+    "module-LeakyReLU": (nn.LeakyReLU(0.3), nn.LeakyReLU, {"negative_slope": 0.3}),
+}
+
+
+class Fn(nn.Module):
+    """Applies a function; traced into, so the call appears in the graph as it is written."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, y):
+        return self.fn(y)
+
+
+@pytest.mark.parametrize("act", list(ACTS), ids=list(ACTS))
+def test_functional_and_module_activations_are_fused_with_their_arguments(act):
+    fn, cls, attrs = ACTS[act]
+    net = ConvAct(fn if isinstance(fn, nn.Module) else Fn(fn)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    ref = net(x)
+    q = tq.quantize_model(net, wf, af).eval()
+    assert list(qnames(q)) == ["conv"]
+    w = q.conv
+    assert type(w.act) is cls and w.bn is not None
+    for k, v in attrs.items():
+        assert getattr(w.act, k) == v
+    assert torch.equal(q(x), ref)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3], ids=["conv1d", "conv2d", "conv3d"])
+def test_conv_dims_and_linear(dim):
+    net = ConvAct(nn.ReLU(), dim=dim)
+    x = torch.randn(2, 3, *([5] * dim))
+    ref = net.eval()(x)
+    q = tq.quantize_model(net, wf, af).eval()
+    assert qnames(q) == {"conv": ("QWrapper", f"Conv{dim}d+BatchNorm{dim}d+ReLU")}
+    assert torch.equal(q(x), ref)
+    lin = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.GELU(), nn.Linear(3, 2))
+    assert qnames(tq.quantize_model(lin, wf, af)) == {
+        "0": ("QWrapper", "Linear+BatchNorm1d+GELU"),
+        "3": ("QWrapper", "Linear"),
+    }
+
+
+class Branchy(nn.Module):
+    """conv output read twice: BN must not be fused; BN output read twice: the activation must not be."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+        self.conv2 = nn.Conv2d(3, 3, 1)
+        self.bn2 = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = self.bn(y) + y
+        u = self.bn2(self.conv2(z))
+        return F.relu(u) * u
+
+
+def test_fusion_stops_where_an_intermediate_has_other_users():
+    net = Branchy().eval()
+    x = torch.randn(2, 3, 4, 4)
+    ref = net(x)
+    q = tq.quantize_model(net, wf, af).eval()
+    assert qnames(q) == {
+        "conv": ("QWrapper", "Conv2d"),
+        "bn": ("QOp", "BatchNorm2d"),
+        "add": ("QOp", "add"),
+        "conv2": ("QWrapper", "Conv2d+BatchNorm2d"),
+        "mul": ("QOp", "mul"),
+    }
+    assert torch.equal(q(x), ref)
+
+
+class Swish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y * torch.sigmoid(y)
+
+
+def test_written_out_swish_becomes_silu():
+    net = Swish().eval()
+    x = torch.randn(2, 3, 4, 4)
+    q = tq.quantize_model(net, wf, af).eval()
+    assert qnames(q) == {"conv": ("QWrapper", "Conv2d+BatchNorm2d+SiLU")}
+    assert torch.allclose(q(x), net(x), atol=1e-6)  # SiLU vs x * sigmoid(x): float rounding only
+
+
+class Ops(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("index", torch.arange(4))
+
+    def forward(self, x):
+        n = x.size(0) * 2  # int arithmetic: no QOp
+        idx = self.index + 1  # integer tensor: no QOp
+        y = self.lin(x)
+        a = torch.cat([y, x], dim=-1)
+        b = y @ x.transpose(-1, -2)
+        c = torch.bmm(b, y).mean(-1, keepdim=True)
+        d = F.softmax(y, dim=-1).sum(-1, keepdim=True)
+        y.add_(1.0)  # in place: stays float
+        return a[..., idx % 4].sum(-1, keepdim=True) * n + c + d + F.avg_pool1d(y, 2).mean(-1, keepdim=True)
+
+
+def test_qops_on_float_tensor_ops_only():
+    net = Ops().eval()
+    x = torch.randn(2, 3, 4)
+    ref = net(x)
+    q = tq.quantize_model(net, wf, af).eval()
+    ops = sorted(v[1] for v in qnames(q).values() if v[0] == "QOp")
+    assert ops == sorted(
+        ["cat", "matmul", "bmm", "mean", "softmax", "sum", "sum", "mul", "add", "add", "add", "avg_pool1d", "mean"]
+    )
+    assert torch.equal(q(x), ref)
+    with tq.qmodule_state(q, S.CALIBRATION):
+        assert torch.equal(q(x), ref)
+
+
+def test_factories_get_modules_descriptors_and_names():
+    seen = {}
+
+    def af_rec(m, name):
+        seen[name] = m
+        return None
+
+    def w_first_last_8(m, name):  # the three-line per-layer rule
+        bits = 8 if name in ("stem.0", "fc") else 4
+        return tq.AffineQuantizer(bits, tq.BatchMinMax(axis=0))
+
+    q = tq.quantize_model(DigitsCNN(), w_first_last_8, af_rec)
+    assert isinstance(seen["stem.0"], nn.Conv2d) and isinstance(seen["fc"], nn.Linear)
+    assert isinstance(seen["pool"], nn.AdaptiveAvgPool2d)
+    desc = seen["block1.add"]
+    assert isinstance(desc, tq.FunctionalOp) and desc.fn is operator.add and desc.name == "add"
+    bits = {n: m.weight_quantizer.n_bits for n, m in tq.iter_qmodules(q) if isinstance(m, tq.QWrapper)}
+    assert bits["stem.0"] == bits["fc"] == 8 and bits["block1.conv1.0"] == 4
+    assert all(m.acts_quantizer is None for _, m in tq.iter_qmodules(q))
+
+
+def test_skip_by_glob_and_type():
+    net = DigitsCNN().eval()
+    x = torch.rand(2, 1, 8, 8)
+    q = tq.quantize_model(net, wf, af, skip=["block2.*", nn.Linear])
+    names = set(qnames(q))
+    assert "block1.add" in names and "block2.add" not in names and "fc" not in names
+    assert not any(n.startswith("block2.") for n in names)
+    assert torch.equal(q(x), net(x))
+    q = tq.quantize_model(net, wf, af, skip=[ResidualBlock])
+    assert not any(n.startswith("block") for n in qnames(q))
+
+
+class Dynamic(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * 2
+        return x
+
+
+class HasDynamic(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.gate = nn.Sequential(nn.Identity(), Dynamic())
+
+    def forward(self, x):
+        return self.gate(self.conv(x))
+
+
+def test_trace_failure_names_module_and_operation_and_never_falls_back():
+    with pytest.raises(tq.FxTraceError) as info:
+        tq.quantize_model(HasDynamic(), wf, af)
+    msg = str(info.value)
+    assert "module 'gate.1' (Dynamic)" in msg
+    assert "if x.sum() > 0:" in msg and "method='swap'" in msg and "skip=['gate.1']" in msg
+    net = HasDynamic()
+    q = tq.quantize_model(net, wf, af, skip=["gate.1"])  # the suggested way out works
+    assert list(qnames(q)) == ["conv"]
+    for sign in (1, -1):
+        x = sign * torch.rand(1, 3, 2, 2)
+        assert torch.equal(q(x), net(x))
+
+
+def test_leaf_modules_are_not_traced():
+    q = tq.quantize_model(DigitsCNN(), wf, af, leaf_modules=[ResidualBlock])
+    assert not any(n.startswith("block") for n in qnames(q))
+    assert any(r["name"] == "block1" for r in tq.summary_rows(q) if r["kind"] == "float")
+    with pytest.raises(TypeError, match="leaf_modules"):
+        tq.quantize_model(DigitsCNN(), wf, af, leaf_modules=["block1"])
+    with pytest.raises(ValueError, match="method='fx' only"):
+        tq.quantize_model(DigitsCNN(), wf, af, method="swap", leaf_modules=[ResidualBlock])
+
+
+class SameConv(nn.Conv2d):
+    """A Conv2d subclass computing its own padding, like efficientnet_pytorch's."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.pad = nn.ZeroPad2d((0, 1, 0, 1))
+
+    def forward(self, x):
+        return F.conv2d(self.pad(x), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class SameNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = SameConv(3, 4, 2)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = SameConv(4, 2, 2, bias=False)
+
+    def forward(self, x):
+        return self.head(F.relu6(self.bn(self.conv(x))))
+
+
+def test_functional_conv_of_a_conv_subclass_is_wrapped_with_shared_parameters():
+    net = SameNet().eval()
+    x = torch.randn(2, 3, 5, 5)
+    seen = {}
+
+    def wf_rec(m, name):
+        seen[name] = m
+        return wf(m, name)
+
+    q = tq.quantize_model(net, wf_rec, af).eval()
+    assert qnames(q) == {"conv.conv2d": ("QWrapper", "Conv2d+BatchNorm2d+ReLU6"), "head.conv2d": ("QWrapper", "Conv2d")}
+    assert seen["conv"] is net.conv and seen["head"] is net.head
+    assert q.conv.conv2d.layer.weight is net.conv.weight and q.head.conv2d.layer.bias is None
+    assert "conv.weight" not in q.state_dict()
+    assert torch.equal(q(x), net(x))
+
+
+def test_fold_bn_is_passed_to_qwrappers_with_bn(monkeypatch):
+    got = []
+
+    class Recorder(tq.QWrapper):
+        def __init__(self, layers, weight_quantizer=None, acts_quantizer=None, fold_bn=False):
+            got.append(fold_bn)
+            super().__init__(layers, weight_quantizer, acts_quantizer, fold_bn=False)
+
+    monkeypatch.setattr(graph_common, "QWrapper", Recorder)
+    tq.quantize_model(DigitsCNN(), wf, af, fold_bn=True)
+    assert got.count(True) == 7 and got.count(False) == 1  # 7 Conv+BN, the Linear has none
+    got.clear()
+    q = tq.quantize_model(DigitsCNN(), wf, af, fold_bn=False)
+    assert got and not any(got) and not any(m.fold_bn for _, m in tq.iter_qmodules(q) if isinstance(m, tq.QWrapper))
+
+
+def test_deepcopy_keeps_summary_information():
+    q = tq.quantize_model(DigitsCNN(), wf, af, skip=["fc"])
+    assert copy.deepcopy(q).meta == q.meta
+    assert tq.summary(copy.deepcopy(q)) == tq.summary(q)
+
+
+class BNAct(nn.BatchNorm2d):
+    """BatchNorm, then ``drop`` and ``act`` in one module, like timm's BatchNormAct2d."""
+
+    def __init__(self, n, act):
+        super().__init__(n)
+        self.drop = nn.Identity()
+        self.act = act
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+@pytest.mark.parametrize("act", [nn.SiLU(), nn.Identity()], ids=["silu", "no-act"])
+def test_batchnorm_act_module_is_split_into_bn_and_activation(act):
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), BNAct(4, act)).train()
+    net(torch.randn(4, 3, 2, 2))  # non-trivial running statistics
+    net.eval()
+    x = torch.randn(2, 3, 2, 2)
+    q = tq.quantize_model(net, wf, af, leaf_modules=[BNAct]).eval()
+    expected = "Conv2d+BatchNorm2d+SiLU" if isinstance(act, nn.SiLU) else "Conv2d+BatchNorm2d"
+    assert qnames(q) == {"0": ("QWrapper", expected)}
+    assert q.get_submodule("0").bn.running_var is net[1].running_var
+    assert torch.equal(q(x), net(x))
+
+
+def test_standalone_batchnorm_act_module_gets_a_qop():
+    net = nn.Sequential(BNAct(3, nn.ReLU()), nn.Conv2d(3, 4, 1)).eval()  # pre-activation
+    q = tq.quantize_model(net, wf, af, leaf_modules=[BNAct]).eval()
+    assert qnames(q) == {"0": ("QOp", "BNAct"), "1": ("QWrapper", "Conv2d")}
+    x = torch.randn(2, 3, 2, 2)
+    assert torch.equal(q(x), net(x))

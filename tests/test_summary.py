@@ -1,0 +1,64 @@
+import copy
+
+import torch
+from torch import nn
+
+import torchquant as tq
+from torchquant.bench.models import DigitsCNN
+
+
+def wf(m, name):
+    return tq.AffineQuantizer(8 if name in ("stem.0", "fc") else 4, tq.BatchMinMax(axis=0))
+
+
+def af(m, name):
+    return None if name == "pool" else tq.QfmtQuantizer(8, True, tq.ExpAvgMinMax())
+
+
+def test_rows_list_quantization_points_with_quantizers_bits_and_granularity():
+    q = tq.quantize_model(DigitsCNN(), wf, af, skip=["block2.*"])
+    rows = {r["name"]: r for r in tq.summary_rows(q)}
+    assert rows["stem.0"] == dict(
+        name="stem.0",
+        kind="QWrapper",
+        layers="Conv2d+BatchNorm2d+ReLU",
+        weight_quantizer="AffineQuantizer",
+        weight_bits=8,
+        weight_granularity="per-channel(axis=0)",
+        act_quantizer="QfmtQuantizer",
+        act_bits=8,
+        act_granularity="per-tensor",
+        note="",
+    )
+    assert rows["block1.conv1.0"]["weight_bits"] == 4
+    assert rows["block1.add"]["kind"] == "QOp" and rows["block1.add"]["layers"] == "add"
+    assert rows["block1.add"]["weight_quantizer"] is None and rows["block1.add"]["note"] == ""
+    assert rows["pool"]["note"] == "no quantizer for outputs (float)"
+    assert rows["block2.conv1"]["kind"] == "float" and rows["block2.conv1"]["note"].startswith("skipped by glob")
+    assert rows["block2.add"]["kind"] == "float" and "block2.*" in rows["block2.add"]["note"]
+
+
+def test_table_and_print(capsys):
+    q = tq.quantize_model(DigitsCNN(), wf, af, skip=[nn.Linear])
+    table = tq.summary(q)
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["name", "kind", "layers/op"]
+    assert any(line.startswith("fc ") and "skipped by type Linear" in line for line in lines)
+    assert lines[-1] == "10 quantization points (7 QWrapper, 3 QOp), 1 left in float"
+    tq.print_summary(q)
+    assert capsys.readouterr().out == table + "\n"
+
+
+def test_swap_and_hand_built_models_report_float_layers():
+    net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.Sequential(nn.Linear(2, 2)), nn.Linear(2, 2))
+    q = tq.quantize_model(copy.deepcopy(net), wf, None, method="swap", skip=["1"])
+    rows = {r["name"]: r for r in tq.summary_rows(q)}
+    assert rows["0"]["kind"] == rows["2"]["kind"] == "QWrapper"
+    assert rows["1"]["note"] == "skipped by glob '1' (Sequential)"
+    hand = nn.Sequential(tq.QWrapper(nn.Linear(2, 2)), nn.Conv1d(1, 1, 1))
+    rows = tq.summary_rows(hand)
+    assert [(r["name"], r["kind"], r["note"]) for r in rows] == [
+        ("0", "QWrapper", "no quantizer for weights and outputs (float)"),
+        ("1", "float", "not converted"),
+    ]
+    assert torch.equal(q[0].layer.weight, net[0].weight)

@@ -1,0 +1,6 @@
+"""Whole-model rewriting: the torch.fx pass (:mod:`torchquant.graph.fx`) and the module swap
+(:mod:`torchquant.graph.swap`). The entry point is :func:`torchquant.quantize_model`."""
+
+from .fx import FunctionalOp, FxTraceError
+
+__all__ = ["FunctionalOp", "FxTraceError"]

@@ -1,0 +1,87 @@
+"""Helpers shared by the whole-model converters: skip rules and wrapper construction."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+
+from torch import nn
+
+from ..factories import QuantizerFactory, call_factory
+from ..qmodules import QWrapper
+
+__all__ = ["FLOAT_REASONS_ATTR", "SkipSpec", "check_skip", "make_qwrapper", "skip_reason"]
+
+SkipSpec = Iterable["str | type[nn.Module]"]
+
+FLOAT_REASONS_ATTR = "_tq_float_reasons"
+"""Name of the ``dict[str, str]`` attribute in which converters record, per qualified
+name, why a layer or operation stayed in float (read by :func:`torchquant.summary`)."""
+
+
+def check_skip(skip: SkipSpec) -> tuple:
+    """Normalise ``skip`` to a tuple of name globs and ``nn.Module`` types.
+
+    Args:
+        skip: one glob or type, or an iterable of them.
+
+    Returns:
+        The entries as a tuple.
+
+    Raises:
+        TypeError: an entry is neither a string nor an ``nn.Module`` subclass.
+    """
+    skip = (skip,) if isinstance(skip, (str, type)) else tuple(skip)
+    for s in skip:
+        if not (isinstance(s, str) or (isinstance(s, type) and issubclass(s, nn.Module))):
+            raise TypeError(f"quantize_model: skip entries must be name globs or nn.Module types, got {s!r}")
+    return skip
+
+
+def skip_reason(name: str, module: object, skip: tuple) -> str | None:
+    """Why ``module`` called ``name`` is skipped.
+
+    Args:
+        name: qualified name.
+        module: the module (or a :class:`~torchquant.graph.fx.FunctionalOp`).
+        skip: normalised skip entries.
+
+    Returns:
+        ``"skipped by glob '...'"``/``"skipped by type ..."``, or ``None`` when not skipped.
+    """
+    for s in skip:
+        if isinstance(s, str) and fnmatch.fnmatchcase(name, s):
+            return f"skipped by glob {s!r}"
+        if isinstance(s, type) and isinstance(module, s):
+            return f"skipped by type {s.__name__}"
+    return None
+
+
+def make_qwrapper(
+    layers: list[nn.Module],
+    name: str,
+    wf: QuantizerFactory | None,
+    af: QuantizerFactory | None,
+    fold_bn: bool,
+    factory_module: nn.Module | None = None,
+) -> QWrapper:
+    """A :class:`QWrapper` of ``layers``.
+
+    Args:
+        layers: the layer, optionally its BatchNorm and activation.
+        name: qualified name given to the factories.
+        wf: weight quantizer factory.
+        af: activation quantizer factory.
+        fold_bn: fold the BatchNorm (only passed on when there is one).
+        factory_module: what the factories receive (default ``layers[0]``).
+
+    Returns:
+        The wrapper.
+    """
+    layer = layers[0] if factory_module is None else factory_module
+    return QWrapper(
+        layers,
+        weight_quantizer=call_factory(wf, layer, name, "weight_quantizer"),
+        acts_quantizer=call_factory(af, layer, name, "acts_quantizer"),
+        fold_bn=fold_bn and len(layers) > 1 and isinstance(layers[1], nn.modules.batchnorm._BatchNorm),
+    )

@@ -1,0 +1,761 @@
+"""``quantize_model(method="fx")``: trace a float model with torch.fx and rewrite its graph.
+
+The pass, in graph order:
+
+* **Layers.** A ``Conv1d/2d/3d`` or ``Linear`` module call (exact type), followed by
+  the matching ``BatchNorm`` module when the layer's output has no other user,
+  followed by a supported activation when the previous output has no other
+  user, becomes one :class:`~torchquant.qmodules.QWrapper` placed at the
+  layer's qualified name. The activation may be a module (one of
+  :data:`~torchquant.qmodules.SUPPORTED_ACTIVATIONS`) or a call listed in
+  :data:`FUNCTIONAL_ACTIVATIONS` (``F.relu``, ``torch.sigmoid``, ``x.relu()``,
+  ...), which becomes the equivalent module with its arguments (``inplace``,
+  ``negative_slope``, ``min_val``/``max_val``, ``approximate``).
+* **Operations that create new activation values** become a
+  :class:`~torchquant.qmodules.QOp` with the same arguments: the functions in
+  :data:`QOP_FUNCTIONS`, the tensor methods in :data:`QOP_METHODS` and the
+  modules in :data:`QOP_MODULES` (average pooling, normalisation, softmax),
+  when their output is a floating-point tensor. A ``QOp`` for a function sits
+  in the module the call was made from, named after the operation
+  (``layer1.0.add``, ``layer1.0.add_1``); one for a module replaces it at its
+  own name.
+* Everything else stays as traced: shape and indexing operations, max pooling,
+  dropout, unfused activations (they either do not create new values or
+  receive already-quantized ones); in-place arithmetic (``x.add_(y)``), whose
+  quantized copy would not reach the later users of the mutated tensor; and
+  functional convolutions (``F.conv2d`` with a weight attribute), which have no
+  module to wrap. :func:`torchquant.summary` lists the layers with weights that
+  stayed in float and why.
+
+Factories receive, for a ``QWrapper``, the original ``Conv``/``Linear`` module
+and its qualified name; for a module ``QOp``, the wrapped module and its name;
+for a function ``QOp``, a :class:`FunctionalOp` describing the call and the
+``QOp``'s qualified name.
+
+Modules that are ``QModule`` s or ``Quantizer`` s, skipped modules, and the
+leaf modules given by the user (and, when ``timm`` is imported, the modules and
+functions it registers as not traceable) are not traced into.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..factories import QuantizerFactory, call_factory
+from ..qmodules import _BN_FOR_LAYER, _LAYER_TYPES, SUPPORTED_ACTIVATIONS, QModule, QOp
+from ..quantizers import Quantizer
+from .common import FLOAT_REASONS_ATTR, make_qwrapper, skip_reason
+
+__all__ = [
+    "FUNCTIONAL_ACTIVATIONS",
+    "QOP_FUNCTIONS",
+    "QOP_METHODS",
+    "QOP_MODULES",
+    "FunctionalOp",
+    "FxTraceError",
+    "quantize_fx",
+]
+
+
+class FxTraceError(RuntimeError):
+    """torch.fx could not trace the model; the message names the module and the operation."""
+
+
+@dataclass(frozen=True)
+class FunctionalOp:
+    """What an ``acts_quantizer`` factory receives, instead of a module, for a function ``QOp``.
+
+    Attributes:
+        fn: the function the ``QOp`` calls, e.g. ``operator.add``, ``torch.cat``,
+            or for a tensor method the unbound method (``torch.Tensor.mean``).
+        node: the torch.fx node name of the call in the traced graph.
+    """
+
+    fn: Callable
+    node: str
+
+    @property
+    def name(self) -> str:
+        """The function's short name (``"add"``, ``"cat"``, ``"mean"``)."""
+        return getattr(self.fn, "__name__", type(self.fn).__name__)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+# ----------------------------------------------------------------------------- rule tables
+FUNCTIONAL_ACTIVATIONS: dict[Any, tuple[type[nn.Module], tuple[str, ...]]] = {
+    F.relu: (nn.ReLU, ("inplace",)),
+    torch.relu: (nn.ReLU, ()),
+    F.relu6: (nn.ReLU6, ("inplace",)),
+    F.silu: (nn.SiLU, ("inplace",)),
+    F.hardswish: (nn.Hardswish, ("inplace",)),
+    F.gelu: (nn.GELU, ("approximate",)),
+    F.leaky_relu: (nn.LeakyReLU, ("negative_slope", "inplace")),
+    F.hardtanh: (nn.Hardtanh, ("min_val", "max_val", "inplace")),
+    torch.sigmoid: (nn.Sigmoid, ()),
+    torch.tanh: (nn.Tanh, ()),
+    "relu": (nn.ReLU, ()),
+    "sigmoid": (nn.Sigmoid, ()),
+    "tanh": (nn.Tanh, ()),
+}
+"""Activation calls fused into a ``QWrapper``: function (or tensor-method name) ->
+(module class, names of the arguments after the input, passed to its constructor).
+``F.sigmoid`` and ``F.tanh`` trace as the ``sigmoid``/``tanh`` methods."""
+
+QOP_FUNCTIONS: frozenset = frozenset(
+    {
+        operator.add,
+        operator.sub,
+        operator.mul,
+        operator.truediv,
+        operator.matmul,
+        torch.add,
+        torch.sub,
+        torch.mul,
+        torch.div,
+        torch.matmul,
+        torch.bmm,
+        torch.einsum,
+        torch.cat,
+        torch.concat,
+        torch.stack,
+        torch.mean,
+        torch.sum,
+        F.avg_pool1d,
+        F.avg_pool2d,
+        F.avg_pool3d,
+        F.adaptive_avg_pool1d,
+        F.adaptive_avg_pool2d,
+        F.adaptive_avg_pool3d,
+        F.layer_norm,
+        F.group_norm,
+        F.softmax,
+        F.scaled_dot_product_attention,
+    }
+)
+"""Functions whose floating-point tensor output gets a ``QOp``."""
+
+QOP_METHODS: frozenset[str] = frozenset({"add", "sub", "mul", "div", "matmul", "bmm", "mean", "sum", "softmax"})
+"""Tensor methods whose floating-point tensor output gets a ``QOp`` (in-place ones stay float)."""
+
+QOP_MODULES: tuple[type[nn.Module], ...] = (
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.Softmax,
+)
+"""Module types (exact) whose calls get a ``QOp``; a BatchNorm fused into a ``QWrapper`` does not.
+A BatchNorm subclass that applies an activation (timm's ``BatchNormAct2d``) and follows
+no layer gets one too."""
+
+_FUNCTIONAL_LAYERS = frozenset({F.conv1d, F.conv2d, F.conv3d, F.linear})
+# Operations whose float outputs need no quantizer of their own: they move, select or
+# clip values (quantized inputs give outputs on the same grid), or are identities in eval.
+_VALUE_PRESERVING = frozenset(
+    {
+        operator.getitem, getattr, operator.neg, torch.flatten, torch.reshape, torch.transpose, torch.permute,
+        torch.squeeze, torch.unsqueeze, torch.chunk, torch.split, torch.unbind, torch.roll, torch.flip,
+        torch.narrow, torch.clone, torch.relu, torch.clamp, torch.clip, torch.max, torch.amax, torch.maximum,
+        torch.minimum, torch.where, torch.swapaxes, torch.swapdims, torch.movedim,
+        F.pad, F.relu, F.relu6, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d,
+        F.dropout3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+        F.adaptive_max_pool3d, F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle, torch.channel_shuffle,
+        "view", "reshape", "permute", "transpose", "flatten", "unflatten", "contiguous", "squeeze", "unsqueeze",
+        "expand", "expand_as", "repeat", "chunk", "split", "unbind", "narrow", "flip", "roll", "clone", "detach",
+        "to", "type", "float", "double", "half", "bfloat16", "relu", "relu_", "clamp", "clamp_", "clip", "max",
+        "amax", "neg", "masked_fill", "index_select", "gather", "t", "mT", "view_as", "reshape_as", "movedim",
+        "swapaxes", "squeeze_", "unsqueeze_", "tile", "repeat_interleave", "split_with_sizes", "type_as",
+    }
+)  # fmt: skip
+# Library functions recorded as single calls (torch.fx.wrap) that are identities in eval mode.
+_VALUE_PRESERVING_NAMES = frozenset({"stochastic_depth", "drop_path"})
+_VALUE_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Flatten, nn.Unflatten,
+    nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d,
+    nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d, nn.PixelShuffle, nn.PixelUnshuffle,
+    nn.ChannelShuffle,
+)  # fmt: skip
+_NON_TENSOR_METHODS = frozenset(
+    {"size", "dim", "ndimension", "numel", "nelement", "tolist", "item", "stride", "element_size", "is_contiguous"}
+)
+_NON_TENSOR_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout", "is_sparse"})
+_INT_METHODS = frozenset({"long", "int", "short", "bool", "byte", "char", "argmax", "argmin", "nonzero"})
+_FLOAT_METHODS = frozenset({"float", "double", "half", "bfloat16"})
+_INT_FUNCTIONS = frozenset(
+    {torch.argmax, torch.argmin, torch.nonzero, torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge}
+    | {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.not_, operator.floordiv}
+)
+
+
+# ----------------------------------------------------------------------------- tracing
+class _Tracer(fx.Tracer):
+    """Leaves: QModules, Quantizers, skipped modules, user leaf types; remembers where tracing broke."""
+
+    def __init__(self, skip: tuple, leaf_modules: tuple, autowrap_functions: tuple) -> None:
+        super().__init__(autowrap_functions=autowrap_functions)
+        self.skip = skip
+        self.leaf_types = leaf_modules
+        self.skipped: dict[str, tuple[str, nn.Module]] = {}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, (QModule, Quantizer)) or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        if module_qualified_name:
+            reason = skip_reason(module_qualified_name, m, self.skip)
+            if reason is not None:
+                self.skipped[module_qualified_name] = (reason, m)
+                return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as e:
+            if not hasattr(e, "_tq_failed_module"):  # innermost module first
+                try:
+                    path = self.path_of_module(m)
+                except NameError:
+                    path = "?"
+                e._tq_failed_module = (path, type(m).__name__)
+            raise
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _user_frame(e: BaseException) -> str:
+    """``file:line in fn: code`` of the innermost traceback frame outside torch (the failing operation)."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+
+
+def _trace(model: nn.Module, tracer: _Tracer) -> fx.Graph:
+    try:
+        return tracer.trace(model)
+    except Exception as e:
+        path, cls = getattr(e, "_tq_failed_module", ("", type(model).__name__))
+        where = f"module {path!r} ({cls})" if path else f"the top-level module ({cls})"
+        frame = _user_frame(e)
+        at = f"\n  failing operation: {frame}" if frame else ""
+        hint = f", or skip=[{path!r}] to keep that module in float and untraced" if path else ""
+        raise FxTraceError(
+            f"quantize_model(method='fx'): torch.fx cannot trace {where}: {type(e).__name__}: {e}{at}\n"
+            f"  Use method='swap' (layers only, no functional ops){hint}."
+        ) from e
+
+
+def _timm_leaves() -> tuple[tuple, tuple]:
+    """timm's own not-traceable modules and functions, when timm is already imported (never imports it)."""
+    if "timm" not in sys.modules:
+        return (), ()
+    try:
+        from timm.layers import _fx as timm_fx
+    except ImportError:  # pragma: no cover - older timm
+        return (), ()
+    return tuple(timm_fx.get_notrace_modules()), tuple(timm_fx.get_notrace_functions())
+
+
+# ----------------------------------------------------------------------------- type inference
+def _flat_nodes(a: Any) -> list:
+    out: list = []
+    fx.node.map_arg(a, out.append)
+    return out
+
+
+def _infer_kinds(gm: fx.GraphModule) -> dict[fx.Node, str | None]:
+    """Per node: ``"float"`` (floating tensor), ``"int"`` (integer/bool tensor) or ``None`` (not a tensor).
+
+    A conservative static guess from how each value was made: shapes and sizes
+    are not tensors, comparisons and ``.long()`` give integer tensors, and an
+    operation on float tensors gives a float tensor.
+    """
+    kinds: dict[fx.Node, str | None] = {}
+
+    def of_args(n: fx.Node) -> str | None:
+        ks = [kinds.get(a) for a in _flat_nodes((n.args, n.kwargs))]
+        return "float" if "float" in ks else ("int" if "int" in ks else None)
+
+    for n in gm.graph.nodes:
+        k: str | None
+        if n.op == "placeholder" or n.op == "call_module":
+            k = "float"
+        elif n.op == "get_attr":
+            try:
+                v = operator.attrgetter(n.target)(gm)
+            except AttributeError:
+                v = None
+            k = ("float" if v.is_floating_point() else "int") if isinstance(v, torch.Tensor) else None
+        elif n.op == "call_method":
+            src = kinds.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
+            if n.target in _NON_TENSOR_METHODS or src is None:
+                k = None
+            elif n.target in _INT_METHODS:
+                k = "int"
+            elif n.target in _FLOAT_METHODS:
+                k = "float"
+            elif n.target in ("to", "type"):
+                dts = [a for a in (*n.args[1:], *n.kwargs.values()) if isinstance(a, torch.dtype)]
+                k = ("float" if dts[0].is_floating_point else "int") if dts else src
+            else:
+                k = of_args(n)
+        elif n.op == "call_function":
+            if n.target is getattr:
+                k = None if n.args[1] in _NON_TENSOR_ATTRS else kinds.get(n.args[0])
+            elif n.target is operator.getitem:
+                k = kinds.get(n.args[0]) if isinstance(n.args[0], fx.Node) else None
+            elif n.target in _INT_FUNCTIONS:
+                k = "int" if of_args(n) is not None else None
+            else:
+                k = of_args(n)
+        else:
+            k = None
+        kinds[n] = k
+    return kinds
+
+
+# ----------------------------------------------------------------------------- rewriting
+def _activation(node: fx.Node, src: fx.Node, modules: dict[str, nn.Module], skip: tuple) -> nn.Module | None:
+    """The activation module equivalent to ``node`` applied to ``src``, or ``None``."""
+    if not node.args or node.args[0] is not src:
+        return None
+    if node.op == "call_module":
+        m = modules[node.target]
+        ok = type(m) in SUPPORTED_ACTIVATIONS and len(node.args) == 1 and not node.kwargs
+        return m if ok and skip_reason(node.target, m, skip) is None else None
+    if node.op == "call_function":
+        spec = FUNCTIONAL_ACTIVATIONS.get(node.target) if not isinstance(node.target, str) else None
+    elif node.op == "call_method":
+        spec = FUNCTIONAL_ACTIVATIONS.get(node.target)
+        if spec is not None and (len(node.args) > 1 or node.kwargs):
+            return None
+    else:
+        return None
+    if spec is None:
+        return None
+    cls, names = spec
+    extra = node.args[1:]
+    if len(extra) > len(names) or any(k not in names for k in node.kwargs):
+        return None
+    kwargs = dict(zip(names, extra))
+    kwargs.update(node.kwargs)
+    if _flat_nodes(kwargs):  # an argument computed at run time: cannot become a constructor argument
+        return None
+    return cls(**kwargs)
+
+
+_LAYER_SIGNATURES = {
+    F.conv1d: ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    F.conv2d: ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    F.conv3d: ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    F.linear: ("input", "weight", "bias"),
+}
+_CONV_FOR_FN = {F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
+
+
+def _layer_from_call(node: fx.Node, gm: fx.GraphModule, model: nn.Module):
+    """A plain Conv/Linear equivalent to a functional call whose weight is a module's parameter.
+
+    Returns ``(layer, owner_name, owner_module, get_attr_nodes)``, or a string saying why not.
+    """
+    names = _LAYER_SIGNATURES[node.target]
+    if len(node.args) > len(names) or any(k not in names for k in node.kwargs):
+        return "unexpected arguments"
+    bound = dict(zip(names, node.args))
+    bound.update(node.kwargs)
+    w, b = bound.get("weight"), bound.get("bias")
+    attr_nodes = [n for n in (w, b) if isinstance(n, fx.Node)]
+    if not isinstance(w, fx.Node) or any(n.op != "get_attr" for n in attr_nodes):
+        return "the weight is not a module parameter"
+    owner, _, attr = w.target.rpartition(".")
+    if attr != "weight" or (isinstance(b, fx.Node) and b.target != f"{owner}.bias"):
+        return "the weight is not a module's 'weight' parameter"
+    try:
+        owner_module = model.get_submodule(owner)
+    except AttributeError:
+        return "the weight's owner module is not found"
+    weight = operator.attrgetter(w.target)(gm)
+    bias = operator.attrgetter(b.target)(gm) if isinstance(b, fx.Node) else None
+    if b is not None and not isinstance(b, fx.Node):
+        return "the bias is not a module parameter"
+    if not isinstance(weight, nn.Parameter) or _flat_nodes({k: v for k, v in bound.items() if k not in names[:3]}):
+        return "arguments computed at run time"
+    if node.target is F.linear:
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    else:
+        groups = bound.get("groups", 1)
+        layer = _CONV_FOR_FN[node.target](
+            weight.shape[1] * groups,
+            weight.shape[0],
+            tuple(weight.shape[2:]),
+            stride=bound.get("stride", 1),
+            padding=bound.get("padding", 0),
+            dilation=bound.get("dilation", 1),
+            groups=groups,
+            bias=bias is not None,
+            device="meta",
+        )
+    layer.weight = weight
+    layer.bias = bias
+    return layer, owner, owner_module, attr_nodes
+
+
+def _split_bn_act(m: nn.Module, bn_type: type[nn.Module]) -> list[nn.Module] | None:
+    """A BatchNorm subclass that also applies ``m.drop`` then ``m.act`` (timm's ``BatchNormAct2d``) as
+    ``[plain BatchNorm sharing its parameters and buffers, activation]``; ``None`` if it is not one.
+
+    Only when its forward is the plain BatchNorm's followed by an identity ``drop`` and an
+    identity or supported ``act``.
+    """
+    act, drop = getattr(m, "act", None), getattr(m, "drop", None)
+    if not (isinstance(m, bn_type) and isinstance(drop, nn.Identity) and isinstance(act, nn.Module)):
+        return None
+    if not (isinstance(act, nn.Identity) or type(act) in SUPPORTED_ACTIVATIONS) or m._modules.keys() - {"act", "drop"}:
+        return None
+    bn = bn_type(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, device="meta")
+    for name in ("weight", "bias"):
+        setattr(bn, name, getattr(m, name))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        bn._buffers[name] = m._buffers.get(name)
+    return [bn] if isinstance(act, nn.Identity) else [bn, act]
+
+
+def _is_bn_act(m: nn.Module) -> bool:
+    """A BatchNorm+activation module :func:`_split_bn_act` understands (a standalone one gets a QOp)."""
+    bn_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    return any(isinstance(m, t) and _split_bn_act(m, t) is not None for t in bn_types)
+
+
+def _is_sigmoid_of(node: fx.Node, src: fx.Node) -> bool:
+    return (
+        node.args == (src,)
+        and not node.kwargs
+        and (
+            (node.op == "call_function" and node.target is torch.sigmoid)
+            or (node.op, node.target) == ("call_method", "sigmoid")
+        )
+    )
+
+
+def _swish_nodes(src: fx.Node) -> list[fx.Node] | None:
+    """``[sigmoid, mul]`` when ``src``'s two users compute ``src * sigmoid(src)`` (SiLU written out), else None."""
+    users = list(src.users)
+    sig = next((u for u in users if _is_sigmoid_of(u, src)), None)
+    if sig is None or len(sig.users) != 1:
+        return None
+    mul = next(iter(sig.users))
+    ok = (
+        mul in users
+        and not mul.kwargs
+        and (mul.op, mul.target) in (("call_function", operator.mul), ("call_function", torch.mul))
+        and set(mul.args) == {src, sig}
+        and len(mul.args) == 2
+    )
+    return [sig, mul] if ok else None
+
+
+def _owner_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    return next(reversed(stack.values()))[0]
+
+
+class _Rewriter:
+    def __init__(self, model, gm, wf, af, skip, fold_bn, tracer) -> None:
+        self.model = model
+        self.gm = gm
+        self.graph = gm.graph
+        self.wf = wf
+        self.af = af
+        self.skip = skip
+        self.fold_bn = fold_bn
+        self.modules = dict(gm.named_modules())
+        self.kinds = _infer_kinds(gm)
+        self.float_reasons: dict[str, str] = {}
+        self.taken: set[str] = set(self.modules)
+        self.skipped = set(tracer.skipped)
+        for name, (reason, m) in tracer.skipped.items():
+            if any(True for _ in m.parameters()):
+                self.float_reasons[name] = f"{reason} ({type(m).__name__})"
+
+    # -- module placement
+    def _safe_parent(self, path: str) -> nn.Module | None:
+        """The GraphModule container at ``path`` (created if missing), unless it belongs to the user's model."""
+        parent: nn.Module = self.gm
+        for i, part in enumerate(path.split(".") if path else []):
+            child = parent._modules.get(part)
+            if child is None:
+                if hasattr(parent, part):
+                    return None
+                child = nn.Module()
+                parent.add_module(part, child)
+            elif child is self._original(".".join(path.split(".")[: i + 1])):
+                return None  # a module shared with the float model: do not add children to it
+            parent = child
+        return parent
+
+    def _original(self, path: str) -> nn.Module | None:
+        try:
+            return self.model.get_submodule(path)
+        except AttributeError:
+            return None
+
+    def _install(self, path: str, module: nn.Module) -> None:
+        parent_path, _, attr = path.rpartition(".")
+        parent = self.gm.get_submodule(parent_path) if parent_path else self.gm
+        setattr(parent, attr, module)
+        self.taken.add(path)
+
+    def _fresh_name(self, scope: str, base: str) -> str:
+        parent = self._safe_parent(scope)
+        if parent is None:
+            base = scope.replace(".", "_") + "_" + base
+            scope, parent = "", self.gm
+        prefix = f"{scope}." if scope else ""
+        name, i = f"{prefix}{base}", 0
+        while name in self.taken or hasattr(parent, name.rpartition(".")[2]):
+            i += 1
+            name = f"{prefix}{base}_{i}"
+        self.taken.add(name)
+        return name
+
+    # -- rules
+    def run(self) -> dict[str, str]:
+        for node in list(self.graph.nodes):
+            if node.graph is not self.graph or node.op == "output" or getattr(node, "_erased", False):
+                continue
+            if node.op == "call_module":
+                self._call_module(node)
+            elif node.op == "call_function":
+                if node.target in QOP_FUNCTIONS and self.kinds.get(node) == "float":
+                    self._function_qop(node, node.target)
+                elif node.target in _FUNCTIONAL_LAYERS:
+                    self._functional_layer(node)
+            elif node.op == "call_method" and node.target in QOP_METHODS and self.kinds.get(node) == "float":
+                self._function_qop(node, getattr(torch.Tensor, node.target))
+        self._report_unquantized_ops()
+        self.graph.lint()
+        _delete_unused_submodules(self.gm)
+        self.gm.recompile()
+        return self.float_reasons
+
+    def _report_unquantized_ops(self) -> None:
+        """Record the operations that create new float values and got no quantizer (no rule for them)."""
+        for node in self.graph.nodes:
+            if node.op not in ("call_function", "call_method", "call_module") or self.kinds.get(node) != "float":
+                continue
+            if node.op == "call_module":
+                m = self.gm.get_submodule(node.target)
+                if isinstance(m, (QModule, Quantizer, *_VALUE_PRESERVING_MODULES)) or node.target in self.skipped:
+                    continue
+                if node.target not in self.float_reasons:
+                    self.float_reasons[node.target] = f"no rule for {type(m).__name__} (output not quantized)"
+                continue
+            if node.target in _VALUE_PRESERVING or node.target in _FUNCTIONAL_LAYERS:
+                continue
+            if getattr(node.target, "__name__", None) in _VALUE_PRESERVING_NAMES:
+                continue
+            op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+            scope = _owner_path(node)
+            key = f"{scope}.{op}" if scope else op
+            key = key if key not in self.float_reasons else f"{key} ({node.name})"
+            self.float_reasons[key] = f"no rule for {op} (output not quantized)"
+
+    def _call_module(self, node: fx.Node) -> None:
+        m = self.modules.get(node.target)
+        if m is None or isinstance(m, (QModule, Quantizer)) or node.target in self.skipped:
+            return
+        if type(m) in _BN_FOR_LAYER:
+            self._fuse(node, m)
+        elif type(m) in QOP_MODULES or _is_bn_act(m):
+            self._module_qop(node, m)
+        elif isinstance(m, _LAYER_TYPES):
+            self.float_reasons[node.target] = f"{type(m).__name__} is a subclass of a supported layer, not the layer"
+        elif any(True for _ in m.parameters(recurse=True)):
+            self.float_reasons[node.target] = f"no rule for {type(m).__name__} (leaf module with parameters)"
+
+    def _functional_layer(self, node: fx.Node) -> None:
+        """``F.conv2d(x, self.weight, self.bias, ...)`` inside a Conv/Linear subclass (efficientnet_pytorch's
+        same-padding convolutions): wrap an equivalent plain layer that shares the parameters."""
+        fn = node.target
+        built = _layer_from_call(node, self.gm, self.model)
+        scope = _owner_path(node)
+        if isinstance(built, str):
+            self.float_reasons.setdefault(scope or node.name, f"functional {fn.__name__} call: {built}")
+            return
+        layer, owner, owner_module, attr_nodes = built
+        if skip_reason(owner, owner_module, self.skip) is not None:
+            return
+        name = self._fresh_name(owner, fn.__name__)
+        self._fuse(node, layer, name=name, origin=(owner_module, owner), args=(node.args[0],))
+        for a in attr_nodes:
+            if not a.users:
+                self.graph.erase_node(a)
+                a._erased = True
+                if not any(n.op == "get_attr" and n.target == a.target for n in self.graph.nodes):
+                    parent_path, _, attr = a.target.rpartition(".")
+                    parent = self.gm.get_submodule(parent_path) if parent_path else self.gm
+                    if parent is not self._original(parent_path) and hasattr(parent, attr):
+                        delattr(parent, attr)
+
+    def _fuse(
+        self,
+        node: fx.Node,
+        layer: nn.Module,
+        name: str | None = None,
+        origin: tuple[nn.Module, str] | None = None,
+        args: tuple | None = None,
+    ) -> None:
+        chain, layers, cur = [node], [layer], node
+        fused_act = False
+        if len(cur.users) == 1:
+            user = next(iter(cur.users))
+            bn = self.modules.get(user.target) if user.op == "call_module" else None
+            ok = (
+                bn is not None
+                and user.args == (cur,)
+                and not user.kwargs
+                and skip_reason(user.target, bn, self.skip) is None
+            )
+            if ok and type(bn) is _BN_FOR_LAYER[type(layer)]:
+                chain.append(user)
+                layers.append(bn)
+                cur = user
+            elif ok and (split := _split_bn_act(bn, _BN_FOR_LAYER[type(layer)])) is not None:
+                chain.append(user)
+                layers.extend(split)
+                cur = user
+                fused_act = True
+        if not fused_act and len(cur.users) == 1:
+            user = next(iter(cur.users))
+            act = _activation(user, cur, self.modules, self.skip)
+            if act is not None:
+                chain.append(user)
+                layers.append(act)
+                cur = user
+        elif not fused_act and len(cur.users) == 2:
+            swish = _swish_nodes(cur)
+            if swish is not None:
+                chain.extend(swish)
+                layers.append(nn.SiLU())
+                cur = swish[-1]
+        name = name or node.target
+        factory_module, factory_name = origin or (layer, name)
+        wrapper = make_qwrapper(layers, factory_name, self.wf, self.af, self.fold_bn, factory_module=factory_module)
+        self._install(name, wrapper)
+        with self.graph.inserting_after(cur):
+            new = self.graph.call_module(name, node.args if args is None else args, {} if args else node.kwargs)
+        cur.replace_all_uses_with(new)
+        for n in reversed(chain):
+            self.graph.erase_node(n)
+            n._erased = True
+
+    def _module_qop(self, node: fx.Node, m: nn.Module) -> None:
+        name = node.target
+        if isinstance(self.gm.get_submodule(name), QOp):  # the module is called again: a QOp per call
+            scope, _, base = name.rpartition(".")
+            name = self._fresh_name(scope, base)
+        qop = QOp(m, acts_quantizer=call_factory(self.af, m, name, "acts_quantizer"))
+        self._install(name, qop)
+        node.target = name
+
+    def _function_qop(self, node: fx.Node, fn: Callable) -> None:
+        desc = FunctionalOp(fn, node.name)
+        scope = _owner_path(node)
+        wanted = f"{scope}.{desc.name}" if scope else desc.name
+        reason = skip_reason(wanted, desc, self.skip)
+        if reason is not None:
+            key = wanted if wanted not in self.float_reasons else f"{wanted} ({node.name})"
+            self.float_reasons[key] = f"{reason} ({desc.name})"
+            return
+        name = self._fresh_name(scope, desc.name)
+        qop = QOp(fn, acts_quantizer=call_factory(self.af, desc, name, "acts_quantizer"))
+        self._install(name, qop)
+        with self.graph.inserting_after(node):
+            new = self.graph.call_module(name, node.args, node.kwargs)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+        node._erased = True
+
+
+def _delete_unused_submodules(gm: fx.GraphModule) -> None:
+    """Like ``GraphModule.delete_all_unused_submodules``, but also deletes the second name of a
+    module held twice (a BatchNorm now inside a QWrapper and still at its old name)."""
+    used: set[str] = {""}
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            parts = node.target.split(".")
+            used.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+            if node.op == "call_module":
+                sub = gm.get_submodule(node.target)
+                used.update(f"{node.target}.{n}" for n, _ in sub.named_modules(remove_duplicate=False) if n)
+    for name, _ in list(gm.named_modules(remove_duplicate=False)):
+        if name not in used:
+            gm.delete_submodule(name)
+
+
+def quantize_fx(
+    model: nn.Module,
+    weight_quantizer: QuantizerFactory | None,
+    acts_quantizer: QuantizerFactory | None,
+    *,
+    skip: tuple,
+    fold_bn: bool,
+    leaf_modules: Iterable[type[nn.Module]] = (),
+    autowrap_functions: Iterable[Callable] = (),
+) -> fx.GraphModule:
+    """Trace ``model`` and rewrite it (see the module docstring). ``model`` keeps its structure;
+    the result shares its parameter tensors.
+
+    Args:
+        model: the float model.
+        weight_quantizer: factory for layer weights (see :func:`torchquant.quantize_model`).
+        acts_quantizer: factory for output activations of layers and operations.
+        skip: normalised skip entries (name globs and module types).
+        fold_bn: passed to every ``QWrapper`` that has a BatchNorm.
+        leaf_modules: module types not to trace into.
+        autowrap_functions: functions recorded as single calls.
+
+    Returns:
+        The rewritten ``GraphModule``; ``meta["_tq_float_reasons"]`` says what stayed in float and why.
+
+    Raises:
+        TypeError: a ``leaf_modules`` entry is not an ``nn.Module`` type.
+        FxTraceError: torch.fx cannot trace the model; names the module and operation.
+    """
+    timm_modules, timm_functions = _timm_leaves()
+    leaves = tuple(leaf_modules) + timm_modules
+    for t in leaves:
+        if not (isinstance(t, type) and issubclass(t, nn.Module)):
+            raise TypeError(f"quantize_model: leaf_modules entries must be nn.Module types, got {t!r}")
+    tracer = _Tracer(skip, leaves, tuple(autowrap_functions) + timm_functions)
+    graph = _trace(model, tracer)
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    reasons = _Rewriter(model, gm, weight_quantizer, acts_quantizer, skip, fold_bn, tracer).run()
+    gm.meta[FLOAT_REASONS_ATTR] = reasons
+    return gm

@@ -1,0 +1,180 @@
+"""What a converted model quantizes, and what stayed in float.
+
+:func:`summary_rows` lists one dict per quantization point (every
+:class:`~torchquant.qmodules.QWrapper` and :class:`~torchquant.qmodules.QOp`)
+and per layer that stayed in float; :func:`summary` renders them as a text
+table and :func:`print_summary` prints it.
+
+Float layers come from two places: what the converter recorded
+(:func:`~torchquant.quantize_model` notes skipped modules and layers it has no
+rule for, with the reason) and a scan of the model for ``Conv``/``Linear``
+modules outside any ``QWrapper`` ("not converted"), so hand-built models are
+covered too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .graph.common import FLOAT_REASONS_ATTR
+from .qmodules import _LAYER_TYPES, QModule, QOp, QWrapper
+from .quantizers import Quantizer
+
+__all__ = ["print_summary", "summary", "summary_rows"]
+
+_COLUMNS = (
+    ("name", "name"),
+    ("kind", "kind"),
+    ("layers", "layers/op"),
+    ("weight_quantizer", "weight quantizer"),
+    ("weight_bits", "w bits"),
+    ("weight_granularity", "w granularity"),
+    ("act_quantizer", "act quantizer"),
+    ("act_bits", "a bits"),
+    ("act_granularity", "a granularity"),
+    ("note", "note"),
+)
+
+
+def _quantizer_info(q: Quantizer | None) -> tuple[str | None, int | None, str | None]:
+    if q is None:
+        return None, None, None
+    bits = getattr(q, "n_bits", None)
+    gran = getattr(q, "granularity", None)
+    return type(q).__name__, bits if isinstance(bits, int) else None, None if gran is None else str(gran)
+
+
+def _float_reasons(model: nn.Module) -> dict[str, str]:
+    reasons: dict[str, str] = {}
+    meta = getattr(model, "meta", None)
+    if isinstance(meta, dict):
+        reasons.update(meta.get(FLOAT_REASONS_ATTR, {}))
+    reasons.update(getattr(model, FLOAT_REASONS_ATTR, {}))
+    return reasons
+
+
+def _covered(name: str, prefixes: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def summary_rows(model: nn.Module) -> list[dict[str, Any]]:
+    """One dict per quantization point and per layer left in float, in module order.
+
+    Keys: ``name`` (qualified name), ``kind`` (``"QWrapper"``, ``"QOp"`` or
+    ``"float"``), ``layers`` (``"Conv2d+BatchNorm2d+ReLU"``, the op name, or the
+    float module's type), ``weight_quantizer``/``act_quantizer`` (class names or
+    ``None``), ``weight_bits``/``act_bits`` (``int`` or ``None``),
+    ``weight_granularity``/``act_granularity`` (e.g. ``"per-channel(axis=0)"``,
+    or ``None``), ``note`` (why something is in float, or ``""``).
+
+    Args:
+        model: any model; typically the output of :func:`torchquant.quantize_model`.
+
+    Returns:
+        The rows.
+    """
+    rows: list[dict[str, Any]] = []
+    qnames: list[str] = []
+    for name, m in model.named_modules():
+        if isinstance(m, QModule):
+            qnames.append(name)
+        if isinstance(m, QWrapper):
+            layers = "+".join(type(x).__name__ for x in (m.layer, m.bn, m.act) if x is not None)
+            wq, aq = m.weight_quantizer, m.acts_quantizer
+        elif isinstance(m, QOp):
+            op = m.op
+            layers = type(op).__name__ if isinstance(op, nn.Module) else getattr(op, "__name__", repr(op))
+            wq, aq = None, m.acts_quantizer
+        else:
+            continue
+        w, wb, wg = _quantizer_info(wq)
+        a, ab, ag = _quantizer_info(aq)
+        missing = [s for s, q in (("weights", wq), ("outputs", aq)) if q is None]
+        if isinstance(m, QOp):
+            missing = [s for s in missing if s != "weights"]
+        note = f"no quantizer for {' and '.join(missing)} (float)" if missing else ""
+        rows.append(
+            dict(
+                name=name,
+                kind=type(m).__name__,
+                layers=layers,
+                weight_quantizer=w,
+                weight_bits=wb,
+                weight_granularity=wg,
+                act_quantizer=a,
+                act_bits=ab,
+                act_granularity=ag,
+                note=note,
+            )
+        )
+    floats: dict[str, tuple[str, str]] = {}
+    reasons = _float_reasons(model)
+    modules = dict(model.named_modules())
+    for name, reason in reasons.items():
+        m = modules.get(name)
+        floats[name] = (type(m).__name__ if m is not None else "-", reason)
+    for name, m in model.named_modules():
+        if isinstance(m, _LAYER_TYPES) and not _covered(name, qnames) and not _covered(name, list(floats)):
+            floats[name] = (type(m).__name__, "not converted")
+    for name, (layers, reason) in floats.items():
+        rows.append(
+            dict(
+                name=name,
+                kind="float",
+                layers=layers,
+                weight_quantizer=None,
+                weight_bits=None,
+                weight_granularity=None,
+                act_quantizer=None,
+                act_bits=None,
+                act_granularity=None,
+                note=reason,
+            )
+        )
+    return rows
+
+
+def summary(model: nn.Module) -> str:
+    """A text table of :func:`summary_rows`, with a count line at the end.
+
+    Args:
+        model: any model; typically the output of :func:`torchquant.quantize_model`.
+
+    Returns:
+        The table.
+
+    Example:
+        >>> import torchquant as tq
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> q = tq.quantize_model(net, lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0)), None, skip=["2"])
+        >>> table = tq.summary(q)
+        >>> print(table.splitlines()[-1])
+        1 quantization point (1 QWrapper, 0 QOp), 1 left in float
+        >>> [(r["name"], r["kind"], r["weight_bits"], r["note"]) for r in tq.summary_rows(q)]
+        [('0', 'QWrapper', 4, 'no quantizer for outputs (float)'), ('2', 'float', None, "skipped by glob '2' (Linear)")]
+    """
+    rows = summary_rows(model)
+    cells = [[h for _, h in _COLUMNS]]
+    cells += [["-" if r[k] is None else str(r[k]) for k, _ in _COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(_COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    n_w = sum(r["kind"] == "QWrapper" for r in rows)
+    n_o = sum(r["kind"] == "QOp" for r in rows)
+    n_f = sum(r["kind"] == "float" for r in rows)
+    lines.append(
+        f"{n_w + n_o} quantization point{'s' * (n_w + n_o != 1)} ({n_w} QWrapper, {n_o} QOp), {n_f} left in float"
+    )
+    return "\n".join(lines)
+
+
+def print_summary(model: nn.Module) -> None:
+    """Print :func:`summary` of ``model``.
+
+    Args:
+        model: any model.
+    """
+    print(summary(model))
