@@ -145,7 +145,7 @@ def summary(model: nn.Module) -> str:
     Returns:
         The table.
 
-    Example:
+    Examples:
         >>> import torchquant as tq
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
