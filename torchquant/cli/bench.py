@@ -75,7 +75,7 @@ class BenchConfig:
     calib_batches: int = 8
     calib_batch_size: int = 64
     first_last_bits: int | None = 8
-    convert: str = "swap"
+    convert: str = "fx"
     seed: int = 0
     threads: int | None = None
     device: str = "auto"

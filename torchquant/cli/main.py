@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recipe-file", dest="recipe_files", action="append", default=[], help="TOML recipes")
     g.add_argument("--import", dest="imports", action="append", default=[], help="module registering quantizers")
     g.add_argument("--first-last-bits", type=_bits_or_none, default=8, help="first/last layer bits, or 'none'")
-    g.add_argument("--convert", choices=["swap", "fx"], default="swap", help="quantize_model method")
+    g.add_argument(
+        "--convert", choices=["fx", "swap"], default="fx", help="quantize_model method (fx quantizes residual adds too)"
+    )
     g = b.add_argument_group("training")
     g.add_argument("--epochs", type=int, help="float baseline epochs (default per dataset; 0 with --checkpoint)")
     g.add_argument("--lr", type=float, help="float baseline peak learning rate")

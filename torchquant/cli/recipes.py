@@ -125,7 +125,7 @@ class Settings:
     weight_decay: float = 1e-4
     seed: int = 0
     first_last_bits: int | None = 8
-    convert: str = "swap"
+    convert: str = "fx"
     progress: bool = True
     runtime: Runtime = field(default_factory=Runtime)
 
