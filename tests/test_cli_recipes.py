@@ -155,9 +155,9 @@ def test_qat_minmax_trains_weights():
     model = tiny_model()
     w0 = model[3].weight.detach().clone()
     result = get_recipe("qat-minmax")(model, Bits(8, 8), tiny_task(), Settings(**SETTINGS))
-    assert not torch.equal(result.model[3].layer.weight, w0)
+    assert not torch.equal(dict(result.model.named_modules())["3"].layer.weight, w0)
     assert "QAT 1 epochs" in result.info["steps"]
-    assert isinstance(result.model[3].acts_quantizer.range_observer, tq.ExpAvgMinMax)
+    assert isinstance(dict(result.model.named_modules())["3"].acts_quantizer.range_observer, tq.ExpAvgMinMax)
 
 
 def test_relu_only_acts_fall_back_off_relu_outputs():
@@ -245,7 +245,7 @@ def test_recipe_file_with_user_quantizer(tmp_path, monkeypatch):
     recipe = get_recipe("test-sign-qat")
     assert recipe.qat and recipe.epochs == 1 and recipe.acts.observer == "ema_minmax"  # inherited
     model = recipe(tiny_model(), Bits(1, 8), tiny_task(), Settings(first_last_bits=None, **SETTINGS)).model
-    w = model[3].quantized_weight()
+    w = dict(model.named_modules())["3"].quantized_weight()
     assert torch.allclose(w.abs(), w.abs().mean().expand_as(w))  # sign times one scale
     ptq = get_recipe("test-ptq-tensor")(tiny_model(), Bits(8, 8), tiny_task(), Settings(**SETTINGS)).model
     assert all(m.acts_quantizer is None for _, m in tq.iter_qmodules(ptq))
