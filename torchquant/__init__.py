@@ -6,11 +6,12 @@ The public names of the core modules are re-exported here::
     q = tq.AffineQuantizer(8, tq.ExpAvgMinMax())
 """
 
-from . import quantizers_functional, registry
+from . import ptq, quantizers_functional, registry
 from .convert import quantize_model
 from .factories import call_factory
 from .folding import bn_scale_shift, fold_bn_params
 from .granularity import PER_TENSOR, Granularity, per_channel, per_group
+from .ptq import calibrate
 from .qmodules import SUPPORTED_ACTIVATIONS, QModule, QModuleState, QOp, QWrapper, iter_qmodules
 from .quantizers import AffineGrid, AffineQuantizer, QfmtQuantizer, Quantizer, RangeQuantizer
 from .quantizers_functional import affine_quantize, gradient_clip, qfmt_quantize, round_ste
@@ -46,6 +47,7 @@ __all__ = [
     "RunningMinMax",
     "affine_quantize",
     "bn_scale_shift",
+    "calibrate",
     "call_factory",
     "fold_bn_params",
     "get_qmodule_states",
@@ -57,6 +59,7 @@ __all__ = [
     "make_quantizer",
     "per_channel",
     "per_group",
+    "ptq",
     "qfmt_quantize",
     "qmodule_state",
     "quantize_model",

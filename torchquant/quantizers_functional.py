@@ -24,7 +24,9 @@ __all__ = [
     "affine_quantize",
     "compute_dtype",
     "gradient_clip",
+    "inverse_rectified_sigmoid",
     "qfmt_quantize",
+    "rectified_sigmoid",
     "round_ste",
 ]
 
@@ -170,3 +172,18 @@ def round_ste(x: Tensor) -> Tensor:
     through ``x / scale`` to both ``x`` and ``scale`` by ordinary autograd.
     """
     return _RoundSTE.apply(x)
+
+
+def rectified_sigmoid(v: Tensor, zeta: float = 1.1, gamma: float = -0.1) -> Tensor:
+    """AdaRound's soft rounding ``h(V) = clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)`` (Nagel et al. 2020).
+
+    Stretching the sigmoid beyond ``[0, 1]`` and clipping lets ``h`` reach exactly 0
+    and 1 with a non-vanishing gradient nearby. Elementwise, any shape.
+    """
+    return torch.clamp(torch.sigmoid(v) * (zeta - gamma) + gamma, 0.0, 1.0)
+
+
+def inverse_rectified_sigmoid(h: Tensor, zeta: float = 1.1, gamma: float = -0.1) -> Tensor:
+    """The ``V`` with ``rectified_sigmoid(V) == h`` for ``h`` in ``(0, 1)`` (``h`` is clamped to that first)."""
+    h = h.clamp(1e-6, 1.0 - 1e-6)
+    return -torch.log((zeta - gamma) / (h - gamma) - 1.0)
