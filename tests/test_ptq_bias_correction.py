@@ -125,16 +125,19 @@ def test_analytic_bias_correction_reduces_the_shift_it_models():
     b_fp = b.layer.bias.detach().clone()
     with torch.no_grad():
         h = q[0](x)  # bypassed: float BN + ReLU output, the input of q[3]
-        shift = lambda: (
-            (
-                nn.functional.linear(h, b.weight_quantizer(b.layer.weight), b.layer.bias)  # noqa: E731
-                - nn.functional.linear(h, w_fp, b_fp)
+
+        def shift():
+            return (
+                (
+                    nn.functional.linear(h, b.weight_quantizer(b.layer.weight), b.layer.bias)
+                    - nn.functional.linear(h, w_fp, b_fp)
+                )
+                .mean(0)
+                .abs()
+                .mean()
+                .item()
             )
-            .mean(0)
-            .abs()
-            .mean()
-            .item()
-        )
+
         before = shift()
         corr = tq.ptq.bias_correction(q, method="analytic", progress=False)
         after = shift()

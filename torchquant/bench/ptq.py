@@ -106,12 +106,14 @@ def run_method(
     fold: bool = True,
     seed: int = 0,
     return_model: bool = False,
+    **options,
 ):
     """Quantize a copy of ``model``, apply ``method`` (one of :data:`METHODS`), return its test accuracy.
 
     BatchNorm is folded into the weights first when ``fold`` (as deployed; CLE always folds).
     Calibration uses 256 training samples; reconstruction ``iters`` steps per unit with
-    batch 32 and Adam at ``lr`` (the paper's 1e-3 needs thousands of steps).
+    batch 32 and Adam at ``lr`` (the paper's 1e-3 needs thousands of steps); ``options``
+    go to the reconstruction preset (e.g. ``learn_act_step=True, act_lr=1e-3``).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
@@ -124,7 +126,7 @@ def run_method(
             if isinstance(m, QWrapper):
                 fold_qwrapper_batchnorm(m)
     calibrate(q, calib, progress=False)
-    opts = dict(iters=iters, batch_size=32, lr=lr, seed=seed, progress=False)
+    opts = dict(iters=iters, batch_size=32, lr=lr, seed=seed, progress=False, **options)
     if method.endswith("bc"):
         bias_correction(q, calib, progress=False)
     elif method == "adaround":
