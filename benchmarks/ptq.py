@@ -80,12 +80,11 @@ def resnet(iters: int, n_images: int = 256, size: int = 112) -> None:
         losses = fn(q, calib, iters=iters, batch_size=32, progress=False)
         sec = time.perf_counter() - t0
         per_iter = (sec - overhead) / max(iters - 1, 1)
-        est = overhead + per_iter * 999
         label = "measured" if iters == 1000 else f"EXTRAPOLATED from {iters} iterations/unit"
+        est = f"{overhead + per_iter * 999:.0f} s ({label})" if per_iter > 0 else "not separable (machine load varied)"
         print(
             f"resnet18 {method}: {len(losses)} units, {iters} it/unit: {sec:.1f} s measured "
-            f"(setup+capture {overhead:.1f} s); 1000 it/unit: {est:.0f} s ({label}); "
-            f"threads={torch.get_num_threads()}",
+            f"(with 1 it/unit: {overhead:.1f} s); 1000 it/unit: {est}; threads={torch.get_num_threads()}",
             flush=True,
         )
 
