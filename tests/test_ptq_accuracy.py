@@ -18,6 +18,15 @@ pytestmark = pytest.mark.slow
 ITERS = 100
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # The float models and the orderings depend on the numerics; one thread matches benchmarks/ptq.py.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def digits_cnn():
     return train_float("digits_cnn")
