@@ -6,7 +6,7 @@ The public names of the core modules are re-exported here::
     q = tq.AffineQuantizer(8, tq.ExpAvgMinMax())
 """
 
-from . import distributed, quantizers_functional, registry
+from . import distributed, ptq, quantizers_functional, registry
 from .baselines import (
     FORMATS,
     BinaryQuantizer,
@@ -26,6 +26,7 @@ from .convert import FunctionalOp, FxTraceError, quantize_model
 from .factories import call_factory
 from .folding import bn_scale_shift, fold_batchnorm, fold_bn_params, freeze_bn_stats
 from .granularity import PER_TENSOR, Granularity, per_channel, per_group
+from .ptq import calibrate
 from .qmodules import SUPPORTED_ACTIVATIONS, QModule, QModuleState, QOp, QWrapper, iter_qmodules
 from .quantizers import AffineGrid, AffineQuantizer, QfmtQuantizer, Quantizer, RangeQuantizer
 from .quantizers_functional import affine_quantize, gradient_clip, qfmt_quantize, round_ste
@@ -54,7 +55,7 @@ __version__ = "0.1.0"
 
 # Submodules that need optional packages (numpy, onnx, matplotlib) load on first use,
 # so `import torchquant` needs torch alone.
-_LAZY_SUBMODULES = ("debug", "export", "ptq")
+_LAZY_SUBMODULES = ("debug", "export")
 
 
 def __getattr__(name: str):
@@ -104,6 +105,7 @@ __all__ = [
     "XNORWeightQuantizer",
     "affine_quantize",
     "bn_scale_shift",
+    "calibrate",
     "call_factory",
     "debug",
     "distributed",
@@ -122,6 +124,7 @@ __all__ = [
     "per_channel",
     "per_group",
     "print_summary",
+    "ptq",
     "qfmt_quantize",
     "qmodule_state",
     "quantize_model",

@@ -25,12 +25,14 @@ __all__ = [
     "compute_dtype",
     "e8m0_block_scale",
     "gradient_clip",
+    "inverse_rectified_sigmoid",
     "lsq_quantize",
     "minifloat_quantize",
     "minifloat_round",
     "mx_quantize",
     "pact_quantize",
     "qfmt_quantize",
+    "rectified_sigmoid",
     "round_ste",
     "scaled_sign",
     "sign_ste",
@@ -509,3 +511,18 @@ def lsq_quantize(x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: in
         tensor([ 0.5000, -1.0000,  0.5000])
     """
     return _LSQ.apply(x, step, offset, int(qn), int(qp), float(grad_scale))
+
+
+def rectified_sigmoid(v: Tensor, zeta: float = 1.1, gamma: float = -0.1) -> Tensor:
+    """AdaRound's soft rounding ``h(V) = clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)`` (Nagel et al. 2020).
+
+    Stretching the sigmoid beyond ``[0, 1]`` and clipping lets ``h`` reach exactly 0
+    and 1 with a non-vanishing gradient nearby. Elementwise, any shape.
+    """
+    return torch.clamp(torch.sigmoid(v) * (zeta - gamma) + gamma, 0.0, 1.0)
+
+
+def inverse_rectified_sigmoid(h: Tensor, zeta: float = 1.1, gamma: float = -0.1) -> Tensor:
+    """The ``V`` with ``rectified_sigmoid(V) == h`` for ``h`` in ``(0, 1)`` (``h`` is clamped to that first)."""
+    h = h.clamp(1e-6, 1.0 - 1e-6)
+    return -torch.log((zeta - gamma) / (h - gamma) - 1.0)

@@ -1,0 +1,109 @@
+"""Post-training quantization benchmark.
+
+1. Accuracy table on the built-in tasks (digits, mnist1d): method x setting -> top-1 (%).
+2. Seconds for AdaRound and BRECQ on torchvision's resnet18 (random init, quantize_model
+   swap, 256 calibration images of 3x112x112, ``--iters`` iterations per unit; the
+   issue's reference is 1000). With fewer iterations the time for 1000 is extrapolated
+   from the measured per-iteration cost and labelled as such.
+
+Usage::
+
+    python benchmarks/ptq.py --table            # accuracy table (~1-2 min on one core)
+    python benchmarks/ptq.py --resnet --iters 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch import nn
+
+import torchquant as tq
+from torchquant.bench.ptq import imbalance_channels, run_method, train_float
+from torchquant.bench.train import evaluate
+
+SETTINGS = {
+    "digits_cnn": [(4, 8, ["nearest", "adaround"]), (4, 4, ["nearest", "adaround", "brecq", "qdrop"])],
+    "mnist1d_cnn": [(4, 8, ["nearest", "adaround"]), (4, 4, ["nearest", "adaround", "brecq", "qdrop"])],
+    "digits_mobilenet": [(8, 8, ["nearest", "cle", "bc", "cle+bc"]), (4, 8, ["nearest", "cle+bc", "adaround"])],
+}
+
+
+def table(iters: int) -> None:
+    rows = []
+    for task, cfgs in SETTINGS.items():
+        t0 = time.perf_counter()
+        model, tr, te = train_float(task)
+        if task == "digits_mobilenet":
+            imbalance_channels(model)
+        rows.append((task, "fp32", "float", evaluate(model, te), time.perf_counter() - t0))
+        for w, a, methods in cfgs:
+            for m in methods:
+                t0 = time.perf_counter()
+                acc = run_method(model, tr, te, m, w, a, iters=iters)
+                rows.append((task, f"W{w}A{a}", m, acc, time.perf_counter() - t0))
+                print(f"{task:18s} W{w}A{a}  {m:9s} {acc:6.2f}  ({rows[-1][4]:.1f} s)", flush=True)
+    print(f"\nper-tensor weights and activations, BatchNorm folded, {iters} iterations per unit")
+    print("| task | setting | method | top-1 (%) | seconds |\n|---|---|---|---|---|")
+    for task, setting, m, acc, sec in rows:
+        print(f"| {task} | {setting} | {m} | {acc:.2f} | {sec:.1f} |")
+
+
+def resnet(iters: int, n_images: int = 256, size: int = 112) -> None:
+    try:
+        import torchvision
+    except ImportError as e:  # pragma: no cover
+        raise SystemExit("benchmarks/ptq.py --resnet needs torchvision: pip install torchquant[vision]") from e
+    torch.manual_seed(0)
+    calib = list(torch.randn(n_images, 3, size, size).split(32))
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        q = tq.quantize_model(
+            torchvision.models.resnet18(num_classes=1000).eval(),
+            lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax()),
+            lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax()),
+            method="swap",
+        )
+        return tq.calibrate(q, calib, progress=False)
+
+    for method in ("adaround", "brecq"):
+        fn = tq.ptq.adaround if method == "adaround" else tq.ptq.brecq
+        q = build()
+        t0 = time.perf_counter()
+        fn(q, calib, iters=1, batch_size=32, progress=False)
+        overhead = time.perf_counter() - t0  # input capture and setup, with 1 iteration per unit
+        q = build()
+        t0 = time.perf_counter()
+        losses = fn(q, calib, iters=iters, batch_size=32, progress=False)
+        sec = time.perf_counter() - t0
+        per_iter = (sec - overhead) / max(iters - 1, 1)
+        label = "measured" if iters == 1000 else f"EXTRAPOLATED from {iters} iterations/unit"
+        est = f"{overhead + per_iter * 999:.0f} s ({label})" if per_iter > 0 else "not separable (machine load varied)"
+        print(
+            f"resnet18 {method}: {len(losses)} units, {iters} it/unit: {sec:.1f} s measured "
+            f"(with 1 it/unit: {overhead:.1f} s); 1000 it/unit: {est}; threads={torch.get_num_threads()}",
+            flush=True,
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--table", action="store_true", help="accuracy table on digits / mnist1d")
+    p.add_argument("--resnet", action="store_true", help="seconds for AdaRound / BRECQ on resnet18")
+    p.add_argument("--iters", type=int, default=None, help="iterations per unit (table: 100, resnet: 1000)")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if not (args.table or args.resnet):
+        args.table = True
+    if args.table:
+        table(args.iters or 100)
+    if args.resnet:
+        resnet(args.iters or 1000)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import torchquant as tq
+
+
+def _net():
+    return tq.quantize_model(
+        nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 3)),
+        lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax()),
+        lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax()),
+        method="swap",
+    )
+
+
+def _acts(net):
+    return [m.acts_quantizer.range_observer for _, m in tq.iter_qmodules(net)]
+
+
+@pytest.mark.parametrize(
+    "make_batch",
+    [
+        lambda x, y: x,
+        lambda x, y: (x, y),
+        lambda x, y: [x, y],
+        lambda x, y: {"input": x, "labels": y},
+    ],
+    ids=["tensor", "tuple", "list", "dict"],
+)
+def test_calibrate_records_ranges_for_every_batch_type(make_batch):
+    net = _net()
+    if isinstance(make_batch(torch.zeros(1), 0), dict):
+        inner = net
+
+        class Kw(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = inner
+
+            def forward(self, input):
+                return self.net(input)
+
+        net = Kw()
+    x = torch.randn(32, 4)
+    tq.calibrate(net, [make_batch(x, torch.zeros(32))], progress=False)
+    obs = _acts(net)
+    assert all(o.initialized for o in obs)
+
+
+def test_calibrate_runs_in_eval_without_grad_and_restores_modes_and_flags():
+    net = _net()
+    tq.set_qmodule_state(net, tq.QModuleState.QUANT_EVAL_WEIGHT_ONLY)
+    net.train()
+    seen = []
+    net[0].register_forward_pre_hook(
+        lambda m, a: seen.append((torch.is_grad_enabled(), net.training, net[3].training, m.qstate))
+    )
+    mean_before = net[0].bn.running_mean.clone()
+    tq.calibrate(net, [torch.randn(16, 4) + 3, torch.randn(16, 4)], progress=False)
+    assert seen == [(False, False, False, tq.QModuleState.CALIBRATION)] * 2
+    assert net.training and net[3].training
+    assert all(m.qstate is tq.QModuleState.QUANT_EVAL_WEIGHT_ONLY for _, m in tq.iter_qmodules(net))
+    assert torch.equal(net[0].bn.running_mean, mean_before)  # eval: BatchNorm statistics untouched
+
+
+def test_calibrate_num_batches_and_generators():
+    net = _net()
+    calls = []
+    net[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    tq.calibrate(net, (torch.randn(8, 4) for _ in range(10)), num_batches=3, progress=False)
+    assert len(calls) == 3
+
+
+def test_calibrate_weight_only_mode_leaves_act_ranges_empty():
+    net = _net()
+    tq.calibrate(net, [torch.randn(8, 4)], mode=tq.QModuleState.CALIBRATION_WEIGHT_ONLY, progress=False)
+    assert net[0].weight_quantizer.range_observer.initialized
+    assert not net[0].acts_quantizer.range_observer.initialized
+
+
+def test_calibrate_progress_bar_and_fallback_without_tqdm(monkeypatch, capsys):
+    net = _net()
+    tq.calibrate(net, [torch.randn(8, 4)], progress=True)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import fails -> no bar
+    tq.calibrate(net, [torch.randn(8, 4)], progress=True)
+    assert all(o.initialized for o in _acts(net))
+
+
+def test_calibrate_restores_modes_when_a_batch_fails():
+    net = _net()
+    with pytest.raises(RuntimeError):
+        tq.calibrate(net, [torch.randn(8, 4), torch.randn(8, 5)], progress=False)
+    assert all(m.qstate is tq.QModuleState.BYPASSED for _, m in tq.iter_qmodules(net))
+    assert net.training
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "kwargs", "err", "match"),
+    [
+        (nn.Linear(4, 4), [torch.randn(2, 4)], {}, ValueError, "no QModule"),
+        (None, [], {}, ValueError, "empty"),
+        (None, torch.randn(2, 4), {}, TypeError, "iterable of batches"),
+        (None, [torch.randn(2, 4)], {"mode": tq.QModuleState.QUANT_EVAL}, ValueError, "observes nothing"),
+        (None, [torch.randn(2, 4)], {"mode": "calibration"}, TypeError, "QModuleState"),
+        (None, [torch.randn(2, 4)], {"num_batches": 0}, ValueError, "num_batches"),
+        (None, [3], {}, TypeError, "batch must be"),
+    ],
+    ids=["no-qmodules", "empty-data", "bare-tensor", "non-observing-mode", "mode-string", "zero-batches", "int-batch"],
+)
+def test_calibrate_bad_input(model, data, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        tq.calibrate(model if model is not None else _net(), data, progress=False, **kwargs)

@@ -1,0 +1,170 @@
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+import torchquant as tq
+from torchquant.bench.models import MNIST1DCNN, DigitsCNN, DigitsMobileNet
+from torchquant.ptq import ChannelClip
+
+
+def _randomize_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+                m.weight.copy_(10 ** (torch.rand(c, generator=g) * 2 - 1))  # ranges spanning 2 decades
+                m.bias.copy_(torch.randn(c, generator=g) * 0.3)
+    return model.eval()
+
+
+def _quantizable(model):
+    return tq.quantize_model(
+        model,
+        lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax()),
+        lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax()),
+        method="swap",
+    )
+
+
+MODELS = {
+    "digits-cnn": (lambda: DigitsCNN(), (16, 1, 8, 8)),
+    "digits-mobilenet": (lambda: DigitsMobileNet(), (16, 1, 8, 8)),
+    "mnist1d-cnn": (lambda: MNIST1DCNN(), (16, 1, 40)),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_equalization_keeps_float_outputs_equal(name):
+    build, shape = MODELS[name]
+    torch.manual_seed(0)
+    q = _quantizable(_randomize_bn(build()))
+    x = torch.rand(shape) * 3
+    ref = q(x)
+    res = tq.ptq.equalize(q, example_input=x, absorb_bias=False)
+    assert res.pairs
+    out = q(x)
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4), float((out - ref).abs().max())
+
+
+def test_pairs_found_in_mobilenet_and_cnn():
+    mb = _quantizable(DigitsMobileNet().eval())
+    expected = []
+    for i in range(3):
+        b = f"blocks.{i}"
+        expected += [(f"{b}.expand.0", f"{b}.depthwise.0"), (f"{b}.depthwise.0", f"{b}.project.0")]
+    assert tq.ptq.find_layer_pairs(mb) == expected
+    assert tq.ptq.find_layer_pairs(mb, torch.rand(2, 1, 8, 8)) == expected
+    assert tq.ptq.find_layer_pairs(mb, relu6="skip") == []  # every pair goes through ReLU6
+    cnn = _quantizable(DigitsCNN().eval())
+    # Direct connections only: nothing across the residual adds or into the classifier.
+    assert tq.ptq.find_layer_pairs(cnn, torch.rand(2, 1, 8, 8)) == [
+        ("block1.conv1.0", "block1.conv2.0"),
+        ("down.0.0", "down.1.0"),
+        ("block2.conv1.0", "block2.conv2.0"),
+    ]
+
+
+def test_example_input_rejects_pairs_not_connected_in_forward():
+    class Branches(nn.Module):  # module order says a -> b, data flow says otherwise
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(2, 4, 1)
+            self.b = nn.Conv2d(4, 4, 1)
+            self.c = nn.Conv2d(2, 4, 1)
+
+        def forward(self, x):
+            return self.b(self.c(x)) + self.a(x)
+
+    q = _quantizable(Branches().eval())
+    assert tq.ptq.find_layer_pairs(q) == [("a", "b")]
+    assert tq.ptq.find_layer_pairs(q, torch.rand(1, 2, 3, 3)) == []
+
+
+def test_ranges_are_equalized_including_depthwise():
+    torch.manual_seed(0)
+    q = _quantizable(_randomize_bn(DigitsMobileNet()))
+    tq.ptq.equalize(q, absorb_bias=False, iterations=100, tolerance=1e-6)
+    blk = q.blocks[0]
+    for a, b in [(blk.expand[0], blk.depthwise[0]), (blk.depthwise[0], blk.project[0])]:
+        r1 = a.layer.weight.abs().flatten(1).amax(1)
+        groups = b.layer.groups
+        if groups == 1:
+            r2 = b.layer.weight.abs().transpose(0, 1).flatten(1).amax(1)
+        else:  # depthwise: one row per input channel
+            r2 = b.layer.weight.abs().flatten(1).amax(1)
+        assert torch.allclose(r1, r2, rtol=1e-3), (r1, r2)
+    assert isinstance(blk.expand[0].act, ChannelClip)
+    assert blk.expand[0].bn is None and blk.expand[0].layer.bias is not None
+
+
+def test_relu6_becomes_channel_clip_that_matches_relu6_scaled():
+    clip = ChannelClip(torch.tensor([6.0, 3.0]))
+    x = torch.linspace(-2, 10, 24).reshape(3, 2, 4)
+    s = torch.tensor([1.0, 2.0]).reshape(1, 2, 1)
+    assert torch.allclose(clip(x / s) * s, nn.functional.relu6(x))
+
+
+def test_high_bias_absorption_moves_bias_and_keeps_outputs_close():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        net[1].bias.copy_(torch.full((16,), 5.0))  # large beta: always active
+        net[1].weight.copy_(torch.full((16,), 0.5))
+    net.eval()
+    q = _quantizable(net)
+    x = torch.randn(512, 8)
+    ref = q(x)
+    res = tq.ptq.equalize(q, absorb_bias=True)
+    assert res.absorbed["0"].min() > 0
+    # With (beta, gamma) = (5, 0.5) per channel, c = beta - 3 gamma = 3.5 before rescaling.
+    assert torch.allclose(res.absorbed["0"] * res.scales["0"], torch.full((16,), 3.5), atol=1e-5)
+    out = q(x)
+    # Exact wherever A's pre-activation stays above c, which holds for most samples here.
+    close = (out - ref).abs().amax(1) < 1e-4
+    assert close.float().mean() > 0.9
+
+
+def test_equalize_bad_input_and_restore_on_failure(monkeypatch):
+    with pytest.raises(ValueError, match="no QModule"):
+        tq.ptq.equalize(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="no consecutive QWrapper pairs"):
+        tq.ptq.equalize(_quantizable(nn.Sequential(nn.Linear(2, 2), nn.Sigmoid(), nn.Linear(2, 2))))
+    with pytest.raises(ValueError, match="relu6"):
+        tq.ptq.equalize(_quantizable(DigitsMobileNet()), relu6="relu")
+    torch.manual_seed(0)
+    q = _quantizable(_randomize_bn(DigitsMobileNet()))
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    structure = repr(q)
+    calls = []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("boom")
+        return orig(*args)
+
+    eq = importlib.import_module("torchquant.ptq.equalize")
+
+    orig = eq._apply_scale
+    monkeypatch.setattr(eq, "_apply_scale", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        tq.ptq.equalize(q)
+    after = q.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert repr(q) == structure  # BatchNorms and ReLU6s are back
+
+
+def test_fold_qwrapper_batchnorm_is_exact():
+    torch.manual_seed(0)
+    w = _quantizable(_randomize_bn(nn.Sequential(nn.Conv2d(3, 5, 3, bias=False), nn.BatchNorm2d(5), nn.ReLU())))[0]
+    x = torch.randn(2, 3, 6, 6)
+    ref = w(x)
+    mean, std = tq.ptq.fold_qwrapper_batchnorm(w)
+    assert w.bn is None and mean.shape == std.shape == (5,)
+    assert torch.allclose(w(x), ref, atol=1e-5)
+    assert tq.ptq.fold_qwrapper_batchnorm(w) is None

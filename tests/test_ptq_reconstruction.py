@@ -1,0 +1,216 @@
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+import torchquant as tq
+from torchquant.bench.models import DigitsCNN
+from torchquant.ptq import AdaRoundQuantizer
+from torchquant.quantizers_functional import inverse_rectified_sigmoid, rectified_sigmoid
+
+rec = importlib.import_module("torchquant.ptq.reconstruction")
+
+W4 = lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax())  # noqa: E731
+A8 = lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax())  # noqa: E731
+FAST = dict(iters=30, batch_size=16, lr=1e-2, progress=False)
+
+
+def _mlp(seed=0, acts=A8):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    return tq.quantize_model(net.eval(), W4, acts, method="swap")
+
+
+def _data(seed=1, n=4, shape=(32, 8)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) for _ in range(n)]
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rectified_sigmoid_range_and_inverse():
+    v = torch.linspace(-20, 20, 101)
+    h = rectified_sigmoid(v)
+    assert h.min() == 0 and h.max() == 1
+    hs = torch.linspace(0.05, 0.95, 19)
+    assert torch.allclose(rectified_sigmoid(inverse_rectified_sigmoid(hs)), hs, atol=1e-6)
+
+
+def test_adaround_quantizer_starts_at_the_weight_and_hardens_to_floor_or_ceil():
+    q = tq.AffineQuantizer(4, tq.BatchMinMax())
+    w = torch.randn(6, 5)
+    q.pre_observe(w)
+    grid = q.grid()
+    ada = AdaRoundQuantizer(grid, w)
+    # Soft rounding starts at the fractional part: the weight itself, clipped to the grid's range.
+    w_in = w.clamp((grid.qmin - grid.zero_point) * grid.scale, (grid.qmax - grid.zero_point) * grid.scale)
+    assert torch.allclose(ada(w), w_in, atol=1e-5)
+    ada.soft = False
+    hard = ada(w)
+    codes = hard / grid.scale + grid.zero_point
+    assert torch.allclose(codes, codes.round(), atol=1e-4)  # on the grid
+    lo, hi = torch.floor(w_in / grid.scale) * grid.scale, torch.ceil(w_in / grid.scale) * grid.scale
+    assert ((hard - lo).abs() < 1e-5).logical_or((hard - hi).abs() < 1e-5).all()
+    assert torch.equal(q(hard), hard)  # the original quantizer reproduces hard-rounded weights
+    with torch.no_grad():
+        ada.alpha.fill_(50.0)
+    assert ada.regularizer(2.0).item() == 0.0  # h == 1 everywhere
+    with pytest.raises(ValueError, match="built for a weight of shape"):
+        ada(torch.randn(3, 3))
+    with pytest.raises(TypeError, match="AffineGrid"):
+        AdaRoundQuantizer("grid", w)
+
+
+@pytest.mark.parametrize("preset", ["adaround", "brecq", "qdrop"])
+def test_reconstruction_fixes_rounding_into_the_weights(preset):
+    q = _mlp()
+    data = _data()
+    tq.calibrate(q, data, progress=False)
+    w0 = [m.layer.weight.detach().clone() for m in (q[0], q[2], q[4])]
+    blocks = {"blocks": ["2"]} if preset != "adaround" else {}
+    losses = getattr(tq.ptq, preset)(q, data, **FAST, **blocks)
+    assert list(losses) == ["0", "2", "4"]  # forward order; with blocks, "2" is a block unit
+    for m, w in zip((q[0], q[2], q[4]), w0):
+        g = m.weight_quantizer.grid()
+        w = w.clamp((g.qmin - g.zero_point) * g.scale, (g.qmax - g.zero_point) * g.scale)
+        lo, hi = torch.floor(w / g.scale) * g.scale, torch.ceil(w / g.scale) * g.scale
+        wq = m.layer.weight.detach()
+        assert ((wq - lo).abs() < 1e-5).logical_or((wq - hi).abs() < 1e-5).all()
+        assert torch.equal(m.weight_quantizer(wq), wq)
+        assert isinstance(m.weight_quantizer, tq.AffineQuantizer)  # the original quantizer is back
+    assert all(m.qstate is tq.QModuleState.BYPASSED for _, m in tq.iter_qmodules(q))
+
+
+def test_reconstructed_model_round_trips_state_dict():
+    q = _mlp()
+    data = _data()
+    tq.calibrate(q, data, progress=False)
+    tq.ptq.adaround(q, data, **FAST)
+    fresh = _mlp(seed=5)
+    fresh.load_state_dict(q.state_dict(), strict=True)
+    tq.set_qmodule_state(q, tq.QModuleState.QUANT_EVAL)
+    tq.set_qmodule_state(fresh, tq.QModuleState.QUANT_EVAL)
+    x = torch.randn(10, 8)
+    assert torch.equal(q(x), fresh(x))
+
+
+def test_adaround_beats_nearest_rounding_on_the_layer_outputs():
+    q = _mlp(acts=None)
+    data = _data(n=8)
+    tq.calibrate(q, data, progress=False)
+    x = torch.cat(data)
+    with torch.no_grad():
+        fp = q(x)
+        with tq.qmodule_state(q, tq.QModuleState.QUANT_EVAL):
+            err_nearest = (q(x) - fp).pow(2).mean()
+    tq.ptq.adaround(q, data, iters=100, batch_size=32, lr=1e-2, progress=False)
+    with torch.no_grad(), tq.qmodule_state(q, tq.QModuleState.QUANT_EVAL):
+        err_ada = (q(x) - fp).pow(2).mean()
+    assert err_ada < 0.8 * err_nearest, (err_nearest, err_ada)
+
+
+def test_seed_makes_reconstruction_reproducible():
+    results = []
+    for seed in (0, 0, 1):
+        q = _mlp()
+        data = _data()
+        tq.calibrate(q, data, progress=False)
+        tq.ptq.qdrop(q, data, seed=seed, blocks=["2"], **FAST)
+        results.append(_weights(q))
+    assert _same(results[0], results[1])
+    assert not _same(results[0], results[2])
+
+
+def test_blocks_are_residual_blocks_and_act_steps_can_be_learned():
+    torch.manual_seed(0)
+    q = tq.quantize_model(DigitsCNN().eval(), W4, A8, method="swap")
+    data = [torch.rand(16, 1, 8, 8) for _ in range(2)]
+    tq.calibrate(q, data, progress=False)
+    obs = q.block1.conv1[0].acts_quantizer.range_observer
+    before = obs.max_val.clone()
+    losses = tq.ptq.brecq(q, data, learn_act_step=True, act_lr=1e-2, iters=5, batch_size=8, progress=False)
+    assert list(losses) == ["stem.0", "block1", "down.0.0", "down.1.0", "block2", "fc"]
+    assert not torch.equal(obs.max_val, before)  # learned step written back into the ranges
+    tq.set_qmodule_state(q, tq.QModuleState.QUANT_EVAL)
+    assert q(data[0]).shape == (16, 10)
+
+
+def test_failure_part_way_restores_the_model(monkeypatch):
+    q = _mlp()
+    data = _data()
+    tq.calibrate(q, data, progress=False)
+    tq.set_qmodule_state(q, tq.QModuleState.QUANT_EVAL_ACT_ONLY)
+    before = _weights(q)
+    quantizers = [m.weight_quantizer for m in (q[0], q[2], q[4])]
+    calls = []
+    orig = rec._reconstruct_unit
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(rec, "_reconstruct_unit", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        tq.ptq.adaround(q, data, **FAST)
+    assert _same(before, _weights(q))
+    assert [m.weight_quantizer for m in (q[0], q[2], q[4])] == quantizers
+    assert all(m.qstate is tq.QModuleState.QUANT_EVAL_ACT_ONLY for _, m in tq.iter_qmodules(q))
+
+
+class _Sign(tq.Quantizer):
+    def pre_observe(self, x):
+        pass
+
+    def quantize(self, x):
+        return torch.sign(x)
+
+    def post_observe(self, x):
+        pass
+
+
+def test_reconstruction_bad_input():
+    data = _data()
+    with pytest.raises(ValueError, match="no QModule"):
+        tq.ptq.adaround(nn.Linear(2, 2), data)
+    q = _mlp()
+    with pytest.raises(ValueError, match="empty"):
+        tq.ptq.adaround(q, [])
+    with pytest.raises(ValueError, match="mode"):
+        tq.ptq.adaround(q, data, mode=tq.QModuleState.CALIBRATION)
+    with pytest.raises(ValueError, match="granularity"):
+        tq.ptq.reconstruct(q, data, granularity="tensor")
+    with pytest.raises(ValueError, match="need act_quant"):
+        tq.ptq.reconstruct(q, data, drop_prob=0.5)
+    with pytest.raises(TypeError, match="fixed by this preset"):
+        tq.ptq.adaround(q, data, granularity="block")
+    with pytest.raises(ValueError, match="iters"):
+        tq.ptq.adaround(q, data, iters=0)
+    before = _weights(q)
+    with pytest.raises(RuntimeError, match="calibrate"):  # not calibrated
+        tq.ptq.adaround(q, data, **FAST)
+    assert _same(before, _weights(q))
+    tq.calibrate(q, data, progress=False)
+    before = _weights(q)
+    with pytest.raises(RuntimeError, match="check the input shape"):  # mismatched shapes
+        tq.ptq.adaround(q, [torch.randn(4, 9)], **FAST)
+    with pytest.raises(ValueError, match="found no block"):
+        tq.ptq.brecq(q, data, **FAST)
+    assert _same(before, _weights(q))
+    s = tq.quantize_model(nn.Sequential(nn.Linear(8, 2)), lambda m, n: _Sign(), None, method="swap")
+    with pytest.raises(TypeError, match="no affine grid"):
+        tq.ptq.adaround(s, data, **FAST)
+    r = tq.quantize_model(
+        nn.Sequential(nn.Linear(8, 2)), W4, lambda m, n: tq.QfmtQuantizer(8, True, tq.BatchMinMax()), method="swap"
+    )
+    tq.calibrate(r, data, progress=False)
+    with pytest.raises(TypeError, match="learn_act_step needs AffineQuantizer"):
+        tq.ptq.brecq(r, data, blocks=["0"], learn_act_step=True, **FAST)

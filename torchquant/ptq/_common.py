@@ -1,0 +1,198 @@
+"""Plumbing shared by the post-training algorithms: data batches, progress bars,
+snapshots that undo a failed algorithm, forward order of modules, input capture."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..qmodules import QModule, QWrapper, iter_qmodules
+
+LABEL_KEYS = frozenset({"label", "labels", "target", "targets", "y"})
+
+
+def call_model(model: nn.Module, batch: Any, who: str) -> Any:
+    """Run ``model`` on one calibration batch.
+
+    A tensor is the input; a tuple/list ``(input, target, ...)`` gives its first
+    element as the input; a dict is passed as keyword arguments, without the
+    label keys (``label(s)``, ``target(s)``, ``y``).
+    """
+    if isinstance(batch, Tensor):
+        return model(batch)
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError(f"{who}: got an empty {type(batch).__name__} as a batch")
+        return model(batch[0])
+    if isinstance(batch, dict):
+        kwargs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+        if not kwargs:
+            raise ValueError(f"{who}: a dict batch needs input keys besides {sorted(LABEL_KEYS)}, got {list(batch)}")
+        return model(**kwargs)
+    raise TypeError(
+        f"{who}: a batch must be a tensor, an (input, target) tuple/list or a dict of tensors, "
+        f"got {type(batch).__name__}"
+    )
+
+
+def materialize(data: Iterable, num_batches: int | None, who: str) -> list:
+    """The first ``num_batches`` batches of ``data`` as a list (all if ``None``); error when empty."""
+    if isinstance(data, (Tensor, dict)) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"{who}: data must be an iterable of batches (a list, a DataLoader, a generator), "
+            f"got {type(data).__name__}; wrap a single tensor in a list: [x]"
+        )
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)):
+        raise TypeError(f"{who}: num_batches must be an int or None, got {num_batches!r}")
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"{who}: num_batches must be >= 1, got {num_batches}")
+    out = []
+    for batch in data:
+        out.append(batch)
+        if num_batches is not None and len(out) >= num_batches:
+            break
+    if not out:
+        raise ValueError(f"{who}: the calibration data is empty")
+    return out
+
+
+def progress_bar(it: Iterable, total: int | None, desc: str, enabled: bool) -> Iterator:
+    """``tqdm(it)`` when ``enabled`` and tqdm is installed, else ``it`` unchanged."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # no bar without the bench extra
+            return iter(it)
+        return iter(tqdm(it, total=total, desc=desc, leave=False))
+    return iter(it)
+
+
+def require_qmodules(model: nn.Module, who: str) -> list[tuple[str, QModule]]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{who}: expected an nn.Module, got {type(model).__name__}")
+    qms = iter_qmodules(model)
+    if not qms:
+        raise ValueError(
+            f"{who}: {type(model).__name__} contains no QModule; make it quantizable first "
+            "(tq.quantize_model(model, weight_factory, acts_factory, method='swap'))"
+        )
+    return qms
+
+
+class Snapshot:
+    """Everything an algorithm may change in ``model``: parameters and buffers (values
+    and identity), child modules, ``qstate`` and ``training`` flags. :meth:`restore`
+    puts it all back, so a failed algorithm leaves the model as it found it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.entries = []
+        with torch.no_grad():
+            for m in model.modules():
+                params = dict(m._parameters)
+                buffers = dict(m._buffers)
+                self.entries.append(
+                    (
+                        m,
+                        dict(m._modules),
+                        params,
+                        {k: p.detach().clone() for k, p in params.items() if p is not None},
+                        buffers,
+                        {k: b.detach().clone() for k, b in buffers.items() if b is not None},
+                        m.training,
+                        getattr(m, "qstate", None),
+                    )
+                )
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for m, mods, params, pvals, buffers, bvals, training, qstate in self.entries:
+                m._modules.clear()
+                m._modules.update(mods)
+                m._parameters.clear()
+                m._parameters.update(params)
+                m._buffers.clear()
+                m._buffers.update(buffers)
+                for k, v in pvals.items():
+                    params[k].copy_(v)
+                for k, v in bvals.items():
+                    buffers[k].copy_(v)
+                m.training = training
+                if qstate is not None:
+                    m.qstate = qstate
+
+
+class _Stop(Exception):
+    """Raised by a capture hook to end a forward pass early."""
+
+
+def forward_order(model: nn.Module, modules: Sequence[nn.Module], batch: Any, who: str) -> list[nn.Module]:
+    """``modules`` sorted by when a forward pass on ``batch`` first calls them; those never
+    called are left out."""
+    seen: list[nn.Module] = []
+    handles = []
+
+    def hook(mod, args):
+        if mod not in seen:
+            seen.append(mod)
+
+    for m in modules:
+        handles.append(m.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            call_model(model, batch, who)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def capture(
+    model: nn.Module, module: nn.Module, batches: list, who: str, name: str, want_output: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Inputs (and outputs) of ``module`` over ``batches``, concatenated along dim 0.
+
+    ``module`` must be called with exactly one tensor and return one tensor; the
+    forward pass stops right after ``module`` (or before it when only inputs are wanted).
+    """
+    xs: list[Tensor] = []
+    ys: list[Tensor] = []
+
+    def pre(mod, args, kwargs):
+        if len(args) != 1 or kwargs or not isinstance(args[0], Tensor):
+            raise ValueError(
+                f"{who}: {name} ({type(mod).__name__}) must be called with one tensor to be reconstructed, "
+                f"got {len(args)} positional and {len(kwargs)} keyword arguments"
+            )
+        xs.append(args[0].detach())
+        if not want_output:
+            raise _Stop
+
+    def post(mod, args, out):
+        if not isinstance(out, Tensor):
+            raise ValueError(f"{who}: {name} ({type(mod).__name__}) must return one tensor, got {type(out).__name__}")
+        ys.append(out.detach())
+        raise _Stop
+
+    h1 = module.register_forward_pre_hook(pre, with_kwargs=True)
+    h2 = module.register_forward_hook(post) if want_output else None
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                n_before = len(xs)
+                with contextlib.suppress(_Stop):
+                    call_model(model, batch, who)
+                if len(xs) == n_before:
+                    raise RuntimeError(f"{who}: {name} was not called by the model's forward pass")
+    finally:
+        h1.remove()
+        if h2 is not None:
+            h2.remove()
+    return torch.cat(xs), (torch.cat(ys) if want_output else None)
+
+
+def weighted_wrappers(model: nn.Module) -> list[tuple[str, QWrapper]]:
+    return [(n, m) for n, m in iter_qmodules(model) if isinstance(m, QWrapper)]
