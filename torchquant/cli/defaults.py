@@ -11,7 +11,7 @@ from __future__ import annotations
 __all__ = ["DEFAULT_BITS", "DEFAULT_DATASET", "DEFAULT_RECIPES", "FLOAT_TRAINING"]
 
 DEFAULT_DATASET = "digits"
-DEFAULT_RECIPES: tuple[str, ...] = ("ptq-minmax", "qat-minmax", "qat-lsq")
+DEFAULT_RECIPES: tuple[str, ...] = ("ptq-minmax", "ptq-adaround", "qat-minmax", "qat-lsq")
 DEFAULT_BITS: tuple[str, ...] = ("w8a8", "w4a8", "w4a4", "w2a2")
 
 # Float training of the baseline per dataset: (epochs, peak learning rate); others need --epochs.
