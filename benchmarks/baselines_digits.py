@@ -20,21 +20,9 @@ from torch import nn
 
 import torchquant as tq
 from torchquant import QModuleState, QWrapper, qmodule_state, set_qmodule_state
+from torchquant.bench.data import digits
 
 Factory = Callable[[int], "tq.Quantizer | None"]
-
-
-def digits(seed: int = 0):
-    """Digits as ``(N, 1, 8, 8)`` float tensors in [0, 1], split 80/20."""
-    from sklearn.datasets import load_digits
-
-    ds = load_digits()
-    x = torch.tensor(ds.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(ds.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n_train = int(0.8 * len(x))
-    tr, te = perm[:n_train], perm[n_train:]
-    return (x[tr], y[tr]), (x[te], y[te])
 
 
 def build(weight: Factory | None = None, act: Factory | None = None, w_bits: int = 8, a_bits: int = 8) -> nn.Module:

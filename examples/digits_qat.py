@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 
 from torchquant import (
@@ -25,17 +24,9 @@ from torchquant import (
     qmodule_state,
     set_qmodule_state,
 )
-
-
-def digits(seed: int = 0):
-    """Digits as ``(N, 1, 8, 8)`` float tensors scaled to [0, 1], split 80/20."""
-    ds = load_digits()
-    x = torch.tensor(ds.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(ds.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n_train = int(0.8 * len(x))
-    tr, te = perm[:n_train], perm[n_train:]
-    return (x[tr], y[tr]), (x[te], y[te])
+from torchquant.bench.data import digits
+from torchquant.bench.train import evaluate as accuracy
+from torchquant.bench.train import train
 
 
 def qwrap(layers, w_bits: int, a_bits: int | None) -> QWrapper:
@@ -56,27 +47,6 @@ def build(w_bits: int = 8, a_bits: int = 8) -> nn.Sequential:
         nn.Flatten(),
         qwrap(nn.Linear(32, 10), w_bits, None),
     )
-
-
-def train(model: nn.Module, data, epochs: int, lr: float, seed: int = 0) -> None:
-    x, y = data
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * ((len(x) + 63) // 64))
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=g).split(64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-            sched.step()
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, data) -> float:
-    model.eval()
-    x, y = data
-    return (model(x).argmax(1) == y).float().mean().item() * 100
 
 
 def main() -> None:

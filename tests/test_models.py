@@ -261,11 +261,7 @@ def test_none_factories_leave_everything_float():
 def test_fold_bn_flag_reaches_every_wrapper_with_bn():
     net = torchvision.models.resnet18().eval()
     x = torch.randn(1, 3, 32, 32)
-    try:
-        fused = FusedResNet(net, weights_8bit, acts_8bit, fold_bn=True).eval()
-    except NotImplementedError as e:  # QWrapper(fold_bn=True) is not implemented on this branch
-        assert "fold_bn" in str(e)
-        return
+    fused = FusedResNet(net, weights_8bit, acts_8bit, fold_bn=True).eval()
     wrappers = [m for _, m in tq.iter_qmodules(fused) if isinstance(m, tq.QWrapper)]
     assert all(w.fold_bn == (w.bn is not None) for w in wrappers)
     with torch.no_grad():

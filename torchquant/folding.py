@@ -18,7 +18,7 @@ import itertools
 import torch
 from torch import Tensor, nn
 
-__all__ = ["bn_scale_shift", "fold_batchnorm", "fold_bn_params", "freeze_bn_stats"]
+__all__ = ["bn_scale_shift", "fold_batchnorm", "fold_bn_params", "fold_wrapper_bn_", "freeze_bn_stats"]
 
 
 def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
@@ -74,6 +74,33 @@ def _fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
         layer.bias.copy_(b)
 
 
+def fold_wrapper_bn_(wrapper: nn.Module) -> bool:
+    """Fold a QWrapper's BatchNorm (running statistics) into its layer, in place.
+
+    The layer gets the folded weight and bias (a bias is created if it had none),
+    ``wrapper.bn`` becomes ``None`` and a ``fold_bn=True`` wrapper becomes a plain one.
+
+    Returns:
+        ``True`` if a BatchNorm was folded, ``False`` if the wrapper had none.
+
+    Raises:
+        ValueError: the BatchNorm cannot be folded into the layer (no running
+            statistics, mismatched channels, grouped transposed convolution).
+    """
+    bn = wrapper.bn
+    if bn is None:
+        return False
+    if not _foldable_pair(wrapper.layer, bn):
+        raise ValueError(f"cannot fold {bn} into {wrapper.layer}")
+    _fold_into(wrapper.layer, bn)
+    wrapper.bn = None
+    if wrapper.fold_bn:
+        wrapper.fold_bn = False
+        wrapper._bn_frozen = False
+        del wrapper._buffers["bn_frozen"]
+    return True
+
+
 def fold_batchnorm(model: nn.Module, trace: bool = False) -> nn.Module:
     """A deep copy of ``model`` with each BatchNorm that follows a Linear/Conv folded into it.
 
@@ -122,14 +149,7 @@ def fold_batchnorm(model: nn.Module, trace: bool = False) -> nn.Module:
     model = copy.deepcopy(model)
     for module in list(model.modules()):
         if isinstance(module, QWrapper) and module.bn is not None:
-            if not _foldable_pair(module.layer, module.bn):
-                raise ValueError(f"fold_batchnorm: cannot fold {module.bn} into {module.layer}")
-            _fold_into(module.layer, module.bn)
-            module.bn = None
-            if module.fold_bn:
-                module.fold_bn = False
-                module._bn_frozen = False
-                del module._buffers["bn_frozen"]
+            fold_wrapper_bn_(module)
         elif isinstance(module, nn.Sequential):
             children = list(module.named_children())
             for (_, layer), (bn_name, bn) in itertools.pairwise(children):

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..folding import fold_bn_params
+from ..folding import fold_wrapper_bn_
 from ..qmodules import QModule, QWrapper
 from ..quantizers import RangeQuantizer
 from ._common import Snapshot, call_model, require_qmodules
@@ -87,18 +87,10 @@ def fold_qwrapper_batchnorm(wrapper: QWrapper) -> tuple[Tensor, Tensor] | None:
     bn = wrapper.bn
     if bn is None:
         return None
-    layer = wrapper.layer
-    with torch.no_grad():
-        w, b = fold_bn_params(layer.weight, layer.bias, bn)
-        c = w.shape[0]
-        beta = bn.bias.detach().clone() if bn.bias is not None else torch.zeros(c)
-        gamma = bn.weight.detach().abs().clone() if bn.weight is not None else torch.ones(c)
-        layer.weight.copy_(w)
-        if layer.bias is None:
-            layer.bias = nn.Parameter(b.detach().clone())
-        else:
-            layer.bias.copy_(b)
-    wrapper.bn = None
+    c = bn.num_features
+    beta = bn.bias.detach().clone() if bn.bias is not None else torch.zeros(c)
+    gamma = bn.weight.detach().abs().clone() if bn.weight is not None else torch.ones(c)
+    fold_wrapper_bn_(wrapper)
     return beta, gamma
 
 
