@@ -6,7 +6,8 @@ at batch 16, 3x112x112, for:
 
 * ``float32``: the plain torchvision model;
 * ``torchquant FusedResNet``: ``FusedResNet(quantize_first=True, quantize_fc=True)``
-  with 8-bit per-channel weights (``AffineQuantizer(8, BatchMinMax(axis=0))``) and
+  with 8-bit symmetric per-channel weights (``AffineQuantizer(8, BatchMinMax(axis=0),
+  symmetric=True)``, the weight grid of torch.ao's x86 QAT qconfig) and
   8-bit per-tensor activations (``AffineQuantizer(8, ExpAvgMinMax())``) at every
   conv output, residual add, the pooling and the classifier, in ``QUANT_AWARE_TRAIN``;
 * ``torchquant quantize_model(fx)``: the same quantizers through
@@ -44,7 +45,7 @@ BATCH, SIZE = 16, 112
 
 
 def wq(module, name=""):
-    return tq.AffineQuantizer(8, tq.BatchMinMax(axis=0))
+    return tq.AffineQuantizer(8, tq.BatchMinMax(axis=0), symmetric=True)
 
 
 def aq(module, name=""):

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from .granularity import Granularity
 from .quantizers_functional import affine_quantize, gradient_clip, qfmt_quantize
-from .range_observers import RangeObserver
+from .range_observers import RangeObserver, _is_tracing
 from .registry import register_quantizer
 
 __all__ = ["AffineGrid", "AffineQuantizer", "QfmtQuantizer", "Quantizer", "RangeQuantizer", "check_n_bits"]
@@ -230,7 +230,15 @@ class AffineQuantizer(RangeQuantizer):
         delta, zero_point = self.qparams()
         if self.gradient_clip:
             x = gradient_clip(x, -zero_point * delta, (self.n_levels - 1 - zero_point) * delta)
-        return affine_quantize(x, delta, zero_point, self.n_levels)
+        return affine_quantize(x, delta, self._zero_point_number(zero_point), self.n_levels)
+
+    def _zero_point_number(self, zero_point: Tensor) -> Tensor | float:
+        """The zero point as a Python number where that is free (fewer passes in the fake quant)."""
+        if self.symmetric and not self.power_of_two:
+            return float(round((self.n_levels - 1) / 2))  # the constant qparams uses
+        if zero_point.dim() == 0 and zero_point.device.type == "cpu" and not _is_tracing():
+            return zero_point.item()  # no device sync on the CPU
+        return zero_point
 
     def grid(self) -> AffineGrid:
         delta, zero_point = self.qparams()

@@ -93,7 +93,8 @@ class RangeObserver(nn.Module):
             mn, mx = self._all_reduce_batch(mn, mx)
         self._check_finite(mn, mx)
         dt = compute_dtype(x)
-        mn, mx = mn.to(dt), mx.to(dt)
+        if mn.dtype != dt:
+            mn, mx = mn.to(dt), mx.to(dt)
         if not self.initialized:
             self._initialize(mn)
         elif mn.shape != self.min_val.shape:
@@ -101,7 +102,9 @@ class RangeObserver(nn.Module):
                 f"{self._tq_name}: observed a tensor of shape {tuple(x.shape)} whose ranges have shape "
                 f"{tuple(mn.shape)} at {self.granularity}, but earlier ranges have shape {tuple(self.min_val.shape)}"
             )
-        self._observe(x, mn.to(self.min_val.dtype), mx.to(self.min_val.dtype))
+        if mn.dtype != self.min_val.dtype:
+            mn, mx = mn.to(self.min_val.dtype), mx.to(self.min_val.dtype)
+        self._observe(x, mn, mx)
 
     def get_ranges(self) -> tuple[Tensor, Tensor]:
         """``(min, max)``, shaped to broadcast against the observed tensor.
@@ -182,7 +185,11 @@ class RangeObserver(nn.Module):
         # covers the whole batch. Skipped under tracing, where it would break the graph.
         if _is_tracing():
             return
-        if not bool(torch.isfinite(mn).all() & torch.isfinite(mx).all()):
+        # x - x is 0 for finite x and NaN for +-inf and NaN: one host sync, few small ops.
+        bad = (mn - mn).add_(mx - mx)
+        if bad.dim():
+            bad = bad.sum()
+        if bad.item() != 0:
             raise ValueError(f"{self._tq_name}: observed data contains NaN or Inf; ranges left unchanged")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
@@ -270,8 +277,9 @@ class ExpAvgMinMax(RangeObserver):
     def _update(self, batch_min: Tensor, batch_max: Tensor) -> None:
         m = self.momentum
         self.num_batches.add_(1)
-        self.ema_min.mul_(m).add_(batch_min, alpha=1.0 - m)
-        self.ema_max.mul_(m).add_(batch_max, alpha=1.0 - m)
+        emas = (self.ema_min, self.ema_max)
+        torch._foreach_mul_(emas, m)  # both updates in one call each: fewer small ops
+        torch._foreach_add_(emas, (batch_min, batch_max), alpha=1.0 - m)
         correction = 1.0 - torch.pow(m, self.num_batches.to(self.ema_min.dtype))  # ()
         torch.div(self.ema_min, correction, out=self.min_val)
         torch.div(self.ema_max, correction, out=self.max_val)
