@@ -103,6 +103,7 @@ def run_method(
     *,
     iters: int = 100,
     lr: float = 1e-2,
+    act_lr: float = 1e-2,
     fold: bool = True,
     seed: int = 0,
     return_model: bool = False,
@@ -132,9 +133,9 @@ def run_method(
     elif method == "adaround":
         adaround(q, calib, **opts)
     elif method == "brecq":
-        brecq(q, calib, **opts)
+        brecq(q, calib, act_lr=act_lr, **opts)
     elif method == "qdrop":
-        qdrop(q, calib, **opts)
+        qdrop(q, calib, act_lr=act_lr, **opts)
     set_qmodule_state(q, QModuleState.QUANT_EVAL)
     acc = evaluate(q, test_split)
     return (acc, q) if return_model else acc
