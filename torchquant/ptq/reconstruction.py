@@ -8,7 +8,8 @@ the quantized unit reproduces the float unit's output:
 
 * ``x_q`` is the unit's input in the quantized model (units before it already
   reconstructed), ``unit_fp(x_fp)`` the float model's output of the same unit.
-  The squared error is summed over channels (dim 1) and averaged over the rest.
+  The squared error is summed over channels (dim 1) and averaged over the rest
+  (each element weighted by the diagonal Fisher with ``loss="fisher"``, below).
 * Weights use AdaRound's soft rounding (Nagel et al. 2020, "Up or Down? Adaptive
   Rounding for Post-Training Quantization"): ``W_q = s * (clamp(floor(W / s) + h(V)
   + z, qmin, qmax) - z)`` with the rectified sigmoid ``h`` (``zeta = 1.1``,
@@ -61,7 +62,7 @@ presets, whose papers learn them jointly with the rounding) follow LSQ (Esser et
 al. 2020): the step of each per-tensor or per-channel
 :class:`~torchquant.AffineQuantizer` inside the unit starts from its calibrated
 value, is trained with the straight-through estimator by Adam at a learning rate
-*relative* to that value (``act_lr`` times the step), annealed to 0 with a cosine
+*relative* to that value (``act_lr`` times the quantizer's mean step), annealed to 0 with a cosine
 as in both papers, and is written back into its observer's ranges.
 """
 
