@@ -280,3 +280,24 @@ def test_act_lr_is_relative_to_the_calibrated_step():
         tq.ptq.qdrop(q, scaled, blocks=["2"], act_lr=1e-2, seed=3, **FAST)
         ranges.append(torch.stack([q[i].acts_quantizer.range_observer.max_val.reshape(()) for i in (0, 2)]))
     assert torch.allclose(ranges[1], 10 * ranges[0], rtol=1e-3), ranges
+
+
+class _InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        y += 1  # in place on a unit's output
+        return self.b(torch.relu_(y))
+
+
+def test_fisher_loss_allows_in_place_ops_on_unit_outputs():
+    torch.manual_seed(0)
+    q = tq.quantize_model(_InPlace().eval(), W4, A8, method="swap")
+    data = _data()
+    tq.calibrate(q, data, progress=False)
+    losses = tq.ptq.reconstruct(q, data, loss="fisher", **FAST)
+    assert list(losses) == ["a", "b"]

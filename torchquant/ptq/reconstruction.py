@@ -462,7 +462,7 @@ def _fisher_weights(
     def hook(mod: nn.Module, args: Any, out: Tensor) -> Tensor:
         leaf = out.detach().requires_grad_(True)
         store["out"] = leaf
-        return leaf
+        return leaf.clone()  # not the leaf itself: the model may modify the output in place
 
     grads = []
     handle = unit.register_forward_hook(hook)
