@@ -83,8 +83,9 @@ def _kl_to_float(q, model, x):
 # One test image in points: the resolution of an accuracy difference.
 IMAGE = {"digits_cnn": 100 / 360, "mnist1d_cnn": 100 / 800}
 # Slack of "at least as good" per task. mnist1d: none, as the issue asks. digits: one test image. There
-# the float model makes 5 errors in 360 and every method's mean lands within one image of it and of the
-# others (AdaRound's often above the float model's), so the ordering is not resolved by this test set.
+# the float model of seed 0 makes 5 errors in 360, and the three methods' means (98.70, 98.70, 98.52)
+# lie within one image of it (98.61) and of each other, AdaRound's above it: this test set does not
+# resolve the ordering (for seeds 1 and 2 it holds exactly).
 SLACK = {"digits_cnn": IMAGE["digits_cnn"], "mnist1d_cnn": 0.0}
 
 
