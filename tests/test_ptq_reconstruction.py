@@ -301,3 +301,23 @@ def test_fisher_loss_allows_in_place_ops_on_unit_outputs():
     tq.calibrate(q, data, progress=False)
     losses = tq.ptq.reconstruct(q, data, loss="fisher", **FAST)
     assert list(losses) == ["a", "b"]
+
+
+class _DictOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return {"logits": self.a(x)}
+
+
+def test_fisher_loss_needs_logits():
+    q = tq.quantize_model(_DictOut().eval(), W4, A8, method="swap")
+    data = _data()
+    tq.calibrate(q, data, progress=False)
+    before = _weights(q)
+    with pytest.raises(ValueError, match="pass loss='mse'"):
+        tq.ptq.brecq(q, data, blocks=["a"], **FAST)
+    assert _same(before, _weights(q))
+    tq.ptq.brecq(q, data, blocks=["a"], loss="mse", **FAST)

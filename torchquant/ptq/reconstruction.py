@@ -441,7 +441,8 @@ def _logits(out: Any) -> Tensor:
     if not isinstance(out, Tensor) or out.dim() < 2:
         raise ValueError(
             "reconstruct: loss='fisher' needs a model that returns class logits (a tensor of shape (N, C, ...)), "
-            f"got {type(out).__name__}{'' if not isinstance(out, Tensor) else ' of shape ' + str(tuple(out.shape))}"
+            f"got {type(out).__name__}{'' if not isinstance(out, Tensor) else ' of shape ' + str(tuple(out.shape))}; "
+            "pass loss='mse'"
         )
     return out
 
