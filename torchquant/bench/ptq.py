@@ -113,8 +113,9 @@ def run_method(
 
     BatchNorm is folded into the weights first when ``fold`` (as deployed; CLE always folds).
     Calibration uses 256 training samples; reconstruction ``iters`` steps per unit with
-    batch 32 and Adam at ``lr`` (the paper's 1e-3 needs thousands of steps); ``options``
-    go to the reconstruction preset (e.g. ``learn_act_step=True, act_lr=1e-3``).
+    batch 32 and Adam at ``lr`` (the paper's 1e-3 needs thousands of steps); BRECQ and QDrop
+    learn their activation steps at the relative rate ``act_lr``; ``options`` go to the
+    reconstruction preset (e.g. ``learn_act_step=False`` or ``loss="mse"``).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
