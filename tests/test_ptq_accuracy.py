@@ -16,6 +16,7 @@ from torchquant.bench.train import evaluate
 pytestmark = pytest.mark.slow
 
 ITERS = 100
+RSEEDS = (0, 1, 2)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,19 +71,52 @@ def test_cle_plus_bias_correction_recovers_half_of_the_w8a8_loss(digits_mobilene
     assert cle_bc >= nearest + 0.5 * (fp - nearest), (fp, nearest, cle_bc)
 
 
-def test_w4a4_block_reconstruction_recovers_the_loss_and_qdrop_matches_brecq(digits_cnn):
-    """The issue asks for BRECQ >= AdaRound and QDrop >= AdaRound at W4A4. At 100 iterations per
-    unit on these tasks the three differ by one or two test images either way (see the report's
-    table), so what is asserted is: both block methods recover at least half of nearest rounding's
-    loss, stay within one point of AdaRound, and QDrop is at least as good as BRECQ within 0.5 points."""
-    model, tr, te = digits_cnn
+def _kl_to_float(q, model, x):
+    with torch.no_grad():
+        return float(
+            torch.nn.functional.kl_div(
+                q(x).log_softmax(1), model(x).log_softmax(1), reduction="batchmean", log_target=True
+            )
+        )
+
+
+# One test image in points: the resolution of an accuracy difference.
+IMAGE = {"digits_cnn": 100 / 360, "mnist1d_cnn": 100 / 800}
+# Slack of "at least as good" per task. mnist1d: none, as the issue asks. digits: one test image. There
+# the float model of seed 0 makes 5 errors in 360, and the three methods' means (98.70, 98.70, 98.52)
+# lie within one image of it (98.61) and of each other, AdaRound's above it: this test set does not
+# resolve the ordering (for seeds 1 and 2 it holds exactly).
+SLACK = {"digits_cnn": IMAGE["digits_cnn"], "mnist1d_cnn": 0.0}
+
+
+@pytest.mark.parametrize("task", ["digits_cnn", "mnist1d_cnn"])
+def test_w4a4_brecq_and_qdrop_at_least_as_good_as_adaround(task, request):
+    """The issue's W4A4 orderings: BRECQ >= AdaRound, QDrop >= AdaRound, QDrop >= BRECQ - 0.5 points.
+
+    One reconstruction flips a handful of test predictions either way, so each accuracy is the
+    mean over the reconstruction seeds ``RSEEDS`` (same float model, same calibration data);
+    every method gets ``ITERS`` iterations per unit (per layer for AdaRound, per block or lone
+    layer for BRECQ / QDrop). Measured for the float models of seeds 0, 1 and 2; seed 0 is
+    asserted. ``SLACK`` says where the orderings hold only to one test image.
+    """
+    model, tr, te = request.getfixturevalue(task)
     fp = evaluate(model, te)
     nearest = run_method(model, tr, te, "nearest", 4, 4)
-    ada = run_method(model, tr, te, "adaround", 4, 4, iters=ITERS)
-    brecq = run_method(model, tr, te, "brecq", 4, 4, iters=ITERS)
-    qdrop = run_method(model, tr, te, "qdrop", 4, 4, iters=ITERS)
-    half = nearest + 0.5 * max(fp - nearest, 0.0)
+    acc, kl = {}, {}
+    for method in ("adaround", "brecq", "qdrop"):
+        runs = []
+        for seed in RSEEDS:
+            a, q = run_method(model, tr, te, method, 4, 4, iters=ITERS, seed=seed, return_model=True)
+            runs.append(a)
+            if seed == RSEEDS[0]:
+                kl[method] = _kl_to_float(q, model, te[0])
+        acc[method] = sum(runs) / len(runs)
+    ada, brecq, qdrop = acc["adaround"], acc["brecq"], acc["qdrop"]
+    tol = SLACK[task] + 1e-9  # means of image counts compare exactly up to float rounding
+    assert brecq >= ada - tol, (fp, nearest, acc)
+    assert qdrop >= ada - tol, (fp, nearest, acc)
+    assert qdrop >= brecq - 0.5 - 1e-9, (fp, nearest, acc)
+    # Both recover most of nearest rounding's loss, and their outputs are closer to the float model's.
     assert fp - nearest > 1.0, (fp, nearest)
-    assert brecq >= half and qdrop >= half, (fp, nearest, brecq, qdrop)
-    assert brecq >= ada - 1.0 and qdrop >= ada - 1.0, (ada, brecq, qdrop)
-    assert qdrop >= brecq - 0.5, (brecq, qdrop)
+    assert min(brecq, qdrop) >= nearest + 0.5 * (fp - nearest), (fp, nearest, acc)
+    assert kl["brecq"] < kl["adaround"] and kl["qdrop"] < kl["adaround"], kl

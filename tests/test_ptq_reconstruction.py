@@ -194,6 +194,12 @@ def test_reconstruction_bad_input():
         tq.ptq.adaround(q, data, granularity="block")
     with pytest.raises(ValueError, match="iters"):
         tq.ptq.adaround(q, data, iters=0)
+    with pytest.raises(ValueError, match="loss must be"):
+        tq.ptq.brecq(q, data, loss="l1")
+    with pytest.raises(ValueError, match="only used with loss='fisher'"):
+        tq.ptq.qdrop(q, data, fisher_damping=0.5)
+    with pytest.raises(ValueError, match="fisher_damping must be"):
+        tq.ptq.brecq(q, data, fisher_damping=-1.0)
     before = _weights(q)
     with pytest.raises(RuntimeError, match="calibrate"):  # not calibrated
         tq.ptq.adaround(q, data, **FAST)
@@ -214,3 +220,104 @@ def test_reconstruction_bad_input():
     tq.calibrate(r, data, progress=False)
     with pytest.raises(TypeError, match="learn_act_step needs AffineQuantizer"):
         tq.ptq.brecq(r, data, blocks=["0"], learn_act_step=True, **FAST)
+
+
+def test_fisher_weights_of_the_logits_are_the_kl_gradient_squared():
+    # For the last layer the gradient of KL(float || quantized) w.r.t. its output (the logits) is
+    # softmax(quantized) - softmax(float), sample by sample.
+    q = _mlp(acts=None)
+    data = _data()
+    tq.calibrate(q, data, progress=False)
+    with torch.no_grad():
+        ref = [q(x) for x in data]
+        tq.set_qmodule_state(q, tq.QModuleState.QUANT_EVAL)
+        out = [q(x) for x in data]
+    order = [q[0], q[2], q[4]]
+    w = rec._fisher_weights(q, q[4], [], data, ref, damping=0.5)
+    g2 = torch.cat([o.softmax(1) - r.softmax(1) for o, r in zip(out, ref)]).pow(2)
+    assert torch.allclose(w, (g2 / g2.mean() + 0.5) / 1.5, rtol=1e-4, atol=1e-6)
+    assert w.mean().item() == pytest.approx(1.0, abs=1e-5)
+    # Earlier units: the later QModules run in BYPASSED while the gradient is taken, and get their mode back.
+    w0 = rec._fisher_weights(q, q[0], order[1:], data, ref, damping=0.0)
+    assert w0.shape == (len(data) * 32, 16) and w0.mean().item() == pytest.approx(1.0, abs=1e-5)
+    assert all(m.qstate is tq.QModuleState.QUANT_EVAL for m in order)
+
+
+def test_brecq_uses_the_fisher_loss_and_learns_act_steps_by_default(monkeypatch):
+    q = _mlp()
+    data = _data()
+    tq.calibrate(q, data, progress=False)
+    obs = q[2].acts_quantizer.range_observer
+    before = obs.max_val.clone()
+    calls = []
+    orig = rec._fisher_weights
+    monkeypatch.setattr(rec, "_fisher_weights", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    tq.ptq.brecq(q, data, blocks=["2"], act_lr=1e-2, **FAST)
+    assert len(calls) == 3  # one per unit
+    assert not torch.equal(obs.max_val, before)  # learned step written back
+    q2 = _mlp()
+    tq.calibrate(q2, data, progress=False)
+    tq.ptq.brecq(q2, data, blocks=["2"], learn_act_step=False, loss="mse", **FAST)
+    assert torch.equal(q2[2].acts_quantizer.range_observer.max_val, before)
+    assert len(calls) == 3
+
+
+def test_act_lr_is_relative_to_the_calibrated_step():
+    # A bias-free ReLU network is positively homogeneous: with inputs scaled by 10 every activation and
+    # every calibrated step is 10 times larger, the rounding problem is the same and Adam is invariant
+    # to the gradients' scale, so a relative act_lr learns steps exactly 10 times larger.
+    def build():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 16, bias=False), nn.ReLU(), nn.Linear(16, 4, bias=False))
+        return tq.quantize_model(net.eval(), W4, A8, method="swap")
+
+    data = _data()
+    ranges = []
+    for scale in (1.0, 10.0):
+        q = build()
+        scaled = [x * scale for x in data]
+        tq.calibrate(q, scaled, progress=False)
+        tq.ptq.qdrop(q, scaled, blocks=["2"], act_lr=1e-2, seed=3, **FAST)
+        ranges.append(torch.stack([q[i].acts_quantizer.range_observer.max_val.reshape(()) for i in (0, 2)]))
+    assert torch.allclose(ranges[1], 10 * ranges[0], rtol=1e-3), ranges
+
+
+class _InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        y += 1  # in place on a unit's output
+        return self.b(torch.relu_(y))
+
+
+def test_fisher_loss_allows_in_place_ops_on_unit_outputs():
+    torch.manual_seed(0)
+    q = tq.quantize_model(_InPlace().eval(), W4, A8, method="swap")
+    data = _data()
+    tq.calibrate(q, data, progress=False)
+    losses = tq.ptq.reconstruct(q, data, loss="fisher", **FAST)
+    assert list(losses) == ["a", "b"]
+
+
+class _DictOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return {"logits": self.a(x)}
+
+
+def test_fisher_loss_needs_logits():
+    q = tq.quantize_model(_DictOut().eval(), W4, A8, method="swap")
+    data = _data()
+    tq.calibrate(q, data, progress=False)
+    before = _weights(q)
+    with pytest.raises(ValueError, match="pass loss='mse'"):
+        tq.ptq.brecq(q, data, blocks=["a"], **FAST)
+    assert _same(before, _weights(q))
+    tq.ptq.brecq(q, data, blocks=["a"], loss="mse", **FAST)

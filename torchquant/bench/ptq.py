@@ -103,6 +103,7 @@ def run_method(
     *,
     iters: int = 100,
     lr: float = 1e-2,
+    act_lr: float = 1e-2,
     fold: bool = True,
     seed: int = 0,
     return_model: bool = False,
@@ -112,8 +113,9 @@ def run_method(
 
     BatchNorm is folded into the weights first when ``fold`` (as deployed; CLE always folds).
     Calibration uses 256 training samples; reconstruction ``iters`` steps per unit with
-    batch 32 and Adam at ``lr`` (the paper's 1e-3 needs thousands of steps); ``options``
-    go to the reconstruction preset (e.g. ``learn_act_step=True, act_lr=1e-3``).
+    batch 32 and Adam at ``lr`` (the paper's 1e-3 needs thousands of steps); BRECQ and QDrop
+    learn their activation steps at the relative rate ``act_lr``; ``options`` go to the
+    reconstruction preset (e.g. ``learn_act_step=False`` or ``loss="mse"``).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
@@ -132,9 +134,9 @@ def run_method(
     elif method == "adaround":
         adaround(q, calib, **opts)
     elif method == "brecq":
-        brecq(q, calib, **opts)
+        brecq(q, calib, act_lr=act_lr, **opts)
     elif method == "qdrop":
-        qdrop(q, calib, **opts)
+        qdrop(q, calib, act_lr=act_lr, **opts)
     set_qmodule_state(q, QModuleState.QUANT_EVAL)
     acc = evaluate(q, test_split)
     return (acc, q) if return_model else acc
