@@ -663,7 +663,7 @@ class _Rewriter:
             swish = _swish_nodes(cur)
             if swish is not None:
                 chain.extend(swish)
-                layers.append(nn.SiLU())
+                layers.append(nn.SiLU().train(layer.training))
                 cur = swish[-1]
         name = name or node.target
         factory_module, factory_name = origin or (layer, name)
