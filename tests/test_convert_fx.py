@@ -386,3 +386,31 @@ def test_standalone_batchnorm_act_module_gets_a_qop():
     assert qnames(q) == {"0": ("QOp", "BNAct"), "1": ("QWrapper", "Conv2d")}
     x = torch.randn(2, 3, 2, 2)
     assert torch.equal(q(x), net(x))
+
+
+class _ModeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = BNAct(4, nn.ReLU())
+        self.conv2 = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return self.conv2(y) + y  # a functional add: a QOp
+
+
+@pytest.mark.parametrize("method", ["fx", "swap"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_converted_modules_keep_the_source_mode(method, training):
+    net = _ModeNet().train()
+    net(torch.randn(4, 3, 2, 2))  # non-trivial running statistics
+    net.train(training)
+    kw = {"leaf_modules": [BNAct]} if method == "fx" else {}
+    q = tq.quantize_model(net, wf, af, method=method, **kw)
+    # every module the conversion made (QWrappers, QOps, the BatchNorm split from BNAct, their quantizers)
+    modes = {name: m.training for name, m in q.named_modules() if type(m) is not nn.Module}
+    assert set(modes.values()) == {training}, modes
+    if not training:  # without an .eval() call, BatchNorm still uses the running statistics
+        x = torch.randn(2, 3, 2, 2)
+        assert torch.equal(q(x), _ModeNet.forward(net, x))

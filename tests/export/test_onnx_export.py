@@ -214,3 +214,31 @@ def test_errors_name_the_module():
         tq.export.to_onnx(net, torch.randn(1, 3, 4, 4), opset=9)
     with pytest.raises(ValueError, match="contains no QModule"):
         tq.export.to_onnx(nn.Linear(2, 2), torch.randn(1, 2))
+
+
+@pytest.mark.parametrize("through", [nn.Identity(), nn.Flatten(0, 0)], ids=["direct", "through-reshape"])
+def test_4bit_activation_read_by_maxpool_is_stored_in_8_bits(through):
+    # onnxruntime turns DequantizeLinear -> MaxPool into a MaxPool on the integers and has no 4-bit MaxPool.
+    torch.manual_seed(0)
+    a4 = lambda m, n: tq.AffineQuantizer(4, tq.RunningMinMax())  # noqa: E731
+    w4 = lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0), symmetric=True)  # noqa: E731
+    net = nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()), through, nn.MaxPool2d(2), nn.Conv2d(4, 4, 1)
+    )
+    net = tq.quantize_model(net.eval(), w4, a4, method="swap")
+    with torch.no_grad(), tq.qmodule_state(net, S.CALIBRATION):
+        net(torch.randn(8, 3, 8, 8))
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    proto = tq.export.to_onnx(net, torch.randn(1, 3, 8, 8), opset=21)
+    inits = _inits(proto)
+    q_types = {
+        n.name.split("/")[0]: inits[n.input[2]].data_type for n in proto.graph.node if n.op_type == "QuantizeLinear"
+    }
+    assert q_types == {"0.0.acts_quantizer": onnx.TensorProto.UINT8, "3.acts_quantizer": onnx.TensorProto.UINT4}
+    (clip,) = [n for n in proto.graph.node if n.op_type == "Clip"]
+    assert [int(numpy_helper.to_array(inits[i])) for i in clip.input[1:]] == [0, 15]
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        ref = net(x).numpy()
+    step = float(net[3].acts_quantizer.grid().scale)
+    assert np.abs(_run(proto, x) - ref).max() <= step * 1.01  # loads and runs in onnxruntime

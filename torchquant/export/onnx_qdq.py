@@ -16,7 +16,10 @@ Grids map to ONNX integer types: a ``[0, 2^n - 1]`` grid to ``uint8``/``uint4``
 with its zero points, or, for weights with ``signed_weights=True``, shifted by
 ``2^(n-1)`` to ``int8``/``int4`` (a symmetric grid's zero point ``2^(n-1)``
 becomes 0, what onnxruntime's integer kernels want); signed grids (Q-format) to ``int8``/``int4``. 4-bit types
-need opset 21; 9 to 16 bits need opset 21 (``int16``/``uint16``). A quantizer
+need opset 21; 9 to 16 bits need opset 21 (``int16``/``uint16``). A 4-bit activation
+that a ``MaxPool`` reads is stored as ``uint8``/``int8`` with a ``Clip`` to its 4-bit
+range (same values): onnxruntime would otherwise run the ``MaxPool`` on 4-bit
+integers, which it cannot. A quantizer
 without an affine grid (``grid()`` is ``None``), or one whose grid fits no ONNX
 type at the chosen opset, is exported as its float-valued simulation with a
 warning naming it.
@@ -75,8 +78,19 @@ class _QuantPointFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, idx: int) -> Tensor:  # type: ignore[override]
         rec = _Active.records[idx]
-        with torch.no_grad():
-            return rec.quantizer.quantize(x)
+        # The exported node is ``symbolic``'s placeholder; the quantizer's own ops (nested autograd
+        # Functions included) are not traced into a subgraph of it: that subgraph is discarded, and
+        # tracing it made the exporter's graph passes several times slower on large models.
+        state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+        try:
+            with torch.no_grad():
+                val = rec.quantizer.quantize(x)
+        finally:
+            torch._C._set_tracing_state(state)
+        if state is None:
+            return val
+        return x.detach().clone().copy_(val)  # traced as two ops; same value as the simulation
 
     @staticmethod
     def symbolic(g, x, idx: int):  # type: ignore[override]
@@ -350,6 +364,10 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, sig
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
     new_nodes = []
     new_inits = []
     for node in graph.node:
@@ -364,6 +382,8 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, sig
         grid = rec.grid
         assert grid is not None  # grid-less quantizers are traced as float ops, never placeholders
         ot = onnx_type_for_grid(grid, opset, prefer_signed=signed_weights and const is not None)
+        if ot is not None and ot.name in ("int4", "uint4") and const is None and _reaches_maxpool(y, consumers):
+            ot = _widened(ot)
         if grid.granularity.group_size is not None and opset < 21:
             ot = None
         if ot is None:
@@ -417,6 +437,38 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, sig
     proto.opset_import.extend(keep)
     if opset >= 21 and proto.ir_version < 10:
         proto.ir_version = 10  # int4 / uint4 need IR 10
+
+
+# Ops onnxruntime moves a DequantizeLinear past (QDQ propagation) without changing values.
+_SHAPE_OPS = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Slice"})
+
+
+def _reaches_maxpool(name: str, consumers: dict[str, list]) -> bool:
+    """Whether tensor ``name`` feeds a ``MaxPool``, directly or through shape-only ops."""
+    todo, seen = [name], set()
+    while todo:
+        t = todo.pop()
+        for n in consumers.get(t, []):
+            if n.op_type == "MaxPool":
+                return True
+            if n.op_type in _SHAPE_OPS and n.output[0] not in seen:
+                seen.add(n.output[0])
+                todo.append(n.output[0])
+    return False
+
+
+def _widened(ot: OnnxType) -> OnnxType:
+    """The 8-bit type of the same signedness and shift as 4-bit ``ot`` (the codes are then clipped).
+
+    onnxruntime (1.32) turns ``DequantizeLinear -> MaxPool`` into a ``MaxPool`` on the
+    integers, and has no 4-bit ``MaxPool``: the model would not load. Stored in 8 bits,
+    with ``Clip`` to the 4-bit range after ``QuantizeLinear``, the values are the same.
+    """
+    onnx = _require_onnx()
+    tp = onnx.TensorProto
+    if ot.name == "int4":
+        return OnnxType(tp.INT8, -128, 127, ot.shift, "int8")
+    return OnnxType(tp.UINT8, 0, 255, ot.shift, "uint8")
 
 
 _NP_TYPES = {"int8": "int8", "uint8": "uint8", "int16": "int16", "uint16": "uint16"}

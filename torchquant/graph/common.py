@@ -79,9 +79,17 @@ def make_qwrapper(
         The wrapper.
     """
     layer = layers[0] if factory_module is None else factory_module
-    return QWrapper(
+    wrapper = QWrapper(
         layers,
         weight_quantizer=call_factory(wf, layer, name, "weight_quantizer"),
         acts_quantizer=call_factory(af, layer, name, "acts_quantizer"),
         fold_bn=fold_bn and len(layers) > 1 and isinstance(layers[1], nn.modules.batchnorm._BatchNorm),
     )
+    # The wrapper and its quantizers take the wrapped layer's mode (a converted eval model stays in eval);
+    # the wrapped modules keep theirs.
+    mode = layers[0].training
+    wrapper.training = mode
+    for q in (wrapper.weight_quantizer, wrapper.acts_quantizer):
+        if q is not None:
+            q.train(mode)
+    return wrapper

@@ -420,6 +420,7 @@ def _layer_from_call(node: fx.Node, gm: fx.GraphModule, model: nn.Module):
         )
     layer.weight = weight
     layer.bias = bias
+    layer.train(owner_module.training)
     return layer, owner, owner_module, attr_nodes
 
 
@@ -440,6 +441,7 @@ def _split_bn_act(m: nn.Module, bn_type: type[nn.Module]) -> list[nn.Module] | N
         setattr(bn, name, getattr(m, name))
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         bn._buffers[name] = m._buffers.get(name)
+    bn.train(m.training)  # an eval model's BatchNorm keeps using its running statistics
     return [bn] if isinstance(act, nn.Identity) else [bn, act]
 
 
@@ -661,7 +663,7 @@ class _Rewriter:
             swish = _swish_nodes(cur)
             if swish is not None:
                 chain.extend(swish)
-                layers.append(nn.SiLU())
+                layers.append(nn.SiLU().train(layer.training))
                 cur = swish[-1]
         name = name or node.target
         factory_module, factory_name = origin or (layer, name)
@@ -680,6 +682,7 @@ class _Rewriter:
             scope, _, base = name.rpartition(".")
             name = self._fresh_name(scope, base)
         qop = QOp(m, acts_quantizer=call_factory(self.af, m, name, "acts_quantizer"))
+        qop.train(m.training)
         self._install(name, qop)
         node.target = name
 
@@ -694,6 +697,8 @@ class _Rewriter:
             return
         name = self._fresh_name(scope, desc.name)
         qop = QOp(fn, acts_quantizer=call_factory(self.af, desc, name, "acts_quantizer"))
+        owner = self._original(scope)  # the module whose forward makes the call
+        qop.train((self.model if owner is None else owner).training)
         self._install(name, qop)
         with self.graph.inserting_after(node):
             new = self.graph.call_module(name, node.args, node.kwargs)

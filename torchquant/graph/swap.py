@@ -52,7 +52,7 @@ def _swap(module, prefix, wf, af, skip, fold_bn, reasons: dict[str, str]) -> Non
                     group.append(items[j][1])
                     j += 1
                 for k in range(i, j):  # keep indices stable: fused modules become Identity
-                    module._modules[items[k][0]] = nn.Identity()
+                    module._modules[items[k][0]] = nn.Identity().train(items[k][1].training)
                 i = j
             module._modules[key] = make_qwrapper(group, name, wf, af, fold_bn)
         elif isinstance(child, _LAYER_TYPES) and not child._modules:
