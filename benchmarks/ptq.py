@@ -10,6 +10,7 @@ Usage::
 
     python benchmarks/ptq.py --table            # accuracy table (~1-2 min on one core)
     python benchmarks/ptq.py --table --seeds 3  # reconstruction methods: mean over 3 seeds (as the tests)
+    python benchmarks/ptq.py --table --first-last-bits 8 --float-output  # the BRECQ / QDrop protocol
     python benchmarks/ptq.py --resnet --iters 50
 """
 
@@ -35,7 +36,8 @@ SETTINGS = {
 RECONSTRUCTION = ("adaround", "brecq", "qdrop")
 
 
-def table(iters: int, seeds: int = 1) -> None:
+def table(iters: int, seeds: int = 1, first_last_bits: int | None = None, float_output: bool = False) -> None:
+    protocol = dict(first_last_bits=first_last_bits, quantize_output=not float_output)
     rows = []
     for task, cfgs in SETTINGS.items():
         t0 = time.perf_counter()
@@ -47,13 +49,15 @@ def table(iters: int, seeds: int = 1) -> None:
             for m in methods:
                 t0 = time.perf_counter()
                 n = seeds if m in RECONSTRUCTION else 1
-                accs = [run_method(model, tr, te, m, w, a, iters=iters, seed=s) for s in range(n)]
+                accs = [run_method(model, tr, te, m, w, a, iters=iters, seed=s, **protocol) for s in range(n)]
                 acc = sum(accs) / n
                 rows.append((task, f"W{w}A{a}", m, acc, (time.perf_counter() - t0) / n))
                 each = f"  seeds: {' '.join(f'{x:.2f}' for x in accs)}" if n > 1 else ""
                 print(f"{task:18s} W{w}A{a}  {m:9s} {acc:6.2f}  ({rows[-1][4]:.1f} s per run){each}", flush=True)
     mean = f", reconstruction methods: mean over seeds 0..{seeds - 1}" if seeds > 1 else ""
-    print(f"\nper-tensor weights and activations, BatchNorm folded, {iters} iterations per unit{mean}")
+    head = f", first and last layer at {first_last_bits} bits" if first_last_bits is not None else ""
+    out = ", network output not quantized" if float_output else ""
+    print(f"\nper-tensor weights and activations, BatchNorm folded{head}{out}, {iters} iterations per unit{mean}")
     print("| task | setting | method | top-1 (%) | seconds per run |\n|---|---|---|---|---|")
     for task, setting, m, acc, sec in rows:
         print(f"| {task} | {setting} | {m} | {acc:.2f} | {sec:.1f} |")
@@ -103,6 +107,10 @@ def main() -> None:
     p.add_argument("--resnet", action="store_true", help="seconds for AdaRound / BRECQ on resnet18")
     p.add_argument("--iters", type=int, default=None, help="iterations per unit (table: 100, resnet: 1000)")
     p.add_argument("--seeds", type=int, default=1, help="table: reconstruction seeds to average over")
+    p.add_argument(
+        "--first-last-bits", type=int, default=None, help="table: bits of the first and last layers (papers: 8)"
+    )
+    p.add_argument("--float-output", action="store_true", help="table: leave the network output unquantized")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     if args.seeds < 1:
@@ -111,7 +119,7 @@ def main() -> None:
     if not (args.table or args.resnet):
         args.table = True
     if args.table:
-        table(args.iters or 100, args.seeds)
+        table(args.iters or 100, args.seeds, args.first_last_bits, args.float_output)
     if args.resnet:
         resnet(args.iters or 1000)
 

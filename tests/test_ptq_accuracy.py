@@ -85,7 +85,11 @@ IMAGE = {"digits_cnn": 100 / 360, "mnist1d_cnn": 100 / 800}
 # Slack of "at least as good" per task. mnist1d: none, as the issue asks. digits: one test image. There
 # the float model of seed 0 makes 5 errors in 360, and the three methods' means (98.70, 98.70, 98.52)
 # lie within one image of it (98.61) and of each other, AdaRound's above it: this test set does not
-# resolve the ordering (for seeds 1 and 2 it holds exactly).
+# resolve the ordering (for seeds 1 and 2 it holds exactly). Over 9 reconstruction seeds the means are
+# 98.80, 98.70, 98.64: a consistent gap below one image. The BRECQ / QDrop papers' protocol (first and
+# last layer at 8 bits, float output: run_method(..., first_last_bits=8, quantize_output=False)) does not
+# change this (9-seed means 98.86, 98.80, 98.67 with nearest rounding at the float 98.61) and leaves
+# mnist1d W4A4 almost lossless (nearest 0.37 points below float), so this test keeps the default.
 SLACK = {"digits_cnn": IMAGE["digits_cnn"], "mnist1d_cnn": 0.0}
 
 

@@ -78,14 +78,73 @@ def imbalance_channels(model: nn.Module, decades: float = 3.0, seed: int = 0) ->
     return model
 
 
-def quantized_copy(model: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
-    """A per-tensor ``W{w_bits}A{a_bits}`` copy: min-max weights, running min-max activations (swap)."""
-    return quantize_model(
-        copy.deepcopy(model),
-        lambda m, n: AffineQuantizer(w_bits, BatchMinMax()),
-        lambda m, n: AffineQuantizer(a_bits, RunningMinMax()),
-        method="swap",
-    )
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def quantized_copy(
+    model: nn.Module,
+    w_bits: int,
+    a_bits: int,
+    *,
+    first_last_bits: int | None = None,
+    quantize_output: bool = True,
+) -> nn.Module:
+    """A per-tensor ``W{w_bits}A{a_bits}`` copy: min-max weights, running min-max activations (swap).
+
+    By default every layer is quantized to the nominal bits, its output included (so the
+    logits are ``a_bits`` wide). The BRECQ and QDrop experiments use another protocol (their
+    released code: ``set_first_last_layer_to_8bit`` and ``disable_network_output_quantization``
+    in ``quant/quant_model.py`` of yhhhli/BRECQ and wimh966/QDrop), which is
+    ``first_last_bits=8, quantize_output=False`` here:
+
+    * ``first_last_bits``: the weights of the first and the last layer get these bits, and so
+      does the output of the layer before the last (their ``module_list[-2].act_quantizer``,
+      meant as the last layer's input). BRECQ's code also keeps the first layer's output at 8
+      bits and skips its reconstruction; QDrop's does neither, nor does this option.
+    * ``quantize_output=False``: the last layer's output (the network output) is not quantized;
+      both codes do this whether or not the first and last layers are at 8 bits.
+
+    Layers are Conv1d/2d/3d and Linear modules in ``named_modules`` order.
+
+    Args:
+        model: a float model (not modified).
+        w_bits: weight bits.
+        a_bits: output activation bits.
+        first_last_bits: bits of the first and last layers' weights and of the last layer's
+            input, or ``None`` for ``w_bits`` / ``a_bits``.
+        quantize_output: quantize the last layer's output to ``a_bits``.
+
+    Returns:
+        The quantizable copy, every QModule ``BYPASSED``.
+
+    Raises:
+        ValueError: ``first_last_bits`` is given or ``quantize_output`` is ``False`` but ``model``
+            has fewer than two layers.
+    """
+    high_w: set[str] = set()
+    high_a: set[str] = set()
+    float_out: set[str] = set()
+    if first_last_bits is not None or not quantize_output:
+        layers = [n for n, m in model.named_modules() if type(m) in _LAYERS]
+        if len(layers) < 2:
+            raise ValueError(
+                f"quantized_copy: first_last_bits / quantize_output=False need at least two layers, "
+                f"{type(model).__name__} has {layers}"
+            )
+        if first_last_bits is not None:
+            high_w, high_a = {layers[0], layers[-1]}, {layers[-2]}
+        if not quantize_output:
+            float_out = {layers[-1]}
+
+    def weights(m: nn.Module, n: str) -> AffineQuantizer:
+        return AffineQuantizer(first_last_bits if n in high_w else w_bits, BatchMinMax())
+
+    def acts(m: nn.Module, n: str) -> AffineQuantizer | None:
+        if n in float_out:
+            return None
+        return AffineQuantizer(first_last_bits if n in high_a else a_bits, RunningMinMax())
+
+    return quantize_model(copy.deepcopy(model), weights, acts, method="swap")
 
 
 def calib_batches(train_split, n: int = 256, batch_size: int = 64) -> list[torch.Tensor]:
@@ -105,6 +164,8 @@ def run_method(
     lr: float = 1e-2,
     act_lr: float = 1e-2,
     fold: bool = True,
+    first_last_bits: int | None = None,
+    quantize_output: bool = True,
     seed: int = 0,
     return_model: bool = False,
     **options,
@@ -112,6 +173,8 @@ def run_method(
     """Quantize a copy of ``model``, apply ``method`` (one of :data:`METHODS`), return its test accuracy.
 
     BatchNorm is folded into the weights first when ``fold`` (as deployed; CLE always folds).
+    ``first_last_bits`` and ``quantize_output`` go to :func:`quantized_copy` (``8`` and
+    ``False``: the BRECQ / QDrop protocol, first and last layer at 8 bits, output not quantized).
     Calibration uses 256 training samples; reconstruction ``iters`` steps per unit with
     batch 32 and Adam at ``lr`` (the paper's 1e-3 needs thousands of steps); BRECQ and QDrop
     learn their activation steps at the relative rate ``act_lr``; ``options`` go to the
@@ -119,7 +182,7 @@ def run_method(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
-    q = quantized_copy(model, w_bits, a_bits)
+    q = quantized_copy(model, w_bits, a_bits, first_last_bits=first_last_bits, quantize_output=quantize_output)
     calib = calib_batches(train_split)
     if method.startswith("cle"):
         equalize(q, example_input=calib[0])
