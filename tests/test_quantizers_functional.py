@@ -147,3 +147,12 @@ def test_qfmt_properties(xs, frac, n_bits):
     assert torch.equal(y / d, (y / d).round())
     order = torch.argsort(x)
     assert torch.all(torch.diff(y[order]) >= 0)
+
+
+def test_affine_quantize_zero_point_is_not_baked_into_a_jit_trace():
+    # On the CPU a 0-d zero point is read as a number (one clamp pass); under tracing it must
+    # stay a tensor input, or the trace would keep the zero point seen while tracing.
+    x = torch.tensor([-1.0, 0.3, 2.0])
+    traced = torch.jit.trace(lambda x, zp: affine_quantize(x, torch.tensor(0.5), zp, 4), (x, torch.tensor(0.0)))
+    assert torch.equal(traced(x, torch.tensor(0.0)), torch.tensor([0.0, 0.5, 1.5]))
+    assert torch.equal(traced(x, torch.tensor(2.0)), torch.tensor([-1.0, 0.5, 0.5]))

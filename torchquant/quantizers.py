@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from .granularity import Granularity
 from .quantizers_functional import affine_quantize, gradient_clip, qfmt_quantize
-from .range_observers import RangeObserver, _is_tracing
+from .range_observers import RangeObserver
 from .registry import register_quantizer
 
 __all__ = ["AffineGrid", "AffineQuantizer", "QfmtQuantizer", "Quantizer", "RangeQuantizer", "check_n_bits"]
@@ -218,10 +218,8 @@ class AffineQuantizer(RangeQuantizer):
         delta = ((mx - mn) / (self.n_levels - 1)).clamp_(min=_EPS)
         if self.power_of_two:
             delta = _next_power_of_two(delta)
-        if self.symmetric and not self.power_of_two:
-            # -min / delta is (2**n - 1) / 2 in exact arithmetic; evaluate it exactly (half to even)
-            # rather than let a rounding error pick 127 or 128 per channel.
-            zero_point = torch.full_like(delta, float(round((self.n_levels - 1) / 2)))
+        if self._fixed_zero_point is not None:
+            zero_point = torch.full_like(delta, self._fixed_zero_point)
         else:
             zero_point = torch.round(-mn / delta)
         return delta, zero_point
@@ -230,15 +228,20 @@ class AffineQuantizer(RangeQuantizer):
         delta, zero_point = self.qparams()
         if self.gradient_clip:
             x = gradient_clip(x, -zero_point * delta, (self.n_levels - 1 - zero_point) * delta)
-        return affine_quantize(x, delta, self._zero_point_number(zero_point), self.n_levels)
+        fixed = self._fixed_zero_point  # a number keeps the fake quant's clamp to one pass
+        return affine_quantize(x, delta, zero_point if fixed is None else fixed, self.n_levels)
 
-    def _zero_point_number(self, zero_point: Tensor) -> Tensor | float:
-        """The zero point as a Python number where that is free (fewer passes in the fake quant)."""
+    @property
+    def _fixed_zero_point(self) -> float | None:
+        """The zero point when it does not depend on the range, else ``None``.
+
+        Symmetric (not power-of-two) grids: ``-min / delta`` is ``(2**n - 1) / 2`` in exact
+        arithmetic; it is evaluated exactly (half to even) rather than left to a rounding
+        error that would pick 127 or 128 per channel.
+        """
         if self.symmetric and not self.power_of_two:
-            return float(round((self.n_levels - 1) / 2))  # the constant qparams uses
-        if zero_point.dim() == 0 and zero_point.device.type == "cpu" and not _is_tracing():
-            return zero_point.item()  # no device sync on the CPU
-        return zero_point
+            return float(round((self.n_levels - 1) / 2))
+        return None
 
     def grid(self) -> AffineGrid:
         delta, zero_point = self.qparams()

@@ -40,6 +40,26 @@ __all__ = [
 ]
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
+_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
+
+
+def _is_tracing() -> bool:
+    """True under torch.compile / torch.export, torch.jit tracing or torch.fx symbolic tracing."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or _fx_tracing()
+
+
+def _bound(v: Tensor | float) -> Tensor | float:
+    """A clamp bound as a Python number where that is free, else the tensor.
+
+    Number bounds let the fake quant clamp in one pass instead of two. A 0-d CPU
+    tensor is read without a device sync; under tracing (compile, fx, jit) the
+    tensor stays, so the bound is not baked into the graph as a constant.
+    """
+    if not isinstance(v, Tensor):
+        return float(v)
+    if v.dim() == 0 and v.device.type == "cpu" and not _is_tracing():
+        return v.item()
+    return v
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -117,9 +137,8 @@ def affine_quantize(x: Tensor, delta: Tensor | float, zero_point: Tensor | float
     """
     delta = _as_tensor(delta, x)
     # round(x/d) + zp clamped to [0, n-1], minus zp == round(x/d) clamped to [-zp, n-1-zp]:
-    # exact in floating point because zp is an integer. A number zero point keeps the bounds
-    # numbers (one clamp pass instead of two).
-    zp = zero_point if isinstance(zero_point, Tensor) else float(zero_point)
+    # exact in floating point because zp is an integer.
+    zp = _bound(zero_point)
     return _FakeQuantSTE.apply(x, delta, -zp, (n_levels - 1) - zp)
 
 
@@ -140,9 +159,7 @@ def qfmt_quantize(x: Tensor, delta: Tensor | float, min_int: int | Tensor, max_i
         tensor([  4.,   8., -10.])
     """
     delta = _as_tensor(delta, x)
-    lo = min_int if isinstance(min_int, Tensor) else float(min_int)
-    hi = max_int if isinstance(max_int, Tensor) else float(max_int)
-    return _FakeQuantSTE.apply(x, delta, lo, hi)
+    return _FakeQuantSTE.apply(x, delta, _bound(min_int), _bound(max_int))
 
 
 class _GradientClip(torch.autograd.Function):

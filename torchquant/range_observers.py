@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .granularity import Granularity
-from .quantizers_functional import compute_dtype
+from .quantizers_functional import _is_tracing, compute_dtype
 from .registry import register_observer
 
 __all__ = [
@@ -33,14 +33,6 @@ __all__ = [
     "RangeObserver",
     "RunningMinMax",
 ]
-
-
-_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
-
-
-def _is_tracing() -> bool:
-    """True under torch.compile / torch.export or torch.fx symbolic tracing."""
-    return torch.compiler.is_compiling() or _fx_tracing()
 
 
 class RangeObserver(nn.Module):

@@ -100,6 +100,19 @@ class _States:
             m.qstate = QModuleState.QUANT_EVAL if n in quantized else QModuleState.BYPASSED
 
 
+def _run_quantized_with_hooks(
+    model: nn.Module, mods: list[tuple[str, QModule]], batches: list[Any], hooks: list
+) -> None:
+    """Run ``batches`` with every point in ``mods`` quantized, then remove ``hooks`` and restore the modes."""
+    try:
+        with _States(mods) as st:
+            st.set({n for n, _ in mods})
+            _run(model, batches)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _sqnr_db(signal: float, noise: float) -> float:
     if noise == 0.0:
         return math.inf
@@ -150,13 +163,7 @@ def sqnr_report(model: nn.Module, data: Data) -> Report:
                 sums[name][1] += float(((x - out.detach().double()) ** 2).sum())
 
             hooks.append(q.register_forward_hook(hook))
-    try:
-        with _States(mods) as st:
-            st.set({n for n, _ in mods})
-            _run(model, batches)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_quantized_with_hooks(model, mods, batches, hooks)
     for r in rows:
         r["sqnr_db"] = _sqnr_db(*sums[r["point"]])
     return Report(rows, ["point", "kind", "quantizer", "n_bits", "sqnr_db"])
@@ -282,14 +289,7 @@ def plot_ranges(
 
                 hooks.append(q.register_forward_hook(hook))
     if data is not None:
-        batches = _batches(data, who)
-        try:
-            with _States(mods) as st:
-                st.set({n for n, _ in mods})
-                _run(model, batches)
-        finally:
-            for h in hooks:
-                h.remove()
+        _run_quantized_with_hooks(model, mods, _batches(data, who), hooks)
     names = [n for n in quantizers if n in values][:max_points]
     if not names:
         raise ValueError(f"{who}: nothing to plot (no affine quantizer with observed values)")
