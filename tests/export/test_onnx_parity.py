@@ -15,8 +15,7 @@ import torch
 
 import torchquant as tq
 
-pytest.importorskip("onnxruntime")
-from parity import end_to_end, per_point
+ort = pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(autouse=True)
@@ -126,17 +125,16 @@ def _cases():
 
 @pytest.mark.parametrize(("model_name", "setting"), list(_cases()))
 def test_parity(model_name, setting):
-    model, proto, shape, out_q = _build(model_name, setting)
+    model, proto, shape, _ = _build(model_name, setting)
     x = torch.randn(2, *shape)
-    # Every quantization point, given the simulation's inputs: at most one step, >= 99.9 % identical.
-    points = per_point(model, proto, x)
-    assert len(points) >= 5
-    worst = max(points.items(), key=lambda kv: (kv[1][0], -kv[1][1]))
-    for name, (max_steps, identical, _) in points.items():
-        assert max_steps <= 1 and identical >= 0.999, (name, max_steps, identical)
-    # The model output, onnxruntime with all its optimizations (integer kernels) against the simulation,
-    # rounding ties decided as onnxruntime did (see parity.end_to_end).
-    max_steps, identical, ties = end_to_end(model, proto, x, out_q)
-    print(f"{model_name} {setting}: worst point {worst}, output max {max_steps} steps, {identical:.4f} identical, "
-          f"{ties} ties")  # fmt: skip
-    assert max_steps <= 1 and identical >= 0.999
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    report = tq.export.check_parity(model, proto, x, session_options=so)
+    # Every quantization point, given the simulation's inputs, and the model output with onnxruntime's
+    # integer kernels (rounding ties decided as onnxruntime did): at most one step, >= 99.9 % identical.
+    assert len(report.points) >= 5
+    (out_name,) = report.outputs
+    assert report.outputs[out_name].max_steps is not None, "the output is a quantization point"
+    print(f"{model_name} {setting}:\n{report}")
+    assert report.passed(), report.failures()

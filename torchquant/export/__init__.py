@@ -7,8 +7,12 @@ functions here import them when called.
 from .checkpoint import load_checkpoint, save_checkpoint
 from .integer import integer_params, load_integer_params, save_integer_params
 from .onnx_qdq import onnx_type_for_grid, to_onnx
+from .parity import Agreement, ParityReport, check_parity
 
 __all__ = [
+    "Agreement",
+    "ParityReport",
+    "check_parity",
     "integer_params",
     "load_checkpoint",
     "load_integer_params",

@@ -1,0 +1,139 @@
+"""check_parity: the report, its criteria, detection of a wrong export, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import torchquant as tq
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import numpy_helper  # noqa: E402
+
+S = tq.QModuleState
+
+
+def _w8(m, n):
+    return tq.AffineQuantizer(8, tq.BatchMinMax(axis=0), symmetric=True)
+
+
+def _a8(m, n):
+    return tq.AffineQuantizer(8, tq.RunningMinMax())
+
+
+class Net(nn.Module):
+    def __init__(self, twice: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.mid = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8 * 16, 5)
+        self.twice = twice
+
+    def forward(self, x):
+        x = self.relu(self.conv(x))
+        x = self.mid(x)
+        if self.twice:
+            x = self.mid(x)
+        return self.fc(x.flatten(1))
+
+
+def _calibrated(twice: bool = False, skip=()) -> nn.Module:
+    torch.manual_seed(0)
+    net = tq.quantize_model(Net(twice).eval(), _w8, _a8, method="swap", skip=skip)
+    with torch.no_grad(), tq.qmodule_state(net, S.CALIBRATION):
+        net(torch.randn(64, 3, 4, 4))
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    return net
+
+
+def test_a_faithful_export_passes_with_every_point_reported():
+    net = _calibrated()
+    proto = tq.export.to_onnx(net, torch.randn(1, 3, 4, 4))
+    report = tq.export.check_parity(net, proto, torch.randn(16, 3, 4, 4))
+    assert sorted(report.points) == ["conv.acts_quantizer", "fc.acts_quantizer", "mid.acts_quantizer"]
+    for a in report.points.values():
+        assert a.max_steps <= 1 and a.identical >= 0.99
+    (out,) = report.outputs
+    assert report.outputs[out].max_steps <= 1 and report.outputs[out].size == 16 * 5
+    assert report.passed() and report.failures() == []
+    text = str(report)
+    assert "parity: passed" in text and "mid.acts_quantizer" in text
+    assert {r["kind"] for r in report.rows} == {"point", "output", "output, no ties adopted"}
+
+
+def test_reads_the_file_from_a_path(tmp_path):
+    net = _calibrated()
+    path = tmp_path / "net.onnx"
+    tq.export.to_onnx(net, torch.randn(1, 3, 4, 4), path)
+    assert tq.export.check_parity(net, path, torch.randn(4, 3, 4, 4)).passed()
+
+
+def test_a_wrong_weight_is_found_at_its_own_point():
+    net = _calibrated()
+    proto = tq.export.to_onnx(net, torch.randn(1, 3, 4, 4), signed_weights=True)
+    # Corrupt the integer weights of the middle layer: two codes off everywhere.
+    (init,) = [t for t in proto.graph.initializer if t.name == "mid.weight_quantizer/2/int_weight"]
+    w = numpy_helper.to_array(init).astype(np.int16)
+    init.CopyFrom(numpy_helper.from_array(np.clip(w + 2, -128, 127).astype(np.int8), init.name))
+    report = tq.export.check_parity(net, proto, torch.randn(16, 3, 4, 4))
+    # Teacher-forced: the point before it agrees, its own point does not.
+    assert report.points["conv.acts_quantizer"].max_steps <= 1
+    assert report.points["mid.acts_quantizer"].max_steps > 1
+    assert not report.passed()
+    assert any(f.startswith("point mid.acts_quantizer") for f in report.failures())
+    assert "parity: FAILED" in str(report)
+
+
+def test_a_float_output_is_compared_by_its_absolute_difference():
+    net = _calibrated(skip=["fc"])  # the classifier stays float
+    proto = tq.export.to_onnx(net, torch.randn(1, 3, 4, 4))
+    report = tq.export.check_parity(net, proto, torch.randn(16, 3, 4, 4))
+    (out,) = report.outputs
+    a = report.outputs[out]
+    assert a.max_steps is None and a.identical is None
+    assert a.max_abs < 1e-4 * report.output_scale[out]
+    assert report.passed()
+    assert not report.passed(rel_tol=0.0) or a.max_abs == 0.0
+
+
+def test_bad_input_gets_clear_errors():
+    net = _calibrated()
+    x = torch.randn(2, 3, 4, 4)
+    proto = tq.export.to_onnx(net, x)
+    with pytest.raises(ValueError, match="1 inputs"):
+        tq.export.check_parity(net, proto, (x, x))
+    with pytest.raises(ValueError, match="tie_steps"):
+        tq.export.check_parity(net, proto, x, tie_steps=0.5)
+    tq.set_qmodule_state(net, S.CALIBRATION)
+    with pytest.raises(ValueError, match="CALIBRATION"):
+        tq.export.check_parity(net, proto, x)
+    # A quantizer called twice per forward pass has no single simulated value to compare.
+    twice = _calibrated(twice=True)
+    with pytest.raises(ValueError, match="more than once"):
+        tq.export.check_parity(twice, proto, x)
+    # An export of another model.
+    other = tq.quantize_model(nn.Sequential(nn.Linear(48, 5)).eval(), _w8, _a8, method="swap")
+    with torch.no_grad(), tq.qmodule_state(other, S.CALIBRATION):
+        other(torch.randn(8, 48))
+    tq.set_qmodule_state(other, S.QUANT_EVAL)
+    with pytest.raises(ValueError, match="quantization point"):
+        tq.export.check_parity(other, proto, x)
+
+
+def test_tie_window_of_a_layer_with_a_float_bias_is_half_its_int32_bias_step():
+    # onnxruntime adds the bias as int32 at scale s_x * s_w: up to 0.5 * s_x * s_w / s_y output steps.
+    from torchquant.export.parity import _bias_windows
+
+    net = _calibrated()
+    proto = tq.export.to_onnx(net, torch.randn(1, 3, 4, 4))
+    windows = _bias_windows(proto, onnx)
+    # The first conv reads the float model input (no DequantizeLinear): no window; the others have one.
+    assert sorted(windows) == ["fc.acts_quantizer", "mid.acts_quantizer"]
+    sx = float(net.conv.acts_quantizer.grid().scale)
+    sw = float(net.mid.weight_quantizer.grid().scale.max())
+    sy = float(net.mid.acts_quantizer.grid().scale)
+    assert windows["mid.acts_quantizer"] == pytest.approx(0.5 * sx * sw / sy, rel=1e-6)

@@ -1,0 +1,384 @@
+"""Check an exported ONNX model against the torchquant simulation, in quantization steps.
+
+:func:`check_parity` runs the file in onnxruntime and the quantized model in PyTorch on
+the same inputs and reports, in steps of each quantization point's grid:
+
+* **every activation quantization point, teacher-forced**: each ``DequantizeLinear``
+  of the graph is fed the simulation's value at that point, so onnxruntime computes every
+  point's codes from exactly the simulation's inputs and a difference shows where it
+  arises, not downstream of it;
+* **every model output, end to end**, with onnxruntime's graph optimizations (its
+  integer kernels): once as is, and once with the simulation taking onnxruntime's code
+  at the elements that lie within ``tie_steps`` of a rounding tie. PyTorch and
+  onnxruntime sum float32 in different orders (about 1e-5 steps apart), so such a value
+  may round either way; one tie decided the other way changes a code by one step, which
+  the following layers of a deep network amplify into many steps at the output. Where
+  onnxruntime's integer kernel adds a float bias as ``int32`` at the accumulator scale
+  ``s_x s_w`` (``QLinearConv``, ``QGemm``), the tie is widened by that rounding, half of
+  ``s_x s_w / s_y`` steps. Every other difference stays the simulation's own and shows at
+  the output.
+
+An output produced by a quantization point is compared in its steps; a float output
+(say, an unquantized classifier) by its largest absolute difference.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..debug.diagnostics import Report
+from ._common import quant_points
+from .onnx_qdq import _as_inputs, _require_onnx
+
+__all__ = ["Agreement", "ParityReport", "check_parity"]
+
+#: A simulated value this close (in steps) to the middle of two codes is a rounding tie.
+TIE_STEPS = 1e-3
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How onnxruntime's tensor agrees with the simulation's.
+
+    Attributes:
+        max_steps: largest difference in quantization steps (``None`` off a grid).
+        identical: fraction of elements with the same integer code (``None`` off a grid).
+        max_abs: largest absolute difference.
+        size: number of elements compared.
+    """
+
+    max_steps: float | None
+    identical: float | None
+    max_abs: float
+    size: int
+
+
+@dataclass
+class ParityReport:
+    """The result of :func:`check_parity`.
+
+    Attributes:
+        points: teacher-forced agreement of every activation quantization point, by the
+            quantizer's qualified name (the name ``to_onnx`` gives its nodes).
+        outputs: end-to-end agreement of every graph output, rounding ties decided as
+            onnxruntime did.
+        raw_outputs: the same without adopting any of onnxruntime's codes.
+        ties_adopted: how many elements took onnxruntime's code (rounding ties only).
+        output_scale: the maximum magnitude of each simulated output (for float outputs).
+    """
+
+    points: dict[str, Agreement]
+    outputs: dict[str, Agreement]
+    raw_outputs: dict[str, Agreement]
+    ties_adopted: int
+    output_scale: dict[str, float]
+
+    def failures(self, max_steps: float = 1, min_identical: float = 0.999, rel_tol: float = 1e-4) -> list[str]:
+        """What breaks the criteria, one line each (empty when everything holds).
+
+        A quantization point or on-grid output fails with more than ``max_steps`` steps or
+        fewer than ``min_identical`` identical codes; a float output with a largest absolute
+        difference above ``rel_tol`` times its largest magnitude.
+        """
+        bad = []
+        items = [(f"point {k}", v, None) for k, v in self.points.items()]
+        items += [(f"output {k}", v, self.output_scale[k]) for k, v in self.outputs.items()]
+        for where, a, scale in items:
+            if a.max_steps is None:
+                if scale is not None and a.max_abs > rel_tol * max(scale, 1e-30):
+                    bad.append(f"{where}: max |difference| {a.max_abs:.3g} > {rel_tol:g} x {scale:.3g}")
+            elif a.max_steps > max_steps or a.identical < min_identical:
+                bad.append(f"{where}: max {a.max_steps:.0f} steps, {100 * a.identical:.3f} % identical")
+        return bad
+
+    def passed(self, max_steps: float = 1, min_identical: float = 0.999, rel_tol: float = 1e-4) -> bool:
+        """True when :meth:`failures` finds nothing (defaults: at most one step, >= 99.9 % identical)."""
+        return not self.failures(max_steps, min_identical, rel_tol)
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per quantization point and per output (DataFrame-like)."""
+
+        def row(where: str, kind: str, a: Agreement) -> dict[str, Any]:
+            ident = None if a.identical is None else round(100 * a.identical, 3)
+            return {"where": where, "kind": kind, "max_steps": a.max_steps, "identical_%": ident,
+                    "max_abs": a.max_abs, "elements": a.size}  # fmt: skip
+
+        rows = [row(k, "point", a) for k, a in self.points.items()]
+        rows += [row(k, "output", a) for k, a in self.outputs.items()]
+        rows += [row(k, "output, no ties adopted", a) for k, a in self.raw_outputs.items()]
+        return rows
+
+    def table(self) -> str:
+        """The rows as a text table, then the verdict under the default criteria."""
+        rows = [{**r, "max_abs": f"{r['max_abs']:.3g}"} for r in self.rows]
+        bad = self.failures()
+        verdict = "parity: passed" if not bad else "parity: FAILED\n  " + "\n  ".join(bad)
+        return f"{Report(rows)}\n{self.ties_adopted} rounding ties adopted\n{verdict}"
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def check_parity(
+    model: nn.Module,
+    onnx_model: Any,
+    example_inputs: Tensor | Sequence[Tensor],
+    *,
+    tie_steps: float = TIE_STEPS,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    session_options: Any = None,
+    disabled_optimizers: Sequence[str] = ("ClipQuantRewrite",),
+) -> ParityReport:
+    """Run ``onnx_model`` in onnxruntime and ``model`` in PyTorch; compare them in quantization steps.
+
+    See the module docstring for what is compared. ``model`` is the quantized model the
+    file was exported from, in its ``QUANT_EVAL`` mode (it is not modified).
+
+    Args:
+        model: the quantized model (every QModule in a ``QUANT_EVAL`` mode, calibrated).
+        onnx_model: what :func:`~torchquant.export.to_onnx` returned or wrote (a
+            ``ModelProto`` or a path).
+        example_inputs: a tensor or a tuple of tensors, fed to both (batch and size are free
+            where the export has dynamic axes).
+        tie_steps: how close to the middle of two codes a simulated value must lie to count
+            as a rounding tie (widened by the int32 bias rounding where that applies).
+        providers: onnxruntime execution providers.
+        session_options: an ``onnxruntime.SessionOptions`` for the end-to-end run (default:
+            all graph optimizations, i.e. integer kernels).
+        disabled_optimizers: onnxruntime optimizers to turn off (default
+            ``ClipQuantRewrite``, which rejects a ``Clip`` feeding a 4-bit ``QuantizeLinear``).
+
+    Returns:
+        A :class:`ParityReport`; ``report.passed()`` applies the default criteria (at most one
+        step, at least 99.9 % identical codes), ``print(report)`` shows the table.
+
+    Raises:
+        ValueError: the model is not in a ``QUANT_EVAL`` mode or not calibrated, the number
+            of inputs or outputs differs from the file's, a quantizer is called more than
+            once per forward pass, or the file's quantization points are not the model's.
+        ImportError: onnx or onnxruntime is not installed.
+
+    Example:
+        >>> import torch, torchquant as tq
+        >>> from torch import nn
+        >>> net = tq.quantize_model(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)),
+        ...     lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0), symmetric=True),
+        ...     lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax()), method="swap")
+        >>> with tq.qmodule_state(net, tq.QModuleState.CALIBRATION):
+        ...     _ = net(torch.randn(64, 4))
+        >>> tq.set_qmodule_state(net, tq.QModuleState.QUANT_EVAL)
+        >>> proto = tq.export.to_onnx(net, torch.randn(1, 4))
+        >>> report = tq.export.check_parity(net, proto, torch.randn(32, 4))
+        >>> report.passed(), sorted(report.points)
+        (True, ['0.acts_quantizer', '2.acts_quantizer'])
+    """
+    onnx = _require_onnx()
+    try:
+        import onnxruntime as ort
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("torchquant.export.check_parity needs onnxruntime: pip install torchquant[export]") from e
+    from onnx import helper
+
+    who = "check_parity"
+    if not (isinstance(tie_steps, (int, float)) and 0 <= tie_steps < 0.5):
+        raise ValueError(f"{who}: tie_steps must be a number in [0, 0.5), got {tie_steps!r}")
+    proto = onnx_model if isinstance(onnx_model, onnx.ModelProto) else onnx.load(os.fspath(onnx_model))
+    inputs = _as_inputs(example_inputs, who)
+    quantizers = {p.name: p.quantizer for p in quant_points(model, who)}
+    g = proto.graph
+    inits = {t.name for t in g.initializer}
+    in_names = [i.name for i in g.input if i.name not in inits]
+    if len(in_names) != len(inputs):
+        raise ValueError(f"{who}: the ONNX model has {len(in_names)} inputs {in_names}, got {len(inputs)} tensors")
+    feed = {n: t.detach().cpu().float().numpy() for n, t in zip(in_names, inputs)}
+
+    # Activation quantization points: DequantizeLinear nodes whose input is not an initializer.
+    dq_of: dict[str, Any] = {}
+    for node in g.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] in inits:
+            continue
+        point = node.name.split("/")[0]
+        if point not in quantizers:
+            raise ValueError(f"{who}: the ONNX model has a quantization point {point!r} the model does not have")
+        if point in dq_of:
+            raise ValueError(f"{who}: quantization point {point!r} appears twice in the ONNX model")
+        dq_of[point] = node
+
+    # The simulation, recording every quantizer's input and output.
+    seen: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def record(name: str):
+        def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
+            if name in seen:
+                raise ValueError(f"{who}: quantizer {name!r} is called more than once per forward pass")
+            # copies: a later in-place op (ReLU(inplace=True)) must not change them
+            seen[name] = (args[0].detach().clone(), out.detach().clone())
+
+        return hook
+
+    sim_outputs = _run_hooked(model, inputs, {n: record(n) for n in quantizers})
+    missing = [p for p in dq_of if p not in seen]
+    if missing:
+        raise ValueError(f"{who}: quantizers {missing} are in the ONNX model but the model never calls them")
+    out_names = [o.name for o in g.output]
+    if len(out_names) != len(sim_outputs):
+        raise ValueError(f"{who}: the ONNX model has {len(out_names)} outputs, the model returns {len(sim_outputs)}")
+    out_point = {node.output[0]: p for p, node in dq_of.items() if node.output[0] in out_names}
+
+    def scale_of(point: str) -> np.ndarray:
+        return quantizers[point].grid().scale.detach().double().cpu().numpy()
+
+    def agree(ort_val: np.ndarray, sim_val: np.ndarray, point: str | None) -> Agreement:
+        diff = np.abs(ort_val.astype(np.float64) - sim_val.astype(np.float64))
+        max_abs = float(diff.max()) if diff.size else 0.0
+        if point is None:
+            return Agreement(None, None, max_abs, int(diff.size))
+        d = np.rint(diff / scale_of(point))
+        return Agreement(float(d.max()) if d.size else 0.0, float((d == 0).mean()) if d.size else 1.0, max_abs,
+                         int(d.size))  # fmt: skip
+
+    def session(p, options) -> Any:
+        return ort.InferenceSession(p.SerializeToString(), options, providers=list(providers),
+                                    disabled_optimizers=list(disabled_optimizers))  # fmt: skip
+
+    # 1. Teacher-forced points: each DequantizeLinear's consumers read the simulation's value.
+    tf = onnx.ModelProto()
+    tf.CopyFrom(proto)
+    tg = tf.graph
+    tf_feed = dict(feed)
+    read: dict[str, str] = {}
+    for node in tg.node:
+        point = node.name.split("/")[0]
+        if point not in dq_of or node.op_type != "DequantizeLinear" or node.input[0] in inits:
+            continue
+        if node.output[0] in out_names:
+            read[point] = node.output[0]
+            continue
+        tf_feed[node.output[0]] = seen[point][1].float().cpu().numpy()
+        tg.input.append(helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None))
+        node.output[0] = f"{point}/ort_value"
+        tg.output.append(helper.make_empty_tensor_value_info(node.output[0]))
+        read[point] = node.output[0]
+    tf_opts = ort.SessionOptions()
+    tf_opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the ONNX semantics
+    if session_options is not None:
+        tf_opts.intra_op_num_threads = session_options.intra_op_num_threads
+        tf_opts.inter_op_num_threads = session_options.inter_op_num_threads
+    s = session(tf, tf_opts)
+    vals = dict(zip([o.name for o in s.get_outputs()], s.run(None, tf_feed)))
+    points = {p: agree(vals[read[p]], seen[p][1].float().cpu().numpy(), p) for p in dq_of}
+
+    # 2. End to end, optimized; every point's codes also read through an extra DequantizeLinear.
+    opts = session_options if session_options is not None else ort.SessionOptions()
+    y_ort = session(proto, opts).run(None, feed)
+    side = onnx.ModelProto()
+    side.CopyFrom(proto)
+    sg = side.graph
+    side_name: dict[str, str] = {}
+    for p, node in dq_of.items():
+        side_name[p] = f"{p}/ort_side"
+        extra = helper.make_node("DequantizeLinear", list(node.input), [side_name[p]], f"{p}/side_dq")
+        extra.attribute.extend(node.attribute)
+        sg.node.append(extra)
+        sg.output.append(helper.make_empty_tensor_value_info(side_name[p]))
+    s = session(side, opts)
+    side_vals = dict(zip([o.name for o in s.get_outputs()], s.run(None, feed)))
+    if not all(np.array_equal(side_vals[n], y) for n, y in zip(out_names, y_ort)):
+        raise RuntimeError(
+            f"{who}: reading the quantization points changed onnxruntime's result; "
+            "pass session_options with fewer graph optimizations"
+        )
+
+    adopted = 0
+    windows = _bias_windows(proto, onnx)
+
+    def adopt(name: str):
+        window = tie_steps + windows.get(name, 0.0)
+
+        def hook(mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
+            nonlocal adopted
+            scale = mod.grid().scale.detach().double()
+            v = args[0].detach().double() / scale  # steps, before rounding
+            tie = (v - torch.floor(v) - 0.5).abs() < window
+            ort_val = torch.from_numpy(side_vals[side_name[name]]).to(out.dtype)
+            take = tie & ((ort_val - out).double().abs() / scale).round().eq(1)
+            adopted += int(take.sum())
+            return torch.where(take, ort_val, out)
+
+        return hook
+
+    sim_adopted = _run_hooked(model, inputs, {p: adopt(p) for p in dq_of})
+    outputs, raw, mags = {}, {}, {}
+    for n, y, sim, sim_a in zip(out_names, y_ort, sim_outputs, sim_adopted):
+        sim_np, sim_a_np = sim.float().cpu().numpy(), sim_a.float().cpu().numpy()
+        if y.shape != sim_np.shape:
+            raise ValueError(f"{who}: output {n!r} has shape {y.shape} in onnxruntime, {sim_np.shape} in the model")
+        raw[n] = agree(y, sim_np, out_point.get(n))
+        outputs[n] = agree(y, sim_a_np, out_point.get(n))
+        mags[n] = float(np.abs(sim_np).max()) if sim_np.size else 0.0
+    return ParityReport(points, outputs, raw, adopted, mags)
+
+
+_PASS_THROUGH = frozenset({"Relu", "Clip", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool"})
+
+
+def _bias_windows(proto: Any, onnx: Any) -> dict[str, float]:
+    """Per activation point fed by a Conv/Gemm with a float bias: half a bias step, in output steps.
+
+    onnxruntime's integer kernels (``QLinearConv``, ``QGemm``) add the bias as ``int32`` at the
+    accumulator scale ``s_x * s_w``: rounded, it moves the output by up to ``0.5 s_x s_w / s_y``
+    steps, which widens that point's rounding ties. ``Relu`` / ``Clip`` between the layer and
+    the quantization point (fused into the kernel) are looked through, and so are data-movement
+    and max ops between the layer's input and its ``DequantizeLinear``.
+    """
+    from onnx import numpy_helper
+
+    g = proto.graph
+    arrays = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+
+    def array(name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(arrays[name]).astype(np.float64) if name in arrays else None
+
+    windows: dict[str, float] = {}
+    for q in g.node:
+        if q.op_type != "QuantizeLinear" or q.input[0] in arrays:
+            continue
+        src = producer.get(q.input[0])
+        while src is not None and src.op_type in ("Relu", "Clip"):
+            src = producer.get(src.input[0])
+        if src is None or src.op_type not in ("Conv", "Gemm") or len(src.input) < 3 or src.input[2] not in arrays:
+            continue
+        dx, dw = producer.get(src.input[0]), producer.get(src.input[1])
+        while dx is not None and dx.op_type in _PASS_THROUGH:  # onnxruntime moves Q/DQ across these
+            dx = producer.get(dx.input[0])
+        if dx is None or dw is None or dx.op_type != "DequantizeLinear" or dw.op_type != "DequantizeLinear":
+            continue
+        sx, sw, sy = array(dx.input[1]), array(dw.input[1]), array(q.input[1])
+        if sx is None or sw is None or sy is None:
+            continue
+        windows[q.name.split("/")[0]] = 0.5 * float(np.max(sx) * np.max(sw) / np.min(sy))
+    return windows
+
+
+def _run_hooked(model: nn.Module, inputs: list[Tensor], hooks: dict[str, Any]) -> list[Tensor]:
+    """``model(*inputs)`` under no_grad with forward hooks on the named submodules; outputs as a flat list."""
+    handles = [model.get_submodule(name).register_forward_hook(h) for name, h in hooks.items()]
+    try:
+        with torch.no_grad():
+            out = model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    outs = list(out) if isinstance(out, (tuple, list)) else [out]
+    if not all(isinstance(o, Tensor) for o in outs):
+        raise ValueError("check_parity: the model must return a tensor or a tuple/list of tensors")
+    return outs
