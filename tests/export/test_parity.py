@@ -83,6 +83,7 @@ def test_a_wrong_weight_is_found_at_its_own_point():
     # Teacher-forced: the point before it agrees, its own point does not.
     assert report.points["conv.acts_quantizer"].max_steps <= 1
     assert report.points["mid.acts_quantizer"].max_steps > 1
+    assert report.points["fc.acts_quantizer"].max_steps <= 1  # it reads the simulation's value
     assert not report.passed()
     assert any(f.startswith("point mid.acts_quantizer") for f in report.failures())
     assert "parity: FAILED" in str(report)
@@ -130,10 +131,76 @@ def test_tie_window_of_a_layer_with_a_float_bias_is_half_its_int32_bias_step():
 
     net = _calibrated()
     proto = tq.export.to_onnx(net, torch.randn(1, 3, 4, 4))
-    windows = _bias_windows(proto, onnx)
+    windows = _bias_windows(proto)
     # The first conv reads the float model input (no DequantizeLinear): no window; the others have one.
     assert sorted(windows) == ["fc.acts_quantizer", "mid.acts_quantizer"]
     sx = float(net.conv.acts_quantizer.grid().scale)
     sw = float(net.mid.weight_quantizer.grid().scale.max())
     sy = float(net.mid.acts_quantizer.grid().scale)
     assert windows["mid.acts_quantizer"] == pytest.approx(0.5 * sx * sw / sy, rel=1e-6)
+
+
+class TwoInTwoOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 4)
+        self.b = nn.Linear(4 + 3, 2)
+
+    def forward(self, x, extra):
+        y = self.a(x)  # a graph output, and read by b
+        return y, self.b(torch.cat([y, extra], 1))
+
+
+def _two_in_two_out():
+    torch.manual_seed(0)
+    net = tq.quantize_model(TwoInTwoOut().eval(), _w8, _a8, method="swap")
+    with torch.no_grad(), tq.qmodule_state(net, S.CALIBRATION):
+        net(torch.randn(64, 6), torch.randn(64, 3))
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    return net
+
+
+def test_several_inputs_and_outputs_and_a_point_that_is_also_an_output():
+    net = _two_in_two_out()
+    x = (torch.randn(32, 6), torch.randn(32, 3))
+    proto = tq.export.to_onnx(net, x, signed_weights=True)
+    report = tq.export.check_parity(net, proto, x)
+    assert sorted(report.points) == ["a.acts_quantizer", "b.acts_quantizer"]
+    assert sorted(report.outputs) == ["output0", "output1"]
+    assert report.passed(), report.failures()
+    # A wrong weight in a: its point fails, b still reads the simulation's value of a's output.
+    (init,) = [t for t in proto.graph.initializer if t.name.startswith("a.weight_quantizer/") and "int_w" in t.name]
+    w = numpy_helper.to_array(init).astype(np.int16)
+    init.CopyFrom(numpy_helper.from_array(np.clip(w + 3, -128, 127).astype(np.int8), init.name))
+    report = tq.export.check_parity(net, proto, x)
+    assert report.points["a.acts_quantizer"].max_steps > 1
+    assert report.points["b.acts_quantizer"].max_steps <= 1
+    assert report.outputs["output0"].max_steps > 1
+
+
+def test_float_simulated_points_are_listed_as_unchecked():
+    torch.manual_seed(0)
+    net = tq.quantize_model(
+        nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2)).eval(),
+        _w8,
+        lambda m, n: tq.baselines.BinaryQuantizer() if n == "0" else _a8(m, n),
+        method="swap",
+    )
+    with torch.no_grad(), tq.qmodule_state(net, S.CALIBRATION):
+        net(torch.randn(64, 6))
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    with pytest.warns(UserWarning, match="float-valued simulation"):
+        proto = tq.export.to_onnx(net, torch.randn(1, 6))
+    report = tq.export.check_parity(net, proto, torch.randn(16, 6))
+    assert report.unchecked == ["0.acts_quantizer"]
+    assert sorted(report.points) == ["2.acts_quantizer"]
+    assert "not checked" in str(report)
+
+
+def test_the_model_runs_in_eval_mode_and_keeps_its_training_flags():
+    net = _calibrated()
+    proto = tq.export.to_onnx(net, torch.randn(1, 3, 4, 4))
+    net.train()
+    report = tq.export.check_parity(net, proto, torch.randn(8, 3, 4, 4))
+    assert report.passed()
+    assert all(m.training for m in net.modules())
