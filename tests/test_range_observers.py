@@ -120,6 +120,24 @@ def test_state_dict_round_trip_into_fresh(cls, axis):
         assert torch.equal(a, b)
 
 
+def test_exp_avg_loads_a_state_dict_saved_before_decay_existed():
+    o = ExpAvgMinMax(0.8)
+    for _ in range(5):
+        o.observe_batch(torch.randn(4, 6))
+    assert o.decay.item() == pytest.approx(0.8**5, rel=1e-6)  # the running product
+    old = {k: v for k, v in o.state_dict().items() if k != "decay"}
+    fresh = ExpAvgMinMax(0.8)
+    fresh.load_state_dict(old, strict=True)  # no missing key
+    assert fresh.decay.item() == pytest.approx(0.8**5, rel=1e-6)
+    x = torch.randn(4, 6)
+    o.observe_batch(x)
+    fresh.observe_batch(x)
+    for a, b in zip(o.get_ranges(), fresh.get_ranges()):
+        assert torch.allclose(a, b, rtol=1e-6, atol=0)
+    o.reset()
+    assert o.decay.item() == 1.0 and o.num_batches.item() == 0
+
+
 @pytest.mark.parametrize("cls", OBSERVERS)
 def test_deepcopy(cls):
     o = cls()

@@ -240,7 +240,10 @@ class ExpAvgMinMax(RangeObserver):
     ``ema <- momentum * ema + (1 - momentum) * batch`` starting from ``ema = 0``;
     the ranges are ``ema / (1 - momentum ** n)`` after ``n`` batches (the
     correction of Adam, Kingma & Ba 2015), so the first batch's range comes back
-    unshrunk (up to float rounding).
+    unshrunk (up to float rounding). ``momentum ** n`` is kept as a running product
+    (the buffer ``decay``; rebuilt from ``num_batches`` when a state dict saved without
+    it is loaded): under ``torch.compile`` no power is computed inside the
+    quantization kernels.
 
     Args:
         momentum: weight of the past, in ``[0, 1)``.
@@ -251,6 +254,7 @@ class ExpAvgMinMax(RangeObserver):
     num_batches: Tensor
     ema_min: Tensor
     ema_max: Tensor
+    decay: Tensor
 
     def __init__(self, momentum: float = 0.9, *, axis: int | None = None, group_size: int | None = None) -> None:
         super().__init__(axis=axis, group_size=group_size)
@@ -260,19 +264,28 @@ class ExpAvgMinMax(RangeObserver):
         self.register_buffer("num_batches", torch.zeros((), dtype=torch.long))
         self.register_buffer("ema_min", torch.empty(0))
         self.register_buffer("ema_max", torch.empty(0))
+        self.register_buffer("decay", torch.ones(()))  # momentum ** num_batches, a running product
 
     def _initialize(self, like: Tensor) -> None:
         super()._initialize(like)
         self.ema_min = torch.zeros_like(self.min_val)
         self.ema_max = torch.zeros_like(self.max_val)
+        self._set_decay()
+
+    def _set_decay(self) -> None:
+        """``decay = momentum ** num_batches``, in the dtype of the ranges."""
+        dtype = self.min_val.dtype if self.min_val.is_floating_point() else torch.get_default_dtype()
+        value = self.momentum ** int(self.num_batches)
+        self.decay = torch.full((), value, dtype=dtype, device=self.num_batches.device)
 
     def _update(self, batch_min: Tensor, batch_max: Tensor) -> None:
         m = self.momentum
         self.num_batches.add_(1)
+        self.decay.mul_(m)
         emas = (self.ema_min, self.ema_max)
         torch._foreach_mul_(emas, m)  # both updates in one call each: fewer small ops
         torch._foreach_add_(emas, (batch_min, batch_max), alpha=1.0 - m)
-        correction = 1.0 - torch.pow(m, self.num_batches.to(self.ema_min.dtype))  # ()
+        correction = 1.0 - self.decay  # ()
         torch.div(self.ema_min, correction, out=self.min_val)
         torch.div(self.ema_max, correction, out=self.max_val)
 
@@ -281,6 +294,7 @@ class ExpAvgMinMax(RangeObserver):
         # Continue the average from the forced ranges.
         if int(self.num_batches) == 0:
             self.num_batches.fill_(1)
+        self._set_decay()
         correction = 1.0 - self.momentum ** int(self.num_batches)
         self.ema_min = self.min_val * correction
         self.ema_max = self.max_val * correction
@@ -288,6 +302,14 @@ class ExpAvgMinMax(RangeObserver):
     def reset(self) -> None:
         super().reset()
         self.num_batches = torch.zeros((), dtype=torch.long, device=self.num_batches.device)
+        self._set_decay()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if prefix + "decay" not in state_dict:  # saved before decay existed: rebuilt from num_batches
+            self._set_decay()
+            if prefix + "decay" in missing:
+                missing.remove(prefix + "decay")
 
     def extra_repr(self) -> str:
         return f"momentum={self.momentum}, {self.granularity}"
