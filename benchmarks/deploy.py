@@ -22,10 +22,11 @@ int8 at least 2x faster than float32 at batch 16.
 
 On x86 CPUs without VNNI (AVX2), onnxruntime's ``uint8 x int8`` kernels add pairs of
 products in saturating 16-bit integers: with 8-bit weights the int8 model then departs
-from the simulation beyond rounding ties (measured with ``tests/export/parity.py``'s
-``end_to_end`` at 224x224: 2 steps, 69 % of output codes identical, against 100 % with
-``--weight-bits 7`` or ``--weights uint8``). ``--weight-bits 7`` avoids it at the same
-speed, ``--weights uint8`` too but slower.
+from the simulation beyond rounding ties (the run's last lines, from
+:func:`torchquant.export.check_parity`: every quantization point within one step given
+the simulation's inputs, but the output 2 steps and 66 % of its codes identical, against
+100 % with ``--weight-bits 7`` or ``--weights uint8``). ``--weight-bits 7`` avoids it at
+about the same speed, ``--weights uint8`` too but slower.
 
     python benchmarks/deploy.py [--size 224] [--repeats 10] [--threads 1] [--weights int8|uint8] [--weight-bits 8|7]
 """
