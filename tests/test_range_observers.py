@@ -183,3 +183,25 @@ def test_other_dtypes(dtype):
 def test_bad_momentum():
     with pytest.raises(ValueError, match="momentum"):
         ExpAvgMinMax(momentum=1.0)
+
+
+@pytest.mark.parametrize("cls", OBSERVERS)
+def test_first_observation_under_torch_compile_has_no_graph_break(cls):
+    # Observers allocate their state on the first batch; under torch.compile that must stay in the graph
+    # (ExpAvgMinMax once read num_batches on the host there: four graph breaks).
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    o = cls()
+
+    def step(x):
+        o.observe_batch(x)
+        return x * 2
+
+    compiled = torch.compile(step)
+    for _ in range(2):
+        compiled(torch.randn(4, 6))
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert o.initialized
+    torch._dynamo.reset()

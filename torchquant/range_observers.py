@@ -273,10 +273,11 @@ class ExpAvgMinMax(RangeObserver):
         self._set_decay()
 
     def _set_decay(self) -> None:
-        """``decay = momentum ** num_batches``, in the dtype of the ranges."""
+        """``decay = momentum ** num_batches``, in the dtype of the ranges (tensor ops: no host sync,
+        no graph break when the first observation happens under ``torch.compile``)."""
         dtype = self.min_val.dtype if self.min_val.is_floating_point() else torch.get_default_dtype()
-        value = self.momentum ** int(self.num_batches)
-        self.decay = torch.full((), value, dtype=dtype, device=self.num_batches.device)
+        base = torch.full((), self.momentum, dtype=dtype, device=self.num_batches.device)
+        self.decay = base.pow(self.num_batches.to(dtype))
 
     def _update(self, batch_min: Tensor, batch_max: Tensor) -> None:
         m = self.momentum
