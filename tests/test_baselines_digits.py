@@ -8,7 +8,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("sklearn")
 
@@ -19,13 +18,10 @@ _spec.loader.exec_module(bench)
 
 
 @pytest.fixture(scope="module")
-def setup():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # deterministic float reductions, whatever the machine
+def setup(one_thread):  # one thread: deterministic float reductions, whatever the machine
     train_set, test_set = bench.digits()
     fp = bench.pretrain(train_set)
-    yield fp, train_set, test_set, bench.accuracy(fp, test_set)
-    torch.set_num_threads(threads)
+    return fp, train_set, test_set, bench.accuracy(fp, test_set)
 
 
 @pytest.mark.slow

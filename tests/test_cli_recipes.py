@@ -39,6 +39,8 @@ BUILTIN = [
     "xnor",
 ]
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one thread is fastest
+
 
 def tiny_task(n: int = 96) -> BenchData:
     g = torch.Generator().manual_seed(0)
@@ -59,15 +61,6 @@ def tiny_model() -> nn.Module:
         nn.Flatten(),
         nn.Linear(4 * 36, 2),
     )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 SETTINGS = dict(calib_batches=2, calib_batch_size=16, qat_epochs=1, batch_size=16, progress=False)

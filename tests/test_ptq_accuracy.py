@@ -13,19 +13,10 @@ pytest.importorskip("mnist1d")
 from torchquant.bench.ptq import imbalance_channels, run_method, train_float
 from torchquant.bench.train import evaluate
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # numerics as benchmarks/ptq.py
 
 ITERS = 100
 RSEEDS = (0, 1, 2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The float models and the orderings depend on the numerics; one thread matches benchmarks/ptq.py.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -296,7 +296,7 @@ class ExpAvgMinMax(RangeObserver):
         if int(self.num_batches) == 0:
             self.num_batches.fill_(1)
         self._set_decay()
-        correction = 1.0 - self.momentum ** int(self.num_batches)
+        correction = 1.0 - self.decay
         self.ema_min = self.min_val * correction
         self.ema_max = self.max_val * correction
 

@@ -17,14 +17,7 @@ import torchquant as tq
 
 ort = pytest.importorskip("onnxruntime")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small convolutions: torch's thread pool only spins against the other tests' processes.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one thread is fastest
 
 
 def _swap(net, wf, af):
@@ -104,7 +97,7 @@ def _build(model_name, setting):
         model(torch.randn(8, *shape))
     tq.set_qmodule_state(model, tq.QModuleState.QUANT_EVAL)
     proto = tq.export.to_onnx(model, torch.randn(1, *shape), opset=opset, signed_weights=signed)
-    return model, proto, shape, model.get_submodule(out_owner).acts_quantizer
+    return model, proto, shape, f"{out_owner}.acts_quantizer"
 
 
 # The small model and the models added for issue 7 run every setting; the older large ones
@@ -125,7 +118,7 @@ def _cases():
 
 @pytest.mark.parametrize(("model_name", "setting"), list(_cases()))
 def test_parity(model_name, setting):
-    model, proto, shape, _ = _build(model_name, setting)
+    model, proto, shape, out_point = _build(model_name, setting)
     x = torch.randn(2, *shape)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
@@ -136,5 +129,6 @@ def test_parity(model_name, setting):
     assert len(report.points) >= 5
     (out_name,) = report.outputs
     assert report.outputs[out_name].max_steps is not None, "the output is a quantization point"
+    assert out_point in report.points  # the output's own quantizer is checked too
     print(f"{model_name} {setting}:\n{report}")
     assert report.passed(), report.failures()
