@@ -270,10 +270,13 @@ def check_parity(
     def scale_of(point: str) -> np.ndarray:
         return quantizers[point].grid().scale.detach().double().cpu().numpy()
 
+    def tie_mask(point: str, x: Tensor) -> Tensor:
+        """Where ``x``, the input of ``point``'s quantizer, lies on a rounding tie (window widened)."""
+        v = x.detach().double() / quantizers[point].grid().scale.detach().double()  # steps, before rounding
+        return (v - torch.floor(v) - 0.5).abs() < tie_steps + windows.get(point, 0.0)
+
     def on_tie(point: str) -> np.ndarray:
-        """Where the simulated value at ``point`` lies on a rounding tie."""
-        v = seen[point][0].double().cpu().numpy() / scale_of(point)
-        return np.abs(v - np.floor(v) - 0.5) < tie_steps + windows.get(point, 0.0)
+        return tie_mask(point, seen[point][0]).cpu().numpy()
 
     def agree(ort_val: np.ndarray, sim_val: np.ndarray, point: str | None, ties: np.ndarray | None) -> Agreement:
         diff = np.abs(ort_val.astype(np.float64) - sim_val.astype(np.float64))
@@ -338,15 +341,11 @@ def check_parity(
     adopted = 0
 
     def adopt(name: str):
-        window = tie_steps + windows.get(name, 0.0)
-
         def hook(mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
             nonlocal adopted
             scale = mod.grid().scale.detach().double()
-            v = args[0].detach().double() / scale  # steps, before rounding
-            tie = (v - torch.floor(v) - 0.5).abs() < window
             ort_val = torch.from_numpy(side_vals[side_name[name]]).to(device=out.device, dtype=out.dtype)
-            take = tie & ((ort_val - out).double().abs() / scale).round().eq(1)
+            take = tie_mask(name, args[0]) & ((ort_val - out).double().abs() / scale).round().eq(1)
             adopted += int(take.sum())
             return torch.where(take, ort_val, out)
 
