@@ -3,6 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from torchquant import quantizers_functional as F
 from torchquant.quantizers_functional import affine_quantize, compute_dtype, gradient_clip, qfmt_quantize, round_ste
 
 
@@ -156,3 +157,79 @@ def test_affine_quantize_zero_point_is_not_baked_into_a_jit_trace():
     traced = torch.jit.trace(lambda x, zp: affine_quantize(x, torch.tensor(0.5), zp, 4), (x, torch.tensor(0.0)))
     assert torch.equal(traced(x, torch.tensor(0.0)), torch.tensor([0.0, 0.5, 1.5]))
     assert torch.equal(traced(x, torch.tensor(2.0)), torch.tensor([-1.0, 0.5, 0.5]))
+
+
+def _inplace_calls(gm: torch.fx.GraphModule) -> list[str]:
+    """In-place tensor calls (``x.round_()``, ``out=``) in the forward bodies of a dynamo graph's
+    autograd.Functions."""
+    found = []
+    for name, body in gm.named_modules():
+        if name.startswith("fwd_body") and isinstance(body, torch.fx.GraphModule):
+            for n in body.graph.nodes:
+                if n.op == "call_method" and n.target.endswith("_") and not n.target.startswith("_"):
+                    found.append(f"in-place {n.target}")
+                if n.op == "call_function" and "out" in n.kwargs:
+                    found.append(f"out= {n.target}")
+    return found
+
+
+def test_no_autograd_function_forward_returns_a_dot_to_cast():
+    # A no-op ``t.to(t.dtype)`` returned from a forward is an alias that torch 2.11's dynamo
+    # mishandles (see the next test); recent dynamo drops such casts from its graph, so the
+    # pattern is checked in the source: forwards return through ``_cast``.
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(F))
+    offenders = []
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        for fn in (n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "forward"):
+            for ret in (n for n in ast.walk(fn) if isinstance(n, ast.Return) and n.value is not None):
+                call = ret.value
+                if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "to":
+                    offenders.append(f"{cls.name}.forward line {ret.lineno}")
+    assert not offenders
+
+
+_D = torch.tensor(0.1)
+PRIMITIVES = {
+    "affine-tensor-zp": lambda t: F.affine_quantize(t, _D, torch.tensor(3.0), 256),
+    "affine-number-zp": lambda t: F.affine_quantize(t, 0.1, 3, 256),
+    "qfmt": lambda t: F.qfmt_quantize(t, 0.25, -8, 7),
+    "round_ste": lambda t: F.round_ste(t),
+    "gradient_clip": lambda t: F.gradient_clip(t, torch.tensor(-1.0), torch.tensor(1.0)),
+    "sign_ste": lambda t: F.sign_ste(t),
+    "scaled_sign": lambda t: F.scaled_sign(t, torch.tensor(0.5), 8),
+    "pact": lambda t: F.pact_quantize(t, torch.tensor(2.0), 16),
+    "minifloat": lambda t: F.minifloat_quantize(t, torch.tensor(1.0), 3, 7, 448.0),
+    "mx": lambda t: F.mx_quantize(t, 3, 7, 448.0, 8),
+    "lsq": lambda t: F.lsq_quantize(t, torch.tensor(0.2), None, 8, 7),
+}
+
+
+@pytest.mark.parametrize("name", list(PRIMITIVES))
+def test_compiled_primitive_has_the_eager_gradient_and_no_alias_hazard(name):
+    # torch 2.11's dynamo sends the gradient of an autograd.Function whose forward returns a
+    # tensor mutated in place, or a no-op ``.to`` of an intermediate, to the wrong slot
+    # (pytorch/pytorch#180642): 9 of these 11 primitives trained with zero gradients under
+    # torch.compile there. The gradient check catches it on such a torch; the graph check
+    # catches in-place forwards on any torch.
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    fn = PRIMITIVES[name]
+    x = torch.randn(4, 32) * 3
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.linspace(-1, 1, x.numel()).view_as(x)
+    torch._dynamo.reset()
+    yc = torch.compile(fn, backend=backend, fullgraph=True)(xc)
+    ye = fn(xe)
+    assert graphs and not [h for gm in graphs for h in _inplace_calls(gm)]
+    assert torch.equal(yc, ye)
+    ye.backward(g)
+    yc.backward(g)
+    assert torch.equal(xc.grad, xe.grad)
+    torch._dynamo.reset()

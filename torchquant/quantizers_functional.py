@@ -74,11 +74,32 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in _HALF_TYPES else x.dtype
 
 
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``: ``t`` itself when it already is, never a no-op ``t.to(dtype)``.
+
+    The value an autograd.Function's forward returns must be neither mutated in place nor
+    a no-op alias (``.to`` to its own dtype) of an intermediate: torch 2.11's dynamo then
+    sends the Function's gradient to the wrong slot and the compiled STE gradient is zero
+    (pytorch/pytorch#180642). ``tests/test_quantizers_functional.py`` checks every
+    primitive's compiled graph for both.
+    """
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _fake_quant(x: Tensor, delta: Tensor, lo: Tensor | float, hi: Tensor | float) -> Tensor:
     # clamp(round(x / delta), lo, hi) * delta, with one output allocation.
     dt = compute_dtype(x)
     if delta.dtype != dt:
         delta = delta.to(dt)
+    if _is_tracing():
+        # Out of place under tracing (see _cast); the compiler fuses these ops anyway.
+        code = torch.round(torch.div(x.to(dt), delta))
+        if isinstance(lo, Tensor) or isinstance(hi, Tensor):
+            code = torch.maximum(code, lo.to(dt)) if isinstance(lo, Tensor) else torch.clamp(code, min=lo)
+            code = torch.minimum(code, hi.to(dt)) if isinstance(hi, Tensor) else torch.clamp(code, max=hi)
+        else:
+            code = torch.clamp(code, lo, hi)
+        return _cast(torch.mul(code, delta), x.dtype)
     out = torch.div(x if x.dtype == dt else x.to(dt), delta)
     if isinstance(lo, Tensor) or isinstance(hi, Tensor):
         # maximum/minimum with out= are vectorised for tensor bounds; clamp_ with tensor bounds
@@ -91,7 +112,7 @@ def _fake_quant(x: Tensor, delta: Tensor, lo: Tensor | float, hi: Tensor | float
         # because the bounds are integers.
         out.clamp_(lo, hi).round_()
     out.mul_(delta)
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+    return _cast(out, x.dtype)
 
 
 class _FakeQuantSTE(torch.autograd.Function):
@@ -221,7 +242,7 @@ class _SignSTE(torch.autograd.Function):
     def forward(ctx, x: Tensor, clip: float) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x)
         ctx.clip = clip
-        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+        return _cast(torch.where(x >= 0, 1.0, -1.0), x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -252,7 +273,7 @@ class _ScaledSign(torch.autograd.Function):
     def forward(ctx, x: Tensor, scale: Tensor, n: int) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, scale)
         ctx.n = n
-        return torch.where(x >= 0, scale, -scale).to(x.dtype)
+        return _cast(torch.where(x >= 0, scale, -scale), x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -289,7 +310,7 @@ class _PACT(torch.autograd.Function):
         a = alpha.to(dt)
         y = torch.minimum(torch.clamp(x.to(dt), min=0.0), a)
         delta = a / (n_levels - 1)
-        return (torch.round(y / delta) * delta).to(x.dtype)
+        return _cast(torch.round(y / delta) * delta, x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -364,7 +385,7 @@ class _MinifloatSTE(torch.autograd.Function):
     def forward(ctx, x: Tensor, scale: Tensor, man_bits: int, bias: int, max_value: float):  # type: ignore[override]
         dt = compute_dtype(x)
         s = scale.to(dt)
-        return (minifloat_round(x.to(dt) / s, man_bits, bias, max_value) * s).to(x.dtype)
+        return _cast(minifloat_round(x.to(dt) / s, man_bits, bias, max_value) * s, x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -492,7 +513,7 @@ class _LSQ(torch.autograd.Function):
         ctx.offset_shape = offset.shape if offset is not None else None
         ctx.qn, ctx.qp, ctx.grad_scale = qn, qp, grad_scale
         out = q * s + b if b is not None else q * s
-        return out.to(x.dtype)
+        return _cast(out, x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
