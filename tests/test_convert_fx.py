@@ -414,3 +414,22 @@ def test_converted_modules_keep_the_source_mode(method, training):
     if not training:  # without an .eval() call, BatchNorm still uses the running statistics
         x = torch.randn(2, 3, 2, 2)
         assert torch.equal(q(x), _ModeNet.forward(net, x))
+
+
+@pytest.mark.parametrize("method", ["fx", "swap"])
+def test_quantizers_are_placed_on_the_model_device(method):
+    """Factories build on the CPU; a model elsewhere (``meta`` here, a GPU in tests/test_cuda.py) gets them there."""
+    with torch.device("meta"):
+        net = DigitsCNN()
+    q = tq.quantize_model(net, lambda m, n: tq.LSQQuantizer(4, axis=0), af, method=method)
+    quantizers = [m for m in q.modules() if isinstance(m, tq.Quantizer)]
+    assert quantizers and {t.device.type for m in quantizers for t in [*m.parameters(), *m.buffers()]} == {"meta"}
+
+
+def test_quantizers_of_a_model_split_over_devices_follow_their_layers():
+    with torch.device("meta"):
+        second = nn.Linear(4, 2)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), second)
+    q = tq.quantize_model(net, wf, af, method="swap")
+    assert q[0].acts_quantizer.range_observer.min_val.device.type == "cpu"
+    assert q[2].acts_quantizer.range_observer.min_val.device.type == "meta"

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from torch import nn
 
 from .factories import QuantizerFactory
-from .graph.common import FLOAT_REASONS_ATTR, SkipSpec, check_skip
+from .graph.common import FLOAT_REASONS_ATTR, SkipSpec, check_skip, place_quantizers
 from .graph.fx import FunctionalOp, FxTraceError, quantize_fx
 from .graph.swap import quantize_swap
 
@@ -49,7 +49,9 @@ def quantize_model(
     data-dependent control flow).
 
     Either way every new ``QModule`` starts ``BYPASSED``, so the output equals the
-    float model's until :func:`~torchquant.utils.set_qmodule_state` changes the mode.
+    float model's until :func:`~torchquant.utils.set_qmodule_state` changes the mode,
+    and the new quantizers sit on the model's device (a QWrapper's on its layer's), so
+    a model already on a GPU is converted there.
 
     Args:
         model: a float model.
@@ -100,7 +102,7 @@ def quantize_model(
         raise TypeError(f"quantize_model: expected an nn.Module, got {type(model).__name__}")
     skip = check_skip(skip)
     if method == "fx":
-        return quantize_fx(
+        gm = quantize_fx(
             model,
             weight_quantizer,
             acts_quantizer,
@@ -109,10 +111,13 @@ def quantize_model(
             leaf_modules=leaf_modules,
             autowrap_functions=autowrap_functions,
         )
+        place_quantizers(gm)
+        return gm
     if method == "swap":
         if tuple(leaf_modules) or tuple(autowrap_functions):
             raise ValueError("quantize_model: leaf_modules and autowrap_functions apply to method='fx' only")
         reasons = quantize_swap(model, weight_quantizer, acts_quantizer, skip=skip, fold_bn=fold_bn)
+        place_quantizers(model)
         previous = getattr(model, FLOAT_REASONS_ATTR, {})
         setattr(model, FLOAT_REASONS_ATTR, {**previous, **reasons})
         return model

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import fnmatch
+import itertools
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from ..factories import QuantizerFactory, call_factory
-from ..qmodules import QWrapper
+from ..qmodules import QModule, QWrapper
+from ..quantizers import Quantizer
 
-__all__ = ["FLOAT_REASONS_ATTR", "SkipSpec", "check_skip", "make_qwrapper", "skip_reason"]
+__all__ = ["FLOAT_REASONS_ATTR", "SkipSpec", "check_skip", "make_qwrapper", "place_quantizers", "skip_reason"]
 
 SkipSpec = Iterable["str | type[nn.Module]"]
 
@@ -93,3 +96,30 @@ def make_qwrapper(
         if q is not None:
             q.train(mode)
     return wrapper
+
+
+def place_quantizers(root: nn.Module) -> None:
+    """Move the quantizers of every QModule in ``root`` to the device of the tensors they will see.
+
+    Factories build quantizers on the CPU; a model already on a GPU (or on ``meta``) gets
+    them there too, so ``quantize_model(model.cuda(), ...)`` runs at once. A QWrapper's
+    quantizers follow its layer's weight. A QOp's follow the model when all the model's
+    other parameters and buffers share one device; in a model split over several
+    devices, QOps stay where their factory built them.
+    """
+    quantizers = [m for m in root.modules() if isinstance(m, Quantizer)]
+    own = {id(t) for q in quantizers for t in itertools.chain(q.parameters(), q.buffers())}
+    devices = {t.device for t in itertools.chain(root.parameters(), root.buffers()) if id(t) not in own}
+    common = next(iter(devices)) if len(devices) == 1 else None
+    for m in root.modules():
+        if not isinstance(m, QModule):
+            continue
+        device = common
+        weight = getattr(m.layer, "weight", None) if isinstance(m, QWrapper) else None
+        if isinstance(weight, torch.Tensor):
+            device = weight.device
+        if device is None:
+            continue
+        for q in m.children():
+            if isinstance(q, Quantizer):
+                q.to(device)

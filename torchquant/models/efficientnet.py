@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..factories import QuantizerFactory
+from ..graph.common import place_quantizers
 from ._common import _Builder, _check_head_args, _import_optional, _plain_conv2d
 
 __all__ = ["FusedEfficientNet", "FusedMBConvBlock", "SamePad2d"]
@@ -255,6 +256,7 @@ class FusedEfficientNet(nn.Module):
             self.avg_pool = b.op(net._avg_pooling, net._avg_pooling, "avg_pool", acts_quantizer=avg_pool_quantizer)
             self.fc = b.wrap([net._fc], "fc", weight_quantizer=fc_weight_quantizer, acts_quantizer=fc_acts_quantizer)
         self.train(net.training)
+        place_quantizers(self)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.stem_pad is not None:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..factories import QuantizerFactory
+from ..graph.common import place_quantizers
 from ..qmodules import SUPPORTED_ACTIVATIONS
 from ._common import _Builder, _check_head_args, _import_optional
 
@@ -137,6 +138,7 @@ class FusedMobileNetV2(nn.Module):
             )
         self.classifier = nn.Sequential(*cls)
         self.train(net.training)
+        place_quantizers(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.avgpool(self.features(x))  # (N, C, H, W) -> (N, C, 1, 1)
@@ -294,6 +296,7 @@ class FusedMobileNetV3(nn.Module):
                 i += 1
         self.classifier = nn.Sequential(*cls)
         self.train(net.training)
+        place_quantizers(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.avgpool(self.features(x))  # (N, C, H, W) -> (N, C, 1, 1)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..factories import QuantizerFactory
+from ..graph.common import place_quantizers
 from ._common import _Builder, _check_head_args, _import_optional
 
 __all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedResNet"]
@@ -182,6 +183,7 @@ class FusedResNet(nn.Module):
             self.avgpool = b.op(net.avgpool, net.avgpool, "avgpool", acts_quantizer=avg_pool_quantizer)
             self.fc = b.wrap([net.fc], "fc", weight_quantizer=fc_weight_quantizer, acts_quantizer=fc_acts_quantizer)
         self.train(net.training)
+        place_quantizers(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.conv1(x))

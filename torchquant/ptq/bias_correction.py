@@ -222,8 +222,9 @@ def _analytic(model, named, wrappers, bn_stats, progress) -> dict[str, Tensor]:
         if named[a] in bn_stats:
             mean, std = bn_stats[named[a]]
         elif a.bn is not None:
-            mean = a.bn.bias.detach() if a.bn.bias is not None else torch.zeros(a.bn.num_features)
-            std = a.bn.weight.detach().abs() if a.bn.weight is not None else torch.ones(a.bn.num_features)
+            dev = a.layer.weight.device
+            mean = a.bn.bias.detach() if a.bn.bias is not None else torch.zeros(a.bn.num_features, device=dev)
+            std = a.bn.weight.detach().abs() if a.bn.weight is not None else torch.ones(a.bn.num_features, device=dev)
         else:
             continue
         if not (a.act is None or isinstance(a.act, (nn.ReLU, nn.ReLU6, nn.LeakyReLU, ChannelClip))):

@@ -87,9 +87,9 @@ def fold_qwrapper_batchnorm(wrapper: QWrapper) -> tuple[Tensor, Tensor] | None:
     bn = wrapper.bn
     if bn is None:
         return None
-    c = bn.num_features
-    beta = bn.bias.detach().clone() if bn.bias is not None else torch.zeros(c)
-    gamma = bn.weight.detach().abs().clone() if bn.weight is not None else torch.ones(c)
+    c, dev = bn.num_features, wrapper.layer.weight.device
+    beta = bn.bias.detach().clone() if bn.bias is not None else torch.zeros(c, device=dev)
+    gamma = bn.weight.detach().abs().clone() if bn.weight is not None else torch.ones(c, device=dev)
     fold_wrapper_bn_(wrapper)
     return beta, gamma
 
@@ -285,9 +285,9 @@ def equalize(
                 stats[w] = st
         for a, _ in pairs:
             if isinstance(a.act, nn.ReLU6):
-                a.act = ChannelClip(torch.full((_layer_in_out(a.layer)[1],), 6.0))
+                a.act = ChannelClip(torch.full((_layer_in_out(a.layer)[1],), 6.0, device=a.layer.weight.device))
         name_of = {m: n for n, m in model.named_modules()}
-        cumulative = {a: torch.ones(_layer_in_out(a.layer)[1]) for a, _ in pairs}
+        cumulative = {a: torch.ones(_layer_in_out(a.layer)[1], device=a.layer.weight.device) for a, _ in pairs}
         with torch.no_grad():
             for _ in range(iterations):
                 worst = 0.0
