@@ -155,3 +155,22 @@ def test_console_script_and_module_entry_points():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, attr = scripts["torchquant"].partition(":")
     assert getattr(__import__(module, fromlist=[attr]), attr) is main
+
+
+def test_device_auto_uses_gpus_only_when_each_local_process_has_one(monkeypatch):
+    from torchquant.cli.engine import init_runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert init_runtime("auto", quiet=True).device == torch.device("cpu")  # two processes, one GPU
+    with pytest.raises(ValueError, match="local rank 1 has no GPU of its own"):
+        init_runtime("cuda", quiet=True)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert init_runtime("auto", quiet=True).device == torch.device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA device"):
+        init_runtime("cuda", quiet=True)

@@ -75,23 +75,32 @@ def init_runtime(device: str = "auto", quiet: bool = False) -> Runtime:
     """Set up this process: join the process group under ``torchrun`` (gloo on CPU, nccl on GPU).
 
     Args:
-        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available).
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when every local process gets
+            a GPU of its own, else the CPU).
         quiet: suppress logs.
 
     Returns:
         The :class:`Runtime`.
 
     Raises:
-        ValueError: an unknown ``device``, or ``"cuda"`` without a GPU.
+        ValueError: an unknown ``device``, or ``"cuda"`` without a GPU for this process
+            (no GPU, or more local processes than GPUs).
     """
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(local + 1)))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    use_cuda = 0 < local_world <= gpus if device == "auto" else device == "cuda"
+    if use_cuda and gpus == 0:
+        raise ValueError("--device cuda: no CUDA device is available")
+    if use_cuda and local >= gpus:
+        raise ValueError(
+            f"--device cuda: local rank {local} has no GPU of its own ({gpus} visible); "
+            "start at most one process per GPU (torchrun --nproc_per_node) or use --device cpu"
+        )
     dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
