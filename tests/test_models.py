@@ -403,3 +403,22 @@ def test_every_efficientnet_converts_bypassed_equal(arch):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad(), tq.qmodule_state(fused, S.CALIBRATION):
         assert torch.allclose(fused(x), net(x), atol=1e-5)
+
+
+def test_resnet_add_relu_has_autograds_relu_gradient_eager_and_compiled():
+    from torchquant.models.resnet import add_relu
+
+    x = torch.randn(2, 4, 5, 5)
+    y = torch.randn(2, 4, 5, 5)
+    y[0, 0] = -x[0, 0]  # exact zeros: relu'(0) = 0
+    g = torch.randn(2, 4, 5, 5)
+    ref = [t.clone().requires_grad_() for t in (x, y)]
+    torch.relu(ref[0] + ref[1]).backward(g)
+    for fn in (add_relu, torch.compile(add_relu, fullgraph=True)):
+        ins = [t.clone().requires_grad_() for t in (x, y)]
+        out = fn(*ins)
+        assert torch.equal(out, torch.relu(x + y))
+        out.backward(g)
+        assert torch.equal(ins[0].grad, ref[0].grad) and torch.equal(ins[1].grad, ref[1].grad)
+    with torch.no_grad():
+        assert torch.equal(add_relu(x, y), torch.relu(x + y))

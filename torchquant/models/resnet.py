@@ -17,8 +17,38 @@ from ._common import _Builder, _check_head_args, _import_optional
 __all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedResNet"]
 
 
+class _AddReLU(torch.autograd.Function):
+    """``relu(x + y)`` whose backward multiplies by the output's sign: autograd's gradient exactly
+    (``relu'(0) = 0``, and ``sign`` of an output ``>= 0`` is 0 or 1).
+
+    It exists for ``torch.compile``: with autograd's ReLU, inductor saves the mask as a bool
+    tensor written inside the fused add + observe + fake-quant kernel, and on an AVX2 CPU those
+    kernels ran several times slower than without it; saving the float output instead took the
+    compiled QAT step of resnet18's ``layer1`` + ``layer2[0]`` (batch 16, 56x56) from 1.10x to
+    0.99x the compiled float step (one interleaved run, 25 steps).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor) -> Tensor:  # type: ignore[override]
+        out = torch.relu(x + y)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        g = grad * torch.sign(out)
+        return g, g
+
+
 def add_relu(x: Tensor, y: Tensor) -> Tensor:
-    """``relu(x + y)``: the end of a residual block (one allocation: the ReLU runs in place on the sum)."""
+    """``relu(x + y)``: the end of a residual block.
+
+    Without gradients, one allocation (the ReLU runs in place on the sum); with them,
+    :class:`_AddReLU`, whose saved state compiles to faster kernels.
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad) and x.shape == y.shape:
+        return _AddReLU.apply(x, y)
     return torch.add(x, y).relu_()
 
 
