@@ -176,18 +176,31 @@ def _inplace_calls(gm: torch.fx.GraphModule) -> list[str]:
 def test_no_autograd_function_forward_returns_a_dot_to_cast():
     # A no-op ``t.to(t.dtype)`` returned from a forward is an alias that torch 2.11's dynamo
     # mishandles (see the next test); recent dynamo drops such casts from its graph, so the
-    # pattern is checked in the source: forwards return through ``_cast``.
+    # pattern is checked in the source: forwards, and the module's functions whose result a
+    # forward returns (``_fake_quant``), return through ``_cast``.
     import ast
     import inspect
 
     tree = ast.parse(inspect.getsource(F))
-    offenders = []
+    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+
+    def returns(fn):
+        return [n.value for n in ast.walk(fn) if isinstance(n, ast.Return) and n.value is not None]
+
+    bodies = {}
     for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
         for fn in (n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "forward"):
-            for ret in (n for n in ast.walk(fn) if isinstance(n, ast.Return) and n.value is not None):
-                call = ret.value
-                if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "to":
-                    offenders.append(f"{cls.name}.forward line {ret.lineno}")
+            bodies[f"{cls.name}.forward"] = fn
+            for v in returns(fn):
+                if isinstance(v, ast.Call) and isinstance(v.func, ast.Name) and v.func.id in functions:
+                    bodies[v.func.id] = functions[v.func.id]
+    assert "_fake_quant" in bodies
+    offenders = [
+        f"{name} line {v.lineno}"
+        for name, fn in bodies.items()
+        for v in returns(fn)
+        if isinstance(v, ast.Call) and isinstance(v.func, ast.Attribute) and v.func.attr == "to"
+    ]
     assert not offenders
 
 
@@ -208,7 +221,7 @@ PRIMITIVES = {
 
 
 @pytest.mark.parametrize("name", list(PRIMITIVES))
-def test_compiled_primitive_has_the_eager_gradient_and_no_alias_hazard(name):
+def test_compiled_primitive_has_the_eager_gradient_and_no_inplace_forward(name):
     # torch 2.11's dynamo sends the gradient of an autograd.Function whose forward returns a
     # tensor mutated in place, or a no-op ``.to`` of an intermediate, to the wrong slot
     # (pytorch/pytorch#180642): 9 of these 11 primitives trained with zero gradients under

@@ -81,7 +81,8 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     a no-op alias (``.to`` to its own dtype) of an intermediate: torch 2.11's dynamo then
     sends the Function's gradient to the wrong slot and the compiled STE gradient is zero
     (pytorch/pytorch#180642). ``tests/test_quantizers_functional.py`` checks every
-    primitive's compiled graph for both.
+    primitive's compiled gradient against eager, its traced forward for in-place ops, and
+    the forwards' source for returned ``.to`` casts.
     """
     return t if t.dtype == dtype else t.to(dtype)
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..qmodules import QModule, QModuleState
 from ..quantizers import AffineGrid, Quantizer
@@ -62,3 +64,15 @@ def check_calibrated(q: Quantizer, name: str, who: str) -> AffineGrid | None:
         return q.grid()
     except RuntimeError as e:
         raise ValueError(f"{who}: quantizer {name!r} ({type(q).__name__}) was never calibrated: {e}") from e
+
+
+def to_numpy(t: Tensor, dtype: Any = None) -> Any:
+    """``t`` as a NumPy array on the host (any device, detached), cast to ``dtype`` if given.
+
+    Float types NumPy lacks (bfloat16, float8) go through float32.
+    """
+    t = t.detach()
+    if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
+        t = t.float()
+    a = t.cpu().numpy()
+    return a if dtype is None else a.astype(dtype)

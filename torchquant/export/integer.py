@@ -41,13 +41,9 @@ import torch
 from torch import Tensor, nn
 
 from ..qmodules import QWrapper
-from ._common import quant_points
+from ._common import quant_points, to_numpy
 
 __all__ = ["integer_params", "load_integer_params", "save_integer_params"]
-
-
-def _np(t: Tensor, dtype) -> np.ndarray:
-    return t.detach().cpu().numpy().astype(dtype)
 
 
 def integer_params(
@@ -104,17 +100,17 @@ def integer_params(
             granularity=g.kind,
             axis=g.axis,
             group_size=g.group_size,
-            scale=_np(grid.scale, np.float32),
-            zero_point=_np(grid.zero_point.round(), np.int64),
+            scale=to_numpy(grid.scale, np.float32),
+            zero_point=to_numpy(grid.zero_point.round(), np.int64),
         )
         if kind == "weight":
             wrapper = weight_of[p.name]
             with torch.no_grad():
                 w = wrapper.layer.weight
-                entry["int_weight"] = _np(grid.to_int(w), np.int64)
+                entry["int_weight"] = to_numpy(grid.to_int(w), np.int64)
                 bias = wrapper.layer.bias
                 if bias is not None and not wrapper.fold_bn:
-                    entry["bias"] = _np(bias, np.float32)
+                    entry["bias"] = to_numpy(bias, np.float32)
                     feeder = feeders.get(p.owner)
                     if feeder is not None:
                         entry.update(_int_bias(bias, grid.scale, feeder, out, p.name, who))
@@ -125,9 +121,9 @@ def integer_params(
 def _int_bias(bias: Tensor, w_scale: Tensor, feeder: str, done: dict, name: str, who: str) -> dict[str, Any]:
     """``int_bias = round(bias / (s_in * s_w))`` per output channel, in float64."""
     s_in = float(np.asarray(done[feeder]["scale"], dtype=np.float64).reshape(()))
-    s_w = w_scale.detach().double().reshape(-1).cpu().numpy()  # () or (C_out,)
+    s_w = to_numpy(w_scale.reshape(-1), np.float64)  # () or (C_out,)
     bias_scale = np.broadcast_to(s_in * s_w, bias.shape).astype(np.float64)
-    q = np.round(bias.detach().double().cpu().numpy() / bias_scale)
+    q = np.round(to_numpy(bias, np.float64) / bias_scale)
     if np.abs(q).max(initial=0) > 2**31 - 1:
         raise ValueError(f"{who}: integer bias of {name!r} does not fit in int32 (max |b_int| = {np.abs(q).max():.3g})")
     return {"input_point": feeder, "bias_scale": bias_scale, "int_bias": q.astype(np.int64)}

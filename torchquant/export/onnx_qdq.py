@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ..quantizers import AffineGrid, Quantizer
-from ._common import quant_points
+from ._common import quant_points, to_numpy
 
 if TYPE_CHECKING:
     import onnx
@@ -405,14 +405,14 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, sig
             q_name = f"{base}/int_weight"
             new_inits.append(_int_tensor(q_name, ot, codes))
             s_name, z_name = f"{base}/scale", f"{base}/zero_point"
-            new_inits.append(numpy_helper.from_array(scale.detach().cpu().numpy(), s_name))
+            new_inits.append(numpy_helper.from_array(to_numpy(scale), s_name))
             new_inits.append(_int_tensor(z_name, ot, zp))
             new_nodes.append(helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [y], f"{base}/dq", **attrs))
             continue
         shape = _runtime_shape(grid)
         scale, zp, attrs = _qparams(grid, ot, shape)
         s_name, z_name = f"{base}/scale", f"{base}/zero_point"
-        new_inits.append(numpy_helper.from_array(scale.detach().cpu().numpy(), s_name))
+        new_inits.append(numpy_helper.from_array(to_numpy(scale), s_name))
         new_inits.append(_int_tensor(z_name, ot, zp))
         q_out = f"{base}/q"
         new_nodes.append(helper.make_node("QuantizeLinear", [x, s_name, z_name], [q_out], f"{base}/quantize", **attrs))
@@ -479,9 +479,9 @@ def _int_tensor(name: str, ot: OnnxType, values: Tensor):
     from onnx import helper, numpy_helper
 
     if ot.name in _NP_TYPES:
-        return numpy_helper.from_array(values.detach().cpu().numpy().astype(_NP_TYPES[ot.name]), name)
+        return numpy_helper.from_array(to_numpy(values, _NP_TYPES[ot.name]), name)
     # int4 / uint4: two values per byte, first value in the low nibble (ONNX layout), zero-padded.
-    flat = values.detach().reshape(-1).cpu().numpy().astype(np.int64) & 0xF
+    flat = to_numpy(values.reshape(-1), np.int64) & 0xF
     if flat.size % 2:
         flat = np.append(flat, 0)
     packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
@@ -513,7 +513,7 @@ def _float_sim_nodes(grid: AffineGrid, x: str, y: str, base: str, new_inits: lis
         ("hi", torch.tensor(float(grid.qmax))),
     ):
         names[key] = f"{base}/{key}"
-        new_inits.append(numpy_helper.from_array(val.detach().cpu().numpy(), names[key]))
+        new_inits.append(numpy_helper.from_array(to_numpy(val), names[key]))
     t = [f"{base}/t{i}" for i in range(6)]
     return [
         helper.make_node("Div", [x, names["s"]], [t[0]]),

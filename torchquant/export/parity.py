@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ..debug.diagnostics import Report
-from ._common import quant_points
+from ._common import quant_points, to_numpy
 from .onnx_qdq import _as_inputs, _require_onnx
 
 __all__ = ["Agreement", "ParityReport", "check_parity"]
@@ -226,7 +226,7 @@ def check_parity(
     in_names = [i.name for i in g.input if i.name not in inits]
     if len(in_names) != len(inputs):
         raise ValueError(f"{who}: the ONNX model has {len(in_names)} inputs {in_names}, got {len(inputs)} tensors")
-    feed = {n: t.detach().cpu().numpy() for n, t in zip(in_names, inputs)}
+    feed = {n: to_numpy(t) for n, t in zip(in_names, inputs)}
 
     # Quantization points: DequantizeLinear nodes, of activations (input computed) or weights (an initializer).
     dq_of: dict[str, Any] = {}
@@ -268,7 +268,7 @@ def check_parity(
     windows = _bias_windows(proto)
 
     def scale_of(point: str) -> np.ndarray:
-        return quantizers[point].grid().scale.detach().double().cpu().numpy()
+        return to_numpy(quantizers[point].grid().scale, np.float64)
 
     def tie_mask(point: str, x: Tensor) -> Tensor:
         """Where ``x``, the input of ``point``'s quantizer, lies on a rounding tie (window widened)."""
@@ -276,7 +276,7 @@ def check_parity(
         return (v - torch.floor(v) - 0.5).abs() < tie_steps + windows.get(point, 0.0)
 
     def on_tie(point: str) -> np.ndarray:
-        return tie_mask(point, seen[point][0]).cpu().numpy()
+        return to_numpy(tie_mask(point, seen[point][0]))
 
     def agree(ort_val: np.ndarray, sim_val: np.ndarray, point: str | None, ties: np.ndarray | None) -> Agreement:
         diff = np.abs(ort_val.astype(np.float64) - sim_val.astype(np.float64))
@@ -304,7 +304,7 @@ def check_parity(
             for i, name in enumerate(consumer.input):
                 if name == value:
                     consumer.input[i] = forced
-        tf_feed[forced] = seen[point][1].float().cpu().numpy()
+        tf_feed[forced] = to_numpy(seen[point][1], np.float32)
         tg.input.append(helper.make_tensor_value_info(forced, onnx.TensorProto.FLOAT, None))
         if value not in tf_outputs:
             tg.output.append(helper.make_empty_tensor_value_info(value))
@@ -315,7 +315,7 @@ def check_parity(
         tf_opts.inter_op_num_threads = session_options.inter_op_num_threads
     s = session(tf, tf_opts)
     vals = dict(zip([o.name for o in s.get_outputs()], s.run(None, tf_feed)))
-    points = {p: agree(vals[n.output[0]], seen[p][1].float().cpu().numpy(), p, on_tie(p)) for p, n in dq_of.items()}
+    points = {p: agree(vals[n.output[0]], to_numpy(seen[p][1], np.float32), p, on_tie(p)) for p, n in dq_of.items()}
 
     # 2. End to end, optimized; every point's codes also read through an extra DequantizeLinear.
     opts = session_options if session_options is not None else ort.SessionOptions()
@@ -354,7 +354,7 @@ def check_parity(
     sim_adopted = _run_hooked(model, inputs, {p: adopt(p) for p in dq_of})
     outputs, raw, mags = {}, {}, {}
     for n, y, sim, sim_a in zip(out_names, y_ort, sim_outputs, sim_adopted):
-        sim_np, sim_a_np = sim.float().cpu().numpy(), sim_a.float().cpu().numpy()
+        sim_np, sim_a_np = to_numpy(sim, np.float32), to_numpy(sim_a, np.float32)
         if y.shape != sim_np.shape:
             raise ValueError(f"{who}: output {n!r} has shape {y.shape} in onnxruntime, {sim_np.shape} in the model")
         p = out_point.get(n)
