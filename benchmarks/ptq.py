@@ -9,7 +9,7 @@
 Usage::
 
     python benchmarks/ptq.py --table            # accuracy table (~1-2 min on one core)
-    python benchmarks/ptq.py --table --seeds 3  # reconstruction methods: mean over 3 seeds (as the tests)
+    python benchmarks/ptq.py --table --seeds 3 --float-seeds 3  # means over 3 float models x 3 seeds (as the tests)
     python benchmarks/ptq.py --table --first-last-bits 8 --float-output  # the BRECQ / QDrop protocol
     python benchmarks/ptq.py --resnet --iters 50
 """
@@ -36,28 +36,49 @@ SETTINGS = {
 RECONSTRUCTION = ("adaround", "brecq", "qdrop")
 
 
-def table(iters: int, seeds: int = 1, first_last_bits: int | None = None, float_output: bool = False) -> None:
+def table(
+    iters: int,
+    seeds: int = 1,
+    first_last_bits: int | None = None,
+    float_output: bool = False,
+    float_seeds: int = 1,
+) -> None:
+    """Print method x setting -> top-1, each the mean over ``float_seeds`` float models (and, for
+    the reconstruction methods, ``seeds`` reconstruction seeds per float model)."""
     protocol = dict(first_last_bits=first_last_bits, quantize_output=not float_output)
     rows = []
     for task, cfgs in SETTINGS.items():
+        models = []
         t0 = time.perf_counter()
-        model, tr, te = train_float(task)
-        if task == "digits_mobilenet":
-            imbalance_channels(model)
-        rows.append((task, "fp32", "float", evaluate(model, te), time.perf_counter() - t0))
+        for fs in range(float_seeds):
+            model, tr, te = train_float(task, seed=fs)
+            if task == "digits_mobilenet":
+                imbalance_channels(model)
+            models.append(model)
+        fp = [evaluate(m, te) for m in models]
+        rows.append((task, "fp32", "float", sum(fp) / len(fp), (time.perf_counter() - t0) / float_seeds))
         for w, a, methods in cfgs:
             for m in methods:
                 t0 = time.perf_counter()
                 n = seeds if m in RECONSTRUCTION else 1
-                accs = [run_method(model, tr, te, m, w, a, iters=iters, seed=s, **protocol) for s in range(n)]
-                acc = sum(accs) / n
-                rows.append((task, f"W{w}A{a}", m, acc, (time.perf_counter() - t0) / n))
-                each = f"  seeds: {' '.join(f'{x:.2f}' for x in accs)}" if n > 1 else ""
+                accs = [
+                    run_method(model, tr, te, m, w, a, iters=iters, seed=s, **protocol)
+                    for model in models
+                    for s in range(n)
+                ]
+                acc = sum(accs) / len(accs)
+                rows.append((task, f"W{w}A{a}", m, acc, (time.perf_counter() - t0) / len(accs)))
+                each = f"  runs: {' '.join(f'{x:.2f}' for x in accs)}" if len(accs) > 1 else ""
                 print(f"{task:18s} W{w}A{a}  {m:9s} {acc:6.2f}  ({rows[-1][4]:.1f} s per run){each}", flush=True)
-    mean = f", reconstruction methods: mean over seeds 0..{seeds - 1}" if seeds > 1 else ""
+    mean = f"float models of seeds 0..{float_seeds - 1}" if float_seeds > 1 else "float model of seed 0"
+    if seeds > 1:
+        mean += f", reconstruction seeds 0..{seeds - 1} each"
     head = f", first and last layer at {first_last_bits} bits" if first_last_bits is not None else ""
     out = ", network output not quantized" if float_output else ""
-    print(f"\nper-tensor weights and activations, BatchNorm folded{head}{out}, {iters} iterations per unit{mean}")
+    print(
+        f"\nper-tensor weights and activations, BatchNorm folded{head}{out}, {iters} iterations per unit; "
+        f"mean over {mean}"
+    )
     print("| task | setting | method | top-1 (%) | seconds per run |\n|---|---|---|---|---|")
     for task, setting, m, acc, sec in rows:
         print(f"| {task} | {setting} | {m} | {acc:.2f} | {sec:.1f} |")
@@ -107,6 +128,7 @@ def main() -> None:
     p.add_argument("--resnet", action="store_true", help="seconds for AdaRound / BRECQ on resnet18")
     p.add_argument("--iters", type=int, default=None, help="iterations per unit (table: 100, resnet: 1000)")
     p.add_argument("--seeds", type=int, default=1, help="table: reconstruction seeds to average over")
+    p.add_argument("--float-seeds", type=int, default=1, help="table: float models (training seeds) to average over")
     p.add_argument(
         "--first-last-bits", type=int, default=None, help="table: bits of the first and last layers (papers: 8)"
     )
@@ -115,11 +137,13 @@ def main() -> None:
     args = p.parse_args()
     if args.seeds < 1:
         p.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.float_seeds < 1:
+        p.error(f"--float-seeds must be >= 1, got {args.float_seeds}")
     torch.set_num_threads(args.threads)
     if not (args.table or args.resnet):
         args.table = True
     if args.table:
-        table(args.iters or 100, args.seeds, args.first_last_bits, args.float_output)
+        table(args.iters or 100, args.seeds, args.first_last_bits, args.float_output, args.float_seeds)
     if args.resnet:
         resnet(args.iters or 1000)
 

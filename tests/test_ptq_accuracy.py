@@ -1,7 +1,8 @@
 """The issue's done-when orderings on the built-in tasks (per-tensor, BatchNorm folded, 256 calibration samples).
 
-Float models are trained once per module. Accuracy is on the held-out test split
-(digits: 360 images, one image = 0.28 points; mnist1d: 800 signals).
+Float models are trained in the tests (``train_float``: DigitsCNN of width 8 on digits,
+MNIST1DCNN on mnist1d). Accuracy is on the held-out test split (digits: 360 images, one
+image = 0.28 points; mnist1d: 800 signals, one = 0.125 points).
 """
 
 import pytest
@@ -71,47 +72,44 @@ def _kl_to_float(q, model, x):
         )
 
 
-# One test image in points: the resolution of an accuracy difference.
-IMAGE = {"digits_cnn": 100 / 360, "mnist1d_cnn": 100 / 800}
-# Slack of "at least as good" per task. mnist1d: none, as the issue asks. digits: one test image. There
-# the float model of seed 0 makes 5 errors in 360, and the three methods' means (98.70, 98.70, 98.52)
-# lie within one image of it (98.61) and of each other, AdaRound's above it: this test set does not
-# resolve the ordering (for seeds 1 and 2 it holds exactly). Over 9 reconstruction seeds the means are
-# 98.80, 98.70, 98.64: a consistent gap below one image. The BRECQ / QDrop papers' protocol (first and
-# last layer at 8 bits, float output: run_method(..., first_last_bits=8, quantize_output=False)) does not
-# change this (9-seed means 98.86, 98.80, 98.67 with nearest rounding at the float 98.61) and leaves
-# mnist1d W4A4 almost lossless (nearest 0.37 points below float), so this test keeps the default.
-SLACK = {"digits_cnn": IMAGE["digits_cnn"], "mnist1d_cnn": 0.0}
+FSEEDS = (0, 1, 2)
 
 
 @pytest.mark.parametrize("task", ["digits_cnn", "mnist1d_cnn"])
-def test_w4a4_brecq_and_qdrop_at_least_as_good_as_adaround(task, request):
+def test_w4a4_brecq_and_qdrop_at_least_as_good_as_adaround(task):
     """The issue's W4A4 orderings: BRECQ >= AdaRound, QDrop >= AdaRound, QDrop >= BRECQ - 0.5 points.
 
-    One reconstruction flips a handful of test predictions either way, so each accuracy is the
-    mean over the reconstruction seeds ``RSEEDS`` (same float model, same calibration data);
-    every method gets ``ITERS`` iterations per unit (per layer for AdaRound, per block or lone
-    layer for BRECQ / QDrop). Measured for the float models of seeds 0, 1 and 2; seed 0 is
-    asserted. ``SLACK`` says where the orderings hold only to one test image.
+    One reconstruction flips a handful of test predictions either way, and one trained float
+    model decides which way a near-tie falls, so each accuracy is the mean over the float
+    models of seeds ``FSEEDS`` and, for each, the reconstruction seeds ``RSEEDS`` (same
+    calibration data); every method gets ``ITERS`` iterations per unit (per layer for
+    AdaRound, per block or lone layer for BRECQ / QDrop). No slack: the means compare exactly.
+
+    Measured (torch 2.14.1; 2.11.0 in brackets) digits: AdaRound 97.72 (97.72), BRECQ 98.43
+    (98.21), QDrop 98.21 (97.99), float 98.98, nearest 96.94; mnist1d: 96.40 (95.96), 96.99
+    (97.06), 96.88 (96.88), float 97.71, nearest 93.92 (92.54). For a single float model the
+    orderings can fail by up to two test images (digits float seed 2 under torch 2.11,
+    mnist1d float seed 0 under 2.11).
     """
-    model, tr, te = request.getfixturevalue(task)
-    fp = evaluate(model, te)
-    nearest = run_method(model, tr, te, "nearest", 4, 4)
-    acc, kl = {}, {}
-    for method in ("adaround", "brecq", "qdrop"):
-        runs = []
-        for seed in RSEEDS:
-            a, q = run_method(model, tr, te, method, 4, 4, iters=ITERS, seed=seed, return_model=True)
-            runs.append(a)
-            if seed == RSEEDS[0]:
-                kl[method] = _kl_to_float(q, model, te[0])
-        acc[method] = sum(runs) / len(runs)
-    ada, brecq, qdrop = acc["adaround"], acc["brecq"], acc["qdrop"]
-    tol = SLACK[task] + 1e-9  # means of image counts compare exactly up to float rounding
-    assert brecq >= ada - tol, (fp, nearest, acc)
-    assert qdrop >= ada - tol, (fp, nearest, acc)
-    assert qdrop >= brecq - 0.5 - 1e-9, (fp, nearest, acc)
-    # Both recover most of nearest rounding's loss, and their outputs are closer to the float model's.
-    assert fp - nearest > 1.0, (fp, nearest)
-    assert min(brecq, qdrop) >= nearest + 0.5 * (fp - nearest), (fp, nearest, acc)
-    assert kl["brecq"] < kl["adaround"] and kl["qdrop"] < kl["adaround"], kl
+    acc: dict[str, list[float]] = {m: [] for m in ("float", "nearest", "adaround", "brecq", "qdrop")}
+    kl: dict[str, list[float]] = {m: [] for m in ("adaround", "brecq", "qdrop")}
+    for fseed in FSEEDS:
+        model, tr, te = train_float(task, seed=fseed)
+        acc["float"].append(evaluate(model, te))
+        acc["nearest"].append(run_method(model, tr, te, "nearest", 4, 4))
+        for method in kl:
+            for seed in RSEEDS:
+                a, q = run_method(model, tr, te, method, 4, 4, iters=ITERS, seed=seed, return_model=True)
+                acc[method].append(a)
+                kl[method].append(_kl_to_float(q, model, te[0]))
+    mean = {m: sum(v) / len(v) for m, v in acc.items()}
+    fp, nearest, ada, brecq, qdrop = (mean[m] for m in ("float", "nearest", "adaround", "brecq", "qdrop"))
+    eps = 1e-9  # means of image counts compare exactly up to float rounding
+    assert brecq >= ada - eps, mean
+    assert qdrop >= ada - eps, mean
+    assert qdrop >= brecq - 0.5 - eps, mean
+    # Both recover at least half of nearest rounding's loss, and their outputs are closer to the float model's.
+    assert fp - nearest > 1.0, mean
+    assert min(brecq, qdrop) >= nearest + 0.5 * (fp - nearest), mean
+    kl_mean = {m: sum(v) / len(v) for m, v in kl.items()}
+    assert kl_mean["brecq"] < kl_mean["adaround"] and kl_mean["qdrop"] < kl_mean["adaround"], kl_mean
