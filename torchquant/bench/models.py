@@ -59,7 +59,7 @@ class InvertedResidual(nn.Module):
 
 class DigitsCNN(nn.Module):
     """A small ResNet-style CNN for ``(N, 1, 8, 8)`` digits: stem, two residual blocks, a downsampling
-    depthwise-separable stage, global pooling and a linear classifier (about 30k parameters)."""
+    depthwise-separable stage, global pooling and a linear classifier (24k parameters at width 16, 6.4k at width 8)."""
 
     def __init__(self, num_classes: int = 10, width: int = 16) -> None:
         super().__init__()

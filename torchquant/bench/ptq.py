@@ -29,7 +29,7 @@ __all__ = ["METHODS", "TASKS", "imbalance_channels", "load_task_data", "quantize
 
 TASKS: dict[str, tuple[str, Callable[[], nn.Module], int]] = {
     # name: (dataset, model constructor, epochs)
-    # DigitsCNN at width 8 (about 8k parameters): at the default width 16, W4A4 AdaRound, BRECQ
+    # DigitsCNN at width 8 (6.4k parameters): at the default width 16, W4A4 AdaRound, BRECQ
     # and QDrop all land within one test image of the float accuracy, so their comparison
     # measures noise; at width 8 nearest rounding loses 2 points and the methods separate.
     "digits_cnn": ("digits", partial(bmodels.DigitsCNN, width=8), 15),
