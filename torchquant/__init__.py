@@ -29,7 +29,7 @@ from .granularity import PER_TENSOR, Granularity, per_channel, per_group
 from .ptq import calibrate
 from .qmodules import SUPPORTED_ACTIVATIONS, QModule, QModuleState, QOp, QWrapper, iter_qmodules
 from .quantizers import AffineGrid, AffineQuantizer, QfmtQuantizer, Quantizer, RangeQuantizer
-from .quantizers_functional import affine_quantize, gradient_clip, qfmt_quantize, round_ste
+from .quantizers_functional import affine_qparams, affine_quantize, gradient_clip, qfmt_quantize, round_ste
 from .range_observers import (
     BatchMinMax,
     EntropyObserver,
@@ -103,6 +103,7 @@ __all__ = [
     "RunningMinMax",
     "TernaryQuantizer",
     "XNORWeightQuantizer",
+    "affine_qparams",
     "affine_quantize",
     "bn_scale_shift",
     "calibrate",

@@ -36,8 +36,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .granularity import Granularity
-from .quantizers_functional import affine_quantize, gradient_clip, qfmt_quantize
+from .quantizers_functional import affine_qparams, affine_quantize, gradient_clip, qfmt_quantize
 from .range_observers import RangeObserver
 from .registry import register_quantizer
 
@@ -208,28 +209,46 @@ class AffineQuantizer(RangeQuantizer):
         return 2**self.n_bits
 
     def qparams(self) -> tuple[Tensor, Tensor]:
-        """``(delta, zero_point)`` broadcastable against the input."""
+        """``(delta, zero_point)`` broadcastable against the input (:func:`~torchquant.affine_qparams`)."""
         mn, mx = self.ranges()
-        mn = torch.clamp(mn, max=0.0)
-        mx = torch.clamp(mx, min=0.0)
-        if self.symmetric:
-            mx = torch.maximum(-mn, mx)
-            mn = -mx
-        delta = ((mx - mn) / (self.n_levels - 1)).clamp_(min=_EPS)
-        if self.power_of_two:
-            delta = _next_power_of_two(delta)
-        if self._fixed_zero_point is not None:
-            zero_point = torch.full_like(delta, self._fixed_zero_point)
-        else:
-            zero_point = torch.round(-mn / delta)
-        return delta, zero_point
+        return affine_qparams(mn, mx, self.n_levels, self.symmetric, self.power_of_two, self._fixed_zero_point)
 
     def quantize(self, x: Tensor) -> Tensor:
+        if kernels.enabled(x):
+            out = self._quantize_kernel(x)
+            if out is not None:
+                return out
         delta, zero_point = self.qparams()
         if self.gradient_clip:
             x = gradient_clip(x, -zero_point * delta, (self.n_levels - 1 - zero_point) * delta)
         fixed = self._fixed_zero_point  # a number keeps the fake quant's clamp to one pass
         return affine_quantize(x, delta, zero_point if fixed is None else fixed, self.n_levels)
+
+    def _quantize_kernel(self, x: Tensor) -> Tensor | None:
+        """One CUDA kernel that computes the grid from the observer's ranges and fake-quantizes.
+
+        ``None`` (the caller runs the torch path) when a subclass changes how the grid or the
+        ranges are computed, or when there are no ranges yet (that path raises the error).
+        """
+        obs = self.range_observer
+        if (
+            not obs.initialized
+            or type(self).qparams is not AffineQuantizer.qparams
+            or type(self).ranges is not RangeQuantizer.ranges
+            or type(obs).get_ranges is not RangeObserver.get_ranges
+        ):
+            return None
+        return kernels.fake_quant_ranges(
+            x,
+            obs.min_val,
+            obs.max_val,
+            obs.granularity,
+            self.n_levels,
+            self.symmetric,
+            self.power_of_two,
+            self._fixed_zero_point,
+            self.gradient_clip,
+        )
 
     @property
     def _fixed_zero_point(self) -> float | None:
@@ -250,12 +269,6 @@ class AffineQuantizer(RangeQuantizer):
     def extra_repr(self) -> str:
         pot = ", power_of_two=True" if self.power_of_two else ""
         return f"n_bits={self.n_bits}, symmetric={self.symmetric}, gradient_clip={self.gradient_clip}{pot}"
-
-
-def _next_power_of_two(d: Tensor) -> Tensor:
-    # d = m * 2**e with m in [0.5, 1): d is a power of two iff m == 0.5; else the next one is 2**e. Exact.
-    m, e = torch.frexp(d)
-    return torch.where(m == 0.5, d, torch.ldexp(torch.ones_like(d), e))
 
 
 @register_quantizer("qfmt")

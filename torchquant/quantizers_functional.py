@@ -20,7 +20,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import kernels
+
 __all__ = [
+    "affine_qparams",
     "affine_quantize",
     "compute_dtype",
     "e8m0_block_scale",
@@ -40,6 +43,7 @@ __all__ = [
 ]
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
+_EPS = torch.finfo(torch.float32).eps
 _fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
 
 
@@ -157,11 +161,61 @@ def affine_quantize(x: Tensor, delta: Tensor | float, zero_point: Tensor | float
         >>> affine_quantize(torch.tensor([0.26, -1.0, 9.0]), 0.5, 2, 8)
         tensor([ 0.5000, -1.0000,  2.5000])
     """
+    if kernels.enabled(x):  # one fused CUDA kernel, same numerics
+        out = kernels.fake_quant_grid(x, delta, zero_point, 0.0, n_levels - 1)
+        if out is not None:
+            return out
     delta = _as_tensor(delta, x)
     # round(x/d) + zp clamped to [0, n-1], minus zp == round(x/d) clamped to [-zp, n-1-zp]:
     # exact in floating point because zp is an integer.
     zp = _bound(zero_point)
     return _FakeQuantSTE.apply(x, delta, -zp, (n_levels - 1) - zp)
+
+
+def _next_power_of_two(d: Tensor) -> Tensor:
+    # d = m * 2**e with m in [0.5, 1): d is a power of two iff m == 0.5; else the next one is 2**e. Exact.
+    m, e = torch.frexp(d)
+    return torch.where(m == 0.5, d, torch.ldexp(torch.ones_like(d), e))
+
+
+def affine_qparams(
+    min_val: Tensor,
+    max_val: Tensor,
+    n_levels: int,
+    symmetric: bool = False,
+    power_of_two: bool = False,
+    fixed_zero_point: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(delta, zero_point)`` of the affine grid on ``n_levels`` levels that covers ``[min, max]``.
+
+    The range is widened to include 0 (``[-max|r|, max|r|]`` when ``symmetric``), then
+    ``delta = max((max - min) / (n_levels - 1), eps)`` (float32 machine epsilon, so a zero
+    range stays finite), rounded up to a power of two when ``power_of_two``, and
+    ``zero_point = round(-min / delta)``, or ``fixed_zero_point`` when given.
+
+    Args:
+        min_val, max_val: ranges of any (equal) shape, e.g. compact per-channel ``(C, 1, 1, 1)``.
+        n_levels: ``2 ** n_bits``.
+        symmetric, power_of_two, fixed_zero_point: see above.
+
+    Returns:
+        ``delta`` and ``zero_point`` (integer-valued floats), ``min_val``'s shape.
+
+    Example:
+        >>> affine_qparams(torch.tensor(-1.0), torch.tensor(2.0), 4)
+        (tensor(1.), tensor(1.))
+    """
+    mn = torch.clamp(min_val, max=0.0)
+    mx = torch.clamp(max_val, min=0.0)
+    if symmetric:
+        mx = torch.maximum(-mn, mx)
+        mn = -mx
+    delta = ((mx - mn) / (n_levels - 1)).clamp_(min=_EPS)
+    if power_of_two:
+        delta = _next_power_of_two(delta)
+    if fixed_zero_point is None:
+        return delta, torch.round(-mn / delta)
+    return delta, torch.full_like(delta, fixed_zero_point)
 
 
 def qfmt_quantize(x: Tensor, delta: Tensor | float, min_int: int | Tensor, max_int: int | Tensor) -> Tensor:
@@ -180,6 +234,10 @@ def qfmt_quantize(x: Tensor, delta: Tensor | float, min_int: int | Tensor, max_i
         >>> qfmt_quantize(torch.tensor([3.9, 7.2, -10.0]), 2.0, -8, 7)
         tensor([  4.,   8., -10.])
     """
+    if kernels.enabled(x) and not isinstance(min_int, Tensor) and not isinstance(max_int, Tensor):
+        out = kernels.fake_quant_grid(x, delta, None, min_int, max_int)
+        if out is not None:
+            return out
     delta = _as_tensor(delta, x)
     return _FakeQuantSTE.apply(x, delta, _bound(min_int), _bound(max_int))
 

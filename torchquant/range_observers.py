@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import kernels
 from .granularity import Granularity
 from .quantizers_functional import _is_tracing, compute_dtype
 from .registry import register_observer
@@ -50,6 +51,10 @@ class RangeObserver(nn.Module):
 
     min_val: Tensor
     max_val: Tensor
+    # The update rule of torchquant.kernels.observe_minmax that equals this class's _update
+    # (on CUDA one kernel then updates the state with no host sync); None: no kernel. Not
+    # inherited: a subclass that changes the rule gets the generic path.
+    _kernel_kind: int | None = None
 
     def __init__(self, *, axis: int | None = None, group_size: int | None = None) -> None:
         super().__init__()
@@ -62,6 +67,10 @@ class RangeObserver(nn.Module):
         # identical ranges. Set by torchquant.distributed.sync_observers; never implicit.
         self.distributed_sync = False
         self.process_group = None
+        # Batches with NaN or Inf seen by the CUDA kernel path, counted on the device and
+        # reported by the next host read of the ranges (_raise_deferred).
+        self._nonfinite: Tensor | None = None
+        self._unreported = False
 
     # ----------------------------------------------------------------- public API
     @property
@@ -71,6 +80,11 @@ class RangeObserver(nn.Module):
 
     def observe_batch(self, x: Tensor) -> None:
         """Update the ranges with a batch. ``x`` is any shape the granularity fits.
+
+        On CUDA, once initialised, ``BatchMinMax``, ``RunningMinMax`` and ``ExpAvgMinMax``
+        update their state in one kernel without a host synchronisation: a batch with NaN
+        or Inf then leaves the ranges untouched and the ``ValueError`` is raised by the next
+        host read of the ranges (:meth:`get_ranges`).
 
         Raises:
             TypeError: ``x`` is not floating point.
@@ -83,6 +97,16 @@ class RangeObserver(nn.Module):
         mn, mx = self.granularity.reduce(x, who=self._tq_name)  # compact shapes
         if self.distributed_sync:
             mn, mx = self._all_reduce_batch(mn, mx)
+        kind = type(self).__dict__.get("_kernel_kind")
+        if (
+            kind is not None
+            and self.initialized
+            and kernels.enabled(x)
+            and self.min_val.dtype == torch.float32
+            and mn.shape == self.min_val.shape
+        ):
+            self._observe_kernel(kind, mn, mx)
+            return
         self._check_finite(mn, mx)
         dt = compute_dtype(x)
         if mn.dtype != dt:
@@ -103,7 +127,10 @@ class RangeObserver(nn.Module):
 
         Raises:
             RuntimeError: nothing has been observed yet.
+            ValueError: the CUDA kernel path skipped batches with NaN or Inf since the
+                last read (see :meth:`observe_batch`).
         """
+        self._raise_deferred()
         if not self.initialized:
             raise RuntimeError(
                 f"{self._tq_name}: no ranges yet; calibrate first (run data through the model in a "
@@ -130,6 +157,7 @@ class RangeObserver(nn.Module):
         """Forget everything observed."""
         for name, buf in list(self.named_buffers(recurse=False)):
             setattr(self, name, torch.empty(0, dtype=buf.dtype, device=buf.device))
+        self._nonfinite, self._unreported = None, False
 
     def extra_repr(self) -> str:
         return str(self.granularity)
@@ -172,6 +200,40 @@ class RangeObserver(nn.Module):
         self.max_val = torch.zeros(like.shape, dtype=like.dtype, device=device)
 
     # -------------------------------------------------------------------- plumbing
+    def _observe_kernel(self, kind: int, mn: Tensor, mx: Tensor) -> None:
+        """Update the state with :func:`torchquant.kernels.observe_minmax`: one launch, no host sync."""
+        dev = self.min_val.device
+        if self._nonfinite is None or self._nonfinite.device != dev:
+            self._nonfinite = torch.zeros((), dtype=torch.int32, device=dev)
+        self._unreported = True
+        kernels.observe_minmax(
+            kind,
+            mn,
+            mx,
+            self.min_val,
+            self.max_val,
+            self._nonfinite,
+            num_batches=getattr(self, "num_batches", None),
+            ema_min=getattr(self, "ema_min", None),
+            ema_max=getattr(self, "ema_max", None),
+            decay=getattr(self, "decay", None),
+            momentum=getattr(self, "momentum", 0.0),
+        )
+
+    def _raise_deferred(self) -> None:
+        # The kernel path's finiteness check, read on the host here (one sync) and only
+        # when that path ran since the last read.
+        if not self._unreported:
+            return
+        self._unreported = False
+        bad = int(self._nonfinite.item())
+        if bad:
+            self._nonfinite.zero_()
+            raise ValueError(
+                f"{self._tq_name}: {bad} observed batch(es) contained NaN or Inf; they were skipped "
+                "and the ranges left unchanged"
+            )
+
     def _check_finite(self, mn: Tensor, mx: Tensor) -> None:
         # min/max propagate NaN and Inf, so checking the small reduced tensors
         # covers the whole batch. Skipped under tracing, where it would break the graph.
@@ -200,6 +262,8 @@ class BatchMinMax(RangeObserver):
     The natural choice for weights, which change every step of training.
     """
 
+    _kernel_kind = kernels.KIND_BATCH
+
     def _update(self, batch_min: Tensor, batch_max: Tensor) -> None:
         self.min_val.copy_(batch_min)
         self.max_val.copy_(batch_max)
@@ -213,6 +277,7 @@ class RunningMinMax(RangeObserver):
     """
 
     num_batches: Tensor
+    _kernel_kind = kernels.KIND_RUNNING
 
     def __init__(self, *, axis: int | None = None, group_size: int | None = None) -> None:
         super().__init__(axis=axis, group_size=group_size)
@@ -255,6 +320,7 @@ class ExpAvgMinMax(RangeObserver):
     ema_min: Tensor
     ema_max: Tensor
     decay: Tensor
+    _kernel_kind = kernels.KIND_EMA
 
     def __init__(self, momentum: float = 0.9, *, axis: int | None = None, group_size: int | None = None) -> None:
         super().__init__(axis=axis, group_size=group_size)
@@ -284,8 +350,10 @@ class ExpAvgMinMax(RangeObserver):
         self.num_batches.add_(1)
         self.decay.mul_(m)
         emas = (self.ema_min, self.ema_max)
-        torch._foreach_mul_(emas, m)  # both updates in one call each: fewer small ops
-        torch._foreach_add_(emas, (batch_min, batch_max), alpha=1.0 - m)
+        # Both updates in one call each: fewer small ops. The batch term is its own product
+        # (no fused multiply-add), so every backend and the CUDA kernel round alike.
+        torch._foreach_mul_(emas, m)
+        torch._foreach_add_(emas, torch._foreach_mul((batch_min, batch_max), 1.0 - m))
         correction = 1.0 - self.decay  # ()
         torch.div(self.ema_min, correction, out=self.min_val)
         torch.div(self.ema_max, correction, out=self.max_val)

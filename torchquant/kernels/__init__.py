@@ -1,0 +1,429 @@
+"""Fused fake-quantization kernels for CUDA tensors, written in Triton.
+
+The CPU path of every primitive is plain torch code (:mod:`torchquant.quantizers_functional`).
+On a GPU that code launches four or five kernels per call and computes a quantizer's grid
+with a dozen more tiny ones; here one kernel does each job:
+
+* :func:`fake_quant_grid`: ``clamp(round(x / scale), lo - zero_point, hi - zero_point) * scale``
+  for a per-tensor, per-channel or per-element grid (the eager CUDA path of
+  :func:`~torchquant.affine_quantize` and :func:`~torchquant.qfmt_quantize`);
+* :func:`fake_quant_ranges`: the same, with the grid computed inside the kernel from an
+  observer's compact ``(min, max)`` exactly as :meth:`AffineQuantizer.qparams
+  <torchquant.AffineQuantizer.qparams>` does, per tensor, channel or group (the eager CUDA
+  path of :class:`~torchquant.AffineQuantizer`);
+* :func:`observe_minmax`: one launch folds a batch's ``(min, max)`` into the state of
+  ``BatchMinMax``, ``RunningMinMax`` or ``ExpAvgMinMax``, with no host synchronisation: a
+  batch containing NaN or Inf leaves the state unchanged and is counted on the device, and
+  the observer raises when its ranges are next read from the host.
+
+A QAT call (observe, then quantize) is then three launches (``aminmax``, the update, the
+fake quant) with no ``.item()``, so a QAT step can be captured in a CUDA graph.
+
+Numerics are the CPU path's, bit for bit: float32 arithmetic, true division by the step,
+round half to even, one multiplication. The backward of the straight-through estimator is
+the identity and launches nothing; the clipped variant (``gradient_clip=True``) is one
+kernel that recomputes the mask from ``x`` instead of storing it.
+
+Eager calls reach the kernels through ``torch.autograd.Function`` (about 4 us of Python
+per call, against 23 us through the dispatcher). The same computations are registered as
+the custom ops ``torch.ops.torchquant.fake_quant_grid`` and
+``torch.ops.torchquant.fake_quant_ranges`` (with fake tensors and autograd) for code that
+wants one opaque op in a graph. Under ``torch.compile`` the quantizers keep emitting plain
+torch operations, which inductor fuses with their neighbours.
+
+CI has no GPU: the tests run the same kernel source on CPU tensors through Triton's
+interpreter (:func:`interpreted`) and compare it with the CPU path bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+import os
+import sys
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from ..granularity import Granularity
+
+__all__ = [
+    "enabled",
+    "fake_quant_grid",
+    "fake_quant_ranges",
+    "interpreted",
+    "observe_minmax",
+    "triton_available",
+]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Device types whose tensors take the Triton path. Tests add "cpu" to run the interpreter.
+_DEVICES = {"cuda"}
+_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton can be imported (it ships with torch's CUDA wheels on Linux)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def enabled(x: Tensor) -> bool:
+    """Whether ``x`` takes the kernel path: a float32/16 or bfloat16 CUDA tensor, eager, Triton present.
+
+    Under ``torch.compile``, ``torch.jit`` or ``torch.fx`` tracing the plain torch path is
+    recorded instead, so that the compiler can fuse it.
+    """
+    return (
+        x.device.type in _DEVICES
+        and x.dtype in _DTYPES
+        and x.numel() < 2**31
+        and triton_available()
+        and not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _fx_tracing())
+    )
+
+
+def _impl(device: torch.device) -> ModuleType:
+    if device.type == "cpu":
+        return interpreted()
+    return importlib.import_module("torchquant.kernels._triton")
+
+
+@functools.cache
+def interpreted() -> ModuleType:
+    """The kernel module loaded a second time under ``TRITON_INTERPRET=1``: the same kernels on CPU tensors.
+
+    Slow (NumPy, one program at a time); for tests on machines without a GPU.
+    """
+    import triton.runtime.jit  # triton itself imported with its compiled flavour
+
+    # Imported lazily by Triton's first launch, which asserts the flavour it was imported with.
+    with contextlib.suppress(ImportError):
+        import triton.experimental.gluon  # noqa: F401
+    name = "torchquant.kernels._triton_interpreted"
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), "_triton.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    return module
+
+
+# --------------------------------------------------------------------------- fake quant
+
+
+class _GridFQ(torch.autograd.Function):
+    """The fake quant on the grid ``(scale, zero point, lo, hi)``; backward: identity or clipped STE."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, layout, mode, lo, hi, clip):  # type: ignore[override]
+        k = _impl(x.device)
+        if clip:
+            ctx.save_for_backward(x, scale, zero_point)
+        ctx.args = (layout, mode, lo, hi, clip)
+        return k.fake_quant(x, scale, zero_point, layout, mode, lo, hi)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        layout, mode, lo, hi, clip = ctx.args
+        if not clip:  # straight-through: d out / d x := 1
+            return grad, None, None, None, None, None, None, None
+        x, scale, zero_point = ctx.saved_tensors
+        k = _impl(x.device)
+        # d out / d x := 1 where x lies inside the grid's range, 0 outside
+        g = k.clip_grad(grad.contiguous(), x, scale, zero_point, layout, mode, lo, hi)
+        return g, None, None, None, None, None, None, None
+
+
+def _dense(x: Tensor, indexed: bool) -> bool:
+    # Elementwise kernels walk memory in order: any dense layout works for one parameter,
+    # indexed parameters need the logical (row-major) order.
+    if x.is_contiguous():
+        return True
+    return not indexed and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def fake_quant_grid(
+    x: Tensor,
+    scale: Tensor | float,
+    zero_point: Tensor | float | None,
+    lo: float,
+    hi: float,
+    clip_grad: bool = False,
+) -> Tensor | None:
+    """``clamp(round(x / scale), lo - zero_point, hi - zero_point) * scale`` in one kernel.
+
+    Args:
+        x: CUDA tensor (see :func:`enabled`).
+        scale: 0-d, or broadcasting against ``x`` along one axis, or ``x``'s shape.
+        zero_point: like ``scale``, a number, or ``None`` (codes clamp to ``[lo, hi]``).
+        lo, hi: integer code range (``0, 2 ** n - 1`` affine; ``min_int, max_int`` Q-format).
+        clip_grad: zero the gradient outside the range (clipped STE); else identity.
+
+    Returns:
+        The fake-quantized tensor (``x``'s shape, dtype and strides), or ``None`` when the
+        parameters' shapes fit no kernel layout (the caller then runs the torch path).
+    """
+    dev = x.device
+    if not isinstance(scale, Tensor):
+        scale = torch.full((), float(scale), dtype=torch.float32, device=dev)
+    if zero_point is not None and not isinstance(zero_point, Tensor):
+        lo, hi, zero_point = -(float(zero_point) - lo), hi - float(zero_point), None
+    k = _impl(dev)
+    layout = k.Layout.for_broadcast(x, scale)
+    if layout is None or scale.device != dev or scale.dtype not in _DTYPES:
+        return None
+    if zero_point is not None:
+        zl = k.Layout.for_broadcast(x, zero_point)
+        if zl is None or zl.args() != layout.args() or zero_point.device != dev or not zero_point.is_floating_point():
+            return None
+    if not _dense(x, layout.gran != k.PER_TENSOR):
+        return None
+    mode = k.MODE_BOUNDS if zero_point is None else k.MODE_GRID
+    return _GridFQ.apply(x, scale, zero_point, layout, mode, float(lo), float(hi), bool(clip_grad))
+
+
+class _RangesFQ(torch.autograd.Function):
+    """The affine fake quant with the grid computed from ``(min, max)``; backward: identity or clipped STE."""
+
+    @staticmethod
+    def forward(ctx, x, min_val, max_val, layout, n_levels, symmetric, pow2, fixed_zp, clip):  # type: ignore[override]
+        k = _impl(x.device)
+        if clip:
+            # The observer updates its ranges in place later: keep this step's copy.
+            ctx.save_for_backward(x, min_val.clone(), max_val.clone())
+        ctx.args = (layout, n_levels, symmetric, pow2, fixed_zp, clip)
+        return k.fake_quant(x, min_val, max_val, layout, k.MODE_RANGES, 0.0, 0.0, n_levels, symmetric, pow2, fixed_zp)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        layout, n_levels, symmetric, pow2, fixed_zp, clip = ctx.args
+        none = (None,) * 8
+        if not clip:  # straight-through: d out / d x := 1
+            return grad, *none
+        x, mn, mx = ctx.saved_tensors
+        k = _impl(x.device)
+        # d out / d x := 1 where x lies inside the grid's range, 0 outside
+        g = k.clip_grad(
+            grad.contiguous(), x, mn, mx, layout, k.MODE_RANGES, 0.0, 0.0, n_levels, symmetric, pow2, fixed_zp
+        )
+        return g, *none
+
+
+def fake_quant_ranges(
+    x: Tensor,
+    min_val: Tensor,
+    max_val: Tensor,
+    granularity: Granularity,
+    n_levels: int,
+    symmetric: bool = False,
+    power_of_two: bool = False,
+    fixed_zero_point: float | None = None,
+    clip_grad: bool = False,
+) -> Tensor | None:
+    """Affine fake quantization with the grid computed in the kernel from compact ranges.
+
+    Bit-identical to ``AffineQuantizer.quantize`` on the CPU: the range is widened to
+    include 0 (made symmetric when ``symmetric``), ``delta = max((max - min) / (n_levels - 1),
+    eps)`` (rounded up to a power of two when ``power_of_two``), ``zero_point =
+    round(-min / delta)`` or ``fixed_zero_point``.
+
+    Args:
+        x: CUDA tensor (see :func:`enabled`), any shape ``granularity`` fits.
+        min_val, max_val: float32 ranges in ``granularity.compact_shape(x.shape)``.
+        granularity: where the ranges change.
+        n_levels: ``2 ** n_bits``.
+        symmetric, power_of_two, fixed_zero_point: as in ``AffineQuantizer``.
+        clip_grad: clipped STE instead of the identity.
+
+    Returns:
+        The fake-quantized tensor, or ``None`` when ``x``'s layout needs the torch path.
+
+    Raises:
+        ValueError: the ranges do not have the compact shape ``granularity`` gives ``x``.
+    """
+    k = _impl(x.device)
+    shape = granularity.compact_shape(x.shape)
+    if tuple(min_val.shape) != shape or tuple(max_val.shape) != shape:
+        raise ValueError(
+            f"ranges of shape {tuple(min_val.shape)} do not fit a tensor of shape {tuple(x.shape)} at {granularity}"
+        )
+    layout = k.Layout.for_granularity(x.shape, granularity.axis, granularity.group_size)
+    if not _dense(x, layout.gran != k.PER_TENSOR) or min_val.dtype != torch.float32 or min_val.device != x.device:
+        return None
+    return _RangesFQ.apply(
+        x, min_val, max_val, layout, int(n_levels), bool(symmetric), bool(power_of_two), fixed_zero_point, clip_grad
+    )
+
+
+# --------------------------------------------------------------------------- observers
+
+KIND_BATCH, KIND_RUNNING, KIND_EMA = 0, 1, 2
+
+
+def observe_minmax(
+    kind: int,
+    batch_min: Tensor,
+    batch_max: Tensor,
+    min_val: Tensor,
+    max_val: Tensor,
+    nonfinite: Tensor,
+    num_batches: Tensor | None = None,
+    ema_min: Tensor | None = None,
+    ema_max: Tensor | None = None,
+    decay: Tensor | None = None,
+    momentum: float = 0.0,
+) -> None:
+    """Fold a batch's compact ``(min, max)`` into a min/max observer's float32 state, in one launch.
+
+    ``kind``: :data:`KIND_BATCH` (the batch's range), :data:`KIND_RUNNING` (running min and
+    max; ``num_batches`` counts), :data:`KIND_EMA` (bias-corrected exponential moving
+    average with ``ema_min``, ``ema_max``, ``decay = momentum ** n`` and ``num_batches``).
+    A batch with NaN or Inf leaves the state unchanged and adds 1 to ``nonfinite``
+    (an int32 0-d tensor), without a host synchronisation.
+    """
+    _impl(min_val.device).observe(
+        kind,
+        batch_min,
+        batch_max,
+        min_val,
+        max_val,
+        nonfinite,
+        num_batches,
+        ema_min,
+        ema_max,
+        decay,
+        momentum,
+    )
+
+
+# --------------------------------------------------------------------------- custom ops
+# One opaque op each for graphs (torch.export, torch.compile with the op called directly):
+# the CUDA kernel where it applies, the torch path elsewhere, the STE as registered autograd.
+
+
+def _reference_grid(x: Tensor, scale: Tensor, zero_point: Tensor | None, lo: float, hi: float) -> Tensor:
+    from ..quantizers_functional import _fake_quant
+
+    if zero_point is None:
+        return _fake_quant(x, scale, lo, hi)
+    return _fake_quant(x, scale, -(zero_point - lo), hi - zero_point)
+
+
+@torch.library.custom_op("torchquant::fake_quant_grid", mutates_args=())
+def _op_fake_quant_grid(
+    x: Tensor, scale: Tensor, zero_point: Tensor | None, lo: float, hi: float, clip_grad: bool
+) -> Tensor:
+    if x.is_cuda and x.dtype in _DTYPES and triton_available():
+        k = _impl(x.device)
+        layout = k.Layout.for_broadcast(x, scale)
+        zl = None if zero_point is None else k.Layout.for_broadcast(x, zero_point)
+        fits = layout is not None and (zero_point is None or (zl is not None and zl.args() == layout.args()))
+        if fits and _dense(x, layout.gran != k.PER_TENSOR):
+            mode = k.MODE_BOUNDS if zero_point is None else k.MODE_GRID
+            return k.fake_quant(x, scale, zero_point, layout, mode, lo, hi)
+    return _reference_grid(x, scale, zero_point, lo, hi).clone()
+
+
+@_op_fake_quant_grid.register_fake
+def _(x, scale, zero_point, lo, hi, clip_grad):
+    return torch.empty_like(x)
+
+
+def _grid_setup(ctx, inputs, output):
+    x, scale, zero_point, lo, hi, clip_grad = inputs
+    ctx.lo, ctx.hi, ctx.clip = lo, hi, clip_grad
+    if clip_grad:
+        ctx.save_for_backward(x, scale, zero_point)
+
+
+def _grid_backward(ctx, grad):
+    if not ctx.clip:  # straight-through: d out / d x := 1
+        return grad, None, None, None, None, None
+    x, scale, zero_point = ctx.saved_tensors
+    zp = 0.0 if zero_point is None else zero_point
+    # d out / d x := 1 where (lo - zp) * scale <= x <= (hi - zp) * scale, else 0
+    inside = (x >= (ctx.lo - zp) * scale) & (x <= (ctx.hi - zp) * scale)
+    return grad * inside, None, None, None, None, None
+
+
+_op_fake_quant_grid.register_autograd(_grid_backward, setup_context=_grid_setup)
+
+
+@torch.library.custom_op("torchquant::fake_quant_ranges", mutates_args=())
+def _op_fake_quant_ranges(
+    x: Tensor,
+    min_val: Tensor,
+    max_val: Tensor,
+    n_levels: int,
+    symmetric: bool,
+    power_of_two: bool,
+    axis: int | None,
+    group_size: int | None,
+    fixed_zero_point: float | None,
+    clip_grad: bool,
+) -> Tensor:
+    g = Granularity(axis=axis, group_size=group_size)
+    if x.is_cuda and x.dtype in _DTYPES and triton_available() and min_val.dtype == torch.float32:
+        k = _impl(x.device)
+        layout = k.Layout.for_granularity(x.shape, axis, group_size)
+        if _dense(x, layout.gran != k.PER_TENSOR) and tuple(min_val.shape) == g.compact_shape(x.shape):
+            return k.fake_quant(
+                x,
+                min_val,
+                max_val,
+                layout,
+                k.MODE_RANGES,
+                0.0,
+                0.0,
+                n_levels,
+                symmetric,
+                power_of_two,
+                fixed_zero_point,
+            )
+    from ..quantizers_functional import affine_qparams
+
+    delta, zp = affine_qparams(
+        g.expand(min_val), g.expand(max_val), n_levels, symmetric, power_of_two, fixed_zero_point
+    )
+    return _reference_grid(x, delta, zp, 0.0, float(n_levels - 1)).clone()
+
+
+@_op_fake_quant_ranges.register_fake
+def _(x, min_val, max_val, n_levels, symmetric, power_of_two, axis, group_size, fixed_zero_point, clip_grad):
+    return torch.empty_like(x)
+
+
+def _ranges_setup(ctx, inputs, output):
+    x, min_val, max_val, n_levels, symmetric, power_of_two, axis, group_size, fixed_zero_point, clip_grad = inputs
+    ctx.args = (n_levels, symmetric, power_of_two, Granularity(axis=axis, group_size=group_size), fixed_zero_point)
+    ctx.clip = clip_grad
+    if clip_grad:
+        ctx.save_for_backward(x, min_val, max_val)
+
+
+def _ranges_backward(ctx, grad):
+    none = (None,) * 9
+    if not ctx.clip:  # straight-through: d out / d x := 1
+        return grad, *none
+    from ..quantizers_functional import affine_qparams
+
+    x, mn, mx = ctx.saved_tensors
+    n_levels, symmetric, pow2, g, fixed = ctx.args
+    delta, zp = affine_qparams(g.expand(mn), g.expand(mx), n_levels, symmetric, pow2, fixed)
+    # d out / d x := 1 where -zp * delta <= x <= (n_levels - 1 - zp) * delta, else 0
+    inside = (x >= -zp * delta) & (x <= (n_levels - 1 - zp) * delta)
+    return grad * inside, *none
+
+
+_op_fake_quant_ranges.register_autograd(_ranges_backward, setup_context=_ranges_setup)

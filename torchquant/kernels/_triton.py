@@ -1,0 +1,375 @@
+"""Triton kernels behind :mod:`torchquant.kernels` (imported on first use: Triton is optional).
+
+Every kernel computes in float32 and reproduces the CPU path's arithmetic operation by
+operation: true division by the step (``div_rn``), round half to even, clamping to integer
+bounds before rounding (exact, since the bounds are integers), then one multiplication.
+The module is also loaded a second time with ``TRITON_INTERPRET=1`` (see
+:func:`torchquant.kernels.interpreted`) so that the same kernel source runs on CPU tensors
+through Triton's interpreter, which is how CI checks the kernels bit for bit without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_BLOCK = 1024
+_OBS_BLOCK = 1024
+
+# Granularity layouts of the compact parameter tensors, see Layout.
+PER_TENSOR, INDEXED = 0, 1
+# What the parameter pointers hold.
+MODE_GRID, MODE_BOUNDS, MODE_RANGES = 0, 1, 2
+
+
+# fmt: off
+@triton.jit
+def _round_half_even(v):
+    # floor-based rint: v - floor(v) is exact wherever the tie test needs it (|v| >= 0.5 by
+    # Sterbenz's lemma; below, both branches give 0). Zero keeps v's sign as torch.round does.
+    r = tl.floor(v)
+    d = v - r
+    r = tl.where(d > 0.5, r + 1.0, r)
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    r = tl.where((d == 0.5) & odd, r + 1.0, r)
+    return tl.where(r == 0.0, v * 0.0, r)
+
+
+@triton.jit
+def _next_power_of_two(d):
+    # d > 0 and normal: a power of two has an all-zero mantissa; otherwise the next one is
+    # the exponent plus one with a zero mantissa (torch.frexp / ldexp in the CPU path).
+    bits = d.to(tl.int32, bitcast=True)
+    up = (((bits >> 23) + 1) << 23).to(tl.float32, bitcast=True)
+    return tl.where((bits & 0x7FFFFF) == 0, d, up)
+
+
+@triton.jit
+def _qparams(mn, mx, nlm1, fixed_zp, SYMMETRIC: tl.constexpr, POW2: tl.constexpr, FIXED_ZP: tl.constexpr):
+    # AffineQuantizer.qparams, operation by operation.
+    mn = tl.minimum(mn, 0.0)
+    mx = tl.maximum(mx, 0.0)
+    if SYMMETRIC:
+        mx = tl.maximum(-mn, mx)
+        mn = -mx
+    delta = tl.math.div_rn(mx - mn, nlm1)
+    delta = tl.maximum(delta, 1.1920928955078125e-07)  # float32 eps
+    if POW2:
+        delta = _next_power_of_two(delta)
+    if FIXED_ZP:  # noqa: SIM108 (a constexpr branch: the other side is not compiled)
+        zp = delta * 0.0 + fixed_zp  # delta is finite: a zero of its shape
+    else:
+        zp = _round_half_even(tl.math.div_rn(-mn, delta))
+    return delta, zp
+
+
+@triton.jit
+def _store(ptrs, out, mask, OUT_BF16: tl.constexpr):
+    # float32 -> bfloat16 rounds half to even on the bits (Triton's interpreter truncates),
+    # stored through an int16 view of the output; NaN stays NaN.
+    if OUT_BF16:
+        bits = out.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        bits = tl.where(out != out, 0x7FC0, bits)
+        tl.store(ptrs, bits.to(tl.int16), mask=mask)
+    else:
+        tl.store(ptrs, out.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _param_index(offs, C, INNER, G, RO, RC, RI):
+    # The element at flat offset e of a contiguous (outer, C, inner) tensor uses parameter
+    # o * RO + (c // G) * RC + i * RI of the compact tensor (see Layout).
+    i = offs % INNER
+    t = offs // INNER
+    c = t % C
+    o = t // C
+    return o * RO + (c // G) * RC + i * RI
+
+
+@triton.jit
+def _params(offs, mask, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
+            MODE: tl.constexpr, GRAN: tl.constexpr, SYMMETRIC: tl.constexpr, POW2: tl.constexpr,
+            FIXED_ZP: tl.constexpr):
+    # (step, lowest code, highest code) for the elements at offs.
+    if GRAN == 0:
+        a = tl.load(a_ptr).to(tl.float32)
+        if MODE != 1:
+            b = tl.load(b_ptr).to(tl.float32)
+    else:
+        p = _param_index(offs, C, INNER, G, RO, RC, RI)
+        a = tl.load(a_ptr + p, mask=mask, other=1.0).to(tl.float32)
+        if MODE != 1:
+            b = tl.load(b_ptr + p, mask=mask, other=0.0).to(tl.float32)
+    if MODE == 0:  # a: step, b: zero point; codes in [lo - zp, hi - zp]
+        delta = a
+        lo_c = -(b - lo)  # -zp for lo = 0, zero's sign included, as the torch path's bound
+        hi_c = hi - b
+    elif MODE == 1:  # a: step; codes in [lo, hi]
+        delta = a
+        lo_c = a * 0.0 + lo
+        hi_c = a * 0.0 + hi
+    else:  # a: range min, b: range max; the affine grid on levels 0 .. nlm1
+        delta, zp = _qparams(a, b, nlm1, fixed_zp, SYMMETRIC, POW2, FIXED_ZP)
+        lo_c = -zp
+        hi_c = nlm1 - zp
+    return delta, lo_c, hi_c
+
+
+@triton.jit
+def _fake_quant_kernel(x_ptr, out_ptr, a_ptr, b_ptr, n, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
+                       MODE: tl.constexpr, GRAN: tl.constexpr, SYMMETRIC: tl.constexpr, POW2: tl.constexpr,
+                       FIXED_ZP: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    delta, lo_c, hi_c = _params(offs, mask, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
+                                MODE, GRAN, SYMMETRIC, POW2, FIXED_ZP)
+    v = tl.math.div_rn(x.to(tl.float32), delta)
+    v = tl.where(v < lo_c, lo_c, v)  # comparisons keep NaN, as torch.clamp does
+    v = tl.where(v > hi_c, hi_c, v)
+    out = _round_half_even(v) * delta
+    _store(out_ptr + offs, out, mask, OUT_BF16)
+
+
+@triton.jit
+def _clip_grad_kernel(g_ptr, x_ptr, out_ptr, a_ptr, b_ptr, n, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
+                      MODE: tl.constexpr, GRAN: tl.constexpr, SYMMETRIC: tl.constexpr, POW2: tl.constexpr,
+                      FIXED_ZP: tl.constexpr, BLOCK: tl.constexpr):
+    # The clipped STE: the gradient where lo_code * step <= x <= hi_code * step, else 0.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    delta, lo_c, hi_c = _params(offs, mask, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
+                                MODE, GRAN, SYMMETRIC, POW2, FIXED_ZP)
+    inside = (x >= lo_c * delta) & (x <= hi_c * delta)
+    tl.store(out_ptr + offs, g * inside.to(g.dtype), mask=mask)  # grad * mask: -0.0 and NaN as in torch
+
+
+@triton.jit
+def _add(a, b):
+    # tl.sum is a library function of one Triton flavour; a combine function of ours serves both.
+    return a + b
+
+
+@triton.jit
+def _observe_kernel(bmin_ptr, bmax_ptr, min_ptr, max_ptr, ema_min_ptr, ema_max_ptr, nb_ptr, decay_ptr, bad_ptr,
+                    R, momentum, one_minus_m, KIND: tl.constexpr, BLOCK: tl.constexpr):
+    # One program: a batch with NaN or Inf anywhere leaves the state untouched and is counted
+    # in bad_ptr, so the check needs no host synchronisation (the host reads the count later).
+    nonfinite = tl.full((BLOCK,), 0, tl.int32)
+    for start in range(0, R, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < R
+        bmn = tl.load(bmin_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        bmx = tl.load(bmax_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        # x - x is 0 for finite x and NaN for NaN and +-inf.
+        nonfinite += ((bmn - bmn) != 0.0).to(tl.int32) + ((bmx - bmx) != 0.0).to(tl.int32)
+    if tl.reduce(nonfinite, 0, _add) > 0:
+        tl.store(bad_ptr, tl.load(bad_ptr) + 1)
+    else:
+        nb = tl.load(nb_ptr)
+        if KIND == 2:
+            decay = tl.load(decay_ptr) * momentum
+            tl.store(decay_ptr, decay)
+            correction = 1.0 - decay
+        for start in range(0, R, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            m = offs < R
+            bmn = tl.load(bmin_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            bmx = tl.load(bmax_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            if KIND == 0:
+                new_mn = bmn
+                new_mx = bmx
+            elif KIND == 1:
+                old_mn = tl.load(min_ptr + offs, mask=m, other=0.0)
+                old_mx = tl.load(max_ptr + offs, mask=m, other=0.0)
+                new_mn = tl.where(nb == 0, bmn, tl.minimum(old_mn, bmn))
+                new_mx = tl.where(nb == 0, bmx, tl.maximum(old_mx, bmx))
+            else:
+                # Two products and a sum, each rounded (launched without FMA contraction), as on the CPU.
+                e_mn = tl.load(ema_min_ptr + offs, mask=m, other=0.0) * momentum + bmn * one_minus_m
+                e_mx = tl.load(ema_max_ptr + offs, mask=m, other=0.0) * momentum + bmx * one_minus_m
+                tl.store(ema_min_ptr + offs, e_mn, mask=m)
+                tl.store(ema_max_ptr + offs, e_mx, mask=m)
+                new_mn = tl.math.div_rn(e_mn, correction)
+                new_mx = tl.math.div_rn(e_mx, correction)
+            tl.store(min_ptr + offs, new_mn, mask=m)
+            tl.store(max_ptr + offs, new_mx, mask=m)
+        if KIND != 0:
+            tl.store(nb_ptr, nb + 1)
+
+
+# fmt: on
+# --------------------------------------------------------------------------- launchers
+
+
+class Layout:
+    """Where the compact parameter of each element of a contiguous tensor lives.
+
+    The tensor is viewed as ``(outer, C, inner)`` around one axis; the element ``(o, c, i)``
+    reads parameter ``o * ro + (c // g) * rc + i * ri``. Per-channel: ``(0, 1, 0)``, ``g = 1``;
+    per-group of ``g`` along the axis (compact shape ``(outer, C / g, inner)``):
+    ``((C / g) * inner, inner, 1)``; one parameter per element: ``C = numel``, ``rc = 1``.
+    """
+
+    __slots__ = ("c", "g", "gran", "inner", "rc", "ri", "ro")
+
+    def __init__(self, gran: int, c: int = 1, inner: int = 1, g: int = 1, ro: int = 0, rc: int = 0, ri: int = 0):
+        self.gran, self.c, self.inner, self.g, self.ro, self.rc, self.ri = gran, c, inner, g, ro, rc, ri
+
+    def args(self) -> tuple[int, ...]:
+        return self.c, self.inner, self.g, self.ro, self.rc, self.ri
+
+    @staticmethod
+    def for_granularity(shape: torch.Size, axis: int | None, group_size: int | None) -> Layout:
+        """The layout of an observer's compact ``(min, max)`` (``Granularity.compact_shape``)."""
+        if axis is None:
+            return Layout(PER_TENSOR)
+        axis %= len(shape)
+        c, inner = shape[axis], math.prod(shape[axis + 1 :])
+        if group_size is None:
+            return Layout(INDEXED, c, inner, 1, 0, 1, 0)
+        return Layout(INDEXED, c, inner, group_size, (c // group_size) * inner, inner, 1)
+
+    @staticmethod
+    def for_broadcast(x: Tensor, p: Tensor) -> Layout | None:
+        """The layout of a parameter tensor ``p`` that broadcasts against ``x``, or ``None`` if none fits."""
+        if p.numel() == 1:
+            return Layout(PER_TENSOR)
+        if p.dim() > x.dim() or not p.is_contiguous():
+            return None
+        shape = (1,) * (x.dim() - p.dim()) + tuple(p.shape)
+        if tuple(shape) == tuple(x.shape):
+            return Layout(INDEXED, x.numel(), 1, 1, 0, 1, 0)
+        axes = [i for i, s in enumerate(shape) if s != 1]
+        if len(axes) == 1 and shape[axes[0]] == x.shape[axes[0]]:
+            a = axes[0]
+            return Layout(INDEXED, x.shape[a], math.prod(x.shape[a + 1 :]), 1, 0, 1, 0)
+        return None
+
+
+def _grid(n: int) -> tuple[int]:
+    return (triton.cdiv(n, _BLOCK),)
+
+
+def fake_quant(
+    x: Tensor,
+    a: Tensor,
+    b: Tensor | None,
+    layout: Layout,
+    mode: int,
+    lo: float = 0.0,
+    hi: float = 0.0,
+    n_levels: int = 2,
+    symmetric: bool = False,
+    power_of_two: bool = False,
+    fixed_zp: float | None = None,
+) -> Tensor:
+    """Fake-quantize contiguous ``x``; see :func:`torchquant.kernels.fake_quant_grid` and ``fake_quant_ranges``."""
+    out = torch.empty_like(x)
+    n = x.numel()
+    if n == 0:
+        return out
+    bf16 = x.dtype == torch.bfloat16
+    _fake_quant_kernel[_grid(n)](
+        x,
+        out.view(torch.int16) if bf16 else out,
+        a,
+        a if b is None else b,
+        n,
+        float(lo),
+        float(hi),
+        float(n_levels - 1),
+        0.0 if fixed_zp is None else float(fixed_zp),
+        *layout.args(),
+        MODE=mode,
+        GRAN=layout.gran,
+        SYMMETRIC=bool(symmetric),
+        POW2=bool(power_of_two),
+        FIXED_ZP=fixed_zp is not None,
+        OUT_BF16=bf16,
+        BLOCK=_BLOCK,
+    )
+    return out
+
+
+def clip_grad(
+    grad: Tensor,
+    x: Tensor,
+    a: Tensor,
+    b: Tensor | None,
+    layout: Layout,
+    mode: int,
+    lo: float = 0.0,
+    hi: float = 0.0,
+    n_levels: int = 2,
+    symmetric: bool = False,
+    power_of_two: bool = False,
+    fixed_zp: float | None = None,
+) -> Tensor:
+    """The gradient of the clipped STE: ``grad`` where ``x`` lies on the grid's range, else 0."""
+    out = torch.empty_like(grad)
+    n = grad.numel()
+    if n == 0:
+        return out
+    _clip_grad_kernel[_grid(n)](
+        grad,
+        x,
+        out,
+        a,
+        a if b is None else b,
+        n,
+        float(lo),
+        float(hi),
+        float(n_levels - 1),
+        0.0 if fixed_zp is None else float(fixed_zp),
+        *layout.args(),
+        MODE=mode,
+        GRAN=layout.gran,
+        SYMMETRIC=bool(symmetric),
+        POW2=bool(power_of_two),
+        FIXED_ZP=fixed_zp is not None,
+        BLOCK=_BLOCK,
+    )
+    return out
+
+
+def observe(
+    kind: int,
+    batch_min: Tensor,
+    batch_max: Tensor,
+    min_val: Tensor,
+    max_val: Tensor,
+    bad: Tensor,
+    num_batches: Tensor | None = None,
+    ema_min: Tensor | None = None,
+    ema_max: Tensor | None = None,
+    decay: Tensor | None = None,
+    momentum: float = 0.0,
+) -> None:
+    """Fold a batch's compact ``(min, max)`` into an observer's float32 state, in place, in one launch."""
+    r = min_val.numel()
+    nb = num_batches if num_batches is not None else bad
+    _observe_kernel[(1,)](
+        batch_min,
+        batch_max,
+        min_val,
+        max_val,
+        min_val if ema_min is None else ema_min,
+        max_val if ema_max is None else ema_max,
+        nb,
+        min_val if decay is None else decay,
+        bad,
+        r,
+        float(momentum),
+        1.0 - float(momentum),
+        KIND=kind,
+        BLOCK=_OBS_BLOCK,
+        enable_fp_fusion=False,
+    )
