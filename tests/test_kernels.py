@@ -19,6 +19,8 @@ import torchquant as tq
 from torchquant import kernels
 
 pytest.importorskip("triton")
+# The interpreter computes with NumPy, which warns where the kernels overflow on purpose (inf inputs).
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
 @pytest.fixture
@@ -235,3 +237,63 @@ def test_tracing_keeps_the_torch_path(kernel_path):
         compiled = torch.compile(q, fullgraph=True)(x)
     assert n_eager > 0 and calls["n"] == n_eager
     assert same(compiled, eager)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["lsq-per-tensor", "lsq-per-channel", "lsq+-per-channel", "lsq+-per-tensor"])
+def test_lsq_forward_and_gradients_match(kernel_path, case, dtype):
+    """Outputs and the input gradient value for value; the step/offset sums to float32 rounding."""
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(4, 6, 8, generator=g) * 2).to(dtype)
+    per_channel = "per-channel" in case
+    shape = (1, 6, 1) if per_channel else ()
+    step = (torch.rand(shape, generator=g) * 0.2 + 0.05).requires_grad_()
+    offset = (torch.randn(shape, generator=g) * 0.1).requires_grad_() if case.startswith("lsq+") else None
+    grad = torch.linspace(-1, 1, x.numel()).view_as(x).to(dtype)
+    results = []
+    for route in (contextlib.nullcontext(), kernel_path()):
+        xi = x.clone().requires_grad_()
+        for p in (step, offset):
+            if p is not None:
+                p.grad = None
+        with route as calls:
+            y = tq.quantizers_functional.lsq_quantize(xi, step, offset, 4, 3, grad_scale=0.3)
+            y.backward(grad)
+        results.append((y.detach(), xi.grad, step.grad.clone(), None if offset is None else offset.grad.clone()))
+    assert calls["n"] > 0
+    (y0, gx0, gs0, gb0), (y1, gx1, gs1, gb1) = results
+    assert same(y1, y0)
+    assert same(gx1, gx0)
+    torch.testing.assert_close(gs1, gs0, rtol=1e-5, atol=1e-6)
+    if offset is not None:
+        torch.testing.assert_close(gb1, gb0, rtol=1e-5, atol=1e-6)
+
+
+FORMATS = {"e4m3": (3, 7, 448.0), "e5m2": (2, 15, 57344.0), "e2m1": (1, 1, 6.0), "int8": (6, 1, 127 / 64)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_minifloat_and_mx_match(kernel_path, fmt, dtype):
+    man, bias, max_value = FORMATS[fmt]
+    x = special((4, 6, 40), scale=50.0)
+    x.view(-1)[20:24] = torch.tensor([1e-41, -3e-39, 7e-45, 0.0])  # float32 subnormals
+    x = x.to(dtype)
+    scale = torch.rand(1, 6, 1, generator=torch.Generator().manual_seed(3)) + 0.5
+    emax = {"e4m3": 8, "e5m2": 15, "e2m1": 2, "int8": 0}[fmt]
+    cases = {
+        "minifloat-per-tensor": lambda t: tq.quantizers_functional.minifloat_quantize(t, 0.75, man, bias, max_value),
+        "minifloat-per-channel": lambda t: tq.quantizers_functional.minifloat_quantize(t, scale, man, bias, max_value),
+        "mx-last-axis": lambda t: tq.quantizers_functional.mx_quantize(t, man, bias, max_value, emax, 32, -1),
+        "mx-axis-1": lambda t: tq.quantizers_functional.mx_quantize(t, man, bias, max_value, emax, 4, 1),
+    }
+    for name, fn in cases.items():
+        xi = x.clone().requires_grad_()
+        ref = fn(xi)
+        with kernel_path() as calls:
+            xk = x.clone().requires_grad_()
+            out = fn(xk)
+            out.backward(torch.ones_like(out))
+        assert calls["n"] > 0, name
+        assert same(out.detach(), ref.detach()), name
+        assert torch.equal(xk.grad, torch.ones_like(x)), name  # straight through

@@ -470,7 +470,12 @@ def minifloat_quantize(x: Tensor, scale: Tensor | float, man_bits: int, bias: in
         >>> minifloat_quantize(torch.tensor([0.3, 5.0, 100.0]), 1.0, 1, 1, 6.0)  # FP4 E2M1
         tensor([0.5000, 4.0000, 6.0000])
     """
-    return _MinifloatSTE.apply(x, _as_tensor(scale, x), int(man_bits), int(bias), float(max_value))
+    scale = _as_tensor(scale, x)
+    if kernels.enabled(x):  # one fused CUDA kernel, same numerics
+        out = kernels.minifloat(x, scale, int(man_bits), int(bias), float(max_value))
+        if out is not None:
+            return out
+    return _MinifloatSTE.apply(x, scale, int(man_bits), int(bias), float(max_value))
 
 
 def e8m0_block_scale(amax: Tensor, elem_emax: int) -> Tensor:
@@ -524,6 +529,8 @@ def mx_quantize(
         Tensor of ``x``'s shape and dtype. Backward: the incoming gradient.
     """
     ax = axis % x.dim()
+    if kernels.enabled(x):  # one fused CUDA kernel: block maxima, scales and rounding
+        return kernels.mx(x, int(man_bits), int(bias), float(max_value), int(elem_emax), int(block_size), ax)
     xt = x.movedim(ax, -1)  # (..., n)
     n = xt.shape[-1]
     pad = (-n) % block_size
@@ -616,6 +623,10 @@ def lsq_quantize(x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: in
         >>> lsq_quantize(torch.tensor([0.26, -1.0, 9.0]), torch.tensor(0.5), None, 2, 1)
         tensor([ 0.5000, -1.0000,  0.5000])
     """
+    if kernels.enabled(x):  # one fused CUDA kernel each way, v and the rounding recomputed in backward
+        out = kernels.lsq(x, step, offset, int(qn), int(qp), float(grad_scale))
+        if out is not None:
+            return out
     return _LSQ.apply(x, step, offset, int(qn), int(qp), float(grad_scale))
 
 

@@ -55,6 +55,9 @@ __all__ = [
     "fake_quant_grid",
     "fake_quant_ranges",
     "interpreted",
+    "lsq",
+    "minifloat",
+    "mx",
     "observe_minmax",
     "triton_available",
 ]
@@ -264,6 +267,89 @@ def fake_quant_ranges(
     return _RangesFQ.apply(
         x, min_val, max_val, layout, int(n_levels), bool(symmetric), bool(power_of_two), fixed_zero_point, clip_grad
     )
+
+
+class _LSQFn(torch.autograd.Function):
+    """LSQ / LSQ+ in one kernel each way; backward recomputes ``v`` and the rounding from ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, step, offset, layout, qn, qp, grad_scale):  # type: ignore[override]
+        ctx.save_for_backward(x, step, offset)
+        ctx.args = (layout, qn, qp, grad_scale, None if offset is None else offset.shape)
+        return _impl(x.device).lsq_forward(x, step, offset, layout, qn, qp)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, step, offset = ctx.saved_tensors
+        layout, qn, qp, grad_scale, offset_shape = ctx.args
+        gx, ts, tb = _impl(x.device).lsq_backward(grad.contiguous(), x, step, offset, layout, qn, qp)
+        # Esser et al. 2020, eq. 3 and Bhalgat et al. 2020, reduced to the parameters' shapes
+        gs = ts.sum_to_size(step.shape) * grad_scale
+        gb = tb.sum_to_size(offset_shape) * grad_scale if tb is not None else None
+        return gx.to(grad.dtype), gs.to(step.dtype), gb, None, None, None, None
+
+
+def _param_layout(k: ModuleType, x: Tensor, *params: Tensor | None):
+    """The one kernel layout that every given parameter tensor fits, or ``None``."""
+    layout = None
+    for p in params:
+        if p is None:
+            continue
+        if p.device != x.device or p.dtype not in _DTYPES:
+            return None
+        pl = k.Layout.for_broadcast(x, p)
+        if pl is None or (layout is not None and (pl.gran, *pl.args()) != (layout.gran, *layout.args())):
+            return None
+        layout = pl
+    if layout is None or not _dense(x, layout.gran != k.PER_TENSOR):
+        return None
+    return layout
+
+
+def lsq(x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int, grad_scale: float) -> Tensor | None:
+    """:func:`~torchquant.lsq_quantize` in one kernel (forward) and one kernel plus sums (backward).
+
+    ``None`` when the parameters' shapes fit no kernel layout.
+    """
+    k = _impl(x.device)
+    layout = _param_layout(k, x, step, offset)
+    if layout is None:
+        return None
+    return _LSQFn.apply(x, step, offset, layout, int(qn), int(qp), float(grad_scale))
+
+
+class _STE(torch.autograd.Function):
+    """A kernel's output with the straight-through gradient ``d out / d x := 1``."""
+
+    @staticmethod
+    def forward(ctx, x, run):  # type: ignore[override]
+        return run()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, None
+
+
+def minifloat(x: Tensor, scale: Tensor, man_bits: int, bias: int, max_value: float) -> Tensor | None:
+    """:func:`~torchquant.minifloat_quantize` in one kernel, or ``None`` when ``scale`` fits no layout."""
+    k = _impl(x.device)
+    layout = _param_layout(k, x, scale)
+    if layout is None:
+        return None
+    return _STE.apply(x, lambda: k.minifloat(x, scale, layout, man_bits, bias, max_value))
+
+
+def mx(
+    x: Tensor, man_bits: int, bias: int, max_value: float, elem_emax: int, block_size: int, axis: int
+) -> Tensor | None:
+    """:func:`~torchquant.mx_quantize` in one kernel (blocks along ``axis``; other axes are moved first)."""
+    k = _impl(x.device)
+    moved = x.movedim(axis, -1).contiguous()  # (..., n), blocks along the last axis
+
+    def run() -> Tensor:
+        return k.mx(moved, man_bits, bias, max_value, elem_emax, block_size).movedim(-1, axis)
+
+    return _STE.apply(x, run)
 
 
 # --------------------------------------------------------------------------- observers

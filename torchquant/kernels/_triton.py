@@ -68,10 +68,21 @@ def _qparams(mn, mx, nlm1, fixed_zp, SYMMETRIC: tl.constexpr, POW2: tl.constexpr
 
 
 @triton.jit
-def _store(ptrs, out, mask, OUT_BF16: tl.constexpr):
+def _load(ptrs, mask, BF16: tl.constexpr):
+    # float32 values; bfloat16 comes through an int16 view and is widened on the bits (exact,
+    # subnormals included, where Triton's interpreter converts them wrongly).
+    if BF16:
+        bits = tl.load(ptrs, mask=mask, other=0)
+        return (bits.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store(ptrs, out, mask, BF16: tl.constexpr):
     # float32 -> bfloat16 rounds half to even on the bits (Triton's interpreter truncates),
     # stored through an int16 view of the output; NaN stays NaN.
-    if OUT_BF16:
+    if BF16:
         bits = out.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         bits = tl.where(out != out, 0x7FC0, bits)
@@ -123,32 +134,32 @@ def _params(offs, mask, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, R
 @triton.jit
 def _fake_quant_kernel(x_ptr, out_ptr, a_ptr, b_ptr, n, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
                        MODE: tl.constexpr, GRAN: tl.constexpr, SYMMETRIC: tl.constexpr, POW2: tl.constexpr,
-                       FIXED_ZP: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+                       FIXED_ZP: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    x = _load(x_ptr + offs, mask, BF16)
     delta, lo_c, hi_c = _params(offs, mask, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
                                 MODE, GRAN, SYMMETRIC, POW2, FIXED_ZP)
     v = tl.math.div_rn(x.to(tl.float32), delta)
     v = tl.where(v < lo_c, lo_c, v)  # comparisons keep NaN, as torch.clamp does
     v = tl.where(v > hi_c, hi_c, v)
     out = _round_half_even(v) * delta
-    _store(out_ptr + offs, out, mask, OUT_BF16)
+    _store(out_ptr + offs, out, mask, BF16)
 
 
 @triton.jit
 def _clip_grad_kernel(g_ptr, x_ptr, out_ptr, a_ptr, b_ptr, n, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
                       MODE: tl.constexpr, GRAN: tl.constexpr, SYMMETRIC: tl.constexpr, POW2: tl.constexpr,
-                      FIXED_ZP: tl.constexpr, BLOCK: tl.constexpr):
+                      FIXED_ZP: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
     # The clipped STE: the gradient where lo_code * step <= x <= hi_code * step, else 0.
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = _load(g_ptr + offs, mask, BF16)
+    x = _load(x_ptr + offs, mask, BF16)
     delta, lo_c, hi_c = _params(offs, mask, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
                                 MODE, GRAN, SYMMETRIC, POW2, FIXED_ZP)
     inside = (x >= lo_c * delta) & (x <= hi_c * delta)
-    tl.store(out_ptr + offs, g * inside.to(g.dtype), mask=mask)  # grad * mask: -0.0 and NaN as in torch
+    _store(out_ptr + offs, g * inside.to(tl.float32), mask, BF16)  # grad * mask: -0.0 and NaN as in torch
 
 
 @triton.jit
@@ -205,6 +216,135 @@ def _observe_kernel(bmin_ptr, bmax_ptr, min_ptr, max_ptr, ema_min_ptr, ema_max_p
             tl.store(nb_ptr, nb + 1)
 
 
+@triton.jit
+def _lsq_fwd_kernel(x_ptr, out_ptr, s_ptr, b_ptr, n, qn, qp, C, INNER, G, RO, RC, RI,
+                    GRAN: tl.constexpr, OFFSET: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
+    # clamp(round((x - b) / s), -qn, qp) * s + b, each operation rounded (no FMA), as on the CPU.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = _load(x_ptr + offs, mask, BF16)
+    s, b = _lsq_params(offs, mask, s_ptr, b_ptr, C, INNER, G, RO, RC, RI, GRAN, OFFSET)
+    v = tl.math.div_rn(x - b, s)  # b is +0.0 without an offset: x - 0.0 == x
+    q = _round_half_even(v)
+    q = tl.where(q < -qn, -qn, q)
+    q = tl.where(q > qp, qp, q)
+    out = q * s
+    if OFFSET:
+        out = out + b
+    _store(out_ptr + offs, out, mask, BF16)
+
+
+@triton.jit
+def _lsq_params(offs, mask, s_ptr, b_ptr, C, INNER, G, RO, RC, RI, GRAN: tl.constexpr, OFFSET: tl.constexpr):
+    if GRAN == 0:
+        s = tl.load(s_ptr).to(tl.float32)
+        b = s * 0.0
+        if OFFSET:
+            b = tl.load(b_ptr).to(tl.float32)
+    else:
+        p = _param_index(offs, C, INNER, G, RO, RC, RI)
+        s = tl.load(s_ptr + p, mask=mask, other=1.0).to(tl.float32)
+        b = s * 0.0
+        if OFFSET:
+            b = tl.load(b_ptr + p, mask=mask, other=0.0).to(tl.float32)
+    return s, b
+
+
+@triton.jit
+def _lsq_bwd_kernel(g_ptr, x_ptr, gx_ptr, ts_ptr, tb_ptr, s_ptr, b_ptr, n, qn, qp, C, INNER, G, RO, RC, RI,
+                    GRAN: tl.constexpr, OFFSET: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
+    # LSQ's gradients (Esser et al. 2020, eq. 3; Bhalgat et al. 2020), per element; the caller
+    # sums ts and tb to the parameters' shapes. v and q are recomputed from x, not stored.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = _load(x_ptr + offs, mask, BF16)
+    g = _load(g_ptr + offs, mask, BF16)
+    s, b = _lsq_params(offs, mask, s_ptr, b_ptr, C, INNER, G, RO, RC, RI, GRAN, OFFSET)
+    v = tl.math.div_rn(x - b, s)  # b is +0.0 without an offset: x - 0.0 == x
+    q = _round_half_even(v)
+    q = tl.where(q < -qn, -qn, q)
+    q = tl.where(q > qp, qp, q)
+    inside = (v >= -qn) & (v <= qp)
+    tl.store(gx_ptr + offs, g * inside.to(tl.float32), mask=mask)
+    tl.store(ts_ptr + offs, g * tl.where(inside, q - v, q), mask=mask)
+    if OFFSET:
+        tl.store(tb_ptr + offs, g * (~inside).to(tl.float32), mask=mask)
+
+
+@triton.jit
+def _pow2(k):
+    # 2 ** k for integer-valued float k in [-149, 127], exactly: the product of two normal powers.
+    k1 = tl.maximum(k, -126.0)
+    p1 = ((k1.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+    p2 = (((k - k1).to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+    return p1 * p2
+
+
+@triton.jit
+def _floor_log2(a):
+    # torch.frexp's exponent minus one for a >= 0, from the exponent field (subnormals scaled
+    # by 2 ** 64 first); zero, inf and NaN give -1 (frexp's exponent 0).
+    sub = a < 1.1754943508222875e-38
+    b = tl.where(sub, a * 18446744073709551616.0, a)
+    field = (b.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    e = (field - 127).to(tl.float32) - tl.where(sub, 64.0, 0.0)
+    return tl.where((field == 255) | (a == 0.0), -1.0, e)
+
+
+@triton.jit
+def _minifloat(y, man_bits, e_min, max_value):
+    # minifloat_round: round |y| on its binade's grid (ties to even), saturate, restore the sign.
+    ya = tl.abs(y)
+    e = tl.maximum(_floor_log2(ya), e_min)
+    step = _pow2(e - man_bits)
+    q = _round_half_even(tl.math.div_rn(ya, step)) * step
+    q = tl.where(q > max_value, max_value, q)
+    neg = (y.to(tl.int32, bitcast=True) >> 31) != 0
+    return tl.where(neg, -q, q)
+
+
+@triton.jit
+def _minifloat_kernel(x_ptr, out_ptr, s_ptr, n, man_bits, e_min, max_value, C, INNER, G, RO, RC, RI,
+                      GRAN: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = _load(x_ptr + offs, mask, BF16)
+    if GRAN == 0:
+        s = tl.load(s_ptr).to(tl.float32)
+    else:
+        s = tl.load(s_ptr + _param_index(offs, C, INNER, G, RO, RC, RI), mask=mask, other=1.0).to(tl.float32)
+    out = _minifloat(tl.math.div_rn(x, s), man_bits, e_min, max_value) * s
+    _store(out_ptr + offs, out, mask, BF16)
+
+
+@triton.jit
+def _nanmax(a, b):
+    # max that propagates NaN, as torch.amax
+    return tl.where((a > b) | (a != a), a, b)
+
+
+@triton.jit
+def _mx_kernel(x_ptr, out_ptr, n_blocks, row_len, blocks_per_row, block_size, man_bits, e_min, max_value, elem_emax,
+               NB: tl.constexpr, BS: tl.constexpr, BF16: tl.constexpr):
+    # NB blocks of block_size elements per program, on rows of row_len (the last block of a
+    # row zero-padded): the E8M0 scale from the block's max |x|, then the element format.
+    blk = tl.program_id(0) * NB + tl.arange(0, NB)
+    t = tl.arange(0, BS)
+    row = blk // blocks_per_row
+    col = (blk % blocks_per_row)[:, None] * block_size + t[None, :]
+    mask = (blk < n_blocks)[:, None] & (t < block_size)[None, :] & (col < row_len)
+    offs = row[:, None] * row_len + col
+    x = _load(x_ptr + offs, mask, BF16)
+    amax = tl.reduce(tl.abs(x), 1, _nanmax)
+    # e8m0_block_scale: 2 ** clamp(floor(log2(max(amax, tiny))) - emax, -127, 127), 2 ** -127 for 0
+    shared = _floor_log2(tl.maximum(amax, 1.1754943508222875e-38)) - elem_emax
+    shared = tl.where(amax > 0.0, shared, -127.0)
+    shared = tl.minimum(tl.maximum(shared, -127.0), 127.0)
+    scale = _pow2(shared)[:, None]
+    out = _minifloat(tl.math.div_rn(x, scale), man_bits, e_min, max_value) * scale
+    _store(out_ptr + offs, out, mask, BF16)
+
+
 # fmt: on
 # --------------------------------------------------------------------------- launchers
 
@@ -258,6 +398,11 @@ def _grid(n: int) -> tuple[int]:
     return (triton.cdiv(n, _BLOCK),)
 
 
+def _bits(t: Tensor) -> Tensor:
+    # What a kernel gets for a tensor: bfloat16 as its int16 bits (see _load / _store).
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
 def fake_quant(
     x: Tensor,
     a: Tensor,
@@ -276,10 +421,9 @@ def fake_quant(
     n = x.numel()
     if n == 0:
         return out
-    bf16 = x.dtype == torch.bfloat16
     _fake_quant_kernel[_grid(n)](
-        x,
-        out.view(torch.int16) if bf16 else out,
+        _bits(x),
+        _bits(out),
         a,
         a if b is None else b,
         n,
@@ -293,7 +437,7 @@ def fake_quant(
         SYMMETRIC=bool(symmetric),
         POW2=bool(power_of_two),
         FIXED_ZP=fixed_zp is not None,
-        OUT_BF16=bf16,
+        BF16=x.dtype == torch.bfloat16,
         BLOCK=_BLOCK,
     )
     return out
@@ -313,15 +457,15 @@ def clip_grad(
     power_of_two: bool = False,
     fixed_zp: float | None = None,
 ) -> Tensor:
-    """The gradient of the clipped STE: ``grad`` where ``x`` lies on the grid's range, else 0."""
+    """The gradient of the clipped STE: ``grad`` (``x``'s dtype) where ``x`` lies on the grid's range, else 0."""
     out = torch.empty_like(grad)
     n = grad.numel()
     if n == 0:
         return out
     _clip_grad_kernel[_grid(n)](
-        grad,
-        x,
-        out,
+        _bits(grad),
+        _bits(x),
+        _bits(out),
         a,
         a if b is None else b,
         n,
@@ -335,6 +479,7 @@ def clip_grad(
         SYMMETRIC=bool(symmetric),
         POW2=bool(power_of_two),
         FIXED_ZP=fixed_zp is not None,
+        BF16=x.dtype == torch.bfloat16,
         BLOCK=_BLOCK,
     )
     return out
@@ -373,3 +518,69 @@ def observe(
         BLOCK=_OBS_BLOCK,
         enable_fp_fusion=False,
     )
+
+
+def lsq_forward(x: Tensor, step: Tensor, offset: Tensor | None, layout: Layout, qn: int, qp: int) -> Tensor:
+    """LSQ / LSQ+ forward: ``clamp(round((x - offset) / step), -qn, qp) * step + offset``."""
+    out = torch.empty_like(x)
+    n = x.numel()
+    if n == 0:
+        return out
+    bf16 = x.dtype == torch.bfloat16
+    _lsq_fwd_kernel[_grid(n)](
+        _bits(x), _bits(out), step, step if offset is None else offset, n, float(qn), float(qp),
+        *layout.args(), GRAN=layout.gran, OFFSET=offset is not None, BF16=bf16, BLOCK=_BLOCK,
+        enable_fp_fusion=False,
+    )  # fmt: skip
+    return out
+
+
+def lsq_backward(
+    grad: Tensor, x: Tensor, step: Tensor, offset: Tensor | None, layout: Layout, qn: int, qp: int
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-element LSQ gradients: ``(d x, d step terms, d offset terms)``, the last two in float32."""
+    n = x.numel()
+    gx = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    ts = torch.empty_like(gx)
+    tb = torch.empty_like(gx) if offset is not None else None
+    if n:
+        _lsq_bwd_kernel[_grid(n)](
+            _bits(grad), _bits(x), gx, ts, ts if tb is None else tb, step, step if offset is None else offset, n,
+            float(qn), float(qp), *layout.args(), GRAN=layout.gran, OFFSET=offset is not None,
+            BF16=x.dtype == torch.bfloat16, BLOCK=_BLOCK,
+            enable_fp_fusion=False,
+        )  # fmt: skip
+    return gx, ts, tb
+
+
+def minifloat(x: Tensor, scale: Tensor, layout: Layout, man_bits: int, bias: int, max_value: float) -> Tensor:
+    """``minifloat_round(x / scale) * scale`` (see :func:`torchquant.minifloat_quantize`)."""
+    out = torch.empty_like(x)
+    n = x.numel()
+    if n == 0:
+        return out
+    bf16 = x.dtype == torch.bfloat16
+    _minifloat_kernel[_grid(n)](
+        _bits(x), _bits(out), scale, n, float(man_bits), float(1 - bias), float(max_value),
+        *layout.args(), GRAN=layout.gran, BF16=bf16, BLOCK=_BLOCK,
+    )  # fmt: skip
+    return out
+
+
+def mx(x: Tensor, man_bits: int, bias: int, max_value: float, elem_emax: int, block_size: int) -> Tensor:
+    """MX fake quantization of contiguous ``x`` in blocks along its last axis (see :func:`torchquant.mx_quantize`)."""
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        return out
+    row_len = x.shape[-1]
+    rows = x.numel() // row_len
+    per_row = triton.cdiv(row_len, block_size)
+    n_blocks = rows * per_row
+    bs = triton.next_power_of_2(block_size)
+    nb = max(1, min(64, 2048 // bs))
+    bf16 = x.dtype == torch.bfloat16
+    _mx_kernel[(triton.cdiv(n_blocks, nb),)](
+        _bits(x), _bits(out), n_blocks, row_len, per_row, block_size, float(man_bits),
+        float(1 - bias), float(max_value), float(elem_emax), NB=nb, BS=bs, BF16=bf16,
+    )  # fmt: skip
+    return out
