@@ -254,8 +254,14 @@ class _GradientClip(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x, lo, hi = ctx.saved_tensors
         # d out / d x = 1 inside [lo, hi] (bounds included), 0 strictly outside.
-        inside = (x >= lo) & (x <= hi)
-        return grad * inside, None, None
+        return grad * _inside(x, lo, hi), None, None
+
+
+def _inside(x: Tensor, lo: Tensor | float, hi: Tensor | float) -> Tensor:
+    """``lo <= x <= hi``, compared in :func:`compute_dtype` (a 0-d float32 bound would otherwise
+    be rounded to a float16 ``x``'s dtype by type promotion)."""
+    xd = _cast(x, compute_dtype(x))
+    return (xd >= lo) & (xd <= hi)
 
 
 def gradient_clip(x: Tensor, range_min: Tensor | float, range_max: Tensor | float) -> Tensor:

@@ -436,11 +436,12 @@ def _grid_setup(ctx, inputs, output):
 def _grid_backward(ctx, grad):
     if not ctx.clip:  # straight-through: d out / d x := 1
         return grad, None, None, None, None, None
+    from ..quantizers_functional import _inside
+
     x, scale, zero_point = ctx.saved_tensors
     zp = 0.0 if zero_point is None else zero_point
     # d out / d x := 1 where (lo - zp) * scale <= x <= (hi - zp) * scale, else 0
-    inside = (x >= (ctx.lo - zp) * scale) & (x <= (ctx.hi - zp) * scale)
-    return grad * inside, None, None, None, None, None
+    return grad * _inside(x, -(zp - ctx.lo) * scale, (ctx.hi - zp) * scale), None, None, None, None, None
 
 
 _op_fake_quant_grid.register_autograd(_grid_backward, setup_context=_grid_setup)
@@ -502,14 +503,13 @@ def _ranges_backward(ctx, grad):
     none = (None,) * 9
     if not ctx.clip:  # straight-through: d out / d x := 1
         return grad, *none
-    from ..quantizers_functional import affine_qparams
+    from ..quantizers_functional import _inside, affine_qparams
 
     x, mn, mx = ctx.saved_tensors
     n_levels, symmetric, pow2, g, fixed = ctx.args
     delta, zp = affine_qparams(g.expand(mn), g.expand(mx), n_levels, symmetric, pow2, fixed)
     # d out / d x := 1 where -zp * delta <= x <= (n_levels - 1 - zp) * delta, else 0
-    inside = (x >= -zp * delta) & (x <= (n_levels - 1 - zp) * delta)
-    return grad * inside, *none
+    return grad * _inside(x, -zp * delta, (n_levels - 1 - zp) * delta), *none
 
 
 _op_fake_quant_ranges.register_autograd(_ranges_backward, setup_context=_ranges_setup)
