@@ -92,7 +92,20 @@ def enabled(x: Tensor) -> bool:
 def _impl(device: torch.device) -> ModuleType:
     if device.type == "cpu":
         return interpreted()
+    return _compiled()
+
+
+@functools.cache
+def _compiled() -> ModuleType:
     return importlib.import_module("torchquant.kernels._triton")
+
+
+@functools.lru_cache(maxsize=1024)
+def _ranges_layout(shape: torch.Size, granularity: Granularity, interpret: bool):
+    """``(compact shape, Layout)`` of ``granularity`` on a tensor of ``shape`` (cached: the QAT hot path)."""
+    k = interpreted() if interpret else _compiled()
+    compact = granularity.compact_shape(shape)
+    return compact, k.Layout.for_granularity(shape, granularity.axis, granularity.group_size)
 
 
 @functools.cache
@@ -256,12 +269,11 @@ def fake_quant_ranges(
         ValueError: the ranges do not have the compact shape ``granularity`` gives ``x``.
     """
     k = _impl(x.device)
-    shape = granularity.compact_shape(x.shape)
-    if tuple(min_val.shape) != shape or tuple(max_val.shape) != shape:
+    shape, layout = _ranges_layout(x.shape, granularity, x.device.type == "cpu")
+    if min_val.shape != shape or max_val.shape != shape:
         raise ValueError(
             f"ranges of shape {tuple(min_val.shape)} do not fit a tensor of shape {tuple(x.shape)} at {granularity}"
         )
-    layout = k.Layout.for_granularity(x.shape, granularity.axis, granularity.group_size)
     if not _dense(x, layout.gran != k.PER_TENSOR) or min_val.dtype != torch.float32 or min_val.device != x.device:
         return None
     return _RangesFQ.apply(
