@@ -80,13 +80,11 @@ def enabled(x: Tensor) -> bool:
     Under ``torch.compile``, ``torch.jit`` or ``torch.fx`` tracing the plain torch path is
     recorded instead, so that the compiler can fuse it.
     """
-    return (
-        x.device.type in _DEVICES
-        and x.dtype in _DTYPES
-        and x.numel() < 2**31
-        and triton_available()
-        and not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _fx_tracing())
-    )
+    # Tracing first: under torch.compile the rest is never traced (dynamo would break the graph
+    # on triton_available's import machinery).
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _fx_tracing():
+        return False
+    return x.device.type in _DEVICES and x.dtype in _DTYPES and x.numel() < 2**31 and triton_available()
 
 
 def _impl(device: torch.device) -> ModuleType:
