@@ -1,0 +1,135 @@
+"""Host-side cost of one quantization call on a GPU, layer by layer: where the microseconds go.
+
+On a GPU a fake quantization of a few million elements takes tens of microseconds of kernel
+time, so the Python and launch path in front of it decides the speed of an eager QAT step.
+This script issues each call ``--calls`` times without synchronising and divides the host
+time by the count (the GPU queue absorbs the kernels), then prints the same calls timed one
+by one between synchronisations:
+
+* floors: ``torch.empty_like``, ``x.clone()``, torch's fused fake quant, an empty Triton
+  kernel with one pointer and with twenty arguments;
+* torchquant's layers: the Triton launcher alone (``kernels._triton.fake_quant``),
+  ``affine_quantize``, ``AffineQuantizer.quantize`` (grid from the observer's ranges),
+  ``observe_batch`` (``aminmax`` plus the update kernel), the whole QAT call, and a
+  ``QWrapper`` forward in QUANT_AWARE_TRAIN.
+
+    python benchmarks/launch_overhead.py [--device cuda] [--numel 1048576] [--calls 2000]
+
+On the CPU (no Triton path) it prints the torch path's host cost for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import torchquant as tq
+from torchquant import kernels
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def host_us(fn: Callable[[], object], calls: int, dev: torch.device) -> float:
+    """Host microseconds per call, calls queued back to back."""
+    for _ in range(20):
+        fn()
+    _sync(dev)
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = time.perf_counter() - t
+    _sync(dev)
+    return host / calls * 1e6
+
+
+def synced_us(fn: Callable[[], object], calls: int, dev: torch.device) -> float:
+    """Wall microseconds per call, each call followed by a synchronisation."""
+    times = []
+    for _ in range(min(calls, 200)):
+        _sync(dev)
+        t = time.perf_counter()
+        fn()
+        _sync(dev)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2] * 1e6
+
+
+def _empty_kernels():
+    import triton
+
+    def empty1(p):
+        pass
+
+    def empty20(p, q, r, s, a, b, c, d, e, f, g, h, i, j, k, m, n, o, u, v):
+        pass
+
+    return triton.jit(empty1), triton.jit(empty20)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--numel", type=int, default=1 << 20)
+    parser.add_argument("--calls", type=int, default=2000)
+    args = parser.parse_args()
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    x = torch.randn(args.numel, device=dev)
+    d, z = torch.tensor(0.05, device=dev), torch.tensor(128.0, device=dev)
+    zi = torch.tensor(128, dtype=torch.int32, device=dev)
+    rows: list[tuple[str, Callable[[], object]]] = [
+        ("torch.empty_like", lambda: torch.empty_like(x)),
+        ("x.clone()", lambda: x.clone()),
+        ("torch.fake_quantize_per_tensor_affine", lambda: torch.fake_quantize_per_tensor_affine(x, d, zi, 0, 255)),
+    ]
+    kernel_path = dev.type == "cuda" and kernels.triton_available()
+    if kernel_path:
+        empty1, empty20 = _empty_kernels()
+        k = kernels._compiled()
+        layout = k.Layout.for_broadcast(x, d)
+        rows += [
+            ("triton: empty kernel, 1 pointer", lambda: empty1[(1,)](x)),
+            ("triton: empty kernel, 20 arguments", lambda: empty20[(1,)](x, x, x, x, *range(1, 17))),
+            ("kernels._triton.fake_quant (launcher)", lambda: k.fake_quant(x, d, z, layout, k.MODE_GRID, 0.0, 255.0)),
+        ]
+    q = tq.AffineQuantizer(8, tq.ExpAvgMinMax()).to(dev)
+    q.pre_observe(x)
+    q.pre_observe(x)  # the second observation takes the kernel path on a GPU
+
+    def qat_call():
+        q.pre_observe(x)
+        return q(x)
+
+    w = tq.QWrapper(
+        nn.Conv2d(64, 64, 3, padding=1),
+        tq.AffineQuantizer(8, tq.BatchMinMax(axis=0), symmetric=True),
+        tq.AffineQuantizer(8, tq.ExpAvgMinMax()),
+    ).to(dev)
+    tq.set_qmodule_state(w, tq.QModuleState.QUANT_AWARE_TRAIN)
+    xc = torch.randn(8, 64, 16, 16, device=dev)
+    w(xc)
+    rows += [
+        ("tq.affine_quantize", lambda: tq.affine_quantize(x, d, z, 256)),
+        ("AffineQuantizer.quantize", lambda: q(x)),
+        ("RangeObserver.observe_batch (ExpAvgMinMax)", lambda: q.range_observer.observe_batch(x)),
+        ("QAT call (observe + quantize)", qat_call),
+        ("QWrapper conv3x3 64ch, QAT forward", lambda: w(xc)),
+        ("same conv3x3 alone (float)", lambda: w.layer(xc)),
+    ]
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {where}, {args.numel} elements, kernel path: {kernel_path}")
+    print(f"{'call':<46} {'host us/call':>13} {'synced us':>10}")
+    for name, fn in rows:
+        print(f"{name:<46} {host_us(fn, args.calls, dev):>13.1f} {synced_us(fn, args.calls, dev):>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
