@@ -128,7 +128,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {where}, {args.numel} elements, kernel path: {kernel_path}")
     print(f"{'call':<46} {'host us/call':>13} {'synced us':>10}")
     for name, fn in rows:
-        print(f"{name:<46} {host_us(fn, args.calls, dev):>13.1f} {synced_us(fn, args.calls, dev):>10.1f}")
+        try:
+            print(f"{name:<46} {host_us(fn, args.calls, dev):>13.1f} {synced_us(fn, args.calls, dev):>10.1f}")
+        except Exception as e:  # a diagnostic: report the row and go on
+            print(f"{name:<46} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
 if __name__ == "__main__":
