@@ -206,19 +206,11 @@ class RangeObserver(nn.Module):
         if self._nonfinite is None or self._nonfinite.device != dev:
             self._nonfinite = torch.zeros((), dtype=torch.int32, device=dev)
         self._unreported = True
-        kernels.observe_minmax(
-            kind,
-            mn,
-            mx,
-            self.min_val,
-            self.max_val,
-            self._nonfinite,
-            num_batches=getattr(self, "num_batches", None),
-            ema_min=getattr(self, "ema_min", None),
-            ema_max=getattr(self, "ema_max", None),
-            decay=getattr(self, "decay", None),
-            momentum=getattr(self, "momentum", 0.0),
-        )
+        kernels.observe_minmax(kind, mn, mx, self.min_val, self.max_val, self._nonfinite, **self._kernel_state())
+
+    def _kernel_state(self) -> dict:
+        """The state :func:`torchquant.kernels.observe_minmax` updates besides the ranges."""
+        return {}
 
     def _raise_deferred(self) -> None:
         # The kernel path's finiteness check, read on the host here (one sync) and only
@@ -293,6 +285,9 @@ class RunningMinMax(RangeObserver):
         super().force_ranges(min_val, max_val)
         self.num_batches.fill_(1)
 
+    def _kernel_state(self) -> dict:
+        return {"num_batches": self.num_batches}
+
     def reset(self) -> None:
         super().reset()
         self.num_batches = torch.zeros((), dtype=torch.long, device=self.num_batches.device)
@@ -357,6 +352,15 @@ class ExpAvgMinMax(RangeObserver):
         correction = 1.0 - self.decay  # ()
         torch.div(self.ema_min, correction, out=self.min_val)
         torch.div(self.ema_max, correction, out=self.max_val)
+
+    def _kernel_state(self) -> dict:
+        return {
+            "num_batches": self.num_batches,
+            "ema_min": self.ema_min,
+            "ema_max": self.ema_max,
+            "decay": self.decay,
+            "momentum": self.momentum,
+        }
 
     def force_ranges(self, min_val: Tensor | float, max_val: Tensor | float) -> None:
         super().force_ranges(min_val, max_val)
