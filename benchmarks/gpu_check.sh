@@ -104,7 +104,7 @@ say "== deploy.py (beside the tests, ${pin_deploy[*]:-unpinned}): $(tail -1 "$ou
 grep -E "^CPU:|^ +(1|16) |target:|check_parity" "$out/deploy.txt" | tee -a "$summary"
 
 # 2. fake-quantization table
-stage "fake_quant.py --device cuda" fake_quant_cuda.txt 60 170 python3 benchmarks/fake_quant.py --device cuda
+stage "fake_quant.py --device cuda" fake_quant_cuda.txt 90 150 python3 benchmarks/fake_quant.py --device cuda
 grep -E "^(per-|QAT)" "$out/fake_quant_cuda.txt" >>"$summary"
 
 # 3. eager QAT step, resnet50 batch 64: time against torch.ao, peak memory
