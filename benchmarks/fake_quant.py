@@ -11,7 +11,10 @@ Prints median wall-clock times (ms) and ratios measured in this one run, with
 
 Targets (issue 2): per-tensor fwd <= 0.7x, fwd+bwd <= 0.5x, per-channel fwd <= 0.5x,
 QAT call <= 0.8x. The targets are for the CPU; ``--device cuda`` prints the same table
-on a GPU (times between device synchronizations), where they are not judged.
+on a GPU (times between device synchronizations), where they are not judged, with three
+more rows: the per-tensor forward and the QAT call under ``torch.compile``, and a per-group
+forward (a 512x4608 weight in groups of 128 against torch's per-channel op on the
+``(18432, 128)`` view, one channel per group).
 
     python benchmarks/fake_quant.py [--repeats 21] [--device cuda]
 """
@@ -45,6 +48,22 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
         _sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e3
+
+
+def per_group_row(r: int) -> tuple[str, float, float, str, None]:
+    """Per-group forward on a 512x4608 weight, groups of 128 along its rows (CUDA table only).
+
+    torchquant: ``affine_quantize`` on the ``(512, 36, 128)`` view with ``(512, 36, 1)`` scales and
+    zero points; torch: its per-channel fused op on the ``(18432, 128)`` view, one channel per group.
+    """
+    w = torch.randn(512, 36, 128)
+    sc = torch.rand(512, 36, 1) * 0.01 + 0.005
+    zc = torch.randint(0, 256, (512, 36, 1), dtype=torch.int32)
+    zf = zc.float()
+    ours = median_ms(lambda: affine_quantize(w, sc, zf, 256), r)
+    w2, sc2, zc2 = w.view(-1, 128), sc.view(-1), zc.view(-1)
+    theirs = median_ms(lambda: torch.fake_quantize_per_channel_affine(w2, sc2, zc2, 0, 0, 255), r)
+    return "per-group forward, 512x4608 g128", ours, theirs, "torch per-channel op, a channel per group", None
 
 
 def main() -> None:
@@ -101,8 +120,11 @@ def main() -> None:
     theirs = median_ms(lambda: torch.fake_quantize_per_channel_affine(w, sc, zc, 0, 0, 255), r)
     rows.append(("per-channel forward, 512x512x3x3", ours, theirs, "torch.fake_quantize_per_channel_affine", 0.5))
     rows.append(("per-channel forward, 512x512x3x3", ours, median_ms(lambda: w.clone(), r), "w.clone()", None))
+    if dev.type == "cuda":
+        rows.append(per_group_row(r))
 
     # QAT call: observe + quantize
+    fq_name = "FusedMovingAvgObsFakeQuantize"
     q = AffineQuantizer(8, ExpAvgMinMax())
     fq = FusedMovingAvgObsFakeQuantize().to(dev)
 
@@ -110,15 +132,11 @@ def main() -> None:
         q.pre_observe(x)
         return q(x)
 
-    rows.append(
-        (
-            "QAT call (observe+quantize), 16M",
-            median_ms(ours_qat, r),
-            median_ms(lambda: fq(x), r),
-            "FusedMovingAvgObsFakeQuantize",
-            0.8,
-        )
-    )
+    theirs_qat = median_ms(lambda: fq(x), r)
+    rows.append(("QAT call (observe+quantize), 16M", median_ms(ours_qat, r), theirs_qat, fq_name, 0.8))
+    if dev.type == "cuda":  # the same call compiled (observer update and quantization in inductor's kernels)
+        qat_compiled = torch.compile(ours_qat)
+        rows.append(("QAT call compiled, 16M", median_ms(qat_compiled, r), theirs_qat, fq_name, None))
 
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, median of {r} runs (ms)\n")
