@@ -6,11 +6,13 @@
 #
 # Stages, in order of priority; each has a time box (timeout), a failing or timed-out stage does
 # not stop the others, and the whole run ends by DEADLINE seconds (460 unless set):
-#  1. tests/test_cuda.py (4 workers): every quantizer, observer and workflow on the GPU against
-#     the CPU, host-sync and CUDA-graph checks of the QAT path;          test_cuda.log
+#  1. tests/test_cuda.py and tests/test_kernels.py (4 workers): every quantizer, observer and
+#     workflow on the GPU against the CPU, host-sync and CUDA-graph checks of the QAT path, the
+#     Triton kernels against the CPU value for value;                    test_cuda.log
 #     at the same time, pinned to one core the tests leave free:
 #     benchmarks/deploy.py, onnxruntime int8 vs float32 on the host CPU;  deploy.txt
-#  2. benchmarks/fake_quant.py --device cuda: the fake-quantization table; fake_quant_cuda.txt
+#  2. benchmarks/fake_quant.py --device cuda: the fake-quantization table, then
+#     benchmarks/launch_overhead.py: host microseconds per call, layer by layer; fake_quant_cuda.txt
 #  3. benchmarks/qat_step.py --device cuda --arch resnet50 --batch 64 --no-compile: eager QAT
 #     step time and peak step memory against float32 and torch.ao;       qat_resnet50_b64.txt
 #  4. benchmarks/qat_step.py --device cuda --arch resnet18 --batch 128, compiled float32,
@@ -105,7 +107,8 @@ stage() {
     fi
 ) &
 deploy_pid=$!
-OMP_NUM_THREADS=3 stage "CUDA tests" test_cuda.log 180 200 "${pin_tests[@]}" python3 -m pytest tests/test_cuda.py -v \
+OMP_NUM_THREADS=3 stage "CUDA tests" test_cuda.log 180 200 "${pin_tests[@]}" python3 -m pytest tests/test_cuda.py \
+    tests/test_kernels.py -v \
     "${xdist4[@]}" -p no:cacheprovider --durations=10 -rfE
 grep -E "passed|failed|error" "$out/test_cuda.log" | tail -1 | tee -a "$summary"
 grep -oE "(FAILED|ERROR) tests/[^ ]*" "$out/test_cuda.log" | sort -u | head -40 | tee -a "$summary"
@@ -115,7 +118,8 @@ say "== deploy.py (beside the tests, ${pin_deploy[*]:-unpinned}): $(tail -1 "$ou
 grep -E "^CPU:|^ +(1|16) |target:|check_parity" "$out/deploy.txt" | tee -a "$summary"
 
 # 2. fake-quantization table
-stage "fake_quant.py --device cuda" fake_quant_cuda.txt 90 150 python3 benchmarks/fake_quant.py --device cuda
+stage "fake_quant.py + launch_overhead.py --device cuda" fake_quant_cuda.txt 110 150 bash -c \
+    "python3 benchmarks/fake_quant.py --device cuda && python3 benchmarks/launch_overhead.py --device cuda --calls 1000"
 grep -E "^(per-|QAT)" "$out/fake_quant_cuda.txt" >>"$summary"
 
 # 3. eager QAT step, resnet50 batch 64: time against torch.ao, peak memory
