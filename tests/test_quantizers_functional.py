@@ -246,3 +246,27 @@ def test_compiled_primitive_has_the_eager_gradient_and_no_inplace_forward(name):
     yc.backward(g)
     assert torch.equal(xc.grad, xe.grad)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((0.0, 0, 16), "positive"),
+        ((-0.5, 0, 16), "positive"),
+        ((float("nan"), 0, 16), "positive"),
+        ((0.5, 0, 1), "n_levels"),
+        ((0.5, 0, 16.0), "n_levels"),
+        ((0.5, 2.5, 16), "integer"),
+    ],
+    ids=["zero-step", "negative-step", "nan-step", "one-level", "float-levels", "fractional-zero-point"],
+)
+def test_affine_quantize_rejects_a_degenerate_grid(args, match):
+    with pytest.raises(ValueError, match=match):
+        affine_quantize(torch.randn(4), *args)
+
+
+def test_qfmt_quantize_rejects_a_degenerate_grid():
+    with pytest.raises(ValueError, match="positive"):
+        qfmt_quantize(torch.randn(4), 0.0, -8, 7)
+    with pytest.raises(ValueError, match="below"):
+        qfmt_quantize(torch.randn(4), 0.5, 7, 7)

@@ -17,6 +17,8 @@ parameters here; quantizers that learn their grid (LSQ, PACT) build on
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -157,10 +159,16 @@ def affine_quantize(x: Tensor, delta: Tensor | float, zero_point: Tensor | float
         Tensor of ``x``'s shape and dtype, on the grid. Backward: the incoming
         gradient for ``x`` (no gradient to ``delta`` or ``zero_point``).
 
+    Raises:
+        ValueError: ``n_levels`` is not an int of at least 2, or a number ``delta`` is not
+            positive and finite, or a number ``zero_point`` is not an integer. (Tensor
+            arguments are not inspected: that would wait for the device.)
+
     Example:
         >>> affine_quantize(torch.tensor([0.26, -1.0, 9.0]), 0.5, 2, 8)
         tensor([ 0.5000, -1.0000,  2.5000])
     """
+    _check_grid_numbers("affine_quantize", delta, zero_point, n_levels)
     if kernels.enabled(x):  # one fused CUDA kernel, same numerics
         out = kernels.fake_quant_grid(x, delta, zero_point, 0.0, n_levels - 1)
         if out is not None:
@@ -170,6 +178,15 @@ def affine_quantize(x: Tensor, delta: Tensor | float, zero_point: Tensor | float
     # exact in floating point because zp is an integer.
     zp = _bound(zero_point)
     return _FakeQuantSTE.apply(x, delta, -zp, (n_levels - 1) - zp)
+
+
+def _check_grid_numbers(who: str, delta: Tensor | float, zero_point: Tensor | float | None, n_levels: int) -> None:
+    if isinstance(n_levels, bool) or not isinstance(n_levels, int) or n_levels < 2:
+        raise ValueError(f"{who}: n_levels must be an int >= 2 (2 ** n_bits), got {n_levels!r}")
+    if not isinstance(delta, Tensor) and not (math.isfinite(delta) and delta > 0):
+        raise ValueError(f"{who}: the step delta must be positive and finite, got {delta!r}")
+    if zero_point is not None and not isinstance(zero_point, Tensor) and float(zero_point) != round(zero_point):
+        raise ValueError(f"{who}: the zero point must be an integer, got {zero_point!r}")
 
 
 def _next_power_of_two(d: Tensor) -> Tensor:
@@ -230,10 +247,18 @@ def qfmt_quantize(x: Tensor, delta: Tensor | float, min_int: int | Tensor, max_i
         min_int: smallest integer, e.g. ``-2 ** (n - 1)`` signed or ``0`` unsigned.
         max_int: largest integer, e.g. ``2 ** (n - 1) - 1`` signed.
 
+    Raises:
+        ValueError: a number ``delta`` is not positive and finite, or number bounds with
+            ``min_int >= max_int``.
+
     Example:
         >>> qfmt_quantize(torch.tensor([3.9, 7.2, -10.0]), 2.0, -8, 7)
         tensor([  4.,   8., -10.])
     """
+    if not isinstance(delta, Tensor) and not (math.isfinite(delta) and delta > 0):
+        raise ValueError(f"qfmt_quantize: the step delta must be positive and finite, got {delta!r}")
+    if not isinstance(min_int, Tensor) and not isinstance(max_int, Tensor) and not min_int < max_int:
+        raise ValueError(f"qfmt_quantize: min_int must be below max_int, got {min_int!r} and {max_int!r}")
     if kernels.enabled(x) and not isinstance(min_int, Tensor) and not isinstance(max_int, Tensor):
         out = kernels.fake_quant_grid(x, delta, None, min_int, max_int)
         if out is not None:
