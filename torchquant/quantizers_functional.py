@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from .granularity import Granularity
 
 __all__ = [
     "affine_qparams",
@@ -45,6 +46,7 @@ __all__ = [
 ]
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _EPS = torch.finfo(torch.float32).eps
 _fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
 
@@ -674,3 +676,102 @@ def inverse_rectified_sigmoid(h: Tensor, zeta: float = 1.1, gamma: float = -0.1)
     """The ``V`` with ``rectified_sigmoid(V) == h`` for ``h`` in ``(0, 1)`` (``h`` is clamped to that first)."""
     h = h.clamp(1e-6, 1.0 - 1e-6)
     return -torch.log((zeta - gamma) / (h - gamma) - 1.0)
+
+
+# --------------------------------------------------------------------------- custom ops
+# One opaque op each for graphs (torch.export, torch.compile with the op called directly):
+# the CUDA kernel where it applies, the torch path elsewhere, the STE as registered autograd.
+
+
+def _reference_grid(x: Tensor, scale: Tensor, zero_point: Tensor | None, lo: float, hi: float) -> Tensor:
+    if zero_point is None:
+        return _fake_quant(x, scale, lo, hi)
+    return _fake_quant(x, scale, -(zero_point - lo), hi - zero_point)
+
+
+@torch.library.custom_op("torchquant::fake_quant_grid", mutates_args=())
+def _op_fake_quant_grid(
+    x: Tensor, scale: Tensor, zero_point: Tensor | None, lo: float, hi: float, clip_grad: bool
+) -> Tensor:
+    if x.is_cuda and kernels.triton_available() and x.dtype in _KERNEL_DTYPES:
+        with torch.no_grad():
+            out = kernels.fake_quant_grid(x, scale, zero_point, lo, hi)
+        if out is not None:
+            return out
+    return _reference_grid(x, scale, zero_point, lo, hi)
+
+
+@_op_fake_quant_grid.register_fake
+def _(x, scale, zero_point, lo, hi, clip_grad):
+    return torch.empty_like(x)
+
+
+def _grid_setup(ctx, inputs, output):
+    x, scale, zero_point, lo, hi, clip_grad = inputs
+    ctx.lo, ctx.hi, ctx.clip = lo, hi, clip_grad
+    if clip_grad:
+        ctx.save_for_backward(x, scale, zero_point)
+
+
+def _grid_backward(ctx, grad):
+    if not ctx.clip:  # straight-through: d out / d x := 1
+        return grad, None, None, None, None, None
+    x, scale, zero_point = ctx.saved_tensors
+    zp = 0.0 if zero_point is None else zero_point
+    # d out / d x := 1 where (lo - zp) * scale <= x <= (hi - zp) * scale, else 0
+    return grad * _inside(x, -(zp - ctx.lo) * scale, (ctx.hi - zp) * scale), None, None, None, None, None
+
+
+_op_fake_quant_grid.register_autograd(_grid_backward, setup_context=_grid_setup)
+
+
+@torch.library.custom_op("torchquant::fake_quant_ranges", mutates_args=())
+def _op_fake_quant_ranges(
+    x: Tensor,
+    min_val: Tensor,
+    max_val: Tensor,
+    n_levels: int,
+    symmetric: bool,
+    power_of_two: bool,
+    axis: int | None,
+    group_size: int | None,
+    fixed_zero_point: float | None,
+    clip_grad: bool,
+) -> Tensor:
+    g = Granularity(axis=axis, group_size=group_size)
+    if x.is_cuda and kernels.triton_available() and x.dtype in _KERNEL_DTYPES:
+        with torch.no_grad():
+            out = kernels.fake_quant_ranges(x, min_val, max_val, g, n_levels, symmetric, power_of_two, fixed_zero_point)
+        if out is not None:
+            return out
+    delta, zp = affine_qparams(
+        g.expand(min_val), g.expand(max_val), n_levels, symmetric, power_of_two, fixed_zero_point
+    )
+    return _reference_grid(x, delta, zp, 0.0, float(n_levels - 1))
+
+
+@_op_fake_quant_ranges.register_fake
+def _(x, min_val, max_val, n_levels, symmetric, power_of_two, axis, group_size, fixed_zero_point, clip_grad):
+    return torch.empty_like(x)
+
+
+def _ranges_setup(ctx, inputs, output):
+    x, min_val, max_val, n_levels, symmetric, power_of_two, axis, group_size, fixed_zero_point, clip_grad = inputs
+    ctx.args = (n_levels, symmetric, power_of_two, Granularity(axis=axis, group_size=group_size), fixed_zero_point)
+    ctx.clip = clip_grad
+    if clip_grad:
+        ctx.save_for_backward(x, min_val, max_val)
+
+
+def _ranges_backward(ctx, grad):
+    none = (None,) * 9
+    if not ctx.clip:  # straight-through: d out / d x := 1
+        return grad, *none
+    x, mn, mx = ctx.saved_tensors
+    n_levels, symmetric, pow2, g, fixed = ctx.args
+    delta, zp = affine_qparams(g.expand(mn), g.expand(mx), n_levels, symmetric, pow2, fixed)
+    # d out / d x := 1 where -zp * delta <= x <= (n_levels - 1 - zp) * delta, else 0
+    return grad * _inside(x, -zp * delta, (n_levels - 1 - zp) * delta), *none
+
+
+_op_fake_quant_ranges.register_autograd(_ranges_backward, setup_context=_ranges_setup)

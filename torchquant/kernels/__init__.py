@@ -27,9 +27,10 @@ kernel that recomputes the mask from ``x`` instead of storing it.
 Eager calls reach the kernels through ``torch.autograd.Function`` (about 4 us of Python
 per call, against 23 us through the dispatcher). The same computations are registered as
 the custom ops ``torch.ops.torchquant.fake_quant_grid`` and
-``torch.ops.torchquant.fake_quant_ranges`` (with fake tensors and autograd) for code that
-wants one opaque op in a graph. Under ``torch.compile`` the quantizers keep emitting plain
-torch operations, which inductor fuses with their neighbours.
+``torch.ops.torchquant.fake_quant_ranges`` (in :mod:`torchquant.quantizers_functional`,
+with fake tensors and autograd) for code that wants one opaque op in a graph. Under
+``torch.compile`` the quantizers keep emitting plain torch operations, which inductor fuses
+with their neighbours.
 
 CI has no GPU: the tests run the same kernel source on CPU tensors through Triton's
 interpreter (:func:`interpreted`) and compare it with the CPU path bit for bit.
@@ -401,125 +402,3 @@ def observe_minmax(
         decay,
         momentum,
     )
-
-
-# --------------------------------------------------------------------------- custom ops
-# One opaque op each for graphs (torch.export, torch.compile with the op called directly):
-# the CUDA kernel where it applies, the torch path elsewhere, the STE as registered autograd.
-
-
-def _reference_grid(x: Tensor, scale: Tensor, zero_point: Tensor | None, lo: float, hi: float) -> Tensor:
-    from ..quantizers_functional import _fake_quant
-
-    if zero_point is None:
-        return _fake_quant(x, scale, lo, hi)
-    return _fake_quant(x, scale, -(zero_point - lo), hi - zero_point)
-
-
-@torch.library.custom_op("torchquant::fake_quant_grid", mutates_args=())
-def _op_fake_quant_grid(
-    x: Tensor, scale: Tensor, zero_point: Tensor | None, lo: float, hi: float, clip_grad: bool
-) -> Tensor:
-    if x.is_cuda and x.dtype in _DTYPES and triton_available():
-        k = _impl(x.device)
-        layout = k.Layout.for_broadcast(x, scale)
-        zl = None if zero_point is None else k.Layout.for_broadcast(x, zero_point)
-        fits = layout is not None and (zero_point is None or (zl is not None and zl.args() == layout.args()))
-        if fits and _dense(x, layout.gran != k.PER_TENSOR):
-            mode = k.MODE_BOUNDS if zero_point is None else k.MODE_GRID
-            return k.fake_quant(x, scale, zero_point, layout, mode, lo, hi)
-    return _reference_grid(x, scale, zero_point, lo, hi).clone()
-
-
-@_op_fake_quant_grid.register_fake
-def _(x, scale, zero_point, lo, hi, clip_grad):
-    return torch.empty_like(x)
-
-
-def _grid_setup(ctx, inputs, output):
-    x, scale, zero_point, lo, hi, clip_grad = inputs
-    ctx.lo, ctx.hi, ctx.clip = lo, hi, clip_grad
-    if clip_grad:
-        ctx.save_for_backward(x, scale, zero_point)
-
-
-def _grid_backward(ctx, grad):
-    if not ctx.clip:  # straight-through: d out / d x := 1
-        return grad, None, None, None, None, None
-    from ..quantizers_functional import _inside
-
-    x, scale, zero_point = ctx.saved_tensors
-    zp = 0.0 if zero_point is None else zero_point
-    # d out / d x := 1 where (lo - zp) * scale <= x <= (hi - zp) * scale, else 0
-    return grad * _inside(x, -(zp - ctx.lo) * scale, (ctx.hi - zp) * scale), None, None, None, None, None
-
-
-_op_fake_quant_grid.register_autograd(_grid_backward, setup_context=_grid_setup)
-
-
-@torch.library.custom_op("torchquant::fake_quant_ranges", mutates_args=())
-def _op_fake_quant_ranges(
-    x: Tensor,
-    min_val: Tensor,
-    max_val: Tensor,
-    n_levels: int,
-    symmetric: bool,
-    power_of_two: bool,
-    axis: int | None,
-    group_size: int | None,
-    fixed_zero_point: float | None,
-    clip_grad: bool,
-) -> Tensor:
-    g = Granularity(axis=axis, group_size=group_size)
-    if x.is_cuda and x.dtype in _DTYPES and triton_available() and min_val.dtype == torch.float32:
-        k = _impl(x.device)
-        layout = k.Layout.for_granularity(x.shape, axis, group_size)
-        if _dense(x, layout.gran != k.PER_TENSOR) and tuple(min_val.shape) == g.compact_shape(x.shape):
-            return k.fake_quant(
-                x,
-                min_val,
-                max_val,
-                layout,
-                k.MODE_RANGES,
-                0.0,
-                0.0,
-                n_levels,
-                symmetric,
-                power_of_two,
-                fixed_zero_point,
-            )
-    from ..quantizers_functional import affine_qparams
-
-    delta, zp = affine_qparams(
-        g.expand(min_val), g.expand(max_val), n_levels, symmetric, power_of_two, fixed_zero_point
-    )
-    return _reference_grid(x, delta, zp, 0.0, float(n_levels - 1)).clone()
-
-
-@_op_fake_quant_ranges.register_fake
-def _(x, min_val, max_val, n_levels, symmetric, power_of_two, axis, group_size, fixed_zero_point, clip_grad):
-    return torch.empty_like(x)
-
-
-def _ranges_setup(ctx, inputs, output):
-    x, min_val, max_val, n_levels, symmetric, power_of_two, axis, group_size, fixed_zero_point, clip_grad = inputs
-    ctx.args = (n_levels, symmetric, power_of_two, Granularity(axis=axis, group_size=group_size), fixed_zero_point)
-    ctx.clip = clip_grad
-    if clip_grad:
-        ctx.save_for_backward(x, min_val, max_val)
-
-
-def _ranges_backward(ctx, grad):
-    none = (None,) * 9
-    if not ctx.clip:  # straight-through: d out / d x := 1
-        return grad, *none
-    from ..quantizers_functional import _inside, affine_qparams
-
-    x, mn, mx = ctx.saved_tensors
-    n_levels, symmetric, pow2, g, fixed = ctx.args
-    delta, zp = affine_qparams(g.expand(mn), g.expand(mx), n_levels, symmetric, pow2, fixed)
-    # d out / d x := 1 where -zp * delta <= x <= (n_levels - 1 - zp) * delta, else 0
-    return grad * _inside(x, -zp * delta, (n_levels - 1 - zp) * delta), *none
-
-
-_op_fake_quant_ranges.register_autograd(_ranges_backward, setup_context=_ranges_setup)
