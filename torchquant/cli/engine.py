@@ -11,28 +11,27 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..distributed import sync_observers
+from ..ptq import calibrate as ptq_calibrate
 from ..qmodules import QModuleState
-from ..utils import qmodule_state
-
-if TYPE_CHECKING:
-    from .recipes import Settings
+from ..utils import progress_bar
 
 __all__ = [
+    "GRANULARITIES",
     "BenchData",
     "Runtime",
+    "Settings",
     "calibrate",
     "calibration_inputs",
     "evaluate",
     "init_runtime",
-    "progress_bar",
     "train",
 ]
 
@@ -71,6 +70,47 @@ class Runtime:
             torch.distributed.barrier()
 
 
+GRANULARITIES = ("channel", "tensor")
+
+
+@dataclass
+class Settings:
+    """Everything a recipe may use besides the model, the bits and the data.
+
+    Attributes:
+        granularity: ``"channel"`` (per-output-channel weights) or ``"tensor"``.
+        calib_batches: calibration batches (PTQ and QAT initialisation).
+        calib_batch_size: samples per calibration batch (over all ranks).
+        qat_epochs: epochs of quantization-aware training.
+        qat_lr: peak learning rate of quantization-aware training.
+        batch_size: training batch size (over all ranks).
+        weight_decay: SGD weight decay.
+        seed: seeds everything a recipe draws.
+        first_last_bits: bit-width of the first and last layers' weights (and of the
+            logits), the usual practice; ``None`` quantizes them like the rest.
+        convert: ``quantize_model`` method (``"swap"`` or ``"fx"``).
+        progress: show progress bars.
+        runtime: rank, world size and device (see :class:`Runtime`).
+    """
+
+    granularity: str = "channel"
+    calib_batches: int = 8
+    calib_batch_size: int = 64
+    qat_epochs: int = 3
+    qat_lr: float = 0.01
+    batch_size: int = 64
+    weight_decay: float = 1e-4
+    seed: int = 0
+    first_last_bits: int | None = 8
+    convert: str = "fx"
+    progress: bool = True
+    runtime: Runtime = field(default_factory=Runtime)
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"Settings: granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+
+
 def init_runtime(device: str = "auto", quiet: bool = False) -> Runtime:
     """Set up this process: join the process group under ``torchrun`` (gloo on CPU, nccl on GPU).
 
@@ -107,17 +147,6 @@ def init_runtime(device: str = "auto", quiet: bool = False) -> Runtime:
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
     return Runtime(rank=rank, world_size=world, device=dev, quiet=quiet)
-
-
-def progress_bar(it: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
-    """Wrap ``it`` in a tqdm bar on stderr when ``enabled`` and tqdm is installed (else return it)."""
-    if not enabled:
-        return it
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is optional
-        return it
-    return tqdm(it, total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
 @dataclass
@@ -241,16 +270,14 @@ def calibration_inputs(data: BenchData, settings: Settings, *, shard: bool = Tru
     return [x.to(rt.device) for x, _ in data.fetch("train", batches)]
 
 
-@torch.no_grad()
 def calibrate(
     model: nn.Module,
     data: BenchData,
     settings: Settings,
     *,
     mode: QModuleState = QModuleState.CALIBRATION,
-    desc: str = "calibration",
 ) -> nn.Module:
-    """Run the calibration batches through ``model`` in eval mode and ``mode``; restore the previous modes.
+    """:func:`torchquant.calibrate` on this rank's share of the calibration batches.
 
     Under ``torchrun`` each rank sees its share of every batch and the observers
     are synchronised, so all ranks end with the ranges of the whole batches.
@@ -262,13 +289,7 @@ def calibrate(
     if rt.distributed:
         sync_observers(model)
     inputs = calibration_inputs(data, settings)
-    was_training = model.training
-    model.eval()
-    with qmodule_state(model, mode):
-        for x in progress_bar(inputs, len(inputs), desc, settings.progress and rt.is_main and not rt.quiet):
-            model(x)
-    model.train(was_training)
-    return model
+    return ptq_calibrate(model, inputs, mode=mode, progress=settings.progress and rt.is_main and not rt.quiet)
 
 
 @torch.no_grad()

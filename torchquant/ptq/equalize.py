@@ -40,6 +40,7 @@ from ..folding import fold_wrapper_bn_
 from ..qmodules import QModule, QWrapper
 from ..quantizers import RangeQuantizer
 from ._common import Snapshot, call_model, require_qmodules
+from .registry import register_ptq_algorithm
 
 __all__ = ["ChannelClip", "EqualizationResult", "equalize", "find_layer_pairs", "fold_qwrapper_batchnorm"]
 
@@ -350,3 +351,14 @@ def _absorb(a: QWrapper, b: QWrapper, stats: dict) -> Tensor:
         lb.bias.add_(delta)
     stats[a] = (mean - c, std)
     return c
+
+
+@register_ptq_algorithm(
+    "equalize",
+    options=("iterations", "absorb_bias", "relu6", "tolerance"),
+    before_calibration=True,
+    aliases=("cle",),
+)
+def _equalize_on_data(model: nn.Module, data: list, **options: Any) -> EqualizationResult:
+    """Cross-layer equalization (:func:`equalize`), its layer pairs checked on the first batch of ``data``."""
+    return equalize(model, example_input=data[0], **options)
