@@ -14,6 +14,7 @@ from types import ModuleType
 from torch import Tensor, nn
 
 from ..factories import QuantizerFactory, call_factory
+from ..graph.common import make_qwrapper
 from ..qmodules import QOp, QWrapper
 
 __all__: list[str] = []
@@ -69,21 +70,18 @@ class _Builder:
         weight_quantizer: QuantizerFactory | None = None,
         acts_quantizer: QuantizerFactory | None = None,
     ) -> QWrapper:
-        """A QWrapper around ``layers`` (layer, optional BN, optional activation).
+        """A QWrapper around ``layers`` (layer, optional BN, optional activation): :func:`make_qwrapper`.
 
         The factories (the builder's, unless overridden) are called with
         ``factory_module`` (default: the layer) and ``name``.
         """
-        layers = list(layers)
-        module = layers[0] if factory_module is None else factory_module
-        wf = self.weight_quantizer if weight_quantizer is None else weight_quantizer
-        af = self.acts_quantizer if acts_quantizer is None else acts_quantizer
-        has_bn = len(layers) > 1 and isinstance(layers[1], nn.modules.batchnorm._BatchNorm)
-        return QWrapper(
-            layers,
-            weight_quantizer=call_factory(wf, module, name, "weight_quantizer"),
-            acts_quantizer=call_factory(af, module, name, "acts_quantizer"),
-            fold_bn=self.fold_bn and has_bn,
+        return make_qwrapper(
+            list(layers),
+            name,
+            self.weight_quantizer if weight_quantizer is None else weight_quantizer,
+            self.acts_quantizer if acts_quantizer is None else acts_quantizer,
+            self.fold_bn,
+            factory_module,
         )
 
     def op(
