@@ -1,5 +1,7 @@
 """The package's layering, read from the source: the library never imports the experiment
-layer, and no torchquant modules import each other in a circle (see docs/architecture.md).
+layer (``torchquant.bench`` and, above it, ``torchquant.cli``), a package's private
+``_common`` helpers stay inside it, and no torchquant modules import each other in a
+circle (see docs/architecture.md).
 
 Imports are read with ``ast`` from every module under ``torchquant/``, including imports
 inside functions and under ``TYPE_CHECKING``: a lazy import is still a dependency.
@@ -107,6 +109,19 @@ def test_the_graph_sees_the_package():
 def test_library_module_does_not_import_the_experiment_layer(name):
     bad = sorted(m for m in GRAPH[name] if _in_experiment_layer(m))
     assert not bad, f"{name} imports {bad}; the library must not depend on torchquant.bench / torchquant.cli"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in GRAPH if n.startswith("torchquant.bench")))
+def test_experiment_package_does_not_import_the_command_line(name):
+    bad = sorted(m for m in GRAPH[name] if m.startswith("torchquant.cli") or m == "torchquant.__main__")
+    assert not bad, f"{name} imports {bad}; torchquant.cli is built on torchquant.bench, not the reverse"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in GRAPH if n.endswith("._common")))
+def test_private_helper_module_is_imported_only_inside_its_package(name):
+    package = name.rpartition(".")[0]
+    outside = sorted(m for m, deps in GRAPH.items() if name in deps and not m.startswith(package + "."))
+    assert not outside, f"{outside} import {name}; helpers shared across packages live in a public module"
 
 
 def test_no_import_cycles():

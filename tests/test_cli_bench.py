@@ -122,6 +122,7 @@ def test_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "ptq-minmax" in out and "qat-minmax" in out and "digits" in out and "affine" in out
+    assert "PTQ algorithms: adaround, bias_correction, brecq, equalize, qdrop" in out
 
 
 @pytest.mark.slow
