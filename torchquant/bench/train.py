@@ -209,14 +209,16 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: BenchData | Split, runtime: Runtime | None = None, batch_size: int = 512) -> float:
+def evaluate(
+    model: nn.Module, data: BenchData | Split, batch_size: int = 512, *, runtime: Runtime | None = None
+) -> float:
     """Top-1 accuracy in percent, in eval mode (the quantization mode is left as it is).
 
     Args:
         model: the classifier.
         data: ``(x, y)`` tensors, or a :class:`BenchData` (its test set).
-        runtime: rank, world size and device; ranks share the test set and sum their counts.
         batch_size: evaluation batch size.
+        runtime: rank, world size and device; ranks share the test set and sum their counts.
     """
     rt = Runtime() if runtime is None else runtime
     ds, workers = _dataset(data, "test")

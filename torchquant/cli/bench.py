@@ -252,7 +252,7 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> BenchResult:
     )
     t0 = time.perf_counter()
     float_model, how = _float_baseline(cfg, model_name, data, settings)
-    float_acc = evaluate(float_model, data, rt, batch_size=EVAL_BATCH)
+    float_acc = evaluate(float_model, data, EVAL_BATCH, runtime=rt)
     rows = [Row("float32", "-", "float", float_acc, 0.0, time.perf_counter() - t0, note=how)]
     rt.log(f"float32: {float_acc:.2f}%")
     for recipe in recipes:
@@ -266,7 +266,7 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> BenchResult:
                 rows.append(Row(recipe.name, str(b), "-", None, None, 0.0, "skipped", str(e)))
                 rt.log(f"{recipe.name} {b}: skipped ({e})")
                 continue
-            acc = evaluate(result.model, data, rt, batch_size=EVAL_BATCH)
+            acc = evaluate(result.model, data, EVAL_BATCH, runtime=rt)
             gran = result.info.get("granularity", f"per-{settings.granularity}")
             note = result.info.get("steps", "")
             rows.append(Row(recipe.name, str(b), gran, acc, acc - float_acc, time.perf_counter() - t, "ok", note))
