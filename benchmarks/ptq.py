@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 import torchquant as tq
-from torchquant.bench.ptq import imbalance_channels, run_method, train_float
+from torchquant.bench.ptq import NEAREST, imbalance_channels, run_method, train_float
 from torchquant.bench.train import evaluate
+from torchquant.ptq import get_ptq_algorithm
 
 SETTINGS = {
     "digits_cnn": [(4, 8, ["nearest", "adaround"]), (4, 4, ["nearest", "adaround", "brecq", "qdrop"])],
@@ -33,7 +34,9 @@ SETTINGS = {
 }
 
 
-RECONSTRUCTION = ("adaround", "brecq", "qdrop")
+def _seeded(method: str) -> bool:
+    """Whether ``method`` draws random numbers (its algorithms take a seed), so it is averaged over seeds."""
+    return method != NEAREST and any("seed" in get_ptq_algorithm(m).options for m in method.split("+"))
 
 
 def table(
@@ -60,7 +63,7 @@ def table(
         for w, a, methods in cfgs:
             for m in methods:
                 t0 = time.perf_counter()
-                n = seeds if m in RECONSTRUCTION else 1
+                n = seeds if _seeded(m) else 1
                 accs = [
                     run_method(model, tr, te, m, w, a, iters=iters, seed=s, **protocol)
                     for model in models
@@ -103,7 +106,7 @@ def resnet(iters: int, n_images: int = 256, size: int = 112) -> None:
         return tq.calibrate(q, calib, progress=False)
 
     for method in ("adaround", "brecq"):
-        fn = tq.ptq.adaround if method == "adaround" else tq.ptq.brecq
+        fn = get_ptq_algorithm(method)
         q = build()
         t0 = time.perf_counter()
         fn(q, calib, iters=1, batch_size=32, progress=False)

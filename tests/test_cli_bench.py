@@ -122,6 +122,8 @@ def test_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "ptq-minmax" in out and "qat-minmax" in out and "digits" in out and "affine" in out
+    (line,) = [x for x in out.splitlines() if x.startswith("PTQ algorithms: ")]
+    assert {"adaround", "bias_correction", "brecq", "equalize", "qdrop"} <= set(line.split(": ")[1].split(", "))
 
 
 @pytest.mark.slow

@@ -282,3 +282,25 @@ def test_unsupported_bit_width_skips_the_cell():
     recipe = SpecRecipe("qfmt-w1", "test", weights=weights, acts=None)
     with pytest.raises(CellSkipped, match="n_bits"):
         recipe(tiny_model(), Bits(1, 8), tiny_task(), Settings(**SETTINGS))
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "first"),
+    [("equalize", "equalize()"), ("bias_correction", "calibration 2x16")],
+    ids=["before-calibration", "after-calibration"],
+)
+def test_spec_recipe_runs_a_registered_ptq_algorithm_at_its_stage(algorithm, first):
+    recipe = SpecRecipe(
+        f"test-{algorithm}",
+        "test",
+        weights=QuantizerSpec("affine", "batch_minmax", args={"symmetric": True}),
+        acts=QuantizerSpec("affine", "running_minmax"),
+        algorithm=algorithm,
+        convert="swap",
+    )
+    settings = Settings(**SETTINGS, first_last_bits=None)
+    result = recipe(tiny_model().eval(), Bits(8, 8), tiny_task(), settings)
+    steps = result.info["steps"].split("; ")
+    assert steps[0] == first and len(steps) == 2
+    assert all(m.qstate is tq.QModuleState.QUANT_EVAL for _, m in tq.iter_qmodules(result.model))
+    assert torch.isfinite(result.model(tiny_task().test.tensors[0])).all()

@@ -1,9 +1,8 @@
-"""BatchNorm folding: the arithmetic (pure functions) and whole-model passes.
+"""BatchNorm folding: whole-model and per-wrapper passes.
 
-``BN(conv(x, W) + b) == conv(x, W * s) + (b - mean) * s + beta`` with
-``s = gamma / sqrt(var + eps)`` per output channel (Jacob et al. 2018).
+The arithmetic (:func:`bn_scale_shift`, :func:`fold_bn_params`) lives in
+:mod:`torchquant.layers` with the table of layer types; it is re-exported here.
 
-* :func:`fold_bn_params`, :func:`bn_scale_shift`: the arithmetic.
 * :func:`fold_batchnorm`: a copy of a model with every BatchNorm that follows a
   Linear/Conv folded into it, for post-training quantization.
 * :func:`freeze_bn_stats`: switch the ``fold_bn=True`` wrappers of a model from
@@ -16,44 +15,16 @@ import copy
 import itertools
 
 import torch
-from torch import Tensor, nn
+from torch import nn
+
+from .layers import FOLDABLE_TYPES, bn_scale_shift, fold_bn_params
+from .qmodules import QWrapper
 
 __all__ = ["bn_scale_shift", "fold_batchnorm", "fold_bn_params", "fold_wrapper_bn_", "freeze_bn_stats"]
 
 
-def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
-    """Per-channel ``(scale, shift)`` of an eval-mode BatchNorm: ``bn(y) == y * scale + shift``. Shapes ``(C,)``."""
-    if bn.running_var is None or bn.running_mean is None:
-        raise ValueError(f"cannot fold {bn}: it tracks no running statistics")
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    return scale, shift
-
-
-def fold_bn_params(
-    weight: Tensor, bias: Tensor | None, bn: nn.modules.batchnorm._BatchNorm, transposed: bool = False
-) -> tuple[Tensor, Tensor]:
-    """Weight ``(C_out, ...)`` and bias ``(C_out,)`` of the layer with ``bn`` (eval statistics) folded in.
-
-    ``transposed=True`` for ConvTranspose weights ``(C_in, C_out / groups, ...)``.
-    """
-    scale, shift = bn_scale_shift(bn)
-    shape = [1] * weight.dim()
-    shape[1 if transposed else 0] = -1
-    w = weight * scale.reshape(shape)
-    b = shift if bias is None else bias * scale + shift
-    return w, b
-
-
-_FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
 def _foldable_pair(layer: nn.Module, bn: nn.Module) -> bool:
-    if not isinstance(layer, _FOLDABLE) or not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+    if not isinstance(layer, FOLDABLE_TYPES) or not isinstance(bn, nn.modules.batchnorm._BatchNorm):
         return False
     if bn.running_mean is None or bn.running_var is None:
         return False
@@ -144,8 +115,6 @@ def fold_batchnorm(model: nn.Module, trace: bool = False) -> nn.Module:
         >>> torch.allclose(f(x), m(x), atol=1e-5)
         True
     """
-    from .qmodules import QWrapper
-
     model = copy.deepcopy(model)
     for module in list(model.modules()):
         if isinstance(module, QWrapper) and module.bn is not None:
@@ -205,8 +174,6 @@ def freeze_bn_stats(model: nn.Module, frozen: bool = True) -> int:
     Raises:
         ValueError: ``model`` holds no ``fold_bn=True`` wrapper (nothing would change).
     """
-    from .qmodules import QWrapper
-
     wrappers = [m for m in model.modules() if isinstance(m, QWrapper) and m.fold_bn]
     if not wrappers:
         raise ValueError(f"freeze_bn_stats: {type(model).__name__} holds no QWrapper built with fold_bn=True")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .folding import fold_bn_params
+from .layers import BN_FOR_LAYER, fold_bn_params
 from .quantizers import Quantizer
 
 __all__ = ["SUPPORTED_ACTIVATIONS", "QModule", "QModuleState", "QOp", "QWrapper"]
@@ -111,13 +111,6 @@ class QModule(nn.Module):
                 q._tq_name = name
 
 
-_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN_FOR_LAYER = {
-    nn.Linear: nn.BatchNorm1d,
-    nn.Conv1d: nn.BatchNorm1d,
-    nn.Conv2d: nn.BatchNorm2d,
-    nn.Conv3d: nn.BatchNorm3d,
-}
 SUPPORTED_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU,
     nn.ReLU6,
@@ -130,7 +123,10 @@ SUPPORTED_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.Tanh,
 )
 _SUPPORTED_TEXT = (
-    "Linear|Conv1d|Conv2d|Conv3d, optionally then the matching BatchNorm1d/2d/3d, optionally then one of "
+    "|".join(t.__name__ for t in BN_FOR_LAYER)
+    + ", optionally then the matching "
+    + "/".join(dict.fromkeys(b.__name__ for b in BN_FOR_LAYER.values()))
+    + ", optionally then one of "
     + ", ".join(a.__name__ for a in SUPPORTED_ACTIVATIONS)
 )
 
@@ -151,12 +147,12 @@ def _parse_layers(layers: nn.Module | Sequence[nn.Module]) -> tuple[nn.Module, n
     def bad() -> TypeError:
         return TypeError(f"QWrapper: unsupported layer sequence {names}; supported: {_SUPPORTED_TEXT}")
 
-    if not seq or not all(isinstance(m, nn.Module) for m in seq) or type(seq[0]) not in _BN_FOR_LAYER:
+    if not seq or not all(isinstance(m, nn.Module) for m in seq) or type(seq[0]) not in BN_FOR_LAYER:
         raise bad()
     layer, rest = seq[0], seq[1:]
     bn = act = None
     if rest and isinstance(rest[0], nn.modules.batchnorm._BatchNorm):
-        if type(rest[0]) is not _BN_FOR_LAYER[type(layer)]:
+        if type(rest[0]) is not BN_FOR_LAYER[type(layer)]:
             raise bad()
         bn, rest = rest[0], rest[1:]
         n_out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels

@@ -19,7 +19,8 @@ from typing import Any
 from torch import nn
 
 from .graph.common import FLOAT_REASONS_ATTR
-from .qmodules import _LAYER_TYPES, QModule, QOp, QWrapper
+from .layers import LAYER_TYPES
+from .qmodules import QModule, QOp, QWrapper
 from .quantizers import Quantizer
 
 __all__ = ["print_summary", "summary", "summary_rows"]
@@ -116,7 +117,7 @@ def summary_rows(model: nn.Module) -> list[dict[str, Any]]:
         m = modules.get(name)
         floats[name] = (type(m).__name__ if m is not None else "-", reason)
     for name, m in model.named_modules():
-        if isinstance(m, _LAYER_TYPES) and not _covered(name, qnames) and not _covered(name, list(floats)):
+        if isinstance(m, LAYER_TYPES) and not _covered(name, qnames) and not _covered(name, list(floats)):
             floats[name] = (type(m).__name__, "not converted")
     for name, (layers, reason) in floats.items():
         rows.append(

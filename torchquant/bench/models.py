@@ -4,12 +4,15 @@ They contain what real networks contain (Conv + BatchNorm + activation, residual
 adds, depthwise-separable and inverted-residual blocks, a classifier), so
 every quantization method meets the usual difficulties, and they train on two
 CPU cores in seconds. They are plain ``nn.Module`` s; quantize them with
-:func:`torchquant.quantize_model`.
+:func:`torchquant.quantize_model`. Their residual blocks are the default blocks
+of BRECQ and QDrop (:func:`torchquant.ptq.reconstruction_block`).
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
+
+from ..ptq import reconstruction_block
 
 __all__ = ["MNIST1DCNN", "MODELS", "DigitsCNN", "DigitsMobileNet", "InvertedResidual", "ResidualBlock", "build_model"]
 
@@ -28,6 +31,7 @@ def conv_bn(
     return nn.Sequential(conv, bn, act()) if act is not None else nn.Sequential(conv, bn)
 
 
+@reconstruction_block
 class ResidualBlock(nn.Module):
     """``relu(x + bn(conv(relu(bn(conv(x))))))``, a ResNet basic block without downsampling."""
 
@@ -41,6 +45,7 @@ class ResidualBlock(nn.Module):
         return self.relu(x + self.conv2(self.conv1(x)))
 
 
+@reconstruction_block
 class InvertedResidual(nn.Module):
     """MobileNetV2 block: 1x1 expand + ReLU6, 3x3 depthwise + ReLU6, 1x1 project; add when shapes match."""
 

@@ -3,7 +3,7 @@
 * :func:`train_float`: a float model trained on digits or mnist1d, deterministic for the seed.
 * :func:`imbalance_channels`: make a MobileNet-style model's depthwise channel ranges
   span orders of magnitude, as they do in ImageNet-trained MobileNetV2.
-* :func:`run_method`: quantize a copy per-tensor, apply one PTQ method, return the test accuracy.
+* :func:`run_method`: quantize a copy per-tensor, apply registered PTQ algorithms, return the test accuracy.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..convert import quantize_model
-from ..ptq import adaround, bias_correction, brecq, calibrate, equalize, fold_qwrapper_batchnorm, qdrop
+from ..layers import LAYER_TYPES
+from ..ptq import calibrate, fold_qwrapper_batchnorm, get_ptq_algorithm, list_ptq_algorithms
 from ..qmodules import QModuleState, QWrapper, iter_qmodules
 from ..quantizers import AffineQuantizer
 from ..range_observers import BatchMinMax, RunningMinMax
@@ -25,7 +26,16 @@ from . import data as bdata
 from . import models as bmodels
 from .train import evaluate, train
 
-__all__ = ["METHODS", "TASKS", "imbalance_channels", "load_task_data", "quantized_copy", "run_method", "train_float"]
+__all__ = [
+    "NEAREST",
+    "TASKS",
+    "imbalance_channels",
+    "load_task_data",
+    "methods",
+    "quantized_copy",
+    "run_method",
+    "train_float",
+]
 
 TASKS: dict[str, tuple[str, Callable[[], nn.Module], int]] = {
     # name: (dataset, model constructor, epochs)
@@ -37,7 +47,8 @@ TASKS: dict[str, tuple[str, Callable[[], nn.Module], int]] = {
     "digits_mobilenet": ("digits", bmodels.DigitsMobileNet, 15),
 }
 
-METHODS = ("nearest", "adaround", "brecq", "qdrop", "bc", "cle", "cle+bc")
+NEAREST = "nearest"
+"""The method name of plain calibration (rounding to nearest), no PTQ algorithm."""
 
 
 def load_task_data(dataset: str):
@@ -81,9 +92,6 @@ def imbalance_channels(model: nn.Module, decades: float = 3.0, seed: int = 0) ->
                 bn.bias.div_(k)
                 m.project[0].weight.mul_(k.reshape(1, -1, 1, 1))
     return model
-
-
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def quantized_copy(
@@ -130,7 +138,7 @@ def quantized_copy(
     high_a: set[str] = set()
     float_out: set[str] = set()
     if first_last_bits is not None or not quantize_output:
-        layers = [n for n, m in model.named_modules() if type(m) in _LAYERS]
+        layers = [n for n, m in model.named_modules() if type(m) in LAYER_TYPES]
         if len(layers) < 2:
             raise ValueError(
                 f"quantized_copy: first_last_bits / quantize_output=False need at least two layers, "
@@ -175,36 +183,47 @@ def run_method(
     return_model: bool = False,
     **options,
 ):
-    """Quantize a copy of ``model``, apply ``method`` (one of :data:`METHODS`), return its test accuracy.
+    """Quantize a copy of ``model``, apply ``method``, return its test accuracy.
 
+    ``method`` is ``"nearest"`` (calibration only) or names of registered PTQ algorithms
+    (:func:`torchquant.ptq.list_ptq_algorithms`, or aliases such as ``"bc"`` and ``"cle"``)
+    joined by ``+``, e.g. ``"cle+bc"``; algorithms registered ``before_calibration`` run
+    first, the others after calibration, each in the order given.
     BatchNorm is folded into the weights first when ``fold`` (as deployed; CLE always folds).
     ``first_last_bits`` and ``quantize_output`` go to :func:`quantized_copy` (``8`` and
     ``False``: the BRECQ / QDrop protocol, first and last layer at 8 bits, output not quantized).
-    Calibration uses 256 training samples; reconstruction ``iters`` steps per unit with
-    batch 32 and Adam at ``lr`` (the paper's 1e-3 needs thousands of steps); BRECQ and QDrop
-    learn their activation steps at the relative rate ``act_lr``; ``options`` go to the
-    reconstruction preset (e.g. ``learn_act_step=False`` or ``loss="mse"``).
+    Calibration uses 256 training samples; every algorithm gets, of ``iters`` steps per unit
+    with batch 32, Adam at ``lr``, activation steps learned at the relative rate ``act_lr``
+    (the paper's 1e-3 needs thousands of steps), ``seed``, no progress bar and ``options``
+    (e.g. ``learn_act_step=False`` or ``loss="mse"``), the ones it takes.
+
+    Raises:
+        KeyError: a name that is not a registered PTQ algorithm (the message lists them).
+        TypeError: an entry of ``options`` that none of the algorithms takes.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
+    algorithms = [] if method == NEAREST else [get_ptq_algorithm(name) for name in method.split("+")]
     q = quantized_copy(model, w_bits, a_bits, first_last_bits=first_last_bits, quantize_output=quantize_output)
     calib = calib_batches(train_split)
-    if method.startswith("cle"):
-        equalize(q, example_input=calib[0])
-    if fold or method.startswith("cle"):
+    unused = sorted(k for k in options if not any(k in a.options for a in algorithms))
+    if unused:
+        raise TypeError(f"run_method: no algorithm of {method!r} takes the options {unused}")
+    opts = dict(iters=iters, batch_size=32, lr=lr, act_lr=act_lr, seed=seed, progress=False, **options)
+    before = [a for a in algorithms if a.before_calibration]
+    for algorithm in before:
+        algorithm(q, calib, **algorithm.accepted(opts))
+    if fold or before:
         for _, m in iter_qmodules(q):
             if isinstance(m, QWrapper):
                 fold_qwrapper_batchnorm(m)
     calibrate(q, calib, progress=False)
-    opts = dict(iters=iters, batch_size=32, lr=lr, seed=seed, progress=False, **options)
-    if method.endswith("bc"):
-        bias_correction(q, calib, progress=False)
-    elif method == "adaround":
-        adaround(q, calib, **opts)
-    elif method == "brecq":
-        brecq(q, calib, act_lr=act_lr, **opts)
-    elif method == "qdrop":
-        qdrop(q, calib, act_lr=act_lr, **opts)
+    for algorithm in algorithms:
+        if not algorithm.before_calibration:
+            algorithm(q, calib, **algorithm.accepted(opts))
     set_qmodule_state(q, QModuleState.QUANT_EVAL)
     acc = evaluate(q, test_split)
     return (acc, q) if return_model else acc
+
+
+def methods() -> list[str]:
+    """The single-algorithm methods :func:`run_method` accepts: ``"nearest"`` and every registered PTQ algorithm."""
+    return [NEAREST, *list_ptq_algorithms()]

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..bench.train import evaluate
 from .defaults import DEFAULT_BITS, DEFAULT_DATASET, DEFAULT_RECIPES, FLOAT_TRAINING
-from .engine import BenchData, Runtime, evaluate, init_runtime, train
+from .engine import BenchData, Runtime, init_runtime, train
 from .recipes import (
     RECIPES,
     Bits,
@@ -42,6 +43,9 @@ from .report import Row, environment, format_table, plot, write_csv, write_json
 from .tasks import BUILTIN_DATASETS, DEFAULT_MODELS, build_data, build_model, load_checkpoint
 
 __all__ = ["BenchConfig", "BenchResult", "default_cache_dir", "default_threads", "resolve_recipes", "run_bench"]
+
+# Test-set batch size; fixed because float results are bit-reproducible only for one batch size.
+EVAL_BATCH = 256
 
 
 def default_cache_dir() -> Path:
@@ -248,7 +252,7 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> BenchResult:
     )
     t0 = time.perf_counter()
     float_model, how = _float_baseline(cfg, model_name, data, settings)
-    float_acc = evaluate(float_model, data, rt)
+    float_acc = evaluate(float_model, data, EVAL_BATCH, runtime=rt)
     rows = [Row("float32", "-", "float", float_acc, 0.0, time.perf_counter() - t0, note=how)]
     rt.log(f"float32: {float_acc:.2f}%")
     for recipe in recipes:
@@ -262,7 +266,7 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> BenchResult:
                 rows.append(Row(recipe.name, str(b), "-", None, None, 0.0, "skipped", str(e)))
                 rt.log(f"{recipe.name} {b}: skipped ({e})")
                 continue
-            acc = evaluate(result.model, data, rt)
+            acc = evaluate(result.model, data, EVAL_BATCH, runtime=rt)
             gran = result.info.get("granularity", f"per-{settings.granularity}")
             note = result.info.get("steps", "")
             rows.append(Row(recipe.name, str(b), gran, acc, acc - float_acc, time.perf_counter() - t, "ok", note))

@@ -1,9 +1,7 @@
 """The default grid of ``torchquant bench`` and ``make demo``: defined here, and only here.
 
-Extend :data:`DEFAULT_RECIPES` when more methods are available in the build
-(``qat-lsq``, ``ptq-adaround``, ...); ``tests/test_cli_bench.py`` checks that
-every default recipe is available, so a name whose method is missing fails the
-tests rather than the demo.
+``tests/test_cli_bench.py`` checks that every default recipe is available, so a
+name whose method is missing fails the tests rather than the demo.
 """
 
 from __future__ import annotations

@@ -88,12 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no logs or progress bars; the table is still printed")
     g.add_argument("--no-plot", dest="plot", action="store_false", help="skip the PNG plot")
 
-    sub.add_parser("list", help="recipes, datasets, models, quantizers and observers")
+    sub.add_parser("list", help="recipes, datasets, models, quantizers, observers and PTQ algorithms")
     return p
 
 
 def _list() -> str:
     from ..bench.models import MODELS
+    from ..ptq import list_ptq_algorithms
     from ..registry import list_observers, list_quantizers
     from .recipes import RECIPES, RecipeUnavailable
     from .tasks import BUILTIN_DATASETS
@@ -111,6 +112,7 @@ def _list() -> str:
     lines.append(f"models: {', '.join(sorted(MODELS))}, torchvision or timm names")
     lines.append(f"quantizers: {', '.join(list_quantizers())}")
     lines.append(f"observers: {', '.join(list_observers())}")
+    lines.append(f"PTQ algorithms: {', '.join(list_ptq_algorithms())}")
     return "\n".join(lines)
 
 

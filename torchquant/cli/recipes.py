@@ -3,13 +3,15 @@
 A recipe is a callable ``(float_model, bits, data, settings) -> RecipeResult``
 registered by name. Most are a :class:`SpecRecipe`: a small record saying
 which quantizer (and observer) to put on weights and on activations, by their
-registry names, and which steps to run: calibration, a PTQ algorithm of
-``torchquant.ptq``, quantization-aware training. The same record is what a
-recipe file (TOML) describes, so built-in and user recipes are one thing.
+registry names, and which steps to run: calibration, a PTQ algorithm from
+:data:`torchquant.ptq.PTQ_ALGORITHMS`, quantization-aware training. The same
+record is what a recipe file (TOML) describes, so built-in and user recipes
+are one thing.
 
-Methods that are not part of this build (they are registered by name when
-their module lands) are looked up at run time; a recipe that needs a missing
-one raises :class:`RecipeUnavailable` naming it, before anything runs.
+Quantizers, observers and PTQ algorithms are looked up in their registries when
+a recipe runs (a recipe file may name one that a module it imports registers);
+a recipe that needs a missing one raises :class:`RecipeUnavailable` naming it,
+before anything runs.
 
 A recipe written as a function joins with :func:`register_recipe`::
 
@@ -33,10 +35,12 @@ from typing import Any
 
 from torch import nn
 
-from ..qmodules import _BN_FOR_LAYER, QModule, QModuleState
+from ..layers import BN_FOR_LAYER
+from ..ptq import PTQ_ALGORITHMS, PTQAlgorithm, get_ptq_algorithm, list_ptq_algorithms
+from ..qmodules import QModule, QModuleState
 from ..registry import OBSERVERS, QUANTIZERS, Registry
 from ..utils import set_qmodule_state
-from .engine import Runtime, calibrate, calibration_inputs, train
+from .engine import Settings, calibrate, calibration_inputs, train
 
 __all__ = [
     "RECIPES",
@@ -91,47 +95,6 @@ class Bits:
 
     def __str__(self) -> str:
         return f"w{self.weight}" if self.act is None else f"w{self.weight}a{self.act}"
-
-
-GRANULARITIES = ("channel", "tensor")
-
-
-@dataclass
-class Settings:
-    """Everything a recipe may use besides the model, the bits and the data.
-
-    Attributes:
-        granularity: ``"channel"`` (per-output-channel weights) or ``"tensor"``.
-        calib_batches: calibration batches (PTQ and QAT initialisation).
-        calib_batch_size: samples per calibration batch (over all ranks).
-        qat_epochs: epochs of quantization-aware training.
-        qat_lr: peak learning rate of quantization-aware training.
-        batch_size: training batch size (over all ranks).
-        weight_decay: SGD weight decay.
-        seed: seeds everything a recipe draws.
-        first_last_bits: bit-width of the first and last layers' weights (and of the
-            logits), the usual practice; ``None`` quantizes them like the rest.
-        convert: ``quantize_model`` method (``"swap"`` or ``"fx"``).
-        progress: show progress bars.
-        runtime: rank, world size and device (see :class:`~torchquant.cli.engine.Runtime`).
-    """
-
-    granularity: str = "channel"
-    calib_batches: int = 8
-    calib_batch_size: int = 64
-    qat_epochs: int = 3
-    qat_lr: float = 0.01
-    batch_size: int = 64
-    weight_decay: float = 1e-4
-    seed: int = 0
-    first_last_bits: int | None = 8
-    convert: str = "fx"
-    progress: bool = True
-    runtime: Runtime = field(default_factory=Runtime)
-
-    def __post_init__(self) -> None:
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"Settings: granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
 
 
 @dataclass
@@ -348,28 +311,22 @@ class SpecRecipe(Recipe):
 
         method = self.convert or settings.convert
         model = quantize_model(model, weights, acts, method=method)
-        rt: Runtime = settings.runtime
         info["granularity"] = w_spec.granularity_text(w_axis)
         info["weights"] = f"{w_spec.quantizer} ({info['granularity']})"
         info["acts"] = "float" if self.acts is None or bits.act is None else f"{self.acts.quantizer} (per-tensor)"
         if edge_bits is not None:
             info["first_last"] = f"{first}, {last} at {edge_bits} bits"
         steps = []
+        algorithm = None if self.algorithm is None else _ptq_algorithm(self.algorithm, self.name)
+        if algorithm is not None and algorithm.before_calibration:
+            model = self._run_algorithm(algorithm, model, data, settings)
+            steps.append(self._algorithm_text())
         if self.calibrate:
-            calibrate(model, data, settings, desc=f"{self.name} {bits}: calibration")
+            calibrate(model, data, settings)
             steps.append(f"calibration {settings.calib_batches}x{settings.calib_batch_size}")
-        if self.algorithm is not None:
-            fn = _ptq_algorithm(self.algorithm, self.name)
-            kwargs = dict(self.algorithm_args)
-            params = inspect.signature(fn).parameters
-            if "seed" in params:
-                kwargs.setdefault("seed", settings.seed)
-            if "progress" in params:
-                kwargs.setdefault("progress", settings.progress and rt.is_main)
-            # every rank runs the algorithm on the same data, so all end with the same weights
-            out = fn(model, calibration_inputs(data, settings, shard=False), **kwargs)
-            model = out if isinstance(out, nn.Module) else model
-            steps.append(f"{self.algorithm}({', '.join(f'{k}={v}' for k, v in sorted(self.algorithm_args.items()))})")
+        if algorithm is not None and not algorithm.before_calibration:
+            model = self._run_algorithm(algorithm, model, data, settings)
+            steps.append(self._algorithm_text())
         if self.qat:
             epochs = settings.qat_epochs if self.epochs is None else self.epochs
             lr = settings.qat_lr if self.lr is None else self.lr
@@ -380,18 +337,26 @@ class SpecRecipe(Recipe):
         info["steps"] = "; ".join(steps)
         return RecipeResult(model, info)
 
+    def _run_algorithm(self, algorithm: PTQAlgorithm, model: nn.Module, data: Any, settings: Settings) -> nn.Module:
+        kwargs = dict(self.algorithm_args)
+        defaults = {"seed": settings.seed, "progress": settings.progress and settings.runtime.is_main}
+        for key, value in algorithm.accepted(defaults).items():
+            kwargs.setdefault(key, value)
+        # every rank runs the algorithm on the same data, so all end with the same weights
+        out = algorithm(model, calibration_inputs(data, settings, shard=False), **kwargs)
+        return out if isinstance(out, nn.Module) else model
 
-def _ptq_algorithm(name: str, recipe: str) -> Callable:
-    try:
-        ptq = importlib.import_module("torchquant.ptq")
-    except ImportError:
-        ptq = None
-    fn = getattr(ptq, name, None) if ptq is not None else None
-    if not callable(fn):
+    def _algorithm_text(self) -> str:
+        return f"{self.algorithm}({', '.join(f'{k}={v}' for k, v in sorted(self.algorithm_args.items()))})"
+
+
+def _ptq_algorithm(name: str, recipe: str) -> PTQAlgorithm:
+    if name not in PTQ_ALGORITHMS:
         raise RecipeUnavailable(
-            f"recipe {recipe!r} needs the PTQ algorithm torchquant.ptq.{name}, which is not available in this build"
+            f"recipe {recipe!r} needs the PTQ algorithm torchquant.ptq.{name}, which is not available in this build; "
+            f"available: {', '.join(list_ptq_algorithms())}"
         )
-    return fn
+    return get_ptq_algorithm(name)
 
 
 def _layers_before_relu(model: nn.Module) -> set[str]:
@@ -402,7 +367,7 @@ def _layers_before_relu(model: nn.Module) -> set[str]:
             continue
         items = list(seq.named_children())
         for i, (key, child) in enumerate(items):
-            if type(child) not in _BN_FOR_LAYER:
+            if type(child) not in BN_FOR_LAYER:
                 continue
             rest = [m for _, m in items[i + 1 : i + 3]]
             if rest and isinstance(rest[0], nn.modules.batchnorm._BatchNorm):
@@ -413,7 +378,7 @@ def _layers_before_relu(model: nn.Module) -> set[str]:
 
 
 def _first_last_layers(model: nn.Module) -> tuple[str | None, str | None]:
-    names = [n for n, m in model.named_modules() if type(m) in _BN_FOR_LAYER]
+    names = [n for n, m in model.named_modules() if type(m) in BN_FOR_LAYER]
     return (names[0], names[-1]) if names else (None, None)
 
 
@@ -428,8 +393,6 @@ def _spec(name: str, description: str, **kw: Any) -> SpecRecipe:
 _RECONSTRUCTION_ARGS: dict[str, Any] = {"iters": 200, "progress": False}
 
 # ----------------------------------------------------------------- built-in recipes
-# One table: the integrator adjusts quantizer/observer/algorithm names and arguments here
-# when the baselines (issue 4) and PTQ (issue 5) modules land.
 _spec(
     "ptq-minmax",
     "PTQ: min/max ranges (per-channel symmetric weights, running min/max activations)",

@@ -52,7 +52,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..factories import QuantizerFactory, call_factory
-from ..qmodules import _BN_FOR_LAYER, _LAYER_TYPES, SUPPORTED_ACTIVATIONS, QModule, QOp
+from ..layers import BN_FOR_LAYER, LAYER_TYPES
+from ..qmodules import SUPPORTED_ACTIVATIONS, QModule, QOp
 from ..quantizers import Quantizer
 from .common import FLOAT_REASONS_ATTR, make_qwrapper, skip_reason
 
@@ -591,11 +592,11 @@ class _Rewriter:
         m = self.modules.get(node.target)
         if m is None or isinstance(m, (QModule, Quantizer)) or node.target in self.skipped:
             return
-        if type(m) in _BN_FOR_LAYER:
+        if type(m) in BN_FOR_LAYER:
             self._fuse(node, m)
         elif type(m) in QOP_MODULES or _is_bn_act(m):
             self._module_qop(node, m)
-        elif isinstance(m, _LAYER_TYPES):
+        elif isinstance(m, LAYER_TYPES):
             self.float_reasons[node.target] = f"{type(m).__name__} is a subclass of a supported layer, not the layer"
         elif any(True for _ in m.parameters(recurse=True)):
             self.float_reasons[node.target] = f"no rule for {type(m).__name__} (leaf module with parameters)"
@@ -643,11 +644,11 @@ class _Rewriter:
                 and not user.kwargs
                 and skip_reason(user.target, bn, self.skip) is None
             )
-            if ok and type(bn) is _BN_FOR_LAYER[type(layer)]:
+            if ok and type(bn) is BN_FOR_LAYER[type(layer)]:
                 chain.append(user)
                 layers.append(bn)
                 cur = user
-            elif ok and (split := _split_bn_act(bn, _BN_FOR_LAYER[type(layer)])) is not None:
+            elif ok and (split := _split_bn_act(bn, BN_FOR_LAYER[type(layer)])) is not None:
                 chain.append(user)
                 layers.extend(split)
                 cur = user

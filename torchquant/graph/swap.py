@@ -14,7 +14,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..factories import QuantizerFactory
-from ..qmodules import _BN_FOR_LAYER, _LAYER_TYPES, SUPPORTED_ACTIVATIONS, QModule
+from ..layers import BN_FOR_LAYER, LAYER_TYPES
+from ..qmodules import SUPPORTED_ACTIVATIONS, QModule
 from .common import make_qwrapper, skip_reason
 
 __all__ = ["quantize_swap"]
@@ -41,11 +42,11 @@ def _swap(module, prefix, wf, af, skip, fold_bn, reasons: dict[str, str]) -> Non
             if _has_params(child):
                 reasons[name] = f"{reason} ({type(child).__name__})"
             continue
-        if type(child) in _BN_FOR_LAYER:
+        if type(child) in BN_FOR_LAYER:
             group = [child]
             if sequential:
                 j = i
-                if j < len(items) and type(items[j][1]) is _BN_FOR_LAYER[type(child)]:
+                if j < len(items) and type(items[j][1]) is BN_FOR_LAYER[type(child)]:
                     group.append(items[j][1])
                     j += 1
                 if j < len(items) and type(items[j][1]) in SUPPORTED_ACTIVATIONS:
@@ -55,7 +56,7 @@ def _swap(module, prefix, wf, af, skip, fold_bn, reasons: dict[str, str]) -> Non
                     module._modules[items[k][0]] = nn.Identity().train(items[k][1].training)
                 i = j
             module._modules[key] = make_qwrapper(group, name, wf, af, fold_bn)
-        elif isinstance(child, _LAYER_TYPES) and not child._modules:
+        elif isinstance(child, LAYER_TYPES) and not child._modules:
             reasons[name] = f"{type(child).__name__} is a subclass of a supported layer, not the layer"
         else:
             _swap(child, name + ".", wf, af, skip, fold_bn, reasons)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from types import ModuleType
 
 from torch import Tensor, nn
 
 from ..factories import QuantizerFactory, call_factory
+from ..graph.common import make_qwrapper
 from ..qmodules import QOp, QWrapper
 
 __all__: list[str] = []
@@ -30,6 +32,35 @@ def _import_optional(module: str, who: str) -> ModuleType:
         ) from e
 
 
+@dataclass(frozen=True)
+class _Head:
+    """The converters' classifier-head keywords (``quantize_fc`` and the three head factories).
+
+    Attributes:
+        quantize_fc: quantize the pooling output and the classifier; ``False`` keeps both in float.
+        avg_pool_quantizer: factory for the pooling output (``None``: the acts factory).
+        fc_weight_quantizer: factory for the classifier weights (``None``: the weight factory).
+        fc_acts_quantizer: factory for the classifier outputs (``None``: the acts factory).
+    """
+
+    quantize_fc: bool = False
+    avg_pool_quantizer: QuantizerFactory | None = None
+    fc_weight_quantizer: QuantizerFactory | None = None
+    fc_acts_quantizer: QuantizerFactory | None = None
+
+    def check(self, who: str) -> None:
+        """Raise ValueError when head factories are given but the head stays in float."""
+        if self.quantize_fc:
+            return
+        roles = ("avg_pool_quantizer", "fc_weight_quantizer", "fc_acts_quantizer")
+        given = [r for r in roles if getattr(self, r) is not None]
+        if given:
+            raise ValueError(
+                f"{who}: {', '.join(given)} given with quantize_fc=False, where the pooling and the classifier "
+                "stay in float; pass quantize_fc=True to use them"
+            )
+
+
 class _Builder:
     """Calls the factories for each quantization point of a converted model.
 
@@ -38,6 +69,7 @@ class _Builder:
         weight_quantizer: factory for layer weights.
         acts_quantizer: factory for output activations.
         fold_bn: passed to every QWrapper that holds a BatchNorm.
+        head: the classifier-head options (checked here).
     """
 
     def __init__(
@@ -46,7 +78,9 @@ class _Builder:
         weight_quantizer: QuantizerFactory | None,
         acts_quantizer: QuantizerFactory | None,
         fold_bn: bool,
+        head: _Head,
     ) -> None:
+        head.check(who)
         for role, f in (("weight_quantizer", weight_quantizer), ("acts_quantizer", acts_quantizer)):
             if f is not None and (isinstance(f, nn.Module) or not callable(f)):
                 raise TypeError(
@@ -59,6 +93,7 @@ class _Builder:
         self.weight_quantizer = weight_quantizer
         self.acts_quantizer = acts_quantizer
         self.fold_bn = fold_bn
+        self.head = head
 
     def wrap(
         self,
@@ -69,21 +104,18 @@ class _Builder:
         weight_quantizer: QuantizerFactory | None = None,
         acts_quantizer: QuantizerFactory | None = None,
     ) -> QWrapper:
-        """A QWrapper around ``layers`` (layer, optional BN, optional activation).
+        """A QWrapper around ``layers`` (layer, optional BN, optional activation): :func:`make_qwrapper`.
 
         The factories (the builder's, unless overridden) are called with
         ``factory_module`` (default: the layer) and ``name``.
         """
-        layers = list(layers)
-        module = layers[0] if factory_module is None else factory_module
-        wf = self.weight_quantizer if weight_quantizer is None else weight_quantizer
-        af = self.acts_quantizer if acts_quantizer is None else acts_quantizer
-        has_bn = len(layers) > 1 and isinstance(layers[1], nn.modules.batchnorm._BatchNorm)
-        return QWrapper(
-            layers,
-            weight_quantizer=call_factory(wf, module, name, "weight_quantizer"),
-            acts_quantizer=call_factory(af, module, name, "acts_quantizer"),
-            fold_bn=self.fold_bn and has_bn,
+        return make_qwrapper(
+            list(layers),
+            name,
+            self.weight_quantizer if weight_quantizer is None else weight_quantizer,
+            self.acts_quantizer if acts_quantizer is None else acts_quantizer,
+            self.fold_bn,
+            factory_module,
         )
 
     def op(
@@ -98,29 +130,15 @@ class _Builder:
         af = self.acts_quantizer if acts_quantizer is None else acts_quantizer
         return QOp(op, acts_quantizer=call_factory(af, module, name, "acts_quantizer"))
 
+    def pool(self, op: Callable[..., Tensor], module: nn.Module, name: str) -> QOp:
+        """The quantized global pooling of the head (``avg_pool_quantizer``, else the acts factory)."""
+        return self.op(op, module, name, acts_quantizer=self.head.avg_pool_quantizer)
 
-def _check_head_args(
-    who: str,
-    quantize_fc: bool,
-    avg_pool_quantizer: QuantizerFactory | None,
-    fc_weight_quantizer: QuantizerFactory | None,
-    fc_acts_quantizer: QuantizerFactory | None,
-) -> None:
-    if not quantize_fc:
-        given = [
-            n
-            for n, f in (
-                ("avg_pool_quantizer", avg_pool_quantizer),
-                ("fc_weight_quantizer", fc_weight_quantizer),
-                ("fc_acts_quantizer", fc_acts_quantizer),
-            )
-            if f is not None
-        ]
-        if given:
-            raise ValueError(
-                f"{who}: {', '.join(given)} given with quantize_fc=False, where the pooling and the classifier "
-                "stay in float; pass quantize_fc=True to use them"
-            )
+    def classifier(self, layers: Sequence[nn.Module], name: str) -> QWrapper:
+        """A quantized classifier layer (``fc_weight_quantizer`` / ``fc_acts_quantizer``, else the defaults)."""
+        return self.wrap(
+            layers, name, weight_quantizer=self.head.fc_weight_quantizer, acts_quantizer=self.head.fc_acts_quantizer
+        )
 
 
 def _plain_conv2d(conv: nn.Conv2d, padding: tuple[int, int] | int = 0) -> nn.Conv2d:

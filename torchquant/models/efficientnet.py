@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..factories import QuantizerFactory
 from ..graph.common import place_quantizers
-from ._common import _Builder, _check_head_args, _import_optional, _plain_conv2d
+from ._common import _Builder, _Head, _import_optional, _plain_conv2d
 
 __all__ = ["FusedEfficientNet", "FusedMBConvBlock", "SamePad2d"]
 
@@ -226,11 +226,12 @@ class FusedEfficientNet(nn.Module):
             raise TypeError(
                 f"FusedEfficientNet: expected an efficientnet_pytorch EfficientNet, got {type(net).__name__}"
             )
-        _check_head_args("FusedEfficientNet", quantize_fc, avg_pool_quantizer, fc_weight_quantizer, fc_acts_quantizer)
+        head = _Head(quantize_fc, avg_pool_quantizer, fc_weight_quantizer, fc_acts_quantizer)
+        head.check("FusedEfficientNet")
         self.include_top = bool(net._global_params.include_top)
         if quantize_fc and not self.include_top:
             raise ValueError("FusedEfficientNet: quantize_fc=True, but the model has no classifier (include_top=False)")
-        b = _Builder("FusedEfficientNet", weight_quantizer, acts_quantizer, fold_bn)
+        b = _Builder("FusedEfficientNet", weight_quantizer, acts_quantizer, fold_bn, head)
         self.drop_connect_rate = net._global_params.drop_connect_rate
         swish = _silu(net._swish, ep_utils, "_swish")
 
@@ -253,8 +254,8 @@ class FusedEfficientNet(nn.Module):
             self.dropout = net._dropout
             self.fc: nn.Module = net._fc
         if quantize_fc:
-            self.avg_pool = b.op(net._avg_pooling, net._avg_pooling, "avg_pool", acts_quantizer=avg_pool_quantizer)
-            self.fc = b.wrap([net._fc], "fc", weight_quantizer=fc_weight_quantizer, acts_quantizer=fc_acts_quantizer)
+            self.avg_pool = b.pool(net._avg_pooling, net._avg_pooling, "avg_pool")
+            self.fc = b.classifier([net._fc], "fc")
         self.train(net.training)
         place_quantizers(self)
 

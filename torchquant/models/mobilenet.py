@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..factories import QuantizerFactory
 from ..graph.common import place_quantizers
 from ..qmodules import SUPPORTED_ACTIVATIONS
-from ._common import _Builder, _check_head_args, _import_optional
+from ._common import _Builder, _Head, _import_optional
 
 __all__ = [
     "FusedInvertedResidual",
@@ -111,8 +111,8 @@ class FusedMobileNetV2(nn.Module):
         tv = _import_optional("torchvision.models.mobilenetv2", "FusedMobileNetV2")
         if not isinstance(net, tv.MobileNetV2):
             raise TypeError(f"FusedMobileNetV2: expected a torchvision.models.MobileNetV2, got {type(net).__name__}")
-        _check_head_args("FusedMobileNetV2", quantize_fc, avg_pool_quantizer, fc_weight_quantizer, fc_acts_quantizer)
-        b = _Builder("FusedMobileNetV2", weight_quantizer, acts_quantizer, fold_bn)
+        head = _Head(quantize_fc, avg_pool_quantizer, fc_weight_quantizer, fc_acts_quantizer)
+        b = _Builder("FusedMobileNetV2", weight_quantizer, acts_quantizer, fold_bn, head)
 
         feats = list(net.features)
         stem, blocks, last = feats[0], feats[1:-1], feats[-1]
@@ -128,14 +128,8 @@ class FusedMobileNetV2(nn.Module):
         self.avgpool: nn.Module = pool
         cls = list(net.classifier)  # Dropout, Linear
         if quantize_fc:
-            self.avgpool = b.op(pool, pool, "avgpool", acts_quantizer=avg_pool_quantizer)
-            fc = cls[-1]
-            cls[-1] = b.wrap(
-                [fc],
-                f"classifier.{len(cls) - 1}",
-                weight_quantizer=fc_weight_quantizer,
-                acts_quantizer=fc_acts_quantizer,
-            )
+            self.avgpool = b.pool(pool, pool, "avgpool")
+            cls[-1] = b.classifier([cls[-1]], f"classifier.{len(cls) - 1}")
         self.classifier = nn.Sequential(*cls)
         self.train(net.training)
         place_quantizers(self)
@@ -265,8 +259,8 @@ class FusedMobileNetV3(nn.Module):
         ops = _import_optional("torchvision.ops.misc", "FusedMobileNetV3")
         if not isinstance(net, tv.MobileNetV3):
             raise TypeError(f"FusedMobileNetV3: expected a torchvision.models.MobileNetV3, got {type(net).__name__}")
-        _check_head_args("FusedMobileNetV3", quantize_fc, avg_pool_quantizer, fc_weight_quantizer, fc_acts_quantizer)
-        b = _Builder("FusedMobileNetV3", weight_quantizer, acts_quantizer, fold_bn)
+        head = _Head(quantize_fc, avg_pool_quantizer, fc_weight_quantizer, fc_acts_quantizer)
+        b = _Builder("FusedMobileNetV3", weight_quantizer, acts_quantizer, fold_bn, head)
 
         feats = list(net.features)
         stem, blocks, last = feats[0], feats[1:-1], feats[-1]
@@ -281,15 +275,13 @@ class FusedMobileNetV3(nn.Module):
         self.avgpool: nn.Module = net.avgpool
         cls = list(net.classifier)  # Linear, Hardswish, Dropout, Linear
         if quantize_fc:
-            self.avgpool = b.op(net.avgpool, net.avgpool, "avgpool", acts_quantizer=avg_pool_quantizer)
+            self.avgpool = b.pool(net.avgpool, net.avgpool, "avgpool")
             i = 0
             while i < len(cls):
                 if isinstance(cls[i], nn.Linear):
                     fuse_act = i + 1 < len(cls) and type(cls[i + 1]) in SUPPORTED_ACTIVATIONS
                     group = cls[i : i + 2] if fuse_act else [cls[i]]
-                    cls[i] = b.wrap(
-                        group, f"classifier.{i}", weight_quantizer=fc_weight_quantizer, acts_quantizer=fc_acts_quantizer
-                    )
+                    cls[i] = b.classifier(group, f"classifier.{i}")
                     if fuse_act:
                         cls[i + 1] = nn.Identity()  # keeps the indices of the float classifier
                         i += 1

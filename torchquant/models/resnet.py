@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..factories import QuantizerFactory
 from ..graph.common import place_quantizers
-from ._common import _Builder, _check_head_args, _import_optional
+from ._common import _Builder, _Head, _import_optional
 
 __all__ = ["FusedBasicBlock", "FusedBottleneck", "FusedResNet"]
 
@@ -185,8 +185,8 @@ class FusedResNet(nn.Module):
         tv = _import_optional("torchvision.models.resnet", "FusedResNet")
         if not isinstance(net, tv.ResNet):
             raise TypeError(f"FusedResNet: expected a torchvision.models.ResNet, got {type(net).__name__}")
-        _check_head_args("FusedResNet", quantize_fc, avg_pool_quantizer, fc_weight_quantizer, fc_acts_quantizer)
-        b = _Builder("FusedResNet", weight_quantizer, acts_quantizer, fold_bn)
+        head = _Head(quantize_fc, avg_pool_quantizer, fc_weight_quantizer, fc_acts_quantizer)
+        b = _Builder("FusedResNet", weight_quantizer, acts_quantizer, fold_bn, head)
 
         stem = [net.conv1, net.bn1, net.relu]
         self.conv1: nn.Module = b.wrap(stem, "conv1") if quantize_first else nn.Sequential(*stem)
@@ -210,8 +210,8 @@ class FusedResNet(nn.Module):
         self.avgpool: nn.Module = net.avgpool
         self.fc: nn.Module = net.fc
         if quantize_fc:
-            self.avgpool = b.op(net.avgpool, net.avgpool, "avgpool", acts_quantizer=avg_pool_quantizer)
-            self.fc = b.wrap([net.fc], "fc", weight_quantizer=fc_weight_quantizer, acts_quantizer=fc_acts_quantizer)
+            self.avgpool = b.pool(net.avgpool, net.avgpool, "avgpool")
+            self.fc = b.classifier([net.fc], "fc")
         self.train(net.training)
         place_quantizers(self)
 

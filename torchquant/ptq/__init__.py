@@ -8,17 +8,43 @@ A typical pipeline (Nagel et al. 2021, "A White Paper on Neural Network Quantiza
     tq.calibrate(q, calib_batches)            # ranges
     tq.ptq.bias_correction(q, calib_batches)  # or tq.ptq.adaround / brecq / qdrop
     tq.set_qmodule_state(q, tq.QModuleState.QUANT_EVAL)
+
+Every algorithm is also registered by name (:func:`list_ptq_algorithms`,
+:func:`get_ptq_algorithm`), which is how recipes, the command line and the
+benchmarks find them.
 """
 
 from .bias_correction import bias_correction, expected_activation
 from .calibrate import calibrate
 from .equalize import ChannelClip, EqualizationResult, equalize, find_layer_pairs, fold_qwrapper_batchnorm
-from .reconstruction import AdaRoundQuantizer, adaround, brecq, qdrop, reconstruct
+from .reconstruction import (
+    ADAROUND,
+    BRECQ,
+    PRESETS,
+    QDROP,
+    RECONSTRUCTION_BLOCKS,
+    AdaRoundQuantizer,
+    ReconstructionConfig,
+    adaround,
+    brecq,
+    qdrop,
+    reconstruct,
+    reconstruction_block,
+)
+from .registry import PTQ_ALGORITHMS, PTQAlgorithm, get_ptq_algorithm, list_ptq_algorithms, register_ptq_algorithm
 
 __all__ = [
+    "ADAROUND",
+    "BRECQ",
+    "PRESETS",
+    "PTQ_ALGORITHMS",
+    "QDROP",
+    "RECONSTRUCTION_BLOCKS",
     "AdaRoundQuantizer",
     "ChannelClip",
     "EqualizationResult",
+    "PTQAlgorithm",
+    "ReconstructionConfig",
     "adaround",
     "bias_correction",
     "brecq",
@@ -27,6 +53,10 @@ __all__ = [
     "expected_activation",
     "find_layer_pairs",
     "fold_qwrapper_batchnorm",
+    "get_ptq_algorithm",
+    "list_ptq_algorithms",
     "qdrop",
     "reconstruct",
+    "reconstruction_block",
+    "register_ptq_algorithm",
 ]

@@ -1,10 +1,10 @@
-"""Plumbing shared by the post-training algorithms: data batches, progress bars,
+"""Plumbing shared by the post-training algorithms: data batches,
 snapshots that undo a failed algorithm, forward order of modules, input capture."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -58,17 +58,6 @@ def materialize(data: Iterable, num_batches: int | None, who: str) -> list:
     if not out:
         raise ValueError(f"{who}: the calibration data is empty")
     return out
-
-
-def progress_bar(it: Iterable, total: int | None, desc: str, enabled: bool) -> Iterator:
-    """``tqdm(it)`` when ``enabled`` and tqdm is installed, else ``it`` unchanged."""
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:  # no bar without the bench extra
-            return iter(it)
-        return iter(tqdm(it, total=total, desc=desc, leave=False))
-    return iter(it)
 
 
 def require_qmodules(model: nn.Module, who: str) -> list[tuple[str, QModule]]:

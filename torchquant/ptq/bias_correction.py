@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..qmodules import QModuleState, QWrapper
-from ._common import Snapshot, call_model, forward_order, materialize, progress_bar, require_qmodules
+from ..utils import progress_bar, restoring_states
+from ._common import Snapshot, call_model, forward_order, materialize, require_qmodules
 from .equalize import ChannelClip, _in_view, _layer_in_out, find_layer_pairs
+from .registry import register_ptq_algorithm
 
 __all__ = ["bias_correction", "expected_activation"]
 
@@ -94,6 +96,7 @@ def _add_to_bias(layer: nn.Module, delta: Tensor) -> None:
             layer.bias.add_(delta)
 
 
+@register_ptq_algorithm("bias_correction", aliases=("bc",))
 def bias_correction(
     model: nn.Module,
     data: Iterable | None = None,
@@ -166,12 +169,10 @@ def bias_correction(
 
 
 def _empirical(model, named, wrappers, batches, mode, progress) -> dict[str, Tensor]:
-    saved_modes = [(m, m.qstate) for _, m in require_qmodules(model, "bias_correction")]
-    saved_training = [(m, m.training) for m in model.modules()]
     out: dict[str, Tensor] = {}
-    try:
+    with restoring_states(model):
         model.eval()
-        for m, _ in saved_modes:
+        for _, m in require_qmodules(model, "bias_correction"):
             m.qstate = mode
         order = forward_order(model, wrappers, batches[0], "bias_correction")
         for w in progress_bar(order, len(order), "bias correction", progress):
@@ -200,11 +201,6 @@ def _empirical(model, named, wrappers, batches, mode, progress) -> dict[str, Ten
             shift = torch.stack(total).sum(0) / count[0]
             _add_to_bias(w.layer, -shift)
             out[name] = shift
-    finally:
-        for m, s in saved_modes:
-            m.qstate = s
-        for m, t in saved_training:
-            m.training = t
     return out
 
 

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ..qmodules import QModuleState
-from ._common import call_model, materialize, progress_bar, require_qmodules
+from ..utils import progress_bar, restoring_states
+from ._common import call_model, materialize, require_qmodules
 
 __all__ = ["calibrate"]
 
@@ -64,18 +65,10 @@ def calibrate(
             f"calibrate: mode {mode.name} observes nothing; use one of {', '.join(s.name for s in _OBSERVING)}"
         )
     batches = materialize(data, num_batches, "calibrate")
-    saved_modes = [(m, m.qstate) for _, m in qmodules]
-    saved_training = [(m, m.training) for m in model.modules()]
-    try:
+    with restoring_states(model), torch.no_grad():
         model.eval()
         for _, m in qmodules:
             m.qstate = mode
-        with torch.no_grad():
-            for batch in progress_bar(batches, len(batches), "calibrate", progress):
-                call_model(model, batch, "calibrate")
-    finally:
-        for m, s in saved_modes:
-            m.qstate = s
-        for m, t in saved_training:
-            m.training = t
+        for batch in progress_bar(batches, len(batches), "calibrate", progress):
+            call_model(model, batch, "calibrate")
     return model

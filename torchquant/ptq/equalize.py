@@ -39,7 +39,9 @@ from torch import Tensor, nn
 from ..folding import fold_wrapper_bn_
 from ..qmodules import QModule, QWrapper
 from ..quantizers import RangeQuantizer
+from ..utils import restoring_states
 from ._common import Snapshot, call_model, require_qmodules
+from .registry import register_ptq_algorithm
 
 __all__ = ["ChannelClip", "EqualizationResult", "equalize", "find_layer_pairs", "fold_qwrapper_batchnorm"]
 
@@ -149,7 +151,9 @@ def find_layer_pairs(model: nn.Module, example_input: Any = None, *, relu6: str 
             handles.append(a.register_forward_hook(lambda mod, args, out: outs.setdefault(mod, out)))
             handles.append(b.register_forward_pre_hook(lambda mod, args: ins.setdefault(mod, args[0])))
         try:
-            with torch.no_grad():
+            # eval: a forward pass in training mode would update the BatchNorm statistics
+            with restoring_states(model), torch.no_grad():
+                model.eval()
                 call_model(model, example_input, "find_layer_pairs")
         finally:
             for h in handles:
@@ -350,3 +354,14 @@ def _absorb(a: QWrapper, b: QWrapper, stats: dict) -> Tensor:
         lb.bias.add_(delta)
     stats[a] = (mean - c, std)
     return c
+
+
+@register_ptq_algorithm(
+    "equalize",
+    options=("iterations", "absorb_bias", "relu6", "tolerance"),
+    before_calibration=True,
+    aliases=("cle",),
+)
+def _equalize_on_data(model: nn.Module, data: list, **options: Any) -> EqualizationResult:
+    """Cross-layer equalization (:func:`equalize`), its layer pairs checked on the first batch of ``data``."""
+    return equalize(model, example_input=data[0], **options)

@@ -38,11 +38,17 @@ preset         granularity  activations inside the unit     drop probability   l
 =============  ===========  ==============================  =================  ==================  ========
 
 Blocks (BRECQ, Li et al. 2021, "BRECQ: Pushing the Limit of Post-Training
-Quantization by Block Reconstruction") are residual blocks: by default
-:class:`torchquant.bench.models.ResidualBlock` / ``InvertedResidual`` and, when
-torchvision is loaded, its ``BasicBlock``, ``Bottleneck`` and ``InvertedResidual``;
-or the types / qualified-name globs given as ``blocks``. Layers outside every
-block are reconstructed on their own.
+Quantization by Block Reconstruction") are residual blocks: by default the types
+in :data:`RECONSTRUCTION_BLOCKS` (model code adds its own blocks there, as
+:mod:`torchquant.bench.models` does) and, when torchvision is loaded, its
+``BasicBlock``, ``Bottleneck`` and ``InvertedResidual``; or the types /
+qualified-name globs given as ``blocks``. Layers outside every block are
+reconstructed on their own.
+
+The options are one frozen :class:`ReconstructionConfig`, checked when it is
+built; the presets are the named configs :data:`ADAROUND`, :data:`BRECQ` and
+:data:`QDROP` (the table above), and their functions :func:`adaround`,
+:func:`brecq` and :func:`qdrop` accept the config's fields as keyword arguments.
 
 ``loss="fisher"`` is BRECQ's diagonal-Fisher weighting: each element of the squared
 error is weighted by the squared gradient, w.r.t. the unit's output, of the task
@@ -69,10 +75,12 @@ as in both papers, and is written back into its observer's ranges.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import math
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -83,9 +91,24 @@ from ..granularity import Granularity
 from ..qmodules import QModule, QModuleState, QWrapper, iter_qmodules
 from ..quantizers import AffineGrid, AffineQuantizer, Quantizer
 from ..quantizers_functional import inverse_rectified_sigmoid, rectified_sigmoid, round_ste
-from ._common import Snapshot, call_model, capture, forward_order, materialize, progress_bar, require_qmodules
+from ..utils import progress_bar, restoring_states
+from ._common import Snapshot, call_model, capture, forward_order, materialize, require_qmodules
+from .registry import register_ptq_algorithm
 
-__all__ = ["AdaRoundQuantizer", "adaround", "brecq", "qdrop", "reconstruct"]
+__all__ = [
+    "ADAROUND",
+    "BRECQ",
+    "PRESETS",
+    "QDROP",
+    "RECONSTRUCTION_BLOCKS",
+    "AdaRoundQuantizer",
+    "ReconstructionConfig",
+    "adaround",
+    "brecq",
+    "qdrop",
+    "reconstruct",
+    "reconstruction_block",
+]
 
 ZETA = 1.1
 GAMMA = -0.1
@@ -215,10 +238,26 @@ class _Drop(Quantizer):
         return torch.where(drop, x, self.inner(x))
 
 
-def _default_blocks() -> tuple[type[nn.Module], ...]:
-    from ..bench.models import InvertedResidual, ResidualBlock
+RECONSTRUCTION_BLOCKS: list[type[nn.Module]] = []
+"""Module types that ``granularity="block"`` reconstructs as one unit by default.
 
-    types: list[type[nn.Module]] = [ResidualBlock, InvertedResidual]
+Model code adds its residual blocks with :func:`reconstruction_block`;
+torchvision's ``BasicBlock``, ``Bottleneck`` and ``InvertedResidual`` are added
+when torchvision is loaded, without importing it.
+"""
+
+
+def reconstruction_block(cls: type[nn.Module]) -> type[nn.Module]:
+    """Class decorator: reconstruct modules of this type as one unit by default (see :data:`RECONSTRUCTION_BLOCKS`)."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"reconstruction_block: expected an nn.Module subclass, got {cls!r}")
+    if cls not in RECONSTRUCTION_BLOCKS:
+        RECONSTRUCTION_BLOCKS.append(cls)
+    return cls
+
+
+def _default_blocks() -> tuple[type[nn.Module], ...]:
+    types = list(RECONSTRUCTION_BLOCKS)
     resnet = sys.modules.get("torchvision.models.resnet")
     if resnet is not None:
         types += [resnet.BasicBlock, resnet.Bottleneck]
@@ -228,14 +267,144 @@ def _default_blocks() -> tuple[type[nn.Module], ...]:
     return tuple(types)
 
 
-def _units(model: nn.Module, granularity: str, blocks: Sequence[Any] | None) -> list[tuple[str, nn.Module]]:
+def _check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"reconstruct: {name} must be an int >= 1, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ReconstructionConfig:
+    """The options of :func:`reconstruct`, checked once when the config is built.
+
+    Attributes:
+        granularity: ``"layer"`` (each QWrapper) or ``"block"`` (see ``blocks``).
+        blocks: for ``"block"``: module types and/or qualified-name globs of the blocks
+            (``None``: :data:`RECONSTRUCTION_BLOCKS` and torchvision's residual blocks).
+        act_quant: quantize activations inside the unit while reconstructing it.
+        drop_prob: QDrop's probability of keeping an activation (and an input element) float.
+        learn_act_step: also learn the steps of the unit's activation AffineQuantizers (LSQ).
+        loss: ``"mse"`` (squared error summed over channels) or ``"fisher"`` (each element
+            weighted by BRECQ's diagonal Fisher; the model must return logits ``(N, C, ...)``).
+        fisher_damping: with ``loss="fisher"``: added to the normalised Fisher weights (default 1.0).
+        iters: optimisation steps per unit.
+        batch_size: samples per step, drawn at random from the unit's cached inputs.
+        lr: Adam learning rate of the rounding variables.
+        act_lr: Adam learning rate of the activation steps, relative to each step's calibrated
+            value, annealed to 0 with a cosine. The default 4e-4 corresponds to the papers'
+            4e-5 for steps of about 0.1 over their 20k iterations; short runs need about 1e-2.
+        reg_weight: ``lambda``, weight of the rounding regulariser.
+        beta: ``(start, end)`` of the annealed regulariser exponent.
+        warmup: fraction of ``iters`` without the regulariser.
+        mode: the quantized mode the model is used in: ``QUANT_EVAL`` or ``QUANT_EVAL_WEIGHT_ONLY``.
+
+    Raises:
+        ValueError: an option out of range or options that do not go together.
+        TypeError: a ``blocks`` entry that is neither a module type nor a string.
+
+    Example:
+        >>> import dataclasses
+        >>> from torchquant.ptq import BRECQ, ReconstructionConfig
+        >>> short = dataclasses.replace(BRECQ, iters=200, lr=1e-2)  # checked again
+        >>> short.loss, short.iters
+        ('fisher', 200)
+        >>> ReconstructionConfig(drop_prob=0.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: reconstruct: drop_prob > 0 and learn_act_step need act_quant=True
+    """
+
+    granularity: str = "layer"
+    blocks: tuple[type[nn.Module] | str, ...] | None = None
+    act_quant: bool = False
+    drop_prob: float = 0.0
+    learn_act_step: bool = False
+    loss: str = "mse"
+    fisher_damping: float | None = None
+    iters: int = 10000
+    batch_size: int = 32
+    lr: float = 1e-3
+    act_lr: float = 4e-4
+    reg_weight: float = 0.01
+    beta: tuple[float, float] = (20.0, 2.0)
+    warmup: float = 0.2
+    mode: QModuleState = QModuleState.QUANT_EVAL
+
+    def __post_init__(self) -> None:
+        if self.granularity not in ("layer", "block"):
+            raise ValueError(f"reconstruct: granularity must be 'layer' or 'block', got {self.granularity!r}")
+        if self.blocks is not None:
+            if self.granularity != "block":
+                raise ValueError("reconstruct: blocks is only used with granularity='block'")
+            object.__setattr__(self, "blocks", tuple(self.blocks))
+            for s in self.blocks:
+                if not (isinstance(s, str) or (isinstance(s, type) and issubclass(s, nn.Module))):
+                    raise TypeError(f"reconstruct: blocks entries must be nn.Module types or name globs, got {s!r}")
+        valid_modes = (QModuleState.QUANT_EVAL, QModuleState.QUANT_EVAL_WEIGHT_ONLY)
+        if not isinstance(self.mode, QModuleState) or self.mode not in valid_modes:
+            raise ValueError(f"reconstruct: mode must be QUANT_EVAL or QUANT_EVAL_WEIGHT_ONLY, got {self.mode!r}")
+        if not 0.0 <= float(self.drop_prob) < 1.0:
+            raise ValueError(f"reconstruct: drop_prob must be in [0, 1), got {self.drop_prob!r}")
+        object.__setattr__(self, "drop_prob", float(self.drop_prob))
+        if (self.drop_prob > 0 or self.learn_act_step) and not self.act_quant:
+            raise ValueError("reconstruct: drop_prob > 0 and learn_act_step need act_quant=True")
+        if self.act_quant and self.mode is not QModuleState.QUANT_EVAL:
+            raise ValueError("reconstruct: act_quant=True needs mode=QUANT_EVAL (activations quantized)")
+        if self.loss not in ("mse", "fisher"):
+            raise ValueError(f"reconstruct: loss must be 'mse' or 'fisher', got {self.loss!r}")
+        if self.fisher_damping is not None and self.loss != "fisher":
+            raise ValueError("reconstruct: fisher_damping is only used with loss='fisher'")
+        d = self.damping
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not d >= 0:
+            raise ValueError(f"reconstruct: fisher_damping must be a number >= 0, got {self.fisher_damping!r}")
+        _check_positive_int(self.iters, "iters")
+        _check_positive_int(self.batch_size, "batch_size")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"reconstruct: warmup must be in [0, 1), got {self.warmup!r}")
+        if len(self.beta) != 2 or not self.beta[0] >= self.beta[1] > 0:
+            raise ValueError(f"reconstruct: beta must be (start, end) with start >= end > 0, got {self.beta!r}")
+        object.__setattr__(self, "beta", tuple(self.beta))
+
+    @property
+    def damping(self) -> float:
+        """``fisher_damping``, or its default 1.0 when unset."""
+        return 1.0 if self.fisher_damping is None else self.fisher_damping
+
+
+ADAROUND = ReconstructionConfig()
+"""AdaRound (Nagel et al. 2020): each layer, weights only, squared error."""
+BRECQ = ReconstructionConfig(granularity="block", act_quant=True, learn_act_step=True, loss="fisher")
+"""BRECQ (Li et al. 2021): each block, activations quantized, steps learned, Fisher-weighted error."""
+QDROP = ReconstructionConfig(granularity="block", act_quant=True, drop_prob=0.5, learn_act_step=True)
+"""QDrop (Wei et al. 2022): as BRECQ, each activation element kept float with probability 0.5, squared error."""
+PRESETS: dict[str, ReconstructionConfig] = {"adaround": ADAROUND, "brecq": BRECQ, "qdrop": QDROP}
+"""The named configs of the table in the module docstring (and in ``docs/ptq.md``)."""
+
+# What makes each preset that method: its function refuses to change these (reconstruct can).
+_FIXED: dict[str, frozenset[str]] = {
+    "adaround": frozenset({"granularity", "act_quant", "drop_prob", "learn_act_step"}),
+    "brecq": frozenset({"granularity", "act_quant", "drop_prob"}),
+    "qdrop": frozenset({"granularity", "act_quant"}),
+}
+_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(ReconstructionConfig))
+_RUN_OPTIONS = frozenset({"num_batches", "seed", "progress"})
+
+
+def _configure(who: str, config: ReconstructionConfig, options: dict[str, Any]) -> ReconstructionConfig:
+    """``config`` with ``options`` (config fields given as keyword arguments) replaced, checked again."""
+    if not isinstance(config, ReconstructionConfig):
+        raise TypeError(f"{who}: config must be a ReconstructionConfig, got {type(config).__name__}")
+    unknown = sorted(set(options) - _CONFIG_FIELDS)
+    if unknown:
+        raise TypeError(f"{who}: unknown options {unknown}; valid: {sorted(_CONFIG_FIELDS | _RUN_OPTIONS)}")
+    return dataclasses.replace(config, **options) if options else config
+
+
+def _units(model: nn.Module, config: ReconstructionConfig) -> list[tuple[str, nn.Module]]:
     wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, QWrapper) and m.weight_quantizer is not None]
-    if granularity == "layer":
+    if config.granularity == "layer":
         return wrappers
-    specs = tuple(blocks) if blocks is not None else _default_blocks()
-    for s in specs:
-        if not (isinstance(s, str) or (isinstance(s, type) and issubclass(s, nn.Module))):
-            raise TypeError(f"reconstruct: blocks entries must be nn.Module types or name globs, got {s!r}")
+    specs = config.blocks if config.blocks is not None else _default_blocks()
 
     def is_block(name: str, m: nn.Module) -> bool:
         return any(
@@ -260,38 +429,19 @@ def _units(model: nn.Module, granularity: str, blocks: Sequence[Any] | None) -> 
     return units
 
 
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"reconstruct: {name} must be an int >= 1, got {value!r}")
-    return value
-
-
 def reconstruct(
     model: nn.Module,
     data: Iterable,
+    config: ReconstructionConfig | None = None,
     *,
-    granularity: str = "layer",
-    blocks: Sequence[type[nn.Module] | str] | None = None,
-    act_quant: bool = False,
-    drop_prob: float = 0.0,
-    learn_act_step: bool = False,
-    loss: str = "mse",
-    fisher_damping: float | None = None,
-    iters: int = 10000,
-    batch_size: int = 32,
-    lr: float = 1e-3,
-    act_lr: float = 4e-4,
-    reg_weight: float = 0.01,
-    beta: tuple[float, float] = (20.0, 2.0),
-    warmup: float = 0.2,
-    mode: QModuleState = QModuleState.QUANT_EVAL,
     num_batches: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    **options: Any,
 ) -> dict[str, float]:
     """Learn the weight rounding of a calibrated model unit by unit (see the module docstring).
 
-    The model must be calibrated (every quantizer has its ranges) and runs in ``mode``
+    The model must be calibrated (every quantizer has its ranges) and runs in ``config.mode``
     while the inputs of each unit are collected; a float copy gives the targets. On
     success the weights hold the hard-rounded grid values; if anything fails
     part-way, the model is restored exactly as it was.
@@ -300,27 +450,12 @@ def reconstruct(
         model: a calibrated model with QWrappers whose weight quantizers report a grid.
         data: calibration batches (as for :func:`~torchquant.ptq.calibrate`); all of them
             (or ``num_batches``) are kept in memory as unit inputs.
-        granularity: ``"layer"`` (each QWrapper) or ``"block"`` (see ``blocks``).
-        blocks: for ``"block"``: module types and/or qualified-name globs of the blocks.
-        act_quant: quantize activations inside the unit while reconstructing it.
-        drop_prob: QDrop's probability of keeping an activation (and an input element) float.
-        learn_act_step: also learn the steps of the unit's activation AffineQuantizers (LSQ).
-        loss: ``"mse"`` (squared error summed over channels) or ``"fisher"`` (each element
-            weighted by BRECQ's diagonal Fisher; the model must return logits ``(N, C, ...)``).
-        fisher_damping: with ``loss="fisher"``: added to the normalised Fisher weights (default 1.0).
-        iters: optimisation steps per unit.
-        batch_size: samples per step, drawn at random from the unit's cached inputs.
-        lr: Adam learning rate of the rounding variables.
-        act_lr: Adam learning rate of the activation steps, relative to each step's calibrated
-            value, annealed to 0 with a cosine. The default 4e-4 corresponds to the papers'
-            4e-5 for steps of about 0.1 over their 20k iterations; short runs need about 1e-2.
-        reg_weight: ``lambda``, weight of the rounding regulariser.
-        beta: ``(start, end)`` of the annealed regulariser exponent.
-        warmup: fraction of ``iters`` without the regulariser.
-        mode: the quantized mode the model is used in: ``QUANT_EVAL`` or ``QUANT_EVAL_WEIGHT_ONLY``.
+        config: the options (default: ``ReconstructionConfig()``, AdaRound's).
         num_batches: use at most this many batches of ``data``.
         seed: seeds the sampling and QDrop's masks (results are reproducible for a seed).
         progress: show a progress bar over units.
+        **options: fields of :class:`ReconstructionConfig` replacing those of ``config``
+            (``granularity``, ``iters``, ``lr``, ``loss``, ...).
 
     Returns:
         The final reconstruction loss of each unit, by qualified name.
@@ -328,43 +463,19 @@ def reconstruct(
     Raises:
         ValueError: no QModule, empty data, a wrong mode or option, no unit found,
             or a unit not called with one tensor.
-        TypeError: a weight quantizer without an affine grid (or, with
+        TypeError: an unknown option, a weight quantizer without an affine grid (or, with
             ``learn_act_step``, an activation quantizer that is not an AffineQuantizer).
         RuntimeError: the model does not run on ``data`` in ``mode`` (e.g. not calibrated).
     """
     qmodules = require_qmodules(model, "reconstruct")
-    if granularity not in ("layer", "block"):
-        raise ValueError(f"reconstruct: granularity must be 'layer' or 'block', got {granularity!r}")
-    if blocks is not None and granularity != "block":
-        raise ValueError("reconstruct: blocks is only used with granularity='block'")
-    if not isinstance(mode, QModuleState) or mode not in (QModuleState.QUANT_EVAL, QModuleState.QUANT_EVAL_WEIGHT_ONLY):
-        raise ValueError(f"reconstruct: mode must be QUANT_EVAL or QUANT_EVAL_WEIGHT_ONLY, got {mode!r}")
-    if not 0.0 <= float(drop_prob) < 1.0:
-        raise ValueError(f"reconstruct: drop_prob must be in [0, 1), got {drop_prob!r}")
-    if (drop_prob > 0 or learn_act_step) and not act_quant:
-        raise ValueError("reconstruct: drop_prob > 0 and learn_act_step need act_quant=True")
-    if act_quant and mode is not QModuleState.QUANT_EVAL:
-        raise ValueError("reconstruct: act_quant=True needs mode=QUANT_EVAL (activations quantized)")
-    if loss not in ("mse", "fisher"):
-        raise ValueError(f"reconstruct: loss must be 'mse' or 'fisher', got {loss!r}")
-    if fisher_damping is not None and loss != "fisher":
-        raise ValueError("reconstruct: fisher_damping is only used with loss='fisher'")
-    damping = 1.0 if fisher_damping is None else fisher_damping
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
-        raise ValueError(f"reconstruct: fisher_damping must be a number >= 0, got {fisher_damping!r}")
-    iters = _check_positive_int(iters, "iters")
-    batch_size = _check_positive_int(batch_size, "batch_size")
-    if not 0.0 <= warmup < 1.0:
-        raise ValueError(f"reconstruct: warmup must be in [0, 1), got {warmup!r}")
-    if len(beta) != 2 or not beta[0] >= beta[1] > 0:
-        raise ValueError(f"reconstruct: beta must be (start, end) with start >= end > 0, got {beta!r}")
+    c = _configure("reconstruct", ReconstructionConfig() if config is None else config, options)
     batches = materialize(data, num_batches, "reconstruct")
-    units = _units(model, granularity, blocks)
+    units = _units(model, c)
     for name, unit in units:
         for w in [unit] if isinstance(unit, QWrapper) else unit.modules():
             if isinstance(w, QWrapper) and w.weight_quantizer is not None:
                 _grid_of(w.weight_quantizer, f"the weight quantizer of {name}")
-            if learn_act_step and isinstance(w, QModule) and w.quantizers().get("acts_quantizer") is not None:
+            if c.learn_act_step and isinstance(w, QModule) and w.quantizers().get("acts_quantizer") is not None:
                 q = w.acts_quantizer
                 if not isinstance(q, AffineQuantizer):
                     raise TypeError(
@@ -372,68 +483,64 @@ def reconstruct(
                         f"{name} has {type(q).__name__} (pass learn_act_step=False to keep its ranges)"
                     )
 
-    saved_modes = [(m, m.qstate) for _, m in qmodules]
-    saved_training = [(m, m.training) for m in model.modules()]
     snapshot = Snapshot(model)
-    try:
-        float_model = copy.deepcopy(model)
-        for _, m in iter_qmodules(float_model):
-            m.qstate = QModuleState.BYPASSED
-        float_model.eval()
-        float_modules = dict(float_model.named_modules())
-        model.eval()
-        for _, m in qmodules:
-            m.qstate = mode
+    with restoring_states(model):
         try:
-            with torch.no_grad():
-                call_model(model, batches[0], "reconstruct")
-        except Exception as e:
-            raise RuntimeError(
-                f"reconstruct: the model does not run on the first batch in {mode.name} "
-                f"(calibrate it first and check the input shape): {e}"
-            ) from e
-        names = {m: n for n, m in units}
-        order = forward_order(model, [m for _, m in units], batches[0], "reconstruct")
-        missing = [n for n, m in units if m not in order]
-        if missing:
-            raise ValueError(f"reconstruct: units never called by the forward pass: {missing}")
-        all_order = forward_order(model, [m for _, m in qmodules], batches[0], "reconstruct")
-        refs: list[Tensor] = []
-        if loss == "fisher":
-            with torch.no_grad():
-                refs = [_logits(call_model(float_model, b, "reconstruct")) for b in batches]
-        losses: dict[str, float] = {}
-        opts = dict(
-            act_quant=act_quant,
-            drop_prob=float(drop_prob),
-            learn_act_step=learn_act_step,
-            iters=iters,
-            batch_size=batch_size,
-            lr=lr,
-            act_lr=act_lr,
-            reg_weight=reg_weight,
-            beta=beta,
-            warmup=warmup,
-            mode=mode,
-        )
-        for i, unit in enumerate(progress_bar(order, len(order), "reconstruct", progress)):
-            name = names[unit]
-            x_q, _ = capture(model, unit, batches, "reconstruct", name, want_output=False)
-            x_fp, y_fp = capture(float_model, float_modules[name], batches, "reconstruct", name, want_output=True)
-            weight = None
-            if loss == "fisher":
-                inside = {id(m) for m in unit.modules()}
-                last = max(k for k, m in enumerate(all_order) if id(m) in inside)
-                weight = _fisher_weights(model, unit, all_order[last + 1 :], batches, refs, float(damping))
-            gen = torch.Generator(device=x_q.device).manual_seed(seed * 100003 + i)
-            losses[name] = _reconstruct_unit(unit, x_q, x_fp, y_fp, weight, gen, **opts)
-    except BaseException:
-        snapshot.restore()
-        raise
-    for m, s in saved_modes:
-        m.qstate = s
-    for m, t in saved_training:
-        m.training = t
+            losses = _reconstruct_units(model, qmodules, units, batches, c, seed, progress)
+        except BaseException:
+            snapshot.restore()
+            raise
+    return losses
+
+
+def _reconstruct_units(
+    model: nn.Module,
+    qmodules: list[tuple[str, QModule]],
+    units: list[tuple[str, nn.Module]],
+    batches: list,
+    c: ReconstructionConfig,
+    seed: int,
+    progress: bool,
+) -> dict[str, float]:
+    """The body of :func:`reconstruct` once everything is checked: each unit in forward order."""
+    float_model = copy.deepcopy(model)
+    for _, m in iter_qmodules(float_model):
+        m.qstate = QModuleState.BYPASSED
+    float_model.eval()
+    float_modules = dict(float_model.named_modules())
+    model.eval()
+    for _, m in qmodules:
+        m.qstate = c.mode
+    try:
+        with torch.no_grad():
+            call_model(model, batches[0], "reconstruct")
+    except Exception as e:
+        raise RuntimeError(
+            f"reconstruct: the model does not run on the first batch in {c.mode.name} "
+            f"(calibrate it first and check the input shape): {e}"
+        ) from e
+    names = {m: n for n, m in units}
+    order = forward_order(model, [m for _, m in units], batches[0], "reconstruct")
+    missing = [n for n, m in units if m not in order]
+    if missing:
+        raise ValueError(f"reconstruct: units never called by the forward pass: {missing}")
+    all_order = forward_order(model, [m for _, m in qmodules], batches[0], "reconstruct")
+    refs: list[Tensor] = []
+    if c.loss == "fisher":
+        with torch.no_grad():
+            refs = [_logits(call_model(float_model, b, "reconstruct")) for b in batches]
+    losses: dict[str, float] = {}
+    for i, unit in enumerate(progress_bar(order, len(order), "reconstruct", progress)):
+        name = names[unit]
+        x_q, _ = capture(model, unit, batches, "reconstruct", name, want_output=False)
+        x_fp, y_fp = capture(float_model, float_modules[name], batches, "reconstruct", name, want_output=True)
+        weight = None
+        if c.loss == "fisher":
+            inside = {id(m) for m in unit.modules()}
+            last = max(k for k, m in enumerate(all_order) if id(m) in inside)
+            weight = _fisher_weights(model, unit, all_order[last + 1 :], batches, refs, float(c.damping))
+        gen = torch.Generator(device=x_q.device).manual_seed(seed * 100003 + i)
+        losses[name] = _reconstruct_unit(unit, x_q, x_fp, y_fp, weight, gen, c)
     return losses
 
 
@@ -503,19 +610,23 @@ def _reconstruct_unit(
     y_fp: Tensor,
     weight: Tensor | None,
     gen: torch.Generator,
-    *,
-    act_quant: bool,
-    drop_prob: float,
-    learn_act_step: bool,
-    iters: int,
-    batch_size: int,
-    lr: float,
-    act_lr: float,
-    reg_weight: float,
-    beta: tuple[float, float],
-    warmup: float,
-    mode: QModuleState,
+    config: ReconstructionConfig,
 ) -> float:
+    """Learn the rounding (and, if configured, the activation steps) of one unit; return its final loss.
+
+    Args:
+        unit: a QWrapper or a block of them, in the quantized model.
+        x_q: ``(N, ...)`` inputs of the unit in the quantized model.
+        x_fp: ``(N, ...)`` inputs of the same unit in the float model (QDrop mixes them in).
+        y_fp: ``(N, C, ...)`` outputs of the float unit, the targets.
+        weight: BRECQ's Fisher weights shaped like ``y_fp``, or ``None`` for the plain squared error.
+        gen: draws the mini-batches and QDrop's masks.
+        config: the options; ``config.mode`` is the mode the unit's QModules are left in.
+
+    Returns:
+        The reconstruction error of the last iteration.
+    """
+    c = config
     if x_q.shape != x_fp.shape:
         raise ValueError(
             f"reconstruct: quantized and float inputs of {type(unit).__name__} differ in shape: "
@@ -534,48 +645,48 @@ def _reconstruct_unit(
             ada[w] = AdaRoundQuantizer(_grid_of(w.weight_quantizer, "weight quantizer"), w.layer.weight)
             saved_q.append((w, "weight_quantizer", w.weight_quantizer))
             w.weight_quantizer = ada[w]
-        if act_quant:
+        if c.act_quant:
             for m in qmods:
                 q = m.quantizers().get("acts_quantizer")
                 if q is None:
                     continue
                 saved_q.append((m, "acts_quantizer", q))
                 new: Quantizer = q
-                if learn_act_step:
+                if c.learn_act_step:
                     new = _LearnedStep(q)
                     learned.append(new)
-                if drop_prob > 0:
-                    new = _Drop(new, drop_prob, gen)
+                if c.drop_prob > 0:
+                    new = _Drop(new, c.drop_prob, gen)
                 m.acts_quantizer = new
-        unit_mode = QModuleState.QUANT_EVAL if act_quant else QModuleState.QUANT_EVAL_WEIGHT_ONLY
+        unit_mode = QModuleState.QUANT_EVAL if c.act_quant else QModuleState.QUANT_EVAL_WEIGHT_ONLY
         for m in qmods:
             m.qstate = unit_mode
-        groups = [{"params": [a.alpha for a in ada.values()], "lr": lr}]
+        groups = [{"params": [a.alpha for a in ada.values()], "lr": c.lr}]
         # act_lr is relative: each step moves by about act_lr times its calibrated value per iteration.
-        groups += [{"params": [s.step], "lr": act_lr * float(s.step.detach().abs().mean())} for s in learned]
+        groups += [{"params": [s.step], "lr": c.act_lr * float(s.step.detach().abs().mean())} for s in learned]
         opt = torch.optim.Adam(groups)
         # Both papers anneal the activation steps' learning rate to 0 with a cosine.
         act_lrs = [g["lr"] for g in opt.param_groups[1:]]
         n = x_q.shape[0]
-        warm = int(warmup * iters)
+        warm = int(c.warmup * c.iters)
         rec = torch.zeros(())
-        for it in range(iters):
-            idx = torch.randint(n, (min(batch_size, n),), generator=gen, device=x_q.device)
+        for it in range(c.iters):
+            idx = torch.randint(n, (min(c.batch_size, n),), generator=gen, device=x_q.device)
             x = x_q[idx]
-            if drop_prob > 0:
-                x = torch.where(torch.rand(x.shape, generator=gen, device=x.device) < drop_prob, x_fp[idx], x)
+            if c.drop_prob > 0:
+                x = torch.where(torch.rand(x.shape, generator=gen, device=x.device) < c.drop_prob, x_fp[idx], x)
             y = unit(x)
             err = (y - y_fp[idx]).pow(2)
             if weight is not None:
                 err = err * weight[idx]
             rec = err.sum(1).mean()
             loss = rec
-            if it >= warm and reg_weight > 0:
-                t = (it - warm) / max(iters - warm, 1)
-                b = beta[1] + (beta[0] - beta[1]) * (1 - t)
-                loss = loss + reg_weight * sum(a.regularizer(b) for a in ada.values())
+            if it >= warm and c.reg_weight > 0:
+                t = (it - warm) / max(c.iters - warm, 1)
+                b = c.beta[1] + (c.beta[0] - c.beta[1]) * (1 - t)
+                loss = loss + c.reg_weight * sum(a.regularizer(b) for a in ada.values())
             for g, base in zip(opt.param_groups[1:], act_lrs):
-                g["lr"] = base * 0.5 * (1 + math.cos(math.pi * it / iters))
+                g["lr"] = base * 0.5 * (1 + math.cos(math.pi * it / c.iters))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -590,22 +701,30 @@ def _reconstruct_unit(
         for m, attr, q in reversed(saved_q):
             setattr(m, attr, q)
         for m in qmods:
-            m.qstate = mode
+            m.qstate = c.mode
         for p, g in saved_grad:
             p.requires_grad_(g)
 
 
-def _preset(who: str, fixed: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-    clash = sorted(set(fixed) & set(kwargs))
+def _run_preset(name: str, model: nn.Module, data: Iterable, options: dict[str, Any]) -> dict[str, float]:
+    clash = sorted(_FIXED[name] & set(options))
     if clash:
-        raise TypeError(f"{who}: {clash} are fixed by this preset; call torchquant.ptq.reconstruct to change them")
-    return {**fixed, **kwargs}
+        raise TypeError(f"{name}: {clash} are fixed by this preset; call torchquant.ptq.reconstruct to change them")
+    run = {k: options.pop(k) for k in _RUN_OPTIONS & set(options)}
+    return reconstruct(model, data, _configure(name, PRESETS[name], options), **run)
 
 
+def _preset_options(name: str) -> frozenset[str]:
+    """The keyword options a preset function takes: the config fields it does not fix and the run options."""
+    return (_CONFIG_FIELDS - _FIXED[name]) | _RUN_OPTIONS
+
+
+@register_ptq_algorithm("adaround", options=_preset_options("adaround"))
 def adaround(model: nn.Module, data: Iterable, **kwargs: Any) -> dict[str, float]:
     """AdaRound (Nagel et al. 2020): layer-wise, weight-only reconstruction of the rounding.
 
-    :func:`reconstruct` with ``granularity="layer"``, ``act_quant=False``, ``drop_prob=0``.
+    :func:`reconstruct` with the :data:`ADAROUND` config (``granularity="layer"``,
+    ``act_quant=False``, ``drop_prob=0``, ``learn_act_step=False``: fixed).
     Each layer's inputs come from the quantized model (activations quantized in
     ``QUANT_EVAL``, earlier layers already rounded); the loss is on its output
     after BatchNorm and activation, before its output quantizer.
@@ -613,8 +732,8 @@ def adaround(model: nn.Module, data: Iterable, **kwargs: Any) -> dict[str, float
     Args:
         model: a calibrated quantizable model.
         data: calibration batches.
-        **kwargs: the other options of :func:`reconstruct` (``iters``, ``batch_size``, ``lr``,
-            ``reg_weight``, ``beta``, ``warmup``, ``mode``, ``num_batches``, ``seed``, ``progress``).
+        **kwargs: the other fields of :class:`ReconstructionConfig` (``iters``, ``batch_size``, ``lr``,
+            ``reg_weight``, ``beta``, ``warmup``, ``mode``) and ``num_batches``, ``seed``, ``progress``.
 
     Returns:
         The final reconstruction loss of each layer.
@@ -630,47 +749,45 @@ def adaround(model: nn.Module, data: Iterable, **kwargs: Any) -> dict[str, float
         >>> sorted(tq.ptq.adaround(net, data, iters=20, progress=False))
         ['0', '2']
     """
-    fixed = {"granularity": "layer", "act_quant": False, "drop_prob": 0.0, "learn_act_step": False}
-    return reconstruct(model, data, **_preset("adaround", fixed, kwargs))
+    return _run_preset("adaround", model, data, kwargs)
 
 
+@register_ptq_algorithm("brecq", options=_preset_options("brecq"))
 def brecq(model: nn.Module, data: Iterable, **kwargs: Any) -> dict[str, float]:
     """BRECQ (Li et al. 2021): block-wise reconstruction with activations quantized inside the block.
 
-    :func:`reconstruct` with ``granularity="block"``, ``act_quant=True``, ``drop_prob=0``
-    and, unless given, the paper's ``loss="fisher"`` (block outputs weighted by the
-    diagonal Fisher) and ``learn_act_step=True`` (activation steps learned jointly).
+    :func:`reconstruct` with the :data:`BRECQ` config: ``granularity="block"``, ``act_quant=True``,
+    ``drop_prob=0`` (fixed) and, unless given, the paper's ``loss="fisher"`` (block outputs
+    weighted by the diagonal Fisher) and ``learn_act_step=True`` (activation steps learned jointly).
 
     Args:
         model: a calibrated quantizable model.
         data: calibration batches.
-        **kwargs: the other options of :func:`reconstruct` (``blocks``, ``learn_act_step``,
-            ``loss``, ``fisher_damping``, ``act_lr``, ``iters``, ``batch_size``, ``lr``, ``seed``, ...).
+        **kwargs: the other fields of :class:`ReconstructionConfig` (``blocks``, ``learn_act_step``,
+            ``loss``, ``fisher_damping``, ``act_lr``, ``iters``, ``batch_size``, ``lr``, ...) and
+            ``num_batches``, ``seed``, ``progress``.
 
     Returns:
         The final reconstruction loss of each unit.
     """
-    fixed = {"granularity": "block", "act_quant": True, "drop_prob": 0.0}
-    kwargs = {"learn_act_step": True, "loss": "fisher", **kwargs}
-    return reconstruct(model, data, **_preset("brecq", fixed, kwargs))
+    return _run_preset("brecq", model, data, kwargs)
 
 
-def qdrop(model: nn.Module, data: Iterable, drop_prob: float = 0.5, **kwargs: Any) -> dict[str, float]:
+@register_ptq_algorithm("qdrop", options=_preset_options("qdrop"))
+def qdrop(model: nn.Module, data: Iterable, drop_prob: float = QDROP.drop_prob, **kwargs: Any) -> dict[str, float]:
     """QDrop (Wei et al. 2022): block-wise reconstruction that randomly drops activation quantization.
 
-    :func:`reconstruct` with ``granularity="block"``, ``act_quant=True``, ``drop_prob`` and,
-    unless given, ``learn_act_step=True`` (activation steps learned jointly, as in the paper);
-    the loss is the plain squared error (``loss="mse"``), as in the paper.
+    :func:`reconstruct` with the :data:`QDROP` config: ``granularity="block"``, ``act_quant=True``
+    (fixed), ``drop_prob`` and, unless given, ``learn_act_step=True`` (activation steps learned
+    jointly, as in the paper); the loss is the plain squared error (``loss="mse"``), as in the paper.
 
     Args:
         model: a calibrated quantizable model.
         data: calibration batches.
         drop_prob: probability of keeping each activation element float (the paper's 0.5).
-        **kwargs: the other options of :func:`reconstruct`.
+        **kwargs: the other fields of :class:`ReconstructionConfig` and ``num_batches``, ``seed``, ``progress``.
 
     Returns:
         The final reconstruction loss of each unit.
     """
-    fixed = {"granularity": "block", "act_quant": True, "drop_prob": drop_prob}
-    kwargs = {"learn_act_step": True, **kwargs}
-    return reconstruct(model, data, **_preset("qdrop", fixed, kwargs))
+    return _run_preset("qdrop", model, data, {"drop_prob": drop_prob, **kwargs})
