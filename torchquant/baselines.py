@@ -81,20 +81,6 @@ for _name in ("affine_quantize", "gradient_clip", "pact_quantize", "sign_ste", "
 _EPS = torch.finfo(torch.float32).eps
 
 
-def _reduce(g: Granularity, x: Tensor, op: str, who: str) -> Tensor:
-    """``sum`` / ``mean`` / ``amax`` of ``x`` at granularity ``g``, in the compact shape."""
-    fn = {"sum": torch.sum, "mean": torch.mean, "amax": torch.amax}[op]
-    axis = g.check(x.shape, who)
-    if axis is None:
-        return fn(x)
-    if g.group_size is None:
-        dims = tuple(i for i in range(x.dim()) if i != axis)
-        return fn(x, dim=dims, keepdim=True) if dims else x  # a 1-d tensor: one element per channel
-    gs = g.group_size
-    grouped = x.reshape(*x.shape[:axis], x.shape[axis] // gs, gs, *x.shape[axis + 1 :])
-    return fn(grouped, dim=axis + 1)  # (.., n/g, g, ..) -> (.., n/g, ..)
-
-
 class _LazyParamQuantizer(Quantizer):
     """Base of quantizers with learned parameters shaped by the first observed tensor.
 
@@ -236,7 +222,7 @@ class LSQQuantizer(_LazyParamQuantizer):
 
     def _init_params(self, x: Tensor) -> tuple[Tensor, ...]:
         x = x.to(compute_dtype(x))
-        mean_abs = _reduce(self.granularity, x.abs(), "mean", self._tq_name)
+        mean_abs = self.granularity.aggregate(x.abs(), "mean", self._tq_name)
         return ((2.0 * mean_abs / math.sqrt(self.qp)).clamp(min=_EPS),)
 
     def quantize(self, x: Tensor) -> Tensor:
@@ -317,8 +303,8 @@ class LSQPlusQuantizer(_LazyParamQuantizer):
             mn, mx = g.reduce(x, who=self._tq_name)
             s = ((mx - mn) / (self.qp + self.qn)).clamp(min=_EPS)
             return s, mn + self.qn * s
-        mu = _reduce(g, x, "mean", self._tq_name)
-        sigma = (_reduce(g, x * x, "mean", self._tq_name) - mu * mu).clamp(min=0.0).sqrt()
+        mu = g.aggregate(x, "mean", self._tq_name)
+        sigma = (g.aggregate(x * x, "mean", self._tq_name) - mu * mu).clamp(min=0.0).sqrt()
         s = torch.maximum((mu - 3 * sigma).abs(), (mu + 3 * sigma).abs()) / 2 ** (self.n_bits - 1)
         return s.clamp(min=_EPS), torch.zeros_like(s)
 
@@ -418,11 +404,11 @@ class _StatelessQuantizer(Quantizer):
 def _dorefa_weight(x: Tensor, n_bits: int, axis: int | None, group_size: int | None, who: str) -> Tensor:
     g = Granularity(axis=axis, group_size=group_size)
     if n_bits == 1:
-        e = g.expand(_reduce(g, x.detach().abs(), "mean", who))
+        e = g.expand(g.aggregate(x.detach().abs(), "mean", who))
         return straight_through(x, torch.where(x >= 0, e, -e))
     n = 2**n_bits - 1
     t = torch.tanh(x)
-    m = g.expand(_reduce(g, t.abs(), "amax", who)).clamp(min=_EPS)
+    m = g.expand(g.aggregate(t.abs(), "amax", who)).clamp(min=_EPS)
     w01 = t / (2 * m) + 0.5  # in [0, 1]
     return 2 * (round_ste(w01 * n) / n) - 1
 
@@ -533,7 +519,7 @@ class BinaryQuantizer(_StatelessQuantizer):
 @torch.fx.wrap
 def _xnor(x: Tensor, axis: int | None, group_size: int | None, who: str) -> Tensor:
     g = Granularity(axis=axis, group_size=group_size)
-    alpha = _reduce(g, x.detach().abs(), "mean", who)
+    alpha = g.aggregate(x.detach().abs(), "mean", who)
     return scaled_sign(x, g.expand(alpha), x.numel() // alpha.numel())
 
 
@@ -572,10 +558,10 @@ class XNORWeightQuantizer(_StatelessQuantizer):
 def _ternary(x: Tensor, threshold: float, axis: int | None, group_size: int | None, who: str) -> Tensor:
     g = Granularity(axis=axis, group_size=group_size)
     a = x.detach().abs()
-    delta = threshold * g.expand(_reduce(g, a, "mean", who))
+    delta = threshold * g.expand(g.aggregate(a, "mean", who))
     mask = (a > delta).to(a.dtype)
-    count = _reduce(g, mask, "sum", who).clamp(min=1.0)
-    alpha = g.expand(_reduce(g, a * mask, "sum", who) / count)  # mean of |W| above Delta
+    count = g.aggregate(mask, "sum", who).clamp(min=1.0)
+    alpha = g.expand(g.aggregate(a * mask, "sum", who) / count)  # mean of |W| above Delta
     t = torch.where(x.detach() >= 0, alpha, -alpha) * mask
     return straight_through(x, t.to(x.dtype))
 
