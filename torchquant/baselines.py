@@ -1,12 +1,11 @@
-"""The research quantizers under their earlier module name.
+"""The research quantizers by one more import path: ``from torchquant.baselines import LSQQuantizer``.
 
 They live in :mod:`torchquant.quantizers`, one module per family
 (:mod:`~torchquant.quantizers.learned`: LSQ, LSQ+, PACT;
 :mod:`~torchquant.quantizers.dorefa`; :mod:`~torchquant.quantizers.binary`:
 BNN, XNOR, TWN; :mod:`~torchquant.quantizers.minifloat`: minifloat and MX), and
-are importable from :mod:`torchquant` and :mod:`torchquant.quantizers`. This
-module re-exports the same objects, so ``from torchquant.baselines import
-LSQQuantizer`` keeps working.
+are also importable from :mod:`torchquant` and :mod:`torchquant.quantizers`;
+this module re-exports the same objects.
 """
 
 from .quantizers import (
