@@ -302,7 +302,8 @@ GRID_CASES = [c for c in CASES if c.example.on_grid and observed(c)[0].grid() is
 def test_grid_cases_include_every_affine_family():
     names = {c.name for c in GRID_CASES if c.kind == "quantizer"}
     assert {"affine", "qfmt", "lsq", "pact", "dorefa_act"} <= names
-    assert {c.name for c in GRID_CASES if c.kind == "observer"} == set(tq.list_observers())
+    # every observer collected (entries registered later by other tests, e.g. doc pages, are not parametrized)
+    assert {c.name for c in GRID_CASES if c.kind == "observer"} == {c.name for c in CASES if c.kind == "observer"}
 
 
 @pytest.mark.parametrize("case", params(GRID_CASES))
