@@ -1,8 +1,9 @@
-"""The research-baseline quantizers: hand-computed forwards, the papers' gradients, and registry contracts."""
+"""The research quantizers: hand-computed forwards and the papers' gradients.
 
-import io
+The checks every registered quantizer shares (QWrapper, QOp, fx, compile, state_dict...) are in
+``test_registry_contract.py``."""
+
 import math
-import operator
 
 import pytest
 import torch
@@ -21,7 +22,6 @@ from torchquant import (
     MXQuantizer,
     PACTQuantizer,
     QModuleState,
-    QOp,
     QWrapper,
     TernaryQuantizer,
     XNORWeightQuantizer,
@@ -350,142 +350,7 @@ def test_mx_quantizer_matches_primitive_and_checks_axis():
         MXQuantizer(block_size=0)
 
 
-# ----------------------------------------------------------------------------- registry contracts
-
-# Registry name -> (role, constructor kwargs). Every baseline entry must be listed (checked below).
-CASES = {
-    "lsq": [("weight", dict(n_bits=4, axis=0)), ("act", dict(n_bits=4, signed=False))],
-    "lsq+": [("weight", dict(n_bits=4, signed=True, axis=0, init="std")), ("act", dict(n_bits=4))],
-    "pact": [("act", dict(n_bits=4, alpha_init=4.0)), ("act", dict(n_bits=4, axis=1))],
-    "dorefa_weight": [("weight", dict(n_bits=4)), ("weight", dict(n_bits=2, axis=0))],
-    "dorefa_act": [("act", dict(n_bits=4))],
-    "bnn": [("weight", {}), ("act", {})],
-    "xnor": [("weight", dict(axis=0))],
-    "twn": [("weight", {}), ("weight", dict(axis=0))],
-    "minifloat": [("weight", dict(fmt="e4m3", range_observer=BatchMinMax(axis=0)))],
-    "fp8_e4m3": [("act", dict(range_observer=tq.ExpAvgMinMax()))],
-    "fp8_e5m2": [("weight", {})],
-    "fp6_e3m2": [("weight", dict(range_observer=BatchMinMax()))],
-    "fp6_e2m3": [("act", dict(range_observer=tq.RunningMinMax(axis=1)))],
-    "fp4_e2m1": [("weight", dict(range_observer=BatchMinMax(axis=0)))],
-    "mx": [("weight", dict(elem="fp8_e5m2", axis=1))],
-    "mxfp8_e4m3": [("act", dict(axis=1))],
-    "mxfp8_e5m2": [("weight", dict(axis=1))],
-    "mxfp6_e3m2": [("weight", dict(axis=1, block_size=8))],
-    "mxfp6_e2m3": [("act", dict(axis=1))],
-    "mxfp4": [("weight", dict(axis=1))],
-    "mxint8": [("act", dict(axis=1))],
-}
-PARAMS = [
-    pytest.param(name, role, kw, id=f"{name}-{role}{i if len(CASES[name]) > 1 else ''}")
-    for name, cases in CASES.items()
-    for i, (role, kw) in enumerate(cases)
-]
-
-
-def test_every_baseline_registry_entry_has_contract_cases():
-    import torchquant.baselines as b
-
-    ours = {n for n in tq.list_quantizers() if tq.registry.QUANTIZERS.get(n).__module__ == b.__name__}
-    assert ours == set(CASES)
-
-
-def make(name, kw):
-    # Observers are module instances: give each quantizer its own copy.
-    kw = {k: (v.__class__(axis=v.granularity.axis) if isinstance(v, tq.RangeObserver) else v) for k, v in kw.items()}
-    return tq.make_quantizer(name, **kw)
-
-
-def wrapper(name, role, kw):
-    q = make(name, kw)
-    return QWrapper(
-        [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()],
-        weight_quantizer=q if role == "weight" else None,
-        acts_quantizer=q if role == "act" else None,
-    )
-
-
-X = torch.randn(2, 3, 6, 6)
-
-
-@pytest.mark.parametrize("name, role, kw", PARAMS)
-def test_contract_qwrapper_qat_eval_and_state_dict(name, role, kw):
-    torch.manual_seed(0)
-    w = wrapper(name, role, kw)
-    set_qmodule_state(w, QModuleState.QUANT_AWARE_TRAIN)
-    y = w(X)
-    y.square().mean().backward()
-    assert y.shape == (2, 8, 6, 6) and torch.isfinite(y).all()
-    assert torch.isfinite(w.layer.weight.grad).all() and w.layer.weight.grad.abs().sum() > 0
-    for p in w.weight_quantizer.parameters() if role == "weight" else w.acts_quantizer.parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all()
-    w.eval()
-    set_qmodule_state(w, QModuleState.QUANT_EVAL)
-    y_eval = w(X)
-    with torch.no_grad():
-        set_qmodule_state(w, QModuleState.BYPASSED)
-        assert not torch.equal(w(X), y_eval)  # quantization does something
-    set_qmodule_state(w, QModuleState.QUANT_EVAL)
-    buf = io.BytesIO()
-    torch.save(w.state_dict(), buf)
-    buf.seek(0)
-    fresh = wrapper(name, role, kw).eval()
-    fresh.load_state_dict(torch.load(buf, weights_only=True), strict=True)
-    set_qmodule_state(fresh, QModuleState.QUANT_EVAL)
-    assert torch.equal(fresh(X), y_eval)
-
-
-@pytest.mark.parametrize("name, role, kw", [p for p in PARAMS if p.values[1] == "act"])
-def test_contract_qop(name, role, kw):
-    op = QOp(operator.add, acts_quantizer=make(name, kw))
-    a, b = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
-    set_qmodule_state(op, QModuleState.QUANT_AWARE_TRAIN)
-    y_qat = op(a, b)
-    set_qmodule_state(op, QModuleState.QUANT_EVAL)
-    y = op(a, b)
-    assert y.shape == a.shape and torch.isfinite(y).all() and torch.isfinite(y_qat).all()
-    assert not torch.equal(y, a + b)  # quantization does something
-
-
-@pytest.mark.parametrize("name, role, kw", PARAMS)
-def test_contract_fx_symbolic_trace_matches_eager(name, role, kw):
-    w = wrapper(name, role, kw).eval()
-    set_qmodule_state(w, QModuleState.CALIBRATION)
-    w(X)
-    set_qmodule_state(w, QModuleState.QUANT_EVAL)
-    gm = torch.fx.symbolic_trace(w)
-    assert torch.equal(gm(X), w(X))
-
-
-class AllQuantizers(nn.Module):
-    """Every registry case applied to one tensor: one torch.compile for all (compilation is slow on CPU)."""
-
-    def __init__(self, params):
-        super().__init__()
-        self.qs = nn.ModuleList(make(*p.values[::2]) for p in params)
-
-    def forward(self, x):
-        return [q(x) for q in self.qs]
-
-
-# Every case is captured whole by dynamo (fullgraph, no graph break); a few cases also
-# go through inductor's code generation, which costs seconds per kernel on CPU.
-INDUCTOR_CASES = {"lsq-weight0", "fp8_e4m3-act", "mxfp4-weight"}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", ["eager", "inductor"])
-def test_contract_torch_compile_fullgraph_matches_eager(backend):
-    torch.manual_seed(0)
-    params = [p for p in PARAMS if backend == "eager" or p.id in INDUCTOR_CASES]
-    model = AllQuantizers(params)
-    x = torch.randn(4, 8, 2, 2)
-    for q in model.qs:
-        q.pre_observe(x)
-    eager = model(x)
-    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
-    for p, a, b in zip(params, compiled(x), eager):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), p.id
+# ----------------------------------------------------------------------------- torch.compile
 
 
 @pytest.mark.slow

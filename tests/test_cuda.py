@@ -18,7 +18,7 @@ import os
 
 import pytest
 import torch
-from test_baselines import CASES, make
+from test_registry_contract import CASES
 from torch import nn
 
 import torchquant as tq
@@ -45,23 +45,18 @@ def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------ quantizers and observers
 
-QUANTIZER_CASES = [
-    pytest.param(name, role, kw, id=f"{name}-{role}{i}")
-    for name, cases in CASES.items()
-    for i, (role, kw) in enumerate(cases)
-] + [
-    pytest.param("affine", "weight", dict(n_bits=4, range_observer=tq.BatchMinMax(axis=0)), id="affine-w4-per-channel"),
-    pytest.param("affine", "act", dict(n_bits=8, range_observer=tq.ExpAvgMinMax()), id="affine-a8-ema"),
-    pytest.param("affine", "act", dict(n_bits=8, range_observer=tq.RunningMinMax(axis=1)), id="affine-a8-per-channel"),
-    pytest.param("qfmt", "weight", dict(n_bits=6, signed=True, range_observer=tq.BatchMinMax()), id="qfmt-w6"),
-]
+# Every example of every registered quantizer, in each of its roles (observers are checked below).
+QUANTIZER_CASES = [pytest.param(c, id=c.id) for c in CASES if c.kind == "quantizer"]
 
 
-@pytest.mark.parametrize("name, role, kw", QUANTIZER_CASES)
-def test_every_quantizer_matches_the_cpu_forward_and_backward(name, role, kw):
+@pytest.mark.parametrize("case", QUANTIZER_CASES)
+def test_every_quantizer_matches_the_cpu_forward_and_backward(case):
     """Observe, quantize and differentiate the same tensor on both devices: same values, same gradients."""
-    x = torch.randn(8, 16, 6, 6) * 2 if role == "weight" else torch.randn(4, 16, 6, 6).relu() * 3
-    q_cpu = make(name, kw)
+    if case.role == "weight":
+        x = torch.randn(case.example.weight_shape or (8, 16, 6, 6)) * 2
+    else:
+        x = torch.randn(4, 16, 6, 6).relu() * 3
+    q_cpu = case.build()
     q_cpu.train()
     q_cpu.pre_observe(x)  # lazy parameters (LSQ, PACT) are created here
     q_gpu = copy.deepcopy(q_cpu).to(CUDA)
@@ -184,14 +179,15 @@ def test_resnet18_calibrated_qat_and_eval_on_cuda_match_the_cpu(converter):
 @pytest.mark.slow
 def test_every_quantizer_under_inductor_on_cuda_matches_eager():
     """One fullgraph inductor compile (Triton kernels on a GPU) of every registry case, against eager."""
-    qs = nn.ModuleList(make(*p.values[::2]) for p in QUANTIZER_CASES).to(CUDA)
-    x = torch.randn(4, 8, 4, 8, device=CUDA)
+    cases = [p.values[0] for p in QUANTIZER_CASES if p.values[0].example.weight_shape is None]
+    qs = nn.ModuleList(c.build() for c in cases).to(CUDA)
+    x = torch.randn(4, 8, 6, 6, device=CUDA)
     for q in qs:
         q.pre_observe(x)
     eager = [q(x) for q in qs]
     compiled = torch.compile(lambda t: [q(t) for q in qs], fullgraph=True, dynamic=False)(x)
-    for p, a, b in zip(QUANTIZER_CASES, compiled, eager, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=p.id)
+    for c, a, b in zip(cases, compiled, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=c.id)
 
 
 @pytest.mark.slow

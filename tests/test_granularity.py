@@ -62,3 +62,42 @@ def test_kind_and_str():
     assert PER_TENSOR.kind == "per_tensor" and str(PER_TENSOR) == "per-tensor"
     assert per_channel(0).kind == "per_channel"
     assert per_group(32).kind == "per_group"
+
+
+def test_grouped_splits_the_axis_and_needs_groups():
+    x = torch.arange(24.0).reshape(2, 6, 2)
+    g = per_group(3, axis=1)
+    grouped = g.grouped(x)
+    assert grouped.shape == (2, 2, 3, 2)
+    assert torch.equal(grouped[1, 1, :, 0], x[1, 3:6, 0])
+    with pytest.raises(ValueError, match=r"myobs: grouped\(\) needs a per-group granularity, got per-channel"):
+        per_channel(1).grouped(x, who="myobs")
+    with pytest.raises(ValueError, match="group size 4 does not divide"):
+        per_group(4, axis=1).grouped(x)
+
+
+@pytest.mark.parametrize("op", ["sum", "mean", "amax"])
+@pytest.mark.parametrize(
+    "g", [PER_TENSOR, per_channel(1), per_group(3, axis=1)], ids=["per-tensor", "per-channel", "per-group"]
+)
+def test_aggregate_matches_slices(op, g):
+    x = torch.randn(2, 6, 4)
+    fn = {"sum": torch.sum, "mean": torch.mean, "amax": torch.amax}[op]
+    r = g.aggregate(x, op)
+    assert r.shape == g.compact_shape(x.shape)
+    e = g.expand(r) if g.kind == "per_group" else r.expand_as(x)
+    slices = {
+        "per_tensor": [(slice(None), slice(None))],
+        "per_channel": [(slice(None), slice(c, c + 1)) for c in range(6)],
+        "per_group": [(slice(None), slice(k, k + 3)) for k in (0, 3)],
+    }[g.kind]
+    for sl in slices:
+        if g.kind == "per_group":  # per group: separately for every index of the other axes
+            for i in range(2):
+                for j in range(4):
+                    ref = fn(x[i, sl[1], j])
+                    assert torch.allclose(e[i, sl[1], j], ref.expand(3), rtol=1e-6, atol=1e-6)
+        else:
+            ref = fn(x[sl])
+            assert torch.allclose(e[sl], ref.expand_as(e[sl]), rtol=1e-6, atol=1e-6)
+    assert torch.equal(per_channel(0).aggregate(torch.tensor([1.0, -2.0]), op), torch.tensor([1.0, -2.0]))

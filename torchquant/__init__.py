@@ -6,9 +6,17 @@ The public names of the core modules are re-exported here::
     q = tq.AffineQuantizer(8, tq.ExpAvgMinMax())
 """
 
-from . import distributed, ptq, quantizers_functional, registry
-from .baselines import (
+from . import baselines, distributed, ptq, quantizers_functional, registry
+from .convert import FunctionalOp, FxTraceError, quantize_model
+from .factories import call_factory
+from .folding import bn_scale_shift, fold_batchnorm, fold_bn_params, freeze_bn_stats
+from .granularity import PER_TENSOR, Granularity, per_channel, per_group
+from .ptq import calibrate
+from .qmodules import SUPPORTED_ACTIVATIONS, QModule, QModuleState, QOp, QWrapper, iter_qmodules
+from .quantizers import (
     FORMATS,
+    AffineGrid,
+    AffineQuantizer,
     BinaryQuantizer,
     DoReFaActQuantizer,
     DoReFaWeightQuantizer,
@@ -18,17 +26,13 @@ from .baselines import (
     MinifloatQuantizer,
     MXQuantizer,
     PACTQuantizer,
+    QfmtQuantizer,
+    Quantizer,
+    RangeQuantizer,
     TernaryQuantizer,
     XNORWeightQuantizer,
     pact_regularization,
 )
-from .convert import FunctionalOp, FxTraceError, quantize_model
-from .factories import call_factory
-from .folding import bn_scale_shift, fold_batchnorm, fold_bn_params, freeze_bn_stats
-from .granularity import PER_TENSOR, Granularity, per_channel, per_group
-from .ptq import calibrate
-from .qmodules import SUPPORTED_ACTIVATIONS, QModule, QModuleState, QOp, QWrapper, iter_qmodules
-from .quantizers import AffineGrid, AffineQuantizer, QfmtQuantizer, Quantizer, RangeQuantizer
 from .quantizers_functional import affine_qparams, affine_quantize, gradient_clip, qfmt_quantize, round_ste
 from .range_observers import (
     BatchMinMax,
@@ -105,6 +109,7 @@ __all__ = [
     "XNORWeightQuantizer",
     "affine_qparams",
     "affine_quantize",
+    "baselines",
     "bn_scale_shift",
     "calibrate",
     "call_factory",

@@ -10,9 +10,11 @@ A :class:`Granularity` is an axis and an optional group size:
   of the other axes (the 4-bit LLM weight layout: a ``(out, in)`` weight gets
   ``(out, in // 128)`` ranges).
 
-:meth:`Granularity.reduce` computes ``(min, max)`` in a compact shape and
+:meth:`Granularity.reduce` computes ``(min, max)`` in a compact shape (and
+:meth:`Granularity.aggregate` a sum, mean or largest value),
 :meth:`Granularity.expand` turns such a compact tensor into one that broadcasts
 against the observed tensor, so quantizers never branch on granularity.
+:meth:`Granularity.grouped` is the one per-group reshape they all use.
 """
 
 from __future__ import annotations
@@ -110,10 +112,49 @@ class Granularity:
                 return mn.view(self.compact_shape(x.shape)), mx.view(self.compact_shape(x.shape))
             dims = tuple(i for i in range(x.dim()) if i != axis)
             return torch.amin(x, dim=dims, keepdim=True), torch.amax(x, dim=dims, keepdim=True)
-        g = self.group_size
-        grouped = x.reshape(*x.shape[:axis], x.shape[axis] // g, g, *x.shape[axis + 1 :])
-        mn, mx = torch.aminmax(grouped, dim=axis + 1)  # (.., n/g, g, ..) -> (.., n/g, ..)
+        mn, mx = torch.aminmax(self._split(x, axis), dim=axis + 1)  # (.., n/g, g, ..) -> (.., n/g, ..)
         return mn, mx
+
+    def aggregate(self, x: Tensor, op: str, who: str = "quantizer") -> Tensor:
+        """``op`` (``"sum"``, ``"mean"`` or ``"amax"``) of ``x`` at this granularity, in the compact shape.
+
+        Per-channel on a 1-d tensor (one element per channel) returns ``x`` itself.
+
+        Raises:
+            ValueError: the granularity does not fit ``x`` (naming ``who``).
+        """
+        fn = {"sum": torch.sum, "mean": torch.mean, "amax": torch.amax}[op]
+        axis = self.check(x.shape, who)
+        if axis is None:
+            return fn(x)
+        if self.group_size is None:
+            dims = tuple(i for i in range(x.dim()) if i != axis)
+            return fn(x, dim=dims, keepdim=True) if dims else x
+        return fn(self._split(x, axis), dim=axis + 1)  # (.., n/g, g, ..) -> (.., n/g, ..)
+
+    def grouped(self, x: Tensor, who: str = "observer") -> Tensor:
+        """``x`` with the group axis split in two: ``(.., n, ..) -> (.., n // group_size, group_size, ..)``.
+
+        The elements that share a range then run along dimension ``axis + 1``
+        (``axis`` counted from the front), so reducing over it gives the compact
+        shape. A view where ``x``'s layout allows it.
+
+        Raises:
+            ValueError: the granularity is not per-group, or does not fit ``x`` (naming ``who``).
+
+        Example:
+            >>> per_group(4).grouped(torch.arange(16.0).view(2, 8)).shape
+            torch.Size([2, 2, 4])
+        """
+        axis = self.check(x.shape, who)
+        if axis is None or self.group_size is None:
+            raise ValueError(f"{who}: grouped() needs a per-group granularity, got {self}")
+        return self._split(x, axis)
+
+    def _split(self, x: Tensor, axis: int) -> Tensor:
+        # `axis` is normalised and checked by the caller (check() is not repeated on hot paths).
+        g = self.group_size
+        return x.reshape(*x.shape[:axis], x.shape[axis] // g, g, *x.shape[axis + 1 :])  # type: ignore[operator]
 
     def expand(self, r: Tensor) -> Tensor:
         """Make a compact per-range tensor broadcast against the observed tensor.

@@ -324,7 +324,7 @@ def round_ste(x: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------
-# Primitives of the research baselines (torchquant.baselines).
+# Primitives of the research quantizers (torchquant.quantizers: learned, dorefa, binary, minifloat).
 
 
 class _SignSTE(torch.autograd.Function):

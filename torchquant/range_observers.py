@@ -582,9 +582,7 @@ class HistogramRangeObserver(RangeObserver):
             return x.reshape(1, -1)
         if g.group_size is None:
             return x.movedim(axis, 0).reshape(x.shape[axis], -1)
-        gs = g.group_size
-        grouped = x.reshape(*x.shape[:axis], x.shape[axis] // gs, gs, *x.shape[axis + 1 :])
-        return grouped.movedim(axis + 1, -1).reshape(-1, gs)
+        return g.grouped(x, self._tq_name).movedim(axis + 1, -1).reshape(-1, g.group_size)
 
     def _sample(self, rows: Tensor) -> Tensor:
         m = rows.shape[1]

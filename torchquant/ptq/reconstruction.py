@@ -87,10 +87,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..granularity import Granularity
 from ..qmodules import QModule, QModuleState, QWrapper, iter_qmodules
-from ..quantizers import AffineGrid, AffineQuantizer, Quantizer
-from ..quantizers_functional import inverse_rectified_sigmoid, rectified_sigmoid, round_ste
+from ..quantizers import AdaRoundQuantizer, AffineGrid, AffineQuantizer, Quantizer
+from ..quantizers_functional import round_ste
 from ..utils import progress_bar, restoring_states
 from ._common import Snapshot, call_model, capture, forward_order, materialize, require_qmodules
 from .registry import register_ptq_algorithm
@@ -109,79 +108,6 @@ __all__ = [
     "reconstruct",
     "reconstruction_block",
 ]
-
-ZETA = 1.1
-GAMMA = -0.1
-
-
-class AdaRoundQuantizer(Quantizer):
-    """Learned rounding on a fixed affine grid (Nagel et al. 2020).
-
-    ``quantize(W) = scale * (clamp(floor(W / scale) + h + zero_point, qmin, qmax) - zero_point)``
-    with ``h = rectified_sigmoid(alpha)`` (soft, differentiable in ``alpha``) or
-    ``h = [alpha >= 0]`` (hard). ``alpha`` starts so that ``h`` equals the
-    fractional part of ``W / scale``, i.e. the soft quantizer starts at ``W`` itself
-    (inside the grid's range).
-
-    Args:
-        grid: the grid (from any quantizer's :meth:`~torchquant.quantizers.Quantizer.grid`).
-        weight: the weight it will round, any shape ``grid.scale`` broadcasts against.
-        soft: start in soft mode (set the ``soft`` attribute to switch).
-    """
-
-    scale: Tensor
-    zero_point: Tensor
-
-    def __init__(self, grid: AffineGrid, weight: Tensor, soft: bool = True) -> None:
-        super().__init__()
-        if not isinstance(grid, AffineGrid):
-            raise TypeError(f"AdaRoundQuantizer: grid must be an AffineGrid, got {type(grid).__name__}")
-        w = weight.detach()
-        try:
-            torch.broadcast_shapes(grid.scale.shape, w.shape)
-        except RuntimeError as e:
-            raise ValueError(
-                f"AdaRoundQuantizer: grid scale of shape {tuple(grid.scale.shape)} does not broadcast against "
-                f"the weight of shape {tuple(w.shape)}"
-            ) from e
-        self.register_buffer("scale", grid.scale.detach().clone().to(w.dtype))
-        self.register_buffer("zero_point", grid.zero_point.detach().clone().to(w.dtype))
-        self.qmin, self.qmax = int(grid.qmin), int(grid.qmax)
-        self.granularity: Granularity = grid.granularity
-        ratio = w / self.scale
-        self.alpha = nn.Parameter(inverse_rectified_sigmoid(ratio - torch.floor(ratio), ZETA, GAMMA))
-        self.soft = bool(soft)
-
-    def rounding(self) -> Tensor:
-        """``h``: soft ``(0..1)`` values or hard ``{0, 1}``, shaped like the weight."""
-        if self.soft:
-            return rectified_sigmoid(self.alpha, ZETA, GAMMA)
-        return (self.alpha >= 0).to(self.alpha.dtype)
-
-    def regularizer(self, beta: float) -> Tensor:
-        """``sum(1 - |2 h - 1| ** beta)``: pushes every ``h`` to 0 or 1 as ``beta`` decreases."""
-        h = rectified_sigmoid(self.alpha, ZETA, GAMMA)
-        return (1 - (2 * h - 1).abs().pow(beta)).sum()
-
-    def pre_observe(self, x: Tensor) -> None:
-        pass
-
-    def post_observe(self, x: Tensor) -> None:
-        pass
-
-    def quantize(self, x: Tensor) -> Tensor:
-        if x.shape != self.alpha.shape:
-            raise ValueError(
-                f"{self._tq_name}: built for a weight of shape {tuple(self.alpha.shape)}, got {tuple(x.shape)}"
-            )
-        q = torch.floor(x / self.scale) + self.rounding() + self.zero_point
-        return (torch.clamp(q, self.qmin, self.qmax) - self.zero_point) * self.scale
-
-    def grid(self) -> AffineGrid:
-        return AffineGrid(self.scale, self.zero_point, self.qmin, self.qmax, self.granularity)
-
-    def extra_repr(self) -> str:
-        return f"qmin={self.qmin}, qmax={self.qmax}, soft={self.soft}"
 
 
 class _LearnedStep(Quantizer):

@@ -1,48 +1,17 @@
-"""Quantizers: ``nn.Module`` s that hold a quantization scheme's state and call a primitive.
-
-A quantizer is driven by its owner (:class:`~torchquant.qmodules.QWrapper`,
-:class:`~torchquant.qmodules.QOp`) through three calls, chosen by the owner's
-:class:`~torchquant.qmodules.QModuleState`:
-
-* :meth:`Quantizer.pre_observe` sees the float tensor before quantization
-  (range observation, initialisation of learned parameters);
-* :meth:`Quantizer.quantize` returns the fake-quantized tensor (``forward`` is
-  ``quantize``);
-* :meth:`Quantizer.post_observe` sees the quantized tensor afterwards.
-
-A new quantizer is a small subclass. For example, a sign quantizer::
-
-    class SignQuantizer(Quantizer):
-        def pre_observe(self, x):
-            pass
-
-        def quantize(self, x):
-            return x + (torch.sign(x) - x).detach()  # sign forward, identity gradient
-
-        def post_observe(self, x):
-            pass
-
-Quantizers whose outputs lie on an affine integer grid describe it through
-:meth:`Quantizer.grid`, which export and integer extraction use without knowing
-the class.
-"""
+"""Uniform integer grids from observed ranges: :class:`AffineQuantizer` and fixed-point :class:`QfmtQuantizer`."""
 
 from __future__ import annotations
 
-import abc
-import math
-from dataclasses import dataclass
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from . import kernels
-from .granularity import Granularity
-from .quantizers_functional import affine_qparams, affine_quantize, gradient_clip, qfmt_quantize
-from .range_observers import RangeObserver
-from .registry import register_quantizer
+from .. import kernels
+from ..quantizers_functional import affine_qparams, affine_quantize, gradient_clip, qfmt_quantize
+from ..range_observers import BatchMinMax, ExpAvgMinMax, RangeObserver, RunningMinMax
+from ..registry import Example, register_quantizer
+from .base import AffineGrid, RangeQuantizer, check_n_bits
 
-__all__ = ["AffineGrid", "AffineQuantizer", "QfmtQuantizer", "Quantizer", "RangeQuantizer", "check_n_bits"]
+__all__ = ["AffineQuantizer", "QfmtQuantizer"]
 
 # The primitives are leaves for torch.fx: tracing records one call instead of
 # entering the autograd.Function.
@@ -53,114 +22,17 @@ torch.fx.wrap("gradient_clip")
 _EPS = torch.finfo(torch.float32).eps
 
 
-def check_n_bits(n_bits: int, who: str, low: int = 1, high: int = 32) -> int:
-    """Validate a bit-width: an ``int`` in ``[low, high]``, else ``ValueError`` naming ``who``."""
-    if isinstance(n_bits, bool) or not isinstance(n_bits, int):
-        raise ValueError(f"{who}: n_bits must be an int, got {n_bits!r}")
-    if not low <= n_bits <= high:
-        raise ValueError(f"{who}: n_bits must be in [{low}, {high}], got {n_bits}")
-    return n_bits
-
-
-@dataclass(frozen=True)
-class AffineGrid:
-    """An affine integer grid: ``x_q = (clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale``.
-
-    Attributes:
-        scale: step size, broadcasts against the quantized tensor.
-        zero_point: integer-valued (stored as float), same shape as ``scale``.
-        qmin, qmax: the integer range.
-        granularity: where ``scale`` and ``zero_point`` change.
-    """
-
-    scale: Tensor
-    zero_point: Tensor
-    qmin: int
-    qmax: int
-    granularity: Granularity
-
-    @property
-    def n_bits(self) -> int:
-        return math.ceil(math.log2(self.qmax - self.qmin + 1))
-
-    def to_int(self, x: Tensor) -> Tensor:
-        """The integer codes of ``x`` on this grid (``torch.int64``)."""
-        q = torch.round(x / self.scale) + self.zero_point
-        return q.clamp(self.qmin, self.qmax).to(torch.int64)
-
-    def from_int(self, q: Tensor) -> Tensor:
-        """Dequantize integer codes: ``(q - zero_point) * scale``."""
-        return (q.to(self.scale.dtype) - self.zero_point) * self.scale
-
-
-class Quantizer(nn.Module, abc.ABC):
-    """Base class of every quantizer.
-
-    Subclasses implement :meth:`pre_observe`, :meth:`quantize` and
-    :meth:`post_observe`; ``forward`` calls :meth:`quantize`.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._tq_name = type(self).__name__
-
-    @abc.abstractmethod
-    def pre_observe(self, x: Tensor) -> None:
-        """Observe the float tensor ``x`` before it is quantized."""
-
-    @abc.abstractmethod
-    def quantize(self, x: Tensor) -> Tensor:
-        """Return ``x`` fake-quantized, same shape and dtype, differentiable."""
-
-    @abc.abstractmethod
-    def post_observe(self, x: Tensor) -> None:
-        """Observe the quantizer's output ``x``."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.quantize(x)
-
-    def grid(self) -> AffineGrid | None:
-        """The affine integer grid the outputs lie on, or ``None`` if they lie on none."""
-        return None
-
-
-class RangeQuantizer(Quantizer):
-    """A quantizer whose grid comes from a :class:`RangeObserver`.
-
-    ``pre_observe`` feeds the observer; ``post_observe`` does nothing. Subclasses
-    implement :meth:`quantize` using :meth:`ranges`.
-    """
-
-    def __init__(self, range_observer: RangeObserver) -> None:
-        super().__init__()
-        if not isinstance(range_observer, RangeObserver):
-            raise TypeError(
-                f"{type(self).__name__}: range_observer must be a RangeObserver instance "
-                f"(e.g. BatchMinMax()), got {range_observer!r}"
-            )
-        self.range_observer = range_observer
-        self._set_name(type(self).__name__)
-
-    def _set_name(self, name: str) -> None:
-        self._tq_name = name
-        self.range_observer._tq_name = f"{name}.range_observer"
-
-    @property
-    def granularity(self) -> Granularity:
-        return self.range_observer.granularity
-
-    def pre_observe(self, x: Tensor) -> None:
-        self.range_observer.observe_batch(x)
-
-    def post_observe(self, x: Tensor) -> None:
-        pass
-
-    def ranges(self) -> tuple[Tensor, Tensor]:
-        """The observer's ``(min, max)``, broadcastable against the input."""
-        return self.range_observer.get_ranges()
-
-
-@register_quantizer("affine")
+@register_quantizer(
+    "affine",
+    examples=[
+        Example("w4-per-channel", lambda: AffineQuantizer(4, BatchMinMax(axis=0)), role="weight"),
+        Example("w8-symmetric-pot", lambda: AffineQuantizer(8, BatchMinMax(), symmetric=True, power_of_two=True)),
+        Example("a8-ema", lambda: AffineQuantizer(8, ExpAvgMinMax()), role="act"),
+        Example(
+            "a8-per-channel-clip", lambda: AffineQuantizer(8, RunningMinMax(axis=1), gradient_clip=True), role="act"
+        ),
+    ],
+)
 class AffineQuantizer(RangeQuantizer):
     """Uniform affine quantizer on ``2 ** n_bits`` levels.
 
@@ -271,7 +143,13 @@ class AffineQuantizer(RangeQuantizer):
         return f"n_bits={self.n_bits}, symmetric={self.symmetric}, gradient_clip={self.gradient_clip}{pot}"
 
 
-@register_quantizer("qfmt")
+@register_quantizer(
+    "qfmt",
+    examples=[
+        Example("w6", lambda: QfmtQuantizer(6, True, BatchMinMax()), role="weight"),
+        Example("a8-unsigned-clip", lambda: QfmtQuantizer(8, False, ExpAvgMinMax(), gradient_clip=True), role="act"),
+    ],
+)
 class QfmtQuantizer(RangeQuantizer):
     """Fixed-point (Q-format) quantizer: power-of-two step, integer range set by ``n_bits``.
 

@@ -1,0 +1,424 @@
+"""The registry contract: every registered quantizer and observer passes the same checks.
+
+Instances come from the registry itself (:meth:`torchquant.registry.Registry.examples`:
+the examples an entry was registered with, or its default arguments), so an entry added
+later is checked here without a test of its own. An observer is checked inside a 4-bit
+:class:`~torchquant.AffineQuantizer`. Each case runs in the role its example names
+(``weight``, ``act``, or both for ``any``): as a QWrapper's weight or activation
+quantizer, in a QOp (activations), in a model converted by ``quantize_model`` (torch.fx),
+under torch.compile, through ``state_dict`` and ``copy.deepcopy``, backward, and, where the
+outputs lie on ``grid()``, through the grid's integer codes and an ONNX export.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import operator
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+import torchquant as tq
+from torchquant.registry import OBSERVERS, QUANTIZERS, Example
+
+S = tq.QModuleState
+WEIGHT_SHAPE = (8, 3, 3, 3)  # the weight of Conv2d(3, 8, 3): what a weight example is applied to by default
+N_BITS_OBSERVED = 4  # an observer is checked inside an AffineQuantizer of this many bits
+
+
+@dataclass(frozen=True)
+class Case:
+    """One registry example in one role."""
+
+    kind: str  # "quantizer" or "observer"
+    name: str
+    example: Example
+    role: str  # "weight" or "act"
+
+    @property
+    def id(self) -> str:
+        prefix = "" if self.kind == "quantizer" else "observer-"
+        suffix = f"-{self.role}" if self.example.role == "any" else ""
+        return f"{prefix}{self.name}:{self.example.name}{suffix}"
+
+    def build(self) -> tq.Quantizer:
+        made = self.example.build()
+        if self.kind == "observer":
+            return tq.AffineQuantizer(N_BITS_OBSERVED, made)
+        return made
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return self.example.weight_shape or WEIGHT_SHAPE
+
+    def layer(self) -> nn.Module:
+        """The float Conv2d whose weight (weight role) or ReLU output (act role) the case quantizes."""
+        c_out, c_in, kh, kw = self.weight_shape if self.role == "weight" else WEIGHT_SHAPE
+        return nn.Conv2d(c_in, c_out, (kh, kw), padding=(kh // 2, kw // 2))
+
+    def inputs(self) -> torch.Tensor:
+        """A batch for :meth:`layer`."""
+        c_in = self.weight_shape[1] if self.role == "weight" else WEIGHT_SHAPE[1]
+        return torch.randn(2, c_in, 6, 6)
+
+    def tensor(self) -> torch.Tensor:
+        """What the quantizer sees in its role: a weight, or a ReLU activation with a long tail."""
+        if self.role == "weight":
+            return torch.randn(self.weight_shape)
+        return torch.randn(4, WEIGHT_SHAPE[0], 6, 6).relu() * 3
+
+    def wrapper(self) -> tq.QWrapper:
+        q = self.build()
+        return tq.QWrapper(
+            [
+                self.layer(),
+                nn.BatchNorm2d(self.weight_shape[0] if self.role == "weight" else WEIGHT_SHAPE[0]),
+                nn.ReLU(),
+            ],
+            weight_quantizer=q if self.role == "weight" else None,
+            acts_quantizer=q if self.role == "act" else None,
+        )
+
+    def quantizer_of(self, w: tq.QWrapper) -> tq.Quantizer:
+        return w.weight_quantizer if self.role == "weight" else w.acts_quantizer
+
+
+def registry_cases() -> list[Case]:
+    """Every example of every registered quantizer and observer, in each of its roles."""
+    cases = []
+    for kind, registry in (("quantizer", QUANTIZERS), ("observer", OBSERVERS)):
+        for name in registry.names():
+            try:
+                examples = registry.examples(name)
+            except TypeError:
+                continue  # test_every_registered_entry_can_be_built fails for it
+            for e in examples:
+                roles = ("weight", "act") if e.role == "any" else (e.role,)
+                cases.extend(Case(kind, name, e, r) for r in roles)
+    return cases
+
+
+CASES = registry_cases()
+
+
+def params(cases):
+    return [pytest.param(c, id=c.id) for c in cases]
+
+
+def observed(case: Case) -> tuple[tq.Quantizer, torch.Tensor]:
+    torch.manual_seed(0)
+    q = case.build()
+    x = case.tensor()
+    q.pre_observe(x)
+    return q, x
+
+
+def saved_and_loaded(module: nn.Module, fresh: nn.Module) -> nn.Module:
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    buf.seek(0)
+    fresh.load_state_dict(torch.load(buf, weights_only=True), strict=True)
+    return fresh
+
+
+def test_every_registered_entry_can_be_built():
+    for kind, registry, base in (("quantizer", QUANTIZERS, tq.Quantizer), ("observer", OBSERVERS, tq.RangeObserver)):
+        for name in registry.names():
+            examples = registry.examples(name)  # TypeError names the entry and says what to add
+            assert examples, (kind, name)
+            for e in examples:
+                assert isinstance(e.build(), base), (kind, name, e.name)
+                assert e.weight_shape is None or e.role == "weight", (kind, name, e.name)
+
+
+def test_cases_cover_every_registered_name():
+    covered = {(c.kind, c.name) for c in CASES}
+    assert {("quantizer", n) for n in ("affine", "qfmt", "lsq", "adaround", "mxint8")} <= covered
+    assert {("observer", n) for n in ("batch_minmax", "mse", "entropy", "percentile")} <= covered
+
+
+# ------------------------------------------------------------------ QWrapper, QOp
+
+
+@pytest.mark.parametrize("case", params(CASES))
+def test_qwrapper_qat_eval_and_state_dict(case):
+    torch.manual_seed(0)
+    w = case.wrapper()
+    x = case.inputs()
+    tq.set_qmodule_state(w, S.QUANT_AWARE_TRAIN)
+    y = w(x)
+    y.square().mean().backward()
+    assert y.shape == (2, w.layer.out_channels, 6, 6) and torch.isfinite(y).all()
+    q = case.quantizer_of(w)
+    for p in q.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    grad = w.layer.weight.grad
+    assert torch.isfinite(grad).all()
+    if case.example.ste:
+        assert grad.abs().sum() > 0
+    else:  # only the quantizer's own parameters learn
+        assert any(p.grad.abs().sum() > 0 for p in q.parameters())
+    w.eval()
+    tq.set_qmodule_state(w, S.QUANT_EVAL)
+    y_eval = w(x)
+    with torch.no_grad():
+        tq.set_qmodule_state(w, S.BYPASSED)
+        assert not torch.equal(w(x), y_eval)  # quantization does something
+    tq.set_qmodule_state(w, S.QUANT_EVAL)
+    fresh = saved_and_loaded(w, case.wrapper().eval())
+    tq.set_qmodule_state(fresh, S.QUANT_EVAL)
+    assert torch.equal(fresh(x), y_eval)
+    assert torch.equal(copy.deepcopy(w)(x), y_eval)
+
+
+@pytest.mark.parametrize("case", params(c for c in CASES if c.role == "act"))
+def test_qop(case):
+    op = tq.QOp(operator.add, acts_quantizer=case.build())
+    a, b = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
+    tq.set_qmodule_state(op, S.QUANT_AWARE_TRAIN)
+    y_qat = op(a, b)
+    tq.set_qmodule_state(op, S.QUANT_EVAL)
+    y = op(a, b)
+    assert y.shape == a.shape and torch.isfinite(y).all() and torch.isfinite(y_qat).all()
+    assert not torch.equal(y, a + b)  # quantization does something
+
+
+# ------------------------------------------------------------------ torch.fx
+
+
+class _Residual(nn.Module):
+    """conv-bn-relu, then a residual add: one QWrapper and one QOp after conversion."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.bn, self.relu = conv, nn.BatchNorm2d(conv.out_channels), nn.ReLU()
+        self.proj = nn.Conv2d(conv.in_channels, conv.out_channels, 1)
+
+    def forward(self, x):
+        return self.relu(self.bn(self.conv(x))) + self.proj(x)
+
+
+@pytest.mark.parametrize("case", params(CASES))
+def test_quantize_model_fx_and_symbolic_trace(case):
+    torch.manual_seed(0)
+    net = _Residual(case.layer()).eval()
+    x = case.inputs()
+    shape = torch.Size(case.weight_shape)
+
+    def weights(m, n):
+        return case.build() if m.weight.shape == shape else None
+
+    q = tq.quantize_model(
+        net, weights if case.role == "weight" else None, None if case.role == "weight" else lambda m, n: case.build()
+    )
+    n_quantizers = sum(isinstance(m, tq.Quantizer) for m in q.modules())
+    assert n_quantizers == (1 if case.role == "weight" else 3)  # weights of conv; or outputs of conv, proj, add
+    with torch.no_grad():
+        ref = net(x)
+        with tq.qmodule_state(q, S.CALIBRATION):
+            q(x)
+        tq.set_qmodule_state(q, S.QUANT_EVAL)
+        y = q(x)
+    assert torch.isfinite(y).all() and not torch.equal(y, ref)
+    # a QWrapper traced by torch.fx runs what eager runs
+    w = case.wrapper().eval()
+    tq.set_qmodule_state(w, S.CALIBRATION)
+    w(x)
+    tq.set_qmodule_state(w, S.QUANT_EVAL)
+    gm = torch.fx.symbolic_trace(w)
+    assert torch.equal(gm(x), w(x))
+
+
+# ------------------------------------------------------------------ torch.compile
+
+
+class _AllCases(nn.Module):
+    """Every case applied to the tensor of its role: one torch.compile for all (compilation is slow on CPU)."""
+
+    def __init__(self, cases):
+        super().__init__()
+        self.roles = [c.role for c in cases]
+        self.qs = nn.ModuleList(c.build() for c in cases)
+
+    def forward(self, weight, act):
+        return [q(weight if r == "weight" else act) for q, r in zip(self.qs, self.roles)]
+
+
+# Every case is captured whole by dynamo (fullgraph, no graph break); a few cases also
+# go through inductor's code generation, which costs seconds per kernel on CPU.
+INDUCTOR_CASES = {"lsq:w4-per-channel", "fp8_e4m3:scaled-ema", "mxfp4:axis1-act"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_torch_compile_fullgraph_matches_eager(backend):
+    torch.manual_seed(0)
+    cases = [c for c in CASES if backend == "eager" or c.id in INDUCTOR_CASES]
+    assert backend == "eager" or len(cases) == len(INDUCTOR_CASES)
+    cases = [c for c in cases if c.example.weight_shape in (None, WEIGHT_SHAPE)]
+    model = _AllCases(cases)
+    weight, act = torch.randn(WEIGHT_SHAPE), torch.randn(4, 8, 6, 6).relu() * 3
+    for q, r in zip(model.qs, model.roles):
+        q.pre_observe(weight if r == "weight" else act)
+    eager = model(weight, act)
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+    for c, a, b in zip(cases, compiled(weight, act), eager, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), c.id
+
+
+# ------------------------------------------------------------------ backward, idempotence, grid, ONNX
+
+
+@pytest.mark.parametrize("case", params(CASES))
+def test_backward_gradients_are_finite_and_shaped(case):
+    q, x = observed(case)
+    x = x.clone().requires_grad_()
+    y = q(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+    assert x.grad is not None and x.grad.shape == x.shape and torch.isfinite(x.grad).all()
+    for p in q.parameters():
+        assert p.grad is not None and p.grad.shape == p.shape and torch.isfinite(p.grad).all()
+    if case.example.ste:
+        assert x.grad.abs().sum() > 0
+    else:
+        assert any(p.grad.abs().sum() > 0 for p in q.parameters())
+
+
+@pytest.mark.parametrize("case", params(c for c in CASES if c.example.idempotent))
+def test_idempotent(case):
+    q, x = observed(case)
+    with torch.no_grad():
+        y = q(x)
+        assert torch.equal(q(y), y)
+
+
+GRID_CASES = [c for c in CASES if c.example.on_grid and observed(c)[0].grid() is not None]
+
+
+def test_grid_cases_include_every_affine_family():
+    names = {c.name for c in GRID_CASES if c.kind == "quantizer"}
+    assert {"affine", "qfmt", "lsq", "pact", "dorefa_act"} <= names
+    # every observer collected (entries registered later by other tests, e.g. doc pages, are not parametrized)
+    assert {c.name for c in GRID_CASES if c.kind == "observer"} == {c.name for c in CASES if c.kind == "observer"}
+
+
+@pytest.mark.parametrize("case", params(GRID_CASES))
+def test_outputs_lie_on_the_grid(case):
+    q, x = observed(case)
+    with torch.no_grad():
+        y = q(x)
+    g = q.grid()
+    codes = g.to_int(y)
+    assert codes.min() >= g.qmin and codes.max() <= g.qmax
+    steps = (g.from_int(codes) - y).abs() / g.scale
+    assert steps.max() < 1e-3  # the same value up to float rounding of code * scale
+
+
+@pytest.mark.parametrize("case", params(GRID_CASES))
+def test_onnx_export_matches_in_steps(case):
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    w = case.wrapper().eval()
+    x = case.inputs()
+    with torch.no_grad(), tq.qmodule_state(w, S.CALIBRATION):
+        w(x)
+    tq.set_qmodule_state(w, S.QUANT_EVAL)
+    proto = tq.export.to_onnx(w, x[:1], opset=21)
+    report = tq.export.check_parity(w, proto, x)
+    assert report.passed(), str(report)
+
+
+# ------------------------------------------------------------------ observers on their own
+# Every observer takes the granularity options (axis, group_size) and needs no other argument.
+
+OBSERVER_NAMES = tq.list_observers()
+
+
+@pytest.mark.parametrize("name", OBSERVER_NAMES)
+def test_registered_contract_not_observed_raises(name):
+    with pytest.raises(RuntimeError, match="calibrate first"):
+        tq.make_observer(name).get_ranges()
+
+
+@pytest.mark.parametrize("name", OBSERVER_NAMES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_registered_contract_nonfinite_rejected_state_untouched(name, bad):
+    o = tq.make_observer(name)
+    o.observe_batch(torch.randn(50))
+    before = {k: v.clone() for k, v in o.state_dict().items()}
+    with pytest.raises(ValueError, match=type(o).__name__ + ".*NaN or Inf"):
+        o.observe_batch(torch.tensor([0.0, bad]))
+    for k, v in o.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("name", OBSERVER_NAMES)
+@pytest.mark.parametrize(
+    ("kw", "shape", "range_shape"),
+    [({}, (4, 6, 5), ()), ({"axis": 1}, (4, 6, 5), (1, 6, 1)), ({"axis": 1, "group_size": 3}, (2, 6, 2), (2, 6, 2))],
+    ids=["per-tensor", "per-channel", "per-group"],
+)
+def test_registered_contract_granularity(name, kw, shape, range_shape):
+    o = tq.make_observer(name, **kw)
+    x = torch.randn(shape)
+    o.observe_batch(x)
+    mn, mx = o.get_ranges()
+    assert mn.shape == range_shape and mx.shape == range_shape
+    assert (mn <= mx).all()
+    # inside the observed range of each slice
+    g = tq.Granularity(**kw)
+    lo, hi = (g.expand(r) for r in g.reduce(x))
+    assert (mn >= lo - 1e-6).all() and (mx <= hi + 1e-6).all()
+
+
+@pytest.mark.parametrize("name", OBSERVER_NAMES)
+@pytest.mark.parametrize("axis", [None, 0], ids=["per-tensor", "per-channel"])
+def test_registered_contract_state_dict_round_trip(name, axis):
+    o = tq.make_observer(name, axis=axis)
+    for s in (1.0, 2.0, 0.5):
+        o.observe_batch(torch.randn(3, 300) * s)
+    buf = io.BytesIO()
+    torch.save(o.state_dict(), buf)  # saved before the (lazy) ranges were computed
+    buf.seek(0)
+    fresh = tq.make_observer(name, axis=axis)
+    fresh.load_state_dict(torch.load(buf, weights_only=True), strict=True)
+    for a, b in zip(o.get_ranges(), fresh.get_ranges()):
+        assert torch.equal(a, b)
+    x = torch.randn(3, 300) * 3
+    o.observe_batch(x)
+    fresh.observe_batch(x)
+    for a, b in zip(o.get_ranges(), fresh.get_ranges()):
+        assert torch.equal(a, b)
+    c = copy.deepcopy(o)
+    assert torch.equal(c.get_ranges()[1], o.get_ranges()[1])
+
+
+@pytest.mark.parametrize("name", OBSERVER_NAMES)
+def test_registered_contract_integer_rejected(name):
+    with pytest.raises(TypeError, match="dtype"):
+        tq.make_observer(name).observe_batch(torch.arange(3))
+
+
+@pytest.mark.parametrize("name", OBSERVER_NAMES)
+@pytest.mark.parametrize("observed_first", [False, True], ids=["fresh", "observed"])
+def test_registered_contract_force_ranges(name, observed_first):
+    o = tq.make_observer(name)
+    if observed_first:
+        o.observe_batch(torch.randn(100))
+    o.force_ranges(-1.0, 2.0)
+    mn, mx = o.get_ranges()
+    assert mn.item() == -1.0 and mx.item() == 2.0
+    with pytest.raises(ValueError, match="exceeds"):
+        o.force_ranges(3.0, 2.0)
+    with pytest.raises(ValueError, match="finite"):
+        o.force_ranges(float("nan"), 2.0)
+    buf = io.BytesIO()
+    torch.save(o.state_dict(), buf)
+    buf.seek(0)
+    fresh = tq.make_observer(name)
+    fresh.load_state_dict(torch.load(buf, weights_only=True), strict=True)
+    assert fresh.get_ranges()[1].item() == 2.0

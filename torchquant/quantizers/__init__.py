@@ -1,0 +1,82 @@
+"""Quantizers: ``nn.Module`` s that hold a quantization scheme's state and call a primitive.
+
+A quantizer is driven by its owner (:class:`~torchquant.qmodules.QWrapper`,
+:class:`~torchquant.qmodules.QOp`) through three calls, chosen by the owner's
+:class:`~torchquant.qmodules.QModuleState`:
+
+* :meth:`Quantizer.pre_observe` sees the float tensor before quantization
+  (range observation, initialisation of learned parameters);
+* :meth:`Quantizer.quantize` returns the fake-quantized tensor (``forward`` is
+  ``quantize``);
+* :meth:`Quantizer.post_observe` sees the quantized tensor afterwards.
+
+A new quantizer is a small subclass. For example, a sign quantizer::
+
+    class SignQuantizer(Quantizer):
+        def pre_observe(self, x):
+            pass
+
+        def quantize(self, x):
+            return x + (torch.sign(x) - x).detach()  # sign forward, identity gradient
+
+        def post_observe(self, x):
+            pass
+
+Quantizers whose outputs lie on an affine integer grid describe it through
+:meth:`Quantizer.grid`, which export and integer extraction use without knowing
+the class.
+
+Every quantizer is importable from here; each family lives in one module, and
+every class is registered by name (``tq.make_quantizer("lsq", 4)``):
+
+* :mod:`~torchquant.quantizers.base`: :class:`Quantizer`, :class:`RangeQuantizer`,
+  :class:`StatelessQuantizer`, :class:`AffineGrid`, :func:`check_n_bits`;
+* :mod:`~torchquant.quantizers.affine`: ``affine``, ``qfmt``
+  (:class:`AffineQuantizer`, :class:`QfmtQuantizer`);
+* :mod:`~torchquant.quantizers.learned`: ``lsq``, ``lsq+``, ``pact``
+  (:class:`LSQQuantizer`, :class:`LSQPlusQuantizer`, :class:`PACTQuantizer`);
+* :mod:`~torchquant.quantizers.dorefa`: ``dorefa_weight``, ``dorefa_act``
+  (:class:`DoReFaWeightQuantizer`, :class:`DoReFaActQuantizer`);
+* :mod:`~torchquant.quantizers.binary`: ``bnn``, ``xnor``, ``twn``
+  (:class:`BinaryQuantizer`, :class:`XNORWeightQuantizer`, :class:`TernaryQuantizer`);
+* :mod:`~torchquant.quantizers.minifloat`: ``minifloat``, ``fp8_e4m3``, ``fp8_e5m2``,
+  ``fp6_e3m2``, ``fp6_e2m3``, ``fp4_e2m1``, ``mx``, ``mxfp8_*``, ``mxfp6_*``, ``mxfp4``,
+  ``mxint8`` (:class:`MinifloatQuantizer`, :class:`MXQuantizer`);
+* :mod:`~torchquant.quantizers.adaround`: ``adaround`` (:class:`AdaRoundQuantizer`).
+
+A new quantizer is one class in the module of its family (or a new module
+here), registered with :func:`~torchquant.registry.register_quantizer`; the
+registry contract tests then check it without a test of its own.
+"""
+
+from .adaround import AdaRoundQuantizer
+from .affine import AffineQuantizer, QfmtQuantizer
+from .base import AffineGrid, Quantizer, RangeQuantizer, StatelessQuantizer, check_n_bits
+from .binary import BinaryQuantizer, TernaryQuantizer, XNORWeightQuantizer
+from .dorefa import DoReFaActQuantizer, DoReFaWeightQuantizer
+from .learned import LSQPlusQuantizer, LSQQuantizer, PACTQuantizer, pact_regularization
+from .minifloat import FORMATS, MinifloatFormat, MinifloatQuantizer, MXQuantizer
+
+__all__ = [
+    "FORMATS",
+    "AdaRoundQuantizer",
+    "AffineGrid",
+    "AffineQuantizer",
+    "BinaryQuantizer",
+    "DoReFaActQuantizer",
+    "DoReFaWeightQuantizer",
+    "LSQPlusQuantizer",
+    "LSQQuantizer",
+    "MXQuantizer",
+    "MinifloatFormat",
+    "MinifloatQuantizer",
+    "PACTQuantizer",
+    "QfmtQuantizer",
+    "Quantizer",
+    "RangeQuantizer",
+    "StatelessQuantizer",
+    "TernaryQuantizer",
+    "XNORWeightQuantizer",
+    "check_n_bits",
+    "pact_regularization",
+]
