@@ -213,9 +213,12 @@ def affine_qparams(
     ``zero_point = round(-min / delta)``, or ``fixed_zero_point`` when given.
 
     Args:
-        min_val, max_val: ranges of any (equal) shape, e.g. compact per-channel ``(C, 1, 1, 1)``.
+        min_val: range minima of any shape, e.g. compact per-channel ``(C, 1, 1, 1)``.
+        max_val: range maxima, ``min_val``'s shape.
         n_levels: ``2 ** n_bits``.
-        symmetric, power_of_two, fixed_zero_point: see above.
+        symmetric: a grid symmetric around zero.
+        power_of_two: round ``delta`` up to a power of two.
+        fixed_zero_point: the zero point to use instead of ``round(-min / delta)``.
 
     Returns:
         ``delta`` and ``zero_point`` (integer-valued floats), ``min_val``'s shape.

@@ -182,7 +182,8 @@ def fake_quant_grid(
         x: CUDA tensor (see :func:`enabled`).
         scale: 0-d, or broadcasting against ``x`` along one axis, or ``x``'s shape.
         zero_point: like ``scale``, a number, or ``None`` (codes clamp to ``[lo, hi]``).
-        lo, hi: integer code range (``0, 2 ** n - 1`` affine; ``min_int, max_int`` Q-format).
+        lo: lowest integer code (``0`` affine, ``min_int`` Q-format).
+        hi: highest integer code (``2 ** n - 1`` affine, ``max_int`` Q-format).
         clip_grad: zero the gradient outside the range (clipped STE); else identity.
 
     Returns:
@@ -255,10 +256,13 @@ def fake_quant_ranges(
 
     Args:
         x: CUDA tensor (see :func:`enabled`), any shape ``granularity`` fits.
-        min_val, max_val: float32 ranges in ``granularity.compact_shape(x.shape)``.
+        min_val: float32 range minima in ``granularity.compact_shape(x.shape)``.
+        max_val: the maxima, same shape.
         granularity: where the ranges change.
         n_levels: ``2 ** n_bits``.
-        symmetric, power_of_two, fixed_zero_point: as in ``AffineQuantizer``.
+        symmetric: as in ``AffineQuantizer``.
+        power_of_two: as in ``AffineQuantizer``.
+        fixed_zero_point: the zero point of a symmetric grid, or ``None``.
         clip_grad: clipped STE instead of the identity.
 
     Returns:
