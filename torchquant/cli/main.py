@@ -127,16 +127,22 @@ def main(argv: list[str] | None = None) -> int:
 
     names = {f.name for f in fields(BenchConfig)}
     cfg = BenchConfig(**{k: v for k, v in vars(args).items() if k in names})
+    import torch.distributed as dist
+
+    ok = False
     try:
         result = run_bench(cfg, ["torchquant", *(sys.argv[1:] if argv is None else argv)])
+        ok = True
     except (KeyError, ValueError, RecipeUnavailable, FileNotFoundError, ImportError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"torchquant bench: error: {msg}", file=sys.stderr)
         return 2
     finally:
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
+            # Ranks tear the group down together: a rank that destroyed it while rank 0 still
+            # wrote the results was seen to abort in gloo's teardown under load (SIGABRT).
+            if ok:
+                dist.barrier()
             dist.destroy_process_group()
     if result.files:
         print(result.table)
