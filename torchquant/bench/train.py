@@ -86,24 +86,6 @@ class BenchData:
         return _fetch(self.train if split == "train" else self.test, index_batches, self.workers)
 
 
-def _to(batch: tuple[Tensor, Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
-    return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-
-
-def _epoch_batches(n: int, batch_size: int, seed: int, rt: Runtime) -> list[Tensor]:
-    """This rank's share of each global batch of a seeded permutation; batches too small to split are dropped."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return [b[rt.rank :: rt.world_size] for b in perm.split(batch_size) if len(b) >= rt.world_size]
-
-
-def _broadcast_state(model: nn.Module, rt: Runtime) -> None:
-    """Make every rank hold rank 0's buffers (BatchNorm statistics drift apart on different shards)."""
-    if rt.distributed:
-        for buf in model.buffers():
-            if buf.numel():
-                torch.distributed.broadcast(buf, 0)
-
-
 def _dataset(data: BenchData | Split, split: str) -> tuple[Any, int]:
     """``data``'s ``split`` as a dataset, and the DataLoader workers to read it with."""
     if isinstance(data, BenchData):

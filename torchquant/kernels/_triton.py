@@ -132,7 +132,7 @@ def _params(offs, mask, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, R
 
 
 @triton.jit
-def _fake_quant_kernel(x_ptr, out_ptr, a_ptr, b_ptr, n, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
+def _fake_quant_kernel(x_ptr, out_ptr, n, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
                        MODE: tl.constexpr, GRAN: tl.constexpr, SYMMETRIC: tl.constexpr, POW2: tl.constexpr,
                        FIXED_ZP: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -148,7 +148,7 @@ def _fake_quant_kernel(x_ptr, out_ptr, a_ptr, b_ptr, n, lo, hi, nlm1, fixed_zp, 
 
 
 @triton.jit
-def _clip_grad_kernel(g_ptr, x_ptr, out_ptr, a_ptr, b_ptr, n, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
+def _clip_grad_kernel(g_ptr, x_ptr, out_ptr, n, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
                       MODE: tl.constexpr, GRAN: tl.constexpr, SYMMETRIC: tl.constexpr, POW2: tl.constexpr,
                       FIXED_ZP: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
     # The clipped STE: the gradient where lo_code * step <= x <= hi_code * step, else 0.
@@ -403,6 +403,41 @@ def _bits(t: Tensor) -> Tensor:
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
+def _grid_args(
+    a: Tensor,
+    b: Tensor | None,
+    layout: Layout,
+    mode: int,
+    lo: float,
+    hi: float,
+    n_levels: int,
+    symmetric: bool,
+    power_of_two: bool,
+    fixed_zp: float | None,
+    bf16: bool,
+) -> tuple[tuple, dict]:
+    """The parameter arguments and constexprs shared by the fake-quant and clipped-gradient kernels."""
+    args = (
+        a,
+        a if b is None else b,
+        float(lo),
+        float(hi),
+        float(n_levels - 1),
+        0.0 if fixed_zp is None else float(fixed_zp),
+        *layout.args(),
+    )
+    consts = dict(
+        MODE=mode,
+        GRAN=layout.gran,
+        SYMMETRIC=bool(symmetric),
+        POW2=bool(power_of_two),
+        FIXED_ZP=fixed_zp is not None,
+        BF16=bf16,
+        BLOCK=_BLOCK,
+    )
+    return args, consts
+
+
 def fake_quant(
     x: Tensor,
     a: Tensor,
@@ -419,27 +454,11 @@ def fake_quant(
     """Fake-quantize contiguous ``x``; see :func:`torchquant.kernels.fake_quant_grid` and ``fake_quant_ranges``."""
     out = torch.empty_like(x)
     n = x.numel()
-    if n == 0:
-        return out
-    _fake_quant_kernel[_grid(n)](
-        _bits(x),
-        _bits(out),
-        a,
-        a if b is None else b,
-        n,
-        float(lo),
-        float(hi),
-        float(n_levels - 1),
-        0.0 if fixed_zp is None else float(fixed_zp),
-        *layout.args(),
-        MODE=mode,
-        GRAN=layout.gran,
-        SYMMETRIC=bool(symmetric),
-        POW2=bool(power_of_two),
-        FIXED_ZP=fixed_zp is not None,
-        BF16=x.dtype == torch.bfloat16,
-        BLOCK=_BLOCK,
-    )
+    if n:
+        args, consts = _grid_args(
+            a, b, layout, mode, lo, hi, n_levels, symmetric, power_of_two, fixed_zp, x.dtype == torch.bfloat16
+        )
+        _fake_quant_kernel[_grid(n)](_bits(x), _bits(out), n, *args, **consts)
     return out
 
 
@@ -460,28 +479,11 @@ def clip_grad(
     """The gradient of the clipped STE: ``grad`` (``x``'s dtype) where ``x`` lies on the grid's range, else 0."""
     out = torch.empty_like(grad)
     n = grad.numel()
-    if n == 0:
-        return out
-    _clip_grad_kernel[_grid(n)](
-        _bits(grad),
-        _bits(x),
-        _bits(out),
-        a,
-        a if b is None else b,
-        n,
-        float(lo),
-        float(hi),
-        float(n_levels - 1),
-        0.0 if fixed_zp is None else float(fixed_zp),
-        *layout.args(),
-        MODE=mode,
-        GRAN=layout.gran,
-        SYMMETRIC=bool(symmetric),
-        POW2=bool(power_of_two),
-        FIXED_ZP=fixed_zp is not None,
-        BF16=x.dtype == torch.bfloat16,
-        BLOCK=_BLOCK,
-    )
+    if n:
+        args, consts = _grid_args(
+            a, b, layout, mode, lo, hi, n_levels, symmetric, power_of_two, fixed_zp, x.dtype == torch.bfloat16
+        )
+        _clip_grad_kernel[_grid(n)](_bits(grad), _bits(x), _bits(out), n, *args, **consts)
     return out
 
 
