@@ -6,7 +6,7 @@ The public names of the core modules are re-exported here::
     q = tq.AffineQuantizer(8, tq.ExpAvgMinMax())
 """
 
-from . import baselines, distributed, ptq, quantizers_functional, registry
+from . import baselines, distributed, ptq, quantizers_functional, registry, spec
 from .convert import FunctionalOp, FxTraceError, quantize_model
 from .factories import call_factory
 from .folding import bn_scale_shift, fold_batchnorm, fold_bn_params, freeze_bn_stats
@@ -52,6 +52,7 @@ from .registry import (
     register_observer,
     register_quantizer,
 )
+from .serialize import load, save
 from .summary import print_summary, summary, summary_rows
 from .utils import get_qmodule_states, qmodule_state, set_qmodule_state
 
@@ -124,6 +125,7 @@ __all__ = [
     "iter_qmodules",
     "list_observers",
     "list_quantizers",
+    "load",
     "make_observer",
     "make_quantizer",
     "pact_regularization",
@@ -139,7 +141,9 @@ __all__ = [
     "register_quantizer",
     "registry",
     "round_ste",
+    "save",
     "set_qmodule_state",
+    "spec",
     "summary",
     "summary_rows",
 ]

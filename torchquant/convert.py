@@ -17,7 +17,26 @@ from .graph.common import FLOAT_REASONS_ATTR, SkipSpec, check_skip, place_quanti
 from .graph.fx import FunctionalOp, FxTraceError, quantize_fx
 from .graph.swap import quantize_swap
 
-__all__ = ["FunctionalOp", "FxTraceError", "quantize_model"]
+__all__ = ["CONVERSIONS_ATTR", "FunctionalOp", "FxTraceError", "quantize_model", "record_conversion"]
+
+CONVERSIONS_ATTR = "_tq_conversions"
+"""Name of the ``list[dict]`` attribute in which converters record, in order, how a model was
+converted (JSON data), so :func:`torchquant.load` can convert a float model the same way."""
+
+
+def _qualified(obj: object) -> str:
+    return f"{obj.__module__}:{obj.__qualname__}"
+
+
+def record_conversion(model: nn.Module, record: dict) -> None:
+    """Append ``record`` (JSON data with a ``"kind"`` key) to ``model``'s conversion history."""
+    history = list(getattr(model, CONVERSIONS_ATTR, []))
+    history.append(record)
+    setattr(model, CONVERSIONS_ATTR, history)
+
+
+def _skip_record(skip: tuple) -> list:
+    return [s if isinstance(s, str) else {"type": _qualified(s)} for s in skip]
 
 
 def quantize_model(
@@ -101,6 +120,7 @@ def quantize_model(
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_model: expected an nn.Module, got {type(model).__name__}")
     skip = check_skip(skip)
+    leaf_modules, autowrap_functions = tuple(leaf_modules), tuple(autowrap_functions)
     if method == "fx":
         gm = quantize_fx(
             model,
@@ -112,6 +132,18 @@ def quantize_model(
             autowrap_functions=autowrap_functions,
         )
         place_quantizers(gm)
+        setattr(gm, CONVERSIONS_ATTR, list(getattr(model, CONVERSIONS_ATTR, [])))
+        record_conversion(
+            gm,
+            {
+                "kind": "quantize_model",
+                "method": "fx",
+                "skip": _skip_record(skip),
+                "fold_bn": bool(fold_bn),
+                "leaf_modules": [_qualified(t) for t in leaf_modules],
+                "autowrap_functions": [_qualified(f) for f in autowrap_functions],
+            },
+        )
         return gm
     if method == "swap":
         if tuple(leaf_modules) or tuple(autowrap_functions):
@@ -120,5 +152,8 @@ def quantize_model(
         place_quantizers(model)
         previous = getattr(model, FLOAT_REASONS_ATTR, {})
         setattr(model, FLOAT_REASONS_ATTR, {**previous, **reasons})
+        record_conversion(
+            model, {"kind": "quantize_model", "method": "swap", "skip": _skip_record(skip), "fold_bn": bool(fold_bn)}
+        )
         return model
     raise ValueError(f"quantize_model: unknown method {method!r}; valid: 'fx', 'swap'")

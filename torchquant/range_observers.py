@@ -23,6 +23,7 @@ from . import kernels
 from .granularity import Granularity
 from .quantizers_functional import _is_tracing, compute_dtype
 from .registry import register_observer
+from .spec import RecordsInit
 
 __all__ = [
     "BatchMinMax",
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 
-class RangeObserver(nn.Module):
+class RangeObserver(RecordsInit, nn.Module):
     """Base class of range observers.
 
     Args:

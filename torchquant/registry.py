@@ -117,7 +117,11 @@ class Registry:
             raise KeyError(f"unknown {self.kind} {name!r}; valid names: {', '.join(self.names())}") from None
 
     def make(self, name: str, *args: Any, **kwargs: Any) -> nn.Module:
-        return self.get(name)(*args, **kwargs)
+        obj = self.get(name)(*args, **kwargs)
+        # The name and arguments describe the instance (torchquant.spec.describe), also when the
+        # entry is a factory function rather than the class.
+        object.__setattr__(obj, "_tq_made", (name.lower(), args, dict(kwargs)))
+        return obj
 
     def examples(self, name: str) -> list[Example]:
         """The :class:`Example` s of entry ``name``: those it was registered with, else its default arguments.

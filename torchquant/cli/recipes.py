@@ -39,6 +39,8 @@ from ..layers import BN_FOR_LAYER
 from ..ptq import PTQ_ALGORITHMS, PTQAlgorithm, get_ptq_algorithm, list_ptq_algorithms
 from ..qmodules import QModule, QModuleState
 from ..registry import OBSERVERS, QUANTIZERS, Registry
+from ..spec import QuantizerSpec as LibrarySpec
+from ..spec import SpecError
 from ..utils import set_qmodule_state
 from .engine import Settings, calibrate, calibration_inputs, train
 
@@ -211,19 +213,28 @@ class QuantizerSpec:
             out.append(("observer", OBSERVERS, self.observer))
         return out
 
-    def build(self, n_bits: int, axis: int | None) -> nn.Module:
-        """Build the quantizer for ``n_bits`` at ``axis`` (``None``: per-tensor)."""
+    def resolve(self, n_bits: int, axis: int | None) -> LibrarySpec:
+        """The library's :class:`~torchquant.spec.QuantizerSpec` for ``n_bits`` at ``axis`` (``None``: per-tensor).
+
+        The same description a ``TorchQuantConfig`` and a checkpoint use.
+        """
         kwargs = dict(self.args)
         if self.bits_arg is not None:
             kwargs[self.bits_arg] = n_bits
+        observer_args = dict(self.observer_args)
         if self.observer is not None:
-            kwargs["range_observer"] = OBSERVERS.make(self.observer, axis=axis, **self.observer_args)
+            observer_args = {"axis": axis, **observer_args}
         elif self.axis_arg is not None:
             kwargs[self.axis_arg] = axis
+        return LibrarySpec(self.quantizer, self.observer, kwargs, observer_args)
+
+    def build(self, n_bits: int, axis: int | None) -> nn.Module:
+        """Build the quantizer for ``n_bits`` at ``axis`` (``None``: per-tensor)."""
+        spec = self.resolve(n_bits, axis)
         try:
-            return QUANTIZERS.make(self.quantizer, **kwargs)
-        except TypeError as e:
-            raise TypeError(f"quantizer {self.quantizer!r} rejected the arguments {sorted(kwargs)}: {e}") from e
+            return spec.build()
+        except SpecError as e:
+            raise TypeError(str(e)) from e
         except ValueError as e:  # e.g. a bit-width the method does not support: that cell is skipped
             raise CellSkipped(str(e)) from e
 

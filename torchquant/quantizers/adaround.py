@@ -95,6 +95,35 @@ class AdaRoundQuantizer(Quantizer):
         self.alpha = nn.Parameter(inverse_rectified_sigmoid(ratio - torch.floor(ratio), ZETA, GAMMA))
         self.soft = bool(soft)
 
+    def spec_args(self) -> dict:
+        """Arguments of :meth:`from_spec_args` that rebuild this quantizer's structure (see :mod:`torchquant.spec`)."""
+        return {
+            "shape": list(self.alpha.shape),
+            "scale_shape": list(self.scale.shape),
+            "qmin": self.qmin,
+            "qmax": self.qmax,
+            "axis": self.granularity.axis,
+            "group_size": self.granularity.group_size,
+            "soft": self.soft,
+        }
+
+    @classmethod
+    def from_spec_args(
+        cls,
+        shape: list[int],
+        scale_shape: list[int],
+        qmin: int,
+        qmax: int,
+        axis: int | None = None,
+        group_size: int | None = None,
+        soft: bool = True,
+    ) -> AdaRoundQuantizer:
+        """An AdaRound quantizer of the given shapes with placeholder values, to be filled by ``load_state_dict``."""
+        grid = AffineGrid(
+            torch.ones(scale_shape), torch.zeros(scale_shape), qmin, qmax, Granularity(axis=axis, group_size=group_size)
+        )
+        return cls(grid, torch.zeros(shape), soft=soft)
+
     def rounding(self) -> Tensor:
         """``h``: soft ``(0..1)`` values or hard ``{0, 1}``, shaped like the weight."""
         if self.soft:

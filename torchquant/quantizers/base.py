@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..granularity import Granularity
 from ..range_observers import RangeObserver
+from ..spec import RecordsInit
 
 __all__ = ["AffineGrid", "Quantizer", "RangeQuantizer", "StatelessQuantizer", "check_n_bits"]
 
@@ -60,7 +61,7 @@ class AffineGrid:
         return (q.to(self.scale.dtype) - self.zero_point) * self.scale
 
 
-class Quantizer(nn.Module, abc.ABC):
+class Quantizer(RecordsInit, nn.Module, abc.ABC):
     """Base class of every quantizer.
 
     Subclasses implement :meth:`pre_observe`, :meth:`quantize` and

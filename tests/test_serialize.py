@@ -1,0 +1,223 @@
+"""tq.save / tq.load: self-describing checkpoints (structure, state, modes, packed weights)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import torchquant as tq
+from torchquant.registry import QUANTIZERS
+from torchquant.serialize import quantized_state_dict, read
+from torchquant.spec import QuantizerSpec, SpecError, describe
+
+S = tq.QModuleState
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.fc1 = nn.Linear(16, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        y = self.conv(x).mean((2, 3))
+        return self.fc2(torch.relu(self.fc1(y)) + 1.0)
+
+
+def w4_group(module, name):
+    axis, group = (1, 8) if isinstance(module, nn.Linear) else (0, None)
+    return tq.AffineQuantizer(4, tq.BatchMinMax(axis=axis, group_size=group), symmetric=True)
+
+
+def a8(module, name):
+    return tq.AffineQuantizer(8, tq.ExpAvgMinMax())
+
+
+def calibrated(model, mode=S.QUANT_EVAL):
+    x = torch.randn(4, 3, 8, 8)
+    tq.set_qmodule_state(model, S.CALIBRATION)
+    model.eval()
+    model(x)
+    tq.set_qmodule_state(model, mode)
+    return model, x
+
+
+@pytest.mark.parametrize("method", ["fx", "swap"])
+@pytest.mark.parametrize("mode", [S.QUANT_EVAL, S.QUANT_EVAL_WEIGHT_ONLY, S.CALIBRATION, S.BYPASSED])
+def test_round_trip_is_exact_and_restores_modes(method, mode, tmp_path):
+    model, x = calibrated(tq.quantize_model(Net(), w4_group, a8, method=method, fold_bn=True), mode)
+    expected = model(x)
+    tq.save(model, tmp_path / "m.safetensors")
+    loaded = tq.load(Net().eval(), tmp_path / "m.safetensors")
+    assert tq.get_qmodule_states(loaded) == tq.get_qmodule_states(model)
+    assert torch.equal(loaded(x), expected)
+
+
+def test_loads_into_a_model_converted_by_hand(tmp_path):
+    model, x = calibrated(tq.quantize_model(Net(), w4_group, a8))
+    tq.save(model, tmp_path / "m.safetensors")
+    mine = tq.quantize_model(Net(), w4_group, a8).eval()
+    assert torch.equal(tq.load(mine, tmp_path / "m.safetensors")(x), model(x))
+
+
+def test_weight_only_int4_is_packed_two_per_byte(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256))
+    model = tq.quantize_model(net, w4_group, None, method="swap")
+    tq.set_qmodule_state(model, S.CALIBRATION_WEIGHT_ONLY)
+    x = torch.randn(2, 256)
+    model(x)
+    tq.set_qmodule_state(model, S.QUANT_EVAL_WEIGHT_ONLY)
+    tensors, desc = quantized_state_dict(model)
+    assert set(desc["packed"]) == {"0.layer.weight", "2.layer.weight"}
+    assert tensors["0.layer.weight.__tq_codes"].dtype == torch.uint8
+    assert tensors["0.layer.weight.__tq_codes"].numel() == 256 * 512 // 2
+    tq.save(model, tmp_path / "packed.safetensors")
+    tq.save(model, tmp_path / "float.safetensors", pack=False)
+    ratio = (tmp_path / "packed.safetensors").stat().st_size / (tmp_path / "float.safetensors").stat().st_size
+    # 4 bits per weight plus two float32 ranges per group of 8 (this test's small groups), vs 32 bits
+    assert ratio < 0.4
+    fresh = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256))
+    assert torch.equal(tq.load(fresh, tmp_path / "packed.safetensors")(x), model(x))
+
+
+def test_training_modes_keep_float_weights():
+    model, _ = calibrated(tq.quantize_model(Net(), w4_group, a8), S.QUANT_AWARE_TRAIN)
+    tensors, desc = quantized_state_dict(model)
+    assert desc["packed"] == {}
+    assert torch.equal(tensors["fc1.layer.weight"], model.fc1.layer.weight)
+
+
+def test_tied_weights_stay_float_and_tied(tmp_path):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = nn.Linear(8, 8, bias=False)
+            self.b = nn.Linear(8, 8, bias=False)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    wf = lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0))  # noqa: E731
+    model = tq.quantize_model(Tied(), wf, None, method="swap")
+    tq.set_qmodule_state(model, S.CALIBRATION)
+    x = torch.randn(2, 8)
+    model(x)
+    tq.set_qmodule_state(model, S.QUANT_EVAL)
+    _, desc = quantized_state_dict(model)
+    assert desc["packed"] == {} and desc["aliases"] == {"b.layer.weight": "a.layer.weight"}
+    tq.save(model, tmp_path / "t.safetensors")
+    loaded = tq.load(Tied(), tmp_path / "t.safetensors")
+    assert loaded.a.layer.weight is loaded.b.layer.weight
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_learned_and_replaced_quantizers_round_trip(tmp_path):
+    # LSQ's lazily shaped step and an AdaRound quantizer put in after conversion
+    model = tq.quantize_model(Net(), lambda m, n: tq.LSQQuantizer(4, axis=0), a8)
+    model, x = calibrated(model)
+    ada = tq.ptq.AdaRoundQuantizer(model.fc1.weight_quantizer.grid(), model.fc1.layer.weight)
+    with torch.no_grad():
+        ada.alpha.normal_()
+    model.fc1.weight_quantizer = ada
+    expected = model(x)
+    tq.save(model, tmp_path / "m.safetensors")
+    loaded = tq.load(Net().eval(), tmp_path / "m.safetensors")
+    assert isinstance(loaded.fc1.weight_quantizer, tq.ptq.AdaRoundQuantizer)
+    assert torch.equal(loaded(x), expected)
+
+
+def test_skip_by_type_and_glob_is_replayed(tmp_path):
+    model = tq.quantize_model(Net(), w4_group, a8, method="swap", skip=["fc2", nn.Conv2d])
+    model, x = calibrated(model)
+    tq.save(model, tmp_path / "m.safetensors")
+    _, desc = read(tmp_path / "m.safetensors")
+    assert desc["conversions"][0]["skip"] == ["fc2", {"type": "torch.nn.modules.conv:Conv2d"}]
+    loaded = tq.load(Net().eval(), tmp_path / "m.safetensors")
+    assert isinstance(loaded.fc2, nn.Linear) and isinstance(loaded.conv[0], nn.Conv2d)
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_mismatched_model_is_refused(tmp_path):
+    model, _ = calibrated(tq.quantize_model(Net(), w4_group, a8))
+    tq.save(model, tmp_path / "m.safetensors")
+    other = tq.quantize_model(Net(), lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0)), a8)
+    with pytest.raises(ValueError, match=r"'conv\.0' has quantizers .*'n_bits': 8.*checkpoint describes.*'n_bits': 4"):
+        tq.load(other, tmp_path / "m.safetensors")
+
+
+def test_a_file_without_a_description_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="not a torchquant checkpoint"):
+        tq.load(Net(), tmp_path / "plain.safetensors")
+
+
+def test_unregistered_quantizer_gives_an_error_saying_what_to_register(tmp_path):
+    class MySign(tq.Quantizer):
+        def pre_observe(self, x):
+            pass
+
+        def quantize(self, x):
+            return x + (torch.sign(x) - x).detach()
+
+        def post_observe(self, x):
+            pass
+
+    model = tq.quantize_model(Net(), lambda m, n: MySign(), None, method="swap")
+    message = r"conv\.0\.weight_quantizer: .*MySign is not in the quantizer registry.*register"
+    with pytest.raises(SpecError, match=message):
+        tq.save(model, tmp_path / "m.safetensors")
+
+
+def test_arguments_that_are_not_plain_values_are_named():
+    @tq.register_quantizer("test-tensor-arg", overwrite=True)
+    class WithTensor(tq.Quantizer):
+        def __init__(self, table: torch.Tensor) -> None:
+            super().__init__()
+            self.table = table
+
+        def pre_observe(self, x):
+            pass
+
+        def quantize(self, x):
+            return x
+
+        def post_observe(self, x):
+            pass
+
+    try:
+        with pytest.raises(SpecError, match="argument 'table' is Tensor"):
+            describe(WithTensor(torch.zeros(2)), who="layer.weight_quantizer")
+    finally:
+        QUANTIZERS._entries.pop("test-tensor-arg")
+
+
+def test_spec_json_form_and_errors():
+    raw = {
+        "quantizer": "affine",
+        "observer": "batch_minmax",
+        "args": {"n_bits": 8, "symmetric": True},
+        "observer_args": {"axis": 0},
+    }
+    spec = QuantizerSpec.from_dict(json.loads(json.dumps(raw)))
+    q = spec.build()
+    assert isinstance(q, tq.AffineQuantizer) and q.n_bits == 8 and q.granularity == tq.per_channel(0)
+    assert describe(q) == spec
+    assert spec.replace(args={"n_bits": 4}).args == {"n_bits": 4, "symmetric": True}
+    with pytest.raises(SpecError, match="unknown keys"):
+        QuantizerSpec.from_dict({"quantizer": "affine", "bits": 4})
+    with pytest.raises(SpecError, match="missing 'quantizer'"):
+        QuantizerSpec.from_dict({"observer": "batch_minmax"})
+    with pytest.raises(SpecError, match="rejected the arguments"):
+        QuantizerSpec("affine", "batch_minmax", {"n_bitz": 4}).build()
+    with pytest.raises(KeyError, match="valid names"):
+        QuantizerSpec("affine", "no-such-observer").check()

@@ -1,0 +1,383 @@
+"""Self-describing quantized checkpoints: :func:`save` and :func:`load` (safetensors).
+
+A checkpoint holds the model's tensors and, in the safetensors header, a JSON
+description: how the model was converted (the ``quantize_model`` call's options),
+every quantizer as registry names and arguments (:mod:`torchquant.spec`), and
+every QModule's mode. :func:`load` converts a float model the same way, loads the
+state and restores the modes, without calibration data and without the Python
+factories that built the original::
+
+    q = tq.quantize_model(model, wf, af)
+    ...                                     # calibrate, QAT, AdaRound
+    tq.save(q, "model.safetensors")
+
+    q2 = tq.load(build_float_model(), "model.safetensors")   # same outputs as q
+
+Weights are stored packed as integers where that loses nothing the model uses:
+a ``QWrapper`` whose mode quantizes its weight with frozen ranges (the
+``QUANT_EVAL*`` modes) and whose weight quantizer has an affine grid of at most
+256 levels stores the integer codes (one per byte; two per byte for 16 levels or
+fewer) instead of the float weight; :func:`load` writes the dequantized weight
+back, and the quantized weight (hence every output) is unchanged. Such a
+checkpoint is for inference: the float weights of packed layers are not kept
+(pass ``pack=False`` to keep them, e.g. to continue training).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .convert import CONVERSIONS_ATTR, quantize_model
+from .qmodules import QModule, QModuleState, QWrapper, iter_qmodules
+from .spec import QuantizerSpec, describe
+
+__all__ = [
+    "FORMAT",
+    "describe_model",
+    "load",
+    "load_quantized_state",
+    "quantized_state_dict",
+    "register_conversion",
+    "save",
+]
+
+FORMAT = "torchquant.checkpoint/1"
+CODES_SUFFIX = ".__tq_codes"
+_META_KEY = "torchquant"
+
+Replay = Callable[[nn.Module, dict, Callable[[str, str], "nn.Module | None"]], nn.Module]
+_REPLAYS: dict[str, Replay] = {}
+
+
+def register_conversion(kind: str) -> Callable[[Replay], Replay]:
+    """Decorator: how :func:`load` repeats a recorded conversion of kind ``kind``.
+
+    The function receives the model, the record (as written by
+    :func:`torchquant.convert.record_conversion`) and ``build(name, attr)``, which
+    returns the quantizer the checkpoint describes for QModule ``name``'s attribute
+    ``attr`` (or ``None``); it returns the converted model. A record may name the
+    module that registers its kind under ``"module"``; :func:`load` imports it.
+    """
+
+    def deco(fn: Replay) -> Replay:
+        _REPLAYS[kind] = fn
+        return fn
+
+    return deco
+
+
+def _resolve(qualified: str) -> Any:
+    module, _, name = qualified.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@register_conversion("quantize_model")
+def _replay_quantize_model(model: nn.Module, record: dict, build: Callable[[str, str], Any]) -> nn.Module:
+    skip = [s if isinstance(s, str) else _resolve(s["type"]) for s in record.get("skip", [])]
+    kwargs: dict[str, Any] = {"skip": skip, "method": record["method"], "fold_bn": record.get("fold_bn", False)}
+    if record["method"] == "fx":
+        kwargs["leaf_modules"] = [_resolve(t) for t in record.get("leaf_modules", [])]
+        kwargs["autowrap_functions"] = [_resolve(f) for f in record.get("autowrap_functions", [])]
+    for key, value in record.get("options", {}).items():
+        kwargs[key] = value
+    return quantize_model(
+        model,
+        lambda module, name: build(name, "weight_quantizer"),
+        lambda module, name: build(name, "acts_quantizer"),
+        **kwargs,
+    )
+
+
+# ----------------------------------------------------------------------- describe
+def describe_model(model: nn.Module) -> dict[str, Any]:
+    """The JSON description a checkpoint carries: conversions, quantizer specs and modes by qualified name.
+
+    Raises:
+        torchquant.spec.SpecError: a quantizer cannot be described (its message names
+            the quantizer and what to register or change).
+    """
+    modules = {}
+    for name, m in iter_qmodules(model):
+        quantizers = {attr: describe(q, who=f"{name}.{attr}").to_dict() for attr, q in m.quantizers().items()}
+        modules[name] = {"type": type(m).__name__, "qstate": m.qstate.value, "quantizers": quantizers}
+    return {"format": FORMAT, "conversions": list(getattr(model, CONVERSIONS_ATTR, [])), "modules": modules}
+
+
+# ------------------------------------------------------------------------ packing
+def _pack_codes(q: Tensor, qmin: int, qmax: int) -> tuple[Tensor, int]:
+    """Integer codes (any shape) -> ``(uint8 bytes, bits)``: 4 bits (two per byte) for <= 16 levels, else 8."""
+    u = (q - qmin).to(torch.uint8).flatten()
+    if qmax - qmin < 16:
+        if u.numel() % 2:
+            u = torch.cat([u, u.new_zeros(1)])
+        return u[0::2] | (u[1::2] << 4), 4
+    return u, 8
+
+
+def _unpack_codes(packed: Tensor, bits: int, qmin: int, shape: list[int]) -> Tensor:
+    n = 1
+    for d in shape:
+        n *= d
+    u = torch.stack([packed & 0xF, packed >> 4], dim=1).flatten()[:n] if bits == 4 else packed[:n]
+    return (u.to(torch.int64) + qmin).reshape(shape)
+
+
+def _packable(m: QModule) -> bool:
+    s = m.qstate
+    return (
+        isinstance(m, QWrapper)
+        and m.weight_quantizer is not None
+        and not m.fold_bn
+        and s.is_weight_quantized
+        and not s.is_weight_observed
+        and isinstance(getattr(m.layer, "weight", None), Tensor)
+    )
+
+
+def _pack_weight(m: QWrapper) -> tuple[Tensor, dict] | None:
+    """The packed codes of ``m``'s weight and how to read them, or ``None`` when packing would change outputs."""
+    grid = m.weight_quantizer.grid()
+    if grid is None or grid.qmax - grid.qmin >= 256:
+        return None
+    w = m.layer.weight.detach()
+    try:
+        if torch.broadcast_shapes(grid.scale.shape, w.shape) != w.shape:
+            return None
+    except RuntimeError:
+        return None
+    with torch.no_grad():
+        codes = grid.to_int(w)
+        restored = grid.from_int(codes).to(w.dtype)
+        # Exact by construction for affine grids; checked, so a quantizer whose grid() does not
+        # describe its outputs keeps its float weight instead of changing the model.
+        if not torch.equal(m.weight_quantizer(restored), m.weight_quantizer(w)):
+            return None
+    packed, bits = _pack_codes(codes.cpu(), grid.qmin, grid.qmax)
+    return packed, {"bits": bits, "qmin": grid.qmin, "shape": list(w.shape), "dtype": str(w.dtype)}
+
+
+def quantized_state_dict(model: nn.Module, *, pack: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``(tensors, description)`` of ``model``: what :func:`save` writes.
+
+    Tensors are detached, contiguous CPU copies, each stored once (tied parameters
+    are recorded as aliases in the description). Packed weights appear as
+    ``<key>.__tq_codes`` (uint8) instead of ``<key>``.
+
+    Args:
+        model: a model converted by :func:`torchquant.quantize_model` (or holding QModules).
+        pack: store weights as integer codes where that loses nothing (see the module docstring).
+    """
+    desc = describe_model(model)
+    state = model.state_dict()
+    idents = {key: _ident(t) for key, t in state.items() if isinstance(t, Tensor)}
+    counts: dict[tuple, int] = {}
+    for ident in idents.values():
+        counts[ident] = counts.get(ident, 0) + 1
+    packed: dict[str, dict] = {}
+    tensors: dict[str, Tensor] = {}
+    if pack:
+        for name, m in iter_qmodules(model):
+            key = f"{name}.layer.weight" if name else "layer.weight"
+            # A weight tied to another (GPT-2's embedding and head) stays float: one set of codes
+            # cannot be exact for two quantizers.
+            if not _packable(m) or key not in idents or counts[idents[key]] > 1:
+                continue
+            found = _pack_weight(m)
+            if found is not None:
+                tensors[key + CODES_SUFFIX], packed[key] = found
+    aliases: dict[str, str] = {}
+    first: dict[tuple, str] = {}
+    for key, t in state.items():
+        if key in packed:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"save: state_dict entry {key!r} is a {type(t).__name__}, not a tensor")
+        if t.numel() and idents[key] in first:
+            aliases[key] = first[idents[key]]
+            continue
+        first[idents[key]] = key
+        tensors[key] = t.detach().to("cpu", copy=True).contiguous()
+    desc["packed"] = packed
+    desc["aliases"] = aliases
+    return tensors, desc
+
+
+def _ident(t: Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def load_quantized_state(model: nn.Module, tensors: dict[str, Tensor], desc: dict[str, Any], *, strict: bool = True):
+    """Load ``tensors`` (as from :func:`quantized_state_dict`) into ``model`` and restore the modes.
+
+    ``model`` must already have the described structure (QModules at the described
+    names with the described quantizers).
+
+    Raises:
+        ValueError: the structure differs from the description, or (``strict``) keys are
+            missing or unexpected; the message lists them.
+    """
+    _check_structure(model, desc)
+    state = {k: v for k, v in tensors.items() if not k.endswith(CODES_SUFFIX)}
+    for key, first in desc.get("aliases", {}).items():
+        state[key] = tensors[first]
+    packed = desc.get("packed", {})
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in packed]
+    if strict and (missing or result.unexpected_keys):
+        raise ValueError(
+            f"load: the checkpoint does not match the model: missing {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''}, unexpected {result.unexpected_keys[:10]}"
+        )
+    modules = dict(iter_qmodules(model))
+    for key, info in packed.items():
+        m = modules[key.removesuffix("layer.weight").removesuffix(".")]
+        grid = m.weight_quantizer.grid()
+        codes = _unpack_codes(tensors[key + CODES_SUFFIX], info["bits"], info["qmin"], info["shape"])
+        param = model.get_parameter(key)
+        with torch.no_grad():
+            param.copy_(grid.from_int(codes.to(grid.scale.device)).to(param.dtype))
+    for name, info in desc["modules"].items():
+        modules[name].qstate = QModuleState(info["qstate"])
+    return model
+
+
+def _check_structure(model: nn.Module, desc: dict[str, Any]) -> None:
+    have = {n: m for n, m in iter_qmodules(model)}
+    want = desc["modules"]
+    extra, absent = sorted(set(have) - set(want)), sorted(set(want) - set(have))
+    if extra or absent:
+        raise ValueError(
+            f"load: the converted model's quantized modules differ from the checkpoint's: "
+            f"not in the checkpoint {extra[:10]}, not in the model {absent[:10]}"
+        )
+    for name, info in want.items():
+        got = {attr: describe(q, who=f"{name}.{attr}").to_dict() for attr, q in have[name].quantizers().items()}
+        if got != info["quantizers"]:
+            raise ValueError(f"load: {name!r} has quantizers {got}, but the checkpoint describes {info['quantizers']}")
+
+
+# ------------------------------------------------------------------ save / load
+def save(model: nn.Module, path: str | os.PathLike, *, pack: bool = True) -> None:
+    """Write ``model`` (converted, possibly calibrated/trained) to a self-describing safetensors file.
+
+    Args:
+        model: a model converted by :func:`torchquant.quantize_model` whose quantizers are
+            registered classes built from plain arguments (any built-in quantizer and observer).
+        path: destination file (``.safetensors``).
+        pack: store weights as integer codes where outputs do not change (see module docstring).
+
+    Raises:
+        torchquant.spec.SpecError: a quantizer cannot be described (unregistered class or
+            arguments that are not plain values); the message names it.
+        ImportError: safetensors is not installed (``pip install torchquant[export]``).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from torch import nn
+        >>> import torchquant as tq
+        >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> wf = lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0))
+        >>> q = tq.quantize_model(net, wf, None)
+        >>> tq.set_qmodule_state(q, tq.QModuleState.CALIBRATION_WEIGHT_ONLY); _ = q(torch.randn(4, 8))
+        >>> tq.set_qmodule_state(q, tq.QModuleState.QUANT_EVAL_WEIGHT_ONLY)
+        >>> path = tempfile.mkdtemp() + "/net.safetensors"
+        >>> tq.save(q, path)
+        >>> q2 = tq.load(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), path)
+        >>> x = torch.randn(3, 8)
+        >>> torch.equal(q(x), q2(x))
+        True
+    """
+    save_file = _safetensors().save_file
+    tensors, desc = quantized_state_dict(model, pack=pack)
+    save_file(tensors, os.fspath(path), metadata={_META_KEY: json.dumps(desc)})
+
+
+def read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``(tensors, description)`` of a file written by :func:`save`.
+
+    Raises:
+        ValueError: the file carries no torchquant description, or one of an unknown format.
+    """
+    _safetensors()
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    if _META_KEY not in meta:
+        raise ValueError(f"load: {os.fspath(path)!r} is not a torchquant checkpoint (no description in its header)")
+    desc = json.loads(meta[_META_KEY])
+    if desc.get("format") != FORMAT:
+        raise ValueError(f"load: {os.fspath(path)!r} has format {desc.get('format')!r}; this torchquant reads {FORMAT}")
+    return tensors, desc
+
+
+def convert_like(model: nn.Module, desc: dict[str, Any]) -> nn.Module:
+    """Convert the float ``model`` as the description records (quantizers from their specs, no state)."""
+    specs = {name: info["quantizers"] for name, info in desc["modules"].items()}
+
+    def build(name: str, attr: str) -> nn.Module | None:
+        raw = specs.get(name, {}).get(attr)
+        if raw is None:
+            return None
+        q = QuantizerSpec.from_dict(raw, where=f"checkpoint: {name}.{attr}").build()
+        return q
+
+    if not desc["conversions"]:
+        raise ValueError(
+            "load: the checkpoint records no conversion; convert the model yourself the same way, then call "
+            "tq.load(converted_model, path)"
+        )
+    for record in desc["conversions"]:
+        kind = record.get("kind")
+        if kind not in _REPLAYS and "module" in record:
+            importlib.import_module(record["module"])
+        if kind not in _REPLAYS:
+            raise ValueError(f"load: unknown conversion {kind!r}; known: {sorted(_REPLAYS)}")
+        model = _REPLAYS[kind](model, record, build)
+    return model
+
+
+def load(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
+    """Rebuild a model saved by :func:`save` from its float version.
+
+    ``model`` is the float model (same architecture, any weights): it is converted
+    as recorded, its quantizers are built from their descriptions, the saved state
+    is loaded and every QModule gets its saved mode. A model you have converted
+    yourself (it holds QModules) is loaded without converting again.
+
+    Args:
+        model: the float model, or one already converted the same way.
+        path: a file written by :func:`save`.
+        strict: fail on missing or unexpected keys.
+
+    Returns:
+        The quantized model (with ``method="fx"`` a new ``GraphModule``; with
+        ``"swap"`` ``model`` itself).
+
+    Raises:
+        ValueError: not a torchquant checkpoint, or the model does not match it (the
+            message lists the differing modules or keys).
+    """
+    tensors, desc = read(path)
+    if not iter_qmodules(model):
+        model = convert_like(model, desc)
+    return load_quantized_state(model, tensors, desc, strict=strict)
+
+
+def _safetensors():
+    try:
+        import safetensors.torch as st
+    except ImportError as e:
+        raise ImportError("torchquant.save/load need safetensors: pip install 'torchquant[export]'") from e
+    return st
