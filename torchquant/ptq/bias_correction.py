@@ -158,7 +158,9 @@ def bias_correction(
         m for m in named if isinstance(m, QWrapper) and m.weight_quantizer is not None and type(m.layer) in BN_FOR_LAYER
     ]
     if not wrappers:
-        raise ValueError(f"bias_correction: {type(model).__name__} has no Linear/Conv QWrapper with a weight quantizer")
+        raise ValueError(
+            f"bias_correction: {type(model).__name__} has no QWrapper with a weight quantizer on a Linear/Conv layer"
+        )
     snapshot = Snapshot(model)
     try:
         if method == "analytic":
