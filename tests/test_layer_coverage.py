@@ -169,6 +169,17 @@ def test_state_dict_round_trip_keeps_the_key_names(case):
         assert torch.equal(copy.deepcopy(w)(x), w(x))
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_a_pickled_wrapper_keeps_its_adapter(case):
+    build, make_x, _, _ = CASES[case]
+    w = tq.QWrapper(build(), _wq(), None)
+    buf = io.BytesIO()
+    torch.save(w, buf)
+    buf.seek(0)
+    x = make_x()
+    assert torch.equal(torch.load(buf, weights_only=False)(x), w(x))
+
+
 def test_torch_compile_of_a_wrapped_embedding_matches_eager():
     w = tq.QWrapper(_embedding(), _wq(axis=1, group_size=4), af8(None, ""))
     x = _ids()
@@ -284,6 +295,15 @@ def test_embedding_is_wrapped_by_both_methods_and_a_factory_may_decline_it(metho
 
     q = tq.quantize_model(copy.deepcopy(net), no_embeddings, af8, method=method)
     assert q.emb.weight_quantizer is None and q.fc.weight_quantizer is not None
+
+
+def test_fx_wraps_hf_conv1d_when_it_is_a_leaf_module():
+    net = nn.Sequential(_conv1d(), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 16)
+    q = tq.quantize_model(net, wf8, af8, method="fx", leaf_modules=[Conv1D])
+    assert isinstance(q.get_submodule("0"), tq.QWrapper) and q.get_submodule("0").layer is net[0]
+    assert isinstance(q.get_submodule("0").act, nn.ReLU)
+    assert torch.equal(q(x), net(x))
 
 
 def test_embedding_subclass_and_unconverted_layers_are_reported():
