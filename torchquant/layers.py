@@ -73,6 +73,10 @@ class LayerAdapter:
     bn: type[nn.modules.batchnorm._BatchNorm] | None = None
     unsupported: Callable[[nn.Module], str | None] | None = None
 
+    def why_unsupported(self, layer: nn.Module) -> str | None:
+        """Why ``layer`` cannot be quantized, or ``None`` when it can."""
+        return None if self.unsupported is None else self.unsupported(layer)
+
 
 # Plain functions, not lambdas: a QWrapper holds its adapter, and a pickled model must pickle it.
 def _own_weight(layer: nn.Module) -> Tensor:

@@ -154,7 +154,7 @@ def _parse_layers(layers: nn.Module | Sequence[nn.Module]) -> tuple[nn.Module, n
         raise bad()
     layer, rest = seq[0], seq[1:]
     adapter = layer_adapter(layer)
-    why = adapter.unsupported(layer) if adapter.unsupported is not None else None
+    why = adapter.why_unsupported(layer)
     if why is not None:
         raise ValueError(f"QWrapper: cannot quantize {layer}: {why}")
     bn = act = None
@@ -187,9 +187,10 @@ class QWrapper(QModule):
     the transpose of a ``Conv1D``'s ``(in, out)`` weight, so ``axis=0`` always means
     output channels. The wrapped modules are used as they are (same parameter tensors,
     ``.layer`` is the original module), and with quantization bypassed (the default)
-    the output is bit-identical to running them in sequence. Input ``x``: whatever the wrapped layer takes; output:
-    the activation's output, fake-quantized by ``acts_quantizer`` in the modes
-    that quantize activations.
+    the output is bit-identical to running them in sequence. Input ``x``: whatever
+    the wrapped layer takes (token ids for an ``Embedding``); output: the
+    activation's output, fake-quantized by ``acts_quantizer`` in the modes that
+    quantize activations.
 
     BatchNorm folding. With ``fold_bn=True``, ``sigma = sqrt(running_var + eps)``,
     ``W_fold = W * gamma / sigma`` per output channel and ``Q`` the weight quantizer:

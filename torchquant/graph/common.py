@@ -87,7 +87,7 @@ def make_qwrapper(
             ``max_norm``); the message names ``name``.
     """
     adapter = layer_adapter(layers[0])
-    why = adapter.unsupported(layers[0]) if adapter is not None and adapter.unsupported is not None else None
+    why = adapter.why_unsupported(layers[0]) if adapter is not None else None
     if why is not None:
         raise ValueError(
             f"quantize_model: cannot quantize {name!r} ({layers[0]}): {why}; keep it in float with skip=[{name!r}]"
