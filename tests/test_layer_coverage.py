@@ -321,6 +321,19 @@ def test_embedding_subclass_and_unconverted_layers_are_reported():
     ]
 
 
+def test_adaround_writes_grid_values_through_the_conv1d_view():
+    net = nn.Sequential(nn.Embedding(50, 16), _conv1d()).eval()
+    q = tq.quantize_model(net, lambda m, n: _wq(bits=4), None, method="swap")
+    data = [torch.randint(0, 50, (8, 6)) for _ in range(2)]
+    tq.calibrate(q, data, progress=False)
+    before = q[1].layer.weight.clone()
+    tq.ptq.get_ptq_algorithm("adaround")(q, data, iters=5, progress=False)
+    assert not torch.equal(q[1].layer.weight, before)
+    with tq.qmodule_state(q, S.QUANT_EVAL), torch.no_grad():
+        for w in q:  # the learned rounding is written into the parameters: quantizing them changes nothing
+            assert torch.allclose(w.quantized_weight(), w.weight_view(), atol=1e-6)
+
+
 # ------------------------------------------------------------------ errors
 @pytest.mark.parametrize(
     ("kw", "match"), [(dict(max_norm=1.0), "max_norm=1.0 renormalises"), (dict(sparse=True), "sparse=True")]
