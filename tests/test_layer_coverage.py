@@ -306,6 +306,22 @@ def test_fx_wraps_hf_conv1d_when_it_is_a_leaf_module():
     assert torch.equal(q(x), net(x))
 
 
+@pytest.mark.parametrize("method", ["fx", "swap"])
+def test_embedding_bag_stays_float_with_a_reason(method):
+    class BagNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bag = nn.EmbeddingBag(20, 8)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.bag(ids)
+
+    q = tq.quantize_model(BagNet(), wf8, af8, method=method)
+    assert isinstance(q.bag, nn.EmbeddingBag)
+    rows = {r["name"]: r for r in tq.summary_rows(q)}
+    assert rows["bag"]["kind"] == "float" and "EmbeddingBag is not quantized" in rows["bag"]["note"]
+
+
 def test_embedding_subclass_and_unconverted_layers_are_reported():
     class MyEmbedding(nn.Embedding):
         pass

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "BN_FOR_LAYER",
+    "FLOAT_LAYERS",
     "FOLDABLE_TYPES",
     "LAYER_ADAPTERS",
     "LAYER_ADAPTERS_BY_NAME",
@@ -148,6 +149,15 @@ LAYER_ADAPTERS_BY_NAME: dict[str, LayerAdapter] = {
     "transformers.pytorch_utils.Conv1D": LayerAdapter(_conv1d_hf_weight, _conv1d_hf_forward, _conv1d_hf_n_out),
 }
 """Layer classes of optional packages, keyed by ``f"{cls.__module__}.{cls.__qualname__}"`` (exact class)."""
+
+
+FLOAT_LAYERS: dict[type[nn.Module], str] = {
+    nn.EmbeddingBag: (
+        "EmbeddingBag is not quantized: its offsets and per_sample_weights inputs do not pass through "
+        "QWrapper's one-input forward"
+    ),
+}
+"""Layer types with weights that the converters leave in float, with the reason the summary shows."""
 
 
 def layer_adapter(module: object) -> LayerAdapter | None:

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..factories import QuantizerFactory, call_factory
-from ..layers import LAYER_TYPES, layer_adapter
+from ..layers import FLOAT_LAYERS, LAYER_TYPES, layer_adapter
 from ..qmodules import SUPPORTED_ACTIVATIONS, QModule, QOp
 from ..quantizers import Quantizer
 from .common import FLOAT_REASONS_ATTR, make_qwrapper, skip_reason
@@ -601,6 +601,8 @@ class _Rewriter:
             self._fuse(node, m)
         elif type(m) in QOP_MODULES or _is_bn_act(m):
             self._module_qop(node, m)
+        elif type(m) in FLOAT_LAYERS:
+            self.float_reasons[node.target] = FLOAT_LAYERS[type(m)]
         elif isinstance(m, LAYER_TYPES):
             self.float_reasons[node.target] = f"{type(m).__name__} is a subclass of a supported layer, not the layer"
         elif any(True for _ in m.parameters(recurse=True)):

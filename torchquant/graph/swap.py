@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..factories import QuantizerFactory, call_factory
-from ..layers import LAYER_TYPES, is_normalization, layer_adapter
+from ..layers import FLOAT_LAYERS, LAYER_TYPES, is_normalization, layer_adapter
 from ..qmodules import SUPPORTED_ACTIVATIONS, QModule, QOp
 from .common import make_qwrapper, skip_reason
 
@@ -67,6 +67,8 @@ def _swap(module, prefix, wf, af, skip, fold_bn, norm_outputs, reasons: dict[str
                     module._modules[items[k][0]] = nn.Identity().train(items[k][1].training)
                 i = j
             module._modules[key] = make_qwrapper(group, name, wf, af, fold_bn)
+        elif type(child) in FLOAT_LAYERS:
+            reasons[name] = FLOAT_LAYERS[type(child)]
         elif isinstance(child, LAYER_TYPES) and not child._modules:
             reasons[name] = f"{type(child).__name__} is a subclass of a supported layer, not the layer"
         elif norm_outputs and is_normalization(child):
