@@ -49,23 +49,33 @@ def quantize_model(
     fold_bn: bool = False,
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable] = (),
+    norm_outputs: bool = False,
 ) -> nn.Module:
     """Make every layer (and, with ``"fx"``, every activation-creating operation) of ``model`` quantizable.
 
     ``method="fx"`` traces ``model`` with torch.fx and returns a new
     ``torch.fx.GraphModule`` that shares ``model``'s parameter tensors (``model``
     keeps its structure): ``Conv``/``Linear`` + ``BatchNorm`` + activation
-    (module or functional, e.g. ``F.relu``) become one ``QWrapper``; additions,
+    (module or functional, e.g. ``F.relu``) and ``Embedding`` modules become one
+    ``QWrapper`` each; additions,
     multiplications, concatenations, matrix products, average pooling, means,
     normalisations and softmax become ``QOp`` s (the full lists are in
     :mod:`torchquant.graph.fx`). When torch.fx cannot trace the model it raises
     :class:`FxTraceError` naming the module and the operation; it never falls back.
 
-    ``method="swap"`` replaces ``Conv``/``Linear`` modules in place (fused with a
-    following ``BatchNorm`` and activation inside an ``nn.Sequential``) and
-    returns ``model`` itself. It covers layers, not functional operations, and
-    works for models torch.fx cannot trace (Hugging Face transformers,
-    data-dependent control flow).
+    ``method="swap"`` replaces ``Conv``/``Linear``/``Embedding`` modules and Hugging
+    Face's ``Conv1D`` (GPT-2) in place (fused with a following ``BatchNorm`` and
+    activation inside an ``nn.Sequential``) and returns ``model`` itself. It covers
+    layers (and, with ``norm_outputs=True``, normalisation outputs), not functional
+    operations, and works for models torch.fx cannot trace (Hugging Face
+    transformers, data-dependent control flow).
+
+    The layer types and how each is quantized are in :data:`torchquant.layers.LAYER_ADAPTERS`:
+    the weight quantizer always sees an ``(out, in, ...)`` view, so ``axis=0`` is per
+    output channel (per row of an embedding table, per output of a ``Conv1D``, whose
+    ``(in, out)`` weight it sees transposed) and ``axis=1, group_size=g`` groups along
+    the input (the embedding dimension). A tied output layer (GPT-2's ``lm_head``) keeps
+    sharing its Parameter with the embedding.
 
     Either way every new ``QModule`` starts ``BYPASSED``, so the output equals the
     float model's until :func:`~torchquant.utils.set_qmodule_state` changes the mode,
@@ -75,8 +85,9 @@ def quantize_model(
     Args:
         model: a float model.
         weight_quantizer: factory ``(module, name) -> Quantizer | None`` for layer
-            weights; it receives the original ``Conv``/``Linear`` module and its
-            qualified name.
+            weights; it receives the original layer module (``Conv``, ``Linear``,
+            ``Embedding``, ``Conv1D``) and its qualified name, and may return ``None``
+            to keep that weight in float.
         acts_quantizer: factory ``(module, name) -> Quantizer | None`` for output
             activations of layers and operations. For a layer it receives the layer
             and its name; for a module operation (pooling, ...) that module and its
@@ -92,6 +103,13 @@ def quantize_model(
             and functions are added.
         autowrap_functions: with ``"fx"``, functions recorded as single calls
             instead of being traced into.
+        norm_outputs: with ``"swap"``, wrap every normalisation module
+            (:func:`~torchquant.layers.is_normalization`: ``LayerNorm``, ``RMSNorm``,
+            ``GroupNorm``, Hugging Face's ``LlamaRMSNorm`` and other ``*RMSNorm``/
+            ``*LayerNorm`` classes) in a ``QOp`` that quantizes its output with
+            ``acts_quantizer``. ``"fx"`` already gives normalisation modules and
+            functions a ``QOp`` (:data:`~torchquant.graph.fx.QOP_MODULES`), so
+            ``norm_outputs=True`` is refused there.
 
     Returns:
         The quantizable model, every QModule ``BYPASSED``.
@@ -99,8 +117,10 @@ def quantize_model(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, a factory is not callable, or
             a ``skip`` entry is neither a glob nor a module type.
-        ValueError: unknown ``method``, or ``leaf_modules``/``autowrap_functions``
-            given with ``method="swap"``.
+        ValueError: unknown ``method``, ``leaf_modules``/``autowrap_functions``
+            given with ``method="swap"``, ``norm_outputs=True`` with ``method="fx"``,
+            or a layer whose configuration cannot be quantized (an ``Embedding`` with
+            ``max_norm`` or ``sparse=True``; the message names it).
         FxTraceError: torch.fx cannot trace ``model``.
 
     Examples:
@@ -122,6 +142,11 @@ def quantize_model(
     skip = check_skip(skip)
     leaf_modules, autowrap_functions = tuple(leaf_modules), tuple(autowrap_functions)
     if method == "fx":
+        if norm_outputs:
+            raise ValueError(
+                "quantize_model: norm_outputs applies to method='swap' only; method='fx' already quantizes "
+                "normalisation outputs (LayerNorm, RMSNorm, GroupNorm, F.layer_norm, ... become QOps)"
+            )
         gm = quantize_fx(
             model,
             weight_quantizer,
@@ -148,7 +173,9 @@ def quantize_model(
     if method == "swap":
         if tuple(leaf_modules) or tuple(autowrap_functions):
             raise ValueError("quantize_model: leaf_modules and autowrap_functions apply to method='fx' only")
-        reasons = quantize_swap(model, weight_quantizer, acts_quantizer, skip=skip, fold_bn=fold_bn)
+        reasons = quantize_swap(
+            model, weight_quantizer, acts_quantizer, skip=skip, fold_bn=fold_bn, norm_outputs=norm_outputs
+        )
         place_quantizers(model)
         previous = getattr(model, FLOAT_REASONS_ATTR, {})
         setattr(model, FLOAT_REASONS_ATTR, {**previous, **reasons})

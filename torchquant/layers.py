@@ -1,8 +1,17 @@
-"""The layer types torchquant quantizes, their BatchNorm, and the BatchNorm folding arithmetic.
+"""The layer types torchquant quantizes, how a ``QWrapper`` runs each, their BatchNorm, and the folding arithmetic.
 
-:data:`BN_FOR_LAYER` is the one table of supported layers: ``QWrapper``, both
-conversion methods (``graph.swap``, ``graph.fx``), BatchNorm folding, the model
-summary and the experiment layer all read it, so a new layer type is one entry here.
+:data:`LAYER_ADAPTERS` is the one table of supported layers: each entry is a
+:class:`LayerAdapter` saying how to see the layer's weight in the ``(out, in, ...)``
+layout the weight quantizer gets and how to run the layer with a given weight.
+``QWrapper``, both conversion methods (``graph.swap``, ``graph.fx``), BatchNorm
+folding, the model summary and the experiment layer all read it (through
+:func:`layer_adapter`, :data:`BN_FOR_LAYER` and :data:`LAYER_TYPES`), so a new layer
+type is one entry here. Layers of optional packages (Hugging Face's GPT-2
+``Conv1D``) are entries of :data:`LAYER_ADAPTERS_BY_NAME`, keyed by the class's
+``module.qualname``, so ``import torchquant`` imports none of those packages.
+
+:data:`NORM_TYPES` and :func:`is_normalization` name the normalisation modules whose
+outputs ``quantize_model(..., method="swap", norm_outputs=True)`` quantizes.
 
 ``BN(conv(x, W) + b) == conv(x, W * s) + (b - mean) * s + beta`` with
 ``s = gamma / sqrt(var + eps)`` per output channel (Jacob et al. 2018):
@@ -12,30 +21,208 @@ summary and the experiment layer all read it, so a new layer type is one entry h
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BN_FOR_LAYER", "FOLDABLE_TYPES", "LAYER_TYPES", "bn_scale_shift", "fold_bn_params"]
+__all__ = [
+    "BN_FOR_LAYER",
+    "FLOAT_LAYERS",
+    "FOLDABLE_TYPES",
+    "LAYER_ADAPTERS",
+    "LAYER_ADAPTERS_BY_NAME",
+    "LAYER_TYPES",
+    "NORM_TYPES",
+    "LayerAdapter",
+    "bn_scale_shift",
+    "fold_bn_params",
+    "is_normalization",
+    "layer_adapter",
+]
+
+
+@dataclass(frozen=True)
+class LayerAdapter:
+    """How a ``QWrapper`` runs one layer type with a (possibly quantized) weight.
+
+    The weight quantizer always sees the ``(out, in, ...)`` view given by ``weight``,
+    so ``axis=0`` means output channels (rows, for an embedding table) and
+    ``axis=1``/``-1`` with a group size means groups along the input, whatever the
+    layer's storage layout.
+
+    Attributes:
+        weight: ``layer -> Tensor``, the layer's weight as an ``(out, in, ...)`` view of
+            its parameter (the parameter itself when that is its layout), so
+            ``view.copy_(...)`` writes the parameter.
+        forward: ``(layer, x, w, bias) -> Tensor``, the layer's output for input ``x``
+            with weight ``w`` in the ``(out, in, ...)`` layout and ``bias`` (or ``None``);
+            bit-identical to ``layer(x)`` when given ``weight(layer)`` and the layer's bias.
+        n_out: ``layer -> int``, the size of the weight view's axis 0.
+        bn: the BatchNorm type that may follow the layer (fused, foldable), or ``None``
+            when none is fused.
+        unsupported: ``layer -> str | None``, why this layer's configuration cannot be
+            quantized (``None`` when it can).
+    """
+
+    weight: Callable[[nn.Module], Tensor]
+    forward: Callable[[nn.Module, Tensor, Tensor, Tensor | None], Tensor]
+    n_out: Callable[[nn.Module], int]
+    bn: type[nn.modules.batchnorm._BatchNorm] | None = None
+    unsupported: Callable[[nn.Module], str | None] | None = None
+
+    def why_unsupported(self, layer: nn.Module) -> str | None:
+        """Why ``layer`` cannot be quantized, or ``None`` when it can."""
+        return None if self.unsupported is None else self.unsupported(layer)
+
+
+# Plain functions, not lambdas: a QWrapper holds its adapter, and a pickled model must pickle it.
+def _own_weight(layer: nn.Module) -> Tensor:
+    return layer.weight
+
+
+def _linear_forward(layer: nn.Linear, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return F.linear(x, w, b)
+
+
+def _linear_n_out(layer: nn.Linear) -> int:
+    return layer.out_features
+
+
+def _conv_forward(layer: nn.Module, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return layer._conv_forward(x, w, b)  # honours padding_mode, groups, dilation
+
+
+def _conv_n_out(layer: nn.Module) -> int:
+    return layer.out_channels
+
+
+def _embedding_forward(layer: nn.Embedding, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    # (..., ) int64 indices -> (..., dim); max_norm and sparse are refused by _embedding_unsupported.
+    return F.embedding(x, w, layer.padding_idx, None, layer.norm_type, layer.scale_grad_by_freq, False)
+
+
+def _embedding_n_out(layer: nn.Embedding) -> int:
+    return layer.num_embeddings
+
+
+def _embedding_unsupported(layer: nn.Embedding) -> str | None:
+    if layer.max_norm is not None:
+        # F.embedding renormalises the rows it reads in place; on a quantized copy that
+        # would neither update the parameter nor match nn.Embedding.
+        return f"max_norm={layer.max_norm} renormalises the weight in place, which a quantized weight cannot do"
+    if layer.sparse:
+        return "sparse=True gradients do not pass through a weight quantizer"
+    return None
+
+
+def _conv1d_hf_weight(layer: nn.Module) -> Tensor:
+    return layer.weight.t()  # stored (in, out) -> (out, in), a view
+
+
+def _conv1d_hf_forward(layer: nn.Module, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    # transformers.pytorch_utils.Conv1D.forward with W = w.t(): (..., in) -> (..., out). For the
+    # unquantized view w.t() is the parameter itself, so the result is bit-identical to the layer's.
+    y = x.view(-1, x.size(-1))
+    y = torch.addmm(b, y, w.t()) if b is not None else y @ w.t()
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+def _conv1d_hf_n_out(layer: nn.Module) -> int:
+    return layer.nf
+
+
+LAYER_ADAPTERS: dict[type[nn.Module], LayerAdapter] = {
+    nn.Linear: LayerAdapter(_own_weight, _linear_forward, _linear_n_out, bn=nn.BatchNorm1d),
+    nn.Conv1d: LayerAdapter(_own_weight, _conv_forward, _conv_n_out, bn=nn.BatchNorm1d),
+    nn.Conv2d: LayerAdapter(_own_weight, _conv_forward, _conv_n_out, bn=nn.BatchNorm2d),
+    nn.Conv3d: LayerAdapter(_own_weight, _conv_forward, _conv_n_out, bn=nn.BatchNorm3d),
+    nn.Embedding: LayerAdapter(_own_weight, _embedding_forward, _embedding_n_out, unsupported=_embedding_unsupported),
+}
+"""Layer types (exact) a ``QWrapper`` holds, each with its :class:`LayerAdapter`."""
+
+LAYER_ADAPTERS_BY_NAME: dict[str, LayerAdapter] = {
+    # Hugging Face GPT-2's linear layer: weight stored (in, out), y = x @ W + b.
+    "transformers.pytorch_utils.Conv1D": LayerAdapter(_conv1d_hf_weight, _conv1d_hf_forward, _conv1d_hf_n_out),
+}
+"""Layer classes of optional packages, keyed by ``f"{cls.__module__}.{cls.__qualname__}"`` (exact class)."""
+
+
+FLOAT_LAYERS: dict[type[nn.Module], str] = {
+    nn.EmbeddingBag: (
+        "EmbeddingBag is not quantized: its offsets and per_sample_weights inputs do not pass through "
+        "QWrapper's one-input forward"
+    ),
+}
+"""Layer types with weights that the converters leave in float, with the reason the summary shows."""
+
+
+def layer_adapter(module: object) -> LayerAdapter | None:
+    """The :class:`LayerAdapter` of ``module``'s exact type, or ``None`` when a ``QWrapper`` cannot hold it.
+
+    Args:
+        module: any object (typically an ``nn.Module``).
+
+    Returns:
+        The entry of :data:`LAYER_ADAPTERS` or :data:`LAYER_ADAPTERS_BY_NAME`, or ``None``.
+    """
+    cls = type(module)
+    adapter = LAYER_ADAPTERS.get(cls)
+    if adapter is None:
+        adapter = LAYER_ADAPTERS_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+    return adapter
+
 
 BN_FOR_LAYER: dict[type[nn.Module], type[nn.modules.batchnorm._BatchNorm]] = {
-    nn.Linear: nn.BatchNorm1d,
-    nn.Conv1d: nn.BatchNorm1d,
-    nn.Conv2d: nn.BatchNorm2d,
-    nn.Conv3d: nn.BatchNorm3d,
+    t: a.bn for t, a in LAYER_ADAPTERS.items() if a.bn is not None
 }
-"""Layer types a ``QWrapper`` holds, each with the BatchNorm type that may follow it."""
+"""Layer types that a BatchNorm may follow (fused into the ``QWrapper``, foldable), each with that BatchNorm type."""
 
-LAYER_TYPES: tuple[type[nn.Module], ...] = tuple(BN_FOR_LAYER)
-"""The keys of :data:`BN_FOR_LAYER`, for ``isinstance`` checks."""
+LAYER_TYPES: tuple[type[nn.Module], ...] = tuple(LAYER_ADAPTERS)
+"""The keys of :data:`LAYER_ADAPTERS`, for ``isinstance`` checks (the by-name entries are not types here)."""
 
 FOLDABLE_TYPES: tuple[type[nn.Module], ...] = (
-    *LAYER_TYPES,
+    *BN_FOR_LAYER,
     nn.ConvTranspose1d,
     nn.ConvTranspose2d,
     nn.ConvTranspose3d,
 )
 """Layer types :func:`~torchquant.fold_batchnorm` folds a following BatchNorm into (the quantized ones
-and the transposed convolutions, which are folded along their second weight axis)."""
+that take a BatchNorm and the transposed convolutions, which are folded along their second weight axis)."""
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
+"""Normalisation module types (exact) whose output ``norm_outputs=True`` quantizes; see :func:`is_normalization`."""
+
+_NORM_SUFFIXES = ("RMSNorm", "LayerNorm")
+
+
+def is_normalization(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalisation whose output ``quantize_model(..., norm_outputs=True)`` quantizes.
+
+    That is an exact :data:`NORM_TYPES` instance, or a class of another package named
+    ``*RMSNorm``/``*LayerNorm`` (Hugging Face's ``LlamaRMSNorm``, ``T5LayerNorm``) that
+    has a tensor ``weight`` and a ``forward`` taking one tensor.
+
+    Args:
+        module: any module.
+
+    Returns:
+        ``True`` or ``False``.
+    """
+    cls = type(module)
+    if cls in NORM_TYPES:
+        return True
+    if not cls.__name__.endswith(_NORM_SUFFIXES) or not isinstance(getattr(module, "weight", None), Tensor):
+        return False
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    required = [p for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(required) == 1 and all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
 def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:

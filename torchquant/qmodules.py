@@ -3,7 +3,8 @@
 * :class:`QModuleState`: the ten modes, each saying whether weights and
   activations are observed and whether they are quantized.
 * :class:`QModule`: base class; holds its mode in ``qstate`` (``BYPASSED`` at first).
-* :class:`QWrapper`: a Linear/Conv layer, optionally followed by BatchNorm and an
+* :class:`QWrapper`: a layer of :data:`~torchquant.layers.LAYER_ADAPTERS` (Linear, Conv,
+  Embedding, Hugging Face ``Conv1D``), optionally followed by BatchNorm and an
   activation, with a weight quantizer and an output-activation quantizer.
 * :class:`QOp`: any tensor-returning operator (``operator.add``, ``torch.cat``,
   a pooling module) with an output-activation quantizer.
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import BN_FOR_LAYER, fold_bn_params
+from .layers import BN_FOR_LAYER, LAYER_ADAPTERS, LAYER_ADAPTERS_BY_NAME, fold_bn_params, layer_adapter
 from .quantizers import Quantizer
 
 __all__ = ["SUPPORTED_ACTIVATIONS", "QModule", "QModuleState", "QOp", "QWrapper"]
@@ -123,8 +124,10 @@ SUPPORTED_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.Tanh,
 )
 _SUPPORTED_TEXT = (
-    "|".join(t.__name__ for t in BN_FOR_LAYER)
-    + ", optionally then the matching "
+    "|".join([*(t.__name__ for t in LAYER_ADAPTERS), *LAYER_ADAPTERS_BY_NAME])
+    + ", optionally then (for "
+    + "|".join(t.__name__ for t in BN_FOR_LAYER)
+    + ") the matching "
     + "/".join(dict.fromkeys(b.__name__ for b in BN_FOR_LAYER.values()))
     + ", optionally then one of "
     + ", ".join(a.__name__ for a in SUPPORTED_ACTIVATIONS)
@@ -147,15 +150,23 @@ def _parse_layers(layers: nn.Module | Sequence[nn.Module]) -> tuple[nn.Module, n
     def bad() -> TypeError:
         return TypeError(f"QWrapper: unsupported layer sequence {names}; supported: {_SUPPORTED_TEXT}")
 
-    if not seq or not all(isinstance(m, nn.Module) for m in seq) or type(seq[0]) not in BN_FOR_LAYER:
+    if not seq or not all(isinstance(m, nn.Module) for m in seq) or layer_adapter(seq[0]) is None:
         raise bad()
     layer, rest = seq[0], seq[1:]
+    adapter = layer_adapter(layer)
+    why = adapter.why_unsupported(layer)
+    if why is not None:
+        raise ValueError(f"QWrapper: cannot quantize {layer}: {why}")
     bn = act = None
     if rest and isinstance(rest[0], nn.modules.batchnorm._BatchNorm):
-        if type(rest[0]) is not BN_FOR_LAYER[type(layer)]:
+        if adapter.bn is None:
+            raise TypeError(
+                f"QWrapper: {type(layer).__name__} takes no BatchNorm (nothing to fold it into), got {names}"
+            )
+        if type(rest[0]) is not adapter.bn:
             raise bad()
         bn, rest = rest[0], rest[1:]
-        n_out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        n_out = adapter.n_out(layer)
         if bn.num_features != n_out:
             raise ValueError(f"QWrapper: {layer} has {n_out} outputs but {bn} normalises {bn.num_features}")
     if rest and type(rest[0]) in SUPPORTED_ACTIVATIONS:
@@ -166,13 +177,20 @@ def _parse_layers(layers: nn.Module | Sequence[nn.Module]) -> tuple[nn.Module, n
 
 
 class QWrapper(QModule):
-    """A Linear or Conv layer, optional BatchNorm and activation, with weight and output quantizers.
+    """A layer, optional BatchNorm and activation, with weight and output quantizers.
 
-    The wrapped modules are used as they are (same parameter tensors), and with
-    quantization bypassed (the default) the output is bit-identical to running
-    them in sequence. Input ``x``: whatever the wrapped layer takes; output:
-    the activation's output, fake-quantized by ``acts_quantizer`` in the modes
-    that quantize activations.
+    The layer is one of :data:`~torchquant.layers.LAYER_ADAPTERS` (``Linear``,
+    ``Conv1d/2d/3d``, ``Embedding``) or :data:`~torchquant.layers.LAYER_ADAPTERS_BY_NAME`
+    (Hugging Face's ``Conv1D``). The weight quantizer sees the weight as an
+    ``(out, in, ...)`` view (:meth:`weight_view`): a Linear's or Conv's weight as
+    stored, an Embedding's ``(num_embeddings, dim)`` table (``axis=0`` is per row), and
+    the transpose of a ``Conv1D``'s ``(in, out)`` weight, so ``axis=0`` always means
+    output channels. The wrapped modules are used as they are (same parameter tensors,
+    ``.layer`` is the original module), and with quantization bypassed (the default)
+    the output is bit-identical to running them in sequence. Input ``x``: whatever
+    the wrapped layer takes (token ids for an ``Embedding``); output: the
+    activation's output, fake-quantized by ``acts_quantizer`` in the modes that
+    quantize activations.
 
     BatchNorm folding. With ``fold_bn=True``, ``sigma = sqrt(running_var + eps)``,
     ``W_fold = W * gamma / sigma`` per output channel and ``Q`` the weight quantizer:
@@ -195,8 +213,9 @@ class QWrapper(QModule):
       ``fold_bn=False`` (BatchNorm in eval, or frozen, uses its running statistics).
 
     Args:
-        layers: a module, a list or an ``nn.Sequential``: ``Linear``/``Conv1d``/
-            ``Conv2d``/``Conv3d``, optionally the matching ``BatchNorm``, optionally
+        layers: a module, a list or an ``nn.Sequential``: a supported layer
+            (``Linear``/``Conv1d``/``Conv2d``/``Conv3d``/``Embedding``/HF ``Conv1D``),
+            optionally the matching ``BatchNorm`` (Linear and Conv only), optionally
             one of :data:`SUPPORTED_ACTIVATIONS`.
         weight_quantizer: quantizer for the layer's weight, or ``None`` (float weight).
         acts_quantizer: quantizer for the output activations, or ``None``.
@@ -208,8 +227,10 @@ class QWrapper(QModule):
 
     Raises:
         TypeError: an unsupported layer sequence or a quantizer of the wrong type.
-        ValueError: ``fold_bn=True`` without a BatchNorm with running statistics, or
-            a BatchNorm whose size does not match the layer's outputs.
+        ValueError: ``fold_bn=True`` without a BatchNorm with running statistics, a
+            BatchNorm whose size does not match the layer's outputs, or a layer
+            configuration that cannot be quantized (an ``Embedding`` with ``max_norm``
+            or ``sparse=True``).
 
     Example:
         >>> import torch
@@ -243,6 +264,7 @@ class QWrapper(QModule):
             if bn.running_mean is None or bn.running_var is None:
                 raise ValueError(f"QWrapper: fold_bn=True needs running statistics, but {bn} tracks none")
         self.layer = layer
+        self._adapter = layer_adapter(layer)
         self.bn = bn
         self.act = act
         self.weight_quantizer = weight_quantizer
@@ -256,30 +278,34 @@ class QWrapper(QModule):
     def _describe(self) -> str:
         return "+".join(type(m).__name__ for m in (self.layer, self.bn, self.act) if m is not None)
 
+    def weight_view(self) -> Tensor:
+        """The layer's float weight in the ``(out, in, ...)`` layout the weight quantizer sees.
+
+        The parameter itself for Linear, Conv and Embedding (``(num_embeddings, dim)``);
+        for Hugging Face's ``Conv1D`` the transposed view ``(out, in)`` of its
+        ``(in, out)`` parameter. Writing into it (``copy_``) writes the parameter.
+        """
+        return self._adapter.weight(self.layer)
+
     def quantized_weight(self) -> Tensor:
         """The weight as the current mode uses it (quantized or float), without observing.
 
-        With ``fold_bn=True`` this is the weight folded with the running statistics.
+        In the ``(out, in, ...)`` layout of :meth:`weight_view`. With ``fold_bn=True``
+        this is the weight folded with the running statistics.
         """
-        w = self.layer.weight if not self.fold_bn else self._folded_params()[0]
+        w = self.weight_view() if not self.fold_bn else self._folded_params()[0]
         if self.weight_quantizer is not None and self.qstate.is_weight_quantized:
             w = self.weight_quantizer(w)
         return w
-
-    def _linear_or_conv(self, x: Tensor, w: Tensor) -> Tensor:
-        layer = self.layer
-        if isinstance(layer, nn.Linear):
-            return F.linear(x, w, layer.bias)
-        return layer._conv_forward(x, w, layer.bias)  # honours padding_mode, groups, dilation
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fold_bn:
             return self._forward_folded(x)
         s = self.qstate
-        w = self.layer.weight
+        w = self.weight_view()
         if self.weight_quantizer is not None:
             w = _run_quantizer(self.weight_quantizer, w, s.is_weight_observed, s.is_weight_quantized)
-        y = self._linear_or_conv(x, w)
+        y = self._layer_with(x, w, getattr(self.layer, "bias", None))
         if self.bn is not None:
             y = self.bn(y)
         if self.act is not None:
@@ -305,10 +331,8 @@ class QWrapper(QModule):
         return fold_bn_params(self.layer.weight, self.layer.bias, self.bn)
 
     def _layer_with(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        layer = self.layer
-        if isinstance(layer, nn.Linear):
-            return F.linear(x, w, b)
-        return layer._conv_forward(x, w, b)
+        """The layer's output with weight ``w`` (``(out, in, ...)`` layout) and bias ``b``."""
+        return self._adapter.forward(self.layer, x, w, b)
 
     def _update_running_stats(self, mean_b: Tensor, var_b: Tensor, n: int) -> None:
         # BatchNorm's rule: momentum (or the cumulative average when it is None), unbiased variance.
@@ -355,6 +379,11 @@ class QWrapper(QModule):
         if self.acts_quantizer is not None:
             y = _run_quantizer(self.acts_quantizer, y, s.is_act_observed, s.is_act_quantized)
         return y
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_adapter" not in self.__dict__:  # a wrapper pickled before it held its adapter
+            self._adapter = layer_adapter(self.layer)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)

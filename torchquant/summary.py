@@ -7,9 +7,10 @@ table and :func:`print_summary` prints it.
 
 Float layers come from two places: what the converter recorded
 (:func:`~torchquant.quantize_model` notes skipped modules and layers it has no
-rule for, with the reason) and a scan of the model for ``Conv``/``Linear``
-modules outside any ``QWrapper`` ("not converted"), so hand-built models are
-covered too.
+rule for, with the reason) and a scan of the model for modules of the layer
+types of :data:`~torchquant.layers.LAYER_ADAPTERS` (``Conv``, ``Linear``,
+``Embedding``, Hugging Face's ``Conv1D``) outside any ``QWrapper`` ("not
+converted"), so hand-built models are covered too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from .graph.common import FLOAT_REASONS_ATTR
-from .layers import LAYER_TYPES
+from .layers import LAYER_TYPES, layer_adapter
 from .qmodules import QModule, QOp, QWrapper
 from .quantizers import Quantizer
 
@@ -117,7 +118,8 @@ def summary_rows(model: nn.Module) -> list[dict[str, Any]]:
         m = modules.get(name)
         floats[name] = (type(m).__name__ if m is not None else "-", reason)
     for name, m in model.named_modules():
-        if isinstance(m, LAYER_TYPES) and not _covered(name, qnames) and not _covered(name, list(floats)):
+        is_layer = isinstance(m, LAYER_TYPES) or layer_adapter(m) is not None
+        if is_layer and not _covered(name, qnames) and not _covered(name, list(floats)):
             floats[name] = (type(m).__name__, "not converted")
     for name, (layers, reason) in floats.items():
         rows.append(

@@ -35,7 +35,7 @@ from typing import Any
 
 from torch import nn
 
-from ..layers import BN_FOR_LAYER
+from ..layers import BN_FOR_LAYER, layer_adapter
 from ..ptq import PTQ_ALGORITHMS, PTQAlgorithm, get_ptq_algorithm, list_ptq_algorithms
 from ..qmodules import QModule, QModuleState
 from ..registry import OBSERVERS, QUANTIZERS, Registry
@@ -389,7 +389,7 @@ def _layers_before_relu(model: nn.Module) -> set[str]:
 
 
 def _first_last_layers(model: nn.Module) -> tuple[str | None, str | None]:
-    names = [n for n, m in model.named_modules() if type(m) in BN_FOR_LAYER]
+    names = [n for n, m in model.named_modules() if layer_adapter(m) is not None]  # an LM's first is its embedding
     return (names[0], names[-1]) if names else (None, None)
 
 

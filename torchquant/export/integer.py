@@ -9,7 +9,8 @@ model, plain NumPy arrays and numbers::
           "granularity": "per_channel", "axis": 0, "group_size": None,
           "scale": float32 (compact shape, e.g. (C_out, 1, 1, 1)),
           "zero_point": int64 (same shape),
-          "int_weight": int64 codes in [qmin, qmax], the layer weight's shape,
+          "int_weight": int64 codes in [qmin, qmax], shaped as QWrapper.weight_view()
+              ((out, in, ...): the layer's weight, transposed for Hugging Face's Conv1D),
           "bias": float32 (C_out,) or absent,
           "input_point": name of the per-tensor quantization point feeding the layer, or absent,
           "int_bias": int64 (C_out,): round(bias / (input_scale * weight_scale)), or absent,
@@ -106,9 +107,9 @@ def integer_params(
         if kind == "weight":
             wrapper = weight_of[p.name]
             with torch.no_grad():
-                w = wrapper.layer.weight
+                w = wrapper.weight_view()  # (out, in, ...), the layout the quantizer saw (Conv1D: transposed)
                 entry["int_weight"] = to_numpy(grid.to_int(w), np.int64)
-                bias = wrapper.layer.bias
+                bias = getattr(wrapper.layer, "bias", None)
                 if bias is not None and not wrapper.fold_bn:
                     entry["bias"] = to_numpy(bias, np.float32)
                     feeder = feeders.get(p.owner)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..factories import QuantizerFactory, call_factory
+from ..layers import layer_adapter
 from ..qmodules import QModule, QWrapper
 from ..quantizers import Quantizer
 
@@ -80,7 +81,17 @@ def make_qwrapper(
 
     Returns:
         The wrapper.
+
+    Raises:
+        ValueError: the layer's configuration cannot be quantized (an ``Embedding`` with
+            ``max_norm``); the message names ``name``.
     """
+    adapter = layer_adapter(layers[0])
+    why = adapter.why_unsupported(layers[0]) if adapter is not None else None
+    if why is not None:
+        raise ValueError(
+            f"quantize_model: cannot quantize {name!r} ({layers[0]}): {why}; keep it in float with skip=[{name!r}]"
+        )
     layer = layers[0] if factory_module is None else factory_module
     wrapper = QWrapper(
         layers,

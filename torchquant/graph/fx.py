@@ -2,8 +2,10 @@
 
 The pass, in graph order:
 
-* **Layers.** A ``Conv1d/2d/3d`` or ``Linear`` module call (exact type), followed by
-  the matching ``BatchNorm`` module when the layer's output has no other user,
+* **Layers.** A call of a module whose exact type has a
+  :class:`~torchquant.layers.LayerAdapter` (``Conv1d/2d/3d``, ``Linear``,
+  ``Embedding``; Hugging Face's ``Conv1D`` when it is a leaf module), followed by
+  the matching ``BatchNorm`` module (Linear and Conv) when the layer's output has no other user,
   followed by a supported activation when the previous output has no other
   user, becomes one :class:`~torchquant.qmodules.QWrapper` placed at the
   layer's qualified name. The activation may be a module (one of
@@ -15,7 +17,9 @@ The pass, in graph order:
   :class:`~torchquant.qmodules.QOp` with the same arguments: the functions in
   :data:`QOP_FUNCTIONS`, the tensor methods in :data:`QOP_METHODS` and the
   modules in :data:`QOP_MODULES` (average pooling, normalisation, softmax),
-  when their output is a floating-point tensor. A ``QOp`` for a function sits
+  when their output is a floating-point tensor (normalisation outputs are thus
+  quantized by default here; ``quantize_model``'s ``norm_outputs`` is for
+  ``"swap"``). A ``QOp`` for a function sits
   in the module the call was made from, named after the operation
   (``layer1.0.add``, ``layer1.0.add_1``); one for a module replaces it at its
   own name.
@@ -27,7 +31,7 @@ The pass, in graph order:
   module to wrap. :func:`torchquant.summary` lists the layers with weights that
   stayed in float and why.
 
-Factories receive, for a ``QWrapper``, the original ``Conv``/``Linear`` module
+Factories receive, for a ``QWrapper``, the original layer module
 and its qualified name; for a module ``QOp``, the wrapped module and its name;
 for a function ``QOp``, a :class:`FunctionalOp` describing the call and the
 ``QOp``'s qualified name.
@@ -52,7 +56,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..factories import QuantizerFactory, call_factory
-from ..layers import BN_FOR_LAYER, LAYER_TYPES
+from ..layers import FLOAT_LAYERS, LAYER_TYPES, layer_adapter
 from ..qmodules import SUPPORTED_ACTIVATIONS, QModule, QOp
 from ..quantizers import Quantizer
 from .common import FLOAT_REASONS_ATTR, make_qwrapper, skip_reason
@@ -158,6 +162,7 @@ QOP_MODULES: tuple[type[nn.Module], ...] = (
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveAvgPool3d,
     nn.LayerNorm,
+    nn.RMSNorm,
     nn.GroupNorm,
     nn.BatchNorm1d,
     nn.BatchNorm2d,
@@ -592,10 +597,12 @@ class _Rewriter:
         m = self.modules.get(node.target)
         if m is None or isinstance(m, (QModule, Quantizer)) or node.target in self.skipped:
             return
-        if type(m) in BN_FOR_LAYER:
+        if layer_adapter(m) is not None:
             self._fuse(node, m)
         elif type(m) in QOP_MODULES or _is_bn_act(m):
             self._module_qop(node, m)
+        elif type(m) in FLOAT_LAYERS:
+            self.float_reasons[node.target] = FLOAT_LAYERS[type(m)]
         elif isinstance(m, LAYER_TYPES):
             self.float_reasons[node.target] = f"{type(m).__name__} is a subclass of a supported layer, not the layer"
         elif any(True for _ in m.parameters(recurse=True)):
@@ -635,7 +642,8 @@ class _Rewriter:
     ) -> None:
         chain, layers, cur = [node], [layer], node
         fused_act = False
-        if len(cur.users) == 1:
+        bn_type = layer_adapter(layer).bn
+        if len(cur.users) == 1 and bn_type is not None:
             user = next(iter(cur.users))
             bn = self.modules.get(user.target) if user.op == "call_module" else None
             ok = (
@@ -644,11 +652,11 @@ class _Rewriter:
                 and not user.kwargs
                 and skip_reason(user.target, bn, self.skip) is None
             )
-            if ok and type(bn) is BN_FOR_LAYER[type(layer)]:
+            if ok and type(bn) is bn_type:
                 chain.append(user)
                 layers.append(bn)
                 cur = user
-            elif ok and (split := _split_bn_act(bn, BN_FOR_LAYER[type(layer)])) is not None:
+            elif ok and (split := _split_bn_act(bn, bn_type)) is not None:
                 chain.append(user)
                 layers.extend(split)
                 cur = user

@@ -1,21 +1,25 @@
 """``quantize_model(method="swap")``: replace layers in place, for models torch.fx cannot trace.
 
-Every ``Conv1d/2d/3d`` or ``Linear`` module (exact type) becomes a
+Every module whose exact type has a :class:`~torchquant.layers.LayerAdapter`
+(``Conv1d/2d/3d``, ``Linear``, ``Embedding``, Hugging Face's ``Conv1D``) becomes a
 :class:`~torchquant.qmodules.QWrapper` at the same name, fused with the matching
-BatchNorm and a supported activation that directly follow it inside an
-``nn.Sequential`` (the fused ones become ``nn.Identity`` so indices stay
-stable). It covers layers, not functional operations (``x + y``, ``torch.cat``,
-``F.relu``): those stay in float, and so do activations applied outside an
-``nn.Sequential``.
+BatchNorm (Linear and Conv) and a supported activation that directly follow it
+inside an ``nn.Sequential`` (the fused ones become ``nn.Identity`` so indices stay
+stable). With ``norm_outputs=True`` every normalisation module
+(:func:`~torchquant.layers.is_normalization`: ``LayerNorm``, ``RMSNorm``,
+``GroupNorm``, Hugging Face's ``*RMSNorm``) becomes a :class:`~torchquant.qmodules.QOp`
+around it, quantizing its output. It covers modules, not functional operations
+(``x + y``, ``torch.cat``, ``F.relu``): those stay in float, and so do activations
+applied outside an ``nn.Sequential``.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from ..factories import QuantizerFactory
-from ..layers import BN_FOR_LAYER, LAYER_TYPES
-from ..qmodules import SUPPORTED_ACTIVATIONS, QModule
+from ..factories import QuantizerFactory, call_factory
+from ..layers import FLOAT_LAYERS, LAYER_TYPES, is_normalization, layer_adapter
+from ..qmodules import SUPPORTED_ACTIVATIONS, QModule, QOp
 from .common import make_qwrapper, skip_reason
 
 __all__ = ["quantize_swap"]
@@ -25,7 +29,13 @@ def _has_params(m: nn.Module) -> bool:
     return any(True for _ in m.parameters())
 
 
-def _swap(module, prefix, wf, af, skip, fold_bn, reasons: dict[str, str]) -> None:
+def _norm_qop(norm: nn.Module, name: str, af: QuantizerFactory | None) -> QOp:
+    qop = QOp(norm, acts_quantizer=call_factory(af, norm, name, "acts_quantizer"))
+    qop.train(norm.training)
+    return qop
+
+
+def _swap(module, prefix, wf, af, skip, fold_bn, norm_outputs, reasons: dict[str, str]) -> None:
     if isinstance(module, QModule):
         return
     items = list(module._modules.items())
@@ -42,11 +52,12 @@ def _swap(module, prefix, wf, af, skip, fold_bn, reasons: dict[str, str]) -> Non
             if _has_params(child):
                 reasons[name] = f"{reason} ({type(child).__name__})"
             continue
-        if type(child) in BN_FOR_LAYER:
+        adapter = layer_adapter(child)
+        if adapter is not None:
             group = [child]
             if sequential:
                 j = i
-                if j < len(items) and type(items[j][1]) is BN_FOR_LAYER[type(child)]:
+                if j < len(items) and adapter.bn is not None and type(items[j][1]) is adapter.bn:
                     group.append(items[j][1])
                     j += 1
                 if j < len(items) and type(items[j][1]) in SUPPORTED_ACTIVATIONS:
@@ -56,10 +67,14 @@ def _swap(module, prefix, wf, af, skip, fold_bn, reasons: dict[str, str]) -> Non
                     module._modules[items[k][0]] = nn.Identity().train(items[k][1].training)
                 i = j
             module._modules[key] = make_qwrapper(group, name, wf, af, fold_bn)
+        elif type(child) in FLOAT_LAYERS:
+            reasons[name] = FLOAT_LAYERS[type(child)]
         elif isinstance(child, LAYER_TYPES) and not child._modules:
             reasons[name] = f"{type(child).__name__} is a subclass of a supported layer, not the layer"
+        elif norm_outputs and is_normalization(child):
+            module._modules[key] = _norm_qop(child, name, af)
         else:
-            _swap(child, name + ".", wf, af, skip, fold_bn, reasons)
+            _swap(child, name + ".", wf, af, skip, fold_bn, norm_outputs, reasons)
 
 
 def quantize_swap(
@@ -69,6 +84,7 @@ def quantize_swap(
     *,
     skip: tuple,
     fold_bn: bool,
+    norm_outputs: bool = False,
 ) -> dict[str, str]:
     """Swap ``model``'s layers in place.
 
@@ -78,10 +94,11 @@ def quantize_swap(
         acts_quantizer: factory for layer outputs.
         skip: normalised skip entries (name globs and module types).
         fold_bn: passed to every ``QWrapper`` that has a BatchNorm.
+        norm_outputs: wrap every normalisation module in a ``QOp`` quantizing its output.
 
     Returns:
         Why layers with weights stayed in float, by qualified name.
     """
     reasons: dict[str, str] = {}
-    _swap(model, "", weight_quantizer, acts_quantizer, skip, fold_bn, reasons)
+    _swap(model, "", weight_quantizer, acts_quantizer, skip, fold_bn, norm_outputs, reasons)
     return reasons

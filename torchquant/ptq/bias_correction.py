@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layers import BN_FOR_LAYER
 from ..qmodules import QModuleState, QWrapper
 from ..utils import progress_bar, restoring_states
 from ._common import Snapshot, call_model, forward_order, materialize, require_qmodules
@@ -152,9 +153,14 @@ def bias_correction(
     if method == "empirical" and bn_stats is not None:
         raise ValueError("bias_correction: bn_stats is only used by method='analytic'")
     named = {m: n for n, m in model.named_modules()}
-    wrappers = [m for m in named if isinstance(m, QWrapper) and m.weight_quantizer is not None]
+    # Linear and Conv layers only: the correction is a per-output-channel bias (an Embedding has none).
+    wrappers = [
+        m for m in named if isinstance(m, QWrapper) and m.weight_quantizer is not None and type(m.layer) in BN_FOR_LAYER
+    ]
     if not wrappers:
-        raise ValueError(f"bias_correction: {type(model).__name__} has no QWrapper with a weight quantizer")
+        raise ValueError(
+            f"bias_correction: {type(model).__name__} has no QWrapper with a weight quantizer on a Linear/Conv layer"
+        )
     snapshot = Snapshot(model)
     try:
         if method == "analytic":

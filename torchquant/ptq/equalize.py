@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..folding import fold_wrapper_bn_
+from ..layers import BN_FOR_LAYER
 from ..qmodules import QModule, QWrapper
 from ..quantizers import RangeQuantizer
 from ..utils import restoring_states
@@ -110,7 +111,9 @@ _HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, ChannelClip)
 
 
 def _pair_ok(a: QWrapper, b: QWrapper, relu6: str) -> bool:
-    if type(a.layer) is not type(b.layer):
+    # Linear and Conv pairs only: an Embedding feeds no layer's input channels, and Conv1D's (in, out) layout
+    # is not what the scaling arithmetic assumes.
+    if type(a.layer) is not type(b.layer) or type(a.layer) not in BN_FOR_LAYER:
         return False
     act_ok = a.act is None or isinstance(a.act, _HOMOGENEOUS) or (isinstance(a.act, nn.ReLU6) and relu6 == "clip")
     return act_ok and _layer_in_out(a.layer)[1] == _layer_in_out(b.layer)[0]

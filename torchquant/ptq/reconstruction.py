@@ -568,7 +568,7 @@ def _reconstruct_unit(
         for p, _ in saved_grad:
             p.requires_grad_(False)
         for w in wrappers:
-            ada[w] = AdaRoundQuantizer(_grid_of(w.weight_quantizer, "weight quantizer"), w.layer.weight)
+            ada[w] = AdaRoundQuantizer(_grid_of(w.weight_quantizer, "weight quantizer"), w.weight_view())
             saved_q.append((w, "weight_quantizer", w.weight_quantizer))
             w.weight_quantizer = ada[w]
         if c.act_quant:
@@ -619,7 +619,7 @@ def _reconstruct_unit(
         with torch.no_grad():
             for w, a in ada.items():
                 a.soft = False
-                w.layer.weight.copy_(a(w.layer.weight))
+                w.weight_view().copy_(a(w.weight_view()))  # (out, in, ...) view: writes the parameter
             for s in learned:
                 s.write_back()
         return float(rec.detach())
