@@ -219,6 +219,10 @@ class QWrapper(QModule):
             one of :data:`SUPPORTED_ACTIVATIONS`.
         weight_quantizer: quantizer for the layer's weight, or ``None`` (float weight).
         acts_quantizer: quantizer for the output activations, or ``None``.
+        input_quantizer: quantizer for the layer's input, or ``None``: how transformer
+            studies quantize activations ("W8A8": the inputs of every linear layer),
+            driven by the activation side of the mode like ``acts_quantizer``. Not for
+            an ``Embedding`` (its input is token ids).
         fold_bn: fold the BatchNorm into the layer's weight and bias before weight
             quantization (Jacob et al. 2018, section 3.2; Krishnamoorthi 2018,
             section 3.2), so the weight quantizer sees the weight that inference uses.
@@ -251,10 +255,15 @@ class QWrapper(QModule):
         weight_quantizer: Quantizer | None = None,
         acts_quantizer: Quantizer | None = None,
         fold_bn: bool = False,
+        input_quantizer: Quantizer | None = None,
     ) -> None:
         super().__init__()
         layer, bn, act = _parse_layers(layers)
-        for role, q in (("weight_quantizer", weight_quantizer), ("acts_quantizer", acts_quantizer)):
+        for role, q in (
+            ("weight_quantizer", weight_quantizer),
+            ("acts_quantizer", acts_quantizer),
+            ("input_quantizer", input_quantizer),
+        ):
             if q is not None and not isinstance(q, Quantizer):
                 raise TypeError(f"QWrapper: {role} must be a Quantizer or None, got {type(q).__name__}")
         if fold_bn:
@@ -269,6 +278,7 @@ class QWrapper(QModule):
         self.act = act
         self.weight_quantizer = weight_quantizer
         self.acts_quantizer = acts_quantizer
+        self.input_quantizer = input_quantizer
         self.fold_bn = bool(fold_bn)
         self._bn_frozen = False  # Python mirror of the bn_frozen buffer (no host sync in forward)
         if self.fold_bn:
@@ -298,7 +308,35 @@ class QWrapper(QModule):
             w = self.weight_quantizer(w)
         return w
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "input_quantizer" and value is not None:
+            if not isinstance(value, Quantizer):
+                raise TypeError(f"QWrapper: input_quantizer must be a Quantizer or None, got {type(value).__name__}")
+            if isinstance(self.layer, nn.Embedding):
+                raise ValueError(
+                    f"QWrapper[{self._describe()}]: an Embedding's input is token ids; it takes no input_quantizer"
+                )
+        super().__setattr__(name, value)
+
+    def observe_weight(self) -> None:
+        """Let the weight quantizer observe the weight it will quantize (ranges from the weights, no data needed).
+
+        The weight as the forward pass gives it to the quantizer: :meth:`weight_view`, or
+        the folded weight with ``fold_bn=True``.
+        """
+        if self.weight_quantizer is None:
+            return
+        with torch.no_grad():
+            w = self.weight_view() if not self.fold_bn else self._folded_params()[0]
+            _run_quantizer(self.weight_quantizer, w, observe=True, quantize=False)
+
+    def _quantize_input(self, x: Tensor) -> Tensor:
+        s = self.qstate
+        return _run_quantizer(self.input_quantizer, x, s.is_act_observed, s.is_act_quantized)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.input_quantizer is not None:
+            x = self._quantize_input(x)
         if self.fold_bn:
             return self._forward_folded(x)
         s = self.qstate

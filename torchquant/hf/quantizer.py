@@ -1,0 +1,292 @@
+"""torchquant inside ``from_pretrained``/``save_pretrained``: the conversion and the ``HfQuantizer``.
+
+:func:`quantize` converts a loaded Hugging Face model as a :class:`TorchQuantConfig`
+says; :class:`TorchQuantHfQuantizer` is registered with transformers under the
+method name ``"torchquant"``, so ``from_pretrained(path, quantization_config=cfg)``
+calls it after the float weights are loaded, and ``save_pretrained`` writes:
+
+* the float model's weights under their usual names (packed as integer codes,
+  ``<name>.__tq_codes``, where the outputs do not change, see :func:`torchquant.save`);
+* every quantizer's state (ranges, learned steps, AdaRound roundings) under its own
+  names (``...q_proj.weight_quantizer.range_observer.min_val``);
+* in the safetensors header, the description :func:`torchquant.save` writes (quantizer
+  specs and modes); in ``config.json``, the config.
+
+``from_pretrained`` on that directory (after ``import torchquant.hf``, which registers
+the method) loads the float weights as usual, converts the model by the config,
+then loads the quantizer state and modes: no calibration data and no Python
+factories are needed, and the logits equal the saved model's.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.quantizers import HfQuantizer, register_quantizer
+from transformers.quantizers.auto import register_quantization_config
+
+from ..convert import CONVERSIONS_ATTR, quantize_model, record_conversion
+from ..qmodules import QModuleState, QWrapper, iter_qmodules
+from ..quantizers.base import RangeQuantizer
+from ..serialize import CODES_SUFFIX, load_quantized_state, quantized_state_dict, register_conversion
+from ..spec import QuantizerSpec
+from .config import QUANT_METHOD, TorchQuantConfig
+
+__all__ = ["TorchQuantHfQuantizer", "quantize"]
+
+FLOAT_NAMES_ATTR = "_tq_float_names"
+_META_KEY = "torchquant"
+# Names of state that a float model does not have: quantizers, QModule buffers and packed codes.
+_OWN_KEYS = re.compile(
+    r"(^|\.)(weight_quantizer|acts_quantizer|input_quantizer|attn_quantizer)\.|\.__tq_codes$|(^|\.)bn_frozen$"
+)
+
+register_quantization_config(QUANT_METHOD)(TorchQuantConfig)
+
+
+def _skip_globs(model: nn.Module, names: list[str] | None) -> list[str]:
+    if names is None:
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        names = [n for n, m in model.named_modules() if out is not None and m is out]
+    globs = []
+    for n in names:
+        if any(c in n for c in "*?["):
+            globs.append(n)
+        else:  # a name matches itself, its submodules, and names ending with it (Hugging Face's rule)
+            globs += [n, f"{n}.*", f"*.{n}", f"*.{n}.*"]
+    return globs
+
+
+def _tensors_by_id(model: nn.Module) -> dict[int, str]:
+    named = itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    out: dict[int, str] = {}
+    for name, t in named:
+        out.setdefault(id(t), name)
+    return out
+
+
+def _build(spec: QuantizerSpec | None, name: str, field: str):
+    if spec is None:
+        return None
+    q = spec.build()
+    q._tq_name = f"{name} ({field})"
+    return q
+
+
+def quantize(model: nn.Module, config: TorchQuantConfig, *, initial_state: bool = True) -> nn.Module:
+    """Convert a (float, loaded) Hugging Face model in place as ``config`` describes.
+
+    Args:
+        model: a ``PreTrainedModel`` (any ``nn.Module`` works for the layer points;
+            attention points need a transformers attention module).
+        config: the scheme.
+        initial_state: observe the weights, then put the model in ``QUANT_EVAL`` when
+            nothing needs data, else in ``CALIBRATION`` (run :func:`torchquant.calibrate`,
+            then set ``QUANT_EVAL``); ``False`` leaves every QModule ``BYPASSED``.
+
+    Returns:
+        ``model``.
+
+    Example:
+        >>> import transformers, torch
+        >>> from torchquant.hf import TorchQuantConfig, quantize
+        >>> cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...                                num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+        >>> model = quantize(transformers.LlamaForCausalLM(cfg), TorchQuantConfig(weights="int4-g16"))
+        >>> model.model.layers[0].mlp.down_proj.qstate.name
+        'QUANT_EVAL'
+    """
+    if not isinstance(config, TorchQuantConfig):
+        raise TypeError(f"quantize: expected a TorchQuantConfig, got {type(config).__name__}")
+    history = list(getattr(model, CONVERSIONS_ATTR, []))
+    before = _tensors_by_id(model)
+    skip = _skip_globs(model, config.modules_to_not_convert)
+    norm_spec = config.norm_outputs
+
+    def weights(module: nn.Module, name: str):
+        field = "embeddings" if isinstance(module, nn.Embedding) else "weights"
+        return _build(config.point(field, name), name, field)
+
+    def outputs(module: nn.Module, name: str):
+        if norm_spec is None or isinstance(module, (QWrapper, nn.Embedding)) or _is_layer(module):
+            return None
+        return _build(QuantizerSpec.from_dict(norm_spec), name, "norm_outputs")
+
+    options: dict[str, Any] = {}
+    if norm_spec is not None:
+        options["norm_outputs"] = True
+    quantize_model(model, weights, outputs, method="swap", skip=skip, **options)
+    for name, m in iter_qmodules(model):
+        if isinstance(m, QWrapper) and not isinstance(m.layer, nn.Embedding):
+            spec = config.point("activations", name)
+            if spec is not None:
+                m.input_quantizer = _build(spec, name, "activations").to(m.layer.weight.device)
+    _quantize_attention(model, config, skip)
+    setattr(model, CONVERSIONS_ATTR, history)
+    record_conversion(model, {"kind": "torchquant.hf", "module": __name__, "config": config.to_dict()})
+    after = {id(t): n for n, t in _named_tensors(model)}
+    setattr(model, FLOAT_NAMES_ATTR, {after[i]: n for i, n in before.items() if i in after and after[i] != n})
+    if initial_state:
+        _initial_state(model)
+    return model
+
+
+def _named_tensors(model: nn.Module):
+    return itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+
+
+def _is_layer(module: nn.Module) -> bool:
+    from ..layers import LAYER_TYPES
+
+    return isinstance(module, LAYER_TYPES)
+
+
+def _quantize_attention(model: nn.Module, config: TorchQuantConfig, skip: list[str]) -> None:
+    kv = config.kv_cache or {}
+    roles = {
+        "query": config.attention,
+        "key": kv.get("key", config.attention),
+        "value": kv.get("value", config.attention),
+        "probs": config.attention_probs,
+    }
+    if all(v is None for v in roles.values()):
+        return
+    from .attention import quantize_attention
+
+    def factory(role: str, raw: dict | None):
+        if raw is None:
+            return None
+        spec = QuantizerSpec.from_dict(raw)
+        return lambda module, name: _build(spec, name, role)
+
+    quantize_attention(model, skip=skip, **{role: factory(role, raw) for role, raw in roles.items()})
+
+
+def _needs_data(q: nn.Module) -> bool:
+    if isinstance(q, RangeQuantizer):
+        return not q.range_observer.initialized
+    initialized = getattr(q, "initialized", None)
+    return initialized is False
+
+
+def _initial_state(model: nn.Module) -> None:
+    """Observe every weight; ``QUANT_EVAL`` when no quantizer needs data, else ``CALIBRATION``."""
+    with torch.no_grad():
+        for _, m in iter_qmodules(model):
+            if isinstance(m, QWrapper) and m.weight_quantizer is not None:
+                m.observe_weight()
+    needs_data = any(_needs_data(q) for _, m in iter_qmodules(model) for q in m.quantizers().values())
+    state = QModuleState.CALIBRATION if needs_data else QModuleState.QUANT_EVAL
+    for _, m in iter_qmodules(model):
+        m.qstate = state
+
+
+@register_conversion("torchquant.hf")
+def _replay(model: nn.Module, record: dict, build) -> nn.Module:
+    return quantize(model, TorchQuantConfig.from_dict(record["config"]), initial_state=False)
+
+
+# ------------------------------------------------------------------ transformers
+@register_quantizer(QUANT_METHOD)
+class TorchQuantHfQuantizer(HfQuantizer):
+    """The ``HfQuantizer`` of :class:`TorchQuantConfig` (see the module docstring)."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: TorchQuantConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self.checkpoint_files: list[str] = []
+        self.description: dict[str, Any] | None = None
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        self.checkpoint_files = [f for f in (checkpoint_files or []) if str(f).endswith(".safetensors")]
+        if self.pre_quantized:
+            self.description = _read_description(self.checkpoint_files)
+            packed = set(self.description.get("packed", {})) if self.description else set()
+            ignore_missing = {re.escape(k) + "$" for k in packed}
+            model._keys_to_ignore_on_load_unexpected = {
+                *(model._keys_to_ignore_on_load_unexpected or ()),
+                _OWN_KEYS.pattern,
+            }
+            model._keys_to_ignore_on_load_missing = {*(model._keys_to_ignore_on_load_missing or ()), *ignore_missing}
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        quantize(model, self.quantization_config, initial_state=not self.pre_quantized)
+        if self.pre_quantized:
+            if self.description is None:
+                raise ValueError(
+                    "from_pretrained: the checkpoint's config names the torchquant method, but its safetensors files "
+                    "carry no torchquant description; save it with save_pretrained from a torchquant model"
+                )
+            _load_own_state(model, self.checkpoint_files, self.description)
+        return model
+
+    def get_state_dict_and_metadata(self, model):
+        tensors, desc = quantized_state_dict(model, pack=self.quantization_config.pack_weights)
+        names = getattr(model, FLOAT_NAMES_ATTR, {})
+        # Shared storage as in the model, so transformers' tied-weight handling sees the ties.
+        live = dict(_named_tensors(model))
+        state = {}
+        for key, t in tensors.items():
+            base = key.removesuffix(CODES_SUFFIX)
+            float_key = names.get(base, base) + key[len(base) :]
+            state[float_key] = live[key].detach() if key in live else t
+        for alias, first in desc.pop("aliases").items():
+            state[names.get(alias, alias)] = live[alias].detach() if alias in live else state[names.get(first, first)]
+        desc["packed"] = {names.get(k, k): v for k, v in desc["packed"].items()}
+        return state, {_META_KEY: json.dumps(desc)}
+
+    def is_serializable(self, safe_serialization: bool | None = None) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def _read_description(files: list[str]) -> dict[str, Any] | None:
+    from safetensors import safe_open
+
+    for f in files:
+        with safe_open(f, framework="pt") as h:
+            meta = h.metadata() or {}
+        if _META_KEY in meta:
+            return json.loads(meta[_META_KEY])
+    return None
+
+
+def _load_own_state(model: nn.Module, files: list[str], desc: dict[str, Any]) -> None:
+    from safetensors import safe_open
+
+    names = getattr(model, FLOAT_NAMES_ATTR, {})
+    back = {v: k for k, v in names.items()}
+    tensors: dict[str, Tensor] = {}
+    for f in files:
+        with safe_open(f, framework="pt") as h:
+            for key in h.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if _OWN_KEYS.search(key):
+                    base = key.removesuffix(CODES_SUFFIX)
+                    tensors[back.get(base, base) + key[len(base) :]] = h.get_tensor(key)
+    desc = {**desc, "packed": {back.get(k, k): v for k, v in desc.get("packed", {}).items()}, "aliases": {}}
+    own = {k for k in model.state_dict() if _OWN_KEYS.search(k)}
+    missing = sorted(own - set(tensors))
+    if missing:
+        raise ValueError(f"from_pretrained: the checkpoint lacks torchquant state {missing[:10]}")
+    load_quantized_state(model, tensors, desc, strict=False)
