@@ -229,6 +229,11 @@ class QWrapper(QModule):
             Needs a BatchNorm that tracks running statistics. See "BatchNorm folding"
             above.
 
+    The wrapped layer's attributes stay readable through the wrapper
+    (``wrapper.weight``, ``wrapper.in_features``), so a module that reads its
+    layer's attributes keeps working once the layer is wrapped; they are the float
+    layer's (:meth:`quantized_weight` gives the weight the current mode uses).
+
     Raises:
         TypeError: an unsupported layer sequence or a quantizer of the wrong type.
         ValueError: ``fold_bn=True`` without a BatchNorm with running statistics, a
@@ -317,6 +322,17 @@ class QWrapper(QModule):
                     f"QWrapper[{self._describe()}]: an Embedding's input is token ids; it takes no input_quantizer"
                 )
         super().__setattr__(name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        # Modules that hold a layer read its attributes (``self.q_proj.weight.dtype``, ``in_features``):
+        # they stay readable through the wrapper (the float parameters, not their quantized values).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            layer = self.__dict__.get("_modules", {}).get("layer")
+            if name.startswith("_") or layer is None or not hasattr(layer, name):
+                raise
+            return getattr(layer, name)
 
     def observe_weight(self) -> None:
         """Let the weight quantizer observe the weight it will quantize (ranges from the weights, no data needed).

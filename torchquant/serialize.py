@@ -18,7 +18,10 @@ a ``QWrapper`` whose mode quantizes its weight with frozen ranges (the
 ``QUANT_EVAL*`` modes) and whose weight quantizer has an affine grid of at most
 256 levels stores the integer codes (one per byte; two per byte for 16 levels or
 fewer) instead of the float weight; :func:`load` writes the dequantized weight
-back, and the quantized weight (hence every output) is unchanged. Such a
+back, and the quantized weight (hence every output) is unchanged. The ranges of
+such a symmetric weight quantizer are stored as one magnitude per range
+(``max(|min|, |max|)``, all a symmetric grid depends on), so a 4-bit weight in
+groups of 64 takes 4.5 bits. Such a
 checkpoint is for inference: the float weights of packed layers are not kept
 (pass ``pack=False`` to keep them, e.g. to continue training).
 """
@@ -36,6 +39,8 @@ from torch import Tensor, nn
 
 from .convert import CONVERSIONS_ATTR, quantize_model
 from .qmodules import QModule, QModuleState, QWrapper, iter_qmodules
+from .quantizers import AffineQuantizer
+from .range_observers import BatchMinMax, RunningMinMax
 from .spec import QuantizerSpec, describe
 
 __all__ = [
@@ -50,6 +55,7 @@ __all__ = [
 
 FORMAT = "torchquant.checkpoint/1"
 CODES_SUFFIX = ".__tq_codes"
+AMAX_KEY = "__tq_amax"
 _META_KEY = "torchquant"
 
 Replay = Callable[[nn.Module, dict, Callable[[str, str], "nn.Module | None"]], nn.Module]
@@ -144,12 +150,23 @@ def _packable(m: QModule) -> bool:
     )
 
 
+def _symmetric_minmax(q: nn.Module) -> bool:
+    """A symmetric affine quantizer whose observer's state is its ``min_val``/``max_val`` (plus counters)."""
+    obs = getattr(q, "range_observer", None)
+    return (
+        isinstance(q, AffineQuantizer)
+        and q.symmetric
+        and isinstance(obs, (BatchMinMax, RunningMinMax))
+        and type(obs)._update in (BatchMinMax._update, RunningMinMax._update)
+    )
+
+
 def _pack_weight(m: QWrapper) -> tuple[Tensor, dict] | None:
     """The packed codes of ``m``'s weight and how to read them, or ``None`` when packing would change outputs."""
     grid = m.weight_quantizer.grid()
     if grid is None or grid.qmax - grid.qmin >= 256:
         return None
-    w = m.layer.weight.detach()
+    w = m.weight_view().detach()  # (out, in, ...): the layout the quantizer's grid is for
     try:
         if torch.broadcast_shapes(grid.scale.shape, w.shape) != w.shape:
             return None
@@ -185,6 +202,7 @@ def quantized_state_dict(model: nn.Module, *, pack: bool = True) -> tuple[dict[s
         counts[ident] = counts.get(ident, 0) + 1
     packed: dict[str, dict] = {}
     tensors: dict[str, Tensor] = {}
+    magnitudes: list[str] = []
     if pack:
         for name, m in iter_qmodules(model):
             key = f"{name}.layer.weight" if name else "layer.weight"
@@ -195,10 +213,17 @@ def quantized_state_dict(model: nn.Module, *, pack: bool = True) -> tuple[dict[s
             found = _pack_weight(m)
             if found is not None:
                 tensors[key + CODES_SUFFIX], packed[key] = found
+                if _symmetric_minmax(m.weight_quantizer):
+                    # A symmetric grid depends on max(|min|, |max|) alone: one number per range instead of two.
+                    prefix = f"{name}.weight_quantizer.range_observer." if name else "weight_quantizer.range_observer."
+                    mn, mx = state[prefix + "min_val"], state[prefix + "max_val"]
+                    tensors[prefix + AMAX_KEY] = torch.maximum(-mn.clamp(max=0), mx.clamp(min=0)).cpu().contiguous()
+                    magnitudes.append(prefix)
     aliases: dict[str, str] = {}
     first: dict[tuple, str] = {}
+    skipped = {p + k for p in magnitudes for k in ("min_val", "max_val")}
     for key, t in state.items():
-        if key in packed:
+        if key in packed or key in skipped:
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"save: state_dict entry {key!r} is a {type(t).__name__}, not a tensor")
@@ -209,6 +234,7 @@ def quantized_state_dict(model: nn.Module, *, pack: bool = True) -> tuple[dict[s
         tensors[key] = t.detach().to("cpu", copy=True).contiguous()
     desc["packed"] = packed
     desc["aliases"] = aliases
+    desc["magnitudes"] = magnitudes
     return tensors, desc
 
 
@@ -227,7 +253,10 @@ def load_quantized_state(model: nn.Module, tensors: dict[str, Tensor], desc: dic
             missing or unexpected; the message lists them.
     """
     _check_structure(model, desc)
-    state = {k: v for k, v in tensors.items() if not k.endswith(CODES_SUFFIX)}
+    state = {k: v for k, v in tensors.items() if not k.endswith((CODES_SUFFIX, AMAX_KEY))}
+    for prefix in desc.get("magnitudes", []):
+        amax = tensors[prefix + AMAX_KEY]
+        state[prefix + "min_val"], state[prefix + "max_val"] = -amax, amax.clone()
     for key, first in desc.get("aliases", {}).items():
         state[key] = tensors[first]
     packed = desc.get("packed", {})
@@ -243,9 +272,9 @@ def load_quantized_state(model: nn.Module, tensors: dict[str, Tensor], desc: dic
         m = modules[key.removesuffix("layer.weight").removesuffix(".")]
         grid = m.weight_quantizer.grid()
         codes = _unpack_codes(tensors[key + CODES_SUFFIX], info["bits"], info["qmin"], info["shape"])
-        param = model.get_parameter(key)
+        view = m.weight_view()
         with torch.no_grad():
-            param.copy_(grid.from_int(codes.to(grid.scale.device)).to(param.dtype))
+            view.copy_(grid.from_int(codes.to(grid.scale.device)).to(view.dtype))
     for name, info in desc["modules"].items():
         modules[name].qstate = QModuleState(info["qstate"])
     return model

@@ -99,6 +99,8 @@ def make_qwrapper(
         acts_quantizer=call_factory(af, layer, name, "acts_quantizer"),
         fold_bn=fold_bn and len(layers) > 1 and isinstance(layers[1], nn.modules.batchnorm._BatchNorm),
     )
+    if name:  # errors name the layer by its place in the model, not its type
+        wrapper._name_quantizers(name)
     # The wrapper and its quantizers take the wrapped layer's mode (a converted eval model stays in eval);
     # the wrapped modules keep theirs.
     mode = layers[0].training

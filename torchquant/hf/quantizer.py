@@ -43,7 +43,7 @@ FLOAT_NAMES_ATTR = "_tq_float_names"
 _META_KEY = "torchquant"
 # Names of state that a float model does not have: quantizers, QModule buffers and packed codes.
 _OWN_KEYS = re.compile(
-    r"(^|\.)(weight_quantizer|acts_quantizer|input_quantizer|attn_quantizer)\.|\.__tq_codes$|(^|\.)bn_frozen$"
+    r"(^|\.)(weight_quantizer|acts_quantizer|input_quantizer|attn_quantizer)\.|\.__tq_codes$|__tq_amax$|(^|\.)bn_frozen$"
 )
 
 register_quantization_config(QUANT_METHOD)(TorchQuantConfig)
@@ -62,11 +62,29 @@ def _skip_globs(model: nn.Module, names: list[str] | None) -> list[str]:
     return globs
 
 
-def _tensors_by_id(model: nn.Module) -> dict[int, str]:
-    named = itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
-    out: dict[int, str] = {}
-    for name, t in named:
-        out.setdefault(id(t), name)
+def _names_by_id(model: nn.Module) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for name, t in _named_tensors(model):
+        out.setdefault(id(t), []).append(name)
+    return out
+
+
+def _float_names(before: dict[int, list[str]], model: nn.Module) -> dict[str, str]:
+    """Converted name -> the float model's name, for tensors the conversion moved (``q_proj.layer.weight``).
+
+    A tied tensor has several float names; a moved name takes one that the converted
+    model no longer uses (``wte.layer.weight`` -> ``wte.weight``, while ``lm_head.weight`` stays).
+    """
+    after = list(_named_tensors(model))
+    converted = {n for n, _ in after}
+    out = {}
+    for name, t in after:
+        names = before.get(id(t))
+        if names is None or name in names:
+            continue
+        free = [f for f in names if f not in converted]
+        if free:
+            out[name] = free[0]
     return out
 
 
@@ -104,7 +122,7 @@ def quantize(model: nn.Module, config: TorchQuantConfig, *, initial_state: bool 
     if not isinstance(config, TorchQuantConfig):
         raise TypeError(f"quantize: expected a TorchQuantConfig, got {type(config).__name__}")
     history = list(getattr(model, CONVERSIONS_ATTR, []))
-    before = _tensors_by_id(model)
+    before = _names_by_id(model)
     skip = _skip_globs(model, config.modules_to_not_convert)
     norm_spec = config.norm_outputs
 
@@ -129,8 +147,7 @@ def quantize(model: nn.Module, config: TorchQuantConfig, *, initial_state: bool 
     _quantize_attention(model, config, skip)
     setattr(model, CONVERSIONS_ATTR, history)
     record_conversion(model, {"kind": "torchquant.hf", "module": __name__, "config": config.to_dict()})
-    after = {id(t): n for n, t in _named_tensors(model)}
-    setattr(model, FLOAT_NAMES_ATTR, {after[i]: n for i, n in before.items() if i in after and after[i] != n})
+    setattr(model, FLOAT_NAMES_ATTR, _float_names(before, model))
     if initial_state:
         _initial_state(model)
     return model
@@ -177,9 +194,15 @@ def _needs_data(q: nn.Module) -> bool:
 def _initial_state(model: nn.Module) -> None:
     """Observe every weight; ``QUANT_EVAL`` when no quantizer needs data, else ``CALIBRATION``."""
     with torch.no_grad():
-        for _, m in iter_qmodules(model):
+        for name, m in iter_qmodules(model):
             if isinstance(m, QWrapper) and m.weight_quantizer is not None:
-                m.observe_weight()
+                try:
+                    m.observe_weight()
+                except ValueError as e:
+                    raise ValueError(
+                        f"{e}. Give {name!r} another spec (TorchQuantConfig(overrides={{{name!r}: "
+                        "{'weights': 'int8'}})) or keep it in float (modules_to_not_convert)"
+                    ) from e
     needs_data = any(_needs_data(q) for _, m in iter_qmodules(model) for q in m.quantizers().values())
     state = QModuleState.CALIBRATION if needs_data else QModuleState.QUANT_EVAL
     for _, m in iter_qmodules(model):
@@ -277,16 +300,34 @@ def _load_own_state(model: nn.Module, files: list[str], desc: dict[str, Any]) ->
 
     names = getattr(model, FLOAT_NAMES_ATTR, {})
     back = {v: k for k, v in names.items()}
+    rename = _checkpoint_renaming(model)
     tensors: dict[str, Tensor] = {}
     for f in files:
         with safe_open(f, framework="pt") as h:
-            for key in h.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if _OWN_KEYS.search(key):
+            for stored in h.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if _OWN_KEYS.search(stored):
+                    key = rename(stored)
                     base = key.removesuffix(CODES_SUFFIX)
-                    tensors[back.get(base, base) + key[len(base) :]] = h.get_tensor(key)
+                    tensors[back.get(base, base) + key[len(base) :]] = h.get_tensor(stored)
     desc = {**desc, "packed": {back.get(k, k): v for k, v in desc.get("packed", {}).items()}, "aliases": {}}
     own = {k for k in model.state_dict() if _OWN_KEYS.search(k)}
-    missing = sorted(own - set(tensors))
+    provided = set(tensors) | {p + k for p in desc.get("magnitudes", []) for k in ("min_val", "max_val")}
+    missing = sorted(own - provided)
     if missing:
         raise ValueError(f"from_pretrained: the checkpoint lacks torchquant state {missing[:10]}")
     load_quantized_state(model, tensors, desc, strict=False)
+
+
+def _checkpoint_renaming(model: nn.Module):
+    """Checkpoint key -> model key, by the renamings transformers applied when loading this model.
+
+    ``save_pretrained`` writes some architectures' keys in their original checkpoint
+    format (ViT's ``encoder.layer.0.attention.attention.key``); torchquant's keys there
+    went through the same renaming and come back through it here.
+    """
+    from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+    renamings = [c for c in getattr(model, "_weight_conversions", None) or () if isinstance(c, WeightRenaming)]
+    if not renamings:
+        return lambda key: key
+    return lambda key: apply_renamings(key, renamings)

@@ -1,0 +1,267 @@
+"""torchquant.hf: TorchQuantConfig, from_pretrained / save_pretrained round trips on one tiny model per family."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import torchquant as tq  # noqa: E402
+from torchquant.hf import TorchQuantConfig, quantize  # noqa: E402
+from torchquant.spec import SpecError  # noqa: E402
+
+S = tq.QModuleState
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    config: Any
+    auto: str
+    inputs: Any
+    causal: bool = False
+
+    def batch(self) -> dict:
+        torch.manual_seed(1)
+        return self.inputs()
+
+
+def _ids(vocab: int = 100, n: int = 12) -> dict:
+    return {"input_ids": torch.randint(0, vocab, (2, n))}
+
+
+def _llama():
+    return transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
+
+
+def _qwen2():
+    return transformers.Qwen2Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
+
+
+def _gpt2():
+    return transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64)
+
+
+def _bert():
+    return transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=3
+    )
+
+
+def _vit():
+    return transformers.ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=5,
+    )
+
+
+def _whisper():
+    return transformers.WhisperConfig(
+        vocab_size=100,
+        num_mel_bins=8,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_source_positions=16,
+        max_target_positions=32,
+        decoder_start_token_id=1,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=1,
+        suppress_tokens=[],
+        begin_suppress_tokens=[],
+    )
+
+
+FAMILIES = [
+    Family("llama", _llama, "AutoModelForCausalLM", _ids, causal=True),
+    Family("qwen2", _qwen2, "AutoModelForCausalLM", _ids, causal=True),
+    Family("gpt2", _gpt2, "AutoModelForCausalLM", _ids, causal=True),
+    Family("bert", _bert, "AutoModelForSequenceClassification", _ids),
+    Family("vit", _vit, "AutoModelForImageClassification", lambda: {"pixel_values": torch.randn(2, 3, 16, 16)}),
+    Family(
+        "whisper",
+        _whisper,
+        "AutoModelForSpeechSeq2Seq",
+        lambda: {"input_features": torch.randn(2, 8, 32), "decoder_input_ids": torch.randint(3, 100, (2, 5))},
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def float_dirs(tmp_path_factory):
+    out = {}
+    for fam in FAMILIES:
+        torch.manual_seed(0)
+        cls = getattr(transformers, fam.auto)
+        model = cls.from_config(fam.config())
+        path = tmp_path_factory.mktemp(fam.name)
+        model.save_pretrained(path)
+        out[fam.name] = path
+    return out
+
+
+def _load(fam: Family, path, **kw):
+    return getattr(transformers, fam.auto).from_pretrained(path, **kw).eval()
+
+
+def _out(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
+    return (10 * torch.log10(ref.pow(2).mean() / (ref - x).pow(2).mean())).item()
+
+
+CONFIGS = {
+    "w8": dict(weights="int8"),
+    # ViT's patch embedding has 3 input channels: no groups of 16 there
+    "w4g16-emb8": dict(
+        weights="int4-g16",
+        embeddings="int8",
+        overrides={"*.patch_embeddings.*": {"weights": "int4"}, "model.encoder.conv*": {"weights": "int4"}},
+    ),
+    "w8a8-norms": dict(weights="int8", activations="int8", norm_outputs="int8"),
+}
+
+
+@pytest.mark.parametrize("cfg", list(CONFIGS), ids=list(CONFIGS))
+@pytest.mark.parametrize("fam", FAMILIES, ids=[f.name for f in FAMILIES])
+def test_from_pretrained_calibrate_save_and_reload_exactly(fam, cfg, float_dirs, tmp_path):
+    batch = fam.batch()
+    ref = _out(_load(fam, float_dirs[fam.name]), batch)
+    config = TorchQuantConfig(**CONFIGS[cfg])
+    model = _load(fam, float_dirs[fam.name], quantization_config=config)
+    states = set(tq.get_qmodule_states(model).values())
+    if config.quantizes_activations:
+        assert states == {S.CALIBRATION}
+        assert torch.equal(_out(model, batch), ref)  # calibration observes, the forward is the float one
+        tq.calibrate(model, [batch, fam.batch()], progress=False)
+        tq.set_qmodule_state(model, S.QUANT_EVAL)
+    else:
+        assert states == {S.QUANT_EVAL}  # ranges from the weights, no data needed
+    out = _out(model, batch)
+    assert not torch.equal(out, ref)
+    assert _sqnr(ref, out) > (8 if "w4" in cfg else 15)
+
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "torchquant" and saved["weights"] == config.weights
+    reloaded = _load(fam, tmp_path)
+    assert tq.get_qmodule_states(reloaded) == tq.get_qmodule_states(model)
+    assert torch.equal(_out(reloaded, batch), out)
+    if fam.causal:
+        kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(reloaded.generate(batch["input_ids"], **kw), model.generate(batch["input_ids"], **kw))
+
+
+def test_every_linear_and_conv1d_is_quantized_and_lm_head_stays_float(float_dirs):
+    fam = FAMILIES[2]  # gpt2: Conv1D layers, tied lm_head
+    model = _load(fam, float_dirs["gpt2"], quantization_config=TorchQuantConfig(weights="int8", embeddings="int8"))
+    names = {n for n, _ in tq.iter_qmodules(model)}
+    assert "transformer.h.0.attn.c_attn" in names and "transformer.wte" in names
+    assert isinstance(model.lm_head, torch.nn.Linear)
+    assert model.lm_head.weight is model.transformer.wte.layer.weight
+
+
+def test_weight_only_int4_g64_checkpoint_is_under_a_third_of_float16(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, vocab_size=512
+    )
+    model = transformers.LlamaForCausalLM(cfg).to(torch.float16)
+    model.save_pretrained(tmp_path / "float")
+    config = TorchQuantConfig(weights="int4-g64", embeddings="int4-g64", modules_to_not_convert=[])
+    fam = FAMILIES[0]
+    quantized = _load(fam, tmp_path / "float", quantization_config=config, dtype=torch.float16)
+    quantized.save_pretrained(tmp_path / "q")
+    ratio = (tmp_path / "q" / "model.safetensors").stat().st_size / (
+        tmp_path / "float" / "model.safetensors"
+    ).stat().st_size
+    assert ratio < 0.3  # 4 bits + one float32 magnitude per 64 weights, vs 16 bits
+    batch = {"input_ids": torch.randint(0, 512, (2, 12))}
+    assert torch.equal(_out(_load(fam, tmp_path / "q", dtype=torch.float16), batch), _out(quantized, batch))
+
+
+def test_overrides_and_modules_to_not_convert(float_dirs):
+    config = TorchQuantConfig(
+        weights="int4",
+        overrides={"*.mlp.down_proj": {"weights": "int8"}, "model.layers.1.*": {"weights": None}},
+        modules_to_not_convert=["self_attn"],
+    )
+    model = _load(FAMILIES[0], float_dirs["llama"], quantization_config=config)
+    layer0, layer1 = model.model.layers
+    assert layer0.mlp.down_proj.weight_quantizer.n_bits == 8
+    assert layer0.mlp.up_proj.weight_quantizer.n_bits == 4
+    assert layer1.mlp.up_proj.weight_quantizer is None
+    assert isinstance(layer0.self_attn.q_proj, torch.nn.Linear)
+
+
+def test_the_issue_example_works_as_written():
+    config = TorchQuantConfig(
+        weights={
+            "quantizer": "affine",
+            "observer": "batch_minmax",
+            "args": {"n_bits": 8, "symmetric": True},
+            "observer_args": {"axis": 0},
+        },
+        modules_to_not_convert=["lm_head"],
+    )
+    model = quantize(transformers.LlamaForCausalLM(_llama()), config)
+    q = model.model.layers[0].self_attn.q_proj.weight_quantizer
+    assert isinstance(q, tq.AffineQuantizer) and q.symmetric and q.granularity == tq.per_channel(0)
+    assert isinstance(model.lm_head, torch.nn.Linear)
+    assert TorchQuantConfig.from_dict(json.loads(config.to_json_string())).to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"weights": "int4-g16-dynamic"}, "unknown options"),
+        ({"activations": "int8-g16"}, "groups"),
+        ({"weights": "uint4"}, "unknown short form"),
+        ({"weights": {"quantizer": "affine", "bits": 4}}, "unknown keys"),
+        ({"weights": {"quantizer": "no-such"}}, "valid names"),
+        ({"overrides": {"x": {"kv_cache": "int4"}}}, "per-module overrides"),
+        ({"modules_to_not_convert": "lm_head"}, "list of names"),
+        ({"wieghts": "int8"}, "unknown arguments"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, message):
+    with pytest.raises((SpecError, KeyError, TypeError), match=message):
+        TorchQuantConfig(**kwargs)
+
+
+def test_registered_quantizer_names_are_short_forms():
+    config = TorchQuantConfig(weights="fp8_e4m3", activations="fp8_e4m3")
+    assert config.weights == {"quantizer": "fp8_e4m3"}
