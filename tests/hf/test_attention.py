@@ -194,6 +194,43 @@ def test_skip_leaves_a_module_in_float_and_other_implementations_are_refused():
         quantize_attention(torch.nn.Linear(2, 2), key=per_token(8))
 
 
+@pytest.mark.parametrize("attention_first", [True, False], ids=["attention-first", "swap-first"])
+def test_with_quantize_model_swap_in_either_order(attention_first):
+    model, inputs, real = build("llama", "sdpa")
+    with torch.no_grad():
+        ref = model(**inputs).logits
+
+    def weights(module, name):
+        return tq.AffineQuantizer(8, tq.BatchMinMax(axis=0), symmetric=True)
+
+    def attention(m):
+        return quantize_attention(m, key=per_token(8), value=per_token(8))
+
+    if attention_first:
+        attention(model)
+    model = tq.quantize_model(model, weights, None, method="swap")
+    if not attention_first:
+        attention(model)
+    assert tq.summary(model).splitlines()[-1] == (
+        "17 quantization points (15 QWrapper, 0 QOp, 2 QAttention), 0 left in float"
+    )
+    tq.calibrate(model, [inputs["input_ids"]], progress=False)
+    tq.set_qmodule_state(model, S.QUANT_EVAL)
+    with torch.no_grad():
+        y = model(**inputs).logits
+    assert sqnr_db(ref[real], y[real]) > SQNR_8BIT_DB
+
+
+def test_a_config_shared_with_a_converted_model_is_refused():
+    model, _, _ = build("llama", "sdpa")
+    twin = transformers.LlamaForCausalLM(model.config)  # the same config object
+    quantize_attention(model, key=per_token(8))
+    with pytest.raises(RuntimeError, match="no QAttention"):
+        twin(torch.randint(3, 100, (1, 4)))
+    with pytest.raises(ValueError, match="shared"):
+        quantize_attention(twin, key=per_token(8))
+
+
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_probabilities_lie_on_the_grid(impl):
     model, inputs, _ = build("llama", impl)

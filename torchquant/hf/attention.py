@@ -331,6 +331,8 @@ def quantize_attention(
     implementation (directly, not by ``set_attn_implementation``, which would also switch
     configs of modules this function does not handle); each QAttention, and each skipped
     module, keeps running the kernel its config named before, ``"sdpa"`` or ``"eager"``.
+    The projections and the rest of the model are :func:`torchquant.quantize_model`'s
+    (``method="swap"``), before or after this call.
 
     Args:
         model: a transformers model, attention implementation ``"sdpa"`` or ``"eager"``.
@@ -378,6 +380,12 @@ def quantize_attention(
     bases: dict[str, str] = {}
     for name, m in found:
         base = m.config._attn_implementation or "eager"  # None: transformers falls back to eager
+        if base == ATTN_IMPLEMENTATION:
+            raise ValueError(
+                f"quantize_attention: {name} ({type(m).__name__}) has no QAttention but its config already selects "
+                f"{ATTN_IMPLEMENTATION!r}: the config is shared with a model quantize_attention converted; give "
+                "this model its own config (copy.deepcopy(model) copies it)"
+            )
         if base not in BASE_IMPLEMENTATIONS:
             raise ValueError(
                 f"quantize_attention: {name} ({type(m).__name__}) uses attn_implementation={base!r}; "

@@ -23,8 +23,6 @@ from .base import StatelessQuantizer, check_n_bits
 
 __all__ = ["DynamicAffineQuantizer", "ResidualGroupQuantizer"]
 
-torch.fx.wrap("affine_quantize")
-
 
 def _fixed_zero_point(n_levels: int, symmetric: bool) -> float | None:
     # The same zero point as AffineQuantizer._fixed_zero_point (symmetric, not power-of-two).
