@@ -156,6 +156,30 @@ def test_bypassed_equals_float_and_quant_eval_is_close(kind, impl):
     assert sqnr_db(ref[sel], quantized[sel]) > SQNR_8BIT_DB
 
 
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_encoder_decoder_with_sub_configs(impl):
+    torch.manual_seed(0)
+    decoder = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64, add_cross_attention=True, is_decoder=True
+    )
+    cfg = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(bert_config(), decoder)
+    model = transformers.EncoderDecoderModel(cfg).eval()
+    model.set_attn_implementation(impl)
+    ids = torch.randint(3, 100, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": torch.randint(3, 100, (2, 6))}
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    names = quantize_attention(model, query=per_token(8), key=per_token(8), value=per_token(8))
+    assert len(names) == 6 and sum(n.endswith("crossattention") for n in names) == 2
+    assert model.config.encoder._attn_implementation == model.config.decoder._attn_implementation == "torchquant"
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref)
+        tq.set_qmodule_state(model, S.QUANT_EVAL)
+        assert sqnr_db(ref, model(**inputs).logits) > SQNR_8BIT_DB
+
+
 def test_calibrate_summary_state_dict_and_second_call():
     model, inputs, _ = build("llama", "sdpa")
     keys = set(model.state_dict())

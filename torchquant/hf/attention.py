@@ -16,7 +16,12 @@ values there simulates a quantized cache: a quantizer whose output for a stored 
 depends only on stored values that no longer change (per-token ranges, ranges of
 complete groups of tokens; :func:`kv_quantizers`) gives at every step exactly what a
 cache that quantized each token, or each group once complete, would return. The prompt's
-attention at prefill sees its keys and values quantized too.
+attention at prefill sees its keys and values quantized too. One forward pass over the
+whole generated sequence is not the same computation when keys are grouped along tokens:
+there every query sees the groups complete at the end, while in ``generate()`` a query
+saw the keys as they were at its own step (its group's newest tokens still in the float
+residual), and the later layers' keys and values inherit the difference. A reference for
+``generate()`` quantizes, for each query, the cache as it was at that query's step.
 
 ``transformers`` is imported on first use (``pip install torchquant[hf]``).
 """
