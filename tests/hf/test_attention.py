@@ -393,3 +393,19 @@ def test_import_torchquant_does_not_import_transformers():
 
     code = "import sys, torchquant, torchquant.hf; assert 'transformers' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_matches_eager():
+    model, inputs, _ = build("llama", "sdpa")
+    quantize_attention(
+        model,
+        query=per_token(8),
+        key=lambda m, n: kv_quantizers(4, group_size=4)[0],
+        value=per_token(8),
+        probs=lambda m, n: tq.DynamicAffineQuantizer(8),
+    )
+    tq.set_qmodule_state(model, S.QUANT_EVAL)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        assert torch.equal(compiled(**inputs).logits, model(**inputs).logits)
