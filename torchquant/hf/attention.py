@@ -337,7 +337,9 @@ def quantize_attention(
     configs of modules this function does not handle); each QAttention, and each skipped
     module, keeps running the kernel its config named before, ``"sdpa"`` or ``"eager"``.
     The projections and the rest of the model are :func:`torchquant.quantize_model`'s
-    (``method="swap"``), before or after this call.
+    (``method="swap"``), before or after this call. Code a model runs only when its
+    config names ``"eager"`` itself (GPT-2's ``reorder_and_upcast_attn``) is no longer
+    taken: such a model runs its eager attention function instead.
 
     Args:
         model: a transformers model, attention implementation ``"sdpa"`` or ``"eager"``.
