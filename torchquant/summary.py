@@ -48,6 +48,15 @@ def _quantizer_info(q: Quantizer | None) -> tuple[str | None, int | None, str | 
     return type(q).__name__, bits if isinstance(bits, int) else None, None if gran is None else str(gran)
 
 
+def _roles_info(roles: dict[str, Quantizer]) -> tuple[str | None, int | None, str | None]:
+    """Class names (``/``-joined), the bit-width when all share one, and ``role: granularity`` pairs."""
+    infos = {role: _quantizer_info(q) for role, q in roles.items()}
+    names = "/".join(dict.fromkeys(i[0] for i in infos.values())) or None
+    bits = {i[1] for i in infos.values()}
+    grans = ", ".join(f"{role}: {i[2]}" for role, i in infos.items() if i[2] is not None) or None
+    return names, bits.pop() if len(bits) == 1 else None, grans
+
+
 def _float_reasons(model: nn.Module) -> dict[str, str]:
     reasons: dict[str, str] = {}
     meta = getattr(model, "meta", None)
@@ -64,12 +73,15 @@ def _covered(name: str, prefixes: list[str]) -> bool:
 def summary_rows(model: nn.Module) -> list[dict[str, Any]]:
     """One dict per quantization point and per layer left in float, in module order.
 
-    Keys: ``name`` (qualified name), ``kind`` (``"QWrapper"``, ``"QOp"`` or
-    ``"float"``), ``layers`` (``"Conv2d+BatchNorm2d+ReLU"``, the op name, or the
-    float module's type), ``weight_quantizer``/``act_quantizer`` (class names or
-    ``None``), ``weight_bits``/``act_bits`` (``int`` or ``None``),
-    ``weight_granularity``/``act_granularity`` (e.g. ``"per-channel(axis=0)"``,
-    or ``None``), ``note`` (why something is in float, or ``""``).
+    Keys: ``name`` (qualified name), ``kind`` (``"QWrapper"``, ``"QOp"``,
+    ``"float"``, or another QModule's class name such as ``"QAttention"``), ``layers``
+    (``"Conv2d+BatchNorm2d+ReLU"``, the op name, the float module's type, or another
+    QModule's quantizer roles, ``"QAttention(key, value)"``),
+    ``weight_quantizer``/``act_quantizer`` (class names, ``/``-joined for several, or
+    ``None``), ``weight_bits``/``act_bits`` (``int``, or ``None`` when there is none or
+    several differ), ``weight_granularity``/``act_granularity`` (e.g.
+    ``"per-channel(axis=0)"``, ``"key: per-group(axis=-2, size=32), ..."``, or ``None``),
+    ``note`` (why something is in float, or ``""``).
 
     Args:
         model: any model; typically the output of :func:`torchquant.quantize_model`.
@@ -89,6 +101,25 @@ def summary_rows(model: nn.Module) -> list[dict[str, Any]]:
             op = m.op
             layers = type(op).__name__ if isinstance(op, nn.Module) else getattr(op, "__name__", repr(op))
             wq, aq = None, m.acts_quantizer
+        elif isinstance(m, QModule):  # e.g. torchquant.hf.QAttention: its quantizers by role, as activation ones
+            roles = {n.removesuffix("_quantizer"): q for n, q in m.quantizers().items()}
+            w, wb, wg = None, None, None
+            a, ab, ag = _roles_info(roles)
+            rows.append(
+                dict(
+                    name=name,
+                    kind=type(m).__name__,
+                    layers=f"{type(m).__name__}({', '.join(roles)})",
+                    weight_quantizer=w,
+                    weight_bits=wb,
+                    weight_granularity=wg,
+                    act_quantizer=a,
+                    act_bits=ab,
+                    act_granularity=ag,
+                    note="" if roles else "no quantizers (float)",
+                )
+            )
+            continue
         else:
             continue
         w, wb, wg = _quantizer_info(wq)
@@ -168,9 +199,13 @@ def summary(model: nn.Module) -> str:
     n_w = sum(r["kind"] == "QWrapper" for r in rows)
     n_o = sum(r["kind"] == "QOp" for r in rows)
     n_f = sum(r["kind"] == "float" for r in rows)
-    lines.append(
-        f"{n_w + n_o} quantization point{'s' * (n_w + n_o != 1)} ({n_w} QWrapper, {n_o} QOp), {n_f} left in float"
-    )
+    others: dict[str, int] = {}
+    for r in rows:
+        if r["kind"] not in ("QWrapper", "QOp", "float"):
+            others[r["kind"]] = others.get(r["kind"], 0) + 1
+    n = n_w + n_o + sum(others.values())
+    kinds = "".join(f", {k} {kind}" for kind, k in others.items())
+    lines.append(f"{n} quantization point{'s' * (n != 1)} ({n_w} QWrapper, {n_o} QOp{kinds}), {n_f} left in float")
     return "\n".join(lines)
 
 

@@ -146,6 +146,7 @@ QOP_FUNCTIONS: frozenset = frozenset(
         F.layer_norm,
         F.group_norm,
         F.softmax,
+        torch.softmax,
         F.scaled_dot_product_attention,
     }
 )

@@ -11,7 +11,12 @@ transformers, so that::
     model = AutoModelForCausalLM.from_pretrained(out)  # the same quantized model, no calibration
 
 * :mod:`torchquant.hf.config`: :class:`TorchQuantConfig` and its short forms;
-* :mod:`torchquant.hf.quantizer`: :func:`quantize` (the conversion) and the ``HfQuantizer``.
+* :mod:`torchquant.hf.quantizer`: :func:`quantize` (the conversion) and the ``HfQuantizer``;
+* :mod:`torchquant.hf.attention`: quantized attention inputs, probabilities and KV cache
+  through transformers' attention-function interface (:func:`quantize_attention`,
+  :func:`kv_quantizers`).
+
+``import torchquant`` never imports this package (nor transformers).
 """
 
 try:
@@ -19,7 +24,27 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("torchquant.hf needs transformers: pip install 'torchquant[hf]'") from e
 
+from .attention import (
+    ATTN_IMPLEMENTATION,
+    QAttention,
+    attention_modules,
+    kv_quantizers,
+    quantize_attention,
+    torchquant_attention_forward,
+)
 from .config import FIELDS, TorchQuantConfig, expand_spec
 from .quantizer import TorchQuantHfQuantizer, quantize
 
-__all__ = ["FIELDS", "TorchQuantConfig", "TorchQuantHfQuantizer", "expand_spec", "quantize"]
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "FIELDS",
+    "QAttention",
+    "TorchQuantConfig",
+    "TorchQuantHfQuantizer",
+    "attention_modules",
+    "expand_spec",
+    "kv_quantizers",
+    "quantize",
+    "quantize_attention",
+    "torchquant_attention_forward",
+]

@@ -42,7 +42,9 @@ every class is registered by name (``tq.make_quantizer("lsq", 4)``):
 * :mod:`~torchquant.quantizers.minifloat`: ``minifloat``, ``fp8_e4m3``, ``fp8_e5m2``,
   ``fp6_e3m2``, ``fp6_e2m3``, ``fp4_e2m1``, ``mx``, ``mxfp8_*``, ``mxfp6_*``, ``mxfp4``,
   ``mxint8`` (:class:`MinifloatQuantizer`, :class:`MXQuantizer`);
-* :mod:`~torchquant.quantizers.adaround`: ``adaround`` (:class:`AdaRoundQuantizer`).
+* :mod:`~torchquant.quantizers.adaround`: ``adaround`` (:class:`AdaRoundQuantizer`);
+* :mod:`~torchquant.quantizers.dynamic`: ``dynamic_affine``, ``dynamic_affine_residual``
+  (:class:`DynamicAffineQuantizer`, :class:`ResidualGroupQuantizer`).
 
 A new quantizer is one class in the module of its family (or a new module
 here), registered with :func:`~torchquant.registry.register_quantizer`; the
@@ -54,6 +56,7 @@ from .affine import AffineQuantizer, QfmtQuantizer
 from .base import AffineGrid, Quantizer, RangeQuantizer, StatelessQuantizer, check_n_bits
 from .binary import BinaryQuantizer, TernaryQuantizer, XNORWeightQuantizer
 from .dorefa import DoReFaActQuantizer, DoReFaWeightQuantizer
+from .dynamic import DynamicAffineQuantizer, ResidualGroupQuantizer
 from .learned import LSQPlusQuantizer, LSQQuantizer, PACTQuantizer, pact_regularization
 from .minifloat import FORMATS, MinifloatFormat, MinifloatQuantizer, MXQuantizer
 
@@ -65,6 +68,7 @@ __all__ = [
     "BinaryQuantizer",
     "DoReFaActQuantizer",
     "DoReFaWeightQuantizer",
+    "DynamicAffineQuantizer",
     "LSQPlusQuantizer",
     "LSQQuantizer",
     "MXQuantizer",
@@ -74,6 +78,7 @@ __all__ = [
     "QfmtQuantizer",
     "Quantizer",
     "RangeQuantizer",
+    "ResidualGroupQuantizer",
     "StatelessQuantizer",
     "TernaryQuantizer",
     "XNORWeightQuantizer",
