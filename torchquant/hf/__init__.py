@@ -11,7 +11,13 @@ transformers, so that::
     model = AutoModelForCausalLM.from_pretrained(out)  # the same quantized model, no calibration
 
 * :mod:`torchquant.hf.config`: :class:`TorchQuantConfig` and its short forms;
-* :mod:`torchquant.hf.quantizer`: :func:`quantize` (the conversion) and the ``HfQuantizer``.
+* :mod:`torchquant.hf.quantizer`: :func:`quantize` (the conversion) and the ``HfQuantizer``;
+* :mod:`torchquant.hf.trainer`: :class:`QuantizationCallback` (QAT under ``transformers.Trainer``)
+  and :func:`quantizer_parameter_names`;
+* :mod:`torchquant.hf.lora`: :func:`lora_config` (peft LoRA on a quantized base; needs peft).
+
+The last two are imported on first use, so ``import torchquant.hf`` loads neither
+the ``Trainer`` machinery nor peft.
 """
 
 try:
@@ -22,4 +28,31 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from .config import FIELDS, TorchQuantConfig, expand_spec
 from .quantizer import TorchQuantHfQuantizer, quantize
 
-__all__ = ["FIELDS", "TorchQuantConfig", "TorchQuantHfQuantizer", "expand_spec", "quantize"]
+__all__ = [
+    "FIELDS",
+    "QWrapperLoraLayer",
+    "QuantizationCallback",
+    "TorchQuantConfig",
+    "TorchQuantHfQuantizer",
+    "enable_lora",
+    "expand_spec",
+    "lora_config",
+    "quantize",
+    "quantizer_parameter_names",
+]
+
+_LAZY = {
+    "QuantizationCallback": "trainer",
+    "quantizer_parameter_names": "trainer",
+    "QWrapperLoraLayer": "lora",
+    "enable_lora": "lora",
+    "lora_config": "lora",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
