@@ -82,10 +82,19 @@ class QuantizationCallback(TrainerCallback):
       model is in (``eval_mode`` after training).
     * train end: ``eval_mode``.
 
-    Every QModule of the model gets the same mode (use :func:`torchquant.set_qmodule_state`
-    on parts of the model yourself for anything finer). With a PEFT model, LoRA on a
-    frozen quantized base (:func:`torchquant.hf.lora_config`), leave this callback
-    out: the base should stay in ``QUANT_EVAL`` so that training moves no range.
+    Every QModule of the model gets the same mode, set when the phase changes.
+    With gradient checkpointing the forward runs again in the backward pass, so the
+    observing modes observe each batch twice (harmless for min/max ranges, a double
+    weight for running averages). With a PEFT model, LoRA on a frozen quantized base
+    (:func:`torchquant.hf.lora_config`), leave this callback out: the base should stay
+    in ``QUANT_EVAL`` so that training moves no range.
+
+    Resuming: ``trainer.train(resume_from_checkpoint=ckpt)`` reloads a checkpoint with a
+    plain ``load_state_dict``, which does not map the float weight names that
+    ``save_pretrained`` writes back to the quantized modules (transformers warns of
+    missing keys and the weights stay as they were). Load the model with
+    ``from_pretrained(ckpt)`` and give that to the ``Trainer``; the optimizer,
+    scheduler and step then resume from ``ckpt`` as usual.
 
     Args:
         calibration_steps: optimizer steps in ``CALIBRATION`` before ``train_mode``
@@ -119,10 +128,16 @@ class QuantizationCallback(TrainerCallback):
         self.eval_mode = eval_mode
         self.sync_observers = bool(sync_observers)
         self._training = False
+        self._mode: QModuleState | None = None  # the mode this callback last set
         self._warned_decay = False
 
     def _phase(self, step: int) -> QModuleState:
         return QModuleState.CALIBRATION if step < self.calibration_steps else self.train_mode
+
+    def _set(self, model: nn.Module, mode: QModuleState) -> None:
+        if mode is not self._mode:
+            set_qmodule_state(model, mode)
+            self._mode = mode
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None or not iter_qmodules(model):
@@ -134,22 +149,24 @@ class QuantizationCallback(TrainerCallback):
             _sync_observers(model)
         self._check_weight_decay(model, optimizer)
         self._training = True
-        set_qmodule_state(model, self._phase(state.global_step))
+        self._mode = None  # set every QModule, whatever modes they hold now
+        self._set(model, self._phase(state.global_step))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        set_qmodule_state(model, self.eval_mode if control.should_evaluate else self._phase(state.global_step))
+        # An evaluation triggered by this step runs right after the step-end callbacks.
+        self._set(model, self.eval_mode if control.should_evaluate else self._phase(state.global_step))
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         if control.should_evaluate:
-            set_qmodule_state(model, self.eval_mode)
+            self._set(model, self.eval_mode)
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         if self._training:
-            set_qmodule_state(model, self._phase(state.global_step))
+            self._set(model, self._phase(state.global_step))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._training = False
-        set_qmodule_state(model, self.eval_mode)
+        self._set(model, self.eval_mode)
 
     def _check_weight_decay(self, model: nn.Module, optimizer: Any) -> None:
         if optimizer is None or self._warned_decay:
