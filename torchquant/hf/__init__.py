@@ -15,6 +15,12 @@ transformers, so that::
 * :mod:`torchquant.hf.attention`: quantized attention inputs, probabilities and KV cache
   through transformers' attention-function interface (:func:`quantize_attention`,
   :func:`kv_quantizers`).
+* :mod:`torchquant.hf.trainer`: :class:`QuantizationCallback` (QAT under ``transformers.Trainer``)
+  and :func:`quantizer_parameter_names`;
+* :mod:`torchquant.hf.lora`: :func:`lora_config` (peft LoRA on a quantized base; needs peft).
+
+The last two are imported on first use, so ``import torchquant.hf`` loads neither
+the ``Trainer`` machinery nor peft.
 
 ``import torchquant`` never imports this package (nor transformers).
 """
@@ -39,12 +45,33 @@ __all__ = [
     "ATTN_IMPLEMENTATION",
     "FIELDS",
     "QAttention",
+    "QWrapperLoraLayer",
+    "QuantizationCallback",
     "TorchQuantConfig",
     "TorchQuantHfQuantizer",
     "attention_modules",
+    "enable_lora",
     "expand_spec",
     "kv_quantizers",
+    "lora_config",
     "quantize",
     "quantize_attention",
+    "quantizer_parameter_names",
     "torchquant_attention_forward",
 ]
+
+_LAZY = {
+    "QuantizationCallback": "trainer",
+    "quantizer_parameter_names": "trainer",
+    "QWrapperLoraLayer": "lora",
+    "enable_lora": "lora",
+    "lora_config": "lora",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,7 +33,7 @@ from transformers.quantizers.auto import register_quantization_config
 from ..convert import CONVERSIONS_ATTR, quantize_model, record_conversion
 from ..qmodules import QModuleState, QWrapper, iter_qmodules
 from ..quantizers.base import RangeQuantizer
-from ..serialize import CODES_SUFFIX, load_quantized_state, quantized_state_dict, register_conversion
+from ..serialize import AMAX_KEY, CODES_SUFFIX, load_quantized_state, quantized_state_dict, register_conversion
 from ..spec import QuantizerSpec
 from .config import QUANT_METHOD, TorchQuantConfig
 
@@ -148,9 +148,25 @@ def quantize(model: nn.Module, config: TorchQuantConfig, *, initial_state: bool 
     setattr(model, CONVERSIONS_ATTR, history)
     record_conversion(model, {"kind": "torchquant.hf", "module": __name__, "config": config.to_dict()})
     setattr(model, FLOAT_NAMES_ATTR, _float_names(before, model))
+    if not getattr(model, "_tq_float_name_hook", False):
+        model.register_load_state_dict_pre_hook(_float_names_to_converted)
+        model._tq_float_name_hook = True
     if initial_state:
         _initial_state(model)
     return model
+
+
+def _float_names_to_converted(module, state_dict, prefix, *args) -> None:
+    """``load_state_dict`` pre-hook: a state dict in the float model's names (what ``save_pretrained``
+    writes, and what ``Trainer`` reloads when resuming) loads into the converted model."""
+    back = {f"{prefix}{v}": f"{prefix}{k}" for k, v in getattr(module, FLOAT_NAMES_ATTR, {}).items()}
+    for key in [k for k in state_dict if k in back and back[k] not in state_dict]:
+        state_dict[back[key]] = state_dict.pop(key)
+    if any(k.endswith((CODES_SUFFIX, AMAX_KEY)) for k in state_dict):
+        raise ValueError(
+            "load_state_dict: this checkpoint stores packed integer weights; load it with from_pretrained "
+            "(or torchquant.load), which unpacks them"
+        )
 
 
 def _named_tensors(model: nn.Module):
