@@ -41,7 +41,7 @@ checked: torchquant's W8A8 stays at least as close to float as quanto's default
 (mean cosine and SQNR both >= quanto's). quanto is not a torchquant dependency:
 ``pip install optimum-quanto``; without it part 2 prints torchquant's rows only.
 
-    python benchmarks/hf.py                      # the full run (about 10 minutes on 2 cores)
+    python benchmarks/hf.py                      # the full run (10 to 17 minutes on 2 shared cores)
     python benchmarks/hf.py --quick              # a smoke run: 2 short windows, few sentences
     python benchmarks/hf.py --out runs/hf        # also writes lm.csv, minilm.csv and results.json
 """
