@@ -93,7 +93,7 @@ def test_training_modes_keep_float_weights():
     assert torch.equal(tensors["fc1.layer.weight"], model.fc1.layer.weight)
 
 
-def test_tied_weights_stay_float_and_tied(tmp_path):
+def test_tied_weights_with_one_grid_share_their_codes(tmp_path):
     class Tied(nn.Module):
         def __init__(self):
             super().__init__()
@@ -112,7 +112,9 @@ def test_tied_weights_stay_float_and_tied(tmp_path):
     model(x)
     tq.set_qmodule_state(model, S.QUANT_EVAL)
     _, desc = quantized_state_dict(model)
-    assert desc["packed"] == {} and desc["aliases"] == {"b.layer.weight": "a.layer.weight"}
+    # each layer observed the shared weight through its own quantizer: same grid, one set of codes
+    assert set(desc["packed"]) == {"a.layer.weight", "b.layer.weight"}
+    assert desc["packed"]["b.layer.weight"]["codes"] == "a.layer.weight"
     tq.save(model, tmp_path / "t.safetensors")
     loaded = tq.load(Tied(), tmp_path / "t.safetensors")
     assert loaded.a.layer.weight is loaded.b.layer.weight
@@ -221,3 +223,31 @@ def test_spec_json_form_and_errors():
         QuantizerSpec("affine", "batch_minmax", {"n_bitz": 4}).build()
     with pytest.raises(KeyError, match="valid names"):
         QuantizerSpec("affine", "no-such-observer").check()
+
+
+def test_tied_weights_with_different_grids_stay_float(tmp_path):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = nn.Linear(8, 8, bias=False)
+            self.b = nn.Linear(8, 8, bias=False)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    def wf(module, name):
+        return tq.AffineQuantizer(4, tq.BatchMinMax(axis=0 if name == "a" else None))
+
+    model = tq.quantize_model(Tied(), wf, None, method="swap")
+    tq.set_qmodule_state(model, S.CALIBRATION)
+    x = torch.randn(2, 8)
+    model(x)
+    tq.set_qmodule_state(model, S.QUANT_EVAL)
+    _, desc = quantized_state_dict(model)
+    assert desc["packed"] == {} and desc["aliases"] == {"b.layer.weight": "a.layer.weight"}
+    tq.save(model, tmp_path / "t.safetensors")
+    loaded = tq.load(Tied(), tmp_path / "t.safetensors")
+    assert loaded.a.layer.weight is loaded.b.layer.weight
+    assert torch.equal(loaded(x), model(x))

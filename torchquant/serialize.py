@@ -204,15 +204,23 @@ def quantized_state_dict(model: nn.Module, *, pack: bool = True) -> tuple[dict[s
     tensors: dict[str, Tensor] = {}
     magnitudes: list[str] = []
     if pack:
+        users: dict[tuple, list[tuple[str, QWrapper, str]]] = {}
         for name, m in iter_qmodules(model):
             key = f"{name}.layer.weight" if name else "layer.weight"
-            # A weight tied to another (GPT-2's embedding and head) stays float: one set of codes
-            # cannot be exact for two quantizers.
-            if not _packable(m) or key not in idents or counts[idents[key]] > 1:
+            if _packable(m) and key in idents:
+                users.setdefault(idents[key], []).append((name, m, key))
+        for ident, group in users.items():
+            # A weight tied to another tensor is packed only when every user is a packable layer with the
+            # same grid (Llama's embedding and head quantized alike): one set of codes serves them all.
+            if counts[ident] != len(group) or not _same_grids([m for _, m, _ in group]):
                 continue
-            found = _pack_weight(m)
-            if found is not None:
-                tensors[key + CODES_SUFFIX], packed[key] = found
+            found = _pack_weight(group[0][1])
+            if found is None:
+                continue
+            first_key = group[0][2]
+            tensors[first_key + CODES_SUFFIX] = found[0]
+            for name, m, key in group:
+                packed[key] = found[1] if key == first_key else {**found[1], "codes": first_key}
                 if _symmetric_minmax(m.weight_quantizer):
                     # A symmetric grid depends on max(|min|, |max|) alone: one number per range instead of two.
                     prefix = f"{name}.weight_quantizer.range_observer." if name else "weight_quantizer.range_observer."
@@ -236,6 +244,20 @@ def quantized_state_dict(model: nn.Module, *, pack: bool = True) -> tuple[dict[s
     desc["aliases"] = aliases
     desc["magnitudes"] = magnitudes
     return tensors, desc
+
+
+def _same_grids(wrappers: list[QWrapper]) -> bool:
+    grids = [w.weight_quantizer.grid() for w in wrappers]
+    if any(g is None for g in grids):
+        return False
+    g0 = grids[0]
+    return all(
+        (g.qmin, g.qmax) == (g0.qmin, g0.qmax)
+        and g.scale.shape == g0.scale.shape
+        and torch.equal(g.scale, g0.scale)
+        and torch.equal(g.zero_point, g0.zero_point)
+        for g in grids[1:]
+    )
 
 
 def _ident(t: Tensor) -> tuple:
@@ -271,7 +293,7 @@ def load_quantized_state(model: nn.Module, tensors: dict[str, Tensor], desc: dic
     for key, info in packed.items():
         m = modules[key.removesuffix("layer.weight").removesuffix(".")]
         grid = m.weight_quantizer.grid()
-        codes = _unpack_codes(tensors[key + CODES_SUFFIX], info["bits"], info["qmin"], info["shape"])
+        codes = _unpack_codes(tensors[info.get("codes", key) + CODES_SUFFIX], info["bits"], info["qmin"], info["shape"])
         view = m.weight_view()
         with torch.no_grad():
             view.copy_(grid.from_int(codes.to(grid.scale.device)).to(view.dtype))

@@ -200,10 +200,16 @@ def test_every_linear_and_conv1d_is_quantized_and_lm_head_stays_float(float_dirs
     assert model.lm_head.weight is model.transformer.wte.layer.weight
 
 
-def test_weight_only_int4_g64_checkpoint_is_under_a_third_of_float16(tmp_path):
+@pytest.mark.parametrize("tied", [False, True], ids=["separate-head", "tied-head"])
+def test_weight_only_int4_g64_checkpoint_is_under_a_third_of_float16(tmp_path, tied):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, vocab_size=512
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=512,
+        tie_word_embeddings=tied,
     )
     model = transformers.LlamaForCausalLM(cfg).to(torch.float16)
     model.save_pretrained(tmp_path / "float")

@@ -281,7 +281,7 @@ class TorchQuantHfQuantizer(HfQuantizer):
             state[float_key] = live[key].detach() if key in live else t
         for alias, first in desc.pop("aliases").items():
             state[names.get(alias, alias)] = live[alias].detach() if alias in live else state[names.get(first, first)]
-        desc["packed"] = {names.get(k, k): v for k, v in desc["packed"].items()}
+        desc["packed"] = {names.get(k, k): _rename_codes(v, names) for k, v in desc["packed"].items()}
         return state, {_META_KEY: json.dumps(desc)}
 
     def is_serializable(self, safe_serialization: bool | None = None) -> bool:
@@ -298,6 +298,11 @@ class TorchQuantHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+def _rename_codes(info: dict, names: dict[str, str]) -> dict:
+    """A packed entry whose codes are another key's (a tied weight), with that key renamed."""
+    return {**info, "codes": names.get(info["codes"], info["codes"])} if "codes" in info else info
 
 
 def _read_description(files: list[str]) -> dict[str, Any] | None:
@@ -325,7 +330,8 @@ def _load_own_state(model: nn.Module, files: list[str], desc: dict[str, Any]) ->
                     key = rename(stored)
                     base = key.removesuffix(CODES_SUFFIX)
                     tensors[back.get(base, base) + key[len(base) :]] = h.get_tensor(stored)
-    desc = {**desc, "packed": {back.get(k, k): v for k, v in desc.get("packed", {}).items()}, "aliases": {}}
+    packed = {back.get(k, k): _rename_codes(v, back) for k, v in desc.get("packed", {}).items()}
+    desc = {**desc, "packed": packed, "aliases": {}}
     own = {k for k in model.state_dict() if _OWN_KEYS.search(k)}
     provided = set(tensors) | {p + k for p in desc.get("magnitudes", []) for k in ("min_val", "max_val")}
     missing = sorted(own - provided)
