@@ -72,8 +72,9 @@ from torchquant.bench import lm
 
 # --------------------------------------------------------------------------- quantizer factories
 
-LM_FLOAT = ("lm_head",)
-"""Qualified-name globs of SmolLM2 kept in float in every row (the output projection, tied to the embedding)."""
+LM_FLOAT = ("lm_head", nn.Embedding)
+"""Kept in float in the rows built with quantize_model: the output projection and the embedding it is tied
+to (quantize_model quantizes embeddings too; these rows measure the decoder's linear layers)."""
 
 
 def w8_per_channel(module: nn.Module, name: str) -> tq.Quantizer:
@@ -162,12 +163,48 @@ LM_ROWS: list[Row] = [
     ),
 ]
 
+
+def with_config(**fields) -> Callable[[nn.Module, list, bool], nn.Module]:
+    """A row builder: ``torchquant.hf.quantize(model, TorchQuantConfig(**fields))`` (lm_head in float, the
+    config's default), then calibration when the config needs data."""
+
+    def build(model: nn.Module, calib: list, progress: bool) -> nn.Module:
+        from torchquant.hf import TorchQuantConfig, quantize
+
+        model = quantize(model, TorchQuantConfig(**fields))
+        if next(iter(tq.get_qmodule_states(model).values())) is tq.QModuleState.CALIBRATION:
+            tq.calibrate(model, calib, progress=progress)
+            tq.set_qmodule_state(model, tq.QModuleState.QUANT_EVAL)
+        return model
+
+    return build
+
+
+# TorchQuantConfig's short forms, as from_pretrained(..., quantization_config=...) applies them: weights
+# symmetric (int4 groups too), activations at the inputs of the linear layers, the KV cache KIVI-style.
+LM_ROWS += [
+    Row("config int8 (W8 per-channel)", with_config(weights="int8")),
+    Row("config int4-g64 (W4 symmetric, group 64)", with_config(weights="int4-g64")),
+    Row("config W8A8: int8 + inputs int8 (p99.99)", with_config(weights="int8", activations="int8")),
+    Row("config W8A8: int8 + inputs int8-minmax", with_config(weights="int8", activations="int8-minmax")),
+    Row("config W8A8: int8 + inputs int8-dynamic", with_config(weights="int8", activations="int8-dynamic")),
+    Row("config KV cache int8 (KIVI, group 32)", with_config(kv_cache="int8")),
+    Row("config KV cache int4 (KIVI, group 32)", with_config(kv_cache="int4")),
+]
+
 # Part 2's torchquant rows, built the same way on MiniLM (nothing kept in float).
 MINILM_ROWS: list[tuple[str, Callable]] = [
     ("torchquant W8A8 min/max", a8_minmax),
     ("torchquant W8A8 percentile 99.99", a8_percentile(99.99)),
     ("torchquant W8A8 min/max, residual outputs float", float_outputs(a8_minmax, MINILM_RESIDUAL)),
     ("torchquant W8A8 p99.99, residual outputs float", float_outputs(a8_percentile(99.99), MINILM_RESIDUAL)),
+]
+# TorchQuantConfig's W8A8 short forms (activations at the inputs of the linear layers, as quanto places
+# them); the first is torchquant's default W8A8, the one the claim is about.
+MINILM_CONFIG_ROWS: list[tuple[str, dict]] = [
+    ("config default W8A8 (int8, inputs int8)", {"weights": "int8", "activations": "int8"}),
+    ("config W8A8, inputs int8-minmax", {"weights": "int8", "activations": "int8-minmax"}),
+    ("config W8A8 + norm outputs int8", {"weights": "int8", "activations": "int8", "norm_outputs": "int8"}),
 ]
 QUANTO_ROW = "optimum-quanto W8A8 default"
 
@@ -227,7 +264,10 @@ def run_lm(args, calib_text: str, eval_text: str) -> tuple[list[LMResult], dict]
     print(f"{'configuration':40s} {head}")
     results: list[LMResult] = []
     base = None
+    wanted = [w.strip() for w in args.rows.split(",")] if args.rows else None
     for row in LM_ROWS:
+        if wanted is not None and row.name != "float" and not any(w in row.name for w in wanted):
+            continue
         gc.collect()
         reset_peak_rss()
         t = time.perf_counter()
@@ -248,6 +288,47 @@ def run_lm(args, calib_text: str, eval_text: str) -> tuple[list[LMResult], dict]
         )
         del model
     return results, info
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+
+SIZE_ROWS: list[tuple[str, dict]] = [
+    ("W8 per-channel, embedding int8", {"weights": "int8", "embeddings": "int8", "modules_to_not_convert": []}),
+    ("W4 group 64, embedding W4 g64", {"weights": "int4-g64", "embeddings": "int4-g64", "modules_to_not_convert": []}),
+]
+
+
+def run_sizes(args) -> tuple[list[dict], dict]:
+    """``save_pretrained`` sizes of SmolLM2 in float16 and quantized with TorchQuantConfig, and whether
+    ``from_pretrained`` on the quantized directory gives the same logits exactly."""
+    import tempfile
+
+    import transformers
+
+    from torchquant.hf import TorchQuantConfig, quantize
+
+    float_model, tokenizer = lm.load_smollm2()
+    half = float_model.to(torch.float16).eval()
+    ids = lm.token_ids(tokenizer, "The quick brown fox jumps over the lazy dog. " * 4)[None, :32]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        half.save_pretrained(f"{tmp}/float16")
+        base = sum(f.stat().st_size for f in Path(f"{tmp}/float16").glob("*.safetensors"))
+        print(f"\nSmolLM2-135M checkpoints (save_pretrained): float16 {base / 2**20:.1f} MiB")
+        print(f"{'configuration':40s} {'MiB':>8s} {'x float16':>9s} {'reload logits':>14s}")
+        for name, fields in SIZE_ROWS:
+            model = quantize(copy.deepcopy(half), TorchQuantConfig(**fields))
+            folder = f"{tmp}/{len(results)}"
+            model.save_pretrained(folder)
+            size = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+            again = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16)
+            with torch.no_grad():
+                exact = torch.equal(model(ids).logits, again(ids).logits)
+            r = {"config": name, "mib": size / 2**20, "ratio_to_float16": size / base, "reload_exact": exact}
+            results.append(r)
+            print(f"{name:40s} {r['mib']:8.1f} {r['ratio_to_float16']:9.3f} {'equal' if exact else 'DIFFER':>14s}")
+            del model, again
+    return results, {"float16_mib": base / 2**20}
 
 
 # -------------------------------------------------------------------------------------- MiniLM
@@ -310,7 +391,16 @@ def run_minilm(args, calib_text: str, eval_text: str) -> tuple[list[MiniLMResult
 
     for name, acts in MINILM_ROWS:
         t = time.perf_counter()
-        model = tq.quantize_model(copy.deepcopy(float_model), w8_per_channel, acts, method="swap")
+        # embeddings in float, as quanto leaves them
+        model = tq.quantize_model(copy.deepcopy(float_model), w8_per_channel, acts, method="swap", skip=[nn.Embedding])
+        tq.calibrate(model, calib, progress=False)
+        tq.set_qmodule_state(model, tq.QModuleState.QUANT_EVAL)
+        report(closeness(name, ref, hidden_and_embeddings(model, held_out), time.perf_counter() - t))
+    for name, fields in MINILM_CONFIG_ROWS:
+        from torchquant.hf import TorchQuantConfig, quantize
+
+        t = time.perf_counter()
+        model = quantize(copy.deepcopy(float_model), TorchQuantConfig(**fields))
         tq.calibrate(model, calib, progress=False)
         tq.set_qmodule_state(model, tq.QModuleState.QUANT_EVAL)
         report(closeness(name, ref, hidden_and_embeddings(model, held_out), time.perf_counter() - t))
@@ -362,7 +452,9 @@ def main() -> None:
     parser.add_argument("--minilm-eval", type=int, default=256, help="MiniLM held-out sentences")
     parser.add_argument("--text", type=Path, help="an English text file of your own instead of pydoc_data")
     parser.add_argument("--skip-lm", action="store_true", help="only the MiniLM part")
-    parser.add_argument("--skip-minilm", action="store_true", help="only the SmolLM2 part")
+    parser.add_argument("--skip-minilm", action="store_true", help="no MiniLM part")
+    parser.add_argument("--skip-sizes", action="store_true", help="no checkpoint-size part")
+    parser.add_argument("--rows", help="comma-separated substrings: only the SmolLM2 rows whose name has one")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--out", type=Path, help="folder for lm.csv, minilm.csv and results.json")
@@ -391,6 +483,8 @@ def main() -> None:
         lm_results, meta["lm_setup"] = run_lm(args, calib_text, eval_text)
     if not args.skip_minilm:
         minilm_results, meta["minilm_setup"] = run_minilm(args, calib_text, eval_text)
+    if not args.skip_sizes:
+        meta["checkpoints"], meta["checkpoint_setup"] = run_sizes(args)
     if args.out is not None:
         write_outputs(args.out, lm_results, minilm_results, meta)
 

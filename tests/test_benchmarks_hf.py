@@ -16,6 +16,7 @@ import torchquant as tq
 from torchquant.bench import lm
 
 transformers = pytest.importorskip("transformers")
+from torchquant.hf import QAttention  # noqa: E402
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "hf.py"
 _spec = importlib.util.spec_from_file_location("benchmarks_hf", _PATH)
@@ -31,8 +32,8 @@ def tiny_llama():
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=64,
-        hidden_size=64,  # divisible by the W4 rows' group sizes
-        intermediate_size=128,
+        hidden_size=128,  # divisible by the W4 rows' group sizes; heads of 32 for the KV-cache rows' groups
+        intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -51,6 +52,13 @@ def test_lm_row_builds_and_evaluates(tiny_llama, row):
     wrappers = {n: m for n, m in model.named_modules() if isinstance(m, tq.QWrapper)}
     if row.name == "float":
         assert not wrappers
+        return
+    if row.name.startswith("config"):  # through TorchQuantConfig: every QModule ready to evaluate
+        assert "lm_head" not in wrappers
+        assert set(tq.get_qmodule_states(model).values()) == {tq.QModuleState.QUANT_EVAL}
+        if "KV cache" in row.name:
+            assert not wrappers
+            assert sum(isinstance(m, QAttention) for m in model.modules()) == 2
         return
     assert "lm_head" not in wrappers and len(wrappers) == 2 * 7
     states = {m.qstate for m in wrappers.values()}

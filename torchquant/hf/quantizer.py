@@ -138,7 +138,9 @@ def quantize(model: nn.Module, config: TorchQuantConfig, *, initial_state: bool 
     options: dict[str, Any] = {}
     if norm_spec is not None:
         options["norm_outputs"] = True
-    quantize_model(model, weights, outputs, method="swap", skip=skip, **options)
+    layer_fields = ("weights", "embeddings", "activations", "norm_outputs")
+    if any(getattr(config, f) is not None for f in layer_fields) or config.overrides:
+        quantize_model(model, weights, outputs, method="swap", skip=skip, **options)
     for name, m in iter_qmodules(model):
         if isinstance(m, QWrapper) and not isinstance(m.layer, nn.Embedding):
             spec = config.point("activations", name)
