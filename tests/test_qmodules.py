@@ -302,3 +302,30 @@ def test_save_whole_quantized_model_weights_only_state(tmp_path):
     buf.seek(0)
     sd = torch.load(buf, weights_only=True)
     assert "acts_quantizer.range_observer.ema_min" in sd
+
+
+def test_mode_is_an_alias_of_qstate():
+    # code written against the original torchquant reads and sets `.mode`
+    w = QWrapper(nn.Linear(2, 2))
+    w.mode = QModuleState.QUANT_EVAL
+    assert w.qstate is QModuleState.QUANT_EVAL and w.mode is QModuleState.QUANT_EVAL
+    w.qstate = QModuleState.CALIBRATION
+    assert w.mode is QModuleState.CALIBRATION
+    with pytest.raises(TypeError, match=r"QWrapper\.mode must be a QModuleState"):
+        w.mode = "quant_eval"
+
+
+def test_wrapper_reads_through_to_its_layer_and_quantizes_its_input():
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3)
+    w = QWrapper(layer, input_quantizer=AffineQuantizer(2, BatchMinMax()))
+    assert w.weight is layer.weight and w.in_features == 4
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        w.nothing  # noqa: B018
+    x = torch.randn(5, 4)
+    assert torch.equal(w(x), layer(x))  # BYPASSED
+    w.qstate = QModuleState.QUANT_AWARE_TRAIN
+    q = w.input_quantizer
+    assert torch.equal(w(x), layer(q(x)))
+    with pytest.raises(ValueError, match="token ids"):
+        QWrapper(nn.Embedding(4, 2), input_quantizer=AffineQuantizer(8, BatchMinMax()))

@@ -99,6 +99,24 @@ class QModule(nn.Module):
         super().__init__()
         self.qstate = QModuleState.BYPASSED
 
+    @property
+    def mode(self) -> QModuleState:
+        """Alias of ``qstate``, the name the original torchquant used (read and write).
+
+        Example:
+            >>> m = QOp(torch.add)
+            >>> m.mode = QModuleState.QUANT_EVAL
+            >>> m.qstate
+            <QModuleState.QUANT_EVAL: 'quant_eval'>
+        """
+        return self.qstate
+
+    @mode.setter
+    def mode(self, value: QModuleState) -> None:
+        if not isinstance(value, QModuleState):
+            raise TypeError(f"{type(self).__name__}.mode must be a QModuleState, got {value!r}")
+        self.qstate = value
+
     def quantizers(self) -> dict[str, Quantizer]:
         """This module's own quantizers by attribute name (``None`` ones left out)."""
         return {n: m for n, m in self.named_children() if isinstance(m, Quantizer)}
