@@ -96,11 +96,11 @@ def summary_rows(model: nn.Module) -> list[dict[str, Any]]:
             qnames.append(name)
         if isinstance(m, QWrapper):
             layers = "+".join(type(x).__name__ for x in (m.layer, m.bn, m.act) if x is not None)
-            wq, aq = m.weight_quantizer, m.acts_quantizer
+            wq, aq, iq = m.weight_quantizer, m.acts_quantizer, m.input_quantizer
         elif isinstance(m, QOp):
             op = m.op
             layers = type(op).__name__ if isinstance(op, nn.Module) else getattr(op, "__name__", repr(op))
-            wq, aq = None, m.acts_quantizer
+            wq, aq, iq = None, m.acts_quantizer, None
         elif isinstance(m, QModule):  # e.g. torchquant.hf.QAttention: its quantizers by role, as activation ones
             roles = {n.removesuffix("_quantizer"): q for n, q in m.quantizers().items()}
             w, wb, wg = None, None, None
@@ -124,6 +124,8 @@ def summary_rows(model: nn.Module) -> list[dict[str, Any]]:
             continue
         w, wb, wg = _quantizer_info(wq)
         a, ab, ag = _quantizer_info(aq)
+        if iq is not None:  # a layer's input quantizer (transformers' "W8A8"), shown by role with its output's
+            a, ab, ag = _roles_info({"input": iq, **({"output": aq} if aq is not None else {})})
         missing = [s for s, q in (("weights", wq), ("outputs", aq)) if q is None]
         if isinstance(m, QOp):
             missing = [s for s in missing if s != "weights"]
