@@ -1,6 +1,7 @@
 """torchquant.hf.trainer and torchquant.hf.lora: QAT under transformers.Trainer, LoRA on a quantized base.
 
-Tiny random models of four families, saved once per session; nothing is downloaded.
+Tiny random models of six families (decoders, an encoder, a vision transformer, an encoder-decoder with a
+Conv1d front end), saved once per session; nothing is downloaded.
 """
 
 import math
@@ -77,26 +78,103 @@ def _qwen2():
     )
 
 
+def _vit():
+    cfg = transformers.ViTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=2,
+    )
+    return transformers.ViTForImageClassification(cfg)
+
+
+MELS, FRAMES = 8, 32  # Whisper's encoder wants 2 * max_source_positions frames (conv2 has stride 2)
+
+
+def _whisper():
+    cfg = transformers.WhisperConfig(
+        vocab_size=VOCAB,
+        num_mel_bins=MELS,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_source_positions=FRAMES // 2,
+        max_target_positions=32,
+        decoder_start_token_id=1,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=1,
+        suppress_tokens=[],
+        begin_suppress_tokens=[],
+    )
+    return transformers.WhisperForConditionalGeneration(cfg)
+
+
+# One training example of each kind, drawn from ``g``: the model's keyword inputs and its labels.
+def _next_tokens(g):  # a causal LM shifts the labels itself
+    ids = torch.randint(0, VOCAB, (SEQ,), generator=g)
+    return {"input_ids": ids, "labels": ids}
+
+
+def _sentence_class(g):
+    return {"input_ids": torch.randint(0, VOCAB, (SEQ,), generator=g), "labels": torch.randint(0, 2, (), generator=g)}
+
+
+def _image_class(g):
+    return {"pixel_values": torch.randn(3, 16, 16, generator=g), "labels": torch.randint(0, 2, (), generator=g)}
+
+
+def _transcript(g):
+    """Log-mel features and a transcript; the decoder's inputs are the labels shifted right after
+    decoder_start_token_id (as DataCollatorForSeq2Seq makes them), so that a batch without its labels
+    (tq.calibrate drops them) still runs the decoder."""
+    labels = torch.randint(0, VOCAB, (SEQ,), generator=g)
+    start = torch.tensor([1])  # WhisperConfig.decoder_start_token_id
+    return {
+        "input_features": torch.randn(MELS, FRAMES, generator=g),
+        "decoder_input_ids": torch.cat([start, labels[:-1]]),
+        "labels": labels,
+    }
+
+
 class Family(NamedTuple):
     build: Callable[[], torch.nn.Module]
     auto: str  # the transformers Auto class that loads it
     lora_targets: list[str]
     watched: str  # a QWrapper whose mode and weight the tests follow
-    classification: bool
+    example: Callable[[torch.Generator], dict[str, torch.Tensor]]  # one example, as the Trainer's dataset gives it
 
 
 LM = "AutoModelForCausalLM"
 FAMILIES = {
-    "llama": Family(_llama, LM, ["q_proj", "v_proj"], "model.layers.0.self_attn.q_proj", False),
-    "gpt2": Family(_gpt2, LM, ["c_attn"], "transformer.h.0.attn.c_attn", False),
+    "llama": Family(_llama, LM, ["q_proj", "v_proj"], "model.layers.0.self_attn.q_proj", _next_tokens),
+    "gpt2": Family(_gpt2, LM, ["c_attn"], "transformer.h.0.attn.c_attn", _next_tokens),
     "bert": Family(
         _bert,
         "AutoModelForSequenceClassification",
         ["query", "value"],
         "bert.encoder.layer.0.attention.self.query",
-        True,
+        _sentence_class,
     ),
-    "qwen2": Family(_qwen2, LM, ["q_proj", "v_proj"], "model.layers.0.self_attn.q_proj", False),
+    "qwen2": Family(_qwen2, LM, ["q_proj", "v_proj"], "model.layers.0.self_attn.q_proj", _next_tokens),
+    "vit": Family(
+        _vit, "AutoModelForImageClassification", ["q_proj", "v_proj"], "vit.layers.0.attention.q_proj", _image_class
+    ),
+    "whisper": Family(  # the targets match the encoder's and decoder's self-attention and the cross-attention
+        _whisper,
+        "AutoModelForSpeechSeq2Seq",
+        ["q_proj", "v_proj"],
+        "model.encoder.layers.0.self_attn.q_proj",
+        _transcript,
+    ),
 }
 
 
@@ -120,16 +198,21 @@ def _load(saved, family, **config):
 
 
 class _Data(torch.utils.data.Dataset):
-    def __init__(self, classification: bool, n: int = 8):
+    """``n`` examples of ``family`` (the same on every call)."""
+
+    def __init__(self, family: str, n: int = 8):
         g = torch.Generator().manual_seed(1)
-        self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
-        self.labels = torch.randint(0, 2, (n,), generator=g) if classification else self.ids
+        self.examples = [FAMILIES[family].example(g) for _ in range(n)]
 
     def __len__(self):
-        return len(self.ids)
+        return len(self.examples)
 
     def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+        return self.examples[i]
+
+    def batch(self, n: int) -> dict[str, torch.Tensor]:
+        """The first ``n`` examples, stacked as the Trainer's default collator does."""
+        return {k: torch.stack([e[k] for e in self.examples[:n]]) for k in self.examples[0]}
 
 
 def _args(tmp_path, **kw):
@@ -171,12 +254,13 @@ def _modes(model):
 def test_trainer_qat_calibrates_then_trains_quantized(saved, family, tmp_path):
     model = _load(saved, family)
     watched = FAMILIES[family].watched
+    assert isinstance(model.get_submodule(watched), QWrapper)
     w0 = model.get_submodule(watched).layer.weight.detach().clone()
     probe = _Modes(watched)
     trainer = transformers.Trainer(
         model=model,
         args=_args(tmp_path),
-        train_dataset=_Data(FAMILIES[family].classification),
+        train_dataset=_Data(family),
         callbacks=[QuantizationCallback(calibration_steps=2), probe],
     )
     out = trainer.train()
@@ -207,7 +291,7 @@ def test_lsq_parameters_train_and_weight_decay_warns(saved, tmp_path):
     trainer = transformers.Trainer(
         model=model,
         args=_args(tmp_path, weight_decay=0.1, learning_rate=1e-2),
-        train_dataset=_Data(False),
+        train_dataset=_Data("llama"),
         callbacks=[QuantizationCallback(calibration_steps=1)],
     )
     with pytest.warns(UserWarning, match="weight decay to learned quantizer parameters"):
@@ -229,7 +313,7 @@ def test_quantizer_parameters_can_be_left_out_of_weight_decay(saved, tmp_path):
     trainer = QATTrainer(
         model=model,
         args=_args(tmp_path, max_steps=1, weight_decay=0.1),
-        train_dataset=_Data(False),
+        train_dataset=_Data("llama"),
         callbacks=[QuantizationCallback()],
     )
     with warnings.catch_warnings():
@@ -248,8 +332,8 @@ def test_evaluation_during_training_runs_in_eval_mode(saved, tmp_path):
     trainer = transformers.Trainer(
         model=model,
         args=_args(tmp_path, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4),
-        train_dataset=_Data(False),
-        eval_dataset=_Data(False, n=4),
+        train_dataset=_Data("llama"),
+        eval_dataset=_Data("llama", n=4),
         callbacks=[QuantizationCallback(calibration_steps=1), probe],
     )
     trainer.train()
@@ -263,18 +347,18 @@ def test_qat_model_saves_reloads_and_resumes(saved, tmp_path):
     constant = {"learning_rate": 1e-2, "lr_scheduler_type": "constant"}  # the resumed schedule does not end at 0
     args = _args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, **constant)
     callback = QuantizationCallback(calibration_steps=1)
-    transformers.Trainer(model=model, args=args, train_dataset=_Data(False), callbacks=[callback]).train()
+    transformers.Trainer(model=model, args=args, train_dataset=_Data("llama"), callbacks=[callback]).train()
     ckpt = tmp_path / "checkpoint-2"
-    ids = _Data(False).ids[:2]
+    batch = _Data("llama").batch(2)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(ckpt)
     assert _modes(reloaded) == {S.QUANT_AWARE_TRAIN}  # a checkpoint keeps the mode it was saved in
     tq.set_qmodule_state(reloaded, S.QUANT_EVAL)
-    assert torch.equal(_logits(reloaded, ids), _logits(model, ids))
+    assert torch.equal(_logits(reloaded, batch), _logits(model, batch))
     # Resuming: the model from from_pretrained(ckpt), the optimizer and step from the Trainer.
     trainer = transformers.Trainer(
         model=reloaded,
         args=_args(tmp_path, max_steps=3, **constant),
-        train_dataset=_Data(False),
+        train_dataset=_Data("llama"),
         callbacks=[QuantizationCallback(calibration_steps=1)],
     )
     w_ckpt = reloaded.get_submodule(FAMILIES["llama"].watched).layer.weight.detach().clone()
@@ -286,9 +370,9 @@ def test_qat_model_saves_reloads_and_resumes(saved, tmp_path):
 def test_trainer_resume_alone_restores_quantized_weights(saved, tmp_path):
     model = _load(saved, "llama", weights="int8", activations="int8-minmax")
     args = _args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1, learning_rate=1e-2)
-    transformers.Trainer(model=model, args=args, train_dataset=_Data(False)).train()
+    transformers.Trainer(model=model, args=args, train_dataset=_Data("llama")).train()
     fresh = _load(saved, "llama", weights="int8", activations="int8-minmax")
-    trainer = transformers.Trainer(model=fresh, args=args, train_dataset=_Data(False))
+    trainer = transformers.Trainer(model=fresh, args=args, train_dataset=_Data("llama"))
     trainer._load_from_checkpoint(str(tmp_path / "checkpoint-1"))
     watched = FAMILIES["llama"].watched
     assert torch.equal(fresh.get_submodule(watched).layer.weight, model.get_submodule(watched).layer.weight)
@@ -322,20 +406,21 @@ def test_callback_rejects_bad_arguments_and_float_models(tmp_path):
 def _quantized_eval(saved, family):
     """A W8A8 model of ``family``, calibrated on one batch, in QUANT_EVAL."""
     model = _load(saved, family)
-    tq.calibrate(model, [{"input_ids": _Data(False).ids[:4]}], progress=False)
+    tq.calibrate(model, [_Data(family).batch(4)], progress=False)
     tq.set_qmodule_state(model, S.QUANT_EVAL)
     return model
 
 
-def _logits(model, ids):
+def _logits(model, batch):
+    """``model(**batch).logits`` in eval() and without gradients."""
     model.eval()  # the Trainer leaves the model in train(): dropout
     with torch.no_grad():
-        return model(input_ids=ids).logits
+        return model(**batch).logits
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_lora_on_quantized_base(saved, family, tmp_path):
-    _, _, targets, watched, classification = FAMILIES[family]
+    targets, watched = FAMILIES[family].lora_targets, FAMILIES[family].watched
     model = _quantized_eval(saved, family)
     pm = peft.get_peft_model(model, lora_config(r=4, lora_alpha=8, target_modules=targets))
     layer = pm.base_model.model.get_submodule(watched)
@@ -343,15 +428,15 @@ def test_lora_on_quantized_base(saved, family, tmp_path):
 
     trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
     assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
-    data = _Data(classification)
-    ids = data.ids[:2]
-    pm(input_ids=ids, labels=data.labels[:2]).loss.backward()
+    data = _Data(family)
+    batch = data.batch(2)
+    pm(**batch).loss.backward()
     with_grad = {n for n, p in pm.named_parameters() if p.grad is not None}
     assert with_grad == trainable
     pm.zero_grad(set_to_none=True)
 
     base_state = {k: v.clone() for k, v in pm.state_dict().items() if "lora_" not in k}
-    before = _logits(pm, ids)
+    before = _logits(pm, batch)
     lora_before = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
     transformers.Trainer(model=pm, args=_args(tmp_path, max_steps=1, learning_rate=1e-2), train_dataset=data).train()
 
@@ -360,16 +445,16 @@ def test_lora_on_quantized_base(saved, family, tmp_path):
     assert _modes(pm) == {S.QUANT_EVAL}
     assert any(not torch.equal(p, lora_before[n]) for n, p in pm.named_parameters() if p.requires_grad)
     assert all(torch.equal(p, lora_before[n]) for n, p in pm.named_parameters() if "lora_A" in n)  # B was zero
-    after = _logits(pm, ids)
+    after = _logits(pm, batch)
     with pm.disable_adapter():
-        base = _logits(pm, ids)
+        base = _logits(pm, batch)
     assert torch.equal(base, before)  # LoRA B starts at zero: the untrained adapter changes nothing
     assert not torch.allclose(after, base)
 
     # Merging: the update goes into the float weight, the quantizer keeps its grid.
     merged = pm.merge_and_unload()
     assert isinstance(merged.get_submodule(watched), QWrapper)
-    merged_logits = _logits(merged, ids)
+    merged_logits = _logits(merged, batch)
     err = (merged_logits - after).pow(2).mean() / after.pow(2).mean()
     assert err < 1e-3  # the weight quantization of the merged update (SQNR > 30 dB)
 
@@ -377,13 +462,13 @@ def test_lora_on_quantized_base(saved, family, tmp_path):
 def test_saved_adapter_loads_with_enable_lora(saved, tmp_path):
     model = _quantized_eval(saved, "llama")
     pm = peft.get_peft_model(model, lora_config(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    ids = _Data(False).ids[:2]
-    expected = _logits(pm, ids)
+    batch = _Data("llama").batch(2)
+    expected = _logits(pm, batch)
     pm.save_pretrained(tmp_path / "adapter")
     base = _quantized_eval(saved, "llama")
     config = enable_lora(peft.LoraConfig.from_pretrained(tmp_path / "adapter"))
     loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter", config=config)
-    assert torch.equal(_logits(loaded, ids), expected)
+    assert torch.equal(_logits(loaded, batch), expected)
 
 
 def test_lora_unmerge_restores_the_float_weight(saved):
