@@ -278,3 +278,13 @@ def test_config_errors_name_the_field(kwargs, message):
 def test_registered_quantizer_names_are_short_forms():
     config = TorchQuantConfig(weights="fp8_e4m3", activations="fp8_e4m3")
     assert config.weights == {"quantizer": "fp8_e4m3"}
+
+
+def test_calibrating_an_encoder_decoder_with_label_only_batches(float_dirs):
+    # a seq2seq batch often has labels and no decoder inputs: the model builds those from the labels
+    fam = FAMILIES[-1]
+    model = _load(fam, float_dirs["whisper"], quantization_config=TorchQuantConfig(weights="int8", activations="int8"))
+    batch = {"input_features": torch.randn(2, 8, 32), "labels": torch.randint(3, 100, (2, 5))}
+    tq.calibrate(model, [batch], progress=False)
+    decoder_q = model.model.decoder.layers[0].self_attn.q_proj.input_quantizer
+    assert decoder_q.range_observer.initialized

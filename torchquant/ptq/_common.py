@@ -20,7 +20,9 @@ def call_model(model: nn.Module, batch: Any, who: str) -> Any:
 
     A tensor is the input; a tuple/list ``(input, target, ...)`` gives its first
     element as the input; a dict is passed as keyword arguments, without the
-    label keys (``label(s)``, ``target(s)``, ``y``).
+    label keys (``label(s)``, ``target(s)``, ``y``), except that a Hugging Face
+    encoder-decoder (``model.config.is_encoder_decoder``) keeps ``labels`` when the batch
+    has no decoder inputs: it shifts them into its decoder's input.
     """
     if isinstance(batch, Tensor):
         return model(batch)
@@ -30,6 +32,9 @@ def call_model(model: nn.Module, batch: Any, who: str) -> Any:
         return model(batch[0])
     if isinstance(batch, dict):
         kwargs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+        seq2seq = getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True
+        if seq2seq and "labels" in batch and not {"decoder_input_ids", "decoder_inputs_embeds"} & set(batch):
+            kwargs["labels"] = batch["labels"]
         if not kwargs:
             raise ValueError(f"{who}: a dict batch needs input keys besides {sorted(LABEL_KEYS)}, got {list(batch)}")
         return model(**kwargs)
