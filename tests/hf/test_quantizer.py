@@ -288,3 +288,13 @@ def test_calibrating_an_encoder_decoder_with_label_only_batches(float_dirs):
     tq.calibrate(model, [batch], progress=False)
     decoder_q = model.model.decoder.layers[0].self_attn.q_proj.input_quantizer
     assert decoder_q.range_observer.initialized
+
+
+def test_quantize_then_save_pretrained_round_trips(tmp_path):
+    # converting a model already in memory, not through from_pretrained, saves the same way
+    torch.manual_seed(0)
+    model = quantize(transformers.LlamaForCausalLM(_llama()).eval(), TorchQuantConfig(weights="int4-g16"))
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["quant_method"] == "torchquant"
+    batch = FAMILIES[0].batch()
+    assert torch.equal(_out(_load(FAMILIES[0], tmp_path), batch), _out(model, batch))

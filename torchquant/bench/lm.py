@@ -105,6 +105,10 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
 
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+    if getattr(model, "hf_quantizer", None) is not None:
+        # The weights are dequantized: a plain float model (save_pretrained writes it, a quantization
+        # config can be applied to it), not one marked as GGUF-quantized.
+        model.hf_quantizer.remove_quantization_config(model)
     return model.to(dtype).eval(), tokenizer
 
 

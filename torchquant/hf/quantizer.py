@@ -153,9 +153,21 @@ def quantize(model: nn.Module, config: TorchQuantConfig, *, initial_state: bool 
     if not getattr(model, "_tq_float_name_hook", False):
         model.register_load_state_dict_pre_hook(_float_names_to_converted)
         model._tq_float_name_hook = True
+    _attach(model, config)
     if initial_state:
         _initial_state(model)
     return model
+
+
+def _attach(model: nn.Module, config: TorchQuantConfig) -> None:
+    """Make ``save_pretrained`` write a model converted here as ``from_pretrained`` would have loaded it."""
+    if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
+        return
+    if not isinstance(getattr(model, "hf_quantizer", None), TorchQuantHfQuantizer):
+        model.hf_quantizer = TorchQuantHfQuantizer(config, pre_quantized=False)
+    model.config.quantization_config = config
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
 
 
 def _float_names_to_converted(module, state_dict, prefix, *args) -> None:
