@@ -185,3 +185,54 @@ def test_symmetric_zero_point_is_exact_for_every_channel():
     assert torch.all(z == 128.0)
     q4 = observed(AffineQuantizer(4, BatchMinMax(axis=0), symmetric=True), w)
     assert torch.all(q4.qparams()[1] == 8.0)
+
+
+@pytest.mark.parametrize(
+    ("granularity", "scale_shape", "tensor_shape"),
+    [
+        (tq.Granularity(), (), (8, 3, 3, 3)),
+        (tq.Granularity(), (1, 1, 1, 1), (8, 3, 3, 3)),
+        (tq.Granularity(axis=0), (8, 1, 1, 1), (8, 3, 3, 3)),
+        (tq.Granularity(axis=1), (4, 1, 1), (2, 4, 5, 5)),  # right-aligned, as broadcasting does
+        (tq.Granularity(axis=-1, group_size=2), (3, 4), (3, 4)),  # per-group, expanded
+    ],
+    ids=["per-tensor-scalar", "per-tensor-keepdim", "per-channel", "per-channel-short", "per-group"],
+)
+def test_grid_check_accepts_shapes_that_fit(granularity, scale_shape, tensor_shape):
+    grid = tq.AffineGrid(torch.ones(scale_shape), torch.zeros(scale_shape), -8, 7, granularity)
+    grid.check(torch.Size(tensor_shape), "q")
+    x = torch.randn(tensor_shape)
+    assert torch.equal(grid.from_int(grid.to_int(x, "q"), "q"), x.round().clamp(-8, 7))
+
+
+@pytest.mark.parametrize(
+    ("granularity", "scale_shape", "tensor_shape", "reason"),
+    [
+        (tq.Granularity(axis=0), (8,), (8, 3, 3, 3), "scale does not broadcast"),
+        (tq.Granularity(axis=0), (8, 1, 1, 1, 1), (8, 3, 3, 3), "scale does not broadcast"),
+        (tq.Granularity(), (8, 1, 1, 1), (8, 3, 3, 3), "has one value, its scale does not"),
+        (tq.Granularity(axis=0), (1, 3, 1, 1), (8, 3, 3, 3), "along dimension 0 only, its scale does not"),
+        (tq.Granularity(axis=4), (), (8, 3, 3, 3), "has 4 dimensions"),
+    ],
+    ids=["not-broadcasting", "more-dims", "per-tensor-with-channels", "wrong-axis", "axis-out-of-range"],
+)
+def test_grid_check_rejects_naming_who_and_the_shapes(granularity, scale_shape, tensor_shape, reason):
+    grid = tq.AffineGrid(torch.ones(scale_shape), torch.zeros(scale_shape), -8, 7, granularity)
+    x = torch.randn(tensor_shape)
+    for call in (lambda: grid.check(x.shape, "layer.q"), lambda: grid.to_int(x, "layer.q")):
+        with pytest.raises(ValueError, match=reason) as e:
+            call()
+        assert str(e.value).startswith("layer.q: ")
+        assert str(tuple(tensor_shape)) in str(e.value)
+        if "dimensions" not in reason:
+            assert f"scale of shape {scale_shape}" in str(e.value)
+    with pytest.raises(ValueError, match=r"^AffineGrid: "):
+        grid.from_int(torch.zeros(tensor_shape, dtype=torch.int64))
+
+
+def test_grid_check_zero_point_shape():
+    g = tq.Granularity(axis=0)
+    grid = tq.AffineGrid(torch.ones(8, 1), torch.zeros(8), 0, 255, g)  # zero point (8,) vs tensor (8, 5)
+    with pytest.raises(ValueError, match=r"zero_point does not broadcast.*zero_point of shape \(8,\)"):
+        grid.check((8, 5), "q")
+    tq.AffineGrid(torch.ones(8, 1), torch.zeros(()), 0, 255, g).check((8, 5), "q")  # one zero point is fine

@@ -242,3 +242,36 @@ def test_4bit_activation_read_by_maxpool_is_stored_in_8_bits(through):
         ref = net(x).numpy()
     step = float(net[3].acts_quantizer.grid().scale)
     assert np.abs(_run(proto, x) - ref).max() <= step * 1.01  # loads and runs in onnxruntime
+
+
+class _WrongGridQuantizer(tq.AffineQuantizer):
+    """Quantizes like AffineQuantizer, but grid() returns a scale that does not fit the weight."""
+
+    def __init__(self, wrong: str) -> None:
+        super().__init__(8, tq.BatchMinMax(axis=0), symmetric=True)
+        self.wrong = wrong
+
+    def grid(self):
+        g = super().grid()
+        if self.wrong == "flat":  # (C,) instead of (C, 1, 1, 1): does not broadcast against (C, C_in, kH, kW)
+            return tq.AffineGrid(g.scale.reshape(-1), g.zero_point.reshape(-1), g.qmin, g.qmax, g.granularity)
+        # per-channel scales under a per-tensor granularity: broadcasts, but is not what the grid says
+        return tq.AffineGrid(g.scale, g.zero_point, g.qmin, g.qmax, tq.Granularity())
+
+
+@pytest.mark.parametrize(
+    ("wrong", "reason"),
+    [("flat", r"scale does not broadcast.*scale of shape \(8,\)"), ("granularity", r"scale of shape \(8, 1, 1, 1\)")],
+)
+def test_grid_that_does_not_fit_its_tensor_is_named_with_the_shapes(wrong, reason):
+    net = _calibrated(lambda m, n: _WrongGridQuantizer(wrong), _a8)
+    assert net[0].weight_quantizer._tq_name == "0.weight_quantizer"
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match=reason) as e:
+        tq.export.to_onnx(net, x)
+    msg = str(e.value)
+    assert msg.startswith("to_onnx: quantizer '0.weight_quantizer' (_WrongGridQuantizer): grid() does not fit")
+    assert "tensor of shape (8, 3, 3, 3)" in msg
+    assert "does not run on example inputs" not in msg
+    with pytest.raises(ValueError, match=r"^integer_params: quantizer '0\.weight_quantizer'.*\(8, 3, 3, 3\)"):
+        tq.export.integer_params(net)

@@ -62,8 +62,9 @@ def integer_params(
         ``{point name: {field: value}}`` (see the module docstring); arrays are NumPy.
 
     Raises:
-        ValueError: a QModule not in a ``QUANT_EVAL`` mode or a quantizer never
-            calibrated (naming it); an integer bias that does not fit in int32.
+        ValueError: a QModule not in a ``QUANT_EVAL`` mode, a quantizer never
+            calibrated, or a weight quantizer whose ``grid()`` does not fit the weight
+            (naming it); an integer bias that does not fit in int32.
 
     Example:
         >>> import torch, torchquant as tq
@@ -108,7 +109,8 @@ def integer_params(
             wrapper = weight_of[p.name]
             with torch.no_grad():
                 w = wrapper.weight_view()  # (out, in, ...), the layout the quantizer saw (Conv1D: transposed)
-                entry["int_weight"] = to_numpy(grid.to_int(w), np.int64)
+                who = f"integer_params: quantizer {p.name!r} ({type(p.quantizer).__name__})"
+                entry["int_weight"] = to_numpy(grid.to_int(w, who), np.int64)
                 bias = getattr(wrapper.layer, "bias", None)
                 if bias is not None and not wrapper.fold_bn:
                     entry["bias"] = to_numpy(bias, np.float32)

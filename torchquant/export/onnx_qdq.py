@@ -120,9 +120,18 @@ class _Stub(nn.Module):
         if not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
             # Eager dry run: keep the codes, so a constant input becomes an integer initializer
             # holding exactly the simulated codes.
+            who = f"to_onnx: quantizer {rec.name!r} ({type(rec.quantizer).__name__})"
+            try:
+                rec.grid.check(x.shape, who)
+            except ValueError as e:
+                raise _GridMismatch(str(e)) from None
             with torch.no_grad():
-                rec.codes = rec.grid.to_int(x.detach())
+                rec.codes = rec.grid.to_int(x.detach(), who)
         return _QuantPointFn.apply(x, self.idx)
+
+
+class _GridMismatch(ValueError):
+    """A quantizer's grid() does not fit its tensor (raised as is, not as an input problem)."""
 
 
 @dataclass(frozen=True)
@@ -245,7 +254,9 @@ def to_onnx(
 
     Raises:
         ValueError: a QModule not in a ``QUANT_EVAL`` mode or never calibrated (naming
-            it), no QModule at all, an unsupported opset, or ``example_inputs`` the
+            it), no QModule at all, an unsupported opset, a quantizer whose ``grid()``
+            does not fit the tensor it quantizes (naming it, with the shapes; see
+            :meth:`~torchquant.quantizers.AffineGrid.check`), or ``example_inputs`` the
             model cannot run on (the message shows their shapes).
         TypeError: ``example_inputs`` is not a tensor or a sequence of tensors.
         ImportError: onnx is not installed.
@@ -299,6 +310,8 @@ def to_onnx(
         with torch.no_grad():
             try:
                 out = work(*inputs)
+            except _GridMismatch as e:
+                raise ValueError(str(e)) from None
             except (RuntimeError, ValueError, TypeError, IndexError) as e:
                 shapes = [tuple(t.shape) for t in inputs]
                 raise ValueError(f"{who}: the model does not run on example inputs of shapes {shapes}: {e}") from e

@@ -22,15 +22,21 @@ A new quantizer is a small subclass. For example, a sign quantizer::
         def post_observe(self, x):
             pass
 
+A quantizer whose parameters are trained with the task loss (a learned step,
+clipping level or offset) subclasses :class:`LearnedQuantizer`, which creates the
+parameters, initialises them from the first tensor it sees and loads them from a
+state dict.
+
 Quantizers whose outputs lie on an affine integer grid describe it through
 :meth:`Quantizer.grid`, which export and integer extraction use without knowing
-the class.
+the class; :meth:`AffineGrid.check` says when a grid does not fit the tensor.
 
 Every quantizer is importable from here; each family lives in one module, and
 every class is registered by name (``tq.make_quantizer("lsq", 4)``):
 
 * :mod:`~torchquant.quantizers.base`: :class:`Quantizer`, :class:`RangeQuantizer`,
-  :class:`StatelessQuantizer`, :class:`AffineGrid`, :func:`check_n_bits`;
+  :class:`LearnedQuantizer`, :class:`StatelessQuantizer`, :class:`AffineGrid`,
+  :func:`check_n_bits`;
 * :mod:`~torchquant.quantizers.affine`: ``affine``, ``qfmt``
   (:class:`AffineQuantizer`, :class:`QfmtQuantizer`);
 * :mod:`~torchquant.quantizers.learned`: ``lsq``, ``lsq+``, ``pact``
@@ -53,7 +59,7 @@ registry contract tests then check it without a test of its own.
 
 from .adaround import AdaRoundQuantizer
 from .affine import AffineQuantizer, QfmtQuantizer
-from .base import AffineGrid, Quantizer, RangeQuantizer, StatelessQuantizer, check_n_bits
+from .base import AffineGrid, LearnedQuantizer, Quantizer, RangeQuantizer, StatelessQuantizer, check_n_bits
 from .binary import BinaryQuantizer, TernaryQuantizer, XNORWeightQuantizer
 from .dorefa import DoReFaActQuantizer, DoReFaWeightQuantizer
 from .dynamic import DynamicAffineQuantizer, ResidualGroupQuantizer
@@ -71,6 +77,7 @@ __all__ = [
     "DynamicAffineQuantizer",
     "LSQPlusQuantizer",
     "LSQQuantizer",
+    "LearnedQuantizer",
     "MXQuantizer",
     "MinifloatFormat",
     "MinifloatQuantizer",

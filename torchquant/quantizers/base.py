@@ -1,15 +1,20 @@
-"""The quantizer contract: :class:`Quantizer`, :class:`RangeQuantizer` and the :class:`AffineGrid` export uses.
+"""The quantizer contract: :class:`Quantizer`, its bases and the :class:`AffineGrid` export uses.
 
 Every quantizer in :mod:`torchquant.quantizers` (and every one a researcher
 writes) subclasses :class:`Quantizer`; see the package docstring for the three
-calls an owner makes.
+calls an owner makes. Three bases fill in the observe calls for the common kinds:
+:class:`RangeQuantizer` (a grid from a range observer), :class:`LearnedQuantizer`
+(parameters trained with the task loss) and :class:`StatelessQuantizer` (nothing to
+observe).
 """
 
 from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +23,7 @@ from ..granularity import Granularity
 from ..range_observers import RangeObserver
 from ..spec import RecordsInit
 
-__all__ = ["AffineGrid", "Quantizer", "RangeQuantizer", "StatelessQuantizer", "check_n_bits"]
+__all__ = ["AffineGrid", "LearnedQuantizer", "Quantizer", "RangeQuantizer", "StatelessQuantizer", "check_n_bits"]
 
 
 def check_n_bits(n_bits: int, who: str, low: int = 1, high: int = 32) -> int:
@@ -35,8 +40,10 @@ class AffineGrid:
     """An affine integer grid: ``x_q = (clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale``.
 
     Attributes:
-        scale: step size, broadcasts against the quantized tensor.
-        zero_point: integer-valued (stored as float), same shape as ``scale``.
+        scale: step size, broadcasts against the quantized tensor: shape ``()`` per tensor,
+            ``(C, 1, 1, 1)`` per channel of a ``(C, C_in, kH, kW)`` weight, the tensor's own
+            shape per group (:meth:`check` says when it does not fit).
+        zero_point: integer-valued (stored as float), usually the same shape as ``scale``.
         qmin, qmax: the integer range.
         granularity: where ``scale`` and ``zero_point`` change.
     """
@@ -51,13 +58,53 @@ class AffineGrid:
     def n_bits(self) -> int:
         return math.ceil(math.log2(self.qmax - self.qmin + 1))
 
-    def to_int(self, x: Tensor) -> Tensor:
-        """The integer codes of ``x`` on this grid (``torch.int64``)."""
+    def check(self, shape: Sequence[int], who: str = "AffineGrid") -> None:
+        """Check that this grid fits a tensor of ``shape``, the one it quantizes.
+
+        ``scale`` and ``zero_point`` must broadcast against the tensor without
+        enlarging it, and change only where :attr:`granularity` says: a single value
+        per tensor; per channel, along the axis only (e.g. ``(C, 1, 1, 1)`` for axis 0
+        of a ``(C, C_in, kH, kW)`` weight); per group, expanded to the tensor's shape
+        (:meth:`~torchquant.granularity.Granularity.expand`).
+
+        Raises:
+            ValueError: naming ``who`` (e.g. the quantizer), the scale, zero-point
+                and tensor shapes, and the shape the scale should have.
+        """
+        shape = torch.Size(shape)
+        g = self.granularity
+        try:
+            axis = g.check(shape, who)
+        except ValueError as e:
+            raise ValueError(f"{e} (the granularity of its grid())") from None
+        allowed = set() if axis is None else {axis} if g.group_size is None else set(range(len(shape)))
+        for name, t in (("scale", self.scale), ("zero_point", self.zero_point)):
+            own = tuple(t.shape)
+            offset = len(shape) - len(own)  # broadcasting aligns the shapes on the right
+            if offset < 0 or any(n not in (1, shape[offset + i]) for i, n in enumerate(own)):
+                reason = f"{name} does not broadcast against the tensor"
+            elif {offset + i for i, n in enumerate(own) if n != 1} - allowed:
+                where = "has one value" if axis is None else f"changes along dimension {axis} only"
+                reason = f"a {g} grid {where}, its {name} does not"
+            else:
+                continue
+            expected = () if axis is None else g.compact_shape(shape) if g.group_size is None else tuple(shape)
+            hint = " (Granularity.expand() turns compact per-group values into it)" if g.group_size else ""
+            raise ValueError(
+                f"{who}: grid() does not fit the tensor it quantizes: {reason} (scale of shape "
+                f"{tuple(self.scale.shape)}, zero_point of shape {tuple(self.zero_point.shape)}, tensor of "
+                f"shape {tuple(shape)}); a {g} scale for this tensor has shape {expected}{hint}"
+            )
+
+    def to_int(self, x: Tensor, who: str = "AffineGrid") -> Tensor:
+        """The integer codes of ``x`` on this grid (``torch.int64``), after :meth:`check` (naming ``who``)."""
+        self.check(x.shape, who)
         q = torch.round(x / self.scale) + self.zero_point
         return q.clamp(self.qmin, self.qmax).to(torch.int64)
 
-    def from_int(self, q: Tensor) -> Tensor:
-        """Dequantize integer codes: ``(q - zero_point) * scale``."""
+    def from_int(self, q: Tensor, who: str = "AffineGrid") -> Tensor:
+        """Dequantize integer codes: ``(q - zero_point) * scale``, after :meth:`check` (naming ``who``)."""
+        self.check(q.shape, who)
         return (q.to(self.scale.dtype) - self.zero_point) * self.scale
 
 
@@ -126,6 +173,159 @@ class RangeQuantizer(Quantizer):
     def ranges(self) -> tuple[Tensor, Tensor]:
         """The observer's ``(min, max)``, broadcastable against the input."""
         return self.range_observer.get_ranges()
+
+
+class LearnedQuantizer(Quantizer):
+    """Base of quantizers whose parameters are learned with the task loss (QAT), shaped by the first tensor seen.
+
+    LSQ's step, LSQ+'s offset and PACT's clipping level are such parameters; their
+    shape (one value per tensor, per channel or per group) depends on the tensor the
+    quantizer is applied to, which is not known when the model is built. A subclass
+    declares:
+
+    * ``learned_params``: a class attribute, the names of its parameters, e.g. ``("step",)``;
+    * :meth:`init_params`: their first values, computed from the first tensor observed
+      (one tensor per name, usually in the granularity's compact shape,
+      :meth:`~torchquant.granularity.Granularity.compact_shape`);
+    * the granularity, by passing ``axis`` and ``group_size`` to ``super().__init__``
+      (available as ``self.granularity``);
+    * :meth:`~Quantizer.quantize`, differentiable in the parameters (call
+      :meth:`check_initialized` first), and :meth:`~Quantizer.grid` if the outputs lie on
+      an affine grid.
+
+    What the base guarantees:
+
+    * every parameter exists from construction as an empty ``nn.Parameter``, so
+      ``model.parameters()`` lists it and an optimizer built before the first forward
+      trains it: the first :meth:`pre_observe` (a calibration or QAT forward) fills the
+      **same** ``Parameter`` object in place, and later calls change nothing;
+    * the values take the module's device and dtype (``.to()``, ``.half()`` before the
+      first forward), not the observed tensor's;
+    * ``load_state_dict`` resizes the parameters to what is loaded, so a state dict
+      loads into a fresh, never-observed instance (``strict=True`` holds), and
+      ``copy.deepcopy`` copies them;
+    * :meth:`post_observe` does nothing; :meth:`reset` empties the parameters again.
+
+    Constructor arguments are recorded as for every quantizer, so a registered
+    subclass whose arguments are plain values is described by
+    :func:`torchquant.spec.describe` and saved by :func:`torchquant.save`. Wrap a model
+    in ``DistributedDataParallel`` only after the first forward (DDP needs the shapes).
+
+    Args:
+        axis: ``None`` for one value per tensor, else the axis of per-channel values.
+        group_size: with ``axis``, one value per ``group_size`` elements (per-group).
+
+    Example:
+        A symmetric quantizer with a learned clipping level per channel:
+
+        >>> from torchquant.quantizers_functional import round_ste
+        >>> class LearnedClip(LearnedQuantizer):
+        ...     learned_params = ("clip",)
+        ...
+        ...     def __init__(self, n_bits=4, *, axis=None):
+        ...         super().__init__(axis=axis)
+        ...         self.qmax = 2 ** (n_bits - 1) - 1
+        ...
+        ...     def init_params(self, x):  # (C, ...) -> (C, 1, ...): max |x| per channel
+        ...         return (self.granularity.aggregate(x.abs(), "amax").clamp(min=1e-8),)
+        ...
+        ...     def quantize(self, x):
+        ...         self.check_initialized()
+        ...         step = self.granularity.expand(self.clip) / self.qmax
+        ...         return round_ste((x / step).clamp(-self.qmax, self.qmax)) * step
+        >>> q = LearnedClip(4, axis=0)
+        >>> clip = q.clip  # empty until the first observation
+        >>> q.pre_observe(torch.randn(8, 3, 3, 3))
+        >>> q.clip is clip, q.clip.shape
+        (True, torch.Size([8, 1, 1, 1]))
+        >>> fresh = LearnedClip(4, axis=0)
+        >>> fresh.load_state_dict(q.state_dict())
+        <All keys matched successfully>
+    """
+
+    learned_params: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        # Subclasses written for the private base this was (``_LazyParamQuantizer``) keep working.
+        if "_lazy_params" in cls.__dict__ and "learned_params" not in cls.__dict__:
+            cls.learned_params = cls.__dict__["_lazy_params"]
+        if "_init_params" in cls.__dict__ and "init_params" not in cls.__dict__:
+            cls.init_params = cls.__dict__["_init_params"]
+
+    def __init__(self, axis: int | None = None, group_size: int | None = None) -> None:
+        super().__init__()
+        names = self.learned_params
+        if isinstance(names, str) or not names or not all(isinstance(n, str) for n in names):
+            raise TypeError(
+                f"{type(self).__name__}: a LearnedQuantizer declares its parameters as a class attribute, "
+                f'e.g. learned_params = ("step",); got {names!r}'
+            )
+        self.granularity = Granularity(axis=axis, group_size=group_size)
+        for name in names:
+            self.register_parameter(name, nn.Parameter(torch.empty(0)))
+
+    @property
+    def initialized(self) -> bool:
+        """Whether the learned parameters have values (observed or loaded)."""
+        # _parameters, not getattr: torch.fx proxies parameters fetched by attribute.
+        return self._parameters[self.learned_params[0]].numel() > 0
+
+    def init_params(self, x: Tensor) -> tuple[Tensor, ...]:
+        """The first values of the parameters, from the first observed tensor ``x`` (detached, no grad).
+
+        Returns:
+            One tensor per name of ``learned_params``, in that order (a single tensor
+            when there is one parameter). They are cast to the module's device and dtype.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement init_params(x)")
+
+    def pre_observe(self, x: Tensor) -> None:
+        """Initialise the learned parameters from the first tensor seen; later calls do nothing."""
+        if self.initialized:
+            return
+        with torch.no_grad():
+            values = self.init_params(x.detach())
+        if isinstance(values, Tensor):
+            values = (values,)
+        if not isinstance(values, (tuple, list)) or len(values) != len(self.learned_params):
+            raise ValueError(
+                f"{self._tq_name}: init_params() must return one tensor per learned parameter "
+                f"{self.learned_params}, got {values!r}"
+            )
+        for name, v in zip(self.learned_params, values):
+            p = getattr(self, name)
+            # Same Parameter object: optimizers built earlier keep it. Device and dtype follow the
+            # module's (.to() / .half() before the first forward), not the observed tensor's.
+            p.data = torch.as_tensor(v).detach().to(device=p.device, dtype=p.dtype)
+
+    def post_observe(self, x: Tensor) -> None:
+        pass
+
+    def reset(self) -> None:
+        """Forget the learned values (the next ``pre_observe`` initialises again)."""
+        for name in self.learned_params:
+            p = getattr(self, name)
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+    def check_initialized(self) -> None:
+        """Raise ``RuntimeError`` (naming the quantizer and saying what to do) if there are no values yet."""
+        if not self.initialized:
+            raise RuntimeError(
+                f"{self._tq_name}: learned parameters {', '.join(self.learned_params)} are not initialised; "
+                "calibrate first (run data through the model in a CALIBRATION or QUANT_AWARE_TRAIN mode) "
+                "or load a state dict"
+            )
+
+    _check_initialized = check_initialized  # the private base's name
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        # Parameters take the shape of what is loaded (they are empty before the first observation).
+        for name in self.learned_params:
+            key, p = prefix + name, getattr(self, name)
+            if key in state_dict and state_dict[key].shape != p.shape:
+                p.data = torch.empty_like(state_dict[key], dtype=p.dtype, device=p.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
 
 class StatelessQuantizer(Quantizer):

@@ -13,6 +13,8 @@ them; the first :meth:`~torchquant.quantizers.Quantizer.pre_observe` (a
 calibration or QAT forward) fills them in place with ``param.data = ...``,
 keeping the same ``Parameter`` object. Loading a state dict resizes them.
 Wrap a model in ``DistributedDataParallel`` only after that first forward.
+All three subclass :class:`~torchquant.quantizers.base.LearnedQuantizer`, the
+public base that gives these guarantees to a new learned quantizer.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 from ..granularity import Granularity
 from ..quantizers_functional import compute_dtype, lsq_quantize, pact_quantize
 from ..registry import Example, register_quantizer
-from .base import AffineGrid, Quantizer, check_n_bits
+from .base import AffineGrid, LearnedQuantizer, check_n_bits
 
 __all__ = ["LSQPlusQuantizer", "LSQQuantizer", "PACTQuantizer", "pact_regularization"]
 
@@ -35,65 +37,7 @@ torch.fx.wrap("pact_quantize")
 _EPS = torch.finfo(torch.float32).eps
 
 
-class _LazyParamQuantizer(Quantizer):
-    """Base of quantizers with learned parameters shaped by the first observed tensor.
-
-    Subclasses list the parameter names in ``_lazy_params`` and fill them in
-    :meth:`_init_params` (called by the first :meth:`pre_observe`).
-    """
-
-    _lazy_params: tuple[str, ...] = ()
-
-    def __init__(self, axis: int | None, group_size: int | None) -> None:
-        super().__init__()
-        self.granularity = Granularity(axis=axis, group_size=group_size)
-        for name in self._lazy_params:
-            self.register_parameter(name, nn.Parameter(torch.empty(0)))
-
-    @property
-    def initialized(self) -> bool:
-        """Whether the learned parameters have values (observed or loaded)."""
-        # _parameters, not getattr: torch.fx proxies parameters fetched by attribute.
-        return self._parameters[self._lazy_params[0]].numel() > 0
-
-    def pre_observe(self, x: Tensor) -> None:
-        """Initialise the learned parameters from the first tensor seen; later calls do nothing."""
-        if not self.initialized:
-            with torch.no_grad():
-                values = self._init_params(x.detach())
-            for name, v in zip(self._lazy_params, values):
-                p = getattr(self, name)
-                # Same Parameter object: optimizers built earlier keep it. Device and dtype follow the
-                # module's (.to() / .half() before the first forward), not the observed tensor's.
-                p.data = v.to(device=p.device, dtype=p.dtype)
-
-    def post_observe(self, x: Tensor) -> None:
-        pass
-
-    def reset(self) -> None:
-        """Forget the learned values (the next ``pre_observe`` initialises again)."""
-        for name in self._lazy_params:
-            p = getattr(self, name)
-            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-
-    def _init_params(self, x: Tensor) -> tuple[Tensor, ...]:
-        raise NotImplementedError
-
-    def _check_initialized(self) -> None:
-        if not self.initialized:
-            raise RuntimeError(
-                f"{self._tq_name}: learned parameters {', '.join(self._lazy_params)} are not initialised; "
-                "calibrate first (run data through the model in a CALIBRATION or QUANT_AWARE_TRAIN mode) "
-                "or load a state dict"
-            )
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        # Parameters take the shape of what is loaded (they are empty before the first observation).
-        for name in self._lazy_params:
-            key, p = prefix + name, getattr(self, name)
-            if key in state_dict and state_dict[key].shape != p.shape:
-                p.data = torch.empty_like(state_dict[key], dtype=p.dtype, device=p.device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+_LazyParamQuantizer = LearnedQuantizer  # the base's former, private name
 
 
 @torch.fx.wrap
@@ -128,7 +72,7 @@ def _int_range(n_bits: int, signed: bool) -> tuple[int, int]:
         Example("w4-per-group", lambda: LSQQuantizer(4, axis=-1, group_size=3), role="weight"),
     ],
 )
-class LSQQuantizer(_LazyParamQuantizer):
+class LSQQuantizer(LearnedQuantizer):
     """Learned Step Size Quantization (Esser et al. 2020, "Learned Step Size Quantization", ICLR).
 
     Forward: ``x_q = round(clamp(x / s, -Q_N, Q_P)) * s`` with the learned step
@@ -163,7 +107,7 @@ class LSQQuantizer(_LazyParamQuantizer):
         (torch.Size([8, 3, 3, 3]), torch.Size([8, 1, 1, 1]))
     """
 
-    _lazy_params = ("step",)
+    learned_params = ("step",)
     step: nn.Parameter
 
     def __init__(
@@ -181,18 +125,18 @@ class LSQQuantizer(_LazyParamQuantizer):
         self.grad_scale = bool(grad_scale)
         self.qn, self.qp = _int_range(self.n_bits, self.signed)
 
-    def _init_params(self, x: Tensor) -> tuple[Tensor, ...]:
+    def init_params(self, x: Tensor) -> tuple[Tensor, ...]:
         x = x.to(compute_dtype(x))
         mean_abs = self.granularity.aggregate(x.abs(), "mean", self._tq_name)
         return ((2.0 * mean_abs / math.sqrt(self.qp)).clamp(min=_EPS),)
 
     def quantize(self, x: Tensor) -> Tensor:
-        self._check_initialized()
+        self.check_initialized()
         g = self.granularity
         return _lsq(x, self.step, None, self.qn, self.qp, self.grad_scale, g.axis, g.group_size)
 
     def grid(self) -> AffineGrid:
-        self._check_initialized()
+        self.check_initialized()
         s = self.granularity.expand(self.step.detach())
         return AffineGrid(s, torch.zeros_like(s), -self.qn, self.qp, self.granularity)
 
@@ -207,7 +151,7 @@ class LSQQuantizer(_LazyParamQuantizer):
         Example("a4-minmax", lambda: LSQPlusQuantizer(4), role="act"),
     ],
 )
-class LSQPlusQuantizer(_LazyParamQuantizer):
+class LSQPlusQuantizer(LearnedQuantizer):
     """LSQ+ (Bhalgat et al. 2020, "LSQ+: Improving low-bit quantization through learnable offsets and better
     initialization", CVPR workshops): LSQ with a learned offset, for asymmetric activations (Swish, GELU...).
 
@@ -240,7 +184,7 @@ class LSQPlusQuantizer(_LazyParamQuantizer):
         [-0.5, 0.5, 1.5, 2.5]
     """
 
-    _lazy_params = ("step", "offset")
+    learned_params = ("step", "offset")
     step: nn.Parameter
     offset: nn.Parameter
 
@@ -263,7 +207,7 @@ class LSQPlusQuantizer(_LazyParamQuantizer):
         self.grad_scale = bool(grad_scale)
         self.qn, self.qp = _int_range(self.n_bits, self.signed)
 
-    def _init_params(self, x: Tensor) -> tuple[Tensor, ...]:
+    def init_params(self, x: Tensor) -> tuple[Tensor, ...]:
         x = x.to(compute_dtype(x))
         g = self.granularity
         if self.init == "minmax":
@@ -276,7 +220,7 @@ class LSQPlusQuantizer(_LazyParamQuantizer):
         return s.clamp(min=_EPS), torch.zeros_like(s)
 
     def quantize(self, x: Tensor) -> Tensor:
-        self._check_initialized()
+        self.check_initialized()
         g = self.granularity
         return _lsq(x, self.step, self.offset, self.qn, self.qp, self.grad_scale, g.axis, g.group_size)
 
@@ -291,7 +235,7 @@ class LSQPlusQuantizer(_LazyParamQuantizer):
         Example("a4-per-channel", lambda: PACTQuantizer(4, axis=1), role="act"),
     ],
 )
-class PACTQuantizer(_LazyParamQuantizer):
+class PACTQuantizer(LearnedQuantizer):
     """PACT (Choi et al. 2018, "PACT: Parameterized Clipping Activation for Quantized Neural Networks").
 
     Forward: ``y = clip(x, 0, alpha)``, ``y_q = round(y * (2 ** b - 1) / alpha) * alpha / (2 ** b - 1)``
@@ -318,7 +262,7 @@ class PACTQuantizer(_LazyParamQuantizer):
         [0.0, 0.0, 2.0, 3.0]
     """
 
-    _lazy_params = ("alpha",)
+    learned_params = ("alpha",)
     alpha: nn.Parameter
 
     def __init__(
@@ -335,12 +279,12 @@ class PACTQuantizer(_LazyParamQuantizer):
         if axis is None:
             self.alpha.data = torch.tensor(self.alpha_init)
 
-    def _init_params(self, x: Tensor) -> tuple[Tensor, ...]:
+    def init_params(self, x: Tensor) -> tuple[Tensor, ...]:
         shape = self.granularity.compact_shape(x.shape)
         return (torch.full(shape, self.alpha_init, dtype=compute_dtype(x)),)
 
     def quantize(self, x: Tensor) -> Tensor:
-        self._check_initialized()
+        self.check_initialized()
         return pact_quantize(x, self.alpha, 2**self.n_bits)
 
     def regularization(self) -> Tensor:
@@ -348,7 +292,7 @@ class PACTQuantizer(_LazyParamQuantizer):
         return self.reg_lambda * self.alpha.square().sum()
 
     def grid(self) -> AffineGrid:
-        self._check_initialized()
+        self.check_initialized()
         a = self.alpha.detach()
         s = a / (2**self.n_bits - 1)
         return AffineGrid(s, torch.zeros_like(s), 0, 2**self.n_bits - 1, self.granularity)
