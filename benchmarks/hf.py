@@ -308,7 +308,7 @@ def run_sizes(args) -> tuple[list[dict], dict]:
 
     import transformers
 
-    from torchquant.hf import TorchQuantConfig, quantize
+    from torchquant.hf import TorchQuantConfig
 
     float_model, tokenizer = lm.load_smollm2()
     half = float_model.to(torch.float16).eval()
@@ -320,11 +320,15 @@ def run_sizes(args) -> tuple[list[dict], dict]:
         print(f"\nSmolLM2-135M checkpoints (save_pretrained): float16 {base / 2**20:.1f} MiB")
         print(f"{'configuration':40s} {'MiB':>8s} {'x float16':>9s} {'reload logits':>14s}")
         for name, fields in SIZE_ROWS:
-            model = quantize(copy.deepcopy(half), TorchQuantConfig(**fields))
+            # As a user would: from_pretrained on the float16 directory with the config (a model cast with
+            # .to(float16) in memory keeps different rotary buffers than one loaded in float16).
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                f"{tmp}/float16", quantization_config=TorchQuantConfig(**fields), dtype=torch.float16
+            ).eval()
             folder = f"{tmp}/{len(results)}"
             model.save_pretrained(folder)
             size = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
-            again = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16)
+            again = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16).eval()
             with torch.no_grad():
                 exact = torch.equal(model(ids).logits, again(ids).logits)
             r = {"config": name, "mib": size / 2**20, "ratio_to_float16": size / base, "reload_exact": exact}
