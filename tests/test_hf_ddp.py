@@ -74,10 +74,12 @@ def _train(root: Path, sync: bool) -> dict:
 
         def __init__(self):
             self.ranges: dict = {}
+            self.synced: list = []
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if state.global_step == CALIBRATION:
                 self.ranges = _ranges(model)
+                self.synced = [o.distributed_sync for _, o in observers(model)]
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
         root / "model", quantization_config=TorchQuantConfig(weights="int8", activations="int8")
@@ -101,7 +103,8 @@ def _train(root: Path, sync: bool) -> dict:
     return {
         "world_size": args.world_size,
         "ddp": type(trainer.model_wrapped).__name__,
-        "synced": [o.distributed_sync for _, o in observers(model)],
+        "synced": snapshot.synced,
+        "synced_after": [o.distributed_sync for _, o in observers(model)],
         "calibrated": snapshot.ranges,
         "ranges": _ranges(model),
         "before": before,
@@ -142,6 +145,7 @@ def test_ranks_hold_identical_ranges_and_weights(tmp_path):
         assert a["world_size"] == b["world_size"] == WORLD
         assert a["ddp"] == "DistributedDataParallel"
         assert all(a["synced"]) is sync and all(b["synced"]) is sync and len(a["synced"]) > 0
+        assert not any(a["synced_after"]) and not any(b["synced_after"])  # switched off at train end
         # the distributed sampler gave the ranks disjoint shards of the dataset
         assert len(a["read"]) == len(b["read"]) == BATCH * STEPS
         assert not set(a["read"]) & set(b["read"])

@@ -80,7 +80,8 @@ class QuantizationCallback(TrainerCallback):
       another callback's ``on_step_end`` that runs after this one, or
       ``trainer.evaluate()`` called outside ``train()``, runs in whatever mode the
       model is in (``eval_mode`` after training).
-    * train end: ``eval_mode``.
+    * train end: ``eval_mode``; observer synchronisation, if it switched it on, off again (a later
+      calibration on one rank alone would otherwise wait for the others).
 
     Every QModule of the model gets the same mode, set when the phase changes.
     With gradient checkpointing the forward runs again in the backward pass, so the
@@ -142,7 +143,8 @@ class QuantizationCallback(TrainerCallback):
                 "QuantizationCallback: the model has no torchquant QModules; load it with "
                 "from_pretrained(..., quantization_config=TorchQuantConfig(...)) or torchquant.hf.quantize() first"
             )
-        if self.sync_observers and _distributed(args):
+        self._synced = bool(self.sync_observers and _distributed(args))
+        if self._synced:
             _sync_observers(model)
         self._check_weight_decay(model, optimizer)
         self._training = True
@@ -164,6 +166,10 @@ class QuantizationCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._training = False
         self._set(model, self.eval_mode)
+        if getattr(self, "_synced", False):
+            # A later calibration on one rank alone would otherwise wait for the others.
+            _sync_observers(model, enabled=False)
+            self._synced = False
 
     def _check_weight_decay(self, model: nn.Module, optimizer: Any) -> None:
         if optimizer is None or self._warned_decay:
