@@ -176,3 +176,75 @@ def test_device_auto_uses_gpus_only_when_each_local_process_has_one(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="no CUDA device"):
         init_runtime("cuda", quiet=True)
+
+
+QUICK = ["bench", "--dataset", "digits", "--epochs", "0", "--quiet", "--no-plot"]
+
+
+def test_recipe_that_cannot_be_built_stops_the_grid_before_anything_trains(tmp_path, capsys, monkeypatch):
+    from torchquant.cli import bench
+    from torchquant.cli.recipes import RECIPES
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the grid started although a recipe cannot be built")
+
+    monkeypatch.setattr(bench, "build_data", no_data)
+    path = tmp_path / "typo.toml"
+    path.write_text('[recipe.test-typo]\nweights = { quantizer = "affine", args = { symetric = true } }\n')
+    out = tmp_path / "out"
+    args = ["--recipe-file", str(path), "--recipes", "ptq-minmax,test-typo", "--bits", "w8a8,w4a4", "--out", str(out)]
+    try:
+        assert main([*QUICK, *args]) == 2
+    finally:
+        RECIPES._entries.pop("test-typo", None)
+    err = capsys.readouterr().err
+    assert f"{path}:1: recipe 'test-typo' at w8a8, w4a4: weights: TypeError: quantizer 'affine' rejected" in err
+    assert "unexpected keyword argument 'symetric'" in err and "nothing was trained" in err
+    assert not out.exists()
+
+
+def test_toml_syntax_error_names_the_file(tmp_path, capsys):
+    path = tmp_path / "broken.toml"
+    path.write_text("[recipe.x\n")
+    assert main([*QUICK, "--recipe-file", str(path), "--out", str(tmp_path)]) == 2
+    assert f"recipe file '{path}' is not valid TOML: Expected ']'" in capsys.readouterr().err
+
+
+def test_a_cell_failing_at_run_time_is_reported_and_the_grid_goes_on(tmp_path, capsys):
+    from torchquant.cli.recipes import RECIPES, RecipeResult, register_recipe
+
+    @register_recipe("test-fails-at-w4", overwrite=True)
+    def fails_at_w4(model, bits, data, settings):
+        """Float model at 8 bits, an error at 4."""
+        if bits.weight == 4:
+            raise RuntimeError("boom at w4")
+        return RecipeResult(model, {"steps": "none"})
+
+    out = tmp_path / "out"
+    args = ["--recipes", "test-fails-at-w4,bnn", "--bits", "w4a4,w8a8", "--out", str(out), "--cache-dir", str(out)]
+    try:
+        assert main([*QUICK, *args]) == 1
+    finally:
+        RECIPES._entries.pop("test-fails-at-w4")
+    captured = capsys.readouterr()
+    assert "FAILED: RuntimeError: boom at w4" in captured.out
+    assert "1 cell(s) failed: test-fails-at-w4 w4a4" in captured.err
+    with open(out / "results.csv") as f:
+        rows = [(r["recipe"], r["bits"], r["status"], r["note"]) for r in csv.DictReader(f)]
+    assert [r[:3] for r in rows] == [
+        ("float32", "-", "ok"),
+        ("test-fails-at-w4", "w4a4", "failed"),
+        ("test-fails-at-w4", "w8a8", "ok"),
+        ("bnn", "w4a4", "skipped"),
+        ("bnn", "w8a8", "skipped"),
+    ]
+    assert rows[1][3] == "RuntimeError: boom at w4"
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert results[1]["status"] == "failed" and results[1]["accuracy"] is None
+
+
+def test_skipped_cells_alone_exit_zero(tmp_path):
+    out = tmp_path / "out"
+    assert main([*QUICK, "--recipes", "bnn", "--bits", "w8a8", "--out", str(out), "--cache-dir", str(out)]) == 0
+    with open(out / "results.csv") as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["ok", "skipped"]

@@ -1,5 +1,7 @@
 """Recipes: bit settings, the registry, spec recipes on a tiny task, recipe files with user quantizers."""
 
+import contextlib
+import sys
 import textwrap
 
 import pytest
@@ -13,6 +15,7 @@ from torchquant.cli.recipes import (
     Bits,
     CellSkipped,
     QuantizerSpec,
+    RecipeError,
     RecipeResult,
     RecipeUnavailable,
     Settings,
@@ -304,3 +307,115 @@ def test_spec_recipe_runs_a_registered_ptq_algorithm_at_its_stage(algorithm, fir
     assert steps[0] == first and len(steps) == 2
     assert all(m.qstate is tq.QModuleState.QUANT_EVAL for _, m in tq.iter_qmodules(result.model))
     assert torch.isfinite(result.model(tiny_task().test.tensors[0])).all()
+
+
+BITS_GRID = [Bits(8, 8), Bits(4, 4), Bits(2, 2), Bits(1, 8), Bits(4, None)]
+
+
+@pytest.mark.parametrize("first_last_bits", [8, None], ids=["first-last-8", "first-last-none"])
+@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+def test_builtin_recipes_pass_the_cell_check_or_skip(granularity, first_last_bits):
+    settings = Settings(granularity=granularity, first_last_bits=first_last_bits, **SETTINGS)
+    for name in BUILTIN:
+        for bits in BITS_GRID:
+            with contextlib.suppress(CellSkipped, RecipeUnavailable):
+                get_recipe(name).check_cell(bits, settings)
+
+
+TYPO = """
+[recipe.test-other]
+weights = { quantizer = "affine", observer = "batch_minmax" }
+
+[recipe.test-typo]
+weights = { quantizer = "affine", observer = "batch_minmax", args = { symetric = true } }
+acts = false
+"""
+
+
+def test_cell_check_names_file_line_recipe_and_the_quantizer_error(tmp_path):
+    path = tmp_path / "typo.toml"
+    path.write_text(TYPO)
+    try:
+        load_recipe_file(path)
+        recipe = get_recipe("test-typo")
+        assert recipe.source == f"{path}:5"
+        get_recipe("test-other").check_cell(Bits(8, 8), Settings(**SETTINGS))
+        with pytest.raises(RecipeError, match=r"^weights: TypeError: quantizer 'affine' rejected .*'symetric'"):
+            recipe.check_cell(Bits(8, 8), Settings(**SETTINGS))
+    finally:
+        for name in ("test-other", "test-typo"):
+            RECIPES._entries.pop(name, None)
+
+
+def test_cell_check_covers_activations_and_ptq_algorithm_arguments():
+    settings = Settings(**SETTINGS)
+    acts = SpecRecipe(
+        "acts-typo",
+        "test",
+        weights=QuantizerSpec("affine", "batch_minmax"),
+        acts=QuantizerSpec("affine", "running_minmax", observer_args={"momentun": 0.1}),
+    )
+    acts.check_cell(Bits(8, None), settings)  # float activations: nothing to build
+    with pytest.raises(RecipeError, match=r"^activations: .*'momentun'"):
+        acts.check_cell(Bits(8, 8), settings)
+    algo = SpecRecipe(
+        "algo-typo",
+        "test",
+        weights=QuantizerSpec("affine", "batch_minmax"),
+        acts=None,
+        algorithm="adaround",
+        algorithm_args={"iter": 10},
+    )
+    with pytest.raises(RecipeError, match=r"algorithm_args: torchquant.ptq.adaround takes no \['iter'\]; .*'iters'"):
+        algo.check_cell(Bits(4, 8), settings)
+
+
+def test_recipe_header_line_is_found_for_quoted_names(tmp_path):
+    path = tmp_path / "quoted.toml"
+    path.write_text('# comment\n\n[ recipe . "test.dotted" ]\nweights = { quantizer = "affine" }\n')
+    try:
+        assert load_recipe_file(path) == ["test.dotted"]
+        assert get_recipe("test.dotted").source == f"{path}:3"
+    finally:
+        RECIPES._entries.pop("test.dotted", None)
+
+
+def test_recipe_file_imports_modules_next_to_it(tmp_path, monkeypatch):
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    (folder / "user_quantizers_next_to_file.py").write_text(USER_MODULE.replace("test-sign", "test-sign-next"))
+    (folder / "r.toml").write_text(
+        'import = ["user_quantizers_next_to_file", "json"]  # json: an installed module\n'
+        '[recipe.test-next]\nweights = { quantizer = "test-sign-next", bits_arg = false }\n'
+    )
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    try:
+        assert load_recipe_file(folder / "r.toml") == ["test-next"]
+        get_recipe("test-next").check_cell(Bits(1, 8), Settings(first_last_bits=None, **SETTINGS))
+    finally:
+        RECIPES._entries.pop("test-next", None)
+        sys.modules.pop("user_quantizers_next_to_file", None)
+    assert str(folder) not in sys.path  # searched only for the file's imports
+
+
+def test_recipe_file_import_refuses_another_module_of_the_same_name(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "test_clash_mod.py").write_text("")
+        (tmp_path / folder / "r.toml").write_text('import = ["test_clash_mod"]\n')
+    try:
+        assert load_recipe_file(tmp_path / "a" / "r.toml") == []
+        with pytest.raises(ImportError, match=r"'test_clash_mod' was already imported from .*a.test_clash_mod.py"):
+            load_recipe_file(tmp_path / "b" / "r.toml")
+    finally:
+        sys.modules.pop("test_clash_mod", None)
+
+
+def test_toml_syntax_error_names_the_file(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text('[recipe.x\nweights = { quantizer = "affine" }\n')
+    with pytest.raises(RecipeError, match=r"recipe file '.*broken.toml' is not valid TOML: .*\(at line 1, column 10\)"):
+        load_recipe_file(path)

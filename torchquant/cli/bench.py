@@ -5,6 +5,12 @@
 cache), runs every recipe at every bit setting on a copy of it, evaluates, and
 writes ``results.csv``, ``results.json`` and ``accuracy_vs_bits.png``.
 
+Before anything trains, every recipe x bit-setting cell builds its quantizers
+once (:meth:`~torchquant.cli.recipes.Recipe.check_cell`); a cell that cannot is
+a :class:`~torchquant.cli.recipes.RecipeError` naming the recipe file and line,
+the recipe and the bit setting. A cell that fails later, while it runs, is
+reported as ``failed`` with its error and the grid goes on.
+
 Reproducibility: seeds are fixed (every cell starts from ``torch.manual_seed(seed)``),
 ``torch.use_deterministic_algorithms(True)`` is on and the number of threads is
 fixed, so on CPU the same command gives the same numbers twice.
@@ -18,6 +24,7 @@ import json
 import os
 import random
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,8 +40,10 @@ from .recipes import (
     Bits,
     CellSkipped,
     Recipe,
+    RecipeError,
     RecipeUnavailable,
     Settings,
+    error_text,
     get_recipe,
     import_modules,
     load_recipe_file,
@@ -42,7 +51,15 @@ from .recipes import (
 from .report import Row, environment, format_table, plot, write_csv, write_json
 from .tasks import BUILTIN_DATASETS, DEFAULT_MODELS, build_data, build_model, load_checkpoint
 
-__all__ = ["BenchConfig", "BenchResult", "default_cache_dir", "default_threads", "resolve_recipes", "run_bench"]
+__all__ = [
+    "BenchConfig",
+    "BenchResult",
+    "check_grid",
+    "default_cache_dir",
+    "default_threads",
+    "resolve_recipes",
+    "run_bench",
+]
 
 # Test-set batch size; fixed because float results are bit-reproducible only for one batch size.
 EVAL_BATCH = 256
@@ -103,6 +120,11 @@ class BenchResult:
     files: dict[str, Path]
     table: str
 
+    @property
+    def failed(self) -> list[Row]:
+        """The cells that raised an error while they ran."""
+        return [r for r in self.rows if r.status == "failed"]
+
 
 def resolve_recipes(names: list[str], rt: Runtime | None = None) -> list[Recipe]:
     """Look up recipe names; ``"default"`` expands to the default list, ``"all"`` to every available recipe.
@@ -128,6 +150,30 @@ def resolve_recipes(names: list[str], rt: Runtime | None = None) -> list[Recipe]
     for recipe in out:
         recipe.check_available()
     return list({id(r): r for r in out}.values())
+
+
+def check_grid(recipes: list[Recipe], bits: list[Bits], settings: Settings) -> None:
+    """Check every recipe x bit-setting cell without a model or data (see ``Recipe.check_cell``).
+
+    Raises:
+        RecipeError: one or more cells cannot run; the message lists each error once with
+            where the recipe was defined (file and line), its name and the bit settings.
+    """
+    errors: dict[tuple[str, str], list[str]] = {}
+    for recipe in recipes:
+        for b in bits:
+            try:
+                recipe.check_cell(b, settings)
+            except CellSkipped:
+                continue
+            except Exception as e:
+                source = getattr(recipe, "source", None)
+                where = f"{source}: recipe {recipe.name!r}" if source else f"recipe {recipe.name!r}"
+                errors.setdefault((where, error_text(e)), []).append(str(b))
+    if errors:
+        lines = [f"{where} at {', '.join(cells)}: {msg}" for (where, msg), cells in errors.items()]
+        head = "a recipe cannot be built" if len(lines) == 1 else f"{len(lines)} recipe errors"
+        raise RecipeError(f"{head} (nothing was trained):\n  " + "\n  ".join(lines))
 
 
 def default_threads(dataset: str) -> int:
@@ -222,7 +268,12 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> BenchResult:
     Raises:
         KeyError: unknown recipe names (listing the valid ones).
         RecipeUnavailable: a requested recipe needs a method missing from this build.
+        RecipeError: a recipe file is malformed, or a cell cannot build its quantizers
+            (raised before anything trains; see :func:`check_grid`).
         ValueError: unknown dataset / model / bit setting / granularity.
+
+    A cell that raises while it runs is a row with status ``"failed"`` and the error as
+    its note (see :attr:`BenchResult.failed`); the other cells still run.
     """
     rt = init_runtime(cfg.device, cfg.quiet)
     threads = _setup_determinism(cfg.seed, cfg.threads or default_threads(cfg.dataset), rt)
@@ -233,10 +284,6 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> BenchResult:
     if not recipes:
         raise ValueError("no recipes to run; see `torchquant list`")
     bits = [Bits.parse(b) for b in cfg.bits]
-    data = build_data(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed, image_size=cfg.image_size, workers=cfg.workers)
-    model_name = cfg.model or DEFAULT_MODELS.get(data.name)
-    if model_name is None:
-        raise ValueError(f"dataset {cfg.dataset!r} has no default model: pass --model (a torchvision or timm name)")
     settings = Settings(
         granularity=cfg.granularity,
         calib_batches=cfg.calib_batches,
@@ -250,6 +297,11 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> BenchResult:
         progress=not cfg.quiet,
         runtime=rt,
     )
+    check_grid(recipes, bits, settings)
+    data = build_data(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed, image_size=cfg.image_size, workers=cfg.workers)
+    model_name = cfg.model or DEFAULT_MODELS.get(data.name)
+    if model_name is None:
+        raise ValueError(f"dataset {cfg.dataset!r} has no default model: pass --model (a torchvision or timm name)")
     t0 = time.perf_counter()
     float_model, how = _float_baseline(cfg, model_name, data, settings)
     float_acc = evaluate(float_model, data, EVAL_BATCH, runtime=rt)
@@ -262,11 +314,15 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> BenchResult:
             t = time.perf_counter()
             try:
                 result = recipe(copy.deepcopy(float_model), b, data, settings)
+                acc = evaluate(result.model, data, EVAL_BATCH, runtime=rt)
             except CellSkipped as e:
                 rows.append(Row(recipe.name, str(b), "-", None, None, 0.0, "skipped", str(e)))
                 rt.log(f"{recipe.name} {b}: skipped ({e})")
                 continue
-            acc = evaluate(result.model, data, EVAL_BATCH, runtime=rt)
+            except Exception as e:  # one broken cell must not lose the others' results
+                rows.append(Row(recipe.name, str(b), "-", None, None, time.perf_counter() - t, "failed", error_text(e)))
+                rt.log(f"{recipe.name} {b}: failed\n{''.join(traceback.format_exception(e)).rstrip()}")
+                continue
             gran = result.info.get("granularity", f"per-{settings.granularity}")
             note = result.info.get("steps", "")
             rows.append(Row(recipe.name, str(b), gran, acc, acc - float_acc, time.perf_counter() - t, "ok", note))

@@ -117,7 +117,12 @@ def _list() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (2 for usage errors)."""
+    """Run the command line; returns the exit status.
+
+    0 when every cell ran or was skipped, 1 when a cell failed while it ran (the
+    others' results are still written), 2 for usage errors and recipes that cannot
+    be built (found before anything trains).
+    """
     args = build_parser().parse_args(argv)
     if args.command == "list":
         print(_list())
@@ -149,4 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nresults: {result.files['csv']}, {result.files['json']}")
         if "plot" in result.files:
             print(f"plot: {result.files['plot']}")
+    if result.failed:
+        cells = ", ".join(f"{r.recipe} {r.bits}" for r in result.failed)
+        print(f"torchquant bench: {len(result.failed)} cell(s) failed: {cells}", file=sys.stderr)
+        return 1
     return 0

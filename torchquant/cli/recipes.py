@@ -51,10 +51,12 @@ __all__ = [
     "FunctionRecipe",
     "QuantizerSpec",
     "Recipe",
+    "RecipeError",
     "RecipeResult",
     "RecipeUnavailable",
     "Settings",
     "SpecRecipe",
+    "error_text",
     "get_recipe",
     "list_recipes",
     "load_recipe_file",
@@ -115,6 +117,10 @@ class CellSkipped(Exception):
     """A recipe does not apply to a bit setting (e.g. ``bnn`` at ``w8a8``); the cell is reported as skipped."""
 
 
+class RecipeError(ValueError):
+    """A recipe file, or a recipe at a cell of the grid, is malformed (the message says where and why)."""
+
+
 class Recipe:
     """Base class of recipes: a name, a one-line description, a check and a call."""
 
@@ -123,6 +129,14 @@ class Recipe:
 
     def check_available(self) -> None:
         """Raise :class:`RecipeUnavailable` if a method the recipe needs is missing."""
+
+    def check_cell(self, bits: Bits, settings: Settings) -> None:
+        """Check, without a model or data, that the recipe can run at ``bits``.
+
+        Raises:
+            CellSkipped: the recipe does not apply to ``bits`` (the cell will be skipped).
+            Exception: anything else means the cell would fail (the message says why).
+        """
 
     def __call__(self, model: nn.Module, bits: Bits, data: Any, settings: Settings) -> RecipeResult:
         raise NotImplementedError
@@ -253,6 +267,8 @@ _ACT_EMA = QuantizerSpec("affine", "ema_minmax")
 class SpecRecipe(Recipe):
     """A recipe described by data (the form of recipe files).
 
+    ``source`` says where a recipe file defined it (``"mine.toml:12"``), for error messages.
+
     Steps, in order: quantize the model with ``weights`` / ``acts`` quantizers;
     if ``calibrate``, run calibration batches; if ``algorithm``, call
     ``torchquant.ptq.<algorithm>(model, calibration_inputs, **algorithm_args)``;
@@ -271,6 +287,7 @@ class SpecRecipe(Recipe):
     epochs: int | None = None
     lr: float | None = None
     convert: str | None = None  # overrides Settings.convert (block reconstruction needs module blocks)
+    source: str | None = field(default=None, compare=False)  # "file:line" of a recipe file's recipe
 
     def check_available(self) -> None:
         sides = [("weights", self.weights), ("activations", self.acts)]
@@ -290,13 +307,8 @@ class SpecRecipe(Recipe):
         from ..convert import quantize_model
 
         self.check_available()
+        self._check_fixed_bits(bits)
         w_spec = self.weights
-        if w_spec.fixed_bits is not None and bits.weight != w_spec.fixed_bits:
-            raise CellSkipped(
-                f"{self.name} quantizes weights to {w_spec.fixed_bits} bit(s); use w{w_spec.fixed_bits}aN"
-            )
-        if self.acts is not None and self.acts.fixed_bits is not None and bits.act != self.acts.fixed_bits:
-            raise CellSkipped(f"{self.name} quantizes activations to {self.acts.fixed_bits} bit(s)")
         if any(isinstance(m, QModule) for m in model.modules()):
             raise ValueError(f"recipe {self.name!r} expects a float model; this one already contains QModules")
         first, last = _first_last_layers(model)
@@ -348,6 +360,51 @@ class SpecRecipe(Recipe):
         info["steps"] = "; ".join(steps)
         return RecipeResult(model, info)
 
+    def _check_fixed_bits(self, bits: Bits) -> None:
+        w_spec = self.weights
+        if w_spec.fixed_bits is not None and bits.weight != w_spec.fixed_bits:
+            raise CellSkipped(
+                f"{self.name} quantizes weights to {w_spec.fixed_bits} bit(s); use w{w_spec.fixed_bits}aN"
+            )
+        if self.acts is not None and self.acts.fixed_bits is not None and bits.act != self.acts.fixed_bits:
+            raise CellSkipped(f"{self.name} quantizes activations to {self.acts.fixed_bits} bit(s)")
+
+    def check_cell(self, bits: Bits, settings: Settings) -> None:
+        """Build once every quantizer the cell would use (weights, first/last layers, activations)
+        and check the PTQ algorithm's arguments; see :meth:`Recipe.check_cell`."""
+        self.check_available()
+        self._check_fixed_bits(bits)
+        edge = settings.first_last_bits
+        w_axis = 0 if settings.granularity == "channel" else None
+        builds = [("weights", self.weights, bits.weight, w_axis)]
+        if edge is not None:
+            spec = self.weights if self.weights.bits_arg is not None else _WEIGHT_MINMAX
+            builds.append(("first/last layer weights", spec, edge, w_axis))
+        if self.acts is not None and bits.act is not None:
+            builds.append(("activations", self.acts, bits.act, None))
+            if edge is not None:
+                last = _ACT_EMA if self.acts.relu_only else self.acts  # as in __call__: logits follow no ReLU
+                builds.append(("last layer activations", last, max(edge, bits.act), None))
+        for side, spec, n_bits, axis in builds:
+            try:
+                spec.build(n_bits, axis)
+            except CellSkipped:
+                raise
+            except Exception as e:
+                raise RecipeError(f"{side}: {error_text(e)}") from e
+        if self.algorithm is not None:
+            algorithm = _ptq_algorithm(self.algorithm, self.name)
+            params = list(inspect.signature(algorithm.fn).parameters.values())[2:]
+            named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+            # options read from a signature with **kwargs are not the whole list: nothing to check
+            open_ended = any(p.kind is p.VAR_KEYWORD for p in params) and algorithm.options == named
+            unknown = set(self.algorithm_args) - algorithm.options
+            if unknown and not open_ended:
+                raise RecipeError(
+                    f"algorithm_args: torchquant.ptq.{self.algorithm} takes no {sorted(unknown)}; "
+                    f"it takes {sorted(algorithm.options)}"
+                )
+
     def _run_algorithm(self, algorithm: PTQAlgorithm, model: nn.Module, data: Any, settings: Settings) -> nn.Module:
         kwargs = dict(self.algorithm_args)
         defaults = {"seed": settings.seed, "progress": settings.progress and settings.runtime.is_main}
@@ -359,6 +416,14 @@ class SpecRecipe(Recipe):
 
     def _algorithm_text(self) -> str:
         return f"{self.algorithm}({', '.join(f'{k}={v}' for k, v in sorted(self.algorithm_args.items()))})"
+
+
+def error_text(e: BaseException) -> str:
+    """An exception as one message: ``"TypeError: ..."``; a :class:`RecipeError`'s or ``KeyError``'s own text."""
+    if isinstance(e, RecipeError):
+        return str(e)
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return f"{type(e).__name__}: {text}"
 
 
 def _ptq_algorithm(name: str, recipe: str) -> PTQAlgorithm:
@@ -500,11 +565,12 @@ _spec(
 
 
 # --------------------------------------------------------------------- recipe files
-_RECIPE_KEYS = {f.name for f in dataclasses.fields(SpecRecipe)} - {"name"} | {"base"}
+_RECIPE_KEYS = {f.name for f in dataclasses.fields(SpecRecipe)} - {"name", "source"} | {"base"}
 _SPEC_KEYS = {f.name for f in dataclasses.fields(QuantizerSpec)}
 
 
-def _load_toml(path: Path) -> dict[str, Any]:
+def _load_toml(path: Path) -> tuple[dict[str, Any], str]:
+    """The parsed file and its text; syntax errors name the file."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10
@@ -512,39 +578,79 @@ def _load_toml(path: Path) -> dict[str, Any]:
             import tomli as tomllib
         except ImportError as e:
             raise ImportError("reading recipe files on Python 3.10 needs tomli: pip install torchquant[bench]") from e
-    with open(path, "rb") as f:
-        return tomllib.load(f)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe file {str(path)!r} is not UTF-8 text: {e}") from e
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"recipe file {str(path)!r} is not valid TOML: {e}") from e
 
 
-def import_modules(names: Iterable[str]) -> None:
+def _header_line(text: str, name: str) -> int | None:
+    """Line number (from 1) of the ``[recipe.<name>]`` header in ``text``, if the file has one."""
+    key = re.escape(name)
+    header = rf"""^[ \t]*\[[ \t]*recipe[ \t]*\.[ \t]*(?:{key}|"{key}"|'{key}')[ \t]*\]"""
+    m = re.search(header, text, flags=re.MULTILINE)
+    return None if m is None else text.count("\n", 0, m.start()) + 1
+
+
+def import_modules(names: Iterable[str], folder: str | Path | None = None) -> None:
     """Import user modules (which register quantizers, observers or recipes as a side effect).
 
-    The current directory is searched first, so ``--import my_quantizers`` finds
-    ``./my_quantizers.py``.
+    ``folder`` (a recipe file's folder) is searched first, then the current
+    directory, then installed packages: ``--import my_quantizers`` finds
+    ``./my_quantizers.py`` and a recipe file's ``import = ["my_quantizers"]`` finds
+    ``my_quantizers.py`` next to the file.
 
     Raises:
-        ImportError: a module cannot be imported (the message names it).
+        ImportError: a module cannot be imported, or another module of the same name
+            was imported before from elsewhere (the message names it).
     """
     cwd = str(Path.cwd())
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
+    where = "--import" if folder is None else f"a recipe file in {str(folder)!r}"
+    search = None if folder is None else str(Path(folder).resolve())
     for name in names:
+        if search is not None:
+            sys.path.insert(0, search)
         try:
-            importlib.import_module(name)
+            module = importlib.import_module(name)
         except ImportError as e:
-            raise ImportError(f"cannot import {name!r} (from --import or a recipe file's import key): {e}") from e
+            raise ImportError(f"cannot import {name!r} (from {where}): {e}") from e
+        finally:
+            if search is not None:
+                sys.path.remove(search)
+        if search is not None:
+            _check_found_in(module, name, Path(search))
+
+
+def _check_found_in(module: Any, name: str, folder: Path) -> None:
+    top = name.split(".")[0]
+    local = folder / f"{top}.py" if (folder / f"{top}.py").is_file() else folder / top
+    if not local.exists():
+        return
+    origin = getattr(sys.modules.get(top), "__file__", None)
+    if origin is None or Path(origin).resolve() in (local.resolve(), (local / "__init__.py").resolve()):
+        return
+    raise ImportError(
+        f"cannot import {name!r} from {str(local)!r}: a module {top!r} was already imported from {origin!r}; "
+        "rename one of them"
+    )
 
 
 def _quantizer_spec(raw: Any, where: str) -> QuantizerSpec | None:
     if raw is False or raw == "none":
         return None
     if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected a table with at least 'quantizer', got {raw!r}")
+        raise RecipeError(f"{where}: expected a table with at least 'quantizer', got {raw!r}")
     unknown = set(raw) - _SPEC_KEYS
     if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(_SPEC_KEYS)}")
+        raise RecipeError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(_SPEC_KEYS)}")
     if "quantizer" not in raw:
-        raise ValueError(f"{where}: missing 'quantizer' (a name from tq.list_quantizers())")
+        raise RecipeError(f"{where}: missing 'quantizer' (a name from tq.list_quantizers())")
     raw = dict(raw)
     for key in ("bits_arg", "axis_arg"):
         if raw.get(key) is False:
@@ -555,12 +661,13 @@ def _quantizer_spec(raw: Any, where: str) -> QuantizerSpec | None:
 def load_recipe_file(path: str | Path) -> list[str]:
     """Register the recipes of a TOML file; return their names.
 
-    The file may import modules (``import = ["my_module"]``) that register
-    quantizers, then describe recipes as ``[recipe.<name>]`` tables with the
-    fields of :class:`SpecRecipe` (``weights`` and ``acts`` are tables with the
-    fields of :class:`QuantizerSpec`; ``acts = false`` keeps activations in
-    float), optionally starting from a registered spec recipe with
-    ``base = "qat-minmax"``::
+    The file may import modules (``import = ["my_module"]``, found next to the
+    file first, then in the current directory, then among installed packages)
+    that register quantizers, then describe recipes as ``[recipe.<name>]`` tables
+    with the fields of :class:`SpecRecipe` (``weights`` and ``acts`` are tables
+    with the fields of :class:`QuantizerSpec`; ``acts = false`` keeps
+    activations in float), optionally starting from a registered spec recipe
+    with ``base = "qat-minmax"``::
 
         import = ["my_quantizers"]
 
@@ -569,44 +676,58 @@ def load_recipe_file(path: str | Path) -> list[str]:
         description = "my sign quantizer for weights"
         weights = { quantizer = "my-sign", bits_arg = false, fixed_bits = 1 }
 
+    Each recipe records where it was defined (``SpecRecipe.source``, ``"file:line"``).
+    Whether its quantizers accept their arguments is checked per grid cell
+    (:meth:`SpecRecipe.check_cell`), since it can depend on the bit setting.
+
     Raises:
         FileNotFoundError: no such file.
-        ValueError: unknown keys or a malformed recipe (the message names the key).
+        RecipeError: invalid TOML, unknown keys or a malformed recipe (the message names
+            the file and the key).
+        ImportError: a module of ``import`` cannot be imported.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe file {str(path)!r} does not exist")
-    doc = _load_toml(path)
+    doc, text = _load_toml(path)
     unknown = set(doc) - {"import", "recipe"}
     if unknown:
-        raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}; valid: ['import', 'recipe']")
+        raise RecipeError(f"{path}: unknown top-level keys {sorted(unknown)}; valid: ['import', 'recipe']")
     imports = doc.get("import", [])
     if isinstance(imports, str):
         imports = [imports]
-    import_modules(imports)
+    if not isinstance(imports, list) or not all(isinstance(m, str) for m in imports):
+        raise RecipeError(f"{path}: 'import' must be a module name or a list of them, got {imports!r}")
+    import_modules(imports, folder=path.parent)
     names = []
     for name, raw in doc.get("recipe", {}).items():
-        where = f"{path}: recipe {name!r}"
+        line = _header_line(text, name)
+        source = str(path) if line is None else f"{path}:{line}"
+        where = f"{source}: recipe {name!r}"
         if not isinstance(raw, dict):
-            raise ValueError(f"{where}: expected a table")
+            raise RecipeError(f"{where}: expected a table")
         unknown = set(raw) - _RECIPE_KEYS
         if unknown:
-            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(_RECIPE_KEYS)}")
+            raise RecipeError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(_RECIPE_KEYS)}")
         raw = dict(raw)
         fields: dict[str, Any] = {}
         if "base" in raw:
-            base = get_recipe(raw.pop("base"))
+            try:
+                base = get_recipe(raw.pop("base"))
+            except KeyError as e:
+                raise RecipeError(f"{where}: base: {e.args[0]}") from e
             if not isinstance(base, SpecRecipe):
-                raise ValueError(f"{where}: base recipe {base.name!r} is not a spec recipe")
+                raise RecipeError(f"{where}: base recipe {base.name!r} is not a spec recipe")
             fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(SpecRecipe)}
         for side in ("weights", "acts"):
             if side in raw:
                 raw[side] = _quantizer_spec(raw[side], f"{where}.{side}")
         fields.update(raw)
         fields["name"] = name
+        fields["source"] = source
         fields.setdefault("description", f"recipe from {path.name}")
         if "weights" not in fields:
-            raise ValueError(f"{where}: missing 'weights' (or 'base')")
+            raise RecipeError(f"{where}: missing 'weights' (or 'base')")
         fields.setdefault("acts", None)
         RECIPES.register(name, overwrite=True)(SpecRecipe(**fields))
         names.append(name)

@@ -25,8 +25,9 @@ class Row:
         accuracy: test accuracy in percent, ``None`` when skipped.
         delta: ``accuracy`` minus the float accuracy, in points.
         seconds: wall time of the cell.
-        status: ``"ok"`` or ``"skipped"``.
-        note: how the model was obtained, or why the cell was skipped.
+        status: ``"ok"``, ``"skipped"`` (the recipe does not apply to the bit setting)
+            or ``"failed"`` (the recipe raised an error while it ran).
+        note: how the model was obtained, why the cell was skipped, or the error.
     """
 
     recipe: str
@@ -45,11 +46,16 @@ def _fmt(v: float | None, signed: bool = False) -> str:
     return f"{v:+.2f}" if signed else f"{v:.2f}"
 
 
+def _note(r: Row) -> str:
+    first = r.note.split("\n", 1)[0]
+    return f"FAILED: {first}" if r.status == "failed" else first
+
+
 def format_table(rows: list[Row], title: str = "") -> str:
     """A plain-text table: recipe, bits, granularity, accuracy, delta vs float, seconds, note."""
     header = ["recipe", "bits", "weights", "acc %", "vs float", "time s", "note"]
     body = [
-        [r.recipe, r.bits, r.granularity, _fmt(r.accuracy), _fmt(r.delta, True), f"{r.seconds:.1f}", r.note]
+        [r.recipe, r.bits, r.granularity, _fmt(r.accuracy), _fmt(r.delta, True), f"{r.seconds:.1f}", _note(r)]
         for r in rows
     ]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header[:-1])]
