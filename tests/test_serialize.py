@@ -251,3 +251,18 @@ def test_tied_weights_with_different_grids_stay_float(tmp_path):
     loaded = tq.load(Tied(), tmp_path / "t.safetensors")
     assert loaded.a.layer.weight is loaded.b.layer.weight
     assert torch.equal(loaded(x), model(x))
+
+
+def test_a_quantizer_changed_after_construction_is_described_as_it_is(tmp_path):
+    # a mixed-precision search sets n_bits on built quantizers; the checkpoint must follow
+    model = tq.quantize_model(Net(), lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0)), a8)
+    model.fc1.weight_quantizer.n_bits = 3
+    model.fc2.weight_quantizer.range_observer = tq.RunningMinMax(axis=0)
+    model, x = calibrated(model)
+    assert describe(model.fc1.weight_quantizer).args["n_bits"] == 3
+    tq.save(model, tmp_path / "m.safetensors")
+    loaded = tq.load(Net().eval(), tmp_path / "m.safetensors")
+    assert loaded.fc1.weight_quantizer.n_bits == 3
+    assert dict(tq.iter_qmodules(loaded))["conv.0"].weight_quantizer.n_bits == 8
+    assert isinstance(loaded.fc2.weight_quantizer.range_observer, tq.RunningMinMax)
+    assert torch.equal(loaded(x), model(x))

@@ -214,11 +214,30 @@ def _arguments(registry: Registry, obj: nn.Module, who: str) -> tuple[str, dict[
         return name, dict(obj.spec_args())
     made = getattr(obj, "_tq_made", None)
     if made is not None and made[0] == name:
-        return name, _bound_args(obj, registry.get(name), made[1], made[2], who)
+        return name, _current(obj, _bound_args(obj, registry.get(name), made[1], made[2], who))
     record = getattr(obj, "_tq_init", None)
     if record is None:
         raise SpecError(f"{who}: {type(obj).__qualname__} does not record its constructor arguments")
-    return name, _bound_args(obj, registry.get(name), record[0], record[1], who)
+    return name, _current(obj, _bound_args(obj, registry.get(name), record[0], record[1], who))
+
+
+def _current(obj: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with the values ``obj`` holds now, where it keeps an argument under the same name.
+
+    Research code changes quantizers after construction (a mixed-precision search sets
+    ``n_bits``; an observer is swapped): the description follows the object, not its
+    history. Arguments kept in ``granularity`` (``axis``, ``group_size``) are read from it.
+    """
+    out = dict(kwargs)
+    own = vars(obj)
+    for key in out:
+        if key == "range_observer" and isinstance(own.get("_modules", {}).get("range_observer"), nn.Module):
+            out[key] = own["_modules"]["range_observer"]
+        elif key in ("axis", "group_size") and hasattr(own.get("granularity"), key):
+            out[key] = getattr(own["granularity"], key)
+        elif key in own and (own[key] is None or isinstance(own[key], (bool, int, float, str))):
+            out[key] = own[key]
+    return out
 
 
 def describe(quantizer: nn.Module, who: str | None = None) -> QuantizerSpec:
