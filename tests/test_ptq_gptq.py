@@ -161,3 +161,24 @@ def test_tiny_llama_logits_closer_to_float_than_round_to_nearest():
     out = mse()
     # Measured: logits MSE 4.16e-4 with round-to-nearest, 3.00e-4 after GPTQ (0.72x; 0.75x with act_order).
     assert out < 0.85 * rtn, (out, rtn)
+
+
+def test_hf_conv1d_goes_through_the_weight_view():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=32)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    wf = lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=1, group_size=16))  # noqa: E731
+    q = tq.quantize_model(model, wf, None, method="swap", skip=["lm_head", "*wte", "*wpe"])
+    calib = [torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    tq.calibrate(q, calib[:1], mode=S.CALIBRATION_WEIGHT_ONLY, progress=False)
+    c_attn = q.get_submodule("transformer.h.0.attn.c_attn")
+    with torch.no_grad():
+        rtn = c_attn.weight_quantizer(c_attn.weight_view())
+    res = gptq(q, calib, act_order=True, progress=False)
+    assert sorted(res.losses) == [
+        f"transformer.h.0.{n}" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
+    assert type(c_attn.layer).__name__ == "Conv1D"
+    w = c_attn.weight_view()  # (out, in) view of the (in, out) parameter
+    assert torch.equal(c_attn.weight_quantizer(w), w) and not torch.equal(w, rtn)
