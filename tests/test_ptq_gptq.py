@@ -182,3 +182,31 @@ def test_hf_conv1d_goes_through_the_weight_view():
     assert type(c_attn.layer).__name__ == "Conv1D"
     w = c_attn.weight_view()  # (out, in) view of the (in, out) parameter
     assert torch.equal(c_attn.weight_quantizer(w), w) and not torch.equal(w, rtn)
+
+
+def _naive_gptq(w, h, grid, damp=0.01):
+    """The textbook form, in float64: no blocks, the inverse Hessian updated explicitly after each column."""
+    W, H = w.clone().double(), h.double().clone()
+    H.diagonal().add_(damp * H.diagonal().mean())
+    s, z = grid.scale.expand_as(w).double(), grid.zero_point.expand_as(w).double()
+    Hinv, Q = torch.linalg.inv(H), torch.zeros_like(W)
+    for j in range(W.shape[1]):
+        Q[:, j] = (torch.clamp(torch.round(W[:, j] / s[:, j]) + z[:, j], grid.qmin, grid.qmax) - z[:, j]) * s[:, j]
+        err = (W[:, j] - Q[:, j]) / Hinv[j, j]
+        W[:, j:] -= err[:, None] * Hinv[j, j:][None, :]
+        Hinv = Hinv - Hinv[:, j : j + 1] @ Hinv[j : j + 1, :] / Hinv[j, j]  # eliminate column j
+    return Q.float()
+
+
+def test_lazy_blocks_and_cholesky_match_the_textbook_form():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 48, generator=g) @ torch.randn(48, 48, generator=g)
+    w = torch.randn(16, 48, generator=g)
+    quant = tq.AffineQuantizer(4, tq.BatchMinMax(axis=1, group_size=16))
+    quant.pre_observe(w)
+    h = 2 * x.t() @ x / x.shape[0]
+    ref = _naive_gptq(w, h, quant.grid())
+    for block_size in (1, 5, 48, 128):
+        assert torch.equal(gptq_quantize_weight(w, h, quant.grid(), block_size=block_size)[0], ref)
+    ordered = [gptq_quantize_weight(w, h, quant.grid(), block_size=b, act_order=True)[0] for b in (1, 7, 48)]
+    assert all(torch.equal(o, ordered[0]) for o in ordered)
