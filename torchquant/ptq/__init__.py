@@ -1,12 +1,12 @@
-"""Post-training quantization: calibration, cross-layer equalization, bias correction
-and one reconstruction engine for AdaRound, BRECQ and QDrop.
+"""Post-training quantization: calibration, cross-layer equalization, bias correction,
+one reconstruction engine for AdaRound, BRECQ and QDrop, and GPTQ.
 
 A typical pipeline (Nagel et al. 2021, "A White Paper on Neural Network Quantization")::
 
     q = tq.quantize_model(model, weights, acts, method="swap")
     tq.ptq.equalize(q)                        # optional: CLE + high-bias absorption (folds BN)
     tq.calibrate(q, calib_batches)            # ranges
-    tq.ptq.bias_correction(q, calib_batches)  # or tq.ptq.adaround / brecq / qdrop
+    tq.ptq.bias_correction(q, calib_batches)  # or tq.ptq.adaround / brecq / qdrop / gptq
     tq.set_qmodule_state(q, tq.QModuleState.QUANT_EVAL)
 
 Every algorithm is also registered by name (:func:`list_ptq_algorithms`,
@@ -17,6 +17,7 @@ benchmarks find them.
 from .bias_correction import bias_correction, expected_activation
 from .calibrate import calibrate
 from .equalize import ChannelClip, EqualizationResult, equalize, find_layer_pairs, fold_qwrapper_batchnorm
+from .gptq import GPTQResult, gptq, gptq_quantize_weight
 from .reconstruction import (
     ADAROUND,
     BRECQ,
@@ -43,6 +44,7 @@ __all__ = [
     "AdaRoundQuantizer",
     "ChannelClip",
     "EqualizationResult",
+    "GPTQResult",
     "PTQAlgorithm",
     "ReconstructionConfig",
     "adaround",
@@ -54,6 +56,8 @@ __all__ = [
     "find_layer_pairs",
     "fold_qwrapper_batchnorm",
     "get_ptq_algorithm",
+    "gptq",
+    "gptq_quantize_weight",
     "list_ptq_algorithms",
     "qdrop",
     "reconstruct",

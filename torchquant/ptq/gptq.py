@@ -1,0 +1,328 @@
+"""GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers"): weight rounding with second-order error feedback.
+
+For a layer with weight ``W`` (``(rows, cols)``: the :meth:`~torchquant.QWrapper.weight_view`,
+a convolution's flattened to ``(out, in * kh * kw)``) and calibration inputs ``X``
+(``(n, cols)``, a convolution's unfolded patches), GPTQ quantizes the columns of ``W`` one
+at a time onto the weight quantizer's fixed grid and spreads each column's rounding
+error over the columns not yet quantized so that ``||X W^T - X W_q^T||`` stays small:
+
+* ``H = 2 X^T X / n``, accumulated batch by batch (activations are never stored);
+  inputs with ``H_jj = 0`` (dead) get ``H_jj = 1`` and a zero weight; ``damp *
+  mean(diag H)`` is added to the diagonal.
+* ``U``: the upper Cholesky factor of ``H^-1``. Column ``j`` is rounded to nearest on its
+  grid, ``q_j = Q(w_j)``, and the columns after it get ``W[:, k] -= (w_j - q_j) / U_jj *
+  U_jk``; within a block of ``block_size`` columns this happens column by column, and
+  the block's accumulated error reaches the later columns in one matrix product
+  (lazy batch updates).
+* ``act_order=True`` quantizes columns in order of decreasing ``H_jj``. The grid is
+  computed before GPTQ (by calibration) and does not change, so with per-group grids
+  the groups are always the grid's own, fixed groups of consecutive input channels
+  ("static groups"): each column keeps its group's scale and zero point whatever order it
+  is quantized in. ``static_groups=False`` (a grid recomputed per group during GPTQ, the
+  reference implementation's default without act order) is not supported and raises.
+
+The quantized values are written into the layer's float weight; the grid (the observer's
+ranges) is left as it is, so the frozen-range quantizer in ``QUANT_EVAL`` reproduces them
+exactly. (Calibrating the weights again would recompute the ranges; do not.)
+
+Layers are processed in forward order, each with a Hessian collected afresh from the
+model whose earlier layers are already quantized (sequential refinement; one forward
+pass over the data per layer). The model runs in ``mode`` (``QUANT_EVAL`` by default)
+while a layer's inputs are collected, so each layer sees its inputs as in quantized
+inference, after its ``input_quantizer`` when the mode quantizes activations.
+
+Which layers: ``Linear``, Hugging Face ``Conv1D`` and ``Conv2d`` with ``groups=1``,
+integer padding and ``padding_mode="zeros"``. Other weighted layers (grouped or depthwise
+convolutions, ``Conv1d``/``Conv3d``, ``Embedding``) and wrappers with ``fold_bn=True`` (their
+quantizer sees the BatchNorm-folded weight, not the stored one) keep their float weights,
+to be rounded to nearest by their quantizer; :class:`GPTQResult` lists them with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..qmodules import QModuleState, QWrapper
+from ..quantizers import AffineGrid
+from ..utils import progress_bar, restoring_states
+from ._common import Snapshot, call_model, forward_order, materialize, require_qmodules
+from .registry import register_ptq_algorithm
+
+__all__ = ["GPTQResult", "gptq", "gptq_quantize_weight"]
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    """What :func:`gptq` did.
+
+    Attributes:
+        losses: for each layer quantized by GPTQ (qualified name), the paper's loss
+            ``sum_j ||w_j - q_j||^2 / (2 U_jj^2)`` over its columns (the increase of the layer's
+            output error caused by rounding, in the units of ``H``).
+        skipped: layers left to round-to-nearest, by qualified name, with the reason.
+    """
+
+    losses: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _skip_reason(w: QWrapper) -> str | None:
+    layer = w.layer
+    if w.fold_bn:
+        return "fold_bn=True: its quantizer sees the BatchNorm-folded weight"
+    if isinstance(layer, nn.Linear) or type(layer).__name__ == "Conv1D":
+        return None
+    if type(layer) is nn.Conv2d:
+        if layer.groups != 1:
+            return f"a Conv2d with groups={layer.groups} (GPTQ handles groups=1)"
+        if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+            return f"a Conv2d with padding={layer.padding!r}, padding_mode={layer.padding_mode!r}"
+        return None
+    return f"{type(layer).__name__} layers are not handled by GPTQ"
+
+
+def _rows(w: QWrapper, x: Tensor) -> Tensor:
+    """The layer's input as ``(n, cols)`` rows matching the flattened weight view's columns."""
+    layer = w.layer
+    if isinstance(layer, nn.Conv2d):
+        # (N, C, H, W) -> (N, C*kh*kw, L) -> (N*L, C*kh*kw): the order of weight.reshape(out, -1)
+        cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1])  # (..., in) -> (n, in)
+
+
+def gptq_quantize_weight(
+    weight: Tensor,
+    hessian: Tensor,
+    grid: AffineGrid,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> tuple[Tensor, float]:
+    """GPTQ on one weight matrix (the module docstring's algorithm).
+
+    Args:
+        weight: ``(rows, cols)`` float weight.
+        hessian: ``(cols, cols)`` ``2 X^T X / n`` of the layer's inputs.
+        grid: the weight's affine grid; its scale and zero point broadcast against ``weight``
+            (read per column: per-tensor, per-row or per-group grids all work).
+        damp: fraction of ``mean(diag H)`` added to the diagonal.
+        block_size: columns per lazy-update block.
+        act_order: quantize columns in order of decreasing ``diag H``.
+
+    Returns:
+        The quantized weight (``(rows, cols)``, on ``grid``, dtype of ``weight``) and the loss.
+
+    Raises:
+        RuntimeError: ``H`` is not positive definite even after damping (raise ``damp``).
+    """
+    rows, cols = weight.shape
+    W = weight.detach().to(torch.float32).clone()
+    H = hessian.detach().to(torch.float32).clone()
+    scale = grid.scale.to(torch.float32).expand(rows, cols)
+    zero = grid.zero_point.to(torch.float32).expand(rows, cols)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H, scale, zero = W[:, perm], H[perm][:, perm], scale[:, perm], zero[:, perm]
+    H.diagonal().add_(damp * torch.diag(H).mean())
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) == 0:
+        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)  # H^-1 = U^T U
+    if int(info) != 0:
+        raise RuntimeError(f"gptq: the Hessian is not positive definite with damp={damp}; use a larger damp")
+    Q = torch.zeros_like(W)
+    loss = torch.zeros((), dtype=torch.float64, device=W.device)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()  # (rows, b)
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w, d = W1[:, i], U1[i, i]
+            s, z = scale[:, i1 + i], zero[:, i1 + i]
+            q = (torch.clamp(torch.round(w / s) + z, grid.qmin, grid.qmax) - z) * s
+            Q[:, i1 + i] = q
+            err = (w - q) / d  # (rows,)
+            loss += err.pow(2).sum() / 2
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy batch update of the later columns
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    return Q.to(weight.dtype), float(loss)
+
+
+def _check(value, name: str, kind, low) -> None:
+    if isinstance(value, bool) or not isinstance(value, kind) or value < low:
+        raise ValueError(f"gptq: {name} must be a {kind.__name__} >= {low}, got {value!r}")
+
+
+@register_ptq_algorithm("gptq")
+def gptq(
+    model: nn.Module,
+    data: Iterable,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = True,
+    num_batches: int | None = None,
+    mode: QModuleState = QModuleState.QUANT_EVAL,
+    progress: bool = True,
+) -> GPTQResult:
+    """GPTQ (Frantar et al. 2022): round each layer's weights with Hessian-based error feedback.
+
+    See the module docstring for the algorithm, the layers it handles and those it leaves to
+    round-to-nearest. The model must be calibrated (weight quantizers with ranges; activation
+    quantizers too when ``mode`` quantizes activations). There is no randomness: the result
+    depends only on the model and the data. If anything fails part-way, the model (weights,
+    modes, training flags) is restored exactly as it was.
+
+    Args:
+        model: a quantizable model (from :func:`~torchquant.quantize_model`) whose weight
+            quantizers report an affine grid (:meth:`~torchquant.quantizers.Quantizer.grid`).
+        data: calibration batches (as for :func:`~torchquant.ptq.calibrate`).
+        damp: dampening, as a fraction of the mean of ``diag H``.
+        block_size: columns per lazy-update block.
+        act_order: quantize columns in order of decreasing ``diag H`` (activation order).
+        static_groups: must be ``True``: the grid is fixed before GPTQ, so per-group grids
+            keep their own groups whatever the column order.
+        num_batches: use at most this many batches of ``data``.
+        mode: the mode every QModule runs in while inputs are collected.
+        progress: show a progress bar over layers.
+
+    Returns:
+        A :class:`GPTQResult`: the loss of each quantized layer and the layers skipped.
+
+    Raises:
+        TypeError: a weight quantizer without an affine grid (naming the module).
+        ValueError: no QModule, empty data, a bad option, or no layer GPTQ can handle.
+        RuntimeError: a weight quantizer without ranges (calibrate first), or a Hessian that
+            is not positive definite.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import torchquant as tq
+        >>> net = tq.quantize_model(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)),
+        ...                         lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0)), None, method="swap")
+        >>> data = [torch.randn(16, 8)]
+        >>> _ = tq.calibrate(net, data, progress=False)
+        >>> sorted(tq.ptq.gptq(net, data, progress=False).losses)
+        ['0', '2']
+    """
+    qmodules = require_qmodules(model, "gptq")
+    if not isinstance(damp, (int, float)) or isinstance(damp, bool) or not damp >= 0:
+        raise ValueError(f"gptq: damp must be a number >= 0, got {damp!r}")
+    _check(block_size, "block_size", int, 1)
+    if not isinstance(act_order, bool):
+        raise ValueError(f"gptq: act_order must be a bool, got {act_order!r}")
+    if static_groups is not True:
+        raise ValueError(
+            "gptq: static_groups=False (a grid recomputed per group during GPTQ) is not supported; the grid "
+            "comes from calibration and is fixed, so groups are always the grid's own (static_groups=True)"
+        )
+    if not isinstance(mode, QModuleState):
+        raise ValueError(f"gptq: mode must be a QModuleState, got {mode!r}")
+    batches = materialize(data, num_batches, "gptq")
+    names = {m: n for n, m in qmodules}
+    todo: list[QWrapper] = []
+    grids: dict[QWrapper, AffineGrid] = {}
+    skipped: dict[str, str] = {}
+    for name, w in qmodules:
+        if not isinstance(w, QWrapper) or w.weight_quantizer is None:
+            continue
+        reason = _skip_reason(w)
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        try:
+            grid = w.weight_quantizer.grid()
+        except RuntimeError as e:
+            raise RuntimeError(f"gptq: the weight quantizer of {name} has no ranges; calibrate first ({e})") from e
+        if grid is None:
+            raise TypeError(
+                f"gptq: the weight quantizer of {name} ({type(w.weight_quantizer).__name__}) reports no affine "
+                "grid; GPTQ needs one (e.g. AffineQuantizer)"
+            )
+        grid.check(w.weight_view().shape, f"gptq: the weight quantizer of {name}")
+        grids[w] = grid
+        todo.append(w)
+    if not todo:
+        raise ValueError(f"gptq: no layer that GPTQ handles in {type(model).__name__} (skipped: {skipped})")
+
+    snapshot = Snapshot(model)
+    with restoring_states(model):
+        try:
+            model.eval()
+            for _, m in qmodules:
+                m.qstate = mode
+            order = forward_order(model, todo, batches[0], "gptq")
+            missing = [names[w] for w in todo if w not in order]
+            if missing:
+                raise ValueError(f"gptq: layers never called by the forward pass: {missing}")
+            losses: dict[str, float] = {}
+            for w in progress_bar(order, len(order), "gptq", progress):
+                H = _hessian(model, w, batches)
+                wv = w.weight_view()  # (out, in, ...) view of the parameter
+                q, loss = gptq_quantize_weight(
+                    wv.reshape(wv.shape[0], -1),
+                    H,
+                    _flat(grids[w], wv.shape),
+                    damp=float(damp),
+                    block_size=block_size,
+                    act_order=act_order,
+                )
+                with torch.no_grad():
+                    wv.copy_(q.reshape(wv.shape))
+                losses[names[w]] = loss
+        except BaseException:
+            snapshot.restore()
+            raise
+    return GPTQResult(losses=losses, skipped=skipped)
+
+
+def _flat(grid: AffineGrid, shape: torch.Size) -> AffineGrid:
+    """``grid`` with scale and zero point expanded to ``shape`` and flattened to ``(out, rest)``."""
+    rows = shape[0]
+    return AffineGrid(
+        grid.scale.expand(shape).reshape(rows, -1),
+        grid.zero_point.expand(shape).reshape(rows, -1),
+        grid.qmin,
+        grid.qmax,
+        grid.granularity,
+    )
+
+
+def _hessian(model: nn.Module, w: QWrapper, batches: list) -> Tensor:
+    """``2 X^T X / n`` of ``w``'s inputs (after its input quantizer when the mode quantizes them)."""
+    state: dict[str, object] = {"H": None, "n": 0}
+
+    def pre(mod: QWrapper, args: tuple) -> None:
+        x = args[0].detach()
+        if mod.input_quantizer is not None and mod.qstate.is_act_quantized:
+            x = mod.input_quantizer(x)
+        X = _rows(mod, x).to(torch.float32)  # (n, cols)
+        xtx = X.t() @ X
+        state["H"] = xtx if state["H"] is None else state["H"] + xtx
+        state["n"] += X.shape[0]
+
+    handle = w.register_forward_pre_hook(pre)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                call_model(model, batch, "gptq")
+    finally:
+        handle.remove()
+    return 2.0 * state["H"] / state["n"]
