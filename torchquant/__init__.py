@@ -7,7 +7,7 @@ The public names of the core modules are re-exported here::
 """
 
 from . import baselines, distributed, ptq, quantizers_functional, registry, spec
-from .convert import FunctionalOp, FxTraceError, quantize_model
+from .convert import FloatLayersWarning, FunctionalOp, FxTraceError, quantize_model
 from .factories import call_factory
 from .folding import bn_scale_shift, fold_batchnorm, fold_bn_params, freeze_bn_stats
 from .granularity import PER_TENSOR, Granularity, per_channel, per_group
@@ -89,6 +89,7 @@ __all__ = [
     "DynamicAffineQuantizer",
     "EntropyObserver",
     "ExpAvgMinMax",
+    "FloatLayersWarning",
     "FunctionalOp",
     "FxTraceError",
     "Granularity",

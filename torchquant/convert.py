@@ -8,16 +8,69 @@ graph (layers and functional operations, see :mod:`torchquant.graph.fx`);
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 
 from torch import nn
 
 from .factories import QuantizerFactory
-from .graph.common import FLOAT_REASONS_ATTR, SkipSpec, check_skip, place_quantizers
+from .graph.common import FLOAT_REASONS_ATTR, SkipSpec, check_skip, place_quantizers, skip_reason
 from .graph.fx import FunctionalOp, FxTraceError, quantize_fx
 from .graph.swap import quantize_swap
+from .layers import LAYER_TYPES, layer_adapter
+from .qmodules import QModule
 
-__all__ = ["CONVERSIONS_ATTR", "FunctionalOp", "FxTraceError", "quantize_model", "record_conversion"]
+__all__ = [
+    "CONVERSIONS_ATTR",
+    "FloatLayersWarning",
+    "FunctionalOp",
+    "FxTraceError",
+    "float_layers",
+    "quantize_model",
+    "record_conversion",
+]
+
+
+class FloatLayersWarning(UserWarning):
+    """``quantize_model`` left layers with weights in float that the user did not skip.
+
+    Silence it with ``warnings.filterwarnings("ignore", category=tq.FloatLayersWarning)``,
+    or skip those layers explicitly.
+    """
+
+
+def float_layers(model: nn.Module, skip: tuple = ()) -> list[str]:
+    """Qualified names of the layers with weights (Linear, Conv, Embedding, ...) that no QModule holds
+    and that ``skip`` does not name (neither the layer nor a module above it)."""
+    held: list[str] = []
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, QModule):
+            held.append(name)
+            continue
+        if not (isinstance(m, LAYER_TYPES) or layer_adapter(m) is not None):
+            continue
+        if any(name == h or name.startswith(h + ".") for h in held):
+            continue
+        parts = name.split(".")
+        ancestors = [(".".join(parts[:i]), model.get_submodule(".".join(parts[:i]))) for i in range(1, len(parts) + 1)]
+        if any(skip_reason(n, a, skip) is not None for n, a in ancestors):
+            continue
+        out.append(name)
+    return out
+
+
+def _warn_float_layers(model: nn.Module, skip: tuple) -> None:
+    names = float_layers(model, skip)
+    if names:
+        shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
+        warnings.warn(
+            f"quantize_model: {len(names)} layer(s) with weights stay in float: {shown}; "
+            "tq.print_summary(model) says why (skip them to silence this)",
+            FloatLayersWarning,
+            stacklevel=3,
+        )
+
 
 CONVERSIONS_ATTR = "_tq_conversions"
 """Name of the ``list[dict]`` attribute in which converters record, in order, how a model was
@@ -77,7 +130,9 @@ def quantize_model(
     the input (the embedding dimension). A tied output layer (GPT-2's ``lm_head``) keeps
     sharing its Parameter with the embedding.
 
-    Either way every new ``QModule`` starts ``BYPASSED``, so the output equals the
+    Either way, layers with weights that end up in float without being skipped (a
+    subclass of ``nn.Linear``, a layer inside a module torch.fx keeps as a leaf) raise a
+    :class:`FloatLayersWarning` naming them. Every new ``QModule`` starts ``BYPASSED``, so the output equals the
     float model's until :func:`~torchquant.utils.set_qmodule_state` changes the mode,
     and the new quantizers sit on the model's device (a QWrapper's on its layer's), so
     a model already on a GPU is converted there.
@@ -169,6 +224,7 @@ def quantize_model(
                 "autowrap_functions": [_qualified(f) for f in autowrap_functions],
             },
         )
+        _warn_float_layers(gm, skip)
         return gm
     if method == "swap":
         if tuple(leaf_modules) or tuple(autowrap_functions):
@@ -182,5 +238,6 @@ def quantize_model(
         record_conversion(
             model, {"kind": "quantize_model", "method": "swap", "skip": _skip_record(skip), "fold_bn": bool(fold_bn)}
         )
+        _warn_float_layers(model, skip)
         return model
     raise ValueError(f"quantize_model: unknown method {method!r}; valid: 'fx', 'swap'")
