@@ -121,8 +121,6 @@ def test_errors_name_the_module_and_the_model_is_untouched():
         gptq(q, [torch.randn(8, 4)], progress=False)
     assert before.keys() == q.state_dict().keys()
     assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
-    with pytest.raises(ValueError, match="static_groups=False"):
-        gptq(q, [torch.randn(8, 4)], static_groups=False, progress=False)
     with pytest.raises(ValueError, match="block_size"):
         gptq(q, [torch.randn(8, 4)], block_size=0, progress=False)
 

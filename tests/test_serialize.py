@@ -29,6 +29,20 @@ class Net(nn.Module):
         return self.fc2(torch.relu(self.fc1(y)) + 1.0)
 
 
+class Tied(nn.Module):
+    """Two layers sharing one weight (as an embedding and its head do)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(8, 8, bias=False)
+        self.b = nn.Linear(8, 8, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
 def w4_group(module, name):
     axis, group = (1, 8) if isinstance(module, nn.Linear) else (0, None)
     return tq.AffineQuantizer(4, tq.BatchMinMax(axis=axis, group_size=group), symmetric=True)
@@ -94,17 +108,6 @@ def test_training_modes_keep_float_weights():
 
 
 def test_tied_weights_with_one_grid_share_their_codes(tmp_path):
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.a = nn.Linear(8, 8, bias=False)
-            self.b = nn.Linear(8, 8, bias=False)
-            self.b.weight = self.a.weight
-
-        def forward(self, x):
-            return self.b(self.a(x))
-
     wf = lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0))  # noqa: E731
     model = tq.quantize_model(Tied(), wf, None, method="swap")
     tq.set_qmodule_state(model, S.CALIBRATION)
@@ -226,17 +229,6 @@ def test_spec_json_form_and_errors():
 
 
 def test_tied_weights_with_different_grids_stay_float(tmp_path):
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.a = nn.Linear(8, 8, bias=False)
-            self.b = nn.Linear(8, 8, bias=False)
-            self.b.weight = self.a.weight
-
-        def forward(self, x):
-            return self.b(self.a(x))
-
     def wf(module, name):
         return tq.AffineQuantizer(4, tq.BatchMinMax(axis=0 if name == "a" else None))
 

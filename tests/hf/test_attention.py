@@ -9,6 +9,7 @@ import torchquant as tq
 
 transformers = pytest.importorskip("transformers")
 
+from hf_tiny import bert_config, gpt2_config, llama_config, vit_config, whisper_config  # noqa: E402
 from transformers import AttentionInterface  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
@@ -18,65 +19,6 @@ S = tq.QModuleState
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SQNR_8BIT_DB = 35.0  # measured 50 to 93 dB on these models (query, key, value per head and token, probs per tensor)
-
-
-def llama_config(**kw):
-    return transformers.LlamaConfig(
-        **kw,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-
-
-def gpt2_config(**kw):
-    return transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64, **kw)
-
-
-def bert_config():
-    return transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=100,
-        max_position_embeddings=64,
-    )
-
-
-def vit_config():
-    return transformers.ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=16,
-        patch_size=4,
-        num_labels=3,
-    )
-
-
-def whisper_config():
-    return transformers.WhisperConfig(
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        num_mel_bins=8,
-        vocab_size=100,
-        max_source_positions=16,
-        max_target_positions=32,
-        decoder_start_token_id=1,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=1,
-    )
 
 
 def text_inputs(left_padding: bool):
@@ -102,7 +44,7 @@ def build(kind: str, impl: str, init_range: float = 0.02):
         model = transformers.BertForMaskedLM(bert_config())
         inputs, real = text_inputs(left_padding=False)
     elif kind == "vit":
-        model = transformers.ViTForImageClassification(vit_config())
+        model = transformers.ViTForImageClassification(vit_config(num_labels=3))
         inputs, real = {"pixel_values": torch.randn(2, 3, 16, 16)}, None
     else:
         model = transformers.WhisperForConditionalGeneration(whisper_config())

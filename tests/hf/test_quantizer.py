@@ -11,6 +11,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from hf_tiny import bert_config, gpt2_config, llama_config, qwen2_config, vit_config, whisper_config  # noqa: E402
+
 import torchquant as tq  # noqa: E402
 from torchquant.hf import TorchQuantConfig, quantize  # noqa: E402
 from torchquant.spec import SpecError  # noqa: E402
@@ -35,82 +37,20 @@ def _ids(vocab: int = 100, n: int = 12) -> dict:
     return {"input_ids": torch.randint(0, vocab, (2, n))}
 
 
-def _llama():
-    return transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-
-
-def _qwen2():
-    return transformers.Qwen2Config(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-
-
-def _gpt2():
-    return transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64)
-
-
-def _bert():
-    return transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=3
-    )
-
-
-def _vit():
-    return transformers.ViTConfig(
-        image_size=16,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=5,
-    )
-
-
-def _whisper():
-    return transformers.WhisperConfig(
-        vocab_size=100,
-        num_mel_bins=8,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_source_positions=16,
-        max_target_positions=32,
-        decoder_start_token_id=1,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=1,
-        suppress_tokens=[],
-        begin_suppress_tokens=[],
-    )
-
-
 FAMILIES = [
-    Family("llama", _llama, "AutoModelForCausalLM", _ids, causal=True),
-    Family("qwen2", _qwen2, "AutoModelForCausalLM", _ids, causal=True),
-    Family("gpt2", _gpt2, "AutoModelForCausalLM", _ids, causal=True),
-    Family("bert", _bert, "AutoModelForSequenceClassification", _ids),
-    Family("vit", _vit, "AutoModelForImageClassification", lambda: {"pixel_values": torch.randn(2, 3, 16, 16)}),
+    Family("llama", llama_config, "AutoModelForCausalLM", _ids, causal=True),
+    Family("qwen2", qwen2_config, "AutoModelForCausalLM", _ids, causal=True),
+    Family("gpt2", gpt2_config, "AutoModelForCausalLM", _ids, causal=True),
+    Family("bert", lambda: bert_config(num_labels=3), "AutoModelForSequenceClassification", _ids),
+    Family(
+        "vit",
+        lambda: vit_config(num_labels=5),
+        "AutoModelForImageClassification",
+        lambda: {"pixel_values": torch.randn(2, 3, 16, 16)},
+    ),
     Family(
         "whisper",
-        _whisper,
+        whisper_config,
         "AutoModelForSpeechSeq2Seq",
         lambda: {"input_features": torch.randn(2, 8, 32), "decoder_input_ids": torch.randint(3, 100, (2, 5))},
     ),
@@ -250,7 +190,7 @@ def test_the_issue_example_works_as_written():
         },
         modules_to_not_convert=["lm_head"],
     )
-    model = quantize(transformers.LlamaForCausalLM(_llama()), config)
+    model = quantize(transformers.LlamaForCausalLM(llama_config()), config)
     q = model.model.layers[0].self_attn.q_proj.weight_quantizer
     assert isinstance(q, tq.AffineQuantizer) and q.symmetric and q.granularity == tq.per_channel(0)
     assert isinstance(model.lm_head, torch.nn.Linear)
@@ -293,8 +233,15 @@ def test_calibrating_an_encoder_decoder_with_label_only_batches(float_dirs):
 def test_quantize_then_save_pretrained_round_trips(tmp_path):
     # converting a model already in memory, not through from_pretrained, saves the same way
     torch.manual_seed(0)
-    model = quantize(transformers.LlamaForCausalLM(_llama()).eval(), TorchQuantConfig(weights="int4-g16"))
+    model = quantize(transformers.LlamaForCausalLM(llama_config()).eval(), TorchQuantConfig(weights="int4-g16"))
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["quant_method"] == "torchquant"
     batch = FAMILIES[0].batch()
     assert torch.equal(_out(_load(FAMILIES[0], tmp_path), batch), _out(model, batch))
+
+
+def test_norm_outputs_go_to_normalisations_only():
+    model = quantize(transformers.GPT2LMHeadModel(gpt2_config()), TorchQuantConfig(weights="int8", norm_outputs="int8"))
+    block = model.transformer.h[0]
+    assert isinstance(block.ln_1, tq.QOp) and block.ln_1.acts_quantizer is not None
+    assert block.attn.c_attn.acts_quantizer is None  # a Conv1D layer, not a normalisation

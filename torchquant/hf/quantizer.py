@@ -31,6 +31,7 @@ from transformers.quantizers import HfQuantizer, register_quantizer
 from transformers.quantizers.auto import register_quantization_config
 
 from ..convert import CONVERSIONS_ATTR, quantize_model, record_conversion
+from ..layers import is_normalization
 from ..qmodules import QModuleState, QWrapper, iter_qmodules
 from ..quantizers.base import RangeQuantizer
 from ..serialize import AMAX_KEY, CODES_SUFFIX, load_quantized_state, quantized_state_dict, register_conversion
@@ -131,7 +132,8 @@ def quantize(model: nn.Module, config: TorchQuantConfig, *, initial_state: bool 
         return _build(config.point(field, name), name, field)
 
     def outputs(module: nn.Module, name: str):
-        if norm_spec is None or isinstance(module, (QWrapper, nn.Embedding)) or _is_layer(module):
+        # quantize_model asks for every layer's output too; only normalisations get a quantizer here
+        if norm_spec is None or not is_normalization(module):
             return None
         return _build(QuantizerSpec.from_dict(norm_spec), name, "norm_outputs")
 
@@ -185,12 +187,6 @@ def _float_names_to_converted(module, state_dict, prefix, *args) -> None:
 
 def _named_tensors(model: nn.Module):
     return itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
-
-
-def _is_layer(module: nn.Module) -> bool:
-    from ..layers import LAYER_TYPES
-
-    return isinstance(module, LAYER_TYPES)
 
 
 def _quantize_attention(model: nn.Module, config: TorchQuantConfig, skip: list[str]) -> None:

@@ -19,8 +19,8 @@ error over the columns not yet quantized so that ``||X W^T - X W_q^T||`` stays s
   computed before GPTQ (by calibration) and does not change, so with per-group grids
   the groups are always the grid's own, fixed groups of consecutive input channels
   ("static groups"): each column keeps its group's scale and zero point whatever order it
-  is quantized in. ``static_groups=False`` (a grid recomputed per group during GPTQ, the
-  reference implementation's default without act order) is not supported and raises.
+  is quantized in. A grid recomputed per group during GPTQ (the reference implementation's
+  default without act order) is not offered: the grid belongs to the quantizer.
 
 The quantized values are written into the layer's float weight; the grid (the observer's
 ranges) is left as it is, so the frozen-range quantizer in ``QUANT_EVAL`` reproduces them
@@ -176,7 +176,6 @@ def gptq(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
-    static_groups: bool = True,
     num_batches: int | None = None,
     mode: QModuleState = QModuleState.QUANT_EVAL,
     progress: bool = True,
@@ -196,8 +195,6 @@ def gptq(
         damp: dampening, as a fraction of the mean of ``diag H``.
         block_size: columns per lazy-update block.
         act_order: quantize columns in order of decreasing ``diag H`` (activation order).
-        static_groups: must be ``True``: the grid is fixed before GPTQ, so per-group grids
-            keep their own groups whatever the column order.
         num_batches: use at most this many batches of ``data``.
         mode: the mode every QModule runs in while inputs are collected.
         progress: show a progress bar over layers.
@@ -228,11 +225,6 @@ def gptq(
     _check(block_size, "block_size", int, 1)
     if not isinstance(act_order, bool):
         raise ValueError(f"gptq: act_order must be a bool, got {act_order!r}")
-    if static_groups is not True:
-        raise ValueError(
-            "gptq: static_groups=False (a grid recomputed per group during GPTQ) is not supported; the grid "
-            "comes from calibration and is fixed, so groups are always the grid's own (static_groups=True)"
-        )
     if not isinstance(mode, QModuleState):
         raise ValueError(f"gptq: mode must be a QModuleState, got {mode!r}")
     batches = materialize(data, num_batches, "gptq")

@@ -6,7 +6,7 @@ weights identical; the control run with ``sync_observers=False`` must end with r
 test can fail.
 
 This file is also the worker: the test launches
-``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/test_hf_ddp.py DIR``, and each
+``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/hf/test_ddp.py DIR``, and each
 rank writes ``DIR/rank<r>.pt``.
 """
 
@@ -18,26 +18,18 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-VOCAB, SEQ = 100, 8
+ROOT = Path(__file__).resolve().parents[2]
+SEQ = 8
 WORLD, BATCH, STEPS, CALIBRATION = 2, 2, 4, 2
 EXAMPLES = WORLD * BATCH * STEPS  # one epoch: each example is seen once, by one rank
 
 
 def _llama():
     import transformers
+    from hf_tiny import llama_config
 
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-        )
-    )
+    return transformers.LlamaForCausalLM(llama_config())
 
 
 class _Tokens(torch.utils.data.Dataset):
@@ -45,7 +37,7 @@ class _Tokens(torch.utils.data.Dataset):
 
     def __init__(self):
         g = torch.Generator().manual_seed(1)
-        self.ids = [torch.randint(0, VOCAB, (SEQ,), generator=g) for _ in range(EXAMPLES)]
+        self.ids = [torch.randint(0, 100, (SEQ,), generator=g) for _ in range(EXAMPLES)]
         self.read: list[int] = []
 
     def __len__(self):

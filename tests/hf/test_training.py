@@ -15,6 +15,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from hf_tiny import VOCAB, bert_config, gpt2_config, llama_config, qwen2_config, vit_config, whisper_config  # noqa: E402
+
 import torchquant as tq  # noqa: E402
 from torchquant.distributed import observers  # noqa: E402
 from torchquant.hf import (  # noqa: E402
@@ -29,93 +31,35 @@ from torchquant.qmodules import QModuleState, QWrapper, iter_qmodules  # noqa: E
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-VOCAB, SEQ = 100, 8
+SEQ = 8
 S = QModuleState
 
 
 def _llama():
-    return transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-        )
-    )
+    return transformers.LlamaForCausalLM(llama_config())
 
 
 def _gpt2():
-    return transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=64)
-    )
+    return transformers.GPT2LMHeadModel(gpt2_config())
 
 
 def _bert():
-    cfg = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    return transformers.BertForSequenceClassification(cfg)
+    return transformers.BertForSequenceClassification(bert_config(num_labels=2))
 
 
 def _qwen2():
-    return transformers.Qwen2ForCausalLM(
-        transformers.Qwen2Config(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-        )
-    )
+    return transformers.Qwen2ForCausalLM(qwen2_config())
 
 
 def _vit():
-    cfg = transformers.ViTConfig(
-        image_size=16,
-        patch_size=4,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=2,
-    )
-    return transformers.ViTForImageClassification(cfg)
+    return transformers.ViTForImageClassification(vit_config(num_labels=2))
 
 
 MELS, FRAMES = 8, 32  # Whisper's encoder wants 2 * max_source_positions frames (conv2 has stride 2)
 
 
 def _whisper():
-    cfg = transformers.WhisperConfig(
-        vocab_size=VOCAB,
-        num_mel_bins=MELS,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_source_positions=FRAMES // 2,
-        max_target_positions=32,
-        decoder_start_token_id=1,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=1,
-        suppress_tokens=[],
-        begin_suppress_tokens=[],
-    )
-    return transformers.WhisperForConditionalGeneration(cfg)
+    return transformers.WhisperForConditionalGeneration(whisper_config())
 
 
 # One training example of each kind, drawn from ``g``: the model's keyword inputs and its labels.
