@@ -26,11 +26,16 @@ The quantized values are written into the layer's float weight; the grid (the ob
 ranges) is left as it is, so the frozen-range quantizer in ``QUANT_EVAL`` reproduces them
 exactly. (Calibrating the weights again would recompute the ranges; do not.)
 
-Layers are processed in forward order, each with a Hessian collected afresh from the
-model whose earlier layers are already quantized (sequential refinement; one forward
-pass over the data per layer). The model runs in ``mode`` (``QUANT_EVAL`` by default)
-while a layer's inputs are collected, so each layer sees its inputs as in quantized
-inference, after its ``input_quantizer`` when the mode quantizes activations.
+Layers are processed block by block on the sequential engine
+(:mod:`torchquant.ptq.sequential`): the inputs of a transformer's decoder layer ``i`` are
+the outputs of layer ``i - 1`` after it was quantized, and within a block the layers are
+quantized group by group in forward order (``q, k, v``, then ``o``, then ``gate, up``, then
+``down``), each group's Hessian collected afresh from the block whose earlier layers are
+already quantized (sequential refinement; layers reading the same tensor share one
+product). A model without a list of blocks is one block; layers outside the blocks (a
+head) are processed last with passes over the whole model. The model runs in ``mode``
+(``QUANT_EVAL`` by default) while inputs are collected, so each layer sees its inputs as
+in quantized inference, after its ``input_quantizer`` when the mode quantizes activations.
 
 Which layers: ``Linear``, Hugging Face ``Conv1D`` and ``Conv2d`` with ``groups=1``,
 integer padding and ``padding_mode="zeros"``. Other weighted layers (grouped or depthwise
@@ -50,9 +55,10 @@ from torch import Tensor, nn
 
 from ..qmodules import QModuleState, QWrapper
 from ..quantizers import AffineGrid
-from ..utils import progress_bar, restoring_states
-from ._common import Snapshot, call_model, forward_order, materialize, require_qmodules
+from ..utils import restoring_states
+from ._common import Snapshot, materialize, require_qmodules
 from .registry import register_ptq_algorithm
+from .sequential import Block, sequential_blocks
 
 __all__ = ["GPTQResult", "gptq", "gptq_quantize_weight"]
 
@@ -178,6 +184,7 @@ def gptq(
     act_order: bool = False,
     num_batches: int | None = None,
     mode: QModuleState = QModuleState.QUANT_EVAL,
+    blocks: str | None = None,
     progress: bool = True,
 ) -> GPTQResult:
     """GPTQ (Frantar et al. 2022): round each layer's weights with Hessian-based error feedback.
@@ -197,7 +204,9 @@ def gptq(
         act_order: quantize columns in order of decreasing ``diag H`` (activation order).
         num_batches: use at most this many batches of ``data``.
         mode: the mode every QModule runs in while inputs are collected.
-        progress: show a progress bar over layers.
+        blocks: the qualified name of the model's list of blocks (decoder layers); found
+            by itself when ``None`` (see :mod:`torchquant.ptq.sequential`).
+        progress: show a progress bar over blocks.
 
     Returns:
         A :class:`GPTQResult`: the loss of each quantized layer and the layers skipped.
@@ -258,27 +267,35 @@ def gptq(
     with restoring_states(model):
         try:
             model.eval()
-            for _, m in qmodules:
-                m.qstate = mode
-            order = forward_order(model, todo, batches[0], "gptq")
-            missing = [names[w] for w in todo if w not in order]
-            if missing:
-                raise ValueError(f"gptq: layers never called by the forward pass: {missing}")
             losses: dict[str, float] = {}
-            for w in progress_bar(order, len(order), "gptq", progress):
-                H = _hessian(model, w, batches)
-                wv = w.weight_view()  # (out, in, ...) view of the parameter
-                q, loss = gptq_quantize_weight(
-                    wv.reshape(wv.shape[0], -1),
-                    H,
-                    _flat(grids[w], wv.shape),
-                    damp=float(damp),
-                    block_size=block_size,
-                    act_order=act_order,
-                )
-                with torch.no_grad():
-                    wv.copy_(q.reshape(wv.shape))
-                losses[names[w]] = loss
+            left = set(todo)
+
+            def process(block: Block) -> None:
+                for group in block.groups([w for _, w in block.layers if w in left]):
+                    hessians = _hessians(block, group)
+                    for w in group:
+                        wv = w.weight_view()  # (out, in, ...) view of the parameter
+                        q, loss = gptq_quantize_weight(
+                            wv.reshape(wv.shape[0], -1),
+                            hessians[w],
+                            _flat(grids[w], wv.shape),
+                            damp=float(damp),
+                            block_size=block_size,
+                            act_order=act_order,
+                        )
+                        with torch.no_grad():
+                            wv.copy_(q.reshape(wv.shape))
+                        losses[names[w]] = loss
+                        left.discard(w)
+
+            for block in sequential_blocks(model, batches, blocks=blocks, mode=mode, who="gptq", progress=progress):
+                process(block)
+            if left:  # layers outside the blocks (a head, a stem): passes over the whole model
+                for block in sequential_blocks(model, batches, blocks=None, mode=mode, who="gptq", progress=False):
+                    if block.name == "":
+                        process(block)
+            if left:
+                raise ValueError(f"gptq: layers never called by the forward pass: {sorted(names[w] for w in left)}")
         except BaseException:
             snapshot.restore()
             raise
@@ -297,24 +314,33 @@ def _flat(grid: AffineGrid, shape: torch.Size) -> AffineGrid:
     )
 
 
-def _hessian(model: nn.Module, w: QWrapper, batches: list) -> Tensor:
-    """``2 X^T X / n`` of ``w``'s inputs (after its input quantizer when the mode quantizes them)."""
-    state: dict[str, object] = {"H": None, "n": 0}
+def _hessians(block: Block, group: list[QWrapper]) -> dict[QWrapper, Tensor]:
+    """``2 X^T X / n`` of each layer's inputs (after its input quantizer when the mode quantizes
+    them), over all of the block's batches; layers reading the same tensor share the product."""
+    sums: dict[QWrapper, Tensor] = {}
+    counts: dict[QWrapper, int] = {}
+    shared: dict[int, tuple[Tensor, Tensor, int]] = {}
 
-    def pre(mod: QWrapper, args: tuple) -> None:
-        x = args[0].detach()
-        if mod.input_quantizer is not None and mod.qstate.is_act_quantized:
-            x = mod.input_quantizer(x)
-        X = _rows(mod, x).to(torch.float32)  # (n, cols)
-        xtx = X.t() @ X
-        state["H"] = xtx if state["H"] is None else state["H"] + xtx
-        state["n"] += X.shape[0]
+    def pre(mod: QWrapper, x: Tensor, i: int) -> None:
+        x = x.detach()
+        quantized = mod.input_quantizer is not None and mod.qstate.is_act_quantized
+        key = id(x)
+        if not quantized and key in shared and shared[key][0] is x:
+            _, xtx, n = shared[key]
+        else:
+            if quantized:
+                x = mod.input_quantizer(x)
+            X = _rows(mod, x).to(torch.float32)  # (n, cols)
+            xtx, n = X.t() @ X, X.shape[0]
+            if not quantized:
+                shared.clear()  # only the current tensor can be read again
+                shared[key] = (x, xtx, n)
+        sums[mod] = xtx if mod not in sums else sums[mod] + xtx
+        counts[mod] = counts.get(mod, 0) + n
 
-    handle = w.register_forward_pre_hook(pre)
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                call_model(model, batch, "gptq")
-    finally:
-        handle.remove()
-    return 2.0 * state["H"] / state["n"]
+    stop = group[-1] if block.called_once() else None
+    block.run({w: pre for w in group}, stop_after=stop)
+    missing = [w for w in group if w not in sums]
+    if missing:
+        raise RuntimeError(f"gptq: {type(missing[0].layer).__name__} layer was not called while collecting inputs")
+    return {w: 2.0 * sums[w] / counts[w] for w in group}

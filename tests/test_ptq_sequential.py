@@ -1,0 +1,161 @@
+"""The sequential block engine: block discovery, captured inputs, groups, fold targets, and GPTQ on it."""
+
+import pytest
+import torch
+from torch import nn
+
+import torchquant as tq
+from torchquant.ptq import gptq_quantize_weight
+from torchquant.ptq.sequential import Block, find_blocks, fold_input_scale, sequential_blocks
+
+transformers = pytest.importorskip("transformers")
+from tests.hf.hf_tiny import VOCAB, llama_config  # noqa: E402
+
+
+def W8():
+    return tq.AffineQuantizer(8, tq.BatchMinMax())
+
+
+def _llama(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = transformers.LlamaForCausalLM(llama_config(**kw)).eval()
+    wf = lambda mod, name: tq.AffineQuantizer(4, tq.RunningMinMax(axis=0))  # noqa: E731
+    return tq.quantize_model(m, wf, None, method="swap", skip=["lm_head", "model.embed_tokens"])
+
+
+def _batches(n=3, seq=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (1, seq), generator=g) for _ in range(n)]
+
+
+def test_blocks_are_the_decoder_layers_and_a_model_without_them_is_one_block():
+    q = _llama()
+    assert [n for n, _ in find_blocks(q)] == ["model.layers.0", "model.layers.1"]
+    assert [n for n, _ in find_blocks(q, "model.layers")] == ["model.layers.0", "model.layers.1"]
+    with pytest.raises(ValueError, match=r"blocks='model\.nope' is not a submodule of LlamaForCausalLM"):
+        find_blocks(q, "model.nope")
+    net = tq.quantize_model(nn.Sequential(nn.Linear(4, 4)), lambda m, n: W8(), None, method="swap")
+    assert find_blocks(net) == []
+    (only,) = list(sequential_blocks(net, [torch.randn(2, 4)], progress=False))
+    assert only.name == "" and [n for n, _ in only.layers] == ["0"]
+
+
+def test_groups_share_one_input_and_fold_targets_are_found_numerically():
+    q = _llama()
+    (first, *_) = sequential_blocks(q, _batches(), mode=tq.QModuleState.BYPASSED, progress=False)
+    assert isinstance(first, Block) and first.name == "model.layers.0"
+    at = dict((m, n.rsplit(".", 1)[-1]) for n, m in first.layers)
+    groups = [[at[m] for m in g] for g in first.groups()]
+    assert groups == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    layer = q.model.layers[0]
+    targets = [first.fold_target(g) for g in first.groups()]
+    # o_proj: v_proj has 2 key/value heads for 4 query heads, so no one-for-one channel map
+    assert targets[0] is layer.input_layernorm and targets[1] is None
+    assert targets[2] is layer.post_attention_layernorm and targets[3] is layer.mlp.up_proj
+
+
+def test_without_shared_heads_v_proj_is_the_fold_target_of_o_proj():
+    q = _llama(num_key_value_heads=4)
+    first = next(iter(sequential_blocks(q, _batches(), mode=tq.QModuleState.BYPASSED, progress=False)))
+    assert first.fold_target(first.groups()[1]) is q.model.layers[0].self_attn.v_proj
+
+
+def test_folding_a_scale_leaves_the_float_model_unchanged():
+    q = _llama()
+    x = _batches()[0]
+    with tq.qmodule_state(q, tq.QModuleState.BYPASSED):
+        before = q(x).logits
+        first = next(iter(sequential_blocks(q, _batches(), mode=tq.QModuleState.BYPASSED, progress=False)))
+        g = torch.Generator().manual_seed(3)
+        for group in first.groups():
+            target = first.fold_target(group)
+            if target is not None:
+                s = torch.empty(group[0].weight_view().shape[1]).uniform_(0.2, 5.0, generator=g)
+                fold_input_scale(target, group, s)
+        after = q(x).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_blocks_get_the_quantized_outputs_of_the_block_before():
+    """Block 1's captured inputs equal block 0's outputs in the engine's mode, computed after processing."""
+    q = _llama()
+    batches = _batches()
+    tq.calibrate(q, batches, progress=False)
+    seen = []
+    for block in sequential_blocks(q, batches, mode=tq.QModuleState.QUANT_EVAL, progress=False):
+        seen.append([c.args[0].clone() for c in block._calls])
+        if block.name.endswith(".0"):
+            with torch.no_grad():  # processing: anything that changes the block
+                block.module.mlp.down_proj.layer.weight.mul_(0.5)
+    tq.set_qmodule_state(q, tq.QModuleState.QUANT_EVAL)
+    grabbed = []
+    h = q.model.layers[1].register_forward_pre_hook(lambda m, a: grabbed.append(a[0]))
+    with torch.no_grad():
+        for b in batches:
+            q(b)
+    h.remove()
+    for got, want in zip(seen[1], grabbed):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+class _Layer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, h, *, gain):
+        return self.fc(h) * gain
+
+
+class _PerLayerKeywords(nn.Module):
+    """Each block gets its own keyword value (as models with per-layer attention masks do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(_Layer() for _ in range(3))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x, gain=torch.tensor(float(i + 1)))
+        return x
+
+
+def test_blocks_called_with_different_keywords_keep_their_own():
+    torch.manual_seed(0)
+    net = tq.quantize_model(_PerLayerKeywords(), lambda m, n: W8(), None, method="swap")
+    x = torch.randn(4, 6)
+    gains = [
+        float(b._calls[0].kwargs["gain"])
+        for b in sequential_blocks(net, [x], mode=tq.QModuleState.BYPASSED, progress=False)
+    ]
+    assert gains == [1.0, 2.0, 3.0]
+
+
+def _reference_gptq(model, batches, layers):
+    """Plain sequential GPTQ: each layer's Hessian from full-model passes after the earlier layers are quantized."""
+    for w in layers:
+        xs = []
+        h = w.register_forward_pre_hook(lambda m, a, xs=xs: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+        with torch.no_grad():
+            for b in batches:
+                model(b)
+        h.remove()
+        X = torch.cat(xs).float()
+        H = 2 * X.t() @ X / X.shape[0]
+        wv = w.weight_view()
+        qw, _ = gptq_quantize_weight(wv, H, w.weight_quantizer.grid())
+        with torch.no_grad():
+            wv.copy_(qw)
+
+
+def test_gptq_on_the_engine_equals_layer_by_layer_gptq_over_the_whole_model():
+    batches = _batches(n=4, seq=16)
+    a, b = _llama(), _llama()
+    for q in (a, b):
+        tq.calibrate(q, batches, progress=False)
+        tq.set_qmodule_state(q, tq.QModuleState.QUANT_EVAL)
+    tq.ptq.gptq(a, batches, progress=False)
+    _reference_gptq(b, batches, [m for _, m in tq.iter_qmodules(b) if isinstance(m, tq.QWrapper)])
+    for (n, wa), (_, wb) in zip(tq.iter_qmodules(a), tq.iter_qmodules(b)):
+        if isinstance(wa, tq.QWrapper):
+            torch.testing.assert_close(wa.weight_view(), wb.weight_view(), rtol=0, atol=1e-5, msg=n)

@@ -1,0 +1,473 @@
+"""The sequential engine of the LLM post-training algorithms: one block at a time.
+
+GPTQ, AWQ and SmoothQuant process a transformer stack the way their papers do: the
+inputs of decoder block 0 are captured once from the calibration batches, block ``i``
+is processed on its inputs, and its outputs (computed after processing, in the mode
+the caller asks for: quantized for GPTQ, float for AWQ and SmoothQuant) become the
+inputs of block ``i + 1``. Only one block's activations are held at a time, and each
+block runs only its own layers, so a pass costs one block's forward instead of the
+whole model's.
+
+The blocks are found without knowing the architecture: the longest ``nn.ModuleList``
+whose entries share one class and contain weighted :class:`~torchquant.QWrapper` s
+(``model.model.layers`` of a Llama, ``transformer.h`` of a GPT-2); ``blocks="path"``
+names it instead. A model without such a list is one block whose inputs are the
+calibration batches themselves. Keyword arguments of the blocks (attention masks,
+rotary embeddings) are captured with the hidden states; a model that gives its blocks
+different ones (per-layer masks) has them captured for every block.
+
+Inside a block, :meth:`Block.groups` splits the weighted layers into groups that read
+one and the same input tensor (``q_proj, k_proj, v_proj``; ``gate_proj, up_proj``;
+``o_proj``; ``down_proj``), in forward order, and :meth:`Block.fold_target` finds the
+module whose output channels are that input's channels: a normalisation whose output
+is the tensor itself, or a layer of the block whose output channels scale the input's
+channels one for one (checked numerically: ``up_proj`` for ``down_proj``, ``v_proj`` for
+``o_proj`` when heads are not shared), so a per-channel scale can move from the group's
+input into that module (:func:`fold_input_scale`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import is_normalization
+from ..qmodules import QModuleState, QWrapper, iter_qmodules
+from ..utils import progress_bar, qmodule_state
+from ._common import _Stop, call_model
+
+__all__ = ["Block", "find_blocks", "fold_input_scale", "sequential_blocks"]
+
+Hook = Callable[[QWrapper, Tensor, int], None]
+
+
+def find_blocks(model: nn.Module, blocks: str | None = None, who: str = "sequential") -> list[tuple[str, nn.Module]]:
+    """The repeated blocks of ``model``: ``[(qualified name, block), ...]`` in order, or ``[]``.
+
+    Args:
+        model: a quantizable model.
+        blocks: the qualified name of the ``nn.ModuleList`` (or ``nn.Sequential``) of blocks;
+            ``None`` picks the longest list of same-class modules holding QWrappers.
+        who: the caller's name, for errors.
+
+    Raises:
+        ValueError: ``blocks`` names no module list of ``model``.
+    """
+    if blocks is not None:
+        try:
+            lst = model.get_submodule(blocks)
+        except AttributeError as e:
+            raise ValueError(f"{who}: blocks={blocks!r} is not a submodule of {type(model).__name__}") from e
+        if not isinstance(lst, (nn.ModuleList, nn.Sequential)) or len(lst) == 0:
+            raise ValueError(f"{who}: blocks={blocks!r} is a {type(lst).__name__}, not a non-empty ModuleList")
+        return [(f"{blocks}.{i}", b) for i, b in enumerate(lst)]
+    best: tuple[int, str, nn.Module] | None = None
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) < 2 or len({type(b) for b in m}) != 1:
+            continue
+        n = sum(isinstance(q, QWrapper) for b in m for q in b.modules())
+        if n and (best is None or n > best[0]):
+            best = (n, name, m)
+    if best is None:
+        return []
+    return [(f"{best[1]}.{i}", b) for i, b in enumerate(best[2])]
+
+
+def _no_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Block keyword arguments without a key/value cache: re-running a block must not append to it."""
+    out = {}
+    for k, v in kwargs.items():
+        if type(v).__name__.endswith("Cache"):
+            v = None
+        elif k == "use_cache":
+            v = False
+        out[k] = v
+    return out
+
+
+def _detach(x: Any) -> Any:
+    return x.detach() if isinstance(x, Tensor) else x
+
+
+@dataclass
+class _Call:
+    args: tuple
+    kwargs: dict[str, Any]
+
+
+class Block:
+    """One block with its captured inputs, for one processing step of :func:`sequential_blocks`.
+
+    Attributes:
+        name: the block's qualified name in the model (``""`` for a whole-model block).
+        module: the block.
+        layers: its weighted QWrappers as ``(qualified name in the model, wrapper)``.
+    """
+
+    def __init__(self, name: str, module: nn.Module, calls: list[_Call], model_call: bool, who: str, prefix: str):
+        self.name = name
+        self.module = module
+        self._calls = calls
+        self._model_call = model_call
+        self._who = who
+        qms = iter_qmodules(module)
+        self.layers = [(f"{prefix}{n}" if n else prefix.rstrip("."), m) for n, m in qms if isinstance(m, QWrapper)]
+        self._probe: _Probe | None = None
+
+    @property
+    def num_batches(self) -> int:
+        return len(self._calls)
+
+    def _call(self, i: int) -> Any:
+        c = self._calls[i]
+        if self._model_call:
+            return call_model(self.module, c.args[0], self._who)
+        out = self.module(*c.args, **c.kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def run(
+        self,
+        hooks: dict[QWrapper, Hook] | None = None,
+        *,
+        stop_after: QWrapper | None = None,
+        batches: Sequence[int] | None = None,
+    ) -> list[Any]:
+        """Run the block on its captured inputs, with no gradients.
+
+        Args:
+            hooks: ``{layer: fn(layer, x, batch_index)}`` called with each layer's input ``x``
+                before the layer runs (as the layer receives it, before its input quantizer).
+            stop_after: end each pass once this layer's hook has run (its inputs are all that
+                is wanted); the outputs are then not computed.
+            batches: indices of the captured batches to run (all by default).
+
+        Returns:
+            The block's outputs, one per batch (empty when stopped).
+        """
+        hooks = hooks or {}
+        handles = []
+        index = [0]
+        for layer, fn in hooks.items():
+
+            def pre(mod, args, fn=fn, layer=layer):
+                fn(mod, args[0], index[0])
+                if mod is stop_after:
+                    raise _Stop
+
+            handles.append(layer.register_forward_pre_hook(pre))
+        if stop_after is not None and stop_after not in hooks:
+
+            def stop(mod, args):
+                raise _Stop
+
+            handles.append(stop_after.register_forward_pre_hook(stop))
+        outs = []
+        try:
+            with torch.no_grad():
+                for i in batches if batches is not None else range(len(self._calls)):
+                    index[0] = i
+                    try:
+                        out = self._call(i)
+                    except _Stop:
+                        continue
+                    if stop_after is None:
+                        outs.append(out)
+        finally:
+            for h in handles:
+                h.remove()
+        return outs
+
+    def groups(self, layers: Sequence[QWrapper] | None = None) -> list[list[QWrapper]]:
+        """``layers`` (all of the block's by default) in forward order, split into groups that read one input tensor."""
+        probe = self._probed()
+        wanted = set(layers) if layers is not None else {m for _, m in self.layers}
+        out: list[list[QWrapper]] = []
+        for group in probe.groups:
+            g = [m for m in group if m in wanted]
+            if g:
+                out.append(g)
+        return out
+
+    def called_once(self) -> bool:
+        """Whether every layer of the block is called once per forward (so a pass may stop early)."""
+        return self._probed().called_once
+
+    def fold_target(self, group: Sequence[QWrapper]) -> nn.Module | None:
+        """The module whose output channels are ``group``'s input channels one for one, or ``None``.
+
+        A normalisation (with a ``weight``) whose output is the group's input tensor, else a
+        ``Linear``/``Conv1D`` wrapper of the block whose output channels scale the group's
+        input channels one for one (tested on the first batch with random positive scales).
+        """
+        probe = self._probed()
+        first = group[0]
+        norm = probe.norm_of.get(first)
+        if norm is not None and isinstance(getattr(norm, "weight", None), Tensor):
+            return norm
+        width = _in_features(first)
+        if width is None:
+            return None
+        before = probe.order[: probe.order.index(first)]
+        for cand in reversed(before):
+            if cand in group or _out_features(cand) != width:
+                continue
+            if cand.fold_bn or cand.bn is not None or cand.act is not None:  # not a plain linear output
+                continue
+            if self._scales_through(cand, first):
+                return cand
+        return None
+
+    def _scales_through(self, cand: QWrapper, layer: QWrapper) -> bool:
+        seen: list[Tensor] = []
+
+        def grab(mod, x, i):
+            seen.append(x.detach().clone())
+
+        g = torch.Generator().manual_seed(0)
+        r = torch.empty(_out_features(cand)).uniform_(0.5, 2.0, generator=g)
+        with qmodule_state(self.module, QModuleState.BYPASSED):
+            self.run({layer: grab}, stop_after=layer, batches=[0])
+            with _scaled_output(cand, r):
+                self.run({layer: grab}, stop_after=layer, batches=[0])
+        if len(seen) != 2:
+            return False
+        x0, x1 = seen
+        r = r.to(x0)
+        tol = 1e-4 * float(x0.abs().max()) + 1e-12
+        return bool(((x1 - x0 * r).abs() <= tol + 1e-4 * (x0 * r).abs()).all())
+
+    def _probed(self) -> _Probe:
+        if self._probe is None:
+            self._probe = _probe(self)
+        return self._probe
+
+
+@dataclass
+class _Probe:
+    order: list[QWrapper]
+    groups: list[list[QWrapper]]
+    norm_of: dict[QWrapper, nn.Module]
+    called_once: bool
+
+
+def _probe(block: Block) -> _Probe:
+    """Forward order, shared inputs and normalisation outputs of the block's layers, on batch 0."""
+    order: list[QWrapper] = []
+    inputs: dict[QWrapper, Tensor] = {}
+    counts: dict[QWrapper, int] = {}
+    norm_out: list[tuple[nn.Module, Tensor]] = []
+    handles = []
+
+    def pre(mod, args):
+        counts[mod] = counts.get(mod, 0) + 1
+        if mod not in inputs:
+            order.append(mod)
+            inputs[mod] = args[0]  # held: the same object identifies a shared input
+
+    def post(mod, args, out):
+        if isinstance(out, Tensor):
+            norm_out.append((mod, out))
+
+    for _, m in block.layers:
+        handles.append(m.register_forward_pre_hook(pre))
+    for m in block.module.modules():
+        if is_normalization(m):
+            handles.append(m.register_forward_hook(post))
+    try:
+        with qmodule_state(block.module, QModuleState.BYPASSED), torch.no_grad():
+            block._call(0)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[QWrapper]] = []
+    for m in order:
+        if groups and inputs[groups[-1][0]] is inputs[m]:
+            groups[-1].append(m)
+        else:
+            groups.append([m])
+    norm_of = {}
+    for g in groups:
+        for norm, out in norm_out:
+            if out is inputs[g[0]]:
+                norm_of[g[0]] = norm
+    return _Probe(order, groups, norm_of, all(c == 1 for c in counts.values()))
+
+
+def _in_features(w: QWrapper) -> int | None:
+    if isinstance(w.layer, nn.Linear) or type(w.layer).__name__ == "Conv1D":
+        return w.weight_view().shape[1]
+    return None
+
+
+def _out_features(w: QWrapper) -> int | None:
+    if isinstance(w.layer, nn.Linear) or type(w.layer).__name__ == "Conv1D":
+        return w.weight_view().shape[0]
+    return None
+
+
+@contextlib.contextmanager
+def _scaled_output(w: QWrapper, r: Tensor) -> Iterator[None]:
+    wv = w.weight_view()
+    bias = getattr(w.layer, "bias", None)
+    saved = (wv.detach().clone(), None if bias is None else bias.detach().clone())
+    with torch.no_grad():
+        wv.mul_(r.to(wv)[:, None])
+        if bias is not None:
+            bias.mul_(r.to(bias))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            wv.copy_(saved[0])
+            if bias is not None:
+                bias.copy_(saved[1])
+
+
+def fold_input_scale(target: nn.Module, group: Sequence[QWrapper], s: Tensor) -> None:
+    """Move a per-channel scale from ``group``'s input into ``target``: ``x -> x / s``, ``W -> W * s``.
+
+    The float function is unchanged: ``target``'s output channels (a normalisation's
+    ``weight``/``bias``, a layer's weight rows and bias) are divided by ``s`` and each
+    group layer's weight columns multiplied by it.
+
+    Args:
+        target: from :meth:`Block.fold_target`.
+        group: layers reading ``target``'s output, weights ``(out, in)``.
+        s: ``(in,)`` positive scales.
+    """
+    with torch.no_grad():
+        if isinstance(target, QWrapper):
+            wv = target.weight_view()
+            wv.div_(s.to(wv)[:, None])
+            bias = getattr(target.layer, "bias", None)
+        else:
+            target.weight.div_(s.to(target.weight))
+            bias = getattr(target, "bias", None)
+        if isinstance(bias, Tensor):
+            bias.div_(s.to(bias))
+        for w in group:
+            wv = w.weight_view()
+            wv.mul_(s.to(wv)[None, :])
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(b, (bool, int, float, str)):
+        return type(a) is type(b) and a == b
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    return False
+
+
+def _capture(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: list, who: str) -> list[list[_Call]]:
+    """The calls of every block: block 0's in full, the others' without their hidden states.
+
+    Keyword arguments are captured for block 0 over all batches; if on the first batch
+    every block gets the very same keyword values as block 0, they are shared, else every
+    block's are captured over all batches (one full forward per batch).
+    """
+    mods = [b for _, b in blocks]
+    per_block: list[list[_Call]] = [[] for _ in mods]
+
+    def hook_for(k: int, stop: bool):
+        def pre(mod, args, kwargs):
+            if not args and "hidden_states" in kwargs:  # the hidden states passed by keyword
+                kwargs = dict(kwargs)
+                args = (kwargs.pop("hidden_states"),)
+            if not args or not isinstance(args[0], Tensor):
+                raise ValueError(f"{who}: block {blocks[k][0]} must be called with its hidden states (a tensor) first")
+            per_block[k].append(_Call(tuple(_detach(a) for a in args), _no_cache(kwargs)))
+            if stop:
+                raise _Stop
+
+        return pre
+
+    def run(which: list[int], stop_at: int, data: list) -> None:
+        handles = [mods[k].register_forward_pre_hook(hook_for(k, k == stop_at), with_kwargs=True) for k in which]
+        try:
+            with torch.no_grad():
+                for batch in data:
+                    with contextlib.suppress(_Stop):
+                        call_model(model, batch, who)
+        finally:
+            for h in handles:
+                h.remove()
+
+    last = len(mods) - 1
+    run(list(range(len(mods))), last, batches[:1])
+    missing = [blocks[k][0] for k in range(len(mods)) if not per_block[k]]
+    if missing:
+        raise RuntimeError(f"{who}: blocks never called by the forward pass: {missing}")
+    first = per_block[0][0]
+    shared = all(
+        c[0].kwargs.keys() == first.kwargs.keys()
+        and all(_same_value(c[0].kwargs[k], v) for k, v in first.kwargs.items())
+        and len(c[0].args) == len(first.args)
+        for c in per_block[1:]
+    )
+    if shared:
+        per_block = [[] for _ in mods]
+        run([0], 0, batches)
+        return [per_block[0]] + [[] for _ in mods[1:]]
+    per_block = [[] for _ in mods]
+    run(list(range(len(mods))), last, batches)
+    return per_block
+
+
+def sequential_blocks(
+    model: nn.Module,
+    batches: list,
+    *,
+    blocks: str | None = None,
+    mode: QModuleState = QModuleState.QUANT_EVAL,
+    who: str = "sequential",
+    progress: bool = True,
+) -> Iterator[Block]:
+    """Yield the model's blocks one at a time, each with its inputs; feed each one's outputs to the next.
+
+    The caller processes each yielded :class:`Block` (runs it with hooks, changes its
+    weights); when it asks for the next one, the processed block runs on its inputs with
+    every QModule in ``mode`` and its outputs become the next block's inputs. The model's
+    modes are left to the caller (see :func:`~torchquant.utils.restoring_states`).
+
+    Args:
+        model: a quantizable model.
+        batches: calibration batches, as :func:`~torchquant.ptq.calibrate` takes them.
+        blocks: see :func:`find_blocks`.
+        mode: the mode of every QModule while inputs are captured and outputs computed.
+        who: the caller's name, for errors and the progress bar.
+        progress: show a progress bar over blocks.
+
+    Example:
+        >>> import torch, torchquant as tq
+        >>> from torch import nn
+        >>> from torchquant.ptq.sequential import sequential_blocks
+        >>> w8 = lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax())
+        >>> net = tq.quantize_model(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), w8, None, method="swap")
+        >>> [len(b.layers) for b in sequential_blocks(net, [torch.randn(2, 4)], progress=False)]
+        [1]
+    """
+    found = find_blocks(model, blocks, who)
+    for _, m in iter_qmodules(model):
+        m.qstate = mode
+    if not found:
+        yield Block("", model, [_Call((b,), {}) for b in batches], True, who, "")
+        return
+    calls = _capture(model, found, batches, who)
+    current = calls[0]
+    for k, (name, block) in enumerate(progress_bar(found, len(found), who, progress)):
+        b = Block(name, block, current, False, who, f"{name}.")
+        yield b
+        for _, m in iter_qmodules(block):
+            m.qstate = mode
+        outs = [o.detach() for o in b.run()]
+        if k + 1 < len(found):
+            nxt = calls[k + 1] or calls[0]  # the next block's own keywords when they differ
+            current = [_Call((h, *nxt[i].args[1:]), nxt[i].kwargs) for i, h in enumerate(outs)]
+            calls[k + 1] = []  # captured keywords no longer needed
