@@ -15,9 +15,12 @@ OPTIONS = dict(iters=4, batch_size=8, lr=1e-2, act_lr=1e-2, seed=0, progress=Fal
 
 
 def _model() -> nn.Module:
-    """Conv+BN+ReLU, a residual block (a default reconstruction block) and a classifier, quantized."""
+    """Conv+BN+ReLU, a residual block (a default reconstruction block) and a normalised classifier
+    (a LayerNorm feeding a Linear, as in a transformer), quantized."""
     torch.manual_seed(0)
-    net = nn.Sequential(conv_bn(1, 4), ResidualBlock(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    net = nn.Sequential(
+        conv_bn(1, 4), ResidualBlock(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LayerNorm(4), nn.Linear(4, 3)
+    )
     with torch.no_grad():  # BatchNorm statistics that are not the identity, so folding changes the weights
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -144,7 +147,7 @@ def test_algorithm_restores_the_model_when_a_forward_pass_fails(name):
         calls[0] += 1
 
     q = _prepared(algorithm)
-    handle = q[4].register_forward_pre_hook(count)
+    handle = q[-1].register_forward_pre_hook(count)
     _run(algorithm, q)
     handle.remove()
     assert calls[0] >= 1, f"{name} never ran the model"
@@ -161,7 +164,7 @@ def test_algorithm_restores_the_model_when_a_forward_pass_fails(name):
             if seen[0] == k:
                 raise RuntimeError("injected failure")
 
-        q[4].register_forward_pre_hook(fail)
+        q[-1].register_forward_pre_hook(fail)
         with pytest.raises(RuntimeError, match="injected failure"):
             _run(algorithm, q)
         assert _same_state(before, _state(q)), f"{name} left the model changed after failing at call {k}"

@@ -1,5 +1,6 @@
 """Post-training quantization: calibration, cross-layer equalization, bias correction,
-one reconstruction engine for AdaRound, BRECQ and QDrop, and GPTQ.
+one reconstruction engine for AdaRound, BRECQ and QDrop, and the LLM algorithms (GPTQ,
+AWQ, SmoothQuant) on a sequential block engine (:mod:`torchquant.ptq.sequential`).
 
 A typical pipeline (Nagel et al. 2021, "A White Paper on Neural Network Quantization")::
 
@@ -14,6 +15,7 @@ Every algorithm is also registered by name (:func:`list_ptq_algorithms`,
 benchmarks find them.
 """
 
+from .awq import AWQResult, awq
 from .bias_correction import bias_correction, expected_activation
 from .calibrate import calibrate
 from .equalize import ChannelClip, EqualizationResult, equalize, find_layer_pairs, fold_qwrapper_batchnorm
@@ -33,6 +35,7 @@ from .reconstruction import (
     reconstruction_block,
 )
 from .registry import PTQ_ALGORITHMS, PTQAlgorithm, get_ptq_algorithm, list_ptq_algorithms, register_ptq_algorithm
+from .smoothquant import SmoothQuantResult, smoothing_scales, smoothquant
 
 __all__ = [
     "ADAROUND",
@@ -41,13 +44,16 @@ __all__ = [
     "PTQ_ALGORITHMS",
     "QDROP",
     "RECONSTRUCTION_BLOCKS",
+    "AWQResult",
     "AdaRoundQuantizer",
     "ChannelClip",
     "EqualizationResult",
     "GPTQResult",
     "PTQAlgorithm",
     "ReconstructionConfig",
+    "SmoothQuantResult",
     "adaround",
+    "awq",
     "bias_correction",
     "brecq",
     "calibrate",
@@ -63,4 +69,6 @@ __all__ = [
     "reconstruct",
     "reconstruction_block",
     "register_ptq_algorithm",
+    "smoothing_scales",
+    "smoothquant",
 ]

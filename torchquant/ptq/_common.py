@@ -190,3 +190,17 @@ def capture(
 
 def weighted_wrappers(model: nn.Module) -> list[tuple[str, QWrapper]]:
     return [(n, m) for n, m in iter_qmodules(model) if isinstance(m, QWrapper)]
+
+
+def reobserve_weights(wrappers: Iterable[QWrapper]) -> None:
+    """Recompute the weight ranges of ``wrappers`` that already have them, from their current weights.
+
+    An algorithm that rewrites weights (scales, clipping) calls it so that a weight
+    observer that had already seen the old weights (a running min/max keeps its widest
+    range) describes the new ones.
+    """
+    for w in wrappers:
+        obs = getattr(w.weight_quantizer, "range_observer", None)
+        if obs is not None and obs.initialized:
+            obs.reset()
+            w.observe_weight()

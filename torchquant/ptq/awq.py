@@ -1,0 +1,271 @@
+"""AWQ (Lin et al. 2023, "AWQ: Activation-aware Weight Quantization for LLM Compression and
+Acceleration"): per-channel scales that protect the weights of salient input channels, and a
+clipping search.
+
+For a group of layers reading one input ``X`` (``(n, in)``) with a module producing its
+channels one for one (:meth:`~torchquant.ptq.sequential.Block.fold_target`: a
+normalisation, or ``up_proj`` for ``down_proj``), AWQ scales input channel ``j`` by
+
+    ``s_j = mean|X_j| ** a``, normalised so that ``max(s) * min(s) = 1``,
+
+multiplying weight column ``j`` by ``s_j`` before quantization and dividing ``X_j`` by it
+(folded into the producing module, so the float model is unchanged). Channels with large
+activations get larger weights and so a relatively finer grid. The exponent ``a`` is
+searched over ``0, 1/n_grid, ..., (n_grid - 1)/n_grid`` to minimise the group's output
+error ``sum_l ||(X / s) Q(W_l s)^T - X W_l^T||^2`` with each layer's own weight
+quantizer ``Q`` (a fresh copy observing the scaled weight: any registered quantizer's
+grid, per channel or per group, symmetric or not).
+
+The clipping search then shrinks each weight range: for each range cell of the weight
+quantizer (the whole tensor, a row, or a row's group), the weights are clamped to ``r``
+times the cell's ``[min, max]`` with ``r`` in ``1, 1 - 1/n_grid, ...`` down to
+``1 - max_shrink``, choosing per cell the ``r`` that minimises that cell's contribution to
+the layer's output error. The clamped weights are written into the layer, so calibrating
+afterwards (a min/max observer) finds the clipped ranges.
+
+Errors are measured on ``sample_tokens`` input rows drawn (seeded) from the calibration
+batches; ``mean|X_j|`` uses all of them. Blocks are processed in order on the sequential
+engine with float inputs, as in the paper. Only ``Linear`` and Hugging Face ``Conv1D``
+layers take part; AWQ runs before calibration, on the float model (weight ranges that
+were already observed are recomputed from the new weights).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..qmodules import QModuleState, QWrapper, _run_quantizer
+from ..spec import describe
+from ..utils import restoring_states
+from ._common import Snapshot, materialize, reobserve_weights, require_qmodules
+from .registry import register_ptq_algorithm
+from .sequential import Block, fold_input_scale, sequential_blocks
+
+__all__ = ["AWQResult", "awq"]
+
+
+@dataclass(frozen=True)
+class AWQResult:
+    """What :func:`awq` did.
+
+    Attributes:
+        exponents: for each scaled group (its layers' names joined by ``","``), the chosen ``a``.
+        clip_ratios: for each clipped layer, the mean chosen clipping ratio over its cells.
+        skipped: groups not scaled, with the reason (they may still be clipped).
+    """
+
+    exponents: dict[str, float] = field(default_factory=dict)
+    clip_ratios: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _fresh(q: nn.Module) -> nn.Module:
+    """A new, unobserved quantizer configured like ``q``."""
+    try:
+        return describe(q).build()
+    except (TypeError, ValueError):  # not described by a registered spec: copy and forget its state
+        c = copy.deepcopy(q)
+        reset = getattr(getattr(c, "range_observer", c), "reset", None)
+        if reset is None:
+            raise TypeError(f"awq: cannot make a fresh copy of {type(q).__name__} (no spec, no reset())") from None
+        reset()
+        return c
+
+
+def _quantize(q: nn.Module, w: Tensor) -> Tensor:
+    """``w`` quantized by a fresh copy of ``q`` that observes it."""
+    return _run_quantizer(_fresh(q), w, observe=True, quantize=True)
+
+
+def _cells(q: nn.Module, rows: int, cols: int) -> tuple[int, int] | None:
+    """``(G, group size)``: the weight quantizer's range cells along the input dimension, or ``None``.
+
+    Per tensor and per row: one cell spanning the row (``G = 1``); per group of ``g``
+    inputs: ``G = cols // g``. Other granularities are not clipped.
+    """
+    gran = getattr(q, "granularity", None)
+    if gran is None:
+        return None
+    axis = None if gran.axis is None else gran.axis % 2
+    if axis is None or (axis == 0 and gran.group_size is None):
+        return 1, cols
+    if axis == 1 and gran.group_size is not None and cols % gran.group_size == 0:
+        return cols // gran.group_size, gran.group_size
+    return None
+
+
+def _search_scale(group: list[QWrapper], X: Tensor, x_mean: Tensor, n_grid: int) -> tuple[Tensor, float]:
+    """The best ``s`` (``(in,)``) and its exponent for ``group`` on inputs ``X`` (``(n, in)``)."""
+    Ws = [w.weight_view().detach().float() for w in group]
+    Ys = [X @ W.t() for W in Ws]
+    best: tuple[float, Tensor, float] | None = None
+    for i in range(n_grid):
+        a = i / n_grid
+        s = x_mean.pow(a).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        Xs = X / s
+        loss = 0.0
+        for w, W, Y in zip(group, Ws, Ys):
+            Wq = _quantize(w.weight_quantizer, (W * s).to(w.weight_view().dtype)).float()
+            loss += float((Xs @ Wq.t() - Y).pow(2).mean())
+        if best is None or loss < best[0]:
+            best = (loss, s, a)
+    assert best is not None
+    return best[1], best[2]
+
+
+def _search_clip(w: QWrapper, X: Tensor, n_grid: int, max_shrink: float) -> float | None:
+    """Clamp ``w``'s weight to the best ratio of each range cell's ``[min, max]``; the mean ratio."""
+    wv = w.weight_view()
+    W = wv.detach().float()
+    rows, cols = W.shape
+    cells = _cells(w.weight_quantizer, rows, cols)
+    if cells is None:
+        return None
+    G, gs = cells
+    per_tensor = getattr(w.weight_quantizer.granularity, "axis", 0) is None
+    Wg = W.reshape(rows, G, gs)
+    if per_tensor:
+        lo, hi = W.min().expand(rows, G, 1), W.max().expand(rows, G, 1)
+    else:
+        lo, hi = Wg.amin(-1, keepdim=True), Wg.amax(-1, keepdim=True)
+    Xg = X.reshape(-1, G, gs)
+    ratios = [1 - k / n_grid for k in range(int(max_shrink * n_grid) + 1)]
+    errs = []
+    for r in ratios:
+        Wc = torch.maximum(torch.minimum(Wg, hi * r), lo * r).reshape(rows, cols)
+        D = (_quantize(w.weight_quantizer, Wc.to(wv.dtype)).float() - W).reshape(rows, G, gs)
+        err = torch.einsum("ngk,rgk->nrg", Xg, D).pow(2).mean(0)  # (rows, G): each cell's output error
+        errs.append(err.sum().expand(rows, G) if per_tensor else err)
+    choice = torch.stack(errs).argmin(0)  # (rows, G)
+    r = torch.tensor(ratios, dtype=W.dtype)[choice].unsqueeze(-1)  # (rows, G, 1)
+    with torch.no_grad():
+        wv.copy_(torch.maximum(torch.minimum(Wg, hi * r), lo * r).reshape(rows, cols).to(wv.dtype))
+    return float(r.mean())
+
+
+def _stats(block: Block, groups: list[list[QWrapper]], sample_tokens: int, seed: int):
+    """Per group: ``mean|x_j|`` over all tokens ``(in,)`` and a seeded sample of rows ``(m, in)``."""
+    sums: dict[QWrapper, Tensor] = {}
+    counts: dict[QWrapper, int] = {}
+    samples: dict[QWrapper, list[Tensor]] = {}
+    per_batch = max(1, -(-sample_tokens // block.num_batches))
+
+    def pre(mod: QWrapper, x: Tensor, i: int) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        sums[mod] = rows.abs().sum(0) + sums.get(mod, 0)
+        counts[mod] = counts.get(mod, 0) + rows.shape[0]
+        g = torch.Generator().manual_seed(seed * 100003 + i)
+        pick = torch.randperm(rows.shape[0], generator=g)[:per_batch].to(rows.device)
+        samples.setdefault(mod, []).append(rows[pick])
+
+    last = groups[-1][0] if block.called_once() else None
+    block.run({g[0]: pre for g in groups}, stop_after=last)
+    return {m: sums[m] / counts[m] for m in sums}, {m: torch.cat(v)[:sample_tokens] for m, v in samples.items()}
+
+
+def _awq_layer(w: QWrapper) -> bool:
+    return (isinstance(w.layer, nn.Linear) or type(w.layer).__name__ == "Conv1D") and not w.fold_bn
+
+
+def _check(value, name: str, low: float, kind=int) -> None:
+    if isinstance(value, bool) or not isinstance(value, kind) or value < low:
+        raise ValueError(f"awq: {name} must be a {kind.__name__} >= {low}, got {value!r}")
+
+
+@register_ptq_algorithm("awq", before_calibration=True)
+def awq(
+    model: nn.Module,
+    data: Iterable,
+    *,
+    n_grid: int = 20,
+    clip: bool = True,
+    max_shrink: float = 0.5,
+    sample_tokens: int = 2048,
+    num_batches: int | None = None,
+    blocks: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> AWQResult:
+    """AWQ (Lin et al. 2023): activation-aware channel scales and a clipping search for the weight quantizers.
+
+    See the module docstring. Run it on a model from :func:`~torchquant.quantize_model` (or
+    :func:`torchquant.hf.quantize`) before calibrating. The float model's outputs change only
+    through the clipping. If anything fails, the model is restored exactly.
+
+    Args:
+        model: a quantizable model with weight quantizers (any registered kind).
+        data: calibration batches (as for :func:`~torchquant.ptq.calibrate`).
+        n_grid: candidates of the scale exponent (and steps of the clipping ratio).
+        clip: run the clipping search after scaling.
+        max_shrink: the smallest clipping ratio is ``1 - max_shrink``.
+        sample_tokens: input rows used to measure errors.
+        num_batches: use at most this many batches of ``data``.
+        blocks: the qualified name of the model's list of blocks (found when ``None``).
+        seed: seed of the row sample.
+        progress: show a progress bar over blocks.
+
+    Returns:
+        An :class:`AWQResult`.
+
+    Raises:
+        ValueError: no QModule, empty data or a bad option.
+
+    Example:
+        >>> import torch, torchquant as tq
+        >>> from torch import nn
+        >>> w4 = lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0))
+        >>> net = tq.quantize_model(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 4)), w4, None, method="swap")
+        >>> sorted(tq.ptq.awq(net, [torch.randn(64, 8)], progress=False).clip_ratios)
+        ['1']
+    """
+    require_qmodules(model, "awq")
+    _check(n_grid, "n_grid", 1)
+    _check(sample_tokens, "sample_tokens", 1)
+    _check(seed, "seed", 0)
+    if not isinstance(clip, bool):
+        raise ValueError(f"awq: clip must be a bool, got {clip!r}")
+    if isinstance(max_shrink, bool) or not isinstance(max_shrink, (int, float)) or not 0 <= max_shrink < 1:
+        raise ValueError(f"awq: max_shrink must be a number in [0, 1), got {max_shrink!r}")
+    batches = materialize(data, num_batches, "awq")
+    names = {m: n for n, m in model.named_modules()}
+    exponents: dict[str, float] = {}
+    clip_ratios: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+    snapshot = Snapshot(model)
+    with restoring_states(model):
+        try:
+            model.eval()
+            mode = QModuleState.BYPASSED
+            for block in sequential_blocks(model, batches, blocks=blocks, mode=mode, who="awq", progress=progress):
+                layers = [w for _, w in block.layers if _awq_layer(w) and w.weight_quantizer is not None]
+                groups = block.groups(layers)
+                if not groups:
+                    continue
+                x_mean, X = _stats(block, groups, sample_tokens, seed)
+                for group in groups:
+                    gname = ",".join(names[w] for w in group)
+                    target = block.fold_target(group)
+                    Xg = X[group[0]]
+                    if target is None:
+                        skipped[gname] = "no module produces its input channels one for one"
+                    else:
+                        s, a = _search_scale(group, Xg, x_mean[group[0]], n_grid)
+                        fold_input_scale(target, group, s)
+                        exponents[gname] = a
+                        Xg = Xg / s
+                    if clip:
+                        for w in group:
+                            ratio = _search_clip(w, Xg, n_grid, float(max_shrink))
+                            if ratio is not None:
+                                clip_ratios[names[w]] = ratio
+                reobserve_weights(layers)
+        except BaseException:
+            snapshot.restore()
+            raise
+    return AWQResult(exponents=exponents, clip_ratios=clip_ratios, skipped=skipped)

@@ -1,0 +1,188 @@
+"""SmoothQuant (Xiao et al. 2022, "SmoothQuant: Accurate and Efficient Post-Training
+Quantization for Large Language Models"): move activation outliers into the weights.
+
+For a group of layers reading one input ``X`` (``(n, in)``: ``q, k, v`` after a
+normalisation, ``gate, up``, ``down`` after ``up``) with weights ``W`` (``(out, in)``
+each), a per-channel scale
+
+    ``s_j = max|X_j| ** alpha / max|W_:j| ** (1 - alpha)``
+
+(the maximum over all tokens, and over the rows of every layer of the group) divides the
+input channel ``j`` and multiplies the weight column ``j``: ``X W^T = (X / s) (W s)^T``.
+``alpha`` is the migration strength: 0 leaves the activations as they are, 1 moves all of
+their range into the weights. The division is folded into the module that produces ``X``
+(:meth:`~torchquant.ptq.sequential.Block.fold_target`: the normalisation's weight and
+bias, or the producing layer's rows and bias), so the float model is unchanged and the
+quantized model has no extra operation. Groups with no such module are left alone and
+listed in the result.
+
+It runs before calibration (it changes weights, so activation and weight ranges are
+computed afterwards; weight ranges already observed are recomputed from the new weights)
+on the float model, block by block on the sequential engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..qmodules import QModuleState, QWrapper
+from ..utils import restoring_states
+from ._common import Snapshot, materialize, reobserve_weights, require_qmodules
+from .registry import register_ptq_algorithm
+from .sequential import Block, fold_input_scale, sequential_blocks
+
+__all__ = ["SmoothQuantResult", "smoothing_scales", "smoothquant"]
+
+
+@dataclass(frozen=True)
+class SmoothQuantResult:
+    """What :func:`smoothquant` did.
+
+    Attributes:
+        folded: for each smoothed group (its layers' qualified names joined by ``","``), the
+            module the scales were folded into.
+        max_scale: for each smoothed group, the largest ``s_j``.
+        skipped: groups left alone, with the reason.
+    """
+
+    folded: dict[str, str] = field(default_factory=dict)
+    max_scale: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def smoothing_scales(act_absmax: Tensor, weight_absmax: Tensor, alpha: float) -> Tensor:
+    """SmoothQuant's per-channel scales ``s = a ** alpha / w ** (1 - alpha)``.
+
+    Args:
+        act_absmax: ``(in,)`` ``max |X_j|`` over tokens.
+        weight_absmax: ``(in,)`` ``max |W_:j|`` over output rows.
+        alpha: migration strength in ``[0, 1]``.
+
+    Returns:
+        ``(in,)`` positive scales; ``1`` where a channel has no activation or no weight.
+
+    Example:
+        >>> import torch
+        >>> smoothing_scales(torch.tensor([16.0, 1.0]), torch.tensor([1.0, 4.0]), 0.5)
+        tensor([4.0000, 0.5000])
+    """
+    a = act_absmax.to(torch.float32)
+    w = weight_absmax.to(torch.float32)
+    s = a.pow(alpha) / w.pow(1 - alpha)
+    dead = (a <= 0) | (w <= 0) | ~torch.isfinite(s)
+    return torch.where(dead, torch.ones_like(s), s.clamp(min=1e-5))
+
+
+def _group_name(names: dict[nn.Module, str], group: list[QWrapper]) -> str:
+    return ",".join(names[w] for w in group)
+
+
+def _weight_absmax(group: list[QWrapper]) -> Tensor:
+    return torch.stack([w.weight_view().detach().abs().amax(0).float() for w in group]).amax(0)
+
+
+def _act_absmax(block: Block, groups: list[list[QWrapper]]) -> dict[QWrapper, Tensor]:
+    """``max |x_j|`` of each group's input over all batches, ``(in,)``, in one pass over the block."""
+    out: dict[QWrapper, Tensor] = {}
+
+    def pre(mod: QWrapper, x: Tensor, i: int) -> None:
+        m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
+        out[mod] = m if mod not in out else torch.maximum(out[mod], m)
+
+    last = groups[-1][0] if block.called_once() else None
+    block.run({g[0]: pre for g in groups}, stop_after=last)
+    return out
+
+
+def _smoothable(w: QWrapper) -> bool:
+    return (isinstance(w.layer, nn.Linear) or type(w.layer).__name__ == "Conv1D") and not w.fold_bn
+
+
+@register_ptq_algorithm("smoothquant", before_calibration=True, aliases=("smooth",))
+def smoothquant(
+    model: nn.Module,
+    data: Iterable,
+    *,
+    alpha: float = 0.5,
+    targets: str = "all",
+    num_batches: int | None = None,
+    blocks: str | None = None,
+    progress: bool = True,
+) -> SmoothQuantResult:
+    """SmoothQuant (Xiao et al. 2022): per-channel scales that move activation outliers into the weights.
+
+    See the module docstring. Run it on a model from :func:`~torchquant.quantize_model`
+    (or :func:`torchquant.hf.quantize`) before calibrating; the float model's outputs do
+    not change. If anything fails, the model is restored exactly.
+
+    Args:
+        model: a quantizable model.
+        data: calibration batches (as for :func:`~torchquant.ptq.calibrate`).
+        alpha: migration strength in ``[0, 1]`` (0.5 in the paper; larger moves more).
+        targets: ``"all"`` smooths every group with a fold target; ``"norms"`` only groups
+            after a normalisation (the paper's ``q, k, v`` and ``gate, up``).
+        num_batches: use at most this many batches of ``data``.
+        blocks: the qualified name of the model's list of blocks (found when ``None``).
+        progress: show a progress bar over blocks.
+
+    Returns:
+        A :class:`SmoothQuantResult`.
+
+    Raises:
+        ValueError: no QModule, empty data or a bad option.
+
+    Example:
+        >>> import torch, torchquant as tq
+        >>> from torch import nn
+        >>> w8 = lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0))
+        >>> net = tq.quantize_model(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 2)), w8, None, method="swap")
+        >>> r = tq.ptq.smoothquant(net, [torch.randn(16, 8)], progress=False)
+        >>> r.folded
+        {'1': '0'}
+    """
+    require_qmodules(model, "smoothquant")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise ValueError(f"smoothquant: alpha must be a number in [0, 1], got {alpha!r}")
+    if targets not in ("all", "norms"):
+        raise ValueError(f"smoothquant: targets must be 'all' or 'norms', got {targets!r}")
+    batches = materialize(data, num_batches, "smoothquant")
+    names = {m: n for n, m in model.named_modules()}
+    folded: dict[str, str] = {}
+    max_scale: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+    snapshot = Snapshot(model)
+    with restoring_states(model):
+        try:
+            model.eval()
+            mode = QModuleState.BYPASSED
+            for block in sequential_blocks(
+                model, batches, blocks=blocks, mode=mode, who="smoothquant", progress=progress
+            ):
+                plan: list[tuple[list[QWrapper], nn.Module]] = []
+                for group in block.groups([w for _, w in block.layers if _smoothable(w)]):
+                    target = block.fold_target(group)
+                    gname = _group_name(names, group)
+                    if target is None:
+                        skipped[gname] = "no module produces its input channels one for one"
+                    elif targets == "norms" and isinstance(target, QWrapper):
+                        skipped[gname] = f"its input comes from {names[target]}, not a normalisation (targets='norms')"
+                    else:
+                        plan.append((group, target))
+                if not plan:
+                    continue
+                acts = _act_absmax(block, [g for g, _ in plan])
+                for group, target in plan:
+                    s = smoothing_scales(acts[group[0]], _weight_absmax(group), float(alpha))
+                    fold_input_scale(target, group, s)
+                    gname = _group_name(names, group)
+                    folded[gname] = names[target]
+                    max_scale[gname] = float(s.max())
+                    reobserve_weights([*group, target] if isinstance(target, QWrapper) else group)
+        except BaseException:
+            snapshot.restore()
+            raise
+    return SmoothQuantResult(folded=folded, max_scale=max_scale, skipped=skipped)
