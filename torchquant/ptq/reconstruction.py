@@ -14,10 +14,13 @@ the quantized unit reproduces the float unit's output:
   Rounding for Post-Training Quantization"): ``W_q = s * (clamp(floor(W / s) + h(V)
   + z, qmin, qmax) - z)`` with the rectified sigmoid ``h`` (``zeta = 1.1``,
   ``gamma = -0.1``), on the grid any weight quantizer reports through
-  :meth:`~torchquant.quantizers.Quantizer.grid` (:class:`AdaRoundQuantizer`). The
+  :meth:`~torchquant.quantizers.Quantizer.grid` (:class:`AdaRoundQuantizer`). A
+  non-uniform quantizer (NF4, APoT) reports its levels through
+  :meth:`~torchquant.quantizers.Quantizer.levels` instead; then ``h(V)`` interpolates
+  between the two levels around ``W / s``: ``W_q = s * (l_lo + h(V) (l_hi - l_lo))``. The
   regulariser's ``beta`` is annealed linearly from 20 to 2 after a warm-up of 20%
   of the iterations without it; ``lambda = 0.01``; Adam.
-* Afterwards the rounding is made hard (``h = [V >= 0]``), the rounded grid values
+* Afterwards the rounding is made hard (``h = [V >= 0]``), the rounded grid values (or levels)
   are written into the layer's weight and the original weight quantizer is put
   back: its grid is unchanged, so in ``QUANT_EVAL`` modes it reproduces them exactly,
   and the model saves and loads like any other quantized model. (Calibrating the
@@ -88,7 +91,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..qmodules import QModule, QModuleState, QWrapper, iter_qmodules
-from ..quantizers import AdaRoundQuantizer, AffineGrid, AffineQuantizer, Quantizer
+from ..quantizers import AdaRoundQuantizer, AffineGrid, AffineQuantizer, LevelGrid, Quantizer
 from ..quantizers_functional import round_ste
 from ..utils import progress_bar, restoring_states
 from ._common import Snapshot, call_model, capture, forward_order, materialize, require_qmodules
@@ -389,7 +392,7 @@ def reconstruct(
     Raises:
         ValueError: no QModule, empty data, a wrong mode or option, no unit found,
             or a unit not called with one tensor.
-        TypeError: an unknown option, a weight quantizer without an affine grid (or, with
+        TypeError: an unknown option, a weight quantizer with neither an affine grid nor levels (or, with
             ``learn_act_step``, an activation quantizer that is not an AffineQuantizer).
         RuntimeError: the model does not run on ``data`` in ``mode`` (e.g. not calibrated).
     """
@@ -519,13 +522,19 @@ def _fisher_weights(
     return (g2 + damping) / (1 + damping)
 
 
-def _grid_of(q: Quantizer, who: str) -> AffineGrid:
+def _grid_of(q: Quantizer, who: str) -> AffineGrid | LevelGrid:
+    """The affine grid of ``q``, else its levels: what AdaRound rounds on."""
     try:
         grid = q.grid()
+        if grid is None:
+            grid = q.levels()
     except RuntimeError as e:
         raise RuntimeError(f"reconstruct: {who} has no ranges; calibrate the model first ({e})") from e
     if grid is None:
-        raise TypeError(f"reconstruct: {who} ({type(q).__name__}) reports no affine grid; AdaRound needs one")
+        raise TypeError(
+            f"reconstruct: {who} ({type(q).__name__}) reports neither an affine grid (grid()) nor levels "
+            "(levels()); AdaRound needs one of them"
+        )
     return grid
 
 

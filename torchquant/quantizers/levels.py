@@ -139,7 +139,6 @@ class _LevelQuantizer(RangeQuantizer):
         return LevelGrid(self.codebook, self.scale(), self.granularity)
 
 
-
 @register_quantizer(
     "nf4",
     examples=[
