@@ -121,6 +121,36 @@ def test_adaround_on_levels_beats_nearest_rounding_and_ends_on_the_levels(make):
         assert not torch.equal(w, rtn)  # and not simply rounded to nearest
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "make",
+    [lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0)), LEVEL_WEIGHTS["nf4-block4"]],
+    ids=["affine-w4", "nf4-block4"],
+)
+def test_adaround_with_folded_batchnorm_rounds_the_folded_weight(make):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 4)).eval()
+    with torch.no_grad():  # BatchNorm far from the identity: the folded weight is not the layer's
+        net[1].running_var.uniform_(2.0, 6.0)
+        net[1].running_mean.normal_()
+        net[1].weight.uniform_(0.5, 2.0)
+    data = [torch.randn(16, 4, 6, 6, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    x = torch.cat(data)
+    with torch.no_grad():
+        fp = net(x)
+    q = tq.quantize_model(net, make, None, method="swap", fold_bn=True)
+    tq.calibrate(q, data, progress=False)
+    with torch.no_grad(), tq.qmodule_state(q, tq.QModuleState.QUANT_EVAL):
+        err_nearest = (q(x) - fp).pow(2).mean()
+    tq.ptq.adaround(q, data, iters=200, batch_size=32, lr=1e-2, progress=False)
+    with torch.no_grad(), tq.qmodule_state(q, tq.QModuleState.QUANT_EVAL):
+        err_ada = (q(x) - fp).pow(2).mean()
+        folded = q[0].weight_to_quantize()
+        # the layer holds rounded values divided by gamma / sigma: folded again, they are on the grid
+        assert torch.allclose(q[0].weight_quantizer(folded), folded, rtol=0, atol=1e-6)
+    assert err_ada < 0.8 * err_nearest, (err_nearest, err_ada)
+
+
 @pytest.mark.parametrize("preset", ["adaround", "brecq", "qdrop"])
 def test_reconstruction_fixes_rounding_into_the_weights(preset):
     q = _mlp()

@@ -112,7 +112,7 @@ def integer_params(
                 if kind == "weight":
                     who = f"integer_params: quantizer {p.name!r} ({type(p.quantizer).__name__})"
                     with torch.no_grad():
-                        entry["codes"] = to_numpy(levels.codes(_quantizer_input(weight_of[p.name]), who), np.int64)
+                        entry["codes"] = to_numpy(levels.codes(weight_of[p.name].weight_to_quantize(), who), np.int64)
             out[p.name] = entry
             continue
         g = grid.granularity
@@ -129,7 +129,7 @@ def integer_params(
         if kind == "weight":
             wrapper = weight_of[p.name]
             with torch.no_grad():
-                w = _quantizer_input(wrapper)
+                w = wrapper.weight_to_quantize()  # (out, in, ...); BatchNorm folded with fold_bn=True
                 who = f"integer_params: quantizer {p.name!r} ({type(p.quantizer).__name__})"
                 entry["int_weight"] = to_numpy(grid.to_int(w, who), np.int64)
                 bias = getattr(wrapper.layer, "bias", None)
@@ -140,15 +140,6 @@ def integer_params(
                         entry.update(_int_bias(bias, grid.scale, feeder, out, p.name, who))
         out[p.name] = entry
     return out
-
-
-def _quantizer_input(wrapper: QWrapper) -> Tensor:
-    """The weight ``wrapper``'s weight quantizer sees: ``(out, in, ...)`` (Conv1D transposed), BatchNorm folded in.
-
-    With ``fold_bn=True`` the quantizer's grid or levels were computed for the folded weight, so
-    its codes are those of the folded weight, not of the layer's own.
-    """
-    return wrapper._folded_params()[0] if wrapper.fold_bn else wrapper.weight_view()
 
 
 def _int_bias(bias: Tensor, w_scale: Tensor, feeder: str, done: dict, name: str, who: str) -> dict[str, Any]:

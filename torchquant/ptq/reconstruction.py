@@ -21,7 +21,9 @@ the quantized unit reproduces the float unit's output:
   regulariser's ``beta`` is annealed linearly from 20 to 2 after a warm-up of 20%
   of the iterations without it; ``lambda = 0.01``; Adam.
 * Afterwards the rounding is made hard (``h = [V >= 0]``), the rounded grid values (or levels)
-  are written into the layer's weight and the original weight quantizer is put
+  are written into the layer's weight (with ``fold_bn=True`` the quantizer rounds the
+  folded weight, and the layer gets the rounded values divided by BatchNorm's
+  ``gamma / sigma``) and the original weight quantizer is put
   back: its grid is unchanged, so in ``QUANT_EVAL`` modes it reproduces them exactly,
   and the model saves and loads like any other quantized model. (Calibrating the
   weights again would recompute their ranges from the rounded weights; do not.)
@@ -90,6 +92,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..layers import bn_scale_shift
 from ..qmodules import QModule, QModuleState, QWrapper, iter_qmodules
 from ..quantizers import AdaRoundQuantizer, AffineGrid, AffineQuantizer, LevelGrid, Quantizer
 from ..quantizers_functional import round_ste
@@ -577,7 +580,8 @@ def _reconstruct_unit(
         for p, _ in saved_grad:
             p.requires_grad_(False)
         for w in wrappers:
-            ada[w] = AdaRoundQuantizer(_grid_of(w.weight_quantizer, "weight quantizer"), w.weight_view())
+            # the weight the quantizer rounds: with fold_bn=True the folded one, for which its grid was computed
+            ada[w] = AdaRoundQuantizer(_grid_of(w.weight_quantizer, "weight quantizer"), w.weight_to_quantize())
             saved_q.append((w, "weight_quantizer", w.weight_quantizer))
             w.weight_quantizer = ada[w]
         if c.act_quant:
@@ -628,7 +632,7 @@ def _reconstruct_unit(
         with torch.no_grad():
             for w, a in ada.items():
                 a.soft = False
-                w.weight_view().copy_(a(w.weight_view()))  # (out, in, ...) view: writes the parameter
+                _write_rounded(w, a(w.weight_to_quantize()))
             for s in learned:
                 s.write_back()
         return float(rec.detach())
@@ -639,6 +643,21 @@ def _reconstruct_unit(
             m.qstate = c.mode
         for p, g in saved_grad:
             p.requires_grad_(g)
+
+
+def _write_rounded(w: QWrapper, rounded: Tensor) -> None:
+    """Write hard-rounded weights ``(out, in, ...)`` into ``w``'s layer.
+
+    With ``fold_bn=True`` they are the folded weight's values: the layer gets them divided
+    by BatchNorm's per-channel factor ``gamma / sigma``, so that folding gives them back (to
+    the last bit of float rounding, which the weight quantizer removes). A channel whose
+    factor is 0 keeps its weight (folded, it is 0 whatever it holds).
+    """
+    if w.fold_bn:
+        factor, _ = bn_scale_shift(w.bn)  # (C_out,)
+        factor = factor.reshape(-1, *[1] * (rounded.dim() - 1))
+        rounded = torch.where(factor != 0, rounded / factor, w.weight_view())
+    w.weight_view().copy_(rounded)  # (out, in, ...) view: writes the parameter
 
 
 def _run_preset(name: str, model: nn.Module, data: Iterable, options: dict[str, Any]) -> dict[str, float]:
