@@ -690,9 +690,9 @@ def level_quantize(x: Tensor, levels: Tensor, scale: Tensor | float = 1.0) -> Te
         tensor([ 0., -2.,  2.])
     """
     dtype = compute_dtype(x)
-    v = x.to(dtype) / _as_tensor(scale, x).to(dtype)
+    s = _as_tensor(scale, x).to(dtype)
     lv = levels.to(dtype)
-    q = level_values(lv, level_codes(v, lv)) * _as_tensor(scale, x).to(dtype)
+    q = level_values(lv, level_codes(x.to(dtype) / s, lv)) * s
     return straight_through(x, q.to(x.dtype))
 
 

@@ -41,9 +41,10 @@ def _nf4_table() -> tuple[float, ...]:
     # Quantiles of N(0, 1): 8 for the positive half and 7 for the negative one, so that 0 is a level.
     # Probabilities in float32, quantiles in float64, rounded to float32, then scaled by the largest
     # in float32: the steps by which the published table was computed, reproduced bit for bit.
-    pos = torch.special.ndtri(torch.linspace(_NF4_OFFSET, 0.5, 9)[:-1].double()).float()
-    neg = (-torch.special.ndtri(torch.linspace(_NF4_OFFSET, 0.5, 8)[:-1].double())).float()
-    v = torch.cat([neg, torch.zeros(1), pos]).sort().values
+    f32 = torch.float32  # explicit: the table must not follow torch.set_default_dtype
+    pos = torch.special.ndtri(torch.linspace(_NF4_OFFSET, 0.5, 9, dtype=f32)[:-1].double()).float()
+    neg = (-torch.special.ndtri(torch.linspace(_NF4_OFFSET, 0.5, 8, dtype=f32)[:-1].double())).float()
+    v = torch.cat([neg, torch.zeros(1, dtype=f32), pos]).sort().values
     return tuple((v / v.max()).tolist())
 
 
