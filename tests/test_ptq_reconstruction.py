@@ -68,6 +68,89 @@ def test_adaround_quantizer_starts_at_the_weight_and_hardens_to_floor_or_ceil():
         AdaRoundQuantizer("grid", w)
 
 
+# Non-uniform weight quantizers: NF4 in blocks of 4 inputs, 4-bit APoT per tensor.
+LEVEL_WEIGHTS = {
+    "nf4-block4": lambda m, n: tq.NF4Quantizer(tq.BatchMinMax(axis=1, group_size=4)),
+    "apot4-per-tensor": lambda m, n: tq.APoTQuantizer(4, tq.BatchMinMax()),
+}
+
+
+@pytest.mark.parametrize("make", LEVEL_WEIGHTS.values(), ids=LEVEL_WEIGHTS.keys())
+def test_adaround_quantizer_on_levels_starts_at_the_weight_and_hardens_to_a_neighbour(make):
+    q = make(None, "w")
+    w = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    q.pre_observe(w)
+    levels = q.levels()
+    ada = AdaRoundQuantizer(levels, w)
+    assert ada.grid() is None and torch.equal(ada.levels().levels, levels.levels)
+    # every weight lies inside its block's range [-absmax, absmax]: the soft value starts at it
+    assert torch.allclose(ada(w), w, atol=1e-5)
+    lo, hi = (levels.dequantize(c) for c in levels.neighbours(w))
+    assert (lo <= w + 1e-6).all() and (w <= hi + 1e-6).all() and (hi > lo).any()
+    with torch.no_grad():
+        ada.alpha.copy_(torch.randn(w.shape))  # any rounding choice
+    ada.soft = False
+    hard = ada(w)
+    assert torch.equal(torch.where(ada.alpha >= 0, hi, lo), hard)  # exactly one of the two neighbours
+    assert torch.equal(q(hard), hard)  # on the levels: the original quantizer reproduces it
+    assert torch.equal(levels.dequantize(levels.codes(hard)), hard)
+
+
+@pytest.mark.parametrize("make", LEVEL_WEIGHTS.values(), ids=LEVEL_WEIGHTS.keys())
+def test_adaround_on_levels_beats_nearest_rounding_and_ends_on_the_levels(make):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    q = tq.quantize_model(net.eval(), make, None, method="swap")
+    data = _data(n=8)
+    tq.calibrate(q, data, progress=False)
+    x = torch.cat(data)
+    layers = (q[0], q[2], q[4])
+    with torch.no_grad():
+        fp = q(x)
+        with tq.qmodule_state(q, tq.QModuleState.QUANT_EVAL):
+            err_nearest = (q(x) - fp).pow(2).mean()
+            nearest = [m.weight_quantizer(m.layer.weight) for m in layers]
+    tq.ptq.adaround(q, data, iters=200, batch_size=32, lr=1e-2, progress=False)
+    with torch.no_grad(), tq.qmodule_state(q, tq.QModuleState.QUANT_EVAL):
+        err_ada = (q(x) - fp).pow(2).mean()
+    assert err_ada < 0.8 * err_nearest, (err_nearest, err_ada)
+    for m, rtn in zip(layers, nearest):
+        w, levels = m.layer.weight.detach(), m.weight_quantizer.levels()
+        assert torch.equal(levels.dequantize(levels.codes(w)), w)  # written back on the levels
+        assert torch.equal(m.weight_quantizer(w), w)
+        assert not torch.equal(w, rtn)  # and not simply rounded to nearest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "make",
+    [lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0)), LEVEL_WEIGHTS["nf4-block4"]],
+    ids=["affine-w4", "nf4-block4"],
+)
+def test_adaround_with_folded_batchnorm_rounds_the_folded_weight(make):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 4)).eval()
+    with torch.no_grad():  # BatchNorm far from the identity: the folded weight is not the layer's
+        net[1].running_var.uniform_(2.0, 6.0)
+        net[1].running_mean.normal_()
+        net[1].weight.uniform_(0.5, 2.0)
+    data = [torch.randn(16, 4, 6, 6, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    x = torch.cat(data)
+    with torch.no_grad():
+        fp = net(x)
+    q = tq.quantize_model(net, make, None, method="swap", fold_bn=True)
+    tq.calibrate(q, data, progress=False)
+    with torch.no_grad(), tq.qmodule_state(q, tq.QModuleState.QUANT_EVAL):
+        err_nearest = (q(x) - fp).pow(2).mean()
+    tq.ptq.adaround(q, data, iters=200, batch_size=32, lr=1e-2, progress=False)
+    with torch.no_grad(), tq.qmodule_state(q, tq.QModuleState.QUANT_EVAL):
+        err_ada = (q(x) - fp).pow(2).mean()
+        folded = q[0].weight_to_quantize()
+        # the layer holds rounded values divided by gamma / sigma: folded again, they are on the grid
+        assert torch.allclose(q[0].weight_quantizer(folded), folded, rtol=0, atol=1e-6)
+    assert err_ada < 0.8 * err_nearest, (err_nearest, err_ada)
+
+
 @pytest.mark.parametrize("preset", ["adaround", "brecq", "qdrop"])
 def test_reconstruction_fixes_rounding_into_the_weights(preset):
     q = _mlp()
@@ -212,7 +295,7 @@ def test_reconstruction_bad_input():
         tq.ptq.brecq(q, data, **FAST)
     assert _same(before, _weights(q))
     s = tq.quantize_model(nn.Sequential(nn.Linear(8, 2)), lambda m, n: _Sign(), None, method="swap")
-    with pytest.raises(TypeError, match="no affine grid"):
+    with pytest.raises(TypeError, match=r"neither an affine grid \(grid\(\)\) nor levels"):
         tq.ptq.adaround(s, data, **FAST)
     r = tq.quantize_model(
         nn.Sequential(nn.Linear(8, 2)), W4, lambda m, n: tq.QfmtQuantizer(8, True, tq.BatchMinMax()), method="swap"

@@ -236,3 +236,150 @@ def test_grid_check_zero_point_shape():
     with pytest.raises(ValueError, match=r"zero_point does not broadcast.*zero_point of shape \(8,\)"):
         grid.check((8, 5), "q")
     tq.AffineGrid(torch.ones(8, 1), torch.zeros(()), 0, 255, g).check((8, 5), "q")  # one zero point is fine
+
+
+# ------------------------------------------------------------------ levels (non-uniform grids)
+
+# The NF4 table as published (Dettmers et al. 2023, appendix E), in float32.
+NF4_PUBLISHED = [
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+]  # fmt: skip
+
+
+def _nearest_by_search(v, levels):
+    """Reference: the index of the closest level by exhaustive search (the first, i.e. lower, one on a tie)."""
+    return (v.unsqueeze(-1) - levels).abs().argmin(-1)
+
+
+def test_level_grid_codes_neighbours_and_dequantize_hand_computed():
+    g = tq.LevelGrid(torch.tensor([-1.0, 0.0, 0.5, 1.0]), torch.tensor(2.0), tq.Granularity())
+    # in level units: -1.5 (below), -0.5 (tie between -1 and 0), 0 (a level), 0.2, 0.25 (tie), 0.3, 0.75 (tie), 3
+    x = torch.tensor([-3.0, -1.0, 0.0, 0.4, 0.5, 0.6, 1.5, 6.0])
+    assert g.codes(x).tolist() == [0, 0, 1, 1, 1, 2, 2, 3]  # ties go to the lower level
+    lo, hi = g.neighbours(x)
+    assert lo.tolist() == [0, 0, 1, 1, 1, 1, 2, 3]
+    assert hi.tolist() == [0, 1, 2, 2, 2, 2, 3, 3]  # outside the range both are the end
+    assert g.dequantize(g.codes(x)).tolist() == [-2.0, -2.0, 0.0, 0.0, 0.0, 1.0, 1.0, 2.0]
+    assert (g.n_levels, g.n_bits) == (4, 2)
+
+
+def test_level_grid_per_channel_codebook_equals_each_row_on_its_own():
+    table = torch.tensor([[-1.0, 0.0, 1.0], [-3.0, -1.0, 2.0]]).view(2, 1, 3)  # a codebook per row
+    scale = torch.tensor([0.5, 2.0]).view(2, 1)
+    g = tq.LevelGrid(table, scale, tq.Granularity(axis=0))
+    x = torch.randn(2, 50) * 3
+    codes = g.codes(x)
+    for c in range(2):
+        row = tq.LevelGrid(table[c, 0], scale[c, 0], tq.Granularity())
+        assert torch.equal(codes[c], row.codes(x[c]))
+        assert torch.equal(g.dequantize(codes)[c], row.dequantize(codes[c]))
+        assert torch.equal(codes[c], _nearest_by_search(x[c] / scale[c], table[c, 0]))
+
+
+@pytest.mark.parametrize(
+    ("levels", "scale", "granularity", "reason"),
+    [
+        (torch.tensor([0.0, 1.0]), torch.ones(8), tq.Granularity(axis=0), r"scale does not broadcast"),
+        (torch.ones(8, 2).cumsum(1), torch.ones(8, 1), tq.Granularity(axis=0), r"levels\[\.\.\., 0\] does not"),
+        (torch.tensor([0.0, 1.0, 0.5]), torch.ones(()), tq.Granularity(), r"strictly ascending"),
+        (torch.tensor([1.0]), torch.ones(()), tq.Granularity(), r"at least two levels"),
+    ],
+    ids=["scale-not-broadcasting", "codebook-not-broadcasting", "unsorted", "one-level"],
+)
+def test_level_grid_check_names_who_and_the_shapes(levels, scale, granularity, reason):
+    g = tq.LevelGrid(levels, scale, granularity)
+    for call in (lambda: g.check((8, 5), "layer.q"), lambda: g.codes(torch.randn(8, 5), "layer.q")):
+        with pytest.raises(ValueError, match=reason) as e:
+            call()
+        assert str(e.value).startswith("layer.q: ")
+
+
+def test_nf4_levels_are_the_published_table():
+    levels = tq.quantizers.nf4_levels()
+    assert levels.dtype == torch.float32
+    assert torch.equal(levels, torch.tensor(NF4_PUBLISHED))  # bit for bit in float32
+    q = tq.NF4Quantizer()
+    assert torch.equal(q.codebook, levels)
+    assert q.granularity == tq.Granularity(axis=1, group_size=64)  # QLoRA's blocks of 64 along the inputs
+
+
+def test_nf4_quantizes_each_block_by_its_absmax():
+    w = torch.randn(4, 128)
+    q = observed(tq.NF4Quantizer(), w)
+    y = q(w)
+    table = tq.quantizers.nf4_levels()
+    for block in range(2):
+        part = w[:, 64 * block : 64 * (block + 1)]
+        absmax = part.abs().amax(1, keepdim=True)
+        expected = table[_nearest_by_search(part / absmax, table)] * absmax
+        assert torch.equal(y[:, 64 * block : 64 * (block + 1)], expected)
+    assert torch.equal(q(y), y)
+    grid = q.levels()
+    assert grid.granularity == q.granularity and torch.equal(grid.dequantize(grid.codes(w)), y)
+
+
+def test_apot_levels_are_the_papers_sums_of_powers_of_two():
+    # 4 bits, k = 2 (the paper's equation 5): p_0 in {0, 2^0, 2^-2, 2^-4}, p_1 in {0, 2^-1, 2^-3, 2^-5}
+    p0, p1 = [0, 1, 2**-2, 2**-4], [0, 2**-1, 2**-3, 2**-5]
+    sums = sorted({a + b for a in p0 for b in p1})
+    assert len(sums) == 16
+    assert torch.equal(tq.quantizers.apot_levels(4, k=2, signed=False), torch.tensor(sums) / 1.5)
+    # signed 4 bits: a sign and 3 magnitude bits, p_0 in {0, 2^0, 2^-2, 2^-4}, p_1 in {0, 2^-1}
+    mags = sorted({a + b for a in p0 for b in [0, 2**-1]})
+    signed = [-m for m in reversed(mags[1:])] + mags
+    assert torch.equal(tq.quantizers.apot_levels(4), torch.tensor(signed) / 1.5)
+    # k = 1 is uniform: sums of distinct powers of two 1, 1/2, 1/4
+    assert torch.equal(tq.quantizers.apot_levels(3, k=1, signed=False), torch.arange(8.0) / 7)
+    with pytest.raises(ValueError, match=r"APoTQuantizer: n_bits must be in \[2, 9\], got 1"):
+        tq.APoTQuantizer(1, BatchMinMax())
+    with pytest.raises(ValueError, match=r"APoTQuantizer: k must be a positive int, got 0"):
+        tq.APoTQuantizer(4, BatchMinMax(), k=0)
+
+
+def test_apot_scales_its_levels_by_the_clipping_value():
+    x = torch.randn(3, 40)
+    q = observed(tq.APoTQuantizer(4, BatchMinMax(axis=0)), x)
+    alpha = x.abs().amax(1, keepdim=True)
+    table = tq.quantizers.apot_levels(4)
+    assert torch.equal(q(x), table[_nearest_by_search(x / alpha, table)] * alpha)
+    relu = observed(tq.APoTQuantizer(4, BatchMinMax(), signed=False), x.relu())
+    assert relu.levels().levels.min() == 0 and torch.equal(relu.levels().scale, x.relu().max())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: tq.NF4Quantizer(BatchMinMax(axis=0)), lambda: tq.APoTQuantizer(3, BatchMinMax())],
+    ids=["nf4", "apot"],
+)
+def test_level_quantizers_pass_the_gradient_straight_through(make):
+    x = torch.randn(4, 16, requires_grad=True)
+    q = observed(make(), x.detach())
+    g = torch.randn(4, 16)
+    q(x).backward(g)
+    assert torch.equal(x.grad, g)
+
+
+def test_levels_default_to_none_and_affine_quantizers_keep_grid():
+    q = observed(AffineQuantizer(4, BatchMinMax()), torch.randn(10))
+    assert q.levels() is None and q.grid() is not None
+    nf4 = observed(tq.NF4Quantizer(BatchMinMax()), torch.randn(10))
+    assert nf4.grid() is None and isinstance(nf4.levels(), tq.LevelGrid)
+    with pytest.raises(RuntimeError, match="calibrate first"):
+        tq.NF4Quantizer().levels()
+
+
+def test_level_quantizers_are_described_by_the_spec():
+    spec = tq.spec.describe(tq.APoTQuantizer(3, BatchMinMax(axis=0), k=1, signed=False))
+    assert spec.to_dict() == {"quantizer": "apot", "observer": "batch_minmax",
+                              "args": {"n_bits": 3, "k": 1, "signed": False}, "observer_args": {"axis": 0}}  # fmt: skip
+    rebuilt = spec.build()
+    assert torch.equal(rebuilt.codebook, tq.quantizers.apot_levels(3, k=1, signed=False))
+    nf4 = tq.spec.describe(tq.NF4Quantizer(BatchMinMax(axis=1, group_size=32)))
+    assert nf4.to_dict() == {
+        "quantizer": "nf4",
+        "observer": "batch_minmax",
+        "observer_args": {"axis": 1, "group_size": 32},
+    }
+    assert nf4.build().granularity == tq.Granularity(axis=1, group_size=32)

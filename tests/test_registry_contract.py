@@ -7,7 +7,7 @@ later is checked here without a test of its own. An observer is checked inside a
 (``weight``, ``act``, or both for ``any``): as a QWrapper's weight or activation
 quantizer, in a QOp (activations), in a model converted by ``quantize_model`` (torch.fx),
 under torch.compile, through ``state_dict`` and ``copy.deepcopy``, backward, and, where the
-outputs lie on ``grid()``, through the grid's integer codes and an ONNX export.
+outputs lie on ``grid()`` or ``levels()``, through their integer codes and an ONNX export.
 """
 
 from __future__ import annotations
@@ -362,6 +362,45 @@ def test_onnx_export_matches_in_steps(case):
     proto = tq.export.to_onnx(w, x[:1], opset=21)
     report = tq.export.check_parity(w, proto, x)
     assert report.passed(), str(report)
+
+
+LEVEL_CASES = [
+    c for c in CASES if c.example.on_grid and observed(c)[0].grid() is None and observed(c)[0].levels() is not None
+]
+
+
+def test_level_cases_include_every_non_uniform_family():
+    assert {"nf4", "apot"} <= {c.name for c in LEVEL_CASES}
+    assert not {c.id for c in LEVEL_CASES} & {c.id for c in GRID_CASES}  # one contract per quantizer
+
+
+@pytest.mark.parametrize("case", params(LEVEL_CASES))
+def test_outputs_lie_on_the_levels(case):
+    q, x = observed(case)
+    with torch.no_grad():
+        y = q(x)
+    lv = q.levels()
+    codes = lv.codes(y)
+    assert codes.dtype == torch.int64 and codes.min() >= 0 and codes.max() < lv.n_levels
+    assert torch.equal(lv.dequantize(codes), y)  # bit-exact: the outputs are the levels themselves
+    assert torch.equal(lv.quantize(x), y)  # and levels() says how the inputs were rounded
+    lo, hi = (lv.dequantize(c) for c in lv.neighbours(x))
+    assert ((y == lo) | (y == hi)).all()  # the nearest level is one of the two around the input
+
+
+@pytest.mark.parametrize("case", params(LEVEL_CASES))
+def test_onnx_export_of_levels_matches(case):
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    w = case.wrapper().eval()
+    x = case.inputs()
+    with torch.no_grad(), tq.qmodule_state(w, S.CALIBRATION):
+        w(x)
+    tq.set_qmodule_state(w, S.QUANT_EVAL)
+    proto = tq.export.to_onnx(w, x[:1], opset=21)
+    report = tq.export.check_parity(w, proto, x)
+    assert report.passed(), str(report)
+    assert not report.raw_outputs["output0"].max_abs > 1e-5 * max(report.output_scale["output0"], 1.0)
 
 
 # ------------------------------------------------------------------ observers on their own

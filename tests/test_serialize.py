@@ -100,6 +100,29 @@ def test_weight_only_int4_is_packed_two_per_byte(tmp_path):
     assert torch.equal(tq.load(fresh, tmp_path / "packed.safetensors")(x), model(x))
 
 
+@pytest.mark.parametrize(
+    ("make", "bits"),
+    [(lambda m, n: tq.NF4Quantizer(), 4), (lambda m, n: tq.APoTQuantizer(5, tq.BatchMinMax(axis=0)), 8)],
+    ids=["nf4-blocks64", "apot5-per-channel"],
+)
+def test_weights_on_levels_are_packed_as_codes(make, bits, tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 64))
+    model = tq.quantize_model(net, make, None, method="swap")
+    tq.set_qmodule_state(model, S.CALIBRATION_WEIGHT_ONLY)
+    x = torch.randn(2, 128)
+    model(x)
+    tq.set_qmodule_state(model, S.QUANT_EVAL_WEIGHT_ONLY)
+    tensors, desc = quantized_state_dict(model)
+    assert set(desc["packed"]) == {"0.layer.weight", "2.layer.weight"}
+    assert desc["packed"]["0.layer.weight"]["levels"] is True
+    assert desc["packed"]["0.layer.weight"]["bits"] == bits  # NF4: 16 levels, two per byte; APoT 5 bits: 31
+    assert tensors["0.layer.weight.__tq_codes"].numel() == 128 * 64 * bits // 8
+    tq.save(model, tmp_path / "packed.safetensors")
+    fresh = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 64))
+    assert torch.equal(tq.load(fresh, tmp_path / "packed.safetensors")(x), model(x))
+
+
 def test_training_modes_keep_float_weights():
     model, _ = calibrated(tq.quantize_model(Net(), w4_group, a8), S.QUANT_AWARE_TRAIN)
     tensors, desc = quantized_state_dict(model)

@@ -320,13 +320,21 @@ class QWrapper(QModule):
         """
         return self._adapter.weight(self.layer)
 
+    def weight_to_quantize(self) -> Tensor:
+        """The float weight the weight quantizer sees: :meth:`weight_view`, BatchNorm folded in with ``fold_bn=True``.
+
+        In the ``(out, in, ...)`` layout of :meth:`weight_view`; with ``fold_bn=True``,
+        ``W * gamma / sigma`` with the running statistics (what its grid or levels are for).
+        """
+        return self.weight_view() if not self.fold_bn else self._folded_params()[0]
+
     def quantized_weight(self) -> Tensor:
         """The weight as the current mode uses it (quantized or float), without observing.
 
         In the ``(out, in, ...)`` layout of :meth:`weight_view`. With ``fold_bn=True``
         this is the weight folded with the running statistics.
         """
-        w = self.weight_view() if not self.fold_bn else self._folded_params()[0]
+        w = self.weight_to_quantize()
         if self.weight_quantizer is not None and self.qstate.is_weight_quantized:
             w = self.weight_quantizer(w)
         return w
@@ -361,7 +369,7 @@ class QWrapper(QModule):
         if self.weight_quantizer is None:
             return
         with torch.no_grad():
-            w = self.weight_view() if not self.fold_bn else self._folded_params()[0]
+            w = self.weight_to_quantize()
             _run_quantizer(self.weight_quantizer, w, observe=True, quantize=False)
 
     def _quantize_input(self, x: Tensor) -> Tensor:

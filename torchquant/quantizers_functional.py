@@ -32,6 +32,10 @@ __all__ = [
     "e8m0_block_scale",
     "gradient_clip",
     "inverse_rectified_sigmoid",
+    "level_codes",
+    "level_neighbours",
+    "level_quantize",
+    "level_values",
     "lsq_quantize",
     "minifloat_quantize",
     "minifloat_round",
@@ -598,6 +602,98 @@ def straight_through(x: Tensor, q: Tensor) -> Tensor:
     ``q`` in the last bit.
     """
     return _StraightThrough.apply(x, q)
+
+
+# ---------------------------------------------------------------------------
+# Non-uniform grids: a finite, sorted set of levels (a codebook) times a scale.
+# ``levels`` has shape (..., K): K ascending values, its leading dimensions broadcast
+# against the tensor like a scale (a plain (K,) codebook is shared by every element).
+
+
+def level_codes(v: Tensor, levels: Tensor) -> Tensor:
+    """Index of the nearest level for every element of ``v`` (a tie goes to the lower level).
+
+    Args:
+        v: ``(...)`` values in the levels' units (the tensor divided by its scale).
+        levels: ``(..., K)`` ascending levels; the leading dimensions broadcast against ``v``.
+
+    Returns:
+        ``torch.int64`` codes in ``[0, K - 1]``, shaped like ``v``: the number of midpoints
+        between neighbouring levels that lie strictly below the value.
+
+    Example:
+        >>> level_codes(torch.tensor([-2.0, 0.2, 0.25, 0.3, 9.0]), torch.tensor([-1.0, 0.0, 0.5, 1.0]))
+        tensor([0, 1, 1, 2, 3])
+    """
+    mids = (levels[..., 1:] + levels[..., :-1]) / 2  # (..., K - 1)
+    # (..., 1) against (..., K - 1): one comparison per midpoint, summed; exports as plain ONNX ops
+    return (v.unsqueeze(-1) > mids).sum(-1)
+
+
+def level_neighbours(v: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
+    """Codes of the two levels around every element of ``v``: the floor and the ceiling in level space.
+
+    ``lo`` is the largest level at or below the value and ``hi = lo + 1``; outside the levels'
+    range both are the nearest end (``0`` below the first level, ``K - 1`` at or above the last).
+
+    Args:
+        v: ``(...)`` values in the levels' units.
+        levels: ``(..., K)`` ascending levels, broadcasting against ``v``.
+
+    Returns:
+        ``(lo, hi)``, ``torch.int64`` codes shaped like ``v``.
+
+    Example:
+        >>> lo, hi = level_neighbours(torch.tensor([-2.0, 0.0, 0.2, 9.0]), torch.tensor([-1.0, 0.0, 0.5, 1.0]))
+        >>> lo.tolist(), hi.tolist()
+        ([0, 1, 1, 3], [0, 2, 2, 3])
+    """
+    k = levels.shape[-1]
+    below = (v.unsqueeze(-1) >= levels).sum(-1)  # how many levels lie at or below the value
+    lo = (below - 1).clamp(min=0)
+    hi = torch.where(below == 0, lo, (lo + 1).clamp(max=k - 1))
+    return lo, hi
+
+
+def level_values(levels: Tensor, codes: Tensor) -> Tensor:
+    """The level each code names: ``levels[..., codes]`` with the leading dimensions broadcast.
+
+    Args:
+        levels: ``(..., K)`` levels.
+        codes: integer codes in ``[0, K - 1]``, any shape the leading dimensions broadcast against.
+
+    Returns:
+        A tensor of ``levels``' dtype shaped like ``codes``.
+    """
+    if levels.dim() == 1:
+        return levels[codes]
+    extra = codes.dim() + 1 - levels.dim()  # take_along_dim needs equal ranks
+    if extra > 0:
+        levels = levels.reshape((1,) * extra + tuple(levels.shape))
+    return torch.take_along_dim(levels, codes.unsqueeze(-1), dim=-1).squeeze(-1)
+
+
+def level_quantize(x: Tensor, levels: Tensor, scale: Tensor | float = 1.0) -> Tensor:
+    """Round every element of ``x`` to the nearest of ``levels * scale``, straight-through gradient.
+
+    ``x_q = levels[level_codes(x / scale, levels)] * scale`` (a tie goes to the lower
+    level); the backward pass returns the incoming gradient for ``x``.
+
+    Args:
+        x: the tensor to quantize.
+        levels: ``(..., K)`` ascending levels whose leading dimensions broadcast against ``x``.
+        scale: a positive scale broadcasting against ``x`` (a 0-d, per-channel ``(C, 1, 1, 1)``
+            or per-group expanded tensor), or a number.
+
+    Example:
+        >>> level_quantize(torch.tensor([0.3, -1.6, 5.0]), torch.tensor([-1.0, 0.0, 0.5, 1.0]), 2.0)
+        tensor([ 0., -2.,  2.])
+    """
+    dtype = compute_dtype(x)
+    s = _as_tensor(scale, x).to(dtype)
+    lv = levels.to(dtype)
+    q = level_values(lv, level_codes(x.to(dtype) / s, lv)) * s
+    return straight_through(x, q.to(x.dtype))
 
 
 class _LSQ(torch.autograd.Function):

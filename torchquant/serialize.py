@@ -15,9 +15,10 @@ factories that built the original::
 
 Weights are stored packed as integers where that loses nothing the model uses:
 a ``QWrapper`` whose mode quantizes its weight with frozen ranges (the
-``QUANT_EVAL*`` modes) and whose weight quantizer has an affine grid of at most
-256 levels stores the integer codes (one per byte; two per byte for 16 levels or
-fewer) instead of the float weight; :func:`load` writes the dequantized weight
+``QUANT_EVAL*`` modes) and whose weight quantizer has an affine grid, or levels
+(:meth:`~torchquant.quantizers.Quantizer.levels`: NF4, APoT), of at most 256 values
+stores the integer codes (one per byte; two per byte for 16 levels or fewer) instead
+of the float weight; :func:`load` writes the dequantized weight
 back, and the quantized weight (hence every output) is unchanged. The ranges of
 such a symmetric weight quantizer are stored as one magnitude per range
 (``max(|min|, |max|)``, all a symmetric grid depends on), so a 4-bit weight in
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 
 from .convert import CONVERSIONS_ATTR, quantize_model
 from .qmodules import QModule, QModuleState, QWrapper, iter_qmodules
-from .quantizers import AffineQuantizer
+from .quantizers import AffineGrid, AffineQuantizer, LevelGrid, Quantizer
 from .range_observers import BatchMinMax, RunningMinMax
 from .spec import QuantizerSpec, describe
 
@@ -161,10 +162,18 @@ def _symmetric_minmax(q: nn.Module) -> bool:
     )
 
 
+def _grid_or_levels(q: Quantizer) -> AffineGrid | LevelGrid | None:
+    grid = q.grid()
+    return grid if grid is not None else q.levels()
+
+
 def _pack_weight(m: QWrapper) -> tuple[Tensor, dict] | None:
     """The packed codes of ``m``'s weight and how to read them, or ``None`` when packing would change outputs."""
-    grid = m.weight_quantizer.grid()
-    if grid is None or grid.qmax - grid.qmin >= 256:
+    grid = _grid_or_levels(m.weight_quantizer)
+    if grid is None:
+        return None
+    qmin, qmax = (0, grid.n_levels - 1) if isinstance(grid, LevelGrid) else (grid.qmin, grid.qmax)
+    if qmax - qmin >= 256:
         return None
     w = m.weight_view().detach()  # (out, in, ...): the layout the quantizer's grid is for
     try:
@@ -173,14 +182,21 @@ def _pack_weight(m: QWrapper) -> tuple[Tensor, dict] | None:
     except RuntimeError:
         return None
     with torch.no_grad():
-        codes = grid.to_int(w)
-        restored = grid.from_int(codes).to(w.dtype)
-        # Exact by construction for affine grids; checked, so a quantizer whose grid() does not
-        # describe its outputs keeps its float weight instead of changing the model.
+        codes = grid.codes(w) if isinstance(grid, LevelGrid) else grid.to_int(w)
+        restored = _dequantize(grid, codes).to(w.dtype)
+        # Exact by construction for affine grids and levels; checked, so a quantizer whose grid() or
+        # levels() does not describe its outputs keeps its float weight instead of changing the model.
         if not torch.equal(m.weight_quantizer(restored), m.weight_quantizer(w)):
             return None
-    packed, bits = _pack_codes(codes.cpu(), grid.qmin, grid.qmax)
-    return packed, {"bits": bits, "qmin": grid.qmin, "shape": list(w.shape), "dtype": str(w.dtype)}
+    packed, bits = _pack_codes(codes.cpu(), qmin, qmax)
+    info = {"bits": bits, "qmin": qmin, "shape": list(w.shape), "dtype": str(w.dtype)}
+    if isinstance(grid, LevelGrid):
+        info["levels"] = True  # codes of levels() rather than of grid()
+    return packed, info
+
+
+def _dequantize(grid: AffineGrid | LevelGrid, codes: Tensor) -> Tensor:
+    return grid.dequantize(codes) if isinstance(grid, LevelGrid) else grid.from_int(codes)
 
 
 def quantized_state_dict(model: nn.Module, *, pack: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -247,12 +263,22 @@ def quantized_state_dict(model: nn.Module, *, pack: bool = True) -> tuple[dict[s
 
 
 def _same_grids(wrappers: list[QWrapper]) -> bool:
-    grids = [w.weight_quantizer.grid() for w in wrappers]
+    grids = [_grid_or_levels(w.weight_quantizer) for w in wrappers]
     if any(g is None for g in grids):
         return False
     g0 = grids[0]
+    if isinstance(g0, LevelGrid):
+        return all(
+            isinstance(g, LevelGrid)
+            and g.levels.shape == g0.levels.shape
+            and torch.equal(g.levels, g0.levels)
+            and g.scale.shape == g0.scale.shape
+            and torch.equal(g.scale, g0.scale)
+            for g in grids[1:]
+        )
     return all(
-        (g.qmin, g.qmax) == (g0.qmin, g0.qmax)
+        isinstance(g, AffineGrid)
+        and (g.qmin, g.qmax) == (g0.qmin, g0.qmax)
         and g.scale.shape == g0.scale.shape
         and torch.equal(g.scale, g0.scale)
         and torch.equal(g.zero_point, g0.zero_point)
@@ -292,11 +318,11 @@ def load_quantized_state(model: nn.Module, tensors: dict[str, Tensor], desc: dic
     modules = dict(iter_qmodules(model))
     for key, info in packed.items():
         m = modules[key.removesuffix("layer.weight").removesuffix(".")]
-        grid = m.weight_quantizer.grid()
+        grid = m.weight_quantizer.levels() if info.get("levels") else m.weight_quantizer.grid()
         codes = _unpack_codes(tensors[info.get("codes", key) + CODES_SUFFIX], info["bits"], info["qmin"], info["shape"])
         view = m.weight_view()
         with torch.no_grad():
-            view.copy_(grid.from_int(codes.to(grid.scale.device)).to(view.dtype))
+            view.copy_(_dequantize(grid, codes.to(grid.scale.device)).to(view.dtype))
     for name, info in desc["modules"].items():
         modules[name].qstate = QModuleState(info["qstate"])
     return model

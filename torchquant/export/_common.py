@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..qmodules import QModule, QModuleState
-from ..quantizers import AffineGrid, Quantizer
+from ..quantizers import AffineGrid, LevelGrid, Quantizer
 
 _EVAL_MODES = frozenset(
     {QModuleState.QUANT_EVAL, QModuleState.QUANT_EVAL_WEIGHT_ONLY, QModuleState.QUANT_EVAL_ACT_ONLY}
@@ -58,10 +58,11 @@ def quant_points(model: nn.Module, who: str, modes: frozenset = _EVAL_MODES) -> 
     return points
 
 
-def check_calibrated(q: Quantizer, name: str, who: str) -> AffineGrid | None:
-    """``q.grid()``, turning a missing calibration into a ``ValueError`` naming ``name``."""
+def check_calibrated(q: Quantizer, name: str, who: str) -> AffineGrid | LevelGrid | None:
+    """``q.grid()``, else ``q.levels()``, turning a missing calibration into a ``ValueError`` naming ``name``."""
     try:
-        return q.grid()
+        grid = q.grid()
+        return grid if grid is not None else q.levels()
     except RuntimeError as e:
         raise ValueError(f"{who}: quantizer {name!r} ({type(q).__name__}) was never calibrated: {e}") from e
 

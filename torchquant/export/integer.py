@@ -10,7 +10,8 @@ model, plain NumPy arrays and numbers::
           "scale": float32 (compact shape, e.g. (C_out, 1, 1, 1)),
           "zero_point": int64 (same shape),
           "int_weight": int64 codes in [qmin, qmax], shaped as QWrapper.weight_view()
-              ((out, in, ...): the layer's weight, transposed for Hugging Face's Conv1D),
+              ((out, in, ...): the layer's weight, transposed for Hugging Face's Conv1D;
+              with BatchNorm folded in for a ``fold_bn=True`` wrapper),
           "bias": float32 (C_out,) or absent,
           "input_point": name of the per-tensor quantization point feeding the layer, or absent,
           "int_bias": int64 (C_out,): round(bias / (input_scale * weight_scale)), or absent,
@@ -26,8 +27,13 @@ integers: ``acc = sum((x_int - zx) * (w_int - zw)) + int_bias`` (exact in int64)
 
 The input point of a layer (for the integer bias) is found by running
 ``example_inputs`` once: a layer whose input tensor is exactly the output of a
-per-tensor quantizer gets it. Quantizers without an affine grid appear with
-``"kind"``, ``"quantizer"`` and ``"affine": False`` only.
+per-tensor quantizer gets it. Quantizers with levels instead of an affine grid
+(:meth:`~torchquant.quantizers.Quantizer.levels`: NF4, APoT) appear with
+``"affine": False``, ``"n_levels"``, the granularity, ``"levels"`` (float32, the codebook
+``(..., K)``), ``"scale"`` (float32, broadcasting against the tensor) and, for a weight,
+``"codes"`` (int64 in ``[0, K - 1]``, shaped as ``QWrapper.weight_view()``), so that
+``w = levels[..., codes] * scale``. Quantizers with neither appear with ``"kind"``,
+``"quantizer"`` and ``"affine": False`` only.
 """
 
 from __future__ import annotations
@@ -92,6 +98,21 @@ def integer_params(
         kind = "weight" if p.name in weight_of else "activation"
         entry: dict[str, Any] = {"kind": kind, "quantizer": type(p.quantizer).__name__, "affine": grid is not None}
         if grid is None:
+            levels = p.quantizer.levels()
+            if levels is not None:
+                g = levels.granularity
+                entry.update(
+                    n_levels=levels.n_levels,
+                    granularity=g.kind,
+                    axis=g.axis,
+                    group_size=g.group_size,
+                    levels=to_numpy(levels.levels, np.float32),
+                    scale=to_numpy(levels.scale, np.float32),
+                )
+                if kind == "weight":
+                    who = f"integer_params: quantizer {p.name!r} ({type(p.quantizer).__name__})"
+                    with torch.no_grad():
+                        entry["codes"] = to_numpy(levels.codes(weight_of[p.name].weight_to_quantize(), who), np.int64)
             out[p.name] = entry
             continue
         g = grid.granularity
@@ -108,7 +129,7 @@ def integer_params(
         if kind == "weight":
             wrapper = weight_of[p.name]
             with torch.no_grad():
-                w = wrapper.weight_view()  # (out, in, ...), the layout the quantizer saw (Conv1D: transposed)
+                w = wrapper.weight_to_quantize()  # (out, in, ...); BatchNorm folded with fold_bn=True
                 who = f"integer_params: quantizer {p.name!r} ({type(p.quantizer).__name__})"
                 entry["int_weight"] = to_numpy(grid.to_int(w, who), np.int64)
                 bias = getattr(wrapper.layer, "bias", None)
@@ -168,7 +189,19 @@ def _find_input_points(model, points, example_inputs, who: str) -> dict[str, str
     return feeders
 
 
-_META = ("kind", "quantizer", "affine", "n_bits", "qmin", "qmax", "granularity", "axis", "group_size", "input_point")
+_META = (
+    "kind",
+    "quantizer",
+    "affine",
+    "n_bits",
+    "n_levels",
+    "qmin",
+    "qmax",
+    "granularity",
+    "axis",
+    "group_size",
+    "input_point",
+)
 
 
 def _flatten(params: dict[str, dict[str, Any]]) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -12,6 +12,19 @@ placeholder using the quantizer's :meth:`~torchquant.quantizers.Quantizer.grid`:
 * input constant (a weight): the integer codes are stored as an integer
   initializer followed by ``DequantizeLinear``; the float weight is dropped.
 
+A quantizer with levels instead of an affine grid (:meth:`~torchquant.quantizers.Quantizer.levels`,
+a :class:`~torchquant.quantizers.LevelGrid`: NF4, APoT) is replaced using them:
+
+* input constant (a weight): its codes are stored as a ``uint8`` initializer (``uint16``
+  beyond 256 levels), read through ``Cast -> Gather`` from the codebook initializer and
+  multiplied by the scale (per group: in the grouped shape ``(.., n / g, g, ..)``, then
+  ``Reshape``), so no float copy of the weight is stored;
+* input computed (an activation): the nearest level is computed in float ops,
+  ``Div -> Unsqueeze -> Greater`` (against the midpoints between levels) ``-> Cast ->
+  ReduceSum -> Gather -> Mul``, the same arithmetic as the simulation.
+
+A BatchNorm folded into its layer (``fold_bn=True``) is folded here too, on both paths.
+
 Grids map to ONNX integer types: a ``[0, 2^n - 1]`` grid to ``uint8``/``uint4``
 with its zero points, or, for weights with ``signed_weights=True``, shifted by
 ``2^(n-1)`` to ``int8``/``int4`` (a symmetric grid's zero point ``2^(n-1)``
@@ -20,9 +33,9 @@ need opset 21; 9 to 16 bits need opset 21 (``int16``/``uint16``). A 4-bit activa
 that a ``MaxPool`` reads is stored as ``uint8``/``int8`` with a ``Clip`` to its 4-bit
 range (same values): onnxruntime would otherwise run the ``MaxPool`` on 4-bit
 integers, which it cannot. A quantizer
-without an affine grid (``grid()`` is ``None``), or one whose grid fits no ONNX
-type at the chosen opset, is exported as its float-valued simulation with a
-warning naming it.
+with neither an affine grid nor levels (``grid()`` and ``levels()`` are ``None``), or
+one whose grid fits no ONNX type at the chosen opset, is exported as its float-valued
+simulation with a warning naming it.
 """
 
 from __future__ import annotations
@@ -39,7 +52,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..quantizers import AffineGrid, Quantizer
+from ..granularity import Granularity
+from ..quantizers import AffineGrid, LevelGrid, Quantizer
 from ._common import quant_points, to_numpy
 
 if TYPE_CHECKING:
@@ -64,6 +78,7 @@ class _Record:
     name: str
     quantizer: Quantizer
     grid: AffineGrid | None = None
+    levels: LevelGrid | None = None  # when the quantizer has levels instead of an affine grid
     codes: Tensor | None = None  # integer codes of the last input (used when that input is a constant)
     calls: int = 0
 
@@ -115,18 +130,22 @@ class _Stub(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         rec = _Active.records[self.idx]
         rec.calls += 1
-        if rec.grid is None:
+        if rec.grid is None and rec.levels is None:
             return rec.quantizer.quantize(x)  # float simulation, traced as ordinary ops
         if not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
             # Eager dry run: keep the codes, so a constant input becomes an integer initializer
             # holding exactly the simulated codes.
             who = f"to_onnx: quantizer {rec.name!r} ({type(rec.quantizer).__name__})"
+            grid = rec.grid if rec.grid is not None else rec.levels
             try:
-                rec.grid.check(x.shape, who)
+                grid.check(x.shape, who)  # type: ignore[union-attr]
             except ValueError as e:
                 raise _GridMismatch(str(e)) from None
             with torch.no_grad():
-                rec.codes = rec.grid.to_int(x.detach(), who)
+                if rec.grid is not None:
+                    rec.codes = rec.grid.to_int(x.detach(), who)
+                else:
+                    rec.codes = rec.levels.codes(x.detach(), who)  # type: ignore[union-attr]
         return _QuantPointFn.apply(x, self.idx)
 
 
@@ -298,10 +317,11 @@ def to_onnx(
     try:
         for rec in records:
             g = rec.quantizer.grid()
-            if g is None:
+            rec.levels = rec.quantizer.levels() if g is None else None
+            if g is None and rec.levels is None:
                 warnings.warn(
-                    f"{who}: quantizer {rec.name!r} ({type(rec.quantizer).__name__}) has no affine grid; "
-                    "exported as its float-valued simulation",
+                    f"{who}: quantizer {rec.name!r} ({type(rec.quantizer).__name__}) has no affine grid "
+                    "and no levels; exported as its float-valued simulation",
                     UserWarning,
                     stacklevel=2,
                 )
@@ -392,8 +412,14 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, sig
         x, y = node.input[0], node.output[0]
         base = f"{rec.name}/{idx}"
         const = _constant_value(x, inits, consts)
+        if rec.levels is not None:
+            if const is not None and rec.codes is None:
+                raise RuntimeError(f"{who}: internal error: no codes recorded for constant input of {rec.name!r}")
+            codes = rec.codes if const is not None else None
+            new_nodes.extend(_level_nodes(rec.levels, codes, x, y, base, new_inits))
+            continue
         grid = rec.grid
-        assert grid is not None  # grid-less quantizers are traced as float ops, never placeholders
+        assert grid is not None  # quantizers without grid or levels are traced as float ops, never placeholders
         ot = onnx_type_for_grid(grid, opset, prefer_signed=signed_weights and const is not None)
         if ot is not None and ot.name in ("int4", "uint4") and const is None and _reaches_maxpool(y, consumers):
             ot = _widened(ot)
@@ -537,6 +563,88 @@ def _float_sim_nodes(grid: AffineGrid, x: str, y: str, base: str, new_inits: lis
         helper.make_node("Sub", [t[4], names["zp"]], [t[5]]),
         helper.make_node("Mul", [t[5], names["s"]], [y]),
     ]
+
+
+def _grouped_compact(t: Tensor, g: Granularity, shape: torch.Size) -> Tensor:
+    """``t`` (broadcasting against ``shape``) as it broadcasts in the grouped shape ``(.., n / gs, gs, ..)``.
+
+    One value per group: a per-group tensor expanded to ``shape`` keeps every ``gs``-th
+    element along the axis, then gets a dimension of 1 for the elements of a group.
+    """
+    axis, gs = g.axis % len(shape), g.group_size  # type: ignore[operator]
+    t = t.reshape((1,) * (len(shape) - t.dim()) + tuple(t.shape))
+    if t.shape[axis] == shape[axis] and gs > 1:  # type: ignore[operator]
+        t = t.index_select(axis, torch.arange(0, shape[axis], gs, device=t.device))
+    return t.unsqueeze(axis + 1)
+
+
+def _level_nodes(levels: LevelGrid, codes: Tensor | None, x: str, y: str, base: str, new_inits: list) -> list:
+    """Nodes computing ``y`` from a :class:`LevelGrid`: stored codes (a weight) or nearest levels of ``x``.
+
+    ``codes`` given (``x`` is a constant): ``Cast(codes) -> Gather(codebook) -> Mul(scale)``,
+    in the grouped shape and then ``Reshape`` for a per-group scale. ``codes`` ``None``:
+    ``Div(x, scale) -> Unsqueeze -> Greater(midpoints) -> Cast -> ReduceSum`` gives the
+    nearest level's code (a tie goes to the lower level, as in the simulation).
+    A codebook per channel (``levels`` of shape ``(..., K)``) is stored flat, and each
+    code offset by ``K`` times its codebook's index before the ``Gather``.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    lv = levels.levels.detach().to(torch.float32)
+    scale = levels.scale.detach().to(torch.float32)
+    k = lv.shape[-1]
+    lead = tuple(lv.shape[:-1])
+    nodes = []
+
+    def init(key: str, value: Tensor, dtype=None) -> str:
+        name = f"{base}/{key}"
+        new_inits.append(numpy_helper.from_array(to_numpy(value, dtype), name))
+        return name
+
+    table = init("codebook", lv.reshape(-1))
+    g = levels.granularity
+    grouped = codes is not None and g.group_size is not None
+    shape = codes.shape if codes is not None else None
+    offsets = torch.arange(lv[..., 0].numel()).reshape(lead) * k if lead else None
+    if grouped:
+        scale = _grouped_compact(scale, g, shape)  # type: ignore[arg-type]
+        offsets = None if offsets is None else _grouped_compact(offsets, g, shape)  # type: ignore[arg-type]
+    if codes is not None:
+        stored = codes
+        if grouped:
+            stored = g.grouped(codes, "to_onnx")  # (.., n, ..) -> (.., n / gs, gs, ..)
+        dtype = "uint8" if k <= 256 else "uint16"
+        idx = f"{base}/codes"
+        new_inits.append(numpy_helper.from_array(to_numpy(stored, dtype), idx))
+        nodes.append(helper.make_node("Cast", [idx], [f"{base}/codes_int"], f"{base}/cast", to=TensorProto.INT64))
+        idx = f"{base}/codes_int"
+    else:
+        v, mids = f"{base}/v", init("midpoints", (lv[..., 1:] + lv[..., :-1]) / 2)  # as level_codes computes them
+        s_name = init("scale", scale)
+        nodes.append(helper.make_node("Div", [x, s_name], [v], f"{base}/div"))
+        last = init("last_axis", torch.tensor([-1]), np.int64)
+        nodes.append(helper.make_node("Unsqueeze", [v, last], [f"{base}/v1"], f"{base}/unsqueeze"))
+        nodes.append(helper.make_node("Greater", [f"{base}/v1", mids], [f"{base}/above"], f"{base}/greater"))
+        nodes.append(helper.make_node("Cast", [f"{base}/above"], [f"{base}/above_int"], f"{base}/cast",
+                                      to=TensorProto.INT64))  # fmt: skip
+        nodes.append(helper.make_node("ReduceSum", [f"{base}/above_int", last], [f"{base}/codes_int"],
+                                      f"{base}/reduce", keepdims=0))  # fmt: skip
+        idx = f"{base}/codes_int"
+    if offsets is not None:
+        off = init("codebook_offsets", offsets, np.int64)
+        nodes.append(helper.make_node("Add", [idx, off], [f"{base}/flat_codes"], f"{base}/offset"))
+        idx = f"{base}/flat_codes"
+    values = f"{base}/levels"
+    kind = "weight" if codes is not None else "act"
+    nodes.append(helper.make_node("Gather", [table, idx], [values], f"{base}/codebook_{kind}", axis=0))
+    s_name = f"{base}/scale" if codes is None else init("scale", scale)
+    if not grouped:
+        nodes.append(helper.make_node("Mul", [values, s_name], [y], f"{base}/mul"))
+        return nodes
+    nodes.append(helper.make_node("Mul", [values, s_name], [f"{base}/grouped"], f"{base}/mul"))
+    target = init("shape", torch.tensor(list(shape)), np.int64)  # type: ignore[arg-type]
+    nodes.append(helper.make_node("Reshape", [f"{base}/grouped", target], [y], f"{base}/reshape"))
+    return nodes
 
 
 def _remove_unused(graph) -> None:

@@ -22,9 +22,10 @@ the same inputs and reports, in steps of each quantization point's grid:
 A one-step difference at a rounding tie counts as explained (``Agreement.ties``), so a
 small tensor is not failed by one tie. An output produced by a quantization point is
 compared in its steps; a float output (say, an unquantized classifier) by its largest
-absolute difference. Activation quantizers exported as float simulations (no affine
-grid, or a grid the opset cannot store) have no ``DequantizeLinear``: they are listed in
-``ParityReport.unchecked``.
+absolute difference. Activation quantizers without a ``DequantizeLinear`` (exported as
+float simulations: no affine grid, or a grid the opset cannot store; or as the nearest
+of their levels, :meth:`~torchquant.quantizers.Quantizer.levels`) are listed in
+``ParityReport.unchecked``; weights stored as codes of levels count as checked.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class ParityReport:
         raw_outputs: the same without adopting any of onnxruntime's codes.
         ties_adopted: how many elements took onnxruntime's code (rounding ties only).
         output_scale: the maximum magnitude of each simulated output (for float outputs).
-        unchecked: activation quantizers exported as float simulations (no
+        unchecked: activation quantizers exported as float simulations or as levels (no
             ``DequantizeLinear`` to compare at).
     """
 
@@ -136,7 +137,7 @@ class ParityReport:
         rows = [{**r, "max_abs": f"{r['max_abs']:.3g}"} for r in self.rows]
         lines = [str(Report(rows)), f"{self.ties_adopted} rounding ties adopted"]
         if self.unchecked:
-            lines.append(f"not checked (exported as float simulations): {', '.join(self.unchecked)}")
+            lines.append(f"not checked (no DequantizeLinear: float simulations, levels): {', '.join(self.unchecked)}")
         bad = self.failures()
         lines.append("parity: passed" if not bad else "parity: FAILED\n  " + "\n  ".join(bad))
         if bad and not any(b.startswith("point") for b in bad):
@@ -232,6 +233,8 @@ def check_parity(
     dq_of: dict[str, Any] = {}
     weight_points = set()
     for node in g.node:
+        if node.op_type == "Gather" and node.name.endswith("/codebook_weight"):  # a weight's codes (levels)
+            weight_points.add(node.name.split("/")[0])
         if node.op_type != "DequantizeLinear":
             continue
         point = node.name.split("/")[0]

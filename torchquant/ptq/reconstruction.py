@@ -14,11 +14,16 @@ the quantized unit reproduces the float unit's output:
   Rounding for Post-Training Quantization"): ``W_q = s * (clamp(floor(W / s) + h(V)
   + z, qmin, qmax) - z)`` with the rectified sigmoid ``h`` (``zeta = 1.1``,
   ``gamma = -0.1``), on the grid any weight quantizer reports through
-  :meth:`~torchquant.quantizers.Quantizer.grid` (:class:`AdaRoundQuantizer`). The
+  :meth:`~torchquant.quantizers.Quantizer.grid` (:class:`AdaRoundQuantizer`). A
+  non-uniform quantizer (NF4, APoT) reports its levels through
+  :meth:`~torchquant.quantizers.Quantizer.levels` instead; then ``h(V)`` interpolates
+  between the two levels around ``W / s``: ``W_q = s * (l_lo + h(V) (l_hi - l_lo))``. The
   regulariser's ``beta`` is annealed linearly from 20 to 2 after a warm-up of 20%
   of the iterations without it; ``lambda = 0.01``; Adam.
-* Afterwards the rounding is made hard (``h = [V >= 0]``), the rounded grid values
-  are written into the layer's weight and the original weight quantizer is put
+* Afterwards the rounding is made hard (``h = [V >= 0]``), the rounded grid values (or levels)
+  are written into the layer's weight (with ``fold_bn=True`` the quantizer rounds the
+  folded weight, and the layer gets the rounded values divided by BatchNorm's
+  ``gamma / sigma``) and the original weight quantizer is put
   back: its grid is unchanged, so in ``QUANT_EVAL`` modes it reproduces them exactly,
   and the model saves and loads like any other quantized model. (Calibrating the
   weights again would recompute their ranges from the rounded weights; do not.)
@@ -87,8 +92,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..layers import bn_scale_shift
 from ..qmodules import QModule, QModuleState, QWrapper, iter_qmodules
-from ..quantizers import AdaRoundQuantizer, AffineGrid, AffineQuantizer, Quantizer
+from ..quantizers import AdaRoundQuantizer, AffineGrid, AffineQuantizer, LevelGrid, Quantizer
 from ..quantizers_functional import round_ste
 from ..utils import progress_bar, restoring_states
 from ._common import Snapshot, call_model, capture, forward_order, materialize, require_qmodules
@@ -389,7 +395,7 @@ def reconstruct(
     Raises:
         ValueError: no QModule, empty data, a wrong mode or option, no unit found,
             or a unit not called with one tensor.
-        TypeError: an unknown option, a weight quantizer without an affine grid (or, with
+        TypeError: an unknown option, a weight quantizer with neither an affine grid nor levels (or, with
             ``learn_act_step``, an activation quantizer that is not an AffineQuantizer).
         RuntimeError: the model does not run on ``data`` in ``mode`` (e.g. not calibrated).
     """
@@ -519,13 +525,19 @@ def _fisher_weights(
     return (g2 + damping) / (1 + damping)
 
 
-def _grid_of(q: Quantizer, who: str) -> AffineGrid:
+def _grid_of(q: Quantizer, who: str) -> AffineGrid | LevelGrid:
+    """The affine grid of ``q``, else its levels: what AdaRound rounds on."""
     try:
         grid = q.grid()
+        if grid is None:
+            grid = q.levels()
     except RuntimeError as e:
         raise RuntimeError(f"reconstruct: {who} has no ranges; calibrate the model first ({e})") from e
     if grid is None:
-        raise TypeError(f"reconstruct: {who} ({type(q).__name__}) reports no affine grid; AdaRound needs one")
+        raise TypeError(
+            f"reconstruct: {who} ({type(q).__name__}) reports neither an affine grid (grid()) nor levels "
+            "(levels()); AdaRound needs one of them"
+        )
     return grid
 
 
@@ -568,7 +580,8 @@ def _reconstruct_unit(
         for p, _ in saved_grad:
             p.requires_grad_(False)
         for w in wrappers:
-            ada[w] = AdaRoundQuantizer(_grid_of(w.weight_quantizer, "weight quantizer"), w.weight_view())
+            # the weight the quantizer rounds: with fold_bn=True the folded one, for which its grid was computed
+            ada[w] = AdaRoundQuantizer(_grid_of(w.weight_quantizer, "weight quantizer"), w.weight_to_quantize())
             saved_q.append((w, "weight_quantizer", w.weight_quantizer))
             w.weight_quantizer = ada[w]
         if c.act_quant:
@@ -619,7 +632,7 @@ def _reconstruct_unit(
         with torch.no_grad():
             for w, a in ada.items():
                 a.soft = False
-                w.weight_view().copy_(a(w.weight_view()))  # (out, in, ...) view: writes the parameter
+                _write_rounded(w, a(w.weight_to_quantize()))
             for s in learned:
                 s.write_back()
         return float(rec.detach())
@@ -630,6 +643,21 @@ def _reconstruct_unit(
             m.qstate = c.mode
         for p, g in saved_grad:
             p.requires_grad_(g)
+
+
+def _write_rounded(w: QWrapper, rounded: Tensor) -> None:
+    """Write hard-rounded weights ``(out, in, ...)`` into ``w``'s layer.
+
+    With ``fold_bn=True`` they are the folded weight's values: the layer gets them divided
+    by BatchNorm's per-channel factor ``gamma / sigma``, so that folding gives them back (to
+    the last bit of float rounding, which the weight quantizer removes). A channel whose
+    factor is 0 keeps its weight (folded, it is 0 whatever it holds).
+    """
+    if w.fold_bn:
+        factor, _ = bn_scale_shift(w.bn)  # (C_out,)
+        factor = factor.reshape(-1, *[1] * (rounded.dim() - 1))
+        rounded = torch.where(factor != 0, rounded / factor, w.weight_view())
+    w.weight_view().copy_(rounded)  # (out, in, ...) view: writes the parameter
 
 
 def _run_preset(name: str, model: nn.Module, data: Iterable, options: dict[str, Any]) -> dict[str, float]:

@@ -30,13 +30,17 @@ state dict.
 Quantizers whose outputs lie on an affine integer grid describe it through
 :meth:`Quantizer.grid`, which export and integer extraction use without knowing
 the class; :meth:`AffineGrid.check` says when a grid does not fit the tensor.
+Non-uniform quantizers whose outputs lie on a finite set of levels (NF4, APoT, a
+codebook of one's own) describe it through :meth:`Quantizer.levels`, a
+:class:`LevelGrid` (ascending levels times a scale, with nearest-level codes, the two
+neighbouring levels and dequantization); AdaRound and ONNX export use it the same way.
 
 Every quantizer is importable from here; each family lives in one module, and
 every class is registered by name (``tq.make_quantizer("lsq", 4)``):
 
 * :mod:`~torchquant.quantizers.base`: :class:`Quantizer`, :class:`RangeQuantizer`,
   :class:`LearnedQuantizer`, :class:`StatelessQuantizer`, :class:`AffineGrid`,
-  :func:`check_n_bits`;
+  :class:`LevelGrid`, :func:`check_n_bits`;
 * :mod:`~torchquant.quantizers.affine`: ``affine``, ``qfmt``
   (:class:`AffineQuantizer`, :class:`QfmtQuantizer`);
 * :mod:`~torchquant.quantizers.learned`: ``lsq``, ``lsq+``, ``pact``
@@ -48,7 +52,10 @@ every class is registered by name (``tq.make_quantizer("lsq", 4)``):
 * :mod:`~torchquant.quantizers.minifloat`: ``minifloat``, ``fp8_e4m3``, ``fp8_e5m2``,
   ``fp6_e3m2``, ``fp6_e2m3``, ``fp4_e2m1``, ``mx``, ``mxfp8_*``, ``mxfp6_*``, ``mxfp4``,
   ``mxint8`` (:class:`MinifloatQuantizer`, :class:`MXQuantizer`);
-* :mod:`~torchquant.quantizers.adaround`: ``adaround`` (:class:`AdaRoundQuantizer`);
+* :mod:`~torchquant.quantizers.levels`: ``nf4``, ``apot`` (:class:`NF4Quantizer`,
+  :class:`APoTQuantizer`; the level sets :func:`nf4_levels`, :func:`apot_levels`);
+* :mod:`~torchquant.quantizers.adaround`: ``adaround`` (:class:`AdaRoundQuantizer`, on an
+  affine grid or on levels);
 * :mod:`~torchquant.quantizers.dynamic`: ``dynamic_affine``, ``dynamic_affine_residual``
   (:class:`DynamicAffineQuantizer`, :class:`ResidualGroupQuantizer`).
 
@@ -59,15 +66,25 @@ registry contract tests then check it without a test of its own.
 
 from .adaround import AdaRoundQuantizer
 from .affine import AffineQuantizer, QfmtQuantizer
-from .base import AffineGrid, LearnedQuantizer, Quantizer, RangeQuantizer, StatelessQuantizer, check_n_bits
+from .base import (
+    AffineGrid,
+    LearnedQuantizer,
+    LevelGrid,
+    Quantizer,
+    RangeQuantizer,
+    StatelessQuantizer,
+    check_n_bits,
+)
 from .binary import BinaryQuantizer, TernaryQuantizer, XNORWeightQuantizer
 from .dorefa import DoReFaActQuantizer, DoReFaWeightQuantizer
 from .dynamic import DynamicAffineQuantizer, ResidualGroupQuantizer
 from .learned import LSQPlusQuantizer, LSQQuantizer, PACTQuantizer, pact_regularization
+from .levels import APoTQuantizer, NF4Quantizer, apot_levels, nf4_levels
 from .minifloat import FORMATS, MinifloatFormat, MinifloatQuantizer, MXQuantizer
 
 __all__ = [
     "FORMATS",
+    "APoTQuantizer",
     "AdaRoundQuantizer",
     "AffineGrid",
     "AffineQuantizer",
@@ -78,9 +95,11 @@ __all__ = [
     "LSQPlusQuantizer",
     "LSQQuantizer",
     "LearnedQuantizer",
+    "LevelGrid",
     "MXQuantizer",
     "MinifloatFormat",
     "MinifloatQuantizer",
+    "NF4Quantizer",
     "PACTQuantizer",
     "QfmtQuantizer",
     "Quantizer",
@@ -89,6 +108,8 @@ __all__ = [
     "StatelessQuantizer",
     "TernaryQuantizer",
     "XNORWeightQuantizer",
+    "apot_levels",
     "check_n_bits",
+    "nf4_levels",
     "pact_regularization",
 ]

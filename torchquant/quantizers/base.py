@@ -20,10 +20,19 @@ import torch
 from torch import Tensor, nn
 
 from ..granularity import Granularity
+from ..quantizers_functional import level_codes, level_neighbours, level_values
 from ..range_observers import RangeObserver
 from ..spec import RecordsInit
 
-__all__ = ["AffineGrid", "LearnedQuantizer", "Quantizer", "RangeQuantizer", "StatelessQuantizer", "check_n_bits"]
+__all__ = [
+    "AffineGrid",
+    "LearnedQuantizer",
+    "LevelGrid",
+    "Quantizer",
+    "RangeQuantizer",
+    "StatelessQuantizer",
+    "check_n_bits",
+]
 
 
 def check_n_bits(n_bits: int, who: str, low: int = 1, high: int = 32) -> int:
@@ -33,6 +42,37 @@ def check_n_bits(n_bits: int, who: str, low: int = 1, high: int = 32) -> int:
     if not low <= n_bits <= high:
         raise ValueError(f"{who}: n_bits must be in [{low}, {high}], got {n_bits}")
     return n_bits
+
+
+def _check_fits(shape: Sequence[int], g: Granularity, params: dict[str, Tensor], who: str, contract: str) -> None:
+    """Check that each of ``params`` broadcasts against ``shape`` and changes only where ``g`` says.
+
+    The shared body of :meth:`AffineGrid.check` and :meth:`LevelGrid.check`; ``contract``
+    names the method that produced the parameters (``"grid()"``, ``"levels()"``).
+    """
+    shape = torch.Size(shape)
+    try:
+        axis = g.check(shape, who)
+    except ValueError as e:
+        raise ValueError(f"{e} (the granularity of its {contract})") from None
+    allowed = set() if axis is None else {axis} if g.group_size is None else set(range(len(shape)))
+    for name, t in params.items():
+        own = tuple(t.shape)
+        offset = len(shape) - len(own)  # broadcasting aligns the shapes on the right
+        if offset < 0 or any(n not in (1, shape[offset + i]) for i, n in enumerate(own)):
+            reason = f"{name} does not broadcast against the tensor"
+        elif {offset + i for i, n in enumerate(own) if n != 1} - allowed:
+            where = "has one value" if axis is None else f"changes along dimension {axis} only"
+            reason = f"a {g} grid {where}, its {name} does not"
+        else:
+            continue
+        expected = () if axis is None else g.compact_shape(shape) if g.group_size is None else tuple(shape)
+        hint = " (Granularity.expand() turns compact per-group values into it)" if g.group_size else ""
+        shapes = ", ".join(f"{n} of shape {tuple(v.shape)}" for n, v in params.items())
+        raise ValueError(
+            f"{who}: {contract} does not fit the tensor it quantizes: {reason} ({shapes}, tensor of "
+            f"shape {tuple(shape)}); a {g} scale for this tensor has shape {expected}{hint}"
+        )
 
 
 @dataclass(frozen=True)
@@ -71,30 +111,7 @@ class AffineGrid:
             ValueError: naming ``who`` (e.g. the quantizer), the scale, zero-point
                 and tensor shapes, and the shape the scale should have.
         """
-        shape = torch.Size(shape)
-        g = self.granularity
-        try:
-            axis = g.check(shape, who)
-        except ValueError as e:
-            raise ValueError(f"{e} (the granularity of its grid())") from None
-        allowed = set() if axis is None else {axis} if g.group_size is None else set(range(len(shape)))
-        for name, t in (("scale", self.scale), ("zero_point", self.zero_point)):
-            own = tuple(t.shape)
-            offset = len(shape) - len(own)  # broadcasting aligns the shapes on the right
-            if offset < 0 or any(n not in (1, shape[offset + i]) for i, n in enumerate(own)):
-                reason = f"{name} does not broadcast against the tensor"
-            elif {offset + i for i, n in enumerate(own) if n != 1} - allowed:
-                where = "has one value" if axis is None else f"changes along dimension {axis} only"
-                reason = f"a {g} grid {where}, its {name} does not"
-            else:
-                continue
-            expected = () if axis is None else g.compact_shape(shape) if g.group_size is None else tuple(shape)
-            hint = " (Granularity.expand() turns compact per-group values into it)" if g.group_size else ""
-            raise ValueError(
-                f"{who}: grid() does not fit the tensor it quantizes: {reason} (scale of shape "
-                f"{tuple(self.scale.shape)}, zero_point of shape {tuple(self.zero_point.shape)}, tensor of "
-                f"shape {tuple(shape)}); a {g} scale for this tensor has shape {expected}{hint}"
-            )
+        _check_fits(shape, self.granularity, {"scale": self.scale, "zero_point": self.zero_point}, who, "grid()")
 
     def to_int(self, x: Tensor, who: str = "AffineGrid") -> Tensor:
         """The integer codes of ``x`` on this grid (``torch.int64``), after :meth:`check` (naming ``who``)."""
@@ -106,6 +123,88 @@ class AffineGrid:
         """Dequantize integer codes: ``(q - zero_point) * scale``, after :meth:`check` (naming ``who``)."""
         self.check(q.shape, who)
         return (q.to(self.scale.dtype) - self.zero_point) * self.scale
+
+
+@dataclass(frozen=True)
+class LevelGrid:
+    """A finite set of levels (a codebook) times a scale: ``x_q = levels[..., code] * scale``.
+
+    The contract of non-uniform quantizers (NF4, APoT, a learned codebook), as
+    :class:`AffineGrid` is that of uniform ones: the outputs are ``K`` values per
+    channel or group, so they are stored as integer codes plus the codebook.
+
+    Attributes:
+        levels: ``(..., K)``, the ``K`` levels in ascending order, in the units of ``scale``.
+            A ``(K,)`` codebook is shared by the whole tensor; leading dimensions (a codebook
+            per channel or group) broadcast against the tensor like ``scale``.
+        scale: positive, broadcasts against the quantized tensor as :attr:`AffineGrid.scale`
+            does (``()`` per tensor, ``(C, 1, 1, 1)`` per channel, the tensor's shape per group).
+        granularity: where ``scale`` (and a per-channel codebook) change.
+
+    Example:
+        >>> g = LevelGrid(torch.tensor([-1.0, 0.0, 0.5, 1.0]), torch.tensor(2.0), Granularity())
+        >>> x = torch.tensor([0.3, -0.8, 1.2, 5.0])
+        >>> codes = g.codes(x)
+        >>> codes.tolist(), g.dequantize(codes).tolist()
+        ([1, 1, 2, 3], [0.0, 0.0, 1.0, 2.0])
+        >>> [c.tolist() for c in g.neighbours(x)]  # floor and ceiling in level space
+        [[1, 0, 2, 3], [2, 1, 3, 3]]
+    """
+
+    levels: Tensor
+    scale: Tensor
+    granularity: Granularity
+
+    @property
+    def n_levels(self) -> int:
+        """``K``, the number of levels."""
+        return int(self.levels.shape[-1])
+
+    @property
+    def n_bits(self) -> int:
+        """Bits of one code: ``ceil(log2(K))``."""
+        return max(1, math.ceil(math.log2(self.n_levels)))
+
+    def check(self, shape: Sequence[int], who: str = "LevelGrid") -> None:
+        """Check that these levels fit a tensor of ``shape``, the one they quantize.
+
+        ``scale`` and the leading dimensions of ``levels`` must broadcast against the tensor
+        without enlarging it and change only where :attr:`granularity` says (as in
+        :meth:`AffineGrid.check`); ``levels`` needs at least two levels in ascending order.
+
+        Raises:
+            ValueError: naming ``who`` (e.g. the quantizer) and the shapes.
+        """
+        lv = self.levels
+        if lv.dim() < 1 or lv.shape[-1] < 2:
+            raise ValueError(f"{who}: levels() needs at least two levels along the last dimension, got shape "
+                             f"{tuple(lv.shape)}")  # fmt: skip
+        if bool((lv[..., 1:] <= lv[..., :-1]).any()):
+            raise ValueError(f"{who}: levels() must be in strictly ascending order, got {lv.tolist()}")
+        _check_fits(shape, self.granularity, {"scale": self.scale, "levels[..., 0]": lv[..., 0]}, who, "levels()")
+
+    def codes(self, x: Tensor, who: str = "LevelGrid") -> Tensor:
+        """The code of the nearest level for every element of ``x`` (``torch.int64``, ties to the lower level)."""
+        self.check(x.shape, who)
+        return level_codes(x / self.scale, self.levels)
+
+    def neighbours(self, x: Tensor, who: str = "LevelGrid") -> tuple[Tensor, Tensor]:
+        """Codes ``(lo, hi)`` of the levels around every element of ``x``: floor and ceiling in level space.
+
+        ``hi = lo + 1`` inside the levels' range; outside it both are the nearest end
+        (:func:`~torchquant.quantizers_functional.level_neighbours`).
+        """
+        self.check(x.shape, who)
+        return level_neighbours(x / self.scale, self.levels)
+
+    def dequantize(self, codes: Tensor, who: str = "LevelGrid") -> Tensor:
+        """The values of integer ``codes``: ``levels[..., codes] * scale``, after :meth:`check` (naming ``who``)."""
+        self.check(codes.shape, who)
+        return level_values(self.levels, codes) * self.scale
+
+    def quantize(self, x: Tensor, who: str = "LevelGrid") -> Tensor:
+        """``x`` rounded to the nearest level: ``dequantize(codes(x))`` (no gradient trick)."""
+        return self.dequantize(self.codes(x, who), who)
 
 
 class Quantizer(RecordsInit, nn.Module, abc.ABC):
@@ -136,6 +235,16 @@ class Quantizer(RecordsInit, nn.Module, abc.ABC):
 
     def grid(self) -> AffineGrid | None:
         """The affine integer grid the outputs lie on, or ``None`` if they lie on none."""
+        return None
+
+    def levels(self) -> LevelGrid | None:
+        """The finite set of levels the outputs lie on (non-uniform quantizers), or ``None``.
+
+        A quantizer whose outputs lie on an affine grid reports it through :meth:`grid`
+        instead; one with neither (a sign or a float format) returns ``None`` from both.
+        Export stores the weights of a quantizer with levels as integer codes plus the
+        codebook, and AdaRound chooses between the two nearest levels.
+        """
         return None
 
 
