@@ -284,10 +284,18 @@ def test_trace_failure_names_module_and_operation_and_never_falls_back():
         assert torch.equal(q(x), net(x))
 
 
-def test_leaf_modules_are_not_traced():
-    q = tq.quantize_model(DigitsCNN(), wf, af, leaf_modules=[ResidualBlock])
-    assert not any(n.startswith("block") for n in qnames(q))
-    assert any(r["name"] == "block1" for r in tq.summary_rows(q) if r["kind"] == "float")
+def test_leaf_modules_are_traced_on_their_own_and_quantized_inside():
+    torch.manual_seed(0)
+    net = DigitsCNN().eval()
+    q = tq.quantize_model(net, wf, af, leaf_modules=[ResidualBlock])
+    # not part of the top-level graph: each block is one call of its own rewritten GraphModule
+    top = [n.target for n in q.graph.nodes if n.op == "call_module"]
+    assert "block1" in top and not any(t.startswith("block1.") for t in top)
+    assert isinstance(q.block1, torch.fx.GraphModule) and isinstance(net.block1, ResidualBlock)
+    assert {"block1.conv1.0", "block1.add"} <= set(qnames(q))
+    assert tq.convert.float_layers(q) == []
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.equal(q(x), net(x))
     with pytest.raises(TypeError, match="leaf_modules"):
         tq.quantize_model(DigitsCNN(), wf, af, leaf_modules=["block1"])
     with pytest.raises(ValueError, match="method='fx' only"):

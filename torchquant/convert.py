@@ -50,7 +50,7 @@ def float_layers(model: nn.Module, skip: tuple = ()) -> list[str]:
             continue
         if not (isinstance(m, LAYER_TYPES) or layer_adapter(m) is not None):
             continue
-        if any(name == h or name.startswith(h + ".") for h in held):
+        if any(h == "" or name == h or name.startswith(h + ".") for h in held):
             continue
         parts = name.split(".")
         ancestors = [(".".join(parts[:i]), model.get_submodule(".".join(parts[:i]))) for i in range(1, len(parts) + 1)]

@@ -144,6 +144,7 @@ def _packable(m: QModule) -> bool:
         isinstance(m, QWrapper)
         and m.weight_quantizer is not None
         and not m.fold_bn
+        and not m.weight_is_computed
         and s.is_weight_quantized
         and not s.is_weight_observed
         and isinstance(getattr(m.layer, "weight", None), Tensor)
