@@ -7,8 +7,12 @@ layout the weight quantizer gets and how to run the layer with a given weight.
 folding, the model summary and the experiment layer all read it (through
 :func:`layer_adapter`, :data:`BN_FOR_LAYER` and :data:`LAYER_TYPES`), so a new layer
 type is one entry here. Layers of optional packages (Hugging Face's GPT-2
-``Conv1D``) are entries of :data:`LAYER_ADAPTERS_BY_NAME`, keyed by the class's
-``module.qualname``, so ``import torchquant`` imports none of those packages.
+``Conv1D``, timm's weight-standardised convolutions) are entries of
+:data:`LAYER_ADAPTERS_BY_NAME`, keyed by the class's ``module.qualname``, so
+``import torchquant`` imports none of those packages. A layer whose weight is computed
+in ``forward`` or on access (weight standardisation, a ``torch.nn.utils.parametrize``
+parametrization, weight norm) has an adapter with ``computed=True`` that gives the
+quantizer the computed weight (see :func:`layer_adapter`).
 
 :data:`NORM_TYPES` and :func:`is_normalization` name the normalisation modules whose
 outputs ``quantize_model(..., method="swap", norm_outputs=True)`` quantizes.

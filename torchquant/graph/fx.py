@@ -4,7 +4,8 @@ The pass, in graph order:
 
 * **Layers.** A call of a module whose exact type has a
   :class:`~torchquant.layers.LayerAdapter` (``Conv1d/2d/3d``, ``Linear``,
-  ``Embedding``; Hugging Face's ``Conv1D`` when it is a leaf module), followed by
+  ``Embedding``, Hugging Face's ``Conv1D``, timm's weight-standardised convolutions,
+  parametrized layers; such modules are not traced into), followed by
   the matching ``BatchNorm`` module (Linear and Conv) when the layer's output has no other user,
   followed by a supported activation when the previous output has no other
   user, becomes one :class:`~torchquant.qmodules.QWrapper` placed at the
@@ -38,7 +39,13 @@ for a function ``QOp``, a :class:`FunctionalOp` describing the call and the
 
 Modules that are ``QModule`` s or ``Quantizer`` s, skipped modules, and the
 leaf modules given by the user (and, when ``timm`` is imported, the modules and
-functions it registers as not traceable) are not traced into.
+functions it registers as not traceable) are not traced into. A leaf with parameters
+(those, and the torch.nn modules torch.fx keeps whole, such as
+``nn.TransformerEncoderLayer``) is quantized inside: traced on its own, with the
+constant arguments its calls pass fixed, and rewritten by this same pass; when that
+fails, its layers are swapped (:mod:`torchquant.graph.swap`) in a copy that shares its
+parameters. An ``nn.MultiheadAttention`` becomes a
+:class:`~torchquant.qmodules.QMultiheadAttention`.
 """
 
 from __future__ import annotations
