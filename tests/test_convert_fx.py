@@ -509,6 +509,19 @@ def test_a_user_leaf_is_traced_with_its_constants_else_swapped_in_a_copy(sign):
     assert not torch.equal(y, net(x)) and torch.allclose(y, net(x), atol=0.1)
 
 
+def test_save_and_load_repeat_the_conversion_inside_leaves(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), Masked()).eval()
+    q = tq.quantize_model(net, wf, af, leaf_modules=[Masked])
+    x = torch.randn(8, 4)
+    tq.calibrate(q, [x], progress=False)
+    tq.set_qmodule_state(q, S.QUANT_EVAL)
+    tq.save(q, tmp_path / "m.safetensors")
+    loaded = tq.load(nn.Sequential(nn.Linear(4, 4), Masked()).eval(), tmp_path / "m.safetensors")
+    assert isinstance(loaded.get_submodule("1"), torch.fx.GraphModule)
+    assert torch.equal(loaded(x), q(x))
+
+
 def test_skip_reaches_inside_leaves():
     q = tq.quantize_model(WithLeaves(), wf, af, leaf_modules=[Gated, Masked], skip=["gated.fc2", "masked.fc2"])
     names = set(qnames(q))

@@ -505,7 +505,7 @@ def _mha_inputs(batch_first):
 
 @pytest.mark.parametrize("batch_first", [False, True], ids=["seq-first", "batch-first"])
 @pytest.mark.parametrize("method", ["fx", "swap"])
-def test_multihead_attention_is_quantized_and_bypassed_equals_float(method, batch_first):
+def test_multihead_attention_is_quantized_and_bypassed_equals_float(method, batch_first, tmp_path):
     torch.manual_seed(0)
     net = _Attn(batch_first).eval()
     seen = {}
@@ -551,6 +551,10 @@ def test_multihead_attention_is_quantized_and_bypassed_equals_float(method, batc
         y = q(x, m)[0]
     assert not torch.equal(y, net(x, m)[0]) and torch.allclose(y, net(x, m)[0], atol=0.1)
     assert torch.equal(copy.deepcopy(q)(x, m)[0], y)
+    tq.save(q, tmp_path / "attn.safetensors")  # tq.load converts a float model the same way
+    loaded = tq.load(_Attn(batch_first).eval(), tmp_path / "attn.safetensors")
+    with torch.no_grad():
+        assert torch.equal(loaded(x, m)[0], y)
 
 
 def test_multihead_attention_with_separate_projections_stays_float_with_a_reason():

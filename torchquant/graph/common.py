@@ -142,10 +142,11 @@ def make_qmha(
     projection and ``(mha.out_proj, f"{name}.out_proj")`` for the output projection; the
     activation factory with ``(mha, name)`` for the attention output.
     """
+    prefix = f"{name}." if name else ""
     wrapper = QMultiheadAttention(
         mha,
-        in_proj_quantizer=call_factory(wf, mha, f"{name}.in_proj", "weight_quantizer"),
-        out_proj_quantizer=call_factory(wf, mha.out_proj, f"{name}.out_proj", "weight_quantizer"),
+        in_proj_quantizer=call_factory(wf, mha, f"{prefix}in_proj", "weight_quantizer"),
+        out_proj_quantizer=call_factory(wf, mha.out_proj, f"{prefix}out_proj", "weight_quantizer"),
         acts_quantizer=call_factory(af, mha, name, "acts_quantizer"),
     )
     if name:
