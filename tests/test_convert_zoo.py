@@ -164,6 +164,7 @@ LIGHT = {
     "timm-poolformer_s12": (tm("poolformer_s12"), IMG32),
     # registered fx leaves (NormFreeBlock, EdgeNeXt's attention) and weight-standardised convolutions
     "timm-nfnet_l0": (tm("nfnet_l0"), IMG32),
+    "timm-tf_efficientnet_b0": (tm("tf_efficientnet_b0"), IMG32),  # timm's Conv2dSame
     "timm-edgenext_xx_small": (tm("edgenext_xx_small"), IMG64),
     "torch-transformer-encoder": (
         lambda: torch.nn.TransformerEncoder(

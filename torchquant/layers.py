@@ -168,6 +168,14 @@ def _std_conv_forward(layer: nn.Module, x: Tensor, w: Tensor, b: Tensor | None) 
     return F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
+def _conv2d_same_forward(layer: nn.Module, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    # timm's Conv2dSame (TensorFlow "SAME" padding at run time): timm.layers.conv2d_same.conv2d_same.
+    from timm.layers.padding import pad_same  # the layer is timm's, so timm is imported
+
+    x = pad_same(x, w.shape[-2:], layer.stride, layer.dilation)
+    return F.conv2d(x, w, b, layer.stride, (0, 0), layer.dilation, layer.groups)
+
+
 LAYER_ADAPTERS: dict[type[nn.Module], LayerAdapter] = {
     nn.Linear: LayerAdapter(_own_weight, _linear_forward, _linear_n_out, bn=nn.BatchNorm1d),
     nn.Conv1d: LayerAdapter(_own_weight, _conv_forward, _conv_n_out, bn=nn.BatchNorm1d),
@@ -184,6 +192,9 @@ LAYER_ADAPTERS: dict[type[nn.Module], LayerAdapter] = {
 LAYER_ADAPTERS_BY_NAME: dict[str, LayerAdapter] = {
     # Hugging Face GPT-2's linear layer: weight stored (in, out), y = x @ W + b.
     "transformers.pytorch_utils.Conv1D": LayerAdapter(_conv1d_hf_weight, _conv1d_hf_forward, _conv1d_hf_n_out),
+    "timm.layers.conv2d_same.Conv2dSame": LayerAdapter(
+        _own_weight, _conv2d_same_forward, _conv_n_out, bn=nn.BatchNorm2d
+    ),
     # timm's weight-standardised convolutions compute their weight in forward; the quantizer sees that weight.
     **{
         f"timm.layers.std_conv.{name}": LayerAdapter(weight, _std_conv_forward, _conv_n_out, computed=True)
