@@ -274,5 +274,7 @@ def test_torch_compile(name):
 
 
 def test_bert_is_not_fx_traceable_and_the_error_says_what_to_do():
-    with pytest.raises(tq.FxTraceError, match="method='swap'"):
+    with pytest.raises(tq.FxTraceError, match="method='swap'") as info:
         tq.quantize_model(bert(), wf, af)
+    msg = str(info.value)  # the model's own code, not torchquant's tracing call
+    assert "transformers/" in msg and "modeling_bert.py" in msg and "torchquant/graph/fx.py" not in msg

@@ -284,17 +284,27 @@ def _user_frame(e: BaseException, module: nn.Module | None = None) -> str:
     outside = [f for f in frames if not f.filename.startswith(_TORCH_DIR)]
     if not outside:
         outside = [f for f in frames if not f.filename.startswith(_FX_DIR) and "torch/nn/modules" in f.filename]
+    forward = _forward_location(module)
     if outside:
         f = outside[-1]
-        return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+        at = f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+        if forward and forward[0] != f.filename:  # e.g. a decorator's wrapper: say whose forward it is
+            at += f"\n  in the forward of {type(module).__qualname__} at {forward[0]}:{forward[1]}"
+        return at
+    if forward is None:
+        return ""
+    return f"{forward[0]}:{forward[1]} in {type(module).__qualname__}.forward (torch.fx failed before running it)"
+
+
+def _forward_location(module: nn.Module | None) -> tuple[str, int] | None:
+    """Source file and first line of ``module``'s ``forward`` (under any decorators), if known."""
     if module is None:
-        return ""
-    fn = inspect.unwrap(type(module).forward)
+        return None
     try:
-        path, line = inspect.getsourcefile(fn), inspect.getsourcelines(fn)[1]
+        fn = inspect.unwrap(type(module).forward)
+        return inspect.getsourcefile(fn) or "?", inspect.getsourcelines(fn)[1]
     except (OSError, TypeError):
-        return ""
-    return f"{path}:{line} in {type(module).__qualname__}.forward (torch.fx failed before running it)"
+        return None
 
 
 def _trace(model: nn.Module, tracer: _Tracer, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
