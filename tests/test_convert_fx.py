@@ -501,6 +501,8 @@ def test_a_user_leaf_is_traced_with_its_constants_else_swapped_in_a_copy(sign):
     assert qnames(q)["masked.fc1"] == ("QWrapper", "Linear+ReLU")
     assert type(q.gated) is Gated and isinstance(q.gated.fc1, tq.QWrapper)  # swapped inside a copy
     assert type(net.gated.fc1) is nn.Linear and q.gated.fc1.layer.weight is net.gated.fc1.weight  # shared, unchanged
+    notes = {r["name"]: r["note"] for r in tq.summary_rows(q) if r["kind"] == "float"}
+    assert "masked" not in notes and "module swap" in notes["gated"]
     x = sign * torch.rand(2, 4)
     assert torch.equal(q(x), net(x))
     tq.calibrate(q, [x], progress=False)

@@ -639,7 +639,9 @@ class _Rewriter:
                 m = self.gm.get_submodule(node.target)
                 if isinstance(m, (QModule, Quantizer, *_VALUE_PRESERVING_MODULES)) or node.target in self.skipped:
                     continue
-                if node.target in self.inside and not isinstance(m, fx.GraphModule):
+                if node.target in self.inside and isinstance(m, fx.GraphModule):
+                    continue  # traced on its own: its operations got their QOps there
+                if node.target in self.inside:
                     note = f"layers inside {type(m).__name__} quantized by module swap; its output is not quantized"
                     self.float_reasons.setdefault(node.target, note)
                 elif node.target not in self.float_reasons:
