@@ -585,3 +585,33 @@ def test_trace_error_from_torch_fx_itself_names_the_models_forward(monkeypatch):
     assert "co_varnames is too small" in msg
     assert f"{__file__}:" in msg and "HasDynamic.forward" in msg
     assert "torchquant/graph/fx.py" not in msg
+
+
+def test_the_constants_each_leaf_call_passes_are_fixed_when_tracing_it():
+    class Leaf(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, mask=None, scale=1.0, flag=False):
+            y = self.fc(x)
+            if mask is not None:
+                y = y * mask
+            if flag:
+                y = y + 1
+            return y * scale
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Leaf(), Leaf()
+
+        def forward(self, x):
+            return self.b(self.a(x, mask=None, scale=2.0, flag=True), None, 3.0)
+
+    net = Net().eval()
+    q = tq.quantize_model(net, wf, af, leaf_modules=[Leaf])
+    assert isinstance(q.a, torch.fx.GraphModule) and isinstance(q.b, torch.fx.GraphModule)
+    assert {"a.fc", "a.add", "a.mul", "b.fc", "b.mul"} <= set(qnames(q))
+    x = torch.randn(2, 4)
+    assert torch.equal(q(x), net(x))

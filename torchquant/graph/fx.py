@@ -269,21 +269,22 @@ class _Tracer(fx.Tracer):
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _FX_DIR = os.path.dirname(fx.__file__)
-_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # torchquant/
+_NN_MODULES_DIR = os.path.join(_TORCH_DIR, "nn", "modules")
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__))  # torchquant/graph: the tracing machinery
 
 
 def _user_frame(e: BaseException, module: nn.Module | None = None) -> str:
     """``file:line in fn: code`` of the model's own line where tracing failed.
 
-    The innermost traceback frame outside torch and torchquant (the model's code); for a
-    torch.nn module, the innermost one of its code outside torch.fx; when the error came
+    The innermost traceback frame outside torch and torchquant's tracing (the model's code);
+    for a torch.nn module, the innermost one in ``torch/nn/modules``; when the error came
     from torch.fx before any of the model's code ran (e.g. "co_varnames is too small" for a
     decorated ``forward``), where ``module``'s ``forward`` is defined.
     """
     frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(_OWN_DIR)]
     outside = [f for f in frames if not f.filename.startswith(_TORCH_DIR)]
     if not outside:
-        outside = [f for f in frames if not f.filename.startswith(_FX_DIR) and "torch/nn/modules" in f.filename]
+        outside = [f for f in frames if f.filename.startswith(_NN_MODULES_DIR)]
     forward = _forward_location(module)
     if outside:
         f = outside[-1]
@@ -716,9 +717,15 @@ class _Rewriter:
                     concrete_args=concrete,
                 )
                 reasons = sub.meta[FLOAT_REASONS_ATTR]
+                new_args = _positional_args(m, sub, calls)
+                if new_args is None:
+                    sub = None
             except FxTraceError:
                 sub = None
-        if sub is None:
+        if sub is not None:
+            for call, args in zip(calls, new_args, strict=True):
+                call.args, call.kwargs = args, {}
+        else:
             sub = structural_copy(m)
             reasons = quantize_swap(sub, self.wf, self.af, skip=self.skip, fold_bn=self.fold_bn, prefix=prefix)
         if not any(isinstance(x, QModule) for x in sub.modules()):
@@ -868,6 +875,24 @@ def _concrete_args(m: nn.Module, calls: list[fx.Node]) -> dict[str, Any] | None:
             return None
         found = consts
     return found
+
+
+def _positional_args(m: nn.Module, sub: fx.GraphModule, calls: list[fx.Node]) -> list[tuple] | None:
+    """Each call's arguments for ``sub`` (``m`` traced with its constant arguments fixed), all
+    positional: fx keeps one placeholder per parameter of ``m.forward``, in order, but renames
+    the fixed ones (``mask_1``) and gives them the signature's defaults, so they are passed by
+    position. ``None`` when the placeholders do not match the parameters one for one."""
+    sig = inspect.signature(m.forward)
+    params = list(sig.parameters.values())
+    n_placeholders = sum(n.op == "placeholder" for n in sub.graph.nodes)
+    if n_placeholders != len(params) or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return None
+    out = []
+    for call in calls:
+        bound = sig.bind(*call.args, **call.kwargs)
+        bound.apply_defaults()
+        out.append(tuple(bound.arguments[p.name] for p in params))
+    return out
 
 
 def _delete_unused_submodules(gm: fx.GraphModule) -> None:
