@@ -1,4 +1,5 @@
-"""Which torchvision / timm models ``quantize_model(method="fx")`` converts, and why the others fail.
+"""Which torchvision / timm models ``quantize_model(method="fx")`` converts, whether every
+conv/linear layer is quantized, and why not where one is not.
 
 For every torchvision classification model (``torchvision.models.list_models``) and a
 list of timm models covering its families (random weights, nothing downloaded), it
@@ -7,10 +8,14 @@ small input (64x64, or the model's own input size where 64 does not fit) and che
 that both outputs match the float model (``allclose``, atol 1e-5). Models with more than
 ``--max-params`` parameters (the large members of families whose small members are
 run) are only converted, on the ``meta`` device where their builder allows it, to save
-time. One line per model, then the counts and the failures::
+time. Coverage counts the convolution and linear layers of the converted model
+(subclasses included, and ``nn.MultiheadAttention``'s packed input projection) and
+names those that no QModule holds, with the reason the summary gives. One line per
+model, then the counts, the failures and the layers left in float::
 
-    python benchmarks/convert_zoo.py            # torchvision + the timm list
-    python benchmarks/convert_zoo.py --only tv  # torchvision only
+    python benchmarks/convert_zoo.py                              # torchvision + the timm list
+    python benchmarks/convert_zoo.py --only tv                    # torchvision only
+    python benchmarks/convert_zoo.py --models resnet18,nfnet_l0   # a quick subset, by name
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import time
 import warnings
 
 import torch
+from torch import nn
 
 import torchquant as tq
 
@@ -33,7 +39,7 @@ TIMM_MODELS = [
     "cait_xxs24_224", "crossvit_tiny_240", "pvt_v2_b0", "swin_tiny_patch4_window7_224", "swinv2_cr_tiny_ns_224",
     "mixer_s16_224", "resmlp_12_224", "gmlp_s16_224", "levit_128s", "mobilevit_xxs", "efficientvit_b0",
     "efficientformer_l1", "poolformer_s12", "coatnet_nano_rw_224", "maxvit_nano_rw_256", "edgenext_xx_small",
-    "fastvit_t8",
+    "fastvit_t8", "nfnet_l0", "vgg11", "convit_tiny", "twins_svt_small",
 ]  # fmt: skip
 
 
@@ -63,15 +69,35 @@ def _convert(net):
     ).eval()
 
 
-def _counts(q) -> str:
+def coverage(q: nn.Module) -> tuple[int, dict[str, str]]:
+    """Number of conv/linear weights in ``q`` and, for those no QModule holds, the summary's reason."""
+    held = [n for n, m in q.named_modules() if isinstance(m, tq.QModule)]
+    notes = {r["name"]: r["note"] for r in tq.summary_rows(q) if r["kind"] == "float"}
+    total, left = 0, {}
+    for name, m in q.named_modules():
+        if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
+            name, is_layer = f"{name}.in_proj_weight", True
+        else:
+            is_layer = isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+        if not is_layer:
+            continue
+        total += 1
+        if not any(h == "" or name == h or name.startswith(h + ".") for h in held):
+            owner = next((n for n in sorted(notes, key=len, reverse=True) if name == n or name.startswith(n + ".")), "")
+            left[name] = notes.get(owner, "not converted") if owner else "not converted"
+    return total, left
+
+
+def _counts(q) -> tuple[str, dict[str, str]]:
     rows = tq.summary_rows(q)
     n_w = sum(r["kind"] == "QWrapper" for r in rows)
     n_o = sum(r["kind"] == "QOp" for r in rows)
     n_f = sum(r["kind"] == "float" for r in rows)
-    return f"{n_w} QWrapper, {n_o} QOp, {n_f} float"
+    total, left = coverage(q)
+    return f"{total - len(left)}/{total} layers quantized; {n_w} QWrapper, {n_o} QOp, {n_f} float", left
 
 
-def check(build, sizes, max_params: float) -> tuple[str, str]:
+def check(build, sizes, max_params: float) -> tuple[str, str, dict[str, str]]:
     try:
         with torch.device("meta"):
             big = build()
@@ -82,31 +108,35 @@ def check(build, sizes, max_params: float) -> tuple[str, str]:
         try:
             q = _convert(big.eval())
         except tq.FxTraceError as e:
-            return "FAIL", str(e).splitlines()[0].replace("quantize_model(method='fx'): ", "")
-        return "converted", f"{_counts(q)}, {n_params / 1e6:.0f}M params: not run"
+            return "FAIL", str(e).splitlines()[0].replace("quantize_model(method='fx'): ", ""), {}
+        counts, left = _counts(q)
+        return "converted", f"{counts}, {n_params / 1e6:.0f}M params: not run", left
     torch.manual_seed(0)
     net = build().eval()
     x, ref = _forward(net, sizes)
     try:
         q = _convert(net)
     except tq.FxTraceError as e:
-        return "FAIL", str(e).splitlines()[0].replace("quantize_model(method='fx'): ", "")
+        return "FAIL", str(e).splitlines()[0].replace("quantize_model(method='fx'): ", ""), {}
     except Exception as e:  # a bug in the rewriting: report it, keep going
-        return "ERROR", f"{type(e).__name__}: {e}"
+        return "ERROR", f"{type(e).__name__}: {e}", {}
+    counts, left = _counts(q)
     with torch.no_grad():
         a = _first(q(x))
         with tq.qmodule_state(q, tq.QModuleState.CALIBRATION):
             b = _first(q(x))
     if not (torch.allclose(a, ref, atol=1e-5) and torch.allclose(b, ref, atol=1e-5)):
-        return "MISMATCH", f"max |diff| {(a - ref).abs().max():.3g}"
-    return "ok", f"{_counts(q)}, input {x.shape[-1]}"
+        return "MISMATCH", f"max |diff| {(a - ref).abs().max():.3g}; {counts}", left
+    return "ok", f"{counts}, input {x.shape[-1]}", left
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=["tv", "timm"], default=None)
     p.add_argument("--max-params", type=float, default=30e6, help="larger models are converted but not run")
+    p.add_argument("--models", default=None, help="comma-separated model names: only these (torchvision and timm)")
     args = p.parse_args()
+    wanted = None if args.models is None else set(args.models.split(","))
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     results: dict[str, list] = {"torchvision": [], "timm": []}
@@ -114,39 +144,50 @@ def main() -> None:
         import torchvision
 
         for name in torchvision.models.list_models(module=torchvision.models):
+            if wanted is not None and name not in wanted:
+                continue
             t = time.time()
             try:
-                status, info = check(
+                status, info, left = check(
                     lambda name=name: torchvision.models.get_model(name), (64, 96, 224), args.max_params
                 )
             except Exception as e:
-                status, info = "ERROR", f"{type(e).__name__}: {e}"
-            results["torchvision"].append((name, status, info))
+                status, info, left = "ERROR", f"{type(e).__name__}: {e}", {}
+            results["torchvision"].append((name, status, info, left))
             print(f"torchvision {name:28s} {status:8s} {info}  ({time.time() - t:.1f}s)", flush=True)
     if args.only in (None, "timm"):
         import timm
 
         for name in TIMM_MODELS:
+            if wanted is not None and name not in wanted:
+                continue
             t = time.time()
             try:
                 m = timm.create_model(name, pretrained=False)
                 size = m.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
                 del m
-                status, info = check(
+                status, info, left = check(
                     lambda name=name: timm.create_model(name, pretrained=False), (64, size), args.max_params
                 )
             except Exception as e:
-                status, info = "ERROR", f"{type(e).__name__}: {e}"
-            results["timm"].append((name, status, info))
+                status, info, left = "ERROR", f"{type(e).__name__}: {e}", {}
+            results["timm"].append((name, status, info, left))
             print(f"timm {name:35s} {status:8s} {info}  ({time.time() - t:.1f}s)", flush=True)
     for lib, res in results.items():
         if res:
-            ok = sum(s == "ok" for _, s, _ in res)
-            conv = sum(s == "converted" for _, s, _ in res)
+            ok = sum(s == "ok" for _, s, _, _ in res)
+            conv = sum(s == "converted" for _, s, _, _ in res)
+            full = sum(s in ("ok", "converted") and not left for _, s, _, left in res)
             print(f"\n{lib}: {ok + conv}/{len(res)} convert; {ok} of them run with outputs equal to the float model")
-            for name, s, info in res:
+            print(f"{lib}: {full}/{ok + conv} converted models have every conv/linear layer quantized")
+            for name, s, info, _ in res:
                 if s not in ("ok", "converted"):
                     print(f"  {name}: {s}: {info}")
+            for name, _, _, left in res:
+                if left:
+                    shown = "; ".join(f"{n} ({why})" for n, why in list(left.items())[:4])
+                    more = f"; ... ({len(left) - 4} more)" if len(left) > 4 else ""
+                    print(f"  {name}: {len(left)} layer(s) in float: {shown}{more}")
 
 
 if __name__ == "__main__":

@@ -284,10 +284,18 @@ def test_trace_failure_names_module_and_operation_and_never_falls_back():
         assert torch.equal(q(x), net(x))
 
 
-def test_leaf_modules_are_not_traced():
-    q = tq.quantize_model(DigitsCNN(), wf, af, leaf_modules=[ResidualBlock])
-    assert not any(n.startswith("block") for n in qnames(q))
-    assert any(r["name"] == "block1" for r in tq.summary_rows(q) if r["kind"] == "float")
+def test_leaf_modules_are_traced_on_their_own_and_quantized_inside():
+    torch.manual_seed(0)
+    net = DigitsCNN().eval()
+    q = tq.quantize_model(net, wf, af, leaf_modules=[ResidualBlock])
+    # not part of the top-level graph: each block is one call of its own rewritten GraphModule
+    top = [n.target for n in q.graph.nodes if n.op == "call_module"]
+    assert "block1" in top and not any(t.startswith("block1.") for t in top)
+    assert isinstance(q.block1, torch.fx.GraphModule) and isinstance(net.block1, ResidualBlock)
+    assert {"block1.conv1.0", "block1.add"} <= set(qnames(q))
+    assert tq.convert.float_layers(q) == []
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.equal(q(x), net(x))
     with pytest.raises(TypeError, match="leaf_modules"):
         tq.quantize_model(DigitsCNN(), wf, af, leaf_modules=["block1"])
     with pytest.raises(ValueError, match="method='fx' only"):
@@ -433,3 +441,177 @@ def test_quantizers_of_a_model_split_over_devices_follow_their_layers():
     q = tq.quantize_model(net, wf, af, method="swap")
     assert q[0].acts_quantizer.range_observer.min_val.device.type == "cpu"
     assert q[2].acts_quantizer.range_observer.min_val.device.type == "meta"
+
+
+# ----------------------------------------------------------------------------- leaves: quantized inside
+class Gated(nn.Module):
+    """Untraceable on its own (data-dependent control flow): quantized inside by a module swap."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 4)
+        self.fc2 = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.fc1(x)
+        return self.fc2(x)
+
+
+class Masked(nn.Module):
+    """Traceable on its own only with ``mask`` fixed to the constant its caller passes."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 4)
+        self.fc2 = nn.Linear(4, 4)
+
+    def forward(self, x, mask=None):
+        y = self.fc1(x)
+        if mask is not None:
+            y = y * mask
+        return self.fc2(torch.relu(y))
+
+
+class WithLeaves(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 4)
+        self.gated = Gated()
+        self.masked = Masked()
+
+    def forward(self, x):
+        return self.masked(self.gated(self.inp(x)))
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_a_user_leaf_is_traced_with_its_constants_else_swapped_in_a_copy(sign):
+    torch.manual_seed(0)
+    net = WithLeaves().eval()
+    seen = []
+
+    def wf_named(m, name):
+        seen.append(name)
+        return wf(m, name)
+
+    q = tq.quantize_model(net, wf_named, af, leaf_modules=[Gated, Masked])
+    assert set(seen) == {"inp", "gated.fc1", "gated.fc2", "masked.fc1", "masked.fc2"}  # full qualified names
+    assert tq.convert.float_layers(q) == []
+    assert isinstance(q.masked, torch.fx.GraphModule)  # traced on its own: its relu is fused, the call rewritten
+    assert qnames(q)["masked.fc1"] == ("QWrapper", "Linear+ReLU")
+    assert type(q.gated) is Gated and isinstance(q.gated.fc1, tq.QWrapper)  # swapped inside a copy
+    assert type(net.gated.fc1) is nn.Linear and q.gated.fc1.layer.weight is net.gated.fc1.weight  # shared, unchanged
+    notes = {r["name"]: r["note"] for r in tq.summary_rows(q) if r["kind"] == "float"}
+    assert "masked" not in notes and "module swap" in notes["gated"]
+    x = sign * torch.rand(2, 4)
+    assert torch.equal(q(x), net(x))
+    tq.calibrate(q, [x], progress=False)
+    tq.set_qmodule_state(q, S.QUANT_EVAL)
+    y = q(x)
+    assert not torch.equal(y, net(x)) and torch.allclose(y, net(x), atol=0.1)
+
+
+def test_save_and_load_repeat_the_conversion_inside_leaves(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), Masked()).eval()
+    q = tq.quantize_model(net, wf, af, leaf_modules=[Masked])
+    x = torch.randn(8, 4)
+    tq.calibrate(q, [x], progress=False)
+    tq.set_qmodule_state(q, S.QUANT_EVAL)
+    tq.save(q, tmp_path / "m.safetensors")
+    loaded = tq.load(nn.Sequential(nn.Linear(4, 4), Masked()).eval(), tmp_path / "m.safetensors")
+    assert isinstance(loaded.get_submodule("1"), torch.fx.GraphModule)
+    assert torch.equal(loaded(x), q(x))
+
+
+def test_skip_reaches_inside_leaves():
+    q = tq.quantize_model(WithLeaves(), wf, af, leaf_modules=[Gated, Masked], skip=["gated.fc2", "masked.fc2"])
+    names = set(qnames(q))
+    assert {"gated.fc1", "masked.fc1"} <= names and not names & {"gated.fc2", "masked.fc2"}
+    notes = {r["name"]: r["note"] for r in tq.summary_rows(q) if r["kind"] == "float"}
+    assert notes["gated.fc2"].startswith("skipped by glob") and notes["masked.fc2"].startswith("skipped by glob")
+
+
+def test_a_timm_registered_leaf_is_quantized_inside():
+    timm_fx = pytest.importorskip("timm.layers._fx")
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.scale = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return x + self.conv(x).mul_(self.scale)  # in place, as timm's NormFreeBlock does
+
+    net = nn.Sequential(nn.Conv2d(3, 3, 1), Block()).eval()
+    timm_fx.register_notrace_module(Block)
+    try:
+        q = tq.quantize_model(net, wf, af)
+    finally:
+        timm_fx._leaf_modules.discard(Block)
+    assert isinstance(q.get_submodule("1"), torch.fx.GraphModule) and "1.conv" in qnames(q)
+    assert tq.convert.float_layers(q) == []
+    x = torch.rand(1, 3, 4, 4)
+    assert torch.equal(q(x), net(x))
+
+
+def test_a_leaf_called_twice_is_quantized_once():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Masked()
+
+        def forward(self, x):
+            return self.block(self.block(x))
+
+    net = Twice().eval()
+    q = tq.quantize_model(net, wf, af, leaf_modules=[Masked])
+    assert [n for n in qnames(q) if n.startswith("block.fc")] == ["block.fc1", "block.fc2"]
+    x = torch.rand(2, 4)
+    assert torch.equal(q(x), net(x))
+
+
+def test_trace_error_from_torch_fx_itself_names_the_models_forward(monkeypatch):
+    # torch.fx failing before any of the model's code runs ("co_varnames is too small" for some decorated
+    # forwards, seen on BERT and GPT-2): the raising frame is torch.fx's own.
+    ns: dict = {}
+    src = "def broken(*args, **kwargs):\n    raise ValueError('code: co_varnames is too small')\n"
+    exec(compile(src, torch.fx._symbolic_trace.__file__, "exec"), ns)
+    monkeypatch.setattr(torch.fx.Tracer, "create_args_for_root", ns["broken"])
+    with pytest.raises(tq.FxTraceError) as info:
+        tq.quantize_model(HasDynamic(), wf, af)
+    msg = str(info.value)
+    assert "co_varnames is too small" in msg
+    assert f"{__file__}:" in msg and "HasDynamic.forward" in msg
+    assert "torchquant/graph/fx.py" not in msg
+
+
+def test_the_constants_each_leaf_call_passes_are_fixed_when_tracing_it():
+    class Leaf(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, mask=None, scale=1.0, flag=False):
+            y = self.fc(x)
+            if mask is not None:
+                y = y * mask
+            if flag:
+                y = y + 1
+            return y * scale
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = Leaf(), Leaf()
+
+        def forward(self, x):
+            return self.b(self.a(x, mask=None, scale=2.0, flag=True), None, 3.0)
+
+    net = Net().eval()
+    q = tq.quantize_model(net, wf, af, leaf_modules=[Leaf])
+    assert isinstance(q.a, torch.fx.GraphModule) and isinstance(q.b, torch.fx.GraphModule)
+    assert {"a.fc", "a.add", "a.mul", "b.fc", "b.mul"} <= set(qnames(q))
+    x = torch.randn(2, 4)
+    assert torch.equal(q(x), net(x))

@@ -162,6 +162,16 @@ LIGHT = {
     ),
     "timm-convnextv2_atto": (tm("convnextv2_atto"), IMG32),
     "timm-poolformer_s12": (tm("poolformer_s12"), IMG32),
+    # registered fx leaves (NormFreeBlock, EdgeNeXt's attention) and weight-standardised convolutions
+    "timm-nfnet_l0": (tm("nfnet_l0"), IMG32),
+    "timm-tf_efficientnet_b0": (tm("tf_efficientnet_b0"), IMG32),  # timm's Conv2dSame
+    "timm-edgenext_xx_small": (tm("edgenext_xx_small"), IMG64),
+    "torch-transformer-encoder": (
+        lambda: torch.nn.TransformerEncoder(
+            torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2, enable_nested_tensor=False
+        ),
+        (2, 5, 16),
+    ),
 }
 SLOW = {
     "tv-densenet121",
@@ -170,6 +180,7 @@ SLOW = {
     "tv-efficientnet_v2_s",
     "timm-levit_128s",
     "timm-ghostnet_050",
+    "timm-nfnet_l0",
 }
 NO_GRAD = {"bert-tiny-swap": {"pooler.dense.layer.weight", "pooler.dense.layer.bias"}}
 
@@ -184,6 +195,17 @@ def _build_and_convert(build, method, seed=0):
     torch.manual_seed(seed)
     net = build().eval()
     return net, tq.quantize_model(copy.deepcopy(net) if method == "swap" else net, wf, af, method=method).eval()
+
+
+def _float_layers(q):
+    """Conv/linear layers (subclasses included) and MultiheadAttention modules that no QModule holds."""
+    held = [n for n, m in q.named_modules() if isinstance(m, tq.QModule)]
+    kinds = (torch.nn.modules.conv._ConvNd, torch.nn.Linear, torch.nn.MultiheadAttention)
+    return [
+        n
+        for n, m in q.named_modules()
+        if isinstance(m, kinds) and not any(h == "" or n == h or n.startswith(h + ".") for h in held)
+    ]
 
 
 def _check_equal(net, q, x):
@@ -204,6 +226,7 @@ def test_full_contract(name):
     x = _input(shape)
     net, q = _build_and_convert(build, method)
     assert tq.iter_qmodules(q)
+    assert _float_layers(q) == []  # every conv/linear layer is quantized
     _check_equal(net, q, x)
 
     q.train()  # QAT: forward + backward, every parameter gets a finite gradient
@@ -232,6 +255,7 @@ def test_light_contract(name):
     build, shape = LIGHT[name]
     net, q = _build_and_convert(build, "fx")
     assert tq.iter_qmodules(q)
+    assert _float_layers(q) == []  # every conv/linear layer is quantized, inside timm's leaves too
     _check_equal(net, q, _input(shape))
 
 
@@ -250,5 +274,7 @@ def test_torch_compile(name):
 
 
 def test_bert_is_not_fx_traceable_and_the_error_says_what_to_do():
-    with pytest.raises(tq.FxTraceError, match="method='swap'"):
+    with pytest.raises(tq.FxTraceError, match="method='swap'") as info:
         tq.quantize_model(bert(), wf, af)
+    msg = str(info.value)  # the model's own code, not torchquant's tracing call
+    assert "transformers/" in msg and "modeling_bert.py" in msg and "torchquant/graph/fx.py" not in msg

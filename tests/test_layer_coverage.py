@@ -384,3 +384,205 @@ def test_onnx_export_of_embedding_and_conv1d_has_parity():
     params = tq.export.integer_params(q)
     assert params["0.weight_quantizer"]["int_weight"].shape == (50, 16)
     assert params["1.weight_quantizer"]["int_weight"].shape == (12, 16)  # Conv1D: the (out, in) view
+
+
+# ----------------------------------------------------------------------------- weights computed in forward
+class _Capture(torch.overrides.TorchFunctionMode):
+    """Records the weight a layer's own forward gives to F.conv2d / F.linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (F.conv2d, F.linear):
+            self.weights.append(args[1])
+        return func(*args, **(kwargs or {}))
+
+
+class _Halved(nn.Module):
+    def forward(self, w):
+        return w * 0.5
+
+
+def _timm_conv(name):
+    def build():
+        std_conv = pytest.importorskip("timm.layers.std_conv")
+        kw = dict(stride=2) if name.endswith("Same") else {}
+        return getattr(std_conv, name)(3, 4, 3, **kw)
+
+    return build
+
+
+def _weight_norm_conv():
+    return torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3))
+
+
+def _parametrized_conv():
+    layer = nn.Conv2d(3, 4, 3)
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", _Halved())
+    return layer
+
+
+def _old_weight_norm_conv():
+    with pytest.warns(FutureWarning):
+        return torch.nn.utils.weight_norm(nn.Conv2d(3, 4, 3))
+
+
+COMPUTED = {
+    "timm-ScaledStdConv2d": _timm_conv("ScaledStdConv2d"),
+    "timm-StdConv2d": _timm_conv("StdConv2d"),
+    "timm-StdConv2dSame": _timm_conv("StdConv2dSame"),
+    "timm-ScaledStdConv2dSame": _timm_conv("ScaledStdConv2dSame"),
+    "weight_norm": _weight_norm_conv,
+    "parametrize": _parametrized_conv,
+    "weight_norm-deprecated-hook": _old_weight_norm_conv,
+}
+
+
+@pytest.mark.parametrize("method", ["fx", "swap"])
+@pytest.mark.parametrize("case", list(COMPUTED))
+def test_a_weight_computed_in_forward_is_the_one_quantized(case, method):
+    def build():
+        torch.manual_seed(0)
+        layer = COMPUTED[case]()
+        with torch.no_grad():  # a weight that standardisation or normalisation visibly changes
+            for p in layer.parameters():
+                p.add_(torch.rand_like(p))
+        return nn.Sequential(layer, nn.ReLU()).eval()
+
+    net = build()  # built twice, not deep-copied: the deprecated weight_norm refuses deepcopy after a forward
+    x = torch.randn(2, 3, 9, 9)
+    ref = net(x)
+    with _Capture() as cap:
+        net[0](x)
+    (w_used,) = cap.weights  # (out, in, kh, kw): what the layer's own forward convolves with
+
+    q = tq.quantize_model(build() if method == "swap" else net, wf8, af8, method=method)
+    wrapper = q.get_submodule("0")
+    assert isinstance(wrapper, tq.QWrapper) and wrapper.weight_is_computed
+    assert tq.convert.float_layers(q) == []
+    assert torch.equal(q(x), ref)
+    with tq.qmodule_state(q, S.CALIBRATION):
+        assert torch.equal(q(x), ref)
+    with tq.qmodule_state(q, S.QUANT_EVAL_WEIGHT_ONLY):
+        wq = wrapper.weight_quantizer(w_used)
+        assert torch.equal(wrapper.quantized_weight(), wq)
+        assert not torch.equal(wq, w_used)
+        assert torch.equal(q(x), torch.relu(wrapper._layer_with(x, wq, wrapper.layer.bias)))
+
+    q.train()  # QAT: the gradient reaches the parameters the weight is computed from
+    with tq.qmodule_state(q, S.QUANT_AWARE_TRAIN):
+        q(x).square().mean().backward()
+    grads = [p.grad for p in wrapper.layer.parameters()]  # weight (and gain, g and v, bias) for each case
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_gptq_leaves_a_computed_weight_alone():
+    from torchquant.ptq.gptq import _skip_reason
+
+    q = tq.quantize_model(nn.Sequential(_weight_norm_conv()), wf8, None, method="swap")
+    assert "computed" in _skip_reason(q[0])
+
+
+# ----------------------------------------------------------------------------- nn.MultiheadAttention
+class _Attn(nn.Module):
+    def __init__(self, batch_first):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=batch_first)
+        self.cross = nn.MultiheadAttention(16, 2, batch_first=batch_first)
+
+    def forward(self, x, memory):
+        y, _ = self.attn(x, x, x)
+        z, w = self.cross(y, memory, memory)
+        return z, w
+
+
+def _mha_inputs(batch_first):
+    x, m = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    return (x, m) if batch_first else (x.transpose(0, 1), m.transpose(0, 1))
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq-first", "batch-first"])
+@pytest.mark.parametrize("method", ["fx", "swap"])
+def test_multihead_attention_is_quantized_and_bypassed_equals_float(method, batch_first, tmp_path):
+    torch.manual_seed(0)
+    net = _Attn(batch_first).eval()
+    seen = {}
+
+    def wf_seen(m, name):
+        seen[name] = type(m).__name__
+        return wf8(m, name)
+
+    q = tq.quantize_model(copy.deepcopy(net) if method == "swap" else net, wf_seen, af8, method=method)
+    assert seen == {
+        "attn.in_proj": "MultiheadAttention",
+        "attn.out_proj": "NonDynamicallyQuantizableLinear",
+        "cross.in_proj": "MultiheadAttention",
+        "cross.out_proj": "NonDynamicallyQuantizableLinear",
+    }
+    assert isinstance(q.attn, tq.QMultiheadAttention) and q.attn.embed_dim == 16
+    assert tq.convert.float_layers(q) == []
+    x, m = _mha_inputs(batch_first)
+    for grad in (False, True):  # no_grad: the module's fused fast path, which BYPASSED keeps
+        with torch.set_grad_enabled(grad):
+            (a, wa), (b, wb) = q(x, m), net(x, m)
+            assert torch.equal(a, b) and torch.equal(wa, wb)
+    row = next(r for r in tq.summary_rows(q) if r["name"] == "attn")
+    assert (
+        row["weight_bits"] == 8 and "in_proj" in row["weight_granularity"] and "out_proj" in row["weight_granularity"]
+    )
+
+    with tq.qmodule_state(q, S.CALIBRATION), torch.no_grad():  # calibrate: observes, outputs unchanged
+        assert torch.allclose(q(x, m)[0], net(x, m)[0], atol=1e-6)
+    with tq.qmodule_state(q, S.QUANT_EVAL_WEIGHT_ONLY), torch.no_grad():
+        ref = copy.deepcopy(net).train()  # its Python path, with the quantized weights
+        ref.eval()
+        for name in ("attn", "cross"):
+            w_in, w_out = q.get_submodule(name).quantized_weights()
+            assert not torch.equal(w_in, net.get_submodule(name).in_proj_weight)
+            ref.get_submodule(name).in_proj_weight.copy_(w_in)
+            ref.get_submodule(name).out_proj.weight.copy_(w_out)
+        with torch.enable_grad():
+            expected = ref(x, m)[0]
+        assert torch.allclose(q(x, m)[0], expected, atol=1e-6)
+    tq.set_qmodule_state(q, S.QUANT_EVAL)
+    with torch.no_grad():
+        y = q(x, m)[0]
+    assert not torch.equal(y, net(x, m)[0]) and torch.allclose(y, net(x, m)[0], atol=0.1)
+    assert torch.equal(copy.deepcopy(q)(x, m)[0], y)
+    tq.save(q, tmp_path / "attn.safetensors")  # tq.load converts a float model the same way
+    loaded = tq.load(_Attn(batch_first).eval(), tmp_path / "attn.safetensors")
+    with torch.no_grad():
+        assert torch.equal(loaded(x, m)[0], y)
+
+
+def test_multihead_attention_with_separate_projections_stays_float_with_a_reason():
+    net = nn.Sequential()
+    net.attn = nn.MultiheadAttention(16, 2, kdim=8, vdim=8)
+    with pytest.warns(tq.FloatLayersWarning, match="attn.out_proj"):
+        q = tq.quantize_model(net, wf8, af8, method="swap")
+    notes = {r["name"]: r["note"] for r in tq.summary_rows(q) if r["kind"] == "float"}
+    assert "separate query/key/value projections" in notes["attn"]
+
+
+@pytest.mark.parametrize("method", ["fx", "swap"])
+@pytest.mark.parametrize("kind", ["layer", "encoder"])
+def test_transformer_encoder_is_fully_quantized_and_its_fused_path_is_off(method, kind):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    net = (layer if kind == "layer" else nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)).eval()
+    q = tq.quantize_model(copy.deepcopy(net) if method == "swap" else net, wf8, af8, method=method)
+    assert tq.convert.float_layers(q) == []
+    kinds = sorted(type(m).__name__ for _, m in tq.iter_qmodules(q))
+    n = 1 if kind == "layer" else 2
+    assert kinds.count("QMultiheadAttention") == n and kinds.count("QWrapper") == 2 * n
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        assert torch.allclose(q(x), net(x), atol=1e-6)
+    tq.calibrate(q, [x], progress=False)
+    tq.set_qmodule_state(q, S.QUANT_EVAL)
+    y = q(x).detach()  # gradients on: the Python path
+    with torch.no_grad():  # eval without gradients: the fused kernel would read the float weights
+        assert torch.equal(q(x), y)
+        assert not torch.equal(y, net(x))

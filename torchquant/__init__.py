@@ -12,7 +12,7 @@ from .factories import call_factory
 from .folding import bn_scale_shift, fold_batchnorm, fold_bn_params, freeze_bn_stats
 from .granularity import PER_TENSOR, Granularity, per_channel, per_group
 from .ptq import calibrate
-from .qmodules import SUPPORTED_ACTIVATIONS, QModule, QModuleState, QOp, QWrapper, iter_qmodules
+from .qmodules import SUPPORTED_ACTIVATIONS, QModule, QModuleState, QMultiheadAttention, QOp, QWrapper, iter_qmodules
 from .quantizers import (
     FORMATS,
     AffineGrid,
@@ -111,6 +111,7 @@ __all__ = [
     "PercentileObserver",
     "QModule",
     "QModuleState",
+    "QMultiheadAttention",
     "QOp",
     "QWrapper",
     "QfmtQuantizer",

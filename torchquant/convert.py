@@ -50,7 +50,7 @@ def float_layers(model: nn.Module, skip: tuple = ()) -> list[str]:
             continue
         if not (isinstance(m, LAYER_TYPES) or layer_adapter(m) is not None):
             continue
-        if any(name == h or name.startswith(h + ".") for h in held):
+        if any(h == "" or name == h or name.startswith(h + ".") for h in held):
             continue
         parts = name.split(".")
         ancestors = [(".".join(parts[:i]), model.get_submodule(".".join(parts[:i]))) for i in range(1, len(parts) + 1)]
@@ -113,8 +113,12 @@ def quantize_model(
     ``QWrapper`` each; additions,
     multiplications, concatenations, matrix products, average pooling, means,
     normalisations and softmax become ``QOp`` s (the full lists are in
-    :mod:`torchquant.graph.fx`). When torch.fx cannot trace the model it raises
-    :class:`FxTraceError` naming the module and the operation; it never falls back.
+    :mod:`torchquant.graph.fx`). Modules torch.fx keeps whole (``leaf_modules``, timm's
+    registered leaves, torch.nn containers such as ``nn.TransformerEncoderLayer``) are
+    quantized inside: traced on their own and rewritten, or, when that fails, with their
+    layers swapped in a copy sharing their parameters. When torch.fx cannot trace the model
+    it raises :class:`FxTraceError` naming the module and the model's line; it never falls
+    back (except for a torch.nn module converted on its own, quantized inside a copy).
 
     ``method="swap"`` replaces ``Conv``/``Linear``/``Embedding`` modules and Hugging
     Face's ``Conv1D`` (GPT-2) in place (fused with a following ``BatchNorm`` and
@@ -122,6 +126,11 @@ def quantize_model(
     layers (and, with ``norm_outputs=True``, normalisation outputs), not functional
     operations, and works for models torch.fx cannot trace (Hugging Face
     transformers, data-dependent control flow).
+
+    Either way, ``nn.MultiheadAttention`` becomes a :class:`~torchquant.QMultiheadAttention`
+    (input and output projection weights, output), and layers that compute their weight in
+    ``forward`` (timm's ``StdConv2d``/``ScaledStdConv2d``, ``torch.nn.utils.parametrize``
+    parametrizations such as weight norm) get that computed weight quantized.
 
     The layer types and how each is quantized are in :data:`torchquant.layers.LAYER_ADAPTERS`:
     the weight quantizer always sees an ``(out, in, ...)`` view, so ``axis=0`` is per
@@ -131,7 +140,7 @@ def quantize_model(
     sharing its Parameter with the embedding.
 
     Either way, layers with weights that end up in float without being skipped (a
-    subclass of ``nn.Linear``, a layer inside a module torch.fx keeps as a leaf) raise a
+    subclass of ``nn.Linear`` with its own ``forward``, an ``EmbeddingBag``) raise a
     :class:`FloatLayersWarning` naming them. Every new ``QModule`` starts ``BYPASSED``, so the output equals the
     float model's until :func:`~torchquant.utils.set_qmodule_state` changes the mode,
     and the new quantizers sit on the model's device (a QWrapper's on its layer's), so
@@ -141,8 +150,10 @@ def quantize_model(
         model: a float model.
         weight_quantizer: factory ``(module, name) -> Quantizer | None`` for layer
             weights; it receives the original layer module (``Conv``, ``Linear``,
-            ``Embedding``, ``Conv1D``) and its qualified name, and may return ``None``
-            to keep that weight in float.
+            ``Embedding``, ``Conv1D``) and its qualified name (for a
+            ``MultiheadAttention`` ``mha`` at ``name``: ``(mha, name + ".in_proj")`` and
+            ``(mha.out_proj, name + ".out_proj")``), and may return ``None`` to keep that
+            weight in float.
         acts_quantizer: factory ``(module, name) -> Quantizer | None`` for output
             activations of layers and operations. For a layer it receives the layer
             and its name; for a module operation (pooling, ...) that module and its
@@ -153,9 +164,10 @@ def quantize_model(
         method: ``"fx"`` or ``"swap"``.
         fold_bn: passed to every ``QWrapper`` that has a BatchNorm (fold it into
             the weights before weight quantization).
-        leaf_modules: with ``"fx"``, module types not to trace into (kept as they
-            are). When ``timm`` is imported, its registered not-traceable modules
-            and functions are added.
+        leaf_modules: with ``"fx"``, module types not to trace into as part of the
+            model: each is traced on its own (else swapped inside), so its layers are
+            still quantized (``skip`` keeps a module in float). When ``timm`` is
+            imported, its registered not-traceable modules and functions are added.
         autowrap_functions: with ``"fx"``, functions recorded as single calls
             instead of being traced into.
         norm_outputs: with ``"swap"``, wrap every normalisation module

@@ -7,8 +7,12 @@ layout the weight quantizer gets and how to run the layer with a given weight.
 folding, the model summary and the experiment layer all read it (through
 :func:`layer_adapter`, :data:`BN_FOR_LAYER` and :data:`LAYER_TYPES`), so a new layer
 type is one entry here. Layers of optional packages (Hugging Face's GPT-2
-``Conv1D``) are entries of :data:`LAYER_ADAPTERS_BY_NAME`, keyed by the class's
-``module.qualname``, so ``import torchquant`` imports none of those packages.
+``Conv1D``, timm's weight-standardised convolutions) are entries of
+:data:`LAYER_ADAPTERS_BY_NAME`, keyed by the class's ``module.qualname``, so
+``import torchquant`` imports none of those packages. A layer whose weight is computed
+in ``forward`` or on access (weight standardisation, a ``torch.nn.utils.parametrize``
+parametrization, weight norm) has an adapter with ``computed=True`` that gives the
+quantizer the computed weight (see :func:`layer_adapter`).
 
 :data:`NORM_TYPES` and :func:`is_normalization` name the normalisation modules whose
 outputs ``quantize_model(..., method="swap", norm_outputs=True)`` quantizes.
@@ -23,11 +27,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 __all__ = [
     "BN_FOR_LAYER",
@@ -66,6 +71,9 @@ class LayerAdapter:
             when none is fused.
         unsupported: ``layer -> str | None``, why this layer's configuration cannot be
             quantized (``None`` when it can).
+        computed: ``weight`` computes the weight from parameters (weight standardisation, a
+            parametrization, weight norm) instead of viewing one, so writing into it changes
+            nothing and no BatchNorm is folded into it.
     """
 
     weight: Callable[[nn.Module], Tensor]
@@ -73,6 +81,7 @@ class LayerAdapter:
     n_out: Callable[[nn.Module], int]
     bn: type[nn.modules.batchnorm._BatchNorm] | None = None
     unsupported: Callable[[nn.Module], str | None] | None = None
+    computed: bool = False
 
     def why_unsupported(self, layer: nn.Module) -> str | None:
         """Why ``layer`` cannot be quantized, or ``None`` when it can."""
@@ -135,18 +144,67 @@ def _conv1d_hf_n_out(layer: nn.Module) -> int:
     return layer.nf
 
 
+def _std_conv_weight(layer: nn.Module) -> Tensor:
+    # timm's StdConv2d: each output channel's weight standardised (zero mean, unit variance), as its forward does.
+    w = layer.weight
+    flat = F.batch_norm(w.reshape(1, layer.out_channels, -1), None, None, training=True, momentum=0.0, eps=layer.eps)
+    return flat.reshape_as(w)
+
+
+def _scaled_std_conv_weight(layer: nn.Module) -> Tensor:
+    # timm's ScaledStdConv2d (NFNets): standardised, then scaled per output channel by gain * gamma / sqrt(fan_in).
+    w = layer.weight
+    gain = (layer.gain * layer.scale).view(-1)  # (out,)
+    return F.batch_norm(
+        w.reshape(1, layer.out_channels, -1), None, None, weight=gain, training=True, momentum=0.0, eps=layer.eps
+    ).reshape_as(w)
+
+
+def _std_conv_forward(layer: nn.Module, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    if getattr(layer, "same_pad", False):  # the *Same variants pad at run time, TensorFlow's "SAME"
+        from timm.layers.padding import pad_same  # the layer is timm's, so timm is imported
+
+        x = pad_same(x, layer.kernel_size, layer.stride, layer.dilation)
+    return F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def _conv2d_same_forward(layer: nn.Module, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    # timm's Conv2dSame (TensorFlow "SAME" padding at run time): timm.layers.conv2d_same.conv2d_same.
+    from timm.layers.padding import pad_same  # the layer is timm's, so timm is imported
+
+    x = pad_same(x, w.shape[-2:], layer.stride, layer.dilation)
+    return F.conv2d(x, w, b, layer.stride, (0, 0), layer.dilation, layer.groups)
+
+
 LAYER_ADAPTERS: dict[type[nn.Module], LayerAdapter] = {
     nn.Linear: LayerAdapter(_own_weight, _linear_forward, _linear_n_out, bn=nn.BatchNorm1d),
     nn.Conv1d: LayerAdapter(_own_weight, _conv_forward, _conv_n_out, bn=nn.BatchNorm1d),
     nn.Conv2d: LayerAdapter(_own_weight, _conv_forward, _conv_n_out, bn=nn.BatchNorm2d),
     nn.Conv3d: LayerAdapter(_own_weight, _conv_forward, _conv_n_out, bn=nn.BatchNorm3d),
     nn.Embedding: LayerAdapter(_own_weight, _embedding_forward, _embedding_n_out, unsupported=_embedding_unsupported),
+    # nn.MultiheadAttention's out_proj: a Linear subclass with no forward of its own.
+    nn.modules.linear.NonDynamicallyQuantizableLinear: LayerAdapter(
+        _own_weight, _linear_forward, _linear_n_out, bn=nn.BatchNorm1d
+    ),
 }
 """Layer types (exact) a ``QWrapper`` holds, each with its :class:`LayerAdapter`."""
 
 LAYER_ADAPTERS_BY_NAME: dict[str, LayerAdapter] = {
     # Hugging Face GPT-2's linear layer: weight stored (in, out), y = x @ W + b.
     "transformers.pytorch_utils.Conv1D": LayerAdapter(_conv1d_hf_weight, _conv1d_hf_forward, _conv1d_hf_n_out),
+    "timm.layers.conv2d_same.Conv2dSame": LayerAdapter(
+        _own_weight, _conv2d_same_forward, _conv_n_out, bn=nn.BatchNorm2d
+    ),
+    # timm's weight-standardised convolutions compute their weight in forward; the quantizer sees that weight.
+    **{
+        f"timm.layers.std_conv.{name}": LayerAdapter(weight, _std_conv_forward, _conv_n_out, computed=True)
+        for name, weight in (
+            ("StdConv2d", _std_conv_weight),
+            ("StdConv2dSame", _std_conv_weight),
+            ("ScaledStdConv2d", _scaled_std_conv_weight),
+            ("ScaledStdConv2dSame", _scaled_std_conv_weight),
+        )
+    },
 }
 """Layer classes of optional packages, keyed by ``f"{cls.__module__}.{cls.__qualname__}"`` (exact class)."""
 
@@ -160,19 +218,55 @@ FLOAT_LAYERS: dict[type[nn.Module], str] = {
 """Layer types with weights that the converters leave in float, with the reason the summary shows."""
 
 
+def _adapter_of_class(cls: type) -> LayerAdapter | None:
+    adapter = LAYER_ADAPTERS.get(cls)
+    if adapter is None:
+        adapter = LAYER_ADAPTERS_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+    return adapter
+
+
+def _weight_norm_hook(module: nn.Module) -> object | None:
+    """The forward pre-hook of the deprecated ``torch.nn.utils.weight_norm`` on ``module.weight``, if any."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    hooks = getattr(module, "_forward_pre_hooks", {})
+    return next((h for h in hooks.values() if isinstance(h, WeightNorm) and h.name == "weight"), None)
+
+
+def _hooked_weight_norm(layer: nn.Module) -> Tensor:
+    return _weight_norm_hook(layer).compute_weight(layer)  # g * v / ||v||, as the hook computes it
+
+
 def layer_adapter(module: object) -> LayerAdapter | None:
     """The :class:`LayerAdapter` of ``module``'s exact type, or ``None`` when a ``QWrapper`` cannot hold it.
+
+    A layer whose weight is computed on access, by ``torch.nn.utils.parametrize`` (weight
+    norm from ``torch.nn.utils.parametrizations.weight_norm``, spectral norm, ...) or by the
+    deprecated ``torch.nn.utils.weight_norm`` hook, gets its type's adapter reading the
+    computed weight (``computed=True``): the quantizer sees the weight the layer uses.
 
     Args:
         module: any object (typically an ``nn.Module``).
 
     Returns:
-        The entry of :data:`LAYER_ADAPTERS` or :data:`LAYER_ADAPTERS_BY_NAME`, or ``None``.
+        The entry of :data:`LAYER_ADAPTERS` or :data:`LAYER_ADAPTERS_BY_NAME`, such an entry
+        for a computed weight, or ``None``.
+
+    Example:
+        >>> from torch.nn.utils.parametrizations import weight_norm
+        >>> layer_adapter(weight_norm(nn.Linear(4, 2))).computed
+        True
     """
     cls = type(module)
-    adapter = LAYER_ADAPTERS.get(cls)
-    if adapter is None:
-        adapter = LAYER_ADAPTERS_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+    if isinstance(module, nn.Module) and parametrize.is_parametrized(module):
+        base = _adapter_of_class(cls.__bases__[0])  # parametrize makes a subclass "Parametrized<Cls>"
+        # Only layers whose adapter reads ``layer.weight``, which now computes the parametrized value.
+        if base is None or base.weight is not _own_weight:
+            return None
+        return replace(base, bn=None, computed=True)
+    adapter = _adapter_of_class(cls)
+    if adapter is not None and adapter.weight is _own_weight and _weight_norm_hook(module) is not None:
+        return replace(adapter, weight=_hooked_weight_norm, bn=None, computed=True)
     return adapter
 
 

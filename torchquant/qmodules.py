@@ -8,6 +8,8 @@
   activation, with a weight quantizer and an output-activation quantizer.
 * :class:`QOp`: any tensor-returning operator (``operator.add``, ``torch.cat``,
   a pooling module) with an output-activation quantizer.
+* :class:`QMultiheadAttention`: ``nn.MultiheadAttention`` with its input and output
+  projection weights and its output quantized.
 
 The mode is changed only through :func:`torchquant.utils.set_qmodule_state` /
 :func:`torchquant.utils.qmodule_state`, never by ``train()`` or ``eval()``.
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 from .layers import BN_FOR_LAYER, LAYER_ADAPTERS, LAYER_ADAPTERS_BY_NAME, fold_bn_params, layer_adapter
 from .quantizers import Quantizer
 
-__all__ = ["SUPPORTED_ACTIVATIONS", "QModule", "QModuleState", "QOp", "QWrapper"]
+__all__ = ["SUPPORTED_ACTIVATIONS", "QModule", "QModuleState", "QMultiheadAttention", "QOp", "QWrapper"]
 
 
 class QModuleState(enum.Enum):
@@ -316,7 +318,8 @@ class QWrapper(QModule):
 
         The parameter itself for Linear, Conv and Embedding (``(num_embeddings, dim)``);
         for Hugging Face's ``Conv1D`` the transposed view ``(out, in)`` of its
-        ``(in, out)`` parameter. Writing into it (``copy_``) writes the parameter.
+        ``(in, out)`` parameter. Writing into it (``copy_``) writes the parameter, except
+        where the weight is computed (:attr:`weight_is_computed`).
         """
         return self._adapter.weight(self.layer)
 
@@ -327,6 +330,14 @@ class QWrapper(QModule):
         ``W * gamma / sigma`` with the running statistics (what its grid or levels are for).
         """
         return self.weight_view() if not self.fold_bn else self._folded_params()[0]
+
+    @property
+    def weight_is_computed(self) -> bool:
+        """Whether :meth:`weight_view` computes the weight from parameters (timm's weight-standardised
+        convolutions, a ``torch.nn.utils.parametrize`` parametrization, weight norm): the quantizer sees
+        that weight, and writing into it changes no parameter (AdaRound, GPTQ and packing leave such layers
+        as they are)."""
+        return self._adapter.computed
 
     def quantized_weight(self) -> Tensor:
         """The weight as the current mode uses it (quantized or float), without observing.
@@ -514,6 +525,169 @@ class QOp(QModule):
 
     def extra_repr(self) -> str:
         return f"op={self._op_name()}, qstate={self.qstate.name}"
+
+
+class QMultiheadAttention(QModule):
+    """``nn.MultiheadAttention`` with its two weights and its output quantized.
+
+    The packed input projection ``in_proj_weight`` ``(3 * E, E)`` (queries, keys and values
+    stacked along axis 0, so ``axis=0`` is per output row) and the output projection
+    ``out_proj.weight`` ``(E, E)`` go through their weight quantizers, and the attention
+    output (``(L, N, E)``, or ``(N, L, E)`` with ``batch_first``) through ``acts_quantizer``;
+    the attention weights are returned in float. In ``BYPASSED`` (the default) the wrapped
+    module runs itself (its fused fast path included), so the outputs are bit-identical;
+    in the other modes it runs ``F.multi_head_attention_forward`` with the weights the mode
+    gives, as the module's own Python path does. ``.layer`` is the original module and its
+    attributes stay readable through the wrapper (``embed_dim``, ``batch_first``).
+
+    Args:
+        layer: an ``nn.MultiheadAttention`` (exact type) whose queries, keys and values
+            have the same size (it has ``in_proj_weight``).
+        in_proj_quantizer: quantizer for ``in_proj_weight``, or ``None``.
+        out_proj_quantizer: quantizer for ``out_proj.weight``, or ``None``.
+        acts_quantizer: quantizer for the attention output, or ``None``.
+
+    Raises:
+        TypeError: ``layer`` is not an ``nn.MultiheadAttention`` or a quantizer has the wrong type.
+        ValueError: ``layer`` has separate query/key/value projections (``kdim``/``vdim`` differ
+            from ``embed_dim``).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torchquant import AffineQuantizer, BatchMinMax, QModuleState, QMultiheadAttention
+        >>> mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        >>> w4 = lambda: AffineQuantizer(4, BatchMinMax(axis=0))
+        >>> q = QMultiheadAttention(mha, w4(), w4())
+        >>> x = torch.randn(1, 5, 8)
+        >>> torch.equal(q(x, x, x)[0], mha(x, x, x)[0])
+        True
+        >>> q.observe_weight()  # weight ranges need no data
+        >>> q.qstate = QModuleState.QUANT_EVAL_WEIGHT_ONLY
+        >>> q(x, x, x)[0].shape
+        torch.Size([1, 5, 8])
+    """
+
+    WEIGHT_ROLES = ("in_proj", "out_proj")  # the summary lists these quantizers as weight ones
+
+    def __init__(
+        self,
+        layer: nn.MultiheadAttention,
+        in_proj_quantizer: Quantizer | None = None,
+        out_proj_quantizer: Quantizer | None = None,
+        acts_quantizer: Quantizer | None = None,
+    ) -> None:
+        super().__init__()
+        if type(layer) is not nn.MultiheadAttention:
+            raise TypeError(f"QMultiheadAttention: expected an nn.MultiheadAttention, got {type(layer).__name__}")
+        if not layer._qkv_same_embed_dim:
+            raise ValueError(
+                f"QMultiheadAttention: {layer} has separate query/key/value projections "
+                f"(kdim={layer.kdim}, vdim={layer.vdim}, embed_dim={layer.embed_dim}); only the packed one is supported"
+            )
+        for role, q in (
+            ("in_proj_quantizer", in_proj_quantizer),
+            ("out_proj_quantizer", out_proj_quantizer),
+            ("acts_quantizer", acts_quantizer),
+        ):
+            if q is not None and not isinstance(q, Quantizer):
+                raise TypeError(f"QMultiheadAttention: {role} must be a Quantizer or None, got {type(q).__name__}")
+        self.layer = layer
+        self.in_proj_quantizer = in_proj_quantizer
+        self.out_proj_quantizer = out_proj_quantizer
+        self.acts_quantizer = acts_quantizer
+        self._name_quantizers("QMultiheadAttention")
+
+    def __getattr__(self, name: str) -> Any:
+        # A TransformerEncoderLayer reads self_attn.batch_first, embed_dim, ...: keep them readable.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            layer = self.__dict__.get("_modules", {}).get("layer")
+            if name.startswith("__") or layer is None or not hasattr(layer, name):
+                raise
+            return getattr(layer, name)
+
+    def observe_weight(self) -> None:
+        """Let both weight quantizers observe their weights (ranges from the weights, no data needed)."""
+        with torch.no_grad():
+            for q, w in self._weights():
+                if q is not None:
+                    _run_quantizer(q, w, observe=True, quantize=False)
+
+    def _weights(self) -> list[tuple[Quantizer | None, Tensor]]:
+        return [
+            (self.in_proj_quantizer, self.layer.in_proj_weight),  # (3 * E, E)
+            (self.out_proj_quantizer, self.layer.out_proj.weight),  # (E, E)
+        ]
+
+    def quantized_weights(self) -> tuple[Tensor, Tensor]:
+        """``(in_proj_weight, out_proj.weight)`` as the current mode uses them, without observing."""
+        s = self.qstate
+        w_in, w_out = (q(w) if q is not None and s.is_weight_quantized else w for q, w in self._weights())
+        return w_in, w_out
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        s = self.qstate
+        mha = self.layer
+        args = (key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
+        if s is QModuleState.BYPASSED:
+            return mha(query, key, value, *args)
+        w_in, w_out = mha.in_proj_weight, mha.out_proj.weight
+        if self.in_proj_quantizer is not None:
+            w_in = _run_quantizer(self.in_proj_quantizer, w_in, s.is_weight_observed, s.is_weight_quantized)
+        if self.out_proj_quantizer is not None:
+            w_out = _run_quantizer(self.out_proj_quantizer, w_out, s.is_weight_observed, s.is_weight_quantized)
+        batch_first = mha.batch_first and query.dim() == 3
+        # (N, L, E) -> (L, N, E), keeping "query is key" (the packed projection's test) as the module does
+        if batch_first:
+            if key is value:
+                if query is key:
+                    query = key = value = query.transpose(1, 0)
+                else:
+                    query, key = (x.transpose(1, 0) for x in (query, key))
+                    value = key
+            else:
+                query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+        y, weights = F.multi_head_attention_forward(
+            query,
+            key,
+            value,
+            mha.embed_dim,
+            mha.num_heads,
+            w_in,
+            mha.in_proj_bias,
+            mha.bias_k,
+            mha.bias_v,
+            mha.add_zero_attn,
+            mha.dropout,
+            w_out,
+            mha.out_proj.bias,
+            training=mha.training,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+        )
+        if batch_first:
+            y = y.transpose(1, 0)
+        if self.acts_quantizer is not None:
+            y = _run_quantizer(self.acts_quantizer, y, s.is_act_observed, s.is_act_quantized)
+        return y, weights
+
+    def extra_repr(self) -> str:
+        return f"qstate={self.qstate.name}"
 
 
 def iter_qmodules(module: nn.Module) -> list[tuple[str, QModule]]:

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .convert import CONVERSIONS_ATTR, quantize_model
-from .qmodules import QModule, QModuleState, QWrapper, iter_qmodules
+from .qmodules import QModule, QModuleState, QMultiheadAttention, QWrapper, iter_qmodules
 from .quantizers import AffineGrid, AffineQuantizer, LevelGrid, Quantizer
 from .range_observers import BatchMinMax, RunningMinMax
 from .spec import QuantizerSpec, describe
@@ -97,12 +97,17 @@ def _replay_quantize_model(model: nn.Module, record: dict, build: Callable[[str,
         kwargs["autowrap_functions"] = [_resolve(f) for f in record.get("autowrap_functions", [])]
     for key, value in record.get("options", {}).items():
         kwargs[key] = value
-    return quantize_model(
-        model,
-        lambda module, name: build(name, "weight_quantizer"),
-        lambda module, name: build(name, "acts_quantizer"),
-        **kwargs,
-    )
+
+    def weights(module: nn.Module, name: str) -> Any:
+        # A QMultiheadAttention's weight factory calls are named "<name>.in_proj" / "<name>.out_proj".
+        owner, _, role = name.rpartition(".")
+        if role in QMultiheadAttention.WEIGHT_ROLES:
+            q = build(owner, f"{role}_quantizer")
+            if q is not None:
+                return q
+        return build(name, "weight_quantizer")
+
+    return quantize_model(model, weights, lambda module, name: build(name, "acts_quantizer"), **kwargs)
 
 
 # ----------------------------------------------------------------------- describe
@@ -145,6 +150,7 @@ def _packable(m: QModule) -> bool:
         isinstance(m, QWrapper)
         and m.weight_quantizer is not None
         and not m.fold_bn
+        and not m.weight_is_computed
         and s.is_weight_quantized
         and not s.is_weight_observed
         and isinstance(getattr(m.layer, "weight", None), Tensor)

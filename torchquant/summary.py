@@ -67,7 +67,7 @@ def _float_reasons(model: nn.Module) -> dict[str, str]:
 
 
 def _covered(name: str, prefixes: list[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
+    return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def summary_rows(model: nn.Module) -> list[dict[str, Any]]:
@@ -103,8 +103,9 @@ def summary_rows(model: nn.Module) -> list[dict[str, Any]]:
             wq, aq, iq = None, m.acts_quantizer, None
         elif isinstance(m, QModule):  # e.g. torchquant.hf.QAttention: its quantizers by role, as activation ones
             roles = {n.removesuffix("_quantizer"): q for n, q in m.quantizers().items()}
-            w, wb, wg = None, None, None
-            a, ab, ag = _roles_info(roles)
+            weight_roles = {r: q for r, q in roles.items() if r in getattr(m, "WEIGHT_ROLES", ())}
+            w, wb, wg = _roles_info(weight_roles) if weight_roles else (None, None, None)
+            a, ab, ag = _roles_info({r: q for r, q in roles.items() if r not in weight_roles})
             rows.append(
                 dict(
                     name=name,

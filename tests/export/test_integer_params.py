@@ -128,3 +128,27 @@ def test_checkpoint_round_trip_and_refuses_pickled_code(tmp_path):
         pickle.dump({"w": Evil()}, f)
     with pytest.raises(ValueError, match="not a weights-only checkpoint"):
         tq.export.load_checkpoint(fresh, bad)
+
+
+def test_multihead_attention_weights_are_integer_weights():
+    torch.manual_seed(0)
+    net = tq.quantize_model(
+        nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)),
+        lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0), symmetric=True),
+        lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax()),
+        method="swap",
+    ).eval()
+    tq.calibrate(net, [torch.randn(2, 5, 8)], progress=False)
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    params = tq.export.integer_params(net)
+    mha = net[0].self_attn
+    for role, (w, b) in {
+        "in_proj": (mha.layer.in_proj_weight, mha.layer.in_proj_bias),  # (3 * E, E)
+        "out_proj": (mha.layer.out_proj.weight, mha.layer.out_proj.bias),
+    }.items():
+        p = params[f"0.self_attn.{role}_quantizer"]
+        assert p["kind"] == "weight" and p["int_weight"].shape == tuple(w.shape)
+        dequant = (p["int_weight"] - p["zero_point"].reshape(-1, 1)) * p["scale"].reshape(-1, 1)
+        q = getattr(mha, f"{role}_quantizer")
+        np.testing.assert_allclose(dequant, q(w).detach().numpy(), rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(p["bias"], b.detach().numpy())

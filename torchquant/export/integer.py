@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..qmodules import QWrapper
+from ..qmodules import QMultiheadAttention, QWrapper
 from ._common import quant_points, to_numpy
 
 __all__ = ["integer_params", "load_integer_params", "save_integer_params"]
@@ -89,10 +89,19 @@ def integer_params(
     points = quant_points(model, who)
     feeders = _find_input_points(model, points, example_inputs, who) if example_inputs is not None else {}
     out: dict[str, dict[str, Any]] = {}
-    weight_of = {}
+    weight_of: dict[str, QWrapper | tuple[Tensor, Tensor | None]] = {}
     for p in points:
-        if isinstance(p.module, QWrapper) and p.quantizer is p.module.weight_quantizer:
-            weight_of[p.name] = p.module
+        m = p.module
+        if isinstance(m, QWrapper) and p.quantizer is m.weight_quantizer:
+            weight_of[p.name] = m
+        elif isinstance(m, QMultiheadAttention):  # (weight, bias) of the packed input and the output projection
+            mha = m.layer
+            for q, wb in (
+                (m.in_proj_quantizer, (mha.in_proj_weight, mha.in_proj_bias)),
+                (m.out_proj_quantizer, (mha.out_proj.weight, mha.out_proj.bias)),
+            ):
+                if p.quantizer is q:
+                    weight_of[p.name] = wb
     for p in points:
         grid = p.quantizer.grid()
         kind = "weight" if p.name in weight_of else "activation"
@@ -126,7 +135,14 @@ def integer_params(
             scale=to_numpy(grid.scale, np.float32),
             zero_point=to_numpy(grid.zero_point.round(), np.int64),
         )
-        if kind == "weight":
+        if kind == "weight" and isinstance(weight_of[p.name], tuple):
+            w, bias = weight_of[p.name]
+            with torch.no_grad():
+                who = f"integer_params: quantizer {p.name!r} ({type(p.quantizer).__name__})"
+                entry["int_weight"] = to_numpy(grid.to_int(w, who), np.int64)
+                if bias is not None:
+                    entry["bias"] = to_numpy(bias, np.float32)
+        elif kind == "weight":
             wrapper = weight_of[p.name]
             with torch.no_grad():
                 w = wrapper.weight_to_quantize()  # (out, in, ...); BatchNorm folded with fold_bn=True

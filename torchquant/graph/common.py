@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import itertools
 from collections.abc import Iterable
@@ -11,10 +12,21 @@ from torch import nn
 
 from ..factories import QuantizerFactory, call_factory
 from ..layers import layer_adapter
-from ..qmodules import QModule, QWrapper
+from ..qmodules import QModule, QMultiheadAttention, QWrapper
 from ..quantizers import Quantizer
 
-__all__ = ["FLOAT_REASONS_ATTR", "SkipSpec", "check_skip", "make_qwrapper", "place_quantizers", "skip_reason"]
+__all__ = [
+    "FLOAT_REASONS_ATTR",
+    "SkipSpec",
+    "check_skip",
+    "disable_fused_paths",
+    "make_qmha",
+    "make_qwrapper",
+    "mha_unsupported",
+    "place_quantizers",
+    "skip_reason",
+    "structural_copy",
+]
 
 SkipSpec = Iterable["str | type[nn.Module]"]
 
@@ -111,6 +123,77 @@ def make_qwrapper(
     return wrapper
 
 
+def mha_unsupported(mha: nn.MultiheadAttention) -> str | None:
+    """Why :class:`~torchquant.QMultiheadAttention` cannot hold ``mha`` (``None`` when it can)."""
+    if not mha._qkv_same_embed_dim:
+        return (
+            f"MultiheadAttention with separate query/key/value projections (kdim={mha.kdim}, vdim={mha.vdim}) "
+            "is not quantized"
+        )
+    return None
+
+
+def make_qmha(
+    mha: nn.MultiheadAttention, name: str, wf: QuantizerFactory | None, af: QuantizerFactory | None
+) -> QMultiheadAttention:
+    """A :class:`~torchquant.QMultiheadAttention` of ``mha``.
+
+    The weight factory is called with ``(mha, f"{name}.in_proj")`` for the packed input
+    projection and ``(mha.out_proj, f"{name}.out_proj")`` for the output projection; the
+    activation factory with ``(mha, name)`` for the attention output.
+    """
+    prefix = f"{name}." if name else ""
+    wrapper = QMultiheadAttention(
+        mha,
+        in_proj_quantizer=call_factory(wf, mha, f"{prefix}in_proj", "weight_quantizer"),
+        out_proj_quantizer=call_factory(wf, mha.out_proj, f"{prefix}out_proj", "weight_quantizer"),
+        acts_quantizer=call_factory(af, mha, name, "acts_quantizer"),
+    )
+    if name:
+        wrapper._name_quantizers(name)
+    wrapper.train(mha.training)
+    return wrapper
+
+
+def disable_fused_paths(root: nn.Module) -> None:
+    """Turn off the fused inference kernels of the ``nn.TransformerEncoderLayer`` and
+    ``nn.TransformerEncoder`` modules of ``root`` that hold a QModule.
+
+    Those kernels read ``self_attn.in_proj_weight``, ``linear1.weight``, ... directly (the
+    float weights, through the wrappers) instead of calling the submodules, so in eval mode
+    without gradients they would skip every quantizer inside. The Python path they fall
+    back to computes the same values.
+    """
+    for m in root.modules():
+        if not any(isinstance(c, QModule) for c in m.modules()):
+            continue
+        if isinstance(m, nn.TransformerEncoderLayer):
+            m.activation_relu_or_gelu = 0  # read only to choose the fused kernel
+        elif isinstance(m, nn.TransformerEncoder):
+            m.use_nested_tensor = False
+
+
+def structural_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s tree of modules that shares its parameters and buffers.
+
+    Replacing submodules of the copy (a module swap inside it) leaves ``module`` as it was,
+    while both compute with the same tensors. A module held at two places is copied once.
+    """
+    memo: dict[int, nn.Module] = {}
+
+    def copy_tree(m: nn.Module) -> nn.Module:
+        if id(m) in memo:
+            return memo[id(m)]
+        new = copy.copy(m)  # a new __dict__ holding the same values
+        memo[id(m)] = new
+        new._parameters = dict(m._parameters)
+        new._buffers = dict(m._buffers)
+        new._modules = {k: None if c is None else copy_tree(c) for k, c in m._modules.items()}
+        return new
+
+    return copy_tree(module)
+
+
 def place_quantizers(root: nn.Module) -> None:
     """Move the quantizers of every QModule in ``root`` to the device of the tensors they will see.
 
@@ -129,6 +212,8 @@ def place_quantizers(root: nn.Module) -> None:
             continue
         device = common
         weight = getattr(m.layer, "weight", None) if isinstance(m, QWrapper) else None
+        if isinstance(m, QMultiheadAttention):
+            weight = m.layer.out_proj.weight
         if isinstance(weight, torch.Tensor):
             device = weight.device
         if device is None:

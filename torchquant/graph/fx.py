@@ -4,7 +4,8 @@ The pass, in graph order:
 
 * **Layers.** A call of a module whose exact type has a
   :class:`~torchquant.layers.LayerAdapter` (``Conv1d/2d/3d``, ``Linear``,
-  ``Embedding``; Hugging Face's ``Conv1D`` when it is a leaf module), followed by
+  ``Embedding``, Hugging Face's ``Conv1D``, timm's weight-standardised convolutions,
+  parametrized layers; such modules are not traced into), followed by
   the matching ``BatchNorm`` module (Linear and Conv) when the layer's output has no other user,
   followed by a supported activation when the previous output has no other
   user, becomes one :class:`~torchquant.qmodules.QWrapper` placed at the
@@ -38,11 +39,18 @@ for a function ``QOp``, a :class:`FunctionalOp` describing the call and the
 
 Modules that are ``QModule`` s or ``Quantizer`` s, skipped modules, and the
 leaf modules given by the user (and, when ``timm`` is imported, the modules and
-functions it registers as not traceable) are not traced into.
+functions it registers as not traceable) are not traced into. A leaf with parameters
+(those, and the torch.nn modules torch.fx keeps whole, such as
+``nn.TransformerEncoderLayer``) is quantized inside: traced on its own, with the
+constant arguments its calls pass fixed, and rewritten by this same pass; when that
+fails, its layers are swapped (:mod:`torchquant.graph.swap`) in a copy that shares its
+parameters. An ``nn.MultiheadAttention`` becomes a
+:class:`~torchquant.qmodules.QMultiheadAttention`.
 """
 
 from __future__ import annotations
 
+import inspect
 import operator
 import os
 import sys
@@ -59,7 +67,15 @@ from ..factories import QuantizerFactory, call_factory
 from ..layers import FLOAT_LAYERS, LAYER_TYPES, layer_adapter
 from ..qmodules import SUPPORTED_ACTIVATIONS, QModule, QOp
 from ..quantizers import Quantizer
-from .common import FLOAT_REASONS_ATTR, make_qwrapper, skip_reason
+from .common import (
+    FLOAT_REASONS_ATTR,
+    make_qmha,
+    make_qwrapper,
+    mha_unsupported,
+    skip_reason,
+    structural_copy,
+)
+from .swap import quantize_swap
 
 __all__ = [
     "FUNCTIONAL_ACTIVATIONS",
@@ -219,20 +235,23 @@ _INT_FUNCTIONS = frozenset(
 class _Tracer(fx.Tracer):
     """Leaves: QModules, Quantizers, skipped modules, user leaf types; remembers where tracing broke."""
 
-    def __init__(self, skip: tuple, leaf_modules: tuple, autowrap_functions: tuple) -> None:
+    def __init__(self, skip: tuple, leaf_modules: tuple, autowrap_functions: tuple, prefix: str = "") -> None:
         super().__init__(autowrap_functions=autowrap_functions)
         self.skip = skip
         self.leaf_types = leaf_modules
+        self.prefix = prefix
         self.skipped: dict[str, tuple[str, nn.Module]] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, (QModule, Quantizer)) or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
         if module_qualified_name:
-            reason = skip_reason(module_qualified_name, m, self.skip)
+            reason = skip_reason(self.prefix + module_qualified_name, m, self.skip)
             if reason is not None:
                 self.skipped[module_qualified_name] = (reason, m)
                 return True
+        if layer_adapter(m) is not None:  # a layer computing its weight in forward (timm's StdConv2d) stays whole
+            return True
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
@@ -249,24 +268,57 @@ class _Tracer(fx.Tracer):
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_FX_DIR = os.path.dirname(fx.__file__)
+_NN_MODULES_DIR = os.path.join(_TORCH_DIR, "nn", "modules")
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__))  # torchquant/graph: the tracing machinery
 
 
-def _user_frame(e: BaseException) -> str:
-    """``file:line in fn: code`` of the innermost traceback frame outside torch (the failing operation)."""
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
-    if not frames:
+def _user_frame(e: BaseException, module: nn.Module | None = None) -> str:
+    """``file:line in fn: code`` of the model's own line where tracing failed.
+
+    The innermost traceback frame outside torch and torchquant's tracing (the model's code);
+    for a torch.nn module, the innermost one in ``torch/nn/modules``; when the error came
+    from torch.fx before any of the model's code ran (e.g. "co_varnames is too small" for a
+    decorated ``forward``), where ``module``'s ``forward`` is defined.
+    """
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(_OWN_DIR)]
+    outside = [f for f in frames if not f.filename.startswith(_TORCH_DIR)]
+    if not outside:
+        outside = [f for f in frames if f.filename.startswith(_NN_MODULES_DIR)]
+    forward = _forward_location(module)
+    if outside:
+        f = outside[-1]
+        at = f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+        if forward and forward[0] != f.filename:  # e.g. a decorator's wrapper: say whose forward it is
+            at += f"\n  in the forward of {type(module).__qualname__} at {forward[0]}:{forward[1]}"
+        return at
+    if forward is None:
         return ""
-    f = frames[-1]
-    return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+    return f"{forward[0]}:{forward[1]} in {type(module).__qualname__}.forward (torch.fx failed before running it)"
 
 
-def _trace(model: nn.Module, tracer: _Tracer) -> fx.Graph:
+def _forward_location(module: nn.Module | None) -> tuple[str, int] | None:
+    """Source file and first line of ``module``'s ``forward`` (under any decorators), if known."""
+    if module is None:
+        return None
     try:
-        return tracer.trace(model)
+        fn = inspect.unwrap(type(module).forward)
+        return inspect.getsourcefile(fn) or "?", inspect.getsourcelines(fn)[1]
+    except (OSError, TypeError):
+        return None
+
+
+def _trace(model: nn.Module, tracer: _Tracer, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+    try:
+        return tracer.trace(model, concrete_args=concrete_args)
     except Exception as e:
         path, cls = getattr(e, "_tq_failed_module", ("", type(model).__name__))
         where = f"module {path!r} ({cls})" if path else f"the top-level module ({cls})"
-        frame = _user_frame(e)
+        try:
+            failed = model.get_submodule(path) if path != "?" else None
+        except AttributeError:
+            failed = None
+        frame = _user_frame(e, failed)
         at = f"\n  failing operation: {frame}" if frame else ""
         hint = f", or skip=[{path!r}] to keep that module in float and untraced" if path else ""
         raise FxTraceError(
@@ -345,14 +397,16 @@ def _infer_kinds(gm: fx.GraphModule) -> dict[fx.Node, str | None]:
 
 
 # ----------------------------------------------------------------------------- rewriting
-def _activation(node: fx.Node, src: fx.Node, modules: dict[str, nn.Module], skip: tuple) -> nn.Module | None:
+def _activation(
+    node: fx.Node, src: fx.Node, modules: dict[str, nn.Module], skip: tuple, prefix: str = ""
+) -> nn.Module | None:
     """The activation module equivalent to ``node`` applied to ``src``, or ``None``."""
     if not node.args or node.args[0] is not src:
         return None
     if node.op == "call_module":
         m = modules[node.target]
         ok = type(m) in SUPPORTED_ACTIVATIONS and len(node.args) == 1 and not node.kwargs
-        return m if ok and skip_reason(node.target, m, skip) is None else None
+        return m if ok and skip_reason(prefix + node.target, m, skip) is None else None
     if node.op == "call_function":
         spec = FUNCTIONAL_ACTIVATIONS.get(node.target) if not isinstance(node.target, str) else None
     elif node.op == "call_method":
@@ -494,8 +548,13 @@ def _owner_path(node: fx.Node) -> str:
 
 
 class _Rewriter:
-    def __init__(self, model, gm, wf, af, skip, fold_bn, tracer) -> None:
+    def __init__(self, model, gm, wf, af, skip, fold_bn, tracer, autowrap_functions: tuple = ()) -> None:
         self.model = model
+        self.prefix = tracer.prefix  # names given to factories and skip are prefix + the name in gm
+        self.leaf_types = tracer.leaf_types
+        self.autowrap_functions = autowrap_functions
+        self.inside: set[str] = set()  # leaves already quantized inside
+        self.nested_reasons: dict[str, str] = {}  # from inside leaves, already qualified
         self.gm = gm
         self.graph = gm.graph
         self.wf = wf
@@ -570,7 +629,7 @@ class _Rewriter:
         self.graph.lint()
         _delete_unused_submodules(self.gm)
         self.gm.recompile()
-        return self.float_reasons
+        return {**{self.prefix + k: v for k, v in self.float_reasons.items()}, **self.nested_reasons}
 
     def _report_unquantized_ops(self) -> None:
         """Record the operations that create new float values and got no quantizer (no rule for them)."""
@@ -581,7 +640,12 @@ class _Rewriter:
                 m = self.gm.get_submodule(node.target)
                 if isinstance(m, (QModule, Quantizer, *_VALUE_PRESERVING_MODULES)) or node.target in self.skipped:
                     continue
-                if node.target not in self.float_reasons:
+                if node.target in self.inside and isinstance(m, fx.GraphModule):
+                    continue  # traced on its own: its operations got their QOps there
+                if node.target in self.inside:
+                    note = f"layers inside {type(m).__name__} quantized by module swap; its output is not quantized"
+                    self.float_reasons.setdefault(node.target, note)
+                elif node.target not in self.float_reasons:
                     self.float_reasons[node.target] = f"no rule for {type(m).__name__} (output not quantized)"
                 continue
             if node.target in _VALUE_PRESERVING or node.target in _FUNCTIONAL_LAYERS:
@@ -602,12 +666,73 @@ class _Rewriter:
             self._fuse(node, m)
         elif type(m) in QOP_MODULES or _is_bn_act(m):
             self._module_qop(node, m)
+        elif type(m) is nn.MultiheadAttention:
+            self._mha(node, m)
         elif type(m) in FLOAT_LAYERS:
             self.float_reasons[node.target] = FLOAT_LAYERS[type(m)]
-        elif isinstance(m, LAYER_TYPES):
+        elif isinstance(m, LAYER_TYPES) and not m._modules:
             self.float_reasons[node.target] = f"{type(m).__name__} is a subclass of a supported layer, not the layer"
         elif any(True for _ in m.parameters(recurse=True)):
-            self.float_reasons[node.target] = f"no rule for {type(m).__name__} (leaf module with parameters)"
+            self._quantize_inside(node, m)
+
+    def _mha(self, node: fx.Node, m: nn.MultiheadAttention) -> None:
+        name = node.target
+        if name in self.inside:  # called again: the first call installed the QMultiheadAttention
+            return
+        why = mha_unsupported(m)
+        if why is not None or self._safe_parent(name.rpartition(".")[0]) is None:
+            self.float_reasons[name] = why or "MultiheadAttention inside a module shared with the float model"
+            return
+        self.inside.add(name)
+        self._install(name, make_qmha(m, self.prefix + name, self.wf, self.af))
+
+    def _quantize_inside(self, node: fx.Node, m: nn.Module) -> None:
+        """A module with parameters that fx kept as a leaf (a torch.nn container such as
+        ``nn.TransformerEncoderLayer``, a type in ``leaf_modules``, timm's registered leaves):
+        trace it on its own and rewrite it, or, when that fails, swap the layers inside a copy
+        of it that shares its parameters. The result replaces it in the GraphModule."""
+        name = node.target
+        if name in self.inside:
+            return
+        leaf_reason = f"no rule for {type(m).__name__} (leaf module with parameters)"
+        if self._safe_parent(name.rpartition(".")[0]) is None:
+            self.float_reasons[name] = leaf_reason
+            return
+        self.inside.add(name)
+        calls = [n for n in self.graph.nodes if n.op == "call_module" and n.target == name]
+        concrete = _concrete_args(m, calls)
+        prefix = f"{self.prefix}{name}."
+        sub: nn.Module | None = None
+        if concrete is not None:
+            try:
+                sub = quantize_fx(
+                    m,
+                    self.wf,
+                    self.af,
+                    skip=self.skip,
+                    fold_bn=self.fold_bn,
+                    leaf_modules=self.leaf_types,
+                    autowrap_functions=self.autowrap_functions,
+                    prefix=prefix,
+                    concrete_args=concrete,
+                )
+                reasons = sub.meta[FLOAT_REASONS_ATTR]
+                new_args = _positional_args(m, sub, calls)
+                if new_args is None:
+                    sub = None
+            except FxTraceError:
+                sub = None
+        if sub is not None:
+            for call, args in zip(calls, new_args, strict=True):
+                call.args, call.kwargs = args, {}
+        else:
+            sub = structural_copy(m)
+            reasons = quantize_swap(sub, self.wf, self.af, skip=self.skip, fold_bn=self.fold_bn, prefix=prefix)
+        if not any(isinstance(x, QModule) for x in sub.modules()):
+            self.float_reasons[name] = leaf_reason
+            return
+        self._install(name, sub)
+        self.nested_reasons.update(reasons)
 
     def _functional_layer(self, node: fx.Node) -> None:
         """``F.conv2d(x, self.weight, self.bias, ...)`` inside a Conv/Linear subclass (efficientnet_pytorch's
@@ -619,7 +744,7 @@ class _Rewriter:
             self.float_reasons.setdefault(scope or node.name, f"functional {fn.__name__} call: {built}")
             return
         layer, owner, owner_module, attr_nodes = built
-        if skip_reason(owner, owner_module, self.skip) is not None:
+        if skip_reason(self.prefix + owner, owner_module, self.skip) is not None:
             return
         name = self._fresh_name(owner, fn.__name__)
         self._fuse(node, layer, name=name, origin=(owner_module, owner), args=(node.args[0],))
@@ -651,7 +776,7 @@ class _Rewriter:
                 bn is not None
                 and user.args == (cur,)
                 and not user.kwargs
-                and skip_reason(user.target, bn, self.skip) is None
+                and skip_reason(self.prefix + user.target, bn, self.skip) is None
             )
             if ok and type(bn) is bn_type:
                 chain.append(user)
@@ -664,7 +789,7 @@ class _Rewriter:
                 fused_act = True
         if not fused_act and len(cur.users) == 1:
             user = next(iter(cur.users))
-            act = _activation(user, cur, self.modules, self.skip)
+            act = _activation(user, cur, self.modules, self.skip, self.prefix)
             if act is not None:
                 chain.append(user)
                 layers.append(act)
@@ -677,6 +802,7 @@ class _Rewriter:
                 cur = swish[-1]
         name = name or node.target
         factory_module, factory_name = origin or (layer, name)
+        factory_name = self.prefix + factory_name
         wrapper = make_qwrapper(layers, factory_name, self.wf, self.af, self.fold_bn, factory_module=factory_module)
         self._install(name, wrapper)
         with self.graph.inserting_after(cur):
@@ -691,7 +817,7 @@ class _Rewriter:
         if isinstance(self.gm.get_submodule(name), QOp):  # the module is called again: a QOp per call
             scope, _, base = name.rpartition(".")
             name = self._fresh_name(scope, base)
-        qop = QOp(m, acts_quantizer=call_factory(self.af, m, name, "acts_quantizer"))
+        qop = QOp(m, acts_quantizer=call_factory(self.af, m, self.prefix + name, "acts_quantizer"))
         qop.train(m.training)
         self._install(name, qop)
         node.target = name
@@ -700,13 +826,13 @@ class _Rewriter:
         desc = FunctionalOp(fn, node.name)
         scope = _owner_path(node)
         wanted = f"{scope}.{desc.name}" if scope else desc.name
-        reason = skip_reason(wanted, desc, self.skip)
+        reason = skip_reason(self.prefix + wanted, desc, self.skip)
         if reason is not None:
             key = wanted if wanted not in self.float_reasons else f"{wanted} ({node.name})"
             self.float_reasons[key] = f"{reason} ({desc.name})"
             return
         name = self._fresh_name(scope, desc.name)
-        qop = QOp(fn, acts_quantizer=call_factory(self.af, desc, name, "acts_quantizer"))
+        qop = QOp(fn, acts_quantizer=call_factory(self.af, desc, self.prefix + name, "acts_quantizer"))
         owner = self._original(scope)  # the module whose forward makes the call
         qop.train((self.model if owner is None else owner).training)
         self._install(name, qop)
@@ -716,6 +842,57 @@ class _Rewriter:
         node.replace_all_uses_with(new)
         self.graph.erase_node(node)
         node._erased = True
+
+
+def _concrete_args(m: nn.Module, calls: list[fx.Node]) -> dict[str, Any] | None:
+    """The arguments of ``m.forward`` that every call in ``calls`` passes as the same constant
+    (defaults included), to fix when tracing ``m`` on its own (``if mask is None:`` then
+    traces); ``None`` when the calls cannot be bound or pass different constants."""
+    try:
+        sig = inspect.signature(m.forward)
+    except (TypeError, ValueError):
+        return None
+    found: dict[str, Any] | None = None
+    for call in calls:
+        try:
+            bound = sig.bind(*call.args, **call.kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        consts = {}
+        for pname, value in bound.arguments.items():
+            kind = sig.parameters[pname].kind
+            if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+                if value:  # fx cannot fix part of *args / **kwargs
+                    return None
+            elif not _flat_nodes(value):
+                consts[pname] = value
+        try:
+            same = found is None or consts == found
+        except Exception:  # constants that do not compare (arrays): do not guess
+            return None
+        if not same:
+            return None
+        found = consts
+    return found
+
+
+def _positional_args(m: nn.Module, sub: fx.GraphModule, calls: list[fx.Node]) -> list[tuple] | None:
+    """Each call's arguments for ``sub`` (``m`` traced with its constant arguments fixed), all
+    positional: fx keeps one placeholder per parameter of ``m.forward``, in order, but renames
+    the fixed ones (``mask_1``) and gives them the signature's defaults, so they are passed by
+    position. ``None`` when the placeholders do not match the parameters one for one."""
+    sig = inspect.signature(m.forward)
+    params = list(sig.parameters.values())
+    n_placeholders = sum(n.op == "placeholder" for n in sub.graph.nodes)
+    if n_placeholders != len(params) or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return None
+    out = []
+    for call in calls:
+        bound = sig.bind(*call.args, **call.kwargs)
+        bound.apply_defaults()
+        out.append(tuple(bound.arguments[p.name] for p in params))
+    return out
 
 
 def _delete_unused_submodules(gm: fx.GraphModule) -> None:
@@ -743,6 +920,8 @@ def quantize_fx(
     fold_bn: bool,
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable] = (),
+    prefix: str = "",
+    concrete_args: dict[str, Any] | None = None,
 ) -> fx.GraphModule:
     """Trace ``model`` and rewrite it (see the module docstring). ``model`` keeps its structure;
     the result shares its parameter tensors.
@@ -753,24 +932,45 @@ def quantize_fx(
         acts_quantizer: factory for output activations of layers and operations.
         skip: normalised skip entries (name globs and module types).
         fold_bn: passed to every ``QWrapper`` that has a BatchNorm.
-        leaf_modules: module types not to trace into.
+        leaf_modules: module types not to trace into (their layers are quantized inside them).
         autowrap_functions: functions recorded as single calls.
+        prefix: qualified name of ``model`` in a larger model, with a trailing dot: the
+            names factories, ``skip`` and the float reasons see.
+        concrete_args: arguments of ``model.forward`` fixed at trace time (``torch.fx``'s).
 
     Returns:
         The rewritten ``GraphModule``; ``meta["_tq_float_reasons"]`` says what stayed in float and why.
+        For a torch.nn module that torch.fx keeps whole and cannot trace
+        (``nn.TransformerEncoderLayer``), a copy sharing its parameters with its layers
+        swapped (the reasons in its ``_tq_float_reasons`` attribute).
 
     Raises:
         TypeError: a ``leaf_modules`` entry is not an ``nn.Module`` type.
         FxTraceError: torch.fx cannot trace the model; names the module and operation.
     """
     timm_modules, timm_functions = _timm_leaves()
-    leaves = tuple(leaf_modules) + timm_modules
+    leaves = tuple(dict.fromkeys(tuple(leaf_modules) + timm_modules))
     for t in leaves:
         if not (isinstance(t, type) and issubclass(t, nn.Module)):
             raise TypeError(f"quantize_model: leaf_modules entries must be nn.Module types, got {t!r}")
-    tracer = _Tracer(skip, leaves, tuple(autowrap_functions) + timm_functions)
-    graph = _trace(model, tracer)
+    autowrap = tuple(dict.fromkeys(tuple(autowrap_functions) + timm_functions))
+    tracer = _Tracer(skip, leaves, autowrap, prefix)
+    try:
+        graph = _trace(model, tracer, concrete_args)
+    except FxTraceError:
+        if prefix or not fx.Tracer().is_leaf_module(model, ""):
+            raise
+        # A torch.nn module that fx keeps whole inside any model (nn.TransformerEncoderLayer), converted
+        # on its own: quantize inside a copy sharing its parameters, as it would be inside a model.
+        if type(model) is nn.MultiheadAttention and mha_unsupported(model) is None:
+            whole: nn.Module = make_qmha(model, "", weight_quantizer, acts_quantizer)
+            reasons = {}
+        else:
+            whole = structural_copy(model)
+            reasons = quantize_swap(whole, weight_quantizer, acts_quantizer, skip=skip, fold_bn=fold_bn)
+        setattr(whole, FLOAT_REASONS_ATTR, reasons)
+        return whole
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
-    reasons = _Rewriter(model, gm, weight_quantizer, acts_quantizer, skip, fold_bn, tracer).run()
+    reasons = _Rewriter(model, gm, weight_quantizer, acts_quantizer, skip, fold_bn, tracer, autowrap).run()
     gm.meta[FLOAT_REASONS_ATTR] = reasons
     return gm

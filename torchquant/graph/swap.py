@@ -8,9 +8,13 @@ inside an ``nn.Sequential`` (the fused ones become ``nn.Identity`` so indices st
 stable). With ``norm_outputs=True`` every normalisation module
 (:func:`~torchquant.layers.is_normalization`: ``LayerNorm``, ``RMSNorm``,
 ``GroupNorm``, Hugging Face's ``*RMSNorm``) becomes a :class:`~torchquant.qmodules.QOp`
-around it, quantizing its output. It covers modules, not functional operations
-(``x + y``, ``torch.cat``, ``F.relu``): those stay in float, and so do activations
-applied outside an ``nn.Sequential``.
+around it, quantizing its output. An ``nn.MultiheadAttention`` becomes a
+:class:`~torchquant.qmodules.QMultiheadAttention` (both projection weights and the
+output), and the ``nn.TransformerEncoderLayer``/``nn.TransformerEncoder`` modules
+around quantized ones stop using their fused kernels
+(:func:`~torchquant.graph.common.disable_fused_paths`). It covers modules, not
+functional operations (``x + y``, ``torch.cat``, ``F.relu``): those stay in float, and
+so do activations applied outside an ``nn.Sequential``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from torch import nn
 from ..factories import QuantizerFactory, call_factory
 from ..layers import FLOAT_LAYERS, LAYER_TYPES, is_normalization, layer_adapter
 from ..qmodules import SUPPORTED_ACTIVATIONS, QModule, QOp
-from .common import make_qwrapper, skip_reason
+from .common import disable_fused_paths, make_qmha, make_qwrapper, mha_unsupported, skip_reason
 
 __all__ = ["quantize_swap"]
 
@@ -36,8 +40,8 @@ def _norm_qop(norm: nn.Module, name: str, af: QuantizerFactory | None) -> QOp:
 
 
 def _swap(module, prefix, wf, af, skip, fold_bn, norm_outputs, reasons: dict[str, str]) -> None:
-    if isinstance(module, QModule):
-        return
+    if isinstance(module, QModule) or type(module) is nn.MultiheadAttention:
+        return  # a MultiheadAttention never calls its out_proj: only a QMultiheadAttention around it quantizes it
     items = list(module._modules.items())
     sequential = isinstance(module, nn.Sequential)
     i = 0
@@ -67,6 +71,12 @@ def _swap(module, prefix, wf, af, skip, fold_bn, norm_outputs, reasons: dict[str
                     module._modules[items[k][0]] = nn.Identity().train(items[k][1].training)
                 i = j
             module._modules[key] = make_qwrapper(group, name, wf, af, fold_bn)
+        elif type(child) is nn.MultiheadAttention:
+            why = mha_unsupported(child)
+            if why is None:
+                module._modules[key] = make_qmha(child, name, wf, af)
+            else:
+                reasons[name] = why
         elif type(child) in FLOAT_LAYERS:
             reasons[name] = FLOAT_LAYERS[type(child)]
         elif isinstance(child, LAYER_TYPES) and not child._modules:
@@ -85,6 +95,7 @@ def quantize_swap(
     skip: tuple,
     fold_bn: bool,
     norm_outputs: bool = False,
+    prefix: str = "",
 ) -> dict[str, str]:
     """Swap ``model``'s layers in place.
 
@@ -95,10 +106,13 @@ def quantize_swap(
         skip: normalised skip entries (name globs and module types).
         fold_bn: passed to every ``QWrapper`` that has a BatchNorm.
         norm_outputs: wrap every normalisation module in a ``QOp`` quantizing its output.
+        prefix: qualified name of ``model`` in a larger model, with a trailing dot
+            (``"blocks.0."``): the names factories, ``skip`` and the result see.
 
     Returns:
         Why layers with weights stayed in float, by qualified name.
     """
     reasons: dict[str, str] = {}
-    _swap(model, "", weight_quantizer, acts_quantizer, skip, fold_bn, norm_outputs, reasons)
+    _swap(model, prefix, weight_quantizer, acts_quantizer, skip, fold_bn, norm_outputs, reasons)
+    disable_fused_paths(model)
     return reasons

@@ -155,7 +155,12 @@ def bias_correction(
     named = {m: n for n, m in model.named_modules()}
     # Linear and Conv layers only: the correction is a per-output-channel bias (an Embedding has none).
     wrappers = [
-        m for m in named if isinstance(m, QWrapper) and m.weight_quantizer is not None and type(m.layer) in BN_FOR_LAYER
+        m
+        for m in named
+        if isinstance(m, QWrapper)
+        and m.weight_quantizer is not None
+        and type(m.layer) in BN_FOR_LAYER
+        and not m.weight_is_computed
     ]
     if not wrappers:
         raise ValueError(

@@ -115,6 +115,8 @@ def _pair_ok(a: QWrapper, b: QWrapper, relu6: str) -> bool:
     # is not what the scaling arithmetic assumes.
     if type(a.layer) is not type(b.layer) or type(a.layer) not in BN_FOR_LAYER:
         return False
+    if a.weight_is_computed or b.weight_is_computed:  # weight norm: rescaling `weight` would not last
+        return False
     act_ok = a.act is None or isinstance(a.act, _HOMOGENEOUS) or (isinstance(a.act, nn.ReLU6) and relu6 == "clip")
     return act_ok and _layer_in_out(a.layer)[1] == _layer_in_out(b.layer)[0]
 

@@ -82,6 +82,8 @@ def _skip_reason(w: QWrapper) -> str | None:
     layer = w.layer
     if w.fold_bn:
         return "fold_bn=True: its quantizer sees the BatchNorm-folded weight"
+    if w.weight_is_computed:
+        return "its weight is computed in forward (no parameter to write the result into)"
     if isinstance(layer, nn.Linear) or type(layer).__name__ == "Conv1D":
         return None
     if type(layer) is nn.Conv2d:

@@ -332,8 +332,14 @@ def _configure(who: str, config: ReconstructionConfig, options: dict[str, Any]) 
     return dataclasses.replace(config, **options) if options else config
 
 
+def _learnable(m: nn.Module) -> bool:
+    # A computed weight (weight standardisation, a parametrization) has no parameter to write the rounding into:
+    # such a layer keeps its round-to-nearest weight quantizer.
+    return isinstance(m, QWrapper) and m.weight_quantizer is not None and not m.weight_is_computed
+
+
 def _units(model: nn.Module, config: ReconstructionConfig) -> list[tuple[str, nn.Module]]:
-    wrappers = [(n, m) for n, m in model.named_modules() if isinstance(m, QWrapper) and m.weight_quantizer is not None]
+    wrappers = [(n, m) for n, m in model.named_modules() if _learnable(m)]
     if config.granularity == "layer":
         return wrappers
     specs = config.blocks if config.blocks is not None else _default_blocks()
@@ -348,7 +354,7 @@ def _units(model: nn.Module, config: ReconstructionConfig) -> list[tuple[str, nn
     covered: set[int] = set()
     for name, m in model.named_modules():
         if name and id(m) not in covered and is_block(name, m):
-            inner = [w for w in m.modules() if isinstance(w, QWrapper) and w.weight_quantizer is not None]
+            inner = [w for w in m.modules() if _learnable(w)]
             if inner:
                 units.append((name, m))
                 covered.update(id(x) for x in m.modules())
@@ -405,7 +411,7 @@ def reconstruct(
     units = _units(model, c)
     for name, unit in units:
         for w in [unit] if isinstance(unit, QWrapper) else unit.modules():
-            if isinstance(w, QWrapper) and w.weight_quantizer is not None:
+            if _learnable(w):
                 _grid_of(w.weight_quantizer, f"the weight quantizer of {name}")
             if c.learn_act_step and isinstance(w, QModule) and w.quantizers().get("acts_quantizer") is not None:
                 q = w.acts_quantizer
@@ -571,7 +577,7 @@ def _reconstruct_unit(
             f"{tuple(x_q.shape)} vs {tuple(x_fp.shape)}"
         )
     qmods = [m for m in unit.modules() if isinstance(m, QModule)]
-    wrappers = [m for m in qmods if isinstance(m, QWrapper) and m.weight_quantizer is not None]
+    wrappers = [m for m in qmods if _learnable(m)]
     saved_q: list[tuple[QModule, str, Quantizer]] = []
     saved_grad = [(p, p.requires_grad) for p in unit.parameters()]
     ada: dict[QWrapper, AdaRoundQuantizer] = {}
