@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .layers import BN_FOR_LAYER, LAYER_ADAPTERS, LAYER_ADAPTERS_BY_NAME, fold_bn_params, layer_adapter
 from .quantizers import Quantizer
+from .spec import CONFIG_KEY, decode_entry, encode_entry
 
 __all__ = ["SUPPORTED_ACTIVATIONS", "QModule", "QModuleState", "QOp", "QWrapper"]
 
@@ -92,7 +93,18 @@ class QModule(nn.Module):
     """Base class of modules driven by :class:`QModuleState`.
 
     ``qstate`` starts as ``BYPASSED``; change it with
-    :func:`~torchquant.utils.set_qmodule_state`.
+    :func:`~torchquant.utils.set_qmodule_state`. The state dict carries it (under
+    ``<prefix>_tq_config``, a ``uint8`` tensor of JSON) and ``load_state_dict`` restores
+    it, so a reloaded model quantizes as the saved one did; a state dict saved without
+    the entry leaves the mode as it is.
+
+    Example:
+        >>> saved = QOp(torch.add)
+        >>> saved.qstate = QModuleState.QUANT_EVAL
+        >>> fresh = QOp(torch.add)
+        >>> _ = fresh.load_state_dict(saved.state_dict())
+        >>> fresh.qstate
+        <QModuleState.QUANT_EVAL: 'quant_eval'>
     """
 
     def __init__(self) -> None:
@@ -116,6 +128,27 @@ class QModule(nn.Module):
         if not isinstance(value, QModuleState):
             raise TypeError(f"{type(self).__name__}.mode must be a QModuleState, got {value!r}")
         self.qstate = value
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + CONFIG_KEY] = encode_entry({"qstate": self.qstate.value})
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        key = prefix + CONFIG_KEY
+        mode = None
+        if key in state_dict:
+            name = prefix[:-1] or type(self).__name__
+            try:
+                value = decode_entry(state_dict[key]).get("qstate")
+                mode = QModuleState(value)
+            except ValueError as e:
+                valid = [m.value for m in QModuleState]
+                errors.append(f"{name}: the state dict's {key!r} holds no valid mode ({e}); valid: {valid}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if key in unexpected:
+            unexpected.remove(key)
+        if mode is not None:
+            self.qstate = mode
 
     def quantizers(self) -> dict[str, Quantizer]:
         """This module's own quantizers by attribute name (``None`` ones left out)."""

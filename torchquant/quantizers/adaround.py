@@ -75,6 +75,8 @@ class AdaRoundQuantizer(Quantizer):
     scale: Tensor
     zero_point: Tensor
 
+    non_grid_args = frozenset({"soft"})  # soft rounding turns hard at the end of AdaRound
+
     def __init__(self, grid: AffineGrid, weight: Tensor, soft: bool = True) -> None:
         super().__init__()
         if not isinstance(grid, AffineGrid):
