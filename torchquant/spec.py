@@ -296,8 +296,9 @@ def plain(value: Any, where: str) -> Any:
 
 
 # ------------------------------------------------------------- checkpoint entries
-CONFIG_KEY = "_tq_config"
-"""State-dict key (after the module's prefix) of the configuration a quantizer or QModule saves."""
+CONFIG_KEY = "_extra_state"
+"""State-dict key (after the module's prefix) of the configuration a quantizer or QModule saves: torch's
+key for ``get_extra_state()``, which ``torch.distributed.checkpoint`` and FSDP know."""
 
 
 def encode_entry(data: Mapping[str, Any]) -> Tensor:

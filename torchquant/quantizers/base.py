@@ -125,7 +125,7 @@ class Quantizer(RecordsInit, nn.Module, abc.ABC):
     :meth:`post_observe`; ``forward`` calls :meth:`quantize`.
 
     Checkpoints carry the configuration: ``state_dict()`` holds, under
-    ``<prefix>_tq_config`` (:data:`~torchquant.spec.CONFIG_KEY`), the quantizer's
+    ``<prefix>_extra_state`` (:data:`~torchquant.spec.CONFIG_KEY`), the quantizer's
     :meth:`grid_config` as a ``uint8`` tensor of JSON, and ``load_state_dict`` raises
     (naming the module and both configurations) when the model's quantizer is
     configured otherwise: 4-bit state does not load into an 8-bit quantizer, nor
@@ -179,31 +179,50 @@ class Quantizer(RecordsInit, nn.Module, abc.ABC):
             config["granularity"] = str(g)
         return config
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + CONFIG_KEY] = encode_entry(self.grid_config())
+    def get_extra_state(self) -> Tensor:
+        """:meth:`grid_config` as a ``uint8`` tensor of JSON: the state dict's ``<prefix>_extra_state``."""
+        return encode_entry(self.grid_config())
+
+    def set_extra_state(self, state: Any) -> None:
+        """Check a saved configuration (a :meth:`get_extra_state` tensor) against this quantizer's.
+
+        Nothing is set: the configuration comes from the constructor, the state dict only
+        confirms it. ``load_state_dict`` reports a mismatch with the module's name instead.
+
+        Raises:
+            ValueError: ``state`` is not a configuration, or one of a differently configured quantizer.
+        """
+        problem = self._config_problem(state, CONFIG_KEY)
+        if problem is not None:
+            raise ValueError(f"{self._tq_name}: {problem}")
+
+    def _config_problem(self, state: Any, key: str) -> str | None:
+        """Why the saved configuration ``state`` does not fit this quantizer, or ``None``."""
+        try:
+            saved = decode_entry(state)
+        except ValueError as e:
+            return f"the state dict's {key!r} is not a quantizer configuration: {e}"
+        now = json.loads(json.dumps(self.grid_config()))  # tuples -> lists, as saved
+        differ = _differences(saved, now)
+        if not differ:
+            return None
+        return (
+            f"the state dict was saved from a quantizer configured as {_format_config(saved)}, but this model's "
+            f"quantizer is {_format_config(now)} (they differ in {', '.join(differ)}); build the model with the "
+            f"saved configuration, or delete {key!r} from the state dict to load it anyway"
+        )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         key = prefix + CONFIG_KEY
         if key in state_dict:
-            name = prefix[:-1] or type(self).__name__
-            try:
-                saved = decode_entry(state_dict[key])
-            except ValueError as e:
-                errors.append(f"{name}: the state dict's {key!r} is not a quantizer configuration: {e}")
-            else:
-                now = json.loads(json.dumps(self.grid_config()))  # tuples -> lists, as saved
-                differ = _differences(saved, now)
-                if differ:
-                    errors.append(
-                        f"{name}: the state dict was saved from a quantizer configured as {_format_config(saved)}, "
-                        f"but this model's quantizer is {_format_config(now)} (they differ in {', '.join(differ)}); "
-                        f"build the model with the saved configuration, or delete {key!r} from the state dict "
-                        "to load it anyway"
-                    )
+            problem = self._config_problem(state_dict[key], key)
+            if problem is not None:
+                errors.append(f"{prefix[:-1] or type(self).__name__}: {problem}")
+                # Reported here, with the module's name; set_extra_state would raise it again unnamed.
+                state_dict = {k: v for k, v in state_dict.items() if k != key}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
-        if key in unexpected:
-            unexpected.remove(key)
+        if key in missing:  # saved before configurations were recorded: loads unchecked
+            missing.remove(key)
 
     @abc.abstractmethod
     def pre_observe(self, x: Tensor) -> None:
