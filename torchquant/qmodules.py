@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .layers import BN_FOR_LAYER, LAYER_ADAPTERS, LAYER_ADAPTERS_BY_NAME, fold_bn_params, layer_adapter
 from .quantizers import Quantizer
+from .spec import CONFIG_KEY, decode_entry, encode_entry
 
 __all__ = ["SUPPORTED_ACTIVATIONS", "QModule", "QModuleState", "QMultiheadAttention", "QOp", "QWrapper"]
 
@@ -80,6 +81,14 @@ _ACT_OBSERVED = frozenset(
 )
 
 
+def _saved_mode(state: Any, where: str) -> QModuleState:
+    """The mode in a :meth:`QModule.get_extra_state` entry; ``ValueError`` starting with ``where`` otherwise."""
+    try:
+        return QModuleState(decode_entry(state).get("qstate"))
+    except ValueError as e:
+        raise ValueError(f"{where} holds no valid mode ({e}); valid: {[m.value for m in QModuleState]}") from None
+
+
 def _run_quantizer(q: Quantizer, x: Tensor, observe: bool, quantize: bool) -> Tensor:
     if observe:
         q.pre_observe(x)
@@ -94,7 +103,18 @@ class QModule(nn.Module):
     """Base class of modules driven by :class:`QModuleState`.
 
     ``qstate`` starts as ``BYPASSED``; change it with
-    :func:`~torchquant.utils.set_qmodule_state`.
+    :func:`~torchquant.utils.set_qmodule_state`. The state dict carries it (under
+    ``<prefix>_extra_state``, a ``uint8`` tensor of JSON) and ``load_state_dict`` restores
+    it, so a reloaded model quantizes as the saved one did; a state dict saved without
+    the entry leaves the mode as it is.
+
+    Example:
+        >>> saved = QOp(torch.add)
+        >>> saved.qstate = QModuleState.QUANT_EVAL
+        >>> fresh = QOp(torch.add)
+        >>> _ = fresh.load_state_dict(saved.state_dict())
+        >>> fresh.qstate
+        <QModuleState.QUANT_EVAL: 'quant_eval'>
     """
 
     def __init__(self) -> None:
@@ -118,6 +138,30 @@ class QModule(nn.Module):
         if not isinstance(value, QModuleState):
             raise TypeError(f"{type(self).__name__}.mode must be a QModuleState, got {value!r}")
         self.qstate = value
+
+    def get_extra_state(self) -> Tensor:
+        """The mode as a ``uint8`` tensor of JSON: the state dict's ``<prefix>_extra_state``."""
+        return encode_entry({"qstate": self.qstate.value})
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore the mode saved by :meth:`get_extra_state`.
+
+        Raises:
+            ValueError: ``state`` holds no valid mode.
+        """
+        self.qstate = _saved_mode(state, f"{type(self).__name__}: the state dict's {CONFIG_KEY!r}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        key = prefix + CONFIG_KEY
+        if key in state_dict:
+            try:
+                _saved_mode(state_dict[key], f"{prefix[:-1] or type(self).__name__}: the state dict's {key!r}")
+            except ValueError as e:
+                errors.append(str(e))
+                state_dict = {k: v for k, v in state_dict.items() if k != key}  # reported once, with the name
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if key in missing:  # saved before modes were recorded: the mode stays as it is
+            missing.remove(key)
 
     def quantizers(self) -> dict[str, Quantizer]:
         """This module's own quantizers by attribute name (``None`` ones left out)."""

@@ -25,6 +25,12 @@ such a symmetric weight quantizer are stored as one magnitude per range
 groups of 64 takes 4.5 bits. Such a
 checkpoint is for inference: the float weights of packed layers are not kept
 (pass ``pack=False`` to keep them, e.g. to continue training).
+
+The tensors include the configuration entries every state dict carries
+(``<prefix>_extra_state``: each quantizer's
+:meth:`~torchquant.quantizers.Quantizer.grid_config` and each QModule's mode), so
+the file loads with ``load_state_dict`` as well, checked and with the modes restored;
+files written before those entries existed load as before.
 """
 
 from __future__ import annotations

@@ -34,15 +34,28 @@ Example:
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .registry import OBSERVERS, QUANTIZERS, Registry
 
-__all__ = ["QuantizerSpec", "RecordsInit", "SpecError", "describe"]
+__all__ = [
+    "CONFIG_KEY",
+    "QuantizerSpec",
+    "RecordsInit",
+    "SpecError",
+    "decode_entry",
+    "describe",
+    "encode_entry",
+    "init_args",
+    "plain",
+    "registered_class_name",
+]
 
 _KEYS = ("quantizer", "observer", "args", "observer_args")
 
@@ -105,9 +118,9 @@ class QuantizerSpec:
         if self.observer is not None:
             out["observer"] = self.observer
         if self.args:
-            out["args"] = _plain(self.args, "args")
+            out["args"] = plain(self.args, "args")
         if self.observer_args:
-            out["observer_args"] = _plain(self.observer_args, "observer_args")
+            out["observer_args"] = plain(self.observer_args, "observer_args")
         return out
 
     @classmethod
@@ -186,16 +199,20 @@ def _registered_name(registry: Registry, obj: object) -> str | None:
     return None
 
 
-def _bound_args(obj: nn.Module, entry: Any, args: tuple, kwargs: dict, who: str) -> dict[str, Any]:
+def _bound_args(
+    obj: nn.Module, entry: Any, args: tuple, kwargs: dict, who: str, defaults: bool = False
+) -> dict[str, Any]:
     try:
         bound = inspect.signature(entry).bind(*args, **kwargs)
     except (TypeError, ValueError) as e:
         raise SpecError(f"{who}: its constructor arguments do not match {entry!r}: {e}") from e
+    if defaults:
+        bound.apply_defaults()
     out = dict(bound.arguments)
     for name, p in inspect.signature(entry).parameters.items():
         if p.kind == p.VAR_KEYWORD and name in out:
             out.update(out.pop(name))
-        elif p.kind == p.VAR_POSITIONAL and name in out:
+        elif p.kind == p.VAR_POSITIONAL and name in out and out.pop(name):  # an empty *args is dropped
             raise SpecError(f"{who}: {entry!r} takes *{name}; describe it with spec_args()")
     return out
 
@@ -259,20 +276,88 @@ def describe(quantizer: nn.Module, who: str | None = None) -> QuantizerSpec:
         del kwargs["range_observer"]
         observer, observer_args = _arguments(OBSERVERS, obs, f"{who}.range_observer")
     for key, value in list(kwargs.items()):
-        kwargs[key] = _plain(value, f"{who}: argument {key!r}")
-    observer_args = {k: _plain(v, f"{who}.range_observer: argument {k!r}") for k, v in (observer_args or {}).items()}
+        kwargs[key] = plain(value, f"{who}: argument {key!r}")
+    observer_args = {k: plain(v, f"{who}.range_observer: argument {k!r}") for k, v in (observer_args or {}).items()}
     return QuantizerSpec(name, observer, kwargs, observer_args)
 
 
-def _plain(value: Any, where: str) -> Any:
+def plain(value: Any, where: str) -> Any:
     """``value`` as JSON data (tuples become lists), else :class:`SpecError`."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
-        return [_plain(v, where) for v in value]
+        return [plain(v, where) for v in value]
     if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
-        return {k: _plain(v, where) for k, v in value.items()}
+        return {k: plain(v, where) for k, v in value.items()}
     raise SpecError(
         f"{where} is {type(value).__name__} {value!r}, which a checkpoint cannot describe; pass plain values "
         "(numbers, strings, lists), or give the class spec_args()/from_spec_args()"
     )
+
+
+# ------------------------------------------------------------- checkpoint entries
+CONFIG_KEY = "_extra_state"
+"""State-dict key (after the module's prefix) of the configuration a quantizer or QModule saves: torch's
+key for ``get_extra_state()``, which ``torch.distributed.checkpoint`` and FSDP know."""
+
+
+def encode_entry(data: Mapping[str, Any]) -> Tensor:
+    """``data`` as a state-dict entry: a 1-D ``uint8`` tensor holding its UTF-8 JSON.
+
+    A tensor, so that every consumer of state dicts takes it (``torch.save``,
+    safetensors, ``save_pretrained``, :func:`torchquant.save`).
+
+    Example:
+        >>> decode_entry(encode_entry({"qstate": "quant_eval"}))
+        {'qstate': 'quant_eval'}
+    """
+    raw = json.dumps(data, sort_keys=True).encode()
+    return torch.tensor(list(raw), dtype=torch.uint8)
+
+
+def decode_entry(entry: Any) -> dict[str, Any]:
+    """The table :func:`encode_entry` stored.
+
+    Raises:
+        ValueError: ``entry`` is not a 1-D ``uint8`` tensor of a JSON table.
+    """
+    if not isinstance(entry, Tensor) or entry.dtype != torch.uint8 or entry.dim() != 1:
+        got = f"a {entry.dtype} tensor of shape {tuple(entry.shape)}" if isinstance(entry, Tensor) else repr(entry)
+        raise ValueError(f"expected a 1-D uint8 tensor of JSON, got {got}")
+    try:
+        data = json.loads(bytes(entry.tolist()).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"the entry is not UTF-8 JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON table, got {data!r}")
+    return data
+
+
+def registered_class_name(obj: object) -> str:
+    """The quantizer registry's name of ``type(obj)`` (the class, not a factory), else the class's qualified name."""
+    for name in QUANTIZERS.names():
+        if QUANTIZERS.get(name) is type(obj):
+            return name
+    return type(obj).__qualname__
+
+
+def init_args(obj: nn.Module, who: str | None = None) -> dict[str, Any]:
+    """Every constructor argument of ``obj``'s class, defaults included, with the values ``obj`` holds now.
+
+    Unlike :func:`describe`, the arguments are those of the class itself (not of the
+    registered factory that built it) and arguments left at their defaults are listed,
+    so that two quantizers configured alike give equal tables. Values are as
+    :func:`describe` reads them (an attribute of the same name wins over the recorded
+    argument; ``axis``/``group_size`` come from ``granularity``); they may be modules
+    (``range_observer``) or other objects.
+
+    Raises:
+        SpecError: ``obj`` recorded no constructor arguments, or they do not fit its class.
+    """
+    who = who or getattr(obj, "_tq_name", type(obj).__name__)
+    if getattr(type(obj), "spec_args", None) is not None:
+        return dict(obj.spec_args())
+    record = getattr(obj, "_tq_init", None)
+    if record is None:
+        raise SpecError(f"{who}: {type(obj).__qualname__} does not record its constructor arguments")
+    return _current(obj, _bound_args(obj, type(obj), record[0], record[1], who, defaults=True))

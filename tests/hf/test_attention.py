@@ -127,7 +127,10 @@ def test_calibrate_summary_state_dict_and_second_call():
     model, inputs, _ = build("llama", "sdpa")
     keys = set(model.state_dict())
     quantize_attention(model, key=lambda m, n: kv_quantizers(4, group_size=4)[0], value=per_token(4))
-    assert set(model.state_dict()) == keys  # dynamic quantizers hold no state
+    added = set(model.state_dict()) - keys
+    # Dynamic quantizers hold no tensors of state: only their configuration and the QAttention modes.
+    assert added and all(k.endswith(tq.spec.CONFIG_KEY) for k in added)
+    assert keys <= set(model.state_dict())
     tq.calibrate(model, [inputs["input_ids"]], progress=False)  # observing changes nothing, modes come back
     assert set(tq.get_qmodule_states(model).values()) == {S.BYPASSED}
     rows = [r for r in tq.summary_rows(model) if r["kind"] == "QAttention"]

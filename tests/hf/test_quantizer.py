@@ -245,3 +245,26 @@ def test_norm_outputs_go_to_normalisations_only():
     block = model.transformer.h[0]
     assert isinstance(block.ln_1, tq.QOp) and block.ln_1.acts_quantizer is not None
     assert block.attn.c_attn.acts_quantizer is None  # a Conv1D layer, not a normalisation
+
+
+def test_a_checkpoint_saved_without_configuration_entries_loads(tmp_path):
+    # save_pretrained writes every quantizer's configuration and every QModule's mode (<prefix>_extra_state);
+    # checkpoints written before that have neither and still load, modes from the header's description
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = quantize(transformers.LlamaForCausalLM(llama_config()).eval(), TorchQuantConfig(weights="int4-g16"))
+    model.save_pretrained(tmp_path)
+    (path,) = tmp_path.glob("*.safetensors")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    entries = [k for k in tensors if k.endswith(tq.spec.CONFIG_KEY)]
+    assert "model.layers.0.self_attn.q_proj._extra_state" in entries
+    assert "model.layers.0.self_attn.q_proj.weight_quantizer._extra_state" in entries
+    save_file({k: v for k, v in tensors.items() if k not in entries}, path, metadata=meta)
+    reloaded = _load(FAMILIES[0], tmp_path)
+    assert tq.get_qmodule_states(reloaded) == tq.get_qmodule_states(model)
+    batch = FAMILIES[0].batch()
+    assert torch.equal(_out(reloaded, batch), _out(model, batch))

@@ -14,8 +14,10 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     """Save ``model.state_dict()`` (weights, observer ranges, learned quantizer parameters).
 
     Only tensors are written, so :func:`load_checkpoint` can read the file with
-    ``torch.load(weights_only=True)``. Rebuild the model the same way (same
-    ``quantize_model`` factories) before loading.
+    ``torch.load(weights_only=True)``. The state dict also holds every quantizer's
+    configuration and every QModule's mode (``<prefix>_extra_state``, ``uint8``
+    tensors of JSON). Rebuild the model the same way (same ``quantize_model``
+    factories) before loading.
 
     Args:
         model: any module, quantized or not.
@@ -35,11 +37,18 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool =
         path: the file.
         strict: passed to ``load_state_dict``.
 
+    The modes are restored. A quantizer configured otherwise than the one saved
+    (bits, granularity, symmetry, format, class) makes ``load_state_dict`` raise,
+    also with ``strict=False``; a file saved before configurations were recorded
+    loads unchecked and leaves the modes as they are.
+
     Returns:
         ``model``, loaded.
 
     Raises:
         ValueError: the file is not a weights-only state dict (the message says why).
+        RuntimeError: from ``load_state_dict``: missing or unexpected keys (``strict``),
+            shapes or quantizer configurations that differ, each named.
     """
     try:
         state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)

@@ -35,16 +35,17 @@ from ..layers import is_normalization
 from ..qmodules import QModuleState, QWrapper, iter_qmodules
 from ..quantizers.base import RangeQuantizer
 from ..serialize import AMAX_KEY, CODES_SUFFIX, load_quantized_state, quantized_state_dict, register_conversion
-from ..spec import QuantizerSpec
+from ..spec import CONFIG_KEY, QuantizerSpec
 from .config import QUANT_METHOD, TorchQuantConfig
 
 __all__ = ["TorchQuantHfQuantizer", "quantize"]
 
 FLOAT_NAMES_ATTR = "_tq_float_names"
 _META_KEY = "torchquant"
-# Names of state that a float model does not have: quantizers, QModule buffers and packed codes.
+# Names of state that a float model does not have: quantizers, QModule buffers and configurations, packed codes.
 _OWN_KEYS = re.compile(
     r"(^|\.)(weight_quantizer|acts_quantizer|input_quantizer|attn_quantizer)\.|\.__tq_codes$|__tq_amax$|(^|\.)bn_frozen$"
+    rf"|(^|\.){CONFIG_KEY}$"
 )
 
 register_quantization_config(QUANT_METHOD)(TorchQuantConfig)
@@ -342,7 +343,8 @@ def _load_own_state(model: nn.Module, files: list[str], desc: dict[str, Any]) ->
                     tensors[back.get(base, base) + key[len(base) :]] = h.get_tensor(stored)
     packed = {back.get(k, k): _rename_codes(v, back) for k, v in desc.get("packed", {}).items()}
     desc = {**desc, "packed": packed, "aliases": {}}
-    own = {k for k in model.state_dict() if _OWN_KEYS.search(k)}
+    # Configuration entries are checked when present; checkpoints saved before them load without.
+    own = {k for k in model.state_dict() if _OWN_KEYS.search(k) and not k.endswith(CONFIG_KEY)}
     provided = set(tensors) | {p + k for p in desc.get("magnitudes", []) for k in ("min_val", "max_val")}
     missing = sorted(own - provided)
     if missing:

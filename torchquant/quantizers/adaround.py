@@ -112,6 +112,8 @@ class AdaRoundQuantizer(Quantizer):
     zero_point: Tensor
     levels_table: Tensor
 
+    non_grid_args = frozenset({"soft"})  # soft rounding turns hard at the end of AdaRound
+
     def __init__(self, grid: AffineGrid | LevelGrid, weight: Tensor, soft: bool = True) -> None:
         super().__init__()
         if not isinstance(grid, (AffineGrid, LevelGrid)):

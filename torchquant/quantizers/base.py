@@ -11,10 +11,11 @@ observe).
 from __future__ import annotations
 
 import abc
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +23,16 @@ from torch import Tensor, nn
 from ..granularity import Granularity
 from ..quantizers_functional import level_codes, level_neighbours, level_values
 from ..range_observers import RangeObserver
-from ..spec import RecordsInit
+from ..spec import (
+    CONFIG_KEY,
+    RecordsInit,
+    SpecError,
+    decode_entry,
+    encode_entry,
+    init_args,
+    plain,
+    registered_class_name,
+)
 
 __all__ = [
     "AffineGrid",
@@ -212,11 +222,106 @@ class Quantizer(RecordsInit, nn.Module, abc.ABC):
 
     Subclasses implement :meth:`pre_observe`, :meth:`quantize` and
     :meth:`post_observe`; ``forward`` calls :meth:`quantize`.
+
+    Checkpoints carry the configuration: ``state_dict()`` holds, under
+    ``<prefix>_extra_state`` (:data:`~torchquant.spec.CONFIG_KEY`), the quantizer's
+    :meth:`grid_config` as a ``uint8`` tensor of JSON, and ``load_state_dict`` raises
+    (naming the module and both configurations) when the model's quantizer is
+    configured otherwise: 4-bit state does not load into an 8-bit quantizer, nor
+    per-channel ranges into a per-tensor one. A state dict without the entry (saved
+    before it existed) loads unchecked.
+
+    Attributes:
+        non_grid_args: constructor arguments left out of :meth:`grid_config`, because
+            they change the gradient, the initialisation or the training schedule but
+            not the grid (``gradient_clip``; LSQ's ``grad_scale``; AdaRound's ``soft``).
     """
+
+    non_grid_args: ClassVar[frozenset[str]] = frozenset({"gradient_clip"})
 
     def __init__(self) -> None:
         super().__init__()
         self._tq_name = type(self).__name__
+
+    def grid_config(self) -> dict[str, Any]:
+        """What defines this quantizer's grid, as JSON data (what a state dict records and checks).
+
+        ``quantizer``: the registered name of the class (else its qualified name);
+        ``args``: every constructor argument with its current value (defaults
+        included; see :func:`torchquant.spec.init_args`) except :attr:`non_grid_args`,
+        the range observer and arguments that are not plain values; ``granularity``:
+        the quantizer's (or its range observer's) granularity, when it has one.
+        Subclasses whose grid depends on more (a number format) extend it.
+
+        Example:
+            >>> from torchquant import AffineQuantizer, BatchMinMax
+            >>> AffineQuantizer(4, BatchMinMax(axis=0)).grid_config()  # doctest: +NORMALIZE_WHITESPACE
+            {'quantizer': 'affine', 'args': {'n_bits': 4, 'power_of_two': False, 'symmetric': False},
+             'granularity': 'per-channel(axis=0)'}
+        """
+        try:
+            args = init_args(self)
+        except SpecError:  # arguments not recorded: the attributes every affine grid has
+            args = {k: getattr(self, k) for k in ("n_bits", "signed", "symmetric") if hasattr(self, k)}
+        g = getattr(self, "granularity", None)
+        if not isinstance(g, Granularity):  # a minifloat scale from an observer
+            g = getattr(getattr(self, "range_observer", None), "granularity", None)
+        skip = set(self.non_grid_args) | {"range_observer"} | ({"axis", "group_size"} if g is not None else set())
+        kept = {}
+        for key in sorted(set(args) - skip):
+            try:
+                kept[key] = plain(args[key], key)
+            except SpecError:  # a tensor or object argument: its state, not its configuration
+                continue
+        config: dict[str, Any] = {"quantizer": registered_class_name(self), "args": kept}
+        if g is not None:
+            config["granularity"] = str(g)
+        return config
+
+    def get_extra_state(self) -> Tensor:
+        """:meth:`grid_config` as a ``uint8`` tensor of JSON: the state dict's ``<prefix>_extra_state``."""
+        return encode_entry(self.grid_config())
+
+    def set_extra_state(self, state: Any) -> None:
+        """Check a saved configuration (a :meth:`get_extra_state` tensor) against this quantizer's.
+
+        Nothing is set: the configuration comes from the constructor, the state dict only
+        confirms it. ``load_state_dict`` reports a mismatch with the module's name instead.
+
+        Raises:
+            ValueError: ``state`` is not a configuration, or one of a differently configured quantizer.
+        """
+        problem = self._config_problem(state, CONFIG_KEY)
+        if problem is not None:
+            raise ValueError(f"{self._tq_name}: {problem}")
+
+    def _config_problem(self, state: Any, key: str) -> str | None:
+        """Why the saved configuration ``state`` does not fit this quantizer, or ``None``."""
+        try:
+            saved = decode_entry(state)
+        except ValueError as e:
+            return f"the state dict's {key!r} is not a quantizer configuration: {e}"
+        now = json.loads(json.dumps(self.grid_config()))  # tuples -> lists, as saved
+        differ = _differences(saved, now)
+        if not differ:
+            return None
+        return (
+            f"the state dict was saved from a quantizer configured as {_format_config(saved)}, but this model's "
+            f"quantizer is {_format_config(now)} (they differ in {', '.join(differ)}); build the model with the "
+            f"saved configuration, or delete {key!r} from the state dict to load it anyway"
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        key = prefix + CONFIG_KEY
+        if key in state_dict:
+            problem = self._config_problem(state_dict[key], key)
+            if problem is not None:
+                errors.append(f"{prefix[:-1] or type(self).__name__}: {problem}")
+                # Reported here, with the module's name; set_extra_state would raise it again unnamed.
+                state_dict = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if key in missing:  # saved before configurations were recorded: loads unchecked
+            missing.remove(key)
 
     @abc.abstractmethod
     def pre_observe(self, x: Tensor) -> None:
@@ -246,6 +351,25 @@ class Quantizer(RecordsInit, nn.Module, abc.ABC):
         codebook, and AdaRound chooses between the two nearest levels.
         """
         return None
+
+
+def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The fields in which two :meth:`Quantizer.grid_config` tables differ.
+
+    Arguments only one side lists are not compared: a checkpoint saved before an
+    argument existed still loads into a quantizer that has it.
+    """
+    out = [k for k in ("quantizer", "granularity") if saved.get(k) != now.get(k)]
+    a, b = saved.get("args") or {}, now.get("args") or {}
+    return out + [k for k in sorted(set(a) & set(b)) if a[k] != b[k]]
+
+
+def _format_config(config: dict[str, Any]) -> str:
+    """``affine(n_bits=4, symmetric=False, per-channel(axis=0))``: a :meth:`Quantizer.grid_config` for messages."""
+    parts = [f"{k}={v!r}" for k, v in (config.get("args") or {}).items()]
+    if "granularity" in config:
+        parts.append(str(config["granularity"]))
+    return f"{config.get('quantizer', '?')}({', '.join(parts)})"
 
 
 class RangeQuantizer(Quantizer):

@@ -40,6 +40,8 @@ class BinaryQuantizer(StatelessQuantizer):
         tensor([-1.,  1.,  1.])
     """
 
+    non_grid_args = frozenset({"clip"})  # bounds the gradient only
+
     def __init__(self, clip: float = 1.0) -> None:
         super().__init__()
         if not (isinstance(clip, (int, float)) and clip > 0):

@@ -110,6 +110,8 @@ class LSQQuantizer(LearnedQuantizer):
     learned_params = ("step",)
     step: nn.Parameter
 
+    non_grid_args = frozenset({"grad_scale"})  # scales the step's gradient only
+
     def __init__(
         self,
         n_bits: int,
@@ -188,6 +190,8 @@ class LSQPlusQuantizer(LearnedQuantizer):
     step: nn.Parameter
     offset: nn.Parameter
 
+    non_grid_args = frozenset({"grad_scale", "init"})  # how the gradient is scaled and the parameters start
+
     def __init__(
         self,
         n_bits: int,
@@ -264,6 +268,8 @@ class PACTQuantizer(LearnedQuantizer):
 
     learned_params = ("alpha",)
     alpha: nn.Parameter
+
+    non_grid_args = frozenset({"alpha_init", "reg_lambda"})  # where the learned clip starts and its penalty
 
     def __init__(
         self, n_bits: int, alpha_init: float = 10.0, reg_lambda: float = 0.0, *, axis: int | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -101,6 +102,11 @@ FORMATS: dict[str, MinifloatFormat] = {
 :func:`~torchquant.quantizers_functional.mx_quantize`)."""
 
 
+def _format_config(f: MinifloatFormat) -> str:
+    """``"e4m3(bias=7, nan_only)"``: a format by its fields, so ``"e4m3"`` and ``"fp8_e4m3"`` compare equal."""
+    return f"{f.name}(bias={f.bias}, {f.special})"
+
+
 def _format(fmt: MinifloatFormat | str, who: str) -> MinifloatFormat:
     if isinstance(fmt, MinifloatFormat):
         return fmt
@@ -156,6 +162,11 @@ class MinifloatQuantizer(Quantizer):
         self._tq_name = name
         if self.range_observer is not None:
             self.range_observer._tq_name = f"{name}.range_observer"
+
+    def grid_config(self) -> dict[str, Any]:
+        config = super().grid_config()
+        config["args"]["fmt"] = _format_config(self.fmt)
+        return config
 
     def pre_observe(self, x: Tensor) -> None:
         if self.range_observer is not None:
@@ -230,6 +241,11 @@ class MXQuantizer(StatelessQuantizer):
             raise ValueError(f"{type(self).__name__}: axis must be an int, got {axis!r}")
         self.block_size = block_size
         self.axis = axis
+
+    def grid_config(self) -> dict[str, Any]:
+        config = super().grid_config()
+        config["args"]["elem"] = _format_config(self.elem)
+        return config
 
     def quantize(self, x: Tensor) -> Tensor:
         f = self.elem
