@@ -1,5 +1,5 @@
 """Post-training quantization: calibration, cross-layer equalization, bias correction,
-one reconstruction engine for AdaRound, BRECQ and QDrop, and GPTQ.
+one reconstruction engine for AdaRound, BRECQ and QDrop, GPTQ, and QuaRot's rotations.
 
 A typical pipeline (Nagel et al. 2021, "A White Paper on Neural Network Quantization")::
 
@@ -33,6 +33,7 @@ from .reconstruction import (
     reconstruction_block,
 )
 from .registry import PTQ_ALGORITHMS, PTQAlgorithm, get_ptq_algorithm, list_ptq_algorithms, register_ptq_algorithm
+from .rotate import QuaRotResult, quarot
 
 __all__ = [
     "ADAROUND",
@@ -46,6 +47,7 @@ __all__ = [
     "EqualizationResult",
     "GPTQResult",
     "PTQAlgorithm",
+    "QuaRotResult",
     "ReconstructionConfig",
     "adaround",
     "bias_correction",
@@ -60,6 +62,7 @@ __all__ = [
     "gptq_quantize_weight",
     "list_ptq_algorithms",
     "qdrop",
+    "quarot",
     "reconstruct",
     "reconstruction_block",
     "register_ptq_algorithm",
