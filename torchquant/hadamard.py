@@ -166,17 +166,20 @@ def random_hadamard(
     return H.to(dtype=dtype, device=device)
 
 
-def hadamard_transform(x: Tensor, base: Tensor | None = None) -> Tensor:
+def hadamard_transform(x: Tensor, base: Tensor | None = None, *, n: int | None = None) -> Tensor:
     """``x @ hadamard(n) / sqrt(n)`` along the last dimension (``n = x.shape[-1]``), an orthogonal transform.
 
     The ``2^k`` factor runs as a Walsh-Hadamard butterfly (``k`` add/subtract steps), the
-    base factor of order ``m`` as one ``(m, m)`` matmul. No data-dependent control flow, so
-    it traces with torch.fx, compiles and exports to ONNX (reshapes, adds, a matmul).
+    base factor of order ``m`` as one ``(m, m)`` matmul. No data-dependent control flow:
+    with ``n`` given it traces with torch.fx, and it compiles and exports to ONNX
+    (reshapes, adds, a matmul).
 
     Args:
         x: ``(..., n)``.
         base: the ``(m, m)`` base matrix (``hadamard(m)``, ``(m, p) = hadamard_factors(n)``)
             when the caller holds it (a module's buffer); built here otherwise.
+        n: the size of the last dimension when the caller knows it (torch.fx tracing);
+            read from ``x`` otherwise.
 
     Returns:
         ``(..., n)``, the dtype of ``x``.
@@ -186,19 +189,18 @@ def hadamard_transform(x: Tensor, base: Tensor | None = None) -> Tensor:
         >>> torch.allclose(hadamard_transform(x), x @ hadamard(576) / 24, atol=1e-5)
         True
     """
-    n = x.shape[-1]
+    n = x.shape[-1] if n is None else n
     m, p = hadamard_factors(n)
-    lead = x.shape[:-1]
-    y = x.reshape(*lead, m, p)  # index i = a * p + b: (a, b) = (base row, Sylvester row)
+    y = x.reshape(-1, m, p)  # index i = a * p + b: (a, b) = (base row, Sylvester row)
     h = 1
     while h < p:
-        y = y.reshape(*lead, m, p // (2 * h), 2, h)  # the size-2 axis is one bit of b
+        y = y.reshape(-1, m, p // (2 * h), 2, h)  # the size-2 axis is one bit of b
         a, b = y[..., 0, :], y[..., 1, :]
         y = torch.stack((a + b, a - b), dim=-2)
         h *= 2
-    y = y.reshape(*lead, m, p)
+    y = y.reshape(-1, m, p)
     if m > 1:
         if base is None:
             base = hadamard(m, dtype=x.dtype, device=x.device)
-        y = torch.matmul(base.to(x.dtype).t(), y)  # (m, m) @ (..., m, p): sum_a H_m[a, c] y[a, b]
-    return y.reshape(*lead, n) * (1.0 / math.sqrt(n))
+        y = torch.matmul(base.to(x.dtype).t(), y)  # (m, m) @ (N, m, p): sum_a H_m[a, c] y[N, a, b]
+    return y.reshape(x.shape) * (1.0 / math.sqrt(n))

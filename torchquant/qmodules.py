@@ -122,13 +122,11 @@ class HadamardTransform(nn.Module):
         self.register_buffer("base", hadamard(m), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.n:
-            raise ValueError(f"HadamardTransform(n={self.n}): the input's last dimension is {x.shape[-1]}")
-        return hadamard_transform(x, self.base)
+        return hadamard_transform(x, self.base, n=self.n)  # n given: no shape read, so torch.fx traces it
 
     def extra_repr(self) -> str:
         m, p = hadamard_factors(self.n)
-        return f"n={self.n}" + (f" ({m} x {p})" if m > 1 else "")
+        return f"n={self.n} (Paley {m} x Sylvester {p})" if m > 1 else f"n={self.n} (Sylvester)"
 
 
 class QModule(nn.Module):

@@ -229,6 +229,13 @@ def _head_dim(attn: nn.Module, name: str) -> int:
     return d
 
 
+def _order(n: int, what: str) -> None:
+    try:
+        hadamard_factors(n)
+    except ValueError as e:
+        raise ValueError(f"quarot: {what} is {n}: {e}") from e
+
+
 def _logits(out: Any) -> Tensor:
     if isinstance(out, Tensor):
         return out
@@ -265,7 +272,7 @@ def _qattention(attn: nn.Module) -> nn.Module | None:
     return qa if isinstance(qa, nn.Module) and "head_rotation" in qa._modules else None
 
 
-@register_ptq_algorithm("quarot", before_calibration=True)
+@register_ptq_algorithm("quarot", before_calibration=True, model_kind="causal_lm")
 def quarot(
     model: nn.Module,
     data: Iterable | None = None,
@@ -325,16 +332,16 @@ def quarot(
     batch = materialize(data, 1, "quarot")[0] if data is not None else None
     embed, decoders, final_norm, head = _layout(model)
     d = _inner(embed).weight.shape[1]
-    hadamard_factors(d)  # fail before changing anything when d has no Hadamard matrix
+    _order(d, "the hidden size")  # fail before changing anything when a size has no Hadamard matrix
     for dec in decoders:
         _check_norm(dec.input_norm, f"{dec.name}.input_layernorm", d)
         _check_norm(dec.post_norm, f"{dec.name}.post_attention_layernorm", d)
         for role in ("q", "k", "v", "o", "gate", "up", "down"):
             _linear(getattr(dec, role), f"{dec.name}.{_ROLES[role]}")
         if online_down_proj:
-            hadamard_factors(_linear(dec.down, dec.name).in_features)
+            _order(_linear(dec.down, dec.name).in_features, f"the input size of {dec.name}.mlp.down_proj")
         if kv_hadamard:
-            hadamard_factors(_head_dim(dec.attn, f"{dec.name}.self_attn"))
+            _order(_head_dim(dec.attn, f"{dec.name}.self_attn"), f"the head_dim of {dec.name}.self_attn")
     _check_norm(final_norm, "model.norm", d)
     _linear(head, "lm_head")
 
