@@ -291,3 +291,22 @@ def test_quarot_refuses_models_it_does_not_understand():
     tq.ptq.quarot(_swap(_tiny(hidden_size=40, num_attention_heads=4)), kv_hadamard=False)
     with pytest.raises(ValueError, match="seed must be an int"):
         tq.ptq.quarot(_swap(_tiny()), seed=1.5)
+
+
+def test_save_pretrained_and_from_pretrained_rebuild_the_rotated_model(tmp_path):
+    model = _tiny(tie_word_embeddings=True)
+    ids = _ids()
+    cfg = tqh.TorchQuantConfig(weights="int4", activations="int4-dynamic", kv_cache="int4-g4")
+    q = tqh.quantize(model, cfg, initial_state=False)
+    tq.ptq.quarot(q, [ids])
+    tq.calibrate(q, [ids], progress=False)
+    tq.set_qmodule_state(q, tq.QModuleState.QUANT_EVAL)
+    with torch.no_grad():
+        expected = q(ids).logits
+    q.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.tie_word_embeddings is False
+    assert isinstance(loaded.model.layers[0].mlp.down_proj.input_transform, HadamardTransform)
+    assert isinstance(loaded.model.layers[0].self_attn.attn_quantizer.head_rotation, HadamardTransform)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected)

@@ -51,7 +51,8 @@ weights change, so ranges observed earlier are stale. With ``tq.hf.quantize`` pa
 
 The weight arithmetic runs in float64 and is cast back to each weight's dtype, so in
 float32 the rotated model's logits match the original to about ``1e-5`` relative.
-``tq.save``/``tq.load`` record the rotation and rebuild the online transforms.
+``tq.save``/``tq.load`` and ``save_pretrained``/``from_pretrained`` (after ``import torchquant.hf``)
+record the rotation and rebuild the online transforms; the rotated weights are the checkpoint's.
 """
 
 from __future__ import annotations
@@ -461,4 +462,5 @@ def _replay(model: nn.Module, record: dict, build) -> nn.Module:
         if qattn is None:
             raise ValueError(f"quarot: the checkpoint rotates the keys of {name}, which has no QAttention")
         _attach_head_rotation(qattn, _head_dim(attn, name), next(attn.parameters()).device)
+    record_conversion(model, record)  # a model loaded this way saves the same record again
     return model

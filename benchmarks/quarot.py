@@ -1,0 +1,66 @@
+"""QuaRot on SmolLM2-135M: W4A4 perplexity with and without the rotation, offline.
+
+The model (``torchquant.bench.lm.load_smollm2``: the GGUF file's weights dequantized to
+float32) and the text (``default_texts``: Python's ``pydoc_data/topics.py``, disjoint
+calibration and evaluation documents) ship as packages. Each row converts a copy of the
+float model with ``torchquant.hf.quantize``: every decoder ``Linear`` gets 4-bit
+symmetric round-to-nearest weights (per output channel, or per group of 64 inputs) from
+the weights themselves, and 4-bit per-token dynamic input activations (``"int4-dynamic"``);
+``lm_head`` and the embedding stay float. The "quarot" rows run :func:`torchquant.ptq.quarot`
+(seed 0, online Hadamard before ``down_proj``, head-dimension rotation of values) before
+the weights are observed. Perplexity: ``--windows`` non-overlapping windows of
+``--seq-len`` tokens of the evaluation text.
+
+Run: ``python benchmarks/quarot.py [--windows 4] [--seq-len 512]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+import torchquant as tq
+import torchquant.hf as tqh
+from torchquant.bench.lm import calibration_batches, default_texts, load_smollm2, perplexity
+
+ROWS = [
+    ("float", None, False),
+    ("W4 per-channel, A4 per-token", "int4", False),
+    ("W4 per-channel, A4 per-token + quarot", "int4", True),
+    ("W4 g64, A4 per-token", "int4-g64", False),
+    ("W4 g64, A4 per-token + quarot", "int4-g64", True),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model, tokenizer = load_smollm2()
+    calib_text, eval_text = default_texts()
+    calib = calibration_batches(tokenizer, calib_text, 1, args.seq_len)
+    print(f"| SmolLM2-135M, {args.windows} x {args.seq_len} tokens | perplexity | seconds |")
+    print("|---|---|---|")
+    for label, weights, rotate in ROWS:
+        start = time.perf_counter()
+        q = copy.deepcopy(model)
+        if weights is not None:
+            cfg = tqh.TorchQuantConfig(weights=weights, activations="int4-dynamic")
+            tqh.quantize(q, cfg, initial_state=False)
+            if rotate:
+                res = tq.ptq.quarot(q, calib)
+                print(f"<!-- quarot: float logits changed by {res.max_error:.2e} (relative) -->")
+            tq.calibrate(q, calib, progress=False)  # weight ranges; the activations are dynamic
+            tq.set_qmodule_state(q, tq.QModuleState.QUANT_EVAL)
+        ppl = perplexity(q, tokenizer, eval_text, seq_len=args.seq_len, max_windows=args.windows, progress=False)
+        print(f"| {label} | {ppl:.2f} | {time.perf_counter() - start:.0f} |", flush=True)
+        del q
+
+
+if __name__ == "__main__":
+    main()
