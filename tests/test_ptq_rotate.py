@@ -310,3 +310,17 @@ def test_save_pretrained_and_from_pretrained_rebuild_the_rotated_model(tmp_path)
     assert isinstance(loaded.model.layers[0].self_attn.attn_quantizer.head_rotation, HadamardTransform)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, expected)
+
+
+def test_weight_ranges_observed_before_quarot_are_observed_again():
+    model = _tiny(outliers=True)
+    ids = _ids()
+    cfg = tqh.TorchQuantConfig(weights="int4")
+    observed = tqh.quantize(copy.deepcopy(model), cfg)  # weights observed, QUANT_EVAL
+    tq.ptq.quarot(observed, [ids])
+    later = tqh.quantize(copy.deepcopy(model), cfg, initial_state=False)
+    tq.ptq.quarot(later, [ids])
+    tq.calibrate(later, [ids], progress=False)
+    tq.set_qmodule_state(later, tq.QModuleState.QUANT_EVAL)
+    with torch.no_grad():
+        torch.testing.assert_close(observed(ids).logits, later(ids).logits)

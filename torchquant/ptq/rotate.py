@@ -26,7 +26,8 @@ and RMSNorms), :func:`quarot` does, in place:
    ``down_proj`` (the intermediate activations, where the largest outliers live) is
    multiplied by ``H_I / sqrt(I)`` at run time, a :class:`~torchquant.qmodules.HadamardTransform`
    set as the wrapper's ``input_transform`` (applied before its ``input_quantizer``), and
-   the weight by the same matrix on its input side, ``W <- W H_I / sqrt(I)``.
+   the weight by the same matrix on its input side, ``W <- W H_I / sqrt(I)``. A
+   ``down_proj`` left in float (not a QWrapper) is left alone: nothing quantizes its input.
 4. **Head-dimension Hadamard on the KV path** (``kv_hadamard=True``), ``H_D / sqrt(D)``
    with ``D`` the head dimension. Values: folded into ``v_proj``'s output rows per
    key/value head and ``o_proj``'s input columns per attention head (every head uses the
@@ -41,10 +42,11 @@ and RMSNorms), :func:`quarot` does, in place:
    which were rotated).
 
 Run it on the converted model before calibration (``before_calibration=True``): the
-weights change, so ranges observed earlier are stale. With ``tq.hf.quantize`` pass
-``initial_state=False`` (or re-observe the weights) and calibrate after::
+weights and the layers' inputs change. Weight ranges already observed (``tq.hf.quantize``'s
+initial state) are observed again from the rotated weights; activation ranges must come
+from a calibration after it::
 
-    tq.hf.quantize(model, TorchQuantConfig(weights="int4", activations="int4-dynamic"), initial_state=False)
+    tq.hf.quantize(model, TorchQuantConfig(weights="int4", activations="int4-dynamic"))
     tq.ptq.quarot(model, calib_batches[:1])        # the batch checks the float outputs
     tq.calibrate(model, calib_batches)
     tq.set_qmodule_state(model, tq.QModuleState.QUANT_EVAL)
@@ -67,6 +69,7 @@ from torch import Tensor, nn
 from ..convert import record_conversion
 from ..hadamard import hadamard_factors, hadamard_transform, random_hadamard, random_signs
 from ..qmodules import HadamardTransform, QModuleState, QOp, QWrapper
+from ..quantizers import RangeQuantizer
 from ..serialize import register_conversion
 from ..utils import restoring_states
 from ._common import Snapshot, call_model, materialize, require_qmodules
@@ -441,9 +444,24 @@ def _rotate(
                 if qattn is not None:
                     _attach_head_rotation(qattn, hd, o.weight.device)
                     keys.append(names[dec.attn])
+        for m in [
+            embed,
+            head,
+            *(getattr(dec, r) for dec in decoders for r in ("q", "k", "v", "o", "gate", "up", "down")),
+        ]:
+            _reobserve(m)
     return QuaRotResult(
         hidden_size=d, online=tuple(online), values=tuple(values), keys=tuple(keys), untied=untied, max_error=None
     )
+
+
+def _reobserve(m: nn.Module) -> None:
+    """Weight ranges observed before the rotation (``hf.quantize``'s initial state) describe the old
+    weights: observe the new ones instead. Unobserved quantizers are left for calibration."""
+    wq = m.weight_quantizer if isinstance(m, QWrapper) else None
+    if isinstance(wq, RangeQuantizer) and wq.range_observer.initialized:
+        wq.range_observer.reset()
+        m.observe_weight()
 
 
 @register_conversion(CONVERSION_KIND)
