@@ -15,6 +15,7 @@ from torchquant.qmodules import HadamardTransform
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ORDERS = [1, 2, 4, 12, 36, 64, 576, 1536]
+W8 = lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0), symmetric=True)  # noqa: E731
 
 
 # ----------------------------------------------------------------------------- Hadamard matrices
@@ -79,6 +80,18 @@ def test_qwrapper_input_transform_runs_before_the_input_quantizer():
         w.input_transform = lambda x: x
     with pytest.raises(ValueError, match="takes no input_transform"):
         tq.QWrapper(nn.Embedding(4, 12)).input_transform = HadamardTransform(12)
+
+
+def test_qwrapper_with_an_input_transform_exports_to_onnx_within_one_step(tmp_path):
+    pytest.importorskip("onnxruntime")
+    net = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 4)).eval()
+    q = tq.quantize_model(net, W8, lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax()), method="swap")
+    q[2].input_transform = HadamardTransform(24)
+    data = [torch.randn(16, 12) for _ in range(2)]
+    tq.calibrate(q, data, progress=False)
+    tq.set_qmodule_state(q, tq.QModuleState.QUANT_EVAL)
+    tq.export.to_onnx(q, data[0][:1], tmp_path / "m.onnx")
+    assert tq.export.check_parity(q, tmp_path / "m.onnx", data[0]).failures() == []
 
 
 # ----------------------------------------------------------------------------- tiny Llama models
