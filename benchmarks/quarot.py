@@ -5,13 +5,14 @@ float32) and the text (``default_texts``: Python's ``pydoc_data/topics.py``, dis
 calibration and evaluation documents) ship as packages. Each row converts a copy of the
 float model with ``torchquant.hf.quantize``: every decoder ``Linear`` gets 4-bit
 symmetric round-to-nearest weights (per output channel, or per group of 64 inputs) from
-the weights themselves, and 4-bit per-token dynamic input activations (``"int4-dynamic"``);
-``lm_head`` and the embedding stay float. The "quarot" rows run :func:`torchquant.ptq.quarot`
-(seed 0, online Hadamard before ``down_proj``, head-dimension rotation of values) before
-the weights are observed. Perplexity: ``--windows`` non-overlapping windows of
-``--seq-len`` tokens of the evaluation text.
+the weights themselves (or float weights), and 4-bit or 8-bit per-token dynamic input
+activations (``"int4-dynamic"``, ``"int8-dynamic"``); ``lm_head`` and the embedding stay
+float. The "quarot" rows run :func:`torchquant.ptq.quarot` (seed 0, online Hadamard before
+``down_proj``, head-dimension rotation of values) before the weights are observed.
+Perplexity: ``--windows`` non-overlapping windows of ``--seq-len`` tokens of the
+evaluation text.
 
-Run: ``python benchmarks/quarot.py [--windows 4] [--seq-len 512]``.
+Run: ``python benchmarks/quarot.py [--windows 4] [--seq-len 512] [--rows 0 5 6]``.
 """
 
 from __future__ import annotations
@@ -27,18 +28,24 @@ import torchquant.hf as tqh
 from torchquant.bench.lm import calibration_batches, default_texts, load_smollm2, perplexity
 
 ROWS = [
-    ("float", None, False),
-    ("W4 per-channel, A4 per-token", "int4", False),
-    ("W4 per-channel, A4 per-token + quarot", "int4", True),
-    ("W4 g64, A4 per-token", "int4-g64", False),
-    ("W4 g64, A4 per-token + quarot", "int4-g64", True),
+    ("float", None, None, False),
+    ("W4 per-channel, A4 per-token", "int4", "int4-dynamic", False),
+    ("W4 per-channel, A4 per-token + quarot", "int4", "int4-dynamic", True),
+    ("W4 g64, A4 per-token", "int4-g64", "int4-dynamic", False),
+    ("W4 g64, A4 per-token + quarot", "int4-g64", "int4-dynamic", True),
+    ("W16 (float), A4 per-token", None, "int4-dynamic", False),
+    ("W16 (float), A4 per-token + quarot", None, "int4-dynamic", True),
+    ("W4 g64, A8 per-token", "int4-g64", "int8-dynamic", False),
+    ("W4 g64, A8 per-token + quarot", "int4-g64", "int8-dynamic", True),
 ]
+"""(label, weights, activations, quarot): TorchQuantConfig short forms, None for float."""
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--rows", type=int, nargs="*", help="indices of ROWS to run (default: all)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()
@@ -46,11 +53,13 @@ def main() -> None:
     calib = calibration_batches(tokenizer, calib_text, 1, args.seq_len)
     print(f"| SmolLM2-135M, {args.windows} x {args.seq_len} tokens | perplexity | seconds |")
     print("|---|---|---|")
-    for label, weights, rotate in ROWS:
+    for i, (label, weights, activations, rotate) in enumerate(ROWS):
+        if args.rows and i not in args.rows:
+            continue
         start = time.perf_counter()
         q = copy.deepcopy(model)
-        if weights is not None:
-            cfg = tqh.TorchQuantConfig(weights=weights, activations="int4-dynamic")
+        if weights is not None or activations is not None:
+            cfg = tqh.TorchQuantConfig(weights=weights, activations=activations)
             tqh.quantize(q, cfg, initial_state=False)
             if rotate:
                 res = tq.ptq.quarot(q, calib)
