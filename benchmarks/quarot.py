@@ -22,6 +22,7 @@ import copy
 import time
 
 import torch
+from torch import nn
 
 import torchquant as tq
 import torchquant.hf as tqh
@@ -41,6 +42,20 @@ ROWS = [
 """(label, weights, activations, quarot): TorchQuantConfig short forms, None for float."""
 
 
+def quantized(model: nn.Module, weights: str | None, activations: str | None, rotate: bool, calib: list) -> nn.Module:
+    """A copy of ``model`` quantized as one row says, in ``QUANT_EVAL`` (the float copy for the float row)."""
+    q = copy.deepcopy(model)
+    if weights is None and activations is None:
+        return q
+    tqh.quantize(q, tqh.TorchQuantConfig(weights=weights, activations=activations), initial_state=False)
+    if rotate:
+        res = tq.ptq.quarot(q, calib)
+        print(f"<!-- quarot: float logits changed by {res.max_error:.2e} (relative) -->")
+    tq.calibrate(q, calib, progress=False)  # weight ranges; the activations are dynamic
+    tq.set_qmodule_state(q, tq.QModuleState.QUANT_EVAL)
+    return q
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--windows", type=int, default=4)
@@ -57,15 +72,7 @@ def main() -> None:
         if args.rows and i not in args.rows:
             continue
         start = time.perf_counter()
-        q = copy.deepcopy(model)
-        if weights is not None or activations is not None:
-            cfg = tqh.TorchQuantConfig(weights=weights, activations=activations)
-            tqh.quantize(q, cfg, initial_state=False)
-            if rotate:
-                res = tq.ptq.quarot(q, calib)
-                print(f"<!-- quarot: float logits changed by {res.max_error:.2e} (relative) -->")
-            tq.calibrate(q, calib, progress=False)  # weight ranges; the activations are dynamic
-            tq.set_qmodule_state(q, tq.QModuleState.QUANT_EVAL)
+        q = quantized(model, weights, activations, rotate, calib)
         ppl = perplexity(q, tokenizer, eval_text, seq_len=args.seq_len, max_windows=args.windows, progress=False)
         print(f"| {label} | {ppl:.2f} | {time.perf_counter() - start:.0f} |", flush=True)
         del q
