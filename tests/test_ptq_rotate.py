@@ -96,7 +96,7 @@ def test_qwrapper_with_an_input_transform_exports_to_onnx_within_one_step(tmp_pa
 
 # ----------------------------------------------------------------------------- tiny Llama models
 transformers = pytest.importorskip("transformers")
-from hf.hf_tiny import VOCAB, llama_config, qwen2_config  # noqa: E402  (tests/hf, a namespace package)
+from hf.hf_tiny import VOCAB, llama_config, mistral_config, qwen2_config  # noqa: E402  (tests/hf, a namespace package)
 
 import torchquant.hf as tqh  # noqa: E402
 
@@ -141,6 +141,7 @@ VARIANTS = {
     "llama-tied": dict(tie_word_embeddings=True),
     "llama-bias-mlp-bias": dict(attention_bias=True, mlp_bias=True),
     "qwen2": dict(config_fn=qwen2_config),
+    "mistral": dict(config_fn=mistral_config),
 }
 
 
