@@ -1,4 +1,8 @@
-"""Contract of the PTQ algorithm registry: every registered algorithm goes through the same checks."""
+"""Contract of the PTQ algorithm registry: every registered algorithm goes through the same checks,
+on a model of its ``model_kind`` (a small CNN for ``"any"``, a tiny Llama for ``"causal_lm"``)."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -7,6 +11,7 @@ from torch import nn
 import torchquant as tq
 from torchquant.bench.models import ResidualBlock, conv_bn
 from torchquant.ptq import PTQ_ALGORITHMS, get_ptq_algorithm, list_ptq_algorithms, register_ptq_algorithm
+from torchquant.ptq.registry import MODEL_KINDS
 
 W4 = lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax())  # noqa: E731
 A8 = lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax())  # noqa: E731
@@ -36,11 +41,57 @@ def _data() -> list[torch.Tensor]:
     return [torch.randn(8, 1, 6, 6, generator=g) for _ in range(3)]
 
 
+def _llama() -> nn.Module:
+    """A tiny Llama (grouped-query attention), every Linear quantized (W4, A8 inputs)."""
+    transformers = pytest.importorskip("transformers")
+    from hf.hf_tiny import llama_config  # tests/hf, a namespace package beside this file
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(llama_config()).eval()
+    q = tq.quantize_model(model, W4, None, method="swap")
+    for _, m in tq.iter_qmodules(q):
+        if isinstance(m, tq.QWrapper) and isinstance(m.layer, nn.Linear):
+            m.input_quantizer = A8(m, "")
+    return q
+
+
+def _llama_data() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 100, (2, 8), generator=g) for _ in range(3)]
+
+
+def _logits(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+@dataclass(frozen=True)
+class Case:
+    """A model of one ``model_kind``: how to build it, its data, a submodule whose training flag
+    differs from the rest, the module failures are injected into, and the output shape."""
+
+    build: Callable[[], nn.Module]
+    data: Callable[[], list]
+    other_flag: Callable[[nn.Module], nn.Module]
+    hooked: Callable[[nn.Module], nn.Module]
+    out_shape: tuple[int, ...]
+
+
+CASES = {
+    "any": Case(_model, _data, lambda q: q[2], lambda q: q[-1], (8, 3)),
+    "causal_lm": Case(_llama, _llama_data, lambda q: q.model.layers[0], lambda q: q.lm_head, (2, 8, 100)),
+}
+
+
+def _case(algorithm) -> Case:
+    return CASES[algorithm.model_kind]
+
+
 def _prepared(algorithm):
     """A model ready for ``algorithm``: calibrated unless it runs before calibration."""
-    q = _model()
+    case = _case(algorithm)
+    q = case.build()
     if not algorithm.before_calibration:
-        tq.calibrate(q, _data(), progress=False)
+        tq.calibrate(q, case.data(), progress=False)
     return q
 
 
@@ -58,7 +109,7 @@ def _same_state(a, b):
 
 
 def _run(algorithm, model):
-    return algorithm(model, _data(), **algorithm.accepted(OPTIONS))
+    return algorithm(model, _case(algorithm).data(), **algorithm.accepted(OPTIONS))
 
 
 def _set_modes(model, algorithm):
@@ -67,7 +118,7 @@ def _set_modes(model, algorithm):
     if not algorithm.before_calibration:
         tq.set_qmodule_state(model, tq.QModuleState.QUANT_EVAL_ACT_ONLY)
     model.train()
-    model[2].eval()
+    _case(algorithm).other_flag(model).eval()
 
 
 ALGORITHMS = list_ptq_algorithms()
@@ -84,6 +135,12 @@ def test_every_algorithm_is_in_the_public_namespace_and_found_by_alias_and_case(
             assert get_ptq_algorithm(alias) is entry
     assert get_ptq_algorithm("bc") is get_ptq_algorithm("bias_correction")
     assert get_ptq_algorithm("CLE") is get_ptq_algorithm("equalize")
+
+
+def test_every_model_kind_has_a_test_case():
+    assert set(MODEL_KINDS) == set(CASES)
+    with pytest.raises(ValueError, match="model_kind must be one of"):
+        register_ptq_algorithm("test-bad-kind", model_kind="vision")(lambda model, data: model)
 
 
 def test_unknown_algorithm_lists_the_valid_names():
@@ -118,15 +175,18 @@ def test_algorithm_changes_the_model_and_keeps_modes_and_training_flags(name):
     before = _state(q)
     _run(algorithm, q)
     after = _state(q)
-    # Modes and training flags of the modules still there (equalize folds BatchNorm modules away).
+    # Modes and training flags of the modules still there (equalize folds BatchNorm modules away,
+    # quarot adds Hadamard transforms).
     for b, a in zip(before[1:], after[1:]):
-        assert set(a) <= set(b)
+        kept = dict(b)
+        assert {(n, f) for n, f in a if n in kept} <= set(b) and set(kept) & {n for n, _ in a}
     assert not _same_state(before, after)  # it did something to the weights or buffers
+    case = _case(algorithm)
     if algorithm.before_calibration:
-        tq.calibrate(q, _data(), progress=False)
+        tq.calibrate(q, case.data(), progress=False)
     tq.set_qmodule_state(q, tq.QModuleState.QUANT_EVAL)
-    out = q.eval()(_data()[0])
-    assert out.shape == (8, 3) and torch.isfinite(out).all()
+    out = _logits(q.eval()(case.data()[0]))
+    assert out.shape == case.out_shape and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)
@@ -146,8 +206,9 @@ def test_algorithm_restores_the_model_when_a_forward_pass_fails(name):
     def count(mod, args):
         calls[0] += 1
 
+    hooked = _case(algorithm).hooked
     q = _prepared(algorithm)
-    handle = q[-1].register_forward_pre_hook(count)
+    handle = hooked(q).register_forward_pre_hook(count)
     _run(algorithm, q)
     handle.remove()
     assert calls[0] >= 1, f"{name} never ran the model"
@@ -164,7 +225,7 @@ def test_algorithm_restores_the_model_when_a_forward_pass_fails(name):
             if seen[0] == k:
                 raise RuntimeError("injected failure")
 
-        q[-1].register_forward_pre_hook(fail)
+        hooked(q).register_forward_pre_hook(fail)
         with pytest.raises(RuntimeError, match="injected failure"):
             _run(algorithm, q)
         assert _same_state(before, _state(q)), f"{name} left the model changed after failing at call {k}"

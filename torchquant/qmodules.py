@@ -6,6 +6,8 @@
 * :class:`QWrapper`: a layer of :data:`~torchquant.layers.LAYER_ADAPTERS` (Linear, Conv,
   Embedding, Hugging Face ``Conv1D``), optionally followed by BatchNorm and an
   activation, with a weight quantizer and an output-activation quantizer.
+* :class:`HadamardTransform`: a fixed orthogonal transform of a layer's input
+  (:attr:`QWrapper.input_transform`), as rotation methods (QuaRot) insert.
 * :class:`QOp`: any tensor-returning operator (``operator.add``, ``torch.cat``,
   a pooling module) with an output-activation quantizer.
 * :class:`QMultiheadAttention`: ``nn.MultiheadAttention`` with its input and output
@@ -25,11 +27,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .hadamard import hadamard, hadamard_factors, hadamard_transform
 from .layers import BN_FOR_LAYER, LAYER_ADAPTERS, LAYER_ADAPTERS_BY_NAME, fold_bn_params, layer_adapter
 from .quantizers import Quantizer
 from .spec import CONFIG_KEY, decode_entry, encode_entry
 
-__all__ = ["SUPPORTED_ACTIVATIONS", "QModule", "QModuleState", "QMultiheadAttention", "QOp", "QWrapper"]
+__all__ = [
+    "SUPPORTED_ACTIVATIONS",
+    "HadamardTransform",
+    "QModule",
+    "QModuleState",
+    "QMultiheadAttention",
+    "QOp",
+    "QWrapper",
+]
 
 
 class QModuleState(enum.Enum):
@@ -97,6 +108,44 @@ def _run_quantizer(q: Quantizer, x: Tensor, observe: bool, quantize: bool) -> Te
     if observe:
         q.post_observe(x)
     return x
+
+
+class HadamardTransform(nn.Module):
+    """``x @ hadamard(n) / sqrt(n)`` along the last dimension: an orthogonal transform with no parameters.
+
+    What QuaRot (:func:`torchquant.ptq.quarot`) puts in front of a layer's input
+    quantizer (:attr:`QWrapper.input_transform`), with the inverse folded into the
+    layer's weight. The ``(m, m)`` base matrix of :func:`torchquant.hadamard.hadamard`
+    is a non-persistent buffer: it follows ``.to()`` but is not in the state dict (it is
+    a function of ``n``).
+
+    Args:
+        n: the size of the last dimension (an order :func:`~torchquant.hadamard.hadamard` builds).
+
+    Raises:
+        ValueError: no Hadamard matrix of order ``n`` is known here.
+
+    Example:
+        >>> t = HadamardTransform(12)
+        >>> x = torch.randn(2, 12)
+        >>> torch.allclose(t(x).norm(dim=-1), x.norm(dim=-1))
+        True
+    """
+
+    base: Tensor
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        m, _ = hadamard_factors(n)
+        self.n = n
+        self.register_buffer("base", hadamard(m), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return hadamard_transform(x, self.base, n=self.n)  # n given: no shape read, so torch.fx traces it
+
+    def extra_repr(self) -> str:
+        m, p = hadamard_factors(self.n)
+        return f"n={self.n} (Paley {m} x Sylvester {p})" if m > 1 else f"n={self.n} (Sylvester)"
 
 
 class QModule(nn.Module):
@@ -293,6 +342,12 @@ class QWrapper(QModule):
             Needs a BatchNorm that tracks running statistics. See "BatchNorm folding"
             above.
 
+    Input transform. ``input_transform`` (``None`` at first) may be set to a module
+    (:class:`HadamardTransform`) that the forward pass applies to the input before
+    anything else, in every mode, before the input quantizer: rotation methods (QuaRot)
+    put an online Hadamard there and fold its inverse into the weight, so the float
+    output does not change while the quantizer sees the rotated input.
+
     The wrapped layer's attributes stay readable through the wrapper
     (``wrapper.weight``, ``wrapper.in_features``), so a module that reads its
     layer's attributes keeps working once the layer is wrapped; they are the float
@@ -317,6 +372,8 @@ class QWrapper(QModule):
         >>> w(torch.randn(1, 3, 8, 8)).shape
         torch.Size([1, 8, 6, 6])
     """
+
+    input_transform: nn.Module | None
 
     def __init__(
         self,
@@ -348,6 +405,8 @@ class QWrapper(QModule):
         self.weight_quantizer = weight_quantizer
         self.acts_quantizer = acts_quantizer
         self.input_quantizer = input_quantizer
+        # registered even while None, so restoring a module dict (ptq.Snapshot) keeps the name
+        self.register_module("input_transform", None)
         self.fold_bn = bool(fold_bn)
         self._bn_frozen = False  # Python mirror of the bn_frozen buffer (no host sync in forward)
         if self.fold_bn:
@@ -402,6 +461,16 @@ class QWrapper(QModule):
                 raise ValueError(
                     f"QWrapper[{self._describe()}]: an Embedding's input is token ids; it takes no input_quantizer"
                 )
+        if name == "input_transform" and value is not None:
+            if not isinstance(value, nn.Module) or isinstance(value, Quantizer):
+                raise TypeError(
+                    "QWrapper: input_transform must be an nn.Module (not a Quantizer) or None, "
+                    f"got {type(value).__name__}"
+                )
+            if isinstance(self.layer, nn.Embedding):
+                raise ValueError(
+                    f"QWrapper[{self._describe()}]: an Embedding's input is token ids; it takes no input_transform"
+                )
         super().__setattr__(name, value)
 
     def __getattr__(self, name: str) -> Any:
@@ -432,6 +501,8 @@ class QWrapper(QModule):
         return _run_quantizer(self.input_quantizer, x, s.is_act_observed, s.is_act_quantized)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)
         if self.input_quantizer is not None:
             x = self._quantize_input(x)
         if self.fold_bn:
@@ -519,6 +590,8 @@ class QWrapper(QModule):
         super().__setstate__(state)
         if "_adapter" not in self.__dict__:  # a wrapper pickled before it held its adapter
             self._adapter = layer_adapter(self.layer)
+        if "input_transform" not in self._modules:  # pickled before wrappers had one
+            self.register_module("input_transform", None)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)

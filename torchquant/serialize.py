@@ -57,6 +57,7 @@ __all__ = [
     "load_quantized_state",
     "quantized_state_dict",
     "register_conversion",
+    "replay_conversion",
     "save",
 ]
 
@@ -428,13 +429,25 @@ def convert_like(model: nn.Module, desc: dict[str, Any]) -> nn.Module:
             "tq.load(converted_model, path)"
         )
     for record in desc["conversions"]:
-        kind = record.get("kind")
-        if kind not in _REPLAYS and "module" in record:
-            importlib.import_module(record["module"])
-        if kind not in _REPLAYS:
-            raise ValueError(f"load: unknown conversion {kind!r}; known: {sorted(_REPLAYS)}")
-        model = _REPLAYS[kind](model, record, build)
+        model = replay_conversion(model, record, build)
     return model
+
+
+def replay_conversion(
+    model: nn.Module, record: dict[str, Any], build: Callable[[str, str], nn.Module | None]
+) -> nn.Module:
+    """Repeat one recorded conversion on ``model`` (see :func:`register_conversion`), importing the
+    module the record names when its kind is not registered yet.
+
+    Raises:
+        ValueError: no replay is registered for the record's kind.
+    """
+    kind = record.get("kind")
+    if kind not in _REPLAYS and "module" in record:
+        importlib.import_module(record["module"])
+    if kind not in _REPLAYS:
+        raise ValueError(f"load: unknown conversion {kind!r}; known: {sorted(_REPLAYS)}")
+    return _REPLAYS[kind](model, record, build)
 
 
 def load(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:

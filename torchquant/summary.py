@@ -70,12 +70,18 @@ def _covered(name: str, prefixes: list[str]) -> bool:
     return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
 
 
+def _rotation_text(m: nn.Module) -> str:
+    rot = getattr(m, "head_rotation", None)  # QAttention's query/key rotation (QuaRot)
+    return "" if rot is None else f" after {type(rot).__name__}(query, key)"
+
+
 def summary_rows(model: nn.Module) -> list[dict[str, Any]]:
     """One dict per quantization point and per layer left in float, in module order.
 
     Keys: ``name`` (qualified name), ``kind`` (``"QWrapper"``, ``"QOp"``,
     ``"float"``, or another QModule's class name such as ``"QAttention"``), ``layers``
-    (``"Conv2d+BatchNorm2d+ReLU"``, the op name, the float module's type, or another
+    (``"Conv2d+BatchNorm2d+ReLU"``, ``"HadamardTransform+Linear"`` with an input
+    transform, the op name, the float module's type, or another
     QModule's quantizer roles, ``"QAttention(key, value)"``),
     ``weight_quantizer``/``act_quantizer`` (class names, ``/``-joined for several, or
     ``None``), ``weight_bits``/``act_bits`` (``int``, or ``None`` when there is none or
@@ -95,7 +101,7 @@ def summary_rows(model: nn.Module) -> list[dict[str, Any]]:
         if isinstance(m, QModule):
             qnames.append(name)
         if isinstance(m, QWrapper):
-            layers = "+".join(type(x).__name__ for x in (m.layer, m.bn, m.act) if x is not None)
+            layers = "+".join(type(x).__name__ for x in (m.input_transform, m.layer, m.bn, m.act) if x is not None)
             wq, aq, iq = m.weight_quantizer, m.acts_quantizer, m.input_quantizer
         elif isinstance(m, QOp):
             op = m.op
@@ -110,7 +116,7 @@ def summary_rows(model: nn.Module) -> list[dict[str, Any]]:
                 dict(
                     name=name,
                     kind=type(m).__name__,
-                    layers=f"{type(m).__name__}({', '.join(roles)})",
+                    layers=f"{type(m).__name__}({', '.join(roles)})" + _rotation_text(m),
                     weight_quantizer=w,
                     weight_bits=wb,
                     weight_granularity=wg,

@@ -19,6 +19,11 @@ def qwen2_config(**kw) -> transformers.Qwen2Config:
     return transformers.Qwen2Config(**{**base, "vocab_size": VOCAB, **kw})
 
 
+def mistral_config(**kw) -> transformers.MistralConfig:
+    base = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return transformers.MistralConfig(**{**base, "vocab_size": VOCAB, **kw})
+
+
 def gpt2_config(**kw) -> transformers.GPT2Config:
     return transformers.GPT2Config(**{**dict(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=VOCAB), **kw})
 

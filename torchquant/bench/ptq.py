@@ -225,5 +225,6 @@ def run_method(
 
 
 def methods() -> list[str]:
-    """The single-algorithm methods :func:`run_method` accepts: ``"nearest"`` and every registered PTQ algorithm."""
-    return [NEAREST, *list_ptq_algorithms()]
+    """The single-algorithm methods :func:`run_method` accepts: ``"nearest"`` and every registered PTQ
+    algorithm for any model (``model_kind="any"``; QuaRot, for causal LMs, is left out)."""
+    return [NEAREST, *(n for n in list_ptq_algorithms() if get_ptq_algorithm(n).model_kind == "any")]

@@ -172,6 +172,12 @@ class QAttention(QModule):
         implementation: the kernel otherwise: ``"sdpa"`` or ``"eager"`` (the model's own
             eager function), normally the one the model used before.
 
+    ``head_rotation`` (``None`` at first) may be set to an orthogonal transform of the
+    head dimension (a :class:`~torchquant.qmodules.HadamardTransform` of ``D``): it is
+    applied to the queries and keys before their quantizers, in every mode, and cancels
+    in ``q k^T``, so the float attention does not change while the key quantizer (the
+    KV cache) sees rotated keys. QuaRot (:func:`torchquant.ptq.quarot`) sets it.
+
     Raises:
         TypeError: a quantizer that is not a :class:`~torchquant.Quantizer` or ``None``.
         ValueError: an unknown ``implementation``.
@@ -187,6 +193,8 @@ class QAttention(QModule):
         >>> out.shape, probs.shape  # (B, Tq, H, D), (B, H, Tq, Tk)
         (torch.Size([1, 5, 2, 8]), torch.Size([1, 2, 5, 5]))
     """
+
+    head_rotation: nn.Module | None
 
     def __init__(
         self,
@@ -211,6 +219,8 @@ class QAttention(QModule):
         self.value_quantizer = value_quantizer
         self.probs_quantizer = probs_quantizer
         self.implementation = implementation
+        # registered even while None, so restoring a module dict (ptq.Snapshot) keeps the name
+        self.register_module("head_rotation", None)
         self._name_quantizers("QAttention")
 
     def _quantize(self, q: Quantizer | None, x: Tensor) -> Tensor:
@@ -244,6 +254,8 @@ class QAttention(QModule):
         Returns:
             ``(output (B, Tq, H, D), probabilities (B, H, Tq, Tk) or None)``, as the kernel returns them.
         """
+        if self.head_rotation is not None:  # (B, H, T, D): rotates D; cancels in q k^T
+            query, key = self.head_rotation(query), self.head_rotation(key)
         query = self._quantize(self.query_quantizer, query)
         key = self._quantize(self.key_quantizer, key)
         value = self._quantize(self.value_quantizer, value)
@@ -256,6 +268,11 @@ class QAttention(QModule):
         return _eager_with_kwargs(
             module, query, key, value, mask, kwargs, lambda p: self._quantize(self.probs_quantizer, p)
         )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "head_rotation" not in self._modules:  # pickled before QAttention had one
+            self.register_module("head_rotation", None)
 
     def extra_repr(self) -> str:
         return f"implementation={self.implementation}, qstate={self.qstate.name}"

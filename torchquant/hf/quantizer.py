@@ -34,7 +34,14 @@ from ..convert import CONVERSIONS_ATTR, quantize_model, record_conversion
 from ..layers import is_normalization
 from ..qmodules import QModuleState, QWrapper, iter_qmodules
 from ..quantizers.base import RangeQuantizer
-from ..serialize import AMAX_KEY, CODES_SUFFIX, load_quantized_state, quantized_state_dict, register_conversion
+from ..serialize import (
+    AMAX_KEY,
+    CODES_SUFFIX,
+    load_quantized_state,
+    quantized_state_dict,
+    register_conversion,
+    replay_conversion,
+)
 from ..spec import CONFIG_KEY, QuantizerSpec
 from .config import QUANT_METHOD, TorchQuantConfig
 
@@ -277,6 +284,10 @@ class TorchQuantHfQuantizer(HfQuantizer):
                     "from_pretrained: the checkpoint's config names the torchquant method, but its safetensors files "
                     "carry no torchquant description; save it with save_pretrained from a torchquant model"
                 )
+            # Conversions recorded after the config's own (QuaRot's online transforms): weights need none
+            for record in self.description.get("conversions", []):
+                if record.get("kind") != "torchquant.hf":
+                    replay_conversion(model, record, lambda name, attr: None)
             _load_own_state(model, self.checkpoint_files, self.description)
         return model
 

@@ -1,6 +1,6 @@
 """Post-training quantization: calibration, cross-layer equalization, bias correction,
-one reconstruction engine for AdaRound, BRECQ and QDrop, and the LLM algorithms (GPTQ,
-AWQ, SmoothQuant) on a sequential block engine (:mod:`torchquant.ptq.sequential`).
+one reconstruction engine for AdaRound, BRECQ and QDrop, QuaRot's rotations, and the LLM
+algorithms (GPTQ, AWQ, SmoothQuant) on a sequential block engine (:mod:`torchquant.ptq.sequential`).
 
 A typical pipeline (Nagel et al. 2021, "A White Paper on Neural Network Quantization")::
 
@@ -35,6 +35,7 @@ from .reconstruction import (
     reconstruction_block,
 )
 from .registry import PTQ_ALGORITHMS, PTQAlgorithm, get_ptq_algorithm, list_ptq_algorithms, register_ptq_algorithm
+from .rotate import QuaRotResult, quarot
 from .smoothquant import SmoothQuantResult, smoothing_scales, smoothquant
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "EqualizationResult",
     "GPTQResult",
     "PTQAlgorithm",
+    "QuaRotResult",
     "ReconstructionConfig",
     "SmoothQuantResult",
     "adaround",
@@ -66,6 +68,7 @@ __all__ = [
     "gptq_quantize_weight",
     "list_ptq_algorithms",
     "qdrop",
+    "quarot",
     "reconstruct",
     "reconstruction_block",
     "register_ptq_algorithm",

@@ -29,7 +29,14 @@ from torch import nn
 
 from ..registry import Registry
 
-__all__ = ["PTQ_ALGORITHMS", "PTQAlgorithm", "get_ptq_algorithm", "list_ptq_algorithms", "register_ptq_algorithm"]
+__all__ = [
+    "MODEL_KINDS",
+    "PTQ_ALGORITHMS",
+    "PTQAlgorithm",
+    "get_ptq_algorithm",
+    "list_ptq_algorithms",
+    "register_ptq_algorithm",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,6 +56,10 @@ class PTQAlgorithm:
             calibrated model and runs after calibration.
         aliases: other names it is found under (``"bc"`` for ``"bias_correction"``).
         description: one line, from the entry point's docstring.
+        model_kind: the models it applies to: ``"any"`` quantizable model, or one of
+            :data:`MODEL_KINDS` for an algorithm tied to an architecture (``"causal_lm"``:
+            a Hugging Face Llama-layout causal LM). The contract tests run each entry on a
+            model of its kind.
     """
 
     name: str
@@ -57,6 +68,7 @@ class PTQAlgorithm:
     before_calibration: bool = False
     aliases: tuple[str, ...] = ()
     description: str = ""
+    model_kind: str = "any"
 
     def __call__(self, model: nn.Module, data: list, **options: Any) -> Any:
         """Run the algorithm: ``fn(model, data, **options)``."""
@@ -68,6 +80,9 @@ class PTQAlgorithm:
 
 
 PTQ_ALGORITHMS = Registry("PTQ algorithm")
+
+MODEL_KINDS = ("any", "causal_lm")
+"""The values of :attr:`PTQAlgorithm.model_kind`."""
 
 
 def _keyword_options(fn: Callable[..., Any]) -> frozenset[str]:
@@ -83,6 +98,7 @@ def register_ptq_algorithm(
     options: Iterable[str] | None = None,
     before_calibration: bool = False,
     aliases: Iterable[str] = (),
+    model_kind: str = "any",
     overwrite: bool = False,
 ) -> Callable[[F], F]:
     """Function decorator: register a post-training algorithm ``fn(model, data, **options)`` as ``name``.
@@ -93,11 +109,19 @@ def register_ptq_algorithm(
             (give them when ``fn`` takes ``**kwargs``).
         before_calibration: see :class:`PTQAlgorithm`.
         aliases: other names for the same entry.
+        model_kind: see :class:`PTQAlgorithm`.
         overwrite: replace an entry of the same name.
 
     Returns:
         The decorator, which returns ``fn`` unchanged.
+
+    Raises:
+        ValueError: a ``model_kind`` not in :data:`MODEL_KINDS`.
     """
+    if model_kind not in MODEL_KINDS:
+        raise ValueError(
+            f"register_ptq_algorithm({name!r}): model_kind must be one of {MODEL_KINDS}, got {model_kind!r}"
+        )
 
     def deco(fn: F) -> F:
         entry = PTQAlgorithm(
@@ -107,6 +131,7 @@ def register_ptq_algorithm(
             before_calibration=before_calibration,
             aliases=tuple(a.lower() for a in aliases),
             description=(inspect.getdoc(fn) or "").split("\n")[0],
+            model_kind=model_kind,
         )
         for key in (name, *aliases):
             PTQ_ALGORITHMS.register(key, overwrite=overwrite)(entry)
