@@ -127,7 +127,9 @@ def test_synced_ranks_equal_single_process_on_concatenated_batches(two_ranks):
     got = two_ranks[0]["calib"]
     assert got.keys() == expected.keys()
     for k in expected:
-        assert torch.equal(got[k], expected[k]), k
+        # Activation ranges come from convolutions run on half the batch per rank, whose float
+        # sums may round differently from the full batch's in the last bit.
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
 def test_sync_observers_toggles_and_counts():
