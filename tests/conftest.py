@@ -1,5 +1,11 @@
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same examples in every run, whatever ran before them in the worker,
+# and no example database carries failures from one run (or torch version) into the next.
+settings.register_profile("torchquant", derandomize=True, database=None)
+settings.load_profile("torchquant")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -61,7 +63,10 @@ def _tutorial_class():
     blocks = re.findall(r"```python\n(.*?)```", TUTORIAL.read_text(), flags=re.S)
     (block,) = [b for b in blocks if "class LearnedClipQuantizer" in b]
     entries, examples = dict(QUANTIZERS._entries), dict(QUANTIZERS._examples)
-    ns: dict = {"__name__": "__docs__"}
+    # A real module, so that torch.compile can import the class's __module__ (dynamo does on torch 2.13).
+    module = types.ModuleType("_tutorial_learned_quantizer")
+    sys.modules[module.__name__] = module
+    ns = module.__dict__
     try:
         exec(compile(blocks[0], str(TUTORIAL), "exec"), ns)
         exec(compile(block, str(TUTORIAL), "exec"), ns)
