@@ -5,12 +5,10 @@ import importlib.metadata
 import json
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from torchquant.bench.lm import default_texts  # noqa: E402
 from torchquant.cli.lm import LMBits, parse_lm_recipe  # noqa: E402
 from torchquant.cli.main import main  # noqa: E402
 
@@ -60,23 +58,8 @@ def test_recipes_order_algorithms_around_calibration():
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A random-init 2-layer Llama and a byte-level BPE tokenizer trained on the calibration text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    calib, _ = default_texts()
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator([calib[:20000]], trainers.BpeTrainer(vocab_size=320, show_progress=False))
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-    )  # fmt: skip
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+def tiny_dir(tiny_llama_dir):
+    return tiny_llama_dir
 
 
 def _csv_rows(folder):

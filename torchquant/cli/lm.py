@@ -21,7 +21,7 @@ Recipes (``--recipes``): ``rtn`` (round to nearest: calibration only) or registe
 algorithms chained with ``+`` (``gptq``, ``awq``, ``smoothquant``, ``quarot``,
 ``quarot+gptq``, ``smoothquant+gptq``). Algorithms registered to run before calibration
 (rotations, scale migration) come first, the others after it; ``--args`` passes options
-as JSON, ``{"gptq": {"actorder": true}}``.
+as JSON, ``{"gptq": {"act_order": true}}``.
 
 Text: :func:`torchquant.bench.lm.default_texts` (Python's ``pydoc_data/topics.py``: the
 calibration and evaluation documents are disjoint) or ``--text FILE`` (split at a
@@ -164,7 +164,9 @@ class LMConfig:
         calib: calibration windows; calib_len: tokens per window.
         eval_windows: scored windows (``None``: the whole evaluation text); eval_len: tokens per window.
         layers: keep only the first this many decoder layers (quick runs; ``None``: all).
-        args: per-algorithm options, ``{"gptq": {"actorder": True}}``.
+        args: per-algorithm options, ``{"gptq": {"act_order": True}}``.
+        cells: ``(recipe, bits)`` pairs to run instead of every recipe at every bit setting
+            (``recipes`` and ``bits`` are then ignored).
         seed: seeds torch before each cell.
         threads: torch threads (``None``: unchanged).
         out: output folder (table, ``results.csv``, ``results.json``, ``perplexity.png``).
@@ -182,6 +184,7 @@ class LMConfig:
     eval_len: int = 512
     layers: int | None = None
     args: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cells: list[tuple[str, str]] | None = None
     seed: int = 0
     threads: int | None = None
     out: str = "runs/lm"
@@ -416,9 +419,9 @@ def run_lm(cfg: LMConfig, argv: list[str] | None = None) -> LMResult:
     from ..bench.lm import calibration_batches, perplexity
     from .report import environment, write_csv, write_json
 
-    bits = [LMBits.parse(b) for b in cfg.bits]
-    recipes = [parse_lm_recipe(r) for r in cfg.recipes]
-    _check_args(recipes, cfg.args)
+    pairs = cfg.cells if cfg.cells is not None else [(r, b) for b in cfg.bits for r in cfg.recipes]
+    grid = [(parse_lm_recipe(r), LMBits.parse(b)) for r, b in pairs]
+    _check_args([r for r, _ in grid], cfg.args)
     if cfg.text is not None and not Path(cfg.text).is_file():
         raise FileNotFoundError(f"--text {cfg.text!r}: no such file")
     if cfg.threads is not None:
@@ -434,42 +437,47 @@ def run_lm(cfg: LMConfig, argv: list[str] | None = None) -> LMResult:
             m, tokenizer, eval_text, seq_len=cfg.eval_len, max_windows=cfg.eval_windows, progress=not cfg.quiet
         )
 
-    rows: list[LMRow] = []
-    _reset_peak_memory()
-    start = time.perf_counter()
-    fp = score(model)
-    rows.append(LMRow("float", "-", fp, 1.0, 0.0, time.perf_counter() - start, _peak_mib()))
-    for b in bits:
-        for recipe in recipes:
-            torch.manual_seed(cfg.seed)
-            _reset_peak_memory()
-            start = time.perf_counter()
-            q = None
-            try:
-                q, notes = _quantize_cell(model, b, recipe, calib, cfg)
-                mid = time.perf_counter()
-                ppl = score(q)
-                row = LMRow(recipe.name, b.name, ppl, ppl / fp, mid - start, time.perf_counter() - mid, _peak_mib())
-                row.note = "; ".join(notes)
-            except Exception as e:  # one failed cell is reported and the grid goes on
-                row = LMRow(recipe.name, b.name, None, None, time.perf_counter() - start, 0.0, _peak_mib())
-                row.status, row.note = "failed", f"{type(e).__name__}: {e}"
-            del q
-            rows.append(row)
-            if not cfg.quiet:
-                print(format_lm_table([row]).splitlines()[-1], flush=True)
     title = (
         f"torchquant lm: {cfg.model}{'' if cfg.layers is None else f' (first {cfg.layers} layers)'}, "
         f"calibration {cfg.calib} x {cfg.calib_len} tokens, evaluation "
         f"{'all' if cfg.eval_windows is None else cfg.eval_windows} x {cfg.eval_len} tokens"
     )
-    table = format_lm_table(rows, title)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     files = {"table": out / "results.md", "csv": out / "results.csv", "json": out / "results.json"}
-    files["table"].write_text(table + "\n")
-    write_csv(rows, files["csv"])
-    write_json(rows, files["json"], environment(argv or ["torchquant", "lm"], seed=cfg.seed), asdict(cfg))
+    env = environment(argv or ["torchquant", "lm"], seed=cfg.seed)
+    rows: list[LMRow] = []
+
+    def add(row: LMRow) -> None:
+        # Written after every cell, so a long grid that is stopped keeps what it measured.
+        rows.append(row)
+        files["table"].write_text(format_lm_table(rows, title) + "\n")
+        write_csv(rows, files["csv"])
+        write_json(rows, files["json"], env, asdict(cfg))
+        if not cfg.quiet:
+            print(format_lm_table([row]).splitlines()[-1], flush=True)
+
+    _reset_peak_memory()
+    start = time.perf_counter()
+    fp = score(model)
+    add(LMRow("float", "-", fp, 1.0, 0.0, time.perf_counter() - start, _peak_mib()))
+    for recipe, b in grid:
+        torch.manual_seed(cfg.seed)
+        _reset_peak_memory()
+        start = time.perf_counter()
+        q = None
+        try:
+            q, notes = _quantize_cell(model, b, recipe, calib, cfg)
+            mid = time.perf_counter()
+            ppl = score(q)
+            row = LMRow(recipe.name, b.name, ppl, ppl / fp, mid - start, time.perf_counter() - mid, _peak_mib())
+            row.note = "; ".join(notes)
+        except Exception as e:  # one failed cell is reported and the grid goes on
+            row = LMRow(recipe.name, b.name, None, None, time.perf_counter() - start, 0.0, _peak_mib())
+            row.status, row.note = "failed", f"{type(e).__name__}: {e}"
+        del q
+        add(row)
+    table = format_lm_table(rows, title)
     if cfg.plot:
         files["plot"] = plot_lm(rows, out / "perplexity.png", title.replace(", calibration", "\ncalibration"))
     return LMResult(rows, table, files)

@@ -1,0 +1,159 @@
+"""LLM post-training quantization on SmolLM2-135M: the issue's table and its targets, in one run.
+
+Every row comes from one :func:`torchquant.cli.lm.run_lm` grid on the same text
+(``torchquant.bench.lm.default_texts``: Python's ``pydoc_data/topics.py``, disjoint
+calibration and evaluation documents), so the rows compare. Decoder ``Linear`` layers are
+quantized (``lm_head`` and the embedding stay float), weights symmetric; see
+``torchquant lm --help`` for the bit-setting syntax.
+
+Targets (each printed PASS / FAIL with its figures):
+
+* W4 g64: GPTQ recovers at least 54% of round-to-nearest's perplexity increase over float
+  (what llm-compressor's GPTQ recovered in the issue's measurement on another text:
+  (16.32 - 13.28) / (16.32 - 10.74)); AWQ below round to nearest and within 10% of GPTQ;
+* W3 g64: GPTQ and AWQ each recover at least half of round-to-nearest's increase, GPTQ
+  within 3x float;
+* W8A8 static per-tensor activations: SmoothQuant recovers at least half of plain W8A8's
+  increase; per-token dynamic activations: at most 1.01x float;
+* W4A4 with a 4-bit KV cache (per-token dynamic activations): QuaRot + GPTQ at most 3x
+  float, where round to nearest without rotation is above 10x;
+* GPTQ on the whole model with ``--time-calib`` windows of ``--time-calib-len`` tokens
+  (default 128 x 512) in at most 600 s (``--skip-timing`` leaves it out).
+
+Run: ``python benchmarks/llm.py [--calib 32] [--calib-len 256] [--eval-windows 4] [--out runs/llm]``;
+``--quick`` runs a reduced grid (two decoder layers, few tokens) that checks the
+plumbing, not the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import torchquant as tq
+from torchquant.cli.lm import LMConfig, LMRow, load_causal_lm, run_lm
+
+CELLS = [
+    ("rtn", "w8"),
+    ("rtn", "w4g64"),
+    ("gptq", "w4g64"),
+    ("awq", "w4g64"),
+    ("rtn", "w4"),
+    ("gptq", "w4"),
+    ("rtn", "w3g64"),
+    ("gptq", "w3g64"),
+    ("awq", "w3g64"),
+    ("rtn", "w8a8"),
+    ("smoothquant", "w8a8"),
+    ("smoothquant+gptq", "w8a8"),
+    ("rtn", "w8a8t"),
+    ("smoothquant", "w8a8t"),
+    ("rtn", "w4a4tkv4"),
+    ("quarot", "w4a4tkv4"),
+    ("quarot+gptq", "w4a4tkv4"),
+]
+"""(recipe, bits) cells of the table, in order."""
+
+
+def _recovered(fp: float, rtn: float, method: float) -> float:
+    """Fraction of round-to-nearest's perplexity increase over float that ``method`` removes."""
+    return (rtn - method) / (rtn - fp) if rtn > fp else float("nan")
+
+
+def check_targets(rows: list[LMRow]) -> list[tuple[str, bool, str]]:
+    """``(target, met, figures)`` for every target whose cells are in ``rows``."""
+    ppl = {(r.recipe, r.bits): r.perplexity for r in rows if r.perplexity is not None}
+    fp = ppl[("float", "-")]
+    out = []
+
+    def have(*cells: tuple[str, str]) -> bool:
+        return all(c in ppl for c in cells)
+
+    if have(("rtn", "w4g64"), ("gptq", "w4g64")):
+        rec = _recovered(fp, ppl["rtn", "w4g64"], ppl["gptq", "w4g64"])
+        out.append(("W4 g64: GPTQ recovers >= 54% of RTN's increase", rec >= 0.54, f"{rec:.0%}"))
+    if have(("rtn", "w4g64"), ("gptq", "w4g64"), ("awq", "w4g64")):
+        awq, gptq, rtn = ppl["awq", "w4g64"], ppl["gptq", "w4g64"], ppl["rtn", "w4g64"]
+        ok = awq < rtn and awq <= 1.10 * gptq
+        out.append(("W4 g64: AWQ < RTN and <= 1.1x GPTQ", ok, f"AWQ {awq:.2f}, RTN {rtn:.2f}, GPTQ {gptq:.2f}"))
+    for method in ("gptq", "awq"):
+        if have(("rtn", "w3g64"), (method, "w3g64")):
+            rec = _recovered(fp, ppl["rtn", "w3g64"], ppl[method, "w3g64"])
+            out.append((f"W3 g64: {method} recovers >= 50% of RTN's increase", rec >= 0.5, f"{rec:.0%}"))
+    if have(("gptq", "w3g64")):
+        x = ppl["gptq", "w3g64"] / fp
+        out.append(("W3 g64: GPTQ <= 3x float", x <= 3, f"{x:.2f}x"))
+    if have(("rtn", "w8a8"), ("smoothquant", "w8a8")):
+        rec = _recovered(fp, ppl["rtn", "w8a8"], ppl["smoothquant", "w8a8"])
+        out.append(("W8A8 static: SmoothQuant recovers >= 50% of RTN's increase", rec >= 0.5, f"{rec:.0%}"))
+    if have(("smoothquant", "w8a8t")):
+        x = ppl["smoothquant", "w8a8t"] / fp
+        out.append(("W8A8 per-token: SmoothQuant <= 1.01x float", x <= 1.01, f"{x:.4f}x"))
+    if have(("rtn", "w4a4tkv4"), ("quarot+gptq", "w4a4tkv4")):
+        x, plain = ppl["quarot+gptq", "w4a4tkv4"] / fp, ppl["rtn", "w4a4tkv4"] / fp
+        ok = x <= 3 and plain > 10
+        out.append(("W4A4 KV4: QuaRot+GPTQ <= 3x float, RTN > 10x", ok, f"{x:.2f}x (RTN {plain:.1f}x)"))
+    return out
+
+
+def time_gptq(n: int, seq_len: int, threads: int | None) -> tuple[float, float]:
+    """Seconds of ``tq.ptq.gptq`` (W4 g64) on the whole SmolLM2 with ``n`` windows of ``seq_len``
+    tokens, and the perplexity of the result on 4 x 512 evaluation tokens."""
+    from torchquant.bench.lm import calibration_batches, default_texts, perplexity
+    from torchquant.hf import TorchQuantConfig, quantize
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model, tok = load_causal_lm("smollm2")
+    calib_text, eval_text = default_texts()
+    calib = calibration_batches(tok, calib_text, n, seq_len)
+    quantize(model, TorchQuantConfig(weights="int4-g64"), initial_state=False)
+    tq.calibrate(model, calib[:1], progress=False)  # weight ranges only: one window is enough
+    start = time.perf_counter()
+    tq.ptq.gptq(model, calib, progress=True)
+    seconds = time.perf_counter() - start
+    tq.set_qmodule_state(model, tq.QModuleState.QUANT_EVAL)
+    return seconds, perplexity(model, tok, eval_text, seq_len=512, max_windows=4, progress=False)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--calib", type=int, default=32)
+    p.add_argument("--calib-len", type=int, default=256)
+    p.add_argument("--eval-windows", type=int, default=4)
+    p.add_argument("--eval-len", type=int, default=512)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", default="runs/llm")
+    p.add_argument("--cells", help="comma-separated recipe@bits to run instead of the full table")
+    p.add_argument("--time-calib", type=int, default=128)
+    p.add_argument("--time-calib-len", type=int, default=512)
+    p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--quick", action="store_true", help="two decoder layers, few tokens: plumbing only")
+    args = p.parse_args()
+    cells = [tuple(c.split("@")) for c in args.cells.split(",")] if args.cells else CELLS
+    cfg = LMConfig(
+        cells=cells, calib=args.calib, calib_len=args.calib_len, eval_windows=args.eval_windows,
+        eval_len=args.eval_len, threads=args.threads, out=args.out, quiet=True,
+    )  # fmt: skip
+    if args.quick:
+        cfg.layers, cfg.calib, cfg.calib_len, cfg.eval_windows, cfg.eval_len = 2, 2, 64, 1, 128
+    result = run_lm(cfg, ["benchmarks/llm.py"])
+    print(result.table)
+    print()
+    if not args.quick:
+        for target, ok, figures in check_targets(result.rows):
+            print(f"{'PASS' if ok else 'FAIL'}  {target}: {figures}")
+    if not (args.quick or args.skip_timing):
+        seconds, ppl = time_gptq(args.time_calib, args.time_calib_len, args.threads)
+        ok = seconds <= 600
+        print(
+            f"{'PASS' if ok else 'FAIL'}  GPTQ on the whole model, {args.time_calib} x {args.time_calib_len} "
+            f"tokens, <= 600 s: {seconds:.0f} s (W4 g64 perplexity {ppl:.2f})"
+        )
+    print(f"\nresults: {', '.join(str(f) for f in result.files.values())}")
+
+
+if __name__ == "__main__":
+    main()
