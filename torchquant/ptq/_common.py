@@ -4,7 +4,7 @@ snapshots that undo a failed algorithm, forward order of modules, input capture.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -117,6 +117,22 @@ class Snapshot:
                 m.training = training
                 if qstate is not None:
                     m.qstate = qstate
+
+
+@contextlib.contextmanager
+def all_or_nothing(model: nn.Module) -> Iterator[None]:
+    """Run the body as one step on ``model``: if it raises (an interrupt included), the
+    :class:`Snapshot` taken on entry is restored; QModule modes and ``training`` flags are
+    put back either way (:func:`~torchquant.utils.restoring_states`)."""
+    from ..utils import restoring_states
+
+    snapshot = Snapshot(model)
+    with restoring_states(model):
+        try:
+            yield
+        except BaseException:
+            snapshot.restore()
+            raise
 
 
 class _Stop(Exception):

@@ -41,8 +41,7 @@ from torch import Tensor, nn
 
 from ..qmodules import QModuleState, QWrapper, _run_quantizer
 from ..spec import describe
-from ..utils import restoring_states
-from ._common import Snapshot, materialize, reobserve_weights, require_qmodules
+from ._common import all_or_nothing, materialize, reobserve_weights, require_qmodules
 from .registry import register_ptq_algorithm
 from .sequential import Block, fold_input_scale, sequential_blocks
 
@@ -237,35 +236,30 @@ def awq(
     exponents: dict[str, float] = {}
     clip_ratios: dict[str, float] = {}
     skipped: dict[str, str] = {}
-    snapshot = Snapshot(model)
-    with restoring_states(model):
-        try:
-            model.eval()
-            mode = QModuleState.BYPASSED
-            for block in sequential_blocks(model, batches, blocks=blocks, mode=mode, who="awq", progress=progress):
-                layers = [w for _, w in block.layers if _awq_layer(w) and w.weight_quantizer is not None]
-                groups = block.groups(layers)
-                if not groups:
-                    continue
-                x_mean, X = _stats(block, groups, sample_tokens, seed)
-                for group in groups:
-                    gname = ",".join(names[w] for w in group)
-                    target = block.fold_target(group)
-                    Xg = X[group[0]]
-                    if target is None:
-                        skipped[gname] = "no module produces its input channels one for one"
-                    else:
-                        s, a = _search_scale(group, Xg, x_mean[group[0]], n_grid)
-                        fold_input_scale(target, group, s)
-                        exponents[gname] = a
-                        Xg = Xg / s
-                    if clip:
-                        for w in group:
-                            ratio = _search_clip(w, Xg, n_grid, float(max_shrink))
-                            if ratio is not None:
-                                clip_ratios[names[w]] = ratio
-                reobserve_weights(layers)
-        except BaseException:
-            snapshot.restore()
-            raise
+    with all_or_nothing(model):
+        model.eval()
+        mode = QModuleState.BYPASSED
+        for block in sequential_blocks(model, batches, blocks=blocks, mode=mode, who="awq", progress=progress):
+            layers = [w for _, w in block.layers if _awq_layer(w) and w.weight_quantizer is not None]
+            groups = block.groups(layers)
+            if not groups:
+                continue
+            x_mean, X = _stats(block, groups, sample_tokens, seed)
+            for group in groups:
+                gname = ",".join(names[w] for w in group)
+                target = block.fold_target(group)
+                Xg = X[group[0]]
+                if target is None:
+                    skipped[gname] = "no module produces its input channels one for one"
+                else:
+                    s, a = _search_scale(group, Xg, x_mean[group[0]], n_grid)
+                    fold_input_scale(target, group, s)
+                    exponents[gname] = a
+                    Xg = Xg / s
+                if clip:
+                    for w in group:
+                        ratio = _search_clip(w, Xg, n_grid, float(max_shrink))
+                        if ratio is not None:
+                            clip_ratios[names[w]] = ratio
+            reobserve_weights(layers)
     return AWQResult(exponents=exponents, clip_ratios=clip_ratios, skipped=skipped)

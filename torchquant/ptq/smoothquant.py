@@ -30,8 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..qmodules import QModuleState, QWrapper
-from ..utils import restoring_states
-from ._common import Snapshot, materialize, reobserve_weights, require_qmodules
+from ._common import all_or_nothing, materialize, reobserve_weights, require_qmodules
 from .registry import register_ptq_algorithm
 from .sequential import Block, fold_input_scale, sequential_blocks
 
@@ -154,35 +153,28 @@ def smoothquant(
     folded: dict[str, str] = {}
     max_scale: dict[str, float] = {}
     skipped: dict[str, str] = {}
-    snapshot = Snapshot(model)
-    with restoring_states(model):
-        try:
-            model.eval()
-            mode = QModuleState.BYPASSED
-            for block in sequential_blocks(
-                model, batches, blocks=blocks, mode=mode, who="smoothquant", progress=progress
-            ):
-                plan: list[tuple[list[QWrapper], nn.Module]] = []
-                for group in block.groups([w for _, w in block.layers if _smoothable(w)]):
-                    target = block.fold_target(group)
-                    gname = _group_name(names, group)
-                    if target is None:
-                        skipped[gname] = "no module produces its input channels one for one"
-                    elif targets == "norms" and isinstance(target, QWrapper):
-                        skipped[gname] = f"its input comes from {names[target]}, not a normalisation (targets='norms')"
-                    else:
-                        plan.append((group, target))
-                if not plan:
-                    continue
-                acts = _act_absmax(block, [g for g, _ in plan])
-                for group, target in plan:
-                    s = smoothing_scales(acts[group[0]], _weight_absmax(group), float(alpha))
-                    fold_input_scale(target, group, s)
-                    gname = _group_name(names, group)
-                    folded[gname] = names[target]
-                    max_scale[gname] = float(s.max())
-                    reobserve_weights([*group, target] if isinstance(target, QWrapper) else group)
-        except BaseException:
-            snapshot.restore()
-            raise
+    with all_or_nothing(model):
+        model.eval()
+        mode = QModuleState.BYPASSED
+        for block in sequential_blocks(model, batches, blocks=blocks, mode=mode, who="smoothquant", progress=progress):
+            plan: list[tuple[list[QWrapper], nn.Module]] = []
+            for group in block.groups([w for _, w in block.layers if _smoothable(w)]):
+                target = block.fold_target(group)
+                gname = _group_name(names, group)
+                if target is None:
+                    skipped[gname] = "no module produces its input channels one for one"
+                elif targets == "norms" and isinstance(target, QWrapper):
+                    skipped[gname] = f"its input comes from {names[target]}, not a normalisation (targets='norms')"
+                else:
+                    plan.append((group, target))
+            if not plan:
+                continue
+            acts = _act_absmax(block, [g for g, _ in plan])
+            for group, target in plan:
+                s = smoothing_scales(acts[group[0]], _weight_absmax(group), float(alpha))
+                fold_input_scale(target, group, s)
+                gname = _group_name(names, group)
+                folded[gname] = names[target]
+                max_scale[gname] = float(s.max())
+                reobserve_weights([*group, target] if isinstance(target, QWrapper) else group)
     return SmoothQuantResult(folded=folded, max_scale=max_scale, skipped=skipped)
