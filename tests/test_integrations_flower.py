@@ -1,0 +1,350 @@
+"""torchquant.integrations.flower: the update codec, byte counting, observer merging and a small federation."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import torchquant as tq
+from torchquant.distributed import merge_ranges, observers
+
+flower = pytest.importorskip("torchquant.integrations.flower", exc_type=ImportError)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# --------------------------------------------------------------------------- codec
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8, 12])
+def test_pack_bits_round_trip_and_size(bits):
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (37,), generator=g)
+    packed = flower.pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(37 * bits / 8)
+    assert torch.equal(flower.unpack_bits(packed, bits, 37), codes)
+
+
+def test_pack_bits_rejects_codes_that_do_not_fit():
+    with pytest.raises(ValueError, match=r"pack_bits: codes must lie in \[0, 4\)"):
+        flower.pack_bits(torch.tensor([0, 4]), 2)
+    with pytest.raises(ValueError, match="bits must be an int in"):
+        flower.pack_bits(torch.tensor([0]), 0)
+
+
+def _step(x: torch.Tensor, bits: int, group: int | None, symmetric: bool) -> torch.Tensor:
+    """The grid step of every element of ``x`` viewed as (rows, cols), by hand: one range per row or group."""
+    m = x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)
+    rows, cols = m.shape
+    if group is not None:
+        m = torch.cat([m, m.new_zeros(rows, (-cols) % group)], dim=1).reshape(rows, -1, group)
+    else:
+        m = m.reshape(rows, 1, cols)
+    lo, hi = m.amin(dim=2, keepdim=True).clamp(max=0), m.amax(dim=2, keepdim=True).clamp(min=0)
+    if symmetric:
+        hi = torch.maximum(-lo, hi)
+        lo = -hi
+    step = ((hi - lo) / (2**bits - 1)).expand_as(m).reshape(rows, -1)[:, :cols]
+    return step.reshape(x.shape)
+
+
+CODEC_CASES = [
+    ("int8", 8, None, True),
+    ("int4", 4, None, True),
+    ("int2", 2, None, True),
+    ("int4-g16", 4, 16, True),
+    ("int8-asym", 8, None, False),
+    ("int3-g8-asym", 3, 8, False),
+]
+SHAPES = {"conv": (6, 4, 3, 3), "linear-padded": (5, 37), "bias": (7,), "scalar": ()}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize(("spec", "bits", "group", "symmetric"), CODEC_CASES, ids=[c[0] for c in CODEC_CASES])
+def test_nearest_round_trip_is_within_half_a_step_and_matches_the_quantizer(spec, bits, group, symmetric, shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    arrays = flower.encode_update({"w": x}, spec)
+    y = flower.decode_update(arrays, {"w": x.shape}, spec)["w"]
+    assert y.shape == x.shape and y.dtype == torch.float32
+    step = _step(x, bits, group, symmetric)
+    assert ((y - x).abs() <= step / 2 * (1 + 1e-5) + 1e-7).all()
+    # the same values as the registered quantizer's own fake quantization of the (rows, cols) view
+    q = flower.update_spec(spec).build()
+    m = flower._as_rows(x, q.granularity)
+    q.pre_observe(m)
+    expected = q(m)[:, : (x.numel() // (x.shape[0] if x.dim() >= 2 else 1))].reshape(x.shape)
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-6)
+
+
+def test_encoded_arrays_are_codes_scales_and_zero_points_of_exact_size():
+    x = torch.randn(16, 40)
+    a = flower.encode_update({"w": x}, "int8")
+    assert {k: (v.dtype, v.shape) for k, v in a.items()} == {
+        "w/codes": (np.uint8, (640,)),
+        "w/scale": (np.float32, (16,)),
+        "w/zero_point": (np.uint8, (1,)),  # symmetric: one zero point
+    }
+    b = flower.encode_update({"w": torch.randn(10, 12)}, "int2-g8-asym")  # 12 columns padded to 16
+    assert b["w/codes"].nbytes == 10 * 16 * 2 // 8 and b["w/scale"].shape == (20,)
+    assert b["w/zero_point"].shape in ((1,), (20,))
+    c = flower.encode_update({"w": x}, None)
+    assert c["w"].dtype == np.float32 and c["w"].nbytes == 4 * x.numel()
+
+
+def test_zero_update_decodes_to_zero():
+    x = torch.zeros(3, 5)
+    y = flower.decode_update(flower.encode_update({"w": x}, "int4"), {"w": x.shape}, "int4")["w"]
+    assert torch.equal(y, x)
+
+
+def test_stochastic_rounding_primitive_is_unbiased_floor_or_ceil():
+    g = torch.Generator().manual_seed(0)
+    x = torch.linspace(-3.0, 3.0, 25)
+    draws = torch.stack([flower.stochastic_round(x, g) for _ in range(4000)])
+    assert ((draws == x.floor()) | (draws == x.ceil())).all()
+    # each draw is Bernoulli(frac) around floor(x): std <= 1/2, so the mean's std <= 1 / (2 sqrt(4000))
+    assert (draws.mean(0) - x).abs().max() <= 5 / (2 * math.sqrt(4000))
+
+
+def test_stochastic_updates_are_unbiased_where_nearest_is_not():
+    # Every row's range is fixed by its first two entries (-7 and +7 steps of 1 at 4 bits asymmetric
+    # after widening to include 0: [-7, 8], step 1); the other entries sit 0.3 steps off the grid.
+    rows = 4
+    fixed = torch.tensor([-7.0, 8.0]).repeat(rows, 1)
+    probe = torch.arange(-6.0, 7.0).repeat(rows, 1) + 0.3
+    x = torch.cat([fixed, probe], dim=1)  # (4, 15)
+    spec, n = "int4-asym", 2000
+    g = torch.Generator().manual_seed(1)
+    mean = torch.zeros_like(x)
+    for _ in range(n):
+        a = flower.encode_update({"w": x}, spec, rounding="stochastic", generator=g)
+        y = flower.decode_update(a, {"w": x.shape}, spec)["w"]
+        assert ((y - x).abs() < 1.0 + 1e-6).all()  # floor or ceil on the grid
+        mean += y / n
+    nearest = flower.decode_update(flower.encode_update({"w": x}, spec), {"w": x.shape}, spec)["w"]
+    tol = 5 * 1.0 / (2 * math.sqrt(n))  # 5 standard deviations of the mean at step 1
+    assert (mean - x).abs().max() <= tol
+    assert (nearest - x)[:, 2:].abs().min() >= 0.3 - 1e-5 > tol  # nearest: biased by 0.3 steps everywhere
+
+
+def test_update_spec_errors_name_the_spec():
+    with pytest.raises(ValueError, match="'nf4'.*no affine grid"):
+        flower.update_spec("nf4")
+    with pytest.raises(ValueError, match="'nope'"):
+        flower.update_spec("nope")
+    assert flower.update_spec("float32") is None and flower.update_spec(None) is None
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        flower.FederatedConfig(rounding="up")
+    with pytest.raises(ValueError, match="local_epochs must be a positive int, got 0"):
+        flower.FederatedConfig(local_epochs=0)
+
+
+def test_payload_bytes_is_the_sum_of_array_nbytes():
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+    arrays = flower.encode_update({"a": torch.randn(6, 9), "b": torch.randn(5)}, "int4-g4")
+    rec = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    content = RecordDict({"arrays": rec, "metrics": MetricRecord({"num-examples": 3})})
+    expected = sum(v.nbytes for v in arrays.values())
+    assert flower.payload_bytes(rec) == flower.payload_bytes(content) == expected
+    assert expected == sum(a.numpy().nbytes for a in rec.values())
+    # the serialised arrays carry .npy headers on top: payload_bytes counts what the arrays hold
+    assert sum(len(a.data) for a in rec.values()) > expected
+
+
+# ------------------------------------------------------------------- observers
+def test_merge_ranges_is_min_of_mins_and_max_of_maxes_with_non_finite_widened():
+    lo, hi = merge_ranges(
+        [torch.tensor([0.0, -1.0]), torch.tensor([-2.0, float("nan")])],
+        [torch.tensor([1.0, 5.0]), torch.tensor([3.0, 2.0])],
+    )
+    assert lo.tolist() == [-2.0, -math.inf] and hi.tolist() == [3.0, 5.0]
+    with pytest.raises(ValueError, match="same shape"):
+        merge_ranges([torch.zeros(2), torch.zeros(3)], [torch.zeros(2), torch.zeros(3)])
+
+
+def _shards(n: int = 3):
+    g = torch.Generator().manual_seed(5)
+    return [[torch.randn(4, 6, generator=g) * (1 + c) for _ in range(n)] for c in range(2)]
+
+
+@pytest.mark.parametrize("kind", ["running", "batch"])
+def test_merged_observers_equal_one_process_on_all_batches(kind):
+    """What sync_observers gives across ranks (tests/test_distributed.py: one process on the concatenated batches)."""
+    make = {"running": lambda: tq.RunningMinMax(axis=1), "batch": lambda: tq.BatchMinMax(axis=1)}[kind]
+    shards = _shards()
+    clients = []
+    for shard in shards:
+        m = nn.Module()
+        m.obs = make()
+        for x in shard:
+            m.obs.observe_batch(x)
+        clients.append(flower.observer_state(m))
+    server = nn.Module()
+    server.obs = make()
+    assert flower.merge_observer_states(server, clients) == 1
+    single = make()
+    batches = [torch.cat([a, b]) for a, b in zip(*shards)]  # step i: both clients' batch i
+    for x in batches:
+        single.observe_batch(x)
+    assert torch.equal(server.obs.min_val, single.min_val) and torch.equal(server.obs.max_val, single.max_val)
+
+
+def test_merged_ema_observer_keeps_counting_from_the_largest_count():
+    states = []
+    for i, n in enumerate((2, 5)):
+        m = nn.Module()
+        m.obs = tq.ExpAvgMinMax()
+        for _ in range(n):
+            m.obs.observe_batch(torch.randn(8) * (i + 1))
+        states.append(flower.observer_state(m))
+    server = nn.Module()
+    server.obs = tq.ExpAvgMinMax()
+    flower.merge_observer_states(server, states)
+    lo, hi = merge_ranges([s["obs/min_val"] for s in states], [s["obs/max_val"] for s in states])
+    assert int(server.obs.num_batches) == 5
+    torch.testing.assert_close(server.obs.get_ranges(), (lo, hi))
+    torch.testing.assert_close(server.obs.ema_min, lo * (1 - 0.9**5))
+
+
+def test_histogram_observers_are_refused_by_name():
+    m = nn.Module()
+    m.act = tq.PercentileObserver(99.9)
+    with pytest.raises(TypeError, match="observer 'act' is a PercentileObserver"):
+        flower.observer_state(m)
+
+
+# ------------------------------------------------------------------ federation
+N_FEATURES, N_CLASSES = 8, 4
+
+
+def model_fn() -> nn.Module:
+    net = nn.Sequential(nn.Linear(N_FEATURES, 16), nn.ReLU(), nn.Linear(16, N_CLASSES))
+
+    def weights(module, name):  # LSQ on the last layer: a learned step averaged like a weight
+        if name == "2":
+            return tq.LSQQuantizer(8, axis=0)
+        return tq.AffineQuantizer(8, tq.BatchMinMax(axis=0), symmetric=True)
+
+    return tq.quantize_model(net, weights, lambda m, n: tq.AffineQuantizer(8, tq.ExpAvgMinMax()), method="swap")
+
+
+CENTERS = torch.randn(N_CLASSES, N_FEATURES, generator=torch.Generator().manual_seed(0)) * 2
+
+
+def blobs(seed: int, n: int, classes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.tensor(classes)[torch.randint(0, len(classes), (n,), generator=g)]
+    x = CENTERS[y] + torch.randn(n, N_FEATURES, generator=g)
+    return [(x[i : i + 16], y[i : i + 16]) for i in range(0, n, 16)]
+
+
+def data_fn(partition: int, partitions: int):
+    classes = [[0, 1, 2], [1, 2, 3], [2, 3, 0]][partition]  # non-IID: three classes per client
+    return blobs(10 + partition, 64, classes), blobs(20 + partition, 32, classes)
+
+
+class RecordingGrid(flower.InProcessGrid):
+    """Keeps every reply, to count its arrays independently of the strategy."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.replies = []
+
+    def pull_messages(self, message_ids):
+        out = super().pull_messages(message_ids)
+        self.replies.extend(out)
+        return out
+
+
+def federate(update, rounds: int = 2, clients: int = 3):
+    from flwr.app import Context, RecordDict
+
+    config = flower.FederatedConfig(update=update, lr=0.05, local_epochs=1)
+    test = blobs(99, 96, [0, 1, 2, 3])
+    server = flower.server_app(model_fn, config, num_rounds=rounds, test_data=test, fraction_evaluate=1.0)
+    grid = RecordingGrid(flower.client_app(model_fn, data_fn, config), clients)
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    with flower._server_task(1, 30):
+        server(grid, ctx)
+    fed = flower.Federation(ctx, list(grid.contexts.values()), grid.wire_bytes_down, grid.wire_bytes_up)
+    return fed, grid
+
+
+def _quantizer_keys(model: nn.Module) -> list[str]:
+    names = [n for n, m in model.named_modules() if isinstance(m, tq.Quantizer)]
+    return [k for k in model.state_dict() if any(k.startswith(n + ".") for n in names)]
+
+
+@pytest.fixture(scope="module")
+def int8_run():
+    return federate("int8")
+
+
+def test_federation_improves_accuracy(int8_run):
+    fed, _ = int8_run
+    h = flower.history(fed)
+    assert len(h["accuracy"]) == 3 and len(h["bytes-up"]) == 2
+    assert h["accuracy"][-1] >= h["accuracy"][0] + 0.2, h["accuracy"]
+
+
+def test_all_clients_end_with_the_servers_quantizer_state(int8_run):
+    fed, _ = int8_run
+    keys = _quantizer_keys(model_fn())
+    assert any(k.endswith("range_observer.min_val") for k in keys) and any(k.endswith(".step") for k in keys)
+    final = fed.server.state["torchquant.global"]
+    for ctx in fed.clients:
+        state = ctx.state["torchquant.model"]
+        for k in keys:
+            assert np.array_equal(state[k].numpy(), final[k].numpy()), k
+    # ... and every observer has ranges: the grid is defined and shared
+    model = model_fn()
+    model.load_state_dict({k: torch.from_numpy(a.numpy()) for k, a in final.items()})
+    assert all(o.initialized for _, o in observers(model))
+
+
+def test_bytes_up_are_the_arrays_of_the_train_replies(int8_run):
+    fed, grid = int8_run
+    train = [m for m in grid.replies if m.metadata.message_type == "train"]
+    calib = [m for m in grid.replies if m.metadata.message_type == flower.CALIBRATE]
+    h = flower.history(fed)
+    assert len(train) == 6 and len(calib) == 3
+    counted = sum(a.numpy().nbytes for m in train for r in m.content.array_records.values() for a in r.values())
+    assert sum(h["bytes-up"]) == counted
+    assert h["bytes-calibration"] == [
+        sum(a.numpy().nbytes for m in calib for r in m.content.array_records.values() for a in r.values())
+    ]
+
+
+def test_float_updates_cost_four_bytes_per_parameter_and_int8_about_a_quarter(int8_run):
+    fed_float, _ = federate(None, rounds=1)
+    model = model_fn()
+    tq.calibrate(model, [x for x, _ in data_fn(0, 3)[0]], progress=False)
+    n_params = sum(p.numel() for p in model.parameters())
+    obs = sum(8 * o.min_val.numel() + (8 if hasattr(o, "num_batches") else 0) for _, o in observers(model))
+    assert flower.history(fed_float)["bytes-up"] == [3 * (4 * n_params + obs)]
+    int8 = flower.history(int8_run[0])["bytes-up"][0] - 3 * obs
+    assert int8 < 0.4 * 3 * 4 * n_params  # codes, one scale per row, one zero point
+
+
+def test_run_federation_and_stochastic_rounding_run_end_to_end():
+    config = flower.FederatedConfig(update="int4-g8", rounding="stochastic", lr=0.05)
+    fed = flower.run_federation(
+        flower.server_app(model_fn, config, num_rounds=1, test_data=blobs(99, 64, [0, 1, 2, 3])),
+        flower.client_app(model_fn, data_fn, config),
+        num_clients=2,
+    )
+    h = flower.history(fed)
+    assert len(h["bytes-up"]) == 1 and fed.wire_bytes_up > h["bytes-up"][0] + h["bytes-calibration"][0]
+    assert all(math.isfinite(a) for a in h["loss"])
+
+
+def test_client_app_needs_partition_config():
+    from flwr.app import Context, RecordDict
+
+    grid = flower.InProcessGrid(flower.client_app(model_fn, data_fn), 1)
+    grid.contexts[1001] = Context(run_id=1, node_id=1001, node_config={}, state=RecordDict(), run_config={})
+    app = flower.server_app(model_fn, num_rounds=1, min_nodes=1)
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(KeyError, match="partition-id"), flower._server_task(1, 30):
+        app(grid, ctx)
