@@ -67,7 +67,7 @@ def test_nearest_round_trip_is_within_half_a_step_and_matches_the_quantizer(spec
     y = flower.decode_update(arrays, {"w": x.shape}, spec)["w"]
     assert y.shape == x.shape and y.dtype == torch.float32
     step = _step(x, bits, group, symmetric)
-    assert ((y - x).abs() <= step / 2 * (1 + 1e-5) + 1e-7).all()
+    assert ((y - x).abs() <= step / 2 * (1 + 1e-5) + 1e-6).all()  # up to float rounding
     # the same values as the registered quantizer's own fake quantization of the (rows, cols) view
     q = flower.update_spec(spec).build()
     m = flower._as_rows(x, q.granularity)
@@ -128,7 +128,7 @@ def test_stochastic_updates_are_unbiased_where_nearest_is_not():
 
 
 def test_update_spec_errors_name_the_spec():
-    with pytest.raises(ValueError, match="'nf4'.*no affine grid"):
+    with pytest.raises(ValueError, match=r"'nf4'.*no affine grid"):
         flower.update_spec("nf4")
     with pytest.raises(ValueError, match="'nope'"):
         flower.update_spec("nope")
