@@ -91,6 +91,22 @@ def test_encoded_arrays_are_codes_scales_and_zero_points_of_exact_size():
     assert c["w"].dtype == np.float32 and c["w"].nbytes == 4 * x.numel()
 
 
+SPEC_DICTS = {
+    "affine-per-tensor-asym": {"quantizer": "affine", "observer": "batch_minmax", "args": {"n_bits": 6}},
+    "lsq-per-row": {"quantizer": "lsq", "args": {"n_bits": 4, "axis": 0}},
+    "qfmt-per-tensor": {"quantizer": "qfmt", "observer": "batch_minmax", "args": {"n_bits": 8, "signed": True}},
+}
+
+
+@pytest.mark.parametrize("spec", list(SPEC_DICTS.values()), ids=list(SPEC_DICTS))
+def test_any_affine_quantizer_spec_round_trips_to_its_own_fake_quantization(spec):
+    x = torch.randn(6, 10, generator=torch.Generator().manual_seed(4))
+    y = flower.decode_update(flower.encode_update({"w": x}, spec), {"w": x.shape}, spec)["w"]
+    q = flower.update_spec(spec).build()
+    q.pre_observe(x)
+    torch.testing.assert_close(y, q(x).detach(), rtol=0, atol=1e-6)
+
+
 def test_zero_update_decodes_to_zero():
     x = torch.zeros(3, 5)
     y = flower.decode_update(flower.encode_update({"w": x}, "int4"), {"w": x.shape}, "int4")["w"]
@@ -205,6 +221,55 @@ def test_merged_ema_observer_keeps_counting_from_the_largest_count():
     assert int(server.obs.num_batches) == 5
     torch.testing.assert_close(server.obs.get_ranges(), (lo, hi))
     torch.testing.assert_close(server.obs.ema_min, lo * (1 - 0.9**5))
+
+
+class _Observed(nn.Module):
+    """Two observers fed by the forward: the two rules sync_observers covers exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.running = tq.RunningMinMax(axis=1)
+        self.batch = tq.BatchMinMax(axis=1)
+
+    def forward(self, x):
+        self.running.observe_batch(x)
+        self.batch.observe_batch(x)
+        return x
+
+
+def _sync_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        synced, local = _Observed(), _Observed()
+        tq.distributed.sync_observers(synced)
+        for x in _shards()[rank]:
+            synced(x)
+            local(x)
+        torch.save(
+            {"synced": flower.observer_state(synced), "local": flower.observer_state(local)}, f"{out}/rank{rank}.pt"
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_merging_client_observers_equals_sync_observers_across_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(
+        _sync_worker, args=(2, f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=2, start_method="spawn"
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    server = _Observed()
+    assert flower.merge_observer_states(server, [r["local"] for r in ranks]) == 2
+    merged = flower.observer_state(server)
+    assert merged.keys() == ranks[0]["synced"].keys()
+    for k, v in ranks[0]["synced"].items():
+        assert torch.equal(merged[k], v), k
+        assert torch.equal(ranks[1]["synced"][k], v), k
 
 
 def test_histogram_observers_are_refused_by_name():

@@ -63,7 +63,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -77,12 +77,15 @@ try:
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
-    from flwr.supercore.run import Run
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("torchquant.integrations.flower needs Flower: pip install 'torchquant[flower]'") from e
-try:  # flwr >= 1.23: messages take their run and node ids from the process's task identity
+try:
+    from flwr.supercore.run import Run
+except ImportError:  # pragma: no cover - flwr 1.21 keeps it here
+    from flwr.common.typing import Run
+try:  # recent flwr: new messages take their run and node ids from the process's task identity
     from flwr.supercore.task_identity import TaskIdentity
-except ImportError:  # pragma: no cover - older flwr
+except ImportError:  # pragma: no cover - older flwr has none
     TaskIdentity = None
 
 from ..distributed import merge_ranges, observers
@@ -114,6 +117,8 @@ __all__ = [
     "unpack_bits",
     "update_spec",
 ]
+
+_log = logging.getLogger(__name__)
 
 CALIBRATE = "train.calibrate"
 """Message type of the calibration round the server runs before the first training round."""
@@ -493,9 +498,13 @@ def merge_observer_states(model: nn.Module, states: Sequence[Mapping[str, Tensor
         except ValueError as e:
             raise ValueError(f"{_WHO}: observer {name!r}: {e}") from None
         counter = getattr(obs, "num_batches", None)
+        count_of = None
         if isinstance(counter, Tensor) and all(f"{name}/num_batches" in s for s in have):
-            counter.fill_(max(int(s[f"{name}/num_batches"]) for s in have))
+            count_of = max(int(s[f"{name}/num_batches"]) for s in have)
+            counter.fill_(count_of)  # before force_ranges: ExpAvgMinMax rebuilds its averages from it
         obs.force_ranges(lo, hi)
+        if count_of is not None:
+            obs.num_batches.fill_(count_of)  # after: RunningMinMax.force_ranges counts one batch
         count += 1
     return count
 
@@ -527,10 +536,9 @@ class FederatedConfig:
     momentum: float = 0.9
     calibration_batches: int = 4
     seed: int = 0
-    _spec: QuantizerSpec | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_spec", update_spec(self.update))
+        update_spec(self.update)  # raises on a bad spec now rather than in the first round
         if self.rounding not in _ROUNDINGS:
             raise ValueError(f"{_WHO}: FederatedConfig.rounding must be one of {_ROUNDINGS}, got {self.rounding!r}")
         for name in ("local_epochs", "calibration_batches"):
@@ -627,7 +635,8 @@ def client_app(model_fn: ModelFn, data_fn: DataFn, config: FederatedConfig | Non
     * ``"train"``: load the global state, train ``config.local_epochs`` epochs
       (``QUANT_AWARE_TRAIN``), reply with ``delta/...`` (every parameter's update, see
       :func:`encode_update`; other floating buffers such as BatchNorm statistics as
-      float32 deltas ``delta/<key>``) and ``observer/...``;
+      float32 deltas ``delta/<key>``; integer buffers such as BatchNorm's
+      ``num_batches_tracked`` are not sent and keep the server's value) and ``observer/...``;
     * ``"evaluate"``: load the global state, reply with ``eval-loss`` and ``eval-acc``
       in ``QUANT_EVAL``.
 
@@ -723,9 +732,26 @@ def client_app(model_fn: ModelFn, data_fn: DataFn, config: FederatedConfig | Non
 
 
 # ------------------------------------------------------------------------- strategy
-def _sorted(replies: Iterable[Message]) -> list[Message]:
-    # Aggregation in node order: float sums that do not depend on arrival order.
-    return sorted(replies, key=lambda m: m.metadata.src_node_id)
+def _valid_replies(replies: Iterable[Message], weighted_by_key: str, stage: str) -> list[Message]:
+    """The replies without errors (errors are logged), in node order: float sums that do not
+    depend on arrival order.
+
+    Raises:
+        ValueError: a reply without the ``"arrays"`` record or without ``weighted_by_key`` in its metrics.
+    """
+    out = []
+    for m in replies:
+        if m.has_error():
+            _log.warning("%s: node %s replied with an error: %s", stage, m.metadata.src_node_id, m.error.reason)
+            continue
+        metrics = list(m.content.metric_records.values())
+        if "arrays" not in m.content.array_records or not metrics or weighted_by_key not in metrics[0]:
+            raise ValueError(
+                f"{_WHO}: {stage}: the reply of node {m.metadata.src_node_id} needs an ArrayRecord 'arrays' and a "
+                f"MetricRecord with {weighted_by_key!r}; it has {sorted(m.content.keys())}"
+            )
+        out.append(m)
+    return sorted(out, key=lambda m: m.metadata.src_node_id)
 
 
 def _prefixed(record: ArrayRecord, prefix: str) -> dict[str, np.ndarray]:
@@ -779,10 +805,11 @@ class QuantizedFedAvg(FedAvg):
         content = RecordDict({"arrays": self.global_arrays(), "config": ConfigRecord({"server-round": 0})})
         nodes = sorted(grid.get_node_ids())
         msgs = [Message(copy.deepcopy(content), dst_node_id=n, message_type=CALIBRATE) for n in nodes]
-        replies = _sorted(grid.send_and_receive(msgs, timeout=timeout))
-        errors = [m.error.reason for m in replies if m.has_error()]
+        replies = list(grid.send_and_receive(msgs, timeout=timeout))
+        errors = [f"node {m.metadata.src_node_id}: {m.error.reason}" for m in replies if m.has_error()]
         if errors or not replies:
             raise RuntimeError(f"{_WHO}: calibration round failed: {errors or 'no replies'}")
+        replies = _valid_replies(replies, self.weighted_by_key, "calibration")
         self.history["bytes-calibration"].append(sum(payload_bytes(m) for m in replies))
         weights = self._weights(replies)
         init: dict[str, Tensor] = {}
@@ -814,10 +841,9 @@ class QuantizedFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Decode, average and apply the updates; merge the observers; record the bytes."""
-        valid, _ = self._check_and_log_replies(list(replies), is_train=True)
+        valid = _valid_replies(replies, self.weighted_by_key, f"round {server_round}")
         if not valid or self._global is None:
             return None, None
-        valid = _sorted(valid)
         self.history["bytes-up"].append(sum(payload_bytes(m) for m in valid))
         g = self._global
         params = {k for k, _ in self.model.named_parameters()}
