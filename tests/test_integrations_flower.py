@@ -107,10 +107,20 @@ def test_any_affine_quantizer_spec_round_trips_to_its_own_fake_quantization(spec
     torch.testing.assert_close(y, q(x).detach(), rtol=0, atol=1e-6)
 
 
-def test_zero_update_decodes_to_zero():
-    x = torch.zeros(3, 5)
-    y = flower.decode_update(flower.encode_update({"w": x}, "int4"), {"w": x.shape}, "int4")["w"]
-    assert torch.equal(y, x)
+def test_zero_and_empty_updates_decode_to_zero():
+    x, e = torch.zeros(3, 5), torch.empty(0)
+    arrays = flower.encode_update({"w": x, "e": e}, "int4")
+    assert not any(k.startswith("e/") for k in arrays)  # nothing sent for an empty tensor
+    y = flower.decode_update(arrays, {"w": x.shape, "e": e.shape}, "int4")
+    assert torch.equal(y["w"], x) and y["e"].shape == (0,)
+
+
+def test_decoding_arrays_of_another_shape_names_the_tensor():
+    arrays = flower.encode_update({"w": torch.randn(4, 8)}, "int8")
+    with pytest.raises(ValueError, match=r"update 'w' do not fit its shape \(5, 8\)"):
+        flower.decode_update(arrays, {"w": (5, 8)}, "int8")
+    with pytest.raises(KeyError, match="w/codes"):
+        flower.decode_update({}, {"w": (4, 8)}, "int8")
 
 
 def test_stochastic_rounding_primitive_is_unbiased_floor_or_ceil():

@@ -361,6 +361,8 @@ def encode_update(
         if qspec is None:
             out[name] = x.numpy().copy()
             continue
+        if x.numel() == 0:  # e.g. a learned quantizer parameter never initialised: nothing to send
+            continue
         q = qspec.build()
         m = _as_rows(x, q.granularity)
         q.pre_observe(m)
@@ -401,6 +403,9 @@ def decode_update(
                 raise KeyError(f"{_WHO}: the update has no array {name!r}")
             out[name] = torch.as_tensor(np.asarray(arrays[name]), dtype=torch.float32).reshape(shape)
             continue
+        if shape.numel() == 0:
+            out[name] = torch.zeros(shape)
+            continue
         missing = [f"{name}/{k}" for k in ("codes", "scale", "zero_point") if f"{name}/{k}" not in arrays]
         if missing:
             raise KeyError(f"{_WHO}: the update has no arrays {missing}")
@@ -409,12 +414,14 @@ def decode_update(
         m_shape = _as_rows(torch.empty(shape, device="meta"), g).shape
         q.pre_observe(torch.zeros(m_shape))  # any values: only qmin, qmax and the bit width are read
         probe = q.grid()
-        bits = probe.n_bits
-        codes = unpack_bits(torch.from_numpy(np.asarray(arrays[f"{name}/codes"])), bits, m_shape.numel())
-        codes = codes.view(m_shape) + probe.qmin
-        scale = _expand(torch.from_numpy(np.asarray(arrays[f"{name}/scale"], dtype=np.float32)), g, m_shape)
-        zp = _expand(torch.from_numpy(np.asarray(arrays[f"{name}/zero_point"]).astype(np.float32)), g, m_shape)
-        m = (codes.to(torch.float32) - zp) * scale  # (rows, cols[+pad])
+        try:
+            codes = unpack_bits(torch.from_numpy(np.asarray(arrays[f"{name}/codes"])), probe.n_bits, m_shape.numel())
+            codes = codes.view(m_shape) + probe.qmin
+            scale = _expand(torch.from_numpy(np.asarray(arrays[f"{name}/scale"], dtype=np.float32)), g, m_shape)
+            zp = _expand(torch.from_numpy(np.asarray(arrays[f"{name}/zero_point"]).astype(np.float32)), g, m_shape)
+            m = (codes.to(torch.float32) - zp) * scale  # (rows, cols[+pad])
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"{_WHO}: the arrays of update {name!r} do not fit its shape {tuple(shape)}: {e}") from e
         n_cols = shape.numel() // (shape[0] if len(shape) >= 2 else 1)
         out[name] = m[:, :n_cols].reshape(shape)
     return out
