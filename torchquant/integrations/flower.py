@@ -90,6 +90,7 @@ except ImportError:  # pragma: no cover - older flwr has none
 
 from ..distributed import merge_ranges, observers
 from ..granularity import Granularity
+from ..ptq import calibrate
 from ..qmodules import QModuleState, iter_qmodules
 from ..quantizers import AffineGrid
 from ..range_observers import HistogramRangeObserver
@@ -603,8 +604,7 @@ def _train(model: nn.Module, batches: Batches, config: FederatedConfig) -> tuple
 
 
 def _calibrate(model: nn.Module, batches: Batches, num_batches: int) -> int:
-    from ..ptq import calibrate
-
+    """Calibrate on the first ``num_batches`` batches (:func:`torchquant.calibrate`); the examples seen."""
     seen = 0
 
     def counted() -> Iterator[Any]:
