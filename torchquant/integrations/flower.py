@@ -29,8 +29,9 @@ Running it. Flower's simulation engine (``flwr.simulation.run_simulation``) need
 :func:`run_federation` runs a ``ServerApp`` and a ``ClientApp`` in one process through a
 small :class:`InProcessGrid` (a Flower ``Grid``) that delivers Flower ``Message`` objects
 to the ``ClientApp`` and serialises every message's content to Flower's protobuf wire
-format and back on the way, as the deployment engine would. The same two apps run
-unchanged under ``flwr run`` (simulation or deployment engine).
+format and back on the way, as the deployment engine would. The two apps use only
+Flower's public app API, so they are meant to run under ``flwr run`` as well; this
+project tests them through :func:`run_federation` only.
 
 Example:
     >>> import torch
