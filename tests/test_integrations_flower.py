@@ -423,3 +423,160 @@ def test_client_app_needs_partition_config():
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(KeyError, match="partition-id"), flower._server_task(1, 30):
         app(grid, ctx)
+
+
+# ------------------------------------------------------- Flower's deployment engine
+DEPLOYED_APP = """
+import json
+import os
+
+from flwr.serverapp import ServerApp
+
+import test_integrations_flower as t
+from torchquant.integrations import flower
+
+config = flower.FederatedConfig(update="int4", lr=0.05)
+client = flower.client_app(t.model_fn, t.data_fn, config)
+_server = flower.server_app(t.model_fn, config, num_rounds=2, test_data=t.blobs(99, 96, [0, 1, 2, 3]))
+server = ServerApp()
+
+
+@server.main()
+def main(grid, context):
+    _server(grid, context)
+    history = {k: list(v) for k, v in context.state["torchquant.history"].items()}
+    with open(os.environ["TQ_FLOWER_OUT"], "w") as f:
+        json.dump(history, f)
+"""
+
+DEPLOYED_PYPROJECT = """
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "tqflowertest"
+version = "1.0.0"
+description = "torchquant's Flower apps under the deployment engine"
+license = "MIT"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "torchquant"
+
+[tool.flwr.app.components]
+serverapp = "tqapp:server"
+clientapp = "tqapp:client"
+
+[tool.flwr.app.config]
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, seconds: float) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {seconds} s")
+
+
+@pytest.mark.slow
+def test_the_apps_run_on_flowers_deployment_engine(tmp_path):
+    """A SuperLink and two SuperNodes on loopback, started here, and `flwr run`: the same apps, Flower's runtime."""
+    import contextlib
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+    if not all((bin_dir / c).exists() for c in ("flwr", "flower-superlink", "flower-supernode")):
+        pytest.skip("Flower's commands are not installed next to this Python")
+    app, home = tmp_path / "app", tmp_path / "home"
+    app.mkdir()
+    home.mkdir()
+    (app / "pyproject.toml").write_text(DEPLOYED_PYPROJECT)
+    (app / "tqapp.py").write_text(DEPLOYED_APP)
+    link = _free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
+    )
+    here = Path(__file__).resolve().parent
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",  # no network beyond loopback
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PYTHONPATH": os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")]),
+        "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]),  # they start flower-superexec
+        "TQ_FLOWER_OUT": str(tmp_path / "history.json"),
+    }
+    procs = []
+
+    def start(command: str, *args: str) -> None:
+        log = open(tmp_path / f"{command}-{len(procs)}.log", "w")  # noqa: SIM115 - closed with the process
+        procs.append(
+            subprocess.Popen(
+                [str(bin_dir / command), *args],
+                env=env,
+                cwd=tmp_path,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+
+    try:
+        start("flower-superlink", "--insecure", "--port", str(link), "--database", ":flwr-in-memory:")
+        _wait_for_port(link, 60)
+        for i in range(2):
+            start(
+                "flower-supernode",
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{link}",
+                "--port",
+                str(_free_port()),
+                "--node-config",
+                f"partition-id={i} num-partitions=2",
+            )
+        run = subprocess.run(
+            [str(bin_dir / "flwr"), "run", str(app), "local", "--stream"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=480,
+        )
+        assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+        history = json.loads((tmp_path / "history.json").read_text())
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)  # the process and what it started in its session
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert len(history["bytes-up"]) == 2 and history["bytes-calibration"][0] > 0
+    assert history["accuracy"][-1] > history["accuracy"][0]

@@ -29,9 +29,9 @@ Running it. Flower's simulation engine (``flwr.simulation.run_simulation``) need
 :func:`run_federation` runs a ``ServerApp`` and a ``ClientApp`` in one process through a
 small :class:`InProcessGrid` (a Flower ``Grid``) that delivers Flower ``Message`` objects
 to the ``ClientApp`` and serialises every message's content to Flower's protobuf wire
-format and back on the way, as the deployment engine would. The two apps use only
-Flower's public app API, so they are meant to run under ``flwr run`` as well; this
-project tests them through :func:`run_federation` only.
+format and back on the way, as the deployment engine would. The two apps are ordinary
+Flower apps: a slow test also runs them on Flower's deployment engine (a SuperLink and
+two SuperNodes on loopback, ``flwr run``).
 
 Example:
     >>> import torch
@@ -61,6 +61,7 @@ import copy
 import logging
 import math
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -798,11 +799,14 @@ class QuantizedFedAvg(FedAvg):
     def calibrate(self, grid: Grid, timeout: float = 3600) -> bool:
         """The calibration round: every node calibrates, ranges merge, learned parameters average.
 
+        Waits (up to ``timeout`` seconds) until ``min_available_nodes`` nodes are connected,
+        then sends :data:`CALIBRATE` to every connected node.
+
         Returns:
             ``False`` (and sends nothing) for a model without observers or learned parameters to set.
 
         Raises:
-            RuntimeError: a node replied with an error, or no node replied.
+            RuntimeError: too few nodes connected in time, a node replied with an error, or none replied.
         """
         state = self.model.state_dict()
         needs = any(not o.initialized for _, o in observers(self.model)) or any(
@@ -811,7 +815,14 @@ class QuantizedFedAvg(FedAvg):
         if not needs:
             return False
         content = RecordDict({"arrays": self.global_arrays(), "config": ConfigRecord({"server-round": 0})})
-        nodes = sorted(grid.get_node_ids())
+        deadline = time.monotonic() + timeout
+        while len(nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:  # as FedAvg's sampling waits
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{_WHO}: calibration round: {len(nodes)} nodes connected after {timeout} s, "
+                    f"min_available_nodes={self.min_available_nodes}"
+                )
+            time.sleep(1.0)
         msgs = [Message(copy.deepcopy(content), dst_node_id=n, message_type=CALIBRATE) for n in nodes]
         replies = list(grid.send_and_receive(msgs, timeout=timeout))
         errors = [f"node {m.metadata.src_node_id}: {m.error.reason}" for m in replies if m.has_error()]
