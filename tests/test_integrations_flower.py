@@ -391,7 +391,7 @@ def test_bytes_up_are_the_arrays_of_the_train_replies(int8_run):
     ]
 
 
-def test_float_updates_cost_four_bytes_per_parameter_and_int8_about_a_quarter(int8_run):
+def test_float_updates_cost_four_bytes_per_parameter_and_int8_far_less(int8_run):
     fed_float, _ = federate(None, rounds=1)
     model = model_fn()
     tq.calibrate(model, [x for x, _ in data_fn(0, 3)[0]], progress=False)
