@@ -480,9 +480,10 @@ def merge_observer_states(model: nn.Module, states: Sequence[Mapping[str, Tensor
     the minima, maximum of the maxima); batch counters take the largest count. The merged
     ranges go in through ``force_ranges``, which rebuilds whatever else an observer keeps
     (``ExpAvgMinMax``'s averages continue from them). For ``RunningMinMax`` this is the
-    state one process would hold had it seen every client's batches; ``BatchMinMax`` and
-    ``ExpAvgMinMax`` summarise per-client histories, which differ from a synchronised
-    run's per-batch history.
+    state :func:`~torchquant.distributed.sync_observers` gives ranks that saw the clients'
+    batches, and for ``BatchMinMax`` too when every client ran the same number of batches;
+    ``ExpAvgMinMax`` merges per-client averages, which differ from a synchronised run's
+    average of per-batch merges.
 
     Args:
         model: the global model (its observers are set in place).
