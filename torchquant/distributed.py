@@ -27,18 +27,57 @@ operation; modes that do not observe (``QUANT_EVAL``, ``BYPASSED``) are free.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .range_observers import RangeObserver
 
-__all__ = ["observers", "sync_observers"]
+__all__ = ["merge_ranges", "observers", "sync_observers"]
 
 
 def observers(model: nn.Module) -> list[tuple[str, RangeObserver]]:
     """Every :class:`~torchquant.range_observers.RangeObserver` in ``model`` with its qualified name."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, RangeObserver)]
+
+
+def merge_ranges(mins: Sequence[Tensor], maxs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Combine ranges held by several parties with the rule :func:`sync_observers` all-reduces with.
+
+    The elementwise minimum of the minima and maximum of the maxima, after non-finite
+    values become ``-inf`` / ``+inf`` (as in ``RangeObserver._all_reduce_batch``). Used
+    where ranges are combined without a process group, e.g. by the federated server of
+    :mod:`torchquant.integrations.flower`.
+
+    Args:
+        mins: one compact minimum per party, all of the same shape (``()`` per tensor,
+            ``(C, 1, ...)`` per channel, ...).
+        maxs: the matching maxima.
+
+    Returns:
+        ``(min, max)`` in the parties' shape.
+
+    Raises:
+        ValueError: no ranges, different numbers of minima and maxima, or shapes that differ.
+
+    Example:
+        >>> lo, hi = merge_ranges([torch.tensor([0.0, -2.0]), torch.tensor([-1.0, 0.5])],
+        ...                       [torch.tensor([3.0, 1.0]), torch.tensor([2.0, 4.0])])
+        >>> lo.tolist(), hi.tolist()
+        ([-1.0, -2.0], [3.0, 4.0])
+    """
+    if len(mins) == 0 or len(mins) != len(maxs):
+        raise ValueError(
+            f"merge_ranges: expected as many minima as maxima (at least one), got {len(mins)} and {len(maxs)}"
+        )
+    shapes = {tuple(t.shape) for t in (*mins, *maxs)}
+    if len(shapes) != 1:
+        raise ValueError(f"merge_ranges: every range must have the same shape, got {sorted(shapes)}")
+    mn = torch.stack([torch.where(torch.isfinite(t), t, -torch.inf) for t in mins]).amin(dim=0)
+    mx = torch.stack([torch.where(torch.isfinite(t), t, torch.inf) for t in maxs]).amax(dim=0)
+    return mn, mx
 
 
 def sync_observers(model: nn.Module, process_group: Any = None, enabled: bool = True) -> int:
