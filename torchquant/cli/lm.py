@@ -332,11 +332,25 @@ def _quantize_cell(
 
     for algo in recipe.before:
         run(algo)
-    calibrate(q, calib, progress=False)
+    # Weight ranges come from the weights: one window observes them. Static activation
+    # ranges need every window.
+    calibrate(q, calib if _static_activation_ranges(q) else calib[:1], progress=False)
     for algo in recipe.after:
         run(algo)
     set_qmodule_state(q, QModuleState.QUANT_EVAL)
     return q, notes
+
+
+def _static_activation_ranges(model: nn.Module) -> bool:
+    """Whether a quantizer other than a weight quantizer keeps ranges observed from data."""
+    from ..qmodules import iter_qmodules
+    from ..quantizers import RangeQuantizer
+
+    for _, m in iter_qmodules(model):
+        weights = getattr(m, "weight_quantizer", None)
+        if any(qz is not weights and isinstance(qz, RangeQuantizer) for qz in m.quantizers().values()):
+            return True
+    return False
 
 
 def _check_args(recipes: list[LMRecipe], args: dict[str, dict[str, Any]]) -> None:
