@@ -149,23 +149,28 @@ def gptq_quantize_weight(
         U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)  # H^-1 = U^T U
     if int(info) != 0:
         raise RuntimeError(f"gptq: the Hessian is not positive definite with damp={damp}; use a larger damp")
-    Q = torch.zeros_like(W)
+    # Column j of a block is row j of its (b, rows) transposed copies: contiguous, and each
+    # column's work is a few in-place vector operations (the same arithmetic, operation by
+    # operation, as quantizing a column of W and updating the columns after it).
+    Q = torch.empty_like(W)
     loss = torch.zeros((), dtype=torch.float64, device=W.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()  # (rows, b)
-        Err1 = torch.zeros_like(W1)
+        W1 = W[:, i1:i2].t().contiguous()  # (b, rows)
+        S1 = scale[:, i1:i2].t().contiguous()
+        Z1 = zero[:, i1:i2].t().contiguous()
+        Q1 = torch.empty_like(W1)
+        Err1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
+        d = U1.diagonal()
         for i in range(i2 - i1):
-            w, d = W1[:, i], U1[i, i]
-            s, z = scale[:, i1 + i], zero[:, i1 + i]
-            q = (torch.clamp(torch.round(w / s) + z, grid.qmin, grid.qmax) - z) * s
-            Q[:, i1 + i] = q
-            err = (w - q) / d  # (rows,)
-            loss += err.pow(2).sum() / 2
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy batch update of the later columns
+            w, s, z, q, err = W1[i], S1[i], Z1[i], Q1[i], Err1[i]  # (rows,) each
+            torch.div(w, s, out=q).round_().add_(z).clamp_(grid.qmin, grid.qmax).sub_(z).mul_(s)
+            torch.sub(w, q, out=err).div_(d[i])
+            W1[i + 1 :].sub_(torch.outer(U1[i, i + 1 :], err))  # the block's later columns
+        Q[:, i1:i2] = Q1.t()
+        loss += Err1.pow(2).sum(dim=1).double().sum() / 2
+        W[:, i2:] -= Err1.t() @ U[i1:i2, i2:]  # lazy batch update of the later columns
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
     return Q.to(weight.dtype), float(loss)
