@@ -323,7 +323,10 @@ def _flat(grid: AffineGrid, shape: torch.Size) -> AffineGrid:
 
 def _hessians(block: Block, group: list[QWrapper]) -> dict[QWrapper, Tensor]:
     """``2 X^T X / n`` of each layer's inputs (after its input quantizer when the mode quantizes
-    them), over all of the block's batches; layers reading the same tensor share the product."""
+    them), over all of the block's batches; layers reading the same tensor share the product.
+
+    Each pass over a batch stops before the first layer that is not needed (when every layer
+    is called once): before the group's first layer when the group shares one product."""
     sums: dict[QWrapper, Tensor] = {}
     counts: dict[QWrapper, int] = {}
     shared: dict[int, tuple[Tensor, Tensor, int]] = {}
@@ -345,9 +348,14 @@ def _hessians(block: Block, group: list[QWrapper]) -> dict[QWrapper, Tensor]:
         sums[mod] = xtx if mod not in sums else sums[mod] + xtx
         counts[mod] = counts.get(mod, 0) + n
 
-    stop = group[-1] if block.called_once() else None
-    block.run({w: pre for w in group}, stop_after=stop)
-    missing = [w for w in group if w not in sums]
+    own = [w for w in group if w.input_quantizer is not None and w.qstate.is_act_quantized]
+    once = block.called_once()
+    # The group's layers read one tensor (Block.groups); when none quantizes it, the first
+    # layer's product is every layer's, and the pass can stop before the first layer runs.
+    hooked = group[:1] if once and not own else group
+    block.run({w: pre for w in hooked}, stop_after=hooked[-1] if once else None)
+    missing = [w for w in hooked if w not in sums]
     if missing:
         raise RuntimeError(f"gptq: {type(missing[0].layer).__name__} layer was not called while collecting inputs")
-    return {w: 2.0 * sums[w] / counts[w] for w in group}
+    h = {w: 2.0 * sums[w] / counts[w] for w in hooked}
+    return {w: h.get(w, h[group[0]]) for w in group}
