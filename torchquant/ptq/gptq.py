@@ -321,9 +321,15 @@ def _flat(grid: AffineGrid, shape: torch.Size) -> AffineGrid:
     )
 
 
+def _own_input(w: QWrapper) -> bool:
+    """Whether ``w`` transforms or quantizes its input before its layer reads it."""
+    return w.input_transform is not None or (w.input_quantizer is not None and w.qstate.is_act_quantized)
+
+
 def _hessians(block: Block, group: list[QWrapper]) -> dict[QWrapper, Tensor]:
-    """``2 X^T X / n`` of each layer's inputs (after its input quantizer when the mode quantizes
-    them), over all of the block's batches; layers reading the same tensor share the product.
+    """``2 X^T X / n`` of each layer's inputs as its layer reads them (after its input transform,
+    and its input quantizer when the mode quantizes activations), over all of the block's
+    batches; layers reading the same tensor share the product.
 
     Each pass over a batch stops before the first layer that is not needed (when every layer
     is called once): before the group's first layer when the group shares one product."""
@@ -333,24 +339,26 @@ def _hessians(block: Block, group: list[QWrapper]) -> dict[QWrapper, Tensor]:
 
     def pre(mod: QWrapper, x: Tensor, i: int) -> None:
         x = x.detach()
-        quantized = mod.input_quantizer is not None and mod.qstate.is_act_quantized
+        own = _own_input(mod)
         key = id(x)
-        if not quantized and key in shared and shared[key][0] is x:
+        if not own and key in shared and shared[key][0] is x:
             _, xtx, n = shared[key]
         else:
-            if quantized:
+            if mod.input_transform is not None:
+                x = mod.input_transform(x)
+            if mod.input_quantizer is not None and mod.qstate.is_act_quantized:
                 x = mod.input_quantizer(x)
             X = _rows(mod, x).to(torch.float32)  # (n, cols)
             xtx, n = X.t() @ X, X.shape[0]
-            if not quantized:
+            if not own:
                 shared.clear()  # only the current tensor can be read again
                 shared[key] = (x, xtx, n)
         sums[mod] = xtx if mod not in sums else sums[mod] + xtx
         counts[mod] = counts.get(mod, 0) + n
 
-    own = [w for w in group if w.input_quantizer is not None and w.qstate.is_act_quantized]
+    own = [w for w in group if _own_input(w)]
     once = block.called_once()
-    # The group's layers read one tensor (Block.groups); when none quantizes it, the first
+    # The group's layers read one tensor (Block.groups); when none transforms it, the first
     # layer's product is every layer's, and the pass can stop before the first layer runs.
     hooked = group[:1] if once and not own else group
     block.run({w: pre for w in hooked}, stop_after=hooked[-1] if once else None)
