@@ -6,6 +6,7 @@ from torch import nn
 
 import torchquant as tq
 from torchquant.ptq import GPTQResult, gptq, gptq_quantize_weight
+from torchquant.qmodules import HadamardTransform
 from torchquant.quantizers import BinaryQuantizer
 
 S = tq.QModuleState
@@ -208,3 +209,15 @@ def test_lazy_blocks_and_cholesky_match_the_textbook_form():
         assert torch.equal(gptq_quantize_weight(w, h, quant.grid(), block_size=block_size)[0], ref)
     ordered = [gptq_quantize_weight(w, h, quant.grid(), block_size=b, act_order=True)[0] for b in (1, 7, 48)]
     assert all(torch.equal(o, ordered[0]) for o in ordered)
+
+
+def test_the_hessian_is_of_the_input_after_the_input_transform():
+    """A QuaRot-style online Hadamard before the layer: GPTQ sees the input the layer multiplies."""
+    x = _inputs()
+    q = _linear_model(GRIDS["w4-per-group-16"], symmetric=False)
+    q[0].input_transform = HadamardTransform(IN)
+    w = q[0].layer.weight.detach().clone()
+    gptq(q, [x], progress=False)
+    xt = HadamardTransform(IN)(x)
+    expected, _ = gptq_quantize_weight(w, 2 * xt.t() @ xt / N, q[0].weight_quantizer.grid())
+    assert torch.equal(q[0].layer.weight, expected)

@@ -100,6 +100,53 @@ def _saved_mode(state: Any, where: str) -> QModuleState:
         raise ValueError(f"{where} holds no valid mode ({e}); valid: {[m.value for m in QModuleState]}") from None
 
 
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
+_SCALARS = (bool, int, float, str, type(None), enum.Enum)
+
+
+def _quantizer_state(q: Quantizer) -> tuple[list[Any], list[Tensor]] | None:
+    """What ``q``'s output can depend on besides its input: its modules' and their attributes' values.
+
+    ``(plain values, tensors)``: every attribute of ``q`` and its submodules (``training``
+    included) that is not a tensor, as itself when it is a scalar and as its ``repr`` otherwise,
+    and every parameter, buffer and tensor attribute. ``None`` when a forward hook would have
+    to run (on ``q``, a submodule or globally): then the quantizer must be called.
+    """
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return None
+    plain: list[Any] = []
+    tensors: list[Tensor] = []
+    for m in q.modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return None
+        plain.append(type(m))
+        for group in (m._parameters, m._buffers):
+            for key, t in group.items():
+                plain.append(key)
+                if t is not None:
+                    tensors.append(t)
+        for key, v in vars(m).items():
+            if key in _MODULE_INTERNALS:
+                continue
+            plain.append(key)
+            if isinstance(v, Tensor):
+                tensors.append(v)
+            else:
+                plain.append(v if isinstance(v, _SCALARS) else repr(v))
+    return plain, tensors
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    return (
+        a.shape == b.shape
+        and a.dtype == b.dtype
+        and a.device == b.device
+        and a.stride() == b.stride()
+        and torch.equal(a, b)
+    )
+
+
 def _run_quantizer(q: Quantizer, x: Tensor, observe: bool, quantize: bool) -> Tensor:
     if observe:
         q.pre_observe(x)
@@ -409,6 +456,7 @@ class QWrapper(QModule):
         self.register_module("input_transform", None)
         self.fold_bn = bool(fold_bn)
         self._bn_frozen = False  # Python mirror of the bn_frozen buffer (no host sync in forward)
+        self._weight_cache: dict[str, Any] | None = None  # see torchquant.utils.cached_quantized_weights
         if self.fold_bn:
             self.register_buffer("bn_frozen", torch.zeros((), dtype=torch.bool))
         self._name_quantizers(f"QWrapper[{self._describe()}]")
@@ -510,7 +558,10 @@ class QWrapper(QModule):
         s = self.qstate
         w = self.weight_view()
         if self.weight_quantizer is not None:
-            w = _run_quantizer(self.weight_quantizer, w, s.is_weight_observed, s.is_weight_quantized)
+            if self._weight_cache is not None and s.is_weight_quantized and not s.is_weight_observed:
+                w = self._cached_quantized_weight(w)
+            else:
+                w = _run_quantizer(self.weight_quantizer, w, s.is_weight_observed, s.is_weight_quantized)
         y = self._layer_with(x, w, getattr(self.layer, "bias", None))
         if self.bn is not None:
             y = self.bn(y)
@@ -519,6 +570,40 @@ class QWrapper(QModule):
         if self.acts_quantizer is not None:
             y = _run_quantizer(self.acts_quantizer, y, s.is_act_observed, s.is_act_quantized)
         return y
+
+    def _cached_quantized_weight(self, w: Tensor) -> Tensor:
+        """``weight_quantizer(w)``, reused from the last call while ``w`` and the quantizer's state are equal.
+
+        Only with gradients off and in eager mode, for a stored weight (not a computed one) and a
+        quantizer without forward hooks. The inputs are compared by value (not by version counter:
+        writes through ``.data`` do not bump it), so the result is always the uncached one.
+        """
+        q = self.weight_quantizer
+        if (
+            torch.is_grad_enabled()
+            or type(w) not in (Tensor, nn.Parameter)
+            or self.weight_is_computed
+            or torch.compiler.is_compiling()
+            or torch.jit.is_tracing()
+        ):
+            return q(w)
+        state = _quantizer_state(q)
+        if state is None:
+            return q(w)
+        plain, tensors = state
+        c = self._weight_cache
+        if (
+            c
+            and c["plain"] == plain
+            and len(c["tensors"]) == len(tensors)
+            and _same_tensor(c["weight"], w)
+            and all(_same_tensor(a, b) for a, b in zip(c["tensors"], tensors))
+        ):
+            return c["out"]
+        out = q(w)
+        c.clear()
+        c.update(plain=plain, tensors=[t.detach().clone() for t in tensors], weight=w.detach().clone(), out=out)
+        return out
 
     # ------------------------------------------------------------ BatchNorm folding
     def set_bn_frozen(self, frozen: bool = True) -> None:
@@ -592,6 +677,7 @@ class QWrapper(QModule):
             self._adapter = layer_adapter(self.layer)
         if "input_transform" not in self._modules:  # pickled before wrappers had one
             self.register_module("input_transform", None)
+        self.__dict__.setdefault("_weight_cache", None)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)

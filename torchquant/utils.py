@@ -21,9 +21,10 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .qmodules import QModule, QModuleState, iter_qmodules
+from .qmodules import QModule, QModuleState, QWrapper, iter_qmodules
 
 __all__ = [
+    "cached_quantized_weights",
     "get_qmodule_states",
     "iter_qmodules",
     "progress_bar",
@@ -96,6 +97,50 @@ def restoring_states(module: nn.Module) -> Iterator[nn.Module]:
             m.qstate = prev
         for m, flag in training:
             m.training = flag
+
+
+@contextmanager
+def cached_quantized_weights(module: nn.Module) -> Iterator[nn.Module]:
+    """Let every :class:`~torchquant.qmodules.QWrapper` in ``module`` reuse its quantized weight between calls.
+
+    Inside the block, a wrapper whose mode quantizes its weight without observing it
+    (``QUANT_EVAL``, ``QUANT_EVAL_WEIGHT_ONLY``) keeps the output of its weight quantizer and
+    returns it again as long as its float weight, its quantizer's parameters, buffers and
+    other attributes, and its mode are what they were; anything else (an in-place change, a
+    ``load_state_dict``, a new bit-width, another mode) recomputes it. The comparison is by
+    value, so the output is always bit-identical to the uncached forward. What is not
+    cached: calls with gradients enabled (training), under ``torch.compile`` or tracing,
+    computed weights (parametrizations), BatchNorm-folded wrappers and quantizers with
+    forward hooks. Each wrapper holds a copy of its float weight and its quantized weight
+    while cached (memory), and each call compares them (one pass over the weight, and a
+    host synchronisation on a GPU). On exit the caches are dropped.
+
+    It is meant for repeated no-gradient passes over the same frozen weights: the
+    post-training algorithms' block runs (:mod:`torchquant.ptq.sequential`), evaluation.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torchquant import AffineQuantizer, BatchMinMax, QModuleState, QWrapper, qmodule_state
+        >>> layer = QWrapper(nn.Linear(8, 8), weight_quantizer=AffineQuantizer(4, BatchMinMax(axis=0)))
+        >>> layer.observe_weight()
+        >>> x = torch.randn(2, 8)
+        >>> with qmodule_state(layer, QModuleState.QUANT_EVAL), torch.no_grad():
+        ...     ref = layer(x)
+        ...     with cached_quantized_weights(layer):
+        ...         outs = [layer(x) for _ in range(3)]  # the weight is quantized once
+        >>> all(torch.equal(o, ref) for o in outs)
+        True
+    """
+    saved = [(m, m._weight_cache) for _, m in iter_qmodules(module) if isinstance(m, QWrapper)]
+    try:
+        for m, prev in saved:
+            if prev is None:
+                m._weight_cache = {}
+        yield module
+    finally:
+        for m, prev in saved:
+            m._weight_cache = prev
 
 
 def progress_bar(it: Iterable, total: int | None, desc: str, enabled: bool) -> Iterator:

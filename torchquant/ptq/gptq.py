@@ -46,7 +46,8 @@ to be rounded to nearest by their quantizer; :class:`GPTQResult` lists them with
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -144,31 +145,62 @@ def gptq_quantize_weight(
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H, scale, zero = W[:, perm], H[perm][:, perm], scale[:, perm], zero[:, perm]
     H.diagonal().add_(damp * torch.diag(H).mean())
-    L, info = torch.linalg.cholesky_ex(H)
-    if int(info) == 0:
-        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)  # H^-1 = U^T U
-    if int(info) != 0:
-        raise RuntimeError(f"gptq: the Hessian is not positive definite with damp={damp}; use a larger damp")
-    Q = torch.zeros_like(W)
-    loss = torch.zeros((), dtype=torch.float64, device=W.device)
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()  # (rows, b)
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            w, d = W1[:, i], U1[i, i]
-            s, z = scale[:, i1 + i], zero[:, i1 + i]
-            q = (torch.clamp(torch.round(w / s) + z, grid.qmin, grid.qmax) - z) * s
-            Q[:, i1 + i] = q
-            err = (w - q) / d  # (rows,)
-            loss += err.pow(2).sum() / 2
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy batch update of the later columns
+    with _single_threaded():
+        L, info = torch.linalg.cholesky_ex(H)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)  # H^-1 = U^T U
+        if int(info) != 0:
+            raise RuntimeError(f"gptq: the Hessian is not positive definite with damp={damp}; use a larger damp")
+        Q, loss = _round_columns(W, U, scale, zero, grid.qmin, grid.qmax, block_size)
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
     return Q.to(weight.dtype), float(loss)
+
+
+@contextlib.contextmanager
+def _single_threaded() -> Iterator[None]:
+    """One intra-op thread for the duration: the column loop is thousands of operations on vectors,
+    where waking and joining threads costs more than it saves (measured on two CPU cores, a
+    576 x 1536 weight: 1.5x slower unloaded, 20x faster while other processes compete for them)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _round_columns(
+    W: Tensor, U: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int, block_size: int
+) -> tuple[Tensor, Tensor]:
+    """GPTQ's column loop with lazy batch updates: ``W``, ``scale``, ``zero`` ``(rows, cols)``, ``U`` ``(cols, cols)``.
+
+    Returns the rounded ``(rows, cols)`` weight and the loss (float64). ``W`` is updated in place.
+    """
+    cols = W.shape[1]
+    # Column j of a block is row j of its (b, rows) transposed copies: contiguous, and each
+    # column's work is a few in-place vector operations (the same arithmetic, operation by
+    # operation, as quantizing a column of W and updating the columns after it).
+    Q = torch.empty_like(W)
+    loss = torch.zeros((), dtype=torch.float64, device=W.device)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].t().contiguous()  # (b, rows)
+        S1 = scale[:, i1:i2].t().contiguous()
+        Z1 = zero[:, i1:i2].t().contiguous()
+        Q1 = torch.empty_like(W1)
+        Err1 = torch.empty_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        d = U1.diagonal()
+        for i in range(i2 - i1):
+            w, s, z, q, err = W1[i], S1[i], Z1[i], Q1[i], Err1[i]  # (rows,) each
+            torch.div(w, s, out=q).round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
+            torch.sub(w, q, out=err).div_(d[i])
+            W1[i + 1 :].sub_(torch.outer(U1[i, i + 1 :], err))  # the block's later columns
+        Q[:, i1:i2] = Q1.t()
+        loss += Err1.pow(2).sum(dim=1).double().sum() / 2
+        W[:, i2:] -= Err1.t() @ U[i1:i2, i2:]  # lazy batch update of the later columns
+    return Q, loss
 
 
 def _check(value, name: str, kind, low) -> None:
@@ -316,33 +348,49 @@ def _flat(grid: AffineGrid, shape: torch.Size) -> AffineGrid:
     )
 
 
+def _own_input(w: QWrapper) -> bool:
+    """Whether ``w`` transforms or quantizes its input before its layer reads it."""
+    return w.input_transform is not None or (w.input_quantizer is not None and w.qstate.is_act_quantized)
+
+
 def _hessians(block: Block, group: list[QWrapper]) -> dict[QWrapper, Tensor]:
-    """``2 X^T X / n`` of each layer's inputs (after its input quantizer when the mode quantizes
-    them), over all of the block's batches; layers reading the same tensor share the product."""
+    """``2 X^T X / n`` of each layer's inputs as its layer reads them (after its input transform,
+    and its input quantizer when the mode quantizes activations), over all of the block's
+    batches; layers reading the same tensor share the product.
+
+    Each pass over a batch stops before the first layer that is not needed (when every layer
+    is called once): before the group's first layer when the group shares one product."""
     sums: dict[QWrapper, Tensor] = {}
     counts: dict[QWrapper, int] = {}
     shared: dict[int, tuple[Tensor, Tensor, int]] = {}
 
     def pre(mod: QWrapper, x: Tensor, i: int) -> None:
         x = x.detach()
-        quantized = mod.input_quantizer is not None and mod.qstate.is_act_quantized
+        own = _own_input(mod)
         key = id(x)
-        if not quantized and key in shared and shared[key][0] is x:
+        if not own and key in shared and shared[key][0] is x:
             _, xtx, n = shared[key]
         else:
-            if quantized:
+            if mod.input_transform is not None:
+                x = mod.input_transform(x)
+            if mod.input_quantizer is not None and mod.qstate.is_act_quantized:
                 x = mod.input_quantizer(x)
             X = _rows(mod, x).to(torch.float32)  # (n, cols)
             xtx, n = X.t() @ X, X.shape[0]
-            if not quantized:
+            if not own:
                 shared.clear()  # only the current tensor can be read again
                 shared[key] = (x, xtx, n)
         sums[mod] = xtx if mod not in sums else sums[mod] + xtx
         counts[mod] = counts.get(mod, 0) + n
 
-    stop = group[-1] if block.called_once() else None
-    block.run({w: pre for w in group}, stop_after=stop)
-    missing = [w for w in group if w not in sums]
+    own = [w for w in group if _own_input(w)]
+    once = block.called_once()
+    # The group's layers read one tensor (Block.groups); when none transforms it, the first
+    # layer's product is every layer's, and the pass can stop before the first layer runs.
+    hooked = group[:1] if once and not own else group
+    block.run({w: pre for w in hooked}, stop_after=hooked[-1] if once else None)
+    missing = [w for w in hooked if w not in sums]
     if missing:
         raise RuntimeError(f"gptq: {type(missing[0].layer).__name__} layer was not called while collecting inputs")
-    return {w: 2.0 * sums[w] / counts[w] for w in group}
+    h = {w: 2.0 * sums[w] / counts[w] for w in hooked}
+    return {w: h.get(w, h[group[0]]) for w in group}

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..layers import is_normalization
 from ..qmodules import QModuleState, QWrapper, iter_qmodules
-from ..utils import progress_bar, qmodule_state
+from ..utils import cached_quantized_weights, progress_bar, qmodule_state
 from ._common import _Stop, call_model
 
 __all__ = ["Block", "find_blocks", "fold_input_scale", "sequential_blocks"]
@@ -139,6 +139,9 @@ class Block:
     ) -> list[Any]:
         """Run the block on its captured inputs, with no gradients.
 
+        Quantized weights are computed once per run, not once per batch
+        (:func:`~torchquant.utils.cached_quantized_weights`).
+
         Args:
             hooks: ``{layer: fn(layer, x, batch_index)}`` called with each layer's input ``x``
                 before the layer runs (as the layer receives it, before its input quantizer).
@@ -168,7 +171,8 @@ class Block:
             handles.append(stop_after.register_forward_pre_hook(stop))
         outs = []
         try:
-            with torch.no_grad():
+            # Weights do not change during a run: each layer's weight is quantized once, not once per batch.
+            with torch.no_grad(), cached_quantized_weights(self.module):
                 for i in batches if batches is not None else range(len(self._calls)):
                     index[0] = i
                     try:
