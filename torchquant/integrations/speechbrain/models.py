@@ -10,7 +10,7 @@ __all__ = ["KWSNet"]
 class KWSNet(nn.Module):
     """A small keyword-spotting CNN of speechbrain layers: log-mel frames in, class logits out.
 
-    A 2-D convolution over (time, frequency), then dilated 1-D
+    A 2-D convolution over (time, frequency) with stride 2 along frequency, then dilated 1-D
     convolutions over time (each ``speechbrain.nnet.CNN.Conv1d`` + ``BatchNorm1d`` + ReLU), mean
     and standard deviation over time (``StatisticsPooling``) and two ``speechbrain.nnet.linear.Linear``.
 
@@ -35,9 +35,9 @@ class KWSNet(nn.Module):
         from speechbrain.nnet.normalization import BatchNorm1d, BatchNorm2d
         from speechbrain.nnet.pooling import StatisticsPooling
 
-        self.conv2d = Conv2d(out_channels=8, kernel_size=(3, 3), in_channels=1, padding="valid")
+        self.conv2d = Conv2d(out_channels=8, kernel_size=(3, 3), stride=(2, 1), in_channels=1, padding="valid")
         self.bn2d = BatchNorm2d(input_size=8)
-        width = 8 * (n_mels - 2)
+        width = 8 * ((n_mels - 3) // 2 + 1)  # speechbrain's stride is (frequency, time)
         blocks = []
         for i, dilation in enumerate((1, 2, 3)):
             blocks += [
@@ -51,7 +51,7 @@ class KWSNet(nn.Module):
         self.fc2 = Linear(n_classes, input_size=channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.bn2d(self.conv2d(x.unsqueeze(-1))).relu()  # (B, T, F) -> (B, T - 2, F - 2, 8)
+        x = self.bn2d(self.conv2d(x.unsqueeze(-1))).relu()  # (B, T, F) -> (B, T - 2, (F - 3) // 2 + 1, 8)
         x = self.tdnn(x.flatten(2))  # -> (B, T - 2, channels)
         x = self.pool(x).squeeze(1)  # (B, 2 * channels): mean and std over time
         return self.fc2(self.fc1(x).relu())  # (B, n_classes)
