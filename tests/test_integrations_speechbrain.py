@@ -252,6 +252,21 @@ def test_ptq_calibrate_and_adaround_on_a_speechbrain_model():
     assert _sqnr_db(ref, q(data[0])) > 5.0
 
 
+def test_save_and_load_a_quantized_speechbrain_model(tmp_path):
+    torch.manual_seed(0)
+    float_model = KWSNet(n_mels=20, n_classes=4, channels=8).eval()
+    wf = lambda m, n: tq.AffineQuantizer(4, tq.MSEObserver(4, True, axis=0), symmetric=True)  # noqa: E731
+    af = lambda m, n: tq.AffineQuantizer(8, tq.MSEObserver(8))  # noqa: E731
+    q = quantize_speechbrain(copy.deepcopy(float_model), wf, af)
+    x = torch.randn(4, 30, 20)
+    tq.calibrate(q, [x], progress=False)
+    tq.set_qmodule_state(q, tq.QModuleState.QUANT_EVAL)
+    tq.save(q, tmp_path / "kws.safetensors")
+    q2 = tq.load(copy.deepcopy(float_model), tmp_path / "kws.safetensors")  # packed 4-bit weights
+    assert tq.get_qmodule_states(q2) == tq.get_qmodule_states(q)
+    torch.testing.assert_close(q2(x), q(x), rtol=0, atol=0)
+
+
 # --- the spoken-digit set --------------------------------------------------------------------
 
 TINY = sd.SpeechDigitsRecipe(words=("zero", "one"), accents=("en-us",), train_variants=("m1", "f1"),
