@@ -152,8 +152,12 @@ def test_max_norm_linear_is_refused():
 
 
 def test_raw_weight_reasons_of_a_plain_model():
-    model = nn.Sequential(nn.GRU(4, 4), nn.LayerNorm(4))
-    assert list(raw_weight_reasons(model)) == ["0"]
+    from speechbrain.nnet.CNN import SincConv
+
+    model = nn.Sequential(nn.GRU(4, 4), nn.LayerNorm(4), nn.BatchNorm1d(4), SincConv(8, 31, in_channels=1))
+    reasons = raw_weight_reasons(model)
+    assert list(reasons) == ["0", "3"]
+    assert reasons["3"] == "SincConv uses its parameters low_hz_, band_hz_ directly (no Conv/Linear inside)"
 
 
 def test_schedule_modes_and_errors():

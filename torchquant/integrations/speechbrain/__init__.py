@@ -32,7 +32,7 @@ from torch import nn
 from ...convert import quantize_model
 from ...factories import QuantizerFactory
 from ...graph.common import FLOAT_REASONS_ATTR, SkipSpec, check_skip
-from ...layers import is_normalization
+from ...layers import LAYER_TYPES, is_normalization, layer_adapter
 from ...qmodules import QModule, QModuleState
 from ...utils import set_qmodule_state
 
@@ -72,24 +72,27 @@ def raw_weight_reasons(model: nn.Module) -> dict[str, str]:
     they stay in float.
 
     ``nn.RNNBase`` (LSTM, GRU, RNN: fused recurrent kernels) and any other module with a parameter
-    of two or more dimensions registered on itself (relative-position attention's projections,
-    ``SincConv``'s band edges are 1-D and not listed); normalisation layers are not listed.
+    of two or more dimensions registered on itself (relative-position attention's input projection,
+    ``SincConv``'s ``(out, 1)`` band edges); normalisation layers and the layer types torchquant
+    converts (which :func:`torchquant.summary` lists itself when they stay float) are not.
 
     Args:
         model: any model, typically after :func:`quantize_speechbrain`.
 
     Returns:
         ``{qualified name: reason}``.
+
+    Example:
+        >>> from torch import nn
+        >>> sorted(raw_weight_reasons(nn.Sequential(nn.Linear(4, 4), nn.GRU(4, 4), nn.LayerNorm(4))))
+        ['1']
     """
     qnames = [n for n, m in model.named_modules() if isinstance(m, QModule)]
     out: dict[str, str] = {}
     for name, m in model.named_modules():
-        if (
-            isinstance(m, QModule)
-            or _held(name, qnames)
-            or is_normalization(m)
-            or isinstance(m, nn.modules.batchnorm._NormBase)
-        ):
+        if isinstance(m, QModule) or _held(name, qnames) or is_normalization(m):
+            continue
+        if isinstance(m, LAYER_TYPES) or layer_adapter(m) is not None:  # the summary reports these itself
             continue
         if isinstance(m, nn.RNNBase):
             out[name] = (
