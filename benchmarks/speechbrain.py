@@ -156,7 +156,7 @@ def run(cfg: Config, log=print) -> list[dict]:
     fit(model, train, cfg, epochs=cfg.float_epochs, lr=3e-3)
     ref = accuracy(model, test)
     rows = [dict(bits="float", method="float", accuracy=ref, drop=0.0, seconds=time.perf_counter() - t)]
-    log(f"float: {ref:.2f} %")
+    log(f"float: {ref:.2f} % ({rows[0]['seconds']:.0f} s)")
     calib = [train[0][i : i + cfg.batch_size] for i in range(0, min(len(train[0]), 8 * cfg.batch_size), cfg.batch_size)]
     for w_bits, a_bits in BITS:
         bits = f"W{w_bits}A{a_bits}"
@@ -175,7 +175,7 @@ def run(cfg: Config, log=print) -> list[dict]:
                 tq.set_qmodule_state(q, tq.QModuleState.QUANT_EVAL)
             acc = accuracy(q, test)
             rows.append(dict(bits=bits, method=method, accuracy=acc, drop=ref - acc, seconds=time.perf_counter() - t))
-            log(f"{bits} {method}: {acc:.2f} % ({ref - acc:+.2f} points below float)")
+            log(f"{bits} {method}: {acc:.2f} % ({ref - acc:+.2f} points below float, {rows[-1]['seconds']:.0f} s)")
     return rows
 
 
