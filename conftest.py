@@ -1,9 +1,11 @@
 """Collection and reporting rules for the whole suite (tests/conftest.py holds the fixtures).
 
-The floor-torch environment (``make test-floor``) installs torch without the ``vision`` extra:
-a CPU-only torch build has no matching torchvision wheel. There, a test that fails only because
-one of those packages is not installed is reported as skipped, with the package named; where the
-package is installed, such a failure stays a failure.
+The floor-torch environment (``make test-floor``) installs torch without the ``vision`` extra
+(a CPU-only torch build has no matching torchvision wheel) and without the ``speechbrain`` extra
+(its torchaudio wheel is installed with ``--no-deps`` beside the main environment's torch). There,
+a test or doctest that fails only because one of those packages is not installed is reported as
+skipped, with the package and its extra named; where the package is installed, such a failure
+stays a failure.
 """
 
 from __future__ import annotations
@@ -13,8 +15,15 @@ import importlib.util
 
 import pytest
 
-OPTIONAL_VISION = ("torchvision", "timm", "efficientnet_pytorch")
-MISSING = {name for name in OPTIONAL_VISION if importlib.util.find_spec(name) is None}
+OPTIONAL = {
+    "torchvision": "vision",
+    "timm": "vision",
+    "efficientnet_pytorch": "vision",
+    "speechbrain": "speechbrain",
+    "torchaudio": "speechbrain",
+}
+"""Optional packages whose absence turns a failure into a skip, and the extra that installs each."""
+MISSING = {name for name in OPTIONAL if importlib.util.find_spec(name) is None}
 
 # The Triton kernels import triton at module level; CPU-only torch builds ship without it.
 collect_ignore = [] if importlib.util.find_spec("triton") else ["torchquant/kernels/_triton.py"]
@@ -39,4 +48,4 @@ def pytest_runtest_makereport(item, call):
         name = _missing_module(call.excinfo)
         if name is not None:
             report.outcome = "skipped"
-            report.longrepr = (str(item.path), item.location[1] or 0, f"needs {name} (torchquant[vision])")
+            report.longrepr = (str(item.path), item.location[1] or 0, f"needs {name} (torchquant[{OPTIONAL[name]}])")
