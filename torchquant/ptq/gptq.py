@@ -56,8 +56,7 @@ from torch import Tensor, nn
 
 from ..qmodules import QModuleState, QWrapper
 from ..quantizers import AffineGrid
-from ..utils import restoring_states
-from ._common import Snapshot, materialize, require_qmodules
+from ._common import all_or_nothing, materialize, require_qmodules
 from .registry import register_ptq_algorithm
 from .sequential import Block, sequential_blocks
 
@@ -297,42 +296,37 @@ def gptq(
     if not todo:
         raise ValueError(f"gptq: no layer that GPTQ handles in {type(model).__name__} (skipped: {skipped})")
 
-    snapshot = Snapshot(model)
-    with restoring_states(model):
-        try:
-            model.eval()
-            losses: dict[str, float] = {}
-            left = set(todo)
+    with all_or_nothing(model):
+        model.eval()
+        losses: dict[str, float] = {}
+        left = set(todo)
 
-            def process(block: Block) -> None:
-                for group in block.groups([w for _, w in block.layers if w in left]):
-                    hessians = _hessians(block, group)
-                    for w in group:
-                        wv = w.weight_view()  # (out, in, ...) view of the parameter
-                        q, loss = gptq_quantize_weight(
-                            wv.reshape(wv.shape[0], -1),
-                            hessians[w],
-                            _flat(grids[w], wv.shape),
-                            damp=float(damp),
-                            block_size=block_size,
-                            act_order=act_order,
-                        )
-                        with torch.no_grad():
-                            wv.copy_(q.reshape(wv.shape))
-                        losses[names[w]] = loss
-                        left.discard(w)
+        def process(block: Block) -> None:
+            for group in block.groups([w for _, w in block.layers if w in left]):
+                hessians = _hessians(block, group)
+                for w in group:
+                    wv = w.weight_view()  # (out, in, ...) view of the parameter
+                    q, loss = gptq_quantize_weight(
+                        wv.reshape(wv.shape[0], -1),
+                        hessians[w],
+                        _flat(grids[w], wv.shape),
+                        damp=float(damp),
+                        block_size=block_size,
+                        act_order=act_order,
+                    )
+                    with torch.no_grad():
+                        wv.copy_(q.reshape(wv.shape))
+                    losses[names[w]] = loss
+                    left.discard(w)
 
-            for block in sequential_blocks(model, batches, blocks=blocks, mode=mode, who="gptq", progress=progress):
-                process(block)
-            if left:  # layers outside the blocks (a head, a stem): passes over the whole model
-                for block in sequential_blocks(model, batches, blocks=None, mode=mode, who="gptq", progress=False):
-                    if block.name == "":
-                        process(block)
-            if left:
-                raise ValueError(f"gptq: layers never called by the forward pass: {sorted(names[w] for w in left)}")
-        except BaseException:
-            snapshot.restore()
-            raise
+        for block in sequential_blocks(model, batches, blocks=blocks, mode=mode, who="gptq", progress=progress):
+            process(block)
+        if left:  # layers outside the blocks (a head, a stem): passes over the whole model
+            for block in sequential_blocks(model, batches, blocks=None, mode=mode, who="gptq", progress=False):
+                if block.name == "":
+                    process(block)
+        if left:
+            raise ValueError(f"gptq: layers never called by the forward pass: {sorted(names[w] for w in left)}")
     return GPTQResult(losses=losses, skipped=skipped)
 
 
