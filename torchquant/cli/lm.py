@@ -132,8 +132,8 @@ def parse_lm_recipe(text: str) -> LMRecipe:
         ValueError: an algorithm that runs before calibration placed after one that runs after it.
 
     Example:
-        >>> [a.name for a in parse_lm_recipe("quarot+gptq").steps]
-        ['quarot', 'gptq']
+        >>> " then ".join(a.name for a in parse_lm_recipe("quarot+gptq").steps)
+        'quarot then gptq'
     """
     from ..ptq import PTQ_ALGORITHMS, get_ptq_algorithm
 
