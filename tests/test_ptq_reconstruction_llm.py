@@ -140,3 +140,22 @@ def test_model_is_restored_when_reconstruction_fails(name):
     after = _state(q)
     assert before[1] == after[1]
     assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+
+
+def test_layers_outside_the_stack_are_reconstructed_before_and_after_it():
+    """A quantized input embedding comes before the first decoder layer, an untied ``lm_head`` after the last."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        tie_word_embeddings=False,
+    )
+    everything = TorchQuantConfig(weights="int3", embeddings="int4", modules_to_not_convert=[])
+    q = quantize(transformers.LlamaForCausalLM(config).eval(), everything, initial_state=False)
+    tq.calibrate(q, _tokens(), progress=False)
+    losses = tq.ptq.brecq(q, _tokens(), iters=3, progress=False)  # Fisher weights for all four units
+    assert list(losses) == ["model.embed_tokens", "model.layers.0", "model.layers.1", "lm_head"]
