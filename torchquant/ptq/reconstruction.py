@@ -564,10 +564,9 @@ def _reconstruct_stack(
     early = set(order[: order.index(first)])
     before = [(n, m) for n, m in outside if m in early]
     after = [(n, m) for n, m in outside if m not in early]
-    layer_c = dataclasses.replace(c, granularity="layer", blocks=None)
     losses: dict[str, float] = {}
     if before:
-        losses.update(_reconstruct_units(model, float_model, qmodules, before, batches, layer_c, seed, False))
+        losses.update(_reconstruct_units(model, float_model, qmodules, before, batches, c, seed, False))
     all_order = forward_order(model, [m for _, m in qmodules], batches[0], "reconstruct")
     refs: list[Tensor] = []
     if c.loss == "fisher":
@@ -604,6 +603,9 @@ def _reconstruct_stack(
             continue
         layers = [w for g in bq.groups() for w in g if _learnable(w)]
         names = {m: n for n, m in bq.layers}
+        missing = [n for n, m in bq.layers if _learnable(m) and m not in layers]
+        if missing:
+            raise ValueError(f"reconstruct: units never called by the forward pass: {missing}")
         for w in layers:
             name = names[w]
             fw = float_modules[name]
@@ -616,7 +618,7 @@ def _reconstruct_stack(
             index += 1
     if after:
         losses.update(
-            _reconstruct_units(model, float_model, qmodules, after, batches, layer_c, seed, False, first_index=index)
+            _reconstruct_units(model, float_model, qmodules, after, batches, c, seed, False, first_index=index)
         )
     return losses
 
