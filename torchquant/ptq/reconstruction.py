@@ -8,7 +8,8 @@ the quantized unit reproduces the float unit's output:
 
 * ``x_q`` is the unit's input in the quantized model (units before it already
   reconstructed), ``unit_fp(x_fp)`` the float model's output of the same unit.
-  The squared error is summed over channels (dim 1) and averaged over the rest
+  The squared error is summed over channels (dim 1; the hidden size, the last dimension,
+  on a transformer stack) and averaged over the rest
   (each element weighted by the diagonal Fisher with ``loss="fisher"``, below).
 * Weights use AdaRound's soft rounding (Nagel et al. 2020, "Up or Down? Adaptive
   Rounding for Post-Training Quantization"): ``W_q = s * (clamp(floor(W / s) + h(V)
@@ -503,11 +504,13 @@ def _reconstruct_units(
     seed: int,
     progress: bool,
     first_index: int = 0,
+    channel_dim: int = 1,
 ) -> dict[str, float]:
     """The body of :func:`reconstruct` once everything is checked: each unit in forward order.
 
     ``float_model`` is the float copy (every QModule ``BYPASSED``) that gives the targets;
-    unit ``i`` of the forward order draws its samples with the seed ``seed * 100003 + first_index + i``.
+    unit ``i`` of the forward order draws its samples with the seed ``seed * 100003 + first_index + i``;
+    the squared error is summed over ``channel_dim``.
     """
     float_modules = dict(float_model.named_modules())
     model.eval()
@@ -535,7 +538,7 @@ def _reconstruct_units(
             last = max(k for k, m in enumerate(all_order) if id(m) in inside)
             weight = _fisher_weights(model, unit, all_order[last + 1 :], batches, refs, float(c.damping))
         gen = torch.Generator(device=x_q.device).manual_seed(seed * 100003 + first_index + i)
-        losses[name] = _reconstruct_unit(unit, x_q, x_fp, y_fp, weight, gen, c)
+        losses[name] = _reconstruct_unit(unit, x_q, x_fp, y_fp, weight, gen, c, channel_dim=channel_dim)
     return losses
 
 
@@ -566,7 +569,7 @@ def _reconstruct_stack(
     after = [(n, m) for n, m in outside if m not in early]
     losses: dict[str, float] = {}
     if before:
-        losses.update(_reconstruct_units(model, float_model, qmodules, before, batches, c, seed, False))
+        losses.update(_reconstruct_units(model, float_model, qmodules, before, batches, c, seed, False, channel_dim=-1))
     all_order = forward_order(model, [m for _, m in qmodules], batches[0], "reconstruct")
     refs: list[Tensor] = []
     if c.loss == "fisher":
@@ -598,7 +601,7 @@ def _reconstruct_stack(
                 out = block(x, *args, **kwargs)
                 return out[0] if isinstance(out, (tuple, list)) else out
 
-            losses[bq.name] = _reconstruct_unit(bq.module, x_q, x_fp, y_fp, fisher(bq.module), gen, c, call)
+            losses[bq.name] = _reconstruct_unit(bq.module, x_q, x_fp, y_fp, fisher(bq.module), gen, c, call, -1)
             index += 1
             continue
         layers = [w for g in bq.groups() for w in g if _learnable(w)]
@@ -614,11 +617,11 @@ def _reconstruct_stack(
             with torch.no_grad():
                 y_fp = fw(x_fp)  # the float copy runs BYPASSED
             gen = torch.Generator(device=x_q.device).manual_seed(seed * 100003 + index)
-            losses[name] = _reconstruct_unit(w, x_q, x_fp, y_fp, fisher(w), gen, c)
+            losses[name] = _reconstruct_unit(w, x_q, x_fp, y_fp, fisher(w), gen, c, channel_dim=-1)
             index += 1
     if after:
         losses.update(
-            _reconstruct_units(model, float_model, qmodules, after, batches, c, seed, False, first_index=index)
+            _reconstruct_units(model, float_model, qmodules, after, batches, c, seed, False, index, channel_dim=-1)
         )
     return losses
 
@@ -776,6 +779,7 @@ def _reconstruct_unit(
     gen: torch.Generator,
     config: ReconstructionConfig,
     call: Callable[[Tensor], Tensor] | None = None,
+    channel_dim: int = 1,
 ) -> float:
     """Learn the rounding (and, if configured, the activation steps) of one unit; return its final loss.
 
@@ -789,6 +793,8 @@ def _reconstruct_unit(
         config: the options; ``config.mode`` is the mode the unit's QModules are left in.
         call: runs the unit on a mini-batch of inputs (default ``unit(x)``; a decoder layer gets
             its captured keyword arguments).
+        channel_dim: the dimension the squared error is summed over (1: ``(N, C, ...)``
+            feature maps; -1: ``(N, T, hidden)`` token sequences).
 
     Returns:
         The reconstruction error of the last iteration.
@@ -847,7 +853,7 @@ def _reconstruct_unit(
             err = (y - y_fp[idx]).pow(2)
             if weight is not None:
                 err = err * weight[idx]
-            rec = err.sum(1).mean()
+            rec = err.sum(channel_dim).mean()
             loss = rec
             if it >= warm and c.reg_weight > 0:
                 t = (it - warm) / max(c.iters - warm, 1)
