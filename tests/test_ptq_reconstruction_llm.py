@@ -159,3 +159,29 @@ def test_layers_outside_the_stack_are_reconstructed_before_and_after_it():
     tq.calibrate(q, _tokens(), progress=False)
     losses = tq.ptq.brecq(q, _tokens(), iters=3, progress=False)  # Fisher weights for all four units
     assert list(losses) == ["model.embed_tokens", "model.layers.0", "model.layers.1", "lm_head"]
+
+
+@pytest.mark.parametrize("name", ["brecq", "qdrop"])
+def test_activation_steps_inside_the_decoder_layers_are_learned(name):
+    """W4 weights, A8 outputs of every Linear: the block presets learn the activation steps (LSQ) as on CNNs."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+    )
+    w4 = lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0))  # noqa: E731
+    a8 = lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax())  # noqa: E731
+    q = tq.quantize_model(transformers.LlamaForCausalLM(config).eval(), w4, a8, method="swap", skip=["lm_head"])
+    tq.calibrate(q, _tokens(), progress=False)
+    acts = [(n, m) for n, m in tq.iter_qmodules(q) if m.quantizers().get("acts_quantizer") is not None]
+    before = {n: m.acts_quantizer.grid().scale.clone() for n, m in acts}
+    getattr(tq.ptq, name)(q, _tokens(), iters=10, lr=1e-2, act_lr=1e-2, loss="mse", progress=False)
+    moved = [n for n, m in acts if not torch.equal(m.acts_quantizer.grid().scale, before[n])]
+    assert any(n.startswith("model.layers.0.") for n in moved) and any(n.startswith("model.layers.1.") for n in moved)
+    tq.set_qmodule_state(q, tq.QModuleState.QUANT_EVAL)
+    with torch.no_grad():
+        assert torch.isfinite(q(_tokens()[0]).logits).all()
