@@ -8,7 +8,8 @@ the quantized unit reproduces the float unit's output:
 
 * ``x_q`` is the unit's input in the quantized model (units before it already
   reconstructed), ``unit_fp(x_fp)`` the float model's output of the same unit.
-  The squared error is summed over channels (dim 1) and averaged over the rest
+  The squared error is summed over channels (dim 1; the hidden size, the last dimension,
+  on a transformer stack) and averaged over the rest
   (each element weighted by the diagonal Fisher with ``loss="fisher"``, below).
 * Weights use AdaRound's soft rounding (Nagel et al. 2020, "Up or Down? Adaptive
   Rounding for Post-Training Quantization"): ``W_q = s * (clamp(floor(W / s) + h(V)
@@ -50,6 +51,23 @@ in :data:`RECONSTRUCTION_BLOCKS` (model code adds its own blocks there, as
 qualified-name globs given as ``blocks``. Layers outside every block are
 reconstructed on their own.
 
+Transformer stacks: when :func:`~torchquant.ptq.sequential.find_blocks` finds a list of
+repeated blocks (a Llama's ``model.layers``), or ``blocks`` names it as a string (as for
+GPTQ), the stack is reconstructed on the sequential engine (:mod:`torchquant.ptq.sequential`):
+BRECQ and QDrop take each decoder layer as a unit, AdaRound each weighted layer inside it
+(in forward order, with the layers before it in the block already rounded). The inputs of
+decoder layer ``i`` are the outputs of layer ``i - 1`` after its reconstruction, in the
+quantized mode; a float copy of the model runs alongside on its own float stream and gives
+``x_fp`` and the targets ``unit_fp(x_fp)``, so only one layer's activations are held at a
+time. The layer's keyword inputs (attention mask, rotary position embeddings) are captured
+once and passed to every call, the key/value cache disabled; they must be the same for
+every calibration sample (batches of one sequence length, no padding). Layers outside the
+stack are reconstructed on their own with whole-model passes, those called before the first
+decoder layer first. With ``loss="fisher"`` a language model's task loss is the next-token
+``KL(softmax(float logits) || softmax(quantized logits))`` over the vocabulary, summed over
+every position, through the rest of the model. Passing ``blocks`` as a tuple of types or
+globs keeps the whole-model path.
+
 The options are one frozen :class:`ReconstructionConfig`, checked when it is
 built; the presets are the named configs :data:`ADAROUND`, :data:`BRECQ` and
 :data:`QDROP` (the table above), and their functions :func:`adaround`,
@@ -84,7 +102,7 @@ import dataclasses
 import fnmatch
 import math
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +117,7 @@ from ..quantizers_functional import round_ste
 from ..utils import progress_bar, restoring_states
 from ._common import Snapshot, call_model, capture, forward_order, materialize, require_qmodules
 from .registry import register_ptq_algorithm
+from .sequential import Block, find_blocks, sequential_blocks
 
 __all__ = [
     "ADAROUND",
@@ -211,13 +230,18 @@ class ReconstructionConfig:
 
     Attributes:
         granularity: ``"layer"`` (each QWrapper) or ``"block"`` (see ``blocks``).
-        blocks: for ``"block"``: module types and/or qualified-name globs of the blocks
-            (``None``: :data:`RECONSTRUCTION_BLOCKS` and torchvision's residual blocks).
+        blocks: a string: the qualified name of the ``nn.ModuleList`` of a transformer's
+            decoder layers (``"model.layers"``), reconstructed on the sequential engine (any
+            granularity; see "Transformer stacks" in the module docstring). A tuple, for
+            ``"block"``: module types and/or qualified-name globs of the blocks. ``None``: the
+            stack that :func:`~torchquant.ptq.sequential.find_blocks` finds, else
+            :data:`RECONSTRUCTION_BLOCKS` and torchvision's residual blocks.
         act_quant: quantize activations inside the unit while reconstructing it.
         drop_prob: QDrop's probability of keeping an activation (and an input element) float.
         learn_act_step: also learn the steps of the unit's activation AffineQuantizers (LSQ).
         loss: ``"mse"`` (squared error summed over channels) or ``"fisher"`` (each element
-            weighted by BRECQ's diagonal Fisher; the model must return logits ``(N, C, ...)``).
+            weighted by BRECQ's diagonal Fisher; the model must return logits ``(N, C, ...)``,
+            or a Hugging Face output whose ``logits`` are ``(N, T, vocab)``).
         fisher_damping: with ``loss="fisher"``: added to the normalised Fisher weights (default 1.0).
         iters: optimisation steps per unit.
         batch_size: samples per step, drawn at random from the unit's cached inputs.
@@ -247,7 +271,7 @@ class ReconstructionConfig:
     """
 
     granularity: str = "layer"
-    blocks: tuple[type[nn.Module] | str, ...] | None = None
+    blocks: str | tuple[type[nn.Module] | str, ...] | None = None
     act_quant: bool = False
     drop_prob: float = 0.0
     learn_act_step: bool = False
@@ -265,7 +289,10 @@ class ReconstructionConfig:
     def __post_init__(self) -> None:
         if self.granularity not in ("layer", "block"):
             raise ValueError(f"reconstruct: granularity must be 'layer' or 'block', got {self.granularity!r}")
-        if self.blocks is not None:
+        if isinstance(self.blocks, str):
+            if not self.blocks:
+                raise ValueError("reconstruct: blocks='' names no module list; pass its qualified name")
+        elif self.blocks is not None:
             if self.granularity != "block":
                 raise ValueError("reconstruct: blocks is only used with granularity='block'")
             object.__setattr__(self, "blocks", tuple(self.blocks))
@@ -380,7 +407,8 @@ def reconstruct(
     """Learn the weight rounding of a calibrated model unit by unit (see the module docstring).
 
     The model must be calibrated (every quantizer has its ranges) and runs in ``config.mode``
-    while the inputs of each unit are collected; a float copy gives the targets. On
+    while the inputs of each unit are collected; a float copy gives the targets. A transformer
+    stack runs one decoder layer at a time on the sequential engine (module docstring). On
     success the weights hold the hard-rounded grid values; if anything fails
     part-way, the model is restored exactly as it was.
 
@@ -400,7 +428,8 @@ def reconstruct(
 
     Raises:
         ValueError: no QModule, empty data, a wrong mode or option, no unit found,
-            or a unit not called with one tensor.
+            a unit not called with one tensor, or, on a transformer stack, calibration
+            batches whose shapes or keyword inputs (masks, positions) differ.
         TypeError: an unknown option, a weight quantizer with neither an affine grid nor levels (or, with
             ``learn_act_step``, an activation quantizer that is not an AffineQuantizer).
         RuntimeError: the model does not run on ``data`` in ``mode`` (e.g. not calibrated).
@@ -408,7 +437,8 @@ def reconstruct(
     qmodules = require_qmodules(model, "reconstruct")
     c = _configure("reconstruct", ReconstructionConfig() if config is None else config, options)
     batches = materialize(data, num_batches, "reconstruct")
-    units = _units(model, c)
+    stack = _stack(model, c)
+    units = stack + _outside(model, stack) if stack else _units(model, c)
     for name, unit in units:
         for w in [unit] if isinstance(unit, QWrapper) else unit.modules():
             if _learnable(w):
@@ -424,31 +454,36 @@ def reconstruct(
     snapshot = Snapshot(model)
     with restoring_states(model):
         try:
-            losses = _reconstruct_units(model, qmodules, units, batches, c, seed, progress)
+            float_model = copy.deepcopy(model)
+            for _, m in iter_qmodules(float_model):
+                m.qstate = QModuleState.BYPASSED
+            float_model.eval()
+            if stack:
+                losses = _reconstruct_stack(model, float_model, qmodules, stack, batches, c, seed, progress)
+            else:
+                losses = _reconstruct_units(model, float_model, qmodules, units, batches, c, seed, progress)
         except BaseException:
             snapshot.restore()
             raise
     return losses
 
 
-def _reconstruct_units(
-    model: nn.Module,
-    qmodules: list[tuple[str, QModule]],
-    units: list[tuple[str, nn.Module]],
-    batches: list,
-    c: ReconstructionConfig,
-    seed: int,
-    progress: bool,
-) -> dict[str, float]:
-    """The body of :func:`reconstruct` once everything is checked: each unit in forward order."""
-    float_model = copy.deepcopy(model)
-    for _, m in iter_qmodules(float_model):
-        m.qstate = QModuleState.BYPASSED
-    float_model.eval()
-    float_modules = dict(float_model.named_modules())
-    model.eval()
-    for _, m in qmodules:
-        m.qstate = c.mode
+def _stack(model: nn.Module, c: ReconstructionConfig) -> list[tuple[str, nn.Module]]:
+    """The decoder layers to reconstruct on the sequential engine, or ``[]`` for the whole-model path."""
+    if isinstance(c.blocks, str):
+        return find_blocks(model, c.blocks, "reconstruct")
+    if c.blocks is not None:
+        return []
+    return find_blocks(model, None, "reconstruct")
+
+
+def _outside(model: nn.Module, stack: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """The learnable layers of ``model`` outside every block of ``stack`` (a head, a stem)."""
+    inside = {id(m) for _, b in stack for m in b.modules()}
+    return [(n, m) for n, m in model.named_modules() if _learnable(m) and id(m) not in inside]
+
+
+def _check_runs(model: nn.Module, batches: list, c: ReconstructionConfig) -> None:
     try:
         with torch.no_grad():
             call_model(model, batches[0], "reconstruct")
@@ -457,6 +492,31 @@ def _reconstruct_units(
             f"reconstruct: the model does not run on the first batch in {c.mode.name} "
             f"(calibrate it first and check the input shape): {e}"
         ) from e
+
+
+def _reconstruct_units(
+    model: nn.Module,
+    float_model: nn.Module,
+    qmodules: list[tuple[str, QModule]],
+    units: list[tuple[str, nn.Module]],
+    batches: list,
+    c: ReconstructionConfig,
+    seed: int,
+    progress: bool,
+    first_index: int = 0,
+    channel_dim: int = 1,
+) -> dict[str, float]:
+    """The body of :func:`reconstruct` once everything is checked: each unit in forward order.
+
+    ``float_model`` is the float copy (every QModule ``BYPASSED``) that gives the targets;
+    unit ``i`` of the forward order draws its samples with the seed ``seed * 100003 + first_index + i``;
+    the squared error is summed over ``channel_dim``.
+    """
+    float_modules = dict(float_model.named_modules())
+    model.eval()
+    for _, m in qmodules:
+        m.qstate = c.mode
+    _check_runs(model, batches, c)
     names = {m: n for n, m in units}
     order = forward_order(model, [m for _, m in units], batches[0], "reconstruct")
     missing = [n for n, m in units if m not in order]
@@ -477,15 +537,175 @@ def _reconstruct_units(
             inside = {id(m) for m in unit.modules()}
             last = max(k for k, m in enumerate(all_order) if id(m) in inside)
             weight = _fisher_weights(model, unit, all_order[last + 1 :], batches, refs, float(c.damping))
-        gen = torch.Generator(device=x_q.device).manual_seed(seed * 100003 + i)
-        losses[name] = _reconstruct_unit(unit, x_q, x_fp, y_fp, weight, gen, c)
+        gen = torch.Generator(device=x_q.device).manual_seed(seed * 100003 + first_index + i)
+        losses[name] = _reconstruct_unit(unit, x_q, x_fp, y_fp, weight, gen, c, channel_dim=channel_dim)
     return losses
 
 
+def _reconstruct_stack(
+    model: nn.Module,
+    float_model: nn.Module,
+    qmodules: list[tuple[str, QModule]],
+    stack: list[tuple[str, nn.Module]],
+    batches: list,
+    c: ReconstructionConfig,
+    seed: int,
+    progress: bool,
+) -> dict[str, float]:
+    """:func:`reconstruct` on a transformer stack: the decoder layers of ``stack`` on the sequential
+    engine, the layers outside them on their own with whole-model passes (those called before the
+    first decoder layer first, the others last)."""
+    model.eval()
+    for _, m in qmodules:
+        m.qstate = c.mode
+    _check_runs(model, batches, c)
+    outside = _outside(model, stack)
+    first = stack[0][1]
+    order = forward_order(model, [m for _, m in outside] + [first], batches[0], "reconstruct")
+    if first not in order:
+        raise ValueError(f"reconstruct: the decoder layer {stack[0][0]} is never called by the forward pass")
+    early = set(order[: order.index(first)])
+    before = [(n, m) for n, m in outside if m in early]
+    after = [(n, m) for n, m in outside if m not in early]
+    losses: dict[str, float] = {}
+    if before:
+        losses.update(_reconstruct_units(model, float_model, qmodules, before, batches, c, seed, False, channel_dim=-1))
+    all_order = forward_order(model, [m for _, m in qmodules], batches[0], "reconstruct")
+    refs: list[Tensor] = []
+    if c.loss == "fisher":
+        with torch.no_grad():
+            refs = [_logits(call_model(float_model, b, "reconstruct")) for b in batches]
+
+    def fisher(unit: nn.Module) -> Tensor | None:
+        if c.loss != "fisher":
+            return None
+        inside = {id(m) for m in unit.modules()}
+        last = max(k for k, m in enumerate(all_order) if id(m) in inside)
+        return _fisher_weights(model, unit, all_order[last + 1 :], batches, refs, float(c.damping))
+
+    stack_name = stack[0][0].rsplit(".", 1)[0]
+    float_modules = dict(float_model.named_modules())
+    index = len(losses)
+    blocks_q = sequential_blocks(model, batches, blocks=stack_name, mode=c.mode, who="reconstruct", progress=progress)
+    blocks_fp = sequential_blocks(
+        float_model, batches, blocks=stack_name, mode=QModuleState.BYPASSED, who="reconstruct", progress=False
+    )
+    for bq, bf in zip(blocks_q, blocks_fp):
+        x_q, args, kwargs = _stacked_inputs(bq)  # checks that every batch has the same shape and keywords
+        if c.granularity == "block":
+            x_fp, _, _ = _stacked_inputs(bf)
+            y_fp = torch.cat([o.detach() for o in bf.run()])
+            gen = torch.Generator(device=x_q.device).manual_seed(seed * 100003 + index)
+
+            def call(x: Tensor, block: nn.Module = bq.module, args: tuple = args, kwargs: dict = kwargs) -> Tensor:
+                out = block(x, *args, **kwargs)
+                return out[0] if isinstance(out, (tuple, list)) else out
+
+            losses[bq.name] = _reconstruct_unit(bq.module, x_q, x_fp, y_fp, fisher(bq.module), gen, c, call, -1)
+            index += 1
+            continue
+        layers = [w for g in bq.groups() for w in g if _learnable(w)]
+        names = {m: n for n, m in bq.layers}
+        missing = [n for n, m in bq.layers if _learnable(m) and m not in layers]
+        if missing:
+            raise ValueError(f"reconstruct: units never called by the forward pass: {missing}")
+        for w in layers:
+            name = names[w]
+            fw = float_modules[name]
+            x_q = _layer_inputs(bq, w)
+            x_fp = _layer_inputs(bf, fw)
+            with torch.no_grad():
+                y_fp = fw(x_fp)  # the float copy runs BYPASSED
+            gen = torch.Generator(device=x_q.device).manual_seed(seed * 100003 + index)
+            losses[name] = _reconstruct_unit(w, x_q, x_fp, y_fp, fisher(w), gen, c, channel_dim=-1)
+            index += 1
+    if after:
+        losses.update(
+            _reconstruct_units(model, float_model, qmodules, after, batches, c, seed, False, index, channel_dim=-1)
+        )
+    return losses
+
+
+def _stacked_inputs(block: Block) -> tuple[Tensor, tuple, dict[str, Any]]:
+    """A decoder layer's captured hidden states over all batches ``(N, T, H)`` and the other inputs,
+    which must be the same for every sample (one attention mask, one set of positions) so that
+    any mini-batch of samples can be run with them.
+
+    A tensor input of two or more dimensions whose first dimension is the batch's (a mask
+    ``(B, 1, T, T)``, rotary embeddings ``(B, T, d)``) must hold the same values for every sample and is
+    kept as ``(1, ...)``, broadcast over any mini-batch.
+    """
+    calls = block.inputs()
+    hidden = [a[0] for a, _ in calls]
+    shapes = {tuple(h.shape[1:]) for h in hidden}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"reconstruct: the inputs of {block.name} differ in shape across batches ({sorted(shapes)}); "
+            "give calibration batches of one sequence length"
+        )
+    reduced = [_per_sample_free((a[1:], kw), h.shape[0], block.name) for (a, kw), h in zip(calls, hidden)]
+    ref = reduced[0]
+    for other in reduced[1:]:
+        if not _equal_inputs(ref, other):
+            raise ValueError(
+                f"reconstruct: {block.name} gets different keyword inputs (attention masks, positions) "
+                "in different batches; give calibration batches of one sequence length without padding"
+            )
+    args, kwargs = ref
+    return torch.cat(hidden), args, kwargs
+
+
+def _per_sample_free(value: Any, n: int, name: str) -> Any:
+    """``value`` with each tensor of batch size ``n`` (two or more dimensions) cut to its first sample."""
+    if isinstance(value, Tensor):
+        if value.dim() >= 2 and value.shape[0] == n and n > 1:
+            if not (value == value[:1]).all():
+                raise ValueError(
+                    f"reconstruct: {name} gets per-sample inputs besides its hidden states (a padding mask?); "
+                    "give calibration batches without padding"
+                )
+            return value[:1]
+        return value
+    if isinstance(value, tuple):
+        return tuple(_per_sample_free(v, n, name) for v in value)
+    if isinstance(value, dict):
+        return {k: _per_sample_free(v, n, name) for k, v in value.items()}
+    return value
+
+
+def _equal_inputs(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_equal_inputs(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal_inputs(a[k], b[k]) for k in a)
+    return a is b or (type(a) is type(b) and a == b)
+
+
+def _layer_inputs(block: Block, layer: QWrapper) -> Tensor:
+    """The inputs of ``layer`` in ``block`` over all of the block's batches, ``(N, ..., in)``."""
+    xs: list[Tensor] = []
+
+    def grab(mod: QWrapper, x: Tensor, i: int) -> None:
+        xs.append(x.detach().clone())
+
+    block.run({layer: grab}, stop_after=layer if block.called_once() else None)
+    if not xs:
+        raise RuntimeError(f"reconstruct: a {type(layer.layer).__name__} layer of {block.name} was never called")
+    return torch.cat(xs)
+
+
 def _logits(out: Any) -> Tensor:
+    """The model's class logits with the classes in dim 1: a tensor ``(N, C, ...)`` as it is, a Hugging
+    Face language model's ``logits`` ``(N, T, vocab)`` moved to ``(N, vocab, T)`` (next-token KL per position)."""
+    lm = getattr(out, "logits", None)
+    if not isinstance(out, Tensor) and isinstance(lm, Tensor) and lm.dim() == 3:
+        return lm.movedim(-1, 1)  # (N, T, vocab) -> (N, vocab, T)
     if not isinstance(out, Tensor) or out.dim() < 2:
         raise ValueError(
-            "reconstruct: loss='fisher' needs a model that returns class logits (a tensor of shape (N, C, ...)), "
+            "reconstruct: loss='fisher' needs a model that returns class logits (a tensor of shape (N, C, ...)) "
+            "or a language model's output with logits of shape (N, T, vocab), "
             f"got {type(out).__name__}{'' if not isinstance(out, Tensor) else ' of shape ' + str(tuple(out.shape))}; "
             "pass loss='mse'"
         )
@@ -498,17 +718,20 @@ def _fisher_weights(
     """BRECQ's diagonal Fisher weights of ``unit``'s output, one per output element.
 
     ``g`` is the gradient w.r.t. the unit's output of ``KL(softmax(float logits) || softmax(model logits))``
-    summed over the batch, in the model quantized up to and including the unit (the QModules called
-    after it run in ``BYPASSED``). Returns ``(g ** 2 / mean(g ** 2) + damping) / (1 + damping)``,
-    shaped like the unit's outputs over all batches (mean 1).
+    summed over the batch (and over the positions of a language model), in the model quantized up to
+    and including the unit (the QModules called after it run in ``BYPASSED``). Returns
+    ``(g ** 2 / mean(g ** 2) + damping) / (1 + damping)``, shaped like the unit's outputs over all
+    batches (mean 1).
     """
     saved = [(m, m.qstate) for m in later]
     store: dict[str, Tensor] = {}
 
-    def hook(mod: nn.Module, args: Any, out: Tensor) -> Tensor:
-        leaf = out.detach().requires_grad_(True)
+    def hook(mod: nn.Module, args: Any, out: Any) -> Any:
+        first = out[0] if isinstance(out, tuple) else out  # a decoder layer may return (hidden states, ...)
+        leaf = first.detach().requires_grad_(True)
         store["out"] = leaf
-        return leaf.clone()  # not the leaf itself: the model may modify the output in place
+        clone = leaf.clone()  # not the leaf itself: the model may modify the output in place
+        return (clone, *out[1:]) if isinstance(out, tuple) else clone
 
     grads = []
     handle = unit.register_forward_hook(hook)
@@ -555,6 +778,8 @@ def _reconstruct_unit(
     weight: Tensor | None,
     gen: torch.Generator,
     config: ReconstructionConfig,
+    call: Callable[[Tensor], Tensor] | None = None,
+    channel_dim: int = 1,
 ) -> float:
     """Learn the rounding (and, if configured, the activation steps) of one unit; return its final loss.
 
@@ -566,6 +791,10 @@ def _reconstruct_unit(
         weight: BRECQ's Fisher weights shaped like ``y_fp``, or ``None`` for the plain squared error.
         gen: draws the mini-batches and QDrop's masks.
         config: the options; ``config.mode`` is the mode the unit's QModules are left in.
+        call: runs the unit on a mini-batch of inputs (default ``unit(x)``; a decoder layer gets
+            its captured keyword arguments).
+        channel_dim: the dimension the squared error is summed over (1: ``(N, C, ...)``
+            feature maps; -1: ``(N, T, hidden)`` token sequences).
 
     Returns:
         The reconstruction error of the last iteration.
@@ -620,11 +849,11 @@ def _reconstruct_unit(
             x = x_q[idx]
             if c.drop_prob > 0:
                 x = torch.where(torch.rand(x.shape, generator=gen, device=x.device) < c.drop_prob, x_fp[idx], x)
-            y = unit(x)
+            y = unit(x) if call is None else call(x)
             err = (y - y_fp[idx]).pow(2)
             if weight is not None:
                 err = err * weight[idx]
-            rec = err.sum(1).mean()
+            rec = err.sum(channel_dim).mean()
             loss = rec
             if it >= warm and c.reg_weight > 0:
                 t = (it - warm) / max(c.iters - warm, 1)
@@ -687,7 +916,8 @@ def adaround(model: nn.Module, data: Iterable, **kwargs: Any) -> dict[str, float
     ``act_quant=False``, ``drop_prob=0``, ``learn_act_step=False``: fixed).
     Each layer's inputs come from the quantized model (activations quantized in
     ``QUANT_EVAL``, earlier layers already rounded); the loss is on its output
-    after BatchNorm and activation, before its output quantizer.
+    after BatchNorm and activation, before its output quantizer. On a transformer
+    stack the layers of one decoder layer at a time, on the sequential engine.
 
     Args:
         model: a calibrated quantizable model.
@@ -719,6 +949,8 @@ def brecq(model: nn.Module, data: Iterable, **kwargs: Any) -> dict[str, float]:
     :func:`reconstruct` with the :data:`BRECQ` config: ``granularity="block"``, ``act_quant=True``,
     ``drop_prob=0`` (fixed) and, unless given, the paper's ``loss="fisher"`` (block outputs
     weighted by the diagonal Fisher) and ``learn_act_step=True`` (activation steps learned jointly).
+    On a transformer stack each decoder layer is a unit and the Fisher weights come from the
+    next-token KL of the model's logits.
 
     Args:
         model: a calibrated quantizable model.
@@ -740,6 +972,7 @@ def qdrop(model: nn.Module, data: Iterable, drop_prob: float = QDROP.drop_prob, 
     :func:`reconstruct` with the :data:`QDROP` config: ``granularity="block"``, ``act_quant=True``
     (fixed), ``drop_prob`` and, unless given, ``learn_act_step=True`` (activation steps learned
     jointly, as in the paper); the loss is the plain squared error (``loss="mse"``), as in the paper.
+    On a transformer stack each decoder layer is a unit.
 
     Args:
         model: a calibrated quantizable model.

@@ -123,6 +123,11 @@ class Block:
     def num_batches(self) -> int:
         return len(self._calls)
 
+    def inputs(self) -> list[tuple[tuple, dict[str, Any]]]:
+        """The captured inputs of each batch: ``(positional, keyword)``, the hidden states first
+        (a whole-model block: the batch itself), without a key/value cache."""
+        return [(c.args, c.kwargs) for c in self._calls]
+
     def _call(self, i: int) -> Any:
         c = self._calls[i]
         if self._model_call:
