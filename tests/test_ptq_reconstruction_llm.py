@@ -185,3 +185,28 @@ def test_activation_steps_inside_the_decoder_layers_are_learned(name):
     tq.set_qmodule_state(q, tq.QModuleState.QUANT_EVAL)
     with torch.no_grad():
         assert torch.isfinite(q(_tokens()[0]).logits).all()
+
+
+def test_a_cnn_with_a_modulelist_of_blocks_stays_on_the_whole_model_path():
+    """Only models with a ``config`` (Hugging Face) find their stack automatically: a CNN keeping its
+    blocks in a ModuleList (as EfficientNet does) keeps the channel-summed whole-model engine."""
+    from torch import nn
+
+    from torchquant.ptq import reconstruction as rec
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()) for _ in range(3))
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    w4 = lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0))  # noqa: E731
+    q = tq.quantize_model(Net(), w4, None, method="swap")
+    assert rec._stack(q, rec.ADAROUND) == []
+    assert [n for n, _ in rec._stack(q, rec.ReconstructionConfig(blocks="blocks"))] == [
+        "blocks.0", "blocks.1", "blocks.2",
+    ]  # fmt: skip

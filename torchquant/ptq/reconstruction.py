@@ -52,8 +52,9 @@ qualified-name globs given as ``blocks``. Layers outside every block are
 reconstructed on their own.
 
 Transformer stacks: when :func:`~torchquant.ptq.sequential.find_blocks` finds a list of
-repeated blocks (a Llama's ``model.layers``), or ``blocks`` names it as a string (as for
-GPTQ), the stack is reconstructed on the sequential engine (:mod:`torchquant.ptq.sequential`):
+repeated blocks in a Hugging Face-style model (one with a ``config``: a Llama's
+``model.layers``), or ``blocks`` names it as a string (as for GPTQ), the stack is
+reconstructed on the sequential engine (:mod:`torchquant.ptq.sequential`):
 BRECQ and QDrop take each decoder layer as a unit, AdaRound each weighted layer inside it
 (in forward order, with the layers before it in the block already rounded). The inputs of
 decoder layer ``i`` are the outputs of layer ``i - 1`` after its reconstruction, in the
@@ -233,8 +234,9 @@ class ReconstructionConfig:
         blocks: a string: the qualified name of the ``nn.ModuleList`` of a transformer's
             decoder layers (``"model.layers"``), reconstructed on the sequential engine (any
             granularity; see "Transformer stacks" in the module docstring). A tuple, for
-            ``"block"``: module types and/or qualified-name globs of the blocks. ``None``: the
-            stack that :func:`~torchquant.ptq.sequential.find_blocks` finds, else
+            ``"block"``: module types and/or qualified-name globs of the blocks. ``None``: on a
+            model with a ``config`` (Hugging Face), the stack that
+            :func:`~torchquant.ptq.sequential.find_blocks` finds, else
             :data:`RECONSTRUCTION_BLOCKS` and torchvision's residual blocks.
         act_quant: quantize activations inside the unit while reconstructing it.
         drop_prob: QDrop's probability of keeping an activation (and an input element) float.
@@ -472,7 +474,10 @@ def _stack(model: nn.Module, c: ReconstructionConfig) -> list[tuple[str, nn.Modu
     """The decoder layers to reconstruct on the sequential engine, or ``[]`` for the whole-model path."""
     if isinstance(c.blocks, str):
         return find_blocks(model, c.blocks, "reconstruct")
-    if c.blocks is not None:
+    if c.blocks is not None or getattr(model, "config", None) is None:
+        # Found automatically only on Hugging Face-style models (they carry a ``config``): a CNN
+        # that keeps its blocks in a ModuleList (EfficientNet) stays on the whole-model path,
+        # whose error sums over channels.
         return []
     return find_blocks(model, None, "reconstruct")
 
