@@ -24,6 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
         ("w8", "int8", None, None),
         ("w4g64", "int4-g64", None, None),
         ("W3G64", "int3-g64", None, None),
+        ("w3g64z", "int3-g64-asym", None, None),
+        ("w4za8t", "int4-asym", "int8-dynamic", None),
         ("w8a8", "int8", "int8", None),
         ("w8a8t", "int8", "int8-dynamic", None),
         ("w4a4tkv4", "int4", "int4-dynamic", "int4"),

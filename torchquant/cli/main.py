@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--layers", type=int, help="keep the first N decoder layers (quick runs)")
     g = lm.add_argument_group("grid")
     g.add_argument("--recipes", type=_csv, default=["rtn", "gptq"], help="rtn or PTQ algorithms joined by '+'")
-    g.add_argument("--bits", type=_csv, default=["w4g64"], help="w<B>[g<G>][a<A>[t]][kv<K>], e.g. w4g64,w8a8t")
+    g.add_argument("--bits", type=_csv, default=["w4g64"], help="w<B>[g<G>][z][a<A>[t]][kv<K>]: w4g64,w3g64z,w8a8t")
     g.add_argument("--args", type=json.loads, default={}, help='per-algorithm options as JSON: {"gptq": {...}}')
     g = lm.add_argument_group("calibration and evaluation")
     g.add_argument("--calib", type=int, default=32, help="calibration windows (default 32)")
