@@ -109,15 +109,19 @@ def check_targets(rows: list[LMRow]) -> list[tuple[str, bool, str]]:
 
 def time_gptq(n: int, seq_len: int, threads: int | None) -> tuple[float, float]:
     """Seconds of ``tq.ptq.gptq`` (W4 g64) on the whole SmolLM2 with ``n`` windows of ``seq_len``
-    tokens, and the perplexity of the result on 4 x 512 evaluation tokens."""
-    from torchquant.bench.lm import calibration_batches, default_texts, perplexity
+    tokens (overlapping where the calibration text is shorter than ``n * seq_len``), and the
+    perplexity of the result on 4 x 512 evaluation tokens."""
+    from torchquant.bench.lm import default_texts, perplexity, token_ids
     from torchquant.hf import TorchQuantConfig, quantize
 
     if threads is not None:
         torch.set_num_threads(threads)
     model, tok = load_causal_lm("smollm2")
     calib_text, eval_text = default_texts()
-    calib = calibration_batches(tok, calib_text, n, seq_len)
+    ids = token_ids(tok, calib_text)
+    # The calibration text holds about 47k tokens: 128 x 512 windows overlap, evenly spaced.
+    stride = min(seq_len, (ids.numel() - seq_len) // max(n - 1, 1))
+    calib = [ids[i * stride : i * stride + seq_len][None] for i in range(n)]  # (1, seq_len) each
     quantize(model, TorchQuantConfig(weights="int4-g64"), initial_state=False)
     tq.calibrate(model, calib[:1], progress=False)  # weight ranges only: one window is enough
     start = time.perf_counter()
@@ -139,6 +143,7 @@ def main() -> None:
     p.add_argument("--time-calib", type=int, default=128)
     p.add_argument("--time-calib-len", type=int, default=512)
     p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--timing-only", action="store_true", help="only the GPTQ timing, no table")
     p.add_argument("--quick", action="store_true", help="two decoder layers, few tokens: plumbing only")
     args = p.parse_args()
     cells = [tuple(c.split("@")) for c in args.cells.split(",")] if args.cells else CELLS
@@ -148,6 +153,10 @@ def main() -> None:
     )  # fmt: skip
     if args.quick:
         cfg.layers, cfg.calib, cfg.calib_len, cfg.eval_windows, cfg.eval_len = 2, 2, 64, 1, 128
+    if args.timing_only:
+        seconds, ppl = time_gptq(args.time_calib, args.time_calib_len, args.threads)
+        print(f"GPTQ, {args.time_calib} x {args.time_calib_len} tokens: {seconds:.0f} s (W4 g64 perplexity {ppl:.2f})")
+        return
     result = run_lm(cfg, ["benchmarks/llm.py"])
     print(result.table)
     print()
