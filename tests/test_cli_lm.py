@@ -150,13 +150,14 @@ def test_smollm2_reduced_run_gptq_beats_round_to_nearest(tmp_path):
 
 
 @pytest.mark.parametrize(("bits", "static"), [("w4g32", False), ("w8a8", True), ("w8a8t", False), ("w4a4tkv4", False)])
-def test_only_static_activation_ranges_calibrate_on_every_window(bits, static):
-    from torchquant.cli.lm import _static_activation_ranges
+def test_only_static_activation_ranges_need_calibration_data(bits, static):
+    from torchquant import QModuleState
     from torchquant.hf import quantize
+    from torchquant.hf.quantizer import initial_mode
 
     config = transformers.LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=64,
     )  # fmt: skip
     model = quantize(transformers.LlamaForCausalLM(config), LMBits.parse(bits).config(), initial_state=False)
-    assert _static_activation_ranges(model) is static
+    assert initial_mode(model) is (QModuleState.CALIBRATION if static else QModuleState.QUANT_EVAL)

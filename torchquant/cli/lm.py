@@ -319,6 +319,7 @@ def _quantize_cell(
 ) -> tuple[nn.Module, list[str]]:
     from .. import QModuleState, calibrate, set_qmodule_state
     from ..hf import quantize
+    from ..hf.quantizer import initial_mode
 
     q = copy.deepcopy(model)
     quantize(q, bits.config(), initial_state=False)
@@ -333,25 +334,13 @@ def _quantize_cell(
 
     for algo in recipe.before:
         run(algo)
-    # Weight ranges come from the weights: one window observes them. Static activation
-    # ranges need every window.
-    calibrate(q, calib if _static_activation_ranges(q) else calib[:1], progress=False)
+    # Weight ranges come from the weights themselves; only static activation ranges need data.
+    if initial_mode(q) is QModuleState.CALIBRATION:
+        calibrate(q, calib, progress=False)
     for algo in recipe.after:
         run(algo)
     set_qmodule_state(q, QModuleState.QUANT_EVAL)
     return q, notes
-
-
-def _static_activation_ranges(model: nn.Module) -> bool:
-    """Whether a quantizer other than a weight quantizer keeps ranges observed from data."""
-    from ..qmodules import iter_qmodules
-    from ..quantizers import RangeQuantizer
-
-    for _, m in iter_qmodules(model):
-        weights = getattr(m, "weight_quantizer", None)
-        if any(qz is not weights and isinstance(qz, RangeQuantizer) for qz in m.quantizers().values()):
-            return True
-    return False
 
 
 def _check_args(recipes: list[LMRecipe], args: dict[str, dict[str, Any]]) -> None:

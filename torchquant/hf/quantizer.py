@@ -45,7 +45,7 @@ from ..serialize import (
 from ..spec import CONFIG_KEY, QuantizerSpec
 from .config import QUANT_METHOD, TorchQuantConfig
 
-__all__ = ["TorchQuantHfQuantizer", "quantize"]
+__all__ = ["TorchQuantHfQuantizer", "initial_mode", "quantize"]
 
 FLOAT_NAMES_ATTR = "_tq_float_names"
 _META_KEY = "torchquant"
@@ -165,7 +165,7 @@ def quantize(model: nn.Module, config: TorchQuantConfig, *, initial_state: bool 
         model._tq_float_name_hook = True
     _attach(model, config)
     if initial_state:
-        _initial_state(model)
+        initial_mode(model)
     return model
 
 
@@ -225,8 +225,16 @@ def _needs_data(q: nn.Module) -> bool:
     return initialized is False
 
 
-def _initial_state(model: nn.Module) -> None:
-    """Observe every weight; ``QUANT_EVAL`` when no quantizer needs data, else ``CALIBRATION``."""
+def initial_mode(model: nn.Module) -> QModuleState:
+    """Observe every weight; then ``QUANT_EVAL`` when no quantizer needs data, else ``CALIBRATION``.
+
+    What :func:`quantize` does with ``initial_state=True``; callers that change the model
+    between conversion and calibration (rotations, scale migration) call it afterwards.
+
+    Returns:
+        The mode every QModule of ``model`` is now in: ``CALIBRATION`` means run
+        :func:`torchquant.calibrate` before evaluating.
+    """
     with torch.no_grad():
         for name, m in iter_qmodules(model):
             if isinstance(m, QWrapper) and m.weight_quantizer is not None:
@@ -241,6 +249,7 @@ def _initial_state(model: nn.Module) -> None:
     state = QModuleState.CALIBRATION if needs_data else QModuleState.QUANT_EVAL
     for _, m in iter_qmodules(model):
         m.qstate = state
+    return state
 
 
 @register_conversion("torchquant.hf")
