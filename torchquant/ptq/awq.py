@@ -99,19 +99,24 @@ def _cells(q: nn.Module, rows: int, cols: int) -> tuple[int, int] | None:
 
 
 def _search_scale(group: list[QWrapper], X: Tensor, x_mean: Tensor, n_grid: int) -> tuple[Tensor, float]:
-    """The best ``s`` (``(in,)``) and its exponent for ``group`` on inputs ``X`` (``(n, in)``)."""
+    """The best ``s`` (``(in,)``) and its exponent for ``group`` on inputs ``X`` (``(n, in)``).
+
+    Each layer's error ``mean((X / s) Q(W s)^T - X W^T)^2`` is computed as
+    ``sum((E C) * E) / (n * out)`` with ``E = Q(W s) / s - W`` (``(out, in)``) and
+    ``C = X^T X``: the same quantity without an ``(n, out)`` product per candidate.
+    """
+    C = X.t() @ X  # (in, in)
+    n = X.shape[0]
     Ws = [w.weight_view().detach().float() for w in group]
-    Ys = [X @ W.t() for W in Ws]
     best: tuple[float, Tensor, float] | None = None
     for i in range(n_grid):
         a = i / n_grid
         s = x_mean.pow(a).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        Xs = X / s
         loss = 0.0
-        for w, W, Y in zip(group, Ws, Ys):
-            Wq = _quantize(w.weight_quantizer, (W * s).to(w.weight_view().dtype)).float()
-            loss += float((Xs @ Wq.t() - Y).pow(2).mean())
+        for w, W in zip(group, Ws):
+            E = _quantize(w.weight_quantizer, (W * s).to(w.weight_view().dtype)).float() / s - W
+            loss += float(((E @ C) * E).sum()) / (n * W.shape[0])
         if best is None or loss < best[0]:
             best = (loss, s, a)
     assert best is not None
@@ -133,13 +138,16 @@ def _search_clip(w: QWrapper, X: Tensor, n_grid: int, max_shrink: float) -> floa
         lo, hi = W.min().expand(rows, G, 1), W.max().expand(rows, G, 1)
     else:
         lo, hi = Wg.amin(-1, keepdim=True), Wg.amax(-1, keepdim=True)
-    Xg = X.reshape(-1, G, gs)
+    Xg = X.reshape(-1, G, gs).transpose(0, 1)  # (G, n, gs)
+    # A cell's output error mean_n (x_g . d_g)^2 is the quadratic form d_g C_g d_g / n with
+    # C_g = X_g^T X_g: no (n, rows, G) tensor per candidate.
+    C = Xg.transpose(1, 2) @ Xg / X.shape[0]  # (G, gs, gs)
     ratios = [1 - k / n_grid for k in range(int(max_shrink * n_grid) + 1)]
     errs = []
     for r in ratios:
         Wc = torch.maximum(torch.minimum(Wg, hi * r), lo * r).reshape(rows, cols)
-        D = (_quantize(w.weight_quantizer, Wc.to(wv.dtype)).float() - W).reshape(rows, G, gs)
-        err = torch.einsum("ngk,rgk->nrg", Xg, D).pow(2).mean(0)  # (rows, G): each cell's output error
+        D = (_quantize(w.weight_quantizer, Wc.to(wv.dtype)).float() - W).reshape(rows, G, gs).transpose(0, 1)
+        err = ((D @ C) * D).sum(-1).t()  # (rows, G): each cell's output error
         errs.append(err.sum().expand(rows, G) if per_tensor else err)
     choice = torch.stack(errs).argmin(0)  # (rows, G)
     r = torch.tensor(ratios, dtype=W.dtype)[choice].unsqueeze(-1)  # (rows, G, 1)
