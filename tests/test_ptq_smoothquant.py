@@ -1,0 +1,122 @@
+"""SmoothQuant: the paper's scales, folded into a norm or a linear layer with the float model
+unchanged, better static W8A8 on outlier activations, options and errors."""
+
+import pytest
+import torch
+from torch import nn
+
+import torchquant as tq
+from torchquant.ptq import SmoothQuantResult, smoothing_scales, smoothquant
+
+S = tq.QModuleState
+D, HID, N = 32, 48, 256
+
+
+class _MLPBlock(nn.Module):
+    """RMS-style norm -> gate/up -> SiLU(gate) * up -> down: two smoothable groups, one after a
+    normalisation (``gate, up``) and one after a linear layer (``down`` after ``up``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.gate = nn.Linear(D, HID)
+        self.up = nn.Linear(D, HID)
+        self.down = nn.Linear(HID, D)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return x + self.down(nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, D, generator=g)
+
+
+def _model(acts=True, seed=0):
+    torch.manual_seed(seed)
+    net = _MLPBlock()
+    with torch.no_grad():  # outlier channels after the norm and in up's output
+        net.norm.weight.copy_(torch.ones(D))
+        net.norm.weight[[2, 9]] = 40.0
+        net.up.weight[[5, 30]] *= 30.0
+    w8 = lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0), symmetric=True)  # noqa: E731
+    a8 = (lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax())) if acts else None
+    return tq.quantize_model(net, w8, a8, method="swap")
+
+
+def _float(q, x):
+    with torch.no_grad(), tq.qmodule_state(q, S.BYPASSED):
+        return q(x)
+
+
+def _group_inputs(q, x):
+    """``(n, in)`` inputs of ``gate`` and ``down`` in the float model."""
+    seen = {}
+    hooks = [
+        getattr(q, n).register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].detach().clone()))
+        for n in ("gate", "down")
+    ]
+    _float(q, x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_scales_fold_into_the_norm_and_the_linear_layer_and_leave_the_float_model_unchanged():
+    q, x = _model(), _inputs()
+    before = _float(q, x)
+    res = smoothquant(q, [x], progress=False)
+    assert isinstance(res, SmoothQuantResult)
+    assert res.folded == {"gate,up": "norm", "down": "up"} and res.skipped == {}
+    # float32 reassociation only: errors relative to the outputs' scale
+    torch.testing.assert_close(_float(q, x), before, rtol=1e-5, atol=1e-6 * float(before.abs().max()))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.8])
+def test_scales_are_the_papers(alpha):
+    """``s_j = max|X_j|^alpha / max|W_:j|^(1-alpha)``: weight columns times ``s``, inputs divided by it."""
+    q, x = _model(), _inputs()
+    X = _group_inputs(q, x)
+    Wg, Wu, Wd = (getattr(q, n).layer.weight.detach().clone() for n in ("gate", "up", "down"))
+    s_gu = X["gate"].abs().amax(0).pow(alpha) / torch.cat([Wg, Wu]).abs().amax(0).pow(1 - alpha)
+    s_d = X["down"].abs().amax(0).pow(alpha) / Wd.abs().amax(0).pow(1 - alpha)
+    res = smoothquant(q, [x], alpha=alpha, progress=False)
+    torch.testing.assert_close(q.gate.layer.weight.detach(), Wg * s_gu)
+    torch.testing.assert_close(q.down.layer.weight.detach(), Wd * s_d)
+    torch.testing.assert_close(_group_inputs(q, x)["gate"], X["gate"] / s_gu, rtol=1e-5, atol=1e-5)
+    assert res.max_scale["gate,up"] == pytest.approx(float(s_gu.max()), rel=1e-6)
+
+
+def test_smoothing_scales_leave_dead_channels_at_one():
+    s = smoothing_scales(torch.tensor([0.0, 4.0, 9.0]), torch.tensor([1.0, 0.0, 1.0]), 0.5)
+    assert s.tolist() == [1.0, 1.0, 3.0]
+
+
+def test_smoothquant_lowers_static_w8a8_error_on_outlier_activations():
+    x = _inputs()
+    errors = {}
+    for name in ("plain", "smoothquant"):
+        q = _model()
+        ref = _float(q, x)
+        if name == "smoothquant":
+            smoothquant(q, [x], progress=False)
+        tq.calibrate(q, [x], progress=False)
+        with torch.no_grad(), tq.qmodule_state(q, S.QUANT_EVAL):
+            errors[name] = float((q(x) - ref).pow(2).mean())
+    assert errors["smoothquant"] < 0.5 * errors["plain"], errors
+
+
+def test_norms_only_skips_groups_after_a_linear_layer():
+    q = _model()
+    res = smoothquant(q, [_inputs()], targets="norms", progress=False)
+    assert res.folded == {"gate,up": "norm"}
+    assert res.skipped == {"down": "its input comes from up, not a normalisation (targets='norms')"}
+
+
+@pytest.mark.parametrize(
+    "opts, match", [({"alpha": 1.5}, "alpha"), ({"alpha": True}, "alpha"), ({"targets": "some"}, "targets")]
+)
+def test_bad_options_are_refused(opts, match):
+    with pytest.raises(ValueError, match=match):
+        smoothquant(_model(), [_inputs()], progress=False, **opts)
