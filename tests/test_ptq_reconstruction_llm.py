@@ -187,6 +187,41 @@ def test_activation_steps_inside_the_decoder_layers_are_learned(name):
         assert torch.isfinite(q(_tokens()[0]).logits).all()
 
 
+@pytest.mark.parametrize("name", ["brecq", "qdrop"])
+def test_input_quantizers_of_a_hugging_face_model_are_learned(name):
+    """``TorchQuantConfig(activations=...)`` quantizes each Linear's input (``input_quantizer``): the
+    block presets learn those steps; per-token dynamic ones have none and keep working."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB,
+    )  # fmt: skip
+    q = quantize(
+        transformers.LlamaForCausalLM(config).eval(),
+        TorchQuantConfig(weights="int4", activations="int8"),
+        initial_state=False,
+    )
+    tq.calibrate(q, _tokens(), progress=False)
+    inputs = [(n, m) for n, m in tq.iter_qmodules(q) if m.quantizers().get("input_quantizer") is not None]
+    assert inputs and all(m.quantizers().get("acts_quantizer") is None for _, m in inputs)
+    before = {n: m.input_quantizer.grid().scale.clone() for n, m in inputs}
+    getattr(tq.ptq, name)(q, _tokens(), iters=10, lr=1e-2, act_lr=1e-2, loss="mse", progress=False)
+    moved = [n for n, m in inputs if not torch.equal(m.input_quantizer.grid().scale, before[n])]
+    assert any(n.startswith("model.layers.0.") for n in moved) and any(n.startswith("model.layers.1.") for n in moved)
+    assert all(type(m.input_quantizer) is tq.AffineQuantizer for _, m in inputs)  # the originals are back
+
+    dyn = quantize(
+        transformers.LlamaForCausalLM(config).eval(),
+        TorchQuantConfig(weights="int4", activations="int8-dynamic"),
+        initial_state=False,
+    )
+    tq.calibrate(dyn, _tokens(), progress=False)
+    getattr(tq.ptq, name)(dyn, _tokens(), iters=3, loss="mse", progress=False)
+    tq.set_qmodule_state(dyn, tq.QModuleState.QUANT_EVAL)
+    with torch.no_grad():
+        assert torch.isfinite(dyn(_tokens()[0]).logits).all()
+
+
 def test_a_cnn_with_a_modulelist_of_blocks_stays_on_the_whole_model_path():
     """Only models with a ``config`` (Hugging Face) find their stack automatically: a CNN keeping its
     blocks in a ModuleList (as EfficientNet does) keeps the channel-summed whole-model engine."""

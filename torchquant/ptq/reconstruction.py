@@ -85,7 +85,9 @@ nearest). The weights are normalised to mean 1 and damped:
 QDrop (Wei et al. 2022, "QDrop: Randomly Dropping Quantization for Extremely
 Low-bit Post-Training Quantization") replaces each quantized activation inside the
 unit, and each element of the unit's input, by its float value with probability
-``drop_prob`` at every iteration (no drop once reconstructed).
+``drop_prob`` at every iteration (no drop once reconstructed). The activations are those
+of every QModule's ``acts_quantizer`` (its output) and ``input_quantizer`` (its layer's
+input, as a Hugging Face model quantizes them).
 
 Learned activation step sizes (``learn_act_step=True``, the default of both block
 presets, whose papers learn them jointly with the rounding) follow LSQ (Esser et
@@ -93,7 +95,9 @@ al. 2020): the step of each per-tensor or per-channel
 :class:`~torchquant.AffineQuantizer` inside the unit starts from its calibrated
 value, is trained with the straight-through estimator by Adam at a learning rate
 *relative* to that value (``act_lr`` times the quantizer's mean step), annealed to 0 with a cosine
-as in both papers, and is written back into its observer's ranges.
+as in both papers, and is written back into its observer's ranges. Dynamic quantizers
+(:class:`~torchquant.StatelessQuantizer`, e.g. per-token ranges computed at run time) have
+no step to learn and are left as they are (QDrop still drops their quantization).
 """
 
 from __future__ import annotations
@@ -113,7 +117,7 @@ from torch.nn import functional as F
 
 from ..layers import bn_scale_shift
 from ..qmodules import QModule, QModuleState, QWrapper, iter_qmodules
-from ..quantizers import AdaRoundQuantizer, AffineGrid, AffineQuantizer, LevelGrid, Quantizer
+from ..quantizers import AdaRoundQuantizer, AffineGrid, AffineQuantizer, LevelGrid, Quantizer, StatelessQuantizer
 from ..quantizers_functional import round_ste
 from ..utils import progress_bar, restoring_states
 from ._common import Snapshot, call_model, capture, forward_order, materialize, require_qmodules
@@ -168,6 +172,15 @@ class _LearnedStep(Quantizer):
         else:
             mn, mx = (self.qmin - self.zero_point) * s, (self.qmax - self.zero_point) * s
         obs.force_ranges(mn.reshape(obs.min_val.shape), mx.reshape(obs.max_val.shape))
+
+
+_ACT_ATTRS = ("input_quantizer", "acts_quantizer")
+"""The activation quantizers of a QModule: its layer's input (transformer-style W8A8) and its output."""
+
+
+def _act_quantizers(m: QModule) -> list[tuple[str, Quantizer]]:
+    own = m.quantizers()
+    return [(attr, own[attr]) for attr in _ACT_ATTRS if own.get(attr) is not None]
 
 
 class _Drop(Quantizer):
@@ -445,13 +458,13 @@ def reconstruct(
         for w in [unit] if isinstance(unit, QWrapper) else unit.modules():
             if _learnable(w):
                 _grid_of(w.weight_quantizer, f"the weight quantizer of {name}")
-            if c.learn_act_step and isinstance(w, QModule) and w.quantizers().get("acts_quantizer") is not None:
-                q = w.acts_quantizer
-                if not isinstance(q, AffineQuantizer):
-                    raise TypeError(
-                        f"reconstruct: learn_act_step needs AffineQuantizer activation quantizers; "
-                        f"{name} has {type(q).__name__} (pass learn_act_step=False to keep its ranges)"
-                    )
+            if c.learn_act_step and isinstance(w, QModule):
+                for attr, q in _act_quantizers(w):
+                    if not isinstance(q, (AffineQuantizer, StatelessQuantizer)):
+                        raise TypeError(
+                            f"reconstruct: learn_act_step needs AffineQuantizer activation quantizers; "
+                            f"{name}.{attr} is {type(q).__name__} (pass learn_act_step=False to keep its ranges)"
+                        )
 
     snapshot = Snapshot(model)
     with restoring_states(model):
@@ -826,17 +839,15 @@ def _reconstruct_unit(
             w.weight_quantizer = ada[w]
         if c.act_quant:
             for m in qmods:
-                q = m.quantizers().get("acts_quantizer")
-                if q is None:
-                    continue
-                saved_q.append((m, "acts_quantizer", q))
-                new: Quantizer = q
-                if c.learn_act_step:
-                    new = _LearnedStep(q)
-                    learned.append(new)
-                if c.drop_prob > 0:
-                    new = _Drop(new, c.drop_prob, gen)
-                m.acts_quantizer = new
+                for attr, q in _act_quantizers(m):
+                    saved_q.append((m, attr, q))
+                    new: Quantizer = q
+                    if c.learn_act_step and not isinstance(q, StatelessQuantizer):  # a dynamic range has no step
+                        new = _LearnedStep(q)
+                        learned.append(new)
+                    if c.drop_prob > 0:
+                        new = _Drop(new, c.drop_prob, gen)
+                    setattr(m, attr, new)
         unit_mode = QModuleState.QUANT_EVAL if c.act_quant else QModuleState.QUANT_EVAL_WEIGHT_ONLY
         for m in qmods:
             m.qstate = unit_mode
