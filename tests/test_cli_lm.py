@@ -25,6 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
         ("w4g64", "int4-g64", None, None),
         ("W3G64", "int3-g64", None, None),
         ("w3g64z", "int3-g64-asym", None, None),
+        ("w3g64mse", "int3-g64-mse", None, None),
+        ("w3g64zmse", "int3-g64-asym-mse", None, None),
         ("w4za8t", "int4-asym", "int8-dynamic", None),
         ("w8a8", "int8", "int8", None),
         ("w8a8t", "int8", "int8-dynamic", None),
@@ -39,7 +41,7 @@ def test_bit_settings_parse_to_config_short_forms(text, weights, acts, kv):
     assert cfg.weights is not None and (cfg.activations is None) == (acts is None)
 
 
-@pytest.mark.parametrize("text", ["a8", "w4a", "w4x", "w1", "w4g64a4tt", "int4"])
+@pytest.mark.parametrize("text", ["a8", "w4a", "w4x", "w1", "w4g64a4tt", "int4", "w4msez"])
 def test_bad_bit_settings_name_themselves(text):
     with pytest.raises(ValueError, match="bit setting"):
         LMBits.parse(text)
@@ -149,7 +151,9 @@ def test_smollm2_reduced_run_gptq_beats_round_to_nearest(tmp_path):
     assert rows["float"] < rows["gptq"] < rows["rtn"], rows
 
 
-@pytest.mark.parametrize(("bits", "static"), [("w4g32", False), ("w8a8", True), ("w8a8t", False), ("w4a4tkv4", False)])
+@pytest.mark.parametrize(
+    ("bits", "static"), [("w4g32", False), ("w4g32mse", False), ("w8a8", True), ("w8a8t", False), ("w4a4tkv4", False)]
+)
 def test_only_static_activation_ranges_need_calibration_data(bits, static):
     from torchquant import QModuleState
     from torchquant.hf import quantize

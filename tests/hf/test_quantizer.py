@@ -220,6 +220,27 @@ def test_registered_quantizer_names_are_short_forms():
     assert config.weights == {"quantizer": "fp8_e4m3"}
 
 
+@pytest.mark.parametrize("short, symmetric", [("int3-g16-mse", True), ("int3-g16-asym-mse", False)])
+def test_mse_weight_ranges_short_form(short, symmetric):
+    """``-mse``: each group's range minimises its squared rounding error, so it is clipped inside
+    min/max and rounds the weights closer than min/max does."""
+    from torchquant.hf.config import WEIGHT_MSE_BINS
+
+    config = TorchQuantConfig(weights=short)
+    assert config.weights["observer"] == "mse" and config.weights["args"] == {"n_bits": 3, "symmetric": symmetric}
+    assert config.weights["observer_args"]["bins"] == WEIGHT_MSE_BINS
+    errors = {}
+    for name, cfg in (("mse", config), ("minmax", TorchQuantConfig(weights=short.replace("-mse", "")))):
+        torch.manual_seed(0)
+        model = quantize(transformers.LlamaForCausalLM(llama_config()).eval(), cfg)
+        w = model.model.layers[0].mlp.down_proj
+        assert type(w.weight_quantizer.range_observer).__name__ == ("MSEObserver" if name == "mse" else "BatchMinMax")
+        with torch.no_grad():
+            wq = w.weight_quantizer(w.layer.weight)
+        errors[name] = float((wq - w.layer.weight.detach()).pow(2).sum())
+    assert errors["mse"] < errors["minmax"]
+
+
 def test_calibrating_an_encoder_decoder_with_label_only_batches(float_dirs):
     # a seq2seq batch often has labels and no decoder inputs: the model builds those from the labels
     fam = FAMILIES[-1]

@@ -7,10 +7,13 @@ algorithms around calibration, puts the model in ``QUANT_EVAL`` and scores it wi
 cell's perplexity, its ratio to float, the quantization and evaluation seconds and the
 peak resident memory of the cell.
 
-Bit settings (``--bits``), one token each, ``w<B>[g<G>][z][a<A>[t]][kv<K>]``:
+Bit settings (``--bits``), one token each, ``w<B>[g<G>][z][mse][a<A>[t]][kv<K>]``:
 
 * ``w4``: 4-bit symmetric weights per output channel; ``w4g64``: per group of 64 inputs;
   ``z`` adds a zero point (asymmetric weights, as in the GPTQ paper): ``w3g64z``;
+  ``mse`` takes each weight range cell's range from its squared rounding error instead
+  of its min/max (the ``-mse`` short form of :class:`~torchquant.hf.TorchQuantConfig`):
+  ``w3g64mse``;
 * ``a8``: 8-bit activations (the inputs of the quantized layers) with static per-tensor
   ranges from calibration; ``a8t``: per-token ranges computed at run time (dynamic);
 * ``kv4``: a 4-bit KV cache (keys per channel, values per token, groups of 32).
@@ -58,7 +61,7 @@ __all__ = [
     "run_lm",
 ]
 
-_BITS = re.compile(r"^w(?P<w>\d+)(?:g(?P<g>\d+))?(?P<z>z)?(?:a(?P<a>\d+)(?P<t>t)?)?(?:kv(?P<kv>\d+))?$")
+_BITS = re.compile(r"^w(?P<w>\d+)(?:g(?P<g>\d+))?(?P<z>z)?(?P<mse>mse)?(?:a(?P<a>\d+)(?P<t>t)?)?(?:kv(?P<kv>\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -83,16 +86,22 @@ class LMBits:
 
     @classmethod
     def parse(cls, text: str) -> LMBits:
-        """Parse ``w<B>[g<G>][z][a<A>[t]][kv<K>]``; raises ``ValueError`` naming the setting."""
+        """Parse ``w<B>[g<G>][z][mse][a<A>[t]][kv<K>]``; raises ``ValueError`` naming the setting."""
         m = _BITS.match(text.strip().lower())
         if m is None:
             raise ValueError(
-                f"bit setting {text!r}: expected w<B>[g<G>][z][a<A>[t]][kv<K>], e.g. w4g64, w3g64z, w8a8t, w4a4tkv4"
+                f"bit setting {text!r}: expected w<B>[g<G>][z][mse][a<A>[t]][kv<K>], "
+                "e.g. w4g64, w3g64z, w3g64mse, w8a8t, w4a4tkv4"
             )
         for key in ("w", "a", "kv"):
             if m[key] is not None and not 2 <= int(m[key]) <= 16:
                 raise ValueError(f"bit setting {text!r}: {key} bits must be in 2..16, got {m[key]}")
-        weights = f"int{m['w']}" + (f"-g{m['g']}" if m["g"] else "") + ("-asym" if m["z"] else "")
+        weights = (
+            f"int{m['w']}"
+            + (f"-g{m['g']}" if m["g"] else "")
+            + ("-asym" if m["z"] else "")
+            + ("-mse" if m["mse"] else "")
+        )
         acts = None if m["a"] is None else f"int{m['a']}" + ("-dynamic" if m["t"] else "")
         kv = None if m["kv"] is None else f"int{m['kv']}"
         return cls(text.strip().lower(), weights, acts, kv)
