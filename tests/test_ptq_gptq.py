@@ -221,3 +221,22 @@ def test_the_hessian_is_of_the_input_after_the_input_transform():
     xt = HadamardTransform(IN)(x)
     expected, _ = gptq_quantize_weight(w, 2 * xt.t() @ xt / N, q[0].weight_quantizer.grid())
     assert torch.equal(q[0].layer.weight, expected)
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_true_sequential_collects_later_hessians_after_earlier_layers_are_quantized(true_sequential):
+    """In one block, layer 2's Hessian is of layer 1's quantized outputs (the paper's true sequential)
+    or of its float outputs (``true_sequential=False``, all Hessians before the block changes)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(IN, IN), nn.Linear(IN, OUT))
+    w4 = lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0))  # noqa: E731
+    q = tq.quantize_model(net, w4, None, method="swap")
+    x = _inputs()
+    tq.calibrate(q, [x], progress=False)
+    w1, w2 = q[0].layer.weight.detach().clone(), q[1].layer.weight.detach().clone()
+    gptq(q, [x], true_sequential=true_sequential, progress=False)
+    with torch.no_grad():
+        w1_used = q[0].layer.weight if true_sequential else w1
+        h1 = torch.nn.functional.linear(x, w1_used, q[0].layer.bias)
+    expected, _ = gptq_quantize_weight(w2, 2 * h1.t() @ h1 / N, q[1].weight_quantizer.grid())
+    torch.testing.assert_close(q[1].layer.weight.detach(), expected, rtol=0, atol=1e-6)

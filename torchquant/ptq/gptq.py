@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from ..qmodules import QModuleState, QWrapper
 from ..quantizers import AffineGrid
+from ..utils import qmodule_state
 from ._common import all_or_nothing, materialize, require_qmodules
 from .registry import register_ptq_algorithm
 from .sequential import Block, sequential_blocks
@@ -215,6 +216,7 @@ def gptq(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    true_sequential: bool = True,
     num_batches: int | None = None,
     mode: QModuleState = QModuleState.QUANT_EVAL,
     blocks: str | None = None,
@@ -235,6 +237,10 @@ def gptq(
         damp: dampening, as a fraction of the mean of ``diag H``.
         block_size: columns per lazy-update block.
         act_order: quantize columns in order of decreasing ``diag H`` (activation order).
+        true_sequential: collect each group's Hessian after the block's earlier groups are
+            quantized (the paper's "true sequential" option); ``False`` collects all of a block's
+            Hessians in float (the block ``BYPASSED``, its inputs still from the quantized blocks
+            before it) before any of its layers changes, as llm-compressor's pipeline does.
         num_batches: use at most this many batches of ``data``.
         mode: the mode every QModule runs in while inputs are collected.
         blocks: the qualified name of the model's list of blocks (decoder layers); found
@@ -267,6 +273,8 @@ def gptq(
     _check(block_size, "block_size", int, 1)
     if not isinstance(act_order, bool):
         raise ValueError(f"gptq: act_order must be a bool, got {act_order!r}")
+    if not isinstance(true_sequential, bool):
+        raise ValueError(f"gptq: true_sequential must be a bool, got {true_sequential!r}")
     if not isinstance(mode, QModuleState):
         raise ValueError(f"gptq: mode must be a QModuleState, got {mode!r}")
     batches = materialize(data, num_batches, "gptq")
@@ -302,8 +310,14 @@ def gptq(
         left = set(todo)
 
         def process(block: Block) -> None:
-            for group in block.groups([w for _, w in block.layers if w in left]):
-                hessians = _hessians(block, group)
+            groups = block.groups([w for _, w in block.layers if w in left])
+            early: dict[QWrapper, Tensor] = {}
+            if not true_sequential:  # every Hessian from the float block, before any of its layers changes
+                with qmodule_state(block.module, QModuleState.BYPASSED):
+                    for g in groups:
+                        early.update(_hessians(block, g))
+            for group in groups:
+                hessians = _hessians(block, group) if true_sequential else early
                 for w in group:
                     wv = w.weight_view()  # (out, in, ...) view of the parameter
                     q, loss = gptq_quantize_weight(
