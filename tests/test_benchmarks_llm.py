@@ -93,3 +93,17 @@ def test_the_llmcompressor_anchor_applies_only_where_float_and_rtn_match_it():
     assert not {t: ok for t, ok, _ in bench.check_targets(rows)}[
         "W4 g64: float and RTN equal llm-compressor's (the anchor applies)"
     ]
+
+
+def test_calibration_orders_are_permutations_and_the_orders_target_compares_means():
+    calib = list(range(32))
+    assert bench.reorder(calib, "fwd") == calib and bench.reorder(calib, "rev") == calib[::-1]
+    p1 = bench.reorder(calib, "perm1")
+    assert sorted(p1) == calib and p1 != calib and p1 == bench.reorder(calib, "perm1") != bench.reorder(calib, "perm2")
+    with pytest.raises(ValueError, match="order"):
+        bench.reorder(calib, "sideways")
+    lc = bench.LLMCOMPRESSOR["gptq_orders"]
+    assert len(lc) == len(bench.ORDERS)
+    _, ok, figures = bench.check_orders([17.3, 17.4, 17.5, 17.6, 17.7])
+    assert ok and figures == "17.50 +- 0.16 vs 17.54 +- 0.25"
+    assert not bench.check_orders([17.6] * 4 + [17.7])[1]
