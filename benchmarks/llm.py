@@ -159,6 +159,8 @@ def check_targets(rows: list[LMRow]) -> list[tuple[str, bool | None, str]]:
     """``(target, met, figures)`` for every target whose cells are in ``rows`` (``met`` is ``None`` for
     a figure printed for reference)."""
     ppl = {(r.recipe, r.bits): r.perplexity for r in rows if r.perplexity is not None}
+    if ("float", "-") not in ppl:  # --orders-only: no table
+        return []
     fp = ppl[("float", "-")]
     out = []
 

@@ -83,6 +83,7 @@ def test_targets_fail_where_a_method_does_not_help():
     assert not got["W4A4 KV4: QuaRot+GPTQ <= 3x float, RTN > 10x"]
     # only the targets whose cells ran
     assert [t for t, _, _ in bench.check_targets(_rows(float=10.0, rtn_w8=10.1))] == []
+    assert bench.check_targets([]) == []  # --orders-only has no table
 
 
 def test_the_llmcompressor_anchor_applies_only_where_float_and_rtn_match_it():
