@@ -473,10 +473,15 @@ def reconstruct(
             for _, m in iter_qmodules(float_model):
                 m.qstate = QModuleState.BYPASSED
             float_model.eval()
+            model.eval()
+            for _, m in qmodules:
+                m.qstate = c.mode
+            _check_runs(model, batches, c)
+            fisher = _fisher(model, float_model, qmodules, batches, c)
             if stack:
-                losses = _reconstruct_stack(model, float_model, qmodules, stack, batches, c, seed, progress)
+                losses = _reconstruct_stack(model, float_model, stack, batches, c, seed, progress, fisher)
             else:
-                losses = _reconstruct_units(model, float_model, qmodules, units, batches, c, seed, progress)
+                losses = _reconstruct_units(model, float_model, units, batches, c, seed, progress, fisher)
         except BaseException:
             snapshot.restore()
             raise
@@ -512,71 +517,76 @@ def _check_runs(model: nn.Module, batches: list, c: ReconstructionConfig) -> Non
         ) from e
 
 
-def _reconstruct_units(
+def _fisher(
     model: nn.Module,
     float_model: nn.Module,
     qmodules: list[tuple[str, QModule]],
+    batches: list,
+    c: ReconstructionConfig,
+) -> Callable[[nn.Module], Tensor | None]:
+    """``fisher(unit)``: BRECQ's Fisher weights of ``unit``'s outputs (``None`` unless ``c.loss == "fisher"``),
+    computed when asked, in the model as reconstructed up to then; the float logits once for all units."""
+    if c.loss != "fisher":
+        return lambda unit: None
+    all_order = forward_order(model, [m for _, m in qmodules], batches[0], "reconstruct")
+    with torch.no_grad():
+        refs = [_logits(call_model(float_model, b, "reconstruct")) for b in batches]
+
+    def fisher(unit: nn.Module) -> Tensor:
+        inside = {id(m) for m in unit.modules()}
+        last = max(k for k, m in enumerate(all_order) if id(m) in inside)
+        return _fisher_weights(model, unit, all_order[last + 1 :], batches, refs, float(c.damping))
+
+    return fisher
+
+
+def _reconstruct_units(
+    model: nn.Module,
+    float_model: nn.Module,
     units: list[tuple[str, nn.Module]],
     batches: list,
     c: ReconstructionConfig,
     seed: int,
     progress: bool,
+    fisher: Callable[[nn.Module], Tensor | None],
     first_index: int = 0,
     channel_dim: int = 1,
 ) -> dict[str, float]:
-    """The body of :func:`reconstruct` once everything is checked: each unit in forward order.
+    """The body of :func:`reconstruct` once everything is checked and the modes set: each unit in forward order.
 
     ``float_model`` is the float copy (every QModule ``BYPASSED``) that gives the targets;
     unit ``i`` of the forward order draws its samples with the seed ``seed * 100003 + first_index + i``;
     the squared error is summed over ``channel_dim``.
     """
     float_modules = dict(float_model.named_modules())
-    model.eval()
-    for _, m in qmodules:
-        m.qstate = c.mode
-    _check_runs(model, batches, c)
     names = {m: n for n, m in units}
     order = forward_order(model, [m for _, m in units], batches[0], "reconstruct")
     missing = [n for n, m in units if m not in order]
     if missing:
         raise ValueError(f"reconstruct: units never called by the forward pass: {missing}")
-    all_order = forward_order(model, [m for _, m in qmodules], batches[0], "reconstruct")
-    refs: list[Tensor] = []
-    if c.loss == "fisher":
-        with torch.no_grad():
-            refs = [_logits(call_model(float_model, b, "reconstruct")) for b in batches]
     losses: dict[str, float] = {}
     for i, unit in enumerate(progress_bar(order, len(order), "reconstruct", progress)):
         name = names[unit]
         x_q, _ = capture(model, unit, batches, "reconstruct", name, want_output=False)
         x_fp, y_fp = capture(float_model, float_modules[name], batches, "reconstruct", name, want_output=True)
-        weight = None
-        if c.loss == "fisher":
-            inside = {id(m) for m in unit.modules()}
-            last = max(k for k, m in enumerate(all_order) if id(m) in inside)
-            weight = _fisher_weights(model, unit, all_order[last + 1 :], batches, refs, float(c.damping))
         gen = torch.Generator(device=x_q.device).manual_seed(seed * 100003 + first_index + i)
-        losses[name] = _reconstruct_unit(unit, x_q, x_fp, y_fp, weight, gen, c, channel_dim=channel_dim)
+        losses[name] = _reconstruct_unit(unit, x_q, x_fp, y_fp, fisher(unit), gen, c, channel_dim=channel_dim)
     return losses
 
 
 def _reconstruct_stack(
     model: nn.Module,
     float_model: nn.Module,
-    qmodules: list[tuple[str, QModule]],
     stack: list[tuple[str, nn.Module]],
     batches: list,
     c: ReconstructionConfig,
     seed: int,
     progress: bool,
+    fisher: Callable[[nn.Module], Tensor | None],
 ) -> dict[str, float]:
     """:func:`reconstruct` on a transformer stack: the decoder layers of ``stack`` on the sequential
     engine, the layers outside them on their own with whole-model passes (those called before the
     first decoder layer first, the others last)."""
-    model.eval()
-    for _, m in qmodules:
-        m.qstate = c.mode
-    _check_runs(model, batches, c)
     outside = _outside(model, stack)
     first = stack[0][1]
     order = forward_order(model, [m for _, m in outside] + [first], batches[0], "reconstruct")
@@ -587,19 +597,7 @@ def _reconstruct_stack(
     after = [(n, m) for n, m in outside if m not in early]
     losses: dict[str, float] = {}
     if before:
-        losses.update(_reconstruct_units(model, float_model, qmodules, before, batches, c, seed, False, channel_dim=-1))
-    all_order = forward_order(model, [m for _, m in qmodules], batches[0], "reconstruct")
-    refs: list[Tensor] = []
-    if c.loss == "fisher":
-        with torch.no_grad():
-            refs = [_logits(call_model(float_model, b, "reconstruct")) for b in batches]
-
-    def fisher(unit: nn.Module) -> Tensor | None:
-        if c.loss != "fisher":
-            return None
-        inside = {id(m) for m in unit.modules()}
-        last = max(k for k, m in enumerate(all_order) if id(m) in inside)
-        return _fisher_weights(model, unit, all_order[last + 1 :], batches, refs, float(c.damping))
+        losses.update(_reconstruct_units(model, float_model, before, batches, c, seed, False, fisher, channel_dim=-1))
 
     stack_name = stack[0][0].rsplit(".", 1)[0]
     float_modules = dict(float_model.named_modules())
@@ -639,7 +637,7 @@ def _reconstruct_stack(
             index += 1
     if after:
         losses.update(
-            _reconstruct_units(model, float_model, qmodules, after, batches, c, seed, False, index, channel_dim=-1)
+            _reconstruct_units(model, float_model, after, batches, c, seed, False, fisher, index, channel_dim=-1)
         )
     return losses
 
