@@ -13,8 +13,8 @@ FAST = dict(iters=40, lr=1e-2, progress=False)
 METHODS = ["adaround", "brecq", "qdrop"]
 
 
-def _llama(weights="int3", seed=0, **kw):
-    """A tiny random Llama, every decoder Linear quantized (``lm_head`` stays float), calibrated."""
+def _float_llama(seed=0, **kw):
+    """A tiny random float Llama: two decoder layers, hidden size 64."""
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         hidden_size=64,
@@ -25,7 +25,13 @@ def _llama(weights="int3", seed=0, **kw):
         vocab_size=VOCAB,
         **kw,
     )
-    q = quantize(transformers.LlamaForCausalLM(config).eval(), TorchQuantConfig(weights=weights), initial_state=False)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _llama(weights="int3", seed=0, activations=None, **kw):
+    """:func:`_float_llama` with every decoder Linear quantized (``lm_head`` stays float), calibrated."""
+    config = TorchQuantConfig(weights=weights, activations=activations)
+    q = quantize(_float_llama(seed, **kw), config, initial_state=False)
     tq.calibrate(q, _tokens(), progress=False)
     return q
 
@@ -144,18 +150,8 @@ def test_model_is_restored_when_reconstruction_fails(name):
 
 def test_layers_outside_the_stack_are_reconstructed_before_and_after_it():
     """A quantized input embedding comes before the first decoder layer, an untied ``lm_head`` after the last."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        tie_word_embeddings=False,
-    )
     everything = TorchQuantConfig(weights="int3", embeddings="int4", modules_to_not_convert=[])
-    q = quantize(transformers.LlamaForCausalLM(config).eval(), everything, initial_state=False)
+    q = quantize(_float_llama(tie_word_embeddings=False), everything, initial_state=False)
     tq.calibrate(q, _tokens(), progress=False)
     losses = tq.ptq.brecq(q, _tokens(), iters=3, progress=False)  # Fisher weights for all four units
     assert list(losses) == ["model.embed_tokens", "model.layers.0", "model.layers.1", "lm_head"]
@@ -164,18 +160,9 @@ def test_layers_outside_the_stack_are_reconstructed_before_and_after_it():
 @pytest.mark.parametrize("name", ["brecq", "qdrop"])
 def test_activation_steps_inside_the_decoder_layers_are_learned(name):
     """W4 weights, A8 outputs of every Linear: the block presets learn the activation steps (LSQ) as on CNNs."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-    )
     w4 = lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0))  # noqa: E731
     a8 = lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax())  # noqa: E731
-    q = tq.quantize_model(transformers.LlamaForCausalLM(config).eval(), w4, a8, method="swap", skip=["lm_head"])
+    q = tq.quantize_model(_float_llama(), w4, a8, method="swap", skip=["lm_head"])
     tq.calibrate(q, _tokens(), progress=False)
     acts = [(n, m) for n, m in tq.iter_qmodules(q) if m.quantizers().get("acts_quantizer") is not None]
     before = {n: m.acts_quantizer.grid().scale.clone() for n, m in acts}
@@ -191,17 +178,7 @@ def test_activation_steps_inside_the_decoder_layers_are_learned(name):
 def test_input_quantizers_of_a_hugging_face_model_are_learned(name):
     """``TorchQuantConfig(activations=...)`` quantizes each Linear's input (``input_quantizer``): the
     block presets learn those steps; per-token dynamic ones have none and keep working."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB,
-    )  # fmt: skip
-    q = quantize(
-        transformers.LlamaForCausalLM(config).eval(),
-        TorchQuantConfig(weights="int4", activations="int8"),
-        initial_state=False,
-    )
-    tq.calibrate(q, _tokens(), progress=False)
+    q = _llama(weights="int4", activations="int8")
     inputs = [(n, m) for n, m in tq.iter_qmodules(q) if m.quantizers().get("input_quantizer") is not None]
     assert inputs and all(m.quantizers().get("acts_quantizer") is None for _, m in inputs)
     before = {n: m.input_quantizer.grid().scale.clone() for n, m in inputs}
@@ -210,12 +187,7 @@ def test_input_quantizers_of_a_hugging_face_model_are_learned(name):
     assert any(n.startswith("model.layers.0.") for n in moved) and any(n.startswith("model.layers.1.") for n in moved)
     assert all(type(m.input_quantizer) is tq.AffineQuantizer for _, m in inputs)  # the originals are back
 
-    dyn = quantize(
-        transformers.LlamaForCausalLM(config).eval(),
-        TorchQuantConfig(weights="int4", activations="int8-dynamic"),
-        initial_state=False,
-    )
-    tq.calibrate(dyn, _tokens(), progress=False)
+    dyn = _llama(weights="int4", activations="int8-dynamic")
     getattr(tq.ptq, name)(dyn, _tokens(), iters=3, loss="mse", progress=False)
     tq.set_qmodule_state(dyn, tq.QModuleState.QUANT_EVAL)
     with torch.no_grad():
