@@ -4,17 +4,12 @@ The recipes are those of ``benchmarks/baselines_digits.py`` (same seed and budge
 float32 model is pretrained per test session and shared.
 """
 
-import importlib.util
-from pathlib import Path
-
+import benchmark_script
 import pytest
 
 pytest.importorskip("sklearn")
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines_digits.py"
-_spec = importlib.util.spec_from_file_location("baselines_digits", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = benchmark_script.load("baselines_digits")
 
 
 @pytest.fixture(scope="module")

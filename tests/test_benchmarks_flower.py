@@ -1,21 +1,15 @@
 """benchmarks/flower.py --quick: ten clients, two rounds, the table and its files; the split is non-IID."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
+import benchmark_script
 import pytest
 import torch
 
 pytest.importorskip("sklearn")
 pytest.importorskip("flwr")
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "flower.py"
-_spec = importlib.util.spec_from_file_location("benchmarks_flower", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = bench
-_spec.loader.exec_module(bench)
+bench = benchmark_script.load("flower")
 
 
 def test_dirichlet_split_partitions_the_data_non_iid():

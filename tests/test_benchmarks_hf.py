@@ -4,11 +4,9 @@ The real-weight run is the benchmark itself; here each row builder must produce 
 whose quantizers are in the mode the row names and whose perplexity is finite.
 """
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
+import benchmark_script
 import pytest
 import torch
 
@@ -18,11 +16,7 @@ from torchquant.bench import lm
 transformers = pytest.importorskip("transformers")
 from torchquant.hf import QAttention  # noqa: E402
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "hf.py"
-_spec = importlib.util.spec_from_file_location("benchmarks_hf", _PATH)
-hf = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = hf  # its dataclasses look their module up while the module runs
-_spec.loader.exec_module(hf)
+hf = benchmark_script.load("hf")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -3,22 +3,16 @@
 The real-weight run (SmolLM2-135M) is the benchmark itself; tests/test_cli_lm.py has a reduced one.
 """
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
+import benchmark_script
 import pytest
 
 pytest.importorskip("transformers")
 
 from torchquant.cli.lm import LMConfig, LMRow, run_lm
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "llm.py"
-_spec = importlib.util.spec_from_file_location("benchmarks_llm", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = bench
-_spec.loader.exec_module(bench)
+bench = benchmark_script.load("llm")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -3,11 +3,9 @@
 The real-weight run (SmolLM2-135M) is the benchmark itself.
 """
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
+import benchmark_script
 import pytest
 import torch
 
@@ -17,11 +15,7 @@ from torchquant.bench import lm
 transformers = pytest.importorskip("transformers")
 from hf.hf_tiny import VOCAB, llama_config  # noqa: E402  (tests/hf, a namespace package)
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "quarot.py"
-_spec = importlib.util.spec_from_file_location("benchmarks_quarot", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = bench
-_spec.loader.exec_module(bench)
+bench = benchmark_script.load("quarot")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,21 +4,15 @@ The full run (the accuracy targets) is the benchmark itself; here each row must 
 accuracy from a model in the mode its method names, and the table must name the targets.
 """
 
-import importlib.util
 import shutil
-import sys
-from pathlib import Path
 
+import benchmark_script
 import pytest
 
 pytest.importorskip("speechbrain", reason="needs speechbrain (torchquant[speechbrain])")
 pytest.importorskip("torchaudio", reason="needs torchaudio (torchquant[speechbrain])")
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "speechbrain.py"
-_spec = importlib.util.spec_from_file_location("benchmarks_speechbrain", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = bench  # its dataclasses look their module up while the module runs
-_spec.loader.exec_module(bench)
+bench = benchmark_script.load("speechbrain")
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
