@@ -78,18 +78,12 @@ CELLS = [
 ORDERS = ("fwd", "rev", "perm1", "perm2", "perm3")
 """Orders of the calibration windows for the W4 g64 GPTQ comparison (:func:`reorder`)."""
 
-LLMCOMPRESSOR = {
-    "float": 15.16,
-    "rtn": 21.88,
-    "gptq_orders": (17.78, 17.54, 17.50, 17.47, 17.61),
-    "gptq_orders_two_threads": (17.22, 17.85, 17.71, 17.43, 17.51),
-    "gptq_no_act_order_two_threads": 19.21,
-}
-"""``benchmarks/llmcompressor_anchor.py``'s perplexities at W4 g64 (llm-compressor 0.14.0.1, static
-activation order, block size 128, dampening 0.01) on this benchmark's text, tokens and grid:
-``gptq_orders`` one per calibration order of :data:`ORDERS` on one thread (as this benchmark
-runs with ``--threads 1``), then the same on two threads. Float and round to nearest are the
-same on one or two threads."""
+LLMCOMPRESSOR = {"float": 15.16, "rtn": 21.88, "gptq_orders": (17.78, 17.54, 17.50, 17.47, 17.61)}
+"""``benchmarks/llmcompressor_anchor.py --threads 1 [--orders]``'s perplexities at W4 g64
+(llm-compressor 0.14.0.1, static activation order, block size 128, dampening 0.01) on this
+benchmark's text, tokens and grid: ``gptq_orders`` one per calibration order of
+:data:`ORDERS`, on one thread as this benchmark runs (the script's docstring has the two-thread
+figures)."""
 
 
 def reorder(calib: list, order: str) -> list:
@@ -219,8 +213,7 @@ def time_gptq(n: int, seq_len: int, threads: int | None) -> tuple[float, float]:
     # The calibration text holds about 47k tokens: 128 x 512 windows overlap, evenly spaced.
     stride = min(seq_len, (ids.numel() - seq_len) // max(n - 1, 1))
     calib = [ids[i * stride : i * stride + seq_len][None] for i in range(n)]  # (1, seq_len) each
-    quantize(model, TorchQuantConfig(weights="int4-g64"), initial_state=False)
-    tq.calibrate(model, calib[:1], progress=False)  # weight ranges only: one window is enough
+    quantize(model, TorchQuantConfig(weights="int4-g64"), initial_state=True)  # weight ranges: no data needed
     start = time.perf_counter()
     tq.ptq.gptq(model, calib, progress=True, **ARGS["gptq"])
     seconds = time.perf_counter() - start
