@@ -173,16 +173,16 @@ def check_targets(rows: list[LMRow]) -> list[tuple[str, bool | None, str]]:
     for bits, label in (("w3g64", "W3 g64"), ("w3g64z", "W3 g64 asym")):
         # GPTQ on MSE ranges where that cell ran (it is the better GPTQ setting at 3 bits); the
         # baseline is always round to nearest on min/max ranges, the table's first column.
-        gptq = ("gptq", bits + "mse") if have(("gptq", bits + "mse")) else ("gptq", bits)
-        gname = "gptq (mse ranges)" if gptq[1].endswith("mse") else "gptq"
-        for name, cell in ((gname, gptq), ("awq", ("awq", bits))):
+        gcell = ("gptq", bits + "mse") if have(("gptq", bits + "mse")) else ("gptq", bits)
+        gname = "gptq (mse ranges)" if gcell[1].endswith("mse") else "gptq"
+        for name, cell in ((gname, gcell), ("awq", ("awq", bits))):
             if have(("rtn", bits), cell):
                 rec = _recovered(fp, ppl["rtn", bits], ppl[cell])
                 out.append((f"{label}: {name} recovers >= 50% of RTN's increase", rec >= 0.5, f"{rec:.0%}"))
-        if have(gptq):
-            x = ppl[gptq] / fp
+        if have(gcell):
+            x = ppl[gcell] / fp
             out.append((f"{label}: {gname} <= 3x float", x <= 3, f"{x:.2f}x"))
-            if gptq[1].endswith("mse") and have(("gptq", bits)):
+            if gcell[1].endswith("mse") and have(("gptq", bits)):
                 x = ppl["gptq", bits] / fp
                 out.append((f"{label}: gptq on min/max ranges (for reference, not a target)", None, f"{x:.2f}x"))
     if have(("rtn", "w8a8"), ("smoothquant", "w8a8")):
