@@ -6,7 +6,8 @@ machine with one (``pytest tests/test_cuda.py``). Float32 matrix units (TF32) ar
 off here so that the two devices differ only by the order of float sums.
 
 ``TORCHQUANT_TEST_GPU=cpu pytest tests/test_cuda.py`` runs the same tests with the CPU in
-the GPU's place: a dry run of the tests' own logic on a machine without a GPU.
+the GPU's place: a dry run of the tests' own logic on a machine without a GPU (``make test``
+runs it after the suite).
 """
 
 from __future__ import annotations
@@ -52,10 +53,8 @@ QUANTIZER_CASES = [pytest.param(c, id=c.id) for c in CASES if c.kind == "quantiz
 @pytest.mark.parametrize("case", QUANTIZER_CASES)
 def test_every_quantizer_matches_the_cpu_forward_and_backward(case):
     """Observe, quantize and differentiate the same tensor on both devices: same values, same gradients."""
-    if case.role == "weight":
-        x = torch.randn(case.example.weight_shape or (8, 16, 6, 6)) * 2
-    else:
-        x = torch.randn(4, 16, 6, 6).relu() * 3
+    torch.manual_seed(0)
+    x = case.tensor()  # the registry contract's tensor for the role, a shape every example fits
     q_cpu = case.build()
     q_cpu.train()
     q_cpu.pre_observe(x)  # lazy parameters (LSQ, PACT) are created here
@@ -181,7 +180,7 @@ def test_every_quantizer_under_inductor_on_cuda_matches_eager():
     """One fullgraph inductor compile (Triton kernels on a GPU) of every registry case, against eager."""
     cases = [p.values[0] for p in QUANTIZER_CASES if p.values[0].example.weight_shape is None]
     qs = nn.ModuleList(c.build() for c in cases).to(CUDA)
-    x = torch.randn(4, 8, 6, 6, device=CUDA)
+    x = torch.randn(4, 24, 6, 6, device=CUDA)  # 24 channels: every example's group size divides them
     for q in qs:
         q.pre_observe(x)
     eager = [q(x) for q in qs]
@@ -301,12 +300,22 @@ _GRANULARITIES = {"per-tensor": {}, "per-channel": {"axis": 0}, "per-group": {"a
 _QAT_OBSERVERS = {"batch": tq.BatchMinMax, "running": tq.RunningMinMax, "ema": tq.ExpAvgMinMax}
 
 
+_QAT_QUANTIZERS = {
+    "affine": lambda obs: tq.AffineQuantizer(8, obs),
+    "qfmt": lambda obs: tq.QfmtQuantizer(8, True, obs, gradient_clip=True),
+    "minifloat": lambda obs: tq.MinifloatQuantizer("fp8_e4m3", obs),
+    "nf4": lambda obs: tq.NF4Quantizer(obs),  # a torch path that reads the ranges in its forward
+}
+
+
 @pytest.mark.parametrize("granularity", _GRANULARITIES)
 @pytest.mark.parametrize("observer", _QAT_OBSERVERS)
-def test_affine_qat_call_makes_no_host_sync(observer, granularity):
-    """``pre_observe`` + quantize + backward of one ``AffineQuantizer`` after its first call
-    (which allocates the observer's state) raise nothing under sync debug mode "error"."""
-    q = tq.AffineQuantizer(8, _QAT_OBSERVERS[observer](**_GRANULARITIES[granularity])).to(CUDA)
+@pytest.mark.parametrize("quantizer", _QAT_QUANTIZERS)
+def test_qat_call_makes_no_host_sync(quantizer, observer, granularity):
+    """``pre_observe`` + quantize + backward of one quantizer after its first call (which
+    allocates the observer's state) raise nothing under sync debug mode "error"."""
+    obs = _QAT_OBSERVERS[observer](**_GRANULARITIES[granularity])
+    q = _QAT_QUANTIZERS[quantizer](obs).to(CUDA)
     q.train()
     x = torch.randn(16, 32, device=CUDA, requires_grad=True)
     g = torch.randn(16, 32, device=CUDA)
@@ -318,6 +327,26 @@ def test_affine_qat_call_makes_no_host_sync(observer, granularity):
             y = q(x)
             y.backward(g)
     assert torch.equal(y, q(x))  # the call quantized with the state it had just observed
+    assert not torch.equal(y, x)
+
+
+@needs_gpu
+@pytest.mark.parametrize("granularity", _GRANULARITIES)
+@pytest.mark.parametrize("observer", _QAT_OBSERVERS)
+@pytest.mark.parametrize("quantizer", ["affine", "minifloat"])
+def test_qat_call_allocates_only_its_output(quantizer, observer, granularity):
+    """After two warm-up calls, ``pre_observe`` + quantize allocates one block on the GPU: the
+    output (the batch ranges go into the observer's staging buffers)."""
+    obs = _QAT_OBSERVERS[observer](**_GRANULARITIES[granularity])
+    q = _QAT_QUANTIZERS[quantizer](obs).to(CUDA).train()
+    x = torch.randn(16, 32, device=CUDA)
+    for _ in range(2):
+        q.pre_observe(x)
+        q(x)
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    q.pre_observe(x)
+    y = q(x)
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] - before == 1
     assert not torch.equal(y, x)
 
 

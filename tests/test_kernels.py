@@ -148,14 +148,13 @@ GRIDS = {
 }
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("grid", list(GRIDS), ids=list(GRIDS))
-@pytest.mark.parametrize("gran", list(GRANULARITIES), ids=list(GRANULARITIES))
-def test_affine_quantizer_forward_and_backward_match_the_cpu(route, gran, grid, dtype):
-    """The grid computed inside the kernel from the observer's ranges equals AffineQuantizer.qparams."""
-    q = tq.AffineQuantizer(4, tq.BatchMinMax(**GRANULARITIES[gran]), **GRIDS[grid])
+def _quantizer_matches_the_cpu(route, q, dtype, straight_through: bool, set_ranges=None) -> None:
+    """``q`` observed on a batch its grid clips (then ``set_ranges(observer)``), forward and backward
+    on the CPU's torch path and on ``route``: same outputs and input gradients, value for value."""
     x = special((4, 6, 8))
     q.pre_observe(torch.nan_to_num(x, nan=0.0, posinf=5.0, neginf=-7.0) * 0.6)  # the grid clips part of x
+    if set_ranges is not None:
+        set_ranges(q.range_observer)
     x = x.to(dtype).requires_grad_()
     grad = torch.linspace(-1, 1, x.numel()).view_as(x).to(dtype)
     y_ref = q(x)
@@ -167,8 +166,48 @@ def test_affine_quantizer_forward_and_backward_match_the_cpu(route, gran, grid, 
     assert calls["n"] > 0
     assert same(y, y_ref)
     assert same(xk.grad, x.grad)
-    if not GRIDS[grid].get("gradient_clip"):
+    if straight_through:
         assert same(xk.grad, grad)  # the straight-through gradient, exactly
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grid", list(GRIDS), ids=list(GRIDS))
+@pytest.mark.parametrize("gran", list(GRANULARITIES), ids=list(GRANULARITIES))
+def test_affine_quantizer_forward_and_backward_match_the_cpu(route, gran, grid, dtype):
+    """The grid computed inside the kernel from the observer's ranges equals AffineQuantizer.qparams."""
+    q = tq.AffineQuantizer(4, tq.BatchMinMax(**GRANULARITIES[gran]), **GRIDS[grid])
+    _quantizer_matches_the_cpu(route, q, dtype, straight_through=not GRIDS[grid].get("gradient_clip"))
+
+
+def _near_powers_of_two(obs) -> None:
+    # Ranges at and just below powers of two, where a rounded log2 would pick the wrong exponent.
+    if obs.min_val.numel() == 6:
+        obs.min_val.copy_(torch.tensor([-4.0, -3.9999998, 0.0, -1e-9, -0.75, -2.0]).view_as(obs.min_val))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grid", ["signed", "unsigned", "signed-clip", "unsigned-clip-3bit"])
+@pytest.mark.parametrize("gran", list(GRANULARITIES), ids=list(GRANULARITIES))
+def test_qfmt_quantizer_forward_and_backward_match_the_cpu(route, gran, grid, dtype):
+    """The Q-format step computed inside the kernel from the observer's ranges equals QfmtQuantizer.step."""
+    n_bits = 3 if "3bit" in grid else 6
+    q = tq.QfmtQuantizer(n_bits, grid.startswith("signed"), tq.BatchMinMax(**GRANULARITIES[gran]), "clip" in grid)
+    _quantizer_matches_the_cpu(route, q, dtype, "clip" not in grid, _near_powers_of_two)
+
+
+def _zero_first_range(obs) -> None:
+    # A zero range (min 0 too after widening): the smallest scale.
+    obs.min_val.view(-1)[0] = 0.0
+    obs.max_val.view(-1)[0] = 0.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp4_e2m1"])
+@pytest.mark.parametrize("gran", list(GRANULARITIES), ids=list(GRANULARITIES))
+def test_minifloat_quantizer_with_an_observer_matches_the_cpu(route, gran, fmt, dtype):
+    """The scale computed inside the kernel from the observer's ranges equals MinifloatQuantizer.scale."""
+    q = tq.MinifloatQuantizer(fmt, tq.RunningMinMax(**GRANULARITIES[gran]))
+    _quantizer_matches_the_cpu(route, q, dtype, True, _zero_first_range)
 
 
 OBSERVERS = {
@@ -205,6 +244,72 @@ def test_observer_state_matches_the_cpu_and_nonfinite_batches_are_reported(route
         ker.get_ranges()
     for a, b in zip(ker.get_ranges(), ref.get_ranges(), strict=True):  # reported once
         assert same(a, b)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: tq.AffineQuantizer(4, tq.ExpAvgMinMax(axis=1)),
+        lambda: tq.QfmtQuantizer(6, True, tq.RunningMinMax()),
+        lambda: tq.MinifloatQuantizer("fp8_e4m3", tq.BatchMinMax(axis=1)),
+        lambda: tq.NF4Quantizer(tq.BatchMinMax(axis=1)),  # a torch path reading ranges in its forward
+    ],
+    ids=["affine", "qfmt", "minifloat", "nf4"],
+)
+def test_a_nonfinite_batch_is_reported_after_the_forward_pass_not_during_it(route, make):
+    """On the kernel path the NaN/Inf count lives on the device: the forward pass (observe, then
+    quantize) reads no host copy of it, whatever the quantizer; the next read of the ranges
+    outside the forward pass (here ``grid()`` or ``get_ranges()``) raises, once."""
+    q = make()
+    q.pre_observe(torch.randn(4, 6, 8))  # the first observation allocates the state (torch path)
+    qk = route.to(q)
+    good = torch.randn(4, 6, 8) * 2
+    bad = good.clone()
+    bad[1, 2, 3] = float("inf")
+    ref = copy.deepcopy(q)
+    ref.pre_observe(good)
+    with route.on():
+        qk.pre_observe(route.to(good))
+        qk.pre_observe(route.to(bad))  # skipped and counted on the device
+        y = qk(route.to(good))  # no report here
+    assert same(y, ref(good))  # quantized on the ranges from before the bad batch
+    with pytest.raises(ValueError, match=r"1 observed batch\(es\) contained NaN or Inf"):
+        qk.range_observer.get_ranges()
+    qk.range_observer.get_ranges()  # reported once
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("gran", ["per-tensor", "per-channel-0", "per-channel-1", "per-group"])
+def test_observers_reduce_each_batch_into_the_same_staging_buffers(route, monkeypatch, gran, layout):
+    """From the second kernel-path batch of a shape on, the batch (min, max) is written into the
+    buffers of the one before (no allocation), with the CPU's values; a reset drops them."""
+    ref = tq.ExpAvgMinMax(0.9, **GRANULARITIES[gran])
+    ker = route.to(ref)
+    seen = []
+    observe = kernels.observe_minmax
+
+    def recording(kind, batch_min, batch_max, *args, **kw):
+        seen.append((batch_min.data_ptr(), batch_max.data_ptr()))
+        observe(kind, batch_min, batch_max, *args, **kw)
+
+    monkeypatch.setattr(kernels, "observe_minmax", recording)
+    g = torch.Generator().manual_seed(4)
+    for i in range(5):
+        x = torch.randn(8, 6, 4, generator=g) * (i + 1)
+        if layout == "transposed":
+            x = x.transpose(0, 2).contiguous().transpose(0, 2)  # same shape, not contiguous
+        ref.observe_batch(x)
+        with route.on():
+            ker.observe_batch(route.to(x) if layout == "contiguous" else x.to(route.device))
+        for (n, a), (_, b) in zip(ref.named_buffers(), ker.named_buffers(), strict=True):
+            assert same(b, a), (i, n)
+    assert len(seen) == 4  # the first batch allocates the state on the torch path
+    assert len(set(seen)) == 1  # one pair of buffers for every kernel-path batch
+    ker.reset()
+    with route.on():
+        ker.observe_batch(route.to(torch.randn(8, 6, 4)))  # allocates afresh (torch path)
+        ker.observe_batch(route.to(torch.randn(8, 6, 4)))
+    assert len(seen) == 5 and seen[-1] != seen[0]
 
 
 def test_qat_steps_of_a_model_are_identical_on_the_interpreter(route):

@@ -29,6 +29,26 @@ def test_qfmt_reference_values(device):
     assert qfmt_quantize(torch.tensor([100.0, -100.0]), 0.25, -8, 7).tolist() == [1.75, -2.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_qfmt_step_takes_the_exact_exponent(dtype):
+    """int_bits = floor(log2(amax)) + 1 exactly, also one ulp below a power of two, where a
+    rounded log2 returns the power's exponent; reference: Python's exact math.frexp."""
+    import math
+
+    vals = []
+    for k in (-20, -3, 0, 1, 2, 7, 30, 100):
+        p = torch.tensor(2.0**k, dtype=dtype)
+        vals += [p, torch.nextafter(p, torch.zeros((), dtype=dtype)), p * 1.5]
+    amax = torch.stack(vals)
+    for n_bits, signed in ((8, True), (4, False), (2, True)):
+        step = F.qfmt_step(-amax, amax * 0.5, n_bits, signed)
+        want = [2.0 ** (math.frexp(a)[1] - (n_bits - signed)) for a in amax.tolist()]
+        assert step.dtype == dtype
+        assert step.tolist() == want
+    # a zero range keeps a finite step: float32 eps (2 ** -23) has int_bits -22
+    assert F.qfmt_step(torch.zeros(()), torch.zeros(()), 8, True).item() == 2.0 ** (-22 - 7)
+
+
 def test_per_channel_broadcast():
     x = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
     delta = torch.tensor([[1.0], [2.0]])

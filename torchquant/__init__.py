@@ -39,7 +39,14 @@ from .quantizers import (
     XNORWeightQuantizer,
     pact_regularization,
 )
-from .quantizers_functional import affine_qparams, affine_quantize, gradient_clip, qfmt_quantize, round_ste
+from .quantizers_functional import (
+    affine_qparams,
+    affine_quantize,
+    gradient_clip,
+    qfmt_quantize,
+    qfmt_step,
+    round_ste,
+)
 from .range_observers import (
     BatchMinMax,
     EntropyObserver,
@@ -148,6 +155,7 @@ __all__ = [
     "print_summary",
     "ptq",
     "qfmt_quantize",
+    "qfmt_step",
     "qmodule_state",
     "quantize_model",
     "quantizers_functional",

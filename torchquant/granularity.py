@@ -97,23 +97,40 @@ class Granularity:
             return tuple(s if i == axis else 1 for i, s in enumerate(shape))
         return tuple(s // self.group_size if i == axis else s for i, s in enumerate(shape))
 
-    def reduce(self, x: Tensor, who: str = "observer") -> tuple[Tensor, Tensor]:
+    def reduce(
+        self, x: Tensor, who: str = "observer", out: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``(min, max)`` of ``x`` at this granularity, in the compact shape.
 
         NaN propagates into the result (callers check finiteness once, on the
         small result, instead of scanning ``x`` twice).
+
+        Args:
+            x: the tensor to reduce.
+            who: who to name in errors.
+            out: two tensors of the compact shape and ``x``'s dtype and device to write
+                into instead of allocating (an observer's staging buffers on the QAT path).
         """
         axis = self.check(x.shape, who)
         if axis is None:
-            return torch.aminmax(x)  # (...) -> (), ()
+            return torch.aminmax(x) if out is None else torch.aminmax(x, out=out)  # (...) -> (), ()
         if self.group_size is None:
             if axis == 0 and x.is_contiguous():
-                mn, mx = torch.aminmax(x.reshape(x.shape[0], -1), dim=1)  # (C, -1) -> (C,)
+                c = x.shape[0]
+                flat = x.reshape(c, -1)  # (C, -1) -> (C,)
+                if out is not None:
+                    torch.aminmax(flat, dim=1, out=(out[0].view(c), out[1].view(c)))
+                    return out
+                mn, mx = torch.aminmax(flat, dim=1)
                 return mn.view(self.compact_shape(x.shape)), mx.view(self.compact_shape(x.shape))
             dims = tuple(i for i in range(x.dim()) if i != axis)
-            return torch.amin(x, dim=dims, keepdim=True), torch.amax(x, dim=dims, keepdim=True)
-        mn, mx = torch.aminmax(self._split(x, axis), dim=axis + 1)  # (.., n/g, g, ..) -> (.., n/g, ..)
-        return mn, mx
+            if out is None:
+                return torch.amin(x, dim=dims, keepdim=True), torch.amax(x, dim=dims, keepdim=True)
+            torch.amin(x, dim=dims, keepdim=True, out=out[0])
+            torch.amax(x, dim=dims, keepdim=True, out=out[1])
+            return out
+        split = self._split(x, axis)  # (.., n/g, g, ..) -> (.., n/g, ..)
+        return torch.aminmax(split, dim=axis + 1) if out is None else torch.aminmax(split, dim=axis + 1, out=out)
 
     def aggregate(self, x: Tensor, op: str, who: str = "quantizer") -> Tensor:
         """``op`` (``"sum"``, ``"mean"`` or ``"amax"``) of ``x`` at this granularity, in the compact shape.

@@ -42,6 +42,7 @@ __all__ = [
     "mx_quantize",
     "pact_quantize",
     "qfmt_quantize",
+    "qfmt_step",
     "rectified_sigmoid",
     "round_ste",
     "scaled_sign",
@@ -274,6 +275,32 @@ def qfmt_quantize(x: Tensor, delta: Tensor | float, min_int: int | Tensor, max_i
             return out
     delta = _as_tensor(delta, x)
     return _FakeQuantSTE.apply(x, delta, _bound(min_int), _bound(max_int))
+
+
+def qfmt_step(min_val: Tensor, max_val: Tensor, n_bits: int, signed: bool) -> Tensor:
+    """The Q-format step ``2 ** -frac_bits`` whose integer range covers ``[min, max]``.
+
+    ``int_bits = floor(log2(max(|min|, |max|, eps))) + 1``, computed exactly from the
+    float's exponent (``eps`` is float32's machine epsilon, so a zero range keeps a
+    finite step); ``frac_bits = n_bits - int_bits``, minus 1 more when ``signed``
+    (the sign bit). Pair it with :func:`qfmt_quantize`.
+
+    Args:
+        min_val: range minima, any shape (per tensor, per channel, per group).
+        max_val: range maxima, same shape.
+        n_bits: bits per code, the sign bit included when ``signed``.
+        signed: whether the codes are signed.
+
+    Returns:
+        The step, shaped like ``min_val``, a power of two.
+
+    Example:
+        >>> qfmt_step(torch.tensor(-10.0), torch.tensor(7.2), 4, True)  # int_bits 4, frac_bits 4 - 4 - 1
+        tensor(2.)
+    """
+    amax = torch.maximum(min_val.abs(), max_val.abs()).clamp(min=_EPS)
+    _, int_bits = torch.frexp(amax)  # amax = m * 2 ** e, m in [0.5, 1): e = floor(log2(amax)) + 1
+    return torch.ldexp(torch.ones_like(amax), int_bits - (int(n_bits) - int(bool(signed))))
 
 
 class _GradientClip(torch.autograd.Function):

@@ -57,6 +57,12 @@ class RangeObserver(RecordsInit, nn.Module):
     # inherited: a subclass that changes the rule gets the generic path.
     _kernel_kind: int | None = None
 
+    # True while the owning quantizer's forward pass runs (quantizers.base.forward_with_observer).
+    _in_forward = False
+    # (shape, dtype, device, min_val, (batch min, batch max)) of the CUDA kernel path's last
+    # batch: the buffers the next batch of that shape is reduced into, while min_val is the same.
+    _stage: tuple | None = None
+
     def __init__(self, *, axis: int | None = None, group_size: int | None = None) -> None:
         super().__init__()
         self.granularity = Granularity(axis=axis, group_size=group_size)
@@ -85,7 +91,8 @@ class RangeObserver(RecordsInit, nn.Module):
         On CUDA, once initialised, ``BatchMinMax``, ``RunningMinMax`` and ``ExpAvgMinMax``
         update their state in one kernel without a host synchronisation: a batch with NaN
         or Inf then leaves the ranges untouched and the ``ValueError`` is raised by the next
-        host read of the ranges (:meth:`get_ranges`).
+        host read of the ranges outside a quantizer's forward pass (:meth:`get_ranges`,
+        from the quantizer's ``grid()``, export or debugging reports).
 
         Raises:
             TypeError: ``x`` is not floating point.
@@ -95,10 +102,23 @@ class RangeObserver(RecordsInit, nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"{self._tq_name}: cannot observe a tensor of dtype {x.dtype}")
         x = x.detach()
+        kind = type(self).__dict__.get("_kernel_kind")
+        stage = self._stage
+        if (
+            stage is not None
+            and stage[0] == x.shape
+            and stage[1] == x.dtype
+            and stage[2] == x.device
+            and stage[3] is self.min_val  # not reset, moved or reloaded with another shape since
+            and not self.distributed_sync
+            and kernels.enabled(x)
+        ):
+            # The kernel path again, on a tensor like the last one: reduce into the same buffers.
+            self._observe_kernel(kind, *self.granularity.reduce(x, self._tq_name, stage[4]))
+            return
         mn, mx = self.granularity.reduce(x, who=self._tq_name)  # compact shapes
         if self.distributed_sync:
             mn, mx = self._all_reduce_batch(mn, mx)
-        kind = type(self).__dict__.get("_kernel_kind")
         if (
             kind is not None
             and self.initialized
@@ -106,6 +126,10 @@ class RangeObserver(RecordsInit, nn.Module):
             and self.min_val.dtype == torch.float32
             and mn.shape == self.min_val.shape
         ):
+            if not self.distributed_sync:
+                # Staging buffers for the next batches of this shape: the QAT call then
+                # allocates nothing besides its output.
+                self.__dict__["_stage"] = (x.shape, x.dtype, x.device, self.min_val, (mn, mx))
             self._observe_kernel(kind, mn, mx)
             return
         self._check_finite(mn, mx)
@@ -215,8 +239,9 @@ class RangeObserver(RecordsInit, nn.Module):
 
     def _raise_deferred(self) -> None:
         # The kernel path's finiteness check, read on the host here (one sync) and only
-        # when that path ran since the last read.
-        if not self._unreported:
+        # when that path ran since the last read; not during a quantizer's forward pass
+        # (quantizers.base.forward_with_observer), which then makes no host sync.
+        if not self._unreported or self._in_forward:
             return
         self._unreported = False
         bad = int(self._nonfinite.item())

@@ -10,7 +10,9 @@ with a dozen more tiny ones; here one kernel does each job:
 * :func:`fake_quant_ranges`: the same, with the grid computed inside the kernel from an
   observer's compact ``(min, max)`` exactly as :meth:`AffineQuantizer.qparams
   <torchquant.AffineQuantizer.qparams>` does, per tensor, channel or group (the eager CUDA
-  path of :class:`~torchquant.AffineQuantizer`);
+  path of :class:`~torchquant.AffineQuantizer`); :func:`fake_quant_qfmt` and
+  :func:`minifloat_ranges` do the same for :class:`~torchquant.QfmtQuantizer`'s step
+  and :class:`~torchquant.MinifloatQuantizer`'s scale;
 * :func:`observe_minmax`: one launch folds a batch's ``(min, max)`` into the state of
   ``BatchMinMax``, ``RunningMinMax`` or ``ExpAvgMinMax``, with no host synchronisation: a
   batch containing NaN or Inf leaves the state unchanged and is counted on the device, and
@@ -54,10 +56,12 @@ from ..granularity import Granularity
 __all__ = [
     "enabled",
     "fake_quant_grid",
+    "fake_quant_qfmt",
     "fake_quant_ranges",
     "interpreted",
     "lsq",
     "minifloat",
+    "minifloat_ranges",
     "mx",
     "observe_minmax",
     "triton_available",
@@ -210,30 +214,59 @@ def fake_quant_grid(
 
 
 class _RangesFQ(torch.autograd.Function):
-    """The affine fake quant with the grid computed from ``(min, max)``; backward: identity or clipped STE."""
+    """A fake quant with the grid computed from ``(min, max)``; backward: identity or clipped STE."""
 
     @staticmethod
-    def forward(ctx, x, min_val, max_val, layout, n_levels, symmetric, pow2, fixed_zp, clip):  # type: ignore[override]
+    def forward(ctx, x, min_val, max_val, layout, mode, grid, clip):  # type: ignore[override]
         k = _impl(x.device)
         if clip:
             # The observer updates its ranges in place later: keep this step's copy.
             ctx.save_for_backward(x, min_val.clone(), max_val.clone())
-        ctx.args = (layout, n_levels, symmetric, pow2, fixed_zp, clip)
-        return k.fake_quant(x, min_val, max_val, layout, k.MODE_RANGES, 0.0, 0.0, n_levels, symmetric, pow2, fixed_zp)
+        ctx.args = (layout, mode, grid, clip)
+        return k.fake_quant(x, min_val, max_val, layout, mode, *grid)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        layout, n_levels, symmetric, pow2, fixed_zp, clip = ctx.args
-        none = (None,) * 8
+        layout, mode, grid, clip = ctx.args
+        none = (None,) * 6
         if not clip:  # straight-through: d out / d x := 1
             return grad, *none
         x, mn, mx = ctx.saved_tensors
-        k = _impl(x.device)
         # d out / d x := 1 where x lies inside the grid's range, 0 outside
-        g = k.clip_grad(
-            grad.contiguous(), x, mn, mx, layout, k.MODE_RANGES, 0.0, 0.0, n_levels, symmetric, pow2, fixed_zp
+        return _impl(x.device).clip_grad(grad.contiguous(), x, mn, mx, layout, mode, *grid), *none
+
+
+def _ranges_layout_for(x: Tensor, min_val: Tensor, max_val: Tensor, granularity: Granularity):
+    """``(kernel module, Layout)`` for compact float32 ranges on ``x``'s device, or ``None`` (torch path).
+
+    Raises:
+        ValueError: the ranges do not have the compact shape ``granularity`` gives ``x``.
+    """
+    k = _impl(x.device)
+    shape, layout = _ranges_layout(x.shape, granularity, x.device.type == "cpu")
+    if min_val.shape != shape or max_val.shape != shape:
+        raise ValueError(
+            f"ranges of shape {tuple(min_val.shape)} do not fit a tensor of shape {tuple(x.shape)} at {granularity}"
         )
-        return g, *none
+    if (
+        not _dense(x, layout.gran != k.PER_TENSOR)
+        or min_val.dtype != torch.float32
+        or max_val.dtype != torch.float32
+        or min_val.device != x.device
+        or max_val.device != x.device
+    ):
+        return None
+    return k, layout
+
+
+def _ranges_fq(
+    x: Tensor, min_val: Tensor, max_val: Tensor, granularity: Granularity, mode: str, grid: tuple, clip: bool
+) -> Tensor | None:
+    found = _ranges_layout_for(x, min_val, max_val, granularity)
+    if found is None:
+        return None
+    k, layout = found
+    return _RangesFQ.apply(x, min_val, max_val, layout, getattr(k, mode), grid, bool(clip))
 
 
 def fake_quant_ranges(
@@ -271,17 +304,45 @@ def fake_quant_ranges(
     Raises:
         ValueError: the ranges do not have the compact shape ``granularity`` gives ``x``.
     """
-    k = _impl(x.device)
-    shape, layout = _ranges_layout(x.shape, granularity, x.device.type == "cpu")
-    if min_val.shape != shape or max_val.shape != shape:
-        raise ValueError(
-            f"ranges of shape {tuple(min_val.shape)} do not fit a tensor of shape {tuple(x.shape)} at {granularity}"
-        )
-    if not _dense(x, layout.gran != k.PER_TENSOR) or min_val.dtype != torch.float32 or min_val.device != x.device:
-        return None
-    return _RangesFQ.apply(
-        x, min_val, max_val, layout, int(n_levels), bool(symmetric), bool(power_of_two), fixed_zero_point, clip_grad
-    )
+    grid = (0.0, 0.0, int(n_levels), bool(symmetric), bool(power_of_two), fixed_zero_point)
+    return _ranges_fq(x, min_val, max_val, granularity, "MODE_RANGES", grid, clip_grad)
+
+
+def fake_quant_qfmt(
+    x: Tensor,
+    min_val: Tensor,
+    max_val: Tensor,
+    granularity: Granularity,
+    n_bits: int,
+    signed: bool,
+    clip_grad: bool = False,
+) -> Tensor | None:
+    """Q-format fake quantization with the step computed in the kernel from compact ranges.
+
+    Bit-identical to ``QfmtQuantizer.quantize`` on the CPU: the step is
+    :func:`~torchquant.qfmt_step` of the ranges, the codes ``[-2 ** (n - 1), 2 ** (n - 1) - 1]``
+    when ``signed``, else ``[0, 2 ** n - 1]``.
+
+    Args:
+        x: CUDA tensor (see :func:`enabled`), any shape ``granularity`` fits.
+        min_val: float32 range minima in ``granularity.compact_shape(x.shape)``.
+        max_val: the maxima, same shape.
+        granularity: where the ranges change.
+        n_bits: bits per code, the sign bit included when ``signed``.
+        signed: signed or unsigned codes.
+        clip_grad: clipped STE instead of the identity.
+
+    Returns:
+        The fake-quantized tensor, or ``None`` when ``x``'s layout needs the torch path.
+
+    Raises:
+        ValueError: the ranges do not have the compact shape ``granularity`` gives ``x``.
+    """
+    n, signed = int(n_bits), bool(signed)
+    lo, hi = (-(2 ** (n - 1)), 2 ** (n - 1) - 1) if signed else (0, 2**n - 1)
+    # The kernel's level count carries the step's width: n_levels - 1 = n_bits - signed.
+    grid = (float(lo), float(hi), n - int(signed) + 1, False, False, None)
+    return _ranges_fq(x, min_val, max_val, granularity, "MODE_QFMT", grid, clip_grad)
 
 
 class _LSQFn(torch.autograd.Function):
@@ -351,7 +412,32 @@ def minifloat(x: Tensor, scale: Tensor, man_bits: int, bias: int, max_value: flo
     layout = _param_layout(k, x, scale)
     if layout is None:
         return None
-    return _STE.apply(x, lambda: k.minifloat(x, scale, layout, man_bits, bias, max_value))
+    return _STE.apply(x, lambda: k.minifloat(x, scale, None, layout, man_bits, bias, max_value))
+
+
+def minifloat_ranges(
+    x: Tensor,
+    min_val: Tensor,
+    max_val: Tensor,
+    granularity: Granularity,
+    man_bits: int,
+    bias: int,
+    max_value: float,
+) -> Tensor | None:
+    """:meth:`MinifloatQuantizer.quantize <torchquant.MinifloatQuantizer.quantize>` in one kernel.
+
+    The scale ``max(max(|min|, |max|) / max_value, tiny)`` is computed in the kernel from the
+    observer's compact ranges (float32, in ``granularity.compact_shape(x.shape)``). ``None``
+    when ``x``'s layout or the ranges need the torch path.
+
+    Raises:
+        ValueError: the ranges do not have the compact shape ``granularity`` gives ``x``.
+    """
+    found = _ranges_layout_for(x, min_val, max_val, granularity)
+    if found is None:
+        return None
+    k, layout = found
+    return _STE.apply(x, lambda: k.minifloat(x, min_val, max_val, layout, man_bits, bias, max_value))
 
 
 def mx(

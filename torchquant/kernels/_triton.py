@@ -22,8 +22,8 @@ _OBS_BLOCK = 1024
 
 # Granularity layouts of the compact parameter tensors, see Layout.
 PER_TENSOR, INDEXED = 0, 1
-# What the parameter pointers hold.
-MODE_GRID, MODE_BOUNDS, MODE_RANGES = 0, 1, 2
+# What the parameter pointers hold (see _params).
+MODE_GRID, MODE_BOUNDS, MODE_RANGES, MODE_QFMT = 0, 1, 2, 3
 
 
 # fmt: off
@@ -124,11 +124,22 @@ def _params(offs, mask, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, R
         delta = a
         lo_c = a * 0.0 + lo
         hi_c = a * 0.0 + hi
-    else:  # a: range min, b: range max; the affine grid on levels 0 .. nlm1
+    elif MODE == 2:  # a: range min, b: range max; the affine grid on levels 0 .. nlm1
         delta, zp = _qparams(a, b, nlm1, fixed_zp, SYMMETRIC, POW2, FIXED_ZP)
         lo_c = -zp
         hi_c = nlm1 - zp
+    else:  # a: range min, b: range max; the Q-format step of width nlm1 (n_bits - signed), codes in [lo, hi]
+        delta = _qfmt_step(a, b, nlm1)
+        lo_c = a * 0.0 + lo
+        hi_c = a * 0.0 + hi
     return delta, lo_c, hi_c
+
+
+@triton.jit
+def _qfmt_step(mn, mx, width):
+    # qfmt_step: 2 ** (int_bits - width), int_bits = floor(log2(max(|mn|, |mx|, eps))) + 1, exactly.
+    amax = tl.maximum(tl.maximum(tl.abs(mn), tl.abs(mx)), 1.1920928955078125e-07)  # float32 eps
+    return _pow2(_floor_log2(amax) + 1.0 - width)
 
 
 @triton.jit
@@ -304,15 +315,26 @@ def _minifloat(y, man_bits, e_min, max_value):
 
 
 @triton.jit
-def _minifloat_kernel(x_ptr, out_ptr, s_ptr, n, man_bits, e_min, max_value, C, INNER, G, RO, RC, RI,
-                      GRAN: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
+def _minifloat_kernel(x_ptr, out_ptr, a_ptr, b_ptr, n, man_bits, e_min, max_value, C, INNER, G, RO, RC, RI,
+                      RANGES: tl.constexpr, GRAN: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
+    # a: the scale; or, with RANGES, a range min and b its max, the scale max(|a|, |b|) / max_value
+    # (at least the smallest normal), as MinifloatQuantizer.scale computes it.
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = _load(x_ptr + offs, mask, BF16)
     if GRAN == 0:
-        s = tl.load(s_ptr).to(tl.float32)
+        a = tl.load(a_ptr).to(tl.float32)
+        if RANGES:
+            b = tl.load(b_ptr).to(tl.float32)
     else:
-        s = tl.load(s_ptr + _param_index(offs, C, INNER, G, RO, RC, RI), mask=mask, other=1.0).to(tl.float32)
+        p = _param_index(offs, C, INNER, G, RO, RC, RI)
+        a = tl.load(a_ptr + p, mask=mask, other=1.0).to(tl.float32)
+        if RANGES:
+            b = tl.load(b_ptr + p, mask=mask, other=1.0).to(tl.float32)
+    if RANGES:  # noqa: SIM108 (a constexpr branch); the smallest normal float32 at least
+        s = tl.maximum(tl.math.div_rn(tl.maximum(tl.abs(a), tl.abs(b)), max_value), 1.1754943508222875e-38)
+    else:
+        s = a
     out = _minifloat(tl.math.div_rn(x, s), man_bits, e_min, max_value) * s
     _store(out_ptr + offs, out, mask, BF16)
 
@@ -403,7 +425,10 @@ def _bits(t: Tensor) -> Tensor:
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
-def _grid_args(
+def _launch_grid(
+    kernel,
+    tensors: tuple[Tensor, ...],
+    out: Tensor,
     a: Tensor,
     b: Tensor | None,
     layout: Layout,
@@ -415,27 +440,17 @@ def _grid_args(
     power_of_two: bool,
     fixed_zp: float | None,
     bf16: bool,
-) -> tuple[tuple, dict]:
-    """The parameter arguments and constexprs shared by the fake-quant and clipped-gradient kernels."""
-    args = (
-        a,
-        a if b is None else b,
-        float(lo),
-        float(hi),
-        float(n_levels - 1),
-        0.0 if fixed_zp is None else float(fixed_zp),
-        *layout.args(),
-    )
-    consts = dict(
-        MODE=mode,
-        GRAN=layout.gran,
-        SYMMETRIC=bool(symmetric),
-        POW2=bool(power_of_two),
-        FIXED_ZP=fixed_zp is not None,
-        BF16=bf16,
-        BLOCK=_BLOCK,
-    )
-    return args, consts
+) -> Tensor:
+    """Launch a kernel taking ``(*tensors, out, n)`` then the grid's parameters (see _params); return ``out``."""
+    n = out.numel()
+    if n:
+        kernel[_grid(n)](
+            *map(_bits, tensors), _bits(out), n, a, a if b is None else b, float(lo), float(hi),
+            float(n_levels - 1), 0.0 if fixed_zp is None else float(fixed_zp), *layout.args(),
+            MODE=mode, GRAN=layout.gran, SYMMETRIC=bool(symmetric), POW2=bool(power_of_two),
+            FIXED_ZP=fixed_zp is not None, BF16=bf16, BLOCK=_BLOCK,
+        )  # fmt: skip
+    return out
 
 
 def fake_quant(
@@ -451,15 +466,15 @@ def fake_quant(
     power_of_two: bool = False,
     fixed_zp: float | None = None,
 ) -> Tensor:
-    """Fake-quantize contiguous ``x``; see :func:`torchquant.kernels.fake_quant_grid` and ``fake_quant_ranges``."""
-    out = torch.empty_like(x)
-    n = x.numel()
-    if n:
-        args, consts = _grid_args(
-            a, b, layout, mode, lo, hi, n_levels, symmetric, power_of_two, fixed_zp, x.dtype == torch.bfloat16
-        )
-        _fake_quant_kernel[_grid(n)](_bits(x), _bits(out), n, *args, **consts)
-    return out
+    """Fake-quantize contiguous ``x`` on the grid ``mode`` reads from ``a`` and ``b`` (see :func:`_params`).
+
+    ``MODE_GRID``: step and zero point, codes in ``[lo, hi]`` before the shift;
+    ``MODE_BOUNDS``: step, codes in ``[lo, hi]``; ``MODE_RANGES``: the affine grid of
+    ``n_levels`` levels from ``(min, max)``; ``MODE_QFMT``: the Q-format step of
+    ``n_levels - 1 = n_bits - signed`` bits from ``(min, max)``, codes in ``[lo, hi]``.
+    """
+    grid = (lo, hi, n_levels, symmetric, power_of_two, fixed_zp, x.dtype == torch.bfloat16)
+    return _launch_grid(_fake_quant_kernel, (x,), torch.empty_like(x), a, b, layout, mode, *grid)
 
 
 def clip_grad(
@@ -477,14 +492,8 @@ def clip_grad(
     fixed_zp: float | None = None,
 ) -> Tensor:
     """The gradient of the clipped STE: ``grad`` (``x``'s dtype) where ``x`` lies on the grid's range, else 0."""
-    out = torch.empty_like(grad)
-    n = grad.numel()
-    if n:
-        args, consts = _grid_args(
-            a, b, layout, mode, lo, hi, n_levels, symmetric, power_of_two, fixed_zp, x.dtype == torch.bfloat16
-        )
-        _clip_grad_kernel[_grid(n)](_bits(grad), _bits(x), _bits(out), n, *args, **consts)
-    return out
+    grid = (lo, hi, n_levels, symmetric, power_of_two, fixed_zp, x.dtype == torch.bfloat16)
+    return _launch_grid(_clip_grad_kernel, (grad, x), torch.empty_like(grad), a, b, layout, mode, *grid)
 
 
 def observe(
@@ -555,16 +564,22 @@ def lsq_backward(
     return gx, ts, tb
 
 
-def minifloat(x: Tensor, scale: Tensor, layout: Layout, man_bits: int, bias: int, max_value: float) -> Tensor:
-    """``minifloat_round(x / scale) * scale`` (see :func:`torchquant.minifloat_quantize`)."""
+def minifloat(
+    x: Tensor, a: Tensor, b: Tensor | None, layout: Layout, man_bits: int, bias: int, max_value: float
+) -> Tensor:
+    """``minifloat_round(x / scale) * scale`` (see :func:`torchquant.minifloat_quantize`).
+
+    ``scale`` is ``a``; or, when ``b`` is given, ``max(max(|a|, |b|) / max_value, tiny)`` from
+    the range ``(a, b)`` (as :meth:`torchquant.MinifloatQuantizer.scale`).
+    """
     out = torch.empty_like(x)
     n = x.numel()
     if n == 0:
         return out
     bf16 = x.dtype == torch.bfloat16
     _minifloat_kernel[_grid(n)](
-        _bits(x), _bits(out), scale, n, float(man_bits), float(1 - bias), float(max_value),
-        *layout.args(), GRAN=layout.gran, BF16=bf16, BLOCK=_BLOCK,
+        _bits(x), _bits(out), a, a if b is None else b, n, float(man_bits), float(1 - bias), float(max_value),
+        *layout.args(), RANGES=b is not None, GRAN=layout.gran, BF16=bf16, BLOCK=_BLOCK,
     )  # fmt: skip
     return out
 

@@ -6,10 +6,10 @@ import torch
 from torch import Tensor
 
 from .. import kernels
-from ..quantizers_functional import affine_qparams, affine_quantize, gradient_clip, qfmt_quantize
+from ..quantizers_functional import affine_qparams, affine_quantize, gradient_clip, qfmt_quantize, qfmt_step
 from ..range_observers import BatchMinMax, ExpAvgMinMax, RangeObserver, RunningMinMax
 from ..registry import Example, register_quantizer
-from .base import AffineGrid, RangeQuantizer, check_n_bits
+from .base import AffineGrid, RangeQuantizer, check_n_bits, observer_state_is_grid
 
 __all__ = ["AffineQuantizer", "QfmtQuantizer"]
 
@@ -18,8 +18,6 @@ __all__ = ["AffineQuantizer", "QfmtQuantizer"]
 torch.fx.wrap("affine_quantize")
 torch.fx.wrap("qfmt_quantize")
 torch.fx.wrap("gradient_clip")
-
-_EPS = torch.finfo(torch.float32).eps
 
 
 @register_quantizer(
@@ -103,12 +101,7 @@ class AffineQuantizer(RangeQuantizer):
         ranges are computed, or when there are no ranges yet (that path raises the error).
         """
         obs = self.range_observer
-        if (
-            not obs.initialized
-            or type(self).qparams is not AffineQuantizer.qparams
-            or type(self).ranges is not RangeQuantizer.ranges
-            or type(obs).get_ranges is not RangeObserver.get_ranges
-        ):
+        if not observer_state_is_grid(self, obs, AffineQuantizer, "qparams"):
             return None
         return kernels.fake_quant_ranges(
             x,
@@ -156,7 +149,8 @@ class QfmtQuantizer(RangeQuantizer):
     ``n_bits`` counts the sign bit when ``signed``. The integer range is
     ``[-2 ** (n - 1), 2 ** (n - 1) - 1]`` signed or ``[0, 2 ** n - 1]`` unsigned,
     the step ``2 ** -frac_bits`` with ``int_bits = floor(log2(max|range|)) + 1``
-    and ``frac_bits = n_bits - int_bits`` (minus 1 if signed).
+    and ``frac_bits = n_bits - int_bits`` (minus 1 if signed): :func:`~torchquant.qfmt_step`.
+    On CUDA one kernel computes the step from the observer's state and fake-quantizes.
 
     Example:
         >>> from torchquant import BatchMinMax
@@ -180,14 +174,20 @@ class QfmtQuantizer(RangeQuantizer):
         return 0, 2**self.n_bits - 1
 
     def step(self) -> Tensor:
-        """``2 ** -frac_bits``, broadcastable against the input."""
+        """``2 ** -frac_bits``, broadcastable against the input (:func:`~torchquant.qfmt_step`)."""
         mn, mx = self.ranges()
-        amax = torch.maximum(mn.abs(), mx.abs()).clamp_(min=_EPS)
-        int_bits = torch.floor(torch.log2(amax)) + 1
-        frac_bits = self.n_bits - int_bits - (1 if self.signed else 0)
-        return torch.exp2(-frac_bits)
+        return qfmt_step(mn, mx, self.n_bits, self.signed)
 
     def quantize(self, x: Tensor) -> Tensor:
+        if kernels.enabled(x):
+            obs = self.range_observer
+            if observer_state_is_grid(self, obs, QfmtQuantizer, "step"):
+                # One CUDA kernel: the step from the observer's ranges, then the fake quant.
+                out = kernels.fake_quant_qfmt(
+                    x, obs.min_val, obs.max_val, obs.granularity, self.n_bits, self.signed, self.gradient_clip
+                )
+                if out is not None:
+                    return out
         delta = self.step()
         lo, hi = self.int_range
         if self.gradient_clip:

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import kernels
 from ..quantizers_functional import minifloat_quantize, mx_quantize
 from ..range_observers import BatchMinMax, ExpAvgMinMax, RangeObserver
 from ..registry import Example, register_quantizer
-from .base import Quantizer, StatelessQuantizer
+from .base import Quantizer, StatelessQuantizer, forward_with_observer, observer_state_is_grid
 
 __all__ = ["FORMATS", "MXQuantizer", "MinifloatFormat", "MinifloatQuantizer"]
 
@@ -183,7 +184,19 @@ class MinifloatQuantizer(Quantizer):
         amax = torch.maximum(mn.abs(), mx.abs())
         return (amax / self.fmt.max_value).clamp(min=torch.finfo(torch.float32).tiny)
 
+    def forward(self, x: Tensor) -> Tensor:
+        return forward_with_observer(self, self.range_observer, x)
+
     def quantize(self, x: Tensor) -> Tensor:
+        obs = self.range_observer
+        if kernels.enabled(x) and observer_state_is_grid(self, obs, MinifloatQuantizer, "scale"):
+            # One CUDA kernel: the scale from the observer's ranges, then the format's rounding.
+            f = self.fmt
+            out = kernels.minifloat_ranges(
+                x, obs.min_val, obs.max_val, obs.granularity, f.man_bits, f.bias, f.max_value
+            )
+            if out is not None:
+                return out
         return self.fmt.quantize(x, self.scale().to(x.device))
 
     def extra_repr(self) -> str:
