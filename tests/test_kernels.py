@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 
 import pytest
 import torch
@@ -421,6 +422,55 @@ def test_custom_ops_pass_opcheck_and_match_the_primitives():
         xc = x.detach().cuda()
         argc = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
         assert same(torch.ops.torchquant.fake_quant_ranges(xc, *argc), q(x))
+
+
+def test_lsq_minifloat_and_mx_custom_ops_pass_opcheck_and_match_the_primitives():
+    """``torchquant::lsq`` / ``minifloat`` / ``mx``: torch.library's checks, the primitives' values and
+    gradients (LSQ's step and offset gradients included), one node each under torch.export."""
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(4, 6, 40, generator=g) * 3).requires_grad_()
+    step = (torch.rand(1, 6, 1, generator=g) * 0.2 + 0.05).requires_grad_()
+    offset = (torch.randn(1, 6, 1, generator=g) * 0.1).requires_grad_()
+    scale = torch.rand(1, 6, 1, generator=g) + 0.5
+    ops = torch.ops.torchquant
+    cases = {
+        "lsq": (ops.lsq, (x, step, offset, 4, 3, 0.3), lambda: lsq_quantize(x, step, offset, 4, 3, 0.3)),
+        "lsq-no-offset": (ops.lsq, (x, step, None, 0, 15, 1.0), lambda: lsq_quantize(x, step, None, 0, 15, 1.0)),
+        "minifloat": (ops.minifloat, (x, scale, 3, 7, 448.0), lambda: minifloat_quantize(x, scale, 3, 7, 448.0)),
+        "mx": (ops.mx, (x, 1, 1, 6.0, 2, 32, -1), lambda: mx_quantize(x, 1, 1, 6.0, 2, 32, -1)),
+        "mx-axis-1": (ops.mx, (x, 2, 15, 57344.0, 15, 4, 1), lambda: mx_quantize(x, 2, 15, 57344.0, 15, 4, 1)),
+    }
+    grad = torch.linspace(-1, 1, x.numel()).view_as(x)
+    leaves = (x, step, offset)
+    for name, (op, args, primitive) in cases.items():
+        torch.library.opcheck(op, args)
+        outs, grads = [], []
+        for fn in (functools.partial(op, *args), primitive):
+            for t in leaves:
+                t.grad = None
+            y = fn()
+            y.backward(grad)
+            outs.append(y)
+            grads.append([None if t.grad is None else t.grad.clone() for t in leaves])
+        assert same(outs[0], outs[1]), name
+        for a, b in zip(*grads, strict=True):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+    class Net(nn.Module):
+        def forward(self, t, s):
+            return ops.mx(ops.minifloat(ops.lsq(t, s, None, 4, 3, 1.0), s, 3, 7, 448.0), 1, 1, 6.0, 2, 32, -1)
+
+    if torch.cuda.is_available():  # the CUDA implementation is the kernel
+        for name, (op, args, primitive) in cases.items():
+            on_gpu = tuple(a.detach().cuda() if isinstance(a, torch.Tensor) else a for a in args)
+            assert same(op(*on_gpu), primitive()), name
+
+    ep = torch.export.export(Net(), (x.detach(), step.detach()))
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets == ["torchquant.lsq.default", "torchquant.minifloat.default", "torchquant.mx.default"]
+    assert same(ep.module()(x.detach(), step.detach()), Net()(x.detach(), step.detach()))
 
 
 def test_tracing_keeps_the_torch_path(route):

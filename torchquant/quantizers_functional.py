@@ -506,12 +506,16 @@ def minifloat_round(x: Tensor, man_bits: int, bias: int, max_value: float) -> Te
     return torch.copysign(q, x.to(dt)).to(x.dtype)
 
 
+def _minifloat_reference(x: Tensor, scale: Tensor, man_bits: int, bias: int, max_value: float) -> Tensor:
+    dt = compute_dtype(x)
+    s = scale.to(dt)
+    return _cast(minifloat_round(x.to(dt) / s, man_bits, bias, max_value) * s, x.dtype)
+
+
 class _MinifloatSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, man_bits: int, bias: int, max_value: float):  # type: ignore[override]
-        dt = compute_dtype(x)
-        s = scale.to(dt)
-        return _cast(minifloat_round(x.to(dt) / s, man_bits, bias, max_value) * s, x.dtype)
+        return _minifloat_reference(x, scale, man_bits, bias, max_value)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -598,6 +602,12 @@ def mx_quantize(
     ax = axis % x.dim()
     if kernels.enabled(x):  # one fused CUDA kernel: block maxima, scales and rounding
         return kernels.mx(x, int(man_bits), int(bias), float(max_value), int(elem_emax), int(block_size), ax)
+    return _mx_reference(x, man_bits, bias, max_value, elem_emax, block_size, ax)
+
+
+def _mx_reference(
+    x: Tensor, man_bits: int, bias: int, max_value: float, elem_emax: int, block_size: int, ax: int
+) -> Tensor:
     xt = x.movedim(ax, -1)  # (..., n)
     n = xt.shape[-1]
     pad = (-n) % block_size
@@ -723,37 +733,48 @@ def level_quantize(x: Tensor, levels: Tensor, scale: Tensor | float = 1.0) -> Te
     return straight_through(x, q.to(x.dtype))
 
 
+def _lsq_reference(x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(out, v, q)``: LSQ's output in ``x``'s dtype, ``v = (x - offset) / step`` and its clamped rounding."""
+    dt = compute_dtype(x)
+    s = step.to(dt)
+    b = offset.to(dt) if offset is not None else None
+    v = (x.to(dt) - b) / s if b is not None else x.to(dt) / s
+    q = torch.clamp(torch.round(v), -qn, qp)
+    out = q * s + b if b is not None else q * s
+    return _cast(out, x.dtype), v, q
+
+
+def _lsq_grads(
+    grad: Tensor, v: Tensor, q: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int, grad_scale: float
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """LSQ's gradients for ``(x, step, offset)`` from the saved ``v`` and ``q`` (``None`` for no offset)."""
+    inside = (v >= -qn) & (v <= qp)
+    g = grad.to(v.dtype)
+    # Esser et al. 2020, eq. 3: d out / d x = 1 inside the range, 0 outside;
+    # d out / d step = round(v) - v inside, -qn below, qp above; times the gradient scale.
+    gx = (g * inside).to(grad.dtype)
+    gs = (g * torch.where(inside, q - v, q)).sum_to_size(step.shape) * grad_scale
+    gb = None
+    if offset is not None:
+        # Bhalgat et al. 2020: d out / d offset = 0 inside the range, 1 where clipped.
+        gb = ((g * ~inside).sum_to_size(offset.shape) * grad_scale).to(offset.dtype)
+    return gx, gs.to(step.dtype), gb
+
+
 class _LSQ(torch.autograd.Function):
     """``clamp(round((x - offset) / step), -qn, qp) * step + offset`` with LSQ's gradients."""
 
     @staticmethod
     def forward(ctx, x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int, grad_scale: float):  # type: ignore[override]
-        dt = compute_dtype(x)
-        s = step.to(dt)
-        b = offset.to(dt) if offset is not None else None
-        v = (x.to(dt) - b) / s if b is not None else x.to(dt) / s
-        q = torch.clamp(torch.round(v), -qn, qp)
-        ctx.save_for_backward(v, q, step)
-        ctx.has_offset = offset is not None
-        ctx.offset_shape = offset.shape if offset is not None else None
-        ctx.qn, ctx.qp, ctx.grad_scale = qn, qp, grad_scale
-        out = q * s + b if b is not None else q * s
-        return _cast(out, x.dtype)
+        out, v, q = _lsq_reference(x, step, offset, qn, qp)
+        ctx.save_for_backward(v, q, step, offset)
+        ctx.args = (qn, qp, grad_scale)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        v, q, step = ctx.saved_tensors
-        inside = (v >= -ctx.qn) & (v <= ctx.qp)
-        g = grad.to(v.dtype)
-        # Esser et al. 2020, eq. 3: d out / d x = 1 inside the range, 0 outside;
-        # d out / d step = round(v) - v inside, -qn below, qp above; times the gradient scale.
-        gx = (g * inside).to(grad.dtype)
-        gs = (g * torch.where(inside, q - v, q)).sum_to_size(step.shape) * ctx.grad_scale
-        gb = None
-        if ctx.has_offset:
-            # Bhalgat et al. 2020: d out / d offset = 0 inside the range, 1 where clipped.
-            gb = (g * ~inside).sum_to_size(ctx.offset_shape) * ctx.grad_scale
-        return gx, gs.to(step.dtype), gb, None, None, None
+        v, q, step, offset = ctx.saved_tensors
+        return *_lsq_grads(grad, v, q, step, offset, *ctx.args), None, None, None
 
 
 def lsq_quantize(x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int, grad_scale: float = 1.0) -> Tensor:
@@ -806,7 +827,9 @@ def inverse_rectified_sigmoid(h: Tensor, zeta: float = 1.1, gamma: float = -0.1)
 
 # --------------------------------------------------------------------------- custom ops
 # One opaque op each for graphs (torch.export, torch.compile with the op called directly):
-# the CUDA kernel where it applies, the torch path elsewhere, the STE as registered autograd.
+# the CUDA kernel where it applies, the torch path elsewhere, the gradients (STE, clipped
+# STE, LSQ's) as registered autograd. The ops are torch.ops.torchquant.fake_quant_grid,
+# fake_quant_ranges, lsq, minifloat and mx; the functions above stay the eager API.
 
 
 def _reference_grid(x: Tensor, scale: Tensor, zero_point: Tensor | None, lo: float, hi: float) -> Tensor:
@@ -901,3 +924,90 @@ def _ranges_backward(ctx, grad):
 
 
 _op_fake_quant_ranges.register_autograd(_ranges_backward, setup_context=_ranges_setup)
+
+
+def _kernel_ok(x: Tensor) -> bool:
+    # The custom ops' CUDA implementation: the kernel where Triton and the dtype allow.
+    return x.is_cuda and kernels.triton_available() and x.dtype in _KERNEL_DTYPES
+
+
+def _ste_backward(ctx, grad):
+    # straight-through: d out / d x := 1; nothing for the other inputs
+    return (grad, *(None,) * ctx.n_other)
+
+
+def _ste_setup(n_other: int):
+    def setup(ctx, inputs, output):
+        ctx.n_other = n_other
+
+    return setup
+
+
+@torch.library.custom_op("torchquant::lsq", mutates_args=())
+def _op_lsq(x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int, grad_scale: float) -> Tensor:
+    if _kernel_ok(x):
+        with torch.no_grad():
+            out = kernels.lsq(x, step, offset, qn, qp, grad_scale)
+        if out is not None:
+            return out
+    return _lsq_reference(x, step, offset, qn, qp)[0]
+
+
+@_op_lsq.register_fake
+def _(x, step, offset, qn, qp, grad_scale):
+    return torch.empty_like(x)
+
+
+def _lsq_setup(ctx, inputs, output):
+    x, step, offset, qn, qp, grad_scale = inputs
+    ctx.save_for_backward(x, step, offset)
+    ctx.args = (qn, qp, grad_scale)
+
+
+def _lsq_backward(ctx, grad):
+    x, step, offset = ctx.saved_tensors
+    qn, qp, grad_scale = ctx.args
+    grads = kernels.lsq_gradients(grad, x, step, offset, qn, qp, grad_scale) if _kernel_ok(x) else None
+    if grads is None:
+        _, v, q = _lsq_reference(x, step, offset, qn, qp)
+        grads = _lsq_grads(grad, v, q, step, offset, qn, qp, grad_scale)
+    return *grads, None, None, None
+
+
+_op_lsq.register_autograd(_lsq_backward, setup_context=_lsq_setup)
+
+
+@torch.library.custom_op("torchquant::minifloat", mutates_args=())
+def _op_minifloat(x: Tensor, scale: Tensor, man_bits: int, bias: int, max_value: float) -> Tensor:
+    if _kernel_ok(x):
+        with torch.no_grad():
+            out = kernels.minifloat(x, scale, man_bits, bias, max_value)
+        if out is not None:
+            return out
+    return _minifloat_reference(x, scale, man_bits, bias, max_value)
+
+
+@_op_minifloat.register_fake
+def _(x, scale, man_bits, bias, max_value):
+    return torch.empty_like(x)
+
+
+_op_minifloat.register_autograd(_ste_backward, setup_context=_ste_setup(4))
+
+
+@torch.library.custom_op("torchquant::mx", mutates_args=())
+def _op_mx(x: Tensor, man_bits: int, bias: int, max_value: float, elem_emax: int, block_size: int, axis: int) -> Tensor:
+    ax = axis % x.dim()
+    # Contiguous: the blocks' layout would otherwise decide the strides, which the fake cannot know.
+    if _kernel_ok(x):
+        with torch.no_grad():
+            return kernels.mx(x, man_bits, bias, max_value, elem_emax, block_size, ax).contiguous()
+    return _mx_reference(x, man_bits, bias, max_value, elem_emax, block_size, ax).contiguous()
+
+
+@_op_mx.register_fake
+def _(x, man_bits, bias, max_value, elem_emax, block_size, axis):
+    return x.new_empty(x.shape)
+
+
+_op_mx.register_autograd(_ste_backward, setup_context=_ste_setup(6))

@@ -28,9 +28,9 @@ kernel that recomputes the mask from ``x`` instead of storing it.
 
 Eager calls reach the kernels through ``torch.autograd.Function`` (about 4 us of Python
 per call, against 23 us through the dispatcher). The same computations are registered as
-the custom ops ``torch.ops.torchquant.fake_quant_grid`` and
-``torch.ops.torchquant.fake_quant_ranges`` (in :mod:`torchquant.quantizers_functional`,
-with fake tensors and autograd) for code that wants one opaque op in a graph. Under
+the custom ops ``torch.ops.torchquant.fake_quant_grid``, ``fake_quant_ranges``, ``lsq``,
+``minifloat`` and ``mx`` (in :mod:`torchquant.quantizers_functional`, with fake tensors
+and autograd) for code that wants one opaque op in a graph. Under
 ``torch.compile`` the quantizers keep emitting plain torch operations, which inductor fuses
 with their neighbours.
 
@@ -60,6 +60,7 @@ __all__ = [
     "fake_quant_ranges",
     "interpreted",
     "lsq",
+    "lsq_gradients",
     "minifloat",
     "minifloat_ranges",
     "mx",
@@ -351,18 +352,22 @@ class _LSQFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, step, offset, layout, qn, qp, grad_scale):  # type: ignore[override]
         ctx.save_for_backward(x, step, offset)
-        ctx.args = (layout, qn, qp, grad_scale, None if offset is None else offset.shape)
+        ctx.args = (layout, qn, qp, grad_scale)
         return _impl(x.device).lsq_forward(x, step, offset, layout, qn, qp)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x, step, offset = ctx.saved_tensors
-        layout, qn, qp, grad_scale, offset_shape = ctx.args
-        gx, ts, tb = _impl(x.device).lsq_backward(grad.contiguous(), x, step, offset, layout, qn, qp)
-        # Esser et al. 2020, eq. 3 and Bhalgat et al. 2020, reduced to the parameters' shapes
-        gs = ts.sum_to_size(step.shape) * grad_scale
-        gb = tb.sum_to_size(offset_shape) * grad_scale if tb is not None else None
-        return gx.to(grad.dtype), gs.to(step.dtype), gb, None, None, None, None
+        layout, qn, qp, grad_scale = ctx.args
+        return *_lsq_grads(grad, x, step, offset, layout, qn, qp, grad_scale), None, None, None, None
+
+
+def _lsq_grads(grad, x, step, offset, layout, qn, qp, grad_scale):
+    gx, ts, tb = _impl(x.device).lsq_backward(grad.contiguous(), x, step, offset, layout, qn, qp)
+    # Esser et al. 2020, eq. 3 and Bhalgat et al. 2020, reduced to the parameters' shapes
+    gs = ts.sum_to_size(step.shape) * grad_scale
+    gb = (tb.sum_to_size(offset.shape) * grad_scale).to(offset.dtype) if tb is not None else None
+    return gx.to(grad.dtype), gs.to(step.dtype), gb
 
 
 def _param_layout(k: ModuleType, x: Tensor, *params: Tensor | None):
@@ -392,6 +397,20 @@ def lsq(x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int, grad_s
     if layout is None:
         return None
     return _LSQFn.apply(x, step, offset, layout, int(qn), int(qp), float(grad_scale))
+
+
+def lsq_gradients(
+    grad: Tensor, x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int, grad_scale: float
+) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """LSQ's gradients for ``(x, step, offset)`` in one kernel plus sums, recomputed from ``x``.
+
+    ``None`` when the parameters' shapes fit no kernel layout.
+    """
+    k = _impl(x.device)
+    layout = _param_layout(k, x, step, offset)
+    if layout is None:
+        return None
+    return _lsq_grads(grad, x, step, offset, layout, int(qn), int(qp), float(grad_scale))
 
 
 class _STE(torch.autograd.Function):
