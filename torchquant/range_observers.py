@@ -109,7 +109,7 @@ class RangeObserver(RecordsInit, nn.Module):
             and stage[0] == x.shape
             and stage[1] == x.dtype
             and stage[2] == x.device
-            and stage[3] is self.min_val  # not reset, moved or reloaded with another shape since
+            and stage[3] is self._buffers["min_val"]  # not reset, moved or reloaded with another shape since
             and not self.distributed_sync
             and kernels.enabled(x)
         ):
@@ -227,11 +227,15 @@ class RangeObserver(RecordsInit, nn.Module):
     # -------------------------------------------------------------------- plumbing
     def _observe_kernel(self, kind: int, mn: Tensor, mx: Tensor) -> None:
         """Update the state with :func:`torchquant.kernels.observe_minmax`: one launch, no host sync."""
-        dev = self.min_val.device
-        if self._nonfinite is None or self._nonfinite.device != dev:
-            self._nonfinite = torch.zeros((), dtype=torch.int32, device=dev)
-        self._unreported = True
-        kernels.observe_minmax(kind, mn, mx, self.min_val, self.max_val, self._nonfinite, **self._kernel_state())
+        # The QAT hot path: buffers from _buffers and flags into __dict__, not through
+        # nn.Module's __getattr__ / __setattr__ (about 1 us each).
+        b, d = self._buffers, self.__dict__
+        min_val = b["min_val"]
+        nonfinite = d.get("_nonfinite")
+        if nonfinite is None or nonfinite.device != min_val.device:
+            nonfinite = d["_nonfinite"] = torch.zeros((), dtype=torch.int32, device=min_val.device)
+        d["_unreported"] = True
+        kernels.observe_minmax(kind, mn, mx, min_val, b["max_val"], nonfinite, **self._kernel_state())
 
     def _kernel_state(self) -> dict:
         """The state :func:`torchquant.kernels.observe_minmax` updates besides the ranges."""
@@ -312,7 +316,7 @@ class RunningMinMax(RangeObserver):
         self.num_batches.fill_(1)
 
     def _kernel_state(self) -> dict:
-        return {"num_batches": self.num_batches}
+        return {"num_batches": self._buffers["num_batches"]}
 
     def reset(self) -> None:
         super().reset()
@@ -380,11 +384,12 @@ class ExpAvgMinMax(RangeObserver):
         torch.div(self.ema_max, correction, out=self.max_val)
 
     def _kernel_state(self) -> dict:
+        b = self._buffers
         return {
-            "num_batches": self.num_batches,
-            "ema_min": self.ema_min,
-            "ema_max": self.ema_max,
-            "decay": self.decay,
+            "num_batches": b["num_batches"],
+            "ema_min": b["ema_min"],
+            "ema_max": b["ema_max"],
+            "decay": b["decay"],
             "momentum": self.momentum,
         }
 
