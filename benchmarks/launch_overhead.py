@@ -14,8 +14,13 @@ by one between synchronisations:
   ``QWrapper`` forward in QUANT_AWARE_TRAIN.
 
     python benchmarks/launch_overhead.py [--device cuda] [--numel 1048576] [--calls 2000]
+    python benchmarks/launch_overhead.py --stub-kernels --numel 32
 
-On the CPU (no Triton path) it prints the torch path's host cost for comparison.
+On the CPU (no Triton path) it prints the torch path's host cost for comparison. With
+``--stub-kernels`` the CPU takes the kernel path with every launch replaced by a copy of
+its input (and the observer update by nothing): the rows then give torchquant's own Python on
+that path, which a GPU would add to the launches, measurable on a machine without one
+(use a small ``--numel`` so that the remaining torch reductions cost little).
 """
 
 from __future__ import annotations
@@ -74,13 +79,32 @@ def _empty_kernels():
     return triton.jit(empty1), triton.jit(empty20)
 
 
+def stub_kernel_launches() -> None:
+    """Route CPU tensors through the kernel path, with every launch replaced by an empty output."""
+    import types
+
+    real = kernels.interpreted()  # the layouts and constants; nothing of it is launched
+    stub = types.SimpleNamespace(**{n: getattr(real, n) for n in dir(real) if n.isupper() or n == "Layout"})
+    # A copy, not torch.empty_like: garbage values would reach the next layer's observer.
+    stub.fake_quant = stub.minifloat = stub.lsq_forward = lambda x, *a, **kw: x.clone()
+    stub.clip_grad = lambda grad, *a, **kw: grad.clone()
+    stub.observe = lambda *a, **kw: None
+    kernels._impl = lambda device: stub
+    kernels._DEVICES.add("cpu")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--numel", type=int, default=1 << 20)
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--stub-kernels", action="store_true", help="CPU only: the kernel path, launches stubbed")
     args = parser.parse_args()
     dev = torch.device(args.device)
+    if args.stub_kernels:
+        if dev.type != "cpu":
+            parser.error("--stub-kernels measures the kernel path's Python on the CPU; leave out --device")
+        stub_kernel_launches()
     torch.manual_seed(0)
     x = torch.randn(args.numel, device=dev)
     d, z = torch.tensor(0.05, device=dev), torch.tensor(128.0, device=dev)
@@ -125,7 +149,8 @@ def main() -> None:
         ("same conv3x3 alone (float)", lambda: w.layer(xc)),
     ]
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
-    print(f"torch {torch.__version__}, {where}, {args.numel} elements, kernel path: {kernel_path}")
+    path = "stubbed launches" if args.stub_kernels else kernel_path
+    print(f"torch {torch.__version__}, {where}, {args.numel} elements, kernel path: {path}")
     print(f"{'call':<46} {'host us/call':>13} {'synced us':>10}")
     for name, fn in rows:
         try:

@@ -1,0 +1,43 @@
+"""``benchmarks/launch_overhead.py --stub-kernels``: the kernel path's Python measured without a GPU."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from benchmark_script import load
+
+import torchquant as tq
+from torchquant import kernels
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture
+def script(monkeypatch):
+    # stub_kernel_launches patches torchquant.kernels; the test gets it back afterwards.
+    monkeypatch.setattr(kernels, "_impl", kernels._impl)
+    monkeypatch.setattr(kernels, "_DEVICES", set(kernels._DEVICES))
+    return load("launch_overhead")
+
+
+def test_stubbed_launches_take_the_kernel_path_and_launch_nothing(script):
+    script.stub_kernel_launches()
+    q = tq.AffineQuantizer(4, tq.ExpAvgMinMax())
+    x = torch.randn(64) * 3
+    q.pre_observe(x)  # the first observation allocates the state on the torch path
+    before = q.range_observer.min_val.clone()
+    q.pre_observe(x * 2)  # the kernel path: the stubbed update leaves the state alone
+    assert torch.equal(q.range_observer.min_val, before)
+    assert torch.equal(q(x), x)  # the stubbed fake quant copies its input: nothing was quantized
+
+
+def test_the_script_prints_every_row_with_stubbed_launches(script, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["launch_overhead.py", "--stub-kernels", "--numel", "32", "--calls", "5"])
+    script.main()
+    out = capsys.readouterr().out
+    assert "kernel path: stubbed launches" in out
+    for row in ("AffineQuantizer.quantize", "QAT call (observe + quantize)", "QWrapper conv3x3 64ch, QAT forward"):
+        line = next(line for line in out.splitlines() if line.startswith(row))
+        assert "failed" not in line and float(line.split()[-2]) > 0, line
