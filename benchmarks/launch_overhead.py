@@ -109,10 +109,12 @@ def main() -> None:
     x = torch.randn(args.numel, device=dev)
     d, z = torch.tensor(0.05, device=dev), torch.tensor(128.0, device=dev)
     zi = torch.tensor(128, dtype=torch.int32, device=dev)
+    fused = torch.ao.quantization.FusedMovingAvgObsFakeQuantize().to(dev)
     rows: list[tuple[str, Callable[[], object]]] = [
         ("torch.empty_like", lambda: torch.empty_like(x)),
         ("x.clone()", lambda: x.clone()),
         ("torch.fake_quantize_per_tensor_affine", lambda: torch.fake_quantize_per_tensor_affine(x, d, zi, 0, 255)),
+        ("torch.ao FusedMovingAvgObsFakeQuantize", lambda: fused(x)),
     ]
     kernel_path = dev.type == "cuda" and kernels.triton_available()
     if kernel_path:

@@ -103,10 +103,11 @@ class AffineQuantizer(RangeQuantizer):
         obs = self.range_observer
         if not observer_state_is_grid(self, obs, AffineQuantizer, "qparams"):
             return None
+        b = obs._buffers  # the QAT hot path: not through nn.Module's __getattr__
         return kernels.fake_quant_ranges(
             x,
-            obs.min_val,
-            obs.max_val,
+            b["min_val"],
+            b["max_val"],
             obs.granularity,
             self.n_levels,
             self.symmetric,

@@ -11,6 +11,7 @@ observe).
 from __future__ import annotations
 
 import abc
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -440,10 +441,18 @@ def observer_state_is_grid(quantizer: Quantizer, observer: RangeObserver | None,
     """
     return (
         observer is not None
-        and observer.initialized
-        and getattr(type(quantizer), method) is getattr(cls, method)
-        and getattr(type(quantizer), "ranges", None) is getattr(cls, "ranges", None)
-        and type(observer).get_ranges is RangeObserver.get_ranges
+        and observer._buffers["min_val"].numel() > 0  # initialized, without nn.Module's __getattr__
+        and _plain_classes(type(quantizer), type(observer), cls, method)
+    )
+
+
+@functools.cache
+def _plain_classes(qtype: type, otype: type, cls: type, method: str) -> bool:
+    # The class-level half of observer_state_is_grid, once per combination (the QAT hot path).
+    return (
+        getattr(qtype, method) is getattr(cls, method)
+        and getattr(qtype, "ranges", None) is getattr(cls, "ranges", None)
+        and otype.get_ranges is RangeObserver.get_ranges
     )
 
 
