@@ -14,6 +14,7 @@ from torch import nn
 from values import same, special
 
 import torchquant as tq
+from torchquant import quantizers_functional as F
 from torchquant.quantizers_functional import lsq_quantize, minifloat_quantize, mx_quantize
 
 
@@ -87,3 +88,27 @@ def test_lsq_minifloat_and_mx_custom_ops_pass_opcheck_and_match_the_primitives()
     targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
     assert targets == ["torchquant.lsq.default", "torchquant.minifloat.default", "torchquant.mx.default"]
     assert same(ep.module()(x.detach(), step.detach()), Net()(x.detach(), step.detach()))
+
+
+def test_the_lsq_backward_op_passes_opcheck_and_traces_with_fake_tensors(monkeypatch):
+    """``torchquant::lsq_backward`` is an op of its own: tracing LSQ's forward and backward with
+    fake tensors (what torch.compile training and export do) never runs an implementation, even
+    where the CUDA kernel would be chosen (forced here on the CPU)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 6, 8, generator=g)
+    step = torch.rand(1, 6, 1, generator=g) * 0.2 + 0.05
+    offset = torch.randn(1, 6, 1, generator=g) * 0.1
+    grad = torch.randn(4, 6, 8, generator=g)
+    for off in (offset, None):
+        torch.library.opcheck(torch.ops.torchquant.lsq_backward, (grad, x, step, off, 4, 3, 0.3))
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def fwd_bwd(t, s, b):
+        t, s, b = (v.detach().requires_grad_() for v in (t, s, b))
+        y = torch.ops.torchquant.lsq(t, s, b, 4, 3, 0.3)
+        return torch.autograd.grad(y.sum(), (t, s, b))
+
+    monkeypatch.setattr(F, "_kernel_ok", lambda t: True)  # a real call would now launch Triton
+    gm = make_fx(fwd_bwd, tracing_mode="fake")(x, step, offset)
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert "torchquant.lsq.default" in targets and "torchquant.lsq_backward.default" in targets

@@ -154,9 +154,13 @@ def test_affine_quantizer_forward_and_backward_match_the_cpu(route, gran, grid, 
 
 
 def _near_powers_of_two(obs) -> None:
-    # Ranges at and just below powers of two, where a rounded log2 would pick the wrong exponent.
+    # Ranges at and just below powers of two, where a rounded log2 picks the next exponent
+    # (the maxima made small, so that the minima decide max(|min|, |max|)).
     if obs.min_val.numel() == 6:
-        obs.min_val.copy_(torch.tensor([-4.0, -3.9999998, 0.0, -1e-9, -0.75, -2.0]).view_as(obs.min_val))
+        below = 1 - 2.0**-24  # one ulp below 1
+        mins = [-4.0, -4.0 * below, -16.0 * below, -1e-9, -256.0 * below, -2.0]
+        obs.min_val.copy_(torch.tensor(mins).view_as(obs.min_val))
+        obs.max_val.fill_(0.1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -223,6 +227,51 @@ def test_observer_state_matches_the_cpu_and_nonfinite_batches_are_reported(route
 @pytest.mark.parametrize(
     "make",
     [
+        lambda: tq.AffineQuantizer(4, tq.BatchMinMax(), gradient_clip=True),
+        lambda: tq.QfmtQuantizer(4, True, tq.BatchMinMax(), gradient_clip=True),
+        lambda: tq.LSQQuantizer(4, signed=True),
+    ],
+    ids=["affine-clip", "qfmt-clip", "lsq"],
+)
+def test_backward_kernels_pair_channels_last_inputs_with_their_gradients(route, make):
+    """A channels_last ``x`` (per-tensor grids take it as it is) and a row-major gradient: the
+    backward kernels walk memory in order, so the gradient is laid out like ``x`` first."""
+    q = make()
+    x = special((2, 3, 4, 5)).nan_to_num(0.0, 9.0, -9.0).contiguous(memory_format=torch.channels_last)
+    q.pre_observe(x * 0.5)  # the grid clips part of x
+    x.requires_grad_()
+    grad = torch.linspace(-1, 1, x.numel()).view(x.shape)  # row-major
+    q(x).backward(grad)
+    qk, xk = route.to(q), x.detach().to(route.device, memory_format=torch.channels_last).requires_grad_()
+    with route.on() as calls:
+        qk(xk).backward(route.to(grad))
+    assert calls["n"] > 0
+    assert xk.is_contiguous(memory_format=torch.channels_last)
+    assert same(xk.grad, x.grad)
+    for a, b in zip(qk.parameters(), q.parameters(), strict=True):
+        torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_qfmt_subclass_with_its_own_integer_range_takes_the_torch_path(route):
+    """The kernel derives the codes from n_bits; a subclass that changes ``int_range`` keeps its own."""
+
+    class Symmetric(tq.QfmtQuantizer):
+        @property
+        def int_range(self):
+            return -(2 ** (self.n_bits - 1)) + 1, 2 ** (self.n_bits - 1) - 1
+
+    q = Symmetric(4, True, tq.BatchMinMax())
+    x = torch.linspace(-15.9, 15.9, 40)  # step 2; codes down to -8 would reach -16
+    q.pre_observe(x)
+    with route.on():
+        y = route.to(q)(route.to(x))
+    assert same(y, q(x))
+    assert y.min() == -7 * q.step()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
         lambda: tq.AffineQuantizer(4, tq.ExpAvgMinMax(axis=1)),
         lambda: tq.QfmtQuantizer(6, True, tq.RunningMinMax()),
         lambda: tq.MinifloatQuantizer("fp8_e4m3", tq.BatchMinMax(axis=1)),
@@ -250,6 +299,30 @@ def test_a_nonfinite_batch_is_reported_after_the_forward_pass_not_during_it(rout
     with pytest.raises(ValueError, match=r"1 observed batch\(es\) contained NaN or Inf"):
         qk.range_observer.get_ranges()
     qk.range_observer.get_ranges()  # reported once
+
+
+def test_a_quantizer_called_inside_another_keeps_the_report_deferred(route):
+    """Two quantizers sharing an observer, one calling the other in its forward: the inner call
+    ends, the outer forward still reads the ranges without the report."""
+
+    class Outer(tq.QfmtQuantizer):
+        def quantize(self, x):
+            y = self.inner(x)
+            self.ranges()  # after the inner forward: still inside the outer one
+            return y
+
+    obs = tq.RunningMinMax()
+    q = Outer(6, True, obs)
+    q.inner = tq.NF4Quantizer(obs)
+    q.pre_observe(torch.randn(32))
+    qk = route.to(q)
+    bad = torch.randn(32)
+    bad[3] = float("nan")
+    with route.on():
+        qk.pre_observe(route.to(bad))
+        qk(route.to(torch.randn(32)))  # no report inside
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        qk.range_observer.get_ranges()
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
@@ -284,6 +357,24 @@ def test_observers_reduce_each_batch_into_the_same_staging_buffers(route, monkey
         ker.observe_batch(route.to(torch.randn(8, 6, 4)))  # allocates afresh (torch path)
         ker.observe_batch(route.to(torch.randn(8, 6, 4)))
     assert len(seen) == 5 and seen[-1] != seen[0]
+
+
+def test_calibrating_under_inference_mode_leaves_no_buffers_qat_cannot_write(route):
+    """Batches observed under ``torch.inference_mode`` take the kernel path without staging
+    buffers (inference tensors could not be written afterwards); QAT then goes on normally."""
+    ref = tq.ExpAvgMinMax(axis=0)
+    ker = route.to(ref)
+    batches = [torch.randn(16, 32) * (i + 1) for i in range(5)]
+    with torch.inference_mode(), route.on():
+        for x in batches[:3]:
+            ker.observe_batch(route.to(x))
+    with route.on():
+        for x in batches[3:]:
+            ker.observe_batch(route.to(x).requires_grad_())
+    for x in batches:
+        ref.observe_batch(x)
+    for a, b in zip(ker.get_ranges(), ref.get_ranges(), strict=True):
+        assert same(a, b)
 
 
 def test_qat_steps_of_a_model_are_identical_on_the_interpreter(route):

@@ -100,7 +100,9 @@ def _saved_mode(state: Any, where: str) -> QModuleState:
         raise ValueError(f"{where} holds no valid mode ({e}); valid: {[m.value for m in QModuleState]}") from None
 
 
-_MODULE_INTERNALS = frozenset(vars(nn.Module())) - {"training"}
+# nn.Module's own bookkeeping, and a range observer's transient kernel-path state (its
+# staging buffers and forward flag), which no output depends on.
+_MODULE_INTERNALS = (frozenset(vars(nn.Module())) - {"training"}) | {"_stage", "_in_forward"}
 _SCALARS = (bool, int, float, str, type(None), enum.Enum)
 
 

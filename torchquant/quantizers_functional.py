@@ -829,7 +829,8 @@ def inverse_rectified_sigmoid(h: Tensor, zeta: float = 1.1, gamma: float = -0.1)
 # One opaque op each for graphs (torch.export, torch.compile with the op called directly):
 # the CUDA kernel where it applies, the torch path elsewhere, the gradients (STE, clipped
 # STE, LSQ's) as registered autograd. The ops are torch.ops.torchquant.fake_quant_grid,
-# fake_quant_ranges, lsq, minifloat and mx; the functions above stay the eager API.
+# fake_quant_ranges, lsq (and lsq_backward), minifloat and mx; the functions above stay
+# the eager API.
 
 
 def _reference_grid(x: Tensor, scale: Tensor, zero_point: Tensor | None, lo: float, hi: float) -> Tensor:
@@ -927,8 +928,8 @@ _op_fake_quant_ranges.register_autograd(_ranges_backward, setup_context=_ranges_
 
 
 def _kernel_ok(x: Tensor) -> bool:
-    # The custom ops' CUDA implementation: the kernel where Triton and the dtype allow.
-    return x.is_cuda and kernels.triton_available() and x.dtype in _KERNEL_DTYPES
+    # The custom ops' CUDA implementation: the kernel where Triton, the dtype and the size allow.
+    return x.is_cuda and kernels.triton_available() and x.dtype in _KERNEL_DTYPES and x.numel() < 2**31
 
 
 def _ste_backward(ctx, grad):
@@ -966,15 +967,32 @@ def _lsq_setup(ctx, inputs, output):
 
 def _lsq_backward(ctx, grad):
     x, step, offset = ctx.saved_tensors
-    qn, qp, grad_scale = ctx.args
+    gx, gs, gb = torch.ops.torchquant.lsq_backward(grad, x, step, offset, *ctx.args)
+    return gx, gs, gb if offset is not None else None, None, None, None
+
+
+_op_lsq.register_autograd(_lsq_backward, setup_context=_lsq_setup)
+
+
+# The backward is an op of its own: graph tracing (torch.compile training, export) then sees
+# one node with a fake implementation instead of entering the kernel launch with fake tensors.
+@torch.library.custom_op("torchquant::lsq_backward", mutates_args=())
+def _op_lsq_backward(
+    grad: Tensor, x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int, grad_scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LSQ's gradients ``(x, step, offset)``; the offset's is empty without an offset."""
     grads = kernels.lsq_gradients(grad, x, step, offset, qn, qp, grad_scale) if _kernel_ok(x) else None
     if grads is None:
         _, v, q = _lsq_reference(x, step, offset, qn, qp)
         grads = _lsq_grads(grad, v, q, step, offset, qn, qp, grad_scale)
-    return *grads, None, None, None
+    gx, gs, gb = grads
+    return gx.contiguous(), gs.contiguous(), gb.contiguous() if gb is not None else grad.new_empty(0)
 
 
-_op_lsq.register_autograd(_lsq_backward, setup_context=_lsq_setup)
+@_op_lsq_backward.register_fake
+def _(grad, x, step, offset, qn, qp, grad_scale):
+    gb = offset.new_empty(offset.shape) if offset is not None else grad.new_empty(0)
+    return grad.new_empty(x.shape), step.new_empty(step.shape), gb
 
 
 @torch.library.custom_op("torchquant::minifloat", mutates_args=())

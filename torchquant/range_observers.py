@@ -106,12 +106,12 @@ class RangeObserver(RecordsInit, nn.Module):
         stage = self._stage
         if (
             stage is not None
+            and kernels.enabled(x)  # first: under torch.compile nothing below is traced (no guards)
             and stage[0] == x.shape
             and stage[1] == x.dtype
             and stage[2] == x.device
             and stage[3] is self._buffers["min_val"]  # not reset, moved or reloaded with another shape since
             and not self.distributed_sync
-            and kernels.enabled(x)
         ):
             # The kernel path again, on a tensor like the last one: reduce into the same buffers.
             self._observe_kernel(kind, *self.granularity.reduce(x, self._tq_name, stage[4]))
@@ -126,9 +126,10 @@ class RangeObserver(RecordsInit, nn.Module):
             and self.min_val.dtype == torch.float32
             and mn.shape == self.min_val.shape
         ):
-            if not self.distributed_sync:
+            if not (self.distributed_sync or torch.is_inference_mode_enabled()):
                 # Staging buffers for the next batches of this shape: the QAT call then
-                # allocates nothing besides its output.
+                # allocates nothing besides its output. (Not inference tensors: those could not
+                # be written outside inference mode.)
                 self.__dict__["_stage"] = (x.shape, x.dtype, x.device, self.min_val, (mn, mx))
             self._observe_kernel(kind, mn, mx)
             return
@@ -183,6 +184,12 @@ class RangeObserver(RecordsInit, nn.Module):
         for name, buf in list(self.named_buffers(recurse=False)):
             setattr(self, name, torch.empty(0, dtype=buf.dtype, device=buf.device))
         self._nonfinite, self._unreported = None, False
+        self.__dict__["_stage"] = None
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .half(): the staging buffers would stay where they were; drop them.
+        self.__dict__["_stage"] = None
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return str(self.granularity)
@@ -269,6 +276,7 @@ class RangeObserver(RecordsInit, nn.Module):
             raise ValueError(f"{self._tq_name}: observed data contains NaN or Inf; ranges left unchanged")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        self.__dict__["_stage"] = None
         # Buffers take the shape of what is loaded (they are empty before the first observation).
         for name, buf in self.named_buffers(recurse=False):
             key = prefix + name

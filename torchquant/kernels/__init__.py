@@ -161,8 +161,16 @@ class _GridFQ(torch.autograd.Function):
         x, scale, zero_point = ctx.saved_tensors
         k = _impl(x.device)
         # d out / d x := 1 where x lies inside the grid's range, 0 outside
-        g = k.clip_grad(grad.contiguous(), x, scale, zero_point, layout, mode, lo, hi)
+        g = k.clip_grad(_like(grad, x), x, scale, zero_point, layout, mode, lo, hi)
         return g, None, None, None, None, None, None, None
+
+
+def _like(grad: Tensor, x: Tensor) -> Tensor:
+    """``grad`` laid out in memory as ``x`` is: the backward kernels walk both in memory order
+    (``x`` may be channels_last, and the incoming gradient anything, broadcast included)."""
+    if grad.stride() == x.stride():
+        return grad
+    return torch.empty_like(x, dtype=grad.dtype).copy_(grad)
 
 
 def _dense(x: Tensor, indexed: bool) -> bool:
@@ -234,7 +242,7 @@ class _RangesFQ(torch.autograd.Function):
             return grad, *none
         x, mn, mx = ctx.saved_tensors
         # d out / d x := 1 where x lies inside the grid's range, 0 outside
-        return _impl(x.device).clip_grad(grad.contiguous(), x, mn, mx, layout, mode, *grid), *none
+        return _impl(x.device).clip_grad(_like(grad, x), x, mn, mx, layout, mode, *grid), *none
 
 
 def _ranges_layout_for(x: Tensor, min_val: Tensor, max_val: Tensor, granularity: Granularity):
@@ -363,7 +371,7 @@ class _LSQFn(torch.autograd.Function):
 
 
 def _lsq_grads(grad, x, step, offset, layout, qn, qp, grad_scale):
-    gx, ts, tb = _impl(x.device).lsq_backward(grad.contiguous(), x, step, offset, layout, qn, qp)
+    gx, ts, tb = _impl(x.device).lsq_backward(_like(grad, x), x, step, offset, layout, qn, qp)
     # Esser et al. 2020, eq. 3 and Bhalgat et al. 2020, reduced to the parameters' shapes
     gs = ts.sum_to_size(step.shape) * grad_scale
     gb = (tb.sum_to_size(offset.shape) * grad_scale).to(offset.dtype) if tb is not None else None

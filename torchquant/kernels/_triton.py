@@ -551,7 +551,7 @@ def lsq_backward(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Per-element LSQ gradients: ``(d x, d step terms, d offset terms)``, the last two in float32."""
     n = x.numel()
-    gx = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    gx = torch.empty_like(x, dtype=torch.float32)  # x's memory order, as the kernel walks it
     ts = torch.empty_like(gx)
     tb = torch.empty_like(gx) if offset is not None else None
     if n:

@@ -182,7 +182,7 @@ class QfmtQuantizer(RangeQuantizer):
     def quantize(self, x: Tensor) -> Tensor:
         if kernels.enabled(x):
             obs = self.range_observer
-            if observer_state_is_grid(self, obs, QfmtQuantizer, "step"):
+            if observer_state_is_grid(self, obs, QfmtQuantizer, "step", "int_range"):
                 # One CUDA kernel: the step from the observer's ranges, then the fake quant.
                 out = kernels.fake_quant_qfmt(
                     x, obs.min_val, obs.max_val, obs.granularity, self.n_bits, self.signed, self.gradient_clip

@@ -425,33 +425,33 @@ def forward_with_observer(quantizer: Quantizer, observer: RangeObserver | None, 
         return quantizer.quantize(x)
     # The instance dict, not nn.Module.__setattr__: 0.1 us instead of 1 us per call.
     state = observer.__dict__
+    outer = state.get("_in_forward", False)  # an observer shared by quantizers called inside each other
     state["_in_forward"] = True
     try:
         return quantizer.quantize(x)
     finally:
-        state["_in_forward"] = False
+        state["_in_forward"] = outer
 
 
-def observer_state_is_grid(quantizer: Quantizer, observer: RangeObserver | None, cls: type, method: str) -> bool:
+def observer_state_is_grid(quantizer: Quantizer, observer: RangeObserver | None, cls: type, *methods: str) -> bool:
     """Whether a kernel may read ``observer``'s compact ``min_val`` / ``max_val`` as ``quantizer``'s ranges.
 
     True when the observer holds ranges and neither it (``get_ranges``) nor the quantizer
-    (``ranges``, or ``cls``'s ``method`` that turns ranges into a grid) is overridden by a
+    (``ranges``, or any of ``cls``'s ``methods`` the grid depends on) is overridden by a
     subclass: the kernel then computes what the torch path would.
     """
     return (
         observer is not None
         and observer._buffers["min_val"].numel() > 0  # initialized, without nn.Module's __getattr__
-        and _plain_classes(type(quantizer), type(observer), cls, method)
+        and _plain_classes(type(quantizer), type(observer), cls, methods)
     )
 
 
 @functools.cache
-def _plain_classes(qtype: type, otype: type, cls: type, method: str) -> bool:
+def _plain_classes(qtype: type, otype: type, cls: type, methods: tuple[str, ...]) -> bool:
     # The class-level half of observer_state_is_grid, once per combination (the QAT hot path).
     return (
-        getattr(qtype, method) is getattr(cls, method)
-        and getattr(qtype, "ranges", None) is getattr(cls, "ranges", None)
+        all(getattr(qtype, m, None) is getattr(cls, m, None) for m in (*methods, "ranges"))
         and otype.get_ranges is RangeObserver.get_ranges
     )
 
