@@ -18,6 +18,7 @@ parameters here; quantizers that learn their grid (LSQ, PACT) build on
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -833,6 +834,21 @@ def inverse_rectified_sigmoid(h: Tensor, zeta: float = 1.1, gamma: float = -0.1)
 # the eager API.
 
 
+def _kernel_ok(x: Tensor) -> bool:
+    # The custom ops' CUDA implementation: the kernel where Triton, the dtype and the size allow.
+    return x.is_cuda and kernels.triton_available() and x.dtype in _KERNEL_DTYPES and x.numel() < 2**31
+
+
+def _kernel_or_reference(x: Tensor, kernel: Callable[[], Tensor | None], reference: Callable[[], Tensor]) -> Tensor:
+    # An op's implementation: the CUDA kernel where it applies (None: its layout does not), else torch.
+    if _kernel_ok(x):
+        with torch.no_grad():
+            out = kernel()
+        if out is not None:
+            return out
+    return reference()
+
+
 def _reference_grid(x: Tensor, scale: Tensor, zero_point: Tensor | None, lo: float, hi: float) -> Tensor:
     if zero_point is None:
         return _fake_quant(x, scale, lo, hi)
@@ -843,12 +859,11 @@ def _reference_grid(x: Tensor, scale: Tensor, zero_point: Tensor | None, lo: flo
 def _op_fake_quant_grid(
     x: Tensor, scale: Tensor, zero_point: Tensor | None, lo: float, hi: float, clip_grad: bool
 ) -> Tensor:
-    if x.is_cuda and kernels.triton_available() and x.dtype in _KERNEL_DTYPES:
-        with torch.no_grad():
-            out = kernels.fake_quant_grid(x, scale, zero_point, lo, hi)
-        if out is not None:
-            return out
-    return _reference_grid(x, scale, zero_point, lo, hi)
+    return _kernel_or_reference(
+        x,
+        lambda: kernels.fake_quant_grid(x, scale, zero_point, lo, hi),
+        lambda: _reference_grid(x, scale, zero_point, lo, hi),
+    )
 
 
 @_op_fake_quant_grid.register_fake
@@ -889,15 +904,17 @@ def _op_fake_quant_ranges(
     clip_grad: bool,
 ) -> Tensor:
     g = Granularity(axis=axis, group_size=group_size)
-    if x.is_cuda and kernels.triton_available() and x.dtype in _KERNEL_DTYPES:
-        with torch.no_grad():
-            out = kernels.fake_quant_ranges(x, min_val, max_val, g, n_levels, symmetric, power_of_two, fixed_zero_point)
-        if out is not None:
-            return out
-    delta, zp = affine_qparams(
-        g.expand(min_val), g.expand(max_val), n_levels, symmetric, power_of_two, fixed_zero_point
+
+    def reference() -> Tensor:
+        mn, mx = g.expand(min_val), g.expand(max_val)
+        delta, zp = affine_qparams(mn, mx, n_levels, symmetric, power_of_two, fixed_zero_point)
+        return _reference_grid(x, delta, zp, 0.0, float(n_levels - 1))
+
+    return _kernel_or_reference(
+        x,
+        lambda: kernels.fake_quant_ranges(x, min_val, max_val, g, n_levels, symmetric, power_of_two, fixed_zero_point),
+        reference,
     )
-    return _reference_grid(x, delta, zp, 0.0, float(n_levels - 1))
 
 
 @_op_fake_quant_ranges.register_fake
@@ -927,11 +944,6 @@ def _ranges_backward(ctx, grad):
 _op_fake_quant_ranges.register_autograd(_ranges_backward, setup_context=_ranges_setup)
 
 
-def _kernel_ok(x: Tensor) -> bool:
-    # The custom ops' CUDA implementation: the kernel where Triton, the dtype and the size allow.
-    return x.is_cuda and kernels.triton_available() and x.dtype in _KERNEL_DTYPES and x.numel() < 2**31
-
-
 def _ste_backward(ctx, grad):
     # straight-through: d out / d x := 1; nothing for the other inputs
     return (grad, *(None,) * ctx.n_other)
@@ -946,12 +958,11 @@ def _ste_setup(n_other: int):
 
 @torch.library.custom_op("torchquant::lsq", mutates_args=())
 def _op_lsq(x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int, grad_scale: float) -> Tensor:
-    if _kernel_ok(x):
-        with torch.no_grad():
-            out = kernels.lsq(x, step, offset, qn, qp, grad_scale)
-        if out is not None:
-            return out
-    return _lsq_reference(x, step, offset, qn, qp)[0]
+    return _kernel_or_reference(
+        x,
+        lambda: kernels.lsq(x, step, offset, qn, qp, grad_scale),
+        lambda: _lsq_reference(x, step, offset, qn, qp)[0],
+    )
 
 
 @_op_lsq.register_fake
@@ -997,12 +1008,11 @@ def _(grad, x, step, offset, qn, qp, grad_scale):
 
 @torch.library.custom_op("torchquant::minifloat", mutates_args=())
 def _op_minifloat(x: Tensor, scale: Tensor, man_bits: int, bias: int, max_value: float) -> Tensor:
-    if _kernel_ok(x):
-        with torch.no_grad():
-            out = kernels.minifloat(x, scale, man_bits, bias, max_value)
-        if out is not None:
-            return out
-    return _minifloat_reference(x, scale, man_bits, bias, max_value)
+    return _kernel_or_reference(
+        x,
+        lambda: kernels.minifloat(x, scale, man_bits, bias, max_value),
+        lambda: _minifloat_reference(x, scale, man_bits, bias, max_value),
+    )
 
 
 @_op_minifloat.register_fake
@@ -1016,11 +1026,12 @@ _op_minifloat.register_autograd(_ste_backward, setup_context=_ste_setup(4))
 @torch.library.custom_op("torchquant::mx", mutates_args=())
 def _op_mx(x: Tensor, man_bits: int, bias: int, max_value: float, elem_emax: int, block_size: int, axis: int) -> Tensor:
     ax = axis % x.dim()
-    # Contiguous: the blocks' layout would otherwise decide the strides, which the fake cannot know.
-    if _kernel_ok(x):
-        with torch.no_grad():
-            return kernels.mx(x, man_bits, bias, max_value, elem_emax, block_size, ax).contiguous()
-    return _mx_reference(x, man_bits, bias, max_value, elem_emax, block_size, ax).contiguous()
+    out = _kernel_or_reference(
+        x,
+        lambda: kernels.mx(x, man_bits, bias, max_value, elem_emax, block_size, ax),
+        lambda: _mx_reference(x, man_bits, bias, max_value, elem_emax, block_size, ax),
+    )
+    return out.contiguous()  # else the blocks' layout would decide the strides, which the fake cannot know
 
 
 @_op_mx.register_fake
