@@ -68,6 +68,9 @@ def synced_us(fn: Callable[[], object], calls: int, dev: torch.device) -> float:
 
 
 def _empty_kernels():
+    """Empty Triton kernels: one pointer; 4 pointers and 16 integers (about what the fake-quant
+    kernel takes); the same with the integers left unspecialised (no divisibility-by-16 and
+    equal-to-1 checks in Triton's binder, one compiled variant for every value)."""
     import triton
 
     def empty1(p):
@@ -76,7 +79,8 @@ def _empty_kernels():
     def empty20(p, q, r, s, a, b, c, d, e, f, g, h, i, j, k, m, n, o, u, v):
         pass
 
-    return triton.jit(empty1), triton.jit(empty20)
+    ints = list(empty20.__code__.co_varnames[4:20])
+    return triton.jit(empty1), triton.jit(empty20), triton.jit(do_not_specialize=ints)(empty20)
 
 
 def stub_kernel_launches() -> None:
@@ -118,12 +122,13 @@ def main() -> None:
     ]
     kernel_path = dev.type == "cuda" and kernels.triton_available()
     if kernel_path:
-        empty1, empty20 = _empty_kernels()
+        empty1, empty20, empty20_plain = _empty_kernels()
         k = kernels._compiled()
         layout = k.Layout.for_broadcast(x, d)
         rows += [
             ("triton: empty kernel, 1 pointer", lambda: empty1[(1,)](x)),
             ("triton: empty kernel, 20 arguments", lambda: empty20[(1,)](x, x, x, x, *range(1, 17))),
+            ("triton: same, integers not specialised", lambda: empty20_plain[(1,)](x, x, x, x, *range(1, 17))),
             ("kernels._triton.fake_quant (launcher)", lambda: k.fake_quant(x, d, z, layout, k.MODE_GRID, 0.0, 255.0)),
         ]
     q = tq.AffineQuantizer(8, tq.ExpAvgMinMax()).to(dev)

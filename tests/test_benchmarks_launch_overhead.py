@@ -41,3 +41,13 @@ def test_the_script_prints_every_row_with_stubbed_launches(script, monkeypatch, 
     for row in ("AffineQuantizer.quantize", "QAT call (observe + quantize)", "QWrapper conv3x3 64ch, QAT forward"):
         line = next(line for line in out.splitlines() if line.startswith(row))
         assert "failed" not in line and float(line.split()[-2]) > 0, line
+
+
+def test_the_empty_kernels_of_the_gpu_rows_build_without_a_gpu(script):
+    """The GPU-only rows' kernels are built before any row runs: a mistake there would end the
+    script on the GPU machine, so their construction is checked here."""
+    empty1, empty20, empty20_plain = script._empty_kernels()
+    assert list(empty1.arg_names) == ["p"]
+    assert len(empty20.arg_names) == 20 and empty20_plain.arg_names == empty20.arg_names
+    assert not empty20.do_not_specialize
+    assert len(empty20_plain.do_not_specialize) == 16
