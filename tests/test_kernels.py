@@ -252,8 +252,8 @@ def test_backward_kernels_pair_channels_last_inputs_with_their_gradients(route, 
         torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_a_qfmt_subclass_with_its_own_integer_range_takes_the_torch_path(route):
-    """The kernel derives the codes from n_bits; a subclass that changes ``int_range`` keeps its own."""
+def test_a_qfmt_subclass_keeps_its_own_integer_range_on_the_kernel_path(route):
+    """The kernel takes the codes from ``int_range``: a subclass that changes them keeps its own."""
 
     class Symmetric(tq.QfmtQuantizer):
         @property
@@ -263,8 +263,9 @@ def test_a_qfmt_subclass_with_its_own_integer_range_takes_the_torch_path(route):
     q = Symmetric(4, True, tq.BatchMinMax())
     x = torch.linspace(-15.9, 15.9, 40)  # step 2; codes down to -8 would reach -16
     q.pre_observe(x)
-    with route.on():
+    with route.on() as calls:
         y = route.to(q)(route.to(x))
+    assert calls["n"] > 0
     assert same(y, q(x))
     assert y.min() == -7 * q.step()
 

@@ -52,7 +52,6 @@ __all__ = [
 ]
 
 _HALF_TYPES = (torch.float16, torch.bfloat16)
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _EPS = torch.finfo(torch.float32).eps
 _fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
 
@@ -835,8 +834,8 @@ def inverse_rectified_sigmoid(h: Tensor, zeta: float = 1.1, gamma: float = -0.1)
 
 
 def _kernel_ok(x: Tensor) -> bool:
-    # The custom ops' CUDA implementation: the kernel where Triton, the dtype and the size allow.
-    return x.is_cuda and kernels.triton_available() and x.dtype in _KERNEL_DTYPES and x.numel() < 2**31
+    # The custom ops' CUDA implementation: the kernel where the eager path would take it.
+    return x.is_cuda and kernels.enabled(x)
 
 
 def _kernel_or_reference(x: Tensor, kernel: Callable[[], Tensor | None], reference: Callable[[], Tensor]) -> Tensor:
@@ -949,11 +948,8 @@ def _ste_backward(ctx, grad):
     return (grad, *(None,) * ctx.n_other)
 
 
-def _ste_setup(n_other: int):
-    def setup(ctx, inputs, output):
-        ctx.n_other = n_other
-
-    return setup
+def _ste_setup(ctx, inputs, output):
+    ctx.n_other = len(inputs) - 1
 
 
 @torch.library.custom_op("torchquant::lsq", mutates_args=())
@@ -1020,7 +1016,7 @@ def _(x, scale, man_bits, bias, max_value):
     return torch.empty_like(x)
 
 
-_op_minifloat.register_autograd(_ste_backward, setup_context=_ste_setup(4))
+_op_minifloat.register_autograd(_ste_backward, setup_context=_ste_setup)
 
 
 @torch.library.custom_op("torchquant::mx", mutates_args=())
@@ -1039,4 +1035,4 @@ def _(x, man_bits, bias, max_value, elem_emax, block_size, axis):
     return x.new_empty(x.shape)
 
 
-_op_mx.register_autograd(_ste_backward, setup_context=_ste_setup(6))
+_op_mx.register_autograd(_ste_backward, setup_context=_ste_setup)

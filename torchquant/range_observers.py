@@ -276,7 +276,6 @@ class RangeObserver(RecordsInit, nn.Module):
             raise ValueError(f"{self._tq_name}: observed data contains NaN or Inf; ranges left unchanged")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-        self.__dict__["_stage"] = None
         # Buffers take the shape of what is loaded (they are empty before the first observation).
         for name, buf in self.named_buffers(recurse=False):
             key = prefix + name

@@ -324,13 +324,15 @@ def fake_quant_qfmt(
     granularity: Granularity,
     n_bits: int,
     signed: bool,
+    min_int: int,
+    max_int: int,
     clip_grad: bool = False,
 ) -> Tensor | None:
     """Q-format fake quantization with the step computed in the kernel from compact ranges.
 
     Bit-identical to ``QfmtQuantizer.quantize`` on the CPU: the step is
-    :func:`~torchquant.qfmt_step` of the ranges, the codes ``[-2 ** (n - 1), 2 ** (n - 1) - 1]``
-    when ``signed``, else ``[0, 2 ** n - 1]``.
+    :func:`~torchquant.qfmt_step` of the ranges (``n_bits``, ``signed``), the codes
+    ``[min_int, max_int]`` (``QfmtQuantizer.int_range``).
 
     Args:
         x: CUDA tensor (see :func:`enabled`), any shape ``granularity`` fits.
@@ -339,6 +341,8 @@ def fake_quant_qfmt(
         granularity: where the ranges change.
         n_bits: bits per code, the sign bit included when ``signed``.
         signed: signed or unsigned codes.
+        min_int: the lowest code.
+        max_int: the highest code.
         clip_grad: clipped STE instead of the identity.
 
     Returns:
@@ -347,10 +351,8 @@ def fake_quant_qfmt(
     Raises:
         ValueError: the ranges do not have the compact shape ``granularity`` gives ``x``.
     """
-    n, signed = int(n_bits), bool(signed)
-    lo, hi = (-(2 ** (n - 1)), 2 ** (n - 1) - 1) if signed else (0, 2**n - 1)
     # The kernel's level count carries the step's width: n_levels - 1 = n_bits - signed.
-    grid = (float(lo), float(hi), n - int(signed) + 1, False, False, None)
+    grid = (float(min_int), float(max_int), int(n_bits) - int(bool(signed)) + 1, False, False, None)
     return _ranges_fq(x, min_val, max_val, granularity, "MODE_QFMT", grid, clip_grad)
 
 

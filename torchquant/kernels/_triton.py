@@ -234,7 +234,7 @@ def _lsq_fwd_kernel(x_ptr, out_ptr, s_ptr, b_ptr, n, qn, qp, C, INNER, G, RO, RC
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = _load(x_ptr + offs, mask, BF16)
-    s, b = _lsq_params(offs, mask, s_ptr, b_ptr, C, INNER, G, RO, RC, RI, GRAN, OFFSET)
+    s, b = _param_pair(offs, mask, s_ptr, b_ptr, C, INNER, G, RO, RC, RI, GRAN, OFFSET)
     v = tl.math.div_rn(x - b, s)  # b is +0.0 without an offset: x - 0.0 == x
     q = _round_half_even(v)
     q = tl.where(q < -qn, -qn, q)
@@ -246,7 +246,8 @@ def _lsq_fwd_kernel(x_ptr, out_ptr, s_ptr, b_ptr, n, qn, qp, C, INNER, G, RO, RC
 
 
 @triton.jit
-def _lsq_params(offs, mask, s_ptr, b_ptr, C, INNER, G, RO, RC, RI, GRAN: tl.constexpr, OFFSET: tl.constexpr):
+def _param_pair(offs, mask, s_ptr, b_ptr, C, INNER, G, RO, RC, RI, GRAN: tl.constexpr, OFFSET: tl.constexpr):
+    # The parameters at offs: s (masked lanes 1.0) and, with OFFSET, b (else +0.0).
     if GRAN == 0:
         s = tl.load(s_ptr).to(tl.float32)
         b = s * 0.0
@@ -270,7 +271,7 @@ def _lsq_bwd_kernel(g_ptr, x_ptr, gx_ptr, ts_ptr, tb_ptr, s_ptr, b_ptr, n, qn, q
     mask = offs < n
     x = _load(x_ptr + offs, mask, BF16)
     g = _load(g_ptr + offs, mask, BF16)
-    s, b = _lsq_params(offs, mask, s_ptr, b_ptr, C, INNER, G, RO, RC, RI, GRAN, OFFSET)
+    s, b = _param_pair(offs, mask, s_ptr, b_ptr, C, INNER, G, RO, RC, RI, GRAN, OFFSET)
     v = tl.math.div_rn(x - b, s)  # b is +0.0 without an offset: x - 0.0 == x
     q = _round_half_even(v)
     q = tl.where(q < -qn, -qn, q)
@@ -322,15 +323,7 @@ def _minifloat_kernel(x_ptr, out_ptr, a_ptr, b_ptr, n, man_bits, e_min, max_valu
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = _load(x_ptr + offs, mask, BF16)
-    if GRAN == 0:
-        a = tl.load(a_ptr).to(tl.float32)
-        if RANGES:
-            b = tl.load(b_ptr).to(tl.float32)
-    else:
-        p = _param_index(offs, C, INNER, G, RO, RC, RI)
-        a = tl.load(a_ptr + p, mask=mask, other=1.0).to(tl.float32)
-        if RANGES:
-            b = tl.load(b_ptr + p, mask=mask, other=1.0).to(tl.float32)
+    a, b = _param_pair(offs, mask, a_ptr, b_ptr, C, INNER, G, RO, RC, RI, GRAN, RANGES)
     if RANGES:  # noqa: SIM108 (a constexpr branch); the smallest normal float32 at least
         s = tl.maximum(tl.math.div_rn(tl.maximum(tl.abs(a), tl.abs(b)), max_value), 1.1754943508222875e-38)
     else:

@@ -9,7 +9,7 @@ from .. import kernels
 from ..quantizers_functional import affine_qparams, affine_quantize, gradient_clip, qfmt_quantize, qfmt_step
 from ..range_observers import BatchMinMax, ExpAvgMinMax, RangeObserver, RunningMinMax
 from ..registry import Example, register_quantizer
-from .base import AffineGrid, RangeQuantizer, check_n_bits, observer_state_is_grid
+from .base import AffineGrid, RangeQuantizer, check_n_bits, kernel_ranges
 
 __all__ = ["AffineQuantizer", "QfmtQuantizer"]
 
@@ -101,13 +101,12 @@ class AffineQuantizer(RangeQuantizer):
         ranges are computed, or when there are no ranges yet (that path raises the error).
         """
         obs = self.range_observer
-        if not observer_state_is_grid(self, obs, AffineQuantizer, "qparams"):
+        ranges = kernel_ranges(self, obs, AffineQuantizer, "qparams")
+        if ranges is None:
             return None
-        b = obs._buffers  # the QAT hot path: not through nn.Module's __getattr__
         return kernels.fake_quant_ranges(
             x,
-            b["min_val"],
-            b["max_val"],
+            *ranges,
             obs.granularity,
             self.n_levels,
             self.symmetric,
@@ -180,17 +179,17 @@ class QfmtQuantizer(RangeQuantizer):
         return qfmt_step(mn, mx, self.n_bits, self.signed)
 
     def quantize(self, x: Tensor) -> Tensor:
-        if kernels.enabled(x):
-            obs = self.range_observer
-            if observer_state_is_grid(self, obs, QfmtQuantizer, "step", "int_range"):
-                # One CUDA kernel: the step from the observer's ranges, then the fake quant.
-                out = kernels.fake_quant_qfmt(
-                    x, obs.min_val, obs.max_val, obs.granularity, self.n_bits, self.signed, self.gradient_clip
-                )
-                if out is not None:
-                    return out
-        delta = self.step()
         lo, hi = self.int_range
+        obs = self.range_observer
+        ranges = kernel_ranges(self, obs, QfmtQuantizer, "step") if kernels.enabled(x) else None
+        if ranges is not None:
+            # One CUDA kernel: the step from the observer's ranges, then the fake quant.
+            out = kernels.fake_quant_qfmt(
+                x, *ranges, obs.granularity, self.n_bits, self.signed, lo, hi, self.gradient_clip
+            )
+            if out is not None:
+                return out
+        delta = self.step()
         if self.gradient_clip:
             x = gradient_clip(x, lo * delta, hi * delta)
         return qfmt_quantize(x, delta, lo, hi)

@@ -433,23 +433,28 @@ def forward_with_observer(quantizer: Quantizer, observer: RangeObserver | None, 
         state["_in_forward"] = outer
 
 
-def observer_state_is_grid(quantizer: Quantizer, observer: RangeObserver | None, cls: type, *methods: str) -> bool:
-    """Whether a kernel may read ``observer``'s compact ``min_val`` / ``max_val`` as ``quantizer``'s ranges.
+def kernel_ranges(
+    quantizer: Quantizer, observer: RangeObserver | None, cls: type, *methods: str
+) -> tuple[Tensor, Tensor] | None:
+    """``observer``'s compact ``(min_val, max_val)`` for a kernel that computes ``quantizer``'s grid, or ``None``.
 
-    True when the observer holds ranges and neither it (``get_ranges``) nor the quantizer
-    (``ranges``, or any of ``cls``'s ``methods`` the grid depends on) is overridden by a
-    subclass: the kernel then computes what the torch path would.
+    ``None`` (the torch path) when the observer holds no ranges yet, or when the observer
+    (``get_ranges``) or the quantizer (``ranges``, or any of ``cls``'s ``methods`` the grid
+    depends on) is overridden by a subclass: otherwise the kernel computes what the torch
+    path would.
     """
-    return (
-        observer is not None
-        and observer._buffers["min_val"].numel() > 0  # initialized, without nn.Module's __getattr__
-        and _plain_classes(type(quantizer), type(observer), cls, methods)
-    )
+    if observer is None:
+        return None
+    b = observer._buffers  # the QAT hot path: not through nn.Module's __getattr__
+    mn = b["min_val"]
+    if mn.numel() == 0 or not _plain_classes(type(quantizer), type(observer), cls, methods):
+        return None
+    return mn, b["max_val"]
 
 
 @functools.cache
 def _plain_classes(qtype: type, otype: type, cls: type, methods: tuple[str, ...]) -> bool:
-    # The class-level half of observer_state_is_grid, once per combination (the QAT hot path).
+    # The class-level half of kernel_ranges, once per combination (the QAT hot path).
     return (
         all(getattr(qtype, m, None) is getattr(cls, m, None) for m in (*methods, "ranges"))
         and otype.get_ranges is RangeObserver.get_ranges

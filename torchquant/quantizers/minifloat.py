@@ -19,7 +19,7 @@ from .. import kernels
 from ..quantizers_functional import minifloat_quantize, mx_quantize
 from ..range_observers import BatchMinMax, ExpAvgMinMax, RangeObserver
 from ..registry import Example, register_quantizer
-from .base import Quantizer, StatelessQuantizer, forward_with_observer, observer_state_is_grid
+from .base import Quantizer, StatelessQuantizer, forward_with_observer, kernel_ranges
 
 __all__ = ["FORMATS", "MXQuantizer", "MinifloatFormat", "MinifloatQuantizer"]
 
@@ -189,12 +189,11 @@ class MinifloatQuantizer(Quantizer):
 
     def quantize(self, x: Tensor) -> Tensor:
         obs = self.range_observer
-        if kernels.enabled(x) and observer_state_is_grid(self, obs, MinifloatQuantizer, "scale"):
+        ranges = kernel_ranges(self, obs, MinifloatQuantizer, "scale") if kernels.enabled(x) else None
+        if ranges is not None:
             # One CUDA kernel: the scale from the observer's ranges, then the format's rounding.
             f = self.fmt
-            out = kernels.minifloat_ranges(
-                x, obs.min_val, obs.max_val, obs.granularity, f.man_bits, f.bias, f.max_value
-            )
+            out = kernels.minifloat_ranges(x, *ranges, obs.granularity, f.man_bits, f.bias, f.max_value)
             if out is not None:
                 return out
         return self.fmt.quantize(x, self.scale().to(x.device))
