@@ -139,21 +139,23 @@ def main() -> None:
         q.pre_observe(x)
         return q(x)
 
+    # A small layer, so that its compute does not hide the wrapper's host cost on a CPU.
+    layers = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()).to(dev)
     w = tq.QWrapper(
-        nn.Conv2d(64, 64, 3, padding=1),
+        list(layers),
         tq.AffineQuantizer(8, tq.BatchMinMax(axis=0), symmetric=True),
         tq.AffineQuantizer(8, tq.ExpAvgMinMax()),
     ).to(dev)
     tq.set_qmodule_state(w, tq.QModuleState.QUANT_AWARE_TRAIN)
-    xc = torch.randn(8, 64, 16, 16, device=dev)
+    xc = torch.randn(2, 16, 8, 8, device=dev)
     w(xc)
     rows += [
         ("tq.affine_quantize", lambda: tq.affine_quantize(x, d, z, 256)),
         ("AffineQuantizer.quantize", lambda: q(x)),
         ("RangeObserver.observe_batch (ExpAvgMinMax)", lambda: q.range_observer.observe_batch(x)),
         ("QAT call (observe + quantize)", qat_call),
-        ("QWrapper conv3x3 64ch, QAT forward", lambda: w(xc)),
-        ("same conv3x3 alone (float)", lambda: w.layer(xc)),
+        ("QWrapper conv3x3+BN+ReLU 16ch, QAT forward", lambda: w(xc)),
+        ("same Conv+BN+ReLU in float", lambda: layers(xc)),
     ]
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     path = "stubbed launches" if args.stub_kernels else kernel_path

@@ -206,6 +206,35 @@ def test_none_quantizers_stay_float():
     assert (y - lin(x)).abs().max() <= (y.max() - y.min().clamp(max=0)) / 255 / 2 + 1e-6
 
 
+def test_quantizers_assigned_after_construction_are_used_and_removed_ones_are_not():
+    # A quantizer built as None lives in the instance dict, one assigned later in _modules:
+    # the forward pass reads both places alike.
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    w = QWrapper([nn.Linear(4, 3), nn.ReLU()])
+    op = QOp(operator.add)
+    set_qmodule_state(w, S.QUANT_AWARE_TRAIN)
+    set_qmodule_state(op, S.QUANT_AWARE_TRAIN)
+    float_w, float_op = w(x), op(x, x)
+    assert torch.equal(float_w, torch.relu(w.layer(x))) and torch.equal(float_op, x + x)
+    w.weight_quantizer = AffineQuantizer(2, BatchMinMax(axis=0))
+    w.acts_quantizer = AffineQuantizer(2, BatchMinMax())
+    w.input_quantizer = AffineQuantizer(2, BatchMinMax())
+    op.acts_quantizer = AffineQuantizer(2, BatchMinMax())
+    xq = AffineQuantizer(2, BatchMinMax())
+    xq.pre_observe(x)
+    wq = AffineQuantizer(2, BatchMinMax(axis=0))
+    wq.pre_observe(w.layer.weight)
+    y = torch.relu(nn.functional.linear(xq(x), wq(w.layer.weight), w.layer.bias))
+    yq = AffineQuantizer(2, BatchMinMax())
+    yq.pre_observe(y)
+    assert torch.equal(w(x), yq(y))
+    assert len(op(x, x).unique()) <= 4  # 2 bits
+    w.weight_quantizer = w.acts_quantizer = w.input_quantizer = None
+    op.acts_quantizer = None
+    assert torch.equal(w(x), float_w) and torch.equal(op(x, x), float_op)
+
+
 def test_qop():
     add = QOp(operator.add, acts_quantizer=AffineQuantizer(2, BatchMinMax()))
     a, b = torch.tensor([0.0, 1.0]), torch.tensor([0.4, 2.0])

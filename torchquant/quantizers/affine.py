@@ -100,7 +100,7 @@ class AffineQuantizer(RangeQuantizer):
         ``None`` (the caller runs the torch path) when a subclass changes how the grid or the
         ranges are computed, or when there are no ranges yet (that path raises the error).
         """
-        obs = self.range_observer
+        obs = self._modules["range_observer"]
         ranges = kernel_ranges(self, obs, AffineQuantizer, "qparams")
         if ranges is None:
             return None
@@ -180,7 +180,7 @@ class QfmtQuantizer(RangeQuantizer):
 
     def quantize(self, x: Tensor) -> Tensor:
         lo, hi = self.int_range
-        obs = self.range_observer
+        obs = self._modules["range_observer"]
         ranges = kernel_ranges(self, obs, QfmtQuantizer, "step") if kernels.enabled(x) else None
         if ranges is not None:
             # One CUDA kernel: the step from the observer's ranges, then the fake quant.
