@@ -63,14 +63,31 @@ ROUTES = [
 ]
 
 
+class _CountingLaunches:
+    """A kernel module whose launch functions (its public lower-case functions) count their calls."""
+
+    def __init__(self, module, calls: dict[str, int]) -> None:
+        self._module, self._calls = module, calls
+
+    def __getattr__(self, name: str):
+        value = getattr(self._module, name)
+        if name.startswith("_") or not name.islower() or not callable(value) or isinstance(value, type):
+            return value  # constants, Layout, helpers
+
+        def launch(*args, **kwargs):
+            self._calls["n"] += 1
+            return value(*args, **kwargs)
+
+        return launch
+
+
 @pytest.fixture(params=ROUTES)
 def route(request, monkeypatch) -> Route:
-    calls = {"n": 0}
+    calls = {"n": 0}  # kernel launches, not lookups of the kernel module: a layout fallback counts none
     impl = kernels._impl
 
     def counting(device):
-        calls["n"] += 1
-        return impl(device)
+        return _CountingLaunches(impl(device), calls)
 
     monkeypatch.setattr(kernels, "_impl", counting)
     return Route(request.param, calls)
@@ -80,11 +97,20 @@ DTYPES = [pytest.param(d, id=str(d).split(".")[1]) for d in (torch.float32, torc
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("grid", ["per-tensor", "per-channel", "per-element", "number-zero-point", "qfmt"])
+@pytest.mark.parametrize(
+    "grid",
+    ["per-tensor", "per-channel", "per-group", "trailing-axes", "per-element", "number-zero-point", "qfmt"],
+)
 def test_fake_quant_grid_matches_the_cpu(route, grid, dtype):
     x = special((4, 6, 5)).to(dtype)
     g = torch.Generator().manual_seed(1)
-    if grid == "per-tensor":
+    if grid in ("per-group", "trailing-axes"):
+        # parameters varying along a run of adjacent axes: per group on the (4, 6, 5) view of a
+        # (4, 30) weight in groups of 5, or one per (channel, position) of (4, 6, 5) activations
+        shape = (4, 6, 1) if grid == "per-group" else (6, 5)
+        params = (torch.rand(shape, generator=g) * 0.1 + 0.01, torch.randint(0, 16, shape, generator=g).float())
+        fn = lambda t, d, z: tq.affine_quantize(t, d, z, 16)  # noqa: E731
+    elif grid == "per-tensor":
         params = (torch.tensor(0.37), torch.tensor(100.0))
         fn = lambda t, d, z: tq.affine_quantize(t, d, z, 256)  # noqa: E731
     elif grid == "per-channel":
@@ -104,6 +130,17 @@ def test_fake_quant_grid_matches_the_cpu(route, grid, dtype):
         out = fn(route.to(x), *map(route.to, params))
     assert calls["n"] > 0
     assert out.device.type == route.device.type
+    assert same(out, ref)
+
+
+def test_parameters_on_axes_that_are_not_adjacent_take_the_torch_path(route):
+    x = special((4, 6, 5))
+    g = torch.Generator().manual_seed(1)
+    d, z = torch.rand(4, 1, 5, generator=g) * 0.1 + 0.01, torch.randint(0, 16, (4, 1, 5), generator=g).float()
+    ref = tq.affine_quantize(x, d, z, 16)
+    with route.on() as calls:
+        out = tq.affine_quantize(route.to(x), route.to(d), route.to(z), 16)
+    assert calls["n"] == 0
     assert same(out, ref)
 
 
@@ -413,13 +450,16 @@ def test_qat_steps_of_a_model_are_identical_on_the_interpreter(route):
         assert torch.equal(sd_ker[k], sd_ref[k]), k
 
 
+LSQ_CASES = [f"{m}-{g}" for m in ("lsq", "lsq+") for g in ("per-tensor", "per-channel", "per-group")]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", ["lsq-per-tensor", "lsq-per-channel", "lsq+-per-channel", "lsq+-per-tensor"])
+@pytest.mark.parametrize("case", LSQ_CASES)
 def test_lsq_forward_and_gradients_match_the_cpu(route, case, dtype):
     """Outputs and the input gradient value for value; the step/offset sums to float32 rounding."""
     g = torch.Generator().manual_seed(2)
     x = (torch.randn(4, 6, 8, generator=g) * 2).to(dtype).requires_grad_()
-    shape = (1, 6, 1) if "per-channel" in case else ()
+    shape = {"per-channel": (1, 6, 1), "per-group": (4, 6, 1), "per-tensor": ()}[case.split("-", 1)[1]]
     step = (torch.rand(shape, generator=g) * 0.2 + 0.05).requires_grad_()
     offset = (torch.randn(shape, generator=g) * 0.1).requires_grad_() if case.startswith("lsq+") else None
     grad = torch.linspace(-1, 1, x.numel()).view_as(x).to(dtype)

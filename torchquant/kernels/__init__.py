@@ -193,7 +193,8 @@ def fake_quant_grid(
 
     Args:
         x: CUDA tensor (see :func:`enabled`).
-        scale: 0-d, or broadcasting against ``x`` along one axis, or ``x``'s shape.
+        scale: 0-d, or broadcasting against ``x`` along one run of adjacent axes (per channel, per
+            group on a ``(rows, groups, group_size)`` view), or ``x``'s shape.
         zero_point: like ``scale``, a number, or ``None`` (codes clamp to ``[lo, hi]``).
         lo: lowest integer code (``0`` affine, ``min_int`` Q-format).
         hi: highest integer code (``2 ** n - 1`` affine, ``max_int`` Q-format).

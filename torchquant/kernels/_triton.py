@@ -394,19 +394,23 @@ class Layout:
 
     @staticmethod
     def for_broadcast(x: Tensor, p: Tensor) -> Layout | None:
-        """The layout of a parameter tensor ``p`` that broadcasts against ``x``, or ``None`` if none fits."""
+        """The layout of a parameter tensor ``p`` that broadcasts against ``x``, or ``None`` if none fits.
+
+        ``p`` has one value, or varies along one run of adjacent axes of ``x`` with ``x``'s sizes
+        there and size 1 elsewhere: per channel, per group on a ``(rows, groups, group_size)``
+        view, per element.
+        """
         if p.numel() == 1:
             return Layout(PER_TENSOR)
         if p.dim() > x.dim() or not p.is_contiguous():
             return None
         shape = (1,) * (x.dim() - p.dim()) + tuple(p.shape)
-        if tuple(shape) == tuple(x.shape):
-            return Layout(INDEXED, x.numel(), 1, 1, 0, 1, 0)
         axes = [i for i, s in enumerate(shape) if s != 1]
-        if len(axes) == 1 and shape[axes[0]] == x.shape[axes[0]]:
-            a = axes[0]
-            return Layout(INDEXED, x.shape[a], math.prod(x.shape[a + 1 :]), 1, 0, 1, 0)
-        return None
+        first, last = axes[0], axes[-1]
+        if any(shape[i] != x.shape[i] for i in range(first, last + 1)):
+            return None
+        # x as (outer, C, inner) around the run: element (o, c, i) reads p's element c
+        return Layout(INDEXED, p.numel(), math.prod(x.shape[last + 1 :]), 1, 0, 1, 0)
 
 
 def _grid(n: int) -> tuple[int]:
