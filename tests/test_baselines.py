@@ -81,6 +81,39 @@ def test_lsq_per_group():
             assert torch.allclose(y[r, 4 * k : 4 * k + 4], torch.clamp(torch.round(blk / s), -8, 7) * s)
 
 
+@pytest.mark.parametrize("cls", [LSQQuantizer, LSQPlusQuantizer], ids=["lsq", "lsq+"])
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_lsq_per_group_matches_the_repeated_parameters_and_keeps_them_compact(cls, axis, monkeypatch):
+    from torchquant.quantizers import learned
+    from torchquant.quantizers_functional import lsq_quantize
+
+    torch.manual_seed(0)
+    w = (torch.randn(8, 12) * 2).requires_grad_()
+    q = cls(4, axis=axis, group_size=4)
+    q.pre_observe(w.detach())
+    g = torch.randn(8, 12)
+    seen = []
+    monkeypatch.setattr(
+        learned, "lsq_quantize", lambda x, step, *a, **kw: seen.append(step.numel()) or lsq_quantize(x, step, *a, **kw)
+    )
+    y = q(w)
+    y.backward(g)
+    # reference: the parameters repeated to w's size, the paper's per-element formula
+    params = {n: p.detach().clone().requires_grad_() for n, p in q.named_parameters()}
+    gr = q.granularity
+    n_per_step = w.numel() // q.step.numel()
+    wr = w.detach().clone().requires_grad_()
+    off = gr.expand(params["offset"]) if "offset" in params else None
+    ref = lsq_quantize(wr, gr.expand(params["step"]), off, q.qn, q.qp, 1 / math.sqrt(n_per_step * q.qp))
+    ref.backward(g)
+    assert torch.equal(y, ref)
+    assert torch.equal(w.grad, wr.grad)
+    for n, p in q.named_parameters():
+        torch.testing.assert_close(p.grad, params[n].grad, rtol=1e-5, atol=1e-7)
+    # along the last axis the parameters reach the primitive one per group, not repeated to w's size
+    assert seen == [q.step.numel() if axis == -1 else w.numel()]
+
+
 def test_lsq_before_initialisation_raises_naming_the_module():
     w = QWrapper(nn.Linear(4, 4), weight_quantizer=LSQQuantizer(4))
     set_qmodule_state(w, QModuleState.QUANT_EVAL)

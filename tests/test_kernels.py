@@ -478,6 +478,27 @@ def test_lsq_forward_and_gradients_match_the_cpu(route, case, dtype):
         torch.testing.assert_close(ok.grad.cpu(), offset.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("cls", [tq.LSQQuantizer, tq.LSQPlusQuantizer], ids=["lsq", "lsq+"])
+def test_lsq_quantizers_in_groups_along_the_last_axis_launch_the_kernel(route, cls):
+    """The grouped view (parameters as (rows, groups, 1)) reaches the kernel and gives the CPU's
+    outputs, input gradients and parameter gradients."""
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(6, 32, generator=g) * 2).requires_grad_()
+    q = cls(4, axis=-1, group_size=8)
+    q.pre_observe(x.detach())
+    grad = torch.linspace(-1, 1, x.numel()).view_as(x)
+    q(x).backward(grad)
+    qk, xk = route.to(q), route.to(x)
+    with route.on() as calls:
+        y = qk(xk)
+        y.backward(route.to(grad))
+    assert calls["n"] > 0
+    assert same(y, q(x))
+    assert same(xk.grad, x.grad)
+    for name, p in q.named_parameters():
+        torch.testing.assert_close(dict(qk.named_parameters())[name].grad.cpu(), p.grad, rtol=1e-5, atol=1e-6)
+
+
 FORMATS = {"e4m3": (3, 7, 448.0, 8), "e5m2": (2, 15, 57344.0, 15), "e2m1": (1, 1, 6.0, 2), "int8": (6, 1, 127 / 64, 0)}
 
 

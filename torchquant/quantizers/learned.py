@@ -54,6 +54,15 @@ def _lsq(
     # LSQ / LSQ+ from compact parameters: gradient scale 1 / sqrt(N * Q_P), N = elements per step.
     g = Granularity(axis=axis, group_size=group_size)
     gscale = 1.0 / math.sqrt(x.numel() / step.numel() * qp) if scale_grad else 1.0
+    if group_size is not None and axis is not None and x.dim() > 0:
+        a = axis % x.dim()
+        if all(n == 1 for n in x.shape[a + 1 :]):
+            # Groups along the last axis (a weight's input dimension): x as (.., n/g, g) against the
+            # parameters as (.., n/g, 1), not the parameters repeated to x's size: no tensor of x's
+            # size besides the output, and the CUDA kernel reads one parameter per group.
+            xg = g.grouped(x, "LSQ")
+            params = [None if p is None else p.unsqueeze(a + 1) for p in (step, offset)]
+            return lsq_quantize(xg, params[0], params[1], qn, qp, gscale).reshape(x.shape)
     return lsq_quantize(x, g.expand(step), None if offset is None else g.expand(offset), qn, qp, gscale)
 
 
