@@ -6,9 +6,10 @@
 #
 # Stages, in order of priority; each has a time box (timeout), a failing or timed-out stage does
 # not stop the others, and the whole run ends by DEADLINE seconds (460 unless set):
-#  1. tests/test_cuda.py and tests/test_kernels.py (4 workers): every quantizer, observer and
-#     workflow on the GPU against the CPU, host-sync and CUDA-graph checks of the QAT path, the
-#     Triton kernels against the CPU value for value;                    test_cuda.log
+#  1. tests/test_cuda.py, test_kernels.py and test_custom_ops.py (4 workers): every quantizer,
+#     observer and workflow on the GPU against the CPU, host-sync and CUDA-graph checks of the QAT
+#     path, the Triton kernels and the custom ops' CUDA implementations against the CPU value for
+#     value;                                                             test_cuda.log
 #     at the same time, pinned to one core the tests leave free:
 #     benchmarks/deploy.py, onnxruntime int8 vs float32 on the host CPU;  deploy.txt
 #  2. benchmarks/fake_quant.py --device cuda: the fake-quantization table, then
@@ -108,7 +109,7 @@ stage() {
 ) &
 deploy_pid=$!
 OMP_NUM_THREADS=3 stage "CUDA tests" test_cuda.log 180 200 "${pin_tests[@]}" python3 -m pytest tests/test_cuda.py \
-    tests/test_kernels.py -v \
+    tests/test_kernels.py tests/test_custom_ops.py -v \
     "${xdist4[@]}" -p no:cacheprovider --durations=10 -rfE
 grep -E "passed|failed|error" "$out/test_cuda.log" | tail -1 | tee -a "$summary"
 grep -oE "(FAILED|ERROR) tests/[^ ]*" "$out/test_cuda.log" | sort -u | head -40 | tee -a "$summary"
@@ -141,7 +142,7 @@ grep -E "^(float32|torchquant|torch\.ao)|^profile of" "$out/qat_resnet18_b128.tx
 # timeout still leaves the results so far in the log.
 xdist14=(); have xdist && xdist14=(-n 14)
 PARTIAL_OK=1 OMP_NUM_THREADS=1 stage "rest of the suite" suite_full.log 300 0 python3 -m pytest -v "${xdist14[@]}" \
-    -p no:cacheprovider --ignore=tests/test_cuda.py
+    -p no:cacheprovider --ignore=tests/test_cuda.py --ignore=tests/test_kernels.py --ignore=tests/test_custom_ops.py
 grep -E "PASSED|FAILED|ERROR|passed|failed" "$out/suite_full.log" >"$out/suite.log"
 say "suite: $(grep -c PASSED "$out/suite.log") passed so far; failures:"
 grep -E "FAILED|ERROR" "$out/suite.log" | grep -v "^$" | tail -30 | tee -a "$summary"
