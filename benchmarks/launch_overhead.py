@@ -10,8 +10,9 @@ by one between synchronisations:
   kernel with one pointer and with twenty arguments;
 * torchquant's layers: the Triton launcher alone (``kernels._triton.fake_quant``),
   ``affine_quantize``, ``AffineQuantizer.quantize`` (grid from the observer's ranges),
-  ``observe_batch`` (``aminmax`` plus the update kernel), the whole QAT call, and a
-  ``QWrapper`` forward in QUANT_AWARE_TRAIN.
+  ``observe_batch`` (``aminmax`` plus the update kernel), the whole QAT call, a
+  ``QWrapper`` forward in QUANT_AWARE_TRAIN, and one training step (forward and backward) of a
+  20-block Conv+BN+ReLU net quantized by ``quantize_model`` against the same net in float.
 
     python benchmarks/launch_overhead.py [--device cuda] [--numel 1048576] [--calls 2000]
     python benchmarks/launch_overhead.py --stub-kernels --numel 32
@@ -83,6 +84,38 @@ def _empty_kernels():
     return triton.jit(empty1), triton.jit(empty20), triton.jit(do_not_specialize=ints)(empty20)
 
 
+_DEPTH = 20
+
+
+def _small_nets(dev: torch.device) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """A float net of ``_DEPTH`` Conv(8ch)+BN+ReLU blocks and a classifier, its ``quantize_model`` copy
+    in QUANT_AWARE_TRAIN (qat_step.py's quantizers), and an input: small enough that a step's host
+    cost shows on a CPU."""
+    torch.manual_seed(0)
+
+    def net() -> nn.Module:
+        blocks = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()]
+        for _ in range(_DEPTH - 1):
+            blocks += [nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()]
+        return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(8 * 8 * 8, 10)).to(dev)
+
+    qat = tq.quantize_model(
+        net(),
+        lambda m: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0), symmetric=True),
+        lambda m: tq.AffineQuantizer(8, tq.ExpAvgMinMax()),
+    )
+    tq.set_qmodule_state(qat, tq.QModuleState.QUANT_AWARE_TRAIN)
+    x = torch.randn(2, 3, 8, 8, device=dev)
+    _step(qat, x)  # the first observation allocates the observers' state
+    return net(), qat, x
+
+
+def _step(model: nn.Module, x: torch.Tensor) -> None:
+    model(x).square().mean().backward()
+    for p in model.parameters():
+        p.grad = None
+
+
 def stub_kernel_launches() -> None:
     """Route CPU tensors through the kernel path, with every launch replaced by an empty output."""
     import types
@@ -114,7 +147,7 @@ def main() -> None:
     d, z = torch.tensor(0.05, device=dev), torch.tensor(128.0, device=dev)
     zi = torch.tensor(128, dtype=torch.int32, device=dev)
     fused = torch.ao.quantization.FusedMovingAvgObsFakeQuantize().to(dev)
-    rows: list[tuple[str, Callable[[], object]]] = [
+    rows: list[tuple[str, Callable[[], object]] | tuple[str, Callable[[], object], int]] = [
         ("torch.empty_like", lambda: torch.empty_like(x)),
         ("x.clone()", lambda: x.clone()),
         ("torch.fake_quantize_per_tensor_affine", lambda: torch.fake_quantize_per_tensor_affine(x, d, zi, 0, 255)),
@@ -157,13 +190,21 @@ def main() -> None:
         ("QWrapper conv3x3+BN+ReLU 16ch, QAT forward", lambda: w(xc)),
         ("same Conv+BN+ReLU in float", lambda: layers(xc)),
     ]
+    float_net, qat_net, xn = _small_nets(dev)
+    n_wrappers = sum(isinstance(m, tq.QWrapper) for m in qat_net.modules())
+    steps = max(args.calls // 50, 5)  # a step issues about 50 quantizer calls
+    rows += [
+        (f"QAT step (fwd+bwd), {n_wrappers} QWrappers, fx", lambda: _step(qat_net, xn), steps),
+        ("same net's step in float", lambda: _step(float_net, xn), steps),
+    ]
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     path = "stubbed launches" if args.stub_kernels else kernel_path
     print(f"torch {torch.__version__}, {where}, {args.numel} elements, kernel path: {path}")
     print(f"{'call':<46} {'host us/call':>13} {'synced us':>10}")
-    for name, fn in rows:
+    for name, fn, *n in rows:
+        calls = n[0] if n else args.calls
         try:
-            print(f"{name:<46} {host_us(fn, args.calls, dev):>13.1f} {synced_us(fn, args.calls, dev):>10.1f}")
+            print(f"{name:<46} {host_us(fn, calls, dev):>13.1f} {synced_us(fn, calls, dev):>10.1f}")
         except Exception as e:  # a diagnostic: report the row and go on
             print(f"{name:<46} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 

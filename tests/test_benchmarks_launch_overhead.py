@@ -38,7 +38,13 @@ def test_the_script_prints_every_row_with_stubbed_launches(script, monkeypatch, 
     script.main()
     out = capsys.readouterr().out
     assert "kernel path: stubbed launches" in out
-    rows = ("AffineQuantizer.quantize", "QAT call (observe + quantize)", "QWrapper conv3x3+BN+ReLU 16ch, QAT forward")
+    rows = (
+        "AffineQuantizer.quantize",
+        "QAT call (observe + quantize)",
+        "QWrapper conv3x3+BN+ReLU 16ch, QAT forward",
+        "QAT step (fwd+bwd), 21 QWrappers, fx",
+        "same net's step in float",
+    )
     for row in rows:
         line = next(line for line in out.splitlines() if line.startswith(row))
         assert "failed" not in line and float(line.split()[-2]) > 0, line
