@@ -7,7 +7,8 @@ time by the count (the GPU queue absorbs the kernels), then prints the same call
 by one between synchronisations:
 
 * floors: ``torch.empty_like``, ``x.clone()``, torch's fused fake quant, an empty Triton
-  kernel with one pointer and with twenty arguments;
+  kernel with one pointer and with twenty arguments, the latter also launched without Triton's
+  JIT dispatch (what a launcher cached per specialisation would cost);
 * torchquant's layers: the Triton launcher alone (``kernels._triton.fake_quant``),
   ``affine_quantize``, ``AffineQuantizer.quantize`` (grid from the observer's ranges),
   ``observe_batch`` (``aminmax`` plus the update kernel), the whole QAT call, a
@@ -116,6 +117,22 @@ def _step(model: nn.Module, x: torch.Tensor) -> None:
         p.grad = None
 
 
+def _direct_launch(jit_fn, args: tuple) -> Callable[[], object]:
+    """``jit_fn[(1,)](*args)`` without Triton's JIT dispatch (argument binding, specialisation and
+    cache key on every call): the compiled kernel's own launcher, called as ``JITFunction.run``
+    calls it. Measures what a launcher cached per specialisation would save; Triton-internal, so
+    a diagnostic row only (the script reports it as failed where this Triton differs)."""
+    from triton import knobs
+    from triton.runtime import driver
+
+    kernel = jit_fn[(1,)](*args)  # compiles, launches once, returns the compiled kernel
+    device = driver.active.get_current_device()
+    stream = driver.active.get_current_stream(device)
+    meta = kernel.launch_metadata((1,), stream, *args)
+    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    return lambda: kernel.run(1, 1, 1, stream, kernel.function, kernel.packed_metadata, meta, *hooks, *args)
+
+
 def stub_kernel_launches() -> None:
     """Route CPU tensors through the kernel path, with every launch replaced by an empty output."""
     import types
@@ -162,6 +179,14 @@ def main() -> None:
             ("triton: empty kernel, 1 pointer", lambda: empty1[(1,)](x)),
             ("triton: empty kernel, 20 arguments", lambda: empty20[(1,)](x, x, x, x, *range(1, 17))),
             ("triton: same, integers not specialised", lambda: empty20_plain[(1,)](x, x, x, x, *range(1, 17))),
+        ]
+        try:
+            rows.append(
+                ("triton: 20 arguments, compiled kernel direct", _direct_launch(empty20, (x, x, x, x, *range(1, 17))))
+            )
+        except Exception as e:  # Triton-internal: a diagnostic row
+            print(f"the direct-launch row is left out: {type(e).__name__}: {e}")
+        rows += [
             ("kernels._triton.fake_quant (launcher)", lambda: k.fake_quant(x, d, z, layout, k.MODE_GRID, 0.0, 255.0)),
         ]
     q = tq.AffineQuantizer(8, tq.ExpAvgMinMax()).to(dev)
