@@ -23,7 +23,8 @@
 #                                                                        suite_full.log
 # summary.txt: the machine, the packages, each stage's exit status and seconds, and the headline
 # lines. Optional wheels under .whl/ (pure-Python packages the image lacks: mnist1d,
-# efficientnet_pytorch) are installed into /tmp/site first.
+# efficientnet_pytorch; benchmarks/gpu_wheels.sh builds them here, and the device call carries
+# .whl) are installed into /tmp/site first.
 set -u -o pipefail
 out=${1:-${OUT:-/tmp/gpu_check}}
 mkdir -p "$out"
