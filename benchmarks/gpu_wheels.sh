@@ -7,7 +7,9 @@
 #     bash benchmarks/gpu_wheels.sh [PYTHON]
 set -euo pipefail
 py=${1:-.venv/bin/python}
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || printf '\n/.whl/\n' >>.git/info/exclude
+exclude=$(git rev-parse --git-path info/exclude)  # .git is a file in a worktree
+mkdir -p "$(dirname "$exclude")"
+grep -qx '/.whl/' "$exclude" 2>/dev/null || printf '\n/.whl/\n' >>"$exclude"
 mkdir -p .whl
 pins=$(grep -iE '^(mnist1d|efficientnet_pytorch)==' constraints.txt)
 # shellcheck disable=SC2086  # one argument per pin

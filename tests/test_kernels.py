@@ -133,14 +133,19 @@ def test_fake_quant_grid_matches_the_cpu(route, grid, dtype):
     assert same(out, ref)
 
 
-def test_parameters_on_axes_that_are_not_adjacent_take_the_torch_path(route):
-    x = special((4, 6, 5))
+@pytest.mark.parametrize(
+    "shapes", [((4, 6, 5), (4, 1, 5)), ((6, 5), (1, 1, 1))], ids=["axes-not-adjacent", "more-dims-than-x"]
+)
+def test_parameters_no_kernel_layout_fits_take_the_torch_path(route, shapes):
+    xs, ps = shapes
+    x = special(xs)
     g = torch.Generator().manual_seed(1)
-    d, z = torch.rand(4, 1, 5, generator=g) * 0.1 + 0.01, torch.randint(0, 16, (4, 1, 5), generator=g).float()
+    d, z = torch.rand(ps, generator=g) * 0.1 + 0.01, torch.randint(0, 16, ps, generator=g).float()
     ref = tq.affine_quantize(x, d, z, 16)
     with route.on() as calls:
         out = tq.affine_quantize(route.to(x), route.to(d), route.to(z), 16)
     assert calls["n"] == 0
+    assert out.shape == ref.shape  # broadcast to the parameters' extra dimensions
     assert same(out, ref)
 
 

@@ -235,6 +235,28 @@ def test_quantizers_assigned_after_construction_are_used_and_removed_ones_are_no
     assert torch.equal(w(x), float_w) and torch.equal(op(x, x), float_op)
 
 
+def test_assigning_a_non_module_to_a_wrapper_slot_names_the_wrapper():
+    w = QWrapper([nn.Linear(4, 3), nn.ReLU()])
+    with pytest.raises(TypeError, match=r"QWrapper\[Linear\+ReLU\]: act must be an nn.Module or None, got builtin"):
+        w.act = torch.relu
+    with pytest.raises(TypeError, match=r"QWrapper\[Linear\+ReLU\]: acts_quantizer must be an nn.Module or None"):
+        w.acts_quantizer = lambda y: y
+    assert isinstance(w.act, nn.ReLU) and w.acts_quantizer is None  # nothing changed
+
+
+def test_a_subclass_weight_view_and_layer_call_are_what_forward_uses():
+    class Halved(QWrapper):
+        def weight_view(self):
+            return super().weight_view() / 2
+
+        def _layer_with(self, x, w, b):
+            return super()._layer_with(x, w, b) + 1
+
+    lin = nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(Halved(lin)(x), nn.functional.linear(x, lin.weight / 2, lin.bias) + 1)
+
+
 def test_qop():
     add = QOp(operator.add, acts_quantizer=AffineQuantizer(2, BatchMinMax()))
     a, b = torch.tensor([0.0, 1.0]), torch.tensor([0.4, 2.0])

@@ -338,6 +338,12 @@ def _parse_layers(layers: nn.Module | Sequence[nn.Module]) -> tuple[nn.Module, n
     return layer, bn, act
 
 
+# QWrapper attributes that hold modules, checked on assignment (forward reads them from _modules;
+# input_quantizer and input_transform have checks of their own). A quantizer slot takes any module:
+# export swaps in stand-ins that are not Quantizers.
+_MODULE_SLOTS = frozenset({"layer", "bn", "act", "weight_quantizer", "acts_quantizer"})
+
+
 class QWrapper(QModule):
     """A layer, optional BatchNorm and activation, with weight and output quantizers.
 
@@ -474,7 +480,7 @@ class QWrapper(QModule):
         ``(in, out)`` parameter. Writing into it (``copy_``) writes the parameter, except
         where the weight is computed (:attr:`weight_is_computed`).
         """
-        return self._adapter.weight(self.layer)
+        return self._adapter.weight(self._modules["layer"])
 
     def weight_to_quantize(self) -> Tensor:
         """The float weight the weight quantizer sees: :meth:`weight_view`, BatchNorm folded in with ``fold_bn=True``.
@@ -504,6 +510,10 @@ class QWrapper(QModule):
         return w
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name in _MODULE_SLOTS and value is not None and not isinstance(value, nn.Module):
+            # forward reads these from _modules: a plain callable stored beside them would never run
+            where = f"QWrapper[{self._describe()}]" if "layer" in self._modules else "QWrapper"
+            raise TypeError(f"{where}: {name} must be an nn.Module or None, got {type(value).__name__}")
         if name == "input_quantizer" and value is not None:
             if not isinstance(value, Quantizer):
                 raise TypeError(f"QWrapper: input_quantizer must be a Quantizer or None, got {type(value).__name__}")
@@ -546,6 +556,10 @@ class QWrapper(QModule):
             w = self.weight_to_quantize()
             _run_quantizer(self.weight_quantizer, w, observe=True, quantize=False)
 
+    def _quantize_input(self, x: Tensor) -> Tensor:
+        s = self.qstate
+        return _run_quantizer(self._modules["input_quantizer"], x, s.is_act_observed, s.is_act_quantized)
+
     def forward(self, x: Tensor) -> Tensor:
         # Submodules from _modules, read once: nn.Module.__getattr__ (behind this class's own) costs
         # about 1 us per lookup, a tenth of a quantizer call's host time on a GPU. An attribute
@@ -555,20 +569,18 @@ class QWrapper(QModule):
         if transform is not None:
             x = transform(x)
         s = self.qstate
-        iq = mods.get("input_quantizer")
-        if iq is not None:
-            x = _run_quantizer(iq, x, s.is_act_observed, s.is_act_quantized)
+        if mods.get("input_quantizer") is not None:
+            x = self._quantize_input(x)
         if self.fold_bn:
             return self._forward_folded(x)
-        layer, wq = mods["layer"], mods.get("weight_quantizer")
-        adapter = self._adapter
-        w = adapter.weight(layer)
+        wq = mods.get("weight_quantizer")
+        w = self.weight_view()
         if wq is not None:
             if self._weight_cache is not None and s.is_weight_quantized and not s.is_weight_observed:
                 w = self._cached_quantized_weight(w)
             else:
                 w = _run_quantizer(wq, w, s.is_weight_observed, s.is_weight_quantized)
-        y = adapter.forward(layer, x, w, getattr(layer, "bias", None))
+        y = self._layer_with(x, w, getattr(mods["layer"], "bias", None))
         bn, act, aq = mods.get("bn"), mods.get("act"), mods.get("acts_quantizer")
         if bn is not None:
             y = bn(y)
@@ -630,7 +642,7 @@ class QWrapper(QModule):
 
     def _layer_with(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         """The layer's output with weight ``w`` (``(out, in, ...)`` layout) and bias ``b``."""
-        return self._adapter.forward(self.layer, x, w, b)
+        return self._adapter.forward(self._modules["layer"], x, w, b)
 
     def _update_running_stats(self, mean_b: Tensor, var_b: Tensor, n: int) -> None:
         # BatchNorm's rule: momentum (or the cumulative average when it is None), unbiased variance.

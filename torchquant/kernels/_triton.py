@@ -400,9 +400,11 @@ class Layout:
         there and size 1 elsewhere: per channel, per group on a ``(rows, groups, group_size)``
         view, per element.
         """
+        if p.dim() > x.dim():  # the result would gain p's leading dimensions
+            return None
         if p.numel() == 1:
             return Layout(PER_TENSOR)
-        if p.dim() > x.dim() or not p.is_contiguous():
+        if not p.is_contiguous():
             return None
         shape = (1,) * (x.dim() - p.dim()) + tuple(p.shape)
         axes = [i for i, s in enumerate(shape) if s != 1]
