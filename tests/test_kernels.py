@@ -64,9 +64,10 @@ ROUTES = [
 
 
 class _CountingLaunches:
-    """A kernel module whose launch functions (its public lower-case functions) count their calls."""
+    """A kernel module whose launch functions (its public lower-case functions) count their calls
+    (``calls["n"]``) and record them (``calls["launches"]``: name and positional arguments)."""
 
-    def __init__(self, module, calls: dict[str, int]) -> None:
+    def __init__(self, module, calls: dict) -> None:
         self._module, self._calls = module, calls
 
     def __getattr__(self, name: str):
@@ -76,6 +77,7 @@ class _CountingLaunches:
 
         def launch(*args, **kwargs):
             self._calls["n"] += 1
+            self._calls["launches"].append((name, args))
             return value(*args, **kwargs)
 
         return launch
@@ -83,7 +85,7 @@ class _CountingLaunches:
 
 @pytest.fixture(params=ROUTES)
 def route(request, monkeypatch) -> Route:
-    calls = {"n": 0}  # kernel launches, not lookups of the kernel module: a layout fallback counts none
+    calls = {"n": 0, "launches": []}  # kernel launches, not lookups of the kernel module: a fallback counts none
     impl = kernels._impl
 
     def counting(device):
@@ -485,8 +487,8 @@ def test_lsq_forward_and_gradients_match_the_cpu(route, case, dtype):
 
 @pytest.mark.parametrize("cls", [tq.LSQQuantizer, tq.LSQPlusQuantizer], ids=["lsq", "lsq+"])
 def test_lsq_quantizers_in_groups_along_the_last_axis_launch_the_kernel(route, cls):
-    """The grouped view (parameters as (rows, groups, 1)) reaches the kernel and gives the CPU's
-    outputs, input gradients and parameter gradients."""
+    """The grouped view reaches the kernel with the parameters one per group (not repeated to x's
+    size) and gives the CPU's outputs, input gradients and parameter gradients."""
     g = torch.Generator().manual_seed(4)
     x = (torch.randn(6, 32, generator=g) * 2).requires_grad_()
     q = cls(4, axis=-1, group_size=8)
@@ -497,7 +499,9 @@ def test_lsq_quantizers_in_groups_along_the_last_axis_launch_the_kernel(route, c
     with route.on() as calls:
         y = qk(xk)
         y.backward(route.to(grad))
-    assert calls["n"] > 0
+    # lsq_forward(x, step, ...), lsq_backward(grad, x, step, ...)
+    steps = [args[{"lsq_forward": 1, "lsq_backward": 2}[name]] for name, args in calls["launches"]]
+    assert [tuple(s.shape) for s in steps] == [(6, 4, 1)] * 2  # forward and backward, one step per group
     assert same(y, q(x))
     assert same(xk.grad, x.grad)
     for name, p in q.named_parameters():

@@ -170,8 +170,10 @@ class MinifloatQuantizer(Quantizer):
         return config
 
     def pre_observe(self, x: Tensor) -> None:
-        if self.range_observer is not None:
-            self.range_observer.observe_batch(x)
+        # _modules, as RangeQuantizer does (the QAT hot path); None set at construction is not there
+        obs = self._modules.get("range_observer")
+        if obs is not None:
+            obs.observe_batch(x)
 
     def post_observe(self, x: Tensor) -> None:
         pass
@@ -185,10 +187,10 @@ class MinifloatQuantizer(Quantizer):
         return (amax / self.fmt.max_value).clamp(min=torch.finfo(torch.float32).tiny)
 
     def forward(self, x: Tensor) -> Tensor:
-        return forward_with_observer(self, self.range_observer, x)
+        return forward_with_observer(self, self._modules.get("range_observer"), x)
 
     def quantize(self, x: Tensor) -> Tensor:
-        obs = self.range_observer
+        obs = self._modules.get("range_observer")
         ranges = kernel_ranges(self, obs, MinifloatQuantizer, "scale") if kernels.enabled(x) else None
         if ranges is not None:
             # One CUDA kernel: the scale from the observer's ranges, then the format's rounding.
