@@ -12,7 +12,8 @@ from torchquant.distributed import observers, sync_observers
 ACT_OBSERVERS = {"0": tq.BatchMinMax, "3": tq.RunningMinMax, "6": tq.ExpAvgMinMax}
 
 
-def build() -> nn.Module:
+def build(act_observer: type | None = None) -> nn.Module:
+    """A small quantized CNN; ``act_observer`` replaces every activation observer's class."""
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1),
@@ -28,7 +29,7 @@ def build() -> nn.Module:
     return tq.quantize_model(
         net,
         lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0), symmetric=True),
-        lambda m, n: tq.AffineQuantizer(4, ACT_OBSERVERS.get(n, tq.ExpAvgMinMax)()),
+        lambda m, n: tq.AffineQuantizer(4, (act_observer or ACT_OBSERVERS.get(n, tq.ExpAvgMinMax))()),
         method="swap",
     )
 
@@ -75,6 +76,13 @@ def worker(rank: int, world: int, init: str, out: str) -> None:
         calibrate(synced, shards)
         calibrate(unsynced, shards)
         after_calib = observer_state(synced)
+        # Rank 1 gets no samples at all (its shard of a batch may be empty): it still joins every
+        # all-reduce and ends with rank 0's ranges. A histogram observer all-reduces twice.
+        uneven = {"minmax": build(), "histogram": build(tq.PercentileObserver)}
+        for model in uneven.values():
+            sync_observers(model)
+            calibrate(model, [x if rank == 0 else x[:0] for x in calib_batches()])
+        uneven_state = {k: observer_state(m) for k, m in uneven.items()}
         # a few QAT steps under DDP: observers keep all-reducing inside the forward
         tq.set_qmodule_state(synced, tq.QModuleState.QUANT_AWARE_TRAIN)
         ddp = nn.parallel.DistributedDataParallel(synced)
@@ -85,7 +93,12 @@ def worker(rank: int, world: int, init: str, out: str) -> None:
             nn.functional.cross_entropy(ddp(x[rank::world]), y[rank::world]).backward()
             opt.step()
         torch.save(
-            {"calib": after_calib, "unsynced": observer_state(unsynced), "qat": quantizer_state(synced)},
+            {
+                "calib": after_calib,
+                "unsynced": observer_state(unsynced),
+                "qat": quantizer_state(synced),
+                "uneven": uneven_state,
+            },
             f"{out}/rank{rank}.pt",
         )
     finally:
@@ -130,6 +143,19 @@ def test_synced_ranks_equal_single_process_on_concatenated_batches(two_ranks):
         # Activation ranges come from convolutions run on half the batch per rank, whose float
         # sums may round differently from the full batch's in the last bit.
         torch.testing.assert_close(got[k], expected[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["minmax", "histogram"])
+def test_a_rank_with_an_empty_batch_joins_the_all_reduce(two_ranks, kind):
+    single = build(tq.PercentileObserver if kind == "histogram" else None)
+    calibrate(single, calib_batches())  # what rank 0 saw, in one process
+    expected = observer_state(single)
+    r0, r1 = (r["uneven"][kind] for r in two_ranks)
+    assert r0.keys() == r1.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(r0[k], r1[k]), f"{k} differs between ranks"
+        assert torch.equal(r0[k], expected[k]), k
 
 
 def test_sync_observers_toggles_and_counts():

@@ -121,6 +121,22 @@ def test_parameters_exist_empty_and_are_filled_in_place(kw, shape):
     assert q.step is step and not q.initialized
 
 
+@pytest.mark.parametrize("cls", [tq.LSQQuantizer, tq.LSQPlusQuantizer, tq.PACTQuantizer])
+def test_an_empty_tensor_initialises_nothing(cls):
+    q = cls(4, signed=False) if cls is not tq.PACTQuantizer else cls(4, axis=1)  # per tensor: set at construction
+    q.pre_observe(torch.empty(0, 6))  # no statistics: mean(|x|) of nothing would be NaN
+    assert not q.initialized
+    q.pre_observe(torch.rand(4, 6))
+    values = [p.detach().clone() for p in q.parameters()]
+    assert values and all(torch.isfinite(v).all() for v in values)
+    x = torch.empty(0, 6, requires_grad=True)
+    y = q(x)
+    y.sum().backward()
+    assert y.shape == (0, 6)
+    for p in q.parameters():  # LSQ's gradient scale 1 / sqrt(N * Q_P) with N = 0 elements
+        assert p.grad is None or torch.equal(p.grad, torch.zeros_like(p))
+
+
 def test_before_initialisation_raises_naming_the_quantizer():
     w = tq.QWrapper(nn.Linear(4, 3), weight_quantizer=LearnedStep(4, axis=0))
     tq.set_qmodule_state(w, S.QUANT_EVAL)

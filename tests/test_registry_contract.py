@@ -218,6 +218,41 @@ def test_qop(case):
     assert not torch.equal(y, a + b)  # quantization does something
 
 
+def _state(q: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in q.state_dict().items()}
+
+
+def _assert_same_state(q: nn.Module, before: dict[str, torch.Tensor], when: str) -> None:
+    after = q.state_dict()
+    assert after.keys() == before.keys(), when
+    for k, v in after.items():
+        assert v.shape == before[k].shape and torch.equal(v, before[k]), f"{when}: {k} changed"
+
+
+@pytest.mark.parametrize("case", params(c for c in CASES if c.role == "act"))
+def test_empty_batch_passes_through_and_changes_no_state(case):
+    """A batch of no samples (an MoE expert routed no tokens, a detector with no proposals)."""
+    torch.manual_seed(0)
+    w = case.wrapper()
+    q = case.quantizer_of(w)
+    empty = case.inputs()[:0]
+    tq.set_qmodule_state(w, S.QUANT_AWARE_TRAIN)
+    before = _state(q)
+    y = w(empty)  # before any data: nothing to start the ranges or parameters from
+    y.sum().backward()
+    assert y.shape == (0, w.layer.out_channels, 6, 6)
+    _assert_same_state(q, before, "fresh")
+    w(case.inputs()).square().mean().backward()
+    before = _state(q)
+    for mode in (S.CALIBRATION, S.QUANT_AWARE_TRAIN, S.QUANT_EVAL):
+        tq.set_qmodule_state(w, mode)
+        y = w(empty)
+        assert y.shape == (0, w.layer.out_channels, 6, 6), mode
+        if y.requires_grad:
+            y.sum().backward()
+        _assert_same_state(q, before, mode.name)
+
+
 # ------------------------------------------------------------------ torch.fx
 
 
@@ -466,6 +501,24 @@ def test_registered_contract_state_dict_round_trip(name, axis):
         assert torch.equal(a, b)
     c = copy.deepcopy(o)
     assert torch.equal(c.get_ranges()[1], o.get_ranges()[1])
+
+
+@pytest.mark.parametrize("name", OBSERVER_NAMES)
+@pytest.mark.parametrize("axis", [None, 1], ids=["per-tensor", "per-channel"])
+def test_registered_contract_empty_batch_observes_nothing(name, axis):
+    o = tq.make_observer(name, axis=axis)
+    o.observe_batch(torch.empty(0, 4))
+    assert not o.initialized
+    o.observe_batch(torch.randn(5, 4))
+    ranges = o.get_ranges()  # first: a histogram observer computes its ranges when asked
+    before = _state(o)
+    o.observe_batch(torch.empty(0, 4))
+    _assert_same_state(o, before, "observed")
+    for a, b in zip(o.get_ranges(), ranges):
+        assert torch.equal(a, b)
+    if axis is not None:  # the shape is still checked against the granularity
+        with pytest.raises(ValueError, match=type(o).__name__):
+            o.observe_batch(torch.empty(0))
 
 
 @pytest.mark.parametrize("name", OBSERVER_NAMES)

@@ -150,6 +150,13 @@ def _same_tensor(a: Tensor, b: Tensor) -> bool:
 
 
 def _run_quantizer(q: Quantizer, x: Tensor, observe: bool, quantize: bool) -> Tensor:
+    if isinstance(x, Tensor) and x.numel() == 0:
+        # An empty batch (an expert routed no tokens, a detector with no proposals): the output is
+        # empty on any grid, so it needs no state. Observers still see it: they keep their state,
+        # and one synchronised across ranks joins the all-reduce the other ranks are in.
+        if observe:
+            q.pre_observe(x)
+        return x
     if observe:
         q.pre_observe(x)
     if quantize:

@@ -94,6 +94,10 @@ class RangeObserver(RecordsInit, nn.Module):
         host read of the ranges outside a quantizer's forward pass (:meth:`get_ranges`,
         from the quantizer's ``grid()``, export or debugging reports).
 
+        An empty batch (an expert that received no tokens, a detector with no proposals)
+        leaves the state as it is; with ``distributed_sync`` the rank still takes part in
+        the all-reduce, so it ends with the same ranges as the ranks that had data.
+
         Raises:
             TypeError: ``x`` is not floating point.
             ValueError: ``x`` contains NaN or Inf (ranges are left untouched), or
@@ -102,6 +106,9 @@ class RangeObserver(RecordsInit, nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"{self._tq_name}: cannot observe a tensor of dtype {x.dtype}")
         x = x.detach()
+        if x.numel() == 0:
+            self._observe_empty(x)
+            return
         kind = type(self).__dict__.get("_kernel_kind")
         stage = self._stage
         if (
@@ -133,6 +140,10 @@ class RangeObserver(RecordsInit, nn.Module):
                 self.__dict__["_stage"] = (x.shape, x.dtype, x.device, self.min_val, (mn, mx))
             self._observe_kernel(kind, mn, mx)
             return
+        self._fold(x, mn, mx)
+
+    def _fold(self, x: Tensor, mn: Tensor, mx: Tensor) -> None:
+        """Check the batch's compact ``(min, max)``, allocate the state at the first batch, update it."""
         self._check_finite(mn, mx)
         dt = compute_dtype(x)
         if mn.dtype != dt:
@@ -147,6 +158,26 @@ class RangeObserver(RecordsInit, nn.Module):
         if mn.dtype != self.min_val.dtype:
             mn, mx = mn.to(self.min_val.dtype), mx.to(self.min_val.dtype)
         self._observe(x, mn, mx)
+
+    def _observe_empty(self, x: Tensor) -> None:
+        """An empty batch: no statistics. A synchronised rank all-reduces the reduction's
+        identity (``+inf`` / ``-inf``) and folds in what the other ranks observed."""
+        self.granularity.check(x.shape, self._tq_name)  # the shape must still fit the granularity
+        if not self.distributed_sync:
+            return
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        dt = compute_dtype(x)
+        shape = self.granularity.compact_shape(x.shape)
+        mn = torch.full(shape, torch.inf, dtype=dt, device=x.device)
+        mx = torch.full(shape, -torch.inf, dtype=dt, device=x.device)
+        dist.all_reduce(mn, op=dist.ReduceOp.MIN, group=self.process_group)
+        dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=self.process_group)
+        if bool(torch.isposinf(mn).all()):  # the same on every rank: no rank had data
+            return
+        self._fold(x, mn, mx)  # another rank's NaN or Inf raises here as it does there
 
     def get_ranges(self) -> tuple[Tensor, Tensor]:
         """``(min, max)``, shaped to broadcast against the observed tensor.

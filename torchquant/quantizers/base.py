@@ -568,8 +568,8 @@ class LearnedQuantizer(Quantizer):
         raise NotImplementedError(f"{type(self).__name__} must implement init_params(x)")
 
     def pre_observe(self, x: Tensor) -> None:
-        """Initialise the learned parameters from the first tensor seen; later calls do nothing."""
-        if self.initialized:
+        """Initialise the learned parameters from the first non-empty tensor seen; later calls do nothing."""
+        if self.initialized or x.numel() == 0:  # an empty tensor has no statistics to start from
             return
         with torch.no_grad():
             values = self.init_params(x.detach())

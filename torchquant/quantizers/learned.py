@@ -53,7 +53,8 @@ def _lsq(
 ) -> Tensor:
     # LSQ / LSQ+ from compact parameters: gradient scale 1 / sqrt(N * Q_P), N = elements per step.
     g = Granularity(axis=axis, group_size=group_size)
-    gscale = 1.0 / math.sqrt(x.numel() / step.numel() * qp) if scale_grad else 1.0
+    n = x.numel() / max(step.numel(), 1)  # elements per step; 0 for an empty x, whose gradients are empty
+    gscale = 1.0 / math.sqrt(n * qp) if scale_grad and n > 0 else 1.0
     if group_size is not None and axis is not None and x.dim() > 0:
         a = axis % x.dim()
         if all(n == 1 for n in x.shape[a + 1 :]):
