@@ -1,5 +1,8 @@
+import warnings
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import torchquant as tq
@@ -48,6 +51,96 @@ def test_swap_skip_by_glob_and_type_and_names():
     assert net.stem[0].weight_quantizer.n_bits == 8 and net.block1.conv1[0].weight_quantizer.n_bits == 4
 
 
+class _Experts(nn.Module):
+    """An MoE expert bank stored as transformers 5 stores one: (experts, out, in) parameters used directly."""
+
+    def __init__(self, n: int = 3, d: int = 4, h: int = 8) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(n, 2 * h, d))
+        self.down_proj = nn.Parameter(torch.randn(n, d, h))
+
+    def forward(self, x):
+        gate, up = torch.einsum("td,eod->teo", x, self.gate_up_proj).chunk(2, dim=-1)
+        return torch.einsum("teh,edh->td", F.silu(gate) * up, self.down_proj)
+
+
+class _Router(nn.Module):
+    def __init__(self, d: int = 4, n: int = 3) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n, d))
+
+    def forward(self, x):
+        return F.linear(x, self.weight).softmax(-1)
+
+
+class _Tokens(nn.Module):
+    """A class token and position embeddings: parameters that are not weights."""
+
+    def __init__(self, d: int = 4) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 5, d))
+        self.scale = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return torch.cat([self.cls_token.expand(x.shape[0], 1, -1), x], 1) + self.pos_embed
+
+
+class _Moe(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.proj, self.router, self.experts = _Tokens(), nn.Linear(4, 4), _Router(), _Experts()
+        self.rnn = nn.LSTM(4, 4, batch_first=True)
+
+    def forward(self, x):  # (N, 4, 4)
+        x = self.proj(self.tokens(x))
+        x = self.rnn(x)[0]
+        t = x.reshape(-1, 4)
+        return (self.experts(t) * self.router(t).sum(-1, keepdim=True)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("method", ["swap", "fx"])
+def test_modules_using_their_own_weights_are_reported_and_warned(method):
+    """An MoE expert bank, a router and an LSTM stay float: the warning and the summary name them."""
+    w8 = lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0))  # noqa: E731
+    with pytest.warns(tq.FloatLayersWarning) as record:
+        q = tq.quantize_model(_Moe(), w8, None, method=method)
+    # torch.fx turns the router's F.linear(x, self.weight) into a QWrapper; swap cannot
+    floats = ["router", "experts", "rnn"] if method == "swap" else ["rnn", "experts"]  # fx: graph order
+    (message,) = [str(r.message) for r in record if r.category is tq.FloatLayersWarning]
+    assert f"{len(floats)} layer(s) with weights stay in float: {', '.join(floats)};" in message
+    reasons = tq.convert.unconverted_weights(q)
+    assert list(reasons) == floats  # not the tokens: position embeddings are not weights
+    owner = "_Experts" if method == "swap" else "Module"  # fx keeps a traced module's parameters in a bare Module
+    assert reasons["experts"] == (
+        f"{owner} uses its parameters gate_up_proj (3, 16, 4), down_proj (3, 4, 8) itself, "
+        "not through a layer torchquant converts"
+    )
+    assert reasons["rnn"].startswith("LSTM keeps float weights")
+    if method == "swap":
+        assert (
+            reasons["router"]
+            == "_Router uses its parameter weight (3, 4) itself, not through a layer torchquant converts"
+        )
+    rows = {r["name"]: r for r in tq.summary_rows(q)}
+    assert rows["experts"]["kind"] == "float" and rows["experts"]["note"] == reasons["experts"]
+    assert rows["proj"]["kind"] == "QWrapper" and "tokens" not in rows
+    assert all(rows[n]["kind"] == "float" for n in floats)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tq.FloatLayersWarning)
+        tq.quantize_model(_Moe(), w8, None, method=method, skip=floats)
+
+
+def test_a_weight_fx_moved_into_a_qwrapper_is_not_reported():
+    """torch.fx turns ``F.linear(x, self.weight)`` into a QWrapper sharing the parameter: it is quantized."""
+    w8 = lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0))  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tq.FloatLayersWarning)
+        q = tq.quantize_model(nn.Sequential(_Router()), w8, None)
+    assert tq.convert.unconverted_weights(q) == {}
+    assert any(isinstance(m, tq.QWrapper) for m in q.modules())
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown method"):
         tq.quantize_model(nn.Linear(1, 1), wf, af, method="magic")
@@ -58,8 +151,6 @@ def test_bad_arguments():
 
 
 def test_layers_left_in_float_are_named_in_a_warning():
-    import warnings
-
     class Sub(nn.Linear):  # a subclass with its own forward: no adapter, so it stays in float
         def forward(self, x):
             return super().forward(x) * 2

@@ -198,14 +198,23 @@ def _build_and_convert(build, method, seed=0):
 
 
 def _float_layers(q):
-    """Conv/linear layers (subclasses included) and MultiheadAttention modules that no QModule holds."""
+    """Conv/linear layers (subclasses included) and MultiheadAttention modules that no QModule holds, and
+    what the conversion's warning names (weights a module uses itself, which torch.fx leaves in bare Modules)."""
     held = [n for n, m in q.named_modules() if isinstance(m, tq.QModule)]
     kinds = (torch.nn.modules.conv._ConvNd, torch.nn.Linear, torch.nn.MultiheadAttention)
-    return [
+    layers = [
         n
         for n, m in q.named_modules()
         if isinstance(m, kinds) and not any(h == "" or n == h or n.startswith(h + ".") for h in held)
     ]
+    return sorted({*layers, *tq.convert.float_layers(q)})
+
+
+# torchvision's Swin V2 attention passes qkv.weight and proj.weight to shifted_window_attention, a torch.fx
+# leaf function (shape-dependent control flow inside): both projections stay float, and the warning says so.
+KNOWN_FLOAT = {
+    "tv-swin-v2-tiny": [f"features.{i}.0.attn.{p}" for i in (1, 3) for p in ("proj", "qkv")],
+}
 
 
 def _check_equal(net, q, x):
@@ -226,7 +235,7 @@ def test_full_contract(name):
     x = _input(shape)
     net, q = _build_and_convert(build, method)
     assert tq.iter_qmodules(q)
-    assert _float_layers(q) == []  # every conv/linear layer is quantized
+    assert _float_layers(q) == KNOWN_FLOAT.get(name, [])  # every conv/linear layer is quantized
     _check_equal(net, q, x)
 
     q.train()  # QAT: forward + backward, every parameter gets a finite gradient
@@ -255,7 +264,7 @@ def test_light_contract(name):
     build, shape = LIGHT[name]
     net, q = _build_and_convert(build, "fx")
     assert tq.iter_qmodules(q)
-    assert _float_layers(q) == []  # every conv/linear layer is quantized, inside timm's leaves too
+    assert _float_layers(q) == KNOWN_FLOAT.get(name, [])  # every conv/linear layer, inside timm's leaves too
     _check_equal(net, q, _input(shape))
 
 

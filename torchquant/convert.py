@@ -11,13 +11,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable
 
-from torch import nn
+from torch import Tensor, nn
 
 from .factories import QuantizerFactory
 from .graph.common import FLOAT_REASONS_ATTR, SkipSpec, check_skip, place_quantizers, skip_reason
 from .graph.fx import FunctionalOp, FxTraceError, quantize_fx
 from .graph.swap import quantize_swap
-from .layers import LAYER_TYPES, layer_adapter
+from .layers import LAYER_TYPES, is_normalization, layer_adapter
 from .qmodules import QModule
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "float_layers",
     "quantize_model",
     "record_conversion",
+    "unconverted_weights",
 ]
 
 
@@ -39,18 +40,101 @@ class FloatLayersWarning(UserWarning):
     """
 
 
+# Layers float_layers reports by type, lookup tables (position embeddings are often nn.Embedding
+# subclasses) and normalisations (a LayerNorm over (C, F) has a 2-d weight): not reported here.
+_NOT_WEIGHTED = (
+    *LAYER_TYPES,
+    nn.Embedding,
+    nn.EmbeddingBag,
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+)
+
+
+def _weight_like(name: str, t: Tensor) -> bool:
+    """Whether a parameter registered on a module itself is used as a layer's weight: named ``weight``,
+    ``weight_*``, ``*_weight`` or ``*_proj`` with two or more dimensions (a router's ``weight``, an RNN's
+    ``weight_ih_l0``), or a stack of matrices (three or more dimensions, more than one along the first
+    and the last two: an MoE expert bank ``(experts, out, in)``)."""
+    if t.dim() < 2:
+        return False
+    if name == "weight" or name.startswith("weight_") or name.endswith(("_weight", "_proj")):
+        return True
+    return t.dim() >= 3 and t.shape[0] > 1 and t.shape[-2] > 1 and t.shape[-1] > 1  # not (heads, 1, 1) scales
+
+
+def unconverted_weights(model: nn.Module) -> dict[str, str]:
+    """Modules outside any QModule that use weight parameters of their own instead of a layer torchquant converts.
+
+    The layer types of :data:`~torchquant.layers.LAYER_ADAPTERS` are not listed here (the
+    summary and :func:`float_layers` name those when they stay float), nor are parameters a
+    QModule also holds (a weight torch.fx moved into a ``QWrapper``). A weight here is a parameter
+    named ``weight``, ``weight_*``, ``*_weight`` or ``*_proj`` with two or more dimensions (a
+    router's ``weight``, an LSTM's ``weight_ih_l0``), or a stack of matrices (three or more
+    dimensions, more than one along the first and the last two: an MoE expert bank); position
+    embeddings, class tokens (``(1, n, d)``), per-head scales (``(heads, 1, 1)``) and 1-d scales are
+    not, nor are embedding tables and normalisation layers.
+
+    Args:
+        model: any model, typically the output of :func:`quantize_model`.
+
+    Returns:
+        ``{qualified name: why its weights stay float}``, in module order.
+
+    Example:
+        >>> import torch
+        >>> class Experts(nn.Module):  # an MoE expert bank, as transformers 5 stores one
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.down_proj = nn.Parameter(torch.randn(4, 8, 16))
+        >>> unconverted_weights(nn.Sequential(nn.Linear(8, 8), Experts()))
+        {'1': 'Experts uses its parameter down_proj (4, 8, 16) itself, not through a layer torchquant converts'}
+    """
+    qmodules = [(n, m) for n, m in model.named_modules() if isinstance(m, QModule)]
+    held = [n for n, _ in qmodules]
+    held_params = {id(p) for _, m in qmodules for p in m.parameters()}
+    out: dict[str, str] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QModule) or _under(name, held):
+            continue
+        if isinstance(m, _NOT_WEIGHTED) or is_normalization(m) or layer_adapter(m) is not None:
+            continue
+        own = [(p, t) for p, t in m.named_parameters(recurse=False) if id(t) not in held_params and _weight_like(p, t)]
+        if not own:
+            continue
+        if isinstance(m, nn.RNNBase):
+            out[name] = (
+                f"{type(m).__name__} keeps float weights: its fused recurrent kernel reads weight_ih/weight_hh "
+                "itself; torchquant has no rule for it"
+            )
+            continue
+        listed = ", ".join(f"{p} {tuple(t.shape)}" for p, t in own)
+        out[name] = (
+            f"{type(m).__name__} uses its parameter{'s' * (len(own) > 1)} {listed} itself, "
+            "not through a layer torchquant converts"
+        )
+    return out
+
+
+def _under(name: str, prefixes: list[str]) -> bool:
+    return any(h == "" or name == h or name.startswith(h + ".") for h in prefixes)
+
+
 def float_layers(model: nn.Module, skip: tuple = ()) -> list[str]:
-    """Qualified names of the layers with weights (Linear, Conv, Embedding, ...) that no QModule holds
-    and that ``skip`` does not name (neither the layer nor a module above it)."""
+    """Qualified names of the modules whose weights stay float and that ``skip`` does not name (neither
+    the module nor one above it): layers with weights (Linear, Conv, Embedding, ...) that no QModule
+    holds, and the modules of :func:`unconverted_weights` (an MoE expert bank, a router, an LSTM), in module order."""
     held: list[str] = []
     out = []
+    raw = unconverted_weights(model)
     for name, m in model.named_modules():
         if isinstance(m, QModule):
             held.append(name)
             continue
-        if not (isinstance(m, LAYER_TYPES) or layer_adapter(m) is not None):
+        if not (isinstance(m, LAYER_TYPES) or layer_adapter(m) is not None or name in raw):
             continue
-        if any(h == "" or name == h or name.startswith(h + ".") for h in held):
+        if _under(name, held):
             continue
         parts = name.split(".")
         ancestors = [(".".join(parts[:i]), model.get_submodule(".".join(parts[:i]))) for i in range(1, len(parts) + 1)]
@@ -63,6 +147,7 @@ def float_layers(model: nn.Module, skip: tuple = ()) -> list[str]:
 def _warn_float_layers(model: nn.Module, skip: tuple) -> None:
     names = float_layers(model, skip)
     if names:
+        names = [n or "(the model itself)" for n in names]
         shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
         warnings.warn(
             f"quantize_model: {len(names)} layer(s) with weights stay in float: {shown}; "

@@ -10,7 +10,9 @@ Float layers come from two places: what the converter recorded
 rule for, with the reason) and a scan of the model for modules of the layer
 types of :data:`~torchquant.layers.LAYER_ADAPTERS` (``Conv``, ``Linear``,
 ``Embedding``, Hugging Face's ``Conv1D``) outside any ``QWrapper`` ("not
-converted"), so hand-built models are covered too.
+converted"), and for modules that use weight parameters of their own
+(:func:`~torchquant.convert.unconverted_weights`: an MoE expert bank, a router, an LSTM),
+so hand-built models are covered too.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from .convert import unconverted_weights
 from .graph.common import FLOAT_REASONS_ATTR
 from .layers import LAYER_TYPES, layer_adapter
 from .qmodules import QModule, QOp, QWrapper
@@ -157,10 +160,11 @@ def summary_rows(model: nn.Module) -> list[dict[str, Any]]:
     for name, reason in reasons.items():
         m = modules.get(name)
         floats[name] = (type(m).__name__ if m is not None else "-", reason)
+    raw = unconverted_weights(model)
     for name, m in model.named_modules():
         is_layer = isinstance(m, LAYER_TYPES) or layer_adapter(m) is not None
-        if is_layer and not _covered(name, qnames) and not _covered(name, list(floats)):
-            floats[name] = (type(m).__name__, "not converted")
+        if (is_layer or name in raw) and not _covered(name, qnames) and not _covered(name, list(floats)):
+            floats[name] = (type(m).__name__, raw.get(name, "not converted"))
     for name, (layers, reason) in floats.items():
         rows.append(
             dict(

@@ -24,6 +24,14 @@ def mistral_config(**kw) -> transformers.MistralConfig:
     return transformers.MistralConfig(**{**base, "vocab_size": VOCAB, **kw})
 
 
+def mixtral_config(**kw) -> transformers.MixtralConfig:
+    """Four experts, two per token."""
+    base = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    return transformers.MixtralConfig(
+        **{**base, "vocab_size": VOCAB, "num_local_experts": 4, "num_experts_per_tok": 2, **kw}
+    )
+
+
 def gpt2_config(**kw) -> transformers.GPT2Config:
     return transformers.GPT2Config(**{**dict(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=VOCAB), **kw})
 

@@ -11,7 +11,15 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from hf_tiny import bert_config, gpt2_config, llama_config, qwen2_config, vit_config, whisper_config  # noqa: E402
+from hf_tiny import (  # noqa: E402
+    bert_config,
+    gpt2_config,
+    llama_config,
+    mixtral_config,
+    qwen2_config,
+    vit_config,
+    whisper_config,
+)
 
 import torchquant as tq  # noqa: E402
 from torchquant.hf import TorchQuantConfig, quantize  # noqa: E402
@@ -289,3 +297,32 @@ def test_a_checkpoint_saved_without_configuration_entries_loads(tmp_path):
     assert tq.get_qmodule_states(reloaded) == tq.get_qmodule_states(model)
     batch = FAMILIES[0].batch()
     assert torch.equal(_out(reloaded, batch), _out(model, batch))
+
+
+def test_mixture_of_experts_weights_are_quantized_or_named_in_a_warning():
+    """transformers stores Mixtral's experts as (experts, out, in) parameters of one module, and its router
+    as a bare weight: no layer torchquant converts, so they must be named, never silently float."""
+    import warnings
+
+    cfg = mixtral_config()
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        quantize(model, TorchQuantConfig(weights="int4-g16"))
+    named = [str(w.message) for w in record if issubclass(w.category, tq.FloatLayersWarning)]
+    assert len(named) == 1
+    held = {id(p) for _, m in tq.iter_qmodules(model) for p in m.parameters()}
+    unheld = [n for n, p in model.named_parameters() if p.dim() >= 2 and id(p) not in held]
+    assert unheld and any("experts" in n for n in unheld)  # transformers 5: the expert bank stays float
+    for name in unheld:
+        owner = name.rpartition(".")[0]
+        assert owner == "lm_head" or f" {owner}" in named[0], name  # the output embedding is skipped by default
+    rows = {r["name"]: r["note"] for r in tq.summary_rows(model) if r["kind"] == "float"}
+    assert "uses its parameters gate_up_proj" in rows["model.layers.0.mlp.experts"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tq.FloatLayersWarning)
+        quantize(
+            transformers.MixtralForCausalLM(cfg),
+            TorchQuantConfig(weights="int4-g16", modules_to_not_convert=["lm_head", "gate", "experts"]),
+        )
