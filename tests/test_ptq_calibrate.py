@@ -1,4 +1,5 @@
 import sys
+import warnings
 
 import pytest
 import torch
@@ -113,3 +114,29 @@ def test_calibrate_restores_modes_when_a_batch_fails():
 def test_calibrate_bad_input(model, data, kwargs, err, match):
     with pytest.raises(err, match=match):
         tq.calibrate(model if model is not None else _net(), data, progress=False, **kwargs)
+
+
+class _ReadsWeight(nn.Module):
+    """Calls ``a``; reads ``b``'s weight itself, as torchvision's Swin attention reads ``qkv.weight``;
+    calls ``c`` only for inputs with more than 4 rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        x = nn.functional.linear(self.a(x), self.b.weight, self.b.bias)
+        return self.c(x) if x.shape[0] > 4 else x
+
+
+def test_calibrate_warns_about_qmodules_the_forward_pass_never_called():
+    net = tq.quantize_model(_ReadsWeight(), None, lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax()), method="swap")
+    with pytest.warns(
+        tq.UncalledQModulesWarning, match=r"2 QModule\(s\) were never called by the forward pass: b, c\."
+    ):
+        tq.calibrate(net, [torch.randn(2, 4)], progress=False)
+    assert not net.b.acts_quantizer.range_observer.initialized
+    assert not any(isinstance(m, tq.QModule) and m._forward_pre_hooks for m in net.modules())  # hooks removed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tq.UncalledQModulesWarning)
+        tq.calibrate(_net(), [torch.randn(8, 4)], progress=False)  # every QModule called: no warning

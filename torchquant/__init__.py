@@ -11,7 +11,7 @@ from .convert import FloatLayersWarning, FunctionalOp, FxTraceError, quantize_mo
 from .factories import call_factory
 from .folding import bn_scale_shift, fold_batchnorm, fold_bn_params, freeze_bn_stats
 from .granularity import PER_TENSOR, Granularity, per_channel, per_group
-from .ptq import calibrate
+from .ptq import UncalledQModulesWarning, calibrate
 from .qmodules import SUPPORTED_ACTIVATIONS, QModule, QModuleState, QMultiheadAttention, QOp, QWrapper, iter_qmodules
 from .quantizers import (
     FORMATS,
@@ -128,6 +128,7 @@ __all__ = [
     "ResidualGroupQuantizer",
     "RunningMinMax",
     "TernaryQuantizer",
+    "UncalledQModulesWarning",
     "XNORWeightQuantizer",
     "affine_qparams",
     "affine_quantize",

@@ -17,7 +17,7 @@ benchmarks find them.
 
 from .awq import AWQResult, awq
 from .bias_correction import bias_correction, expected_activation
-from .calibrate import calibrate
+from .calibrate import UncalledQModulesWarning, calibrate
 from .equalize import ChannelClip, EqualizationResult, equalize, find_layer_pairs, fold_qwrapper_batchnorm
 from .gptq import GPTQResult, gptq, gptq_quantize_weight
 from .reconstruction import (
@@ -54,6 +54,7 @@ __all__ = [
     "QuaRotResult",
     "ReconstructionConfig",
     "SmoothQuantResult",
+    "UncalledQModulesWarning",
     "adaround",
     "awq",
     "bias_correction",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -11,7 +12,17 @@ from ..qmodules import QModuleState
 from ..utils import progress_bar, restoring_states
 from ._common import call_model, materialize, require_qmodules
 
-__all__ = ["calibrate"]
+__all__ = ["UncalledQModulesWarning", "calibrate"]
+
+
+class UncalledQModulesWarning(UserWarning):
+    """``calibrate`` ran batches through a model and some of its QModules were never called.
+
+    Either the model reads a wrapped layer's weight instead of calling the layer (the layer
+    then computes in float whatever the summary says), or the batches never took the branch
+    that calls it (its activation quantizers then have no ranges).
+    """
+
 
 _OBSERVING = tuple(s for s in QModuleState if s.is_weight_observed or s.is_act_observed)
 
@@ -65,10 +76,32 @@ def calibrate(
             f"calibrate: mode {mode.name} observes nothing; use one of {', '.join(s.name for s in _OBSERVING)}"
         )
     batches = materialize(data, num_batches, "calibrate")
-    with restoring_states(model), torch.no_grad():
-        model.eval()
-        for _, m in qmodules:
-            m.qstate = mode
-        for batch in progress_bar(batches, len(batches), "calibrate", progress):
-            call_model(model, batch, "calibrate")
+    called: set[int] = set()
+    hooks = [m.register_forward_pre_hook(lambda m, args: called.add(id(m))) for _, m in qmodules]
+    try:
+        with restoring_states(model), torch.no_grad():
+            model.eval()
+            for _, m in qmodules:
+                m.qstate = mode
+            for batch in progress_bar(batches, len(batches), "calibrate", progress):
+                call_model(model, batch, "calibrate")
+    finally:
+        for h in hooks:
+            h.remove()
+    _warn_uncalled([name for name, m in qmodules if id(m) not in called])
     return model
+
+
+def _warn_uncalled(names: list[str]) -> None:
+    if not names:
+        return
+    shown = ", ".join(n or "(the model itself)" for n in names[:8]) + (
+        f", ... ({len(names) - 8} more)" if len(names) > 8 else ""
+    )
+    warnings.warn(
+        f"calibrate: {len(names)} QModule(s) were never called by the forward pass: {shown}. If the model "
+        "reads their layer's weight instead of calling the layer, that layer computes in float; if a branch "
+        "the batches did not take calls them, their activation quantizers have no ranges yet",
+        UncalledQModulesWarning,
+        stacklevel=3,
+    )
