@@ -1,5 +1,6 @@
 import copy
 import operator
+import warnings
 
 import pytest
 import torch
@@ -615,3 +616,14 @@ def test_the_constants_each_leaf_call_passes_are_fixed_when_tracing_it():
     assert {"a.fc", "a.add", "a.mul", "b.fc", "b.mul"} <= set(qnames(q))
     x = torch.randn(2, 4)
     assert torch.equal(q(x), net(x))
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(4, 2), nn.Conv2d(3, 4, 3), nn.Linear(4, 2, bias=False)], ids=str)
+def test_a_bare_layer_as_the_model_becomes_one_qwrapper(layer):
+    """torch.fx names the root's parameters "weight" and "bias", with no owner prefix."""
+    x = torch.randn(2, 3, 5, 5) if isinstance(layer, nn.Conv2d) else torch.randn(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tq.FloatLayersWarning)
+        q = tq.quantize_model(layer, lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0)), None)
+    assert [type(m).__name__ for _, m in tq.iter_qmodules(q)] == ["QWrapper"]
+    assert torch.equal(q(x), layer(x))

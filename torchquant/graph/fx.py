@@ -452,7 +452,7 @@ def _layer_from_call(node: fx.Node, gm: fx.GraphModule, model: nn.Module):
     if not isinstance(w, fx.Node) or any(n.op != "get_attr" for n in attr_nodes):
         return "the weight is not a module parameter"
     owner, _, attr = w.target.rpartition(".")
-    if attr != "weight" or (isinstance(b, fx.Node) and b.target != f"{owner}.bias"):
+    if attr != "weight" or (isinstance(b, fx.Node) and b.target != (f"{owner}.bias" if owner else "bias")):
         return "the weight is not a module's 'weight' parameter"
     try:
         owner_module = model.get_submodule(owner)
