@@ -101,29 +101,30 @@ class _Moe(nn.Module):
 
 @pytest.mark.parametrize("method", ["swap", "fx"])
 def test_modules_using_their_own_weights_are_reported_and_warned(method):
-    """An MoE expert bank, a router and an LSTM stay float: the warning and the summary name them."""
+    """A router's bare weight, an LSTM and (after torch.fx) an expert bank stay float: the warning and the
+    summary name them. swap puts a QExperts in place of the bank; torch.fx traces through the bank's forward,
+    leaving its parameters in a bare Module, and turns the router's F.linear(x, self.weight) into a QWrapper."""
     w8 = lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0))  # noqa: E731
     with pytest.warns(tq.FloatLayersWarning) as record:
         q = tq.quantize_model(_Moe(), w8, None, method=method)
-    # torch.fx turns the router's F.linear(x, self.weight) into a QWrapper; swap cannot
-    floats = ["router", "experts", "rnn"] if method == "swap" else ["rnn", "experts"]  # fx: graph order
+    floats = ["router", "rnn"] if method == "swap" else ["rnn", "experts"]  # fx: graph order
     (message,) = [str(r.message) for r in record if r.category is tq.FloatLayersWarning]
     assert f"{len(floats)} layer(s) with weights stay in float: {', '.join(floats)};" in message
     reasons = tq.convert.unconverted_weights(q)
     assert list(reasons) == floats  # not the tokens: position embeddings are not weights
-    owner = "_Experts" if method == "swap" else "Module"  # fx keeps a traced module's parameters in a bare Module
-    assert reasons["experts"] == (
-        f"{owner} uses its parameters gate_up_proj (3, 16, 4), down_proj (3, 4, 8) itself, "
-        "not through a layer torchquant converts"
-    )
     assert reasons["rnn"].startswith("LSTM keeps float weights")
-    if method == "swap":
-        assert (
-            reasons["router"]
-            == "_Router uses its parameter weight (3, 4) itself, not through a layer torchquant converts"
-        )
     rows = {r["name"]: r for r in tq.summary_rows(q)}
-    assert rows["experts"]["kind"] == "float" and rows["experts"]["note"] == reasons["experts"]
+    if method == "swap":
+        assert reasons["router"] == (
+            "_Router uses its parameter weight (3, 4) itself, not through a layer torchquant converts"
+        )
+        assert rows["experts"]["kind"] == "QExperts"
+    else:
+        assert reasons["experts"] == (
+            "Module uses its parameters gate_up_proj (3, 16, 4), down_proj (3, 4, 8) itself, "
+            "not through a layer torchquant converts"
+        )
+        assert rows["experts"]["note"] == reasons["experts"]
     assert rows["proj"]["kind"] == "QWrapper" and "tokens" not in rows
     assert all(rows[n]["kind"] == "float" for n in floats)
     with warnings.catch_warnings():

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from .convert import CONVERSIONS_ATTR, quantize_model
+from .moe import QExperts
 from .qmodules import QModule, QModuleState, QMultiheadAttention, QWrapper, iter_qmodules
 from .quantizers import AffineGrid, AffineQuantizer, LevelGrid, Quantizer
 from .range_observers import BatchMinMax, RunningMinMax
@@ -106,10 +107,14 @@ def _replay_quantize_model(model: nn.Module, record: dict, build: Callable[[str,
         kwargs[key] = value
 
     def weights(module: nn.Module, name: str) -> Any:
-        # A QMultiheadAttention's weight factory calls are named "<name>.in_proj" / "<name>.out_proj".
+        # A QMultiheadAttention's weight factory calls are named "<name>.in_proj" / "<name>.out_proj",
+        # a QExperts' "<name>.gate_up_proj" / "<name>.down_proj" (its quantizers: gate_up_quantizer, ...).
         owner, _, role = name.rpartition(".")
-        if role in QMultiheadAttention.WEIGHT_ROLES:
-            q = build(owner, f"{role}_quantizer")
+        attr = f"{role}_quantizer" if role in QMultiheadAttention.WEIGHT_ROLES else None
+        if role in QExperts.ROLE_OF_BANK:
+            attr = f"{QExperts.ROLE_OF_BANK[role]}_quantizer"
+        if attr is not None:
+            q = build(owner, attr)
             if q is not None:
                 return q
         return build(name, "weight_quantizer")

@@ -299,30 +299,55 @@ def test_a_checkpoint_saved_without_configuration_entries_loads(tmp_path):
     assert torch.equal(_out(reloaded, batch), _out(model, batch))
 
 
-def test_mixture_of_experts_weights_are_quantized_or_named_in_a_warning():
-    """transformers stores Mixtral's experts as (experts, out, in) parameters of one module, and its router
-    as a bare weight: no layer torchquant converts, so they must be named, never silently float."""
+MOE_FAMILIES = {
+    "mixtral": lambda: transformers.MixtralForCausalLM(mixtral_config()),
+    "qwen2-moe": lambda: transformers.Qwen2MoeForCausalLM(
+        transformers.Qwen2MoeConfig(
+            **_moe_base(),
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+        )
+    ),
+    # (experts, in, out) banks, biases, interleaved gate/up
+    "gpt-oss": lambda: transformers.GptOssForCausalLM(
+        transformers.GptOssConfig(
+            **_moe_base(), num_local_experts=4, num_experts_per_tok=2, head_dim=8, layer_types=["full_attention"]
+        )
+    ),
+}
+
+
+def _moe_base() -> dict:
+    cfg = mixtral_config()
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+    return {k: getattr(cfg, k) for k in (*keys, "vocab_size")}
+
+
+@pytest.mark.parametrize("family", list(MOE_FAMILIES))
+def test_mixture_of_experts_banks_are_quantized_and_reload_exactly(family, tmp_path):
+    """transformers stores the experts as (experts, out, in) parameters of one module: they become a QExperts,
+    the router stays float by default, and nothing with weights stays float unannounced."""
     import warnings
 
-    cfg = mixtral_config()
     torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(cfg)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        quantize(model, TorchQuantConfig(weights="int4-g16"))
-    named = [str(w.message) for w in record if issubclass(w.category, tq.FloatLayersWarning)]
-    assert len(named) == 1
-    held = {id(p) for _, m in tq.iter_qmodules(model) for p in m.parameters()}
-    unheld = [n for n, p in model.named_parameters() if p.dim() >= 2 and id(p) not in held]
-    assert unheld and any("experts" in n for n in unheld)  # transformers 5: the expert bank stays float
-    for name in unheld:
-        owner = name.rpartition(".")[0]
-        assert owner == "lm_head" or f" {owner}" in named[0], name  # the output embedding is skipped by default
-    rows = {r["name"]: r["note"] for r in tq.summary_rows(model) if r["kind"] == "float"}
-    assert "uses its parameters gate_up_proj" in rows["model.layers.0.mlp.experts"]
+    MOE_FAMILIES[family]().save_pretrained(tmp_path / "float")
+    batch = {"input_ids": torch.randint(0, 100, (2, 12))}
+    ref = _out(_load(FAMILIES[0], tmp_path / "float"), batch)
     with warnings.catch_warnings():
         warnings.simplefilter("error", tq.FloatLayersWarning)
-        quantize(
-            transformers.MixtralForCausalLM(cfg),
-            TorchQuantConfig(weights="int4-g16", modules_to_not_convert=["lm_head", "gate", "experts"]),
-        )
+        model = _load(FAMILIES[0], tmp_path / "float", quantization_config=TorchQuantConfig(weights="int8"))
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, tq.QExperts) and experts.qstate is tq.QModuleState.QUANT_EVAL
+    assert experts.transposed is (family == "gpt-oss")
+    held = {id(p) for _, m in tq.iter_qmodules(model) for p in m.parameters()}
+    unheld = {n.rpartition(".")[0] for n, p in model.named_parameters() if p.dim() >= 2 and id(p) not in held}
+    router = "model.layers.0.mlp." + ("router" if family == "gpt-oss" else "gate")
+    assert unheld == {"lm_head", router}
+    notes = {r["name"]: r["note"] for r in tq.summary_rows(model)}
+    assert notes[router].startswith("skipped by glob")
+    y = _out(model, batch)
+    assert 30 < _sqnr(ref, y) < 80  # int8 per channel
+    model.save_pretrained(tmp_path / "q")
+    assert torch.equal(_out(_load(FAMILIES[0], tmp_path / "q"), batch), y)

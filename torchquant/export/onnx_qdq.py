@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from ..granularity import Granularity
+from ..moe import QExperts
 from ..quantizers import AffineGrid, LevelGrid, Quantizer
 from ._common import quant_points, to_numpy
 
@@ -276,7 +277,8 @@ def to_onnx(
             it), no QModule at all, an unsupported opset, a quantizer whose ``grid()``
             does not fit the tensor it quantizes (naming it, with the shapes; see
             :meth:`~torchquant.quantizers.AffineGrid.check`), or ``example_inputs`` the
-            model cannot run on (the message shows their shapes).
+            model cannot run on (the message shows their shapes), or a
+            :class:`~torchquant.QExperts` in the model (its routing depends on the data).
         TypeError: ``example_inputs`` is not a tensor or a sequence of tensors.
         ImportError: onnx is not installed.
 
@@ -298,6 +300,13 @@ def to_onnx(
     if isinstance(opset, bool) or not isinstance(opset, int) or not 13 <= opset <= 21:
         raise ValueError(f"{who}: opset must be an int in [13, 21], got {opset!r}")
     inputs = _as_inputs(example_inputs, who)
+    experts = [n for n, m in model.named_modules() if isinstance(m, QExperts)]
+    if experts:
+        raise ValueError(
+            f"{who}: {experts[0]} is a QExperts (a mixture-of-experts bank): which experts run depends on the "
+            "data, and a traced ONNX graph keeps only the experts the example inputs reach; export the model "
+            "without it (keep it in float with skip=) or serve it with a runtime that has MoE kernels"
+        )
     points = quant_points(model, who)
     if not points:
         raise ValueError(f"{who}: {type(model).__name__} has QModules but no quantizer to export")

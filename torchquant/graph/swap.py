@@ -10,7 +10,9 @@ stable). With ``norm_outputs=True`` every normalisation module
 ``GroupNorm``, Hugging Face's ``*RMSNorm``) becomes a :class:`~torchquant.qmodules.QOp`
 around it, quantizing its output. An ``nn.MultiheadAttention`` becomes a
 :class:`~torchquant.qmodules.QMultiheadAttention` (both projection weights and the
-output), and the ``nn.TransformerEncoderLayer``/``nn.TransformerEncoder`` modules
+output), a mixture-of-experts expert bank (:func:`~torchquant.moe.expert_banks`: transformers 5's
+``*Experts`` modules) a :class:`~torchquant.moe.QExperts` (its weight banks, from the weight
+factory called with ``"<name>.<bank>"``), and the ``nn.TransformerEncoderLayer``/``nn.TransformerEncoder`` modules
 around quantized ones stop using their fused kernels
 (:func:`~torchquant.graph.common.disable_fused_paths`). It covers modules, not
 functional operations (``x + y``, ``torch.cat``, ``F.relu``): those stay in float, and
@@ -23,6 +25,7 @@ from torch import nn
 
 from ..factories import QuantizerFactory, call_factory
 from ..layers import FLOAT_LAYERS, LAYER_TYPES, is_normalization, layer_adapter
+from ..moe import QExperts, expert_banks
 from ..qmodules import SUPPORTED_ACTIVATIONS, QModule, QOp
 from .common import disable_fused_paths, make_qmha, make_qwrapper, mha_unsupported, skip_reason
 
@@ -77,6 +80,9 @@ def _swap(module, prefix, wf, af, skip, fold_bn, norm_outputs, reasons: dict[str
                 module._modules[key] = make_qmha(child, name, wf, af)
             else:
                 reasons[name] = why
+        elif expert_banks(child):
+            wq = {bank: call_factory(wf, child, f"{name}.{bank}", "weight_quantizer") for bank in expert_banks(child)}
+            module._modules[key] = QExperts(child, wq).train(child.training)
         elif type(child) in FLOAT_LAYERS:
             reasons[name] = FLOAT_LAYERS[type(child)]
         elif isinstance(child, LAYER_TYPES) and not child._modules:

@@ -51,7 +51,8 @@ Where the points are:
 {"weights": None}}``. ``modules_to_not_convert`` lists modules left in float, as
 in other Hugging Face quantization configs (a name matches itself, its
 submodules and any module whose dotted name ends with it); ``None`` (the default)
-leaves the output embedding (``lm_head``) in float, ``[]`` quantizes everything.
+leaves the output embedding (``lm_head``) and mixture-of-experts routers (a bare
+``weight`` beside an expert bank) in float, ``[]`` quantizes everything.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ class TorchQuantConfig(QuantizationConfigMixin):
         attention_probs: attention probabilities.
         norm_outputs: LayerNorm/RMSNorm outputs.
         overrides: module-name glob -> ``{field: value}`` for the modules it matches.
-        modules_to_not_convert: modules kept in float (``None``: the output embedding).
+        modules_to_not_convert: modules kept in float (``None``: the output embedding and MoE routers).
         pack_weights: ``save_pretrained`` stores quantized weights as integers where the
             outputs do not change (see :func:`torchquant.save`).
 

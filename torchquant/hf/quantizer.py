@@ -31,7 +31,8 @@ from transformers.quantizers import HfQuantizer, register_quantizer
 from transformers.quantizers.auto import register_quantization_config
 
 from ..convert import CONVERSIONS_ATTR, quantize_model, record_conversion
-from ..layers import is_normalization
+from ..layers import is_normalization, layer_adapter
+from ..moe import QExperts, expert_banks
 from ..qmodules import QModuleState, QWrapper, iter_qmodules
 from ..quantizers.base import RangeQuantizer
 from ..serialize import (
@@ -51,17 +52,31 @@ FLOAT_NAMES_ATTR = "_tq_float_names"
 _META_KEY = "torchquant"
 # Names of state that a float model does not have: quantizers, QModule buffers and configurations, packed codes.
 _OWN_KEYS = re.compile(
-    r"(^|\.)(weight_quantizer|acts_quantizer|input_quantizer|attn_quantizer)\.|\.__tq_codes$|__tq_amax$|(^|\.)bn_frozen$"
+    r"(^|\.)(weight_quantizer|acts_quantizer|input_quantizer|attn_quantizer|gate_up_quantizer|up_quantizer"
+    r"|down_quantizer)\.|\.__tq_codes$|__tq_amax$|(^|\.)bn_frozen$"
     rf"|(^|\.){CONFIG_KEY}$"
 )
 
 register_quantization_config(QUANT_METHOD)(TorchQuantConfig)
 
 
+def _routers(model: nn.Module) -> list[str]:
+    """Mixture-of-experts routers: modules beside an expert bank that hold a 2-d ``weight`` and are no layer."""
+    out = []
+    for name, parent in model.named_modules():
+        if not any(expert_banks(c) for c in parent.children()):
+            continue
+        for key, child in parent.named_children():
+            w = child._parameters.get("weight")
+            if isinstance(w, torch.Tensor) and w.dim() == 2 and layer_adapter(child) is None:
+                out.append(f"{name}.{key}" if name else key)
+    return out
+
+
 def _skip_globs(model: nn.Module, names: list[str] | None) -> list[str]:
-    if names is None:
+    if names is None:  # the output embedding and MoE routers, as other toolkits keep them
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        names = [n for n, m in model.named_modules() if out is not None and m is out]
+        names = [n for n, m in model.named_modules() if out is not None and m is out] + _routers(model)
     globs = []
     for n in names:
         if any(c in n for c in "*?["):
@@ -156,6 +171,10 @@ def quantize(model: nn.Module, config: TorchQuantConfig, *, initial_state: bool 
             spec = config.point("activations", name)
             if spec is not None:
                 m.input_quantizer = _build(spec, name, "activations").to(m.layer.weight.device)
+        elif isinstance(m, QExperts):  # the hidden states every expert's first product reads
+            spec = config.point("activations", name)
+            if spec is not None:
+                m.input_quantizer = _build(spec, name, "activations").to(next(m.layer.parameters()).device)
     _quantize_attention(model, config, skip)
     setattr(model, CONVERSIONS_ATTR, history)
     record_conversion(model, {"kind": "torchquant.hf", "module": __name__, "config": config.to_dict()})
@@ -237,7 +256,7 @@ def initial_mode(model: nn.Module) -> QModuleState:
     """
     with torch.no_grad():
         for name, m in iter_qmodules(model):
-            if isinstance(m, QWrapper) and m.weight_quantizer is not None:
+            if (isinstance(m, QWrapper) and m.weight_quantizer is not None) or isinstance(m, QExperts):
                 try:
                     m.observe_weight()
                 except ValueError as e:

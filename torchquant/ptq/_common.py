@@ -4,12 +4,14 @@ snapshots that undo a failed algorithm, forward order of modules, input capture.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..moe import QExperts
 from ..qmodules import QModule, QWrapper, iter_qmodules
 
 LABEL_KEYS = frozenset({"label", "labels", "target", "targets", "y"})
@@ -75,6 +77,19 @@ def require_qmodules(model: nn.Module, who: str) -> list[tuple[str, QModule]]:
             "(tq.quantize_model(model, weight_factory, acts_factory, method='swap'))"
         )
     return qms
+
+
+def warn_experts_left(qmodules: list[tuple[str, QModule]], who: str) -> None:
+    """Warn that ``who``, which works on ``QWrapper`` layers, leaves mixture-of-experts banks as they are."""
+    names = [n for n, m in qmodules if isinstance(m, QExperts)]
+    if names:
+        shown = ", ".join(names[:4]) + (f", ... ({len(names) - 4} more)" if len(names) > 4 else "")
+        warnings.warn(
+            f"{who}: {len(names)} mixture-of-experts bank(s) keep their round-to-nearest weights ({shown}): "
+            f"{who} works on QWrapper layers (Linear, Conv, Embedding), not on QExperts",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 class Snapshot:

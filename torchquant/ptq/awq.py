@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from ..qmodules import QModuleState, QWrapper, _run_quantizer
 from ..spec import describe
-from ._common import all_or_nothing, materialize, reobserve_weights, require_qmodules
+from ._common import all_or_nothing, materialize, reobserve_weights, require_qmodules, warn_experts_left
 from .registry import register_ptq_algorithm
 from .sequential import Block, fold_input_scale, sequential_blocks
 
@@ -231,7 +231,7 @@ def awq(
         >>> sorted(tq.ptq.awq(net, [torch.randn(64, 8)], progress=False).clip_ratios)
         ['1']
     """
-    require_qmodules(model, "awq")
+    warn_experts_left(require_qmodules(model, "awq"), "awq")
     _check(n_grid, "n_grid", 1)
     _check(sample_tokens, "sample_tokens", 1)
     _check(seed, "seed", 0)

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from ..qmodules import QModuleState, QWrapper
 from ..quantizers import AffineGrid
 from ..utils import qmodule_state
-from ._common import all_or_nothing, materialize, require_qmodules
+from ._common import all_or_nothing, materialize, require_qmodules, warn_experts_left
 from .registry import register_ptq_algorithm
 from .sequential import Block, sequential_blocks
 
@@ -268,6 +268,7 @@ def gptq(
         ['0', '2']
     """
     qmodules = require_qmodules(model, "gptq")
+    warn_experts_left(qmodules, "gptq")
     if not isinstance(damp, (int, float)) or isinstance(damp, bool) or not damp >= 0:
         raise ValueError(f"gptq: damp must be a number >= 0, got {damp!r}")
     _check(block_size, "block_size", int, 1)

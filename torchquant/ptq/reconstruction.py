@@ -120,7 +120,7 @@ from ..qmodules import QModule, QModuleState, QWrapper, iter_qmodules
 from ..quantizers import AdaRoundQuantizer, AffineGrid, AffineQuantizer, LevelGrid, Quantizer, StatelessQuantizer
 from ..quantizers_functional import round_ste
 from ..utils import progress_bar, restoring_states
-from ._common import Snapshot, call_model, capture, forward_order, materialize, require_qmodules
+from ._common import Snapshot, call_model, capture, forward_order, materialize, require_qmodules, warn_experts_left
 from .registry import register_ptq_algorithm
 from .sequential import Block, find_blocks, sequential_blocks
 
@@ -450,6 +450,7 @@ def reconstruct(
         RuntimeError: the model does not run on ``data`` in ``mode`` (e.g. not calibrated).
     """
     qmodules = require_qmodules(model, "reconstruct")
+    warn_experts_left(qmodules, "reconstruct")
     c = _configure("reconstruct", ReconstructionConfig() if config is None else config, options)
     batches = materialize(data, num_batches, "reconstruct")
     stack = _stack(model, c)

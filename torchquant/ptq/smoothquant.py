@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..qmodules import QModuleState, QWrapper
-from ._common import all_or_nothing, materialize, reobserve_weights, require_qmodules
+from ._common import all_or_nothing, materialize, reobserve_weights, require_qmodules, warn_experts_left
 from .registry import register_ptq_algorithm
 from .sequential import Block, fold_input_scale, sequential_blocks
 
@@ -143,7 +143,7 @@ def smoothquant(
         >>> r.folded
         {'1': '0'}
     """
-    require_qmodules(model, "smoothquant")
+    warn_experts_left(require_qmodules(model, "smoothquant"), "smoothquant")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise ValueError(f"smoothquant: alpha must be a number in [0, 1], got {alpha!r}")
     if targets not in ("all", "norms"):
