@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .qmodules import QModule, QModuleState, _run_quantizer
+from .qmodules import QModule, QModuleState, _LayerAttributes, _run_quantizer
 from .quantizers import Quantizer
 
 __all__ = ["QExperts", "expert_banks"]
@@ -62,7 +62,7 @@ def _bank(rows: Tensor, experts: int, transposed: bool) -> Tensor:
     return bank.transpose(1, 2) if transposed else bank
 
 
-class QExperts(QModule):
+class QExperts(_LayerAttributes, QModule):
     """A transformers expert bank whose weight banks and input are quantized.
 
     Holds the experts module as ``.layer`` and calls it with its banks replaced by their
@@ -136,16 +136,6 @@ class QExperts(QModule):
             self.register_module(f"{_ROLES[bank]}_quantizer", weight_quantizers.get(bank))
         self.register_module("input_quantizer", input_quantizer)
         self._name_quantizers("QExperts")
-
-    def __getattr__(self, name: str) -> Any:
-        # The MoE block reads its experts' attributes (num_experts, config): keep them readable.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            layer = self.__dict__.get("_modules", {}).get("layer")
-            if name.startswith("_") or layer is None or not hasattr(layer, name):
-                raise
-            return getattr(layer, name)
 
     def bank_quantizer(self, bank: str) -> Quantizer | None:
         """The quantizer of the bank parameter ``bank`` (``"gate_up_proj"``, ``"up_proj"`` or ``"down_proj"``)."""

@@ -757,7 +757,22 @@ class QOp(QModule):
         return f"op={self._op_name()}, qstate={self.qstate.name}"
 
 
-class QMultiheadAttention(QModule):
+class _LayerAttributes(nn.Module):
+    """Attributes a wrapper lacks are read from its ``layer``: the modules around the wrapped one keep
+    reading them (a TransformerEncoderLayer reads ``self_attn.batch_first``, an MoE block its experts'
+    ``num_experts``). Dunder names are not forwarded."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            layer = self.__dict__.get("_modules", {}).get("layer")
+            if name.startswith("__") or layer is None or not hasattr(layer, name):
+                raise
+            return getattr(layer, name)
+
+
+class QMultiheadAttention(_LayerAttributes, QModule):
     """``nn.MultiheadAttention`` with its two weights and its output quantized.
 
     The packed input projection ``in_proj_weight`` ``(3 * E, E)`` (queries, keys and values
@@ -827,16 +842,6 @@ class QMultiheadAttention(QModule):
         self.out_proj_quantizer = out_proj_quantizer
         self.acts_quantizer = acts_quantizer
         self._name_quantizers("QMultiheadAttention")
-
-    def __getattr__(self, name: str) -> Any:
-        # A TransformerEncoderLayer reads self_attn.batch_first, embed_dim, ...: keep them readable.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            layer = self.__dict__.get("_modules", {}).get("layer")
-            if name.startswith("__") or layer is None or not hasattr(layer, name):
-                raise
-            return getattr(layer, name)
 
     def observe_weight(self) -> None:
         """Let both weight quantizers observe their weights (ranges from the weights, no data needed)."""
