@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from torchquant import QModuleState, QOp, QWrapper, get_qmodule_states, qmodule_state, set_qmodule_state
+from torchquant.utils import restoring_states
 
 S = QModuleState
 
@@ -53,3 +54,18 @@ def test_mode_properties_table():
 def test_bad_mode():
     with pytest.raises(TypeError, match="QModuleState"):
         set_qmodule_state(model(), "QUANT_EVAL")
+
+
+@pytest.mark.parametrize(
+    ("fn", "who"),
+    [
+        (lambda m: set_qmodule_state(m, S.QUANT_EVAL), "set_qmodule_state"),
+        (lambda m: get_qmodule_states(m), "get_qmodule_states"),
+        (lambda m: qmodule_state(m, S.QUANT_EVAL).__enter__(), "qmodule_state"),
+        (lambda m: restoring_states(m).__enter__(), "restoring_states"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_a_list_of_models_is_refused_by_name(fn, who):
+    with pytest.raises(TypeError, match=f"{who}: expected an nn.Module, got list"):
+        fn([model(), model()])

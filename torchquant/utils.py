@@ -40,8 +40,16 @@ def _check_mode(mode: QModuleState) -> QModuleState:
     return mode
 
 
+def _check_module(module: nn.Module, who: str) -> None:
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"{who}: expected an nn.Module, got {type(module).__name__}; for several models, call it on each"
+        )
+
+
 def set_qmodule_state(module: nn.Module, mode: QModuleState) -> None:
     """Set ``mode`` on every :class:`~torchquant.qmodules.QModule` in ``module`` (itself included)."""
+    _check_module(module, "set_qmodule_state")
     _check_mode(mode)
     for _, m in iter_qmodules(module):
         m.qstate = mode
@@ -49,6 +57,7 @@ def set_qmodule_state(module: nn.Module, mode: QModuleState) -> None:
 
 def get_qmodule_states(module: nn.Module) -> dict[str, QModuleState]:
     """The mode of every QModule in ``module``, by qualified name."""
+    _check_module(module, "get_qmodule_states")
     return {name: m.qstate for name, m in iter_qmodules(module)}
 
 
@@ -58,6 +67,7 @@ def qmodule_state(module: nn.Module, mode: QModuleState) -> Iterator[nn.Module]:
 
     Each module gets its own previous mode back on exit, also when the body raises.
     """
+    _check_module(module, "qmodule_state")
     _check_mode(mode)
     saved: list[tuple[QModule, QModuleState]] = [(m, m.qstate) for _, m in iter_qmodules(module)]
     try:
@@ -88,6 +98,7 @@ def restoring_states(module: nn.Module) -> Iterator[nn.Module]:
         >>> model[0].qstate.name, model.training
         ('BYPASSED', True)
     """
+    _check_module(module, "restoring_states")
     modes = [(m, m.qstate) for _, m in iter_qmodules(module)]
     training = [(m, m.training) for m in module.modules()]
     try:
