@@ -77,11 +77,13 @@ def worker(rank: int, world: int, init: str, out: str) -> None:
         calibrate(unsynced, shards)
         after_calib = observer_state(synced)
         # Rank 1 gets no samples at all (its shard of a batch may be empty): it still joins every
-        # all-reduce and ends with rank 0's ranges. A histogram observer all-reduces twice.
-        uneven = {"minmax": build(), "histogram": build(tq.PercentileObserver)}
-        for model in uneven.values():
+        # all-reduce and ends with rank 0's ranges. A histogram observer all-reduces three times
+        # (min, max, counts); a bfloat16 model all-reduces bfloat16 ranges on both ranks.
+        uneven = {"minmax": build(), "histogram": build(tq.PercentileObserver), "bfloat16": build().bfloat16()}
+        for kind, model in uneven.items():
             sync_observers(model)
-            calibrate(model, [x if rank == 0 else x[:0] for x in calib_batches()])
+            dtype = torch.bfloat16 if kind == "bfloat16" else torch.float32
+            calibrate(model, [(x if rank == 0 else x[:0]).to(dtype) for x in calib_batches()])
         uneven_state = {k: observer_state(m) for k, m in uneven.items()}
         # a few QAT steps under DDP: observers keep all-reducing inside the forward
         tq.set_qmodule_state(synced, tq.QModuleState.QUANT_AWARE_TRAIN)
@@ -146,10 +148,11 @@ def test_synced_ranks_equal_single_process_on_concatenated_batches(two_ranks):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["minmax", "histogram"])
+@pytest.mark.parametrize("kind", ["minmax", "histogram", "bfloat16"])
 def test_a_rank_with_an_empty_batch_joins_the_all_reduce(two_ranks, kind):
     single = build(tq.PercentileObserver if kind == "histogram" else None)
-    calibrate(single, calib_batches())  # what rank 0 saw, in one process
+    dtype = torch.bfloat16 if kind == "bfloat16" else torch.float32
+    calibrate(single.to(dtype), [x.to(dtype) for x in calib_batches()])  # what rank 0 saw, in one process
     expected = observer_state(single)
     r0, r1 = (r["uneven"][kind] for r in two_ranks)
     assert r0.keys() == r1.keys() == expected.keys()

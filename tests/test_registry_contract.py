@@ -246,10 +246,14 @@ def test_empty_batch_passes_through_and_changes_no_state(case):
     before = _state(q)
     for mode in (S.CALIBRATION, S.QUANT_AWARE_TRAIN, S.QUANT_EVAL):
         tq.set_qmodule_state(w, mode)
+        w.zero_grad(set_to_none=True)
         y = w(empty)
         assert y.shape == (0, w.layer.out_channels, 6, 6), mode
         if y.requires_grad:
             y.sum().backward()
+        if mode is S.QUANT_AWARE_TRAIN:  # every parameter a non-empty batch trains gets a (zero) gradient: DDP
+            for name, p in q.named_parameters():
+                assert p.grad is not None and not p.grad.any(), name
         _assert_same_state(q, before, mode.name)
 
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .hadamard import hadamard, hadamard_factors, hadamard_transform
 from .layers import BN_FOR_LAYER, LAYER_ADAPTERS, LAYER_ADAPTERS_BY_NAME, fold_bn_params, layer_adapter
-from .quantizers import Quantizer
+from .quantizers import LearnedQuantizer, Quantizer
 from .spec import CONFIG_KEY, decode_entry, encode_entry
 
 __all__ = [
@@ -151,11 +151,14 @@ def _same_tensor(a: Tensor, b: Tensor) -> bool:
 
 def _run_quantizer(q: Quantizer, x: Tensor, observe: bool, quantize: bool) -> Tensor:
     if isinstance(x, Tensor) and x.numel() == 0:
-        # An empty batch (an expert routed no tokens, a detector with no proposals): the output is
+        # An empty batch (a head given no detections, a rank whose data ran out): the output is
         # empty on any grid, so it needs no state. Observers still see it: they keep their state,
         # and one synchronised across ranks joins the all-reduce the other ranks are in.
         if observe:
             q.pre_observe(x)
+        if quantize and isinstance(q, LearnedQuantizer) and q.initialized:
+            # through the quantizer: its parameters get zero gradients, as DDP expects of every rank
+            return q(x)
         return x
     if observe:
         q.pre_observe(x)

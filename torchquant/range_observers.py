@@ -94,7 +94,7 @@ class RangeObserver(RecordsInit, nn.Module):
         host read of the ranges outside a quantizer's forward pass (:meth:`get_ranges`,
         from the quantizer's ``grid()``, export or debugging reports).
 
-        An empty batch (an expert that received no tokens, a detector with no proposals)
+        An empty batch (a second-stage head given no detections, a rank whose data ran out)
         leaves the state as it is; with ``distributed_sync`` the rank still takes part in
         the all-reduce, so it ends with the same ranges as the ranks that had data.
 
@@ -106,26 +106,29 @@ class RangeObserver(RecordsInit, nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"{self._tq_name}: cannot observe a tensor of dtype {x.dtype}")
         x = x.detach()
-        if x.numel() == 0:
-            self._observe_empty(x)
-            return
         kind = type(self).__dict__.get("_kernel_kind")
-        stage = self._stage
-        if (
-            stage is not None
-            and kernels.enabled(x)  # first: under torch.compile nothing below is traced (no guards)
-            and stage[0] == x.shape
-            and stage[1] == x.dtype
-            and stage[2] == x.device
-            and stage[3] is self._buffers["min_val"]  # not reset, moved or reloaded with another shape since
-            and not self.distributed_sync
-        ):
-            # The kernel path again, on a tensor like the last one: reduce into the same buffers.
-            self._observe_kernel(kind, *self.granularity.reduce(x, self._tq_name, stage[4]))
-            return
-        mn, mx = self.granularity.reduce(x, who=self._tq_name)  # compact shapes
-        if self.distributed_sync:
-            mn, mx = self._all_reduce_batch(mn, mx)
+        if x.numel() == 0:
+            ranges = self._empty_batch_ranges(x)
+            if ranges is None:
+                return
+            mn, mx = ranges
+        else:
+            stage = self._stage
+            if (
+                stage is not None
+                and kernels.enabled(x)  # first: under torch.compile nothing below is traced (no guards)
+                and stage[0] == x.shape
+                and stage[1] == x.dtype
+                and stage[2] == x.device
+                and stage[3] is self._buffers["min_val"]  # not reset, moved or reloaded with another shape since
+                and not self.distributed_sync
+            ):
+                # The kernel path again, on a tensor like the last one: reduce into the same buffers.
+                self._observe_kernel(kind, *self.granularity.reduce(x, self._tq_name, stage[4]))
+                return
+            mn, mx = self.granularity.reduce(x, who=self._tq_name)  # compact shapes
+            if self.distributed_sync:
+                mn, mx = self._all_reduce_batch(mn, mx)
         if (
             kind is not None
             and self.initialized
@@ -159,25 +162,26 @@ class RangeObserver(RecordsInit, nn.Module):
             mn, mx = mn.to(self.min_val.dtype), mx.to(self.min_val.dtype)
         self._observe(x, mn, mx)
 
-    def _observe_empty(self, x: Tensor) -> None:
-        """An empty batch: no statistics. A synchronised rank all-reduces the reduction's
-        identity (``+inf`` / ``-inf``) and folds in what the other ranks observed."""
+    def _empty_batch_ranges(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The ranges an empty batch contributes: none, except on a synchronised rank, which
+        all-reduces the reduction's identity (``+inf`` / ``-inf``, in ``x``'s dtype as the other
+        ranks' batch ranges are) and gets what the other ranks observed, to update its state with
+        on the same path as they do (``None`` when no rank had data)."""
         self.granularity.check(x.shape, self._tq_name)  # the shape must still fit the granularity
         if not self.distributed_sync:
-            return
+            return None
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
-            return
-        dt = compute_dtype(x)
+            return None
         shape = self.granularity.compact_shape(x.shape)
-        mn = torch.full(shape, torch.inf, dtype=dt, device=x.device)
-        mx = torch.full(shape, -torch.inf, dtype=dt, device=x.device)
+        mn = torch.full(shape, torch.inf, dtype=x.dtype, device=x.device)
+        mx = torch.full(shape, -torch.inf, dtype=x.dtype, device=x.device)
         dist.all_reduce(mn, op=dist.ReduceOp.MIN, group=self.process_group)
         dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=self.process_group)
         if bool(torch.isposinf(mn).all()):  # the same on every rank: no rank had data
-            return
-        self._fold(x, mn, mx)  # another rank's NaN or Inf raises here as it does there
+            return None
+        return mn, mx
 
     def get_ranges(self) -> tuple[Tensor, Tensor]:
         """``(min, max)``, shaped to broadcast against the observed tensor.
