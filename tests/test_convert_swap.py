@@ -115,9 +115,7 @@ def test_modules_using_their_own_weights_are_reported_and_warned(method):
     assert reasons["rnn"].startswith("LSTM keeps float weights")
     rows = {r["name"]: r for r in tq.summary_rows(q)}
     if method == "swap":
-        assert reasons["router"] == (
-            "_Router uses its parameter weight (3, 4) itself, not through a layer torchquant converts"
-        )
+        assert reasons["router"] == "no rule for _Router: its weight (3, 4) stays float"
         assert rows["experts"]["kind"] == "QExperts"
     else:
         assert reasons["experts"] == (
@@ -163,3 +161,32 @@ def test_layers_left_in_float_are_named_in_a_warning():
         warnings.simplefilter("error", tq.FloatLayersWarning)
         tq.quantize_model(nn.Sequential(nn.Linear(4, 4), Sub(4, 4)), w8, None, method="swap", skip=["1"])
         tq.quantize_model(nn.TransformerEncoderLayer(16, 2, 32), w8, None, method="swap")
+
+
+def test_what_counts_as_a_weight_of_its_own():
+    """Matrices named like weights are reported; position tables, scales and temperatures are not."""
+
+    class Tables(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(4, 13, 13))  # (heads, 2H-1, 2W-1)
+            self.freqs = nn.Parameter(torch.zeros(2, 4, 8))
+            self.pos_emb = nn.Parameter(torch.zeros(31, 31, 16))
+            self.temperature = nn.Parameter(torch.ones(4, 1, 1))
+            self.weight = nn.Parameter(torch.ones(1, 1, 1, 8))  # ConvNeXt V2's GRN: a scale
+
+    class Projections(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Parameter(torch.zeros(8, 4))
+            self.text_projection = nn.Parameter(torch.zeros(8, 4))
+            self.router_weights = nn.Parameter(torch.zeros(3, 8))
+
+    model = nn.Sequential(
+        Tables(), Projections(), nn.utils.parametrizations.weight_norm(nn.ConvTranspose1d(2, 3, 5)), nn.Linear(2, 2)
+    )
+    assert tq.convert.unconverted_weights(model) == {
+        "1": "Projections uses its parameters proj (8, 4), text_projection (8, 4), router_weights (3, 8) itself, "
+        "not through a layer torchquant converts",
+        "2": "no rule for ConvTranspose1d: its weight (2, 3, 5) stays float",
+    }

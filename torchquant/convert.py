@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable, Iterable
 
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .factories import QuantizerFactory
 from .graph.common import FLOAT_REASONS_ATTR, SkipSpec, check_skip, place_quantizers, skip_reason
@@ -52,16 +53,34 @@ _NOT_WEIGHTED = (
 )
 
 
+_WEIGHT_NAMES = ("weight", "proj", "projection")
+_WEIGHT_SUFFIXES = ("_weight", "_weights", "_proj", "_projection")
+
+
 def _weight_like(name: str, t: Tensor) -> bool:
-    """Whether a parameter registered on a module itself is used as a layer's weight: named ``weight``,
-    ``weight_*``, ``*_weight`` or ``*_proj`` with two or more dimensions (a router's ``weight``, an RNN's
-    ``weight_ih_l0``), or a stack of matrices (three or more dimensions, more than one along the first
-    and the last two: an MoE expert bank ``(experts, out, in)``)."""
-    if t.dim() < 2:
+    """Whether a parameter a module registers on itself is used as a layer's weight: a matrix or a
+    stack of them (at least two dimensions larger than 1) named ``weight``, ``weight_*``, ``*_weight(s)``,
+    ``proj``, ``*_proj``, ``projection`` or ``*_projection``."""
+    if sum(d > 1 for d in t.shape) < 2:  # a scale, a bias, a (heads, 1, 1) temperature
         return False
-    if name == "weight" or name.startswith("weight_") or name.endswith(("_weight", "_proj")):
+    return name in _WEIGHT_NAMES or name.startswith("weight_") or name.endswith(_WEIGHT_SUFFIXES)
+
+
+def _own_weights(m: nn.Module, held_params: set[int]) -> list[tuple[str, Tensor]]:
+    """``m``'s own weight-like parameters that no QModule holds, a parametrized one (weight norm) included."""
+    own = [(p, t) for p, t in m.named_parameters(recurse=False) if id(t) not in held_params and _weight_like(p, t)]
+    if parametrize.is_parametrized(m):
+        own += [(p, getattr(m, p)) for p in m.parametrizations]
+        own = [(p, t) for p, t in own if _weight_like(p, t)]
+    return own
+
+
+def _under(name: str, prefixes: set[str]) -> bool:
+    """Whether ``name`` is one of ``prefixes`` or inside one (``""`` is the whole model)."""
+    if "" in prefixes:
         return True
-    return t.dim() >= 3 and t.shape[0] > 1 and t.shape[-2] > 1 and t.shape[-1] > 1  # not (heads, 1, 1) scales
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in prefixes for i in range(1, len(parts) + 1))
 
 
 def unconverted_weights(model: nn.Module) -> dict[str, str]:
@@ -69,12 +88,12 @@ def unconverted_weights(model: nn.Module) -> dict[str, str]:
 
     The layer types of :data:`~torchquant.layers.LAYER_ADAPTERS` are not listed here (the
     summary and :func:`float_layers` name those when they stay float), nor are parameters a
-    QModule also holds (a weight torch.fx moved into a ``QWrapper``). A weight here is a parameter
-    named ``weight``, ``weight_*``, ``*_weight`` or ``*_proj`` with two or more dimensions (a
-    router's ``weight``, an LSTM's ``weight_ih_l0``), or a stack of matrices (three or more
-    dimensions, more than one along the first and the last two: an MoE expert bank); position
-    embeddings, class tokens (``(1, n, d)``), per-head scales (``(heads, 1, 1)``) and 1-d scales are
-    not, nor are embedding tables and normalisation layers.
+    QModule also holds (a weight torch.fx moved into a ``QWrapper``), embedding tables and
+    normalisation layers. A weight here is a parameter with at least two dimensions larger
+    than 1 named ``weight``, ``weight_*``, ``*_weight``, ``*_weights``, ``proj``, ``*_proj``,
+    ``projection`` or ``*_projection``: a router's ``weight``, an LSTM's ``weight_ih_l0``, a
+    ``ConvTranspose2d``'s weight, an MoE expert bank's ``gate_up_proj``. Position embeddings,
+    class tokens, relative-position tables and per-head scales are not (by name or shape).
 
     Args:
         model: any model, typically the output of :func:`quantize_model`.
@@ -84,23 +103,25 @@ def unconverted_weights(model: nn.Module) -> dict[str, str]:
 
     Example:
         >>> import torch
-        >>> class Experts(nn.Module):  # an MoE expert bank, as transformers 5 stores one
+        >>> class Mixer(nn.Module):
         ...     def __init__(self):
         ...         super().__init__()
-        ...         self.down_proj = nn.Parameter(torch.randn(4, 8, 16))
-        >>> unconverted_weights(nn.Sequential(nn.Linear(8, 8), Experts()))
-        {'1': 'Experts uses its parameter down_proj (4, 8, 16) itself, not through a layer torchquant converts'}
+        ...         self.token_proj = nn.Parameter(torch.randn(16, 16))
+        ...         self.pos_embed = nn.Parameter(torch.randn(1, 16, 8))
+        >>> unconverted_weights(nn.Sequential(nn.Linear(8, 8), Mixer(), nn.ConvTranspose1d(2, 2, 3)))
+        {'1': 'Mixer uses its parameter token_proj (16, 16) itself, not through a layer torchquant converts', \
+'2': 'no rule for ConvTranspose1d: its weight (2, 2, 3) stays float'}
     """
     qmodules = [(n, m) for n, m in model.named_modules() if isinstance(m, QModule)]
-    held = [n for n, _ in qmodules]
+    held = {n for n, _ in qmodules}
     held_params = {id(p) for _, m in qmodules for p in m.parameters()}
     out: dict[str, str] = {}
     for name, m in model.named_modules():
-        if isinstance(m, QModule) or _under(name, held):
+        if isinstance(m, (QModule, parametrize.ParametrizationList)) or _under(name, held):
             continue
         if isinstance(m, _NOT_WEIGHTED) or is_normalization(m) or layer_adapter(m) is not None:
             continue
-        own = [(p, t) for p, t in m.named_parameters(recurse=False) if id(t) not in held_params and _weight_like(p, t)]
+        own = _own_weights(m, held_params)
         if not own:
             continue
         if isinstance(m, nn.RNNBase):
@@ -109,28 +130,27 @@ def unconverted_weights(model: nn.Module) -> dict[str, str]:
                 "itself; torchquant has no rule for it"
             )
             continue
-        listed = ", ".join(f"{p} {tuple(t.shape)}" for p, t in own)
-        out[name] = (
-            f"{type(m).__name__} uses its parameter{'s' * (len(own) > 1)} {listed} itself, "
-            "not through a layer torchquant converts"
-        )
+        # parametrize makes a subclass "Parametrized<Cls>" holding a "parametrizations" dict
+        cls = (type(m).__bases__[0] if parametrize.is_parametrized(m) else type(m)).__name__
+        if [p for p, _ in own] == ["weight"] and all(n == "parametrizations" for n, _ in m.named_children()):
+            out[name] = f"no rule for {cls}: its weight {tuple(own[0][1].shape)} stays float"
+        else:
+            listed = ", ".join(f"{p} {tuple(t.shape)}" for p, t in own)
+            plural = "s" * (len(own) > 1)
+            out[name] = f"{cls} uses its parameter{plural} {listed} itself, not through a layer torchquant converts"
     return out
-
-
-def _under(name: str, prefixes: list[str]) -> bool:
-    return any(h == "" or name == h or name.startswith(h + ".") for h in prefixes)
 
 
 def float_layers(model: nn.Module, skip: tuple = ()) -> list[str]:
     """Qualified names of the modules whose weights stay float and that ``skip`` does not name (neither
     the module nor one above it): layers with weights (Linear, Conv, Embedding, ...) that no QModule
-    holds, and the modules of :func:`unconverted_weights` (an MoE expert bank, a router, an LSTM), in module order."""
-    held: list[str] = []
+    holds, and the modules of :func:`unconverted_weights` (a router, an LSTM, a ConvTranspose), in module order."""
+    held: set[str] = set()
     out = []
     raw = unconverted_weights(model)
     for name, m in model.named_modules():
         if isinstance(m, QModule):
-            held.append(name)
+            held.add(name)
             continue
         if not (isinstance(m, LAYER_TYPES) or layer_adapter(m) is not None or name in raw):
             continue
