@@ -114,6 +114,42 @@ def test_norms_only_skips_groups_after_a_linear_layer():
     assert res.skipped == {"down": "its input comes from up, not a normalisation (targets='norms')"}
 
 
+class _Router(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, D))
+
+    def forward(self, h):
+        return nn.functional.linear(h.view(-1, D), self.weight).softmax(-1)
+
+
+class _Routed(_MLPBlock):
+    """The norm's output also feeds a router with a bare weight (DeepSeek / GLM MoE blocks: shared experts,
+    router and routed experts all read it): scales folded into the norm would change the router."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = _Router()
+
+    def forward(self, x):
+        h = self.norm(x)
+        return x + self.down(nn.functional.silu(self.gate(h)) * self.up(h)) * self.router(h)[:, :1]
+
+
+def test_a_norm_whose_output_another_module_reads_takes_no_scales():
+    torch.manual_seed(0)
+    net = _Routed()
+    with torch.no_grad():
+        net.norm.weight.copy_(torch.rand(D) * 10)
+    w8 = lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0), symmetric=True)  # noqa: E731
+    q = tq.quantize_model(net, w8, lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax()), method="swap")
+    x = _inputs()
+    before = _float(q, x)
+    res = smoothquant(q, [x], progress=False)
+    assert "gate,up" in res.skipped and res.folded == {"down": "up"}
+    torch.testing.assert_close(_float(q, x), before, rtol=1e-5, atol=1e-6 * float(before.abs().max()))
+
+
 @pytest.mark.parametrize(
     "opts, match", [({"alpha": 1.5}, "alpha"), ({"alpha": True}, "alpha"), ({"targets": "some"}, "targets")]
 )

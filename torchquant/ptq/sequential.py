@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import is_normalization
-from ..qmodules import QModuleState, QWrapper, iter_qmodules
+from ..qmodules import QModule, QModuleState, QWrapper, iter_qmodules
 from ..utils import cached_quantized_weights, progress_bar, qmodule_state
 from ._common import _Stop, call_model
 
@@ -282,11 +282,22 @@ def _probe(block: Block) -> _Probe:
         if isinstance(out, Tensor):
             norm_out.append((mod, out))
 
+    # Other modules with weights (a router, an expert bank, a QOp) that read a tensor: a norm's
+    # output they read too cannot take a group's scales (their function would change).
+    readers: list[tuple[nn.Module, Tensor]] = []
+
+    def read(mod, args):
+        if args and isinstance(args[0], Tensor):
+            readers.append((mod, args[0]))
+
+    inside = {id(x) for _, w in block.layers for x in w.modules()}  # the wrappers, their layers and quantizers
     for _, m in block.layers:
         handles.append(m.register_forward_pre_hook(pre))
     for m in block.module.modules():
         if is_normalization(m):
             handles.append(m.register_forward_hook(post))
+        elif id(m) not in inside and (isinstance(m, QModule) or next(m.parameters(recurse=False), None) is not None):
+            handles.append(m.register_forward_pre_hook(read))
     try:
         with qmodule_state(block.module, QModuleState.BYPASSED), torch.no_grad():
             block._call(0)
@@ -302,9 +313,18 @@ def _probe(block: Block) -> _Probe:
     norm_of = {}
     for g in groups:
         for norm, out in norm_out:
-            if out is inputs[g[0]]:
+            if out is inputs[g[0]] and not _read_elsewhere(out, g, inputs, readers):
                 norm_of[g[0]] = norm
     return _Probe(order, groups, norm_of, all(c == 1 for c in counts.values()))
+
+
+def _read_elsewhere(
+    out: Tensor, group: list[QWrapper], inputs: dict[QWrapper, Tensor], readers: list[tuple[nn.Module, Tensor]]
+) -> bool:
+    """Whether a module outside ``group`` reads ``out`` or a view of it (the same storage)."""
+    storage = out.untyped_storage().data_ptr()
+    others = [x for m, x in inputs.items() if m not in group] + [x for _, x in readers]
+    return any(x.untyped_storage().data_ptr() == storage for x in others)
 
 
 def _in_features(w: QWrapper) -> int | None:
