@@ -181,12 +181,13 @@ def test_what_counts_as_a_weight_of_its_own():
             self.proj = nn.Parameter(torch.zeros(8, 4))
             self.text_projection = nn.Parameter(torch.zeros(8, 4))
             self.router_weights = nn.Parameter(torch.zeros(3, 8))
+            self.w1 = nn.Parameter(torch.zeros(12, 8))  # DBRX's experts: w1, v1, w2
 
     model = nn.Sequential(
         Tables(), Projections(), nn.utils.parametrizations.weight_norm(nn.ConvTranspose1d(2, 3, 5)), nn.Linear(2, 2)
     )
     assert tq.convert.unconverted_weights(model) == {
-        "1": "Projections uses its parameters proj (8, 4), text_projection (8, 4), router_weights (3, 8) itself, "
-        "not through a layer torchquant converts",
+        "1": "Projections uses its parameters proj (8, 4), text_projection (8, 4), router_weights (3, 8), "
+        "w1 (12, 8) itself, not through a layer torchquant converts",
         "2": "no rule for ConvTranspose1d: its weight (2, 3, 5) stays float",
     }

@@ -18,9 +18,13 @@ class Experts(nn.Module):
     """An expert bank as transformers 5 stores one: ``(E, out, in)`` banks, or ``(E, in, out)`` transposed;
     each token goes to the experts in ``index`` ``(T, k)`` with the weights ``scores`` ``(T, k)``."""
 
-    def __init__(self, n: int = 3, d: int = 8, h: int = 12, *, transposed: bool = False, gate: bool = True) -> None:
+    def __init__(
+        self, n: int = 3, d: int = 8, h: int = 12, *, transposed: bool = False, gate: bool = True, flag: bool = True
+    ) -> None:
         super().__init__()
-        self.is_transposed = transposed
+        if flag:  # transformers' experts say is_transposed; Llama 4's store (E, in, out) without saying so
+            self.is_transposed = transposed
+        self.transposed = transposed
         first = "gate_up_proj" if gate else "up_proj"
         shape1, shape2 = (
             ((n, d, 2 * h if gate else h), (n, h, d)) if transposed else ((n, 2 * h if gate else h, d), (n, d, h))
@@ -31,7 +35,7 @@ class Experts(nn.Module):
 
     def _w(self, name: str, e: int) -> torch.Tensor:
         w = getattr(self, name)[e]
-        return w.T if self.is_transposed else w  # (out, in)
+        return w.T if self.transposed else w  # (out, in)
 
     def forward(self, x, index, scores):
         out = torch.zeros_like(x)
@@ -72,13 +76,22 @@ def test_expert_banks_are_found_by_their_parameters():
     m = nn.Module()
     m.gate_up_proj = nn.Parameter(torch.randn(3, 4, 4))  # no down_proj
     assert expert_banks(m) == []
+    m = Experts(gate=False)
+    m.gate_proj = nn.Parameter(torch.randn(3, 12, 8))  # a third bank: a layout QExperts does not know
+    assert expert_banks(m) == []
+    assert "gate_proj (3, 12, 8)" in tq.convert.unconverted_weights(nn.Sequential(m))["0"]
+    m = Experts(transposed=True)
+    m.gate_up_proj_bias = nn.Parameter(torch.zeros(3, 24))  # biases are fine (GPT-OSS)
+    assert expert_banks(m) == ["gate_up_proj", "down_proj"]
 
 
-@pytest.mark.parametrize("transposed", [False, True], ids=["out-in", "in-out"])
+@pytest.mark.parametrize(
+    ("transposed", "flag"), [(False, True), (True, True), (True, False)], ids=["out-in", "in-out", "in-out-unflagged"]
+)
 @pytest.mark.parametrize("make", [w4, w8_per_channel], ids=["w4-per-group", "w8-per-channel"])
-def test_each_expert_is_quantized_as_a_linear_weight(transposed, make):
+def test_each_expert_is_quantized_as_a_linear_weight(transposed, flag, make):
     torch.manual_seed(0)
-    layer = Experts(transposed=transposed)
+    layer = Experts(transposed=transposed, flag=flag)
     q = QExperts(copy.deepcopy(layer), {"gate_up_proj": make(), "down_proj": make()})
     x, index, scores = _routing()
     assert torch.equal(q(x, index, scores), layer(x, index, scores))  # BYPASSED: the module itself

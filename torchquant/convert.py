@@ -60,10 +60,12 @@ _WEIGHT_SUFFIXES = ("_weight", "_weights", "_proj", "_projection")
 def _weight_like(name: str, t: Tensor) -> bool:
     """Whether a parameter a module registers on itself is used as a layer's weight: a matrix or a
     stack of them (at least two dimensions larger than 1) named ``weight``, ``weight_*``, ``*_weight(s)``,
-    ``proj``, ``*_proj``, ``projection`` or ``*_projection``."""
+    ``proj``, ``*_proj``, ``projection``, ``*_projection``, or ``w1``/``w2``/``w3``/``v1`` (FFN weights)."""
     if sum(d > 1 for d in t.shape) < 2:  # a scale, a bias, a (heads, 1, 1) temperature
         return False
-    return name in _WEIGHT_NAMES or name.startswith("weight_") or name.endswith(_WEIGHT_SUFFIXES)
+    if name in _WEIGHT_NAMES or name.startswith("weight_") or name.endswith(_WEIGHT_SUFFIXES):
+        return True
+    return len(name) == 2 and name[0] in "wv" and name[1].isdigit()  # w1, w2, w3, v1: FFN weights (DBRX)
 
 
 def _own_weights(m: nn.Module, held_params: set[int]) -> list[tuple[str, Tensor]]:
@@ -91,8 +93,9 @@ def unconverted_weights(model: nn.Module) -> dict[str, str]:
     QModule also holds (a weight torch.fx moved into a ``QWrapper``), embedding tables and
     normalisation layers. A weight here is a parameter with at least two dimensions larger
     than 1 named ``weight``, ``weight_*``, ``*_weight``, ``*_weights``, ``proj``, ``*_proj``,
-    ``projection`` or ``*_projection``: a router's ``weight``, an LSTM's ``weight_ih_l0``, a
-    ``ConvTranspose2d``'s weight, an MoE expert bank's ``gate_up_proj``. Position embeddings,
+    ``projection``, ``*_projection``, ``w1``/``w2``/``w3`` or ``v1``: a router's ``weight``, an
+    LSTM's ``weight_ih_l0``, a ``ConvTranspose2d``'s weight, an MoE expert bank's ``gate_up_proj``
+    or DBRX's ``w1``. Position embeddings,
     class tokens, relative-position tables and per-head scales are not (by name or shape).
 
     Args:

@@ -34,7 +34,10 @@ def expert_banks(module: nn.Module) -> list[str]:
     """The expert-bank parameters of ``module`` (``["gate_up_proj", "down_proj"]``), or ``[]`` if it is none.
 
     A module is an expert bank when it has a ``down_proj`` and a ``gate_up_proj`` or
-    ``up_proj`` parameter, each with three dimensions and the same number of experts.
+    ``up_proj`` parameter, each with three dimensions and the same number of experts, and
+    no other parameter of two or more dimensions besides biases (``*_bias``). The banks are
+    stored ``(E, out, in)``, or ``(E, in, out)`` when the module says ``is_transposed`` or,
+    lacking that flag, when the shapes of ``gate_up_proj`` and ``down_proj`` only chain that way.
 
     Example:
         >>> m = nn.Module()
@@ -46,7 +49,23 @@ def expert_banks(module: nn.Module) -> list[str]:
     found = [n for n in _ROLES if isinstance(params.get(n), Tensor) and params[n].dim() == 3]
     if "down_proj" not in found or len(found) < 2 or len({params[n].shape[0] for n in found}) != 1:
         return []
+    # Another matrix besides the banks (a separate gate_proj bank): not a layout QExperts knows.
+    others = [n for n, p in params.items() if n not in found and p is not None and p.dim() >= 2]
+    if any(not n.endswith("_bias") for n in others):
+        return []
     return found
+
+
+def _transposed(layer: nn.Module, banks: list[str]) -> bool:
+    """Whether the banks are stored ``(E, in, out)``: the layer's ``is_transposed``, else, for
+    ``gate_up_proj``, from the shapes (the two products must chain through the hidden size)."""
+    flag = getattr(layer, "is_transposed", None)
+    if isinstance(flag, bool):
+        return flag
+    if banks[0] != "gate_up_proj":  # up (E, a, b) and down (E, b, a) chain either way: the usual layout
+        return False
+    g, d = layer._parameters["gate_up_proj"].shape, layer._parameters["down_proj"].shape
+    return g[1] == d[2] and g[2] != d[1]  # (E, H, 2I) and (E, I, H), as Llama 4 stores them
 
 
 def _rows(bank: Tensor, transposed: bool) -> Tensor:
@@ -130,7 +149,7 @@ class QExperts(_LayerAttributes, QModule):
                 raise TypeError(f"QExperts: quantizers must be Quantizer instances or None, got {type(q).__name__}")
         self.layer = layer
         self.banks = banks
-        self.transposed = bool(getattr(layer, "is_transposed", False))
+        self.transposed = _transposed(layer, banks)
         # registered even while None: forward reads them from _modules
         for bank in banks:
             self.register_module(f"{_ROLES[bank]}_quantizer", weight_quantizers.get(bank))

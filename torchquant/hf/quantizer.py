@@ -31,7 +31,7 @@ from transformers.quantizers import HfQuantizer, register_quantizer
 from transformers.quantizers.auto import register_quantization_config
 
 from ..convert import CONVERSIONS_ATTR, quantize_model, record_conversion
-from ..layers import is_normalization, layer_adapter
+from ..layers import LAYER_TYPES, is_normalization
 from ..moe import QExperts, expert_banks
 from ..qmodules import QModuleState, QWrapper, iter_qmodules
 from ..quantizers.base import RangeQuantizer
@@ -68,7 +68,7 @@ def _routers(model: nn.Module) -> list[str]:
             continue
         for key, child in parent.named_children():
             w = child._parameters.get("weight")
-            if isinstance(w, torch.Tensor) and w.dim() == 2 and layer_adapter(child) is None:
+            if isinstance(w, torch.Tensor) and w.dim() == 2 and not isinstance(child, LAYER_TYPES):
                 out.append(f"{name}.{key}" if name else key)
     return out
 
@@ -257,11 +257,12 @@ def initial_mode(model: nn.Module) -> QModuleState:
     with torch.no_grad():
         for name, m in iter_qmodules(model):
             if (isinstance(m, QWrapper) and m.weight_quantizer is not None) or isinstance(m, QExperts):
+                key = f"{name}.*" if isinstance(m, QExperts) else name  # a bank's spec: "<name>.<bank>"
                 try:
                     m.observe_weight()
                 except ValueError as e:
                     raise ValueError(
-                        f"{e}. Give {name!r} another spec (TorchQuantConfig(overrides={{{name!r}: "
+                        f"{e}. Give {name!r} another spec (TorchQuantConfig(overrides={{{key!r}: "
                         "{'weights': 'int8'}})) or keep it in float (modules_to_not_convert)"
                     ) from e
     needs_data = any(_needs_data(q) for _, m in iter_qmodules(model) for q in m.quantizers().values())
