@@ -214,3 +214,13 @@ def test_gptq_says_it_leaves_the_banks_alone():
     tq.calibrate(q, [x], progress=False)
     with pytest.warns(UserWarning, match=r"gptq: 1 mixture-of-experts bank\(s\) keep their round-to-nearest weights"):
         tq.ptq.gptq(q, [x], progress=False)
+
+
+def test_sqnr_report_lists_the_banks_as_weights():
+    torch.manual_seed(0)
+    q = tq.quantize_model(_Moe(), lambda m, n: w4(), None, method="swap")
+    x = torch.randn(10, 8)
+    tq.calibrate(q, [x], progress=False)
+    tq.set_qmodule_state(q, S.QUANT_EVAL)
+    kinds = {r["point"]: r["kind"] for r in tq.debug.sqnr_report(q, x).rows}
+    assert kinds["experts.gate_up_quantizer"] == kinds["experts.down_quantizer"] == "weight"

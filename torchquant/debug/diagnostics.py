@@ -151,7 +151,10 @@ def sqnr_report(model: nn.Module, data: Data) -> Report:
     for owner, m in mods:
         for attr, q in m.quantizers().items():
             name = f"{owner}.{attr}" if owner else attr
-            kind = "weight" if isinstance(m, QWrapper) and q is m.weight_quantizer else "activation"
+            weight_roles = getattr(m, "WEIGHT_ROLES", ())  # QMultiheadAttention's, QExperts' weight quantizers
+            role = attr.removesuffix("_quantizer")
+            is_weight = (isinstance(m, QWrapper) and q is m.weight_quantizer) or role in weight_roles
+            kind = "weight" if is_weight else "activation"
             rows.append(
                 {"point": name, "kind": kind, "quantizer": type(q).__name__, "n_bits": getattr(q, "n_bits", None)}
             )
