@@ -125,7 +125,7 @@ def test_every_conv_linear_attention_and_rnn_is_quantized_or_reported(lobe):
     # nn.LSTM and relative-position attention stay float with the reason; nothing else does
     want_float = {n for n, m in q.named_modules() if isinstance(m, nn.RNNBase) or type(m).__name__ == "RelPosMHAXL"}
     assert set(floats) == want_float
-    assert all("directly" in note or "fused recurrent kernel" in note for note in floats.values())
+    assert all("itself" in note for note in floats.values())
     tq.set_qmodule_state(q, tq.QModuleState.CALIBRATION)
     call(q, x)
     tq.set_qmodule_state(q, tq.QModuleState.QUANT_EVAL)
@@ -163,7 +163,10 @@ def test_raw_weight_reasons_of_a_plain_model():
     model = nn.Sequential(nn.GRU(4, 4), nn.LayerNorm(4), nn.BatchNorm1d(4), SincConv(8, 31, in_channels=1))
     reasons = raw_weight_reasons(model)
     assert list(reasons) == ["0", "3"]
-    assert reasons["3"] == "SincConv uses its parameters low_hz_, band_hz_ directly (no Conv/Linear inside)"
+    assert reasons["3"] == (
+        "SincConv uses its parameters low_hz_ (8, 1), band_hz_ (8, 1) itself, not through a layer torchquant converts"
+    )
+    assert reasons["0"].startswith("GRU keeps float weights") and "use speechbrain's LiGRU/QuasiRNN" in reasons["0"]
 
 
 def test_schedule_modes_and_errors():

@@ -9,7 +9,7 @@ graph (layers and functional operations, see :mod:`torchquant.graph.fx`);
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -68,24 +68,27 @@ def _weight_like(name: str, t: Tensor) -> bool:
     return len(name) == 2 and name[0] in "wv" and name[1].isdigit()  # w1, w2, w3, v1: FFN weights (DBRX)
 
 
-def _own_weights(m: nn.Module, held_params: set[int]) -> list[tuple[str, Tensor]]:
+def _own_weights(
+    m: nn.Module, held_params: set[int], weight_like: Callable[[str, Tensor], bool]
+) -> list[tuple[str, Tensor]]:
     """``m``'s own weight-like parameters that no QModule holds, a parametrized one (weight norm) included."""
-    own = [(p, t) for p, t in m.named_parameters(recurse=False) if id(t) not in held_params and _weight_like(p, t)]
+    own = [(p, t) for p, t in m.named_parameters(recurse=False) if id(t) not in held_params]
     if parametrize.is_parametrized(m):
         own += [(p, getattr(m, p)) for p in m.parametrizations]
-        own = [(p, t) for p, t in own if _weight_like(p, t)]
-    return own
+    return [(p, t) for p, t in own if weight_like(p, t)]
 
 
-def _under(name: str, prefixes: set[str]) -> bool:
-    """Whether ``name`` is one of ``prefixes`` or inside one (``""`` is the whole model)."""
+def _under(name: str, prefixes: Container[str]) -> bool:
+    """Whether ``name`` is one of ``prefixes`` (a set, a dict's keys) or inside one (``""`` is the whole model)."""
     if "" in prefixes:
         return True
     parts = name.split(".")
     return any(".".join(parts[:i]) in prefixes for i in range(1, len(parts) + 1))
 
 
-def unconverted_weights(model: nn.Module) -> dict[str, str]:
+def unconverted_weights(
+    model: nn.Module, *, weight_like: Callable[[str, Tensor], bool] | None = None
+) -> dict[str, str]:
     """Modules outside any QModule that use weight parameters of their own instead of a layer torchquant converts.
 
     The layer types of :data:`~torchquant.layers.LAYER_ADAPTERS` are not listed here (the
@@ -100,6 +103,9 @@ def unconverted_weights(model: nn.Module) -> dict[str, str]:
 
     Args:
         model: any model, typically the output of :func:`quantize_model`.
+        weight_like: ``(parameter name, tensor) -> bool``, what counts as a weight instead
+            of the rule above (an integration whose models keep weights under other names
+            passes a broader one).
 
     Returns:
         ``{qualified name: why its weights stay float}``, in module order.
@@ -124,7 +130,7 @@ def unconverted_weights(model: nn.Module) -> dict[str, str]:
             continue
         if isinstance(m, _NOT_WEIGHTED) or is_normalization(m) or layer_adapter(m) is not None:
             continue
-        own = _own_weights(m, held_params)
+        own = _own_weights(m, held_params, weight_like or _weight_like)
         if not own:
             continue
         if isinstance(m, nn.RNNBase):

@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from .convert import unconverted_weights
+from .convert import _under, unconverted_weights
 from .graph.common import FLOAT_REASONS_ATTR
 from .layers import LAYER_TYPES, layer_adapter
 from .qmodules import QModule, QOp, QWrapper
@@ -69,10 +69,6 @@ def _float_reasons(model: nn.Module) -> dict[str, str]:
     return reasons
 
 
-def _covered(name: str, prefixes: list[str]) -> bool:
-    return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
-
-
 def _rotation_text(m: nn.Module) -> str:
     rot = getattr(m, "head_rotation", None)  # QAttention's query/key rotation (QuaRot)
     return "" if rot is None else f" after {type(rot).__name__}(query, key)"
@@ -99,10 +95,10 @@ def summary_rows(model: nn.Module) -> list[dict[str, Any]]:
         The rows.
     """
     rows: list[dict[str, Any]] = []
-    qnames: list[str] = []
+    qnames: set[str] = set()
     for name, m in model.named_modules():
         if isinstance(m, QModule):
-            qnames.append(name)
+            qnames.add(name)
         if isinstance(m, QWrapper):
             layers = "+".join(type(x).__name__ for x in (m.input_transform, m.layer, m.bn, m.act) if x is not None)
             wq, aq, iq = m.weight_quantizer, m.acts_quantizer, m.input_quantizer
@@ -163,7 +159,7 @@ def summary_rows(model: nn.Module) -> list[dict[str, Any]]:
     raw = unconverted_weights(model)
     for name, m in model.named_modules():
         is_layer = isinstance(m, LAYER_TYPES) or layer_adapter(m) is not None
-        if (is_layer or name in raw) and not _covered(name, qnames) and not _covered(name, list(floats)):
+        if (is_layer or name in raw) and not _under(name, qnames) and not _under(name, floats):
             floats[name] = (type(m).__name__, raw.get(name, "not converted"))
     for name, (layers, reason) in floats.items():
         rows.append(

@@ -80,8 +80,8 @@ def _swap(module, prefix, wf, af, skip, fold_bn, norm_outputs, reasons: dict[str
                 module._modules[key] = make_qmha(child, name, wf, af)
             else:
                 reasons[name] = why
-        elif expert_banks(child):
-            wq = {bank: call_factory(wf, child, f"{name}.{bank}", "weight_quantizer") for bank in expert_banks(child)}
+        elif banks := expert_banks(child):
+            wq = {bank: call_factory(wf, child, f"{name}.{bank}", "weight_quantizer") for bank in banks}
             module._modules[key] = QExperts(child, wq).train(child.training)
         elif type(child) in FLOAT_LAYERS:
             reasons[name] = FLOAT_LAYERS[type(child)]

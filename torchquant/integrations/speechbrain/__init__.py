@@ -29,11 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...convert import quantize_model
+from ...convert import quantize_model, unconverted_weights
 from ...factories import QuantizerFactory
 from ...graph.common import FLOAT_REASONS_ATTR, SkipSpec, check_skip
-from ...layers import LAYER_TYPES, is_normalization, layer_adapter
-from ...qmodules import QModule, QModuleState
+from ...qmodules import QModuleState
 from ...utils import set_qmodule_state
 
 __all__ = ["QATBrainMixin", "QATSchedule", "feature_types", "quantize_speechbrain", "raw_weight_reasons"]
@@ -63,18 +62,14 @@ def feature_types() -> tuple[type[nn.Module], ...]:
     return tuple(out)
 
 
-def _held(name: str, prefixes: list[str]) -> bool:
-    return any(p == "" or name == p or name.startswith(p + ".") for p in prefixes)
-
-
 def raw_weight_reasons(model: nn.Module) -> dict[str, str]:
     """Modules outside any QModule that use weight Parameters of their own (not a layer's), with why
     they stay in float.
 
-    ``nn.RNNBase`` (LSTM, GRU, RNN: fused recurrent kernels) and any other module with a parameter
-    of two or more dimensions registered on itself (relative-position attention's input projection,
-    ``SincConv``'s ``(out, 1)`` band edges); normalisation layers and the layer types torchquant
-    converts (which :func:`torchquant.summary` lists itself when they stay float) are not.
+    :func:`torchquant.convert.unconverted_weights` with every parameter of two or more
+    dimensions counted as a weight (relative-position attention's input projection,
+    ``SincConv``'s ``(out, 1)`` band edges), and, for ``nn.RNNBase`` (LSTM, GRU, RNN: fused
+    recurrent kernels), the SpeechBrain layers that do quantize.
 
     Args:
         model: any model, typically after :func:`quantize_speechbrain`.
@@ -87,23 +82,11 @@ def raw_weight_reasons(model: nn.Module) -> dict[str, str]:
         >>> sorted(raw_weight_reasons(nn.Sequential(nn.Linear(4, 4), nn.GRU(4, 4), nn.LayerNorm(4))))
         ['1']
     """
-    qnames = [n for n, m in model.named_modules() if isinstance(m, QModule)]
-    out: dict[str, str] = {}
+    reasons = unconverted_weights(model, weight_like=lambda name, t: t.dim() >= 2)
     for name, m in model.named_modules():
-        if isinstance(m, QModule) or _held(name, qnames) or is_normalization(m):
-            continue
-        if isinstance(m, LAYER_TYPES) or layer_adapter(m) is not None:  # the summary reports these itself
-            continue
-        if isinstance(m, nn.RNNBase):
-            out[name] = (
-                f"{type(m).__name__} keeps float weights: its fused recurrent kernel reads weight_ih/weight_hh "
-                "directly; no QWrapper rule (use speechbrain's LiGRU/QuasiRNN, built on Linear, to quantize)"
-            )
-            continue
-        own = [p for p, t in m.named_parameters(recurse=False) if t.dim() >= 2]
-        if own:
-            out[name] = f"{type(m).__name__} uses its parameters {', '.join(own)} directly (no Conv/Linear inside)"
-    return out
+        if name in reasons and isinstance(m, nn.RNNBase):
+            reasons[name] += " (use speechbrain's LiGRU/QuasiRNN, built on Linear, to quantize)"
+    return reasons
 
 
 def quantize_speechbrain(
