@@ -74,6 +74,37 @@ def test_affine_per_group_equals_separate_per_tensor():
             assert torch.equal(yg[r, g * 8 : (g + 1) * 8], qt(blk))
 
 
+@pytest.mark.parametrize("axis", [0, 1, -1])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"symmetric": True},
+        {"power_of_two": True},
+        {"gradient_clip": True},
+        {"symmetric": True, "power_of_two": True},
+    ],
+    ids=["asym", "sym", "pot", "clip", "sym-pot"],
+)
+def test_affine_per_group_is_bit_identical_to_the_grid_repeated_to_the_tensor(axis, options):
+    """The CPU path computes one grid per group and broadcasts it; the reference repeats the ranges to x's size."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 8) * torch.logspace(-2, 1, 8)
+    q = observed(AffineQuantizer(3, BatchMinMax(axis=axis, group_size=4), **options), x)
+    y = x.clone().requires_grad_()
+    out = q(y)
+    out.backward(torch.arange(x.numel(), dtype=x.dtype).view_as(x))
+    delta, zero_point = q.qparams()  # (4, 16, 8): the ranges repeated along the axis
+    assert delta.shape == x.shape
+    ref_in = x.clone().requires_grad_()
+    ref = q._on_grid(ref_in, delta, zero_point)
+    ref.backward(torch.arange(x.numel(), dtype=x.dtype).view_as(x))
+    assert torch.equal(out, ref)
+    assert torch.equal(y.grad, ref_in.grad)
+    z = torch.randn(4, 16, 8) * 3  # values beyond the ranges: the clamp and the clipped gradient
+    assert torch.equal(q(z), q._on_grid(z, delta, zero_point))
+
+
 def test_constant_tensors_are_finite():
     for x in (torch.zeros(10), torch.full((10,), 3.0)):
         for q in (AffineQuantizer(8, BatchMinMax()), QfmtQuantizer(8, True, BatchMinMax())):

@@ -848,6 +848,21 @@ def _kernel_or_reference(x: Tensor, kernel: Callable[[], Tensor | None], referen
     return reference()
 
 
+def _by_group(g: Granularity, x: Tensor, compact: tuple[Tensor, ...], fn: Callable[..., Tensor]) -> Tensor:
+    """``fn(x, *compact)`` elementwise, for compact per-range tensors (``g.compact_shape(x.shape)``).
+
+    Per-group, ``x`` is split into its groups ``(.., n // group_size, group_size, ..)`` and the
+    compact tensors broadcast along the new dimension, instead of being repeated to ``x``'s
+    size: the grid is computed once per group (a ``(1536, 576)`` weight in groups of 64: 13.8k
+    grids, not 885k), with the same arithmetic per element, so the result is bit-identical.
+    The result has ``x``'s shape.
+    """
+    if g.group_size is None or g.axis is None:
+        return fn(x, *compact)
+    axis = g.axis % x.dim()
+    return fn(g._split(x, axis), *(c.unsqueeze(axis + 1) for c in compact)).reshape(x.shape)
+
+
 def _reference_grid(x: Tensor, scale: Tensor, zero_point: Tensor | None, lo: float, hi: float) -> Tensor:
     if zero_point is None:
         return _fake_quant(x, scale, lo, hi)
@@ -905,9 +920,11 @@ def _op_fake_quant_ranges(
     g = Granularity(axis=axis, group_size=group_size)
 
     def reference() -> Tensor:
-        mn, mx = g.expand(min_val), g.expand(max_val)
-        delta, zp = affine_qparams(mn, mx, n_levels, symmetric, power_of_two, fixed_zero_point)
-        return _reference_grid(x, delta, zp, 0.0, float(n_levels - 1))
+        def grid(xs: Tensor, mn: Tensor, mx: Tensor) -> Tensor:
+            delta, zp = affine_qparams(mn, mx, n_levels, symmetric, power_of_two, fixed_zero_point)
+            return _reference_grid(xs, delta, zp, 0.0, float(n_levels - 1))
+
+        return _by_group(g, x, (min_val, max_val), grid)
 
     return _kernel_or_reference(
         x,
@@ -935,9 +952,13 @@ def _ranges_backward(ctx, grad):
         return grad, *none
     x, mn, mx = ctx.saved_tensors
     n_levels, symmetric, pow2, g, fixed = ctx.args
-    delta, zp = affine_qparams(g.expand(mn), g.expand(mx), n_levels, symmetric, pow2, fixed)
-    # d out / d x := 1 where -zp * delta <= x <= (n_levels - 1 - zp) * delta, else 0
-    return grad * _inside(x, -zp * delta, (n_levels - 1 - zp) * delta), *none
+
+    def mask(xs: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        delta, zp = affine_qparams(lo, hi, n_levels, symmetric, pow2, fixed)
+        # d out / d x := 1 where -zp * delta <= x <= (n_levels - 1 - zp) * delta, else 0
+        return _inside(xs, -zp * delta, (n_levels - 1 - zp) * delta)
+
+    return grad * _by_group(g, x, (mn, mx), mask), *none
 
 
 _op_fake_quant_ranges.register_autograd(_ranges_backward, setup_context=_ranges_setup)

@@ -6,7 +6,14 @@ import torch
 from torch import Tensor
 
 from .. import kernels
-from ..quantizers_functional import affine_qparams, affine_quantize, gradient_clip, qfmt_quantize, qfmt_step
+from ..quantizers_functional import (
+    _by_group,
+    affine_qparams,
+    affine_quantize,
+    gradient_clip,
+    qfmt_quantize,
+    qfmt_step,
+)
 from ..range_observers import BatchMinMax, ExpAvgMinMax, RangeObserver, RunningMinMax
 from ..registry import Example, register_quantizer
 from .base import AffineGrid, RangeQuantizer, check_n_bits, kernel_ranges
@@ -88,7 +95,23 @@ class AffineQuantizer(RangeQuantizer):
             out = self._quantize_kernel(x)
             if out is not None:
                 return out
+        obs = self._modules["range_observer"]
+        if obs is not None and obs.granularity.group_size is not None:
+            ranges = kernel_ranges(self, obs, AffineQuantizer, "qparams")
+            if ranges is not None:
+                # The grid once per group, broadcast over each group's elements (bit-identical to
+                # the ranges repeated to x's size, which costs several passes over a tensor that size).
+                return _by_group(obs.granularity, x, ranges, self._quantize_in_ranges)
         delta, zero_point = self.qparams()
+        return self._on_grid(x, delta, zero_point)
+
+    def _quantize_in_ranges(self, x: Tensor, mn: Tensor, mx: Tensor) -> Tensor:
+        delta, zero_point = affine_qparams(
+            mn, mx, self.n_levels, self.symmetric, self.power_of_two, self._fixed_zero_point
+        )
+        return self._on_grid(x, delta, zero_point)
+
+    def _on_grid(self, x: Tensor, delta: Tensor, zero_point: Tensor) -> Tensor:
         if self.gradient_clip:
             x = gradient_clip(x, -zero_point * delta, (self.n_levels - 1 - zero_point) * delta)
         fixed = self._fixed_zero_point  # a number keeps the fake quant's clamp to one pass
