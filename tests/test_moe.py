@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchquant as tq
-from torchquant.moe import QExperts, expert_banks
+from torchquant.moe import QExperts, expert_banks, expert_inputs
 
 S = tq.QModuleState
 
@@ -207,13 +207,289 @@ def test_onnx_export_refuses_an_expert_bank_by_name():
         tq.export.to_onnx(q, (x,), "unused.onnx")
 
 
-def test_gptq_says_it_leaves_the_banks_alone():
+def test_awq_says_it_leaves_the_banks_alone():
     torch.manual_seed(0)
     q = tq.quantize_model(_Moe(), lambda m, n: w4(), None, method="swap")
     x = torch.randn(10, 8)
     tq.calibrate(q, [x], progress=False)
-    with pytest.warns(UserWarning, match=r"gptq: 1 mixture-of-experts bank\(s\) keep their round-to-nearest weights"):
-        tq.ptq.gptq(q, [x], progress=False)
+    with pytest.warns(UserWarning, match=r"awq: 1 mixture-of-experts bank\(s\) keep their round-to-nearest weights"):
+        tq.ptq.awq(q, [x], progress=False)
+
+
+class _Bmm(nn.Module):
+    """Llama 4's layout: (E, in, out) banks, every expert applied to its own slice of (E * T, in) rows."""
+
+    def __init__(self, n: int = 3, d: int = 8, h: int = 12) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(n, d, 2 * h) / d**0.5)
+        self.down_proj = nn.Parameter(torch.randn(n, h, d) / h**0.5)
+
+    def forward(self, x):
+        x = x.view(self.gate_up_proj.shape[0], -1, x.shape[-1])
+        gate, up = torch.bmm(x, self.gate_up_proj).chunk(2, dim=-1)
+        return torch.bmm(F.silu(gate) * up, self.down_proj).view(-1, x.shape[-1])
+
+
+def _first_inputs(layer: Experts, x, index, e: int) -> torch.Tensor:
+    return x[torch.where(index == e)[0]]
+
+
+def _reference(layer: Experts, x, index, scores, down_input=None) -> torch.Tensor:
+    """``layer``'s forward with ``down_input`` applied to each expert's down_proj input."""
+    out = torch.zeros_like(x)
+    for e in range(layer.down_proj.shape[0]):
+        rows, slot = torch.where(index == e)
+        hidden = F.linear(x[rows], layer._w(layer.first, e))
+        if layer.first == "gate_up_proj":
+            gate, up = hidden.chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
+        if down_input is not None:
+            hidden = down_input(hidden)
+        out.index_add_(0, rows, F.linear(hidden, layer._w("down_proj", e)) * scores[rows, slot, None])
+    return out
+
+
+def _intermediates(layer: Experts, x, index) -> torch.Tensor:
+    seen = []
+    _reference(layer, x, index, torch.ones(index.shape), lambda h: seen.append(h) or h)
+    return torch.cat(seen)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["out-in", "in-out"])
+def test_down_input_quantizer_sees_every_experts_intermediate_at_once(transposed):
+    torch.manual_seed(0)
+    layer = Experts(transposed=transposed)
+    a8 = lambda: tq.AffineQuantizer(4, tq.RunningMinMax())  # noqa: E731
+    q = QExperts(copy.deepcopy(layer), {"gate_up_proj": w4(), "down_proj": w4()}, down_input_quantizer=a8())
+    x, index, scores = _routing()
+    q.observe_weight()
+    q.qstate = S.CALIBRATION
+    with torch.no_grad():
+        assert torch.equal(q(x, index, scores), layer(x, index, scores))  # observes; computes in float
+    mids = _intermediates(layer, x, index)
+    obs = q.down_input_quantizer.range_observer
+    assert torch.equal(obs.min_val, mids.min()) and torch.equal(obs.max_val, mids.max())
+    q.qstate = S.QUANT_EVAL
+    quantized = copy.deepcopy(layer)
+    with torch.no_grad():
+        for bank, w in q.quantized_banks().items():
+            getattr(quantized, bank).copy_(w)
+        y = q(x, index, scores)
+    assert torch.equal(y, _reference(quantized, x, index, scores, q.down_input_quantizer))
+    assert not torch.equal(y, _reference(quantized, x, index, scores))
+    reported = []  # what GPTQ collects its down_proj Hessians from: the inputs as the products read them
+    with torch.no_grad(), expert_inputs(q, lambda bank, e, rows: reported.append(rows), ["down_proj"]):
+        q(x, index, scores)
+    mids = _intermediates(quantized, x, index)
+    assert torch.equal(torch.cat(reported), q.down_input_quantizer(mids))
+
+    # QAT: one observation of all the experts' intermediates per call, then gradients through the STE
+    qat = QExperts(
+        copy.deepcopy(layer), {"down_proj": w4()}, down_input_quantizer=tq.AffineQuantizer(4, tq.ExpAvgMinMax())
+    )
+    qat.qstate = S.QUANT_AWARE_TRAIN
+    xg = x.clone().requires_grad_()
+    out = qat(xg, index, scores)
+    mids = _intermediates(qat.layer, x, index)
+    ema = qat.down_input_quantizer.range_observer
+    assert torch.allclose(ema.get_ranges()[0], mids.min()) and torch.allclose(ema.get_ranges()[1], mids.max())
+    out.square().sum().backward()
+    assert qat.layer.gate_up_proj.grad.abs().sum() > 0 and xg.grad.abs().sum() > 0
+
+
+def test_down_input_quantizer_of_a_batched_product_and_one_it_cannot_follow():
+    torch.manual_seed(0)
+    q = QExperts(_Bmm(), down_input_quantizer=tq.AffineQuantizer(3, tq.RunningMinMax()))
+    x = torch.randn(3 * 5, 8)
+    q.qstate = S.CALIBRATION
+    q(x)
+    q.qstate = S.QUANT_EVAL
+    ref = q.layer(x)
+    assert not torch.equal(q(x), ref)
+
+    class Einsum(Experts):
+        def forward(self, x, index, scores):
+            g, u = torch.einsum("td,eod->teo", x, self.gate_up_proj).chunk(2, dim=-1)
+            return torch.einsum("teh,edh->td", F.silu(g) * u, self.down_proj)
+
+    q = QExperts(Einsum(), down_input_quantizer=tq.AffineQuantizer(8, tq.RunningMinMax()))
+    q.qstate = S.CALIBRATION
+    with pytest.raises(RuntimeError, match=r"QExperts\[Einsum\]: down_input_quantizer is set, but"):
+        q(*_routing())
+
+
+@pytest.mark.parametrize(("transposed", "gate"), [(False, True), (True, True), (False, False)])
+def test_expert_inputs_are_the_rows_each_expert_reads(transposed, gate):
+    torch.manual_seed(0)
+    layer = Experts(transposed=transposed, gate=gate)
+    q = QExperts(layer, {layer.first: w4(), "down_proj": w4()})
+    x, index, scores = _routing()
+    seen: dict = {}
+    with expert_inputs(q, lambda bank, e, rows: seen.setdefault((bank, e), rows.clone())):
+        q(x, index, scores)
+    assert sorted(seen) == sorted((b, e) for b in (layer.first, "down_proj") for e in range(3))
+    for e in range(3):
+        first = _first_inputs(layer, x, index, e)
+        assert torch.equal(seen[(layer.first, e)], first)
+        hidden = F.linear(first, layer._w(layer.first, e))
+        if gate:
+            g, u = hidden.chunk(2, dim=-1)
+            hidden = F.silu(g) * u
+        assert torch.equal(seen[("down_proj", e)], hidden)
+    seen.clear()
+    with expert_inputs(q, lambda bank, e, rows: seen.setdefault((bank, e), rows), banks=["down_proj"]):
+        q(x, index, scores)
+    assert {b for b, _ in seen} == {"down_proj"}
+    q(x, index, scores)  # the hooks are gone: nothing more is reported
+    assert len(seen) == 3
+    with (
+        pytest.raises(ValueError, match=r"expert_inputs: Experts has no bank \['w1'\]"),
+        expert_inputs(q, print, ["w1"]),
+    ):
+        pass
+
+
+def test_expert_inputs_runs_transformers_experts_in_their_eager_loop_meanwhile():
+    """transformers picks the experts' implementation from config._experts_implementation (grouped_mm by default),
+    whose grouped products hide the per-expert inputs: while reporting, the forward runs the eager loop."""
+    from types import SimpleNamespace
+
+    class Recording(Experts):
+        def forward(self, x, index, scores):
+            self.used.append(self.config._experts_implementation_internal)
+            if self.used[-1] != "eager":
+                raise KeyError("grouped_mm")  # stands for an implementation whose products cannot be followed
+            return super().forward(x, index, scores)
+
+    layer = Recording()
+    layer.used = []
+    layer.config = SimpleNamespace(_experts_implementation_internal="grouped_mm")
+    q = QExperts(layer, {"gate_up_proj": w4(), "down_proj": w4()})
+    q.observe_weight()
+    x, index, scores = _routing()
+    seen = []
+    for state in (S.BYPASSED, S.QUANT_EVAL):
+        q.qstate = state
+        with expert_inputs(q, lambda *a: seen.append(a[:2])):
+            q(x, index, scores)
+    assert layer.used == ["eager", "eager"] and len(seen) == 12
+    assert layer.config._experts_implementation_internal == "grouped_mm"
+    with pytest.raises(KeyError):  # outside expert_inputs: the model's own implementation
+        q(x, index, scores)
+
+
+def test_expert_inputs_of_a_batched_product_over_the_whole_bank():
+    torch.manual_seed(0)
+    q = QExperts(_Bmm())
+    x = torch.randn(3 * 5, 8)
+    seen = {}
+    with expert_inputs(q, lambda bank, e, rows: seen.setdefault((bank, e), rows.clone())):
+        q(x)
+    for e in range(3):
+        assert torch.equal(seen[("gate_up_proj", e)], x.view(3, 5, 8)[e])
+    assert seen[("down_proj", 0)].shape == (5, 12)
+
+
+class _Routed(nn.Module):
+    """Experts on a fixed routing: the Hessians of a GPTQ run can be computed by hand."""
+
+    def __init__(self, layer: nn.Module, index, scores) -> None:
+        super().__init__()
+        self.experts = layer
+        self.index, self.scores = index, scores
+
+    def forward(self, x):
+        return self.experts(x, self.index, self.scores)
+
+
+def _gptq_reference(layer: Experts, x, index, quantizers: dict, e: int):
+    """GPTQ of expert ``e`` done by hand: its routed rows, its rows of each bank's grid, the first bank before down."""
+    from torchquant.ptq.gptq import gptq_quantize_weight
+
+    rows = _first_inputs(layer, x, index, e)
+    out = []
+    for name in (layer.first, "down_proj"):
+        w = layer._w(name, e)
+        n_out = w.shape[0]
+        grid = quantizers[name].grid()
+        full = torch.Size((3 * n_out, w.shape[1]))
+        scale = grid.scale.expand(full)[e * n_out : (e + 1) * n_out]
+        zero = grid.zero_point.expand(full)[e * n_out : (e + 1) * n_out]
+        sub = tq.quantizers.AffineGrid(scale, zero, grid.qmin, grid.qmax, grid.granularity)
+        hessian = 2.0 * rows.t() @ rows / rows.shape[0]
+        q, _ = gptq_quantize_weight(w, hessian, sub)
+        out.append(q)
+        if name == layer.first:
+            g, u = F.linear(rows, q).chunk(2, dim=-1)
+            rows = F.silu(g) * u
+    return out
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["out-in", "in-out"])
+def test_gptq_quantizes_each_expert_on_the_tokens_routed_to_it(transposed):
+    torch.manual_seed(0)
+    x, index, scores = _routing(t=40)
+    x = x @ torch.randn(8, 8) * torch.logspace(0, -1, 8)  # correlated channels of unequal size, as in a network
+    layer = Experts(transposed=transposed)
+    net = tq.quantize_model(_Routed(copy.deepcopy(layer), index, scores), lambda m, n: w4(), None, method="swap")
+    qe = net.experts
+    assert isinstance(qe, QExperts)
+    tq.calibrate(net, [x], progress=False)
+    quantizers = {b: qe.bank_quantizer(b) for b in qe.banks}
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    with torch.no_grad():
+        rtn = net(x)
+    result = tq.ptq.gptq(net, [x], progress=False)
+    assert sorted(result.losses) == sorted(f"experts.{b}[{e}]" for b in qe.banks for e in range(3))
+    assert result.skipped == {}
+    for e in range(3):
+        first, down = _gptq_reference(layer, x, index, quantizers, e)
+        assert torch.equal(qe.layer._w("gate_up_proj", e), first)  # bit-exact: the same Hessian and grid rows
+        assert torch.equal(qe.layer._w("down_proj", e), down)
+    with torch.no_grad():
+        ref, y = layer(x, index, scores), net(x)
+    assert (y - ref).square().mean() < 0.5 * (rtn - ref).square().mean()  # calibration tokens: 0.30x, 0.34x
+
+
+def test_gptq_leaves_an_expert_no_token_reached_to_round_to_nearest():
+    torch.manual_seed(0)
+    x, index, scores = _routing(t=20)
+    index = index.clamp(max=1)  # experts 0 and 1 only
+    layer = Experts()
+    net = tq.quantize_model(_Routed(copy.deepcopy(layer), index, scores), lambda m, n: w4(), None, method="swap")
+    tq.calibrate(net, [x], progress=False)
+    with pytest.warns(UserWarning, match=r"gptq: 2 expert matrices received no calibration token .*experts\.gate_up"):
+        result = tq.ptq.gptq(net, [x], progress=False)
+    assert set(result.skipped) == {"experts.gate_up_proj[2]", "experts.down_proj[2]"}
+    assert "no calibration token" in result.skipped["experts.down_proj[2]"]
+    assert torch.equal(net.experts.layer.gate_up_proj[2], layer.gate_up_proj[2])  # float, rounded by its quantizer
+    assert not torch.equal(net.experts.layer.gate_up_proj[1], layer.gate_up_proj[1])
+
+
+def test_gptq_on_experts_with_layers_around_them_and_without_true_sequential():
+    torch.manual_seed(0)
+    net = tq.quantize_model(_Moe(), lambda m, n: w4(), None, method="swap")
+    data = [torch.randn(16, 8) for _ in range(2)]
+    tq.calibrate(net, data, progress=False)
+    for sequential in (True, False):
+        q = copy.deepcopy(net)
+        result = tq.ptq.gptq(q, data, progress=False, true_sequential=sequential)
+        assert {"proj", "router", "experts.gate_up_proj[0]", "experts.down_proj[2]"} <= set(result.losses)
+
+
+def test_gptq_names_experts_whose_forward_it_cannot_follow():
+    class Einsum(Experts):
+        def forward(self, x, index, scores):  # every token through every expert, by einsum over the banks
+            g, u = torch.einsum("td,eod->teo", x, self.gate_up_proj).chunk(2, dim=-1)
+            return torch.einsum("teh,edh->td", F.silu(g) * u, self.down_proj)
+
+    x, index, scores = _routing()
+    net = tq.quantize_model(_Routed(Einsum(), index, scores), lambda m, n: w4(), None, method="swap")
+    tq.calibrate(net, [x], progress=False)
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(RuntimeError, match=r"gptq: could not see which inputs the experts of \['experts'\] receive"):
+        tq.ptq.gptq(net, [x], progress=False)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # left as it was
 
 
 def test_sqnr_report_lists_the_banks_as_weights():

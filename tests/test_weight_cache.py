@@ -134,3 +134,42 @@ def test_sequential_block_runs_equal_the_uncached_forward():
         (block,) = sequential_blocks(q, data, progress=False)
         outs = block.run()
     assert all(torch.equal(o, r) for o, r in zip(outs, ref))
+
+
+def test_expert_banks_are_cached_too(monkeypatch):
+    """QExperts quantizes each bank once per cached block, bit-identically, and again after a bank changes."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_moe import Experts, _routing
+
+    torch.manual_seed(0)
+    q = tq.QExperts(
+        Experts(transposed=True),
+        {
+            "gate_up_proj": AffineQuantizer(4, tq.BatchMinMax(axis=1, group_size=4)),
+            "down_proj": AffineQuantizer(4, tq.BatchMinMax(axis=0)),
+        },
+    )
+    q.observe_weight()
+    q.qstate = S.QUANT_EVAL
+    x, index, scores = _routing()
+    with torch.no_grad():
+        ref = q(x, index, scores)
+    calls = [0]
+    quantize = AffineQuantizer.quantize
+
+    def counted(self, x):
+        calls[0] += 1
+        return quantize(self, x)
+
+    monkeypatch.setattr(AffineQuantizer, "quantize", counted)
+    with torch.no_grad(), cached_quantized_weights(q):
+        outs = [q(x, index, scores) for _ in range(3)]
+        assert calls[0] == 2  # one per bank
+        q.layer.down_proj.data[0, 0, 0] += 1.0  # a write through .data: compared by value, recomputed
+        changed = q(x, index, scores)
+        assert calls[0] == 3  # only the bank that changed
+    assert all(torch.equal(o, ref) for o in outs) and not torch.equal(changed, ref)
+    assert q._weight_cache is None

@@ -13,17 +13,20 @@ recognised by its parameters.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
-from .qmodules import QModule, QModuleState, _LayerAttributes, _run_quantizer
+from .qmodules import QModule, QModuleState, _cached_quantize, _LayerAttributes, _run_quantizer
 from .quantizers import Quantizer
 
-__all__ = ["QExperts", "expert_banks"]
+__all__ = ["QExperts", "expert_banks", "expert_inputs"]
 
 # bank parameter -> quantizer role (the attribute is ``<role>_quantizer``); the roles avoid the
 # parameter names, which transformers' checkpoint conversions match when saving and loading
@@ -90,15 +93,21 @@ class QExperts(_LayerAttributes, QModule):
     ``(E * out, in)`` matrix, one row per output channel of each expert, the layout of a
     ``Linear``'s weight: ``axis=0`` is one range per (expert, output channel), ``axis=1``
     with a group size groups along the input. ``input_quantizer`` quantizes the hidden
-    states ``(T, H)`` the experts receive, the input of every expert's first product (one
-    range shared by the experts). The product between the two banks and the biases of
-    experts that have them stay float. In ``BYPASSED`` the module runs itself.
+    states ``(T, H)`` the experts receive, the input of every expert's first product, and
+    ``down_input_quantizer`` the input of every expert's ``down_proj`` product (the gated
+    intermediate, ``act(gate) * up``); each has one range shared by the experts. The
+    intermediate is found by following the experts' forward as :func:`expert_inputs` does
+    (transformers' experts run their eager loop meanwhile); observing it takes the
+    intermediates of all experts at once, so a mode that observes and quantizes (QAT) runs
+    the experts twice, once without gradients to observe. Biases of experts that have them
+    stay float. In ``BYPASSED`` the module runs itself.
 
     Args:
         layer: the experts module (see :func:`expert_banks`).
         weight_quantizers: ``{bank parameter: quantizer or None}``, e.g.
             ``{"gate_up_proj": q1, "down_proj": q2}``; banks left out are not quantized.
         input_quantizer: quantizer for the hidden states, or ``None``.
+        down_input_quantizer: quantizer for the input of the ``down_proj`` products, or ``None``.
 
     Raises:
         TypeError: ``layer`` has no expert banks, or a quantizer is not a :class:`~torchquant.Quantizer`.
@@ -132,6 +141,7 @@ class QExperts(_LayerAttributes, QModule):
         layer: nn.Module,
         weight_quantizers: dict[str, Quantizer | None] | None = None,
         input_quantizer: Quantizer | None = None,
+        down_input_quantizer: Quantizer | None = None,
     ) -> None:
         super().__init__()
         banks = expert_banks(layer)
@@ -144,7 +154,7 @@ class QExperts(_LayerAttributes, QModule):
         unknown = sorted(set(weight_quantizers) - set(banks))
         if unknown:
             raise ValueError(f"QExperts: {type(layer).__name__} has no bank {unknown}; its banks: {banks}")
-        for q in (*weight_quantizers.values(), input_quantizer):
+        for q in (*weight_quantizers.values(), input_quantizer, down_input_quantizer):
             if q is not None and not isinstance(q, Quantizer):
                 raise TypeError(f"QExperts: quantizers must be Quantizer instances or None, got {type(q).__name__}")
         self.layer = layer
@@ -154,7 +164,17 @@ class QExperts(_LayerAttributes, QModule):
         for bank in banks:
             self.register_module(f"{_ROLES[bank]}_quantizer", weight_quantizers.get(bank))
         self.register_module("input_quantizer", input_quantizer)
+        self.register_module("down_input_quantizer", down_input_quantizer)
         self._name_quantizers("QExperts")
+        self._weight_cache: dict[str, dict[str, Any]] | None = None  # see torchquant.utils.cached_quantized_weights
+        self._listener: Callable[[str, int, Tensor], None] | None = None  # see expert_inputs
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_weight_cache", None)
+        self.__dict__.setdefault("_listener", None)
+        if "down_input_quantizer" not in self._modules:  # pickled before QExperts had one
+            self.register_module("down_input_quantizer", None)
 
     def bank_quantizer(self, bank: str) -> Quantizer | None:
         """The quantizer of the bank parameter ``bank`` (``"gate_up_proj"``, ``"up_proj"`` or ``"down_proj"``)."""
@@ -187,19 +207,235 @@ class QExperts(_LayerAttributes, QModule):
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         s = self.qstate
         if s is QModuleState.BYPASSED:
-            return self.layer(hidden_states, *args, **kwargs)
+            if self._listener is None:
+                return self.layer(hidden_states, *args, **kwargs)
+            own = {b: self.layer._parameters[b] for b in self.banks}
+            return self._follow(lambda: self.layer(hidden_states, *args, **kwargs), own, self._listener, {}, None)
         experts = self.layer._parameters[self.banks[0]].shape[0]
         banks = {}
+        cache = self._weight_cache if s.is_weight_quantized and not s.is_weight_observed else None
         for bank, q, rows in self._weights():
-            w = _run_quantizer(q, rows, s.is_weight_observed, s.is_weight_quantized)
+            if cache is not None:
+                w = _cached_quantize(cache.setdefault(bank, {}), q, rows)
+            else:
+                w = _run_quantizer(q, rows, s.is_weight_observed, s.is_weight_quantized)
             if s.is_weight_quantized:
                 banks[bank] = _bank(w, experts, self.transposed)
         iq = self._modules["input_quantizer"]
         if iq is not None:
             hidden_states = _run_quantizer(iq, hidden_states, s.is_act_observed, s.is_act_quantized)
-        if not banks:
-            return self.layer(hidden_states, *args, **kwargs)
-        return torch.func.functional_call(self.layer, banks, (hidden_states, *args), kwargs, strict=False)
+
+        def call() -> Tensor:
+            if not banks:
+                return self.layer(hidden_states, *args, **kwargs)
+            return torch.func.functional_call(self.layer, banks, (hidden_states, *args), kwargs, strict=False)
+
+        dq = self._modules["down_input_quantizer"]
+        dq = dq if dq is not None and (s.is_act_observed or s.is_act_quantized) else None
+        listener = self._listener
+        if dq is None and listener is None:
+            return call()
+        reads = {b: banks.get(b, self.layer._parameters[b]) for b in self.banks}  # the banks the forward reads
+        seen: list[Tensor] = []
+
+        def keep(bank: str, e: int, x: Tensor) -> None:
+            if bank == "down_proj":
+                seen.append(x.detach().reshape(-1, x.shape[-1]))
+
+        observe_after = dq is not None and s.is_act_observed and not s.is_act_quantized
+        if dq is not None and s.is_act_observed and s.is_act_quantized:
+            # QAT: the quantizer observes the inputs of all experts at once, before any is quantized
+            with torch.no_grad():
+                self._follow(call, reads, keep, {}, hidden_states)
+            self._observe_down(dq, seen, reads)
+
+        def report(bank: str, e: int, x: Tensor) -> None:
+            if observe_after:
+                keep(bank, e, x)
+            if listener is not None:
+                listener(bank, e, x)
+
+        quantize = (
+            {"down_proj": lambda x: _run_quantizer(dq, x, False, True)} if dq is not None and s.is_act_quantized else {}
+        )
+        out = self._follow(call, reads, report, quantize, hidden_states if dq is not None else None)
+        if observe_after:
+            self._observe_down(dq, seen, reads)
+        return out
+
+    def _follow(
+        self,
+        call: Callable[[], Tensor],
+        reads: dict[str, Tensor],
+        report: Callable[[str, int, Tensor], None],
+        transform: dict[str, Callable[[Tensor], Tensor]],
+        check: Tensor | None,
+    ) -> Tensor:
+        """``call()`` in the experts' eager loop, with the inputs of their products reported and transformed."""
+        mode = _BankReads(reads, report, transform)
+        with _eager(self.layer), mode:
+            out = call()
+        if check is not None and mode.reads == 0 and check.numel() > 0:
+            raise RuntimeError(
+                f"QExperts[{type(self.layer).__name__}]: down_input_quantizer is set, but the experts' forward "
+                "does not multiply by down_proj[e] (F.linear, @, torch.matmul) or by the whole bank (torch.bmm), "
+                "so its input cannot be quantized; set down_input_quantizer = None"
+            )
+        return out
+
+    def _observe_down(self, dq: Quantizer, seen: list[Tensor], reads: dict[str, Tensor]) -> None:
+        width = reads["down_proj"].shape[1 if self.transposed else 2]
+        x = torch.cat(seen) if seen else reads["down_proj"].new_zeros(0, width)
+        _run_quantizer(dq, x, True, False)
 
     def extra_repr(self) -> str:
         return f"banks={self.banks}, transposed={self.transposed}, qstate={self.qstate.name}"
+
+
+# How an expert's product reads its weight: F.linear(x, w) or x @ w with w = bank[e] (after
+# casts or transposes), or one batched product over the whole bank (Llama 4's (E, T, in) @ (E, in, out)).
+_LINEAR = frozenset({F.linear})
+_MATMUL = frozenset({torch.matmul, Tensor.matmul, Tensor.__matmul__})
+_BMM = frozenset({torch.bmm, Tensor.bmm})
+_GETITEM = Tensor.__getitem__
+
+
+class _BankReads(TorchFunctionMode):
+    """Sees every operation of one call of an experts module and finds the input of each product
+    with a bank: ``F.linear``/``@``/``torch.matmul`` with one expert's slice ``bank[e]``, or
+    ``torch.bmm`` with the whole bank (``(E, T, in) @ (E, in, out)``).
+
+    ``transform[bank](x)`` replaces the input of the products with ``bank`` (quantizes it), then
+    ``report(bank, expert, x)`` sees each expert's input ``x`` ``(..., in)`` as the product reads it.
+    A slice ``bank[e]`` is tagged with its expert; tensors made from a tagged one alone with the
+    same number of elements (casts, transposes, views) keep the tag. :attr:`reads` counts the
+    products found."""
+
+    def __init__(
+        self,
+        banks: dict[str, Tensor],
+        report: Callable[[str, int, Tensor], None] | None = None,
+        transform: dict[str, Callable[[Tensor], Tensor]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.report = report
+        self.transform = transform or {}
+        self.reads = 0
+        # id -> (tensor, bank, expert or None for the whole bank); the tensor is held so its id stays unique
+        self.tags: dict[int, tuple[Tensor, str, int | None]] = {id(t): (t, b, None) for b, t in banks.items()}
+
+    def _tag(self, t: Any) -> tuple[str, int | None] | None:
+        found = self.tags.get(id(t)) if isinstance(t, Tensor) else None
+        return None if found is None or found[0] is not t else found[1:]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        whole = func in _BMM
+        if args and (whole or func in _LINEAR or func in _MATMUL):
+            key = "mat2" if whole else "weight" if func in _LINEAR else "other"
+            tag = self._tag(args[1] if len(args) > 1 else kwargs.get(key))
+            if tag is not None and (tag[1] is None) == whole:
+                bank, expert = tag
+                x = args[0]
+                fn = self.transform.get(bank)
+                if fn is not None:
+                    x = fn(x)
+                    args = (x, *args[1:])
+                self.reads += 1
+                if self.report is not None:
+                    for e, rows in enumerate(x.unbind(0)) if whole else [(expert, x)]:
+                        self.report(bank, e, rows)
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if not args or not isinstance(out, Tensor):
+            return out
+        tag = self._tag(args[0])
+        if tag is None:
+            return out
+        bank, expert = tag
+        if func is _GETITEM and expert is None:
+            e = _expert_index(args[1] if len(args) > 1 else None)
+            if e is not None:
+                self.tags[id(out)] = (out, bank, e)
+        elif expert is not None and out.numel() == args[0].numel() and out is not args[0]:
+            self.tags[id(out)] = (out, bank, expert)
+        return out
+
+
+def _expert_index(idx: Any) -> int | None:
+    """``e`` when ``bank[idx]`` is one expert's matrix: a Python int or a 0-d integer tensor."""
+    if isinstance(idx, int) and not isinstance(idx, bool):
+        return idx
+    if isinstance(idx, Tensor) and idx.dim() == 0 and not idx.is_floating_point() and idx.dtype != torch.bool:
+        return int(idx)
+    return None
+
+
+@contextlib.contextmanager
+def _eager(layer: nn.Module) -> Iterator[None]:
+    """transformers' experts run their own (eager) forward, a loop over the experts, while active:
+    the batched and grouped implementations read the banks in ways :class:`_RoutedInputs` cannot follow."""
+    config = getattr(layer, "config", None)
+    key = "_experts_implementation_internal"
+    if config is None or getattr(config, key, None) in (None, "eager"):
+        yield
+        return
+    old = getattr(config, key)
+    setattr(config, key, "eager")  # the plain attribute: the property's setter would recurse into sub-configs
+    try:
+        yield
+    finally:
+        setattr(config, key, old)
+
+
+@contextlib.contextmanager
+def expert_inputs(
+    qe: QExperts, report: Callable[[str, int, Tensor], None], banks: Sequence[str] | None = None
+) -> Iterator[None]:
+    """While active, each call of ``qe`` reports what every expert's product reads.
+
+    ``report(bank, expert, x)`` gets the input rows ``x`` ``(..., in)`` of expert ``expert``'s
+    product with the bank parameter ``bank``: the hidden states routed to that expert for the
+    first bank, the gated intermediate for ``down_proj``, as the experts' own forward computes
+    them (transformers' experts run their eager loop meanwhile). The inputs are found by
+    following the forward's tensor operations: a product (``F.linear``, ``@``, ``torch.matmul``)
+    with ``bank[e]``, possibly cast or transposed, or a batched product ``torch.bmm`` over the
+    whole bank. A forward that reads its banks otherwise reports nothing.
+
+    Args:
+        qe: the experts.
+        report: called once per expert and product.
+        banks: the bank parameters to report (all by default).
+
+    Example:
+        >>> class Experts(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.up_proj = nn.Parameter(torch.randn(2, 6, 4))
+        ...         self.down_proj = nn.Parameter(torch.randn(2, 4, 6))
+        ...     def forward(self, x, expert):
+        ...         return F.linear(F.linear(x, self.up_proj[expert]).relu(), self.down_proj[expert])
+        >>> seen = []
+        >>> q = QExperts(Experts())
+        >>> with expert_inputs(q, lambda bank, e, x: seen.append((bank, e, tuple(x.shape)))):
+        ...     _ = q(torch.randn(3, 4), 1)
+        >>> seen
+        [('up_proj', 1, (3, 4)), ('down_proj', 1, (3, 6))]
+    """
+    wanted = list(qe.banks if banks is None else banks)
+    unknown = sorted(set(wanted) - set(qe.banks))
+    if unknown:
+        raise ValueError(f"expert_inputs: {type(qe.layer).__name__} has no bank {unknown}; its banks: {qe.banks}")
+    prev = qe._listener
+
+    def listener(bank: str, e: int, x: Tensor) -> None:
+        if bank in wanted:
+            report(bank, e, x)
+        if prev is not None:
+            prev(bank, e, x)
+
+    qe._listener = listener
+    try:
+        yield
+    finally:
+        qe._listener = prev

@@ -149,6 +149,41 @@ def _same_tensor(a: Tensor, b: Tensor) -> bool:
     )
 
 
+def _cached_quantize(cache: dict[str, Any], q: Quantizer, w: Tensor, computed: bool = False) -> Tensor:
+    """``q(w)``, reused from the last call recorded in ``cache`` while ``w`` and ``q``'s state are equal.
+
+    Only with gradients off and in eager mode, for a stored weight (``computed`` is false) and a
+    quantizer without forward hooks. The inputs are compared by value (not by version counter:
+    writes through ``.data`` do not bump it), so the result is always the uncached one. The
+    caches live while :func:`~torchquant.utils.cached_quantized_weights` is active.
+    """
+    if (
+        torch.is_grad_enabled()
+        or type(w) not in (Tensor, nn.Parameter)
+        or computed
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+    ):
+        return q(w)
+    state = _quantizer_state(q)
+    if state is None:
+        return q(w)
+    plain, tensors = state
+    c = cache
+    if (
+        c
+        and c["plain"] == plain
+        and len(c["tensors"]) == len(tensors)
+        and _same_tensor(c["weight"], w)
+        and all(_same_tensor(a, b) for a, b in zip(c["tensors"], tensors))
+    ):
+        return c["out"]
+    out = q(w)
+    c.clear()
+    c.update(plain=plain, tensors=[t.detach().clone() for t in tensors], weight=w.detach().clone(), out=out)
+    return out
+
+
 def _run_quantizer(q: Quantizer, x: Tensor, observe: bool, quantize: bool) -> Tensor:
     if isinstance(x, Tensor) and x.numel() == 0:
         # An empty batch (a head given no detections, a rank whose data ran out): the output is
@@ -601,38 +636,9 @@ class QWrapper(QModule):
         return y
 
     def _cached_quantized_weight(self, w: Tensor) -> Tensor:
-        """``weight_quantizer(w)``, reused from the last call while ``w`` and the quantizer's state are equal.
-
-        Only with gradients off and in eager mode, for a stored weight (not a computed one) and a
-        quantizer without forward hooks. The inputs are compared by value (not by version counter:
-        writes through ``.data`` do not bump it), so the result is always the uncached one.
-        """
-        q = self.weight_quantizer
-        if (
-            torch.is_grad_enabled()
-            or type(w) not in (Tensor, nn.Parameter)
-            or self.weight_is_computed
-            or torch.compiler.is_compiling()
-            or torch.jit.is_tracing()
-        ):
-            return q(w)
-        state = _quantizer_state(q)
-        if state is None:
-            return q(w)
-        plain, tensors = state
-        c = self._weight_cache
-        if (
-            c
-            and c["plain"] == plain
-            and len(c["tensors"]) == len(tensors)
-            and _same_tensor(c["weight"], w)
-            and all(_same_tensor(a, b) for a, b in zip(c["tensors"], tensors))
-        ):
-            return c["out"]
-        out = q(w)
-        c.clear()
-        c.update(plain=plain, tensors=[t.detach().clone() for t in tensors], weight=w.detach().clone(), out=out)
-        return out
+        """``weight_quantizer(w)``, reused from the last call while ``w`` and the quantizer's state are equal
+        (:func:`_cached_quantize`)."""
+        return _cached_quantize(self._weight_cache, self.weight_quantizer, w, self.weight_is_computed)
 
     # ------------------------------------------------------------ BatchNorm folding
     def set_bn_frozen(self, frozen: bool = True) -> None:

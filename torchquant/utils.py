@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .qmodules import QModule, QModuleState, QWrapper, iter_qmodules
+from .qmodules import QModule, QModuleState, iter_qmodules
 
 __all__ = [
     "cached_quantized_weights",
@@ -112,7 +112,8 @@ def restoring_states(module: nn.Module) -> Iterator[nn.Module]:
 
 @contextmanager
 def cached_quantized_weights(module: nn.Module) -> Iterator[nn.Module]:
-    """Let every :class:`~torchquant.qmodules.QWrapper` in ``module`` reuse its quantized weight between calls.
+    """Let every :class:`~torchquant.qmodules.QWrapper` and :class:`~torchquant.QExperts` in ``module`` reuse its
+    quantized weights between calls.
 
     Inside the block, a wrapper whose mode quantizes its weight without observing it
     (``QUANT_EVAL``, ``QUANT_EVAL_WEIGHT_ONLY``) keeps the output of its weight quantizer and
@@ -143,7 +144,7 @@ def cached_quantized_weights(module: nn.Module) -> Iterator[nn.Module]:
         >>> all(torch.equal(o, ref) for o in outs)
         True
     """
-    saved = [(m, m._weight_cache) for _, m in iter_qmodules(module) if isinstance(m, QWrapper)]
+    saved = [(m, m._weight_cache) for _, m in iter_qmodules(module) if "_weight_cache" in m.__dict__]
     try:
         for m, prev in saved:
             if prev is None:

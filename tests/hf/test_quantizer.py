@@ -351,3 +351,60 @@ def test_mixture_of_experts_banks_are_quantized_and_reload_exactly(family, tmp_p
     assert 30 < _sqnr(ref, y) < 80  # int8 per channel
     model.save_pretrained(tmp_path / "q")
     assert torch.equal(_out(_load(FAMILIES[0], tmp_path / "q"), batch), y)
+
+
+@pytest.mark.parametrize("family", [*MOE_FAMILIES, "llama4"])
+def test_gptq_quantizes_every_expert_of_a_mixture_of_experts_model(family):
+    """Each expert of each bank gets GPTQ on the tokens routed to it, in the eager, grouped and batched
+    implementations' models alike (Llama 4 applies every expert to its slice of one batched product)."""
+    torch.manual_seed(0)
+    if family == "llama4":
+        cfg = transformers.Llama4TextConfig(
+            **_moe_base(), num_local_experts=4, num_experts_per_tok=1, head_dim=8, intermediate_size_mlp=64
+        )
+        model = transformers.Llama4ForCausalLM(cfg)
+    else:
+        model = MOE_FAMILIES[family]()
+    model.eval()
+    data = [{"input_ids": torch.randint(0, 100, (2, 16))} for _ in range(2)]
+    with torch.no_grad():
+        ref = model(**data[0]).logits
+    quantize(model, TorchQuantConfig(weights="int4"))
+    tq.calibrate(model, data, progress=False)
+    result = tq.ptq.gptq(model, data, progress=False)
+    experts = next(n for n, m in model.named_modules() if isinstance(m, tq.QExperts))
+    assert {f"{experts}.{b}[{e}]" for b in ("gate_up_proj", "down_proj") for e in range(4)} <= set(result.losses)
+    assert not result.skipped
+    tq.set_qmodule_state(model, S.QUANT_EVAL)
+    with torch.no_grad():
+        assert _sqnr(ref, model(**data[0]).logits) > 15  # int4 per channel, random weights: about 20-30 dB
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt-oss"])
+def test_mixture_of_experts_activations_reach_every_expert_product_and_reload_exactly(family, tmp_path):
+    """activations="int8" quantizes the hidden states the experts receive and each expert's down_proj input
+    (the gated intermediate, found inside transformers' own forward); calibrated ranges survive save/reload."""
+    torch.manual_seed(0)
+    MOE_FAMILIES[family]().save_pretrained(tmp_path / "float")
+    batch = {"input_ids": torch.randint(0, 100, (2, 12))}
+    ref = _out(_load(FAMILIES[0], tmp_path / "float"), batch)
+    config = TorchQuantConfig(weights="int8", activations="int8")
+    model = _load(FAMILIES[0], tmp_path / "float", quantization_config=config)
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts.down_input_quantizer, tq.AffineQuantizer)
+    assert torch.allclose(_out(model, batch), ref, rtol=0, atol=1e-5)  # calibration computes in float
+    tq.calibrate(model, [batch, {"input_ids": torch.randint(0, 100, (2, 12))}], progress=False)
+    observer = experts.down_input_quantizer.range_observer
+    assert observer.initialized and float(observer.max_val) > 0
+    tq.set_qmodule_state(model, S.QUANT_EVAL)
+    y = _out(model, batch)
+    held, experts.down_input_quantizer = experts.down_input_quantizer, None
+    without = _out(model, batch)  # the down_proj inputs in float: another output
+    experts.down_input_quantizer = held
+    assert not torch.equal(y, without) and 20 < _sqnr(ref, y) < 60
+    model.save_pretrained(tmp_path / "q")
+    reloaded = _load(FAMILIES[0], tmp_path / "q")
+    assert torch.equal(
+        reloaded.model.layers[0].mlp.experts.down_input_quantizer.range_observer.max_val, observer.max_val
+    )
+    assert torch.equal(_out(reloaded, batch), y)

@@ -52,7 +52,7 @@ FLOAT_NAMES_ATTR = "_tq_float_names"
 _META_KEY = "torchquant"
 # Names of state that a float model does not have: quantizers, QModule buffers and configurations, packed codes.
 _OWN_KEYS = re.compile(
-    r"(^|\.)(weight_quantizer|acts_quantizer|input_quantizer|attn_quantizer"
+    r"(^|\.)(weight_quantizer|acts_quantizer|input_quantizer|down_input_quantizer|attn_quantizer"
     + "".join(f"|{role}_quantizer" for role in QExperts.WEIGHT_ROLES)
     + r")\.|\.__tq_codes$|__tq_amax$|(^|\.)bn_frozen$"
     rf"|(^|\.){CONFIG_KEY}$"
@@ -168,11 +168,15 @@ def quantize(model: nn.Module, config: TorchQuantConfig, *, initial_state: bool 
     if any(getattr(config, f) is not None for f in layer_fields) or config.overrides:
         quantize_model(model, weights, outputs, method="swap", skip=skip, **options)
     for name, m in iter_qmodules(model):
-        # a layer's input; for QExperts the hidden states every expert's first product reads
+        # a layer's input; for QExperts the hidden states every expert's first product reads, and
+        # the input of every expert's down_proj product
         if (isinstance(m, QWrapper) and not isinstance(m.layer, nn.Embedding)) or isinstance(m, QExperts):
             spec = config.point("activations", name)
             if spec is not None:
-                m.input_quantizer = _build(spec, name, "activations").to(next(m.layer.parameters()).device)
+                device = next(m.layer.parameters()).device
+                m.input_quantizer = _build(spec, name, "activations").to(device)
+                if isinstance(m, QExperts):
+                    m.down_input_quantizer = _build(spec, name, "activations").to(device)
     _quantize_attention(model, config, skip)
     setattr(model, CONVERSIONS_ATTR, history)
     record_conversion(model, {"kind": "torchquant.hf", "module": __name__, "config": config.to_dict()})

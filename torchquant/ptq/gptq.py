@@ -42,11 +42,21 @@ integer padding and ``padding_mode="zeros"``. Other weighted layers (grouped or 
 convolutions, ``Conv1d``/``Conv3d``, ``Embedding``) and wrappers with ``fold_bn=True`` (their
 quantizer sees the BatchNorm-folded weight, not the stored one) keep their float weights,
 to be rounded to nearest by their quantizer; :class:`GPTQResult` lists them with the reason.
+
+Mixture-of-experts banks (:class:`~torchquant.QExperts`) are quantized expert by expert: each
+expert's matrix in a bank is a layer of its own, with the Hessian of the inputs routed to that
+expert (:func:`~torchquant.moe.expert_inputs`: the hidden states for ``gate_up_proj``/``up_proj``,
+the gated intermediate for ``down_proj``, collected after the first bank is quantized). The
+banks of a block come after its other layers (in a decoder layer the experts run last), and
+hold ``experts * in * in`` floats of Hessians per bank while it is processed. An expert that
+no calibration token reached keeps its float weights, rounded to nearest, and is listed in
+:attr:`GPTQResult.skipped` (with a warning): more or longer batches reach more experts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -54,10 +64,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..moe import QExperts, expert_inputs
 from ..qmodules import QModuleState, QWrapper
 from ..quantizers import AffineGrid
 from ..utils import qmodule_state
-from ._common import all_or_nothing, materialize, require_qmodules, warn_experts_left
+from ._common import all_or_nothing, materialize, require_qmodules
 from .registry import register_ptq_algorithm
 from .sequential import Block, sequential_blocks
 
@@ -69,7 +80,8 @@ class GPTQResult:
     """What :func:`gptq` did.
 
     Attributes:
-        losses: for each layer quantized by GPTQ (qualified name), the paper's loss
+        losses: for each layer quantized by GPTQ (qualified name; ``"<experts>.<bank>[<e>]"``
+            for expert ``e`` of a mixture-of-experts bank), the paper's loss
             ``sum_j ||w_j - q_j||^2 / (2 U_jj^2)`` over its columns (the increase of the layer's
             output error caused by rounding, in the units of ``H``).
         skipped: layers left to round-to-nearest, by qualified name, with the reason.
@@ -224,11 +236,12 @@ def gptq(
 ) -> GPTQResult:
     """GPTQ (Frantar et al. 2022): round each layer's weights with Hessian-based error feedback.
 
-    See the module docstring for the algorithm, the layers it handles and those it leaves to
-    round-to-nearest. The model must be calibrated (weight quantizers with ranges; activation
-    quantizers too when ``mode`` quantizes activations). There is no randomness: the result
-    depends only on the model and the data. If anything fails part-way, the model (weights,
-    modes, training flags) is restored exactly as it was.
+    See the module docstring for the algorithm, the layers it handles (mixture-of-experts
+    banks expert by expert) and those it leaves to round-to-nearest. The model must be
+    calibrated (weight quantizers with ranges; activation quantizers too when ``mode``
+    quantizes activations). There is no randomness: the result depends only on the model and
+    the data. If anything fails part-way, the model (weights, modes, training flags) is
+    restored exactly as it was.
 
     Args:
         model: a quantizable model (from :func:`~torchquant.quantize_model`) whose weight
@@ -253,8 +266,9 @@ def gptq(
     Raises:
         TypeError: a weight quantizer without an affine grid (naming the module).
         ValueError: no QModule, empty data, a bad option, or no layer GPTQ can handle.
-        RuntimeError: a weight quantizer without ranges (calibrate first), or a Hessian that
-            is not positive definite.
+        RuntimeError: a weight quantizer without ranges (calibrate first), a Hessian that
+            is not positive definite, or mixture-of-experts banks whose forward reads them in
+            a way :func:`~torchquant.moe.expert_inputs` cannot follow (naming the module).
 
     Example:
         >>> import torch
@@ -268,7 +282,6 @@ def gptq(
         ['0', '2']
     """
     qmodules = require_qmodules(model, "gptq")
-    warn_experts_left(qmodules, "gptq")
     if not isinstance(damp, (int, float)) or isinstance(damp, bool) or not damp >= 0:
         raise ValueError(f"gptq: damp must be a number >= 0, got {damp!r}")
     _check(block_size, "block_size", int, 1)
@@ -282,67 +295,191 @@ def gptq(
     names = {m: n for n, m in qmodules}
     todo: list[QWrapper] = []
     grids: dict[QWrapper, AffineGrid] = {}
+    bank_grids: dict[tuple[QExperts, str], AffineGrid] = {}
     skipped: dict[str, str] = {}
     for name, w in qmodules:
+        if isinstance(w, QExperts):
+            for bank in w.banks:
+                q = w.bank_quantizer(bank)
+                if q is not None:
+                    rows = (w.layer._parameters[bank].shape[0] * _out_of(w, bank), _in_of(w, bank))
+                    bank_grids[(w, bank)] = _grid_of(q, rows, f"the {bank} quantizer of {name}")
+            continue
         if not isinstance(w, QWrapper) or w.weight_quantizer is None:
             continue
         reason = _skip_reason(w)
         if reason is not None:
             skipped[name] = reason
             continue
-        try:
-            grid = w.weight_quantizer.grid()
-        except RuntimeError as e:
-            raise RuntimeError(f"gptq: the weight quantizer of {name} has no ranges; calibrate first ({e})") from e
-        if grid is None:
-            raise TypeError(
-                f"gptq: the weight quantizer of {name} ({type(w.weight_quantizer).__name__}) reports no affine "
-                "grid; GPTQ needs one (e.g. AffineQuantizer)"
-            )
-        grid.check(w.weight_view().shape, f"gptq: the weight quantizer of {name}")
-        grids[w] = grid
+        grids[w] = _grid_of(w.weight_quantizer, w.weight_view().shape, f"the weight quantizer of {name}")
         todo.append(w)
-    if not todo:
+    experts = list(dict.fromkeys(qe for qe, _ in bank_grids))
+    if not todo and not experts:
         raise ValueError(f"gptq: no layer that GPTQ handles in {type(model).__name__} (skipped: {skipped})")
+    options = {"damp": float(damp), "block_size": block_size, "act_order": act_order}
 
     with all_or_nothing(model):
         model.eval()
         losses: dict[str, float] = {}
         left = set(todo)
+        experts_left = set(experts)
 
         def process(block: Block) -> None:
             groups = block.groups([w for _, w in block.layers if w in left])
+            mine = [qe for qe in experts if qe in experts_left and _inside(qe, block.module)]
             early: dict[QWrapper, Tensor] = {}
+            early_banks: dict[tuple[QExperts, str, int], Tensor] = {}
             if not true_sequential:  # every Hessian from the float block, before any of its layers changes
                 with qmodule_state(block.module, QModuleState.BYPASSED):
                     for g in groups:
                         early.update(_hessians(block, g))
+                    if mine:
+                        early_banks = _expert_hessians(block, mine, None, names)
             for group in groups:
                 hessians = _hessians(block, group) if true_sequential else early
                 for w in group:
                     wv = w.weight_view()  # (out, in, ...) view of the parameter
                     q, loss = gptq_quantize_weight(
-                        wv.reshape(wv.shape[0], -1),
-                        hessians[w],
-                        _flat(grids[w], wv.shape),
-                        damp=float(damp),
-                        block_size=block_size,
-                        act_order=act_order,
+                        wv.reshape(wv.shape[0], -1), hessians[w], _flat(grids[w], wv.shape), **options
                     )
                     with torch.no_grad():
                         wv.copy_(q.reshape(wv.shape))
                     losses[names[w]] = loss
                     left.discard(w)
+            if not mine:
+                return
+            for step in range(max(len(qe.banks) for qe in mine)):  # the first banks, then down_proj
+                banks = {qe: [qe.banks[step]] for qe in mine if step < len(qe.banks)}
+                hessians_b = _expert_hessians(block, mine, banks, names) if true_sequential else early_banks
+                for qe, (bank,) in banks.items():
+                    if (qe, bank) in bank_grids:
+                        _gptq_bank(qe, bank, names[qe], bank_grids[(qe, bank)], hessians_b, losses, skipped, options)
+            experts_left.difference_update(mine)
 
         for block in sequential_blocks(model, batches, blocks=blocks, mode=mode, who="gptq", progress=progress):
             process(block)
-        if left:  # layers outside the blocks (a head, a stem): passes over the whole model
+        if left or experts_left:  # layers outside the blocks (a head, a stem): passes over the whole model
             for block in sequential_blocks(model, batches, blocks=None, mode=mode, who="gptq", progress=False):
                 if block.name == "":
                     process(block)
         if left:
             raise ValueError(f"gptq: layers never called by the forward pass: {sorted(names[w] for w in left)}")
+    unreached = [k for k, why in skipped.items() if why == _NO_TOKENS]
+    if unreached:
+        shown = ", ".join(unreached[:4]) + (f", ... ({len(unreached) - 4} more)" if len(unreached) > 4 else "")
+        warnings.warn(
+            f"gptq: {len(unreached)} expert matrices received no calibration token and keep their "
+            f"round-to-nearest weights ({shown}); more or longer calibration batches reach more experts",
+            UserWarning,
+            stacklevel=2,
+        )
     return GPTQResult(losses=losses, skipped=skipped)
+
+
+_NO_TOKENS = "no calibration token was routed to this expert (round to nearest)"
+
+
+def _grid_of(q, shape, who: str) -> AffineGrid:
+    """The affine grid of weight quantizer ``q`` (named ``who``), checked against the weight's ``shape``."""
+    try:
+        grid = q.grid()
+    except RuntimeError as e:
+        raise RuntimeError(f"gptq: {who} has no ranges; calibrate first ({e})") from e
+    if grid is None:
+        raise TypeError(
+            f"gptq: {who} ({type(q).__name__}) reports no affine grid; GPTQ needs one (e.g. AffineQuantizer)"
+        )
+    grid.check(shape, f"gptq: {who}")
+    return grid
+
+
+def _inside(m: nn.Module, block: nn.Module) -> bool:
+    return any(x is m for x in block.modules())
+
+
+def _bank_matrix(qe: QExperts, bank: str, e: int) -> Tensor:
+    """Expert ``e``'s ``(out, in)`` matrix of ``bank``: a view of the parameter."""
+    w = qe.layer._parameters[bank][e]
+    return w.t() if qe.transposed else w
+
+
+def _in_of(qe: QExperts, bank: str) -> int:
+    return _bank_matrix(qe, bank, 0).shape[1]
+
+
+def _out_of(qe: QExperts, bank: str) -> int:
+    return _bank_matrix(qe, bank, 0).shape[0]
+
+
+def _expert_hessians(
+    block: Block,
+    experts: list[QExperts],
+    banks: dict[QExperts, list[str]] | None,
+    names: dict,
+) -> dict[tuple[QExperts, str, int], Tensor]:
+    """``2 X^T X / n`` of the inputs routed to each expert of each bank (``banks``: all by default),
+    over the block's batches: ``{(experts module, bank, expert): (in, in)}``. Experts no token
+    reached are left out."""
+    sums: dict[tuple[QExperts, str, int], Tensor] = {}
+    counts: dict[tuple[QExperts, str, int], int] = {}
+    called: set[QExperts] = set()
+
+    def reporter(qe: QExperts):
+        def report(bank: str, e: int, x: Tensor) -> None:
+            called.add(qe)
+            X = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)  # (n, in)
+            if X.shape[1] != _in_of(qe, bank):
+                raise RuntimeError(
+                    f"gptq: expert {e} of {names[qe]} reads {bank} with inputs of width {X.shape[1]}, "
+                    f"expected {_in_of(qe, bank)}"
+                )
+            key = (qe, bank, e)
+            xtx = X.t() @ X
+            sums[key] = xtx if key not in sums else sums[key] + xtx
+            counts[key] = counts.get(key, 0) + X.shape[0]
+
+        return report
+
+    with contextlib.ExitStack() as stack:
+        for qe in experts:
+            stack.enter_context(expert_inputs(qe, reporter(qe), None if banks is None else banks.get(qe, [])))
+        block.run()
+    quiet = [names[qe] for qe in experts if qe not in called and (banks is None or banks.get(qe))]
+    if quiet:
+        raise RuntimeError(
+            f"gptq: could not see which inputs the experts of {quiet} receive: the forward pass did not call "
+            "them, or their forward does not multiply by bank[e] (F.linear, @, torch.matmul) or by the whole "
+            "bank (torch.bmm)"
+        )
+    return {k: 2.0 * sums[k] / counts[k] for k in sums if bool(sums[k].diagonal().any())}
+
+
+def _gptq_bank(
+    qe: QExperts,
+    bank: str,
+    name: str,
+    grid: AffineGrid,
+    hessians: dict[tuple[QExperts, str, int], Tensor],
+    losses: dict[str, float],
+    skipped: dict[str, str],
+    options: dict,
+) -> None:
+    """GPTQ on every expert's matrix of one bank, each with its own Hessian and its rows of the grid."""
+    n_experts = qe.layer._parameters[bank].shape[0]
+    out, cols = _out_of(qe, bank), _in_of(qe, bank)
+    flat = _flat(grid, torch.Size((n_experts * out, cols)))  # the (E * out, in) rows the quantizer sees
+    for e in range(n_experts):
+        key = f"{name}.{bank}[{e}]"
+        h = hessians.get((qe, bank, e))
+        if h is None:
+            skipped[key] = _NO_TOKENS
+            continue
+        rows = slice(e * out, (e + 1) * out)
+        sub = AffineGrid(flat.scale[rows], flat.zero_point[rows], flat.qmin, flat.qmax, flat.granularity)
+        w = _bank_matrix(qe, bank, e)
+        q, losses[key] = gptq_quantize_weight(w, h, sub, **options)
+        with torch.no_grad():
+            w.copy_(q)
 
 
 def _flat(grid: AffineGrid, shape: torch.Size) -> AffineGrid:
