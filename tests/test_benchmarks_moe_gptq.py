@@ -1,0 +1,52 @@
+"""benchmarks/moe_gptq.py: the upcycled Mixtral computes the dense model, and the banks-at-RTN row leaves them alone.
+
+The real-weight run (SmolLM2-135M) is the benchmark itself.
+"""
+
+import copy
+import warnings
+
+import benchmark_script
+import pytest
+import torch
+
+import torchquant as tq
+from torchquant.hf import TorchQuantConfig, quantize
+
+transformers = pytest.importorskip("transformers")
+from hf.hf_tiny import VOCAB, llama_config  # noqa: E402  (tests/hf, a namespace package)
+
+bench = benchmark_script.load("moe_gptq")
+
+
+def _dense():
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(llama_config(hidden_size=64, intermediate_size=128)).eval()
+
+
+def test_the_upcycled_mixtral_computes_the_dense_model():
+    dense = _dense()
+    moe = bench.upcycle(dense, experts=4, top_k=2)
+    assert isinstance(moe, transformers.MixtralForCausalLM)
+    experts = moe.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.shape == (4, 256, 64) and experts.down_proj.shape == (4, 64, 128)
+    ids = torch.randint(0, VOCAB, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(moe(ids).logits, dense(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_gptq_without_banks_leaves_the_banks_to_round_to_nearest():
+    moe = bench.upcycle(_dense(), experts=4, top_k=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tq.FloatLayersWarning)
+        quantize(moe, TorchQuantConfig(weights="int4-g32"))
+    experts = moe.model.layers[0].mlp.experts
+    banks = copy.deepcopy(experts.layer.state_dict())
+    quantizers = dict(experts.quantizers())
+    calib = [torch.randint(0, VOCAB, (1, 16))]
+    bench._gptq_without_banks(moe, calib)
+    assert dict(experts.quantizers()) == quantizers  # put back
+    assert all(torch.equal(v, experts.layer.state_dict()[k]) for k, v in banks.items())
+    assert not torch.equal(
+        moe.model.layers[0].self_attn.q_proj.layer.weight, _dense().model.layers[0].self_attn.q_proj.weight
+    )
