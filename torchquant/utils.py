@@ -3,7 +3,7 @@ modes and training flags after a temporary change, and progress bars.
 
 Example:
     >>> import torch
-    >>> from torch import nn
+    >>> from torch import Tensor, nn
     >>> from torchquant import QModuleState, QWrapper, qmodule_state
     >>> model = nn.Sequential(QWrapper(nn.Linear(4, 4)))
     >>> with qmodule_state(model, QModuleState.QUANT_AWARE_TRAIN):
@@ -16,22 +16,82 @@ Example:
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from .qmodules import QModule, QModuleState, iter_qmodules
 
 __all__ = [
+    "LABEL_KEYS",
     "cached_quantized_weights",
+    "call_model",
     "get_qmodule_states",
     "iter_qmodules",
+    "model_output",
     "progress_bar",
     "qmodule_state",
     "restoring_states",
     "set_qmodule_state",
 ]
+
+
+LABEL_KEYS = frozenset({"label", "labels", "target", "targets", "y"})
+
+
+def call_model(model: nn.Module, batch: Any, who: str) -> Any:
+    """Run ``model`` on one calibration batch.
+
+    A tensor is the input; a tuple/list ``(input, target, ...)`` gives its first
+    element as the input; a dict is passed as keyword arguments, without the
+    label keys (``label(s)``, ``target(s)``, ``y``), except that a Hugging Face
+    encoder-decoder (``model.config.is_encoder_decoder``) keeps ``labels`` when the batch
+    has no decoder inputs: it shifts them into its decoder's input.
+    """
+    if isinstance(batch, Tensor):
+        return model(batch)
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError(f"{who}: got an empty {type(batch).__name__} as a batch")
+        return model(batch[0])
+    if isinstance(batch, dict):
+        kwargs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+        seq2seq = getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True
+        if seq2seq and "labels" in batch and not {"decoder_input_ids", "decoder_inputs_embeds"} & set(batch):
+            kwargs["labels"] = batch["labels"]
+        if not kwargs:
+            raise ValueError(f"{who}: a dict batch needs input keys besides {sorted(LABEL_KEYS)}, got {list(batch)}")
+        return model(**kwargs)
+    raise TypeError(
+        f"{who}: a batch must be a tensor, an (input, target) tuple/list or a dict of tensors, "
+        f"got {type(batch).__name__}"
+    )
+
+
+def model_output(out: Any, who: str) -> Tensor:
+    """The tensor a model's output stands for: the output itself, its ``logits`` (a Hugging Face
+    ``ModelOutput``), or the first tensor of a tuple, list or mapping.
+
+    Raises:
+        TypeError: no tensor in ``out`` (naming ``who``).
+
+    Example:
+        >>> import torch
+        >>> model_output((torch.ones(2), None), "example")
+        tensor([1., 1.])
+    """
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    values = list(out.values()) if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else []
+    for v in values:
+        if isinstance(v, Tensor):
+            return v
+    raise TypeError(f"{who}: the model returned {type(out).__name__}, which holds no tensor to compare")
 
 
 def _check_mode(mode: QModuleState) -> QModuleState:

@@ -105,3 +105,34 @@ def test_errors():
     q, _ = _model()
     with pytest.raises(ValueError, match="data is empty"):
         tq.debug.sensitivity(q, [])
+
+
+def test_a_transformers_model_with_dict_batches():
+    """Batches as calibrate takes them: a tokenizer's dict (labels left out), one or a list; logits compared."""
+    transformers = pytest.importorskip("transformers")
+    from hf.hf_tiny import VOCAB, llama_config  # tests/hf, a namespace package
+
+    from torchquant.hf import TorchQuantConfig, quantize
+
+    torch.manual_seed(0)
+    model = quantize(transformers.LlamaForCausalLM(llama_config()).eval(), TorchQuantConfig(weights="int4"))
+    ids = torch.randint(0, VOCAB, (2, 8))
+    batch = {"input_ids": ids, "labels": ids}
+    one = tq.debug.sqnr_report(model, batch)
+    assert one.rows and all(math.isfinite(r["sqnr_db"]) for r in one.rows)
+    both = tq.debug.sqnr_report(model, [batch, {"input_ids": ids}])
+    assert [r["sqnr_db"] for r in both.rows] == pytest.approx([r["sqnr_db"] for r in one.rows])
+    sens = tq.debug.sensitivity(model, batch)
+    assert len(sens.rows) == len(tq.iter_qmodules(model)) and math.isfinite(sens.rows[0]["all"])
+    assert {m.qstate for _, m in tq.iter_qmodules(model)} == {S.QUANT_EVAL}  # restored
+
+
+def test_model_outputs_are_found_in_tuples_and_mappings():
+    from torchquant.utils import model_output
+
+    t = torch.ones(2)
+    assert model_output(t, "x") is t
+    assert model_output((None, t), "x") is t
+    assert model_output({"loss": None, "out": t}, "x") is t
+    with pytest.raises(TypeError, match=r"sensitivity: the model returned NoneType, which holds no tensor"):
+        model_output(None, "sensitivity")

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..qmodules import QModule, QModuleState, QWrapper
 from ..quantizers import Quantizer
+from ..utils import call_model, model_output
 
 __all__ = ["Report", "mixed_precision", "plot_ranges", "sensitivity", "sqnr_report"]
 
@@ -52,26 +53,23 @@ def _fmt(v: Any) -> str:
 
 
 def _batches(data: Data, who: str) -> list[Any]:
-    if isinstance(data, Tensor):
+    if isinstance(data, (Tensor, dict)):  # one batch: a tensor, or keyword arguments (a tokenizer's output)
         return [data]
     try:
         batches = list(data)
     except TypeError as e:
-        raise TypeError(f"{who}: data must be a tensor or an iterable of batches, got {type(data).__name__}") from e
+        raise TypeError(
+            f"{who}: data must be a tensor, a dict or an iterable of batches, got {type(data).__name__}"
+        ) from e
     if not batches:
         raise ValueError(f"{who}: data is empty")
     return batches
 
 
-def _inputs(batch: Any) -> tuple:
-    if isinstance(batch, (tuple, list)):
-        return (batch[0],)
-    return (batch,)
-
-
-def _run(model: nn.Module, batches: list[Any]) -> list[Tensor]:
+def _run(model: nn.Module, batches: list[Any], who: str = "debug") -> list[Tensor]:
+    """The model's output tensor for each batch (batches as :func:`~torchquant.calibrate` takes them)."""
     with torch.no_grad():
-        return [model(*_inputs(b)) for b in batches]
+        return [model_output(call_model(model, b, who), who) for b in batches]
 
 
 def _qmodules(model: nn.Module, who: str) -> list[tuple[str, QModule]]:
@@ -107,7 +105,9 @@ def _run_quantized_with_hooks(
     try:
         with _States(mods) as st:
             st.set({n for n, _ in mods})
-            _run(model, batches)
+            with torch.no_grad():
+                for b in batches:
+                    call_model(model, b, "debug")  # only the hooks' measurements are wanted
     finally:
         for h in hooks:
             h.remove()
@@ -132,7 +132,8 @@ def sqnr_report(model: nn.Module, data: Data) -> Report:
 
     Args:
         model: a calibrated quantized model.
-        data: a tensor or an iterable of batches.
+        data: a tensor, a dict of keyword arguments (one batch), or an iterable of batches as
+            :func:`~torchquant.calibrate` takes them (labels are left out of dict batches).
 
     Returns:
         A :class:`Report` with one row per quantizer: ``point``, ``kind``
@@ -197,7 +198,8 @@ def sensitivity(
 
     Args:
         model: a calibrated quantized model.
-        data: a tensor or an iterable of batches.
+        data: a tensor, a dict of keyword arguments (one batch), or an iterable of batches as
+            :func:`~torchquant.calibrate` takes them (labels are left out of dict batches).
         metric: ``metric(model, batches) -> float`` where ``batches`` is ``data`` as a
             list (e.g. accuracy on labelled batches). ``None``: SQNR (dB) of the model
             output against the float model's output (``BYPASSED``).
@@ -347,7 +349,8 @@ def mixed_precision(
 
     Args:
         model: a calibrated quantized model (weight ranges observed).
-        data: a tensor or an iterable of batches.
+        data: a tensor, a dict of keyword arguments (one batch), or an iterable of batches as
+            :func:`~torchquant.calibrate` takes them (labels are left out of dict batches).
         metric: as in :func:`sensitivity` (``None``: output SQNR in dB against float).
         budget: maximum average bits per quantized weight, e.g. ``5.0``.
         bits: the allowed bit-widths.

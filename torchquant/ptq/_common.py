@@ -13,37 +13,7 @@ from torch import Tensor, nn
 
 from ..moe import QExperts
 from ..qmodules import QModule, QWrapper, iter_qmodules
-
-LABEL_KEYS = frozenset({"label", "labels", "target", "targets", "y"})
-
-
-def call_model(model: nn.Module, batch: Any, who: str) -> Any:
-    """Run ``model`` on one calibration batch.
-
-    A tensor is the input; a tuple/list ``(input, target, ...)`` gives its first
-    element as the input; a dict is passed as keyword arguments, without the
-    label keys (``label(s)``, ``target(s)``, ``y``), except that a Hugging Face
-    encoder-decoder (``model.config.is_encoder_decoder``) keeps ``labels`` when the batch
-    has no decoder inputs: it shifts them into its decoder's input.
-    """
-    if isinstance(batch, Tensor):
-        return model(batch)
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise ValueError(f"{who}: got an empty {type(batch).__name__} as a batch")
-        return model(batch[0])
-    if isinstance(batch, dict):
-        kwargs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
-        seq2seq = getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True
-        if seq2seq and "labels" in batch and not {"decoder_input_ids", "decoder_inputs_embeds"} & set(batch):
-            kwargs["labels"] = batch["labels"]
-        if not kwargs:
-            raise ValueError(f"{who}: a dict batch needs input keys besides {sorted(LABEL_KEYS)}, got {list(batch)}")
-        return model(**kwargs)
-    raise TypeError(
-        f"{who}: a batch must be a tensor, an (input, target) tuple/list or a dict of tensors, "
-        f"got {type(batch).__name__}"
-    )
+from ..utils import call_model
 
 
 def materialize(data: Iterable, num_batches: int | None, who: str) -> list:

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from ..layers import BN_FOR_LAYER
 from ..qmodules import QModuleState, QWrapper
-from ..utils import progress_bar, restoring_states
-from ._common import Snapshot, call_model, forward_order, materialize, require_qmodules
+from ..utils import call_model, progress_bar, restoring_states
+from ._common import Snapshot, forward_order, materialize, require_qmodules
 from .equalize import ChannelClip, _in_view, _layer_in_out, find_layer_pairs
 from .registry import register_ptq_algorithm
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from ..qmodules import QModuleState
-from ..utils import progress_bar, restoring_states
-from ._common import call_model, materialize, require_qmodules
+from ..utils import call_model, progress_bar, restoring_states
+from ._common import materialize, require_qmodules
 
 __all__ = ["UncalledQModulesWarning", "calibrate"]
 

@@ -40,8 +40,8 @@ from ..folding import fold_wrapper_bn_
 from ..layers import BN_FOR_LAYER
 from ..qmodules import QModule, QWrapper
 from ..quantizers import RangeQuantizer
-from ..utils import restoring_states
-from ._common import Snapshot, call_model, require_qmodules
+from ..utils import call_model, restoring_states
+from ._common import Snapshot, require_qmodules
 from .registry import register_ptq_algorithm
 
 __all__ = ["ChannelClip", "EqualizationResult", "equalize", "find_layer_pairs", "fold_qwrapper_batchnorm"]

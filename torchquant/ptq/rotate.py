@@ -71,8 +71,8 @@ from ..hadamard import hadamard_factors, hadamard_transform, random_hadamard, ra
 from ..qmodules import HadamardTransform, QModuleState, QOp, QWrapper
 from ..quantizers import RangeQuantizer
 from ..serialize import register_conversion
-from ..utils import restoring_states
-from ._common import Snapshot, call_model, materialize, require_qmodules
+from ..utils import call_model, model_output, restoring_states
+from ._common import Snapshot, materialize, require_qmodules
 from .registry import register_ptq_algorithm
 
 __all__ = ["QuaRotResult", "hadamard_factors", "hadamard_transform", "quarot", "random_hadamard"]
@@ -240,22 +240,11 @@ def _order(n: int, what: str) -> None:
         raise ValueError(f"quarot: {what} is {n}: {e}") from e
 
 
-def _logits(out: Any) -> Tensor:
-    if isinstance(out, Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    raise TypeError(f"quarot: cannot find logits in the model's output ({type(out).__name__})")
-
-
 def _float_logits(model: nn.Module, batch: Any, qmodules) -> Tensor:
     with torch.no_grad():
         for _, m in qmodules:
             m.qstate = QModuleState.BYPASSED
-        return _logits(call_model(model, batch, "quarot")).detach().to(torch.float64)
+        return model_output(call_model(model, batch, "quarot"), "quarot").detach().to(torch.float64)
 
 
 def _attach_transform(wrapper: QWrapper, n: int) -> None:

@@ -38,8 +38,8 @@ from torch import Tensor, nn
 
 from ..layers import is_normalization
 from ..qmodules import QModule, QModuleState, QWrapper, iter_qmodules
-from ..utils import cached_quantized_weights, progress_bar, qmodule_state
-from ._common import _Stop, call_model
+from ..utils import cached_quantized_weights, call_model, progress_bar, qmodule_state
+from ._common import _Stop
 
 __all__ = ["Block", "find_blocks", "fold_input_scale", "sequential_blocks"]
 
