@@ -500,3 +500,12 @@ def test_sqnr_report_lists_the_banks_as_weights():
     tq.set_qmodule_state(q, S.QUANT_EVAL)
     kinds = {r["point"]: r["kind"] for r in tq.debug.sqnr_report(q, x).rows}
     assert kinds["experts.gate_up_quantizer"] == kinds["experts.down_quantizer"] == "weight"
+
+
+def test_plot_ranges_shows_the_banks(tmp_path):
+    pytest.importorskip("matplotlib")
+    torch.manual_seed(0)
+    q = tq.quantize_model(_Moe(), lambda m, n: w4(), None, method="swap")
+    tq.calibrate(q, [torch.randn(10, 8)], progress=False)
+    names = tq.debug.plot_ranges(q, tmp_path / "ranges.png")
+    assert {"experts.gate_up_quantizer", "experts.down_quantizer"} <= set(names)

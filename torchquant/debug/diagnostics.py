@@ -284,8 +284,11 @@ def plot_ranges(
             if q.grid() is None:
                 continue
             quantizers[name] = q
+            bank = next((b for b, r in getattr(m, "ROLE_OF_BANK", {}).items() if f"{r}_quantizer" == attr), None)
             if isinstance(m, QWrapper) and q is m.weight_quantizer:
                 values[name] = m.layer.weight.detach().flatten()
+            elif bank is not None:  # a QExperts' weight bank: every expert's matrix
+                values[name] = getattr(m.layer, bank).detach().flatten()
             elif data is not None:
 
                 def hook(mod, args, out, name=name):
