@@ -487,7 +487,7 @@ def test_gptq_names_experts_whose_forward_it_cannot_follow():
     net = tq.quantize_model(_Routed(Einsum(), index, scores), lambda m, n: w4(), None, method="swap")
     tq.calibrate(net, [x], progress=False)
     before = copy.deepcopy(net.state_dict())
-    with pytest.raises(RuntimeError, match=r"gptq: could not see which inputs the experts of \['experts'\] receive"):
+    with pytest.raises(RuntimeError, match=r"could not see which inputs the experts' banks \['experts.gate_up_proj'\]"):
         tq.ptq.gptq(net, [x], progress=False)
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # left as it was
 
@@ -509,3 +509,56 @@ def test_plot_ranges_shows_the_banks(tmp_path):
     tq.calibrate(q, [torch.randn(10, 8)], progress=False)
     names = tq.debug.plot_ranges(q, tmp_path / "ranges.png")
     assert {"experts.gate_up_quantizer", "experts.down_quantizer"} <= set(names)
+
+
+class _MmDown(Experts):
+    """The first product by F.linear with gate_up_proj[e], the second by torch.mm (expert_inputs does not follow it)."""
+
+    def forward(self, x, index, scores):
+        out = torch.zeros_like(x)
+        for e in range(self.down_proj.shape[0]):
+            rows, slot = torch.where(index == e)
+            gate, up = F.linear(x[rows], self.gate_up_proj[e]).chunk(2, dim=-1)
+            out.index_add_(0, rows, torch.mm(F.silu(gate) * up, self.down_proj[e].t()) * scores[rows, slot, None])
+        return out
+
+
+def test_a_down_proj_product_that_cannot_be_followed_is_an_error_not_a_float_path():
+    x, index, scores = _routing()
+    q = QExperts(_MmDown(), down_input_quantizer=tq.AffineQuantizer(8, tq.RunningMinMax()))
+    for state in (S.CALIBRATION, S.QUANT_EVAL, S.QUANT_AWARE_TRAIN):
+        q.qstate = state
+        with pytest.raises(RuntimeError, match=r"QExperts\[_MmDown\]: down_input_quantizer is set, but"):
+            q(x, index, scores)
+    net = tq.quantize_model(_Routed(_MmDown(), index, scores), lambda m, n: w4(), None, method="swap")
+    tq.calibrate(net, [x], progress=False)
+    with pytest.raises(RuntimeError, match=r"experts' banks \['experts.down_proj'\] receive"):
+        tq.ptq.gptq(net, [x], progress=False, true_sequential=False)
+
+
+def test_gptq_collects_only_the_banks_it_quantizes():
+    x, index, scores = _routing(t=20)
+    banks = []
+    net = tq.quantize_model(_Routed(Experts(), index, scores), lambda m, n: w4(), None, method="swap")
+    net.experts.gate_up_quantizer = None
+    tq.calibrate(net, [x], progress=False)
+    with expert_inputs(net.experts, lambda bank, e, rows: banks.append(bank)):
+        for sequential in (True, False):
+            result = tq.ptq.gptq(copy.deepcopy(net), [x], progress=False, true_sequential=sequential)
+            assert sorted(result.losses) == [f"experts.down_proj[{e}]" for e in range(3)]
+    assert banks == []  # the deep copies ran; the listener stayed with the original
+
+
+def test_copies_made_inside_expert_inputs_do_not_report():
+    import pickle
+
+    q = QExperts(Experts(), {"down_proj": w4()})
+    q.observe_weight()
+    seen = []
+    with expert_inputs(q, lambda *a: seen.append(a[0])):
+        copied, pickled = copy.deepcopy(q), pickle.loads(pickle.dumps(q))
+    x, index, scores = _routing()
+    with expert_inputs(q, lambda *a: None):
+        copied(x, index, scores)
+        pickled(x, index, scores)
+    assert seen == [] and copied._listener is None and pickled._listener is None

@@ -414,3 +414,17 @@ def test_level_quantizers_are_described_by_the_spec():
         "observer_args": {"axis": 1, "group_size": 32},
     }
     assert nf4.build().granularity == tq.Granularity(axis=1, group_size=32)
+
+
+def test_affine_per_group_ranges_of_another_rank_broadcast_as_before():
+    """Ranges forced with fewer dimensions than the input (or observed on a smaller one) are repeated and broadcast."""
+    q = AffineQuantizer(4, BatchMinMax(axis=-1, group_size=8))
+    q.range_observer.force_ranges(-torch.ones(2), torch.ones(2) * 2)  # one range per group of a 16-wide last axis
+    x = torch.randn(5, 16)
+    delta, zero_point = q.qparams()
+    assert torch.equal(q(x), q._on_grid(x, delta, zero_point))
+    w = torch.randn(4, 16)
+    q = observed(AffineQuantizer(4, BatchMinMax(axis=-1, group_size=8)), w)
+    x = torch.randn(3, 4, 16)
+    delta, zero_point = q.qparams()
+    assert torch.equal(q(x), q._on_grid(x, delta, zero_point))

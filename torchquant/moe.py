@@ -169,6 +169,10 @@ class QExperts(_LayerAttributes, QModule):
         self._weight_cache: dict[str, dict[str, Any]] | None = None  # see torchquant.utils.cached_quantized_weights
         self._listener: Callable[[str, int, Tensor], None] | None = None  # see expert_inputs
 
+    def __getstate__(self) -> dict[str, Any]:
+        # what expert_inputs attached is about this module, not a copy of it (and is not picklable)
+        return {**super().__getstate__(), "_listener": None, "_weight_cache": None}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_weight_cache", None)
@@ -275,7 +279,7 @@ class QExperts(_LayerAttributes, QModule):
         mode = _BankReads(reads, report, transform)
         with _eager(self.layer), mode:
             out = call()
-        if check is not None and mode.reads == 0 and check.numel() > 0:
+        if check is not None and "down_proj" not in mode.read and check.numel() > 0:
             raise RuntimeError(
                 f"QExperts[{type(self.layer).__name__}]: down_input_quantizer is set, but the experts' forward "
                 "does not multiply by down_proj[e] (F.linear, @, torch.matmul) or by the whole bank (torch.bmm), "
@@ -308,8 +312,8 @@ class _BankReads(TorchFunctionMode):
     ``transform[bank](x)`` replaces the input of the products with ``bank`` (quantizes it), then
     ``report(bank, expert, x)`` sees each expert's input ``x`` ``(..., in)`` as the product reads it.
     A slice ``bank[e]`` is tagged with its expert; tensors made from a tagged one alone with the
-    same number of elements (casts, transposes, views) keep the tag. :attr:`reads` counts the
-    products found."""
+    same number of elements (casts, transposes, views) keep the tag. :attr:`read` holds the banks
+    whose products were found."""
 
     def __init__(
         self,
@@ -320,7 +324,7 @@ class _BankReads(TorchFunctionMode):
         super().__init__()
         self.report = report
         self.transform = transform or {}
-        self.reads = 0
+        self.read: set[str] = set()  # the banks whose products were found
         # id -> (tensor, bank, expert or None for the whole bank); the tensor is held so its id stays unique
         self.tags: dict[int, tuple[Tensor, str, int | None]] = {id(t): (t, b, None) for b, t in banks.items()}
 
@@ -341,7 +345,7 @@ class _BankReads(TorchFunctionMode):
                 if fn is not None:
                     x = fn(x)
                     args = (x, *args[1:])
-                self.reads += 1
+                self.read.add(bank)
                 if self.report is not None:
                     for e, rows in enumerate(x.unbind(0)) if whole else [(expert, x)]:
                         self.report(bank, e, rows)

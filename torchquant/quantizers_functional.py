@@ -859,6 +859,8 @@ def _by_group(g: Granularity, x: Tensor, compact: tuple[Tensor, ...], fn: Callab
     """
     if g.group_size is None or g.axis is None:
         return fn(x, *compact)
+    if any(c.dim() != x.dim() for c in compact):  # ranges of another rank (forced by hand): repeated, as they broadcast
+        return fn(x, *(g.expand(c) for c in compact))
     axis = g.axis % x.dim()
     return fn(g._split(x, axis), *(c.unsqueeze(axis + 1) for c in compact)).reshape(x.shape)
 

@@ -408,3 +408,36 @@ def test_mixture_of_experts_activations_reach_every_expert_product_and_reload_ex
         reloaded.model.layers[0].mlp.experts.down_input_quantizer.range_observer.max_val, observer.max_val
     )
     assert torch.equal(_out(reloaded, batch), y)
+
+
+def test_a_moe_checkpoint_saved_before_down_input_quantizers_loads_as_it_was(tmp_path):
+    """Checkpoints of W8A8 MoE models written before QExperts quantized every expert's down_proj input have
+    no such quantizer: from_pretrained and tq.load leave it out, and the model computes what it did."""
+    torch.manual_seed(0)
+    MOE_FAMILIES["mixtral"]().save_pretrained(tmp_path / "float")
+    model = _load(
+        FAMILIES[0], tmp_path / "float", quantization_config=TorchQuantConfig(weights="int8", activations="int8")
+    )
+    batch = {"input_ids": torch.randint(0, 100, (2, 12))}
+    tq.calibrate(model, [batch], progress=False)
+    tq.set_qmodule_state(model, S.QUANT_EVAL)
+    for layer in model.model.layers:
+        layer.mlp.experts.down_input_quantizer = None  # the model an earlier version made
+    old = _out(model, batch)
+    model.save_pretrained(tmp_path / "q")
+    tq.save(model, tmp_path / "native.safetensors")
+    assert "down_input_quantizer" not in json.dumps(json.loads(_description(tmp_path / "q")))
+    reloaded = _load(FAMILIES[0], tmp_path / "q")
+    assert reloaded.model.layers[0].mlp.experts.down_input_quantizer is None
+    assert torch.equal(_out(reloaded, batch), old)
+    native = tq.load(transformers.MixtralForCausalLM(mixtral_config()).eval(), tmp_path / "native.safetensors")
+    assert native.model.layers[0].mlp.experts.down_input_quantizer is None
+    assert torch.equal(_out(native, batch), old)
+
+
+def _description(folder) -> str:
+    from safetensors import safe_open
+
+    (path,) = folder.glob("*.safetensors")
+    with safe_open(path, framework="pt") as f:
+        return f.metadata()["torchquant"]

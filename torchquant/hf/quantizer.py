@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -276,7 +277,17 @@ def initial_mode(model: nn.Module) -> QModuleState:
 
 @register_conversion("torchquant.hf")
 def _replay(model: nn.Module, record: dict, build) -> nn.Module:
-    return quantize(model, TorchQuantConfig.from_dict(record["config"]), initial_state=False)
+    model = quantize(model, TorchQuantConfig.from_dict(record["config"]), initial_state=False)
+    _drop_undescribed(model, lambda name: build(name, "down_input_quantizer") is not None)
+    return model
+
+
+def _drop_undescribed(model: nn.Module, described: Callable[[str], bool]) -> None:
+    """Remove the ``down_input_quantizer`` of experts whose checkpoint has none: saved before QExperts
+    quantized their down_proj input, such a checkpoint keeps loading (and computing) as it did."""
+    for name, m in iter_qmodules(model):
+        if isinstance(m, QExperts) and m.down_input_quantizer is not None and not described(name):
+            m.down_input_quantizer = None
 
 
 # ------------------------------------------------------------------ transformers
@@ -316,6 +327,8 @@ class TorchQuantHfQuantizer(HfQuantizer):
                     "carry no torchquant description; save it with save_pretrained from a torchquant model"
                 )
             # Conversions recorded after the config's own (QuaRot's online transforms): weights need none
+            modules = self.description.get("modules", {})
+            _drop_undescribed(model, lambda name: "down_input_quantizer" in modules.get(name, {}).get("quantizers", {}))
             for record in self.description.get("conversions", []):
                 if record.get("kind") != "torchquant.hf":
                     replay_conversion(model, record, lambda name, attr: None)

@@ -334,7 +334,8 @@ def gptq(
                     for g in groups:
                         early.update(_hessians(block, g))
                     if mine:
-                        early_banks = _expert_hessians(block, mine, None, names)
+                        quantized = {qe: [b for b in qe.banks if (qe, b) in bank_grids] for qe in mine}
+                        early_banks = _expert_hessians(block, quantized, names)
             for group in groups:
                 hessians = _hessians(block, group) if true_sequential else early
                 for w in group:
@@ -349,11 +350,14 @@ def gptq(
             if not mine:
                 return
             for step in range(max(len(qe.banks) for qe in mine)):  # the first banks, then down_proj
-                banks = {qe: [qe.banks[step]] for qe in mine if step < len(qe.banks)}
-                hessians_b = _expert_hessians(block, mine, banks, names) if true_sequential else early_banks
+                banks = {
+                    qe: [qe.banks[step]] for qe in mine if step < len(qe.banks) and (qe, qe.banks[step]) in bank_grids
+                }
+                if not banks:
+                    continue
+                hessians_b = _expert_hessians(block, banks, names) if true_sequential else early_banks
                 for qe, (bank,) in banks.items():
-                    if (qe, bank) in bank_grids:
-                        _gptq_bank(qe, bank, names[qe], bank_grids[(qe, bank)], hessians_b, losses, skipped, options)
+                    _gptq_bank(qe, bank, names[qe], bank_grids[(qe, bank)], hessians_b, losses, skipped, options)
             experts_left.difference_update(mine)
 
         for block in sequential_blocks(model, batches, blocks=blocks, mode=mode, who="gptq", progress=progress):
@@ -412,21 +416,18 @@ def _out_of(qe: QExperts, bank: str) -> int:
 
 
 def _expert_hessians(
-    block: Block,
-    experts: list[QExperts],
-    banks: dict[QExperts, list[str]] | None,
-    names: dict,
+    block: Block, banks: dict[QExperts, list[str]], names: dict
 ) -> dict[tuple[QExperts, str, int], Tensor]:
-    """``2 X^T X / n`` of the inputs routed to each expert of each bank (``banks``: all by default),
+    """``2 X^T X / n`` of the inputs routed to each expert of the ``banks`` of each experts module,
     over the block's batches: ``{(experts module, bank, expert): (in, in)}``. Experts no token
     reached are left out."""
     sums: dict[tuple[QExperts, str, int], Tensor] = {}
     counts: dict[tuple[QExperts, str, int], int] = {}
-    called: set[QExperts] = set()
+    seen: set[tuple[QExperts, str]] = set()
 
     def reporter(qe: QExperts):
         def report(bank: str, e: int, x: Tensor) -> None:
-            called.add(qe)
+            seen.add((qe, bank))
             X = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)  # (n, in)
             if X.shape[1] != _in_of(qe, bank):
                 raise RuntimeError(
@@ -441,15 +442,15 @@ def _expert_hessians(
         return report
 
     with contextlib.ExitStack() as stack:
-        for qe in experts:
-            stack.enter_context(expert_inputs(qe, reporter(qe), None if banks is None else banks.get(qe, [])))
+        for qe, wanted in banks.items():
+            stack.enter_context(expert_inputs(qe, reporter(qe), wanted))
         block.run()
-    quiet = [names[qe] for qe in experts if qe not in called and (banks is None or banks.get(qe))]
+    quiet = [f"{names[qe]}.{b}" for qe, wanted in banks.items() for b in wanted if (qe, b) not in seen]
     if quiet:
         raise RuntimeError(
-            f"gptq: could not see which inputs the experts of {quiet} receive: the forward pass did not call "
-            "them, or their forward does not multiply by bank[e] (F.linear, @, torch.matmul) or by the whole "
-            "bank (torch.bmm)"
+            f"gptq: could not see which inputs the experts' banks {quiet} receive: the forward pass did not "
+            "call them, or their forward does not multiply by bank[e] (F.linear, @, torch.matmul) or by the "
+            "whole bank (torch.bmm)"
         )
     return {k: 2.0 * sums[k] / counts[k] for k in sums if bool(sums[k].diagonal().any())}
 

@@ -96,7 +96,8 @@ class AffineQuantizer(RangeQuantizer):
             if out is not None:
                 return out
         obs = self._modules["range_observer"]
-        if obs is not None and obs.granularity.group_size is not None:
+        # (under torch.compile the compiler fuses the repeated ranges away: the plain path traces more simply)
+        if obs is not None and obs.granularity.group_size is not None and not torch.compiler.is_compiling():
             ranges = kernel_ranges(self, obs, AffineQuantizer, "qparams")
             if ranges is not None:
                 # The grid once per group, broadcast over each group's elements (bit-identical to
