@@ -1,6 +1,7 @@
 """QExperts: mixture-of-experts banks (transformers 5's layout) with quantized weights and inputs."""
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -207,13 +208,12 @@ def test_onnx_export_refuses_an_expert_bank_by_name():
         tq.export.to_onnx(q, (x,), "unused.onnx")
 
 
-def test_awq_says_it_leaves_the_banks_alone():
+def test_smoothquant_says_it_leaves_the_banks_alone():
     torch.manual_seed(0)
     q = tq.quantize_model(_Moe(), lambda m, n: w4(), None, method="swap")
     x = torch.randn(10, 8)
-    tq.calibrate(q, [x], progress=False)
-    with pytest.warns(UserWarning, match=r"awq: 1 mixture-of-experts bank\(s\) keep their round-to-nearest weights"):
-        tq.ptq.awq(q, [x], progress=False)
+    with pytest.warns(UserWarning, match=r"smoothquant: 1 mixture-of-experts bank\(s\) keep their round-to-nearest"):
+        tq.ptq.smoothquant(q, [x], progress=False)
 
 
 class _Bmm(nn.Module):
@@ -562,3 +562,57 @@ def test_copies_made_inside_expert_inputs_do_not_report():
         copied(x, index, scores)
         pickled(x, index, scores)
     assert seen == [] and copied._listener is None and pickled._listener is None
+
+
+class _PlusOne(Experts):
+    """GPT-OSS' gating: ``(up + 1) * act(gate)``, which no scale of the up rows passes through one for one."""
+
+    def forward(self, x, index, scores):
+        out = torch.zeros_like(x)
+        for e in range(self.down_proj.shape[0]):
+            rows, slot = torch.where(index == e)
+            gate, up = F.linear(x[rows], self._w("gate_up_proj", e)).chunk(2, dim=-1)
+            out.index_add_(
+                0, rows, F.linear((up + 1) * F.silu(gate), self._w("down_proj", e)) * scores[rows, slot, None]
+            )
+        return out
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["out-in", "in-out"])
+def test_awq_scales_each_experts_down_input_into_its_up_rows(transposed):
+    torch.manual_seed(0)
+    x, index, scores = _routing(t=40)
+    x = x @ torch.randn(8, 8) * torch.logspace(0, -1, 8)
+    layer = Experts(transposed=transposed)
+    net = tq.quantize_model(_Routed(copy.deepcopy(layer), index, scores), lambda m, n: w4(), None, method="swap")
+    rtn = copy.deepcopy(net)
+    result = tq.ptq.awq(net, [x], progress=False, clip=False)
+    assert sorted(result.exponents) == [f"experts.down_proj[{e}]" for e in range(3)] and not result.skipped
+    assert not torch.equal(net.experts.layer.down_proj, layer.down_proj)
+    tq.set_qmodule_state(net, S.BYPASSED)
+    with torch.no_grad():
+        ref = layer(x, index, scores)
+        assert torch.allclose(net(x), ref, rtol=0, atol=1e-5)  # the scales are folded: the float experts unchanged
+    full = copy.deepcopy(rtn)
+    clipped = tq.ptq.awq(full, [x], progress=False)
+    assert set(clipped.clip_ratios) == {f"experts.{b}[{e}]" for b in ("gate_up_proj", "down_proj") for e in range(3)}
+    errors = []
+    for q in (rtn, net, full):
+        tq.calibrate(q, [x], progress=False)
+        tq.set_qmodule_state(q, S.QUANT_EVAL)
+        with torch.no_grad():
+            errors.append(float((q(x) - ref).square().mean()))
+    # on the calibration tokens: scaling 0.0282 vs RTN 0.0292 (out-in), 0.0114 vs 0.0175 (in-out); the clipping
+    # search, which treats each range cell on its own, does not help on these 8-wide toy experts
+    assert errors[1] < errors[0] and math.isfinite(errors[2])
+
+
+def test_awq_leaves_a_gating_it_cannot_scale_through_unscaled():
+    torch.manual_seed(0)
+    x, index, scores = _routing(t=20)
+    net = tq.quantize_model(_Routed(_PlusOne(), index, scores), lambda m, n: w4(), None, method="swap")
+    before = net.experts.layer.down_proj.detach().clone()
+    result = tq.ptq.awq(net, [x], progress=False, clip=False)
+    assert set(result.skipped) == {f"experts.down_proj[{e}]" for e in range(3)}
+    assert "no gate_up_proj rows scale down_proj's input" in result.skipped["experts.down_proj[0]"]
+    assert torch.equal(net.experts.layer.down_proj, before)

@@ -184,6 +184,19 @@ class QExperts(_LayerAttributes, QModule):
         """The quantizer of the bank parameter ``bank`` (``"gate_up_proj"``, ``"up_proj"`` or ``"down_proj"``)."""
         return self._modules.get(f"{_ROLES[bank]}_quantizer")
 
+    def matrix(self, bank: str, expert: int) -> Tensor:
+        """Expert ``expert``'s ``(out, in)`` matrix of the bank parameter ``bank``: a view of it (writes go through).
+
+        Example:
+            >>> m = nn.Module()
+            >>> m.gate_up_proj, m.down_proj = nn.Parameter(torch.zeros(2, 4, 8)), nn.Parameter(torch.zeros(2, 4, 4))
+            >>> m.is_transposed = True  # (E, in, out), as GPT-OSS stores them
+            >>> QExperts(m).matrix("gate_up_proj", 1).shape  # (out, in) whatever the layout
+            torch.Size([8, 4])
+        """
+        w = self.layer._parameters[bank][expert]
+        return w.t() if self.transposed else w
+
     def _weights(self) -> list[tuple[str, Quantizer, Tensor]]:
         """``(bank, quantizer, (E * out, in) rows)`` of every quantized bank."""
         out = []

@@ -23,6 +23,15 @@ times the cell's ``[min, max]`` with ``r`` in ``1, 1 - 1/n_grid, ...`` down to
 the layer's output error. The clamped weights are written into the layer, so calibrating
 afterwards (a min/max observer) finds the clipped ranges.
 
+Mixture-of-experts banks (:class:`~torchquant.QExperts`) are handled expert by expert, on the
+tokens routed to each (:func:`~torchquant.moe.expert_inputs`), after the block's layers: the
+input scale of each expert's ``down_proj`` is searched as above and folded into the rows of
+its ``gate_up_proj`` that produce ``up`` (found numerically, as for ``up_proj``: the second
+half of ``[gate; up]`` or the odd rows of an interleaved bank; a gating such as GPT-OSS'
+``(up + 1) * act(gate)`` passes no scale through and is listed in ``skipped``), and every
+quantized bank gets the clipping search per expert (results keyed ``"<experts>.<bank>[<e>]"``).
+The input of the first bank is not scaled: the normalisation before it also feeds the router.
+
 Errors are measured on ``sample_tokens`` input rows drawn (seeded) from the calibration
 batches; ``mean|X_j|`` uses all of them. Blocks are processed in order on the sequential
 engine with float inputs, as in the paper. Only ``Linear`` and Hugging Face ``Conv1D``
@@ -32,6 +41,7 @@ were already observed are recomputed from the new weights).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -39,9 +49,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..moe import QExperts, expert_inputs
 from ..qmodules import QModuleState, QWrapper, _run_quantizer
 from ..spec import describe
-from ._common import all_or_nothing, materialize, reobserve_weights, require_qmodules, warn_experts_left
+from ._common import all_or_nothing, materialize, reobserve_weights, require_qmodules
 from .registry import register_ptq_algorithm
 from .sequential import Block, fold_input_scale, sequential_blocks
 
@@ -99,23 +110,31 @@ def _cells(q: nn.Module, rows: int, cols: int) -> tuple[int, int] | None:
 
 
 def _search_scale(group: list[QWrapper], X: Tensor, x_mean: Tensor, n_grid: int) -> tuple[Tensor, float]:
-    """The best ``s`` (``(in,)``) and its exponent for ``group`` on inputs ``X`` (``(n, in)``).
+    """The best ``s`` (``(in,)``) and its exponent for ``group`` on inputs ``X`` (``(n, in)``)."""
+    return _search_scale_of([(w.weight_view(), w.weight_quantizer) for w in group], X, x_mean, n_grid)
 
-    Each layer's error ``mean((X / s) Q(W s)^T - X W^T)^2`` is computed as
+
+def _search_scale_of(
+    matrices: list[tuple[Tensor, nn.Module]], X: Tensor, x_mean: Tensor, n_grid: int
+) -> tuple[Tensor, float]:
+    """The best ``s`` (``(in,)``) and its exponent for weights ``(out, in)`` read by inputs ``X`` (``(n, in)``),
+    each quantized by a fresh copy of its quantizer.
+
+    Each weight's error ``mean((X / s) Q(W s)^T - X W^T)^2`` is computed as
     ``sum((E C) * E) / (n * out)`` with ``E = Q(W s) / s - W`` (``(out, in)``) and
     ``C = X^T X``: the same quantity without an ``(n, out)`` product per candidate.
     """
     C = X.t() @ X  # (in, in)
     n = X.shape[0]
-    Ws = [w.weight_view().detach().float() for w in group]
+    Ws = [(view.detach().float(), q, view.dtype) for view, q in matrices]
     best: tuple[float, Tensor, float] | None = None
     for i in range(n_grid):
         a = i / n_grid
         s = x_mean.pow(a).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
         loss = 0.0
-        for w, W in zip(group, Ws):
-            E = _quantize(w.weight_quantizer, (W * s).to(w.weight_view().dtype)).float() / s - W
+        for W, q, dtype in Ws:
+            E = _quantize(q, (W * s).to(dtype)).float() / s - W
             loss += float(((E @ C) * E).sum()) / (n * W.shape[0])
         if best is None or loss < best[0]:
             best = (loss, s, a)
@@ -125,14 +144,19 @@ def _search_scale(group: list[QWrapper], X: Tensor, x_mean: Tensor, n_grid: int)
 
 def _search_clip(w: QWrapper, X: Tensor, n_grid: int, max_shrink: float) -> float | None:
     """Clamp ``w``'s weight to the best ratio of each range cell's ``[min, max]``; the mean ratio."""
-    wv = w.weight_view()
-    W = wv.detach().float()
+    return _clip_matrix(w.weight_view(), w.weight_quantizer, X, n_grid, max_shrink)
+
+
+def _clip_matrix(view: Tensor, q: nn.Module, X: Tensor, n_grid: int, max_shrink: float) -> float | None:
+    """Clamp the weight ``view`` (``(out, in)``, written in place) to the best ratio of each of ``q``'s
+    range cells' ``[min, max]`` for inputs ``X`` (``(n, in)``); the mean ratio, ``None`` when not clipped."""
+    W = view.detach().float()
     rows, cols = W.shape
-    cells = _cells(w.weight_quantizer, rows, cols)
+    cells = _cells(q, rows, cols)
     if cells is None:
         return None
     G, gs = cells
-    per_tensor = getattr(w.weight_quantizer.granularity, "axis", 0) is None
+    per_tensor = getattr(q.granularity, "axis", 0) is None
     Wg = W.reshape(rows, G, gs)
     if per_tensor:
         lo, hi = W.min().expand(rows, G, 1), W.max().expand(rows, G, 1)
@@ -146,13 +170,13 @@ def _search_clip(w: QWrapper, X: Tensor, n_grid: int, max_shrink: float) -> floa
     errs = []
     for r in ratios:
         Wc = torch.maximum(torch.minimum(Wg, hi * r), lo * r).reshape(rows, cols)
-        D = (_quantize(w.weight_quantizer, Wc.to(wv.dtype)).float() - W).reshape(rows, G, gs).transpose(0, 1)
+        D = (_quantize(q, Wc.to(view.dtype)).float() - W).reshape(rows, G, gs).transpose(0, 1)
         err = ((D @ C) * D).sum(-1).t()  # (rows, G): each cell's output error
         errs.append(err.sum().expand(rows, G) if per_tensor else err)
     choice = torch.stack(errs).argmin(0)  # (rows, G)
     r = torch.tensor(ratios, dtype=W.dtype)[choice].unsqueeze(-1)  # (rows, G, 1)
     with torch.no_grad():
-        wv.copy_(torch.maximum(torch.minimum(Wg, hi * r), lo * r).reshape(rows, cols).to(wv.dtype))
+        view.copy_(torch.maximum(torch.minimum(Wg, hi * r), lo * r).reshape(rows, cols).to(view.dtype))
     return float(r.mean())
 
 
@@ -174,6 +198,133 @@ def _stats(block: Block, groups: list[list[QWrapper]], sample_tokens: int, seed:
     last = groups[-1][0] if block.called_once() else None
     block.run({g[0]: pre for g in groups}, stop_after=last)
     return {m: sums[m] / counts[m] for m in sums}, {m: torch.cat(v)[:sample_tokens] for m, v in samples.items()}
+
+
+def _expert_stats(
+    block: Block, qe: QExperts, banks: list[str], sample_tokens: int, seed: int
+) -> tuple[dict[tuple[str, int], Tensor], dict[tuple[str, int], Tensor]]:
+    """Per ``(bank, expert)``: ``mean|x_j|`` of the inputs routed to it ``(in,)`` and a seeded sample of them."""
+    sums: dict[tuple[str, int], Tensor] = {}
+    counts: dict[tuple[str, int], int] = {}
+    samples: dict[tuple[str, int], list[Tensor]] = {}
+    per_batch = max(1, -(-sample_tokens // block.num_batches))
+    calls = [0]
+
+    def report(bank: str, e: int, x: Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        key = (bank, e)
+        sums[key] = rows.abs().sum(0) + sums.get(key, 0)
+        counts[key] = counts.get(key, 0) + rows.shape[0]
+        calls[0] += 1
+        g = torch.Generator().manual_seed(seed * 100003 + calls[0])
+        pick = torch.randperm(rows.shape[0], generator=g)[:per_batch].to(rows.device)
+        samples.setdefault(key, []).append(rows[pick])
+
+    with expert_inputs(qe, report, banks):
+        block.run()
+    means = {k: sums[k] / counts[k] for k in sums if counts[k]}
+    return means, {k: torch.cat(v)[:sample_tokens] for k, v in samples.items() if k in means}
+
+
+def _up_rows(block: Block, qe: QExperts) -> Tensor | None:
+    """The rows of each expert's ``gate_up_proj`` matrix whose outputs scale ``down_proj``'s inputs one for one
+    (``act(gate) * up``): the second half (``[gate; up]``) or the odd rows (interleaved), found by scaling
+    them and watching the down inputs on the first batch; ``None`` when neither does (GPT-OSS' ``(up + 1)``)."""
+    if qe.banks[0] != "gate_up_proj":
+        return None
+    bank = qe.layer._parameters["gate_up_proj"]
+    out = bank.shape[2] if qe.transposed else bank.shape[1]
+    half = out // 2
+    g = torch.Generator().manual_seed(0)
+    r = torch.empty(half).uniform_(0.5, 2.0, generator=g)
+    for rows in (torch.arange(half, out), torch.arange(1, out, 2)):
+        seen: list[list[Tensor]] = [[], []]
+        for k in range(2):
+            factor = torch.ones(out)
+            if k:
+                factor[rows] = r
+            report = lambda b, e, x, out=seen[k]: out.append(x.detach())  # noqa: E731
+            with _rows_scaled(qe, factor), expert_inputs(qe, report, ["down_proj"]):
+                block.run(batches=[0])
+        if seen[0] and len(seen[0]) == len(seen[1]):
+            ok = all(
+                x1.shape == x0.shape
+                and bool(((x1 - x0 * r.to(x0)).abs() <= 1e-4 * (x0.abs().max() + x0.abs()) + 1e-12).all())
+                for x0, x1 in zip(seen[0], seen[1])
+            )
+            if ok:
+                return rows
+    return None
+
+
+@contextlib.contextmanager
+def _rows_scaled(qe: QExperts, factor: Tensor):
+    """Every expert's ``gate_up_proj`` output channels (and biases) multiplied by ``factor`` ``(out,)`` meanwhile."""
+    bank = qe.layer._parameters["gate_up_proj"]
+    bias = qe.layer._parameters.get("gate_up_proj_bias")
+    saved = (bank.detach().clone(), None if bias is None else bias.detach().clone())
+    with torch.no_grad():
+        bank.mul_((factor[None, None, :] if qe.transposed else factor[None, :, None]).to(bank))
+        if bias is not None:
+            bias.mul_(factor.to(bias))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            bank.copy_(saved[0])
+            if bias is not None:
+                bias.copy_(saved[1])
+
+
+def _awq_experts(
+    block: Block, qe: QExperts, name: str, n_grid: int, clip: bool, max_shrink: float, sample_tokens: int, seed: int
+) -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
+    """AWQ on one experts module, expert by expert: ``down_proj``'s input scale folded into the expert's ``up``
+    rows, and every quantized bank's clipping search, each on the tokens routed to the expert.
+
+    Returns ``(exponents, clip ratios, skipped)`` keyed ``"<name>.<bank>[<e>]"``."""
+    exponents: dict[str, float] = {}
+    ratios: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+    banks = [b for b in qe.banks if qe.bank_quantizer(b) is not None]
+    means, X = _expert_stats(block, qe, banks, sample_tokens, seed)
+    n_experts = qe.layer._parameters[qe.banks[0]].shape[0]
+    if "down_proj" in banks:
+        up = _up_rows(block, qe)
+        for e in range(n_experts):
+            key = f"{name}.down_proj[{e}]"
+            if ("down_proj", e) not in X:
+                skipped[key] = "no calibration token was routed to this expert"
+            elif up is None:
+                skipped[key] = "no gate_up_proj rows scale down_proj's input one for one (see awq's docstring)"
+            else:
+                down = qe.matrix("down_proj", e)
+                s, a = _search_scale_of(
+                    [(down, qe.bank_quantizer("down_proj"))], X[("down_proj", e)], means[("down_proj", e)], n_grid
+                )
+                first = qe.matrix("gate_up_proj", e)
+                bias = qe.layer._parameters.get("gate_up_proj_bias")
+                with torch.no_grad():  # x -> x / s through the up rows, W -> W * s: the float experts unchanged
+                    down.mul_(s.to(down)[None, :])
+                    first[up] = first[up] / s.to(first)[:, None]
+                    if bias is not None:
+                        b = bias[e]
+                        b[up] = b[up] / s.to(b)
+                exponents[key] = a
+                X[("down_proj", e)] = X[("down_proj", e)] / s
+    if clip:
+        for bank in banks:
+            for e in range(n_experts):
+                if (bank, e) in X:
+                    r = _clip_matrix(qe.matrix(bank, e), qe.bank_quantizer(bank), X[(bank, e)], n_grid, max_shrink)
+                    if r is not None:
+                        ratios[f"{name}.{bank}[{e}]"] = r
+    observed = [o for b in banks if (o := getattr(qe.bank_quantizer(b), "range_observer", None)) is not None]
+    if any(o.initialized for o in observed):  # ranges seen on the old weights: from the new ones
+        for o in observed:
+            o.reset()
+        qe.observe_weight()
+    return exponents, ratios, skipped
 
 
 def _awq_layer(w: QWrapper) -> bool:
@@ -231,7 +382,7 @@ def awq(
         >>> sorted(tq.ptq.awq(net, [torch.randn(64, 8)], progress=False).clip_ratios)
         ['1']
     """
-    warn_experts_left(require_qmodules(model, "awq"), "awq")
+    require_qmodules(model, "awq")
     _check(n_grid, "n_grid", 1)
     _check(sample_tokens, "sample_tokens", 1)
     _check(seed, "seed", 0)
@@ -250,9 +401,8 @@ def awq(
         for block in sequential_blocks(model, batches, blocks=blocks, mode=mode, who="awq", progress=progress):
             layers = [w for _, w in block.layers if _awq_layer(w) and w.weight_quantizer is not None]
             groups = block.groups(layers)
-            if not groups:
-                continue
-            x_mean, X = _stats(block, groups, sample_tokens, seed)
+            if groups:
+                x_mean, X = _stats(block, groups, sample_tokens, seed)
             for group in groups:
                 gname = ",".join(names[w] for w in group)
                 target = block.fold_target(group)
@@ -270,4 +420,9 @@ def awq(
                         if ratio is not None:
                             clip_ratios[names[w]] = ratio
             reobserve_weights(layers)
+            for qe in [m for m in block.module.modules() if isinstance(m, QExperts)]:  # experts run last in a layer
+                found = _awq_experts(block, qe, names[qe], n_grid, clip, float(max_shrink), sample_tokens, seed)
+                exponents.update(found[0])
+                clip_ratios.update(found[1])
+                skipped.update(found[2])
     return AWQResult(exponents=exponents, clip_ratios=clip_ratios, skipped=skipped)

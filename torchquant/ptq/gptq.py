@@ -401,18 +401,12 @@ def _inside(m: nn.Module, block: nn.Module) -> bool:
     return any(x is m for x in block.modules())
 
 
-def _bank_matrix(qe: QExperts, bank: str, e: int) -> Tensor:
-    """Expert ``e``'s ``(out, in)`` matrix of ``bank``: a view of the parameter."""
-    w = qe.layer._parameters[bank][e]
-    return w.t() if qe.transposed else w
-
-
 def _in_of(qe: QExperts, bank: str) -> int:
-    return _bank_matrix(qe, bank, 0).shape[1]
+    return qe.matrix(bank, 0).shape[1]
 
 
 def _out_of(qe: QExperts, bank: str) -> int:
-    return _bank_matrix(qe, bank, 0).shape[0]
+    return qe.matrix(bank, 0).shape[0]
 
 
 def _expert_hessians(
@@ -477,7 +471,7 @@ def _gptq_bank(
             continue
         rows = slice(e * out, (e + 1) * out)
         sub = AffineGrid(flat.scale[rows], flat.zero_point[rows], flat.qmin, flat.qmax, flat.granularity)
-        w = _bank_matrix(qe, bank, e)
+        w = qe.matrix(bank, e)
         q, losses[key] = gptq_quantize_weight(w, h, sub, **options)
         with torch.no_grad():
             w.copy_(q)

@@ -1,4 +1,4 @@
-"""benchmarks/moe_gptq.py: the upcycled Mixtral computes the dense model, and the banks-at-RTN row leaves them alone.
+"""benchmarks/moe_ptq.py: the upcycled Mixtral computes the dense model; the banks-at-RTN rows leave them alone.
 
 The real-weight run (SmolLM2-135M) is the benchmark itself.
 """
@@ -16,7 +16,7 @@ from torchquant.hf import TorchQuantConfig, quantize
 transformers = pytest.importorskip("transformers")
 from hf.hf_tiny import VOCAB, llama_config  # noqa: E402  (tests/hf, a namespace package)
 
-bench = benchmark_script.load("moe_gptq")
+bench = benchmark_script.load("moe_ptq")
 
 
 def _dense():
@@ -44,7 +44,7 @@ def test_gptq_without_banks_leaves_the_banks_to_round_to_nearest():
     banks = copy.deepcopy(experts.layer.state_dict())
     quantizers = dict(experts.quantizers())
     calib = [torch.randint(0, VOCAB, (1, 16))]
-    bench._gptq_without_banks(moe, calib)
+    bench._without_banks(bench._gptq)(moe, calib)
     assert dict(experts.quantizers()) == quantizers  # put back
     assert all(torch.equal(v, experts.layer.state_dict()[k]) for k, v in banks.items())
     assert not torch.equal(
