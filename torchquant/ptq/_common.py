@@ -49,11 +49,16 @@ def require_qmodules(model: nn.Module, who: str) -> list[tuple[str, QModule]]:
     return qms
 
 
+def first_names(names: Sequence[str], n: int = 4) -> str:
+    """``names`` joined for a message: the first ``n``, then how many more."""
+    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
 def warn_experts_left(qmodules: list[tuple[str, QModule]], who: str) -> None:
     """Warn that ``who``, which works on ``QWrapper`` layers, leaves mixture-of-experts banks as they are."""
     names = [n for n, m in qmodules if isinstance(m, QExperts)]
     if names:
-        shown = ", ".join(names[:4]) + (f", ... ({len(names) - 4} more)" if len(names) > 4 else "")
+        shown = first_names(names)
         warnings.warn(
             f"{who}: {len(names)} mixture-of-experts bank(s) keep their round-to-nearest weights ({shown}): "
             f"{who} works on QWrapper layers (Linear, Conv, Embedding), not on QExperts",

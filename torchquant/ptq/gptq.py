@@ -68,7 +68,7 @@ from ..moe import QExperts, expert_inputs
 from ..qmodules import QModuleState, QWrapper
 from ..quantizers import AffineGrid
 from ..utils import qmodule_state
-from ._common import all_or_nothing, materialize, require_qmodules
+from ._common import all_or_nothing, first_names, materialize, require_qmodules
 from .registry import register_ptq_algorithm
 from .sequential import Block, sequential_blocks
 
@@ -370,10 +370,10 @@ def gptq(
             raise ValueError(f"gptq: layers never called by the forward pass: {sorted(names[w] for w in left)}")
     unreached = [k for k, why in skipped.items() if why == _NO_TOKENS]
     if unreached:
-        shown = ", ".join(unreached[:4]) + (f", ... ({len(unreached) - 4} more)" if len(unreached) > 4 else "")
         warnings.warn(
             f"gptq: {len(unreached)} expert matrices received no calibration token and keep their "
-            f"round-to-nearest weights ({shown}); more or longer calibration batches reach more experts",
+            f"round-to-nearest weights ({first_names(unreached)}); more or longer calibration batches reach "
+            "more experts",
             UserWarning,
             stacklevel=2,
         )
