@@ -240,3 +240,33 @@ def test_true_sequential_collects_later_hessians_after_earlier_layers_are_quanti
         h1 = torch.nn.functional.linear(x, w1_used, q[0].layer.bias)
     expected, _ = gptq_quantize_weight(w2, 2 * h1.t() @ h1 / N, q[1].weight_quantizer.grid())
     torch.testing.assert_close(q[1].layer.weight.detach(), expected, rtol=0, atol=1e-6)
+
+
+def test_a_layer_the_forward_never_calls_keeps_round_to_nearest_with_a_warning():
+    """Jamba's mixer reads its dt_proj's weight directly: the QWrapper there is never called."""
+
+    class ReadsWeight(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+            self.direct = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return nn.functional.linear(self.proj(x), self.direct.weight)
+
+    torch.manual_seed(0)
+    net = tq.quantize_model(
+        ReadsWeight(), lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0)), None, method="swap"
+    )
+    data = [torch.randn(16, 8)]
+    tq.calibrate(net, data, progress=False)
+    net.direct.observe_weight()  # calibration never reaches it; its ranges come from its weight
+    before = net.direct.layer.weight.detach().clone()
+    with pytest.warns(
+        UserWarning, match=r"gptq: 1 quantized module\(s\) were never called by the forward pass .*direct"
+    ):
+        result = tq.ptq.gptq(net, data, progress=False)
+    assert list(result.losses) == ["proj"] and result.skipped == {
+        "direct": "never called by the forward pass (round to nearest)"
+    }
+    assert torch.equal(net.direct.layer.weight, before)

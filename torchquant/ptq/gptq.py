@@ -366,8 +366,17 @@ def gptq(
             for block in sequential_blocks(model, batches, blocks=None, mode=mode, who="gptq", progress=False):
                 if block.name == "":
                     process(block)
-        if left:
-            raise ValueError(f"gptq: layers never called by the forward pass: {sorted(names[w] for w in left)}")
+        for m in sorted(left, key=names.get) + sorted(experts_left, key=names.get):
+            skipped[names[m]] = _NEVER_CALLED
+    never = [k for k, why in skipped.items() if why == _NEVER_CALLED]
+    if never:
+        warnings.warn(
+            f"gptq: {len(never)} quantized module(s) were never called by the forward pass and keep their "
+            f"round-to-nearest weights ({first_names(never)}); a module whose weight its parent reads directly "
+            "(Jamba's mamba dt_proj) is never called, and branches the batches do not take are not either",
+            UserWarning,
+            stacklevel=2,
+        )
     unreached = [k for k, why in skipped.items() if why == _NO_TOKENS]
     if unreached:
         warnings.warn(
@@ -381,6 +390,7 @@ def gptq(
 
 
 _NO_TOKENS = "no calibration token was routed to this expert (round to nearest)"
+_NEVER_CALLED = "never called by the forward pass (round to nearest)"
 
 
 def _grid_of(q, shape, who: str) -> AffineGrid:
