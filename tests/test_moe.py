@@ -616,3 +616,47 @@ def test_awq_leaves_a_gating_it_cannot_scale_through_unscaled():
     assert set(result.skipped) == {f"experts.down_proj[{e}]" for e in range(3)}
     assert "no gate_up_proj rows scale down_proj's input" in result.skipped["experts.down_proj[0]"]
     assert torch.equal(net.experts.layer.down_proj, before)
+
+
+class _ClampedUp(Experts):
+    """DeepSeek-V4's gating, ``act(gate.clamp(max=L)) * up.clamp(-L, L)``: no scale passes the clamp one for one."""
+
+    def forward(self, x, index, scores):
+        out = torch.zeros_like(x)
+        for e in range(self.down_proj.shape[0]):
+            rows, slot = torch.where(index == e)
+            gate, up = F.linear(x[rows], self._w("gate_up_proj", e)).chunk(2, dim=-1)
+            hidden = F.silu(gate.clamp(max=10.0)) * up.clamp(-10.0, 10.0)
+            out.index_add_(0, rows, F.linear(hidden, self._w("down_proj", e)) * scores[rows, slot, None])
+        return out
+
+
+def test_awq_refuses_a_clamped_up_and_finds_the_rows_in_bfloat16():
+    torch.manual_seed(0)
+    x, index, scores = _routing(t=20)
+    net = tq.quantize_model(_Routed(_ClampedUp(), index, scores), lambda m, n: w4(), None, method="swap")
+    result = tq.ptq.awq(net, [x], progress=False, clip=False)  # |up| stays far below 10 on these tokens
+    assert set(result.skipped) == {f"experts.down_proj[{e}]" for e in range(3)} and not result.exponents
+    half = tq.quantize_model(
+        _Routed(Experts().to(torch.bfloat16), index, scores.bfloat16()), lambda m, n: w4(), None, method="swap"
+    )
+    result = tq.ptq.awq(half, [x.bfloat16()], progress=False, clip=False)
+    assert sorted(result.exponents) == [f"experts.down_proj[{e}]" for e in range(3)]
+
+
+def test_awq_says_which_experts_it_could_not_reach():
+    x, index, scores = _routing(t=20)
+    net = tq.quantize_model(_Routed(Experts(), index.clamp(max=1), scores), lambda m, n: w4(), None, method="swap")
+    with pytest.warns(UserWarning, match=r"awq: 2 expert matrices received no calibration token"):
+        result = tq.ptq.awq(net, [x], progress=False)
+    assert result.skipped["experts.gate_up_proj[2]"] == "no calibration token was routed to this expert"
+
+    class Einsum(Experts):
+        def forward(self, x, index, scores):
+            g, u = torch.einsum("td,eod->teo", x, self.gate_up_proj).chunk(2, dim=-1)
+            return torch.einsum("teh,edh->td", F.silu(g) * u, self.down_proj)
+
+    net = tq.quantize_model(_Routed(Einsum(), index, scores), lambda m, n: w4(), None, method="swap")
+    with pytest.warns(UserWarning, match=r"awq: 6 expert matrices could not be followed"):
+        result = tq.ptq.awq(net, [x], progress=False)
+    assert len(result.skipped) == 6 and not result.clip_ratios

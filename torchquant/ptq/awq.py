@@ -34,8 +34,8 @@ The input of the first bank is not scaled: the normalisation before it also feed
 
 Errors are measured on ``sample_tokens`` input rows drawn (seeded) from the calibration
 batches; ``mean|X_j|`` uses all of them. Blocks are processed in order on the sequential
-engine with float inputs, as in the paper. Only ``Linear`` and Hugging Face ``Conv1D``
-layers take part; AWQ runs before calibration, on the float model (weight ranges that
+engine with float inputs, as in the paper. Of the layers, only ``Linear`` and Hugging Face
+``Conv1D`` take part (and the expert banks above); AWQ runs before calibration, on the float model (weight ranges that
 were already observed are recomputed from the new weights).
 """
 
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -52,7 +53,7 @@ from torch import Tensor, nn
 from ..moe import QExperts, expert_inputs
 from ..qmodules import QModuleState, QWrapper, _run_quantizer
 from ..spec import describe
-from ._common import all_or_nothing, materialize, reobserve_weights, require_qmodules
+from ._common import all_or_nothing, first_names, materialize, reobserve_weights, require_qmodules
 from .registry import register_ptq_algorithm
 from .sequential import Block, fold_input_scale, sequential_blocks
 
@@ -64,9 +65,12 @@ class AWQResult:
     """What :func:`awq` did.
 
     Attributes:
-        exponents: for each scaled group (its layers' names joined by ``","``), the chosen ``a``.
-        clip_ratios: for each clipped layer, the mean chosen clipping ratio over its cells.
-        skipped: groups not scaled, with the reason (they may still be clipped).
+        exponents: for each scaled group (its layers' names joined by ``","``; an expert's
+            ``"<experts>.down_proj[<e>]"``), the chosen ``a``.
+        clip_ratios: for each clipped layer (an expert's matrix: ``"<experts>.<bank>[<e>]"``), the
+            mean chosen clipping ratio over its cells.
+        skipped: groups not scaled, with the reason (they may still be clipped); expert matrices
+            no calibration token reached, or whose inputs could not be followed, are listed too.
     """
 
     exponents: dict[str, float] = field(default_factory=dict)
@@ -200,18 +204,37 @@ def _stats(block: Block, groups: list[list[QWrapper]], sample_tokens: int, seed:
     return {m: sums[m] / counts[m] for m in sums}, {m: torch.cat(v)[:sample_tokens] for m, v in samples.items()}
 
 
+class _Unfollowed(Exception):
+    """The experts' forward reads these banks in a way :func:`~torchquant.moe.expert_inputs` cannot follow."""
+
+    def __init__(self, banks: list[str]) -> None:
+        super().__init__(banks)
+        self.banks = banks
+
+
+_UNROUTED = "no calibration token was routed to this expert"
+_UNFOLLOWED = "the experts' forward does not multiply by"
+
+
 def _expert_stats(
     block: Block, qe: QExperts, banks: list[str], sample_tokens: int, seed: int
 ) -> tuple[dict[tuple[str, int], Tensor], dict[tuple[str, int], Tensor]]:
-    """Per ``(bank, expert)``: ``mean|x_j|`` of the inputs routed to it ``(in,)`` and a seeded sample of them."""
+    """Per ``(bank, expert)``: ``mean|x_j|`` of the inputs routed to it ``(in,)`` and a seeded sample of them.
+
+    All-zero rows are left out: Llama 4 gives every expert every token, the ones not routed to it
+    multiplied by a zero score. Raises when a bank's products were never seen (see :func:`expert_inputs`).
+    """
     sums: dict[tuple[str, int], Tensor] = {}
     counts: dict[tuple[str, int], int] = {}
     samples: dict[tuple[str, int], list[Tensor]] = {}
     per_batch = max(1, -(-sample_tokens // block.num_batches))
     calls = [0]
+    seen: set[str] = set()
 
     def report(bank: str, e: int, x: Tensor) -> None:
+        seen.add(bank)
         rows = x.detach().reshape(-1, x.shape[-1]).float()
+        rows = rows[rows.ne(0).any(-1)]
         key = (bank, e)
         sums[key] = rows.abs().sum(0) + sums.get(key, 0)
         counts[key] = counts.get(key, 0) + rows.shape[0]
@@ -222,6 +245,9 @@ def _expert_stats(
 
     with expert_inputs(qe, report, banks):
         block.run()
+    hidden = [b for b in banks if b not in seen]
+    if hidden:
+        raise _Unfollowed(hidden)
     means = {k: sums[k] / counts[k] for k in sums if counts[k]}
     return means, {k: torch.cat(v)[:sample_tokens] for k, v in samples.items() if k in means}
 
@@ -236,7 +262,9 @@ def _up_rows(block: Block, qe: QExperts) -> Tensor | None:
     out = bank.shape[2] if qe.transposed else bank.shape[1]
     half = out // 2
     g = torch.Generator().manual_seed(0)
-    r = torch.empty(half).uniform_(0.5, 2.0, generator=g)
+    # factors from 1/100 to 100, so that a clamp on up (DeepSeek-V4's) is reached and the fold refused
+    r = torch.pow(10.0, torch.empty(half).uniform_(-2.0, 2.0, generator=g)).to(bank.dtype).float()
+    tol = max(1e-4, 4 * torch.finfo(bank.dtype).eps)  # the scaled bank and products are rounded to its dtype
     for rows in (torch.arange(half, out), torch.arange(1, out, 2)):
         seen: list[list[Tensor]] = [[], []]
         for k in range(2):
@@ -249,7 +277,9 @@ def _up_rows(block: Block, qe: QExperts) -> Tensor | None:
         if seen[0] and len(seen[0]) == len(seen[1]):
             ok = all(
                 x1.shape == x0.shape
-                and bool(((x1 - x0 * r.to(x0)).abs() <= 1e-4 * (x0.abs().max() + x0.abs()) + 1e-12).all())
+                and bool(
+                    ((x1.float() / r - x0.float()).abs() <= tol * (x0.float().abs().max() + x0.float().abs())).all()
+                )
                 for x0, x1 in zip(seen[0], seen[1])
             )
             if ok:
@@ -287,16 +317,29 @@ def _awq_experts(
     ratios: dict[str, float] = {}
     skipped: dict[str, str] = {}
     banks = [b for b in qe.banks if qe.bank_quantizer(b) is not None]
-    means, X = _expert_stats(block, qe, banks, sample_tokens, seed)
     n_experts = qe.layer._parameters[qe.banks[0]].shape[0]
+    try:
+        means, X = _expert_stats(block, qe, banks, sample_tokens, seed)
+    except _Unfollowed as e:
+        why = (
+            f"the experts' forward does not multiply by {e.banks[0]}[e] (F.linear, @, torch.matmul) or by the "
+            "whole bank (torch.bmm), so the inputs each expert receives are unknown"
+        )
+        return {}, {}, {f"{name}.{b}[{i}]": why for b in banks for i in range(n_experts)}
+    for bank in banks:
+        skipped.update({f"{name}.{bank}[{e}]": _UNROUTED for e in range(n_experts) if (bank, e) not in X})
     if "down_proj" in banks:
         up = _up_rows(block, qe)
         for e in range(n_experts):
             key = f"{name}.down_proj[{e}]"
-            if ("down_proj", e) not in X:
-                skipped[key] = "no calibration token was routed to this expert"
-            elif up is None:
-                skipped[key] = "no gate_up_proj rows scale down_proj's input one for one (see awq's docstring)"
+            if key in skipped:
+                continue
+            if up is None:
+                skipped[key] = (
+                    "no gate_up_proj rows scale down_proj's input one for one (see awq's docstring)"
+                    if qe.banks[0] == "gate_up_proj"
+                    else "no gate: act(up_proj) passes no scale through to down_proj's input"
+                )
             else:
                 down = qe.matrix("down_proj", e)
                 s, a = _search_scale_of(
@@ -425,4 +468,13 @@ def awq(
                 exponents.update(found[0])
                 clip_ratios.update(found[1])
                 skipped.update(found[2])
+    for reason, what in ((_UNROUTED, "received no calibration token"), (_UNFOLLOWED, "could not be followed")):
+        keys = [k for k, why in skipped.items() if why.startswith(reason)]
+        if keys:
+            warnings.warn(
+                f"awq: {len(keys)} expert matrices {what} and keep their round-to-nearest weights "
+                f"({first_names(keys)}); see the result's skipped",
+                UserWarning,
+                stacklevel=2,
+            )
     return AWQResult(exponents=exponents, clip_ratios=clip_ratios, skipped=skipped)
