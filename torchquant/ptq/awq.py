@@ -55,7 +55,7 @@ from ..qmodules import QModuleState, QWrapper, _run_quantizer
 from ..spec import describe
 from ._common import all_or_nothing, first_names, materialize, reobserve_weights, require_qmodules
 from .registry import register_ptq_algorithm
-from .sequential import Block, fold_input_scale, sequential_blocks
+from .sequential import Block, fold_input_scale, probe_factors, scaled_one_for_one, sequential_blocks
 
 __all__ = ["AWQResult", "awq"]
 
@@ -261,10 +261,7 @@ def _up_rows(block: Block, qe: QExperts) -> Tensor | None:
     bank = qe.layer._parameters["gate_up_proj"]
     out = bank.shape[2] if qe.transposed else bank.shape[1]
     half = out // 2
-    g = torch.Generator().manual_seed(0)
-    # factors from 1/100 to 100, so that a clamp on up (DeepSeek-V4's) is reached and the fold refused
-    r = torch.pow(10.0, torch.empty(half).uniform_(-2.0, 2.0, generator=g)).to(bank.dtype).float()
-    tol = max(1e-4, 4 * torch.finfo(bank.dtype).eps)  # the scaled bank and products are rounded to its dtype
+    r = probe_factors(half, bank.dtype)
     for rows in (torch.arange(half, out), torch.arange(1, out, 2)):
         seen: list[list[Tensor]] = [[], []]
         for k in range(2):
@@ -274,16 +271,9 @@ def _up_rows(block: Block, qe: QExperts) -> Tensor | None:
             report = lambda b, e, x, out=seen[k]: out.append(x.detach())  # noqa: E731
             with _rows_scaled(qe, factor), expert_inputs(qe, report, ["down_proj"]):
                 block.run(batches=[0])
-        if seen[0] and len(seen[0]) == len(seen[1]):
-            ok = all(
-                x1.shape == x0.shape
-                and bool(
-                    ((x1.float() / r - x0.float()).abs() <= tol * (x0.float().abs().max() + x0.float().abs())).all()
-                )
-                for x0, x1 in zip(seen[0], seen[1])
-            )
-            if ok:
-                return rows
+        pairs = list(zip(seen[0], seen[1]))
+        if seen[0] and len(seen[0]) == len(seen[1]) and all(scaled_one_for_one(*p, r, bank.dtype) for p in pairs):
+            return rows
     return None
 
 

@@ -237,18 +237,13 @@ class Block:
         def grab(mod, x, i):
             seen.append(x.detach().clone())
 
-        g = torch.Generator().manual_seed(0)
-        r = torch.empty(_out_features(cand)).uniform_(0.5, 2.0, generator=g)
+        dtype = cand.weight_view().dtype
+        r = probe_factors(_out_features(cand), dtype)
         with qmodule_state(self.module, QModuleState.BYPASSED):
             self.run({layer: grab}, stop_after=layer, batches=[0])
             with _scaled_output(cand, r):
                 self.run({layer: grab}, stop_after=layer, batches=[0])
-        if len(seen) != 2:
-            return False
-        x0, x1 = seen
-        r = r.to(x0)
-        tol = 1e-4 * float(x0.abs().max()) + 1e-12
-        return bool(((x1 - x0 * r).abs() <= tol + 1e-4 * (x0 * r).abs()).all())
+        return len(seen) == 2 and scaled_one_for_one(seen[0], seen[1], r, dtype)
 
     def _probed(self) -> _Probe:
         if self._probe is None:
@@ -337,6 +332,24 @@ def _out_features(w: QWrapper) -> int | None:
     if isinstance(w.layer, nn.Linear) or type(w.layer).__name__ == "Conv1D":
         return w.weight_view().shape[0]
     return None
+
+
+def probe_factors(n: int, dtype: torch.dtype) -> Tensor:
+    """``n`` seeded positive factors from 1/100 to 100, exact in ``dtype`` (float32 tensor), to scale a
+    module's output channels by while checking that a later input scales with them one for one: wide
+    enough that a clamp in between (DeepSeek-V4's ``up.clamp``) is reached and the check fails."""
+    g = torch.Generator().manual_seed(0)
+    return torch.pow(10.0, torch.empty(n).uniform_(-2.0, 2.0, generator=g)).to(dtype).float()
+
+
+def scaled_one_for_one(x0: Tensor, x1: Tensor, r: Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``x1`` is ``x0`` with its last dimension's channels multiplied by ``r``, up to the rounding of
+    ``dtype`` (the weights were scaled in it)."""
+    if x1.shape != x0.shape:
+        return False
+    a, b = x0.float(), x1.float() / r.to(x1.device)
+    tol = max(1e-4, 4 * torch.finfo(dtype).eps)
+    return bool(((b - a).abs() <= tol * (a.abs().max() + a.abs()) + 1e-12).all())
 
 
 @contextlib.contextmanager
