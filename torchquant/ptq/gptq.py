@@ -368,24 +368,27 @@ def gptq(
                     process(block)
         for m in sorted(left, key=names.get) + sorted(experts_left, key=names.get):
             skipped[names[m]] = _NEVER_CALLED
-    never = [k for k, why in skipped.items() if why == _NEVER_CALLED]
-    if never:
-        warnings.warn(
-            f"gptq: {len(never)} quantized module(s) were never called by the forward pass and keep their "
-            f"round-to-nearest weights ({first_names(never)}); a module whose weight its parent reads directly "
-            "(Jamba's mamba dt_proj) is never called, and branches the batches do not take are not either",
-            UserWarning,
-            stacklevel=2,
-        )
-    unreached = [k for k, why in skipped.items() if why == _NO_TOKENS]
-    if unreached:
-        warnings.warn(
-            f"gptq: {len(unreached)} expert matrices received no calibration token and keep their "
-            f"round-to-nearest weights ({first_names(unreached)}); more or longer calibration batches reach "
-            "more experts",
-            UserWarning,
-            stacklevel=2,
-        )
+    left_to_rtn = (
+        (
+            _NEVER_CALLED,
+            "quantized module(s) were never called by the forward pass",
+            "a module whose weight its parent reads directly (Jamba's mamba dt_proj) is never called, and "
+            "branches the batches do not take are not either",
+        ),
+        (
+            _NO_TOKENS,
+            "expert matrices received no calibration token",
+            "more or longer calibration batches reach more experts",
+        ),
+    )
+    for reason, what, hint in left_to_rtn:
+        keys = [k for k, why in skipped.items() if why == reason]
+        if keys:
+            warnings.warn(
+                f"gptq: {len(keys)} {what} and keep their round-to-nearest weights ({first_names(keys)}); {hint}",
+                UserWarning,
+                stacklevel=2,
+            )
     return GPTQResult(losses=losses, skipped=skipped)
 
 
