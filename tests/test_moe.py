@@ -208,12 +208,13 @@ def test_onnx_export_refuses_an_expert_bank_by_name():
         tq.export.to_onnx(q, (x,), "unused.onnx")
 
 
-def test_smoothquant_says_it_leaves_the_banks_alone():
+def test_adaround_says_it_leaves_the_banks_alone():
     torch.manual_seed(0)
     q = tq.quantize_model(_Moe(), lambda m, n: w4(), None, method="swap")
     x = torch.randn(10, 8)
-    with pytest.warns(UserWarning, match=r"smoothquant: 1 mixture-of-experts bank\(s\) keep their round-to-nearest"):
-        tq.ptq.smoothquant(q, [x], progress=False)
+    tq.calibrate(q, [x], progress=False)
+    with pytest.warns(UserWarning, match=r"reconstruct: 1 mixture-of-experts bank\(s\) keep their round-to-nearest"):
+        tq.ptq.adaround(q, [x], iters=1, progress=False)
 
 
 class _Bmm(nn.Module):
@@ -660,3 +661,24 @@ def test_awq_says_which_experts_it_could_not_reach():
     with pytest.warns(UserWarning, match=r"awq: 6 expert matrices could not be followed"):
         result = tq.ptq.awq(net, [x], progress=False)
     assert len(result.skipped) == 6 and not result.clip_ratios
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["out-in", "in-out"])
+def test_smoothquant_smooths_each_experts_down_input_into_its_up_rows(transposed):
+    torch.manual_seed(0)
+    x, index, scores = _routing(t=40)
+    layer = Experts(transposed=transposed)
+    a8 = lambda: tq.AffineQuantizer(8, tq.RunningMinMax())  # noqa: E731
+    net = tq.quantize_model(_Routed(copy.deepcopy(layer), index, scores), lambda m, n: w4(), None, method="swap")
+    net.experts.down_input_quantizer = a8()
+    result = tq.ptq.smoothquant(net, [x], progress=False)
+    assert result.folded == {f"experts.down_proj[{e}]": f"experts.gate_up_proj[{e}]" for e in range(3)}
+    assert all(v > 0 for v in result.max_scale.values())
+    tq.set_qmodule_state(net, S.BYPASSED)
+    with torch.no_grad():
+        assert torch.allclose(net(x), layer(x, index, scores), rtol=0, atol=1e-5)  # folded: the float model unchanged
+    norms = tq.quantize_model(_Routed(copy.deepcopy(layer), index, scores), lambda m, n: w4(), None, method="swap")
+    result = tq.ptq.smoothquant(norms, [x], progress=False, targets="norms")
+    assert not result.folded and "targets='norms'" in result.skipped["experts.down_proj"]
+    plus = tq.quantize_model(_Routed(_PlusOne(), index, scores), lambda m, n: w4(), None, method="swap")
+    assert "no gate_up_proj rows" in tq.ptq.smoothquant(plus, [x], progress=False).skipped["experts.down_proj"]

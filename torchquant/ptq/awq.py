@@ -41,7 +41,6 @@ were already observed are recomputed from the new weights).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
 from collections.abc import Iterable
@@ -55,7 +54,7 @@ from ..qmodules import QModuleState, QWrapper, _run_quantizer
 from ..spec import describe
 from ._common import all_or_nothing, first_names, materialize, reobserve_weights, require_qmodules
 from .registry import register_ptq_algorithm
-from .sequential import Block, fold_input_scale, probe_factors, scaled_one_for_one, sequential_blocks
+from .sequential import Block, fold_expert_scale, fold_input_scale, sequential_blocks
 
 __all__ = ["AWQResult", "awq"]
 
@@ -252,50 +251,6 @@ def _expert_stats(
     return means, {k: torch.cat(v)[:sample_tokens] for k, v in samples.items() if k in means}
 
 
-def _up_rows(block: Block, qe: QExperts) -> Tensor | None:
-    """The rows of each expert's ``gate_up_proj`` matrix whose outputs scale ``down_proj``'s inputs one for one
-    (``act(gate) * up``): the second half (``[gate; up]``) or the odd rows (interleaved), found by scaling
-    them and watching the down inputs on the first batch; ``None`` when neither does (GPT-OSS' ``(up + 1)``)."""
-    if qe.banks[0] != "gate_up_proj":
-        return None
-    bank = qe.layer._parameters["gate_up_proj"]
-    out = bank.shape[2] if qe.transposed else bank.shape[1]
-    half = out // 2
-    r = probe_factors(half, bank.dtype)
-    for rows in (torch.arange(half, out), torch.arange(1, out, 2)):
-        seen: list[list[Tensor]] = [[], []]
-        for k in range(2):
-            factor = torch.ones(out)
-            if k:
-                factor[rows] = r
-            report = lambda b, e, x, out=seen[k]: out.append(x.detach())  # noqa: E731
-            with _rows_scaled(qe, factor), expert_inputs(qe, report, ["down_proj"]):
-                block.run(batches=[0])
-        pairs = list(zip(seen[0], seen[1]))
-        if seen[0] and len(seen[0]) == len(seen[1]) and all(scaled_one_for_one(*p, r, bank.dtype) for p in pairs):
-            return rows
-    return None
-
-
-@contextlib.contextmanager
-def _rows_scaled(qe: QExperts, factor: Tensor):
-    """Every expert's ``gate_up_proj`` output channels (and biases) multiplied by ``factor`` ``(out,)`` meanwhile."""
-    bank = qe.layer._parameters["gate_up_proj"]
-    bias = qe.layer._parameters.get("gate_up_proj_bias")
-    saved = (bank.detach().clone(), None if bias is None else bias.detach().clone())
-    with torch.no_grad():
-        bank.mul_((factor[None, None, :] if qe.transposed else factor[None, :, None]).to(bank))
-        if bias is not None:
-            bias.mul_(factor.to(bias))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            bank.copy_(saved[0])
-            if bias is not None:
-                bias.copy_(saved[1])
-
-
 def _awq_experts(
     block: Block, qe: QExperts, name: str, n_grid: int, clip: bool, max_shrink: float, sample_tokens: int, seed: int
 ) -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
@@ -319,7 +274,7 @@ def _awq_experts(
     for bank in banks:
         skipped.update({f"{name}.{bank}[{e}]": _UNROUTED for e in range(n_experts) if (bank, e) not in X})
     if "down_proj" in banks:
-        up = _up_rows(block, qe)
+        up = block.up_rows(qe)
         for e in range(n_experts):
             key = f"{name}.down_proj[{e}]"
             if key in skipped:
@@ -335,14 +290,7 @@ def _awq_experts(
                 s, a = _search_scale_of(
                     [(down, qe.bank_quantizer("down_proj"))], X[("down_proj", e)], means[("down_proj", e)], n_grid
                 )
-                first = qe.matrix("gate_up_proj", e)
-                bias = qe.layer._parameters.get("gate_up_proj_bias")
-                with torch.no_grad():  # x -> x / s through the up rows, W -> W * s: the float experts unchanged
-                    down.mul_(s.to(down)[None, :])
-                    first[up] = first[up] / s.to(first)[:, None]
-                    if bias is not None:
-                        b = bias[e]
-                        b[up] = b[up] / s.to(b)
+                fold_expert_scale(qe, e, up, s)
                 exponents[key] = a
                 X[("down_proj", e)] = X[("down_proj", e)] / s
     if clip:

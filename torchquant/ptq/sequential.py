@@ -37,11 +37,12 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import is_normalization
+from ..moe import QExperts, expert_inputs
 from ..qmodules import QModule, QModuleState, QWrapper, iter_qmodules
 from ..utils import cached_quantized_weights, call_model, progress_bar, qmodule_state
 from ._common import _Stop
 
-__all__ = ["Block", "find_blocks", "fold_input_scale", "sequential_blocks"]
+__all__ = ["Block", "find_blocks", "fold_expert_scale", "fold_input_scale", "sequential_blocks"]
 
 Hook = Callable[[QWrapper, Tensor, int], None]
 
@@ -245,6 +246,36 @@ class Block:
                 self.run({layer: grab}, stop_after=layer, batches=[0])
         return len(seen) == 2 and scaled_one_for_one(seen[0], seen[1], r, dtype)
 
+    def up_rows(self, qe: QExperts) -> Tensor | None:
+        """The rows of each expert's ``gate_up_proj`` matrix whose outputs scale ``down_proj``'s inputs one
+        for one (``act(gate) * up``), or ``None``: the experts' counterpart of :meth:`fold_target` for
+        ``down_proj``.
+
+        The second half (``[gate; up]``) or the odd rows (interleaved), found by scaling them
+        (:func:`probe_factors`) and watching the ``down_proj`` inputs on the first batch; ``None`` for
+        a gating no scale passes through (GPT-OSS' ``(up + 1) * act(gate)``, a clamped ``up``) and for
+        banks without a gate (``up_proj``).
+        """
+        if qe.banks[0] != "gate_up_proj":
+            return None
+        bank = qe.layer._parameters["gate_up_proj"]
+        out = bank.shape[2] if qe.transposed else bank.shape[1]
+        half = out // 2
+        r = probe_factors(half, bank.dtype)
+        for rows in (torch.arange(half, out), torch.arange(1, out, 2)):
+            seen: list[list[Tensor]] = [[], []]
+            for k in range(2):
+                factor = torch.ones(out)
+                if k:
+                    factor[rows] = r
+                report = lambda b, e, x, out=seen[k]: out.append(x.detach())  # noqa: E731
+                with _rows_scaled(qe, factor), expert_inputs(qe, report, ["down_proj"]):
+                    self.run(batches=[0])
+            pairs = list(zip(seen[0], seen[1]))
+            if seen[0] and len(seen[0]) == len(seen[1]) and all(scaled_one_for_one(*p, r, bank.dtype) for p in pairs):
+                return rows
+        return None
+
     def _probed(self) -> _Probe:
         if self._probe is None:
             self._probe = _probe(self)
@@ -350,6 +381,46 @@ def scaled_one_for_one(x0: Tensor, x1: Tensor, r: Tensor, dtype: torch.dtype) ->
     a, b = x0.float(), x1.float() / r.to(x1.device)
     tol = max(1e-4, 4 * torch.finfo(dtype).eps)
     return bool(((b - a).abs() <= tol * (a.abs().max() + a.abs()) + 1e-12).all())
+
+
+@contextlib.contextmanager
+def _rows_scaled(qe: QExperts, factor: Tensor):
+    """Every expert's ``gate_up_proj`` output channels (and biases) multiplied by ``factor`` ``(out,)`` meanwhile."""
+    bank = qe.layer._parameters["gate_up_proj"]
+    bias = qe.layer._parameters.get("gate_up_proj_bias")
+    saved = (bank.detach().clone(), None if bias is None else bias.detach().clone())
+    with torch.no_grad():
+        bank.mul_((factor[None, None, :] if qe.transposed else factor[None, :, None]).to(bank))
+        if bias is not None:
+            bias.mul_(factor.to(bias))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            bank.copy_(saved[0])
+            if bias is not None:
+                bias.copy_(saved[1])
+
+
+def fold_expert_scale(qe: QExperts, expert: int, up_rows: Tensor, s: Tensor) -> None:
+    """Move a per-channel scale from expert ``expert``'s ``down_proj`` input into its ``up`` rows:
+    ``x -> x / s`` (the rows ``up_rows`` of its ``gate_up_proj`` matrix and their biases divided by ``s``),
+    ``W -> W * s`` (its ``down_proj`` columns). The float experts are unchanged.
+
+    Args:
+        qe: the experts.
+        expert: which expert.
+        up_rows: from :meth:`Block.up_rows`.
+        s: ``(intermediate,)`` positive scales.
+    """
+    down, first = qe.matrix("down_proj", expert), qe.matrix("gate_up_proj", expert)
+    bias = qe.layer._parameters.get("gate_up_proj_bias")
+    with torch.no_grad():
+        down.mul_(s.to(down)[None, :])
+        first[up_rows] = first[up_rows] / s.to(first)[:, None]
+        if bias is not None:
+            b = bias[expert]
+            b[up_rows] = b[up_rows] / s.to(b)
 
 
 @contextlib.contextmanager

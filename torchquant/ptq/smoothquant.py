@@ -16,6 +16,14 @@ bias, or the producing layer's rows and bias), so the float model is unchanged a
 quantized model has no extra operation. Groups with no such module are left alone and
 listed in the result.
 
+Mixture-of-experts banks (:class:`~torchquant.QExperts`): with ``targets="all"``, each
+expert's ``down_proj`` input is smoothed with the maximum over the tokens routed to it
+(:func:`~torchquant.moe.expert_inputs`) and its own ``down_proj`` columns, folded into the
+rows of its ``gate_up_proj`` that produce ``up``
+(:meth:`~torchquant.ptq.sequential.Block.up_rows`; a gating no scale passes through is
+listed in the result). The experts' first input is not smoothed: the normalisation before
+it also feeds the router.
+
 It runs before calibration (it changes weights, so activation and weight ranges are
 computed afterwards; weight ranges already observed are recomputed from the new weights)
 on the float model, block by block on the sequential engine.
@@ -29,10 +37,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..moe import QExperts, expert_inputs
 from ..qmodules import QModuleState, QWrapper
-from ._common import all_or_nothing, materialize, reobserve_weights, require_qmodules, warn_experts_left
+from ._common import all_or_nothing, materialize, reobserve_weights, require_qmodules
 from .registry import register_ptq_algorithm
-from .sequential import Block, fold_input_scale, sequential_blocks
+from .sequential import Block, fold_expert_scale, fold_input_scale, sequential_blocks
 
 __all__ = ["SmoothQuantResult", "smoothing_scales", "smoothquant"]
 
@@ -42,8 +51,9 @@ class SmoothQuantResult:
     """What :func:`smoothquant` did.
 
     Attributes:
-        folded: for each smoothed group (its layers' qualified names joined by ``","``), the
-            module the scales were folded into.
+        folded: for each smoothed group (its layers' qualified names joined by ``","``; an
+            expert's ``"<experts>.down_proj[<e>]"``), the module the scales were folded into (an
+            expert's ``"<experts>.gate_up_proj[<e>]"``).
         max_scale: for each smoothed group, the largest ``s_j``.
         skipped: groups left alone, with the reason.
     """
@@ -82,6 +92,45 @@ def _group_name(names: dict[nn.Module, str], group: list[QWrapper]) -> str:
 
 def _weight_absmax(group: list[QWrapper]) -> Tensor:
     return torch.stack([w.weight_view().detach().abs().amax(0).float() for w in group]).amax(0)
+
+
+def _smooth_experts(
+    block: Block,
+    qe: QExperts,
+    name: str,
+    alpha: float,
+    folded: dict[str, str],
+    max_scale: dict[str, float],
+    skipped: dict[str, str],
+) -> None:
+    """Smooth every expert's ``down_proj`` input into its ``up`` rows (see the module docstring)."""
+    amax: dict[int, Tensor] = {}
+
+    def report(bank: str, e: int, x: Tensor) -> None:
+        m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float() if x.numel() else None
+        if m is not None:
+            amax[e] = m if e not in amax else torch.maximum(amax[e], m)
+
+    up = block.up_rows(qe)
+    if up is None:
+        skipped[f"{name}.down_proj"] = "no gate_up_proj rows scale down_proj's input one for one"
+        return
+    with expert_inputs(qe, report, ["down_proj"]):
+        block.run()
+    for e in range(qe.layer._parameters["down_proj"].shape[0]):
+        key = f"{name}.down_proj[{e}]"
+        if e not in amax or not bool(amax[e].any()):  # Llama 4 gives unrouted experts zero rows
+            skipped[key] = "no calibration token was routed to this expert"
+            continue
+        s = smoothing_scales(amax[e], qe.matrix("down_proj", e).detach().abs().amax(0).float(), alpha)
+        fold_expert_scale(qe, e, up, s)
+        folded[key] = f"{name}.gate_up_proj[{e}]"
+        max_scale[key] = float(s.max())
+    observed = [o for b in qe.banks if (o := getattr(qe.bank_quantizer(b), "range_observer", None)) is not None]
+    if any(o.initialized for o in observed):  # ranges seen on the old weights: from the new ones
+        for o in observed:
+            o.reset()
+        qe.observe_weight()
 
 
 def _act_absmax(block: Block, groups: list[list[QWrapper]]) -> dict[QWrapper, Tensor]:
@@ -143,7 +192,7 @@ def smoothquant(
         >>> r.folded
         {'1': '0'}
     """
-    warn_experts_left(require_qmodules(model, "smoothquant"), "smoothquant")
+    require_qmodules(model, "smoothquant")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise ValueError(f"smoothquant: alpha must be a number in [0, 1], got {alpha!r}")
     if targets not in ("all", "norms"):
@@ -167,9 +216,7 @@ def smoothquant(
                     skipped[gname] = f"its input comes from {names[target]}, not a normalisation (targets='norms')"
                 else:
                     plan.append((group, target))
-            if not plan:
-                continue
-            acts = _act_absmax(block, [g for g, _ in plan])
+            acts = _act_absmax(block, [g for g, _ in plan]) if plan else {}
             for group, target in plan:
                 s = smoothing_scales(acts[group[0]], _weight_absmax(group), float(alpha))
                 fold_input_scale(target, group, s)
@@ -177,4 +224,10 @@ def smoothquant(
                 folded[gname] = names[target]
                 max_scale[gname] = float(s.max())
                 reobserve_weights([*group, target] if isinstance(target, QWrapper) else group)
+            for qe in [m for m in block.module.modules() if isinstance(m, QExperts)]:
+                name = names[qe]
+                if targets == "norms":
+                    skipped[f"{name}.down_proj"] = "its input comes from the experts' up rows (targets='norms')"
+                else:
+                    _smooth_experts(block, qe, name, float(alpha), folded, max_scale, skipped)
     return SmoothQuantResult(folded=folded, max_scale=max_scale, skipped=skipped)
