@@ -341,7 +341,7 @@ def test_expert_inputs_are_the_rows_each_expert_reads(transposed, gate):
     with expert_inputs(q, lambda bank, e, rows: seen.setdefault((bank, e), rows), banks=["down_proj"]):
         q(x, index, scores)
     assert {b for b, _ in seen} == {"down_proj"}
-    q(x, index, scores)  # the hooks are gone: nothing more is reported
+    q(x, index, scores)  # the listener is gone: nothing more is reported
     assert len(seen) == 3
     with (
         pytest.raises(ValueError, match=r"expert_inputs: Experts has no bank \['w1'\]"),
@@ -537,17 +537,25 @@ def test_a_down_proj_product_that_cannot_be_followed_is_an_error_not_a_float_pat
         tq.ptq.gptq(net, [x], progress=False, true_sequential=False)
 
 
-def test_gptq_collects_only_the_banks_it_quantizes():
+def test_gptq_collects_only_the_banks_it_quantizes(monkeypatch):
+    import sys
+
+    gptq_module = sys.modules["torchquant.ptq.gptq"]  # the package's gptq is the function
     x, index, scores = _routing(t=20)
-    banks = []
+    requested = []
+
+    def spy(qe, report, banks=None):
+        requested.append(list(banks))
+        return expert_inputs(qe, report, banks)
+
+    monkeypatch.setattr(gptq_module, "expert_inputs", spy)
     net = tq.quantize_model(_Routed(Experts(), index, scores), lambda m, n: w4(), None, method="swap")
     net.experts.gate_up_quantizer = None
     tq.calibrate(net, [x], progress=False)
-    with expert_inputs(net.experts, lambda bank, e, rows: banks.append(bank)):
-        for sequential in (True, False):
-            result = tq.ptq.gptq(copy.deepcopy(net), [x], progress=False, true_sequential=sequential)
-            assert sorted(result.losses) == [f"experts.down_proj[{e}]" for e in range(3)]
-    assert banks == []  # the deep copies ran; the listener stayed with the original
+    for sequential in (True, False):
+        result = tq.ptq.gptq(copy.deepcopy(net), [x], progress=False, true_sequential=sequential)
+        assert sorted(result.losses) == [f"experts.down_proj[{e}]" for e in range(3)]
+    assert requested == [["down_proj"], ["down_proj"]]  # one collection each way, no gate_up_proj Hessians
 
 
 def test_copies_made_inside_expert_inputs_do_not_report():
@@ -587,7 +595,11 @@ def test_awq_scales_each_experts_down_input_into_its_up_rows(transposed):
     layer = Experts(transposed=transposed)
     net = tq.quantize_model(_Routed(copy.deepcopy(layer), index, scores), lambda m, n: w4(), None, method="swap")
     rtn = copy.deepcopy(net)
+    net.experts.observe_weight()  # ranges seen before AWQ: recomputed from the rescaled banks
     result = tq.ptq.awq(net, [x], progress=False, clip=False)
+    fresh = w4()
+    fresh.pre_observe(torch.cat([net.experts.matrix("down_proj", e) for e in range(3)]).detach())
+    assert torch.equal(net.experts.down_quantizer.range_observer.max_val, fresh.range_observer.max_val)
     assert sorted(result.exponents) == [f"experts.down_proj[{e}]" for e in range(3)] and not result.skipped
     assert not torch.equal(net.experts.layer.down_proj, layer.down_proj)
     tq.set_qmodule_state(net, S.BYPASSED)

@@ -198,15 +198,17 @@ def weighted_wrappers(model: nn.Module) -> list[tuple[str, QWrapper]]:
     return [(n, m) for n, m in iter_qmodules(model) if isinstance(m, QWrapper)]
 
 
-def reobserve_weights(wrappers: Iterable[QWrapper]) -> None:
-    """Recompute the weight ranges of ``wrappers`` that already have them, from their current weights.
+def reobserve_weights(modules: Iterable[QWrapper | QExperts]) -> None:
+    """Recompute the weight ranges of ``modules`` that already have them, from their current weights.
 
     An algorithm that rewrites weights (scales, clipping) calls it so that a weight
     observer that had already seen the old weights (a running min/max keeps its widest
-    range) describes the new ones.
+    range) describes the new ones. A :class:`~torchquant.QExperts` has all its banks observed again.
     """
-    for w in wrappers:
-        obs = getattr(w.weight_quantizer, "range_observer", None)
-        if obs is not None and obs.initialized:
-            obs.reset()
-            w.observe_weight()
+    for m in modules:
+        quantizers = [m.bank_quantizer(b) for b in m.banks] if isinstance(m, QExperts) else [m.weight_quantizer]
+        observers = [o for q in quantizers if (o := getattr(q, "range_observer", None)) is not None and o.initialized]
+        if observers:
+            for o in observers:
+                o.reset()
+            m.observe_weight()

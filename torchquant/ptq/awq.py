@@ -300,11 +300,7 @@ def _awq_experts(
                     r = _clip_matrix(qe.matrix(bank, e), qe.bank_quantizer(bank), X[(bank, e)], n_grid, max_shrink)
                     if r is not None:
                         ratios[f"{name}.{bank}[{e}]"] = r
-    observed = [o for b in banks if (o := getattr(qe.bank_quantizer(b), "range_observer", None)) is not None]
-    if any(o.initialized for o in observed):  # ranges seen on the old weights: from the new ones
-        for o in observed:
-            o.reset()
-        qe.observe_weight()
+    reobserve_weights([qe])
     return exponents, ratios, skipped
 
 

@@ -119,8 +119,8 @@ from ..layers import bn_scale_shift
 from ..qmodules import QModule, QModuleState, QWrapper, iter_qmodules
 from ..quantizers import AdaRoundQuantizer, AffineGrid, AffineQuantizer, LevelGrid, Quantizer, StatelessQuantizer
 from ..quantizers_functional import round_ste
-from ..utils import progress_bar, restoring_states
-from ._common import Snapshot, call_model, capture, forward_order, materialize, require_qmodules, warn_experts_left
+from ..utils import call_model, progress_bar, restoring_states
+from ._common import Snapshot, capture, forward_order, materialize, require_qmodules, warn_experts_left
 from .registry import register_ptq_algorithm
 from .sequential import Block, find_blocks, sequential_blocks
 

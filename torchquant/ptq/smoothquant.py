@@ -126,11 +126,7 @@ def _smooth_experts(
         fold_expert_scale(qe, e, up, s)
         folded[key] = f"{name}.gate_up_proj[{e}]"
         max_scale[key] = float(s.max())
-    observed = [o for b in qe.banks if (o := getattr(qe.bank_quantizer(b), "range_observer", None)) is not None]
-    if any(o.initialized for o in observed):  # ranges seen on the old weights: from the new ones
-        for o in observed:
-            o.reset()
-        qe.observe_weight()
+    reobserve_weights([qe])
 
 
 def _act_absmax(block: Block, groups: list[list[QWrapper]]) -> dict[QWrapper, Tensor]:

@@ -437,12 +437,13 @@ def forward_with_observer(quantizer: Quantizer, observer: RangeObserver | None, 
 def kernel_ranges(
     quantizer: Quantizer, observer: RangeObserver | None, cls: type, *methods: str
 ) -> tuple[Tensor, Tensor] | None:
-    """``observer``'s compact ``(min_val, max_val)`` for a kernel that computes ``quantizer``'s grid, or ``None``.
+    """``observer``'s compact ``(min_val, max_val)`` for a path that computes ``quantizer``'s grid from
+    them (a CUDA kernel, the CPU per-group path), or ``None``.
 
-    ``None`` (the torch path) when the observer holds no ranges yet, or when the observer
-    (``get_ranges``) or the quantizer (``ranges``, or any of ``cls``'s ``methods`` the grid
-    depends on) is overridden by a subclass: otherwise the kernel computes what the torch
-    path would.
+    ``None`` (the general torch path) when the observer holds no ranges yet, or when the
+    observer (``get_ranges``) or the quantizer (``ranges``, or any of ``cls``'s ``methods`` the
+    grid depends on) is overridden by a subclass: otherwise that path computes what the
+    general one would.
     """
     if observer is None:
         return None
