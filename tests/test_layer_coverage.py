@@ -586,3 +586,34 @@ def test_transformer_encoder_is_fully_quantized_and_its_fused_path_is_off(method
     with torch.no_grad():  # eval without gradients: the fused kernel would read the float weights
         assert torch.equal(q(x), y)
         assert not torch.equal(y, net(x))
+
+
+def test_norm_gain_offset_is_found_numerically_and_scaling_moves_the_output_channels():
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from torchquant.layers import norm_gain_offset, scale_norm_output_
+
+    torch.manual_seed(0)
+    gemma = GemmaRMSNorm(8)
+    with torch.no_grad():
+        gemma.weight.normal_()  # the check must not depend on the weight's value
+    cases = [(nn.LayerNorm(8), 0.0), (nn.RMSNorm(8), 0.0), (LlamaRMSNorm(8), 0.0), (GemmaRMSNorm(8), 1.0), (gemma, 1.0)]
+    cases += [
+        (GemmaRMSNorm(8).bfloat16(), 1.0),
+        (nn.Linear(8, 8), None),
+        (nn.LayerNorm(8, elementwise_affine=False), None),
+    ]
+    for norm, offset in cases:
+        before = {k: v.clone() for k, v in norm.state_dict().items()}
+        assert norm_gain_offset(norm) == offset, type(norm).__name__
+        assert all(torch.equal(v, norm.state_dict()[k]) for k, v in before.items())  # restored
+    x = torch.randn(5, 8)
+    s = torch.rand(8) + 0.5
+    for norm in (gemma, nn.LayerNorm(8)):
+        with torch.no_grad():
+            if isinstance(norm, nn.LayerNorm):
+                norm.bias.normal_()
+            ref = norm(x)
+            scale_norm_output_(norm, s, norm_gain_offset(norm))
+            torch.testing.assert_close(norm(x), ref * s, rtol=1e-5, atol=1e-6)

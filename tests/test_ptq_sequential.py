@@ -9,7 +9,7 @@ from torchquant.ptq import gptq_quantize_weight
 from torchquant.ptq.sequential import Block, find_blocks, fold_input_scale, sequential_blocks
 
 transformers = pytest.importorskip("transformers")
-from tests.hf.hf_tiny import VOCAB, llama_config  # noqa: E402
+from tests.hf.hf_tiny import VOCAB, gemma2_config, gemma_config, llama_config  # noqa: E402
 
 
 def W8():
@@ -60,20 +60,59 @@ def test_without_shared_heads_v_proj_is_the_fold_target_of_o_proj():
     assert first.fold_target(first.groups()[1]) is q.model.layers[0].self_attn.v_proj
 
 
-def test_folding_a_scale_leaves_the_float_model_unchanged():
-    q = _llama()
+FOLD_FAMILIES = {
+    "llama": lambda: _llama(),
+    # norms multiply by 1 + weight (random gains, so that the offset matters)
+    "gemma": lambda: _quantized(transformers.GemmaForCausalLM(gemma_config())),
+    "gemma2": lambda: _quantized(transformers.Gemma2ForCausalLM(gemma2_config())),
+}
+
+
+def _quantized(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.normal_(0.0, 0.5)
+    wf = lambda mod, name: tq.AffineQuantizer(4, tq.RunningMinMax(axis=0))  # noqa: E731
+    return tq.quantize_model(model.eval(), wf, None, method="swap", skip=["lm_head", "model.embed_tokens"])
+
+
+@pytest.mark.parametrize("family", list(FOLD_FAMILIES))
+def test_folding_a_scale_leaves_the_float_model_unchanged(family):
+    q = FOLD_FAMILIES[family]()
     x = _batches()[0]
     with tq.qmodule_state(q, tq.QModuleState.BYPASSED):
         before = q(x).logits
         first = next(iter(sequential_blocks(q, _batches(), mode=tq.QModuleState.BYPASSED, progress=False)))
         g = torch.Generator().manual_seed(3)
+        folded = 0
         for group in first.groups():
             target = first.fold_target(group)
             if target is not None:
                 s = torch.empty(group[0].weight_view().shape[1]).uniform_(0.2, 5.0, generator=g)
                 fold_input_scale(target, group, s)
+                folded += 1
         after = q(x).logits
+    assert folded >= 2  # the groups after each norm at least
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2"])
+@pytest.mark.parametrize("algorithm", ["smoothquant", "awq"])
+def test_smoothquant_and_awq_keep_gemmas_float_model(family, algorithm):
+    """Gemma's norms compute ``n(x) * (1 + weight)``: dividing the weight by the scales changed the
+    float logits (SQNR 4 dB after SmoothQuant); the gain is what must be divided."""
+    q = FOLD_FAMILIES[family]()
+    batches = _batches()
+    with tq.qmodule_state(q, tq.QModuleState.BYPASSED), torch.no_grad():
+        before = q(batches[0]).logits
+    opts = {"clip": False} if algorithm == "awq" else {}
+    res = getattr(tq.ptq, algorithm)(q, batches, progress=False, **opts)
+    groups = res.exponents if algorithm == "awq" else res.folded
+    assert "model.layers.0.self_attn.q_proj,model.layers.0.self_attn.k_proj,model.layers.0.self_attn.v_proj" in groups
+    with tq.qmodule_state(q, tq.QModuleState.BYPASSED), torch.no_grad():
+        torch.testing.assert_close(q(batches[0]).logits, before, rtol=1e-4, atol=1e-4)
 
 
 def test_blocks_get_the_quantized_outputs_of_the_block_before():

@@ -15,7 +15,9 @@ parametrization, weight norm) has an adapter with ``computed=True`` that gives t
 quantizer the computed weight (see :func:`layer_adapter`).
 
 :data:`NORM_TYPES` and :func:`is_normalization` name the normalisation modules whose
-outputs ``quantize_model(..., method="swap", norm_outputs=True)`` quantizes.
+outputs ``quantize_model(..., method="swap", norm_outputs=True)`` quantizes;
+:func:`norm_gain_offset` and :func:`scale_norm_output_` move a per-channel scale into one
+(``weight`` or Gemma's ``1 + weight``), as SmoothQuant, AWQ and QuaRot do.
 
 ``BN(conv(x, W) + b) == conv(x, W * s) + (b - mean) * s + beta`` with
 ``s = gamma / sqrt(var + eps)`` per output channel (Jacob et al. 2018):
@@ -47,6 +49,8 @@ __all__ = [
     "fold_bn_params",
     "is_normalization",
     "layer_adapter",
+    "norm_gain_offset",
+    "scale_norm_output_",
 ]
 
 
@@ -345,3 +349,75 @@ def fold_bn_params(
     w = weight * scale.reshape(shape)
     b = shift if bias is None else bias * scale + shift
     return w, b
+
+
+def norm_gain_offset(norm: nn.Module) -> float | None:
+    """The ``c`` with which ``norm`` multiplies each output channel by ``c + weight``, or ``None``.
+
+    ``0`` for ``LayerNorm``, ``RMSNorm`` and Llama's RMSNorm, ``1`` for Gemma's, which computes
+    ``n(x) * (1 + weight)``. Found numerically, not by class: the gain is rescaled by seeded
+    factors on a random input, ``c`` being the offset that scales the output channels one for one;
+    ``None`` when no offset does (the weight is not a per-channel gain) or ``norm`` has no
+    ``(d,)`` weight.
+
+    Args:
+        norm: a normalisation module (its weight and bias are restored afterwards).
+
+    Returns:
+        ``0.0``, ``1.0`` or ``None``.
+
+    Example:
+        >>> norm_gain_offset(nn.LayerNorm(8)), norm_gain_offset(nn.Linear(8, 8))
+        (0.0, None)
+    """
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, Tensor) or w.dim() != 1 or w.numel() < 2 or not w.is_floating_point():
+        return None
+    d = w.numel()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, d, generator=g).to(w)
+    r = torch.empty(d).uniform_(0.25, 4.0, generator=g).to(w.dtype).float()
+    tol = max(1e-4, 8 * torch.finfo(w.dtype).eps)
+    saved = [(t, t.detach().clone()) for t in (w, getattr(norm, "bias", None)) if isinstance(t, Tensor)]
+    try:
+        with torch.no_grad():
+            y0 = norm(x)
+            if not isinstance(y0, Tensor) or y0.shape != x.shape:
+                return None
+            y0 = y0.float()
+            for c in (0.0, 1.0):
+                scale_norm_output_(norm, 1 / r, c)
+                y1 = norm(x).float() * r.to(x.device)
+                for t, v in saved:
+                    t.copy_(v)
+                if bool(((y1 - y0).abs() <= tol * (y0.abs().max() + y0.abs()) + 1e-12).all()):
+                    return c
+    except (RuntimeError, TypeError, ValueError):  # a norm that does not take a (3, d) input
+        return None
+    finally:
+        with torch.no_grad():
+            for t, v in saved:
+                t.copy_(v)
+    return None
+
+
+def scale_norm_output_(norm: nn.Module, s: Tensor, offset: float = 0.0) -> None:
+    """Multiply ``norm``'s output channels by ``s`` ``(d,)``, in place: its gain ``offset + weight`` and its bias.
+
+    ``offset`` is :func:`norm_gain_offset`'s; with ``0`` the weight is multiplied by ``s`` as it is.
+
+    Example:
+        >>> ln = nn.LayerNorm(2)
+        >>> scale_norm_output_(ln, torch.tensor([2.0, 0.5]))
+        >>> ln.weight.tolist()
+        [2.0, 0.5]
+    """
+    w = norm.weight
+    with torch.no_grad():
+        if offset == 0:
+            w.mul_(s.to(w))
+        else:
+            w.copy_(((w.double() + offset) * s.double() - offset).to(w))
+        b = getattr(norm, "bias", None)
+        if isinstance(b, Tensor):
+            b.mul_(s.to(b))

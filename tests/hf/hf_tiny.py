@@ -32,6 +32,18 @@ def mixtral_config(**kw) -> transformers.MixtralConfig:
     )
 
 
+def gemma_config(**kw) -> transformers.GemmaConfig:
+    """Gemma's RMSNorms multiply by ``1 + weight``."""
+    base = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return transformers.GemmaConfig(**{**base, "vocab_size": VOCAB, "head_dim": 8, **kw})
+
+
+def gemma2_config(**kw) -> transformers.Gemma2Config:
+    """Gemma's gains, and a normalisation before and after the attention and the MLP (sandwich norms)."""
+    base = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return transformers.Gemma2Config(**{**base, "vocab_size": VOCAB, "head_dim": 8, **kw})
+
+
 def gpt2_config(**kw) -> transformers.GPT2Config:
     return transformers.GPT2Config(**{**dict(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=VOCAB), **kw})
 

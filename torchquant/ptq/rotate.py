@@ -10,11 +10,12 @@ float outputs stay the same. On a Llama-layout causal LM (``LlamaForCausalLM``,
 ``self_attn.{q,k,v,o}_proj``, ``post_attention_layernorm``, ``mlp.{gate,up,down}_proj``
 and RMSNorms), :func:`quarot` does, in place:
 
-1. **Norm fusion.** Each RMSNorm's weight ``g`` is multiplied into the input columns of
-   the layers that read its output (``W <- W diag(g)``: q, k, v after
-   ``input_layernorm``; gate, up after ``post_attention_layernorm``; ``lm_head`` after
-   the final norm), and set to ones. An RMSNorm without weight commutes with an
-   orthogonal ``Q`` (``rms(x Q) = rms(x)``), which the next step needs.
+1. **Norm fusion.** Each RMSNorm's gain ``g`` (its weight, or Gemma's ``1 + weight``) is
+   multiplied into the input columns of the layers that read its output (``W <- W diag(g)``:
+   q, k, v after ``input_layernorm``; gate, up after ``post_attention_layernorm``; ``lm_head``
+   after the final norm), and set to one. An RMSNorm without gain commutes with an
+   orthogonal ``Q`` (``rms(x Q) = rms(x)``), which the next step needs. A decoder layer with
+   another normalisation outside its attention (Gemma 2's and 3's sandwich norms) is refused.
 2. **Residual rotation** by ``Q = H diag(s) / sqrt(d)`` (:func:`~torchquant.hadamard.random_hadamard`
    of the hidden size ``d``, signs from ``seed``): the residual stream becomes ``x Q``.
    Embedding rows ``E <- E Q``; layers that read the stream (q, k, v, gate, up,
@@ -68,6 +69,7 @@ from torch import Tensor, nn
 
 from ..convert import record_conversion
 from ..hadamard import hadamard_factors, hadamard_transform, random_hadamard, random_signs
+from ..layers import is_normalization, norm_gain_offset
 from ..qmodules import HadamardTransform, QModuleState, QOp, QWrapper
 from ..quantizers import RangeQuantizer
 from ..serialize import register_conversion
@@ -90,8 +92,8 @@ class QuaRotResult:
         values: attention modules whose ``v_proj``/``o_proj`` got the head-dimension rotation.
         keys: attention modules whose QAttention rotates queries and keys online.
         untied: the output embedding was tied to the input embedding and got its own copy.
-        max_error: with ``data``, ``max |after - before| / max |before|`` of the float
-            logits on the first batch; ``None`` without data.
+        max_error: ``max |after - before| / max |before|`` of the float logits on the first
+            batch of ``data`` (16 random tokens without it).
     """
 
     hidden_size: int
@@ -99,7 +101,7 @@ class QuaRotResult:
     values: tuple[str, ...]
     keys: tuple[str, ...]
     untied: bool
-    max_error: float | None
+    max_error: float
 
 
 @dataclass(frozen=True)
@@ -152,11 +154,18 @@ def _layout(model: nn.Module) -> tuple[nn.Module, list[_Decoder], nn.Module, nn.
         name = f"model.layers.{i}"
         g = {r: _get(layer, p, f"{kind}.{name}") for r, p in _ROLES.items()}
         decoders.append(_Decoder(name=name, **g))
+        for sub, m in layer.named_modules():
+            if sub and is_normalization(m) and not sub.startswith("self_attn.") and sub.split(".")[0] not in _NORMS:
+                raise ValueError(
+                    f"quarot: {name}.{sub} is a {type(m).__name__} outside the Llama layout (Gemma 2's sandwich "
+                    "norms, for one): the residual rotation does not commute with its per-channel gain"
+                )
     if not decoders:
         raise ValueError(f"quarot: {kind} has no decoder layers")
     return embed, decoders, norm, head
 
 
+_NORMS = ("input_layernorm", "post_attention_layernorm")
 _ROLES = {
     "attn": "self_attn",
     "input_norm": "input_layernorm",
@@ -175,7 +184,7 @@ def _check_norm(norm: nn.Module, name: str, d: int) -> None:
     inner = _inner(norm)
     w = getattr(inner, "weight", None)
     ok = type(inner).__name__.endswith("RMSNorm") and isinstance(w, Tensor) and w.shape == (d,)
-    if not ok or getattr(inner, "bias", None) is not None:
+    if not ok or getattr(inner, "bias", None) is not None or norm_gain_offset(inner) is None:
         raise ValueError(
             f"quarot: {name} is a {type(inner).__name__}; quarot fuses RMSNorms with a ({d},) weight and no bias "
             "(a LayerNorm's mean subtraction does not commute with the rotation)"
@@ -207,10 +216,12 @@ def _out_side(lin: nn.Linear, fn) -> None:
 
 def _fuse_norm(norm: nn.Module, readers: list[nn.Linear]) -> None:
     inner = _inner(norm)
-    g = inner.weight.double()  # (d,)
+    offset = norm_gain_offset(inner)  # Gemma's RMSNorm multiplies by 1 + weight
+    assert offset is not None  # _check_norm
+    g = inner.weight.double() + offset  # (d,)
     for lin in readers:
         _set(lin.weight, lin.weight.double() * g[None, :])
-    inner.weight.fill_(1.0)
+    inner.weight.fill_(1.0 - offset)
 
 
 def _untie(model: nn.Module, embed: nn.Module, head: nn.Module) -> bool:
@@ -286,13 +297,13 @@ def quarot(
         model: a converted ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM``
             (any model with that module layout and RMSNorms).
         data: optional batches (token ids ``(B, T)`` or dicts of model inputs); the first
-            one checks that the float logits did not change. QuaRot itself is data-free.
+            one checks that the float logits did not change (without ``data``, 16 random tokens
+            seeded by ``seed`` do). QuaRot itself is data-free.
         seed: seeds the signs of the residual rotation.
         online_down_proj: put an online Hadamard before each ``down_proj``'s input quantizer.
         kv_hadamard: rotate the head dimension of values (folded) and of queries and keys
             (online, in the QAttention where the model has one).
-        check_tol: with ``data``, the largest ``max |after - before| / max |before|`` of the
-            logits accepted.
+        check_tol: the largest ``max |after - before| / max |before|`` of the float logits accepted.
 
     Returns:
         A :class:`QuaRotResult`.
@@ -300,8 +311,8 @@ def quarot(
     Raises:
         ValueError: not a Llama-layout model, a norm that is not an RMSNorm, a size with no
             Hadamard matrix, or a bad option.
-        RuntimeError: with ``data``, the logits changed by more than ``check_tol`` (the
-            model's architecture is not the one assumed; it is restored).
+        RuntimeError: the float logits changed by more than ``check_tol`` (the model's
+            architecture is not the one assumed; it is restored).
 
     Example:
         >>> import torch, transformers, torchquant as tq
@@ -322,8 +333,13 @@ def quarot(
             raise ValueError(f"quarot: {name} must be a bool, got {flag!r}")
     if isinstance(check_tol, bool) or not isinstance(check_tol, (int, float)) or not check_tol > 0:
         raise ValueError(f"quarot: check_tol must be a number > 0, got {check_tol!r}")
-    batch = materialize(data, 1, "quarot")[0] if data is not None else None
     embed, decoders, final_norm, head = _layout(model)
+    if data is not None:
+        batch = materialize(data, 1, "quarot")[0]
+    else:  # data-free, but not unchecked: the float logits of random tokens must not change either
+        table = _inner(embed).weight
+        gen = torch.Generator().manual_seed(seed)
+        batch = torch.randint(0, table.shape[0], (1, 16), generator=gen).to(table.device)
     d = _inner(embed).weight.shape[1]
     _order(d, "the hidden size")  # fail before changing anything when a size has no Hadamard matrix
     for dec in decoders:
@@ -347,17 +363,15 @@ def quarot(
     with restoring_states(model):
         try:
             model.eval()
-            before = _float_logits(model, batch, qmodules) if batch is not None else None
+            before = _float_logits(model, batch, qmodules)
             result = _rotate(model, embed, decoders, final_norm, head, d, seed, online_down_proj, kv_hadamard, names)
-            max_error = None
-            if before is not None:
-                after = _float_logits(model, batch, qmodules)
-                max_error = float((after - before).abs().max() / before.abs().max().clamp_min(1e-30))
-                if not max_error <= check_tol:
-                    raise RuntimeError(
-                        f"quarot: the float logits of {type(model).__name__} changed by {max_error:.3g} (relative) "
-                        f"> check_tol={check_tol}; its layers do not compute what quarot assumes (model restored)"
-                    )
+            after = _float_logits(model, batch, qmodules)
+            max_error = float((after - before).abs().max() / before.abs().max().clamp_min(1e-30))
+            if not max_error <= check_tol:
+                raise RuntimeError(
+                    f"quarot: the float logits of {type(model).__name__} changed by {max_error:.3g} (relative) "
+                    f"> check_tol={check_tol}; its layers do not compute what quarot assumes (model restored)"
+                )
         except BaseException:
             snapshot.restore()
             if config is not None and tie_before is not None:
@@ -440,7 +454,12 @@ def _rotate(
         ]:
             _reobserve(m)
     return QuaRotResult(
-        hidden_size=d, online=tuple(online), values=tuple(values), keys=tuple(keys), untied=untied, max_error=None
+        hidden_size=d,
+        online=tuple(online),
+        values=tuple(values),
+        keys=tuple(keys),
+        untied=untied,
+        max_error=float("nan"),
     )
 
 

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..layers import is_normalization
+from ..layers import is_normalization, norm_gain_offset, scale_norm_output_
 from ..moe import QExperts, expert_inputs
 from ..qmodules import QModule, QModuleState, QWrapper, iter_qmodules
 from ..utils import cached_quantized_weights, call_model, progress_bar, qmodule_state
@@ -210,14 +210,15 @@ class Block:
     def fold_target(self, group: Sequence[QWrapper]) -> nn.Module | None:
         """The module whose output channels are ``group``'s input channels one for one, or ``None``.
 
-        A normalisation (with a ``weight``) whose output is the group's input tensor, else a
+        A normalisation whose output is the group's input tensor and whose ``weight`` is a per-channel
+        gain (:func:`~torchquant.layers.norm_gain_offset`: ``weight`` or Gemma's ``1 + weight``), else a
         ``Linear``/``Conv1D`` wrapper of the block whose output channels scale the group's
         input channels one for one (tested on the first batch with random positive scales).
         """
         probe = self._probed()
         first = group[0]
         norm = probe.norm_of.get(first)
-        if norm is not None and isinstance(getattr(norm, "weight", None), Tensor):
+        if norm is not None and norm_gain_offset(norm) is not None:
             return norm
         width = _in_features(first)
         if width is None:
@@ -445,8 +446,8 @@ def fold_input_scale(target: nn.Module, group: Sequence[QWrapper], s: Tensor) ->
     """Move a per-channel scale from ``group``'s input into ``target``: ``x -> x / s``, ``W -> W * s``.
 
     The float function is unchanged: ``target``'s output channels (a normalisation's
-    ``weight``/``bias``, a layer's weight rows and bias) are divided by ``s`` and each
-    group layer's weight columns multiplied by it.
+    gain and bias, :func:`~torchquant.layers.scale_norm_output_`; a layer's weight rows
+    and bias) are divided by ``s`` and each group layer's weight columns multiplied by it.
 
     Args:
         target: from :meth:`Block.fold_target`.
@@ -458,11 +459,19 @@ def fold_input_scale(target: nn.Module, group: Sequence[QWrapper], s: Tensor) ->
             wv = target.weight_view()
             wv.div_(s.to(wv)[:, None])
             bias = getattr(target.layer, "bias", None)
+            if isinstance(bias, Tensor):
+                bias.div_(s.to(bias))
         else:
-            target.weight.div_(s.to(target.weight))
-            bias = getattr(target, "bias", None)
-        if isinstance(bias, Tensor):
-            bias.div_(s.to(bias))
+            offset = norm_gain_offset(target)
+            if offset is None:
+                raise ValueError(f"fold_input_scale: {type(target).__name__}'s weight is not a per-channel gain")
+            if offset == 0:
+                target.weight.div_(s.to(target.weight))
+                bias = getattr(target, "bias", None)
+                if isinstance(bias, Tensor):
+                    bias.div_(s.to(bias))
+            else:
+                scale_norm_output_(target, 1 / s.double(), offset)
         for w in group:
             wv = w.weight_view()
             wv.mul_(s.to(wv)[None, :])
