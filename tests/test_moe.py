@@ -600,7 +600,10 @@ def test_awq_scales_each_experts_down_input_into_its_up_rows(transposed):
     fresh = w4()
     fresh.pre_observe(torch.cat([net.experts.matrix("down_proj", e) for e in range(3)]).detach())
     assert torch.equal(net.experts.down_quantizer.range_observer.max_val, fresh.range_observer.max_val)
-    assert sorted(result.exponents) == [f"experts.down_proj[{e}]" for e in range(3)] and not result.skipped
+    assert sorted(result.exponents) == [f"experts.down_proj[{e}]" for e in range(3)]
+    assert result.skipped == {
+        "experts.gate_up_proj": "its input is not a normalisation's output (no module takes its inverse scale)"
+    }
     assert not torch.equal(net.experts.layer.down_proj, layer.down_proj)
     tq.set_qmodule_state(net, S.BYPASSED)
     with torch.no_grad():
@@ -626,7 +629,7 @@ def test_awq_leaves_a_gating_it_cannot_scale_through_unscaled():
     net = tq.quantize_model(_Routed(_PlusOne(), index, scores), lambda m, n: w4(), None, method="swap")
     before = net.experts.layer.down_proj.detach().clone()
     result = tq.ptq.awq(net, [x], progress=False, clip=False)
-    assert set(result.skipped) == {f"experts.down_proj[{e}]" for e in range(3)}
+    assert set(result.skipped) == {f"experts.down_proj[{e}]" for e in range(3)} | {"experts.gate_up_proj"}
     assert "no gate_up_proj rows scale down_proj's input" in result.skipped["experts.down_proj[0]"]
     assert torch.equal(net.experts.layer.down_proj, before)
 
@@ -649,7 +652,8 @@ def test_awq_refuses_a_clamped_up_and_finds_the_rows_in_bfloat16():
     x, index, scores = _routing(t=20)
     net = tq.quantize_model(_Routed(_ClampedUp(), index, scores), lambda m, n: w4(), None, method="swap")
     result = tq.ptq.awq(net, [x], progress=False, clip=False)  # |up| stays far below 10 on these tokens
-    assert set(result.skipped) == {f"experts.down_proj[{e}]" for e in range(3)} and not result.exponents
+    assert set(result.skipped) == {f"experts.down_proj[{e}]" for e in range(3)} | {"experts.gate_up_proj"}
+    assert not result.exponents
     half = tq.quantize_model(
         _Routed(Experts().to(torch.bfloat16), index, scores.bfloat16()), lambda m, n: w4(), None, method="swap"
     )
@@ -672,7 +676,7 @@ def test_awq_says_which_experts_it_could_not_reach():
     net = tq.quantize_model(_Routed(Einsum(), index, scores), lambda m, n: w4(), None, method="swap")
     with pytest.warns(UserWarning, match=r"awq: 6 expert matrices could not be followed"):
         result = tq.ptq.awq(net, [x], progress=False)
-    assert len(result.skipped) == 6 and not result.clip_ratios
+    assert len(result.skipped) == 7 and not result.clip_ratios  # 6 matrices, and the first input
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["out-in", "in-out"])

@@ -115,38 +115,49 @@ def test_norms_only_skips_groups_after_a_linear_layer():
 
 
 class _Router(nn.Module):
-    def __init__(self):
+    def __init__(self, squash: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(3, D))
+        self.squash = squash
 
     def forward(self, h):
-        return nn.functional.linear(h.view(-1, D), self.weight).softmax(-1)
+        h = h.view(-1, D)
+        return nn.functional.linear(h.tanh() if self.squash else h, self.weight).softmax(-1)
 
 
 class _Routed(_MLPBlock):
     """The norm's output also feeds a router with a bare weight (DeepSeek / GLM MoE blocks: shared experts,
-    router and routed experts all read it): scales folded into the norm would change the router."""
+    router and routed experts all read it): the router's columns must take the inverse scales."""
 
-    def __init__(self):
+    def __init__(self, squash: bool = False):
         super().__init__()
-        self.router = _Router()
+        self.router = _Router(squash)
 
     def forward(self, x):
         h = self.norm(x)
         return x + self.down(nn.functional.silu(self.gate(h)) * self.up(h)) * self.router(h)[:, :1]
 
 
-def test_a_norm_whose_output_another_module_reads_takes_no_scales():
+@pytest.mark.parametrize("squash", [False, True], ids=["linear-router", "tanh-router"])
+def test_a_norm_that_a_router_reads_too_is_scaled_only_when_the_router_compensates(squash):
     torch.manual_seed(0)
-    net = _Routed()
+    net = _Routed(squash)
     with torch.no_grad():
         net.norm.weight.copy_(torch.rand(D) * 10)
     w8 = lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0), symmetric=True)  # noqa: E731
     q = tq.quantize_model(net, w8, lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax()), method="swap")
     x = _inputs()
     before = _float(q, x)
+    router = q.router.weight.detach().clone()
     res = smoothquant(q, [x], progress=False)
-    assert "gate,up" in res.skipped and res.folded == {"down": "up"}
+    if squash:  # tanh(h / s) is not tanh(h) / s: nothing can take the scale back
+        assert res.folded == {"down": "up"}
+        assert "changes the block's output" in res.skipped["gate,up"]
+        assert torch.equal(q.router.weight, router)
+    else:
+        assert res.folded == {"gate,up": "norm", "down": "up"}
+        s = q.router.weight.detach() / router  # the router's columns took the scales
+        assert torch.allclose(s, s[:1].expand_as(s)) and not torch.allclose(s, torch.ones_like(s))
     torch.testing.assert_close(_float(q, x), before, rtol=1e-5, atol=1e-6 * float(before.abs().max()))
 
 

@@ -380,6 +380,44 @@ def test_gptq_quantizes_every_expert_of_a_mixture_of_experts_model(family):
         assert _sqnr(ref, model(**data[0]).logits) > 15  # int4 per channel, random weights: about 20-30 dB
 
 
+def _llama4_moe() -> torch.nn.Module:
+    cfg = transformers.Llama4TextConfig(
+        **_moe_base(), num_local_experts=4, num_experts_per_tok=1, head_dim=8, intermediate_size_mlp=64
+    )
+    return transformers.Llama4ForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("algorithm", ["awq", "smoothquant"])
+@pytest.mark.parametrize("family", [*MOE_FAMILIES, "llama4"])
+def test_the_experts_first_input_is_scaled_with_the_router_compensating(family, algorithm):
+    """The norm before the experts feeds the router too (and Qwen2-MoE's shared expert): its scale is folded
+    into the norm and taken back by every reader, the router's weight included, so the float model (and
+    its routing) does not change. Llama 4 multiplies the router's scores into the experts' input first:
+    refused, with the reason."""
+    torch.manual_seed(0)
+    model = (_llama4_moe() if family == "llama4" else MOE_FAMILIES[family]()).eval()
+    data = [{"input_ids": torch.randint(0, 100, (2, 16))} for _ in range(2)]
+    with torch.no_grad():
+        ref = model(**data[0]).logits
+    quantize(model, TorchQuantConfig(weights="int4-g16", activations="int8" if algorithm == "smoothquant" else None))
+    mlp = model.model.layers[0].feed_forward if family == "llama4" else model.model.layers[0].mlp
+    router = (mlp.router if family in ("gpt-oss", "llama4") else mlp.gate).weight.detach().clone()
+    opts = {"clip": False} if algorithm == "awq" else {}
+    result = getattr(tq.ptq, algorithm)(model, data, progress=False, **opts)
+    done = result.exponents if algorithm == "awq" else result.folded
+    key = next((k for k in done if k.endswith("mlp.experts.gate_up_proj")), None)
+    if family == "llama4":
+        assert key is None
+        assert "not a normalisation's output" in result.skipped["model.layers.0.feed_forward.experts.gate_up_proj"]
+        assert "changes the block's output" in next(v for k, v in result.skipped.items() if "shared_expert.gate" in k)
+    else:
+        assert key is not None and ("shared_expert.gate_proj" in key) == (family == "qwen2-moe")
+        scaled = done[key] != 0.0 if algorithm == "awq" else True  # AWQ's exponent 0 is no scale
+        assert torch.equal(mlp.gate.weight if family != "gpt-oss" else mlp.router.weight, router) is not scaled
+    with tq.qmodule_state(model, S.BYPASSED), torch.no_grad():
+        assert _sqnr(ref, model(**data[0]).logits) > 100  # float32 rounding only
+
+
 @pytest.mark.parametrize("family", ["mixtral", "gpt-oss"])
 def test_mixture_of_experts_activations_reach_every_expert_product_and_reload_exactly(family, tmp_path):
     """activations="int8" quantizes the hidden states the experts receive and each expert's down_proj input

@@ -30,7 +30,12 @@ its ``gate_up_proj`` that produce ``up`` (found numerically, as for ``up_proj``:
 half of ``[gate; up]`` or the odd rows of an interleaved bank; a gating such as GPT-OSS'
 ``(up + 1) * act(gate)`` passes no scale through and is listed in ``skipped``), and every
 quantized bank gets the clipping search per expert (results keyed ``"<experts>.<bank>[<e>]"``).
-The input of the first bank is not scaled: the normalisation before it also feeds the router.
+The experts' first input is scaled with every other reader of the normalisation before it
+(:meth:`~torchquant.ptq.sequential.Block.shared_fold`): one scale for the normalisation, searched
+over the error of every expert's first matrix on its routed tokens (weighed by their number) and
+of the quantized layers reading it (a shared expert's), its inverse folded into all of them and
+into the router's weight, so that routing does not change. The exponents of such a group are
+keyed by all its readers' names (the experts' as ``"<experts>.gate_up_proj"``).
 
 Errors are measured on ``sample_tokens`` input rows drawn (seeded) from the calibration
 batches; ``mean|X_j|`` uses all of them. Blocks are processed in order on the sequential
@@ -54,7 +59,7 @@ from ..qmodules import QModuleState, QWrapper, _run_quantizer
 from ..spec import describe
 from ._common import all_or_nothing, first_names, materialize, reobserve_weights, require_qmodules
 from .registry import register_ptq_algorithm
-from .sequential import Block, fold_expert_scale, fold_input_scale, sequential_blocks
+from .sequential import Block, SharedFold, fold_expert_scale, fold_input_scale, fold_shared_scale, sequential_blocks
 
 __all__ = ["AWQResult", "awq"]
 
@@ -128,15 +133,22 @@ def _search_scale_of(
     ``C = X^T X``: the same quantity without an ``(n, out)`` product per candidate.
     """
     C = X.t() @ X  # (in, in)
-    n = X.shape[0]
-    Ws = [(view.detach().float(), q, view.dtype) for view, q in matrices]
+    return _search_scale_items([(view, q, C, X.shape[0]) for view, q in matrices], x_mean, n_grid)
+
+
+def _search_scale_items(
+    items: list[tuple[Tensor, nn.Module, Tensor, int]], x_mean: Tensor, n_grid: int
+) -> tuple[Tensor, float]:
+    """:func:`_search_scale_of` with inputs of its own for each weight: ``(weight (out, in), quantizer,
+    C = X^T X (in, in), n)``, each weight's error ``sum((E C) * E) / (n * out)``."""
+    Ws = [(view.detach().float(), q, view.dtype, C, n) for view, q, C, n in items]
     best: tuple[float, Tensor, float] | None = None
     for i in range(n_grid):
         a = i / n_grid
         s = x_mean.pow(a).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
         loss = 0.0
-        for W, q, dtype in Ws:
+        for W, q, dtype, C, n in Ws:
             E = _quantize(q, (W * s).to(dtype)).float() / s - W
             loss += float(((E @ C) * E).sum()) / (n * W.shape[0])
         if best is None or loss < best[0]:
@@ -215,10 +227,12 @@ _UNROUTED = "no calibration token was routed to this expert"
 _UNFOLLOWED = "the experts' forward does not multiply by"
 
 
-def _expert_stats(
-    block: Block, qe: QExperts, banks: list[str], sample_tokens: int, seed: int
-) -> tuple[dict[tuple[str, int], Tensor], dict[tuple[str, int], Tensor]]:
-    """Per ``(bank, expert)``: ``mean|x_j|`` of the inputs routed to it ``(in,)`` and a seeded sample of them.
+_Stats = tuple[dict[tuple[str, int], Tensor], dict[tuple[str, int], Tensor], dict[tuple[str, int], int]]
+
+
+def _expert_stats(block: Block, qe: QExperts, banks: list[str], sample_tokens: int, seed: int) -> _Stats:
+    """Per ``(bank, expert)``: ``mean|x_j|`` of the inputs routed to it ``(in,)``, a seeded sample of them,
+    and their number.
 
     All-zero rows are left out: Llama 4 gives every expert every token, the ones not routed to it
     multiplied by a zero score. Raises when a bank's products were never seen (see :func:`expert_inputs`).
@@ -248,33 +262,90 @@ def _expert_stats(
     if hidden:
         raise _Unfollowed(hidden)
     means = {k: sums[k] / counts[k] for k in sums if counts[k]}
-    return means, {k: torch.cat(v)[:sample_tokens] for k, v in samples.items() if k in means}
+    return means, {k: torch.cat(v)[:sample_tokens] for k, v in samples.items() if k in means}, counts
+
+
+def _quantized_banks(qe: QExperts) -> list[str]:
+    return [b for b in qe.banks if qe.bank_quantizer(b) is not None]
+
+
+def _awq_shared(
+    fold: SharedFold,
+    first_of: dict[QWrapper, QWrapper],
+    X: dict[QWrapper, Tensor],
+    x_mean: dict[QWrapper, Tensor],
+    data: dict[QExperts, _Stats | _Unfollowed],
+    n_grid: int,
+) -> float | str:
+    """AWQ's input scale for a normalisation read by experts, a router, a shared expert (see the module
+    docstring), folded; the exponent, or why there is none. ``X`` and the experts' samples in ``data`` are
+    divided by the scale."""
+    items: list[tuple[Tensor, nn.Module, Tensor, int]] = []
+    firsts = list(dict.fromkeys(first_of[w] for w in fold.layers if w in first_of))
+    C = {f: X[f].t() @ X[f] for f in firsts}
+    for w in fold.layers:
+        if w in first_of:
+            items.append((w.weight_view(), w.weight_quantizer, C[first_of[w]], X[first_of[w]].shape[0]))
+    routed: list[tuple[QExperts, int]] = []
+    for qe in fold.experts:
+        bank, q = qe.banks[0], qe.bank_quantizer(qe.banks[0])
+        found = data.get(qe)
+        if q is None or found is None:
+            continue
+        if isinstance(found, _Unfollowed):
+            return f"the inputs each expert receives are unknown (its forward's {found.banks[0]}[e] products)"
+        routed += [(qe, e) for b, e in found[1] if b == bank]
+    if not items and not routed:
+        return "nothing quantized reads its output"
+    # experts are weighed by the tokens routed to each: one expert's error counts per routed row
+    n_routed = sum(data[qe][1][(qe.banks[0], e)].shape[0] for qe, e in routed)
+    for qe, e in routed:
+        Xe = data[qe][1][(qe.banks[0], e)]
+        items.append((qe.matrix(qe.banks[0], e), qe.bank_quantizer(qe.banks[0]), Xe.t() @ Xe, n_routed))
+    if firsts:
+        mean = x_mean[firsts[0]]  # every token
+    else:
+        sums = [data[qe][0][(qe.banks[0], e)] * data[qe][2][(qe.banks[0], e)] for qe, e in routed]
+        mean = torch.stack(sums).sum(0) / sum(data[qe][2][(qe.banks[0], e)] for qe, e in routed)
+    s, a = _search_scale_items(items, mean, n_grid)
+    fold_shared_scale(fold, s)
+    for f in firsts:
+        X[f] = X[f] / s
+    for qe, e in routed:
+        key = (qe.banks[0], e)
+        data[qe][1][key] = data[qe][1][key] / s
+    return a
 
 
 def _awq_experts(
-    block: Block, qe: QExperts, name: str, n_grid: int, clip: bool, max_shrink: float, sample_tokens: int, seed: int
+    qe: QExperts,
+    name: str,
+    found: _Stats | _Unfollowed,
+    up: Tensor | None,
+    n_grid: int,
+    clip: bool,
+    max_shrink: float,
 ) -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
     """AWQ on one experts module, expert by expert: ``down_proj``'s input scale folded into the expert's ``up``
-    rows, and every quantized bank's clipping search, each on the tokens routed to the expert.
+    rows (``up``: :meth:`Block.up_rows`), and every quantized bank's clipping search, each on the tokens routed
+    to the expert (``found``: :func:`_expert_stats`).
 
     Returns ``(exponents, clip ratios, skipped)`` keyed ``"<name>.<bank>[<e>]"``."""
     exponents: dict[str, float] = {}
     ratios: dict[str, float] = {}
     skipped: dict[str, str] = {}
-    banks = [b for b in qe.banks if qe.bank_quantizer(b) is not None]
+    banks = _quantized_banks(qe)
     n_experts = qe.layer._parameters[qe.banks[0]].shape[0]
-    try:
-        means, X = _expert_stats(block, qe, banks, sample_tokens, seed)
-    except _Unfollowed as e:
+    if isinstance(found, _Unfollowed):
         why = (
-            f"the experts' forward does not multiply by {e.banks[0]}[e] (F.linear, @, torch.matmul) or by the "
+            f"{_UNFOLLOWED} {found.banks[0]}[e] (F.linear, @, torch.matmul) or by the "
             "whole bank (torch.bmm), so the inputs each expert receives are unknown"
         )
         return {}, {}, {f"{name}.{b}[{i}]": why for b in banks for i in range(n_experts)}
+    means, X, _ = found
     for bank in banks:
         skipped.update({f"{name}.{bank}[{e}]": _UNROUTED for e in range(n_experts) if (bank, e) not in X})
     if "down_proj" in banks:
-        up = block.up_rows(qe)
         for e in range(n_experts):
             key = f"{name}.down_proj[{e}]"
             if key in skipped:
@@ -300,7 +371,6 @@ def _awq_experts(
                     r = _clip_matrix(qe.matrix(bank, e), qe.bank_quantizer(bank), X[(bank, e)], n_grid, max_shrink)
                     if r is not None:
                         ratios[f"{name}.{bank}[{e}]"] = r
-    reobserve_weights([qe])
     return exponents, ratios, skipped
 
 
@@ -378,14 +448,19 @@ def awq(
         for block in sequential_blocks(model, batches, blocks=blocks, mode=mode, who="awq", progress=progress):
             layers = [w for _, w in block.layers if _awq_layer(w) and w.weight_quantizer is not None]
             groups = block.groups(layers)
-            if groups:
-                x_mean, X = _stats(block, groups, sample_tokens, seed)
+            x_mean, X = _stats(block, groups, sample_tokens, seed) if groups else ({}, {})
+            first_of = {w: g[0] for g in groups for w in g}
+            experts = [m for m in block.module.modules() if isinstance(m, QExperts)]
+            shared = block.shared_folds([*(g[0] for g in groups), *experts])
+            joint = {w for fold in shared.values() for w in fold.layers}
             for group in groups:
+                if group[0] in joint:  # scaled with the experts and the router reading the same norm
+                    continue
                 gname = ",".join(names[w] for w in group)
                 target = block.fold_target(group)
                 Xg = X[group[0]]
                 if target is None:
-                    skipped[gname] = "no module produces its input channels one for one"
+                    skipped[gname] = block.unscaled_reason(group[0])
                 else:
                     s, a = _search_scale(group, Xg, x_mean[group[0]], n_grid)
                     fold_input_scale(target, group, s)
@@ -397,11 +472,34 @@ def awq(
                         if ratio is not None:
                             clip_ratios[names[w]] = ratio
             reobserve_weights(layers)
-            for qe in [m for m in block.module.modules() if isinstance(m, QExperts)]:  # experts run last in a layer
-                found = _awq_experts(block, qe, names[qe], n_grid, clip, float(max_shrink), sample_tokens, seed)
+            data: dict[QExperts, _Stats | _Unfollowed] = {}
+            for qe in experts:  # after the layers' scales: the experts' inputs are taken as they are now
+                try:
+                    data[qe] = _expert_stats(block, qe, _quantized_banks(qe), sample_tokens, seed)
+                except _Unfollowed as e:
+                    data[qe] = e
+            for fold in shared.values():
+                found = _awq_shared(fold, first_of, X, x_mean, data, n_grid)
+                key = ",".join([names[w] for w in fold.layers] + [f"{names[qe]}.{qe.banks[0]}" for qe in fold.experts])
+                if isinstance(found, str):
+                    skipped[key] = found
+                else:
+                    exponents[key] = found
+                if clip:
+                    for w in fold.layers:
+                        ratio = _search_clip(w, X[first_of[w]], n_grid, float(max_shrink)) if w in first_of else None
+                        if ratio is not None:
+                            clip_ratios[names[w]] = ratio
+                reobserve_weights([w for w in fold.layers if w.weight_quantizer is not None])
+            for qe in experts:
+                if qe.bank_quantizer(qe.banks[0]) is not None and not any(qe in f.experts for f in shared.values()):
+                    skipped[f"{names[qe]}.{qe.banks[0]}"] = block.unscaled_reason(qe)
+                up = block.up_rows(qe) if "down_proj" in _quantized_banks(qe) else None
+                found = _awq_experts(qe, names[qe], data[qe], up, n_grid, clip, float(max_shrink))
                 exponents.update(found[0])
                 clip_ratios.update(found[1])
                 skipped.update(found[2])
+                reobserve_weights([qe])
     for reason, what in ((_UNROUTED, "received no calibration token"), (_UNFOLLOWED, "could not be followed")):
         keys = [k for k, why in skipped.items() if why.startswith(reason)]
         if keys:

@@ -24,6 +24,13 @@ is the tensor itself, or a layer of the block whose output channels scale the in
 channels one for one (checked numerically: ``up_proj`` for ``down_proj``, ``v_proj`` for
 ``o_proj`` when heads are not shared), so a per-channel scale can move from the group's
 input into that module (:func:`fold_input_scale`).
+
+A normalisation whose output other modules read too (a mixture-of-experts router, the
+expert banks, a shared expert) takes a scale only if every reader takes its inverse:
+:meth:`Block.shared_fold` lists them (the quantized layers, the experts' first banks
+and the float modules with one ``(out, in)`` weight, such as a router) and checks on the
+first batch that the block's output does not change when the scale moves through all of
+them (:func:`fold_shared_scale`).
 """
 
 from __future__ import annotations
@@ -39,10 +46,18 @@ from torch import Tensor, nn
 from ..layers import is_normalization, norm_gain_offset, scale_norm_output_
 from ..moe import QExperts, expert_inputs
 from ..qmodules import QModule, QModuleState, QWrapper, iter_qmodules
-from ..utils import cached_quantized_weights, call_model, progress_bar, qmodule_state
+from ..utils import cached_quantized_weights, call_model, model_output, progress_bar, qmodule_state
 from ._common import _Stop
 
-__all__ = ["Block", "find_blocks", "fold_expert_scale", "fold_input_scale", "sequential_blocks"]
+__all__ = [
+    "Block",
+    "SharedFold",
+    "find_blocks",
+    "fold_expert_scale",
+    "fold_input_scale",
+    "fold_shared_scale",
+    "sequential_blocks",
+]
 
 Hook = Callable[[QWrapper, Tensor, int], None]
 
@@ -118,7 +133,9 @@ class Block:
         self._who = who
         qms = iter_qmodules(module)
         self.layers = [(f"{prefix}{n}" if n else prefix.rstrip("."), m) for n, m in qms if isinstance(m, QWrapper)]
+        self._names = {m: (f"{prefix}{n}" if n else prefix.rstrip(".")) for n, m in module.named_modules()}
         self._probe: _Probe | None = None
+        self._shared: dict[nn.Module, SharedFold | str] = {}
 
     @property
     def num_batches(self) -> int:
@@ -277,10 +294,131 @@ class Block:
                 return rows
         return None
 
+    def shared_fold(self, member: QWrapper | QExperts) -> SharedFold | str | None:
+        """How a per-channel scale moves into the normalisation whose output ``member`` reads along with
+        other modules (a router, the experts, a shared expert), or why it cannot.
+
+        Every module reading the normalisation's output (or a view of it) must take the inverse
+        scale on its input columns: a ``Linear``/``Conv1D`` wrapper, a :class:`~torchquant.QExperts`
+        (its first bank) or a float module with one ``(out, in)`` weight (a router). The move is
+        checked on the first batch: with seeded factors (:func:`probe_factors`) moved through all of
+        them, the block's output must not change (a reader that is not a module, a gating or a
+        clamp in between would change it).
+
+        Args:
+            member: a layer of the block (the first of its group) or an experts module of it.
+
+        Returns:
+            A :class:`SharedFold`; the reason there is none; ``None`` when ``member``'s input is not a
+            normalisation's output that another module reads too (:meth:`fold_target` covers a group
+            that is its only reader).
+        """
+        found = self._probed().shared.get(member)
+        if found is None or isinstance(found, str):
+            return found
+        norm = found.norm
+        if norm not in self._shared:
+            self._shared[norm] = (
+                found
+                if self._output_kept(found)
+                else (
+                    f"moving a scale through {self._names.get(norm, type(norm).__name__)} and its readers changes "
+                    "the block's output (something else reads it, or a reader is not linear in it)"
+                )
+            )
+        return self._shared[norm]
+
+    def shared_folds(self, members: Sequence[nn.Module]) -> dict[nn.Module, SharedFold]:
+        """The :class:`SharedFold` s of ``members`` (groups' first layers, experts modules), by normalisation."""
+        out: dict[nn.Module, SharedFold] = {}
+        for m in members:
+            fold = self.shared_fold(m)
+            if isinstance(fold, SharedFold):
+                out[fold.norm] = fold
+        return out
+
+    def unscaled_reason(self, member: nn.Module) -> str:
+        """Why no scale moves out of ``member``'s input (a group's first layer with no :meth:`fold_target`, or an
+        experts module with no :meth:`shared_fold`)."""
+        fold = self.shared_fold(member)
+        if isinstance(fold, str):
+            return fold
+        if isinstance(member, QExperts):
+            return "its input is not a normalisation's output (no module takes its inverse scale)"
+        return "no module produces its input channels one for one"
+
+    def _output_kept(self, fold: SharedFold) -> bool:
+        dtype = fold.norm.weight.dtype
+        r = probe_factors(fold.norm.weight.numel(), dtype)
+        with qmodule_state(self.module, QModuleState.BYPASSED):
+            ref = model_output(self.run(batches=[0])[0], self._who)
+            with _shared_scaled(fold, r):
+                out = model_output(self.run(batches=[0])[0], self._who)
+        if ref.shape != out.shape:
+            return False
+        return scaled_one_for_one(ref, out, torch.ones(ref.shape[-1]), dtype)
+
     def _probed(self) -> _Probe:
         if self._probe is None:
             self._probe = _probe(self)
         return self._probe
+
+
+@dataclass(frozen=True)
+class SharedFold:
+    """A normalisation and every module that reads its output, for a per-channel scale moved into the
+    normalisation's gain and out of the readers' input columns (:func:`fold_shared_scale`).
+
+    Attributes:
+        norm: the normalisation.
+        layers: the quantized layers reading its output (a shared expert's ``gate_proj``, ``up_proj``).
+        experts: experts modules whose first bank reads it.
+        others: float modules' ``(out, in)`` weights reading it (a router), by qualified name.
+    """
+
+    norm: nn.Module
+    layers: tuple[QWrapper, ...]
+    experts: tuple[QExperts, ...]
+    others: tuple[tuple[str, Tensor], ...]
+
+
+def fold_shared_scale(fold: SharedFold, s: Tensor) -> None:
+    """Move a per-channel scale out of the readers of ``fold.norm``'s output: ``x -> x / s`` (the norm's
+    gain and bias), and ``W -> W * s`` on every reader's input columns (the layers, each expert's matrix of
+    the experts' first bank, the float weights). The float model is unchanged.
+
+    Args:
+        fold: from :meth:`Block.shared_fold`.
+        s: ``(d,)`` positive scales.
+    """
+    norm = fold.norm
+    offset = norm_gain_offset(norm)
+    if offset is None:
+        raise ValueError(f"fold_shared_scale: {type(norm).__name__}'s weight is not a per-channel gain")
+    with torch.no_grad():
+        scale_norm_output_(norm, 1 / s.double(), offset)
+        for w in fold.layers:
+            wv = w.weight_view()
+            wv.mul_(s.to(wv)[None, :])
+        for qe in fold.experts:
+            bank = qe.layer._parameters[qe.banks[0]]
+            bank.mul_((s[None, :, None] if qe.transposed else s[None, None, :]).to(bank))
+        for _, t in fold.others:
+            t.mul_(s.to(t)[None, :])
+
+
+@contextlib.contextmanager
+def _shared_scaled(fold: SharedFold, r: Tensor) -> Iterator[None]:
+    tensors = [fold.norm.weight, getattr(fold.norm, "bias", None), *(w.weight_view() for w in fold.layers)]
+    tensors += [qe.layer._parameters[qe.banks[0]] for qe in fold.experts] + [t for _, t in fold.others]
+    saved = [(t, t.detach().clone()) for t in tensors if isinstance(t, Tensor)]
+    try:
+        fold_shared_scale(fold, r)
+        yield
+    finally:
+        with torch.no_grad():
+            for t, v in saved:
+                t.copy_(v)
 
 
 @dataclass
@@ -289,6 +427,7 @@ class _Probe:
     groups: list[list[QWrapper]]
     norm_of: dict[QWrapper, nn.Module]
     called_once: bool
+    shared: dict[nn.Module, SharedFold | str]  # unchecked: see Block.shared_fold
 
 
 def _probe(block: Block) -> _Probe:
@@ -342,7 +481,56 @@ def _probe(block: Block) -> _Probe:
         for norm, out in norm_out:
             if out is inputs[g[0]] and not _read_elsewhere(out, g, inputs, readers):
                 norm_of[g[0]] = norm
-    return _Probe(order, groups, norm_of, all(c == 1 for c in counts.values()))
+    shared = _shared_readers(block, groups, inputs, norm_out, readers)
+    return _Probe(order, groups, norm_of, all(c == 1 for c in counts.values()), shared)
+
+
+def _shared_readers(
+    block: Block,
+    groups: list[list[QWrapper]],
+    inputs: dict[QWrapper, Tensor],
+    norm_out: list[tuple[nn.Module, Tensor]],
+    readers: list[tuple[nn.Module, Tensor]],
+) -> dict[nn.Module, SharedFold | str]:
+    """For each group and experts module reading a normalisation's output that other modules read too:
+    that normalisation with all its readers, or why a scale cannot move through them."""
+
+    def ptr(t: Tensor) -> int:
+        return t.untyped_storage().data_ptr()
+
+    experts_in = [(m, x) for m, x in readers if isinstance(m, QExperts)]
+    within = {id(x) for qe, _ in experts_in for x in qe.modules()}  # an experts module's own layer reads it too
+    names = block._names
+    out: dict[nn.Module, SharedFold | str] = {}
+    for norm, y in norm_out:
+        p = ptr(y)
+        layers = [m for g in groups for m in g if ptr(inputs[m]) == p]
+        experts = list(dict.fromkeys(qe for qe, x in experts_in if ptr(x) == p))
+        others = list(dict.fromkeys(m for m, x in readers if ptr(x) == p and id(m) not in within))
+        if not experts and not (layers and others):
+            continue  # no reader, or a group alone (Block.fold_target)
+        width = y.shape[-1]
+        why = None
+        if norm_gain_offset(norm) is None:
+            why = f"{names.get(norm)}'s weight is not a per-channel gain"
+        for m in layers:
+            if why is None and _in_features(m) != width:
+                why = f"{names.get(m)} reads it but is not a Linear/Conv1D with {width} inputs"
+        for qe in experts:
+            bank = qe.layer._parameters[qe.banks[0]]
+            if why is None and bank.shape[1 if qe.transposed else 2] != width:
+                why = f"{names.get(qe)}.{qe.banks[0]} does not have {width} inputs"
+        mats: list[tuple[str, Tensor]] = []
+        for m in others:
+            two_d = [t for t in m._parameters.values() if t is not None and t.dim() == 2]
+            if why is None and (isinstance(m, QModule) or len(two_d) != 1 or two_d[0].shape[-1] != width):
+                why = f"{names.get(m)} ({type(m).__name__}) reads it and has no single (out, {width}) weight"
+            if two_d:
+                mats.append((names.get(m, type(m).__name__), two_d[0]))
+        found: SharedFold | str = why or SharedFold(norm, tuple(layers), tuple(experts), tuple(mats))
+        for member in [*layers, *experts]:
+            out[member] = found
+    return out
 
 
 def _read_elsewhere(

@@ -21,8 +21,12 @@ expert's ``down_proj`` input is smoothed with the maximum over the tokens routed
 (:func:`~torchquant.moe.expert_inputs`) and its own ``down_proj`` columns, folded into the
 rows of its ``gate_up_proj`` that produce ``up``
 (:meth:`~torchquant.ptq.sequential.Block.up_rows`; a gating no scale passes through is
-listed in the result). The experts' first input is not smoothed: the normalisation before
-it also feeds the router.
+listed in the result). The experts' first input is smoothed with every other reader of the
+normalisation before it (:meth:`~torchquant.ptq.sequential.Block.shared_fold`: a router, a
+shared expert): one scale from the maximum over all tokens and over the columns of every
+quantized reader, the experts' first matrices included, folded into the normalisation and
+its inverse into all readers, the router's weight included, so routing does not change
+(keyed by all the readers' names, the experts' as ``"<experts>.gate_up_proj"``).
 
 It runs before calibration (it changes weights, so activation and weight ranges are
 computed afterwards; weight ranges already observed are recomputed from the new weights)
@@ -41,7 +45,7 @@ from ..moe import QExperts, expert_inputs
 from ..qmodules import QModuleState, QWrapper
 from ._common import all_or_nothing, materialize, reobserve_weights, require_qmodules
 from .registry import register_ptq_algorithm
-from .sequential import Block, fold_expert_scale, fold_input_scale, sequential_blocks
+from .sequential import Block, SharedFold, fold_expert_scale, fold_input_scale, fold_shared_scale, sequential_blocks
 
 __all__ = ["SmoothQuantResult", "smoothing_scales", "smoothquant"]
 
@@ -129,6 +133,31 @@ def _smooth_experts(
     reobserve_weights([qe])
 
 
+def _smooth_shared(block: Block, fold: SharedFold, acts: list[Tensor], alpha: float) -> Tensor | str:
+    """The scales of a normalisation's output read by experts, a router, a shared expert: the maximum over
+    every token (``acts``: the quantized layers' inputs; the experts' inputs, measured here) and over the
+    columns of every quantized reader, the experts' first matrices included; or why there are none."""
+    amax = list(acts)
+    weights = [w.weight_view().detach().abs().amax(0).float() for w in fold.layers if w.weight_quantizer is not None]
+
+    def report(bank: str, e: int, x: Tensor) -> None:
+        if x.numel():
+            amax.append(x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float())
+
+    for qe in fold.experts:
+        bank = qe.banks[0]
+        if qe.bank_quantizer(bank) is not None:
+            w = qe.layer._parameters[bank].detach().abs()
+            weights.append(w.amax((0, 2) if qe.transposed else (0, 1)).float())
+        with expert_inputs(qe, report, [bank]):
+            block.run()
+    if not weights:
+        return "nothing quantized reads its output"
+    if not amax:
+        return "no calibration token reached it"
+    return smoothing_scales(torch.stack(amax).amax(0), torch.stack(weights).amax(0), alpha)
+
+
 def _act_absmax(block: Block, groups: list[list[QWrapper]]) -> dict[QWrapper, Tensor]:
     """``max |x_j|`` of each group's input over all batches, ``(in,)``, in one pass over the block."""
     out: dict[QWrapper, Tensor] = {}
@@ -203,16 +232,25 @@ def smoothquant(
         mode = QModuleState.BYPASSED
         for block in sequential_blocks(model, batches, blocks=blocks, mode=mode, who="smoothquant", progress=progress):
             plan: list[tuple[list[QWrapper], nn.Module]] = []
-            for group in block.groups([w for _, w in block.layers if _smoothable(w)]):
+            groups = block.groups([w for _, w in block.layers if _smoothable(w)])
+            experts = [m for m in block.module.modules() if isinstance(m, QExperts)]
+            shared = block.shared_folds([*(g[0] for g in groups), *experts])
+            joint = {w for fold in shared.values() for w in fold.layers}
+            for group in groups:
+                if group[0] in joint:  # smoothed with the experts and the router reading the same norm
+                    continue
                 target = block.fold_target(group)
                 gname = _group_name(names, group)
                 if target is None:
-                    skipped[gname] = "no module produces its input channels one for one"
+                    skipped[gname] = block.unscaled_reason(group[0])
                 elif targets == "norms" and isinstance(target, QWrapper):
                     skipped[gname] = f"its input comes from {names[target]}, not a normalisation (targets='norms')"
                 else:
                     plan.append((group, target))
-            acts = _act_absmax(block, [g for g, _ in plan]) if plan else {}
+            joint_groups = [g for g in groups if g[0] in joint]
+            planned = {g[0] for g, _ in plan} | joint
+            measured = [g for g in groups if g[0] in planned]  # in forward order: the pass stops after the last
+            acts = _act_absmax(block, measured) if measured else {}
             for group, target in plan:
                 s = smoothing_scales(acts[group[0]], _weight_absmax(group), float(alpha))
                 fold_input_scale(target, group, s)
@@ -220,8 +258,21 @@ def smoothquant(
                 folded[gname] = names[target]
                 max_scale[gname] = float(s.max())
                 reobserve_weights([*group, target] if isinstance(target, QWrapper) else group)
-            for qe in [m for m in block.module.modules() if isinstance(m, QExperts)]:
+            for fold in shared.values():
+                key = ",".join([names[w] for w in fold.layers] + [f"{names[qe]}.{qe.banks[0]}" for qe in fold.experts])
+                firsts = [g[0] for g in joint_groups if g[0] in fold.layers]
+                s = _smooth_shared(block, fold, [acts[f] for f in firsts], float(alpha))
+                if isinstance(s, str):
+                    skipped[key] = s
+                    continue
+                fold_shared_scale(fold, s)
+                folded[key] = names[fold.norm]
+                max_scale[key] = float(s.max())
+                reobserve_weights([*fold.layers, *fold.experts])
+            for qe in experts:
                 name = names[qe]
+                if not any(qe in f.experts for f in shared.values()):
+                    skipped[f"{name}.{qe.banks[0]}"] = block.unscaled_reason(qe)
                 if targets == "norms":
                     skipped[f"{name}.down_proj"] = "its input comes from the experts' up rows (targets='norms')"
                 else:
