@@ -240,8 +240,10 @@ def main() -> None:
     p.add_argument("--check", metavar="DIR", help="print the table and targets of a finished run's --out folder")
     args = p.parse_args()
     cells = [tuple(c.split("@")) for c in args.cells.split(",")] if args.cells else CELLS
+    used = {algo for recipe, _ in cells for algo in recipe.split("+")}
+    options = {k: v for k, v in ARGS.items() if k in used}
     cfg = LMConfig(
-        cells=cells, args=ARGS, calib=args.calib, calib_len=args.calib_len, eval_windows=args.eval_windows,
+        cells=cells, args=options, calib=args.calib, calib_len=args.calib_len, eval_windows=args.eval_windows,
         eval_len=args.eval_len, threads=args.threads, out=args.out, quiet=True,
     )  # fmt: skip
     if args.quick:

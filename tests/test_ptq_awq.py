@@ -94,6 +94,55 @@ def test_scale_search_matches_a_direct_search(group_size):
     torch.testing.assert_close(q.a.layer.weight.detach(), Ws[0] * s)  # the weight columns are scaled by s
 
 
+class _MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(IN, OUT), nn.Linear(IN, OUT), nn.Linear(OUT, IN)
+
+    def forward(self, h):
+        return self.down(nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+class _NormMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.mlp = nn.LayerNorm(IN), _MLP()
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
+
+
+def test_a_group_inside_an_mlp_is_scored_by_the_mlps_output():
+    """gate and up feed down: the exponent minimises the MLP's output error with only gate and up quantized,
+    each ``W`` as ``Q(W s) / s`` (the paper's objective), not the sum of the two layers' own errors."""
+    n_grid = 10
+    torch.manual_seed(0)
+    net = _NormMLP()
+    with torch.no_grad():
+        net.norm.weight.uniform_(0.5, 2.0)
+        net.norm.weight[[3, 17]] = 20.0  # outlier channels of the MLP's input
+    q = tq.quantize_model(net, _w4(8), None, method="swap")
+    x = _inputs()
+    X = _norm_out(q, x)
+    mlp = q.mlp
+    (Wg, bg), (Wu, bu) = [(m.layer.weight.detach().clone(), m.layer.bias.detach()) for m in (mlp.gate, mlp.up)]
+    Wd, bd = mlp.down.layer.weight.detach(), mlp.down.layer.bias.detach()
+
+    def out(g, u):
+        return (nn.functional.silu(X @ g.t() + bg) * (X @ u.t() + bu)) @ Wd.t() + bd
+
+    ref = out(Wg, Wu)
+    x_mean = X.abs().mean(0)
+    losses = []
+    for i in range(n_grid):
+        s = x_mean.pow(i / n_grid).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        losses.append(float((out(_fresh_quantize(Wg * s, 8) / s, _fresh_quantize(Wu * s, 8) / s) - ref).pow(2).mean()))
+    best = min(range(n_grid), key=losses.__getitem__)
+    res = awq(q, [x], n_grid=n_grid, clip=False, progress=False)
+    assert res.exponents["mlp.gate,mlp.up"] == best / n_grid and best > 0
+
+
 @pytest.mark.parametrize("group_size", [None, 8], ids=["per-channel", "group-8"])
 def test_clip_search_matches_a_direct_search_per_cell(group_size):
     """Each range cell's ratio minimises that cell's output error mean_n (x_cell . (Q(W_r) - W)_cell)^2."""

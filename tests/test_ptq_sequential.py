@@ -54,6 +54,16 @@ def test_groups_share_one_input_and_fold_targets_are_found_numerically():
     assert targets[2] is layer.post_attention_layernorm and targets[3] is layer.mlp.up_proj
 
 
+def test_the_row_module_of_gate_and_up_is_the_mlp_and_attention_has_none():
+    """AWQ scores a group by the output of the smallest module taking only its input (an MLP); attention
+    also takes position embeddings, and a single layer is its own output."""
+    q = _llama()
+    first = next(iter(sequential_blocks(q, _batches(), mode=tq.QModuleState.BYPASSED, progress=False)))
+    found = [first.row_module(g) for g in first.groups()]
+    assert found[0] is None and found[1] is None and found[3] is None
+    assert found[2] == (q.model.layers[0].mlp, 3)
+
+
 def test_without_shared_heads_v_proj_is_the_fold_target_of_o_proj():
     q = _llama(num_key_value_heads=4)
     first = next(iter(sequential_blocks(q, _batches(), mode=tq.QModuleState.BYPASSED, progress=False)))

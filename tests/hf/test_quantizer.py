@@ -402,6 +402,12 @@ def test_the_experts_first_input_is_scaled_with_the_router_compensating(family, 
     quantize(model, TorchQuantConfig(weights="int4-g16", activations="int8" if algorithm == "smoothquant" else None))
     mlp = model.model.layers[0].feed_forward if family == "llama4" else model.model.layers[0].mlp
     router = (mlp.router if family in ("gpt-oss", "llama4") else mlp.gate).weight.detach().clone()
+    if family != "llama4" and algorithm == "awq":  # AWQ scores the scale by the whole MoE block's output
+        from torchquant.ptq.sequential import sequential_blocks
+
+        block = next(iter(sequential_blocks(model, data, mode=S.BYPASSED, progress=False)))
+        fold = block.shared_fold(mlp.experts)
+        assert block.row_module([*fold.layers, *fold.experts]) == (mlp, 3)
     opts = {"clip": False} if algorithm == "awq" else {}
     result = getattr(tq.ptq, algorithm)(model, data, progress=False, **opts)
     done = result.exponents if algorithm == "awq" else result.folded

@@ -347,6 +347,32 @@ class Block:
             return "its input is not a normalisation's output (no module takes its inverse scale)"
         return "no module produces its input channels one for one"
 
+    def row_module(self, members: Sequence[nn.Module]) -> tuple[nn.Module, int] | None:
+        """The smallest module of the block holding all of ``members`` (layers, experts modules) that takes
+        their input tensor as its only tensor argument, once per forward, and so computes its output row by
+        row from sampled input rows (an MLP, a mixture-of-experts block); with the rank of its input.
+
+        ``None`` when there is no such module: an attention module also takes position embeddings and
+        masks, the block itself takes more, and a group of one layer is left to its own output.
+        """
+        probe = self._probed()
+        if not members or any(m not in probe.member_input for m in members):
+            return None
+        ptrs = {probe.member_input[m] for m in members}
+        paths = [self._names[m].split(".") for m in members]
+        depth = 0
+        while all(len(p) > depth + 1 for p in paths) and len({p[depth] for p in paths}) == 1:
+            depth += 1
+        prefix = self._names[self.module].split(".") if self._names[self.module] else []
+        path = paths[0][:depth]
+        if len(path) <= len(prefix) or (len(members) == 1 and isinstance(members[0], QWrapper)):
+            return None
+        module = self.module.get_submodule(".".join(path[len(prefix) :]))
+        seen = probe.row_input.get(module)
+        if isinstance(module, QWrapper) or seen is None or {seen[0]} != ptrs:
+            return None
+        return module, seen[1]
+
     def _output_kept(self, fold: SharedFold) -> bool:
         dtype = fold.norm.weight.dtype
         r = probe_factors(fold.norm.weight.numel(), dtype)
@@ -428,6 +454,10 @@ class _Probe:
     norm_of: dict[QWrapper, nn.Module]
     called_once: bool
     shared: dict[nn.Module, SharedFold | str]  # unchecked: see Block.shared_fold
+    # per module of the block: the storage of its one tensor argument and its rank, or None (other
+    # tensors passed, called more than once)
+    row_input: dict[nn.Module, tuple[int, int] | None]
+    member_input: dict[nn.Module, int]  # storage of each layer's and experts module's input
 
 
 def _probe(block: Block) -> _Probe:
@@ -456,7 +486,17 @@ def _probe(block: Block) -> _Probe:
         if args and isinstance(args[0], Tensor):
             readers.append((mod, args[0]))
 
+    row_input: dict[nn.Module, tuple[int, int] | None] = {}
+
+    def record(mod, args, kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        one = len(args) == 1 and len(tensors) == 1 and mod not in row_input
+        row_input[mod] = (args[0].untyped_storage().data_ptr(), args[0].dim()) if one else None
+
     inside = {id(x) for _, w in block.layers for x in w.modules()}  # the wrappers, their layers and quantizers
+    for m in block.module.modules():
+        if m is not block.module and (id(m) not in inside or isinstance(m, QWrapper)):
+            handles.append(m.register_forward_pre_hook(record, with_kwargs=True))
     for _, m in block.layers:
         handles.append(m.register_forward_pre_hook(pre))
     for m in block.module.modules():
@@ -482,7 +522,9 @@ def _probe(block: Block) -> _Probe:
             if out is inputs[g[0]] and not _read_elsewhere(out, g, inputs, readers):
                 norm_of[g[0]] = norm
     shared = _shared_readers(block, groups, inputs, norm_out, readers)
-    return _Probe(order, groups, norm_of, all(c == 1 for c in counts.values()), shared)
+    member_input = {m: x.untyped_storage().data_ptr() for m, x in inputs.items()}
+    member_input.update({m: x.untyped_storage().data_ptr() for m, x in readers if isinstance(m, QExperts)})
+    return _Probe(order, groups, norm_of, all(c == 1 for c in counts.values()), shared, row_input, member_input)
 
 
 def _shared_readers(
