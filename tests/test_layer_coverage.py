@@ -322,14 +322,40 @@ def test_embedding_bag_stays_float_with_a_reason(method):
     assert rows["bag"]["kind"] == "float" and "EmbeddingBag is not quantized" in rows["bag"]["note"]
 
 
-def test_embedding_subclass_and_unconverted_layers_are_reported():
-    class MyEmbedding(nn.Embedding):
+def test_subclasses_computing_their_base_or_a_scaled_embedding_are_quantized_others_reported():
+    """A subclass of Linear/Embedding is quantized when its output is its base's (bit for bit on a probe
+    input), or an embedding's times its ``embed_scale`` (Gemma's, Bart's scaled word embeddings)."""
+
+    class Same(nn.Embedding):
         pass
 
-    net = nn.Sequential(MyEmbedding(10, 4))
-    tq.quantize_model(net, wf8, None, method="swap")
-    rows = tq.summary_rows(net)
-    assert rows[0]["kind"] == "float" and "subclass of a supported layer" in rows[0]["note"]
+    class Scaled(nn.Embedding):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.register_buffer("embed_scale", torch.tensor(2.0), persistent=False)
+
+        def forward(self, ids):
+            return super().forward(ids) * self.embed_scale.to(self.weight.dtype)
+
+    class Shifted(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    torch.manual_seed(0)
+    net = nn.Sequential(Same(10, 4), Scaled(10, 4), Shifted(4, 4))
+    ids = torch.randint(0, 10, (3, 5))
+    with torch.no_grad():
+        ref = [net[0](ids), net[1](ids)]
+    with pytest.warns(tq.FloatLayersWarning, match="stay in float: 2"):
+        q = tq.quantize_model(net, lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0)), None, method="swap")
+    assert isinstance(q[0], tq.QWrapper) and isinstance(q[1], tq.QWrapper)
+    rows = tq.summary_rows(q)
+    assert rows[2]["kind"] == "float" and "subclass of a supported layer" in rows[2]["note"]
+    with torch.no_grad(), tq.qmodule_state(q, S.BYPASSED):
+        assert torch.equal(q[0](ids), ref[0]) and torch.equal(q[1](ids), ref[1])
+    tq.calibrate(q[1], [ids], progress=False)  # (the Sequential is a container here, not a model)
+    with torch.no_grad(), tq.qmodule_state(q[1], S.QUANT_EVAL):
+        assert torch.equal(q[1](ids), 2.0 * q[1].quantized_weight()[ids])
     hand_built = nn.Sequential(nn.Embedding(10, 4), Conv1D(3, 4))
     assert [(r["layers"], r["note"]) for r in tq.summary_rows(hand_built)] == [
         ("Embedding", "not converted"),

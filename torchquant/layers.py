@@ -241,6 +241,46 @@ def _hooked_weight_norm(layer: nn.Module) -> Tensor:
     return _weight_norm_hook(layer).compute_weight(layer)  # g * v / ||v||, as the hook computes it
 
 
+def _scaled_embedding_forward(layer: nn.Embedding, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    out = _embedding_forward(layer, x, w, b)
+    scale = layer.embed_scale
+    return out * (scale.to(out.dtype) if isinstance(scale, Tensor) else scale)
+
+
+_SCALED_EMBEDDING = LayerAdapter(
+    _own_weight, _scaled_embedding_forward, _embedding_n_out, unsupported=_embedding_unsupported
+)
+
+
+def _subclass_adapter(module: nn.Module) -> LayerAdapter | None:
+    """The adapter of a subclass of ``nn.Linear``/``nn.Embedding`` without children that computes what its base
+    computes (or, with an ``embed_scale``, that times the scale: transformers' ``*ScaledWordEmbedding`` of
+    Gemma, Bart, M2M100, ...), checked bit for bit on a probe input; ``None`` otherwise."""
+    if module._modules or not isinstance(module, (nn.Linear, nn.Embedding)):
+        return None
+    w = getattr(module, "weight", None)
+    if not isinstance(w, Tensor) or w.is_meta or not w.is_floating_point():
+        return None
+    if isinstance(module, nn.Embedding):
+        x = torch.arange(min(8, module.num_embeddings), device=w.device)
+        found = [_SCALED_EMBEDDING] if hasattr(module, "embed_scale") else []
+        found.append(LAYER_ADAPTERS[nn.Embedding])
+    else:
+        x = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0)).to(w)
+        found = [LAYER_ADAPTERS[nn.Linear]]
+    for adapter in found:
+        if adapter.why_unsupported(module) is not None:
+            return None
+        try:
+            with torch.no_grad():
+                same = torch.equal(module(x), adapter.forward(module, x, w, getattr(module, "bias", None)))
+        except Exception:  # a forward that fails on the probe is not its base's
+            same = False
+        if same:
+            return adapter
+    return None
+
+
 def layer_adapter(module: object) -> LayerAdapter | None:
     """The :class:`LayerAdapter` of ``module``'s exact type, or ``None`` when a ``QWrapper`` cannot hold it.
 
@@ -248,6 +288,10 @@ def layer_adapter(module: object) -> LayerAdapter | None:
     norm from ``torch.nn.utils.parametrizations.weight_norm``, spectral norm, ...) or by the
     deprecated ``torch.nn.utils.weight_norm`` hook, gets its type's adapter reading the
     computed weight (``computed=True``): the quantizer sees the weight the layer uses.
+    A subclass of ``nn.Linear`` or ``nn.Embedding`` gets its base's adapter when its output
+    equals the base's bit for bit on a probe input (or, for an embedding with an
+    ``embed_scale`` such as transformers' ``GemmaTextScaledWordEmbedding``, the base's output
+    times that scale); other subclasses get none (``tq.print_summary`` says so).
 
     Args:
         module: any object (typically an ``nn.Module``).
@@ -269,6 +313,8 @@ def layer_adapter(module: object) -> LayerAdapter | None:
             return None
         return replace(base, bn=None, computed=True)
     adapter = _adapter_of_class(cls)
+    if adapter is None and isinstance(module, nn.Module):
+        adapter = _subclass_adapter(module)
     if adapter is not None and adapter.weight is _own_weight and _weight_norm_hook(module) is not None:
         return replace(adapter, weight=_hooked_weight_norm, bn=None, computed=True)
     return adapter

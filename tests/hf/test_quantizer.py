@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from hf_tiny import (  # noqa: E402
     bert_config,
+    gemma_config,
     gpt2_config,
     llama_config,
     mixtral_config,
@@ -49,6 +50,8 @@ FAMILIES = [
     Family("llama", llama_config, "AutoModelForCausalLM", _ids, causal=True),
     Family("qwen2", qwen2_config, "AutoModelForCausalLM", _ids, causal=True),
     Family("gpt2", gpt2_config, "AutoModelForCausalLM", _ids, causal=True),
+    # a scaled embedding (a subclass of nn.Embedding) and norms multiplying by 1 + weight
+    Family("gemma", gemma_config, "AutoModelForCausalLM", _ids, causal=True),
     Family("bert", lambda: bert_config(num_labels=3), "AutoModelForSequenceClassification", _ids),
     Family(
         "vit",
