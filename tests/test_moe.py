@@ -184,18 +184,34 @@ def test_quantize_model_swap_replaces_the_bank_and_a_state_dict_reloads():
     assert torch.equal(fresh(x), y)
 
 
-def test_save_and_load_rebuild_the_bank_quantizers(tmp_path):
+@pytest.mark.parametrize("transposed", [False, True], ids=["out-in", "in-out"])
+def test_save_and_load_rebuild_the_bank_quantizers_and_pack_the_banks(tmp_path, transposed):
+    """Frozen banks are stored as 4-bit codes (two per byte) under their quantizers' names and load back
+    bit-exactly; a bank still being observed (QAT) keeps its float weights."""
+    from safetensors import safe_open
+
     torch.manual_seed(0)
     net = _Moe()
+    net.experts = Experts(transposed=transposed)
     x = torch.randn(10, 8)
     q = tq.quantize_model(copy.deepcopy(net), lambda m, n: w4(), None, method="swap")
     tq.calibrate(q, [x], progress=False)
     tq.set_qmodule_state(q, S.QUANT_EVAL)
     y = q(x)
     tq.save(q, tmp_path / "moe.safetensors")
+    with safe_open(tmp_path / "moe.safetensors", framework="pt") as f:
+        keys = set(f.keys())
+        codes = f.get_tensor("experts.gate_up_quantizer.__tq_codes")
+    assert {"experts.gate_up_quantizer.__tq_codes", "experts.down_quantizer.__tq_codes"} <= keys
+    assert not {"experts.layer.gate_up_proj", "experts.layer.down_proj"} & keys
+    assert codes.dtype == torch.uint8 and codes.numel() == q.experts.layer.gate_up_proj.numel() // 2
     loaded = tq.load(copy.deepcopy(net), tmp_path / "moe.safetensors")
     assert isinstance(loaded.experts, QExperts) and loaded.experts.down_quantizer is not None
     assert torch.equal(loaded(x), y)
+    tq.set_qmodule_state(q, S.QUANT_AWARE_TRAIN)
+    tq.save(q, tmp_path / "qat.safetensors")
+    with safe_open(tmp_path / "qat.safetensors", framework="pt") as f:
+        assert "experts.layer.gate_up_proj" in set(f.keys())
 
 
 def test_onnx_export_refuses_an_expert_bank_by_name():

@@ -22,7 +22,10 @@ of the float weight; :func:`load` writes the dequantized weight
 back, and the quantized weight (hence every output) is unchanged. The ranges of
 such a symmetric weight quantizer are stored as one magnitude per range
 (``max(|min|, |max|)``, all a symmetric grid depends on), so a 4-bit weight in
-groups of 64 takes 4.5 bits. Such a
+groups of 64 takes 4.5 bits. The expert banks of a :class:`~torchquant.QExperts` in those modes are packed the same
+way, as the ``(E * out, in)`` rows their quantizers see, under the quantizer's name
+(``<experts>.gate_up_quantizer.__tq_codes``: transformers rewrites the banks' own keys
+when it saves). Such a
 checkpoint is for inference: the float weights of packed layers are not kept
 (pass ``pack=False`` to keep them, e.g. to continue training).
 
@@ -45,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from .convert import CONVERSIONS_ATTR, quantize_model
-from .moe import QExperts
+from .moe import QExperts, _bank
 from .qmodules import QModule, QModuleState, QMultiheadAttention, QWrapper, iter_qmodules
 from .quantizers import AffineGrid, AffineQuantizer, LevelGrid, Quantizer
 from .range_observers import BatchMinMax, RunningMinMax
@@ -187,13 +190,33 @@ def _grid_or_levels(q: Quantizer) -> AffineGrid | LevelGrid | None:
 
 def _pack_weight(m: QWrapper) -> tuple[Tensor, dict] | None:
     """The packed codes of ``m``'s weight and how to read them, or ``None`` when packing would change outputs."""
-    grid = _grid_or_levels(m.weight_quantizer)
+    return _pack_tensor(m.weight_quantizer, m.weight_view().detach())  # (out, in, ...): the grid's layout
+
+
+def _packable_experts(m: QModule) -> bool:
+    s = m.qstate
+    return isinstance(m, QExperts) and s.is_weight_quantized and not s.is_weight_observed
+
+
+def _pack_banks(m: QExperts) -> dict[str, tuple[Tensor, dict]]:
+    """The packed codes of each quantized bank of ``m`` (its ``(E * out, in)`` rows, the layout its quantizer
+    sees), by bank, where packing does not change outputs."""
+    out = {}
+    for bank, q, rows in m._weights():
+        found = _pack_tensor(q, rows.detach())
+        if found is not None:
+            out[bank] = (found[0], {**found[1], "bank": bank, "experts": m.layer._parameters[bank].shape[0]})
+    return out
+
+
+def _pack_tensor(quantizer: Quantizer, w: Tensor) -> tuple[Tensor, dict] | None:
+    """The packed codes of ``w`` on ``quantizer``'s grid and how to read them, or ``None``."""
+    grid = _grid_or_levels(quantizer)
     if grid is None:
         return None
     qmin, qmax = (0, grid.n_levels - 1) if isinstance(grid, LevelGrid) else (grid.qmin, grid.qmax)
     if qmax - qmin >= 256:
         return None
-    w = m.weight_view().detach()  # (out, in, ...): the layout the quantizer's grid is for
     try:
         if torch.broadcast_shapes(grid.scale.shape, w.shape) != w.shape:
             return None
@@ -204,7 +227,7 @@ def _pack_weight(m: QWrapper) -> tuple[Tensor, dict] | None:
         restored = _dequantize(grid, codes).to(w.dtype)
         # Exact by construction for affine grids and levels; checked, so a quantizer whose grid() or
         # levels() does not describe its outputs keeps its float weight instead of changing the model.
-        if not torch.equal(m.weight_quantizer(restored), m.weight_quantizer(w)):
+        if not torch.equal(quantizer(restored), quantizer(w)):
             return None
     packed, bits = _pack_codes(codes.cpu(), qmin, qmax)
     info = {"bits": bits, "qmin": qmin, "shape": list(w.shape), "dtype": str(w.dtype)}
@@ -261,6 +284,17 @@ def quantized_state_dict(model: nn.Module, *, pack: bool = True) -> tuple[dict[s
                     mn, mx = state[prefix + "min_val"], state[prefix + "max_val"]
                     tensors[prefix + AMAX_KEY] = torch.maximum(-mn.clamp(max=0), mx.clamp(min=0)).cpu().contiguous()
                     magnitudes.append(prefix)
+        for name, m in iter_qmodules(model):
+            if not _packable_experts(m):
+                continue
+            for bank, (codes, info) in _pack_banks(m).items():
+                key = f"{name}.layer.{bank}" if name else f"layer.{bank}"
+                if key in idents and counts[idents[key]] == 1:
+                    # Under the quantizer's name, not the bank's: transformers converts the bank's key on
+                    # save (Mixtral's gate_up_proj into per-expert w1/w3) and would split the codes too.
+                    where = f"{name}.{QExperts.ROLE_OF_BANK[bank]}_quantizer" if name else f"{bank}_quantizer"
+                    tensors[where + CODES_SUFFIX] = codes
+                    packed[key] = {**info, "codes": where}
     aliases: dict[str, str] = {}
     first: dict[tuple, str] = {}
     skipped = {p + k for p in magnitudes for k in ("min_val", "max_val")}
@@ -335,6 +369,10 @@ def load_quantized_state(model: nn.Module, tensors: dict[str, Tensor], desc: dic
         )
     modules = dict(iter_qmodules(model))
     for key, info in packed.items():
+        if "bank" in info:
+            owner = modules[key.removesuffix(f"layer.{info['bank']}").removesuffix(".")]
+            _unpack_bank(owner, tensors[info.get("codes", key) + CODES_SUFFIX], info)
+            continue
         m = modules[key.removesuffix("layer.weight").removesuffix(".")]
         grid = m.weight_quantizer.levels() if info.get("levels") else m.weight_quantizer.grid()
         codes = _unpack_codes(tensors[info.get("codes", key) + CODES_SUFFIX], info["bits"], info["qmin"], info["shape"])
@@ -344,6 +382,16 @@ def load_quantized_state(model: nn.Module, tensors: dict[str, Tensor], desc: dic
     for name, info in desc["modules"].items():
         modules[name].qstate = QModuleState(info["qstate"])
     return model
+
+
+def _unpack_bank(m: QExperts, packed: Tensor, info: dict) -> None:
+    """Write the bank ``info["bank"]`` of ``m`` from its packed codes (``(E * out, in)`` rows)."""
+    q = m.bank_quantizer(info["bank"])
+    grid = q.levels() if info.get("levels") else q.grid()
+    rows = _dequantize(grid, _unpack_codes(packed, info["bits"], info["qmin"], info["shape"]).to(grid.scale.device))
+    bank = m.layer._parameters[info["bank"]]
+    with torch.no_grad():
+        bank.copy_(_bank(rows, info["experts"], m.transposed).to(bank.dtype))
 
 
 def _check_structure(model: nn.Module, desc: dict[str, Any]) -> None:
