@@ -108,6 +108,26 @@ def test_folding_a_scale_leaves_the_float_model_unchanged(family):
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("algorithm", ["smoothquant", "awq"])
+def test_a_parallel_blocks_norm_is_scaled_for_attention_and_mlp_together(algorithm):
+    """Phi's decoder layer feeds one norm's output to q, k, v and to fc1 (attention and MLP in parallel): one
+    scale for all four layers, folded into the norm, the float model unchanged."""
+    cfg = transformers.PhiConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB
+    )
+    q = _quantized(transformers.PhiForCausalLM(cfg))
+    batches = _batches()
+    with tq.qmodule_state(q, tq.QModuleState.BYPASSED), torch.no_grad():
+        before = q(batches[0]).logits
+    opts = {"clip": False} if algorithm == "awq" else {}
+    res = getattr(tq.ptq, algorithm)(q, batches, progress=False, **opts)
+    layer = "model.layers.0."
+    joint = ",".join(layer + n for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1"))
+    assert joint in (res.exponents if algorithm == "awq" else res.folded)
+    with tq.qmodule_state(q, tq.QModuleState.BYPASSED), torch.no_grad():
+        torch.testing.assert_close(q(batches[0]).logits, before, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("family", ["gemma", "gemma2"])
 @pytest.mark.parametrize("algorithm", ["smoothquant", "awq"])
 def test_smoothquant_and_awq_keep_gemmas_float_model(family, algorithm):

@@ -26,7 +26,8 @@ channels one for one (checked numerically: ``up_proj`` for ``down_proj``, ``v_pr
 input into that module (:func:`fold_input_scale`).
 
 A normalisation whose output other modules read too (a mixture-of-experts router, the
-expert banks, a shared expert) takes a scale only if every reader takes its inverse:
+expert banks, a shared expert; the attention and the MLP of a parallel block, as in Phi,
+Falcon and Cohere) takes a scale only if every reader takes its inverse:
 :meth:`Block.shared_fold` lists them (the quantized layers, the experts' first banks
 and the float modules with one ``(out, in)`` weight, such as a router) and checks on the
 first batch that the block's output does not change when the scale moves through all of
@@ -549,7 +550,8 @@ def _shared_readers(
         layers = [m for g in groups for m in g if ptr(inputs[m]) == p]
         experts = list(dict.fromkeys(qe for qe, x in experts_in if ptr(x) == p))
         others = list(dict.fromkeys(m for m, x in readers if ptr(x) == p and id(m) not in within))
-        if not experts and not (layers and others):
+        reading = {id(g[0]) for g in groups if any(ptr(inputs[m]) == p for m in g)}
+        if not experts and not (layers and others) and len(reading) < 2:
             continue  # no reader, or a group alone (Block.fold_target)
         width = y.shape[-1]
         why = None
