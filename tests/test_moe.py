@@ -229,8 +229,37 @@ def test_adaround_says_it_leaves_the_banks_alone():
     q = tq.quantize_model(_Moe(), lambda m, n: w4(), None, method="swap")
     x = torch.randn(10, 8)
     tq.calibrate(q, [x], progress=False)
-    with pytest.warns(UserWarning, match=r"reconstruct: 1 mixture-of-experts bank\(s\) keep their round-to-nearest"):
+    with pytest.warns(UserWarning, match=r"reconstruct: 1 mixture-of-experts bank\(s\) keep .*brecq and qdrop learn"):
         tq.ptq.adaround(q, [x], iters=1, progress=False)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["out-in", "in-out"])
+def test_brecq_learns_the_rounding_of_the_banks_inside_their_block(transposed):
+    """A block holding a QExperts is reconstructed with every bank's rounding learned (AdaRound's soft
+    rounding on the rows its quantizer sees): the banks end on their grid, the block's error below RTN's."""
+    torch.manual_seed(0)
+    net = _Moe()
+    net.experts = Experts(transposed=transposed)
+    net = nn.Sequential(net)
+    x = torch.randn(64, 8)
+    q = tq.quantize_model(copy.deepcopy(net), lambda m, n: w4(), None, method="swap")
+    tq.calibrate(q, [x], progress=False)
+    rtn = copy.deepcopy(q)
+    before = q[0].experts.layer.gate_up_proj.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no bank is left: no warning
+        tq.ptq.brecq(q, [x], blocks=["0"], iters=2000, loss="mse", progress=False)
+    experts = q[0].experts
+    assert not torch.equal(experts.layer.gate_up_proj, before)
+    with torch.no_grad():
+        for bank, quantizer, rows in experts._weights():  # hard-rounded: on the grid, unchanged by quantizing
+            assert torch.equal(quantizer(rows), rows), bank
+    errors = []
+    for m in (rtn, q):
+        tq.set_qmodule_state(m, S.QUANT_EVAL_WEIGHT_ONLY)
+        with torch.no_grad():
+            errors.append(float((m(x) - net(x)).pow(2).mean()))
+    assert errors[1] < 0.8 * errors[0], errors  # 0.0017 vs 0.0028 (out-in), 0.0007 vs 0.0014 (in-out)
 
 
 class _Bmm(nn.Module):

@@ -54,14 +54,14 @@ def first_names(names: Sequence[str], n: int = 4) -> str:
     return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
 
 
-def warn_experts_left(qmodules: list[tuple[str, QModule]], who: str) -> None:
+def warn_experts_left(qmodules: list[tuple[str, QModule]], who: str, hint: str = "") -> None:
     """Warn that ``who``, which works on ``QWrapper`` layers, leaves mixture-of-experts banks as they are."""
     names = [n for n, m in qmodules if isinstance(m, QExperts)]
     if names:
         shown = first_names(names)
         warnings.warn(
             f"{who}: {len(names)} mixture-of-experts bank(s) keep their round-to-nearest weights ({shown}): "
-            f"{who} works on QWrapper layers (Linear, Conv, Embedding), not on QExperts",
+            f"{who} works on QWrapper layers (Linear, Conv, Embedding), not on QExperts{hint}",
             UserWarning,
             stacklevel=3,
         )

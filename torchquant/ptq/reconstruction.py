@@ -43,6 +43,11 @@ preset         granularity  activations inside the unit     drop probability   l
                             float with probability ``p``     float inputs in)
 =============  ===========  ==============================  =================  ==================  ========
 
+Mixture-of-experts banks (:class:`~torchquant.QExperts`) inside a block unit get the same soft
+rounding, each bank on the ``(E * out, in)`` rows its quantizer sees, written back into the bank
+afterwards; a unit of one layer (AdaRound's) cannot run them without their routing, so AdaRound
+leaves them at round to nearest and says so in a warning.
+
 Blocks (BRECQ, Li et al. 2021, "BRECQ: Pushing the Limit of Post-Training
 Quantization by Block Reconstruction") are residual blocks: by default the types
 in :data:`RECONSTRUCTION_BLOCKS` (model code adds its own blocks there, as
@@ -116,6 +121,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..layers import bn_scale_shift
+from ..moe import QExperts, _bank, _rows
 from ..qmodules import QModule, QModuleState, QWrapper, iter_qmodules
 from ..quantizers import AdaRoundQuantizer, AffineGrid, AffineQuantizer, LevelGrid, Quantizer, StatelessQuantizer
 from ..quantizers_functional import round_ste
@@ -450,11 +456,17 @@ def reconstruct(
         RuntimeError: the model does not run on ``data`` in ``mode`` (e.g. not calibrated).
     """
     qmodules = require_qmodules(model, "reconstruct")
-    warn_experts_left(qmodules, "reconstruct")
     c = _configure("reconstruct", ReconstructionConfig() if config is None else config, options)
     batches = materialize(data, num_batches, "reconstruct")
     stack = _stack(model, c)
     units = stack + _outside(model, stack) if stack else _units(model, c)
+    # Expert banks are learned inside block units; a unit of one layer cannot run them (they need the routing).
+    inside = {id(m) for _, u in units if c.granularity == "block" and not isinstance(u, QWrapper) for m in u.modules()}
+    warn_experts_left(
+        [(n, m) for n, m in qmodules if id(m) not in inside],
+        "reconstruct",
+        "; brecq and qdrop learn them inside the blocks that hold them" if c.granularity == "layer" else "",
+    )
     for name, unit in units:
         for w in [unit] if isinstance(unit, QWrapper) else unit.modules():
             if _learnable(w):
@@ -827,6 +839,7 @@ def _reconstruct_unit(
     saved_q: list[tuple[QModule, str, Quantizer]] = []
     saved_grad = [(p, p.requires_grad) for p in unit.parameters()]
     ada: dict[QWrapper, AdaRoundQuantizer] = {}
+    banks: dict[tuple[QExperts, str], AdaRoundQuantizer] = {}
     learned: list[_LearnedStep] = []
     try:
         for p, _ in saved_grad:
@@ -836,6 +849,12 @@ def _reconstruct_unit(
             ada[w] = AdaRoundQuantizer(_grid_of(w.weight_quantizer, "weight quantizer"), w.weight_to_quantize())
             saved_q.append((w, "weight_quantizer", w.weight_quantizer))
             w.weight_quantizer = ada[w]
+        for qe in (m for m in qmods if isinstance(m, QExperts)):
+            for bank, q, rows in qe._weights():  # each bank as the (E * out, in) rows its quantizer rounds
+                attr = f"{QExperts.ROLE_OF_BANK[bank]}_quantizer"
+                banks[(qe, bank)] = AdaRoundQuantizer(_grid_of(q, f"{attr} of an experts module"), rows.detach())
+                saved_q.append((qe, attr, q))
+                setattr(qe, attr, banks[(qe, bank)])
         if c.act_quant:
             for m in qmods:
                 for attr, q in _act_quantizers(m):
@@ -850,7 +869,8 @@ def _reconstruct_unit(
         unit_mode = QModuleState.QUANT_EVAL if c.act_quant else QModuleState.QUANT_EVAL_WEIGHT_ONLY
         for m in qmods:
             m.qstate = unit_mode
-        groups = [{"params": [a.alpha for a in ada.values()], "lr": c.lr}]
+        rounders = [*ada.values(), *banks.values()]
+        groups = [{"params": [a.alpha for a in rounders], "lr": c.lr}]
         # act_lr is relative: each step moves by about act_lr times its calibrated value per iteration.
         groups += [{"params": [s.step], "lr": c.act_lr * float(s.step.detach().abs().mean())} for s in learned]
         opt = torch.optim.Adam(groups)
@@ -873,7 +893,7 @@ def _reconstruct_unit(
             if it >= warm and c.reg_weight > 0:
                 t = (it - warm) / max(c.iters - warm, 1)
                 b = c.beta[1] + (c.beta[0] - c.beta[1]) * (1 - t)
-                loss = loss + c.reg_weight * sum(a.regularizer(b) for a in ada.values())
+                loss = loss + c.reg_weight * sum(a.regularizer(b) for a in rounders)
             for g, base in zip(opt.param_groups[1:], act_lrs):
                 g["lr"] = base * 0.5 * (1 + math.cos(math.pi * it / c.iters))
             opt.zero_grad(set_to_none=True)
@@ -883,6 +903,11 @@ def _reconstruct_unit(
             for w, a in ada.items():
                 a.soft = False
                 _write_rounded(w, a(w.weight_to_quantize()))
+            for (qe, bank), a in banks.items():
+                a.soft = False
+                param = qe.layer._parameters[bank]
+                rows = _rows(param, qe.transposed)
+                param.copy_(_bank(a(rows), param.shape[0], qe.transposed))
             for s in learned:
                 s.write_back()
         return float(rec.detach())
