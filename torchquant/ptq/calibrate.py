@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..qmodules import QModuleState
 from ..utils import call_model, progress_bar, restoring_states
@@ -88,20 +89,63 @@ def calibrate(
     finally:
         for h in hooks:
             h.remove()
-    _warn_uncalled([name for name, m in qmodules if id(m) not in called])
+    uncalled = [(name, m) for name, m in qmodules if id(m) not in called]
+    if uncalled:
+        with restoring_states(model), torch.no_grad():
+            model.eval()
+            for _, m in qmodules:
+                m.qstate = QModuleState.BYPASSED
+            read = _read_directly(model, batches[0], uncalled)
+        _warn_uncalled([n for n, _ in uncalled], read)
     return model
 
 
-def _warn_uncalled(names: list[str]) -> None:
-    if not names:
-        return
-    shown = ", ".join(n or "(the model itself)" for n in names[:8]) + (
-        f", ... ({len(names) - 8} more)" if len(names) > 8 else ""
-    )
+class _ParameterReads(TorchFunctionMode):
+    """Records which of the given parameters a torch function receives."""
+
+    def __init__(self, owners: dict[int, str]) -> None:
+        super().__init__()
+        self.owners = owners
+        self.read: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for a in (*args, *kwargs.values()):
+            name = self.owners.get(id(a)) if isinstance(a, torch.Tensor) else None
+            if name is not None:
+                self.read.add(name)
+        return func(*args, **kwargs)
+
+
+def _read_directly(model: nn.Module, batch, uncalled: list[tuple[str, nn.Module]]) -> set[str]:
+    """The uncalled QModules whose own parameters (a wrapped layer's weight) the forward uses all the same."""
+    owners = {id(p): name for name, m in uncalled for p in m.parameters()}
+    mode = _ParameterReads(owners)
+    with mode:
+        call_model(model, batch, "calibrate")
+    return mode.read
+
+
+def _warn_uncalled(names: list[str], read: set[str]) -> None:
+    def shown(xs: list[str]) -> str:
+        return ", ".join(n or "(the model itself)" for n in xs[:8]) + (
+            f", ... ({len(xs) - 8} more)" if len(xs) > 8 else ""
+        )
+
+    direct = [n for n in names if n in read]
+    absent = [n for n in names if n not in read]
+    parts = []
+    if direct:
+        parts.append(
+            f"{shown(direct)} (the model reads their layer's weight instead of calling the layer: it computes in float)"
+        )
+    if absent:
+        parts.append(
+            f"{shown(absent)} (not reached: a branch the batches did not take, or one used only in training; "
+            "their activation quantizers have no ranges yet)"
+        )
     warnings.warn(
-        f"calibrate: {len(names)} QModule(s) were never called by the forward pass: {shown}. If the model "
-        "reads their layer's weight instead of calling the layer, that layer computes in float; if a branch "
-        "the batches did not take calls them, their activation quantizers have no ranges yet",
+        f"calibrate: {len(names)} QModule(s) were never called by the forward pass: {'; '.join(parts)}",
         UncalledQModulesWarning,
         stacklevel=3,
     )
