@@ -105,6 +105,9 @@ def test_errors():
     q, _ = _model()
     with pytest.raises(ValueError, match="data is empty"):
         tq.debug.sensitivity(q, [])
+    for fn in (tq.debug.sqnr_report, tq.debug.sensitivity):  # a bad batch: the message names the function
+        with pytest.raises(TypeError, match=rf"^{fn.__name__}: a batch must be"):
+            fn(q, [3])
 
 
 def test_a_transformers_model_with_dict_batches():

@@ -66,7 +66,7 @@ def _batches(data: Data, who: str) -> list[Any]:
     return batches
 
 
-def _run(model: nn.Module, batches: list[Any], who: str = "debug") -> list[Tensor]:
+def _run(model: nn.Module, batches: list[Any], who: str) -> list[Tensor]:
     """The model's output tensor for each batch (batches as :func:`~torchquant.calibrate` takes them)."""
     with torch.no_grad():
         return [model_output(call_model(model, b, who), who) for b in batches]
@@ -99,7 +99,7 @@ class _States:
 
 
 def _run_quantized_with_hooks(
-    model: nn.Module, mods: list[tuple[str, QModule]], batches: list[Any], hooks: list
+    model: nn.Module, mods: list[tuple[str, QModule]], batches: list[Any], hooks: list, who: str
 ) -> None:
     """Run ``batches`` with every point in ``mods`` quantized, then remove ``hooks`` and restore the modes."""
     try:
@@ -107,7 +107,7 @@ def _run_quantized_with_hooks(
             st.set({n for n, _ in mods})
             with torch.no_grad():
                 for b in batches:
-                    call_model(model, b, "debug")  # only the hooks' measurements are wanted
+                    call_model(model, b, who)  # only the hooks' measurements are wanted
     finally:
         for h in hooks:
             h.remove()
@@ -167,15 +167,15 @@ def sqnr_report(model: nn.Module, data: Data) -> Report:
                 sums[name][1] += float(((x - out.detach().double()) ** 2).sum())
 
             hooks.append(q.register_forward_hook(hook))
-    _run_quantized_with_hooks(model, mods, batches, hooks)
+    _run_quantized_with_hooks(model, mods, batches, hooks, who)
     for r in rows:
         r["sqnr_db"] = _sqnr_db(*sums[r["point"]])
     return Report(rows, ["point", "kind", "quantizer", "n_bits", "sqnr_db"])
 
 
-def _output_sqnr(reference: list[Tensor]) -> Metric:
+def _output_sqnr(reference: list[Tensor], who: str) -> Metric:
     def metric(model: nn.Module, batches: list[Any]) -> float:
-        outs = _run(model, batches)
+        outs = _run(model, batches, who)
         signal = sum(float((r.double() ** 2).sum()) for r in reference)
         noise = sum(float(((r.double() - o.double()) ** 2).sum()) for r, o in zip(reference, outs))
         return _sqnr_db(signal, noise)
@@ -221,7 +221,7 @@ def sensitivity(
     with _States(mods) as st:
         st.set(set())
         if metric is None:
-            metric = _output_sqnr(_run(model, batches))
+            metric = _output_sqnr(_run(model, batches, who), who)
         base = float(metric(model, batches))
         st.set(set(names))
         full = float(metric(model, batches))
@@ -297,7 +297,7 @@ def plot_ranges(
 
                 hooks.append(q.register_forward_hook(hook))
     if data is not None:
-        _run_quantized_with_hooks(model, mods, _batches(data, who), hooks)
+        _run_quantized_with_hooks(model, mods, _batches(data, who), hooks, who)
     names = [n for n in quantizers if n in values][:max_points]
     if not names:
         raise ValueError(f"{who}: nothing to plot (no affine quantizer with observed values)")
@@ -393,7 +393,7 @@ def mixed_precision(
         with _States(mods) as st:
             st.set(set())
             if metric is None:
-                metric = _output_sqnr(_run(model, batches))
+                metric = _output_sqnr(_run(model, batches, who), who)
             for n, m in layers:
                 st.set(set())
                 m.qstate = QModuleState.QUANT_EVAL_WEIGHT_ONLY  # this layer's weights alone
