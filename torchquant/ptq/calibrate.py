@@ -19,9 +19,11 @@ __all__ = ["UncalledQModulesWarning", "calibrate"]
 class UncalledQModulesWarning(UserWarning):
     """``calibrate`` ran batches through a model and some of its QModules were never called.
 
-    Either the model reads a wrapped layer's weight instead of calling the layer (the layer
-    then computes in float whatever the summary says), or the batches never took the branch
-    that calls it (its activation quantizers then have no ranges).
+    The message tells the two cases apart (a second pass on the first batch watches which
+    parameters torch functions receive): the model reads a wrapped layer's weight instead of
+    calling the layer (the layer then computes in float whatever the summary says), or the
+    batches never took the branch that calls it, or the branch runs only in training (its
+    activation quantizers then have no ranges).
     """
 
 
