@@ -370,8 +370,8 @@ class Block:
             return None
         module = self.module.get_submodule(".".join(path[len(prefix) :]))
         seen = probe.row_input.get(module)
-        if isinstance(module, QWrapper) or seen is None or {seen[0]} != ptrs:
-            return None
+        if isinstance(module, QWrapper) or seen is None or {(seen[0], seen[2])} != ptrs:
+            return None  # (the same storage at another width: the module reads more than the group does)
         return module, seen[1]
 
     def _output_kept(self, fold: SharedFold) -> bool:
@@ -457,8 +457,8 @@ class _Probe:
     shared: dict[nn.Module, SharedFold | str]  # unchecked: see Block.shared_fold
     # per module of the block: the storage of its one tensor argument and its rank, or None (other
     # tensors passed, called more than once)
-    row_input: dict[nn.Module, tuple[int, int] | None]
-    member_input: dict[nn.Module, int]  # storage of each layer's and experts module's input
+    row_input: dict[nn.Module, tuple[int, int, int] | None]  # (storage, rank, width)
+    member_input: dict[nn.Module, tuple[int, int]]  # (storage, width) of each layer's and experts module's input
 
 
 def _probe(block: Block) -> _Probe:
@@ -487,12 +487,13 @@ def _probe(block: Block) -> _Probe:
         if args and isinstance(args[0], Tensor):
             readers.append((mod, args[0]))
 
-    row_input: dict[nn.Module, tuple[int, int] | None] = {}
+    row_input: dict[nn.Module, tuple[int, int, int] | None] = {}
 
     def record(mod, args, kwargs):
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
         one = len(args) == 1 and len(tensors) == 1 and mod not in row_input
-        row_input[mod] = (args[0].untyped_storage().data_ptr(), args[0].dim()) if one else None
+        x = args[0] if one else None
+        row_input[mod] = (x.untyped_storage().data_ptr(), x.dim(), x.shape[-1]) if x is not None and x.dim() else None
 
     inside = {id(x) for _, w in block.layers for x in w.modules()}  # the wrappers, their layers and quantizers
     for m in block.module.modules():
@@ -523,8 +524,10 @@ def _probe(block: Block) -> _Probe:
             if out is inputs[g[0]] and not _read_elsewhere(out, g, inputs, readers):
                 norm_of[g[0]] = norm
     shared = _shared_readers(block, groups, inputs, norm_out, readers)
-    member_input = {m: x.untyped_storage().data_ptr() for m, x in inputs.items()}
-    member_input.update({m: x.untyped_storage().data_ptr() for m, x in readers if isinstance(m, QExperts)})
+    member_input = {m: (x.untyped_storage().data_ptr(), x.shape[-1]) for m, x in inputs.items() if x.dim()}
+    member_input.update(
+        {m: (x.untyped_storage().data_ptr(), x.shape[-1]) for m, x in readers if isinstance(m, QExperts) and x.dim()}
+    )
     return _Probe(order, groups, norm_of, all(c == 1 for c in counts.values()), shared, row_input, member_input)
 
 
