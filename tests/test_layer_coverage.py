@@ -323,8 +323,8 @@ def test_embedding_bag_stays_float_with_a_reason(method):
 
 
 def test_subclasses_computing_their_base_or_a_scaled_embedding_are_quantized_others_reported():
-    """A subclass of Linear/Embedding is quantized when its output is its base's (bit for bit on a probe
-    input), or an embedding's times its ``embed_scale`` (Gemma's, Bart's scaled word embeddings)."""
+    """A subclass of Linear/Embedding is quantized when it keeps its base's forward, or when it is an embedding
+    whose output is the lookup times its ``embed_scale`` (Gemma's, Bart's scaled word embeddings)."""
 
     class Same(nn.Embedding):
         pass
@@ -341,16 +341,21 @@ def test_subclasses_computing_their_base_or_a_scaled_embedding_are_quantized_oth
         def forward(self, x):
             return super().forward(x) + 1.0
 
+    class IdsOrProbabilities(nn.Embedding):  # Ovis2's visual table: ids look up, float inputs multiply
+        def forward(self, x):
+            return super().forward(x) if not x.is_floating_point() else x @ self.weight
+
     torch.manual_seed(0)
-    net = nn.Sequential(Same(10, 4), Scaled(10, 4), Shifted(4, 4))
+    net = nn.Sequential(Same(10, 4), Scaled(10, 4), Shifted(4, 4), IdsOrProbabilities(10, 4))
     ids = torch.randint(0, 10, (3, 5))
     with torch.no_grad():
         ref = [net[0](ids), net[1](ids)]
-    with pytest.warns(tq.FloatLayersWarning, match="stay in float: 2"):
+    with pytest.warns(tq.FloatLayersWarning, match="stay in float: 2, 3"):
         q = tq.quantize_model(net, lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0)), None, method="swap")
     assert isinstance(q[0], tq.QWrapper) and isinstance(q[1], tq.QWrapper)
     rows = tq.summary_rows(q)
-    assert rows[2]["kind"] == "float" and "subclass of a supported layer" in rows[2]["note"]
+    for row in rows[2:]:  # a forward of their own, not a scaled lookup: float, said so
+        assert row["kind"] == "float" and "subclass of a supported layer" in row["note"]
     with torch.no_grad(), tq.qmodule_state(q, S.BYPASSED):
         assert torch.equal(q[0](ids), ref[0]) and torch.equal(q[1](ids), ref[1])
     tq.calibrate(q[1], [ids], progress=False)  # (the Sequential is a container here, not a model)

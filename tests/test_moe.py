@@ -233,6 +233,22 @@ def test_adaround_says_it_leaves_the_banks_alone():
         tq.ptq.adaround(q, [x], iters=1, progress=False)
 
 
+def test_brecq_leaves_banks_without_a_grid_at_round_to_nearest_and_names_them():
+    torch.manual_seed(0)
+    net = nn.Sequential(_Moe())
+    x = torch.randn(64, 8)
+
+    def factory(m, n):
+        return tq.MXQuantizer("fp4_e2m1") if "experts" in n else tq.AffineQuantizer(4, tq.RunningMinMax(axis=0))
+
+    q = tq.quantize_model(net, factory, None, method="swap")
+    tq.calibrate(q, [x], progress=False)
+    before = q[0].experts.layer.gate_up_proj.detach().clone()
+    with pytest.warns(UserWarning, match=r"2 expert bank\(s\) keep .*0\.experts\.gate_up_quantizer \(MXQuantizer\)"):
+        tq.ptq.brecq(q, [x], blocks=["0"], iters=5, loss="mse", progress=False)
+    assert torch.equal(q[0].experts.layer.gate_up_proj, before)
+
+
 @pytest.mark.parametrize("transposed", [False, True], ids=["out-in", "in-out"])
 def test_brecq_learns_the_rounding_of_the_banks_inside_their_block(transposed):
     """A block holding a QExperts is reconstructed with every bank's rounding learned (AdaRound's soft

@@ -143,6 +143,49 @@ def test_a_group_inside_an_mlp_is_scored_by_the_mlps_output():
     assert res.exponents["mlp.gate,mlp.up"] == best / n_grid and best > 0
 
 
+class _Attention(nn.Module):
+    """Takes only its input, as RoBERTa-PreLN's self-attention does, but mixes the rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(IN, OUT), nn.Linear(IN, OUT // 2)
+
+    def forward(self, h):
+        a = self.a(h)
+        return torch.cat([(a @ a.transpose(-1, -2) / OUT).softmax(-1) @ a, self.b(h)], -1)
+
+
+class _NormAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.attn = nn.LayerNorm(IN), _Attention()
+
+    def forward(self, x):
+        return self.attn(self.norm(x))
+
+
+def test_a_module_that_mixes_rows_is_not_scored_by_its_output():
+    """An attention module called with its input alone is the group's smallest module taking only that input,
+    but it mixes the sampled rows: the layers' own error is used, the same search as without the module."""
+    from torchquant.ptq.sequential import sequential_blocks
+
+    torch.manual_seed(0)
+    net = _NormAttention()
+    with torch.no_grad():
+        net.norm.weight.uniform_(0.5, 2.0)
+        net.norm.weight[[3, 17]] = 20.0  # (scored by the mixed rows, the exponent would be 0.4, not 0.15)
+    q = tq.quantize_model(net, _w4(8), None, method="swap")
+    x = _inputs()
+    (block,) = list(sequential_blocks(q, [x], mode=S.BYPASSED, progress=False))
+    assert block.row_module(block.groups()[0]) == (q.attn, 2)  # found, and refused by the check on its rows
+    flat = tq.quantize_model(_norm_linear(8).eval(), _w4(8), None, method="swap")  # the same layers, no module
+    for dst, src in ((flat.norm, q.norm), (flat.a.layer, q.attn.a.layer), (flat.b.layer, q.attn.b.layer)):
+        dst.load_state_dict(src.state_dict())
+    ours = awq(q, [x], clip=False, progress=False)
+    theirs = awq(flat, [x], clip=False, progress=False)
+    assert ours.exponents["attn.a,attn.b"] == theirs.exponents["a,b"]
+
+
 @pytest.mark.parametrize("group_size", [None, 8], ids=["per-channel", "group-8"])
 def test_clip_search_matches_a_direct_search_per_cell(group_size):
     """Each range cell's ratio minimises that cell's output error mean_n (x_cell . (Q(W_r) - W)_cell)^2."""

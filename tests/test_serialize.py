@@ -281,3 +281,40 @@ def test_a_quantizer_changed_after_construction_is_described_as_it_is(tmp_path):
     assert dict(tq.iter_qmodules(loaded))["conv.0"].weight_quantizer.n_bits == 8
     assert isinstance(loaded.fc2.weight_quantizer.range_observer, tq.RunningMinMax)
     assert torch.equal(loaded(x), model(x))
+
+
+def test_a_layer_the_saving_version_left_float_is_put_back_float(tmp_path):
+    """A layer type quantized now (a scaled embedding) but not described by the checkpoint loads float, with the
+    checkpoint's float weight, as it was saved."""
+    from safetensors.torch import save_file
+
+    from torchquant.serialize import _META_KEY
+
+    class Scaled(nn.Embedding):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.embed_scale = 2.0
+
+        def forward(self, ids):
+            return super().forward(ids) * self.embed_scale
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(Scaled(10, 8), nn.Linear(8, 4)).eval()
+
+    q = tq.quantize_model(make(), w4_group, None, method="swap")
+    ids = torch.randint(0, 10, (2, 5))
+    tq.calibrate(q, [ids], progress=False)
+    tq.set_qmodule_state(q, S.QUANT_EVAL)
+    tq.save(q, tmp_path / "m.safetensors")
+    tensors, desc = read(tmp_path / "m.safetensors")  # rewritten as if the embedding had stayed float
+    del desc["modules"]["0"]
+    desc["packed"].pop("0.layer.weight")
+    desc["magnitudes"] = [m for m in desc["magnitudes"] if not m.startswith("0.")]
+    old = {k: v for k, v in tensors.items() if not k.startswith("0.")}
+    old["0.weight"] = make()[0].weight.detach().clone()
+    save_file(old, tmp_path / "old.safetensors", metadata={_META_KEY: json.dumps(desc)})
+    loaded = tq.load(make(), tmp_path / "old.safetensors")
+    assert type(loaded[0]) is Scaled and isinstance(loaded[1], tq.QWrapper)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), q[1](make()[0](ids)))

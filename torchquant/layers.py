@@ -254,31 +254,27 @@ _SCALED_EMBEDDING = LayerAdapter(
 
 def _subclass_adapter(module: nn.Module) -> LayerAdapter | None:
     """The adapter of a subclass of ``nn.Linear``/``nn.Embedding`` without children that computes what its base
-    computes (or, with an ``embed_scale``, that times the scale: transformers' ``*ScaledWordEmbedding`` of
-    Gemma, Bart, M2M100, ...), checked bit for bit on a probe input; ``None`` otherwise."""
+    computes: one that keeps its base's ``forward``, or an embedding with an ``embed_scale`` whose output is the
+    base's times that scale (transformers' ``*ScaledWordEmbedding`` of Gemma, Bart, M2M100, ...), checked bit for
+    bit on a probe input; ``None`` otherwise (a ``forward`` of its own may do anything: take float inputs,
+    add a term)."""
     if module._modules or not isinstance(module, (nn.Linear, nn.Embedding)):
         return None
+    base = nn.Linear if isinstance(module, nn.Linear) else nn.Embedding
+    if type(module).forward is base.forward:
+        return LAYER_ADAPTERS[base]
     w = getattr(module, "weight", None)
-    if not isinstance(w, Tensor) or w.is_meta or not w.is_floating_point():
+    if base is nn.Linear or not hasattr(module, "embed_scale") or not isinstance(w, Tensor) or w.is_meta:
         return None
-    if isinstance(module, nn.Embedding):
-        x = torch.arange(min(8, module.num_embeddings), device=w.device)
-        found = [_SCALED_EMBEDDING] if hasattr(module, "embed_scale") else []
-        found.append(LAYER_ADAPTERS[nn.Embedding])
-    else:
-        x = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0)).to(w)
-        found = [LAYER_ADAPTERS[nn.Linear]]
-    for adapter in found:
-        if adapter.why_unsupported(module) is not None:
-            return None
-        try:
-            with torch.no_grad():
-                same = torch.equal(module(x), adapter.forward(module, x, w, getattr(module, "bias", None)))
-        except Exception:  # a forward that fails on the probe is not its base's
-            same = False
-        if same:
-            return adapter
-    return None
+    if _SCALED_EMBEDDING.why_unsupported(module) is not None:
+        return None
+    x = torch.arange(min(8, module.num_embeddings), device=w.device)
+    try:
+        with torch.no_grad():
+            same = torch.equal(module(x), _scaled_embedding_forward(module, x, w, None))
+    except Exception:  # a forward that fails on the probe is not the scaled lookup
+        same = False
+    return _SCALED_EMBEDDING if same else None
 
 
 def layer_adapter(module: object) -> LayerAdapter | None:
@@ -288,10 +284,10 @@ def layer_adapter(module: object) -> LayerAdapter | None:
     norm from ``torch.nn.utils.parametrizations.weight_norm``, spectral norm, ...) or by the
     deprecated ``torch.nn.utils.weight_norm`` hook, gets its type's adapter reading the
     computed weight (``computed=True``): the quantizer sees the weight the layer uses.
-    A subclass of ``nn.Linear`` or ``nn.Embedding`` gets its base's adapter when its output
-    equals the base's bit for bit on a probe input (or, for an embedding with an
-    ``embed_scale`` such as transformers' ``GemmaTextScaledWordEmbedding``, the base's output
-    times that scale); other subclasses get none (``tq.print_summary`` says so).
+    A subclass of ``nn.Linear`` or ``nn.Embedding`` gets its base's adapter when it keeps the
+    base's ``forward``, and an embedding with an ``embed_scale`` (transformers'
+    ``GemmaTextScaledWordEmbedding``) a scaled lookup when its output is the base's times that
+    scale, bit for bit on a probe input; other subclasses get none (``tq.print_summary`` says so).
 
     Args:
         module: any object (typically an ``nn.Module``).
@@ -463,7 +459,7 @@ def scale_norm_output_(norm: nn.Module, s: Tensor, offset: float = 0.0) -> None:
         if offset == 0:
             w.mul_(s.to(w))
         else:
-            w.copy_(((w.double() + offset) * s.double() - offset).to(w))
+            w.copy_(((w.double() + offset) * s.to(device=w.device, dtype=torch.float64) - offset).to(w))
         b = getattr(norm, "bias", None)
         if isinstance(b, Tensor):
             b.mul_(s.to(b))

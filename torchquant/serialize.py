@@ -63,6 +63,7 @@ __all__ = [
     "register_conversion",
     "replay_conversion",
     "save",
+    "unwrap_undescribed",
 ]
 
 FORMAT = "torchquant.checkpoint/1"
@@ -292,7 +293,8 @@ def quantized_state_dict(model: nn.Module, *, pack: bool = True) -> tuple[dict[s
                 if key in idents and counts[idents[key]] == 1:
                     # Under the quantizer's name, not the bank's: transformers converts the bank's key on
                     # save (Mixtral's gate_up_proj into per-expert w1/w3) and would split the codes too.
-                    where = f"{name}.{QExperts.ROLE_OF_BANK[bank]}_quantizer" if name else f"{bank}_quantizer"
+                    role = f"{QExperts.ROLE_OF_BANK[bank]}_quantizer"
+                    where = f"{name}.{role}" if name else role
                     tensors[where + CODES_SUFFIX] = codes
                     packed[key] = {**info, "codes": where}
     aliases: dict[str, str] = {}
@@ -527,7 +529,27 @@ def load(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> n
     tensors, desc = read(path)
     if not iter_qmodules(model):
         model = convert_like(model, desc)
+        unwrap_undescribed(model, set(desc["modules"]))
     return load_quantized_state(model, tensors, desc, strict=strict)
+
+
+def unwrap_undescribed(model: nn.Module, described: set[str]) -> list[str]:
+    """Put back the float layer of every single-layer ``QWrapper`` of ``model`` that the checkpoint does not
+    describe: a layer type this torchquant quantizes but the one that saved the checkpoint left in float
+    (a scaled word embedding), so that the checkpoint loads and computes as it did when saved.
+
+    Returns:
+        The names of the layers put back.
+    """
+    found = [
+        (name, m)
+        for name, m in iter_qmodules(model)
+        if name and name not in described and isinstance(m, QWrapper) and m.bn is None and m.act is None
+    ]
+    for name, m in found:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, m.layer)
+    return [n for n, _ in found]
 
 
 def _safetensors():

@@ -302,6 +302,38 @@ def test_a_checkpoint_saved_without_configuration_entries_loads(tmp_path):
     assert torch.equal(_out(reloaded, batch), _out(model, batch))
 
 
+def test_a_checkpoint_that_left_a_scaled_embedding_float_loads_as_saved(tmp_path):
+    """Gemma's scaled word embedding is quantized now; a checkpoint saved when it stayed float (no description
+    of it, its float weight) loads with it float again, computing what it computed when saved."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    float_model = transformers.GemmaForCausalLM(gemma_config()).eval()
+    float_model.save_pretrained(tmp_path / "float")
+    config = TorchQuantConfig(weights="int8", embeddings="int8")
+    model = _load(FAMILIES[0], tmp_path / "float", quantization_config=config)
+    assert isinstance(model.model.embed_tokens, tq.QWrapper)
+    model.save_pretrained(tmp_path / "q")
+    (path,) = (tmp_path / "q").glob("*.safetensors")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    desc = json.loads(meta["torchquant"])
+    del desc["modules"]["model.embed_tokens"]  # as the earlier torchquant wrote it: nothing about the embedding
+    desc["packed"].pop("model.embed_tokens.weight", None)
+    old = {k: v for k, v in tensors.items() if not k.startswith("model.embed_tokens.")}
+    old["model.embed_tokens.weight"] = float_model.model.embed_tokens.weight.detach().clone()
+    save_file(old, path, metadata={**meta, "torchquant": json.dumps(desc)})
+    reloaded = _load(FAMILIES[0], tmp_path / "q")
+    assert type(reloaded.model.embed_tokens).__name__ == "GemmaTextScaledWordEmbedding"
+    batch = {"input_ids": torch.randint(0, 100, (2, 12))}
+    with tq.qmodule_state(model, S.QUANT_EVAL), torch.no_grad():
+        model.model.embed_tokens.qstate = S.BYPASSED  # the saved model's embedding: float
+        expected = model(**batch).logits
+    assert torch.equal(_out(reloaded, batch), expected)
+
+
 MOE_FAMILIES = {
     "mixtral": lambda: transformers.MixtralForCausalLM(mixtral_config()),
     "qwen2-moe": lambda: transformers.Qwen2MoeForCausalLM(

@@ -43,6 +43,7 @@ from ..serialize import (
     quantized_state_dict,
     register_conversion,
     replay_conversion,
+    unwrap_undescribed,
 )
 from ..spec import CONFIG_KEY, QuantizerSpec
 from .config import QUANT_METHOD, TorchQuantConfig
@@ -329,6 +330,7 @@ class TorchQuantHfQuantizer(HfQuantizer):
             # Conversions recorded after the config's own (QuaRot's online transforms): weights need none
             modules = self.description.get("modules", {})
             _drop_undescribed(model, lambda name: "down_input_quantizer" in modules.get(name, {}).get("quantizers", {}))
+            unwrap_undescribed(model, set(modules))
             for record in self.description.get("conversions", []):
                 if record.get("kind") != "torchquant.hf":
                     replay_conversion(model, record, lambda name, attr: None)

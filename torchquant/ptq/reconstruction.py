@@ -112,6 +112,7 @@ import dataclasses
 import fnmatch
 import math
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -126,7 +127,7 @@ from ..qmodules import QModule, QModuleState, QWrapper, iter_qmodules
 from ..quantizers import AdaRoundQuantizer, AffineGrid, AffineQuantizer, LevelGrid, Quantizer, StatelessQuantizer
 from ..quantizers_functional import round_ste
 from ..utils import call_model, progress_bar, restoring_states
-from ._common import Snapshot, capture, forward_order, materialize, require_qmodules, warn_experts_left
+from ._common import Snapshot, capture, first_names, forward_order, materialize, require_qmodules, warn_experts_left
 from .registry import register_ptq_algorithm
 from .sequential import Block, find_blocks, sequential_blocks
 
@@ -467,6 +468,20 @@ def reconstruct(
         "reconstruct",
         "; brecq and qdrop learn them inside the blocks that hold them" if c.granularity == "layer" else "",
     )
+    gridless = [
+        f"{n}.{QExperts.ROLE_OF_BANK[bank]}_quantizer ({type(q).__name__})"
+        for n, m in qmodules
+        if isinstance(m, QExperts) and id(m) in inside
+        for bank, q, _ in m._weights()
+        if not _reports_grid(q)
+    ]
+    if gridless:
+        warnings.warn(
+            f"reconstruct: {len(gridless)} expert bank(s) keep their round-to-nearest weights: their quantizers "
+            f"report neither an affine grid nor levels to round on ({first_names(gridless)})",
+            UserWarning,
+            stacklevel=2,
+        )
     for name, unit in units:
         for w in [unit] if isinstance(unit, QWrapper) else unit.modules():
             if _learnable(w):
@@ -783,6 +798,13 @@ def _fisher_weights(
     return (g2 + damping) / (1 + damping)
 
 
+def _reports_grid(q: Quantizer) -> bool:
+    try:
+        return q.grid() is not None or q.levels() is not None
+    except RuntimeError:  # no ranges yet: _grid_of says so when it is asked
+        return True
+
+
 def _grid_of(q: Quantizer, who: str) -> AffineGrid | LevelGrid:
     """The affine grid of ``q``, else its levels: what AdaRound rounds on."""
     try:
@@ -851,6 +873,8 @@ def _reconstruct_unit(
             w.weight_quantizer = ada[w]
         for qe in (m for m in qmods if isinstance(m, QExperts)):
             for bank, q, rows in qe._weights():  # each bank as the (E * out, in) rows its quantizer rounds
+                if not _reports_grid(q):  # (reconstruct warned)
+                    continue
                 attr = f"{QExperts.ROLE_OF_BANK[bank]}_quantizer"
                 banks[(qe, bank)] = AdaRoundQuantizer(_grid_of(q, f"{attr} of an experts module"), rows.detach())
                 saved_q.append((qe, attr, q))

@@ -284,7 +284,7 @@ def quarot(
     seed: int = 0,
     online_down_proj: bool = True,
     kv_hadamard: bool = True,
-    check_tol: float = 1e-3,
+    check_tol: float | None = None,
 ) -> QuaRotResult:
     """QuaRot (Ashkboos et al. 2024): fold Hadamard rotations into a Llama-layout LM, float outputs unchanged.
 
@@ -303,7 +303,10 @@ def quarot(
         online_down_proj: put an online Hadamard before each ``down_proj``'s input quantizer.
         kv_hadamard: rotate the head dimension of values (folded) and of queries and keys
             (online, in the QAttention where the model has one).
-        check_tol: the largest ``max |after - before| / max |before|`` of the float logits accepted.
+        check_tol: the largest ``max |after - before| / max |before|`` of the float logits accepted
+            (``None``: ``1e-3``, or 8 rounding steps of a half-precision model's embedding dtype:
+            0.0625 in bfloat16, 0.0078 in float16; a model quarot does not fit changes them by
+            about 1).
 
     Returns:
         A :class:`QuaRotResult`.
@@ -331,9 +334,13 @@ def quarot(
     for name, flag in (("online_down_proj", online_down_proj), ("kv_hadamard", kv_hadamard)):
         if not isinstance(flag, bool):
             raise ValueError(f"quarot: {name} must be a bool, got {flag!r}")
-    if isinstance(check_tol, bool) or not isinstance(check_tol, (int, float)) or not check_tol > 0:
-        raise ValueError(f"quarot: check_tol must be a number > 0, got {check_tol!r}")
+    if check_tol is not None and (
+        isinstance(check_tol, bool) or not isinstance(check_tol, (int, float)) or not check_tol > 0
+    ):
+        raise ValueError(f"quarot: check_tol must be a number > 0 or None, got {check_tol!r}")
     embed, decoders, final_norm, head = _layout(model)
+    if check_tol is None:
+        check_tol = max(1e-3, 8 * torch.finfo(_inner(embed).weight.dtype).eps)
     if data is not None:
         batch = materialize(data, 1, "quarot")[0]
     else:  # data-free, but not unchecked: the float logits of random tokens must not change either

@@ -137,6 +137,7 @@ class Block:
         self._names = {m: (f"{prefix}{n}" if n else prefix.rstrip(".")) for n, m in module.named_modules()}
         self._probe: _Probe | None = None
         self._shared: dict[nn.Module, SharedFold | str] = {}
+        self._kept: dict[tuple, bool] = {}
 
     @property
     def num_batches(self) -> int:
@@ -229,7 +230,9 @@ class Block:
         """The module whose output channels are ``group``'s input channels one for one, or ``None``.
 
         A normalisation whose output is the group's input tensor and whose ``weight`` is a per-channel
-        gain (:func:`~torchquant.layers.norm_gain_offset`: ``weight`` or Gemma's ``1 + weight``), else a
+        gain (:func:`~torchquant.layers.norm_gain_offset`: ``weight`` or Gemma's ``1 + weight``), when
+        moving seeded factors through it and the group leaves the block's output unchanged on the first
+        batch (BERT adds its LayerNorms' outputs to the residual too: refused), else a
         ``Linear``/``Conv1D`` wrapper of the block whose output channels scale the group's
         input channels one for one (tested on the first batch with random positive scales).
         """
@@ -237,7 +240,12 @@ class Block:
         first = group[0]
         norm = probe.norm_of.get(first)
         if norm is not None and norm_gain_offset(norm) is not None:
-            return norm
+            # Checked on the first batch: an addition reading the norm's output too (BERT's residual after
+            # its LayerNorm) is no module, and the probe does not see it.
+            key = (norm, tuple(group))
+            if key not in self._kept:
+                self._kept[key] = self._output_kept(SharedFold(norm, tuple(group), (), ()))
+            return norm if self._kept[key] else None
         width = _in_features(first)
         if width is None:
             return None
@@ -353,8 +361,10 @@ class Block:
         their input tensor as its only tensor argument, once per forward, and so computes its output row by
         row from sampled input rows (an MLP, a mixture-of-experts block); with the rank of its input.
 
-        ``None`` when there is no such module: an attention module also takes position embeddings and
-        masks, the block itself takes more, and a group of one layer is left to its own output.
+        ``None`` when there is no such module: an attention module usually also takes position
+        embeddings and masks, the block itself takes more, and a group of one layer is left to its own
+        output. Whether the module really works row by row is for the caller to check on its rows (an
+        attention module called with its input alone does not).
         """
         probe = self._probed()
         if not members or any(m not in probe.member_input for m in members):
