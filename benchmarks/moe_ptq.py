@@ -16,12 +16,15 @@ embedding float, perplexity on ``torchquant.bench.lm.default_texts``'s evaluatio
 * GPTQ, then AWQ, each three ways: on the dense model (what the experts' results should come
   close to); on the MoE with the expert banks left to round to nearest (their quantizers are
   detached while the algorithm runs and put back afterwards): how the algorithm behaved on an
-  MoE before it handled the banks; on the MoE, every expert on its own routed tokens.
+  MoE before it handled the banks; on the MoE, every expert on its own routed tokens;
+* W8A8 on the MoE (8-bit weights per channel, 8-bit static per-tensor activations: every
+  layer's and expert product's input), without and with SmoothQuant (``--skip-w8a8`` leaves
+  them out).
 
 Targets (printed PASS/FAIL), for each algorithm: every expert's row below round to nearest
 and below the row with the banks left to round to nearest; GPTQ's within 5% of dense GPTQ's
-perplexity. (AWQ is not held to the dense figure: its scale search minimises each layer's own
-output error, which on this model does not track perplexity closely in either direction.)
+perplexity; SmoothQuant recovers at least half of W8A8's increase over float. (AWQ is not
+held to the dense figure.)
 
 Run: ``python benchmarks/moe_ptq.py [--experts 4] [--top-k 2] [--bits int4-g64] [--calib 32]
 [--calib-len 256] [--eval-windows 4] [--threads N]``. About 30 minutes on two CPU cores.
@@ -111,6 +114,10 @@ def _gptq(model: torch.nn.Module, calib: list) -> None:
     tq.ptq.gptq(model, calib, progress=False)
 
 
+def _smoothquant(model: torch.nn.Module, calib: list) -> None:
+    tq.ptq.smoothquant(model, calib, progress=False)
+
+
 def _awq(model: torch.nn.Module, calib: list) -> None:
     tq.set_qmodule_state(model, tq.QModuleState.BYPASSED)
     tq.ptq.awq(model, calib, progress=False)
@@ -126,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-windows", type=int, default=4, help="evaluation windows of 512 tokens")
     p.add_argument("--layers", type=int, default=None, help="keep the first N decoder layers (quick runs)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--skip-w8a8", action="store_true", help="leave out the W8A8 rows (static per-tensor activations)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -144,17 +152,22 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: dict[str, tuple[float, float]] = {}
 
-    def row(name: str, base: torch.nn.Module, algo=None) -> None:
+    def row(name: str, base: torch.nn.Module, algo=None, w8a8: bool = False) -> None:
         t0 = time.perf_counter()
         if algo is None and name.startswith("float"):
             rows[name] = (ppl(base), 0.0)
         else:
             q = copy.deepcopy(base)
+            config = (
+                TorchQuantConfig(weights="int8", activations="int8") if w8a8 else TorchQuantConfig(weights=args.bits)
+            )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", tq.FloatLayersWarning)  # the routers stay float, by design
-                quantize(q, TorchQuantConfig(weights=args.bits))
+                quantize(q, config, initial_state=not w8a8)
             if algo is not None:
                 algo(q, calib)
+            if w8a8:  # static activation ranges come from the calibration batches
+                tq.calibrate(q, calib, progress=False)
             tq.set_qmodule_state(q, tq.QModuleState.QUANT_EVAL)
             seconds = time.perf_counter() - t0
             rows[name] = (ppl(q), seconds)
@@ -167,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         row(f"{algo}, dense", dense, fn)
         row(f"{algo}, MoE, banks round to nearest", moe, _without_banks(fn))
         row(f"{algo}, MoE, every expert", moe, fn)
+    if not args.skip_w8a8:
+        row("W8A8, MoE", moe, w8a8=True)
+        row("W8A8 SmoothQuant, MoE", moe, _smoothquant, w8a8=True)
 
     f_dense, f_moe = rows["float, dense"][0], rows["float, MoE"][0]
     rtn = rows["round to nearest, MoE"][0]
@@ -191,6 +207,15 @@ def main(argv: list[str] | None = None) -> int:
             checks.append(
                 ("GPTQ on every expert within 5% of dense GPTQ", full <= 1.05 * dense_algo, f"{full / dense_algo:.3f}x")
             )
+    if not args.skip_w8a8:
+        plain, smooth = rows["W8A8, MoE"][0], rows["W8A8 SmoothQuant, MoE"][0]
+        checks.append(
+            (
+                "W8A8: SmoothQuant recovers at least half of the increase over float",
+                smooth - f_moe <= 0.5 * (plain - f_moe),
+                f"{smooth:.3f} vs {plain:.3f}",
+            )
+        )
     print(f"\n{args.experts} experts, top-{args.top_k}, weights {args.bits}, {args.calib} x {args.calib_len} tokens")
     for what, ok, detail in checks:
         print(f"{'PASS' if ok else 'FAIL'}: {what} {detail}".rstrip())

@@ -50,3 +50,22 @@ def test_gptq_without_banks_leaves_the_banks_to_round_to_nearest():
     assert not torch.equal(
         moe.model.layers[0].self_attn.q_proj.layer.weight, _dense().model.layers[0].self_attn.q_proj.weight
     )
+
+
+def test_the_w8a8_rows_calibrate_activations_and_smoothquant_reaches_the_experts(monkeypatch):
+    """The W8A8 rows run on a tiny upcycled model (the real run is the benchmark): SmoothQuant folds the
+    experts' first input with the router and every expert's down_proj input."""
+    seen = {}
+
+    def spy(model, calib):
+        seen["result"] = tq.ptq.smoothquant(model, calib, progress=False)
+
+    moe = bench.upcycle(_dense(), experts=4, top_k=2)
+    calib = [torch.randint(0, VOCAB, (1, 16)) for _ in range(2)]
+    q = copy.deepcopy(moe)
+    quantize(q, TorchQuantConfig(weights="int8", activations="int8"), initial_state=False)
+    spy(q, calib)
+    tq.calibrate(q, calib, progress=False)
+    folded = seen["result"].folded
+    assert "model.layers.0.mlp.experts.gate_up_proj" in folded
+    assert {f"model.layers.0.mlp.experts.down_proj[{e}]" for e in range(4)} <= set(folded)
