@@ -550,9 +550,7 @@ def awq(
             groups = block.groups(layers)
             x_mean, X = _stats(block, groups, sample_tokens, seed) if groups else ({}, {})
             first_of = {w: g[0] for g in groups for w in g}
-            experts = [m for m in block.module.modules() if isinstance(m, QExperts)]
-            shared = block.shared_folds([*(g[0] for g in groups), *experts])
-            joint = {w for fold in shared.values() for w in fold.layers}
+            experts, shared, joint = block.joint_folds(groups)
             for group in groups:
                 if group[0] in joint:  # scaled with the experts and the router reading the same norm
                     continue

@@ -346,6 +346,15 @@ class Block:
                 out[fold.norm] = fold
         return out
 
+    def joint_folds(
+        self, groups: Sequence[Sequence[QWrapper]]
+    ) -> tuple[list[QExperts], dict[nn.Module, SharedFold], set[QWrapper]]:
+        """The block's experts modules, the :class:`SharedFold` s of ``groups`` and of those experts (by
+        normalisation), and the layers the folds scale (their groups are scaled with the fold, not alone)."""
+        experts = [m for m in self.module.modules() if isinstance(m, QExperts)]
+        shared = self.shared_folds([*(g[0] for g in groups), *experts])
+        return experts, shared, {w for fold in shared.values() for w in fold.layers}
+
     def unscaled_reason(self, member: nn.Module) -> str:
         """Why no scale moves out of ``member``'s input (a group's first layer with no :meth:`fold_target`, or an
         experts module with no :meth:`shared_fold`)."""

@@ -233,9 +233,7 @@ def smoothquant(
         for block in sequential_blocks(model, batches, blocks=blocks, mode=mode, who="smoothquant", progress=progress):
             plan: list[tuple[list[QWrapper], nn.Module]] = []
             groups = block.groups([w for _, w in block.layers if _smoothable(w)])
-            experts = [m for m in block.module.modules() if isinstance(m, QExperts)]
-            shared = block.shared_folds([*(g[0] for g in groups), *experts])
-            joint = {w for fold in shared.values() for w in fold.layers}
+            experts, shared, joint = block.joint_folds(groups)
             for group in groups:
                 if group[0] in joint:  # smoothed with the experts and the router reading the same norm
                     continue
