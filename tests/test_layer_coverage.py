@@ -648,3 +648,27 @@ def test_norm_gain_offset_is_found_numerically_and_scaling_moves_the_output_chan
             ref = norm(x)
             scale_norm_output_(norm, s, norm_gain_offset(norm))
             torch.testing.assert_close(norm(x), ref * s, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_falcons_linear_is_quantized_and_bypassed_bit_for_bit(dtype):
+    """transformers' FalconLinear computes ``x @ W^T + b`` (not ``F.linear``): its own adapter, so nothing stays
+    float and the BYPASSED model is the float one bit for bit, in half precision too."""
+    import warnings
+
+    cfg = transformers.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
+    torch.manual_seed(0)
+    net = transformers.FalconForCausalLM(cfg).eval().to(dtype)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if n.endswith("bias"):
+                p.normal_()
+    ids = torch.randint(0, 100, (2, 8))
+    with torch.no_grad():
+        ref = net(ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tq.FloatLayersWarning)
+        q = tq.quantize_model(net, wf8, None, method="swap", skip=["lm_head", "transformer.word_embeddings"])
+    assert isinstance(q.transformer.h[0].mlp.dense_4h_to_h, tq.QWrapper)
+    with torch.no_grad():
+        assert torch.equal(q(ids).logits, ref)

@@ -193,9 +193,19 @@ LAYER_ADAPTERS: dict[type[nn.Module], LayerAdapter] = {
 }
 """Layer types (exact) a ``QWrapper`` holds, each with its :class:`LayerAdapter`."""
 
+
+def _falcon_linear_forward(layer: nn.Module, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    # transformers' FalconLinear: x @ W^T, then + b (not F.linear, whose rounding differs in half precision).
+    out = x @ w.T
+    return out if b is None else out + b
+
+
 LAYER_ADAPTERS_BY_NAME: dict[str, LayerAdapter] = {
     # Hugging Face GPT-2's linear layer: weight stored (in, out), y = x @ W + b.
     "transformers.pytorch_utils.Conv1D": LayerAdapter(_conv1d_hf_weight, _conv1d_hf_forward, _conv1d_hf_n_out),
+    "transformers.models.falcon.modeling_falcon.FalconLinear": LayerAdapter(
+        _own_weight, _falcon_linear_forward, _linear_n_out, bn=nn.BatchNorm1d
+    ),
     "timm.layers.conv2d_same.Conv2dSame": LayerAdapter(
         _own_weight, _conv2d_same_forward, _conv_n_out, bn=nn.BatchNorm2d
     ),
