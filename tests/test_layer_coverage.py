@@ -639,6 +639,9 @@ def test_norm_gain_offset_is_found_numerically_and_scaling_moves_the_output_chan
         before = {k: v.clone() for k, v in norm.state_dict().items()}
         assert norm_gain_offset(norm) == offset, type(norm).__name__
         assert all(torch.equal(v, norm.state_dict()[k]) for k, v in before.items())  # restored
+    on_meta = GemmaRMSNorm(8).to("meta")  # the scales on the CPU, the weight elsewhere (a GPU): moved, not refused
+    scale_norm_output_(on_meta, torch.rand(8) + 0.5, 1.0)
+    assert on_meta.weight.device.type == "meta"
     x = torch.randn(5, 8)
     s = torch.rand(8) + 0.5
     for norm in (gemma, nn.LayerNorm(8)):

@@ -210,6 +210,17 @@ def test_residual_rotation_is_the_seeded_random_hadamard():
     assert other.max_error < 1e-5  # checked on 16 random tokens
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_data_free_check_tolerates_half_precision_rounding(dtype):
+    """Without data the float logits of 16 random tokens are checked; a half-precision model's own rounding
+    (about 0.006 relative in bfloat16, 0.001 in float16) is within the default tolerance, which follows the
+    embedding's dtype, and an explicit tolerance below it still fails."""
+    res = tq.ptq.quarot(_swap(_tiny().to(dtype)))
+    assert 0 < res.max_error < 8 * torch.finfo(dtype).eps
+    with pytest.raises(RuntimeError, match="changed by"):
+        tq.ptq.quarot(_swap(_tiny().to(dtype)), check_tol=1e-6)
+
+
 def test_quarot_lowers_the_outlier_ratio_of_what_input_quantizers_see():
     model = _tiny(outliers=True)
     ids = _ids(4, 32)
