@@ -623,7 +623,7 @@ def test_norm_gain_offset_is_found_numerically_and_scaling_moves_the_output_chan
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from torchquant.layers import norm_gain_offset, scale_norm_output_
+    from torchquant.layers import divide_norm_output_, norm_gain_offset
 
     torch.manual_seed(0)
     gemma = GemmaRMSNorm(8)
@@ -640,7 +640,7 @@ def test_norm_gain_offset_is_found_numerically_and_scaling_moves_the_output_chan
         assert norm_gain_offset(norm) == offset, type(norm).__name__
         assert all(torch.equal(v, norm.state_dict()[k]) for k, v in before.items())  # restored
     on_meta = GemmaRMSNorm(8).to("meta")  # the scales on the CPU, the weight elsewhere (a GPU): moved, not refused
-    scale_norm_output_(on_meta, torch.rand(8) + 0.5, 1.0)
+    divide_norm_output_(on_meta, torch.rand(8) + 0.5, 1.0)
     assert on_meta.weight.device.type == "meta"
     x = torch.randn(5, 8)
     s = torch.rand(8) + 0.5
@@ -649,8 +649,8 @@ def test_norm_gain_offset_is_found_numerically_and_scaling_moves_the_output_chan
             if isinstance(norm, nn.LayerNorm):
                 norm.bias.normal_()
             ref = norm(x)
-            scale_norm_output_(norm, s, norm_gain_offset(norm))
-            torch.testing.assert_close(norm(x), ref * s, rtol=1e-5, atol=1e-6)
+            divide_norm_output_(norm, s, norm_gain_offset(norm))
+            torch.testing.assert_close(norm(x), ref / s, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -16,7 +16,7 @@ quantizer the computed weight (see :func:`layer_adapter`).
 
 :data:`NORM_TYPES` and :func:`is_normalization` name the normalisation modules whose
 outputs ``quantize_model(..., method="swap", norm_outputs=True)`` quantizes;
-:func:`norm_gain_offset` and :func:`scale_norm_output_` move a per-channel scale into one
+:func:`norm_gain_offset` and :func:`divide_norm_output_` move a per-channel scale into one
 (``weight`` or Gemma's ``1 + weight``), as SmoothQuant, AWQ and QuaRot do.
 
 ``BN(conv(x, W) + b) == conv(x, W * s) + (b - mean) * s + beta`` with
@@ -46,11 +46,11 @@ __all__ = [
     "NORM_TYPES",
     "LayerAdapter",
     "bn_scale_shift",
+    "divide_norm_output_",
     "fold_bn_params",
     "is_normalization",
     "layer_adapter",
     "norm_gain_offset",
-    "scale_norm_output_",
 ]
 
 
@@ -438,7 +438,7 @@ def norm_gain_offset(norm: nn.Module) -> float | None:
                 return None
             y0 = y0.float()
             for c in (0.0, 1.0):
-                scale_norm_output_(norm, 1 / r, c)
+                divide_norm_output_(norm, r, c)
                 y1 = norm(x).float() * r.to(x.device)
                 for t, v in saved:
                     t.copy_(v)
@@ -453,23 +453,24 @@ def norm_gain_offset(norm: nn.Module) -> float | None:
     return None
 
 
-def scale_norm_output_(norm: nn.Module, s: Tensor, offset: float = 0.0) -> None:
-    """Multiply ``norm``'s output channels by ``s`` ``(d,)``, in place: its gain ``offset + weight`` and its bias.
+def divide_norm_output_(norm: nn.Module, s: Tensor, offset: float = 0.0) -> None:
+    """Divide ``norm``'s output channels by ``s`` ``(d,)``, in place: its gain ``offset + weight`` and its bias.
 
-    ``offset`` is :func:`norm_gain_offset`'s; with ``0`` the weight is multiplied by ``s`` as it is.
+    ``offset`` is :func:`norm_gain_offset`'s; with ``0`` the weight is divided by ``s`` as it is, on any
+    device (``s`` is moved to the weight's).
 
     Example:
         >>> ln = nn.LayerNorm(2)
-        >>> scale_norm_output_(ln, torch.tensor([2.0, 0.5]))
+        >>> divide_norm_output_(ln, torch.tensor([2.0, 0.5]))
         >>> ln.weight.tolist()
-        [2.0, 0.5]
+        [0.5, 2.0]
     """
     w = norm.weight
     with torch.no_grad():
         if offset == 0:
-            w.mul_(s.to(w))
+            w.div_(s.to(w))
         else:
-            w.copy_(((w.double() + offset) * s.to(device=w.device, dtype=torch.float64) - offset).to(w))
+            w.copy_(((w.double() + offset) / s.to(device=w.device, dtype=torch.float64) - offset).to(w))
         b = getattr(norm, "bias", None)
         if isinstance(b, Tensor):
-            b.mul_(s.to(b))
+            b.div_(s.to(b))

@@ -376,21 +376,25 @@ def load_quantized_state(model: nn.Module, tensors: dict[str, Tensor], desc: dic
             _unpack_bank(owner, tensors[info.get("codes", key) + CODES_SUFFIX], info)
             continue
         m = modules[key.removesuffix("layer.weight").removesuffix(".")]
-        grid = m.weight_quantizer.levels() if info.get("levels") else m.weight_quantizer.grid()
-        codes = _unpack_codes(tensors[info.get("codes", key) + CODES_SUFFIX], info["bits"], info["qmin"], info["shape"])
         view = m.weight_view()
         with torch.no_grad():
-            view.copy_(_dequantize(grid, codes.to(grid.scale.device)).to(view.dtype))
+            view.copy_(
+                _unpacked(m.weight_quantizer, tensors[info.get("codes", key) + CODES_SUFFIX], info).to(view.dtype)
+            )
     for name, info in desc["modules"].items():
         modules[name].qstate = QModuleState(info["qstate"])
     return model
 
 
+def _unpacked(q: Quantizer, packed: Tensor, info: dict) -> Tensor:
+    """The values ``q``'s grid (or levels) gives the packed codes described by ``info``, in their stored shape."""
+    grid = q.levels() if info.get("levels") else q.grid()
+    return _dequantize(grid, _unpack_codes(packed, info["bits"], info["qmin"], info["shape"]).to(grid.scale.device))
+
+
 def _unpack_bank(m: QExperts, packed: Tensor, info: dict) -> None:
     """Write the bank ``info["bank"]`` of ``m`` from its packed codes (``(E * out, in)`` rows)."""
-    q = m.bank_quantizer(info["bank"])
-    grid = q.levels() if info.get("levels") else q.grid()
-    rows = _dequantize(grid, _unpack_codes(packed, info["bits"], info["qmin"], info["shape"]).to(grid.scale.device))
+    rows = _unpacked(m.bank_quantizer(info["bank"]), packed, info)
     bank = m.layer._parameters[info["bank"]]
     with torch.no_grad():
         bank.copy_(_bank(rows, info["experts"], m.transposed).to(bank.dtype))

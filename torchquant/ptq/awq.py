@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -153,10 +153,7 @@ def _search_scale_items(
     C = X^T X (in, in), n)``, each weight's error ``sum((E C) * E) / (n * out)``."""
     Ws = [(view.detach().float(), q, view.dtype, C, n) for view, q, C, n in items]
     best: tuple[float, Tensor, float] | None = None
-    for i in range(n_grid):
-        a = i / n_grid
-        s = x_mean.pow(a).clamp(min=1e-4)
-        s = s / (s.max() * s.min()).sqrt()
+    for a, s in _candidates(x_mean, n_grid):
         loss = 0.0
         for W, q, dtype, C, n in Ws:
             E = _quantize(q, (W * s).to(dtype)).float() / s - W
@@ -167,48 +164,61 @@ def _search_scale_items(
     return best[1], best[2]
 
 
-def _by_rows(module: nn.Module, rank: int, X: Tensor) -> bool:
-    """Whether ``module`` computes each row of ``X`` (``(m, in)``) on its own: the first half of the rows run alone
-    give the same outputs as in the whole (an attention module that takes only its input mixes them)."""
-    if X.shape[0] < 2:
-        return False
-    shape = (1,) * (rank - 2)
+def _candidates(x_mean: Tensor, n_grid: int) -> Iterator[tuple[float, Tensor]]:
+    """``(a, s)`` for ``a = 0, 1/n_grid, ...``: ``s = mean|X|^a`` normalised so that ``max(s) min(s) = 1``."""
+    for i in range(n_grid):
+        a = i / n_grid
+        s = x_mean.pow(a).clamp(min=1e-4)
+        yield a, s / (s.max() * s.min()).sqrt()
+
+
+def _run_rows(module: nn.Module, rank: int, X: Tensor) -> Tensor:
+    """``module``'s output ``(m, out)`` for input rows ``X`` ``(m, in)`` given as a tensor of rank ``rank``."""
     dtype = next((p.dtype for p in module.parameters()), X.dtype)
+    out = model_output(module(X.reshape((1,) * (rank - 2) + tuple(X.shape)).to(dtype)), "awq").float()
+    return out.reshape(-1, out.shape[-1])
+
+
+def _row_output(module: nn.Module, rank: int, X: Tensor) -> Tensor | None:
+    """``module``'s output on ``X`` (``(m, in)``) when it computes each row on its own, else ``None``: the first
+    half of the rows run alone must give the same outputs as in the whole (an attention module that takes
+    only its input mixes them)."""
+    if X.shape[0] < 2:
+        return None
     with torch.no_grad():
-        whole = model_output(module(X.reshape(shape + tuple(X.shape)).to(dtype)), "awq").float()
-        half = X[: X.shape[0] // 2]
-        part = model_output(module(half.reshape(shape + tuple(half.shape)).to(dtype)), "awq").float()
-    whole = whole.reshape(-1, whole.shape[-1])[: half.shape[0]]
-    part = part.reshape(-1, part.shape[-1])
-    if whole.shape != part.shape:
-        return False
+        whole = _run_rows(module, rank, X)
+        part = _run_rows(module, rank, X[: X.shape[0] // 2])
+    if whole.shape[0] != X.shape[0] or part.shape != whole[: part.shape[0]].shape:
+        return None
+    dtype = next((p.dtype for p in module.parameters()), X.dtype)
     tol = max(1e-4, 8 * torch.finfo(dtype).eps) * float(whole.abs().max())
-    return bool(((whole - part).abs() <= tol).all())
+    return whole if bool(((whole[: part.shape[0]] - part).abs() <= tol).all()) else None
 
 
 def _search_scale_module(
-    module: nn.Module, rank: int, X: Tensor, matrices: list[tuple[Tensor, nn.Module]], x_mean: Tensor, n_grid: int
+    module: nn.Module,
+    rank: int,
+    X: Tensor,
+    ref: Tensor,
+    matrices: list[tuple[Tensor, nn.Module]],
+    x_mean: Tensor,
+    n_grid: int,
 ) -> tuple[Tensor, float]:
     """The best ``s`` (``(in,)``) and its exponent by ``module``'s output error on input rows ``X`` (``(m, in)``,
-    given to it as a tensor of rank ``rank``) with only ``matrices`` (views ``(out, in)`` and their
-    quantizers) quantized, each ``W`` replaced by ``Q(W s) / s`` meanwhile: the paper's objective for a
-    group whose layers feed one another (``gate``, ``up`` and the ``down`` after them; the experts and
-    their router)."""
+    given to it as a tensor of rank ``rank``; ``ref``: its float output, from :func:`_row_output`) with only
+    ``matrices`` (views ``(out, in)`` and their quantizers) quantized, each ``W`` replaced by ``Q(W s) / s``
+    meanwhile: the paper's objective for a group whose layers feed one another (``gate``, ``up`` and the
+    ``down`` after them; the experts and their router)."""
     dtype = matrices[0][0].dtype
-    xin = X.reshape((1,) * (rank - 2) + tuple(X.shape)).to(dtype)
     saved = [view.detach().clone() for view, _ in matrices]
     best: tuple[float, Tensor, float] | None = None
     with torch.no_grad():
-        ref = model_output(module(xin), "awq").float()
         try:
-            for i in range(n_grid):
-                a = i / n_grid
-                s = x_mean.pow(a).clamp(min=1e-4)
-                s = s / (s.max() * s.min()).sqrt()
+            for a, s in _candidates(x_mean, n_grid):
                 for (view, q), W in zip(matrices, saved):
                     Ws = (W.float() * s).to(dtype)
                     view.copy_((_quantize(q, Ws).float() / s).to(dtype))
-                loss = float((model_output(module(xin), "awq").float() - ref).pow(2).mean())
+                loss = float((_run_rows(module, rank, X) - ref).pow(2).mean())
                 if best is None or loss < best[0]:
                     best = (loss, s, a)
         finally:
@@ -352,7 +362,8 @@ def _awq_shared(
     divided by the scale."""
     row = block.row_module([*fold.layers, *fold.experts])
     rows = _module_rows(block, row[0], sample_tokens, seed) if row is not None else None
-    if row is not None and rows is not None and _by_rows(*row, rows[1]):  # the MoE block's output: routed rows
+    ref = _row_output(*row, rows[1]) if row is not None and rows is not None else None
+    if row is not None and rows is not None and ref is not None:  # the MoE block's output: routed rows
         module, rank = row
         quantized = [w for w in fold.layers if w.weight_quantizer is not None]
         matrices = [(w.weight_view(), w.weight_quantizer) for w in quantized]
@@ -363,7 +374,7 @@ def _awq_shared(
                 matrices += [(qe.matrix(bank, e), q) for e in range(n)]
         if not matrices:
             return "nothing quantized reads its output"
-        s, a = _search_scale_module(module, rank, rows[1], matrices, rows[0], n_grid)
+        s, a = _search_scale_module(module, rank, rows[1], ref, matrices, rows[0], n_grid)
         _fold_shared(fold, s, first_of, X, data)
         return a
     items: list[tuple[Tensor, nn.Module, Tensor, int]] = []
@@ -561,9 +572,10 @@ def awq(
                     skipped[gname] = block.unscaled_reason(group[0])
                 else:
                     row = block.row_module(group)
-                    if row is not None and _by_rows(*row, Xg):  # gate, up: the error of the MLP's output
+                    ref = _row_output(*row, Xg) if row is not None else None
+                    if row is not None and ref is not None:  # gate, up: the error of the MLP's output
                         matrices = [(w.weight_view(), w.weight_quantizer) for w in group]
-                        s, a = _search_scale_module(*row, Xg, matrices, x_mean[group[0]], n_grid)
+                        s, a = _search_scale_module(*row, Xg, ref, matrices, x_mean[group[0]], n_grid)
                     else:
                         s, a = _search_scale(group, Xg, x_mean[group[0]], n_grid)
                     fold_input_scale(target, group, s)
@@ -583,7 +595,7 @@ def awq(
                     data[qe] = e
             for fold in shared.values():
                 found = _awq_shared(block, fold, first_of, X, x_mean, data, n_grid, sample_tokens, seed)
-                key = ",".join([names[w] for w in fold.layers] + [f"{names[qe]}.{qe.banks[0]}" for qe in fold.experts])
+                key = block.fold_name(fold)
                 if isinstance(found, str):
                     skipped[key] = found
                 else:

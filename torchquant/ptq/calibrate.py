@@ -11,7 +11,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..qmodules import QModuleState
 from ..utils import call_model, progress_bar, restoring_states
-from ._common import materialize, require_qmodules
+from ._common import first_names, materialize, require_qmodules
 
 __all__ = ["UncalledQModulesWarning", "calibrate"]
 
@@ -130,9 +130,7 @@ def _read_directly(model: nn.Module, batch, uncalled: list[tuple[str, nn.Module]
 
 def _warn_uncalled(names: list[str], read: set[str]) -> None:
     def shown(xs: list[str]) -> str:
-        return ", ".join(n or "(the model itself)" for n in xs[:8]) + (
-            f", ... ({len(xs) - 8} more)" if len(xs) > 8 else ""
-        )
+        return first_names([n or "(the model itself)" for n in xs], 8)
 
     direct = [n for n in names if n in read]
     absent = [n for n in names if n not in read]

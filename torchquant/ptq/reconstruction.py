@@ -799,10 +799,14 @@ def _fisher_weights(
 
 
 def _reports_grid(q: Quantizer) -> bool:
+    """Whether ``q`` gives AdaRound something to round on (:func:`_grid_of` says why not, when asked)."""
     try:
-        return q.grid() is not None or q.levels() is not None
-    except RuntimeError:  # no ranges yet: _grid_of says so when it is asked
+        _grid_of(q, "")
+    except TypeError:
+        return False
+    except RuntimeError:  # no ranges yet: the unit's own _grid_of call reports it
         return True
+    return True
 
 
 def _grid_of(q: Quantizer, who: str) -> AffineGrid | LevelGrid:

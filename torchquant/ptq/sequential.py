@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..layers import is_normalization, norm_gain_offset, scale_norm_output_
+from ..layers import divide_norm_output_, is_normalization, norm_gain_offset
 from ..moe import QExperts, expert_inputs
 from ..qmodules import QModule, QModuleState, QWrapper, iter_qmodules
 from ..utils import cached_quantized_weights, call_model, model_output, progress_bar, qmodule_state
@@ -355,6 +355,12 @@ class Block:
         shared = self.shared_folds([*(g[0] for g in groups), *experts])
         return experts, shared, {w for fold in shared.values() for w in fold.layers}
 
+    def fold_name(self, fold: SharedFold) -> str:
+        """The qualified names of ``fold``'s quantized readers joined by ``","`` (an experts module's as
+        ``"<experts>.<first bank>"``): how results key it."""
+        names = [self._names[w] for w in fold.layers] + [f"{self._names[qe]}.{qe.banks[0]}" for qe in fold.experts]
+        return ",".join(names)
+
     def unscaled_reason(self, member: nn.Module) -> str:
         """Why no scale moves out of ``member``'s input (a group's first layer with no :meth:`fold_target`, or an
         experts module with no :meth:`shared_fold`)."""
@@ -440,9 +446,9 @@ def fold_shared_scale(fold: SharedFold, s: Tensor) -> None:
     norm = fold.norm
     offset = norm_gain_offset(norm)
     if offset is None:
-        raise ValueError(f"fold_shared_scale: {type(norm).__name__}'s weight is not a per-channel gain")
+        raise ValueError(f"fold: {type(norm).__name__}'s weight is not a per-channel gain; it takes no scale")
     with torch.no_grad():
-        scale_norm_output_(norm, 1 / s.double(), offset)
+        divide_norm_output_(norm, s, offset)
         for w in fold.layers:
             wv = w.weight_view()
             wv.mul_(s.to(wv)[None, :])
@@ -454,17 +460,24 @@ def fold_shared_scale(fold: SharedFold, s: Tensor) -> None:
 
 
 @contextlib.contextmanager
-def _shared_scaled(fold: SharedFold, r: Tensor) -> Iterator[None]:
-    tensors = [fold.norm.weight, getattr(fold.norm, "bias", None), *(w.weight_view() for w in fold.layers)]
-    tensors += [qe.layer._parameters[qe.banks[0]] for qe in fold.experts] + [t for _, t in fold.others]
+def _restored(tensors: Sequence[Tensor | None]) -> Iterator[None]:
+    """The values of ``tensors`` (``None`` entries ignored) put back on exit, whatever happened meanwhile."""
     saved = [(t, t.detach().clone()) for t in tensors if isinstance(t, Tensor)]
     try:
-        fold_shared_scale(fold, r)
         yield
     finally:
         with torch.no_grad():
             for t, v in saved:
                 t.copy_(v)
+
+
+@contextlib.contextmanager
+def _shared_scaled(fold: SharedFold, r: Tensor) -> Iterator[None]:
+    tensors = [fold.norm.weight, getattr(fold.norm, "bias", None), *(w.weight_view() for w in fold.layers)]
+    tensors += [qe.layer._parameters[qe.banks[0]] for qe in fold.experts] + [t for _, t in fold.others]
+    with _restored(tensors):
+        fold_shared_scale(fold, r)
+        yield
 
 
 @dataclass
@@ -474,9 +487,9 @@ class _Probe:
     norm_of: dict[QWrapper, nn.Module]
     called_once: bool
     shared: dict[nn.Module, SharedFold | str]  # unchecked: see Block.shared_fold
-    # per module of the block: the storage of its one tensor argument and its rank, or None (other
-    # tensors passed, called more than once)
-    row_input: dict[nn.Module, tuple[int, int, int] | None]  # (storage, rank, width)
+    # per module of the block: (storage, rank, width) of its one tensor argument, or None (other tensors
+    # passed, or called more than once)
+    row_input: dict[nn.Module, tuple[int, int, int] | None]
     member_input: dict[nn.Module, tuple[int, int]]  # (storage, width) of each layer's and experts module's input
 
 
@@ -643,18 +656,12 @@ def _rows_scaled(qe: QExperts, factor: Tensor):
     """Every expert's ``gate_up_proj`` output channels (and biases) multiplied by ``factor`` ``(out,)`` meanwhile."""
     bank = qe.layer._parameters["gate_up_proj"]
     bias = qe.layer._parameters.get("gate_up_proj_bias")
-    saved = (bank.detach().clone(), None if bias is None else bias.detach().clone())
-    with torch.no_grad():
-        bank.mul_((factor[None, None, :] if qe.transposed else factor[None, :, None]).to(bank))
-        if bias is not None:
-            bias.mul_(factor.to(bias))
-    try:
-        yield
-    finally:
+    with _restored([bank, bias]):
         with torch.no_grad():
-            bank.copy_(saved[0])
+            bank.mul_((factor[None, None, :] if qe.transposed else factor[None, :, None]).to(bank))
             if bias is not None:
-                bias.copy_(saved[1])
+                bias.mul_(factor.to(bias))
+        yield
 
 
 def fold_expert_scale(qe: QExperts, expert: int, up_rows: Tensor, s: Tensor) -> None:
@@ -682,25 +689,19 @@ def fold_expert_scale(qe: QExperts, expert: int, up_rows: Tensor, s: Tensor) -> 
 def _scaled_output(w: QWrapper, r: Tensor) -> Iterator[None]:
     wv = w.weight_view()
     bias = getattr(w.layer, "bias", None)
-    saved = (wv.detach().clone(), None if bias is None else bias.detach().clone())
-    with torch.no_grad():
-        wv.mul_(r.to(wv)[:, None])
-        if bias is not None:
-            bias.mul_(r.to(bias))
-    try:
-        yield
-    finally:
+    with _restored([wv, bias]):
         with torch.no_grad():
-            wv.copy_(saved[0])
-            if bias is not None:
-                bias.copy_(saved[1])
+            wv.mul_(r.to(wv)[:, None])
+            if isinstance(bias, Tensor):
+                bias.mul_(r.to(bias))
+        yield
 
 
 def fold_input_scale(target: nn.Module, group: Sequence[QWrapper], s: Tensor) -> None:
     """Move a per-channel scale from ``group``'s input into ``target``: ``x -> x / s``, ``W -> W * s``.
 
     The float function is unchanged: ``target``'s output channels (a normalisation's
-    gain and bias, :func:`~torchquant.layers.scale_norm_output_`; a layer's weight rows
+    gain and bias, :func:`~torchquant.layers.divide_norm_output_`; a layer's weight rows
     and bias) are divided by ``s`` and each group layer's weight columns multiplied by it.
 
     Args:
@@ -708,24 +709,15 @@ def fold_input_scale(target: nn.Module, group: Sequence[QWrapper], s: Tensor) ->
         group: layers reading ``target``'s output, weights ``(out, in)``.
         s: ``(in,)`` positive scales.
     """
+    if not isinstance(target, QWrapper):  # a normalisation: its gain and bias
+        fold_shared_scale(SharedFold(target, tuple(group), (), ()), s)
+        return
     with torch.no_grad():
-        if isinstance(target, QWrapper):
-            wv = target.weight_view()
-            wv.div_(s.to(wv)[:, None])
-            bias = getattr(target.layer, "bias", None)
-            if isinstance(bias, Tensor):
-                bias.div_(s.to(bias))
-        else:
-            offset = norm_gain_offset(target)
-            if offset is None:
-                raise ValueError(f"fold_input_scale: {type(target).__name__}'s weight is not a per-channel gain")
-            if offset == 0:
-                target.weight.div_(s.to(target.weight))
-                bias = getattr(target, "bias", None)
-                if isinstance(bias, Tensor):
-                    bias.div_(s.to(bias))
-            else:
-                scale_norm_output_(target, 1 / s.double(), offset)
+        wv = target.weight_view()
+        wv.div_(s.to(wv)[:, None])
+        bias = getattr(target.layer, "bias", None)
+        if isinstance(bias, Tensor):
+            bias.div_(s.to(bias))
         for w in group:
             wv = w.weight_view()
             wv.mul_(s.to(wv)[None, :])

@@ -257,7 +257,7 @@ def smoothquant(
                 max_scale[gname] = float(s.max())
                 reobserve_weights([*group, target] if isinstance(target, QWrapper) else group)
             for fold in shared.values():
-                key = ",".join([names[w] for w in fold.layers] + [f"{names[qe]}.{qe.banks[0]}" for qe in fold.experts])
+                key = block.fold_name(fold)
                 firsts = [g[0] for g in joint_groups if g[0] in fold.layers]
                 s = _smooth_shared(block, fold, [acts[f] for f in firsts], float(alpha))
                 if isinstance(s, str):
