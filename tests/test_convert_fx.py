@@ -1,4 +1,5 @@
 import copy
+import io
 import operator
 import warnings
 
@@ -362,6 +363,20 @@ def test_deepcopy_keeps_summary_information():
     q = tq.quantize_model(DigitsCNN(), wf, af, skip=["fc"])
     assert copy.deepcopy(q).meta == q.meta
     assert tq.summary(copy.deepcopy(q)) == tq.summary(q)
+
+
+def test_a_whole_quantized_graph_module_pickles():
+    # torch.load re-traces a GraphModule's code with a subclass of the tracer that made it, built without arguments
+    q = tq.quantize_model(DigitsCNN(), wf, af)
+    x = torch.randn(3, 1, 8, 8)
+    tq.calibrate(q, [x], progress=False)
+    tq.set_qmodule_state(q, tq.QModuleState.QUANT_EVAL)
+    buf = io.BytesIO()
+    torch.save(q, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
 
 
 class BNAct(nn.BatchNorm2d):

@@ -68,6 +68,12 @@ def tv_swin():
     return SwinTransformer([4, 4], 16, [1, 1], [2, 2], [4, 4], block=SwinTransformerBlockV2)
 
 
+def tv_swin_v1():
+    from torchvision.models import SwinTransformer
+
+    return SwinTransformer([4, 4], 16, [1, 1], [2, 2], [4, 4])
+
+
 def tv_convnext():
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
@@ -130,6 +136,9 @@ FULL = {
     "timm-vit-tiny": (tm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), IMG32, "fx"),
     "efficientnet_pytorch-b0": (effnet_b0, IMG32, "fx"),
     "bert-tiny-swap": (bert, TOKENS, "swap"),
+    # Swin's attention passes qkv.weight and proj.weight to a function: the reads go to the wrappers
+    "tv-swin-v2-tiny": (tv_swin, IMG32, "fx"),
+    "tv-swin-tiny-swap": (tv_swin_v1, IMG32, "swap"),
 }
 LIGHT = {
     "tv-mobilenet_v2": (tv("mobilenet_v2", width_mult=0.25), IMG32),
@@ -140,7 +149,6 @@ LIGHT = {
     "tv-regnet_y_400mf": (tv("regnet_y_400mf"), IMG32),
     "tv-googlenet": (tv("googlenet", init_weights=False), IMG32),
     "tv-densenet121": (tv("densenet121"), IMG32),
-    "tv-swin-v2-tiny": (tv_swin, IMG32),
     "tv-convnext-tiny": (tv_convnext, IMG32),
     "tv-maxvit-tiny": (tv_maxvit, IMG32),
     "tv-inception_v3": (tv("inception_v3", init_weights=False, aux_logits=False), (1, 3, 75, 75)),
@@ -210,13 +218,6 @@ def _float_layers(q):
     return sorted({*layers, *tq.convert.float_layers(q)})
 
 
-# torchvision's Swin V2 attention passes qkv.weight and proj.weight to shifted_window_attention, a torch.fx
-# leaf function (shape-dependent control flow inside): both projections stay float, and the warning says so.
-KNOWN_FLOAT = {
-    "tv-swin-v2-tiny": [f"features.{i}.0.attn.{p}" for i in (1, 3) for p in ("proj", "qkv")],
-}
-
-
 def _check_equal(net, q, x):
     with torch.no_grad():
         ref = _first(net(x))
@@ -235,7 +236,7 @@ def test_full_contract(name):
     x = _input(shape)
     net, q = _build_and_convert(build, method)
     assert tq.iter_qmodules(q)
-    assert _float_layers(q) == KNOWN_FLOAT.get(name, [])  # every conv/linear layer is quantized
+    assert _float_layers(q) == []  # every conv/linear layer is quantized
     _check_equal(net, q, x)
 
     q.train()  # QAT: forward + backward, every parameter gets a finite gradient
@@ -264,12 +265,12 @@ def test_light_contract(name):
     build, shape = LIGHT[name]
     net, q = _build_and_convert(build, "fx")
     assert tq.iter_qmodules(q)
-    assert _float_layers(q) == KNOWN_FLOAT.get(name, [])  # every conv/linear layer, inside timm's leaves too
+    assert _float_layers(q) == []  # every conv/linear layer, inside timm's leaves too
     _check_equal(net, q, _input(shape))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["digits_cnn", "timm-vit-tiny"])
+@pytest.mark.parametrize("name", ["digits_cnn", "timm-vit-tiny", "tv-swin-tiny-swap"])
 def test_torch_compile(name):
     build, shape, method = FULL[name]
     x = _input(shape)

@@ -616,7 +616,12 @@ class QWrapper(QModule):
         s = self.qstate
         if mods.get("input_quantizer") is not None:
             x = self._quantize_input(x)
+        # A module that passes this layer's weight to F.linear with a bias of its own making (torchvision's
+        # Swin V2 zeroes the keys' part) is redirected here with that bias, for one call (graph.readers).
+        bias = self.__dict__.get("_call_bias", ...)
         if self.fold_bn:
+            if bias is not ...:
+                raise ValueError(f"QWrapper[{self._describe()}]: a bias of the caller's cannot replace a folded one")
             return self._forward_folded(x)
         wq = mods.get("weight_quantizer")
         w = self.weight_view()
@@ -625,7 +630,7 @@ class QWrapper(QModule):
                 w = self._cached_quantized_weight(w)
             else:
                 w = _run_quantizer(wq, w, s.is_weight_observed, s.is_weight_quantized)
-        y = self._layer_with(x, w, getattr(mods["layer"], "bias", None))
+        y = self._layer_with(x, w, getattr(mods["layer"], "bias", None) if bias is ... else bias)
         bn, act, aq = mods.get("bn"), mods.get("act"), mods.get("acts_quantizer")
         if bn is not None:
             y = bn(y)

@@ -45,7 +45,9 @@ functions it registers as not traceable) are not traced into. A leaf with parame
 constant arguments its calls pass fixed, and rewritten by this same pass; when that
 fails, its layers are swapped (:mod:`torchquant.graph.swap`) in a copy that shares its
 parameters. An ``nn.MultiheadAttention`` becomes a
-:class:`~torchquant.qmodules.QMultiheadAttention`.
+:class:`~torchquant.qmodules.QMultiheadAttention`. A module that passes its layers' weights
+to ``F.linear`` (:data:`~torchquant.graph.readers.WEIGHT_READERS`: torchvision's Swin
+attention) is a leaf whose layers are swapped and whose weight reads go to the wrappers.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ from .common import (
     skip_reason,
     structural_copy,
 )
+from .readers import is_weight_reader
 from .swap import quantize_swap
 
 __all__ = [
@@ -235,7 +238,11 @@ _INT_FUNCTIONS = frozenset(
 class _Tracer(fx.Tracer):
     """Leaves: QModules, Quantizers, skipped modules, user leaf types; remembers where tracing broke."""
 
-    def __init__(self, skip: tuple, leaf_modules: tuple, autowrap_functions: tuple, prefix: str = "") -> None:
+    def __init__(
+        self, skip: tuple = (), leaf_modules: tuple = (), autowrap_functions: tuple = (), prefix: str = ""
+    ) -> None:
+        # Defaults: unpickling a GraphModule (torch.load of a whole quantized model) re-traces its code
+        # with a subclass of the tracer that made it, built without arguments.
         super().__init__(autowrap_functions=autowrap_functions)
         self.skip = skip
         self.leaf_types = leaf_modules
@@ -251,6 +258,8 @@ class _Tracer(fx.Tracer):
                 self.skipped[module_qualified_name] = (reason, m)
                 return True
         if layer_adapter(m) is not None:  # a layer computing its weight in forward (timm's StdConv2d) stays whole
+            return True
+        if is_weight_reader(m):  # its layers are swapped and its weight reads redirected (graph.readers)
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -700,7 +709,7 @@ class _Rewriter:
             return
         self.inside.add(name)
         calls = [n for n in self.graph.nodes if n.op == "call_module" and n.target == name]
-        concrete = _concrete_args(m, calls)
+        concrete = None if is_weight_reader(m) else _concrete_args(m, calls)
         prefix = f"{self.prefix}{name}."
         sub: nn.Module | None = None
         if concrete is not None:
@@ -956,9 +965,11 @@ def quantize_fx(
     autowrap = tuple(dict.fromkeys(tuple(autowrap_functions) + timm_functions))
     tracer = _Tracer(skip, leaves, autowrap, prefix)
     try:
+        if is_weight_reader(model):  # traced, its layers would stay get_attr reads: swap them instead
+            raise FxTraceError(f"{type(model).__name__} reads its layers' weights")
         graph = _trace(model, tracer, concrete_args)
     except FxTraceError:
-        if prefix or not fx.Tracer().is_leaf_module(model, ""):
+        if prefix or not (fx.Tracer().is_leaf_module(model, "") or is_weight_reader(model)):
             raise
         # A torch.nn module that fx keeps whole inside any model (nn.TransformerEncoderLayer), converted
         # on its own: quantize inside a copy sharing its parameters, as it would be inside a model.

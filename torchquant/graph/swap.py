@@ -16,7 +16,10 @@ factory called with ``"<name>.<bank>"``), and the ``nn.TransformerEncoderLayer``
 around quantized ones stop using their fused kernels
 (:func:`~torchquant.graph.common.disable_fused_paths`). It covers modules, not
 functional operations (``x + y``, ``torch.cat``, ``F.relu``): those stay in float, and
-so do activations applied outside an ``nn.Sequential``.
+so do activations applied outside an ``nn.Sequential``. A module that passes its layers'
+weights to ``F.linear`` instead of calling them (torchvision's Swin attention,
+:data:`~torchquant.graph.readers.WEIGHT_READERS`) has those reads sent to the wrappers
+(:func:`~torchquant.graph.readers.redirect_weight_reads`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ..layers import FLOAT_LAYERS, LAYER_TYPES, is_normalization, layer_adapter
 from ..moe import QExperts, expert_banks
 from ..qmodules import SUPPORTED_ACTIVATIONS, QModule, QOp
 from .common import disable_fused_paths, make_qmha, make_qwrapper, mha_unsupported, skip_reason
+from .readers import is_weight_reader, redirect_weight_reads
 
 __all__ = ["quantize_swap"]
 
@@ -91,6 +95,8 @@ def _swap(module, prefix, wf, af, skip, fold_bn, norm_outputs, reasons: dict[str
             module._modules[key] = _norm_qop(child, name, af)
         else:
             _swap(child, name + ".", wf, af, skip, fold_bn, norm_outputs, reasons)
+            if is_weight_reader(child):
+                redirect_weight_reads(child)
 
 
 def quantize_swap(
@@ -120,5 +126,7 @@ def quantize_swap(
     """
     reasons: dict[str, str] = {}
     _swap(model, prefix, weight_quantizer, acts_quantizer, skip, fold_bn, norm_outputs, reasons)
+    if is_weight_reader(model):
+        redirect_weight_reads(model)
     disable_fused_paths(model)
     return reasons

@@ -1,0 +1,186 @@
+"""Modules that pass a wrapped layer's weight to F.linear: the reads go to the wrapper (torchquant.graph.readers)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchquant as tq
+from torchquant.graph.common import structural_copy
+from torchquant.graph.readers import WEIGHT_READERS, call_with_bias, is_weight_reader, redirect_weight_reads
+
+S = tq.QModuleState
+
+
+class Reads(nn.Module):
+    """Reads ``fc``'s weight and passes a bias of its own making, as Swin V2 does with ``qkv``."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+        self.out = nn.Linear(4, 3)
+        self.fail = fail
+
+    def forward(self, x):
+        if self.fail:
+            raise RuntimeError("forward failed")
+        h = F.linear(x, self.fc.weight, self.fc.bias * 2)
+        return self.out(torch.relu(h))
+
+
+def _wrapped(fail: bool = False) -> Reads:
+    torch.manual_seed(0)
+    m = Reads(fail)
+    m.fc = tq.QWrapper(m.fc, tq.AffineQuantizer(4, tq.BatchMinMax(axis=0)), tq.AffineQuantizer(4, tq.BatchMinMax()))
+    m.out = tq.QWrapper(m.out, tq.AffineQuantizer(4, tq.BatchMinMax(axis=0)))
+    return redirect_weight_reads(m)
+
+
+def test_the_read_goes_to_the_wrapper_with_the_callers_bias():
+    m = _wrapped()
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        ref_float = m.out(torch.relu(F.linear(x, m.fc.weight, m.fc.bias * 2)))
+        assert torch.equal(m(x), ref_float)  # BYPASSED: the module's own float computation
+        tq.calibrate(m, [x], progress=False)
+        m.fc.qstate = m.out.qstate = S.QUANT_EVAL
+        h = F.linear(x, m.fc.weight_quantizer(m.fc.weight), m.fc.bias * 2)
+        expected = m.out(torch.relu(m.fc.acts_quantizer(h)))
+        assert torch.equal(m(x), expected)
+        assert not torch.equal(expected, ref_float)
+
+
+def test_the_wrapper_is_called_in_every_mode():
+    m = _wrapped()
+    calls = []
+    m.fc.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape))
+    x = torch.randn(5, 6)
+    m(x)
+    assert calls == [(5, 6)]  # BYPASSED too: passes that collect float inputs hook the wrapper
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tq.UncalledQModulesWarning)
+        tq.calibrate(m, [x], progress=False)
+    assert len(calls) == 2 and m.fc.acts_quantizer.range_observer.initialized
+
+
+def test_gradients_reach_the_weight_through_the_redirect():
+    m = _wrapped()
+    tq.set_qmodule_state(m, S.QUANT_AWARE_TRAIN)
+    m(torch.randn(5, 6)).square().sum().backward()
+    assert m.fc.weight.grad is not None and m.fc.weight.grad.abs().sum() > 0
+
+
+def test_a_failing_forward_leaves_no_mode_behind():
+    m = _wrapped(fail=True)
+    m.fc.qstate = S.CALIBRATION
+    with pytest.raises(RuntimeError, match="forward failed"):
+        m(torch.randn(5, 6))
+    assert not torch.overrides._get_current_function_mode_stack()
+
+
+def test_install_is_idempotent_and_copies_are_independent():
+    m = _wrapped()
+    assert redirect_weight_reads(m) is m and len(m._forward_pre_hooks) == 1
+    base = Reads()
+    base.fc = tq.QWrapper(base.fc, tq.AffineQuantizer(4, tq.BatchMinMax(axis=0)))
+    copied = redirect_weight_reads(structural_copy(base))
+    assert len(copied._forward_pre_hooks) == 1 and len(base._forward_pre_hooks) == 0  # the hook dicts were shared
+    x = torch.randn(3, 6)
+    tq.calibrate(m, [x], progress=False)
+    m.fc.qstate = m.out.qstate = S.QUANT_EVAL_WEIGHT_ONLY
+    with torch.no_grad():
+        y = m(x)
+        buf = io.BytesIO()
+        torch.save(m, buf)
+        buf.seek(0)
+        for other in (copy.deepcopy(m), torch.load(buf, weights_only=False)):
+            assert torch.equal(other(x), y)
+
+
+def test_call_with_bias_replaces_the_layers_own_for_one_call():
+    lin = nn.Linear(3, 2)
+    w = tq.QWrapper(lin)
+    x, b = torch.randn(4, 3), torch.randn(2)
+    assert torch.equal(call_with_bias(w, x, b), F.linear(x, lin.weight, b))
+    assert torch.equal(call_with_bias(w, x, None), x @ lin.weight.t())
+    assert torch.equal(w(x), lin(x))  # the next call has the layer's own bias again
+    folded = tq.QWrapper([nn.Linear(3, 2), nn.BatchNorm1d(2)], fold_bn=True)
+    with pytest.raises(ValueError, match=r"QWrapper\[Linear\+BatchNorm1d\].*folded"):
+        call_with_bias(folded, x, b)
+    assert "_call_bias" not in folded.__dict__
+
+
+def test_registry_holds_torchvision_swin_attention():
+    tv = pytest.importorskip("torchvision.models.swin_transformer")
+    swin = (tv.ShiftedWindowAttention, tv.ShiftedWindowAttentionV2)
+    assert {f"{c.__module__}.{c.__qualname__}" for c in swin} == set(WEIGHT_READERS)
+    assert not is_weight_reader(Reads())
+
+
+def _swin(v2: bool) -> nn.Module:
+    from torchvision.models import SwinTransformer
+    from torchvision.models.swin_transformer import SwinTransformerBlockV2
+
+    torch.manual_seed(0)
+    extra = {"block": SwinTransformerBlockV2} if v2 else {}
+    return SwinTransformer([4, 4], 16, [1, 1], [2, 2], [4, 4], **extra).eval()
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("method", ["fx", "swap"])
+def test_swin_attention_projections_are_quantized(method, v2):
+    pytest.importorskip("torchvision")
+    from torchvision.models.swin_transformer import shifted_window_attention
+
+    net = _swin(v2)
+    wf = lambda m: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0))  # noqa: E731
+    af = lambda m: tq.AffineQuantizer(8, tq.BatchMinMax())  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither the conversion's nor calibration's float-layer warning
+        q = tq.quantize_model(copy.deepcopy(net) if method == "swap" else net, wf, af, method=method)
+        x = torch.randn(2, 3, 32, 32)
+        tq.calibrate(q, [x], progress=False)
+    assert not net.features[1][0].attn._forward_pre_hooks  # fx quantizes a copy sharing the parameters
+    attn = q.get_submodule("features.1.0.attn")
+    assert isinstance(attn.qkv, tq.QWrapper) and isinstance(attn.proj, tq.QWrapper)
+    assert attn.qkv.acts_quantizer.range_observer.initialized  # observed in the model's own forward
+    with torch.no_grad():
+        tq.set_qmodule_state(q, S.BYPASSED)
+        assert torch.equal(q(x), net(x))
+        tq.set_qmodule_state(q, S.QUANT_EVAL_WEIGHT_ONLY)
+        h = torch.randn(2, 8, 8, 16)
+        got = attn(h)
+        kwargs = {"logit_scale": attn.logit_scale} if v2 else {}
+        expected = shifted_window_attention(
+            h, attn.qkv.quantized_weight(), attn.proj.quantized_weight(), attn.get_relative_position_bias(),
+            attn.window_size, attn.num_heads, shift_size=attn.shift_size, qkv_bias=attn.qkv.bias,
+            proj_bias=attn.proj.bias, training=False, **kwargs,
+        )  # fmt: skip
+        assert torch.equal(got, expected)
+
+
+def test_swin_export_matches_the_simulation():
+    pytest.importorskip("torchvision")
+    ort = pytest.importorskip("onnxruntime")
+    q = tq.quantize_model(
+        _swin(v2=True),
+        lambda m: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0)),
+        lambda m: tq.AffineQuantizer(8, tq.ExpAvgMinMax()),
+        method="swap",
+    )
+    x = torch.randn(2, 3, 32, 32)
+    tq.calibrate(q, [x], progress=False)
+    tq.set_qmodule_state(q, S.QUANT_EVAL)
+    proto = tq.export.to_onnx(q, x)
+    weights = {i.name.partition("/")[0] for i in proto.graph.initializer if i.name.endswith("/int_weight")}
+    assert {"features.1.0.attn.qkv.weight_quantizer", "features.1.0.attn.proj.weight_quantizer"} <= weights
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # float kernels: no saturation
+    report = tq.export.check_parity(q, proto, x, session_options=plain)
+    assert report.passed(), str(report)
