@@ -117,7 +117,7 @@ def test_calibrate_bad_input(model, data, kwargs, err, match):
 
 
 class _ReadsWeight(nn.Module):
-    """Calls ``a``; reads ``b``'s weight itself, as torchvision's Swin attention reads ``qkv.weight``;
+    """Calls ``a``; passes ``b``'s weight to ``F.linear`` itself, as torchvision's Swin attention does with ``qkv``;
     calls ``c`` only for inputs with more than 4 rows."""
 
     def __init__(self) -> None:
@@ -129,6 +129,32 @@ class _ReadsWeight(nn.Module):
         return self.c(x) if x.shape[0] > 4 else x
 
 
+class _MatmulReader(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _ReadsWeight()
+        self.d = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.inner(x) @ self.d.weight.t()  # not F.linear: nothing to redirect
+
+
+def test_uncalled_warning_names_the_reader_to_redirect_and_only_for_linear_reads():
+    af = lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax())  # noqa: E731
+    net = tq.quantize_model(_MatmulReader(), None, af, method="swap")
+    with pytest.warns(tq.UncalledQModulesWarning) as caught:
+        tq.calibrate(net, [torch.randn(2, 4)], progress=False)
+    (message,) = [str(w.message) for w in caught]
+    assert "inner.b, d (the model reads" in message
+    assert "redirect_weight_reads(module) on inner sends these F.linear reads" in message
+    tq.graph.readers.redirect_weight_reads(net.inner)
+    with pytest.warns(tq.UncalledQModulesWarning) as caught:
+        tq.calibrate(net, [torch.randn(2, 4)], progress=False)
+    (message,) = [str(w.message) for w in caught]
+    assert "inner.b" not in message and "d (the model reads" in message and "redirect_weight_reads" not in message
+    assert net.inner.b.acts_quantizer.range_observer.initialized
+
+
 def test_calibrate_warns_about_qmodules_the_forward_pass_never_called():
     net = tq.quantize_model(_ReadsWeight(), None, lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax()), method="swap")
     with pytest.warns(tq.UncalledQModulesWarning) as caught:
@@ -136,7 +162,8 @@ def test_calibrate_warns_about_qmodules_the_forward_pass_never_called():
     (message,) = [str(w.message) for w in caught]
     # b's weight is read directly (float), c is on a branch the batch did not take
     assert message.startswith("calibrate: 2 QModule(s) were never called by the forward pass: b (the model reads")
-    assert "computes in float); c (not reached: a branch" in message
+    assert "computes in float; tq.graph.readers.redirect_weight_reads(module) on (the model itself) sends" in message
+    assert "to the wrappers); c (not reached: a branch" in message
     assert not net.b.acts_quantizer.range_observer.initialized
     assert not any(isinstance(m, tq.QModule) and m._forward_pre_hooks for m in net.modules())  # hooks removed
     with warnings.catch_warnings():

@@ -21,7 +21,9 @@ class UncalledQModulesWarning(UserWarning):
 
     The message tells the two cases apart (a second pass on the first batch watches which
     parameters torch functions receive): the model reads a wrapped layer's weight instead of
-    calling the layer (the layer then computes in float whatever the summary says), or the
+    calling the layer (the layer then computes in float whatever the summary says; where the
+    reader passes it to ``F.linear`` and is the wrapper's parent, the message names the module to
+    give :func:`torchquant.graph.readers.redirect_weight_reads`), or the
     batches never took the branch that calls it, or the branch runs only in training (its
     activation quantizers then have no ranges).
     """
@@ -103,32 +105,46 @@ def calibrate(
 
 
 class _ParameterReads(TorchFunctionMode):
-    """Records which of the given parameters a torch function receives."""
+    """Records which of the given parameters a torch function receives, which function, and in which module."""
 
     def __init__(self, owners: dict[int, str]) -> None:
         super().__init__()
         self.owners = owners
-        self.read: set[str] = set()
+        self.running: list[str] = []  # qualified names of the modules whose forward is running, innermost last
+        self.read: dict[str, tuple[str, str]] = {}  # QModule name -> (function name, reading module's name)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         for a in (*args, *kwargs.values()):
             name = self.owners.get(id(a)) if isinstance(a, torch.Tensor) else None
-            if name is not None:
-                self.read.add(name)
+            if name is not None and name not in self.read:
+                self.read[name] = (getattr(func, "__name__", str(func)), self.running[-1] if self.running else "")
         return func(*args, **kwargs)
 
 
-def _read_directly(model: nn.Module, batch, uncalled: list[tuple[str, nn.Module]]) -> set[str]:
-    """The uncalled QModules whose own parameters (a wrapped layer's weight) the forward uses all the same."""
+def _read_directly(model: nn.Module, batch, uncalled: list[tuple[str, nn.Module]]) -> dict[str, tuple[str, str]]:
+    """The uncalled QModules whose own parameters (a wrapped layer's weight) the forward uses all the same,
+    with the function that received them and the module whose forward called it."""
     owners = {id(p): name for name, m in uncalled for p in m.parameters()}
     mode = _ParameterReads(owners)
-    with mode:
-        call_model(model, batch, "calibrate")
+
+    def leave(module: nn.Module, args: tuple, out: object) -> None:  # returns None: the output stays
+        mode.running.pop()
+
+    hooks = []
+    for name, m in model.named_modules():
+        hooks.append(m.register_forward_pre_hook(lambda m, args, name=name: mode.running.append(name)))
+        hooks.append(m.register_forward_hook(leave, always_call=True))
+    try:
+        with mode:
+            call_model(model, batch, "calibrate")
+    finally:
+        for h in hooks:
+            h.remove()
     return mode.read
 
 
-def _warn_uncalled(names: list[str], read: set[str]) -> None:
+def _warn_uncalled(names: list[str], read: dict[str, tuple[str, str]]) -> None:
     def shown(xs: list[str]) -> str:
         return first_names([n or "(the model itself)" for n in xs], 8)
 
@@ -136,8 +152,17 @@ def _warn_uncalled(names: list[str], read: set[str]) -> None:
     absent = [n for n in names if n not in read]
     parts = []
     if direct:
+        # F.linear reads by the wrappers' parent: graph.readers can send them to the wrappers
+        redirectable = sorted({r for n in direct for f, r in [read[n]] if f == "linear" and n.rpartition(".")[0] == r})
+        hint = (
+            f"; tq.graph.readers.redirect_weight_reads(module) on {shown(redirectable)} sends these F.linear "
+            "reads to the wrappers"
+            if redirectable
+            else ""
+        )
         parts.append(
-            f"{shown(direct)} (the model reads their layer's weight instead of calling the layer: it computes in float)"
+            f"{shown(direct)} (the model reads their layer's weight instead of calling the layer: it computes in "
+            f"float{hint})"
         )
     if absent:
         parts.append(
