@@ -8,9 +8,11 @@ small input (64x64, or the model's own input size where 64 does not fit) and che
 that both outputs match the float model (``allclose``, atol 1e-5). Models with more than
 ``--max-params`` parameters (the large members of families whose small members are
 run) are only converted, on the ``meta`` device where their builder allows it, to save
-time. Coverage counts the convolution and linear layers of the converted model
+time. Coverage counts the convolution and linear layers of the float model
 (subclasses included, and ``nn.MultiheadAttention``'s packed input projection) and
-names those that no QModule holds, with the reason the summary gives. One line per
+names those whose weight no QModule of the converted model holds, with the reason the summary gives, and (for the models
+that run) the wrapped layers the forward pass never calls (a module reading their weight
+directly computes them in float). One line per
 model, then the counts, the failures and the layers left in float::
 
     python benchmarks/convert_zoo.py                              # torchvision + the timm list
@@ -69,31 +71,33 @@ def _convert(net):
     ).eval()
 
 
-def coverage(q: nn.Module) -> tuple[int, dict[str, str]]:
-    """Number of conv/linear weights in ``q`` and, for those no QModule holds, the summary's reason."""
-    held = [n for n, m in q.named_modules() if isinstance(m, tq.QModule)]
+def coverage(net: nn.Module, q: nn.Module) -> tuple[int, dict[str, str]]:
+    """Number of conv/linear weights in the float model ``net`` and, for those no QModule of ``q`` holds
+    (``q`` shares ``net``'s parameter tensors), the summary's reason. Counted on ``net``: a layer whose
+    weight the traced code reads as an attribute is no module of ``q`` at all."""
+    held = {id(p) for _, m in tq.iter_qmodules(q) for p in m.parameters()}
     notes = {r["name"]: r["note"] for r in tq.summary_rows(q) if r["kind"] == "float"}
     total, left = 0, {}
-    for name, m in q.named_modules():
+    for name, m in net.named_modules():
         if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
-            name, is_layer = f"{name}.in_proj_weight", True
+            name, weight = f"{name}.in_proj_weight", m.in_proj_weight
+        elif isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            weight = m.weight
         else:
-            is_layer = isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
-        if not is_layer:
             continue
         total += 1
-        if not any(h == "" or name == h or name.startswith(h + ".") for h in held):
+        if id(weight) not in held:
             owner = next((n for n in sorted(notes, key=len, reverse=True) if name == n or name.startswith(n + ".")), "")
             left[name] = notes.get(owner, "not converted") if owner else "not converted"
     return total, left
 
 
-def _counts(q) -> tuple[str, dict[str, str]]:
+def _counts(net, q) -> tuple[str, dict[str, str]]:
     rows = tq.summary_rows(q)
     n_w = sum(r["kind"] == "QWrapper" for r in rows)
     n_o = sum(r["kind"] == "QOp" for r in rows)
     n_f = sum(r["kind"] == "float" for r in rows)
-    total, left = coverage(q)
+    total, left = coverage(net, q)
     return f"{total - len(left)}/{total} layers quantized; {n_w} QWrapper, {n_o} QOp, {n_f} float", left
 
 
@@ -109,7 +113,7 @@ def check(build, sizes, max_params: float) -> tuple[str, str, dict[str, str]]:
             q = _convert(big.eval())
         except tq.FxTraceError as e:
             return "FAIL", str(e).splitlines()[0].replace("quantize_model(method='fx'): ", ""), {}
-        counts, left = _counts(q)
+        counts, left = _counts(big, q)
         return "converted", f"{counts}, {n_params / 1e6:.0f}M params: not run", left
     torch.manual_seed(0)
     net = build().eval()
@@ -120,11 +124,19 @@ def check(build, sizes, max_params: float) -> tuple[str, str, dict[str, str]]:
         return "FAIL", str(e).splitlines()[0].replace("quantize_model(method='fx'): ", ""), {}
     except Exception as e:  # a bug in the rewriting: report it, keep going
         return "ERROR", f"{type(e).__name__}: {e}", {}
-    counts, left = _counts(q)
+    counts, left = _counts(net, q)
+    qmodules = dict(tq.iter_qmodules(q))
+    called: set[str] = set()
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: called.add(n)) for n, m in qmodules.items()]
     with torch.no_grad():
         a = _first(q(x))
         with tq.qmodule_state(q, tq.QModuleState.CALIBRATION):
             b = _first(q(x))
+    for h in hooks:
+        h.remove()
+    for n in qmodules:  # held by a QModule but computing in float: its weight read directly, or a branch not taken
+        if n not in called and isinstance(qmodules[n], tq.QWrapper):
+            left[n] = "QWrapper never called by the forward pass"
     if not (torch.allclose(a, ref, atol=1e-5) and torch.allclose(b, ref, atol=1e-5)):
         return "MISMATCH", f"max |diff| {(a - ref).abs().max():.3g}; {counts}", left
     return "ok", f"{counts}, input {x.shape[-1]}", left
