@@ -365,6 +365,53 @@ def test_deepcopy_keeps_summary_information():
     assert tq.summary(copy.deepcopy(q)) == tq.summary(q)
 
 
+class _TrainOnlyNoise(nn.Module):
+    """No parameters, behaves differently in training: traced, its mode would be frozen."""
+
+    def forward(self, x):
+        return x + torch.randn_like(x) if self.training else x
+
+
+class _NoisyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.noise = _TrainOnlyNoise()
+
+    def forward(self, x):
+        return self.noise(self.fc(x))
+
+
+def _tv_convnext():
+    pytest.importorskip("torchvision")
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    return ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], stochastic_depth_prob=0.5)
+
+
+def _timm_vit():
+    timm = pytest.importorskip("timm")
+    return timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=2, drop_path_rate=0.5)
+
+
+@pytest.mark.parametrize("build", [_NoisyNet, _tv_convnext, _timm_vit], ids=["custom", "tv-convnext", "timm-vit"])
+def test_train_only_modules_follow_the_mode_at_run_time(build):
+    # stochastic depth (torchvision), DropPath (timm): kept whole, not traced with the mode of the moment
+    torch.manual_seed(0)
+    net = build().eval()
+    q = tq.quantize_model(copy.deepcopy(net), wf, af)
+    x = torch.randn(2, 4) if isinstance(net, _NoisyNet) else torch.randn(2, 3, 16, 16)
+    net.train()
+    q.train()
+    torch.manual_seed(1)
+    expected = net(x)
+    torch.manual_seed(1)
+    assert torch.equal(q(x), expected)
+    net.eval()
+    q.eval()
+    assert torch.equal(q(x), net(x))
+
+
 def test_a_whole_quantized_graph_module_pickles():
     # torch.load re-traces a GraphModule's code with a subclass of the tracer that made it, built without arguments
     q = tq.quantize_model(DigitsCNN(), wf, af)

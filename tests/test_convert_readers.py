@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 import torchquant as tq
 from torchquant.graph.common import structural_copy
-from torchquant.graph.readers import WEIGHT_READERS, call_with_bias, is_weight_reader, redirect_weight_reads
+from torchquant.graph.readers import WEIGHT_READERS, is_weight_reader, redirect_weight_reads
 
 S = tq.QModuleState
 
@@ -103,17 +104,38 @@ def test_install_is_idempotent_and_copies_are_independent():
             assert torch.equal(other(x), y)
 
 
-def test_call_with_bias_replaces_the_layers_own_for_one_call():
+def test_a_callers_bias_replaces_the_layers_own_for_one_call():
     lin = nn.Linear(3, 2)
     w = tq.QWrapper(lin)
     x, b = torch.randn(4, 3), torch.randn(2)
-    assert torch.equal(call_with_bias(w, x, b), F.linear(x, lin.weight, b))
-    assert torch.equal(call_with_bias(w, x, None), x @ lin.weight.t())
-    assert torch.equal(w(x), lin(x))  # the next call has the layer's own bias again
+    assert torch.equal(w(x, bias=b), F.linear(x, lin.weight, b))
+    assert torch.equal(w(x, bias=None), x @ lin.weight.t())
+    assert torch.equal(w(x), lin(x))
     folded = tq.QWrapper([nn.Linear(3, 2), nn.BatchNorm1d(2)], fold_bn=True)
     with pytest.raises(ValueError, match=r"QWrapper\[Linear\+BatchNorm1d\].*folded"):
-        call_with_bias(folded, x, b)
-    assert "_call_bias" not in folded.__dict__
+        folded(x, bias=b)
+    traced = torch.fx.symbolic_trace(w)  # the argument becomes a placeholder whose default is the layer's bias
+    assert torch.equal(traced(x), lin(x))
+
+
+def test_threads_sharing_a_redirected_model_each_get_their_own_bias():
+    m = _wrapped()
+    x = torch.randn(5, 6)
+    tq.calibrate(m, [x], progress=False)
+    tq.set_qmodule_state(m, S.QUANT_EVAL)
+    with torch.no_grad():
+        expected = m(x)
+        others = [torch.randn(5, 6) for _ in range(4)]
+        expected_others = [m.fc(o) for o in others]  # direct calls: the layer's own bias
+
+        def run(i: int) -> bool:
+            ok = True
+            for _ in range(20):
+                ok &= torch.equal(m(x), expected) if i % 2 else torch.equal(m.fc(others[i]), expected_others[i])
+            return ok
+
+        with ThreadPoolExecutor(4) as pool:
+            assert all(pool.map(run, range(4)))
 
 
 def test_registry_holds_torchvision_swin_attention():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
+from types import EllipsisType
 from typing import Any
 
 import torch
@@ -605,7 +606,16 @@ class QWrapper(QModule):
         s = self.qstate
         return _run_quantizer(self._modules["input_quantizer"], x, s.is_act_observed, s.is_act_quantized)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor | EllipsisType | None = ...) -> Tensor:
+        """The wrapped layers on ``x``, quantized as the mode says.
+
+        ``bias`` replaces the layer's own bias (the default ``...``) for this call (``None``: no bias):
+        a module that passes its layer's weight to ``F.linear`` with a bias of its own making
+        (torchvision's Swin V2 zeroes the keys' part, timm's EVA concatenates three) is sent here with
+        that bias (:mod:`torchquant.graph.readers`). Not with ``fold_bn=True``.
+        """
+        if bias is not ... and isinstance(bias, torch.fx.Proxy):
+            bias = ...  # traced as the root, fx makes the argument a placeholder: its default applies
         # Submodules from _modules, read once: nn.Module.__getattr__ (behind this class's own) costs
         # about 1 us per lookup, a tenth of a quantizer call's host time on a GPU. An attribute
         # set to None before it ever held a module lives in __dict__ instead, hence .get.
@@ -616,9 +626,6 @@ class QWrapper(QModule):
         s = self.qstate
         if mods.get("input_quantizer") is not None:
             x = self._quantize_input(x)
-        # A module that passes this layer's weight to F.linear with a bias of its own making (torchvision's
-        # Swin V2 zeroes the keys' part) is redirected here with that bias, for one call (graph.readers).
-        bias = self.__dict__.get("_call_bias", ...)
         if self.fold_bn:
             if bias is not ...:
                 raise ValueError(f"QWrapper[{self._describe()}]: a bias of the caller's cannot replace a folded one")

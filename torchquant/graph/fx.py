@@ -37,7 +37,9 @@ and its qualified name; for a module ``QOp``, the wrapped module and its name;
 for a function ``QOp``, a :class:`FunctionalOp` describing the call and the
 ``QOp``'s qualified name.
 
-Modules that are ``QModule`` s or ``Quantizer`` s, skipped modules, and the
+Modules without parameters whose ``forward`` reads ``self.training`` (stochastic depth,
+timm's ``DropPath``) are leaves, so they follow the mode at run time. Modules that are
+``QModule`` s or ``Quantizer`` s, skipped modules, and the
 leaf modules given by the user (and, when ``timm`` is imported, the modules and
 functions it registers as not traceable) are not traced into. A leaf with parameters
 (those, and the torch.nn modules torch.fx keeps whole, such as
@@ -261,6 +263,8 @@ class _Tracer(fx.Tracer):
             return True
         if is_weight_reader(m):  # its layers are swapped and its weight reads redirected (graph.readers)
             return True
+        if _reads_training(m) and not any(True for _ in m.parameters()):
+            return True  # stochastic depth, DropPath: traced, their mode would be frozen at trace time
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
@@ -334,6 +338,13 @@ def _trace(model: nn.Module, tracer: _Tracer, concrete_args: dict[str, Any] | No
             f"quantize_model(method='fx'): torch.fx cannot trace {where}: {type(e).__name__}: {e}{at}\n"
             f"  Use method='swap' (layers only, no functional ops){hint}."
         ) from e
+
+
+def _reads_training(m: nn.Module) -> bool:
+    """Whether ``m``'s own ``forward`` reads ``self.training`` (a train-only behaviour: stochastic depth,
+    timm's DropPath). Kept as a leaf when it has no parameters, so the call follows the mode at run time."""
+    code = getattr(type(m).forward, "__code__", None)
+    return code is not None and "training" in code.co_names
 
 
 def _timm_leaves() -> tuple[tuple, tuple]:

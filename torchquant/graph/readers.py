@@ -25,12 +25,12 @@ from collections import OrderedDict
 from typing import Any
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..qmodules import QWrapper
 
-__all__ = ["WEIGHT_READERS", "call_with_bias", "is_weight_reader", "redirect_weight_reads"]
+__all__ = ["WEIGHT_READERS", "is_weight_reader", "redirect_weight_reads"]
 
 WEIGHT_READERS: frozenset[str] = frozenset(
     {
@@ -54,21 +54,8 @@ def _linear_args(args: tuple, kwargs: dict) -> tuple[Any, Any, Any]:
     return values[0], values[1], values[2]
 
 
-def call_with_bias(wrapper: QWrapper, x: Tensor, bias: Tensor | None) -> Tensor:
-    """``wrapper(x)`` with ``bias`` in place of the wrapped layer's own bias (``None``: none), for this call.
-
-    A call of the module, so its forward hooks run. Not for a wrapper that folds a BatchNorm
-    (``ValueError``).
-    """
-    wrapper.__dict__["_call_bias"] = bias
-    try:
-        return wrapper(x)
-    finally:
-        del wrapper.__dict__["_call_bias"]
-
-
 class _LinearReads(TorchFunctionMode):
-    """Sends ``F.linear(x, w, b)`` with ``w`` a wrapped layer's weight to ``wrapper(x)`` with bias ``b``."""
+    """Sends ``F.linear(x, w, b)`` with ``w`` a wrapped layer's weight to ``wrapper(x, bias=b)``."""
 
     def __init__(self, wrappers: dict[int, QWrapper]) -> None:
         super().__init__()
@@ -81,7 +68,7 @@ class _LinearReads(TorchFunctionMode):
             wrapper = self.wrappers.get(id(w))
             # the mode is off while this runs, so the wrapper's own F.linear is not sent here again
             if wrapper is not None and w is wrapper._modules["layer"].weight:
-                return call_with_bias(wrapper, x, b)
+                return wrapper(x, bias=b)
         return func(*args, **kwargs)
 
 
@@ -134,7 +121,7 @@ def redirect_weight_reads(module: nn.Module) -> nn.Module:
     Example:
         >>> import torch
         >>> import torch.nn.functional as F
-        >>> from torch import Tensor, nn
+        >>> from torch import nn
         >>> import torchquant as tq
         >>> from torchquant.graph.readers import redirect_weight_reads
         >>> class Reads(nn.Module):  # calls F.linear with its layer's weight, never the layer
