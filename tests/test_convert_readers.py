@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchquant as tq
+from torchquant.graph import readers
 from torchquant.graph.common import structural_copy
 from torchquant.graph.readers import WEIGHT_READERS, is_weight_reader, redirect_weight_reads
 
@@ -136,6 +137,49 @@ def test_threads_sharing_a_redirected_model_each_get_their_own_bias():
 
         with ThreadPoolExecutor(4) as pool:
             assert all(pool.map(run, range(4)))
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 6)
+        self.reads = Reads()
+
+    def forward(self, x):
+        return self.reads(self.inp(x))
+
+
+@pytest.fixture
+def registered_reads():
+    readers.register_weight_reader(Reads)
+    yield Reads
+    readers._REGISTERED.discard(Reads)
+
+
+@pytest.mark.parametrize("method", ["fx", "swap"])
+def test_a_registered_reader_is_redirected_by_quantize_model_and_by_load(registered_reads, method, tmp_path):
+    wf = lambda m: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0))  # noqa: E731
+    af = lambda m: tq.AffineQuantizer(4, tq.BatchMinMax())  # noqa: E731
+    torch.manual_seed(0)
+    net = _Block()
+    fresh = copy.deepcopy(net)
+    q = tq.quantize_model(copy.deepcopy(net), wf, af, method=method)
+    x = torch.randn(5, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tq.UncalledQModulesWarning)
+        tq.calibrate(q, [x], progress=False)
+    tq.set_qmodule_state(q, S.QUANT_EVAL)
+    tq.save(q, tmp_path / "q.safetensors")
+    loaded = tq.load(fresh, tmp_path / "q.safetensors")
+    with torch.no_grad():
+        y = q(x)
+        assert not torch.equal(y, net(x))
+        assert torch.equal(loaded(x), y)
+
+
+def test_register_weight_reader_takes_module_types_only():
+    with pytest.raises(TypeError, match=r"register_weight_reader: expected an nn\.Module subclass, got 3"):
+        readers.register_weight_reader(3)
 
 
 def test_registry_holds_torchvision_swin_attention():

@@ -146,12 +146,12 @@ def test_uncalled_warning_names_the_reader_to_redirect_and_only_for_linear_reads
         tq.calibrate(net, [torch.randn(2, 4)], progress=False)
     (message,) = [str(w.message) for w in caught]
     assert "inner.b, d (the model reads" in message
-    assert "redirect_weight_reads(module) on inner sends these F.linear reads" in message
+    assert "register_weight_reader(_ReadsWeight) before quantize_model sends the F.linear reads of inner" in message
     tq.graph.readers.redirect_weight_reads(net.inner)
     with pytest.warns(tq.UncalledQModulesWarning) as caught:
         tq.calibrate(net, [torch.randn(2, 4)], progress=False)
     (message,) = [str(w.message) for w in caught]
-    assert "inner.b" not in message and "d (the model reads" in message and "redirect_weight_reads" not in message
+    assert "inner.b" not in message and "d (the model reads" in message and "register_weight_reader" not in message
     assert net.inner.b.acts_quantizer.range_observer.initialized
 
 
@@ -162,7 +162,7 @@ def test_calibrate_warns_about_qmodules_the_forward_pass_never_called():
     (message,) = [str(w.message) for w in caught]
     # b's weight is read directly (float), c is on a branch the batch did not take
     assert message.startswith("calibrate: 2 QModule(s) were never called by the forward pass: b (the model reads")
-    assert "computes in float; tq.graph.readers.redirect_weight_reads(module) on (the model itself) sends" in message
+    assert "in float; tq.graph.readers.register_weight_reader(_ReadsWeight) before quantize_model sends" in message
     assert "to the wrappers); c (not reached: a branch" in message
     assert not net.b.acts_quantizer.range_observer.initialized
     assert not any(isinstance(m, tq.QModule) and m._forward_pre_hooks for m in net.modules())  # hooks removed

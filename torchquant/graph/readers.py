@@ -14,9 +14,9 @@ zeroed). No modelling code is copied, the state-dict keys do not change, and the
 forward hooks (calibration, GPTQ's and AdaRound's input collection) see the calls, in every
 mode: ``BYPASSED``, a wrapper computes ``F.linear`` with the same arguments, bit-identical.
 
-:func:`torchquant.quantize_model` applies this to the exact types in :data:`WEIGHT_READERS`,
-with either method; a module of another type that reads its layers' weights can be
-redirected by calling :func:`redirect_weight_reads` on it after ``quantize_model``.
+:func:`torchquant.quantize_model` applies this to the exact types in :data:`WEIGHT_READERS`
+and those given to :func:`register_weight_reader`, with either method (so :func:`torchquant.load`,
+which replays the conversion, does too).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..qmodules import QWrapper
 
-__all__ = ["WEIGHT_READERS", "is_weight_reader", "redirect_weight_reads"]
+__all__ = ["WEIGHT_READERS", "is_weight_reader", "redirect_weight_reads", "register_weight_reader"]
 
 WEIGHT_READERS: frozenset[str] = frozenset(
     {
@@ -42,10 +42,43 @@ WEIGHT_READERS: frozenset[str] = frozenset(
 ``F.linear``; ``quantize_model`` redirects those reads to the children's wrappers."""
 
 
+_REGISTERED: set[type[nn.Module]] = set()
+
+
+def register_weight_reader(cls: type[nn.Module]) -> type[nn.Module]:
+    """Have :func:`torchquant.quantize_model` redirect the weight reads of modules of exactly this type.
+
+    For a module of your own whose forward passes ``self.<child>.weight`` to ``F.linear``. Register
+    before converting, and before :func:`torchquant.load` replays a conversion in another process
+    (as for a registered quantizer). Usable as a class decorator.
+
+    Raises:
+        TypeError: ``cls`` is not an ``nn.Module`` subclass.
+
+    Example:
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from torchquant.graph.readers import is_weight_reader, register_weight_reader
+        >>> @register_weight_reader
+        ... class Reads(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = nn.Linear(4, 4)
+        ...     def forward(self, x):
+        ...         return F.linear(x, self.fc.weight, self.fc.bias)
+        >>> is_weight_reader(Reads())
+        True
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_weight_reader: expected an nn.Module subclass, got {cls!r}")
+    _REGISTERED.add(cls)
+    return cls
+
+
 def is_weight_reader(module: nn.Module) -> bool:
-    """Whether ``module``'s exact type is in :data:`WEIGHT_READERS`."""
+    """Whether ``module``'s exact type is in :data:`WEIGHT_READERS` or registered (:func:`register_weight_reader`)."""
     cls = type(module)
-    return f"{cls.__module__}.{cls.__qualname__}" in WEIGHT_READERS
+    return cls in _REGISTERED or f"{cls.__module__}.{cls.__qualname__}" in WEIGHT_READERS
 
 
 def _linear_args(args: tuple, kwargs: dict) -> tuple[Any, Any, Any]:
@@ -106,9 +139,11 @@ class _Redirect:
 def redirect_weight_reads(module: nn.Module) -> nn.Module:
     """Run ``module``'s forward with its wrapped ``nn.Linear`` children's weight reads sent to the wrappers.
 
-    Idempotent. ``module``'s hook dictionaries are replaced by copies first, so a structural
-    copy that shares them with the float model (:func:`~torchquant.graph.common.structural_copy`)
-    does not redirect the float model too.
+    What ``quantize_model`` does to a weight reader's type; called by hand, it is not part of the
+    conversion that :func:`torchquant.load` replays (use :func:`register_weight_reader`).
+    Idempotent. ``module``'s hook dictionaries are replaced by copies first, so a structural copy
+    that shares them with the float model (:func:`~torchquant.graph.common.structural_copy`) does
+    not redirect the float model too.
 
     Args:
         module: a module whose forward passes ``self.<child>.weight`` to ``F.linear``, its

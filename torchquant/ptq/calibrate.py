@@ -22,8 +22,8 @@ class UncalledQModulesWarning(UserWarning):
     The message tells the two cases apart (a second pass on the first batch watches which
     parameters torch functions receive): the model reads a wrapped layer's weight instead of
     calling the layer (the layer then computes in float whatever the summary says; where the
-    reader passes it to ``F.linear`` and is the wrapper's parent, the message names the module to
-    give :func:`torchquant.graph.readers.redirect_weight_reads`), or the
+    reader passes it to ``F.linear`` and is the wrapper's parent, the message names the reader's type
+    to give :func:`torchquant.graph.readers.register_weight_reader`), or the
     batches never took the branch that calls it, or the branch runs only in training (its
     activation quantizers then have no ranges).
     """
@@ -100,7 +100,7 @@ def calibrate(
             for _, m in qmodules:
                 m.qstate = QModuleState.BYPASSED
             read = _read_directly(model, batches[0], uncalled)
-        _warn_uncalled([n for n, _ in uncalled], read)
+        _warn_uncalled(model, [n for n, _ in uncalled], read)
     return model
 
 
@@ -144,7 +144,7 @@ def _read_directly(model: nn.Module, batch, uncalled: list[tuple[str, nn.Module]
     return mode.read
 
 
-def _warn_uncalled(names: list[str], read: dict[str, tuple[str, str]]) -> None:
+def _warn_uncalled(model: nn.Module, names: list[str], read: dict[str, tuple[str, str]]) -> None:
     def shown(xs: list[str]) -> str:
         return first_names([n or "(the model itself)" for n in xs], 8)
 
@@ -154,9 +154,10 @@ def _warn_uncalled(names: list[str], read: dict[str, tuple[str, str]]) -> None:
     if direct:
         # F.linear reads by the wrappers' parent: graph.readers can send them to the wrappers
         redirectable = sorted({r for n in direct for f, r in [read[n]] if f == "linear" and n.rpartition(".")[0] == r})
+        types = sorted({type(model.get_submodule(r)).__name__ for r in redirectable})
         hint = (
-            f"; tq.graph.readers.redirect_weight_reads(module) on {shown(redirectable)} sends these F.linear "
-            "reads to the wrappers"
+            f"; tq.graph.readers.register_weight_reader({', '.join(types)}) before quantize_model sends the "
+            f"F.linear reads of {shown(redirectable)} to the wrappers"
             if redirectable
             else ""
         )
