@@ -16,6 +16,7 @@ import torchquant as tq
 from torchquant.graph import readers
 from torchquant.graph.common import structural_copy
 from torchquant.graph.readers import WEIGHT_READERS, is_weight_reader, redirect_weight_reads
+from torchquant.weight_reads import is_redirected
 
 S = tq.QModuleState
 
@@ -229,6 +230,23 @@ def test_swin_attention_projections_are_quantized(method, v2):
             proj_bias=attn.proj.bias, training=False, **kwargs,
         )  # fmt: skip
         assert torch.equal(got, expected)
+
+
+def test_tracing_a_quantized_model_keeps_the_redirect():
+    pytest.importorskip("torchvision")
+    net = _swin(v2=False)
+    wf = lambda m: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0))  # noqa: E731
+    q = tq.quantize_model(copy.deepcopy(net), wf, None, method="swap")
+    tq.set_qmodule_state(q, S.QUANT_EVAL_WEIGHT_ONLY)
+    for _, m in tq.iter_qmodules(q):
+        m.observe_weight()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y = q(x)
+        assert not torch.equal(y, net(x))
+        folded = tq.fold_batchnorm(copy.deepcopy(q), trace=True)  # the attention stays a module of the trace
+        assert is_redirected(folded.get_submodule("features.1.0.attn"))
+        assert torch.equal(folded(x), y)
 
 
 def test_swin_export_matches_the_simulation():

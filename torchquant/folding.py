@@ -19,6 +19,7 @@ from torch import nn
 
 from .layers import FOLDABLE_TYPES, bn_scale_shift, fold_bn_params
 from .qmodules import QWrapper
+from .weight_reads import is_redirected
 
 __all__ = ["bn_scale_shift", "fold_batchnorm", "fold_bn_params", "fold_wrapper_bn_", "freeze_bn_stats"]
 
@@ -130,8 +131,14 @@ def fold_batchnorm(model: nn.Module, trace: bool = False) -> nn.Module:
     return model
 
 
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        # traced, a module whose weight reads go to its wrappers would read the float weights
+        return is_redirected(m) or super().is_leaf_module(m, module_qualified_name)
+
+
 def _fold_traced(model: nn.Module) -> nn.Module:
-    gm = torch.fx.symbolic_trace(model)
+    gm = torch.fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     modules = dict(gm.named_modules())
     uses: dict[str, int] = {}
     for node in gm.graph.nodes:

@@ -1,0 +1,129 @@
+"""Sending a module's ``F.linear`` calls on its wrapped layers' weights to the wrappers.
+
+The mechanism behind :mod:`torchquant.graph.readers` (which decides which modules get it):
+a module whose forward passes ``self.<child>.weight`` to ``F.linear`` never calls the
+child's :class:`~torchquant.qmodules.QWrapper`; :func:`redirect_weight_reads` makes it.
+:func:`is_redirected` tells a tracer to keep such a module whole (traced, the reads become
+plain attribute reads and the redirect is lost).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .qmodules import QWrapper
+
+__all__ = ["is_redirected", "redirect_weight_reads"]
+
+
+def _linear_args(args: tuple, kwargs: dict) -> tuple[Any, Any, Any]:
+    named = ("input", "weight", "bias")
+    values = [args[i] if i < len(args) else kwargs.get(k) for i, k in enumerate(named)]
+    return values[0], values[1], values[2]
+
+
+class _LinearReads(TorchFunctionMode):
+    """Sends ``F.linear(x, w, b)`` with ``w`` a wrapped layer's weight to ``wrapper(x, bias=b)``."""
+
+    def __init__(self, wrappers: dict[int, QWrapper]) -> None:
+        super().__init__()
+        self.wrappers = wrappers
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, w, b = _linear_args(args, kwargs)
+            wrapper = self.wrappers.get(id(w))
+            # the mode is off while this runs, so the wrapper's own F.linear is not sent here again
+            if wrapper is not None and w is wrapper._modules["layer"].weight:
+                return wrapper(x, bias=b)
+        return func(*args, **kwargs)
+
+
+def _linear_wrappers(module: nn.Module) -> dict[int, QWrapper]:
+    return {
+        id(c._modules["layer"].weight): c
+        for c in module._modules.values()
+        if isinstance(c, QWrapper) and type(c._modules["layer"]) is nn.Linear and not c.fold_bn
+    }
+
+
+class _Redirect:
+    """The pre-hook and always-called forward hook that enter and leave the mode around the module's forward."""
+
+    def __init__(self) -> None:
+        self._modes: list[_LinearReads | None] = []
+
+    def enter(self, module: nn.Module, args: tuple) -> None:
+        wrappers = _linear_wrappers(module)
+        mode = None
+        if wrappers:  # BYPASSED too: passes that collect a layer's float inputs hook its wrapper
+            mode = _LinearReads(wrappers)
+            mode.__enter__()
+        self._modes.append(mode)
+
+    def leave(self, module: nn.Module, args: tuple, output: Any) -> None:
+        mode = self._modes.pop() if self._modes else None
+        if mode is not None:
+            mode.__exit__(None, None, None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_modes": []}  # a copy taken during a forward starts outside it
+
+
+def redirect_weight_reads(module: nn.Module) -> nn.Module:
+    """Run ``module``'s forward with its wrapped ``nn.Linear`` children's weight reads sent to the wrappers.
+
+    What ``quantize_model`` does to a weight reader's type; called by hand, it is not part of the
+    conversion that :func:`torchquant.load` replays (use :func:`~torchquant.graph.readers.register_weight_reader`).
+    Idempotent. ``module``'s hook dictionaries are replaced by copies first, so a structural copy
+    that shares them with the float model (:func:`~torchquant.graph.common.structural_copy`) does
+    not redirect the float model too.
+
+    Args:
+        module: a module whose forward passes ``self.<child>.weight`` to ``F.linear``, its
+            ``nn.Linear`` children already wrapped in :class:`~torchquant.qmodules.QWrapper` s
+            (without BatchNorm folding).
+
+    Returns:
+        ``module``, with a forward pre-hook and an always-called forward hook.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> import torchquant as tq
+        >>> from torchquant.weight_reads import redirect_weight_reads
+        >>> class Reads(nn.Module):  # calls F.linear with its layer's weight, never the layer
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = nn.Linear(4, 4)
+        ...     def forward(self, x):
+        ...         return F.linear(x, self.fc.weight, self.fc.bias)
+        >>> m = Reads()
+        >>> m.fc = tq.QWrapper(m.fc, tq.AffineQuantizer(4, tq.BatchMinMax()))
+        >>> m = redirect_weight_reads(m)
+        >>> m.fc.observe_weight()  # weight ranges need no data
+        >>> m.fc.qstate = tq.QModuleState.QUANT_EVAL_WEIGHT_ONLY
+        >>> x = torch.randn(2, 4)
+        >>> torch.equal(m(x), F.linear(x, m.fc.quantized_weight(), m.fc.bias))
+        True
+    """
+    if is_redirected(module):
+        return module
+    for attr in ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_always_called"):
+        setattr(module, attr, OrderedDict(getattr(module, attr)))
+    redirect = _Redirect()
+    module.register_forward_pre_hook(redirect.enter)
+    module.register_forward_hook(redirect.leave, always_call=True)
+    return module
+
+
+def is_redirected(module: nn.Module) -> bool:
+    """Whether :func:`redirect_weight_reads` was applied to ``module`` (keep it whole when tracing)."""
+    return any(isinstance(getattr(h, "__self__", None), _Redirect) for h in module._forward_pre_hooks.values())
