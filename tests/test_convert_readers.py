@@ -111,13 +111,29 @@ def test_a_callers_bias_replaces_the_layers_own_for_one_call():
     w = tq.QWrapper(lin)
     x, b = torch.randn(4, 3), torch.randn(2)
     assert torch.equal(w(x, bias=b), F.linear(x, lin.weight, b))
-    assert torch.equal(w(x, bias=None), x @ lin.weight.t())
+    assert torch.equal(w(x, bias=None), lin(x))  # None: the layer's own
     assert torch.equal(w(x), lin(x))
     folded = tq.QWrapper([nn.Linear(3, 2), nn.BatchNorm1d(2)], fold_bn=True)
     with pytest.raises(ValueError, match=r"QWrapper\[Linear\+BatchNorm1d\].*folded"):
         folded(x, bias=b)
     traced = torch.fx.symbolic_trace(w)  # the argument becomes a placeholder whose default is the layer's bias
     assert torch.equal(traced(x), lin(x))
+
+
+def test_a_read_without_bias_gets_none_where_the_layer_has_one():
+    class NoBias(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 4)
+
+        def forward(self, x):
+            return F.linear(x, self.fc.weight)
+
+    m = NoBias()
+    m.fc = tq.QWrapper(m.fc)
+    redirect_weight_reads(m)
+    x = torch.randn(3, 6)
+    assert torch.allclose(m(x), x @ m.fc.weight.t(), atol=1e-6, rtol=0)
 
 
 def test_threads_sharing_a_redirected_model_each_get_their_own_bias():
@@ -230,6 +246,42 @@ def test_swin_attention_projections_are_quantized(method, v2):
             proj_bias=attn.proj.bias, training=False, **kwargs,
         )  # fmt: skip
         assert torch.equal(got, expected)
+
+
+def test_adaround_replays_a_layer_with_the_bias_the_model_passes():
+    # Swin V2 zeroes the keys' third of qkv's bias in every call: what that third holds must not matter
+    pytest.importorskip("torchvision")
+    x = [torch.randn(2, 3, 32, 32)]
+    rounded, losses = [], []
+    for keys_bias in (0.0, 0.5):
+        net = _swin(v2=True)
+        with torch.no_grad():
+            for m in net.modules():
+                if hasattr(m, "logit_scale"):
+                    n = m.qkv.bias.numel() // 3
+                    m.qkv.bias[n : 2 * n] = keys_bias
+        q = tq.quantize_model(net, lambda m: tq.AffineQuantizer(3, tq.BatchMinMax(axis=0)), None, method="swap")
+        tq.calibrate(q, x, progress=False)
+        losses.append(tq.ptq.adaround(q, x, iters=20, progress=False)["features.1.0.attn.qkv"])
+        with tq.qmodule_state(q, S.QUANT_EVAL), torch.no_grad():
+            rounded.append(q.get_submodule("features.1.0.attn.qkv").quantized_weight())
+    assert losses[0] == losses[1] and losses[0] < 0.01
+    assert torch.equal(*rounded)
+
+
+def test_reconstruction_refuses_a_bias_that_changes_between_calls():
+    class Drifting(Reads):
+        def forward(self, x):
+            return F.linear(x, self.fc.weight, self.fc.bias + x.mean())
+
+    torch.manual_seed(0)
+    m = Drifting()
+    m.fc = tq.QWrapper(m.fc, tq.AffineQuantizer(4, tq.BatchMinMax(axis=0)))
+    redirect_weight_reads(m)
+    batches = [torch.randn(5, 6), torch.randn(5, 6)]
+    tq.calibrate(m, batches, progress=False)
+    with pytest.raises(ValueError, match=r"reconstruct: fc \(QWrapper\) is called with a bias that changes"):
+        tq.ptq.adaround(m, batches, iters=2, progress=False)
 
 
 def test_tracing_a_quantized_model_keeps_the_redirect():

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from types import EllipsisType
 from typing import Any
 
 import torch
@@ -606,16 +605,16 @@ class QWrapper(QModule):
         s = self.qstate
         return _run_quantizer(self._modules["input_quantizer"], x, s.is_act_observed, s.is_act_quantized)
 
-    def forward(self, x: Tensor, bias: Tensor | EllipsisType | None = ...) -> Tensor:
+    def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         """The wrapped layers on ``x``, quantized as the mode says.
 
-        ``bias`` replaces the layer's own bias (the default ``...``) for this call (``None``: no bias):
-        a module that passes its layer's weight to ``F.linear`` with a bias of its own making
-        (torchvision's Swin V2 zeroes the keys' part, timm's EVA concatenates three) is sent here with
-        that bias (:mod:`torchquant.graph.readers`). Not with ``fold_bn=True``.
+        ``bias``, when given, replaces the layer's own bias for this call: a module that passes its
+        layer's weight to ``F.linear`` with a bias of its own making (torchvision's Swin V2 zeroes the
+        keys' part) is sent here with that bias (:mod:`torchquant.weight_reads`). Not with
+        ``fold_bn=True``.
         """
-        if bias is not ... and isinstance(bias, torch.fx.Proxy):
-            bias = ...  # traced as the root, fx makes the argument a placeholder: its default applies
+        if bias is not None and isinstance(bias, torch.fx.Proxy):
+            bias = None  # traced as the root, fx makes the argument a placeholder: its default applies
         # Submodules from _modules, read once: nn.Module.__getattr__ (behind this class's own) costs
         # about 1 us per lookup, a tenth of a quantizer call's host time on a GPU. An attribute
         # set to None before it ever held a module lives in __dict__ instead, hence .get.
@@ -627,7 +626,7 @@ class QWrapper(QModule):
         if mods.get("input_quantizer") is not None:
             x = self._quantize_input(x)
         if self.fold_bn:
-            if bias is not ...:
+            if bias is not None:
                 raise ValueError(f"QWrapper[{self._describe()}]: a bias of the caller's cannot replace a folded one")
             return self._forward_folded(x)
         wq = mods.get("weight_quantizer")
@@ -637,7 +636,7 @@ class QWrapper(QModule):
                 w = self._cached_quantized_weight(w)
             else:
                 w = _run_quantizer(wq, w, s.is_weight_observed, s.is_weight_quantized)
-        y = self._layer_with(x, w, getattr(mods["layer"], "bias", None) if bias is ... else bias)
+        y = self._layer_with(x, w, getattr(mods["layer"], "bias", None) if bias is None else bias)
         bn, act, aq = mods.get("bn"), mods.get("act"), mods.get("acts_quantizer")
         if bn is not None:
             y = bn(y)

@@ -41,7 +41,11 @@ class _LinearReads(TorchFunctionMode):
             wrapper = self.wrappers.get(id(w))
             # the mode is off while this runs, so the wrapper's own F.linear is not sent here again
             if wrapper is not None and w is wrapper._modules["layer"].weight:
-                return wrapper(x, bias=b)
+                own = wrapper._modules["layer"].bias
+                if b is own:  # a plain call, as when the module calls the layer
+                    return wrapper(x)
+                # no bias where the layer has one: a zero bias
+                return wrapper(x, bias=b if b is not None else own.new_zeros(own.shape))
         return func(*args, **kwargs)
 
 

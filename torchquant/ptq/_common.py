@@ -152,22 +152,29 @@ def forward_order(model: nn.Module, modules: Sequence[nn.Module], batch: Any, wh
 
 def capture(
     model: nn.Module, module: nn.Module, batches: list, who: str, name: str, want_output: bool
-) -> tuple[Tensor, Tensor | None]:
-    """Inputs (and outputs) of ``module`` over ``batches``, concatenated along dim 0.
+) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+    """Inputs (and outputs) of ``module`` over ``batches``, concatenated along dim 0, and the keyword
+    arguments of its calls.
 
     ``module`` must be called with exactly one tensor and return one tensor; the
-    forward pass stops right after ``module`` (or before it when only inputs are wanted).
+    forward pass stops right after ``module`` (or before it when only inputs are wanted). A
+    :class:`~torchquant.qmodules.QWrapper` may also get ``bias=`` (a module passing its layer's weight
+    to ``F.linear`` with a bias of its own, :mod:`torchquant.weight_reads`): the same values in every
+    call, returned so that replays of the unit pass it too.
     """
     xs: list[Tensor] = []
     ys: list[Tensor] = []
+    biases: list[Any] = []
 
     def pre(mod, args, kwargs):
-        if len(args) != 1 or kwargs or not isinstance(args[0], Tensor):
+        extra = kwargs.keys() - ({"bias"} if isinstance(mod, QWrapper) else set())
+        if len(args) != 1 or extra or not isinstance(args[0], Tensor):
             raise ValueError(
                 f"{who}: {name} ({type(mod).__name__}) must be called with one tensor to be reconstructed, "
                 f"got {len(args)} positional and {len(kwargs)} keyword arguments"
             )
         xs.append(args[0].detach())
+        biases.append(kwargs["bias"].detach() if isinstance(kwargs.get("bias"), Tensor) else None)
         if not want_output:
             raise _Stop
 
@@ -191,7 +198,15 @@ def capture(
         h1.remove()
         if h2 is not None:
             h2.remove()
-    return torch.cat(xs), (torch.cat(ys) if want_output else None)
+    kwargs: dict[str, Any] = {}
+    if any(b is not None for b in biases):
+        first = biases[0]
+        if not all(b is not None and first is not None and torch.equal(b, first) for b in biases):
+            raise ValueError(
+                f"{who}: {name} ({type(module).__name__}) is called with a bias that changes between calls"
+            )
+        kwargs["bias"] = first
+    return torch.cat(xs), (torch.cat(ys) if want_output else None), kwargs
 
 
 def weighted_wrappers(model: nn.Module) -> list[tuple[str, QWrapper]]:

@@ -595,10 +595,12 @@ def _reconstruct_units(
     losses: dict[str, float] = {}
     for i, unit in enumerate(progress_bar(order, len(order), "reconstruct", progress)):
         name = names[unit]
-        x_q, _ = capture(model, unit, batches, "reconstruct", name, want_output=False)
-        x_fp, y_fp = capture(float_model, float_modules[name], batches, "reconstruct", name, want_output=True)
+        x_q, _, kwargs = capture(model, unit, batches, "reconstruct", name, want_output=False)
+        x_fp, y_fp, _ = capture(float_model, float_modules[name], batches, "reconstruct", name, want_output=True)
         gen = torch.Generator(device=x_q.device).manual_seed(seed * 100003 + first_index + i)
-        losses[name] = _reconstruct_unit(unit, x_q, x_fp, y_fp, fisher(unit), gen, c, channel_dim=channel_dim)
+        # a bias the model passes (weight_reads): the unit is replayed with it, as its targets were computed
+        call = (lambda x, unit=unit, kwargs=kwargs: unit(x, **kwargs)) if kwargs else None
+        losses[name] = _reconstruct_unit(unit, x_q, x_fp, y_fp, fisher(unit), gen, c, call, channel_dim)
     return losses
 
 
