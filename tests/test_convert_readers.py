@@ -301,6 +301,28 @@ def test_tracing_a_quantized_model_keeps_the_redirect():
         assert torch.equal(folded(x), y)
 
 
+@pytest.mark.parametrize("method", ["fx", "swap"])
+def test_eva_attention_qkv_is_quantized_with_its_concatenated_bias(method):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = timm.create_model("eva02_tiny_patch14_224", img_size=28, depth=1).eval()
+    wf = lambda m: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0))  # noqa: E731
+    x = torch.randn(2, 3, 28, 28)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tq.FloatLayersWarning)
+        warnings.simplefilter("error", tq.UncalledQModulesWarning)
+        q = tq.quantize_model(copy.deepcopy(net), wf, None, method=method)
+        tq.calibrate(q, [x], progress=False)
+    name = "blocks.0.attn.qkv" + (".linear" if method == "fx" else "")  # fx wraps the functional call
+    qkv = q.get_submodule(name)
+    seen = []
+    qkv.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["bias"]), with_kwargs=True)
+    with torch.no_grad():
+        assert torch.equal(q(x), net(x))
+        attn = net.blocks[0].attn
+        assert torch.equal(seen[0], torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)))
+
+
 def test_swin_export_matches_the_simulation():
     pytest.importorskip("torchvision")
     ort = pytest.importorskip("onnxruntime")

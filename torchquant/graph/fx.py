@@ -261,7 +261,7 @@ class _Tracer(fx.Tracer):
                 return True
         if layer_adapter(m) is not None:  # a layer computing its weight in forward (timm's StdConv2d) stays whole
             return True
-        if is_weight_reader(m):  # its layers are swapped and its weight reads redirected (graph.readers)
+        if is_weight_reader(m, traced=True):  # its layers are swapped and its weight reads redirected (graph.readers)
             return True
         if _reads_training(m) and not any(True for _ in m.parameters()):
             return True  # stochastic depth, DropPath: traced, their mode would be frozen at trace time
@@ -460,7 +460,11 @@ _CONV_FOR_FN = {F.conv1d: nn.Conv1d, F.conv2d: nn.Conv2d, F.conv3d: nn.Conv3d}
 def _layer_from_call(node: fx.Node, gm: fx.GraphModule, model: nn.Module):
     """A plain Conv/Linear equivalent to a functional call whose weight is a module's parameter.
 
-    Returns ``(layer, owner_name, owner_module, get_attr_nodes)``, or a string saying why not.
+    ``F.linear``'s bias may be computed (timm's EVA concatenates three parameters): the layer then
+    has none and the call's bias node is returned, for the wrapper's call.
+
+    Returns ``(layer, owner_name, owner_module, get_attr_nodes, call_bias_node_or_None)``, or a
+    string saying why not.
     """
     names = _LAYER_SIGNATURES[node.target]
     if len(node.args) > len(names) or any(k not in names for k in node.kwargs):
@@ -468,6 +472,9 @@ def _layer_from_call(node: fx.Node, gm: fx.GraphModule, model: nn.Module):
     bound = dict(zip(names, node.args))
     bound.update(node.kwargs)
     w, b = bound.get("weight"), bound.get("bias")
+    call_bias = None
+    if node.target is F.linear and isinstance(b, fx.Node) and b.op != "get_attr":
+        call_bias, b = b, None
     attr_nodes = [n for n in (w, b) if isinstance(n, fx.Node)]
     if not isinstance(w, fx.Node) or any(n.op != "get_attr" for n in attr_nodes):
         return "the weight is not a module parameter"
@@ -502,7 +509,7 @@ def _layer_from_call(node: fx.Node, gm: fx.GraphModule, model: nn.Module):
     layer.weight = weight
     layer.bias = bias
     layer.train(owner_module.training)
-    return layer, owner, owner_module, attr_nodes
+    return layer, owner, owner_module, attr_nodes, call_bias
 
 
 def _split_bn_act(m: nn.Module, bn_type: type[nn.Module]) -> list[nn.Module] | None:
@@ -720,7 +727,7 @@ class _Rewriter:
             return
         self.inside.add(name)
         calls = [n for n in self.graph.nodes if n.op == "call_module" and n.target == name]
-        concrete = None if is_weight_reader(m) else _concrete_args(m, calls)
+        concrete = None if is_weight_reader(m, traced=True) else _concrete_args(m, calls)
         prefix = f"{self.prefix}{name}."
         sub: nn.Module | None = None
         if concrete is not None:
@@ -756,18 +763,20 @@ class _Rewriter:
 
     def _functional_layer(self, node: fx.Node) -> None:
         """``F.conv2d(x, self.weight, self.bias, ...)`` inside a Conv/Linear subclass (efficientnet_pytorch's
-        same-padding convolutions): wrap an equivalent plain layer that shares the parameters."""
+        same-padding convolutions), or ``F.linear(x, self.qkv.weight, computed_bias)`` (timm's EVA): wrap an
+        equivalent plain layer that shares the parameters, called with the computed bias where there is one."""
         fn = node.target
         built = _layer_from_call(node, self.gm, self.model)
         scope = _owner_path(node)
         if isinstance(built, str):
             self.float_reasons.setdefault(scope or node.name, f"functional {fn.__name__} call: {built}")
             return
-        layer, owner, owner_module, attr_nodes = built
+        layer, owner, owner_module, attr_nodes, call_bias = built
         if skip_reason(self.prefix + owner, owner_module, self.skip) is not None:
             return
         name = self._fresh_name(owner, fn.__name__)
-        self._fuse(node, layer, name=name, origin=(owner_module, owner), args=(node.args[0],))
+        kwargs = None if call_bias is None else {"bias": call_bias}
+        self._fuse(node, layer, name=name, origin=(owner_module, owner), args=(node.args[0],), kwargs=kwargs)
         for a in attr_nodes:
             if not a.users:
                 self.graph.erase_node(a)
@@ -785,11 +794,12 @@ class _Rewriter:
         name: str | None = None,
         origin: tuple[nn.Module, str] | None = None,
         args: tuple | None = None,
+        kwargs: dict | None = None,
     ) -> None:
         chain, layers, cur = [node], [layer], node
         fused_act = False
         bn_type = layer_adapter(layer).bn
-        if len(cur.users) == 1 and bn_type is not None:
+        if len(cur.users) == 1 and bn_type is not None and not kwargs:  # a call's own bias cannot be folded
             user = next(iter(cur.users))
             bn = self.modules.get(user.target) if user.op == "call_module" else None
             ok = (
@@ -826,7 +836,9 @@ class _Rewriter:
         wrapper = make_qwrapper(layers, factory_name, self.wf, self.af, self.fold_bn, factory_module=factory_module)
         self._install(name, wrapper)
         with self.graph.inserting_after(cur):
-            new = self.graph.call_module(name, node.args if args is None else args, {} if args else node.kwargs)
+            new = self.graph.call_module(
+                name, node.args if args is None else args, kwargs or ({} if args else node.kwargs)
+            )
         cur.replace_all_uses_with(new)
         for n in reversed(chain):
             self.graph.erase_node(n)
@@ -976,11 +988,11 @@ def quantize_fx(
     autowrap = tuple(dict.fromkeys(tuple(autowrap_functions) + timm_functions))
     tracer = _Tracer(skip, leaves, autowrap, prefix)
     try:
-        if is_weight_reader(model):  # traced, its layers would stay get_attr reads: swap them instead
+        if is_weight_reader(model, traced=True):  # traced, its layers would stay get_attr reads: swap them instead
             raise FxTraceError(f"{type(model).__name__} reads its layers' weights")
         graph = _trace(model, tracer, concrete_args)
     except FxTraceError:
-        if prefix or not (fx.Tracer().is_leaf_module(model, "") or is_weight_reader(model)):
+        if prefix or not (fx.Tracer().is_leaf_module(model, "") or is_weight_reader(model, traced=True)):
             raise
         # A torch.nn module that fx keeps whole inside any model (nn.TransformerEncoderLayer), converted
         # on its own: quantize inside a copy sharing its parameters, as it would be inside a model.

@@ -15,7 +15,8 @@ forward hooks (calibration, GPTQ's and AdaRound's input collection) see the call
 mode: ``BYPASSED``, a wrapper computes ``F.linear`` with the same arguments, bit-identical.
 
 :func:`torchquant.quantize_model` applies this to the exact types in :data:`WEIGHT_READERS`
-and those given to :func:`register_weight_reader`, with either method (so :func:`torchquant.load`,
+and those given to :func:`register_weight_reader`, with either method, and to those in
+:data:`SWAP_WEIGHT_READERS` (timm's EVA attention) with ``method="swap"`` (so :func:`torchquant.load`,
 which replays the conversion, does too).
 """
 
@@ -25,7 +26,13 @@ from torch import nn
 
 from ..weight_reads import redirect_weight_reads
 
-__all__ = ["WEIGHT_READERS", "is_weight_reader", "redirect_weight_reads", "register_weight_reader"]
+__all__ = [
+    "SWAP_WEIGHT_READERS",
+    "WEIGHT_READERS",
+    "is_weight_reader",
+    "redirect_weight_reads",
+    "register_weight_reader",
+]
 
 WEIGHT_READERS: frozenset[str] = frozenset(
     {
@@ -36,6 +43,11 @@ WEIGHT_READERS: frozenset[str] = frozenset(
 """Qualified names of the module types that pass their ``nn.Linear`` children's weights to
 ``F.linear``; ``quantize_model`` redirects those reads to the children's wrappers."""
 
+
+SWAP_WEIGHT_READERS: frozenset[str] = frozenset({"timm.models.eva.EvaAttention"})
+"""Qualified names of the module types whose ``F.linear(x, self.qkv.weight, bias)`` calls torch.fx sees
+(``method="fx"`` wraps them as functional layers, the attention's own operations quantized around them);
+only ``method="swap"`` redirects their reads."""
 
 _REGISTERED: set[type[nn.Module]] = set()
 
@@ -70,7 +82,9 @@ def register_weight_reader(cls: type[nn.Module]) -> type[nn.Module]:
     return cls
 
 
-def is_weight_reader(module: nn.Module) -> bool:
-    """Whether ``module``'s exact type is in :data:`WEIGHT_READERS` or registered (:func:`register_weight_reader`)."""
+def is_weight_reader(module: nn.Module, traced: bool = False) -> bool:
+    """Whether ``module``'s exact type is in :data:`WEIGHT_READERS` or registered (:func:`register_weight_reader`),
+    or, unless ``traced`` (the fx method asks), in :data:`SWAP_WEIGHT_READERS`."""
     cls = type(module)
-    return cls in _REGISTERED or f"{cls.__module__}.{cls.__qualname__}" in WEIGHT_READERS
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    return cls in _REGISTERED or name in WEIGHT_READERS or (not traced and name in SWAP_WEIGHT_READERS)
