@@ -72,6 +72,28 @@ def test_the_wrapper_is_called_in_every_mode():
     assert len(calls) == 2 and m.fc.acts_quantizer.range_observer.initialized
 
 
+def test_a_wrapper_the_module_calls_itself_runs_once():
+    m = _wrapped()  # Reads calls self.out as a module: its own F.linear on its own weight is no read
+    calls = []
+    m.out.register_forward_hook(lambda mod, args, out: calls.append(1))
+    x = torch.randn(5, 6)
+    for state in (S.BYPASSED, S.CALIBRATION):
+        calls.clear()
+        tq.set_qmodule_state(m, state)
+        m(x)
+        assert calls == [1], state
+
+
+def test_bias_correction_leaves_a_layer_called_with_the_modules_own_bias():
+    m = _wrapped()  # fc is called with 2 * its bias: a correction of fc.bias would have no effect
+    x = torch.randn(8, 6)
+    tq.calibrate(m, [x], progress=False)
+    before = m.fc.bias.clone()
+    with pytest.warns(UserWarning, match=r"bias_correction: fc left uncorrected: the model calls them with a bias"):
+        shifts = tq.ptq.bias_correction(m, [x], progress=False)
+    assert set(shifts) == {"out"} and torch.equal(m.fc.bias, before)
+
+
 def test_gradients_reach_the_weight_through_the_redirect():
     m = _wrapped()
     tq.set_qmodule_state(m, S.QUANT_AWARE_TRAIN)
@@ -321,6 +343,46 @@ def test_eva_attention_qkv_is_quantized_with_its_concatenated_bias(method):
         assert torch.equal(q(x), net(x))
         attn = net.blocks[0].attn
         assert torch.equal(seen[0], torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)))
+
+
+class _ConcatBias(nn.Module):
+    """EVA's pattern: F.linear with the layer's weight and a bias made of three parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(4, 6, bias=False)
+        self.q_bias, self.k_bias, self.v_bias = (nn.Parameter(torch.randn(2)) for _ in range(3))
+
+    def forward(self, x):
+        return F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias))).relu()
+
+
+def test_tracing_an_fx_quantized_model_again_keeps_the_computed_bias():
+    torch.manual_seed(0)
+    net = _ConcatBias()
+    q = tq.quantize_model(net, lambda m: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0)), None)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        assert torch.equal(q(x), net(x))
+        retraced = torch.fx.symbolic_trace(q)  # traced into the wrapper: its bias is a node, not the placeholder
+        assert torch.equal(retraced(x), net(x))
+
+
+def test_an_fx_wrapped_functional_call_saves_and_loads(tmp_path):
+    # the factories are called for qkv; the wrapper is installed below it (qkv.linear)
+    torch.manual_seed(0)
+    net = _ConcatBias()
+    fresh = copy.deepcopy(net)
+    q = tq.quantize_model(
+        net, lambda m: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0)), lambda m: tq.AffineQuantizer(8, tq.BatchMinMax())
+    )
+    x = torch.randn(3, 4)
+    tq.calibrate(q, [x], progress=False)
+    tq.set_qmodule_state(q, S.QUANT_EVAL)
+    tq.save(q, tmp_path / "q.safetensors")
+    loaded = tq.load(fresh, tmp_path / "q.safetensors")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x)) and not torch.equal(q(x), net(x))
 
 
 def test_swin_export_matches_the_simulation():

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .layers import FOLDABLE_TYPES, bn_scale_shift, fold_bn_params
-from .qmodules import QWrapper
+from .qmodules import QModule, QWrapper
 from .weight_reads import is_redirected
 
 __all__ = ["bn_scale_shift", "fold_batchnorm", "fold_bn_params", "fold_wrapper_bn_", "freeze_bn_stats"]
@@ -133,8 +133,9 @@ def fold_batchnorm(model: nn.Module, trace: bool = False) -> nn.Module:
 
 class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        # traced, a module whose weight reads go to its wrappers would read the float weights
-        return is_redirected(m) or super().is_leaf_module(m, module_qualified_name)
+        # traced, a module whose weight reads go to its wrappers would read the float weights; QModules
+        # (their BatchNorm folded above) are kept whole
+        return isinstance(m, QModule) or is_redirected(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _fold_traced(model: nn.Module) -> nn.Module:

@@ -138,6 +138,9 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
     for name, m in iter_qmodules(model):
         quantizers = {attr: describe(q, who=f"{name}.{attr}").to_dict() for attr, q in m.quantizers().items()}
         modules[name] = {"type": type(m).__name__, "qstate": m.qstate.value, "quantizers": quantizers}
+        factory = getattr(m, "_tq_factory_name", None)
+        if factory is not None and factory != name:  # the name quantize_model's factories were called with
+            modules[name]["factory_name"] = factory
     return {"format": FORMAT, "conversions": list(getattr(model, CONVERSIONS_ATTR, [])), "modules": modules}
 
 
@@ -474,9 +477,13 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
 def convert_like(model: nn.Module, desc: dict[str, Any]) -> nn.Module:
     """Convert the float ``model`` as the description records (quantizers from their specs, no state)."""
     specs = {name: info["quantizers"] for name, info in desc["modules"].items()}
+    # A wrapper of a functional call (fx) sits below the module its factories were called for
+    by_factory = {
+        info["factory_name"]: info["quantizers"] for info in desc["modules"].values() if "factory_name" in info
+    }
 
     def build(name: str, attr: str) -> nn.Module | None:
-        raw = specs.get(name, {}).get(attr)
+        raw = specs.get(name, by_factory.get(name, {})).get(attr)
         if raw is None:
             return None
         q = QuantizerSpec.from_dict(raw, where=f"checkpoint: {name}.{attr}").build()

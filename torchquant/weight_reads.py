@@ -9,6 +9,7 @@ plain attribute reads and the redirect is lost).
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -27,6 +28,33 @@ def _linear_args(args: tuple, kwargs: dict) -> tuple[Any, Any, Any]:
     return values[0], values[1], values[2]
 
 
+_RUNNING = threading.local()  # ids of the redirect-watched wrappers whose forward runs in this thread
+
+
+def _running() -> set[int]:
+    ids = getattr(_RUNNING, "ids", None)
+    if ids is None:
+        ids = _RUNNING.ids = set()
+    return ids
+
+
+def _wrapper_starts(wrapper: nn.Module, args: tuple) -> None:
+    _running().add(id(wrapper))
+
+
+def _wrapper_ends(wrapper: nn.Module, args: tuple, output: Any) -> None:
+    _running().discard(id(wrapper))
+
+
+def _watch(wrapper: QWrapper) -> None:
+    """Hooks that tell the mode when ``wrapper``'s own forward runs (its F.linear on its own weight is no read)."""
+    # Registered in place, never in copied hook dicts: a pass's hook handles (calibration's) must still
+    # remove their hooks. A structural copy sharing these dicts gets the same harmless markers.
+    if _wrapper_starts not in wrapper._forward_pre_hooks.values():
+        wrapper.register_forward_pre_hook(_wrapper_starts)
+        wrapper.register_forward_hook(_wrapper_ends, always_call=True)
+
+
 class _LinearReads(TorchFunctionMode):
     """Sends ``F.linear(x, w, b)`` with ``w`` a wrapped layer's weight to ``wrapper(x, bias=b)``."""
 
@@ -39,8 +67,9 @@ class _LinearReads(TorchFunctionMode):
         if func is F.linear:
             x, w, b = _linear_args(args, kwargs)
             wrapper = self.wrappers.get(id(w))
-            # the mode is off while this runs, so the wrapper's own F.linear is not sent here again
-            if wrapper is not None and w is wrapper._modules["layer"].weight:
+            # the mode is off while this runs, so the wrapper's own F.linear is not sent here again; nor is
+            # that of a wrapper the module calls as a module
+            if wrapper is not None and w is wrapper._modules["layer"].weight and id(wrapper) not in _running():
                 own = wrapper._modules["layer"].bias
                 if b is own:  # a plain call, as when the module calls the layer
                     return wrapper(x)
@@ -61,23 +90,35 @@ class _Redirect:
     """The pre-hook and always-called forward hook that enter and leave the mode around the module's forward."""
 
     def __init__(self) -> None:
-        self._modes: list[_LinearReads | None] = []
+        self._local = threading.local()  # the modes entered, per thread (torch's mode stack is per thread)
+
+    def _modes(self) -> list[_LinearReads | None]:
+        modes = getattr(self._local, "modes", None)
+        if modes is None:
+            modes = self._local.modes = []
+        return modes
 
     def enter(self, module: nn.Module, args: tuple) -> None:
         wrappers = _linear_wrappers(module)
         mode = None
         if wrappers:  # BYPASSED too: passes that collect a layer's float inputs hook its wrapper
+            for w in wrappers.values():
+                _watch(w)
             mode = _LinearReads(wrappers)
             mode.__enter__()
-        self._modes.append(mode)
+        self._modes().append(mode)
 
     def leave(self, module: nn.Module, args: tuple, output: Any) -> None:
-        mode = self._modes.pop() if self._modes else None
+        modes = self._modes()
+        mode = modes.pop() if modes else None
         if mode is not None:
             mode.__exit__(None, None, None)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"_modes": []}  # a copy taken during a forward starts outside it
+        return {}  # a copy taken during a forward starts outside it
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._local = threading.local()
 
 
 def redirect_weight_reads(module: nn.Module) -> nn.Module:

@@ -37,8 +37,8 @@ and its qualified name; for a module ``QOp``, the wrapped module and its name;
 for a function ``QOp``, a :class:`FunctionalOp` describing the call and the
 ``QOp``'s qualified name.
 
-Modules without parameters whose ``forward`` reads ``self.training`` (stochastic depth,
-timm's ``DropPath``) are leaves, so they follow the mode at run time. Modules that are
+Stochastic depth (torchvision's ``StochasticDepth``, timm's ``DropPath`` and ``DropBlock2d``)
+modules are leaves, so they follow the mode at run time. Modules that are
 ``QModule`` s or ``Quantizer`` s, skipped modules, and the
 leaf modules given by the user (and, when ``timm`` is imported, the modules and
 functions it registers as not traceable) are not traced into. A leaf with parameters
@@ -263,8 +263,8 @@ class _Tracer(fx.Tracer):
             return True
         if is_weight_reader(m, traced=True):  # its layers are swapped and its weight reads redirected (graph.readers)
             return True
-        if _reads_training(m) and not any(True for _ in m.parameters()):
-            return True  # stochastic depth, DropPath: traced, their mode would be frozen at trace time
+        if _train_only(m):  # stochastic depth, DropPath: traced, their mode would be frozen at trace time
+            return True
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
@@ -340,11 +340,21 @@ def _trace(model: nn.Module, tracer: _Tracer, concrete_args: dict[str, Any] | No
         ) from e
 
 
-def _reads_training(m: nn.Module) -> bool:
-    """Whether ``m``'s own ``forward`` reads ``self.training`` (a train-only behaviour: stochastic depth,
-    timm's DropPath). Kept as a leaf when it has no parameters, so the call follows the mode at run time."""
-    code = getattr(type(m).forward, "__code__", None)
-    return code is not None and "training" in code.co_names
+_TRAIN_ONLY_MODULES = frozenset(
+    {
+        "torchvision.ops.stochastic_depth.StochasticDepth",
+        "timm.layers.drop.DropPath",
+        "timm.layers.drop.DropBlock2d",
+    }
+)
+"""Qualified names of modules that change values only in training (stochastic depth, DropPath, DropBlock):
+fx leaves, so the call follows the mode at run time, and value-preserving in eval (no float report). Pass
+a module of your own that branches on ``self.training`` in ``leaf_modules``."""
+
+
+def _train_only(m: nn.Module) -> bool:
+    cls = type(m)
+    return f"{cls.__module__}.{cls.__qualname__}" in _TRAIN_ONLY_MODULES
 
 
 def _timm_leaves() -> tuple[tuple, tuple]:
@@ -665,7 +675,11 @@ class _Rewriter:
                 continue
             if node.op == "call_module":
                 m = self.gm.get_submodule(node.target)
-                if isinstance(m, (QModule, Quantizer, *_VALUE_PRESERVING_MODULES)) or node.target in self.skipped:
+                if (
+                    isinstance(m, (QModule, Quantizer, *_VALUE_PRESERVING_MODULES))
+                    or _train_only(m)
+                    or node.target in self.skipped
+                ):
                     continue
                 if node.target in self.inside and isinstance(m, fx.GraphModule):
                     continue  # traced on its own: its operations got their QOps there
@@ -834,6 +848,8 @@ class _Rewriter:
         factory_module, factory_name = origin or (layer, name)
         factory_name = self.prefix + factory_name
         wrapper = make_qwrapper(layers, factory_name, self.wf, self.af, self.fold_bn, factory_module=factory_module)
+        if factory_name != self.prefix + name:  # a functional call's wrapper: tq.save records the factory's name
+            wrapper._tq_factory_name = factory_name
         self._install(name, wrapper)
         with self.graph.inserting_after(cur):
             new = self.graph.call_module(

@@ -13,6 +13,7 @@ closed form (ReLU, ReLU6 / :class:`~torchquant.ptq.ChannelClip`, LeakyReLU or no
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from ..layers import BN_FOR_LAYER
 from ..qmodules import QModuleState, QWrapper
 from ..utils import call_model, progress_bar, restoring_states
-from ._common import Snapshot, forward_order, materialize, require_qmodules
+from ._common import Snapshot, first_names, forward_order, materialize, require_qmodules
 from .equalize import ChannelClip, _in_view, _layer_in_out, find_layer_pairs
 from .registry import register_ptq_algorithm
 
@@ -181,6 +182,7 @@ def bias_correction(
 
 def _empirical(model, named, wrappers, batches, mode, progress) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
+    skipped: list[str] = []
     with restoring_states(model):
         model.eval()
         for _, m in require_qmodules(model, "bias_correction"):
@@ -191,8 +193,10 @@ def _empirical(model, named, wrappers, batches, mode, progress) -> dict[str, Ten
             dw = _weight_error(w, name)
             total: list[Tensor] = []
             count = [0]
+            callers_bias: list[bool] = []
 
-            def hook(mod, args, dw=dw, total=total, count=count):
+            def hook(mod, args, kwargs, dw=dw, total=total, count=count, callers_bias=callers_bias):
+                callers_bias.append(kwargs.get("bias") is not None)
                 x = args[0]
                 layer = mod.layer
                 y = F.linear(x, dw) if isinstance(layer, nn.Linear) else layer._conv_forward(x, dw, None)
@@ -202,16 +206,26 @@ def _empirical(model, named, wrappers, batches, mode, progress) -> dict[str, Ten
                 total.append(y.sum(dims))
                 count[0] += y.numel() // y.shape[ch]
 
-            h = w.register_forward_pre_hook(hook)
+            h = w.register_forward_pre_hook(hook, with_kwargs=True)
             try:
                 with torch.no_grad():
                     for batch in batches:
                         call_model(model, batch, "bias_correction")
             finally:
                 h.remove()
+            if any(callers_bias):
+                # the module passes a bias of its own (torchquant.weight_reads): the layer's is not the one used
+                skipped.append(name)
+                continue
             shift = torch.stack(total).sum(0) / count[0]
             _add_to_bias(w.layer, -shift)
             out[name] = shift
+    if skipped:
+        warnings.warn(
+            f"bias_correction: {first_names(skipped, 8)} left uncorrected: the model calls them with a bias of its "
+            "own making (a module passing their weight to F.linear), not the layer's",
+            stacklevel=3,
+        )
     return out
 
 
