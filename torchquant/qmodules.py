@@ -613,7 +613,7 @@ class QWrapper(QModule):
         keys' part) is sent here with that bias (:mod:`torchquant.weight_reads`). Not with
         ``fold_bn=True``.
         """
-        if isinstance(bias, torch.fx.Proxy) and bias.node.op == "placeholder":
+        if bias is not None and isinstance(bias, torch.fx.Proxy) and bias.node.op == "placeholder":
             bias = None  # traced as the root, fx makes the argument a placeholder: its default applies
         # Submodules from _modules, read once: nn.Module.__getattr__ (behind this class's own) costs
         # about 1 us per lookup, a tenth of a quantizer call's host time on a GPU. An attribute

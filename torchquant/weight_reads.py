@@ -23,9 +23,8 @@ __all__ = ["is_redirected", "redirect_weight_reads"]
 
 
 def _linear_args(args: tuple, kwargs: dict) -> tuple[Any, Any, Any]:
-    named = ("input", "weight", "bias")
-    values = [args[i] if i < len(args) else kwargs.get(k) for i, k in enumerate(named)]
-    return values[0], values[1], values[2]
+    x, w, b = (args[i] if i < len(args) else kwargs.get(k) for i, k in enumerate(("input", "weight", "bias")))
+    return x, w, b
 
 
 _RUNNING = threading.local()  # ids of the redirect-watched wrappers whose forward runs in this thread
