@@ -201,10 +201,22 @@ def _input(shape):
     return torch.rand(*shape)
 
 
+# GoogLeNet's forward runs its auxiliary classifiers in training only: fx's trace cannot follow that.
+TRAINING_BRANCH = {LIGHT["tv-googlenet"][0]}
+
+
 def _build_and_convert(build, method, seed=0):
     torch.manual_seed(seed)
     net = build().eval()
-    return net, tq.quantize_model(copy.deepcopy(net) if method == "swap" else net, wf, af, method=method).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", tq.TrainingBranchWarning)
+        q = tq.quantize_model(copy.deepcopy(net) if method == "swap" else net, wf, af, method=method).eval()
+    for w in caught:  # the others, as they were
+        if not issubclass(w.category, tq.TrainingBranchWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    branches = [str(w.message) for w in caught if issubclass(w.category, tq.TrainingBranchWarning)]
+    assert len(branches) == (build in TRAINING_BRANCH), branches  # every other model's mode reads are followed
+    return net, q
 
 
 # GoogLeNet's auxiliary classifiers run only in training: fx traces the model's eval forward, which skips them.

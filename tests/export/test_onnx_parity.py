@@ -5,7 +5,8 @@ resnet18 and mobilenet_v2, a timm model and the built-in DigitsCNN; the seed's
 converters (FusedResNet on resnet18, FusedMobileNetV2 on mobilenet_v2,
 FusedEfficientNet on efficientnet_pytorch's efficientnet-b0, built from its config);
 a quantize_model(method="fx") conversion of timm's mobilenetv3_small_050 (squeeze-
-excitation, hard-swish, BatchNormAct). Adding a model is one entry in MODELS.
+excitation, hard-swish, BatchNormAct, a functional dropout whose ``training`` follows the
+mode). Adding a model is one entry in MODELS.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ def _torchvision(name):
     return getattr(tv.models, name)(num_classes=10)
 
 
-def _timm(name):
+def _timm(name, **kwargs):
     timm = pytest.importorskip("timm")
-    return timm.create_model(name, pretrained=False, num_classes=10)
+    return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
 
 
 def _digits():
@@ -69,7 +70,7 @@ MODELS = {
         "fc",
     ),
     "fx_timm_mobilenetv3_small_050": (
-        lambda wf, af: tq.quantize_model(_timm("mobilenetv3_small_050").eval(), wf, af, method="fx"),
+        lambda wf, af: tq.quantize_model(_timm("mobilenetv3_small_050", drop_rate=0.2).eval(), wf, af, method="fx"),
         (3, 32, 32),
         "classifier.linear",
     ),

@@ -2,5 +2,6 @@
 (:mod:`torchquant.graph.swap`). The entry point is :func:`torchquant.quantize_model`."""
 
 from .fx import FunctionalOp, FxTraceError
+from .modes import TrainingBranchWarning
 
-__all__ = ["FunctionalOp", "FxTraceError"]
+__all__ = ["FunctionalOp", "FxTraceError", "TrainingBranchWarning"]

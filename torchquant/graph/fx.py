@@ -59,6 +59,7 @@ import operator
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +80,7 @@ from .common import (
     skip_reason,
     structural_copy,
 )
+from .modes import MODE_FLAG, ModeDiff, TrainingBranchWarning, follow_mode, install_mode_flags
 from .readers import is_weight_reader
 from .swap import quantize_swap
 
@@ -215,7 +217,7 @@ _VALUE_PRESERVING = frozenset(
     }
 )  # fmt: skip
 # Library functions recorded as single calls (torch.fx.wrap) that are identities in eval mode.
-_VALUE_PRESERVING_NAMES = frozenset({"stochastic_depth", "drop_path"})
+_VALUE_PRESERVING_NAMES = frozenset({"stochastic_depth", "drop_path", "drop_connect"})
 _VALUE_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Flatten, nn.Unflatten,
     nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
@@ -340,6 +342,58 @@ def _trace(model: nn.Module, tracer: _Tracer, concrete_args: dict[str, Any] | No
         ) from e
 
 
+class _TrainingBranch(FxTraceError):
+    """A module traced on its own computes differently in the other mode."""
+
+
+def _trace_other_mode(
+    model: nn.Module, skip: tuple, leaves: tuple, autowrap: tuple, prefix: str, concrete_args: dict[str, Any] | None
+) -> fx.Graph:
+    """Trace ``model`` with every module of it in the mode its root is not in; leaves ``model`` as it was.
+    The flag is set directly: a ``train()`` override's side effects are not part of tracing."""
+    modes = [(m, m.training) for m in model.modules()]
+    other = not model.training
+    attrs = set(model.__dict__)
+    try:
+        for m, _ in modes:
+            m.training = other
+        return _Tracer(skip, leaves, autowrap, prefix).trace(model, concrete_args=concrete_args)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for name in set(model.__dict__) - attrs:  # tensors made in forward, set on the root by torch.fx
+            del model.__dict__[name]
+
+
+def _training_branch(model: nn.Module, prefix: str, found: ModeDiff, strict: bool) -> None:
+    """Warn (raise when ``strict``) that ``model``'s forward computes differently in the other mode."""
+    mode, other = ("train", "eval") if model.training else ("eval", "train")
+    names = [
+        f"'{prefix}{path}' ({cls})"
+        if path
+        else (f"'{prefix[:-1]}'" if prefix else "the model") + f" ({type(model).__name__})"
+        for path, cls in found.branches
+    ]
+    what = f"the forward of {', '.join(names[:4])}{' and others' if len(names) > 4 else ''}"
+    if found.error:
+        what += f" (torch.fx cannot trace it in {other} mode: {found.error})"
+    if strict:
+        raise _TrainingBranch(f"{what} computes differently in {other} mode")
+    whole = found.branches == [("", "")] and not prefix
+    advice = (
+        ""
+        if whole
+        else ", add the module's type to leaf_modules (its layers are then swapped and its forward runs as written)"
+    )
+    warnings.warn(
+        f"quantize_model(method='fx'): {what} computes differently in {other} mode than in {mode} mode, the mode it "
+        f"was traced in; the converted model keeps the {mode}-mode computation in both modes. Convert the model in "
+        f"the mode you will use it in{advice}, or use method='swap'.",
+        TrainingBranchWarning,
+        stacklevel=4,
+    )
+
+
 _TRAIN_ONLY_MODULES = frozenset(
     {
         "torchvision.ops.stochastic_depth.StochasticDepth",
@@ -355,6 +409,19 @@ a module of your own that branches on ``self.training`` in ``leaf_modules``."""
 def _train_only(m: nn.Module) -> bool:
     cls = type(m)
     return f"{cls.__module__}.{cls.__qualname__}" in _TRAIN_ONLY_MODULES
+
+
+def _train_only_functions() -> tuple:
+    """Library functions that change values only in training, recorded as single calls so that their
+    ``training`` argument follows the mode (:mod:`torchquant.graph.modes`) where tracing into them would
+    keep the branch of the mode at conversion: efficientnet_pytorch's ``drop_connect``, when imported."""
+    if "efficientnet_pytorch" not in sys.modules:
+        return ()
+    try:
+        from efficientnet_pytorch.utils import drop_connect
+    except ImportError:  # pragma: no cover - another efficientnet_pytorch layout
+        return ()
+    return (drop_connect,)
 
 
 def _timm_leaves() -> tuple[tuple, tuple]:
@@ -390,8 +457,10 @@ def _infer_kinds(gm: fx.GraphModule) -> dict[fx.Node, str | None]:
 
     for n in gm.graph.nodes:
         k: str | None
-        if n.op == "placeholder" or n.op == "call_module":
+        if n.op == "placeholder" or (n.op == "call_module" and n.target != MODE_FLAG):
             k = "float"
+        elif n.op == "call_module":  # a mode-dependent constant
+            k = None
         elif n.op == "get_attr":
             try:
                 v = operator.attrgetter(n.target)(gm)
@@ -756,6 +825,7 @@ class _Rewriter:
                     autowrap_functions=self.autowrap_functions,
                     prefix=prefix,
                     concrete_args=concrete,
+                    strict_modes=True,  # a mode branch inside: swap its layers, its forward then runs as written
                 )
                 reasons = sub.meta[FLOAT_REASONS_ATTR]
                 new_args = _positional_args(m, sub, calls)
@@ -970,6 +1040,7 @@ def quantize_fx(
     autowrap_functions: Iterable[Callable] = (),
     prefix: str = "",
     concrete_args: dict[str, Any] | None = None,
+    strict_modes: bool = False,
 ) -> fx.GraphModule:
     """Trace ``model`` and rewrite it (see the module docstring). ``model`` keeps its structure;
     the result shares its parameter tensors.
@@ -985,6 +1056,8 @@ def quantize_fx(
         prefix: qualified name of ``model`` in a larger model, with a trailing dot: the
             names factories, ``skip`` and the float reasons see.
         concrete_args: arguments of ``model.forward`` fixed at trace time (``torch.fx``'s).
+        strict_modes: raise :class:`FxTraceError` instead of warning when ``model``'s forward
+            computes differently in the other mode (:mod:`torchquant.graph.modes`).
 
     Returns:
         The rewritten ``GraphModule``; ``meta["_tq_float_reasons"]`` says what stayed in float and why.
@@ -995,17 +1068,23 @@ def quantize_fx(
     Raises:
         TypeError: a ``leaf_modules`` entry is not an ``nn.Module`` type.
         FxTraceError: torch.fx cannot trace the model; names the module and operation.
+
+    Warns:
+        TrainingBranchWarning: the forward computes differently in the other mode (a branch on
+            ``self.training``), so the result keeps the traced mode's computation. Constants that
+            differ between modes (functional dropout's ``training``) follow the result's mode instead.
     """
     timm_modules, timm_functions = _timm_leaves()
     leaves = tuple(dict.fromkeys(tuple(leaf_modules) + timm_modules))
     for t in leaves:
         if not (isinstance(t, type) and issubclass(t, nn.Module)):
             raise TypeError(f"quantize_model: leaf_modules entries must be nn.Module types, got {t!r}")
-    autowrap = tuple(dict.fromkeys(tuple(autowrap_functions) + timm_functions))
+    autowrap = tuple(dict.fromkeys(tuple(autowrap_functions) + timm_functions + _train_only_functions()))
     tracer = _Tracer(skip, leaves, autowrap, prefix)
     try:
         if is_weight_reader(model, traced=True):  # traced, its layers would stay get_attr reads: swap them instead
             raise FxTraceError(f"{type(model).__name__} reads its layers' weights")
+        attrs = set(model.__dict__)
         graph = _trace(model, tracer, concrete_args)
     except FxTraceError:
         if prefix or not (fx.Tracer().is_leaf_module(model, "") or is_weight_reader(model, traced=True)):
@@ -1020,7 +1099,15 @@ def quantize_fx(
             reasons = quantize_swap(whole, weight_quantizer, acts_quantizer, skip=skip, fold_bn=fold_bn)
         setattr(whole, FLOAT_REASONS_ATTR, reasons)
         return whole
+    found = follow_mode(
+        graph, model.training, lambda: _trace_other_mode(model, skip, leaves, autowrap, prefix, concrete_args)
+    )
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    for name in set(model.__dict__) - attrs:  # tensors made in forward, set on the root by torch.fx: gm has them
+        del model.__dict__[name]
+    install_mode_flags(gm, found.constants)
+    if found.branches:
+        _training_branch(model, prefix, found, strict_modes)
     reasons = _Rewriter(model, gm, weight_quantizer, acts_quantizer, skip, fold_bn, tracer, autowrap).run()
     gm.meta[FLOAT_REASONS_ATTR] = reasons
     return gm
