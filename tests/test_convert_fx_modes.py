@@ -11,7 +11,7 @@ from torch import nn
 
 import torchquant as tq
 from torchquant.bench.models import DigitsCNN
-from torchquant.graph.modes import MODE_FLAG, ModeFlag
+from torchquant.graph.modes import MODE_FLAG, ModeFlag, is_mode_flag_call
 
 S = tq.QModuleState
 NEW_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
@@ -84,8 +84,8 @@ def test_functional_dropout_and_attention_dropout_follow_the_mode(converted_in):
     with warnings.catch_warnings():
         warnings.simplefilter("error", tq.TrainingBranchWarning)
         q = tq.quantize_model(net, wf, af)
-    assert isinstance(getattr(q, MODE_FLAG), ModeFlag)
-    flags = [n for n in q.graph.nodes if n.op == "call_module" and n.target == MODE_FLAG]
+    assert isinstance(q.get_submodule(f"block.{MODE_FLAG}"), ModeFlag)  # the module whose forward reads its mode
+    flags = [n for n in q.graph.nodes if is_mode_flag_call(n)]
     assert sorted(n.args for n in flags) == [(0.5, 0.0), (True, False)]
     assert _same_as_float(net, q, torch.randn(2, 5, 16)) == [True, True]
     # the flag is no quantization point and no float report
@@ -97,8 +97,8 @@ def test_a_model_that_does_not_read_its_mode_converts_as_before():
     with warnings.catch_warnings():
         warnings.simplefilter("error", tq.TrainingBranchWarning)
         q = tq.quantize_model(DigitsCNN().train(), wf, af)
-    assert not hasattr(q, MODE_FLAG)
-    assert not [n for n in q.graph.nodes if n.op == "call_module" and n.target == MODE_FLAG]
+    assert not [n for n, m in q.named_modules() if isinstance(m, ModeFlag)]
+    assert not [n for n in q.graph.nodes if is_mode_flag_call(n)]
 
 
 def test_a_branch_in_training_warns_naming_the_module():
@@ -184,7 +184,7 @@ def test_timm_heads_and_attention_with_dropout_follow_the_mode():
     x = torch.randn(2, 3, 32, 32)
     for net in nets:
         q = tq.quantize_model(net.eval(), wf, af)
-        assert hasattr(q, MODE_FLAG)
+        assert [n for n in q.graph.nodes if is_mode_flag_call(n)]
         assert _same_as_float(net, q, x) == [True, True]
 
 
@@ -199,7 +199,7 @@ def test_efficientnet_pytorch_drop_connect_is_one_call_that_follows_the_mode():
     calls = [n for n in q.graph.nodes if n.target is drop_connect]
     assert len(calls) == 9  # every block with a skip connection
     flags = [n.kwargs.get("training", n.args[2] if len(n.args) > 2 else None) for n in calls]
-    assert all(isinstance(f, torch.fx.Node) and f.target == MODE_FLAG for f in flags)
+    assert all(isinstance(f, torch.fx.Node) and is_mode_flag_call(f) for f in flags)
     assert not [k for k in q.meta["_tq_float_reasons"] if "drop_connect" in k]
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -209,3 +209,106 @@ def test_efficientnet_pytorch_drop_connect_is_one_call_that_follows_the_mode():
         first = q(x)
         torch.manual_seed(1)
         assert not torch.equal(q(x), first)  # drop connect (and dropout) draw again in training
+
+
+class TwoDropouts(nn.Module):
+    """A dropout in training only between two that follow the mode: the alignment cannot say which is which."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        y = F.dropout(self.fc(x), 0.1, self.training)
+        if self.training:
+            y = F.dropout(y, 0.2, True)
+        return F.dropout(y, 0.9, self.training)
+
+
+@pytest.mark.parametrize("converted_in", ["train", "eval"])
+def test_inside_a_branching_module_the_traced_computation_is_kept_whole(converted_in):
+    net = Net(TwoDropouts).train(converted_in == "train")
+    with pytest.warns(tq.TrainingBranchWarning, match=r"'block' \(TwoDropouts\)"):
+        q = tq.quantize_model(net, wf, af)
+    assert not [n for n in q.graph.nodes if is_mode_flag_call(n)]  # no constant of one call moved to another
+    x = torch.randn(2, 5, 16)
+    net.train(converted_in == "train")
+    q.train(converted_in == "train")
+    torch.manual_seed(0)
+    ref = net(x)
+    torch.manual_seed(0)
+    assert torch.equal(q(x), ref)  # the mode it was converted in, exactly
+
+
+@pytest.mark.parametrize("root_training", [True, False])
+def test_a_module_in_a_mode_of_its_own_is_followed(root_training):
+    torch.manual_seed(0)
+    net = Net()
+    net.train(root_training)
+    net.block.train(not root_training)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tq.TrainingBranchWarning)
+        q = tq.quantize_model(net, wf, af)
+    assert q.get_submodule(f"block.{MODE_FLAG}").training is (not root_training)
+    x = torch.randn(2, 5, 16)
+    torch.manual_seed(0)
+    ref = net(x)
+    torch.manual_seed(0)
+    assert torch.equal(q(x), ref)  # as converted: the block in its own mode
+    assert _same_as_float(net, q, x) == [True, True]
+
+
+class Stateful(nn.Module):
+    """Forward code with side effects: a cache (timm's LeViT caches attention biases in eval), a counter."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.cache = {}
+        self.calls = 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            return self.fc(x)
+        if "bias" not in self.cache:
+            self.cache["bias"] = self.fc.bias * 2
+        return self.fc(x) + self.cache["bias"]
+
+
+class Wrapper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = Stateful()
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("converted_in", ["train", "eval"])
+def test_tracing_leaves_no_trace_on_the_float_model(converted_in):
+    net = Wrapper().train(converted_in == "train")
+    with pytest.warns(tq.TrainingBranchWarning):
+        tq.quantize_model(net, wf, af)
+    assert net.inner.cache == {} and net.inner.calls == 0
+    torch.save(net, io.BytesIO())  # no proxies left in it
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x) * torch.tensor([1.0, 2.0, 3.0, 4.0])
+        if y.sum() > 0:  # data-dependent: torch.fx cannot trace it
+            return y
+        return -y
+
+
+def test_a_failed_trace_leaves_no_constants_on_the_model():
+    net = Untraceable()
+    attrs = set(net.__dict__)
+    with pytest.raises(tq.FxTraceError):
+        tq.quantize_model(net, wf, af)
+    assert set(net.__dict__) == attrs

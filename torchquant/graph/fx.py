@@ -80,7 +80,7 @@ from .common import (
     skip_reason,
     structural_copy,
 )
-from .modes import MODE_FLAG, ModeDiff, TrainingBranchWarning, follow_mode, install_mode_flags
+from .modes import ModeDiff, TrainingBranchWarning, follow_mode, install_mode_flags, is_mode_flag_call
 from .readers import is_weight_reader
 from .swap import quantize_swap
 
@@ -346,23 +346,57 @@ class _TrainingBranch(FxTraceError):
     """A module traced on its own computes differently in the other mode."""
 
 
+class _Untouched:
+    """Restores every module of ``model`` as it was: its attributes, and the contents of its dict, list
+    and set attributes. Tracing runs the forward code, which may cache proxies (timm's LeViT), count
+    calls or set attributes; torch.fx also stores the tensors made in forward on the root."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.saved = [
+            (m, dict(m.__dict__), {k: _contents(v) for k, v in m.__dict__.items() if isinstance(v, (dict, list, set))})
+            for m in model.modules()
+        ]
+
+    def __enter__(self) -> _Untouched:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        for m, attrs, contents in self.saved:
+            for k in set(m.__dict__) - set(attrs):
+                del m.__dict__[k]
+            m.__dict__.update(attrs)
+            for k, saved in contents.items():
+                v = attrs[k]
+                v.clear()
+                v.update(saved) if isinstance(v, (dict, set)) else v.extend(saved)
+
+
+def _contents(v: dict | list | set) -> dict | list | set:
+    return dict(v) if isinstance(v, dict) else (list(v) if isinstance(v, list) else set(v))
+
+
 def _trace_other_mode(
     model: nn.Module, skip: tuple, leaves: tuple, autowrap: tuple, prefix: str, concrete_args: dict[str, Any] | None
 ) -> fx.Graph:
-    """Trace ``model`` with every module of it in the mode its root is not in; leaves ``model`` as it was.
-    The flag is set directly: a ``train()`` override's side effects are not part of tracing."""
-    modes = [(m, m.training) for m in model.modules()]
-    other = not model.training
-    attrs = set(model.__dict__)
-    try:
-        for m, _ in modes:
-            m.training = other
+    """Trace ``model`` with every module of it in the mode it is not in; leaves ``model`` as it was.
+    The flags are set directly: a ``train()`` override's side effects are not part of tracing."""
+    with _Untouched(model):
+        for m in model.modules():
+            m.training = not m.training
         return _Tracer(skip, leaves, autowrap, prefix).trace(model, concrete_args=concrete_args)
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        for name in set(model.__dict__) - attrs:  # tensors made in forward, set on the root by torch.fx
-            del model.__dict__[name]
+
+
+def _mode_of(model: nn.Module) -> Callable[[str], bool]:
+    def mode(path: str) -> bool:
+        try:
+            return model.get_submodule(path).training
+        except AttributeError:
+            return model.training
+
+    return mode
 
 
 def _training_branch(model: nn.Module, prefix: str, found: ModeDiff, strict: bool) -> None:
@@ -457,7 +491,7 @@ def _infer_kinds(gm: fx.GraphModule) -> dict[fx.Node, str | None]:
 
     for n in gm.graph.nodes:
         k: str | None
-        if n.op == "placeholder" or (n.op == "call_module" and n.target != MODE_FLAG):
+        if n.op == "placeholder" or (n.op == "call_module" and not is_mode_flag_call(n)):
             k = "float"
         elif n.op == "call_module":  # a mode-dependent constant
             k = None
@@ -1084,8 +1118,12 @@ def quantize_fx(
     try:
         if is_weight_reader(model, traced=True):  # traced, its layers would stay get_attr reads: swap them instead
             raise FxTraceError(f"{type(model).__name__} reads its layers' weights")
-        attrs = set(model.__dict__)
-        graph = _trace(model, tracer, concrete_args)
+        untouched = _Untouched(model)
+        try:
+            graph = _trace(model, tracer, concrete_args)
+        except BaseException:
+            untouched.restore()
+            raise
     except FxTraceError:
         if prefix or not (fx.Tracer().is_leaf_module(model, "") or is_weight_reader(model, traced=True)):
             raise
@@ -1100,12 +1138,11 @@ def quantize_fx(
         setattr(whole, FLOAT_REASONS_ATTR, reasons)
         return whole
     found = follow_mode(
-        graph, model.training, lambda: _trace_other_mode(model, skip, leaves, autowrap, prefix, concrete_args)
+        graph, _mode_of(model), lambda: _trace_other_mode(model, skip, leaves, autowrap, prefix, concrete_args)
     )
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
-    for name in set(model.__dict__) - attrs:  # tensors made in forward, set on the root by torch.fx: gm has them
-        del model.__dict__[name]
-    install_mode_flags(gm, found.constants)
+    untouched.restore()  # once the GraphModule holds the constants the trace stored on the model
+    install_mode_flags(gm, found.constants, _mode_of(model))
     if found.branches:
         _training_branch(model, prefix, found, strict_modes)
     reasons = _Rewriter(model, gm, weight_quantizer, acts_quantizer, skip, fold_bn, tracer, autowrap).run()

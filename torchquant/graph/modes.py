@@ -8,8 +8,8 @@ the other mode and compares the two graphs:
 
 - a constant argument that differs between them (the ``training`` flag of a functional
   dropout, ``dropout_p=p if self.training else 0.0`` of an attention) is replaced by a call of a
-  :class:`ModeFlag` that follows the converted model's mode at run time, so the converted model
-  behaves like the float model in both modes;
+  :class:`ModeFlag` that follows, at run time, the mode of the module whose forward made it, so the
+  converted model behaves like the float model in both modes;
 - a difference in what is computed (``if self.training: x = x + noise``, an auxiliary head that
   runs only in training) cannot follow the mode: a :class:`TrainingBranchWarning` names the
   module whose forward branches, and the converted model keeps the traced branch.
@@ -26,10 +26,20 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["MODE_FLAG", "ModeDiff", "ModeFlag", "TrainingBranchWarning", "follow_mode", "install_mode_flags"]
+__all__ = [
+    "MODE_FLAG",
+    "ModeConstant",
+    "ModeDiff",
+    "ModeFlag",
+    "TrainingBranchWarning",
+    "follow_mode",
+    "install_mode_flags",
+    "is_mode_flag_call",
+]
 
 MODE_FLAG = "_tq_mode"
-"""Name of the :class:`ModeFlag` child of a converted ``GraphModule`` that has mode-dependent constants."""
+"""Name of a :class:`ModeFlag`, the child of each module of a converted ``GraphModule`` whose forward made
+mode-dependent constants."""
 
 _SIMPLE = (bool, int, float, str, type(None))
 # torch.fx's names for constants made in forward: numbered in order of creation, so compared without the number
@@ -130,28 +140,42 @@ def _replace(value: Any, path: tuple, new: Any) -> Any:
 
 
 @dataclass
+class ModeConstant:
+    """A constant argument of ``node`` that differs between the modes: at ``path`` in ``(args, kwargs)``,
+    made in the forward of the module at ``owner`` (relative to the traced model)."""
+
+    node: fx.Node
+    path: tuple
+    train_value: Any
+    eval_value: Any
+    owner: str
+
+
+@dataclass
 class ModeDiff:
     """What :func:`follow_mode` found.
 
     Attributes:
-        constants: per mode-dependent constant, ``(node, path in (args, kwargs), train value, eval value)``.
+        constants: the mode-dependent constants outside the branching modules.
         branches: ``(qualified name relative to the traced model, type name)`` of each outermost module
             whose forward computes differently in the other mode; ``("", "")`` is the model itself.
         error: why the model could not be traced in the other mode, if it could not.
     """
 
-    constants: list[tuple[fx.Node, tuple, Any, Any]] = field(default_factory=list)
+    constants: list[ModeConstant] = field(default_factory=list)
     branches: list[tuple[str, str]] = field(default_factory=list)
     error: str | None = None
 
 
-def follow_mode(graph: fx.Graph, training: bool, trace_other: Callable[[], fx.Graph]) -> ModeDiff:
-    """Compare ``graph`` (traced with the model's root in mode ``training``) with the same model traced
-    in the other mode (``trace_other()``, run with every module of the model in the other mode).
+def follow_mode(graph: fx.Graph, mode_of: Callable[[str], bool], trace_other: Callable[[], fx.Graph]) -> ModeDiff:
+    """Compare ``graph`` with the same model traced with every module in the other mode (``trace_other()``).
 
     The two node sequences are aligned (:class:`difflib.SequenceMatcher` on each node's operation and
     target); nodes only one graph has, and aligned nodes whose arguments differ in anything but
-    simple constants, are branches, attributed to the module whose forward made them.
+    simple constants, are branches, attributed to the module whose forward made them. A constant
+    that differs is kept only outside every branching module (inside one, the alignment cannot say
+    which call it belongs to); ``mode_of(path)``, the mode the module at ``path`` had when ``graph`` was
+    traced, says which value is the train-mode one.
     """
     try:
         other = trace_other()
@@ -166,21 +190,22 @@ def follow_mode(graph: fx.Graph, training: bool, trace_other: Callable[[], fx.Gr
             peer.update(zip(theirs[j1:j2], mine[i1:i2]))
         else:
             owners.update(dict.fromkeys(_owner(n) for n in (*mine[i1:i2], *theirs[j1:j2])))
-    found = ModeDiff()
-    aligned = _Diff(peer)
+    constants = []
+    diff = _Diff(peer)
     for b, a in peer.items():
-        diff = aligned
         diff.consts = []
         if not diff.walk((a.args, a.kwargs), (b.args, b.kwargs), ()):
             owners[_owner(a)] = None
             continue
+        owner = _owner(a)[0]
         for path, mine_value, their_value in diff.consts:
-            train_value, eval_value = (mine_value, their_value) if training else (their_value, mine_value)
-            found.constants.append((a, path, train_value, eval_value))
+            train_value, eval_value = (mine_value, their_value) if mode_of(owner) else (their_value, mine_value)
+            constants.append(ModeConstant(a, path, train_value, eval_value, owner))
     # A branch shows as the nodes it adds or removes, made in the branching module and in the modules it
     # calls: name the outermost ones.
-    found.branches = [(p, c) for p, c in owners if not any(_inside(p, q) for q, _ in owners if q != p)]
-    return found
+    branches = [(p, c) for p, c in owners if not any(_inside(p, q) for q, _ in owners if q != p)]
+    constants = [c for c in constants if not any(c.owner == p or _inside(c.owner, p) for p, _ in branches)]
+    return ModeDiff(constants, branches)
 
 
 _READS = frozenset({"size", "dim", "numel", "stride", "is_contiguous"})
@@ -206,14 +231,22 @@ def _inside(path: str, ancestor: str) -> bool:
     return ancestor == "" or path.startswith(ancestor + ".")
 
 
-def install_mode_flags(gm: fx.GraphModule, constants: list[tuple[fx.Node, tuple, Any, Any]]) -> None:
-    """Replace each mode-dependent constant of ``gm``'s graph by a call of a :class:`ModeFlag` child of
-    ``gm`` (in ``gm``'s mode), so it follows ``gm.train()``/``gm.eval()``."""
-    if not constants:
-        return
-    gm.add_submodule(MODE_FLAG, ModeFlag().train(gm.training))
-    for node, path, train_value, eval_value in constants:
-        with gm.graph.inserting_before(node):
-            value = gm.graph.call_module(MODE_FLAG, (train_value, eval_value))
-        args, kwargs = _replace((node.args, node.kwargs), path, value)
-        node.args, node.kwargs = tuple(args), dict(kwargs)
+def install_mode_flags(gm: fx.GraphModule, constants: list[ModeConstant], mode_of: Callable[[str], bool]) -> None:
+    """Replace each mode-dependent constant of ``gm``'s graph by a call of a :class:`ModeFlag` at
+    ``<owner>._tq_mode`` (in the mode ``mode_of(owner)``), so it follows ``train()``/``eval()`` of
+    the module whose forward made it, as in the float model."""
+    for c in constants:
+        name = f"{c.owner}.{MODE_FLAG}" if c.owner else MODE_FLAG
+        try:
+            gm.get_submodule(name)
+        except AttributeError:
+            gm.add_submodule(name, ModeFlag().train(mode_of(c.owner)))
+        with gm.graph.inserting_before(c.node):
+            value = gm.graph.call_module(name, (c.train_value, c.eval_value))
+        args, kwargs = _replace((c.node.args, c.node.kwargs), c.path, value)
+        c.node.args, c.node.kwargs = tuple(args), dict(kwargs)
+
+
+def is_mode_flag_call(node: fx.Node) -> bool:
+    """Whether ``node`` calls a :class:`ModeFlag` installed by :func:`install_mode_flags`."""
+    return node.op == "call_module" and node.target.rpartition(".")[2] == MODE_FLAG
