@@ -38,7 +38,8 @@ for a function ``QOp``, a :class:`FunctionalOp` describing the call and the
 ``QOp``'s qualified name.
 
 Stochastic depth (torchvision's ``StochasticDepth``, timm's ``DropPath`` and ``DropBlock2d``)
-modules are leaves, so they follow the mode at run time. Modules that are
+modules are leaves, so they follow the mode at run time; other values the traced code derives
+from ``self.training`` follow it through :mod:`torchquant.graph.modes`. Modules that are
 ``QModule`` s or ``Quantizer`` s, skipped modules, and the
 leaf modules given by the user (and, when ``timm`` is imported, the modules and
 functions it registers as not traceable) are not traced into. A leaf with parameters
@@ -421,8 +422,8 @@ def _training_branch(model: nn.Module, prefix: str, found: ModeDiff, strict: boo
     )
     warnings.warn(
         f"quantize_model(method='fx'): {what} computes differently in {other} mode than in {mode} mode, the mode it "
-        f"was traced in; the converted model keeps the {mode}-mode computation in both modes. Convert the model in "
-        f"the mode you will use it in{advice}, or use method='swap'.",
+        f"was traced in; there the converted model keeps the {mode}-mode computation in both modes. Convert the "
+        f"model in the mode you will use it in{advice}, or use method='swap'.",
         TrainingBranchWarning,
         stacklevel=4,
     )
@@ -1105,8 +1106,9 @@ def quantize_fx(
 
     Warns:
         TrainingBranchWarning: the forward computes differently in the other mode (a branch on
-            ``self.training``), so the result keeps the traced mode's computation. Constants that
-            differ between modes (functional dropout's ``training``) follow the result's mode instead.
+            ``self.training``), so the result keeps the traced mode's computation in the module named.
+            Constants that differ between modes (functional dropout's ``training``) follow instead the
+            mode of the module whose forward made them.
     """
     timm_modules, timm_functions = _timm_leaves()
     leaves = tuple(dict.fromkeys(tuple(leaf_modules) + timm_modules))
@@ -1137,12 +1139,11 @@ def quantize_fx(
             reasons = quantize_swap(whole, weight_quantizer, acts_quantizer, skip=skip, fold_bn=fold_bn)
         setattr(whole, FLOAT_REASONS_ATTR, reasons)
         return whole
-    found = follow_mode(
-        graph, _mode_of(model), lambda: _trace_other_mode(model, skip, leaves, autowrap, prefix, concrete_args)
-    )
+    mode_of = _mode_of(model)
+    found = follow_mode(graph, mode_of, lambda: _trace_other_mode(model, skip, leaves, autowrap, prefix, concrete_args))
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     untouched.restore()  # once the GraphModule holds the constants the trace stored on the model
-    install_mode_flags(gm, found.constants, _mode_of(model))
+    install_mode_flags(gm, found.constants, mode_of)
     if found.branches:
         _training_branch(model, prefix, found, strict_modes)
     reasons = _Rewriter(model, gm, weight_quantizer, acts_quantizer, skip, fold_bn, tracer, autowrap).run()
