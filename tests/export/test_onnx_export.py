@@ -275,3 +275,32 @@ def test_grid_that_does_not_fit_its_tensor_is_named_with_the_shapes(wrong, reaso
     assert "does not run on example inputs" not in msg
     with pytest.raises(ValueError, match=r"^integer_params: quantizer '0\.weight_quantizer'.*\(8, 3, 3, 3\)"):
         tq.export.integer_params(net)
+
+
+class _Attention(nn.Module):
+    """Arguments left at their defaults (a bool, an optional tensor) reach a call that needs Python values."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x, attn_mask: torch.Tensor | None = None, is_causal: bool = False):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+
+def test_arguments_left_at_their_defaults_stay_python_values():
+    torch.manual_seed(0)
+    net = tq.quantize_model(_Attention().eval(), _w8, _a8, method="fx")  # placeholders for both defaults
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad(), tq.qmodule_state(net, S.CALIBRATION):
+        net(x)
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    proto = tq.export.to_onnx(net, x)
+    assert [i.name for i in proto.graph.input] == ["input0"]
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = net(x)
+    got = sess.run(None, {"input0": x.numpy()})[0]
+    step = net.scaled_dot_product_attention.acts_quantizer.grid().scale.item()
+    assert np.abs(got - expected.numpy()).max() <= step * 1.001

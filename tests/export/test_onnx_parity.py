@@ -6,7 +6,8 @@ converters (FusedResNet on resnet18, FusedMobileNetV2 on mobilenet_v2,
 FusedEfficientNet on efficientnet_pytorch's efficientnet-b0, built from its config);
 a quantize_model(method="fx") conversion of timm's mobilenetv3_small_050 (squeeze-
 excitation, hard-swish, BatchNormAct, a functional dropout whose ``training`` follows the
-mode). Adding a model is one entry in MODELS.
+mode) and of a two-block timm ViT (attention, layer norms, the class token; its forward's
+``attn_mask``/``is_causal`` arguments left at their defaults). Adding a model is one entry in MODELS.
 """
 
 from __future__ import annotations
@@ -68,6 +69,13 @@ MODELS = {
         lambda wf, af: _fused("FusedEfficientNet", _efficientnet_b0(), wf, af),
         (3, 32, 32),
         "fc",
+    ),
+    "fx_timm_vit_tiny": (
+        lambda wf, af: tq.quantize_model(
+            _timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2).eval(), wf, af, method="fx"
+        ),
+        (3, 32, 32),
+        "head",
     ),
     "fx_timm_mobilenetv3_small_050": (
         lambda wf, af: tq.quantize_model(_timm("mobilenetv3_small_050", drop_rate=0.2).eval(), wf, af, method="fx"),

@@ -249,7 +249,8 @@ def to_onnx(
     Args:
         model: a model with QModules, every one in a ``QUANT_EVAL`` mode (calibrated).
             Not modified (a copy is exported).
-        example_inputs: a tensor or a tuple of tensors, as ``model(*example_inputs)`` takes.
+        example_inputs: a tensor or a tuple of tensors, as ``model(*example_inputs)`` takes;
+            arguments of ``forward`` after them keep their defaults, as Python values.
         path: where to write the ``.onnx`` file; ``None`` writes nothing.
         opset: ONNX opset, 13 to 21 (21 for 4-bit and 16-bit types and per-group).
         input_names: graph input names (default ``input0``, ``input1``...).
@@ -355,6 +356,12 @@ def to_onnx(
             )
         dyn = {n: {0: "batch"} for n in in_names + out_names} if dynamic_batch else None
         buf = io.BytesIO()
+        # The exporter fills every argument the inputs leave out with its default and
+        # traces it as a tensor (an fx GraphModule's ``is_causal=False`` then reaches
+        # scaled_dot_product_attention as a tensor); a forward that takes exactly the
+        # example inputs leaves the defaults to Python.
+        forward = work.forward
+        work.forward = lambda *args: forward(*args)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*TorchScript.*")
