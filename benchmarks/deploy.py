@@ -190,6 +190,9 @@ def main() -> None:
         f"{worst:.0f} step(s); output end to end: max {out.max_steps:.0f} steps, {100 * out.identical:.1f}% "
         f"identical ({report.ties_adopted} rounding ties adopted): {'passed' if report.passed() else 'FAILED'}"
     )
+    if report.divergence is not None:  # where onnxruntime's kernels on this CPU depart from the ONNX semantics
+        d = report.divergence
+        print(f"onnxruntime's optimized run first differs at {d.point} ({d.kernel}): {d.agreement.max_steps:.0f} steps")
     print(f"top-1 agreement int8 vs float32: {100 * (y8.argmax(1) == y32.argmax(1)).mean():.0f}%")
     target = 2.0
     verdict = "met" if results[16] >= target else "NOT met"

@@ -63,6 +63,10 @@ def test_a_faithful_export_passes_with_every_point_reported():
     text = str(report)
     assert "parity: passed" in text and "mid.acts_quantizer" in text
     assert {r["kind"] for r in report.rows} == {"point", "output", "output, no ties adopted"}
+    # The optimized run read at every point, in execution order, with nothing departing.
+    assert list(report.optimized) == ["conv.acts_quantizer", "mid.acts_quantizer", "fc.acts_quantizer"]
+    assert all(a.max_steps == 0 for a in report.optimized.values())
+    assert report.divergence is None and "first differs" not in text
 
 
 def test_reads_the_file_from_a_path(tmp_path):
@@ -204,3 +208,66 @@ def test_the_model_runs_in_eval_mode_and_keeps_its_training_flags():
     report = tq.export.check_parity(net, proto, torch.randn(8, 3, 4, 4))
     assert report.passed()
     assert all(m.training for m in net.modules())
+
+
+class Attention(nn.Module):
+    """A linear layer on the float model input (3-D, so a MatMul, not a Gemm), then a softmax."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(torch.softmax(self.fc(x), dim=-1))
+
+
+def _attention(quantize_softmax: bool):
+    torch.manual_seed(0)
+    acts = _a8 if quantize_softmax else (lambda m, n: None if n == "softmax" else _a8(m, n))
+    net = tq.quantize_model(Attention().eval(), _w8, acts, method="fx")
+    x = 3 * torch.randn(4, 32, 16)
+    with torch.no_grad(), tq.qmodule_state(net, S.CALIBRATION):
+        net(x)
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    return net, tq.export.to_onnx(net, x[:1]), x
+
+
+def _float32_matmul_nbits():
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    return so
+
+
+def test_the_first_point_where_onnxruntimes_kernels_depart_is_named_with_the_kernel():
+    net, proto, x = _attention(quantize_softmax=True)
+    # Every point agrees in the ONNX semantics; onnxruntime's optimized kernels do not.
+    report = tq.export.check_parity(net, proto, x)
+    assert all(a.max_steps <= 1 and a.identical >= 0.999 for a in report.points.values())
+    assert not report.passed()
+    # The weight's DequantizeLinear -> MatMul on a float input becomes MatMulNBits, which
+    # quantizes that input to int8 on the fly.
+    d = report.divergence
+    assert (d.point, d.kernel) == ("fc.acts_quantizer", "MatMulNBits (accuracy_level 4)")
+    assert d.agreement == report.optimized["fc.acts_quantizer"] and d.agreement.identical < 0.95
+    assert "session.qdq_matmulnbits_accuracy_level=1" in str(report)
+    # With that input kept in float32, the next kernel to depart is QLinearSoftmax (a table of exp).
+    so = _float32_matmul_nbits()
+    report = tq.export.check_parity(net, proto, x, session_options=so)
+    assert report.optimized["fc.acts_quantizer"].max_steps == 0
+    assert (report.divergence.point, report.divergence.kernel) == ("softmax.acts_quantizer", "QLinearSoftmax")
+    assert "fixed-point table" in str(report) and not report.passed()
+    fresh = ort.SessionOptions()  # the caller's options, restored
+    assert so.optimized_model_filepath == fresh.optimized_model_filepath
+    assert so.log_severity_level == fresh.log_severity_level
+    # Without the fused integer kernels, the file agrees.
+    off = ["ClipQuantRewrite", "QDQSelectorActionTransformer"]
+    report = tq.export.check_parity(net, proto, x, disabled_optimizers=off)
+    assert report.passed() and report.divergence is None
+
+
+def test_an_unquantized_softmax_and_float32_matmul_nbits_deploy_without_the_difference():
+    net, proto, x = _attention(quantize_softmax=False)
+    report = tq.export.check_parity(net, proto, x, session_options=_float32_matmul_nbits())
+    assert report.passed() and report.divergence is None
+    assert list(report.optimized) == ["fc.acts_quantizer", "out.acts_quantizer"]

@@ -7,10 +7,11 @@ functions here import them when called.
 from .checkpoint import load_checkpoint, save_checkpoint
 from .integer import integer_params, load_integer_params, save_integer_params
 from .onnx_qdq import onnx_type_for_grid, to_onnx
-from .parity import Agreement, ParityReport, check_parity
+from .parity import Agreement, Divergence, ParityReport, check_parity
 
 __all__ = [
     "Agreement",
+    "Divergence",
     "ParityReport",
     "check_parity",
     "integer_params",

@@ -20,11 +20,16 @@ the same inputs and reports, in steps of each quantization point's grid:
   the simulation's own and shows at the output.
 
 A one-step difference at a rounding tie counts as explained (``Agreement.ties``), so a
-small tensor is not failed by one tie. An output produced by a quantization point is
-compared in its steps; a float output (say, an unquantized classifier) by its largest
-absolute difference. Activation quantizers without a ``DequantizeLinear`` (exported as
-float simulations: no affine grid, or a grid the opset cannot store; or as the nearest
-of their levels, :meth:`~torchquant.quantizers.Quantizer.levels`) are listed in
+small tensor is not failed by one tie. The end-to-end run also reads every point's codes
+(``ParityReport.optimized``); the first point that differs there beyond the adopted ties
+is where onnxruntime's optimized graph departs from the ONNX semantics
+(``ParityReport.divergence``, with the kernel that computes it, say ``QLinearSoftmax``).
+
+An output produced by a quantization point is compared in its steps; a float output
+(say, an unquantized classifier) by its largest absolute difference. Activation
+quantizers without a ``DequantizeLinear`` (exported as float simulations: no affine
+grid, or a grid the opset cannot store; or as the nearest of their levels,
+:meth:`~torchquant.quantizers.Quantizer.levels`) are listed in
 ``ParityReport.unchecked``; weights stored as codes of levels count as checked.
 """
 
@@ -43,7 +48,7 @@ from ..debug.diagnostics import Report
 from ._common import quant_points, to_numpy
 from .onnx_qdq import _as_inputs, _require_onnx
 
-__all__ = ["Agreement", "ParityReport", "check_parity"]
+__all__ = ["Agreement", "Divergence", "ParityReport", "check_parity"]
 
 #: A simulated value this close (in steps) to the middle of two codes is a rounding tie.
 TIE_STEPS = 1e-3
@@ -70,6 +75,31 @@ class Agreement:
     ties: int = 0
 
 
+@dataclass(frozen=True)
+class Divergence:
+    """Where onnxruntime's optimized run first departs from the simulation.
+
+    Attributes:
+        point: the first quantization point, in the simulation's execution order, whose
+            codes differ in onnxruntime's optimized end-to-end run once the rounding ties
+            before it are decided as onnxruntime did.
+        kernel: the operator that computes that point's codes in onnxruntime's optimized
+            graph (``QLinearSoftmax``, ``QLinearConv``, ``QuantizeLinear``...), ``None`` if
+            the optimized graph does not show it.
+        agreement: that point's agreement in the optimized run.
+    """
+
+    point: str
+    kernel: str | None
+    agreement: Agreement
+
+
+#: onnxruntime's fused kernels that multiply integer tensors (uint8 x int8 saturates without VNNI).
+_INTEGER_PRODUCTS = frozenset(
+    {"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat"}
+)
+
+
 @dataclass
 class ParityReport:
     """The result of :func:`check_parity`.
@@ -84,6 +114,10 @@ class ParityReport:
         output_scale: the maximum magnitude of each simulated output (for float outputs).
         unchecked: activation quantizers exported as float simulations or as levels (no
             ``DequantizeLinear`` to compare at).
+        optimized: every activation point in onnxruntime's optimized end-to-end run, in the
+            simulation's execution order, against the simulation with the rounding ties
+            before it (and at it) decided as onnxruntime did.
+        divergence: the first of those that differs, with the kernel computing it, or ``None``.
     """
 
     points: dict[str, Agreement]
@@ -92,6 +126,8 @@ class ParityReport:
     ties_adopted: int
     output_scale: dict[str, float]
     unchecked: list[str] = field(default_factory=list)
+    optimized: dict[str, Agreement] = field(default_factory=dict)
+    divergence: Divergence | None = None
 
     def failures(self, max_steps: float = 1, min_identical: float = 0.999, rel_tol: float = 1e-4) -> list[str]:
         """What breaks the criteria, one line each (empty when everything holds).
@@ -138,15 +174,43 @@ class ParityReport:
         lines = [str(Report(rows)), f"{self.ties_adopted} rounding ties adopted"]
         if self.unchecked:
             lines.append(f"not checked (no DequantizeLinear: float simulations, levels): {', '.join(self.unchecked)}")
+        d = self.divergence
+        if d is not None:
+            a = d.agreement
+            lines.append(
+                f"onnxruntime's optimized run first differs at {d.point!r} ({d.kernel or 'kernel not found'}): "
+                f"max {a.max_steps:.0f} steps, {100 * a.identical:.3f} % identical"
+            )
         bad = self.failures()
         lines.append("parity: passed" if not bad else "parity: FAILED\n  " + "\n  ".join(bad))
         if bad and not any(b.startswith("point") for b in bad):
-            lines.append(
-                "  every point agrees given the simulation's inputs: onnxruntime's optimized kernels compute "
-                "differently (on x86 without VNNI, uint8 x int8 kernels saturate: export with "
-                "signed_weights=False or 7-bit weights)"
-            )
+            lines.append("  " + self._advice())
         return "\n".join(lines)
+
+    def _advice(self) -> str:
+        """Why every point agrees in the ONNX semantics while an output does not, and what to try."""
+        head = "every point agrees given the simulation's inputs: onnxruntime's optimized kernels compute differently"
+        d = self.divergence
+        if d is None:
+            return head + " (no point differs: the difference is after the last quantization point)"
+        where = f"{head}, from {d.point!r} on, computed by {d.kernel or 'a kernel not found in the optimized graph'}"
+        kernel = (d.kernel or "").split(" ")[0]
+        if d.kernel == "MatMulNBits (accuracy_level 4)":
+            why = ("a weight's DequantizeLinear feeds a MatMul whose input is not dequantized right before it, and "
+                   "onnxruntime's MatMulNBits quantizes that float input to int8 on the fly; the session option "
+                   "session.qdq_matmulnbits_accuracy_level=1 keeps it in float32")  # fmt: skip
+        elif kernel in _INTEGER_PRODUCTS:
+            why = "on x86 without VNNI uint8 x int8 products saturate: use signed_weights=False or 7-bit weights"
+        elif kernel == "QLinearSoftmax":
+            why = ("QLinearSoftmax takes exp from a fixed-point table, not dequantize, Softmax, quantize; leave that "
+                   "point unquantized to deploy without the difference")  # fmt: skip
+        elif kernel.startswith("QLinear"):
+            why = (f"{kernel} computes in its own integer arithmetic, not dequantize, float op, quantize; leave that "
+                   "point unquantized to deploy without the difference")  # fmt: skip
+        else:
+            why = "a fused float kernel computes in its own order"
+        return (f"{where}: {why}; to confirm, rerun with disabled_optimizers=[..., 'QDQSelectorActionTransformer'] "
+                "(no fused integer kernels)")  # fmt: skip
 
     def __str__(self) -> str:
         return self.table()
@@ -185,7 +249,9 @@ def check_parity(
 
     Returns:
         A :class:`ParityReport`; ``report.passed()`` applies the default criteria (at most one
-        step, at least 99.9 % identical codes), ``print(report)`` shows the table.
+        step, at least 99.9 % identical codes), ``print(report)`` shows the table and,
+        where onnxruntime's optimized run departs, ``report.divergence`` names the first
+        point and the kernel computing it.
 
     Raises:
         ValueError: the model is not in a ``QUANT_EVAL`` mode or not calibrated, the number
@@ -342,6 +408,7 @@ def check_parity(
         )
 
     adopted = 0
+    optimized: dict[str, Agreement] = {}
 
     def adopt(name: str):
         def hook(mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
@@ -350,7 +417,9 @@ def check_parity(
             ort_val = torch.from_numpy(side_vals[side_name[name]]).to(device=out.device, dtype=out.dtype)
             take = tie_mask(name, args[0]) & ((ort_val - out).double().abs() / scale).round().eq(1)
             adopted += int(take.sum())
-            return torch.where(take, ort_val, out)
+            out = torch.where(take, ort_val, out)
+            optimized[name] = agree(side_vals[side_name[name]], to_numpy(out, np.float32), name, None)
+            return out
 
         return hook
 
@@ -364,7 +433,56 @@ def check_parity(
         raw[n] = agree(y, sim_np, p, on_tie(p) if p is not None else None)
         outputs[n] = agree(y, sim_a_np, p, None)
         mags[n] = float(np.abs(sim_np).max()) if sim_np.size else 0.0
-    return ParityReport(points, outputs, raw, adopted, mags, unchecked)
+    first = next((p for p, a in optimized.items() if a.max_steps), None)
+    divergence = None
+    if first is not None:
+        kernel = _optimized_producer(side, dq_of[first].input[0], opts, lambda p, o: session(p, o))
+        divergence = Divergence(first, kernel, optimized[first])
+    return ParityReport(points, outputs, raw, adopted, mags, unchecked, optimized, divergence)
+
+
+def _optimized_producer(proto: Any, tensor: str, options: Any, session: Any) -> str | None:
+    """The operator that computes ``tensor`` in onnxruntime's optimized graph of ``proto``."""
+    import tempfile
+
+    import onnx
+
+    # The caller's options (their session config entries decide the kernels), restored after.
+    saved = options.optimized_model_filepath, options.log_severity_level
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+            options.log_severity_level = 3  # not the warning that an optimized file is hardware-specific
+            session(proto, options)
+            graph = onnx.load(options.optimized_model_filepath).graph
+        finally:
+            options.optimized_model_filepath, options.log_severity_level = saved
+    return _kernel_of(graph, tensor)
+
+
+#: Between a kernel and the QuantizeLinear it feeds: data movement, and a bias added as an initializer.
+_BETWEEN = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+
+
+def _kernel_of(graph: Any, tensor: str) -> str | None:
+    """The operator computing the codes ``tensor`` in an optimized graph, with its accuracy level.
+
+    A fused integer kernel writes the codes itself; an unfused ``QuantizeLinear`` is looked
+    through, with data movement and a bias add, to the operator whose result it quantizes.
+    """
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {t.name for t in graph.initializer}
+    node = producer.get(tensor)
+    if node is not None and node.op_type == "QuantizeLinear":
+        node = producer.get(node.input[0])
+        while node is not None and (
+            node.op_type in _BETWEEN or (node.op_type == "Add" and len(node.input) == 2 and node.input[1] in inits)
+        ):
+            node = producer.get(node.input[0])
+    if node is None:
+        return None
+    level = next((a.i for a in node.attribute if a.name == "accuracy_level"), None)
+    return node.op_type if level is None else f"{node.op_type} (accuracy_level {level})"
 
 
 _PASS_THROUGH = frozenset({"Relu", "Clip", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool"})
