@@ -304,3 +304,20 @@ def test_arguments_left_at_their_defaults_stay_python_values():
     got = sess.run(None, {"input0": x.numpy()})[0]
     step = net.scaled_dot_product_attention.acts_quantizer.grid().scale.item()
     assert np.abs(got - expected.numpy()).max() <= step * 1.001
+
+
+def test_a_layer_with_an_input_quantizer_exports_and_agrees():
+    # Linear layers of transformers quantize their input (QWrapper.input_quantizer), as torchquant.hf does.
+    torch.manual_seed(0)
+    net = tq.quantize_model(nn.Sequential(nn.Linear(8, 6), nn.GELU(), nn.Linear(6, 4)).eval(), _w8, None, method="swap")
+    for layer in (net[0], net[2]):
+        layer.input_quantizer = _a8(None, None)
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad(), tq.qmodule_state(net, S.CALIBRATION):
+        net(torch.randn(16, 5, 8))
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    proto = tq.export.to_onnx(net, x)
+    assert isinstance(net[0].input_quantizer, tq.AffineQuantizer)  # the model keeps its quantizers
+    report = tq.export.check_parity(net, proto, x)
+    assert sorted(report.points) == ["0.input_quantizer", "2.input_quantizer"]
+    assert report.passed(), report.failures()

@@ -320,7 +320,8 @@ def to_onnx(
         owner = work.get_submodule(p.owner) if p.owner else work
         q = getattr(owner, p.attr)
         records.append(_Record(p.name, q))
-        setattr(owner, p.attr, _Stub(len(records) - 1, p.name))
+        # Into _modules: a layer's own checks (QWrapper's input_quantizer must be a Quantizer) refuse stubs.
+        owner._modules[p.attr] = _Stub(len(records) - 1, p.name)
 
     prev = _Active.records
     _Active.records = records

@@ -112,8 +112,9 @@ class ParityReport:
         raw_outputs: the same without adopting any of onnxruntime's codes.
         ties_adopted: how many elements took onnxruntime's code (rounding ties only).
         output_scale: the maximum magnitude of each simulated output (for float outputs).
-        unchecked: activation quantizers exported as float simulations or as levels (no
-            ``DequantizeLinear`` to compare at).
+        unchecked: quantizers the simulation calls that have no ``DequantizeLinear`` in the
+            file to compare at: activations exported as float simulations or as levels, and
+            quantizers whose results no output uses (the exporter drops them).
         optimized: every activation point in onnxruntime's optimized end-to-end run, in the
             simulation's execution order, against the simulation with the rounding ties
             before it (and at it) decided as onnxruntime did.
@@ -173,7 +174,10 @@ class ParityReport:
         rows = [{**r, "max_abs": f"{r['max_abs']:.3g}"} for r in self.rows]
         lines = [str(Report(rows)), f"{self.ties_adopted} rounding ties adopted"]
         if self.unchecked:
-            lines.append(f"not checked (no DequantizeLinear: float simulations, levels): {', '.join(self.unchecked)}")
+            lines.append(
+                "not checked (no DequantizeLinear: float simulations, levels, or results no output uses): "
+                + ", ".join(self.unchecked)
+            )
         d = self.divergence
         if d is not None:
             a = d.agreement
