@@ -281,6 +281,8 @@ def to_onnx(
             model cannot run on (the message shows their shapes), or a
             :class:`~torchquant.QExperts` in the model (its routing depends on the data).
         TypeError: ``example_inputs`` is not a tensor or a sequence of tensors.
+        RuntimeError: torch's ONNX exporter has no conversion for an operator the model uses
+            (naming it).
         ImportError: onnx is not installed.
 
     Example:
@@ -367,18 +369,27 @@ def to_onnx(
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*TorchScript.*")
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            torch.onnx.export(
-                work,
-                tuple(inputs),
-                buf,
-                dynamo=False,
-                opset_version=opset,
-                input_names=in_names,
-                output_names=out_names,
-                dynamic_axes=dyn,
-                custom_opsets={_DOMAIN: 1},
-                do_constant_folding=True,
-            )
+            try:
+                torch.onnx.export(
+                    work,
+                    tuple(inputs),
+                    buf,
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=in_names,
+                    output_names=out_names,
+                    dynamic_axes=dyn,
+                    custom_opsets={_DOMAIN: 1},
+                    do_constant_folding=True,
+                )
+            except torch.onnx.errors.UnsupportedOperatorError as e:
+                hint = ""
+                if "aten::diff" in str(e):
+                    hint = (
+                        "; a Hugging Face model builds its attention mask with it when called without one: "
+                        "export a wrapper whose forward passes attention_mask=torch.ones_like(input_ids)"
+                    )
+                raise RuntimeError(f"{who}: torch's ONNX exporter cannot export the model: {e}{hint}") from e
         proto = onnx.load_model_from_string(buf.getvalue())
         _lower_quant_points(proto, records, opset, who, signed_weights)
     finally:
