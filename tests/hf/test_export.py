@@ -60,6 +60,18 @@ def test_a_causal_lm_with_attention_points_exports_in_parity(family, build):
     assert len(names) >= 2 * 8, sorted(names)
 
 
+def test_a_sequence_axis_made_dynamic_serves_other_lengths():
+    model = Logits(_calibrated(transformers.LlamaForCausalLM(llama_config()), W8A8_ATTENTION))
+    axes = {"input0": {0: "batch", 1: "sequence"}, "output0": {0: "batch", 1: "sequence"}}
+    proto = tq.export.to_onnx(model, torch.randint(0, VOCAB, (1, 12)), dynamic_axes=axes)
+    for length in (5, 20):
+        report = tq.export.check_parity(model, proto, torch.randint(0, VOCAB, (2, length)))
+        assert report.passed(), (length, report.failures())
+        assert report.outputs["output0"].size == 2 * length * VOCAB
+    with pytest.raises(ValueError, match=r"dynamic_axes names \['ids'\]"):
+        tq.export.to_onnx(model, torch.randint(0, VOCAB, (1, 12)), dynamic_axes={"ids": {1: "sequence"}})
+
+
 def test_without_an_attention_mask_the_error_says_to_pass_one():
     model = Logits(_calibrated(transformers.LlamaForCausalLM(llama_config()), W8A8_ATTENTION), with_mask=False)
     with pytest.raises(RuntimeError, match=r"aten::diff.*attention_mask=torch.ones_like\(input_ids\)"):

@@ -44,7 +44,7 @@ import copy
 import io
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -235,6 +235,7 @@ def to_onnx(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     dynamic_batch: bool = True,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     signed_weights: bool = False,
 ) -> onnx.ModelProto:
     """Export a quantized model to ONNX with QuantizeLinear/DequantizeLinear pairs.
@@ -256,6 +257,9 @@ def to_onnx(
         input_names: graph input names (default ``input0``, ``input1``...).
         output_names: graph output names (default ``output0``...).
         dynamic_batch: make dimension 0 of every input and output symbolic (``"batch"``).
+        dynamic_axes: the symbolic dimensions of each input and output by name, as
+            ``torch.onnx.export`` takes them (``{"input0": {0: "batch", 1: "sequence"}}`` for
+            a language model's token ids); given, it replaces ``dynamic_batch``.
         signed_weights: store ``[0, 2^n - 1]`` weight grids shifted by ``2^(n-1)`` as
             ``int8``/``int4`` (symmetric ones get zero point 0), the layout onnxruntime's int8 kernels
             prefer on CPUs with VNNI and on ARM. The default ``False`` keeps them
@@ -358,6 +362,14 @@ def to_onnx(
                 f"names for {n_out} outputs"
             )
         dyn = {n: {0: "batch"} for n in in_names + out_names} if dynamic_batch else None
+        if dynamic_axes is not None:
+            unknown = sorted(set(dynamic_axes) - set(in_names + out_names))
+            if unknown:
+                raise ValueError(
+                    f"{who}: dynamic_axes names {unknown}, which are not among the inputs {in_names} "
+                    f"or the outputs {out_names}"
+                )
+            dyn = {name: dict(axes) for name, axes in dynamic_axes.items()}
         buf = io.BytesIO()
         # The exporter fills every argument the inputs leave out with its default and
         # traces it as a tensor (an fx GraphModule's ``is_causal=False`` then reaches
