@@ -321,3 +321,28 @@ def test_a_layer_with_an_input_quantizer_exports_and_agrees():
     report = tq.export.check_parity(net, proto, x)
     assert sorted(report.points) == ["0.input_quantizer", "2.input_quantizer"]
     assert report.passed(), report.failures()
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x, **extra):
+        return self.fc(x) * extra.get("scale", 1.0)
+
+
+def test_keyword_arguments_a_hook_adds_still_reach_forward_and_list_dynamic_axes_are_taken():
+    torch.manual_seed(0)
+    net = tq.quantize_model(_Scaled().eval(), _w8, _a8, method="swap")
+    net.register_forward_pre_hook(lambda m, args, kwargs: (args, {**kwargs, "scale": 2.0}), with_kwargs=True)
+    x = torch.randn(3, 8)
+    with torch.no_grad(), tq.qmodule_state(net, S.CALIBRATION):
+        net(x)
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    proto = tq.export.to_onnx(net, x, dynamic_axes={"input0": [0], "output0": [0]})
+    with torch.no_grad():
+        expected = net(x).numpy()
+    assert np.allclose(_run(proto, x), expected, atol=1e-6)
+    with pytest.raises(ValueError, match=r"dynamic_axes names \['x'\]"):
+        tq.export.to_onnx(net, x, dynamic_axes={"x": [0]})

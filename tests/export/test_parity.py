@@ -266,8 +266,68 @@ def test_the_first_point_where_onnxruntimes_kernels_depart_is_named_with_the_ker
     assert report.passed() and report.divergence is None
 
 
+def test_a_grid_narrower_than_its_onnx_type_is_looked_through_to_the_kernel():
+    # 7-bit activations at opset 17 are stored as uint8 codes with a Clip after the QuantizeLinear.
+    torch.manual_seed(0)
+    net = tq.quantize_model(Attention().eval(), _w8, lambda m, n: tq.AffineQuantizer(7, tq.RunningMinMax()),
+                            method="fx")  # fmt: skip
+    x = 3 * torch.randn(4, 32, 16)
+    with torch.no_grad(), tq.qmodule_state(net, S.CALIBRATION):
+        net(x)
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    report = tq.export.check_parity(net, tq.export.to_onnx(net, x[:1]), x)
+    d = report.divergence
+    assert (d.point, d.kernel) == ("fc.acts_quantizer", "MatMulNBits (accuracy_level 4)")
+
+
+def test_a_weight_only_model_whose_output_departs_names_the_output_and_its_kernel(tmp_path):
+    torch.manual_seed(0)
+    net = tq.quantize_model(nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).eval(), _w8, None,
+                            method="swap")  # fmt: skip
+    x = 3 * torch.randn(4, 32, 16)
+    with torch.no_grad(), tq.qmodule_state(net, S.CALIBRATION):
+        net(x)
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    proto = tq.export.to_onnx(net, x[:1])
+    report = tq.export.check_parity(net, proto, x)
+    assert report.points == {} and report.optimized == {} and not report.passed()
+    d = report.divergence
+    assert (d.point, d.output, d.kernel) == (None, "output0", "MatMulNBits (accuracy_level 4)")
+    assert d.agreement == report.outputs["output0"]
+    assert "at output 'output0'" in str(report) and "accuracy_level=1" in str(report)
+    # The caller's own optimized_model_filepath gets the exported file's graph, not the instrumented one.
+    so = _float32_matmul_nbits()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    report = tq.export.check_parity(net, proto, x, session_options=so)
+    assert report.passed() and report.divergence is None
+    assert so.optimized_model_filepath == str(tmp_path / "optimized.onnx")
+    assert [o.name for o in onnx.load(so.optimized_model_filepath).graph.output] == ["output0"]
+
+
 def test_an_unquantized_softmax_and_float32_matmul_nbits_deploy_without_the_difference():
     net, proto, x = _attention(quantize_softmax=False)
     report = tq.export.check_parity(net, proto, x, session_options=_float32_matmul_nbits())
     assert report.passed() and report.divergence is None
     assert list(report.optimized) == ["fc.acts_quantizer", "out.acts_quantizer"]
+
+
+def test_the_kernel_is_found_through_data_movement_a_bias_add_and_an_unfused_quantize():
+    from onnx import TensorProto, helper
+
+    from torchquant.export.parity import _kernel_of
+
+    bias = numpy_helper.from_array(np.zeros(4, np.float32), "bias")
+    nodes = [
+        helper.make_node("QLinearSoftmax", ["a"], ["soft_q"], domain="com.microsoft"),
+        helper.make_node("Transpose", ["soft_q"], ["moved"]),  # onnxruntime moved the codes across it
+        helper.make_node("MatMulNBits", ["x"], ["mm"], domain="com.microsoft", accuracy_level=4),
+        helper.make_node("Add", ["mm", "bias"], ["biased"]),
+        helper.make_node("QuantizeLinear", ["biased"], ["codes"]),
+        helper.make_node("Relu", ["x"], ["r"]),
+    ]
+    out = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("moved", "codes", "r")]
+    graph = helper.make_graph(nodes, "g", [], out, [bias])
+    assert _kernel_of(graph, "moved") == "QLinearSoftmax"
+    assert _kernel_of(graph, "codes") == "MatMulNBits (accuracy_level 4)"
+    assert _kernel_of(graph, "r") == "Relu"
+    assert _kernel_of(graph, "absent") is None

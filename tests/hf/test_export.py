@@ -40,13 +40,13 @@ def _calibrated(model: nn.Module, config: TorchQuantConfig) -> nn.Module:
 
 
 @pytest.mark.parametrize(
-    ("family", "build"),
+    ("family", "build", "n_points"),
     [
-        ("llama", lambda: transformers.LlamaForCausalLM(llama_config())),
-        ("gpt2", lambda: transformers.GPT2LMHeadModel(gpt2_config())),  # Conv1D layers
+        ("llama", lambda: transformers.LlamaForCausalLM(llama_config()), 22),
+        ("gpt2", lambda: transformers.GPT2LMHeadModel(gpt2_config()), 16),  # Conv1D layers
     ],
 )
-def test_a_causal_lm_with_attention_points_exports_in_parity(family, build):
+def test_a_causal_lm_with_attention_points_exports_in_parity(family, build, n_points):
     torch.manual_seed(0)
     model = Logits(_calibrated(build(), W8A8_ATTENTION))
     ids = torch.randint(0, VOCAB, (2, 12))
@@ -56,8 +56,9 @@ def test_a_causal_lm_with_attention_points_exports_in_parity(family, build):
     assert report.divergence is None and report.unchecked == []
     # The layers' inputs and the attention's own points (queries, keys, values, probabilities).
     names = set(report.points)
-    assert any(n.endswith("input_quantizer") for n in names)
-    assert len(names) >= 2 * 8, sorted(names)
+    assert any(n.endswith("input_quantizer") for n in names) and any(".attn_quantizer." in n for n in names)
+    assert len(names) == n_points, sorted(names)
+    assert all(a.max_steps == 0 for a in report.points.values())
 
 
 def test_a_sequence_axis_made_dynamic_serves_other_lengths():

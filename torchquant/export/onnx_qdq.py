@@ -235,7 +235,7 @@ def to_onnx(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     dynamic_batch: bool = True,
-    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    dynamic_axes: Mapping[str, Mapping[int, str] | Sequence[int]] | None = None,
     signed_weights: bool = False,
 ) -> onnx.ModelProto:
     """Export a quantized model to ONNX with QuantizeLinear/DequantizeLinear pairs.
@@ -259,7 +259,8 @@ def to_onnx(
         dynamic_batch: make dimension 0 of every input and output symbolic (``"batch"``).
         dynamic_axes: the symbolic dimensions of each input and output by name, as
             ``torch.onnx.export`` takes them (``{"input0": {0: "batch", 1: "sequence"}}`` for
-            a language model's token ids); given, it replaces ``dynamic_batch``.
+            a language model's token ids, or a list of dimensions); given, it replaces
+            ``dynamic_batch``.
         signed_weights: store ``[0, 2^n - 1]`` weight grids shifted by ``2^(n-1)`` as
             ``int8``/``int4`` (symmetric ones get zero point 0), the layout onnxruntime's int8 kernels
             prefer on CPUs with VNNI and on ARM. The default ``False`` keeps them
@@ -282,7 +283,8 @@ def to_onnx(
             it), no QModule at all, an unsupported opset, a quantizer whose ``grid()``
             does not fit the tensor it quantizes (naming it, with the shapes; see
             :meth:`~torchquant.quantizers.AffineGrid.check`), or ``example_inputs`` the
-            model cannot run on (the message shows their shapes), or a
+            model cannot run on (the message shows their shapes), ``dynamic_axes`` naming
+            neither an input nor an output, or a
             :class:`~torchquant.QExperts` in the model (its routing depends on the data).
         TypeError: ``example_inputs`` is not a tensor or a sequence of tensors.
         RuntimeError: torch's ONNX exporter has no conversion for an operator the model uses
@@ -369,14 +371,14 @@ def to_onnx(
                     f"{who}: dynamic_axes names {unknown}, which are not among the inputs {in_names} "
                     f"or the outputs {out_names}"
                 )
-            dyn = {name: dict(axes) for name, axes in dynamic_axes.items()}
+            dyn = {n: dict(a) if isinstance(a, Mapping) else list(a) for n, a in dynamic_axes.items()}
         buf = io.BytesIO()
         # The exporter fills every argument the inputs leave out with its default and
         # traces it as a tensor (an fx GraphModule's ``is_causal=False`` then reaches
         # scaled_dot_product_attention as a tensor); a forward that takes exactly the
         # example inputs leaves the defaults to Python.
         forward = work.forward
-        work.forward = lambda *args: forward(*args)
+        work.forward = lambda *args, **kwargs: forward(*args, **kwargs)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*TorchScript.*")

@@ -21,9 +21,10 @@ the same inputs and reports, in steps of each quantization point's grid:
 
 A one-step difference at a rounding tie counts as explained (``Agreement.ties``), so a
 small tensor is not failed by one tie. The end-to-end run also reads every point's codes
-(``ParityReport.optimized``); the first point that differs there beyond the adopted ties
-is where onnxruntime's optimized graph departs from the ONNX semantics
-(``ParityReport.divergence``, with the kernel that computes it, say ``QLinearSoftmax``).
+(``ParityReport.optimized``); the first point that breaks the criteria there, once the
+ties before it are adopted, is where onnxruntime's optimized graph departs from the ONNX
+semantics (``ParityReport.divergence``, with the kernel that computes it, say
+``QLinearSoftmax``); with every point agreeing, the output that does not.
 
 An output produced by a quantization point is compared in its steps; a float output
 (say, an unquantized classifier) by its largest absolute difference. Activation
@@ -81,17 +82,21 @@ class Divergence:
 
     Attributes:
         point: the first quantization point, in the simulation's execution order, whose
-            codes differ in onnxruntime's optimized end-to-end run once the rounding ties
-            before it are decided as onnxruntime did.
-        kernel: the operator that computes that point's codes in onnxruntime's optimized
-            graph (``QLinearSoftmax``, ``QLinearConv``, ``QuantizeLinear``...), ``None`` if
-            the optimized graph does not show it.
-        agreement: that point's agreement in the optimized run.
+            codes in onnxruntime's optimized end-to-end run break the default criteria
+            (more than one step, or under 99.9 % identical) once the rounding ties before
+            it are decided as onnxruntime did; where none does, the first whose codes
+            differ at all. ``None`` when every point agrees but an output does not.
+        kernel: the operator that computes that point's codes (or that output) in
+            onnxruntime's optimized graph (``QLinearSoftmax``, ``MatMulNBits
+            (accuracy_level 4)``, ``QLinearConv``...), ``None`` if the graph does not show it.
+        agreement: that point's (or output's) agreement in the optimized run.
+        output: the graph output that differs, when no point does.
     """
 
-    point: str
+    point: str | None
     kernel: str | None
     agreement: Agreement
+    output: str | None = None
 
 
 #: onnxruntime's fused kernels that multiply integer tensors (uint8 x int8 saturates without VNNI).
@@ -179,11 +184,16 @@ class ParityReport:
                 + ", ".join(self.unchecked)
             )
         d = self.divergence
-        if d is not None:
+        if d is not None and d.point is not None:
             a = d.agreement
             lines.append(
                 f"onnxruntime's optimized run first differs at {d.point!r} ({d.kernel or 'kernel not found'}): "
                 f"max {a.max_steps:.0f} steps, {100 * a.identical:.3f} % identical"
+            )
+        elif d is not None:
+            lines.append(
+                f"onnxruntime's optimized run differs at output {d.output!r} ({d.kernel or 'kernel not found'}), "
+                f"every point agreeing: max |difference| {d.agreement.max_abs:.3g}"
             )
         bad = self.failures()
         lines.append("parity: passed" if not bad else "parity: FAILED\n  " + "\n  ".join(bad))
@@ -197,14 +207,15 @@ class ParityReport:
         d = self.divergence
         if d is None:
             return head + " (no point differs: the difference is after the last quantization point)"
-        where = f"{head}, from {d.point!r} on, computed by {d.kernel or 'a kernel not found in the optimized graph'}"
+        at = f"from {d.point!r} on" if d.point is not None else f"at output {d.output!r}"
+        where = f"{head}, {at}, computed by {d.kernel or 'a kernel not found in the optimized graph'}"
         kernel = (d.kernel or "").split(" ")[0]
         if d.kernel == "MatMulNBits (accuracy_level 4)":
             why = ("a weight's DequantizeLinear feeds a MatMul whose input is not dequantized right before it, and "
                    "onnxruntime's MatMulNBits quantizes that float input to int8 on the fly; the session option "
                    "session.qdq_matmulnbits_accuracy_level=1 keeps it in float32")  # fmt: skip
         elif kernel in _INTEGER_PRODUCTS:
-            why = "on x86 without VNNI uint8 x int8 products saturate: use signed_weights=False or 7-bit weights"
+            why = "with int8 weights on x86 without VNNI, uint8 x int8 products saturate (signed_weights=False)"
         elif kernel == "QLinearSoftmax":
             why = ("QLinearSoftmax takes exp from a fixed-point table, not dequantize, Softmax, quantize; leave that "
                    "point unquantized to deploy without the difference")  # fmt: skip
@@ -392,7 +403,6 @@ def check_parity(
 
     # 2. End to end, optimized; every point's codes also read through an extra DequantizeLinear.
     opts = session_options if session_options is not None else ort.SessionOptions()
-    y_ort = session(proto, opts).run(None, feed)
     side = onnx.ModelProto()
     side.CopyFrom(proto)
     sg = side.graph
@@ -405,6 +415,7 @@ def check_parity(
         sg.output.append(helper.make_empty_tensor_value_info(side_name[p]))
     s = session(side, opts)
     side_vals = dict(zip([o.name for o in s.get_outputs()], s.run(None, feed)))
+    y_ort = session(proto, opts).run(None, feed)  # last: a caller's optimized_model_filepath gets this file's graph
     if not all(np.array_equal(side_vals[n], y) for n, y in zip(out_names, y_ort)):
         raise RuntimeError(
             f"{who}: reading the quantization points changed onnxruntime's result; "
@@ -437,12 +448,19 @@ def check_parity(
         raw[n] = agree(y, sim_np, p, on_tie(p) if p is not None else None)
         outputs[n] = agree(y, sim_a_np, p, None)
         mags[n] = float(np.abs(sim_np).max()) if sim_np.size else 0.0
-    first = next((p for p, a in optimized.items() if a.max_steps), None)
-    divergence = None
+    report = ParityReport(points, outputs, raw, adopted, mags, unchecked, optimized)
+    # Where the optimized run departs: the first point breaking the default criteria, else the first
+    # differing at all, else an output that fails with every point agreeing (a weight-only model).
+    first = next((p for p, a in optimized.items() if a.max_steps > 1 or a.identical < 0.999), None)
+    first = first or next((p for p, a in optimized.items() if a.max_steps), None)
+    failing = next((n for n in out_names if any(f.startswith(f"output {n}:") for f in report.failures())), None)
     if first is not None:
-        kernel = _optimized_producer(side, dq_of[first].input[0], opts, lambda p, o: session(p, o))
-        divergence = Divergence(first, kernel, optimized[first])
-    return ParityReport(points, outputs, raw, adopted, mags, unchecked, optimized, divergence)
+        kernel = _optimized_producer(side, dq_of[first].input[0], opts, session)
+        report.divergence = Divergence(first, kernel, optimized[first])
+    elif failing is not None:
+        kernel = _optimized_producer(side, failing, opts, session)
+        report.divergence = Divergence(None, kernel, outputs[failing], failing)
+    return report
 
 
 def _optimized_producer(proto: Any, tensor: str, options: Any, session: Any) -> str | None:
@@ -459,30 +477,38 @@ def _optimized_producer(proto: Any, tensor: str, options: Any, session: Any) -> 
             options.log_severity_level = 3  # not the warning that an optimized file is hardware-specific
             session(proto, options)
             graph = onnx.load(options.optimized_model_filepath).graph
+        except Exception:  # a diagnosis only: a graph that cannot be saved (ORT format, compiled nodes) names none
+            return None
         finally:
             options.optimized_model_filepath, options.log_severity_level = saved
     return _kernel_of(graph, tensor)
 
 
-#: Between a kernel and the QuantizeLinear it feeds: data movement, and a bias added as an initializer.
-_BETWEEN = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+#: Between a kernel and the codes it makes: data movement, the Clip of a grid narrower than its
+#: ONNX type, and a bias added as an initializer.
+_BETWEEN = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Clip"})
 
 
 def _kernel_of(graph: Any, tensor: str) -> str | None:
     """The operator computing the codes ``tensor`` in an optimized graph, with its accuracy level.
 
-    A fused integer kernel writes the codes itself; an unfused ``QuantizeLinear`` is looked
-    through, with data movement and a bias add, to the operator whose result it quantizes.
+    A fused integer kernel writes the codes itself; data movement (onnxruntime moves
+    integer tensors across it), an unfused ``QuantizeLinear`` and a bias add are looked
+    through to the operator whose result the codes are.
     """
     producer = {o: n for n in graph.node for o in n.output}
     inits = {t.name for t in graph.initializer}
-    node = producer.get(tensor)
-    if node is not None and node.op_type == "QuantizeLinear":
-        node = producer.get(node.input[0])
+
+    def computing(node: Any) -> Any:
         while node is not None and (
             node.op_type in _BETWEEN or (node.op_type == "Add" and len(node.input) == 2 and node.input[1] in inits)
         ):
             node = producer.get(node.input[0])
+        return node
+
+    node = computing(producer.get(tensor))  # onnxruntime moves integer tensors across data movement
+    if node is not None and node.op_type == "QuantizeLinear":
+        node = computing(producer.get(node.input[0]))
     if node is None:
         return None
     level = next((a.i for a in node.attribute if a.name == "accuracy_level"), None)
