@@ -321,7 +321,7 @@ def test_the_kernel_is_found_through_data_movement_a_bias_add_and_an_unfused_qua
         helper.make_node("QLinearSoftmax", ["a"], ["soft_q"], domain="com.microsoft"),
         helper.make_node("Transpose", ["soft_q"], ["moved"]),  # onnxruntime moved the codes across it
         helper.make_node("MatMulNBits", ["x"], ["mm"], domain="com.microsoft", accuracy_level=4),
-        helper.make_node("Add", ["mm", "bias"], ["biased"]),
+        helper.make_node("Add", ["bias", "mm"], ["biased"]),  # the bias first, as torch exports a linear layer
         helper.make_node("QuantizeLinear", ["biased"], ["codes"]),
         helper.make_node("Relu", ["x"], ["r"]),
     ]
@@ -331,3 +331,42 @@ def test_the_kernel_is_found_through_data_movement_a_bias_add_and_an_unfused_qua
     assert _kernel_of(graph, "codes") == "MatMulNBits (accuracy_level 4)"
     assert _kernel_of(graph, "r") == "Relu"
     assert _kernel_of(graph, "absent") is None
+
+
+class Windowed(nn.Module):
+    """A quantized activation reaching a linear layer through a roll, zero padding and a window partition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(16)  # quantized: fc1 reads a dequantized tensor
+        self.fc1 = nn.Linear(16, 16)
+        self.fc2 = nn.Linear(16, 8)
+
+    def forward(self, x):
+        y = torch.roll(self.fc1(self.norm(x)), 1, dims=1)  # (B, 8, 16): slices and a concatenation
+        y = nn.functional.pad(y, (0, 0, 0, 2))  # (B, 10, 16)
+        return self.fc2(y.reshape(-1, 5, 2, 16).transpose(1, 2))
+
+
+def test_a_point_moved_to_a_product_is_requantized_there_and_runs_as_integers(monkeypatch):
+    from torchquant.export import onnx_qdq
+
+    torch.manual_seed(0)
+    net = tq.quantize_model(Windowed().eval(), _w8, _a8, method="fx")
+    x = torch.randn(4, 8, 16)
+    with torch.no_grad(), tq.qmodule_state(net, S.CALIBRATION):
+        net(x)
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    proto = tq.export.to_onnx(net, x[:1])
+    pairs = [n for n in proto.graph.node if n.name.startswith(onnx_qdq.REQUANTIZE + "/")]
+    assert [n.op_type for n in pairs] == ["QuantizeLinear", "DequantizeLinear"]
+    assert [i.split("/")[0] for i in pairs[0].input[1:]] == ["fc1.acts_quantizer"] * 2  # its scale and zero point
+    (matmul,) = [n for n in proto.graph.node if n.op_type == "MatMul" and n.name.startswith("/fc2/")]
+    assert matmul.input[0] == pairs[1].output[0]
+    report = tq.export.check_parity(net, proto, x)
+    assert report.passed() and report.divergence is None, report
+    assert len(report.points) == 3 and "fc1.acts_quantizer" in report.points  # the pair is no point
+    # Without it, onnxruntime quantizes the moved float tensor again, per block, in MatMulNBits.
+    monkeypatch.setattr(onnx_qdq, "_requantize_moved_inputs", lambda graph: None)
+    report = tq.export.check_parity(net, tq.export.to_onnx(net, x[:1]), x)
+    assert report.divergence.kernel == "MatMulNBits (accuracy_level 4)" and not report.passed()

@@ -25,6 +25,12 @@ a :class:`~torchquant.quantizers.LevelGrid`: NF4, APoT) is replaced using them:
 
 A BatchNorm folded into its layer (``fold_bn=True``) is folded here too, on both paths.
 
+A per-tensor activation read by a ``MatMul``/``Gemm`` through data movement only
+(reshapes, transposes, slices, concatenations of the same grid, zero padding) gets a
+``QuantizeLinear -> DequantizeLinear`` pair of its own grid right before the product
+(``tq_requantize/...``; exact, since the values lie on that grid), so that onnxruntime
+runs the product on integers instead of quantizing the float tensor again itself.
+
 Grids map to ONNX integer types: a ``[0, 2^n - 1]`` grid to ``uint8``/``uint4``
 with its zero points, or, for weights with ``signed_weights=True``, shifted by
 ``2^(n-1)`` to ``int8``/``int4`` (a symmetric grid's zero point ``2^(n-1)``
@@ -512,6 +518,7 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, sig
     graph.node.extend(new_nodes)
     graph.initializer.extend(new_inits)
     _remove_unused(graph)
+    _requantize_moved_inputs(graph)
     # The placeholder domain is gone; keep only the standard opsets.
     keep = [o for o in proto.opset_import if o.domain != _DOMAIN]
     del proto.opset_import[:]
@@ -687,6 +694,112 @@ def _level_nodes(levels: LevelGrid, codes: Tensor | None, x: str, y: str, base: 
     target = init("shape", torch.tensor(list(shape)), np.int64)  # type: ignore[arg-type]
     nodes.append(helper.make_node("Reshape", [f"{base}/grouped", target], [y], f"{base}/reshape"))
     return nodes
+
+
+#: Name prefix of the QuantizeLinear/DequantizeLinear pairs ``_requantize_moved_inputs`` adds (no point of their own).
+REQUANTIZE = "tq_requantize"
+#: Operators whose output holds elements of their first input only (per-tensor codes commute with them).
+_MOVES = frozenset(
+    {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Expand", "Identity", "Split"}
+)
+#: Inputs that onnxruntime runs as integer products when a DequantizeLinear feeds them.
+_PRODUCT_INPUTS = {"MatMul": (0, 1), "Gemm": (0, 1)}
+
+
+def _requantize_moved_inputs(graph) -> None:
+    """Give every product whose input is a quantized tensor moved around its own DequantizeLinear.
+
+    A per-tensor quantization point read through data movement (the reshapes and
+    transposes of attention heads, a window partition, ``torch.roll``'s slices and
+    concatenation, zero padding) reaches a ``MatMul`` as a float tensor: onnxruntime then
+    fuses the weight's ``DequantizeLinear`` into ``MatMulNBits``, which quantizes that input
+    again on the fly, per block, and departs from the simulation. Its values are still on
+    the point's grid, so ``QuantizeLinear -> DequantizeLinear`` with the same scale and zero
+    point before the product returns them exactly (``round((q - z) s / s) + z = q``), and
+    onnxruntime runs an integer product on the codes.
+    """
+    from onnx import helper, numpy_helper
+
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {t.name: t for t in graph.initializer}
+    consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+
+    def array(name: str) -> np.ndarray | None:
+        t = _constant_value(name, inits, consts)
+        if t is None:
+            return None
+        if not hasattr(t, "dims"):  # a Constant node: its tensor
+            t = next((a.t for a in t.attribute if a.name == "value"), None)
+        return None if t is None else numpy_helper.to_array(t)
+
+    def grid_of(name: str, depth: int = 0) -> tuple | None:
+        """``(scale name, zero point name, values)`` of the per-tensor grid ``name`` lies on, moved only."""
+        node = producer.get(name)
+        if node is None or depth > 64:
+            return None
+        if node.op_type == "DequantizeLinear":
+            if name == node.output[0] and node.input[0] in inits:
+                return None  # a weight: already read by the product as it is
+            scale = array(node.input[1])
+            zp = array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            if scale is None or scale.size != 1 or (zp is not None and zp.size != 1):
+                return None
+            return (node.input[1], node.input[2] if zp is not None else "", (float(scale.item()),
+                    None if zp is None else (int(zp.item()), zp.dtype.str)))  # fmt: skip
+        if node.op_type in _MOVES:
+            return grid_of(node.input[0], depth + 1)
+        if node.op_type == "Pad":  # zero padding: 0 is on every affine grid (the zero point)
+            value = array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
+            if mode != b"constant" or (value is not None and np.any(value != 0)):
+                return None
+            return grid_of(node.input[0], depth + 1)
+        if node.op_type == "Concat":
+            grids = [grid_of(i, depth + 1) for i in node.input]
+            if grids and all(g is not None and g[2] == grids[0][2] for g in grids):
+                return grids[0]
+        return None
+
+    def moved_weight(name: str) -> bool:
+        node = producer.get(name)
+        while node is not None and node.op_type in _MOVES:
+            node = producer.get(node.input[0])
+        return node is not None and node.op_type == "DequantizeLinear" and node.input[0] in inits
+
+    done: dict[str, str] = {}
+    pairs: dict[str, list] = {}  # tensor -> its QuantizeLinear and DequantizeLinear
+    for node in graph.node:
+        operands = _PRODUCT_INPUTS.get(node.op_type, ())
+        if len(node.input) <= max(operands, default=0):
+            continue
+        direct = {i: getattr(producer.get(node.input[i]), "op_type", None) == "DequantizeLinear" for i in operands}
+        grids = {i: None if direct[i] else grid_of(node.input[i]) for i in operands}
+        # Only where every operand is then dequantized (a weight's codes may be transposed on the way):
+        # onnxruntime quantizes a float constant operand itself, rounding it differently, once the other is.
+        if not all(direct[i] or grids[i] is not None or moved_weight(node.input[i]) for i in operands):
+            continue
+        for i, grid in grids.items():
+            if grid is None:
+                continue
+            name = node.input[i]
+            if name not in done:
+                s_name, z_name, _ = grid
+                base = f"{REQUANTIZE}/{name}"
+                ins = [s_name, z_name] if z_name else [s_name]
+                pairs[name] = [
+                    helper.make_node("QuantizeLinear", [name, *ins], [f"{base}/q"], f"{base}/quantize"),
+                    helper.make_node("DequantizeLinear", [f"{base}/q", *ins], [f"{base}/dq"], f"{base}/dequantize"),
+                ]
+                done[name] = f"{base}/dq"
+            node.input[i] = done[name]
+    if pairs:  # each pair right after the tensor it reads: the graph stays topologically sorted
+        order = []
+        for n in graph.node:
+            order.append(n)
+            for o in n.output:
+                order.extend(pairs.pop(o, []))
+        del graph.node[:]
+        graph.node.extend(order)
 
 
 def _remove_unused(graph) -> None:

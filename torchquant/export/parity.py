@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from ..debug.diagnostics import Report
 from ._common import quant_points, to_numpy
-from .onnx_qdq import _as_inputs, _require_onnx
+from .onnx_qdq import REQUANTIZE, _as_inputs, _require_onnx
 
 __all__ = ["Agreement", "Divergence", "ParityReport", "check_parity"]
 
@@ -211,9 +211,9 @@ class ParityReport:
         where = f"{head}, {at}, computed by {d.kernel or 'a kernel not found in the optimized graph'}"
         kernel = (d.kernel or "").split(" ")[0]
         if d.kernel == "MatMulNBits (accuracy_level 4)":
-            why = ("a weight's DequantizeLinear feeds a MatMul whose input is not dequantized right before it, and "
-                   "onnxruntime's MatMulNBits quantizes that float input to int8 on the fly; the session option "
-                   "session.qdq_matmulnbits_accuracy_level=1 keeps it in float32")  # fmt: skip
+            why = ("a weight's DequantizeLinear feeds a MatMul whose other input is a float tensor, and "
+                   "onnxruntime's MatMulNBits quantizes it to int8 on the fly; quantize that input, or the session "
+                   "option session.qdq_matmulnbits_accuracy_level=1 keeps it in float32")  # fmt: skip
         elif kernel in _INTEGER_PRODUCTS:
             why = "with int8 weights on x86 without VNNI, uint8 x int8 products saturate (signed_weights=False)"
         elif kernel == "QLinearSoftmax":
@@ -319,6 +319,8 @@ def check_parity(
         if node.op_type != "DequantizeLinear":
             continue
         point = node.name.split("/")[0]
+        if point == REQUANTIZE:  # a point's codes again, after data movement: compared at the point
+            continue
         if node.input[0] in inits:
             weight_points.add(point)
             continue
@@ -500,10 +502,13 @@ def _kernel_of(graph: Any, tensor: str) -> str | None:
     inits = {t.name for t in graph.initializer}
 
     def computing(node: Any) -> Any:
-        while node is not None and (
-            node.op_type in _BETWEEN or (node.op_type == "Add" and len(node.input) == 2 and node.input[1] in inits)
-        ):
-            node = producer.get(node.input[0])
+        while node is not None:
+            if node.op_type in _BETWEEN:
+                node = producer.get(node.input[0])
+            elif node.op_type == "Add" and len(node.input) == 2 and sum(i in inits for i in node.input) == 1:
+                node = producer.get(node.input[node.input[0] in inits])  # the side that is not the bias
+            else:
+                break
         return node
 
     node = computing(producer.get(tensor))  # onnxruntime moves integer tensors across data movement
