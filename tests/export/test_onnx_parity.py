@@ -7,7 +7,8 @@ FusedEfficientNet on efficientnet_pytorch's efficientnet-b0, built from its conf
 a quantize_model(method="fx") conversion of timm's mobilenetv3_small_050 (squeeze-
 excitation, hard-swish, BatchNormAct, a functional dropout whose ``training`` follows the
 mode) and of a two-block timm ViT (attention, layer norms, the class token; its forward's
-``attn_mask``/``is_causal`` arguments left at their defaults). Adding a model is one entry in MODELS.
+``attn_mask``/``is_causal`` arguments left at their defaults) and of a small timm Swin
+(shifted windows; its softmax outputs left float). Adding a model is one entry in MODELS.
 """
 
 from __future__ import annotations
@@ -76,6 +77,20 @@ MODELS = {
         ),
         (3, 32, 32),
         "head",
+    ),
+    # window attention: rolls, padding and window partitions between points and linear layers (requantized
+    # there); softmax outputs float, since onnxruntime's QLinearSoftmax computes differently
+    "fx_timm_swin": (
+        lambda wf, af: tq.quantize_model(
+            _timm(
+                "swin_tiny_patch4_window7_224", img_size=56, depths=(1, 1, 1, 1), embed_dim=24, num_heads=(1, 1, 1, 1)
+            ).eval(),
+            wf,
+            lambda m, n: None if n.endswith("softmax") else af(m, n),
+            method="fx",
+        ),
+        (3, 56, 56),
+        "head.fc",
     ),
     "fx_timm_mobilenetv3_small_050": (
         lambda wf, af: tq.quantize_model(_timm("mobilenetv3_small_050", drop_rate=0.2).eval(), wf, af, method="fx"),
