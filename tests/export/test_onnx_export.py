@@ -352,3 +352,34 @@ def test_keyword_arguments_a_hook_adds_still_reach_forward_and_list_dynamic_axes
     assert np.allclose(_run(proto, x), expected, atol=1e-6)
     with pytest.raises(ValueError, match=r"dynamic_axes names \['x'\]"):
         tq.export.to_onnx(net, x, dynamic_axes={"x": [0]})
+
+
+@pytest.mark.parametrize(
+    ("value", "requantized"),
+    [(None, True), ("zero", True), ("nonzero", False), ("computed", False)],
+    ids=["no-value", "zero", "nonzero", "computed"],
+)
+def test_padding_is_looked_through_only_with_a_value_known_to_be_zero(value, requantized):
+    from onnx import TensorProto, helper
+
+    from torchquant.export.onnx_qdq import REQUANTIZE, _requantize_moved_inputs
+
+    def arr(name, a):
+        return numpy_helper.from_array(np.asarray(a), name)
+
+    inits = [arr("s", np.float32(0.1)), arr("z", np.uint8(3)),
+             arr("w", np.ones((4, 3), np.int8)), arr("ws", np.float32(0.2)), arr("pads", np.array([0, 0, 0, 2])),
+             arr("zero", np.float32(0)), arr("nonzero", np.float32(0.5)), arr("five", np.int64(5))]  # fmt: skip
+    pad_in = ["a", "pads", *{"zero": ["zero"], "nonzero": ["nonzero"], "computed": ["cast"]}.get(value, [])]
+    nodes = [
+        helper.make_node("DequantizeLinear", ["codes", "s", "z"], ["a"]),
+        helper.make_node("Cast", ["five"], ["cast"], to=TensorProto.FLOAT),
+        helper.make_node("Pad", pad_in, ["padded"]),
+        helper.make_node("DequantizeLinear", ["w", "ws"], ["wf"]),
+        helper.make_node("MatMul", ["padded", "wf"], ["y"]),
+    ]
+    codes = helper.make_tensor_value_info("codes", TensorProto.UINT8, [2, 4])  # an activation's codes
+    graph = helper.make_graph(nodes, "g", [codes], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    _requantize_moved_inputs(graph)
+    pairs = [n for n in graph.node if n.name.startswith(REQUANTIZE)]
+    assert len(pairs) == (2 if requantized else 0)

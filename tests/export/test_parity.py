@@ -370,3 +370,33 @@ def test_a_point_moved_to_a_product_is_requantized_there_and_runs_as_integers(mo
     monkeypatch.setattr(onnx_qdq, "_requantize_moved_inputs", lambda graph: None)
     report = tq.export.check_parity(net, tq.export.to_onnx(net, x[:1]), x)
     assert report.divergence.kernel == "MatMulNBits (accuracy_level 4)" and not report.passed()
+
+
+class ProductOfActivations(nn.Module):
+    """A per-tensor activation moved by a roll times a per-channel one read directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.fa = nn.Linear(16, 16)
+        self.fb = nn.Linear(16, 16)
+
+    def forward(self, x):
+        x = self.norm(x)
+        return torch.roll(self.fa(x), 1, 1).transpose(1, 2) @ self.fb(x)
+
+
+def test_no_requantization_where_onnxruntime_takes_no_integer_product():
+    # onnxruntime's integer products refuse a per-channel activation: the rolled side stays float.
+    def acts(m, n):
+        return None if n == "matmul" else tq.AffineQuantizer(8, tq.RunningMinMax(axis=-1 if n == "fb" else None))
+
+    torch.manual_seed(0)
+    net = tq.quantize_model(ProductOfActivations().eval(), _w8, acts, method="fx")
+    x = torch.randn(4, 8, 16)
+    with torch.no_grad(), tq.qmodule_state(net, S.CALIBRATION):
+        net(x)
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    proto = tq.export.to_onnx(net, x[:1])
+    assert not any(n.name.startswith("tq_requantize/") for n in proto.graph.node)
+    assert tq.export.check_parity(net, proto, x).passed()  # runs in onnxruntime, in parity

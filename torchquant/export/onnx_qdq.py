@@ -716,8 +716,15 @@ def _requantize_moved_inputs(graph) -> None:
     again on the fly, per block, and departs from the simulation. Its values are still on
     the point's grid, so ``QuantizeLinear -> DequantizeLinear`` with the same scale and zero
     point before the product returns them exactly (``round((q - z) s / s) + z = q``), and
-    onnxruntime runs an integer product on the codes.
+    onnxruntime can run an integer product on the codes.
+
+    Only where every operand of the product is then dequantized in a layout onnxruntime's
+    integer products take: per-tensor activations, and weights per tensor, per output
+    channel or per block (it quantizes a float constant operand itself, rounding it
+    differently, and refuses a per-channel activation).
     """
+    import functools
+
     from onnx import helper, numpy_helper
 
     producer = {o: n for n in graph.node for o in n.output}
@@ -732,6 +739,7 @@ def _requantize_moved_inputs(graph) -> None:
             t = next((a.t for a in t.attribute if a.name == "value"), None)
         return None if t is None else numpy_helper.to_array(t)
 
+    @functools.cache  # a chain of rolls doubles the paths to the same tensors at each step
     def grid_of(name: str, depth: int = 0) -> tuple | None:
         """``(scale name, zero point name, values)`` of the per-tensor grid ``name`` lies on, moved only."""
         node = producer.get(name)
@@ -749,9 +757,10 @@ def _requantize_moved_inputs(graph) -> None:
         if node.op_type in _MOVES:
             return grid_of(node.input[0], depth + 1)
         if node.op_type == "Pad":  # zero padding: 0 is on every affine grid (the zero point)
-            value = array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            given = len(node.input) > 2 and node.input[2]
+            value = array(node.input[2]) if given else np.zeros(1)
             mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
-            if mode != b"constant" or (value is not None and np.any(value != 0)):
+            if mode != b"constant" or value is None or np.any(value != 0):  # a value not read: not known zero
                 return None
             return grid_of(node.input[0], depth + 1)
         if node.op_type == "Concat":
@@ -760,11 +769,20 @@ def _requantize_moved_inputs(graph) -> None:
                 return grids[0]
         return None
 
-    def moved_weight(name: str) -> bool:
+    def integer_operand(name: str) -> bool:
+        """Dequantized right before the product: a per-tensor activation, or a weight (moved or not)
+        per tensor, per output channel (axis 0 of the stored codes) or per block."""
         node = producer.get(name)
+        if node is not None and node.op_type == "DequantizeLinear" and node.input[0] not in inits:
+            scale = array(node.input[1])
+            return scale is not None and scale.size == 1
         while node is not None and node.op_type in _MOVES:
             node = producer.get(node.input[0])
-        return node is not None and node.op_type == "DequantizeLinear" and node.input[0] in inits
+        if node is None or node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            return False
+        scale = array(node.input[1])
+        attrs = {a.name: a.i for a in node.attribute}
+        return scale is not None and (scale.size == 1 or "block_size" in attrs or attrs.get("axis", 1) == 0)
 
     done: dict[str, str] = {}
     pairs: dict[str, list] = {}  # tensor -> its QuantizeLinear and DequantizeLinear
@@ -774,9 +792,7 @@ def _requantize_moved_inputs(graph) -> None:
             continue
         direct = {i: getattr(producer.get(node.input[i]), "op_type", None) == "DequantizeLinear" for i in operands}
         grids = {i: None if direct[i] else grid_of(node.input[i]) for i in operands}
-        # Only where every operand is then dequantized (a weight's codes may be transposed on the way):
-        # onnxruntime quantizes a float constant operand itself, rounding it differently, once the other is.
-        if not all(direct[i] or grids[i] is not None or moved_weight(node.input[i]) for i in operands):
+        if not all(grids[i] is not None or integer_operand(node.input[i]) for i in operands):
             continue
         for i, grid in grids.items():
             if grid is None:

@@ -211,9 +211,10 @@ class ParityReport:
         where = f"{head}, {at}, computed by {d.kernel or 'a kernel not found in the optimized graph'}"
         kernel = (d.kernel or "").split(" ")[0]
         if d.kernel == "MatMulNBits (accuracy_level 4)":
-            why = ("a weight's DequantizeLinear feeds a MatMul whose other input is a float tensor, and "
-                   "onnxruntime's MatMulNBits quantizes it to int8 on the fly; quantize that input, or the session "
-                   "option session.qdq_matmulnbits_accuracy_level=1 keeps it in float32")  # fmt: skip
+            why = ("a weight's DequantizeLinear feeds a MatMul whose other input is a float tensor (or on a grid "
+                   "onnxruntime's integer products do not take), and onnxruntime's MatMulNBits quantizes it to int8 "
+                   "on the fly; quantize that input per tensor in 8 bits, or the session option "
+                   "session.qdq_matmulnbits_accuracy_level=1 keeps it in float32")  # fmt: skip
         elif kernel in _INTEGER_PRODUCTS:
             why = "with int8 weights on x86 without VNNI, uint8 x int8 products saturate (signed_weights=False)"
         elif kernel == "QLinearSoftmax":
