@@ -383,3 +383,15 @@ def test_padding_is_looked_through_only_with_a_value_known_to_be_zero(value, req
     _requantize_moved_inputs(graph)
     pairs = [n for n in graph.node if n.name.startswith(REQUANTIZE)]
     assert len(pairs) == (2 if requantized else 0)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_an_activation_narrower_than_4_bits_is_clipped_in_8_bits_at_opset_21(bits):
+    net = _calibrated(_w8, lambda m, n: tq.AffineQuantizer(bits, tq.RunningMinMax()))
+    x = torch.randn(3, 3, 4, 4)
+    proto = tq.export.to_onnx(net, x[:1], opset=21)  # Clip on uint4 is not ONNX: the codes stay uint8
+    clips = [n for n in proto.graph.node if n.op_type == "Clip"]
+    assert len(clips) == 2
+    inits = _inits(proto)
+    assert all(numpy_helper.to_array(inits[c.input[2]]).item() == 2**bits - 1 for c in clips)
+    assert tq.export.check_parity(net, proto, x).passed()

@@ -38,7 +38,8 @@ becomes 0, what onnxruntime's integer kernels want); signed grids (Q-format) to 
 need opset 21; 9 to 16 bits need opset 21 (``int16``/``uint16``). A 4-bit activation
 that a ``MaxPool`` reads is stored as ``uint8``/``int8`` with a ``Clip`` to its 4-bit
 range (same values): onnxruntime would otherwise run the ``MaxPool`` on 4-bit
-integers, which it cannot. A quantizer
+integers, which it cannot. So is an activation of 1 to 3 bits (ONNX's ``Clip`` takes
+no 4-bit type). A quantizer
 with neither an affine grid nor levels (``grid()`` and ``levels()`` are ``None``), or
 one whose grid fits no ONNX type at the chosen opset, is exported as its float-valued
 simulation with a warning naming it.
@@ -469,8 +470,10 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, sig
         grid = rec.grid
         assert grid is not None  # quantizers without grid or levels are traced as float ops, never placeholders
         ot = onnx_type_for_grid(grid, opset, prefer_signed=signed_weights and const is not None)
-        if ot is not None and ot.name in ("int4", "uint4") and const is None and _reaches_maxpool(y, consumers):
-            ot = _widened(ot)
+        if ot is not None and ot.name in ("int4", "uint4") and const is None:
+            narrower = (grid.qmin - ot.shift, grid.qmax - ot.shift) != (ot.lo, ot.hi)  # 1 to 3 bits
+            if narrower or _reaches_maxpool(y, consumers):  # ONNX has no Clip on 4-bit types
+                ot = _widened(ot)
         if grid.granularity.group_size is not None and opset < 21:
             ot = None
         if ot is None:
