@@ -581,6 +581,45 @@ def test_a_user_leaf_is_traced_with_its_constants_else_swapped_in_a_copy(sign):
     assert not torch.equal(y, net(x)) and torch.allclose(y, net(x), atol=0.1)
 
 
+class NormedGated(Gated):
+    """Untraceable, with a normalisation before its layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x):
+        return super().forward(self.norm(x))
+
+
+def test_a_swapped_leaf_quantizes_its_normalisation_outputs_as_the_traced_graph_does():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 4), NormedGated()).eval()
+    q = tq.quantize_model(net, wf, af, leaf_modules=[NormedGated])
+    assert type(q.get_submodule("2")) is NormedGated  # untraceable: swapped inside
+    kinds = {name: type(m).__name__ for name, m in q.named_modules() if name in ("0", "2.norm")}
+    assert kinds == {"0": "QOp", "2.norm": "QOp"}
+    x = torch.rand(2, 4)
+    assert torch.equal(q(x), net(x))
+
+
+def test_a_swapped_leaf_whose_norm_got_no_quantizer_keeps_it_plain_and_reloads_as_saved(tmp_path):
+    # The layout of checkpoints saved before swapped leaves quantized their normalisation outputs.
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 4), NormedGated()).eval()
+
+    q = tq.quantize_model(build(), wf, lambda m, n: None if n == "2.norm" else af(m, n), leaf_modules=[NormedGated])
+    assert type(q.get_submodule("2.norm")) is nn.LayerNorm
+    x = torch.rand(8, 4)
+    tq.calibrate(q, [x, -x], progress=False)
+    tq.set_qmodule_state(q, S.QUANT_EVAL)
+    tq.save(q, tmp_path / "q.safetensors")
+    again = tq.load(build(), tmp_path / "q.safetensors")
+    assert type(again.get_submodule("2.norm")) is nn.LayerNorm
+    assert torch.equal(again(x), q(x))
+
+
 def test_save_and_load_repeat_the_conversion_inside_leaves(tmp_path):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 4), Masked()).eval()

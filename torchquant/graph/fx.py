@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..factories import QuantizerFactory, call_factory
-from ..layers import FLOAT_LAYERS, LAYER_TYPES, layer_adapter
+from ..layers import FLOAT_LAYERS, LAYER_TYPES, is_normalization, layer_adapter
 from ..qmodules import SUPPORTED_ACTIVATIONS, QModule, QOp
 from ..quantizers import Quantizer
 from .common import (
@@ -873,7 +873,11 @@ class _Rewriter:
                 call.args, call.kwargs = args, {}
         else:
             sub = structural_copy(m)
-            reasons = quantize_swap(sub, self.wf, self.af, skip=self.skip, fold_bn=self.fold_bn, prefix=prefix)
+            # norm_outputs: normalisation outputs are quantization points here as in the traced graph
+            reasons = quantize_swap(
+                sub, self.wf, self.af, skip=self.skip, fold_bn=self.fold_bn, norm_outputs=True, prefix=prefix
+            )
+            _unwrap_bare_norms(sub)
         if not any(isinstance(x, QModule) for x in sub.modules()):
             self.float_reasons[name] = leaf_reason
             return
@@ -995,6 +999,18 @@ class _Rewriter:
         node.replace_all_uses_with(new)
         self.graph.erase_node(node)
         node._erased = True
+
+
+def _unwrap_bare_norms(module: nn.Module) -> None:
+    """Put back the normalisations whose output the factory gave no quantizer (a ``QOp`` with none).
+
+    A checkpoint whose leaf was swapped without its normalisation outputs then loads as saved:
+    its replay gets no quantizer for them and converts the same modules.
+    """
+    for parent in list(module.modules()):
+        for key, child in list(parent._modules.items()):
+            if isinstance(child, QOp) and child.acts_quantizer is None and is_normalization(child.op):
+                parent._modules[key] = child.op
 
 
 def _concrete_args(m: nn.Module, calls: list[fx.Node]) -> dict[str, Any] | None:
