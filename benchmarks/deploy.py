@@ -116,6 +116,19 @@ def interleaved_ms(sessions: dict, feed: dict, repeats: int) -> dict[str, tuple[
     return {k: (statistics.median(v), min(v)) for k, v in times.items()}
 
 
+def print_parity(report: tq.export.ParityReport) -> tq.export.ParityReport:
+    """One line of :func:`torchquant.export.check_parity`'s verdict, and where onnxruntime departs."""
+    worst = max(a.max_steps for a in report.points.values())
+    print(
+        f"int8 ONNX vs simulation (tq.export.check_parity): {len(report.points)} points teacher-forced, worst "
+        f"{worst:.0f} step(s), {report.ties_adopted} rounding ties adopted: {'passed' if report.passed() else 'FAILED'}"
+    )
+    d = report.divergence
+    if d is not None:  # where onnxruntime's kernels on this CPU depart from the ONNX semantics
+        print(f"onnxruntime's optimized run first differs at {d.point or d.output} ({d.kernel})")
+    return report
+
+
 class TokenLogits(nn.Module):
     """Token ids in, logits out, with an all-ones attention mask (transformers' own needs ``aten::diff``)."""
 
@@ -172,17 +185,8 @@ def smollm2(args: argparse.Namespace) -> None:
         (m32, n32), (m8, n8) = t["float32"], t["int8"]
         print(f"{length:>6} {m32:>8.1f} ({n32:>6.1f}) {m8:>8.1f} ({n8:>6.1f}) {m32 / m8:>12.2f}x ({n32 / n8:.2f}x)")
     ids = held_out[2000 : 2000 + 128].reshape(2, 64)
-    report = tq.export.check_parity(lm, i8_path, ids, session_options=so)
-    worst = max(a.max_steps for a in report.points.values())
-    (out,) = report.outputs.values()
-    print(
-        f"int8 ONNX vs simulation (tq.export.check_parity): {len(report.points)} points teacher-forced, worst "
-        f"{worst:.0f} step(s); logits end to end: max |difference| {out.max_abs:.2g} "
-        f"({report.ties_adopted} rounding ties adopted): {'passed' if report.passed() else 'FAILED'}"
-    )
-    if report.divergence is not None:
-        d = report.divergence
-        print(f"onnxruntime's optimized run first differs at {d.point} ({d.kernel}): {d.agreement.max_steps:.0f} steps")
+    (out,) = print_parity(tq.export.check_parity(lm, i8_path, ids, session_options=so)).outputs.values()
+    print(f"logits end to end: max |difference| {out.max_abs:.2g}")
     feed = {"input0": ids.numpy()}
     y32, y8 = (sessions[n].run(None, feed)[0] for n in ("float32", "int8"))
     print(f"next-token agreement int8 vs float32 on {ids.numel()} held-out tokens: "
@@ -269,17 +273,9 @@ def main() -> None:
     y8 = sessions["int8"].run(None, feed)[0]
     so1 = ort.SessionOptions()
     so1.intra_op_num_threads = args.threads
-    report = tq.export.check_parity(qnet, i8_path, torch.from_numpy(feed["input0"]), session_options=so1)
-    worst = max(a.max_steps for a in report.points.values())
+    report = print_parity(tq.export.check_parity(qnet, i8_path, torch.from_numpy(feed["input0"]), session_options=so1))
     (out,) = report.outputs.values()
-    print(
-        f"int8 ONNX vs simulation (tq.export.check_parity): {len(report.points)} points teacher-forced, worst "
-        f"{worst:.0f} step(s); output end to end: max {out.max_steps:.0f} steps, {100 * out.identical:.1f}% "
-        f"identical ({report.ties_adopted} rounding ties adopted): {'passed' if report.passed() else 'FAILED'}"
-    )
-    if report.divergence is not None:  # where onnxruntime's kernels on this CPU depart from the ONNX semantics
-        d = report.divergence
-        print(f"onnxruntime's optimized run first differs at {d.point} ({d.kernel}): {d.agreement.max_steps:.0f} steps")
+    print(f"output end to end: max {out.max_steps:.0f} steps, {100 * out.identical:.1f}% identical")
     print(f"top-1 agreement int8 vs float32: {100 * (y8.argmax(1) == y32.argmax(1)).mean():.0f}%")
     target = 2.0
     verdict = "met" if results[16] >= target else "NOT met"

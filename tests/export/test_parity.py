@@ -222,14 +222,20 @@ class Attention(nn.Module):
         return self.out(torch.softmax(self.fc(x), dim=-1))
 
 
-def _attention(quantize_softmax: bool):
+def _converted(build, acts, shape, gain: float = 1.0, method: str = "fx"):
+    """``build()`` converted (8-bit per-channel weights, ``acts``), calibrated on ``x``: ``(model, x)``."""
     torch.manual_seed(0)
-    acts = _a8 if quantize_softmax else (lambda m, n: None if n == "softmax" else _a8(m, n))
-    net = tq.quantize_model(Attention().eval(), _w8, acts, method="fx")
-    x = 3 * torch.randn(4, 32, 16)
+    net = tq.quantize_model(build().eval(), _w8, acts, method=method)
+    x = gain * torch.randn(*shape)
     with torch.no_grad(), tq.qmodule_state(net, S.CALIBRATION):
         net(x)
     tq.set_qmodule_state(net, S.QUANT_EVAL)
+    return net, x
+
+
+def _attention(quantize_softmax: bool):
+    acts = _a8 if quantize_softmax else (lambda m, n: None if n == "softmax" else _a8(m, n))
+    net, x = _converted(Attention, acts, (4, 32, 16), gain=3)
     return net, tq.export.to_onnx(net, x[:1]), x
 
 
@@ -268,26 +274,17 @@ def test_the_first_point_where_onnxruntimes_kernels_depart_is_named_with_the_ker
 
 def test_a_grid_narrower_than_its_onnx_type_is_looked_through_to_the_kernel():
     # 7-bit activations at opset 17 are stored as uint8 codes with a Clip after the QuantizeLinear.
-    torch.manual_seed(0)
-    net = tq.quantize_model(Attention().eval(), _w8, lambda m, n: tq.AffineQuantizer(7, tq.RunningMinMax()),
-                            method="fx")  # fmt: skip
-    x = 3 * torch.randn(4, 32, 16)
-    with torch.no_grad(), tq.qmodule_state(net, S.CALIBRATION):
-        net(x)
-    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    net, x = _converted(Attention, lambda m, n: tq.AffineQuantizer(7, tq.RunningMinMax()), (4, 32, 16), gain=3)
     report = tq.export.check_parity(net, tq.export.to_onnx(net, x[:1]), x)
     d = report.divergence
     assert (d.point, d.kernel) == ("fc.acts_quantizer", "MatMulNBits (accuracy_level 4)")
 
 
 def test_a_weight_only_model_whose_output_departs_names_the_output_and_its_kernel(tmp_path):
-    torch.manual_seed(0)
-    net = tq.quantize_model(nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).eval(), _w8, None,
-                            method="swap")  # fmt: skip
-    x = 3 * torch.randn(4, 32, 16)
-    with torch.no_grad(), tq.qmodule_state(net, S.CALIBRATION):
-        net(x)
-    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    def build():
+        return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+
+    net, x = _converted(build, None, (4, 32, 16), gain=3, method="swap")
     proto = tq.export.to_onnx(net, x[:1])
     report = tq.export.check_parity(net, proto, x)
     assert report.points == {} and report.optimized == {} and not report.passed()
@@ -351,12 +348,7 @@ class Windowed(nn.Module):
 def test_a_point_moved_to_a_product_is_requantized_there_and_runs_as_integers(monkeypatch):
     from torchquant.export import onnx_qdq
 
-    torch.manual_seed(0)
-    net = tq.quantize_model(Windowed().eval(), _w8, _a8, method="fx")
-    x = torch.randn(4, 8, 16)
-    with torch.no_grad(), tq.qmodule_state(net, S.CALIBRATION):
-        net(x)
-    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    net, x = _converted(Windowed, _a8, (4, 8, 16))
     proto = tq.export.to_onnx(net, x[:1])
     pairs = [n for n in proto.graph.node if n.name.startswith(onnx_qdq.REQUANTIZE + "/")]
     assert [n.op_type for n in pairs] == ["QuantizeLinear", "DequantizeLinear"]
@@ -391,12 +383,9 @@ def test_no_requantization_where_onnxruntime_takes_no_integer_product():
     def acts(m, n):
         return None if n == "matmul" else tq.AffineQuantizer(8, tq.RunningMinMax(axis=-1 if n == "fb" else None))
 
-    torch.manual_seed(0)
-    net = tq.quantize_model(ProductOfActivations().eval(), _w8, acts, method="fx")
-    x = torch.randn(4, 8, 16)
-    with torch.no_grad(), tq.qmodule_state(net, S.CALIBRATION):
-        net(x)
-    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    net, x = _converted(ProductOfActivations, acts, (4, 8, 16))
     proto = tq.export.to_onnx(net, x[:1])
-    assert not any(n.name.startswith("tq_requantize/") for n in proto.graph.node)
+    from torchquant.export.onnx_qdq import REQUANTIZE
+
+    assert not any(n.name.startswith(REQUANTIZE + "/") for n in proto.graph.node)
     assert tq.export.check_parity(net, proto, x).passed()  # runs in onnxruntime, in parity

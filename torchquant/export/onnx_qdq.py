@@ -29,7 +29,7 @@ A per-tensor activation read by a ``MatMul``/``Gemm`` through data movement only
 (reshapes, transposes, slices, concatenations of the same grid, zero padding) gets a
 ``QuantizeLinear -> DequantizeLinear`` pair of its own grid right before the product
 (``tq_requantize/...``; exact, since the values lie on that grid), so that onnxruntime
-runs the product on integers instead of quantizing the float tensor again itself.
+can run the product on integers instead of quantizing the float tensor again itself.
 
 Grids map to ONNX integer types: a ``[0, 2^n - 1]`` grid to ``uint8``/``uint4``
 with its zero points, or, for weights with ``signed_weights=True``, shifted by
@@ -702,7 +702,7 @@ def _level_nodes(levels: LevelGrid, codes: Tensor | None, x: str, y: str, base: 
 #: Name prefix of the QuantizeLinear/DequantizeLinear pairs ``_requantize_moved_inputs`` adds (no point of their own).
 REQUANTIZE = "tq_requantize"
 #: Operators whose output holds elements of their first input only (per-tensor codes commute with them).
-_MOVES = frozenset(
+MOVES = frozenset(
     {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather", "Expand", "Identity", "Split"}
 )
 #: Inputs that onnxruntime runs as integer products when a DequantizeLinear feeds them.
@@ -757,7 +757,7 @@ def _requantize_moved_inputs(graph) -> None:
                 return None
             return (node.input[1], node.input[2] if zp is not None else "", (float(scale.item()),
                     None if zp is None else (int(zp.item()), zp.dtype.str)))  # fmt: skip
-        if node.op_type in _MOVES:
+        if node.op_type in MOVES:
             return grid_of(node.input[0], depth + 1)
         if node.op_type == "Pad":  # zero padding: 0 is on every affine grid (the zero point)
             given = len(node.input) > 2 and node.input[2]
@@ -779,7 +779,7 @@ def _requantize_moved_inputs(graph) -> None:
         if node is not None and node.op_type == "DequantizeLinear" and node.input[0] not in inits:
             scale = array(node.input[1])
             return scale is not None and scale.size == 1
-        while node is not None and node.op_type in _MOVES:
+        while node is not None and node.op_type in MOVES:
             node = producer.get(node.input[0])
         if node is None or node.op_type != "DequantizeLinear" or node.input[0] not in inits:
             return False
@@ -787,7 +787,6 @@ def _requantize_moved_inputs(graph) -> None:
         attrs = {a.name: a.i for a in node.attribute}
         return scale is not None and (scale.size == 1 or "block_size" in attrs or attrs.get("axis", 1) == 0)
 
-    done: dict[str, str] = {}
     pairs: dict[str, list] = {}  # tensor -> its QuantizeLinear and DequantizeLinear
     for node in graph.node:
         operands = _PRODUCT_INPUTS.get(node.op_type, ())
@@ -801,7 +800,7 @@ def _requantize_moved_inputs(graph) -> None:
             if grid is None:
                 continue
             name = node.input[i]
-            if name not in done:
+            if name not in pairs:
                 s_name, z_name, _ = grid
                 base = f"{REQUANTIZE}/{name}"
                 ins = [s_name, z_name] if z_name else [s_name]
@@ -809,8 +808,7 @@ def _requantize_moved_inputs(graph) -> None:
                     helper.make_node("QuantizeLinear", [name, *ins], [f"{base}/q"], f"{base}/quantize"),
                     helper.make_node("DequantizeLinear", [f"{base}/q", *ins], [f"{base}/dq"], f"{base}/dequantize"),
                 ]
-                done[name] = f"{base}/dq"
-            node.input[i] = done[name]
+            node.input[i] = pairs[name][1].output[0]
     if pairs:  # each pair right after the tensor it reads: the graph stays topologically sorted
         order = []
         for n in graph.node:

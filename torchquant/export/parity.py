@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from ..debug.diagnostics import Report
 from ._common import quant_points, to_numpy
-from .onnx_qdq import REQUANTIZE, _as_inputs, _require_onnx
+from .onnx_qdq import MOVES, REQUANTIZE, _as_inputs, _require_onnx
 
 __all__ = ["Agreement", "Divergence", "ParityReport", "check_parity"]
 
@@ -105,6 +105,20 @@ _INTEGER_PRODUCTS = frozenset(
 )
 
 
+def _failure(
+    a: Agreement, scale: float | None, max_steps: float = 1, min_identical: float = 0.999, rel_tol: float = 1e-4
+) -> str | None:
+    """How ``a`` breaks the criteria of :meth:`ParityReport.failures`, or ``None`` (``scale``: a float output's)."""
+    if a.max_steps is None:
+        if scale is not None and a.max_abs > rel_tol * max(scale, 1e-30):
+            return f"max |difference| {a.max_abs:.3g} > {rel_tol:g} x {scale:.3g}"
+        return None
+    explained = a.identical + a.ties / max(a.size, 1)
+    if a.max_steps > max_steps or explained < min_identical:
+        return f"max {a.max_steps:.0f} steps, {100 * a.identical:.3f} % identical, {a.ties} ties"
+    return None
+
+
 @dataclass
 class ParityReport:
     """The result of :func:`check_parity`.
@@ -143,18 +157,10 @@ class ParityReport:
         rounding tie; a float output with a largest absolute difference above ``rel_tol``
         times its largest magnitude.
         """
-        bad = []
         items = [(f"point {k}", v, None) for k, v in self.points.items()]
         items += [(f"output {k}", v, self.output_scale[k]) for k, v in self.outputs.items()]
-        for where, a, scale in items:
-            if a.max_steps is None:
-                if scale is not None and a.max_abs > rel_tol * max(scale, 1e-30):
-                    bad.append(f"{where}: max |difference| {a.max_abs:.3g} > {rel_tol:g} x {scale:.3g}")
-                continue
-            explained = a.identical + a.ties / max(a.size, 1)
-            if a.max_steps > max_steps or explained < min_identical:
-                bad.append(f"{where}: max {a.max_steps:.0f} steps, {100 * a.identical:.3f} % identical, {a.ties} ties")
-        return bad
+        found = ((where, _failure(a, scale, max_steps, min_identical, rel_tol)) for where, a, scale in items)
+        return [f"{where}: {why}" for where, why in found if why is not None]
 
     def passed(self, max_steps: float = 1, min_identical: float = 0.999, rel_tol: float = 1e-4) -> bool:
         """True when :meth:`failures` finds nothing (defaults: at most one step, >= 99.9 % identical)."""
@@ -454,9 +460,9 @@ def check_parity(
     report = ParityReport(points, outputs, raw, adopted, mags, unchecked, optimized)
     # Where the optimized run departs: the first point breaking the default criteria, else the first
     # differing at all, else an output that fails with every point agreeing (a weight-only model).
-    first = next((p for p, a in optimized.items() if a.max_steps > 1 or a.identical < 0.999), None)
+    first = next((p for p, a in optimized.items() if _failure(a, None)), None)
     first = first or next((p for p, a in optimized.items() if a.max_steps), None)
-    failing = next((n for n in out_names if any(f.startswith(f"output {n}:") for f in report.failures())), None)
+    failing = next((n for n in out_names if _failure(outputs[n], mags[n])), None)
     if first is not None:
         kernel = _optimized_producer(side, dq_of[first].input[0], opts, session)
         report.divergence = Divergence(first, kernel, optimized[first])
@@ -488,8 +494,8 @@ def _optimized_producer(proto: Any, tensor: str, options: Any, session: Any) -> 
 
 
 #: Between a kernel and the codes it makes: data movement, the Clip of a grid narrower than its
-#: ONNX type, and a bias added as an initializer.
-_BETWEEN = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Clip"})
+#: ONNX type (and a bias added as an initializer, handled apart).
+_BETWEEN = MOVES | {"Clip"}
 
 
 def _kernel_of(graph: Any, tensor: str) -> str | None:
