@@ -735,3 +735,93 @@ def test_a_bare_layer_as_the_model_becomes_one_qwrapper(layer):
         q = tq.quantize_model(layer, lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0)), None)
     assert [type(m).__name__ for _, m in tq.iter_qmodules(q)] == ["QWrapper"]
     assert torch.equal(q(x), layer(x))
+
+
+class _AfterMovement(nn.Module):
+    """Activations the layers before them cannot take in: after a transpose, an addition, as a gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 4, 1)
+        self.act = nn.GELU()
+        self.fc = nn.Linear(4, 4)
+        self.gate = nn.Hardsigmoid()
+        self.up = nn.Upsample(scale_factor=2, mode="linear")
+        self.near = nn.Upsample(scale_factor=2, mode="nearest")
+
+    def forward(self, x):  # x: (N, 4, L)
+        h = self.act(self.conv(x).transpose(1, 2))  # (N, L, 4)
+        y = self.fc(h)
+        z = F.silu(y + h)
+        g = self.gate(y.mean(1, keepdim=True)) * z + torch.sigmoid(h).tanh()
+        s = F.interpolate(g.transpose(1, 2), scale_factor=2.0, mode="linear")
+        return self.up(s) + self.near(s) + F.interpolate(s, scale_factor=2.0)
+
+
+def test_activations_that_follow_no_layer_get_a_qop_when_the_factory_gives_a_quantizer():
+    torch.manual_seed(0)
+    net = _AfterMovement().eval()
+    x = torch.randn(2, 4, 6)
+    q = tq.quantize_model(net, wf, af).eval()
+    ops = {n: v[1] for n, v in qnames(q).items() if v[0] == "QOp"}
+    assert ops == {
+        "act": "GELU", "silu": "silu", "gate": "Hardsigmoid", "sigmoid": "sigmoid", "tanh": "tanh",
+        "interpolate": "interpolate", "up": "Upsample", "add": "add", "add_1": "add", "add_2": "add",
+        "add_3": "add", "mul": "mul", "mean": "mean",
+    }  # fmt: skip
+    assert not [r for r in tq.summary_rows(q) if r["kind"] == "float"]  # nearest resampling only copies
+    ref = net(x)
+    assert torch.equal(q(x), ref)
+    with tq.qmodule_state(q, S.CALIBRATION):
+        assert torch.equal(q(x), ref)
+    # fc reads the GELU's quantized output
+    tq.calibrate(q, [x], progress=False)
+    seen = {}
+    q.get_submodule("act").register_forward_hook(lambda m, a, y: seen.update(act=(a[0], y)))
+    q.get_submodule("fc").register_forward_pre_hook(lambda m, a: seen.update(fc=a[0]))
+    with tq.qmodule_state(q, S.QUANT_EVAL):
+        q(x)
+    (act_in, act_out), fc_in = seen["act"], seen["fc"]
+    assert fc_in is act_out and not torch.equal(act_out, F.gelu(act_in))
+
+
+def test_an_activation_the_factory_gives_no_quantizer_stays_as_called_and_is_not_reported(tmp_path):
+    def declining(m, name):
+        return None if name in ("act", "silu", "gate", "sigmoid", "tanh", "interpolate", "up") else af(m, name)
+
+    torch.manual_seed(0)
+    q = tq.quantize_model(_AfterMovement().eval(), wf, declining).eval()
+    ops = {n for n, v in qnames(q).items() if v[0] == "QOp"}
+    assert ops == {"add", "add_1", "add_2", "add_3", "mul", "mean"}
+    assert type(q.get_submodule("act")) is nn.GELU and type(q.get_submodule("up")) is nn.Upsample
+    assert not [r for r in tq.summary_rows(q) if r["kind"] == "float"]
+    # the layout of a checkpoint saved before such activations were points: it loads as saved
+    x = torch.randn(8, 4, 6)
+    tq.calibrate(q, [x, -x], progress=False)
+    tq.set_qmodule_state(q, S.QUANT_EVAL)
+    tq.save(q, tmp_path / "q.safetensors")
+    torch.manual_seed(0)
+    again = tq.load(_AfterMovement().eval(), tmp_path / "q.safetensors")
+    assert type(again.get_submodule("act")) is nn.GELU
+    assert torch.equal(again(x), q(x))
+
+
+def test_activation_points_round_trip_through_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    q = tq.quantize_model(_AfterMovement().eval(), wf, af).eval()
+    x = torch.randn(8, 4, 6)
+    tq.calibrate(q, [x, -x], progress=False)
+    tq.set_qmodule_state(q, S.QUANT_EVAL)
+    tq.save(q, tmp_path / "q.safetensors")
+    again = tq.load(_AfterMovement().eval(), tmp_path / "q.safetensors")
+    assert qnames(again) == qnames(q)
+    assert torch.equal(again(x), q(x))
+
+
+def test_data_movement_functions_libraries_wrap_are_not_reported():
+    pytest.importorskip("torchvision")
+    from torchvision.models import SwinTransformer
+
+    q = tq.quantize_model(SwinTransformer([4, 4], 16, [1, 1], [2, 2], [4, 4]).eval(), wf, af)
+    notes = {r["name"]: r["note"] for r in tq.summary_rows(q) if r["kind"] == "float"}
+    assert not [n for n in notes if "_patch_merging_pad" in n], notes

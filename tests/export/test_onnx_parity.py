@@ -8,7 +8,8 @@ a quantize_model(method="fx") conversion of timm's mobilenetv3_small_050 (squeez
 excitation, hard-swish, BatchNormAct, a functional dropout whose ``training`` follows the
 mode) and of a two-block timm ViT (attention, layer norms, the class token; its forward's
 ``attn_mask``/``is_causal`` arguments left at their defaults) and of a small timm Swin
-(shifted windows; its softmax outputs left float). Adding a model is one entry in MODELS.
+(shifted windows; its softmax outputs left float) and of a small timm PVT v2 (a GELU
+between a transpose and a linear layer). Adding a model is one entry in MODELS.
 """
 
 from __future__ import annotations
@@ -91,6 +92,17 @@ MODELS = {
         ),
         (3, 56, 56),
         "head.fc",
+    ),
+    # depthwise-conv MLPs: a GELU after a transpose, quantized as a point of its own so fc2 reads integers
+    "fx_timm_pvt_v2": (
+        lambda wf, af: tq.quantize_model(
+            _timm("pvt_v2_b0", depths=(1, 1, 1, 1), embed_dims=(16, 16, 32, 32), num_heads=(1, 1, 2, 2)).eval(),
+            wf,
+            af,
+            method="fx",
+        ),
+        (3, 64, 64),
+        "head",
     ),
     "fx_timm_mobilenetv3_small_050": (
         lambda wf, af: tq.quantize_model(_timm("mobilenetv3_small_050", drop_rate=0.2).eval(), wf, af, method="fx"),

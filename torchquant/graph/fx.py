@@ -20,13 +20,18 @@ The pass, in graph order:
   modules in :data:`QOP_MODULES` (average pooling, normalisation, softmax),
   when their output is a floating-point tensor (normalisation outputs are thus
   quantized by default here; ``quantize_model``'s ``norm_outputs`` is for
-  ``"swap"``). A ``QOp`` for a function sits
+  ``"swap"``). Activations that compute new values but follow no layer they
+  could be fused into (a GELU after a transpose, a SiLU after an addition, a
+  Hardsigmoid gate), ``torch.addcmul``, ``F.normalize`` and interpolating
+  resampling (:data:`QOP_ACTIVATION_MODULES`, :data:`QOP_ACTIVATION_FUNCTIONS`)
+  get a ``QOp`` too, but only when the activation factory gives them a quantizer;
+  otherwise they stay as called. A ``QOp`` for a function sits
   in the module the call was made from, named after the operation
   (``layer1.0.add``, ``layer1.0.add_1``); one for a module replaces it at its
   own name.
 * Everything else stays as traced: shape and indexing operations, max pooling,
-  dropout, unfused activations (they either do not create new values or
-  receive already-quantized ones); in-place arithmetic (``x.add_(y)``), whose
+  nearest-neighbour resampling, dropout, ReLU/ReLU6/Hardtanh (they do not create
+  new values); in-place arithmetic (``x.add_(y)``), whose
   quantized copy would not reach the later users of the mutated tensor; and
   functional convolutions (``F.conv2d`` with a weight attribute), which have no
   module to wrap. :func:`torchquant.summary` lists the layers with weights that
@@ -87,6 +92,8 @@ from .swap import quantize_swap
 
 __all__ = [
     "FUNCTIONAL_ACTIVATIONS",
+    "QOP_ACTIVATION_FUNCTIONS",
+    "QOP_ACTIVATION_MODULES",
     "QOP_FUNCTIONS",
     "QOP_METHODS",
     "QOP_MODULES",
@@ -198,6 +205,27 @@ QOP_MODULES: tuple[type[nn.Module], ...] = (
 A BatchNorm subclass that applies an activation (timm's ``BatchNormAct2d``) and follows
 no layer gets one too."""
 
+QOP_ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
+    nn.SiLU, nn.Hardswish, nn.GELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Mish, nn.ELU, nn.SELU,
+    nn.CELU, nn.Softplus, nn.PReLU,
+)  # fmt: skip
+"""Activation module types (exact) that compute new values: a call that is not fused into the
+layer before it (data movement or an addition in between, a gate) gets a ``QOp`` when the
+activation factory gives a quantizer for it, and stays the plain module otherwise. ReLU, ReLU6
+and Hardtanh only clip values, so their outputs stay on their inputs' grid and need none."""
+
+QOP_ACTIVATION_FUNCTIONS: frozenset = frozenset(
+    {
+        F.silu, F.hardswish, F.gelu, F.leaky_relu, torch.sigmoid, torch.tanh, F.hardsigmoid, F.mish, F.elu,
+        F.selu, F.celu, F.softplus, F.prelu, torch.addcmul, F.normalize, "sigmoid", "tanh",
+    }
+)  # fmt: skip
+"""Functions (and tensor-method names) that compute new values and are handled as
+:data:`QOP_ACTIVATION_MODULES`: a ``QOp`` when the factory gives a quantizer, else left as called.
+Resampling (``nn.Upsample``, ``F.interpolate``) joins them unless its mode is ``"nearest"``,
+which only copies values."""
+
+_COPYING_MODES = ("nearest", "nearest-exact")  # resampling modes that copy input values
 _FUNCTIONAL_LAYERS = frozenset({F.conv1d, F.conv2d, F.conv3d, F.linear})
 # Operations whose float outputs need no quantizer of their own: they move, select or
 # clip values (quantized inputs give outputs on the same grid), or are identities in eval.
@@ -219,6 +247,18 @@ _VALUE_PRESERVING = frozenset(
 )  # fmt: skip
 # Library functions recorded as single calls (torch.fx.wrap) that are identities in eval mode.
 _VALUE_PRESERVING_NAMES = frozenset({"stochastic_depth", "drop_path", "drop_connect"})
+# Functions timm and torchvision record as single calls (not traceable) that only move values:
+# window and grid partitions undone, zero padding before a patch merge.
+_DATA_MOVEMENT_CALLS = frozenset(
+    {
+        ("timm.models.swin_transformer", "window_reverse"), ("timm.models.swin_transformer_v2", "window_reverse"),
+        ("timm.models.swin_transformer_v2_cr", "window_reverse"), ("timm.models.davit", "window_reverse"),
+        ("timm.models.gcvit", "window_reverse"), ("timm.models.maxxvit", "window_reverse"),
+        ("timm.models.maxxvit", "window_reverse_nchw"), ("timm.models.maxxvit", "grid_reverse"),
+        ("timm.models.maxxvit", "grid_reverse_nchw"), ("timm.models.nest", "deblockify"),
+        ("torchvision.models.swin_transformer", "_patch_merging_pad"),
+    }
+)  # fmt: skip
 _VALUE_PRESERVING_MODULES: tuple[type[nn.Module], ...] = (
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Flatten, nn.Unflatten,
     nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
@@ -681,6 +721,13 @@ def _swish_nodes(src: fx.Node) -> list[fx.Node] | None:
     return [sig, mul] if ok else None
 
 
+def _computes_values(node: fx.Node) -> bool:
+    """Whether a call is one of :data:`QOP_ACTIVATION_FUNCTIONS` or a resampling that interpolates."""
+    if node.target is F.interpolate:
+        return node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest") not in _COPYING_MODES
+    return node.target in QOP_ACTIVATION_FUNCTIONS
+
+
 def _owner_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
     if not stack:
@@ -705,6 +752,7 @@ class _Rewriter:
         self.modules = dict(gm.named_modules())
         self.kinds = _infer_kinds(gm)
         self.float_reasons: dict[str, str] = {}
+        self.declined: set[fx.Node] = set()  # optional points the activation factory gave no quantizer
         self.taken: set[str] = set(self.modules)
         self.skipped = set(tracer.skipped)
         for name, (reason, m) in tracer.skipped.items():
@@ -764,8 +812,13 @@ class _Rewriter:
                     self._function_qop(node, node.target)
                 elif node.target in _FUNCTIONAL_LAYERS:
                     self._functional_layer(node)
-            elif node.op == "call_method" and node.target in QOP_METHODS and self.kinds.get(node) == "float":
-                self._function_qop(node, getattr(torch.Tensor, node.target))
+                elif _computes_values(node) and self.kinds.get(node) == "float":
+                    self._function_qop(node, node.target, optional=True)
+            elif node.op == "call_method" and self.kinds.get(node) == "float":
+                if node.target in QOP_METHODS:
+                    self._function_qop(node, getattr(torch.Tensor, node.target))
+                elif _computes_values(node):
+                    self._function_qop(node, getattr(torch.Tensor, node.target), optional=True)
         self._report_unquantized_ops()
         self.graph.lint()
         _delete_unused_submodules(self.gm)
@@ -783,6 +836,8 @@ class _Rewriter:
                     isinstance(m, (QModule, Quantizer, *_VALUE_PRESERVING_MODULES))
                     or _train_only(m)
                     or node.target in self.skipped
+                    or node in self.declined
+                    or (isinstance(m, nn.Upsample) and m.mode in _COPYING_MODES)
                 ):
                     continue
                 if node.target in self.inside and isinstance(m, fx.GraphModule):
@@ -793,9 +848,12 @@ class _Rewriter:
                 elif node.target not in self.float_reasons:
                     self.float_reasons[node.target] = f"no rule for {type(m).__name__} (output not quantized)"
                 continue
-            if node.target in _VALUE_PRESERVING or node.target in _FUNCTIONAL_LAYERS:
+            if node.target in _VALUE_PRESERVING or node.target in _FUNCTIONAL_LAYERS or node in self.declined:
                 continue
             if getattr(node.target, "__name__", None) in _VALUE_PRESERVING_NAMES:
+                continue
+            key = (getattr(node.target, "__module__", None), getattr(node.target, "__name__", None))
+            if key in _DATA_MOVEMENT_CALLS or (node.target is F.interpolate and not _computes_values(node)):
                 continue
             op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
             scope = _owner_path(node)
@@ -813,6 +871,8 @@ class _Rewriter:
             self._module_qop(node, m)
         elif type(m) is nn.MultiheadAttention:
             self._mha(node, m)
+        elif type(m) in QOP_ACTIVATION_MODULES or (type(m) is nn.Upsample and m.mode not in _COPYING_MODES):
+            self._module_qop(node, m, optional=True)
         elif type(m) in FLOAT_LAYERS:
             self.float_reasons[node.target] = FLOAT_LAYERS[type(m)]
         elif isinstance(m, LAYER_TYPES) and not m._modules:
@@ -969,17 +1029,25 @@ class _Rewriter:
             self.graph.erase_node(n)
             n._erased = True
 
-    def _module_qop(self, node: fx.Node, m: nn.Module) -> None:
+    def _module_qop(self, node: fx.Node, m: nn.Module, optional: bool = False) -> None:
+        """``optional``: no ``QOp`` when the factory gives no quantizer (the module stays as called)."""
         name = node.target
         if isinstance(self.gm.get_submodule(name), QOp):  # the module is called again: a QOp per call
             scope, _, base = name.rpartition(".")
             name = self._fresh_name(scope, base)
-        qop = QOp(m, acts_quantizer=call_factory(self.af, m, self.prefix + name, "acts_quantizer"))
+        aq = call_factory(self.af, m, self.prefix + name, "acts_quantizer")
+        if aq is None and optional:
+            self.declined.add(node)
+            if name != node.target:
+                self.taken.discard(name)
+            return
+        qop = QOp(m, acts_quantizer=aq)
         qop.train(m.training)
         self._install(name, qop)
         node.target = name
 
-    def _function_qop(self, node: fx.Node, fn: Callable) -> None:
+    def _function_qop(self, node: fx.Node, fn: Callable, optional: bool = False) -> None:
+        """``optional``: no ``QOp`` when the factory gives no quantizer (the call stays as made)."""
         desc = FunctionalOp(fn, node.name)
         scope = _owner_path(node)
         wanted = f"{scope}.{desc.name}" if scope else desc.name
@@ -989,7 +1057,12 @@ class _Rewriter:
             self.float_reasons[key] = f"{reason} ({desc.name})"
             return
         name = self._fresh_name(scope, desc.name)
-        qop = QOp(fn, acts_quantizer=call_factory(self.af, desc, self.prefix + name, "acts_quantizer"))
+        aq = call_factory(self.af, desc, self.prefix + name, "acts_quantizer")
+        if aq is None and optional:
+            self.declined.add(node)
+            self.taken.discard(name)
+            return
+        qop = QOp(fn, acts_quantizer=aq)
         owner = self._original(scope)  # the module whose forward makes the call
         qop.train((self.model if owner is None else owner).training)
         self._install(name, qop)
