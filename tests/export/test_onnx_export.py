@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -395,3 +397,48 @@ def test_an_activation_narrower_than_4_bits_is_clipped_in_8_bits_at_opset_21(bit
     inits = _inits(proto)
     assert all(numpy_helper.to_array(inits[c.input[2]]).item() == 2**bits - 1 for c in clips)
     assert tq.export.check_parity(net, proto, x).passed()
+
+
+class _PerInputChannel(nn.Module):
+    """A convolution, a linear layer on 3-d inputs (MatMul of a transposed weight) and one on 2-d inputs (Gemm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.seq = nn.Linear(6, 6)
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, x):  # (N, 2, 8, 8)
+        y = self.conv(x).flatten(2)[..., :6]  # (N, 4, 6)
+        return self.head(self.seq(y).flatten(1))
+
+
+@pytest.mark.parametrize("opset", [17, 21])
+def test_weights_with_scales_along_the_summed_axis_export_as_their_float_values(opset):
+    # No integer kernel takes per-input-channel weights: onnxruntime refused such a MatMul, and quantized
+    # the float weights of a convolution between Q/DQ pairs again on its own grid.
+    torch.manual_seed(0)
+    net = tq.quantize_model(
+        _PerInputChannel().eval(), lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=1), symmetric=True), _a8
+    )
+    x = torch.randn(16, 2, 8, 8)
+    tq.calibrate(net, [x], progress=False)
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    with pytest.warns(UserWarning, match=r"'seq\.weight_quantizer': its scales change along axis 1") as rec:
+        proto = tq.export.to_onnx(net, x[:1], opset=opset)
+    named = {str(w.message).split("'")[1] for w in rec if "sums over" in str(w.message)}
+    assert named == {f"{n}.weight_quantizer" for n in ("conv", "seq", "head")}
+    assert not [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and "axis" in str(n.attribute)]
+    report = tq.export.check_parity(net, proto, x)
+    assert report.passed(), report.failures()
+    assert report.divergence is None, report.divergence
+
+
+def test_per_output_channel_weights_stay_integer():
+    net = _calibrated(_w8, _a8)
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        proto = tq.export.to_onnx(net, torch.randn(1, 3, 4, 4))
+    axes = [a.i for n in proto.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute if a.name == "axis"]
+    assert axes and set(axes) == {0}

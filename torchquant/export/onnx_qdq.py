@@ -492,6 +492,15 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, sig
                 raise RuntimeError(f"{who}: internal error: no codes recorded for constant input of {rec.name!r}")
             codes = rec.codes - ot.shift
             scale, zp, attrs = _qparams(grid, ot, codes.shape)
+            if "block_size" not in attrs and "axis" in attrs and _summed_over(y, attrs["axis"], codes.ndim, consumers):
+                warnings.warn(
+                    f"{who}: quantizer {rec.name!r}: its scales change along axis {attrs['axis']}, which the "
+                    f"layer sums over, and no integer kernel takes such weights; they are exported as their "
+                    f"float values (the same numbers)",
+                    stacklevel=3,
+                )
+                new_nodes.extend(_float_weight_nodes(grid, ot, codes, y, base, new_inits))
+                continue
             q_name = f"{base}/int_weight"
             new_inits.append(_int_tensor(q_name, ot, codes))
             s_name, z_name = f"{base}/scale", f"{base}/zero_point"
@@ -532,6 +541,48 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, sig
 
 # Ops onnxruntime moves a DequantizeLinear past (QDQ propagation) without changing values.
 _SHAPE_OPS = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Slice"})
+
+
+def _summed_over(name: str, axis: int, rank: int, consumers: dict[str, list]) -> bool:
+    """Whether constant ``name`` (of rank ``rank``) reaches, through ``Transpose`` nodes, the weight input of
+    a ``MatMul``, ``Gemm`` or ``Conv`` that sums over its axis ``axis``: per-axis scales there cannot be taken
+    out of the sum, so no integer kernel computes the product (onnxruntime refuses or miscomputes it)."""
+    from onnx import helper
+
+    todo = [(name, axis % rank)]
+    while todo:
+        t, ax = todo.pop()
+        for n in consumers.get(t, []):
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            if n.op_type == "Transpose":
+                perm = list(attrs.get("perm", range(rank - 1, -1, -1)))
+                todo.append((n.output[0], perm.index(ax)))
+            elif len(n.input) > 1 and n.input[1] == t:
+                summed = {"MatMul": ax == rank - 2, "Gemm": ax == (1 if attrs.get("transB", 0) else 0), "Conv": ax != 0}
+                if summed.get(n.op_type, False):
+                    return True
+    return False
+
+
+def _float_weight_nodes(grid: AffineGrid, ot: OnnxType, codes: Tensor, y: str, base: str, new_inits: list) -> list:
+    """``y = (codes - zero_point) * scale`` as a per-tensor ``DequantizeLinear`` of the stored codes (scale 1),
+    ``Sub`` and ``Mul``: the simulated weights exactly, in float, left for onnxruntime to compute at run time
+    (a float initializer between Q/DQ pairs would be quantized again on onnxruntime's own grid)."""
+    from onnx import helper, numpy_helper
+
+    q_name, one, zero = f"{base}/int_weight", f"{base}/one", f"{base}/zero"
+    s_name, z_name = f"{base}/scale", f"{base}/zero_point"
+    new_inits.append(_int_tensor(q_name, ot, codes))
+    new_inits.append(numpy_helper.from_array(np.array(1.0, np.float32), one))
+    new_inits.append(_int_tensor(zero, ot, torch.zeros(())))
+    new_inits.append(numpy_helper.from_array(to_numpy(grid.scale.float()), s_name))
+    new_inits.append(numpy_helper.from_array(to_numpy((grid.zero_point - ot.shift).float()), z_name))
+    codes_f, centred = f"{base}/codes", f"{base}/centred"
+    return [
+        helper.make_node("DequantizeLinear", [q_name, one, zero], [codes_f], f"{base}/dq"),
+        helper.make_node("Sub", [codes_f, z_name], [centred], f"{base}/sub"),
+        helper.make_node("Mul", [centred, s_name], [y], f"{base}/mul"),
+    ]
 
 
 def _reaches_maxpool(name: str, consumers: dict[str, list]) -> bool:
