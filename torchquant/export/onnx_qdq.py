@@ -88,6 +88,7 @@ class _Record:
     grid: AffineGrid | None = None
     levels: LevelGrid | None = None  # when the quantizer has levels instead of an affine grid
     codes: Tensor | None = None  # integer codes of the last input (used when that input is a constant)
+    values: Tensor | None = None  # without grid or levels: the simulated values of a parameter or buffer input
     calls: int = 0
 
 
@@ -95,6 +96,7 @@ class _Active:
     """The records of the export in progress (the autograd.Function looks them up by index)."""
 
     records: ClassVar[list[_Record]] = []
+    constants: ClassVar[set[int]] = set()  # ids of the model's parameters and buffers
 
 
 class _QuantPointFn(torch.autograd.Function):
@@ -139,7 +141,12 @@ class _Stub(nn.Module):
         rec = _Active.records[self.idx]
         rec.calls += 1
         if rec.grid is None and rec.levels is None:
-            return rec.quantizer.quantize(x)  # float simulation, traced as ordinary ops
+            if id(x) not in _Active.constants:
+                return rec.quantizer.quantize(x)  # float simulation, traced as ordinary ops
+            if not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
+                with torch.no_grad():  # a weight: its simulated values are stored (its ops may not export)
+                    rec.values = rec.quantizer.quantize(x.detach())
+            return _QuantPointFn.apply(x, self.idx)
         if not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
             # Eager dry run: keep the codes, so a constant input becomes an integer initializer
             # holding exactly the simulated codes.
@@ -338,8 +345,9 @@ def to_onnx(
         # Into _modules: a layer's own checks (QWrapper's input_quantizer must be a Quantizer) refuse stubs.
         owner._modules[p.attr] = _Stub(len(records) - 1, p.name)
 
-    prev = _Active.records
+    prev = _Active.records, _Active.constants
     _Active.records = records
+    _Active.constants = {id(t) for t in (*work.parameters(), *work.buffers())}
     try:
         for rec in records:
             g = rec.quantizer.grid()
@@ -403,18 +411,29 @@ def to_onnx(
                     custom_opsets={_DOMAIN: 1},
                     do_constant_folding=True,
                 )
-            except torch.onnx.errors.UnsupportedOperatorError as e:
+            except RuntimeError as e:  # torch.onnx.errors.UnsupportedOperatorError among them
+                simulated = [r.name for r in records if r.grid is None and r.levels is None and r.values is None]
                 hint = ""
                 if "aten::diff" in str(e):
                     hint = (
                         "; a Hugging Face model builds its attention mask with it when called without one: "
                         "export a wrapper whose forward passes attention_mask=torch.ones_like(input_ids)"
                     )
-                raise RuntimeError(f"{who}: torch's ONNX exporter cannot export the model: {e}{hint}") from e
+                elif simulated:
+                    hint = (
+                        f"; the quantizers exported as their float simulation ({', '.join(simulated[:5])}) may "
+                        "use such operations: a quantizer without a grid or levels stores the weights it reads "
+                        "directly from a parameter as their values (convert with fold_bn=False), and exports "
+                        "anything else as its own operations"
+                    )
+                elif not isinstance(e, torch.onnx.errors.UnsupportedOperatorError):
+                    raise
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise RuntimeError(f"{who}: torch's ONNX exporter cannot export the model: {first}{hint}") from e
         proto = onnx.load_model_from_string(buf.getvalue())
         _lower_quant_points(proto, records, opset, who, signed_weights)
     finally:
-        _Active.records = prev
+        _Active.records, _Active.constants = prev
     onnx.checker.check_model(proto, full_check=True)
     if path is not None:
         onnx.save_model(proto, os.fspath(path))
@@ -467,8 +486,12 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, sig
             codes = rec.codes if const is not None else None
             new_nodes.extend(_level_nodes(rec.levels, codes, x, y, base, new_inits))
             continue
+        if rec.grid is None:  # no grid or levels: placeholders only for parameters, with their simulated values
+            if const is None or rec.values is None:
+                raise RuntimeError(f"{who}: internal error: no values recorded for constant input of {rec.name!r}")
+            new_nodes.extend(_pinned_nodes(to_numpy(rec.values.float()), y, base, new_inits))
+            continue
         grid = rec.grid
-        assert grid is not None  # quantizers without grid or levels are traced as float ops, never placeholders
         ot = onnx_type_for_grid(grid, opset, prefer_signed=signed_weights and const is not None)
         if ot is not None and ot.name in ("int4", "uint4") and const is None:
             narrower = (grid.qmin - ot.shift, grid.qmax - ot.shift) != (ot.lo, ot.hi)  # 1 to 3 bits
@@ -531,6 +554,7 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, sig
     graph.initializer.extend(new_inits)
     _remove_unused(graph)
     _requantize_moved_inputs(graph)
+    _pin_computed_weights(proto)
     # The placeholder domain is gone; keep only the standard opsets.
     keep = [o for o in proto.opset_import if o.domain != _DOMAIN]
     del proto.opset_import[:]
@@ -868,6 +892,94 @@ def _requantize_moved_inputs(graph) -> None:
                 order.extend(pairs.pop(o, []))
         del graph.node[:]
         graph.node.extend(order)
+
+
+def _pin_computed_weights(proto) -> None:
+    """Give the computed float weights of a ``Conv``/``Gemm`` that reads a ``DequantizeLinear`` a form
+    onnxruntime keeps as it is.
+
+    A weight computed from constants by float operations (the simulation of a quantizer without a grid:
+    binary, ternary, minifloat), folded by onnxruntime into a float initializer, is then quantized again
+    on onnxruntime's own int8 grid when the layer also feeds a ``QuantizeLinear`` (through a ``Relu`` too).
+    Its values, computed here, are stored as a per-element ``DequantizeLinear``
+    (sign codes, magnitudes as scales: the same numbers) and a ``Reshape``.
+    """
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    new_nodes: list = []
+    dead: set[int] = set()
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
+            continue
+        reads_dq = getattr(producer.get(node.input[0]), "op_type", None) == "DequantizeLinear"
+        chain = _constant_chain(node.input[1], producer, inits)
+        if not reads_dq or not chain or any(n.op_type == "DequantizeLinear" for n in chain):
+            continue
+        w = node.input[1]
+        needed = {i for n in chain for i in n.input if i in inits}
+        sub = helper.make_model(
+            helper.make_graph(
+                chain, "weight", [], [helper.make_tensor_value_info(w, TensorProto.FLOAT, None)],
+                [inits[i] for i in needed],
+            ),
+            opset_imports=list(proto.opset_import),
+            ir_version=proto.ir_version,
+        )  # fmt: skip
+        (value,) = ReferenceEvaluator(sub).run(None, {})
+        base = f"tq_pinned/{node.name or w}"
+        inits_added: list = []
+        new_nodes.extend(_pinned_nodes(np.asarray(value, dtype=np.float32), f"{base}/w", base, inits_added))
+        graph.initializer.extend(inits_added)
+        node.input[1] = f"{base}/w"
+        dead.update(id(n) for n in chain)
+    if not new_nodes:
+        return
+    used = {i for n in graph.node if id(n) not in dead for i in n.input} | outputs
+    keep = [n for n in graph.node if id(n) not in dead or any(o in used for o in n.output)]
+    del graph.node[:]
+    graph.node.extend(new_nodes + keep)
+    _remove_unused(graph)
+
+
+def _pinned_nodes(value: np.ndarray, y: str, base: str, new_inits: list) -> list:
+    """``y = value`` as a per-element ``DequantizeLinear`` (sign codes, magnitudes as scales: the same
+    numbers) and a ``Reshape``; onnxruntime neither folds it nor quantizes it again."""
+    from onnx import helper, numpy_helper
+
+    sign, magnitude, shape, flat = (f"{base}/{k}" for k in ("sign", "magnitude", "shape", "flat"))
+    new_inits.append(numpy_helper.from_array(np.sign(value).astype(np.int8).reshape(-1), sign))
+    new_inits.append(numpy_helper.from_array(np.abs(value).reshape(-1), magnitude))
+    new_inits.append(numpy_helper.from_array(np.array(value.shape, np.int64), shape))
+    return [
+        helper.make_node("DequantizeLinear", [sign, magnitude], [flat], f"{base}/dq", axis=0),
+        helper.make_node("Reshape", [flat, shape], [y], f"{base}/reshape"),
+    ]
+
+
+def _constant_chain(name: str, producer: dict, inits: dict) -> list | None:
+    """The nodes that compute tensor ``name`` from initializers and ``Constant`` nodes alone, in
+    execution order; ``None`` where a graph input reaches it, ``[]`` for an initializer."""
+    order: list = []
+    seen: set[str] = set()
+
+    def visit(t: str) -> bool:
+        if t in inits or t in seen or t == "":
+            return True
+        n = producer.get(t)
+        if n is None:
+            return False
+        seen.update(n.output)
+        if not all(visit(i) for i in n.input):
+            return False
+        order.append(n)
+        return True
+
+    return order if visit(name) else None
 
 
 def _remove_unused(graph) -> None:
