@@ -825,3 +825,31 @@ def test_data_movement_functions_libraries_wrap_are_not_reported():
     q = tq.quantize_model(SwinTransformer([4, 4], 16, [1, 1], [2, 2], [4, 4]).eval(), wf, af)
     notes = {r["name"]: r["note"] for r in tq.summary_rows(q) if r["kind"] == "float"}
     assert not [n for n in notes if "_patch_merging_pad" in n], notes
+
+
+class _ReadsItsParameter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.prelu = nn.PReLU(3)
+        self.up = nn.UpsamplingBilinear2d(scale_factor=2)
+
+    def forward(self, x):
+        y = self.prelu(self.conv(x) + x)  # not fused: after an addition
+        return self.up(y + self.prelu.weight.view(1, -1, 1, 1))
+
+
+def test_a_module_that_becomes_a_qop_still_has_its_parameters_read():
+    torch.manual_seed(0)
+    net = _ReadsItsParameter().eval()
+    q = tq.quantize_model(net, wf, af).eval()
+    assert qnames(q)["prelu"] == ("QOp", "PReLU") and qnames(q)["up"] == ("QOp", "UpsamplingBilinear2d")
+    assert q.get_submodule("prelu").op.weight is net.prelu.weight
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(q(x), net(x))
+
+
+def test_a_skipped_activation_is_reported_once():
+    q = tq.quantize_model(_AfterMovement().eval(), wf, af, skip=["silu", "mul"])
+    notes = {r["name"]: r["note"] for r in tq.summary_rows(q) if r["kind"] == "float"}
+    assert notes == {"silu": "skipped by glob 'silu' (silu)", "mul": "skipped by glob 'mul' (mul)"}

@@ -752,7 +752,7 @@ class _Rewriter:
         self.modules = dict(gm.named_modules())
         self.kinds = _infer_kinds(gm)
         self.float_reasons: dict[str, str] = {}
-        self.declined: set[fx.Node] = set()  # optional points the activation factory gave no quantizer
+        self.declined: set[fx.Node] = set()  # optional points the factory gave no quantizer, skipped calls
         self.taken: set[str] = set(self.modules)
         self.skipped = set(tracer.skipped)
         for name, (reason, m) in tracer.skipped.items():
@@ -871,7 +871,7 @@ class _Rewriter:
             self._module_qop(node, m)
         elif type(m) is nn.MultiheadAttention:
             self._mha(node, m)
-        elif type(m) in QOP_ACTIVATION_MODULES or (type(m) is nn.Upsample and m.mode not in _COPYING_MODES):
+        elif type(m) in QOP_ACTIVATION_MODULES or (isinstance(m, nn.Upsample) and m.mode not in _COPYING_MODES):
             self._module_qop(node, m, optional=True)
         elif type(m) in FLOAT_LAYERS:
             self.float_reasons[node.target] = FLOAT_LAYERS[type(m)]
@@ -1043,6 +1043,10 @@ class _Rewriter:
             return
         qop = QOp(m, acts_quantizer=aq)
         qop.train(m.training)
+        if name == node.target:  # the QOp takes the module's place: reads of its attributes go through it
+            for n in self.graph.nodes:
+                if n.op == "get_attr" and n.target.startswith(f"{name}."):
+                    n.target = f"{name}.op.{n.target[len(name) + 1 :]}"
         self._install(name, qop)
         node.target = name
 
@@ -1055,6 +1059,7 @@ class _Rewriter:
         if reason is not None:
             key = wanted if wanted not in self.float_reasons else f"{wanted} ({node.name})"
             self.float_reasons[key] = f"{reason} ({desc.name})"
+            self.declined.add(node)  # reported once, as skipped
             return
         name = self._fresh_name(scope, desc.name)
         aq = call_factory(self.af, desc, self.prefix + name, "acts_quantizer")
