@@ -519,6 +519,51 @@ def test_a_simulation_the_exporter_cannot_take_is_named_in_the_error():
     tq.set_qmodule_state(net, S.QUANT_EVAL)
     with (
         pytest.warns(UserWarning, match="has no affine grid"),
-        pytest.raises(RuntimeError, match=r"float simulation \(0\.weight_quantizer\).*fold_bn=False"),
+        pytest.raises(RuntimeError, match=r"float simulation \(0\.weight_quantizer\).*fold_bn=True"),
     ):
         tq.export.to_onnx(net, x[:1])
+
+
+def test_a_computed_weight_chain_two_layers_share_is_kept_for_the_one_not_stored():
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(4, 4, 1)
+            self.b1 = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+            self.b2 = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), self.b1[1])
+            self.b2[0].weight, self.b2[0].bias = self.b1[0].weight, self.b1[0].bias
+
+        def forward(self, x):
+            return self.b1(self.stem(x)) + self.b2(x)  # b1 reads a DequantizeLinear, b2 the graph input
+
+    torch.manual_seed(0)
+    net = Shared().eval()
+    net.b1[1].running_var.uniform_(0.5, 2)
+    net.b1[1].weight.data.uniform_(0.5, 2)
+    net = tq.quantize_model(
+        net, lambda m, n: _w8(m, n) if n == "stem" else tq.TernaryQuantizer(), _a8, method="swap", fold_bn=True
+    )
+    x = torch.randn(8, 4, 6, 6)
+    tq.calibrate(net, [x], progress=False)
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    with pytest.warns(UserWarning, match="has no affine grid"):
+        proto = tq.export.to_onnx(net, x[:1])  # the exporter computes the folded weight once, for both
+    report = tq.export.check_parity(net, proto, x)
+    assert report.passed(), report.failures()
+
+
+def test_gridless_weights_read_through_a_transposed_view_are_stored_as_values():
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D  # stores (in, out): its quantizer reads weight.t()
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), Conv1D(16, 8), nn.ReLU(), nn.Linear(16, 4))
+    net = tq.quantize_model(net.eval(), lambda m, n: tq.MXQuantizer(), _a8, method="swap")
+    x = torch.randn(32, 8)
+    tq.calibrate(net, [x], progress=False)
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    with pytest.warns(UserWarning, match="has no affine grid"):
+        proto = tq.export.to_onnx(net, x[:1])
+    assert len([n for n in proto.graph.node if n.name.endswith("/reshape")]) == 3
+    report = tq.export.check_parity(net, proto, x)
+    assert report.passed(), report.failures()

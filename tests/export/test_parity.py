@@ -301,6 +301,20 @@ def test_a_weight_only_model_whose_output_departs_names_the_output_and_its_kerne
     assert [o.name for o in onnx.load(so.optimized_model_filepath).graph.output] == ["output0"]
 
 
+def test_an_output_of_a_float_simulation_names_the_fused_kernel_it_reads_from():
+    # Dynamic per-token activations are float operations in the graph; the kernel that departs is above them.
+    def build():
+        return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+
+    net, x = _converted(build, lambda m, n: tq.DynamicAffineQuantizer(8, per_token=True), (4, 32, 16), method="swap")
+    proto = tq.export.to_onnx(net, x[:1])
+    report = tq.export.check_parity(net, proto, x)
+    d = report.divergence
+    assert (d.point, d.output, d.kernel) == (None, "output0", "MatMulNBits (accuracy_level 4)")
+    report = tq.export.check_parity(net, proto, x, session_options=_float32_matmul_nbits())
+    assert report.passed() and report.divergence is None
+
+
 def test_an_unquantized_softmax_and_float32_matmul_nbits_deploy_without_the_difference():
     net, proto, x = _attention(quantize_softmax=False)
     report = tq.export.check_parity(net, proto, x, session_options=_float32_matmul_nbits())

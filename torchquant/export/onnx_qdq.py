@@ -53,7 +53,7 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -132,16 +132,19 @@ class _QuantPointFn(torch.autograd.Function):
 class _Stub(nn.Module):
     """Stands in for a quantizer during export; same forward value."""
 
-    def __init__(self, idx: int, who: str) -> None:
+    def __init__(self, idx: int, who: str, quantizer: Quantizer) -> None:
         super().__init__()
         self.idx = idx
         self.who = who
+        # A submodule: the parameters its float simulation reads (LSQ+'s step and offset) are traced as
+        # the model's, not as constants that require grad (which the exporter refuses).
+        self.quantizer = quantizer
 
     def forward(self, x: Tensor) -> Tensor:
         rec = _Active.records[self.idx]
         rec.calls += 1
         if rec.grid is None and rec.levels is None:
-            if id(x) not in _Active.constants:
+            if id(x) not in _Active.constants and id(x._base) not in _Active.constants:  # _base: a view (W.t())
                 return rec.quantizer.quantize(x)  # float simulation, traced as ordinary ops
             if not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
                 with torch.no_grad():  # a weight: its simulated values are stored (its ops may not export)
@@ -343,7 +346,7 @@ def to_onnx(
         q = getattr(owner, p.attr)
         records.append(_Record(p.name, q))
         # Into _modules: a layer's own checks (QWrapper's input_quantizer must be a Quantizer) refuse stubs.
-        owner._modules[p.attr] = _Stub(len(records) - 1, p.name)
+        owner._modules[p.attr] = _Stub(len(records) - 1, p.name, q)
 
     prev = _Active.records, _Active.constants
     _Active.records = records
@@ -423,8 +426,9 @@ def to_onnx(
                     hint = (
                         f"; the quantizers exported as their float simulation ({', '.join(simulated[:5])}) may "
                         "use such operations: a quantizer without a grid or levels stores the weights it reads "
-                        "directly from a parameter as their values (convert with fold_bn=False), and exports "
-                        "anything else as its own operations"
+                        "directly from a parameter (or a view of one) as their values, and exports anything else, "
+                        "such as activations or weights with a BatchNorm folded in (fold_bn=True), as its own "
+                        "operations"
                     )
                 elif not isinstance(e, torch.onnx.errors.UnsupportedOperatorError):
                     raise
@@ -895,21 +899,27 @@ def _requantize_moved_inputs(graph) -> None:
 
 
 def _pin_computed_weights(proto) -> None:
-    """Give the computed float weights of a ``Conv``/``Gemm`` that reads a ``DequantizeLinear`` a form
-    onnxruntime keeps as it is.
+    """Give the float weights of a ``Conv``/``Gemm`` that reads a ``DequantizeLinear`` a form onnxruntime
+    keeps as it is.
 
-    A weight computed from constants by float operations (the simulation of a quantizer without a grid:
-    binary, ternary, minifloat), folded by onnxruntime into a float initializer, is then quantized again
-    on onnxruntime's own int8 grid when the layer also feeds a ``QuantizeLinear`` (through a ``Relu`` too).
-    Its values, computed here, are stored as a per-element ``DequantizeLinear``
-    (sign codes, magnitudes as scales: the same numbers) and a ``Reshape``.
+    onnxruntime quantizes a float weight initializer on its own int8 grid when the layer reads a
+    ``DequantizeLinear`` and its result reaches a ``QuantizeLinear`` (through a ``BatchNormalization``,
+    ``Relu`` or ``Clip`` it fuses): a layer whose weights the simulation leaves in float, or a weight
+    computed from constants by float operations (the simulation of a quantizer without a grid on a
+    weight with a BatchNorm folded in), which it folds into an initializer first. Such weights, computed
+    here, are stored as a per-element ``DequantizeLinear`` (sign codes, magnitudes as scales: the same
+    numbers) and a ``Reshape``.
     """
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
     from onnx.reference import ReferenceEvaluator
 
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
     outputs = {o.name for o in graph.output}
     new_nodes: list = []
     dead: set[int] = set()
@@ -918,19 +928,24 @@ def _pin_computed_weights(proto) -> None:
             continue
         reads_dq = getattr(producer.get(node.input[0]), "op_type", None) == "DequantizeLinear"
         chain = _constant_chain(node.input[1], producer, inits)
-        if not reads_dq or not chain or any(n.op_type == "DequantizeLinear" for n in chain):
+        if not reads_dq or chain is None or any(n.op_type == "DequantizeLinear" for n in chain):
             continue
         w = node.input[1]
-        needed = {i for n in chain for i in n.input if i in inits}
-        sub = helper.make_model(
-            helper.make_graph(
-                chain, "weight", [], [helper.make_tensor_value_info(w, TensorProto.FLOAT, None)],
-                [inits[i] for i in needed],
-            ),
-            opset_imports=list(proto.opset_import),
-            ir_version=proto.ir_version,
-        )  # fmt: skip
-        (value,) = ReferenceEvaluator(sub).run(None, {})
+        if not chain:  # a float initializer
+            if inits[w].data_type != TensorProto.FLOAT or not _reaches_quantize(node, consumers, outputs):
+                continue
+            value = numpy_helper.to_array(inits[w])
+        else:
+            needed = {i for n in chain for i in n.input if i in inits}
+            sub = helper.make_model(
+                helper.make_graph(
+                    chain, "weight", [], [helper.make_tensor_value_info(w, TensorProto.FLOAT, None)],
+                    [inits[i] for i in needed],
+                ),
+                opset_imports=list(proto.opset_import),
+                ir_version=proto.ir_version,
+            )  # fmt: skip
+            (value,) = ReferenceEvaluator(sub).run(None, {})
         base = f"tq_pinned/{node.name or w}"
         inits_added: list = []
         new_nodes.extend(_pinned_nodes(np.asarray(value, dtype=np.float32), f"{base}/w", base, inits_added))
@@ -939,8 +954,13 @@ def _pin_computed_weights(proto) -> None:
         dead.update(id(n) for n in chain)
     if not new_nodes:
         return
-    used = {i for n in graph.node if id(n) not in dead for i in n.input} | outputs
-    keep = [n for n in graph.node if id(n) not in dead or any(o in used for o in n.output)]
+    # A chain node stays while anything kept reads it (a chain another layer shares), and so do its inputs.
+    needed = {i for n in graph.node if id(n) not in dead for i in n.input} | outputs
+    for n in reversed(graph.node):  # topological order: readers come after what they read
+        if id(n) in dead and any(o in needed for o in n.output):
+            dead.discard(id(n))
+            needed.update(n.input)
+    keep = [n for n in graph.node if id(n) not in dead]
     del graph.node[:]
     graph.node.extend(new_nodes + keep)
     _remove_unused(graph)
@@ -959,6 +979,17 @@ def _pinned_nodes(value: np.ndarray, y: str, base: str, new_inits: list) -> list
         helper.make_node("DequantizeLinear", [sign, magnitude], [flat], f"{base}/dq", axis=0),
         helper.make_node("Reshape", [flat, shape], [y], f"{base}/reshape"),
     ]
+
+
+def _reaches_quantize(node: Any, consumers: dict[str, list], outputs: set[str]) -> bool:
+    """Whether ``node``'s result is quantized, alone or after the operators onnxruntime fuses into it."""
+    while node.output[0] not in outputs and len(users := consumers.get(node.output[0], [])) == 1:
+        node = users[0]
+        if node.op_type == "QuantizeLinear":
+            return True
+        if node.op_type not in ("BatchNormalization", "Relu", "Clip"):
+            return False
+    return False
 
 
 def _constant_chain(name: str, producer: dict, inits: dict) -> list | None:

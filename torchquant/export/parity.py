@@ -89,6 +89,8 @@ class Divergence:
         kernel: the operator that computes that point's codes (or that output) in
             onnxruntime's optimized graph (``QLinearSoftmax``, ``MatMulNBits
             (accuracy_level 4)``, ``QLinearConv``...), ``None`` if the graph does not show it.
+            Where float element-wise operators compute it (the float simulation of a dynamic
+            grid), the nearest fused kernel they read from.
         agreement: that point's (or output's) agreement in the optimized run.
         output: the graph output that differs, when no point does.
     """
@@ -521,10 +523,36 @@ def _kernel_of(graph: Any, tensor: str) -> str | None:
     node = computing(producer.get(tensor))  # onnxruntime moves integer tensors across data movement
     if node is not None and node.op_type == "QuantizeLinear":
         node = computing(producer.get(node.input[0]))
+    if node is not None and node.op_type in _ELEMENTWISE:
+        node = _fused_above(node, producer) or node
     if node is None:
         return None
     level = next((a.i for a in node.attribute if a.name == "accuracy_level"), None)
     return node.op_type if level is None else f"{node.op_type} (accuracy_level {level})"
+
+
+#: Float element-wise operators: a quantizer's float simulation (a dynamic or learned-offset grid), whose
+#: own results match; a difference there comes from a fused kernel above them.
+_ELEMENTWISE = frozenset(
+    {"Mul", "Add", "Sub", "Div", "Round", "Max", "Min", "Clip", "Cast", "Neg", "Abs", "Sign", "Where", "Floor"}
+)
+
+
+def _fused_above(node: Any, producer: dict) -> Any:
+    """The nearest onnxruntime fused kernel (``MatMulNBits``, an integer product, a ``QLinear*``) among the
+    operators ``node`` reads from, or ``None``."""
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop(0)
+        for i in n.input:
+            p = producer.get(i)
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if p.op_type == "MatMulNBits" or p.op_type in _INTEGER_PRODUCTS or p.op_type.startswith("QLinear"):
+                return p
+            todo.append(p)
+    return None
 
 
 _PASS_THROUGH = frozenset({"Relu", "Clip", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "MaxPool"})

@@ -33,8 +33,8 @@ def _fixed_zero_point(n_levels: int, symmetric: bool) -> float | None:
 def _dynamic_affine(
     x: Tensor, n_bits: int, axis: int | None, group_size: int | None, symmetric: bool, who: str, per_token: bool = False
 ):
-    if per_token:  # one range per index of every axis but the last
-        axis, group_size = -1, x.shape[-1]
+    if per_token:  # one range per index of every axis but the last (a traced size is a tensor: fixed here)
+        axis, group_size = -1, int(x.shape[-1])
     g = Granularity(axis=axis, group_size=group_size)
     mn, mx = g.reduce(x.detach(), who)  # compact: () / (1, .., C, .., 1) / (.., n // g, ..)
     n_levels = 2**n_bits
@@ -129,7 +129,7 @@ def _residual_groups(
     x: Tensor, n_bits: int, axis: int, group_size: int, symmetric: bool, residual: bool, who: str
 ) -> Tensor:
     axis = Granularity(axis=axis).check(x.shape, who)
-    length = x.shape[axis]
+    length = int(x.shape[axis])  # a traced size is a tensor
     full = length - length % group_size
     if full == length:
         return _dynamic_affine(x, n_bits, axis, group_size, symmetric, who)
