@@ -567,3 +567,27 @@ def test_gridless_weights_read_through_a_transposed_view_are_stored_as_values():
     assert len([n for n in proto.graph.node if n.name.endswith("/reshape")]) == 3
     report = tq.export.check_parity(net, proto, x)
     assert report.passed(), report.failures()
+
+
+def test_a_layer_called_twice_exports_with_names_of_its_own_per_call():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.fc(x)))
+
+    torch.manual_seed(0)
+    net = tq.quantize_model(Twice().eval(), _w8, _a8, method="swap")
+    x = torch.randn(16, 8)
+    tq.calibrate(net, [x], progress=False)
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    proto = tq.export.to_onnx(net, x[:1])
+    names = [n.name for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(names) == len(set(names)) == 2
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    y = ort.InferenceSession(proto.SerializeToString(), so).run(None, {"input0": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(y, net(x).numpy(), rtol=0, atol=1e-6)

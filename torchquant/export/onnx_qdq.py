@@ -475,6 +475,7 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, sig
             consumers.setdefault(i, []).append(n)
     new_nodes = []
     new_inits = []
+    calls: dict[int, int] = {}
     for node in graph.node:
         if not (node.domain == _DOMAIN and node.op_type == _OP):
             new_nodes.append(node)
@@ -482,7 +483,8 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, sig
         idx = next(a.i for a in node.attribute if a.name == "idx")
         rec = records[idx]
         x, y = node.input[0], node.output[0]
-        base = f"{rec.name}/{idx}"
+        calls[idx] = calls.get(idx, -1) + 1  # a module called twice (shared weights): names of its own per call
+        base = f"{rec.name}/{idx}" if calls[idx] == 0 else f"{rec.name}/{idx}.{calls[idx]}"
         const = _constant_value(x, inits, consts)
         if rec.levels is not None:
             if const is not None and rec.codes is None:
