@@ -560,7 +560,7 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, sig
     graph.initializer.extend(new_inits)
     _remove_unused(graph)
     _requantize_moved_inputs(graph)
-    _pin_computed_weights(proto)
+    _pin_float_weights(proto)
     # The placeholder domain is gone; keep only the standard opsets.
     keep = [o for o in proto.opset_import if o.domain != _DOMAIN]
     del proto.opset_import[:]
@@ -900,7 +900,7 @@ def _requantize_moved_inputs(graph) -> None:
         graph.node.extend(order)
 
 
-def _pin_computed_weights(proto) -> None:
+def _pin_float_weights(proto) -> None:
     """Give the float weights of a ``Conv``/``Gemm`` that reads a ``DequantizeLinear`` a form onnxruntime
     keeps as it is.
 
