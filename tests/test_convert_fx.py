@@ -853,3 +853,28 @@ def test_a_skipped_activation_is_reported_once():
     q = tq.quantize_model(_AfterMovement().eval(), wf, af, skip=["silu", "mul"])
     notes = {r["name"]: r["note"] for r in tq.summary_rows(q) if r["kind"] == "float"}
     assert notes == {"silu": "skipped by glob 'silu' (silu)", "mul": "skipped by glob 'mul' (mul)"}
+
+
+class _Constants(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.logit_scale = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x):
+        bias = x.new_zeros(x.size(0), 4)  # from a size only
+        return self.fc(x) * self.logit_scale.exp() + bias  # exp of a parameter: a constant
+
+
+def test_values_computed_from_parameters_and_sizes_alone_are_not_reported_as_float():
+    q = tq.quantize_model(_Constants().eval(), wf, af)
+    assert not [r for r in tq.summary_rows(q) if r["kind"] == "float"]
+    assert {v[1] for v in qnames(q).values() if v[0] == "QOp"} == {"mul", "add"}
+
+
+def test_a_glob_can_skip_one_call_of_an_operation_by_its_qops_name():
+    q = tq.quantize_model(_AfterMovement().eval(), wf, af, skip=["add_1"])
+    adds = sorted(n for n, v in qnames(q).items() if v == ("QOp", "add"))
+    assert adds == ["add", "add_2", "add_3"]  # the others keep the names they have without the skip
+    notes = {r["name"]: r["note"] for r in tq.summary_rows(q) if r["kind"] == "float"}
+    assert notes == {"add_1": "skipped by glob 'add_1' (add)"}

@@ -225,7 +225,14 @@ QOP_ACTIVATION_FUNCTIONS: frozenset = frozenset(
 Resampling (``nn.Upsample``, ``F.interpolate``) joins them unless its mode is ``"nearest"``,
 which only copies values."""
 
-_COPYING_MODES = ("nearest", "nearest-exact")  # resampling modes that copy input values
+_COPYING_MODES = ("nearest", "nearest-exact")
+# Tensors made from a size, a dtype and a value alone.
+_CREATION = frozenset(
+    {
+        torch.zeros, torch.ones, torch.full, torch.empty, torch.arange, torch.zeros_like, torch.ones_like,
+        torch.full_like, torch.empty_like, "new_zeros", "new_ones", "new_full", "new_empty",
+    }
+)  # fmt: skip  # resampling modes that copy input values
 _FUNCTIONAL_LAYERS = frozenset({F.conv1d, F.conv2d, F.conv3d, F.linear})
 # Operations whose float outputs need no quantizer of their own: they move, select or
 # clip values (quantized inputs give outputs on the same grid), or are identities in eval.
@@ -826,9 +833,21 @@ class _Rewriter:
         return {**{self.prefix + k: v for k, v in self.float_reasons.items()}, **self.nested_reasons}
 
     def _report_unquantized_ops(self) -> None:
-        """Record the operations that create new float values and got no quantizer (no rule for them)."""
+        """Record the operations that create new float values and got no quantizer (no rule for them).
+
+        Values computed from parameters and sizes alone (``torch.zeros(B, H, W)``, ``self.logit_scale.exp()``)
+        are constants, not activations: not reported."""
+        live: set[fx.Node] = set()  # computed from the model's inputs' values (not only their sizes)
+        for node in self.graph.nodes:
+            if node.target in _CREATION:
+                continue
+            tensor_args = [a for a in _flat_nodes((node.args, node.kwargs)) if self.kinds.get(a, "new") is not None]
+            if node.op == "placeholder" or any(a in live for a in tensor_args):
+                live.add(node)
         for node in self.graph.nodes:
             if node.op not in ("call_function", "call_method", "call_module") or self.kinds.get(node) != "float":
+                continue
+            if node not in live:
                 continue
             if node.op == "call_module":
                 m = self.gm.get_submodule(node.target)
@@ -1055,13 +1074,16 @@ class _Rewriter:
         desc = FunctionalOp(fn, node.name)
         scope = _owner_path(node)
         wanted = f"{scope}.{desc.name}" if scope else desc.name
+        name = self._fresh_name(scope, desc.name)  # kept when skipped: later calls are numbered as without skip
+        # A glob may name every such call by the operation (``add``) or one call by its QOp's name (``add_1``).
         reason = skip_reason(self.prefix + wanted, desc, self.skip)
+        key = wanted if wanted not in self.float_reasons else f"{wanted} ({node.name})"
+        if reason is None:
+            reason, key = skip_reason(self.prefix + name, desc, self.skip), name
         if reason is not None:
-            key = wanted if wanted not in self.float_reasons else f"{wanted} ({node.name})"
             self.float_reasons[key] = f"{reason} ({desc.name})"
             self.declined.add(node)  # reported once, as skipped
             return
-        name = self._fresh_name(scope, desc.name)
         aq = call_factory(self.af, desc, self.prefix + name, "acts_quantizer")
         if aq is None and optional:
             self.declined.add(node)
