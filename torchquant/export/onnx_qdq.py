@@ -528,7 +528,7 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, sig
                     f"float values (the same numbers)",
                     stacklevel=3,
                 )
-                new_nodes.extend(_float_weight_nodes(grid, ot, codes, y, base, new_inits))
+                new_nodes.extend(_pinned_nodes(to_numpy(grid.from_int(rec.codes).float()), y, base, new_inits))
                 continue
             q_name = f"{base}/int_weight"
             new_inits.append(_int_tensor(q_name, ot, codes))
@@ -592,27 +592,6 @@ def _summed_over(name: str, axis: int, rank: int, consumers: dict[str, list]) ->
                 if summed.get(n.op_type, False):
                     return True
     return False
-
-
-def _float_weight_nodes(grid: AffineGrid, ot: OnnxType, codes: Tensor, y: str, base: str, new_inits: list) -> list:
-    """``y = (codes - zero_point) * scale`` as a per-tensor ``DequantizeLinear`` of the stored codes (scale 1),
-    ``Sub`` and ``Mul``: the simulated weights exactly, in float, left for onnxruntime to compute at run time
-    (a float initializer between Q/DQ pairs would be quantized again on onnxruntime's own grid)."""
-    from onnx import helper, numpy_helper
-
-    q_name, one, zero = f"{base}/int_weight", f"{base}/one", f"{base}/zero"
-    s_name, z_name = f"{base}/scale", f"{base}/zero_point"
-    new_inits.append(_int_tensor(q_name, ot, codes))
-    new_inits.append(numpy_helper.from_array(np.array(1.0, np.float32), one))
-    new_inits.append(_int_tensor(zero, ot, torch.zeros(())))
-    new_inits.append(numpy_helper.from_array(to_numpy(grid.scale.float()), s_name))
-    new_inits.append(numpy_helper.from_array(to_numpy((grid.zero_point - ot.shift).float()), z_name))
-    codes_f, centred = f"{base}/codes", f"{base}/centred"
-    return [
-        helper.make_node("DequantizeLinear", [q_name, one, zero], [codes_f], f"{base}/dq"),
-        helper.make_node("Sub", [codes_f, z_name], [centred], f"{base}/sub"),
-        helper.make_node("Mul", [centred, s_name], [y], f"{base}/mul"),
-    ]
 
 
 def _reaches_maxpool(name: str, consumers: dict[str, list]) -> bool:

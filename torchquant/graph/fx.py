@@ -225,14 +225,14 @@ QOP_ACTIVATION_FUNCTIONS: frozenset = frozenset(
 Resampling (``nn.Upsample``, ``F.interpolate``) joins them unless its mode is ``"nearest"``,
 which only copies values."""
 
-_COPYING_MODES = ("nearest", "nearest-exact")
+_COPYING_MODES = ("nearest", "nearest-exact")  # resampling modes that copy input values
 # Tensors made from a size, a dtype and a value alone.
 _CREATION = frozenset(
     {
         torch.zeros, torch.ones, torch.full, torch.empty, torch.arange, torch.zeros_like, torch.ones_like,
         torch.full_like, torch.empty_like, "new_zeros", "new_ones", "new_full", "new_empty",
     }
-)  # fmt: skip  # resampling modes that copy input values
+)  # fmt: skip
 _FUNCTIONAL_LAYERS = frozenset({F.conv1d, F.conv2d, F.conv3d, F.linear})
 # Operations whose float outputs need no quantizer of their own: they move, select or
 # clip values (quantized inputs give outputs on the same grid), or are identities in eval.

@@ -29,12 +29,19 @@ def _fixed_zero_point(n_levels: int, symmetric: bool) -> float | None:
     return float(round((n_levels - 1) / 2)) if symmetric else None
 
 
+def _size(x: Tensor, axis: int) -> int:
+    """``x.shape[axis]``; a size torch.jit traces (ONNX export) is a tensor, taken as the number it is
+    (torch.compile's symbolic sizes stay symbolic: no recompilation per sequence length)."""
+    n = x.shape[axis]
+    return int(n) if isinstance(n, Tensor) else n
+
+
 @torch.fx.wrap
 def _dynamic_affine(
     x: Tensor, n_bits: int, axis: int | None, group_size: int | None, symmetric: bool, who: str, per_token: bool = False
 ):
-    if per_token:  # one range per index of every axis but the last (a traced size is a tensor: fixed here)
-        axis, group_size = -1, int(x.shape[-1])
+    if per_token:  # one range per index of every axis but the last
+        axis, group_size = -1, _size(x, -1)
     g = Granularity(axis=axis, group_size=group_size)
     mn, mx = g.reduce(x.detach(), who)  # compact: () / (1, .., C, .., 1) / (.., n // g, ..)
     n_levels = 2**n_bits
@@ -129,7 +136,7 @@ def _residual_groups(
     x: Tensor, n_bits: int, axis: int, group_size: int, symmetric: bool, residual: bool, who: str
 ) -> Tensor:
     axis = Granularity(axis=axis).check(x.shape, who)
-    length = int(x.shape[axis])  # a traced size is a tensor
+    length = _size(x, axis)
     full = length - length % group_size
     if full == length:
         return _dynamic_affine(x, n_bits, axis, group_size, symmetric, who)
