@@ -18,6 +18,11 @@ model, then the counts, the failures and the layers left in float::
     python benchmarks/convert_zoo.py                              # torchvision + the timm list
     python benchmarks/convert_zoo.py --only tv                    # torchvision only
     python benchmarks/convert_zoo.py --models resnet18,nfnet_l0   # a quick subset, by name
+    python benchmarks/convert_zoo.py --examples                   # convert with example_inputs (the run input)
+
+With ``--examples`` the models that run are converted with ``example_inputs`` (the input
+they run at), so branches on sizes are traced, guarded, and leaves fx cannot trace alone are
+traced with their inputs (compare the lines' counts of QOps and of float entries).
 """
 
 from __future__ import annotations
@@ -63,11 +68,12 @@ def _forward(model, sizes):
     raise err
 
 
-def _convert(net):
+def _convert(net, example=None):
     return tq.quantize_model(
         net,
         lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0)),
         lambda m, n: tq.AffineQuantizer(8, tq.ExpAvgMinMax()),
+        example_inputs=example,
     ).eval()
 
 
@@ -101,7 +107,7 @@ def _counts(net, q) -> tuple[str, dict[str, str]]:
     return f"{total - len(left)}/{total} layers quantized; {n_w} QWrapper, {n_o} QOp, {n_f} float", left
 
 
-def check(build, sizes, max_params: float) -> tuple[str, str, dict[str, str]]:
+def check(build, sizes, max_params: float, examples: bool = False) -> tuple[str, str, dict[str, str]]:
     try:
         with torch.device("meta"):
             big = build()
@@ -119,7 +125,7 @@ def check(build, sizes, max_params: float) -> tuple[str, str, dict[str, str]]:
     net = build().eval()
     x, ref = _forward(net, sizes)
     try:
-        q = _convert(net)
+        q = _convert(net, x if examples else None)
     except tq.FxTraceError as e:
         return "FAIL", str(e).splitlines()[0].replace("quantize_model(method='fx'): ", ""), {}
     except Exception as e:  # a bug in the rewriting: report it, keep going
@@ -147,6 +153,7 @@ def main() -> None:
     p.add_argument("--only", choices=["tv", "timm"], default=None)
     p.add_argument("--max-params", type=float, default=30e6, help="larger models are converted but not run")
     p.add_argument("--models", default=None, help="comma-separated model names: only these (torchvision and timm)")
+    p.add_argument("--examples", action="store_true", help="convert the models that run with example_inputs")
     args = p.parse_args()
     wanted = None if args.models is None else set(args.models.split(","))
     warnings.filterwarnings("ignore")
@@ -161,7 +168,7 @@ def main() -> None:
             t = time.time()
             try:
                 status, info, left = check(
-                    lambda name=name: torchvision.models.get_model(name), (64, 96, 224), args.max_params
+                    lambda name=name: torchvision.models.get_model(name), (64, 96, 224), args.max_params, args.examples
                 )
             except Exception as e:
                 status, info, left = "ERROR", f"{type(e).__name__}: {e}", {}
@@ -179,7 +186,10 @@ def main() -> None:
                 size = m.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
                 del m
                 status, info, left = check(
-                    lambda name=name: timm.create_model(name, pretrained=False), (64, size), args.max_params
+                    lambda name=name: timm.create_model(name, pretrained=False),
+                    (64, size),
+                    args.max_params,
+                    args.examples,
                 )
             except Exception as e:
                 status, info, left = "ERROR", f"{type(e).__name__}: {e}", {}

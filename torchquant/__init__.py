@@ -11,6 +11,7 @@ from .convert import FloatLayersWarning, FunctionalOp, FxTraceError, quantize_mo
 from .factories import call_factory
 from .folding import bn_scale_shift, fold_batchnorm, fold_bn_params, freeze_bn_stats
 from .granularity import PER_TENSOR, Granularity, per_channel, per_group
+from .graph.concrete import BranchGuardError
 from .graph.modes import TrainingBranchWarning
 from .moe import QExperts
 from .ptq import UncalledQModulesWarning, calibrate
@@ -97,6 +98,7 @@ __all__ = [
     "AffineQuantizer",
     "BatchMinMax",
     "BinaryQuantizer",
+    "BranchGuardError",
     "DoReFaActQuantizer",
     "DoReFaWeightQuantizer",
     "DynamicAffineQuantizer",

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Container, Iterable
+from typing import Any
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .factories import QuantizerFactory
 from .graph.common import FLOAT_REASONS_ATTR, SkipSpec, check_skip, place_quantizers, skip_reason
+from .graph.concrete import bind_examples, describe_examples
 from .graph.fx import FunctionalOp, FxTraceError, quantize_fx
 from .graph.swap import quantize_swap
 from .layers import LAYER_TYPES, is_normalization, layer_adapter
@@ -217,6 +219,7 @@ def quantize_model(
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable] = (),
     norm_outputs: bool = False,
+    example_inputs: Any = None,
 ) -> nn.Module:
     """Make every layer (and, with ``"fx"``, every activation-creating operation) of ``model`` quantizable.
 
@@ -291,6 +294,17 @@ def quantize_model(
             ``acts_quantizer``. ``"fx"`` already gives normalisation modules and
             functions a ``QOp`` (:data:`~torchquant.graph.fx.QOP_MODULES`), so
             ``norm_outputs=True`` is refused there.
+        example_inputs: with ``"fx"``, example arguments of ``model``'s forward (a tensor, a
+            tuple of positional arguments, or a dict of keyword arguments). The trace then
+            runs each operation on them, so a branch on a size (``if H % window:``), an
+            ``int()``/``range()``/``len()`` of one follows the example and is guarded: an
+            input that takes another branch raises
+            :class:`~torchquant.graph.concrete.BranchGuardError` naming the model's line.
+            Leaves fx cannot trace on their own (timm's ConViT, Twins and MobileViT
+            attention) are traced with their inputs for the example instead of having only
+            their layers swapped, so their matrix products and softmax are quantized too.
+            Only shapes and dtypes are used (branches on tensor values are refused) and
+            recorded, so a checkpoint reloads with zeros of the same shapes.
 
     Returns:
         The quantizable model, every QModule ``BYPASSED``.
@@ -298,8 +312,9 @@ def quantize_model(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, a factory is not callable, or
             a ``skip`` entry is neither a glob nor a module type.
-        ValueError: unknown ``method``, ``leaf_modules``/``autowrap_functions``
-            given with ``method="swap"``, ``norm_outputs=True`` with ``method="fx"``,
+        ValueError: unknown ``method``, ``leaf_modules``/``autowrap_functions``/``example_inputs``
+            given with ``method="swap"``, ``example_inputs`` that do not bind to ``forward``
+            (or hold other than tensors and scalars), ``norm_outputs=True`` with ``method="fx"``,
             or a layer whose configuration cannot be quantized (an ``Embedding`` with
             ``max_norm`` or ``sparse=True``; the message names it).
         FxTraceError: torch.fx cannot trace ``model``.
@@ -328,6 +343,8 @@ def quantize_model(
                 "quantize_model: norm_outputs applies to method='swap' only; method='fx' already quantizes "
                 "normalisation outputs (LayerNorm, RMSNorm, GroupNorm, F.layer_norm, ... become QOps)"
             )
+        examples, fixed = (None, None) if example_inputs is None else bind_examples(model, example_inputs)
+        recorded_examples = None if example_inputs is None else describe_examples(example_inputs)
         gm = quantize_fx(
             model,
             weight_quantizer,
@@ -336,6 +353,8 @@ def quantize_model(
             fold_bn=fold_bn,
             leaf_modules=leaf_modules,
             autowrap_functions=autowrap_functions,
+            concrete_args=fixed,
+            example_args=examples,
         )
         place_quantizers(gm)
         setattr(gm, CONVERSIONS_ATTR, list(getattr(model, CONVERSIONS_ATTR, [])))
@@ -348,13 +367,16 @@ def quantize_model(
                 "fold_bn": bool(fold_bn),
                 "leaf_modules": [_qualified(t) for t in leaf_modules],
                 "autowrap_functions": [_qualified(f) for f in autowrap_functions],
+                **({} if example_inputs is None else {"options": {"example_inputs": recorded_examples}}),
             },
         )
         _warn_float_layers(gm, skip)
         return gm
     if method == "swap":
-        if tuple(leaf_modules) or tuple(autowrap_functions):
-            raise ValueError("quantize_model: leaf_modules and autowrap_functions apply to method='fx' only")
+        if tuple(leaf_modules) or tuple(autowrap_functions) or example_inputs is not None:
+            raise ValueError(
+                "quantize_model: leaf_modules, autowrap_functions and example_inputs apply to method='fx' only"
+            )
         reasons = quantize_swap(
             model, weight_quantizer, acts_quantizer, skip=skip, fold_bn=fold_bn, norm_outputs=norm_outputs
         )

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from .convert import CONVERSIONS_ATTR, quantize_model
+from .graph.concrete import examples_from_description
 from .moe import QExperts, _bank
 from .qmodules import QModule, QModuleState, QMultiheadAttention, QWrapper, iter_qmodules
 from .quantizers import AffineGrid, AffineQuantizer, LevelGrid, Quantizer
@@ -109,6 +110,9 @@ def _replay_quantize_model(model: nn.Module, record: dict, build: Callable[[str,
         kwargs["autowrap_functions"] = [_resolve(f) for f in record.get("autowrap_functions", [])]
     for key, value in record.get("options", {}).items():
         kwargs[key] = value
+    if "example_inputs" in kwargs:  # recorded as shapes and dtypes: the traced branches depend on nothing else
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        kwargs["example_inputs"] = examples_from_description(kwargs["example_inputs"], device)
 
     def weights(module: nn.Module, name: str) -> Any:
         # A QMultiheadAttention's weight factory calls are named "<name>.in_proj" / "<name>.out_proj",

@@ -52,7 +52,8 @@ functions it registers as not traceable) are not traced into. A leaf with parame
 ``nn.TransformerEncoderLayer``) is quantized inside: traced on its own, with the
 constant arguments its calls pass fixed, and rewritten by this same pass; when that
 fails, its layers are swapped (:mod:`torchquant.graph.swap`) in a copy that shares its
-parameters. An ``nn.MultiheadAttention`` becomes a
+parameters. With example inputs, every trace runs on them (:mod:`torchquant.graph.concrete`):
+branches on sizes follow the example, guarded, and a leaf is traced with its inputs for it. An ``nn.MultiheadAttention`` becomes a
 :class:`~torchquant.qmodules.QMultiheadAttention`. A module that passes its layers' weights
 to ``F.linear`` (:data:`~torchquant.graph.readers.WEIGHT_READERS`: torchvision's Swin
 attention) is a leaf whose layers are swapped and whose weight reads go to the wrappers.
@@ -86,6 +87,7 @@ from .common import (
     skip_reason,
     structural_copy,
 )
+from .concrete import MISSING, ExampleValues, branch_guard
 from .modes import ModeDiff, TrainingBranchWarning, follow_mode, install_mode_flags, is_mode_flag_call
 from .readers import is_weight_reader
 from .swap import quantize_swap
@@ -252,6 +254,9 @@ _VALUE_PRESERVING = frozenset(
         "swapaxes", "squeeze_", "unsqueeze_", "tile", "repeat_interleave", "split_with_sizes", "type_as",
     }
 )  # fmt: skip
+# Checks the traced graph makes of its inputs: they compute nothing.
+_CHECKS = frozenset({branch_guard, fx._symbolic_trace._assert_is_none})
+_NOT_VALUES = _FUNCTIONAL_LAYERS | _CHECKS
 # Library functions recorded as single calls (torch.fx.wrap) that are identities in eval mode.
 _VALUE_PRESERVING_NAMES = frozenset({"stochastic_depth", "drop_path", "drop_connect"})
 # Functions timm and torchvision record as single calls (not traceable) that only move values:
@@ -334,6 +339,10 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _FX_DIR = os.path.dirname(fx.__file__)
 _NN_MODULES_DIR = os.path.join(_TORCH_DIR, "nn", "modules")
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__))  # torchquant/graph: the tracing machinery
+
+
+class _ExampleTracer(ExampleValues, _Tracer):
+    """The tracer with example values: branches on sizes follow the example inputs, guarded."""
 
 
 def _user_frame(e: BaseException, module: nn.Module | None = None) -> str:
@@ -427,14 +436,17 @@ def _contents(v: dict | list | set) -> dict | list | set:
 
 
 def _trace_other_mode(
-    model: nn.Module, skip: tuple, leaves: tuple, autowrap: tuple, prefix: str, concrete_args: dict[str, Any] | None
+    model: nn.Module, before: _Untouched, make_tracer: Callable[[], _Tracer], concrete_args: dict[str, Any] | None
 ) -> fx.Graph:
     """Trace ``model`` with every module of it in the mode it is not in; leaves ``model`` as it was.
-    The flags are set directly: a ``train()`` override's side effects are not part of tracing."""
+    The flags are set directly: a ``train()`` override's side effects are not part of tracing.
+    ``before`` is ``model`` before the first trace, which may have cached proxies on it (ConViT's
+    ``rel_indices``): this trace starts from there too."""
     with _Untouched(model):
+        before.restore()
         for m in model.modules():
             m.training = not m.training
-        return _Tracer(skip, leaves, autowrap, prefix).trace(model, concrete_args=concrete_args)
+        return make_tracer().trace(model, concrete_args=concrete_args)
 
 
 def _mode_of(model: nn.Module) -> Callable[[str], bool]:
@@ -524,12 +536,13 @@ def _flat_nodes(a: Any) -> list:
     return out
 
 
-def _infer_kinds(gm: fx.GraphModule) -> dict[fx.Node, str | None]:
+def _infer_kinds(gm: fx.GraphModule, examples: dict[fx.Node, Any] | None = None) -> dict[fx.Node, str | None]:
     """Per node: ``"float"`` (floating tensor), ``"int"`` (integer/bool tensor) or ``None`` (not a tensor).
 
     A conservative static guess from how each value was made: shapes and sizes
     are not tensors, comparisons and ``.long()`` give integer tensors, and an
-    operation on float tensors gives a float tensor.
+    operation on float tensors gives a float tensor. Inputs are float tensors, or
+    what their example value (``examples``, by node) is.
     """
     kinds: dict[fx.Node, str | None] = {}
 
@@ -539,7 +552,10 @@ def _infer_kinds(gm: fx.GraphModule) -> dict[fx.Node, str | None]:
 
     for n in gm.graph.nodes:
         k: str | None
-        if n.op == "placeholder" or (n.op == "call_module" and not is_mode_flag_call(n)):
+        example = MISSING if examples is None else examples.get(n, MISSING)
+        if n.op == "placeholder" and example is not MISSING:
+            k = _kind_of_value(example)
+        elif n.op == "placeholder" or (n.op == "call_module" and not is_mode_flag_call(n)):
             k = "float"
         elif n.op == "call_module":  # a mode-dependent constant
             k = None
@@ -575,6 +591,15 @@ def _infer_kinds(gm: fx.GraphModule) -> dict[fx.Node, str | None]:
             k = None
         kinds[n] = k
     return kinds
+
+
+def _kind_of_value(v: Any) -> str | None:
+    found: list[Any] = []
+    fx.node.map_aggregate(v, found.append)
+    tensors = [t for t in found if isinstance(t, torch.Tensor)]
+    if not tensors:
+        return None
+    return "float" if any(t.is_floating_point() for t in tensors) else "int"
 
 
 # ----------------------------------------------------------------------------- rewriting
@@ -757,7 +782,14 @@ class _Rewriter:
         self.skip = skip
         self.fold_bn = fold_bn
         self.modules = dict(gm.named_modules())
-        self.kinds = _infer_kinds(gm)
+        values = getattr(tracer, "values", None)  # with example inputs: each node's value
+        # the arguments of each module call for the examples, taken before rewriting replaces nodes
+        self.call_examples: dict[fx.Node, tuple[tuple, dict]] = {
+            n: fx.node.map_arg((n.args, n.kwargs), lambda a: values.get(a, MISSING))
+            for n in gm.graph.nodes
+            if values is not None and n.op == "call_module"
+        }
+        self.kinds = _infer_kinds(gm, values)
         self.float_reasons: dict[str, str] = {}
         self.declined: set[fx.Node] = set()  # optional points the factory gave no quantizer, skipped calls
         self.taken: set[str] = set(self.modules)
@@ -867,7 +899,7 @@ class _Rewriter:
                 elif node.target not in self.float_reasons:
                     self.float_reasons[node.target] = f"no rule for {type(m).__name__} (output not quantized)"
                 continue
-            if node.target in _VALUE_PRESERVING or node.target in _FUNCTIONAL_LAYERS or node in self.declined:
+            if node.target in _VALUE_PRESERVING or node.target in _NOT_VALUES or node in self.declined:
                 continue
             if getattr(node.target, "__name__", None) in _VALUE_PRESERVING_NAMES:
                 continue
@@ -925,6 +957,8 @@ class _Rewriter:
         self.inside.add(name)
         calls = [n for n in self.graph.nodes if n.op == "call_module" and n.target == name]
         concrete = None if is_weight_reader(m, traced=True) else _concrete_args(m, calls)
+        example = self.call_examples.get(calls[0])
+        examples = None if concrete is None or example is None else _example_args(m, calls[0], example)
         prefix = f"{self.prefix}{name}."
         sub: nn.Module | None = None
         if concrete is not None:
@@ -940,6 +974,7 @@ class _Rewriter:
                     prefix=prefix,
                     concrete_args=concrete,
                     strict_modes=True,  # a mode branch inside: swap its layers, its forward then runs as written
+                    example_args=examples,
                 )
                 reasons = sub.meta[FLOAT_REASONS_ATTR]
                 new_args = _positional_args(m, sub, calls)
@@ -1146,6 +1181,25 @@ def _concrete_args(m: nn.Module, calls: list[fx.Node]) -> dict[str, Any] | None:
     return found
 
 
+def _example_args(m: nn.Module, call: fx.Node, example: tuple[tuple, dict]) -> dict[str, Any] | None:
+    """The example values ``call`` passed to ``m.forward`` (``example``: its arguments as traced),
+    by parameter name, for the traced arguments only (``_concrete_args`` fixes the constant ones);
+    ``None`` when the example did not reach one."""
+    sig = inspect.signature(m.forward)
+    nodes = sig.bind(*call.args, **call.kwargs).arguments
+    values = sig.bind(*example[0], **example[1]).arguments
+    out = {}
+    for pname, arg in nodes.items():
+        if not _flat_nodes(arg):
+            continue
+        found: list[Any] = []
+        fx.node.map_aggregate(values[pname], found.append)
+        if any(v is MISSING for v in found):
+            return None
+        out[pname] = values[pname]
+    return out
+
+
 def _positional_args(m: nn.Module, sub: fx.GraphModule, calls: list[fx.Node]) -> list[tuple] | None:
     """Each call's arguments for ``sub`` (``m`` traced with its constant arguments fixed), all
     positional: fx keeps one placeholder per parameter of ``m.forward``, in order, but renames
@@ -1192,6 +1246,7 @@ def quantize_fx(
     prefix: str = "",
     concrete_args: dict[str, Any] | None = None,
     strict_modes: bool = False,
+    example_args: dict[str, Any] | None = None,
 ) -> fx.GraphModule:
     """Trace ``model`` and rewrite it (see the module docstring). ``model`` keeps its structure;
     the result shares its parameter tensors.
@@ -1209,6 +1264,9 @@ def quantize_fx(
         concrete_args: arguments of ``model.forward`` fixed at trace time (``torch.fx``'s).
         strict_modes: raise :class:`FxTraceError` instead of warning when ``model``'s forward
             computes differently in the other mode (:mod:`torchquant.graph.modes`).
+        example_args: example values of ``model.forward``'s arguments by parameter name: branches
+            on sizes follow them, guarded (:mod:`torchquant.graph.concrete`), and leaves fx cannot
+            trace on their own are traced with their inputs for these examples.
 
     Returns:
         The rewritten ``GraphModule``; ``meta["_tq_float_reasons"]`` says what stayed in float and why.
@@ -1232,7 +1290,15 @@ def quantize_fx(
         if not (isinstance(t, type) and issubclass(t, nn.Module)):
             raise TypeError(f"quantize_model: leaf_modules entries must be nn.Module types, got {t!r}")
     autowrap = tuple(dict.fromkeys(tuple(autowrap_functions) + timm_functions + _train_only_functions()))
-    tracer = _Tracer(skip, leaves, autowrap, prefix)
+
+    def make_tracer() -> _Tracer:
+        if example_args is None:
+            return _Tracer(skip, leaves, autowrap, prefix)
+        # each trace runs the operations on its own copy: in-place ones must not change the examples
+        examples = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in example_args.items()}
+        return _ExampleTracer(skip, leaves, autowrap, prefix, examples=examples)
+
+    tracer = make_tracer()
     try:
         if is_weight_reader(model, traced=True):  # traced, its layers would stay get_attr reads: swap them instead
             raise FxTraceError(f"{type(model).__name__} reads its layers' weights")
@@ -1256,7 +1322,7 @@ def quantize_fx(
         setattr(whole, FLOAT_REASONS_ATTR, reasons)
         return whole
     mode_of = _mode_of(model)
-    found = follow_mode(graph, mode_of, lambda: _trace_other_mode(model, skip, leaves, autowrap, prefix, concrete_args))
+    found = follow_mode(graph, mode_of, lambda: _trace_other_mode(model, untouched, make_tracer, concrete_args))
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     untouched.restore()  # once the GraphModule holds the constants the trace stored on the model
     install_mode_flags(gm, found.constants, mode_of)

@@ -1,0 +1,315 @@
+"""Tracing with example inputs: torch.fx branches on sizes, guarded.
+
+torch.fx cannot trace ``if pad_r > 0:`` or ``if new_h != H:`` on a traced size: the
+value is unknown while tracing. :class:`ExampleValues` makes a tracer carry, next to each
+node, the value it takes for the example inputs (each operation is run once on them). A
+branch on a size, an ``int()`` or a ``range()`` of one, a ``len()`` of a traced value then
+follows the example, and the graph records a guard that recomputes the condition at run
+time from the traced sizes and raises :class:`BranchGuardError` when an input takes the
+other branch. The rest of the graph stays symbolic: the sizes that flow into ``reshape``
+or ``F.pad`` are computed at run time, so other batch sizes and, where no branch depends
+on them, other resolutions run.
+
+Branches on tensor values (``if x.abs().max() > 1:``, a ``.item()``) are refused: they
+would freeze the example's data into the graph.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+import os
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import fx
+from torch.fx._symbolic_trace import _maybe_revert_all_patches
+from torch.fx.node import has_side_effect, map_aggregate
+
+__all__ = [
+    "MISSING",
+    "BranchGuardError",
+    "ExampleValues",
+    "bind_examples",
+    "branch_guard",
+    "describe_examples",
+    "examples_from_description",
+    "split_examples",
+]
+
+MISSING = object()
+"""The value of a node the example inputs do not determine."""
+
+# Tensor attributes and methods whose result depends only on the tensor's size, type or device.
+_SIZE_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"})
+_SIZE_METHODS = frozenset({"size", "dim", "numel", "nelement", "ndimension", "type", "get_device", "is_contiguous"})
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class BranchGuardError(RuntimeError):
+    """An input takes another branch than the example inputs the model was converted with."""
+
+
+@has_side_effect
+def branch_guard(value: Any, expected: Any, where: str) -> Any:
+    """Raise :class:`BranchGuardError` unless ``value`` (a traced condition, size or length),
+    converted like ``expected`` (``bool``, ``int``, ``float``), equals ``expected``, what it was for
+    the example inputs. ``where`` names the model's line."""
+    if isinstance(value, fx.Proxy):  # re-traced (an unpickled GraphModule): record the guard again
+        return value.tracer.create_proxy("call_function", branch_guard, (value, expected, where), {})
+    if isinstance(expected, bool):
+        # branch on the condition rather than compare it: torch.compile's symbolic conditions only branch
+        got = True if value else False  # noqa: SIM210
+        differs = got is not expected
+    else:
+        got = type(expected)(value)
+        differs = got != expected
+    if differs:
+        raise BranchGuardError(
+            f"a traced condition gives {got!r} for this input where the example inputs the model was converted "
+            f"with gave {expected!r}, so the input takes another branch than the traced one; at {where}\n"
+            f"  Convert the model with example inputs of this size (quantize_model(..., example_inputs=...))."
+        )
+
+
+def _model_line() -> str:
+    """``file:line in fn: code`` of the innermost frame outside torch and torchquant's tracing."""
+    for f in reversed(traceback.extract_stack()):
+        if not (f.filename.startswith(_OWN_DIR) or f.filename.startswith(_TORCH_DIR)):
+            return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+    return "a traced condition"
+
+
+class _ExampleProxy(fx.Proxy):
+    """A proxy whose ``len()``, ``int()`` and ``range()`` follow the example value, guarded, and
+    whose item assignment (``t[:, 0] = v``) is recorded."""
+
+    def __len__(self) -> int:
+        return self.tracer.concretize(self, len)
+
+    def __int__(self) -> int:
+        return self.tracer.concretize(self, int)
+
+    def __index__(self) -> int:
+        return self.tracer.concretize(self, int)
+
+    def __float__(self) -> float:
+        return self.tracer.concretize(self, float)
+
+    def __setitem__(self, key: Any, value: Any) -> None:  # in place, as run: recorded in order
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+
+class ExampleValues:
+    """Mixin for an ``fx.Tracer``: every node gets the value it takes for the example inputs.
+
+    Args:
+        examples: the example value of each placeholder, by the name of the ``forward``
+            parameter it stands for. A placeholder without one (a fixed ``concrete_args``
+            entry) and everything computed from it have no value: a branch on them fails
+            as in plain torch.fx.
+
+    After tracing, :attr:`values` maps nodes to their example values (``MISSING`` absent).
+    Leaf modules run on the example values under ``torch.no_grad()`` with their buffers
+    restored afterwards (a BatchNorm in training mode does not update its statistics).
+    """
+
+    def __init__(self, *args: Any, examples: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        # examples default to none: unpickling a GraphModule re-traces it with its tracer built bare
+        super().__init__(*args, **kwargs)
+        self.examples = examples or {}
+        self.values: dict[fx.Node, Any] = {}
+        self.data: set[fx.Node] = set()  # nodes whose value depends on tensor contents, not only sizes
+
+    # -- values
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ExampleProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, *rest, **kw):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, *rest, **kw)
+        node = proxy.node
+        if node in self.values:
+            return proxy
+        inputs = [a.node for a in _proxies((args, kwargs))]
+        try:
+            value = self._evaluate(kind, target, args, kwargs)
+        except Exception:  # an operation that fails on the example: branches on it fail as in plain fx
+            value = MISSING
+        self.values[node] = value
+        sized = kind == "call_method" and target in _SIZE_METHODS
+        sized = sized or (kind == "call_function" and target is getattr and args[1] in _SIZE_ATTRS)
+        # tensors are data; numbers given as inputs (a leaf's (H, W)) are sizes. Parameters and buffers
+        # are trained or updated: data too
+        fed = kind in ("placeholder", "get_attr") and any(isinstance(v, torch.Tensor) for v in _leaves(value))
+        if fed or (not sized and any(i in self.data for i in inputs)):
+            self.data.add(node)
+        return proxy
+
+    def _evaluate(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+        if kind == "placeholder":
+            return self.examples.get(target, MISSING)
+        a, k = map_aggregate((args, kwargs), self._value_of)
+        if any(v is MISSING for v in _leaves((a, k))):
+            return MISSING
+        # torch.fx patches Module.__call__/__getattr__ and wrapped functions while tracing: use the real ones
+        with torch.no_grad(), _maybe_revert_all_patches():
+            if kind == "get_attr":
+                obj = self.root
+                for part in target.split("."):
+                    obj = getattr(obj, part)
+                return obj
+            if kind == "call_function":
+                return target(*a, **k)
+            if kind == "call_method":
+                return getattr(a[0], target)(*a[1:], **k)
+            if kind == "call_module":
+                module = self.root.get_submodule(target)
+                saved = [(b, b.clone()) for b in module.buffers()]
+                try:
+                    return module(*a, **k)
+                finally:
+                    for b, copy in saved:
+                        b.copy_(copy)
+        return MISSING
+
+    def _value_of(self, a: Any) -> Any:
+        return self.values.get(a.node, MISSING) if isinstance(a, fx.Proxy) else a
+
+    # -- control flow
+    def _known(self, obj: fx.Proxy, what: str) -> Any:
+        node = obj.node
+        value = self.values.get(node, MISSING)
+        if value is MISSING:
+            return MISSING
+        if node in self.data:
+            raise fx.proxy.TraceError(
+                f"{what} depends on tensor values, not only on sizes: it cannot follow the example inputs"
+            )
+        return value
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        value = self._known(obj, "a branch")
+        if value is MISSING:
+            return super().to_bool(obj)
+        if isinstance(value, torch.Tensor) and value.numel() != 1:
+            return super().to_bool(obj)
+        result = bool(value)
+        self.create_proxy("call_function", branch_guard, (obj, result, _model_line()), {})
+        return result
+
+    def concretize(self, obj: fx.Proxy, convert: type) -> Any:
+        """``len``/``int``/``float`` of a traced value: the example's, with a guard."""
+        value = self._known(obj, f"{convert.__name__}()")
+        if value is MISSING:
+            raise fx.proxy.TraceError(f"{convert.__name__}() of a traced value without an example value")
+        result = convert(value)
+        measured = obj if convert is not len else self.create_proxy("call_function", len, (obj,), {})
+        self.create_proxy("call_function", branch_guard, (measured, result, _model_line()), {})
+        return result
+
+    def iter(self, obj: fx.Proxy) -> Iterator:
+        n = self.concretize(obj, len)
+        return iter([obj[i] for i in range(n)])
+
+
+def _proxies(a: Any) -> list[fx.Proxy]:
+    out: list[fx.Proxy] = []
+    map_aggregate(a, lambda x: out.append(x) if isinstance(x, fx.Proxy) else None)
+    return out
+
+
+def _leaves(a: Any) -> list[Any]:
+    out: list[Any] = []
+    map_aggregate(a, lambda x: out.append(x))
+    return out
+
+
+# ----------------------------------------------------------------------------- example inputs
+def split_examples(example_inputs: Any) -> tuple[tuple, dict]:
+    """``example_inputs`` (a tensor, a tuple/list of positional arguments or a dict of keyword
+    arguments) as ``(args, kwargs)``."""
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def bind_examples(model: torch.nn.Module, example_inputs: Any) -> tuple[dict[str, Any], dict[str, None]]:
+    """The example value of each parameter of ``model.forward``, by name, and the parameters to fix.
+
+    A parameter the examples leave out takes its default: ``None`` is fixed (the traced
+    graph asserts it stays ``None``); another default is an example value like a given one
+    (a branch on it is guarded).
+
+    Raises:
+        ValueError: the examples do not bind to ``forward``'s signature.
+    """
+    args, kwargs = split_examples(example_inputs)
+    sig = inspect.signature(model.forward)
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise ValueError(
+            f"quantize_model: example_inputs do not match {type(model).__name__}.forward{sig}: {e}"
+        ) from None
+    for pname, p in sig.parameters.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and bound.arguments.get(pname):
+            raise ValueError(
+                f"quantize_model: example_inputs for {type(model).__name__}.forward's *{pname} cannot be traced "
+                f"(torch.fx gives *args/**kwargs no placeholders); pass them to named parameters"
+            )
+    given = dict(bound.arguments)
+    fixed: dict[str, None] = {}
+    for pname, p in sig.parameters.items():
+        if pname in given or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is None:
+            fixed[pname] = None
+        else:
+            given[pname] = p.default
+    return given, fixed
+
+
+def describe_examples(example_inputs: Any) -> dict[str, Any]:
+    """The JSON a conversion record keeps of ``example_inputs``: tensor shapes and dtypes (the
+    traced branches depend on nothing else), and scalars as they are.
+
+    Raises:
+        ValueError: an example is neither a tensor nor a JSON scalar (the message names it).
+    """
+    args, kwargs = split_examples(example_inputs)
+
+    def one(v: Any, where: str) -> dict[str, Any]:
+        if isinstance(v, torch.Tensor):
+            return {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return {"value": v}
+        raise ValueError(
+            f"quantize_model: example_inputs {where} is a {type(v).__name__}; tensors and int/float/bool/str/None "
+            "can be recorded in the checkpoint's description"
+        )
+
+    return {
+        "args": [one(v, f"argument {i}") for i, v in enumerate(args)],
+        "kwargs": {k: one(v, repr(k)) for k, v in kwargs.items()},
+    }
+
+
+def examples_from_description(desc: dict[str, Any], device: torch.device | str = "cpu") -> tuple | dict:
+    """Example inputs with the recorded shapes and dtypes (zeros), for replaying a conversion."""
+
+    def one(d: dict[str, Any]) -> Any:
+        if "value" in d:
+            return d["value"]
+        return torch.zeros(d["shape"], dtype=getattr(torch, d["dtype"]), device=device)
+
+    args = tuple(one(d) for d in desc.get("args", []))
+    kwargs = {k: one(d) for k, d in desc.get("kwargs", {}).items()}
+    if kwargs and args:
+        raise ValueError("a recorded example has both positional and keyword arguments")
+    return kwargs if kwargs else args
