@@ -113,6 +113,20 @@ def test_int_and_range_of_a_size_follow_the_example_guarded():
         q(torch.randn(2, 16, 3))
 
 
+class _Rows(nn.Module):
+    def forward(self, x):  # a loop over a tensor's first dimension: its length is a size
+        return torch.stack([row.softmax(-1) for row in x])
+
+
+def test_a_loop_over_a_tensor_follows_its_length_guarded():
+    q = tq.quantize_model(_Rows(), W, A, example_inputs=torch.randn(3, 4))
+    assert _ops(q) == ["softmax", "softmax_1", "softmax_2", "stack"]  # one softmax per row
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(q(x), x.softmax(-1))
+    with pytest.raises(BranchGuardError, match=r"gives 2 .* gave 3"):
+        q(torch.randn(2, 4))
+
+
 class _DataBranch(nn.Module):
     def forward(self, x):
         if x.abs().max() > 1:

@@ -180,12 +180,12 @@ class ExampleValues:
         return self.values.get(a.node, MISSING) if isinstance(a, fx.Proxy) else a
 
     # -- control flow
-    def _known(self, obj: fx.Proxy, what: str) -> Any:
+    def _known(self, obj: fx.Proxy, what: str, sized: bool = False) -> Any:
         node = obj.node
         value = self.values.get(node, MISSING)
         if value is MISSING:
             return MISSING
-        if node in self.data:
+        if node in self.data and not sized:
             raise fx.proxy.TraceError(
                 f"{what} depends on tensor values, not only on sizes: it cannot follow the example inputs"
             )
@@ -203,7 +203,7 @@ class ExampleValues:
 
     def concretize(self, obj: fx.Proxy, convert: type) -> Any:
         """``len``/``int``/``float`` of a traced value: the example's, with a guard."""
-        value = self._known(obj, f"{convert.__name__}()")
+        value = self._known(obj, f"{convert.__name__}()", sized=convert is len)  # a length is a size
         if value is MISSING:
             raise fx.proxy.TraceError(f"{convert.__name__}() of a traced value without an example value")
         result = convert(value)

@@ -53,7 +53,8 @@ functions it registers as not traceable) are not traced into. A leaf with parame
 constant arguments its calls pass fixed, and rewritten by this same pass; when that
 fails, its layers are swapped (:mod:`torchquant.graph.swap`) in a copy that shares its
 parameters. With example inputs, every trace runs on them (:mod:`torchquant.graph.concrete`):
-branches on sizes follow the example, guarded, and a leaf is traced with its inputs for it. An ``nn.MultiheadAttention`` becomes a
+branches on sizes follow the example, guarded, and a leaf is traced with its inputs for it.
+An ``nn.MultiheadAttention`` becomes a
 :class:`~torchquant.qmodules.QMultiheadAttention`. A module that passes its layers' weights
 to ``F.linear`` (:data:`~torchquant.graph.readers.WEIGHT_READERS`: torchvision's Swin
 attention) is a leaf whose layers are swapped and whose weight reads go to the wrappers.
@@ -593,6 +594,13 @@ def _infer_kinds(gm: fx.GraphModule, examples: dict[fx.Node, Any] | None = None)
     return kinds
 
 
+def _may_trace_alone(m: nn.Module | None) -> bool:
+    """Whether a called module may be a leaf that ``_quantize_inside`` traces on its own."""
+    if m is None or isinstance(m, (QModule, Quantizer)) or layer_adapter(m) is not None:
+        return False
+    return type(m) not in QOP_MODULES and any(True for _ in m.parameters())
+
+
 def _kind_of_value(v: Any) -> str | None:
     found: list[Any] = []
     fx.node.map_aggregate(v, found.append)
@@ -783,11 +791,12 @@ class _Rewriter:
         self.fold_bn = fold_bn
         self.modules = dict(gm.named_modules())
         values = getattr(tracer, "values", None)  # with example inputs: each node's value
-        # the arguments of each module call for the examples, taken before rewriting replaces nodes
+        # the arguments of each call of a module that may be traced on its own (_quantize_inside) for the
+        # examples, taken before rewriting replaces nodes
         self.call_examples: dict[fx.Node, tuple[tuple, dict]] = {
             n: fx.node.map_arg((n.args, n.kwargs), lambda a: values.get(a, MISSING))
             for n in gm.graph.nodes
-            if values is not None and n.op == "call_module"
+            if values is not None and n.op == "call_module" and _may_trace_alone(self.modules.get(n.target))
         }
         self.kinds = _infer_kinds(gm, values)
         self.float_reasons: dict[str, str] = {}
@@ -1328,6 +1337,9 @@ def quantize_fx(
     install_mode_flags(gm, found.constants, mode_of)
     if found.branches:
         _training_branch(model, prefix, found, strict_modes)
-    reasons = _Rewriter(model, gm, weight_quantizer, acts_quantizer, skip, fold_bn, tracer, autowrap).run()
+    rewriter = _Rewriter(model, gm, weight_quantizer, acts_quantizer, skip, fold_bn, tracer, autowrap)
+    if isinstance(tracer, ExampleValues):
+        tracer.values.clear()  # every activation for the examples: the rewriter keeps what it needs
+    reasons = rewriter.run()
     gm.meta[FLOAT_REASONS_ATTR] = reasons
     return gm
