@@ -291,3 +291,26 @@ def test_timm_convit_attention_is_quantized_inside_with_examples():
     assert net.blocks[0].attn.rel_indices is cache  # its cache, filled in forward, as it was
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(q(x), net(x))
+
+
+def test_torchvision_swin_attention_is_traced_with_examples():
+    models = pytest.importorskip("torchvision.models.swin_transformer")
+    torch.manual_seed(0)
+    net = models.SwinTransformer([2, 2], 8, [2], [2], [2, 2], num_classes=3).eval()
+    plain = tq.quantize_model(net, W, A)
+    assert "module swap" in plain.meta["_tq_float_reasons"]["features.1.0.attn"]
+    q = tq.quantize_model(net, W, A, example_inputs=torch.randn(1, 3, 8, 8))
+    assert q.meta["_tq_float_reasons"] == {}
+    ops = set(_ops(q))
+    for block in ("features.1.0.attn", "features.1.1.attn"):  # the second block's windows are shifted
+        assert {f"{block}.matmul", f"{block}.softmax", f"{block}.matmul_1"} <= ops
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(q(x), net(x))
+    with torch.no_grad(), tq.qmodule_state(q, S.CALIBRATION):
+        q(x)
+    called = set()
+    for name, m in tq.iter_qmodules(q):
+        m.register_forward_pre_hook(lambda m, a, name=name: called.add(name))
+    tq.set_qmodule_state(q, S.QUANT_EVAL)
+    q(x)
+    assert {"features.1.0.attn.qkv.linear", "features.1.0.attn.proj.linear"} <= called  # the weights are read there

@@ -404,3 +404,25 @@ def test_swin_export_matches_the_simulation():
     plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # float kernels: no saturation
     report = tq.export.check_parity(q, proto, x, session_options=plain)
     assert report.passed(), str(report)
+
+
+def test_a_registered_reader_is_traced_into_with_example_inputs(registered_reads, tmp_path):
+    wf = lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0))  # noqa: E731
+    af = lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax())  # noqa: E731
+    torch.manual_seed(0)
+    net = _Block()
+    x = torch.randn(5, 6)
+    q = tq.quantize_model(copy.deepcopy(net), wf, af, example_inputs=x)
+    assert q.meta["_tq_float_reasons"] == {}
+    assert isinstance(q.reads, torch.fx.GraphModule)  # traced, not swapped with its reads redirected
+    assert {"reads.fc.linear", "reads.out"} <= {n for n, _ in tq.iter_qmodules(q)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tq.UncalledQModulesWarning)
+        tq.calibrate(q, [x], progress=False)  # the traced weight reads are layers the forward calls
+    tq.set_qmodule_state(q, S.QUANT_EVAL)
+    tq.save(q, tmp_path / "q.safetensors")
+    loaded = tq.load(copy.deepcopy(net), tmp_path / "q.safetensors")
+    with torch.no_grad():
+        y = q(x)
+        assert not torch.equal(y, net(x))
+        assert torch.equal(loaded(x), y)

@@ -343,7 +343,27 @@ _OWN_DIR = os.path.dirname(os.path.abspath(__file__))  # torchquant/graph: the t
 
 
 class _ExampleTracer(ExampleValues, _Tracer):
-    """The tracer with example values: branches on sizes follow the example inputs, guarded."""
+    """The tracer with example values: branches on sizes follow the example inputs, guarded.
+
+    ``trace_into``: a module namespace whose ``torch.fx.wrap`` ped functions are traced into rather
+    than recorded as calls (torchvision's ``shifted_window_attention``, which a weight reader calls
+    with its layers' weights: traced, those reads become layers and its attention gets ``QOp`` s)."""
+
+    def __init__(self, *args: Any, trace_into: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.trace_into = trace_into
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        if self.trace_into is None:
+            return super().trace(root, concrete_args)
+        table = fx._symbolic_trace._wrapped_fns_to_patch
+        unwrapped = {k: v for k, v in table.items() if v is self.trace_into}
+        for k in unwrapped:
+            del table[k]
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            table.update(unwrapped)
 
 
 def _user_frame(e: BaseException, module: nn.Module | None = None) -> str:
@@ -965,8 +985,9 @@ class _Rewriter:
             return
         self.inside.add(name)
         calls = [n for n in self.graph.nodes if n.op == "call_module" and n.target == name]
-        concrete = None if is_weight_reader(m, traced=True) else _concrete_args(m, calls)
         example = self.call_examples.get(calls[0])
+        # a weight reader traced without examples keeps its weight reads as attributes: swap it instead
+        concrete = None if is_weight_reader(m, traced=True) and example is None else _concrete_args(m, calls)
         examples = None if concrete is None or example is None else _example_args(m, calls[0], example)
         prefix = f"{self.prefix}{name}."
         sub: nn.Module | None = None
@@ -1305,11 +1326,13 @@ def quantize_fx(
             return _Tracer(skip, leaves, autowrap, prefix)
         # each trace runs the operations on its own copy: in-place ones must not change the examples
         examples = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in example_args.items()}
-        return _ExampleTracer(skip, leaves, autowrap, prefix, examples=examples)
+        return _ExampleTracer(skip, leaves, autowrap, prefix, examples=examples, trace_into=trace_into)
 
+    reader = is_weight_reader(model, traced=True)
+    trace_into = vars(sys.modules[type(model).__module__]) if reader and example_args is not None else None
     tracer = make_tracer()
     try:
-        if is_weight_reader(model, traced=True):  # traced, its layers would stay get_attr reads: swap them instead
+        if reader and example_args is None:  # traced, its layers would stay get_attr reads: swap them instead
             raise FxTraceError(f"{type(model).__name__} reads its layers' weights")
         untouched = _Untouched(model)
         try:

@@ -14,6 +14,10 @@ zeroed). No modelling code is copied, the state-dict keys do not change, and the
 forward hooks (calibration, GPTQ's and AdaRound's input collection) see the calls, in every
 mode: ``BYPASSED``, a wrapper computes ``F.linear`` with the same arguments, bit-identical.
 
+With ``example_inputs``, ``quantize_model(method="fx")`` traces such a module instead, into the
+functions its module marks with ``torch.fx.wrap``: the weight reads become layers and the
+attention's own operations ``QOp`` s (:mod:`torchquant.graph.concrete`).
+
 :func:`torchquant.quantize_model` applies this to the exact types in :data:`WEIGHT_READERS`
 and those given to :func:`register_weight_reader`, with either method, and to those in
 :data:`SWAP_WEIGHT_READERS` (timm's EVA attention) with ``method="swap"`` (so :func:`torchquant.load`,
