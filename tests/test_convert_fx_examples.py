@@ -1,5 +1,6 @@
 """quantize_model(method="fx", example_inputs=...): branches on sizes follow the example, guarded."""
 
+import copy
 import io
 import math
 
@@ -279,18 +280,61 @@ def test_bad_example_inputs_are_refused_clearly():
         tq.quantize_model(_Net(), W, A, method="swap", example_inputs=torch.randn(1, 8, 4))
 
 
-def test_timm_convit_attention_is_quantized_inside_with_examples():
+def test_timm_convit_attention_is_quantized_inside_with_examples(tmp_path):
     timm = pytest.importorskip("timm")
+    pytest.importorskip("safetensors")
+    torch.manual_seed(0)
     net = timm.create_model("convit_tiny", img_size=32, patch_size=8, depth=2, local_up_to_layer=1).eval()
+    fresh = copy.deepcopy(net)
     plain = tq.quantize_model(net, W, A)
     assert "module swap" in plain.meta["_tq_float_reasons"]["blocks.0.attn"]
     cache = net.blocks[0].attn.rel_indices
-    q = tq.quantize_model(net, W, A, example_inputs=torch.randn(1, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    q = tq.quantize_model(net, W, A, example_inputs=x[:1])
     assert q.meta["_tq_float_reasons"] == {}
     assert {"blocks.0.attn.matmul", "blocks.0.attn.softmax", "blocks.0.attn.matmul_1"} <= set(_ops(q))
     assert net.blocks[0].attn.rel_indices is cache  # its cache, filled in forward, as it was
-    x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(q(x), net(x))
+    # a forward before the conversion fills the cache (a buffer): the trace then reads it instead of computing
+    # it, with the same quantization points and state-dict keys, so either conversion loads the other's checkpoint
+    net(x)
+    after = tq.quantize_model(net, W, A, example_inputs=x[:1])
+    assert after.meta["_tq_float_reasons"] == {}
+    assert [n for n, _ in tq.iter_qmodules(after)] == [n for n, _ in tq.iter_qmodules(q)]
+    assert set(after.state_dict()) == set(q.state_dict())
+    tq.calibrate(after, [x], progress=False)
+    tq.set_qmodule_state(after, S.QUANT_EVAL)
+    tq.save(after, tmp_path / "q.safetensors")
+    torch.testing.assert_close(tq.load(fresh, tmp_path / "q.safetensors")(x), after(x), rtol=0, atol=0)
+
+
+class _Flagged(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("halve", torch.tensor(True))
+        self.gain = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        if self.halve:  # a buffer: a constant or a statistic, followed and guarded
+            x = x / 2
+        return x.softmax(-1)
+
+
+def test_a_branch_on_a_buffer_follows_it_guarded_and_on_a_parameter_is_refused():
+    net = _Flagged()
+    q = tq.quantize_model(net, W, A, example_inputs=torch.randn(2, 3))
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(q(x), (x / 2).softmax(-1))
+    q.halve.fill_(False)
+    with pytest.raises(BranchGuardError, match=r"if self\.halve:"):
+        q(x)
+
+    class Gated(_Flagged):
+        def forward(self, x):
+            return x.softmax(-1) if self.gain > 0 else x  # a trained value
+
+    with pytest.raises(FxTraceError, match="depends on tensor values"):
+        tq.quantize_model(Gated(), W, A, example_inputs=torch.randn(2, 3))
 
 
 def test_torchvision_swin_attention_is_traced_with_examples():

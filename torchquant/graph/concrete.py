@@ -121,6 +121,8 @@ class ExampleValues:
     def __init__(self, *args: Any, examples: dict[str, Any] | None = None, **kwargs: Any) -> None:
         # examples default to none: unpickling a GraphModule re-traces it with its tracer built bare
         super().__init__(*args, **kwargs)
+        # buffers read as nodes (a cache a forward filled, ConViT's rel_indices, is indexed with traced sizes)
+        self.proxy_buffer_attributes = True
         self.examples = examples or {}
         self.values: dict[fx.Node, Any] = {}
         self.data: set[fx.Node] = set()  # nodes whose value depends on tensor contents, not only sizes
@@ -142,9 +144,10 @@ class ExampleValues:
         self.values[node] = value
         sized = kind == "call_method" and target in _SIZE_METHODS
         sized = sized or (kind == "call_function" and target is getattr and args[1] in _SIZE_ATTRS)
-        # tensors are data; numbers given as inputs (a leaf's (H, W)) are sizes. Parameters and buffers
-        # are trained or updated: data too
-        fed = kind in ("placeholder", "get_attr") and any(isinstance(v, torch.Tensor) for v in _leaves(value))
+        # input tensors are data, numbers given as inputs (a leaf's (H, W)) sizes; parameters are trained:
+        # data too. Buffers hold constants or statistics: a branch on one follows its value, guarded
+        fed = kind == "placeholder" and any(isinstance(v, torch.Tensor) for v in _leaves(value))
+        fed = fed or isinstance(value, torch.nn.Parameter)
         if fed or (not sized and any(i in self.data for i in inputs)):
             self.data.add(node)
         return proxy

@@ -1248,6 +1248,29 @@ def _positional_args(m: nn.Module, sub: fx.GraphModule, calls: list[fx.Node]) ->
     return out
 
 
+def _keep_buffers_out_of_state(gm: fx.GraphModule, model: nn.Module) -> None:
+    """In ``gm``'s state dict, of the tensors its graph reads, only ``model``'s own persistent buffers.
+
+    The example trace reads every buffer as a node, and the constants it makes (``_tensor_constant0``)
+    depend on the branches taken: a cache a forward before the conversion filled (ConViT's
+    ``rel_indices``) is read, an empty one is computed. The keys must not depend on that, and a
+    conversion replayed from the recorded shapes makes the same constants again."""
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        owner, _, name = node.target.rpartition(".")
+        copy = gm.get_submodule(owner)
+        if name not in copy._buffers:
+            continue
+        try:
+            source: nn.Module | None = model.get_submodule(owner)
+        except AttributeError:
+            source = None
+        own = source is not None and name in source._buffers and name not in source._non_persistent_buffers_set
+        if not own:
+            copy._non_persistent_buffers_set.add(name)
+
+
 def _delete_unused_submodules(gm: fx.GraphModule) -> None:
     """Like ``GraphModule.delete_all_unused_submodules``, but also deletes the second name of a
     module held twice (a BatchNorm now inside a QWrapper and still at its old name)."""
@@ -1356,6 +1379,8 @@ def quantize_fx(
     mode_of = _mode_of(model)
     found = follow_mode(graph, mode_of, lambda: _trace_other_mode(model, untouched, make_tracer, concrete_args))
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    if example_args is not None:
+        _keep_buffers_out_of_state(gm, model)
     untouched.restore()  # once the GraphModule holds the constants the trace stored on the model
     install_mode_flags(gm, found.constants, mode_of)
     if found.branches:
