@@ -3,6 +3,7 @@
 import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -246,8 +247,12 @@ def test_a_guarded_model_exports_to_onnx_with_parity():
     with torch.no_grad(), tq.qmodule_state(q, S.CALIBRATION):
         q(torch.randn(8, 8, 4))
     tq.set_qmodule_state(q, S.QUANT_EVAL)
-    proto = export.to_onnx(q, torch.randn(1, 8, 4))
-    report = export.check_parity(q, proto, torch.randn(2, 8, 4))
+    with pytest.warns(UserWarning, match=r"keeps 1 traced branch\(es\) guarded in PyTorch"):
+        export.to_onnx(q, torch.randn(1, 8, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        proto = export.to_onnx(q, torch.randn(1, 8, 4), dynamic_batch=False)
+    report = export.check_parity(q, proto, torch.randn(1, 8, 4))
     # every quantization point, the attention's included, is exact; the output is not compared here:
     # onnxruntime runs the first Linear on the float input as MatMulNBits (docs/export.md)
     assert set(report.points) >= {"attn.matmul.acts_quantizer", "attn.softmax.acts_quantizer", "head.acts_quantizer"}
@@ -315,26 +320,117 @@ class _Flagged(nn.Module):
         self.gain = nn.Parameter(torch.ones(()))
 
     def forward(self, x):
-        if self.halve:  # a buffer: a constant or a statistic, followed and guarded
+        if self.halve:  # a buffer: a statistic, or another model's value when a checkpoint is replayed
             x = x / 2
         return x.softmax(-1)
 
 
-def test_a_branch_on_a_buffer_follows_it_guarded_and_on_a_parameter_is_refused():
-    net = _Flagged()
-    q = tq.quantize_model(net, W, A, example_inputs=torch.randn(2, 3))
-    x = torch.randn(2, 3)
-    torch.testing.assert_close(q(x), (x / 2).softmax(-1))
-    q.halve.fill_(False)
-    with pytest.raises(BranchGuardError, match=r"if self\.halve:"):
-        q(x)
+class _Gated(_Flagged):
+    def forward(self, x):
+        return x.softmax(-1) if self.gain > 0 else x  # a trained value
 
-    class Gated(_Flagged):
-        def forward(self, x):
-            return x.softmax(-1) if self.gain > 0 else x  # a trained value
 
+class _GradBranch(nn.Module):
+    def forward(self, x):
+        return x.softmax(-1) if x.requires_grad else x  # the trace runs without grad: not recorded
+
+
+class _MaskedSize(nn.Module):
+    def forward(self, x):
+        return x.softmax(-1) if x[x > 0].shape[0] > 2 else x  # a size that depends on the values
+
+
+class _CastSum(nn.Module):
+    def forward(self, x):
+        return x.softmax(-1) if x.type(torch.float64).sum() > 0 else x
+
+
+@pytest.mark.parametrize("model", [_Flagged, _Gated, _GradBranch, _MaskedSize, _CastSum])
+def test_branches_on_what_examples_do_not_fix_are_refused(model):
     with pytest.raises(FxTraceError, match="depends on tensor values"):
-        tq.quantize_model(Gated(), W, A, example_inputs=torch.randn(2, 3))
+        tq.quantize_model(model(), W, A, example_inputs=torch.randn(4, 3))
+
+
+def test_the_conversion_leaves_buffers_written_in_forward_as_they_were():
+    class RunningMean(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.register_buffer("mean", torch.zeros(4))
+
+        def forward(self, x):
+            if self.training:
+                self.mean.mul_(0.9).add_(0.1 * x.detach().mean(0))
+            if x.shape[0] > 1:
+                x = x - self.mean
+            return self.fc(x)
+
+    net = RunningMean().train()
+    tq.quantize_model(net, W, A, example_inputs=torch.randn(8, 4) + 5)
+    assert torch.equal(net.mean, torch.zeros(4))
+
+
+class _Pad(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):  # (B, L, 4)
+        x = x + self.bn(x.mean(1)).unsqueeze(1)
+        if x.shape[1] % 2:
+            x = F.pad(x, (0, 0, 0, 1))
+        return self.fc(x).softmax(-1)
+
+
+class _TwoLengths(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pad = _Pad()
+
+    def forward(self, x):
+        return self.pad(x).sum(1) + self.pad(x[:, :3]).sum(1)  # lengths 4 and 3: both branches
+
+
+def test_a_leaf_whose_calls_take_different_branches_is_swapped():
+    net = _TwoLengths().eval()
+    x = torch.randn(2, 4, 4)
+    q = tq.quantize_model(net, W, A, leaf_modules=[_Pad], example_inputs=x)
+    assert "module swap" in q.meta["_tq_float_reasons"]["pad"]
+    torch.testing.assert_close(q(x), net(x))
+
+
+def test_a_batch_of_one_example_traces_batchnorm_in_both_modes():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.leaf = _Pad()
+
+        def forward(self, x):
+            return self.leaf(x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = tq.quantize_model(Net().eval(), W, A, leaf_modules=[_Pad], example_inputs=torch.randn(1, 4, 4))
+    assert q.meta["_tq_float_reasons"] == {}
+
+
+def test_an_argument_given_as_none_is_fixed():
+    class Masked(nn.Module):
+        def forward(self, x, mask=None):  # given as None, it must not become a traced input
+            if mask is not None:
+                x = x.masked_fill(mask, 0.0)
+            return x.softmax(-1)
+
+    x = torch.randn(2, 3)
+    for examples in ({"x": x, "mask": None}, (x, None)):
+        q = tq.quantize_model(Masked(), W, A, example_inputs=examples)
+        torch.testing.assert_close(q(x, None), x.softmax(-1))
+
+
+def test_an_example_the_model_cannot_run_on_names_the_failing_operation():
+    with pytest.raises(FxTraceError, match=r"example inputs did not reach[\s\S]*embed"):
+        tq.quantize_model(_Net(), W, A, example_inputs=torch.randn(1, 8, 5))
 
 
 def test_torchvision_swin_attention_is_traced_with_examples():
@@ -358,3 +454,25 @@ def test_torchvision_swin_attention_is_traced_with_examples():
     tq.set_qmodule_state(q, S.QUANT_EVAL)
     q(x)
     assert {"features.1.0.attn.qkv.linear", "features.1.0.attn.proj.linear"} <= called  # the weights are read there
+
+
+def test_a_registered_reader_calling_another_modules_wrapped_function_is_traced_into_it():
+    sw = pytest.importorskip("torchvision.models.swin_transformer")
+    from torchquant.graph import readers
+
+    class MyAttention(sw.ShiftedWindowAttention):  # its forward calls torchvision's wrapped function
+        pass
+
+    readers.register_weight_reader(MyAttention)
+    try:
+        torch.manual_seed(0)
+        net = sw.SwinTransformer([2, 2], 8, [2], [2], [2, 2], num_classes=3).eval()
+        for block in net.features[1]:
+            mine = MyAttention(8, [2, 2], block.attn.shift_size, 2)
+            mine.load_state_dict(block.attn.state_dict())
+            block.attn = mine
+        q = tq.quantize_model(net, W, A, example_inputs=torch.randn(1, 3, 8, 8))
+    finally:
+        readers._REGISTERED.discard(MyAttention)
+    assert q.meta["_tq_float_reasons"] == {}
+    assert {"features.1.0.attn.qkv.linear", "features.1.0.attn.softmax"} <= set(n for n, _ in tq.iter_qmodules(q))

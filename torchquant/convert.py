@@ -303,8 +303,9 @@ def quantize_model(
             Leaves fx cannot trace on their own (timm's ConViT, Twins and MobileViT
             attention) are traced with their inputs for the example instead of having only
             their layers swapped, so their matrix products and softmax are quantized too.
-            Only shapes and dtypes are used (branches on tensor values are refused) and
-            recorded, so a checkpoint reloads with zeros of the same shapes.
+            Branches on tensor values, parameters or buffers are refused, so only shapes and
+            dtypes decide; they are recorded, and a checkpoint reloads with zeros of those shapes.
+            An export to ONNX keeps the branches without their guards.
 
     Returns:
         The quantizable model, every QModule ``BYPASSED``.

@@ -60,6 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from ..granularity import Granularity
+from ..graph.concrete import traced_branches
 from ..moe import QExperts
 from ..quantizers import AffineGrid, LevelGrid, Quantizer
 from ._common import quant_points, to_numpy
@@ -295,6 +296,10 @@ def to_onnx(
     Returns:
         The ``onnx.ModelProto`` (checked with ``onnx.checker``).
 
+    Warns:
+        UserWarning: the model was converted with ``example_inputs`` (its branches on sizes are
+            guarded in PyTorch, not in ONNX) and is exported with a dynamic axis.
+
     Raises:
         ValueError: a QModule not in a ``QUANT_EVAL`` mode or never calibrated (naming
             it), no QModule at all, an unsupported opset, a quantizer whose ``grid()``
@@ -336,6 +341,15 @@ def to_onnx(
     points = quant_points(model, who)
     if not points:
         raise ValueError(f"{who}: {type(model).__name__} has QModules but no quantizer to export")
+    guards = traced_branches(model)
+    if guards and (dynamic_batch or dynamic_axes):
+        warnings.warn(
+            f"{who}: the model was converted with example_inputs and keeps {len(guards)} traced branch(es) "
+            f"guarded in PyTorch (first at {guards[0]}); the ONNX graph holds the branches of the export's "
+            "inputs and checks nothing, so inputs of other sizes on a dynamic axis may compute what the "
+            "PyTorch model refuses. Export with dynamic_batch=False and no dynamic_axes to fix the sizes.",
+            stacklevel=2,
+        )
 
     # A copy whose quantizers are stubs (the original model is left untouched).
     work = copy.deepcopy(model)

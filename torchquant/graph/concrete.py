@@ -10,8 +10,10 @@ other branch. The rest of the graph stays symbolic: the sizes that flow into ``r
 or ``F.pad`` are computed at run time, so other batch sizes and, where no branch depends
 on them, other resolutions run.
 
-Branches on tensor values (``if x.abs().max() > 1:``, a ``.item()``) are refused: they
-would freeze the example's data into the graph.
+Branches on tensor values (``if x.abs().max() > 1:``, a ``.item()``, a size that depends on
+values such as ``x[x > 0].shape[0]``), on parameters and buffers (trained, updated, or another
+model's when a checkpoint is replayed) and on what a recorded example does not keep
+(``requires_grad``, strides) are refused: they would freeze the example into the graph.
 """
 
 from __future__ import annotations
@@ -37,14 +39,24 @@ __all__ = [
     "describe_examples",
     "examples_from_description",
     "split_examples",
+    "state_tensors",
+    "traced_branches",
 ]
 
 MISSING = object()
 """The value of a node the example inputs do not determine."""
 
-# Tensor attributes and methods whose result depends only on the tensor's size, type or device.
-_SIZE_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "requires_grad"})
-_SIZE_METHODS = frozenset({"size", "dim", "numel", "nelement", "ndimension", "type", "get_device", "is_contiguous"})
+# Tensor attributes and methods whose result depends only on the tensor's size, dtype or device (what a
+# recorded example keeps: not its strides, nor requires_grad, which the trace's no_grad would fix).
+_SIZE_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
+_SIZE_METHODS = frozenset({"size", "dim", "numel", "nelement", "ndimension", "get_device"})
+# Operations whose output size depends on the values of their input.
+_VALUE_SIZED = frozenset(
+    {
+        torch.nonzero, torch.masked_select, torch.unique, torch.unique_consecutive, torch.argwhere,
+        "nonzero", "masked_select", "unique", "unique_consecutive", "argwhere",
+    }
+)  # fmt: skip
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -74,6 +86,17 @@ def branch_guard(value: Any, expected: Any, where: str) -> Any:
             f"with gave {expected!r}, so the input takes another branch than the traced one; at {where}\n"
             f"  Convert the model with example inputs of this size (quantize_model(..., example_inputs=...))."
         )
+
+
+def traced_branches(model: torch.nn.Module) -> list[str]:
+    """Where the guards of ``model`` (converted with example inputs) are: the model's lines, in graph order."""
+    return [
+        node.args[2]
+        for m in model.modules()
+        if isinstance(m, fx.GraphModule)
+        for node in m.graph.nodes
+        if node.op == "call_function" and node.target is branch_guard
+    ]
 
 
 def _model_line() -> str:
@@ -126,6 +149,8 @@ class ExampleValues:
         self.examples = examples or {}
         self.values: dict[fx.Node, Any] = {}
         self.data: set[fx.Node] = set()  # nodes whose value depends on tensor contents, not only sizes
+        self.value_sized: set[fx.Node] = set()  # nodes whose size depends on tensor contents
+        self.failure: str | None = None  # the first operation that failed on the examples
 
     # -- values
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -139,15 +164,19 @@ class ExampleValues:
         inputs = [a.node for a in _proxies((args, kwargs))]
         try:
             value = self._evaluate(kind, target, args, kwargs)
-        except Exception:  # an operation that fails on the example: branches on it fail as in plain fx
+        except Exception as e:  # an operation that fails on the example: branches on it fail as in plain fx
             value = MISSING
+            if self.failure is None:
+                self.failure = f"{node.format_node()}: {type(e).__name__}: {e}"
         self.values[node] = value
-        sized = kind == "call_method" and target in _SIZE_METHODS
-        sized = sized or (kind == "call_function" and target is getattr and args[1] in _SIZE_ATTRS)
-        # input tensors are data, numbers given as inputs (a leaf's (H, W)) sizes; parameters are trained:
-        # data too. Buffers hold constants or statistics: a branch on one follows its value, guarded
-        fed = kind == "placeholder" and any(isinstance(v, torch.Tensor) for v in _leaves(value))
-        fed = fed or isinstance(value, torch.nn.Parameter)
+        if any(i in self.value_sized for i in inputs) or target in _VALUE_SIZED or _masks(kind, target, args, self):
+            self.value_sized.add(node)
+        source_sized = bool(inputs) and inputs[0] not in self.value_sized
+        sized = kind == "call_method" and target in _SIZE_METHODS and source_sized
+        sized = sized or (kind == "call_function" and target is getattr and args[1] in _SIZE_ATTRS and source_sized)
+        # input tensors are data, numbers given as inputs (a leaf's (H, W)) sizes; parameters and buffers
+        # are trained or updated (and a replayed conversion reads another model's): data too
+        fed = kind in ("placeholder", "get_attr") and any(isinstance(v, torch.Tensor) for v in _leaves(value))
         if fed or (not sized and any(i in self.data for i in inputs)):
             self.data.add(node)
         return proxy
@@ -171,13 +200,27 @@ class ExampleValues:
                 return getattr(a[0], target)(*a[1:], **k)
             if kind == "call_module":
                 module = self.root.get_submodule(target)
-                saved = [(b, b.clone()) for b in module.buffers()]
                 try:
                     return module(*a, **k)
-                finally:
-                    for b, copy in saved:
-                        b.copy_(copy)
+                except Exception:
+                    if not module.training:
+                        raise
+                    # the other mode's trace: a BatchNorm in training refuses a batch of one, which the
+                    # sizes do not depend on
+                    with _EvalMode(module):
+                        return module(*a, **k)
         return MISSING
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        """As ``fx.Tracer.trace``; the model's buffers and tensor attributes, which the operations run on
+        (a BatchNorm in training updates its statistics, a cache is written in place), are restored."""
+        saved = [(t, t.clone()) for t in state_tensors(root)] if isinstance(root, torch.nn.Module) else []
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            with torch.no_grad():
+                for t, copy in saved:
+                    t.copy_(copy)
 
     def _value_of(self, a: Any) -> Any:
         return self.values.get(a.node, MISSING) if isinstance(a, fx.Proxy) else a
@@ -187,10 +230,16 @@ class ExampleValues:
         node = obj.node
         value = self.values.get(node, MISSING)
         if value is MISSING:
+            if self.failure is not None:
+                raise fx.proxy.TraceError(
+                    f"{what} on a value the example inputs did not reach: running the model on them failed "
+                    f"at {self.failure}"
+                )
             return MISSING
-        if node in self.data and not sized:
+        if node in self.data and not (sized and node not in self.value_sized):
             raise fx.proxy.TraceError(
-                f"{what} depends on tensor values, not only on sizes: it cannot follow the example inputs"
+                f"{what} depends on tensor values (or on what an example does not record: strides, "
+                "requires_grad), not only on sizes: it cannot follow the example inputs"
             )
         return value
 
@@ -217,6 +266,39 @@ class ExampleValues:
     def iter(self, obj: fx.Proxy) -> Iterator:
         n = self.concretize(obj, len)
         return iter([obj[i] for i in range(n)])
+
+
+def state_tensors(root: torch.nn.Module) -> list[torch.Tensor]:
+    """Buffers and plain tensor attributes of every module of ``root`` (each once)."""
+    found: dict[int, torch.Tensor] = {}
+    for m in root.modules():
+        for t in (*m._buffers.values(), *vars(m).values()):
+            if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter):
+                found.setdefault(id(t), t)
+    return list(found.values())
+
+
+class _EvalMode:
+    """``module`` and its children in eval mode for the block (flags set directly, as tracing does)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.flags = [(m, m.training) for m in module.modules()]
+
+    def __enter__(self) -> None:
+        for m, _ in self.flags:
+            m.training = False
+
+    def __exit__(self, *exc: object) -> None:
+        for m, flag in self.flags:
+            m.training = flag
+
+
+def _masks(kind: str, target: Any, args: tuple, tracer: ExampleValues) -> bool:
+    """Indexing with a boolean mask (``x[x > 0]``): the output's size depends on the values."""
+    if not (kind == "call_function" and target is operator.getitem and len(args) > 1):
+        return False
+    index = [tracer.values.get(p.node, MISSING) for p in _proxies(args[1])]
+    return any(isinstance(v, torch.Tensor) and v.dtype == torch.bool for v in index)
 
 
 def _proxies(a: Any) -> list[fx.Proxy]:
@@ -246,8 +328,8 @@ def bind_examples(model: torch.nn.Module, example_inputs: Any) -> tuple[dict[str
     """The example value of each parameter of ``model.forward``, by name, and the parameters to fix.
 
     A parameter the examples leave out takes its default: ``None`` is fixed (the traced
-    graph asserts it stays ``None``); another default is an example value like a given one
-    (a branch on it is guarded).
+    graph asserts it stays ``None``), as is one given as ``None``; another default is an
+    example value like a given one (a branch on it is guarded).
 
     Raises:
         ValueError: the examples do not bind to ``forward``'s signature.
@@ -266,10 +348,10 @@ def bind_examples(model: torch.nn.Module, example_inputs: Any) -> tuple[dict[str
                 f"quantize_model: example_inputs for {type(model).__name__}.forward's *{pname} cannot be traced "
                 f"(torch.fx gives *args/**kwargs no placeholders); pass them to named parameters"
             )
-    given = dict(bound.arguments)
-    fixed: dict[str, None] = {}
+    given = {k: v for k, v in bound.arguments.items() if v is not None}
+    fixed: dict[str, None] = {k: None for k, v in bound.arguments.items() if v is None}
     for pname, p in sig.parameters.items():
-        if pname in given or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+        if pname in given or pname in fixed or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         if p.default is None:
             fixed[pname] = None

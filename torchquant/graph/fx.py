@@ -88,7 +88,7 @@ from .common import (
     skip_reason,
     structural_copy,
 )
-from .concrete import MISSING, ExampleValues, branch_guard
+from .concrete import MISSING, BranchGuardError, ExampleValues, branch_guard, state_tensors
 from .modes import ModeDiff, TrainingBranchWarning, follow_mode, install_mode_flags, is_mode_flag_call
 from .readers import is_weight_reader
 from .swap import quantize_swap
@@ -345,21 +345,20 @@ _OWN_DIR = os.path.dirname(os.path.abspath(__file__))  # torchquant/graph: the t
 class _ExampleTracer(ExampleValues, _Tracer):
     """The tracer with example values: branches on sizes follow the example inputs, guarded.
 
-    ``trace_into``: a module namespace whose ``torch.fx.wrap`` ped functions are traced into rather
-    than recorded as calls (torchvision's ``shifted_window_attention``, which a weight reader calls
-    with its layers' weights: traced, those reads become layers and its attention gets ``QOp`` s)."""
+    ``trace_wrapped``: trace into the functions marked with ``torch.fx.wrap`` rather than record them
+    as calls (torchvision's ``shifted_window_attention``, to which a weight reader passes its layers'
+    weights: traced, those reads become layers and its attention gets ``QOp`` s)."""
 
-    def __init__(self, *args: Any, trace_into: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, trace_wrapped: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.trace_into = trace_into
+        self.trace_wrapped = trace_wrapped
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
-        if self.trace_into is None:
+        if not self.trace_wrapped:
             return super().trace(root, concrete_args)
         table = fx._symbolic_trace._wrapped_fns_to_patch
-        unwrapped = {k: v for k, v in table.items() if v is self.trace_into}
-        for k in unwrapped:
-            del table[k]
+        unwrapped = dict(table)
+        table.clear()
         try:
             return super().trace(root, concrete_args)
         finally:
@@ -1008,8 +1007,10 @@ class _Rewriter:
                 )
                 reasons = sub.meta[FLOAT_REASONS_ATTR]
                 new_args = _positional_args(m, sub, calls)
-                if new_args is None:
+                if new_args is None or not self._runs_every_call(m, sub, calls):
                     sub = None
+                elif is_weight_reader(m, traced=True) and not any(isinstance(x, QModule) for x in sub.modules()):
+                    sub = None  # its weights still read by a call recorded whole: swap, redirecting the reads
             except FxTraceError:
                 sub = None
         if sub is not None:
@@ -1027,6 +1028,31 @@ class _Rewriter:
             return
         self._install(name, sub)
         self.nested_reasons.update(reasons)
+
+    def _runs_every_call(self, m: nn.Module, sub: fx.GraphModule, calls: list[fx.Node]) -> bool:
+        """Whether ``sub`` (``m`` traced with its first call's example inputs) takes the traced branches
+        for the example inputs of its other calls too (a leaf called at two resolutions)."""
+        params = list(inspect.signature(m.forward).parameters.values())
+        for call in calls[1:]:
+            example = self.call_examples.get(call)
+            if example is None:
+                continue
+            bound = inspect.signature(m.forward).bind(*example[0], **example[1])
+            bound.apply_defaults()
+            args = tuple(bound.arguments[p.name] for p in params)
+            saved = [(t, t.clone()) for t in state_tensors(sub)]
+            try:
+                with torch.no_grad():
+                    sub(*args)  # its new QModules are BYPASSED: the float computation
+            except BranchGuardError:
+                return False
+            except Exception:  # failing for another reason is not this check's to judge
+                continue
+            finally:
+                with torch.no_grad():
+                    for t, copy in saved:
+                        t.copy_(copy)
+        return True
 
     def _functional_layer(self, node: fx.Node) -> None:
         """``F.conv2d(x, self.weight, self.bias, ...)`` inside a Conv/Linear subclass (efficientnet_pytorch's
@@ -1349,10 +1375,9 @@ def quantize_fx(
             return _Tracer(skip, leaves, autowrap, prefix)
         # each trace runs the operations on its own copy: in-place ones must not change the examples
         examples = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in example_args.items()}
-        return _ExampleTracer(skip, leaves, autowrap, prefix, examples=examples, trace_into=trace_into)
+        return _ExampleTracer(skip, leaves, autowrap, prefix, examples=examples, trace_wrapped=reader)
 
     reader = is_weight_reader(model, traced=True)
-    trace_into = vars(sys.modules[type(model).__module__]) if reader and example_args is not None else None
     tracer = make_tracer()
     try:
         if reader and example_args is None:  # traced, its layers would stay get_attr reads: swap them instead
