@@ -137,8 +137,9 @@ class ExampleValues:
             as in plain torch.fx.
 
     After tracing, :attr:`values` maps nodes to their example values (``MISSING`` absent).
-    Leaf modules run on the example values under ``torch.no_grad()`` with their buffers
-    restored afterwards (a BatchNorm in training mode does not update its statistics).
+    Operations and leaf modules run on the example values under ``torch.no_grad()``; the
+    model's buffers and tensor attributes are restored after the trace (a BatchNorm in
+    training mode keeps its statistics, a cache written in place its contents).
     """
 
     def __init__(self, *args: Any, examples: dict[str, Any] | None = None, **kwargs: Any) -> None:
