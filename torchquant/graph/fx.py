@@ -413,10 +413,21 @@ def _trace(model: nn.Module, tracer: _Tracer, concrete_args: dict[str, Any] | No
         frame = _user_frame(e, failed)
         at = f"\n  failing operation: {frame}" if frame else ""
         hint = f", or skip=[{path!r}] to keep that module in float and untraced" if path else ""
+        if not isinstance(tracer, ExampleValues) and _on_traced_value(e):
+            # the branch, int() or len() may be on a size, which example inputs let the trace follow
+            hint += ", or, if it depends on sizes only, pass example_inputs= to trace it (guarded)"
         raise FxTraceError(
             f"quantize_model(method='fx'): torch.fx cannot trace {where}: {type(e).__name__}: {e}{at}\n"
             f"  Use method='swap' (layers only, no functional ops){hint}."
         ) from e
+
+
+def _on_traced_value(e: BaseException) -> bool:
+    """Whether torch.fx failed on control flow, ``len()`` or iteration over a traced value."""
+    text = str(e)
+    return isinstance(e, (fx.proxy.TraceError, RuntimeError)) and (
+        "inputs to control flow" in text or "'len' is not supported" in text or "cannot be iterated" in text
+    )
 
 
 class _TrainingBranch(FxTraceError):
