@@ -812,6 +812,7 @@ class _Rewriter:
         self.leaf_types = tracer.leaf_types
         self.autowrap_functions = autowrap_functions
         self.inside: set[str] = set()  # leaves already quantized inside
+        self.traceable_with_examples: set[str] = set()  # swapped leaves example inputs would let fx trace
         self.nested_reasons: dict[str, str] = {}  # from inside leaves, already qualified
         self.gm = gm
         self.graph = gm.graph
@@ -934,6 +935,8 @@ class _Rewriter:
                     continue  # traced on its own: its operations got their QOps there
                 if node.target in self.inside:
                     note = f"layers inside {type(m).__name__} quantized by module swap; its output is not quantized"
+                    if node.target in self.traceable_with_examples:
+                        note += " (example_inputs= would trace it)"
                     self.float_reasons.setdefault(node.target, note)
                 elif node.target not in self.float_reasons:
                     self.float_reasons[node.target] = f"no rule for {type(m).__name__} (output not quantized)"
@@ -1022,8 +1025,12 @@ class _Rewriter:
                     sub = None
                 elif is_weight_reader(m, traced=True) and not any(isinstance(x, QModule) for x in sub.modules()):
                     sub = None  # its weights still read by a call recorded whole: swap, redirecting the reads
-            except FxTraceError:
+            except FxTraceError as e:
                 sub = None
+                if example is None and _on_traced_value(e.__cause__ or e):
+                    self.traceable_with_examples.add(name)
+        elif example is None and is_weight_reader(m, traced=True) and _concrete_args(m, calls) is not None:
+            self.traceable_with_examples.add(name)  # traced into the function it passes its weights to
         if sub is not None:
             for call, args in zip(calls, new_args, strict=True):
                 call.args, call.kwargs = args, {}
