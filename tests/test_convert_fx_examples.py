@@ -292,7 +292,9 @@ def test_timm_convit_attention_is_quantized_inside_with_examples(tmp_path):
     net = timm.create_model("convit_tiny", img_size=32, patch_size=8, depth=2, local_up_to_layer=1).eval()
     fresh = copy.deepcopy(net)
     plain = tq.quantize_model(net, W, A)
-    assert plain.meta["_tq_float_reasons"]["blocks.0.attn"].endswith("(example_inputs= would trace it)")
+    assert plain.meta["_tq_float_reasons"]["blocks.0.attn"].endswith(
+        "(example_inputs= may trace it if its branches depend on sizes only)"
+    )
     cache = net.blocks[0].attn.rel_indices
     x = torch.randn(2, 3, 32, 32)
     q = tq.quantize_model(net, W, A, example_inputs=x[:1])
@@ -345,10 +347,51 @@ class _CastSum(nn.Module):
         return x.softmax(-1) if x.type(torch.float64).sum() > 0 else x
 
 
-@pytest.mark.parametrize("model", [_Flagged, _Gated, _GradBranch, _MaskedSize, _CastSum])
+class _WhereSize(nn.Module):
+    def forward(self, x):
+        return x.softmax(-1) if torch.where(x[:, 0] > 0)[0].shape[0] > 1 else x
+
+
+@pytest.mark.parametrize("model", [_Flagged, _Gated, _GradBranch, _MaskedSize, _CastSum, _WhereSize])
 def test_branches_on_what_examples_do_not_fix_are_refused(model):
     with pytest.raises(FxTraceError, match="depends on tensor values"):
         tq.quantize_model(model(), W, A, example_inputs=torch.randn(4, 3))
+
+
+def test_a_mask_built_from_sizes_is_a_size():
+    class KeepTail(nn.Module):
+        def forward(self, x):
+            y = x[:, torch.arange(x.shape[1]) > 0]
+            return y.softmax(-1) if y.shape[1] % 2 else y
+
+    q = tq.quantize_model(KeepTail(), W, A, example_inputs=torch.randn(2, 4))
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(q(x), x[:, 1:].softmax(-1))
+    with pytest.raises(BranchGuardError):
+        q(torch.randn(2, 5))
+
+
+def test_state_the_trace_cannot_write_is_left_alone():
+    class Held(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.register_buffer("pe", torch.zeros(1, 4).expand(3, 4))  # expanded: no in-place write
+            with torch.inference_mode():
+                self.register_buffer("cache", torch.ones(4))  # an inference tensor, as filled in inference
+
+        def forward(self, x):
+            if x.shape[0] > 1:
+                x = x + self.pe[: x.shape[0]] + self.cache
+            return self.fc(x)
+
+    net = Held()
+    q = tq.quantize_model(net, W, A, example_inputs=torch.randn(3, 4))
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(q(x), net(x))
+    lazy = nn.Sequential(nn.Linear(4, 4), nn.LazyBatchNorm1d())
+    tq.quantize_model(lazy, W, A, example_inputs=torch.randn(3, 4))
+    assert type(lazy[1]) is nn.LazyBatchNorm1d  # not materialised by the trace
 
 
 def test_the_conversion_leaves_buffers_written_in_forward_as_they_were():
@@ -438,7 +481,9 @@ def test_torchvision_swin_attention_is_traced_with_examples():
     torch.manual_seed(0)
     net = models.SwinTransformer([2, 2], 8, [2], [2], [2, 2], num_classes=3).eval()
     plain = tq.quantize_model(net, W, A)
-    assert plain.meta["_tq_float_reasons"]["features.1.0.attn"].endswith("(example_inputs= would trace it)")
+    assert plain.meta["_tq_float_reasons"]["features.1.0.attn"].endswith(
+        "(example_inputs= may trace it if its branches depend on sizes only)"
+    )
     q = tq.quantize_model(net, W, A, example_inputs=torch.randn(1, 3, 8, 8))
     assert q.meta["_tq_float_reasons"] == {}
     ops = set(_ops(q))

@@ -298,7 +298,8 @@ def to_onnx(
 
     Warns:
         UserWarning: the model was converted with ``example_inputs`` (its branches on sizes are
-            guarded in PyTorch, not in ONNX) and is exported with a dynamic axis.
+            guarded in PyTorch, not in ONNX) and is exported with a dynamic axis (whether or not
+            a guard depends on that axis).
 
     Raises:
         ValueError: a QModule not in a ``QUANT_EVAL`` mode or never calibrated (naming

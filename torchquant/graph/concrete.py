@@ -29,17 +29,18 @@ import torch
 from torch import fx
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 from torch.fx.node import has_side_effect, map_aggregate
+from torch.nn.modules.lazy import LazyModuleMixin
 
 __all__ = [
     "MISSING",
     "BranchGuardError",
     "ExampleValues",
+    "StateRestored",
     "bind_examples",
     "branch_guard",
     "describe_examples",
     "examples_from_description",
     "split_examples",
-    "state_tensors",
     "traced_branches",
 ]
 
@@ -50,13 +51,11 @@ MISSING = object()
 # recorded example keeps: not its strides, nor requires_grad, which the trace's no_grad would fix).
 _SIZE_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"})
 _SIZE_METHODS = frozenset({"size", "dim", "numel", "nelement", "ndimension", "get_device"})
-# Operations whose output size depends on the values of their input.
+# Operations whose output size depends on the values of their input: functions, and tensor methods by name.
 _VALUE_SIZED = frozenset(
-    {
-        torch.nonzero, torch.masked_select, torch.unique, torch.unique_consecutive, torch.argwhere,
-        "nonzero", "masked_select", "unique", "unique_consecutive", "argwhere",
-    }
-)  # fmt: skip
+    {torch.nonzero, torch.masked_select, torch.unique, torch.unique_consecutive, torch.argwhere, torch.bincount}
+)
+_VALUE_SIZED_METHODS = frozenset({"nonzero", "masked_select", "unique", "unique_consecutive", "argwhere", "bincount"})
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -170,7 +169,7 @@ class ExampleValues:
             if self.failure is None:
                 self.failure = f"{node.format_node()}: {type(e).__name__}: {e}"
         self.values[node] = value
-        if any(i in self.value_sized for i in inputs) or target in _VALUE_SIZED or _masks(kind, target, args, self):
+        if any(i in self.value_sized for i in inputs) or _sized_by_values(kind, target, args, self):
             self.value_sized.add(node)
         source_sized = bool(inputs) and inputs[0] not in self.value_sized
         sized = kind == "call_method" and target in _SIZE_METHODS and source_sized
@@ -201,6 +200,8 @@ class ExampleValues:
                 return getattr(a[0], target)(*a[1:], **k)
             if kind == "call_module":
                 module = self.root.get_submodule(target)
+                if any(isinstance(m, LazyModuleMixin) and m.has_uninitialized_params() for m in module.modules()):
+                    return MISSING  # running it would materialise it (and change its class) for good
                 try:
                     return module(*a, **k)
                 except Exception:
@@ -215,13 +216,10 @@ class ExampleValues:
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         """As ``fx.Tracer.trace``; the model's buffers and tensor attributes, which the operations run on
         (a BatchNorm in training updates its statistics, a cache is written in place), are restored."""
-        saved = [(t, t.clone()) for t in state_tensors(root)] if isinstance(root, torch.nn.Module) else []
-        try:
+        if not isinstance(root, torch.nn.Module):
             return super().trace(root, concrete_args)
-        finally:
-            with torch.no_grad():
-                for t, copy in saved:
-                    t.copy_(copy)
+        with StateRestored(root):
+            return super().trace(root, concrete_args)
 
     def _value_of(self, a: Any) -> Any:
         return self.values.get(a.node, MISSING) if isinstance(a, fx.Proxy) else a
@@ -269,14 +267,33 @@ class ExampleValues:
         return iter([obj[i] for i in range(n)])
 
 
-def state_tensors(root: torch.nn.Module) -> list[torch.Tensor]:
-    """Buffers and plain tensor attributes of every module of ``root`` (each once)."""
-    found: dict[int, torch.Tensor] = {}
-    for m in root.modules():
-        for t in (*m._buffers.values(), *vars(m).values()):
-            if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter):
-                found.setdefault(id(t), t)
-    return list(found.values())
+class StateRestored:
+    """Restores, on exit, the contents of the buffers and plain tensor attributes of ``root``'s
+    modules (a BatchNorm's kernel updates its statistics without bumping their version counter, so
+    all are copied back). Tensors that cannot be written in place are left out: inference tensors,
+    lazy ones, expanded ones (stride 0)."""
+
+    def __init__(self, root: torch.nn.Module) -> None:
+        found: dict[int, torch.Tensor] = {}
+        for m in root.modules():
+            for t in (*m._buffers.values(), *vars(m).values()):
+                if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter) and _writable(t):
+                    found.setdefault(id(t), t)
+        self.saved = [(t, t.clone()) for t in found.values()]
+
+    def __enter__(self) -> StateRestored:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with torch.no_grad():
+            for t, copy in self.saved:
+                t.copy_(copy)
+
+
+def _writable(t: torch.Tensor) -> bool:
+    if torch.nn.parameter.is_lazy(t) or t.is_inference() or t.is_meta:
+        return False
+    return all(stride != 0 or size == 1 for stride, size in zip(t.stride(), t.shape, strict=True))
 
 
 class _EvalMode:
@@ -294,12 +311,24 @@ class _EvalMode:
             m.training = flag
 
 
-def _masks(kind: str, target: Any, args: tuple, tracer: ExampleValues) -> bool:
-    """Indexing with a boolean mask (``x[x > 0]``): the output's size depends on the values."""
+def _sized_by_values(kind: str, target: Any, args: tuple, tracer: ExampleValues) -> bool:
+    """Whether the output's size depends on tensor values: ``nonzero``, ``torch.where(cond)``,
+    ``repeat_interleave`` by a tensor, indexing with a boolean mask computed from data (``x[x > 0]``;
+    a mask built from sizes, ``torch.arange(n) > 0``, is a size)."""
+    if kind == "call_function" and target in _VALUE_SIZED:
+        return True
+    if kind == "call_method" and target in _VALUE_SIZED_METHODS:
+        return True
+    if kind in ("call_function", "call_method") and target in (torch.where, "where") and len(args) == 1:
+        return True
+    if kind in ("call_function", "call_method") and target in (torch.repeat_interleave, "repeat_interleave"):
+        return len(args) > 1 and isinstance(args[1], fx.Proxy) and args[1].node in tracer.data
     if not (kind == "call_function" and target is operator.getitem and len(args) > 1):
         return False
-    index = [tracer.values.get(p.node, MISSING) for p in _proxies(args[1])]
-    return any(isinstance(v, torch.Tensor) and v.dtype == torch.bool for v in index)
+    index = [p for p in _proxies(args[1]) if p.node in tracer.data]
+    return any(
+        isinstance(v, torch.Tensor) and v.dtype == torch.bool for v in (tracer.values.get(p.node) for p in index)
+    )
 
 
 def _proxies(a: Any) -> list[fx.Proxy]:

@@ -88,7 +88,7 @@ from .common import (
     skip_reason,
     structural_copy,
 )
-from .concrete import MISSING, BranchGuardError, ExampleValues, branch_guard, state_tensors
+from .concrete import MISSING, BranchGuardError, ExampleValues, StateRestored, branch_guard
 from .modes import ModeDiff, TrainingBranchWarning, follow_mode, install_mode_flags, is_mode_flag_call
 from .readers import is_weight_reader
 from .swap import quantize_swap
@@ -345,9 +345,11 @@ _OWN_DIR = os.path.dirname(os.path.abspath(__file__))  # torchquant/graph: the t
 class _ExampleTracer(ExampleValues, _Tracer):
     """The tracer with example values: branches on sizes follow the example inputs, guarded.
 
-    ``trace_wrapped``: trace into the functions marked with ``torch.fx.wrap`` rather than record them
-    as calls (torchvision's ``shifted_window_attention``, to which a weight reader passes its layers'
-    weights: traced, those reads become layers and its attention gets ``QOp`` s)."""
+    ``trace_wrapped``: trace into the functions marked with ``torch.fx.wrap`` in the modules that define
+    the root's class and its bases rather than record them as calls (torchvision's
+    ``shifted_window_attention``, to which a weight reader passes its layers' weights: traced, those
+    reads become layers and its attention gets ``QOp`` s). torch.fx keeps that table globally: not
+    for conversions in several threads at once."""
 
     def __init__(self, *args: Any, trace_wrapped: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -356,9 +358,11 @@ class _ExampleTracer(ExampleValues, _Tracer):
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         if not self.trace_wrapped:
             return super().trace(root, concrete_args)
+        spaces = {id(vars(sys.modules[c.__module__])) for c in type(root).__mro__ if c.__module__ in sys.modules}
         table = fx._symbolic_trace._wrapped_fns_to_patch
-        unwrapped = dict(table)
-        table.clear()
+        unwrapped = {k: v for k, v in table.items() if id(v) in spaces}
+        for k in unwrapped:
+            del table[k]
         try:
             return super().trace(root, concrete_args)
         finally:
@@ -936,7 +940,7 @@ class _Rewriter:
                 if node.target in self.inside:
                     note = f"layers inside {type(m).__name__} quantized by module swap; its output is not quantized"
                     if node.target in self.traceable_with_examples:
-                        note += " (example_inputs= would trace it)"
+                        note += " (example_inputs= may trace it if its branches depend on sizes only)"
                     self.float_reasons.setdefault(node.target, note)
                 elif node.target not in self.float_reasons:
                     self.float_reasons[node.target] = f"no rule for {type(m).__name__} (output not quantized)"
@@ -1057,19 +1061,17 @@ class _Rewriter:
                 continue
             bound = inspect.signature(m.forward).bind(*example[0], **example[1])
             bound.apply_defaults()
-            args = tuple(bound.arguments[p.name] for p in params)
-            saved = [(t, t.clone()) for t in state_tensors(sub)]
+            args = fx.node.map_aggregate(
+                tuple(bound.arguments[p.name] for p in params),
+                lambda v: v.clone() if isinstance(v, torch.Tensor) else v,
+            )
             try:
-                with torch.no_grad():
+                with torch.no_grad(), StateRestored(sub):
                     sub(*args)  # its new QModules are BYPASSED: the float computation
             except BranchGuardError:
                 return False
             except Exception:  # failing for another reason is not this check's to judge
                 continue
-            finally:
-                with torch.no_grad():
-                    for t, copy in saved:
-                        t.copy_(copy)
         return True
 
     def _functional_layer(self, node: fx.Node) -> None:
