@@ -57,8 +57,9 @@ _VALUE_SIZED = frozenset(
 )
 _VALUE_SIZED_METHODS = frozenset({"nonzero", "masked_select", "unique", "unique_consecutive", "argwhere", "bincount"})
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_OWN_DIR = os.path.dirname(os.path.abspath(__file__))
+# Where torch's code and the tracing machinery (torchquant/graph) live: a model's own line is outside both.
+TORCH_DIR = os.path.dirname(torch.__file__)
+GRAPH_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 class BranchGuardError(RuntimeError):
@@ -101,7 +102,7 @@ def traced_branches(model: torch.nn.Module) -> list[str]:
 def _model_line() -> str:
     """``file:line in fn: code`` of the innermost frame outside torch and torchquant's tracing."""
     for f in reversed(traceback.extract_stack()):
-        if not (f.filename.startswith(_OWN_DIR) or f.filename.startswith(_TORCH_DIR)):
+        if not f.filename.startswith((GRAPH_DIR, TORCH_DIR)):
             return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
     return "a traced condition"
 

@@ -88,7 +88,7 @@ from .common import (
     skip_reason,
     structural_copy,
 )
-from .concrete import MISSING, BranchGuardError, ExampleValues, StateRestored, branch_guard
+from .concrete import GRAPH_DIR, MISSING, TORCH_DIR, BranchGuardError, ExampleValues, StateRestored, branch_guard
 from .modes import ModeDiff, TrainingBranchWarning, follow_mode, install_mode_flags, is_mode_flag_call
 from .readers import is_weight_reader
 from .swap import quantize_swap
@@ -336,10 +336,7 @@ class _Tracer(fx.Tracer):
             raise
 
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_FX_DIR = os.path.dirname(fx.__file__)
-_NN_MODULES_DIR = os.path.join(_TORCH_DIR, "nn", "modules")
-_OWN_DIR = os.path.dirname(os.path.abspath(__file__))  # torchquant/graph: the tracing machinery
+_NN_MODULES_DIR = os.path.join(TORCH_DIR, "nn", "modules")
 
 
 class _ExampleTracer(ExampleValues, _Tracer):
@@ -377,8 +374,8 @@ def _user_frame(e: BaseException, module: nn.Module | None = None) -> str:
     from torch.fx before any of the model's code ran (e.g. "co_varnames is too small" for a
     decorated ``forward``), where ``module``'s ``forward`` is defined.
     """
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(_OWN_DIR)]
-    outside = [f for f in frames if not f.filename.startswith(_TORCH_DIR)]
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(GRAPH_DIR)]
+    outside = [f for f in frames if not f.filename.startswith(TORCH_DIR)]
     if not outside:
         outside = [f for f in frames if f.filename.startswith(_NN_MODULES_DIR)]
     forward = _forward_location(module)

@@ -15,8 +15,9 @@ forward hooks (calibration, GPTQ's and AdaRound's input collection) see the call
 mode: ``BYPASSED``, a wrapper computes ``F.linear`` with the same arguments, bit-identical.
 
 With ``example_inputs``, ``quantize_model(method="fx")`` traces such a module instead, into the
-functions its module marks with ``torch.fx.wrap``: the weight reads become layers and the
-attention's own operations ``QOp`` s (:mod:`torchquant.graph.concrete`).
+functions that the modules defining its class and its bases mark with ``torch.fx.wrap``: the
+weight reads become layers and the attention's own operations ``QOp`` s
+(:mod:`torchquant.graph.concrete`).
 
 :func:`torchquant.quantize_model` applies this to the exact types in :data:`WEIGHT_READERS`
 and those given to :func:`register_weight_reader`, with either method, and to those in
