@@ -428,3 +428,28 @@ def test_affine_per_group_ranges_of_another_rank_broadcast_as_before():
     x = torch.randn(3, 4, 16)
     delta, zero_point = q.qparams()
     assert torch.equal(q(x), q._on_grid(x, delta, zero_point))
+
+
+def test_minifloat_values_are_the_finite_values_of_the_format():
+    for name, dtype in (("fp8_e4m3", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)):
+        every = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+        assert torch.equal(tq.FORMATS[name].values(), every[every.isfinite()].unique())
+    for name, count in (("fp6_e3m2", 63), ("fp6_e2m3", 63), ("fp4_e2m1", 15), ("int8", 255)):
+        v = tq.FORMATS[name].values()
+        assert v.numel() == count and torch.equal(tq.FORMATS[name].quantize(v), v)  # each a value of its own
+    assert torch.equal(tq.FORMATS["int8"].values(), torch.arange(-127, 128) / 64)  # MX's INT8 element
+
+
+def test_float_grid_checks_and_block_scales():
+    x = torch.randn(6, 70) * 4
+    mx = tq.MXQuantizer("fp4_e2m1", block_size=32, axis=1).float_grid()
+    assert mx.blocked and mx.block_scales(x).shape == (6, 3)  # ceil(70 / 32) blocks, the last one of 6
+    assert torch.equal(mx.quantize(x), tq.MXQuantizer("fp4_e2m1", block_size=32, axis=1)(x))
+    with pytest.raises(ValueError, match=r"MX blocks along axis 1 do not fit a tensor of shape \(70,\)"):
+        mx.check((70,))
+    scaled = tq.FloatGrid(tq.FORMATS["fp8_e4m3"], torch.ones(6, 1), tq.per_channel(0))
+    scaled.check(x.shape)
+    with pytest.raises(ValueError, match=r"q: float_grid\(\) does not fit"):
+        scaled.check((5, 70), "q")
+    with pytest.raises(ValueError, match="block_scales\\(\\) needs MX blocks"):
+        scaled.block_scales(x)

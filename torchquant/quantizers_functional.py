@@ -40,6 +40,7 @@ __all__ = [
     "lsq_quantize",
     "minifloat_quantize",
     "minifloat_round",
+    "mx_block_scales",
     "mx_quantize",
     "pact_quantize",
     "qfmt_quantize",
@@ -605,19 +606,47 @@ def mx_quantize(
     return _mx_reference(x, man_bits, bias, max_value, elem_emax, block_size, ax)
 
 
+def _mx_blocks(x: Tensor, block_size: int, ax: int) -> Tensor:
+    """``x`` with ``ax`` moved last, zero-padded to whole blocks and split: ``(..., ceil(n / b), b)``."""
+    xt = x.movedim(ax, -1)  # (..., n)
+    pad = (-xt.shape[-1]) % block_size
+    if pad:
+        xt = torch.nn.functional.pad(xt, (0, pad))
+    return xt.reshape(*xt.shape[:-1], -1, block_size)
+
+
+def mx_block_scales(x: Tensor, elem_emax: int, block_size: int = 32, axis: int = -1) -> Tensor:
+    """The OCP MX shared scales of ``x``'s blocks, as :func:`mx_quantize` computes them.
+
+    Args:
+        x: input of any shape, floating point.
+        elem_emax: exponent of the element format's largest normal (E4M3 8, E2M1 2, INT8 0).
+        block_size: elements per block along ``axis`` (the last block zero-padded).
+        axis: the axis along which blocks run.
+
+    Returns:
+        Powers of two (:func:`e8m0_block_scale`) in the compute dtype of ``x``, of ``x``'s
+        shape with ``n = x.shape[axis]`` replaced by ``ceil(n / block_size)``.
+
+    Example:
+        >>> mx_block_scales(torch.tensor([[5.0, 0.3, -1.2, 0.0, 0.1]]), elem_emax=2, block_size=4)
+        tensor([[1.0000, 0.0156]])
+    """
+    ax = axis % x.dim()
+    blocks = _mx_blocks(x.detach(), block_size, ax)  # (..., n / b, b)
+    amax = blocks.abs().amax(dim=-1).to(compute_dtype(x))  # (..., n / b)
+    return e8m0_block_scale(amax, elem_emax).movedim(-1, ax)
+
+
 def _mx_reference(
     x: Tensor, man_bits: int, bias: int, max_value: float, elem_emax: int, block_size: int, ax: int
 ) -> Tensor:
-    xt = x.movedim(ax, -1)  # (..., n)
-    n = xt.shape[-1]
-    pad = (-n) % block_size
-    if pad:
-        xt = torch.nn.functional.pad(xt, (0, pad))
-    blocks = xt.reshape(*xt.shape[:-1], -1, block_size)  # (..., n / b, b)
+    n = x.shape[ax]
+    blocks = _mx_blocks(x, block_size, ax)  # (..., n / b, b)
     amax = blocks.detach().abs().amax(dim=-1, keepdim=True).to(compute_dtype(x))  # (..., n / b, 1)
     scale = e8m0_block_scale(amax, elem_emax)
     q = minifloat_quantize(blocks, scale, man_bits, bias, max_value)
-    q = q.reshape(*xt.shape[:-1], n + pad)[..., :n]
+    q = q.reshape(*q.shape[:-2], -1)[..., :n]
     return q.movedim(-1, ax)
 
 

@@ -34,13 +34,18 @@ Non-uniform quantizers whose outputs lie on a finite set of levels (NF4, APoT, a
 codebook of one's own) describe it through :meth:`Quantizer.levels`, a
 :class:`LevelGrid` (ascending levels times a scale, with nearest-level codes, the two
 neighbouring levels and dequantization); AdaRound and ONNX export use it the same way.
+Quantizers that round to a floating-point format (FP8, FP4, OCP MX) describe it through
+:meth:`Quantizer.float_grid`, a :class:`FloatGrid` (the format, its scales, or MX's block
+scales computed from the input); ONNX export stores FP8 as ONNX's float8 types with it.
 
 Every quantizer is importable from here; each family lives in one module, and
 every class is registered by name (``tq.make_quantizer("lsq", 4)``):
 
 * :mod:`~torchquant.quantizers.base`: :class:`Quantizer`, :class:`RangeQuantizer`,
   :class:`LearnedQuantizer`, :class:`StatelessQuantizer`, :class:`AffineGrid`,
-  :class:`LevelGrid`, :func:`check_n_bits`;
+  :class:`LevelGrid`, :class:`FloatGrid`, :func:`check_n_bits`;
+* :mod:`~torchquant.quantizers.formats`: :class:`MinifloatFormat` and the OCP formats
+  :data:`FORMATS`;
 * :mod:`~torchquant.quantizers.affine`: ``affine``, ``qfmt``
   (:class:`AffineQuantizer`, :class:`QfmtQuantizer`);
 * :mod:`~torchquant.quantizers.learned`: ``lsq``, ``lsq+``, ``pact``
@@ -68,6 +73,7 @@ from .adaround import AdaRoundQuantizer
 from .affine import AffineQuantizer, QfmtQuantizer
 from .base import (
     AffineGrid,
+    FloatGrid,
     LearnedQuantizer,
     LevelGrid,
     Quantizer,
@@ -78,9 +84,10 @@ from .base import (
 from .binary import BinaryQuantizer, TernaryQuantizer, XNORWeightQuantizer
 from .dorefa import DoReFaActQuantizer, DoReFaWeightQuantizer
 from .dynamic import DynamicAffineQuantizer, ResidualGroupQuantizer
+from .formats import FORMATS, MinifloatFormat
 from .learned import LSQPlusQuantizer, LSQQuantizer, PACTQuantizer, pact_regularization
 from .levels import APoTQuantizer, NF4Quantizer, apot_levels, nf4_levels
-from .minifloat import FORMATS, MinifloatFormat, MinifloatQuantizer, MXQuantizer
+from .minifloat import MinifloatQuantizer, MXQuantizer
 
 __all__ = [
     "FORMATS",
@@ -92,6 +99,7 @@ __all__ = [
     "DoReFaActQuantizer",
     "DoReFaWeightQuantizer",
     "DynamicAffineQuantizer",
+    "FloatGrid",
     "LSQPlusQuantizer",
     "LSQQuantizer",
     "LearnedQuantizer",

@@ -22,7 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from ..granularity import Granularity
-from ..quantizers_functional import level_codes, level_neighbours, level_values
+from ..quantizers_functional import (
+    level_codes,
+    level_neighbours,
+    level_values,
+    minifloat_round,
+    mx_block_scales,
+)
 from ..range_observers import RangeObserver
 from ..spec import (
     CONFIG_KEY,
@@ -34,9 +40,11 @@ from ..spec import (
     plain,
     registered_class_name,
 )
+from .formats import MinifloatFormat
 
 __all__ = [
     "AffineGrid",
+    "FloatGrid",
     "LearnedQuantizer",
     "LevelGrid",
     "Quantizer",
@@ -218,6 +226,85 @@ class LevelGrid:
         return self.dequantize(self.codes(x, who), who)
 
 
+@dataclass(frozen=True)
+class FloatGrid:
+    """The values of a minifloat format times a scale: ``x_q = round_fmt(x / scale) * scale``.
+
+    The contract of floating-point quantizers (FP8, FP6, FP4, OCP MX), as
+    :class:`~torchquant.quantizers.AffineGrid` is that of uniform ones: export stores
+    the rounded values ``round_fmt(x / scale)`` in the format (ONNX ``float8e4m3fn``,
+    ``float8e5m2``, ``int8``) with their scales.
+
+    Attributes:
+        fmt: the element format.
+        scale: positive, broadcasting against the quantized tensor as an affine grid's
+            scale does (``()`` per tensor, ``(C, 1, 1, 1)`` per channel); ``None`` for OCP MX
+            blocks, whose power-of-two scales come from each input's block maxima
+            (:func:`~torchquant.quantizers_functional.mx_block_scales`).
+        granularity: where the scale changes; for MX blocks ``per_group(block_size, axis)``,
+            the last block of an axis ``block_size`` does not divide being shorter.
+
+    Example:
+        >>> from torchquant.quantizers import FORMATS
+        >>> g = FloatGrid(FORMATS["fp4_e2m1"], torch.tensor(0.5), Granularity())
+        >>> g.quantize(torch.tensor([0.2, 1.3, 9.0])).tolist()
+        [0.25, 1.5, 3.0]
+    """
+
+    fmt: MinifloatFormat
+    scale: Tensor | None
+    granularity: Granularity
+
+    @property
+    def blocked(self) -> bool:
+        """Whether the scales are OCP MX block scales computed from the input."""
+        return self.scale is None
+
+    def check(self, shape: torch.Size | tuple[int, ...], who: str = "FloatGrid") -> None:
+        """Check that this grid fits a tensor of ``shape``, the one it quantizes.
+
+        A scale must broadcast against the tensor without enlarging it and change only
+        where :attr:`granularity` says (as :meth:`~torchquant.quantizers.AffineGrid.check`);
+        MX blocks need their axis to exist.
+
+        Raises:
+            ValueError: naming ``who`` and the shapes.
+        """
+        if self.scale is not None:
+            _check_fits(shape, self.granularity, {"scale": self.scale}, who, "float_grid()")
+            return
+        axis = self.granularity.axis
+        if axis is None or self.granularity.group_size is None or not -len(shape) <= axis < len(shape):
+            raise ValueError(f"{who}: MX blocks along axis {axis} do not fit a tensor of shape {tuple(shape)}")
+
+    def block_scales(self, x: Tensor) -> Tensor:
+        """MX blocks only: the scales of ``x``'s blocks, compact (``x.shape`` with ``ceil(n / block_size)``
+        along the axis)."""
+        g = self.granularity
+        if self.scale is not None or g.axis is None or g.group_size is None:
+            raise ValueError(f"FloatGrid: block_scales() needs MX blocks (scale None, per-group), got {g}")
+        return mx_block_scales(x, self.fmt.emax, g.group_size, g.axis)
+
+    def scale_for(self, x: Tensor) -> Tensor:
+        """The scale of every element of ``x``, broadcasting against it (MX: each element's block scale)."""
+        if self.scale is not None:
+            return self.scale
+        g = self.granularity
+        ax = g.axis % x.dim()  # type: ignore[operator]
+        per_elem = self.block_scales(x).repeat_interleave(g.group_size, dim=ax)  # type: ignore[arg-type]
+        return per_elem.narrow(ax, 0, x.shape[ax])
+
+    def elements(self, x: Tensor) -> Tensor:
+        """``round_fmt(x / scale)``: the format's values that represent ``x`` (float, of ``x``'s shape)."""
+        f = self.fmt
+        s = self.scale_for(x)
+        return minifloat_round(x / s.to(x.device), f.man_bits, f.bias, f.max_value)  # type: ignore[arg-type]
+
+    def quantize(self, x: Tensor) -> Tensor:
+        """``x`` on this grid: ``round_fmt(x / scale) * scale`` (straight-through gradient)."""
+        return self.fmt.quantize(x, self.scale_for(x).to(x.device))
+
+
 class Quantizer(RecordsInit, nn.Module, abc.ABC):
     """Base class of every quantizer.
 
@@ -347,9 +434,19 @@ class Quantizer(RecordsInit, nn.Module, abc.ABC):
         """The finite set of levels the outputs lie on (non-uniform quantizers), or ``None``.
 
         A quantizer whose outputs lie on an affine grid reports it through :meth:`grid`
-        instead; one with neither (a sign or a float format) returns ``None`` from both.
+        instead, one rounding to a floating-point format through :meth:`float_grid`; one
+        with none of them (a sign) returns ``None`` from all three.
         Export stores the weights of a quantizer with levels as integer codes plus the
         codebook, and AdaRound chooses between the two nearest levels.
+        """
+        return None
+
+    def float_grid(self) -> FloatGrid | None:
+        """The floating-point format and scales the outputs lie on (FP8, FP4, OCP MX), or ``None``.
+
+        ``quantize(x)`` must equal ``float_grid().quantize(x)``; export then stores the
+        format's values (ONNX ``float8e4m3fn``/``float8e5m2`` where the format is one) and
+        the scales, and rounds activations in the format.
         """
         return None
 

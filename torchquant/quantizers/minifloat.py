@@ -9,98 +9,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .. import kernels
-from ..quantizers_functional import minifloat_quantize, mx_quantize
+from ..granularity import PER_TENSOR, Granularity
+from ..quantizers_functional import mx_quantize
 from ..range_observers import BatchMinMax, ExpAvgMinMax, RangeObserver
 from ..registry import Example, register_quantizer
-from .base import Quantizer, StatelessQuantizer, forward_with_observer, kernel_ranges
+from .base import FloatGrid, Quantizer, StatelessQuantizer, forward_with_observer, kernel_ranges
+from .formats import FORMATS, MinifloatFormat
 
-__all__ = ["FORMATS", "MXQuantizer", "MinifloatFormat", "MinifloatQuantizer"]
-
-# A leaf for torch.fx: tracing records one call instead of entering the autograd.Function.
-torch.fx.wrap("minifloat_quantize")
-
-
-_SPECIALS = ("ieee", "nan_only", "finite")
-
-
-@dataclass(frozen=True)
-class MinifloatFormat:
-    """A sign-magnitude floating-point format with ``exp_bits`` exponent and ``man_bits`` mantissa bits.
-
-    Args:
-        exp_bits: exponent bits ``E`` (>= 1).
-        man_bits: mantissa bits ``M`` (>= 0).
-        bias: exponent bias; ``None`` means ``2 ** (E - 1) - 1``.
-        special: which encodings are not finite numbers:
-            ``"ieee"``: the top exponent holds infinities and NaNs (FP8 E5M2);
-            ``"nan_only"``: only the all-ones exponent-and-mantissa code is NaN
-            (FP8 E4M3 of the OCP spec, torch's ``float8_e4m3fn``);
-            ``"finite"``: every code is a number (OCP FP6 E3M2/E2M3, FP4 E2M1).
-
-    Quantizing to a format saturates to ``+-max_value`` and generates neither
-    infinities nor NaNs. Subnormals (exponent field 0) are supported.
-    """
-
-    exp_bits: int
-    man_bits: int
-    bias: int | None = None
-    special: str = "finite"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.exp_bits, bool) or not isinstance(self.exp_bits, int) or not 1 <= self.exp_bits <= 8:
-            raise ValueError(f"MinifloatFormat: exp_bits must be an int in [1, 8], got {self.exp_bits!r}")
-        if isinstance(self.man_bits, bool) or not isinstance(self.man_bits, int) or not 0 <= self.man_bits <= 10:
-            raise ValueError(f"MinifloatFormat: man_bits must be an int in [0, 10], got {self.man_bits!r}")
-        if self.special not in _SPECIALS:
-            raise ValueError(f"MinifloatFormat: special must be one of {_SPECIALS}, got {self.special!r}")
-        if self.special == "ieee" and self.exp_bits < 2:
-            raise ValueError("MinifloatFormat: special='ieee' needs exp_bits >= 2")
-        if self.special == "nan_only" and self.man_bits < 1:
-            raise ValueError("MinifloatFormat: special='nan_only' needs man_bits >= 1")
-        if self.bias is None:
-            object.__setattr__(self, "bias", 2 ** (self.exp_bits - 1) - 1)
-
-    @property
-    def name(self) -> str:
-        return f"e{self.exp_bits}m{self.man_bits}"
-
-    @property
-    def emax(self) -> int:
-        """Unbiased exponent of the largest normal value."""
-        top = 2**self.exp_bits - 1  # largest exponent field
-        return (top - 1 if self.special == "ieee" else top) - self.bias  # type: ignore[operator]
-
-    @property
-    def max_value(self) -> float:
-        """Largest finite magnitude (448 for E4M3, 57344 for E5M2, 6 for E2M1)."""
-        m = self.man_bits
-        frac = 2 - 2 ** (1 - m) if self.special == "nan_only" else 2 - 2**-m
-        return frac * 2.0**self.emax
-
-    def quantize(self, x: Tensor, scale: Tensor | float = 1.0) -> Tensor:
-        """``x`` rounded to this format after division by ``scale`` (see :func:`minifloat_quantize`)."""
-        return minifloat_quantize(x, scale, self.man_bits, self.bias, self.max_value)  # type: ignore[arg-type]
-
-
-FORMATS: dict[str, MinifloatFormat] = {
-    "fp8_e4m3": MinifloatFormat(4, 3, special="nan_only"),
-    "fp8_e5m2": MinifloatFormat(5, 2, special="ieee"),
-    "fp6_e3m2": MinifloatFormat(3, 2),
-    "fp6_e2m3": MinifloatFormat(2, 3),
-    "fp4_e2m1": MinifloatFormat(2, 1),
-    # MXINT8's element: int8 with an implicit scale 2**-6, symmetric range [-127, 127]; as a format,
-    # E1M6 with bias 1 and no special codes has exactly these values.
-    "int8": MinifloatFormat(1, 6, bias=1),
-}
-"""The OCP formats by name (``"int8"``: MX's INT8 element, see
-:func:`~torchquant.quantizers_functional.mx_quantize`)."""
+__all__ = ["MXQuantizer", "MinifloatQuantizer"]
 
 
 def _format_config(f: MinifloatFormat) -> str:
@@ -186,6 +108,10 @@ class MinifloatQuantizer(Quantizer):
         amax = torch.maximum(mn.abs(), mx.abs())
         return (amax / self.fmt.max_value).clamp(min=torch.finfo(torch.float32).tiny)
 
+    def float_grid(self) -> FloatGrid:
+        obs = self.range_observer
+        return FloatGrid(self.fmt, self.scale(), PER_TENSOR if obs is None else obs.granularity)
+
     def forward(self, x: Tensor) -> Tensor:
         return forward_with_observer(self, self._modules.get("range_observer"), x)
 
@@ -260,6 +186,9 @@ class MXQuantizer(StatelessQuantizer):
         config = super().grid_config()
         config["args"]["elem"] = _format_config(self.elem)
         return config
+
+    def float_grid(self) -> FloatGrid:
+        return FloatGrid(self.elem, None, Granularity(self.axis, self.block_size))
 
     def quantize(self, x: Tensor) -> Tensor:
         f = self.elem
