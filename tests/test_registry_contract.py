@@ -7,7 +7,7 @@ later is checked here without a test of its own. An observer is checked inside a
 (``weight``, ``act``, or both for ``any``): as a QWrapper's weight or activation
 quantizer, in a QOp (activations), in a model converted by ``quantize_model`` (torch.fx),
 under torch.compile, through ``state_dict`` and ``copy.deepcopy``, backward, and, where the
-outputs lie on ``grid()`` or ``levels()``, through their integer codes and an ONNX export.
+outputs lie on ``grid()``, ``levels()`` or ``float_grid()``, through their codes and an ONNX export.
 """
 
 from __future__ import annotations
@@ -414,11 +414,6 @@ def _a8() -> tq.Quantizer:
 EXPORT_CASES = [c for c in CASES if c.example.on_grid]
 
 
-def _float_simulation_exports(case: Case, q: tq.Quantizer) -> bool:
-    """Minifloat and MX activations round with operations torch's ONNX exporter lacks (frexp, float8 casts)."""
-    return not (case.role == "act" and isinstance(q, (tq.MinifloatQuantizer, tq.MXQuantizer)))
-
-
 @pytest.mark.parametrize("case", params(EXPORT_CASES))
 def test_onnx_export_between_quantized_activations_agrees_in_the_optimized_run(case):
     pytest.importorskip("onnxruntime")
@@ -437,10 +432,6 @@ def test_onnx_export_between_quantized_activations_agrees_in_the_optimized_run(c
     tq.set_qmodule_state(net, S.QUANT_EVAL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "exported as its float-valued simulation"
-        if not _float_simulation_exports(case, case.quantizer_of(w)):
-            with pytest.raises(RuntimeError, match=r"float simulation \(1\.acts_quantizer\)"):
-                tq.export.to_onnx(net, x[:1], opset=21)
-            return
         proto = tq.export.to_onnx(net, x[:1], opset=21)
     report = tq.export.check_parity(net, proto, x)
     assert report.passed(), str(report)
@@ -484,6 +475,29 @@ def test_onnx_export_of_levels_matches(case):
     report = tq.export.check_parity(w, proto, x)
     assert report.passed(), str(report)
     assert not report.raw_outputs["output0"].max_abs > 1e-5 * max(report.output_scale["output0"], 1.0)
+
+
+FLOAT_CASES = [
+    c for c in CASES if c.example.on_grid and observed(c)[0].grid() is None and observed(c)[0].float_grid() is not None
+]
+
+
+def test_float_cases_include_every_float_family():
+    assert {"minifloat", "mx", "fp8_e4m3", "fp4_e2m1", "mxfp4", "mxint8"} <= {c.name for c in FLOAT_CASES}
+    assert not {c.id for c in FLOAT_CASES} & {c.id for c in LEVEL_CASES}  # one contract per quantizer
+
+
+@pytest.mark.parametrize("case", params(FLOAT_CASES))
+def test_outputs_lie_on_the_float_grid(case):
+    q, x = observed(case)
+    with torch.no_grad():
+        y = q(x)
+    fg = q.float_grid()
+    fg.check(x.shape)
+    elements = fg.elements(x)
+    assert torch.isin(elements, fg.fmt.values()).all()  # values of the format
+    assert torch.equal(elements * fg.scale_for(x), y)  # bit-exact: those values times the scales
+    assert torch.equal(fg.quantize(x), y)  # and float_grid() says how the inputs were rounded
 
 
 # ------------------------------------------------------------------ observers on their own

@@ -152,3 +152,41 @@ def test_multihead_attention_weights_are_integer_weights():
         q = getattr(mha, f"{role}_quantizer")
         np.testing.assert_allclose(dequant, q(w).detach().numpy(), rtol=1e-6, atol=1e-7)
         np.testing.assert_array_equal(p["bias"], b.detach().numpy())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: tq.MinifloatQuantizer("fp8_e4m3", tq.BatchMinMax(axis=0)),
+        lambda: tq.MXQuantizer("fp4_e2m1", block_size=16),
+        lambda: tq.MXQuantizer("fp8_e5m2"),  # 40 inputs: a last block of 8
+    ],
+    ids=["fp8-per-channel", "mxfp4", "mxfp8-partial-block"],
+)
+def test_float_formats_give_elements_and_scales_that_rebuild_the_weights(make, tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(40, 24), nn.ReLU(), nn.Linear(24, 4))
+    net = tq.quantize_model(net, lambda m, n: make(), lambda m, n: tq.MinifloatQuantizer("fp8_e5m2"), method="swap")
+    with torch.no_grad(), tq.qmodule_state(net, S.CALIBRATION):
+        net(torch.randn(32, 40))
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    params = tq.export.integer_params(net)
+    for name, wrapper in (("0.weight_quantizer", net[0]), ("2.weight_quantizer", net[2])):
+        p = params[name]
+        fmt = wrapper.weight_quantizer.float_grid().fmt
+        assert p["kind"] == "weight" and not p["affine"] and p["format"] == fmt.name
+        assert np.isin(p["elements"], fmt.values().numpy()).all()
+        scale = torch.from_numpy(p["scale"])
+        if p["blocked"]:  # one scale per block of group_size along the axis, the last block shorter
+            n = p["elements"].shape[p["axis"]]
+            scale = scale.repeat_interleave(p["group_size"], dim=p["axis"]).narrow(p["axis"], 0, n)
+        with torch.no_grad():
+            simulated = wrapper.weight_quantizer(wrapper.weight_to_quantize())
+        assert torch.equal(torch.from_numpy(p["elements"]) * scale, simulated)
+    act = params["0.acts_quantizer"]
+    assert act["kind"] == "activation" and act["format"] == "e5m2" and act["scale"] == 1.0
+    path = tmp_path / "params.npz"
+    tq.export.save_integer_params(params, path)
+    loaded = tq.export.load_integer_params(path)
+    assert loaded["0.weight_quantizer"]["special"] == params["0.weight_quantizer"]["special"]
+    np.testing.assert_array_equal(loaded["0.weight_quantizer"]["elements"], params["0.weight_quantizer"]["elements"])

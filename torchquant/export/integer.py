@@ -32,8 +32,15 @@ per-tensor quantizer gets it. Quantizers with levels instead of an affine grid
 ``"affine": False``, ``"n_levels"``, the granularity, ``"levels"`` (float32, the codebook
 ``(..., K)``), ``"scale"`` (float32, broadcasting against the tensor) and, for a weight,
 ``"codes"`` (int64 in ``[0, K - 1]``, shaped as ``QWrapper.weight_view()``), so that
-``w = levels[..., codes] * scale``. Quantizers with neither appear with ``"kind"``,
-``"quantizer"`` and ``"affine": False`` only.
+``w = levels[..., codes] * scale``. Quantizers rounding to a floating-point format
+(:meth:`~torchquant.quantizers.Quantizer.float_grid`: FP8, FP4, MX) appear with
+``"affine": False``, the format (``"format"`` such as ``"e4m3"``, ``"exp_bits"``,
+``"man_bits"``, ``"exp_bias"``, ``"special"``, ``"max_value"``), the granularity,
+``"blocked"`` (MX: a power-of-two scale per block of ``group_size`` along ``axis``, from the
+tensor itself), ``"scale"`` (float32, broadcasting against the tensor; for MX blocks, a
+weight's compact block scales) and, for a weight, ``"elements"`` (float32, the format's
+values), so that ``w = elements * scale`` (each block's scale repeated along the axis for MX).
+Quantizers with none of these appear with ``"kind"``, ``"quantizer"`` and ``"affine": False`` only.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from ..qmodules import QMultiheadAttention, QWrapper
+from ..quantizers import FloatGrid
 from ._common import quant_points, to_numpy
 
 __all__ = ["integer_params", "load_integer_params", "save_integer_params"]
@@ -108,6 +116,9 @@ def integer_params(
         entry: dict[str, Any] = {"kind": kind, "quantizer": type(p.quantizer).__name__, "affine": grid is not None}
         if grid is None:
             levels = p.quantizer.levels()
+            fg = p.quantizer.float_grid() if levels is None else None
+            if fg is not None:
+                entry.update(_float_entry(fg, _weight(weight_of[p.name]) if kind == "weight" else None))
             if levels is not None:
                 g = levels.granularity
                 entry.update(
@@ -121,7 +132,7 @@ def integer_params(
                 if kind == "weight":
                     who = f"integer_params: quantizer {p.name!r} ({type(p.quantizer).__name__})"
                     with torch.no_grad():
-                        entry["codes"] = to_numpy(levels.codes(weight_of[p.name].weight_to_quantize(), who), np.int64)
+                        entry["codes"] = to_numpy(levels.codes(_weight(weight_of[p.name]), who), np.int64)
             out[p.name] = entry
             continue
         g = grid.granularity
@@ -156,6 +167,40 @@ def integer_params(
                         entry.update(_int_bias(bias, grid.scale, feeder, out, p.name, who))
         out[p.name] = entry
     return out
+
+
+def _weight(owner: QWrapper | tuple[Tensor, Tensor | None]) -> Tensor:
+    """The tensor a weight quantizer reads: ``(out, in, ...)``, BatchNorm folded with ``fold_bn=True``."""
+    if isinstance(owner, tuple):
+        return owner[0]
+    with torch.no_grad():
+        return owner.weight_to_quantize()
+
+
+def _float_entry(fg: FloatGrid, weight: Tensor | None) -> dict[str, Any]:
+    """The fields of a floating-point point: format, granularity, scales and, for a weight, its elements."""
+    f, g = fg.fmt, fg.granularity
+    entry: dict[str, Any] = {
+        "format": f.name,
+        "exp_bits": f.exp_bits,
+        "man_bits": f.man_bits,
+        "exp_bias": f.bias,
+        "special": f.special,
+        "max_value": f.max_value,
+        "granularity": g.kind,
+        "axis": g.axis,
+        "group_size": g.group_size,
+        "blocked": fg.blocked,
+    }
+    if fg.scale is not None:
+        entry["scale"] = to_numpy(fg.scale, np.float32)
+    if weight is not None:
+        with torch.no_grad():
+            w = weight.detach()
+            entry["elements"] = to_numpy(fg.elements(w), np.float32)
+            if fg.blocked:
+                entry["scale"] = to_numpy(fg.block_scales(w), np.float32)
+    return entry
 
 
 def _int_bias(bias: Tensor, w_scale: Tensor, feeder: str, done: dict, name: str, who: str) -> dict[str, Any]:
@@ -217,6 +262,13 @@ _META = (
     "axis",
     "group_size",
     "input_point",
+    "format",
+    "exp_bits",
+    "man_bits",
+    "exp_bias",
+    "special",
+    "max_value",
+    "blocked",
 )
 
 

@@ -31,6 +31,21 @@ A per-tensor activation read by a ``MatMul``/``Gemm`` through data movement only
 (``tq_requantize/...``; exact, since the values lie on that grid), so that onnxruntime
 can run the product on integers instead of quantizing the float tensor again itself.
 
+A quantizer that rounds to a floating-point format (:meth:`~torchquant.quantizers.Quantizer.float_grid`,
+a :class:`~torchquant.quantizers.FloatGrid`: FP8, FP6, FP4, OCP MX) is replaced using it:
+
+* FP8 E4M3/E5M2 and MX's INT8 element have ONNX types (``float8e4m3fn``, ``float8e5m2``,
+  ``int8`` with the scale divided by 64): a weight is stored in it followed by
+  ``DequantizeLinear`` (opset 19; MX blocks with ``block_size``, opset 21), an activation gets
+  ``QuantizeLinear -> DequantizeLinear`` (opset 21), MX block scales computed in the graph
+  from each block's maximum;
+* other formats: a weight is stored as integers times the format's smallest subnormal
+  (every value of a format is one: FP4 E2M1 in ``int8`` as ``k / 2``, FP6 E3M2 in ``int16``
+  at opset 21) with ``DequantizeLinear``, or where no such type exists at the opset as ``uint8``
+  codes of the format's values read from its codebook (as levels are); an activation is
+  rounded in float ops (``Log``/``Floor``/``Pow`` for the exponent, ``Round``), the
+  simulation's arithmetic.
+
 Grids map to ONNX integer types: a ``[0, 2^n - 1]`` grid to ``uint8``/``uint4``
 with its zero points, or, for weights with ``signed_weights=True``, shifted by
 ``2^(n-1)`` to ``int8``/``int4`` (a symmetric grid's zero point ``2^(n-1)``
@@ -49,6 +64,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -62,7 +78,7 @@ from torch import Tensor, nn
 from ..granularity import Granularity
 from ..graph.concrete import traced_branches
 from ..moe import QExperts
-from ..quantizers import AffineGrid, LevelGrid, Quantizer
+from ..quantizers import AffineGrid, FloatGrid, LevelGrid, MinifloatFormat, Quantizer
 from ._common import quant_points, to_numpy
 
 if TYPE_CHECKING:
@@ -88,7 +104,10 @@ class _Record:
     quantizer: Quantizer
     grid: AffineGrid | None = None
     levels: LevelGrid | None = None  # when the quantizer has levels instead of an affine grid
+    float_grid: FloatGrid | None = None  # when it rounds to a floating-point format instead
     codes: Tensor | None = None  # integer codes of the last input (used when that input is a constant)
+    scales: Tensor | None = None  # a float grid's scales for the last input (MX: compact block scales)
+    rank: int = 0  # dimensions of the last input
     values: Tensor | None = None  # without grid or levels: the simulated values of a parameter or buffer input
     calls: int = 0
 
@@ -144,6 +163,19 @@ class _Stub(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         rec = _Active.records[self.idx]
         rec.calls += 1
+        if rec.float_grid is not None:
+            if not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
+                who = f"to_onnx: quantizer {rec.name!r} ({type(rec.quantizer).__name__})"
+                fg = rec.float_grid
+                try:
+                    fg.check(x.shape, who)
+                except ValueError as e:
+                    raise _GridMismatch(str(e)) from None
+                with torch.no_grad():  # the format's values and the scales, stored for a constant input
+                    rec.codes = fg.elements(x.detach())
+                    rec.scales = fg.block_scales(x.detach()) if fg.blocked else fg.scale
+                    rec.rank = x.dim()
+            return _QuantPointFn.apply(x, self.idx)
         if rec.grid is None and rec.levels is None:
             if id(x) not in _Active.constants and id(x._base) not in _Active.constants:  # _base: a view (W.t())
                 return rec.quantizer.quantize(x)  # float simulation, traced as ordinary ops
@@ -224,20 +256,26 @@ def onnx_type_for_grid(grid: AffineGrid, opset: int, prefer_signed: bool) -> Onn
 
 def _qparams(grid: AffineGrid, ot: OnnxType, shape: torch.Size) -> tuple[Tensor, Tensor, dict]:
     """ONNX scale / zero point tensors and the Q/DQ attributes for ``grid`` on a tensor of ``shape``."""
-    g = grid.granularity
-    axis = g.check(shape, "to_onnx")
     scale = grid.scale.detach().to(torch.float32)
     zp = (grid.zero_point.detach() - ot.shift).round().to(torch.int64)
+    (scale, zp), attrs = _layout([scale, zp], grid.granularity, shape)
+    return scale, zp, attrs
+
+
+def _layout(params: list[Tensor], g: Granularity, shape: torch.Size) -> tuple[list[Tensor], dict]:
+    """Quantization parameters (broadcasting against a tensor of ``shape``) in the layout of ONNX's Q/DQ
+    at granularity ``g``: a scalar, a vector with ``axis``, or per group the compact shape with
+    ``axis`` and ``block_size`` (opset 21)."""
+    axis = g.check(shape, "to_onnx")
     if axis is None:
-        return scale.reshape(()), zp.reshape(()), {}
+        return [p.reshape(()) for p in params], {}
     if g.group_size is None:
-        return scale.reshape(-1), zp.reshape(-1), {"axis": axis}
-    # per-group (blocked, opset 21): compact shape (.., n / group, ..); the grid may hold the expanded one
+        return [p.reshape(-1) for p in params], {"axis": axis}
+    # per-group: compact shape (.., n / group, ..); the grid may hold the expanded one
     compact = g.compact_shape(shape)
-    if tuple(scale.shape) != compact:
-        idx = torch.arange(0, shape[axis], g.group_size)
-        scale, zp = scale.index_select(axis, idx), zp.index_select(axis, idx)
-    return scale.reshape(compact), zp.reshape(compact), {"axis": axis, "block_size": g.group_size}
+    idx = torch.arange(0, shape[axis], g.group_size)
+    params = [p if tuple(p.shape) == compact else p.index_select(axis, idx) for p in params]
+    return [p.reshape(compact) for p in params], {"axis": axis, "block_size": g.group_size}
 
 
 def _describe_fit(grid: AffineGrid, opset: int) -> str:
@@ -271,7 +309,8 @@ def to_onnx(
         example_inputs: a tensor or a tuple of tensors, as ``model(*example_inputs)`` takes;
             arguments of ``forward`` after them keep their defaults, as Python values.
         path: where to write the ``.onnx`` file; ``None`` writes nothing.
-        opset: ONNX opset, 13 to 21 (21 for 4-bit and 16-bit types and per-group).
+        opset: ONNX opset, 13 to 21 (21 for 4-bit and 16-bit types, per-group, float8
+            activations and MX blocks; 19 for float8 weights).
         input_names: graph input names (default ``input0``, ``input1``...).
         output_names: graph output names (default ``output0``...).
         dynamic_batch: make dimension 0 of every input and output symbolic (``"batch"``).
@@ -370,10 +409,11 @@ def to_onnx(
         for rec in records:
             g = rec.quantizer.grid()
             rec.levels = rec.quantizer.levels() if g is None else None
-            if g is None and rec.levels is None:
+            rec.float_grid = rec.quantizer.float_grid() if g is None and rec.levels is None else None
+            if g is None and rec.levels is None and rec.float_grid is None:
                 warnings.warn(
-                    f"{who}: quantizer {rec.name!r} ({type(rec.quantizer).__name__}) has no affine grid "
-                    "and no levels; exported as its float-valued simulation",
+                    f"{who}: quantizer {rec.name!r} ({type(rec.quantizer).__name__}) has no affine grid, "
+                    "no levels and no float grid; exported as its float-valued simulation",
                     UserWarning,
                     stacklevel=2,
                 )
@@ -507,6 +547,9 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, sig
             codes = rec.codes if const is not None else None
             new_nodes.extend(_level_nodes(rec.levels, codes, x, y, base, new_inits))
             continue
+        if rec.float_grid is not None:
+            new_nodes.extend(_float_grid_nodes(rec, const is not None, x, y, base, new_inits, opset, consumers, who))
+            continue
         if rec.grid is None:  # no grid or levels: placeholders only for parameters, with their simulated values
             if const is None or rec.values is None:
                 raise RuntimeError(f"{who}: internal error: no values recorded for constant input of {rec.name!r}")
@@ -576,6 +619,7 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, sig
     _remove_unused(graph)
     _requantize_moved_inputs(graph)
     _pin_float_weights(proto)
+    _pin_float8_biases(graph)
     # The placeholder domain is gone; keep only the standard opsets.
     keep = [o for o in proto.opset_import if o.domain != _DOMAIN]
     del proto.opset_import[:]
@@ -774,6 +818,309 @@ def _level_nodes(levels: LevelGrid, codes: Tensor | None, x: str, y: str, base: 
     return nodes
 
 
+def _onnx_float_type(fmt: MinifloatFormat) -> tuple[int, float, int] | None:
+    """``(ONNX element type, scale factor, min opset)`` storing ``fmt``'s values exactly, or ``None``.
+
+    FP8 E4M3 and E5M2 are ONNX's ``float8e4m3fn`` and ``float8e5m2`` (opset 19; quantizing to them
+    rounds to nearest even and saturates, as the simulation does); MX's INT8 element (E1M6, values
+    ``k / 64``) is ``int8`` with the scale divided by 64.
+    """
+    tp = _require_onnx().TensorProto
+    key = (fmt.exp_bits, fmt.man_bits, fmt.bias, fmt.special)
+    return {
+        (4, 3, 7, "nan_only"): (tp.FLOAT8E4M3FN, 1.0, 19),
+        (5, 2, 15, "ieee"): (tp.FLOAT8E5M2, 1.0, 19),
+        (1, 6, 1, "finite"): (tp.INT8, 2.0**-6, 13),
+    }.get(key)
+
+
+def _typed_tensor(name: str, elem_type: int, values: Tensor):
+    """An initializer of ONNX type ``elem_type`` (``int8``, ``int16`` or a float8) holding ``values`` exactly."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if elem_type in (TensorProto.INT8, TensorProto.INT16):
+        dtype = np.int8 if elem_type == TensorProto.INT8 else np.int16
+        return numpy_helper.from_array(to_numpy(values.round(), dtype), name)
+    dt = torch.float8_e4m3fn if elem_type == TensorProto.FLOAT8E4M3FN else torch.float8_e5m2
+    raw = values.detach().cpu().to(dt).view(torch.uint8).numpy().tobytes()
+    return helper.make_tensor(name, elem_type, list(values.shape), raw, raw=True)
+
+
+def _float_grid_nodes(
+    rec: _Record, const: bool, x: str, y: str, base: str, new_inits: list, opset: int, consumers: dict, who: str
+) -> list:
+    """Nodes computing ``y``, the quantization point of a :class:`FloatGrid` on ``x``.
+
+    A format ONNX stores (:func:`_onnx_float_type`) becomes ``QuantizeLinear -> DequantizeLinear``
+    on an activation (MX block scales computed in the graph, opset 21) or a typed initializer and
+    ``DequantizeLinear`` on a weight. Otherwise a weight is stored as codes of the format's values
+    (``Gather`` from the codebook, as levels are) and an activation is rounded in float operations,
+    the same arithmetic as the simulation.
+    """
+    from onnx import helper, numpy_helper
+
+    fg = rec.float_grid
+    if fg is None or rec.codes is None or rec.scales is None:
+        raise RuntimeError(f"{who}: internal error: no elements recorded for the input of {rec.name!r}")
+    fmt, g, shape = fg.fmt, fg.granularity, rec.codes.shape
+    typed = _onnx_float_type(fmt)
+    axis = None if g.axis is None else g.axis % rec.rank
+    grouped = g.group_size is not None
+    # An activation's QuantizeLinear takes its type from output_dtype (opset 21), not a zero point:
+    # onnxruntime (1.32) drops a Relu before a QuantizeLinear whose zero point is a 0 of any other type
+    # than (u)int8, as if the type could not hold negative numbers.
+    native = typed is not None and opset >= (21 if grouped or not const else typed[2])
+
+    def init(key: str, value: Tensor) -> str:
+        name = f"{base}/{key}"
+        new_inits.append(numpy_helper.from_array(to_numpy(value.float()), name))
+        return name
+
+    if const:
+        scale_full = rec.scales  # per element for MX blocks: each block's scale repeated, the padding cut
+        if fg.blocked:
+            scale_full = rec.scales.repeat_interleave(g.group_size, dim=axis).narrow(axis, 0, shape[axis])  # type: ignore[arg-type]
+        # Every value of a format is an integer times its smallest subnormal: where those integers fit
+        # int8 (FP4 E2M1 +-12, FP6 E2M3 +-60) or int16 (FP6 E3M2 +-448, opset 21), the weight is stored
+        # as them with the scales times that unit: a plain DequantizeLinear, exact.
+        unit = 2.0 ** (1 - fmt.bias - fmt.man_bits)  # type: ignore[operator]
+        k_max = round(fmt.max_value / unit)
+        tp = _require_onnx().TensorProto
+        as_int = tp.INT8 if k_max <= 127 else tp.INT16 if k_max < 2**15 and opset >= 21 else None
+        if not native and as_int is not None and (not grouped or opset >= 21):
+            typed, native = (as_int, unit, 13), True
+        if native:
+            elem_type, factor, _ = typed  # type: ignore[misc]
+            if fg.blocked:
+                scale, attrs = rec.scales, {"axis": axis, "block_size": g.group_size}
+            else:
+                (scale,), attrs = _layout([rec.scales.detach().float()], g, shape)
+            if not grouped and "axis" in attrs and _summed_over(y, attrs["axis"], len(shape), consumers):
+                warnings.warn(
+                    f"{who}: quantizer {rec.name!r}: its scales change along axis {attrs['axis']}, which the "
+                    f"layer sums over; its weights are exported as their float values (the same numbers)",
+                    stacklevel=4,
+                )
+                return _pinned_nodes(to_numpy((rec.codes * scale_full).float()), y, base, new_inits)
+            q_name = f"{base}/{fmt.name}_weight"
+            new_inits.append(_typed_tensor(q_name, elem_type, rec.codes / factor))
+            s_name = init("scale", scale * factor)
+            return [helper.make_node("DequantizeLinear", [q_name, s_name], [y], f"{base}/dq", **attrs)]
+        levels = fmt.values()
+        codes = torch.searchsorted(levels, rec.codes.float().contiguous())  # exact: the codes are values
+        if fg.blocked and shape[axis] % g.group_size:  # type: ignore[index, operator]
+            warnings.warn(
+                f"{who}: quantizer {rec.name!r}: blocks of {g.group_size} do not divide axis {axis} of its "
+                f"weight {tuple(shape)}; exported as its float values (the same numbers)",
+                stacklevel=4,
+            )
+            return _pinned_nodes(to_numpy((rec.codes * scale_full).float()), y, base, new_inits)
+        grid = LevelGrid(levels, scale_full.float(), g)
+        return _level_nodes(grid, codes, x, y, base, new_inits)
+
+    nodes: list = []
+    if fg.blocked:
+        blocks, n, perm = _mx_blocks_nodes(x, rec.rank, axis, g.group_size, base, nodes, new_inits, opset)  # type: ignore[arg-type]
+        amax = f"{base}/block_amax"
+        nodes.append(helper.make_node("Abs", [blocks], [f"{base}/block_abs"], f"{base}/block_abs"))
+        nodes.extend(_reduce_max(f"{base}/block_abs", amax, base, new_inits, opset))  # (..., n / b, 1)
+        scale = _e8m0_nodes(amax, fmt.emax, base, nodes, new_inits)
+        if native:
+            elem_type, factor, _ = typed  # type: ignore[misc]
+            compact = f"{base}/scale_blocks"
+            squeeze_axes = _const(f"{base}/last_axis", [-1], np.int64, new_inits)
+            nodes.append(helper.make_node("Squeeze", [scale, squeeze_axes], [compact], f"{base}/squeeze"))
+            if perm is not None:
+                inverse = [perm.index(i) for i in range(rec.rank)]
+                nodes.append(helper.make_node("Transpose", [compact], [f"{base}/scale_t"], f"{base}/scale_t",
+                                              perm=inverse))  # fmt: skip
+                compact = f"{base}/scale_t"
+            if factor != 1.0:
+                nodes.append(helper.make_node("Mul", [compact, init("factor", torch.tensor(factor))],
+                                              [f"{base}/scale"], f"{base}/factor"))  # fmt: skip
+                compact = f"{base}/scale"
+            attrs = {"axis": axis, "block_size": g.group_size}
+            return nodes + _qdq_nodes(x, y, compact, elem_type, attrs, base, new_inits)
+        v = f"{base}/v"
+        nodes.append(helper.make_node("Div", [blocks, scale], [v], f"{base}/div"))
+        r = _round_nodes(v, fmt, base, nodes, new_inits)
+        nodes.append(helper.make_node("Mul", [r, scale], [f"{base}/blocks_q"], f"{base}/mul"))
+        flat_shape = _const(f"{base}/flat_shape", [0] * (rec.rank - 1) + [-1], np.int64, new_inits)
+        nodes.append(helper.make_node("Reshape", [f"{base}/blocks_q", flat_shape], [f"{base}/padded_q"],
+                                      f"{base}/unblock"))  # fmt: skip
+        starts = _const(f"{base}/slice_start", [0], np.int64, new_inits)
+        axes = _const(f"{base}/slice_axis", [-1], np.int64, new_inits)
+        out = f"{base}/unpadded_q" if perm is not None else y
+        nodes.append(helper.make_node("Slice", [f"{base}/padded_q", starts, n, axes], [out], f"{base}/unpad"))
+        if perm is not None:
+            inverse = [perm.index(i) for i in range(rec.rank)]
+            nodes.append(helper.make_node("Transpose", [out], [y], f"{base}/untranspose", perm=inverse))
+        return nodes
+    (scale,), attrs = _layout([rec.scales.detach().float()], g, _act_shape(rec.scales, g, rec.rank))
+    if native:
+        elem_type, factor, _ = typed  # type: ignore[misc]
+        return _qdq_nodes(x, y, init("scale", scale * factor), elem_type, attrs, base, new_inits)
+    s_name = init("scale", rec.scales.detach().float())  # broadcasting against x as in the simulation
+    nodes.append(helper.make_node("Div", [x, s_name], [f"{base}/v"], f"{base}/div"))
+    r = _round_nodes(f"{base}/v", fmt, base, nodes, new_inits)
+    nodes.append(helper.make_node("Mul", [r, s_name], [y], f"{base}/mul"))
+    return nodes
+
+
+def _act_shape(scale: Tensor, g: Granularity, rank: int) -> torch.Size:
+    """A tensor shape of ``rank`` dimensions that an activation scale of granularity ``g`` fits."""
+    if g.axis is None:
+        return torch.Size([1] * rank)
+    s = list(scale.reshape((1,) * (rank - scale.dim()) + tuple(scale.shape)).shape)
+    if g.group_size is not None:
+        s[g.axis % rank] *= g.group_size
+    return torch.Size(s)
+
+
+def _qdq_nodes(x: str, y: str, scale: str, elem_type: int, attrs: dict, base: str, new_inits: list) -> list:
+    """``QuantizeLinear -> [Clip] -> DequantizeLinear`` to ``elem_type`` (a float8, or ``int8`` clipped to
+    ``[-127, 127]``), the type given by ``output_dtype`` (opset 21), zero points left out (zero)."""
+    from onnx import TensorProto, helper
+
+    q = f"{base}/q"
+    nodes = [helper.make_node("QuantizeLinear", [x, scale], [q], f"{base}/quantize", output_dtype=elem_type, **attrs)]
+    if elem_type == TensorProto.INT8:  # MX's INT8 is symmetric: -128 is not one of its values
+        lo, hi = f"{base}/qmin", f"{base}/qmax"
+        new_inits.append(helper.make_tensor(lo, TensorProto.INT8, [], [-127]))
+        new_inits.append(helper.make_tensor(hi, TensorProto.INT8, [], [127]))
+        nodes.append(helper.make_node("Clip", [q, lo, hi], [f"{base}/q_clipped"], f"{base}/clip"))
+        q = f"{base}/q_clipped"
+    nodes.append(helper.make_node("DequantizeLinear", [q, scale], [y], f"{base}/dequantize", **attrs))
+    return nodes
+
+
+def _const(name: str, value: Any, dtype: Any, new_inits: list) -> str:
+    from onnx import numpy_helper
+
+    new_inits.append(numpy_helper.from_array(np.asarray(value, dtype), name))
+    return name
+
+
+def _reduce_max(x: str, y: str, base: str, new_inits: list, opset: int) -> list:
+    """``ReduceMax`` over the last axis, keeping it (its axes are an input from opset 18)."""
+    from onnx import helper
+
+    if opset >= 18:
+        axes = _const(f"{base}/reduce_axes", [-1], np.int64, new_inits)
+        return [helper.make_node("ReduceMax", [x, axes], [y], f"{base}/block_max", keepdims=1)]
+    return [helper.make_node("ReduceMax", [x], [y], f"{base}/block_max", axes=[-1], keepdims=1)]
+
+
+def _mx_blocks_nodes(
+    x: str, rank: int, axis: int, block: int, base: str, nodes: list, new_inits: list, opset: int
+) -> tuple[str, str, list[int] | None]:
+    """``x`` with ``axis`` moved last, zero-padded to whole blocks and split: ``(..., ceil(n / b), b)``.
+
+    Returns the blocks, ``n`` (a ``(1,)`` int64 tensor, the axis' size at run time) and the
+    permutation applied (``None`` when ``axis`` is already last).
+    """
+    from onnx import helper
+
+    perm = None
+    t = x
+    if axis != rank - 1:
+        perm = [i for i in range(rank) if i != axis] + [axis]
+        t = f"{base}/moved"
+        nodes.append(helper.make_node("Transpose", [x], [t], f"{base}/move_axis", perm=perm))
+    last = _const(f"{base}/last_index", [rank - 1], np.int64, new_inits)
+    b = _const(f"{base}/block_size", [block], np.int64, new_inits)
+    nodes += [
+        helper.make_node("Shape", [t], [f"{base}/shape"], f"{base}/shape"),
+        helper.make_node("Gather", [f"{base}/shape", last], [f"{base}/n"], f"{base}/n", axis=0),
+        helper.make_node("Mod", [f"{base}/n", b], [f"{base}/n_mod"], f"{base}/n_mod"),
+        helper.make_node("Sub", [b, f"{base}/n_mod"], [f"{base}/pad_b"], f"{base}/pad_b"),
+        helper.make_node("Mod", [f"{base}/pad_b", b], [f"{base}/pad"], f"{base}/pad"),  # (-n) mod b
+    ]
+    zeros = _const(f"{base}/pad_zeros", [0] * (2 * rank - 1), np.int64, new_inits)
+    nodes.append(helper.make_node("Concat", [zeros, f"{base}/pad"], [f"{base}/pads"], f"{base}/pads", axis=0))
+    nodes.append(helper.make_node("Pad", [t, f"{base}/pads"], [f"{base}/padded"], f"{base}/pad_blocks"))
+    target = _const(f"{base}/block_shape", [0] * (rank - 1) + [-1, block], np.int64, new_inits)
+    nodes.append(helper.make_node("Reshape", [f"{base}/padded", target], [f"{base}/blocks"], f"{base}/blocks"))
+    return f"{base}/blocks", f"{base}/n", perm
+
+
+def _floor_log2_nodes(a: str, out: str, base: str, nodes: list, new_inits: list) -> None:
+    """``out = floor(log2(a))`` for normal ``a > 0``, exactly: an estimate from ``Log``, corrected by
+    comparing ``a`` with the power of two it gives (both exact)."""
+    from onnx import TensorProto, helper
+
+    k = f"{base}/log2"
+    inv_ln2 = _const(f"{k}/inv_ln2", 1 / math.log(2), np.float32, new_inits)
+    two = _const(f"{k}/two", 2.0, np.float32, new_inits)
+    nodes += [
+        helper.make_node("Log", [a], [f"{k}/ln"], f"{k}/ln"),
+        helper.make_node("Mul", [f"{k}/ln", inv_ln2], [f"{k}/est"], f"{k}/est"),
+        helper.make_node("Floor", [f"{k}/est"], [f"{k}/e0"], f"{k}/floor"),
+        helper.make_node("Pow", [two, f"{k}/e0"], [f"{k}/p"], f"{k}/pow"),
+        helper.make_node("Greater", [f"{k}/p", a], [f"{k}/over"], f"{k}/over"),
+        helper.make_node("Cast", [f"{k}/over"], [f"{k}/over_f"], f"{k}/over_f", to=TensorProto.FLOAT),
+        helper.make_node("Mul", [f"{k}/p", two], [f"{k}/p2"], f"{k}/p2"),
+        helper.make_node("LessOrEqual", [f"{k}/p2", a], [f"{k}/under"], f"{k}/under"),
+        helper.make_node("Cast", [f"{k}/under"], [f"{k}/under_f"], f"{k}/under_f", to=TensorProto.FLOAT),
+        helper.make_node("Sub", [f"{k}/e0", f"{k}/over_f"], [f"{k}/e1"], f"{k}/down"),
+        helper.make_node("Add", [f"{k}/e1", f"{k}/under_f"], [out], f"{k}/up"),
+    ]
+
+
+def _e8m0_nodes(amax: str, elem_emax: int, base: str, nodes: list, new_inits: list) -> str:
+    """The MX shared scale ``2 ** clamp(floor(log2(amax)) - elem_emax, -127, 127)`` (``2 ** -127`` for an
+    all-zero block), as :func:`~torchquant.quantizers_functional.e8m0_block_scale` computes it."""
+    from onnx import helper
+
+    k = f"{base}/e8m0"
+    tiny = _const(f"{k}/tiny", np.finfo(np.float32).tiny, np.float32, new_inits)
+    zero = _const(f"{k}/zero", 0.0, np.float32, new_inits)
+    emax = _const(f"{k}/emax", float(elem_emax), np.float32, new_inits)
+    lo = _const(f"{k}/lo", -127.0, np.float32, new_inits)
+    hi = _const(f"{k}/hi", 127.0, np.float32, new_inits)
+    two = _const(f"{k}/two", 2.0, np.float32, new_inits)
+    nodes.append(helper.make_node("Max", [amax, tiny], [f"{k}/amax"], f"{k}/amax"))
+    _floor_log2_nodes(f"{k}/amax", f"{k}/e", k, nodes, new_inits)
+    nodes += [
+        helper.make_node("Sub", [f"{k}/e", emax], [f"{k}/shared"], f"{k}/shared"),
+        helper.make_node("Greater", [amax, zero], [f"{k}/nonzero"], f"{k}/nonzero"),
+        helper.make_node("Where", [f"{k}/nonzero", f"{k}/shared", lo], [f"{k}/shared_z"], f"{k}/zero_block"),
+        helper.make_node("Clip", [f"{k}/shared_z", lo, hi], [f"{k}/shared_c"], f"{k}/clip"),
+        helper.make_node("Pow", [two, f"{k}/shared_c"], [f"{k}/scale"], f"{k}/scale"),
+    ]
+    return f"{k}/scale"
+
+
+def _round_nodes(v: str, fmt: MinifloatFormat, base: str, nodes: list, new_inits: list) -> str:
+    """``fmt``'s nearest value to ``v`` (ties to even, saturating), as
+    :func:`~torchquant.quantizers_functional.minifloat_round` computes it, in float operations."""
+    from onnx import helper
+
+    k = f"{base}/round"
+    tiny = _const(f"{k}/tiny", np.finfo(np.float32).tiny, np.float32, new_inits)
+    e_min = _const(f"{k}/e_min", float(1 - fmt.bias), np.float32, new_inits)  # type: ignore[operator]
+    man = _const(f"{k}/man_bits", float(fmt.man_bits), np.float32, new_inits)
+    top = _const(f"{k}/max", fmt.max_value, np.float32, new_inits)
+    two = _const(f"{k}/two", 2.0, np.float32, new_inits)
+    nodes += [
+        helper.make_node("Abs", [v], [f"{k}/a"], f"{k}/abs"),
+        helper.make_node("Max", [f"{k}/a", tiny], [f"{k}/a_pos"], f"{k}/a_pos"),
+    ]
+    _floor_log2_nodes(f"{k}/a_pos", f"{k}/e_raw", k, nodes, new_inits)
+    nodes += [
+        helper.make_node("Max", [f"{k}/e_raw", e_min], [f"{k}/e"], f"{k}/e"),  # subnormals share e_min's step
+        helper.make_node("Sub", [f"{k}/e", man], [f"{k}/step_e"], f"{k}/step_e"),
+        helper.make_node("Pow", [two, f"{k}/step_e"], [f"{k}/step"], f"{k}/step"),
+        helper.make_node("Div", [f"{k}/a", f"{k}/step"], [f"{k}/units"], f"{k}/units"),
+        helper.make_node("Round", [f"{k}/units"], [f"{k}/rounded"], f"{k}/round_even"),
+        helper.make_node("Mul", [f"{k}/rounded", f"{k}/step"], [f"{k}/q"], f"{k}/q"),
+        helper.make_node("Min", [f"{k}/q", top], [f"{k}/q_sat"], f"{k}/saturate"),
+        helper.make_node("Sign", [v], [f"{k}/sign"], f"{k}/sign"),
+        helper.make_node("Mul", [f"{k}/q_sat", f"{k}/sign"], [f"{k}/out"], f"{k}/signed"),
+    ]
+    return f"{k}/out"
+
+
 #: Name prefix of the QuantizeLinear/DequantizeLinear pairs ``_requantize_moved_inputs`` adds (no point of their own).
 REQUANTIZE = "tq_requantize"
 #: Operators whose output holds elements of their first input only (per-tensor codes commute with them).
@@ -830,6 +1177,10 @@ def _requantize_moved_inputs(graph) -> None:
             zp = array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
             if scale is None or scale.size != 1 or (zp is not None and zp.size != 1):
                 return None
+            quantize = producer.get(node.input[0])
+            typed = quantize is not None and any(a.name == "output_dtype" for a in quantize.attribute)
+            if typed or (zp is not None and zp.dtype.name.startswith("float")):
+                return None  # a float8 grid (its type not given by a zero point): no integer product to feed
             return (node.input[1], node.input[2] if zp is not None else "", (float(scale.item()),
                     None if zp is None else (int(zp.item()), zp.dtype.str)))  # fmt: skip
         if node.op_type in MOVES:
@@ -922,7 +1273,7 @@ def _pin_float_weights(proto) -> None:
     for node in graph.node:
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
             continue
-        reads_dq = getattr(producer.get(node.input[0]), "op_type", None) == "DequantizeLinear"
+        reads_dq = _reads_dequantized(node.input[0], producer)
         chain = _constant_chain(node.input[1], producer, inits)
         if not reads_dq or chain is None or any(n.op_type == "DequantizeLinear" for n in chain):
             continue
@@ -960,6 +1311,57 @@ def _pin_float_weights(proto) -> None:
     del graph.node[:]
     graph.node.extend(new_nodes + keep)
     _remove_unused(graph)
+
+
+#: Operators onnxruntime moves a per-tensor ``DequantizeLinear`` past (its QDQ propagation, 1.32), so a
+#: layer reading their output reads a dequantized tensor once optimized.
+_PROPAGATED = frozenset({"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice"})
+
+
+def _reads_dequantized(name: str, producer: dict) -> bool:
+    """Whether tensor ``name`` is a ``DequantizeLinear``'s output, directly or through operators
+    onnxruntime moves it past."""
+    node = producer.get(name)
+    for _ in range(64):
+        if node is None or node.op_type not in _PROPAGATED:
+            break
+        node = producer.get(node.input[0])
+    return node is not None and node.op_type == "DequantizeLinear"
+
+
+def _pin_float8_biases(graph) -> None:
+    """Store the float bias of a ``Conv``/``Gemm`` with float8 weights as a ``DequantizeLinear`` of its own.
+
+    onnxruntime (1.32) quantizes the bias initializer of a layer whose inputs both come from a
+    ``DequantizeLinear`` to ``int32`` at the scale ``s_x * s_w``, for the integer kernels, whatever
+    the type: with float8 operands, which run in float, that only rounds the bias. A bias read
+    through a ``DequantizeLinear`` (the same numbers, :func:`_pinned_nodes`) is left as it is.
+    """
+    from onnx import TensorProto, numpy_helper
+
+    float8 = {TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2}
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    new_nodes: list = []
+    new_inits: list = []
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        dq = producer.get(node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+            continue
+        if inits[dq.input[0]].data_type not in float8:
+            continue
+        base = f"tq_pinned/{node.name or node.input[2]}/bias"
+        value = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+        new_nodes.extend(_pinned_nodes(value, f"{base}/value", base, new_inits))
+        node.input[2] = f"{base}/value"
+    if new_nodes:
+        nodes = new_nodes + list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        graph.initializer.extend(new_inits)
+        _remove_unused(graph)
 
 
 def _pinned_nodes(value: np.ndarray, y: str, base: str, new_inits: list) -> list:

@@ -362,23 +362,25 @@ def check_parity(
     out_point = {node.output[0]: p for p, node in dq_of.items() if node.output[0] in out_names}
     windows = _bias_windows(proto)
 
-    def scale_of(point: str) -> np.ndarray:
-        return to_numpy(quantizers[point].grid().scale, np.float64)
+    def steps_of(point: str, x: Tensor | None = None) -> np.ndarray:
+        """One step of ``point``'s grid at every element of its input ``x`` (the simulated one by default)."""
+        return to_numpy(_steps(quantizers[point], seen[point][0] if x is None else x), np.float64)
 
     def tie_mask(point: str, x: Tensor) -> Tensor:
         """Where ``x``, the input of ``point``'s quantizer, lies on a rounding tie (window widened)."""
-        v = x.detach().double() / quantizers[point].grid().scale.detach().double()  # steps, before rounding
+        v = x.detach().double() / _steps(quantizers[point], x)  # steps, before rounding
         return (v - torch.floor(v) - 0.5).abs() < tie_steps + windows.get(point, 0.0)
 
     def on_tie(point: str) -> np.ndarray:
         return to_numpy(tie_mask(point, seen[point][0]))
 
-    def agree(ort_val: np.ndarray, sim_val: np.ndarray, point: str | None, ties: np.ndarray | None) -> Agreement:
+    def agree(ort_val: np.ndarray, sim_val: np.ndarray, point: str | None, ties: np.ndarray | None,
+              x: Tensor | None = None) -> Agreement:  # fmt: skip
         diff = np.abs(ort_val.astype(np.float64) - sim_val.astype(np.float64))
         max_abs = float(diff.max()) if diff.size else 0.0
         if point is None:
             return Agreement(None, None, max_abs, int(diff.size))
-        d = np.rint(diff / scale_of(point))
+        d = np.rint(diff / steps_of(point, x))
         n_ties = int(((d == 1) & ties).sum()) if ties is not None else 0
         return Agreement(float(d.max()) if d.size else 0.0, float((d == 0).mean()) if d.size else 1.0, max_abs,
                          int(d.size), n_ties)  # fmt: skip
@@ -439,12 +441,12 @@ def check_parity(
     def adopt(name: str):
         def hook(mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
             nonlocal adopted
-            scale = mod.grid().scale.detach().double()
+            scale = _steps(mod, args[0])
             ort_val = torch.from_numpy(side_vals[side_name[name]]).to(device=out.device, dtype=out.dtype)
             take = tie_mask(name, args[0]) & ((ort_val - out).double().abs() / scale).round().eq(1)
             adopted += int(take.sum())
             out = torch.where(take, ort_val, out)
-            optimized[name] = agree(side_vals[side_name[name]], to_numpy(out, np.float32), name, None)
+            optimized[name] = agree(side_vals[side_name[name]], to_numpy(out, np.float32), name, None, args[0])
             return out
 
         return hook
@@ -472,6 +474,20 @@ def check_parity(
         kernel = _optimized_producer(side, failing, opts, session)
         report.divergence = Divergence(None, kernel, outputs[failing], failing)
     return report
+
+
+def _steps(quantizer: nn.Module, x: Tensor) -> Tensor:
+    """One quantization step of ``quantizer``'s grid at every element of its input ``x`` (float64, broadcasting
+    against ``x``): an affine grid's scale; for a float grid the spacing of the format's values in the binade
+    of ``x / scale``, times the scale."""
+    grid = quantizer.grid()  # type: ignore[operator]
+    if grid is not None:
+        return grid.scale.detach().double()
+    fg = quantizer.float_grid()  # type: ignore[operator]
+    scale = fg.scale_for(x.detach()).double()
+    v = (x.detach().double() / scale).abs().clamp(min=torch.finfo(torch.float64).tiny)
+    e = torch.floor(torch.log2(v)).clamp(min=1 - fg.fmt.bias, max=fg.fmt.emax)
+    return torch.exp2(e - fg.fmt.man_bits) * scale
 
 
 def _optimized_producer(proto: Any, tensor: str, options: Any, session: Any) -> str | None:
