@@ -453,3 +453,14 @@ def test_float_grid_checks_and_block_scales():
         scaled.check((5, 70), "q")
     with pytest.raises(ValueError, match="block_scales\\(\\) needs MX blocks"):
         scaled.block_scales(x)
+
+
+def test_float_grid_elements_are_computed_as_the_simulation_does_for_half_precision():
+    torch.manual_seed(0)
+    q = tq.MinifloatQuantizer("fp4_e2m1", tq.RunningMinMax())
+    x = torch.randn(64, 64, dtype=torch.bfloat16) * 3
+    q.pre_observe(x)
+    fg = q.float_grid()
+    elements = fg.elements(x)
+    assert elements.dtype == torch.float32  # divided in float32: in bfloat16, 127 of 4096 rounded otherwise
+    assert torch.equal((elements * fg.scale).to(torch.bfloat16), q(x))

@@ -35,11 +35,12 @@ def _export(net: nn.Module, x: torch.Tensor, **kw):
 
 
 def _hard_values(fmt) -> torch.Tensor:
-    """Every value of ``fmt``, the midpoints between them (ties), their float32 neighbours, beyond the range."""
+    """Every value of ``fmt``, the midpoints between them (ties), their float32 neighbours, beyond the range
+    (infinities included: they saturate)."""
     v = fmt.values()
     mids = (v[1:] + v[:-1]) / 2
     up, down = torch.tensor(float("inf")), torch.tensor(-float("inf"))
-    beyond = torch.tensor([1.01, 2.0, 1e3, 1e30]) * fmt.max_value
+    beyond = torch.tensor([1.01, 2.0, 1e3, 1e30, float("inf")]) * fmt.max_value
     x = torch.cat([v, mids, torch.nextafter(mids, up), torch.nextafter(mids, down), beyond, -beyond])
     return x.reshape(1, -1)
 
@@ -264,3 +265,78 @@ def test_float_grid_that_does_not_fit_its_tensor_is_named():
     tq.set_qmodule_state(net, S.QUANT_EVAL)
     with pytest.raises(ValueError, match=r"'0\.weight_quantizer' \(Shaped\).*float_grid\(\)"):
         _export(net, torch.randn(1, 8), opset=21)
+
+
+def test_check_parity_explains_an_mx_block_whose_maximum_rounds_across_a_power_of_two():
+    # onnxruntime computes the input one float32 step larger (as its Sigmoid or a summation order may):
+    # a block maximum one step below 0.25 becomes 0.25, and the block takes twice the scale
+    net = nn.Sequential(tq.QOp(nn.Identity(), X("fp8_e4m3", block_size=4))).eval()
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    below = float(np.nextafter(np.float32(0.25), np.float32(0)))
+    x = torch.tensor([[below, 0.1001, -0.0513, 0.0071, 0.2, 0.11, -0.07, 0.003]])
+    proto = _export(net, x, opset=21, dynamic_batch=False)
+    graph = proto.graph
+    graph.node.insert(0, onnx.helper.make_node("Mul", ["input0", "one_step_up"], ["input0_up"]))
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array(1 + 2**-23, np.float32), "one_step_up"))
+    for node in graph.node[1:]:
+        node.input[:] = ["input0_up" if i == "input0" else i for i in node.input]
+    assert float(np.float32(below) * np.float32(1 + 2**-23)) == 0.25  # the premise: across 2 ** -2
+    report = tq.export.check_parity(net, proto, x)
+    a = report.points["0.acts_quantizer"]
+    # a format's values are the same in every binade: of the block, only the maximum changes (it saturated
+    # at 448 x 2 ** -11 in the simulation, 2 steps below 0.25)
+    assert a.identical == 0.875 and a.ties == 1
+    assert a.max_steps == 0 and report.passed(), str(report)
+    assert report.ties_adopted == 1 and report.divergence is None
+
+
+def test_fp8_activations_keep_the_bias_of_a_layer_with_integer_weights():
+    # onnxruntime rounds the bias to int32 at s_x * s_w when both operands are dequantized, whatever their types
+    fp4, int8 = (lambda: M("fp4_e2m1", tq.BatchMinMax(axis=0))), (lambda: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0)))
+    for weights in (fp4, int8):
+        net = _mlp(weights, lambda: M("fp8_e4m3", tq.RunningMinMax()))
+        with torch.no_grad():
+            net[0].layer.bias.copy_(torch.linspace(-0.7, 0.7, 40))
+        proto = _export(net, torch.randn(1, 64), opset=21)
+        x = torch.randn(32, 64) * 3
+        with torch.no_grad():
+            np.testing.assert_array_equal(_run(proto, x), net(x).numpy())
+
+
+@pytest.mark.parametrize("acts", ["fp4_e2m1", "mxfp4", "fp8_e4m3"])
+def test_fp4_weights_of_a_matmul_whose_input_is_a_float_format_activation(acts):
+    # onnxruntime turns DequantizeLinear(int8) -> MatMul into MatMulNBits, which quantizes its other input to
+    # int8 on the fly; such weights are stored as their values
+    torch.manual_seed(0)
+    make = {
+        "fp4_e2m1": lambda: M("fp4_e2m1", tq.RunningMinMax()),
+        "mxfp4": lambda: X("fp4_e2m1"),
+        "fp8_e4m3": lambda: M("fp8_e4m3", tq.RunningMinMax()),
+    }[acts]
+    net = nn.Sequential(tq.QOp(nn.Identity(), make()), nn.Linear(64, 32)).eval()
+    net[1] = tq.QWrapper(net[1], M("fp4_e2m1", tq.BatchMinMax(axis=0)), make())
+    x = torch.randn(4, 6, 64)  # a Linear on a 3-d input: a MatMul
+    with tq.qmodule_state(net, S.CALIBRATION):
+        net(x)
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    proto = _export(net, x[:1], opset=21)
+    with torch.no_grad():
+        np.testing.assert_array_equal(_run(proto, x), net(x).numpy())
+
+
+def test_an_mx_quantizer_called_on_tensors_of_two_ranks():
+    class TwoRanks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = tq.QOp(nn.Identity(), X("fp8_e4m3", block_size=8))
+
+        def forward(self, x):
+            return self.q(x).sum(1) + self.q(x[:, 0])  # (N, T, C), then (N, C)
+
+    net = TwoRanks().eval()
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    x = torch.randn(3, 5, 20)
+    for opset in (17, 21):
+        proto = _export(net, x, opset=opset)
+        with torch.no_grad():
+            np.testing.assert_array_equal(_run(proto, x), net(x).numpy())

@@ -68,7 +68,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -107,7 +107,7 @@ class _Record:
     float_grid: FloatGrid | None = None  # when it rounds to a floating-point format instead
     codes: Tensor | None = None  # integer codes of the last input (used when that input is a constant)
     scales: Tensor | None = None  # a float grid's scales for the last input (MX: compact block scales)
-    rank: int = 0  # dimensions of the last input
+    ranks: list[int] = field(default_factory=list)  # dimensions of the input, per call
     values: Tensor | None = None  # without grid or levels: the simulated values of a parameter or buffer input
     calls: int = 0
 
@@ -174,7 +174,7 @@ class _Stub(nn.Module):
                 with torch.no_grad():  # the format's values and the scales, stored for a constant input
                     rec.codes = fg.elements(x.detach())
                     rec.scales = fg.block_scales(x.detach()) if fg.blocked else fg.scale
-                    rec.rank = x.dim()
+                    rec.ranks.append(x.dim())
             return _QuantPointFn.apply(x, self.idx)
         if rec.grid is None and rec.levels is None:
             if id(x) not in _Active.constants and id(x._base) not in _Active.constants:  # _base: a view (W.t())
@@ -531,6 +531,7 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, sig
     new_nodes = []
     new_inits = []
     calls: dict[int, int] = {}
+    rounded: set[str] = set()  # activations rounded to a float format in float operations
     for node in graph.node:
         if not (node.domain == _DOMAIN and node.op_type == _OP):
             new_nodes.append(node)
@@ -548,7 +549,10 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, sig
             new_nodes.extend(_level_nodes(rec.levels, codes, x, y, base, new_inits))
             continue
         if rec.float_grid is not None:
-            new_nodes.extend(_float_grid_nodes(rec, const is not None, x, y, base, new_inits, opset, consumers, who))
+            rank = rec.ranks[min(calls[idx], len(rec.ranks) - 1)]  # a quantizer called on tensors of several ranks
+            new_nodes.extend(
+                _float_grid_nodes(rec, rank, const is not None, x, y, base, new_inits, opset, consumers, who, rounded)
+            )
             continue
         if rec.grid is None:  # no grid or levels: placeholders only for parameters, with their simulated values
             if const is None or rec.values is None:
@@ -620,6 +624,7 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, sig
     _requantize_moved_inputs(graph)
     _pin_float_weights(proto)
     _pin_float8_biases(graph)
+    _pin_float_grid_weights_of_float_products(graph, rounded)
     # The placeholder domain is gone; keep only the standard opsets.
     keep = [o for o in proto.opset_import if o.domain != _DOMAIN]
     del proto.opset_import[:]
@@ -847,15 +852,27 @@ def _typed_tensor(name: str, elem_type: int, values: Tensor):
 
 
 def _float_grid_nodes(
-    rec: _Record, const: bool, x: str, y: str, base: str, new_inits: list, opset: int, consumers: dict, who: str
+    rec: _Record,
+    rank: int,
+    const: bool,
+    x: str,
+    y: str,
+    base: str,
+    new_inits: list,
+    opset: int,
+    consumers: dict,
+    who: str,
+    rounded: set[str],
 ) -> list:
     """Nodes computing ``y``, the quantization point of a :class:`FloatGrid` on ``x``.
 
     A format ONNX stores (:func:`_onnx_float_type`) becomes ``QuantizeLinear -> DequantizeLinear``
     on an activation (MX block scales computed in the graph, opset 21) or a typed initializer and
-    ``DequantizeLinear`` on a weight. Otherwise a weight is stored as codes of the format's values
-    (``Gather`` from the codebook, as levels are) and an activation is rounded in float operations,
-    the same arithmetic as the simulation.
+    ``DequantizeLinear`` on a weight. Otherwise a weight is stored as integers times the format's
+    smallest value (``int8``, or ``int16`` at opset 21) with ``DequantizeLinear``, or where no such
+    type exists at the opset as codes of the format's values (``Gather`` from the codebook, as
+    levels are); an activation is rounded in float operations, the same arithmetic as the simulation
+    (its output is added to ``rounded``).
     """
     from onnx import helper, numpy_helper
 
@@ -864,7 +881,7 @@ def _float_grid_nodes(
         raise RuntimeError(f"{who}: internal error: no elements recorded for the input of {rec.name!r}")
     fmt, g, shape = fg.fmt, fg.granularity, rec.codes.shape
     typed = _onnx_float_type(fmt)
-    axis = None if g.axis is None else g.axis % rec.rank
+    axis = None if g.axis is None else g.axis % rank
     grouped = g.group_size is not None
     # An activation's QuantizeLinear takes its type from output_dtype (opset 21), not a zero point:
     # onnxruntime (1.32) drops a Relu before a QuantizeLinear whose zero point is a 0 of any other type
@@ -920,7 +937,7 @@ def _float_grid_nodes(
 
     nodes: list = []
     if fg.blocked:
-        blocks, n, perm = _mx_blocks_nodes(x, rec.rank, axis, g.group_size, base, nodes, new_inits, opset)  # type: ignore[arg-type]
+        blocks, n, perm = _mx_blocks_nodes(x, rank, axis, g.group_size, base, nodes, new_inits, opset)  # type: ignore[arg-type]
         amax = f"{base}/block_amax"
         nodes.append(helper.make_node("Abs", [blocks], [f"{base}/block_abs"], f"{base}/block_abs"))
         nodes.extend(_reduce_max(f"{base}/block_abs", amax, base, new_inits, opset))  # (..., n / b, 1)
@@ -931,7 +948,7 @@ def _float_grid_nodes(
             squeeze_axes = _const(f"{base}/last_axis", [-1], np.int64, new_inits)
             nodes.append(helper.make_node("Squeeze", [scale, squeeze_axes], [compact], f"{base}/squeeze"))
             if perm is not None:
-                inverse = [perm.index(i) for i in range(rec.rank)]
+                inverse = [perm.index(i) for i in range(rank)]
                 nodes.append(helper.make_node("Transpose", [compact], [f"{base}/scale_t"], f"{base}/scale_t",
                                               perm=inverse))  # fmt: skip
                 compact = f"{base}/scale_t"
@@ -944,8 +961,9 @@ def _float_grid_nodes(
         v = f"{base}/v"
         nodes.append(helper.make_node("Div", [blocks, scale], [v], f"{base}/div"))
         r = _round_nodes(v, fmt, base, nodes, new_inits)
+        rounded.add(y)
         nodes.append(helper.make_node("Mul", [r, scale], [f"{base}/blocks_q"], f"{base}/mul"))
-        flat_shape = _const(f"{base}/flat_shape", [0] * (rec.rank - 1) + [-1], np.int64, new_inits)
+        flat_shape = _const(f"{base}/flat_shape", [0] * (rank - 1) + [-1], np.int64, new_inits)
         nodes.append(helper.make_node("Reshape", [f"{base}/blocks_q", flat_shape], [f"{base}/padded_q"],
                                       f"{base}/unblock"))  # fmt: skip
         starts = _const(f"{base}/slice_start", [0], np.int64, new_inits)
@@ -953,16 +971,17 @@ def _float_grid_nodes(
         out = f"{base}/unpadded_q" if perm is not None else y
         nodes.append(helper.make_node("Slice", [f"{base}/padded_q", starts, n, axes], [out], f"{base}/unpad"))
         if perm is not None:
-            inverse = [perm.index(i) for i in range(rec.rank)]
+            inverse = [perm.index(i) for i in range(rank)]
             nodes.append(helper.make_node("Transpose", [out], [y], f"{base}/untranspose", perm=inverse))
         return nodes
-    (scale,), attrs = _layout([rec.scales.detach().float()], g, _act_shape(rec.scales, g, rec.rank))
+    (scale,), attrs = _layout([rec.scales.detach().float()], g, _act_shape(rec.scales, g, rank))
     if native:
         elem_type, factor, _ = typed  # type: ignore[misc]
         return _qdq_nodes(x, y, init("scale", scale * factor), elem_type, attrs, base, new_inits)
     s_name = init("scale", rec.scales.detach().float())  # broadcasting against x as in the simulation
     nodes.append(helper.make_node("Div", [x, s_name], [f"{base}/v"], f"{base}/div"))
     r = _round_nodes(f"{base}/v", fmt, base, nodes, new_inits)
+    rounded.add(y)
     nodes.append(helper.make_node("Mul", [r, s_name], [y], f"{base}/mul"))
     return nodes
 
@@ -1102,8 +1121,9 @@ def _round_nodes(v: str, fmt: MinifloatFormat, base: str, nodes: list, new_inits
     man = _const(f"{k}/man_bits", float(fmt.man_bits), np.float32, new_inits)
     top = _const(f"{k}/max", fmt.max_value, np.float32, new_inits)
     two = _const(f"{k}/two", 2.0, np.float32, new_inits)
-    nodes += [
-        helper.make_node("Abs", [v], [f"{k}/a"], f"{k}/abs"),
+    nodes += [  # saturated first: an infinity rounds to the largest value, as in the simulation
+        helper.make_node("Abs", [v], [f"{k}/a_raw"], f"{k}/abs"),
+        helper.make_node("Min", [f"{k}/a_raw", top], [f"{k}/a"], f"{k}/saturate_input"),
         helper.make_node("Max", [f"{k}/a", tiny], [f"{k}/a_pos"], f"{k}/a_pos"),
     ]
     _floor_log2_nodes(f"{k}/a_pos", f"{k}/e_raw", k, nodes, new_inits)
@@ -1329,12 +1349,53 @@ def _reads_dequantized(name: str, producer: dict) -> bool:
     return node is not None and node.op_type == "DequantizeLinear"
 
 
+def _dq_type(dq: Any, producer: dict, inits: dict) -> int | None:
+    """The ONNX type a ``DequantizeLinear`` reads: its initializer's, or the type its ``QuantizeLinear`` makes."""
+    from onnx import TensorProto
+
+    if dq.input[0] in inits:
+        return inits[dq.input[0]].data_type
+    q = producer.get(dq.input[0])
+    if q is not None and q.op_type == "Clip":
+        q = producer.get(q.input[0])
+    if q is None or q.op_type != "QuantizeLinear":
+        return None
+    typed = [a.i for a in q.attribute if a.name == "output_dtype"]
+    if typed:
+        return typed[0]
+    zp = inits.get(q.input[2]) if len(q.input) > 2 and q.input[2] else None
+    return zp.data_type if zp is not None else TensorProto.UINT8
+
+
+def _dequantized_by(name: str, producer: dict) -> Any:
+    """The ``DequantizeLinear`` tensor ``name`` comes from, directly or through operators onnxruntime moves it
+    past, or ``None``."""
+    node = producer.get(name)
+    for _ in range(64):
+        if node is None or node.op_type not in _PROPAGATED:
+            break
+        node = producer.get(node.input[0])
+    return node if node is not None and node.op_type == "DequantizeLinear" else None
+
+
+def _moved_from(name: str, tensors: set[str], producer: dict) -> bool:
+    """Whether tensor ``name`` is one of ``tensors``, directly or moved (reshaped, transposed, sliced)."""
+    for _ in range(64):
+        if name in tensors:
+            return True
+        node = producer.get(name)
+        if node is None or node.op_type not in MOVES:
+            return False
+        name = node.input[0]
+    return False
+
+
 def _pin_float8_biases(graph) -> None:
-    """Store the float bias of a ``Conv``/``Gemm`` with float8 weights as a ``DequantizeLinear`` of its own.
+    """Store the float bias of a ``Conv``/``Gemm`` with a float8 operand as a ``DequantizeLinear`` of its own.
 
     onnxruntime (1.32) quantizes the bias initializer of a layer whose inputs both come from a
     ``DequantizeLinear`` to ``int32`` at the scale ``s_x * s_w``, for the integer kernels, whatever
-    the type: with float8 operands, which run in float, that only rounds the bias. A bias read
+    the types: with a float8 operand, which runs in float, that only rounds the bias. A bias read
     through a ``DequantizeLinear`` (the same numbers, :func:`_pinned_nodes`) is left as it is.
     """
     from onnx import TensorProto, numpy_helper
@@ -1347,10 +1408,8 @@ def _pin_float8_biases(graph) -> None:
     for node in graph.node:
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in inits:
             continue
-        dq = producer.get(node.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
-            continue
-        if inits[dq.input[0]].data_type not in float8:
+        dqs = [_dequantized_by(node.input[i], producer) for i in (0, 1)]
+        if any(dq is None for dq in dqs) or not any(_dq_type(dq, producer, inits) in float8 for dq in dqs):
             continue
         base = f"tq_pinned/{node.name or node.input[2]}/bias"
         value = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
@@ -1361,6 +1420,54 @@ def _pin_float8_biases(graph) -> None:
         del graph.node[:]
         graph.node.extend(nodes)
         graph.initializer.extend(new_inits)
+        _remove_unused(graph)
+
+
+def _pin_float_grid_weights_of_float_products(graph, rounded: set[str]) -> None:
+    """Store as their values the integer-stored float-format weights (FP4/FP6 as multiples of their smallest
+    value, per tensor or channel) of a ``MatMul`` whose other input is a float-format activation: rounded
+    in float operations (``rounded``: FP4/FP6) or dequantized from float8.
+
+    onnxruntime (1.32) turns ``DequantizeLinear(int8) -> MatMul`` into ``MatMulNBits``, which
+    quantizes its other input to int8 on the fly: such an activation would be rounded again. (A float
+    input that no quantizer rounds is the documented case of ``MatMulNBits``: the weights stay compact.)
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    float8 = {TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2}
+
+    def float_format_input(name: str) -> bool:
+        dq = _dequantized_by(name, producer)
+        return _moved_from(name, rounded, producer) or (dq is not None and _dq_type(dq, producer, inits) in float8)
+
+    pinned: dict[int, list] = {}
+    for node in graph.node:
+        if node.op_type != "MatMul" or not float_format_input(node.input[0]):
+            continue
+        dq = producer.get(node.input[1])
+        while dq is not None and dq.op_type == "Transpose":
+            dq = producer.get(dq.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or id(dq) in pinned or dq.input[0] not in inits:
+            continue
+        codes = inits[dq.input[0]]
+        attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+        float_grid = codes.name.endswith("_weight") and not codes.name.endswith("/int_weight")
+        if not float_grid or codes.data_type not in (TensorProto.INT8, TensorProto.INT16) or "block_size" in attrs:
+            continue
+        k = numpy_helper.to_array(codes).astype(np.float32)
+        scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
+        if scale.ndim == 1 and k.ndim > 1:  # per channel along axis
+            axis = attrs.get("axis", 1) % k.ndim
+            scale = scale.reshape([-1 if i == axis else 1 for i in range(k.ndim)])
+        added: list = []
+        pinned[id(dq)] = _pinned_nodes(k * scale, dq.output[0], f"tq_pinned/{dq.name}", added)
+        graph.initializer.extend(added)
+    if pinned:
+        nodes = [m for n in graph.node for m in pinned.get(id(n), [n])]
+        del graph.node[:]
+        graph.node.extend(nodes)
         _remove_unused(graph)
 
 

@@ -20,7 +20,11 @@ the same inputs and reports, in steps of each quantization point's grid:
   the simulation's own and shows at the output.
 
 A one-step difference at a rounding tie counts as explained (``Agreement.ties``), so a
-small tensor is not failed by one tie. The end-to-end run also reads every point's codes
+small tensor is not failed by one tie. A floating-point grid (FP8, MX) resolves much
+smaller differences near zero than an integer grid (its subnormal steps): there, differences
+below ``FLOAT_NOISE`` of the tensor's largest magnitude (float32 noise in a matmul's output
+near zero) count as ties, and so does an MX block whose maximum lies on a power-of-two tie
+of its scale where onnxruntime took the other scale. The end-to-end run also reads every point's codes
 (``ParityReport.optimized``); the first point that breaks the criteria there, once the
 ties before it are adopted, is where onnxruntime's optimized graph departs from the ONNX
 semantics (``ParityReport.divergence``, with the kernel that computes it, say
@@ -46,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from ..debug.diagnostics import Report
+from ..quantizers_functional import _mx_blocks, e8m0_block_scale, minifloat_round
 from ._common import quant_points, to_numpy
 from .onnx_qdq import MOVES, REQUANTIZE, _as_inputs, _require_onnx
 
@@ -53,6 +58,9 @@ __all__ = ["Agreement", "Divergence", "ParityReport", "check_parity"]
 
 #: A simulated value this close (in steps) to the middle of two codes is a rounding tie.
 TIE_STEPS = 1e-3
+#: A float grid's difference below this fraction of its tensor's largest magnitude is float32 noise in its
+#: input, which the format's subnormal steps resolve (a matmul's output near zero, summed in another order).
+FLOAT_NOISE = 1e-5
 #: The widest a tie gets from the int32 bias rounding of onnxruntime's integer kernels (steps).
 MAX_BIAS_WINDOW = 0.25
 
@@ -374,16 +382,34 @@ def check_parity(
     def on_tie(point: str) -> np.ndarray:
         return to_numpy(tie_mask(point, seen[point][0]))
 
+    def float_ties(point: str, x: Tensor, ort_val: np.ndarray, sim_val: np.ndarray) -> np.ndarray | None:
+        """A float grid's differences explained by float32 noise in its input: elements of MX blocks on a
+        scale tie where onnxruntime's value is the one of the other scale, and differences below
+        ``FLOAT_NOISE`` of the tensor's largest magnitude (the format's subnormal steps resolve them)."""
+        q = quantizers[point]
+        if q.grid() is not None or q.float_grid() is None:
+            return None
+        top = float(np.abs(sim_val).max()) if sim_val.size else 0.0
+        noise = np.abs(ort_val.astype(np.float64) - sim_val) <= FLOAT_NOISE * top
+        other = _other_block_scale(q, x, tie_steps)
+        if other is None:
+            return noise
+        alt, mask = (to_numpy(t) for t in other)
+        return noise | (mask & (ort_val == alt.astype(ort_val.dtype)))
+
     def agree(ort_val: np.ndarray, sim_val: np.ndarray, point: str | None, ties: np.ndarray | None,
-              x: Tensor | None = None) -> Agreement:  # fmt: skip
+              x: Tensor | None = None, scale_ties: np.ndarray | None = None) -> Agreement:  # fmt: skip
         diff = np.abs(ort_val.astype(np.float64) - sim_val.astype(np.float64))
         max_abs = float(diff.max()) if diff.size else 0.0
         if point is None:
             return Agreement(None, None, max_abs, int(diff.size))
         d = np.rint(diff / steps_of(point, x))
-        n_ties = int(((d == 1) & ties).sum()) if ties is not None else 0
-        return Agreement(float(d.max()) if d.size else 0.0, float((d == 0).mean()) if d.size else 1.0, max_abs,
-                         int(d.size), n_ties)  # fmt: skip
+        tied = (d == 1) & ties if ties is not None else np.zeros(d.shape, bool)
+        if scale_ties is not None:  # explained like a rounding tie, by as many steps as they make
+            tied = tied | (scale_ties & (d != 0))
+        rest = np.where(tied, 0.0, d) if scale_ties is not None else d
+        return Agreement(float(rest.max()) if d.size else 0.0, float((d == 0).mean()) if d.size else 1.0, max_abs,
+                         int(d.size), int(tied.sum()))  # fmt: skip
 
     def session(p, options) -> Any:
         return ort.InferenceSession(p.SerializeToString(), options, providers=list(providers),
@@ -412,7 +438,11 @@ def check_parity(
         tf_opts.inter_op_num_threads = session_options.inter_op_num_threads
     s = session(tf, tf_opts)
     vals = dict(zip([o.name for o in s.get_outputs()], s.run(None, tf_feed)))
-    points = {p: agree(vals[n.output[0]], to_numpy(seen[p][1], np.float32), p, on_tie(p)) for p, n in dq_of.items()}
+    points = {}
+    for p, n in dq_of.items():
+        ort_val = vals[n.output[0]]
+        sim_val = to_numpy(seen[p][1], np.float32)
+        points[p] = agree(ort_val, sim_val, p, on_tie(p), None, float_ties(p, seen[p][0], ort_val, sim_val))
 
     # 2. End to end, optimized; every point's codes also read through an extra DequantizeLinear.
     opts = session_options if session_options is not None else ort.SessionOptions()
@@ -444,6 +474,10 @@ def check_parity(
             scale = _steps(mod, args[0])
             ort_val = torch.from_numpy(side_vals[side_name[name]]).to(device=out.device, dtype=out.dtype)
             take = tie_mask(name, args[0]) & ((ort_val - out).double().abs() / scale).round().eq(1)
+            scale_ties = float_ties(name, args[0], side_vals[side_name[name]], to_numpy(out, np.float64))
+            if scale_ties is not None:  # float32 noise in a float grid's input
+                take = take | torch.from_numpy(scale_ties).to(take.device)
+            take = take & ort_val.ne(out)
             adopted += int(take.sum())
             out = torch.where(take, ort_val, out)
             optimized[name] = agree(side_vals[side_name[name]], to_numpy(out, np.float32), name, None, args[0])
@@ -474,6 +508,40 @@ def check_parity(
         kernel = _optimized_producer(side, failing, opts, session)
         report.divergence = Divergence(None, kernel, outputs[failing], failing)
     return report
+
+
+def _other_block_scale(quantizer: nn.Module, x: Tensor, tie_steps: float) -> tuple[Tensor, Tensor] | None:
+    """For OCP MX blocks whose maximum lies on a scale tie, the values with the block's other scale.
+
+    A block's power-of-two scale changes where its maximum crosses a power of two; one whose
+    maximum lies within ``tie_steps`` steps of the element format (relative ``tie_steps * 2 ** -M``)
+    of one may take either scale when computed in another summation order, and then every
+    element of the block rounds on the other grid. Returns ``(values, mask)`` of ``x``'s shape:
+    the simulation with the other scale at the elements of such blocks; ``None`` for quantizers
+    without MX blocks.
+    """
+    if quantizer.grid() is not None:  # type: ignore[operator]
+        return None
+    fg = quantizer.float_grid()  # type: ignore[operator]
+    if fg is None or not fg.blocked:
+        return None
+    f, g = fg.fmt, fg.granularity
+    ax, n = g.axis % x.dim(), x.shape[g.axis]  # type: ignore[operator, index]
+    blocks = _mx_blocks(x.detach().float(), g.group_size, ax)  # type: ignore[arg-type]  # (..., n / b, b)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    frac = torch.frexp(amax)[0] * 2  # amax / 2 ** floor(log2(amax)), in [1, 2)
+    window = tie_steps * 2.0**-f.man_bits
+    low = (frac - 1 < window) & (amax > 0)  # just at or above a power of two: half the scale
+    high = 2 - frac < 2 * window  # just below one: twice the scale
+    scale = e8m0_block_scale(amax, f.emax)
+    other = torch.where(low, scale / 2, torch.where(high, scale * 2, scale))
+    alt = minifloat_round(blocks / other, f.man_bits, f.bias, f.max_value) * other  # type: ignore[arg-type]
+    mask = (low | high).expand_as(blocks)
+
+    def unblock(t: Tensor) -> Tensor:
+        return t.reshape(*t.shape[:-2], -1)[..., :n].movedim(-1, ax)
+
+    return unblock(alt).to(x.dtype), unblock(mask)
 
 
 def _steps(quantizer: nn.Module, x: Tensor) -> Tensor:

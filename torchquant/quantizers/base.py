@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..granularity import Granularity
 from ..quantizers_functional import (
+    compute_dtype,
     level_codes,
     level_neighbours,
     level_values,
@@ -232,8 +233,9 @@ class FloatGrid:
 
     The contract of floating-point quantizers (FP8, FP6, FP4, OCP MX), as
     :class:`~torchquant.quantizers.AffineGrid` is that of uniform ones: export stores
-    the rounded values ``round_fmt(x / scale)`` in the format (ONNX ``float8e4m3fn``,
-    ``float8e5m2``, ``int8``) with their scales.
+    the rounded values ``round_fmt(x / scale)`` (:meth:`elements`) with their scales, in the
+    format where ONNX has it (``float8e4m3fn``, ``float8e5m2``), else as integer multiples of
+    the format's smallest value (``int8``, ``int16``).
 
     Attributes:
         fmt: the element format.
@@ -295,10 +297,12 @@ class FloatGrid:
         return per_elem.narrow(ax, 0, x.shape[ax])
 
     def elements(self, x: Tensor) -> Tensor:
-        """``round_fmt(x / scale)``: the format's values that represent ``x`` (float, of ``x``'s shape)."""
+        """``round_fmt(x / scale)``: the format's values that represent ``x``, of ``x``'s shape, in the dtype the
+        simulation computes in (float32 for half-precision inputs, as :func:`compute_dtype` says)."""
         f = self.fmt
-        s = self.scale_for(x)
-        return minifloat_round(x / s.to(x.device), f.man_bits, f.bias, f.max_value)  # type: ignore[arg-type]
+        dt = compute_dtype(x)
+        s = self.scale_for(x).to(device=x.device, dtype=dt)
+        return minifloat_round(x.to(dt) / s, f.man_bits, f.bias, f.max_value)  # type: ignore[arg-type]
 
     def quantize(self, x: Tensor) -> Tensor:
         """``x`` on this grid: ``round_fmt(x / scale) * scale`` (straight-through gradient)."""
