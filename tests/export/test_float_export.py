@@ -230,6 +230,9 @@ def test_weights_with_a_batchnorm_folded_in_are_stored_in_the_format(weights):
     proto = _export(net, x[:1], opset=21)
     stored = {t.data_type for t in proto.graph.initializer if "weight_quantizer" in t.name}
     assert (TensorProto.FLOAT8E4M3FN if weights != "mxfp4" else TensorProto.INT8) in stored
+    # the folded bias of the conv reading a float8 activation is read through a DequantizeLinear of its own
+    pinned = [n.name for n in proto.graph.node if n.name.startswith("tq_pinned/") and n.name.endswith("bias/dq")]
+    assert pinned == ["tq_pinned//3/Conv/bias/dq"]
     with torch.no_grad():
         np.testing.assert_array_equal(_run(proto, x), net(x).numpy())
     report = tq.export.check_parity(net, proto, x)

@@ -623,7 +623,7 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, sig
     _remove_unused(graph)
     _requantize_moved_inputs(graph)
     _pin_float_weights(proto)
-    _pin_float8_biases(graph)
+    _pin_float8_biases(proto)
     _pin_float_grid_weights_of_float_products(graph, rounded)
     # The placeholder domain is gone; keep only the standard opsets.
     keep = [o for o in proto.opset_import if o.domain != _DOMAIN]
@@ -1277,8 +1277,7 @@ def _pin_float_weights(proto) -> None:
     here, are stored as a per-element ``DequantizeLinear`` (sign codes, magnitudes as scales: the same
     numbers) and a ``Reshape``.
     """
-    from onnx import TensorProto, helper, numpy_helper
-    from onnx.reference import ReferenceEvaluator
+    from onnx import TensorProto, numpy_helper
 
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
@@ -1303,16 +1302,7 @@ def _pin_float_weights(proto) -> None:
                 continue
             value = numpy_helper.to_array(inits[w])
         else:
-            needed = {i for n in chain for i in n.input if i in inits}
-            sub = helper.make_model(
-                helper.make_graph(
-                    chain, "weight", [], [helper.make_tensor_value_info(w, TensorProto.FLOAT, None)],
-                    [inits[i] for i in needed],
-                ),
-                opset_imports=list(proto.opset_import),
-                ir_version=proto.ir_version,
-            )  # fmt: skip
-            (value,) = ReferenceEvaluator(sub).run(None, {})
+            value = _evaluate(proto, chain, inits, w)
         base = f"tq_pinned/{node.name or w}"
         inits_added: list = []
         new_nodes.extend(_pinned_nodes(np.asarray(value, dtype=np.float32), f"{base}/w", base, inits_added))
@@ -1390,35 +1380,66 @@ def _moved_from(name: str, tensors: set[str], producer: dict) -> bool:
     return False
 
 
-def _pin_float8_biases(graph) -> None:
+def _evaluate(proto: Any, chain: list, inits: dict, name: str) -> np.ndarray:
+    """The value of tensor ``name``, computed by ``chain`` (:func:`_constant_chain`) from initializers."""
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    needed = {i for n in chain for i in n.input if i in inits}
+    sub = helper.make_model(
+        helper.make_graph(
+            chain, "constant", [], [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)],
+            [inits[i] for i in needed],
+        ),
+        opset_imports=list(proto.opset_import),
+        ir_version=proto.ir_version,
+    )  # fmt: skip
+    (value,) = ReferenceEvaluator(sub).run(None, {})
+    return np.asarray(value, dtype=np.float32)
+
+
+def _pin_float8_biases(proto) -> None:
     """Store the float bias of a ``Conv``/``Gemm`` with a float8 operand as a ``DequantizeLinear`` of its own.
 
     onnxruntime (1.32) quantizes the bias initializer of a layer whose inputs both come from a
     ``DequantizeLinear`` to ``int32`` at the scale ``s_x * s_w``, for the integer kernels, whatever
     the types: with a float8 operand, which runs in float, that only rounds the bias. A bias read
-    through a ``DequantizeLinear`` (the same numbers, :func:`_pinned_nodes`) is left as it is.
+    through a ``DequantizeLinear`` (the same numbers, :func:`_pinned_nodes`) is left as it is; so is
+    one computed from constants (a BatchNorm folded in), which onnxruntime would fold first.
     """
     from onnx import TensorProto, numpy_helper
 
+    graph = proto.graph
     float8 = {TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2}
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
     new_nodes: list = []
     new_inits: list = []
     for node in graph.node:
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in inits:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or not node.input[2]:
             continue
+        chain = _constant_chain(node.input[2], producer, inits)
+        if chain is None or any(n.op_type == "DequantizeLinear" for n in chain):
+            continue  # computed from the input, or already read through a DequantizeLinear
         dqs = [_dequantized_by(node.input[i], producer) for i in (0, 1)]
         if any(dq is None for dq in dqs) or not any(_dq_type(dq, producer, inits) in float8 for dq in dqs):
             continue
         base = f"tq_pinned/{node.name or node.input[2]}/bias"
-        value = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
+        if chain:
+            value = _evaluate(proto, chain, inits, node.input[2])
+        else:
+            value = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32)
         new_nodes.extend(_pinned_nodes(value, f"{base}/value", base, new_inits))
         node.input[2] = f"{base}/value"
     if new_nodes:
-        nodes = new_nodes + list(graph.node)
+        needed = {o.name for o in graph.output}
+        kept = []
+        for n in reversed(new_nodes + list(graph.node)):  # topological order: readers after what they read
+            if any(o in needed for o in n.output):  # the bias chains no one reads any more are dropped
+                kept.append(n)
+                needed.update(n.input)
         del graph.node[:]
-        graph.node.extend(nodes)
+        graph.node.extend(reversed(kept))
         graph.initializer.extend(new_inits)
         _remove_unused(graph)
 
