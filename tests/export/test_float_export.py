@@ -28,6 +28,12 @@ def _run(proto, x: torch.Tensor, optimize: bool = True) -> np.ndarray:
     return s.run(None, {"input0": x.numpy()})[0]
 
 
+def _assert_exact(net: nn.Module, proto, x: torch.Tensor) -> None:
+    """onnxruntime, its graph optimizations on, gives exactly the simulation's output."""
+    with torch.no_grad():
+        np.testing.assert_array_equal(_run(proto, x), net(x).numpy())
+
+
 def _export(net: nn.Module, x: torch.Tensor, **kw):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*opset version")
@@ -162,8 +168,7 @@ def test_fp6_e3m2_weights_are_int16_at_opset_21():
     weight = next(t for t in proto.graph.initializer if t.name == "0.weight_quantizer/0/e3m2_weight")
     assert weight.data_type == TensorProto.INT16  # values: integers times 2 ** -4 up to 28, i.e. +-448
     x = torch.randn(16, 64)
-    with torch.no_grad():
-        np.testing.assert_array_equal(_run(proto, x), net(x).numpy())
+    _assert_exact(net, proto, x)
 
 
 def test_mx_activations_along_channels_with_zero_blocks_and_every_binade():
@@ -193,8 +198,7 @@ def test_fp8_bias_keeps_its_float_value_in_onnxruntime():
     proto = _export(net, torch.randn(1, 64), opset=21)
     assert [n.name for n in proto.graph.node if n.name.startswith("tq_pinned/") and n.name.endswith("bias/dq")]
     x = torch.randn(8, 64)
-    with torch.no_grad():
-        np.testing.assert_array_equal(_run(proto, x), net(x).numpy())
+    _assert_exact(net, proto, x)
 
 
 def test_fp8_after_a_relu_keeps_the_relu_in_onnxruntime():
@@ -205,8 +209,7 @@ def test_fp8_after_a_relu_keeps_the_relu_in_onnxruntime():
     quantize = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
     assert quantize and all(len(n.input) == 2 for n in quantize)
     x = torch.randn(32, 64) * 3
-    with torch.no_grad():
-        np.testing.assert_array_equal(_run(proto, x), net(x).numpy())
+    _assert_exact(net, proto, x)
 
 
 @pytest.mark.parametrize("weights", ["fp8_e4m3", "mxfp8_e4m3", "mxfp4"])
@@ -233,8 +236,7 @@ def test_weights_with_a_batchnorm_folded_in_are_stored_in_the_format(weights):
     # the folded bias of the conv reading a float8 activation is read through a DequantizeLinear of its own
     pinned = [n.name for n in proto.graph.node if n.name.startswith("tq_pinned/") and n.name.endswith("bias/dq")]
     assert pinned == ["tq_pinned//3/Conv/bias/dq"]
-    with torch.no_grad():
-        np.testing.assert_array_equal(_run(proto, x), net(x).numpy())
+    _assert_exact(net, proto, x)
     report = tq.export.check_parity(net, proto, x)
     assert report.passed(), str(report)
 
@@ -253,8 +255,7 @@ def test_mx_weights_read_through_a_transposed_view(opset):
     if opset == 21:
         assert stored["2.weight_quantizer/2/e4m3_weight"].dims == [64, 32]  # the (out, in) view, blocked along in
     x = torch.randn(16, 64)
-    with torch.no_grad():
-        np.testing.assert_array_equal(_run(proto, x), net(x).numpy())
+    _assert_exact(net, proto, x)
 
 
 def test_float_grid_that_does_not_fit_its_tensor_is_named():
@@ -302,8 +303,7 @@ def test_fp8_activations_keep_the_bias_of_a_layer_with_integer_weights():
             net[0].layer.bias.copy_(torch.linspace(-0.7, 0.7, 40))
         proto = _export(net, torch.randn(1, 64), opset=21)
         x = torch.randn(32, 64) * 3
-        with torch.no_grad():
-            np.testing.assert_array_equal(_run(proto, x), net(x).numpy())
+        _assert_exact(net, proto, x)
 
 
 @pytest.mark.parametrize("acts", ["fp4_e2m1", "mxfp4", "fp8_e4m3"])
@@ -323,8 +323,7 @@ def test_fp4_weights_of_a_matmul_whose_input_is_a_float_format_activation(acts):
         net(x)
     tq.set_qmodule_state(net, S.QUANT_EVAL)
     proto = _export(net, x[:1], opset=21)
-    with torch.no_grad():
-        np.testing.assert_array_equal(_run(proto, x), net(x).numpy())
+    _assert_exact(net, proto, x)
 
 
 def test_an_mx_quantizer_called_on_tensors_of_two_ranks():
@@ -341,5 +340,4 @@ def test_an_mx_quantizer_called_on_tensors_of_two_ranks():
     x = torch.randn(3, 5, 20)
     for opset in (17, 21):
         proto = _export(net, x, opset=opset)
-        with torch.no_grad():
-            np.testing.assert_array_equal(_run(proto, x), net(x).numpy())
+        _assert_exact(net, proto, x)

@@ -633,8 +633,11 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, sig
         proto.ir_version = 10  # int4 / uint4 need IR 10
 
 
-# Ops onnxruntime moves a DequantizeLinear past (QDQ propagation) without changing values.
+# Ops that move values without changing them.
 _SHAPE_OPS = frozenset({"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Slice"})
+#: Operators onnxruntime moves a per-tensor ``DequantizeLinear`` past (its QDQ propagation, 1.32), so a
+#: layer reading their output reads a dequantized tensor once optimized.
+_PROPAGATED = (_SHAPE_OPS - {"Flatten"}) | {"MaxPool"}
 
 
 def _summed_over(name: str, axis: int, rank: int, consumers: dict[str, list]) -> bool:
@@ -874,7 +877,7 @@ def _float_grid_nodes(
     levels are); an activation is rounded in float operations, the same arithmetic as the simulation
     (its output is added to ``rounded``).
     """
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     fg = rec.float_grid
     if fg is None or rec.codes is None or rec.scales is None:
@@ -889,23 +892,17 @@ def _float_grid_nodes(
     native = typed is not None and opset >= (21 if grouped or not const else typed[2])
 
     def init(key: str, value: Tensor) -> str:
-        name = f"{base}/{key}"
-        new_inits.append(numpy_helper.from_array(to_numpy(value.float()), name))
-        return name
+        return _const(f"{base}/{key}", to_numpy(value.float()), np.float32, new_inits)
 
     if const:
-        scale_full = rec.scales  # per element for MX blocks: each block's scale repeated, the padding cut
-        if fg.blocked:
-            scale_full = rec.scales.repeat_interleave(g.group_size, dim=axis).narrow(axis, 0, shape[axis])  # type: ignore[arg-type]
-        # Every value of a format is an integer times its smallest subnormal: where those integers fit
-        # int8 (FP4 E2M1 +-12, FP6 E2M3 +-60) or int16 (FP6 E3M2 +-448, opset 21), the weight is stored
-        # as them with the scales times that unit: a plain DequantizeLinear, exact.
-        unit = 2.0 ** (1 - fmt.bias - fmt.man_bits)  # type: ignore[operator]
-        k_max = round(fmt.max_value / unit)
-        tp = _require_onnx().TensorProto
-        as_int = tp.INT8 if k_max <= 127 else tp.INT16 if k_max < 2**15 and opset >= 21 else None
-        if not native and as_int is not None and (not grouped or opset >= 21):
-            typed, native = (as_int, unit, 13), True
+        scale_full = fg.expand(rec.scales, shape) if fg.blocked else rec.scales  # broadcasts against the weight
+        if not native and (not grouped or opset >= 21):
+            # Every value of a format is an integer times its smallest subnormal: where those integers fit
+            # int8 (FP4 E2M1 +-12, FP6 E2M3 +-60) or int16 (FP6 E3M2 +-448, opset 21), the weight is stored
+            # as them with the scales times that unit: a plain DequantizeLinear, exact.
+            tp, k_max = _require_onnx().TensorProto, round(fmt.max_value / fmt.unit)
+            as_int = tp.INT8 if k_max <= 127 else tp.INT16 if k_max < 2**15 and opset >= 21 else None
+            typed, native = ((as_int, fmt.unit, 13), True) if as_int is not None else (typed, native)
         if native:
             elem_type, factor, _ = typed  # type: ignore[misc]
             if fg.blocked:
@@ -942,13 +939,13 @@ def _float_grid_nodes(
         nodes.append(helper.make_node("Abs", [blocks], [f"{base}/block_abs"], f"{base}/block_abs"))
         nodes.extend(_reduce_max(f"{base}/block_abs", amax, base, new_inits, opset))  # (..., n / b, 1)
         scale = _e8m0_nodes(amax, fmt.emax, base, nodes, new_inits)
+        inverse = None if perm is None else [perm.index(i) for i in range(rank)]
         if native:
             elem_type, factor, _ = typed  # type: ignore[misc]
             compact = f"{base}/scale_blocks"
             squeeze_axes = _const(f"{base}/last_axis", [-1], np.int64, new_inits)
             nodes.append(helper.make_node("Squeeze", [scale, squeeze_axes], [compact], f"{base}/squeeze"))
-            if perm is not None:
-                inverse = [perm.index(i) for i in range(rank)]
+            if inverse is not None:
                 nodes.append(helper.make_node("Transpose", [compact], [f"{base}/scale_t"], f"{base}/scale_t",
                                               perm=inverse))  # fmt: skip
                 compact = f"{base}/scale_t"
@@ -968,10 +965,9 @@ def _float_grid_nodes(
                                       f"{base}/unblock"))  # fmt: skip
         starts = _const(f"{base}/slice_start", [0], np.int64, new_inits)
         axes = _const(f"{base}/slice_axis", [-1], np.int64, new_inits)
-        out = f"{base}/unpadded_q" if perm is not None else y
+        out = f"{base}/unpadded_q" if inverse is not None else y
         nodes.append(helper.make_node("Slice", [f"{base}/padded_q", starts, n, axes], [out], f"{base}/unpad"))
-        if perm is not None:
-            inverse = [perm.index(i) for i in range(rank)]
+        if inverse is not None:
             nodes.append(helper.make_node("Transpose", [out], [y], f"{base}/untranspose", perm=inverse))
         return nodes
     (scale,), attrs = _layout([rec.scales.detach().float()], g, _act_shape(rec.scales, g, rank))
@@ -1292,7 +1288,7 @@ def _pin_float_weights(proto) -> None:
     for node in graph.node:
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
             continue
-        reads_dq = _reads_dequantized(node.input[0], producer)
+        reads_dq = _dequantized_by(node.input[0], producer) is not None
         chain = _constant_chain(node.input[1], producer, inits)
         if not reads_dq or chain is None or any(n.op_type == "DequantizeLinear" for n in chain):
             continue
@@ -1321,22 +1317,6 @@ def _pin_float_weights(proto) -> None:
     del graph.node[:]
     graph.node.extend(new_nodes + keep)
     _remove_unused(graph)
-
-
-#: Operators onnxruntime moves a per-tensor ``DequantizeLinear`` past (its QDQ propagation, 1.32), so a
-#: layer reading their output reads a dequantized tensor once optimized.
-_PROPAGATED = frozenset({"MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice"})
-
-
-def _reads_dequantized(name: str, producer: dict) -> bool:
-    """Whether tensor ``name`` is a ``DequantizeLinear``'s output, directly or through operators
-    onnxruntime moves it past."""
-    node = producer.get(name)
-    for _ in range(64):
-        if node is None or node.op_type not in _PROPAGATED:
-            break
-        node = producer.get(node.input[0])
-    return node is not None and node.op_type == "DequantizeLinear"
 
 
 def _dq_type(dq: Any, producer: dict, inits: dict) -> int | None:

@@ -553,8 +553,8 @@ def _steps(quantizer: nn.Module, x: Tensor) -> Tensor:
         return grid.scale.detach().double()
     fg = quantizer.float_grid()  # type: ignore[operator]
     scale = fg.scale_for(x.detach()).double()
-    v = (x.detach().double() / scale).abs().clamp(min=torch.finfo(torch.float64).tiny)
-    e = torch.floor(torch.log2(v)).clamp(min=1 - fg.fmt.bias, max=fg.fmt.emax)
+    v = (x.detach().double() / scale).abs()
+    e = (torch.frexp(v)[1] - 1).double().clamp(min=1 - fg.fmt.bias, max=fg.fmt.emax)  # floor(log2 v), exact
     return torch.exp2(e - fg.fmt.man_bits) * scale
 
 

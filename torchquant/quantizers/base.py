@@ -287,14 +287,18 @@ class FloatGrid:
             raise ValueError(f"FloatGrid: block_scales() needs MX blocks (scale None, per-group), got {g}")
         return mx_block_scales(x, self.fmt.emax, g.group_size, g.axis)
 
+    def expand(self, block_scales: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+        """MX blocks: compact ``block_scales`` (:meth:`block_scales`) repeated to every element of a tensor
+        of ``shape``, the last block's cut where it is shorter."""
+        g = self.granularity
+        ax = g.axis % len(shape)  # type: ignore[operator]
+        return block_scales.repeat_interleave(g.group_size, dim=ax).narrow(ax, 0, shape[ax])  # type: ignore[arg-type]
+
     def scale_for(self, x: Tensor) -> Tensor:
         """The scale of every element of ``x``, broadcasting against it (MX: each element's block scale)."""
         if self.scale is not None:
             return self.scale
-        g = self.granularity
-        ax = g.axis % x.dim()  # type: ignore[operator]
-        per_elem = self.block_scales(x).repeat_interleave(g.group_size, dim=ax)  # type: ignore[arg-type]
-        return per_elem.narrow(ax, 0, x.shape[ax])
+        return self.expand(self.block_scales(x), x.shape)
 
     def elements(self, x: Tensor) -> Tensor:
         """``round_fmt(x / scale)``: the format's values that represent ``x``, of ``x``'s shape, in the dtype the

@@ -80,6 +80,11 @@ class MinifloatFormat:
         """``x`` rounded to this format after division by ``scale`` (see :func:`minifloat_quantize`)."""
         return minifloat_quantize(x, scale, self.man_bits, self.bias, self.max_value)  # type: ignore[arg-type]
 
+    @property
+    def unit(self) -> float:
+        """The smallest subnormal, ``2 ** (1 - bias - M)``: every value of the format is an integer times it."""
+        return 2.0 ** (1 - self.bias - self.man_bits)  # type: ignore[operator]
+
     def values(self) -> Tensor:
         """Every finite value of the format, ascending, one zero: ``(K,)`` float32 (15 for E2M1).
 
@@ -90,7 +95,7 @@ class MinifloatFormat:
         m = torch.arange(2**self.man_bits, dtype=torch.float64) / 2**self.man_bits  # mantissa fractions
         e = torch.arange(1, 2**self.exp_bits, dtype=torch.float64)[:, None]  # exponent fields of normals
         normals = (2.0 ** (e - self.bias)) * (1 + m)  # type: ignore[operator]
-        subnormals = 2.0 ** (1 - self.bias) * m  # type: ignore[operator]  # field 0, zero first
+        subnormals = torch.arange(2**self.man_bits, dtype=torch.float64) * self.unit  # field 0, zero first
         mags = torch.cat([subnormals, normals.reshape(-1)])
         mags = mags[mags <= self.max_value]  # the codes of infinities and NaNs lie above
         return torch.cat([-mags.flip(0)[:-1], mags]).float()
