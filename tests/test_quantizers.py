@@ -464,3 +464,25 @@ def test_float_grid_elements_are_computed_as_the_simulation_does_for_half_precis
     elements = fg.elements(x)
     assert elements.dtype == torch.float32  # divided in float32: in bfloat16, 127 of 4096 rounded otherwise
     assert torch.equal((elements * fg.scale).to(torch.bfloat16), q(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_grid_codes_of_half_precision_tensors_are_the_simulation_s(dtype):
+    # to_int/codes divide in float32 as the quantizers do: in half precision, x / scale rounds to other codes.
+    torch.manual_seed(0)
+    w = torch.randn(64, 128).to(dtype)
+    affine = tq.AffineQuantizer(8, tq.BatchMinMax(axis=0), symmetric=True)
+    nf4 = tq.NF4Quantizer(tq.BatchMinMax(axis=0))
+    affine.pre_observe(w)
+    nf4.pre_observe(w)
+    affine.to(dtype), nf4.to(dtype)  # half-precision range state, as in a model cast after calibration
+    with torch.no_grad():
+        out, out_nf4 = affine(w), nf4(w)
+    grid, levels = affine.grid(), nf4.levels()
+    assert grid.scale.dtype == dtype
+    codes = grid.to_int(w)
+    expected = torch.round(w.float() / grid.scale.float()) + grid.zero_point.float()
+    assert torch.equal(codes, expected.clamp(0, 255).long())
+    assert torch.equal(grid.from_int(codes).to(dtype), out)
+    assert grid.from_int(codes).dtype == torch.float32  # 255 codes times a half-precision scale
+    assert torch.equal(levels.quantize(w), out_nf4) and levels.quantize(w).dtype == dtype

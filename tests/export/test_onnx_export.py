@@ -592,3 +592,28 @@ def test_a_layer_called_twice_exports_with_names_of_its_own_per_call():
     y = ort.InferenceSession(proto.SerializeToString(), so).run(None, {"input0": x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(y, net(x).numpy(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_a_half_precision_model_exports_as_its_float32_twin(dtype):
+    # onnxruntime computes Q/DQ graphs in float32: the model's float32 copy is exported.
+    half = _calibrated(_w8, _a8).to(dtype)
+    x = torch.randn(8, 3, 4, 4)
+    with pytest.warns(UserWarning, match=f"{dtype}; the ONNX graph computes in float32"):
+        proto = tq.export.to_onnx(half, x[:1].to(dtype))
+    assert half[0].layer.weight.dtype == dtype  # the model is left as it was
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    params = tq.export.integer_params(half)
+    stored = {t.name.split("/")[0]: numpy_helper.to_array(t) for t in proto.graph.initializer if "int_weight" in t.name}
+    assert sorted(stored) == ["0.weight_quantizer", "4.weight_quantizer"]
+    # Stored weights keep their codes; the convolution's BatchNorm is folded in float32, not in half precision.
+    np.testing.assert_array_equal(stored["4.weight_quantizer"], params["4.weight_quantizer"]["int_weight"])
+    folded = stored["0.weight_quantizer"].astype(np.int64) - params["0.weight_quantizer"]["int_weight"]
+    assert np.abs(folded).max() <= 1 and (folded == 0).mean() > 0.95
+    for name in ("0.acts_quantizer", "4.weight_quantizer"):  # the model's grids, half-precision values
+        scale = next(t for t in proto.graph.initializer if t.name.startswith(name) and t.name.endswith("/scale"))
+        expected = half.get_submodule(name).grid().scale.float().flatten()
+        np.testing.assert_array_equal(numpy_helper.to_array(scale), expected)
+    report = tq.export.check_parity(half, proto, x.to(dtype))  # against the float32 copy, as exported
+    assert report.passed(), report.failures()
+    assert all(a.max_steps == 0 for a in report.points.values())

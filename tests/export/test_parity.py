@@ -105,6 +105,31 @@ def test_a_float_output_is_compared_by_its_absolute_difference():
     assert not report.passed(rel_tol=0.0) or a.max_abs == 0.0
 
 
+def test_a_layer_called_twice_gives_one_point_per_call():
+    # Shared weights across depth (ALBERT, a recurrent cell): each call is a point of its own, in call order.
+    net = _calibrated(twice=True)
+    proto = tq.export.to_onnx(net, torch.randn(1, 3, 4, 4))
+    report = tq.export.check_parity(net, proto, torch.randn(16, 3, 4, 4))
+    assert sorted(report.points) == ["conv.acts_quantizer", "fc.acts_quantizer", "mid.acts_quantizer",
+                                     "mid.acts_quantizer#1"]  # fmt: skip
+    assert report.passed(), report.failures()
+    # The calls are told apart: the second call's codes are compared with the second call's simulation.
+    seen = []
+    handle = net.mid.acts_quantizer.register_forward_hook(lambda m, a, out: seen.append(out))
+    with torch.no_grad():
+        net(torch.randn(16, 3, 4, 4))
+    handle.remove()
+    assert not torch.equal(seen[0], seen[1])
+    broken = onnx.ModelProto()
+    broken.CopyFrom(proto)
+    # The second call's scale eight times larger: only that point departs.
+    scale = next(t for t in broken.graph.initializer if t.name == "mid.acts_quantizer/3.1/scale")
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 8, scale.name))
+    bad = tq.export.check_parity(net, broken, torch.randn(16, 3, 4, 4))
+    assert bad.points["mid.acts_quantizer"].max_steps == 0
+    assert bad.points["mid.acts_quantizer#1"].max_steps > 1
+
+
 def test_bad_input_gets_clear_errors():
     net = _calibrated()
     x = torch.randn(2, 3, 4, 4)
@@ -116,9 +141,9 @@ def test_bad_input_gets_clear_errors():
     tq.set_qmodule_state(net, S.CALIBRATION)
     with pytest.raises(ValueError, match="CALIBRATION"):
         tq.export.check_parity(net, proto, x)
-    # A quantizer called twice per forward pass has no single simulated value to compare.
+    # A model calling a quantizer more often than the file has points for it.
     twice = _calibrated(twice=True)
-    with pytest.raises(ValueError, match="more than once"):
+    with pytest.raises(ValueError, match=r"more often.*'mid\.acts_quantizer#1'"):
         tq.export.check_parity(twice, proto, x)
     # An export of another model.
     other = tq.quantize_model(nn.Sequential(nn.Linear(48, 5)).eval(), _w8, _a8, method="swap")

@@ -61,6 +61,22 @@ def test_a_causal_lm_with_attention_points_exports_in_parity(family, build, n_po
     assert all(a.max_steps == 0 for a in report.points.values())
 
 
+def test_a_bfloat16_model_exports_as_its_float32_copy_in_parity():
+    # A language model loaded in bfloat16: the graph computes in float32 with the model's grids.
+    torch.manual_seed(0)
+    model = quantize(transformers.LlamaForCausalLM(llama_config()).to(torch.bfloat16).eval(), W8A8_ATTENTION)
+    tq.calibrate(model, [torch.randint(0, VOCAB, (4, 12)) for _ in range(3)], progress=False)
+    tq.set_qmodule_state(model, tq.QModuleState.QUANT_EVAL)
+    model = Logits(model)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with pytest.warns(UserWarning, match="torch.bfloat16; the ONNX graph computes in float32"):
+        proto = tq.export.to_onnx(model, ids[:1])
+    assert next(model.parameters()).dtype == torch.bfloat16
+    report = tq.export.check_parity(model, proto, ids)
+    assert report.passed(), report.failures()
+    assert len(report.points) == 22 and report.unchecked == []
+
+
 def test_a_sequence_axis_made_dynamic_serves_other_lengths():
     model = Logits(_calibrated(transformers.LlamaForCausalLM(llama_config()), W8A8_ATTENTION))
     axes = {"input0": {0: "batch", 1: "sequence"}, "output0": {0: "batch", 1: "sequence"}}

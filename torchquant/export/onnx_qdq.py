@@ -305,7 +305,8 @@ def to_onnx(
 
     Args:
         model: a model with QModules, every one in a ``QUANT_EVAL`` mode (calibrated).
-            Not modified (a copy is exported).
+            Not modified (a copy is exported). A ``float16``/``bfloat16`` model is exported
+            as its float32 copy with the model's grids (onnxruntime computes in float32).
         example_inputs: a tensor or a tuple of tensors, as ``model(*example_inputs)`` takes;
             arguments of ``forward`` after them keep their defaults, as Python values.
         path: where to write the ``.onnx`` file; ``None`` writes nothing.
@@ -336,6 +337,7 @@ def to_onnx(
         The ``onnx.ModelProto`` (checked with ``onnx.checker``).
 
     Warns:
+        UserWarning: the model or its inputs are ``float16``/``bfloat16`` (exported in float32).
         UserWarning: the model was converted with ``example_inputs`` (its branches on sizes are
             guarded in PyTorch, not in ONNX) and is exported with a dynamic axis (whether or not
             a guard depends on that axis).
@@ -394,6 +396,7 @@ def to_onnx(
     # A copy whose quantizers are stubs (the original model is left untouched).
     work = copy.deepcopy(model)
     work.eval()
+    inputs = _float32_twin(work, inputs, who)
     records: ClassVar[list[_Record]] = []
     for p in points:
         owner = work.get_submodule(p.owner) if p.owner else work
@@ -456,6 +459,9 @@ def to_onnx(
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*TorchScript.*")
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            # torch's exporter writes the standard operators at opset 21 as at 20; the opset-21 types and
+            # attributes (4-bit, 16-bit, float8, block_size) are ours, written by _lower_quant_points.
+            warnings.filterwarnings("ignore", message="Exporting to ONNX opset version 21 is not supported")
             try:
                 torch.onnx.export(
                     work,
@@ -515,6 +521,35 @@ def _constant_value(name: str, inits: dict, consts: dict):
     if name in inits:
         return inits[name]
     return consts.get(name)
+
+
+def _float32_twin(work: nn.Module, inputs: list[Tensor], who: str, warn: bool = True) -> list[Tensor]:
+    """Make a half-precision ``work`` (a copy) compute in float32; return the inputs to export it with.
+
+    onnxruntime's CPU kernels, and the integer kernels it fuses Q/DQ into, compute in float32: a
+    ``float16``/``bfloat16`` model is exported as its float32 copy. The quantizers keep their
+    state's dtype, so their grids (scales, zero points, computed from that state as in the model)
+    are the model's, and weights stored as parameters keep their codes (their grid arithmetic
+    runs in float32 already); weights computed in ``forward`` (a folded BatchNorm) and the float
+    operations between the quantization points are computed in float32.
+    """
+    half = (torch.float16, torch.bfloat16)
+    found = sorted({str(t.dtype) for t in (*work.parameters(), *work.buffers(), *inputs) if t.dtype in half})
+    if not found:
+        return inputs
+    if warn:
+        warnings.warn(
+            f"{who}: the model or its inputs are {' and '.join(found)}; the ONNX graph computes in float32: "
+            "it is the model's float32 copy with the model's grids (feed it float32 inputs), which "
+            "check_parity compares it with",
+            UserWarning,
+            stacklevel=3,
+        )
+    keep = {id(m) for p in quant_points(work, who) for m in p.quantizer.modules()}
+    for m in work.modules():
+        if id(m) not in keep:
+            m._apply(lambda t: t.float() if t.is_floating_point() else t, recurse=False)
+    return [t.float() if t.dtype in half else t for t in inputs]
 
 
 def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, signed_weights: bool) -> None:

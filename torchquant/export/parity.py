@@ -36,10 +36,15 @@ quantizers without a ``DequantizeLinear`` (exported as float simulations: no aff
 grid, or a grid the opset cannot store; or as the nearest of their levels,
 :meth:`~torchquant.quantizers.Quantizer.levels`) are listed in
 ``ParityReport.unchecked``; weights stored as codes of levels count as checked.
+
+A quantizer called more than once per forward pass (a module whose weights are shared
+across depth, as in ALBERT or a recurrent cell) gives one point per call, in call order:
+``name``, then ``name#1``, ``name#2``, ...
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -52,7 +57,7 @@ from torch import Tensor, nn
 from ..debug.diagnostics import Report
 from ..quantizers_functional import _mx_blocks, e8m0_block_scale, minifloat_round
 from ._common import quant_points, to_numpy
-from .onnx_qdq import MOVES, REQUANTIZE, _as_inputs, _require_onnx
+from .onnx_qdq import MOVES, REQUANTIZE, _as_inputs, _float32_twin, _require_onnx
 
 __all__ = ["Agreement", "Divergence", "ParityReport", "check_parity"]
 
@@ -287,8 +292,8 @@ def check_parity(
 
     Raises:
         ValueError: the model is not in a ``QUANT_EVAL`` mode or not calibrated, the number
-            of inputs or outputs differs from the file's, a quantizer is called more than
-            once per forward pass, or the file's quantization points are not the model's.
+            of inputs or outputs differs from the file's, or the file's quantization points
+            (one per call of each quantizer) are not the model's.
         RuntimeError: reading the quantization points changes onnxruntime's optimized result
             (pass ``session_options`` with fewer graph optimizations).
         ImportError: onnx or onnxruntime is not installed.
@@ -319,6 +324,9 @@ def check_parity(
         raise ValueError(f"{who}: tie_steps must be a number in [0, 0.5), got {tie_steps!r}")
     proto = onnx_model if isinstance(onnx_model, onnx.ModelProto) else onnx.load(os.fspath(onnx_model))
     inputs = _as_inputs(example_inputs, who)
+    if any(t.dtype in (torch.float16, torch.bfloat16) for t in (*model.parameters(), *model.buffers(), *inputs)):
+        model = copy.deepcopy(model)  # as to_onnx exported it: the float32 twin
+        inputs = _float32_twin(model, inputs, who, warn=False)
     quantizers = {p.name: p.quantizer for p in quant_points(model, who)}
     g = proto.graph
     inits = {t.name for t in g.initializer}
@@ -332,37 +340,41 @@ def check_parity(
     weight_points = set()
     for node in g.node:
         if node.op_type == "Gather" and node.name.endswith("/codebook_weight"):  # a weight's codes (levels)
-            weight_points.add(node.name.split("/")[0])
+            weight_points.add(_point_of(node.name))
         if node.op_type != "DequantizeLinear":
             continue
-        point = node.name.split("/")[0]
+        point = _point_of(node.name)
         if point == REQUANTIZE:  # a point's codes again, after data movement: compared at the point
             continue
         if node.input[0] in inits:
             weight_points.add(point)
             continue
-        if point not in quantizers:
+        if _quantizer_of(point) not in quantizers:
             raise ValueError(f"{who}: the ONNX model has a quantization point {point!r} the model does not have")
         if point in dq_of:
             raise ValueError(f"{who}: quantization point {point!r} appears twice in the ONNX model")
         dq_of[point] = node
 
-    # The simulation, recording every quantizer's input and output.
+    # The simulation, recording every quantizer's input and output, per call.
     seen: dict[str, tuple[Tensor, Tensor]] = {}
 
     def record(name: str):
         def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
-            if name in seen:
-                raise ValueError(f"{who}: quantizer {name!r} is called more than once per forward pass")
             # copies: a later in-place op (ReLU(inplace=True)) must not change them
-            seen[name] = (args[0].detach().clone(), out.detach().clone())
+            seen[_nth_call(name, seen)] = (args[0].detach().clone(), out.detach().clone())
 
         return hook
 
     sim_outputs = _run_hooked(model, inputs, {n: record(n) for n in quantizers})
+    quantizers.update({p: quantizers[_quantizer_of(p)] for p in seen})
     missing = [p for p in dq_of if p not in seen]
     if missing:
-        raise ValueError(f"{who}: quantizers {missing} are in the ONNX model but the model never calls them")
+        raise ValueError(f"{who}: quantization points {missing} are in the ONNX model but the model never calls them")
+    extra = [p for p in seen if p not in dq_of and p not in weight_points and _quantizer_of(p) != p
+             and any(_quantizer_of(d) == _quantizer_of(p) for d in (*dq_of, *weight_points))]  # fmt: skip
+    if extra:
+        raise ValueError(f"{who}: the model calls quantizers more often than the ONNX model has points for them: "
+                         f"{extra} are not in the file")  # fmt: skip
     unchecked = [n for n in seen if n not in dq_of and n not in weight_points]
     out_names = [o.name for o in g.output]
     if len(out_names) != len(sim_outputs):
@@ -467,10 +479,15 @@ def check_parity(
 
     adopted = 0
     optimized: dict[str, Agreement] = {}
+    calls: dict[str, None] = {}
 
-    def adopt(name: str):
+    def adopt(quantizer: str):
         def hook(mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
             nonlocal adopted
+            name = _nth_call(quantizer, calls)
+            calls[name] = None
+            if name not in side_name:  # a call without a DequantizeLinear (unchecked)
+                return out
             scale = _steps(mod, args[0])
             ort_val = torch.from_numpy(side_vals[side_name[name]]).to(device=out.device, dtype=out.dtype)
             take = tie_mask(name, args[0]) & ((ort_val - out).double().abs() / scale).round().eq(1)
@@ -485,7 +502,7 @@ def check_parity(
 
         return hook
 
-    sim_adopted = _run_hooked(model, inputs, {p: adopt(p) for p in dq_of})
+    sim_adopted = _run_hooked(model, inputs, {q: adopt(q) for q in dict.fromkeys(map(_quantizer_of, dq_of))})
     outputs, raw, mags = {}, {}, {}
     for n, y, sim, sim_a in zip(out_names, y_ort, sim_outputs, sim_adopted):
         sim_np, sim_a_np = to_numpy(sim, np.float32), to_numpy(sim_a, np.float32)
@@ -508,6 +525,25 @@ def check_parity(
         kernel = _optimized_producer(side, failing, opts, session)
         report.divergence = Divergence(None, kernel, outputs[failing], failing)
     return report
+
+
+def _point_of(node_name: str) -> str:
+    """The quantization point of a node ``to_onnx`` named ``"<quantizer>/<index>[.<call>]/..."``: the
+    quantizer's name for its first call, ``"<quantizer>#<call>"`` for a later one."""
+    name, _, rest = node_name.partition("/")
+    call = rest.split("/")[0].partition(".")[2]
+    return f"{name}#{call}" if call else name
+
+
+def _quantizer_of(point: str) -> str:
+    """The quantizer's qualified name of a point (``"<quantizer>#<call>"`` or ``"<quantizer>"``)."""
+    return point.split("#")[0]
+
+
+def _nth_call(quantizer: str, earlier: Any) -> str:
+    """The point of ``quantizer``'s next call, given the points of the calls in ``earlier``."""
+    n = sum(_quantizer_of(p) == quantizer for p in earlier)
+    return f"{quantizer}#{n}" if n else quantizer
 
 
 def _other_block_scale(quantizer: nn.Module, x: Tensor, tie_steps: float) -> tuple[Tensor, Tensor] | None:
@@ -679,7 +715,7 @@ def _bias_windows(proto: Any) -> dict[str, float]:
         if sx is None or sw is None or sy is None or sy.size != 1 or sx.size != 1:
             continue
         window = 0.5 * float(sx.item() * np.max(sw) / sy.item())
-        windows[q.name.split("/")[0]] = min(window, MAX_BIAS_WINDOW)
+        windows[_point_of(q.name)] = min(window, MAX_BIAS_WINDOW)
     return windows
 
 

@@ -134,15 +134,25 @@ class AffineGrid:
         _check_fits(shape, self.granularity, {"scale": self.scale, "zero_point": self.zero_point}, who, "grid()")
 
     def to_int(self, x: Tensor, who: str = "AffineGrid") -> Tensor:
-        """The integer codes of ``x`` on this grid (``torch.int64``), after :meth:`check` (naming ``who``)."""
+        """The integer codes of ``x`` on this grid (``torch.int64``), after :meth:`check` (naming ``who``).
+
+        Computed as the quantizers compute them, in :func:`~torchquant.quantizers_functional.compute_dtype`
+        (float32 for a half-precision ``x``: ``x / scale`` in bfloat16 would round to other codes).
+        """
         self.check(x.shape, who)
-        q = torch.round(x / self.scale) + self.zero_point
+        dt = compute_dtype(x)
+        q = torch.round(x.to(dt) / self.scale.to(dt)) + self.zero_point.to(dt)
         return q.clamp(self.qmin, self.qmax).to(torch.int64)
 
     def from_int(self, q: Tensor, who: str = "AffineGrid") -> Tensor:
-        """Dequantize integer codes: ``(q - zero_point) * scale``, after :meth:`check` (naming ``who``)."""
+        """Dequantize integer codes: ``(q - zero_point) * scale``, after :meth:`check` (naming ``who``).
+
+        In the scale's :func:`~torchquant.quantizers_functional.compute_dtype` (float32 for a
+        half-precision scale, which cannot hold every code of a wide grid).
+        """
         self.check(q.shape, who)
-        return (q.to(self.scale.dtype) - self.zero_point) * self.scale
+        dt = compute_dtype(self.scale)
+        return (q.to(dt) - self.zero_point.to(dt)) * self.scale.to(dt)
 
 
 @dataclass(frozen=True)
@@ -206,7 +216,8 @@ class LevelGrid:
     def codes(self, x: Tensor, who: str = "LevelGrid") -> Tensor:
         """The code of the nearest level for every element of ``x`` (``torch.int64``, ties to the lower level)."""
         self.check(x.shape, who)
-        return level_codes(x / self.scale, self.levels)
+        dt = compute_dtype(x)  # as level_quantize computes them
+        return level_codes(x.to(dt) / self.scale.to(dt), self.levels.to(dt))
 
     def neighbours(self, x: Tensor, who: str = "LevelGrid") -> tuple[Tensor, Tensor]:
         """Codes ``(lo, hi)`` of the levels around every element of ``x``: floor and ceiling in level space.
@@ -215,16 +226,18 @@ class LevelGrid:
         (:func:`~torchquant.quantizers_functional.level_neighbours`).
         """
         self.check(x.shape, who)
-        return level_neighbours(x / self.scale, self.levels)
+        dt = compute_dtype(x)
+        return level_neighbours(x.to(dt) / self.scale.to(dt), self.levels.to(dt))
 
     def dequantize(self, codes: Tensor, who: str = "LevelGrid") -> Tensor:
         """The values of integer ``codes``: ``levels[..., codes] * scale``, after :meth:`check` (naming ``who``)."""
         self.check(codes.shape, who)
-        return level_values(self.levels, codes) * self.scale
+        dt = compute_dtype(self.scale)
+        return level_values(self.levels.to(dt), codes) * self.scale.to(dt)
 
     def quantize(self, x: Tensor, who: str = "LevelGrid") -> Tensor:
         """``x`` rounded to the nearest level: ``dequantize(codes(x))`` (no gradient trick)."""
-        return self.dequantize(self.codes(x, who), who)
+        return self.dequantize(self.codes(x, who), who).to(x.dtype)
 
 
 @dataclass(frozen=True)
