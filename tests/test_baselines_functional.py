@@ -136,6 +136,22 @@ def test_e8m0_scale_by_hand():
     # floor(log2) = 2, 2, -1, (zero block), 126; minus emax 8 (E4M3)
     assert e8m0_block_scale(amax, 8).tolist() == [2.0**-6, 2.0**-6, 2.0**-9, 2.0**-127, 2.0**118]
     assert e8m0_block_scale(torch.tensor([1e38]), -10).item() == 2.0**127  # clamped to the E8M0 range
+    # OCP MX v1.0: a block whose maximum is infinite or NaN gets the NaN scale
+    assert e8m0_block_scale(torch.tensor([float("inf"), float("nan"), 3.0]), 8).isnan().tolist() == [True, True, False]
+
+
+@pytest.mark.parametrize("special", [float("inf"), -float("inf"), float("nan")])
+def test_an_mx_block_with_an_infinity_or_nan_decodes_as_nan_and_leaves_the_others(special):
+    f = FORMATS["fp4_e2m1"]
+    args = (f.man_bits, f.bias, f.max_value, f.emax)
+    x = torch.randn(3, 64)
+    x[1, 40] = special
+    y = mx_quantize(x, *args)
+    assert y[1, 32:].isnan().all() and not y[1, :32].isnan().any()  # only the block holding it
+    clean = x.clone()
+    clean[1, 40] = 0.0
+    expected = mx_quantize(clean, *args)
+    assert torch.equal(y[1, :32], expected[1, :32]) and torch.equal(y[[0, 2]], expected[[0, 2]])
 
 
 def mx_ref(x, elem_dtype_round, emax, block=32):

@@ -554,14 +554,20 @@ def e8m0_block_scale(amax: Tensor, elem_emax: int) -> Tensor:
     """OCP MX shared scale of blocks with absolute maxima ``amax``.
 
     ``X = 2 ** clamp(floor(log2(amax)) - elem_emax, -127, 127)`` (the E8M0
-    range; its NaN encoding is never produced). An all-zero block gets
-    ``2 ** -127``.
+    range). An all-zero block gets ``2 ** -127``; a block whose maximum is
+    infinite or NaN gets NaN (E8M0's NaN), so every element of it decodes as
+    NaN, as the specification has it.
+
+    Example:
+        >>> e8m0_block_scale(torch.tensor([5.0, 0.0, float("inf")]), elem_emax=2)
+        tensor([1.0000e+00, 5.8775e-39,        nan])
     """
     dt = amax.dtype
     tiny = torch.finfo(dt).tiny
     shared = _floor_log2(torch.clamp(amax, min=tiny)) - elem_emax
     shared = torch.where(amax > 0, shared, torch.full_like(shared, -127.0))
-    return torch.exp2(torch.clamp(shared, -127.0, 127.0))
+    # amax - amax: 0 for a finite maximum, NaN for inf or NaN (cheaper than a where on isfinite)
+    return torch.exp2(torch.clamp(shared, -127.0, 127.0)) + (amax - amax)
 
 
 def mx_quantize(

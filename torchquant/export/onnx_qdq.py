@@ -44,7 +44,8 @@ a :class:`~torchquant.quantizers.FloatGrid`: FP8, FP6, FP4, OCP MX) is replaced 
   at opset 21) with ``DequantizeLinear``, or where no such type exists at the opset as ``uint8``
   codes of the format's values read from its codebook (as levels are); an activation is
   rounded in float ops (``Log``/``Floor``/``Pow`` for the exponent, ``Round``), the
-  simulation's arithmetic.
+  simulation's arithmetic, then (where those integers have a type) read through an exact
+  ``QuantizeLinear -> DequantizeLinear`` of them, a point :func:`~torchquant.export.check_parity` compares.
 
 Grids map to ONNX integer types: a ``[0, 2^n - 1]`` grid to ``uint8``/``uint4``
 with its zero points, or, for weights with ``signed_weights=True``, shifted by
@@ -910,7 +911,8 @@ def _float_grid_nodes(
     smallest value (``int8``, or ``int16`` at opset 21) with ``DequantizeLinear``, or where no such
     type exists at the opset as codes of the format's values (``Gather`` from the codebook, as
     levels are); an activation is rounded in float operations, the same arithmetic as the simulation
-    (its output is added to ``rounded``).
+    (its output is added to ``rounded``), then read through an exact Q/DQ of its integer multiples of
+    the format's unit where a type holds them (a point check_parity compares).
     """
     from onnx import helper
 
@@ -935,8 +937,7 @@ def _float_grid_nodes(
             # Every value of a format is an integer times its smallest subnormal: where those integers fit
             # int8 (FP4 E2M1 +-12, FP6 E2M3 +-60) or int16 (FP6 E3M2 +-448, opset 21), the weight is stored
             # as them with the scales times that unit: a plain DequantizeLinear, exact.
-            tp, k_max = _require_onnx().TensorProto, round(fmt.max_value / fmt.unit)
-            as_int = tp.INT8 if k_max <= 127 else tp.INT16 if k_max < 2**15 and opset >= 21 else None
+            as_int = _integer_multiples(fmt, opset)
             typed, native = ((as_int, fmt.unit, 13), True) if as_int is not None else (typed, native)
         if native:
             elem_type, factor, _ = typed  # type: ignore[misc]
@@ -989,7 +990,7 @@ def _float_grid_nodes(
                                               [f"{base}/scale"], f"{base}/factor"))  # fmt: skip
                 compact = f"{base}/scale"
             attrs = {"axis": axis, "block_size": g.group_size}
-            return nodes + _qdq_nodes(x, y, compact, elem_type, attrs, base, new_inits)
+            return nodes + _qdq_nodes(x, y, compact, elem_type, attrs, base, new_inits, opset)
         v = f"{base}/v"
         nodes.append(helper.make_node("Div", [blocks, scale], [v], f"{base}/div"))
         r = _round_nodes(v, fmt, base, nodes, new_inits)
@@ -1000,21 +1001,43 @@ def _float_grid_nodes(
                                       f"{base}/unblock"))  # fmt: skip
         starts = _const(f"{base}/slice_start", [0], np.int64, new_inits)
         axes = _const(f"{base}/slice_axis", [-1], np.int64, new_inits)
-        out = f"{base}/unpadded_q" if inverse is not None else y
+        as_int = _integer_multiples(fmt, opset) if opset >= 21 else None  # blocked DequantizeLinear: opset 21
+        values = f"{base}/rounded" if as_int is not None else y  # then read through an exact DequantizeLinear
+        out = f"{base}/unpadded_q" if inverse is not None else values
         nodes.append(helper.make_node("Slice", [f"{base}/padded_q", starts, n, axes], [out], f"{base}/unpad"))
         if inverse is not None:
-            nodes.append(helper.make_node("Transpose", [out], [y], f"{base}/untranspose", perm=inverse))
+            nodes.append(helper.make_node("Transpose", [out], [values], f"{base}/untranspose", perm=inverse))
+        if as_int is not None:
+            compact = f"{base}/scale_blocks"
+            squeeze_axes = _const(f"{base}/last_axis", [-1], np.int64, new_inits)
+            nodes.append(helper.make_node("Squeeze", [scale, squeeze_axes], [compact], f"{base}/squeeze"))
+            if inverse is not None:
+                nodes.append(helper.make_node("Transpose", [compact], [f"{base}/scale_t"], f"{base}/scale_t",
+                                              perm=inverse))  # fmt: skip
+                compact = f"{base}/scale_t"
+            nodes.append(helper.make_node("Mul", [compact, init("unit", torch.tensor(fmt.unit))],
+                                          [f"{base}/scale"], f"{base}/unit"))  # fmt: skip
+            attrs = {"axis": axis, "block_size": g.group_size}
+            nodes += _qdq_nodes(values, y, f"{base}/scale", as_int, attrs, base, new_inits, opset)
         return nodes
     (scale,), attrs = _layout([rec.scales.detach().float()], g, _act_shape(rec.scales, g, rank))
     if native:
         elem_type, factor, _ = typed  # type: ignore[misc]
-        return _qdq_nodes(x, y, init("scale", scale * factor), elem_type, attrs, base, new_inits)
+        return _qdq_nodes(x, y, init("scale", scale * factor), elem_type, attrs, base, new_inits, opset)
     s_name = init("scale", rec.scales.detach().float())  # broadcasting against x as in the simulation
     nodes.append(helper.make_node("Div", [x, s_name], [f"{base}/v"], f"{base}/div"))
     r = _round_nodes(f"{base}/v", fmt, base, nodes, new_inits)
     rounded.add(y)
-    nodes.append(helper.make_node("Mul", [r, s_name], [y], f"{base}/mul"))
-    return nodes
+    as_int = _integer_multiples(fmt, opset)
+    if as_int is None:
+        nodes.append(helper.make_node("Mul", [r, s_name], [y], f"{base}/mul"))
+        return nodes
+    # The values are integers k times the format's unit times the scale: QuantizeLinear to k is exact,
+    # and its DequantizeLinear (scale times unit) gives the same float32 product, a point check_parity reads.
+    nodes.append(helper.make_node("Mul", [r, s_name], [f"{base}/rounded"], f"{base}/mul"))
+    (scale,), attrs = _layout([rec.scales.detach().float()], g, _act_shape(rec.scales, g, rank))
+    return nodes + _qdq_nodes(f"{base}/rounded", y, init("scale_unit", scale * fmt.unit), as_int, attrs, base,
+                              new_inits, opset)  # fmt: skip
 
 
 def _act_shape(scale: Tensor, g: Granularity, rank: int) -> torch.Size:
@@ -1027,21 +1050,35 @@ def _act_shape(scale: Tensor, g: Granularity, rank: int) -> torch.Size:
     return torch.Size(s)
 
 
-def _qdq_nodes(x: str, y: str, scale: str, elem_type: int, attrs: dict, base: str, new_inits: list) -> list:
-    """``QuantizeLinear -> [Clip] -> DequantizeLinear`` to ``elem_type`` (a float8, or ``int8`` clipped to
-    ``[-127, 127]``), the type given by ``output_dtype`` (opset 21), zero points left out (zero)."""
+def _qdq_nodes(x: str, y: str, scale: str, elem_type: int, attrs: dict, base: str, new_inits: list, opset: int) -> list:
+    """``QuantizeLinear -> [Clip] -> DequantizeLinear`` to ``elem_type`` (a float8, ``int16``, or ``int8``
+    clipped to ``[-127, 127]``), the type given by ``output_dtype`` (opset 21) with the zero points left
+    out (zero); below opset 21 (``int8`` only), by an ``int8`` zero point of 0."""
     from onnx import TensorProto, helper
 
     q = f"{base}/q"
-    nodes = [helper.make_node("QuantizeLinear", [x, scale], [q], f"{base}/quantize", output_dtype=elem_type, **attrs)]
+    if opset >= 21:
+        inputs, typed = [x, scale], {"output_dtype": elem_type}
+    else:
+        zp = f"{base}/zero_point"
+        new_inits.append(helper.make_tensor(zp, TensorProto.INT8, [], [0]))
+        inputs, typed = [x, scale, zp], {}
+    nodes = [helper.make_node("QuantizeLinear", inputs, [q], f"{base}/quantize", **typed, **attrs)]
     if elem_type == TensorProto.INT8:  # MX's INT8 is symmetric: -128 is not one of its values
         lo, hi = f"{base}/qmin", f"{base}/qmax"
         new_inits.append(helper.make_tensor(lo, TensorProto.INT8, [], [-127]))
         new_inits.append(helper.make_tensor(hi, TensorProto.INT8, [], [127]))
         nodes.append(helper.make_node("Clip", [q, lo, hi], [f"{base}/q_clipped"], f"{base}/clip"))
         q = f"{base}/q_clipped"
-    nodes.append(helper.make_node("DequantizeLinear", [q, scale], [y], f"{base}/dequantize", **attrs))
+    nodes.append(helper.make_node("DequantizeLinear", [q, *inputs[1:]], [y], f"{base}/dequantize", **attrs))
     return nodes
+
+
+def _integer_multiples(fmt: MinifloatFormat, opset: int) -> int | None:
+    """The ONNX integer type holding every value of ``fmt`` as an integer times ``fmt.unit``, its smallest
+    subnormal (FP4 E2M1: +-12 in ``int8``; FP6 E2M3: +-60; FP6 E3M2: +-448 in ``int16``, opset 21), or ``None``."""
+    tp, k_max = _require_onnx().TensorProto, round(fmt.max_value / fmt.unit)
+    return tp.INT8 if k_max <= 127 else tp.INT16 if k_max < 2**15 and opset >= 21 else None
 
 
 def _const(name: str, value: Any, dtype: Any, new_inits: list) -> str:
@@ -1119,7 +1156,8 @@ def _floor_log2_nodes(a: str, out: str, base: str, nodes: list, new_inits: list)
 
 def _e8m0_nodes(amax: str, elem_emax: int, base: str, nodes: list, new_inits: list) -> str:
     """The MX shared scale ``2 ** clamp(floor(log2(amax)) - elem_emax, -127, 127)`` (``2 ** -127`` for an
-    all-zero block), as :func:`~torchquant.quantizers_functional.e8m0_block_scale` computes it."""
+    all-zero block, NaN for an infinite one), as :func:`~torchquant.quantizers_functional.e8m0_block_scale`
+    computes it. (onnxruntime's ``ReduceMax`` may skip a NaN element, whose block the simulation makes NaN.)"""
     from onnx import helper
 
     k = f"{base}/e8m0"
@@ -1136,7 +1174,9 @@ def _e8m0_nodes(amax: str, elem_emax: int, base: str, nodes: list, new_inits: li
         helper.make_node("Greater", [amax, zero], [f"{k}/nonzero"], f"{k}/nonzero"),
         helper.make_node("Where", [f"{k}/nonzero", f"{k}/shared", lo], [f"{k}/shared_z"], f"{k}/zero_block"),
         helper.make_node("Clip", [f"{k}/shared_z", lo, hi], [f"{k}/shared_c"], f"{k}/clip"),
-        helper.make_node("Pow", [two, f"{k}/shared_c"], [f"{k}/scale"], f"{k}/scale"),
+        helper.make_node("Pow", [two, f"{k}/shared_c"], [f"{k}/pow2"], f"{k}/pow2"),
+        helper.make_node("Sub", [amax, amax], [f"{k}/finite"], f"{k}/finite"),  # 0, or NaN for inf
+        helper.make_node("Add", [f"{k}/pow2", f"{k}/finite"], [f"{k}/scale"], f"{k}/scale"),
     ]
     return f"{k}/scale"
 

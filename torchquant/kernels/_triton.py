@@ -355,7 +355,7 @@ def _mx_kernel(x_ptr, out_ptr, n_blocks, row_len, blocks_per_row, block_size, ma
     shared = _floor_log2(tl.maximum(amax, 1.1754943508222875e-38)) - elem_emax
     shared = tl.where(amax > 0.0, shared, -127.0)
     shared = tl.minimum(tl.maximum(shared, -127.0), 127.0)
-    scale = _pow2(shared)[:, None]
+    scale = (_pow2(shared) + (amax - amax))[:, None]  # NaN (E8M0's NaN) for an inf or NaN maximum
     out = _minifloat(tl.math.div_rn(x, scale), man_bits, e_min, max_value) * scale
     _store(out_ptr + offs, out, mask, BF16)
 
