@@ -244,6 +244,15 @@ def test_dorefa_weight_forward_by_hand():
     assert torch.allclose(y * 3, torch.tensor([-3.0, 1.0, 1.0, 3.0]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_dorefa_weight_of_half_precision_is_the_float32_simulation_cast_back(dtype):
+    # In bfloat16, tanh and w01 * n rounded 35 % of 8-bit weights to another level.
+    w = torch.randn(64, 256).to(dtype)
+    for bits in (2, 4, 8):
+        y = DoReFaWeightQuantizer(bits, axis=0)(w)
+        assert y.dtype == dtype and torch.equal(y, DoReFaWeightQuantizer(bits, axis=0)(w.float()).to(dtype))
+
+
 def test_dorefa_weight_gradient_is_that_of_the_normalisation():
     # With rounding passed straight through, 2 * w' - 1 = tanh(w) / max|tanh(w)|.
     w = torch.randn(4, 6, requires_grad=True)

@@ -878,3 +878,34 @@ def test_a_glob_can_skip_one_call_of_an_operation_by_its_qops_name():
     assert adds == ["add", "add_2", "add_3"]  # the others keep the names they have without the skip
     notes = {r["name"]: r["note"] for r in tq.summary_rows(q) if r["kind"] == "float"}
     assert notes == {"add_1": "skipped by glob 'add_1' (add)"}
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["same-followers", "other-followers"])
+def test_a_layer_called_twice_fuses_only_what_follows_every_call(same):
+    # One wrapper per module: fused with a BatchNorm and ReLU only if both calls are followed by them, else the
+    # second call's wrapper replaced the first's and the first call lost its BatchNorm and ReLU.
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn1, self.bn2, self.relu = (
+                nn.Conv2d(4, 4, 3, padding=1),
+                nn.BatchNorm2d(4),
+                nn.BatchNorm2d(4),
+                nn.ReLU(),
+            )
+
+        def forward(self, x):
+            x = self.relu(self.bn1(self.conv(x)))
+            return self.relu(self.bn1(self.conv(x))) if same else self.bn2(self.conv(x))
+
+    torch.manual_seed(0)
+    net = Twice().eval()
+    for bn in (net.bn1, net.bn2):
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+    x = torch.randn(2, 4, 6, 6)
+    ref = net(x)
+    q = tq.quantize_model(copy.deepcopy(net), lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0)),
+                          lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax()))  # fmt: skip
+    assert isinstance(q.conv, tq.QWrapper) and ("bn1" in dict(q.named_children())) != same  # fused, or a QOp
+    with torch.no_grad(), tq.qmodule_state(q, tq.QModuleState.BYPASSED):
+        assert torch.allclose(q(x), ref, atol=1e-5), float((q(x) - ref).abs().max())

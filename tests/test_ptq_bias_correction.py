@@ -177,3 +177,18 @@ def test_bias_correction_bad_input_leaves_model_untouched():
         tq.ptq.bias_correction(q, data, progress=False)
     after = q.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_wrappers_sharing_one_layer_keep_its_bias():
+    # A module listed twice in a Sequential, converted by swap: two wrappers of one layer, whose one bias
+    # each would correct by the whole shift (twice in all).
+    torch.manual_seed(0)
+    shared = nn.Linear(8, 8)
+    q = tq.quantize_model(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), shared, nn.ReLU(), shared).eval(),
+                          lambda m, n: tq.AffineQuantizer(3, tq.BatchMinMax(axis=0)), None, method="swap")  # fmt: skip
+    x = torch.randn(64, 8)
+    tq.calibrate(q, [x], progress=False)
+    bias = shared.bias.detach().clone()
+    with pytest.warns(UserWarning, match="2 wrappers share their layer.*: 2, 4"):
+        tq.ptq.bias_correction(q, [x], progress=False)
+    assert torch.equal(shared.bias, bias)

@@ -51,6 +51,20 @@ def test_equalization_keeps_float_outputs_equal(name):
     assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4), float((out - ref).abs().max())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_a_half_precision_model_with_relu6_pairs_keeps_its_dtype(dtype):
+    # The ChannelClip replacing a ReLU6 had a float32 bound, which promoted the activations.
+    torch.manual_seed(0)
+    q = _quantizable(_randomize_bn(DigitsMobileNet())).to(dtype)
+    x = (torch.rand(16, 1, 8, 8) * 3).to(dtype)
+    ref = q(x)
+    res = tq.ptq.equalize(q, example_input=x, absorb_bias=False)
+    assert res.pairs and any(isinstance(m, ChannelClip) for m in q.modules())
+    out = q(x)
+    assert out.dtype == dtype
+    assert torch.allclose(out.float(), ref.float(), atol=0.1, rtol=0.05), float((out - ref).abs().max())
+
+
 def test_pairs_found_in_mobilenet_and_cnn():
     mb = _quantizable(DigitsMobileNet().eval())
     expected = []
@@ -168,3 +182,26 @@ def test_fold_qwrapper_batchnorm_is_exact():
     assert w.bn is None and mean.shape == std.shape == (5,)
     assert torch.allclose(w(x), ref, atol=1e-5)
     assert tq.ptq.fold_qwrapper_batchnorm(w) is None
+
+
+def test_a_layer_called_outside_its_pair_or_sharing_its_weight_is_left_out():
+    # Rescaling A's output channels for B would change A's other call; a module listed twice shares its weight.
+    class Reuse(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+        def forward(self, x):
+            return self.body(x) + self.body[0](x)[:, :4]
+
+    torch.manual_seed(0)
+    q = _quantizable(Reuse().eval())
+    x = torch.randn(16, 8)
+    assert tq.ptq.find_layer_pairs(q) == [("body.0", "body.2"), ("body.2", "body.4")]
+    assert tq.ptq.find_layer_pairs(q, example_input=x) == [("body.2", "body.4")]  # body.0 is called twice
+    ref = q(x)
+    tq.ptq.equalize(q, example_input=x, absorb_bias=False)
+    assert torch.allclose(q(x), ref, atol=1e-5)
+    shared = nn.Linear(8, 8)
+    q = _quantizable(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), shared, nn.ReLU(), shared).eval())
+    assert tq.ptq.find_layer_pairs(q) == []

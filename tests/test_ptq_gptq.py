@@ -162,6 +162,31 @@ def test_tiny_llama_logits_closer_to_float_than_round_to_nearest():
     assert out < 0.85 * rtn, (out, rtn)
 
 
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_a_head_outside_the_decoder_stack_is_processed_unless_tied(tie):
+    # lm_head is outside model.layers: GPTQ runs it on whole-model passes after the stack. Tied to the
+    # input embedding, its rounded weight would change the embedding too: it keeps round to nearest.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100, tie_word_embeddings=tie)  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    wf = lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=1, group_size=16))  # noqa: E731
+    q = tq.quantize_model(model, wf, None, method="swap", skip=[nn.Embedding])
+    calib = [torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    tq.calibrate(q, calib[:1], mode=S.CALIBRATION_WEIGHT_ONLY, progress=False)
+    embedding = q.model.embed_tokens.weight.detach().clone()
+    if tie:
+        with pytest.warns(UserWarning, match=r"share their weight.*lm_head \(with model.embed_tokens.weight\)"):
+            res = gptq(q, calib, progress=False)
+        assert "lm_head" not in res.losses and "shared with model.embed_tokens.weight" in res.skipped["lm_head"]
+        assert torch.equal(q.model.embed_tokens.weight, embedding)
+    else:
+        res = gptq(q, calib, progress=False)
+        assert "lm_head" in res.losses and "lm_head" not in res.skipped
+    assert len([n for n in res.losses if n.startswith("model.layers.")]) == 14
+
+
 def test_hf_conv1d_goes_through_the_weight_view():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

@@ -404,3 +404,70 @@ def test_fisher_loss_needs_logits():
         tq.ptq.brecq(q, data, blocks=["a"], **FAST)
     assert _same(before, _weights(q))
     tq.ptq.brecq(q, data, blocks=["a"], loss="mse", **FAST)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("method", ["adaround", "qdrop-layers"])
+def test_a_half_precision_model_learns_its_rounding_in_float32(dtype, method):
+    # Adam on float16 rounding variables gave NaN at its first step; in bfloat16 half of them never moved.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+    data = _data(n=4, shape=(32, 64))
+    x = torch.cat(data)
+    with torch.no_grad():
+        fp = net(x)
+    q = tq.quantize_model(net.to(dtype), W4, A8 if method != "adaround" else None, method="swap")
+    tq.calibrate(q, [d.to(dtype) for d in data], progress=False)
+    with torch.no_grad(), tq.qmodule_state(q, tq.QModuleState.QUANT_EVAL):
+        err_nearest = (q(x.to(dtype)).float() - fp).pow(2).mean()
+    drop = {} if method == "adaround" else dict(act_quant=True, learn_act_step=True, drop_prob=0.5)  # QDrop, per layer
+    losses = tq.ptq.reconstruct(q, [d.to(dtype) for d in data], iters=100, lr=1e-2, progress=False, **drop)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
+    assert q[0].layer.weight.dtype == dtype
+    with torch.no_grad(), tq.qmodule_state(q, tq.QModuleState.QUANT_EVAL):
+        err = (q(x.to(dtype)).float() - fp).pow(2).mean()
+    assert err < err_nearest, (err, err_nearest)
+
+
+def test_a_weight_shared_with_another_module_keeps_round_to_nearest():
+    # Tied weights (an LM's lm_head and embed_tokens, a module listed twice): writing a rounded weight
+    # into the shared parameter would change the other holder too.
+    torch.manual_seed(0)
+    shared = nn.Linear(8, 8)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), shared, nn.ReLU(), shared).eval()
+    q = tq.quantize_model(net, W4, None, method="swap")
+    assert q[2].layer.weight is q[4].layer.weight
+    data = _data(n=4)
+    tq.calibrate(q, data, progress=False)
+    before = q[2].layer.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) share their weight.*2 \(with 4.layer.weight\)"):
+        losses = tq.ptq.adaround(q, data, **FAST)
+    assert sorted(losses) == ["0"] and torch.equal(q[2].layer.weight, before)
+
+
+def test_a_layer_called_twice_per_forward_learns_from_every_call(monkeypatch):
+    # Weights shared across depth (ALBERT): the unit's rows are those of both calls, its targets both outputs.
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.shared = nn.Linear(8, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.shared(torch.relu(self.shared(torch.relu(self.first(x)))))
+
+    torch.manual_seed(0)
+    q = tq.quantize_model(Twice().eval(), W4, None, method="swap")
+    data = _data(n=2)
+    tq.calibrate(q, data, progress=False)
+    rows = {}
+    original = rec._reconstruct_unit
+
+    def spy(unit, x_q, x_fp, y_fp, *args, **kwargs):
+        rows[type(unit.layer).__name__ + str(unit.layer.in_features)] = (x_q.shape[0], y_fp.shape[0])
+        return original(unit, x_q, x_fp, y_fp, *args, **kwargs)
+
+    monkeypatch.setattr(rec, "_reconstruct_unit", spy)
+    for fisher in (False, True):
+        losses = tq.ptq.reconstruct(q, data, loss="fisher" if fisher else "mse", **FAST)
+        assert sorted(losses) == ["first", "shared"]
+        assert rows == {"Linear8": (64, 64), "Linear16": (128, 128)}  # 2 batches of 32 rows, twice for `shared`

@@ -167,3 +167,41 @@ def test_a_norm_that_a_router_reads_too_is_scaled_only_when_the_router_compensat
 def test_bad_options_are_refused(opts, match):
     with pytest.raises(ValueError, match=match):
         smoothquant(_model(), [_inputs()], progress=False, **opts)
+
+
+class _Shared(nn.Module):
+    """``inp``, then ``layer`` applied ``n`` times (weights shared across depth); with ``residual``, ``inp``'s output
+    is also added to the result (ALBERT's input projection feeds the residual stream)."""
+
+    def __init__(self, n: int = 1, residual: bool = False) -> None:
+        super().__init__()
+        self.inp, self.layer, self.out = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+        self.n, self.residual = n, residual
+
+    def forward(self, x):
+        h = first = self.inp(x)
+        for _ in range(self.n):
+            h = torch.tanh(self.layer(h))
+        return self.out(h + first if self.residual else h)
+
+
+@pytest.mark.parametrize(("n", "residual"), [(1, False), (3, False), (1, True)], ids=["once", "thrice", "residual"])
+@pytest.mark.parametrize("algo", ["smoothquant", "awq"])
+def test_a_scale_is_folded_into_a_layer_only_when_the_float_model_stays_the_same(algo, n, residual):
+    # Folded into `inp`, the scale of `layer`'s input would miss the later calls of a shared `layer`, and
+    # change the residual that reads `inp`'s output too.
+    torch.manual_seed(0)
+    net = _Shared(n, residual).eval()
+    x = torch.randn(64, 8) * torch.logspace(-1, 1, 8)
+    with torch.no_grad():
+        ref = net(x)
+    w8 = lambda m, name: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0), symmetric=True)  # noqa: E731
+    q = tq.quantize_model(net, w8, lambda m, name: tq.AffineQuantizer(8, tq.RunningMinMax()), method="swap")
+    res = tq.ptq.smoothquant(q, [x], progress=False) if algo == "smoothquant" else tq.ptq.awq(q, [x], clip=False)
+    with torch.no_grad(), tq.qmodule_state(q, tq.QModuleState.BYPASSED):
+        change = float((q(x) - ref).abs().max())
+    scaled = res.folded if algo == "smoothquant" else res.exponents
+    assert ("layer" in scaled) == (n == 1 and not residual), (scaled, res.skipped)
+    if n > 1:
+        assert "called 3 times per forward pass" in res.skipped["layer"]
+    assert change < 1e-5, change  # the float function is the same (AWQ without its clipping)

@@ -360,6 +360,26 @@ def test_backward_gradients_are_finite_and_shaped(case):
         assert any(p.grad.abs().sum() > 0 for p in q.parameters())
 
 
+@pytest.mark.parametrize("case", params(CASES))
+def test_half_precision_is_the_float32_simulation_cast_back(case):
+    # A bfloat16 tensor through a quantizer with float32 state (a model cast before conversion): output and
+    # input gradient are the float32 simulation of the same values, cast back (grid arithmetic in float32).
+    q, x = observed(case)
+    ref = copy.deepcopy(q)
+    xh = x.to(torch.bfloat16).requires_grad_()
+    xr = xh.detach().float().requires_grad_()
+    g = torch.linspace(-1, 1, x.numel()).view_as(x)
+    torch.manual_seed(1)  # stochastic rounding draws the same numbers
+    y = q(xh)
+    y.backward(g.to(torch.bfloat16))
+    torch.manual_seed(1)
+    yr = ref(xr)
+    yr.backward(g.to(torch.bfloat16).float())
+    assert y.dtype == torch.bfloat16 and xh.grad.dtype == torch.bfloat16
+    assert torch.equal(y, yr.to(torch.bfloat16)), int((y != yr.to(torch.bfloat16)).sum())
+    assert torch.equal(xh.grad, xr.grad.to(torch.bfloat16)), int((xh.grad != xr.grad.to(torch.bfloat16)).sum())
+
+
 @pytest.mark.parametrize("case", params(c for c in CASES if c.example.idempotent))
 def test_idempotent(case):
     q, x = observed(case)

@@ -405,8 +405,10 @@ class _ScaledSign(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         x, scale = ctx.saved_tensors
-        # Rastegari et al. 2016, section 3.1: dC/dW = dC/dW~ * (1/n + alpha * 1{|W| <= 1}).
-        return grad * (1.0 / ctx.n + scale * (x.abs() <= 1)), None, None
+        # Rastegari et al. 2016, section 3.1: dC/dW = dC/dW~ * (1/n + alpha * 1{|W| <= 1}), in the scale's
+        # dtype (float32 for a half-precision weight).
+        g = grad.to(scale.dtype) * (1.0 / ctx.n + scale * (x.abs() <= 1))
+        return g.to(grad.dtype), None, None
 
 
 def scaled_sign(x: Tensor, scale: Tensor, n: int) -> Tensor:

@@ -190,3 +190,38 @@ def test_float_formats_give_elements_and_scales_that_rebuild_the_weights(make, t
     loaded = tq.export.load_integer_params(path)
     assert loaded["0.weight_quantizer"]["special"] == params["0.weight_quantizer"]["special"]
     np.testing.assert_array_equal(loaded["0.weight_quantizer"]["elements"], params["0.weight_quantizer"]["elements"])
+
+
+class _FedTwice(nn.Module):
+    """``shared`` called on ``a``'s output, then on ``b``'s (or ``a``'s again); ``fc`` reads a product (a QOp in fx,
+    which comes after ``fc`` in module order)."""
+
+    def __init__(self, same: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.shared, self.fc = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+        self.same = same
+
+    def forward(self, x):
+        h, g = self.a(x), self.b(x) * 10.0
+        y = self.shared(h) + self.shared(h if self.same else g)
+        return self.fc(y * 2.0) + g[:, :4]
+
+
+@pytest.mark.parametrize("method", ["fx", "swap"])
+@pytest.mark.parametrize("same", [True, False], ids=["one-feeder", "two-feeders"])
+def test_a_layer_called_twice_gets_an_int_bias_only_with_one_feeder(method, same):
+    torch.manual_seed(0)
+    q = tq.quantize_model(_FedTwice(same).eval(), lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0)),
+                          lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax()), method=method)  # fmt: skip
+    x = torch.randn(32, 16)
+    tq.calibrate(q, [x], progress=False)
+    tq.set_qmodule_state(q, tq.QModuleState.QUANT_EVAL)
+    if same:
+        params = tq.export.integer_params(q, x)
+        assert params["shared.weight_quantizer"]["input_point"] == "a.acts_quantizer"
+    else:
+        with pytest.warns(UserWarning, match="inputs from different quantizers.*: shared$"):
+            params = tq.export.integer_params(q, x)
+        assert "int_bias" not in params["shared.weight_quantizer"]
+    if method == "fx":  # the product's QOp, after fc in module order, feeds fc
+        assert params["fc.weight_quantizer"]["input_point"].startswith("mul")

@@ -27,7 +27,8 @@ integers: ``acc = sum((x_int - zx) * (w_int - zw)) + int_bias`` (exact in int64)
 
 The input point of a layer (for the integer bias) is found by running
 ``example_inputs`` once: a layer whose input tensor is exactly the output of a
-per-tensor quantizer gets it. Quantizers with levels instead of an affine grid
+per-tensor quantizer gets it (a layer called more than once per forward pass only if the
+same quantizer feeds every call; otherwise a warning names it). Quantizers with levels instead of an affine grid
 (:meth:`~torchquant.quantizers.Quantizer.levels`: NF4, APoT) appear with
 ``"affine": False``, ``"n_levels"``, the granularity, ``"levels"`` (float32, the codebook
 ``(..., K)``), ``"scale"`` (float32, broadcasting against the tensor) and, for a weight,
@@ -46,6 +47,7 @@ Quantizers with none of these appear with ``"kind"``, ``"quantizer"`` and ``"aff
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -97,6 +99,7 @@ def integer_params(
     points = quant_points(model, who)
     feeders = _find_input_points(model, points, example_inputs, who) if example_inputs is not None else {}
     out: dict[str, dict[str, Any]] = {}
+    biased: list[tuple[str, Tensor, Tensor, str, str]] = []
     weight_of: dict[str, QWrapper | tuple[Tensor, Tensor | None]] = {}
     for p in points:
         m = p.module
@@ -163,9 +166,11 @@ def integer_params(
                 if bias is not None and not wrapper.fold_bn:
                     entry["bias"] = to_numpy(bias, np.float32)
                     feeder = feeders.get(p.owner)
-                    if feeder is not None:
-                        entry.update(_int_bias(bias, grid.scale, feeder, out, p.name, who))
+                    if feeder is not None:  # once every point is done: the feeder may come later in module order
+                        biased.append((p.name, bias, grid.scale, feeder, who))
         out[p.name] = entry
+    for name, bias, w_scale, feeder, who in biased:
+        out[name].update(_int_bias(bias, w_scale, feeder, out, name, who))
     return out
 
 
@@ -218,7 +223,7 @@ def _find_input_points(model, points, example_inputs, who: str) -> dict[str, str
     """QWrapper name -> name of the per-tensor quantizer whose output tensor is that layer's input."""
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     produced: dict[int, tuple[str, Tensor]] = {}  # id -> (name, tensor); the tensor is kept so ids stay unique
-    feeders: dict[str, str] = {}
+    feeders: dict[str, list[str | None]] = {}  # per call
     hooks = []
     for p in points:
         grid = p.quantizer.grid()
@@ -233,8 +238,8 @@ def _find_input_points(model, points, example_inputs, who: str) -> dict[str, str
     for owner, m in owners.items():
 
         def pre_hook(mod, args, owner=owner):
-            if args and id(args[0]) in produced:
-                feeders[owner] = produced[id(args[0])][0]
+            hit = produced.get(id(args[0])) if args else None
+            feeders.setdefault(owner, []).append(hit[0] if hit is not None else None)
 
         hooks.append(m.register_forward_pre_hook(pre_hook))
     try:
@@ -247,7 +252,16 @@ def _find_input_points(model, points, example_inputs, who: str) -> dict[str, str
     finally:
         for h in hooks:
             h.remove()
-    return feeders
+    # A layer called more than once (shared weights) has one integer bias only if one quantizer feeds every call.
+    mixed = sorted(o for o, f in feeders.items() if len(set(f)) > 1 and any(f))
+    if mixed:
+        warnings.warn(
+            f"{who}: {len(mixed)} layer(s) are called more than once per forward pass with inputs from different "
+            f"quantizers, so no single accumulator scale fits their bias; they get no int_bias: {', '.join(mixed)}",
+            UserWarning,
+            stacklevel=3,
+        )
+    return {o: f[0] for o, f in feeders.items() if len(set(f)) == 1 and f[0] is not None}
 
 
 _META = (

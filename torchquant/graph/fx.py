@@ -832,6 +832,7 @@ class _Rewriter:
         }
         self.kinds = _infer_kinds(gm, values)
         self.float_reasons: dict[str, str] = {}
+        self._calls_agree: dict[str, bool] = {}  # per module called more than once: whether its calls fuse alike
         self.declined: set[fx.Node] = set()  # optional points the factory gave no quantizer, skipped calls
         self.taken: set[str] = set(self.modules)
         self.skipped = set(tracer.skipped)
@@ -1106,6 +1107,42 @@ class _Rewriter:
         args: tuple | None = None,
         kwargs: dict | None = None,
     ) -> None:
+        chain, layers, cur = self._chain(node, layer, kwargs)
+        if node.op == "call_module":
+            # A module called more than once has one wrapper: it takes a BatchNorm or activation only
+            # if every call is followed by the same ones (the last call's wrapper would otherwise
+            # replace the first's and drop what followed it). Decided at the first call, before any
+            # call's nodes are replaced.
+            agree = self._calls_agree.get(node.target)
+            if agree is None:
+                calls = [n for n in self.graph.nodes if n.op == "call_module" and n.target == node.target]
+                agree = len({self._chain_key(self._chain(n, layer, kwargs)[1]) for n in calls}) == 1
+                self._calls_agree[node.target] = agree
+            if not agree:
+                chain, layers, cur = [node], [layer], node
+        name = name or node.target
+        factory_module, factory_name = origin or (layer, name)
+        factory_name = self.prefix + factory_name
+        wrapper = make_qwrapper(layers, factory_name, self.wf, self.af, self.fold_bn, factory_module=factory_module)
+        if factory_name != self.prefix + name:  # a functional call's wrapper: tq.save records the factory's name
+            wrapper._tq_factory_name = factory_name
+        self._install(name, wrapper)
+        with self.graph.inserting_after(cur):
+            new = self.graph.call_module(
+                name, node.args if args is None else args, kwargs or ({} if args else node.kwargs)
+            )
+        cur.replace_all_uses_with(new)
+        for n in reversed(chain):
+            self.graph.erase_node(n)
+            n._erased = True
+
+    def _chain_key(self, layers: list[nn.Module]) -> tuple:
+        """What a fused chain holds after its layer: the modules of the model by identity, others by type."""
+        own = {id(m) for m in self.modules.values()}
+        return tuple((type(m), id(m) if id(m) in own else None) for m in layers[1:])
+
+    def _chain(self, node: fx.Node, layer: nn.Module, kwargs: dict | None) -> tuple[list[fx.Node], list, fx.Node]:
+        """The nodes ``layer``'s call at ``node`` fuses with (BatchNorm, activation), their modules, the last node."""
         chain, layers, cur = [node], [layer], node
         fused_act = False
         bn_type = layer_adapter(layer).bn
@@ -1140,21 +1177,7 @@ class _Rewriter:
                 chain.extend(swish)
                 layers.append(nn.SiLU().train(layer.training))
                 cur = swish[-1]
-        name = name or node.target
-        factory_module, factory_name = origin or (layer, name)
-        factory_name = self.prefix + factory_name
-        wrapper = make_qwrapper(layers, factory_name, self.wf, self.af, self.fold_bn, factory_module=factory_module)
-        if factory_name != self.prefix + name:  # a functional call's wrapper: tq.save records the factory's name
-            wrapper._tq_factory_name = factory_name
-        self._install(name, wrapper)
-        with self.graph.inserting_after(cur):
-            new = self.graph.call_module(
-                name, node.args if args is None else args, kwargs or ({} if args else node.kwargs)
-            )
-        cur.replace_all_uses_with(new)
-        for n in reversed(chain):
-            self.graph.erase_node(n)
-            n._erased = True
+        return chain, layers, cur
 
     def _module_qop(self, node: fx.Node, m: nn.Module, optional: bool = False) -> None:
         """``optional``: no ``QOp`` when the factory gives no quantizer (the module stays as called)."""

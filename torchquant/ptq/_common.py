@@ -49,6 +49,47 @@ def require_qmodules(model: nn.Module, who: str) -> list[tuple[str, QModule]]:
     return qms
 
 
+def tied_weights(model: nn.Module, wrappers: Iterable[tuple[str, QWrapper]]) -> dict[QWrapper, list[str]]:
+    """The ``wrappers`` whose weight parameter other modules of ``model`` hold too, with those holders' names.
+
+    Tied input and output embeddings (``lm_head`` and ``embed_tokens`` of a language model with
+    ``tie_word_embeddings``) and one module listed twice in an ``nn.Sequential`` share a parameter:
+    writing a rounded weight into it changes the other holders as well, so the PTQ algorithms that
+    write weights leave such layers at round to nearest.
+    """
+    holders: dict[int, dict[nn.Module, str]] = {}  # parameter -> {module holding it: that parameter's name}
+    for name, m in model.named_modules():  # each module once, under its first name
+        for attr, p in m.named_parameters(recurse=False):
+            holders.setdefault(id(p), {})[m] = f"{name}.{attr}" if name else attr
+    wrappers = list(wrappers)
+    by_layer: dict[int, list[str]] = {}  # two wrappers of one layer (a module listed twice, converted by swap)
+    for name, w in wrappers:
+        by_layer.setdefault(id(w.layer), []).append(name)
+    out: dict[QWrapper, list[str]] = {}
+    for name, w in wrappers:
+        weight = getattr(w.layer, "weight", None)
+        if not isinstance(weight, nn.Parameter):
+            continue
+        others = [n for m, n in holders.get(id(weight), {}).items() if m is not w.layer]
+        others += [f"{n}.layer.weight" for n in by_layer[id(w.layer)] if n != name]
+        if others:
+            out[w] = others
+    return out
+
+
+def warn_tied(tied: dict[QWrapper, list[str]], names: dict[nn.Module, str], who: str) -> None:
+    """Warn that ``who`` leaves the layers of :func:`tied_weights` at round to nearest."""
+    if tied:
+        pairs = [f"{names[w]} (with {', '.join(h)})" for w, h in tied.items()]
+        warnings.warn(
+            f"{who}: {len(pairs)} layer(s) share their weight with other modules and keep their round-to-nearest "
+            f"weights, since writing a rounded weight would change the others too: {first_names(pairs)}; to include "
+            "them, untie them first (wrapper.layer.weight = nn.Parameter(wrapper.layer.weight.detach().clone()))",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def first_names(names: Sequence[str], n: int = 4) -> str:
     """``names`` joined for a message: the first ``n``, then how many more."""
     return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
@@ -129,15 +170,19 @@ class _Stop(Exception):
     """Raised by a capture hook to end a forward pass early."""
 
 
-def forward_order(model: nn.Module, modules: Sequence[nn.Module], batch: Any, who: str) -> list[nn.Module]:
+def forward_order(
+    model: nn.Module, modules: Sequence[nn.Module], batch: Any, who: str, counts: dict | None = None
+) -> list[nn.Module]:
     """``modules`` sorted by when a forward pass on ``batch`` first calls them; those never
-    called are left out."""
+    called are left out. ``counts``, given, receives how many times each module is called."""
     seen: list[nn.Module] = []
     handles = []
+    counts = {} if counts is None else counts
 
     def hook(mod, args):
         if mod not in seen:
             seen.append(mod)
+        counts[mod] = counts.get(mod, 0) + 1
 
     for m in modules:
         handles.append(m.register_forward_pre_hook(hook))
@@ -151,13 +196,15 @@ def forward_order(model: nn.Module, modules: Sequence[nn.Module], batch: Any, wh
 
 
 def capture(
-    model: nn.Module, module: nn.Module, batches: list, who: str, name: str, want_output: bool
+    model: nn.Module, module: nn.Module, batches: list, who: str, name: str, want_output: bool, calls: int = 1
 ) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
     """Inputs (and outputs) of ``module`` over ``batches``, concatenated along dim 0, and the keyword
     arguments of its calls.
 
-    ``module`` must be called with exactly one tensor and return one tensor; the
-    forward pass stops right after ``module`` (or before it when only inputs are wanted). A
+    ``module`` must be called with exactly one tensor and return one tensor, ``calls`` times per
+    forward pass (a layer whose weights are shared across depth: every call's rows, batch by
+    batch in call order); the forward pass stops right after its last call (or before it when
+    only inputs are wanted). A
     :class:`~torchquant.qmodules.QWrapper` may also get ``bias=`` (a module passing its layer's weight
     to ``F.linear`` with a bias of its own, :mod:`torchquant.weight_reads`): the same values in every
     call, returned so that replays of the unit pass it too.
@@ -175,14 +222,15 @@ def capture(
             )
         xs.append(args[0].detach())
         biases.append(kwargs["bias"].detach() if isinstance(kwargs.get("bias"), Tensor) else None)
-        if not want_output:
+        if not want_output and len(xs) - n_before == calls:
             raise _Stop
 
     def post(mod, args, out):
         if not isinstance(out, Tensor):
             raise ValueError(f"{who}: {name} ({type(mod).__name__}) must return one tensor, got {type(out).__name__}")
         ys.append(out.detach())
-        raise _Stop
+        if len(ys) - n_before == calls:
+            raise _Stop
 
     h1 = module.register_forward_pre_hook(pre, with_kwargs=True)
     h2 = module.register_forward_hook(post) if want_output else None
@@ -194,6 +242,10 @@ def capture(
                     call_model(model, batch, who)
                 if len(xs) == n_before:
                     raise RuntimeError(f"{who}: {name} was not called by the model's forward pass")
+                if len(xs) - n_before != calls:
+                    raise RuntimeError(
+                        f"{who}: {name} was called {len(xs) - n_before} times in a forward pass, {calls} in the first"
+                    )
     finally:
         h1.remove()
         if h2 is not None:

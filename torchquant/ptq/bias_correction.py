@@ -12,6 +12,7 @@ closed form (ReLU, ReLU6 / :class:`~torchquant.ptq.ChannelClip`, LeakyReLU or no
 
 from __future__ import annotations
 
+import collections
 import math
 import warnings
 from collections.abc import Iterable
@@ -163,6 +164,17 @@ def bias_correction(
         and type(m.layer) in BN_FOR_LAYER
         and not m.weight_is_computed
     ]
+    # Two wrappers of one layer (a module listed twice, converted by swap) would each correct its one bias.
+    per_layer = collections.Counter(id(w.layer) for w in wrappers)
+    twice = [named[w] for w in wrappers if per_layer[id(w.layer)] > 1]
+    if twice:
+        warnings.warn(
+            f"bias_correction: {len(twice)} wrappers share their layer (a module listed twice) and keep its bias: "
+            f"{', '.join(twice)}",
+            UserWarning,
+            stacklevel=2,
+        )
+        wrappers = [w for w in wrappers if per_layer[id(w.layer)] == 1]
     if not wrappers:
         raise ValueError(
             f"bias_correction: {type(model).__name__} has no QWrapper with a weight quantizer on a Linear/Conv layer"

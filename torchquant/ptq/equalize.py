@@ -41,7 +41,7 @@ from ..layers import BN_FOR_LAYER
 from ..qmodules import QModule, QWrapper
 from ..quantizers import RangeQuantizer
 from ..utils import call_model, restoring_states
-from ._common import Snapshot, require_qmodules
+from ._common import Snapshot, require_qmodules, tied_weights
 from .registry import register_ptq_algorithm
 
 __all__ = ["ChannelClip", "EqualizationResult", "equalize", "find_layer_pairs", "fold_qwrapper_batchnorm"]
@@ -147,14 +147,26 @@ def find_layer_pairs(model: nn.Module, example_input: Any = None, *, relu6: str 
             if isinstance(a, QWrapper) and isinstance(b, QWrapper) and _pair_ok(a, b, relu6):
                 pairs[(a, b)] = None
     position = {m: i for i, m in enumerate(names)}
-    found = sorted(pairs, key=lambda p: position[p[0]])
+    # A weight other modules hold too (a module listed twice) would be rescaled for all of them.
+    tied = tied_weights(model, [(n, m) for m, n in names.items() if isinstance(m, QWrapper)])
+    found = sorted((p for p in pairs if p[0] not in tied and p[1] not in tied), key=lambda p: position[p[0]])
     if example_input is not None and found:
         outs: dict[QWrapper, Tensor] = {}
         ins: dict[QWrapper, Tensor] = {}
+        calls: dict[tuple[QWrapper, str], int] = {}
         handles = []
+
+        def output(mod: nn.Module, args: tuple, out: Tensor) -> None:  # returns None: the output stays
+            outs.setdefault(mod, out)
+            calls[mod, "out"] = calls.get((mod, "out"), 0) + 1
+
+        def input_(mod: nn.Module, args: tuple) -> None:
+            ins.setdefault(mod, args[0])
+            calls[mod, "in"] = calls.get((mod, "in"), 0) + 1
+
         for a, b in found:
-            handles.append(a.register_forward_hook(lambda mod, args, out: outs.setdefault(mod, out)))
-            handles.append(b.register_forward_pre_hook(lambda mod, args: ins.setdefault(mod, args[0])))
+            handles.append(a.register_forward_hook(output))
+            handles.append(b.register_forward_pre_hook(input_))
         try:
             # eval: a forward pass in training mode would update the BatchNorm statistics
             with restoring_states(model), torch.no_grad():
@@ -163,7 +175,9 @@ def find_layer_pairs(model: nn.Module, example_input: Any = None, *, relu6: str 
         finally:
             for h in handles:
                 h.remove()
-        found = [(a, b) for a, b in found if a in outs and b in ins and outs[a] is ins[b]]
+        # A layer called more than once (shared weights) would be rescaled for every call, not only for the pair's.
+        once = {m for (m, _), n in calls.items() if n == 1}
+        found = [(a, b) for a, b in found if a in outs and b in ins and outs[a] is ins[b] and a in once and b in once]
     return [(names[a], names[b]) for a, b in found]
 
 
@@ -279,7 +293,8 @@ def equalize(
         raise ValueError(
             f"equalize: found no consecutive QWrapper pairs in {type(model).__name__} "
             "(Conv->Conv or Linear->Linear inside an nn.Sequential or block, through ReLU/LeakyReLU/ReLU6/no "
-            "activation); see torchquant.ptq.equalize's documentation"
+            "activation; layers sharing their weight or, with example_input, called more than once per forward "
+            "pass are left out); see torchquant.ptq.equalize's documentation"
         )
     mods = dict(model.named_modules())
     pairs = [(mods[a], mods[b]) for a, b in pair_names]
@@ -294,7 +309,8 @@ def equalize(
                 stats[w] = st
         for a, _ in pairs:
             if isinstance(a.act, nn.ReLU6):
-                a.act = ChannelClip(torch.full((_layer_in_out(a.layer)[1],), 6.0, device=a.layer.weight.device))
+                w = a.layer.weight  # the bound in the layer's dtype: a float32 one would promote a half model
+                a.act = ChannelClip(torch.full((_layer_in_out(a.layer)[1],), 6.0, device=w.device, dtype=w.dtype))
         name_of = {m: n for n, m in model.named_modules()}
         cumulative = {a: torch.ones(_layer_in_out(a.layer)[1], device=a.layer.weight.device) for a, _ in pairs}
         with torch.no_grad():

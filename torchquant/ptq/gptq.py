@@ -68,7 +68,7 @@ from ..moe import QExperts, expert_inputs
 from ..qmodules import QModuleState, QWrapper
 from ..quantizers import AffineGrid
 from ..utils import qmodule_state
-from ._common import all_or_nothing, first_names, materialize, require_qmodules
+from ._common import all_or_nothing, first_names, materialize, require_qmodules, tied_weights, warn_tied
 from .registry import register_ptq_algorithm
 from .sequential import Block, sequential_blocks
 
@@ -257,7 +257,9 @@ def gptq(
         num_batches: use at most this many batches of ``data``.
         mode: the mode every QModule runs in while inputs are collected.
         blocks: the qualified name of the model's list of blocks (decoder layers); found
-            by itself when ``None`` (see :mod:`torchquant.ptq.sequential`).
+            by itself when ``None``, none with ``""`` (one pass over the whole model per
+            layer group; see :mod:`torchquant.ptq.sequential`). Layers outside the blocks (a
+            head, a stem) are processed after them, on passes over the whole model.
         progress: show a progress bar over blocks.
 
     Returns:
@@ -297,6 +299,7 @@ def gptq(
     grids: dict[QWrapper, AffineGrid] = {}
     bank_grids: dict[tuple[QExperts, str], AffineGrid] = {}
     skipped: dict[str, str] = {}
+    tied = tied_weights(model, [(n, m) for n, m in qmodules if isinstance(m, QWrapper)])
     for name, w in qmodules:
         if isinstance(w, QExperts):
             for bank in w.banks:
@@ -308,6 +311,8 @@ def gptq(
         if not isinstance(w, QWrapper) or w.weight_quantizer is None:
             continue
         reason = _skip_reason(w)
+        if reason is None and w in tied:
+            reason = f"its weight is shared with {', '.join(tied[w])} (round to nearest)"
         if reason is not None:
             skipped[name] = reason
             continue
@@ -363,9 +368,8 @@ def gptq(
         for block in sequential_blocks(model, batches, blocks=blocks, mode=mode, who="gptq", progress=progress):
             process(block)
         if left or experts_left:  # layers outside the blocks (a head, a stem): passes over the whole model
-            for block in sequential_blocks(model, batches, blocks=None, mode=mode, who="gptq", progress=False):
-                if block.name == "":
-                    process(block)
+            for block in sequential_blocks(model, batches, blocks="", mode=mode, who="gptq", progress=False):
+                process(block)
         for m in sorted(left, key=names.get) + sorted(experts_left, key=names.get):
             skipped[names[m]] = _NEVER_CALLED
     left_to_rtn = (
@@ -381,6 +385,7 @@ def gptq(
             "more or longer calibration batches reach more experts",
         ),
     )
+    warn_tied({w: h for w, h in tied.items() if w.weight_quantizer is not None}, names, "gptq")
     for reason, what, hint in left_to_rtn:
         keys = [k for k, why in skipped.items() if why == reason]
         if keys:

@@ -125,9 +125,19 @@ from ..layers import bn_scale_shift
 from ..moe import QExperts, _bank, _rows
 from ..qmodules import QModule, QModuleState, QWrapper, iter_qmodules
 from ..quantizers import AdaRoundQuantizer, AffineGrid, AffineQuantizer, LevelGrid, Quantizer, StatelessQuantizer
-from ..quantizers_functional import round_ste
+from ..quantizers_functional import compute_dtype, round_ste
 from ..utils import call_model, progress_bar, restoring_states
-from ._common import Snapshot, capture, first_names, forward_order, materialize, require_qmodules, warn_experts_left
+from ._common import (
+    Snapshot,
+    capture,
+    first_names,
+    forward_order,
+    materialize,
+    require_qmodules,
+    tied_weights,
+    warn_experts_left,
+    warn_tied,
+)
 from .registry import register_ptq_algorithm
 from .sequential import Block, find_blocks, sequential_blocks
 
@@ -154,7 +164,7 @@ class _LearnedStep(Quantizer):
         super().__init__()
         grid = inner.grid()
         self.inner = inner
-        self.step = nn.Parameter(grid.scale.detach().clone())
+        self.step = nn.Parameter(grid.scale.detach().clone().float())  # float32: Adam's steps in float16 underflow
         self.register_buffer("zero_point", grid.zero_point.detach().clone())
         self.qmin, self.qmax = grid.qmin, grid.qmax
 
@@ -166,8 +176,8 @@ class _LearnedStep(Quantizer):
 
     def quantize(self, x: Tensor) -> Tensor:
         s = self.step.abs().clamp(min=1e-8)
-        q = torch.clamp(round_ste(x / s) + self.zero_point, self.qmin, self.qmax)
-        return (q - self.zero_point) * s
+        q = torch.clamp(round_ste(x.to(compute_dtype(x)) / s) + self.zero_point, self.qmin, self.qmax)
+        return ((q - self.zero_point) * s).to(x.dtype)
 
     def write_back(self) -> None:
         """Set the inner quantizer's ranges so that its step is the learned one (zero point unchanged)."""
@@ -381,14 +391,15 @@ def _configure(who: str, config: ReconstructionConfig, options: dict[str, Any]) 
     return dataclasses.replace(config, **options) if options else config
 
 
-def _learnable(m: nn.Module) -> bool:
-    # A computed weight (weight standardisation, a parametrization) has no parameter to write the rounding into:
-    # such a layer keeps its round-to-nearest weight quantizer.
-    return isinstance(m, QWrapper) and m.weight_quantizer is not None and not m.weight_is_computed
+def _learnable(m: nn.Module, tied: frozenset[int] = frozenset()) -> bool:
+    # A computed weight (weight standardisation, a parametrization) has no parameter to write the rounding into,
+    # and a weight other modules share (``tied``, ids: tied embeddings) would change them too: such a layer
+    # keeps its round-to-nearest weight quantizer.
+    return isinstance(m, QWrapper) and m.weight_quantizer is not None and not m.weight_is_computed and id(m) not in tied
 
 
-def _units(model: nn.Module, config: ReconstructionConfig) -> list[tuple[str, nn.Module]]:
-    wrappers = [(n, m) for n, m in model.named_modules() if _learnable(m)]
+def _units(model: nn.Module, config: ReconstructionConfig, tied: frozenset[int]) -> list[tuple[str, nn.Module]]:
+    wrappers = [(n, m) for n, m in model.named_modules() if _learnable(m, tied)]
     if config.granularity == "layer":
         return wrappers
     specs = config.blocks if config.blocks is not None else _default_blocks()
@@ -403,7 +414,7 @@ def _units(model: nn.Module, config: ReconstructionConfig) -> list[tuple[str, nn
     covered: set[int] = set()
     for name, m in model.named_modules():
         if name and id(m) not in covered and is_block(name, m):
-            inner = [w for w in m.modules() if _learnable(w)]
+            inner = [w for w in m.modules() if _learnable(w, tied)]
             if inner:
                 units.append((name, m))
                 covered.update(id(x) for x in m.modules())
@@ -460,7 +471,10 @@ def reconstruct(
     c = _configure("reconstruct", ReconstructionConfig() if config is None else config, options)
     batches = materialize(data, num_batches, "reconstruct")
     stack = _stack(model, c)
-    units = stack + _outside(model, stack) if stack else _units(model, c)
+    shared = tied_weights(model, [(n, m) for n, m in qmodules if isinstance(m, QWrapper)])
+    tied = frozenset(id(w) for w in shared)
+    warn_tied({w: h for w, h in shared.items() if _learnable(w)}, {m: n for n, m in qmodules}, "reconstruct")
+    units = stack + _outside(model, stack, tied) if stack else _units(model, c, tied)
     # Expert banks are learned inside block units; a unit of one layer cannot run them (they need the routing).
     inside = {id(m) for _, u in units if c.granularity == "block" and not isinstance(u, QWrapper) for m in u.modules()}
     warn_experts_left(
@@ -484,7 +498,7 @@ def reconstruct(
         )
     for name, unit in units:
         for w in [unit] if isinstance(unit, QWrapper) else unit.modules():
-            if _learnable(w):
+            if _learnable(w, tied):
                 _grid_of(w.weight_quantizer, f"the weight quantizer of {name}")
             if c.learn_act_step and isinstance(w, QModule):
                 for attr, q in _act_quantizers(w):
@@ -507,9 +521,9 @@ def reconstruct(
             _check_runs(model, batches, c)
             fisher = _fisher(model, float_model, qmodules, batches, c)
             if stack:
-                losses = _reconstruct_stack(model, float_model, stack, batches, c, seed, progress, fisher)
+                losses = _reconstruct_stack(model, float_model, stack, batches, c, seed, progress, fisher, tied)
             else:
-                losses = _reconstruct_units(model, float_model, units, batches, c, seed, progress, fisher)
+                losses = _reconstruct_units(model, float_model, units, batches, c, seed, progress, fisher, tied)
         except BaseException:
             snapshot.restore()
             raise
@@ -528,10 +542,10 @@ def _stack(model: nn.Module, c: ReconstructionConfig) -> list[tuple[str, nn.Modu
     return find_blocks(model, None, "reconstruct")
 
 
-def _outside(model: nn.Module, stack: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+def _outside(model: nn.Module, stack: list[tuple[str, nn.Module]], tied: frozenset[int]) -> list[tuple[str, nn.Module]]:
     """The learnable layers of ``model`` outside every block of ``stack`` (a head, a stem)."""
     inside = {id(m) for _, b in stack for m in b.modules()}
-    return [(n, m) for n, m in model.named_modules() if _learnable(m) and id(m) not in inside]
+    return [(n, m) for n, m in model.named_modules() if _learnable(m, tied) and id(m) not in inside]
 
 
 def _check_runs(model: nn.Module, batches: list, c: ReconstructionConfig) -> None:
@@ -577,6 +591,7 @@ def _reconstruct_units(
     seed: int,
     progress: bool,
     fisher: Callable[[nn.Module], Tensor | None],
+    tied: frozenset[int],
     first_index: int = 0,
     channel_dim: int = 1,
 ) -> dict[str, float]:
@@ -588,19 +603,21 @@ def _reconstruct_units(
     """
     float_modules = dict(float_model.named_modules())
     names = {m: n for n, m in units}
-    order = forward_order(model, [m for _, m in units], batches[0], "reconstruct")
+    calls: dict[nn.Module, int] = {}  # a unit called several times per forward pass learns from every call
+    order = forward_order(model, [m for _, m in units], batches[0], "reconstruct", calls)
     missing = [n for n, m in units if m not in order]
     if missing:
         raise ValueError(f"reconstruct: units never called by the forward pass: {missing}")
     losses: dict[str, float] = {}
     for i, unit in enumerate(progress_bar(order, len(order), "reconstruct", progress)):
         name = names[unit]
-        x_q, _, kwargs = capture(model, unit, batches, "reconstruct", name, want_output=False)
-        x_fp, y_fp, _ = capture(float_model, float_modules[name], batches, "reconstruct", name, want_output=True)
+        n = calls[unit]
+        x_q, _, kwargs = capture(model, unit, batches, "reconstruct", name, want_output=False, calls=n)
+        x_fp, y_fp, _ = capture(float_model, float_modules[name], batches, "reconstruct", name, True, calls=n)
         gen = torch.Generator(device=x_q.device).manual_seed(seed * 100003 + first_index + i)
         # a bias the model passes (weight_reads): the unit is replayed with it, as its targets were computed
         call = (lambda x, unit=unit, kwargs=kwargs: unit(x, **kwargs)) if kwargs else None
-        losses[name] = _reconstruct_unit(unit, x_q, x_fp, y_fp, fisher(unit), gen, c, call, channel_dim)
+        losses[name] = _reconstruct_unit(unit, x_q, x_fp, y_fp, fisher(unit), gen, c, call, channel_dim, tied)
     return losses
 
 
@@ -613,11 +630,12 @@ def _reconstruct_stack(
     seed: int,
     progress: bool,
     fisher: Callable[[nn.Module], Tensor | None],
+    tied: frozenset[int],
 ) -> dict[str, float]:
     """:func:`reconstruct` on a transformer stack: the decoder layers of ``stack`` on the sequential
     engine, the layers outside them on their own with whole-model passes (those called before the
     first decoder layer first, the others last)."""
-    outside = _outside(model, stack)
+    outside = _outside(model, stack, tied)
     first = stack[0][1]
     order = forward_order(model, [m for _, m in outside] + [first], batches[0], "reconstruct")
     if first not in order:
@@ -627,7 +645,9 @@ def _reconstruct_stack(
     after = [(n, m) for n, m in outside if m not in early]
     losses: dict[str, float] = {}
     if before:
-        losses.update(_reconstruct_units(model, float_model, before, batches, c, seed, False, fisher, channel_dim=-1))
+        losses.update(
+            _reconstruct_units(model, float_model, before, batches, c, seed, False, fisher, tied, channel_dim=-1)
+        )
 
     stack_name = stack[0][0].rsplit(".", 1)[0]
     float_modules = dict(float_model.named_modules())
@@ -647,12 +667,12 @@ def _reconstruct_stack(
                 out = block(x, *args, **kwargs)
                 return out[0] if isinstance(out, (tuple, list)) else out
 
-            losses[bq.name] = _reconstruct_unit(bq.module, x_q, x_fp, y_fp, fisher(bq.module), gen, c, call, -1)
+            losses[bq.name] = _reconstruct_unit(bq.module, x_q, x_fp, y_fp, fisher(bq.module), gen, c, call, -1, tied)
             index += 1
             continue
-        layers = [w for g in bq.groups() for w in g if _learnable(w)]
+        layers = [w for g in bq.groups() for w in g if _learnable(w, tied)]
         names = {m: n for n, m in bq.layers}
-        missing = [n for n, m in bq.layers if _learnable(m) and m not in layers]
+        missing = [n for n, m in bq.layers if _learnable(m, tied) and m not in layers]
         if missing:
             raise ValueError(f"reconstruct: units never called by the forward pass: {missing}")
         for w in layers:
@@ -663,11 +683,11 @@ def _reconstruct_stack(
             with torch.no_grad():
                 y_fp = fw(x_fp)  # the float copy runs BYPASSED
             gen = torch.Generator(device=x_q.device).manual_seed(seed * 100003 + index)
-            losses[name] = _reconstruct_unit(w, x_q, x_fp, y_fp, fisher(w), gen, c, channel_dim=-1)
+            losses[name] = _reconstruct_unit(w, x_q, x_fp, y_fp, fisher(w), gen, c, channel_dim=-1, tied=tied)
             index += 1
     if after:
         losses.update(
-            _reconstruct_units(model, float_model, after, batches, c, seed, False, fisher, index, channel_dim=-1)
+            _reconstruct_units(model, float_model, after, batches, c, seed, False, fisher, tied, index, channel_dim=-1)
         )
     return losses
 
@@ -770,14 +790,17 @@ def _fisher_weights(
     batches (mean 1).
     """
     saved = [(m, m.qstate) for m in later]
-    store: dict[str, Tensor] = {}
+    store: list[Tensor] = []  # the unit's outputs in this batch, one per call
 
     def hook(mod: nn.Module, args: Any, out: Any) -> Any:
         first = out[0] if isinstance(out, tuple) else out  # a decoder layer may return (hidden states, ...)
-        leaf = first.detach().requires_grad_(True)
-        store["out"] = leaf
-        clone = leaf.clone()  # not the leaf itself: the model may modify the output in place
-        return (clone, *out[1:]) if isinstance(out, tuple) else clone
+        # The gradient at this call's output is the gradient w.r.t. a zero added to it (a new tensor: the
+        # model may modify it in place). The graph starts at the first call; a later call of a unit
+        # called several times stays connected to the earlier ones, whose gradients flow through it.
+        probe = torch.zeros_like(first, requires_grad=True)
+        store.append(probe)
+        added = (first if len(store) > 1 else first.detach()) + probe
+        return (added, *out[1:]) if isinstance(out, tuple) else added
 
     grads = []
     handle = unit.register_forward_hook(hook)
@@ -786,10 +809,10 @@ def _fisher_weights(
             m.qstate = QModuleState.BYPASSED
         with torch.enable_grad():
             for batch, ref in zip(batches, refs):
+                store.clear()
                 out = _logits(call_model(model, batch, "reconstruct"))
                 kl = F.kl_div(out.log_softmax(1), ref.log_softmax(1), reduction="sum", log_target=True)
-                (g,) = torch.autograd.grad(kl, store["out"])
-                grads.append(g)
+                grads.extend(torch.autograd.grad(kl, store))  # in call order, as the unit's inputs are captured
     finally:
         handle.remove()
         for m, s in saved:
@@ -837,6 +860,7 @@ def _reconstruct_unit(
     config: ReconstructionConfig,
     call: Callable[[Tensor], Tensor] | None = None,
     channel_dim: int = 1,
+    tied: frozenset[int] = frozenset(),
 ) -> float:
     """Learn the rounding (and, if configured, the activation steps) of one unit; return its final loss.
 
@@ -852,6 +876,7 @@ def _reconstruct_unit(
             its captured keyword arguments).
         channel_dim: the dimension the squared error is summed over (1: ``(N, C, ...)``
             feature maps; -1: ``(N, T, hidden)`` token sequences).
+        tied: ids of the QWrappers whose weights other modules share (kept at round to nearest).
 
     Returns:
         The reconstruction error of the last iteration.
@@ -863,7 +888,7 @@ def _reconstruct_unit(
             f"{tuple(x_q.shape)} vs {tuple(x_fp.shape)}"
         )
     qmods = [m for m in unit.modules() if isinstance(m, QModule)]
-    wrappers = [m for m in qmods if _learnable(m)]
+    wrappers = [m for m in qmods if _learnable(m, tied)]
     saved_q: list[tuple[QModule, str, Quantizer]] = []
     saved_grad = [(p, p.requires_grad) for p in unit.parameters()]
     ada: dict[QWrapper, AdaRoundQuantizer] = {}

@@ -69,12 +69,16 @@ def find_blocks(model: nn.Module, blocks: str | None = None, who: str = "sequent
     Args:
         model: a quantizable model.
         blocks: the qualified name of the ``nn.ModuleList`` (or ``nn.Sequential``) of blocks;
-            ``None`` picks the longest list of same-class modules holding QWrappers.
+            ``None`` picks the longest list of distinct same-class modules holding QWrappers
+            (a list repeating a module, shared across depth, is not one); ``""`` finds none
+            (the whole model is one block).
         who: the caller's name, for errors.
 
     Raises:
         ValueError: ``blocks`` names no module list of ``model``.
     """
+    if blocks == "":
+        return []
     if blocks is not None:
         try:
             lst = model.get_submodule(blocks)
@@ -82,10 +86,18 @@ def find_blocks(model: nn.Module, blocks: str | None = None, who: str = "sequent
             raise ValueError(f"{who}: blocks={blocks!r} is not a submodule of {type(model).__name__}") from e
         if not isinstance(lst, (nn.ModuleList, nn.Sequential)) or len(lst) == 0:
             raise ValueError(f"{who}: blocks={blocks!r} is a {type(lst).__name__}, not a non-empty ModuleList")
+        if len({id(b) for b in lst}) != len(lst):
+            raise ValueError(
+                f"{who}: blocks={blocks!r} holds the same module more than once (weights shared across depth), "
+                "and the sequential engine processes one block at a time; pass blocks='' to process the whole "
+                "model at once"
+            )
         return [(f"{blocks}.{i}", b) for i, b in enumerate(lst)]
     best: tuple[int, str, nn.Module] | None = None
     for name, m in model.named_modules():
         if not isinstance(m, nn.ModuleList) or len(m) < 2 or len({type(b) for b in m}) != 1:
+            continue
+        if len({id(b) for b in m}) != len(m):  # a block repeated (shared across depth): the whole model at once
             continue
         n = sum(isinstance(q, QWrapper) for b in m for q in b.modules())
         if n and (best is None or n > best[0]):
@@ -237,6 +249,8 @@ class Block:
         input channels one for one (tested on the first batch with random positive scales).
         """
         probe = self._probed()
+        if any(probe.counts.get(m, 1) > 1 for m in group):  # a scale folded before one call misses the others
+            return None
         first = group[0]
         norm = probe.norm_of.get(first)
         if norm is not None and norm_gain_offset(norm) is not None:
@@ -251,13 +265,31 @@ class Block:
             return None
         before = probe.order[: probe.order.index(first)]
         for cand in reversed(before):
-            if cand in group or _out_features(cand) != width:
+            if cand in group or _out_features(cand) != width or probe.counts.get(cand, 1) > 1:
                 continue
             if cand.fold_bn or cand.bn is not None or cand.act is not None:  # not a plain linear output
                 continue
-            if self._scales_through(cand, first):
+            if self._scales_through(cand, first) and self._linear_fold_kept(cand, group):
                 return cand
         return None
+
+    def _linear_fold_kept(self, cand: QWrapper, group: Sequence[QWrapper]) -> bool:
+        """Whether scaling ``cand``'s output channels and dividing ``group``'s input columns by the same seeded
+        factors leaves the block's output unchanged on the first batch (an output the residual reads too,
+        as ALBERT's input projection, would change)."""
+        dtype = cand.weight_view().dtype
+        r = probe_factors(_out_features(cand), dtype)
+        views = [w.weight_view() for w in group]
+        with qmodule_state(self.module, QModuleState.BYPASSED):
+            ref = model_output(self.run(batches=[0])[0], self._who)
+            with _scaled_output(cand, r), _restored(views):
+                with torch.no_grad():
+                    for wv in views:
+                        wv.div_(r.to(wv).reshape(1, -1, *[1] * (wv.dim() - 2)))
+                out = model_output(self.run(batches=[0])[0], self._who)
+        if ref.shape != out.shape:
+            return False
+        return scaled_one_for_one(ref, out, torch.ones(ref.shape[-1]), dtype)
 
     def _scales_through(self, cand: QWrapper, layer: QWrapper) -> bool:
         seen: list[Tensor] = []
@@ -364,6 +396,10 @@ class Block:
     def unscaled_reason(self, member: nn.Module) -> str:
         """Why no scale moves out of ``member``'s input (a group's first layer with no :meth:`fold_target`, or an
         experts module with no :meth:`shared_fold`)."""
+        calls = self._probed().counts.get(member, 1)
+        if calls > 1:
+            return (f"it is called {calls} times per forward pass (shared weights): a scale folded into the "
+                    "module before one call would not reach the others")  # fmt: skip
         fold = self.shared_fold(member)
         if isinstance(fold, str):
             return fold
@@ -486,6 +522,7 @@ class _Probe:
     groups: list[list[QWrapper]]
     norm_of: dict[QWrapper, nn.Module]
     called_once: bool
+    counts: dict[nn.Module, int]  # calls per forward pass of each layer
     shared: dict[nn.Module, SharedFold | str]  # unchecked: see Block.shared_fold
     # per module of the block: (storage, rank, width) of its one tensor argument, or None (other tensors
     # passed, or called more than once)
@@ -560,7 +597,9 @@ def _probe(block: Block) -> _Probe:
     member_input.update(
         {m: (x.untyped_storage().data_ptr(), x.shape[-1]) for m, x in readers if isinstance(m, QExperts) and x.dim()}
     )
-    return _Probe(order, groups, norm_of, all(c == 1 for c in counts.values()), shared, row_input, member_input)
+    return _Probe(
+        order, groups, norm_of, all(c == 1 for c in counts.values()), dict(counts), shared, row_input, member_input
+    )
 
 
 def _shared_readers(

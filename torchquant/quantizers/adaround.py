@@ -12,7 +12,13 @@ import torch
 from torch import Tensor, nn
 
 from ..granularity import Granularity
-from ..quantizers_functional import inverse_rectified_sigmoid, level_neighbours, level_values, rectified_sigmoid
+from ..quantizers_functional import (
+    compute_dtype,
+    inverse_rectified_sigmoid,
+    level_neighbours,
+    level_values,
+    rectified_sigmoid,
+)
 from ..range_observers import BatchMinMax
 from ..registry import Example, register_quantizer
 from .affine import AffineQuantizer
@@ -118,7 +124,10 @@ class AdaRoundQuantizer(Quantizer):
         super().__init__()
         if not isinstance(grid, (AffineGrid, LevelGrid)):
             raise TypeError(f"AdaRoundQuantizer: grid must be an AffineGrid or a LevelGrid, got {type(grid).__name__}")
+        # The rounding variables and the grid live in float32 for a half-precision weight: Adam's steps on
+        # float16 alphas underflow to NaN, and in bfloat16 most of them are below half an ulp.
         w = weight.detach()
+        w = w.to(compute_dtype(w))
         try:
             torch.broadcast_shapes(grid.scale.shape, w.shape)
         except RuntimeError as e:
@@ -217,14 +226,17 @@ class AdaRoundQuantizer(Quantizer):
     def quantize(self, x: Tensor) -> Tensor:
         # _parameters, not getattr: torch.fx proxies parameters fetched by attribute, and the shape is a constant.
         x = _check_shape(x, self._parameters["alpha"].shape, self._tq_name)
+        # in the rounding variables' dtype (float32 for a half-precision weight, as the grid); the dtype of a
+        # parameter, not compute_dtype(x): torch.fx traces this
+        dtype, x = x.dtype, x.to(self._parameters["alpha"].dtype)
         if self.on_levels:
             lo, hi = self._neighbours(x)
             h = self.rounding()
             # lo (1 - h) + hi h, not lo + h (hi - lo): exactly the level when h is 0 or 1. x * 0: the
             # weight gets a (zero) gradient, as floor() gives it on an affine grid.
-            return (lo * (1 - h) + hi * h) * self.scale + x * 0
+            return ((lo * (1 - h) + hi * h) * self.scale + x * 0).to(dtype)
         q = torch.floor(x / self.scale) + self.rounding() + self.zero_point
-        return (torch.clamp(q, self.qmin, self.qmax) - self.zero_point) * self.scale
+        return ((torch.clamp(q, self.qmin, self.qmax) - self.zero_point) * self.scale).to(dtype)
 
     def grid(self) -> AffineGrid | None:
         if self.on_levels:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..granularity import Granularity
-from ..quantizers_functional import scaled_sign, sign_ste, straight_through
+from ..quantizers_functional import compute_dtype, scaled_sign, sign_ste, straight_through
 from ..registry import Example, register_quantizer
 from .base import StatelessQuantizer
 
@@ -58,7 +58,7 @@ class BinaryQuantizer(StatelessQuantizer):
 @torch.fx.wrap
 def _xnor(x: Tensor, axis: int | None, group_size: int | None, who: str) -> Tensor:
     g = Granularity(axis=axis, group_size=group_size)
-    alpha = g.aggregate(x.detach().abs(), "mean", who)
+    alpha = g.aggregate(x.detach().abs().to(compute_dtype(x)), "mean", who)  # float32 for half precision
     return scaled_sign(x, g.expand(alpha), x.numel() // alpha.numel())
 
 
@@ -102,7 +102,7 @@ class XNORWeightQuantizer(StatelessQuantizer):
 @torch.fx.wrap
 def _ternary(x: Tensor, threshold: float, axis: int | None, group_size: int | None, who: str) -> Tensor:
     g = Granularity(axis=axis, group_size=group_size)
-    a = x.detach().abs()
+    a = x.detach().abs().to(compute_dtype(x))  # means in float32 for half precision
     delta = threshold * g.expand(g.aggregate(a, "mean", who))
     mask = (a > delta).to(a.dtype)
     count = g.aggregate(mask, "sum", who).clamp(min=1.0)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..granularity import Granularity
-from ..quantizers_functional import affine_quantize, gradient_clip, round_ste, straight_through
+from ..quantizers_functional import affine_quantize, compute_dtype, gradient_clip, round_ste, straight_through
 from ..registry import Example, register_quantizer
 from .base import AffineGrid, StatelessQuantizer, check_n_bits
 
@@ -26,10 +26,10 @@ def _dorefa_weight(x: Tensor, n_bits: int, axis: int | None, group_size: int | N
         e = g.expand(g.aggregate(x.detach().abs(), "mean", who))
         return straight_through(x, torch.where(x >= 0, e, -e))
     n = 2**n_bits - 1
-    t = torch.tanh(x)
+    t = torch.tanh(x.to(compute_dtype(x)))  # float32 for half precision: bfloat16 rounds w01 * n to other levels
     m = g.expand(g.aggregate(t.abs(), "amax", who)).clamp(min=_EPS)
     w01 = t / (2 * m) + 0.5  # in [0, 1]
-    return 2 * (round_ste(w01 * n) / n) - 1
+    return (2 * (round_ste(w01 * n) / n) - 1).to(x.dtype)
 
 
 @register_quantizer(
