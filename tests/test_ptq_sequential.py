@@ -246,3 +246,21 @@ def test_gptq_on_the_engine_equals_layer_by_layer_gptq_over_the_whole_model():
     for (n, wa), (_, wb) in zip(tq.iter_qmodules(a), tq.iter_qmodules(b)):
         if isinstance(wa, tq.QWrapper):
             torch.testing.assert_close(wa.weight_view(), wb.weight_view(), rtol=0, atol=1e-5, msg=n)
+
+
+def test_a_cache_passed_positionally_is_left_out_so_reruns_agree():
+    # GPT-2 passes its DynamicCache to each block positionally: a block re-run with it appended its keys and
+    # values again (GPTQ's Hessians saw attention over stale keys; AdaRound refused the batches as different).
+    transformers = pytest.importorskip("transformers")
+    from torchquant.hf import TorchQuantConfig, quantize
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32)
+    q = quantize(transformers.GPT2LMHeadModel(cfg).eval(), TorchQuantConfig(weights="int4"))
+    ids = [torch.randint(0, 100, (1, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    tq.calibrate(q, ids, progress=False)
+    for block in sequential_blocks(q, ids, progress=False):
+        assert not any(type(a).__name__.endswith("Cache") for args, _ in block.inputs() for a in args)
+        first, again = block.run(), block.run()
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert sorted(tq.ptq.adaround(q, ids, iters=5, progress=False))[0] == "transformer.h.0.attn.c_attn"

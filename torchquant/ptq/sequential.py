@@ -119,6 +119,12 @@ def _no_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _no_cache_arg(x: Any) -> Any:
+    """A block's positional argument, detached; ``None`` for a key/value cache (GPT-2 passes its cache
+    positionally): re-running the block must not append to it."""
+    return None if type(x).__name__.endswith("Cache") else _detach(x)
+
+
 def _detach(x: Any) -> Any:
     return x.detach() if isinstance(x, Tensor) else x
 
@@ -789,7 +795,7 @@ def _capture(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: lis
                 args = (kwargs.pop("hidden_states"),)
             if not args or not isinstance(args[0], Tensor):
                 raise ValueError(f"{who}: block {blocks[k][0]} must be called with its hidden states (a tensor) first")
-            per_block[k].append(_Call(tuple(_detach(a) for a in args), _no_cache(kwargs)))
+            per_block[k].append(_Call(tuple(_no_cache_arg(a) for a in args), _no_cache(kwargs)))
             if stop:
                 raise _Stop
 
