@@ -380,3 +380,39 @@ def test_wrapper_reads_through_to_its_layer_and_quantizes_its_input():
     assert torch.equal(w(x), layer(q(x)))
     with pytest.raises(ValueError, match="token ids"):
         QWrapper(nn.Embedding(4, 2), input_quantizer=AffineQuantizer(8, BatchMinMax()))
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_observes_each_batch_once(reentrant):
+    # The recomputation in backward runs the forward again: observing there counted the batch twice and
+    # quantized the recomputed activations on ranges the forward did not use (silently other gradients).
+    from torch.utils.checkpoint import checkpoint
+
+    import torchquant as tq
+
+    class Net(nn.Module):
+        def __init__(self, ckpt: bool) -> None:
+            super().__init__()
+            self.a, self.b, self.ckpt = nn.Linear(8, 8), nn.Linear(8, 8), ckpt
+
+        def forward(self, x):
+            f = lambda t: self.b(torch.relu(self.a(t)))  # noqa: E731
+            return checkpoint(f, x, use_reentrant=reentrant) if self.ckpt else f(x)
+
+    runs = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        q = tq.quantize_model(Net(ckpt), lambda m, n: tq.make_quantizer("lsq", n_bits=4, axis=0),
+                              lambda m, n: tq.AffineQuantizer(8, tq.ExpAvgMinMax(0.9)), method="swap")  # fmt: skip
+        tq.set_qmodule_state(q, tq.QModuleState.QUANT_AWARE_TRAIN)
+        grads = []
+        for i in range(3):
+            x = (torch.randn(16, 8, generator=torch.Generator().manual_seed(i)) * (i + 1)).requires_grad_(reentrant)
+            q.zero_grad()
+            q(x).pow(2).sum().backward()
+            grads += [p.grad.clone() for p in q.parameters()]
+        runs.append((q.state_dict(), grads))
+    (state, grads), (state_ckpt, grads_ckpt) = runs
+    assert int(state_ckpt["a.acts_quantizer.range_observer.num_batches"]) == 3
+    assert all(torch.equal(state[k], state_ckpt[k]) for k in state)
+    assert all(torch.equal(g, h) for g, h in zip(grads, grads_ckpt))

@@ -184,7 +184,18 @@ def _cached_quantize(cache: dict[str, Any], q: Quantizer, w: Tensor, computed: b
     return out
 
 
+def _recomputing() -> bool:
+    """Whether this forward runs inside a backward pass: activation checkpointing recomputing it
+    (``torch.utils.checkpoint``, Hugging Face's ``gradient_checkpointing_enable()``).
+
+    The observers saw the batch in the forward pass: observing it again would count it twice, and the
+    recomputed outputs would be quantized on other ranges than the forward's (an EMA moved again).
+    """
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 def _run_quantizer(q: Quantizer, x: Tensor, observe: bool, quantize: bool) -> Tensor:
+    observe = observe and not _recomputing()
     if isinstance(x, Tensor) and x.numel() == 0:
         # An empty batch (a head given no detections, a rank whose data ran out): the output is
         # empty on any grid, so it needs no state. Observers still see it: they keep their state,

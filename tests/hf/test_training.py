@@ -445,3 +445,29 @@ def test_lora_config_is_a_peft_config_and_rejects_what_it_cannot_do():
     conv = torch.nn.Sequential(tq.QWrapper(torch.nn.Conv2d(2, 2, 1)))
     with pytest.raises(ValueError, match="Conv2d takes no adapter"):
         peft.get_peft_model(conv, lora_config(r=2, target_modules=["0"]))
+
+
+def test_gradient_checkpointing_observes_each_batch_once():
+    # transformers' gradient_checkpointing_enable() recomputes each decoder layer in backward: its observers
+    # must not see the batch again, and the gradients are those of the run without checkpointing.
+    from torchquant.hf import quantize
+
+    runs = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = quantize(_llama(), TorchQuantConfig(weights="int4", activations="int8"), initial_state=False)
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        tq.set_qmodule_state(model, S.QUANT_AWARE_TRAIN)
+        model.train()
+        grads = []
+        for i in range(2):
+            ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(i))
+            model.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            grads += [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        runs.append((model.state_dict(), grads))
+    (state, grads), (state_ckpt, grads_ckpt) = runs
+    counts = [k for k in state if k.endswith("num_batches")]
+    assert counts and all(int(state_ckpt[k]) == int(state[k]) for k in counts)
+    assert len(grads) == len(grads_ckpt) and all(torch.allclose(g, h, atol=1e-6) for g, h in zip(grads, grads_ckpt))
