@@ -297,3 +297,23 @@ def test_registry_contract_compiles_fullgraph():
     compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
     for a, b in zip(compiled(weight, act), eager, strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_model_compiled_before_its_first_batch_initializes_eagerly_and_matches():
+    # Quantize, compile, train: the first batch initializes LSQ's steps, resizing them from (0,), which the
+    # inductor graph could not do ("wrong number of dimensions" in its input checks).
+    torch.manual_seed(0)
+    m = tq.QWrapper(nn.Linear(16, 8), weight_quantizer=tq.make_quantizer("lsq", n_bits=4, axis=0),
+                    acts_quantizer=tq.make_quantizer("lsq", n_bits=8))  # fmt: skip
+    tq.set_qmodule_state(m, tq.QModuleState.QUANT_AWARE_TRAIN)
+    eager = copy.deepcopy(m)
+    compiled = torch.compile(m)
+    x = torch.randn(4, 16)
+    for step in range(2):
+        y, y_eager = compiled(x * (step + 1)), eager(x * (step + 1))
+        assert torch.allclose(y, y_eager, atol=1e-6)
+        y.sum().backward()
+        y_eager.sum().backward()
+    for p, q in zip(m.parameters(), eager.parameters(), strict=True):
+        assert p.shape == q.shape and torch.allclose(p.grad, q.grad, atol=1e-5)

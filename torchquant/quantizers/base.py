@@ -690,6 +690,15 @@ class LearnedQuantizer(Quantizer):
         """Initialise the learned parameters from the first non-empty tensor seen; later calls do nothing."""
         if self.initialized or x.numel() == 0:  # an empty tensor has no statistics to start from
             return
+        self._initialize(x)
+
+    @torch.compiler.disable(
+        reason="a learned quantizer initializes its parameters from its first batch, resizing them: outside the "
+        "graph (with fullgraph=True, run one eager forward first)"
+    )
+    def _initialize(self, x: Tensor) -> None:
+        # Eager even under torch.compile: it resizes the parameters from (0,), which a compiled graph cannot
+        # do (inductor checks its inputs' sizes); the graphs after it see the new sizes.
         with torch.no_grad():
             values = self.init_params(x.detach())
         if isinstance(values, Tensor):
