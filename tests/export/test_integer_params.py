@@ -225,3 +225,41 @@ def test_a_layer_called_twice_gets_an_int_bias_only_with_one_feeder(method, same
         assert "int_bias" not in params["shared.weight_quantizer"]
     if method == "fx":  # the product's QOp, after fc in module order, feeds fc
         assert params["fc.weight_quantizer"]["input_point"].startswith("mul")
+
+
+def test_a_layer_with_its_own_input_quantizer_reads_its_codes():
+    # Transformer-style W8A8: each layer quantizes its input itself, after whatever quantized the tensor before
+    # (a norm's output point on another range); its integer bias is at its own input scale.
+    torch.manual_seed(0)
+    first = tq.QOp(nn.Identity(), tq.AffineQuantizer(8, tq.PercentileObserver(99.0)))
+    layer = tq.QWrapper(nn.Linear(16, 8), weight_quantizer=tq.AffineQuantizer(8, tq.BatchMinMax(axis=0)),
+                        input_quantizer=tq.AffineQuantizer(8, tq.RunningMinMax()))  # fmt: skip
+    net = nn.Sequential(first, layer)
+    x = torch.randn(64, 16)
+    tq.calibrate(net, [x], progress=False)
+    tq.set_qmodule_state(net, tq.QModuleState.QUANT_EVAL)
+    p = tq.export.integer_params(net, x)
+    w, inp = p["1.weight_quantizer"], p["1.input_quantizer"]
+    assert w["input_point"] == "1.input_quantizer"
+    with torch.no_grad():
+        x_in = first(x)
+        y = net(x)
+    x_int = np.clip(np.round(x_in.numpy() / inp["scale"]) + inp["zero_point"], inp["qmin"], inp["qmax"])
+    acc = (x_int - inp["zero_point"]) @ (w["int_weight"] - w["zero_point"].reshape(-1, 1)).T + w["int_bias"]
+    # up to half an accumulator unit: the integer bias is rounded
+    np.testing.assert_allclose(acc * w["bias_scale"], y.numpy(), rtol=0, atol=0.5 * w["bias_scale"].max() + 1e-6)
+
+
+def test_per_group_weights_get_no_int_bias_and_float_weights_keep_their_bias():
+    torch.manual_seed(0)
+    x = torch.randn(32, 32)
+    for wq, act in ((lambda: tq.AffineQuantizer(4, tq.BatchMinMax(axis=1, group_size=16)), True),
+                    (lambda: tq.MinifloatQuantizer("fp8_e4m3", tq.BatchMinMax(axis=0)), False)):  # fmt: skip
+        net = nn.Sequential(tq.QOp(nn.Identity(), tq.AffineQuantizer(8, tq.RunningMinMax())),
+                            tq.QWrapper(nn.Linear(32, 8), weight_quantizer=wq()))  # fmt: skip
+        tq.calibrate(net, [x], progress=False)
+        tq.set_qmodule_state(net, tq.QModuleState.QUANT_EVAL)
+        entry = tq.export.integer_params(net, x)["1.weight_quantizer"]
+        np.testing.assert_array_equal(entry["bias"], net[1].layer.bias.detach().numpy())
+        assert "int_bias" not in entry and "input_point" not in entry
+        assert entry["affine"] == act

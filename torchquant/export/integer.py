@@ -7,13 +7,15 @@ model, plain NumPy arrays and numbers::
       "layer1.0.conv1.weight_quantizer": {
           "kind": "weight", "n_bits": 8, "qmin": 0, "qmax": 255,
           "granularity": "per_channel", "axis": 0, "group_size": None,
-          "scale": float32 (compact shape, e.g. (C_out, 1, 1, 1)),
+          "scale": float32, broadcasting against the tensor (per channel (C_out, 1, 1, 1);
+              per group, the tensor's shape: each group's scale repeated over its elements),
           "zero_point": int64 (same shape),
           "int_weight": int64 codes in [qmin, qmax], shaped as QWrapper.weight_view()
               ((out, in, ...): the layer's weight, transposed for Hugging Face's Conv1D;
               with BatchNorm folded in for a ``fold_bn=True`` wrapper),
           "bias": float32 (C_out,) or absent,
-          "input_point": name of the per-tensor quantization point feeding the layer, or absent,
+          "input_point": name of the per-tensor quantization point feeding the layer (its own
+              input_quantizer if it has one), or absent; absent for per-group weights,
           "int_bias": int64 (C_out,): round(bias / (input_scale * weight_scale)), or absent,
           "bias_scale": float64 (C_out,): input_scale * weight_scale, or absent,
       },
@@ -136,6 +138,9 @@ def integer_params(
                     who = f"integer_params: quantizer {p.name!r} ({type(p.quantizer).__name__})"
                     with torch.no_grad():
                         entry["codes"] = to_numpy(levels.codes(_weight(weight_of[p.name]), who), np.int64)
+            bias = _bias(weight_of[p.name]) if kind == "weight" else None
+            if bias is not None:
+                entry["bias"] = to_numpy(bias, np.float32)
             out[p.name] = entry
             continue
         g = grid.granularity
@@ -166,12 +171,21 @@ def integer_params(
                 if bias is not None and not wrapper.fold_bn:
                     entry["bias"] = to_numpy(bias, np.float32)
                     feeder = feeders.get(p.owner)
-                    if feeder is not None:  # once every point is done: the feeder may come later in module order
+                    # per group, no single accumulator scale per output channel: no int_bias
+                    if feeder is not None and g.group_size is None:  # once every point is done (module order)
                         biased.append((p.name, bias, grid.scale, feeder, who))
         out[p.name] = entry
     for name, bias, w_scale, feeder, who in biased:
         out[name].update(_int_bias(bias, w_scale, feeder, out, name, who))
     return out
+
+
+def _bias(owner: QWrapper | tuple[Tensor, Tensor | None]) -> Tensor | None:
+    """The float bias of a weight point's layer (none with ``fold_bn=True``: the BatchNorm's shift makes it)."""
+    if isinstance(owner, tuple):
+        return owner[1]
+    bias = getattr(owner.layer, "bias", None)
+    return bias if isinstance(bias, Tensor) and not owner.fold_bn else None
 
 
 def _weight(owner: QWrapper | tuple[Tensor, Tensor | None]) -> Tensor:
@@ -235,7 +249,11 @@ def _find_input_points(model, points, example_inputs, who: str) -> dict[str, str
 
         hooks.append(p.quantizer.register_forward_hook(out_hook))
     owners = {p.owner: p.module for p in points if isinstance(p.module, QWrapper)}
+    # A layer with an input quantizer of its own (transformer-style W8A8) reads that quantizer's codes.
+    own = {p.owner: p for p in points if isinstance(p.module, QWrapper) and p.attr == "input_quantizer"}
     for owner, m in owners.items():
+        if owner in own:
+            continue
 
         def pre_hook(mod, args, owner=owner):
             hit = produced.get(id(args[0])) if args else None
@@ -261,7 +279,12 @@ def _find_input_points(model, points, example_inputs, who: str) -> dict[str, str
             UserWarning,
             stacklevel=3,
         )
-    return {o: f[0] for o, f in feeders.items() if len(set(f)) == 1 and f[0] is not None}
+    found = {o: f[0] for o, f in feeders.items() if len(set(f)) == 1 and f[0] is not None}
+    for owner, p in own.items():
+        grid = p.quantizer.grid()
+        if grid is not None and grid.granularity.axis is None:  # per tensor; a per-token dynamic one has no scale
+            found[owner] = p.name
+    return found
 
 
 _META = (
