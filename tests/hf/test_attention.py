@@ -354,3 +354,23 @@ def test_torch_compile_fullgraph_matches_eager():
     with torch.no_grad():
         compiled = torch.compile(model, backend="eager", fullgraph=True)
         assert torch.equal(compiled(**inputs).logits, model(**inputs).logits)
+
+
+def test_gemma2_softcapped_scores_are_capped_in_the_eager_computation():
+    # Gemma 2 passes `softcap` to its attention: with the probabilities observed or quantized, attention runs
+    # torchquant's eager computation, which caps the scores as the model's own eager attention does.
+    from hf_tiny import VOCAB, gemma2_config
+
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(gemma2_config(attn_logit_softcapping=5.0)).eval()
+    model.set_attn_implementation("eager")
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    quantize_attention(model, probs=lambda m, n: tq.DynamicAffineQuantizer(8))
+    with torch.no_grad():
+        with tq.qmodule_state(model, S.CALIBRATION):
+            assert torch.equal(model(input_ids=ids).logits, ref)
+        tq.set_qmodule_state(model, S.QUANT_EVAL)
+        quantized = model(input_ids=ids).logits
+    assert sqnr_db(ref, quantized) > SQNR_8BIT_DB

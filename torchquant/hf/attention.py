@@ -55,7 +55,7 @@ ATTN_IMPLEMENTATION = "torchquant"
 
 BASE_IMPLEMENTATIONS = ("sdpa", "eager")
 _ROLES = ("query", "key", "value", "probs")
-_EAGER_UNSUPPORTED = ("softcap", "s_aux", "sinks", "position_bias")
+_EAGER_UNSUPPORTED = ("s_aux", "sinks", "position_bias")
 
 
 def _transformers():
@@ -99,12 +99,16 @@ def _eager(
     scaling: float | None,
     dropout: float,
     probs: Callable[[Tensor], Tensor],
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Eager attention as transformers writes it (softmax in float32), with ``probs`` applied to the probabilities."""
+    """Eager attention as transformers writes it (softmax in float32), with ``probs`` applied to the probabilities;
+    ``softcap`` caps the scores at ``softcap * tanh(scores / softcap)`` before the mask (Gemma 2)."""
     n_rep = query.shape[1] // key.shape[1]
     key, value = _repeat_heads(key, n_rep), _repeat_heads(value, n_rep)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, Tq, Tk)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = scores + mask
     p = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
@@ -148,7 +152,9 @@ def _eager_with_kwargs(module, query, key, value, mask, kwargs, probs) -> tuple[
             f"torchquant attention: {type(module).__name__} passes {bad}, which the eager computation of "
             "QAttention (used to quantize attention probabilities) does not implement"
         )
-    return _eager(module, query, key, value, mask, kwargs.get("scaling"), kwargs.get("dropout", 0.0), probs)
+    return _eager(
+        module, query, key, value, mask, kwargs.get("scaling"), kwargs.get("dropout", 0.0), probs, kwargs.get("softcap")
+    )
 
 
 # ----------------------------------------------------------------------------- QAttention
