@@ -976,8 +976,10 @@ def _float_grid_nodes(
         nodes.extend(_reduce_max(f"{base}/block_abs", amax, base, new_inits, opset))  # (..., n / b, 1)
         scale = _e8m0_nodes(amax, fmt.emax, base, nodes, new_inits)
         inverse = None if perm is None else [perm.index(i) for i in range(rank)]
-        if native:
-            elem_type, factor, _ = typed  # type: ignore[misc]
+        attrs = {"axis": axis, "block_size": g.group_size}
+
+        def compact_scale(factor: float) -> str:
+            """The block scales in the tensor's layout (``(..., n / b)`` along ``axis``), times ``factor``."""
             compact = f"{base}/scale_blocks"
             squeeze_axes = _const(f"{base}/last_axis", [-1], np.int64, new_inits)
             nodes.append(helper.make_node("Squeeze", [scale, squeeze_axes], [compact], f"{base}/squeeze"))
@@ -989,8 +991,11 @@ def _float_grid_nodes(
                 nodes.append(helper.make_node("Mul", [compact, init("factor", torch.tensor(factor))],
                                               [f"{base}/scale"], f"{base}/factor"))  # fmt: skip
                 compact = f"{base}/scale"
-            attrs = {"axis": axis, "block_size": g.group_size}
-            return nodes + _qdq_nodes(x, y, compact, elem_type, attrs, base, new_inits, opset)
+            return compact
+
+        if native:
+            elem_type, factor, _ = typed  # type: ignore[misc]
+            return nodes + _qdq_nodes(x, y, compact_scale(factor), elem_type, attrs, base, new_inits, opset)
         v = f"{base}/v"
         nodes.append(helper.make_node("Div", [blocks, scale], [v], f"{base}/div"))
         r = _round_nodes(v, fmt, base, nodes, new_inits)
@@ -1008,17 +1013,7 @@ def _float_grid_nodes(
         if inverse is not None:
             nodes.append(helper.make_node("Transpose", [out], [values], f"{base}/untranspose", perm=inverse))
         if as_int is not None:
-            compact = f"{base}/scale_blocks"
-            squeeze_axes = _const(f"{base}/last_axis", [-1], np.int64, new_inits)
-            nodes.append(helper.make_node("Squeeze", [scale, squeeze_axes], [compact], f"{base}/squeeze"))
-            if inverse is not None:
-                nodes.append(helper.make_node("Transpose", [compact], [f"{base}/scale_t"], f"{base}/scale_t",
-                                              perm=inverse))  # fmt: skip
-                compact = f"{base}/scale_t"
-            nodes.append(helper.make_node("Mul", [compact, init("unit", torch.tensor(fmt.unit))],
-                                          [f"{base}/scale"], f"{base}/unit"))  # fmt: skip
-            attrs = {"axis": axis, "block_size": g.group_size}
-            nodes += _qdq_nodes(values, y, f"{base}/scale", as_int, attrs, base, new_inits, opset)
+            nodes += _qdq_nodes(values, y, compact_scale(fmt.unit), as_int, attrs, base, new_inits, opset)
         return nodes
     (scale,), attrs = _layout([rec.scales.detach().float()], g, _act_shape(rec.scales, g, rank))
     if native:
