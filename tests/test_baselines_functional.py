@@ -112,6 +112,14 @@ def test_minifloat_generic_format_with_custom_bias():
     assert torch.equal(fmt_round(x, fmt), torch.tensor([nearest_even(v, table) for v in x.tolist()]))
 
 
+def test_minifloat_e8m7_is_bfloat16():
+    # the widest exponent float32 simulates: subnormals, the largest finite value and ties
+    fmt = MinifloatFormat(8, 7, special="ieee")
+    x = torch.cat([torch.randn(4096) * 10.0 ** torch.randint(-40, 39, (4096,)), torch.tensor([3.3e38, 1e-40])])
+    x = x[x.isfinite() & (x.abs() <= fmt.max_value)]
+    assert torch.equal(fmt_round(x, fmt), x.bfloat16().float())
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -120,8 +128,22 @@ def test_minifloat_generic_format_with_custom_bias():
         dict(exp_bits=1, man_bits=2, special="ieee"),
         dict(exp_bits=4, man_bits=0, special="nan_only"),
         dict(exp_bits=4, man_bits=3, special="fnuz"),
+        dict(exp_bits=8, man_bits=3),
+        dict(exp_bits=8, man_bits=1, special="nan_only"),
+        dict(exp_bits=5, man_bits=2, bias=200),
+        dict(exp_bits=4, man_bits=3, bias=2.5),
     ],
-    ids=["no-exponent", "negative-mantissa", "ieee-1-bit-exponent", "nan-only-no-mantissa", "unknown-special"],
+    ids=[
+        "no-exponent",
+        "negative-mantissa",
+        "ieee-1-bit-exponent",
+        "nan-only-no-mantissa",
+        "unknown-special",
+        "above-float32",
+        "nan-only-above-float32",
+        "below-float32",
+        "float-bias",
+    ],
 )
 def test_bad_formats_raise(kwargs):
     with pytest.raises(ValueError, match="MinifloatFormat"):

@@ -58,6 +58,16 @@ class MinifloatFormat:
             raise ValueError("MinifloatFormat: special='nan_only' needs man_bits >= 1")
         if self.bias is None:
             object.__setattr__(self, "bias", 2 ** (self.exp_bits - 1) - 1)
+        if isinstance(self.bias, bool) or not isinstance(self.bias, int):
+            raise ValueError(f"MinifloatFormat: bias must be an int, got {self.bias!r}")
+        # The simulation computes in float32: every value of the format must be one.
+        f32 = torch.finfo(torch.float32)
+        if self.max_value > f32.max or self.unit < f32.smallest_normal * f32.eps:
+            raise ValueError(
+                f"MinifloatFormat: {self.name} with bias {self.bias} and special={self.special!r} spans "
+                f"[{self.unit:.3g}, {self.max_value:.3g}], outside float32's [1.4e-45, 3.4e+38], in which it is "
+                "simulated; use special='ieee' for an 8-bit exponent, or another bias"
+            )
 
     @property
     def name(self) -> str:
