@@ -9,7 +9,15 @@ import torchquant as tq
 
 transformers = pytest.importorskip("transformers")
 
-from hf_tiny import bert_config, gpt2_config, llama_config, vit_config, whisper_config  # noqa: E402
+from hf_tiny import (  # noqa: E402
+    bert_config,
+    gemma2_config,
+    gpt2_config,
+    llama_config,
+    mistral_config,
+    vit_config,
+    whisper_config,
+)
 from transformers import AttentionInterface  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
@@ -253,7 +261,9 @@ _PROMPT = {}
 def _kivi_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention of a whole sequence without a cache, each query row seeing the keys and values as a
     quantized cache held them when that row was computed: the prompt's rows at prefill (P tokens),
-    row i >= P at decoding step i (i + 1 tokens). Batch of one, no padding."""
+    row i >= P at decoding step i (i + 1 tokens). Batch of one, no padding; a sliding window and
+    Gemma 2's score cap are applied as the model asks."""
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
     qa = module.attn_quantizer
     n_rep = query.shape[1] // key.shape[1]
     rows = []
@@ -262,6 +272,10 @@ def _kivi_reference(module, query, key, value, attention_mask, scaling=None, dro
         k = qa.key_quantizer(key[:, :, :t])[:, :, : i + 1].repeat_interleave(n_rep, dim=1)
         v = qa.value_quantizer(value[:, :, :t])[:, :, : i + 1].repeat_interleave(n_rep, dim=1)
         scores = query[:, :, i : i + 1] @ k.transpose(2, 3) * scaling
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if window is not None:
+            scores[..., : max(i + 1 - window, 0)] = float("-inf")
         rows.append(torch.softmax(scores, dim=-1) @ v)  # (B, H, 1, D)
     return torch.cat(rows, dim=2).transpose(1, 2).contiguous(), None
 
@@ -319,6 +333,39 @@ def test_generate_with_per_token_cache_matches_one_forward_pass(kind):
         )
         ref = model(out.sequences[:, :-1]).logits[0, prompt.shape[1] - 1 :]
     torch.testing.assert_close(torch.cat(out.logits), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", [mistral_config, gemma2_config], ids=["mistral", "gemma2"])
+def test_generate_on_sliding_window_layers_refuses_a_cropped_cache_and_matches_with_a_whole_one(family):
+    # A sliding-window layer's default cache keeps its last window - 1 tokens: KIVI's key groups
+    # would form over the window and move with it. With a cache that keeps every token (the mask
+    # still applies the window), generate() gives what a quantized cache would.
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(family(sliding_window=6, initializer_range=0.2)).eval()
+    quantize_attention(
+        model,
+        key=lambda m, n: kv_quantizers(4, group_size=4)[0],
+        value=lambda m, n: kv_quantizers(4, group_size=4)[1],
+    )
+    tq.set_qmodule_state(model, S.QUANT_EVAL)
+    prompt = torch.randint(3, 100, (1, 5))
+    gen = {"max_new_tokens": 10, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"layers\.0\.self_attn\.attn_quantizer\.key_quantizer"):
+        model.generate(prompt, **gen)
+    with torch.no_grad():
+        out = model.generate(prompt, cache=transformers.DynamicCache(), **gen)
+    _PROMPT["length"] = prompt.shape[1]
+    for _, m in attention_modules(model):
+        m.config._attn_implementation_internal = "tq_test_kivi_reference"
+    with torch.no_grad():
+        ref = model(out.sequences[:, :-1]).logits[0, prompt.shape[1] - 1 :]
+    torch.testing.assert_close(torch.cat(out.logits), ref, rtol=1e-4, atol=1e-4)
+    # per-token ranges do not depend on which tokens the cache kept: no refusal
+    model = transformers.AutoModelForCausalLM.from_config(family(sliding_window=6)).eval()
+    quantize_attention(model, key=per_token(4), value=per_token(4))
+    tq.set_qmodule_state(model, S.QUANT_EVAL)
+    with torch.no_grad():
+        assert model.generate(prompt, max_new_tokens=10, do_sample=False).shape == (1, 15)
 
 
 def test_kivi_quantizers_layout():

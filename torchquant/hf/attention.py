@@ -22,6 +22,9 @@ there every query sees the groups complete at the end, while in ``generate()`` a
 saw the keys as they were at its own step (its group's newest tokens still in the float
 residual), and the later layers' keys and values inherit the difference. A reference for
 ``generate()`` quantizes, for each query, the cache as it was at that query's step.
+A sliding-window layer's default cache keeps its last ``sliding_window - 1`` tokens only;
+where a key or value quantizer ranges over tokens, :class:`QAttention` refuses it once
+it has dropped one (give ``generate()`` ``cache=transformers.DynamicCache()``).
 
 ``transformers`` is imported on first use (``pip install torchquant[hf]``).
 """
@@ -262,6 +265,8 @@ class QAttention(QModule):
         """
         if self.head_rotation is not None:  # (B, H, T, D): rotates D; cancels in q k^T
             query, key = self.head_rotation(query), self.head_rotation(key)
+        if kwargs.get("sliding_window") is not None and self.qstate.is_act_quantized:
+            self._check_whole_cache(key, kwargs.get("position_ids"))
         query = self._quantize(self.query_quantizer, query)
         key = self._quantize(self.key_quantizer, key)
         value = self._quantize(self.value_quantizer, value)
@@ -275,6 +280,29 @@ class QAttention(QModule):
             module, query, key, value, mask, kwargs, lambda p: self._quantize(self.probs_quantizer, p)
         )
 
+    def _check_whole_cache(self, key: Tensor, position_ids: Any) -> None:
+        """Refuse a sliding-window layer's cropped cache where a key or value quantizer ranges over tokens.
+
+        Such a cache keeps its last ``sliding_window - 1`` tokens only, so token groups
+        would form over the window and move with it, where a quantized cache fixes each
+        group when it completes; the logits would silently differ from the full forward pass.
+        """
+        spanning = [q for q in (self.key_quantizer, self.value_quantizer) if q is not None and _spans_tokens(q)]
+        if not spanning or not isinstance(position_ids, Tensor) or position_ids.numel() == 0:
+            return
+        seen = int(position_ids.max()) + 1  # a row without padding: the tokens seen so far
+        kept = key.shape[-2]
+        if kept < seen:
+            q = spanning[0]
+            raise RuntimeError(
+                f"{getattr(q, '_tq_name', type(q).__name__)} ({q.extra_repr()}) takes its ranges over several "
+                f"tokens, but this sliding-window layer's KV cache kept only its last {kept} of {seen} tokens: its "
+                "groups would form over the window and move with it, unlike those of a quantized cache. Give "
+                "generate() a cache that keeps every token, built without the model's config: "
+                "cache=transformers.DynamicCache() (past_key_values= in older transformers); the attention mask "
+                "still applies the window"
+            )
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         if "head_rotation" not in self._modules:  # pickled before QAttention had one
@@ -282,6 +310,18 @@ class QAttention(QModule):
 
     def extra_repr(self) -> str:
         return f"implementation={self.implementation}, qstate={self.qstate.name}"
+
+
+def _spans_tokens(q: Quantizer) -> bool:
+    """Whether a dynamic quantizer of ``(B, H, T, D)`` keys or values takes a range over several tokens
+    (per tensor, per channel, groups of tokens); one of fixed ranges, or per token, does not."""
+    if isinstance(q, ResidualGroupQuantizer):
+        return q.granularity.axis in (-2, 2)
+    if not isinstance(q, DynamicAffineQuantizer) or q.per_token:
+        return False
+    axis, group = q.granularity.axis, q.granularity.group_size
+    per_token = (axis in (-2, 2) and group is None) or (axis in (-1, 3) and group is not None)
+    return not per_token
 
 
 def torchquant_attention_forward(
