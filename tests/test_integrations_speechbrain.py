@@ -291,6 +291,16 @@ def test_recipe_checks():
         sd.SpeechDigitsRecipe(train_variants=("m1",), test_variants=("m1",))
     with pytest.raises(ValueError, match="takes < 1"):
         sd.SpeechDigitsRecipe(takes=0)
+    for bad, match in [
+        (dict(speed=(200, 120)), "speed must be a"),
+        (dict(pitch=(75, 25)), "pitch must be a"),
+        (dict(pitch=(25, 120)), r"pitch must lie in \[0, 99\]"),
+        (dict(snr_db=(30.0,)), "snr_db must be a"),
+        (dict(seconds=0.0), "seconds must be positive"),
+        (dict(speed=(0, 100)), "speed must be positive"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            sd.SpeechDigitsRecipe(**bad)
     assert TINY.key() != sd.SpeechDigitsRecipe().key() and len(TINY.key()) == 16
 
 

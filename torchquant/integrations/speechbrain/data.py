@@ -74,6 +74,19 @@ class SpeechDigitsRecipe:
             raise ValueError(f"SpeechDigitsRecipe: train_variants and test_variants share {sorted(shared)}")
         if self.takes < 1 or not self.words or not self.accents or not self.train_variants or not self.test_variants:
             raise ValueError(f"SpeechDigitsRecipe: empty words/accents/variants or takes < 1 in {self}")
+        for name in ("speed", "pitch", "snr_db"):
+            v = getattr(self, name)
+            if len(v) != 2 or not v[0] <= v[1]:
+                raise ValueError(f"SpeechDigitsRecipe: {name} must be a (low, high) pair with low <= high, got {v!r}")
+        if not (self.pitch[0] >= 0 and self.pitch[1] <= 99):  # espeak-ng's pitch scale
+            raise ValueError(f"SpeechDigitsRecipe: pitch must lie in [0, 99], got {self.pitch!r}")
+        if not self.speed[0] > 0:
+            raise ValueError(f"SpeechDigitsRecipe: speed must be positive words per minute, got {self.speed!r}")
+        if not (self.sample_rate > 0 and self.seconds > 0):
+            raise ValueError(
+                f"SpeechDigitsRecipe: sample_rate and seconds must be positive, got {self.sample_rate!r} and "
+                f"{self.seconds!r}"
+            )
 
     def key(self) -> str:
         """A 16-hex-digit hash of the recipe (the cache folder's name)."""
