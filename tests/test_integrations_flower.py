@@ -32,6 +32,15 @@ def test_pack_bits_rejects_codes_that_do_not_fit():
         flower.pack_bits(torch.tensor([0]), 0)
 
 
+def test_unpack_bits_takes_exactly_the_bytes_pack_bits_makes():
+    codes = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="40 bytes, where n=40 codes of 4 bits take 20"):
+        flower.unpack_bits(flower.pack_bits(codes, 8), 4, 40)  # int8 codes read as int4
+    arrays = flower.encode_update({"w": torch.randn(4, 10)}, "int8")
+    with pytest.raises(ValueError, match="update 'w' do not fit"):
+        flower.decode_update(arrays, {"w": (4, 10)}, "int4")
+
+
 def _step(x: torch.Tensor, bits: int, group: int | None, symmetric: bool) -> torch.Tensor:
     """The grid step of every element of ``x`` viewed as (rows, cols), by hand: one range per row or group."""
     m = x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)
@@ -163,6 +172,12 @@ def test_update_spec_errors_name_the_spec():
         flower.FederatedConfig(rounding="up")
     with pytest.raises(ValueError, match="local_epochs must be a positive int, got 0"):
         flower.FederatedConfig(local_epochs=0)
+    with pytest.raises(ValueError, match="'int32': codes of 32 bits"):
+        flower.FederatedConfig(update="int32")
+    with pytest.raises(ValueError, match=r"'mse'.*MSEObserver.*use batch_minmax"):
+        flower.FederatedConfig(update={"quantizer": "affine", "observer": "mse", "args": {"n_bits": 8}})
+    with pytest.raises(ValueError, match=r"'pact'.*PACTQuantizer's grid misses values of \[-1, 1\]"):
+        flower.FederatedConfig(update={"quantizer": "pact", "args": {"n_bits": 8}})  # unsigned: drops negatives
 
 
 def test_payload_bytes_is_the_sum_of_array_nbytes():
@@ -423,6 +438,117 @@ def test_client_app_needs_partition_config():
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(KeyError, match="partition-id"), flower._server_task(1, 30):
         app(grid, ctx)
+
+
+def test_server_refuses_updates_in_another_format_than_it_decodes():
+    from flwr.app import Context, RecordDict
+
+    server = flower.server_app(model_fn, flower.FederatedConfig(update="int4"), num_rounds=1)
+    grid = flower.InProcessGrid(flower.client_app(model_fn, data_fn, flower.FederatedConfig(update="int8")), 2)
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    with (
+        pytest.raises(ValueError, match=r"node 1001 sent its update as .*\"n_bits\": 8.*this server decodes .*4"),
+        flower._server_task(1, 30),
+    ):
+        server(grid, ctx)
+
+
+def test_too_few_clients_for_min_nodes_fail_at_once():
+    config = flower.FederatedConfig()
+    with pytest.raises(ValueError, match=r"min_nodes=2 nodes .* has 1"):
+        flower.run_federation(
+            flower.server_app(model_fn, config, num_rounds=1), flower.client_app(model_fn, data_fn, config), 1
+        )
+
+
+def test_a_client_without_data_is_left_out_of_the_merges_and_the_callers_rng_is_kept():
+    def with_empty(partition, partitions):
+        return ([], []) if partition == 2 else data_fn(partition, partitions)
+
+    config = flower.FederatedConfig(update="int8")
+    torch.manual_seed(0)
+    strategy = flower.QuantizedFedAvg(model_fn(), config, min_available_nodes=3)
+    initial = {k: v.clone() for k, v in strategy.model.state_dict().items()}
+    with flower._server_task(1, 30):
+        assert strategy.calibrate(flower.InProcessGrid(flower.client_app(model_fn, with_empty, config), 3))
+    states, steps = [], []
+    for p in (0, 1):  # what the two clients with data calibrate
+        m = model_fn()
+        m.load_state_dict(initial)
+        flower._calibrate(m, data_fn(p, 3)[0], config.calibration_batches)
+        states.append(flower.observer_state(m))
+        steps.append(m.state_dict()["2.weight_quantizer.step"])
+    expected = model_fn()
+    expected.load_state_dict(initial)
+    flower.merge_observer_states(expected, states)
+    for (name, got), (_, want) in zip(observers(strategy.model), observers(expected)):
+        assert torch.equal(got.min_val, want.min_val) and torch.equal(got.max_val, want.max_val), name
+    torch.testing.assert_close(strategy.model.state_dict()["2.weight_quantizer.step"], (steps[0] + steps[1]) / 2)
+
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    fed = flower.run_federation(
+        flower.server_app(model_fn, config, num_rounds=1), flower.client_app(model_fn, with_empty, config), 3
+    )
+    assert torch.equal(torch.rand(3), expected_draw)  # the apps seed their own random state
+    assert len(flower.history(fed)["bytes-up"]) == 1
+
+
+def test_tied_weights_travel_once_and_weight_ranges_fit_the_averaged_weights():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(N_FEATURES, N_FEATURES)
+            self.b = nn.Linear(N_FEATURES, N_FEATURES)
+            self.b.weight = self.a.weight
+            self.out = nn.Linear(N_FEATURES, N_CLASSES)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    def tied_fn():
+        torch.manual_seed(0)
+        w = lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0), symmetric=True)  # noqa: E731
+        return tq.quantize_model(Tied(), w, lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax()), method="swap")
+
+    config = flower.FederatedConfig(update="int8")
+    server = flower.server_app(tied_fn, config, num_rounds=2)
+    grid = RecordingGrid(flower.client_app(tied_fn, data_fn, config), 2)
+    from flwr.app import Context, RecordDict
+
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    with flower._server_task(1, 30):
+        server(grid, ctx)
+    train = [m for m in grid.replies if m.metadata.message_type == "train"]
+    keys = set(train[0].content["arrays"].keys())
+    assert "delta/a.layer.weight/codes" in keys and not any(k.startswith("delta/b.layer.weight") for k in keys)
+    final = tied_fn()
+    final.load_state_dict({k: torch.from_numpy(a.numpy()) for k, a in ctx.state["torchquant.global"].items()})
+    start = tied_fn()
+    assert not torch.equal(final.a.layer.weight, start.a.layer.weight)
+    for layer in (final.a, final.b, final.out):  # per-row ranges of the global weights, not the clients' union
+        obs = layer.weight_quantizer.range_observer
+        w = layer.layer.weight.detach()
+        assert torch.equal(obs.min_val.flatten(), w.amin(1)) and torch.equal(obs.max_val.flatten(), w.amax(1))
+
+
+def test_a_stock_strategy_is_refused_by_the_client():
+    from flwr.serverapp import ServerApp
+    from flwr.serverapp.strategy import FedAvg
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context):
+        model = model_fn()
+        tq.calibrate(model, [x for x, _ in data_fn(0, 3)[0]], progress=False)
+        FedAvg(min_available_nodes=2, min_train_nodes=2, fraction_evaluate=0.0).start(
+            grid, initial_arrays=flower._record(model.state_dict()), num_rounds=2
+        )
+
+    with pytest.raises(ValueError, match="must aggregate them with QuantizedFedAvg"):
+        flower.run_federation(app, flower.client_app(model_fn, data_fn, flower.FederatedConfig()), num_clients=2)
 
 
 # ------------------------------------------------------- Flower's deployment engine

@@ -15,8 +15,9 @@ client trains a torchquant-quantized model and sends its update compressed:
   as FedAvg averages weights, so learned quantizer parameters (LSQ steps, PACT clips)
   are averaged like weights. Range observers are merged with the rule of
   :func:`torchquant.distributed.sync_observers` (:func:`torchquant.distributed.merge_ranges`:
-  minimum of the minima, maximum of the maxima); every client loads the merged state at
-  the start of the next round, so all clients quantize on the same grid.
+  minimum of the minima, maximum of the maxima), then weight observers observe the
+  averaged weights; every client loads the merged state at the start of the next round,
+  so all clients quantize on the same grid.
 * Before the first round the server runs a calibration round (message type
   ``"train.calibrate"``): every client calibrates on its own data, and the merged ranges
   and averaged initial learned parameters start QAT from one shared grid.
@@ -58,6 +59,8 @@ Example:
 from __future__ import annotations
 
 import copy
+import itertools
+import json
 import logging
 import math
 import re
@@ -92,11 +95,13 @@ except ImportError:  # pragma: no cover - older flwr has none
 
 from ..distributed import merge_ranges, observers
 from ..granularity import Granularity
+from ..moe import QExperts
 from ..ptq import calibrate
-from ..qmodules import QModuleState, iter_qmodules
+from ..ptq._common import reobserve_weights
+from ..qmodules import QModuleState, QWrapper, iter_qmodules
 from ..quantizers import AffineGrid
 from ..range_observers import HistogramRangeObserver
-from ..spec import QuantizerSpec, SpecError
+from ..spec import QuantizerSpec
 from ..utils import set_qmodule_state
 
 __all__ = [
@@ -199,10 +204,13 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
     """Inverse of :func:`pack_bits`: the first ``n`` codes, ``int64`` of shape ``(n,)``.
 
     Raises:
-        ValueError: ``packed`` holds fewer than ``n`` codes of ``bits`` bits.
+        ValueError: ``packed`` is not the ``ceil(n * bits / 8)`` bytes :func:`pack_bits` makes of ``n``
+            codes of ``bits`` bits (codes packed at another width, for one).
     """
-    if packed.numel() * 8 < n * bits:
-        raise ValueError(f"{_WHO}.unpack_bits: {packed.numel()} bytes hold fewer than n={n} codes of {bits} bits")
+    if packed.numel() != -(-n * bits // 8):
+        raise ValueError(
+            f"{_WHO}.unpack_bits: {packed.numel()} bytes, where n={n} codes of {bits} bits take {-(-n * bits // 8)}"
+        )
     p = packed.flatten().to(torch.int64)
     if bits == 8:
         return p[:n]
@@ -263,11 +271,18 @@ def update_spec(spec: str | Mapping[str, Any] | QuantizerSpec | None) -> Quantiz
     else:
         out = QuantizerSpec.from_dict(spec, f"{_WHO}: update spec")
     width = 2 * int(out.observer_args.get("group_size") or 32)
+    probe = torch.linspace(-1.0, 1.0, 2 * width).view(2, width)
     try:
         q = out.build()
-        q.pre_observe(torch.linspace(-1.0, 1.0, 2 * width).view(2, width))
+        if isinstance(getattr(q, "range_observer", None), HistogramRangeObserver):
+            raise ValueError(
+                f"its observer is a {type(q.range_observer).__name__}, whose ranges need histograms of "
+                "several batches; each update is observed once: use batch_minmax"
+            )
+        out.build().pre_observe(torch.zeros_like(probe))  # what decode_update builds its grid on
+        q.pre_observe(probe)
         grid = q.grid()
-    except (KeyError, SpecError, ValueError, TypeError) as e:
+    except Exception as e:
         raise ValueError(f"{_WHO}: update spec {spec!r} cannot quantize (rows, columns) updates: {e}") from e
     if not isinstance(grid, AffineGrid):
         raise ValueError(
@@ -279,6 +294,34 @@ def update_spec(spec: str | Mapping[str, Any] | QuantizerSpec | None) -> Quantiz
         raise ValueError(
             f"{_WHO}: update spec {spec!r}: updates are quantized per tensor, per row or along rows, not {g}"
         )
+    if grid.n_bits > 16:
+        raise ValueError(f"{_WHO}: update spec {spec!r}: codes of {grid.n_bits} bits; updates are sent in 1 to 16")
+    with torch.no_grad():
+        rebuilt = torch.round(probe / grid.scale + grid.zero_point).clamp(grid.qmin, grid.qmax) - grid.zero_point
+        err = ((rebuilt * grid.scale - probe).abs() / grid.scale.expand_as(probe)).max()
+    if not err <= 0.5 + 1e-3:  # an update is signed: a clipped or unsigned grid would lose part of it
+        raise ValueError(
+            f"{_WHO}: update spec {spec!r}: {type(q).__name__}'s grid misses values of [-1, 1] it observed by "
+            f"{float(err):.3g} steps (a clipped or unsigned grid); updates need a grid that covers their range"
+        )
+    return out
+
+
+def _spec_key(spec: str | Mapping[str, Any] | QuantizerSpec | None) -> str:
+    """The update format in a canonical text form, sent with every update so the server decodes it as it was made."""
+    qspec = update_spec(spec)
+    return "float32" if qspec is None else json.dumps(qspec.to_dict(), sort_keys=True)
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """State-dict keys that name a tensor an earlier key names too (a tied weight), mapped to that key."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) in first:
+            out[k] = first[id(v)]
+        else:
+            first[id(v)] = k
     return out
 
 
@@ -618,7 +661,11 @@ def _calibrate(model: nn.Module, batches: Batches, num_batches: int) -> int:
             seen += len(batch[1])
             yield batch
 
-    calibrate(model, counted(), progress=False)
+    it = iter(counted())
+    first = next(it, None)
+    if first is None:  # a client without data sends no ranges (its weight in every merge is 0)
+        return 0
+    calibrate(model, itertools.chain([first], it), progress=False)
     return seen
 
 
@@ -669,9 +716,17 @@ def client_app(model_fn: ModelFn, data_fn: DataFn, config: FederatedConfig | Non
     config = config or FederatedConfig()
     app = ClientApp()
 
+    update_key = _spec_key(config.update)
+
     def load(msg: Message) -> tuple[nn.Module, dict[str, Tensor]]:
         model = _build(model_fn)
         state = _state(msg.content["arrays"])
+        sent = sorted(k for k in state if k.split("/", 1)[0] in ("delta", "observer", "init"))
+        if sent:
+            raise ValueError(
+                f"{_WHO}: the server sent {sent[0]!r} and {len(sent) - 1} more arrays of client updates instead of "
+                "a model state: it must aggregate them with QuantizedFedAvg (server_app), not a stock strategy"
+            )
         model.load_state_dict(state)
         return model, state
 
@@ -685,47 +740,50 @@ def client_app(model_fn: ModelFn, data_fn: DataFn, config: FederatedConfig | Non
         context.state["torchquant.model"] = _record(model.state_dict())
         content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()})})
         content["metrics"] = MetricRecord(metrics)
+        content["torchquant"] = ConfigRecord({"update": update_key})
         return Message(content, reply_to=msg)
 
     @app.train("calibrate")
     def calibrate(msg: Message, context: Context) -> Message:
-        partition, partitions = _partition(context)
-        seed(msg, partition)
-        model, received = load(msg)
-        train_batches, _ = data_fn(partition, partitions)
-        n = _calibrate(model, train_batches, config.calibration_batches)
-        arrays = {f"observer/{k}": v.numpy() for k, v in observer_state(model).items()}
-        obs_keys = _observer_keys(model)
-        for k, v in model.state_dict().items():  # learned parameters initialised by this calibration
-            if k not in obs_keys and k in received and received[k].numel() == 0 and v.numel() > 0:
-                arrays[f"init/{k}"] = v.detach().cpu().numpy().copy()
-        return reply(msg, context, model, arrays, {"num-examples": n})
+        with torch.random.fork_rng(devices=[]):  # the seeding below stays in this handler
+            partition, partitions = _partition(context)
+            seed(msg, partition)
+            model, received = load(msg)
+            train_batches, _ = data_fn(partition, partitions)
+            n = _calibrate(model, train_batches, config.calibration_batches)
+            arrays = {f"observer/{k}": v.numpy() for k, v in observer_state(model).items()}
+            obs_keys = _observer_keys(model)
+            for k, v in model.state_dict().items():  # learned parameters initialised by this calibration
+                if k not in obs_keys and k in received and received[k].numel() == 0 and v.numel() > 0:
+                    arrays[f"init/{k}"] = v.detach().cpu().numpy().copy()
+            return reply(msg, context, model, arrays, {"num-examples": n})
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        partition, partitions = _partition(context)
-        seed(msg, partition)
-        model, received = load(msg)
-        train_batches, _ = data_fn(partition, partitions)
-        n, loss = _train(model, train_batches, config)
-        new = model.state_dict()
-        params = {k for k, _ in model.named_parameters()}
-        obs_keys = _observer_keys(model)
-        delta = {k: new[k].detach() - received[k] for k in new if k in params}
-        other = {
-            k: new[k].detach() - received[k]
-            for k in new
-            if k not in params and k not in obs_keys and new[k].is_floating_point() and k in received
-        }
-        rnd = int(msg.content["config"].get("server-round", 0))
-        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + rnd * 1_009 + partition + 7)
-        arrays = {
-            f"delta/{k}": v
-            for k, v in encode_update(delta, config.update, rounding=config.rounding, generator=gen).items()
-        }
-        arrays.update({f"delta/{k}": v for k, v in encode_update(other, None).items()})
-        arrays.update({f"observer/{k}": v.numpy() for k, v in observer_state(model).items()})
-        return reply(msg, context, model, arrays, {"num-examples": n, "train-loss": loss})
+        with torch.random.fork_rng(devices=[]):
+            partition, partitions = _partition(context)
+            seed(msg, partition)
+            model, received = load(msg)
+            train_batches, _ = data_fn(partition, partitions)
+            n, loss = _train(model, train_batches, config)
+            new = model.state_dict()
+            params = {k for k, _ in model.named_parameters()}
+            skip = _observer_keys(model) | set(_aliases(model))  # a tied weight travels once, as a parameter
+            delta = {k: new[k].detach() - received[k] for k in new if k in params}
+            other = {
+                k: new[k].detach() - received[k]
+                for k in new
+                if k not in params and k not in skip and new[k].is_floating_point() and k in received
+            }
+            rnd = int(msg.content["config"].get("server-round", 0))
+            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + rnd * 1_009 + partition + 7)
+            arrays = {
+                f"delta/{k}": v
+                for k, v in encode_update(delta, config.update, rounding=config.rounding, generator=gen).items()
+            }
+            arrays.update({f"delta/{k}": v for k, v in encode_update(other, None).items()})
+            arrays.update({f"observer/{k}": v.numpy() for k, v in observer_state(model).items()})
+            return reply(msg, context, model, arrays, {"num-examples": n, "train-loss": loss})
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -831,6 +889,8 @@ class QuantizedFedAvg(FedAvg):
             raise RuntimeError(f"{_WHO}: calibration round failed: {errors or 'no replies'}")
         replies = _valid_replies(replies, self.weighted_by_key, "calibration")
         self.history["bytes-calibration"].append(sum(payload_bytes(m) for m in replies))
+        self._check_format(replies, "calibration")
+        replies = [m for m in replies if self._count(m) > 0]  # a client without data calibrated nothing
         weights = self._weights(replies)
         init: dict[str, Tensor] = {}
         for m, w in zip(replies, weights):
@@ -841,8 +901,23 @@ class QuantizedFedAvg(FedAvg):
             self.model.load_state_dict({**self.model.state_dict(), **init})
         return True
 
+    def _count(self, m: Message) -> float:
+        return float(next(iter(m.content.metric_records.values()))[self.weighted_by_key])
+
+    def _check_format(self, replies: Sequence[Message], stage: str) -> None:
+        """Refuse updates compressed in another format than the one this server decodes."""
+        ours = _spec_key(self.config.update)
+        for m in replies:
+            record = m.content.config_records.get("torchquant")
+            theirs = record.get("update") if record is not None else None
+            if theirs != ours:
+                raise ValueError(
+                    f"{_WHO}: {stage}: node {m.metadata.src_node_id} sent its update as {theirs or 'unstated'}, "
+                    f"but this server decodes {ours}: give the clients and the server the same FederatedConfig.update"
+                )
+
     def _weights(self, replies: Sequence[Message]) -> list[float]:
-        counts = [float(next(iter(m.content.metric_records.values()))[self.weighted_by_key]) for m in replies]
+        counts = [self._count(m) for m in replies]
         total = sum(counts)
         if total <= 0:
             raise ValueError(f"{_WHO}: replies report {counts} {self.weighted_by_key!r}; cannot weight them")
@@ -865,10 +940,12 @@ class QuantizedFedAvg(FedAvg):
         if not valid or self._global is None:
             return None, None
         self.history["bytes-up"].append(sum(payload_bytes(m) for m in valid))
+        self._check_format(valid, f"round {server_round}")
         g = self._global
         params = {k for k, _ in self.model.named_parameters()}
-        obs_keys = _observer_keys(self.model)
-        others = {k for k, v in g.items() if k not in params and k not in obs_keys and v.is_floating_point()}
+        aliases = _aliases(self.model)
+        skip = _observer_keys(self.model) | set(aliases)
+        others = {k for k, v in g.items() if k not in params and k not in skip and v.is_floating_point()}
         new = dict(g)
         for m, w in zip(valid, self._weights(valid)):
             arrays = _prefixed(m.content["arrays"], "delta/")
@@ -876,8 +953,12 @@ class QuantizedFedAvg(FedAvg):
             deltas.update(decode_update(arrays, {k: g[k].shape for k in others}, None))
             for k, d in deltas.items():
                 new[k] = new[k] + w * d.to(g[k].dtype)
+        for alias, key in aliases.items():  # load_state_dict writes a tied tensor once per name
+            new[alias] = new[key]
         self.model.load_state_dict(new)
         merge_observer_states(self.model, [self._observers(m) for m in valid])
+        # The clients' weight ranges describe their own weights; the global grid must fit the average.
+        reobserve_weights(m for _, m in iter_qmodules(self.model) if isinstance(m, (QWrapper, QExperts)))
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         return self.global_arrays(), metrics
 
@@ -920,6 +1001,15 @@ def server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if isinstance(grid, InProcessGrid) and len(grid.get_node_ids()) < min_nodes:
+            raise ValueError(  # no node will join an in-process grid: Flower would wait for ever
+                f"{_WHO}: server_app needs min_nodes={min_nodes} nodes to start a round, but the federation has "
+                f"{len(grid.get_node_ids())} (num_clients); lower min_nodes or add clients"
+            )
+        with torch.random.fork_rng(devices=[]):  # the seeding below stays in this app
+            _run_server(grid, context)
+
+    def _run_server(grid: Grid, context: Context) -> None:
         torch.manual_seed(config.seed)
         model = _build(model_fn)
         strategy = QuantizedFedAvg(
