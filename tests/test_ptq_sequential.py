@@ -218,6 +218,34 @@ def test_blocks_called_with_different_keywords_keep_their_own():
     assert gains == [1.0, 2.0, 3.0]
 
 
+class _PositionalLayer(_Layer):
+    def forward(self, h, gain):
+        return self.fc(h) * gain
+
+
+class _PerLayerPositional(nn.Module):
+    """Each block gets its own tensor by position (Gemma 3n's per-layer inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(_PositionalLayer() for _ in range(3))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x, torch.tensor(float(i + 1)))
+        return x
+
+
+def test_blocks_called_with_different_positional_arguments_keep_their_own():
+    torch.manual_seed(0)
+    net = tq.quantize_model(_PerLayerPositional(), lambda m, n: W8(), None, method="swap")
+    x = torch.randn(4, 6)
+    gains = [
+        float(b._calls[0].args[1]) for b in sequential_blocks(net, [x], mode=tq.QModuleState.BYPASSED, progress=False)
+    ]
+    assert gains == [1.0, 2.0, 3.0]
+
+
 def _reference_gptq(model, batches, layers):
     """Plain sequential GPTQ: each layer's Hessian from full-model passes after the earlier layers are quantized."""
     for w in layers:

@@ -781,9 +781,10 @@ def _same_value(a: Any, b: Any) -> bool:
 def _capture(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: list, who: str) -> list[list[_Call]]:
     """The calls of every block: block 0's in full, the others' without their hidden states.
 
-    Keyword arguments are captured for block 0 over all batches; if on the first batch
-    every block gets the very same keyword values as block 0, they are shared, else every
-    block's are captured over all batches (one full forward per batch).
+    Arguments besides the hidden states are captured for block 0 over all batches; if on
+    the first batch every block gets the very same values as block 0 (by keyword and by
+    position), they are shared, else every block's are captured over all batches (one
+    full forward per batch).
     """
     mods = [b for _, b in blocks]
     per_block: list[list[_Call]] = [[] for _ in mods]
@@ -822,6 +823,7 @@ def _capture(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: lis
         c[0].kwargs.keys() == first.kwargs.keys()
         and all(_same_value(c[0].kwargs[k], v) for k, v in first.kwargs.items())
         and len(c[0].args) == len(first.args)
+        and all(_same_value(a, b) for a, b in zip(c[0].args[1:], first.args[1:]))  # per-layer inputs by position
         for c in per_block[1:]
     )
     if shared:
