@@ -292,3 +292,45 @@ def test_a_cache_passed_positionally_is_left_out_so_reruns_agree():
         first, again = block.run(), block.run()
         assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert sorted(tq.ptq.adaround(q, ids, iters=5, progress=False))[0] == "transformer.h.0.attn.c_attn"
+
+
+def _padded_and_alone():
+    """Two sequences as one left-padded batch, and each alone (Llama's positions follow the mask)."""
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(1, VOCAB, (1, 16), generator=g), torch.randint(1, VOCAB, (1, 6), generator=g)
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 10, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :10] = 0
+    return [{"input_ids": ids, "attention_mask": mask}], [a, b]
+
+
+def test_padded_tokens_are_left_out_of_gptq_and_smoothquant_statistics(monkeypatch):
+    import sys
+
+    gptq_module = sys.modules["torchquant.ptq.gptq"]  # the package's name 'gptq' is the function
+    padded, alone = _padded_and_alone()
+    q = _llama()
+    tq.calibrate(q, padded, progress=False)
+    block = next(iter(sequential_blocks(q, padded, progress=False)))
+    rows = []
+    q_proj = block.module.self_attn.q_proj
+    block.run({q_proj: lambda m, x, i: rows.append(block.real_tokens(m, x, i).shape)})
+    assert rows == [torch.Size([22, 32])]  # 16 + 6 real tokens of 32
+
+    def hessians(batches):
+        seen = []
+
+        def spy(weight, hessian, grid, **kw):
+            seen.append(hessian.clone())
+            return gptq_quantize_weight(weight, hessian, grid, **kw)
+
+        monkeypatch.setattr(gptq_module, "gptq_quantize_weight", spy)
+        q = _llama()
+        tq.calibrate(q, batches, progress=False)
+        tq.ptq.gptq(q, batches, progress=False)
+        return seen
+
+    for got, want in zip(hessians(padded), hessians(alone)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    scales = [tq.ptq.smoothquant(_llama(), data, progress=False).max_scale for data in (padded, alone)]
+    assert scales[0] == pytest.approx(scales[1], rel=1e-6)

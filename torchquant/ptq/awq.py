@@ -260,7 +260,7 @@ def _clip_matrix(view: Tensor, q: nn.Module, X: Tensor, n_grid: int, max_shrink:
         err = ((D @ C) * D).sum(-1).t()  # (rows, G): each cell's output error
         errs.append(err.sum().expand(rows, G) if per_tensor else err)
     choice = torch.stack(errs).argmin(0)  # (rows, G)
-    r = torch.tensor(ratios, dtype=W.dtype)[choice].unsqueeze(-1)  # (rows, G, 1)
+    r = torch.tensor(ratios, dtype=W.dtype, device=W.device)[choice].unsqueeze(-1)  # (rows, G, 1)
     with torch.no_grad():
         view.copy_(torch.maximum(torch.minimum(Wg, hi * r), lo * r).reshape(rows, cols).to(view.dtype))
     return float(r.mean())
@@ -280,7 +280,7 @@ def _stats(block: Block, groups: list[list[QWrapper]], sample_tokens: int, seed:
     per_batch = max(1, -(-sample_tokens // block.num_batches))
 
     def pre(mod: QWrapper, x: Tensor, i: int) -> None:
-        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        rows = block.real_tokens(mod, x.detach(), i).reshape(-1, x.shape[-1]).float()  # padding left out
         sums[mod] = rows.abs().sum(0) + sums.get(mod, 0)
         counts[mod] = counts.get(mod, 0) + rows.shape[0]
         g = torch.Generator().manual_seed(seed * 100003 + i)

@@ -534,7 +534,7 @@ def _hessians(block: Block, group: list[QWrapper]) -> dict[QWrapper, Tensor]:
                 x = mod.input_transform(x)
             if mod.input_quantizer is not None and mod.qstate.is_act_quantized:
                 x = mod.input_quantizer(x)
-            X = _rows(mod, x).to(torch.float32)  # (n, cols)
+            X = _rows(mod, block.real_tokens(mod, x, i)).to(torch.float32)  # (n, cols), padding left out
             xtx, n = X.t() @ X, X.shape[0]
             if not own:
                 shared.clear()  # only the current tensor can be read again

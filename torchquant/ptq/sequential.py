@@ -37,7 +37,7 @@ them (:func:`fold_shared_scale`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,10 +144,20 @@ class Block:
         layers: its weighted QWrappers as ``(qualified name in the model, wrapper)``.
     """
 
-    def __init__(self, name: str, module: nn.Module, calls: list[_Call], model_call: bool, who: str, prefix: str):
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module,
+        calls: list[_Call],
+        model_call: bool,
+        who: str,
+        prefix: str,
+        masks: Sequence[Tensor | None] = (),
+    ):
         self.name = name
         self.module = module
         self._calls = calls
+        self._masks = list(masks)
         self._model_call = model_call
         self._who = who
         qms = iter_qmodules(module)
@@ -165,6 +175,21 @@ class Block:
         """The captured inputs of each batch: ``(positional, keyword)``, the hidden states first
         (a whole-model block: the batch itself), without a key/value cache."""
         return [(c.args, c.kwargs) for c in self._calls]
+
+    def real_tokens(self, layer: QWrapper, x: Tensor, i: int) -> Tensor:
+        """``layer``'s input ``x`` on batch ``i`` without its padded tokens: ``x[mask]``, ``(n, ..., C)``, where
+        the batch has an ``attention_mask`` ``(B, T)`` with zeros and ``x`` is ``(B, T, ..., C)``; else ``x``.
+
+        Statistics of the inputs (GPTQ's Hessians, AWQ's and SmoothQuant's channel magnitudes)
+        take the real tokens only: a padded position's activations are whatever the model
+        computes for a token that is ignored.
+        """
+        mask = self._masks[i] if i < len(self._masks) else None
+        if mask is None or isinstance(layer.layer, nn.modules.conv._ConvNd) or x.dim() < 3:
+            return x
+        if tuple(x.shape[:2]) != tuple(mask.shape):
+            return x
+        return x[mask.to(x.device)]
 
     def _call(self, i: int) -> Any:
         c = self._calls[i]
@@ -778,6 +803,18 @@ def _same_value(a: Any, b: Any) -> bool:
     return False
 
 
+def _padding_mask(model: nn.Module, batch: Any) -> Tensor | None:
+    """A batch's real tokens, ``(B, T)`` bool, where it is a dict whose ``attention_mask`` has the shape of its
+    ``input_ids`` and some zeros (padding), on a decoder-only model; else ``None``."""
+    if not isinstance(batch, Mapping) or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    mask, ids = batch.get("attention_mask"), batch.get("input_ids")
+    if not (isinstance(mask, Tensor) and isinstance(ids, Tensor) and mask.dim() == 2 and mask.shape == ids.shape):
+        return None
+    mask = mask.bool()
+    return None if bool(mask.all()) else mask
+
+
 def _capture(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: list, who: str) -> list[list[_Call]]:
     """The calls of every block: block 0's in full, the others' without their hidden states.
 
@@ -871,13 +908,14 @@ def sequential_blocks(
     found = find_blocks(model, blocks, who)
     for _, m in iter_qmodules(model):
         m.qstate = mode
+    masks = [_padding_mask(model, b) for b in batches]
     if not found:
-        yield Block("", model, [_Call((b,), {}) for b in batches], True, who, "")
+        yield Block("", model, [_Call((b,), {}) for b in batches], True, who, "", masks)
         return
     calls = _capture(model, found, batches, who)
     current = calls[0]
     for k, (name, block) in enumerate(progress_bar(found, len(found), who, progress)):
-        b = Block(name, block, current, False, who, f"{name}.")
+        b = Block(name, block, current, False, who, f"{name}.", masks)
         yield b
         for _, m in iter_qmodules(block):
             m.qstate = mode

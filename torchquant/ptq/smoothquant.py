@@ -163,7 +163,8 @@ def _act_absmax(block: Block, groups: list[list[QWrapper]]) -> dict[QWrapper, Te
     out: dict[QWrapper, Tensor] = {}
 
     def pre(mod: QWrapper, x: Tensor, i: int) -> None:
-        m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
+        rows = block.real_tokens(mod, x.detach(), i)  # padding left out
+        m = rows.abs().reshape(-1, x.shape[-1]).amax(0).float()
         out[mod] = m if mod not in out else torch.maximum(out[mod], m)
 
     last = groups[-1][0] if block.called_once() else None
