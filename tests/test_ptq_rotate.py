@@ -355,3 +355,25 @@ def test_weight_ranges_observed_before_quarot_are_observed_again():
     tq.set_qmodule_state(later, tq.QModuleState.QUANT_EVAL)
     with torch.no_grad():
         torch.testing.assert_close(observed(ids).logits, later(ids).logits)
+
+
+def test_awq_after_quarot_clips_down_proj_on_the_rotated_rows_it_reads(monkeypatch):
+    import sys
+
+    awq_module = sys.modules["torchquant.ptq.awq"]
+    model = tqh.quantize(_tiny(outliers=True), tqh.TorchQuantConfig(weights="int4-g16"), initial_state=False)
+    ids = _ids()
+    tq.ptq.quarot(model, [ids])
+    down = model.model.layers[0].mlp.down_proj
+    read = []
+    down.register_forward_pre_hook(lambda m, a: read.append(m.input_transform(a[0]).reshape(-1, a[0].shape[-1])))
+    with tq.qmodule_state(model, tq.QModuleState.BYPASSED), torch.no_grad():
+        model(ids)
+    scored = {}
+    search = awq_module._search_clip
+    monkeypatch.setattr(awq_module, "_search_clip", lambda w, X, *a: (scored.setdefault(w, X), search(w, X, *a))[1])
+    res = tq.ptq.awq(model, [ids], progress=False)
+    assert "transforms its input online (HadamardTransform" in res.skipped["model.layers.0.mlp.down_proj"]
+    X, R = scored[down].double(), read[0].double()  # every token sampled: the same rows, reordered
+    assert X.shape == R.shape
+    torch.testing.assert_close(X.T @ X, R.T @ R, rtol=1e-5, atol=1e-6)

@@ -280,7 +280,10 @@ def _stats(block: Block, groups: list[list[QWrapper]], sample_tokens: int, seed:
     per_batch = max(1, -(-sample_tokens // block.num_batches))
 
     def pre(mod: QWrapper, x: Tensor, i: int) -> None:
-        rows = block.real_tokens(mod, x.detach(), i).reshape(-1, x.shape[-1]).float()  # padding left out
+        x = x.detach()
+        if mod.input_transform is not None:  # the rows the layer reads (QuaRot's online Hadamard)
+            x = mod.input_transform(x)
+        rows = block.real_tokens(mod, x, i).reshape(-1, x.shape[-1]).float()  # padding left out
         sums[mod] = rows.abs().sum(0) + sums.get(mod, 0)
         counts[mod] = counts.get(mod, 0) + rows.shape[0]
         g = torch.Generator().manual_seed(seed * 100003 + i)

@@ -436,6 +436,9 @@ class Block:
             return fold
         if isinstance(member, QExperts):
             return "its input is not a normalisation's output (no module takes its inverse scale)"
+        if isinstance(member, QWrapper) and member.input_transform is not None:
+            return (f"it transforms its input online ({type(member.input_transform).__name__}, as QuaRot puts "
+                    "before down_proj): a channel scale cannot be folded through the transform")  # fmt: skip
         return "no module produces its input channels one for one"
 
     def row_module(self, members: Sequence[nn.Module]) -> tuple[nn.Module, int] | None:
