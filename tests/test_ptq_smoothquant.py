@@ -205,3 +205,23 @@ def test_a_scale_is_folded_into_a_layer_only_when_the_float_model_stays_the_same
     if n > 1:
         assert "called 3 times per forward pass" in res.skipped["layer"]
     assert change < 1e-5, change  # the float function is the same (AWQ without its clipping)
+
+
+def test_activation_ranges_observed_before_smoothquant_are_reset_with_a_warning():
+    x = _inputs()
+    q = _model()
+    tq.calibrate(q, [x], progress=False)
+    with pytest.warns(UserWarning, match=r"smoothquant: 3 activation .* gate\.acts_quantizer"):
+        smoothquant(q, [x], progress=False)
+    assert not q.gate.acts_quantizer.range_observer.initialized
+    assert q.gate.weight_quantizer.range_observer.initialized  # weights were observed again, not reset
+    tq.set_qmodule_state(q, S.QUANT_EVAL)
+    with pytest.raises(RuntimeError, match="no ranges yet"):
+        q(x)
+    fresh = _model()  # calibrating afterwards gives what smoothquant-then-calibrate gives
+    smoothquant(fresh, [x], progress=False)
+    for m in (q, fresh):
+        tq.calibrate(m, [x], progress=False)
+        tq.set_qmodule_state(m, S.QUANT_EVAL)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), fresh(x), rtol=0, atol=0)

@@ -179,6 +179,7 @@ def quantize(model: nn.Module, config: TorchQuantConfig, *, initial_state: bool 
                 m.input_quantizer = _build(spec, name, "activations").to(device)
                 if isinstance(m, QExperts):
                     m.down_input_quantizer = _build(spec, name, "activations").to(device)
+                m._name_quantizers(name)  # errors name the quantizer and its observer by qualified name
     _quantize_attention(model, config, skip)
     setattr(model, CONVERSIONS_ATTR, history)
     record_conversion(model, {"kind": "torchquant.hf", "module": __name__, "config": config.to_dict()})

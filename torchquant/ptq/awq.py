@@ -67,7 +67,14 @@ from ..moe import QExperts, expert_inputs
 from ..qmodules import QModuleState, QWrapper, _run_quantizer
 from ..spec import describe
 from ..utils import model_output
-from ._common import all_or_nothing, first_names, materialize, reobserve_weights, require_qmodules
+from ._common import (
+    all_or_nothing,
+    first_names,
+    materialize,
+    reobserve_weights,
+    require_qmodules,
+    reset_activation_ranges,
+)
 from .registry import register_ptq_algorithm
 from .sequential import Block, SharedFold, fold_expert_scale, fold_input_scale, fold_shared_scale, sequential_blocks
 
@@ -281,8 +288,9 @@ def _stats(block: Block, groups: list[list[QWrapper]], sample_tokens: int, seed:
 
     def pre(mod: QWrapper, x: Tensor, i: int) -> None:
         x = x.detach()
-        if mod.input_transform is not None:  # the rows the layer reads (QuaRot's online Hadamard)
-            x = mod.input_transform(x)
+        transform = getattr(mod, "input_transform", None)  # a row module (an MLP) has none
+        if transform is not None:  # the rows the layer reads (QuaRot's online Hadamard)
+            x = transform(x)
         rows = block.real_tokens(mod, x, i).reshape(-1, x.shape[-1]).float()  # padding left out
         sums[mod] = rows.abs().sum(0) + sums.get(mod, 0)
         counts[mod] = counts.get(mod, 0) + rows.shape[0]
@@ -627,4 +635,6 @@ def awq(
                 UserWarning,
                 stacklevel=2,
             )
+    if exponents:  # scales folded into norms and layers: the activations changed (clipping alone changes none)
+        reset_activation_ranges(model, "awq")
     return AWQResult(exponents=exponents, clip_ratios=clip_ratios, skipped=skipped)

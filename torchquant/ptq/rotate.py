@@ -74,7 +74,7 @@ from ..qmodules import HadamardTransform, QModuleState, QOp, QWrapper
 from ..quantizers import RangeQuantizer
 from ..serialize import register_conversion
 from ..utils import call_model, model_output, restoring_states
-from ._common import Snapshot, materialize, require_qmodules
+from ._common import Snapshot, materialize, require_qmodules, reset_activation_ranges
 from .registry import register_ptq_algorithm
 
 __all__ = ["QuaRotResult", "hadamard_factors", "hadamard_transform", "quarot", "random_hadamard"]
@@ -396,6 +396,7 @@ def quarot(
             "keys": list(result.keys),
         },
     )
+    reset_activation_ranges(model, "quarot")
     return QuaRotResult(**{**result.__dict__, "max_error": max_error})
 
 

@@ -176,16 +176,17 @@ class Block:
         (a whole-model block: the batch itself), without a key/value cache."""
         return [(c.args, c.kwargs) for c in self._calls]
 
-    def real_tokens(self, layer: QWrapper, x: Tensor, i: int) -> Tensor:
-        """``layer``'s input ``x`` on batch ``i`` without its padded tokens: ``x[mask]``, ``(n, ..., C)``, where
-        the batch has an ``attention_mask`` ``(B, T)`` with zeros and ``x`` is ``(B, T, ..., C)``; else ``x``.
+    def real_tokens(self, layer: nn.Module, x: Tensor, i: int) -> Tensor:
+        """``layer``'s (a QWrapper's, a row module's) input ``x`` on batch ``i`` without its padded tokens:
+        ``x[mask]``, ``(n, ..., C)``, where the batch has an ``attention_mask`` ``(B, T)`` with zeros and
+        ``x`` is ``(B, T, ..., C)``; else ``x``.
 
         Statistics of the inputs (GPTQ's Hessians, AWQ's and SmoothQuant's channel magnitudes)
         take the real tokens only: a padded position's activations are whatever the model
         computes for a token that is ignored.
         """
         mask = self._masks[i] if i < len(self._masks) else None
-        if mask is None or isinstance(layer.layer, nn.modules.conv._ConvNd) or x.dim() < 3:
+        if mask is None or isinstance(getattr(layer, "layer", layer), nn.modules.conv._ConvNd) or x.dim() < 3:
             return x
         if tuple(x.shape[:2]) != tuple(mask.shape):
             return x

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from ..moe import QExperts, expert_inputs
 from ..qmodules import QModuleState, QWrapper
-from ._common import all_or_nothing, materialize, reobserve_weights, require_qmodules
+from ._common import all_or_nothing, materialize, reobserve_weights, require_qmodules, reset_activation_ranges
 from .registry import register_ptq_algorithm
 from .sequential import Block, SharedFold, fold_expert_scale, fold_input_scale, fold_shared_scale, sequential_blocks
 
@@ -276,4 +276,6 @@ def smoothquant(
                     skipped[f"{name}.down_proj"] = "its input comes from the experts' up rows (targets='norms')"
                 else:
                     _smooth_experts(block, qe, name, float(alpha), folded, max_scale, skipped)
+    if folded:
+        reset_activation_ranges(model, "smoothquant")
     return SmoothQuantResult(folded=folded, max_scale=max_scale, skipped=skipped)
