@@ -64,6 +64,25 @@ def test_gptq_beats_round_to_nearest_on_the_same_grid(grid, act_order, symmetric
     assert err < (0.7 if act_order else 0.95) * rtn, (err, rtn)
 
 
+@pytest.mark.parametrize("act_order", [False, True], ids=["natural-order", "act-order"])
+def test_gptq_with_dead_inputs_does_not_depend_on_the_inputs_scale(act_order):
+    # Scaling the inputs by a power of two scales H exactly: the rounding must not change,
+    # whatever placeholder the dead columns get.
+    x = _inputs()
+    q = _linear_model(GRIDS["w4-per-channel"], symmetric=True)
+    w, grid = q[0].layer.weight.detach(), q[0].weight_quantizer.grid()
+    H = 2 * x.t() @ x / x.shape[0]
+    results = [gptq_quantize_weight(w, H * c, grid, act_order=act_order)[0] for c in (1.0, 2.0**-12)]
+    assert torch.equal(results[0], results[1])
+
+
+def test_a_hessian_that_is_not_positive_definite_names_the_layer():
+    q = _linear_model(GRIDS["w4-per-channel"], symmetric=True)
+    x = torch.randn(8, 1) @ torch.randn(1, IN)  # rank 1: singular H, and no damping
+    with pytest.raises(RuntimeError, match=r"gptq: 0: the Hessian is not positive definite with damp=0.0"):
+        gptq(q, [x], damp=0.0, progress=False)
+
+
 @pytest.mark.parametrize("grid", list(GRIDS))
 def test_result_lies_on_the_grid_and_quant_eval_reproduces_it(grid):
     q = _linear_model(GRIDS[grid], symmetric=False)

@@ -334,3 +334,15 @@ def test_padded_tokens_are_left_out_of_gptq_and_smoothquant_statistics(monkeypat
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     scales = [tq.ptq.smoothquant(_llama(), data, progress=False).max_scale for data in (padded, alone)]
     assert scales[0] == pytest.approx(scales[1], rel=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["smoothquant", "awq"])
+def test_layers_outside_the_stack_are_listed_as_skipped(algorithm):
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(llama_config(tie_word_embeddings=False)).eval()
+    wf = lambda mod, name: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0))  # noqa: E731
+    q = tq.quantize_model(m, wf, None, method="swap", skip=["model.embed_tokens"])
+    opts = {"clip": False} if algorithm == "awq" else {}
+    res = getattr(tq.ptq, algorithm)(q, _batches(), progress=False, **opts)
+    assert res.skipped["lm_head"].startswith("outside the blocks it processes")
+    assert not any(k.startswith("model.layers.") and "outside" in v for k, v in res.skipped.items())

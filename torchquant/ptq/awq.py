@@ -76,7 +76,16 @@ from ._common import (
     reset_activation_ranges,
 )
 from .registry import register_ptq_algorithm
-from .sequential import Block, SharedFold, fold_expert_scale, fold_input_scale, fold_shared_scale, sequential_blocks
+from .sequential import (
+    OUTSIDE_BLOCKS,
+    Block,
+    SharedFold,
+    fold_expert_scale,
+    fold_input_scale,
+    fold_shared_scale,
+    layers_outside,
+    sequential_blocks,
+)
 
 __all__ = ["AWQResult", "awq"]
 
@@ -567,7 +576,9 @@ def awq(
     with all_or_nothing(model):
         model.eval()
         mode = QModuleState.BYPASSED
+        inside: set[nn.Module] = set()
         for block in sequential_blocks(model, batches, blocks=blocks, mode=mode, who="awq", progress=progress):
+            inside.update(w for _, w in block.layers)
             layers = [w for _, w in block.layers if _awq_layer(w) and w.weight_quantizer is not None]
             groups = block.groups(layers)
             x_mean, X = _stats(block, groups, sample_tokens, seed) if groups else ({}, {})
@@ -635,6 +646,8 @@ def awq(
                 UserWarning,
                 stacklevel=2,
             )
+    for name in layers_outside(model, inside, _awq_layer):
+        skipped[name] = OUTSIDE_BLOCKS
     if exponents:  # scales folded into norms and layers: the activations changed (clipping alone changes none)
         reset_activation_ranges(model, "awq")
     return AWQResult(exponents=exponents, clip_ratios=clip_ratios, skipped=skipped)

@@ -126,6 +126,7 @@ def gptq_quantize_weight(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    name: str = "",
 ) -> tuple[Tensor, float]:
     """GPTQ on one weight matrix (the module docstring's algorithm).
 
@@ -134,9 +135,11 @@ def gptq_quantize_weight(
         hessian: ``(cols, cols)`` ``2 X^T X / n`` of the layer's inputs.
         grid: the weight's affine grid; its scale and zero point broadcast against ``weight``
             (read per column: per-tensor, per-row or per-group grids all work).
-        damp: fraction of ``mean(diag H)`` added to the diagonal.
+        damp: fraction of ``mean(diag H)`` over the live columns (``H_jj > 0``) added to the
+            diagonal; dead columns (never-nonzero inputs) get weight 0, whatever the scale of the rest.
         block_size: columns per lazy-update block.
         act_order: quantize columns in order of decreasing ``diag H``.
+        name: the layer's name, for errors.
 
     Returns:
         The quantized weight (``(rows, cols)``, on ``grid``, dtype of ``weight``) and the loss.
@@ -150,19 +153,22 @@ def gptq_quantize_weight(
     scale = grid.scale.to(torch.float32).expand(rows, cols)
     zero = grid.zero_point.to(torch.float32).expand(rows, cols)
     dead = torch.diag(H) == 0
+    # the damping's scale is the live columns' (a dead column's placeholder 1 would set it otherwise)
+    live_mean = torch.diag(H)[~dead].mean() if bool((~dead).any()) else H.new_tensor(1.0)
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H, scale, zero = W[:, perm], H[perm][:, perm], scale[:, perm], zero[:, perm]
-    H.diagonal().add_(damp * torch.diag(H).mean())
+    H.diagonal().add_(damp * live_mean)
     with _single_threaded():
         L, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)  # H^-1 = U^T U
         if int(info) != 0:
-            raise RuntimeError(f"gptq: the Hessian is not positive definite with damp={damp}; use a larger damp")
+            who = f"gptq: {name}" if name else "gptq"
+            raise RuntimeError(f"{who}: the Hessian is not positive definite with damp={damp}; use a larger damp")
         Q, loss = _round_columns(W, U, scale, zero, grid.qmin, grid.qmax, block_size)
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
@@ -346,7 +352,7 @@ def gptq(
                 for w in group:
                     wv = w.weight_view()  # (out, in, ...) view of the parameter
                     q, loss = gptq_quantize_weight(
-                        wv.reshape(wv.shape[0], -1), hessians[w], _flat(grids[w], wv.shape), **options
+                        wv.reshape(wv.shape[0], -1), hessians[w], _flat(grids[w], wv.shape), name=names[w], **options
                     )
                     with torch.no_grad():
                         wv.copy_(q.reshape(wv.shape))
@@ -490,7 +496,7 @@ def _gptq_bank(
         rows = slice(e * out, (e + 1) * out)
         sub = AffineGrid(flat.scale[rows], flat.zero_point[rows], flat.qmin, flat.qmax, flat.granularity)
         w = qe.matrix(bank, e)
-        q, losses[key] = gptq_quantize_weight(w, h, sub, **options)
+        q, losses[key] = gptq_quantize_weight(w, h, sub, name=key, **options)
         with torch.no_grad():
             w.copy_(q)
 

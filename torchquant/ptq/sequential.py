@@ -807,6 +807,21 @@ def _same_value(a: Any, b: Any) -> bool:
     return False
 
 
+OUTSIDE_BLOCKS = (
+    "outside the blocks it processes (a decoder stack's layers only); blocks='' takes the whole model as one block"
+)
+
+
+def layers_outside(model: nn.Module, inside: set[nn.Module], keep: Callable[[QWrapper], bool]) -> list[str]:
+    """The qualified names of ``model``'s QWrappers with a weight quantizer that ``keep`` accepts and that no
+    processed block held (``inside``): a quantized ``lm_head`` after a decoder stack."""
+    return [
+        n
+        for n, m in iter_qmodules(model)
+        if isinstance(m, QWrapper) and m.weight_quantizer is not None and m not in inside and keep(m)
+    ]
+
+
 def _padding_mask(model: nn.Module, batch: Any) -> Tensor | None:
     """A batch's real tokens, ``(B, T)`` bool, where it is a dict whose ``attention_mask`` has the shape of its
     ``input_ids`` and some zeros (padding), on a decoder-only model; else ``None``."""

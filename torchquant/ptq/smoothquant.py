@@ -9,8 +9,10 @@ each), a per-channel scale
 
 (the maximum over all tokens, and over the rows of every layer of the group) divides the
 input channel ``j`` and multiplies the weight column ``j``: ``X W^T = (X / s) (W s)^T``.
-``alpha`` is the migration strength: 0 leaves the activations as they are, 1 moves all of
-their range into the weights. The division is folded into the module that produces ``X``
+``alpha`` is the migration strength: 1 moves all of the activations' range into the
+weights, 0 all of the weights' range into the activations (``s_j = 1 / max|W_:j|``: the
+weight columns come out with equal ranges); 0.5, the paper's default, splits it. The
+division is folded into the module that produces ``X``
 (:meth:`~torchquant.ptq.sequential.Block.fold_target`: the normalisation's weight and
 bias, or the producing layer's rows and bias), so the float model is unchanged and the
 quantized model has no extra operation. Groups with no such module are left alone and
@@ -45,7 +47,16 @@ from ..moe import QExperts, expert_inputs
 from ..qmodules import QModuleState, QWrapper
 from ._common import all_or_nothing, materialize, reobserve_weights, require_qmodules, reset_activation_ranges
 from .registry import register_ptq_algorithm
-from .sequential import Block, SharedFold, fold_expert_scale, fold_input_scale, fold_shared_scale, sequential_blocks
+from .sequential import (
+    OUTSIDE_BLOCKS,
+    Block,
+    SharedFold,
+    fold_expert_scale,
+    fold_input_scale,
+    fold_shared_scale,
+    layers_outside,
+    sequential_blocks,
+)
 
 __all__ = ["SmoothQuantResult", "smoothing_scales", "smoothquant"]
 
@@ -231,7 +242,9 @@ def smoothquant(
     with all_or_nothing(model):
         model.eval()
         mode = QModuleState.BYPASSED
+        inside: set[nn.Module] = set()
         for block in sequential_blocks(model, batches, blocks=blocks, mode=mode, who="smoothquant", progress=progress):
+            inside.update(w for _, w in block.layers)
             plan: list[tuple[list[QWrapper], nn.Module]] = []
             groups = block.groups([w for _, w in block.layers if _smoothable(w)])
             experts, shared, joint = block.joint_folds(groups)
@@ -276,6 +289,8 @@ def smoothquant(
                     skipped[f"{name}.down_proj"] = "its input comes from the experts' up rows (targets='norms')"
                 else:
                     _smooth_experts(block, qe, name, float(alpha), folded, max_scale, skipped)
+    for name in layers_outside(model, inside, _smoothable):
+        skipped[name] = OUTSIDE_BLOCKS
     if folded:
         reset_activation_ranges(model, "smoothquant")
     return SmoothQuantResult(folded=folded, max_scale=max_scale, skipped=skipped)
