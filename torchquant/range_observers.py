@@ -668,8 +668,12 @@ class HistogramRangeObserver(RangeObserver):
         if self.abs_values:
             rows = rows.abs()
         n_ranges, n_bins = lo.shape[0], self.bins
-        width = (hi - lo).clamp_(min=torch.finfo(lo.dtype).tiny)
-        scale = (n_bins / width)[:, None]  # (R, 1)
+        # bins per unit; 0 for a range of one value (all in bin 0), where n_bins / width would be inf
+        # and 0 * inf NaN; clamped where a subnormal width would overflow it
+        width = hi - lo
+        per_unit = torch.where(width > 0, n_bins / width.clamp(min=torch.finfo(lo.dtype).tiny), 0.0)
+        per_unit = per_unit.clamp_(max=torch.finfo(lo.dtype).max)
+        scale = per_unit[:, None]  # (R, 1)
         # (x - lo) * scale >= 0, so after the clamp .long() (truncation) is floor; in-place floor_ is
         # needlessly slow on CPU in some torch builds
         idx = torch.addcmul(-lo[:, None] * scale, rows, scale).clamp_(0, n_bins - 1).long()  # (R, S)
@@ -682,7 +686,7 @@ class HistogramRangeObserver(RangeObserver):
         counts = counts.view(n_ranges, n_bins)
         zeros = (rows == 0).sum(1).to(counts.dtype)  # (R,)
         if self._skip_zeros:  # zeros landed in the bin holding 0: take them out again
-            zero_bin = ((0.0 - lo) * (n_bins / width)).clamp_(0, n_bins - 1).long()  # (R,), floor as above
+            zero_bin = ((0.0 - lo) * per_unit).clamp_(0, n_bins - 1).long()  # (R,), floor as above
             counts.scatter_add_(1, zero_bin[:, None], -zeros[:, None])
         return counts, zeros
 
