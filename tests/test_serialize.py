@@ -181,6 +181,14 @@ def test_mismatched_model_is_refused(tmp_path):
         tq.load(other, tmp_path / "m.safetensors")
 
 
+def test_a_quantizer_the_checkpoint_cannot_rebuild_is_named(tmp_path):
+    model, _ = calibrated(tq.quantize_model(Net(), lambda m, n: tq.QfmtQuantizer(8, True, tq.BatchMinMax()), a8))
+    model.get_submodule("conv.0").weight_quantizer.n_bits = 1  # set by hand below what a signed Q-format takes
+    tq.save(model, tmp_path / "m.safetensors")
+    with pytest.raises(SpecError, match=r"checkpoint: conv\.0\.weight_quantizer: .*n_bits must be in \[2, 32\], got 1"):
+        tq.load(Net(), tmp_path / "m.safetensors")
+
+
 def test_a_file_without_a_description_is_refused(tmp_path):
     from safetensors.torch import save_file
 

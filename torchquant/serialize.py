@@ -53,7 +53,7 @@ from .moe import QExperts, _bank
 from .qmodules import QModule, QModuleState, QMultiheadAttention, QWrapper, iter_qmodules
 from .quantizers import AffineGrid, AffineQuantizer, LevelGrid, Quantizer
 from .range_observers import BatchMinMax, RunningMinMax
-from .spec import QuantizerSpec, describe
+from .spec import QuantizerSpec, SpecError, describe
 
 __all__ = [
     "FORMAT",
@@ -490,8 +490,12 @@ def convert_like(model: nn.Module, desc: dict[str, Any]) -> nn.Module:
         raw = specs.get(name, by_factory.get(name, {})).get(attr)
         if raw is None:
             return None
-        q = QuantizerSpec.from_dict(raw, where=f"checkpoint: {name}.{attr}").build()
-        return q
+        where = f"checkpoint: {name}.{attr}"
+        spec = QuantizerSpec.from_dict(raw, where=where)
+        try:
+            return spec.build()
+        except ValueError as e:  # SpecError included: the argument the constructor rejected, with the module
+            raise SpecError(f"{where}: {e}") from e
 
     if not desc["conversions"]:
         raise ValueError(

@@ -182,7 +182,7 @@ def _make(registry: Registry, name: str, kwargs: dict[str, Any]) -> nn.Module:
         if rebuild is None:
             return registry.make(name, **kwargs)
         obj = rebuild(**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise SpecError(f"{registry.kind} {name!r} rejected the arguments {sorted(kwargs)}: {e}") from e
     object.__setattr__(obj, "_tq_made", (name.lower(), (), dict(kwargs)))
     return obj
@@ -254,6 +254,10 @@ def _current(obj: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
             out[key] = getattr(own["granularity"], key)
         elif key in own and (own[key] is None or isinstance(own[key], (bool, int, float, str))):
             out[key] = own[key]
+        elif isinstance(getattr(type(obj), key, None), property):  # n_bits kept behind a checked property
+            value = getattr(obj, key)
+            if value is None or isinstance(value, (bool, int, float, str)):
+                out[key] = value
     return out
 
 

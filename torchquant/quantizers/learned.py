@@ -74,6 +74,24 @@ def _int_range(n_bits: int, signed: bool) -> tuple[int, int]:
     return 0, 2**n_bits - 1
 
 
+class _IntRange:
+    """``n_bits`` as a checked attribute that keeps ``qn, qp`` (the grid ``-Q_N .. Q_P``) in step with it:
+    setting it after construction (a mixed-precision search) changes the grid; ``signed`` is set first."""
+
+    signed: bool
+    qn: int
+    qp: int
+
+    @property
+    def n_bits(self) -> int:
+        return self._n_bits
+
+    @n_bits.setter
+    def n_bits(self, n_bits: int) -> None:
+        self._n_bits = check_n_bits(n_bits, type(self).__name__, low=2 if self.signed else 1, high=16)
+        self.qn, self.qp = _int_range(self._n_bits, self.signed)
+
+
 @register_quantizer(
     "lsq",
     examples=[
@@ -82,7 +100,7 @@ def _int_range(n_bits: int, signed: bool) -> tuple[int, int]:
         Example("w4-per-group", lambda: LSQQuantizer(4, axis=-1, group_size=3), role="weight"),
     ],
 )
-class LSQQuantizer(LearnedQuantizer):
+class LSQQuantizer(_IntRange, LearnedQuantizer):
     """Learned Step Size Quantization (Esser et al. 2020, "Learned Step Size Quantization", ICLR).
 
     Forward: ``x_q = round(clamp(x / s, -Q_N, Q_P)) * s`` with the learned step
@@ -133,9 +151,8 @@ class LSQQuantizer(LearnedQuantizer):
     ) -> None:
         super().__init__(axis, group_size)
         self.signed = bool(signed)
-        self.n_bits = check_n_bits(n_bits, type(self).__name__, low=2 if self.signed else 1, high=16)
+        self.n_bits = n_bits  # checked; sets qn, qp
         self.grad_scale = bool(grad_scale)
-        self.qn, self.qp = _int_range(self.n_bits, self.signed)
 
     def init_params(self, x: Tensor) -> tuple[Tensor, ...]:
         x = x.to(compute_dtype(x))
@@ -163,7 +180,7 @@ class LSQQuantizer(LearnedQuantizer):
         Example("a4-minmax", lambda: LSQPlusQuantizer(4), role="act"),
     ],
 )
-class LSQPlusQuantizer(LearnedQuantizer):
+class LSQPlusQuantizer(_IntRange, LearnedQuantizer):
     """LSQ+ (Bhalgat et al. 2020, "LSQ+: Improving low-bit quantization through learnable offsets and better
     initialization", CVPR workshops): LSQ with a learned offset, for asymmetric activations (Swish, GELU...).
 
@@ -214,12 +231,11 @@ class LSQPlusQuantizer(LearnedQuantizer):
     ) -> None:
         super().__init__(axis, group_size)
         self.signed = bool(signed)
-        self.n_bits = check_n_bits(n_bits, type(self).__name__, low=2 if self.signed else 1, high=16)
+        self.n_bits = n_bits  # checked; sets qn, qp
         if init not in ("minmax", "std"):
             raise ValueError(f"{type(self).__name__}: init must be 'minmax' or 'std', got {init!r}")
         self.init = init
         self.grad_scale = bool(grad_scale)
-        self.qn, self.qp = _int_range(self.n_bits, self.signed)
 
     def init_params(self, x: Tensor) -> tuple[Tensor, ...]:
         x = x.to(compute_dtype(x))

@@ -215,14 +215,26 @@ class APoTQuantizer(_LevelQuantizer):
 
     def __init__(self, n_bits: int, range_observer: RangeObserver, k: int = 2, signed: bool = True) -> None:
         signed = bool(signed)
-        who = type(self).__name__
-        try:
-            codebook = apot_levels(n_bits, k, signed)
-        except ValueError as e:
-            raise ValueError(str(e).replace("apot_levels", who, 1)) from None
-        super().__init__(codebook, range_observer, signed)
-        self.n_bits = n_bits
+        super().__init__(self._codebook(n_bits, k, signed), range_observer, signed)
         self.k = k
+        self._n_bits = n_bits
+
+    def _codebook(self, n_bits: int, k: int, signed: bool) -> Tensor:
+        try:
+            return apot_levels(n_bits, k, signed)
+        except ValueError as e:
+            raise ValueError(str(e).replace("apot_levels", type(self).__name__, 1)) from None
+
+    @property
+    def n_bits(self) -> int:
+        """Bits per element; setting it rebuilds the codebook (a mixed-precision search changes it)."""
+        return self._n_bits
+
+    @n_bits.setter
+    def n_bits(self, n_bits: int) -> None:
+        codebook = self._codebook(n_bits, self.k, self.signed)
+        self.codebook = codebook.to(self.codebook.device)
+        self._n_bits = n_bits
 
     def extra_repr(self) -> str:
         return f"n_bits={self.n_bits}, k={self.k}, signed={self.signed}"
