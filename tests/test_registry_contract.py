@@ -545,6 +545,41 @@ def test_registered_contract_nonfinite_rejected_state_untouched(name, bad):
 
 
 @pytest.mark.parametrize("name", OBSERVER_NAMES)
+def test_registered_contract_ranges_of_one_value(name):
+    # a pruned channel, a dead ReLU channel, one element: the range is that value (histogram ones included)
+    o = tq.make_observer(name, axis=0)
+    x = torch.randn(4, 64)
+    x[2] = 0.0
+    x[3] = 1.5
+    o.observe_batch(x)
+    o.observe_batch(x)
+    mn, mx = o.get_ranges()
+    # (an EMA's bias correction divides by 1 - decay ** t: 1.5 up to float rounding)
+    torch.testing.assert_close(mn.flatten()[2:], torch.tensor([0.0, 1.5]))
+    torch.testing.assert_close(mx.flatten()[2:], torch.tensor([0.0, 1.5]))
+    assert (mn.flatten()[:2] < 0).all() and (mx.flatten()[:2] > 0).all()
+    one = tq.make_observer(name)
+    one.observe_batch(torch.tensor([2.5]))
+    assert one.get_ranges()[1].item() == pytest.approx(2.5, rel=1e-6)
+
+
+N_BITS_CASES = [c for c in CASES if c.kind == "quantizer" and isinstance(getattr(c.build(), "n_bits", None), int)]
+
+
+@pytest.mark.parametrize("case", params(N_BITS_CASES))
+def test_setting_n_bits_is_honoured_and_described(case):
+    """A mixed-precision search sets ``n_bits`` after construction: the grid and the description follow it."""
+    from torchquant.spec import describe
+
+    q, x = observed(case)
+    before = q(x)
+    q.n_bits = q.n_bits - 1 if q.n_bits > 2 else q.n_bits + 1
+    assert not torch.equal(q(x), before)
+    spec = describe(q)
+    assert spec.args["n_bits"] == q.n_bits and spec.build().n_bits == q.n_bits
+
+
+@pytest.mark.parametrize("name", OBSERVER_NAMES)
 @pytest.mark.parametrize(
     ("kw", "shape", "range_shape"),
     [({}, (4, 6, 5), ()), ({"axis": 1}, (4, 6, 5), (1, 6, 1)), ({"axis": 1, "group_size": 3}, (2, 6, 2), (2, 6, 2))],

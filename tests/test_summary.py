@@ -62,3 +62,18 @@ def test_swap_and_hand_built_models_report_float_layers():
         ("1", "float", "not converted"),
     ]
     assert torch.equal(q[0].layer.weight, net[0].weight)
+
+
+def test_granularity_of_per_token_and_scaled_minifloat_quantizers():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+    q = tq.quantize_model(
+        net,
+        lambda m, n: tq.MinifloatQuantizer("fp8_e4m3", tq.BatchMinMax(axis=0)),
+        lambda m, n: tq.DynamicAffineQuantizer(8, per_token=True),
+        method="swap",
+    )
+    row = next(r for r in tq.summary_rows(q) if r["name"] == "0")
+    assert row["weight_granularity"] == "per-channel(axis=0)"  # kept on the observer
+    assert row["act_granularity"] == "per-token"
+    assert row["weight_bits"] is None and row["act_bits"] == 8

@@ -48,7 +48,10 @@ def _quantizer_info(q: Quantizer | None) -> tuple[str | None, int | None, str | 
         return None, None, None
     bits = getattr(q, "n_bits", None)
     gran = getattr(q, "granularity", None)
-    return type(q).__name__, bits if isinstance(bits, int) else None, None if gran is None else str(gran)
+    if gran is None:  # scaled minifloat quantizers keep it on their observer
+        gran = getattr(getattr(q, "range_observer", None), "granularity", None)
+    where = "per-token" if getattr(q, "per_token", False) else None if gran is None else str(gran)
+    return type(q).__name__, bits if isinstance(bits, int) else None, where
 
 
 def _roles_info(roles: dict[str, Quantizer]) -> tuple[str | None, int | None, str | None]:

@@ -139,3 +139,108 @@ def test_model_outputs_are_found_in_tuples_and_mappings():
     assert model_output({"loss": None, "out": t}, "x") is t
     with pytest.raises(TypeError, match=r"sensitivity: the model returned NoneType, which holds no tensor"):
         model_output(None, "sensitivity")
+
+
+def _cnn():
+    """A swap-converted conv + BatchNorm + ReLU, calibrated, left in training mode."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    w8 = lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0))  # noqa: E731
+    q = tq.quantize_model(net, w8, lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax()), method="swap")
+    x = torch.randn(16, 3, 8, 8)
+    tq.calibrate(q, [x], progress=False)
+    tq.set_qmodule_state(q, S.QUANT_EVAL)
+    return q.train(), x
+
+
+def test_analyses_leave_batchnorm_statistics_and_training_flags_as_they_were():
+    q, x = _cnn()
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    for analysis in (
+        lambda: tq.debug.sqnr_report(q, x),
+        lambda: tq.debug.sensitivity(q, x),
+        lambda: tq.debug.mixed_precision(q, x, None, budget=6.0, bits=(8, 4)),
+    ):
+        analysis()
+        assert all(torch.equal(v, before[k]) for k, v in q.state_dict().items())
+        assert all(m.training for m in q.modules())
+
+
+def test_mixed_precision_gives_a_shared_weight_one_width_counted_once():
+    torch.manual_seed(0)
+    shared = nn.Linear(16, 16)
+    net = nn.Sequential(shared, nn.ReLU(), shared, nn.ReLU(), nn.Linear(16, 4))
+    q = tq.quantize_model(net, lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0)), None, method="swap")
+    x = torch.randn(64, 16)
+    tq.calibrate(q, [x], progress=False)
+    plan = tq.debug.mixed_precision(q, x, None, budget=6.0, bits=(8, 4))
+    rows = {r["layer"]: r for r in plan.rows}
+    assert rows["0"]["params"] == 256 and rows["2"]["params"] == 0 and rows["4"]["params"] == 64
+    assert rows["0"]["bits"] == rows["2"]["bits"]
+    assert sum(r["params"] * r["bits"] for r in plan.rows) / sum(r["params"] for r in plan.rows) <= 6.0
+
+
+def test_mixed_precision_refuses_a_width_a_quantizer_does_not_take_by_name():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    q = tq.quantize_model(net, lambda m, n: tq.QfmtQuantizer(8, True, tq.BatchMinMax(axis=0)), None, method="swap")
+    x = torch.randn(64, 16)
+    tq.calibrate(q, [x], progress=False)
+    with pytest.raises(ValueError, match=r"mixed_precision: 0\.weight_quantizer \(QfmtQuantizer\) cannot take 1 bits"):
+        tq.debug.mixed_precision(q, x, None, budget=4.0, bits=(8, 1))
+
+
+def test_mixed_precision_plans_for_lsq_change_the_grid_and_survive_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    q = tq.quantize_model(net, lambda m, n: tq.LSQQuantizer(8, axis=0), None, method="swap")
+    x = torch.randn(64, 16)
+    tq.calibrate(q, [x], progress=False)
+    tq.set_qmodule_state(q, S.QUANT_EVAL)
+    plan = tq.debug.mixed_precision(q, x, None, budget=4.0, bits=(8, 2))
+    assert len({r["bits"] for r in plan.rows}) == 2  # the widths score differently: the search can choose
+    with torch.no_grad():
+        before = q(x)
+        for r in plan.rows:
+            q.get_submodule(r["layer"]).weight_quantizer.n_bits = r["bits"]
+        after = q(x)
+    assert not torch.equal(before, after)
+    tq.save(q, tmp_path / "q.safetensors")
+    torch.manual_seed(0)
+    loaded = tq.load(nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)), tmp_path / "q.safetensors")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), after)
+
+
+@pytest.mark.slow  # importing matplotlib takes seconds
+def test_plot_ranges_reads_the_folded_weight_and_clips_per_channel(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from torchquant.debug import diagnostics
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    with torch.no_grad():
+        net[1].running_var.fill_(100.0)  # the folded weight is a tenth of the raw one
+    q = tq.quantize_model(
+        net.eval(),
+        lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0)),
+        lambda m, n: tq.AffineQuantizer(8, tq.PercentileObserver(90.0, axis=1)),
+        method="swap",
+        fold_bn=True,
+    )
+    x = torch.randn(8, 3, 8, 8)
+    tq.calibrate(q, [x], progress=False)
+    seen = []
+    clipped = diagnostics._clipped_percent
+    monkeypatch.setattr(diagnostics, "_clipped_percent", lambda *a: seen.append(clipped(*a)) or seen[-1])
+    tq.debug.plot_ranges(q, tmp_path / "r.png", x, bins=20)
+    assert seen[0] == 0.0  # min/max of the folded weight: nothing clipped
+    # the activations: each channel against its own 90th-percentile range
+    y = []
+    q[0].acts_quantizer.register_forward_hook(lambda m, a, o: y.append(a[0]))
+    with torch.no_grad(), tq.qmodule_state(q, S.QUANT_EVAL):
+        q(x)
+    g = q[0].acts_quantizer.grid()
+    lo, hi = (g.qmin - g.zero_point) * g.scale, (g.qmax - g.zero_point) * g.scale
+    expected = 100 * float(((y[0] < lo - g.scale / 2) | (y[0] > hi + g.scale / 2)).float().mean())
+    assert seen[1] == pytest.approx(expected) and expected > 5.0

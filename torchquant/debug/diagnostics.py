@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..qmodules import QModule, QModuleState, QWrapper
 from ..quantizers import Quantizer
-from ..utils import call_model, model_output
+from ..utils import call_model, model_output, restoring_states
 
 __all__ = ["Report", "mixed_precision", "plot_ranges", "sensitivity", "sqnr_report"]
 
@@ -80,18 +80,22 @@ def _qmodules(model: nn.Module, who: str) -> list[tuple[str, QModule]]:
 
 
 class _States:
-    """Saves every QModule's mode and restores it on exit, also on error."""
+    """Puts ``model`` in ``eval()`` while it is measured (BatchNorm statistics and dropout stay as they are:
+    dozens of passes in training mode would move them, and each score would depend on the ones before) and
+    gives every QModule its mode and every module its ``training`` flag back on exit, also on error."""
 
-    def __init__(self, mods: list[tuple[str, QModule]]) -> None:
+    def __init__(self, model: nn.Module, mods: list[tuple[str, QModule]]) -> None:
+        self.model = model
         self.mods = mods
 
     def __enter__(self) -> _States:
-        self.saved = [(m, m.qstate) for _, m in self.mods]
+        self._restore = restoring_states(self.model)
+        self._restore.__enter__()
+        self.model.eval()
         return self
 
     def __exit__(self, *exc) -> None:
-        for m, s in self.saved:
-            m.qstate = s
+        self._restore.__exit__(*exc)
 
     def set(self, quantized: set[str]) -> None:
         for n, m in self.mods:
@@ -103,7 +107,7 @@ def _run_quantized_with_hooks(
 ) -> None:
     """Run ``batches`` with every point in ``mods`` quantized, then remove ``hooks`` and restore the modes."""
     try:
-        with _States(mods) as st:
+        with _States(model, mods) as st:
             st.set({n for n, _ in mods})
             with torch.no_grad():
                 for b in batches:
@@ -149,8 +153,12 @@ def sqnr_report(model: nn.Module, data: Data) -> Report:
     sums: dict[str, list[float]] = {}
     rows: list[dict[str, Any]] = []
     hooks = []
+    seen: set[int] = set()
     for owner, m in mods:
         for attr, q in m.quantizers().items():
+            if id(q) in seen:  # one quantizer several modules hold: one row, under its first name
+                continue
+            seen.add(id(q))
             name = f"{owner}.{attr}" if owner else attr
             weight_roles = getattr(m, "WEIGHT_ROLES", ())  # QMultiheadAttention's, QExperts' weight quantizers
             role = attr.removesuffix("_quantizer")
@@ -218,7 +226,7 @@ def sensitivity(
     mods = _qmodules(model, who)
     batches = _batches(data, who)
     names = [n for n, _ in mods]
-    with _States(mods) as st:
+    with _States(model, mods) as st:
         st.set(set())
         if metric is None:
             metric = _output_sqnr(_run(model, batches, who), who)
@@ -275,25 +283,29 @@ def plot_ranges(
     except ImportError as e:  # pragma: no cover
         raise ImportError("plot_ranges needs matplotlib: pip install torchquant[bench]") from e
     mods = _qmodules(model, who)
-    values: dict[str, Tensor] = {}
+    values: dict[str, list[Tensor]] = {}  # what each point quantizes, in its own layout (per-channel grids)
     quantizers: dict[str, Quantizer] = {}
     hooks = []
+    seen: set[int] = set()
     for owner, m in mods:
         for attr, q in m.quantizers().items():
+            if id(q) in seen:  # one quantizer several modules hold: one row, under its first name
+                continue
+            seen.add(id(q))
             name = f"{owner}.{attr}" if owner else attr
             if q.grid() is None:
                 continue
             quantizers[name] = q
             bank = next((b for b, r in getattr(m, "ROLE_OF_BANK", {}).items() if f"{r}_quantizer" == attr), None)
             if isinstance(m, QWrapper) and q is m.weight_quantizer:
-                values[name] = m.layer.weight.detach().flatten()
+                with torch.no_grad():  # with fold_bn, the folded weight its grid is for
+                    values[name] = [m.weight_to_quantize().detach()]
             elif bank is not None:  # a QExperts' weight bank: every expert's matrix
-                values[name] = getattr(m.layer, bank).detach().flatten()
+                values[name] = [getattr(m.layer, bank).detach().flatten()]
             elif data is not None:
 
                 def hook(mod, args, out, name=name):
-                    v = args[0].detach().flatten()
-                    values[name] = v if name not in values else torch.cat([values[name], v])
+                    values.setdefault(name, []).append(args[0].detach())
 
                 hooks.append(q.register_forward_hook(hook))
     if data is not None:
@@ -308,14 +320,13 @@ def plot_ranges(
         ax.axis("off")
     for ax, name in zip(axes.flat, names):
         g = quantizers[name].grid()
-        lo = float(((g.qmin - g.zero_point) * g.scale).min())
-        hi = float(((g.qmax - g.zero_point) * g.scale).max())
-        v = values[name].float().cpu().numpy()
+        lo_t, hi_t = (g.qmin - g.zero_point) * g.scale, (g.qmax - g.zero_point) * g.scale
+        lo, hi = float(lo_t.min()), float(hi_t.max())
+        v = torch.cat([t.flatten() for t in values[name]]).float().cpu().numpy()
         ax.hist(v, bins=bins, color="tab:blue", alpha=0.8, log=True)
         for x in (lo, hi):
             ax.axvline(x, color="tab:red", lw=1.2, ls="--")
-        half = 0.5 * float(g.scale.min())  # within half a step of an end a value rounds to it, beyond it is clipped
-        clipped = float(((v < lo - half) | (v > hi + half)).mean()) * 100
+        clipped = _clipped_percent(values[name], lo_t, hi_t, 0.5 * g.scale)
         ax.set_title(f"{name}\n{g.n_bits}-bit, {g.granularity}, clipped {clipped:.2f}%", fontsize=7)
         ax.tick_params(labelsize=6)
     fig.tight_layout()
@@ -324,10 +335,46 @@ def plot_ranges(
     return names
 
 
+def _clipped_percent(tensors: list[Tensor], lo: Tensor, hi: Tensor, half: Tensor) -> float:
+    """The share of the values of ``tensors`` beyond half a step outside their own range's ends, in percent.
+
+    ``lo``, ``hi`` and ``half`` broadcast against each tensor (one value per tensor, channel or group);
+    where they do not (a tensor of another layout), the outermost ends and the smallest step are used.
+    """
+    clipped = total = 0
+    for t in tensors:
+        t = t.float()
+        try:
+            out = (t < lo.to(t.device) - half.to(t.device)) | (t > hi.to(t.device) + half.to(t.device))
+            if out.shape != t.shape:
+                raise RuntimeError("the range broadcasts to another shape")
+        except RuntimeError:
+            h = float(half.min())
+            out = (t < float(lo.min()) - h) | (t > float(hi.max()) + h)
+        clipped += int(out.sum())
+        total += t.numel()
+    return 100.0 * clipped / max(total, 1)
+
+
 def _set_weight_bits(q: Quantizer, bits: int) -> None:
     from ..quantizers import check_n_bits
 
     q.n_bits = check_n_bits(bits, type(q).__name__)
+
+
+def _check_width(q: Quantizer, name: str, bits: int, who: str) -> None:
+    """Refuse a width ``q``'s constructor would refuse (a signed Q-format needs 2 bits), naming the point:
+    a plan with it could be scored but not saved and loaded."""
+    from ..spec import QuantizerSpec, SpecError, describe
+
+    try:
+        spec = describe(q)
+    except SpecError:  # an unregistered quantizer: only the generic range is known
+        return
+    try:
+        QuantizerSpec(spec.quantizer, spec.observer, {**spec.args, "n_bits": bits}, spec.observer_args).build()
+    except ValueError as e:
+        raise ValueError(f"{who}: {name} ({type(q).__name__}) cannot take {bits} bits: {e}") from None
 
 
 def mixed_precision(
@@ -361,11 +408,12 @@ def mixed_precision(
 
     Returns:
         A :class:`Report`, one row per layer: ``layer``, ``params``, ``bits``; the average
-        bit-width reached is ``sum(params * bits) / sum(params)``.
+        bit-width reached is ``sum(params * bits) / sum(params)``. Wrappers of one weight
+        (a module listed twice) get one width, its parameters counted under the first.
 
     Raises:
-        ValueError: no adjustable layer, an empty ``bits``, or a budget below what
-            ``min(bits)`` everywhere gives.
+        ValueError: no adjustable layer, an empty ``bits``, a width a layer's quantizer
+            does not take (named), or a budget below what ``min(bits)`` everywhere gives.
     """
     who = "mixed_precision"
     mods = _qmodules(model, who)
@@ -382,7 +430,14 @@ def mixed_precision(
     ]
     if not layers:
         raise ValueError(f"{who}: no QWrapper with a weight quantizer that has an integer n_bits")
-    params = {n: m.layer.weight.numel() for n, m in layers}
+    for n, m in layers:
+        for b in widths:
+            _check_width(m.weight_quantizer, f"{n}.weight_quantizer", b, who)
+    groups: dict[int, list[tuple[str, QWrapper]]] = {}  # by weight tensor: one width per tensor
+    for n, m in layers:
+        groups.setdefault(id(m.layer.weight), []).append((n, m))
+    members = {g[0][0]: g for g in groups.values()}  # keyed by the first wrapper's name
+    params = {n: g[0][1].layer.weight.numel() for n, g in members.items()}
     total = sum(params.values())
     if budget < widths[-1] - 1e-9:
         raise ValueError(f"{who}: budget {budget} bits per weight is below the smallest width {widths[-1]}")
@@ -390,17 +445,20 @@ def mixed_precision(
     sign = 1.0 if higher_is_better else -1.0
     score: dict[tuple[str, int], float] = {}
     try:
-        with _States(mods) as st:
+        with _States(model, mods) as st:
             st.set(set())
             if metric is None:
                 metric = _output_sqnr(_run(model, batches, who), who)
-            for n, m in layers:
+            for key, group in members.items():
                 st.set(set())
-                m.qstate = QModuleState.QUANT_EVAL_WEIGHT_ONLY  # this layer's weights alone
+                for _, m in group:
+                    m.qstate = QModuleState.QUANT_EVAL_WEIGHT_ONLY  # this weight alone
                 for b in widths:
-                    _set_weight_bits(m.weight_quantizer, b)
-                    score[(n, b)] = sign * float(metric(model, batches))
-                _set_weight_bits(m.weight_quantizer, saved_bits[n])
+                    for _, m in group:
+                        _set_weight_bits(m.weight_quantizer, b)
+                    score[(key, b)] = sign * float(metric(model, batches))
+                for n, m in group:
+                    _set_weight_bits(m.weight_quantizer, saved_bits[n])
     finally:
         for n, m in layers:
             _set_weight_bits(m.weight_quantizer, saved_bits[n])
@@ -441,5 +499,9 @@ def mixed_precision(
                 improved = True
                 break
             assign[n] = old_bits
-    rows = [{"layer": n, "params": params[n], "bits": assign[n]} for n in params]
+    rows = [
+        {"layer": n, "params": params[key] if i == 0 else 0, "bits": assign[key]}
+        for key, group in members.items()
+        for i, (n, _) in enumerate(group)
+    ]
     return Report(rows, ["layer", "params", "bits"])
