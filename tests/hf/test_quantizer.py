@@ -226,6 +226,13 @@ def test_config_errors_name_the_field(kwargs, message):
         TorchQuantConfig(**kwargs)
 
 
+def test_kv_value_groups_that_do_not_divide_the_head_dimension_are_refused_when_converting():
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(llama_config())  # head_dim 8
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn: the value quantizer groups 32 .* 8 here"):
+        quantize(model, TorchQuantConfig(weights="int8", kv_cache="int4"))
+
+
 def test_registered_quantizer_names_are_short_forms():
     config = TorchQuantConfig(weights="fp8_e4m3", activations="fp8_e4m3")
     assert config.weights == {"quantizer": "fp8_e4m3"}

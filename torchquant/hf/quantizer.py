@@ -237,7 +237,27 @@ def _quantize_attention(model: nn.Module, config: TorchQuantConfig, skip: list[s
         if raw is None:
             return None
         spec = QuantizerSpec.from_dict(raw)
-        return lambda module, name: _build(spec, name, role)
+
+        def build(module: nn.Module, name: str):
+            q = _build(spec, name, role)
+            # (B, H, T, D) groups along D must divide the head dimension: refuse now, not at the first forward
+            g = getattr(q, "granularity", None)
+            head_dim = getattr(module, "head_dim", None)
+            if (
+                g is not None
+                and g.axis in (-1, 3)
+                and g.group_size
+                and isinstance(head_dim, int)
+                and head_dim % g.group_size
+            ):
+                raise ValueError(
+                    f"torchquant.hf: {name}: the {role} quantizer groups {g.group_size} channels of the head "
+                    f"dimension, {head_dim} here; choose a group that divides it (the kv_cache short form's -g<group>, "
+                    "e.g. 'int4-g16')"
+                )
+            return q
+
+        return build
 
     quantize_attention(model, skip=skip, **{role: factory(role, raw) for role, raw in roles.items()})
 
