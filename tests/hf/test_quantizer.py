@@ -438,6 +438,42 @@ def _llama4_moe() -> torch.nn.Module:
     return transformers.Llama4ForCausalLM(cfg)
 
 
+def test_a_router_subclassing_linear_stays_float_by_default_without_a_warning():
+    import warnings
+
+    torch.manual_seed(0)
+    model = _llama4_moe()  # Llama4Router is an nn.Linear whose forward also routes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tq.FloatLayersWarning)
+        quantize(model, TorchQuantConfig(weights="int8"))
+    notes = {r["name"]: r["note"] for r in tq.summary_rows(model)}
+    assert notes["model.layers.0.feed_forward.router"].startswith("skipped by glob")
+    assert isinstance(model.model.layers[0].feed_forward.experts, tq.QExperts)
+
+
+def test_smoothquant_warns_about_experts_that_got_no_token(monkeypatch):
+    torch.manual_seed(0)
+    model = MOE_FAMILIES["mixtral"]().eval()
+    quantize(model, TorchQuantConfig(weights="int8", activations="int8"), initial_state=False)
+    gate = model.model.layers[0].mlp.gate
+    route = type(gate).forward
+
+    def only_experts_0_and_1(hidden):  # the router's (logits, scores, indices), experts 2 and 3 never chosen
+        logits, _, _ = route(gate, hidden)
+        logits = logits.masked_fill(torch.arange(logits.shape[-1]) >= 2, -1e9)
+        scores, idx = logits.softmax(-1).topk(gate.top_k, -1)
+        return logits, scores / scores.sum(-1, keepdim=True), idx
+
+    monkeypatch.setattr(gate, "forward", only_experts_0_and_1)
+    data = [{"input_ids": torch.randint(0, 100, (2, 16))}]
+    with pytest.warns(UserWarning, match=r"smoothquant: 2 expert matrices received no calibration token"):
+        res = tq.ptq.smoothquant(model, data, progress=False)
+    assert {k for k, v in res.skipped.items() if "no calibration token" in v} == {
+        "model.layers.0.mlp.experts.down_proj[2]",
+        "model.layers.0.mlp.experts.down_proj[3]",
+    }
+
+
 @pytest.mark.parametrize("algorithm", ["awq", "smoothquant"])
 @pytest.mark.parametrize("family", [*MOE_FAMILIES, "llama4"])
 def test_the_experts_first_input_is_scaled_with_the_router_compensating(family, algorithm):

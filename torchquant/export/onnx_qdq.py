@@ -379,7 +379,8 @@ def to_onnx(
         raise ValueError(
             f"{who}: {experts[0]} is a QExperts (a mixture-of-experts bank): which experts run depends on the "
             "data, and a traced ONNX graph keeps only the experts the example inputs reach; export the model "
-            "without it (keep it in float with skip=) or serve it with a runtime that has MoE kernels"
+            "without it (keep it in float: skip= in tq.quantize_model, modules_to_not_convert= in a "
+            "TorchQuantConfig) or serve it with a runtime that has MoE kernels"
         )
     points = quant_points(model, who)
     if not points:

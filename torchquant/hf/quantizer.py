@@ -64,14 +64,16 @@ register_quantization_config(QUANT_METHOD)(TorchQuantConfig)
 
 
 def _routers(model: nn.Module) -> list[str]:
-    """Mixture-of-experts routers: modules beside an expert bank that hold a 2-d ``weight`` and are no layer."""
+    """Mixture-of-experts routers: modules beside an expert bank that hold a 2-d ``weight`` and are no plain
+    layer (a bare weight, or a subclass of ``nn.Linear`` with a forward of its own, as PhiMoE's and Llama 4's
+    return the routing too; a plain ``nn.Linear`` router is quantized like any layer)."""
     out = []
     for name, parent in model.named_modules():
         if not any(expert_banks(c) for c in parent.children()):
             continue
         for key, child in parent.named_children():
             w = child._parameters.get("weight")
-            if isinstance(w, torch.Tensor) and w.dim() == 2 and not isinstance(child, LAYER_TYPES):
+            if isinstance(w, torch.Tensor) and w.dim() == 2 and type(child) not in LAYER_TYPES:
                 out.append(f"{name}.{key}" if name else key)
     return out
 

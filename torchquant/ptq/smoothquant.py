@@ -37,6 +37,7 @@ on the float model, block by block on the sequential engine.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -45,7 +46,14 @@ from torch import Tensor, nn
 
 from ..moe import QExperts, expert_inputs
 from ..qmodules import QModuleState, QWrapper
-from ._common import all_or_nothing, materialize, reobserve_weights, require_qmodules, reset_activation_ranges
+from ._common import (
+    all_or_nothing,
+    first_names,
+    materialize,
+    reobserve_weights,
+    require_qmodules,
+    reset_activation_ranges,
+)
 from .registry import register_ptq_algorithm
 from .sequential import (
     OUTSIDE_BLOCKS,
@@ -59,6 +67,8 @@ from .sequential import (
 )
 
 __all__ = ["SmoothQuantResult", "smoothing_scales", "smoothquant"]
+
+_UNROUTED = "no calibration token was routed to this expert"
 
 
 @dataclass(frozen=True)
@@ -135,7 +145,7 @@ def _smooth_experts(
     for e in range(qe.layer._parameters["down_proj"].shape[0]):
         key = f"{name}.down_proj[{e}]"
         if e not in amax or not bool(amax[e].any()):  # Llama 4 gives unrouted experts zero rows
-            skipped[key] = "no calibration token was routed to this expert"
+            skipped[key] = _UNROUTED
             continue
         s = smoothing_scales(amax[e], qe.matrix("down_proj", e).detach().abs().amax(0).float(), alpha)
         fold_expert_scale(qe, e, up, s)
@@ -291,6 +301,14 @@ def smoothquant(
                     _smooth_experts(block, qe, name, float(alpha), folded, max_scale, skipped)
     for name in layers_outside(model, inside, _smoothable):
         skipped[name] = OUTSIDE_BLOCKS
+    unrouted = [k for k, why in skipped.items() if why.startswith(_UNROUTED)]
+    if unrouted:
+        warnings.warn(
+            f"smoothquant: {len(unrouted)} expert matrices received no calibration token and keep their input "
+            f"unscaled ({first_names(unrouted)}); see the result's skipped",
+            UserWarning,
+            stacklevel=2,
+        )
     if folded:
         reset_activation_ranges(model, "smoothquant")
     return SmoothQuantResult(folded=folded, max_scale=max_scale, skipped=skipped)
