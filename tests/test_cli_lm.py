@@ -159,9 +159,10 @@ def test_only_static_activation_ranges_need_calibration_data(bits, static):
     from torchquant.hf import quantize
     from torchquant.hf.quantizer import initial_mode
 
+    # head_dim 32: KIVI's value groups of 32 fit
     config = transformers.LlamaConfig(
         hidden_size=128, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=64,
-    )  # fmt: skip  (head_dim 32: KIVI's value groups of 32 fit)
+    )  # fmt: skip
     model = quantize(transformers.LlamaForCausalLM(config), LMBits.parse(bits).config(), initial_state=False)
     assert initial_mode(model) is (QModuleState.CALIBRATION if static else QModuleState.QUANT_EVAL)
