@@ -86,6 +86,9 @@ def test_bench_writes_results_and_repeats_exactly(tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     float_acc = float(runs["first"][0][2])
     assert float_acc > 50  # four epochs on digits already learn something
+    # again into the same folder without a plot: the earlier run's plot does not stay beside the new results
+    assert main([*TINY, "--out", str(tmp_path / "first"), "--cache-dir", cache, "--no-plot"]) == 0
+    assert not (tmp_path / "first" / "accuracy_vs_bits.png").exists()
 
 
 @pytest.mark.parametrize(
@@ -106,6 +109,18 @@ def test_bench_errors_name_the_valid_choices(args, match, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("torchquant bench: error:")
     assert re.search(match, err), err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["bench", "--batch-size", "0"], ["bench", "--epochs", "-1"], ["bench", "--calib-batch-size", "0"],
+     ["lm", "--args", "[1]"], ["lm", "--args", '{"gptq": 1}'], ["lm", "--threads", "0"], ["lm", "--eval-windows", "0"]],
+)  # fmt: skip
+def test_bad_numbers_and_options_are_usage_errors_naming_the_option(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    assert f"argument {args[1]}: expected" in capsys.readouterr().err
 
 
 def test_bench_unavailable_recipe_is_a_clear_error(tmp_path, capsys):

@@ -95,6 +95,21 @@ def test_grid_writes_every_cell(tiny_dir, tmp_path, capsys):
     assert doc["config"]["recipes"] == recipes.split(",") and len(doc["results"]) == len(rows)
     assert (tmp_path / "perplexity.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "results.md").read_text().startswith("torchquant lm:")
+    assert doc["config"]["evaluation"]["windows"] == 2 and doc["config"]["evaluation"]["scored_tokens"] == 2 * 63
+
+
+def test_the_title_and_json_give_the_windows_actually_scored(tiny_dir, tmp_path):
+    from torchquant.bench.lm import default_texts, token_ids
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_dir)
+    available = token_ids(tokenizer, default_texts()[1]).numel() // 2048 + 1
+    argv = ["lm", "--model", str(tiny_dir), "--calib", "1", "--calib-len", "16", "--eval-windows", "100000"]
+    assert main([*argv, "--eval-len", "2048", "--recipes", "rtn", "--bits", "w8", "--out", str(tmp_path), "--quiet",
+                 "--no-plot", "--layers", "1"]) == 0  # fmt: skip
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["config"]["evaluation"]["windows"] in (available - 1, available) and available < 100000
+    title = (tmp_path / "results.md").read_text().splitlines()[0]
+    assert f"evaluation {doc['config']['evaluation']['windows']} x 2048 tokens" in title
 
 
 def test_a_failing_cell_is_reported_and_the_grid_goes_on(tiny_dir, tmp_path, capsys):

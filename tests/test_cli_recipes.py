@@ -259,8 +259,18 @@ def test_recipe_file_with_user_quantizer(tmp_path, monkeypatch):
         ("colour = 1", "unknown top-level keys"),
         ('import = ["no_such_module_xyz"]', "cannot import 'no_such_module_xyz'"),
         ('[recipe.x]\nbase = "ptq-nope"', "unknown recipe 'ptq-nope'"),
+        ('[recipe.ptq-minmax]\nbase = "ptq-minmax"\nacts = false', "'ptq-minmax' is a built-in recipe"),
     ],
-    ids=["unknown-spec-key", "unknown-recipe-key", "no-weights", "no-quantizer", "top-level", "import", "base"],
+    ids=[
+        "unknown-spec-key",
+        "unknown-recipe-key",
+        "no-weights",
+        "no-quantizer",
+        "top-level",
+        "import",
+        "base",
+        "built-in-name",
+    ],
 )
 def test_recipe_file_errors(tmp_path, body, match):
     path = tmp_path / "bad.toml"
@@ -285,6 +295,21 @@ def test_unsupported_bit_width_skips_the_cell():
     recipe = SpecRecipe("qfmt-w1", "test", weights=weights, acts=None)
     with pytest.raises(CellSkipped, match="n_bits"):
         recipe(tiny_model(), Bits(1, 8), tiny_task(), Settings(**SETTINGS))
+
+
+def test_lsq_at_one_bit_skips_the_cell():
+    recipe = get_recipe("qat-lsq")
+    with pytest.raises(CellSkipped, match=r"LSQQuantizer: n_bits must be in \[2, 16\], got 1"):
+        recipe(tiny_model(), Bits(1, 8), tiny_task(), Settings(**SETTINGS))
+
+
+def test_mse_ranges_are_searched_for_the_cells_grid():
+    spec = QuantizerSpec("affine", "mse", args={"symmetric": True})
+    q = spec.build(2, 0)
+    assert (q.range_observer.n_bits, q.range_observer.symmetric) == (2, True)
+    q = QuantizerSpec("affine", "mse").build(4, None)
+    assert (q.range_observer.n_bits, q.range_observer.symmetric) == (4, False)
+    assert QuantizerSpec("affine", "mse", observer_args={"n_bits": 8}).build(4, None).range_observer.n_bits == 8
 
 
 @pytest.mark.parametrize(

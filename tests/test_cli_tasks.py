@@ -68,7 +68,7 @@ def test_checkpoint_loading(tmp_path):
     dst = nn.Linear(3, 2)
     load_checkpoint(dst, str(path))
     assert torch.equal(dst.weight, src.weight)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="does not fit the Linear model"):
         load_checkpoint(nn.Linear(4, 2), str(path))
     with pytest.raises(FileNotFoundError):
         load_checkpoint(dst, str(tmp_path / "missing.pt"))

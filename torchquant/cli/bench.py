@@ -229,6 +229,9 @@ def _float_baseline(cfg: BenchConfig, model_name: str, data: BenchData, settings
         "weight_decay": settings.weight_decay,
         "checkpoint": _file_digest(cfg.checkpoint) if cfg.checkpoint else None,
         "world_size": rt.world_size,
+        # float sums are reduced in another order on another thread count or device: other weights
+        "threads": torch.get_num_threads(),
+        "device": rt.device.type,
         "torchquant": __version__,
         "torch": torch.__version__.split("+")[0],
     }
@@ -348,5 +351,7 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> BenchResult:
         write_json(rows, files["json"], env, config)
         if cfg.plot:
             files["plot"] = plot(rows, out_dir / "accuracy_vs_bits.png", title.removeprefix("torchquant bench: "))
+        else:  # a plot of an earlier run would sit beside these results as if it were theirs
+            (out_dir / "accuracy_vs_bits.png").unlink(missing_ok=True)
     rt.barrier()
     return BenchResult(rows, out_dir, files, table)

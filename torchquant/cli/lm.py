@@ -151,7 +151,10 @@ def parse_lm_recipe(text: str) -> LMRecipe:
     if name in ("rtn", "nearest"):
         return LMRecipe(name)
     parts = [name] if name in PTQ_ALGORITHMS else re.split(r"[+]" if "+" in name else r"[-]", name)
-    algos = [get_ptq_algorithm(p) for p in parts]
+    try:
+        algos = [get_ptq_algorithm(p) for p in parts]
+    except KeyError as e:
+        raise KeyError(f"recipe {text!r}: {e.args[0] if e.args else e}; or 'rtn' (round to nearest)") from None
     before = tuple(a for a in algos if a.before_calibration)
     after = tuple(a for a in algos if not a.before_calibration)
     if list(before + after) != algos:
@@ -429,7 +432,7 @@ def run_lm(cfg: LMConfig, argv: list[str] | None = None) -> LMResult:
         ValueError, KeyError: a bad bit setting, recipe, option or ``layers``.
         FileNotFoundError: a missing ``model`` or ``text``.
     """
-    from ..bench.lm import calibration_batches, perplexity
+    from ..bench.lm import _windows, calibration_batches, perplexity, token_ids
     from .report import environment, write_csv, write_json
 
     pairs = cfg.cells if cfg.cells is not None else [(r, b) for b in cfg.bits for r in cfg.recipes]
@@ -450,10 +453,14 @@ def run_lm(cfg: LMConfig, argv: list[str] | None = None) -> LMResult:
             m, tokenizer, eval_text, seq_len=cfg.eval_len, max_windows=cfg.eval_windows, progress=not cfg.quiet
         )
 
+    # what is scored: the text may hold fewer windows than asked for
+    n_eval = token_ids(tokenizer, eval_text).numel()
+    scored = _windows(n_eval, cfg.eval_len, cfg.eval_len)[: cfg.eval_windows]
+    evaluation = {"windows": len(scored), "scored_tokens": sum(e - f for _, e, f in scored), "text_tokens": n_eval}
     title = (
         f"torchquant lm: {cfg.model}{'' if cfg.layers is None else f' (first {cfg.layers} layers)'}, "
         f"calibration {cfg.calib} x {cfg.calib_len} tokens, evaluation "
-        f"{'all' if cfg.eval_windows is None else cfg.eval_windows} x {cfg.eval_len} tokens"
+        f"{len(scored)} x {cfg.eval_len} tokens"
     )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -466,7 +473,7 @@ def run_lm(cfg: LMConfig, argv: list[str] | None = None) -> LMResult:
         rows.append(row)
         files["table"].write_text(format_lm_table(rows, title) + "\n")
         write_csv(rows, files["csv"])
-        write_json(rows, files["json"], env, asdict(cfg))
+        write_json(rows, files["json"], env, {**asdict(cfg), "evaluation": evaluation})
         if not cfg.quiet:
             print(format_lm_table([row]).splitlines()[-1], flush=True)
 
@@ -493,4 +500,6 @@ def run_lm(cfg: LMConfig, argv: list[str] | None = None) -> LMResult:
     table = format_lm_table(rows, title)
     if cfg.plot:
         files["plot"] = plot_lm(rows, out / "perplexity.png", title.replace(", calibration", "\ncalibration"))
+    else:  # a plot of an earlier run would sit beside these results as if it were theirs
+        (out / "perplexity.png").unlink(missing_ok=True)
     return LMResult(rows, table, files)

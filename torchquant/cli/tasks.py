@@ -102,11 +102,12 @@ def build_data(
     cls = getattr(tv.datasets, names[key])
     tf = T.Compose([T.ToTensor(), T.Normalize((0.5,), (0.5,))])
     try:
-        train = cls(str(root), train=True, download=False, transform=tf)
-        test = cls(str(root), train=False, download=False, transform=tf)
-    except TypeError:  # datasets with a split argument (SVHN, ...)
-        train = cls(str(root), split="train", download=False, transform=tf)
-        test = cls(str(root), split="test", download=False, transform=tf)
+        try:
+            train = cls(str(root), train=True, download=False, transform=tf)
+            test = cls(str(root), train=False, download=False, transform=tf)
+        except TypeError:  # datasets with a split argument (SVHN, ...)
+            train = cls(str(root), split="train", download=False, transform=tf)
+            test = cls(str(root), split="test", download=False, transform=tf)
     except RuntimeError as e:
         raise ValueError(f"dataset {names[key]} not found under {root} (nothing is downloaded): {e}") from e
     classes = getattr(train, "classes", None)
@@ -122,7 +123,7 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
 
     Raises:
         FileNotFoundError: no such file.
-        RuntimeError: the state dict does not match the model (strict loading).
+        ValueError: the state dict does not match the model (strict loading), with torch's list of keys.
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"--checkpoint {path!r} does not exist")
@@ -131,7 +132,10 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"--checkpoint {path!r} does not fit the {type(model).__name__} model: {e}") from None
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:
