@@ -96,8 +96,7 @@ except ImportError:  # pragma: no cover - older flwr has none
 from ..distributed import merge_ranges, observers
 from ..granularity import Granularity
 from ..moe import QExperts
-from ..ptq import calibrate
-from ..ptq._common import reobserve_weights
+from ..ptq import calibrate, reobserve_weights
 from ..qmodules import QModuleState, QWrapper, iter_qmodules
 from ..quantizers import AffineGrid
 from ..range_observers import HistogramRangeObserver

@@ -294,19 +294,3 @@ def reset_activation_ranges(model: nn.Module, who: str) -> list[str]:
 
 def weighted_wrappers(model: nn.Module) -> list[tuple[str, QWrapper]]:
     return [(n, m) for n, m in iter_qmodules(model) if isinstance(m, QWrapper)]
-
-
-def reobserve_weights(modules: Iterable[QWrapper | QExperts]) -> None:
-    """Recompute the weight ranges of ``modules`` that already have them, from their current weights.
-
-    An algorithm that rewrites weights (scales, clipping) calls it so that a weight
-    observer that had already seen the old weights (a running min/max keeps its widest
-    range) describes the new ones. A :class:`~torchquant.QExperts` has all its banks observed again.
-    """
-    for m in modules:
-        quantizers = [m.bank_quantizer(b) for b in m.banks] if isinstance(m, QExperts) else [m.weight_quantizer]
-        observers = [o for q in quantizers if (o := getattr(q, "range_observer", None)) is not None and o.initialized]
-        if observers:
-            for o in observers:
-                o.reset()
-            m.observe_weight()

@@ -71,10 +71,10 @@ from ._common import (
     all_or_nothing,
     first_names,
     materialize,
-    reobserve_weights,
     require_qmodules,
     reset_activation_ranges,
 )
+from .calibrate import reobserve_weights
 from .registry import register_ptq_algorithm
 from .sequential import (
     OUTSIDE_BLOCKS,

@@ -9,11 +9,12 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..qmodules import QModuleState
+from ..moe import QExperts
+from ..qmodules import QModuleState, QWrapper
 from ..utils import call_model, progress_bar, restoring_states
 from ._common import first_names, materialize, require_qmodules
 
-__all__ = ["UncalledQModulesWarning", "calibrate"]
+__all__ = ["UncalledQModulesWarning", "calibrate", "reobserve_weights"]
 
 
 class UncalledQModulesWarning(UserWarning):
@@ -175,3 +176,19 @@ def _warn_uncalled(model: nn.Module, names: list[str], read: dict[str, tuple[str
         UncalledQModulesWarning,
         stacklevel=3,
     )
+
+
+def reobserve_weights(modules: Iterable[QWrapper | QExperts]) -> None:
+    """Recompute the weight ranges of ``modules`` that already have them, from their current weights.
+
+    An algorithm that rewrites weights (scales, clipping) calls it so that a weight
+    observer that had already seen the old weights (a running min/max keeps its widest
+    range) describes the new ones. A :class:`~torchquant.QExperts` has all its banks observed again.
+    """
+    for m in modules:
+        quantizers = [m.bank_quantizer(b) for b in m.banks] if isinstance(m, QExperts) else [m.weight_quantizer]
+        observers = [o for q in quantizers if (o := getattr(q, "range_observer", None)) is not None and o.initialized]
+        if observers:
+            for o in observers:
+                o.reset()
+            m.observe_weight()
