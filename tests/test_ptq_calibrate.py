@@ -169,3 +169,25 @@ def test_calibrate_warns_about_qmodules_the_forward_pass_never_called():
     with warnings.catch_warnings():
         warnings.simplefilter("error", tq.UncalledQModulesWarning)
         tq.calibrate(_net(), [torch.randn(8, 4)], progress=False)  # every QModule called: no warning
+
+
+class _TiedUnused(nn.Module):
+    """T5's shape: ``shared`` holds the embedding that ``embed`` (tied) is called with; ``shared`` is never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Embedding(10, 4)
+        self.embed = nn.Embedding(10, 4)
+        self.embed.weight = self.shared.weight
+
+    def forward(self, ids):
+        return self.embed(ids)
+
+
+def test_an_uncalled_wrapper_whose_weight_a_called_one_quantizes_is_not_said_to_compute_in_float():
+    wf = lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0))  # noqa: E731
+    net = tq.quantize_model(_TiedUnused(), wf, lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax()), method="swap")
+    with pytest.warns(tq.UncalledQModulesWarning) as caught:
+        tq.calibrate(net, [torch.randint(0, 10, (2, 5))], progress=False)
+    (message,) = [str(w.message) for w in caught]
+    assert "shared (not reached" in message and "computes in float" not in message

@@ -181,6 +181,26 @@ def test_mismatched_model_is_refused(tmp_path):
         tq.load(other, tmp_path / "m.safetensors")
 
 
+class Tail(Net):
+    """A layer the forward never calls (a tied input embedding, a training-only head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Linear(10, 10)
+
+
+def test_a_wrapper_never_called_keeps_its_float_weight_and_saves(tmp_path):
+    model = tq.quantize_model(Tail(), w4_group, a8, method="swap")
+    x = torch.randn(4, 3, 8, 8)
+    with pytest.warns(tq.ptq.UncalledQModulesWarning, match="unused"):
+        tq.calibrate(model, [x], progress=False)
+    tq.set_qmodule_state(model, S.QUANT_EVAL)
+    tq.save(model, tmp_path / "m.safetensors")  # failed: unused.weight_quantizer had no ranges
+    loaded = tq.load(Tail(), tmp_path / "m.safetensors")
+    assert torch.equal(loaded(x), model(x))
+    assert torch.equal(loaded.unused.layer.weight, model.unused.layer.weight)
+
+
 def test_a_quantizer_the_checkpoint_cannot_rebuild_is_named(tmp_path):
     model, _ = calibrated(tq.quantize_model(Net(), lambda m, n: tq.QfmtQuantizer(8, True, tq.BatchMinMax()), a8))
     model.get_submodule("conv.0").weight_quantizer.n_bits = 1  # set by hand below what a signed Q-format takes

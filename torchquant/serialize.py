@@ -177,7 +177,17 @@ def _packable(m: QModule) -> bool:
         and s.is_weight_quantized
         and not s.is_weight_observed
         and isinstance(getattr(m.layer, "weight", None), Tensor)
+        and _has_state(m.weight_quantizer)
     )
+
+
+def _has_state(q: Quantizer) -> bool:
+    """Whether ``q`` has the ranges (or learned values) its grid needs: a wrapper the model never calls
+    was never observed, and keeps its float weight in the file."""
+    obs = getattr(q, "range_observer", None)
+    if obs is not None and not obs.initialized:
+        return False
+    return getattr(q, "initialized", True) is not False
 
 
 def _symmetric_minmax(q: nn.Module) -> bool:

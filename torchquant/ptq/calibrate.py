@@ -10,7 +10,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..moe import QExperts
-from ..qmodules import QModuleState, QWrapper
+from ..qmodules import QModuleState, QWrapper, iter_qmodules
 from ..utils import call_model, progress_bar, restoring_states
 from ._common import first_names, materialize, require_qmodules
 
@@ -126,7 +126,10 @@ class _ParameterReads(TorchFunctionMode):
 def _read_directly(model: nn.Module, batch, uncalled: list[tuple[str, nn.Module]]) -> dict[str, tuple[str, str]]:
     """The uncalled QModules whose own parameters (a wrapped layer's weight) the forward uses all the same,
     with the function that received them and the module whose forward called it."""
-    owners = {id(p): name for name, m in uncalled for p in m.parameters()}
+    # a parameter a called QModule holds too (tied embeddings: T5's shared and embed_tokens) is quantized there
+    uncalled_ids = {id(m) for _, m in uncalled}
+    held = {id(p) for _, m in iter_qmodules(model) if id(m) not in uncalled_ids for p in m.parameters()}
+    owners = {id(p): name for name, m in uncalled for p in m.parameters() if id(p) not in held}
     mode = _ParameterReads(owners)
 
     def leave(module: nn.Module, args: tuple, out: object) -> None:  # returns None: the output stays
