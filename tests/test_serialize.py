@@ -201,6 +201,34 @@ def test_a_wrapper_never_called_keeps_its_float_weight_and_saves(tmp_path):
     assert torch.equal(loaded.unused.layer.weight, model.unused.layer.weight)
 
 
+class Versioned(nn.Module):
+    """Reads its state-dict version on load, as torchvision's MNASNet does (None is refused)."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        if local_metadata.get("version") is None:
+            raise ValueError("version should be set to 1 or 2 instead of None")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def test_modules_that_read_their_state_dict_version_load(tmp_path):
+    model = tq.quantize_model(Versioned(), w4_group, a8, method="swap")
+    x = torch.randn(2, 8)
+    tq.calibrate(model, [x], progress=False)
+    tq.set_qmodule_state(model, S.QUANT_EVAL)
+    tq.save(model, tmp_path / "m.safetensors")
+    assert torch.equal(tq.load(Versioned(), tmp_path / "m.safetensors")(x), model(x))
+
+
 def test_a_quantizer_the_checkpoint_cannot_rebuild_is_named(tmp_path):
     model, _ = calibrated(tq.quantize_model(Net(), lambda m, n: tq.QfmtQuantizer(8, True, tq.BatchMinMax()), a8))
     model.get_submodule("conv.0").weight_quantizer.n_bits = 1  # set by hand below what a signed Q-format takes

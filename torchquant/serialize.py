@@ -41,6 +41,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -379,6 +380,12 @@ def load_quantized_state(model: nn.Module, tensors: dict[str, Tensor], desc: dic
     for key, first in desc.get("aliases", {}).items():
         state[key] = tensors[first]
     packed = desc.get("packed", {})
+    # a file holds no per-module versions (state_dict()._metadata); modules that read theirs (MNASNet,
+    # BatchNorm) get those of this model, which is what its own state_dict() would carry
+    versions = getattr(model.state_dict(), "_metadata", None)
+    state = OrderedDict(state)
+    if versions is not None:
+        state._metadata = versions  # type: ignore[attr-defined]
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k not in packed]
     if strict and (missing or result.unexpected_keys):
