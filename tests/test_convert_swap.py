@@ -183,11 +183,26 @@ def test_what_counts_as_a_weight_of_its_own():
             self.router_weights = nn.Parameter(torch.zeros(3, 8))
             self.w1 = nn.Parameter(torch.zeros(12, 8))  # DBRX's experts: w1, v1, w2
 
+    class Einsum(nn.Module):  # XLNet's attention, Funnel's relative kernel, a plain 'weights'
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = nn.Parameter(torch.zeros(8, 2, 4))
+            self.r = nn.Parameter(torch.zeros(8, 2, 4))
+            self.r_kernel = nn.Parameter(torch.zeros(8, 2, 4))
+            self.weights = nn.Parameter(torch.zeros(4, 8))
+            self.r_w_bias = nn.Parameter(torch.zeros(2, 4))  # a bias: not reported
+
     model = nn.Sequential(
-        Tables(), Projections(), nn.utils.parametrizations.weight_norm(nn.ConvTranspose1d(2, 3, 5)), nn.Linear(2, 2)
+        Tables(),
+        Projections(),
+        nn.utils.parametrizations.weight_norm(nn.ConvTranspose1d(2, 3, 5)),
+        nn.Linear(2, 2),
+        Einsum(),
     )
     assert tq.convert.unconverted_weights(model) == {
         "1": "Projections uses its parameters proj (8, 4), text_projection (8, 4), router_weights (3, 8), "
         "w1 (12, 8) itself, not through a layer torchquant converts",
         "2": "no rule for ConvTranspose1d: its weight (2, 3, 5) stays float",
+        "4": "Einsum uses its parameters q (8, 2, 4), r (8, 2, 4), r_kernel (8, 2, 4), weights (4, 8) itself, "
+        "not through a layer torchquant converts",
     }

@@ -55,14 +55,15 @@ _NOT_WEIGHTED = (
 )
 
 
-_WEIGHT_NAMES = ("weight", "proj", "projection")
-_WEIGHT_SUFFIXES = ("_weight", "_weights", "_proj", "_projection")
+_WEIGHT_NAMES = ("weight", "weights", "kernel", "proj", "projection", "q", "k", "v", "o", "r")
+_WEIGHT_SUFFIXES = ("_weight", "_weights", "_kernel", "_proj", "_projection")
 
 
 def _weight_like(name: str, t: Tensor) -> bool:
     """Whether a parameter a module registers on itself is used as a layer's weight: a matrix or a
-    stack of them (at least two dimensions larger than 1) named ``weight``, ``weight_*``, ``*_weight(s)``,
-    ``proj``, ``*_proj``, ``projection``, ``*_projection``, or ``w1``/``w2``/``w3``/``v1`` (FFN weights)."""
+    stack of them (at least two dimensions larger than 1) named ``weight(s)``, ``weight_*``, ``*_weight(s)``,
+    ``kernel``, ``*_kernel``, ``proj``, ``*_proj``, ``projection``, ``*_projection``, ``w1``/``w2``/``w3``/``v1``
+    (FFN weights), or ``q``/``k``/``v``/``o``/``r`` (attention projections XLNet multiplies with einsum)."""
     if sum(d > 1 for d in t.shape) < 2:  # a scale, a bias, a (heads, 1, 1) temperature
         return False
     if name in _WEIGHT_NAMES or name.startswith("weight_") or name.endswith(_WEIGHT_SUFFIXES):
