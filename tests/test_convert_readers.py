@@ -345,6 +345,31 @@ def test_eva_attention_qkv_is_quantized_with_its_concatenated_bias(method):
         assert torch.equal(seen[0], torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)))
 
 
+@pytest.mark.parametrize(
+    ("model", "kwargs", "size"),
+    [
+        ("beit_base_patch16_224", dict(depth=1, embed_dim=64, num_heads=2), 32),
+        ("swinv2_tiny_window8_256", dict(depths=(1, 1), num_heads=(2, 2), embed_dim=32, window_size=4), 32),
+    ],
+    ids=["beit", "swinv2"],
+)
+def test_timm_attentions_that_read_qkv_weight_are_redirected_by_swap(model, kwargs, size):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = timm.create_model(model, img_size=size, num_classes=4, **kwargs).eval()
+    wf = lambda m: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0))  # noqa: E731
+    x = torch.randn(1, 3, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tq.UncalledQModulesWarning)
+        q = tq.quantize_model(copy.deepcopy(net), wf, None, method="swap")
+        tq.calibrate(q, [x], progress=False)  # every qkv wrapper is called (its weight quantized)
+    tq.set_qmodule_state(q, S.QUANT_EVAL)
+    with torch.no_grad():
+        assert not torch.equal(q(x), net(x))
+        with tq.qmodule_state(q, S.BYPASSED):
+            assert torch.equal(q(x), net(x))
+
+
 class _ConcatBias(nn.Module):
     """EVA's pattern: F.linear with the layer's weight and a bias made of three parameters."""
 

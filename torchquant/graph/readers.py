@@ -21,7 +21,7 @@ weight reads become layers and the attention's own operations ``QOp`` s
 
 :func:`torchquant.quantize_model` applies this to the exact types in :data:`WEIGHT_READERS`
 and those given to :func:`register_weight_reader`, with either method, and to those in
-:data:`SWAP_WEIGHT_READERS` (timm's EVA attention) with ``method="swap"`` (so :func:`torchquant.load`,
+:data:`SWAP_WEIGHT_READERS` (timm's EVA, BEiT and Swin V2 attention) with ``method="swap"`` (so :func:`torchquant.load`,
 which replays the conversion, does too).
 """
 
@@ -49,7 +49,13 @@ WEIGHT_READERS: frozenset[str] = frozenset(
 ``F.linear``; ``quantize_model`` redirects those reads to the children's wrappers."""
 
 
-SWAP_WEIGHT_READERS: frozenset[str] = frozenset({"timm.models.eva.EvaAttention"})
+SWAP_WEIGHT_READERS: frozenset[str] = frozenset(
+    {
+        "timm.models.eva.EvaAttention",
+        "timm.models.beit.Attention",
+        "timm.models.swin_transformer_v2.WindowAttention",
+    }
+)
 """Qualified names of the module types whose ``F.linear(x, self.qkv.weight, bias)`` calls torch.fx sees
 (``method="fx"`` wraps them as functional layers, the attention's own operations quantized around them);
 only ``method="swap"`` redirects their reads."""
