@@ -909,3 +909,27 @@ def test_a_layer_called_twice_fuses_only_what_follows_every_call(same):
     assert isinstance(q.conv, tq.QWrapper) and ("bn1" in dict(q.named_children())) != same  # fused, or a QOp
     with torch.no_grad(), tq.qmodule_state(q, tq.QModuleState.BYPASSED):
         assert torch.allclose(q(x), ref, atol=1e-5), float((q(x) - ref).abs().max())
+
+
+class _OptionalMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, mask=None):
+        y = self.fc(x)
+        if mask is not None:  # a proxy is not None: the trace takes this branch
+            y = y * mask.view(1, -1)
+        return y
+
+
+def test_an_optional_argument_traced_as_given_is_warned_about_and_example_inputs_trace_without_it():
+    wf = lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0))  # noqa: E731
+    with pytest.warns(UserWarning, match=r"optional argument\(s\) 'mask' \(default None\) as given tensors"):
+        tq.quantize_model(_OptionalMask(), wf, None)
+    x = torch.randn(2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        q = tq.quantize_model(_OptionalMask(), wf, None, example_inputs=(x,))
+    with tq.qmodule_state(q, tq.QModuleState.BYPASSED), torch.no_grad():
+        assert q(x).shape == (2, 4)

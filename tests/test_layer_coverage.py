@@ -238,6 +238,20 @@ def _llama():
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
+def test_norm_outputs_quantizes_weightless_norms_too():
+    from transformers.models.olmo.modeling_olmo import OlmoLayerNorm  # non-parametric LayerNorm
+
+    cfg = transformers.OlmoConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=100, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+    )  # fmt: skip
+    net = transformers.OlmoForCausalLM(cfg).eval()
+    norms = [n for n, m in net.named_modules() if isinstance(m, OlmoLayerNorm)]
+    assert len(norms) == 5 and not is_normalization(net.get_submodule(norms[0]))  # no gain to fold a scale into
+    q = tq.quantize_model(net, wf8, af8, method="swap", norm_outputs=True)
+    assert all(isinstance(q.get_submodule(n), tq.QOp) for n in norms)
+
+
 @pytest.mark.parametrize("norm_outputs", [True, False], ids=["norm-outputs", "no-norm-outputs"])
 def test_llama_norm_outputs(norm_outputs):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm

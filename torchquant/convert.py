@@ -153,6 +153,24 @@ def unconverted_weights(
     return out
 
 
+def _warn_traced_optional_inputs(gm: nn.Module) -> None:
+    """Warn about forward arguments that default to ``None`` but were traced as given tensors.
+
+    Without example inputs torch.fx passes a proxy for every argument, so ``if mask is not None``
+    takes the branch that uses ``mask``: the converted model then fails when called without it.
+    """
+    used = [n.target for n in gm.graph.nodes if n.op == "placeholder" and n.args == (None,) and n.users]
+    if used:
+        names = ", ".join(repr(t) for t in used)
+        warnings.warn(
+            f"quantize_model: the trace took the forward's optional argument(s) {names} (default None) as given "
+            "tensors, so the converted model needs them; to convert it for calls without them, pass "
+            "example_inputs= as you call the model",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def float_layers(model: nn.Module, skip: tuple = ()) -> list[str]:
     """Qualified names of the modules whose weights stay float and that ``skip`` does not name (neither
     the module nor one above it): layers with weights (Linear, Conv, Embedding, ...) that no QModule
@@ -359,6 +377,8 @@ def quantize_model(
             example_args=examples,
         )
         place_quantizers(gm)
+        if example_inputs is None:
+            _warn_traced_optional_inputs(gm)
         setattr(gm, CONVERSIONS_ATTR, list(getattr(model, CONVERSIONS_ATTR, [])))
         record_conversion(
             gm,

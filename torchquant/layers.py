@@ -349,15 +349,17 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm, nn.GroupNor
 _NORM_SUFFIXES = ("RMSNorm", "LayerNorm")
 
 
-def is_normalization(module: nn.Module) -> bool:
+def is_normalization(module: nn.Module, *, weightless: bool = False) -> bool:
     """Whether ``module`` is a normalisation whose output ``quantize_model(..., norm_outputs=True)`` quantizes.
 
     That is an exact :data:`NORM_TYPES` instance, or a class of another package named
     ``*RMSNorm``/``*LayerNorm`` (Hugging Face's ``LlamaRMSNorm``, ``T5LayerNorm``) that
-    has a tensor ``weight`` and a ``forward`` taking one tensor.
+    has a tensor ``weight`` (or, with ``weightless=True``, none: OLMo's non-parametric
+    LayerNorm, whose output ``norm_outputs`` quantizes too) and a ``forward`` taking one tensor.
 
     Args:
         module: any module.
+        weightless: accept such a class without a weight (it has no gain to fold a scale into).
 
     Returns:
         ``True`` or ``False``.
@@ -365,7 +367,8 @@ def is_normalization(module: nn.Module) -> bool:
     cls = type(module)
     if cls in NORM_TYPES:
         return True
-    if not cls.__name__.endswith(_NORM_SUFFIXES) or not isinstance(getattr(module, "weight", None), Tensor):
+    has_weight = isinstance(getattr(module, "weight", None), Tensor)
+    if not cls.__name__.endswith(_NORM_SUFFIXES) or not (has_weight or weightless):
         return False
     try:
         params = list(inspect.signature(module.forward).parameters.values())

@@ -91,7 +91,7 @@ def _swap(module, prefix, wf, af, skip, fold_bn, norm_outputs, reasons: dict[str
             reasons[name] = FLOAT_LAYERS[type(child)]
         elif isinstance(child, LAYER_TYPES) and not child._modules:
             reasons[name] = f"{type(child).__name__} is a subclass of a supported layer, not the layer"
-        elif norm_outputs and is_normalization(child):
+        elif norm_outputs and is_normalization(child, weightless=True):
             module._modules[key] = _norm_qop(child, name, af)
         else:
             _swap(child, name + ".", wf, af, skip, fold_bn, norm_outputs, reasons)
