@@ -421,3 +421,21 @@ def test_gemma2_softcapped_scores_are_capped_in_the_eager_computation():
         tq.set_qmodule_state(model, S.QUANT_EVAL)
         quantized = model(input_ids=ids).logits
     assert sqnr_db(ref, quantized) > SQNR_8BIT_DB
+
+
+def test_clip_attention_which_names_its_scale_scale_is_quantized():
+    torch.manual_seed(0)
+    cfg = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=16, patch_size=8
+    )
+    model = transformers.CLIPVisionModel(cfg).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(pixel_values=x).last_hidden_state
+    found = quantize_attention(model, query=per_token(8), key=per_token(8), value=per_token(8))
+    assert [n.rpartition("encoder.")[2] for n in found] == ["layers.0.self_attn"]
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=x).last_hidden_state, ref)  # BYPASSED
+        tq.set_qmodule_state(model, S.QUANT_EVAL)
+        out = model(pixel_values=x).last_hidden_state
+    assert SQNR_8BIT_DB < sqnr_db(ref, out) < 200

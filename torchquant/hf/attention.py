@@ -361,9 +361,10 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The attention modules of a transformers model that call the attention interface, with their names.
 
     The rule: a module (not a ``PreTrainedModel``) holding a ``config`` that is a
-    ``PretrainedConfig`` and the ``scaling`` and ``is_causal`` attributes the interface's
-    kernels read. It finds the attention of Llama, Mistral, Qwen2, GPT-2, BERT, ViT and
-    Whisper (self- and cross-attention) and of the models built like them.
+    ``PretrainedConfig`` and the ``scaling`` (CLIP's, SigLIP's: ``scale``) and ``is_causal``
+    attributes the interface's kernels read. It finds the attention of Llama, Mistral, Qwen2,
+    GPT-2, BERT, ViT, CLIP, SigLIP and Whisper (self- and cross-attention) and of the models
+    built like them.
     """
     tf = _transformers()
     return [
@@ -371,7 +372,7 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         for name, m in model.named_modules()
         if not isinstance(m, (tf.PreTrainedModel, QModule))
         and isinstance(getattr(m, "config", None), tf.PretrainedConfig)
-        and hasattr(m, "scaling")
+        and (hasattr(m, "scaling") or hasattr(m, "scale"))  # CLIP's and SigLIP's name it scale
         and hasattr(m, "is_causal")
     ]
 
