@@ -273,6 +273,15 @@ def test_qop():
         QOp(3)
 
 
+def test_a_qop_on_an_operation_that_returns_a_number_passes_it_through():
+    # torch.fx puts a QOp on `H + 1` when a leaf module gets sizes (timm's XCiT positional encoding)
+    add = QOp(operator.add, acts_quantizer=AffineQuantizer(8, BatchMinMax()))
+    for state in (S.CALIBRATION, S.QUANT_AWARE_TRAIN, S.QUANT_EVAL):
+        with qmodule_state(add, state):
+            assert add(2, 1) == 3
+    assert not add.acts_quantizer.range_observer.initialized
+
+
 def test_state_dict_round_trip_every_mode_bit_identical(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(make_wrapper(), QOp(torch.flatten, AffineQuantizer(8, ExpAvgMinMax())))
