@@ -71,6 +71,12 @@ CASES = {
         lambda layer: layer.weight.t(),
         lambda layer, x, w: x @ w.t() + layer.bias,
     ),
+    "timm-linear": (  # an nn.Linear subclass whose forward is F.linear outside TorchScript (timm's heads)
+        lambda: pytest.importorskip("timm.layers.linear").Linear(16, 12),
+        lambda: torch.randn(2, 5, 16),
+        lambda layer: layer.weight,
+        lambda layer, x, w: F.linear(x, w, layer.bias),
+    ),
 }
 
 
@@ -144,7 +150,7 @@ def test_qat_gradient_reaches_the_weight_straight_through(case):
     (run(layer, x, wq) * g).sum().backward()  # the same loss with the quantized weight as a leaf
     assert layer.weight.grad is not None
     # min/max ranges cover every weight, so nothing is clipped: the STE passes the gradient unchanged
-    expected = wq.grad if case == "embedding" else wq.grad.t()
+    expected = wq.grad.t() if case == "hf-conv1d" else wq.grad  # Conv1D stores (in, out)
     assert torch.allclose(layer.weight.grad, expected, atol=1e-6)
 
 

@@ -159,7 +159,24 @@ def _warn_traced_optional_inputs(gm: nn.Module) -> None:
     Without example inputs torch.fx passes a proxy for every argument, so ``if mask is not None``
     takes the branch that uses ``mask``: the converted model then fails when called without it.
     """
-    used = [n.target for n in gm.graph.nodes if n.op == "placeholder" and n.args == (None,) and n.users]
+    graph = getattr(gm, "graph", None)
+    if graph is None:  # the whole model is one leaf
+        return
+
+    def needs_a_tensor(user: Any, arg: Any) -> bool:  # None would fail there: a method, an attribute, arithmetic
+        if user.op == "call_method":
+            return user.args[:1] == (arg,)
+        return (
+            user.op == "call_function"
+            and (user.target is getattr or getattr(user.target, "__module__", None) == "_operator")
+            and arg in user.args
+        )
+
+    used = [
+        n.target
+        for n in graph.nodes
+        if n.op == "placeholder" and n.args == (None,) and any(needs_a_tensor(u, n) for u in n.users)
+    ]
     if used:
         names = ", ".join(repr(t) for t in used)
         warnings.warn(

@@ -206,6 +206,8 @@ LAYER_ADAPTERS_BY_NAME: dict[str, LayerAdapter] = {
     "transformers.models.falcon.modeling_falcon.FalconLinear": LayerAdapter(
         _own_weight, _falcon_linear_forward, _linear_n_out, bn=nn.BatchNorm1d
     ),
+    # timm's Linear casts its parameters to the input's dtype under TorchScript only: F.linear otherwise.
+    "timm.layers.linear.Linear": LayerAdapter(_own_weight, _linear_forward, _linear_n_out, bn=nn.BatchNorm1d),
     "timm.layers.conv2d_same.Conv2dSame": LayerAdapter(
         _own_weight, _conv2d_same_forward, _conv_n_out, bn=nn.BatchNorm2d
     ),
