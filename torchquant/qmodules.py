@@ -194,11 +194,14 @@ def _recomputing() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
+_NUMBERS = (int, float, torch.SymInt, torch.SymFloat)  # not an fx Proxy: a traced tensor is quantized
+
+
 def _run_quantizer(q: Quantizer, x: Tensor, observe: bool, quantize: bool) -> Tensor:
-    if not isinstance(x, Tensor):  # a number a traced operation computed (a size, as XCiT's H + 1): no grid
+    if isinstance(x, _NUMBERS):  # a number a traced operation computed (a size, as XCiT's H + 1): no grid
         return x
     observe = observe and not _recomputing()
-    if x.numel() == 0:
+    if isinstance(x, Tensor) and x.numel() == 0:
         # An empty batch (a head given no detections, a rank whose data ran out): the output is
         # empty on any grid, so it needs no state. Observers still see it: they keep their state,
         # and one synchronised across ranks joins the all-reduce the other ranks are in.
