@@ -317,3 +317,17 @@ def test_a_model_compiled_before_its_first_batch_initializes_eagerly_and_matches
         y_eager.sum().backward()
     for p, q in zip(m.parameters(), eager.parameters(), strict=True):
         assert p.shape == q.shape and torch.allclose(p.grad, q.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: tq.LSQQuantizer(4), lambda: tq.LSQPlusQuantizer(3), lambda: tq.APoTQuantizer(4, tq.BatchMinMax())]
+)
+def test_an_object_pickled_with_n_bits_as_a_plain_attribute_loads(make):
+    q = make()
+    state = dict(q.__dict__)
+    state["n_bits"] = state.pop("_n_bits")  # how it was pickled before n_bits became a checked property
+    old = type(q).__new__(type(q))
+    old.__setstate__(state)
+    assert old.n_bits == q.n_bits
+    old.n_bits = 2
+    assert old.n_bits == 2

@@ -225,3 +225,35 @@ def test_activation_ranges_observed_before_smoothquant_are_reset_with_a_warning(
         tq.set_qmodule_state(m, S.QUANT_EVAL)
     with torch.no_grad():
         torch.testing.assert_close(q(x), fresh(x), rtol=0, atol=0)
+
+
+class _AttentionThenMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.norm = nn.LayerNorm(16)
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h, _ = self.mha(x, x, x)
+        return self.fc(self.norm(h))
+
+
+@pytest.mark.parametrize("algorithm", ["smoothquant", "awq"])
+def test_the_weight_ranges_of_multihead_attention_are_not_reset_as_activations(algorithm):
+    torch.manual_seed(0)
+    net = _AttentionThenMLP()
+    with torch.no_grad():
+        net.norm.weight[[1, 3]] = 30.0
+    w4 = lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0), symmetric=True)  # noqa: E731
+    q = tq.quantize_model(net, w4, None, method="swap")
+    x = torch.randn(4, 8, 16)
+    tq.calibrate(q, [x], progress=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # weight-only: nothing to reset, nothing to say
+        getattr(tq.ptq, algorithm)(q, [x], progress=False, blocks="")
+    assert q.mha.in_proj_quantizer.range_observer.initialized
+    tq.set_qmodule_state(q, S.QUANT_EVAL)
+    assert q(x).shape == (4, 8, 16)

@@ -58,6 +58,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -95,9 +96,8 @@ except ImportError:  # pragma: no cover - older flwr has none
 
 from ..distributed import merge_ranges, observers
 from ..granularity import Granularity
-from ..moe import QExperts
 from ..ptq import calibrate, reobserve_weights
-from ..qmodules import QModuleState, QWrapper, iter_qmodules
+from ..qmodules import QModuleState, iter_qmodules
 from ..quantizers import AffineGrid
 from ..range_observers import HistogramRangeObserver
 from ..spec import QuantizerSpec
@@ -668,6 +668,13 @@ def _calibrate(model: nn.Module, batches: Batches, num_batches: int) -> int:
     return seen
 
 
+def _own_rng() -> contextlib.AbstractContextManager:
+    """The torch random state of the CPU and of every initialised CUDA device, restored on exit: the apps
+    seed their own (``torch.manual_seed`` seeds every device) and leave the caller's as it was."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=devices)
+
+
 def _partition(context: Context) -> tuple[int, int]:
     cfg = context.node_config
     if "partition-id" not in cfg or "num-partitions" not in cfg:
@@ -744,7 +751,7 @@ def client_app(model_fn: ModelFn, data_fn: DataFn, config: FederatedConfig | Non
 
     @app.train("calibrate")
     def calibrate(msg: Message, context: Context) -> Message:
-        with torch.random.fork_rng(devices=[]):  # the seeding below stays in this handler
+        with _own_rng():  # the seeding below stays in this handler
             partition, partitions = _partition(context)
             seed(msg, partition)
             model, received = load(msg)
@@ -759,7 +766,7 @@ def client_app(model_fn: ModelFn, data_fn: DataFn, config: FederatedConfig | Non
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        with torch.random.fork_rng(devices=[]):
+        with _own_rng():
             partition, partitions = _partition(context)
             seed(msg, partition)
             model, received = load(msg)
@@ -957,7 +964,7 @@ class QuantizedFedAvg(FedAvg):
         self.model.load_state_dict(new)
         merge_observer_states(self.model, [self._observers(m) for m in valid])
         # The clients' weight ranges describe their own weights; the global grid must fit the average.
-        reobserve_weights(m for _, m in iter_qmodules(self.model) if isinstance(m, (QWrapper, QExperts)))
+        reobserve_weights(m for _, m in iter_qmodules(self.model))
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
         return self.global_arrays(), metrics
 
@@ -1005,7 +1012,7 @@ def server_app(
                 f"{_WHO}: server_app needs min_nodes={min_nodes} nodes to start a round, but the federation has "
                 f"{len(grid.get_node_ids())} (num_clients); lower min_nodes or add clients"
             )
-        with torch.random.fork_rng(devices=[]):  # the seeding below stays in this app
+        with _own_rng():  # the seeding below stays in this app
             _run_server(grid, context)
 
     def _run_server(grid: Grid, context: Context) -> None:

@@ -261,36 +261,5 @@ def capture(
     return torch.cat(xs), (torch.cat(ys) if want_output else None), kwargs
 
 
-def reset_activation_ranges(model: nn.Module, who: str) -> list[str]:
-    """Forget the activation ranges observed before ``who`` changed the activations (scaled or rotated them).
-
-    Every range observer of a quantizer that is not a weight quantizer (a QWrapper's, a
-    QExperts bank's) and has ranges is reset, with a warning naming them: they describe
-    inputs the model no longer computes, and an observer that keeps its widest range
-    would carry them into the next calibration. Returns the reset quantizers' names.
-    """
-    weights: set[int] = set()
-    for _, m in iter_qmodules(model):
-        if isinstance(m, QWrapper) and m.weight_quantizer is not None:
-            weights.add(id(m.weight_quantizer))
-        if isinstance(m, QExperts):
-            weights.update(id(q) for b in m.banks if (q := m.bank_quantizer(b)) is not None)
-    names = []
-    for name, m in iter_qmodules(model):
-        for attr, q in m.quantizers().items():
-            observer = getattr(q, "range_observer", None)
-            if id(q) not in weights and observer is not None and observer.initialized:
-                observer.reset()
-                names.append(f"{name}.{attr}")
-    if names:
-        warnings.warn(
-            f"{who}: {len(names)} activation quantizer(s) had ranges observed before {who} changed their inputs, "
-            f"now reset: calibrate after {who} (tq.calibrate); {first_names(names)}",
-            UserWarning,
-            stacklevel=3,
-        )
-    return names
-
-
 def weighted_wrappers(model: nn.Module) -> list[tuple[str, QWrapper]]:
     return [(n, m) for n, m in iter_qmodules(model) if isinstance(m, QWrapper)]

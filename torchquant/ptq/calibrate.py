@@ -9,12 +9,12 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..moe import QExperts
-from ..qmodules import QModuleState, QWrapper, iter_qmodules
+from ..qmodules import QModule, QModuleState, QWrapper, iter_qmodules
+from ..quantizers import Quantizer
 from ..utils import call_model, progress_bar, restoring_states
 from ._common import first_names, materialize, require_qmodules
 
-__all__ = ["UncalledQModulesWarning", "calibrate", "reobserve_weights"]
+__all__ = ["UncalledQModulesWarning", "calibrate", "reobserve_weights", "weight_quantizers"]
 
 
 class UncalledQModulesWarning(UserWarning):
@@ -181,17 +181,55 @@ def _warn_uncalled(model: nn.Module, names: list[str], read: dict[str, tuple[str
     )
 
 
-def reobserve_weights(modules: Iterable[QWrapper | QExperts]) -> None:
+def reobserve_weights(modules: Iterable[QModule]) -> None:
     """Recompute the weight ranges of ``modules`` that already have them, from their current weights.
 
     An algorithm that rewrites weights (scales, clipping) calls it so that a weight
     observer that had already seen the old weights (a running min/max keeps its widest
-    range) describes the new ones. A :class:`~torchquant.QExperts` has all its banks observed again.
+    range) describes the new ones. A :class:`~torchquant.QExperts` has all its banks observed
+    again, a :class:`~torchquant.QMultiheadAttention` both its projections; other QModules
+    hold no weight and are passed over.
     """
     for m in modules:
-        quantizers = [m.bank_quantizer(b) for b in m.banks] if isinstance(m, QExperts) else [m.weight_quantizer]
+        quantizers = weight_quantizers(m)
         observers = [o for q in quantizers if (o := getattr(q, "range_observer", None)) is not None and o.initialized]
         if observers:
             for o in observers:
                 o.reset()
             m.observe_weight()
+
+
+def weight_quantizers(m: QModule) -> list[Quantizer]:
+    """``m``'s weight quantizers: a QWrapper's ``weight_quantizer``, and those of the roles a QModule declares
+    in ``WEIGHT_ROLES`` (a QExperts' banks, a QMultiheadAttention's ``in_proj`` and ``out_proj``)."""
+    own = m.quantizers()
+    out = [own[f"{role}_quantizer"] for role in getattr(m, "WEIGHT_ROLES", ()) if f"{role}_quantizer" in own]
+    if isinstance(m, QWrapper) and m.weight_quantizer is not None:
+        out.append(m.weight_quantizer)
+    return out
+
+
+def reset_activation_ranges(model: nn.Module, who: str) -> list[str]:
+    """Forget the activation ranges observed before ``who`` changed the activations (scaled or rotated them).
+
+    Every range observer of a quantizer that is not a weight quantizer (:func:`weight_quantizers`)
+    and has ranges is reset, with a warning naming them: they describe inputs the model no
+    longer computes, and an observer that keeps its widest range would carry them into the
+    next calibration. Returns the reset quantizers' names.
+    """
+    names = []
+    for name, m in iter_qmodules(model):
+        weights = {id(q) for q in weight_quantizers(m)}
+        for attr, q in m.quantizers().items():
+            observer = getattr(q, "range_observer", None)
+            if id(q) not in weights and observer is not None and observer.initialized:
+                observer.reset()
+                names.append(f"{name}.{attr}")
+    if names:
+        warnings.warn(
+            f"{who}: {len(names)} activation quantizer(s) had ranges observed before {who} changed their inputs, "
+            f"now reset: calibrate after {who} (tq.calibrate); {first_names(names)}",
+            UserWarning,
+            stacklevel=3,
+        )
+    return names

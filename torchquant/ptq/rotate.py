@@ -74,7 +74,8 @@ from ..qmodules import HadamardTransform, QModuleState, QOp, QWrapper
 from ..quantizers import RangeQuantizer
 from ..serialize import register_conversion
 from ..utils import call_model, model_output, restoring_states
-from ._common import Snapshot, materialize, require_qmodules, reset_activation_ranges
+from ._common import Snapshot, materialize, require_qmodules
+from .calibrate import reset_activation_ranges
 from .registry import register_ptq_algorithm
 
 __all__ = ["QuaRotResult", "hadamard_factors", "hadamard_transform", "quarot", "random_hadamard"]

@@ -51,9 +51,8 @@ from ._common import (
     first_names,
     materialize,
     require_qmodules,
-    reset_activation_ranges,
 )
-from .calibrate import reobserve_weights
+from .calibrate import reobserve_weights, reset_activation_ranges
 from .registry import register_ptq_algorithm
 from .sequential import (
     OUTSIDE_BLOCKS,

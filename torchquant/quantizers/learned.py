@@ -91,6 +91,11 @@ class _IntRange:
         self._n_bits = check_n_bits(n_bits, type(self).__name__, low=2 if self.signed else 1, high=16)
         self.qn, self.qp = _int_range(self._n_bits, self.signed)
 
+    def __setstate__(self, state: dict) -> None:
+        if "n_bits" in state:  # pickled when n_bits was a plain attribute
+            state["_n_bits"] = state.pop("n_bits")
+        super().__setstate__(state)  # type: ignore[misc]
+
 
 @register_quantizer(
     "lsq",

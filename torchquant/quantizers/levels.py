@@ -236,5 +236,10 @@ class APoTQuantizer(_LevelQuantizer):
         self.codebook = codebook.to(self.codebook.device)
         self._n_bits = n_bits
 
+    def __setstate__(self, state: dict) -> None:
+        if "n_bits" in state:  # pickled when n_bits was a plain attribute
+            state["_n_bits"] = state.pop("n_bits")
+        super().__setstate__(state)
+
     def extra_repr(self) -> str:
         return f"n_bits={self.n_bits}, k={self.k}, signed={self.signed}"
