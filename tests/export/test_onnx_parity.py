@@ -107,7 +107,7 @@ MODELS = {
     "fx_timm_mobilenetv3_small_050": (
         lambda wf, af: tq.quantize_model(_timm("mobilenetv3_small_050", drop_rate=0.2).eval(), wf, af, method="fx"),
         (3, 32, 32),
-        "classifier.linear",
+        "classifier",  # timm's Linear head: a layer of its own (a layer adapter), not traced into
     ),
 }
 # id -> (weight bits, activation bits, per-channel weights, opset, signed weights)
