@@ -322,9 +322,25 @@ class QModule(nn.Module):
         if key in missing:  # saved before modes were recorded: the mode stays as it is
             missing.remove(key)
 
+    WEIGHT_ROLES: tuple[str, ...] = ()
+    """Roles whose quantizers (``<role>_quantizer``) quantize weights; the others quantize activations."""
+
     def quantizers(self) -> dict[str, Quantizer]:
         """This module's own quantizers by attribute name (``None`` ones left out)."""
         return {n: m for n, m in self.named_children() if isinstance(m, Quantizer)}
+
+    def weight_quantizers(self) -> list[Quantizer]:
+        """This module's weight quantizers (those of :attr:`WEIGHT_ROLES`), ``None`` ones left out.
+
+        Example:
+            >>> from torch import nn
+            >>> from torchquant import AffineQuantizer, BatchMinMax
+            >>> w = QWrapper(nn.Linear(4, 4), AffineQuantizer(8, BatchMinMax()), AffineQuantizer(8, BatchMinMax()))
+            >>> [type(q).__name__ for q in w.weight_quantizers()], len(w.quantizers())
+            (['AffineQuantizer'], 2)
+        """
+        own = self._modules
+        return [q for r in self.WEIGHT_ROLES if isinstance(q := own.get(f"{r}_quantizer"), Quantizer)]
 
     def _name_quantizers(self, owner: str) -> None:
         for attr, q in self.quantizers().items():
@@ -490,6 +506,7 @@ class QWrapper(QModule):
     """
 
     input_transform: nn.Module | None
+    WEIGHT_ROLES = ("weight",)
 
     def __init__(
         self,

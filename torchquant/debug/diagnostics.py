@@ -160,10 +160,7 @@ def sqnr_report(model: nn.Module, data: Data) -> Report:
                 continue
             seen.add(id(q))
             name = f"{owner}.{attr}" if owner else attr
-            weight_roles = getattr(m, "WEIGHT_ROLES", ())  # QMultiheadAttention's, QExperts' weight quantizers
-            role = attr.removesuffix("_quantizer")
-            is_weight = (isinstance(m, QWrapper) and q is m.weight_quantizer) or role in weight_roles
-            kind = "weight" if is_weight else "activation"
+            kind = "weight" if any(q is w for w in m.weight_quantizers()) else "activation"
             rows.append(
                 {"point": name, "kind": kind, "quantizer": type(q).__name__, "n_bits": getattr(q, "n_bits", None)}
             )

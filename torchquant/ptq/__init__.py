@@ -17,7 +17,7 @@ benchmarks find them.
 
 from .awq import AWQResult, awq
 from .bias_correction import bias_correction, expected_activation
-from .calibrate import UncalledQModulesWarning, calibrate, reobserve_weights, weight_quantizers
+from .calibrate import UncalledQModulesWarning, calibrate, reobserve_weights
 from .equalize import ChannelClip, EqualizationResult, equalize, find_layer_pairs, fold_qwrapper_batchnorm
 from .gptq import GPTQResult, gptq, gptq_quantize_weight
 from .reconstruction import (
@@ -76,5 +76,4 @@ __all__ = [
     "reobserve_weights",
     "smoothing_scales",
     "smoothquant",
-    "weight_quantizers",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -88,6 +88,20 @@ def warn_tied(tied: dict[QWrapper, list[str]], names: dict[nn.Module, str], who:
             UserWarning,
             stacklevel=3,
         )
+
+
+UNROUTED = "no calibration token was routed to this expert"
+"""Why an expert matrix is left as it was: the ``skipped`` reason GPTQ, AWQ and SmoothQuant give."""
+
+
+def warn_skipped(
+    skipped: Mapping[str, str], reason: str, what: str, who: str, hint: str = "see the result's skipped"
+) -> None:
+    """Warn about the entries of ``skipped`` whose reason starts with ``reason``, if any:
+    ``"{who}: {n} {what} ({their names}); {hint}"``, attributed to the caller of ``who``."""
+    keys = [k for k, why in skipped.items() if why.startswith(reason)]
+    if keys:
+        warnings.warn(f"{who}: {len(keys)} {what} ({first_names(keys)}); {hint}", UserWarning, stacklevel=3)
 
 
 def first_names(names: Sequence[str], n: int = 4) -> str:

@@ -56,7 +56,6 @@ were already observed are recomputed from the new weights).
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -67,12 +66,7 @@ from ..moe import QExperts, expert_inputs
 from ..qmodules import QModuleState, QWrapper, _run_quantizer
 from ..spec import describe
 from ..utils import model_output
-from ._common import (
-    all_or_nothing,
-    first_names,
-    materialize,
-    require_qmodules,
-)
+from ._common import UNROUTED, all_or_nothing, materialize, require_qmodules, warn_skipped
 from .calibrate import reobserve_weights, reset_activation_ranges
 from .registry import register_ptq_algorithm
 from .sequential import (
@@ -319,7 +313,6 @@ class _Unfollowed(Exception):
         self.banks = banks
 
 
-_UNROUTED = "no calibration token was routed to this expert"
 _UNFOLLOWED = "the experts' forward does not multiply by"
 
 
@@ -474,7 +467,7 @@ def _awq_experts(
         return {}, {}, {f"{name}.{b}[{i}]": why for b in banks for i in range(n_experts)}
     means, X, _ = found
     for bank in banks:
-        skipped.update({f"{name}.{bank}[{e}]": _UNROUTED for e in range(n_experts) if (bank, e) not in X})
+        skipped.update({f"{name}.{bank}[{e}]": UNROUTED for e in range(n_experts) if (bank, e) not in X})
     if "down_proj" in banks:
         for e in range(n_experts):
             key = f"{name}.down_proj[{e}]"
@@ -636,15 +629,8 @@ def awq(
                 clip_ratios.update(found[1])
                 skipped.update(found[2])
                 reobserve_weights([qe])
-    for reason, what in ((_UNROUTED, "received no calibration token"), (_UNFOLLOWED, "could not be followed")):
-        keys = [k for k, why in skipped.items() if why.startswith(reason)]
-        if keys:
-            warnings.warn(
-                f"awq: {len(keys)} expert matrices {what} and keep their round-to-nearest weights "
-                f"({first_names(keys)}); see the result's skipped",
-                UserWarning,
-                stacklevel=2,
-            )
+    for reason, what in ((UNROUTED, "received no calibration token"), (_UNFOLLOWED, "could not be followed")):
+        warn_skipped(skipped, reason, f"expert matrices {what} and keep their round-to-nearest weights", "awq")
     for name in layers_outside(model, inside, _awq_layer):
         skipped[name] = OUTSIDE_BLOCKS
     if exponents:  # scales folded into norms and layers: the activations changed (clipping alone changes none)

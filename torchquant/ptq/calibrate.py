@@ -9,12 +9,11 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..qmodules import QModule, QModuleState, QWrapper, iter_qmodules
-from ..quantizers import Quantizer
+from ..qmodules import QModule, QModuleState, iter_qmodules
 from ..utils import call_model, progress_bar, restoring_states
 from ._common import first_names, materialize, require_qmodules
 
-__all__ = ["UncalledQModulesWarning", "calibrate", "reobserve_weights", "weight_quantizers"]
+__all__ = ["UncalledQModulesWarning", "calibrate", "reobserve_weights"]
 
 
 class UncalledQModulesWarning(UserWarning):
@@ -191,7 +190,7 @@ def reobserve_weights(modules: Iterable[QModule]) -> None:
     hold no weight and are passed over.
     """
     for m in modules:
-        quantizers = weight_quantizers(m)
+        quantizers = m.weight_quantizers()
         observers = [o for q in quantizers if (o := getattr(q, "range_observer", None)) is not None and o.initialized]
         if observers:
             for o in observers:
@@ -199,27 +198,17 @@ def reobserve_weights(modules: Iterable[QModule]) -> None:
             m.observe_weight()
 
 
-def weight_quantizers(m: QModule) -> list[Quantizer]:
-    """``m``'s weight quantizers: a QWrapper's ``weight_quantizer``, and those of the roles a QModule declares
-    in ``WEIGHT_ROLES`` (a QExperts' banks, a QMultiheadAttention's ``in_proj`` and ``out_proj``)."""
-    own = m.quantizers()
-    out = [own[f"{role}_quantizer"] for role in getattr(m, "WEIGHT_ROLES", ()) if f"{role}_quantizer" in own]
-    if isinstance(m, QWrapper) and m.weight_quantizer is not None:
-        out.append(m.weight_quantizer)
-    return out
-
-
 def reset_activation_ranges(model: nn.Module, who: str) -> list[str]:
     """Forget the activation ranges observed before ``who`` changed the activations (scaled or rotated them).
 
-    Every range observer of a quantizer that is not a weight quantizer (:func:`weight_quantizers`)
-    and has ranges is reset, with a warning naming them: they describe inputs the model no
-    longer computes, and an observer that keeps its widest range would carry them into the
-    next calibration. Returns the reset quantizers' names.
+    Every range observer of a quantizer that is not a weight quantizer
+    (:meth:`~torchquant.QModule.weight_quantizers`) and has ranges is reset, with a warning
+    naming them: they describe inputs the model no longer computes, and an observer that keeps
+    its widest range would carry them into the next calibration. Returns the reset quantizers' names.
     """
     names = []
     for name, m in iter_qmodules(model):
-        weights = {id(q) for q in weight_quantizers(m)}
+        weights = {id(q) for q in m.weight_quantizers()}
         for attr, q in m.quantizers().items():
             observer = getattr(q, "range_observer", None)
             if id(q) not in weights and observer is not None and observer.initialized:

@@ -56,7 +56,6 @@ no calibration token reached keeps its float weights, rounded to nearest, and is
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -68,7 +67,15 @@ from ..moe import QExperts, expert_inputs
 from ..qmodules import QModuleState, QWrapper
 from ..quantizers import AffineGrid
 from ..utils import qmodule_state
-from ._common import all_or_nothing, first_names, materialize, require_qmodules, tied_weights, warn_tied
+from ._common import (
+    UNROUTED,
+    all_or_nothing,
+    materialize,
+    require_qmodules,
+    tied_weights,
+    warn_skipped,
+    warn_tied,
+)
 from .registry import register_ptq_algorithm
 from .sequential import Block, sequential_blocks
 
@@ -393,17 +400,11 @@ def gptq(
     )
     warn_tied({w: h for w, h in tied.items() if w.weight_quantizer is not None}, names, "gptq")
     for reason, what, hint in left_to_rtn:
-        keys = [k for k, why in skipped.items() if why == reason]
-        if keys:
-            warnings.warn(
-                f"gptq: {len(keys)} {what} and keep their round-to-nearest weights ({first_names(keys)}); {hint}",
-                UserWarning,
-                stacklevel=2,
-            )
+        warn_skipped(skipped, reason, f"{what} and keep their round-to-nearest weights", "gptq", hint)
     return GPTQResult(losses=losses, skipped=skipped)
 
 
-_NO_TOKENS = "no calibration token was routed to this expert (round to nearest)"
+_NO_TOKENS = f"{UNROUTED} (round to nearest)"
 _NEVER_CALLED = "never called by the forward pass (round to nearest)"
 
 

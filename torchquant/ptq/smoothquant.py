@@ -37,7 +37,6 @@ on the float model, block by block on the sequential engine.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -46,12 +45,7 @@ from torch import Tensor, nn
 
 from ..moe import QExperts, expert_inputs
 from ..qmodules import QModuleState, QWrapper
-from ._common import (
-    all_or_nothing,
-    first_names,
-    materialize,
-    require_qmodules,
-)
+from ._common import UNROUTED, all_or_nothing, materialize, require_qmodules, warn_skipped
 from .calibrate import reobserve_weights, reset_activation_ranges
 from .registry import register_ptq_algorithm
 from .sequential import (
@@ -66,8 +60,6 @@ from .sequential import (
 )
 
 __all__ = ["SmoothQuantResult", "smoothing_scales", "smoothquant"]
-
-_UNROUTED = "no calibration token was routed to this expert"
 
 
 @dataclass(frozen=True)
@@ -144,7 +136,7 @@ def _smooth_experts(
     for e in range(qe.layer._parameters["down_proj"].shape[0]):
         key = f"{name}.down_proj[{e}]"
         if e not in amax or not bool(amax[e].any()):  # Llama 4 gives unrouted experts zero rows
-            skipped[key] = _UNROUTED
+            skipped[key] = UNROUTED
             continue
         s = smoothing_scales(amax[e], qe.matrix("down_proj", e).detach().abs().amax(0).float(), alpha)
         fold_expert_scale(qe, e, up, s)
@@ -300,14 +292,9 @@ def smoothquant(
                     _smooth_experts(block, qe, name, float(alpha), folded, max_scale, skipped)
     for name in layers_outside(model, inside, _smoothable):
         skipped[name] = OUTSIDE_BLOCKS
-    unrouted = [k for k, why in skipped.items() if why.startswith(_UNROUTED)]
-    if unrouted:
-        warnings.warn(
-            f"smoothquant: {len(unrouted)} expert matrices received no calibration token and keep their input "
-            f"unscaled ({first_names(unrouted)}); see the result's skipped",
-            UserWarning,
-            stacklevel=2,
-        )
+    warn_skipped(
+        skipped, UNROUTED, "expert matrices received no calibration token and keep their input unscaled", "smoothquant"
+    )
     if folded:
         reset_activation_ranges(model, "smoothquant")
     return SmoothQuantResult(folded=folded, max_scale=max_scale, skipped=skipped)
