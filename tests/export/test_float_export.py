@@ -347,6 +347,26 @@ def test_fp4_weights_of_a_matmul_whose_input_is_a_float_format_activation(acts):
     _assert_exact(net, proto, x)
 
 
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "fp6_e2m3"])
+def test_signed_codes_of_a_narrow_format_moved_by_a_flatten_keep_their_sign(fmt):
+    # the codes feeding the product again after the Flatten are requantized in their own type, int8:
+    # without a zero point a QuantizeLinear makes uint8, and every negative activation read 0
+    torch.manual_seed(0)
+    net = nn.Sequential(tq.QOp(nn.Identity(), M(fmt, tq.RunningMinMax())), nn.Flatten(), nn.Linear(16, 4)).eval()
+    net[2] = tq.QWrapper(net[2], M(fmt, tq.BatchMinMax(axis=0)), None)
+    with tq.qmodule_state(net, S.CALIBRATION):
+        net(torch.randn(64, 4, 4))
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    x = torch.randn(8, 4, 4)
+    proto = _export(net, x[:1], opset=21)
+    requantize = [n for n in proto.graph.node if n.op_type == "QuantizeLinear" and "requantize" in n.name]
+    assert [a.i for n in requantize for a in n.attribute if a.name == "output_dtype"] == [TensorProto.INT8]
+    with torch.no_grad():
+        y = net(x).numpy()
+    for optimize in (False, True):  # the same products, summed in another order (a negative code read 0: 0.85)
+        np.testing.assert_allclose(_run(proto, x, optimize), y, rtol=0, atol=1e-6 * np.abs(y).max())
+
+
 def test_an_mx_quantizer_called_on_tensors_of_two_ranks():
     class TwoRanks(nn.Module):
         def __init__(self) -> None:

@@ -263,3 +263,68 @@ def test_per_group_weights_get_no_int_bias_and_float_weights_keep_their_bias():
         np.testing.assert_array_equal(entry["bias"], net[1].layer.bias.detach().numpy())
         assert "int_bias" not in entry and "input_point" not in entry
         assert entry["affine"] == act
+
+
+def _layer_after_a_point(layer: nn.Module, wq: tq.Quantizer, fold_bn: bool = False, bn: nn.Module | None = None):
+    """``input point -> QWrapper(layer[, bn])``, calibrated, in QUANT_EVAL."""
+    torch.manual_seed(0)
+    group = [layer] if bn is None else [layer, bn]
+    net = nn.Sequential(tq.QOp(nn.Identity(), tq.AffineQuantizer(8, tq.RunningMinMax())),
+                        tq.QWrapper(group, weight_quantizer=wq, fold_bn=fold_bn))  # fmt: skip
+    return net
+
+
+def test_weights_with_a_scale_per_input_channel_get_no_int_bias():
+    # the scale of a per-input-channel weight is not the accumulator scale of an output channel
+    for out in (16, 8):  # as many outputs as inputs: the scales would have broadcast against the bias
+        net = _layer_after_a_point(nn.Linear(16, out), tq.AffineQuantizer(8, tq.BatchMinMax(axis=1)))
+        x = torch.randn(32, 16)
+        tq.calibrate(net, [x], progress=False)
+        tq.set_qmodule_state(net, S.QUANT_EVAL)
+        entry = tq.export.integer_params(net, x)["1.weight_quantizer"]
+        assert entry["scale"].shape == (1, 16)
+        assert "int_bias" not in entry and "bias_scale" not in entry and "input_point" not in entry
+        np.testing.assert_array_equal(entry["bias"], net[1].layer.bias.detach().numpy())
+
+
+def test_a_folded_batchnorm_gives_the_folded_bias_and_the_layer_is_rebuilt():
+    bn = nn.BatchNorm1d(8)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    net = _layer_after_a_point(nn.Linear(16, 8), tq.AffineQuantizer(8, tq.BatchMinMax(axis=0)), True, bn).eval()
+    x = torch.randn(32, 16)
+    tq.calibrate(net, [x], progress=False)
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    p = tq.export.integer_params(net, x)
+    w, inp = p["1.weight_quantizer"], p["0.acts_quantizer"]
+    assert w["input_point"] == "0.acts_quantizer"
+    with torch.no_grad():
+        x_in, y = net[0](x), net(x)
+    x_int = np.clip(np.round(x_in.numpy() / inp["scale"]) + inp["zero_point"], inp["qmin"], inp["qmax"])
+    acc = (x_int - inp["zero_point"]) @ (w["int_weight"] - w["zero_point"].reshape(-1, 1)).T
+    np.testing.assert_allclose(acc * w["bias_scale"] + w["bias"], y.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose((acc + w["int_bias"]) * w["bias_scale"], y.numpy(), rtol=0,
+                               atol=0.5 * w["bias_scale"].max() + 1e-5)  # fmt: skip
+
+
+def test_weight_codes_are_those_of_the_quantizers_own_rounding():
+    # AdaRound rounds each weight up or down as learned, not to the nearest point of its grid
+    from torchquant.quantizers import AdaRoundQuantizer
+
+    net = _layer_after_a_point(nn.Linear(16, 8), tq.AffineQuantizer(4, tq.BatchMinMax(axis=0), symmetric=True))
+    x = torch.randn(32, 16)
+    tq.calibrate(net, [x], progress=False)
+    wrapper = net[1]
+    ada = AdaRoundQuantizer(wrapper.weight_quantizer.grid(), wrapper.weight_to_quantize(), soft=False)
+    with torch.no_grad():
+        ada.alpha.copy_(torch.randn_like(ada.alpha))
+    wrapper.weight_quantizer = ada
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    entry = tq.export.integer_params(net, x)["1.weight_quantizer"]
+    with torch.no_grad():
+        simulated = wrapper.quantized_weight().numpy()
+        nearest = torch.round(wrapper.weight_to_quantize() / ada.scale).numpy()
+    assert not np.array_equal(entry["int_weight"], nearest)  # the learned rounding moved some codes
+    codes = (entry["int_weight"] - entry["zero_point"]).astype(np.float32)
+    np.testing.assert_array_equal(codes * entry["scale"], simulated)

@@ -252,6 +252,23 @@ def test_4bit_activation_read_by_maxpool_is_stored_in_8_bits(through):
     assert np.abs(_run(proto, x) - ref).max() <= step * 1.01  # loads and runs in onnxruntime
 
 
+def test_4bit_activation_read_by_a_conv_with_8bit_weights_loads_and_matches():
+    # onnxruntime fuses DequantizeLinear(uint4) -> Conv <- DequantizeLinear(int8) into a QLinearConv, which
+    # takes no 4-bit input: stored as 4 bits, the model did not load
+    torch.manual_seed(0)
+    net = nn.Sequential(tq.QOp(nn.Identity(), tq.AffineQuantizer(4, tq.RunningMinMax())), nn.Conv2d(3, 8, 3))
+    net[1] = tq.QWrapper(net[1], tq.AffineQuantizer(8, tq.BatchMinMax(axis=0), symmetric=True))
+    with torch.no_grad(), tq.qmodule_state(net, S.CALIBRATION):
+        net(torch.randn(16, 3, 8, 8))
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    x = torch.randn(4, 3, 8, 8)
+    proto = tq.export.to_onnx(net, x[:1], opset=21)
+    (q,) = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert _inits(proto)[q.input[2]].data_type == onnx.TensorProto.UINT8
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(proto, x), net(x).numpy(), rtol=0, atol=1e-5)
+
+
 class _WrongGridQuantizer(tq.AffineQuantizer):
     """Quantizes like AffineQuantizer, but grid() returns a scale that does not fit the weight."""
 
@@ -617,3 +634,27 @@ def test_a_half_precision_model_exports_as_its_float32_twin(dtype):
     report = tq.export.check_parity(half, proto, x.to(dtype))  # against the float32 copy, as exported
     assert report.passed(), report.failures()
     assert all(a.max_steps == 0 for a in report.points.values())
+
+
+def test_weights_of_a_learned_rounding_are_stored_as_rounded_by_it():
+    # AdaRound (hard) rounds each weight up or down as learned: its codes, not the grid's nearest points
+    from torchquant.quantizers import AdaRoundQuantizer
+
+    net = _calibrated(lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0), symmetric=True), None)
+    fc = net[4]
+    ada = AdaRoundQuantizer(fc.weight_quantizer.grid(), fc.weight_to_quantize(), soft=False)
+    with torch.no_grad():
+        ada.alpha.copy_(torch.randn_like(ada.alpha))
+    fc.weight_quantizer = ada
+    tq.set_qmodule_state(net, S.QUANT_EVAL)
+    x = torch.randn(8, 3, 4, 4)
+    proto = tq.export.to_onnx(net, x[:1])
+    inits = {k.split("/")[-1]: numpy_helper.to_array(t) for k, t in _inits(proto).items() if k.startswith("4.weight")}
+    codes = inits["int_weight"].astype(np.int64) - inits["zero_point"].astype(np.int64).reshape(-1, 1)
+    with torch.no_grad():
+        expected = torch.round(fc.quantized_weight() / ada.scale).to(torch.int64).numpy()
+        nearest = torch.round(fc.weight_to_quantize() / ada.scale).to(torch.int64).numpy()
+        y = net(x).numpy()
+    np.testing.assert_array_equal(codes.reshape(expected.shape), expected)
+    assert not np.array_equal(codes.reshape(expected.shape), nearest)
+    np.testing.assert_allclose(_run(proto, x), y, rtol=0, atol=1e-5)

@@ -13,9 +13,11 @@ model, plain NumPy arrays and numbers::
           "int_weight": int64 codes in [qmin, qmax], shaped as QWrapper.weight_view()
               ((out, in, ...): the layer's weight, transposed for Hugging Face's Conv1D;
               with BatchNorm folded in for a ``fold_bn=True`` wrapper),
-          "bias": float32 (C_out,) or absent,
+          "bias": float32 (C_out,) or absent (with ``fold_bn=True`` the folded bias: the layer's
+              and the BatchNorm's shift),
           "input_point": name of the per-tensor quantization point feeding the layer (its own
-              input_quantizer if it has one), or absent; absent for per-group weights,
+              input_quantizer if it has one), or absent; absent for per-group weights and weights
+              with one scale per input channel (no single accumulator scale per output channel),
           "int_bias": int64 (C_out,): round(bias / (input_scale * weight_scale)), or absent,
           "bias_scale": float64 (C_out,): input_scale * weight_scale, or absent,
       },
@@ -137,7 +139,8 @@ def integer_params(
                 if kind == "weight":
                     who = f"integer_params: quantizer {p.name!r} ({type(p.quantizer).__name__})"
                     with torch.no_grad():
-                        entry["codes"] = to_numpy(levels.codes(_weight(weight_of[p.name]), who), np.int64)
+                        q = p.quantizer.quantize(_weight(weight_of[p.name]))  # its rounding (AdaRound's)
+                        entry["codes"] = to_numpy(levels.codes(q, who), np.int64)
             bias = _bias(weight_of[p.name]) if kind == "weight" else None
             if bias is not None:
                 entry["bias"] = to_numpy(bias, np.float32)
@@ -158,7 +161,7 @@ def integer_params(
             w, bias = weight_of[p.name]
             with torch.no_grad():
                 who = f"integer_params: quantizer {p.name!r} ({type(p.quantizer).__name__})"
-                entry["int_weight"] = to_numpy(grid.to_int(w, who), np.int64)
+                entry["int_weight"] = to_numpy(grid.to_int(p.quantizer.quantize(w), who), np.int64)
                 if bias is not None:
                     entry["bias"] = to_numpy(bias, np.float32)
         elif kind == "weight":
@@ -166,13 +169,16 @@ def integer_params(
             with torch.no_grad():
                 w = wrapper.weight_to_quantize()  # (out, in, ...); BatchNorm folded with fold_bn=True
                 who = f"integer_params: quantizer {p.name!r} ({type(p.quantizer).__name__})"
-                entry["int_weight"] = to_numpy(grid.to_int(w, who), np.int64)
-                bias = getattr(wrapper.layer, "bias", None)
-                if bias is not None and not wrapper.fold_bn:
+                # the codes of the simulated weight: a quantizer may round other than to nearest (AdaRound)
+                entry["int_weight"] = to_numpy(grid.to_int(p.quantizer.quantize(w), who), np.int64)
+                bias = _bias(wrapper)
+                if bias is not None:
                     entry["bias"] = to_numpy(bias, np.float32)
                     feeder = feeders.get(p.owner)
-                    # per group, no single accumulator scale per output channel: no int_bias
-                    if feeder is not None and g.group_size is None:  # once every point is done (module order)
+                    # per group or per input channel (axis 1 of the (out, in, ...) weight), no single accumulator
+                    # scale per output channel: no int_bias
+                    per_output = g.group_size is None and g.axis in (None, 0)
+                    if feeder is not None and per_output:  # once every point is done (module order)
                         biased.append((p.name, bias, grid.scale, feeder, who))
         out[p.name] = entry
     for name, bias, w_scale, feeder, who in biased:
@@ -181,11 +187,15 @@ def integer_params(
 
 
 def _bias(owner: QWrapper | tuple[Tensor, Tensor | None]) -> Tensor | None:
-    """The float bias of a weight point's layer (none with ``fold_bn=True``: the BatchNorm's shift makes it)."""
+    """The float bias of a weight point's layer; with ``fold_bn=True`` the folded one (the layer's bias, if any,
+    and the BatchNorm's shift, with the running statistics)."""
     if isinstance(owner, tuple):
         return owner[1]
+    if owner.fold_bn:
+        with torch.no_grad():
+            return owner._folded_params()[1]
     bias = getattr(owner.layer, "bias", None)
-    return bias if isinstance(bias, Tensor) and not owner.fold_bn else None
+    return bias if isinstance(bias, Tensor) else None
 
 
 def _weight(owner: QWrapper | tuple[Tensor, Tensor | None]) -> Tensor:

@@ -194,10 +194,13 @@ class _Stub(nn.Module):
             except ValueError as e:
                 raise _GridMismatch(str(e)) from None
             with torch.no_grad():
+                # the codes of the simulated values: a quantizer may round other than to the nearest
+                # point of its grid (AdaRound's learned rounding)
+                q = rec.quantizer.quantize(x.detach())
                 if rec.grid is not None:
-                    rec.codes = rec.grid.to_int(x.detach(), who)
+                    rec.codes = rec.grid.to_int(q, who)
                 else:
-                    rec.codes = rec.levels.codes(x.detach(), who)  # type: ignore[union-attr]
+                    rec.codes = rec.levels.codes(q, who)  # type: ignore[union-attr]
         return _QuantPointFn.apply(x, self.idx)
 
 
@@ -600,7 +603,9 @@ def _lower_quant_points(proto, records: list[_Record], opset: int, who: str, sig
         ot = onnx_type_for_grid(grid, opset, prefer_signed=signed_weights and const is not None)
         if ot is not None and ot.name in ("int4", "uint4") and const is None:
             narrower = (grid.qmin - ot.shift, grid.qmax - ot.shift) != (ot.lo, ot.hi)  # 1 to 3 bits
-            if narrower or _reaches_maxpool(y, consumers):  # ONNX has no Clip on 4-bit types
+            # ONNX has no Clip on 4-bit types; onnxruntime has no 4-bit MaxPool, and fuses a 4-bit activation
+            # into a QLinearConv with 8-bit weights, which it then refuses to load
+            if narrower or _reaches(y, consumers, ("MaxPool", "Conv", "ConvTranspose")):
                 ot = _widened(ot)
         if grid.granularity.group_size is not None and opset < 21:
             ot = None
@@ -698,13 +703,13 @@ def _summed_over(name: str, axis: int, rank: int, consumers: dict[str, list]) ->
     return False
 
 
-def _reaches_maxpool(name: str, consumers: dict[str, list]) -> bool:
-    """Whether tensor ``name`` feeds a ``MaxPool``, directly or through shape-only ops."""
+def _reaches(name: str, consumers: dict[str, list], ops: tuple[str, ...]) -> bool:
+    """Whether tensor ``name`` feeds one of ``ops``, directly or through shape-only ops."""
     todo, seen = [name], set()
     while todo:
         t = todo.pop()
         for n in consumers.get(t, []):
-            if n.op_type == "MaxPool":
+            if n.op_type in ops:
                 return True
             if n.op_type in _SHAPE_OPS and n.output[0] not in seen:
                 seen.add(n.output[0])
@@ -716,7 +721,8 @@ def _widened(ot: OnnxType) -> OnnxType:
     """The 8-bit type of the same signedness and shift as 4-bit ``ot`` (the codes are then clipped).
 
     onnxruntime (1.32) turns ``DequantizeLinear -> MaxPool`` into a ``MaxPool`` on the
-    integers, and has no 4-bit ``MaxPool``: the model would not load. Stored in 8 bits,
+    integers, and has no 4-bit ``MaxPool``, and ``DequantizeLinear -> Conv`` with 8-bit
+    weights into a ``QLinearConv``, which takes no 4-bit input: the model would not load. Stored in 8 bits,
     with ``Clip`` to the 4-bit range after ``QuantizeLinear``, the values are the same.
     """
     onnx = _require_onnx()
@@ -1237,11 +1243,12 @@ def _requantize_moved_inputs(graph) -> None:
     """
     import functools
 
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     producer = {o: n for n in graph.node for o in n.output}
     inits = {t.name: t for t in graph.initializer}
     consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+    integer_types = {getattr(TensorProto, t) for t in ("INT4", "UINT4", "INT8", "UINT8", "INT16", "UINT16")}
 
     def array(name: str) -> np.ndarray | None:
         t = _constant_value(name, inits, consts)
@@ -1265,11 +1272,16 @@ def _requantize_moved_inputs(graph) -> None:
             if scale is None or scale.size != 1 or (zp is not None and zp.size != 1):
                 return None
             quantize = producer.get(node.input[0])
-            typed = quantize is not None and any(a.name == "output_dtype" for a in quantize.attribute)
-            if typed or (zp is not None and zp.dtype.name.startswith("float")):
-                return None  # a float8 grid (its type not given by a zero point): no integer product to feed
+            if quantize is not None and quantize.op_type == "Clip":  # codes of a narrower grid in a wider type
+                quantize = producer.get(quantize.input[0])
+            attrs = {} if quantize is None else {a.name: a.i for a in quantize.attribute}
+            typed = attrs.get("output_dtype")
+            if typed is not None and typed not in integer_types:
+                return None  # a float8 grid: no integer product to feed
+            if zp is not None and zp.dtype.name.startswith("float"):
+                return None  # a float8 grid given by its zero point's type
             return (node.input[1], node.input[2] if zp is not None else "", (float(scale.item()),
-                    None if zp is None else (int(zp.item()), zp.dtype.str)))  # fmt: skip
+                    None if zp is None else (int(zp.item()), zp.dtype.str), typed))  # fmt: skip
         if node.op_type in MOVES:
             return grid_of(node.input[0], depth + 1)
         if node.op_type == "Pad":  # zero padding: 0 is on every affine grid (the zero point)
@@ -1314,11 +1326,13 @@ def _requantize_moved_inputs(graph) -> None:
                 continue
             name = node.input[i]
             if name not in pairs:
-                s_name, z_name, _ = grid
+                s_name, z_name, (_, _, typed) = grid
                 base = f"{REQUANTIZE}/{name}"
                 ins = [s_name, z_name] if z_name else [s_name]
+                # without a zero point the type is uint8 unless given: give the codes' own type
+                kw = {"output_dtype": typed} if typed is not None and not z_name else {}
                 pairs[name] = [
-                    helper.make_node("QuantizeLinear", [name, *ins], [f"{base}/q"], f"{base}/quantize"),
+                    helper.make_node("QuantizeLinear", [name, *ins], [f"{base}/q"], f"{base}/quantize", **kw),
                     helper.make_node("DequantizeLinear", [f"{base}/q", *ins], [f"{base}/dq"], f"{base}/dequantize"),
                 ]
             node.input[i] = pairs[name][1].output[0]
