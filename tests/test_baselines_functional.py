@@ -281,6 +281,19 @@ def test_lsq_gradients_by_hand():
     assert s.grad.item() == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("offset", [None, 0.0], ids=["lsq", "lsq+"])
+def test_lsq_gradients_at_the_ends_of_the_range_are_the_clipped_ones(offset):
+    # eq. 3 of Esser et al.: v <= -Q_N gives -Q_N and v >= Q_P gives Q_P, and x no gradient there
+    x = torch.tensor([-1.0, 0.5, -0.25], requires_grad=True)
+    s = torch.tensor(0.5, requires_grad=True)
+    b = None if offset is None else torch.tensor(offset, requires_grad=True)
+    lsq_quantize(x, s, b, 2, 1).backward(torch.tensor([1.0, 2.0, 4.0]))  # v = [-2, 1, -0.5]: both ends
+    assert x.grad.tolist() == [0.0, 0.0, 4.0]
+    assert s.grad.item() == 1 * -2 + 2 * 1 + 4 * (-0.0 - -0.5)  # round(-0.5) = -0 (half to even)
+    if b is not None:
+        assert b.grad.item() == 1.0 + 2.0
+
+
 def test_lsq_gradients_equal_autograd_of_the_papers_forward():
     x = torch.randn(4, 50, requires_grad=True)
     s = torch.tensor([[0.3], [0.2], [0.5], [0.1]], requires_grad=True)

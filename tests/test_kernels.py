@@ -197,6 +197,22 @@ def test_affine_quantizer_forward_and_backward_match_the_cpu(route, gran, grid, 
     _quantizer_matches_the_cpu(route, q, dtype, straight_through=not GRIDS[grid].get("gradient_clip"))
 
 
+@pytest.mark.parametrize("grid", ["asym", "sym", "pow2"])
+def test_a_range_wider_than_float32_holds_gives_a_finite_grid(route, grid):
+    # max - min overflows for finite ends 3e38 apart: delta was inf and every output NaN
+    def huge(obs):
+        obs.min_val.fill_(-3e38)
+        obs.max_val.fill_(3e38)
+
+    q = tq.AffineQuantizer(8, tq.BatchMinMax(), **GRIDS[grid])
+    _quantizer_matches_the_cpu(route, q, torch.float32, straight_through=True, set_ranges=huge)
+    delta, _ = q.qparams()
+    assert torch.isfinite(delta).all() and delta.item() > 3e38 / 255
+    x = torch.tensor([-3e38, -1e37, 1.0, 2e38, 3e38])
+    y = q(x)
+    assert torch.isfinite(y).all() and (y - x).abs().max() <= delta  # the zero point rounds: half a step more
+
+
 def _near_powers_of_two(obs) -> None:
     # Ranges at and just below powers of two, where a rounded log2 picks the next exponent
     # (the maxima made small, so that the minima decide max(|min|, |max|)).
@@ -483,6 +499,27 @@ def test_lsq_forward_and_gradients_match_the_cpu(route, case, dtype):
     torch.testing.assert_close(sk.grad.cpu(), step.grad, rtol=1e-5, atol=1e-6)
     if offset is not None:
         torch.testing.assert_close(ok.grad.cpu(), offset.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("offset", [None, 0.25], ids=["lsq", "lsq+"])
+def test_lsq_gradients_at_the_ends_of_the_range_match_the_cpu(route, offset):
+    # v exactly -qn or qp: the clipped gradients (eq. 3's non-strict cases)
+    x = torch.tensor([-2.0, 1.5, 0.3, -0.7]).requires_grad_()  # v = x / 0.5 - 0.5 with the offset
+    step = torch.tensor(0.5, requires_grad=True)
+    b = torch.tensor(offset, requires_grad=True) if offset is not None else None
+    if b is not None:
+        x = (x.detach() + 0.25).requires_grad_()
+    grad = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    lsq_quantize(x, step, b, 4, 3).backward(grad)
+    assert x.grad.tolist()[:2] == [0.0, 0.0]
+    xk, sk = route.to(x), route.to(step)
+    bk = route.to(b) if b is not None else None
+    with route.on() as calls:
+        lsq_quantize(xk, sk, bk, 4, 3).backward(route.to(grad))
+    assert calls["n"] > 0
+    assert same(xk.grad, x.grad) and same(sk.grad, step.grad)
+    if b is not None:
+        assert same(bk.grad, b.grad)
 
 
 @pytest.mark.parametrize("cls", [tq.LSQQuantizer, tq.LSQPlusQuantizer], ids=["lsq", "lsq+"])

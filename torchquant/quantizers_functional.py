@@ -215,7 +215,8 @@ def affine_qparams(
 
     The range is widened to include 0 (``[-max|r|, max|r|]`` when ``symmetric``), then
     ``delta = max((max - min) / (n_levels - 1), eps)`` (float32 machine epsilon, so a zero
-    range stays finite), rounded up to a power of two when ``power_of_two``, and
+    range stays finite; a range below ``(n_levels - 1) * eps``, about ``3e-5`` at 8 bits, is
+    coarsened to that step, as in ``torch.ao``), rounded up to a power of two when ``power_of_two``, and
     ``zero_point = round(-min / delta)``, or ``fixed_zero_point`` when given.
 
     Args:
@@ -238,7 +239,10 @@ def affine_qparams(
     if symmetric:
         mx = torch.maximum(-mn, mx)
         mn = -mx
-    delta = ((mx - mn) / (n_levels - 1)).clamp_(min=_EPS)
+    span, k = mx - mn, n_levels - 1
+    # a range wider than float32 can hold (finite ends 3e38 apart): divided first, delta stays finite
+    delta = torch.where(torch.isinf(span) & torch.isfinite(mn) & torch.isfinite(mx), mx / k - mn / k, span / k)
+    delta = delta.clamp_(min=_EPS)
     if power_of_two:
         delta = _next_power_of_two(delta)
     if fixed_zero_point is None:
@@ -785,10 +789,10 @@ def _lsq_grads(
     grad: Tensor, v: Tensor, q: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int, grad_scale: float
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """LSQ's gradients for ``(x, step, offset)`` from the saved ``v`` and ``q`` (``None`` for no offset)."""
-    inside = (v >= -qn) & (v <= qp)
+    inside = (v > -qn) & (v < qp)
     g = grad.to(v.dtype)
-    # Esser et al. 2020, eq. 3: d out / d x = 1 inside the range, 0 outside;
-    # d out / d step = round(v) - v inside, -qn below, qp above; times the gradient scale.
+    # Esser et al. 2020, eq. 3: d out / d x = 1 strictly inside the range, 0 outside and at its ends;
+    # d out / d step = round(v) - v inside, -qn at or below, qp at or above; times the gradient scale.
     gx = (g * inside).to(grad.dtype)
     gs = (g * torch.where(inside, q - v, q)).sum_to_size(step.shape) * grad_scale
     gb = None
@@ -831,10 +835,10 @@ def lsq_quantize(x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: in
 
     Returns:
         Tensor of ``x``'s shape and dtype. Backward (Esser et al. 2020, eq. 3;
-        Bhalgat et al. 2020): ``x`` gets the gradient where ``-qn <= v <= qp``;
+        Bhalgat et al. 2020): ``x`` gets the gradient where ``-qn < v < qp``;
         ``step`` gets ``g * sum(grad * (round(v) - v))`` inside, ``-qn`` / ``qp``
-        times the gradient outside; ``offset`` gets ``g * sum(grad)`` over the
-        clipped elements.
+        times the gradient at or beyond the ends; ``offset`` gets ``g * sum(grad)``
+        over the clipped elements (the ends included).
 
     Example:
         >>> lsq_quantize(torch.tensor([0.26, -1.0, 9.0]), torch.tensor(0.5), None, 2, 1)

@@ -56,7 +56,10 @@ def _qparams(mn, mx, nlm1, fixed_zp, SYMMETRIC: tl.constexpr, POW2: tl.constexpr
     if SYMMETRIC:
         mx = tl.maximum(-mn, mx)
         mn = -mx
-    delta = tl.math.div_rn(mx - mn, nlm1)
+    span = mx - mn
+    # a range wider than float32 can hold (finite ends): divided first, delta stays finite
+    wide = (span == float("inf")) & (mx < float("inf")) & (mn > -float("inf"))
+    delta = tl.where(wide, tl.math.div_rn(mx, nlm1) - tl.math.div_rn(mn, nlm1), tl.math.div_rn(span, nlm1))
     delta = tl.maximum(delta, 1.1920928955078125e-07)  # float32 eps
     if POW2:
         delta = _next_power_of_two(delta)
@@ -276,7 +279,7 @@ def _lsq_bwd_kernel(g_ptr, x_ptr, gx_ptr, ts_ptr, tb_ptr, s_ptr, b_ptr, n, qn, q
     q = _round_half_even(v)
     q = tl.where(q < -qn, -qn, q)
     q = tl.where(q > qp, qp, q)
-    inside = (v >= -qn) & (v <= qp)
+    inside = (v > -qn) & (v < qp)
     tl.store(gx_ptr + offs, g * inside.to(tl.float32), mask=mask)
     tl.store(ts_ptr + offs, g * tl.where(inside, q - v, q), mask=mask)
     if OFFSET:

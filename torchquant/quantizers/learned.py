@@ -113,9 +113,9 @@ class LSQQuantizer(_IntRange, LearnedQuantizer):
     ``Q_P = 2 ** (b - 1) - 1`` signed, ``Q_N = 0``, ``Q_P = 2 ** b - 1`` unsigned.
 
     Gradient (the paper's eq. 3, rounding passed straight through): ``x``
-    gets the incoming gradient where ``-Q_N <= x / s <= Q_P``, 0 elsewhere;
+    gets the incoming gradient where ``-Q_N < x / s < Q_P``, 0 elsewhere;
     ``s`` gets ``g * sum(grad * d)`` with ``d = round(x / s) - x / s`` inside the
-    range, ``-Q_N`` below and ``Q_P`` above, and the gradient scale
+    range, ``-Q_N`` at or below it and ``Q_P`` at or above it, and the gradient scale
     ``g = 1 / sqrt(N * Q_P)`` where ``N`` is the number of elements that share
     one step (per channel for per-channel). For activations ``N`` counts every
     element of the batch the step quantizes (the paper's ``N_F`` counts the
