@@ -192,3 +192,59 @@ def test_wrappers_sharing_one_layer_keep_its_bias():
     with pytest.warns(UserWarning, match="2 wrappers share their layer.*: 2, 4"):
         tq.ptq.bias_correction(q, [x], progress=False)
     assert torch.equal(shared.bias, bias)
+
+
+def _mean_shift(m, x, ref, mode):
+    with torch.no_grad(), tq.qmodule_state(m, mode):
+        q = torch.cat([m(b) for b in x])
+    dims = [d for d in range(q.dim()) if d != (1 if q.dim() > 2 else q.dim() - 1)]
+    return (q - ref).mean(dims).abs().max().item()
+
+
+@pytest.mark.parametrize("fold_bn", [True, False], ids=["fold_bn", "folded-before"])
+def test_a_batchnorm_folded_by_the_wrapper_is_corrected_in_folded_units(fold_bn):
+    # the quantizer sees W * gamma / sigma, and the layer's bias reaches the output times gamma / sigma
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.01, 0.05)
+        bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1)
+        bn.weight[0] = 0.0  # a dead channel: nothing to correct, its bias untouched
+    w = tq.QWrapper([conv, bn], weight_quantizer=tq.AffineQuantizer(3, tq.BatchMinMax()), fold_bn=fold_bn)
+    m = nn.Sequential(w).eval()
+    if not fold_bn:
+        m = tq.fold_batchnorm(m)
+    x = [torch.rand(32, 3, 8, 8) * 2 for _ in range(2)]
+    with torch.no_grad(), tq.qmodule_state(m, tq.QModuleState.BYPASSED):
+        ref = torch.cat([m(b) for b in x])
+    mode = tq.QModuleState.QUANT_EVAL_WEIGHT_ONLY
+    tq.calibrate(m, x, mode=tq.QModuleState.CALIBRATION_WEIGHT_ONLY, progress=False)
+    before = _mean_shift(m, x, ref, mode)
+    bias0 = m[0].layer.bias[0].item()
+    tq.ptq.bias_correction(m, x, mode=mode, progress=False)
+    assert before > 0.3
+    assert _mean_shift(m, x, ref, mode) < 1e-4 * before  # it tripled the shift (0.67 -> 1.95) when unfolded
+    if fold_bn:
+        assert m[0].layer.bias[0].item() == bias0
+
+
+def test_the_correction_is_measured_on_the_input_the_product_reads():
+    # an input transform (QuaRot's online Hadamard) and an input quantizer come before the product
+    from torchquant.qmodules import HadamardTransform
+
+    torch.manual_seed(0)
+    w = tq.QWrapper(nn.Linear(16, 8), weight_quantizer=tq.AffineQuantizer(3, tq.BatchMinMax()),
+                    input_quantizer=tq.AffineQuantizer(4, tq.RunningMinMax()))  # fmt: skip
+    w.input_transform = HadamardTransform(16)
+    m = nn.Sequential(w).eval()
+    x = [torch.rand(128, 16) * 3 + 1 for _ in range(2)]
+    tq.calibrate(m, x, progress=False)
+    tq.set_qmodule_state(m, tq.QModuleState.QUANT_EVAL)
+    # the reference: the float weight on the quantized, transformed input (only the weight's error is removed)
+    with torch.no_grad():
+        ref = torch.cat([torch.nn.functional.linear(w._quantize_input(w.input_transform(b)), w.layer.weight,
+                                                    w.layer.bias) for b in x])  # fmt: skip
+    before = _mean_shift(m, x, ref, tq.QModuleState.QUANT_EVAL)
+    tq.ptq.bias_correction(m, x, progress=False)
+    assert before > 0.05
+    assert _mean_shift(m, x, ref, tq.QModuleState.QUANT_EVAL) < 1e-4 * before

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import BN_FOR_LAYER
+from ..layers import BN_FOR_LAYER, bn_scale_shift
 from ..qmodules import QModuleState, QWrapper
 from ..utils import call_model, progress_bar, restoring_states
 from ._common import Snapshot, first_names, forward_order, materialize, require_qmodules
@@ -82,16 +82,27 @@ def expected_activation(act: nn.Module | None, mean: Tensor, std: Tensor) -> Ten
 
 
 def _weight_error(wrapper: QWrapper, name: str) -> Tensor:
+    """``q(W) - W`` for the weight the quantizer sees (BatchNorm folded in with ``fold_bn=True``)."""
     q = wrapper.weight_quantizer
-    w = wrapper.layer.weight.detach()
     try:
         with torch.no_grad():
+            w = wrapper.weight_to_quantize().detach()
             return q(w) - w
     except RuntimeError as e:
         raise RuntimeError(f"bias_correction: the weight quantizer of {name} is not ready ({e})") from e
 
 
-def _add_to_bias(layer: nn.Module, delta: Tensor) -> None:
+def _remove_shift(wrapper: QWrapper, shift: Tensor) -> None:
+    """Move the wrapper's output by ``-shift`` ``(C_out,)`` through its layer's bias (created when missing).
+
+    With ``fold_bn=True`` the layer's bias reaches the output times BatchNorm's ``gamma / sigma``: it
+    moves by ``-shift`` divided by that factor (a channel whose factor is 0 has no error to remove).
+    """
+    delta = -shift
+    if wrapper.fold_bn:
+        factor, _ = bn_scale_shift(wrapper.bn)
+        delta = torch.where(factor != 0, delta / factor, torch.zeros_like(delta))
+    layer = wrapper.layer
     with torch.no_grad():
         if layer.bias is None:
             layer.bias = nn.Parameter(delta.detach().clone())
@@ -125,7 +136,10 @@ def bias_correction(
     neglected). Layers without such a predecessor are left alone.
 
     The weight quantizers need their ranges (calibrate first); the layer's bias is
-    created when missing. The correction is applied to the bias before BatchNorm.
+    created when missing. The correction is applied to the bias before BatchNorm. The
+    error is that of the weight the quantizer sees and the input the product reads: with
+    ``fold_bn=True`` the folded weight (the bias then moves by the shift divided by
+    ``gamma / sigma``), after the wrapper's ``input_transform`` and input quantizer.
 
     Args:
         model: a calibrated model with QWrappers.
@@ -138,7 +152,8 @@ def bias_correction(
         progress: show a progress bar over layers.
 
     Returns:
-        The correction subtracted from each corrected layer's bias, ``(C_out,)``, by QWrapper name.
+        The shift removed from each corrected layer's output, ``(C_out,)``, by QWrapper name (the
+        correction subtracted from its bias, but with ``fold_bn=True``).
 
     Raises:
         ValueError: no QModule, empty or missing data, an unknown method, a mode that
@@ -209,7 +224,11 @@ def _empirical(model, named, wrappers, batches, mode, progress) -> dict[str, Ten
 
             def hook(mod, args, kwargs, dw=dw, total=total, count=count, callers_bias=callers_bias):
                 callers_bias.append(kwargs.get("bias") is not None)
-                x = args[0]
+                x = args[0]  # what the layer's product reads: after the wrapper's input transform and quantizer
+                if mod.input_transform is not None:
+                    x = mod.input_transform(x)
+                if mod._modules.get("input_quantizer") is not None:
+                    x = mod._quantize_input(x)
                 layer = mod.layer
                 y = F.linear(x, dw) if isinstance(layer, nn.Linear) else layer._conv_forward(x, dw, None)
                 # (N, C, ...) -> (C,): sum over every dim but the channel one
@@ -230,7 +249,7 @@ def _empirical(model, named, wrappers, batches, mode, progress) -> dict[str, Ten
                 skipped.append(name)
                 continue
             shift = torch.stack(total).sum(0) / count[0]
-            _add_to_bias(w.layer, -shift)
+            _remove_shift(w, shift)
             out[name] = shift
     if skipped:
         warnings.warn(
@@ -274,6 +293,6 @@ def _analytic(model, named, wrappers, bn_stats, progress) -> dict[str, Tensor]:
         groups = _layer_in_out(b.layer)[2]
         v = _in_view(dw, groups).sum(-1)  # (g, C_out / g, cpg)
         shift = (v * ex.reshape(groups, 1, -1)).sum(-1).reshape(-1)  # (C_out,)
-        _add_to_bias(b.layer, -shift)
+        _remove_shift(b, shift)
         out[named[b]] = shift
     return out
