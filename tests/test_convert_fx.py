@@ -607,12 +607,17 @@ def test_a_swapped_leaf_whose_norm_got_no_quantizer_keeps_it_plain_and_reloads_a
     # The layout of checkpoints saved before swapped leaves quantized their normalisation outputs.
     def build():
         torch.manual_seed(0)
-        return nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 4), NormedGated()).eval()
+        net = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 4), NormedGated()).eval()
+        with torch.no_grad():  # a normalised row sums to 0: unequal gains make the branch follow the data's sign
+            net[2].norm.weight.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        return net
 
     q = tq.quantize_model(build(), wf, lambda m, n: None if n == "2.norm" else af(m, n), leaf_modules=[NormedGated])
     assert type(q.get_submodule("2.norm")) is nn.LayerNorm
     x = torch.rand(8, 4)
-    tq.calibrate(q, [x, -x], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tq.ptq.UncalledQModulesWarning)  # both branches run
+        tq.calibrate(q, [x, -x, *torch.randn(8, 2, 4)], progress=False)
     tq.set_qmodule_state(q, S.QUANT_EVAL)
     tq.save(q, tmp_path / "q.safetensors")
     again = tq.load(build(), tmp_path / "q.safetensors")
@@ -911,6 +916,26 @@ def test_a_layer_called_twice_fuses_only_what_follows_every_call(same):
         assert torch.allclose(q(x), ref, atol=1e-5), float((q(x) - ref).abs().max())
 
 
+@pytest.mark.parametrize("slopes", [(0.2, 0.01), (0.2, 0.2)], ids=["other-arguments", "same-arguments"])
+def test_a_layer_called_twice_fuses_a_functional_activation_only_with_the_same_arguments(slopes):
+    # both calls' F.leaky_relu became a LeakyReLU of one type: one wrapper ran the last call's slope for both
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return F.leaky_relu(self.fc(x), slopes[0]) + F.leaky_relu(self.fc(-x), slopes[1])
+
+    torch.manual_seed(0)
+    net = Twice().eval()
+    x = torch.randn(4, 8)
+    q = tq.quantize_model(copy.deepcopy(net), wf, af)
+    assert (q.fc.act is not None) == (slopes[0] == slopes[1])
+    with torch.no_grad(), tq.qmodule_state(q, tq.QModuleState.BYPASSED):
+        assert torch.equal(q(x), net(x))
+
+
 class _OptionalMask(nn.Module):
     def __init__(self):
         super().__init__()
@@ -933,3 +958,21 @@ def test_an_optional_argument_traced_as_given_is_warned_about_and_example_inputs
         q = tq.quantize_model(_OptionalMask(), wf, None, example_inputs=(x,))
     with tq.qmodule_state(q, tq.QModuleState.BYPASSED), torch.no_grad():
         assert q(x).shape == (2, 4)
+
+
+@pytest.mark.parametrize("method", ["fx", "swap"])
+def test_qops_name_their_quantizers_by_their_place_in_the_model(method):
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.norm = nn.Linear(8, 8), nn.LayerNorm(8)
+
+        def forward(self, x):
+            return self.norm(x + self.fc(x))
+
+    net = nn.Sequential(Block(), Block())
+    q = tq.quantize_model(net, wf, af, method=method, **({"norm_outputs": True} if method == "swap" else {}))
+    names = {n: m.acts_quantizer._tq_name for n, m in q.named_modules() if isinstance(m, tq.QOp)}
+    expected = {"1.norm", "1.add"} if method == "fx" else {"1.norm"}
+    assert expected <= set(names)
+    assert all(v == f"{k}.acts_quantizer" for k, v in names.items()), names

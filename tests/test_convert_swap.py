@@ -51,6 +51,32 @@ def test_swap_skip_by_glob_and_type_and_names():
     assert net.stem[0].weight_quantizer.n_bits == 8 and net.block1.conv1[0].weight_quantizer.n_bits == 4
 
 
+@pytest.mark.parametrize(
+    "skip", ["1", nn.BatchNorm2d, "2", nn.ReLU], ids=["bn-name", "bn-type", "act-name", "act-type"]
+)
+def test_swap_leaves_a_skipped_batchnorm_or_activation_out_of_the_wrapper(skip):
+    # a skipped BatchNorm was fused (and folded into the quantized weight with fold_bn=True)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    q = tq.quantize_model(net, wf, af, skip=[skip], method="swap", fold_bn=True)
+    fused = [type(m).__name__ for m in (q[0].bn, q[0].act) if m is not None]
+    assert fused == ([] if skip in ("1", nn.BatchNorm2d) else ["BatchNorm2d"])
+    assert type(q[1]) is (nn.Identity if fused else nn.BatchNorm2d)
+    assert type(q[2]) is nn.ReLU
+
+
+@pytest.mark.parametrize("method", ["fx", "swap"])
+def test_skip_entries_that_match_nothing_are_named(method):
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"matched no module .*'fc', '3\.\*', 'ConvTranspose2d'"):
+        q = tq.quantize_model(net, wf, af, skip=["fc", "3.*", "2", nn.ConvTranspose2d], method=method)
+    mods = dict(q.named_modules())
+    assert not isinstance(mods["2"], tq.QWrapper) and isinstance(mods["0"], tq.QWrapper)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tq.quantize_model(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), wf, af, skip=[nn.ReLU, "0"], method=method)
+
+
 class _Experts(nn.Module):
     """An MoE expert bank stored as transformers 5 stores one: (experts, out, in) parameters used directly."""
 

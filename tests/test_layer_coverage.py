@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import prune
 
 import torchquant as tq
 from torchquant.layers import LAYER_ADAPTERS_BY_NAME, is_normalization, layer_adapter
@@ -480,6 +481,12 @@ def _old_weight_norm_conv():
         return torch.nn.utils.weight_norm(nn.Conv2d(3, 4, 3))
 
 
+def _pruned_conv():
+    layer = nn.Conv2d(3, 4, 3)
+    prune.l1_unstructured(layer, "weight", amount=0.5)  # weight = weight_orig * weight_mask
+    return layer
+
+
 COMPUTED = {
     "timm-ScaledStdConv2d": _timm_conv("ScaledStdConv2d"),
     "timm-StdConv2d": _timm_conv("StdConv2d"),
@@ -488,7 +495,18 @@ COMPUTED = {
     "weight_norm": _weight_norm_conv,
     "parametrize": _parametrized_conv,
     "weight_norm-deprecated-hook": _old_weight_norm_conv,
+    "pruned": _pruned_conv,
 }
+
+
+@pytest.mark.parametrize("method", ["fx", "swap"])
+def test_a_layer_whose_bias_is_pruned_stays_float_with_a_reason(method):
+    # the wrapper never runs the layer's hooks: its bias would be the one computed when pruned, stale after
+    layer = nn.Linear(4, 4)
+    prune.l1_unstructured(layer, "bias", amount=0.5)
+    with pytest.warns(tq.convert.FloatLayersWarning):
+        q = tq.quantize_model(nn.Sequential(layer, nn.ReLU()), wf8, af8, method=method)
+    assert not isinstance(q.get_submodule("0"), tq.QWrapper)
 
 
 @pytest.mark.parametrize("method", ["fx", "swap"])

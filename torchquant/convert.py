@@ -16,7 +16,15 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .factories import QuantizerFactory
-from .graph.common import FLOAT_REASONS_ATTR, SkipSpec, check_skip, place_quantizers, skip_reason
+from .graph.common import (
+    FLOAT_REASONS_ATTR,
+    Skip,
+    SkipSpec,
+    check_skip,
+    place_quantizers,
+    skip_reason,
+    warn_unmatched_skip,
+)
 from .graph.concrete import bind_examples, describe_examples
 from .graph.fx import FunctionalOp, FxTraceError, quantize_fx
 from .graph.swap import quantize_swap
@@ -313,7 +321,8 @@ def quantize_model(
             name; for a function call a :class:`FunctionalOp` and the ``QOp`` 's name
             (``"layer1.0.add"``).
         skip: qualified-name globs (``"layer4.*"``) and module types whose modules
-            stay in float; with ``"fx"`` they are not traced into either.
+            stay in float; with ``"fx"`` they are not traced into either. An entry that
+            matches no module or operation the model runs gets a warning naming it.
         method: ``"fx"`` or ``"swap"``.
         fold_bn: passed to every ``QWrapper`` that has a BatchNorm (fold it into
             the weights before weight quantization).
@@ -372,7 +381,8 @@ def quantize_model(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_model: expected an nn.Module, got {type(model).__name__}")
-    skip = check_skip(skip)
+    checked = isinstance(skip, Skip)  # entries a caller normalised itself: that caller checks what they matched
+    skip = skip if checked else check_skip(skip)
     leaf_modules, autowrap_functions = tuple(leaf_modules), tuple(autowrap_functions)
     if method == "fx":
         if norm_outputs:
@@ -409,6 +419,8 @@ def quantize_model(
                 **({} if example_inputs is None else {"options": {"example_inputs": recorded_examples}}),
             },
         )
+        if not checked:
+            warn_unmatched_skip(skip, "quantize_model")
         _warn_float_layers(gm, skip)
         return gm
     if method == "swap":
@@ -425,6 +437,8 @@ def quantize_model(
         record_conversion(
             model, {"kind": "quantize_model", "method": "swap", "skip": _skip_record(skip), "fold_bn": bool(fold_bn)}
         )
+        if not checked:
+            warn_unmatched_skip(skip, "quantize_model")
         _warn_float_layers(model, skip)
         return model
     raise ValueError(f"quantize_model: unknown method {method!r}; valid: 'fx', 'swap'")

@@ -241,16 +241,25 @@ def _adapter_of_class(cls: type) -> LayerAdapter | None:
     return adapter
 
 
-def _weight_norm_hook(module: nn.Module) -> object | None:
-    """The forward pre-hook of the deprecated ``torch.nn.utils.weight_norm`` on ``module.weight``, if any."""
+def _weight_hooks(module: nn.Module) -> list:
+    """The forward pre-hooks that compute one of ``module``'s tensors: the deprecated
+    ``torch.nn.utils.weight_norm`` and ``torch.nn.utils.prune``'s methods."""
+    from torch.nn.utils.prune import BasePruningMethod
     from torch.nn.utils.weight_norm import WeightNorm
 
     hooks = getattr(module, "_forward_pre_hooks", {})
-    return next((h for h in hooks.values() if isinstance(h, WeightNorm) and h.name == "weight"), None)
+    return [h for h in hooks.values() if isinstance(h, (WeightNorm, BasePruningMethod))]
 
 
-def _hooked_weight_norm(layer: nn.Module) -> Tensor:
-    return _weight_norm_hook(layer).compute_weight(layer)  # g * v / ||v||, as the hook computes it
+def _hooked_tensor(hook: object) -> str:
+    return hook.name if hasattr(hook, "compute_weight") else hook._tensor_name  # type: ignore[attr-defined]
+
+
+def _hooked_weight(layer: nn.Module) -> Tensor:
+    (hook,) = [h for h in _weight_hooks(layer) if _hooked_tensor(h) == "weight"]
+    if hasattr(hook, "compute_weight"):
+        return hook.compute_weight(layer)  # g * v / ||v||, as the weight-norm hook computes it
+    return hook.apply_mask(layer)  # weight_orig * weight_mask, as the pruning hook computes it
 
 
 def _scaled_embedding_forward(layer: nn.Embedding, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -294,8 +303,10 @@ def layer_adapter(module: object) -> LayerAdapter | None:
 
     A layer whose weight is computed on access, by ``torch.nn.utils.parametrize`` (weight
     norm from ``torch.nn.utils.parametrizations.weight_norm``, spectral norm, ...) or by the
-    deprecated ``torch.nn.utils.weight_norm`` hook, gets its type's adapter reading the
-    computed weight (``computed=True``): the quantizer sees the weight the layer uses.
+    deprecated ``torch.nn.utils.weight_norm`` hook, or pruned by ``torch.nn.utils.prune``
+    (``weight_orig * weight_mask``), gets its type's adapter reading the computed weight
+    (``computed=True``): the quantizer sees the weight the layer uses. One whose bias is pruned
+    gets none.
     A subclass of ``nn.Linear`` or ``nn.Embedding`` gets its base's adapter when it keeps the
     base's ``forward``, and an embedding with an ``embed_scale`` (transformers'
     ``GemmaTextScaledWordEmbedding``) a scaled lookup when its output is the base's times that
@@ -323,8 +334,13 @@ def layer_adapter(module: object) -> LayerAdapter | None:
     adapter = _adapter_of_class(cls)
     if adapter is None and isinstance(module, nn.Module):
         adapter = _subclass_adapter(module)
-    if adapter is not None and adapter.weight is _own_weight and _weight_norm_hook(module) is not None:
-        return replace(adapter, weight=_hooked_weight_norm, bn=None, computed=True)
+    hooks = _weight_hooks(module) if adapter is not None and isinstance(module, nn.Module) else []
+    if hooks:
+        # the wrapper never calls the layer, so its hooks do not run: the weight they compute is read each
+        # call; a hook on another tensor (a pruned bias) would be left stale
+        if adapter.weight is not _own_weight or [_hooked_tensor(h) for h in hooks] != ["weight"]:
+            return None
+        return replace(adapter, weight=_hooked_weight, bn=None, computed=True)
     return adapter
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import itertools
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -35,23 +36,46 @@ FLOAT_REASONS_ATTR = "_tq_float_reasons"
 name, why a layer or operation stayed in float (read by :func:`torchquant.summary`)."""
 
 
-def check_skip(skip: SkipSpec) -> tuple:
+class Skip(tuple):
+    """Normalised skip entries (a tuple); ``matched`` collects those :func:`skip_reason` found a match for."""
+
+    matched: set
+
+
+def check_skip(skip: SkipSpec) -> Skip:
     """Normalise ``skip`` to a tuple of name globs and ``nn.Module`` types.
 
     Args:
         skip: one glob or type, or an iterable of them.
 
     Returns:
-        The entries as a tuple.
+        The entries as a :class:`Skip` tuple, none matched yet.
 
     Raises:
         TypeError: an entry is neither a string nor an ``nn.Module`` subclass.
     """
-    skip = (skip,) if isinstance(skip, (str, type)) else tuple(skip)
-    for s in skip:
+    out = Skip((skip,) if isinstance(skip, (str, type)) else tuple(skip))
+    for s in out:
         if not (isinstance(s, str) or (isinstance(s, type) and issubclass(s, nn.Module))):
             raise TypeError(f"quantize_model: skip entries must be name globs or nn.Module types, got {s!r}")
-    return skip
+    out.matched = set()
+    return out
+
+
+def warn_unmatched_skip(skip: tuple, who: str) -> None:
+    """Warn, naming them, about entries of a :class:`Skip` that matched no module or operation (a typo, or
+    a module the forward pass never reaches: the layers meant stay quantized)."""
+    matched = getattr(skip, "matched", None)
+    if matched is None:
+        return
+    unmatched = [s if isinstance(s, str) else s.__name__ for s in skip if s not in matched]
+    if unmatched:
+        warnings.warn(
+            f"{who}: skip entries matched no module or operation the model runs: "
+            f"{', '.join(repr(s) for s in unmatched)} (qualified names: tq.print_summary(model) lists them)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def skip_reason(name: str, module: object, skip: tuple) -> str | None:
@@ -67,9 +91,14 @@ def skip_reason(name: str, module: object, skip: tuple) -> str | None:
     """
     for s in skip:
         if isinstance(s, str) and fnmatch.fnmatchcase(name, s):
-            return f"skipped by glob {s!r}"
-        if isinstance(s, type) and isinstance(module, s):
-            return f"skipped by type {s.__name__}"
+            reason = f"skipped by glob {s!r}"
+        elif isinstance(s, type) and isinstance(module, s):
+            reason = f"skipped by type {s.__name__}"
+        else:
+            continue
+        if isinstance(skip, Skip):
+            skip.matched.add(s)
+        return reason
     return None
 
 

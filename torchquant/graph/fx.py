@@ -1137,9 +1137,10 @@ class _Rewriter:
             n._erased = True
 
     def _chain_key(self, layers: list[nn.Module]) -> tuple:
-        """What a fused chain holds after its layer: the modules of the model by identity, others by type."""
+        """What a fused chain holds after its layer: the modules of the model by identity, others (made from
+        functional calls) by type and arguments (``F.leaky_relu(y, 0.2)`` and ``F.leaky_relu(y, 0.01)`` differ)."""
         own = {id(m) for m in self.modules.values()}
-        return tuple((type(m), id(m) if id(m) in own else None) for m in layers[1:])
+        return tuple((type(m), id(m) if id(m) in own else repr(m)) for m in layers[1:])
 
     def _chain(self, node: fx.Node, layer: nn.Module, kwargs: dict | None) -> tuple[list[fx.Node], list, fx.Node]:
         """The nodes ``layer``'s call at ``node`` fuses with (BatchNorm, activation), their modules, the last node."""
@@ -1193,6 +1194,7 @@ class _Rewriter:
             return
         qop = QOp(m, acts_quantizer=aq)
         qop.train(m.training)
+        qop._name_quantizers(self.prefix + name)  # errors name the QOp by its place in the model
         if name == node.target:  # the QOp takes the module's place: reads of its attributes go through it
             for n in self.graph.nodes:
                 if n.op == "get_attr" and n.target.startswith(f"{name}."):
@@ -1221,6 +1223,7 @@ class _Rewriter:
             self.taken.discard(name)
             return
         qop = QOp(fn, acts_quantizer=aq)
+        qop._name_quantizers(self.prefix + name)  # errors name the QOp by its place in the model
         owner = self._original(scope)  # the module whose forward makes the call
         qop.train((self.model if owner is None else owner).training)
         self._install(name, qop)

@@ -43,7 +43,16 @@ def _has_params(m: nn.Module) -> bool:
 def _norm_qop(norm: nn.Module, name: str, af: QuantizerFactory | None) -> QOp:
     qop = QOp(norm, acts_quantizer=call_factory(af, norm, name, "acts_quantizer"))
     qop.train(norm.training)
+    qop._name_quantizers(name)
     return qop
+
+
+def _fusable(items: list, j: int, prefix: str, skip: tuple, types) -> bool:
+    """Whether the ``j``-th child of a Sequential is of one of ``types`` (exactly) and not skipped: a module
+    ``skip`` names stays where it is, in float."""
+    if j >= len(items) or type(items[j][1]) not in types:
+        return False
+    return skip_reason(f"{prefix}{items[j][0]}", items[j][1], skip) is None
 
 
 def _swap(module, prefix, wf, af, skip, fold_bn, norm_outputs, reasons: dict[str, str]) -> None:
@@ -68,10 +77,10 @@ def _swap(module, prefix, wf, af, skip, fold_bn, norm_outputs, reasons: dict[str
             group = [child]
             if sequential:
                 j = i
-                if j < len(items) and adapter.bn is not None and type(items[j][1]) is adapter.bn:
+                if _fusable(items, j, prefix, skip, (adapter.bn,) if adapter.bn is not None else ()):
                     group.append(items[j][1])
                     j += 1
-                if j < len(items) and type(items[j][1]) in SUPPORTED_ACTIVATIONS:
+                if _fusable(items, j, prefix, skip, SUPPORTED_ACTIVATIONS):
                     group.append(items[j][1])
                     j += 1
                 for k in range(i, j):  # keep indices stable: fused modules become Identity
