@@ -219,6 +219,12 @@ def test_the_issue_example_works_as_written():
         ({"overrides": {"x": {"kv_cache": "int4"}}}, "per-module overrides"),
         ({"modules_to_not_convert": "lm_head"}, "list of names"),
         ({"wieghts": "int8"}, "unknown arguments"),
+        ({"weights": "int1"}, "symmetric weights need at least 2 bits"),  # every weight rounded to 0
+        ({"kv_cache": "int4-g0"}, "at least one element"),  # was read as the default group of 32
+        ({"weights": "int4-g0"}, "at least one element"),
+        ({"activations": "int8-dynamic-percentile"}, "choose one of"),
+        ({"activations": "int8-minmax-percentile"}, "choose one of"),
+        ({"activations": "int0"}, "at least 1 bit"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, message):
@@ -277,6 +283,21 @@ def test_quantize_then_save_pretrained_round_trips(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["quant_method"] == "torchquant"
     batch = FAMILIES[0].batch()
     assert torch.equal(_out(_load(FAMILIES[0], tmp_path), batch), _out(model, batch))
+
+
+def test_a_checkpoint_loaded_with_or_without_the_head_around_its_base_model_is_refused_saying_why(tmp_path):
+    # transformers adds or strips base_model_prefix for the weights, the quantized modules' names stay as saved
+    torch.manual_seed(0)
+    quantize(transformers.LlamaForCausalLM(llama_config()).eval(), TorchQuantConfig(weights="int8")).save_pretrained(
+        tmp_path / "lm"
+    )
+    with pytest.raises(ValueError, match=r"saved from a model with a head .* LlamaModel names them without"):
+        transformers.AutoModel.from_pretrained(tmp_path / "lm")
+    quantize(transformers.LlamaModel(llama_config()).eval(), TorchQuantConfig(weights="int8")).save_pretrained(
+        tmp_path / "base"
+    )
+    with pytest.raises(ValueError, match=r"saved from a base model without a head .* names them with the prefix"):
+        transformers.LlamaForSequenceClassification.from_pretrained(tmp_path / "base")
 
 
 def test_norm_outputs_go_to_normalisations_only():

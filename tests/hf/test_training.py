@@ -286,6 +286,25 @@ def test_evaluation_during_training_runs_in_eval_mode(saved, tmp_path):
     assert _modes(model) == {S.QUANT_EVAL}
 
 
+@pytest.mark.parametrize("calibration_steps", [0, 1])
+def test_an_evaluation_on_start_moves_no_range(saved, tmp_path, calibration_steps):
+    model = _load(saved, "llama")
+    if calibration_steps == 0:
+        tq.calibrate(model, [_Data("llama").batch(4)], progress=False)
+    probe = _Modes(FAMILIES["llama"].watched)
+    trainer = transformers.Trainer(
+        model=model,
+        args=_args(tmp_path, eval_on_start=True, per_device_eval_batch_size=4),
+        train_dataset=_Data("llama"),
+        eval_dataset=_Data("llama", n=4),
+        callbacks=[QuantizationCallback(calibration_steps=calibration_steps), probe],
+    )
+    trainer.train()
+    # it ran in QUANT_AWARE_TRAIN or CALIBRATION: the evaluation data moved the observers
+    assert probe.evals[0] == (S.QUANT_EVAL if calibration_steps == 0 else S.BYPASSED)
+    assert probe.steps[0] == (S.QUANT_AWARE_TRAIN if calibration_steps == 0 else S.CALIBRATION)
+
+
 def test_qat_model_saves_reloads_and_resumes(saved, tmp_path):
     model = _load(saved, "llama")
     constant = {"learning_rate": 1e-2, "lr_scheduler_type": "constant"}  # the resumed schedule does not end at 0
@@ -424,6 +443,24 @@ def test_lora_unmerge_restores_the_float_weight(saved):
     assert torch.allclose(layer.base_layer.weight_view() - w0.t(), layer.get_delta_weight("default"))
     layer.unmerge()
     assert torch.allclose(layer.base_layer.layer.weight, w0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("family", "targets"), [("gpt2", ["c_attn", "attn.c_proj"]), ("llama", ["q_proj", "o_proj"])])
+def test_an_initialisation_that_rewrites_the_base_weight_keeps_the_output(saved, family, targets):
+    # PiSSA writes the residual W - s B A into the base: in the Conv1D's own (in, out) layout (it was computed on
+    # the transposed matrix: a non-square c_attn failed, a square c_proj moved the logits by 0.14), and observed
+    # again (ranges of W clipped the residual)
+    w16 = {"quantizer": "affine", "observer": "batch_minmax", "args": {"n_bits": 16, "symmetric": True}}
+    model = _load(saved, family, weights={**w16, "observer_args": {"axis": 0}})
+    tq.set_qmodule_state(model, S.QUANT_EVAL_WEIGHT_ONLY)
+    batch = _Data(family).batch(2)
+    before = _logits(model, batch)
+    pm = peft.get_peft_model(model, lora_config(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="pissa"))
+    layer = pm.base_model.model.get_submodule(FAMILIES[family].watched)
+    w, residual = layer.base_layer.weight_view(), layer.get_delta_weight("default")
+    assert w.shape == residual.shape
+    err = (_logits(pm, batch) - before).abs().max() / before.abs().max()
+    assert err < 1e-4, float(err)
 
 
 def test_lora_config_is_a_peft_config_and_rejects_what_it_cannot_do():

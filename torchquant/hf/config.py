@@ -109,7 +109,7 @@ def _kv_short(bits: int, group: int | None, flags: set[str], where: str) -> dict
     from ..spec import describe
     from .attention import kv_quantizers
 
-    key, value = kv_quantizers(bits, group_size=group or KV_GROUP)
+    key, value = kv_quantizers(bits, group_size=KV_GROUP if group is None else group)
     return {"key": describe(key).to_dict(), "value": describe(value).to_dict()}
 
 
@@ -152,6 +152,16 @@ def expand_spec(field: str, value: Any, where: str | None = None) -> Any:
         )
         if flags - allowed:
             raise SpecError(f"{where}: {value!r}: unknown options {sorted(flags - allowed)}; valid: {sorted(allowed)}")
+        ranges = flags & {"minmax", "percentile", "dynamic"}
+        if len(ranges) > 1:
+            raise SpecError(f"{where}: {value!r}: choose one of {sorted(ranges)} (each sets how ranges are found)")
+        if group is not None and group < 1:
+            raise SpecError(f"{where}: {value!r}: a group holds at least one element, got -g{group}")
+        if bits < 1:
+            raise SpecError(f"{where}: {value!r}: at least 1 bit")
+        if field in _WEIGHT_FIELDS and bits < 2 and "asym" not in flags:
+            # a signed 1-bit grid symmetric around 0 has the levels -1 and 0: every weight rounds to 0 or -s
+            raise SpecError(f"{where}: {value!r}: symmetric weights need at least 2 bits; 1 bit only with '-asym'")
         if field in _WEIGHT_FIELDS:
             return _weight_short(bits, group, flags).to_dict()
         if field == "kv_cache":

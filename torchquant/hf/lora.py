@@ -21,6 +21,11 @@ ranges to the merged weight, call ``observe_weight()`` on each QWrapper (min/max
 weight observers replace their ranges) or calibrate again. ``unmerge`` subtracts
 the same update.
 
+An initialisation that rewrites the base weight (``init_lora_weights="pissa"``, ``"olora"``,
+``"corda"``, ``"loftq"``) leaves the residual ``W - scaling * B @ A`` in the QWrapper; its
+weight ranges are then observed again from the residual (ranges observed on ``W`` would
+clip it).
+
 A saved adapter loaded with ``PeftModel.from_pretrained`` needs the mapping too:
 pass ``config=lora_config(...)`` built from the saved settings, or register it on the
 loaded config with :func:`enable_lora` before the adapter is injected.
@@ -39,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import LAYER_ADAPTERS_BY_NAME
+from ..ptq.calibrate import reobserve_weights
 from ..qmodules import QWrapper
 
 try:
@@ -95,9 +101,18 @@ class QWrapperLoraLayer(nn.Module, LoraLayer):
         _check_target(qw)
         super().__init__()
         LoraLayer.__init__(self, base_layer)
-        self.fan_in_fan_out = False  # the update is computed in the (out, in) layout of QWrapper.weight_view()
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+        before = qw.weight_view().detach().clone()
+        # An initialisation that rewrites the base weight (PiSSA, OLoRA, CorDA, LoftQ) reads and writes
+        # ``base.weight``, the layer's own parameter: (in, out) for a Conv1D.
+        self.fan_in_fan_out = type(qw.layer).__name__ == "Conv1D"
+        try:
+            self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+        finally:
+            self.fan_in_fan_out = False  # the update is computed in the (out, in) layout of QWrapper.weight_view()
+        if not torch.equal(before, qw.weight_view()):
+            # the residual W - scaling * B A is what is quantized now: ranges observed on W would clip it
+            reobserve_weights([qw])
 
     # peft reads features, device and dtype from the base layer's attributes; a QWrapper keeps them in .layer.
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:

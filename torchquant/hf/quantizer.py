@@ -32,6 +32,7 @@ from transformers.quantizers import HfQuantizer, register_quantizer
 from transformers.quantizers.auto import register_quantization_config
 
 from ..convert import CONVERSIONS_ATTR, quantize_model, record_conversion
+from ..graph.common import check_skip
 from ..layers import LAYER_TYPES, is_normalization
 from ..moe import QExperts, expert_banks
 from ..qmodules import QModuleState, QWrapper, iter_qmodules
@@ -170,7 +171,9 @@ def quantize(model: nn.Module, config: TorchQuantConfig, *, initial_state: bool 
         options["norm_outputs"] = True
     layer_fields = ("weights", "embeddings", "activations", "norm_outputs")
     if any(getattr(config, f) is not None for f in layer_fields) or config.overrides:
-        quantize_model(model, weights, outputs, method="swap", skip=skip, **options)
+        # entries already normalised: quantize_model leaves them unchecked (the defaults name lm_head and every
+        # entry comes in several spellings, most of which match nothing)
+        quantize_model(model, weights, outputs, method="swap", skip=check_skip(skip), **options)
     for name, m in iter_qmodules(model):
         # a layer's input; for QExperts the hidden states every expert's first product reads, and
         # the input of every expert's down_proj product
@@ -352,6 +355,7 @@ class TorchQuantHfQuantizer(HfQuantizer):
                 )
             # Conversions recorded after the config's own (QuaRot's online transforms): weights need none
             modules = self.description.get("modules", {})
+            _check_prefix(model, modules)
             _drop_undescribed(model, lambda name: "down_input_quantizer" in modules.get(name, {}).get("quantizers", {}))
             unwrap_undescribed(model, set(modules))
             for record in self.description.get("conversions", []):
@@ -405,6 +409,25 @@ def _read_description(files: list[str]) -> dict[str, Any] | None:
         if _META_KEY in meta:
             return json.loads(meta[_META_KEY])
     return None
+
+
+def _check_prefix(model: nn.Module, modules: dict[str, Any]) -> None:
+    """Refuse, saying why, a checkpoint saved from a model with (or without) the head around the base model
+    that this one lacks (has): its quantized modules' names differ by ``base_model_prefix``."""
+    prefix = getattr(model, "base_model_prefix", "")
+    names = set(dict(model.named_modules()))
+    if not prefix or not modules or set(modules) & names:
+        return
+    stored = any(n.startswith(prefix + ".") for n in modules)
+    here = isinstance(getattr(model, prefix, None), nn.Module)
+    if stored != here:
+        kind = "a model with a head around its base model" if stored else "a base model without a head"
+        raise ValueError(
+            f"from_pretrained: the quantized checkpoint was saved from {kind} (its quantized modules are named "
+            f"{sorted(modules)[0]!r}, ...), and {type(model).__name__} names them "
+            f"{'with' if here else 'without'} the prefix {prefix + '.'!r}; load it with the class it was saved "
+            "from, or quantize the float checkpoint for this class"
+        )
 
 
 def _load_own_state(model: nn.Module, files: list[str], desc: dict[str, Any]) -> None:

@@ -76,6 +76,8 @@ class QuantizationCallback(TrainerCallback):
     * evaluation during training (``eval_strategy``): ``eval_mode`` from the end of
       the step that triggers it until ``on_evaluate``, then back, so the
       evaluation measures the quantized model and its data never moves a range.
+      With ``eval_on_start``, the evaluation before the first step runs in ``eval_mode``
+      too, or in ``BYPASSED`` (the float model) when calibration steps are still to come.
       The callback API has no "evaluation begins" event: an evaluation started by
       another callback's ``on_step_end`` that runs after this one, or
       ``trainer.evaluate()`` called outside ``train()``, runs in whatever mode the
@@ -84,9 +86,8 @@ class QuantizationCallback(TrainerCallback):
       calibration on one rank alone would otherwise wait for the others).
 
     Every QModule of the model gets the same mode, set when the phase changes.
-    With gradient checkpointing the forward runs again in the backward pass, so the
-    observing modes observe each batch twice (harmless for min/max ranges, a double
-    weight for running averages). With a PEFT model, LoRA on a frozen quantized base
+    With gradient checkpointing the forward runs again in the backward pass; that
+    recomputation observes nothing, so each batch is observed once. With a PEFT model, LoRA on a frozen quantized base
     (:func:`torchquant.hf.lora_config`), leave this callback out: the base should stay
     in ``QUANT_EVAL`` so that training moves no range.
 
@@ -149,7 +150,12 @@ class QuantizationCallback(TrainerCallback):
         self._check_weight_decay(model, optimizer)
         self._training = True
         self._mode = None  # set every QModule, whatever modes they hold now
-        self._set(model, self._phase(state.global_step))
+        start = self._phase(state.global_step)
+        if getattr(args, "eval_on_start", False):
+            # the Trainer evaluates right after this callback, before any step (on_evaluate then sets the
+            # phase): the quantized model, or the float one while calibration steps are still to come
+            start = QModuleState.BYPASSED if start is QModuleState.CALIBRATION else self.eval_mode
+        self._set(model, start)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         # An evaluation triggered by this step runs right after the step-end callbacks.
