@@ -261,6 +261,19 @@ def test_pact_forward_and_gradients():
     assert alpha.grad.item() == 5.0 + 6.0  # d y_q / d alpha = 1 where x >= alpha
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pact_gradients_of_half_inputs_agree_with_the_forward_at_alpha(dtype):
+    # x just below a float32 alpha that rounds to x in x's dtype: unclipped in forward (compared in float32);
+    # the backward compared in x's dtype had rounded alpha to x and called it clipped
+    x = torch.tensor([0.1, 0.05], dtype=dtype).requires_grad_()
+    alpha = (x[0].detach().float() + 1e-6).requires_grad_()
+    assert alpha.to(dtype) == x[0]
+    y = pact_quantize(x, alpha, 16)
+    assert y[0].item() == x[0].item() < alpha.item()  # forward: not clipped
+    y.sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0] and alpha.grad.item() == 0.0
+
+
 def test_pact_per_channel_alpha_gradient_sums_per_channel():
     x = torch.tensor([[[1.0, 5.0]], [[3.0, 4.0]]]).reshape(1, 2, 2)  # (N=1, C=2, L=2)
     alpha = torch.tensor([[[2.0], [3.5]]], requires_grad=True)  # (1, 2, 1)

@@ -573,6 +573,24 @@ def test_minifloat_and_mx_match_the_cpu(route, fmt, dtype):
         assert same(xk.grad, torch.ones_like(x)), name  # straight through
 
 
+@pytest.mark.parametrize("fmt", ["int8", "e2m1"])
+def test_an_mx_block_whose_maximum_is_subnormal_takes_the_specifications_scale(route, fmt):
+    # OCP MX: X = 2 ** clamp(floor(log2(amax)) - emax, -127, 127); flooring amax at the smallest normal made
+    # MXINT8's X 2 ** -126 for amax 1e-40 (output 1.84e-40: an 84% error)
+    from torchquant.quantizers_functional import mx_block_scales
+
+    man, bias, max_value, emax = FORMATS[fmt]
+    x = torch.tensor([1e-40, -3e-41, 0.0, 2e-42, 1.0, 0.5, -0.25, 3.0])  # a subnormal block, a normal one
+    assert mx_block_scales(x, elem_emax=emax, block_size=4)[0].item() == 2.0**-127
+    ref = mx_quantize(x, man, bias, max_value, emax, 4)
+    if fmt == "int8":
+        assert ref[0].item() == round(1e-40 / 2.0**-127 * 64) / 64 * 2.0**-127
+    with route.on() as calls:
+        out = mx_quantize(route.to(x), man, bias, max_value, emax, 4)
+    assert calls["n"] > 0
+    assert same(out, ref)
+
+
 def test_tracing_keeps_the_torch_path(route):
     """Under torch.compile the quantizer records torch ops (inductor fuses them), where kernels run eagerly."""
     q = route.to(tq.AffineQuantizer(8, tq.RunningMinMax()))

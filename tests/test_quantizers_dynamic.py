@@ -80,3 +80,22 @@ def test_no_residual_quantizes_the_tail_as_its_own_group():
     y = q(x)
     assert torch.equal(y[4:], tq.DynamicAffineQuantizer(2, axis=0, group_size=2)(x[4:]))
     assert torch.equal(y[:4], tq.DynamicAffineQuantizer(2, axis=0, group_size=4)(x[:4]))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: tq.quantizers.DynamicAffineQuantizer(8),
+        lambda: tq.quantizers.DynamicAffineQuantizer(4, axis=-1, group_size=32),
+        lambda: tq.quantizers.DynamicAffineQuantizer(8, per_token=True),
+        lambda: tq.MXQuantizer("fp4_e2m1"),
+    ],
+    ids=["per-tensor", "groups", "per-token", "mx"],
+)
+def test_an_empty_tensor_called_directly_passes_through(make):
+    # no values to range over (an expert routed no tokens): the per-tensor range and MX's CPU blocks failed
+    x = torch.empty(0, 64, requires_grad=True)
+    y = make()(x)
+    assert y.shape == (0, 64)
+    y.sum().backward()
+    assert x.grad.shape == (0, 64)

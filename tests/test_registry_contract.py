@@ -657,6 +657,10 @@ def test_registered_contract_force_ranges(name, observed_first):
         o.force_ranges(3.0, 2.0)
     with pytest.raises(ValueError, match="finite"):
         o.force_ranges(float("nan"), 2.0)
+    grouped = tq.make_observer(name, axis=1, group_size=4)
+    with pytest.raises(ValueError, match="compact shape"):  # a number gives no groups (it failed at the forward)
+        grouped.force_ranges(-1.0, 2.0)
+    grouped.force_ranges(-torch.ones(3, 2), torch.ones(3, 2))  # a (3, 8) tensor in groups of 4
     buf = io.BytesIO()
     torch.save(o.state_dict(), buf)
     buf.seek(0)

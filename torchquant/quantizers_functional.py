@@ -450,8 +450,9 @@ class _PACT(torch.autograd.Function):
         x, alpha = ctx.saved_tensors
         # Choi et al. 2018, eq. 3: d y_q / d x = 1 on [0, alpha), 0 elsewhere;
         # d y_q / d alpha = 1 where x >= alpha, 0 elsewhere (rounding passed straight through).
-        above = x >= alpha
-        gx = grad * ((x >= 0) & ~above)
+        xd = _cast(x, compute_dtype(x))  # compared as in forward (float16 x would round alpha to float16)
+        above = xd >= alpha.to(xd.dtype)
+        gx = grad * ((xd >= 0) & ~above)
         ga = (grad * above).sum_to_size(alpha.shape) if ctx.needs_input_grad[1] else None
         return gx, ga, None
 
@@ -568,9 +569,8 @@ def e8m0_block_scale(amax: Tensor, elem_emax: int) -> Tensor:
         >>> e8m0_block_scale(torch.tensor([5.0, 0.0, float("inf")]), elem_emax=2)
         tensor([1.0000e+00, 5.8775e-39,        nan])
     """
-    dt = amax.dtype
-    tiny = torch.finfo(dt).tiny
-    shared = _floor_log2(torch.clamp(amax, min=tiny)) - elem_emax
+    # exact for subnormal maxima too (a floor at the smallest normal would lift MXINT8's scale to 2 ** -126)
+    shared = _floor_log2(amax) - elem_emax
     shared = torch.where(amax > 0, shared, torch.full_like(shared, -127.0))
     # amax - amax: 0 for a finite maximum, NaN for inf or NaN (cheaper than a where on isfinite)
     return torch.exp2(torch.clamp(shared, -127.0, 127.0)) + (amax - amax)
@@ -613,6 +613,8 @@ def mx_quantize(
         Tensor of ``x``'s shape and dtype. Backward: the incoming gradient.
     """
     ax = axis % x.dim()
+    if x.numel() == 0:  # no blocks (the CUDA kernel gives the same)
+        return x.clone()
     if kernels.enabled(x):  # one fused CUDA kernel: block maxima, scales and rounding
         return kernels.mx(x, int(man_bits), int(bias), float(max_value), int(elem_emax), int(block_size), ax)
     return _mx_reference(x, man_bits, bias, max_value, elem_emax, block_size, ax)

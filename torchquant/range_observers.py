@@ -201,7 +201,8 @@ class RangeObserver(RecordsInit, nn.Module):
         return g.expand(self.min_val), g.expand(self.max_val)
 
     def force_ranges(self, min_val: Tensor | float, max_val: Tensor | float) -> None:
-        """Set the ranges by hand (compact shape, or scalars for per-tensor)."""
+        """Set the ranges by hand (compact shape, or numbers: one range for every channel; per group only the
+        compact shape)."""
         mn = torch.as_tensor(min_val, dtype=torch.get_default_dtype()).detach().clone()
         mx = torch.as_tensor(max_val, dtype=torch.get_default_dtype()).detach().clone()
         if mn.shape != mx.shape:
@@ -210,6 +211,11 @@ class RangeObserver(RecordsInit, nn.Module):
             raise ValueError(f"{self._tq_name}: forced ranges must be finite, got {mn} and {mx}")
         if (mn > mx).any():
             raise ValueError(f"{self._tq_name}: forced min exceeds max: {mn} > {mx}")
+        if self.granularity.group_size is not None and mn.dim() == 0:
+            raise ValueError(
+                f"{self._tq_name}: {self.granularity} ranges are forced in their compact shape (the tensor's, with "
+                "n // group_size along the grouped axis), not as numbers"
+            )
         self._initialize(mn)
         self.min_val.copy_(mn)
         self.max_val.copy_(mx)

@@ -1134,7 +1134,7 @@ def _mx_blocks_nodes(
 
 
 def _floor_log2_nodes(a: str, out: str, base: str, nodes: list, new_inits: list) -> None:
-    """``out = floor(log2(a))`` for normal ``a > 0``, exactly: an estimate from ``Log``, corrected by
+    """``out = floor(log2(a))`` for ``a > 0`` (subnormals too), exactly: an estimate from ``Log``, corrected by
     comparing ``a`` with the power of two it gives (both exact)."""
     from onnx import TensorProto, helper
 
@@ -1163,7 +1163,8 @@ def _e8m0_nodes(amax: str, elem_emax: int, base: str, nodes: list, new_inits: li
     from onnx import helper
 
     k = f"{base}/e8m0"
-    tiny = _const(f"{k}/tiny", np.finfo(np.float32).tiny, np.float32, new_inits)
+    # the smallest subnormal: a subnormal maximum keeps its exponent (0 gets 2 ** -127 below)
+    tiny = _const(f"{k}/tiny", np.nextafter(np.float32(0), np.float32(1)), np.float32, new_inits)
     zero = _const(f"{k}/zero", 0.0, np.float32, new_inits)
     emax = _const(f"{k}/emax", float(elem_emax), np.float32, new_inits)
     lo = _const(f"{k}/lo", -127.0, np.float32, new_inits)

@@ -354,8 +354,8 @@ def _mx_kernel(x_ptr, out_ptr, n_blocks, row_len, blocks_per_row, block_size, ma
     offs = row[:, None] * row_len + col
     x = _load(x_ptr + offs, mask, BF16)
     amax = tl.reduce(tl.abs(x), 1, _nanmax)
-    # e8m0_block_scale: 2 ** clamp(floor(log2(max(amax, tiny))) - emax, -127, 127), 2 ** -127 for 0
-    shared = _floor_log2(tl.maximum(amax, 1.1754943508222875e-38)) - elem_emax
+    # e8m0_block_scale: 2 ** clamp(floor(log2(amax)) - emax, -127, 127) (subnormal maxima exactly), 2 ** -127 for 0
+    shared = _floor_log2(amax) - elem_emax
     shared = tl.where(amax > 0.0, shared, -127.0)
     shared = tl.minimum(tl.maximum(shared, -127.0), 127.0)
     scale = (_pow2(shared) + (amax - amax))[:, None]  # NaN (E8M0's NaN) for an inf or NaN maximum

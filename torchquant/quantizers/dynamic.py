@@ -40,6 +40,8 @@ def _size(x: Tensor, axis: int) -> int:
 def _dynamic_affine(
     x: Tensor, n_bits: int, axis: int | None, group_size: int | None, symmetric: bool, who: str, per_token: bool = False
 ):
+    if x.numel() == 0:  # no values to take a range from (an expert routed no tokens): nothing to quantize
+        return x.clone()
     if per_token:  # one range per index of every axis but the last
         axis, group_size = -1, _size(x, -1)
     g = Granularity(axis=axis, group_size=group_size)
