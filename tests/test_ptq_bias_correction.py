@@ -248,3 +248,17 @@ def test_the_correction_is_measured_on_the_input_the_product_reads():
     tq.ptq.bias_correction(m, x, progress=False)
     assert before > 0.05
     assert _mean_shift(m, x, ref, tq.QModuleState.QUANT_EVAL) < 1e-4 * before
+
+
+def test_the_registered_entry_runs_the_analytic_method_with_the_data_a_recipe_passes():
+    # recipes call fn(model, data, **options): method="analytic" is data-free and refused data
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    q = tq.quantize_model(f, lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax()), None, method="swap")
+    data = [torch.rand(8, 3, 10, 10)]
+    tq.calibrate(q, data, progress=False)
+    entry = tq.ptq.get_ptq_algorithm("bias_correction")
+    assert {"method", "bn_stats", "mode", "num_batches", "progress"} <= entry.options
+    assert sorted(entry(q, data, method="analytic", progress=False)) == ["3"]
+    with pytest.raises(ValueError, match="data-free"):  # a direct call still says so
+        tq.ptq.bias_correction(q, data, method="analytic")

@@ -99,6 +99,21 @@ def test_example_input_rejects_pairs_not_connected_in_forward():
     assert tq.ptq.find_layer_pairs(q, torch.rand(1, 2, 3, 3)) == []
 
 
+@pytest.mark.parametrize("mode", [tq.QModuleState.QUANT_EVAL, tq.QModuleState.CALIBRATION])
+def test_the_pair_check_runs_the_float_model_and_observes_nothing(mode):
+    # in QUANT_EVAL before calibration it failed with "no ranges yet"; in CALIBRATION the example input was
+    # observed by the quantizers of layers outside every pair
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten(), nn.Linear(8, 4)).eval()  # fmt: skip
+    q = tq.quantize_model(f, lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax()),
+                          lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax()), method="swap")  # fmt: skip
+    tq.set_qmodule_state(q, mode)
+    assert tq.ptq.equalize(q, example_input=torch.rand(4, 3, 12, 12) * 100).pairs == [("0", "3")]
+    assert not q[6].acts_quantizer.range_observer.initialized
+    assert {m.qstate for _, m in tq.iter_qmodules(q)} == {mode}
+
+
 def test_ranges_are_equalized_including_depthwise():
     torch.manual_seed(0)
     q = _quantizable(_randomize_bn(DigitsMobileNet()))
@@ -121,6 +136,23 @@ def test_relu6_becomes_channel_clip_that_matches_relu6_scaled():
     x = torch.linspace(-2, 10, 24).reshape(3, 2, 4)
     s = torch.tensor([1.0, 2.0]).reshape(1, 2, 1)
     assert torch.allclose(clip(x / s) * s, nn.functional.relu6(x))
+
+
+@pytest.mark.parametrize("tokens", [5, 16], ids=["tokens-5", "tokens-as-many-as-features"])
+def test_a_linear_pairs_relu6_clips_its_features_on_token_inputs(tokens):
+    # (N, T, C): the bounds go along the last dimension; along dim 1 they failed (T != C) or clipped tokens
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.Linear(16, 16), nn.ReLU6(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        f[0].weight.mul_(torch.logspace(-1, 1, 16)[:, None] * 3)  # channel ranges far apart: large scales
+    q = tq.quantize_model(f, None, None, method="swap")
+    x = torch.randn(8, tokens, 16) * 2
+    with torch.no_grad():
+        ref = q(x)
+        tq.ptq.equalize(q, absorb_bias=False)
+        assert isinstance(q[0].act, ChannelClip) and q[0].act.dim == -1
+        torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(q(x[:, 0]), ref[:, 0], rtol=1e-5, atol=1e-5)  # (N, C) too
 
 
 def test_high_bias_absorption_moves_bias_and_keeps_outputs_close():

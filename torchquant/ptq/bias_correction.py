@@ -16,6 +16,7 @@ import collections
 import math
 import warnings
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from ..qmodules import QModuleState, QWrapper
 from ..utils import call_model, progress_bar, restoring_states
 from ._common import Snapshot, first_names, forward_order, materialize, require_qmodules
 from .equalize import ChannelClip, _in_view, _layer_in_out, find_layer_pairs
-from .registry import register_ptq_algorithm
+from .registry import _keyword_options, register_ptq_algorithm
 
 __all__ = ["bias_correction", "expected_activation"]
 
@@ -110,7 +111,6 @@ def _remove_shift(wrapper: QWrapper, shift: Tensor) -> None:
             layer.bias.add_(delta)
 
 
-@register_ptq_algorithm("bias_correction", aliases=("bc",))
 def bias_correction(
     model: nn.Module,
     data: Iterable | None = None,
@@ -205,6 +205,16 @@ def bias_correction(
     except BaseException:
         snapshot.restore()
         raise
+
+
+@register_ptq_algorithm("bias_correction", aliases=("bc",), options=_keyword_options(bias_correction))
+def _bias_correction_algorithm(model: nn.Module, data: Iterable | None, **options: Any) -> dict[str, Tensor]:
+    """Subtract the expected output shift E[(W_q - W) x] from every weight-quantized layer's bias.
+
+    :func:`bias_correction` called as ``fn(model, data, **options)``: with ``method="analytic"``
+    (data-free) the calibration data a recipe passes is not used.
+    """
+    return bias_correction(model, None if options.get("method") == "analytic" else data, **options)
 
 
 def _empirical(model, named, wrappers, batches, mode, progress) -> dict[str, Tensor]:

@@ -38,9 +38,9 @@ from torch import Tensor, nn
 
 from ..folding import fold_wrapper_bn_
 from ..layers import BN_FOR_LAYER
-from ..qmodules import QModule, QWrapper
+from ..qmodules import QModule, QModuleState, QWrapper
 from ..quantizers import RangeQuantizer
-from ..utils import call_model, restoring_states
+from ..utils import call_model, restoring_states, set_qmodule_state
 from ._common import Snapshot, require_qmodules, tied_weights
 from .registry import register_ptq_algorithm
 
@@ -48,29 +48,35 @@ __all__ = ["ChannelClip", "EqualizationResult", "equalize", "find_layer_pairs", 
 
 
 class ChannelClip(nn.Module):
-    """``clamp(x, 0, upper[c])`` with one upper bound per channel (dim 1).
+    """``clamp(x, 0, upper[c])`` with one upper bound per channel (``dim``: 1 after a convolution,
+    -1 after a ``Linear``, whose features are last: ``(N, C)`` or ``(N, T, C)``).
 
     What a ReLU6 becomes after cross-layer equalization rescaled its input
     channels by ``1 / s``: ``upper = 6 / s``.
 
     Args:
         upper: ``(C,)`` positive upper bounds.
+        dim: the channel dimension of the input.
     """
 
     upper: Tensor
 
-    def __init__(self, upper: Tensor) -> None:
+    def __init__(self, upper: Tensor, dim: int = 1) -> None:
         super().__init__()
         if upper.dim() != 1:
             raise ValueError(f"ChannelClip: upper must have shape (C,), got {tuple(upper.shape)}")
+        if dim not in (1, -1):
+            raise ValueError(f"ChannelClip: dim must be 1 (channels first) or -1 (features last), got {dim}")
         self.register_buffer("upper", upper.detach().clone())
+        self.dim = dim
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = [1, -1] + [1] * (x.dim() - 2)  # (C,) -> (1, C, 1, ...)
+        # (C,) -> (1, C, 1, ...) channels first, or along the last dimension
+        shape = [1, -1] + [1] * (x.dim() - 2) if self.dim == 1 and x.dim() > 1 else [-1]
         return torch.minimum(torch.relu(x), self.upper.reshape(shape))
 
     def extra_repr(self) -> str:
-        return f"channels={self.upper.numel()}"
+        return f"channels={self.upper.numel()}" + (", dim=-1" if self.dim == -1 else "")
 
 
 def _layer_in_out(layer: nn.Module) -> tuple[int, int, int]:
@@ -168,9 +174,11 @@ def find_layer_pairs(model: nn.Module, example_input: Any = None, *, relu6: str 
             handles.append(a.register_forward_hook(output))
             handles.append(b.register_forward_pre_hook(input_))
         try:
-            # eval: a forward pass in training mode would update the BatchNorm statistics
+            # eval: a forward pass in training mode would update the BatchNorm statistics; BYPASSED: the float
+            # model (before calibration there are no ranges to quantize with, and no mode may observe this input)
             with restoring_states(model), torch.no_grad():
                 model.eval()
+                set_qmodule_state(model, QModuleState.BYPASSED)
                 call_model(model, example_input, "find_layer_pairs")
         finally:
             for h in handles:
@@ -310,7 +318,8 @@ def equalize(
         for a, _ in pairs:
             if isinstance(a.act, nn.ReLU6):
                 w = a.layer.weight  # the bound in the layer's dtype: a float32 one would promote a half model
-                a.act = ChannelClip(torch.full((_layer_in_out(a.layer)[1],), 6.0, device=w.device, dtype=w.dtype))
+                upper = torch.full((_layer_in_out(a.layer)[1],), 6.0, device=w.device, dtype=w.dtype)
+                a.act = ChannelClip(upper, dim=-1 if isinstance(a.layer, nn.Linear) else 1)
         name_of = {m: n for n, m in model.named_modules()}
         cumulative = {a: torch.ones(_layer_in_out(a.layer)[1], device=a.layer.weight.device) for a, _ in pairs}
         with torch.no_grad():
