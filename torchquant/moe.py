@@ -79,9 +79,11 @@ def _rows(bank: Tensor, transposed: bool) -> Tensor:
 
 
 def _bank(rows: Tensor, experts: int, transposed: bool) -> Tensor:
-    """The inverse of :func:`_rows`."""
+    """The inverse of :func:`_rows`, laid out in memory as the stored bank: the experts' products then run
+    the kernels the float module runs (a transposed view takes other BLAS paths, whose sums round
+    differently on some CPUs)."""
     bank = rows.reshape(experts, -1, rows.shape[-1])
-    return bank.transpose(1, 2) if transposed else bank
+    return bank.transpose(1, 2).contiguous() if transposed else bank
 
 
 class QExperts(_LayerAttributes, QModule):
