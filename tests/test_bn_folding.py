@@ -255,6 +255,38 @@ class AttrNet(nn.Module):
         return self.bn2(y) + y  # conv2's output has two users: bn2 must stay
 
 
+def _randomized(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2)
+    return bn
+
+
+def test_fold_batchnorm_keeps_the_batchnorm_of_a_layer_used_elsewhere():
+    # one conv with a BatchNorm per domain, and a Sequential listing one conv twice: folding changed the other uses
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    class Domains(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Sequential(conv, _randomized(nn.BatchNorm2d(3)))
+            self.b = nn.Sequential(conv, _randomized(nn.BatchNorm2d(3)))
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    other = nn.Conv2d(3, 3, 3, padding=1)
+    twice = nn.Sequential(other, _randomized(nn.BatchNorm2d(3)), other)
+    x = torch.randn(2, 3, 6, 6)
+    for net, kept in ((Domains().eval(), "a.0, b.0"), (twice.eval(), "0")):
+        with pytest.warns(UserWarning, match=f"fold_batchnorm: {kept} kept their BatchNorm"):
+            folded = tq.fold_batchnorm(net)
+        torch.testing.assert_close(folded(x), net(x), rtol=0, atol=0)
+    wrapped = nn.Sequential(QWrapper([conv, _randomized(nn.BatchNorm2d(3))]), QWrapper(conv))  # swap of a shared conv
+    with pytest.warns(UserWarning, match="0.layer kept"):
+        assert tq.fold_batchnorm(wrapped)[0].bn is not None
+
+
 def test_fold_batchnorm_traced():
     model = AttrNet().eval()
     x = torch.randn(2, 3, 8, 8)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 
 import torch
 from torch import nn
@@ -90,7 +91,9 @@ def fold_batchnorm(model: nn.Module, trace: bool = False) -> nn.Module:
       else (e.g. torchvision ResNet's ``conv1`` / ``bn1``, called from ``forward``); the
       result is then a ``torch.fx.GraphModule`` without those BatchNorms.
 
-    Other BatchNorms are left as they are. In eval mode the result computes the same function as ``model`` (up to
+    Other BatchNorms are left as they are, and so are those after a layer that appears twice in the model
+    or shares its weight with another module (a conv with one BatchNorm per domain), with a warning
+    naming them. In eval mode the result computes the same function as ``model`` (up to
     float rounding); in training mode it does not, as the BatchNorms are gone. Weight
     ranges that quantizers calibrated before folding are stale: calibrate after.
 
@@ -117,18 +120,50 @@ def fold_batchnorm(model: nn.Module, trace: bool = False) -> nn.Module:
         True
     """
     model = copy.deepcopy(model)
-    for module in list(model.modules()):
+    shared = _shared_layers(model)
+    kept: list[str] = []
+    for name, module in list(model.named_modules()):
         if isinstance(module, QWrapper) and module.bn is not None:
+            if id(module.layer) in shared:
+                kept.append(f"{name}.layer" if name else "layer")
+                continue
             fold_wrapper_bn_(module)
         elif isinstance(module, nn.Sequential):
             children = list(module.named_children())
-            for (_, layer), (bn_name, bn) in itertools.pairwise(children):
+            for (layer_name, layer), (bn_name, bn) in itertools.pairwise(children):
                 if _foldable_pair(layer, bn):
+                    if id(layer) in shared:
+                        kept.append(f"{name}.{layer_name}" if name else layer_name)
+                        continue
                     _fold_into(layer, bn)
                     setattr(module, bn_name, nn.Identity())
+    if kept:
+        warnings.warn(
+            f"fold_batchnorm: {', '.join(dict.fromkeys(kept))} kept their BatchNorm: the layer (or its weight) is "
+            "also used elsewhere in the model, where the folded weight would be wrong",
+            UserWarning,
+            stacklevel=2,
+        )
     if trace:
         model = _fold_traced(model)
     return model
+
+
+def _shared_layers(model: nn.Module) -> set[int]:
+    """Ids of the modules that appear more than once in ``model`` (listed twice, in two containers) or hold a
+    weight or bias another module holds too: folding a BatchNorm into one would change the other uses."""
+    seen: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        seen[id(m)] = seen.get(id(m), 0) + 1
+    holders: dict[int, set[int]] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            holders.setdefault(id(p), set()).add(id(m))
+    out = {i for i, n in seen.items() if n > 1}
+    for ms in holders.values():
+        if len(ms) > 1:
+            out |= ms
+    return out
 
 
 class _Tracer(torch.fx.Tracer):
