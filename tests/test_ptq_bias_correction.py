@@ -262,3 +262,16 @@ def test_the_registered_entry_runs_the_analytic_method_with_the_data_a_recipe_pa
     assert sorted(entry(q, data, method="analytic", progress=False)) == ["3"]
     with pytest.raises(ValueError, match="data-free"):  # a direct call still says so
         tq.ptq.bias_correction(q, data, method="analytic")
+
+
+def test_weights_already_rounded_by_adaround_are_named_in_a_warning():
+    # AdaRound writes the rounded values into the weights: bias correction then measures no error at all
+    torch.manual_seed(0)
+    q = tq.quantize_model(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval(),
+                          lambda m, n: tq.AffineQuantizer(4, tq.BatchMinMax(axis=0)), None, method="swap")  # fmt: skip
+    data = [torch.randn(32, 8) for _ in range(2)]
+    tq.calibrate(q, data, progress=False)
+    tq.ptq.adaround(q, data, iters=5, batch_size=16, progress=False)
+    with pytest.warns(UserWarning, match=r"0, 2 have weights already on their quantization grid"):
+        shifts = tq.ptq.bias_correction(q, data, mode=tq.QModuleState.QUANT_EVAL_WEIGHT_ONLY, progress=False)
+    assert all(not s.any() for s in shifts.values())

@@ -225,6 +225,21 @@ def test_blocks_are_residual_blocks_and_act_steps_can_be_learned():
     assert q(data[0]).shape == (16, 10)
 
 
+def test_power_of_two_activation_grids_keep_their_calibrated_steps():
+    # a learned step written back went through force_ranges, which rounded it up to another power of two
+    torch.manual_seed(0)
+    pow2 = lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax(), power_of_two=True)  # noqa: E731
+    q = tq.quantize_model(DigitsCNN().eval(), W4, lambda m, n: pow2(m, n) if n == "stem.0" else A8(m, n),
+                          method="swap")  # fmt: skip
+    data = [torch.rand(16, 1, 8, 8) for _ in range(2)]
+    tq.calibrate(q, data, progress=False)
+    kept, learned = q.stem[0].acts_quantizer.range_observer, q.block1.conv1[0].acts_quantizer.range_observer
+    before = (kept.max_val.clone(), learned.max_val.clone())
+    with pytest.warns(UserWarning, match=r"1 activation quantizer\(s\) keep their calibrated steps.*stem\.0\.acts"):
+        tq.ptq.brecq(q, data, learn_act_step=True, act_lr=1e-2, iters=5, batch_size=8, progress=False)
+    assert torch.equal(kept.max_val, before[0]) and not torch.equal(learned.max_val, before[1])
+
+
 def test_failure_part_way_restores_the_model(monkeypatch):
     q = _mlp()
     data = _data()

@@ -93,6 +93,16 @@ def _weight_error(wrapper: QWrapper, name: str) -> Tensor:
         raise RuntimeError(f"bias_correction: the weight quantizer of {name} is not ready ({e})") from e
 
 
+def _moves_when_quantized(wrapper: QWrapper) -> bool:
+    """Whether the wrapper's weight moves when quantized (``True`` also when it cannot tell yet: no ranges)."""
+    try:
+        with torch.no_grad():
+            w = wrapper.weight_to_quantize()
+            return bool((wrapper.weight_quantizer(w) != w).any())
+    except RuntimeError:
+        return True  # not calibrated: the run reports it
+
+
 def _remove_shift(wrapper: QWrapper, shift: Tensor) -> None:
     """Move the wrapper's output by ``-shift`` ``(C_out,)`` through its layer's bias (created when missing).
 
@@ -193,6 +203,15 @@ def bias_correction(
     if not wrappers:
         raise ValueError(
             f"bias_correction: {type(model).__name__} has no QWrapper with a weight quantizer on a Linear/Conv layer"
+        )
+    on_grid = [named[w] for w in wrappers if not _moves_when_quantized(w)]
+    if on_grid:
+        warnings.warn(
+            f"bias_correction: {first_names(on_grid, 8)} have weights already on their quantization grid (as "
+            "AdaRound, BRECQ, QDrop and GPTQ leave them): no error to correct there; after such an algorithm, "
+            "bias correction has nothing to do",
+            UserWarning,
+            stacklevel=2,
         )
     snapshot = Snapshot(model)
     try:

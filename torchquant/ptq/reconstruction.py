@@ -102,7 +102,9 @@ value, is trained with the straight-through estimator by Adam at a learning rate
 *relative* to that value (``act_lr`` times the quantizer's mean step), annealed to 0 with a cosine
 as in both papers, and is written back into its observer's ranges. Dynamic quantizers
 (:class:`~torchquant.StatelessQuantizer`, e.g. per-token ranges computed at run time) have
-no step to learn and are left as they are (QDrop still drops their quantization).
+no step to learn and are left as they are (QDrop still drops their quantization), and so are
+power-of-two grids (``power_of_two=True``: a learned step would be rounded to another grid when
+written back), with a warning naming them.
 """
 
 from __future__ import annotations
@@ -189,6 +191,12 @@ class _LearnedStep(Quantizer):
         else:
             mn, mx = (self.qmin - self.zero_point) * s, (self.qmax - self.zero_point) * s
         obs.force_ranges(mn.reshape(obs.min_val.shape), mx.reshape(obs.max_val.shape))
+
+
+def _learns_step(q: Quantizer) -> bool:
+    """Whether ``learn_act_step`` trains ``q``'s step: not a dynamic range (no step), not a power-of-two grid
+    (its step rounds up to a power of two when written back: the rounding would be tuned to another grid)."""
+    return not isinstance(q, StatelessQuantizer) and not getattr(q, "power_of_two", False)
 
 
 _ACT_ATTRS = ("input_quantizer", "acts_quantizer")
@@ -496,6 +504,8 @@ def reconstruct(
             UserWarning,
             stacklevel=2,
         )
+    names = {m: n for n, m in model.named_modules()}
+    pow2: list[str] = []
     for name, unit in units:
         for w in [unit] if isinstance(unit, QWrapper) else unit.modules():
             if _learnable(w, tied):
@@ -507,6 +517,15 @@ def reconstruct(
                             f"reconstruct: learn_act_step needs AffineQuantizer activation quantizers; "
                             f"{name}.{attr} is {type(q).__name__} (pass learn_act_step=False to keep its ranges)"
                         )
+                    if getattr(q, "power_of_two", False):
+                        pow2.append(f"{names.get(w, name)}.{attr}")
+    if pow2:
+        warnings.warn(
+            f"reconstruct: {len(pow2)} activation quantizer(s) keep their calibrated steps: a learned step is not a "
+            f"power of two, and writing it back would round it to another grid ({first_names(pow2)})",
+            UserWarning,
+            stacklevel=2,
+        )
 
     snapshot = Snapshot(model)
     with restoring_states(model):
@@ -915,7 +934,7 @@ def _reconstruct_unit(
                 for attr, q in _act_quantizers(m):
                     saved_q.append((m, attr, q))
                     new: Quantizer = q
-                    if c.learn_act_step and not isinstance(q, StatelessQuantizer):  # a dynamic range has no step
+                    if c.learn_act_step and _learns_step(q):
                         new = _LearnedStep(q)
                         learned.append(new)
                     if c.drop_prob > 0:
