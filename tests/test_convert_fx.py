@@ -960,6 +960,25 @@ def test_an_optional_argument_traced_as_given_is_warned_about_and_example_inputs
         assert q(x).shape == (2, 4)
 
 
+class _OptionalAdded(nn.Module):
+    def __init__(self, into_layer: bool):
+        super().__init__()
+        self.fc, self.extra_fc, self.into_layer = nn.Linear(4, 4), nn.Linear(4, 4), into_layer
+
+    def forward(self, x, extra=None):
+        y = self.fc(x)
+        if extra is not None:
+            y = y + (self.extra_fc(extra) if self.into_layer else extra)  # a QOp's input, or a layer's
+        return y
+
+
+@pytest.mark.parametrize("into_layer", [False, True], ids=["added", "into-a-layer"])
+def test_an_optional_argument_read_by_a_qop_or_a_layer_is_warned_about(into_layer):
+    # the arithmetic had become a QOp before the check ran, and a layer's input was not checked
+    with pytest.warns(UserWarning, match=r"optional argument\(s\) 'extra' \(default None\)"):
+        tq.quantize_model(_OptionalAdded(into_layer), wf, af)
+
+
 @pytest.mark.parametrize("method", ["fx", "swap"])
 def test_qops_name_their_quantizers_by_their_place_in_the_model(method):
     class Block(nn.Module):
@@ -976,3 +995,23 @@ def test_qops_name_their_quantizers_by_their_place_in_the_model(method):
     expected = {"1.norm", "1.add"} if method == "fx" else {"1.norm"}
     assert expected <= set(names)
     assert all(v == f"{k}.acts_quantizer" for k, v in names.items()), names
+
+
+def test_a_qop_on_integer_outputs_says_to_convert_with_example_inputs():
+    # without examples every input is taken for a float tensor: ids + 1 got a quantizer, and the observer's
+    # dtype error named neither the cause nor the way out
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(100, 8), nn.Linear(8, 4)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids + 1))
+
+    ids = torch.randint(0, 98, (4, 16))
+    q = tq.quantize_model(LM().eval(), wf, af)
+    with pytest.raises(TypeError, match=r"add\.acts_quantizer: the output of this add is torch\.int64 .*example_"):
+        tq.calibrate(q, [ids], progress=False)
+    q = tq.quantize_model(LM().eval(), wf, af, example_inputs=(ids,))
+    assert "add" not in dict(q.named_modules())
+    tq.calibrate(q, [ids], progress=False)

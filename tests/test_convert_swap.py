@@ -217,6 +217,8 @@ def test_what_counts_as_a_weight_of_its_own():
             self.r_kernel = nn.Parameter(torch.zeros(8, 2, 4))
             self.weights = nn.Parameter(torch.zeros(4, 8))
             self.r_w_bias = nn.Parameter(torch.zeros(2, 4))  # a bias: not reported
+            self.W = nn.Parameter(torch.zeros(4, 4))  # research code's torch.matmul(x, self.W)
+            self.W_q = nn.Parameter(torch.zeros(4, 4))
 
     model = nn.Sequential(
         Tables(),
@@ -229,6 +231,6 @@ def test_what_counts_as_a_weight_of_its_own():
         "1": "Projections uses its parameters proj (8, 4), text_projection (8, 4), router_weights (3, 8), "
         "w1 (12, 8) itself, not through a layer torchquant converts",
         "2": "no rule for ConvTranspose1d: its weight (2, 3, 5) stays float",
-        "4": "Einsum uses its parameters q (8, 2, 4), r (8, 2, 4), r_kernel (8, 2, 4), weights (4, 8) itself, "
-        "not through a layer torchquant converts",
+        "4": "Einsum uses its parameters q (8, 2, 4), r (8, 2, 4), r_kernel (8, 2, 4), weights (4, 8), W (4, 4), "
+        "W_q (4, 4) itself, not through a layer torchquant converts",
     }

@@ -374,3 +374,28 @@ def test_a_layer_the_saving_version_left_float_is_put_back_float(tmp_path):
     assert type(loaded[0]) is Scaled and isinstance(loaded[1], tq.QWrapper)
     with torch.no_grad():
         assert torch.equal(loaded(ids), q[1](make()[0](ids)))
+
+
+def test_a_skipped_type_defined_where_it_cannot_be_imported_is_found_in_the_model(tmp_path):
+    # a class of the training script's __main__ (or a function's) is recorded by a name no other script imports
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), Head()).eval()
+
+    wq = lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=0))  # noqa: E731
+    q = tq.quantize_model(build(), wq, None, skip=[Head])
+    tq.calibrate(q, [torch.randn(16, 4)], progress=False)
+    tq.save(q, tmp_path / "m.safetensors")
+    loaded = tq.load(build(), tmp_path / "m.safetensors")
+    x = torch.randn(3, 4)
+    assert torch.equal(loaded(x), q(x)) and not isinstance(loaded.get_submodule("2.fc"), tq.QWrapper)
+    with pytest.raises(ValueError, match=r"names '.*<locals>\.Head' as a skip type, which cannot be imported here"):
+        tq.load(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval(), tmp_path / "m.safetensors")

@@ -29,7 +29,7 @@ from .graph.concrete import bind_examples, describe_examples
 from .graph.fx import FunctionalOp, FxTraceError, quantize_fx
 from .graph.swap import quantize_swap
 from .layers import LAYER_TYPES, is_normalization, layer_adapter
-from .qmodules import QModule
+from .qmodules import QModule, QOp
 
 __all__ = [
     "CONVERSIONS_ATTR",
@@ -63,18 +63,19 @@ _NOT_WEIGHTED = (
 )
 
 
-_WEIGHT_NAMES = ("weight", "weights", "kernel", "proj", "projection", "q", "k", "v", "o", "r")
+_WEIGHT_NAMES = ("weight", "weights", "kernel", "proj", "projection", "q", "k", "v", "o", "r", "w", "W")
 _WEIGHT_SUFFIXES = ("_weight", "_weights", "_kernel", "_proj", "_projection")
 
 
 def _weight_like(name: str, t: Tensor) -> bool:
     """Whether a parameter a module registers on itself is used as a layer's weight: a matrix or a
     stack of them (at least two dimensions larger than 1) named ``weight(s)``, ``weight_*``, ``*_weight(s)``,
-    ``kernel``, ``*_kernel``, ``proj``, ``*_proj``, ``projection``, ``*_projection``, ``w1``/``w2``/``w3``/``v1``
-    (FFN weights), or ``q``/``k``/``v``/``o``/``r`` (attention projections XLNet multiplies with einsum)."""
+    ``kernel``, ``*_kernel``, ``proj``, ``*_proj``, ``projection``, ``*_projection``, ``w``/``W``, ``w_*``/``W_*``
+    (``W_q``), ``w1``/``w2``/``w3``/``v1`` (FFN weights), or ``q``/``k``/``v``/``o``/``r`` (attention projections
+    XLNet multiplies with einsum)."""
     if sum(d > 1 for d in t.shape) < 2:  # a scale, a bias, a (heads, 1, 1) temperature
         return False
-    if name in _WEIGHT_NAMES or name.startswith("weight_") or name.endswith(_WEIGHT_SUFFIXES):
+    if name in _WEIGHT_NAMES or name.startswith(("weight_", "w_", "W_")) or name.endswith(_WEIGHT_SUFFIXES):
         return True
     return len(name) == 2 and name[0] in "wv" and name[1].isdigit()  # w1, w2, w3, v1: FFN weights (DBRX)
 
@@ -161,6 +162,13 @@ def unconverted_weights(
     return out
 
 
+def _is_qop(gm: nn.Module, node: Any) -> bool:
+    try:
+        return isinstance(gm.get_submodule(node.target), QOp)
+    except AttributeError:
+        return False
+
+
 def _warn_traced_optional_inputs(gm: nn.Module) -> None:
     """Warn about forward arguments that default to ``None`` but were traced as given tensors.
 
@@ -171,9 +179,13 @@ def _warn_traced_optional_inputs(gm: nn.Module) -> None:
     if graph is None:  # the whole model is one leaf
         return
 
-    def needs_a_tensor(user: Any, arg: Any) -> bool:  # None would fail there: a method, an attribute, arithmetic
+    def needs_a_tensor(user: Any, arg: Any) -> bool:
+        # None would fail there: a method, an attribute, arithmetic, a module's input (a layer, or the QOp the
+        # conversion made of arithmetic: `y + mask`)
         if user.op == "call_method":
             return user.args[:1] == (arg,)
+        if user.op == "call_module":
+            return user.args[:1] == (arg,) or (len(user.args) > 1 and arg in user.args and _is_qop(gm, user))
         return (
             user.op == "call_function"
             and (user.target is getattr or getattr(user.target, "__module__", None) == "_operator")

@@ -94,21 +94,37 @@ def register_conversion(kind: str) -> Callable[[Replay], Replay]:
     return deco
 
 
-def _resolve(qualified: str) -> Any:
+def _resolve(qualified: str, model: nn.Module | None = None, what: str = "entry") -> Any:
+    """The object named ``"module:qualname"``; a module type the import cannot find (defined in the saving
+    script's ``__main__`` or in a function) is looked up among the types of ``model``'s modules by name."""
     module, _, name = qualified.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        return obj
+    except (ImportError, AttributeError):
+        pass
+    found = {type(m) for m in (model.modules() if model is not None else ()) if type(m).__qualname__ == name}
+    if len(found) == 1:
+        return found.pop()
+    raise ValueError(
+        f"load: the checkpoint's conversion names {qualified!r} as a {what}, which cannot be imported here"
+        + (f" and matches {len(found)} module types of the model" if found else "")
+        + "; define or import it at module level before loading (a class defined in the saving script's "
+        "__main__ is found only there)"
+    )
 
 
 @register_conversion("quantize_model")
 def _replay_quantize_model(model: nn.Module, record: dict, build: Callable[[str, str], Any]) -> nn.Module:
-    skip = [s if isinstance(s, str) else _resolve(s["type"]) for s in record.get("skip", [])]
+    skip = [s if isinstance(s, str) else _resolve(s["type"], model, "skip type") for s in record.get("skip", [])]
     kwargs: dict[str, Any] = {"skip": skip, "method": record["method"], "fold_bn": record.get("fold_bn", False)}
     if record["method"] == "fx":
-        kwargs["leaf_modules"] = [_resolve(t) for t in record.get("leaf_modules", [])]
-        kwargs["autowrap_functions"] = [_resolve(f) for f in record.get("autowrap_functions", [])]
+        kwargs["leaf_modules"] = [_resolve(t, model, "leaf module type") for t in record.get("leaf_modules", [])]
+        kwargs["autowrap_functions"] = [
+            _resolve(f, model, "autowrapped function") for f in record.get("autowrap_functions", [])
+        ]
     for key, value in record.get("options", {}).items():
         kwargs[key] = value
     if "example_inputs" in kwargs:  # recorded as shapes and dtypes: the traced branches depend on nothing else

@@ -1140,7 +1140,7 @@ class _Rewriter:
         """What a fused chain holds after its layer: the modules of the model by identity, others (made from
         functional calls) by type and arguments (``F.leaky_relu(y, 0.2)`` and ``F.leaky_relu(y, 0.01)`` differ)."""
         own = {id(m) for m in self.modules.values()}
-        return tuple((type(m), id(m) if id(m) in own else repr(m)) for m in layers[1:])
+        return tuple((type(m), id(m) if id(m) in own else _arguments(m)) for m in layers[1:])
 
     def _chain(self, node: fx.Node, layer: nn.Module, kwargs: dict | None) -> tuple[list[fx.Node], list, fx.Node]:
         """The nodes ``layer``'s call at ``node`` fuses with (BatchNorm, activation), their modules, the last node."""
@@ -1233,6 +1233,14 @@ class _Rewriter:
         node.replace_all_uses_with(new)
         self.graph.erase_node(node)
         node._erased = True
+
+
+def _arguments(m: nn.Module) -> tuple:
+    """The constructor arguments of an activation module made from a functional call (its public
+    attributes), ``inplace`` left out: ``F.relu(y, inplace=True)`` computes what ``torch.relu(y)`` does."""
+    return tuple(
+        sorted((k, repr(v)) for k, v in vars(m).items() if not k.startswith("_") and k not in ("inplace", "training"))
+    )
 
 
 def _unwrap_bare_norms(module: nn.Module) -> None:
