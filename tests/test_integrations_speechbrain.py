@@ -143,9 +143,14 @@ def test_feature_extraction_is_skipped():
     model = nn.Sequential(Fbank(n_mels=40), KWSNet(n_mels=40, channels=16)).eval()
     wav = torch.randn(2, 16000)
     ref = model(wav)
-    quantize_speechbrain(model, WF, AF)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the feature types skipped for the caller match nothing here
+        quantize_speechbrain(model, WF, AF)
     assert not any(isinstance(m, tq.QModule) for m in model[0].modules())
     assert sum(isinstance(m, tq.QWrapper) for m in model[1].modules()) == 6
+    with pytest.warns(UserWarning, match=r"quantize_speechbrain: skip entries matched no module .*'head'"):
+        quantize_speechbrain(nn.Sequential(Fbank(n_mels=40), KWSNet(n_mels=40, channels=16)).eval(), WF, AF,
+                             skip=["head"])  # fmt: skip
     torch.testing.assert_close(model(wav), ref, atol=1e-4, rtol=1e-4)  # fbank values are large
 
 

@@ -262,6 +262,9 @@ def _hooked_weight(layer: nn.Module) -> Tensor:
     return hook.apply_mask(layer)  # weight_orig * weight_mask, as the pruning hook computes it
 
 
+_hooked_weight_norm = _hooked_weight  # the name wrappers pickled before pruning hooks were read hold
+
+
 def _scaled_embedding_forward(layer: nn.Embedding, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     out = _embedding_forward(layer, x, w, b)
     scale = layer.embed_scale

@@ -235,9 +235,13 @@ class QExperts(_LayerAttributes, QModule):
         cache = self._weight_cache if s.is_weight_quantized and not s.is_weight_observed else None
         for bank, q, rows in self._weights():
             if cache is not None:
-                w = _cached_quantize(cache.setdefault(bank, {}), q, rows)
-            else:
-                w = _run_quantizer(q, rows, s.is_weight_observed, s.is_weight_quantized)
+                entry = cache.setdefault(bank, {})
+                w = _cached_quantize(entry, q, rows)
+                if entry.get("bank_of") is not w:  # the bank laid out from these rows, kept while they are
+                    entry["bank"], entry["bank_of"] = _bank(w, experts, self.transposed), w
+                banks[bank] = entry["bank"]
+                continue
+            w = _run_quantizer(q, rows, s.is_weight_observed, s.is_weight_quantized)
             if s.is_weight_quantized:
                 banks[bank] = _bank(w, experts, self.transposed)
         iq = self._modules["input_quantizer"]

@@ -463,6 +463,14 @@ def test_an_initialisation_that_rewrites_the_base_weight_keeps_the_output(saved,
     assert err < 1e-4, float(err)
 
 
+@pytest.mark.parametrize("init", ["olora", "corda"])
+def test_initialisations_that_misread_a_conv1d_are_refused_there(saved, init):
+    # peft's OLoRA reads the (in, out) weight as (out, in): logits moved by 16%, a non-square c_attn failed
+    model = _load(saved, "gpt2", weights="int8")
+    with pytest.raises(ValueError, match=f"init_lora_weights='{init}' on QWrapper\\[Conv1D\\]"):
+        peft.get_peft_model(model, lora_config(r=4, target_modules=["c_attn"], init_lora_weights=init))
+
+
 def test_lora_config_is_a_peft_config_and_rejects_what_it_cannot_do():
     cfg = lora_config(r=4, target_modules=["0"])
     assert isinstance(cfg, peft.LoraConfig) and cfg._custom_modules == {QWrapper: QWrapperLoraLayer}

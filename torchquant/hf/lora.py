@@ -22,9 +22,11 @@ weight observers replace their ranges) or calibrate again. ``unmerge`` subtracts
 the same update.
 
 An initialisation that rewrites the base weight (``init_lora_weights="pissa"``, ``"olora"``,
-``"corda"``, ``"loftq"``) leaves the residual ``W - scaling * B @ A`` in the QWrapper; its
-weight ranges are then observed again from the residual (ranges observed on ``W`` would
-clip it).
+``"corda"``, ``"loftq"``) leaves the residual ``W - scaling * B @ A`` in the QWrapper; the
+ranges of a weight quantizer with a range observer are then observed again from the residual
+(ranges observed on ``W`` would clip it; a learned step, LSQ's, is kept). On a GPT-2
+``Conv1D`` only PiSSA is supported (peft's OLoRA and CorDA read its ``(in, out)`` weight as
+``(out, in)``): the others are refused.
 
 A saved adapter loaded with ``PeftModel.from_pretrained`` needs the mapping too:
 pass ``config=lora_config(...)`` built from the saved settings, or register it on the
@@ -99,6 +101,14 @@ class QWrapperLoraLayer(nn.Module, LoraLayer):
         if not isinstance(qw, QWrapper):
             raise TypeError(f"torchquant LoRA: expected a QWrapper, got {type(qw).__name__}")
         _check_target(qw)
+        init = getattr(config, "init_lora_weights", True)
+        conv1d = type(qw.layer).__name__ == "Conv1D"
+        if conv1d and isinstance(init, str) and init.startswith(("olora", "corda", "loftq")):
+            # peft's OLoRA reads base.weight as (out, in) whatever the layout, CorDA checks for a Conv1D base
+            raise ValueError(
+                f"torchquant LoRA: init_lora_weights={init!r} on QWrapper[{qw._describe()}] (a Conv1D, stored "
+                "(in, out)) would decompose the transposed weight; use 'pissa' or the default initialisation"
+            )
         super().__init__()
         LoraLayer.__init__(self, base_layer)
         self._active_adapter = adapter_name

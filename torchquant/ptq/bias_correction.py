@@ -149,7 +149,8 @@ def bias_correction(
     created when missing. The correction is applied to the bias before BatchNorm. The
     error is that of the weight the quantizer sees and the input the product reads: with
     ``fold_bn=True`` the folded weight (the bias then moves by the shift divided by
-    ``gamma / sigma``), after the wrapper's ``input_transform`` and input quantizer.
+    ``gamma / sigma``), after the wrapper's ``input_transform`` (``"analytic"``: applied to
+    ``E[x]``, a linear transform) and, ``"empirical"`` only, its input quantizer.
 
     Args:
         model: a calibrated model with QWrappers.
@@ -318,6 +319,8 @@ def _analytic(model, named, wrappers, bn_stats, progress) -> dict[str, Tensor]:
         )
     for a, b, mean, std in progress_bar(todo, len(todo), "bias correction", progress):
         ex = expected_activation(a.act, mean, std)  # (C_in,)
+        if b.input_transform is not None:  # linear along the features (QuaRot's Hadamard): E[T x] = T E[x]
+            ex = b.input_transform(ex.reshape(1, -1)).reshape(-1)
         dw = _weight_error(b, named[b])
         groups = _layer_in_out(b.layer)[2]
         v = _in_view(dw, groups).sum(-1)  # (g, C_out / g, cpg)

@@ -60,6 +60,7 @@ class ChannelClip(nn.Module):
     """
 
     upper: Tensor
+    dim: int = 1  # a module pickled before it had a dim bounds channels first
 
     def __init__(self, upper: Tensor, dim: int = 1) -> None:
         super().__init__()

@@ -31,7 +31,7 @@ from torch import nn
 
 from ...convert import quantize_model, unconverted_weights
 from ...factories import QuantizerFactory
-from ...graph.common import FLOAT_REASONS_ATTR, SkipSpec, check_skip
+from ...graph.common import FLOAT_REASONS_ATTR, Skip, SkipSpec, check_skip, warn_unmatched_skip
 from ...qmodules import QModuleState
 from ...utils import set_qmodule_state
 
@@ -143,9 +143,13 @@ def quantize_speechbrain(
                 f"quantize_speechbrain: {name or 'model'} (speechbrain Linear) has max_norm={m.max_norm}: it "
                 "renormalises .w.weight in forward, outside the quantized weight; build it with max_norm=None"
             )
-    skip = (*check_skip(skip), *feature_types())
-    quantize_model(model, weight_quantizer, acts_quantizer, skip=skip, method="swap", fold_bn=fold_bn,
+    user = check_skip(skip)
+    # the feature extractors are skipped too; only the caller's own entries are checked for a match
+    full = Skip((*user, *feature_types()))
+    full.matched = user.matched
+    quantize_model(model, weight_quantizer, acts_quantizer, skip=full, method="swap", fold_bn=fold_bn,
                    norm_outputs=norm_outputs)  # fmt: skip
+    warn_unmatched_skip(user, "quantize_speechbrain")
     reasons = raw_weight_reasons(model)
     setattr(model, FLOAT_REASONS_ATTR, {**getattr(model, FLOAT_REASONS_ATTR, {}), **reasons})
     return model
