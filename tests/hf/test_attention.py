@@ -373,10 +373,72 @@ def test_kivi_quantizers_layout():
     k = torch.randn(1, 2, 10, 8)
     kq, vq = keys(k), values(k)
     assert torch.equal(kq[:, :, 8:], k[:, :, 8:])  # residual tokens stay float
-    assert torch.equal(kq[:, :, :8], tq.DynamicAffineQuantizer(2, axis=-2, group_size=4)(k[:, :, :8]))
-    assert torch.equal(vq, tq.DynamicAffineQuantizer(2, axis=-1, group_size=4)(k))
+    kivi = {"n_bits": 2, "group_size": 4, "include_zero": False}
+    assert torch.equal(kq[:, :, :8], tq.DynamicAffineQuantizer(axis=-2, **kivi)(k[:, :, :8]))
+    assert torch.equal(vq, tq.DynamicAffineQuantizer(axis=-1, **kivi)(k))
     keys, _ = kv_quantizers(2, group_size=4, residual=False)
     assert not torch.equal(keys(k)[:, :, 8:], k[:, :, 8:])
+
+
+def test_kivi_grid_runs_from_each_groups_min_to_its_max():
+    # KIVI: scale (max - min) / (2^b - 1), zero point the min; a range widened to 0 lost half of a 2-bit
+    # key channel's levels where it lay away from 0 (an outlier channel)
+    keys, values = kv_quantizers(2, group_size=4)
+    k = torch.tensor([8.0, 8.4, 9.1, 9.5]).reshape(1, 1, 4, 1)  # one channel, one group of 4 tokens
+    step = (9.5 - 8.0) / 3
+    expected = 8.0 + torch.round((k - 8.0) / step) * step
+    torch.testing.assert_close(keys(k), expected, rtol=0, atol=1e-6)
+    assert keys(k).unique().numel() == 4
+    v = torch.tensor([-3.0, -2.5, -2.2, -1.0]).reshape(1, 1, 1, 4)  # one token, one group of 4 channels
+    step = 2.0 / 3
+    torch.testing.assert_close(values(v), -3.0 + torch.round((v + 3.0) / step) * step, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="include_zero=False needs symmetric=False"):
+        tq.DynamicAffineQuantizer(4, symmetric=True, include_zero=False)
+    sym_keys, _ = kv_quantizers(4, symmetric=True)
+    assert sym_keys.include_zero
+
+
+def test_a_static_cache_quantizes_the_tokens_seen_not_its_empty_slots():
+    # the whole max_cache_len buffer reached the attention: KIVI groups took ranges over empty slots and
+    # quantized the newest keys (tokens differed from a dynamic cache)
+    model, _, _ = build("llama", "sdpa", init_range=0.2)
+    quantize_attention(
+        model,
+        key=lambda m, n: kv_quantizers(2, group_size=4)[0],
+        value=lambda m, n: kv_quantizers(2, group_size=4)[1],
+    )
+    tq.set_qmodule_state(model, S.QUANT_EVAL)
+    prompt = torch.randint(3, 100, (1, 7))
+    gen = {"max_new_tokens": 8, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    with torch.no_grad():
+        dynamic = model.generate(prompt, **gen)
+        static = model.generate(prompt, cache_implementation="static", **gen)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    torch.testing.assert_close(torch.cat(static.logits), torch.cat(dynamic.logits), rtol=1e-4, atol=1e-4)
+
+
+def test_switching_to_a_builtin_attention_after_quantizing_is_refused():
+    # the config then no longer calls torchquant's attention function: it ran in float with no error
+    model, _, _ = build("llama", "sdpa")
+    quantize_attention(model, query=per_token(4), key=per_token(4), value=per_token(4))
+    tq.set_qmodule_state(model, S.QUANT_EVAL)
+    model.set_attn_implementation("eager")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="attn_implementation is now 'eager'"):
+        model(torch.randint(3, 100, (1, 6)))
+    tq.set_qmodule_state(model, S.BYPASSED)  # the float model: nothing to refuse
+    with torch.no_grad():
+        model(torch.randint(3, 100, (1, 6)))
+
+
+def test_a_kv_cache_table_naming_one_role_leaves_the_other_to_the_attention_field():
+    from torchquant.hf import TorchQuantConfig
+
+    config = TorchQuantConfig(attention="int8-dynamic", kv_cache={"key": "int4-dynamic"})
+    assert set(config.kv_cache) == {"key"}
+    model, _, _ = build("llama", "sdpa")
+    tq.hf.quantize(model, config)
+    qa = model.get_submodule(attention_modules(model)[0][0]).attn_quantizer
+    assert qa.key_quantizer.n_bits == 4 and qa.value_quantizer.n_bits == 8
 
 
 def test_import_torchquant_does_not_import_transformers():

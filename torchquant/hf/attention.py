@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..factories import QuantizerFactory, call_factory
-from ..qmodules import QModule, _run_quantizer
+from ..qmodules import QModule, QModuleState, _run_quantizer
 from ..quantizers import DynamicAffineQuantizer, Quantizer, ResidualGroupQuantizer
 
 __all__ = [
@@ -268,8 +268,9 @@ class QAttention(QModule):
         if kwargs.get("sliding_window") is not None and self.qstate.is_act_quantized:
             self._check_whole_cache(key, kwargs.get("position_ids"))
         query = self._quantize(self.query_quantizer, query)
-        key = self._quantize(self.key_quantizer, key)
-        value = self._quantize(self.value_quantizer, value)
+        seen = self._tokens_seen(key, kwargs.get("position_ids"))
+        key = self._quantize_seen(self.key_quantizer, key, seen)
+        value = self._quantize_seen(self.value_quantizer, value, seen)
         s = self.qstate
         if self.probs_quantizer is None or not (s.is_act_observed or s.is_act_quantized):
             return _run_base(self.implementation, module, query, key, value, attention_mask, kwargs)
@@ -279,6 +280,34 @@ class QAttention(QModule):
         return _eager_with_kwargs(
             module, query, key, value, mask, kwargs, lambda p: self._quantize(self.probs_quantizer, p)
         )
+
+    def _tokens_seen(self, key: Tensor, position_ids: Any) -> int | None:
+        """The tokens the cache holds, where a key or value quantizer ranges over tokens and the keys may be
+        a longer, preallocated buffer (a static cache); else ``None``.
+
+        A static cache passes its whole ``max_cache_len`` buffer, empty slots included: KIVI's groups would
+        take their ranges over them and quantize the newest keys, which a KIVI cache keeps in float. The
+        count reads ``position_ids`` on the host (one synchronisation per layer and step, for such
+        quantizers only).
+        """
+        s = self.qstate
+        if not (s.is_act_observed or s.is_act_quantized) or not isinstance(position_ids, Tensor):
+            return None
+        if torch.compiler.is_compiling():  # a data-dependent length: not under torch.compile (see docs)
+            return None
+        if position_ids.numel() == 0 or not any(
+            q is not None and _spans_tokens(q) for q in (self.key_quantizer, self.value_quantizer)
+        ):
+            return None
+        seen = int(position_ids.max()) + 1  # a row without padding: the tokens seen so far
+        return seen if seen < key.shape[-2] else None
+
+    def _quantize_seen(self, q: Quantizer | None, x: Tensor, seen: int | None) -> Tensor:
+        """``q`` on the first ``seen`` tokens of ``x`` ``(B, H, T, D)``; the empty slots after them (masked) as
+        they are."""
+        if seen is None or q is None:
+            return self._quantize(q, x)
+        return torch.cat([self._quantize(q, x[..., :seen, :]), x[..., seen:, :]], dim=-2)
 
     def _check_whole_cache(self, key: Tensor, position_ids: Any) -> None:
         """Refuse a sliding-window layer's cropped cache where a key or value quantizer ranges over tokens.
@@ -341,7 +370,8 @@ def torchquant_attention_forward(
         return _run_base(base, module, query, key, value, attention_mask, kwargs)
     raise RuntimeError(
         f"{type(module).__name__} uses attn_implementation={ATTN_IMPLEMENTATION!r} but has no QAttention "
-        "(attn_quantizer); call torchquant.hf.quantize_attention(model, ...) on the model"
+        "(attn_quantizer): its config is shared with a model whose attention torchquant converted (build each "
+        "model from its own copy.deepcopy(config)), or call torchquant.hf.quantize_attention(model, ...) on it"
     )
 
 
@@ -481,9 +511,29 @@ def quantize_attention(
         qattn.train(m.training)
         qattn._name_quantizers(f"{name}.attn_quantizer")
         m.attn_quantizer = qattn
+        m.register_forward_pre_hook(_check_implementation)
     for _, m in found:
         m.config._attn_implementation_internal = ATTN_IMPLEMENTATION
     return [name for name, _, qattn in built if qattn is not None]
+
+
+def _check_implementation(module: nn.Module, args: Any) -> None:
+    """Refuse a forward pass whose config no longer selects torchquant's attention function while the
+    QAttention quantizes (``model.set_attn_implementation("eager")`` after converting: the attention would
+    run in float with no error)."""
+    qattn = module._modules.get("attn_quantizer")
+    config = getattr(module, "config", None)
+    if not isinstance(qattn, QAttention) or config is None or qattn.qstate is QModuleState.BYPASSED:
+        return
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    # transformers' own kernels ignore the QAttention (a function registered by the user may read it)
+    if impl in BASE_IMPLEMENTATIONS or impl.startswith(("flash", "flex")):
+        raise RuntimeError(
+            f"{type(module).__name__}: the model's attn_implementation is now {impl!r}, so its quantized "
+            "attention would run in float; keep "
+            f"{ATTN_IMPLEMENTATION!r} (set after quantize_attention; for output_attentions, quantized probabilities "
+            "come from the eager softmax torchquant runs), or set the QAttention modes to BYPASSED"
+        )
 
 
 # ----------------------------------------------------------------------------- KIVI
@@ -502,7 +552,9 @@ def kv_quantizers(
 
     Both are functions of the stored float values of each token or complete group alone,
     so inside the attention function they give at every ``generate()`` step what a KIVI
-    cache holds (see the module docstring).
+    cache holds (see the module docstring). Asymmetric grids are KIVI's: ``2 ** n_bits``
+    levels from each group's min to its max (``include_zero=False``: zero need not be a
+    level, so a group of one sign keeps all its levels).
 
     Args:
         n_bits: bits per element (KIVI: 2 or 4).
@@ -513,6 +565,9 @@ def kv_quantizers(
     Returns:
         ``(key_quantizer, value_quantizer)``, new instances.
     """
-    keys = ResidualGroupQuantizer(n_bits, axis=-2, group_size=group_size, symmetric=symmetric, residual=residual)
-    values = DynamicAffineQuantizer(n_bits, axis=-1, group_size=group_size, symmetric=symmetric)
+    zero = symmetric  # KIVI's asymmetric grid runs from min to max; a symmetric one is centred on zero
+    keys = ResidualGroupQuantizer(
+        n_bits, axis=-2, group_size=group_size, symmetric=symmetric, residual=residual, include_zero=zero
+    )
+    values = DynamicAffineQuantizer(n_bits, axis=-1, group_size=group_size, symmetric=symmetric, include_zero=zero)
     return keys, values

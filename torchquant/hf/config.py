@@ -173,7 +173,8 @@ def expand_spec(field: str, value: Any, where: str | None = None) -> Any:
         unknown = set(value) - {"key", "value"}
         if unknown:
             raise SpecError(f"{where}: a KV-cache table has 'key' and 'value' specs; unknown keys {sorted(unknown)}")
-        return {k: expand_spec("attention", value.get(k), f"{where}.{k}") for k in ("key", "value")}
+        # a role left out falls back to the attention field, as it does without a table; None is no quantizer
+        return {k: expand_spec("attention", value[k], f"{where}.{k}") for k in ("key", "value") if k in value}
     spec = QuantizerSpec.from_dict(value, where)
     spec.check()
     return spec.to_dict()

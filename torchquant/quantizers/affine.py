@@ -44,8 +44,9 @@ class AffineQuantizer(RangeQuantizer):
     The observed range ``[min, max]`` is relaxed to include 0 (so zero is exact);
     ``symmetric=True`` makes it ``[-max|r|, max|r|]``. Then
     ``delta = (max - min) / (2 ** n_bits - 1)``, ``zero_point = round(-min / delta)``
-    and levels ``0 .. 2 ** n_bits - 1``. A zero range gives ``delta = eps``
-    (float32 machine epsilon), so outputs stay finite.
+    and levels ``0 .. 2 ** n_bits - 1``. ``delta`` is at least ``eps`` (float32 machine
+    epsilon, as in ``torch.ao``), so a zero range stays finite; a range narrower than
+    ``(2 ** n_bits - 1) * eps`` (about ``3e-5`` at 8 bits) is quantized on that coarser step.
 
     Args:
         n_bits: bits per element, 1 to 32 (the grid is exact in float32 up to 24).

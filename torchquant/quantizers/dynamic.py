@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..granularity import Granularity
-from ..quantizers_functional import affine_qparams, affine_quantize
+from ..quantizers_functional import _EPS, affine_qparams, affine_quantize, compute_dtype, straight_through
 from ..registry import Example, register_quantizer
 from .base import StatelessQuantizer, check_n_bits
 
@@ -38,7 +38,14 @@ def _size(x: Tensor, axis: int) -> int:
 
 @torch.fx.wrap
 def _dynamic_affine(
-    x: Tensor, n_bits: int, axis: int | None, group_size: int | None, symmetric: bool, who: str, per_token: bool = False
+    x: Tensor,
+    n_bits: int,
+    axis: int | None,
+    group_size: int | None,
+    symmetric: bool,
+    who: str,
+    per_token: bool = False,
+    include_zero: bool = True,
 ):
     if x.numel() == 0:  # no values to take a range from (an expert routed no tokens): nothing to quantize
         return x.clone()
@@ -47,6 +54,8 @@ def _dynamic_affine(
     g = Granularity(axis=axis, group_size=group_size)
     mn, mx = g.reduce(x.detach(), who)  # compact: () / (1, .., C, .., 1) / (.., n // g, ..)
     n_levels = 2**n_bits
+    if not include_zero:
+        return _min_max_grid(x, g, mn, mx, n_levels)
     fixed = _fixed_zero_point(n_levels, symmetric)
     delta, zero_point = affine_qparams(mn.float(), mx.float(), n_levels, symmetric, False, fixed)
     delta = g.expand(delta)  # broadcasts against x
@@ -59,6 +68,11 @@ def _dynamic_affine(
         Example("a8-per-tensor", lambda: DynamicAffineQuantizer(8), role="act"),
         Example("a4-groups-of-2", lambda: DynamicAffineQuantizer(4, axis=-1, group_size=2), role="act"),
         Example("a8-per-token", lambda: DynamicAffineQuantizer(8, per_token=True), role="act"),
+        Example(
+            "a4-per-token-min-max-grid",
+            lambda: DynamicAffineQuantizer(4, per_token=True, include_zero=False),
+            role="act",
+        ),
         Example(
             "a8-per-channel-symmetric", lambda: DynamicAffineQuantizer(8, axis=1, symmetric=True), idempotent=False
         ),
@@ -96,10 +110,14 @@ class DynamicAffineQuantizer(StatelessQuantizer):
         symmetric: a grid symmetric around zero (``[-max|x|, max|x|]``).
         per_token: one range per index of every axis but the last (instead of ``axis``
             and ``group_size``).
+        include_zero: widen each range to include 0 (an integer zero point, as every
+            affine grid here); ``False``: levels run from the range's min to its max with a
+            float offset, zero need not be one (KIVI's grid; asymmetric only).
 
     Raises:
-        ValueError: a bad ``n_bits`` or granularity; at call time, a granularity that does
-            not fit the tensor (naming the quantizer, the shape and the granularity).
+        ValueError: a bad ``n_bits`` or granularity, ``symmetric`` without ``include_zero``; at
+            call time, a granularity that does not fit the tensor (naming the quantizer, the
+            shape and the granularity).
 
     Example:
         >>> q = DynamicAffineQuantizer(2, axis=-1, group_size=2)
@@ -115,6 +133,7 @@ class DynamicAffineQuantizer(StatelessQuantizer):
         group_size: int | None = None,
         symmetric: bool = False,
         per_token: bool = False,
+        include_zero: bool = True,
     ) -> None:
         super().__init__()
         self.n_bits = check_n_bits(n_bits, type(self).__name__, high=24)
@@ -123,31 +142,57 @@ class DynamicAffineQuantizer(StatelessQuantizer):
         self.granularity = Granularity(axis=axis, group_size=group_size)
         self.symmetric = bool(symmetric)
         self.per_token = bool(per_token)
+        self.include_zero = _check_include_zero(include_zero, self.symmetric, type(self).__name__)
 
     def quantize(self, x: Tensor) -> Tensor:
         g = self.granularity
-        return _dynamic_affine(x, self.n_bits, g.axis, g.group_size, self.symmetric, self._tq_name, self.per_token)
+        return _dynamic_affine(
+            x, self.n_bits, g.axis, g.group_size, self.symmetric, self._tq_name, self.per_token, self.include_zero
+        )
 
     def extra_repr(self) -> str:
         where = "per-token" if self.per_token else str(self.granularity)
-        return f"n_bits={self.n_bits}, {where}, symmetric={self.symmetric}"
+        zero = "" if self.include_zero else ", include_zero=False"
+        return f"n_bits={self.n_bits}, {where}, symmetric={self.symmetric}{zero}"
+
+
+def _check_include_zero(include_zero: bool, symmetric: bool, who: str) -> bool:
+    if symmetric and not include_zero:
+        raise ValueError(f"{who}: a symmetric grid is centred on zero; include_zero=False needs symmetric=False")
+    return bool(include_zero)
+
+
+def _min_max_grid(x: Tensor, g: Granularity, mn: Tensor, mx: Tensor, n_levels: int) -> Tensor:
+    """``x`` on the grid of ``n_levels`` levels from each range's min to its max (a float offset: zero need not
+    be a level, as in KIVI), ``clamp(round((x - min) / delta), 0, n - 1) * delta + min``; straight-through."""
+    dt = compute_dtype(x)
+    k = n_levels - 1
+    lo, hi = mn.to(dt), mx.to(dt)
+    delta = torch.where(torch.isinf(hi - lo), hi / k - lo / k, (hi - lo) / k).clamp_(min=_EPS)
+    delta, lo = g.expand(delta), g.expand(lo)
+    q = torch.clamp(torch.round((x.detach().to(dt) - lo) / delta), 0, k)
+    return straight_through(x, (q * delta + lo).to(x.dtype))
 
 
 @torch.fx.wrap
 def _residual_groups(
-    x: Tensor, n_bits: int, axis: int, group_size: int, symmetric: bool, residual: bool, who: str
+    x: Tensor, n_bits: int, axis: int, group_size: int, symmetric: bool, residual: bool, who: str, include_zero: bool
 ) -> Tensor:
     axis = Granularity(axis=axis).check(x.shape, who)
     length = _size(x, axis)
     full = length - length % group_size
+
+    def groups(t: Tensor, size: int) -> Tensor:
+        return _dynamic_affine(t, n_bits, axis, size, symmetric, who, include_zero=include_zero)
+
     if full == length:
-        return _dynamic_affine(x, n_bits, axis, group_size, symmetric, who)
+        return groups(x, group_size)
     head, tail = x.narrow(axis, 0, full), x.narrow(axis, full, length - full)
     if not residual:  # the incomplete group is one shorter group with its own range
-        tail = _dynamic_affine(tail, n_bits, axis, length - full, symmetric, who)
+        tail = groups(tail, length - full)
     if full == 0:
         return tail
-    return torch.cat([_dynamic_affine(head, n_bits, axis, group_size, symmetric, who), tail], dim=axis)
+    return torch.cat([groups(head, group_size), tail], dim=axis)
 
 
 @register_quantizer(
@@ -155,6 +200,11 @@ def _residual_groups(
     examples=[
         Example("kivi-keys-4", lambda: ResidualGroupQuantizer(4, axis=-2, group_size=4), role="act"),
         Example("kivi-keys-2-no-residual", lambda: ResidualGroupQuantizer(2, axis=-2, group_size=4, residual=False)),
+        Example(
+            "kivi-keys-min-max-grid",
+            lambda: ResidualGroupQuantizer(2, axis=-2, group_size=4, include_zero=False),
+            role="act",
+        ),
     ],
 )
 class ResidualGroupQuantizer(StatelessQuantizer):
@@ -179,6 +229,7 @@ class ResidualGroupQuantizer(StatelessQuantizer):
         group_size: consecutive elements along ``axis`` that share a range.
         symmetric: symmetric grids.
         residual: keep the incomplete last group in float (else quantize it on its own).
+        include_zero: see :class:`DynamicAffineQuantizer` (``False``: KIVI's min-to-max grid).
 
     Example:
         >>> q = ResidualGroupQuantizer(2, axis=0, group_size=2)
@@ -187,17 +238,28 @@ class ResidualGroupQuantizer(StatelessQuantizer):
     """
 
     def __init__(
-        self, n_bits: int = 4, *, axis: int = -2, group_size: int = 32, symmetric: bool = False, residual: bool = True
+        self,
+        n_bits: int = 4,
+        *,
+        axis: int = -2,
+        group_size: int = 32,
+        symmetric: bool = False,
+        residual: bool = True,
+        include_zero: bool = True,
     ) -> None:
         super().__init__()
         self.n_bits = check_n_bits(n_bits, type(self).__name__, high=24)
         self.granularity = Granularity(axis=axis, group_size=group_size)  # validates both
         self.symmetric = bool(symmetric)
         self.residual = bool(residual)
+        self.include_zero = _check_include_zero(include_zero, self.symmetric, type(self).__name__)
 
     def quantize(self, x: Tensor) -> Tensor:
         g = self.granularity
-        return _residual_groups(x, self.n_bits, g.axis, g.group_size, self.symmetric, self.residual, self._tq_name)
+        return _residual_groups(
+            x, self.n_bits, g.axis, g.group_size, self.symmetric, self.residual, self._tq_name, self.include_zero
+        )
 
     def extra_repr(self) -> str:
-        return f"n_bits={self.n_bits}, {self.granularity}, symmetric={self.symmetric}, residual={self.residual}"
+        zero = "" if self.include_zero else ", include_zero=False"
+        return f"n_bits={self.n_bits}, {self.granularity}, symmetric={self.symmetric}, residual={self.residual}{zero}"
