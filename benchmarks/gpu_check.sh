@@ -102,16 +102,17 @@ stage() {
 # 1. CUDA tests, with deploy.py on the core they leave free
 (
     if have torchvision && have onnxruntime; then
-        OMP_NUM_THREADS=1 timeout -k 10 150 "${pin_deploy[@]}" python3 benchmarks/deploy.py --repeats 10 >"$out/deploy.txt" 2>&1
+        OMP_NUM_THREADS=1 timeout -k 10 150 ${pin_deploy[@]+"${pin_deploy[@]}"} python3 benchmarks/deploy.py --repeats 10 >"$out/deploy.txt" 2>&1
         echo "exit $?" >>"$out/deploy.txt"
     else
         echo "skipped: torchvision or onnxruntime missing" >"$out/deploy.txt"
     fi
 ) &
 deploy_pid=$!
-OMP_NUM_THREADS=3 stage "CUDA tests" test_cuda.log 180 200 "${pin_tests[@]}" python3 -m pytest tests/test_cuda.py \
+# reserves: each stage keeps the boxes of the stages after it (110 + 100 + 120 s for 2-4)
+OMP_NUM_THREADS=3 stage "CUDA tests" test_cuda.log 180 330 ${pin_tests[@]+"${pin_tests[@]}"} python3 -m pytest tests/test_cuda.py \
     tests/test_kernels.py tests/test_custom_ops.py -v \
-    "${xdist4[@]}" -p no:cacheprovider --durations=10 -rfE
+    ${xdist4[@]+"${xdist4[@]}"} -p no:cacheprovider --durations=10 -rfE
 grep -E "passed|failed|error" "$out/test_cuda.log" | tail -1 | tee -a "$summary"
 grep -oE "(FAILED|ERROR) tests/[^ ]*" "$out/test_cuda.log" | sort -u | head -40 | tee -a "$summary"
 wait "$deploy_pid"
@@ -120,9 +121,9 @@ say "== deploy.py (beside the tests, ${pin_deploy[*]:-unpinned}): $(tail -1 "$ou
 grep -E "^CPU:|^ +(1|16) |target:|check_parity" "$out/deploy.txt" | tee -a "$summary"
 
 # 2. fake-quantization table
-stage "fake_quant.py + launch_overhead.py --device cuda" fake_quant_cuda.txt 110 150 bash -c \
+stage "fake_quant.py + launch_overhead.py --device cuda" fake_quant_cuda.txt 110 220 bash -c \
     "python3 benchmarks/fake_quant.py --device cuda && python3 benchmarks/launch_overhead.py --device cuda --calls 1000"
-grep -E "^(per-|QAT)" "$out/fake_quant_cuda.txt" >>"$summary"
+grep -E "^(per-|QAT|  straight)" "$out/fake_quant_cuda.txt" >>"$summary"
 
 # 3. eager QAT step, resnet50 batch 64: time against torch.ao, peak memory
 stage "qat_step.py resnet50 b64 eager" qat_resnet50_b64.txt 100 120 python3 benchmarks/qat_step.py --device cuda \
@@ -142,7 +143,7 @@ grep -E "^(float32|torchquant|torch\.ao)|^profile of" "$out/qat_resnet18_b128.tx
 # default threads oversubscribed the 16 cores); -v prints each result as it comes, so a
 # timeout still leaves the results so far in the log.
 xdist14=(); have xdist && xdist14=(-n 14)
-PARTIAL_OK=1 OMP_NUM_THREADS=1 stage "rest of the suite" suite_full.log 300 0 python3 -m pytest -v "${xdist14[@]}" \
+PARTIAL_OK=1 OMP_NUM_THREADS=1 stage "rest of the suite" suite_full.log 300 0 python3 -m pytest -v ${xdist14[@]+"${xdist14[@]}"} \
     -p no:cacheprovider --ignore=tests/test_cuda.py --ignore=tests/test_kernels.py --ignore=tests/test_custom_ops.py
 grep -E "PASSED|FAILED|ERROR|passed|failed" "$out/suite_full.log" >"$out/suite.log"
 say "suite: $(grep -c PASSED "$out/suite.log") passed so far; failures:"

@@ -426,7 +426,11 @@ def run_minilm(args, calib_text: str, eval_text: str) -> tuple[list[MiniLMResult
     freeze(model)
     report(closeness(QUANTO_ROW, ref, hidden_and_embeddings(model, held_out), time.perf_counter() - t))
     quanto = results[-1]
+    # the claim is about torchquant's default W8A8, whose activation points are quanto's linear inputs; the
+    # rows that leave outputs in float quantize fewer tensors than quanto and are not compared with it
     for r in results[:-1]:
+        if r.config != MINILM_CONFIG_ROWS[0][0]:
+            continue
         r.meets_claim = r.cosine_mean >= quanto.cosine_mean and r.sqnr_db >= quanto.sqnr_db
         verdict = "meets" if r.meets_claim else "does not meet"
         print(f"{r.config} {verdict} the claim (mean cosine and SQNR >= quanto's)")

@@ -49,6 +49,11 @@ def build(w_bits: int = 8, a_bits: int = 8) -> nn.Sequential:
     )
 
 
+def float_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s layer and BatchNorm tensors, without its quantizers' state (their bit-widths differ)."""
+    return {k: v for k, v in model.state_dict().items() if "_quantizer." not in k and not k.endswith("_extra_state")}
+
+
 def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -59,7 +64,7 @@ def main() -> None:
     rows = [("float32", "-", accuracy(fp, test_set))]
     for w_bits, a_bits in ((8, 8), (4, 4)):
         model = build(w_bits, a_bits)
-        model.load_state_dict(fp.state_dict(), strict=False)  # float weights; quantizers start empty
+        model.load_state_dict(float_weights(fp), strict=False)  # float weights; quantizers start empty
         with qmodule_state(model, QModuleState.CALIBRATION):
             model.eval()(train_set[0][:512])  # initial ranges, forward unchanged
         set_qmodule_state(model, QModuleState.QUANT_EVAL)
