@@ -213,6 +213,18 @@ def test_a_range_wider_than_float32_holds_gives_a_finite_grid(route, grid):
     assert torch.isfinite(y).all() and (y - x).abs().max() <= delta  # the zero point rounds: half a step more
 
 
+def test_the_step_is_the_range_over_the_levels_to_the_last_bit():
+    # halving before the difference keeps (max - min) / (n - 1) bit for bit wherever it is finite
+    from torchquant.quantizers_functional import affine_qparams
+
+    g = torch.Generator().manual_seed(0)
+    scale = torch.pow(10.0, torch.randint(-30, 30, (20000,), generator=g).float())
+    mn, mx = -torch.rand(20000, generator=g) * scale, torch.rand(20000, generator=g) * scale.flip(0)
+    for levels in (4, 16, 256, 2**16):
+        delta, _ = affine_qparams(mn, mx, levels)
+        assert torch.equal(delta, ((mx - mn) / (levels - 1)).clamp(min=torch.finfo(torch.float32).eps))
+
+
 def _near_powers_of_two(obs) -> None:
     # Ranges at and just below powers of two, where a rounded log2 picks the next exponent
     # (the maxima made small, so that the minima decide max(|min|, |max|)).

@@ -239,10 +239,9 @@ def affine_qparams(
     if symmetric:
         mx = torch.maximum(-mn, mx)
         mn = -mx
-    span, k = mx - mn, n_levels - 1
-    # a range wider than float32 can hold (finite ends 3e38 apart): divided first, delta stays finite
-    delta = torch.where(torch.isinf(span) & torch.isfinite(mn) & torch.isfinite(mx), mx / k - mn / k, span / k)
-    delta = delta.clamp_(min=_EPS)
+    # Halved first: (max - min) / (n - 1) to the last bit (halving is exact, and the rounding of a sum or a
+    # quotient commutes with it), but finite for a range wider than float32 holds (ends 3e38 apart).
+    delta = ((mx * 0.5 - mn * 0.5) / (0.5 * (n_levels - 1))).clamp_(min=_EPS)
     if power_of_two:
         delta = _next_power_of_two(delta)
     if fixed_zero_point is None:

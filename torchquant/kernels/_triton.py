@@ -56,10 +56,8 @@ def _qparams(mn, mx, nlm1, fixed_zp, SYMMETRIC: tl.constexpr, POW2: tl.constexpr
     if SYMMETRIC:
         mx = tl.maximum(-mn, mx)
         mn = -mx
-    span = mx - mn
-    # a range wider than float32 can hold (finite ends): divided first, delta stays finite
-    wide = (span == float("inf")) & (mx < float("inf")) & (mn > -float("inf"))
-    delta = tl.where(wide, tl.math.div_rn(mx, nlm1) - tl.math.div_rn(mn, nlm1), tl.math.div_rn(span, nlm1))
+    # halved first, as the CPU path: the same bits, finite for a range wider than float32 holds
+    delta = tl.math.div_rn(mx * 0.5 - mn * 0.5, nlm1 * 0.5)
     delta = tl.maximum(delta, 1.1920928955078125e-07)  # float32 eps
     if POW2:
         delta = _next_power_of_two(delta)

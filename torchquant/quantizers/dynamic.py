@@ -168,7 +168,7 @@ def _min_max_grid(x: Tensor, g: Granularity, mn: Tensor, mx: Tensor, n_levels: i
     dt = compute_dtype(x)
     k = n_levels - 1
     lo, hi = mn.to(dt), mx.to(dt)
-    delta = torch.where(torch.isinf(hi - lo), hi / k - lo / k, (hi - lo) / k).clamp_(min=_EPS)
+    delta = ((hi * 0.5 - lo * 0.5) / (0.5 * k)).clamp_(min=_EPS)  # halved first: finite for any finite range
     delta, lo = g.expand(delta), g.expand(lo)
     q = torch.clamp(torch.round((x.detach().to(dt) - lo) / delta), 0, k)
     return straight_through(x, (q * delta + lo).to(x.dtype))
