@@ -287,6 +287,26 @@ def test_fold_batchnorm_keeps_the_batchnorm_of_a_layer_used_elsewhere():
         assert tq.fold_batchnorm(wrapped)[0].bn is not None
 
 
+def test_fold_batchnorm_traced_keeps_the_batchnorms_of_convs_that_share_a_weight():
+    # the traced pass counted calls only: it folded both BatchNorms into the one tied weight (error 2.0)
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv_a, self.conv_b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+            self.conv_b.weight = self.conv_a.weight
+            self.bn_a, self.bn_b = _randomized(nn.BatchNorm2d(4)), _randomized(nn.BatchNorm2d(4))
+
+        def forward(self, x, y):
+            return self.bn_a(self.conv_a(x)) + self.bn_b(self.conv_b(y))
+
+    torch.manual_seed(0)
+    net = Tied().eval()
+    x, y = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="conv_a, conv_b kept their BatchNorm"):
+        folded = tq.fold_batchnorm(net, trace=True)
+    torch.testing.assert_close(folded(x, y), net(x, y), rtol=0, atol=0)
+
+
 def test_fold_batchnorm_traced():
     model = AttrNet().eval()
     x = torch.randn(2, 3, 8, 8)

@@ -936,6 +936,19 @@ def test_a_layer_called_twice_fuses_a_functional_activation_only_with_the_same_a
         assert torch.equal(q(x), net(x))
 
 
+def test_a_layer_called_twice_fuses_relu_whether_or_not_it_runs_in_place():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return F.relu(self.fc(x), inplace=True) + torch.relu(self.fc(-x))
+
+    q = tq.quantize_model(Twice().eval(), wf, af)
+    assert isinstance(q.fc.act, nn.ReLU)
+
+
 class _OptionalMask(nn.Module):
     def __init__(self):
         super().__init__()

@@ -275,3 +275,24 @@ def test_weights_already_rounded_by_adaround_are_named_in_a_warning():
     with pytest.warns(UserWarning, match=r"0, 2 have weights already on their quantization grid"):
         shifts = tq.ptq.bias_correction(q, data, mode=tq.QModuleState.QUANT_EVAL_WEIGHT_ONLY, progress=False)
     assert all(not s.any() for s in shifts.values())
+
+
+def test_analytic_correction_reads_the_transformed_expectation():
+    # a layer whose input is transformed (QuaRot's online Hadamard) sees E[T x] = T E[x]
+    from torchquant.qmodules import HadamardTransform
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 2.0), net[1].bias.uniform_(-0.5, 1.0)
+    q = tq.quantize_model(net.eval(), lambda m, n: tq.AffineQuantizer(3, tq.BatchMinMax()), None, method="swap")
+    q[3].input_transform = HadamardTransform(16)
+    tq.calibrate(q, [torch.randn(64, 16)], mode=tq.QModuleState.CALIBRATION_WEIGHT_ONLY, progress=False)
+    b = q[3]
+    with torch.no_grad():
+        w = b.weight_to_quantize()
+        dw = b.weight_quantizer(w) - w
+        ex = expected_activation(q[0].act, q[0].bn.bias, q[0].bn.weight.abs())
+        expected = dw @ b.input_transform(ex.reshape(1, -1)).reshape(-1)
+    shifts = tq.ptq.bias_correction(q, method="analytic", progress=False)
+    torch.testing.assert_close(shifts["3"], expected)

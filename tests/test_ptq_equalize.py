@@ -155,6 +155,16 @@ def test_a_linear_pairs_relu6_clips_its_features_on_token_inputs(tokens):
         torch.testing.assert_close(q(x[:, 0]), ref[:, 0], rtol=1e-5, atol=1e-5)  # (N, C) too
 
 
+def test_a_channel_clip_pickled_before_it_had_a_dim_bounds_channels_first():
+    import pickle
+
+    clip = ChannelClip(torch.tensor([6.0, 3.0]))
+    del clip.__dict__["dim"]  # the state of a module saved before the attribute existed
+    old = pickle.loads(pickle.dumps(clip))
+    x = torch.linspace(-2, 10, 24).reshape(3, 2, 4)
+    assert torch.equal(old(x), torch.minimum(torch.relu(x), torch.tensor([6.0, 3.0]).reshape(1, 2, 1)))
+
+
 def test_high_bias_absorption_moves_bias_and_keeps_outputs_close():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))

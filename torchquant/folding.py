@@ -137,6 +137,8 @@ def fold_batchnorm(model: nn.Module, trace: bool = False) -> nn.Module:
                         continue
                     _fold_into(layer, bn)
                     setattr(module, bn_name, nn.Identity())
+    if trace:
+        model = _fold_traced(model, kept)
     if kept:
         warnings.warn(
             f"fold_batchnorm: {', '.join(dict.fromkeys(kept))} kept their BatchNorm: the layer (or its weight) is "
@@ -144,8 +146,6 @@ def fold_batchnorm(model: nn.Module, trace: bool = False) -> nn.Module:
             UserWarning,
             stacklevel=2,
         )
-    if trace:
-        model = _fold_traced(model)
     return model
 
 
@@ -173,9 +173,10 @@ class _Tracer(torch.fx.Tracer):
         return isinstance(m, QModule) or is_redirected(m) or super().is_leaf_module(m, module_qualified_name)
 
 
-def _fold_traced(model: nn.Module) -> nn.Module:
+def _fold_traced(model: nn.Module, kept: list[str]) -> nn.Module:
     gm = torch.fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     modules = dict(gm.named_modules())
+    shared = _shared_layers(gm)
     uses: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -188,6 +189,9 @@ def _fold_traced(model: nn.Module) -> nn.Module:
             continue
         layer, bn = modules[src.target], modules[node.target]
         if uses[src.target] != 1 or uses[node.target] != 1 or not _foldable_pair(layer, bn):
+            continue
+        if id(layer) in shared:  # its weight is another module's too (tied)
+            kept.append(src.target)
             continue
         _fold_into(layer, bn)
         node.replace_all_uses_with(src)

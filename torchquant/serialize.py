@@ -103,8 +103,12 @@ def _resolve(qualified: str, model: nn.Module | None = None, what: str = "entry"
         for part in name.split("."):
             obj = getattr(obj, part)
         return obj
-    except (ImportError, AttributeError):
-        pass
+    except ImportError as e:
+        if e.name is not None and e.name != module and not module.startswith(e.name + "."):
+            raise  # the module exists but needs a package that is missing: that is the error to see
+        cause: Exception = e
+    except AttributeError as e:  # defined in the saving script's __main__ or in a function
+        cause = e
     found = {type(m) for m in (model.modules() if model is not None else ()) if type(m).__qualname__ == name}
     if len(found) == 1:
         return found.pop()
@@ -113,7 +117,7 @@ def _resolve(qualified: str, model: nn.Module | None = None, what: str = "entry"
         + (f" and matches {len(found)} module types of the model" if found else "")
         + "; define or import it at module level before loading (a class defined in the saving script's "
         "__main__ is found only there)"
-    )
+    ) from cause
 
 
 @register_conversion("quantize_model")

@@ -417,6 +417,19 @@ def test_a_static_cache_quantizes_the_tokens_seen_not_its_empty_slots():
     torch.testing.assert_close(torch.cat(static.logits), torch.cat(dynamic.logits), rtol=1e-4, atol=1e-4)
 
 
+def test_packed_sequences_whose_positions_restart_quantize_every_key():
+    # max(position_ids) + 1 is not the token count of a packed row: 8 of its 16 keys went through in float
+    model, _, _ = build("llama", "sdpa")
+    seen = []
+    quantize_attention(model, key=lambda m, n: kv_quantizers(2, group_size=4)[0])
+    tq.set_qmodule_state(model, S.QUANT_EVAL)
+    qa = model.get_submodule(attention_modules(model)[0][0]).attn_quantizer
+    qa.key_quantizer.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[-2]))
+    with torch.no_grad():
+        model(torch.randint(3, 100, (1, 16)), position_ids=torch.cat([torch.arange(8), torch.arange(8)])[None])
+    assert seen == [16]
+
+
 def test_switching_to_a_builtin_attention_after_quantizing_is_refused():
     # the config then no longer calls torchquant's attention function: it ran in float with no error
     model, _, _ = build("llama", "sdpa")
@@ -425,9 +438,10 @@ def test_switching_to_a_builtin_attention_after_quantizing_is_refused():
     model.set_attn_implementation("eager")
     with torch.no_grad(), pytest.raises(RuntimeError, match="attn_implementation is now 'eager'"):
         model(torch.randint(3, 100, (1, 6)))
-    tq.set_qmodule_state(model, S.BYPASSED)  # the float model: nothing to refuse
-    with torch.no_grad():
-        model(torch.randint(3, 100, (1, 6)))
+    for mode in (S.BYPASSED, S.QUANT_EVAL_WEIGHT_ONLY):  # attention in float anyway: nothing to refuse
+        tq.set_qmodule_state(model, mode)
+        with torch.no_grad():
+            model(torch.randint(3, 100, (1, 6)))
 
 
 def test_a_kv_cache_table_naming_one_role_leaves_the_other_to_the_attention_field():

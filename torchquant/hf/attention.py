@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..factories import QuantizerFactory, call_factory
-from ..qmodules import QModule, QModuleState, _run_quantizer
+from ..qmodules import QModule, _run_quantizer
 from ..quantizers import DynamicAffineQuantizer, Quantizer, ResidualGroupQuantizer
 
 __all__ = [
@@ -268,7 +268,7 @@ class QAttention(QModule):
         if kwargs.get("sliding_window") is not None and self.qstate.is_act_quantized:
             self._check_whole_cache(key, kwargs.get("position_ids"))
         query = self._quantize(self.query_quantizer, query)
-        seen = self._tokens_seen(key, kwargs.get("position_ids"))
+        seen = self._tokens_seen(query, key, kwargs.get("position_ids"))
         key = self._quantize_seen(self.key_quantizer, key, seen)
         value = self._quantize_seen(self.value_quantizer, value, seen)
         s = self.qstate
@@ -281,9 +281,9 @@ class QAttention(QModule):
             module, query, key, value, mask, kwargs, lambda p: self._quantize(self.probs_quantizer, p)
         )
 
-    def _tokens_seen(self, key: Tensor, position_ids: Any) -> int | None:
+    def _tokens_seen(self, query: Tensor, key: Tensor, position_ids: Any) -> int | None:
         """The tokens the cache holds, where a key or value quantizer ranges over tokens and the keys may be
-        a longer, preallocated buffer (a static cache); else ``None``.
+        a longer, preallocated buffer (a static cache: more keys than queries); else ``None``.
 
         A static cache passes its whole ``max_cache_len`` buffer, empty slots included: KIVI's groups would
         take their ranges over them and quantize the newest keys, which a KIVI cache keeps in float. The
@@ -294,6 +294,10 @@ class QAttention(QModule):
         if not (s.is_act_observed or s.is_act_quantized) or not isinstance(position_ids, Tensor):
             return None
         if torch.compiler.is_compiling():  # a data-dependent length: not under torch.compile (see docs)
+            return None
+        # without a cache there are as many keys as queries, whatever the positions (packed sequences restart
+        # them); positions of several sections (multimodal rotary) are not a count
+        if key.shape[-2] <= query.shape[-2] or position_ids.dim() != 2:
             return None
         if position_ids.numel() == 0 or not any(
             q is not None and _spans_tokens(q) for q in (self.key_quantizer, self.value_quantizer)
@@ -523,11 +527,14 @@ def _check_implementation(module: nn.Module, args: Any) -> None:
     run in float with no error)."""
     qattn = module._modules.get("attn_quantizer")
     config = getattr(module, "config", None)
-    if not isinstance(qattn, QAttention) or config is None or qattn.qstate is QModuleState.BYPASSED:
+    if not isinstance(qattn, QAttention) or config is None:
+        return
+    s = qattn.qstate
+    if not (s.is_act_observed or s.is_act_quantized):  # nothing of the attention's is quantized now
         return
     impl = getattr(config, "_attn_implementation", None) or "eager"
     # transformers' own kernels ignore the QAttention (a function registered by the user may read it)
-    if impl in BASE_IMPLEMENTATIONS or impl.startswith(("flash", "flex")):
+    if impl in BASE_IMPLEMENTATIONS or impl.startswith(("flash", "flex", "paged", "sdpa_")) or "|" in impl:
         raise RuntimeError(
             f"{type(module).__name__}: the model's attn_implementation is now {impl!r}, so its quantized "
             "attention would run in float; keep "

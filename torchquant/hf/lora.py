@@ -104,7 +104,7 @@ class QWrapperLoraLayer(nn.Module, LoraLayer):
         init = getattr(config, "init_lora_weights", True)
         conv1d = type(qw.layer).__name__ == "Conv1D"
         if conv1d and isinstance(init, str) and init.startswith(("olora", "corda", "loftq")):
-            # peft's OLoRA reads base.weight as (out, in) whatever the layout, CorDA checks for a Conv1D base
+            # peft's OLoRA and LoftQ read base.weight as (out, in) whatever the layout, CorDA checks for a Conv1D
             raise ValueError(
                 f"torchquant LoRA: init_lora_weights={init!r} on QWrapper[{qw._describe()}] (a Conv1D, stored "
                 "(in, out)) would decompose the transposed weight; use 'pissa' or the default initialisation"
