@@ -803,13 +803,16 @@ class QOp(QModule):
         aq = self._modules.get("acts_quantizer")  # as in QWrapper.forward: no nn.Module.__getattr__
         if aq is not None:
             s = self.qstate
-            if (s.is_act_observed or s.is_act_quantized) and isinstance(y, Tensor) and not y.is_floating_point():
-                raise TypeError(
-                    f"{aq._tq_name}: the output of this {self._op_name()} is {y.dtype} (index arithmetic such as "
-                    "token ids), which has no quantization grid; convert the model with example_inputs= so "
-                    "that integer operations stay as they are, or skip it"
-                )
-            y = _run_quantizer(aq, y, s.is_act_observed, s.is_act_quantized)
+            try:
+                y = _run_quantizer(aq, y, s.is_act_observed, s.is_act_quantized)
+            except TypeError as e:  # said here, off the hot path: quantizers refuse integer tensors themselves
+                if isinstance(y, Tensor) and not y.is_floating_point():
+                    raise TypeError(
+                        f"{aq._tq_name}: the output of this {self._op_name()} is {y.dtype} (index arithmetic such "
+                        "as token ids), which has no quantization grid; convert the model with example_inputs= "
+                        "so that integer operations stay as they are, or skip it"
+                    ) from e
+                raise
         return y
 
     def extra_repr(self) -> str:

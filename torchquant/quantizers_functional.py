@@ -203,6 +203,13 @@ def _next_power_of_two(d: Tensor) -> Tensor:
     return torch.where(m == 0.5, d, torch.ldexp(torch.ones_like(d), e))
 
 
+def _range_step(mn: Tensor, mx: Tensor, n_levels: int) -> Tensor:
+    """``max((max - min) / (n_levels - 1), eps)``, halved first: the same to the last bit (halving is exact,
+    and the rounding of a sum or a quotient commutes with it), but finite for a range wider than float32
+    holds (ends 3e38 apart)."""
+    return ((mx * 0.5 - mn * 0.5) / (0.5 * (n_levels - 1))).clamp_(min=_EPS)
+
+
 def affine_qparams(
     min_val: Tensor,
     max_val: Tensor,
@@ -239,9 +246,7 @@ def affine_qparams(
     if symmetric:
         mx = torch.maximum(-mn, mx)
         mn = -mx
-    # Halved first: (max - min) / (n - 1) to the last bit (halving is exact, and the rounding of a sum or a
-    # quotient commutes with it), but finite for a range wider than float32 holds (ends 3e38 apart).
-    delta = ((mx * 0.5 - mn * 0.5) / (0.5 * (n_levels - 1))).clamp_(min=_EPS)
+    delta = _range_step(mn, mx, n_levels)
     if power_of_two:
         delta = _next_power_of_two(delta)
     if fixed_zero_point is None:

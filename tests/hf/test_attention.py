@@ -70,6 +70,14 @@ def per_token(n_bits):
     return lambda module, name: tq.DynamicAffineQuantizer(n_bits, axis=-1, group_size=head_dim(module))
 
 
+def kivi(n_bits: int, group_size: int) -> dict:
+    """``quantize_attention``'s key and value factories: KIVI's quantizers, new ones for every module."""
+    return {
+        "key": lambda m, n: kv_quantizers(n_bits, group_size=group_size)[0],
+        "value": lambda m, n: kv_quantizers(n_bits, group_size=group_size)[1],
+    }
+
+
 def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
     return (10 * torch.log10(ref.pow(2).mean() / (ref - x).pow(2).mean())).item()
 
@@ -295,11 +303,7 @@ def test_generate_with_kivi_cache_matches_the_reference(kind, impl):
     with torch.no_grad():
         float_out = model.generate(prompt, **gen)
     keys_seen = []
-    quantize_attention(
-        model,
-        key=lambda m, n: kv_quantizers(4, group_size=8)[0],
-        value=lambda m, n: kv_quantizers(4, group_size=8)[1],
-    )
+    quantize_attention(model, **kivi(4, group_size=8))
     qa = model.get_submodule(attention_modules(model)[0][0]).attn_quantizer
     qa.key_quantizer.register_forward_hook(lambda mod, args, out: keys_seen.append(args[0].shape[-2]))
     tq.set_qmodule_state(model, S.QUANT_EVAL)
@@ -342,11 +346,7 @@ def test_generate_on_sliding_window_layers_refuses_a_cropped_cache_and_matches_w
     # still applies the window), generate() gives what a quantized cache would.
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(family(sliding_window=6, initializer_range=0.2)).eval()
-    quantize_attention(
-        model,
-        key=lambda m, n: kv_quantizers(4, group_size=4)[0],
-        value=lambda m, n: kv_quantizers(4, group_size=4)[1],
-    )
+    quantize_attention(model, **kivi(4, group_size=4))
     tq.set_qmodule_state(model, S.QUANT_EVAL)
     prompt = torch.randint(3, 100, (1, 5))
     gen = {"max_new_tokens": 10, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
@@ -402,11 +402,7 @@ def test_a_static_cache_quantizes_the_tokens_seen_not_its_empty_slots():
     # the whole max_cache_len buffer reached the attention: KIVI groups took ranges over empty slots and
     # quantized the newest keys (tokens differed from a dynamic cache)
     model, _, _ = build("llama", "sdpa", init_range=0.2)
-    quantize_attention(
-        model,
-        key=lambda m, n: kv_quantizers(2, group_size=4)[0],
-        value=lambda m, n: kv_quantizers(2, group_size=4)[1],
-    )
+    quantize_attention(model, **kivi(2, group_size=4))
     tq.set_qmodule_state(model, S.QUANT_EVAL)
     prompt = torch.randint(3, 100, (1, 7))
     gen = {"max_new_tokens": 8, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}

@@ -93,16 +93,6 @@ def _weight_error(wrapper: QWrapper, name: str) -> Tensor:
         raise RuntimeError(f"bias_correction: the weight quantizer of {name} is not ready ({e})") from e
 
 
-def _moves_when_quantized(wrapper: QWrapper) -> bool:
-    """Whether the wrapper's weight moves when quantized (``True`` also when it cannot tell yet: no ranges)."""
-    try:
-        with torch.no_grad():
-            w = wrapper.weight_to_quantize()
-            return bool((wrapper.weight_quantizer(w) != w).any())
-    except RuntimeError:
-        return True  # not calibrated: the run reports it
-
-
 def _remove_shift(wrapper: QWrapper, shift: Tensor) -> None:
     """Move the wrapper's output by ``-shift`` ``(C_out,)`` through its layer's bias (created when missing).
 
@@ -205,7 +195,19 @@ def bias_correction(
         raise ValueError(
             f"bias_correction: {type(model).__name__} has no QWrapper with a weight quantizer on a Linear/Conv layer"
         )
-    on_grid = [named[w] for w in wrappers if not _moves_when_quantized(w)]
+    snapshot = Snapshot(model)
+    try:
+        if method == "analytic":
+            out = _analytic(model, named, wrappers, bn_stats or {}, progress)
+        else:
+            if data is None:
+                raise ValueError("bias_correction: method='empirical' needs calibration data")
+            batches = materialize(data, num_batches, "bias_correction")
+            out = _empirical(model, named, wrappers, batches, mode, progress)
+    except BaseException:
+        snapshot.restore()
+        raise
+    on_grid = [name for name, shift in out.items() if not shift.any()]  # q(W) - W was zero
     if on_grid:
         warnings.warn(
             f"bias_correction: {first_names(on_grid, 8)} have weights already on their quantization grid (as "
@@ -214,17 +216,7 @@ def bias_correction(
             UserWarning,
             stacklevel=2,
         )
-    snapshot = Snapshot(model)
-    try:
-        if method == "analytic":
-            return _analytic(model, named, wrappers, bn_stats or {}, progress)
-        if data is None:
-            raise ValueError("bias_correction: method='empirical' needs calibration data")
-        batches = materialize(data, num_batches, "bias_correction")
-        return _empirical(model, named, wrappers, batches, mode, progress)
-    except BaseException:
-        snapshot.restore()
-        raise
+    return out
 
 
 @register_ptq_algorithm("bias_correction", aliases=("bc",), options=_keyword_options(bias_correction))

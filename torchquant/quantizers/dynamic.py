@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..granularity import Granularity
-from ..quantizers_functional import _EPS, affine_qparams, affine_quantize, compute_dtype, straight_through
+from ..quantizers_functional import _range_step, affine_qparams, affine_quantize, compute_dtype, straight_through
 from ..registry import Example, register_quantizer
 from .base import StatelessQuantizer, check_n_bits
 
@@ -168,7 +168,7 @@ def _min_max_grid(x: Tensor, g: Granularity, mn: Tensor, mx: Tensor, n_levels: i
     dt = compute_dtype(x)
     k = n_levels - 1
     lo, hi = mn.to(dt), mx.to(dt)
-    delta = ((hi * 0.5 - lo * 0.5) / (0.5 * k)).clamp_(min=_EPS)  # halved first: finite for any finite range
+    delta = _range_step(lo, hi, n_levels)
     delta, lo = g.expand(delta), g.expand(lo)
     q = torch.clamp(torch.round((x.detach().to(dt) - lo) / delta), 0, k)
     return straight_through(x, (q * delta + lo).to(x.dtype))
