@@ -14,9 +14,10 @@ cross-entropy + backward + ``optimizer.step``) of torchvision ``resnet18`` or
   ``tq.quantize_model(method="fx")``, reported as unavailable (with the reason)
   where this torchquant has no fx path; it never falls back to another method;
 * ``torchquant FusedResNet as ao`` / ``torchquant fx as ao``: the same, doing torch.ao's
-  work: BatchNorm folded into the quantized weight in training (``fold_bn=True``, as its
-  ConvBn modules) and the gradient zero outside each grid (``gradient_clip=True``, as its
-  fake-quant's mask); these rows, not the two above, are compared with torch.ao;
+  work: BatchNorm folded into the quantized weight in training, its batch statistics read
+  from the quantized convolution's output (``fold_bn="one_pass"``, as its ConvBn modules)
+  and the gradient zero outside each grid (``gradient_clip=True``, as its fake-quant's
+  mask); these rows, not the two above, are compared with torch.ao;
 * ``torch.ao eager QAT``: torchvision's quantizable ResNet, ``fuse_model(is_qat=True)``
   (``fuse_modules_qat``) and ``prepare_qat`` with ``get_default_qat_qconfig("x86")``;
 * each of the above under ``torch.compile`` (default inductor backend).
@@ -97,15 +98,15 @@ def make_fx(arch: str) -> nn.Module:
 
 
 def make_fused_ao(arch: str) -> nn.Module:
-    # torch.ao's work: BatchNorm folded into the quantized weight in training (its ConvBn modules), gradient
-    # zero outside each grid (its fake-quant's mask)
-    m = FusedResNet(make_float(arch), wq_clip, aq_clip, quantize_first=True, quantize_fc=True, fold_bn=True)
+    # torch.ao's work: BatchNorm folded into the quantized weight in training, one convolution whose output gives
+    # the batch statistics (its ConvBn modules), gradient zero outside each grid (its fake-quant's mask)
+    m = FusedResNet(make_float(arch), wq_clip, aq_clip, quantize_first=True, quantize_fc=True, fold_bn="one_pass")
     tq.set_qmodule_state(m, tq.QModuleState.QUANT_AWARE_TRAIN)
     return m
 
 
 def make_fx_ao(arch: str) -> nn.Module:
-    m = tq.quantize_model(make_float(arch), wq_clip, aq_clip, method="fx", fold_bn=True)
+    m = tq.quantize_model(make_float(arch), wq_clip, aq_clip, method="fx", fold_bn="one_pass")
     tq.set_qmodule_state(m, tq.QModuleState.QUANT_AWARE_TRAIN)
     return m
 

@@ -319,11 +319,155 @@ def test_fold_batchnorm_traced():
 
 
 @pytest.mark.slow
-def test_torch_compile_folded_wrapper():
-    w, _, x = make("conv2d-grouped", n_bits=4)
+@pytest.mark.parametrize("fold", [True, "one_pass"])
+def test_torch_compile_folded_wrapper(fold):
+    w, _, x = make("conv2d-grouped", n_bits=4, fold=fold)
     w.train()
     tq.set_qmodule_state(w, S.QUANT_AWARE_TRAIN)
     eager = copy.deepcopy(w)
     compiled = torch.compile(w)
     assert torch.allclose(compiled(x), eager(x), atol=1e-5)
     assert torch.allclose(w.bn.running_var, eager.bn.running_var)
+
+
+# ------------------------------------------------------------------ fold_bn="one_pass"
+def make_one_pass(kind, n_bits=8):
+    return make(kind, act=False, fold="one_pass", n_bits=n_bits)
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_one_pass_training_without_quantization_is_batchnorm(kind):
+    """With the weight observed but not quantized, one pass is BatchNorm in training: output, statistics, gradients."""
+    w, ref, x = make_one_pass(kind)
+    assert w.fold_bn and w.fold_bn_mode == "one_pass"
+    w.train(), ref.train()
+    xw, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with qmodule_state(w, S.CALIBRATION_WEIGHT_ONLY):
+        y = w(xw)
+    y_ref = ref(xr)
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.allclose(getattr(w.bn, name), getattr(ref[1], name), atol=1e-6), name
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert torch.allclose(xw.grad, xr.grad, atol=1e-5)
+    for (name, p), p_ref in zip(w.named_parameters(), ref.parameters(), strict=True):
+        grad = torch.zeros_like(p) if p.grad is None else p.grad  # the layer's bias: BatchNorm cancels it
+        assert torch.allclose(grad, p_ref.grad, atol=1e-4), name
+
+
+def test_one_pass_quantized_is_batchnorm_of_the_quantized_conv():
+    """torch.ao's ConvBn QAT: BatchNorm in training on conv(x, Q(W g / sigma)) * sigma / g + b (sigma before update)."""
+    w, ref, x = make_one_pass("conv2d-grouped", n_bits=3)
+    w.train()
+    conv, bn = ref[0], ref[1]
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    w_fold = conv.weight * scale.reshape(-1, 1, 1, 1)
+    q = AffineQuantizer(3, BatchMinMax(axis=0), symmetric=True)
+    q.pre_observe(w_fold)
+    u = conv._conv_forward(x, q(w_fold), None) / scale.reshape(1, -1, 1, 1) + conv.bias.reshape(1, -1, 1, 1)
+    run_mean, run_var = bn.running_mean.clone(), bn.running_var.clone()
+    expected = nn.functional.batch_norm(u, run_mean, run_var, bn.weight, bn.bias, True, bn.momentum, bn.eps)
+    with qmodule_state(w, S.QUANT_AWARE_TRAIN):
+        y = w(x)
+    assert torch.allclose(y, expected, atol=1e-5)
+    assert torch.allclose(w.bn.running_mean, run_mean, atol=1e-6)
+    assert torch.allclose(w.bn.running_var, run_var, atol=1e-6)
+    assert int(w.bn.num_batches_tracked) == 1
+
+
+def test_one_pass_zero_gamma_channel_stays_finite_and_keeps_its_statistics():
+    w, ref, x = make_one_pass("conv2d-grouped", n_bits=4)
+    with torch.no_grad():
+        w.bn.weight[0] = 0.0
+    before_mean, before_var = w.bn.running_mean.clone(), w.bn.running_var.clone()
+    w.train()
+    with qmodule_state(w, S.QUANT_AWARE_TRAIN):
+        y = w(x)
+    assert torch.isfinite(y).all()
+    assert torch.allclose(y[:, 0], torch.full_like(y[:, 0], w.bn.bias[0].item()), atol=1e-6)  # gamma 0: beta
+    assert w.bn.running_mean[0] == before_mean[0] and w.bn.running_var[0] == before_var[0]
+    assert not torch.equal(w.bn.running_mean[1:], before_mean[1:])
+    assert not torch.equal(w.bn.running_var[1:], before_var[1:])
+    y.square().sum().backward()
+    for name, p in w.named_parameters():
+        assert name == "layer.bias" or torch.isfinite(p.grad).all(), name  # BatchNorm cancels the layer's bias
+    # unquantized, gamma's gradient at 0 is BatchNorm's with the running variance: sum(dL/dy * (u - mu_B) / sigma)
+    w.zero_grad()
+    with qmodule_state(w, S.CALIBRATION_WEIGHT_ONLY):
+        y = w(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    u = ref[0](x)[:, 0]
+    sigma = torch.sqrt(before_var[0] + w.bn.eps)
+    expected = (g[:, 0] * (u - u.mean()) / sigma).sum()
+    assert torch.allclose(w.bn.weight.grad[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_one_pass_eval_and_frozen_equal_two_pass():
+    one, ref, x = make_one_pass("conv1d-nobias", n_bits=4)
+    two = QWrapper(
+        [copy.deepcopy(ref[0]), copy.deepcopy(ref[1])],
+        AffineQuantizer(4, BatchMinMax(axis=0), symmetric=True),
+        fold_bn=True,
+    )
+    for m in (one, two):
+        m.set_bn_frozen(True)
+        m.train()
+    with qmodule_state(one, S.QUANT_AWARE_TRAIN), qmodule_state(two, S.QUANT_AWARE_TRAIN):
+        assert torch.equal(one(x), two(x))
+        one.eval(), two.eval()
+        assert torch.equal(one(x), two(x))
+    assert "fold_bn='one_pass'" in repr(one) and "fold_bn=True" in repr(two)
+
+
+def test_one_pass_reaches_every_converter_and_checkpoints(tmp_path):
+    from torchvision.models import resnet18
+
+    from torchquant.models import FusedResNet
+
+    def wf(m):
+        return AffineQuantizer(8, BatchMinMax(axis=0), symmetric=True)
+
+    def af(m):
+        return AffineQuantizer(8, tq.ExpAvgMinMax())
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    for method in ("fx", "swap"):
+        q = tq.quantize_model(copy.deepcopy(net), wf, af, method=method, fold_bn="one_pass")
+        modes = [(m.fold_bn, m.fold_bn_mode) for m in q.modules() if isinstance(m, QWrapper)]
+        assert modes == [(True, "one_pass"), (False, "two_pass")], method
+    fused = FusedResNet(resnet18(num_classes=3), wf, af, fold_bn="one_pass")
+    assert {m.fold_bn_mode for m in fused.modules() if isinstance(m, QWrapper) and m.fold_bn} == {"one_pass"}
+
+    q = tq.quantize_model(copy.deepcopy(net), wf, af, fold_bn="one_pass")
+    tq.save(q, tmp_path / "m.safetensors")
+    loaded = tq.load(copy.deepcopy(net), tmp_path / "m.safetensors")
+    assert [m.fold_bn_mode for m in loaded.modules() if isinstance(m, QWrapper) and m.fold_bn] == ["one_pass"]
+
+
+@pytest.mark.parametrize("bad", ["approximate", 1, "True"])
+def test_bad_fold_bn_values_are_refused_naming_the_caller(bad):
+    from torchvision.models import resnet18
+
+    from torchquant.models import FusedResNet
+
+    with pytest.raises(ValueError, match=r"QWrapper: fold_bn must be False, True, 'two_pass' or 'one_pass'"):
+        QWrapper([nn.Linear(2, 2), nn.BatchNorm1d(2)], fold_bn=bad)
+    with pytest.raises(ValueError, match="quantize_model: fold_bn must be"):
+        tq.quantize_model(nn.Sequential(nn.Linear(2, 2)), None, None, fold_bn=bad)
+    with pytest.raises(ValueError, match="FusedResNet: fold_bn must be"):
+        FusedResNet(resnet18(num_classes=3), None, None, fold_bn=bad)
+    with pytest.raises(ValueError, match="fold_bn='one_pass' needs a BatchNorm"):
+        QWrapper(nn.Linear(2, 2), fold_bn="one_pass")
+
+
+def test_wrapper_pickled_before_the_one_pass_mode_is_two_pass():
+    w, _, _ = make("linear")
+    del w.__dict__["fold_bn_mode"]
+    buf = io.BytesIO()
+    torch.save(w, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.fold_bn_mode == "two_pass"

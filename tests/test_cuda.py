@@ -367,12 +367,13 @@ class _SmallNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def _small_qat_model(act_observer: str) -> nn.Module:
+def _small_qat_model(act_observer: str, fold_bn: bool | str = False) -> nn.Module:
     """``_SmallNet`` through ``tq.quantize_model``: 8-bit symmetric per-channel weights (BatchMinMax),
-    8-bit per-tensor activations observed by ``act_observer``, QUANT_AWARE_TRAIN, on the GPU."""
+    8-bit per-tensor activations observed by ``act_observer``, BatchNorm folded as ``fold_bn`` says,
+    QUANT_AWARE_TRAIN, on the GPU."""
     torch.manual_seed(0)
     aq = _QAT_OBSERVERS[act_observer]
-    q = tq.quantize_model(_SmallNet().eval(), _w8, lambda m, n: tq.AffineQuantizer(8, aq()))
+    q = tq.quantize_model(_SmallNet().eval(), _w8, lambda m, n: tq.AffineQuantizer(8, aq()), fold_bn=fold_bn)
     tq.set_qmodule_state(q, S.QUANT_AWARE_TRAIN)
     return q.to(CUDA).train()
 
@@ -390,11 +391,12 @@ def _sgd(model):
     return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
 
+@pytest.mark.parametrize("fold_bn", [False, True, "one_pass"])
 @pytest.mark.parametrize("act_observer", ["ema", "running"])
-def test_qat_step_makes_no_host_sync(act_observer):
+def test_qat_step_makes_no_host_sync(act_observer, fold_bn):
     """After a warm-up step (observer state, momentum buffers, cuDNN and cuBLAS set-up), a whole
     QAT step of a quantized model raises nothing under sync debug mode "error"."""
-    model = _small_qat_model(act_observer)
+    model = _small_qat_model(act_observer, fold_bn)
     opt = _sgd(model)
     x, w = torch.randn(8, 3, 16, 16, device=CUDA), torch.randn(8, 10, device=CUDA)
     _qat_step(model, opt, x, w)
@@ -406,8 +408,9 @@ def test_qat_step_makes_no_host_sync(act_observer):
 
 
 @needs_gpu
+@pytest.mark.parametrize("fold_bn", [False, True, "one_pass"])
 @pytest.mark.parametrize("act_observer", ["ema", "running"])
-def test_qat_step_captured_in_a_cuda_graph_replays_like_eager(act_observer):
+def test_qat_step_captured_in_a_cuda_graph_replays_like_eager(act_observer, fold_bn):
     """A whole QAT step captured in a CUDA graph (the PyTorch docs' whole-network capture: warm-up
     on a side stream, static input, ``torch.cuda.graph``) and replayed on 3 new batches gives the
     outputs, gradients, parameters, observer state and BatchNorm statistics of the same steps run
@@ -415,7 +418,7 @@ def test_qat_step_captured_in_a_cuda_graph_replays_like_eager(act_observer):
     deterministic = torch.backends.cudnn.deterministic
     torch.backends.cudnn.deterministic = True
     try:
-        graphed = _small_qat_model(act_observer)
+        graphed = _small_qat_model(act_observer, fold_bn)
         opt_g = _sgd(graphed)
         gen = torch.Generator().manual_seed(1)
         batches = [torch.randn(8, 3, 16, 16, generator=gen).to(CUDA) for _ in range(4)]

@@ -29,7 +29,7 @@ from .graph.concrete import bind_examples, describe_examples
 from .graph.fx import FunctionalOp, FxTraceError, quantize_fx
 from .graph.swap import quantize_swap
 from .layers import LAYER_TYPES, is_normalization, layer_adapter
-from .qmodules import QModule, QOp
+from .qmodules import QModule, QOp, fold_bn_mode
 
 __all__ = [
     "CONVERSIONS_ATTR",
@@ -271,7 +271,7 @@ def quantize_model(
     *,
     skip: SkipSpec = (),
     method: str = "fx",
-    fold_bn: bool = False,
+    fold_bn: bool | str = False,
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable] = (),
     norm_outputs: bool = False,
@@ -337,7 +337,9 @@ def quantize_model(
             matches no module or operation the model runs gets a warning naming it.
         method: ``"fx"`` or ``"swap"``.
         fold_bn: passed to every ``QWrapper`` that has a BatchNorm (fold it into
-            the weights before weight quantization).
+            the weights before weight quantization): ``True`` (or ``"two_pass"``),
+            ``"one_pass"`` (one convolution per training step, as torch.ao; see
+            :class:`~torchquant.QWrapper`) or ``False``.
         leaf_modules: with ``"fx"``, module types not to trace into as part of the
             model: each is traced on its own (else swapped inside), so its layers are
             still quantized (``skip`` keeps a module in float). When ``timm`` is
@@ -393,6 +395,8 @@ def quantize_model(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_model: expected an nn.Module, got {type(model).__name__}")
+    mode = fold_bn_mode(fold_bn, "quantize_model")
+    fold_record = mode if mode == "one_pass" else mode is not None  # True/False as before, for older loaders
     checked = isinstance(skip, Skip)  # entries a caller normalised itself: that caller checks what they matched
     skip = skip if checked else check_skip(skip)
     leaf_modules, autowrap_functions = tuple(leaf_modules), tuple(autowrap_functions)
@@ -425,7 +429,7 @@ def quantize_model(
                 "kind": "quantize_model",
                 "method": "fx",
                 "skip": _skip_record(skip),
-                "fold_bn": bool(fold_bn),
+                "fold_bn": fold_record,
                 "leaf_modules": [_qualified(t) for t in leaf_modules],
                 "autowrap_functions": [_qualified(f) for f in autowrap_functions],
                 **({} if example_inputs is None else {"options": {"example_inputs": recorded_examples}}),
@@ -447,7 +451,7 @@ def quantize_model(
         previous = getattr(model, FLOAT_REASONS_ATTR, {})
         setattr(model, FLOAT_REASONS_ATTR, {**previous, **reasons})
         record_conversion(
-            model, {"kind": "quantize_model", "method": "swap", "skip": _skip_record(skip), "fold_bn": bool(fold_bn)}
+            model, {"kind": "quantize_model", "method": "swap", "skip": _skip_record(skip), "fold_bn": fold_record}
         )
         if not checked:
             warn_unmatched_skip(skip, "quantize_model")

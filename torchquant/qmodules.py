@@ -421,6 +421,23 @@ def _parse_layers(layers: nn.Module | Sequence[nn.Module]) -> tuple[nn.Module, n
 _MODULE_SLOTS = frozenset({"layer", "bn", "act", "weight_quantizer", "acts_quantizer"})
 
 
+FOLD_BN_MODES = ("two_pass", "one_pass")
+
+
+def fold_bn_mode(fold_bn: bool | str, who: str) -> str | None:
+    """The folding mode a ``fold_bn`` argument asks for: ``None`` (not folded), ``"two_pass"`` or ``"one_pass"``.
+
+    ``True`` is ``"two_pass"``. Raises ``ValueError`` naming ``who`` for anything else.
+    """
+    if fold_bn is False or fold_bn is None:
+        return None
+    if fold_bn is True:
+        return "two_pass"
+    if isinstance(fold_bn, str) and fold_bn in FOLD_BN_MODES:
+        return fold_bn
+    raise ValueError(f"{who}: fold_bn must be False, True, 'two_pass' or 'one_pass', got {fold_bn!r}")
+
+
 class QWrapper(QModule):
     """A layer, optional BatchNorm and activation, with weight and output quantizers.
 
@@ -437,7 +454,7 @@ class QWrapper(QModule):
     activation's output, fake-quantized by ``acts_quantizer`` in the modes that
     quantize activations.
 
-    BatchNorm folding. With ``fold_bn=True``, ``sigma = sqrt(running_var + eps)``,
+    BatchNorm folding. With ``fold_bn=True`` (or ``"two_pass"``), ``sigma = sqrt(running_var + eps)``,
     ``W_fold = W * gamma / sigma`` per output channel and ``Q`` the weight quantizer:
 
     * training (``self.training``), statistics not frozen: a float pass
@@ -450,6 +467,17 @@ class QWrapper(QModule):
       is normalised with the batch statistics, exactly as BatchNorm in training,
       while the quantizer always sees the weight folded with the running ``sigma``
       (Krishnamoorthi 2018, figure 8).
+    * the same with ``fold_bn="one_pass"``, but with one convolution instead of two: the
+      batch statistics are those of the quantized layer's output, ``z = layer(x; Q(W_fold))``
+      rescaled to the unfolded layer's units (``u = z * sigma / gamma + b``), so
+      ``out = (z - mean_B(z)) * sigma / sigma_B + beta`` with ``sigma_B = sqrt(var_B(u) + eps)``:
+      exactly BatchNorm in training applied to ``u`` (torch.ao's ``ConvBn`` QAT modules
+      do the same). ``W_fold`` uses the running ``sigma`` before this step's update.
+      About half the convolution work of ``"two_pass"`` in training; the running
+      statistics track the quantized layer rather than the float one. A channel whose
+      ``gamma`` is 0 (its output is ``beta``, and its float statistics cannot be read from
+      its zero folded weight) is normalised with its running variance and keeps its
+      running statistics.
     * statistics frozen (:func:`~torchquant.freeze_bn_stats`) or eval:
       ``out = layer(x; Q(W_fold), beta + gamma * (b - mu) / sigma)`` with the running
       ``mu`` and ``sigma``, which are no longer updated.
@@ -471,8 +499,9 @@ class QWrapper(QModule):
         fold_bn: fold the BatchNorm into the layer's weight and bias before weight
             quantization (Jacob et al. 2018, section 3.2; Krishnamoorthi 2018,
             section 3.2), so the weight quantizer sees the weight that inference uses.
-            Needs a BatchNorm that tracks running statistics. See "BatchNorm folding"
-            above.
+            Needs a BatchNorm that tracks running statistics. ``True`` or ``"two_pass"``
+            (batch statistics from a float pass), ``"one_pass"`` (from the quantized
+            pass), ``False``: not folded. See "BatchNorm folding" above.
 
     Input transform. ``input_transform`` (``None`` at first) may be set to a module
     (:class:`HadamardTransform`) that the forward pass applies to the input before
@@ -487,7 +516,8 @@ class QWrapper(QModule):
 
     Raises:
         TypeError: an unsupported layer sequence or a quantizer of the wrong type.
-        ValueError: ``fold_bn=True`` without a BatchNorm with running statistics, a
+        ValueError: ``fold_bn`` not one of ``False``, ``True``, ``"two_pass"``, ``"one_pass"``;
+            ``fold_bn`` set without a BatchNorm with running statistics, a
             BatchNorm whose size does not match the layer's outputs, or a layer
             configuration that cannot be quantized (an ``Embedding`` with ``max_norm``
             or ``sparse=True``).
@@ -513,11 +543,12 @@ class QWrapper(QModule):
         layers: nn.Module | Sequence[nn.Module],
         weight_quantizer: Quantizer | None = None,
         acts_quantizer: Quantizer | None = None,
-        fold_bn: bool = False,
+        fold_bn: bool | str = False,
         input_quantizer: Quantizer | None = None,
     ) -> None:
         super().__init__()
         layer, bn, act = _parse_layers(layers)
+        mode = fold_bn_mode(fold_bn, "QWrapper")
         for role, q in (
             ("weight_quantizer", weight_quantizer),
             ("acts_quantizer", acts_quantizer),
@@ -525,12 +556,12 @@ class QWrapper(QModule):
         ):
             if q is not None and not isinstance(q, Quantizer):
                 raise TypeError(f"QWrapper: {role} must be a Quantizer or None, got {type(q).__name__}")
-        if fold_bn:
+        if mode is not None:
             names = "+".join(type(m).__name__ for m in (layer, bn, act) if m is not None)
             if bn is None:
-                raise ValueError(f"QWrapper: fold_bn=True needs a BatchNorm after the layer, got {names}")
+                raise ValueError(f"QWrapper: fold_bn={fold_bn!r} needs a BatchNorm after the layer, got {names}")
             if bn.running_mean is None or bn.running_var is None:
-                raise ValueError(f"QWrapper: fold_bn=True needs running statistics, but {bn} tracks none")
+                raise ValueError(f"QWrapper: fold_bn={fold_bn!r} needs running statistics, but {bn} tracks none")
         self.layer = layer
         self._adapter = layer_adapter(layer)
         self.bn = bn
@@ -540,7 +571,8 @@ class QWrapper(QModule):
         self.input_quantizer = input_quantizer
         # registered even while None, so restoring a module dict (ptq.Snapshot) keeps the name
         self.register_module("input_transform", None)
-        self.fold_bn = bool(fold_bn)
+        self.fold_bn = mode is not None
+        self.fold_bn_mode = mode or "two_pass"  # how training computes batch statistics (used with fold_bn)
         self._bn_frozen = False  # Python mirror of the bn_frozen buffer (no host sync in forward)
         self._weight_cache: dict[str, Any] | None = None  # see torchquant.utils.cached_quantized_weights
         if self.fold_bn:
@@ -714,6 +746,44 @@ class QWrapper(QModule):
             bn.running_mean.mul_(1.0 - f).add_(mean_b.detach(), alpha=f)
             bn.running_var.mul_(1.0 - f).add_(var_b.detach() * (n / max(n - 1, 1)), alpha=f)
 
+    def _forward_one_pass(self, x: Tensor) -> Tensor:
+        """Training with ``fold_bn="one_pass"``: BatchNorm's batch statistics read from the quantized output."""
+        s = self.qstate
+        bn = self.bn
+        sigma = torch.sqrt(bn.running_var + bn.eps)  # (C,), the sigma folded into the weight
+        w_fold, _ = self._folded_params()
+        w_fold = _run_quantizer(self.weight_quantizer, w_fold, s.is_weight_observed, s.is_weight_quantized)
+        z = self._layer_with(x, w_fold, None)  # (N, C, ...): gamma / sigma times the unfolded output, less b
+        gamma, b = bn.weight, self.layer.bias
+        shape = (1, -1, *([1] * (z.dim() - 2)))
+        zero = None
+        if gamma is None:
+            ratio = sigma
+        else:
+            # A channel with gamma == 0 has a zero folded weight: u = z + b and a BatchNorm weight sqrt(eps)
+            # give out = beta and, from the batch, gamma's gradient that BatchNorm would give with the
+            # running variance (z / sigma's centred part, through the folded weight).
+            zero = gamma == 0
+            ratio = sigma / torch.where(zero, sigma, gamma)
+            gamma = torch.where(zero, torch.full_like(gamma, bn.eps**0.5), gamma)
+        u = z * ratio.reshape(shape) if b is None else torch.addcmul(b.reshape(shape), z, ratio.reshape(shape))
+        with torch.no_grad():
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+            f = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        # BatchNorm in training on u: its batch statistics and running-statistics update, one native op. A zero
+        # gamma's channel keeps its running statistics (its float ones cannot be read from a zero folded weight):
+        # the op updates copies, as autograd keeps the buffers it was given.
+        running = (
+            (bn.running_mean, bn.running_var) if zero is None else (bn.running_mean.clone(), bn.running_var.clone())
+        )
+        y = F.batch_norm(u, *running, gamma, bn.bias, True, f, bn.eps)
+        if zero is not None:
+            with torch.no_grad():
+                bn.running_mean.copy_(torch.where(zero, bn.running_mean, running[0]))
+                bn.running_var.copy_(torch.where(zero, bn.running_var, running[1]))
+        return y
+
     def _forward_folded(self, x: Tensor) -> Tensor:
         s = self.qstate
         wq = self.weight_quantizer
@@ -724,6 +794,8 @@ class QWrapper(QModule):
                 y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
             else:
                 y = bn(y)
+        elif self.training and not self._bn_frozen and self.fold_bn_mode == "one_pass":
+            y = self._forward_one_pass(x)
         elif self.training and not self._bn_frozen:
             y_float = self._layer_with(x, self.layer.weight, self.layer.bias)  # (N, C, ...)
             dims = [0, *range(2, y_float.dim())]
@@ -757,6 +829,7 @@ class QWrapper(QModule):
         if "input_transform" not in self._modules:  # pickled before wrappers had one
             self.register_module("input_transform", None)
         self.__dict__.setdefault("_weight_cache", None)
+        self.__dict__.setdefault("fold_bn_mode", "two_pass")  # pickled before the one-pass mode
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
@@ -765,7 +838,8 @@ class QWrapper(QModule):
 
     def extra_repr(self) -> str:
         if self.fold_bn:
-            return f"qstate={self.qstate.name}, fold_bn=True, bn_frozen={self._bn_frozen}"
+            fold = "True" if self.fold_bn_mode == "two_pass" else repr(self.fold_bn_mode)
+            return f"qstate={self.qstate.name}, fold_bn={fold}, bn_frozen={self._bn_frozen}"
         return f"qstate={self.qstate.name}"
 
 

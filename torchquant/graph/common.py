@@ -107,7 +107,7 @@ def make_qwrapper(
     name: str,
     wf: QuantizerFactory | None,
     af: QuantizerFactory | None,
-    fold_bn: bool,
+    fold_bn: bool | str,
     factory_module: nn.Module | None = None,
 ) -> QWrapper:
     """A :class:`QWrapper` of ``layers``.
@@ -117,7 +117,7 @@ def make_qwrapper(
         name: qualified name given to the factories.
         wf: weight quantizer factory.
         af: activation quantizer factory.
-        fold_bn: fold the BatchNorm (only passed on when there is one).
+        fold_bn: how to fold the BatchNorm (:class:`QWrapper`'s ``fold_bn``; only passed on when there is one).
         factory_module: what the factories receive (default ``layers[0]``).
 
     Returns:
@@ -138,7 +138,7 @@ def make_qwrapper(
         layers,
         weight_quantizer=call_factory(wf, layer, name, "weight_quantizer"),
         acts_quantizer=call_factory(af, layer, name, "acts_quantizer"),
-        fold_bn=fold_bn and len(layers) > 1 and isinstance(layers[1], nn.modules.batchnorm._BatchNorm),
+        fold_bn=fold_bn if len(layers) > 1 and isinstance(layers[1], nn.modules.batchnorm._BatchNorm) else False,
     )
     if name:  # errors name the layer by its place in the model, not its type
         wrapper._name_quantizers(name)

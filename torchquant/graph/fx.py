@@ -1370,7 +1370,7 @@ def quantize_fx(
     acts_quantizer: QuantizerFactory | None,
     *,
     skip: tuple,
-    fold_bn: bool,
+    fold_bn: bool | str,
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable] = (),
     prefix: str = "",

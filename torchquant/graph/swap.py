@@ -114,7 +114,7 @@ def quantize_swap(
     acts_quantizer: QuantizerFactory | None,
     *,
     skip: tuple,
-    fold_bn: bool,
+    fold_bn: bool | str,
     norm_outputs: bool = False,
     prefix: str = "",
 ) -> dict[str, str]:

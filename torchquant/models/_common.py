@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..factories import QuantizerFactory, call_factory
 from ..graph.common import make_qwrapper
-from ..qmodules import QOp, QWrapper
+from ..qmodules import QOp, QWrapper, fold_bn_mode
 
 __all__: list[str] = []
 
@@ -77,7 +77,7 @@ class _Builder:
         who: str,
         weight_quantizer: QuantizerFactory | None,
         acts_quantizer: QuantizerFactory | None,
-        fold_bn: bool,
+        fold_bn: bool | str,
         head: _Head,
     ) -> None:
         head.check(who)
@@ -87,8 +87,7 @@ class _Builder:
                     f"{who}: {role} must be a factory (module) -> Quantizer or (module, name) -> Quantizer, "
                     f"got {type(f).__name__}; e.g. lambda module: AffineQuantizer(8, BatchMinMax(axis=0))"
                 )
-        if not isinstance(fold_bn, bool):
-            raise TypeError(f"{who}: fold_bn must be a bool, got {fold_bn!r}")
+        fold_bn_mode(fold_bn, who)
         self.who = who
         self.weight_quantizer = weight_quantizer
         self.acts_quantizer = acts_quantizer

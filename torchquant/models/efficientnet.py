@@ -217,7 +217,7 @@ class FusedEfficientNet(nn.Module):
         avg_pool_quantizer: QuantizerFactory | None = None,
         fc_weight_quantizer: QuantizerFactory | None = None,
         fc_acts_quantizer: QuantizerFactory | None = None,
-        fold_bn: bool = False,
+        fold_bn: bool | str = False,
     ) -> None:
         super().__init__()
         ep_model = _import_optional("efficientnet_pytorch.model", "FusedEfficientNet")

@@ -105,7 +105,7 @@ class FusedMobileNetV2(nn.Module):
         avg_pool_quantizer: QuantizerFactory | None = None,
         fc_weight_quantizer: QuantizerFactory | None = None,
         fc_acts_quantizer: QuantizerFactory | None = None,
-        fold_bn: bool = False,
+        fold_bn: bool | str = False,
     ) -> None:
         super().__init__()
         tv = _import_optional("torchvision.models.mobilenetv2", "FusedMobileNetV2")
@@ -252,7 +252,7 @@ class FusedMobileNetV3(nn.Module):
         avg_pool_quantizer: QuantizerFactory | None = None,
         fc_weight_quantizer: QuantizerFactory | None = None,
         fc_acts_quantizer: QuantizerFactory | None = None,
-        fold_bn: bool = False,
+        fold_bn: bool | str = False,
     ) -> None:
         super().__init__()
         tv = _import_optional("torchvision.models.mobilenetv3", "FusedMobileNetV3")

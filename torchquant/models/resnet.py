@@ -179,7 +179,7 @@ class FusedResNet(nn.Module):
         avg_pool_quantizer: QuantizerFactory | None = None,
         fc_weight_quantizer: QuantizerFactory | None = None,
         fc_acts_quantizer: QuantizerFactory | None = None,
-        fold_bn: bool = False,
+        fold_bn: bool | str = False,
     ) -> None:
         super().__init__()
         tv = _import_optional("torchvision.models.resnet", "FusedResNet")

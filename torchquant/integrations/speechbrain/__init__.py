@@ -95,7 +95,7 @@ def quantize_speechbrain(
     acts_quantizer: QuantizerFactory | None,
     *,
     skip: SkipSpec = (),
-    fold_bn: bool = False,
+    fold_bn: bool | str = False,
     norm_outputs: bool = False,
 ) -> nn.Module:
     """Quantize a SpeechBrain model in place: :func:`torchquant.quantize_model` with ``method="swap"``.
