@@ -234,3 +234,67 @@ def test_what_counts_as_a_weight_of_its_own():
         "4": "Einsum uses its parameters q (8, 2, 4), r (8, 2, 4), r_kernel (8, 2, 4), weights (4, 8), W (4, 4), "
         "W_q (4, 4) itself, not through a layer torchquant converts",
     }
+
+
+class _Taps(nn.Module):
+    """Reads the convolution's output before its BatchNorm by indexing the Sequential."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+
+    def forward(self, x):
+        return self.body[0](x)
+
+
+class _IndexingSequential(nn.Sequential):
+    def forward(self, x):  # the conv's output plus the block's
+        return self[0](x) + self[2](self[1](self[0](x)))
+
+
+def _fused_warnings(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [str(w.message) for w in caught if "called outside that Sequential" in str(w.message)]
+
+
+def test_swap_warns_once_when_a_fused_layer_is_called_outside_its_sequential():
+    net = _Taps().eval()
+    x = torch.randn(2, 3, 6, 6)
+    ref = net(x)
+    q = tq.quantize_model(net, wf, af, method="swap")
+    y, messages = _fused_warnings(lambda: q(x))
+    assert len(messages) == 1 and "'body.0'" in messages[0] and "BatchNorm2d+ReLU" in messages[0]
+    assert not torch.equal(y, ref)  # what the warning is about: the tap now reads the normalised, activated value
+    assert not q.body[0]._forward_pre_hooks  # checked once: no hook left on the hot path
+    assert not _fused_warnings(lambda: q(x))[1]
+
+
+def test_swap_fused_layers_called_by_their_sequential_do_not_warn_and_survive_copies(tmp_path):
+    import copy
+    import io
+
+    net = DigitsCNN().eval()
+    x = torch.rand(2, 1, 8, 8)
+    q = tq.quantize_model(net, wf, af, method="swap")
+    fused = [m for m in q.modules() if isinstance(m, tq.QWrapper) and m._forward_pre_hooks]
+    assert fused  # stem and blocks: conv + BatchNorm + ReLU
+    buf = io.BytesIO()
+    torch.save(q, buf)  # the hook pickles
+    buf.seek(0)
+    for model in (copy.deepcopy(q), torch.load(buf, weights_only=False), q):
+        _, messages = _fused_warnings(lambda m=model: m(x))
+        assert not messages
+        assert not any(m._forward_pre_hooks for m in model.modules() if isinstance(m, tq.QWrapper))
+
+
+def test_swap_does_not_fuse_in_a_sequential_with_a_forward_of_its_own():
+    net = nn.Sequential(_IndexingSequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())).eval()
+    x = torch.randn(2, 3, 6, 6)
+    ref = net(x)
+    q = tq.quantize_model(net, wf, af, method="swap")
+    inner = q[0]
+    assert isinstance(inner[0], tq.QWrapper) and inner[0].bn is None and isinstance(inner[1], nn.BatchNorm2d)
+    with tq.qmodule_state(q, S.CALIBRATION):
+        assert torch.equal(q(x), ref)

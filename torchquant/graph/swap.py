@@ -5,7 +5,8 @@ Every module whose exact type has a :class:`~torchquant.layers.LayerAdapter`
 :class:`~torchquant.qmodules.QWrapper` at the same name, fused with the matching
 BatchNorm (Linear and Conv) and a supported activation that directly follow it
 inside an ``nn.Sequential`` (the fused ones become ``nn.Identity`` so indices stay
-stable). With ``norm_outputs=True`` every normalisation module
+stable; not in a subclass with a ``forward`` of its own, and a fused wrapper first
+called from outside its Sequential warns). With ``norm_outputs=True`` every normalisation module
 (:func:`~torchquant.layers.is_normalization`: ``LayerNorm``, ``RMSNorm``,
 ``GroupNorm``, Hugging Face's ``*RMSNorm``) becomes a :class:`~torchquant.qmodules.QOp`
 around it, quantizing its output. An ``nn.MultiheadAttention`` becomes a
@@ -24,6 +25,10 @@ weights to ``F.linear`` instead of calling them (torchvision's Swin attention,
 
 from __future__ import annotations
 
+import sys
+import warnings
+
+import torch
 from torch import nn
 
 from ..factories import QuantizerFactory, call_factory
@@ -55,11 +60,48 @@ def _fusable(items: list, j: int, prefix: str, skip: tuple, types) -> bool:
     return skip_reason(f"{prefix}{items[j][0]}", items[j][1], skip) is None
 
 
+_MODULE_FILE = nn.modules.module.__file__
+_SEQUENTIAL_FORWARD = nn.Sequential.forward.__code__
+_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
+
+
+def _calls_in_order(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Sequential`` running ``nn.Sequential.forward``: a subclass with a forward of its
+    own may read a layer's output before the modules that follow it, so nothing is fused there."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _check_fused_call(wrapper: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a wrapper holding the BatchNorm/activation that followed its layer in a Sequential, run
+    once (it removes itself at its first eager call): warns when that call does not come from the Sequential's
+    forward, where code reading the wrapper's output before those modules (now ``nn.Identity``) would silently get
+    the normalised, activated value."""
+    if torch.compiler.is_compiling() or _fx_tracing():  # a compiler's frames: checked at the first eager call
+        return None
+    for key, hook in list(wrapper._forward_pre_hooks.items()):
+        if hook is _check_fused_call:
+            del wrapper._forward_pre_hooks[key]
+    name, fused = wrapper.__dict__.pop("_tq_fused_in", ("?", "?"))
+    f = sys._getframe(1)
+    while f is not None and f.f_code.co_filename == _MODULE_FILE:  # Module.__call__'s own frames
+        f = f.f_back
+    caller = None if f is None or f.f_code is not _SEQUENTIAL_FORWARD else f.f_locals.get("self")
+    if caller is None or not any(m is wrapper for m in caller._modules.values()):
+        warnings.warn(
+            f"quantize_model(method='swap'): {name!r} holds the {fused} that followed it in its nn.Sequential "
+            "(now nn.Identity) and was called outside that Sequential: code that reads its output before them "
+            "gets it normalised and activated, unlike the float model; quantize with method='fx', or keep them "
+            "apart with skip=",
+            stacklevel=2,
+        )
+    return None
+
+
 def _swap(module, prefix, wf, af, skip, fold_bn, norm_outputs, reasons: dict[str, str]) -> None:
     if isinstance(module, QModule) or type(module) is nn.MultiheadAttention:
         return  # a MultiheadAttention never calls its out_proj: only a QMultiheadAttention around it quantizes it
     items = list(module._modules.items())
-    sequential = isinstance(module, nn.Sequential)
+    sequential = _calls_in_order(module)
     i = 0
     while i < len(items):
         key, child = items[i]
@@ -86,7 +128,11 @@ def _swap(module, prefix, wf, af, skip, fold_bn, norm_outputs, reasons: dict[str
                 for k in range(i, j):  # keep indices stable: fused modules become Identity
                     module._modules[items[k][0]] = nn.Identity().train(items[k][1].training)
                 i = j
-            module._modules[key] = make_qwrapper(group, name, wf, af, fold_bn)
+            wrapper = make_qwrapper(group, name, wf, af, fold_bn)
+            if len(group) > 1:
+                wrapper.__dict__["_tq_fused_in"] = (name, "+".join(type(m).__name__ for m in group[1:]))
+                wrapper.register_forward_pre_hook(_check_fused_call)
+            module._modules[key] = wrapper
         elif type(child) is nn.MultiheadAttention:
             why = mha_unsupported(child)
             if why is None:
