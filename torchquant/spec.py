@@ -110,6 +110,11 @@ class QuantizerSpec:
             if not isinstance(value, Mapping):
                 raise SpecError(f"QuantizerSpec: {key!r} must be a table of keyword arguments, got {value!r}")
             object.__setattr__(self, key, dict(value))
+        if self.observer is None and self.observer_args:
+            raise SpecError(
+                f"QuantizerSpec: observer_args {self.observer_args!r} without an 'observer' would be ignored; "
+                "name the observer (e.g. 'minmax') or drop them"
+            )
 
     # ------------------------------------------------------------ conversions
     def to_dict(self) -> dict[str, Any]:
@@ -139,12 +144,19 @@ class QuantizerSpec:
             raise SpecError(f"{where}: unknown keys {sorted(unknown)}; valid: {list(_KEYS)}")
         if "quantizer" not in raw:
             raise SpecError(f"{where}: missing 'quantizer' (a name from tq.list_quantizers())")
-        return cls(
-            raw["quantizer"],
-            raw.get("observer"),
-            dict(raw.get("args") or {}),
-            dict(raw.get("observer_args") or {}),
-        )
+        for key in ("args", "observer_args"):
+            value = raw.get(key)
+            if value is not None and not isinstance(value, Mapping):
+                raise SpecError(f"{where}: {key!r} must be a table of keyword arguments, got {value!r}")
+        try:
+            return cls(
+                raw["quantizer"],
+                raw.get("observer"),
+                dict(raw.get("args") or {}),
+                dict(raw.get("observer_args") or {}),
+            )
+        except SpecError as e:
+            raise SpecError(f"{where}: {e}") from None
 
     def replace(self, **changes: Any) -> QuantizerSpec:
         """A copy with fields changed; ``args``/``observer_args`` given here are merged into the current ones."""
@@ -152,6 +164,8 @@ class QuantizerSpec:
         for key in ("args", "observer_args"):
             if key in changes:
                 changes[key] = {**fields[key], **changes[key]}
+        if "observer" in changes and changes["observer"] is None and "observer_args" not in changes:
+            changes["observer_args"] = {}  # no observer, no observer arguments
         fields.update(changes)
         return QuantizerSpec(**fields)
 
@@ -229,13 +243,29 @@ def _arguments(registry: Registry, obj: nn.Module, who: str) -> tuple[str, dict[
     own = getattr(type(obj), "spec_args", None)
     if own is not None:
         return name, dict(obj.spec_args())
+    entry = registry.get(name)
     made = getattr(obj, "_tq_made", None)
     if made is not None and made[0] == name:
-        return name, _current(obj, _bound_args(obj, registry.get(name), made[1], made[2], who))
-    record = getattr(obj, "_tq_init", None)
-    if record is None:
-        raise SpecError(f"{who}: {type(obj).__qualname__} does not record its constructor arguments")
-    return name, _current(obj, _bound_args(obj, registry.get(name), record[0], record[1], who))
+        record = made[1:]
+    else:
+        record = getattr(obj, "_tq_init", None)
+        if record is None:
+            raise SpecError(f"{who}: {type(obj).__qualname__} does not record its constructor arguments")
+    # Every argument, defaults included, takes the value the object holds now (one left at its default and
+    # changed afterwards counts too); those equal to their default are left out, so equal configurations
+    # are described alike.
+    return name, _without_defaults(entry, _current(obj, _bound_args(obj, entry, *record, who, defaults=True)))
+
+
+def _without_defaults(entry: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    params = inspect.signature(entry).parameters
+    out = {}
+    for key, value in kwargs.items():
+        p = params.get(key)
+        default = inspect.Parameter.empty if p is None else p.default
+        if isinstance(value, nn.Module) or type(value) is not type(default) or value != default:
+            out[key] = value
+    return out
 
 
 def _current(obj: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
