@@ -168,6 +168,10 @@ def test_expert_banks_are_cached_too(monkeypatch):
     with torch.no_grad(), cached_quantized_weights(q):
         outs = [q(x, index, scores) for _ in range(3)]
         assert calls[0] == 2  # one per bank
+        for bank, entry in q._weight_cache.items():  # the bank as the experts read it, not the quantized rows too
+            stored = q.layer._parameters[bank]
+            assert entry["out"].shape == stored.shape and entry["out"].stride() == stored.stride(), bank
+            assert sorted(entry) == ["out", "plain", "tensors", "weight"]
         q.layer.down_proj.data[0, 0, 0] += 1.0  # a write through .data: compared by value, recomputed
         changed = q(x, index, scores)
         assert calls[0] == 3  # only the bank that changed

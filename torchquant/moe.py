@@ -14,6 +14,7 @@ recognised by its parameters.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -235,11 +236,8 @@ class QExperts(_LayerAttributes, QModule):
         cache = self._weight_cache if s.is_weight_quantized and not s.is_weight_observed else None
         for bank, q, rows in self._weights():
             if cache is not None:
-                entry = cache.setdefault(bank, {})
-                w = _cached_quantize(entry, q, rows)
-                if entry.get("bank_of") is not w:  # the bank laid out from these rows, kept while they are
-                    entry["bank"], entry["bank_of"] = _bank(w, experts, self.transposed), w
-                banks[bank] = entry["bank"]
+                post = functools.partial(_bank, experts=experts, transposed=self.transposed)
+                banks[bank] = _cached_quantize(cache.setdefault(bank, {}), q, rows, post=post)
                 continue
             w = _run_quantizer(q, rows, s.is_weight_observed, s.is_weight_quantized)
             if s.is_weight_quantized:

@@ -149,14 +149,26 @@ def _same_tensor(a: Tensor, b: Tensor) -> bool:
     )
 
 
-def _cached_quantize(cache: dict[str, Any], q: Quantizer, w: Tensor, computed: bool = False) -> Tensor:
-    """``q(w)``, reused from the last call recorded in ``cache`` while ``w`` and ``q``'s state are equal.
+def _cached_quantize(
+    cache: dict[str, Any],
+    q: Quantizer,
+    w: Tensor,
+    computed: bool = False,
+    post: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """``q(w)`` (``post(q(w))`` with ``post``), reused from the last call recorded in ``cache`` while ``w`` and
+    ``q``'s state are equal.
 
     Only with gradients off and in eager mode, for a stored weight (``computed`` is false) and a
     quantizer without forward hooks. The inputs are compared by value (not by version counter:
     writes through ``.data`` do not bump it), so the result is always the uncached one. The
-    caches live while :func:`~torchquant.utils.cached_quantized_weights` is active.
+    caches live while :func:`~torchquant.utils.cached_quantized_weights` is active; they keep
+    ``post``'s result only (an expert bank laid out from the quantized rows, not the rows too).
     """
+
+    def run() -> Tensor:
+        return q(w) if post is None else post(q(w))
+
     if (
         torch.is_grad_enabled()
         or type(w) not in (Tensor, nn.Parameter)
@@ -164,10 +176,10 @@ def _cached_quantize(cache: dict[str, Any], q: Quantizer, w: Tensor, computed: b
         or torch.compiler.is_compiling()
         or torch.jit.is_tracing()
     ):
-        return q(w)
+        return run()
     state = _quantizer_state(q)
     if state is None:
-        return q(w)
+        return run()
     plain, tensors = state
     c = cache
     if (
@@ -178,7 +190,7 @@ def _cached_quantize(cache: dict[str, Any], q: Quantizer, w: Tensor, computed: b
         and all(_same_tensor(a, b) for a, b in zip(c["tensors"], tensors))
     ):
         return c["out"]
-    out = q(w)
+    out = run()
     c.clear()
     c.update(plain=plain, tensors=[t.detach().clone() for t in tensors], weight=w.detach().clone(), out=out)
     return out
@@ -424,6 +436,17 @@ _MODULE_SLOTS = frozenset({"layer", "bn", "act", "weight_quantizer", "acts_quant
 FOLD_BN_MODES = ("two_pass", "one_pass")
 
 
+@torch.library.custom_op("torchquant::buffer_snapshot", mutates_args=())
+def _buffer_snapshot(t: Tensor) -> Tensor:
+    """A copy of ``t`` that compiled code saves for the backward rather than re-reading ``t``."""
+    return t.clone()
+
+
+@_buffer_snapshot.register_fake
+def _(t: Tensor) -> Tensor:
+    return torch.empty_like(t)
+
+
 def fold_bn_mode(fold_bn: bool | str, who: str) -> str | None:
     """The folding mode a ``fold_bn`` argument asks for: ``None`` (not folded), ``"two_pass"`` or ``"one_pass"``.
 
@@ -475,9 +498,10 @@ class QWrapper(QModule):
       do the same). ``W_fold`` uses the running ``sigma`` before this step's update.
       About half the convolution work of ``"two_pass"`` in training; the running
       statistics track the quantized layer rather than the float one. A channel whose
-      ``gamma`` is 0 (its output is ``beta``, and its float statistics cannot be read from
-      its zero folded weight) is normalised with its running variance and keeps its
-      running statistics.
+      quantized folded weight is all zero (``gamma == 0``, or a row the grid rounds to 0)
+      outputs ``beta``, passes its gradient on with gain 1 (BatchNorm would divide it by
+      ``sqrt(eps)``) and keeps its running statistics. Statistics in float32 for half
+      precision models.
     * statistics frozen (:func:`~torchquant.freeze_bn_stats`) or eval:
       ``out = layer(x; Q(W_fold), beta + gamma * (b - mu) / sigma)`` with the running
       ``mu`` and ``sigma``, which are no longer updated.
@@ -732,6 +756,15 @@ class QWrapper(QModule):
         """Weight and bias with the running statistics folded in (:func:`~torchquant.fold_bn_params`)."""
         return fold_bn_params(self.layer.weight, self.layer.bias, self.bn)
 
+    def _folded_weight(self, running_var: Tensor | None = None) -> Tensor:
+        """The weight of :meth:`_folded_params` (the same operations), without computing the bias; folded with
+        ``running_var`` when given (a copy of the BatchNorm's)."""
+        bn, w = self.bn, self.layer.weight
+        scale = torch.rsqrt((bn.running_var if running_var is None else running_var) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        return w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+
     def _layer_with(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         """The layer's output with weight ``w`` (``(out, in, ...)`` layout) and bias ``b``."""
         return self._adapter.forward(self._modules["layer"], x, w, b)
@@ -750,45 +783,58 @@ class QWrapper(QModule):
         """Training with ``fold_bn="one_pass"``: BatchNorm's batch statistics read from the quantized output."""
         s = self.qstate
         bn = self.bn
-        sigma = torch.sqrt(bn.running_var + bn.eps)  # (C,), the sigma folded into the weight
-        w_fold, _ = self._folded_params()
-        w_fold = _run_quantizer(self.weight_quantizer, w_fold, s.is_weight_observed, s.is_weight_quantized)
+        var = bn.running_var
+        if torch.compiler.is_compiling():
+            # The partitioner may recompute this read in the backward, after the update below has written the
+            # buffer (wrong gradients, pytorch/pytorch#197039): an opaque copy is saved instead.
+            var = torch.ops.torchquant.buffer_snapshot(var)
+        sigma = torch.sqrt(var + bn.eps)  # (C,), the sigma folded into the weight
+        w_fold = _run_quantizer(
+            self.weight_quantizer, self._folded_weight(var), s.is_weight_observed, s.is_weight_quantized
+        )
         z = self._layer_with(x, w_fold, None)  # (N, C, ...): gamma / sigma times the unfolded output, less b
-        gamma, b = bn.weight, self.layer.bias
         shape = (1, -1, *([1] * (z.dim() - 2)))
-        zero = None
-        if gamma is None:
-            ratio = sigma
-        else:
-            # A channel with gamma == 0 has a zero folded weight: u = z + b and a BatchNorm weight sqrt(eps)
-            # give out = beta and, from the batch, gamma's gradient that BatchNorm would give with the
-            # running variance (z / sigma's centred part, through the folded weight).
-            zero = gamma == 0
-            ratio = sigma / torch.where(zero, sigma, gamma)
-            gamma = torch.where(zero, torch.full_like(gamma, bn.eps**0.5), gamma)
-        u = z * ratio.reshape(shape) if b is None else torch.addcmul(b.reshape(shape), z, ratio.reshape(shape))
+        # A channel whose quantized folded weight is all zero (gamma == 0, or a weight the grid rounds to 0)
+        # carries no batch statistics: normalised with weight sqrt(eps) on u = z + b it outputs beta, passes
+        # the gradient on with gain 1 (BatchNorm would divide it by sqrt(eps)) and keeps its running statistics.
+        dead = w_fold.detach().flatten(1).abs().amax(1) == 0  # (C,)
+        gamma = bn.weight
+        if gamma is not None:
+            dead = dead | (gamma == 0)
+        # ratio = sigma / gamma (u = z * ratio + b) overflows half precision for small gamma: statistics in float32
+        out_dtype = torch.promote_types(z.dtype, bn.running_var.dtype)  # as the two-pass formula gives
+        dt = torch.promote_types(z.dtype, torch.float32)
+        g = torch.ones_like(sigma) if gamma is None else gamma
+        ratio = sigma.to(dt) / torch.where(dead, sigma, g).to(dt)
+        gain = torch.where(dead, bn.eps**0.5, g.to(dt))
+        beta = None if bn.bias is None else bn.bias.to(dt)
+        b = self.layer.bias
+        z = z.to(dt)
+        u = z * ratio.reshape(shape) if b is None else torch.addcmul(b.to(dt).reshape(shape), z, ratio.reshape(shape))
         with torch.no_grad():
             if bn.num_batches_tracked is not None:
                 bn.num_batches_tracked.add_(1)
             f = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-        # BatchNorm in training on u: its batch statistics and running-statistics update, one native op. A zero
-        # gamma's channel keeps its running statistics (its float ones cannot be read from a zero folded weight):
-        # the op updates copies, as autograd keeps the buffers it was given.
-        running = (
-            (bn.running_mean, bn.running_var) if zero is None else (bn.running_mean.clone(), bn.running_var.clone())
-        )
-        y = F.batch_norm(u, *running, gamma, bn.bias, True, f, bn.eps)
-        if zero is not None:
-            with torch.no_grad():
-                bn.running_mean.copy_(torch.where(zero, bn.running_mean, running[0]))
-                bn.running_var.copy_(torch.where(zero, bn.running_var, running[1]))
-        return y
+        # BatchNorm in training on u: batch statistics and running-statistics update in one native op, on copies
+        # (autograd keeps the tensors it was given; dead channels keep theirs)
+        running = bn.running_mean.to(dt, copy=True), bn.running_var.to(dt, copy=True)
+        y = F.batch_norm(u, *running, gain, beta, True, f, bn.eps)
+        with torch.no_grad():
+            bn.running_mean.copy_(torch.where(dead, bn.running_mean, running[0]))
+            bn.running_var.copy_(torch.where(dead, bn.running_var, running[1]))
+        return y.to(out_dtype)
 
     def _forward_folded(self, x: Tensor) -> Tensor:
         s = self.qstate
         wq = self.weight_quantizer
         bn = self.bn
-        if wq is None or not (s.is_weight_observed or s.is_weight_quantized):
+        unfolded = wq is None or not (s.is_weight_observed or s.is_weight_quantized)
+        if not unfolded and x.dim() > 2 and isinstance(self._modules["layer"], nn.Linear):
+            raise ValueError(
+                f"QWrapper[{self._describe()}]: fold_bn needs a 2-D input (N, features), got {tuple(x.shape)}: "
+                "BatchNorm1d normalises dim 1 of the Linear's output, not the features the fold scales"
+            )
+        if unfolded:
             y = self._layer_with(x, self.layer.weight, self.layer.bias)
             if self._bn_frozen:
                 y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
@@ -802,7 +848,7 @@ class QWrapper(QModule):
             mean_b = y_float.mean(dims)  # (C,)
             var_b = y_float.var(dims, unbiased=False)
             self._update_running_stats(mean_b, var_b, y_float.numel() // y_float.shape[1])
-            w_fold, _ = self._folded_params()  # W * gamma / sigma, running sigma (just updated)
+            w_fold = self._folded_weight()  # W * gamma / sigma, running sigma (just updated)
             w_fold = _run_quantizer(wq, w_fold, s.is_weight_observed, s.is_weight_quantized)
             gamma = bn.weight if bn.weight is not None else 1.0
             beta = bn.bias if bn.bias is not None else 0.0
