@@ -593,3 +593,28 @@ def _description(folder) -> str:
     (path,) = folder.glob("*.safetensors")
     with safe_open(path, framework="pt") as f:
         return f.metadata()["torchquant"]
+
+
+@pytest.mark.parametrize("rotate", [False, True], ids=["tied", "untied-by-quarot"])
+def test_a_quantized_tied_head_round_trips_through_save_pretrained(rotate, tmp_path):
+    """With lm_head quantized, the embedding and the head each keep their own float name: a rotation that unties
+    them (QuaRot) saves two tensors, not the embedding's under both names."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(llama_config(tie_word_embeddings=True)).eval()
+    config = TorchQuantConfig(weights="int8", embeddings="int8", modules_to_not_convert=[])
+    qm = quantize(model, config, initial_state=False)
+    names = qm._tq_float_names
+    assert names["lm_head.layer.weight"] == "lm_head.weight"
+    assert names["model.embed_tokens.layer.weight"] == "model.embed_tokens.weight"
+    ids = torch.randint(0, 100, (2, 12))
+    if rotate:
+        tq.ptq.quarot(qm, [ids])
+        assert qm.lm_head.layer.weight is not qm.model.embed_tokens.layer.weight
+    tq.calibrate(qm, [ids], progress=False)
+    tq.set_qmodule_state(qm, tq.QModuleState.QUANT_EVAL)
+    with torch.no_grad():
+        expected = qm(ids).logits
+    qm.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)

@@ -103,7 +103,9 @@ def _float_names(before: dict[int, list[str]], model: nn.Module) -> dict[str, st
     """Converted name -> the float model's name, for tensors the conversion moved (``q_proj.layer.weight``).
 
     A tied tensor has several float names; a moved name takes one that the converted
-    model no longer uses (``wte.layer.weight`` -> ``wte.weight``, while ``lm_head.weight`` stays).
+    model no longer uses (``wte.layer.weight`` -> ``wte.weight``, while ``lm_head.weight`` stays),
+    its own where it has one (a wrapped, tied ``lm_head.layer.weight`` -> ``lm_head.weight``, not the
+    embedding's: the two stay apart once a rotation unties them).
     """
     after = list(_named_tensors(model))
     converted = {n for n, _ in after}
@@ -113,9 +115,16 @@ def _float_names(before: dict[int, list[str]], model: nn.Module) -> dict[str, st
         if names is None or name in names:
             continue
         free = [f for f in names if f not in converted]
-        if free:
-            out[name] = free[0]
+        own = [f for f in free if f in _unwrapped(name)]
+        if own or free:
+            out[name] = (own or free)[0]
     return out
+
+
+def _unwrapped(name: str) -> set[str]:
+    """``name`` with one wrapper step (``.layer``) taken out, at each place it occurs."""
+    parts = name.split(".")
+    return {".".join(parts[:i] + parts[i + 1 :]) for i, p in enumerate(parts[:-1]) if p == "layer"}
 
 
 def _build(spec: QuantizerSpec | None, name: str, field: str):
