@@ -40,6 +40,21 @@ def global_batches(n: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(8, 1, 6, 6, generator=g) * (1 + torch.arange(8) % 2).view(8, 1, 1, 1), torch.arange(8) % 3)]
 
 
+def build_grouped() -> nn.Module:
+    """A Linear whose output ranges are per group of 4 features of each sample."""
+    torch.manual_seed(0)
+    return tq.quantize_model(
+        nn.Sequential(nn.Linear(8, 8)),
+        None,
+        lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax(axis=-1, group_size=4)),
+        method="swap",
+    )
+
+
+def grouped_batch() -> torch.Tensor:
+    return torch.randn(4, 8, generator=torch.Generator().manual_seed(3))
+
+
 def calib_batches() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(2)
     return [torch.randn(8, 1, 6, 6, generator=g) * (1 + torch.arange(8) % 2).view(8, 1, 1, 1) for _ in range(3)]
@@ -85,6 +100,11 @@ def worker(rank: int, world: int, init: str, out: str) -> None:
             dtype = torch.bfloat16 if kind == "bfloat16" else torch.float32
             calibrate(model, [(x if rank == 0 else x[:0]).to(dtype) for x in calib_batches()])
         uneven_state = {k: observer_state(m) for k, m in uneven.items()}
+        # per-group activation ranges are each sample's own: shards of different sizes are not reduced
+        grouped = build_grouped()
+        sync_observers(grouped)
+        calibrate(grouped, [grouped_batch()[: 4 if rank == 0 else 2]])
+        grouped_state = observer_state(grouped)
         # a few QAT steps under DDP: observers keep all-reducing inside the forward
         tq.set_qmodule_state(synced, tq.QModuleState.QUANT_AWARE_TRAIN)
         ddp = nn.parallel.DistributedDataParallel(synced)
@@ -100,6 +120,7 @@ def worker(rank: int, world: int, init: str, out: str) -> None:
                 "unsynced": observer_state(unsynced),
                 "qat": quantizer_state(synced),
                 "uneven": uneven_state,
+                "grouped": grouped_state,
             },
             f"{out}/rank{rank}.pt",
         )
@@ -179,3 +200,17 @@ def test_synced_observer_without_process_group_is_unchanged():
     a.observe_batch(x)
     b.observe_batch(x)
     assert torch.equal(a.min_val, b.min_val) and torch.equal(a.max_val, b.max_val)
+
+
+@pytest.mark.slow
+def test_per_group_ranges_are_each_ranks_own(two_ranks):
+    """Rank 0 saw 4 samples and rank 1 the first 2: each holds its samples' ranges (no collective over
+    unrelated samples, none over shapes that differ, which hung)."""
+    for rank, n in ((0, 4), (1, 2)):
+        single = build_grouped()
+        calibrate(single, [grouped_batch()[:n]])
+        expected = observer_state(single)
+        got = two_ranks[rank]["grouped"]
+        assert got.keys() == expected.keys()
+        for k in expected:
+            assert torch.equal(got[k], expected[k]), (rank, k)

@@ -191,3 +191,33 @@ def test_an_uncalled_wrapper_whose_weight_a_called_one_quantizes_is_not_said_to_
         tq.calibrate(net, [torch.randint(0, 10, (2, 5))], progress=False)
     (message,) = [str(w.message) for w in caught]
     assert "shared (not reached" in message and "computes in float" not in message
+
+
+def test_calibrate_reads_the_data_one_batch_at_a_time():
+    """A loader is not loaded whole into memory: each batch is used and dropped (the first is kept, for the
+    check of layers the forward never called)."""
+    import gc
+    import weakref
+
+    net = tq.quantize_model(
+        nn.Sequential(nn.Linear(4, 4), nn.ReLU()),
+        None,
+        lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax()),
+        method="swap",
+    )
+    alive = []
+
+    def loader():
+        for _ in range(4):
+            batch = torch.randn(8, 4)
+            yield batch
+            gc.collect()
+            alive.append(sum(r() is not None for r in refs))
+            refs.append(weakref.ref(batch))
+
+    refs: list = []
+    tq.calibrate(net, loader(), progress=False)
+    assert alive == [0, 1, 1, 1]  # only the first batch outlives its step
+    assert net[0].acts_quantizer.range_observer.initialized
+    with pytest.raises(ValueError, match="calibrate: the calibration data is empty"):
+        tq.calibrate(net, iter([]), progress=False)

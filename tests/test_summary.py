@@ -44,7 +44,8 @@ def test_table_and_print(capsys):
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["name", "kind", "layers/op"]
     assert any(line.startswith("fc ") and "skipped by type Linear" in line for line in lines)
-    assert lines[-1] == "10 quantization points (7 QWrapper, 3 QOp), 1 left in float"
+    # the pooling QOp has no quantizer (af returns None for it): it quantizes nothing
+    assert lines[-1] == "9 quantization points (7 QWrapper, 2 QOp), 2 left in float"
     tq.print_summary(q)
     assert capsys.readouterr().out == table + "\n"
 
@@ -77,3 +78,21 @@ def test_granularity_of_per_token_and_scaled_minifloat_quantizers():
     assert row["weight_granularity"] == "per-channel(axis=0)"  # kept on the observer
     assert row["act_granularity"] == "per-token"
     assert row["weight_bits"] is None and row["act_bits"] == 8
+
+
+def test_modules_without_quantizers_and_converted_layers_count_once():
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    nothing = tq.quantize_model(copy.deepcopy(net), None, None)
+    assert tq.summary(nothing).splitlines()[-1] == "0 quantization points (0 QWrapper, 0 QOp), 2 left in float"
+    # a layer skipped by a first conversion and converted by a second is listed once, as converted
+    q = tq.quantize_model(copy.deepcopy(net), wf, None, skip=["2"], method="swap")
+    q = tq.quantize_model(q, wf, None, method="swap")
+    rows = tq.summary_rows(q)
+    assert [(r["name"], r["kind"]) for r in rows] == [("0", "QWrapper"), ("2", "QWrapper")]
+    assert tq.summary(q).splitlines()[-1] == "2 quantization points (2 QWrapper, 0 QOp), 0 left in float"
+
+
+def test_a_multihead_attention_with_a_float_out_proj_says_so():
+    mha = tq.QMultiheadAttention(nn.MultiheadAttention(8, 2), tq.AffineQuantizer(4, tq.BatchMinMax(axis=0)), None)
+    (row,) = tq.summary_rows(nn.Sequential(mha))
+    assert row["weight_bits"] == 4 and row["note"] == "no quantizer for the out_proj weight (float)"

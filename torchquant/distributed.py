@@ -18,7 +18,12 @@ batches. It is an explicit call on one model, never a global mode::
     ddp = torch.nn.parallel.DistributedDataParallel(model)
 
 Outside an initialised process group the synchronised observers behave exactly
-as unsynchronised ones, so the same script runs in one process too.
+as unsynchronised ones, so the same script runs in one process too. Learned
+quantizers (LSQ, PACT) initialise their parameters on their first batch: run one
+forward (a calibration batch) before wrapping the model in DDP, which registers the
+parameters with the shapes they have then. Per-group observers are not reduced:
+their ranges follow the tensor's other dimensions (a weight's rows, the same on
+every rank, or an activation's samples, each rank's own).
 
 Every rank must then run the same sequence of observing forwards (same number
 of calibration batches, same modes), because each observation is a collective

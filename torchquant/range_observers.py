@@ -127,7 +127,9 @@ class RangeObserver(RecordsInit, nn.Module):
                 self._observe_kernel(kind, *self.granularity.reduce(x, self._tq_name, stage[4]))
                 return
             mn, mx = self.granularity.reduce(x, who=self._tq_name)  # compact shapes
-            if self.distributed_sync:
+            # Per-group ranges follow the tensor's other dimensions: a weight's rows (the same on every rank)
+            # or an activation's samples (each rank's own, in a shape that differs with the shard): not reduced.
+            if self.distributed_sync and self.granularity.group_size is None:
                 mn, mx = self._all_reduce_batch(mn, mx)
         if (
             kind is not None

@@ -114,6 +114,10 @@ def summary_rows(model: nn.Module) -> list[dict[str, Any]]:
             weight_roles = {r: q for r, q in roles.items() if r in getattr(m, "WEIGHT_ROLES", ())}
             w, wb, wg = _roles_info(weight_roles) if weight_roles else (None, None, None)
             a, ab, ag = _roles_info({r: q for r, q in roles.items() if r not in weight_roles})
+            unquantized = [r for r in getattr(m, "WEIGHT_ROLES", ()) if r not in weight_roles]
+            note = "no quantizers (float)" if not roles else ""
+            if roles and unquantized:
+                note = f"no quantizer for the {', '.join(unquantized)} weight{'s' * (len(unquantized) > 1)} (float)"
             rows.append(
                 dict(
                     name=name,
@@ -125,7 +129,7 @@ def summary_rows(model: nn.Module) -> list[dict[str, Any]]:
                     act_quantizer=a,
                     act_bits=ab,
                     act_granularity=ag,
-                    note="" if roles else "no quantizers (float)",
+                    note=note,
                 )
             )
             continue
@@ -157,6 +161,8 @@ def summary_rows(model: nn.Module) -> list[dict[str, Any]]:
     reasons = _float_reasons(model)
     modules = dict(model.named_modules())
     for name, reason in reasons.items():
+        if _under(name, qnames):  # converted since (a second conversion, a wrapper put in by hand)
+            continue
         m = modules.get(name)
         floats[name] = (type(m).__name__ if m is not None else "-", reason)
     raw = unconverted_weights(model)
@@ -208,12 +214,14 @@ def summary(model: nn.Module) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(_COLUMNS))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    n_w = sum(r["kind"] == "QWrapper" for r in rows)
-    n_o = sum(r["kind"] == "QOp" for r in rows)
-    n_f = sum(r["kind"] == "float" for r in rows)
+    # a module holding no quantizer quantizes nothing: its layers count as float
+    points = [r for r in rows if r["kind"] != "float" and (r["weight_quantizer"] or r["act_quantizer"])]
+    n_w = sum(r["kind"] == "QWrapper" for r in points)
+    n_o = sum(r["kind"] == "QOp" for r in points)
+    n_f = len(rows) - len(points)
     others: dict[str, int] = {}
-    for r in rows:
-        if r["kind"] not in ("QWrapper", "QOp", "float"):
+    for r in points:
+        if r["kind"] not in ("QWrapper", "QOp"):
             others[r["kind"]] = others.get(r["kind"], 0) + 1
     n = n_w + n_o + sum(others.values())
     kinds = "".join(f", {k} {kind}" for kind, k in others.items())

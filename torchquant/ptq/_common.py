@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from typing import Any
 
 import torch
@@ -18,6 +18,36 @@ from ..utils import call_model
 
 def materialize(data: Iterable, num_batches: int | None, who: str) -> list:
     """The first ``num_batches`` batches of ``data`` as a list (all if ``None``); error when empty."""
+    out = list(stream(data, num_batches, who)[0])
+    if not out:
+        raise ValueError(f"{who}: the calibration data is empty")
+    return out
+
+
+def stream(data: Iterable, num_batches: int | None, who: str) -> tuple[Iterator, list, int | None]:
+    """The first ``num_batches`` batches of ``data`` (all if ``None``) one at a time, for one pass over them.
+
+    Returns ``(batches, first, total)``: the iterator; a list that receives the first batch as it goes
+    by (empty afterwards when ``data`` was); the number of batches when ``data`` has a length.
+    """
+    _check_data(data, num_batches, who)
+    first: list = []
+    total = len(data) if isinstance(data, Sized) else None
+    if total is not None and num_batches is not None:
+        total = min(total, num_batches)
+
+    def batches() -> Iterator:
+        for i, batch in enumerate(data):
+            if num_batches is not None and i >= num_batches:
+                return
+            if not first:
+                first.append(batch)
+            yield batch
+
+    return batches(), first, total
+
+
+def _check_data(data: Iterable, num_batches: int | None, who: str) -> None:
     if isinstance(data, (Tensor, dict)) or not isinstance(data, Iterable):
         raise TypeError(
             f"{who}: data must be an iterable of batches (a list, a DataLoader, a generator), "
@@ -27,14 +57,6 @@ def materialize(data: Iterable, num_batches: int | None, who: str) -> list:
         raise TypeError(f"{who}: num_batches must be an int or None, got {num_batches!r}")
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"{who}: num_batches must be >= 1, got {num_batches}")
-    out = []
-    for batch in data:
-        out.append(batch)
-        if num_batches is not None and len(out) >= num_batches:
-            break
-    if not out:
-        raise ValueError(f"{who}: the calibration data is empty")
-    return out
 
 
 def require_qmodules(model: nn.Module, who: str) -> list[tuple[str, QModule]]:

@@ -11,7 +11,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..qmodules import QModule, QModuleState, iter_qmodules
 from ..utils import call_model, progress_bar, restoring_states
-from ._common import first_names, materialize, require_qmodules
+from ._common import first_names, require_qmodules, stream
 
 __all__ = ["UncalledQModulesWarning", "calibrate", "reobserve_weights"]
 
@@ -80,7 +80,7 @@ def calibrate(
         raise ValueError(
             f"calibrate: mode {mode.name} observes nothing; use one of {', '.join(s.name for s in _OBSERVING)}"
         )
-    batches = materialize(data, num_batches, "calibrate")
+    batches, first, total = stream(data, num_batches, "calibrate")  # one pass: no batch is kept but the first
     called: set[int] = set()
     hooks = [m.register_forward_pre_hook(lambda m, args: called.add(id(m))) for _, m in qmodules]
     try:
@@ -88,18 +88,20 @@ def calibrate(
             model.eval()
             for _, m in qmodules:
                 m.qstate = mode
-            for batch in progress_bar(batches, len(batches), "calibrate", progress):
+            for batch in progress_bar(batches, total, "calibrate", progress):
                 call_model(model, batch, "calibrate")
     finally:
         for h in hooks:
             h.remove()
+    if not first:
+        raise ValueError("calibrate: the calibration data is empty")
     uncalled = [(name, m) for name, m in qmodules if id(m) not in called]
     if uncalled:
         with restoring_states(model), torch.no_grad():
             model.eval()
             for _, m in qmodules:
                 m.qstate = QModuleState.BYPASSED
-            read = _read_directly(model, batches[0], uncalled)
+            read = _read_directly(model, first[0], uncalled)
         _warn_uncalled(model, [n for n, _ in uncalled], read)
     return model
 
