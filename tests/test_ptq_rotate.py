@@ -377,3 +377,33 @@ def test_awq_after_quarot_clips_down_proj_on_the_rotated_rows_it_reads(monkeypat
     X, R = scored[down].double(), read[0].double()  # every token sampled: the same rows, reordered
     assert X.shape == R.shape
     torch.testing.assert_close(X.T @ X, R.T @ R, rtol=1e-5, atol=1e-6)
+
+
+def test_rotating_a_rotated_model_is_refused():
+    model = _swap(_tiny(num_hidden_layers=1))
+    tq.ptq.quarot(model, [_ids()])
+    with pytest.raises(ValueError, match="quarot: the model is already rotated"):
+        tq.ptq.quarot(model, [_ids()])
+
+
+def test_quarot_after_smoothquant_warns_that_it_undoes_the_scaling():
+    model = tq.quantize_model(
+        _tiny(num_hidden_layers=1),
+        W4,
+        lambda m, n: tq.AffineQuantizer(8, tq.BatchMinMax()) if n.endswith("proj") else None,
+        method="swap",
+    )
+    for _, m in tq.iter_qmodules(model):  # the inputs of the layers are what SmoothQuant balances
+        if isinstance(m, tq.QWrapper):
+            m.input_quantizer, m.acts_quantizer = m.acts_quantizer, None
+    tq.ptq.smoothquant(model, [_ids()], progress=False)
+    with pytest.warns(UserWarning, match="quarot: smoothquant ran before"):
+        tq.ptq.quarot(model, [_ids()])
+
+
+def test_a_model_on_the_meta_device_is_refused_naming_a_parameter():
+    with torch.device("meta"):
+        model = _swap(_tiny(num_hidden_layers=1))
+    for algorithm in (tq.ptq.quarot, tq.calibrate):
+        with pytest.raises(ValueError, match=r"model\.embed_tokens\..*weight .*meta device"):
+            algorithm(model, [_ids()])

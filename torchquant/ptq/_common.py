@@ -59,9 +59,23 @@ def _check_data(data: Iterable, num_batches: int | None, who: str) -> None:
         raise ValueError(f"{who}: num_batches must be >= 1, got {num_batches}")
 
 
+SCALED_BY_ATTR = "_tq_scaled_by"  # names of the algorithms that folded channel scales into the model's norms
+
+
+def mark_scaled(model: nn.Module, who: str) -> None:
+    """Record that ``who`` folded per-channel scales into ``model``'s normalisations and layers."""
+    setattr(model, SCALED_BY_ATTR, [*getattr(model, SCALED_BY_ATTR, []), who])
+
+
 def require_qmodules(model: nn.Module, who: str) -> list[tuple[str, QModule]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{who}: expected an nn.Module, got {type(model).__name__}")
+    meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise ValueError(
+            f"{who}: {meta} (and maybe more) is on the meta device, with no values to work on; "
+            "load the weights first (from_pretrained without device_map='meta', or load_state_dict(assign=True))"
+        )
     qms = iter_qmodules(model)
     if not qms:
         raise ValueError(

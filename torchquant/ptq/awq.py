@@ -66,7 +66,7 @@ from ..moe import QExperts, expert_inputs
 from ..qmodules import QModuleState, QWrapper, _run_quantizer
 from ..spec import describe
 from ..utils import model_output
-from ._common import UNROUTED, all_or_nothing, materialize, require_qmodules, warn_skipped
+from ._common import UNROUTED, all_or_nothing, mark_scaled, materialize, require_qmodules, warn_skipped
 from .calibrate import reobserve_weights, reset_activation_ranges
 from .registry import register_ptq_algorithm
 from .sequential import (
@@ -635,4 +635,5 @@ def awq(
         skipped[name] = OUTSIDE_BLOCKS
     if exponents:  # scales folded into norms and layers: the activations changed (clipping alone changes none)
         reset_activation_ranges(model, "awq")
+        mark_scaled(model, "awq")
     return AWQResult(exponents=exponents, clip_ratios=clip_ratios, skipped=skipped)

@@ -60,6 +60,7 @@ record the rotation and rebuild the online transforms; the rotated weights are t
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -67,14 +68,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..convert import record_conversion
+from ..convert import CONVERSIONS_ATTR, record_conversion
 from ..hadamard import hadamard_factors, hadamard_transform, random_hadamard, random_signs
 from ..layers import is_normalization, norm_gain_offset
 from ..qmodules import HadamardTransform, QModuleState, QOp, QWrapper
 from ..quantizers import RangeQuantizer
 from ..serialize import register_conversion
 from ..utils import call_model, model_output, restoring_states
-from ._common import Snapshot, materialize, require_qmodules
+from ._common import SCALED_BY_ATTR, Snapshot, materialize, require_qmodules
 from .calibrate import reset_activation_ranges
 from .registry import register_ptq_algorithm
 
@@ -330,6 +331,19 @@ def quarot(
         (('model.layers.0.mlp.down_proj',), True)
     """
     qmodules = require_qmodules(model, "quarot")
+    if any(r.get("kind") == CONVERSION_KIND for r in getattr(model, CONVERSIONS_ATTR, [])):
+        raise ValueError(
+            "quarot: the model is already rotated (its conversions record quarot); rotating again would replace "
+            "its online Hadamard transforms rather than compose with them: start from the unrotated model"
+        )
+    scaled = getattr(model, SCALED_BY_ATTR, [])
+    if scaled:
+        warnings.warn(
+            f"quarot: {' and '.join(dict.fromkeys(scaled))} ran before: quarot fuses the norms' gains, which "
+            "carry their scales, back into the layers reading them, undoing that scaling of q/k/v and gate/up "
+            "(down_proj keeps its own); run quarot first",
+            stacklevel=2,
+        )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"quarot: seed must be an int, got {seed!r}")
     for name, flag in (("online_down_proj", online_down_proj), ("kv_hadamard", kv_hadamard)):

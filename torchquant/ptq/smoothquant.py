@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from ..moe import QExperts, expert_inputs
 from ..qmodules import QModuleState, QWrapper
-from ._common import UNROUTED, all_or_nothing, materialize, require_qmodules, warn_skipped
+from ._common import UNROUTED, all_or_nothing, mark_scaled, materialize, require_qmodules, warn_skipped
 from .calibrate import reobserve_weights, reset_activation_ranges
 from .registry import register_ptq_algorithm
 from .sequential import (
@@ -297,4 +297,5 @@ def smoothquant(
     )
     if folded:
         reset_activation_ranges(model, "smoothquant")
+        mark_scaled(model, "smoothquant")
     return SmoothQuantResult(folded=folded, max_scale=max_scale, skipped=skipped)
