@@ -713,3 +713,21 @@ def test_falcons_linear_is_quantized_and_bypassed_bit_for_bit(dtype):
     assert isinstance(q.transformer.h[0].mlp.dense_4h_to_h, tq.QWrapper)
     with torch.no_grad():
         assert torch.equal(q(ids).logits, ref)
+
+
+def test_folding_a_scale_into_a_half_precision_one_plus_weight_gain_warns_when_it_rounds():
+    """Gemma's RMSNorm multiplies by 1 + weight: in bfloat16 a small gain stored as weight = gain - 1 rounds
+    near -1 with an absolute step of 2^-8, which can zero a channel."""
+    import warnings
+
+    from torchquant.layers import divide_norm_output_
+
+    norm = nn.LayerNorm(4).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([-0.9, 0.0, 0.5, 1.0]))  # gains 0.1, 1, 1.5, 2 with offset 1
+    with pytest.warns(UserWarning, match=r"gain is 1 \+ weight, stored in torch.bfloat16.*off by up to"):
+        divide_norm_output_(norm, torch.tensor([50.0, 1.0, 1.0, 1.0]), 1.0)
+    fine = nn.LayerNorm(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        divide_norm_output_(fine, torch.tensor([50.0, 1.0, 1.0, 1.0]), 1.0)  # float32: exact enough

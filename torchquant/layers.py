@@ -28,6 +28,7 @@ outputs ``quantize_model(..., method="swap", norm_outputs=True)`` quantizes;
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -462,7 +463,9 @@ def norm_gain_offset(norm: nn.Module) -> float | None:
                 return None
             y0 = y0.float()
             for c in (0.0, 1.0):
-                divide_norm_output_(norm, r, c)
+                with warnings.catch_warnings():  # a probe: its precision is judged below, not warned about
+                    warnings.simplefilter("ignore")
+                    divide_norm_output_(norm, r, c)
                 y1 = norm(x).float() * r.to(x.device)
                 for t, v in saved:
                     t.copy_(v)
@@ -494,7 +497,17 @@ def divide_norm_output_(norm: nn.Module, s: Tensor, offset: float = 0.0) -> None
         if offset == 0:
             w.div_(s.to(w))
         else:
-            w.copy_(((w.double() + offset) / s.to(device=w.device, dtype=torch.float64) - offset).to(w))
+            gain = (w.double() + offset) / s.to(device=w.device, dtype=torch.float64)
+            w.copy_((gain - offset).to(w))
+            # a gain stored as weight = gain - offset keeps the weight's absolute, not relative, precision
+            err = 0.0 if w.is_meta else float(((w.double() + offset - gain).abs() / gain.abs().clamp_min(1e-30)).max())
+            if err > 0.01:
+                warnings.warn(
+                    f"{type(norm).__name__}: its gain is {offset:g} + weight, stored in {w.dtype}: the scaled gains "
+                    f"are off by up to {err:.1%} (rounding near -{offset:g}); fold scales into a float32 copy "
+                    "of the model",
+                    stacklevel=2,
+                )
         b = getattr(norm, "bias", None)
         if isinstance(b, Tensor):
             b.div_(s.to(b))
