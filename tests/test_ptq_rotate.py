@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
+import math
 
 import pytest
 import torch
@@ -63,6 +66,92 @@ def test_hadamard_transform_module_traces_with_fx_and_stays_out_of_the_state_dic
     assert t.state_dict() == {}
     assert repr(HadamardTransform(576)) == "HadamardTransform(n=576 (Paley 36 x Sylvester 16))"
     assert repr(HadamardTransform(64)) == "HadamardTransform(n=64 (Sylvester))"
+
+
+def _smallest_prime_factors(limit: int) -> list[int]:
+    spf = list(range(limit + 1))
+    for d in range(2, math.isqrt(limit) + 1):
+        if spf[d] == d:
+            for k in range(d * d, limit + 1, d):
+                spf[k] = min(spf[k], d)
+    return spf
+
+
+def test_hadamard_factors_of_every_order_up_to_2_to_the_14():
+    # independent of torchquant: a base order is 1, q + 1 (q a prime power ≡ 3 mod 4) or 2 (q + 1) (≡ 1 mod 4)
+    limit = 2**14
+    spf = _smallest_prime_factors(limit)
+
+    def prime_power(q: int) -> bool:
+        while q > 1 and q % spf[q] == 0 and q // spf[q] % spf[q] == 0:
+            q //= spf[q]
+        return q > 1 and spf[q] == q
+
+    def base_order(m: int) -> bool:
+        if m == 1:
+            return True
+        q1, q2 = m - 1, m // 2 - 1
+        return m % 4 == 0 and ((q1 % 4 == 3 and prime_power(q1)) or (q2 % 4 == 1 and prime_power(q2)))
+
+    for n in range(1, limit + 1):
+        twos = [2**k for k in range(15) if n % 2**k == 0][::-1]
+        expected = next(((n // p, p) for p in twos if base_order(n // p)), None)
+        if expected is None:
+            with pytest.raises(ValueError, match=f"order {n}"):
+                hadamard_factors(n)
+        else:
+            assert hadamard_factors(n) == expected, n
+    assert hadamard_factors(11008) == (344, 32)  # Paley I over GF(7^3), not 5504 x 2 (Paley I over GF(5503))
+    assert [hadamard_factors(n) for n in (52, 100, 688, 6400)] == [(52, 1), (100, 1), (344, 2), (100, 64)]
+
+
+def test_every_base_matrix_up_to_1100_is_hadamard():
+    # H = H_m (x) S_p and S_p S_p^T = p I, so this makes H H^T = n I for every order whose base is <= 1100
+    bases = set()
+    for n in range(1, 1101):
+        with contextlib.suppress(ValueError):
+            bases.add(hadamard_factors(n)[0])
+    assert {52, 100, 244, 340, 344} <= bases  # over GF(5^2), GF(7^2), GF(3^5), GF(13^2), GF(7^3)
+    for m in sorted(bases):
+        H = hadamard(m)  # float32 sums of ±1 up to 1100 are exact
+        assert hadamard_factors(m) == (m, 1) and torch.equal(H.abs(), torch.ones(m, m)), m
+        assert torch.equal(H @ H.T, m * torch.eye(m)), m
+
+
+@pytest.mark.parametrize(
+    ("n", "digest"),
+    [
+        (12, "d1026a5e7abe32ab"),
+        (28, "e9a79502895728a8"),
+        (36, "41a3f7927fa274b5"),
+        (108, "e9458e07a082d294"),
+        (1536, "a5654473c09a83a2"),
+    ],
+)
+def test_prime_field_matrices_are_the_ones_checkpoints_were_rotated_with(n, digest):
+    # quarot checkpoints hold weights folded with H; the online transform is rebuilt from n on loading.
+    # 28 stays Paley II over GF(13) rather than Paley I over GF(3^3)
+    H = hadamard(n, dtype=torch.int8)
+    assert hashlib.sha256(bytes((H.flatten() > 0).tolist())).hexdigest()[:16] == digest
+
+
+@pytest.mark.parametrize("n", [52, 100, 344, 688, 1376], ids=lambda n: f"n{n}")
+def test_fast_transform_equals_the_matrix_product_over_prime_power_fields(n):
+    x = torch.randn(2, 3, n, dtype=torch.float64)
+    expected = x @ hadamard(n, dtype=torch.float64) / n**0.5
+    torch.testing.assert_close(hadamard_transform(x), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(HadamardTransform(n).double()(x), expected, rtol=0, atol=1e-12)
+
+
+def test_fast_transform_of_llama_2_7b_mlp_width_equals_the_matrix_product_in_float32():
+    n = 11008
+    H = hadamard(n, dtype=torch.int8)  # 121 MB; float64 would be 970 MB
+    x = torch.randn(4, n, dtype=torch.float64)
+    expected = torch.cat([x @ H[:, j : j + 1376].double() for j in range(0, n, 1376)], 1) / n**0.5
+    torch.testing.assert_close(hadamard_transform(x.float()).double(), expected, rtol=0, atol=1e-5)
+    t = HadamardTransform(n)
+    assert t.base.shape == (344, 344)
+    torch.testing.assert_close(torch.fx.symbolic_trace(t)(x.float()).double(), expected, rtol=0, atol=1e-5)
 
 
 def test_qwrapper_input_transform_runs_before_the_input_quantizer():
@@ -407,3 +496,31 @@ def test_a_model_on_the_meta_device_is_refused_naming_a_parameter():
     for algorithm in (tq.ptq.quarot, tq.calibrate):
         with pytest.raises(ValueError, match=r"model\.embed_tokens\..*weight .*meta device"):
             algorithm(model, [_ids()])
+
+
+def test_checkpoints_rebuild_online_transforms_with_the_base_orders_they_were_rotated_with(tmp_path):
+    """104 = 52 * 2 over GF(25) now, 104 * 1 over GF(103) before prime powers: a checkpoint records its base
+    orders, and one without them (written before) gets the prime-field factorisation it was rotated with."""
+    from torchquant.ptq import rotate
+
+    assert hadamard_factors(104) == (52, 2) and hadamard_factors(104, prime_fields=True) == (104, 1)
+    ids = _ids()
+    q = _swap(_tiny(num_hidden_layers=1, intermediate_size=104))
+    tq.ptq.quarot(q, [ids])
+    (record,) = [r for r in q._tq_conversions if r["kind"] == rotate.CONVERSION_KIND]
+    assert record["bases"] == {"104": 52}
+    tq.calibrate(q, [ids], progress=False)
+    tq.set_qmodule_state(q, tq.QModuleState.QUANT_EVAL)
+    with torch.no_grad():
+        expected = q(ids).logits
+    tq.save(q, tmp_path / "rotated.safetensors")
+    loaded = tq.load(_tiny(num_hidden_layers=1, intermediate_size=104), tmp_path / "rotated.safetensors")
+    assert loaded.model.layers[0].mlp.down_proj.input_transform.base_order == 52
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected)
+    old = _swap(_tiny(num_hidden_layers=1, intermediate_size=104))
+    rotate._replay(old, {k: v for k, v in record.items() if k != "bases"}, None)
+    legacy = old.model.layers[0].mlp.down_proj.input_transform
+    assert legacy.base_order == 104
+    x = torch.randn(3, 104, dtype=torch.float64)
+    torch.testing.assert_close(legacy.double()(x), x @ hadamard(104, dtype=torch.float64, base_order=104) / 104**0.5)

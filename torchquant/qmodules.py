@@ -243,9 +243,11 @@ class HadamardTransform(nn.Module):
 
     Args:
         n: the size of the last dimension (an order :func:`~torchquant.hadamard.hadamard` builds).
+        base_order: the base matrix's order (:func:`~torchquant.hadamard.hadamard`'s ``base_order``);
+            default :func:`~torchquant.hadamard.hadamard_factors`' choice.
 
     Raises:
-        ValueError: no Hadamard matrix of order ``n`` is known here.
+        ValueError: no Hadamard matrix of order ``n`` is known here, or ``base_order`` does not fit it.
 
     Example:
         >>> t = HadamardTransform(12)
@@ -256,18 +258,22 @@ class HadamardTransform(nn.Module):
 
     base: Tensor
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, base_order: int | None = None) -> None:
         super().__init__()
-        m, _ = hadamard_factors(n)
+        m = hadamard_factors(n)[0] if base_order is None else base_order
         self.n = n
-        self.register_buffer("base", hadamard(m), persistent=False)
+        self.register_buffer("base", hadamard(m, base_order=m), persistent=False)  # (m, m), the base itself
+
+    @property
+    def base_order(self) -> int:
+        return self.base.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
         return hadamard_transform(x, self.base, n=self.n)  # n given: no shape read, so torch.fx traces it
 
     def extra_repr(self) -> str:
-        m, p = hadamard_factors(self.n)
-        return f"n={self.n} (Paley {m} x Sylvester {p})" if m > 1 else f"n={self.n} (Sylvester)"
+        m = self.base_order
+        return f"n={self.n} (Paley {m} x Sylvester {self.n // m})" if m > 1 else f"n={self.n} (Sylvester)"
 
 
 class QModule(nn.Module):

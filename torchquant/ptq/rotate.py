@@ -260,16 +260,21 @@ def _float_logits(model: nn.Module, batch: Any, qmodules) -> Tensor:
         return model_output(call_model(model, batch, "quarot"), "quarot").detach().to(torch.float64)
 
 
-def _attach_transform(wrapper: QWrapper, n: int) -> None:
-    t = HadamardTransform(n).to(wrapper.layer.weight.device)
+def _attach_transform(wrapper: QWrapper, n: int, base_order: int | None = None) -> None:
+    t = HadamardTransform(n, base_order).to(wrapper.layer.weight.device)
     t.train(wrapper.training)
     wrapper.input_transform = t
 
 
-def _attach_head_rotation(qattn: nn.Module, d: int, device: torch.device) -> None:
-    t = HadamardTransform(d).to(device)
+def _attach_head_rotation(qattn: nn.Module, d: int, device: torch.device, base_order: int | None = None) -> None:
+    t = HadamardTransform(d, base_order).to(device)
     t.train(qattn.training)
     qattn.head_rotation = t
+
+
+def _base_orders(model: nn.Module) -> dict[str, int]:
+    """The base order of every online transform, by its size (what a checkpoint needs to rebuild them)."""
+    return {str(m.n): m.base_order for m in model.modules() if isinstance(m, HadamardTransform)}
 
 
 def _qattention(attn: nn.Module) -> nn.Module | None:
@@ -409,6 +414,7 @@ def quarot(
             "untied": result.untied,
             "online": list(result.online),
             "keys": list(result.keys),
+            "bases": _base_orders(model),
         },
     )
     reset_activation_ranges(model, "quarot")
@@ -502,14 +508,22 @@ def _replay(model: nn.Module, record: dict, build) -> nn.Module:
         embed, _, _, head = _layout(model)
         _untie(model, embed, head)
     modules = dict(model.named_modules())
+    bases = record.get("bases")
+
+    def base_order(n: int) -> int:
+        # checkpoints that record no base orders were rotated before bases over prime powers existed
+        return int(bases[str(n)]) if bases is not None else hadamard_factors(n, prime_fields=True)[0]
+
     for name in record.get("online", []):
         wrapper = modules[name]
-        _attach_transform(wrapper, wrapper.layer.in_features)
+        n = wrapper.layer.in_features
+        _attach_transform(wrapper, n, base_order(n))
     for name in record.get("keys", []):
         attn = modules[name]
         qattn = _qattention(attn)
         if qattn is None:
             raise ValueError(f"quarot: the checkpoint rotates the keys of {name}, which has no QAttention")
-        _attach_head_rotation(qattn, _head_dim(attn, name), next(attn.parameters()).device)
+        d = _head_dim(attn, name)
+        _attach_head_rotation(qattn, d, next(attn.parameters()).device, base_order(d))
     record_conversion(model, record)  # a model loaded this way saves the same record again
     return model
