@@ -247,9 +247,14 @@ class _Taps(nn.Module):
         return self.body[0](x)
 
 
-class _IndexingSequential(nn.Sequential):
-    def forward(self, x):  # the conv's output plus the block's
-        return self[0](x) + self[2](self[1](self[0](x)))
+class _PoolingSequential(nn.Sequential):
+    """Runs its modules in order in a forward of its own, then resizes (torchvision's ASPPPooling)."""
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        for m in self:
+            x = m(x)
+        return nn.functional.interpolate(x, size=size)
 
 
 def _fused_warnings(fn):
@@ -289,12 +294,21 @@ def test_swap_fused_layers_called_by_their_sequential_do_not_warn_and_survive_co
         assert not any(m._forward_pre_hooks for m in model.modules() if isinstance(m, tq.QWrapper))
 
 
-def test_swap_does_not_fuse_in_a_sequential_with_a_forward_of_its_own():
-    net = nn.Sequential(_IndexingSequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())).eval()
+def test_swap_fuses_in_a_sequential_subclass_and_its_own_forward_does_not_warn():
+    net = nn.Sequential(_PoolingSequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))).eval()
     x = torch.randn(2, 3, 6, 6)
     ref = net(x)
+    q = tq.quantize_model(net, wf, af, method="swap", fold_bn=True)
+    assert isinstance(q[0][1], tq.QWrapper) and q[0][1].bn is not None  # fused and folded, as before
+    y, messages = _fused_warnings(lambda: q(x))
+    assert not messages and torch.equal(y, ref)
+
+
+def test_swap_checkpointed_sequentials_do_not_warn():
+    from torch.utils.checkpoint import checkpoint_sequential
+
+    net = DigitsCNN().eval()
     q = tq.quantize_model(net, wf, af, method="swap")
-    inner = q[0]
-    assert isinstance(inner[0], tq.QWrapper) and inner[0].bn is None and isinstance(inner[1], nn.BatchNorm2d)
-    with tq.qmodule_state(q, S.CALIBRATION):
-        assert torch.equal(q(x), ref)
+    x = torch.rand(2, 1, 8, 8, requires_grad=True)
+    _, messages = _fused_warnings(lambda: checkpoint_sequential(q.stem, 2, x, use_reentrant=False))
+    assert not messages

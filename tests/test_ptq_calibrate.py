@@ -221,3 +221,27 @@ def test_calibrate_reads_the_data_one_batch_at_a_time():
     assert net[0].acts_quantizer.range_observer.initialized
     with pytest.raises(ValueError, match="calibrate: the calibration data is empty"):
         tq.calibrate(net, iter([]), progress=False)
+
+
+def test_calibrate_reads_no_batch_beyond_num_batches_and_takes_unsized_loaders():
+    from torch.utils.data import DataLoader, IterableDataset
+
+    net = tq.quantize_model(
+        nn.Sequential(nn.Linear(4, 4)), None, lambda m, n: tq.AffineQuantizer(8, tq.RunningMinMax()), method="swap"
+    )
+    pulled = []
+
+    def gen():
+        for i in range(6):
+            pulled.append(i)
+            yield torch.randn(2, 4)
+
+    tq.calibrate(net, gen(), num_batches=3, progress=False)
+    assert pulled == [0, 1, 2]
+
+    class Stream(IterableDataset):  # no __len__: len(DataLoader(...)) raises TypeError
+        def __iter__(self):
+            yield from (torch.randn(4) for _ in range(8))
+
+    tq.calibrate(net, DataLoader(Stream(), batch_size=2), progress=False)
+    assert len(tq.ptq._common.materialize(DataLoader(Stream(), batch_size=2), 2, "gptq")) == 2

@@ -399,3 +399,38 @@ def test_a_skipped_type_defined_where_it_cannot_be_imported_is_found_in_the_mode
     assert torch.equal(loaded(x), q(x)) and not isinstance(loaded.get_submodule("2.fc"), tq.QWrapper)
     with pytest.raises(ValueError, match=r"names '.*<locals>\.Head' as a skip type, which cannot be imported here"):
         tq.load(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval(), tmp_path / "m.safetensors")
+
+
+def test_a_checkpoint_that_spells_out_default_arguments_loads(tmp_path):
+    """Descriptions leave arguments equal to their defaults out; files written when they listed every argument
+    given (symmetric=False, momentum=0.9) still load."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def wf(m, n):
+        return tq.AffineQuantizer(4, tq.BatchMinMax(axis=0), symmetric=False)
+
+    def af(m, n):
+        return tq.AffineQuantizer(8, tq.ExpAvgMinMax(0.9))
+
+    model, x = calibrated(tq.quantize_model(Net(), wf, af, method="swap"))
+    expected = model(x)
+    path = tmp_path / "m.safetensors"
+    tq.save(model, path)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    desc = json.loads(meta["torchquant"])
+    spelt = 0
+    for info in desc["modules"].values():
+        for spec in info["quantizers"].values():
+            if spec.get("observer") == "ema_minmax":
+                spec["observer_args"] = {"momentum": 0.9, **spec.get("observer_args", {})}
+                spelt += 1
+            if spec.get("observer") == "batch_minmax":
+                spec["args"] = {**spec["args"], "symmetric": False}
+                spelt += 1
+    assert spelt >= 2
+    save_file(tensors, str(path), metadata={"torchquant": json.dumps(desc)})
+    loaded = tq.load(Net().eval(), path)
+    assert torch.equal(loaded(x), expected)

@@ -44,8 +44,8 @@ def test_table_and_print(capsys):
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["name", "kind", "layers/op"]
     assert any(line.startswith("fc ") and "skipped by type Linear" in line for line in lines)
-    # the pooling QOp has no quantizer (af returns None for it): it quantizes nothing
-    assert lines[-1] == "9 quantization points (7 QWrapper, 2 QOp), 2 left in float"
+    # the pooling QOp has no quantizer (af returns None for it): it quantizes nothing and has no weights
+    assert lines[-1] == "9 quantization points (7 QWrapper, 2 QOp), 1 left in float"
     tq.print_summary(q)
     assert capsys.readouterr().out == table + "\n"
 

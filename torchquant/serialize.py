@@ -54,7 +54,7 @@ from .moe import QExperts, _bank
 from .qmodules import QModule, QModuleState, QMultiheadAttention, QWrapper, iter_qmodules
 from .quantizers import AffineGrid, AffineQuantizer, LevelGrid, Quantizer
 from .range_observers import BatchMinMax, RunningMinMax
-from .spec import QuantizerSpec, SpecError, describe
+from .spec import QuantizerSpec, SpecError, canonical, describe
 
 __all__ = [
     "FORMAT",
@@ -455,7 +455,8 @@ def _check_structure(model: nn.Module, desc: dict[str, Any]) -> None:
         )
     for name, info in want.items():
         got = {attr: describe(q, who=f"{name}.{attr}").to_dict() for attr, q in have[name].quantizers().items()}
-        if got != info["quantizers"]:
+        stored = {attr: canonical(d) if isinstance(d, dict) else d for attr, d in info["quantizers"].items()}
+        if {a: canonical(d) for a, d in got.items()} != stored:
             raise ValueError(f"load: {name!r} has quantizers {got}, but the checkpoint describes {info['quantizers']}")
 
 

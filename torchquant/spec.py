@@ -251,10 +251,13 @@ def _arguments(registry: Registry, obj: nn.Module, who: str) -> tuple[str, dict[
         record = getattr(obj, "_tq_init", None)
         if record is None:
             raise SpecError(f"{who}: {type(obj).__qualname__} does not record its constructor arguments")
-    # Every argument, defaults included, takes the value the object holds now (one left at its default and
-    # changed afterwards counts too); those equal to their default are left out, so equal configurations
-    # are described alike.
-    return name, _without_defaults(entry, _current(obj, _bound_args(obj, entry, *record, who, defaults=True)))
+    # Every argument, defaults included, takes the value the object holds now (a plain setting left at its
+    # default and changed afterwards counts too; a module the constructor made itself does not); those equal
+    # to their default are left out, so equal configurations are described alike.
+    passed = _bound_args(obj, entry, *record, who)
+    current = _current(obj, _bound_args(obj, entry, *record, who, defaults=True))
+    current = {k: v for k, v in current.items() if k in passed or not isinstance(v, nn.Module)}
+    return name, _without_defaults(entry, current)
 
 
 def _without_defaults(entry: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -265,6 +268,27 @@ def _without_defaults(entry: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         default = inspect.Parameter.empty if p is None else p.default
         if isinstance(value, nn.Module) or type(value) is not type(default) or value != default:
             out[key] = value
+    return out
+
+
+def canonical(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A spec's JSON form with the arguments equal to their registry entry's defaults left out.
+
+    What :func:`describe` gives for the quantizer the spec builds; descriptions written before
+    ``describe`` left defaults out (``symmetric=False`` spelt out) compare equal through it.
+    Names that are not registered are left as they are.
+    """
+    out = dict(spec)
+    for key, registry, args in (("quantizer", QUANTIZERS, "args"), ("observer", OBSERVERS, "observer_args")):
+        name = out.get(key)
+        if isinstance(name, str) and name in registry and isinstance(out.get(args), Mapping):
+            entry = registry.get(name)
+            if getattr(entry, "from_spec_args", None) is None:  # arguments of the entry's own signature
+                kept = _without_defaults(entry, dict(out[args]))
+                if kept:
+                    out[args] = kept
+                else:
+                    out.pop(args)
     return out
 
 

@@ -5,8 +5,8 @@ Every module whose exact type has a :class:`~torchquant.layers.LayerAdapter`
 :class:`~torchquant.qmodules.QWrapper` at the same name, fused with the matching
 BatchNorm (Linear and Conv) and a supported activation that directly follow it
 inside an ``nn.Sequential`` (the fused ones become ``nn.Identity`` so indices stay
-stable; not in a subclass with a ``forward`` of its own, and a fused wrapper first
-called from outside its Sequential warns). With ``norm_outputs=True`` every normalisation module
+stable; a fused wrapper first called from outside its Sequential warns). With
+``norm_outputs=True`` every normalisation module
 (:func:`~torchquant.layers.is_normalization`: ``LayerNorm``, ``RMSNorm``,
 ``GroupNorm``, Hugging Face's ``*RMSNorm``) becomes a :class:`~torchquant.qmodules.QOp`
 around it, quantizing its output. An ``nn.MultiheadAttention`` becomes a
@@ -25,10 +25,13 @@ weights to ``F.linear`` instead of calling them (torchvision's Swin attention,
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
+from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..factories import QuantizerFactory, call_factory
@@ -60,33 +63,42 @@ def _fusable(items: list, j: int, prefix: str, skip: tuple, types) -> bool:
     return skip_reason(f"{prefix}{items[j][0]}", items[j][1], skip) is None
 
 
-_MODULE_FILE = nn.modules.module.__file__
-_SEQUENTIAL_FORWARD = nn.Sequential.forward.__code__
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_CHECKPOINT_FILE = torch.utils.checkpoint.__file__  # checkpoint_sequential and checkpoint wrappers: in order
 _fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
 
 
-def _calls_in_order(module: nn.Module) -> bool:
-    """Whether ``module`` is an ``nn.Sequential`` running ``nn.Sequential.forward``: a subclass with a forward of its
-    own may read a layer's output before the modules that follow it, so nothing is fused there."""
-    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+def _called_by_its_sequential(wrapper: nn.Module, frame: Any) -> bool:
+    """Whether the call stack above ``frame`` runs ``wrapper`` from a method of the module holding it (its
+    Sequential's forward, or a subclass's) or from torch's activation checkpointing, which runs a Sequential's
+    modules in order; torch's own frames (``Module.__call__``, wrappers) are looked through."""
+    for _ in range(64):
+        if frame is None:
+            return False
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and any(m is wrapper for m in owner._modules.values()):
+            return True
+        name = frame.f_code.co_filename
+        if name == _CHECKPOINT_FILE:
+            return True
+        if not name.startswith(_TORCH_DIR):
+            return False
+        frame = frame.f_back
+    return False
 
 
 def _check_fused_call(wrapper: nn.Module, args: tuple) -> None:
     """Forward pre-hook of a wrapper holding the BatchNorm/activation that followed its layer in a Sequential, run
-    once (it removes itself at its first eager call): warns when that call does not come from the Sequential's
-    forward, where code reading the wrapper's output before those modules (now ``nn.Identity``) would silently get
-    the normalised, activated value."""
+    once (it removes itself at its first eager call): warns when that call does not come from the Sequential,
+    where code reading the wrapper's output before those modules (now ``nn.Identity``) would silently get the
+    normalised, activated value."""
     if torch.compiler.is_compiling() or _fx_tracing():  # a compiler's frames: checked at the first eager call
         return None
     for key, hook in list(wrapper._forward_pre_hooks.items()):
         if hook is _check_fused_call:
             del wrapper._forward_pre_hooks[key]
     name, fused = wrapper.__dict__.pop("_tq_fused_in", ("?", "?"))
-    f = sys._getframe(1)
-    while f is not None and f.f_code.co_filename == _MODULE_FILE:  # Module.__call__'s own frames
-        f = f.f_back
-    caller = None if f is None or f.f_code is not _SEQUENTIAL_FORWARD else f.f_locals.get("self")
-    if caller is None or not any(m is wrapper for m in caller._modules.values()):
+    if not _called_by_its_sequential(wrapper, sys._getframe(1)):
         warnings.warn(
             f"quantize_model(method='swap'): {name!r} holds the {fused} that followed it in its nn.Sequential "
             "(now nn.Identity) and was called outside that Sequential: code that reads its output before them "
@@ -101,7 +113,7 @@ def _swap(module, prefix, wf, af, skip, fold_bn, norm_outputs, reasons: dict[str
     if isinstance(module, QModule) or type(module) is nn.MultiheadAttention:
         return  # a MultiheadAttention never calls its out_proj: only a QMultiheadAttention around it quantizes it
     items = list(module._modules.items())
-    sequential = _calls_in_order(module)
+    sequential = isinstance(module, nn.Sequential)
     i = 0
     while i < len(items):
         key, child = items[i]

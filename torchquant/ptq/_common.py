@@ -4,6 +4,7 @@ snapshots that undo a failed algorithm, forward order of modules, input capture.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from typing import Any
@@ -32,14 +33,15 @@ def stream(data: Iterable, num_batches: int | None, who: str) -> tuple[Iterator,
     """
     _check_data(data, num_batches, who)
     first: list = []
-    total = len(data) if isinstance(data, Sized) else None
+    try:
+        total = len(data) if isinstance(data, Sized) else None
+    except TypeError:  # a DataLoader over an IterableDataset without a length
+        total = None
     if total is not None and num_batches is not None:
         total = min(total, num_batches)
 
     def batches() -> Iterator:
-        for i, batch in enumerate(data):
-            if num_batches is not None and i >= num_batches:
-                return
+        for batch in itertools.islice(data, num_batches):  # no batch fetched beyond num_batches
             if not first:
                 first.append(batch)
             yield batch
