@@ -251,3 +251,11 @@ def test_awq_is_seeded():
 def test_bad_options_are_refused(opts, match):
     with pytest.raises(ValueError, match=match):
         awq(_norm_linear(), [_inputs()], progress=False, **opts)
+
+
+def test_a_second_awq_run_warns_that_clipping_compounds():
+    q = _norm_linear()
+    x = _inputs()
+    awq(q, [x], progress=False)
+    with pytest.warns(UserWarning, match="awq: awq already folded scales into this model"):
+        awq(q, [x], progress=False)

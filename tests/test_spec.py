@@ -55,3 +55,13 @@ def test_observer_arguments_without_an_observer_are_refused():
 def test_arguments_that_are_not_a_table_are_refused_naming_the_source(bad):
     with pytest.raises(SpecError, match=r"recipe x: 'args' must be a table of keyword arguments"):
         QuantizerSpec.from_dict({"quantizer": "affine", "args": bad}, where="recipe x")
+
+
+def test_canonical_forms_compare_aliases_and_spelt_out_defaults_equal():
+    from torchquant.spec import canonical
+
+    a = {"quantizer": "affine", "observer": "moving_avg_minmax", "args": {"n_bits": 8, "symmetric": False}}
+    b = {"quantizer": "affine", "observer": "ema_minmax", "args": {"n_bits": 8}, "observer_args": {"momentum": 0.9}}
+    assert canonical(a) == canonical(b) == {"quantizer": "affine", "observer": "ema_minmax", "args": {"n_bits": 8}}
+    q = tq.AffineQuantizer(8, tq.make_observer("moving_avg_minmax"))
+    assert describe(q).observer == "moving_avg_minmax" and canonical(describe(q).to_dict()) == canonical(b)

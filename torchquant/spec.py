@@ -274,21 +274,24 @@ def _without_defaults(entry: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
 def canonical(spec: Mapping[str, Any]) -> dict[str, Any]:
     """A spec's JSON form with the arguments equal to their registry entry's defaults left out.
 
-    What :func:`describe` gives for the quantizer the spec builds; descriptions written before
-    ``describe`` left defaults out (``symmetric=False`` spelt out) compare equal through it.
-    Names that are not registered are left as they are.
+    Registry names are replaced by the first (sorted) name of their entry, so aliases
+    (``moving_avg_minmax``, ``ema_minmax``) compare equal, and so do descriptions written
+    before ``describe`` left defaults out (``symmetric=False`` spelt out). Names that are
+    not registered are left as they are.
     """
     out = dict(spec)
     for key, registry, args in (("quantizer", QUANTIZERS, "args"), ("observer", OBSERVERS, "observer_args")):
         name = out.get(key)
-        if isinstance(name, str) and name in registry and isinstance(out.get(args), Mapping):
-            entry = registry.get(name)
-            if getattr(entry, "from_spec_args", None) is None:  # arguments of the entry's own signature
-                kept = _without_defaults(entry, dict(out[args]))
-                if kept:
-                    out[args] = kept
-                else:
-                    out.pop(args)
+        if not (isinstance(name, str) and name in registry):
+            continue
+        entry = registry.get(name)
+        out[key] = next(n for n in registry.names() if registry.get(n) is entry)  # one name for aliases
+        if isinstance(out.get(args), Mapping) and getattr(entry, "from_spec_args", None) is None:  # own signature
+            kept = _without_defaults(entry, dict(out[args]))
+            if kept:
+                out[args] = kept
+            else:
+                out.pop(args)
     return out
 
 

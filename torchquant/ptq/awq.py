@@ -56,6 +56,7 @@ were already observed are recomputed from the new weights).
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -66,7 +67,15 @@ from ..moe import QExperts, expert_inputs
 from ..qmodules import QModuleState, QWrapper, _run_quantizer
 from ..spec import describe
 from ..utils import model_output
-from ._common import UNROUTED, all_or_nothing, mark_scaled, materialize, require_qmodules, warn_skipped
+from ._common import (
+    SCALED_BY_ATTR,
+    UNROUTED,
+    all_or_nothing,
+    mark_scaled,
+    materialize,
+    require_qmodules,
+    warn_skipped,
+)
 from .calibrate import reobserve_weights, reset_activation_ranges
 from .registry import register_ptq_algorithm
 from .sequential import (
@@ -553,6 +562,12 @@ def awq(
         ['1']
     """
     require_qmodules(model, "awq")
+    if "awq" in getattr(model, SCALED_BY_ATTR, []):
+        warnings.warn(
+            "awq: awq already folded scales into this model: a second run scales and clips its already clipped "
+            "weights again (the clip ratios compound); run it once, on the float-converted model",
+            stacklevel=2,
+        )
     _check(n_grid, "n_grid", 1)
     _check(sample_tokens, "sample_tokens", 1)
     _check(seed, "seed", 0)
