@@ -106,9 +106,9 @@ def _jacobsthal(q: int) -> Tensor:
     return chi[diff]
 
 
-def _paley_kind(m: int) -> int:
+def _paley_kind(m: int, prime_fields: bool = False) -> int:
     """1 or 2 if Paley's first (``q = m - 1 ≡ 3 mod 4``) or second (``q = m / 2 - 1 ≡ 1 mod 4``) construction
-    over a field GF(q) gives order ``m``, else 0.
+    over a field GF(q) gives order ``m``, else 0; with ``prime_fields``, over a prime field only.
 
     A prime ``q`` wins over a prime power (28: Paley II over GF(13), not Paley I over GF(27)), so every
     order that prime fields gave before prime powers were supported keeps its matrix.
@@ -118,20 +118,12 @@ def _paley_kind(m: int) -> int:
     fields: list[tuple[bool, int]] = []  # (q is not prime, kind): the smallest is used
     for kind, q, residue in ((1, m - 1, 3), (2, m // 2 - 1, 1)):
         pk = _prime_power(q) if q % 4 == residue else None
-        if pk is not None:
+        if pk is not None and not (prime_fields and pk[1] > 1):
             fields.append((pk[1] > 1, kind))
     return min(fields)[1] if fields else 0
 
 
-def _prime_field_kind(m: int) -> int:
-    """:func:`_paley_kind` over prime fields only (0 where only a prime power gives order ``m``)."""
-    kind = _paley_kind(m)
-    q = m - 1 if kind == 1 else m // 2 - 1
-    pk = _prime_power(q) if kind else None
-    return kind if pk is not None and pk[1] == 1 else 0
-
-
-def check_base_order(n: int, m: int) -> None:
+def _check_base_order(n: int, m: int) -> None:
     """Raise ``ValueError`` unless ``n = m * 2^k`` with a base matrix of order ``m``."""
     p = n // m if isinstance(m, int) and not isinstance(m, bool) and m >= 1 and n % m == 0 else 0
     if p < 1 or p & (p - 1) or not (m == 1 or _paley_kind(m)):
@@ -185,7 +177,7 @@ def hadamard_factors(n: int, *, prime_fields: bool = False) -> tuple[int, int]:
     p = n & -n  # largest power of two dividing n
     while p >= 1:
         m = n // p
-        if m == 1 or (_prime_field_kind(m) if prime_fields else _paley_kind(m)):
+        if m == 1 or _paley_kind(m, prime_fields):
             return m, p
         p //= 2
     raise ValueError(
@@ -232,7 +224,7 @@ def hadamard(
     if base_order is None:
         m, p = hadamard_factors(n)
     else:
-        check_base_order(n, base_order)
+        _check_base_order(n, base_order)
         m, p = base_order, n // base_order
     base = _base(m).to(dtype=dtype, device=torch.get_default_device() if device is None else device)
     return torch.kron(base, _sylvester(p, dtype, device))

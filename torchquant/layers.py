@@ -22,7 +22,7 @@ outputs ``quantize_model(..., method="swap", norm_outputs=True)`` quantizes;
 ``BN(conv(x, W) + b) == conv(x, W * s) + (b - mean) * s + beta`` with
 ``s = gamma / sqrt(var + eps)`` per output channel (Jacob et al. 2018):
 
-* :func:`bn_scale_shift`, :func:`fold_bn_params`: that arithmetic, as pure functions.
+* :func:`bn_scale`, :func:`bn_scale_shift`, :func:`fold_bn_params`: that arithmetic, as pure functions.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ __all__ = [
     "LAYER_TYPES",
     "NORM_TYPES",
     "LayerAdapter",
+    "bn_scale",
     "bn_scale_shift",
     "divide_norm_output_",
     "fold_bn_params",
@@ -400,13 +401,18 @@ def is_normalization(module: nn.Module, *, weightless: bool = False) -> bool:
     return len(required) == 1 and all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
+def bn_scale(bn: nn.modules.batchnorm._BatchNorm, running_var: Tensor | None = None) -> Tensor:
+    """``gamma / sqrt(running_var + eps)`` ``(C,)``: the factor an eval-mode BatchNorm applies per channel
+    (``running_var`` replaces the BatchNorm's when given)."""
+    scale = torch.rsqrt((bn.running_var if running_var is None else running_var) + bn.eps)
+    return scale if bn.weight is None else scale * bn.weight
+
+
 def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
     """Per-channel ``(scale, shift)`` of an eval-mode BatchNorm: ``bn(y) == y * scale + shift``. Shapes ``(C,)``."""
     if bn.running_var is None or bn.running_mean is None:
         raise ValueError(f"cannot fold {bn}: it tracks no running statistics")
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
+    scale = bn_scale(bn)
     shift = -bn.running_mean * scale
     if bn.bias is not None:
         shift = shift + bn.bias

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .hadamard import hadamard, hadamard_factors, hadamard_transform
-from .layers import BN_FOR_LAYER, LAYER_ADAPTERS, LAYER_ADAPTERS_BY_NAME, fold_bn_params, layer_adapter
+from .layers import BN_FOR_LAYER, LAYER_ADAPTERS, LAYER_ADAPTERS_BY_NAME, bn_scale, fold_bn_params, layer_adapter
 from .quantizers import LearnedQuantizer, Quantizer
 from .spec import CONFIG_KEY, decode_entry, encode_entry
 
@@ -765,11 +765,8 @@ class QWrapper(QModule):
     def _folded_weight(self, running_var: Tensor | None = None) -> Tensor:
         """The weight of :meth:`_folded_params` (the same operations), without computing the bias; folded with
         ``running_var`` when given (a copy of the BatchNorm's)."""
-        bn, w = self.bn, self.layer.weight
-        scale = torch.rsqrt((bn.running_var if running_var is None else running_var) + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        return w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+        w = self.layer.weight
+        return w * bn_scale(self.bn, running_var).reshape(-1, *([1] * (w.dim() - 1)))
 
     def _layer_with(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         """The layer's output with weight ``w`` (``(out, in, ...)`` layout) and bias ``b``."""

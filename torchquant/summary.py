@@ -214,11 +214,15 @@ def summary(model: nn.Module) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(_COLUMNS))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
+
     # a module holding no quantizer quantizes nothing: a layer's weights count as float, an operation not at all
-    points = [r for r in rows if r["kind"] != "float" and (r["weight_quantizer"] or r["act_quantizer"])]
+    def quantizes(r: dict[str, Any]) -> bool:
+        return r["kind"] != "float" and bool(r["weight_quantizer"] or r["act_quantizer"])
+
+    points = [r for r in rows if quantizes(r)]
     n_w = sum(r["kind"] == "QWrapper" for r in points)
     n_o = sum(r["kind"] == "QOp" for r in points)
-    n_f = len(rows) - len(points) - sum(r["kind"] == "QOp" and r not in points for r in rows)
+    n_f = sum(not quantizes(r) and r["kind"] != "QOp" for r in rows)
     others: dict[str, int] = {}
     for r in points:
         if r["kind"] not in ("QWrapper", "QOp"):
