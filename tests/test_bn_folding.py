@@ -546,3 +546,41 @@ def test_folding_a_linear_batchnorm_needs_2d_inputs(fold):
     assert w(x).shape == (4, 5, 5)  # bypassed: run unfolded, as nn.Sequential would
     with qmodule_state(w, S.QUANT_AWARE_TRAIN), pytest.raises(ValueError, match=r"Linear\+BatchNorm1d.*2-D input"):
         w(x)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_one_pass_unfolding_gradients_are_exact(with_bias):
+    """The eager rescaling saves BatchNorm's input instead of the layer's output: float64 gradcheck against finite
+    differences (a dead channel's ratio is the constant 1), and the traced formula's values."""
+    from torchquant.qmodules import _unfold_plain, _Unfold
+
+    torch.manual_seed(0)
+    z = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    scale = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_()
+    dead = torch.tensor([False, True, False, False])
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True) if with_bias else None
+
+    def unfold(z, scale, *b):
+        return _Unfold.apply(z, scale, dead, b[0] if b else None, torch.float64)
+
+    inputs = (z, scale) + ((b,) if with_bias else ())
+    assert torch.autograd.gradcheck(unfold, inputs)
+    assert torch.equal(unfold(*inputs), _unfold_plain(z, scale, dead, b, torch.float64))
+
+
+def test_one_pass_keeps_two_activations_of_a_layer_for_the_backward():
+    """The layer's input (for its weight's gradient) and BatchNorm's input, as an unfolded Conv+BN: not the
+    quantized layer's output as well."""
+    w, _, x = make_one_pass("conv2d-grouped", n_bits=4)
+    w.train()
+    saved = {}
+
+    def pack(t):
+        if t.dim() == 4 and t.shape[0] == x.shape[0]:  # activation-sized, not a weight or a per-channel vector
+            saved[t.untyped_storage().data_ptr()] = t.shape
+        return t
+
+    with qmodule_state(w, S.QUANT_AWARE_TRAIN), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = w(x.clone().requires_grad_())
+    assert len(saved) == 2, list(saved.values())
+    y.sum().backward()

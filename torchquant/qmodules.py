@@ -453,6 +453,54 @@ def _(t: Tensor) -> Tensor:
     return torch.empty_like(t)
 
 
+_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
+
+
+def _unfold_plain(z: Tensor, scale: Tensor, dead: Tensor, b: Tensor | None, dt: torch.dtype) -> Tensor:
+    """:class:`_Unfold` in torch operations, for tracers and compilers (which choose what to save themselves)."""
+    shape = (1, -1, *([1] * (z.dim() - 2)))
+    ratio = torch.where(dead, 1.0, scale.to(dt)).reciprocal().reshape(shape)
+    z = z.to(dt)
+    return z * ratio if b is None else torch.addcmul(b.to(dt).reshape(shape), z, ratio)
+
+
+class _Unfold(torch.autograd.Function):
+    """``u = z / where(dead, 1, scale) + b``, per channel (dim 1), in ``dt``: the one-pass fold's unfolded output.
+
+    Autograd would save ``z`` for the gradient of ``scale``; this saves ``u``, which the BatchNorm reading it keeps
+    anyway (one activation less per folded layer), and gets ``z / scale`` back as ``u - b``.
+    """
+
+    @staticmethod
+    def forward(ctx, z, scale, dead, b, dt):  # type: ignore[override]
+        ratio = torch.where(dead, 1.0, scale.to(dt)).reciprocal()  # (C,); selected first: no 1 / 0
+        shape = (1, -1, *([1] * (z.dim() - 2)))
+        zd = z.to(dt)
+        u = zd * ratio.reshape(shape) if b is None else torch.addcmul(b.to(dt).reshape(shape), zd, ratio.reshape(shape))
+        ctx.save_for_backward(u, ratio, dead, b)
+        ctx.dtypes = z.dtype, scale.dtype
+        return u
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        u, ratio, dead, b = ctx.saved_tensors
+        shape = (1, -1, *([1] * (u.dim() - 2)))
+        dims = [0, *range(2, u.dim())]
+        gz = gs = gb = None
+        if ctx.needs_input_grad[0]:
+            gz = (g * ratio.reshape(shape)).to(ctx.dtypes[0])
+        g_sum = g.sum(dims) if b is not None else None
+        if ctx.needs_input_grad[1]:
+            # d u / d scale = -z / scale^2 = -(u - b) * ratio; sum(g * b) = b * sum(g)
+            t = (g * u).sum(dims)
+            if b is not None:
+                t = t - b.to(t.dtype) * g_sum
+            gs = (t * ratio).masked_fill_(dead, 0.0).neg_().to(ctx.dtypes[1])  # dead channels: ratio is a constant
+        if b is not None and ctx.needs_input_grad[3]:
+            gb = g_sum.to(b.dtype)
+        return gz, gs, None, gb, None
+
+
 def fold_bn_mode(fold_bn: bool | str, who: str) -> str | None:
     """The folding mode a ``fold_bn`` argument asks for: ``None`` (not folded), ``"two_pass"`` or ``"one_pass"``.
 
@@ -791,40 +839,42 @@ class QWrapper(QModule):
             # The partitioner may recompute this read in the backward, after the update below has written the
             # buffer (wrong gradients, pytorch/pytorch#197039): an opaque copy is saved instead.
             var = torch.ops.torchquant.buffer_snapshot(var)
-        sigma = torch.sqrt(var + bn.eps)  # (C,), the sigma folded into the weight
-        w_fold = _run_quantizer(
-            self.weight_quantizer, self._folded_weight(var), s.is_weight_observed, s.is_weight_quantized
-        )
+        scale = bn_scale(bn, var)  # (C,) gamma / sigma, the running sigma before this step's update
+        w = self.layer.weight
+        w_fold = w * scale.reshape(-1, *([1] * (w.dim() - 1)))  # as _folded_weight: eval folds the same bits
+        w_fold = _run_quantizer(self.weight_quantizer, w_fold, s.is_weight_observed, s.is_weight_quantized)
         z = self._layer_with(x, w_fold, None)  # (N, C, ...): gamma / sigma times the unfolded output, less b
-        shape = (1, -1, *([1] * (z.dim() - 2)))
         # A channel whose quantized folded weight is all zero (gamma == 0, or a weight the grid rounds to 0)
         # carries no batch statistics: normalised with weight sqrt(eps) on u = z + b it outputs beta, passes
         # the gradient on with gain 1 (BatchNorm would divide it by sqrt(eps)) and keeps its running statistics.
-        dead = w_fold.detach().flatten(1).abs().amax(1) == 0  # (C,)
-        gamma = bn.weight
-        if gamma is not None:
-            dead = dead | (gamma == 0)
-        # ratio = sigma / gamma (u = z * ratio + b) overflows half precision for small gamma: statistics in float32
+        # 1 / scale overflows half precision for small gamma: the statistics are taken in float32
         out_dtype = torch.promote_types(z.dtype, bn.running_var.dtype)  # as the two-pass formula gives
         dt = torch.promote_types(z.dtype, torch.float32)
-        g = torch.ones_like(sigma) if gamma is None else gamma
-        ratio = sigma.to(dt) / torch.where(dead, sigma, g).to(dt)
-        gain = torch.where(dead, bn.eps**0.5, g.to(dt))
+        # Every (C,) operation is a kernel launch on a GPU: the mask takes three. The product is 0 where either
+        # factor is, or where it underflows float32 (a gamma below about 1e-22: such a channel is beta to 1e-22).
+        row_max = torch.linalg.vector_norm(w_fold.detach().flatten(1), float("inf"), dim=1)
+        dead = (row_max.to(dt) * scale.detach().to(dt)) == 0  # (C,)
+        # u = z * sigma / gamma + b, by the scale the weight was folded with (the two cancel to the last bit
+        # unquantized); 1 on dead channels
+        eager = not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _fx_tracing())
+        u = (_Unfold.apply if eager else _unfold_plain)(z, scale, dead, self.layer.bias, dt)
+        gamma = bn.weight
+        gain = torch.where(dead, bn.eps**0.5, torch.ones_like(scale, dtype=dt) if gamma is None else gamma.to(dt))
         beta = None if bn.bias is None else bn.bias.to(dt)
-        b = self.layer.bias
-        z = z.to(dt)
-        u = z * ratio.reshape(shape) if b is None else torch.addcmul(b.to(dt).reshape(shape), z, ratio.reshape(shape))
         with torch.no_grad():
             if bn.num_batches_tracked is not None:
                 bn.num_batches_tracked.add_(1)
             f = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-        # BatchNorm in training on u: batch statistics and running-statistics update in one native op, on copies
-        # (autograd keeps the tensors it was given; dead channels keep theirs)
-        running = bn.running_mean.to(dt, copy=True), bn.running_var.to(dt, copy=True)
+        # BatchNorm in training on u: batch statistics and running-statistics update in one native op, on a copy
+        # (one launch for both; autograd keeps the tensors it was given; dead channels keep theirs)
+        running = torch.stack((bn.running_mean, bn.running_var)).to(dt).unbind(0)
         y = F.batch_norm(u, *running, gain, beta, True, f, bn.eps)
         with torch.no_grad():
-            bn.running_mean.copy_(torch.where(dead, bn.running_mean, running[0]))
-            bn.running_var.copy_(torch.where(dead, bn.running_var, running[1]))
+            for buf, new in zip((bn.running_mean, bn.running_var), running, strict=True):
+                if new.dtype == buf.dtype:
+                    torch.where(dead, buf, new, out=buf)  # in place: one launch
+                else:
+                    buf.copy_(torch.where(dead, buf, new))
         return y.to(out_dtype)
 
     def _forward_folded(self, x: Tensor) -> Tensor:

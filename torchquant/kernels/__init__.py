@@ -230,8 +230,8 @@ class _RangesFQ(torch.autograd.Function):
     def forward(ctx, x, min_val, max_val, layout, mode, grid, clip):  # type: ignore[override]
         k = _impl(x.device)
         if clip:
-            # The observer updates its ranges in place later: keep this step's copy.
-            ctx.save_for_backward(x, min_val.clone(), max_val.clone())
+            # The observer updates its ranges in place later: keep this step's copy (one launch for both).
+            ctx.save_for_backward(x, torch.stack((min_val, max_val)))
         ctx.args = (layout, mode, grid, clip)
         return k.fake_quant(x, min_val, max_val, layout, mode, *grid)
 
@@ -241,7 +241,8 @@ class _RangesFQ(torch.autograd.Function):
         none = (None,) * 6
         if not clip:  # straight-through: d out / d x := 1
             return grad, *none
-        x, mn, mx = ctx.saved_tensors
+        x, ranges = ctx.saved_tensors
+        mn, mx = ranges.unbind(0)  # contiguous views
         # d out / d x := 1 where x lies inside the grid's range, 0 outside
         return _impl(x.device).clip_grad(_like(grad, x), x, mn, mx, layout, mode, *grid), *none
 
