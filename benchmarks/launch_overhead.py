@@ -140,8 +140,11 @@ def stub_kernel_launches() -> None:
     real = kernels.interpreted()  # the layouts and constants; nothing of it is launched
     stub = types.SimpleNamespace(**{n: getattr(real, n) for n in dir(real) if n.isupper() or n == "Layout"})
     # A copy, not torch.empty_like: garbage values would reach the next layer's observer.
-    stub.fake_quant = stub.minifloat = stub.lsq_forward = lambda x, *a, **kw: x.clone()
-    stub.clip_grad = lambda grad, *a, **kw: grad.clone()
+    stub.minifloat = stub.lsq_forward = lambda x, *a, **kw: x.clone()
+    stub.fake_quant = lambda x, *a, with_mask=False, **kw: (
+        (x.clone(), x.new_empty((x.numel() + 7) // 8, dtype=torch.uint8)) if with_mask else x.clone()
+    )
+    stub.masked_grad = lambda grad, *a, **kw: grad.clone()
     stub.observe = lambda *a, **kw: None
     kernels._impl = lambda device: stub
     kernels._DEVICES.add("cpu")

@@ -49,7 +49,7 @@ NO_LAUNCH = frozenset(
         "_record_function_exit",
     }
 )
-_TRITON = ("fake_quant", "minifloat", "lsq_forward", "clip_grad", "observe")
+_TRITON = ("fake_quant", "minifloat", "lsq_forward", "masked_grad", "observe")
 
 
 class OpCounter(TorchDispatchMode):

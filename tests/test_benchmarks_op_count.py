@@ -44,11 +44,11 @@ def wrapper_step_launches(script, fold_bn) -> dict[str, int]:
     return dict(c.ops)
 
 
-def test_a_quantizer_call_is_three_launches_and_the_clipped_gradient_two_more(script):
+def test_a_quantizer_call_is_three_launches_and_the_clipped_gradient_one_more(script):
     ops = wrapper_step_launches(script, False)
-    for name in ("aminmax", "triton:observe", "triton:fake_quant", "triton:clip_grad", "stack"):
+    for name in ("aminmax", "triton:observe", "triton:fake_quant", "triton:masked_grad"):
         assert ops.get(name) == 2, (name, ops)  # weight and output quantizers: one each
-    assert "clone" not in ops  # the clipped gradient's saved ranges are one stacked copy
+    assert "clone" not in ops and "stack" not in ops  # the clipped gradient keeps the fake quant's packed mask
 
 
 def test_the_one_pass_fold_adds_at_most_27_launches_to_a_layer(script):
@@ -75,4 +75,6 @@ def test_the_script_counts_every_variant(script, monkeypatch, capsys):
     assert rows["torchquant fx as ao"][1] == "153"  # and the clipped gradients' kernels
     assert "triton:fake_quant 51" in out
     saved = {name: float(r[-1].rstrip("x")) for name, r in rows.items()}
-    assert 1.0 < saved["torchquant quantize_model(fx)"] < saved["torchquant fx as ao"]
+    # torch.ao's work keeps little more: one pass keeps an unfolded Conv+BN's tensors, clipping a bit per element
+    fx, fx_ao = saved["torchquant quantize_model(fx)"], saved["torchquant fx as ao"]
+    assert 1.0 < fx <= fx_ao < fx + 0.05, (fx, fx_ao)

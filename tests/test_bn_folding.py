@@ -552,7 +552,7 @@ def test_folding_a_linear_batchnorm_needs_2d_inputs(fold):
 def test_one_pass_unfolding_gradients_are_exact(with_bias):
     """The eager rescaling saves BatchNorm's input instead of the layer's output: float64 gradcheck against finite
     differences (a dead channel's ratio is the constant 1), and the traced formula's values."""
-    from torchquant.qmodules import _unfold_plain, _Unfold
+    from torchquant.qmodules import _Unfold, _unfold_plain
 
     torch.manual_seed(0)
     z = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)

@@ -78,6 +78,7 @@ class _CountingLaunches:
         def launch(*args, **kwargs):
             self._calls["n"] += 1
             self._calls["launches"].append((name, args))
+            self._calls.setdefault("kwargs", []).append(kwargs)
             return value(*args, **kwargs)
 
         return launch
@@ -614,3 +615,42 @@ def test_tracing_keeps_the_torch_path(route):
         compiled = torch.compile(q, fullgraph=True)(x)
     assert n_eager > 0 and calls["n"] == n_eager
     assert same(compiled, eager)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clipped_gradient_keeps_a_bit_per_element_taken_at_the_forward(route, dtype):
+    """The clipped STE's backward reads the mask the fake quant wrote, a bit per element in x's memory order:
+    channels_last x of 2500 elements (three programs, a last byte half full), a gradient of other strides, and
+    ranges the observer moved between forward and backward (the mask is the forward's, as the torch path's)."""
+    q = tq.AffineQuantizer(3, tq.ExpAvgMinMax(), gradient_clip=True)
+    x = (torch.randn(2, 10, 5, 25) * 2).to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    q.pre_observe(x.detach() * 0.5)  # the grid clips part of x
+    grad = torch.linspace(-1, 1, x.numel()).view(2, 25, 5, 10).to(dtype).transpose(1, 3)  # strides unlike x's
+    qk, xk = route.to(q), route.to(x)
+    xk = xk.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    y_ref = q(x)
+    saved = []
+    with route.on() as calls, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = qk(xk)
+        qk.pre_observe(xk.detach() * 3)  # moves the ranges in place before the backward
+        y.backward(route.to(grad))
+    q.pre_observe(x.detach() * 3)
+    y_ref.backward(grad)
+    assert [name for name, _ in calls["launches"]] == ["fake_quant", "observe", "masked_grad"]
+    assert calls["kwargs"][0] == {"with_mask": True}
+    assert [(t.dtype, t.numel()) for t in saved] == [(torch.uint8, (x.numel() + 7) // 8)]  # not x: 1/8 byte each
+    assert same(y, y_ref)
+    assert same(xk.grad, x.grad)
+    assert 0 < (x.grad == 0).float().mean() < 0.5
+
+
+def test_clipped_quantizer_without_gradient_writes_no_mask(route):
+    q = tq.AffineQuantizer(4, tq.BatchMinMax(), gradient_clip=True)
+    x = special((4, 6, 8))
+    q.pre_observe(x.nan_to_num(0.0, 5.0, -7.0))
+    qk = route.to(q)
+    with route.on() as calls, torch.no_grad():
+        y = qk(route.to(x))
+    assert [name for name, _ in calls["launches"]] == ["fake_quant"]
+    assert not calls["kwargs"][0].get("with_mask")  # the call has no gradient to take
+    assert same(y, q(x))

@@ -144,9 +144,9 @@ def _qfmt_step(mn, mx, width):
 
 
 @triton.jit
-def _fake_quant_kernel(x_ptr, out_ptr, n, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
+def _fake_quant_kernel(x_ptr, m_ptr, out_ptr, n, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
                        MODE: tl.constexpr, GRAN: tl.constexpr, SYMMETRIC: tl.constexpr, POW2: tl.constexpr,
-                       FIXED_ZP: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
+                       FIXED_ZP: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr, MASK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = _load(x_ptr + offs, mask, BF16)
@@ -157,21 +157,23 @@ def _fake_quant_kernel(x_ptr, out_ptr, n, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, 
     v = tl.where(v > hi_c, hi_c, v)
     out = _round_half_even(v) * delta
     _store(out_ptr + offs, out, mask, BF16)
+    if MASK:
+        # The clipped STE's mask, lo_code * step <= x <= hi_code * step, a bit per element: element e is bit
+        # e % 8 of byte e // 8 (BLOCK is a multiple of 8, so a program writes whole bytes of its own).
+        inside = ((x >= lo_c * delta) & (x <= hi_c * delta)).to(tl.int32)
+        packed = tl.reduce(tl.reshape(inside, (BLOCK // 8, 8)) * (1 << tl.arange(0, 8))[None, :], 1, _add)
+        boffs = tl.program_id(0) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+        tl.store(m_ptr + boffs, packed.to(tl.uint8), mask=boffs < (n + 7) // 8)
 
 
 @triton.jit
-def _clip_grad_kernel(g_ptr, x_ptr, out_ptr, n, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
-                      MODE: tl.constexpr, GRAN: tl.constexpr, SYMMETRIC: tl.constexpr, POW2: tl.constexpr,
-                      FIXED_ZP: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
-    # The clipped STE: the gradient where lo_code * step <= x <= hi_code * step, else 0.
+def _masked_grad_kernel(g_ptr, m_ptr, out_ptr, n, BF16: tl.constexpr, BLOCK: tl.constexpr):
+    # The clipped STE's backward from the packed mask of _fake_quant_kernel: the gradient where the bit is set.
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = _load(g_ptr + offs, mask, BF16)
-    x = _load(x_ptr + offs, mask, BF16)
-    delta, lo_c, hi_c = _params(offs, mask, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
-                                MODE, GRAN, SYMMETRIC, POW2, FIXED_ZP)
-    inside = (x >= lo_c * delta) & (x <= hi_c * delta)
-    _store(out_ptr + offs, g * inside.to(tl.float32), mask, BF16)  # grad * mask: -0.0 and NaN as in torch
+    bit = (tl.load(m_ptr + offs // 8, mask=mask, other=0).to(tl.int32) >> (offs % 8)) & 1
+    _store(out_ptr + offs, g * bit.to(tl.float32), mask, BF16)  # grad * mask: -0.0 and NaN as in torch
 
 
 @triton.jit
@@ -440,15 +442,17 @@ def _launch_grid(
     power_of_two: bool,
     fixed_zp: float | None,
     bf16: bool,
+    **meta: bool,
 ) -> Tensor:
-    """Launch a kernel taking ``(*tensors, out, n)`` then the grid's parameters (see _params); return ``out``."""
+    """Launch a kernel taking ``(*tensors, out, n)`` then the grid's parameters (see _params) and the
+    constexprs ``meta``; return ``out``."""
     n = out.numel()
     if n:
         kernel[_grid(n)](
             *map(_bits, tensors), _bits(out), n, a, a if b is None else b, float(lo), float(hi),
             float(n_levels - 1), 0.0 if fixed_zp is None else float(fixed_zp), *layout.args(),
             MODE=mode, GRAN=layout.gran, SYMMETRIC=bool(symmetric), POW2=bool(power_of_two),
-            FIXED_ZP=fixed_zp is not None, BF16=bf16, BLOCK=_BLOCK,
+            FIXED_ZP=fixed_zp is not None, BF16=bf16, BLOCK=_BLOCK, **meta,
         )  # fmt: skip
     return out
 
@@ -465,35 +469,32 @@ def fake_quant(
     symmetric: bool = False,
     power_of_two: bool = False,
     fixed_zp: float | None = None,
-) -> Tensor:
+    with_mask: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Fake-quantize contiguous ``x`` on the grid ``mode`` reads from ``a`` and ``b`` (see :func:`_params`).
 
     ``MODE_GRID``: step and zero point, codes in ``[lo, hi]`` before the shift;
     ``MODE_BOUNDS``: step, codes in ``[lo, hi]``; ``MODE_RANGES``: the affine grid of
     ``n_levels`` levels from ``(min, max)``; ``MODE_QFMT``: the Q-format step of
     ``n_levels - 1 = n_bits - signed`` bits from ``(min, max)``, codes in ``[lo, hi]``.
+    ``with_mask``: also the clipped STE's mask, packed a bit per element in memory order
+    (``uint8`` of ``ceil(numel / 8)``, for :func:`masked_grad`): an eighth of a byte per
+    element kept for the backward instead of ``x``.
     """
     grid = (lo, hi, n_levels, symmetric, power_of_two, fixed_zp, x.dtype == torch.bfloat16)
-    return _launch_grid(_fake_quant_kernel, (x,), torch.empty_like(x), a, b, layout, mode, *grid)
+    bits = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8, device=x.device) if with_mask else x
+    out = _launch_grid(_fake_quant_kernel, (x, bits), torch.empty_like(x), a, b, layout, mode, *grid, MASK=with_mask)
+    return (out, bits) if with_mask else out
 
 
-def clip_grad(
-    grad: Tensor,
-    x: Tensor,
-    a: Tensor,
-    b: Tensor | None,
-    layout: Layout,
-    mode: int,
-    lo: float = 0.0,
-    hi: float = 0.0,
-    n_levels: int = 2,
-    symmetric: bool = False,
-    power_of_two: bool = False,
-    fixed_zp: float | None = None,
-) -> Tensor:
-    """The gradient of the clipped STE: ``grad`` (``x``'s dtype) where ``x`` lies on the grid's range, else 0."""
-    grid = (lo, hi, n_levels, symmetric, power_of_two, fixed_zp, x.dtype == torch.bfloat16)
-    return _launch_grid(_clip_grad_kernel, (grad, x), torch.empty_like(grad), a, b, layout, mode, *grid)
+def masked_grad(grad: Tensor, bits: Tensor) -> Tensor:
+    """``grad`` (dense, in the memory order of the ``x`` the mask was made for) where ``bits`` (from
+    :func:`fake_quant` with ``with_mask=True``) has the element's bit set, else 0."""
+    out = torch.empty_like(grad)
+    n = grad.numel()
+    if n:
+        _masked_grad_kernel[_grid(n)](_bits(grad), bits, _bits(out), n, BF16=grad.dtype == torch.bfloat16, BLOCK=_BLOCK)
+    return out
 
 
 def observe(
