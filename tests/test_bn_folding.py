@@ -1,5 +1,6 @@
 """BatchNorm folding: QWrapper(fold_bn=True), freeze_bn_stats, fold_batchnorm."""
 
+import contextlib
 import copy
 import io
 
@@ -551,7 +552,8 @@ def test_folding_a_linear_batchnorm_needs_2d_inputs(fold):
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_one_pass_unfolding_gradients_are_exact(with_bias):
     """The eager rescaling saves BatchNorm's input instead of the layer's output: float64 gradcheck against finite
-    differences (a dead channel's ratio is the constant 1), and the traced formula's values."""
+    differences, second derivatives and forward mode included (a dead channel's ratio is the constant 1), and the
+    traced formula's values."""
     from torchquant.qmodules import _Unfold, _unfold_plain
 
     torch.manual_seed(0)
@@ -564,7 +566,8 @@ def test_one_pass_unfolding_gradients_are_exact(with_bias):
         return _Unfold.apply(z, scale, dead, b[0] if b else None, torch.float64)
 
     inputs = (z, scale) + ((b,) if with_bias else ())
-    assert torch.autograd.gradcheck(unfold, inputs)
+    assert torch.autograd.gradcheck(unfold, inputs, check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(unfold, inputs)
     assert torch.equal(unfold(*inputs), _unfold_plain(z, scale, dead, b, torch.float64))
 
 
@@ -584,3 +587,19 @@ def test_one_pass_keeps_two_activations_of_a_layer_for_the_backward():
         y = w(x.clone().requires_grad_())
     assert len(saved) == 2, list(saved.values())
     y.sum().backward()
+
+
+def test_one_pass_second_derivatives_are_batchnorms():
+    """A gradient penalty (double backward) through the unquantized one-pass fold gives BatchNorm's gradients."""
+    w, ref, x = make_one_pass("conv2d-grouped")
+    w, ref, x = w.double().train(), ref.double().train(), x.double()
+    t = torch.randn_like(ref(x))
+    grads = []
+    for model, state in ((w, S.CALIBRATION_WEIGHT_ONLY), (ref, None)):
+        xr = x.clone().requires_grad_()
+        with contextlib.nullcontext() if state is None else qmodule_state(model, state):
+            y = model(xr)
+        (gx,) = torch.autograd.grad((y * t).sum() + y.square().sum(), xr, create_graph=True)
+        gx.square().sum().backward()
+        grads.append(model.bn.weight.grad if state is not None else model[1].weight.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-9)

@@ -456,10 +456,15 @@ def _(t: Tensor) -> Tensor:
 _fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
 
 
+def _unfold_ratio(scale: Tensor, dead: Tensor, dt: torch.dtype) -> Tensor:
+    """``1 / scale`` in ``dt``, 1 on dead channels (selected first: no ``1 / 0``, whose gradient would be NaN)."""
+    return torch.where(dead, 1.0, scale.to(dt)).reciprocal()
+
+
 def _unfold_plain(z: Tensor, scale: Tensor, dead: Tensor, b: Tensor | None, dt: torch.dtype) -> Tensor:
     """:class:`_Unfold` in torch operations, for tracers and compilers (which choose what to save themselves)."""
     shape = (1, -1, *([1] * (z.dim() - 2)))
-    ratio = torch.where(dead, 1.0, scale.to(dt)).reciprocal().reshape(shape)
+    ratio = _unfold_ratio(scale, dead, dt).reshape(shape)
     z = z.to(dt)
     return z * ratio if b is None else torch.addcmul(b.to(dt).reshape(shape), z, ratio)
 
@@ -468,37 +473,55 @@ class _Unfold(torch.autograd.Function):
     """``u = z / where(dead, 1, scale) + b``, per channel (dim 1), in ``dt``: the one-pass fold's unfolded output.
 
     Autograd would save ``z`` for the gradient of ``scale``; this saves ``u``, which the BatchNorm reading it keeps
-    anyway (one activation less per folded layer), and gets ``z / scale`` back as ``u - b``.
+    anyway (one activation less per folded layer), and gets ``z / scale`` back as ``u - b``. Differentiable twice
+    (the backward recomputes the ratio from ``scale`` when it builds a graph) and in forward mode.
     """
 
     @staticmethod
     def forward(ctx, z, scale, dead, b, dt):  # type: ignore[override]
-        ratio = torch.where(dead, 1.0, scale.to(dt)).reciprocal()  # (C,); selected first: no 1 / 0
+        ratio = _unfold_ratio(scale, dead, dt)  # (C,)
         shape = (1, -1, *([1] * (z.dim() - 2)))
         zd = z.to(dt)
         u = zd * ratio.reshape(shape) if b is None else torch.addcmul(b.to(dt).reshape(shape), zd, ratio.reshape(shape))
-        ctx.save_for_backward(u, ratio, dead, b)
+        ctx.save_for_backward(u, scale, dead, b, ratio)
+        ctx.save_for_forward(u, scale, dead, b, ratio)
         ctx.dtypes = z.dtype, scale.dtype
         return u
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        u, ratio, dead, b = ctx.saved_tensors
+        u, scale, dead, b, ratio = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the ratio as a function of scale, for the second derivative
+            ratio = _unfold_ratio(scale, dead, u.dtype)
         shape = (1, -1, *([1] * (u.dim() - 2)))
         dims = [0, *range(2, u.dim())]
         gz = gs = gb = None
         if ctx.needs_input_grad[0]:
             gz = (g * ratio.reshape(shape)).to(ctx.dtypes[0])
-        g_sum = g.sum(dims) if b is not None else None
+        need_b = b is not None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[3])
+        g_sum = g.sum(dims) if need_b else None
         if ctx.needs_input_grad[1]:
             # d u / d scale = -z / scale^2 = -(u - b) * ratio; sum(g * b) = b * sum(g)
             t = (g * u).sum(dims)
             if b is not None:
                 t = t - b.to(t.dtype) * g_sum
-            gs = (t * ratio).masked_fill_(dead, 0.0).neg_().to(ctx.dtypes[1])  # dead channels: ratio is a constant
+            gs = (t * ratio).masked_fill(dead, 0.0).neg().to(ctx.dtypes[1])  # dead channels: ratio is a constant
         if b is not None and ctx.needs_input_grad[3]:
             gb = g_sum.to(b.dtype)
         return gz, gs, None, gb, None
+
+    @staticmethod
+    def jvp(ctx, dz, ds, _ddead, db, _ddt):  # type: ignore[override]
+        u, _, dead, b, ratio = ctx.saved_tensors
+        shape = (1, -1, *([1] * (u.dim() - 2)))
+        r = ratio.reshape(shape)
+        du = torch.zeros_like(u) if dz is None else dz.to(u.dtype) * r
+        if ds is not None:  # d u = -(u - b) * ratio * d scale, 0 on dead channels
+            zr = u if b is None else u - b.to(u.dtype).reshape(shape)
+            du = du - zr * (r * ds.to(u.dtype).masked_fill(dead, 0.0).reshape(shape))
+        if db is not None:
+            du = du + db.to(u.dtype).reshape(shape)
+        return du
 
 
 def fold_bn_mode(fold_bn: bool | str, who: str) -> str | None:
@@ -851,11 +874,11 @@ class QWrapper(QModule):
         out_dtype = torch.promote_types(z.dtype, bn.running_var.dtype)  # as the two-pass formula gives
         dt = torch.promote_types(z.dtype, torch.float32)
         # Every (C,) operation is a kernel launch on a GPU: the mask takes three. The product is 0 where either
-        # factor is, or where it underflows float32 (a gamma below about 1e-22: such a channel is beta to 1e-22).
+        # factor is (or where it underflows dt: a scale the grid's step floor has rounded the row to 0 for anyway).
         row_max = torch.linalg.vector_norm(w_fold.detach().flatten(1), float("inf"), dim=1)
         dead = (row_max.to(dt) * scale.detach().to(dt)) == 0  # (C,)
-        # u = z * sigma / gamma + b, by the scale the weight was folded with (the two cancel to the last bit
-        # unquantized); 1 on dead channels
+        # u = z * sigma / gamma + b, by the scale the weight was folded with (unquantized, the two cancel to
+        # rounding); 1 on dead channels
         eager = not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _fx_tracing())
         u = (_Unfold.apply if eager else _unfold_plain)(z, scale, dead, self.layer.bias, dt)
         gamma = bn.weight

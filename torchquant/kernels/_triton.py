@@ -163,7 +163,7 @@ def _fake_quant_kernel(x_ptr, m_ptr, out_ptr, n, a_ptr, b_ptr, lo, hi, nlm1, fix
         inside = ((x >= lo_c * delta) & (x <= hi_c * delta)).to(tl.int32)
         packed = tl.reduce(tl.reshape(inside, (BLOCK // 8, 8)) * (1 << tl.arange(0, 8))[None, :], 1, _add)
         boffs = tl.program_id(0) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
-        tl.store(m_ptr + boffs, packed.to(tl.uint8), mask=boffs < (n + 7) // 8)
+        tl.store(m_ptr + boffs, packed.to(tl.uint8), mask=boffs * 8 < n)  # n + 7 could overflow int32
 
 
 @triton.jit
