@@ -422,3 +422,14 @@ def test_resnet_add_relu_has_autograds_relu_gradient_eager_and_compiled():
         assert torch.equal(ins[0].grad, ref[0].grad) and torch.equal(ins[1].grad, ref[1].grad)
     with torch.no_grad():
         assert torch.equal(add_relu(x, y), torch.relu(x + y))
+
+
+def test_resnet_add_relu_keeps_a_bool_mask_in_eager_mode():
+    """The output's quantizer makes another tensor of it: eager mode keeps a quarter of its bytes."""
+    from torchquant.models.resnet import add_relu
+
+    saved = []
+    x, y = torch.randn(2, 4, 5, 5, requires_grad=True), torch.randn(2, 4, 5, 5)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        add_relu(x, y)
+    assert [(t.dtype, t.shape) for t in saved] == [(torch.bool, (2, 4, 5, 5))]
