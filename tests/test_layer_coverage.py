@@ -731,3 +731,18 @@ def test_folding_a_scale_into_a_half_precision_one_plus_weight_gain_warns_when_i
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         divide_norm_output_(fine, torch.tensor([50.0, 1.0, 1.0, 1.0]), 1.0)  # float32: exact enough
+
+
+def test_norm_gain_offset_of_a_half_precision_gemma_norm_with_small_gains():
+    """Gains 1 + weight near 0 (weights near -1) are stored coarsely in bfloat16: the probe, on a float32 copy,
+    still finds the offset, and the norm is left as it was."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    from torchquant.layers import norm_gain_offset
+
+    norm = GemmaRMSNorm(8).bfloat16()
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(-0.999, -0.99, 8))
+    before = norm.weight.clone()
+    assert norm_gain_offset(norm) == 1.0
+    assert norm.weight.dtype == torch.bfloat16 and torch.equal(norm.weight, before)

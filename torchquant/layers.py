@@ -27,6 +27,7 @@ outputs ``quantize_model(..., method="swap", norm_outputs=True)`` quantizes;
 
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 from collections.abc import Callable
@@ -457,6 +458,14 @@ def norm_gain_offset(norm: nn.Module) -> float | None:
     if not isinstance(w, Tensor) or w.dim() != 1 or w.numel() < 2 or not w.is_floating_point():
         return None
     d = w.numel()
+    if w.dtype in (torch.float16, torch.bfloat16):
+        # Gains c + weight near 0 are stored coarsely near -c, where the probe's rescaling would round them by
+        # more than any tolerance: the probe runs on a float32 copy.
+        try:
+            norm = copy.deepcopy(norm).float()
+            w = norm.weight
+        except Exception:  # a module that cannot be copied: probed as it is
+            pass
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, d, generator=g).to(w)
     r = torch.empty(d).uniform_(0.25, 4.0, generator=g).to(w.dtype).float()
