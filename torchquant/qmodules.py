@@ -485,28 +485,32 @@ class _Unfold(torch.autograd.Function):
         u = zd * ratio.reshape(shape) if b is None else torch.addcmul(b.to(dt).reshape(shape), zd, ratio.reshape(shape))
         ctx.save_for_backward(u, scale, dead, b, ratio)
         ctx.save_for_forward(u, scale, dead, b, ratio)
-        ctx.dtypes = z.dtype, scale.dtype
+        # the backward's Python is host time on a GPU: its constants once, here
+        ctx.consts = shape, [0, *range(2, z.dim())], z.dtype, scale.dtype
         return u
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         u, scale, dead, b, ratio = ctx.saved_tensors
+        shape, dims, z_dtype, s_dtype = ctx.consts
         if torch.is_grad_enabled():  # create_graph: the ratio as a function of scale, for the second derivative
             ratio = _unfold_ratio(scale, dead, u.dtype)
-        shape = (1, -1, *([1] * (u.dim() - 2)))
-        dims = [0, *range(2, u.dim())]
+        need_z, need_s, _, need_b, _ = ctx.needs_input_grad
         gz = gs = gb = None
-        if ctx.needs_input_grad[0]:
-            gz = (g * ratio.reshape(shape)).to(ctx.dtypes[0])
-        need_b = b is not None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[3])
-        g_sum = g.sum(dims) if need_b else None
-        if ctx.needs_input_grad[1]:
+        if need_z:
+            gz = g * ratio.reshape(shape)
+            if gz.dtype != z_dtype:
+                gz = gz.to(z_dtype)
+        g_sum = g.sum(dims) if b is not None and (need_s or need_b) else None
+        if need_s:
             # d u / d scale = -z / scale^2 = -(u - b) * ratio; sum(g * b) = b * sum(g)
             t = (g * u).sum(dims)
             if b is not None:
                 t = t - b.to(t.dtype) * g_sum
-            gs = (t * ratio).masked_fill(dead, 0.0).neg().to(ctx.dtypes[1])  # dead channels: ratio is a constant
-        if b is not None and ctx.needs_input_grad[3]:
+            gs = (t * ratio).masked_fill(dead, 0.0).neg()  # dead channels: ratio is a constant
+            if gs.dtype != s_dtype:
+                gs = gs.to(s_dtype)
+        if b is not None and need_b:
             gb = g_sum.to(b.dtype)
         return gz, gs, None, gb, None
 
