@@ -456,6 +456,11 @@ def _(t: Tensor) -> Tensor:
 _fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
 
 
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, without the call when ``t`` has it (a no-op cast costs a microsecond of host time)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _unfold_ratio(scale: Tensor, dead: Tensor, dt: torch.dtype) -> Tensor:
     """``1 / scale`` in ``dt``, 1 on dead channels (selected first: no ``1 / 0``, whose gradient would be NaN)."""
     return torch.where(dead, 1.0, scale.to(dt)).reciprocal()
@@ -859,50 +864,53 @@ class QWrapper(QModule):
 
     def _forward_one_pass(self, x: Tensor) -> Tensor:
         """Training with ``fold_bn="one_pass"``: BatchNorm's batch statistics read from the quantized output."""
+        # The eager QAT step on a GPU is bound by its host time: submodules and tensors are read once (nn.Module's
+        # __getattr__ costs about 1 us a lookup), and no-op casts are not called.
         s = self.qstate
-        bn = self.bn
-        var = bn.running_var
+        mods = self._modules
+        bn, layer = mods["bn"], mods["layer"]
+        running_mean, running_var, gamma, beta = bn.running_mean, bn.running_var, bn.weight, bn.bias
+        var = running_var
         if torch.compiler.is_compiling():
             # The partitioner may recompute this read in the backward, after the update below has written the
             # buffer (wrong gradients, pytorch/pytorch#197039): an opaque copy is saved instead.
             var = torch.ops.torchquant.buffer_snapshot(var)
         scale = bn_scale(bn, var)  # (C,) gamma / sigma, the running sigma before this step's update
-        w = self.layer.weight
+        w = layer.weight
         w_fold = w * scale.reshape(-1, *([1] * (w.dim() - 1)))  # as _folded_weight: eval folds the same bits
-        w_fold = _run_quantizer(self.weight_quantizer, w_fold, s.is_weight_observed, s.is_weight_quantized)
-        z = self._layer_with(x, w_fold, None)  # (N, C, ...): gamma / sigma times the unfolded output, less b
+        w_fold = _run_quantizer(mods["weight_quantizer"], w_fold, s.is_weight_observed, s.is_weight_quantized)
+        z = self._adapter.forward(layer, x, w_fold, None)  # (N, C, ...): gamma / sigma times the output, less b
         # A channel whose quantized folded weight is all zero (gamma == 0, or a weight the grid rounds to 0)
         # carries no batch statistics: normalised with weight sqrt(eps) on u = z + b it outputs beta, passes
         # the gradient on with gain 1 (BatchNorm would divide it by sqrt(eps)) and keeps its running statistics.
         # 1 / scale overflows half precision for small gamma: the statistics are taken in float32
-        out_dtype = torch.promote_types(z.dtype, bn.running_var.dtype)  # as the two-pass formula gives
+        out_dtype = torch.promote_types(z.dtype, running_var.dtype)  # as the two-pass formula gives
         dt = torch.promote_types(z.dtype, torch.float32)
         # Every (C,) operation is a kernel launch on a GPU: the mask takes three. The product is 0 where either
         # factor is (or where it underflows dt: a scale the grid's step floor has rounded the row to 0 for anyway).
         row_max = torch.linalg.vector_norm(w_fold.detach().flatten(1), float("inf"), dim=1)
-        dead = (row_max.to(dt) * scale.detach().to(dt)) == 0  # (C,)
+        dead = (_cast(row_max, dt) * _cast(scale.detach(), dt)) == 0  # (C,)
         # u = z * sigma / gamma + b, by the scale the weight was folded with (unquantized, the two cancel to
         # rounding); 1 on dead channels
         eager = not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _fx_tracing())
-        u = (_Unfold.apply if eager else _unfold_plain)(z, scale, dead, self.layer.bias, dt)
-        gamma = bn.weight
-        gain = torch.where(dead, bn.eps**0.5, torch.ones_like(scale, dtype=dt) if gamma is None else gamma.to(dt))
-        beta = None if bn.bias is None else bn.bias.to(dt)
-        with torch.no_grad():
-            if bn.num_batches_tracked is not None:
-                bn.num_batches_tracked.add_(1)
-            f = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        u = (_Unfold.apply if eager else _unfold_plain)(z, scale, dead, layer.bias, dt)
+        gain = torch.where(dead, bn.eps**0.5, torch.ones_like(scale, dtype=dt) if gamma is None else _cast(gamma, dt))
+        if beta is not None:
+            beta = _cast(beta, dt)
+        nbt = bn.num_batches_tracked
+        if nbt is not None:
+            nbt.add_(1)  # a buffer: no gradient to record
+        f = bn.momentum if bn.momentum is not None else 1.0 / float(nbt)
         # BatchNorm in training on u: batch statistics and running-statistics update in one native op, on a copy
         # (one launch for both; autograd keeps the tensors it was given; dead channels keep theirs)
-        running = torch.stack((bn.running_mean, bn.running_var)).to(dt).unbind(0)
+        running = _cast(torch.stack((running_mean, running_var)), dt).unbind(0)
         y = F.batch_norm(u, *running, gain, beta, True, f, bn.eps)
-        with torch.no_grad():
-            for buf, new in zip((bn.running_mean, bn.running_var), running, strict=True):
-                if new.dtype == buf.dtype:
-                    torch.where(dead, buf, new, out=buf)  # in place: one launch
-                else:
-                    buf.copy_(torch.where(dead, buf, new))
-        return y.to(out_dtype)
+        for buf, new in ((running_mean, running[0]), (running_var, running[1])):
+            if new.dtype == buf.dtype:
+                torch.where(dead, buf, new, out=buf)  # in place: one launch
+            else:
+                buf.copy_(torch.where(dead, buf, new))
+        return _cast(y, out_dtype)
 
     def _forward_folded(self, x: Tensor) -> Tensor:
         s = self.qstate
