@@ -14,3 +14,13 @@ def load(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # its dataclasses look their module up while the module runs
     spec.loader.exec_module(module)
     return module
+
+
+def load_patching_kernels(name: str, monkeypatch) -> ModuleType:
+    """``load(name)`` for a script that patches ``torchquant.kernels`` (its stand-in launches): ``monkeypatch``
+    gives the test the kernels back afterwards."""
+    from torchquant import kernels
+
+    monkeypatch.setattr(kernels, "_impl", kernels._impl)
+    monkeypatch.setattr(kernels, "_DEVICES", set(kernels._DEVICES))
+    return load(name)

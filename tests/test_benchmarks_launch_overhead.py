@@ -6,20 +6,16 @@ import sys
 
 import pytest
 import torch
-from benchmark_script import load
+from benchmark_script import load_patching_kernels
 
 import torchquant as tq
-from torchquant import kernels
 
 pytest.importorskip("triton")
 
 
 @pytest.fixture
 def script(monkeypatch):
-    # stub_kernel_launches patches torchquant.kernels; the test gets it back afterwards.
-    monkeypatch.setattr(kernels, "_impl", kernels._impl)
-    monkeypatch.setattr(kernels, "_DEVICES", set(kernels._DEVICES))
-    return load("launch_overhead")
+    return load_patching_kernels("launch_overhead", monkeypatch)
 
 
 def test_stubbed_launches_take_the_kernel_path_and_launch_nothing(script):

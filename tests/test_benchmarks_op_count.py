@@ -6,21 +6,17 @@ import sys
 
 import pytest
 import torch
-from benchmark_script import load
+from benchmark_script import load_patching_kernels
 from torch import nn
 
 import torchquant as tq
-from torchquant import kernels
 
 pytest.importorskip("triton")
 
 
 @pytest.fixture
 def script(monkeypatch):
-    # count_triton_launches patches torchquant.kernels; the test gets it back afterwards.
-    monkeypatch.setattr(kernels, "_impl", kernels._impl)
-    monkeypatch.setattr(kernels, "_DEVICES", set(kernels._DEVICES))
-    return load("op_count")
+    return load_patching_kernels("op_count", monkeypatch)
 
 
 def wrapper_step_launches(script, fold_bn) -> dict[str, int]:

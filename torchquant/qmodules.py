@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from .hadamard import hadamard, hadamard_factors, hadamard_transform
 from .layers import BN_FOR_LAYER, LAYER_ADAPTERS, LAYER_ADAPTERS_BY_NAME, bn_scale, fold_bn_params, layer_adapter
 from .quantizers import LearnedQuantizer, Quantizer
+from .quantizers_functional import _is_tracing
 from .spec import CONFIG_KEY, decode_entry, encode_entry
 
 __all__ = [
@@ -453,9 +454,6 @@ def _(t: Tensor) -> Tensor:
     return torch.empty_like(t)
 
 
-_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
-
-
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t.to(dtype)``, without the call when ``t`` has it (a no-op cast costs a microsecond of host time)."""
     return t if t.dtype == dtype else t.to(dtype)
@@ -466,12 +464,16 @@ def _unfold_ratio(scale: Tensor, dead: Tensor, dt: torch.dtype) -> Tensor:
     return torch.where(dead, 1.0, scale.to(dt)).reciprocal()
 
 
+def _unfold_with(z: Tensor, ratio: Tensor, b: Tensor | None, dt: torch.dtype) -> Tensor:
+    """``z * ratio + b`` in ``dt``, ``ratio`` and ``b`` ``(C,)`` along dim 1."""
+    shape = (1, -1, *([1] * (z.dim() - 2)))
+    z, ratio = _cast(z, dt), ratio.reshape(shape)
+    return z * ratio if b is None else torch.addcmul(_cast(b, dt).reshape(shape), z, ratio)
+
+
 def _unfold_plain(z: Tensor, scale: Tensor, dead: Tensor, b: Tensor | None, dt: torch.dtype) -> Tensor:
     """:class:`_Unfold` in torch operations, for tracers and compilers (which choose what to save themselves)."""
-    shape = (1, -1, *([1] * (z.dim() - 2)))
-    ratio = _unfold_ratio(scale, dead, dt).reshape(shape)
-    z = z.to(dt)
-    return z * ratio if b is None else torch.addcmul(b.to(dt).reshape(shape), z, ratio)
+    return _unfold_with(z, _unfold_ratio(scale, dead, dt), b, dt)
 
 
 class _Unfold(torch.autograd.Function):
@@ -485,13 +487,11 @@ class _Unfold(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, scale, dead, b, dt):  # type: ignore[override]
         ratio = _unfold_ratio(scale, dead, dt)  # (C,)
-        shape = (1, -1, *([1] * (z.dim() - 2)))
-        zd = z.to(dt)
-        u = zd * ratio.reshape(shape) if b is None else torch.addcmul(b.to(dt).reshape(shape), zd, ratio.reshape(shape))
+        u = _unfold_with(z, ratio, b, dt)
         ctx.save_for_backward(u, scale, dead, b, ratio)
         ctx.save_for_forward(u, scale, dead, b, ratio)
         # the backward's Python is host time on a GPU: its constants once, here
-        ctx.consts = shape, [0, *range(2, z.dim())], z.dtype, scale.dtype
+        ctx.consts = (1, -1, *([1] * (z.dim() - 2))), [0, *range(2, z.dim())], z.dtype, scale.dtype
         return u
 
     @staticmethod
@@ -522,7 +522,7 @@ class _Unfold(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, dz, ds, _ddead, db, _ddt):  # type: ignore[override]
         u, _, dead, b, ratio = ctx.saved_tensors
-        shape = (1, -1, *([1] * (u.dim() - 2)))
+        shape = ctx.consts[0]
         r = ratio.reshape(shape)
         du = torch.zeros_like(u) if dz is None else dz.to(u.dtype) * r
         if ds is not None:  # d u = -(u - b) * ratio * d scale, 0 on dead channels
@@ -842,11 +842,12 @@ class QWrapper(QModule):
         """Weight and bias with the running statistics folded in (:func:`~torchquant.fold_bn_params`)."""
         return fold_bn_params(self.layer.weight, self.layer.bias, self.bn)
 
-    def _folded_weight(self, running_var: Tensor | None = None) -> Tensor:
+    def _folded_weight(self, scale: Tensor | None = None) -> Tensor:
         """The weight of :meth:`_folded_params` (the same operations), without computing the bias; folded with
-        ``running_var`` when given (a copy of the BatchNorm's)."""
+        ``scale`` when given (``(C,)``, :func:`~torchquant.layers.bn_scale` of a copy of the running variance)."""
         w = self.layer.weight
-        return w * bn_scale(self.bn, running_var).reshape(-1, *([1] * (w.dim() - 1)))
+        scale = bn_scale(self.bn) if scale is None else scale
+        return w * scale.reshape(-1, *([1] * (w.dim() - 1)))
 
     def _layer_with(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         """The layer's output with weight ``w`` (``(out, in, ...)`` layout) and bias ``b``."""
@@ -876,8 +877,7 @@ class QWrapper(QModule):
             # buffer (wrong gradients, pytorch/pytorch#197039): an opaque copy is saved instead.
             var = torch.ops.torchquant.buffer_snapshot(var)
         scale = bn_scale(bn, var)  # (C,) gamma / sigma, the running sigma before this step's update
-        w = layer.weight
-        w_fold = w * scale.reshape(-1, *([1] * (w.dim() - 1)))  # as _folded_weight: eval folds the same bits
+        w_fold = self._folded_weight(scale)  # eval folds the same bits
         w_fold = _run_quantizer(mods["weight_quantizer"], w_fold, s.is_weight_observed, s.is_weight_quantized)
         z = self._adapter.forward(layer, x, w_fold, None)  # (N, C, ...): gamma / sigma times the output, less b
         # A channel whose quantized folded weight is all zero (gamma == 0, or a weight the grid rounds to 0)
@@ -892,8 +892,7 @@ class QWrapper(QModule):
         dead = (_cast(row_max, dt) * _cast(scale.detach(), dt)) == 0  # (C,)
         # u = z * sigma / gamma + b, by the scale the weight was folded with (unquantized, the two cancel to
         # rounding); 1 on dead channels
-        eager = not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _fx_tracing())
-        u = (_Unfold.apply if eager else _unfold_plain)(z, scale, dead, layer.bias, dt)
+        u = (_unfold_plain if _is_tracing() else _Unfold.apply)(z, scale, dead, layer.bias, dt)
         gain = torch.where(dead, bn.eps**0.5, torch.ones_like(scale, dtype=dt) if gamma is None else _cast(gamma, dt))
         if beta is not None:
             beta = _cast(beta, dt)

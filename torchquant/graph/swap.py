@@ -38,6 +38,7 @@ from ..factories import QuantizerFactory, call_factory
 from ..layers import FLOAT_LAYERS, LAYER_TYPES, is_normalization, layer_adapter
 from ..moe import QExperts, expert_banks
 from ..qmodules import SUPPORTED_ACTIVATIONS, QModule, QOp
+from ..quantizers_functional import _is_tracing
 from .common import disable_fused_paths, make_qmha, make_qwrapper, mha_unsupported, skip_reason
 from .readers import is_weight_reader, redirect_weight_reads
 
@@ -65,7 +66,6 @@ def _fusable(items: list, j: int, prefix: str, skip: tuple, types) -> bool:
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _CHECKPOINT_FILE = torch.utils.checkpoint.__file__  # checkpoint_sequential and checkpoint wrappers: in order
-_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
 
 
 def _called_by_its_sequential(wrapper: nn.Module, frame: Any) -> bool:
@@ -92,7 +92,7 @@ def _check_fused_call(wrapper: nn.Module, args: tuple) -> None:
     once (it removes itself at its first eager call): warns when that call does not come from the Sequential,
     where code reading the wrapper's output before those modules (now ``nn.Identity``) would silently get the
     normalised, activated value."""
-    if torch.compiler.is_compiling() or _fx_tracing():  # a compiler's frames: checked at the first eager call
+    if _is_tracing():  # a compiler's or tracer's frames: checked at the first eager call
         return None
     for key, hook in list(wrapper._forward_pre_hooks.items()):
         if hook is _check_fused_call:

@@ -148,13 +148,7 @@ class _GridFQ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, layout, mode, lo, hi, clip):  # type: ignore[override]
-        k = _impl(x.device)
-        ctx.clip = clip = clip and ctx.needs_input_grad[0]  # no mask where no gradient will ask for it
-        if not clip:
-            return k.fake_quant(x, scale, zero_point, layout, mode, lo, hi)
-        out, bits = k.fake_quant(x, scale, zero_point, layout, mode, lo, hi, with_mask=True)
-        _save_mask(ctx, x, bits)
-        return out
+        return _fake_quant(ctx, clip, x, scale, zero_point, layout, mode, lo, hi)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -163,25 +157,32 @@ class _GridFQ(torch.autograd.Function):
         return g, None, None, None, None, None, None, None
 
 
-def _like(grad: Tensor, x: Tensor) -> Tensor:
-    """``grad`` laid out in memory as ``x`` is: the backward kernels walk both in memory order
-    (``x`` may be channels_last, and the incoming gradient anything, broadcast included)."""
-    if grad.stride() == x.stride():
+def _like(grad: Tensor, shape: torch.Size, stride: tuple[int, ...]) -> Tensor:
+    """``grad`` laid out in memory as the dense ``x`` of ``shape`` and ``stride`` is: the backward kernels walk
+    both in memory order (``x`` may be channels_last, and the incoming gradient anything, broadcast included)."""
+    if grad.stride() == stride:
         return grad
-    return torch.empty_like(x, dtype=grad.dtype).copy_(grad)
+    return torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
 
 
-def _save_mask(ctx, x: Tensor, bits: Tensor) -> None:
-    """Keep the clipped STE's packed mask for the backward, and ``x``'s layout (not ``x``: a 32nd of its bytes)."""
+def _fake_quant(ctx, clip: bool, x: Tensor, *args) -> Tensor:
+    """``fake_quant(x, *args)`` for an autograd Function's forward; with ``clip`` and a gradient to take, the
+    kernel also writes the clipped STE's mask, kept for :func:`_masked_grad` (a 32nd of ``x``'s bytes, taken now:
+    an observer updates its ranges in place before the backward)."""
+    k = _impl(x.device)
+    ctx.clip = clip and ctx.needs_input_grad[0]
+    if not ctx.clip:
+        return k.fake_quant(x, *args)
+    out, bits = k.fake_quant(x, *args, with_mask=True)
     ctx.save_for_backward(bits)
     ctx.x_layout = x.shape, x.stride()
+    return out
 
 
 def _masked_grad(ctx, grad: Tensor) -> Tensor:
+    """The clipped STE's gradient from the mask :func:`_fake_quant` kept."""
     (bits,) = ctx.saved_tensors
-    shape, stride = ctx.x_layout
-    if grad.stride() != stride:  # the mask is in x's memory order (x may be channels_last, grad anything)
-        grad = torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+    grad = _like(grad, *ctx.x_layout)  # the mask is in x's memory order
     return _impl(grad.device).masked_grad(grad, bits)
 
 
@@ -240,14 +241,7 @@ class _RangesFQ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, min_val, max_val, layout, mode, grid, clip):  # type: ignore[override]
-        k = _impl(x.device)
-        ctx.clip = clip = clip and ctx.needs_input_grad[0]  # no mask where no gradient will ask for it
-        if not clip:
-            return k.fake_quant(x, min_val, max_val, layout, mode, *grid)
-        # The mask is taken now: the observer updates its ranges in place before the backward
-        out, bits = k.fake_quant(x, min_val, max_val, layout, mode, *grid, with_mask=True)
-        _save_mask(ctx, x, bits)
-        return out
+        return _fake_quant(ctx, clip, x, min_val, max_val, layout, mode, *grid)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -383,7 +377,7 @@ class _LSQFn(torch.autograd.Function):
 
 
 def _lsq_grads(grad, x, step, offset, layout, qn, qp, grad_scale):
-    gx, ts, tb = _impl(x.device).lsq_backward(_like(grad, x), x, step, offset, layout, qn, qp)
+    gx, ts, tb = _impl(x.device).lsq_backward(_like(grad, x.shape, x.stride()), x, step, offset, layout, qn, qp)
     # Esser et al. 2020, eq. 3 and Bhalgat et al. 2020, reduced to the parameters' shapes
     gs = ts.sum_to_size(step.shape) * grad_scale
     gb = (tb.sum_to_size(offset.shape) * grad_scale).to(offset.dtype) if tb is not None else None
