@@ -18,7 +18,7 @@
 #     step time and peak step memory against float32 and torch.ao;       qat_resnet50_b64.txt
 #  4. benchmarks/qat_step.py --device cuda --arch resnet18 --batch 128, compiled float32,
 #     quantize_model(fx) and FusedResNet against eager, and a torch.profiler table of one
-#     eager step of float32 and quantize_model(fx);                       qat_resnet18_b128.txt
+#     eager step of float32, quantize_model(fx), fx as ao and torch.ao;  qat_resnet18_b128.txt
 #  5. the rest of the suite with CUDA available, in the time left;       suite.log (results),
 #                                                                        suite_full.log
 # summary.txt: the machine, the packages, each stage's exit status and seconds, and the headline
@@ -136,7 +136,7 @@ t4=$((DEADLINE - SECONDS < 240 ? DEADLINE - SECONDS : 240))
 budget=$((t4 > 120 ? t4 - 120 : 0))  # a compile started by then has about 120 s to finish
 stage "qat_step.py resnet18 b128 compiled + profile" qat_resnet18_b128.txt 240 0 python3 benchmarks/qat_step.py \
     --device cuda --arch resnet18 --batch 128 --compiled-variants float32,fx,fused --budget "$budget" \
-    --profile
+    --profile --profile-variants float32,fx,fx-ao,ao
 grep -E "^(float32|torchquant|torch\.ao)|^profile of" "$out/qat_resnet18_b128.txt" >>"$summary"
 
 # 5. the rest of the suite in the time left. One thread per worker (12 workers with torch's
