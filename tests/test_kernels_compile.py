@@ -1,0 +1,168 @@
+"""The Triton kernels compile for the GPUs this project measures on, without one.
+
+``tests/test_kernels.py`` checks what the kernels compute, through Triton's interpreter,
+which accepts programs the compiler rejects (a loop-carried value that changes type, a
+reshape the layout cannot do). Here every kernel specialisation the quantizers launch is
+compiled ahead of time for NVIDIA sm_90 (H100, H200) with the Triton that torch depends on:
+Triton IR down to a cubin by the ``ptxas`` its wheel ships, no device needed. The
+specialisations come from the registry: each registered quantizer and observer runs two QAT
+steps in float32, float16 and bfloat16 on the kernel path with every launch recorded (kernel,
+argument types, constexprs, compile options) and not run, plus the functional primitives with
+parameters in the input's dtype. A kernel no quantizer reaches fails the coverage test, so a
+new one is compiled here once something launches it.
+
+The GPU machine may have another Triton version than this one; this checks the source, not
+that machine's compiler.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import warnings
+
+import pytest
+import torch
+from test_registry_contract import CASES
+
+import torchquant as tq
+from torchquant import kernels
+from torchquant.quantizers_functional import lsq_quantize, minifloat_quantize, mx_quantize
+
+triton = pytest.importorskip("triton")
+compiler = pytest.importorskip("triton.compiler")
+backends = pytest.importorskip("triton.backends.compiler")
+pytest.importorskip("triton.backends.nvidia")
+
+ARCHS = [90]  # sm_90: H100 and H200
+_POINTERS = {
+    torch.float32: "*fp32",
+    torch.float16: "*fp16",
+    torch.bfloat16: "*bf16",
+    torch.int16: "*i16",  # bfloat16 travels as its int16 bits
+    torch.int32: "*i32",
+    torch.int64: "*i64",
+    torch.uint8: "*u8",
+}
+
+
+def _scalar_type(value) -> str:
+    # The types Triton's launcher gives Python scalars.
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"a kernel argument of type {type(value).__name__}: teach _scalar_type its Triton type")
+
+
+class _Recorder:
+    """Stands for a kernel of the interpreted module: ``kernel[grid](*args, **kw)`` records the launch, runs nothing."""
+
+    def __init__(self, name: str, specs: dict) -> None:
+        self.name, self.specs = name, specs
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            types = tuple(_POINTERS[a.dtype] if isinstance(a, torch.Tensor) else _scalar_type(a) for a in args)
+            self.specs.setdefault((self.name, types, tuple(sorted(kw.items()))), 0)
+            self.specs[(self.name, types, tuple(sorted(kw.items())))] += 1
+
+        return launch
+
+
+def _qat_steps(q: torch.nn.Module, x: torch.Tensor) -> None:
+    """Two QAT steps (observers allocate their state on the first and take the kernel path from the second)."""
+    tq.set_qmodule_state(q, tq.QModuleState.QUANT_AWARE_TRAIN)
+    x = x.requires_grad_()
+    for _ in range(2):
+        q.pre_observe(x.detach())
+        y = q(x)
+        q.post_observe(x.detach())
+        if y.requires_grad:
+            y.float().sum().backward()
+
+
+def _functional_calls(dtype: torch.dtype) -> None:
+    """The primitives with parameters in ``x``'s dtype (the quantizers keep theirs in float32)."""
+    x = torch.randn(4, 6, 8, dtype=dtype, requires_grad=True)
+    scale = torch.full((1, 6, 1), 0.05, dtype=dtype)
+    tq.affine_quantize(x, scale, torch.zeros_like(scale), 16).float().sum().backward()
+    tq.affine_quantize(x, torch.tensor(0.05, dtype=dtype), torch.tensor(8.0, dtype=dtype), 16)
+    tq.qfmt_quantize(x, scale, -8, 7)
+    step = torch.full((6, 1), 0.1, dtype=dtype, requires_grad=True)
+    lsq_quantize(x, step, torch.zeros_like(step, requires_grad=True), 4, 3).float().sum().backward()
+    minifloat_quantize(x, scale, 3, 7, 448.0)  # E4M3
+    mx_quantize(x, 3, 7, 448.0, 8, block_size=8)
+
+
+@pytest.fixture(scope="module")
+def launched() -> dict:
+    """``{(kernel name, argument types, sorted keyword arguments): launches}`` of the registry's quantizers."""
+    specs: dict = {}
+    module = kernels.interpreted()
+    names = [n for n in dir(module) if n.startswith("_") and n.endswith("_kernel")]
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the registry's deprecation and calibration warnings
+        for n in names:
+            mp.setattr(module, n, _Recorder(n, specs))
+        mp.setattr(kernels, "_DEVICES", {"cpu"})
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for case in CASES:
+                torch.manual_seed(0)
+                _qat_steps(case.build(), case.tensor().to(dtype))
+            _functional_calls(dtype)
+    return specs
+
+
+def test_the_registry_launches_every_kernel(launched):
+    from torchquant.kernels import _triton
+
+    defined = {n for n in dir(_triton) if n.startswith("_") and n.endswith("_kernel")}
+    assert defined, "no kernels found in torchquant.kernels._triton"
+    missing = defined - {name for name, _, _ in launched}
+    assert not missing, f"no registered quantizer launches {sorted(missing)}: register one that does (or call it here)"
+
+
+def _cubin_local_bytes(cubin: bytes) -> int | None:
+    """Local (spilled) memory per thread of a cubin, from the ``cuobjdump`` Triton ships; ``None`` without it."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.access(tool, os.X_OK):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    fields = [w for line in usage.splitlines() if "REG:" in line for w in line.split()]
+    return next(int(w.split(":")[1]) for w in fields if w.startswith("LOCAL:"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm_{a}")
+def test_every_launched_kernel_compiles_without_spilling(launched, arch):
+    from torchquant.kernels import _triton
+
+    target = backends.GPUTarget("cuda", arch, 32)
+    failed, spilled = [], []
+    for (name, types, kw), _ in sorted(launched.items()):
+        fn = getattr(_triton, name)
+        constexprs = {k: v for k, v in kw if k in fn.arg_names}
+        options = {k: v for k, v in kw if k not in fn.arg_names}  # enable_fp_fusion and the like
+        runtime = iter(types)
+        signature = {a: "constexpr" if a in constexprs else next(runtime) for a in fn.arg_names}
+        assert next(runtime, None) is None, f"{name} was launched with more arguments than it takes: {types}"
+        what = f"{name} {types} {constexprs} {options}"
+        try:
+            compiled = triton.compile(
+                compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target, options=options
+            )
+        except Exception as e:  # the compiler's own error types differ between Triton versions
+            failed.append(f"{what}: {type(e).__name__}: {str(e)[:400]}")
+            continue
+        local = _cubin_local_bytes(compiled.asm["cubin"])
+        if local:
+            spilled.append(f"{what}: {local} bytes of local memory per thread")
+    assert not failed, "\n".join(failed)
+    assert not spilled, "\n".join(spilled)
