@@ -654,3 +654,98 @@ def test_clipped_quantizer_without_gradient_writes_no_mask(route):
     assert [name for name, _ in calls["launches"]] == ["fake_quant"]
     assert not calls["kwargs"][0].get("with_mask")  # the call has no gradient to take
     assert same(y, q(x))
+
+
+def test_layouts_that_share_a_parameter_over_runs_of_elements_are_launched_as_runs():
+    """Per channel (a run is a channel's trailing elements, the runs cycling over the channels) and per group
+    along the last axis (a run is a group): the grid is computed once per run. Not: runs shorter than 16,
+    parameters that vary inside a run, a clipped gradient's mask with runs that split its bytes."""
+    k = kernels.interpreted()
+    fit = lambda shape, axis, group=None: k.Layout.for_granularity(torch.Size(shape), axis, group)  # noqa: E731
+
+    def runs(layout, n, mask=False):
+        r = layout.runs(n, mask)
+        return None if r is None else (r[0].gran, r[0].c, r[0].inner, r[1], r[2])
+
+    assert runs(fit((64, 32, 3, 3), 0), 64 * 288) == (k.RUNS, 64, 288, 2, 512)  # a conv weight per channel
+    assert runs(fit((8, 16, 7, 7), 1), 8 * 16 * 49) == (k.RUNS, 16, 49, 16, 64)  # activations: run r, channel r % 16
+    assert runs(fit((6, 512), -1, 128), 6 * 512) == (k.RUNS, 24, 128, 8, 128)  # groups of a row: run r, group r
+    assert runs(fit((512, 4608), 0), 512 * 4608) == (k.RUNS, 512, 4608, 1, 1024)  # a run over five programs
+    assert runs(fit((64, 32, 3, 3), 0), 64 * 288, mask=True) == (k.RUNS, 64, 288, 2, 512)
+    assert runs(fit((64, 3, 3, 3), 0), 64 * 27, mask=True) is None  # 27: bytes of the mask shared by two runs
+    assert runs(fit((64, 3, 3, 3), 0), 64 * 27) is not None
+    assert runs(fit((64, 8), 0), 64 * 8) is None  # runs of 8: a grid per element costs less than the tile
+    assert runs(fit((32, 6, 10), 0, 8), 32 * 60) is None  # groups along a non-last axis vary inside a run
+    assert runs(k.Layout(k.PER_TENSOR), 100) is None
+
+
+RUN_CASES = {
+    # name: (x's shape, granularity, run length): runs of 27, 1100 (two column blocks of a program), 1104 (the
+    # mask's bytes across two column blocks), 49 cycling over 5 channels of 3 samples, groups of 32
+    "conv-weight": ((20, 3, 3, 3), dict(axis=0), 27),
+    "long-rows": ((5, 1100), dict(axis=0), 1100),
+    "long-rows-8": ((5, 1104), dict(axis=0), 1104),
+    "activations": ((3, 5, 7, 7), dict(axis=1), 49),
+    "groups": ((6, 96), dict(axis=-1, group_size=32), 32),
+}
+
+
+class _GranSpy:
+    """Stands for the fake-quant kernel of a kernel module and records the ``GRAN`` each launch took."""
+
+    def __init__(self, module, seen: list) -> None:
+        self._kernel, self._seen = module._fake_quant_kernel, seen
+
+    def __getitem__(self, grid):
+        launch = self._kernel[grid]
+
+        def run(*args, **kw):
+            self._seen.append(kw["GRAN"])
+            return launch(*args, **kw)
+
+        return run
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(RUN_CASES))
+@pytest.mark.parametrize("quantizer", ["affine-clip", "qfmt", "grid"])
+def test_fake_quant_in_runs_matches_the_cpu(route, monkeypatch, case, quantizer, dtype):
+    """Per-channel and per-group grids launched as runs (several runs a program, or a run over several
+    programs; runs that do not fill the last program): outputs and clipped gradients as the CPU's."""
+    shape, gran, run = RUN_CASES[case]
+    module = kernels.interpreted() if route.name == "interpreter" else kernels._compiled()
+    seen: list = []
+    monkeypatch.setattr(module, "_fake_quant_kernel", _GranSpy(module, seen))
+    x = special(shape).to(dtype)
+    grad = torch.linspace(-1, 1, x.numel()).view(shape).to(dtype)
+    if quantizer == "grid":  # affine_quantize with a step and zero point per channel, or per group of a row's view
+        axis = gran["axis"] % len(shape)
+        if "group_size" in gran:
+            x, grad = x.view(shape[0], -1, gran["group_size"]), grad.view(shape[0], -1, gran["group_size"])
+            p_shape = (shape[0], x.shape[1], 1)
+        else:
+            p_shape = tuple(s if i == axis else 1 for i, s in enumerate(shape))
+        g = torch.Generator().manual_seed(0)
+        delta = torch.rand(p_shape, generator=g) * 0.2 + 0.05
+        zp = torch.randint(0, 16, p_shape, generator=g).float()
+        ref_fn = lambda t: tq.affine_quantize(t, delta, zp, 16)  # noqa: E731
+        ker_fn = lambda t: tq.affine_quantize(t, route.to(delta), route.to(zp), 16)  # noqa: E731
+    else:
+        obs = tq.BatchMinMax(**gran)
+        if quantizer == "affine-clip":
+            q = tq.AffineQuantizer(4, obs, gradient_clip=True)
+        else:
+            q = tq.QfmtQuantizer(6, True, obs)
+        q.pre_observe(x.nan_to_num(0.0).clamp(-4, 4))  # finite ranges, and a grid that clips part of x
+        ref_fn, ker_fn = q, route.to(q)
+    x = x.requires_grad_()
+    ref = ref_fn(x)
+    ref.backward(grad)
+    xk = route.to(x)
+    with route.on():
+        out = ker_fn(xk)
+        out.backward(route.to(grad))
+    # runs of a length not a multiple of 8 would split the clipped gradient's mask bytes: element by element
+    assert seen == [1 if quantizer == "affine-clip" and run % 8 else 2]
+    assert same(out, ref)
+    assert same(xk.grad, x.grad)

@@ -10,7 +10,8 @@ with a dozen more tiny ones; here one kernel does each job:
 * :func:`fake_quant_ranges`: the same, with the grid computed inside the kernel from an
   observer's compact ``(min, max)`` exactly as :meth:`AffineQuantizer.qparams
   <torchquant.AffineQuantizer.qparams>` does, per tensor, channel or group (the eager CUDA
-  path of :class:`~torchquant.AffineQuantizer`); :func:`fake_quant_qfmt` and
+  path of :class:`~torchquant.AffineQuantizer`; a per-channel or per-group grid is computed
+  once per run of the elements that share it, not per element); :func:`fake_quant_qfmt` and
   :func:`minifloat_ranges` do the same for :class:`~torchquant.QfmtQuantizer`'s step
   and :class:`~torchquant.MinifloatQuantizer`'s scale;
 * :func:`observe_minmax`: one launch folds a batch's ``(min, max)`` into the state of

@@ -10,6 +10,7 @@ through Triton's interpreter, which is how CI checks the kernels bit for bit wit
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -20,8 +21,8 @@ from torch import Tensor
 _BLOCK = 1024
 _OBS_BLOCK = 1024
 
-# Granularity layouts of the compact parameter tensors, see Layout.
-PER_TENSOR, INDEXED = 0, 1
+# Granularity layouts of the compact parameter tensors, see Layout (RUNS: Layout.runs).
+PER_TENSOR, INDEXED, RUNS = 0, 1, 2
 # What the parameter pointers hold (see _params).
 MODE_GRID, MODE_BOUNDS, MODE_RANGES, MODE_QFMT = 0, 1, 2, 3
 
@@ -107,13 +108,16 @@ def _param_index(offs, C, INNER, G, RO, RC, RI):
 def _params(offs, mask, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
             MODE: tl.constexpr, GRAN: tl.constexpr, SYMMETRIC: tl.constexpr, POW2: tl.constexpr,
             FIXED_ZP: tl.constexpr):
-    # (step, lowest code, highest code) for the elements at offs.
+    # (step, lowest code, highest code) for the elements at offs; with RUNS, offs are the parameters' indices.
     if GRAN == 0:
         a = tl.load(a_ptr).to(tl.float32)
         if MODE != 1:
             b = tl.load(b_ptr).to(tl.float32)
     else:
-        p = _param_index(offs, C, INNER, G, RO, RC, RI)
+        if GRAN == 2:  # noqa: SIM108 (a constexpr branch: the other side is not compiled)
+            p = offs
+        else:
+            p = _param_index(offs, C, INNER, G, RO, RC, RI)
         a = tl.load(a_ptr + p, mask=mask, other=1.0).to(tl.float32)
         if MODE != 1:
             b = tl.load(b_ptr + p, mask=mask, other=0.0).to(tl.float32)
@@ -146,12 +150,24 @@ def _qfmt_step(mn, mx, width):
 @triton.jit
 def _fake_quant_kernel(x_ptr, m_ptr, out_ptr, n, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
                        MODE: tl.constexpr, GRAN: tl.constexpr, SYMMETRIC: tl.constexpr, POW2: tl.constexpr,
-                       FIXED_ZP: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr, MASK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+                       FIXED_ZP: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr, MASK: tl.constexpr,
+                       ROWS: tl.constexpr):
+    if GRAN == 2:
+        # ROWS runs of INNER elements by BLOCK of their columns: the grid once per run (run r reads parameter
+        # r % C), not an index and a grid per element
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
+        row_ok = rows < n // INNER
+        mask = row_ok & (cols < INNER)
+        offs = rows * INNER + cols
+        delta, lo_c, hi_c = _params(rows % C, row_ok, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
+                                    MODE, GRAN, SYMMETRIC, POW2, FIXED_ZP)
+    else:
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        delta, lo_c, hi_c = _params(offs, mask, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
+                                    MODE, GRAN, SYMMETRIC, POW2, FIXED_ZP)
     x = _load(x_ptr + offs, mask, BF16)
-    delta, lo_c, hi_c = _params(offs, mask, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
-                                MODE, GRAN, SYMMETRIC, POW2, FIXED_ZP)
     v = tl.math.div_rn(x.to(tl.float32), delta)
     v = tl.where(v < lo_c, lo_c, v)  # comparisons keep NaN, as torch.clamp does
     v = tl.where(v > hi_c, hi_c, v)
@@ -159,11 +175,18 @@ def _fake_quant_kernel(x_ptr, m_ptr, out_ptr, n, a_ptr, b_ptr, lo, hi, nlm1, fix
     _store(out_ptr + offs, out, mask, BF16)
     if MASK:
         # The clipped STE's mask, lo_code * step <= x <= hi_code * step, a bit per element: element e is bit
-        # e % 8 of byte e // 8 (BLOCK is a multiple of 8, so a program writes whole bytes of its own).
+        # e % 8 of byte e // 8 (BLOCK, and with RUNS the run length, is a multiple of 8, so a program writes
+        # whole bytes of its own).
         inside = ((x >= lo_c * delta) & (x <= hi_c * delta)).to(tl.int32)
-        packed = tl.reduce(tl.reshape(inside, (BLOCK // 8, 8)) * (1 << tl.arange(0, 8))[None, :], 1, _add)
-        boffs = tl.program_id(0) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
-        tl.store(m_ptr + boffs, packed.to(tl.uint8), mask=boffs * 8 < n)  # n + 7 could overflow int32
+        if GRAN == 2:
+            packed = tl.reduce(tl.reshape(inside, (ROWS, BLOCK // 8, 8)) * (1 << tl.arange(0, 8))[None, None, :],
+                               2, _add)
+            bcols = tl.program_id(1) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)[None, :]
+            tl.store(m_ptr + rows * (INNER // 8) + bcols, packed.to(tl.uint8), mask=row_ok & (bcols * 8 < INNER))
+        else:
+            packed = tl.reduce(tl.reshape(inside, (BLOCK // 8, 8)) * (1 << tl.arange(0, 8))[None, :], 1, _add)
+            boffs = tl.program_id(0) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+            tl.store(m_ptr + boffs, packed.to(tl.uint8), mask=boffs * 8 < n)  # n + 7 could overflow int32
 
 
 @triton.jit
@@ -384,6 +407,18 @@ class Layout:
     def args(self) -> tuple[int, ...]:
         return self.c, self.inner, self.g, self.ro, self.rc, self.ri
 
+    def runs(self, n: int, with_mask: bool) -> tuple[Layout, int, int] | None:
+        """This layout on ``n`` elements as runs of consecutive elements that share a parameter, or ``None``.
+
+        Returns ``(layout, rows, block)``: a ``RUNS`` layout (``inner``: the run length L; run ``r`` reads
+        parameter ``r % c``) and the tile of a program, ``rows`` runs by ``block`` of their elements, so that
+        the fake-quant kernel computes a grid once per run instead of an index and a grid per element. Fits
+        per-channel parameters (a run is a channel's ``inner`` elements) and per-group ones along the last
+        axis (a run is a group), with runs of at least 16 elements (a multiple of 8 with the clipped
+        gradient's mask, whose bytes a program then writes whole).
+        """
+        return _runs(self.gran, *self.args(), n, with_mask)
+
     @staticmethod
     def for_granularity(shape: torch.Size, axis: int | None, group_size: int | None) -> Layout:
         """The layout of an observer's compact ``(min, max)`` (``Granularity.compact_shape``)."""
@@ -418,6 +453,30 @@ class Layout:
         return Layout(INDEXED, p.numel(), math.prod(x.shape[last + 1 :]), 1, 0, 1, 0)
 
 
+@functools.lru_cache(maxsize=4096)
+def _runs(
+    gran: int, c: int, inner: int, g: int, ro: int, rc: int, ri: int, n: int, with_mask: bool
+) -> tuple[Layout, int, int] | None:
+    # Element e = (o, k, i) of the (outer, c, inner) view reads o * ro + (k // g) * rc + i * ri: constant over
+    # runs of L = g * inner elements when ri does not vary it; run r = o * (c // g) + k // g reads
+    # r % (c // g) when ro == 0 (per channel), r when ro == c // g (consecutive groups); both need rc == 1.
+    if gran != INDEXED or (ri and inner != 1) or rc != 1:
+        return None
+    groups, length = c // g, g * inner
+    if ro == 0:
+        modulus = groups
+    elif ro == groups:
+        modulus = n // length
+    else:
+        return None
+    if length < 16 or (with_mask and length % 8) or n % length:
+        return None
+    block = min(_BLOCK, triton.next_power_of_2(length))
+    if (length + block - 1) // block > 65535:  # the grid's second dimension
+        return None
+    return Layout(RUNS, modulus, length), _BLOCK // block, block
+
+
 def _grid(n: int) -> tuple[int]:
     return ((n + _BLOCK - 1) // _BLOCK,)  # not triton.cdiv: a JIT function, 8 us per host call
 
@@ -445,14 +504,20 @@ def _launch_grid(
     **meta: bool,
 ) -> Tensor:
     """Launch a kernel taking ``(*tensors, out, n)`` then the grid's parameters (see _params) and the
-    constexprs ``meta``; return ``out``."""
+    constexprs ``meta``; return ``out``. An indexed layout that :meth:`Layout.runs` fits is launched as runs."""
     n = out.numel()
     if n:
-        kernel[_grid(n)](
+        runs = layout.runs(n, bool(meta.get("MASK"))) if layout.gran == INDEXED else None
+        if runs is None:
+            grid, rows, block = _grid(n), 1, _BLOCK
+        else:
+            layout, rows, block = runs
+            grid = ((n // layout.inner + rows - 1) // rows, (layout.inner + block - 1) // block)
+        kernel[grid](
             *map(_bits, tensors), _bits(out), n, a, a if b is None else b, float(lo), float(hi),
             float(n_levels - 1), 0.0 if fixed_zp is None else float(fixed_zp), *layout.args(),
             MODE=mode, GRAN=layout.gran, SYMMETRIC=bool(symmetric), POW2=bool(power_of_two),
-            FIXED_ZP=fixed_zp is not None, BF16=bf16, BLOCK=_BLOCK, **meta,
+            FIXED_ZP=fixed_zp is not None, BF16=bf16, BLOCK=block, ROWS=rows, **meta,
         )  # fmt: skip
     return out
 
