@@ -691,10 +691,10 @@ RUN_CASES = {
 
 
 class _GranSpy:
-    """Stands for the fake-quant kernel of a kernel module and records the ``GRAN`` each launch took."""
+    """Stands for a kernel of a kernel module and records the ``GRAN`` each launch took."""
 
-    def __init__(self, module, seen: list) -> None:
-        self._kernel, self._seen = module._fake_quant_kernel, seen
+    def __init__(self, kernel, seen: list) -> None:
+        self._kernel, self._seen = kernel, seen
 
     def __getitem__(self, grid):
         launch = self._kernel[grid]
@@ -706,16 +706,26 @@ class _GranSpy:
         return run
 
 
+RUN_KERNELS = {
+    "affine-clip": ["_fake_quant_kernel"],
+    "qfmt": ["_fake_quant_kernel"],
+    "grid": ["_fake_quant_kernel"],
+    "lsq-plus": ["_lsq_fwd_kernel", "_lsq_bwd_kernel"],
+    "minifloat": ["_minifloat_kernel"],
+}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(RUN_CASES))
-@pytest.mark.parametrize("quantizer", ["affine-clip", "qfmt", "grid"])
-def test_fake_quant_in_runs_matches_the_cpu(route, monkeypatch, case, quantizer, dtype):
-    """Per-channel and per-group grids launched as runs (several runs a program, or a run over several
-    programs; runs that do not fill the last program): outputs and clipped gradients as the CPU's."""
+@pytest.mark.parametrize("quantizer", list(RUN_KERNELS))
+def test_kernels_in_runs_match_the_cpu(route, monkeypatch, case, quantizer, dtype):
+    """Per-channel and per-group parameters launched as runs (several runs a program, or a run over several
+    programs; runs that do not fill the last program): outputs and gradients as the CPU's."""
     shape, gran, run = RUN_CASES[case]
     module = kernels.interpreted() if route.name == "interpreter" else kernels._compiled()
     seen: list = []
-    monkeypatch.setattr(module, "_fake_quant_kernel", _GranSpy(module, seen))
+    for name in RUN_KERNELS[quantizer]:
+        monkeypatch.setattr(module, name, _GranSpy(getattr(module, name), seen))
     x = special(shape).to(dtype)
     grad = torch.linspace(-1, 1, x.numel()).view(shape).to(dtype)
     if quantizer == "grid":  # affine_quantize with a step and zero point per channel, or per group of a row's view
@@ -731,12 +741,15 @@ def test_fake_quant_in_runs_matches_the_cpu(route, monkeypatch, case, quantizer,
         ref_fn = lambda t: tq.affine_quantize(t, delta, zp, 16)  # noqa: E731
         ker_fn = lambda t: tq.affine_quantize(t, route.to(delta), route.to(zp), 16)  # noqa: E731
     else:
-        obs = tq.BatchMinMax(**gran)
         if quantizer == "affine-clip":
-            q = tq.AffineQuantizer(4, obs, gradient_clip=True)
+            q = tq.AffineQuantizer(4, tq.BatchMinMax(**gran), gradient_clip=True)
+        elif quantizer == "qfmt":
+            q = tq.QfmtQuantizer(6, True, tq.BatchMinMax(**gran))
+        elif quantizer == "minifloat":
+            q = tq.MinifloatQuantizer("fp8_e4m3", tq.BatchMinMax(**gran))
         else:
-            q = tq.QfmtQuantizer(6, True, obs)
-        q.pre_observe(x.nan_to_num(0.0).clamp(-4, 4))  # finite ranges, and a grid that clips part of x
+            q = tq.LSQPlusQuantizer(4, **gran)
+        q.pre_observe(x.nan_to_num(0.0).clamp(-4, 4))  # finite ranges (LSQ+: its first step and offset)
         ref_fn, ker_fn = q, route.to(q)
     x = x.requires_grad_()
     ref = ref_fn(x)
@@ -746,6 +759,9 @@ def test_fake_quant_in_runs_matches_the_cpu(route, monkeypatch, case, quantizer,
         out = ker_fn(xk)
         out.backward(route.to(grad))
     # runs of a length not a multiple of 8 would split the clipped gradient's mask bytes: element by element
-    assert seen == [1 if quantizer == "affine-clip" and run % 8 else 2]
+    assert seen == [1 if quantizer == "affine-clip" and run % 8 else 2] * len(RUN_KERNELS[quantizer])
     assert same(out, ref)
     assert same(xk.grad, x.grad)
+    if quantizer == "lsq-plus":  # the step and offset gradients: sums of the per-element terms, in another order
+        for a, b in zip(ker_fn.parameters(), ref_fn.parameters(), strict=True):
+            torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-4, atol=1e-4, equal_nan=True)

@@ -10,14 +10,17 @@ with a dozen more tiny ones; here one kernel does each job:
 * :func:`fake_quant_ranges`: the same, with the grid computed inside the kernel from an
   observer's compact ``(min, max)`` exactly as :meth:`AffineQuantizer.qparams
   <torchquant.AffineQuantizer.qparams>` does, per tensor, channel or group (the eager CUDA
-  path of :class:`~torchquant.AffineQuantizer`; a per-channel or per-group grid is computed
-  once per run of the elements that share it, not per element); :func:`fake_quant_qfmt` and
+  path of :class:`~torchquant.AffineQuantizer`); :func:`fake_quant_qfmt` and
   :func:`minifloat_ranges` do the same for :class:`~torchquant.QfmtQuantizer`'s step
   and :class:`~torchquant.MinifloatQuantizer`'s scale;
 * :func:`observe_minmax`: one launch folds a batch's ``(min, max)`` into the state of
   ``BatchMinMax``, ``RunningMinMax`` or ``ExpAvgMinMax``, with no host synchronisation: a
   batch containing NaN or Inf leaves the state unchanged and is counted on the device, and
   the observer raises when its ranges are next read from the host.
+
+Per-channel and per-group parameters (a grid, an LSQ step, a minifloat scale) are read and
+turned into a grid once per run of the elements that share them (a channel's, a group's), not
+per element (``Layout.runs``).
 
 A QAT call (observe, then quantize) is then three launches (``aminmax``, the update, the
 fake quant) with no ``.item()``, so a QAT step can be captured in a CUDA graph.

@@ -105,6 +105,22 @@ def _param_index(offs, C, INNER, G, RO, RC, RI):
 
 
 @triton.jit
+def _tile(n, C, INNER, GRAN: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # This program's elements: (offsets, their mask, where their parameters are, that mask). With RUNS, ROWS runs
+    # of INNER elements by BLOCK of their columns, run r reading parameter r % C: a parameter and a grid per run,
+    # not an index and a grid per element; otherwise BLOCK consecutive elements (_params / _param_pair index them).
+    if GRAN == 2:
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
+        row_ok = rows < n // INNER
+        return rows * INNER + cols, row_ok & (cols < INNER), rows % C, row_ok
+    else:
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        return offs, mask, offs, mask
+
+
+@triton.jit
 def _params(offs, mask, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
             MODE: tl.constexpr, GRAN: tl.constexpr, SYMMETRIC: tl.constexpr, POW2: tl.constexpr,
             FIXED_ZP: tl.constexpr):
@@ -152,21 +168,9 @@ def _fake_quant_kernel(x_ptr, m_ptr, out_ptr, n, a_ptr, b_ptr, lo, hi, nlm1, fix
                        MODE: tl.constexpr, GRAN: tl.constexpr, SYMMETRIC: tl.constexpr, POW2: tl.constexpr,
                        FIXED_ZP: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr, MASK: tl.constexpr,
                        ROWS: tl.constexpr):
-    if GRAN == 2:
-        # ROWS runs of INNER elements by BLOCK of their columns: the grid once per run (run r reads parameter
-        # r % C), not an index and a grid per element
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
-        row_ok = rows < n // INNER
-        mask = row_ok & (cols < INNER)
-        offs = rows * INNER + cols
-        delta, lo_c, hi_c = _params(rows % C, row_ok, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
-                                    MODE, GRAN, SYMMETRIC, POW2, FIXED_ZP)
-    else:
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        delta, lo_c, hi_c = _params(offs, mask, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
-                                    MODE, GRAN, SYMMETRIC, POW2, FIXED_ZP)
+    offs, mask, p, p_mask = _tile(n, C, INNER, GRAN, ROWS, BLOCK)
+    delta, lo_c, hi_c = _params(p, p_mask, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
+                                MODE, GRAN, SYMMETRIC, POW2, FIXED_ZP)
     x = _load(x_ptr + offs, mask, BF16)
     v = tl.math.div_rn(x.to(tl.float32), delta)
     v = tl.where(v < lo_c, lo_c, v)  # comparisons keep NaN, as torch.clamp does
@@ -181,8 +185,9 @@ def _fake_quant_kernel(x_ptr, m_ptr, out_ptr, n, a_ptr, b_ptr, lo, hi, nlm1, fix
         if GRAN == 2:
             packed = tl.reduce(tl.reshape(inside, (ROWS, BLOCK // 8, 8)) * (1 << tl.arange(0, 8))[None, None, :],
                                2, _add)
+            rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]  # as _tile's
             bcols = tl.program_id(1) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)[None, :]
-            tl.store(m_ptr + rows * (INNER // 8) + bcols, packed.to(tl.uint8), mask=row_ok & (bcols * 8 < INNER))
+            tl.store(m_ptr + rows * (INNER // 8) + bcols, packed.to(tl.uint8), mask=p_mask & (bcols * 8 < INNER))
         else:
             packed = tl.reduce(tl.reshape(inside, (BLOCK // 8, 8)) * (1 << tl.arange(0, 8))[None, :], 1, _add)
             boffs = tl.program_id(0) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
@@ -255,12 +260,12 @@ def _observe_kernel(bmin_ptr, bmax_ptr, min_ptr, max_ptr, ema_min_ptr, ema_max_p
 
 @triton.jit
 def _lsq_fwd_kernel(x_ptr, out_ptr, s_ptr, b_ptr, n, qn, qp, C, INNER, G, RO, RC, RI,
-                    GRAN: tl.constexpr, OFFSET: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
+                    GRAN: tl.constexpr, OFFSET: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr,
+                    ROWS: tl.constexpr):
     # clamp(round((x - b) / s), -qn, qp) * s + b, each operation rounded (no FMA), as on the CPU.
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    offs, mask, p, p_mask = _tile(n, C, INNER, GRAN, ROWS, BLOCK)
     x = _load(x_ptr + offs, mask, BF16)
-    s, b = _param_pair(offs, mask, s_ptr, b_ptr, C, INNER, G, RO, RC, RI, GRAN, OFFSET)
+    s, b = _param_pair(p, p_mask, s_ptr, b_ptr, C, INNER, G, RO, RC, RI, GRAN, OFFSET)
     v = tl.math.div_rn(x - b, s)  # b is +0.0 without an offset: x - 0.0 == x
     q = _round_half_even(v)
     q = tl.where(q < -qn, -qn, q)
@@ -280,7 +285,10 @@ def _param_pair(offs, mask, s_ptr, b_ptr, C, INNER, G, RO, RC, RI, GRAN: tl.cons
         if OFFSET:
             b = tl.load(b_ptr).to(tl.float32)
     else:
-        p = _param_index(offs, C, INNER, G, RO, RC, RI)
+        if GRAN == 2:  # noqa: SIM108 (a constexpr branch: the other side is not compiled)
+            p = offs
+        else:
+            p = _param_index(offs, C, INNER, G, RO, RC, RI)
         s = tl.load(s_ptr + p, mask=mask, other=1.0).to(tl.float32)
         b = s * 0.0
         if OFFSET:
@@ -290,14 +298,14 @@ def _param_pair(offs, mask, s_ptr, b_ptr, C, INNER, G, RO, RC, RI, GRAN: tl.cons
 
 @triton.jit
 def _lsq_bwd_kernel(g_ptr, x_ptr, gx_ptr, ts_ptr, tb_ptr, s_ptr, b_ptr, n, qn, qp, C, INNER, G, RO, RC, RI,
-                    GRAN: tl.constexpr, OFFSET: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
+                    GRAN: tl.constexpr, OFFSET: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr,
+                    ROWS: tl.constexpr):
     # LSQ's gradients (Esser et al. 2020, eq. 3; Bhalgat et al. 2020), per element; the caller
     # sums ts and tb to the parameters' shapes. v and q are recomputed from x, not stored.
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    offs, mask, p, p_mask = _tile(n, C, INNER, GRAN, ROWS, BLOCK)
     x = _load(x_ptr + offs, mask, BF16)
     g = _load(g_ptr + offs, mask, BF16)
-    s, b = _param_pair(offs, mask, s_ptr, b_ptr, C, INNER, G, RO, RC, RI, GRAN, OFFSET)
+    s, b = _param_pair(p, p_mask, s_ptr, b_ptr, C, INNER, G, RO, RC, RI, GRAN, OFFSET)
     v = tl.math.div_rn(x - b, s)  # b is +0.0 without an offset: x - 0.0 == x
     q = _round_half_even(v)
     q = tl.where(q < -qn, -qn, q)
@@ -343,13 +351,13 @@ def _minifloat(y, man_bits, e_min, max_value):
 
 @triton.jit
 def _minifloat_kernel(x_ptr, out_ptr, a_ptr, b_ptr, n, man_bits, e_min, max_value, C, INNER, G, RO, RC, RI,
-                      RANGES: tl.constexpr, GRAN: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
+                      RANGES: tl.constexpr, GRAN: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr,
+                      ROWS: tl.constexpr):
     # a: the scale; or, with RANGES, a range min and b its max, the scale max(|a|, |b|) / max_value
     # (at least the smallest normal), as MinifloatQuantizer.scale computes it.
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    offs, mask, p, p_mask = _tile(n, C, INNER, GRAN, ROWS, BLOCK)
     x = _load(x_ptr + offs, mask, BF16)
-    a, b = _param_pair(offs, mask, a_ptr, b_ptr, C, INNER, G, RO, RC, RI, GRAN, RANGES)
+    a, b = _param_pair(p, p_mask, a_ptr, b_ptr, C, INNER, G, RO, RC, RI, GRAN, RANGES)
     if RANGES:  # noqa: SIM108 (a constexpr branch); the smallest normal float32 at least
         s = tl.maximum(tl.math.div_rn(tl.maximum(tl.abs(a), tl.abs(b)), max_value), 1.1754943508222875e-38)
     else:
@@ -481,6 +489,15 @@ def _grid(n: int) -> tuple[int]:
     return ((n + _BLOCK - 1) // _BLOCK,)  # not triton.cdiv: a JIT function, 8 us per host call
 
 
+def _tiling(layout: Layout, n: int, with_mask: bool = False) -> tuple[Layout, tuple[int, ...], int, int]:
+    """``(layout, grid, rows, block)`` of a launch over ``n`` elements: as runs where :meth:`Layout.runs` fits."""
+    runs = layout.runs(n, with_mask) if layout.gran == INDEXED else None
+    if runs is None:
+        return layout, _grid(n), 1, _BLOCK
+    layout, rows, block = runs
+    return layout, ((n // layout.inner + rows - 1) // rows, (layout.inner + block - 1) // block), rows, block
+
+
 def _bits(t: Tensor) -> Tensor:
     # What a kernel gets for a tensor: bfloat16 as its int16 bits (see _load / _store).
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
@@ -507,12 +524,7 @@ def _launch_grid(
     constexprs ``meta``; return ``out``. An indexed layout that :meth:`Layout.runs` fits is launched as runs."""
     n = out.numel()
     if n:
-        runs = layout.runs(n, bool(meta.get("MASK"))) if layout.gran == INDEXED else None
-        if runs is None:
-            grid, rows, block = _grid(n), 1, _BLOCK
-        else:
-            layout, rows, block = runs
-            grid = ((n // layout.inner + rows - 1) // rows, (layout.inner + block - 1) // block)
+        layout, grid, rows, block = _tiling(layout, n, bool(meta.get("MASK")))
         kernel[grid](
             *map(_bits, tensors), _bits(out), n, a, a if b is None else b, float(lo), float(hi),
             float(n_levels - 1), 0.0 if fixed_zp is None else float(fixed_zp), *layout.args(),
@@ -604,9 +616,10 @@ def lsq_forward(x: Tensor, step: Tensor, offset: Tensor | None, layout: Layout, 
     if n == 0:
         return out
     bf16 = x.dtype == torch.bfloat16
-    _lsq_fwd_kernel[_grid(n)](
+    layout, grid, rows, block = _tiling(layout, n)
+    _lsq_fwd_kernel[grid](
         _bits(x), _bits(out), step, step if offset is None else offset, n, float(qn), float(qp),
-        *layout.args(), GRAN=layout.gran, OFFSET=offset is not None, BF16=bf16, BLOCK=_BLOCK,
+        *layout.args(), GRAN=layout.gran, OFFSET=offset is not None, BF16=bf16, BLOCK=block, ROWS=rows,
         enable_fp_fusion=False,
     )  # fmt: skip
     return out
@@ -621,10 +634,11 @@ def lsq_backward(
     ts = torch.empty_like(gx)
     tb = torch.empty_like(gx) if offset is not None else None
     if n:
-        _lsq_bwd_kernel[_grid(n)](
+        layout, grid, rows, block = _tiling(layout, n)
+        _lsq_bwd_kernel[grid](
             _bits(grad), _bits(x), gx, ts, ts if tb is None else tb, step, step if offset is None else offset, n,
             float(qn), float(qp), *layout.args(), GRAN=layout.gran, OFFSET=offset is not None,
-            BF16=x.dtype == torch.bfloat16, BLOCK=_BLOCK,
+            BF16=x.dtype == torch.bfloat16, BLOCK=block, ROWS=rows,
             enable_fp_fusion=False,
         )  # fmt: skip
     return gx, ts, tb
@@ -643,9 +657,10 @@ def minifloat(
     if n == 0:
         return out
     bf16 = x.dtype == torch.bfloat16
-    _minifloat_kernel[_grid(n)](
+    layout, grid, rows, block = _tiling(layout, n)
+    _minifloat_kernel[grid](
         _bits(x), _bits(out), a, a if b is None else b, n, float(man_bits), float(1 - bias), float(max_value),
-        *layout.args(), RANGES=b is not None, GRAN=layout.gran, BF16=bf16, BLOCK=_BLOCK,
+        *layout.args(), RANGES=b is not None, GRAN=layout.gran, BF16=bf16, BLOCK=block, ROWS=rows,
     )  # fmt: skip
     return out
 
