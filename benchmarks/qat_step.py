@@ -36,7 +36,9 @@ gradients are freed between steps), ``max_memory_allocated`` after
 ``reset_peak_memory_stats`` minus ``memory_allocated`` before, measured for each variant
 on one step of its own. The build column is the time of the first (eager) step and, for
 compiled rows, of the two compiling steps. The host column is the time to issue a step (Python, dispatch
-and launches) before the synchronisation: near the step time, the step is bound by the host, not the GPU.
+and launches) before the synchronisation: well below the step time, the GPU bounds the step; near it, the host
+does, or the host waited for the GPU (a full launch queue, about a thousand kernels, or an allocation that
+synchronises): the profile (``--profile``) tells them apart.
 Targets (issue 16): torchquant eager (the rows doing
 torch.ao's work) <= torch.ao eager QAT's time, torchquant compiled <= 1.05x compiled float32, peak step memory <= 1.3x
 float32's in the same mode. ``--profile`` adds, per eager variant (float32 and

@@ -659,7 +659,8 @@ def test_clipped_quantizer_without_gradient_writes_no_mask(route):
 def test_layouts_that_share_a_parameter_over_runs_of_elements_are_launched_as_runs():
     """Per channel (a run is a channel's trailing elements, the runs cycling over the channels) and per group
     along the last axis (a run is a group): the grid is computed once per run. Not: runs shorter than 16,
-    parameters that vary inside a run, a clipped gradient's mask with runs that split its bytes."""
+    short runs not a multiple of 16 long (a thread would take several runs' elements one by one), parameters
+    that vary inside a run, a clipped gradient's mask with runs that split its bytes."""
     k = kernels.interpreted()
     fit = lambda shape, axis, group=None: k.Layout.for_granularity(torch.Size(shape), axis, group)  # noqa: E731
 
@@ -668,25 +669,30 @@ def test_layouts_that_share_a_parameter_over_runs_of_elements_are_launched_as_ru
         return None if r is None else (r[0].gran, r[0].c, r[0].inner, r[1], r[2])
 
     assert runs(fit((64, 32, 3, 3), 0), 64 * 288) == (k.RUNS, 64, 288, 2, 512)  # a conv weight per channel
-    assert runs(fit((8, 16, 7, 7), 1), 8 * 16 * 49) == (k.RUNS, 16, 49, 16, 64)  # activations: run r, channel r % 16
+    assert runs(fit((8, 16, 4, 4), 1), 8 * 16 * 16) == (k.RUNS, 16, 16, 64, 16)  # activations: run r, channel r % 16
     assert runs(fit((6, 512), -1, 128), 6 * 512) == (k.RUNS, 24, 128, 8, 128)  # groups of a row: run r, group r
     assert runs(fit((512, 4608), 0), 512 * 4608) == (k.RUNS, 512, 4608, 1, 1024)  # a run over five programs
     assert runs(fit((64, 32, 3, 3), 0), 64 * 288, mask=True) == (k.RUNS, 64, 288, 2, 512)
-    assert runs(fit((64, 3, 3, 3), 0), 64 * 27, mask=True) is None  # 27: bytes of the mask shared by two runs
-    assert runs(fit((64, 3, 3, 3), 0), 64 * 27) is not None
+    assert runs(fit((8, 16, 7, 7), 1), 8 * 16 * 49) is None  # 49: unaligned short runs
+    assert runs(fit((64, 300), 0), 64 * 300) == (k.RUNS, 64, 300, 2, 512)  # unaligned but long: a row a thread
+    assert runs(fit((64, 300), 0), 64 * 300, mask=True) is None  # 300: bytes of the mask shared by two runs
     assert runs(fit((64, 8), 0), 64 * 8) is None  # runs of 8: a grid per element costs less than the tile
     assert runs(fit((32, 6, 10), 0, 8), 32 * 60) is None  # groups along a non-last axis vary inside a run
     assert runs(k.Layout(k.PER_TENSOR), 100) is None
 
 
 RUN_CASES = {
-    # name: (x's shape, granularity, run length): runs of 27, 1100 (two column blocks of a program), 1104 (the
-    # mask's bytes across two column blocks), 49 cycling over 5 channels of 3 samples, groups of 32
-    "conv-weight": ((20, 3, 3, 3), dict(axis=0), 27),
-    "long-rows": ((5, 1100), dict(axis=0), 1100),
-    "long-rows-8": ((5, 1104), dict(axis=0), 1104),
-    "activations": ((3, 5, 7, 7), dict(axis=1), 49),
-    "groups": ((6, 96), dict(axis=-1, group_size=32), 32),
+    # name: (x's shape, granularity, launched as runs without the clipped gradient's mask, with it): runs of 16
+    # (64 runs a program, 20 of them filled), 1104 (two column blocks of a program, the mask's bytes across
+    # them), 1100 (unaligned and long), 32 cycling over 5 channels of 3 samples, groups of 32; element by
+    # element: 27 and 49 (unaligned and short)
+    "conv-weight": ((20, 4, 2, 2), dict(axis=0), True, True),
+    "long-rows": ((5, 1104), dict(axis=0), True, True),
+    "long-rows-unaligned": ((5, 1100), dict(axis=0), True, False),
+    "activations": ((3, 5, 4, 8), dict(axis=1), True, True),
+    "groups": ((6, 96), dict(axis=-1, group_size=32), True, True),
+    "unaligned-weight": ((20, 3, 3, 3), dict(axis=0), False, False),
+    "unaligned-activations": ((3, 5, 7, 7), dict(axis=1), False, False),
 }
 
 
@@ -720,8 +726,9 @@ RUN_KERNELS = {
 @pytest.mark.parametrize("quantizer", list(RUN_KERNELS))
 def test_kernels_in_runs_match_the_cpu(route, monkeypatch, case, quantizer, dtype):
     """Per-channel and per-group parameters launched as runs (several runs a program, or a run over several
-    programs; runs that do not fill the last program): outputs and gradients as the CPU's."""
-    shape, gran, run = RUN_CASES[case]
+    programs; runs that do not fill the last program), or element by element where runs do not pay: outputs
+    and gradients as the CPU's."""
+    shape, gran, as_runs, as_runs_masked = RUN_CASES[case]
     module = kernels.interpreted() if route.name == "interpreter" else kernels._compiled()
     seen: list = []
     for name in RUN_KERNELS[quantizer]:
@@ -758,8 +765,8 @@ def test_kernels_in_runs_match_the_cpu(route, monkeypatch, case, quantizer, dtyp
     with route.on():
         out = ker_fn(xk)
         out.backward(route.to(grad))
-    # runs of a length not a multiple of 8 would split the clipped gradient's mask bytes: element by element
-    assert seen == [1 if quantizer == "affine-clip" and run % 8 else 2] * len(RUN_KERNELS[quantizer])
+    assert seen == [2 if (as_runs_masked if quantizer == "affine-clip" else as_runs) else 1] * len(seen)
+    assert len(seen) == len(RUN_KERNELS[quantizer])
     assert same(out, ref)
     assert same(xk.grad, x.grad)
     if quantizer == "lsq-plus":  # the step and offset gradients: sums of the per-element terms, in another order

@@ -7,9 +7,10 @@ compiled ahead of time for NVIDIA sm_90 (H100, H200) with the Triton that torch 
 Triton IR down to a cubin by the ``ptxas`` its wheel ships, no device needed. The
 specialisations come from the registry: each registered quantizer and observer runs two QAT
 steps in float32, float16 and bfloat16 on the kernel path with every launch recorded (kernel,
-argument types, constexprs, compile options) and not run, plus the functional primitives with
-parameters in the input's dtype. A kernel no quantizer reaches fails the coverage test, so a
-new one is compiled here once something launches it.
+argument types, constexprs, compile options, and the values Triton's launcher specialises on:
+pointers and integers divisible by 16, integers equal to 1) and not run, plus the functional
+primitives with parameters in the input's dtype and per-channel runs in every tile size. A
+kernel no quantizer reaches, or a tile size none launches, fails the coverage test.
 
 The GPU machine may have another Triton version than this one; this checks the source, not
 that machine's compiler.
@@ -36,6 +37,9 @@ backends = pytest.importorskip("triton.backends.compiler")
 pytest.importorskip("triton.backends.nvidia")
 
 ARCHS = [90]  # sm_90: H100 and H200
+# per-channel run lengths that take each tile of the fake-quant kernel (64 x 16 to 1 x 1024 elements), the last
+# two unaligned: 300 in runs (a 2 x 512 tile), 49 element by element
+TILE_RUNS = (16, 32, 48, 112, 208, 304, 4608, 300, 49)
 _POINTERS = {
     torch.float32: "*fp32",
     torch.float16: "*fp16",
@@ -47,15 +51,18 @@ _POINTERS = {
 }
 
 
-def _scalar_type(value) -> str:
-    # The types Triton's launcher gives Python scalars.
+def _arg_spec(value) -> tuple[str, str]:
+    """``(Triton type, specialisation)`` of a kernel argument, as Triton's launcher sees it: ``"D"`` for a pointer
+    or integer divisible by 16, ``"1"`` for an integer equal to 1 (compiled as a constant), else ``""``."""
+    if isinstance(value, torch.Tensor):
+        return _POINTERS[value.dtype], "D" if value.data_ptr() % 16 == 0 else ""
     if isinstance(value, bool):
-        return "i1"
+        return "i1", ""
     if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
+        return ("i32" if -(2**31) <= value < 2**31 else "i64"), "1" if value == 1 else "D" if value % 16 == 0 else ""
     if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"a kernel argument of type {type(value).__name__}: teach _scalar_type its Triton type")
+        return "fp32", ""
+    raise TypeError(f"a kernel argument of type {type(value).__name__}: teach _arg_spec its Triton type")
 
 
 class _Recorder:
@@ -66,9 +73,8 @@ class _Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kw):
-            types = tuple(_POINTERS[a.dtype] if isinstance(a, torch.Tensor) else _scalar_type(a) for a in args)
-            self.specs.setdefault((self.name, types, tuple(sorted(kw.items()))), 0)
-            self.specs[(self.name, types, tuple(sorted(kw.items())))] += 1
+            key = (self.name, tuple(map(_arg_spec, args)), tuple(sorted(kw.items())))
+            self.specs[key] = self.specs.get(key, 0) + 1
 
         return launch
 
@@ -96,16 +102,22 @@ def _functional_calls(dtype: torch.dtype) -> None:
     lsq_quantize(x, step, torch.zeros_like(step, requires_grad=True), 4, 3).float().sum().backward()
     minifloat_quantize(x, scale, 3, 7, 448.0)  # E4M3
     mx_quantize(x, 3, 7, 448.0, 8, block_size=8)
-    # per-channel runs in each tile size (64 x 16 to 1 x 1024 elements) in float32; in float16 and bfloat16, whose
-    # loads and stores differ, the smallest and the largest tile
-    for run in (16, 24, 40, 104, 200, 304, 4608) if dtype == torch.float32 else (16, 4608):
+    # per-channel runs in each tile size (64 x 16 to 1 x 1024 elements, and unaligned long runs) in float32; in
+    # float16 and bfloat16, whose loads and stores differ, the smallest and the largest tile
+    for run in TILE_RUNS if dtype == torch.float32 else (TILE_RUNS[0], TILE_RUNS[-1]):
         w = torch.randn(3, run, dtype=dtype, requires_grad=True)
         step = torch.full((3, 1), 0.05, dtype=dtype, requires_grad=True)
         tq.affine_quantize(w, step, torch.zeros(3, 1, dtype=dtype), 16)
-        clipped = tq.AffineQuantizer(4, tq.BatchMinMax(axis=0), gradient_clip=True)  # and with the mask
-        _qat_steps(clipped, w.detach())
         lsq_quantize(w, step, torch.zeros_like(step, requires_grad=True), 4, 3).float().sum().backward()
         minifloat_quantize(w, step, 3, 7, 448.0)
+        # weight grids the registry's examples leave out: clipped (the mask), symmetric, power-of-two, Q-format
+        for q in (
+            tq.AffineQuantizer(4, tq.BatchMinMax(axis=0), gradient_clip=True),
+            tq.AffineQuantizer(8, tq.BatchMinMax(axis=0), symmetric=True),
+            tq.AffineQuantizer(4, tq.BatchMinMax(axis=0), symmetric=True, power_of_two=True),
+            tq.QfmtQuantizer(8, True, tq.BatchMinMax(axis=0)),
+        ):
+            _qat_steps(q, w.detach())
 
 
 @pytest.fixture(scope="module")
@@ -127,20 +139,25 @@ def launched() -> dict:
     return specs
 
 
-def test_the_registry_launches_every_kernel(launched):
+def test_the_registry_launches_every_kernel_and_tile(launched):
     from torchquant.kernels import _triton
 
     defined = {n for n in dir(_triton) if n.startswith("_") and n.endswith("_kernel")}
     assert defined, "no kernels found in torchquant.kernels._triton"
     missing = defined - {name for name, _, _ in launched}
     assert not missing, f"no registered quantizer launches {sorted(missing)}: register one that does (or call it here)"
+    kws = [dict(kw) for name, _, kw in launched if name == "_fake_quant_kernel"]
+    tiles = {(kw["ROWS"], kw["BLOCK"], kw["MASK"]) for kw in kws if kw["GRAN"] == 2}
+    for rows, block in ((64, 16), (32, 32), (16, 64), (8, 128), (4, 256), (2, 512), (1, 1024)):
+        for mask in (False, True):
+            assert (rows, block, mask) in tiles, f"no run tile {rows} x {block} (mask {mask}) launched: {TILE_RUNS}"
 
 
-def _cubin_local_bytes(cubin: bytes) -> int | None:
-    """Local (spilled) memory per thread of a cubin, from the ``cuobjdump`` Triton ships; ``None`` without it."""
+def _cubin_local_bytes(cubin: bytes) -> int:
+    """Local (spilled) memory per thread of a cubin, from the ``cuobjdump`` Triton ships."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.access(tool, os.X_OK):
-        return None
+        pytest.fail(f"no cuobjdump at {tool} to read the cubins' local memory: update _cubin_local_bytes")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -155,19 +172,28 @@ def test_every_launched_kernel_compiles_without_spilling(launched, arch):
     from torchquant.kernels import _triton
 
     target = backends.GPUTarget("cuda", arch, 32)
+    assert launched, "nothing was launched"
     failed, spilled = [], []
-    for (name, types, kw), _ in sorted(launched.items()):
+    for (name, args, kw), _ in sorted(launched.items()):
         fn = getattr(_triton, name)
         constexprs = {k: v for k, v in kw if k in fn.arg_names}
         options = {k: v for k, v in kw if k not in fn.arg_names}  # enable_fp_fusion and the like
-        runtime = iter(types)
-        signature = {a: "constexpr" if a in constexprs else next(runtime) for a in fn.arg_names}
-        assert next(runtime, None) is None, f"{name} was launched with more arguments than it takes: {types}"
-        what = f"{name} {types} {constexprs} {options}"
+        runtime = iter(args)
+        signature, attrs = {}, {}
+        for i, a in enumerate(fn.arg_names):
+            if a in constexprs:
+                signature[a] = "constexpr"
+                continue
+            signature[a], spec = next(runtime)
+            if spec == "1":  # as Triton's launcher and AOT compiler: a constant
+                signature[a], constexprs[a] = "constexpr", 1
+            elif spec == "D":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        assert next(runtime, None) is None, f"{name} was launched with more arguments than it takes: {args}"
+        what = f"{name} {args} {constexprs} {options}"
         try:
-            compiled = triton.compile(
-                compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target, options=options
-            )
+            source = compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+            compiled = triton.compile(source, target=target, options=options)
         except Exception as e:  # the compiler's own error types differ between Triton versions
             failed.append(f"{what}: {type(e).__name__}: {str(e)[:400]}")
             continue

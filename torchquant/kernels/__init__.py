@@ -20,7 +20,7 @@ with a dozen more tiny ones; here one kernel does each job:
 
 Per-channel and per-group parameters (a grid, an LSQ step, a minifloat scale) are read and
 turned into a grid once per run of the elements that share them (a channel's, a group's), not
-per element (``Layout.runs``).
+per element, where the runs are a multiple of 16 elements or longer than 256 (``Layout.runs``).
 
 A QAT call (observe, then quantize) is then three launches (``aminmax``, the update, the
 fake quant) with no ``.item()``, so a QAT step can be captured in a CUDA graph.

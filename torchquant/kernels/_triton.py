@@ -420,10 +420,12 @@ class Layout:
 
         Returns ``(layout, rows, block)``: a ``RUNS`` layout (``inner``: the run length L; run ``r`` reads
         parameter ``r % c``) and the tile of a program, ``rows`` runs by ``block`` of their elements, so that
-        the fake-quant kernel computes a grid once per run instead of an index and a grid per element. Fits
-        per-channel parameters (a run is a channel's ``inner`` elements) and per-group ones along the last
-        axis (a run is a group), with runs of at least 16 elements (a multiple of 8 with the clipped
-        gradient's mask, whose bytes a program then writes whole).
+        a kernel computes a grid once per run (or per row of a thread's) instead of an index and a grid per
+        element. Fits per-channel parameters (a run is a channel's ``inner`` elements) and per-group ones along
+        the last axis (a run is a group), for runs that are a multiple of 16 elements long (the alignment
+        Triton vectorizes by: in a tile of shorter unaligned runs each thread would hold elements of
+        several runs, one at a time) or longer than 256; a multiple of 8 with the clipped gradient's mask,
+        whose bytes a program then writes whole.
         """
         return _runs(self.gran, *self.args(), n, with_mask)
 
@@ -468,7 +470,7 @@ def _runs(
     # Element e = (o, k, i) of the (outer, c, inner) view reads o * ro + (k // g) * rc + i * ri: constant over
     # runs of L = g * inner elements when ri does not vary it; run r = o * (c // g) + k // g reads
     # r % (c // g) when ro == 0 (per channel), r when ro == c // g (consecutive groups); both need rc == 1.
-    if gran != INDEXED or (ri and inner != 1) or rc != 1:
+    if gran != INDEXED or (ri and inner != 1) or rc != 1 or g < 1 or c % g:
         return None
     groups, length = c // g, g * inner
     if ro == 0:
@@ -477,7 +479,7 @@ def _runs(
         modulus = n // length
     else:
         return None
-    if length < 16 or (with_mask and length % 8) or n % length:
+    if length < 16 or (length % 16 and length <= 256) or (with_mask and length % 8) or n % length:
         return None
     block = min(_BLOCK, triton.next_power_of_2(length))
     if (length + block - 1) // block > 65535:  # the grid's second dimension
