@@ -54,7 +54,12 @@ def compile_stats(fn, constexprs: dict, arch: int, options: dict | None = None) 
             if name in _DIVISIBLE:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options or {})
+    return kernel_stats(triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options or {}))
+
+
+def kernel_stats(kernel) -> dict[str, int]:
+    """What a compiled Triton kernel costs: SASS instructions, IEEE divisions and 128-bit loads in its PTX,
+    registers and local (spilled) bytes per thread, read with the ``cuobjdump`` Triton ships."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
@@ -66,8 +71,8 @@ def compile_stats(fn, constexprs: dict, arch: int, options: dict | None = None) 
         "sass": sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)),
         "div.rn": ptx.count("div.rn.f32"),
         "v4 loads": len(re.findall(r"ld\.global\.(?:\w+\.)*v4", ptx)),
-        "registers": int(fields.get("REG", -1)),
-        "local bytes": int(fields.get("LOCAL", -1)),
+        "registers": int(fields["REG"]),
+        "local bytes": int(fields["LOCAL"]),
     }
 
 

@@ -18,13 +18,11 @@ that machine's compiler.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import tempfile
 import warnings
 
 import pytest
 import torch
+from benchmark_script import load
 from test_registry_contract import CASES
 
 import torchquant as tq
@@ -35,6 +33,7 @@ triton = pytest.importorskip("triton")
 compiler = pytest.importorskip("triton.compiler")
 backends = pytest.importorskip("triton.backends.compiler")
 pytest.importorskip("triton.backends.nvidia")
+kernel_sass = load("kernel_sass")  # reads a cubin's registers and spills with the cuobjdump Triton ships
 
 ARCHS = [90]  # sm_90: H100 and H200
 # per-channel run lengths that take each tile of the fake-quant kernel (64 x 16 to 1 x 1024 elements), the last
@@ -153,19 +152,6 @@ def test_the_registry_launches_every_kernel_and_tile(launched):
             assert (rows, block, mask) in tiles, f"no run tile {rows} x {block} (mask {mask}) launched: {TILE_RUNS}"
 
 
-def _cubin_local_bytes(cubin: bytes) -> int:
-    """Local (spilled) memory per thread of a cubin, from the ``cuobjdump`` Triton ships."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.access(tool, os.X_OK):
-        pytest.fail(f"no cuobjdump at {tool} to read the cubins' local memory: update _cubin_local_bytes")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    fields = [w for line in usage.splitlines() if "REG:" in line for w in line.split()]
-    return next(int(w.split(":")[1]) for w in fields if w.startswith("LOCAL:"))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm_{a}")
 def test_every_launched_kernel_compiles_without_spilling(launched, arch):
@@ -197,7 +183,7 @@ def test_every_launched_kernel_compiles_without_spilling(launched, arch):
         except Exception as e:  # the compiler's own error types differ between Triton versions
             failed.append(f"{what}: {type(e).__name__}: {str(e)[:400]}")
             continue
-        local = _cubin_local_bytes(compiled.asm["cubin"])
+        local = kernel_sass.kernel_stats(compiled)["local bytes"]
         if local:
             spilled.append(f"{what}: {local} bytes of local memory per thread")
     assert not failed, "\n".join(failed)

@@ -105,15 +105,16 @@ def _param_index(offs, C, INNER, G, RO, RC, RI):
 
 
 @triton.jit
-def _tile(n, C, INNER, GRAN: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    # This program's elements: (offsets, their mask, where their parameters are, that mask). With RUNS, ROWS runs
-    # of INNER elements by BLOCK of their columns, run r reading parameter r % C: a parameter and a grid per run,
-    # not an index and a grid per element; otherwise BLOCK consecutive elements (_params / _param_pair index them).
+def _tile(n, INNER, GRAN: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # This program's elements: (offsets, their mask, what _params / _param_pair index their parameters by, its
+    # mask). With RUNS, ROWS runs of INNER elements by BLOCK of their columns, indexed by run (run r reads
+    # parameter r % C): a parameter and a grid per run, not an index and a grid per element; otherwise BLOCK
+    # consecutive elements, indexed by offset.
     if GRAN == 2:
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
         row_ok = rows < n // INNER
-        return rows * INNER + cols, row_ok & (cols < INNER), rows % C, row_ok
+        return rows * INNER + cols, row_ok & (cols < INNER), rows, row_ok
     else:
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -124,14 +125,14 @@ def _tile(n, C, INNER, GRAN: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constex
 def _params(offs, mask, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
             MODE: tl.constexpr, GRAN: tl.constexpr, SYMMETRIC: tl.constexpr, POW2: tl.constexpr,
             FIXED_ZP: tl.constexpr):
-    # (step, lowest code, highest code) for the elements at offs; with RUNS, offs are the parameters' indices.
+    # (step, lowest code, highest code) for the elements at offs; with RUNS, offs are run indices.
     if GRAN == 0:
         a = tl.load(a_ptr).to(tl.float32)
         if MODE != 1:
             b = tl.load(b_ptr).to(tl.float32)
     else:
         if GRAN == 2:  # noqa: SIM108 (a constexpr branch: the other side is not compiled)
-            p = offs
+            p = offs % C
         else:
             p = _param_index(offs, C, INNER, G, RO, RC, RI)
         a = tl.load(a_ptr + p, mask=mask, other=1.0).to(tl.float32)
@@ -168,7 +169,7 @@ def _fake_quant_kernel(x_ptr, m_ptr, out_ptr, n, a_ptr, b_ptr, lo, hi, nlm1, fix
                        MODE: tl.constexpr, GRAN: tl.constexpr, SYMMETRIC: tl.constexpr, POW2: tl.constexpr,
                        FIXED_ZP: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr, MASK: tl.constexpr,
                        ROWS: tl.constexpr):
-    offs, mask, p, p_mask = _tile(n, C, INNER, GRAN, ROWS, BLOCK)
+    offs, mask, p, p_mask = _tile(n, INNER, GRAN, ROWS, BLOCK)
     delta, lo_c, hi_c = _params(p, p_mask, a_ptr, b_ptr, lo, hi, nlm1, fixed_zp, C, INNER, G, RO, RC, RI,
                                 MODE, GRAN, SYMMETRIC, POW2, FIXED_ZP)
     x = _load(x_ptr + offs, mask, BF16)
@@ -185,9 +186,8 @@ def _fake_quant_kernel(x_ptr, m_ptr, out_ptr, n, a_ptr, b_ptr, lo, hi, nlm1, fix
         if GRAN == 2:
             packed = tl.reduce(tl.reshape(inside, (ROWS, BLOCK // 8, 8)) * (1 << tl.arange(0, 8))[None, None, :],
                                2, _add)
-            rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]  # as _tile's
-            bcols = tl.program_id(1) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)[None, :]
-            tl.store(m_ptr + rows * (INNER // 8) + bcols, packed.to(tl.uint8), mask=p_mask & (bcols * 8 < INNER))
+            bcols = tl.program_id(1) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)[None, :]  # p: the tile's runs
+            tl.store(m_ptr + p * (INNER // 8) + bcols, packed.to(tl.uint8), mask=p_mask & (bcols * 8 < INNER))
         else:
             packed = tl.reduce(tl.reshape(inside, (BLOCK // 8, 8)) * (1 << tl.arange(0, 8))[None, :], 1, _add)
             boffs = tl.program_id(0) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
@@ -263,7 +263,7 @@ def _lsq_fwd_kernel(x_ptr, out_ptr, s_ptr, b_ptr, n, qn, qp, C, INNER, G, RO, RC
                     GRAN: tl.constexpr, OFFSET: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr,
                     ROWS: tl.constexpr):
     # clamp(round((x - b) / s), -qn, qp) * s + b, each operation rounded (no FMA), as on the CPU.
-    offs, mask, p, p_mask = _tile(n, C, INNER, GRAN, ROWS, BLOCK)
+    offs, mask, p, p_mask = _tile(n, INNER, GRAN, ROWS, BLOCK)
     x = _load(x_ptr + offs, mask, BF16)
     s, b = _param_pair(p, p_mask, s_ptr, b_ptr, C, INNER, G, RO, RC, RI, GRAN, OFFSET)
     v = tl.math.div_rn(x - b, s)  # b is +0.0 without an offset: x - 0.0 == x
@@ -286,7 +286,7 @@ def _param_pair(offs, mask, s_ptr, b_ptr, C, INNER, G, RO, RC, RI, GRAN: tl.cons
             b = tl.load(b_ptr).to(tl.float32)
     else:
         if GRAN == 2:  # noqa: SIM108 (a constexpr branch: the other side is not compiled)
-            p = offs
+            p = offs % C  # offs are run indices
         else:
             p = _param_index(offs, C, INNER, G, RO, RC, RI)
         s = tl.load(s_ptr + p, mask=mask, other=1.0).to(tl.float32)
@@ -302,7 +302,7 @@ def _lsq_bwd_kernel(g_ptr, x_ptr, gx_ptr, ts_ptr, tb_ptr, s_ptr, b_ptr, n, qn, q
                     ROWS: tl.constexpr):
     # LSQ's gradients (Esser et al. 2020, eq. 3; Bhalgat et al. 2020), per element; the caller
     # sums ts and tb to the parameters' shapes. v and q are recomputed from x, not stored.
-    offs, mask, p, p_mask = _tile(n, C, INNER, GRAN, ROWS, BLOCK)
+    offs, mask, p, p_mask = _tile(n, INNER, GRAN, ROWS, BLOCK)
     x = _load(x_ptr + offs, mask, BF16)
     g = _load(g_ptr + offs, mask, BF16)
     s, b = _param_pair(p, p_mask, s_ptr, b_ptr, C, INNER, G, RO, RC, RI, GRAN, OFFSET)
@@ -355,7 +355,7 @@ def _minifloat_kernel(x_ptr, out_ptr, a_ptr, b_ptr, n, man_bits, e_min, max_valu
                       ROWS: tl.constexpr):
     # a: the scale; or, with RANGES, a range min and b its max, the scale max(|a|, |b|) / max_value
     # (at least the smallest normal), as MinifloatQuantizer.scale computes it.
-    offs, mask, p, p_mask = _tile(n, C, INNER, GRAN, ROWS, BLOCK)
+    offs, mask, p, p_mask = _tile(n, INNER, GRAN, ROWS, BLOCK)
     x = _load(x_ptr + offs, mask, BF16)
     a, b = _param_pair(p, p_mask, a_ptr, b_ptr, C, INNER, G, RO, RC, RI, GRAN, RANGES)
     if RANGES:  # noqa: SIM108 (a constexpr branch); the smallest normal float32 at least
