@@ -226,6 +226,36 @@ def test_the_step_is_the_range_over_the_levels_to_the_last_bit():
         assert torch.equal(delta, ((mx - mn) / (levels - 1)).clamp(min=torch.finfo(torch.float32).eps))
 
 
+def _rounding_edges() -> torch.Tensor:
+    """Float32 values where a rint goes wrong first: ties of even and odd integers, the values just
+    inside and outside half, the binades around 2**22 and 2**23 (where the ulp becomes 1/2, then 1),
+    signed zeros, subnormals, the largest finite values, NaN and the infinities."""
+    vals = [0.0, 0.3, 0.5, 0.5 - 2.0**-25, 0.5 + 2.0**-24, 1.0, 1.5, 2.5, 3.5, 1e-40, 1e-45, 3.4e38]
+    for e in (22, 23, 24):
+        for k in (-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5):
+            vals.append(2.0**e + k)
+    for k in range(0, 64):  # consecutive ties and their neighbours, both parities
+        vals += [k + 0.5, k + 0.25, k + 0.75]
+    x = torch.tensor(vals, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(4096, generator=g) * torch.pow(2.0, torch.randint(-30, 30, (4096,), generator=g).float())
+    x = torch.cat([x, -x, wide, torch.tensor([float("nan"), float("inf"), -float("inf")])])
+    return x
+
+
+def test_the_kernels_round_half_to_even_as_torch_round_does(route):
+    # A step of 1 and codes over all of float32's integers: the output is the rounding itself,
+    # to the sign of zero (-0.3 gives -0.0); ties, the 2**23 shifter's edges, NaN and Inf.
+    x = _rounding_edges()
+    lo, hi = -(2**127), 2**127  # the infinities and 3.4e38 clamp to them
+    ref = torch.round(x).clamp(float(lo), float(hi))
+    with route.on() as calls:
+        out = tq.qfmt_quantize(route.to(x), 1.0, lo, hi)
+    assert calls["n"] > 0
+    assert same(out, ref)
+    assert torch.equal(torch.signbit(out.cpu()), torch.signbit(ref))
+
+
 def _near_powers_of_two(obs) -> None:
     # Ranges at and just below powers of two, where a rounded log2 picks the next exponent
     # (the maxima made small, so that the minima decide max(|min|, |max|)).

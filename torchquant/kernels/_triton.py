@@ -30,14 +30,15 @@ MODE_GRID, MODE_BOUNDS, MODE_RANGES, MODE_QFMT = 0, 1, 2, 3
 # fmt: off
 @triton.jit
 def _round_half_even(v):
-    # floor-based rint: v - floor(v) is exact wherever the tie test needs it (|v| >= 0.5 by
-    # Sterbenz's lemma; below, both branches give 0). Zero keeps v's sign as torch.round does.
-    r = tl.floor(v)
-    d = v - r
-    r = tl.where(d > 0.5, r + 1.0, r)
-    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-    r = tl.where((d == 0.5) & odd, r + 1.0, r)
-    return tl.where(r == 0.0, v * 0.0, r)
+    # rint by the 2**23 shifter: below 2**23 a float32's ulp is at most 1/2, and |v| + 2**23 lies
+    # in [2**23, 2**24), where the ulp is 1, so the addition rounds |v| half to even (2**23 is
+    # even) and the subtraction is exact; from 2**23 on (and Inf, NaN) v is its own rounding.
+    # v's sign bit goes back on, so that -0.3 gives -0.0 as torch.round does. Four instructions
+    # where a floor-based rint takes about ten; IEEE additions give the interpreter the same bits.
+    a = tl.abs(v)
+    r = tl.where(a < 8388608.0, (a + 8388608.0) - 8388608.0, a)
+    sign = v.to(tl.uint32, bitcast=True) & 0x80000000
+    return (r.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
