@@ -216,14 +216,18 @@ def _observe_kernel(bmin_ptr, bmax_ptr, min_ptr, max_ptr, ema_min_ptr, ema_max_p
                     R, momentum, one_minus_m, KIND: tl.constexpr, BLOCK: tl.constexpr):
     # One program: a batch with NaN or Inf anywhere leaves the state untouched and is counted
     # in bad_ptr, so the check needs no host synchronisation (the host reads the count later).
+    # While loops over R, not range(0, R, BLOCK): Triton 3.6's interpreter takes a range's runtime bound as an
+    # int of a one-element array, which NumPy 2.4 refuses; a comparison's truth value works in every version.
     nonfinite = tl.full((BLOCK,), 0, tl.int32)
-    for start in range(0, R, BLOCK):
+    start = 0
+    while start < R:
         offs = start + tl.arange(0, BLOCK)
         m = offs < R
         bmn = tl.load(bmin_ptr + offs, mask=m, other=0.0).to(tl.float32)
         bmx = tl.load(bmax_ptr + offs, mask=m, other=0.0).to(tl.float32)
         # x - x is 0 for finite x and NaN for NaN and +-inf.
         nonfinite += ((bmn - bmn) != 0.0).to(tl.int32) + ((bmx - bmx) != 0.0).to(tl.int32)
+        start += BLOCK
     if tl.reduce(nonfinite, 0, _add) > 0:
         tl.store(bad_ptr, tl.load(bad_ptr) + 1)
     else:
@@ -232,7 +236,8 @@ def _observe_kernel(bmin_ptr, bmax_ptr, min_ptr, max_ptr, ema_min_ptr, ema_max_p
             decay = tl.load(decay_ptr) * momentum
             tl.store(decay_ptr, decay)
             correction = 1.0 - decay
-        for start in range(0, R, BLOCK):
+        start = 0
+        while start < R:
             offs = start + tl.arange(0, BLOCK)
             m = offs < R
             bmn = tl.load(bmin_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -255,6 +260,7 @@ def _observe_kernel(bmin_ptr, bmax_ptr, min_ptr, max_ptr, ema_min_ptr, ema_max_p
                 new_mx = tl.math.div_rn(e_mx, correction)
             tl.store(min_ptr + offs, new_mn, mask=m)
             tl.store(max_ptr + offs, new_mx, mask=m)
+            start += BLOCK
         if KIND != 0:
             tl.store(nb_ptr, nb + 1)
 
