@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import torchquant as tq
 from torchquant import BatchMinMax, ExpAvgMinMax, RunningMinMax
 
 # The min/max observers; the checks every registered observer shares are in test_registry_contract.py.
@@ -136,4 +137,28 @@ def test_first_observation_under_torch_compile_has_no_graph_break(cls):
         compiled(torch.randn(4, 6))
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert o.initialized
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "make", [BatchMinMax, ExpAvgMinMax, lambda: tq.PercentileObserver(99.0)], ids=["batch", "ema", "percentile"]
+)
+def test_float64_state_updates_under_torch_compile(make):
+    # torch.compile before torch 2.14 lost in-place updates of 0-d float64 buffers (per-tensor ranges, ExpAvgMinMax's
+    # decay): a float64 model's ranges never moved. The observers update outside the graph there (the floor job).
+    torch._dynamo.reset()
+    q_eager, q_compiled = tq.AffineQuantizer(8, make()), tq.AffineQuantizer(8, make())
+
+    def step(q, x):
+        q.pre_observe(x)
+        return q(x)
+
+    compiled = torch.compile(lambda x: step(q_compiled, x))
+    g = torch.Generator().manual_seed(0)
+    for scale in (1.0, 3.0, 0.5):
+        x = torch.randn(64, dtype=torch.float64, generator=g) * scale
+        assert torch.equal(compiled(x), step(q_eager, x))
+    for (name, a), b in zip(q_eager.named_buffers(), q_compiled.buffers(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), (name, a, b)
+    assert q_eager.range_observer.min_val.dtype == torch.float64 and q_eager.range_observer.min_val.dim() == 0
     torch._dynamo.reset()

@@ -16,6 +16,8 @@ observer keeps more state than its ranges, :meth:`RangeObserver.force_ranges`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -35,6 +37,16 @@ __all__ = [
     "RangeObserver",
     "RunningMinMax",
 ]
+
+# torch.compile before torch 2.14 loses in-place updates of 0-d float64 tensors (AOTAutograd: 2.11 and 2.13
+# checked, 2.14 computes them): there an observer with such state (per-tensor ranges, ExpAvgMinMax's decay
+# of a float64 model) updates outside the compiled graph, a graph break instead of ranges that never move.
+_SCALAR_F64_UPDATES_LOST = torch.__version__ < "2.14"
+
+
+@torch.compiler.disable
+def _outside_the_graph(update: Callable[..., None], *args: Tensor) -> None:
+    update(*args)
 
 
 class RangeObserver(RecordsInit, nn.Module):
@@ -162,7 +174,18 @@ class RangeObserver(RecordsInit, nn.Module):
             )
         if mn.dtype != self.min_val.dtype:
             mn, mx = mn.to(self.min_val.dtype), mx.to(self.min_val.dtype)
-        self._observe(x, mn, mx)
+        if self._updates_lost_in_graph():
+            _outside_the_graph(self._observe, x, mn, mx)
+        else:
+            self._observe(x, mn, mx)
+
+    def _updates_lost_in_graph(self) -> bool:
+        """Whether a torch.compile tracing this call would lose the state's updates (see _SCALAR_F64_UPDATES_LOST)."""
+        return (
+            _SCALAR_F64_UPDATES_LOST
+            and torch.compiler.is_compiling()
+            and any(b is not None and b.dim() == 0 and b.dtype == torch.float64 for b in self._buffers.values())
+        )
 
     def _empty_batch_ranges(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
         """The ranges an empty batch contributes: none, except on a synchronised rank, which
@@ -578,7 +601,10 @@ class HistogramRangeObserver(RangeObserver):
             RuntimeError: nothing has been observed yet.
         """
         if self._stale and self.initialized:
-            self._compute_ranges()
+            if self._updates_lost_in_graph():
+                _outside_the_graph(self._compute_ranges)
+            else:
+                self._compute_ranges()
         return super().get_ranges()
 
     def force_ranges(self, min_val: Tensor | float, max_val: Tensor | float) -> None:
