@@ -802,3 +802,17 @@ def test_kernels_in_runs_match_the_cpu(route, monkeypatch, case, quantizer, dtyp
     if quantizer == "lsq-plus":  # the step and offset gradients: sums of the per-element terms, in another order
         for a, b in zip(ker_fn.parameters(), ref_fn.parameters(), strict=True):
             torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+def test_make_fx_records_the_torch_path(mode, monkeypatch):
+    # make_fx traces real or fake tensors, not Proxies: the kernels must stay out of its graph, which then
+    # replays the torch path's operations.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    monkeypatch.setattr(kernels, "_DEVICES", {"cuda", "cpu"})  # the interpreter standing in for a GPU
+    f = lambda t: tq.qfmt_quantize(t, 0.5, -8, 7)  # noqa: E731
+    x = torch.randn(16, generator=torch.Generator().manual_seed(0))
+    gm = make_fx(f, tracing_mode=mode)(x)
+    assert torch.ops.aten.round.default in [n.target for n in gm.graph.nodes]
+    assert torch.equal(gm(x.clone()), f(x))

@@ -40,6 +40,11 @@ ARCHS = [90]  # sm_90: H100 and H200
 # per-channel run lengths that take each tile of the fake-quant kernel (64 x 16 to 1 x 1024 elements), the last
 # two unaligned: 300 in runs (a 2 x 512 tile), 49 element by element
 TILE_RUNS = (16, 32, 48, 112, 208, 304, 4608, 300, 49)
+# The kernels that round half to even (_round_half_even), and its 2**23 shifter in PTX: an addition of 2**23
+# and an addition of -2**23 (or a subtraction of 2**23), float32, round to nearest.
+ROUNDING = {"_fake_quant_kernel", "_lsq_fwd_kernel", "_lsq_bwd_kernel", "_minifloat_kernel", "_mx_kernel"}
+_SHIFTER_ADD = re.compile(r"add(\.rn)?\.f32\s+%\w+, %\w+, 0f4B000000;")
+_SHIFTER_SUB = re.compile(r"(add(\.rn)?\.f32\s+%\w+, %\w+, 0fCB000000|sub(\.rn)?\.f32\s+%\w+, %\w+, 0f4B000000);")
 _POINTERS = {
     torch.float32: "*fp32",
     torch.float16: "*fp16",
@@ -144,6 +149,7 @@ def test_the_registry_launches_every_kernel_and_tile(launched):
 
     defined = {n for n in dir(_triton) if n.startswith("_") and n.endswith("_kernel")}
     assert defined, "no kernels found in torchquant.kernels._triton"
+    assert not ROUNDING - defined, f"ROUNDING names kernels that do not exist: {sorted(ROUNDING - defined)}"
     missing = defined - {name for name, _, _ in launched}
     assert not missing, f"no registered quantizer launches {sorted(missing)}: register one that does (or call it here)"
     kws = [dict(kw) for name, _, kw in launched if name == "_fake_quant_kernel"]
@@ -188,10 +194,10 @@ def test_every_launched_kernel_compiles_without_spilling(launched, arch):
         if local:
             spilled.append(f"{what}: {local} bytes of local memory per thread")
         ptx = compiled.asm["ptx"]
-        if "0f4B000000" in ptx and not re.search(r"add(\.rn)?\.f32\s+%\w+, %\w+, 0fCB000000;", ptx):
+        if name in ROUNDING and not (_SHIFTER_ADD.search(ptx) and _SHIFTER_SUB.search(ptx)):
             folded.append(what)
     assert not failed, "\n".join(failed)
     assert not spilled, "\n".join(spilled)
     # _round_half_even's rint is (|v| + 2**23) - 2**23: a compiler that reassociated it to |v| would
-    # stop rounding; the interpreter cannot see that.
-    assert not folded, "the 2**23 shifter's subtraction was optimised away in:\n" + "\n".join(folded)
+    # stop rounding (and fold the select around it away too); the interpreter cannot see that.
+    assert not folded, "the 2**23 shifter's addition or subtraction is missing in:\n" + "\n".join(folded)

@@ -76,6 +76,7 @@ __all__ = [
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Device types whose tensors take the Triton path. Tests add "cpu" to run the interpreter.
 _DEVICES = {"cuda"}
+_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
 
 
 @functools.cache
@@ -91,9 +92,10 @@ def enabled(x: Tensor) -> bool:
     recorded instead, so that the compiler can fuse it.
     """
     # Tracing first: under torch.compile the rest is never traced (dynamo would break the graph
-    # on triton_available's import machinery). torch.fx's symbolic tracing passes Proxies, not
-    # tensors. Called twice a QAT call: x.is_cuda, not x.device (a new torch.device, 0.3 us).
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or not isinstance(x, Tensor):
+    # on triton_available's import machinery). The fx check covers make_fx too, whose tensors are
+    # real or fake, not Proxies. Called twice a QAT call: x.is_cuda, not x.device (a new
+    # torch.device, 0.3 us).
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _fx_tracing():
         return False
     on = "cuda" in _DEVICES if x.is_cuda else x.device.type in _DEVICES
     return on and x.dtype in _DTYPES and x.numel() < 2**31 and triton_available()
