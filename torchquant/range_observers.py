@@ -174,18 +174,19 @@ class RangeObserver(RecordsInit, nn.Module):
             )
         if mn.dtype != self.min_val.dtype:
             mn, mx = mn.to(self.min_val.dtype), mx.to(self.min_val.dtype)
-        if self._updates_lost_in_graph():
-            _outside_the_graph(self._observe, x, mn, mx)
-        else:
-            self._observe(x, mn, mx)
+        self._update_state(self._observe, x, mn, mx)
 
-    def _updates_lost_in_graph(self) -> bool:
-        """Whether a torch.compile tracing this call would lose the state's updates (see _SCALAR_F64_UPDATES_LOST)."""
-        return (
+    def _update_state(self, update: Callable[..., None], *args: Tensor) -> None:
+        """``update(*args)``; outside the compiled graph where torch.compile would lose its in-place updates of
+        this observer's state (see ``_SCALAR_F64_UPDATES_LOST``)."""
+        if (
             _SCALAR_F64_UPDATES_LOST
             and torch.compiler.is_compiling()
             and any(b is not None and b.dim() == 0 and b.dtype == torch.float64 for b in self._buffers.values())
-        )
+        ):
+            _outside_the_graph(update, *args)
+        else:
+            update(*args)
 
     def _empty_batch_ranges(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
         """The ranges an empty batch contributes: none, except on a synchronised rank, which
@@ -601,10 +602,7 @@ class HistogramRangeObserver(RangeObserver):
             RuntimeError: nothing has been observed yet.
         """
         if self._stale and self.initialized:
-            if self._updates_lost_in_graph():
-                _outside_the_graph(self._compute_ranges)
-            else:
-                self._compute_ranges()
+            self._update_state(self._compute_ranges)
         return super().get_ranges()
 
     def force_ranges(self, min_val: Tensor | float, max_val: Tensor | float) -> None:
