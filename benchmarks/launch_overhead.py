@@ -11,7 +11,8 @@ by one between synchronisations:
   JIT dispatch (what a launcher cached per specialisation would cost);
 * torchquant's layers: the Triton launcher alone (``kernels._triton.fake_quant``),
   ``affine_quantize``, ``AffineQuantizer.quantize`` (grid from the observer's ranges),
-  ``observe_batch`` (``aminmax`` plus the update kernel), the whole QAT call, a
+  ``observe_batch`` (the observer's reduction and update, one kernel; also against ``torch.aminmax`` and
+  the update kernel, the path of other granularities), the whole QAT call, a
   ``QWrapper`` forward in QUANT_AWARE_TRAIN, and one training step (forward and backward) of a
   20-block Conv+BN+ReLU net quantized by ``quantize_model`` against the same net in float.
 
@@ -20,7 +21,7 @@ by one between synchronisations:
 
 On the CPU (no Triton path) it prints the torch path's host cost for comparison. With
 ``--stub-kernels`` the CPU takes the kernel path with every launch replaced by a copy of
-its input (and the observer update by nothing): the rows then give torchquant's own Python on
+its input (and the observer's kernel by nothing): the rows then give torchquant's own Python on
 that path, which a GPU would add to the launches, measurable on a machine without one
 (use a small ``--numel`` so that the remaining torch reductions cost little).
 """
@@ -146,6 +147,7 @@ def stub_kernel_launches() -> None:
     )
     stub.masked_grad = lambda grad, *a, **kw: grad.clone()
     stub.observe = lambda *a, **kw: None
+    stub.observe_rows = lambda *a, **kw: True
     kernels._impl = lambda device: stub
     kernels._DEVICES.add("cpu")
 
@@ -210,6 +212,24 @@ def main() -> None:
     tq.set_qmodule_state(w, tq.QModuleState.QUANT_AWARE_TRAIN)
     xc = torch.randn(2, 16, 8, 8, device=dev)
     w(xc)
+    # ExpAvgMinMax's update of per-tensor state, on the two kernel paths (the rows only differ where Triton runs)
+    state = [torch.zeros((), device=dev) for _ in range(4)]  # min, max, ema min, ema max
+    counters = torch.zeros((), dtype=torch.long, device=dev), torch.zeros((), dtype=torch.int32, device=dev)
+    ema = dict(num_batches=counters[0], ema_min=state[2], ema_max=state[3], decay=torch.ones((), device=dev))
+    scratch = kernels.observe_scratch(1, dev)
+    if kernels.enabled(x):
+        rows += [
+            (
+                "observe: torch.aminmax, then the update kernel",
+                lambda: kernels.observe_minmax(kernels.KIND_EMA, *torch.aminmax(x), *state[:2], counters[1], **ema),
+            ),
+            (
+                "observe: reduction and update, one kernel",
+                lambda: kernels.observe_minmax_rows(
+                    kernels.KIND_EMA, x, 1, scratch, *state[:2], counters[1], momentum=0.9, **ema
+                ),
+            ),
+        ]
     rows += [
         ("tq.affine_quantize", lambda: tq.affine_quantize(x, d, z, 256)),
         ("AffineQuantizer.quantize", lambda: q(x)),

@@ -32,7 +32,7 @@ def wrapper_step_launches(script, fold_bn) -> dict[str, int]:
     ).train()
     tq.set_qmodule_state(w, tq.QModuleState.QUANT_AWARE_TRAIN)
     x = torch.randn(2, 8, 8, 8, requires_grad=True)
-    for _ in range(2):  # the first observations allocate the state on the torch path
+    for _ in range(2):  # the first observations allocate the state (torch path) and the staging buffers
         w(x).sum().backward()
     counter[0] = c = script.OpCounter()
     with c:
@@ -40,10 +40,11 @@ def wrapper_step_launches(script, fold_bn) -> dict[str, int]:
     return dict(c.ops)
 
 
-def test_a_quantizer_call_is_three_launches_and_the_clipped_gradient_one_more(script):
+def test_a_quantizer_call_is_two_launches_and_the_clipped_gradient_one_more(script):
     ops = wrapper_step_launches(script, False)
-    for name in ("aminmax", "triton:observe", "triton:fake_quant", "triton:masked_grad"):
+    for name in ("triton:observe_rows", "triton:fake_quant", "triton:masked_grad"):
         assert ops.get(name) == 2, (name, ops)  # weight and output quantizers: one each
+    assert "aminmax" not in ops and "triton:observe" not in ops  # the batch's ranges reduced in the update kernel
     assert "clone" not in ops and "stack" not in ops  # the clipped gradient keeps the fake quant's packed mask
 
 
@@ -66,7 +67,7 @@ def test_the_script_counts_every_variant(script, monkeypatch, capsys):
     rows = {line.split("  ")[0]: line.split()[-7:] for line in lines}
     assert rows["float32"][-6:-2] == ["166", "0", "0", "0"] and rows["float32"][-1] == "1.00x"
     launches, triton, quantizers, above, per_q, _, _ = rows["torchquant quantize_model(fx)"]
-    # 51 quantizers of three launches each (the range reduction, the observer's update, the fake quant)
+    # 51 quantizers of two launches each (the observer's reduction and update in one, the fake quant)
     assert (triton, quantizers, above, per_q) == ("102", "51", str(int(launches) - 166), f"{int(above) / 51:.1f}")
     assert rows["torchquant fx as ao"][1] == "153"  # and the clipped gradients' kernels
     assert "triton:fake_quant 51" in out

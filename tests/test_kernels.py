@@ -432,18 +432,28 @@ def test_a_quantizer_called_inside_another_keeps_the_report_deferred(route):
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("gran", ["per-tensor", "per-channel-0", "per-channel-1", "per-group"])
 def test_observers_reduce_each_batch_into_the_same_staging_buffers(route, monkeypatch, gran, layout):
-    """From the second kernel-path batch of a shape on, the batch (min, max) is written into the
-    buffers of the one before (no allocation), with the CPU's values; a reset drops them."""
+    """From the second kernel-path batch of a shape on, the batch (min, max) is reduced into the buffers
+    of the one before (no allocation), with the CPU's values: in the update kernel itself, merged through
+    one scratch, where the ranges are the batch's consecutive rows (per tensor, per channel along the first
+    axis, per group along the last, of a contiguous batch), else by torch into the same pair of buffers;
+    a reset drops them."""
     ref = tq.ExpAvgMinMax(0.9, **GRANULARITIES[gran])
     ker = route.to(ref)
-    seen = []
-    observe = kernels.observe_minmax
+    seen, rows = [], []
+    observe, observe_rows = kernels.observe_minmax, kernels.observe_minmax_rows
 
     def recording(kind, batch_min, batch_max, *args, **kw):
         seen.append((batch_min.data_ptr(), batch_max.data_ptr()))
         observe(kind, batch_min, batch_max, *args, **kw)
 
+    def recording_rows(kind, x, n_rows, scratch, *args, **kw):
+        launched = observe_rows(kind, x, n_rows, scratch, *args, **kw)
+        if launched:
+            rows.append(scratch.data_ptr())
+        return launched
+
     monkeypatch.setattr(kernels, "observe_minmax", recording)
+    monkeypatch.setattr(kernels, "observe_minmax_rows", recording_rows)
     g = torch.Generator().manual_seed(4)
     for i in range(5):
         x = torch.randn(8, 6, 4, generator=g) * (i + 1)
@@ -454,13 +464,22 @@ def test_observers_reduce_each_batch_into_the_same_staging_buffers(route, monkey
             ker.observe_batch(route.to(x) if layout == "contiguous" else x.to(route.device))
         for (n, a), (_, b) in zip(ref.named_buffers(), ker.named_buffers(), strict=True):
             assert same(b, a), (i, n)
-    assert len(seen) == 4  # the first batch allocates the state on the torch path
-    assert len(set(seen)) == 1  # one pair of buffers for every kernel-path batch
+    in_rows = layout == "contiguous" and gran in ("per-tensor", "per-channel-0", "per-group")
+    # the first batch allocates the state on the torch path, the second the staging buffers
+    assert (len(seen), len(rows)) == ((1, 3) if in_rows else (4, 0))
+    assert len(set(seen)) == 1 and len(set(rows)) <= 1  # one pair of buffers, one scratch
+    scratch = ker._stage[5]
+    if in_rows:  # left reset for the next launch: the reductions' identities, no count, no ticket
+        r = ker.min_val.numel()
+        reset = [2**31 - 1] * r + [-(2**31)] * r + [0, 0]
+        assert scratch.dtype == torch.int32 and scratch.tolist() == reset
+    else:
+        assert scratch is None or layout == "transposed"
     ker.reset()
     with route.on():
         ker.observe_batch(route.to(torch.randn(8, 6, 4)))  # allocates afresh (torch path)
         ker.observe_batch(route.to(torch.randn(8, 6, 4)))
-    assert len(seen) == 5 and seen[-1] != seen[0]
+    assert len(seen) == (2 if in_rows else 5) and seen[-1] != seen[0]
 
 
 def test_calibrating_under_inference_mode_leaves_no_buffers_qat_cannot_write(route):
@@ -816,3 +835,86 @@ def test_make_fx_records_the_torch_path(mode, monkeypatch):
     gm = make_fx(f, tracing_mode=mode)(x)
     assert torch.ops.aten.round.default in [n.target for n in gm.graph.nodes]
     assert torch.equal(gm(x.clone()), f(x))
+
+
+_B, _R, _E = kernels.KIND_BATCH, kernels.KIND_RUNNING, kernels.KIND_EMA
+
+
+@pytest.mark.parametrize(
+    ("shape", "kind", "dtype"),
+    [
+        ((1, 5000), _E, torch.float32),
+        ((3, 2500), _R, torch.float32),
+        ((12, 7), _B, torch.float32),
+        ((1, 5000), _R, torch.float16),
+        ((3, 2500), _E, torch.bfloat16),
+    ],
+    ids=["1x5000-ema", "3x2500-running", "12x7-batch", "1x5000-running-float16", "3x2500-ema-bfloat16"],
+)
+def test_observing_rows_in_one_launch_equals_reducing_then_folding(route, shape, kind, dtype):
+    """observe_minmax_rows over several programs a row (5 and 3 here) and many rows: the state equals
+    observe_minmax's given torch's per-row (min, max), batch after batch; a batch with Inf in one program
+    (not the last) or NaN leaves the state as it was and is counted; the scratch is left reset every time."""
+    rows, length = shape
+    state = {
+        "min_val": torch.zeros(rows),
+        "max_val": torch.zeros(rows),
+        "num_batches": torch.zeros((), dtype=torch.long),
+        "ema_min": torch.zeros(rows),
+        "ema_max": torch.zeros(rows),
+        "decay": torch.ones(()),
+    }
+
+    def fresh():
+        return {k: route.to(v) for k, v in state.items()}, route.to(torch.zeros((), dtype=torch.int32))
+
+    (a, bad_a), (b, bad_b) = fresh(), fresh()
+    scratch = kernels.observe_scratch(rows, route.device)
+    reset = scratch.clone()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(rows, length, generator=g) * (i + 1) - i for i in range(3)]
+    batches.insert(
+        2,
+        batches[0].clone().index_put_((torch.tensor(rows - 1), torch.tensor(length // 3)), torch.tensor(float("inf"))),
+    )
+    batches.append(
+        batches[1].clone().index_put_((torch.tensor(0), torch.tensor(length - 1)), torch.tensor(float("nan")))
+    )
+
+    def split(st):
+        return st["min_val"], st["max_val"], {k: st[k] for k in ("num_batches", "ema_min", "ema_max", "decay")}
+
+    for i, x in enumerate(batches):
+        x = route.to(x.to(dtype))
+        mn_a, mx_a, kw_a = split(a)
+        mn_b, mx_b, kw_b = split(b)
+        n0 = len(route.calls["launches"])
+        with route.on():
+            assert kernels.observe_minmax_rows(kind, x, rows, scratch, mn_a, mx_a, bad_a, momentum=0.75, **kw_a)
+        assert [name for name, _ in route.calls["launches"][n0:]] == ["observe_rows"]
+        bmn, bmx = torch.aminmax(x, dim=1)
+        with route.on():
+            kernels.observe_minmax(kind, bmn, bmx, mn_b, mx_b, bad_b, momentum=0.75, **kw_b)
+        for k in state:
+            assert same(a[k], b[k]), (i, k)
+        assert int(bad_a) == int(bad_b) == (i >= 2) + (i >= 4), i
+        assert torch.equal(scratch, reset), i
+
+
+def test_observing_rows_orders_signed_zeros(route):
+    """The rows kernel reduces order keys in which -0.0 lies below +0.0: the range of a batch holding both is
+    (-0.0, ...) and (..., +0.0), whatever the programs' order (torch's own order of equal zeros is its loop's)."""
+    x = route.to(torch.tensor([[0.0, -0.0] * 700, [-0.0, 0.0] * 700, [-1.0, 0.0] + [-0.0] * 1398]))
+    mn, mx = route.to(torch.zeros(3)), route.to(torch.zeros(3))
+    with route.on():
+        kernels.observe_minmax_rows(
+            kernels.KIND_BATCH,
+            x,
+            3,
+            kernels.observe_scratch(3, route.device),
+            mn,
+            mx,
+            route.to(torch.zeros((), dtype=torch.int32)),
+        )
+    assert mn.tolist() == [0.0, 0.0, -1.0] and mx.tolist() == [0.0, 0.0, 0.0]
+    assert torch.signbit(mn).tolist() == [True, True, True] and torch.signbit(mx).tolist() == [False, False, False]

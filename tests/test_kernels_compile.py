@@ -5,7 +5,7 @@ which accepts programs the compiler rejects (a loop-carried value that changes t
 reshape the layout cannot do). Here every kernel specialisation the quantizers launch is
 compiled ahead of time for NVIDIA sm_90 (H100, H200) with the Triton that torch depends on:
 Triton IR down to a cubin by the ``ptxas`` its wheel ships, no device needed. The
-specialisations come from the registry: each registered quantizer and observer runs two QAT
+specialisations come from the registry: each registered quantizer and observer runs three QAT
 steps in float32, float16 and bfloat16 on the kernel path with every launch recorded (kernel,
 argument types, constexprs, compile options, and the values Triton's launcher specialises on:
 pointers and integers divisible by 16, integers equal to 1) and not run, plus the functional
@@ -85,10 +85,11 @@ class _Recorder:
 
 
 def _qat_steps(q: torch.nn.Module, x: torch.Tensor) -> None:
-    """Two QAT steps (observers allocate their state on the first and take the kernel path from the second)."""
+    """Three QAT steps: observers allocate their state on the first, take the kernel path from the second and
+    reduce the batch in their update kernel (observe_minmax_rows) from the third."""
     tq.set_qmodule_state(q, tq.QModuleState.QUANT_AWARE_TRAIN)
     x = x.requires_grad_()
-    for _ in range(2):
+    for _ in range(3):
         q.pre_observe(x.detach())
         y = q(x)
         q.post_observe(x.detach())

@@ -71,8 +71,9 @@ class RangeObserver(RecordsInit, nn.Module):
 
     # True while the owning quantizer's forward pass runs (quantizers.base.forward_with_observer).
     _in_forward = False
-    # (shape, dtype, device, min_val, (batch min, batch max)) of the CUDA kernel path's last
-    # batch: the buffers the next batch of that shape is reduced into, while min_val is the same.
+    # (shape, dtype, device, min_val, (batch min, batch max), scratch) of the CUDA kernel path's last
+    # batch: the buffers the next batch of that shape is reduced into, while min_val is the same, and
+    # the scratch of kernels.observe_minmax_rows where that reduces it (None: it does not).
     _stage: tuple | None = None
 
     def __init__(self, *, axis: int | None = None, group_size: int | None = None) -> None:
@@ -135,7 +136,10 @@ class RangeObserver(RecordsInit, nn.Module):
                 and stage[3] is self._buffers["min_val"]  # not reset, moved or reloaded with another shape since
                 and not self.distributed_sync
             ):
-                # The kernel path again, on a tensor like the last one: reduce into the same buffers.
+                # The kernel path again, on a tensor like the last one: reduced and folded in one launch where
+                # the ranges are x's consecutive rows, else reduced into the same buffers, then folded.
+                if stage[5] is not None and self._observe_rows(kind, x, stage[5]):
+                    return
                 self._observe_kernel(kind, *self.granularity.reduce(x, self._tq_name, stage[4]))
                 return
             mn, mx = self.granularity.reduce(x, who=self._tq_name)  # compact shapes
@@ -154,7 +158,9 @@ class RangeObserver(RecordsInit, nn.Module):
                 # Staging buffers for the next batches of this shape: the QAT call then
                 # allocates nothing besides its output. (Not inference tensors: those could not
                 # be written outside inference mode.)
-                self.__dict__["_stage"] = (x.shape, x.dtype, x.device, self.min_val, (mn, mx))
+                rows = self._observed_rows(x)
+                scratch = None if rows is None else kernels.observe_scratch(rows, x.device)
+                self.__dict__["_stage"] = (x.shape, x.dtype, x.device, self.min_val, (mn, mx), scratch)
             self._observe_kernel(kind, mn, mx)
             return
         self._fold(x, mn, mx)
@@ -303,13 +309,39 @@ class RangeObserver(RecordsInit, nn.Module):
         """Update the state with :func:`torchquant.kernels.observe_minmax`: one launch, no host sync."""
         # The QAT hot path: buffers from _buffers and flags into __dict__, not through
         # nn.Module's __getattr__ / __setattr__ (about 1 us each).
-        b, d = self._buffers, self.__dict__
+        b = self._buffers
+        kernels.observe_minmax(
+            kind, mn, mx, b["min_val"], b["max_val"], self._nonfinite_count(), **self._kernel_state()
+        )
+
+    def _observe_rows(self, kind: int, x: Tensor, scratch: Tensor) -> bool:
+        """Reduce ``x`` and update the state with :func:`torchquant.kernels.observe_minmax_rows`: one launch."""
+        b = self._buffers
         min_val = b["min_val"]
+        return kernels.observe_minmax_rows(
+            kind, x, min_val.numel(), scratch, min_val, b["max_val"], self._nonfinite_count(), **self._kernel_state()
+        )
+
+    def _observed_rows(self, x: Tensor) -> int | None:
+        """The number of ranges where they belong to ``x``'s consecutive rows (per tensor, per channel along the
+        first axis, per group along the last), as :func:`torchquant.kernels.observe_minmax_rows` reduces them;
+        ``None`` where they do not, or are too many for it."""
+        g = self.granularity
+        axis = None if g.axis is None else g.axis % x.dim()
+        if not (axis is None or (axis == 0 and g.group_size is None) or (axis == x.dim() - 1 and g.group_size)):
+            return None
+        rows = self.min_val.numel()
+        return rows if rows <= kernels.MAX_OBSERVED_ROWS else None
+
+    def _nonfinite_count(self) -> Tensor:
+        """The device's count of skipped non-finite batches, marked as not yet reported."""
+        d = self.__dict__
         nonfinite = d.get("_nonfinite")
+        min_val = self._buffers["min_val"]
         if nonfinite is None or nonfinite.device != min_val.device:
             nonfinite = d["_nonfinite"] = torch.zeros((), dtype=torch.int32, device=min_val.device)
         d["_unreported"] = True
-        kernels.observe_minmax(kind, mn, mx, min_val, b["max_val"], nonfinite, **self._kernel_state())
+        return nonfinite
 
     def _kernel_state(self) -> dict:
         """The state :func:`torchquant.kernels.observe_minmax` updates besides the ranges."""

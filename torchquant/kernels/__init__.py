@@ -16,14 +16,19 @@ with a dozen more tiny ones; here one kernel does each job:
 * :func:`observe_minmax`: one launch folds a batch's ``(min, max)`` into the state of
   ``BatchMinMax``, ``RunningMinMax`` or ``ExpAvgMinMax``, with no host synchronisation: a
   batch containing NaN or Inf leaves the state unchanged and is counted on the device, and
-  the observer raises when its ranges are next read from the host.
+  the observer raises when its ranges are next read from the host;
+  :func:`observe_minmax_rows` computes the batch's ``(min, max)`` in the same launch where
+  the ranges are the batch's consecutive rows (per tensor, per channel along the first axis,
+  per group along the last, up to ``MAX_OBSERVED_ROWS``): its programs merge their ranges
+  with integer atomics and the last to finish updates the state.
 
 Per-channel and per-group parameters (a grid, an LSQ step, a minifloat scale) are read and
 turned into a grid once per run of the elements that share them (a channel's, a group's), not
 per element, where the runs are a multiple of 16 elements or longer than 256 (``Layout.runs``).
 
-A QAT call (observe, then quantize) is then three launches (``aminmax``, the update, the
-fake quant) with no ``.item()``, so a QAT step can be captured in a CUDA graph.
+A QAT call (observe, then quantize) is then two launches (the observer's, the fake quant;
+three for other granularities, with torch's reduction first) with no ``.item()``, so a QAT
+step can be captured in a CUDA graph.
 
 Numerics are the CPU path's, bit for bit: float32 arithmetic, true division by the step,
 round half to even, one multiplication. The backward of the straight-through estimator is
@@ -70,6 +75,8 @@ __all__ = [
     "minifloat_ranges",
     "mx",
     "observe_minmax",
+    "observe_minmax_rows",
+    "observe_scratch",
     "triton_available",
 ]
 
@@ -531,4 +538,49 @@ def observe_minmax(
         ema_max,
         decay,
         momentum,
+    )
+
+
+# Rows of a batch that observe_minmax_rows reduces: beyond these the merges of its programs into one ticket would
+# cost more than the launch they save.
+MAX_OBSERVED_ROWS = 4096
+
+
+def observe_scratch(rows: int, device: torch.device) -> Tensor:
+    """The scratch :func:`observe_minmax_rows` needs for ``rows`` rows (reset; each launch leaves it reset)."""
+    scratch = torch.zeros(2 * rows + 2, dtype=torch.int32, device=device)  # fills, no copy from the host
+    scratch[:rows].fill_(2**31 - 1)  # the minima's order keys, then the maxima's, the non-finite count, a ticket
+    scratch[rows : 2 * rows].fill_(-(2**31))
+    return scratch
+
+
+def observe_minmax_rows(
+    kind: int,
+    x: Tensor,
+    rows: int,
+    scratch: Tensor,
+    min_val: Tensor,
+    max_val: Tensor,
+    nonfinite: Tensor,
+    num_batches: Tensor | None = None,
+    ema_min: Tensor | None = None,
+    ema_max: Tensor | None = None,
+    decay: Tensor | None = None,
+    momentum: float = 0.0,
+) -> bool:
+    """:func:`observe_minmax` with the batch's ``(min, max)`` reduced in the same launch.
+
+    ``x`` is read as ``rows`` consecutive rows of equal length, one range each (one row per tensor; a
+    channel's row along the first axis; a group along the last), whose ranges ``min_val`` and ``max_val``
+    hold in order. The programs reducing ``x`` merge their ranges with integer atomics into
+    ``scratch`` (from :func:`observe_scratch`; one launch at a time may use it) and the last one to finish
+    updates the state: one launch per QAT observation instead of two, still without a host sync.
+
+    Returns ``False``, launching nothing, where ``x`` is not laid out in those rows (not contiguous; per tensor,
+    not dense either) or is too long for the kernel's int32 offsets.
+    """
+    if not _dense(x, rows > 1):
+        return False
+    return _impl(x.device).observe_rows(
+        kind, x, rows, scratch, min_val, max_val, nonfinite, num_batches, ema_min, ema_max, decay, momentum
     )

@@ -232,37 +232,134 @@ def _observe_kernel(bmin_ptr, bmax_ptr, min_ptr, max_ptr, ema_min_ptr, ema_max_p
         tl.store(bad_ptr, tl.load(bad_ptr) + 1)
     else:
         nb = tl.load(nb_ptr)
-        if KIND == 2:
-            decay = tl.load(decay_ptr) * momentum
-            tl.store(decay_ptr, decay)
-            correction = 1.0 - decay
+        correction = _next_decay(decay_ptr, momentum, KIND)
         start = 0
         while start < R:
             offs = start + tl.arange(0, BLOCK)
             m = offs < R
             bmn = tl.load(bmin_ptr + offs, mask=m, other=0.0).to(tl.float32)
             bmx = tl.load(bmax_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            if KIND == 0:
-                new_mn = bmn
-                new_mx = bmx
-            elif KIND == 1:
-                old_mn = tl.load(min_ptr + offs, mask=m, other=0.0)
-                old_mx = tl.load(max_ptr + offs, mask=m, other=0.0)
-                new_mn = tl.where(nb == 0, bmn, tl.minimum(old_mn, bmn))
-                new_mx = tl.where(nb == 0, bmx, tl.maximum(old_mx, bmx))
-            else:
-                # Two products and a sum, each rounded (launched without FMA contraction), as on the CPU.
-                e_mn = tl.load(ema_min_ptr + offs, mask=m, other=0.0) * momentum + bmn * one_minus_m
-                e_mx = tl.load(ema_max_ptr + offs, mask=m, other=0.0) * momentum + bmx * one_minus_m
-                tl.store(ema_min_ptr + offs, e_mn, mask=m)
-                tl.store(ema_max_ptr + offs, e_mx, mask=m)
-                new_mn = tl.math.div_rn(e_mn, correction)
-                new_mx = tl.math.div_rn(e_mx, correction)
-            tl.store(min_ptr + offs, new_mn, mask=m)
-            tl.store(max_ptr + offs, new_mx, mask=m)
+            _fold_batch(bmn, bmx, offs, m, min_ptr, max_ptr, ema_min_ptr, ema_max_ptr, nb, momentum, one_minus_m,
+                        correction, KIND)
             start += BLOCK
         if KIND != 0:
             tl.store(nb_ptr, nb + 1)
+
+
+@triton.jit
+def _next_decay(decay_ptr, momentum, KIND: tl.constexpr):
+    # ExpAvgMinMax (KIND 2): decay *= momentum, stored; returns the bias correction 1 - decay (else 1).
+    correction = momentum * 0.0 + 1.0  # a float32 scalar, as the other branch's
+    if KIND == 2:
+        decay = tl.load(decay_ptr) * momentum
+        tl.store(decay_ptr, decay)
+        correction = 1.0 - decay
+    return correction
+
+
+@triton.jit
+def _fold_batch(bmn, bmx, offs, m, min_ptr, max_ptr, ema_min_ptr, ema_max_ptr, nb, momentum, one_minus_m,
+                correction, KIND: tl.constexpr):
+    # The state at offs (mask m) after the batch ranges (bmn, bmx): BatchMinMax (KIND 0), RunningMinMax (1),
+    # ExpAvgMinMax (2), as their _update.
+    if KIND == 0:
+        new_mn = bmn
+        new_mx = bmx
+    elif KIND == 1:
+        old_mn = tl.load(min_ptr + offs, mask=m, other=0.0)
+        old_mx = tl.load(max_ptr + offs, mask=m, other=0.0)
+        new_mn = tl.where(nb == 0, bmn, tl.minimum(old_mn, bmn))
+        new_mx = tl.where(nb == 0, bmx, tl.maximum(old_mx, bmx))
+    else:
+        # Two products and a sum, each rounded (launched without FMA contraction), as on the CPU.
+        e_mn = tl.load(ema_min_ptr + offs, mask=m, other=0.0) * momentum + bmn * one_minus_m
+        e_mx = tl.load(ema_max_ptr + offs, mask=m, other=0.0) * momentum + bmx * one_minus_m
+        tl.store(ema_min_ptr + offs, e_mn, mask=m)
+        tl.store(ema_max_ptr + offs, e_mx, mask=m)
+        new_mn = tl.math.div_rn(e_mn, correction)
+        new_mx = tl.math.div_rn(e_mx, correction)
+    tl.store(min_ptr + offs, new_mn, mask=m)
+    tl.store(max_ptr + offs, new_mx, mask=m)
+
+
+@triton.jit
+def _order_key(v):
+    # The int32 whose order is v's (float32, not NaN; -0.0 below +0.0): batch ranges are reduced across
+    # programs with integer atomics, which every Triton flavour has and which order zeros deterministically.
+    b = v.to(tl.int32, bitcast=True)
+    return tl.where(b < 0, b ^ 0x7FFFFFFF, b)
+
+
+@triton.jit
+def _from_order_key(k):
+    return tl.where(k < 0, k ^ 0x7FFFFFFF, k).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _observe_rows_kernel(x_ptr, L, scratch_ptr, min_ptr, max_ptr, ema_min_ptr, ema_max_ptr, nb_ptr, decay_ptr,
+                         bad_ptr, C, momentum, one_minus_m, KIND: tl.constexpr, BF16: tl.constexpr,
+                         BLOCK: tl.constexpr, OBS_BLOCK: tl.constexpr):
+    # The batch ranges of x as C rows of L (per channel along a contiguous tensor's first axis; per tensor C = 1)
+    # folded into the state, in one launch. Program (c, j) reduces every num_programs(1)-th block of row c and
+    # merges its (min, max) into the scratch (int32: C minimum keys, C maximum keys, the non-finite count, a
+    # ticket); the program that takes the last ticket reads the batch ranges, updates the state as
+    # _observe_kernel does, and resets the scratch for the next launch.
+    c = tl.program_id(0)
+    stride = tl.num_programs(1) * BLOCK
+    row = x_ptr + c.to(tl.int64) * L
+    lo = tl.full((BLOCK,), 2147483647, tl.int32)
+    hi = tl.full((BLOCK,), -2147483648, tl.int32)
+    nonfinite = tl.full((BLOCK,), 0, tl.int32)
+    start = tl.program_id(1) * BLOCK
+    while start < L:
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < L
+        x = _load(row + offs, m, BF16)  # masked lanes 0.0: finite
+        finite = (x - x) == 0.0  # 0 for finite x, NaN for NaN and +-inf
+        key = _order_key(x)
+        lo = tl.minimum(lo, tl.where(m & finite, key, 2147483647))
+        hi = tl.maximum(hi, tl.where(m & finite, key, -2147483648))
+        nonfinite += (~finite).to(tl.int32)
+        start += stride
+    tl.atomic_min(scratch_ptr + c, tl.reduce(lo, 0, _min))
+    tl.atomic_max(scratch_ptr + C + c, tl.reduce(hi, 0, _max))
+    bad = tl.reduce(nonfinite, 0, _add)
+    if bad > 0:  # one address for every program: merged only where there is something to count
+        tl.atomic_add(scratch_ptr + 2 * C, bad)
+    # acq_rel: every program's merges above happen before its ticket, and the last ticket's reads after them
+    ticket = tl.atomic_add(scratch_ptr + 2 * C + 1, 1)
+    if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
+        bad = tl.atomic_xchg(scratch_ptr + 2 * C, 0)
+        tl.atomic_xchg(scratch_ptr + 2 * C + 1, 0)
+        nb = tl.load(nb_ptr)
+        correction = momentum * 0.0 + 1.0
+        if bad == 0:
+            correction = _next_decay(decay_ptr, momentum, KIND)
+        start = 0
+        while start < C:
+            offs = start + tl.arange(0, OBS_BLOCK)
+            m = offs < C
+            bmn = _from_order_key(tl.atomic_xchg(scratch_ptr + offs, 2147483647, mask=m))
+            bmx = _from_order_key(tl.atomic_xchg(scratch_ptr + C + offs, -2147483648, mask=m))
+            if bad == 0:
+                _fold_batch(bmn, bmx, offs, m, min_ptr, max_ptr, ema_min_ptr, ema_max_ptr, nb, momentum,
+                            one_minus_m, correction, KIND)
+            start += OBS_BLOCK
+        if bad == 0:
+            if KIND != 0:
+                tl.store(nb_ptr, nb + 1)
+        else:
+            tl.store(bad_ptr, tl.load(bad_ptr) + 1)
+
+
+@triton.jit
+def _min(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
 
 
 @triton.jit
@@ -616,6 +713,45 @@ def observe(
         BLOCK=_OBS_BLOCK,
         enable_fp_fusion=False,
     )
+
+
+# At most this many programs reduce a batch in observe_rows (about eight per SM of a large GPU): enough loads in
+# flight to stream the batch at memory speed, and few merges into the scratch.
+_OBS_PROGRAMS = 1024
+
+
+def observe_rows(
+    kind: int,
+    x: Tensor,
+    rows: int,
+    scratch: Tensor,
+    min_val: Tensor,
+    max_val: Tensor,
+    bad: Tensor,
+    num_batches: Tensor | None = None,
+    ema_min: Tensor | None = None,
+    ema_max: Tensor | None = None,
+    decay: Tensor | None = None,
+    momentum: float = 0.0,
+) -> bool:
+    """Reduce contiguous ``x`` as ``rows`` rows to their ``(min, max)`` and fold them into the state, in one launch.
+
+    As :func:`observe` given ``x``'s per-row ranges (the state holds ``rows`` values). ``scratch``: from
+    ``torchquant.kernels.observe_scratch(rows)``, used by one launch at a time. Returns ``False`` without launching
+    where ``x`` is too long for the kernel's int32 offsets (the caller then reduces with torch).
+    """
+    length = x.numel() // rows
+    chunks = max(1, min((length + _BLOCK - 1) // _BLOCK, _OBS_PROGRAMS // rows))
+    if length + chunks * _BLOCK >= 2**31:
+        return False
+    nb = num_batches if num_batches is not None else bad
+    _observe_rows_kernel[(rows, chunks)](
+        _bits(x), length, scratch, min_val, max_val,
+        min_val if ema_min is None else ema_min, max_val if ema_max is None else ema_max,
+        nb, min_val if decay is None else decay, bad, rows, float(momentum), 1.0 - float(momentum),
+        KIND=kind, BF16=x.dtype == torch.bfloat16, BLOCK=_BLOCK, OBS_BLOCK=_OBS_BLOCK, enable_fp_fusion=False,
+    )  # fmt: skip
+    return True
 
 
 def lsq_forward(x: Tensor, step: Tensor, offset: Tensor | None, layout: Layout, qn: int, qp: int) -> Tensor:
