@@ -918,3 +918,45 @@ def test_observing_rows_orders_signed_zeros(route):
         )
     assert mn.tolist() == [0.0, 0.0, -1.0] and mx.tolist() == [0.0, 0.0, 0.0]
     assert torch.signbit(mn).tolist() == [True, True, True] and torch.signbit(mx).tolist() == [False, False, False]
+
+
+def _observed(q: nn.Module) -> nn.Module:
+    q.pre_observe(torch.randn(4, 16))
+    return q
+
+
+UNTRACKED = {
+    "affine_quantize": lambda: lambda t: tq.affine_quantize(t, torch.tensor(0.1), torch.tensor(3.0), 256),
+    "AffineQuantizer": lambda: _observed(tq.AffineQuantizer(4, tq.BatchMinMax(), gradient_clip=True)),
+    "lsq": lambda: lambda t: lsq_quantize(t, torch.tensor(0.1), torch.tensor(0.02), 4, 3),
+    "MinifloatQuantizer": lambda: _observed(tq.MinifloatQuantizer("fp8_e4m3", tq.BatchMinMax())),
+    "mx": lambda: lambda t: mx_quantize(t, 3, 7, 448.0, 8, block_size=8),
+}
+
+
+@pytest.mark.parametrize("name", list(UNTRACKED))
+def test_a_call_no_gradient_can_flow_through_launches_without_an_autograd_function(route, monkeypatch, name):
+    """x needing no gradient, or no grad mode: the kernel launches directly (no autograd.Function, about 2.5 us
+    of host time a call less), with the CPU's values; x needing one: through the Function, with its gradient;
+    a forward-mode AD level with a dual x: through the Function too, which raises as the CPU path does (not a
+    tangent silently dropped)."""
+    applied = []
+    for fn in (kernels._GridFQ, kernels._RangesFQ, kernels._LSQFn, kernels._STE):
+        original = fn.apply
+        monkeypatch.setattr(fn, "apply", lambda *a, _o=original, _n=fn.__name__: applied.append(_n) or _o(*a))
+    f = UNTRACKED[name]()
+    fk = route.to(f) if isinstance(f, nn.Module) else f
+    x = torch.randn(4, 16)
+    ref = f(x)
+    with route.on() as calls:
+        y = fk(route.to(x))
+        with torch.no_grad():
+            y_no_grad = fk(route.to(x).requires_grad_())
+    assert calls["n"] == 2 and applied == []
+    assert same(y, ref) and same(y_no_grad, ref) and y_no_grad.grad_fn is None
+    with route.on() as calls:
+        xg = route.to(x).requires_grad_()
+        fk(xg).sum().backward()
+    assert calls["n"] > 2 and len(applied) == 1 and xg.grad is not None
+    with route.on(), torch.autograd.forward_ad.dual_level(), pytest.raises(NotImplementedError, match="jvp"):
+        fk(torch.autograd.forward_ad.make_dual(route.to(x), route.to(torch.ones_like(x))))

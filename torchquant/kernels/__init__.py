@@ -37,7 +37,8 @@ fake quant also writes the mask, a bit per element (what the backward keeps: a 3
 float32 ``x``), and the backward is one kernel that reads it.
 
 Eager calls reach the kernels through ``torch.autograd.Function`` (about 4 us of Python
-per call, against 23 us through the dispatcher). The same computations are registered as
+per call, against 23 us through the dispatcher), or directly where no gradient can flow
+(no grad mode, an input that needs none: calibration, evaluation). The same computations are registered as
 the custom ops ``torch.ops.torchquant.fake_quant_grid``, ``fake_quant_ranges``, ``lsq``,
 ``minifloat`` and ``mx`` (in :mod:`torchquant.quantizers_functional`, with fake tensors
 and autograd) for code that wants one opaque op in a graph. Under
@@ -60,6 +61,7 @@ from types import ModuleType
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
 from ..granularity import Granularity
 
@@ -83,7 +85,13 @@ __all__ = [
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Device types whose tensors take the Triton path. Tests add "cpu" to run the interpreter.
 _DEVICES = {"cuda"}
-_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
+# Called once torch.compiler.is_compiling() is known False: the thread's fx tracing flag alone where this torch
+# has one (is_fx_symbolic_tracing would ask is_compiling again; 0.4 us to 0.1).
+_fx_tracing = getattr(
+    torch.fx._symbolic_trace,
+    "_get_is_fx_tracing",
+    getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing),
+)
 
 
 @functools.cache
@@ -102,7 +110,7 @@ def enabled(x: Tensor) -> bool:
     # on triton_available's import machinery). The fx check covers make_fx too, whose tensors are
     # real or fake, not Proxies. Called twice a QAT call: x.is_cuda, not x.device (a new
     # torch.device, 0.3 us).
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _fx_tracing():
+    if torch.compiler.is_compiling() or torch._C._is_tracing() or _fx_tracing():  # _is_tracing: torch.jit.trace
         return False
     on = "cuda" in _DEVICES if x.is_cuda else x.device.type in _DEVICES
     return on and x.dtype in _DTYPES and x.numel() < 2**31 and triton_available()
@@ -169,6 +177,12 @@ class _GridFQ(torch.autograd.Function):
         # straight-through: d out / d x := 1; clipped: 1 where x lay inside the grid's range, 0 outside
         g = _masked_grad(ctx, grad) if ctx.clip else grad
         return g, None, None, None, None, None, None, None
+
+
+def _untracked(x: Tensor) -> bool:
+    """Whether no gradient can flow through ``x`` here (no grad mode, or ``x`` needs none; no forward-mode AD
+    level open): the kernel then launches without its ``autograd.Function``, about 2.5 us of host time less."""
+    return not (x.requires_grad and torch.is_grad_enabled()) and _forward_ad._current_level < 0
 
 
 def _like(grad: Tensor, shape: torch.Size, stride: tuple[int, ...]) -> Tensor:
@@ -247,6 +261,8 @@ def fake_quant_grid(
     if not _dense(x, layout.gran != k.PER_TENSOR):
         return None
     mode = k.MODE_BOUNDS if zero_point is None else k.MODE_GRID
+    if _untracked(x):
+        return k.fake_quant(x, scale, zero_point, layout, mode, float(lo), float(hi))
     return _GridFQ.apply(x, scale, zero_point, layout, mode, float(lo), float(hi), bool(clip_grad))
 
 
@@ -293,6 +309,8 @@ def _ranges_fq(
     if found is None:
         return None
     k, layout = found
+    if _untracked(x):
+        return k.fake_quant(x, min_val, max_val, layout, getattr(k, mode), *grid)
     return _RangesFQ.apply(x, min_val, max_val, layout, getattr(k, mode), grid, bool(clip))
 
 
@@ -424,6 +442,8 @@ def lsq(x: Tensor, step: Tensor, offset: Tensor | None, qn: int, qp: int, grad_s
     layout = _param_layout(k, x, step, offset)
     if layout is None:
         return None
+    if _untracked(x) and _untracked(step) and (offset is None or _untracked(offset)):
+        return k.lsq_forward(x, step, offset, layout, int(qn), int(qp))
     return _LSQFn.apply(x, step, offset, layout, int(qn), int(qp), float(grad_scale))
 
 
@@ -453,13 +473,18 @@ class _STE(torch.autograd.Function):
         return grad, None
 
 
+def _ste(x: Tensor, run) -> Tensor:
+    """``run()``, the straight-through estimator's output for ``x``: through ``_STE`` where a gradient can flow."""
+    return run() if _untracked(x) else _STE.apply(x, run)
+
+
 def minifloat(x: Tensor, scale: Tensor, man_bits: int, bias: int, max_value: float) -> Tensor | None:
     """:func:`~torchquant.minifloat_quantize` in one kernel, or ``None`` when ``scale`` fits no layout."""
     k = _impl(x.device)
     layout = _param_layout(k, x, scale)
     if layout is None:
         return None
-    return _STE.apply(x, lambda: k.minifloat(x, scale, None, layout, man_bits, bias, max_value))
+    return _ste(x, lambda: k.minifloat(x, scale, None, layout, man_bits, bias, max_value))
 
 
 def minifloat_ranges(
@@ -484,7 +509,7 @@ def minifloat_ranges(
     if found is None:
         return None
     k, layout = found
-    return _STE.apply(x, lambda: k.minifloat(x, min_val, max_val, layout, man_bits, bias, max_value))
+    return _ste(x, lambda: k.minifloat(x, min_val, max_val, layout, man_bits, bias, max_value))
 
 
 def mx(
@@ -497,7 +522,7 @@ def mx(
     def run() -> Tensor:
         return k.mx(moved, man_bits, bias, max_value, elem_emax, block_size).movedim(-1, axis)
 
-    return _STE.apply(x, run)
+    return _ste(x, run)
 
 
 # --------------------------------------------------------------------------- observers
