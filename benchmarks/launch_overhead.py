@@ -221,7 +221,9 @@ def main() -> None:
         rows += [
             (
                 "observe: torch.aminmax, then the update kernel",
-                lambda: kernels.observe_minmax(kernels.KIND_EMA, *torch.aminmax(x), *state[:2], counters[1], **ema),
+                lambda: kernels.observe_minmax(
+                    kernels.KIND_EMA, *torch.aminmax(x), *state[:2], counters[1], momentum=0.9, **ema
+                ),
             ),
             (
                 "observe: reduction and update, one kernel",

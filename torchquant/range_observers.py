@@ -159,7 +159,10 @@ class RangeObserver(RecordsInit, nn.Module):
                 # allocates nothing besides its output. (Not inference tensors: those could not
                 # be written outside inference mode.)
                 rows = self._observed_rows(x)
+                # a scratch only for a batch the rows kernel can read (contiguous; per tensor, any dense layout)
                 scratch = None if rows is None else kernels.observe_scratch(rows, x.device)
+                if rows is not None and not kernels._dense(x, rows > 1):
+                    scratch = None
                 self.__dict__["_stage"] = (x.shape, x.dtype, x.device, self.min_val, (mn, mx), scratch)
             self._observe_kernel(kind, mn, mx)
             return

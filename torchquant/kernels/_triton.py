@@ -299,11 +299,11 @@ def _from_order_key(k):
 def _observe_rows_kernel(x_ptr, L, scratch_ptr, min_ptr, max_ptr, ema_min_ptr, ema_max_ptr, nb_ptr, decay_ptr,
                          bad_ptr, C, momentum, one_minus_m, KIND: tl.constexpr, BF16: tl.constexpr,
                          BLOCK: tl.constexpr, OBS_BLOCK: tl.constexpr):
-    # The batch ranges of x as C rows of L (per channel along a contiguous tensor's first axis; per tensor C = 1)
-    # folded into the state, in one launch. Program (c, j) reduces every num_programs(1)-th block of row c and
-    # merges its (min, max) into the scratch (int32: C minimum keys, C maximum keys, the non-finite count, a
-    # ticket); the program that takes the last ticket reads the batch ranges, updates the state as
-    # _observe_kernel does, and resets the scratch for the next launch.
+    # The batch ranges of x as C rows of L (per channel along a contiguous tensor's first axis, per group along
+    # its last; per tensor C = 1) folded into the state, in one launch. Program (c, j) reduces every
+    # num_programs(1)-th block of row c and merges its (min, max) into the scratch (int32: C minimum keys, C maximum
+    # keys, the non-finite count, a ticket); the program that takes the last ticket reads the batch ranges, updates
+    # the state as _observe_kernel does, and resets the scratch for the next launch.
     c = tl.program_id(0)
     stride = tl.num_programs(1) * BLOCK
     row = x_ptr + c.to(tl.int64) * L
