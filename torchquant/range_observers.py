@@ -159,10 +159,7 @@ class RangeObserver(RecordsInit, nn.Module):
                 # allocates nothing besides its output. (Not inference tensors: those could not
                 # be written outside inference mode.)
                 rows = self._observed_rows(x)
-                # a scratch only for a batch the rows kernel can read (contiguous; per tensor, any dense layout)
                 scratch = None if rows is None else kernels.observe_scratch(rows, x.device)
-                if rows is not None and not kernels._dense(x, rows > 1):
-                    scratch = None
                 self.__dict__["_stage"] = (x.shape, x.dtype, x.device, self.min_val, (mn, mx), scratch)
             self._observe_kernel(kind, mn, mx)
             return
@@ -327,14 +324,15 @@ class RangeObserver(RecordsInit, nn.Module):
 
     def _observed_rows(self, x: Tensor) -> int | None:
         """The number of ranges where they belong to ``x``'s consecutive rows (per tensor, per channel along the
-        first axis, per group along the last), as :func:`torchquant.kernels.observe_minmax_rows` reduces them;
-        ``None`` where they do not, or are too many for it."""
+        first axis, per group along the last) and ``x`` is laid out in them (contiguous; per tensor, any dense
+        layout), as :func:`torchquant.kernels.observe_minmax_rows` reduces them; ``None`` where they do not, or
+        are too many for it."""
         g = self.granularity
         axis = None if g.axis is None else g.axis % x.dim()
         if not (axis is None or (axis == 0 and g.group_size is None) or (axis == x.dim() - 1 and g.group_size)):
             return None
         rows = self.min_val.numel()
-        return rows if rows <= kernels.MAX_OBSERVED_ROWS else None
+        return rows if rows <= kernels.MAX_OBSERVED_ROWS and kernels._dense(x, rows > 1) else None
 
     def _nonfinite_count(self) -> Tensor:
         """The device's count of skipped non-finite batches, marked as not yet reported."""

@@ -38,8 +38,8 @@ float32 ``x``), and the backward is one kernel that reads it.
 
 Eager calls reach the kernels through ``torch.autograd.Function`` (about 4 us of Python
 per call, against 23 us through the dispatcher), or directly where no gradient can flow
-(no grad mode, an input that needs none: calibration, evaluation). The same computations are registered as
-the custom ops ``torch.ops.torchquant.fake_quant_grid``, ``fake_quant_ranges``, ``lsq``,
+(no grad mode, an input that needs none: calibration, evaluation). The same computations
+are registered as the custom ops ``torch.ops.torchquant.fake_quant_grid``, ``fake_quant_ranges``, ``lsq``,
 ``minifloat`` and ``mx`` (in :mod:`torchquant.quantizers_functional`, with fake tensors
 and autograd) for code that wants one opaque op in a graph. Under
 ``torch.compile`` the quantizers keep emitting plain torch operations, which inductor fuses
@@ -85,13 +85,7 @@ __all__ = [
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Device types whose tensors take the Triton path. Tests add "cpu" to run the interpreter.
 _DEVICES = {"cuda"}
-# Called once torch.compiler.is_compiling() is known False: the thread's fx tracing flag alone where this torch
-# has one (is_fx_symbolic_tracing would ask is_compiling again; 0.4 us to 0.1).
-_fx_tracing = getattr(
-    torch.fx._symbolic_trace,
-    "_get_is_fx_tracing",
-    getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing),
-)
+_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
 
 
 @functools.cache
@@ -110,7 +104,7 @@ def enabled(x: Tensor) -> bool:
     # on triton_available's import machinery). The fx check covers make_fx too, whose tensors are
     # real or fake, not Proxies. Called twice a QAT call: x.is_cuda, not x.device (a new
     # torch.device, 0.3 us).
-    if torch.compiler.is_compiling() or torch._C._is_tracing() or _fx_tracing():  # _is_tracing: torch.jit.trace
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _fx_tracing():
         return False
     on = "cuda" in _DEVICES if x.is_cuda else x.device.type in _DEVICES
     return on and x.dtype in _DTYPES and x.numel() < 2**31 and triton_available()
@@ -181,7 +175,7 @@ class _GridFQ(torch.autograd.Function):
 
 def _untracked(x: Tensor) -> bool:
     """Whether no gradient can flow through ``x`` here (no grad mode, or ``x`` needs none; no forward-mode AD
-    level open): the kernel then launches without its ``autograd.Function``, about 2.5 us of host time less."""
+    level open): the kernel then launches without its ``autograd.Function``, about 2.7 us of host time less."""
     return not (x.requires_grad and torch.is_grad_enabled()) and _forward_ad._current_level < 0
 
 
