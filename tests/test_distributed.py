@@ -1,5 +1,7 @@
 """sync_observers: two gloo processes hold identical quantizer state, equal to one process on the whole batch."""
 
+import gc
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -124,6 +126,11 @@ def worker(rank: int, world: int, init: str, out: str) -> None:
             },
             f"{out}/rank{rank}.pt",
         )
+        # DDP's reducer freed while the group is still registered: freed at the process's exit after
+        # destroy_process_group, it takes the last reference to the gloo group, whose destructor then waits
+        # for its work thread while holding the GIL that thread needs (a hang seen on torch 2.13).
+        del ddp, opt
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
